@@ -1,0 +1,1 @@
+"""Macroblock Scaling for ONNX CNNs."""

@@ -1,0 +1,3 @@
+from onnx_mbs.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,9 @@
+"""Errors that mean "the user's input is wrong", as opposed to a bug.
+
+The command line prints a BadInputError as one line and exits with code 2;
+anything else is a bug (exit code 1).
+"""
+
+
+class BadInputError(ValueError):
+    """The model, data or options cannot be used as given; the message says how to fix it."""

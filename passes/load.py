@@ -1,0 +1,201 @@
+"""Loading: read a model, refuse what MBS cannot work on, fix input shapes, infer shapes.
+
+Everything later assumes a float graph whose every tensor has a static shape,
+so this is the one place that checks it and says clearly what to do otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from .base import Pass, PassResult
+from .errors import BadInputError
+from .graph import static_shape
+
+InputShapes = Mapping[str, Sequence[int]]
+
+QUANTIZED_OPS = {
+    "QLinearConv",
+    "ConvInteger",
+    "QLinearMatMul",
+    "MatMulInteger",
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "DynamicQuantizeLinear",
+}
+
+
+def parse_input_shape(spec: str) -> tuple[str, list[int]]:
+    """Parse `NAME:1,3,224,224` (or `1,3,224,224` for a single-input model, name '')."""
+    name, _, dims = spec.rpartition(":")
+    try:
+        shape = [int(d) for d in dims.split(",")]
+    except ValueError:
+        raise BadInputError(
+            f"bad --input-shape {spec!r}: expected NAME:D0,D1,... with integer dims, "
+            "e.g. input:1,3,224,224"
+        ) from None
+    if any(d <= 0 for d in shape):
+        raise BadInputError(f"bad --input-shape {spec!r}: dims must be positive integers")
+    return name, shape
+
+
+def read_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
+    """Read an ONNX file (with external data) or copy a ModelProto; refuse what is not a float CNN graph."""
+    if isinstance(source, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise BadInputError(f"model file not found: {path}")
+        try:
+            model = onnx.load(str(path))
+        except DecodeError as e:
+            raise BadInputError(
+                f"{path} is not a valid ONNX file (truncated or not ONNX: {e})"
+            ) from None
+        except (FileNotFoundError, OSError) as e:
+            raise BadInputError(f"cannot read {path} or its external data: {e}") from None
+        except Exception as e:  # onnx raises assorted errors on corrupt files
+            raise BadInputError(f"{path} could not be loaded as ONNX: {e}") from None
+        if not model.graph.node:
+            raise BadInputError(f"{path} is not an ONNX model (no graph nodes found)")
+    quantized = sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS})
+    if quantized:
+        raise BadInputError(
+            f"quantized graph ({', '.join(quantized)}): MBS works on float models; "
+            "reduce the float model first, then quantize"
+        )
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as e:
+        first = str(e).strip().splitlines()[0]
+        raise BadInputError(f"the model is not valid ONNX: {first}") from None
+    return model
+
+
+class FixInputShapes(Pass):
+    """Make every graph input fully static.
+
+    A dynamic batch dimension alone becomes 1; any other dynamic dimension must
+    be given (`--input-shape NAME:1,3,224,224`), because MACs, macroblocks and
+    channel plans all depend on spatial sizes.
+    """
+
+    name = "fix_input_shapes"
+
+    def __init__(self, shapes: InputShapes | None = None) -> None:
+        self.shapes = dict(shapes or {})
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        initializers = {t.name for t in model.graph.initializer}
+        inputs = [i for i in model.graph.input if i.name not in initializers]
+        shapes = dict(self.shapes)
+        if "" in shapes:
+            if len(inputs) != 1:
+                raise BadInputError(
+                    "--input-shape without a name needs a single-input model; use NAME:dims with "
+                    f"one of: {', '.join(i.name for i in inputs)}"
+                )
+            shapes[inputs[0].name] = shapes.pop("")
+        unknown = set(shapes) - {i.name for i in inputs}
+        if unknown:
+            raise BadInputError(
+                f"--input-shape names unknown input(s) {sorted(unknown)}; "
+                f"the model's inputs are: {', '.join(i.name for i in inputs)}"
+            )
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        modified = False
+        for vi in out.graph.input:
+            if vi.name in initializers:
+                continue
+            dims = vi.type.tensor_type.shape.dim
+            if vi.name in shapes:
+                wanted = list(shapes[vi.name])
+                if len(wanted) != len(dims):
+                    raise BadInputError(
+                        f"--input-shape for {vi.name!r} has {len(wanted)} dims, "
+                        f"the model's input has {len(dims)}"
+                    )
+                for d, w in zip(dims, wanted):
+                    if d.HasField("dim_value") and d.dim_value != w:
+                        raise BadInputError(
+                            f"--input-shape for {vi.name!r} gives {wanted}, but the model "
+                            f"fixes dim {list(dims).index(d)} to {d.dim_value}"
+                        )
+                    d.dim_value = w
+                modified = True
+                continue
+            if static_shape(vi) is not None:
+                continue
+            dynamic = [k for k, d in enumerate(dims) if not d.HasField("dim_value")]
+            if dynamic == [0]:
+                dims[0].dim_value = 1
+                modified = True
+                continue
+            shown = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+            raise BadInputError(
+                f"input {vi.name!r} has dynamic dims {shown}; fix them with "
+                f"--input-shape {vi.name}:1,3,224,224 (your sizes)"
+            )
+        return PassResult(out, modified)
+
+
+class InferShapes(Pass):
+    """Run ONNX shape inference and insist every Conv-family output got a static shape."""
+
+    name = "infer_shapes"
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BadInputError(f"shape inference failed: {first}") from None
+        known = {vi.name for vi in inferred.graph.value_info if static_shape(vi) is not None}
+        known |= {vi.name for vi in inferred.graph.output if static_shape(vi) is not None}
+        for node in inferred.graph.node:
+            if node.op_type in ("Conv", "ConvTranspose") and node.output[0] not in known:
+                raise BadInputError(
+                    f"the output shape of {node.op_type} {node.name!r} is not static after "
+                    "shape inference; fix the input shapes with --input-shape"
+                )
+        return PassResult(inferred, True)
+
+
+class NameNodes(Pass):
+    """Give unnamed nodes a stable name (`OpType_k`) so plans and reports can refer to them."""
+
+    name = "name_nodes"
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        if all(n.name for n in model.graph.node):
+            return PassResult(model)
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        taken = {n.name for n in out.graph.node}
+        for k, node in enumerate(out.graph.node):
+            if not node.name:
+                name = f"{node.op_type}_{k}"
+                while name in taken:
+                    name += "_"
+                node.name = name
+                taken.add(name)
+        return PassResult(out, True)
+
+
+def load_model(
+    source: str | os.PathLike | onnx.ModelProto, input_shapes: InputShapes | None = None
+) -> onnx.ModelProto:
+    """Read, check, fix input shapes, name nodes and infer shapes: the model every pass expects."""
+    model = read_model(source)
+    for step in (FixInputShapes(input_shapes), NameNodes(), InferShapes()):
+        model = step(model).model
+    return model
