@@ -81,7 +81,9 @@ class ModelAnalysis:
 
         return {
             "macroblocks": [asdict(m) for m in self.macroblocks],
-            "layers": [{**asdict(x), "receptive_field": rf(x.receptive_field)} for x in self.layers],
+            "layers": [
+                {**asdict(x), "receptive_field": rf(x.receptive_field)} for x in self.layers
+            ],
             "totals": {"params": self.total_params, "macs": self.total_macs},
         }
 
@@ -156,9 +158,11 @@ def analyze_model(model: onnx.ModelProto) -> ModelAnalysis:
                 rf[out] = math.inf
             elif same:
                 rf[out] = max(rf[t] for t in same)
-            elif inputs and not any(
-                resolution[t] == (1, 1) for t in inputs
-            ) and op not in RESAMPLING_OPS:
+            elif (
+                inputs
+                and not any(resolution[t] == (1, 1) for t in inputs)
+                and op not in RESAMPLING_OPS
+            ):
                 rf[out] = max(rf[t] for t in inputs)
             elif inputs and all(math.isinf(rf[t]) for t in inputs):
                 rf[out] = math.inf

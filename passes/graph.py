@@ -106,6 +106,7 @@ def attributes(node: onnx.NodeProto) -> dict:
 def count_parameters(model: onnx.ModelProto) -> int:
     """Elements of all float initializers: the parameter count DESIGN.md budgets against."""
     return sum(
-        int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer
+        int(np.prod(t.dims, dtype=np.int64))
+        for t in model.graph.initializer
         if t.data_type in FLOAT_TYPES
     )

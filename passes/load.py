@@ -46,7 +46,10 @@ def parse_input_shape(spec: str) -> tuple[str, list[int]]:
 
 
 def read_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
-    """Read an ONNX file (with external data) or copy a ModelProto; refuse what is not a float CNN graph."""
+    """Read an ONNX file (with external data) or copy a ModelProto.
+
+    Refuses what MBS cannot work on: not ONNX, truncated, invalid, quantized.
+    """
     if isinstance(source, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(source)
