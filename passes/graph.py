@@ -104,9 +104,19 @@ def attributes(node: onnx.NodeProto) -> dict:
 
 
 def count_parameters(model: onnx.ModelProto) -> int:
-    """Elements of all float initializers: the parameter count DESIGN.md budgets against."""
+    """Elements of all float weight initializers: the parameter count DESIGN.md budgets against.
+
+    BatchNorm running mean and variance are statistics, not parameters, and are
+    not counted, so a training-form export counts like torch's `parameters()`.
+    """
+    statistics = {
+        name
+        for node in model.graph.node
+        if node.op_type == "BatchNormalization"
+        for name in node.input[3:5]
+    }
     return sum(
         int(np.prod(t.dims, dtype=np.int64))
         for t in model.graph.initializer
-        if t.data_type in FLOAT_TYPES
+        if t.data_type in FLOAT_TYPES and t.name not in statistics
     )

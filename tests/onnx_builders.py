@@ -1,0 +1,54 @@
+"""Tiny ONNX graphs built by hand for loader and CLI tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+def conv_relu_model(
+    input_dims: list[int | str] | None = None, opset: int = 17, seed: int = 0
+) -> onnx.ModelProto:
+    """input (1,3,8,8) -> Conv 3x3 (4 ch) -> Relu -> GlobalAveragePool -> Flatten -> Gemm(2)."""
+    rng = np.random.default_rng(seed)
+    dims = input_dims or [1, 3, 8, 8]
+    w = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b")
+    fc = numpy_helper.from_array(rng.standard_normal((2, 4)).astype(np.float32), "fc")
+    fcb = numpy_helper.from_array(np.zeros(2, np.float32), "fcb")
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["r"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "fc", "fcb"], ["y"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "conv_relu",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [dims[0], 2])],
+        [w, b, fc, fcb],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def quantized_model() -> onnx.ModelProto:
+    """A QLinearConv graph, as onnxruntime's static quantizer writes them."""
+    x_scale = numpy_helper.from_array(np.array(0.1, np.float32), "xs")
+    zero = numpy_helper.from_array(np.array(0, np.uint8), "xz")
+    w = numpy_helper.from_array(np.ones((2, 1, 1, 1), np.uint8), "w")
+    nodes = [
+        helper.make_node(
+            "QLinearConv", ["x", "xs", "xz", "w", "xs", "xz", "xs", "xz"], ["y"], name="qconv"
+        )
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "q",
+        [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 1, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.UINT8, [1, 2, 4, 4])],
+        [x_scale, zero, w],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

@@ -1,0 +1,127 @@
+"""Loading: what is accepted, what is refused with one clear line and exit code 2."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx_builders import conv_relu_model, quantized_model
+
+from onnx_mbs.cli import main
+from onnx_mbs.passes import (
+    BadInputError,
+    FindMacroblocks,
+    FixInputShapes,
+    InferShapes,
+    Sequential,
+    load_model,
+    parse_input_shape,
+)
+from onnx_mbs.passes.graph import static_shape
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _run_cli(args, capsys) -> tuple[int, str]:
+    code = main(args)
+    return code, capsys.readouterr().err
+
+
+def test_dynamic_batch_alone_becomes_one():
+    model = load_model(conv_relu_model(["N", 3, 8, 8]))
+    assert static_shape(model.graph.input[0]) == (1, 3, 8, 8)
+    conv_out = next(v for v in model.graph.value_info if v.name == "c")
+    assert static_shape(conv_out) == (1, 4, 8, 8)
+
+
+def test_dynamic_spatial_needs_input_shape():
+    with pytest.raises(BadInputError, match=r"dynamic dims .*--input-shape x:"):
+        load_model(conv_relu_model(["N", 3, "H", "W"]))
+    fixed = load_model(conv_relu_model(["N", 3, "H", "W"]), {"x": [2, 3, 16, 12]})
+    assert static_shape(fixed.graph.input[0]) == (2, 3, 16, 12)
+
+
+def test_input_shape_unnamed_and_errors():
+    model = conv_relu_model(["N", 3, "H", "W"])
+    assert static_shape(load_model(model, {"": [1, 3, 5, 5]}).graph.input[0]) == (1, 3, 5, 5)
+    with pytest.raises(BadInputError, match="unknown input"):
+        load_model(model, {"nope": [1, 3, 5, 5]})
+    with pytest.raises(BadInputError, match="has 3 dims"):
+        load_model(model, {"x": [1, 3, 5]})
+    with pytest.raises(BadInputError, match="fixes dim 1 to 3"):
+        load_model(model, {"x": [1, 4, 5, 5]})
+    assert parse_input_shape("input:1,3,224,224") == ("input", [1, 3, 224, 224])
+    with pytest.raises(BadInputError, match="bad --input-shape"):
+        parse_input_shape("input:1,three")
+
+
+def test_input_proto_is_not_modified():
+    model = conv_relu_model(["N", 3, 8, 8])
+    before = model.SerializeToString()
+    load_model(model)
+    assert model.SerializeToString() == before
+
+
+def test_passes_compose_in_sequential():
+    result = Sequential(FixInputShapes({"x": [1, 3, 16, 16]}), InferShapes(), FindMacroblocks())(
+        conv_relu_model(["N", 3, "H", "W"])
+    )
+    (block,) = result["macroblocks"].macroblocks
+    assert block.resolution == (16, 16)
+    assert result.modified
+
+
+def test_external_data_is_loaded(tmp_path):
+    path = tmp_path / "ext.onnx"
+    onnx.save(conv_relu_model(), path, save_as_external_data=True, all_tensors_to_one_file=True,
+              location="ext.data", size_threshold=0)
+    assert (tmp_path / "ext.data").exists()
+    loaded = load_model(path)
+    w = next(t for t in loaded.graph.initializer if t.name == "w")
+    expected = next(t for t in conv_relu_model().graph.initializer if t.name == "w")
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(w),
+                                  onnx.numpy_helper.to_array(expected))
+    (tmp_path / "ext.data").unlink()
+    with pytest.raises(BadInputError, match="external data|could not be loaded|cannot read"):
+        load_model(path)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: p.write_bytes(b"this is not onnx at all"), "not a valid ONNX file"),
+        (lambda p: p.write_bytes(conv_relu_model().SerializeToString()[:200]),
+         "not a valid ONNX file"),
+        (lambda p: onnx.save(quantized_model(), p), r"quantized graph \(QLinearConv\)"),
+        (lambda p: onnx.save(conv_relu_model(["N", 3, "H", "W"]), p), "dynamic dims"),
+        (lambda p: None, "model file not found"),
+    ],
+    ids=["not-onnx", "truncated", "quantized", "dynamic-spatial", "missing"],
+)
+def test_bad_model_gets_one_line_and_exit_2(tmp_path, capsys, make, message):
+    path = tmp_path / "model.onnx"
+    make(path)
+    before = _sha(path) if path.exists() else None
+    code, err = _run_cli(["analyze", str(path)], capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("onnx-mbs: error: ")
+    assert re.search(message, err)
+    assert (_sha(path) if path.exists() else None) == before
+
+
+def test_exit_code_from_a_real_process(tmp_path):
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(b"\x00\x01garbage")
+    proc = subprocess.run(
+        [sys.executable, "-m", "onnx_mbs", "analyze", str(path)], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert len(proc.stderr.strip().splitlines()) == 1
