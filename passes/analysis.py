@@ -94,7 +94,8 @@ def _pair(values, default: int) -> tuple[int, int]:
 
 
 def _spatial(shape: tuple[int, ...] | None) -> tuple[int, int] | None:
-    return (shape[2], shape[3]) if shape is not None and len(shape) == 4 else None
+    """(H, W) of an NCHW tensor; also of the 5-D (N, g, C/g, H, W) views of a channel shuffle."""
+    return (shape[-2], shape[-1]) if shape is not None and len(shape) >= 4 else None
 
 
 class _UnionFind:
@@ -186,10 +187,17 @@ def analyze_model(model: onnx.ModelProto) -> ModelAnalysis:
             continue
         layers_raw.append((order, node))
 
-    # Group layers by macroblock root, in order of their first layer.
-    roots: dict[str, list[onnx.NodeProto]] = {}
+    # Group layers by macroblock, ordered by where each macroblock's first tensor
+    # appears (a stride-2 branch may run before the convs of the resolution it leaves).
+    first_seen: dict[str, int] = {}
+    for position, node in enumerate(index.nodes):
+        for t in (*node.input, *node.output):
+            if t in resolution:
+                first_seen.setdefault(blocks.find(t), position)
+    by_root: dict[str, list[onnx.NodeProto]] = {}
     for _, node in layers_raw:
-        roots.setdefault(blocks.find(node.output[0]), []).append(node)
+        by_root.setdefault(blocks.find(node.output[0]), []).append(node)
+    roots = {r: by_root[r] for r in sorted(by_root, key=lambda r: first_seen.get(r, -1))}
 
     layers: list[ConvLayer] = []
     macroblocks: list[Macroblock] = []

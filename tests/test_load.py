@@ -11,8 +11,6 @@ import numpy as np
 import onnx
 import pytest
 from onnx_builders import conv_relu_model, quantized_model
-
-from onnx_mbs.cli import main
 from onnx_mbs.passes import (
     BadInputError,
     FindMacroblocks,
@@ -23,6 +21,8 @@ from onnx_mbs.passes import (
     parse_input_shape,
 )
 from onnx_mbs.passes.graph import static_shape
+
+from onnx_mbs.cli import main
 
 
 def _sha(path) -> str:
@@ -80,14 +80,21 @@ def test_passes_compose_in_sequential():
 
 def test_external_data_is_loaded(tmp_path):
     path = tmp_path / "ext.onnx"
-    onnx.save(conv_relu_model(), path, save_as_external_data=True, all_tensors_to_one_file=True,
-              location="ext.data", size_threshold=0)
+    onnx.save(
+        conv_relu_model(),
+        path,
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="ext.data",
+        size_threshold=0,
+    )
     assert (tmp_path / "ext.data").exists()
     loaded = load_model(path)
     w = next(t for t in loaded.graph.initializer if t.name == "w")
     expected = next(t for t in conv_relu_model().graph.initializer if t.name == "w")
-    np.testing.assert_array_equal(onnx.numpy_helper.to_array(w),
-                                  onnx.numpy_helper.to_array(expected))
+    np.testing.assert_array_equal(
+        onnx.numpy_helper.to_array(w), onnx.numpy_helper.to_array(expected)
+    )
     (tmp_path / "ext.data").unlink()
     with pytest.raises(BadInputError, match="external data|could not be loaded|cannot read"):
         load_model(path)
@@ -97,8 +104,10 @@ def test_external_data_is_loaded(tmp_path):
     "make, message",
     [
         (lambda p: p.write_bytes(b"this is not onnx at all"), "not a valid ONNX file"),
-        (lambda p: p.write_bytes(conv_relu_model().SerializeToString()[:200]),
-         "not a valid ONNX file"),
+        (
+            lambda p: p.write_bytes(conv_relu_model().SerializeToString()[:200]),
+            "not a valid ONNX file",
+        ),
         (lambda p: onnx.save(quantized_model(), p), r"quantized graph \(QLinearConv\)"),
         (lambda p: onnx.save(conv_relu_model(["N", 3, "H", "W"]), p), "dynamic dims"),
         (lambda p: None, "model file not found"),
