@@ -1,0 +1,294 @@
+"""MBS width planning: numbers in, widths out.
+
+Per macroblock m: effective flops E(m) = sum MACs_k * rho_k, E_B(m) over its
+base, redundancy R(m) = 1 - E_B(m)/E(m), width scale beta(m) =
+clip((1 - R(m)) ** gamma, beta_min, 1). A channel group takes the largest beta
+of the macroblocks it touches; pinned groups keep every channel. With a budget,
+gamma (or, for the uniform baseline, the single beta) is solved by bisection
+so the reduced model keeps the asked fraction of parameters or MACs; the
+counts are then nudged one channel-multiple at a time toward the budget, since
+rounding to multiples of 8 makes the size a step function of gamma.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+from onnx_mbs.passes import BadInputError, ModelAnalysis
+
+Cost = Callable[[Mapping[int, int]], tuple[int, int]]  # group counts -> (params, MACs)
+
+
+@dataclass(frozen=True)
+class Budget:
+    metric: str  # "params" or "flops"
+    fraction: float
+
+    @classmethod
+    def parse(cls, spec: str) -> Budget:
+        metric, _, value = spec.partition("=")
+        if metric not in ("params", "flops") or not value:
+            raise BadInputError(f"bad --budget {spec!r}: use params=F or flops=F, e.g. params=0.5")
+        try:
+            fraction = float(value)
+        except ValueError:
+            raise BadInputError(f"bad --budget {spec!r}: {value!r} is not a number") from None
+        if not 0 < fraction <= 1:
+            raise BadInputError(f"bad --budget {spec!r}: the fraction must be in (0, 1]")
+        return cls(metric, fraction)
+
+    def __str__(self) -> str:
+        return f"{self.metric}={self.fraction:g}"
+
+
+@dataclass(frozen=True)
+class GroupInfo:
+    """What planning needs to know about a channel group."""
+
+    id: int
+    size: int
+    macroblocks: tuple[int, ...]
+    pinned: bool
+
+
+@dataclass(frozen=True)
+class MacroblockPlan:
+    index: int
+    resolution: tuple[int, int]
+    effective_flops: float
+    base_effective_flops: float
+    redundancy: float
+    beta: float
+
+
+@dataclass
+class Plan:
+    strategy: str
+    gamma: float | None
+    beta_min: float
+    channel_multiple: int
+    macroblocks: list[MacroblockPlan]
+    counts: dict[int, int]  # group id -> channels kept
+    sizes: dict[int, int]  # group id -> channels before
+    params: tuple[int, int]  # before, after
+    macs: tuple[int, int]
+    budget: Budget | None = None
+    formula: str = "beta(m) = clip((1 - R(m)) ** gamma, beta_min, 1); R(m) = 1 - E_B(m) / E(m)"
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def reached(self) -> dict[str, float]:
+        return {
+            "params": self.params[1] / self.params[0] if self.params[0] else 1.0,
+            "flops": self.macs[1] / self.macs[0] if self.macs[0] else 1.0,
+        }
+
+    @property
+    def changes_anything(self) -> bool:
+        return any(self.counts[g] < self.sizes[g] for g in self.counts)
+
+    def to_dict(self) -> dict:
+        return {
+            "strategy": self.strategy,
+            "gamma": self.gamma,
+            "beta_min": self.beta_min,
+            "channel_multiple": self.channel_multiple,
+            "formula": self.formula,
+            "macroblocks": [asdict(m) for m in self.macroblocks],
+            "groups": [
+                {"id": g, "before": self.sizes[g], "after": self.counts[g]} for g in self.sizes
+            ],
+            "params": {"before": self.params[0], "after": self.params[1]},
+            "macs": {"before": self.macs[0], "after": self.macs[1]},
+            "budget": None if self.budget is None else asdict(self.budget),
+            "reached": self.reached,
+            "notes": self.notes,
+        }
+
+
+def macroblock_redundancy(
+    analysis: ModelAnalysis, rho: Mapping[str, float]
+) -> list[tuple[float, float, float]]:
+    """(E, E_B, R) per macroblock; rho defaults to 1 for layers without a measured activation."""
+    result = []
+    for block in analysis.macroblocks:
+        base = set(block.base_layers)
+        total = base_total = 0.0
+        for name in block.layers:
+            effective = analysis.layer(name).macs * rho.get(name, 1.0)
+            total += effective
+            if name in base:
+                base_total += effective
+        redundancy = 1.0 - base_total / total if total > 0 else 0.0
+        result.append((total, base_total, max(0.0, redundancy)))
+    return result
+
+
+def round_channels(size: int, fraction: float, multiple: int) -> int:
+    """Channels kept for a group: a multiple of `multiple`, never below min(multiple, size)."""
+    floor = min(multiple, size)
+    wanted = max(floor, int(round(size * fraction / multiple)) * multiple)
+    return min(size, wanted)
+
+
+def _counts(groups: Sequence[GroupInfo], betas: Sequence[float], multiple: int) -> dict[int, int]:
+    counts = {}
+    for g in groups:
+        if g.pinned or not g.macroblocks:
+            counts[g.id] = g.size
+        else:
+            counts[g.id] = round_channels(g.size, max(betas[m] for m in g.macroblocks), multiple)
+    return counts
+
+
+def plan_widths(
+    analysis: ModelAnalysis,
+    groups: Sequence[GroupInfo],
+    rho: Mapping[str, float],
+    cost: Cost,
+    *,
+    gamma: float = 0.5,
+    budget: Budget | None = None,
+    strategy: str = "mbs",
+    channel_multiple: int = 8,
+    beta_min: float = 0.1,
+) -> Plan:
+    """Choose how many channels each group keeps (see the module docstring)."""
+    if strategy not in ("mbs", "uniform"):
+        raise BadInputError(f"unknown --strategy {strategy!r}: use mbs or uniform")
+    if gamma < 0:
+        raise BadInputError(f"--gamma must be >= 0, got {gamma}")
+    if channel_multiple < 1:
+        raise BadInputError(f"--channel-multiple must be >= 1, got {channel_multiple}")
+    redundancy = macroblock_redundancy(analysis, rho)
+    n_blocks = len(analysis.macroblocks)
+    full = {g.id: g.size for g in groups}
+    params_before, macs_before = cost(full)
+
+    def mbs_betas(g: float) -> list[float]:
+        return [min(1.0, max(beta_min, (1.0 - r) ** g)) for _, _, r in redundancy]
+
+    def metric(counts: Mapping[int, int]) -> float:
+        params, macs = cost(counts)
+        if budget is None or budget.metric == "params":
+            return params / params_before if params_before else 1.0
+        return macs / macs_before if macs_before else 1.0
+
+    notes: list[str] = []
+    solved_gamma: float | None = gamma
+    if strategy == "mbs":
+        if budget is not None:
+            solved_gamma = _solve(
+                lambda g: metric(_counts(groups, mbs_betas(g), channel_multiple)),
+                budget.fraction,
+                0.0,
+                64.0,
+            )
+        betas = mbs_betas(solved_gamma)
+    else:
+        target = (
+            budget.fraction
+            if budget is not None
+            else metric(_counts(groups, mbs_betas(gamma), channel_multiple))
+        )
+        if budget is None:
+            notes.append(f"uniform width matched to the size MBS reaches at gamma={gamma:g}")
+        beta = _solve(
+            lambda b: metric(_counts(groups, [1.0 - b] * n_blocks, channel_multiple)),
+            target,
+            0.0,
+            1.0 - beta_min,
+        )
+        betas = [1.0 - beta] * n_blocks
+        solved_gamma = None
+    counts = _counts(groups, betas, channel_multiple)
+    if budget is not None:
+        counts = _nudge(counts, groups, metric, budget.fraction, channel_multiple)
+        if metric(counts) > budget.fraction + 0.02:
+            floor = metric(_counts(groups, [beta_min] * n_blocks, channel_multiple))
+            raise BadInputError(
+                f"budget {budget} cannot be reached: the smallest plan keeps "
+                f"{floor:.1%} ({'pinned groups and macroblocks without redundancy stay whole' if strategy == 'mbs' else 'pinned groups stay whole'}); "
+                "ask for a larger fraction"
+            )
+    params_after, macs_after = cost(counts)
+    blocks = [
+        MacroblockPlan(
+            index=m.index,
+            resolution=m.resolution,
+            effective_flops=e,
+            base_effective_flops=eb,
+            redundancy=r,
+            beta=betas[m.index],
+        )
+        for m, (e, eb, r) in zip(analysis.macroblocks, redundancy)
+    ]
+    return Plan(
+        strategy=strategy,
+        gamma=solved_gamma,
+        beta_min=beta_min,
+        channel_multiple=channel_multiple,
+        macroblocks=blocks,
+        counts=counts,
+        sizes=full,
+        params=(params_before, params_after),
+        macs=(macs_before, macs_after),
+        budget=budget,
+        notes=notes,
+    )
+
+
+def _solve(size_at: Callable[[float], float], target: float, lo: float, hi: float) -> float:
+    """The smallest knob in [lo, hi] whose size is <= target (size falls as the knob grows)."""
+    if size_at(lo) <= target:
+        return lo
+    if size_at(hi) > target:
+        return hi
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if size_at(mid) <= target:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def _nudge(
+    counts: dict[int, int],
+    groups: Sequence[GroupInfo],
+    metric: Callable[[Mapping[int, int]], float],
+    target: float,
+    multiple: int,
+) -> dict[int, int]:
+    """Close the gap rounding leaves, one channel-multiple step at a time.
+
+    While over the budget, take the step down that removes least; then, while
+    some step up still fits the budget, take the one that lands closest to it.
+    Small steps keep the shape MBS chose.
+    """
+    counts = dict(counts)
+    free = [g for g in groups if not g.pinned and g.macroblocks]
+    current = metric(counts)
+
+    def steps(direction: int) -> list[tuple[float, dict[int, int]]]:
+        out = []
+        for g in free:
+            new = counts[g.id] + direction * multiple
+            new = min(g.size, new) if direction > 0 else new
+            if new != counts[g.id] and min(multiple, g.size) <= new <= g.size:
+                trial = {**counts, g.id: new}
+                out.append((metric(trial), trial))
+        return out
+
+    while current > target:
+        down = [o for o in steps(-1) if o[0] < current]
+        if not down:
+            break
+        current, counts = max(down, key=lambda o: o[0])
+    while True:
+        up = [o for o in steps(+1) if current < o[0] <= target]
+        if not up:
+            break
+        current, counts = max(up, key=lambda o: o[0])
+    return counts

@@ -1,0 +1,119 @@
+"""MBS planning on constructed analyses: the numbers in DESIGN.md, budgets, uniform scaling."""
+
+from __future__ import annotations
+
+import pytest
+from onnx_mbs.passes import BadInputError, ConvLayer, Macroblock, ModelAnalysis
+
+from onnx_mbs.plan import Budget, GroupInfo, macroblock_redundancy, plan_widths, round_channels
+
+
+def _layer(name: str, block: int, macs: int, rf: float) -> ConvLayer:
+    return ConvLayer(
+        name,
+        "Conv",
+        f"{name}_in",
+        f"{name}_out",
+        f"{name}_w",
+        None,
+        64,
+        64,
+        1,
+        (3, 3),
+        (1, 1),
+        (1, 1),
+        (8, 8),
+        (8, 8),
+        macs,
+        64 * 64 * 9,
+        rf,
+        block,
+    )
+
+
+def _analysis(base_counts: list[int], sizes: list[int]) -> ModelAnalysis:
+    """Macroblock m has sizes[m] equal layers, the first base_counts[m] of them in its base."""
+    layers, blocks = [], []
+    for m, (n_base, n) in enumerate(zip(base_counts, sizes)):
+        names = [f"b{m}_l{k}" for k in range(n)]
+        layers += [_layer(x, m, 1000, 3.0 if k < n_base else 99.0) for k, x in enumerate(names)]
+        blocks.append(Macroblock(m, (8, 8), names, names[:n_base], n * 64 * 64 * 9, n * 1000))
+    return ModelAnalysis(layers, blocks, sum(b.params for b in blocks), sum(b.macs for b in blocks))
+
+
+def _quadratic_cost(groups: list[GroupInfo], weight: dict[int, float]):
+    """Params ~ width squared per group, like a chain of convs inside one group."""
+
+    def cost(counts):
+        params = sum(weight[g.id] * counts[g.id] ** 2 for g in groups)
+        return int(params), int(params * 10)
+
+    return cost
+
+
+def test_redundancy_formula():
+    analysis = _analysis([2, 4], [4, 4])
+    rho = {layer.name: 0.5 for layer in analysis.layers}
+    rho["b0_l3"] = 1.0
+    (e0, eb0, r0), (e1, eb1, r1) = macroblock_redundancy(analysis, rho)
+    assert (e0, eb0) == (2500.0, 1000.0)
+    assert r0 == pytest.approx(1 - 1000 / 2500)
+    assert r1 == 0.0 and e1 == eb1 == 2000.0
+
+
+def test_more_redundant_macroblock_gets_smaller_beta_and_uniform_is_flat():
+    analysis = _analysis([1, 3], [4, 4])  # macroblock 0: 3/4 redundant; macroblock 1: 1/4
+    groups = [GroupInfo(0, 64, (0,), False), GroupInfo(1, 64, (1,), False)]
+    cost = _quadratic_cost(groups, {0: 1.0, 1: 1.0})
+    rho = {layer.name: 1.0 for layer in analysis.layers}
+    plan = plan_widths(analysis, groups, rho, cost, gamma=0.5, channel_multiple=1)
+    beta0, beta1 = (m.beta for m in plan.macroblocks)
+    assert beta0 == pytest.approx(0.25**0.5) and beta1 == pytest.approx(0.75**0.5)
+    assert plan.counts[0] < plan.counts[1]
+    uniform = plan_widths(analysis, groups, rho, cost, strategy="uniform", channel_multiple=1)
+    assert len({m.beta for m in uniform.macroblocks}) == 1
+    assert uniform.counts[0] == uniform.counts[1]
+    # Matched to the size MBS reached: at most it, and within one channel step of it.
+    c = uniform.counts[0]
+    assert uniform.params[1] <= plan.params[1] < 2 * (c + 1) ** 2
+
+
+@pytest.mark.parametrize("strategy", ["mbs", "uniform"])
+@pytest.mark.parametrize("fraction", [0.3, 0.5, 0.8])
+def test_budget_is_met_within_two_points(strategy, fraction):
+    analysis = _analysis([1, 2, 3], [4, 4, 4])
+    groups = [GroupInfo(g, 256, (g,), False) for g in range(3)] + [GroupInfo(3, 16, (0,), True)]
+    cost = _quadratic_cost(groups, {0: 1.0, 1: 2.0, 2: 3.0, 3: 1.0})
+    rho = {layer.name: 1.0 for layer in analysis.layers}
+    plan = plan_widths(
+        analysis,
+        groups,
+        rho,
+        cost,
+        budget=Budget("params", fraction),
+        strategy=strategy,
+        channel_multiple=8,
+    )
+    assert plan.reached["params"] == pytest.approx(fraction, abs=0.02)
+    assert plan.counts[3] == 16  # pinned stays whole
+    assert all(c % 8 == 0 for c in plan.counts.values())
+
+
+def test_unreachable_budget_is_refused():
+    analysis = _analysis([1, 4], [4, 4])
+    groups = [GroupInfo(0, 64, (0,), False), GroupInfo(1, 64, (1,), True)]
+    cost = _quadratic_cost(groups, {0: 1.0, 1: 1.0})
+    rho = {layer.name: 1.0 for layer in analysis.layers}
+    with pytest.raises(BadInputError, match="cannot be reached"):
+        plan_widths(analysis, groups, rho, cost, budget=Budget("params", 0.2))
+
+
+def test_budget_parsing_and_rounding():
+    assert Budget.parse("flops=0.25") == Budget("flops", 0.25)
+    for bad in ("params=0", "params=1.5", "size=0.5", "params=x", "params"):
+        with pytest.raises(BadInputError, match="bad --budget"):
+            Budget.parse(bad)
+    assert round_channels(64, 0.5, 8) == 32
+    assert round_channels(64, 0.01, 8) == 8
+    assert round_channels(6, 0.1, 8) == 6  # never below min(8, original)
+    assert round_channels(24, 0.6, 8) == 16
