@@ -206,11 +206,15 @@ def plan_widths(
     if budget is not None:
         counts = _nudge(counts, groups, metric, budget.fraction, channel_multiple)
         if metric(counts) > budget.fraction + 0.02:
-            floor = metric(_counts(groups, [beta_min] * n_blocks, channel_multiple))
+            if strategy == "mbs":
+                smallest = _counts(groups, mbs_betas(64.0), channel_multiple)
+                why = "pinned groups and macroblocks without redundancy stay whole"
+            else:
+                smallest = _counts(groups, [beta_min] * n_blocks, channel_multiple)
+                why = "pinned groups stay whole"
             raise BadInputError(
                 f"budget {budget} cannot be reached: the smallest plan keeps "
-                f"{floor:.1%} ({'pinned groups and macroblocks without redundancy stay whole' if strategy == 'mbs' else 'pinned groups stay whole'}); "
-                "ask for a larger fraction"
+                f"{metric(smallest):.1%} ({why}); ask for a larger fraction"
             )
     params_after, macs_after = cost(counts)
     blocks = [
