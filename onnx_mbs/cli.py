@@ -68,8 +68,195 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_reduce_summary(report, args: argparse.Namespace) -> None:
+    from onnx_mbs.report import MACROBLOCK_HEADERS, macroblock_rows
+
+    plan = report.plan
+    err = sys.stderr
+    print(f"data: {report.data}", file=err)
+    print(f"preprocessing: {report.preprocessing}", file=err)
+    print(f"statistics: {report.samples} samples on {report.provider}", file=err)
+    print(format_table(MACROBLOCK_HEADERS, macroblock_rows(report)))
+    before, after = report.before, report.after
+    print(
+        f"\nparams: {_fmt_int(before.total_params)} -> {_fmt_int(after.total_params)} "
+        f"({after.total_params / before.total_params:.1%} kept)   "
+        f"MACs: {_fmt_int(before.total_macs)} -> {_fmt_int(after.total_macs)} "
+        f"({after.total_macs / before.total_macs:.1%} kept)"
+    )
+    knob = f"gamma {plan.gamma:.4g}" if plan.gamma is not None else "uniform width"
+    if plan.budget is not None:
+        print(
+            f"budget: {plan.budget} asked, {plan.reached[plan.budget.metric]:.3f} reached "
+            f"({plan.strategy}, {knob})"
+        )
+    else:
+        print(f"strategy: {plan.strategy}, {knob}")
+    for key in ("before", "after"):
+        if key in report.accuracy:
+            acc = report.accuracy[key]
+            print(
+                f"top-1 {key}: {acc.top1:.2%} on {acc.samples} samples"
+                + (" (before retraining)" if key == "after" else "")
+            )
+    if not plan.changes_anything:
+        print("nothing can be cut: every group is pinned or has no redundancy")
+    if report.pinned:
+        shown = report.pinned[:8]
+        more = f" (+{len(report.pinned) - len(shown)} more)" if len(report.pinned) > 8 else ""
+        print(f"pinned (kept whole): {'; '.join(shown)}{more}")
+
+
+def cmd_reduce(args: argparse.Namespace) -> int:
+    from onnx_mbs.reduce import reduce
+    from onnx_mbs.report import report_dict, write_report
+    from onnx_mbs.save import check_output_path, save_model
+
+    if args.output is None and not args.dry_run:
+        raise BadInputError("reduce needs -o OUT (or --dry-run to only print the plan)")
+    if args.output is not None:
+        check_output_path(args.output, args.model)
+    reduced, report = reduce(
+        args.model,
+        args.data,
+        budget=args.budget,
+        gamma=args.gamma,
+        strategy=args.strategy,
+        providers=args.providers,
+        input_shapes=_input_shapes(args.input_shape),
+        channel_multiple=args.channel_multiple,
+        beta_min=args.beta_min,
+        importance=args.importance,
+        mean=_floats(args.mean),
+        std=_floats(args.std),
+        limit=args.limit,
+        batch_size=args.batch_size,
+        evaluate_accuracy=not args.no_eval,
+        progress=not args.json,
+    )
+    if args.json:
+        summary = report_dict(report)
+        summary.pop("layers")
+        json.dump(summary, sys.stdout, indent=2)
+        print()
+    else:
+        _print_reduce_summary(report, args)
+    if args.report:
+        paths = write_report(report, args.report)
+        print(f"report: {', '.join(map(str, paths))}", file=sys.stderr)
+    if args.dry_run:
+        print("dry run: nothing written", file=sys.stderr)
+    else:
+        save_model(reduced, args.output)
+        print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def _open_for_model(spec, model, args: argparse.Namespace, limit: int | None = None):
+    """A DataSource fitted to `model`'s input (shapes fixed as in reduce)."""
+    from onnx_mbs.data import open_data
+    from onnx_mbs.reduce import metadata, model_input
+
+    name, shape = model_input(model)
+    return open_data(
+        spec,
+        name,
+        shape,
+        mean=_floats(args.mean),
+        std=_floats(args.std),
+        limit=limit,
+        metadata=metadata(model),
+    )
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from onnx_mbs.evaluate import evaluate
+    from onnx_mbs.runtime import choose_providers
+
+    providers = choose_providers(args.providers)
+    model = load_model(args.model, _input_shapes(args.input_shape))
+    source = _open_for_model(args.data, model, args, args.limit)
+    result = evaluate(model, source, providers, batch_size=args.batch_size, progress=not args.json)
+    if args.json:
+        json.dump(
+            {
+                "top1": result.top1,
+                "top5": result.top5,
+                "samples": result.samples,
+                "provider": result.provider,
+            },
+            sys.stdout,
+        )
+        print()
+    else:
+        print(f"data: {source.description}", file=sys.stderr)
+        top5 = f", top-5 {result.top5:.2%}" if result.top5 is not None else ""
+        print(f"top-1 {result.top1:.2%}{top5} on {result.samples} samples ({result.provider})")
+    return 0
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    import os
+
+    from onnx_mbs.bridge import retrain
+    from onnx_mbs.save import check_output_path, save_model
+
+    check_output_path(args.output, args.model, args.teacher)
+    model = load_model(args.model, _input_shapes(args.input_shape))
+    teacher = load_model(args.teacher, _input_shapes(args.input_shape)) if args.teacher else None
+    train = _open_for_model(args.data, model, args, args.limit)
+    val = _open_for_model(args.val, model, args, args.val_limit) if args.val else None
+    rank = int(os.environ.get("RANK", "0"))
+    result = retrain(
+        model,
+        train,
+        val,
+        teacher=teacher,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        optimizer=args.optimizer,
+        seed=args.seed,
+        device=args.device,
+        progress=rank == 0,
+    )
+    if rank != 0:
+        return 0
+    for e in result.history:
+        print(
+            f"epoch {e.epoch + 1}: loss {e.train_loss:.4f}  train acc {e.train_acc:.2%}  "
+            f"val top-1 {e.val_top1:.2%}  ({e.seconds:.1f}s)",
+            file=sys.stderr,
+        )
+    print(
+        f"best epoch {result.best_epoch + 1}: val top-1 {result.best_val_top1:.2%}; "
+        f"{result.images_per_second:.0f} images/s on {result.device} "
+        f"x{result.world_size}"
+    )
+    save_model(result.model, args.output)
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def _floats(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise BadInputError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are bad input too: one line, exit code 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="onnx-mbs",
         description="Macroblock Scaling for ONNX CNNs: ONNX in, smaller ONNX out.",
     )
@@ -83,11 +270,67 @@ def build_parser() -> argparse.ArgumentParser:
             help="fix a dynamic input shape, e.g. input:1,3,224,224 (repeatable)",
         )
 
+    def add_data_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--mean", help="per-channel mean after /255 (default: model metadata or 0)")
+        p.add_argument("--std", help="per-channel std (default: model metadata or 1)")
+        p.add_argument("--limit", type=int, help="use the first N samples")
+
     p = sub.add_parser("analyze", help="macroblocks, receptive fields, params and MACs")
     p.add_argument("model", help="ONNX model file")
     add_input_shape(p)
     p.add_argument("--json", action="store_true", help="print a JSON document on stdout")
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("reduce", help="shrink Conv widths per macroblock with MBS")
+    p.add_argument("model", help="ONNX model file")
+    p.add_argument("-o", "--output", help="where to write the reduced model")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="calibration data: image folder, .npz (x, y) or IDX folder[:train|:test]",
+    )
+    p.add_argument("--budget", help="params=F or flops=F: fraction of the model to keep")
+    p.add_argument("--gamma", type=float, default=0.5, help="MBS exponent (default 0.5)")
+    p.add_argument("--strategy", choices=["mbs", "uniform"], default="mbs")
+    p.add_argument("--providers", default="auto", help="auto (default), cpu or cuda")
+    add_input_shape(p)
+    p.add_argument("--channel-multiple", type=int, default=8)
+    p.add_argument("--beta-min", type=float, default=0.1, help="smallest width scale")
+    p.add_argument("--importance", default="l1", help="l1 (filter norms) or act (activations)")
+    add_data_options(p)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--report", metavar="DIR", help="write report.json, report.md, widths.png")
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, write no model")
+    p.add_argument("--no-eval", action="store_true", help="skip accuracy before/after")
+    p.set_defaults(func=cmd_reduce)
+
+    p = sub.add_parser("retrain", help="retrain a (reduced) model through PyTorch")
+    p.add_argument("model", help="ONNX model file (BatchNorm kept or folded)")
+    p.add_argument("-o", "--output", required=True, help="where to write the retrained model")
+    p.add_argument("--data", required=True, help="training data with labels (see reduce)")
+    p.add_argument("--val", help="validation data; the best epoch on it is kept")
+    p.add_argument("--val-limit", type=int, help="use the first N validation samples")
+    p.add_argument("--teacher", help="original model to distil from (knowledge distillation)")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (CUDA when there), cpu or cuda")
+    add_input_shape(p)
+    add_data_options(p)
+    p.set_defaults(func=cmd_retrain)
+
+    p = sub.add_parser("eval", help="top-1/top-5 accuracy with onnxruntime")
+    p.add_argument("model", help="ONNX model file")
+    p.add_argument("--data", required=True, help="labelled data (see reduce)")
+    p.add_argument("--providers", default="auto", help="auto (default), cpu or cuda")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--json", action="store_true", help='print {"top1", "top5", "samples"}')
+    add_input_shape(p)
+    add_data_options(p)
+    p.set_defaults(func=cmd_eval)
     return parser
 
 
