@@ -1,0 +1,304 @@
+"""An ONNX graph as a trainable `torch.nn.Module`.
+
+The module keeps the ONNX graph as it is and evaluates it node by node (see `ops.py`), so training
+changes weights, never structure, and `write_back` can put the weights into the very same graph.
+
+Initializers are sorted by the role their consumers give them:
+
+- parameters: float weights of Conv/ConvTranspose/Gemm/MatMul, BatchNormalization scale and bias,
+  PRelu slopes, and non-scalar float constants of Add/Sub/Mul/Div (per-channel scale or bias);
+- buffers: BatchNormalization running mean and variance (updated in train mode);
+- constants: everything else (integer tensors, shapes, split sizes, resize scales, scalars).
+  Nodes whose inputs are all constants are evaluated once at build time.
+
+State-dict keys are the initializer names with characters other than letters, digits and "_"
+replaced by "_" (made unique); `initializer_keys` maps each ONNX name to its key.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from onnx_mbs.bridge.ops import NO_FOLD, OPS, TRAINING_OPS, Node
+from onnx_mbs.passes.errors import BadInputError
+
+# (op_type -> input positions) whose float initializers are trained.
+WEIGHT_INPUTS = {
+    "Conv": {1, 2},
+    "ConvTranspose": {1, 2},
+    "Gemm": {0, 1, 2},
+    "MatMul": {0, 1},
+    "BatchNormalization": {1, 2},
+    "PRelu": {1},
+}
+STAT_INPUTS = {"BatchNormalization": {3, 4}}
+ELEMENTWISE = {"Add", "Sub", "Mul", "Div"}
+
+Step = tuple[Callable[..., Any], tuple[str, ...], tuple[str, ...], bool, tuple[str, ...]]
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    return 1
+
+
+def unsupported_ops(model: onnx.ModelProto) -> list[str]:
+    """Op types in the graph the bridge cannot run, sorted."""
+    found = set()
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            found.add(f"{node.domain}:{node.op_type}")
+        elif node.op_type not in OPS:
+            found.add(node.op_type)
+    return sorted(found)
+
+
+def initializer_roles(model: onnx.ModelProto) -> dict[str, str]:
+    """Each initializer's role: "parameter", "buffer" or "constant" (see the module docstring).
+
+    Consumers are found through Identity nodes: the torch exporter ties initializers with equal
+    values that way (`b2.weight = Identity(b1.weight)`), and the tie is kept as one parameter.
+    """
+    graph = model.graph
+    float_inits = {
+        t.name: t
+        for t in graph.initializer
+        if np.issubdtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type), np.floating)
+    }
+    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            consumers.setdefault(name, []).append((node, i))
+
+    def uses(name: str, seen: set[str]) -> list[tuple[onnx.NodeProto, int]]:
+        found = []
+        for node, i in consumers.get(name, []):
+            if node.op_type == "Identity" and node.output[0] not in seen:
+                seen.add(node.output[0])
+                found += uses(node.output[0], seen)
+            else:
+                found.append((node, i))
+        return found
+
+    roles = {t.name: "constant" for t in graph.initializer}
+    for name, tensor in float_inits.items():
+        for node, i in uses(name, {name}):
+            if i in WEIGHT_INPUTS.get(node.op_type, ()) or (
+                node.op_type in ELEMENTWISE and int(np.prod(tensor.dims)) > 1
+            ):
+                roles[name] = "parameter"
+            elif i in STAT_INPUTS.get(node.op_type, ()) and roles[name] != "parameter":
+                roles[name] = "buffer"
+    return roles
+
+
+def topological_order(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """Nodes in an order where every input is ready (ONNX asks for it; not every file obeys)."""
+    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending = list(graph.node)
+    order: list[onnx.NodeProto] = []
+    while pending:
+        left = []
+        for node in pending:
+            if all(name in ready for name in node.input):
+                order.append(node)
+                ready.update(node.output)
+            else:
+                left.append(node)
+        if len(left) == len(pending):
+            node = left[0]
+            missing = [n for n in node.input if n not in ready]
+            raise BadInputError(
+                f"node '{node.name}' ({node.op_type}) reads {missing}, which no node produces"
+            )
+        pending = left
+    return order
+
+
+def untie_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy where each `Identity(initializer)` node becomes an initializer of its own.
+
+    The torch exporter stores initializers with equal values once and ties the others to it
+    through Identity nodes -- freshly initialised BatchNorms share their ones and zeros, and a
+    running mean can end up tied to a BN bias. Trained, such ties would force unrelated weights to
+    stay equal, so retraining unties them first. The graph computes the same; only those Identity
+    nodes are gone.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    inits = {t.name: t for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    keep = []
+    for node in topological_order(graph):
+        if node.op_type == "Identity" and node.input[0] in inits and node.output[0] not in outputs:
+            copy = onnx.TensorProto()
+            copy.CopyFrom(inits[node.input[0]])
+            copy.name = node.output[0]
+            graph.initializer.append(copy)
+            inits[copy.name] = copy
+        else:
+            keep.append(node)
+    if len(keep) != len(graph.node):
+        del graph.node[:]
+        graph.node.extend(keep)
+    return out
+
+
+def _key(name: str, taken: set[str], module: nn.Module) -> str:
+    key = re.sub(r"[^0-9A-Za-z_]", "_", name) or "t"
+    if key[0].isdigit():
+        key = "t_" + key
+    base, k = key, 1
+    while key in taken or hasattr(module, key):
+        k += 1
+        key = f"{base}_{k}"
+    taken.add(key)
+    return key
+
+
+class OnnxModule(nn.Module):
+    """Runs an ONNX graph with torch ops; float weights are trainable parameters.
+
+    `forward(*inputs)` takes the graph inputs in order (tensors or numpy arrays) and returns the
+    graph outputs in order (a single tensor when there is one output). In train mode
+    BatchNormalization uses batch statistics and updates its running statistics, and Dropout is
+    active; in eval mode they behave as in onnxruntime.
+    """
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        super().__init__()
+        missing = unsupported_ops(model)
+        if missing:
+            raise BadInputError(
+                f"the PyTorch bridge does not support these op types: {', '.join(missing)}"
+            )
+        graph = model.graph
+        opset = default_opset(model)
+        arrays = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        roles = initializer_roles(model)
+        self.input_names = [i.name for i in graph.input if i.name not in arrays]
+        self.output_names = [o.name for o in graph.output]
+        self.initializer_keys: dict[str, str] = {}  # ONNX name -> state_dict key
+        self.runtime_ops: list[str] = []  # op types run per forward (constant nodes folded away)
+
+        taken: set[str] = set()
+        for name, array in arrays.items():
+            if roles[name] == "constant":
+                continue
+            key = _key(name, taken, self)
+            tensor = torch.from_numpy(array.copy())
+            if roles[name] == "parameter":
+                self.register_parameter(key, nn.Parameter(tensor))
+            else:
+                self.register_buffer(key, tensor)
+            self.initializer_keys[name] = key
+
+        consts = {n: a for n, a in arrays.items() if roles[n] == "constant"}
+        shapes = {n: tuple(a.shape) for n, a in arrays.items()}
+        steps: list[tuple[Callable, tuple[str, ...], tuple[str, ...], bool]] = []
+        for proto in topological_order(graph):
+            node = Node.from_proto(proto, opset, consts, shapes)
+            fn = OPS[node.op_type](node)
+            wants_training = node.op_type in TRAINING_OPS
+            live = [n for n in node.inputs if n]
+            if node.op_type not in NO_FOLD and all(n in consts for n in live):
+                for name, value in zip(node.outputs, _fold(fn, node, consts), strict=False):
+                    consts[name] = value
+                    shapes[name] = tuple(value.shape)
+                continue
+            steps.append((fn, tuple(node.inputs), tuple(node.outputs), wants_training))
+            self.runtime_ops.append(node.op_type)
+
+        # Constants the steps read: floats move with the module (.to(device)), ints stay on CPU.
+        used = {n for _, ins, _, _ in steps for n in ins} | set(self.output_names)
+        self._cpu_consts: dict[str, torch.Tensor] = {}
+        self._const_keys: list[tuple[str, str]] = []
+        for name in sorted(used & consts.keys()):
+            tensor = torch.from_numpy(np.array(consts[name]))
+            if tensor.is_floating_point():
+                key = _key("const_" + name, taken, self)
+                self.register_buffer(key, tensor, persistent=False)
+                self._const_keys.append((name, key))
+            else:
+                self._cpu_consts[name] = tensor
+        self._param_keys = [
+            (n, k) for n, k in self.initializer_keys.items() if k in self._parameters
+        ]
+        self._buffer_keys = [
+            (n, k) for n, k in self.initializer_keys.items() if k in self._buffers
+        ] + self._const_keys
+        self._steps = _with_frees(steps, set(self.output_names))
+
+    def forward(self, *inputs: Any) -> Any:
+        if len(inputs) != len(self.input_names):
+            raise BadInputError(
+                f"the model takes {len(self.input_names)} input(s) {self.input_names}, "
+                f"got {len(inputs)}"
+            )
+        env: dict[str, Any] = dict(self._cpu_consts)
+        env[""] = None
+        params, buffers = self._parameters, self._buffers
+        for name, key in self._param_keys:
+            env[name] = params[key]
+        for name, key in self._buffer_keys:
+            env[name] = buffers[key]
+        for name, x in zip(self.input_names, inputs, strict=True):
+            env[name] = torch.from_numpy(x).to(self._device()) if isinstance(x, np.ndarray) else x
+        training = self.training
+        for fn, ins, outs, wants_training, frees in self._steps:
+            args = [env[n] for n in ins]
+            result = fn(training, *args) if wants_training else fn(*args)
+            if type(result) is tuple:
+                env.update(zip(outs, result, strict=False))
+            else:
+                env[outs[0]] = result
+            for name in frees:
+                del env[name]
+        outputs = [env[n] for n in self.output_names]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    def _device(self) -> torch.device:
+        for tensor in self._parameters.values():
+            return tensor.device
+        return torch.device("cpu")
+
+    def initializer(self, onnx_name: str) -> torch.Tensor:
+        """The parameter or buffer that holds ONNX initializer `onnx_name`."""
+        key = self.initializer_keys[onnx_name]
+        return self._parameters[key] if key in self._parameters else self._buffers[key]
+
+
+def _fold(fn: Callable, node: Node, consts: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Evaluate a node whose inputs are all constants, once, at build time."""
+    args = [torch.from_numpy(np.array(consts[n])) if n else None for n in node.inputs]
+    with torch.no_grad():
+        result = fn(*args)
+    results = result if isinstance(result, tuple) else (result,)
+    return [r.numpy().copy() for r in results]
+
+
+def _with_frees(
+    steps: list[tuple[Callable, tuple[str, ...], tuple[str, ...], bool]], keep: set[str]
+) -> list[Step]:
+    """Attach to each step the values last read there, so eval runs drop them early."""
+    last_use: dict[str, int] = {}
+    for i, (_, ins, _, _) in enumerate(steps):
+        for name in ins:
+            last_use[name] = i
+    frees: list[list[str]] = [[] for _ in steps]
+    produced = {n for _, _, outs, _ in steps for n in outs}
+    for name, i in last_use.items():
+        if name in produced and name not in keep:
+            frees[i].append(name)
+    return [(*step, tuple(frees[i])) for i, step in enumerate(steps)]

@@ -1,0 +1,907 @@
+"""The op table: how each ONNX op runs as torch ops.
+
+Every entry is a small *builder*: it receives a `Node` (attributes decoded, inputs that are known at
+build time already resolved to numpy) and returns the function that runs the node on its runtime
+inputs. Everything that depends only on attributes or constant inputs -- pads, axes, target shapes,
+resize scales -- is worked out once in the builder, so a forward pass pays only for the torch op.
+
+Runtime functions receive every ONNX input positionally (missing optional inputs as None) and
+return a tensor, or a tuple of tensors for multi-output nodes. Ops listed in `TRAINING_OPS` also
+receive the module's `training` flag first. Shape arithmetic (Shape, Gather, Concat ... feeding
+Reshape) runs on small int64 CPU tensors and never carries gradients.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import helper, numpy_helper
+
+from onnx_mbs.passes.errors import BadInputError
+
+OpFn = Callable[..., Any]
+
+
+@dataclass
+class Node:
+    """One ONNX node with what the builders need: attributes, constant inputs, opset."""
+
+    op_type: str
+    name: str
+    inputs: list[str]
+    outputs: list[str]
+    attrs: dict[str, Any]
+    opset: int
+    consts: dict[int, np.ndarray] = field(default_factory=dict)
+    shapes: dict[int, tuple[int, ...]] = field(default_factory=dict)
+
+    @classmethod
+    def from_proto(
+        cls,
+        node: onnx.NodeProto,
+        opset: int,
+        consts: dict[str, np.ndarray],
+        shapes: dict[str, tuple[int, ...]],
+    ) -> Node:
+        ins = list(node.input)
+        return cls(
+            op_type=node.op_type,
+            name=node.name,
+            inputs=ins,
+            outputs=list(node.output),
+            attrs={a.name: _attr_value(a) for a in node.attribute},
+            opset=opset,
+            consts={i: consts[n] for i, n in enumerate(ins) if n in consts},
+            shapes={i: shapes[n] for i, n in enumerate(ins) if n in shapes},
+        )
+
+    def attr(self, name: str, default: Any = None) -> Any:
+        return self.attrs.get(name, default)
+
+    def has(self, i: int) -> bool:
+        """Whether optional input i is given."""
+        return i < len(self.inputs) and self.inputs[i] != ""
+
+    def const(self, i: int) -> np.ndarray | None:
+        """Input i's value when it is a build-time constant, else None."""
+        return self.consts.get(i)
+
+    def const_list(self, i: int) -> list | None:
+        value = self.consts.get(i)
+        return None if value is None else value.reshape(-1).tolist()
+
+    def weight_rank(self, i: int = 1) -> int:
+        """Number of spatial dims of a conv/pool, from kernel_shape or the weight's shape."""
+        if "kernel_shape" in self.attrs:
+            return len(self.attrs["kernel_shape"])
+        if i in self.shapes:
+            return len(self.shapes[i]) - 2
+        raise BadInputError(f"{self.op_type} node '{self.name}' has no kernel_shape and no weight")
+
+    def kernel(self, i: int = 1) -> list[int]:
+        if "kernel_shape" in self.attrs:
+            return list(self.attrs["kernel_shape"])
+        return list(self.shapes[i][2:])
+
+
+def _attr_value(attr: onnx.AttributeProto) -> Any:
+    value = helper.get_attribute_value(attr)
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, onnx.TensorProto):
+        return numpy_helper.to_array(value)
+    if isinstance(value, list):
+        return [v.decode() if isinstance(v, bytes) else v for v in value]
+    return value
+
+
+def _values(t: Any) -> list:
+    """A runtime shape-like input (small int tensor) as a Python list."""
+    return t.reshape(-1).tolist()
+
+
+def _torch_pads(begin: list[int], end: list[int]) -> list[int]:
+    """ONNX [b1, b2, .., e1, e2, ..] for the trailing dims -> F.pad's (last dim first) order."""
+    return [p for b, e in zip(reversed(begin), reversed(end), strict=True) for p in (b, e)]
+
+
+def _same_pads(
+    sizes: Any, kernel: list[int], strides: list[int], dilations: list[int], mode: str
+) -> tuple[list[int], list[int]]:
+    """auto_pad=SAME_UPPER/SAME_LOWER: pads that make the output size ceil(input / stride)."""
+    begin, end = [], []
+    for size, k, s, d in zip(sizes, kernel, strides, dilations, strict=True):
+        out = -(-int(size) // s)
+        total = max((out - 1) * s + (k - 1) * d + 1 - int(size), 0)
+        small, big = total // 2, total - total // 2
+        begin.append(small if mode == "SAME_UPPER" else big)
+        end.append(big if mode == "SAME_UPPER" else small)
+    return begin, end
+
+
+def _same_device(a: Any, b: Any) -> tuple[Any, Any]:
+    """Shape arithmetic lives on the CPU; move it next to the other operand when they meet."""
+    if a.device != b.device:
+        if a.device.type == "cpu":
+            a = a.to(b.device)
+        else:
+            b = b.to(a.device)
+    return a, b
+
+
+# ---------------------------------------------------------------------------
+# Convolutions and normalisation
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def conv(n: Node) -> OpFn:
+    rank = n.weight_rank()
+    fn = _CONV[rank]
+    strides = list(n.attr("strides", [1] * rank))
+    dilations = list(n.attr("dilations", [1] * rank))
+    groups = n.attr("group", 1)
+    auto_pad = n.attr("auto_pad", "NOTSET")
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        kernel = n.kernel()
+
+        def same(x, w, b=None):
+            begin, end = _same_pads(x.shape[2:], kernel, strides, dilations, auto_pad)
+            return fn(F.pad(x, _torch_pads(begin, end)), w, b, strides, 0, dilations, groups)
+
+        return same
+    pads = [0] * (2 * rank) if auto_pad == "VALID" else list(n.attr("pads", [0] * (2 * rank)))
+    begin, end = pads[:rank], pads[rank:]
+    if begin == end:
+        return lambda x, w, b=None: fn(x, w, b, strides, begin, dilations, groups)
+    torch_pads = _torch_pads(begin, end)
+    return lambda x, w, b=None: fn(F.pad(x, torch_pads), w, b, strides, 0, dilations, groups)
+
+
+def conv_transpose(n: Node) -> OpFn:
+    rank = n.weight_rank()
+    fn = _CONV_T[rank]
+    strides = list(n.attr("strides", [1] * rank))
+    dilations = list(n.attr("dilations", [1] * rank))
+    out_pad = list(n.attr("output_padding", [0] * rank))
+    groups = n.attr("group", 1)
+    auto_pad = n.attr("auto_pad", "NOTSET")
+    output_shape = n.attr("output_shape")
+    if output_shape or auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        kernel = n.kernel()
+
+        def shaped(x, w, b=None):
+            # Pads follow from the requested output size, as the ONNX spec computes them.
+            sizes = [int(s) for s in x.shape[2:]]
+            target = (
+                list(output_shape[-rank:])
+                if output_shape
+                else [i * s for i, s in zip(sizes, strides, strict=True)]
+            )
+            begin, end = [], []
+            for i, s, op, k, d, t in zip(
+                sizes, strides, out_pad, kernel, dilations, target, strict=True
+            ):
+                total = s * (i - 1) + op + (k - 1) * d + 1 - t
+                if auto_pad == "SAME_UPPER":
+                    begin.append(total // 2)
+                    end.append(total - total // 2)
+                else:
+                    begin.append(total - total // 2)
+                    end.append(total // 2)
+            y = fn(x, w, b, strides, 0, out_pad, groups, dilations)
+            return F.pad(y, _torch_pads([-p for p in begin], [-p for p in end]))
+
+        return shaped
+    pads = [0] * (2 * rank) if auto_pad == "VALID" else list(n.attr("pads", [0] * (2 * rank)))
+    begin, end = pads[:rank], pads[rank:]
+    if begin == end:
+        return lambda x, w, b=None: fn(x, w, b, strides, begin, out_pad, groups, dilations)
+    # Asymmetric pads: run unpadded, then crop (negative F.pad) each side.
+    crop = _torch_pads([-p for p in begin], [-p for p in end])
+    return lambda x, w, b=None: F.pad(fn(x, w, b, strides, 0, out_pad, groups, dilations), crop)
+
+
+def batch_norm(n: Node) -> OpFn:
+    # ONNX: running = m * running + (1 - m) * batch; torch's momentum is the other weight.
+    momentum = 1.0 - n.attr("momentum", 0.9)
+    eps = n.attr("epsilon", 1e-5)
+    extra_outputs = len(n.outputs) > 1
+
+    def run(training, x, scale, bias, mean, var):
+        if training and (mean.requires_grad or var.requires_grad):
+            raise BadInputError(
+                f"BatchNormalization '{n.name}': a running statistic is tied to a trained "
+                "weight (through Identity); untie it first with untie_initializers(model)"
+            )
+        y = F.batch_norm(x, mean, var, scale, bias, training, momentum, eps)
+        return (y, mean, var) if extra_outputs else y
+
+    return run
+
+
+def dropout(n: Node) -> OpFn:
+    if n.opset < 12:
+        ratio = n.attr("ratio", 0.5)
+    else:
+        ratio = float(n.const_list(1)[0]) if n.const(1) is not None else 0.5
+    with_mask = len(n.outputs) > 1 and n.outputs[1] != ""
+
+    def run(training, x, *_):
+        if not with_mask:
+            return F.dropout(x, ratio, training)
+        if not training or ratio == 0.0:
+            return x, torch.ones_like(x, dtype=torch.bool)
+        mask = torch.rand_like(x) >= ratio
+        return x * mask / (1.0 - ratio), mask
+
+    return run
+
+
+# ---------------------------------------------------------------------------
+# Activations
+
+
+def clip(n: Node) -> OpFn:
+    if n.opset < 11:
+        lo, hi = n.attr("min"), n.attr("max")
+    else:
+        if (n.has(1) and n.const(1) is None) or (n.has(2) and n.const(2) is None):
+            return lambda x, lo=None, hi=None: torch.clamp(x, lo, hi)
+        lo = float(n.const_list(1)[0]) if n.has(1) else None
+        hi = float(n.const_list(2)[0]) if n.has(2) else None
+    if lo is None and hi is None:
+        return lambda x, *_: x
+    if lo == 0.0 and hi is None:
+        return lambda x, *_: F.relu(x)
+    return lambda x, *_: torch.clamp(x, lo, hi)
+
+
+def leaky_relu(n: Node) -> OpFn:
+    alpha = n.attr("alpha", 0.01)
+    return lambda x: F.leaky_relu(x, alpha)
+
+
+def prelu(n: Node) -> OpFn:
+    # ONNX broadcasts the slope numpy-style (e.g. shape (C, 1, 1) against NCHW).
+    return lambda x, slope: torch.where(x >= 0, x, x * slope)
+
+
+def hard_sigmoid(n: Node) -> OpFn:
+    alpha, beta = n.attr("alpha", 0.2), n.attr("beta", 0.5)
+    return lambda x: torch.clamp(alpha * x + beta, 0.0, 1.0)
+
+
+def elu(n: Node) -> OpFn:
+    alpha = n.attr("alpha", 1.0)
+    return lambda x: F.elu(x, alpha)
+
+
+def gelu(n: Node) -> OpFn:
+    approximate = n.attr("approximate", "none")
+    return lambda x: F.gelu(x, approximate=approximate)
+
+
+def softmax(n: Node) -> OpFn:
+    axis = n.attr("axis", -1 if n.opset >= 13 else 1)
+    if n.opset >= 13:
+        return lambda x: torch.softmax(x, axis)
+
+    def flat(x):  # opset < 13: softmax over all dims from axis on
+        return torch.softmax(x.flatten(axis), -1).reshape(x.shape)
+
+    return flat
+
+
+def log_softmax(n: Node) -> OpFn:
+    axis = n.attr("axis", -1 if n.opset >= 13 else 1)
+    return lambda x: torch.log_softmax(x, axis)
+
+
+def _unary(fn: Callable) -> Callable[[Node], OpFn]:
+    return lambda n: lambda x: fn(x)
+
+
+# ---------------------------------------------------------------------------
+# Elementwise arithmetic
+
+
+def _binary(fn: Callable) -> Callable[[Node], OpFn]:
+    def build(n: Node) -> OpFn:
+        def run(a, b):
+            if a.device != b.device:
+                a, b = _same_device(a, b)
+            return fn(a, b)
+
+        return run
+
+    return build
+
+
+def _div(a, b):
+    if a.is_floating_point():
+        return a / b
+    return torch.div(a, b, rounding_mode="trunc")  # ONNX integer Div truncates
+
+
+def _variadic(fn: Callable) -> Callable[[Node], OpFn]:
+    def build(n: Node) -> OpFn:
+        def run(*xs):
+            out = xs[0]
+            for x in xs[1:]:
+                out, x = _same_device(out, x)
+                out = fn(out, x)
+            return out
+
+        return run
+
+    return build
+
+
+def where(n: Node) -> OpFn:
+    return lambda cond, a, b: torch.where(cond, a, b)
+
+
+# ---------------------------------------------------------------------------
+# Pooling and reductions
+
+_MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+_AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
+
+
+def _pool_geometry(n: Node) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
+    kernel = list(n.attr("kernel_shape"))
+    rank = len(kernel)
+    strides = list(n.attr("strides", [1] * rank))
+    dilations = list(n.attr("dilations", [1] * rank))
+    pads = list(n.attr("pads", [0] * (2 * rank)))
+    if n.attr("auto_pad", "NOTSET") == "VALID":
+        pads = [0] * (2 * rank)
+    return kernel, strides, dilations, pads[:rank], pads[rank:]
+
+
+def max_pool(n: Node) -> OpFn:
+    if len(n.outputs) > 1 and n.outputs[1]:
+        raise BadInputError(f"MaxPool node '{n.name}' asks for indices, which is not supported")
+    kernel, strides, dilations, begin, end = _pool_geometry(n)
+    fn = _MAX_POOL[len(kernel)]
+    ceil = bool(n.attr("ceil_mode", 0))
+    auto_pad = n.attr("auto_pad", "NOTSET")
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+
+        def same(x):
+            b, e = _same_pads(x.shape[2:], kernel, strides, dilations, auto_pad)
+            x = F.pad(x, _torch_pads(b, e), value=-math.inf)
+            return fn(x, kernel, strides, 0, dilations, ceil)
+
+        return same
+    # torch pads symmetrically and at most half the kernel; otherwise pad by hand with -inf.
+    if begin == end and all(p <= k // 2 for p, k in zip(begin, kernel, strict=True)):
+        return lambda x: fn(x, kernel, strides, begin, dilations, ceil)
+    torch_pads = _torch_pads(begin, end)
+    return lambda x: fn(F.pad(x, torch_pads, value=-math.inf), kernel, strides, 0, dilations, ceil)
+
+
+def average_pool(n: Node) -> OpFn:
+    kernel, strides, dilations, begin, end = _pool_geometry(n)
+    if any(d != 1 for d in dilations):
+        raise BadInputError(f"AveragePool node '{n.name}' uses dilations, which is not supported")
+    fn = _AVG_POOL[len(kernel)]
+    ceil = bool(n.attr("ceil_mode", 0))
+    include = bool(n.attr("count_include_pad", 0))
+    auto_pad = n.attr("auto_pad", "NOTSET")
+    symmetric = begin == end and all(p <= k // 2 for p, k in zip(begin, kernel, strict=True))
+    if auto_pad not in ("SAME_UPPER", "SAME_LOWER") and symmetric:
+        return lambda x: fn(x, kernel, strides, begin, ceil, include)
+
+    def padded(x):
+        b, e = begin, end
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            b, e = _same_pads(x.shape[2:], kernel, strides, dilations, auto_pad)
+        torch_pads = _torch_pads(b, e)
+        total = fn(F.pad(x, torch_pads), kernel, strides, 0, ceil, True)
+        if include:
+            return total
+        # Divide by the number of real (unpadded) elements under each window.
+        ones = torch.ones((1, 1, *x.shape[2:]), dtype=x.dtype, device=x.device)
+        return total / fn(F.pad(ones, torch_pads), kernel, strides, 0, ceil, True)
+
+    return padded
+
+
+def global_average_pool(n: Node) -> OpFn:
+    return lambda x: x.mean(tuple(range(2, x.dim())), keepdim=True)
+
+
+def global_max_pool(n: Node) -> OpFn:
+    return lambda x: x.amax(tuple(range(2, x.dim())), keepdim=True)
+
+
+def _reduce(fn: Callable, axes_input_from: int) -> Callable[[Node], OpFn]:
+    """Reduce* ops; `axes_input_from` is the opset where axes moved from attribute to input."""
+
+    def build(n: Node) -> OpFn:
+        keep = bool(n.attr("keepdims", 1))
+        noop_empty = bool(n.attr("noop_with_empty_axes", 0))
+
+        def reduce(x, axes):
+            if not axes:
+                if noop_empty:
+                    return x
+                axes = range(x.dim())
+            return fn(x, tuple(axes), keepdim=keep)
+
+        if n.opset < axes_input_from:
+            axes = n.attr("axes")
+            return lambda x: reduce(x, axes)
+        if not n.has(1) or n.const(1) is not None:
+            axes = n.const_list(1) if n.has(1) else None
+            return lambda x, *_: reduce(x, axes)
+        return lambda x, axes=None: reduce(x, None if axes is None else _values(axes))
+
+    return build
+
+
+# ---------------------------------------------------------------------------
+# Resize / Upsample
+
+
+@functools.lru_cache(maxsize=256)
+def _resample_plan(
+    size_in: int, size_out: int, scale: float, mode: str, transform: str, nearest: str
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Source indices (and linear weights) for one axis, straight from the ONNX formulas."""
+    x = np.arange(size_out, dtype=np.float64)
+    if transform == "half_pixel":
+        src = (x + 0.5) / scale - 0.5
+    elif transform == "pytorch_half_pixel":
+        src = (x + 0.5) / scale - 0.5 if size_out > 1 else np.zeros_like(x)
+    elif transform == "align_corners":
+        src = x * (size_in - 1) / (size_out - 1) if size_out > 1 else np.zeros_like(x)
+    elif transform == "asymmetric":
+        src = x / scale
+    elif transform == "tf_half_pixel_for_nn":
+        src = (x + 0.5) / scale
+    elif transform == "half_pixel_symmetric":
+        adjustment = size_out / (scale * size_in)
+        src = size_in / 2 * (1 - adjustment) + (x + 0.5) / scale - 0.5
+    else:
+        raise BadInputError(f"Resize coordinate_transformation_mode '{transform}' is not supported")
+    if mode == "nearest":
+        rounded = {
+            "round_prefer_floor": np.ceil(src - 0.5),
+            "round_prefer_ceil": np.floor(src + 0.5),
+            "floor": np.floor(src),
+            "ceil": np.ceil(src),
+        }[nearest]
+        return np.clip(rounded, 0, size_in - 1).astype(np.int64), None, None
+    src = np.clip(src, 0, size_in - 1)
+    lo = np.floor(src).astype(np.int64)
+    hi = np.minimum(lo + 1, size_in - 1)
+    return lo, hi, (src - lo).astype(np.float32)
+
+
+def resize(n: Node) -> OpFn:
+    mode = n.attr("mode", "nearest")
+    mode = "linear" if mode in ("linear", "bilinear") else mode
+    if mode not in ("nearest", "linear"):
+        raise BadInputError(f"{n.op_type} node '{n.name}' uses mode '{mode}' (only nearest/linear)")
+    if n.attr("antialias", 0) or n.attr("keep_aspect_ratio_policy", "stretch") != "stretch":
+        raise BadInputError(f"Resize node '{n.name}' uses antialias/keep_aspect_ratio_policy")
+    old_style = n.op_type == "Upsample" or n.opset < 11  # X, scales; asymmetric + floor
+    transform = (
+        "asymmetric" if old_style else n.attr("coordinate_transformation_mode", "half_pixel")
+    )
+    nearest = "floor" if old_style else n.attr("nearest_mode", "round_prefer_floor")
+    axes_attr = n.attr("axes")
+    scales_at, sizes_at = (1, None) if old_style else (2, 3)
+    static_scales = n.attr("scales") if n.op_type == "Upsample" and n.opset < 9 else None
+
+    def plan(i: int | None, rest: tuple) -> list[float] | None:
+        if static_scales is not None and i == scales_at:
+            return list(static_scales)
+        if i is None or not n.has(i):
+            return None
+        if n.const(i) is not None:
+            return n.const_list(i) or None
+        value = rest[i - 1]
+        return _values(value) if value is not None and value.numel() > 0 else None
+
+    def run(x, *rest):
+        scales, sizes = plan(scales_at, rest), plan(sizes_at, rest)
+        axes = list(range(x.dim())) if axes_attr is None else [a % x.dim() for a in axes_attr]
+        for k, axis in enumerate(axes):
+            size_in = x.shape[axis]
+            if sizes is not None:
+                size_out = int(sizes[k])
+                scale = size_out / size_in
+            else:
+                scale = float(scales[k])
+                size_out = int(math.floor(size_in * scale))
+            if size_out == size_in and scale == 1.0:
+                continue
+            lo, hi, w = _resample_plan(size_in, size_out, scale, mode, transform, nearest)
+            x = _resample(x, axis, lo, hi, w)
+        return x
+
+    return run
+
+
+def _resample(x, axis: int, lo: np.ndarray, hi: np.ndarray | None, w: np.ndarray | None):
+    lo_t = torch.from_numpy(lo).to(x.device)
+    if hi is None:
+        return x.index_select(axis, lo_t)
+    hi_t = torch.from_numpy(hi).to(x.device)
+    w_t = torch.from_numpy(w).to(device=x.device, dtype=x.dtype)
+    w_t = w_t.reshape(-1, *([1] * (x.dim() - axis - 1)))
+    a, b = x.index_select(axis, lo_t), x.index_select(axis, hi_t)
+    return a + (b - a) * w_t
+
+
+# ---------------------------------------------------------------------------
+# Shape and layout
+
+
+_PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "replicate", "wrap": "circular"}
+
+
+def pad(n: Node) -> OpFn:
+    mode = n.attr("mode", "constant")
+    if mode not in _PAD_MODES:
+        raise BadInputError(f"Pad node '{n.name}' uses mode '{mode}'")
+    torch_mode = _PAD_MODES[mode]
+
+    def run(x, pads, value, axes):
+        rank = x.dim()
+        axes = list(range(rank)) if axes is None else [a % rank for a in axes]
+        count = len(axes)
+        full = [(0, 0)] * rank
+        for k, axis in enumerate(axes):
+            full[axis] = (pads[k], pads[k + count])
+        nonzero = [i for i, p in enumerate(full) if p != (0, 0)]
+        if not nonzero:
+            return x
+        flat = [p for b, e in reversed(full[nonzero[0] :]) for p in (b, e)]
+        if torch_mode == "constant":
+            return F.pad(x, flat, "constant", value)
+        return F.pad(x, flat, torch_mode)
+
+    if n.opset < 11:
+        pads, value = list(n.attr("pads")), n.attr("value", 0.0)
+        return lambda x: run(x, pads, value, None)
+
+    def arg(i: int, rest: tuple) -> list | None:
+        if not n.has(i):
+            return None
+        if n.const(i) is not None:
+            return n.const_list(i)
+        return _values(rest[i - 1])
+
+    def dynamic(x, *rest):
+        value = arg(2, rest)
+        return run(x, arg(1, rest), float(value[0]) if value else 0.0, arg(3, rest))
+
+    return dynamic
+
+
+def identity(n: Node) -> OpFn:
+    return lambda x: x
+
+
+def flatten(n: Node) -> OpFn:
+    axis = n.attr("axis", 1)
+
+    def run(x):
+        a = axis % x.dim() if axis < 0 else axis
+        return x.reshape(math.prod(x.shape[:a]), math.prod(x.shape[a:]))
+
+    return run
+
+
+def reshape(n: Node) -> OpFn:
+    allow_zero = bool(n.attr("allowzero", 0))
+
+    def target(x, shape: list[int]) -> list[int]:
+        if allow_zero:
+            return shape
+        return [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
+
+    shape = n.const_list(1)
+    if shape is None:
+        return lambda x, s: x.reshape(target(x, _values(s)))
+    if allow_zero or 0 not in shape:
+        return lambda x, _: x.reshape(shape)
+    return lambda x, _: x.reshape(target(x, shape))
+
+
+def transpose(n: Node) -> OpFn:
+    perm = n.attr("perm")
+    if perm is None:
+        return lambda x: x.permute(*reversed(range(x.dim())))
+    return lambda x: x.permute(*perm)
+
+
+def _axes(n: Node, since: int) -> tuple[bool, list[int] | None]:
+    """(known at build time, axes) for ops whose axes moved from attribute to input at `since`."""
+    if n.opset < since:
+        return True, n.attr("axes")
+    if not n.has(1):
+        return True, None
+    if n.const(1) is not None:
+        return True, n.const_list(1)
+    return False, None
+
+
+def squeeze(n: Node) -> OpFn:
+    def run(x, axes):
+        if not axes:
+            return x.squeeze()
+        return x.squeeze(tuple(axes))
+
+    known, axes = _axes(n, 13)
+    if known:
+        return lambda x, *_: run(x, axes)
+    return lambda x, a: run(x, _values(a))
+
+
+def unsqueeze(n: Node) -> OpFn:
+    def run(x, axes):
+        rank = x.dim() + len(axes)
+        for a in sorted(a % rank for a in axes):
+            x = x.unsqueeze(a)
+        return x
+
+    known, axes = _axes(n, 13)
+    if known:
+        return lambda x, *_: run(x, axes)
+    return lambda x, a: run(x, _values(a))
+
+
+def concat(n: Node) -> OpFn:
+    axis = n.attr("axis")
+
+    def run(*xs):
+        device = xs[0].device
+        if any(x.device != device for x in xs):
+            device = next((x.device for x in xs if x.device.type != "cpu"), device)
+            xs = [x.to(device) for x in xs]
+        return torch.cat(xs, axis)
+
+    return run
+
+
+def split(n: Node) -> OpFn:
+    axis = n.attr("axis", 0)
+    count = len(n.outputs)
+    sizes = n.attr("split") if n.opset < 13 else n.const_list(1)
+    if sizes:
+        return lambda x, *_: tuple(torch.split(x, sizes, axis))
+    if n.opset >= 13 and n.has(1) and n.const(1) is None:
+        return lambda x, s: tuple(torch.split(x, _values(s), axis))
+    return lambda x, *_: tuple(torch.split(x, -(-x.shape[axis] // count), axis))
+
+
+def slice_(n: Node) -> OpFn:
+    def run(x, starts, ends, axes, steps):
+        rank = x.dim()
+        axes = list(range(len(starts))) if axes is None else axes
+        steps = [1] * len(starts) if steps is None else steps
+        index: list[Any] = [slice(None)] * rank
+        reversed_axes = []
+        for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
+            axis %= rank
+            if step > 0:
+                index[axis] = slice(start, end, step)
+                continue
+            # Negative steps: ONNX clamping, then an explicit index list.
+            size = x.shape[axis]
+            start = min(max(start + size if start < 0 else start, 0), size - 1)
+            end = min(max(end + size if end < 0 else end, -1), size - 1)
+            reversed_axes.append((axis, list(range(start, end, step))))
+        x = x[tuple(index)]
+        for axis, idx in reversed_axes:
+            x = x.index_select(axis, torch.tensor(idx, dtype=torch.int64, device=x.device))
+        return x
+
+    if n.opset < 10:
+        starts, ends, axes = n.attr("starts"), n.attr("ends"), n.attr("axes")
+        return lambda x: run(x, starts, ends, axes, None)
+    if all(n.const(i) is not None for i in range(1, len(n.inputs)) if n.has(i)):
+        args = [n.const_list(i) if n.has(i) else None for i in range(1, 5)]
+        return lambda x, *_: run(x, *args)
+
+    def dynamic(x, *rest):
+        args = [None if r is None else _values(r) for r in rest]
+        return run(x, *(args + [None] * (4 - len(args))))
+
+    return dynamic
+
+
+def gemm(n: Node) -> OpFn:
+    trans_a, trans_b = n.attr("transA", 0), n.attr("transB", 0)
+    alpha, beta = n.attr("alpha", 1.0), n.attr("beta", 1.0)
+    if not trans_a and trans_b and alpha == 1.0 and beta == 1.0:
+
+        def linear(a, b, c=None):  # the common Linear layer: one fused call
+            if c is None or c.dim() == 1:
+                return F.linear(a, b, c)
+            return F.linear(a, b) + c
+
+        return linear
+
+    def general(a, b, c=None):
+        y = (a.t() if trans_a else a) @ (b.t() if trans_b else b)
+        if alpha != 1.0:
+            y = y * alpha
+        if c is not None:
+            y = y + (c * beta if beta != 1.0 else c)
+        return y
+
+    return general
+
+
+def matmul(n: Node) -> OpFn:
+    return lambda a, b: torch.matmul(a, b)
+
+
+def shape(n: Node) -> OpFn:
+    start, end = n.attr("start", 0), n.attr("end")
+    return lambda x: torch.tensor(x.shape[start:end], dtype=torch.int64)
+
+
+def gather(n: Node) -> OpFn:
+    axis = n.attr("axis", 0)
+
+    def run(data, indices):
+        ax = axis % data.dim()
+        size = data.shape[ax]
+        if indices.dim() == 0:
+            i = int(indices)
+            return data.select(ax, i + size if i < 0 else i)
+        idx = indices.to(data.device)
+        idx = torch.where(idx < 0, idx + size, idx)
+        out = data.index_select(ax, idx.reshape(-1))
+        return out.reshape(*data.shape[:ax], *indices.shape, *data.shape[ax + 1 :])
+
+    return run
+
+
+def constant(n: Node) -> OpFn:
+    value = _constant_value(n)
+    return lambda: value
+
+
+def _constant_value(n: Node) -> torch.Tensor:
+    if "value" in n.attrs:
+        return torch.from_numpy(np.array(n.attrs["value"]))
+    for key, dtype in (
+        ("value_float", torch.float32),
+        ("value_floats", torch.float32),
+        ("value_int", torch.int64),
+        ("value_ints", torch.int64),
+    ):
+        if key in n.attrs:
+            return torch.tensor(n.attrs[key], dtype=dtype)
+    raise BadInputError(f"Constant node '{n.name}' has no supported value attribute")
+
+
+def constant_of_shape(n: Node) -> OpFn:
+    value = n.attr("value")
+    fill = torch.from_numpy(np.array(value).reshape(-1)) if value is not None else torch.zeros(1)
+    return lambda s: fill.expand(*_values(s)).clone()
+
+
+TORCH_DTYPES = {
+    onnx.TensorProto.FLOAT: torch.float32,
+    onnx.TensorProto.DOUBLE: torch.float64,
+    onnx.TensorProto.FLOAT16: torch.float16,
+    onnx.TensorProto.BFLOAT16: torch.bfloat16,
+    onnx.TensorProto.INT64: torch.int64,
+    onnx.TensorProto.INT32: torch.int32,
+    onnx.TensorProto.INT16: torch.int16,
+    onnx.TensorProto.INT8: torch.int8,
+    onnx.TensorProto.UINT8: torch.uint8,
+    onnx.TensorProto.BOOL: torch.bool,
+}
+
+
+def cast(n: Node) -> OpFn:
+    to = n.attr("to")
+    if to not in TORCH_DTYPES:
+        raise BadInputError(f"Cast node '{n.name}' casts to unsupported type {to}")
+    dtype = TORCH_DTYPES[to]
+    return lambda x: x.to(dtype)
+
+
+def expand(n: Node) -> OpFn:
+    # ONNX Expand broadcasts both ways: (3, 1) expanded to (1, 4) gives (3, 4).
+    def run(x, s):
+        return x.expand(torch.broadcast_shapes(x.shape, tuple(_values(s))))
+
+    return run
+
+
+# ---------------------------------------------------------------------------
+# The table
+
+OPS: dict[str, Callable[[Node], OpFn]] = {
+    "Conv": conv,
+    "ConvTranspose": conv_transpose,
+    "BatchNormalization": batch_norm,
+    "Dropout": dropout,
+    "Relu": _unary(F.relu),
+    "LeakyRelu": leaky_relu,
+    "PRelu": prelu,
+    "Clip": clip,
+    "Sigmoid": _unary(torch.sigmoid),
+    "HardSigmoid": hard_sigmoid,
+    "HardSwish": _unary(F.hardswish),
+    "Tanh": _unary(torch.tanh),
+    "Elu": elu,
+    "Softplus": _unary(F.softplus),
+    "Gelu": gelu,
+    "Erf": _unary(torch.erf),
+    "Exp": _unary(torch.exp),
+    "Log": _unary(torch.log),
+    "Sqrt": _unary(torch.sqrt),
+    "Neg": _unary(torch.neg),
+    "Abs": _unary(torch.abs),
+    "Floor": _unary(torch.floor),
+    "Ceil": _unary(torch.ceil),
+    "Reciprocal": _unary(torch.reciprocal),
+    "Softmax": softmax,
+    "LogSoftmax": log_softmax,
+    "Add": _binary(torch.add),
+    "Sub": _binary(torch.sub),
+    "Mul": _binary(torch.mul),
+    "Div": _binary(_div),
+    "Pow": _binary(torch.pow),
+    "Equal": _binary(torch.eq),
+    "Less": _binary(torch.lt),
+    "Greater": _binary(torch.gt),
+    "Max": _variadic(torch.maximum),
+    "Min": _variadic(torch.minimum),
+    "Sum": _variadic(torch.add),
+    "Where": where,
+    "MaxPool": max_pool,
+    "AveragePool": average_pool,
+    "GlobalAveragePool": global_average_pool,
+    "GlobalMaxPool": global_max_pool,
+    "ReduceMean": _reduce(torch.mean, 18),
+    "ReduceSum": _reduce(torch.sum, 13),
+    "ReduceMax": _reduce(torch.amax, 18),
+    "Resize": resize,
+    "Upsample": resize,
+    "Pad": pad,
+    "Identity": identity,
+    "Flatten": flatten,
+    "Reshape": reshape,
+    "Transpose": transpose,
+    "Squeeze": squeeze,
+    "Unsqueeze": unsqueeze,
+    "Concat": concat,
+    "Split": split,
+    "Slice": slice_,
+    "Gemm": gemm,
+    "MatMul": matmul,
+    "Shape": shape,
+    "Gather": gather,
+    "Constant": constant,
+    "ConstantOfShape": constant_of_shape,
+    "Cast": cast,
+    "Expand": expand,
+}
+
+# Ops whose runtime function takes the module's training flag first.
+TRAINING_OPS = frozenset({"BatchNormalization", "Dropout"})
+# Ops never evaluated at build time even when all their inputs are constant.
+NO_FOLD = frozenset({"BatchNormalization", "Dropout"})

@@ -1,0 +1,357 @@
+"""Retrain an ONNX classifier through the PyTorch bridge, optionally distilling from a teacher.
+
+`retrain` builds an `OnnxModule`, trains it with SGD or AdamW under a cosine learning-rate
+schedule, validates top-1 after every epoch and returns the ONNX model of the best epoch with
+the trained weights written back into the unchanged graph. (One exception: initializers the torch
+exporter tied through `Identity(initializer)` nodes are untied first -- see `untie_initializers` --
+so those Identity nodes are replaced by initializers of their own.)
+
+Loss: cross-entropy with the labels; with a teacher (an ONNX model, run in eval mode without
+gradients) `alpha * KL(teacher_T || student_T) * T^2 + (1 - alpha) * CE`, both on logits (the
+first graph output). Without labels but with a teacher, the loss is the distillation term alone.
+
+BatchNorm-folded deployment graphs train as they are: there is no BatchNormalization left, so the
+Conv weights and the biases that absorbed BN are trained directly. Nothing re-normalises the
+activations, so updates move them more than in a BN network: use a lower learning rate (about
+0.01 with SGD, 1e-3 or less with AdamW) -- and keep the BN-kept "train" export if you have it.
+
+Distributed: under `torchrun --nproc_per_node=K` (WORLD_SIZE/RANK set) the module is wrapped in
+DistributedDataParallel (gloo on CPU, nccl on GPU). Each epoch, a seeded permutation of the
+training set is split into K equal shards; `batch_size` is the global batch (each process takes
+batch_size // K). Metrics are summed over processes, so every rank returns the same history and
+model; callers write files from rank 0 only.
+
+Deterministic on CPU for a given seed: parameters, shuffling (numpy generator seeded with
+(seed, epoch)) and dropout (torch.manual_seed(seed + rank)) all derive from it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from onnx_mbs.bridge.module import OnnxModule, untie_initializers
+from onnx_mbs.bridge.writeback import write_back
+from onnx_mbs.passes.errors import BadInputError
+
+
+@dataclass
+class EpochStats:
+    """One epoch: mean training loss and accuracy, validation top-1 (NaN without val data)."""
+
+    epoch: int
+    train_loss: float
+    train_acc: float
+    val_top1: float
+    lr: float
+    seconds: float
+
+
+@dataclass
+class RetrainResult:
+    """The best epoch's model (weights written back) and how training went."""
+
+    model: onnx.ModelProto
+    history: list[EpochStats] = field(default_factory=list)
+    best_epoch: int = 0
+    seconds: float = 0.0
+    images_per_second: float = 0.0
+    device: str = "cpu"
+    world_size: int = 1
+
+    @property
+    def best_val_top1(self) -> float:
+        return self.history[self.best_epoch].val_top1 if self.history else math.nan
+
+
+def as_arrays(data: Any, what: str = "data") -> tuple[np.ndarray, np.ndarray | None]:
+    """(x float32 NCHW, y int64 or None) from an (x, y) tuple or a DataSource-like object."""
+    if isinstance(data, tuple) and len(data) == 2:
+        x, y = data
+    elif hasattr(data, "batches"):
+        xs, ys = [], []
+        for batch in data.batches(256):
+            xs.append(np.asarray(batch.x))
+            ys.append(None if batch.y is None else np.asarray(batch.y))
+        if not xs:
+            raise BadInputError(f"{what} is empty")
+        x = np.concatenate(xs)
+        y = None if any(v is None for v in ys) else np.concatenate(ys)
+    else:
+        raise BadInputError(f"{what} must be an (x, y) pair of arrays or a DataSource")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if y is not None:
+        y = np.asarray(y).astype(np.int64, copy=False).reshape(-1)
+        if len(y) != len(x):
+            raise BadInputError(f"{what} has {len(x)} inputs but {len(y)} labels")
+    return x, y
+
+
+def _check_input(model: onnx.ModelProto, module: OnnxModule, x: np.ndarray, what: str) -> None:
+    """Refuse data whose shape cannot feed the model, with a message that says both shapes."""
+    if len(module.input_names) != 1:
+        raise BadInputError(f"retraining needs a model with one input, not {module.input_names}")
+    graph_input = next(i for i in model.graph.input if i.name == module.input_names[0])
+    dims = [
+        d.dim_value if d.HasField("dim_value") else None
+        for d in graph_input.type.tensor_type.shape.dim
+    ]
+    if len(dims) != x.ndim or any(
+        d is not None and d != s for d, s in zip(dims[1:], x.shape[1:], strict=True)
+    ):
+        raise BadInputError(
+            f"{what} has shape {tuple(x.shape)} but input '{graph_input.name}' expects "
+            f"{['?' if d is None else d for d in dims]}"
+        )
+
+
+def _pick_device(device: str, local_rank: int) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank)
+    return dev
+
+
+def _logits(out: Any) -> torch.Tensor:
+    out = out[0] if isinstance(out, tuple) else out
+    return out.reshape(out.shape[0], -1)
+
+
+def _kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton distillation: KL between temperature-softened distributions, scaled by T^2."""
+    t = temperature
+    return F.kl_div(
+        F.log_softmax(student / t, dim=1), F.softmax(teacher / t, dim=1), reduction="batchmean"
+    ) * (t * t)
+
+
+def _all_sum(values: list[float], device: torch.device, world: int) -> list[float]:
+    if world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+@torch.no_grad()
+def top1(
+    module: OnnxModule,
+    x: np.ndarray,
+    y: np.ndarray,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+) -> tuple[int, int]:
+    """(correct, count) of the module's eval-mode argmax predictions on (x, y)."""
+    was_training = module.training
+    module.eval()
+    correct = 0
+    for i in range(0, len(x), batch_size):
+        xb = torch.from_numpy(x[i : i + batch_size]).to(device)
+        pred = _logits(module(xb)).argmax(1).cpu().numpy()
+        correct += int((pred == y[i : i + batch_size]).sum())
+    module.train(was_training)
+    return correct, len(x)
+
+
+def _optimizer(
+    module: torch.nn.Module, name: str, lr: float, weight_decay: float, momentum: float
+) -> torch.optim.Optimizer:
+    # No weight decay on vectors (biases, BN scale/shift): the usual choice for CNNs.
+    params = [p for p in module.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() > 1], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    raise BadInputError(f"optimizer must be 'sgd' or 'adamw', not '{name}'")
+
+
+def retrain(
+    model: onnx.ModelProto,
+    train_data: Any,
+    val_data: Any = None,
+    *,
+    teacher: onnx.ModelProto | None = None,
+    epochs: int = 1,
+    lr: float = 0.01,
+    batch_size: int = 64,
+    optimizer: str = "sgd",
+    weight_decay: float = 5e-4,
+    momentum: float = 0.9,
+    seed: int = 0,
+    distill_alpha: float = 0.5,
+    temperature: float = 4.0,
+    device: str = "auto",
+    progress: bool = True,
+) -> RetrainResult:
+    """Retrain `model` on `train_data`; return the written-back model of the best epoch.
+
+    `train_data`/`val_data`: (x, y) arrays or DataSource-like objects (gathered into arrays once).
+    The best epoch is the one with the highest validation top-1 (the last one without val data).
+    """
+    start = time.perf_counter()
+    if epochs < 1 or batch_size < 1 or lr <= 0:
+        raise BadInputError("epochs and batch_size must be at least 1 and lr positive")
+    x_train, y_train = as_arrays(train_data, "training data")
+    x_val, y_val = as_arrays(val_data, "validation data") if val_data is not None else (None, None)
+    if y_train is None and teacher is None:
+        raise BadInputError("training data has no labels: give labels or a --teacher to distil")
+    if x_val is not None and y_val is None:
+        raise BadInputError("validation data has no labels")
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = _pick_device(device, local_rank)
+    owns_group = False
+    if world > 1 and not dist.is_initialized():
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        owns_group = True
+    try:
+        torch.manual_seed(seed + rank)
+        model = untie_initializers(model)
+        student = OnnxModule(model)
+        _check_input(model, student, x_train, "training data")
+        if x_val is not None:
+            _check_input(model, student, x_val, "validation data")
+        student.to(dev).train()
+        net: torch.nn.Module = student
+        if world > 1:
+            net = torch.nn.parallel.DistributedDataParallel(
+                student, device_ids=[dev.index] if dev.type == "cuda" else None
+            )
+        teacher_module = None
+        if teacher is not None:
+            teacher_module = OnnxModule(teacher).to(dev).eval().requires_grad_(False)
+            _check_input(teacher, teacher_module, x_train, "training data (teacher)")
+
+        per_rank = len(x_train) // world
+        local_batch = max(1, batch_size // world)
+        if per_rank < 2:
+            raise BadInputError(f"need at least 2 training samples per process, got {per_rank}")
+        steps = math.ceil(per_rank / local_batch)
+        if per_rank % local_batch == 1:
+            steps -= 1  # a batch of one breaks BatchNorm in train mode: drop it
+        opt = _optimizer(student, optimizer, lr, weight_decay, momentum)
+        total_steps = epochs * steps
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total_steps) / total_steps))
+        )
+        alpha = distill_alpha if y_train is not None else 1.0
+        show = progress and rank == 0 and sys.stderr.isatty()
+
+        history: list[EpochStats] = []
+        best_epoch, best_top1, best_state = 0, -math.inf, None
+        train_seconds, images = 0.0, 0
+        for epoch in range(epochs):
+            t0 = time.perf_counter()
+            order = np.random.default_rng([seed, epoch]).permutation(len(x_train))
+            mine = order[: per_rank * world][rank::world]
+            student.train()
+            sums = torch.zeros(3, dtype=torch.float64, device=dev)  # loss*n, correct, n
+            bar = tqdm(
+                total=steps,
+                desc=f"epoch {epoch + 1}/{epochs}",
+                disable=not show,
+                file=sys.stderr,
+                leave=False,
+            )
+            lr_now = opt.param_groups[0]["lr"]
+            for step in range(steps):
+                idx = np.sort(mine[step * local_batch : (step + 1) * local_batch])
+                xb = torch.from_numpy(x_train[idx]).to(dev, non_blocking=True)
+                logits = _logits(net(xb))
+                soft = None
+                if teacher_module is not None:
+                    with torch.no_grad():
+                        soft = _logits(teacher_module(xb))
+                    if soft.shape != logits.shape:
+                        raise BadInputError(
+                            f"the teacher outputs {tuple(soft.shape)} but the model "
+                            f"{tuple(logits.shape)}: they must classify the same classes"
+                        )
+                if y_train is not None:
+                    yb = torch.from_numpy(y_train[idx]).to(dev, non_blocking=True)
+                else:
+                    yb = soft.argmax(1)
+                loss = F.cross_entropy(logits, yb) if alpha < 1.0 else logits.new_zeros(())
+                if soft is not None:
+                    loss = alpha * _kd_loss(logits, soft, temperature) + (1 - alpha) * loss
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                with torch.no_grad():
+                    n = len(idx)
+                    sums += torch.stack(
+                        [
+                            loss.detach().double() * n,
+                            (logits.argmax(1) == yb).sum().double(),
+                            torch.tensor(float(n), dtype=torch.float64, device=dev),
+                        ]
+                    )
+                if show:
+                    bar.update()
+                    if step % 10 == 0 or step == steps - 1:
+                        s = sums.tolist()
+                        bar.set_postfix(loss=f"{s[0] / s[2]:.3f}", acc=f"{s[1] / s[2]:.3f}")
+            bar.close()
+            train_seconds += time.perf_counter() - t0
+            loss_sum, correct, count = _all_sum(sums.tolist(), dev, world)
+            images += int(count)
+
+            val_top1 = math.nan
+            if x_val is not None:
+                shard = np.arange(rank, len(x_val), world)
+                c, k = top1(student, x_val[shard], y_val[shard], max(local_batch, 64), dev)
+                c, k = _all_sum([float(c), float(k)], dev, world)
+                val_top1 = c / k
+            history.append(
+                EpochStats(
+                    epoch=epoch,
+                    train_loss=loss_sum / count,
+                    train_acc=correct / count,
+                    val_top1=val_top1,
+                    lr=lr_now,
+                    seconds=time.perf_counter() - t0,
+                )
+            )
+            score = val_top1 if x_val is not None else float(epoch)
+            if score > best_top1:
+                best_epoch, best_top1 = epoch, score
+                best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+        if best_state is not None and best_epoch != epochs - 1:
+            student.load_state_dict(best_state)
+        student.eval()
+        result_model = write_back(model, student)
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
+    return RetrainResult(
+        model=result_model,
+        history=history,
+        best_epoch=best_epoch,
+        seconds=time.perf_counter() - start,
+        images_per_second=images / train_seconds if train_seconds > 0 else 0.0,
+        device=str(dev),
+        world_size=world,
+    )

@@ -1,0 +1,739 @@
+"""The PyTorch bridge: ONNX graphs run as torch modules match onnxruntime, train, write back."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import FORMS, SMALL_ZOO
+from onnx import TensorProto, helper, numpy_helper
+from onnx_mbs.passes.errors import BadInputError
+from torch import nn
+
+from onnx_mbs.bridge import OnnxModule, write_back
+
+torch.set_num_threads(1)
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def ort_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    sess = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    return sess.run(None, feeds)
+
+
+def torch_run(module: OnnxModule, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    with torch.no_grad():
+        out = module(*[torch.from_numpy(feeds[n]) for n in module.input_names])
+    out = out if isinstance(out, tuple) else (out,)
+    return [o.numpy() for o in out]
+
+
+def assert_close(actual: np.ndarray, expected: np.ndarray, rel: float = 1e-4) -> None:
+    """Equal within `rel` of the reference's magnitude (max |expected|, at least 1)."""
+    assert actual.shape == expected.shape
+    scale = max(1.0, float(np.abs(expected).max()) if expected.size else 1.0)
+    err = float(np.abs(actual.astype(np.float64) - expected).max()) if expected.size else 0.0
+    assert err <= rel * scale, f"max error {err} > {rel} * {scale}"
+
+
+def assert_matches_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> None:
+    module = OnnxModule(model).eval()
+    ours, ref = torch_run(module, feeds), ort_run(model, feeds)
+    assert len(ours) == len(ref)
+    for a, b in zip(ours, ref, strict=True):
+        assert_close(a, b)
+
+
+# ---------------------------------------------------------------------------
+# Models exported from torch
+
+
+class SmallNet(nn.Module):
+    """Conv/BN/ReLU, a residual add, a grouped strided conv, pooling and a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.down = nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=2)
+        self.bn3 = nn.BatchNorm2d(16)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = torch.relu(y + self.bn2(self.conv2(y)))
+        y = nn.functional.hardswish(self.bn3(self.down(y)))
+        y = self.pool(y)
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(y, 1), 1))
+
+
+def randomized(net: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BN statistics and affine terms, so folding and eval mode matter."""
+    g = torch.Generator().manual_seed(seed)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+    return net.eval()
+
+
+def export(net: nn.Module, x: torch.Tensor, keep_bn: bool) -> onnx.ModelProto:
+    f = io.BytesIO()
+    kwargs = (
+        {"training": torch.onnx.TrainingMode.PRESERVE, "do_constant_folding": False}
+        if keep_bn
+        else {}
+    )
+    torch.onnx.export(
+        net,
+        (x,),
+        f,
+        dynamo=False,
+        opset_version=17,
+        input_names=["x"],
+        output_names=["y"],
+        dynamic_axes={"x": {0: "n"}, "y": {0: "n"}},
+        **kwargs,
+    )
+    return onnx.load_from_string(f.getvalue())
+
+
+@pytest.fixture(scope="module")
+def small_net() -> nn.Module:
+    torch.manual_seed(0)
+    return randomized(SmallNet())
+
+
+@pytest.fixture(scope="module")
+def x16() -> np.ndarray:
+    return np.random.default_rng(0).normal(size=(4, 3, 16, 16)).astype(np.float32)
+
+
+@pytest.mark.parametrize("keep_bn", [True, False], ids=["bn-kept", "bn-folded"])
+def test_exported_model_matches_ort_and_torch(small_net, x16, keep_bn) -> None:
+    model = export(small_net, torch.from_numpy(x16), keep_bn)
+    ops = {n.op_type for n in model.graph.node}
+    assert ("BatchNormalization" in ops) == keep_bn
+    module = OnnxModule(model).eval()
+    ours = torch_run(module, {"x": x16})[0]
+    assert_close(ours, ort_run(model, {"x": x16})[0])
+    with torch.no_grad():
+        assert_close(ours, small_net(torch.from_numpy(x16)).numpy())
+    # A different batch size runs too (dynamic batch axis).
+    assert torch_run(module, {"x": x16[:1]})[0].shape == (1, 5)
+
+
+def test_parameters_buffers_and_constants(small_net, x16) -> None:
+    model = export(small_net, torch.from_numpy(x16), keep_bn=True)
+    module = OnnxModule(model)
+    params = dict(module.named_parameters())
+    buffers = dict(module.named_buffers())
+    conv_w = next(n for n in model.graph.node if n.op_type == "Conv").input[1]
+    assert "." in conv_w and module.initializer_keys[conv_w] in params
+    bn = next(n for n in model.graph.node if n.op_type == "BatchNormalization")
+    for name in bn.input[1:3]:  # scale, bias (may be tied through Identity by the exporter)
+        source = _through_identity(model, name)
+        assert module.initializer_keys[source] in params
+    for name in bn.input[3:5]:
+        assert module.initializer_keys[name] in buffers
+        assert module.initializer_keys[name] in module.state_dict()
+    assert all("." not in k for k in module.initializer_keys.values())
+    # Every float weight initializer is trainable; no int initializer is.
+    n_float = sum(
+        np.prod(t.dims)
+        for t in model.graph.initializer
+        if t.data_type == TensorProto.FLOAT
+        and t.name not in bn.input[3:5]
+        and not any(t.name in b.input[3:5] for b in model.graph.node)
+    )
+    assert sum(p.numel() for p in params.values()) == n_float
+
+
+def _through_identity(model: onnx.ModelProto, name: str) -> str:
+    producers = {n.output[0]: n for n in model.graph.node if n.op_type == "Identity"}
+    while name in producers:
+        name = producers[name].input[0]
+    return name
+
+
+def test_shared_initializer_is_one_parameter() -> None:
+    w = np.random.default_rng(1).normal(size=(4, 4, 3, 3)).astype(np.float32)
+    model = make_model(
+        [
+            helper.make_node("Conv", ["x", "w"], ["a"], pads=[1, 1, 1, 1]),
+            helper.make_node("Conv", ["a", "w"], ["y"], pads=[1, 1, 1, 1]),
+        ],
+        {"x": [1, 4, 5, 5]},
+        ["y"],
+        {"w": w},
+    )
+    module = OnnxModule(model)
+    assert len(list(module.parameters())) == 1
+    x = np.random.default_rng(2).normal(size=(1, 4, 5, 5)).astype(np.float32)
+    out = module(torch.from_numpy(x))
+    out.sum().backward()
+    assert module.initializer("w").grad is not None
+    assert_close(out.detach().numpy(), ort_run(model, {"x": x})[0])
+
+
+# ---------------------------------------------------------------------------
+# Hand-built graphs for ops and attribute combinations torch does not emit
+
+
+def make_model(
+    nodes: list[onnx.NodeProto],
+    inputs: dict[str, list],
+    outputs: list[str],
+    inits: dict[str, np.ndarray] | None = None,
+    opset: int = 17,
+) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs.items()],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs],
+        initializer=[numpy_helper.from_array(v, k) for k, v in (inits or {}).items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
+
+
+def rnd(*shape: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+def i64(*values: int) -> np.ndarray:
+    return np.array(values, dtype=np.int64)
+
+
+def f32(*values: float) -> np.ndarray:
+    return np.array(values, dtype=np.float32)
+
+
+def unary(op: str, **attrs) -> tuple:
+    return ([helper.make_node(op, ["x"], ["y"], **attrs)], {}, 17)
+
+
+def resize(mode: str, scales=None, sizes=None, **attrs) -> tuple:
+    inits = {"roi": f32()}
+    names = ["x", "roi"]
+    if scales is not None:
+        inits["scales"] = f32(*scales)
+        names.append("scales")
+    else:
+        inits["sizes"] = i64(*sizes)
+        names += ["", "sizes"]
+    return ([helper.make_node("Resize", names, ["y"], mode=mode, **attrs)], inits, 17)
+
+
+X = [2, 4, 6, 6]  # input shape used by the single-input cases below
+
+CASES: dict[str, tuple] = {
+    "hardswish": unary("HardSwish"),
+    "hardsigmoid": unary("HardSigmoid", alpha=0.3, beta=0.4),
+    "leakyrelu": unary("LeakyRelu", alpha=0.2),
+    "elu": unary("Elu", alpha=0.7),
+    "softplus": unary("Softplus"),
+    "sigmoid": unary("Sigmoid"),
+    "tanh": unary("Tanh"),
+    "softmax": unary("Softmax", axis=1),
+    "globalmaxpool": unary("GlobalMaxPool"),
+    "flatten-axis2": unary("Flatten", axis=2),
+    "transpose": unary("Transpose", perm=[0, 2, 3, 1]),
+    "prelu": ([helper.make_node("PRelu", ["x", "s"], ["y"])], {"s": rnd(4, 1, 1)}, 17),
+    "clip-inputs": (
+        [helper.make_node("Clip", ["x", "lo", "hi"], ["y"])],
+        {"lo": np.array(-0.5, np.float32), "hi": np.array(0.7, np.float32)},
+        17,
+    ),
+    "clip-min-only": (
+        [helper.make_node("Clip", ["x", "lo"], ["y"])],
+        {"lo": np.array(0.1, np.float32)},
+        17,
+    ),
+    "clip-attrs-opset6": ([helper.make_node("Clip", ["x"], ["y"], min=-0.2, max=0.3)], {}, 6),
+    "sub-div-mul": (
+        [
+            helper.make_node("Sub", ["x", "m"], ["a"]),
+            helper.make_node("Div", ["a", "s"], ["b"]),
+            helper.make_node("Mul", ["b", "k"], ["y"]),
+        ],
+        {"m": rnd(4, 1, 1), "s": f32(2.0), "k": rnd(1, 4, 1, 1, seed=3)},
+        17,
+    ),
+    "conv-asym-pads": (
+        [helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=[0, 1, 2, 1], strides=[2, 1])],
+        {"w": rnd(3, 4, 3, 3), "b": rnd(3)},
+        17,
+    ),
+    "conv-same-upper-s2": (
+        [
+            helper.make_node(
+                "Conv",
+                ["x", "w"],
+                ["y"],
+                auto_pad="SAME_UPPER",
+                strides=[2, 2],
+                kernel_shape=[4, 4],
+            )
+        ],
+        {"w": rnd(3, 4, 4, 4)},
+        17,
+    ),
+    "conv-same-lower": (
+        [helper.make_node("Conv", ["x", "w"], ["y"], auto_pad="SAME_LOWER", kernel_shape=[4, 2])],
+        {"w": rnd(3, 4, 4, 2)},
+        17,
+    ),
+    "conv-dilated": (
+        [helper.make_node("Conv", ["x", "w"], ["y"], dilations=[2, 2], pads=[2, 2, 2, 2])],
+        {"w": rnd(3, 4, 3, 3)},
+        17,
+    ),
+    "conv-depthwise": (
+        [helper.make_node("Conv", ["x", "w"], ["y"], group=4, pads=[1, 1, 1, 1])],
+        {"w": rnd(8, 1, 3, 3)},
+        17,
+    ),
+    "convtranspose-outpad-groups": (
+        [
+            helper.make_node(
+                "ConvTranspose",
+                ["x", "w", "b"],
+                ["y"],
+                strides=[2, 2],
+                pads=[1, 1, 1, 1],
+                output_padding=[1, 1],
+                group=2,
+            )
+        ],
+        {"w": rnd(4, 3, 3, 3), "b": rnd(6)},
+        17,
+    ),
+    "convtranspose-asym-pads": (
+        [
+            helper.make_node(
+                "ConvTranspose",
+                ["x", "w"],
+                ["y"],
+                strides=[2, 1],
+                pads=[0, 1, 1, 0],
+                dilations=[1, 2],
+            )
+        ],
+        {"w": rnd(4, 2, 3, 2)},
+        17,
+    ),
+    "convtranspose-output-shape": (
+        [
+            helper.make_node(
+                "ConvTranspose", ["x", "w"], ["y"], strides=[2, 2], output_shape=[13, 12]
+            )
+        ],
+        {"w": rnd(4, 2, 3, 3)},
+        17,
+    ),
+    "maxpool-ceil-asym": (
+        [
+            helper.make_node(
+                "MaxPool",
+                ["x"],
+                ["y"],
+                kernel_shape=[3, 3],
+                strides=[2, 2],
+                pads=[0, 1, 1, 0],
+                ceil_mode=1,
+            )
+        ],
+        {},
+        17,
+    ),
+    "maxpool-same-upper": (
+        [
+            helper.make_node(
+                "MaxPool", ["x"], ["y"], kernel_shape=[2, 2], strides=[2, 2], auto_pad="SAME_UPPER"
+            )
+        ],
+        {},
+        17,
+    ),
+    "avgpool-exclude-pad": (
+        [helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])],
+        {},
+        17,
+    ),
+    "avgpool-include-pad": (
+        [
+            helper.make_node(
+                "AveragePool",
+                ["x"],
+                ["y"],
+                kernel_shape=[3, 3],
+                pads=[1, 1, 1, 1],
+                count_include_pad=1,
+                strides=[2, 2],
+            )
+        ],
+        {},
+        17,
+    ),
+    "avgpool-asym-exclude": (
+        [helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[2, 3], pads=[1, 0, 0, 2])],
+        {},
+        17,
+    ),
+    "avgpool-ceil": (
+        [
+            helper.make_node(
+                "AveragePool", ["x"], ["y"], kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1
+            )
+        ],
+        {},
+        17,
+    ),
+    "reducemean-axes-input": (
+        [helper.make_node("ReduceMean", ["x", "axes"], ["y"], keepdims=0)],
+        {"axes": i64(2, -1)},
+        18,
+    ),
+    "reducemean-attr": (
+        [helper.make_node("ReduceMean", ["x"], ["y"], axes=[1], keepdims=1)],
+        {},
+        13,
+    ),
+    "pad-constant": (
+        [helper.make_node("Pad", ["x", "p", "v"], ["y"], mode="constant")],
+        {"p": i64(0, 0, 1, 2, 0, 0, 2, 0), "v": np.array(0.5, np.float32)},
+        17,
+    ),
+    "pad-negative": (
+        [helper.make_node("Pad", ["x", "p"], ["y"])],
+        {"p": i64(0, 1, -1, 0, 0, 0, 1, -2)},
+        17,
+    ),
+    "pad-reflect": (
+        [helper.make_node("Pad", ["x", "p"], ["y"], mode="reflect")],
+        {"p": i64(0, 0, 2, 1, 0, 0, 1, 2)},
+        17,
+    ),
+    "pad-edge-axes": (
+        [helper.make_node("Pad", ["x", "p", "", "axes"], ["y"], mode="edge")],
+        {"p": i64(1, 2, 3, 0), "axes": i64(-1, 2)},
+        18,
+    ),
+    "split-sizes-input": (
+        [
+            helper.make_node("Split", ["x", "s"], ["a", "b"], axis=1),
+            helper.make_node("Relu", ["a"], ["ra"]),
+            helper.make_node("Concat", ["b", "ra"], ["y"], axis=1),
+        ],
+        {"s": i64(1, 3)},
+        17,
+    ),
+    "split-num-outputs": (
+        [
+            helper.make_node("Split", ["x"], ["a", "b"], axis=2, num_outputs=2),
+            helper.make_node("Sub", ["a", "b"], ["y"]),
+        ],
+        {},
+        18,
+    ),
+    "slice-steps": (
+        [helper.make_node("Slice", ["x", "st", "en", "ax", "sp"], ["y"])],
+        {"st": i64(-1, 1), "en": i64(-(2**63), -1), "ax": i64(1, 3), "sp": i64(-1, 2)},
+        17,
+    ),
+    "slice-no-axes": (
+        [helper.make_node("Slice", ["x", "st", "en"], ["y"])],
+        {"st": i64(1, 0, 2), "en": i64(2, 100, 5)},
+        17,
+    ),
+    "channel-shuffle": (
+        [
+            helper.make_node("Reshape", ["x", "s1"], ["a"]),
+            helper.make_node("Transpose", ["a"], ["b"], perm=[0, 2, 1, 3, 4]),
+            helper.make_node("Reshape", ["b", "s2"], ["y"]),
+        ],
+        {"s1": i64(0, 2, 2, 6, 6), "s2": i64(0, -1, 6, 6)},
+        17,
+    ),
+    "dynamic-reshape": (
+        [
+            helper.make_node("Shape", ["x"], ["shp"]),
+            helper.make_node("Gather", ["shp", "zero"], ["n"], axis=0),
+            helper.make_node("Unsqueeze", ["n", "ax0"], ["n1"]),
+            helper.make_node("Concat", ["n1", "minus1"], ["target"], axis=0),
+            helper.make_node("Reshape", ["x", "target"], ["y"]),
+        ],
+        {"zero": np.array(0, np.int64), "ax0": i64(0), "minus1": i64(-1)},
+        17,
+    ),
+    "squeeze-unsqueeze": (
+        [
+            helper.make_node("ReduceMean", ["x"], ["m"], axes=[2, 3], keepdims=1),
+            helper.make_node("Squeeze", ["m", "a23"], ["s"]),
+            helper.make_node("Unsqueeze", ["s", "a1"], ["y"]),
+        ],
+        {"a23": i64(2, 3), "a1": i64(-1)},
+        17,
+    ),
+    "expand-constantofshape-cast": (
+        [
+            helper.make_node(
+                "ConstantOfShape", ["shape"], ["ones"], value=numpy_helper.from_array(i64(3))
+            ),
+            helper.make_node("Cast", ["ones"], ["onesf"], to=TensorProto.FLOAT),
+            helper.make_node("ReduceMean", ["x"], ["m"], axes=[1], keepdims=1),
+            helper.make_node("Expand", ["m", "eshape"], ["e"]),
+            helper.make_node("Mul", ["e", "onesf"], ["y"]),
+        ],
+        {"shape": i64(1, 1, 6), "eshape": i64(1, 4, 1, 1)},
+        17,
+    ),
+    "gemm-transb": (
+        [
+            helper.make_node("Flatten", ["x"], ["f"]),
+            helper.make_node("Gemm", ["f", "w", "b"], ["y"], transB=1),
+        ],
+        {"w": rnd(5, 144), "b": rnd(5)},
+        17,
+    ),
+    "gemm-general": (
+        [
+            helper.make_node("Flatten", ["x"], ["f"]),
+            helper.make_node(
+                "Gemm", ["w", "f", "c"], ["y"], transA=1, transB=1, alpha=0.5, beta=2.0
+            ),
+        ],
+        {"w": rnd(144, 3), "c": rnd(3, 2)},
+        17,
+    ),
+    "matmul": (
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        {"w": rnd(6, 3)},
+        17,
+    ),
+    "dropout-identity": (
+        [
+            helper.make_node("Dropout", ["x", "r"], ["d"]),
+            helper.make_node("Identity", ["d"], ["y"]),
+        ],
+        {"r": np.array(0.3, np.float32)},
+        17,
+    ),
+    "resize-nearest-asym-floor": resize(
+        "nearest",
+        scales=[1, 1, 2, 2],
+        coordinate_transformation_mode="asymmetric",
+        nearest_mode="floor",
+    ),
+    "resize-nearest-halfpixel-sizes": resize("nearest", sizes=[2, 4, 9, 4]),
+    "resize-nearest-ceil-tf": resize(
+        "nearest",
+        scales=[1, 1, 1.5, 0.5],
+        coordinate_transformation_mode="tf_half_pixel_for_nn",
+        nearest_mode="round_prefer_ceil",
+    ),
+    "resize-linear-halfpixel": resize("linear", scales=[1, 1, 2, 2]),
+    "resize-linear-align-corners": resize(
+        "linear", sizes=[2, 4, 11, 7], coordinate_transformation_mode="align_corners"
+    ),
+    "resize-linear-asym": resize(
+        "linear", scales=[1, 1, 1.5, 2.5], coordinate_transformation_mode="asymmetric"
+    ),
+    "resize-linear-pytorch-down": resize(
+        "linear", sizes=[2, 4, 4, 3], coordinate_transformation_mode="pytorch_half_pixel"
+    ),
+    "upsample-opset9": (
+        [helper.make_node("Upsample", ["x", "sc"], ["y"], mode="nearest")],
+        {"sc": f32(1, 1, 2, 3)},
+        9,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_op_matches_ort(case: str) -> None:
+    nodes, inits, opset = CASES[case]
+    model = make_model(nodes, {"x": X}, ["y"], inits, opset)
+    x = rnd(*X, seed=7)
+    assert_matches_ort(model, {"x": x})
+
+
+def test_dynamic_shape_arithmetic_runs_at_run_time() -> None:
+    nodes, inits, opset = CASES["dynamic-reshape"]
+    model = make_model(nodes, {"x": ["n", 4, 6, 6]}, ["y"], inits, opset)
+    module = OnnxModule(model).eval()
+    for n in (1, 3):
+        x = rnd(n, 4, 6, 6)
+        assert module(torch.from_numpy(x)).shape == (n, 144)
+
+
+def test_constant_subgraph_is_folded_and_not_trainable() -> None:
+    nodes, inits, opset = CASES["expand-constantofshape-cast"]
+    model = make_model(nodes, {"x": X}, ["y"], inits, opset)
+    module = OnnxModule(model)
+    assert list(module.parameters()) == []
+    # ConstantOfShape and Cast only read constants: evaluated once, at build time.
+    assert module.runtime_ops == ["ReduceMean", "Expand", "Mul"]
+
+
+def test_unsupported_ops_listed() -> None:
+    model = make_model(
+        [
+            helper.make_node("LRN", ["x"], ["a"], size=3),
+            helper.make_node("Hardmax", ["a"], ["b"]),
+            helper.make_node("LRN", ["b"], ["y"], size=3),
+        ],
+        {"x": X},
+        ["y"],
+    )
+    with pytest.raises(BadInputError, match="Hardmax, LRN"):
+        OnnxModule(model)
+
+
+# ---------------------------------------------------------------------------
+# Train mode
+
+
+def test_train_mode_batchnorm_matches_torch() -> None:
+    rng = np.random.default_rng(3)
+    scale, bias = rng.uniform(0.5, 1.5, 4), rng.normal(size=4)
+    mean, var = rng.normal(size=4), rng.uniform(0.5, 2, 4)
+    inits = {
+        k: v.astype(np.float32) for k, v in {"s": scale, "b": bias, "m": mean, "v": var}.items()
+    }
+    model = make_model(
+        [
+            helper.make_node(
+                "BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], momentum=0.8, epsilon=1e-3
+            )
+        ],
+        {"x": X},
+        ["y"],
+        inits,
+    )
+    module = OnnxModule(model).train()
+    ref = nn.BatchNorm2d(4, eps=1e-3, momentum=0.2).train()
+    with torch.no_grad():
+        for p, k in (
+            (ref.weight, "s"),
+            (ref.bias, "b"),
+            (ref.running_mean, "m"),
+            (ref.running_var, "v"),
+        ):
+            p.copy_(torch.from_numpy(inits[k]))
+    for seed in (1, 2):
+        x = torch.from_numpy(rnd(*X, seed=seed) * 2 + 1)
+        ours, theirs = module(x), ref(x)
+        assert_close(ours.detach().numpy(), theirs.detach().numpy())
+    assert_close(module.initializer("m").numpy(), ref.running_mean.numpy(), 1e-5)
+    assert_close(module.initializer("v").numpy(), ref.running_var.numpy(), 1e-5)
+    assert not np.allclose(module.initializer("m").numpy(), inits["m"])
+    # Eval mode uses the updated running statistics.
+    module.eval()
+    ref.eval()
+    x = torch.from_numpy(rnd(*X, seed=5))
+    with torch.no_grad():
+        assert_close(module(x).numpy(), ref(x).numpy())
+
+
+def test_dropout_active_only_in_train_mode() -> None:
+    model = make_model(
+        [helper.make_node("Dropout", ["x", "r"], ["y"])],
+        {"x": X},
+        ["y"],
+        {"r": np.array(0.5, np.float32)},
+    )
+    module = OnnxModule(model)
+    x = torch.ones(*X)
+    torch.manual_seed(0)
+    y = module.train()(x)
+    zeros = float((y == 0).float().mean())
+    assert 0.3 < zeros < 0.7
+    assert set(torch.unique(y).tolist()) == {0.0, 2.0}
+    assert torch.equal(module.eval()(x), x)
+
+
+def test_gradients_reach_every_parameter(small_net, x16) -> None:
+    model = export(small_net, torch.from_numpy(x16), keep_bn=True)
+    module = OnnxModule(model).train()
+    module(torch.from_numpy(x16)).square().mean().backward()
+    for name, p in module.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+# ---------------------------------------------------------------------------
+# Write-back
+
+
+def test_write_back_round_trip(small_net, x16) -> None:
+    model = export(small_net, torch.from_numpy(x16), keep_bn=True)
+    model.metadata_props.add(key="origin", value="test")
+    before = model.SerializeToString()
+    module = OnnxModule(model)
+    conv_w = next(n for n in model.graph.node if n.op_type == "Conv").input[1]
+    with torch.no_grad():
+        module.initializer(conv_w).add_(0.1)
+    module.train()(torch.from_numpy(x16 * 3))  # moves BN running statistics
+    module.eval()
+    written = write_back(model, module)
+
+    assert model.SerializeToString() == before
+    onnx.checker.check_model(written)
+    new = torch_run(module, {"x": x16})[0]
+    assert_close(ort_run(written, {"x": x16})[0], new)
+    assert not np.allclose(ort_run(model, {"x": x16})[0], new, atol=1e-3)
+
+    assert [(n.name, list(n.input), list(n.output)) for n in written.graph.node] == [
+        (n.name, list(n.input), list(n.output)) for n in model.graph.node
+    ]
+    assert written.opset_import == model.opset_import
+    assert written.graph.input == model.graph.input
+    assert written.graph.output == model.graph.output
+    assert written.metadata_props == model.metadata_props
+    old = {t.name: t for t in model.graph.initializer}
+    for t in written.graph.initializer:
+        assert (t.data_type, list(t.dims)) == (old[t.name].data_type, list(old[t.name].dims))
+    changed = {
+        t.name
+        for t in written.graph.initializer
+        if not np.array_equal(numpy_helper.to_array(t), numpy_helper.to_array(old[t.name]))
+    }
+    bn = next(n for n in model.graph.node if n.op_type == "BatchNormalization")
+    assert conv_w in changed and set(bn.input[3:5]) <= changed
+
+
+def test_write_back_of_untouched_module_is_identical(small_net, x16) -> None:
+    model = export(small_net, torch.from_numpy(x16), keep_bn=False)
+    written = write_back(model, OnnxModule(model))
+    for a, b in zip(written.graph.initializer, model.graph.initializer, strict=True):
+        assert np.array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+
+
+# ---------------------------------------------------------------------------
+# The zoo
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("name", SMALL_ZOO)
+def test_zoo_models_match_ort(zoo_onnx, name: str, form: str) -> None:
+    model = zoo_onnx(name, form)
+    graph_input = model.graph.input[0]
+    dims = [d.dim_value if d.dim_value > 0 else 2 for d in graph_input.type.tensor_type.shape.dim]
+    x = np.random.default_rng(0).normal(size=dims).astype(np.float32)
+    assert_matches_ort(model, {graph_input.name: x})

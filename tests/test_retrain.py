@@ -1,0 +1,346 @@
+"""Retraining through the bridge: learns, is deterministic, distils, runs under torchrun."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx_mbs.passes.errors import BadInputError
+from torch import nn
+
+from onnx_mbs.bridge import OnnxModule, retrain, untie_initializers
+from onnx_mbs.bridge.run_retrain import main as run_retrain_main
+
+torch.set_num_threads(1)
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def quadrant_data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """1x8x8 noise images; the class is the quadrant that is bright."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 4, n)
+    x = rng.normal(0, 0.4, size=(n, 1, 8, 8)).astype(np.float32)
+    for i, c in enumerate(y):
+        r, col = divmod(int(c), 2)
+        x[i, 0, r * 4 : r * 4 + 4, col * 4 : col * 4 + 4] += 1.0
+    return x, y.astype(np.int64)
+
+
+class QuadNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, stride=2, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(64, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(torch.relu(self.bn(self.conv(x))), 1))
+
+
+def export(keep_bn: bool, seed: int = 0) -> onnx.ModelProto:
+    torch.manual_seed(seed)
+    net = QuadNet().eval()
+    f = io.BytesIO()
+    kwargs = (
+        {"training": torch.onnx.TrainingMode.PRESERVE, "do_constant_folding": False}
+        if keep_bn
+        else {}
+    )
+    torch.onnx.export(
+        net,
+        (torch.zeros(1, 1, 8, 8),),
+        f,
+        dynamo=False,
+        opset_version=17,
+        input_names=["x"],
+        output_names=["logits"],
+        dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}},
+        **kwargs,
+    )
+    return onnx.load_from_string(f.getvalue())
+
+
+def ort_top1(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray) -> float:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    sess = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    logits = sess.run(None, {"x": x})[0]
+    return float((logits.argmax(1) == y).mean())
+
+
+def assert_same_nodes(result: onnx.ModelProto, original: onnx.ModelProto) -> None:
+    """The result has the original's nodes, except Identity(initializer) ties, in order."""
+    kept = untie_initializers(original)
+    assert len(kept.graph.node) < len(original.graph.node)  # this export does tie initializers
+    assert [(n.name, n.op_type, list(n.input), list(n.output)) for n in result.graph.node] == [
+        (n.name, n.op_type, list(n.input), list(n.output)) for n in kept.graph.node
+    ]
+    assert {n.name for n in original.graph.node} - {n.name for n in result.graph.node} == {
+        n.name for n in original.graph.node if n.op_type == "Identity"
+    }
+
+
+def weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+@pytest.fixture(scope="module")
+def train() -> tuple[np.ndarray, np.ndarray]:
+    return quadrant_data(256, seed=1)
+
+
+@pytest.fixture(scope="module")
+def val() -> tuple[np.ndarray, np.ndarray]:
+    return quadrant_data(128, seed=2)
+
+
+@pytest.fixture(scope="module")
+def trained(train, val):
+    """The BN-kept model after 3 epochs (also the teacher for distillation)."""
+    model = export(keep_bn=True)
+    result = retrain(
+        model, train, val, epochs=3, lr=0.05, batch_size=32, device="cpu", progress=False
+    )
+    return model, result
+
+
+def test_retraining_learns_and_keeps_the_best_epoch(trained, val) -> None:
+    model, result = trained
+    before = ort_top1(model, *val)
+    tops = [e.val_top1 for e in result.history]
+    assert len(tops) == 3
+    assert result.best_epoch == int(np.argmax(tops))
+    assert result.best_val_top1 >= 0.85
+    assert result.best_val_top1 >= before + 0.3
+    assert result.history[-1].train_loss < result.history[0].train_loss
+    assert result.device == "cpu" and result.images_per_second > 0
+    # The written ONNX scores in onnxruntime what the torch module scored.
+    assert ort_top1(result.model, *val) == pytest.approx(result.best_val_top1, abs=1e-9)
+    # Same graph (less the exporter's Identity ties), new weights.
+    assert_same_nodes(result.model, model)
+    before = weights(untie_initializers(model))
+    changed = [k for k, v in weights(result.model).items() if not np.array_equal(v, before[k])]
+    assert changed
+
+
+def test_retraining_is_deterministic(train, val) -> None:
+    model = export(keep_bn=True)
+    before = model.SerializeToString()
+    runs = [
+        retrain(
+            model,
+            train,
+            val,
+            epochs=1,
+            lr=0.05,
+            batch_size=32,
+            seed=s,
+            device="cpu",
+            progress=False,
+        )
+        for s in (3, 3, 4)
+    ]
+    a, b, c = (weights(r.model) for r in runs)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not all(np.array_equal(a[k], c[k]) for k in a)
+    assert runs[0].history[0].train_loss == runs[1].history[0].train_loss
+    assert model.SerializeToString() == before  # the input model is never modified
+
+
+@dataclass
+class _Batch:
+    x: np.ndarray
+    y: np.ndarray | None
+
+
+class _Source:
+    """The DataSource interface: __len__ and batches(batch_size)."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray | None) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def batches(self, batch_size: int):
+        for i in range(0, len(self.x), batch_size):
+            yield _Batch(
+                self.x[i : i + batch_size], None if self.y is None else self.y[i : i + batch_size]
+            )
+
+
+def test_data_source_and_arrays_give_the_same_result(train, val) -> None:
+    model = export(keep_bn=True)
+    kwargs = {"epochs": 1, "lr": 0.05, "batch_size": 32, "device": "cpu", "progress": False}
+    from_arrays = retrain(model, train, val, **kwargs)
+    from_source = retrain(model, _Source(*train), _Source(*val), **kwargs)
+    a, b = weights(from_arrays.model), weights(from_source.model)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_distillation_changes_training_and_works_without_labels(trained, train, val) -> None:
+    _, teacher = trained
+    model = export(keep_bn=True)
+    kwargs = {"epochs": 1, "lr": 0.05, "batch_size": 32, "device": "cpu", "progress": False}
+    plain = retrain(model, train, val, **kwargs)
+    distilled = retrain(model, train, val, teacher=teacher.model, distill_alpha=0.7, **kwargs)
+    a, b = weights(plain.model), weights(distilled.model)
+    assert not all(np.array_equal(a[k], b[k]) for k in a)
+    assert plain.history[0].train_loss != distilled.history[0].train_loss
+    # Labels withheld: the teacher alone teaches the task.
+    unlabeled = retrain(
+        model,
+        (train[0], None),
+        val,
+        teacher=teacher.model,
+        epochs=2,
+        lr=0.05,
+        batch_size=32,
+        device="cpu",
+        progress=False,
+    )
+    assert unlabeled.best_val_top1 >= ort_top1(model, *val) + 0.3
+
+
+def test_bn_folded_graph_retrains(train, val) -> None:
+    model = export(keep_bn=False)
+    assert "BatchNormalization" not in {n.op_type for n in model.graph.node}
+    result = retrain(
+        model, train, val, epochs=3, lr=0.02, batch_size=32, device="cpu", progress=False
+    )
+    assert result.best_val_top1 >= ort_top1(model, *val) + 0.3
+    assert ort_top1(result.model, *val) == pytest.approx(result.best_val_top1, abs=1e-9)
+
+
+def test_adamw_and_no_validation(train) -> None:
+    model = export(keep_bn=True)
+    result = retrain(
+        model,
+        train,
+        None,
+        epochs=2,
+        lr=0.01,
+        optimizer="adamw",
+        batch_size=64,
+        device="cpu",
+        progress=False,
+    )
+    assert result.best_epoch == 1 and np.isnan(result.history[0].val_top1)
+    assert ort_top1(result.model, *train) > ort_top1(model, *train) + 0.3
+
+
+def test_bad_inputs_are_refused(train) -> None:
+    model = export(keep_bn=True)
+    with pytest.raises(BadInputError, match=r"\(256, 1, 6, 8\).*expects"):
+        retrain(model, (train[0][:, :, :6], train[1]), None, progress=False)
+    with pytest.raises(BadInputError, match="no labels"):
+        retrain(model, (train[0], None), None, progress=False)
+    with pytest.raises(BadInputError, match="optimizer"):
+        retrain(model, train, None, optimizer="lbfgs", progress=False)
+
+
+def _write_npz(path: Path, x: np.ndarray, y: np.ndarray) -> None:
+    np.savez(path, x=np.clip(x * 60 + 60, 0, 255).astype(np.uint8), y=y)
+
+
+def test_run_retrain_script(tmp_path, train, val) -> None:
+    model = export(keep_bn=True)
+    onnx.save(model, tmp_path / "m.onnx")
+    _write_npz(tmp_path / "train.npz", *train)
+    _write_npz(tmp_path / "val.npz", *val)
+    code = run_retrain_main(
+        [
+            str(tmp_path / "m.onnx"),
+            "-o",
+            str(tmp_path / "out.onnx"),
+            "--data",
+            str(tmp_path / "train.npz"),
+            "--val",
+            str(tmp_path / "val.npz"),
+            "--epochs",
+            "1",
+            "--no-progress",
+            "--device",
+            "cpu",
+        ]
+    )
+    assert code == 0
+    onnx.checker.check_model(onnx.load(tmp_path / "out.onnx"))
+    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".tmp"] == []
+    np.savez(tmp_path / "bad.npz", images=train[0])
+    code = run_retrain_main(
+        [
+            str(tmp_path / "m.onnx"),
+            "-o",
+            str(tmp_path / "bad.onnx"),
+            "--data",
+            str(tmp_path / "bad.npz"),
+        ]
+    )
+    assert code == 2 and not (tmp_path / "bad.onnx").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(tmp_path, train) -> None:
+    model = export(keep_bn=True)
+    onnx.save(model, tmp_path / "m.onnx")
+    _write_npz(tmp_path / "train.npz", train[0][:64], train[1][:64])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "onnx_mbs.bridge.run_retrain",
+            str(tmp_path / "m.onnx"),
+            "-o",
+            str(tmp_path / "out.onnx"),
+            "--data",
+            str(tmp_path / "train.npz"),
+            "--val",
+            str(tmp_path / "train.npz"),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "x2" in proc.stdout  # rank 0 reports a world size of 2, once
+    assert proc.stdout.count("best epoch") == 1
+    out = onnx.load(tmp_path / "out.onnx")
+    onnx.checker.check_model(out)
+    assert_same_nodes(out, model)
+    x, y = train[0][:64], train[1][:64]
+    x_uint8 = np.clip(x * 60 + 60, 0, 255).astype(np.uint8).astype(np.float32) / 255
+    assert 0.0 <= ort_top1(out, x_uint8, y) <= 1.0
+    before = weights(untie_initializers(model))
+    changed = [k for k, v in weights(out).items() if not np.array_equal(v, before[k])]
+    assert changed
+    # The module built from the result runs and agrees with onnxruntime.
+    module = OnnxModule(out).eval()
+    with torch.no_grad():
+        ours = module(torch.from_numpy(x_uint8)).numpy()
+    sess = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(ours, sess.run(None, {"x": x_uint8})[0], rtol=1e-4, atol=1e-4)
