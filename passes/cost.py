@@ -1,0 +1,145 @@
+"""Parameters and MACs as a function of channels kept per group, without building models.
+
+Budget solving asks "how big is the model if group g keeps c_g channels?"
+hundreds of times. Every weight's size is a product of its axes, and each
+axis that follows channel groups keeps `fixed + sum_g width_g * c_g`
+positions; so one pass over the slots builds a few arrays, and each query is
+a bincount and a dot product.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from .analysis import ModelAnalysis, analyze_model
+from .channel_groups import ChannelAnalysis, analyze_channels
+from .graph import FLOAT_TYPES, GraphIndex, count_parameters
+
+
+@dataclass
+class CostModel:
+    sizes: np.ndarray  # channels per group before
+    axis_fixed: np.ndarray  # per tracked axis: positions that belong to no group
+    entry_axis: np.ndarray  # (axis, group, width) triples: axis keeps width * c_group
+    entry_group: np.ndarray
+    entry_width: np.ndarray
+    base_params: int  # parameters that no plan changes
+    base_macs: int
+    param_terms: tuple[np.ndarray, np.ndarray, np.ndarray]  # coef * kept[a] * kept[b]
+    mac_terms: tuple[np.ndarray, np.ndarray, np.ndarray]
+
+    def __call__(self, counts: Mapping[int, int]) -> tuple[int, int]:
+        c = self.sizes.astype(np.float64)
+        for g, n in counts.items():
+            c[g] = n
+        kept = self.axis_fixed + np.bincount(
+            self.entry_axis, self.entry_width * c[self.entry_group], len(self.axis_fixed)
+        )
+        kept = np.append(kept, 1.0)  # axis index -1: "no tracked axis"
+
+        def total(terms) -> float:
+            coef, a, b = terms
+            return float(np.dot(coef, kept[a] * kept[b]))
+
+        return (
+            int(round(self.base_params + total(self.param_terms))),
+            int(round(self.base_macs + total(self.mac_terms))),
+        )
+
+    @classmethod
+    def build(
+        cls,
+        model: onnx.ModelProto,
+        channels: ChannelAnalysis | None = None,
+        analysis: ModelAnalysis | None = None,
+    ) -> CostModel:
+        channels = channels or analyze_channels(model)
+        analysis = analysis or analyze_model(model)
+        index = GraphIndex.build(model)
+        sizes = np.array([g.size for g in channels.groups], dtype=np.int64)
+        group_of = np.full(len(channels.root), -1, dtype=np.int64)
+        for g, classes in enumerate(channels.classes):
+            group_of[classes] = g
+
+        # Tracked axes: (constant, axis) -> index, with its per-group widths.
+        axis_index: dict[tuple[str, int], int] = {}
+        fixed: list[float] = []
+        entries: list[tuple[int, int, float]] = []
+        for slot in channels.slots:
+            name = index.nodes[slot.node].input[slot.input]
+            source = index.source_initializer(name) or name
+            key = (source, slot.axis)
+            if key in axis_index:
+                continue
+            axis_index[key] = len(fixed)
+            groups = group_of[channels.root[slot.ids]]
+            fixed.append(float(np.count_nonzero(groups < 0)))
+            found, counts = np.unique(groups[groups >= 0], return_counts=True)
+            for g, n in zip(found.tolist(), counts.tolist()):
+                entries.append((axis_index[key], g, n / sizes[g]))
+
+        def term(source: str | None, dims: tuple[int, ...], coef: float):
+            """coef * size of `source`, as (coefficient, tracked axis a, tracked axis b)."""
+            tracked = [
+                axis_index[(source, k)] for k in range(len(dims)) if (source, k) in axis_index
+            ]
+            untracked = [d for k, d in enumerate(dims) if (source, k) not in axis_index]
+            if len(tracked) > 2:
+                raise ValueError(f"{source}: more than two channel axes")
+            a, b = (tracked + [-1, -1])[:2]
+            return coef * float(np.prod(untracked, dtype=np.float64)), a, b
+
+        statistics = {
+            name
+            for node in index.nodes
+            if node.op_type == "BatchNormalization"
+            for name in node.input[3:5]
+        }
+        base_params = count_parameters(model)
+        param_terms = []
+        tracked_sources = {s for s, _ in axis_index}
+        for name, tensor in index.initializers.items():
+            if (
+                name in tracked_sources
+                and tensor.data_type in FLOAT_TYPES
+                and (name not in statistics)
+            ):
+                base_params -= int(np.prod(tensor.dims, dtype=np.int64))
+                param_terms.append(term(name, tuple(tensor.dims), 1.0))
+
+        base_macs = analysis.total_macs
+        mac_terms = []
+        weights = {layer.name: (layer.weight, layer.macs) for layer in analysis.layers}
+        for node in index.nodes:
+            if node.name in analysis.other_macs:
+                weights[node.name] = (node.input[1], analysis.other_macs[node.name])
+        for weight, macs in weights.values():
+            source = index.source_initializer(weight)
+            if source is None or source not in tracked_sources or macs == 0:
+                continue
+            dims = tuple(index.initializers[source].dims)
+            base_macs -= macs
+            mac_terms.append(term(source, dims, macs / float(np.prod(dims))))
+
+        def arrays(terms):
+            if not terms:
+                return np.zeros(0), np.zeros(0, np.int64), np.zeros(0, np.int64)
+            coef, a, b = zip(*terms)
+            return np.array(coef), np.array(a, np.int64), np.array(b, np.int64)
+
+        e_axis, e_group, e_width = zip(*entries) if entries else ((), (), ())
+        return cls(
+            sizes=sizes,
+            axis_fixed=np.array(fixed, dtype=np.float64),
+            entry_axis=np.array(e_axis, dtype=np.int64),
+            entry_group=np.array(e_group, dtype=np.int64),
+            entry_width=np.array(e_width, dtype=np.float64),
+            base_params=base_params,
+            base_macs=base_macs,
+            param_terms=arrays(param_terms),
+            mac_terms=arrays(mac_terms),
+        )
