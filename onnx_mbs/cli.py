@@ -84,7 +84,7 @@ def _print_reduce_summary(report, args: argparse.Namespace) -> None:
         f"MACs: {_fmt_int(before.total_macs)} -> {_fmt_int(after.total_macs)} "
         f"({after.total_macs / before.total_macs:.1%} kept)"
     )
-    knob = f"gamma {plan.gamma:.4g}" if plan.gamma is not None else "uniform width"
+    knob = f"gamma {plan.gamma:.4g}, scale {plan.scale:.3f}"
     if plan.budget is not None:
         print(
             f"budget: {plan.budget} asked, {plan.reached[plan.budget.metric]:.3f} reached "

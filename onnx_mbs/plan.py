@@ -4,8 +4,11 @@ Per macroblock m: effective flops E(m) = sum MACs_k * rho_k, E_B(m) over its
 base, redundancy R(m) = 1 - E_B(m)/E(m), width scale beta(m) =
 clip((1 - R(m)) ** gamma, beta_min, 1). A channel group takes the largest beta
 of the macroblocks it touches; pinned groups keep every channel. With a budget,
-gamma (or, for the uniform baseline, the single beta) is solved by bisection
-so the reduced model keeps the asked fraction of parameters or MACs; the
+gamma is solved by bisection in [0, GAMMA_MAX] so the reduced model keeps the
+asked fraction of parameters or MACs. Macroblocks without redundancy never
+shrink through gamma, so when gamma alone cannot reach the budget, gamma stays
+at GAMMA_MAX and a common scale s in beta(m) = s * (1 - R(m)) ** gamma takes
+the rest. Uniform scaling is the same formula with gamma = 0. The
 counts are then nudged one channel-multiple at a time toward the budget, since
 rounding to multiples of 8 makes the size a step function of gamma.
 """
@@ -16,6 +19,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 from onnx_mbs.passes import BadInputError, ModelAnalysis
+
+GAMMA_MAX = 2.0  # beyond this, budgets are met with a common scale (see plan_widths)
 
 Cost = Callable[[Mapping[int, int]], tuple[int, int]]  # group counts -> (params, MACs)
 
@@ -65,7 +70,7 @@ class MacroblockPlan:
 @dataclass
 class Plan:
     strategy: str
-    gamma: float | None
+    gamma: float
     beta_min: float
     channel_multiple: int
     macroblocks: list[MacroblockPlan]
@@ -74,7 +79,10 @@ class Plan:
     params: tuple[int, int]  # before, after
     macs: tuple[int, int]
     budget: Budget | None = None
-    formula: str = "beta(m) = clip((1 - R(m)) ** gamma, beta_min, 1); R(m) = 1 - E_B(m) / E(m)"
+    scale: float = 1.0
+    formula: str = (
+        "beta(m) = clip(scale * (1 - R(m)) ** gamma, beta_min, 1); R(m) = 1 - E_B(m) / E(m)"
+    )
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -92,6 +100,7 @@ class Plan:
         return {
             "strategy": self.strategy,
             "gamma": self.gamma,
+            "scale": self.scale,
             "beta_min": self.beta_min,
             "channel_multiple": self.channel_multiple,
             "formula": self.formula,
@@ -162,12 +171,11 @@ def plan_widths(
     if channel_multiple < 1:
         raise BadInputError(f"--channel-multiple must be >= 1, got {channel_multiple}")
     redundancy = macroblock_redundancy(analysis, rho)
-    n_blocks = len(analysis.macroblocks)
     full = {g.id: g.size for g in groups}
     params_before, macs_before = cost(full)
 
-    def mbs_betas(g: float) -> list[float]:
-        return [min(1.0, max(beta_min, (1.0 - r) ** g)) for _, _, r in redundancy]
+    def betas(g: float, scale: float) -> list[float]:
+        return [min(1.0, max(beta_min, scale * (1.0 - r) ** g)) for _, _, r in redundancy]
 
     def metric(counts: Mapping[int, int]) -> float:
         params, macs = cost(counts)
@@ -175,46 +183,40 @@ def plan_widths(
             return params / params_before if params_before else 1.0
         return macs / macs_before if macs_before else 1.0
 
+    def size_at(g: float, scale: float) -> float:
+        return metric(_counts(groups, betas(g, scale), channel_multiple))
+
     notes: list[str] = []
-    solved_gamma: float | None = gamma
-    if strategy == "mbs":
-        if budget is not None:
-            solved_gamma = _solve(
-                lambda g: metric(_counts(groups, mbs_betas(g), channel_multiple)),
-                budget.fraction,
-                0.0,
-                64.0,
-            )
-        betas = mbs_betas(solved_gamma)
-    else:
-        target = (
-            budget.fraction
-            if budget is not None
-            else metric(_counts(groups, mbs_betas(gamma), channel_multiple))
-        )
+    scale = 1.0
+    if strategy == "uniform":
+        # The width multiplier: gamma 0 makes every beta equal to the common scale.
+        target = budget.fraction if budget is not None else size_at(gamma, 1.0)
         if budget is None:
             notes.append(f"uniform width matched to the size MBS reaches at gamma={gamma:g}")
-        beta = _solve(
-            lambda b: metric(_counts(groups, [1.0 - b] * n_blocks, channel_multiple)),
-            target,
-            0.0,
-            1.0 - beta_min,
-        )
-        betas = [1.0 - beta] * n_blocks
-        solved_gamma = None
-    counts = _counts(groups, betas, channel_multiple)
+        gamma = 0.0
+        scale = 1.0 - _solve(lambda k: size_at(0.0, 1.0 - k), target, 0.0, 1.0 - beta_min)
+    elif budget is not None:
+        if size_at(GAMMA_MAX, 1.0) <= budget.fraction:
+            gamma = _solve(lambda g: size_at(g, 1.0), budget.fraction, 0.0, GAMMA_MAX)
+        else:
+            # Macroblocks without redundancy never shrink through gamma alone: past
+            # GAMMA_MAX, a common scale takes the rest, keeping MBS's proportions.
+            gamma = GAMMA_MAX
+            scale = 1.0 - _solve(
+                lambda k: size_at(GAMMA_MAX, 1.0 - k), budget.fraction, 0.0, 1.0 - beta_min
+            )
+            notes.append(
+                f"gamma capped at {GAMMA_MAX:g}; a common scale {scale:.3f} reaches the budget"
+            )
+    chosen = betas(gamma, scale)
+    counts = _counts(groups, chosen, channel_multiple)
     if budget is not None:
         counts = _nudge(counts, groups, metric, budget.fraction, channel_multiple)
         if metric(counts) > budget.fraction + 0.02:
-            if strategy == "mbs":
-                smallest = _counts(groups, mbs_betas(64.0), channel_multiple)
-                why = "pinned groups and macroblocks without redundancy stay whole"
-            else:
-                smallest = _counts(groups, [beta_min] * n_blocks, channel_multiple)
-                why = "pinned groups stay whole"
+            smallest = _counts(groups, [beta_min] * len(redundancy), channel_multiple)
             raise BadInputError(
                 f"budget {budget} cannot be reached: the smallest plan keeps "
-                f"{metric(smallest):.1%} ({why}); ask for a larger fraction"
+                f"{metric(smallest):.1%} (pinned groups stay whole); ask for a larger fraction"
             )
     params_after, macs_after = cost(counts)
     blocks = [
@@ -224,13 +226,14 @@ def plan_widths(
             effective_flops=e,
             base_effective_flops=eb,
             redundancy=r,
-            beta=betas[m.index],
+            beta=chosen[m.index],
         )
         for m, (e, eb, r) in zip(analysis.macroblocks, redundancy)
     ]
     return Plan(
         strategy=strategy,
-        gamma=solved_gamma,
+        gamma=gamma,
+        scale=scale,
         beta_min=beta_min,
         channel_multiple=channel_multiple,
         macroblocks=blocks,

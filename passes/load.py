@@ -202,3 +202,30 @@ def load_model(
     for step in (FixInputShapes(input_shapes), NameNodes(), InferShapes()):
         model = step(model).model
     return model
+
+
+def with_io_of(model: onnx.ModelProto, reference: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with the graph input and output declarations of `reference`.
+
+    Analysis fixes shapes (a dynamic batch becomes 1); a written model must keep
+    the original's inputs and outputs, dynamic dims included, so they are put
+    back and the intermediate shapes, which assumed the fixed batch, are dropped.
+    """
+    declared = {vi.name: vi for vi in [*reference.graph.input, *reference.graph.output]}
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for vi in [*out.graph.input, *out.graph.output]:
+        if vi.name in declared:
+            vi.CopyFrom(declared[vi.name])
+    del out.graph.value_info[:]
+    return out
+
+
+def static_batch(model: onnx.ModelProto) -> int | None:
+    """The batch size a model's (first) input fixes, or None when the batch is dynamic."""
+    initializers = {t.name for t in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name not in initializers:
+            dims = vi.type.tensor_type.shape.dim
+            return dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
+    return None

@@ -1,0 +1,205 @@
+"""`reduce`: the main job, load -> analyse -> measure -> plan -> shrink.
+
+Each step is a module of its own; this file only wires them together and
+times them, so the flow reads top to bottom like DESIGN.md's diagram.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx
+
+from onnx_mbs.data import DataSource, open_data
+from onnx_mbs.evaluate import EvalResult, evaluate
+from onnx_mbs.passes import (
+    BadInputError,
+    ModelAnalysis,
+    analyze_model,
+    count_parameters,
+    load_model,
+    read_model,
+)
+from onnx_mbs.passes.activations import activation_tensors
+from onnx_mbs.passes.channel_groups import ChannelGroup, analyze_channels
+from onnx_mbs.passes.cost import CostModel
+from onnx_mbs.passes.fold import fold_shapes
+from onnx_mbs.passes.importance import choose_channels, l1_importance
+from onnx_mbs.passes.load import static_batch, with_io_of
+from onnx_mbs.passes.shrink import shrink_channels
+from onnx_mbs.plan import Budget, GroupInfo, Plan, plan_widths
+from onnx_mbs.runtime import choose_providers
+from onnx_mbs.stats import ActivationStats, collect_stats
+
+
+@dataclass
+class ReduceReport:
+    """Everything `reduce` measured and decided; report.py renders it."""
+
+    provider: str
+    data: str
+    preprocessing: str
+    samples: int
+    before: ModelAnalysis
+    after: ModelAnalysis
+    rho: dict[str, float]
+    activation: dict[str, str | None]
+    plan: Plan
+    groups: list[ChannelGroup]
+    timings: dict[str, float] = field(default_factory=dict)
+    accuracy: dict[str, EvalResult] = field(default_factory=dict)
+
+    @property
+    def pinned(self) -> list[str]:
+        return sorted({r for g in self.groups if g.pinned for r in g.pin_reasons})
+
+
+def model_input(model: onnx.ModelProto) -> tuple[str, list[int]]:
+    inits = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        raise BadInputError(
+            f"reduce needs a single-input model; this one has {len(inputs)} inputs "
+            f"({', '.join(i.name for i in inputs)})"
+        )
+    dims = [d.dim_value for d in inputs[0].type.tensor_type.shape.dim]
+    return inputs[0].name, dims
+
+
+def metadata(model: onnx.ModelProto) -> dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def reduce(
+    model: str | os.PathLike | onnx.ModelProto,
+    data: Any,
+    *,
+    budget: Budget | str | None = None,
+    gamma: float = 0.5,
+    strategy: str = "mbs",
+    providers: str = "auto",
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    channel_multiple: int = 8,
+    beta_min: float = 0.1,
+    importance: str = "l1",
+    mean: Any = None,
+    std: Any = None,
+    limit: int | None = None,
+    batch_size: int = 64,
+    evaluate_accuracy: bool = True,
+    progress: bool = True,
+) -> tuple[onnx.ModelProto, ReduceReport]:
+    """Reduce `model` with MBS; returns the smaller model and what was measured.
+
+    `data` is a --data spec (folder, .npz, IDX folder) or a Python reader
+    yielding input dicts. The input model is never modified.
+    """
+    if isinstance(budget, str):
+        budget = Budget.parse(budget)
+    if importance not in ("l1", "act"):
+        raise BadInputError(f"unknown --importance {importance!r}: use l1 or act")
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = round(now - clock, 4)
+        clock = now
+
+    provider_list = choose_providers(providers)
+    original = read_model(model)
+    loaded, _ = fold_shapes(load_model(original, input_shapes))
+    # onnxruntime runs the model with its own input declarations (dynamic batch kept).
+    runnable = with_io_of(loaded, original)
+    batch_size = static_batch(original) or batch_size
+    name, shape = model_input(loaded)
+    source: DataSource = open_data(
+        data, name, shape, mean=mean, std=std, limit=limit, metadata=metadata(loaded)
+    )
+    lap("load")
+
+    before = analyze_model(loaded)
+    channels = analyze_channels(loaded)
+    groups = channels.groups
+    activation = activation_tensors(loaded, before)
+    lap("analyze")
+
+    measured = sorted({t for t in activation.values() if t})
+    stats: ActivationStats = collect_stats(
+        runnable, measured, source, provider_list, batch_size=batch_size, progress=progress
+    )
+    rho = {layer: (stats.tensors[t].ratio if t else 1.0) for layer, t in activation.items()}
+    lap("statistics")
+
+    cost = CostModel.build(loaded, channels, before)
+    infos = [GroupInfo(g.id, g.size, tuple(g.macroblocks), g.pinned) for g in groups]
+    plan = plan_widths(
+        before,
+        infos,
+        rho,
+        cost,
+        gamma=gamma,
+        budget=budget,
+        strategy=strategy,
+        channel_multiple=channel_multiple,
+        beta_min=beta_min,
+    )
+    lap("plan")
+
+    scorer = l1_importance if importance == "l1" else activation_importance(stats, activation)
+    keep = choose_channels(loaded, groups, plan.counts, importance=scorer)
+    shrunk = shrink_channels(loaded, keep, channels) if plan.changes_anything else loaded
+    after = analyze_model(load_model(shrunk))
+    # Nothing to cut: hand back the input model itself, not a re-serialised copy.
+    reduced = with_io_of(shrunk, original) if plan.changes_anything else original
+    onnx.checker.check_model(reduced, full_check=True)
+    # The plan's sizes were predictions; report what the written model has.
+    plan.params = (plan.params[0], count_parameters(reduced))
+    plan.macs = (plan.macs[0], after.total_macs)
+    lap("shrink")
+
+    report = ReduceReport(
+        provider=stats.provider,
+        data=source.description,
+        preprocessing=source.preprocess.describe() if source.preprocess else "none (reader)",
+        samples=stats.samples,
+        before=before,
+        after=after,
+        rho=rho,
+        activation=activation,
+        plan=plan,
+        groups=groups,
+        timings=timings,
+    )
+    if evaluate_accuracy and _has_labels(source):
+        for key, candidate in (("before", runnable), ("after", reduced)):
+            report.accuracy[key] = evaluate(
+                candidate, source, provider_list, batch_size=batch_size, progress=False
+            )
+        lap("evaluate")
+    return reduced, report
+
+
+def _has_labels(source: DataSource) -> bool:
+    first = next(iter(source.batches(1)), None)
+    return first is not None and first.y is not None
+
+
+def activation_importance(stats: ActivationStats, activation: Mapping[str, str | None]):
+    """`--importance act`: channels ranked by mean |activation| after their producers."""
+    from onnx_mbs.passes.importance import producer_channel_scores
+
+    def score(model: onnx.ModelProto, group: ChannelGroup):
+        per_layer = {
+            layer: stats.tensors[t].channel_mean_abs
+            for layer, t in activation.items()
+            if t is not None
+        }
+        return producer_channel_scores(model, group, per_layer)
+
+    return score

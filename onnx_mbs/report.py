@@ -1,0 +1,234 @@
+"""Reports of a reduce run: report.json (everything), report.md (tables), widths.png.
+
+Rendering only: every number here was computed by reduce.py and its steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from onnx_mbs.reduce import ReduceReport
+
+
+def _finite(value: float) -> float | str:
+    return "global" if math.isinf(value) else value
+
+
+def report_dict(report: ReduceReport) -> dict:
+    after_layers = {layer.name: layer for layer in report.after.layers}
+    plan = report.plan
+    layers = []
+    for layer in report.before.layers:
+        new = after_layers.get(layer.name)
+        layers.append(
+            {
+                "name": layer.name,
+                "op_type": layer.op_type,
+                "macroblock": layer.macroblock,
+                "in_base": layer.name in report.before.macroblocks[layer.macroblock].base_layers,
+                "receptive_field": _finite(layer.receptive_field),
+                "rho": report.rho.get(layer.name, 1.0),
+                "activation": report.activation.get(layer.name),
+                "channels": {
+                    "in": [layer.in_channels, new.in_channels if new else None],
+                    "out": [layer.out_channels, new.out_channels if new else None],
+                },
+                "macs": [layer.macs, new.macs if new else None],
+                "params": [layer.params, new.params if new else None],
+            }
+        )
+    return {
+        "provider": report.provider,
+        "data": report.data,
+        "preprocessing": report.preprocessing,
+        "samples": report.samples,
+        "plan": plan.to_dict(),
+        "macroblocks": [
+            {
+                **m,
+                "layers": len(report.before.macroblocks[m["index"]].layers),
+                "base_layers": len(report.before.macroblocks[m["index"]].base_layers),
+                "params": [
+                    report.before.macroblocks[m["index"]].params,
+                    _block_sum(report, m["index"], "params"),
+                ],
+                "macs": [
+                    report.before.macroblocks[m["index"]].macs,
+                    _block_sum(report, m["index"], "macs"),
+                ],
+            }
+            for m in plan.to_dict()["macroblocks"]
+        ],
+        "groups": [
+            {
+                "id": g.id,
+                "channels": [g.size, plan.counts[g.id]],
+                "macroblocks": list(g.macroblocks),
+                "pinned": g.pinned,
+                "pin_reasons": list(g.pin_reasons),
+            }
+            for g in report.groups
+        ],
+        "layers": layers,
+        "totals": {
+            "params": [report.before.total_params, report.after.total_params],
+            "macs": [report.before.total_macs, report.after.total_macs],
+        },
+        "budget": None
+        if plan.budget is None
+        else {
+            "metric": plan.budget.metric,
+            "asked": plan.budget.fraction,
+            "reached": plan.reached[plan.budget.metric],
+        },
+        "reached": {
+            "params": report.after.total_params / report.before.total_params,
+            "flops": report.after.total_macs / report.before.total_macs,
+        },
+        "pinned": report.pinned,
+        "accuracy": {k: vars(v) for k, v in report.accuracy.items()},
+        "timings_s": report.timings,
+    }
+
+
+def _block_sum(report: ReduceReport, index: int, what: str) -> int:
+    names = set(report.before.macroblocks[index].layers)
+    return sum(getattr(x, what) for x in report.after.layers if x.name in names)
+
+
+def macroblock_rows(report: ReduceReport) -> list[tuple]:
+    """Per macroblock: resolution, layers/base, R, beta, out-channels and params before/after."""
+    after = {x.name: x for x in report.after.layers}
+    rows = []
+    for block, planned in zip(report.before.macroblocks, report.plan.macroblocks):
+        ch_before = sum(report.before.layer(n).out_channels for n in block.layers)
+        ch_after = sum(after[n].out_channels for n in block.layers if n in after)
+        rows.append(
+            (
+                block.index,
+                f"{block.resolution[0]}x{block.resolution[1]}",
+                f"{len(block.base_layers)}/{len(block.layers)}",
+                f"{planned.redundancy:.3f}",
+                f"{planned.beta:.3f}",
+                f"{ch_before} -> {ch_after}",
+                f"{block.params} -> {_block_sum(report, block.index, 'params')}",
+                f"{block.macs} -> {_block_sum(report, block.index, 'macs')}",
+            )
+        )
+    return rows
+
+
+MACROBLOCK_HEADERS = [
+    "macroblock",
+    "resolution",
+    "base/layers",
+    "R",
+    "beta",
+    "channels",
+    "params",
+    "MACs",
+]
+
+
+def markdown(report: ReduceReport) -> str:
+    data = report_dict(report)
+    plan = report.plan
+    lines = [
+        "# onnx-mbs reduce report",
+        "",
+        f"- strategy: {plan.strategy}, gamma: {plan.gamma}, beta_min: {plan.beta_min}, "
+        f"channel multiple: {plan.channel_multiple}",
+        f"- formula: `{plan.formula}`",
+        f"- data: {report.data}; preprocessing: {report.preprocessing}; "
+        f"{report.samples} samples on {report.provider}",
+    ]
+    if plan.budget is not None:
+        lines.append(f"- budget: {plan.budget} asked, {data['budget']['reached']:.4f} reached")
+    t = data["totals"]
+    lines += [
+        f"- params: {t['params'][0]} -> {t['params'][1]} ({data['reached']['params']:.2%} kept)",
+        f"- MACs: {t['macs'][0]} -> {t['macs'][1]} ({data['reached']['flops']:.2%} kept)",
+    ]
+    for key, acc in report.accuracy.items():
+        lines.append(f"- top-1 {key}: {acc.top1:.4f} on {acc.samples} samples")
+    lines += ["", "## Macroblocks", "", _md_table(MACROBLOCK_HEADERS, macroblock_rows(report))]
+    lines += ["", "## Layers", ""]
+    lines.append(
+        _md_table(
+            ["layer", "mb", "base", "RF", "rho", "out ch", "in ch", "MACs"],
+            [
+                (
+                    x["name"],
+                    x["macroblock"],
+                    "yes" if x["in_base"] else "",
+                    x["receptive_field"],
+                    f"{x['rho']:.3f}",
+                    f"{x['channels']['out'][0]} -> {x['channels']['out'][1]}",
+                    f"{x['channels']['in'][0]} -> {x['channels']['in'][1]}",
+                    f"{x['macs'][0]} -> {x['macs'][1]}",
+                )
+                for x in data["layers"]
+            ],
+        )
+    )
+    if report.pinned:
+        lines += ["", "## Pinned (kept whole)", ""] + [f"- {r}" for r in report.pinned]
+    lines += ["", "## Timings (s)", ""] + [f"- {k}: {v}" for k, v in report.timings.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _md_table(headers, rows) -> str:
+    out = ["| " + " | ".join(map(str, headers)) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def plot_widths(report: ReduceReport, path: Path) -> None:
+    """Output channels per conv layer before/after, macroblocks shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    after = {x.name: x.out_channels for x in report.after.layers}
+    layers = report.before.layers
+    xs = range(len(layers))
+    fig, ax = plt.subplots(figsize=(max(6.0, min(24.0, len(layers) * 0.12)), 3.6))
+    ax.step(xs, [x.out_channels for x in layers], where="mid", label="before", color="0.5")
+    ax.step(xs, [after.get(x.name, 0) for x in layers], where="mid", label="after", color="C0")
+    start = 0
+    for block in report.before.macroblocks:
+        end = start + len(block.layers)
+        if block.index % 2:
+            ax.axvspan(start - 0.5, end - 0.5, color="0.92", zorder=0)
+        ax.text(
+            (start + end) / 2,
+            ax.get_ylim()[1] * 0.97,
+            f"{block.resolution[0]}",
+            ha="center",
+            va="top",
+            fontsize=8,
+        )
+        start = end
+    ax.set_xlabel("conv layer (graph order; shading = macroblock, label = resolution)")
+    ax.set_ylabel("output channels")
+    ax.set_title(
+        f"onnx-mbs: {report.plan.strategy}, params kept "
+        f"{report.after.total_params / report.before.total_params:.1%}"
+    )
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(report: ReduceReport, folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / "report.json", folder / "report.md", folder / "widths.png"]
+    paths[0].write_text(json.dumps(report_dict(report), indent=2) + "\n")
+    paths[1].write_text(markdown(report))
+    plot_widths(report, paths[2])
+    return paths
