@@ -1,1 +1,31 @@
-"""Macroblock Scaling for ONNX CNNs."""
+"""Macroblock Scaling for ONNX CNNs: ONNX in, smaller ONNX out.
+
+    small, report = onnx_mbs.reduce("model.onnx", "calib/", budget="params=0.5")
+    onnx_mbs.save_model(small, "small.onnx")
+
+Names are imported on first use, so `import onnx_mbs.passes` stays free of
+onnxruntime and `import onnx_mbs` does not need torch until `retrain` is used.
+"""
+
+from importlib import import_module
+from typing import Any
+
+_LAZY = {
+    "BadInputError": "onnx_mbs.passes",
+    "analyze_model": "onnx_mbs.passes",
+    "load_model": "onnx_mbs.passes",
+    "Budget": "onnx_mbs.plan",
+    "ReduceReport": "onnx_mbs.reduce",
+    "reduce": "onnx_mbs.reduce",
+    "save_model": "onnx_mbs.save",
+    "evaluate": "onnx_mbs.evaluate",
+    "retrain": "onnx_mbs.bridge",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'onnx_mbs' has no attribute {name!r}")

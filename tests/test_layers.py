@@ -1,0 +1,38 @@
+"""The layering DESIGN.md promises: passes are framework-neutral, torch stays in the bridge."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+def _imported_after(statement: str) -> set[str]:
+    code = f"import sys; {statement}; print(' '.join(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return set(out.stdout.split())
+
+
+def test_passes_import_neither_onnxruntime_nor_torch():
+    modules = _imported_after(
+        "import onnx_mbs.passes, onnx_mbs.passes.channel_groups, onnx_mbs.passes.shrink, "
+        "onnx_mbs.passes.cost, onnx_mbs.passes.fold, onnx_mbs.passes.importance, "
+        "onnx_mbs.passes.activations"
+    )
+    assert "onnxruntime" not in modules
+    assert "torch" not in modules
+
+
+@pytest.mark.parametrize("statement", ["import onnx_mbs.reduce", "import onnx_mbs.cli"])
+def test_only_the_bridge_needs_torch(statement):
+    assert "torch" not in _imported_after(statement)
+
+
+def test_public_api_resolves():
+    import onnx_mbs
+
+    assert callable(onnx_mbs.reduce) and callable(onnx_mbs.save_model)
+    assert onnx_mbs.Budget.parse("params=0.5").fraction == 0.5
+    with pytest.raises(AttributeError):
+        onnx_mbs.no_such_thing  # noqa: B018
