@@ -10,7 +10,14 @@ import json
 import sys
 from collections.abc import Sequence
 
-from onnx_mbs.passes import BadInputError, analyze_model, load_model, parse_input_shape
+from onnx_mbs.passes import (
+    BadInputError,
+    analyze_model,
+    load_model,
+    parse_input_shape,
+    read_model,
+)
+from onnx_mbs.passes.load import static_batch, with_io_of
 
 
 def _input_shapes(specs: Sequence[str] | None) -> dict[str, list[int]]:
@@ -174,9 +181,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from onnx_mbs.runtime import choose_providers
 
     providers = choose_providers(args.providers)
-    model = load_model(args.model, _input_shapes(args.input_shape))
+    original = read_model(args.model)
+    model = load_model(original, _input_shapes(args.input_shape))
     source = _open_for_model(args.data, model, args, args.limit)
-    result = evaluate(model, source, providers, batch_size=args.batch_size, progress=not args.json)
+    result = evaluate(
+        with_io_of(model, original),
+        source,
+        providers,
+        batch_size=static_batch(original) or args.batch_size,
+        progress=not args.json,
+    )
     if args.json:
         json.dump(
             {
@@ -202,7 +216,8 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     from onnx_mbs.save import check_output_path, save_model
 
     check_output_path(args.output, args.model, args.teacher)
-    model = load_model(args.model, _input_shapes(args.input_shape))
+    original = read_model(args.model)
+    model = load_model(original, _input_shapes(args.input_shape))
     teacher = load_model(args.teacher, _input_shapes(args.input_shape)) if args.teacher else None
     train = _open_for_model(args.data, model, args, args.limit)
     val = _open_for_model(args.val, model, args, args.val_limit) if args.val else None
@@ -233,7 +248,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         f"{result.images_per_second:.0f} images/s on {result.device} "
         f"x{result.world_size}"
     )
-    save_model(result.model, args.output)
+    save_model(with_io_of(result.model, original), args.output)
     print(f"wrote {args.output}", file=sys.stderr)
     return 0
 

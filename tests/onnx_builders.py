@@ -31,7 +31,7 @@ def conv_relu_model(
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [dims[0], 2])],
         [w, b, fc, fcb],
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
 
 
 def quantized_model() -> onnx.ModelProto:
@@ -51,4 +51,4 @@ def quantized_model() -> onnx.ModelProto:
         [helper.make_tensor_value_info("y", TensorProto.UINT8, [1, 2, 4, 4])],
         [x_scale, zero, w],
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)

@@ -1,0 +1,143 @@
+"""Retrain and eval from the command line, on the bundled model reduced to half its size."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from onnx_mbs.bridge import OnnxModule
+from onnx_mbs.cli import main
+from onnx_mbs.reduce import reduce
+from onnx_mbs.save import save_model
+
+
+@pytest.fixture(scope="module")
+def reduced_path(tmp_path_factory, bundled_model_path):
+    folder = tmp_path_factory.mktemp("reduced")
+    small, _ = reduce(
+        str(bundled_model_path),
+        str(bundled_model_path.parent / "fmnist_sample.npz"),
+        budget="params=0.5",
+        limit=128,
+        evaluate_accuracy=False,
+        progress=False,
+    )
+    return save_model(small, folder / "small.onnx")
+
+
+def _eval(path, data, capsys) -> dict:
+    assert main(["eval", str(path), "--data", str(data), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def _node_names(model: onnx.ModelProto) -> list[str]:
+    return [n.name for n in model.graph.node]
+
+
+def _torch_top1(model: onnx.ModelProto, x_uint8: np.ndarray, y: np.ndarray) -> float:
+    meta = {p.key: p.value for p in model.metadata_props}
+    mean, std = float(meta["onnx_mbs.mean"]), float(meta["onnx_mbs.std"])
+    module = OnnxModule(model).eval()
+    with torch.no_grad():
+        logits = module(torch.from_numpy(((x_uint8 / 255.0 - mean) / std).astype(np.float32)))
+    return float((logits.argmax(1).numpy() == y).mean())
+
+
+def test_one_epoch_recovers_accuracy_and_ort_agrees(
+    reduced_path, bundled_model_path, fmnist_sample, tmp_path, capsys
+):
+    data = bundled_model_path.parent / "fmnist_sample.npz"
+    train = bundled_model_path.parent / "fmnist_train_sample.npz"
+    before = _eval(reduced_path, data, capsys)
+    assert before["samples"] == 512 and set(before) >= {"top1", "top5", "samples"}
+    out = tmp_path / "small.ft.onnx"
+    code = main(
+        [
+            "retrain",
+            str(reduced_path),
+            "-o",
+            str(out),
+            "--data",
+            str(train),
+            "--epochs",
+            "1",
+            "--lr",
+            "0.02",
+            "--seed",
+            "0",
+        ]
+    )
+    assert code == 0
+    capsys.readouterr()
+    after = _eval(out, data, capsys)
+    assert after["top1"] > before["top1"]
+    x, y = fmnist_sample
+    retrained = onnx.load(out)
+    assert _torch_top1(retrained, x, y) == pytest.approx(after["top1"], abs=1 / 512)
+    # Round trip: same nodes, inputs, outputs (dynamic batch kept) as the reduced model.
+    source = onnx.load(reduced_path)
+    assert _node_names(retrained) == _node_names(source)
+    assert [i.name for i in retrained.graph.input] == [i.name for i in source.graph.input]
+    assert retrained.graph.output == source.graph.output
+    assert retrained.graph.input[0] == source.graph.input[0]
+
+
+@pytest.mark.slow
+def test_retrain_under_torchrun_two_cpu_processes(reduced_path, bundled_model_path, tmp_path):
+    out = tmp_path / "ddp.onnx"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "onnx_mbs",
+        "retrain",
+        str(reduced_path),
+        "-o",
+        str(out),
+        "--data",
+        str(bundled_model_path.parent / "fmnist_train_sample.npz"),
+        "--limit",
+        "256",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--device",
+        "cpu",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "x2" in proc.stdout  # the summary line reports the world size
+    written = onnx.load(out)
+    onnx.checker.check_model(written, full_check=True)
+    assert _node_names(written) == _node_names(onnx.load(reduced_path))
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_eval_without_labels_and_retrain_bad_input(reduced_path, tmp_path, capsys):
+    np.savez(tmp_path / "nolabels.npz", x=np.zeros((4, 1, 28, 28), np.uint8))
+    assert main(["eval", str(reduced_path), "--data", str(tmp_path / "nolabels.npz")]) == 2
+    assert "labels" in capsys.readouterr().err
+    code = main(
+        [
+            "retrain",
+            str(reduced_path),
+            "-o",
+            str(reduced_path),
+            "--data",
+            str(tmp_path / "nolabels.npz"),
+        ]
+    )
+    assert code == 2
+    assert "is the input model" in capsys.readouterr().err

@@ -1,0 +1,301 @@
+"""`reduce` end to end: budgets on zoo models, deployment-shaped graphs, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import graphs
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import FORMS, SMALL_ZOO
+from onnx_mbs.passes import BadInputError, count_parameters, load_model
+
+from onnx_mbs.cli import main
+from onnx_mbs.reduce import reduce
+
+
+def _sample_npz(path, shape, n=16, seed=0):
+    """Random uint8 images of the model's (C, H, W), with labels."""
+    rng = np.random.default_rng(seed)
+    np.savez(
+        path,
+        x=rng.integers(0, 256, (n, *shape), dtype=np.uint8),
+        y=rng.integers(0, 10, n, dtype=np.int64),
+    )
+    return path
+
+
+def _io(model: onnx.ModelProto):
+    inits = {t.name for t in model.graph.initializer}
+    return (
+        [i.name for i in model.graph.input if i.name not in inits],
+        [o.name for o in model.graph.output],
+    )
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})
+
+
+def _check_written(original: onnx.ModelProto, reduced: onnx.ModelProto, c_h_w) -> None:
+    onnx.checker.check_model(reduced, full_check=True)
+    assert _io(reduced) == _io(original)
+    x = np.random.default_rng(0).standard_normal((1, *c_h_w)).astype(np.float32)
+    for a, b in zip(_run(original, x), _run(reduced, x)):
+        assert a.shape == b.shape
+
+
+@pytest.mark.parametrize("budget", ["params=0.5", "flops=0.5"])
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("name", SMALL_ZOO)
+def test_budgets_land_within_two_points(zoo_onnx, tmp_path, name, form, budget):
+    model = zoo_onnx(name, form)
+    c_h_w = load_model(model).graph.input[0].type.tensor_type.shape.dim
+    c_h_w = [d.dim_value for d in c_h_w][1:]
+    data = _sample_npz(tmp_path / "x.npz", c_h_w, n=8)
+    reduced, report = reduce(
+        model, str(data), budget=budget, providers="cpu", evaluate_accuracy=False, progress=False
+    )
+    metric, fraction = budget.split("=")
+    before, after = report.before, report.after
+    reached = (
+        count_parameters(reduced) / before.total_params
+        if metric == "params"
+        else after.total_macs / before.total_macs
+    )
+    assert reached == pytest.approx(float(fraction), abs=0.02)
+    _check_written(model, reduced, c_h_w)
+
+
+def test_bundled_model_cli_with_report(bundled_model_path, tmp_path, capsys):
+    out = tmp_path / "small.onnx"
+    before = hashlib.sha256(bundled_model_path.read_bytes()).hexdigest()
+    code = main(
+        [
+            "reduce",
+            str(bundled_model_path),
+            "-o",
+            str(out),
+            "--data",
+            str(bundled_model_path.parent / "fmnist_sample.npz"),
+            "--budget",
+            "params=0.5",
+            "--report",
+            str(tmp_path / "report"),
+            "--limit",
+            "128",
+        ]
+    )
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "top-1 before" in captured.out and "top-1 after" in captured.out
+    assert hashlib.sha256(bundled_model_path.read_bytes()).hexdigest() == before
+    reduced = onnx.load(out)
+    assert _io(reduced) == _io(onnx.load(bundled_model_path))
+    # The bundled model has a dynamic batch: the written one keeps it.
+    assert not reduced.graph.input[0].type.tensor_type.shape.dim[0].HasField("dim_value")
+    assert _run(reduced, np.zeros((5, 1, 28, 28), np.float32))[0].shape == (5, 10)
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["budget"]["asked"] == 0.5
+    assert abs(report["budget"]["reached"] - 0.5) <= 0.02
+    assert report["totals"]["params"][1] == count_parameters(reduced)
+    assert {"rho", "receptive_field", "channels", "macs"} <= set(report["layers"][0])
+    assert all("redundancy" in m and "beta" in m for m in report["macroblocks"])
+    assert (tmp_path / "report" / "report.md").read_text().startswith("# onnx-mbs reduce report")
+    assert (tmp_path / "report" / "widths.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_json_and_dry_run(bundled_model_path, tmp_path, capsys):
+    out = tmp_path / "never.onnx"
+    code = main(
+        [
+            "reduce",
+            str(bundled_model_path),
+            "-o",
+            str(out),
+            "--data",
+            str(bundled_model_path.parent / "fmnist_sample.npz"),
+            "--limit",
+            "64",
+            "--dry-run",
+            "--json",
+            "--no-eval",
+        ]
+    )
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["plan"]["strategy"] == "mbs" and summary["plan"]["gamma"] == 0.5
+    assert summary["totals"]["params"][1] < summary["totals"]["params"][0]
+    assert not out.exists()
+
+
+def test_uniform_gives_one_beta(bundled_model_path):
+    data = str(bundled_model_path.parent / "fmnist_sample.npz")
+    _, mbs = reduce(
+        str(bundled_model_path),
+        data,
+        budget="params=0.5",
+        limit=64,
+        evaluate_accuracy=False,
+        progress=False,
+    )
+    _, uni = reduce(
+        str(bundled_model_path),
+        data,
+        budget="params=0.5",
+        strategy="uniform",
+        limit=64,
+        evaluate_accuracy=False,
+        progress=False,
+    )
+    assert len({m.beta for m in uni.plan.macroblocks}) == 1
+    assert len({m.beta for m in mbs.plan.macroblocks}) > 1
+    # ResNet-20 on 28x28: only the 7x7 macroblock reaches past its base.
+    redundancies = [m.redundancy for m in mbs.plan.macroblocks]
+    assert redundancies[-1] > 0 and redundancies[-1] == max(redundancies)
+    assert mbs.plan.macroblocks[-1].beta == min(m.beta for m in mbs.plan.macroblocks)
+
+
+def _feeds_npz(model: onnx.ModelProto, path, n=8):
+    dims = [d.dim_value for d in load_model(model).graph.input[0].type.tensor_type.shape.dim]
+    return _sample_npz(path, dims[1:], n=n)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        graphs.mobilenetv3_like,
+        graphs.yolov8_c2f_like,
+        graphs.dbnet_fpn_like,
+        graphs.shape_arith_head,
+    ],
+)
+def test_deployment_shaped_graphs_reduce(build, tmp_path):
+    model = build()
+    data = _feeds_npz(model, tmp_path / "x.npz")
+    reduced, report = reduce(
+        model,
+        str(data),
+        budget="params=0.7",
+        providers="cpu",
+        evaluate_accuracy=False,
+        progress=False,
+    )
+    assert count_parameters(reduced) / count_parameters(model) == pytest.approx(0.7, abs=0.02)
+    dims = [d.dim_value for d in load_model(model).graph.input[0].type.tensor_type.shape.dim]
+    _check_written(model, reduced, dims[1:])
+
+
+def test_nothing_to_cut_exits_0_unchanged_and_names_the_pins(tmp_path, capsys):
+    from onnx_builders import conv_relu_model
+
+    model_path = tmp_path / "tiny.onnx"
+    onnx.save(conv_relu_model(), model_path)  # one conv: its whole macroblock is its base
+    data = _sample_npz(tmp_path / "x.npz", [3, 8, 8])
+    out = tmp_path / "out.onnx"
+    assert main(["reduce", str(model_path), "-o", str(out), "--data", str(data), "--no-eval"]) == 0
+    printed = capsys.readouterr().out
+    assert "nothing can be cut" in printed and "graph input 'x'" in printed
+    assert onnx.load(out).SerializeToString() == onnx.load(model_path).SerializeToString()
+    # A budget it cannot reach is refused.
+    code = main(
+        [
+            "reduce",
+            str(model_path),
+            "-o",
+            str(tmp_path / "o2.onnx"),
+            "--data",
+            str(data),
+            "--budget",
+            "params=0.2",
+            "--no-eval",
+        ]
+    )
+    assert code == 2
+    assert "cannot be reached" in capsys.readouterr().err
+    assert not (tmp_path / "o2.onnx").exists()
+
+
+def _bad(tmp_path, bundled_model_path, case):
+    model = str(bundled_model_path)
+    args = [
+        "reduce",
+        model,
+        "-o",
+        str(tmp_path / "out.onnx"),
+        "--data",
+        str(bundled_model_path.parent / "fmnist_sample.npz"),
+        "--limit",
+        "32",
+    ]
+    if case == "data-does-not-fit":
+        np.savez(tmp_path / "bad.npz", x=np.zeros((4, 5), np.uint8))
+        args[5] = str(tmp_path / "bad.npz")
+    elif case == "empty-folder":
+        (tmp_path / "empty").mkdir()
+        args[5] = str(tmp_path / "empty")
+    elif case == "nan":
+        x = np.zeros((4, 1, 28, 28), np.float32)
+        x[2, 0, 3, 3] = np.nan
+        np.savez(tmp_path / "nan.npz", x=x)
+        args[5] = str(tmp_path / "nan.npz")
+    elif case == "provider":
+        args += ["--providers", "tpu"]
+    elif case == "budget-zero":
+        args += ["--budget", "params=0"]
+    elif case == "budget-above-one":
+        args += ["--budget", "flops=1.5"]
+    elif case == "output-is-input":
+        args[3] = model
+    return args
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("data-does-not-fit", "does not fit|cannot|shape"),
+        ("empty-folder", "no images|empty"),
+        ("nan", "NaN|nan"),
+        ("provider", "unknown providers"),
+        ("budget-zero", r"must be in \(0, 1\]"),
+        ("budget-above-one", r"must be in \(0, 1\]"),
+        ("output-is-input", "is the input model"),
+    ],
+)
+def test_bad_input_one_line_exit_2(tmp_path, capsys, bundled_model_path, case, message):
+    import re
+
+    before = hashlib.sha256(bundled_model_path.read_bytes()).hexdigest()
+    code = main(_bad(tmp_path, bundled_model_path, case))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("onnx-mbs: error:") and err.count("\n") == 1, err
+    assert re.search(message, err), err
+    assert not (tmp_path / "out.onnx").exists()
+    assert hashlib.sha256(bundled_model_path.read_bytes()).hexdigest() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_python_reader_protocol(bundled_model_path):
+    class Reader:  # onnxruntime's CalibrationDataReader protocol
+        def __init__(self):
+            rng = np.random.default_rng(0)
+            self.items = iter(
+                [
+                    {"input": rng.standard_normal((4, 1, 28, 28)).astype(np.float32)}
+                    for _ in range(3)
+                ]
+            )
+
+        def get_next(self):
+            return next(self.items, None)
+
+    reduced, report = reduce(str(bundled_model_path), Reader(), budget="params=0.6", progress=False)
+    assert report.samples == 12
+    assert not report.accuracy  # no labels, no accuracy
+    with pytest.raises(BadInputError, match="importance"):
+        reduce(str(bundled_model_path), Reader(), importance="random", progress=False)
