@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import functools
+import json
 
+import graphs
+import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
+from onnx import helper
 from onnx_mbs.models.export import export_onnx, randomize_batchnorm
 from onnx_mbs.models.zoo import ZOO
 from onnx_mbs.passes import analyze_model, load_model
+
+from onnx_mbs.cli import main
 
 
 @functools.cache
@@ -91,3 +98,78 @@ def test_cifar_resnet_bases_follow_receptive_fields():
     assert rf[second.layers[0]] == 2.0
     assert all(rf[n] <= 16 for n in second.base_layers)
     assert all(rf[n] > 16 for n in set(second.layers) - set(second.base_layers))
+
+
+# -- graphs torch did not export ------------------------------------------------------------
+
+
+def _runtime_shapes(model: onnx.ModelProto, names: list[str]) -> dict[str, tuple[int, ...]]:
+    """Shapes onnxruntime actually produces, independent of ONNX shape inference."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.value_info[:]
+    del probe.graph.output[:]
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names)
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    feed = graphs.random_feeds(model)
+    return {n: v.shape for n, v in zip(names, session.run(names, feed))}
+
+
+@pytest.mark.parametrize("name", list(graphs.HAND_BUILT))
+def test_hand_built_graphs_macs_from_runtime_shapes(name):
+    build, shapes = graphs.HAND_BUILT[name]
+    model = load_model(build(), shapes)
+    analysis = analyze_model(model)
+    convs = [n for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose")]
+    seen = _runtime_shapes(model, [t for n in convs for t in (n.input[0], n.output[0])])
+    weights = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    expected = 0
+    for node in convs:
+        w = weights[node.input[1]]
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        if node.op_type == "Conv":  # output pixels x kernel x in-channels per group x out
+            expected += int(np.prod(seen[node.output[0]])) * int(np.prod(w[1:]))
+        else:  # every input pixel scatters (Cout/g) x kernel
+            expected += int(np.prod(seen[node.input[0]])) * int(np.prod(w[1:]))
+            assert w[0] == seen[node.input[0]][1] and group >= 1
+    assert sum(x.macs for x in analysis.layers) == expected
+    assert len(analysis.layers) == len(convs)
+    for block in analysis.macroblocks:
+        assert block.layers[0] in block.base_layers
+
+
+def test_squeeze_excitation_convs_join_the_gated_macroblock():
+    analysis = analyze_model(load_model(graphs.mobilenetv3_like()))
+    se = [x for x in analysis.layers if x.output_size == (1, 1)]
+    assert se, "the MobileNetV3-like graph has SE convs on 1x1 maps"
+    for layer in se:
+        block = analysis.macroblocks[layer.macroblock]
+        assert block.resolution != (1, 1)
+        assert layer.name not in block.base_layers  # they see the whole map
+    assert all(m.resolution != (1, 1) for m in analysis.macroblocks)
+
+
+def test_fpn_resize_and_convtranspose_make_their_own_macroblocks():
+    analysis = analyze_model(load_model(graphs.dbnet_fpn_like()))
+    resolutions = [m.resolution for m in analysis.macroblocks]
+    assert len(set(resolutions)) >= 3
+    up = [x for x in analysis.layers if x.op_type == "ConvTranspose"]
+    assert up and all(x.output_size[0] > x.input_size[0] for x in up)
+    # A layer entering a larger resolution starts a fresh local receptive field.
+    assert all(x.receptive_field == 1.0 for x in up)
+
+
+def test_analyze_cli_json_and_dynamic_input(tmp_path, capsys):
+    path = tmp_path / "dyn.onnx"
+    onnx.save(graphs.dynamic_input_model(), path)
+    assert main(["analyze", str(path)]) == 2
+    assert "--input-shape" in capsys.readouterr().err
+    assert main(["analyze", str(path), "--input-shape", "input:1,3,24,20", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [m["resolution"] for m in doc["macroblocks"]] == [[24, 20], [12, 10]]
+    assert doc["totals"]["params"] == sum(m["params"] for m in doc["macroblocks"]) + 16 * 5 + 5
+    for block in doc["macroblocks"]:
+        assert set(block) >= {"resolution", "layers", "base_layers", "params", "macs"}
+    assert main(["analyze", str(path), "--input-shape", "input:1,3,24,20"]) == 0
+    table = capsys.readouterr().out
+    assert "24x20" in table and "12x10" in table
