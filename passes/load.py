@@ -113,6 +113,8 @@ class FixInputShapes(Pass):
                 f"--input-shape names unknown input(s) {sorted(unknown)}; "
                 f"the model's inputs are: {', '.join(i.name for i in inputs)}"
             )
+        if not shapes and all(static_shape(i) is not None for i in inputs):
+            return PassResult(model)  # nothing to fix: no copy of a large model
         out = onnx.ModelProto()
         out.CopyFrom(model)
         modified = False

@@ -1,0 +1,191 @@
+"""Cost of collecting activation statistics, relative to plain inference.
+
+ResNet-56 (CIFAR, random weights), 2048 random 32x32x3 images, batch 64, all
+Relu outputs watched, CPU provider with onnxruntime's default threads.
+
+End to end, each repeat times back to back, in rotating order:
+
+  plain   make_session + run every batch (the original model)
+  stats   collect_stats (instrument + make_session + run + host sums)
+  naive   Greater->Cast->ReduceSum and Abs->ReduceSum over axes (0, 2, 3), the
+          obvious instrumentation, kept to show why stats.py does otherwise
+          (onnxruntime has to convert its NCHWc layout back to NCHW for it)
+
+Per batch, paired: one more collect_stats run whose data source runs the
+plain model on each batch just before handing it over, so both times of a
+batch are taken within milliseconds of each other. On a shared machine this
+pairing is far less noisy than whole runs seconds apart.
+
+Only ratios measured in one run are compared. The last line prints the
+end-to-end median ratio of collect_stats over plain inference.
+
+    python bench/stats.py [--repeats 3] [--images 2048]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from onnx_mbs.models.export import export_onnx
+from onnx_mbs.models.zoo import ZOO
+
+from onnx_mbs.data import Batch, DataSource, open_data
+from onnx_mbs.runtime import make_session
+from onnx_mbs.stats import ActivationStats, collect_stats
+
+CPU = ["CPUExecutionProvider"]
+BATCH = 64
+
+
+def plain(model: onnx.ModelProto, data: DataSource) -> None:
+    session = make_session(model, CPU)
+    for batch in data.batches(BATCH):
+        session.run(None, {data.input_name: batch.x})
+
+
+def naive_model(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    del graph.output[:]
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array([0, 2, 3], np.int64), "naive/axes"),
+            numpy_helper.from_array(np.array(0, np.float32), "naive/zero"),
+        ]
+    )
+    for i, t in enumerate(tensors):
+        p = f"naive/{i}/"
+        graph.node.extend(
+            [
+                helper.make_node("Greater", [t, "naive/zero"], [p + "gt"]),
+                helper.make_node("Cast", [p + "gt"], [p + "f"], to=TensorProto.FLOAT),
+                helper.make_node("ReduceSum", [p + "f", "naive/axes"], [p + "pos"], keepdims=0),
+                helper.make_node("Abs", [t], [p + "abs"]),
+                helper.make_node("ReduceSum", [p + "abs", "naive/axes"], [p + "sum"], keepdims=0),
+            ]
+        )
+        graph.output.extend(
+            helper.make_tensor_value_info(p + n, TensorProto.FLOAT, [None]) for n in ("pos", "sum")
+        )
+    return out
+
+
+def naive(model: onnx.ModelProto, tensors: list[str], data: DataSource) -> float:
+    """Run the naive instrumentation; return how many watched elements were > 0."""
+    session = make_session(naive_model(model, tensors), CPU)
+    positive = 0.0
+    for batch in data.batches(BATCH):
+        results = session.run(None, {data.input_name: batch.x})
+        positive += sum(float(r.astype(np.float64).sum()) for r in results[0::2])
+    return positive
+
+
+def elements_per_sample(model: onnx.ModelProto, tensors: list[str]) -> float:
+    inferred = onnx.shape_inference.infer_shapes(model).graph.value_info
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in inferred}
+    return float(sum(np.prod(shapes[t][1:]) for t in tensors))
+
+
+def overall_rho(stats: ActivationStats) -> float:
+    positive = sum(s.positive.sum() for s in stats.tensors.values())
+    elements = sum(s.elements_per_channel * s.channels for s in stats.tensors.values())
+    return float(positive / elements)
+
+
+class PairedSource:
+    """Runs the plain model on each batch right before collect_stats gets it.
+
+    The time from handing a batch over to being asked for the next one is what
+    collect_stats spent on it (run + host sums); the first such interval also
+    holds instrumenting and session creation, so it is reported apart.
+    """
+
+    def __init__(self, data: DataSource, model: onnx.ModelProto) -> None:
+        self.data = data
+        self.session = make_session(model, CPU)
+        self.description = data.description
+        self.preprocess = data.preprocess
+        self.input_name = data.input_name
+        self.plain: list[float] = []
+        self.stats: list[float] = []
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def batches(self, batch_size: int) -> Iterator[Batch]:
+        handed = None
+        for batch in self.data.batches(batch_size):
+            if handed is not None:
+                self.stats.append(time.perf_counter() - handed)
+            start = time.perf_counter()
+            self.session.run(None, {self.input_name: batch.x})
+            self.plain.append(time.perf_counter() - start)
+            handed = time.perf_counter()
+            yield batch
+        if handed is not None:
+            self.stats.append(time.perf_counter() - handed)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--images", type=int, default=2048)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    model = export_onnx(ZOO["resnet56"].build(), (BATCH, 3, 32, 32))
+    relus = [n.output[0] for n in model.graph.node if n.op_type == "Relu"]
+    images = np.random.default_rng(0).random((args.images, 3, 32, 32), dtype=np.float32)
+    input_name = model.graph.input[0].name
+    data = open_data([{input_name: images}], input_name, (BATCH, 3, 32, 32))
+    per_sample = elements_per_sample(model, relus)
+
+    times: dict[str, list[float]] = {"plain": [], "stats": [], "naive": []}
+    rho: dict[str, float] = {}
+    for repeat in range(args.repeats):
+        order = list(times)[repeat % 3 :] + list(times)[: repeat % 3]
+        for name in order:
+            start = time.perf_counter()
+            if name == "plain":
+                plain(model, data)
+            elif name == "stats":
+                rho[name] = overall_rho(collect_stats(model, relus, data, CPU, BATCH, False))
+            else:
+                rho[name] = naive(model, relus, data) / (len(data) * per_sample)
+            times[name].append(time.perf_counter() - start)
+
+    paired = PairedSource(data, model)
+    collect_stats(model, relus, paired, CPU, BATCH, progress=False)
+    batch_ratios = [s / p for s, p in zip(paired.stats[1:], paired.plain[1:], strict=True)]
+
+    base = statistics.median(times["plain"])
+    print(f"ResNet-56, {args.images} images, batch {BATCH}, {len(relus)} Relu outputs watched")
+    print(f"{'end to end':<11} {'median s':>9} {'ratio':>7}  all runs (s)")
+    for name, runs in times.items():
+        median = statistics.median(runs)
+        joined = " ".join(f"{t:.2f}" for t in runs)
+        print(f"{name:<11} {median:9.2f} {median / base:6.2f}x  {joined}")
+    print(f"rho over all Relu outputs: stats {rho['stats']:.6f}, naive {rho['naive']:.6f}")
+    summed = sum(paired.stats[1:]) / sum(paired.plain[1:])
+    print(
+        f"paired per batch ({len(batch_ratios)} batches): stats/plain median "
+        f"{statistics.median(batch_ratios):.3f}x, sum {summed:.3f}x; "
+        f"first batch + setup {paired.stats[0] - paired.plain[0]:+.3f} s over plain"
+    )
+    ratios = [s / p for s, p in zip(times["stats"], times["plain"], strict=True)]
+    print(
+        f"collect_stats / plain inference: {statistics.median(ratios):.3f}x "
+        f"(end to end, median of {args.repeats} repeats; target <= 1.15x)"
+    )
+
+
+if __name__ == "__main__":
+    main()

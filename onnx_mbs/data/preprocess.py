@@ -1,0 +1,171 @@
+"""Explicit preprocessing: raw pixels -> the model's input tensor.
+
+Every reader maps its samples to float32 NCHW in [0, 1] first, then one
+function resizes, converts channels and normalises, so a folder of PNGs and an
+.npz of the same pixels give the same model input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from onnx_mbs.passes.errors import BadInputError
+
+MEAN_KEY = "onnx_mbs.mean"
+STD_KEY = "onnx_mbs.std"
+# ITU-R 601-2 luma, the weights Pillow uses for RGB -> L.
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """What is done to every sample; printed and written to reports."""
+
+    size: tuple[int, int]  # (H, W) of the model input
+    channels: int  # model input channel count (1 -> grayscale, 3 -> RGB)
+    mean: tuple[float, ...]  # per channel, applied after scaling pixels to [0, 1]
+    std: tuple[float, ...]
+    scale: str = "/255"  # how raw pixels reach [0, 1]
+
+    def describe(self) -> str:
+        kind = {1: " (grayscale)", 3: " (RGB)"}.get(self.channels, "")
+        plural = "" if self.channels == 1 else "s"
+        return (
+            f"resize to {self.size[0]}x{self.size[1]}, {self.channels} channel{plural}{kind}, "
+            f"{self.scale}, mean {_numbers(self.mean)} std {_numbers(self.std)}"
+        )
+
+
+def _numbers(values: tuple[float, ...]) -> str:
+    if len(set(values)) == 1:
+        return f"{values[0]:.3g}"
+    return "(" + ", ".join(f"{v:.3g}" for v in values) + ")"
+
+
+def model_chw(input_shape: Sequence[object]) -> tuple[int, int, int]:
+    """(C, H, W) of a 4-D NCHW model input; they must be fixed to preprocess files."""
+    dims = list(input_shape)
+    if len(dims) != 4 or not all(isinstance(d, int) and d > 0 for d in dims[1:]):
+        raise BadInputError(
+            f"model input shape {tuple(dims)} is not NCHW with fixed C, H, W; "
+            "give the input shape explicitly (e.g. --input-shape x:1,3,32,32)"
+        )
+    return dims[1], dims[2], dims[3]
+
+
+def normalisation(
+    mean: object, std: object, channels: int, metadata: Mapping[str, str] | None
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std: given values, else the model's metadata, else 0 and 1."""
+    metadata = metadata or {}
+    if mean is None:
+        mean = metadata.get(MEAN_KEY, 0.0)
+    if std is None:
+        std = metadata.get(STD_KEY, 1.0)
+    means = _per_channel("mean", mean, channels)
+    stds = _per_channel("std", std, channels)
+    if any(not s > 0 for s in stds):
+        raise BadInputError(f"std must be positive for every channel, got {stds}")
+    return means, stds
+
+
+def _per_channel(what: str, value: object, channels: int) -> tuple[float, ...]:
+    try:
+        if isinstance(value, str):
+            values = [float(v) for v in value.split(",") if v.strip()]
+        elif isinstance(value, (int, float, np.number)):
+            values = [float(value)]
+        else:
+            values = [float(v) for v in value]  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise BadInputError(
+            f"{what} {value!r} is not a number or comma-separated numbers"
+        ) from None
+    if len(values) == 1:
+        values = values * channels
+    if len(values) != channels or not all(np.isfinite(values)):
+        raise BadInputError(
+            f"{what} {value!r} must be 1 or {channels} finite numbers (one per model channel)"
+        )
+    return tuple(values)
+
+
+def raw_layout(shape: tuple[int, ...], channels: int, what: str) -> str:
+    """Which of NHW, NCHW or NHWC an array of samples uses (channel axis of size 1, 3 or C)."""
+    if len(shape) == 3:
+        return "NHW"
+    if len(shape) == 4:
+        first = shape[1] in (1, 3, channels)
+        last = shape[3] in (1, 3, channels)
+        if first and last:
+            return "NHWC" if shape[3] == channels and shape[1] != channels else "NCHW"
+        if first:
+            return "NCHW"
+        if last:
+            return "NHWC"
+    raise BadInputError(
+        f"{what} has shape {shape}; expected (N, H, W), (N, C, H, W) or (N, H, W, C) "
+        f"with C in 1, 3 or {channels} (the model's channels)"
+    )
+
+
+def raw_channels(shape: tuple[int, ...], layout: str) -> int:
+    return {"NHW": 1, "NCHW": shape[1] if len(shape) == 4 else 1, "NHWC": shape[-1]}[layout]
+
+
+def check_channels(source: int, target: int, what: str) -> None:
+    """Only grayscale <-> RGB is converted; anything else would be a guess."""
+    if source != target and {source, target} != {1, 3}:
+        raise BadInputError(
+            f"{what} has {source} channels but the model expects {target}; "
+            "only grayscale <-> RGB is converted"
+        )
+
+
+def to_unit_nchw(raw: np.ndarray, layout: str) -> np.ndarray:
+    """Samples as float32 NCHW in [0, 1]: uint8 is divided by 255, floats are taken as they are."""
+    x = raw[:, None] if layout == "NHW" else raw
+    if layout == "NHWC":
+        x = x.transpose(0, 3, 1, 2)
+    if x.dtype == np.uint8:
+        return x.astype(np.float32) / np.float32(255.0)
+    return x.astype(np.float32)
+
+
+def pixel_scale(dtype: np.dtype) -> str:
+    return "/255" if dtype == np.uint8 else "floats taken as [0, 1]"
+
+
+def check_pixel_dtype(dtype: np.dtype, what: str) -> None:
+    if dtype != np.uint8 and not np.issubdtype(dtype, np.floating):
+        raise BadInputError(
+            f"{what} has dtype {dtype}; expected uint8 pixels (0-255) or floats in [0, 1]"
+        )
+
+
+def apply(x: np.ndarray, pre: Preprocess) -> np.ndarray:
+    """Resize, convert channels and normalise float32 NCHW samples in [0, 1]."""
+    if x.shape[2:] != pre.size:
+        x = resize(x, pre.size)
+    if x.shape[1] == 1 and pre.channels == 3:
+        x = np.repeat(x, 3, axis=1)
+    elif x.shape[1] == 3 and pre.channels == 1:
+        x = np.einsum("nchw,c->nhw", x, LUMA)[:, None]
+    mean = np.asarray(pre.mean, np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(pre.std, np.float32).reshape(1, -1, 1, 1)
+    return np.ascontiguousarray((x - mean) / std, dtype=np.float32)
+
+
+def resize(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of every channel of every sample with Pillow (float mode, no rounding)."""
+    height, width = size
+    out = np.empty((x.shape[0], x.shape[1], height, width), np.float32)
+    for n in range(x.shape[0]):
+        for c in range(x.shape[1]):
+            image = Image.fromarray(np.ascontiguousarray(x[n, c]))
+            out[n, c] = np.asarray(image.resize((width, height), Image.Resampling.BILINEAR))
+    return out

@@ -1,0 +1,140 @@
+"""Data sources: stream preprocessed batches, as often as asked.
+
+Array sources hold raw samples (npz, IDX, reader dicts) and preprocess one
+batch at a time; the image folder source keeps only file names and opens each
+image when its batch is built, so memory stays flat in the number of images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from onnx_mbs.data.preprocess import Preprocess, apply, to_unit_nchw
+from onnx_mbs.passes.errors import BadInputError
+
+
+@dataclass
+class Batch:
+    x: np.ndarray  # float32 NCHW, preprocessed model input
+    y: np.ndarray | None  # int64 class indices
+
+
+class DataSource(Protocol):
+    description: str  # what was read, e.g. "npz sample.npz: 512 samples, labels: yes"
+    preprocess: Preprocess | None  # None when the samples are model inputs already
+    input_name: str
+
+    def __len__(self) -> int: ...
+
+    def batches(self, batch_size: int) -> Iterator[Batch]: ...
+
+
+class ArraySource:
+    """Samples held as raw arrays; `layout` None means they are model inputs already."""
+
+    def __init__(
+        self,
+        raw: np.ndarray,
+        labels: np.ndarray | None,
+        layout: str | None,
+        preprocess: Preprocess | None,
+        input_name: str,
+        description: str,
+    ) -> None:
+        self.raw = raw
+        self.labels = labels
+        self.layout = layout
+        self.preprocess = preprocess
+        self.input_name = input_name
+        self.description = description
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def batches(self, batch_size: int) -> Iterator[Batch]:
+        check_batch_size(batch_size)
+        for start in range(0, len(self.raw), batch_size):
+            raw = self.raw[start : start + batch_size]
+            if self.layout is None or self.preprocess is None:
+                x = raw
+            else:
+                x = apply(to_unit_nchw(raw, self.layout), self.preprocess)
+            check_finite(x, start, self.description)
+            y = None if self.labels is None else self.labels[start : start + batch_size]
+            yield Batch(x, y)
+
+
+class ImageFolderSource:
+    """Image files read with Pillow when their batch is built; labels are class indices."""
+
+    def __init__(
+        self,
+        files: list[Path],
+        labels: np.ndarray | None,
+        preprocess: Preprocess,
+        input_name: str,
+        description: str,
+    ) -> None:
+        self.files = files
+        self.labels = labels
+        self.preprocess = preprocess
+        self.input_name = input_name
+        self.description = description
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def batches(self, batch_size: int) -> Iterator[Batch]:
+        check_batch_size(batch_size)
+        for start in range(0, len(self.files), batch_size):
+            files = self.files[start : start + batch_size]
+            x = np.concatenate([self._load(path) for path in files])
+            check_finite(x, start, self.description)
+            y = None if self.labels is None else self.labels[start : start + batch_size]
+            yield Batch(x, y)
+
+    def _load(self, path: Path) -> np.ndarray:
+        mode = "L" if self.preprocess.channels == 1 else "RGB"
+        try:
+            with Image.open(path) as image:
+                pixels = np.asarray(image.convert(mode))
+        except (OSError, UnidentifiedImageError) as error:
+            raise BadInputError(f"cannot read image {path}: {error}") from None
+        layout = "NHW" if pixels.ndim == 2 else "NHWC"
+        return apply(to_unit_nchw(pixels[None], layout), self.preprocess)
+
+
+def check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise BadInputError(f"batch size must be at least 1, got {batch_size}")
+
+
+def check_finite(x: np.ndarray, start: int, description: str) -> None:
+    """Refuse NaN/inf early, naming the sample, instead of letting them poison statistics."""
+    if not np.issubdtype(x.dtype, np.floating):
+        return
+    finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+    if not finite.all():
+        sample = start + int(np.argmin(finite))
+        raise BadInputError(
+            f"sample {sample} contains NaN or inf values ({description}); fix or drop that sample"
+        )
+
+
+def to_arrays(source: DataSource) -> tuple[np.ndarray, np.ndarray | None]:
+    """All of a (small) source in memory, e.g. to shuffle it for retraining."""
+    xs: list[np.ndarray] = []
+    ys: list[np.ndarray] = []
+    for batch in source.batches(256):
+        xs.append(batch.x)
+        if batch.y is not None:
+            ys.append(batch.y)
+    if not xs:
+        raise BadInputError(f"no samples in {source.description}")
+    return np.concatenate(xs), (np.concatenate(ys) if ys else None)

@@ -1,0 +1,237 @@
+"""open_data: turn a --data SPEC (or a Python reader) into a DataSource."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from onnx_mbs.data import idx
+from onnx_mbs.data.preprocess import (
+    Preprocess,
+    check_channels,
+    check_pixel_dtype,
+    model_chw,
+    normalisation,
+    pixel_scale,
+    raw_channels,
+    raw_layout,
+)
+from onnx_mbs.data.sources import ArraySource, DataSource, ImageFolderSource
+from onnx_mbs.passes.errors import BadInputError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+KINDS = "an image folder (one sub-folder per class), an .npz with x (and y), or an IDX folder"
+
+
+def open_data(
+    spec: str | os.PathLike | Iterable[dict[str, np.ndarray]] | Any,
+    input_name: str,
+    input_shape: Sequence[int],
+    mean: Any = None,
+    std: Any = None,
+    limit: int | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> DataSource:
+    """A DataSource for `spec`, preprocessed to fit the model input (N, C, H, W).
+
+    mean/std default to the model's metadata (onnx_mbs.mean / onnx_mbs.std), else 0 and 1.
+    `limit` keeps the first N samples. Python readers (anything with get_next(), or an
+    iterable of input dicts) give model inputs already: they are not preprocessed.
+    """
+    if limit is not None and limit <= 0:
+        raise BadInputError(f"limit must be a positive number of samples, got {limit}")
+    if not isinstance(spec, (str, os.PathLike)):
+        return _open_reader(spec, input_name, input_shape, limit)
+
+    path, split = _split_suffix(os.fspath(spec))
+    if not path.exists():
+        raise BadInputError(f"data path {path} does not exist; pass {KINDS}")
+    channels, height, width = model_chw(input_shape)
+    means, stds = normalisation(mean, std, channels, metadata)
+
+    def preprocess(scale: str) -> Preprocess:
+        return Preprocess((height, width), channels, means, stds, scale)
+
+    if path.is_dir() and idx.is_idx_folder(path):
+        split = split or "test"
+        images, labels = idx.find_split(path, split)
+        x = idx.read_idx(images)
+        y = idx.read_idx(labels) if labels is not None else None
+        what = f"IDX {path} ({split} split)"
+        return _array_source(x, y, what, channels, preprocess, input_name, limit)
+    if split is not None:
+        raise BadInputError(f"':{split}' only applies to IDX folders; {path} is not one")
+    if path.is_dir():
+        return _open_folder(path, preprocess("/255"), input_name, limit)
+    if path.suffix.lower() == ".npz":
+        x, y = _read_npz(path)
+        what = f"npz {path.name}"
+        return _array_source(x, y, what, channels, preprocess, input_name, limit)
+    raise BadInputError(f"cannot use data file {path}; pass {KINDS}")
+
+
+def _split_suffix(spec: str) -> tuple[Path, str | None]:
+    """'folder:train' -> (folder, 'train') unless a file of that exact name exists."""
+    for split in idx.SPLITS:
+        suffix = ":" + split
+        if spec.endswith(suffix) and not Path(spec).exists():
+            return Path(spec[: -len(suffix)]), split
+    return Path(spec), None
+
+
+def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            names = list(npz.files)
+            x = npz["x"] if "x" in names else None
+            y = npz["y"] if "y" in names else None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+        raise BadInputError(f"cannot read npz {path}: {error}") from None
+    if x is None:
+        raise BadInputError(
+            f"npz {path} has no array 'x' (it has: {', '.join(names) or 'nothing'}); "
+            "store the images as x and the labels as y"
+        )
+    return x, y
+
+
+def _array_source(
+    x: np.ndarray,
+    y: np.ndarray | None,
+    what: str,
+    channels: int,
+    preprocess: Any,
+    input_name: str,
+    limit: int | None,
+) -> ArraySource:
+    check_pixel_dtype(x.dtype, what)
+    layout = raw_layout(x.shape, channels, f"{what} x")
+    check_channels(raw_channels(x.shape, layout), channels, what)
+    labels = None if y is None else _labels(y, len(x), what)
+    total = len(x)
+    if total == 0:
+        raise BadInputError(f"{what} has no samples")
+    x, labels = x[:limit], (None if labels is None else labels[:limit])
+    description = _describe(what, len(x), total, labels is not None)
+    return ArraySource(x, labels, layout, preprocess(pixel_scale(x.dtype)), input_name, description)
+
+
+def _labels(y: np.ndarray, count: int, what: str) -> np.ndarray:
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise BadInputError(f"{what} labels have shape {y.shape}; expected (N,) class indices")
+    if len(y) != count:
+        raise BadInputError(f"{what} has {len(y)} labels for {count} samples; they must match")
+    if np.issubdtype(y.dtype, np.floating) and not np.all(np.mod(y, 1) == 0):
+        raise BadInputError(f"{what} labels are not whole numbers; expected class indices")
+    if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
+        raise BadInputError(f"{what} labels have dtype {y.dtype}; expected class indices")
+    if len(y) and y.min() < 0:
+        raise BadInputError(f"{what} has negative labels; expected class indices 0..K-1")
+    return y.astype(np.int64)
+
+
+def _open_folder(
+    path: Path, preprocess: Preprocess, input_name: str, limit: int | None
+) -> ImageFolderSource:
+    """One sub-folder per class (labels = sorted index), or loose images without labels."""
+    if preprocess.channels not in (1, 3):
+        raise BadInputError(
+            f"the model expects {preprocess.channels} channels; image folders give 1 or 3"
+        )
+    classes = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    files: list[Path] = []
+    labels: list[int] | None = []
+    if classes:
+        for label, folder in enumerate(classes):
+            images = _images(folder)
+            files += images
+            labels += [label] * len(images)
+        kind = f"{len(classes)} classes"
+    else:
+        files, labels, kind = _images(path), None, "no class sub-folders"
+    if not files:
+        raise BadInputError(
+            f"no images found in {path}; expected one sub-folder per class holding "
+            f"{'/'.join(sorted(s[1:] for s in IMAGE_SUFFIXES))} files"
+        )
+    total = len(files)
+    files = files[:limit]
+    y = None if labels is None else np.asarray(labels[:limit], np.int64)
+    description = _describe(f"image folder {path} ({kind})", len(files), total, y is not None)
+    return ImageFolderSource(files, y, preprocess, input_name, description)
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    )
+
+
+def _open_reader(
+    spec: Any, input_name: str, input_shape: Sequence[Any], limit: int | None
+) -> ArraySource:
+    """Gather a CalibrationDataReader (get_next() until None) or an iterable of input dicts.
+
+    Such readers are one-shot and have no length, so their arrays are kept to be replayed.
+    """
+    if isinstance(spec, dict):
+        spec = [spec]
+    if hasattr(spec, "get_next"):
+        items: Iterable[Any] = iter(spec.get_next, None)
+    else:
+        try:
+            items = iter(spec)
+        except TypeError:
+            raise BadInputError(
+                f"cannot use {type(spec).__name__} as data; pass {KINDS}, "
+                "or a reader of input dicts"
+            ) from None
+    arrays: list[np.ndarray] = []
+    count = 0
+    for number, item in enumerate(items):
+        arrays.append(_reader_array(item, number, input_name, input_shape))
+        count += len(arrays[-1])
+        if limit is not None and count >= limit:
+            break
+    if not arrays:
+        raise BadInputError("the input reader yielded no data")
+    x = np.concatenate(arrays)[:limit]
+    description = _describe("input reader (model inputs, not preprocessed)", len(x), None, False)
+    return ArraySource(x, None, None, None, input_name, description)
+
+
+def _reader_array(
+    item: Any, number: int, input_name: str, input_shape: Sequence[Any]
+) -> np.ndarray:
+    if not isinstance(item, Mapping):
+        raise BadInputError(
+            f"input reader item {number} is a {type(item).__name__}; expected a dict of arrays"
+        )
+    if input_name not in item:
+        raise BadInputError(
+            f"input reader item {number} has no {input_name!r} (keys: {', '.join(item)}); "
+            f"the model input is named {input_name!r}"
+        )
+    x = np.asarray(item[input_name])
+    fixed = [(axis, d) for axis, d in enumerate(input_shape) if isinstance(d, int) and d > 0]
+    if x.ndim != len(input_shape) or any(x.shape[a] != d for a, d in fixed if a > 0):
+        raise BadInputError(
+            f"input reader item {number} has shape {x.shape}; the model input {input_name!r} "
+            f"expects {tuple(input_shape)}"
+        )
+    return x
+
+
+def _describe(what: str, count: int, total: int | None, labelled: bool) -> str:
+    samples = f"first {count} of {total} samples" if total and count < total else f"{count} samples"
+    return f"{what}: {samples}, labels: {'yes' if labelled else 'no'}"

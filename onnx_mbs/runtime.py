@@ -1,0 +1,147 @@
+"""onnxruntime sessions and execution-provider choice.
+
+onnxruntime-gpu lists CUDAExecutionProvider even on machines where CUDA cannot
+run, and asking for it there makes onnxruntime print a loud error from C++.
+So CUDA is only chosen after quiet checks: the driver answers with a device,
+the CUDA provider library and cuDNN load, and a tiny session really runs on it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+from onnx_mbs.passes.errors import BadInputError
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+REQUESTS = ("auto", "cpu", "cuda")
+
+# Errors only: onnxruntime's warnings (e.g. nodes placed on CPU) are noise for users.
+_QUIET = 3
+_FLOAT_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(double)": "float64",
+}
+
+
+def choose_providers(request: str = "auto") -> list[str]:
+    """Providers for `request` ("auto", "cpu" or "cuda"); CUDA only when it can really run."""
+    if request not in REQUESTS:
+        raise BadInputError(
+            f"unknown providers request {request!r}; use one of: {', '.join(REQUESTS)}"
+        )
+    if request == "cpu":
+        return [CPU]
+    reason = cuda_unavailable_reason()
+    if reason is None:
+        return [CUDA, CPU]
+    if request == "cuda":
+        raise BadInputError(f"CUDA requested but {reason}; use --providers cpu (or auto)")
+    return [CPU]
+
+
+@functools.cache
+def cuda_unavailable_reason() -> str | None:
+    """Why CUDA cannot run here, or None when it can. Prints nothing; cached per process."""
+    if CUDA not in ort.get_available_providers():
+        return "this onnxruntime build has no CUDAExecutionProvider (install onnxruntime-gpu)"
+    reason = _driver_reason()
+    if reason is not None:
+        return reason
+    for library in (_cuda_provider_library(), _cudnn_soname()):
+        try:
+            ctypes.CDLL(library)
+        except OSError as error:
+            return f"a CUDA library does not load ({_first_line(error)})"
+    return _probe_session_reason()
+
+
+def _driver_reason() -> str | None:
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return "no NVIDIA driver (libcuda.so.1 does not load)"
+    count = ctypes.c_int(0)
+    if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return "the NVIDIA driver does not initialise (no usable GPU)"
+    if count.value < 1:
+        return "the NVIDIA driver reports no GPU"
+    return None
+
+
+def _cuda_provider_library() -> str:
+    return str(Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so")
+
+
+def _cudnn_soname() -> str:
+    # onnxruntime-gpu 1.18+ is built against cuDNN 9; it loads cuDNN lazily, so check it here.
+    return "libcudnn.so.9"
+
+
+def _probe_session_reason() -> str | None:
+    """Run a 1x1 Conv on CUDA with onnxruntime's global logging silenced for the probe."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 2, 2])
+    w = helper.make_tensor("w", TensorProto.FLOAT, [1, 1, 1, 1], [2.0])
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"])], "probe", [x], [y], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    ort.set_default_logger_severity(4)
+    try:
+        session = make_session(model, [CUDA, CPU])
+        if session.get_providers()[0] != CUDA:
+            return "onnxruntime could not create the CUDA provider"
+        out = session.run(None, {"x": np.ones((1, 1, 2, 2), np.float32)})[0]
+        if not np.allclose(out, 2.0):
+            return "a test Conv on CUDA gave wrong results"
+    except Exception as error:  # any failure means "not usable", the reason is reported
+        return f"a test session on CUDA failed ({_first_line(error)})"
+    finally:
+        ort.set_default_logger_severity(_QUIET)
+    return None
+
+
+def make_session(
+    model: onnx.ModelProto | bytes | str | os.PathLike, providers: list[str]
+) -> ort.InferenceSession:
+    """An InferenceSession that only logs errors."""
+    options = ort.SessionOptions()
+    options.log_severity_level = _QUIET
+    if isinstance(model, onnx.ModelProto):
+        model = model.SerializeToString()
+    elif isinstance(model, os.PathLike):
+        model = os.fspath(model)
+    return ort.InferenceSession(model, options, providers=list(providers))
+
+
+def feed_dtype(session: ort.InferenceSession, input_name: str) -> np.dtype:
+    """The numpy type to feed `input_name` (image inputs are float, half or double)."""
+    declared = {i.name: i.type for i in session.get_inputs()}
+    if input_name not in declared:
+        raise BadInputError(
+            f"the data is for input {input_name!r} but the model's inputs are {list(declared)}"
+        )
+    if declared[input_name] not in _FLOAT_TYPES:
+        raise BadInputError(
+            f"model input {input_name!r} has type {declared[input_name]}; "
+            "expected a float image tensor"
+        )
+    return np.dtype(_FLOAT_TYPES[declared[input_name]])
+
+
+def session_provider(session: ort.InferenceSession) -> str:
+    """The provider that actually runs the session (the first one onnxruntime kept)."""
+    return session.get_providers()[0]
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -1,0 +1,336 @@
+"""Per-channel activation statistics, reduced inside the graph by onnxruntime.
+
+For each watched tensor x (N, C, H, W) the instrumented copy of the model adds
+
+    HardSigmoid(x, alpha=2**127, beta=0) -> GlobalAveragePool   fraction of x > 0
+    x (or Abs(x) when x may be negative)  -> GlobalAveragePool   mean |x|
+
+and returns only these (N, C, 1, 1) outputs, so a batch costs a few small
+vectors instead of every activation. HardSigmoid(2**127 * x) clipped to
+[0, 1] is exactly the step x > 0 for every normal float (2**127 times the
+smallest normal float is 2); only subnormal positives count fractionally.
+These ops were chosen over Greater -> Cast -> ReduceSum because onnxruntime's
+CPU provider runs them on its blocked NCHWc layout: no layout conversion of
+the watched tensors, see bench/stats.py. Tensors that are not float32 are
+cast to float32 first (float16 can hold neither alpha nor exact averages).
+Counts are recovered on the host by multiplying by H*W and rounding, then
+summed over batches in float64.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import chain
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+from tqdm import tqdm
+
+from onnx_mbs.data import Batch, DataSource
+from onnx_mbs.passes.errors import BadInputError
+from onnx_mbs.runtime import feed_dtype, make_session, session_provider
+
+STEP_ALPHA = 2.0**127
+PREFIX = "onnx_mbs_stats"
+# Producers whose outputs are never negative, so sum |x| = sum x and Abs can be skipped.
+NON_NEGATIVE = {"Relu", "Sigmoid", "Softplus"}
+
+
+@dataclass
+class TensorStats:
+    positive: np.ndarray  # per channel count of x > 0
+    abs_sum: np.ndarray  # per channel sum of |x|
+    elements_per_channel: int  # N*H*W summed over batches
+
+    @property
+    def channels(self) -> int:
+        return len(self.positive)
+
+    @property
+    def ratio(self) -> float:
+        """rho: the fraction of all elements that are > 0."""
+        return float(self.positive.sum() / (self.elements_per_channel * self.channels))
+
+    @property
+    def channel_ratio(self) -> np.ndarray:
+        return self.positive / self.elements_per_channel
+
+    @property
+    def channel_mean_abs(self) -> np.ndarray:
+        return self.abs_sum / self.elements_per_channel
+
+
+@dataclass
+class ActivationStats:
+    tensors: dict[str, TensorStats]
+    samples: int
+    provider: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class StatOutputs:
+    """Names of the outputs the instrumented model adds for one watched tensor."""
+
+    tensor: str
+    positive: str  # (N, C, 1, 1) fraction of x > 0 per sample and channel
+    mean_abs: str  # (N, C, 1, 1) mean |x| per sample and channel
+    shape: str | None  # Shape(x), only when H*W is not known statically
+    spatial: int | None  # H*W when known statically
+
+
+def instrument(
+    model: onnx.ModelProto, tensors: Sequence[str], input_shapes: dict[str, Sequence[int]]
+) -> tuple[onnx.ModelProto, list[StatOutputs]]:
+    """A copy of `model` whose only outputs are the per-channel reductions of `tensors`.
+
+    `input_shapes` (the shapes that will be fed) lets shape inference find H*W; tensors
+    whose shape stays unknown also get a Shape output. The original nodes are untouched.
+    """
+    tensors = list(dict.fromkeys(tensors))
+    graph = model.graph
+    producers = {out: node for node in graph.node for out in node.output}
+    graph_inputs = {i.name for i in graph.input}
+    missing = [t for t in tensors if t not in producers and t not in graph_inputs]
+    if missing:
+        raise BadInputError(
+            f"tensor {missing[0]!r} is not produced by any node of the model; "
+            "pass activation output names"
+        )
+    types, shapes = _static_types_and_shapes(model, input_shapes)
+
+    added: dict[str, list[onnx.NodeProto]] = {}
+    outputs: list[StatOutputs] = []
+    for number, name in enumerate(tensors):
+        shape = shapes.get(name)
+        if shape is not None and len(shape) != 4:
+            raise BadInputError(
+                f"tensor {name!r} has shape {tuple(shape)}; statistics need 4-D NCHW activations"
+            )
+        producer = producers.get(name)
+        non_negative = producer is not None and _never_negative(producer, model)
+        element = types.get(name, TensorProto.FLOAT)
+        nodes, out = _reductions(name, f"{PREFIX}/{number}", non_negative, shape, element)
+        added.setdefault(name, []).extend(nodes)
+        outputs.append(out)
+
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    new_graph = result.graph
+    nodes = [n for t in tensors if t in graph_inputs and t not in producers for n in added[t]]
+    for node in graph.node:
+        nodes.append(node)
+        for out in node.output:
+            nodes.extend(added.get(out, []))
+    del new_graph.node[:]
+    new_graph.node.extend(nodes)
+    del new_graph.output[:]
+    for out in outputs:
+        channels = (shapes.get(out.tensor) or [None, None])[1]
+        dims = [None, channels, 1, 1]  # the batch size may change on the last batch
+        new_graph.output.extend(
+            helper.make_tensor_value_info(n, TensorProto.FLOAT, dims)
+            for n in (out.positive, out.mean_abs)
+        )
+        if out.shape:
+            shape_info = helper.make_tensor_value_info(out.shape, TensorProto.INT64, [None])
+            new_graph.output.append(shape_info)
+    return result, outputs
+
+
+def _reductions(
+    name: str, prefix: str, non_negative: bool, shape: Sequence[int] | None, element: int
+) -> tuple[list[onnx.NodeProto], StatOutputs]:
+    step, absolute = f"{prefix}/step", f"{prefix}/abs"
+    positive, mean_abs = f"{prefix}/positive", f"{prefix}/mean_abs"
+    nodes = []
+    source = name
+    if element != TensorProto.FLOAT:
+        source = f"{prefix}/float"
+        nodes.append(helper.make_node("Cast", [name], [source], to=TensorProto.FLOAT))
+    nodes += [
+        helper.make_node("HardSigmoid", [source], [step], alpha=STEP_ALPHA, beta=0.0),
+        helper.make_node("GlobalAveragePool", [step], [positive]),
+    ]
+    if non_negative:
+        nodes.append(helper.make_node("GlobalAveragePool", [source], [mean_abs]))
+    else:
+        nodes.append(helper.make_node("Abs", [source], [absolute]))
+        nodes.append(helper.make_node("GlobalAveragePool", [absolute], [mean_abs]))
+    spatial = None
+    if shape is not None and all(isinstance(d, int) and d > 0 for d in shape[2:]):
+        spatial = int(np.prod(shape[2:]))
+    shape_out = None
+    if spatial is None:
+        shape_out = f"{prefix}/shape"
+        nodes.append(helper.make_node("Shape", [name], [shape_out]))
+    return nodes, StatOutputs(name, positive, mean_abs, shape_out, spatial)
+
+
+def _never_negative(node: onnx.NodeProto, model: onnx.ModelProto) -> bool:
+    if node.op_type in NON_NEGATIVE and node.domain in ("", "ai.onnx"):
+        return True
+    if node.op_type != "Clip" or node.domain not in ("", "ai.onnx"):
+        return False
+    for attribute in node.attribute:  # opset < 11: min is an attribute
+        if attribute.name == "min":
+            return attribute.f >= 0
+    if len(node.input) < 2 or not node.input[1]:
+        return False
+    constants = {t.name: t for t in model.graph.initializer}
+    for other in model.graph.node:
+        if other.op_type == "Constant" and other.attribute:
+            constants[other.output[0]] = other.attribute[0].t
+    minimum = constants.get(node.input[1])
+    return minimum is not None and float(onnx.numpy_helper.to_array(minimum)) >= 0
+
+
+def _static_types_and_shapes(
+    model: onnx.ModelProto, input_shapes: dict[str, Sequence[int]]
+) -> tuple[dict[str, int], dict[str, list[int | None]]]:
+    """Element types and shapes from shape inference, the inputs fixed to what will be fed."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    del fixed.graph.value_info[:]
+    for graph_input in fixed.graph.input:
+        if graph_input.name in input_shapes:
+            dims = graph_input.type.tensor_type.shape.dim
+            del dims[:]
+            for size in input_shapes[graph_input.name]:
+                dims.add().dim_value = int(size)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(fixed, strict_mode=False)
+    except Exception:  # shape inference is only a shortcut; Shape outputs cover the rest
+        inferred = fixed
+    types: dict[str, int] = {}
+    shapes: dict[str, list[int | None]] = {}
+    graph = inferred.graph
+    for info in chain(graph.input, graph.value_info, graph.output):
+        tensor_type = info.type.tensor_type
+        if tensor_type.elem_type:
+            types[info.name] = tensor_type.elem_type
+        if tensor_type.HasField("shape"):
+            shapes[info.name] = [
+                d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim
+            ]
+    return types, shapes
+
+
+def collect_stats(
+    model: onnx.ModelProto,
+    tensors: Sequence[str],
+    data: DataSource,
+    providers: list[str],
+    batch_size: int = 64,
+    progress: bool = True,
+) -> ActivationStats:
+    """Per-channel count of x > 0 and sum |x| for each tensor, over all of `data`.
+
+    Memory stays flat in the number of samples: batches are streamed and only the
+    per-channel reductions leave onnxruntime. `model` is not modified.
+    """
+    start = time.perf_counter()
+    batches = data.batches(batch_size)
+    first = next(batches, None)
+    if first is None:
+        raise BadInputError(f"no samples in {data.description}")
+    _check_inputs(model, data.input_name)
+    instrumented, outputs = instrument(model, tensors, {data.input_name: first.x.shape})
+    session = make_session(instrumented, providers)
+    feed_type = feed_dtype(session, data.input_name)
+    names = [o.name for o in session.get_outputs()]
+
+    sums = {o.tensor: _Accumulator() for o in outputs}
+    samples = 0
+    bar = tqdm(
+        total=len(data),
+        unit="img",
+        desc="activation statistics",
+        file=sys.stderr,
+        disable=not (progress and sys.stderr.isatty()),
+        leave=False,
+    )
+    with bar:
+        for index, batch in enumerate(chain([first], batches)):
+            results = _run(session, data.input_name, batch, feed_type, check=index == 0)
+            values = dict(zip(names, results, strict=True))
+            for out in outputs:
+                sums[out.tensor].add(out, values)
+            samples += len(batch.x)
+            bar.update(len(batch.x))
+    tensors_stats = {name: acc.result() for name, acc in sums.items()}
+    return ActivationStats(
+        tensors_stats, samples, session_provider(session), time.perf_counter() - start
+    )
+
+
+class _Accumulator:
+    """Running float64 sums for one tensor."""
+
+    def __init__(self) -> None:
+        self.positive: np.ndarray | None = None
+        self.abs_sum: np.ndarray | None = None
+        self.elements = 0
+
+    def add(self, out: StatOutputs, values: dict[str, np.ndarray]) -> None:
+        fraction = values[out.positive].astype(np.float64)
+        batch, channels = fraction.shape[:2]
+        spatial = out.spatial or int(np.prod(values[out.shape][2:]))
+        # GAP returns means; counts are whole numbers, so rounding undoes the division.
+        positive = np.rint(fraction.reshape(batch, channels) * spatial).sum(axis=0)
+        mean_abs = values[out.mean_abs].astype(np.float64).reshape(batch, channels)
+        abs_sum = (mean_abs * spatial).sum(axis=0)
+        if self.positive is None:
+            self.positive, self.abs_sum = positive, abs_sum
+        else:
+            self.positive = self.positive + positive
+            self.abs_sum = self.abs_sum + abs_sum
+        self.elements += batch * spatial
+
+    def result(self) -> TensorStats:
+        assert self.positive is not None and self.abs_sum is not None
+        return TensorStats(self.positive, self.abs_sum, self.elements)
+
+
+def _check_inputs(model: onnx.ModelProto, input_name: str) -> None:
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [i.name for i in model.graph.input if i.name not in initializers]
+    if input_name not in inputs:
+        raise BadInputError(
+            f"the data is for input {input_name!r} but the model's inputs are {inputs}"
+        )
+    if len(inputs) > 1:
+        raise BadInputError(
+            f"the model has several inputs {inputs}; onnx-mbs feeds a single image input"
+        )
+
+
+def _run(
+    session: ort.InferenceSession, input_name: str, batch: Batch, feed_type: np.dtype, check: bool
+) -> list[np.ndarray]:
+    """Run one batch; on the first batch, data that does not fit becomes a BadInputError."""
+    x = batch.x.astype(feed_type, copy=False)
+    if not check:
+        return session.run(None, {input_name: x})
+    declared = next(i for i in session.get_inputs() if i.name == input_name)
+    expected = tuple(declared.shape)
+    fits = len(expected) == x.ndim and all(
+        not isinstance(d, int) or d == s for d, s in zip(expected, x.shape, strict=True)
+    )
+    if not fits:
+        raise BadInputError(
+            f"data does not fit model input {input_name!r}: expected shape {expected}, "
+            f"got {x.shape}"
+        )
+    try:
+        return session.run(None, {input_name: x})
+    except Exception as error:  # onnxruntime raises its own exception types
+        raise BadInputError(
+            f"onnxruntime cannot run the model on this data (input {input_name!r} expects "
+            f"{expected}, got {x.shape} {x.dtype}): {str(error).strip().splitlines()[0]}"
+        ) from None

@@ -1,0 +1,430 @@
+"""Data readers: npz, IDX folders, image folders, Python readers, preprocessing, bad input."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from onnx_mbs.passes.errors import BadInputError
+from PIL import Image
+
+from onnx_mbs.data import Preprocess, open_data, to_arrays
+
+GRAY8 = (1, 1, 8, 8)
+RGB8 = (1, 3, 8, 8)
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """IDX: two zero bytes, type code, rank, big-endian uint32 dims, big-endian data."""
+    codes = {np.dtype(np.uint8): 0x08, np.dtype(np.int32): 0x0C, np.dtype(np.float32): 0x0D}
+    header = bytes([0, 0, codes[array.dtype], array.ndim]) + struct.pack(
+        f">{array.ndim}I", *array.shape
+    )
+    payload = header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+    if path.suffix == ".gz":
+        with gzip.open(path, "wb") as f:
+            f.write(payload)
+    else:
+        path.write_bytes(payload)
+
+
+def pixels(n: int, h: int, w: int, c: int | None = None, seed: int = 0) -> np.ndarray:
+    shape = (n, h, w) if c is None else (n, h, w, c)
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def write_npz(path: Path, **arrays: np.ndarray) -> Path:
+    np.savez(path, **arrays)
+    return path
+
+
+def write_png(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+# --------------------------------------------------------------------------- npz
+
+
+def test_npz_grayscale_uint8_scaled_and_normalised(tmp_path):
+    x = pixels(5, 8, 8)
+    y = np.array([0, 1, 2, 1, 0])
+    source = open_data(write_npz(tmp_path / "d.npz", x=x, y=y), "in", GRAY8, mean=0.5, std=0.25)
+    got, labels = to_arrays(source)
+    expected = (x[:, None].astype(np.float64) / 255 - 0.5) / 0.25
+    assert got.dtype == np.float32 and got.shape == (5, 1, 8, 8)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert labels.dtype == np.int64 and labels.tolist() == y.tolist()
+    assert len(source) == 5 and source.input_name == "in"
+    assert "5 samples" in source.description and "labels: yes" in source.description
+
+
+def test_npz_float_nhwc_rgb_to_grayscale_uses_luma(tmp_path):
+    x = np.random.default_rng(1).random((3, 8, 8, 3), dtype=np.float32)
+    source = open_data(write_npz(tmp_path / "d.npz", x=x), "in", GRAY8)
+    got, labels = to_arrays(source)
+    luma = 0.299 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2]
+    np.testing.assert_allclose(got[:, 0], luma, atol=1e-6)
+    assert labels is None and "labels: no" in source.description
+    assert source.preprocess.scale != "/255"  # floats are taken as already in [0, 1]
+
+
+def test_npz_grayscale_nchw_to_rgb_repeats_channel(tmp_path):
+    x = pixels(2, 8, 8)[:, None]  # (N, 1, H, W)
+    got, _ = to_arrays(open_data(write_npz(tmp_path / "d.npz", x=x), "in", RGB8))
+    assert got.shape == (2, 3, 8, 8)
+    for c in range(3):
+        np.testing.assert_allclose(got[:, c], x[:, 0] / 255.0, atol=1e-6)
+
+
+def test_npz_per_channel_mean_std(tmp_path):
+    x = pixels(2, 8, 8, 3)
+    mean, std = (0.1, 0.2, 0.3), (0.5, 0.25, 2.0)
+    got, _ = to_arrays(
+        open_data(write_npz(tmp_path / "d.npz", x=x), "in", RGB8, mean=mean, std=std)
+    )
+    for c in range(3):
+        np.testing.assert_allclose(got[:, c], (x[..., c] / 255.0 - mean[c]) / std[c], atol=1e-5)
+
+
+def test_resize_matches_pillow_bilinear(tmp_path):
+    x = pixels(2, 5, 7)
+    got, _ = to_arrays(open_data(write_npz(tmp_path / "d.npz", x=x), "in", GRAY8))
+    assert got.shape == (2, 1, 8, 8)
+    for n in range(2):
+        reference = Image.fromarray(x[n]).resize((8, 8), Image.Resampling.BILINEAR)
+        np.testing.assert_allclose(got[n, 0], np.asarray(reference) / 255.0, atol=1.5 / 255)
+
+
+def test_resize_keeps_constant_image_constant(tmp_path):
+    x = np.full((1, 4, 4), 0.25, np.float32)
+    got, _ = to_arrays(open_data(write_npz(tmp_path / "d.npz", x=x), "in", (1, 1, 9, 13)))
+    assert got.shape == (1, 1, 9, 13)
+    np.testing.assert_allclose(got, 0.25, atol=1e-6)
+
+
+def test_metadata_gives_default_mean_std_and_arguments_override_it(tmp_path):
+    x = pixels(3, 8, 8)
+    path = write_npz(tmp_path / "d.npz", x=x)
+    metadata = {"onnx_mbs.mean": "0.5", "onnx_mbs.std": "0.25", "other": "x"}
+    source = open_data(path, "in", GRAY8, metadata=metadata)
+    got, _ = to_arrays(source)
+    np.testing.assert_allclose(got[:, 0], (x / 255.0 - 0.5) / 0.25, atol=1e-5)
+    assert source.preprocess == Preprocess((8, 8), 1, (0.5,), (0.25,), "/255")
+    text = source.preprocess.describe()
+    assert "8x8" in text and "grayscale" in text and "mean 0.5 std 0.25" in text
+
+    overridden, _ = to_arrays(open_data(path, "in", GRAY8, mean=0.0, metadata=metadata))
+    np.testing.assert_allclose(overridden[:, 0], x / 255.0 / 0.25, atol=1e-5)
+
+    plain = open_data(path, "in", GRAY8)
+    assert plain.preprocess.mean == (0.0,) and plain.preprocess.std == (1.0,)
+
+
+def test_metadata_per_channel_values_for_rgb(tmp_path):
+    path = write_npz(tmp_path / "d.npz", x=pixels(1, 8, 8, 3))
+    metadata = {"onnx_mbs.mean": "0.4,0.5,0.6", "onnx_mbs.std": "0.2, 0.3, 0.4"}
+    source = open_data(path, "in", RGB8, metadata=metadata)
+    assert source.preprocess.mean == (0.4, 0.5, 0.6)
+    assert source.preprocess.std == (0.2, 0.3, 0.4)
+    assert "RGB" in source.preprocess.describe()
+
+
+def test_limit_takes_the_first_samples(tmp_path):
+    x, y = pixels(10, 8, 8), np.arange(10) % 3
+    source = open_data(write_npz(tmp_path / "d.npz", x=x, y=y), "in", GRAY8, limit=4)
+    got, labels = to_arrays(source)
+    assert len(source) == 4 and labels.tolist() == y[:4].tolist()
+    np.testing.assert_allclose(got[:, 0], x[:4] / 255.0, atol=1e-6)
+    assert "first 4 of 10" in source.description
+
+
+def test_batches_stream_in_order_and_can_repeat(tmp_path):
+    x, y = pixels(7, 8, 8), np.arange(7)
+    source = open_data(write_npz(tmp_path / "d.npz", x=x, y=y), "in", GRAY8)
+    for _ in range(2):
+        sizes = [len(b.x) for b in source.batches(3)]
+        labels = np.concatenate([b.y for b in source.batches(3)])
+        assert sizes == [3, 3, 1] and labels.tolist() == list(range(7))
+
+
+# --------------------------------------------------------------------------- IDX
+
+
+@pytest.fixture
+def idx_folder(tmp_path):
+    folder = tmp_path / "idx"
+    folder.mkdir()
+    test_x, test_y = pixels(6, 28, 28, seed=1), np.arange(6, dtype=np.uint8) % 10
+    train_x, train_y = pixels(9, 28, 28, seed=2), (np.arange(9, dtype=np.uint8) * 3) % 10
+    write_idx(folder / "t10k-images-idx3-ubyte.gz", test_x)
+    write_idx(folder / "t10k-labels-idx1-ubyte.gz", test_y)
+    write_idx(folder / "train-images-idx3-ubyte", train_x)  # not gzipped
+    write_idx(folder / "train-labels-idx1-ubyte", train_y)
+    return folder, (test_x, test_y), (train_x, train_y)
+
+
+def test_idx_folder_reads_test_split_by_default(idx_folder):
+    folder, (x, y), _ = idx_folder
+    source = open_data(folder, "in", (1, 1, 28, 28))
+    got, labels = to_arrays(source)
+    np.testing.assert_allclose(got[:, 0], x / 255.0, atol=1e-6)
+    assert labels.tolist() == y.tolist() and "test split" in source.description
+
+
+def test_idx_folder_train_suffix_picks_train_split(idx_folder):
+    folder, _, (x, y) = idx_folder
+    source = open_data(f"{folder}:train", "in", (1, 1, 28, 28))
+    got, labels = to_arrays(source)
+    assert len(source) == 9 and labels.tolist() == y.tolist()
+    np.testing.assert_allclose(got[:, 0], x / 255.0, atol=1e-6)
+    assert len(open_data(f"{folder}:test", "in", (1, 1, 28, 28))) == 6
+
+
+def test_idx_folder_resized_to_rgb_model(idx_folder):
+    folder, (x, _), _ = idx_folder
+    got, _ = to_arrays(open_data(folder, "in", (1, 3, 32, 32)))
+    assert got.shape == (6, 3, 32, 32)
+    np.testing.assert_array_equal(got[:, 0], got[:, 2])
+
+
+def test_idx_folder_without_the_split_says_how_to_pick(tmp_path):
+    folder = tmp_path / "idx"
+    folder.mkdir()
+    write_idx(folder / "train-images-idx3-ubyte", pixels(2, 5, 5))
+    with pytest.raises(BadInputError, match=r"no t10k-images.*test split; pick a split"):
+        open_data(folder, "in", (1, 1, 5, 5))
+    assert len(open_data(f"{folder}:train", "in", (1, 1, 5, 5))) == 2
+
+
+def test_idx_truncated_file_is_bad_input(tmp_path):
+    folder = tmp_path / "idx"
+    folder.mkdir()
+    write_idx(folder / "t10k-images-idx3-ubyte", pixels(4, 5, 5))
+    data = (folder / "t10k-images-idx3-ubyte").read_bytes()
+    (folder / "t10k-images-idx3-ubyte").write_bytes(data[:-7])
+    with pytest.raises(BadInputError, match="truncated"):
+        open_data(folder, "in", (1, 1, 5, 5))
+
+
+# --------------------------------------------------------------------------- image folders
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    root = tmp_path / "images"
+    images = {"cat": pixels(3, 6, 6, 3, seed=3), "ant": pixels(2, 6, 6, 3, seed=4)}
+    for name, batch in images.items():
+        for i, image in enumerate(batch):
+            write_png(root / name / f"{i}.png", image)
+    (root / "ant" / "notes.txt").write_text("not an image")
+    (root / ".cache").mkdir()  # hidden folders are not classes
+    return root, images
+
+
+def test_image_folder_labels_are_sorted_class_indices(image_folder):
+    root, images = image_folder
+    source = open_data(root, "in", (1, 3, 6, 6))
+    got, labels = to_arrays(source)
+    assert labels.tolist() == [0, 0, 1, 1, 1]  # "ant" < "cat"
+    expected = np.concatenate([images["ant"], images["cat"]]).transpose(0, 3, 1, 2) / 255.0
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert "2 classes" in source.description and "5 samples" in source.description
+
+
+def test_image_folder_and_npz_of_same_pixels_agree(image_folder, tmp_path):
+    root, images = image_folder
+    from_folder, _ = to_arrays(open_data(root, "in", (1, 1, 8, 8), mean=0.3, std=0.2))
+    x = np.concatenate([images["ant"], images["cat"]])
+    from_npz, _ = to_arrays(
+        open_data(write_npz(tmp_path / "d.npz", x=x), "in", (1, 1, 8, 8), mean=0.3, std=0.2)
+    )
+    # The folder path converts RGB -> L with Pillow (rounded to uint8): within one grey level.
+    np.testing.assert_allclose(from_folder, from_npz, atol=1.5 / 255 / 0.2)
+
+
+def test_image_folder_opens_files_lazily(image_folder, monkeypatch):
+    root, _ = image_folder
+    opened: list[str] = []
+    real_open = Image.open
+
+    def counting_open(path, *args, **kwargs):
+        opened.append(str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", counting_open)
+    source = open_data(root, "in", (1, 3, 6, 6))
+    assert opened == []
+    batches = source.batches(2)
+    first = next(batches)
+    assert len(first.x) == 2 and len(opened) == 2
+    rest = list(batches)
+    assert [len(b.x) for b in rest] == [2, 1] and len(opened) == 5
+
+
+def test_loose_images_without_class_folders_have_no_labels(tmp_path):
+    for i in range(3):
+        write_png(tmp_path / "loose" / f"{i}.png", pixels(1, 4, 4, seed=i)[0])
+    source = open_data(tmp_path / "loose", "in", (1, 1, 4, 4))
+    got, labels = to_arrays(source)
+    assert got.shape == (3, 1, 4, 4) and labels is None
+
+
+def test_unreadable_image_fails_when_streamed(tmp_path):
+    write_png(tmp_path / "imgs" / "a" / "0.png", pixels(1, 4, 4)[0])
+    (tmp_path / "imgs" / "a" / "1.png").write_bytes(b"not a png")
+    source = open_data(tmp_path / "imgs", "in", (1, 1, 4, 4))
+    with pytest.raises(BadInputError, match=r"cannot read image .*1\.png"):
+        to_arrays(source)
+
+
+# --------------------------------------------------------------------------- Python readers
+
+
+class Reader:
+    """The onnxruntime CalibrationDataReader protocol: get_next() until None."""
+
+    def __init__(self, arrays: list[np.ndarray]) -> None:
+        self.items = iter([{"in": a} for a in arrays])
+
+    def get_next(self):
+        return next(self.items, None)
+
+
+def test_calibration_reader_protocol():
+    arrays = [np.full((2, 1, 4, 4), i, np.float32) for i in range(3)]
+    source = open_data(Reader(arrays), "in", ("batch", 1, 4, 4))
+    assert len(source) == 6 and source.preprocess is None
+    for _ in range(2):  # replayable even though the reader is one-shot
+        got, labels = to_arrays(source)
+        np.testing.assert_array_equal(got, np.concatenate(arrays))
+        assert labels is None
+
+
+def test_plain_iterable_of_dicts_and_limit():
+    def generate():
+        for i in range(4):
+            yield {"in": np.full((1, 1, 4, 4), i, np.float32), "ignored": np.zeros(1)}
+
+    source = open_data(generate(), "in", (1, 1, 4, 4), limit=3)
+    got, _ = to_arrays(source)
+    assert got[:, 0, 0, 0].tolist() == [0, 1, 2]
+
+
+def test_reader_with_wrong_name_or_shape_is_bad_input():
+    with pytest.raises(BadInputError, match="has no 'in'.*keys: other"):
+        open_data([{"other": np.zeros((1, 1, 4, 4), np.float32)}], "in", (1, 1, 4, 4))
+    with pytest.raises(BadInputError, match=r"shape \(1, 1, 5, 4\)"):
+        open_data([{"in": np.zeros((1, 1, 5, 4), np.float32)}], "in", (1, 1, 4, 4))
+    with pytest.raises(BadInputError, match="no data"):
+        open_data(Reader([]), "in", (1, 1, 4, 4))
+    with pytest.raises(BadInputError, match="cannot use int"):
+        open_data(42, "in", (1, 1, 4, 4))
+
+
+def test_reader_nan_is_reported_with_sample_index():
+    arrays = [np.zeros((2, 1, 4, 4), np.float32), np.zeros((2, 1, 4, 4), np.float32)]
+    arrays[1][1, 0, 2, 2] = np.inf
+    source = open_data([{"in": a} for a in arrays], "in", (1, 1, 4, 4))
+    with pytest.raises(BadInputError, match="sample 3 contains NaN or inf"):
+        to_arrays(source)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(BadInputError, match="does not exist"):
+        open_data(tmp_path / "nope", "in", GRAY8)
+
+
+def test_empty_folder_and_folder_without_images(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BadInputError, match="no images found"):
+        open_data(tmp_path / "empty", "in", GRAY8)
+    (tmp_path / "classes" / "a").mkdir(parents=True)
+    (tmp_path / "classes" / "a" / "readme.txt").write_text("hi")
+    with pytest.raises(BadInputError, match="no images found"):
+        open_data(tmp_path / "classes", "in", GRAY8)
+
+
+def test_npz_without_x_lists_its_arrays(tmp_path):
+    path = write_npz(tmp_path / "d.npz", images=pixels(1, 8, 8), y=np.zeros(1))
+    with pytest.raises(BadInputError, match=r"no array 'x' \(it has: images, y\)"):
+        open_data(path, "in", GRAY8)
+
+
+def test_unreadable_npz_and_unknown_file_kind(tmp_path):
+    (tmp_path / "bad.npz").write_bytes(b"garbage")
+    with pytest.raises(BadInputError, match="cannot read npz"):
+        open_data(tmp_path / "bad.npz", "in", GRAY8)
+    (tmp_path / "data.csv").write_text("1,2")
+    with pytest.raises(BadInputError, match="cannot use data file"):
+        open_data(tmp_path / "data.csv", "in", GRAY8)
+
+
+@pytest.mark.parametrize(
+    ("x", "shape", "message"),
+    [
+        (np.zeros((2, 5, 7, 9), np.uint8), GRAY8, r"shape \(2, 5, 7, 9\)"),
+        (np.zeros((2, 8), np.uint8), GRAY8, r"shape \(2, 8\)"),
+        (np.zeros((2, 3, 8, 8), np.uint8), (1, 2, 8, 8), "has 3 channels but the model expects 2"),
+        (np.zeros((2, 8, 8), np.int32), GRAY8, "dtype int32"),
+    ],
+)
+def test_data_that_does_not_fit_the_model(tmp_path, x, shape, message):
+    with pytest.raises(BadInputError, match=message):
+        open_data(write_npz(tmp_path / "d.npz", x=x), "in", shape)
+
+
+def test_label_problems(tmp_path):
+    x = pixels(4, 8, 8)
+    with pytest.raises(BadInputError, match="3 labels for 4 samples"):
+        open_data(write_npz(tmp_path / "a.npz", x=x, y=np.arange(3)), "in", GRAY8)
+    with pytest.raises(BadInputError, match="not whole numbers"):
+        open_data(write_npz(tmp_path / "b.npz", x=x, y=np.full(4, 0.5)), "in", GRAY8)
+    with pytest.raises(BadInputError, match=r"shape \(4, 2\)"):
+        open_data(write_npz(tmp_path / "c.npz", x=x, y=np.zeros((4, 2))), "in", GRAY8)
+
+
+def test_nan_in_npz_names_the_sample(tmp_path):
+    x = np.random.default_rng(0).random((5, 8, 8), dtype=np.float32)
+    x[3, 1, 1] = np.nan
+    source = open_data(write_npz(tmp_path / "d.npz", x=x), "in", GRAY8)
+    batches = source.batches(2)
+    assert len(next(batches).x) == 2  # the clean first batch streams fine
+    with pytest.raises(BadInputError, match="sample 3 contains NaN"):
+        next(batches)
+
+
+@pytest.mark.parametrize("limit", [0, -3])
+def test_non_positive_limit(tmp_path, limit):
+    with pytest.raises(BadInputError, match="limit must be a positive"):
+        open_data(write_npz(tmp_path / "d.npz", x=pixels(2, 8, 8)), "in", GRAY8, limit=limit)
+
+
+def test_bad_mean_std_and_model_shape(tmp_path):
+    path = write_npz(tmp_path / "d.npz", x=pixels(2, 8, 8, 3))
+    with pytest.raises(BadInputError, match="std must be positive"):
+        open_data(path, "in", RGB8, std=0)
+    with pytest.raises(BadInputError, match="must be 1 or 3"):
+        open_data(path, "in", RGB8, mean=(0.1, 0.2))
+    with pytest.raises(BadInputError, match="not a number"):
+        open_data(path, "in", RGB8, metadata={"onnx_mbs.mean": "a,b,c"})
+    with pytest.raises(BadInputError, match="fixed C, H, W"):
+        open_data(path, "in", (1, 3, "h", "w"))
+
+
+def test_split_suffix_only_for_idx_folders(tmp_path):
+    path = write_npz(tmp_path / "d.npz", x=pixels(2, 8, 8))
+    with pytest.raises(BadInputError, match="only applies to IDX"):
+        open_data(f"{path}:train", "in", GRAY8)
+
+
+def test_batch_size_must_be_positive(tmp_path):
+    source = open_data(write_npz(tmp_path / "d.npz", x=pixels(2, 8, 8)), "in", GRAY8)
+    with pytest.raises(BadInputError, match="batch size"):
+        next(source.batches(0))

@@ -1,0 +1,149 @@
+"""Execution-provider choice, quiet sessions, and accuracy evaluation."""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+from onnx_mbs.passes.errors import BadInputError
+
+from onnx_mbs import runtime
+from onnx_mbs.data import Batch
+from onnx_mbs.evaluate import evaluate
+
+
+def cuda_driver_loads() -> bool:
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+CPU = ["CPUExecutionProvider"]
+cpu_only = pytest.mark.skipif(cuda_driver_loads(), reason="needs a machine without a GPU driver")
+
+
+def doubling_model() -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
+    node = helper.make_node("Add", ["x", "x"], ["y"])
+    graph = helper.make_graph([node], "double", [x], [y])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@cpu_only
+def test_auto_on_cpu_machine_is_cpu_and_silent(capfd):
+    runtime.cuda_unavailable_reason.cache_clear()  # really run the detection under capture
+    assert runtime.choose_providers("auto") == ["CPUExecutionProvider"]
+    assert runtime.choose_providers() == ["CPUExecutionProvider"]
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+
+
+@cpu_only
+def test_cuda_session_probe_is_silent_when_cuda_cannot_run(capfd):
+    # The last check alone: onnxruntime would log a loud error without the silencing.
+    reason = runtime._probe_session_reason()
+    assert reason is not None and "CUDA" in reason
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+
+
+@cpu_only
+def test_cuda_request_without_cuda_is_bad_input():
+    with pytest.raises(BadInputError, match="CUDA requested but"):
+        runtime.choose_providers("cuda")
+
+
+def test_cpu_request_and_unknown_request():
+    assert runtime.choose_providers("cpu") == ["CPUExecutionProvider"]
+    with pytest.raises(BadInputError, match="unknown providers request 'gpu'.*auto, cpu, cuda"):
+        runtime.choose_providers("gpu")
+
+
+@pytest.mark.parametrize("form", ["proto", "bytes", "path"])
+def test_make_session_accepts_proto_bytes_and_path(tmp_path, form):
+    model = doubling_model()
+    if form == "bytes":
+        given = model.SerializeToString()
+    elif form == "path":
+        given = str(tmp_path / "m.onnx")
+        onnx.save(model, given)
+    else:
+        given = model
+    session = runtime.make_session(given, ["CPUExecutionProvider"])
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    np.testing.assert_array_equal(session.run(None, {"x": x})[0], 2 * x)
+    assert runtime.session_provider(session) == "CPUExecutionProvider"
+    assert runtime.feed_dtype(session, "x") == np.float32
+
+
+def test_feed_dtype_rejects_unknown_input():
+    session = runtime.make_session(doubling_model(), ["CPUExecutionProvider"])
+    with pytest.raises(BadInputError, match=r"input 'images' but the model's inputs are \['x'\]"):
+        runtime.feed_dtype(session, "images")
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+class Logits:
+    """A DataSource whose samples are the logits themselves (the model flattens them)."""
+
+    def __init__(self, logits: np.ndarray, labels: np.ndarray | None) -> None:
+        self.x = logits.reshape(len(logits), 1, 1, -1).astype(np.float32)
+        self.y = labels
+        self.description = "constructed logits"
+        self.preprocess = None
+        self.input_name = "x"
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def batches(self, batch_size: int):
+        for start in range(0, len(self.x), batch_size):
+            y = None if self.y is None else self.y[start : start + batch_size]
+            yield Batch(self.x[start : start + batch_size], y)
+
+
+def flatten_model(classes: int) -> onnx.ModelProto:
+    """logits = Flatten(x): the answers are whatever the data says."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 1, classes])
+    out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", classes])
+    graph = helper.make_graph([helper.make_node("Flatten", ["x"], ["logits"])], "f", [x], [out])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_evaluate_top1_top5_on_constructed_answers():
+    logits = np.array(
+        [
+            [0, 0, 0, 9, 0, 0, 0, 0, 0, 0],  # label 3 first: top-1 and top-5
+            [5, 4, 0, 0, 0, 0, 0, 0, 0, 0],  # label 1 second: top-5 only
+            [9, 8, 7, 6, 5, 4, 3, 2, 1, 0],  # label 7 eighth: neither
+            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10],  # label 9 first
+            [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],  # label 5 fifth: top-5 only
+        ],
+        np.float32,
+    )
+    labels = np.array([3, 1, 7, 9, 5])
+    result = evaluate(flatten_model(10), Logits(logits, labels), CPU, batch_size=2, progress=False)
+    assert result.top1 == pytest.approx(2 / 5)
+    assert result.top5 == pytest.approx(4 / 5)
+    assert result.samples == 5 and result.provider == "CPUExecutionProvider"
+
+
+def test_evaluate_without_top5_for_few_classes_and_ties_are_not_free():
+    logits = np.zeros((4, 3), np.float32)  # constant answers: only label 0 counts as first
+    result = evaluate(flatten_model(3), Logits(logits, np.array([0, 1, 2, 0])), CPU)
+    assert result.top1 == pytest.approx(0.5) and result.top5 is None
+
+
+def test_evaluate_needs_labels_in_range():
+    with pytest.raises(BadInputError, match="evaluation needs labels"):
+        evaluate(flatten_model(3), Logits(np.zeros((2, 3)), None), CPU)
+    with pytest.raises(BadInputError, match="label 7 does not exist: the model has 3 classes"):
+        evaluate(flatten_model(3), Logits(np.zeros((2, 3)), np.array([0, 7])), CPU)

@@ -1,0 +1,204 @@
+"""In-graph activation statistics against a numpy reference on full activations."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnx_mbs.passes.errors import BadInputError
+
+from onnx_mbs.data import open_data
+from onnx_mbs.runtime import make_session
+from onnx_mbs.stats import collect_stats, instrument
+
+CPU = ["CPUExecutionProvider"]
+SHAPE = (1, 1, 8, 8)
+
+
+def conv_relu_model(seed: int = 0) -> onnx.ModelProto:
+    """Conv -> Relu -> Conv(stride 2) -> Relu -> Flatten -> Gemm, random weights, opset 17.
+
+    16 channels: onnxruntime's CPU provider then runs the convs in its NCHWc layout.
+    """
+    rng = np.random.default_rng(seed)
+    weights = {
+        "w1": rng.normal(size=(16, 1, 3, 3)).astype(np.float32),
+        "b1": np.linspace(-3, 1, 16, dtype=np.float32),  # the first channels are mostly off
+        "w2": rng.normal(size=(16, 16, 3, 3)).astype(np.float32) * 0.3,
+        "b2": rng.normal(size=16).astype(np.float32),
+        "wf": rng.normal(size=(3, 16 * 4 * 4)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("Flatten", ["r2"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "wf"], ["logits"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "conv_relu",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 3])],
+        [numpy_helper.from_array(v, k) for k, v in weights.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def reference(model: onnx.ModelProto, tensors: list[str], x: np.ndarray) -> dict[str, tuple]:
+    """Full activations as extra graph outputs, reduced in numpy (float64)."""
+    full = onnx.ModelProto()
+    full.CopyFrom(model)
+    full.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in tensors)
+    values = make_session(full, CPU).run(tensors, {"x": x})
+    result = {}
+    for name, a in zip(tensors, values, strict=True):
+        a = a.astype(np.float64)
+        positive = (a > 0).sum(axis=(0, 2, 3))
+        result[name] = (positive, np.abs(a).sum(axis=(0, 2, 3)), a.size // a.shape[1])
+    return result
+
+
+@pytest.fixture
+def data(tmp_path):
+    x = np.random.default_rng(1).random((10, 8, 8), dtype=np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    return open_data(tmp_path / "d.npz", "x", SHAPE, mean=0.5, std=0.5)
+
+
+def feed(data) -> np.ndarray:
+    return np.concatenate([b.x for b in data.batches(100)])
+
+
+def test_stats_match_numpy_reference(data):
+    model = conv_relu_model()
+    tensors = ["r1", "r2", "c2"]  # c2 can be negative: exercises the Abs path
+    stats = collect_stats(model, tensors, data, CPU, batch_size=4, progress=False)
+    expected = reference(model, tensors, feed(data))
+    assert stats.samples == 10 and stats.provider == "CPUExecutionProvider"
+    assert set(stats.tensors) == set(tensors)
+    for name in tensors:
+        positive, abs_sum, elements = expected[name]
+        got = stats.tensors[name]
+        assert got.elements_per_channel == elements
+        np.testing.assert_array_equal(got.positive, positive)
+        np.testing.assert_allclose(got.abs_sum, abs_sum, rtol=1e-5)
+        rho = positive.sum() / (elements * len(positive))
+        assert abs(got.ratio - rho) <= 1e-6
+        np.testing.assert_allclose(got.channel_ratio, positive / elements, atol=1e-12)
+        np.testing.assert_allclose(got.channel_mean_abs, abs_sum / elements, rtol=1e-5)
+    # The biases make the statistics non-trivial: not all on, not all off.
+    assert 0.05 < stats.tensors["r1"].ratio < 0.95
+    assert stats.tensors["r1"].channel_ratio[0] < stats.tensors["r1"].channel_ratio[15]
+
+
+def test_counts_equal_reference_for_every_batch_size(data):
+    model = conv_relu_model(seed=2)
+    expected = reference(model, ["r1"], feed(data))["r1"][0]
+    for batch_size in (1, 3, 10, 64):
+        stats = collect_stats(model, ["r1"], data, CPU, batch_size=batch_size, progress=False)
+        np.testing.assert_array_equal(stats.tensors["r1"].positive, expected)
+
+
+def test_instrumented_copy_returns_only_reductions_and_input_is_untouched():
+    model = conv_relu_model()
+    before = model.SerializeToString()
+    instrumented, outputs = instrument(model, ["r1", "c2"], {"x": (2, 1, 8, 8)})
+    assert model.SerializeToString() == before
+    names = [o.name for o in instrumented.graph.output]
+    assert "logits" not in names
+    assert names == [n for o in outputs for n in (o.positive, o.mean_abs)]
+    assert [o.spatial for o in outputs] == [64, 16]
+    # The original nodes are all there, unchanged and in order.
+    originals = [n for n in instrumented.graph.node if n in model.graph.node]
+    assert originals == list(model.graph.node)
+    onnx.checker.check_model(instrumented)
+    ops = [n.op_type for n in instrumented.graph.node]
+    assert ops.count("Abs") == 1  # only c2 may be negative; Relu output needs no Abs
+    small = make_session(instrumented, CPU).run(None, {"x": np.ones((2, 1, 8, 8), np.float32)})
+    assert [a.shape for a in small] == [(2, 16, 1, 1)] * 4
+
+
+def test_tensor_with_unknown_static_shape_uses_shape_output(data):
+    """Reshape to a shape computed at run time: shape inference cannot see H*W."""
+    model = conv_relu_model()
+    graph = model.graph
+    nodes = list(graph.node)
+    extra = [
+        helper.make_node("Shape", ["r1"], ["r1_shape"]),
+        helper.make_node("Reshape", ["r1", "r1_shape"], ["r1_again"]),
+        helper.make_node("Relu", ["r1_again"], ["r3"]),
+    ]
+    del graph.node[:]
+    graph.node.extend(nodes[:2] + extra + nodes[2:])
+    _, outputs = instrument(model, ["r3"], {"x": (2, 1, 8, 8)})
+    assert outputs[0].shape is not None and outputs[0].spatial is None
+    stats = collect_stats(model, ["r3", "r1"], data, CPU, batch_size=4, progress=False)
+    np.testing.assert_array_equal(stats.tensors["r3"].positive, stats.tensors["r1"].positive)
+    assert stats.tensors["r3"].elements_per_channel == 10 * 64
+
+
+def test_clip_with_non_negative_min_skips_abs():
+    model = conv_relu_model()
+    model.graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array(0, np.float32), "zero"),
+            numpy_helper.from_array(np.array(-1, np.float32), "minus"),
+            numpy_helper.from_array(np.array(6, np.float32), "six"),
+        ]
+    )
+    model.graph.node.extend(
+        [
+            helper.make_node("Clip", ["c1", "zero", "six"], ["relu6"]),
+            helper.make_node("Clip", ["c1", "minus", "six"], ["clip_neg"]),
+        ]
+    )
+    instrumented, _ = instrument(model, ["relu6"], {"x": (1, 1, 8, 8)})
+    assert "Abs" not in [n.op_type for n in instrumented.graph.node]
+    instrumented, _ = instrument(model, ["clip_neg"], {"x": (1, 1, 8, 8)})
+    assert "Abs" in [n.op_type for n in instrumented.graph.node]
+
+
+def test_no_progress_output_when_not_a_terminal(data, capfd):
+    collect_stats(conv_relu_model(), ["r1"], data, CPU, batch_size=4, progress=True)
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+
+
+def test_unknown_and_non_4d_tensors_are_bad_input(data):
+    model = conv_relu_model()
+    with pytest.raises(BadInputError, match="'nope' is not produced"):
+        collect_stats(model, ["nope"], data, CPU, progress=False)
+    with pytest.raises(BadInputError, match="'flat' has shape .*4-D NCHW"):
+        collect_stats(model, ["flat"], data, CPU, progress=False)
+
+
+def test_data_that_does_not_fit_is_bad_input(tmp_path):
+    np.savez(tmp_path / "d.npz", x=np.zeros((3, 6, 6), np.uint8))
+    small = open_data(tmp_path / "d.npz", "x", (1, 1, 6, 6))
+    with pytest.raises(BadInputError, match=r"expected shape \('n', 1, 8, 8\), got \(3, 1, 6, 6\)"):
+        collect_stats(conv_relu_model(), ["r1"], small, CPU, progress=False)
+    renamed = open_data(tmp_path / "d.npz", "image", (1, 1, 6, 6))
+    with pytest.raises(BadInputError, match=r"input 'image' but the model's inputs are \['x'\]"):
+        collect_stats(conv_relu_model(), ["r1"], renamed, CPU, progress=False)
+
+
+def test_float16_model_is_fed_half_and_counted_exactly(data):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["n", 1, 8, 8])
+    y = helper.make_tensor_value_info("r", TensorProto.FLOAT16, ["n", 1, 8, 8])
+    shift = numpy_helper.from_array(np.array(-0.3, np.float16), "shift")
+    nodes = [
+        helper.make_node("Add", ["x", "shift"], ["shifted"]),
+        helper.make_node("Relu", ["shifted"], ["r"]),
+    ]
+    graph = helper.make_graph(nodes, "half", [x], [y], [shift])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    stats = collect_stats(model, ["r", "shifted"], data, CPU, batch_size=4, progress=False)
+    r = np.maximum(feed(data).astype(np.float16) + np.float16(-0.3), 0).astype(np.float64)
+    np.testing.assert_array_equal(stats.tensors["r"].positive, (r > 0).sum(axis=(0, 2, 3)))
+    np.testing.assert_allclose(stats.tensors["r"].abs_sum, r.sum(axis=(0, 2, 3)), rtol=1e-4)
+    # The shifted input can be negative (Cast then Abs path); it is positive where r is.
+    np.testing.assert_array_equal(stats.tensors["shifted"].positive, stats.tensors["r"].positive)
+    assert stats.tensors["shifted"].abs_sum[0] > stats.tensors["r"].abs_sum[0]
