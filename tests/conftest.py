@@ -1,0 +1,64 @@
+"""Shared zoo fixtures: ONNX exports of zoo models (cached per session) and bundled files.
+
+Other test files use `zoo_onnx(name, form)` to run a check on "every zoo
+model in both forms"; parametrize over SMALL_ZOO for that, since ALL_ZOO
+includes models too large to export in a test run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from onnx_mbs.models import BUNDLED_MODEL, FMNIST_SAMPLE, FMNIST_TRAIN_SAMPLE
+from onnx_mbs.models.zoo import ZOO
+
+ALL_ZOO: list[str] = list(ZOO)
+SMALL_ZOO: list[str] = [name for name, entry in ZOO.items() if entry.small]
+FORMS: list[str] = ["deploy", "train"]
+
+
+@pytest.fixture(scope="session")
+def zoo_onnx() -> Callable[[str, str], onnx.ModelProto]:
+    """`get(name, form="deploy")`: the zoo model exported at its test input shape, seed 0.
+
+    Exports are cached for the session; each call returns a fresh copy, so a
+    test that edits its model cannot disturb another.
+    """
+    from onnx_mbs.models.export import export_zoo
+
+    cache: dict[tuple[str, str], onnx.ModelProto] = {}
+
+    def get(name: str, form: str = "deploy") -> onnx.ModelProto:
+        key = (name, form)
+        if key not in cache:
+            cache[key] = export_zoo(name, form, ZOO[name].test_input_shape)  # type: ignore[arg-type]
+        copy = onnx.ModelProto()
+        copy.CopyFrom(cache[key])
+        return copy
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def bundled_model_path() -> Path:
+    """The bundled ResNet-20 trained on Fashion-MNIST (train form, dynamic batch)."""
+    return BUNDLED_MODEL
+
+
+@pytest.fixture(scope="session")
+def fmnist_sample() -> tuple[np.ndarray, np.ndarray]:
+    """512 Fashion-MNIST test images: x uint8 (512,1,28,28) raw pixels, y int64."""
+    with np.load(FMNIST_SAMPLE) as data:
+        return data["x"], data["y"]
+
+
+@pytest.fixture(scope="session")
+def fmnist_train_sample() -> tuple[np.ndarray, np.ndarray]:
+    """2048 Fashion-MNIST training images: x uint8 (2048,1,28,28) raw pixels, y int64."""
+    with np.load(FMNIST_TRAIN_SAMPLE) as data:
+        return data["x"], data["y"]
