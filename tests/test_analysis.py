@@ -12,11 +12,11 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import helper
+
+from onnx_mbs.cli import main
 from onnx_mbs.models.export import export_onnx, randomize_batchnorm
 from onnx_mbs.models.zoo import ZOO
 from onnx_mbs.passes import analyze_model, load_model
-
-from onnx_mbs.cli import main
 
 
 @functools.cache

@@ -11,10 +11,10 @@ import pytest
 import torch
 from conftest import FORMS, SMALL_ZOO
 from onnx import TensorProto, helper, numpy_helper
-from onnx_mbs.passes.errors import BadInputError
 from torch import nn
 
 from onnx_mbs.bridge import OnnxModule, write_back
+from onnx_mbs.passes.errors import BadInputError
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import FORMS, SMALL_ZOO
+
 from onnx_mbs.passes import analyze_model, count_parameters, load_model
 from onnx_mbs.passes.channel_groups import analyze_channels
 from onnx_mbs.passes.cost import CostModel

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from onnx_mbs.passes.errors import BadInputError
 from PIL import Image
 
 from onnx_mbs.data import Preprocess, open_data, to_arrays
+from onnx_mbs.passes.errors import BadInputError
 
 GRAY8 = (1, 1, 8, 8)
 RGB8 = (1, 3, 8, 8)

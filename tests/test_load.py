@@ -11,6 +11,8 @@ import numpy as np
 import onnx
 import pytest
 from onnx_builders import conv_relu_model, quantized_model
+
+from onnx_mbs.cli import main
 from onnx_mbs.passes import (
     BadInputError,
     FindMacroblocks,
@@ -21,8 +23,6 @@ from onnx_mbs.passes import (
     parse_input_shape,
 )
 from onnx_mbs.passes.graph import static_shape
-
-from onnx_mbs.cli import main
 
 
 def _sha(path) -> str:

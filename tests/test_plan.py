@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from onnx_mbs.passes import BadInputError, ConvLayer, Macroblock, ModelAnalysis
 
+from onnx_mbs.passes import BadInputError, ConvLayer, Macroblock, ModelAnalysis
 from onnx_mbs.plan import Budget, GroupInfo, macroblock_redundancy, plan_widths, round_channels
 
 

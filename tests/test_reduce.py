@@ -11,9 +11,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 from conftest import FORMS, SMALL_ZOO
-from onnx_mbs.passes import BadInputError, count_parameters, load_model
 
 from onnx_mbs.cli import main
+from onnx_mbs.passes import BadInputError, count_parameters, load_model
 from onnx_mbs.reduce import reduce
 
 

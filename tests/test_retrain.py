@@ -14,11 +14,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from onnx_mbs.passes.errors import BadInputError
 from torch import nn
 
 from onnx_mbs.bridge import OnnxModule, retrain, untie_initializers
 from onnx_mbs.bridge.run_retrain import main as run_retrain_main
+from onnx_mbs.passes.errors import BadInputError
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

@@ -8,11 +8,11 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
-from onnx_mbs.passes.errors import BadInputError
 
 from onnx_mbs import runtime
 from onnx_mbs.data import Batch
 from onnx_mbs.evaluate import evaluate
+from onnx_mbs.passes.errors import BadInputError
 
 
 def cuda_driver_loads() -> bool:

@@ -6,9 +6,9 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from onnx_mbs.passes.errors import BadInputError
 
 from onnx_mbs.data import open_data
+from onnx_mbs.passes.errors import BadInputError
 from onnx_mbs.runtime import make_session
 from onnx_mbs.stats import collect_stats, instrument
 
