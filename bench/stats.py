@@ -6,7 +6,9 @@ Relu outputs watched, CPU provider with onnxruntime's default threads.
 End to end, each repeat times back to back, in rotating order:
 
   plain   make_session + run every batch (the original model)
-  stats   collect_stats (instrument + make_session + run + host sums)
+  stats   collect_stats (instrument + make_session + run + host sums), counting
+          x > 0 only: what `reduce` runs by default
+  stats+abs  the same with magnitudes (sum |x|), what `--importance act` runs
   naive   Greater->Cast->ReduceSum and Abs->ReduceSum over axes (0, 2, 3), the
           obvious instrumentation, kept to show why stats.py does otherwise
           (onnxruntime has to convert its NCHWc layout back to NCHW for it)
@@ -33,10 +35,10 @@ import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
-from onnx_mbs.models.export import export_onnx
-from onnx_mbs.models.zoo import ZOO
 
 from onnx_mbs.data import Batch, DataSource, open_data
+from onnx_mbs.models.export import export_onnx
+from onnx_mbs.models.zoo import ZOO
 from onnx_mbs.runtime import make_session
 from onnx_mbs.stats import ActivationStats, collect_stats
 
@@ -148,22 +150,26 @@ def main() -> None:
     data = open_data([{input_name: images}], input_name, (BATCH, 3, 32, 32))
     per_sample = elements_per_sample(model, relus)
 
-    times: dict[str, list[float]] = {"plain": [], "stats": [], "naive": []}
+    times: dict[str, list[float]] = {"plain": [], "stats": [], "stats+abs": [], "naive": []}
     rho: dict[str, float] = {}
     for repeat in range(args.repeats):
-        order = list(times)[repeat % 3 :] + list(times)[: repeat % 3]
+        turn = repeat % len(times)
+        order = list(times)[turn:] + list(times)[:turn]
         for name in order:
             start = time.perf_counter()
             if name == "plain":
                 plain(model, data)
-            elif name == "stats":
-                rho[name] = overall_rho(collect_stats(model, relus, data, CPU, BATCH, False))
+            elif name.startswith("stats"):
+                stats = collect_stats(
+                    model, relus, data, CPU, BATCH, False, magnitudes=name == "stats+abs"
+                )
+                rho[name] = overall_rho(stats)
             else:
                 rho[name] = naive(model, relus, data) / (len(data) * per_sample)
             times[name].append(time.perf_counter() - start)
 
     paired = PairedSource(data, model)
-    collect_stats(model, relus, paired, CPU, BATCH, progress=False)
+    collect_stats(model, relus, paired, CPU, BATCH, progress=False, magnitudes=False)
     batch_ratios = [s / p for s, p in zip(paired.stats[1:], paired.plain[1:], strict=True)]
 
     base = statistics.median(times["plain"])

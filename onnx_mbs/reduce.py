@@ -131,7 +131,13 @@ def reduce(
 
     measured = sorted({t for t in activation.values() if t})
     stats: ActivationStats = collect_stats(
-        runnable, measured, source, provider_list, batch_size=batch_size, progress=progress
+        runnable,
+        measured,
+        source,
+        provider_list,
+        batch_size=batch_size,
+        progress=progress,
+        magnitudes=importance == "act",  # sum |x| is only needed to rank by activations
     )
     rho = {layer: (stats.tensors[t].ratio if t else 1.0) for layer, t in activation.items()}
     lap("statistics")

@@ -44,7 +44,7 @@ NON_NEGATIVE = {"Relu", "Sigmoid", "Softplus"}
 @dataclass
 class TensorStats:
     positive: np.ndarray  # per channel count of x > 0
-    abs_sum: np.ndarray  # per channel sum of |x|
+    abs_sum: np.ndarray | None  # per channel sum of |x| (None when not measured)
     elements_per_channel: int  # N*H*W summed over batches
 
     @property
@@ -62,6 +62,8 @@ class TensorStats:
 
     @property
     def channel_mean_abs(self) -> np.ndarray:
+        if self.abs_sum is None:
+            raise ValueError("magnitudes were not measured: collect_stats(..., magnitudes=True)")
         return self.abs_sum / self.elements_per_channel
 
 
@@ -79,15 +81,21 @@ class StatOutputs:
 
     tensor: str
     positive: str  # (N, C, 1, 1) fraction of x > 0 per sample and channel
-    mean_abs: str  # (N, C, 1, 1) mean |x| per sample and channel
+    mean_abs: str | None  # (N, C, 1, 1) mean |x| per sample and channel, if measured
     shape: str | None  # Shape(x), only when H*W is not known statically
     spatial: int | None  # H*W when known statically
 
 
 def instrument(
-    model: onnx.ModelProto, tensors: Sequence[str], input_shapes: dict[str, Sequence[int]]
+    model: onnx.ModelProto,
+    tensors: Sequence[str],
+    input_shapes: dict[str, Sequence[int]],
+    magnitudes: bool = True,
 ) -> tuple[onnx.ModelProto, list[StatOutputs]]:
     """A copy of `model` whose only outputs are the per-channel reductions of `tensors`.
+
+    `magnitudes=False` skips sum |x| (one memory pass per tensor fewer) when only the
+    activation ratio is needed.
 
     `input_shapes` (the shapes that will be fed) lets shape inference find H*W; tensors
     whose shape stays unknown also get a Shape output. The original nodes are untouched.
@@ -115,7 +123,9 @@ def instrument(
         producer = producers.get(name)
         non_negative = producer is not None and _never_negative(producer, model)
         element = types.get(name, TensorProto.FLOAT)
-        nodes, out = _reductions(name, f"{PREFIX}/{number}", non_negative, shape, element)
+        nodes, out = _reductions(
+            name, f"{PREFIX}/{number}", non_negative, shape, element, magnitudes
+        )
         added.setdefault(name, []).extend(nodes)
         outputs.append(out)
 
@@ -136,6 +146,7 @@ def instrument(
         new_graph.output.extend(
             helper.make_tensor_value_info(n, TensorProto.FLOAT, dims)
             for n in (out.positive, out.mean_abs)
+            if n is not None
         )
         if out.shape:
             shape_info = helper.make_tensor_value_info(out.shape, TensorProto.INT64, [None])
@@ -144,7 +155,12 @@ def instrument(
 
 
 def _reductions(
-    name: str, prefix: str, non_negative: bool, shape: Sequence[int] | None, element: int
+    name: str,
+    prefix: str,
+    non_negative: bool,
+    shape: Sequence[int] | None,
+    element: int,
+    magnitudes: bool,
 ) -> tuple[list[onnx.NodeProto], StatOutputs]:
     step, absolute = f"{prefix}/step", f"{prefix}/abs"
     positive, mean_abs = f"{prefix}/positive", f"{prefix}/mean_abs"
@@ -157,7 +173,9 @@ def _reductions(
         helper.make_node("HardSigmoid", [source], [step], alpha=STEP_ALPHA, beta=0.0),
         helper.make_node("GlobalAveragePool", [step], [positive]),
     ]
-    if non_negative:
+    if not magnitudes:
+        mean_abs = None
+    elif non_negative:
         nodes.append(helper.make_node("GlobalAveragePool", [source], [mean_abs]))
     else:
         nodes.append(helper.make_node("Abs", [source], [absolute]))
@@ -228,6 +246,7 @@ def collect_stats(
     providers: list[str],
     batch_size: int = 64,
     progress: bool = True,
+    magnitudes: bool = True,
 ) -> ActivationStats:
     """Per-channel count of x > 0 and sum |x| for each tensor, over all of `data`.
 
@@ -240,7 +259,9 @@ def collect_stats(
     if first is None:
         raise BadInputError(f"no samples in {data.description}")
     _check_inputs(model, data.input_name)
-    instrumented, outputs = instrument(model, tensors, {data.input_name: first.x.shape})
+    instrumented, outputs = instrument(
+        model, tensors, {data.input_name: first.x.shape}, magnitudes
+    )
     session = make_session(instrumented, providers)
     feed_type = feed_dtype(session, data.input_name)
     names = [o.name for o in session.get_outputs()]
@@ -283,17 +304,20 @@ class _Accumulator:
         spatial = out.spatial or int(np.prod(values[out.shape][2:]))
         # GAP returns means; counts are whole numbers, so rounding undoes the division.
         positive = np.rint(fraction.reshape(batch, channels) * spatial).sum(axis=0)
-        mean_abs = values[out.mean_abs].astype(np.float64).reshape(batch, channels)
-        abs_sum = (mean_abs * spatial).sum(axis=0)
+        abs_sum = None
+        if out.mean_abs is not None:
+            mean_abs = values[out.mean_abs].astype(np.float64).reshape(batch, channels)
+            abs_sum = (mean_abs * spatial).sum(axis=0)
         if self.positive is None:
             self.positive, self.abs_sum = positive, abs_sum
         else:
             self.positive = self.positive + positive
-            self.abs_sum = self.abs_sum + abs_sum
+            if abs_sum is not None:
+                self.abs_sum = self.abs_sum + abs_sum
         self.elements += batch * spatial
 
     def result(self) -> TensorStats:
-        assert self.positive is not None and self.abs_sum is not None
+        assert self.positive is not None
         return TensorStats(self.positive, self.abs_sum, self.elements)
 
 
