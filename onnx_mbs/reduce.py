@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import onnx
 
 from onnx_mbs.data import DataSource, open_data
@@ -25,7 +26,7 @@ from onnx_mbs.passes import (
     read_model,
 )
 from onnx_mbs.passes.activations import activation_tensors
-from onnx_mbs.passes.channel_groups import ChannelGroup, analyze_channels
+from onnx_mbs.passes.channel_groups import FILTERS, ChannelGroup, analyze_channels
 from onnx_mbs.passes.cost import CostModel
 from onnx_mbs.passes.fold import fold_shapes
 from onnx_mbs.passes.importance import choose_channels, l1_importance
@@ -113,7 +114,7 @@ def reduce(
 
     provider_list = choose_providers(providers)
     original = read_model(model)
-    loaded, _ = fold_shapes(load_model(original, input_shapes))
+    loaded = fold_shapes(load_model(original, input_shapes))
     # onnxruntime runs the model with its own input declarations (dynamic batch kept).
     runnable = with_io_of(loaded, original)
     batch_size = static_batch(original) or batch_size
@@ -197,15 +198,17 @@ def _has_labels(source: DataSource) -> bool:
 
 
 def activation_importance(stats: ActivationStats, activation: Mapping[str, str | None]):
-    """`--importance act`: channels ranked by mean |activation| after their producers."""
-    from onnx_mbs.passes.importance import producer_channel_scores
+    """`--importance act`: a channel's score is the mean |activation| it produces,
+    summed over the group's producer convs (read at each one's first activation)."""
+    per_layer = {
+        layer: stats.tensors[t].channel_mean_abs for layer, t in activation.items() if t
+    }
 
-    def score(model: onnx.ModelProto, group: ChannelGroup):
-        per_layer = {
-            layer: stats.tensors[t].channel_mean_abs
-            for layer, t in activation.items()
-            if t is not None
-        }
-        return producer_channel_scores(model, group, per_layer)
+    def score(model: onnx.ModelProto, group: ChannelGroup) -> np.ndarray:
+        total = np.zeros(group.size)
+        for member in group.members:
+            if member.role == FILTERS and member.node in per_layer:
+                total += per_layer[member.node][member.positions].sum(axis=1)
+        return total if total.any() else l1_importance(model, group)
 
     return score
