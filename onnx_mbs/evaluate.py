@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from tqdm import tqdm
 
 from onnx_mbs.data import DataSource
 from onnx_mbs.passes.errors import BadInputError
+from onnx_mbs.progress import progress_bar
 from onnx_mbs.runtime import feed_dtype, make_session, session_provider
 
 
@@ -36,14 +35,7 @@ def evaluate(
     dtype = feed_dtype(session, data.input_name)
     correct1 = correct5 = samples = 0
     classes = 0
-    bar = tqdm(
-        total=len(data),
-        unit="img",
-        desc="evaluate",
-        file=sys.stderr,
-        disable=not (progress and sys.stderr.isatty()),
-        leave=False,
-    )
+    bar = progress_bar(len(data), "evaluate", progress)
     with bar:
         for batch in data.batches(batch_size):
             if batch.y is None:

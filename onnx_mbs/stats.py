@@ -19,7 +19,6 @@ summed over batches in float64.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,10 +28,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
-from tqdm import tqdm
 
 from onnx_mbs.data import Batch, DataSource
 from onnx_mbs.passes.errors import BadInputError
+from onnx_mbs.progress import progress_bar
 from onnx_mbs.runtime import feed_dtype, make_session, session_provider
 
 STEP_ALPHA = 2.0**127
@@ -259,23 +258,14 @@ def collect_stats(
     if first is None:
         raise BadInputError(f"no samples in {data.description}")
     _check_inputs(model, data.input_name)
-    instrumented, outputs = instrument(
-        model, tensors, {data.input_name: first.x.shape}, magnitudes
-    )
+    instrumented, outputs = instrument(model, tensors, {data.input_name: first.x.shape}, magnitudes)
     session = make_session(instrumented, providers)
     feed_type = feed_dtype(session, data.input_name)
     names = [o.name for o in session.get_outputs()]
 
     sums = {o.tensor: _Accumulator() for o in outputs}
     samples = 0
-    bar = tqdm(
-        total=len(data),
-        unit="img",
-        desc="activation statistics",
-        file=sys.stderr,
-        disable=not (progress and sys.stderr.isatty()),
-        leave=False,
-    )
+    bar = progress_bar(len(data), "activation statistics", progress)
     with bar:
         for index, batch in enumerate(chain([first], batches)):
             results = _run(session, data.input_name, batch, feed_type, check=index == 0)

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -87,42 +84,6 @@ def test_one_epoch_recovers_accuracy_and_ort_agrees(
     assert [i.name for i in retrained.graph.input] == [i.name for i in source.graph.input]
     assert retrained.graph.output == source.graph.output
     assert retrained.graph.input[0] == source.graph.input[0]
-
-
-@pytest.mark.slow
-def test_retrain_under_torchrun_two_cpu_processes(reduced_path, bundled_model_path, tmp_path):
-    out = tmp_path / "ddp.onnx"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "onnx_mbs",
-        "retrain",
-        str(reduced_path),
-        "-o",
-        str(out),
-        "--data",
-        str(bundled_model_path.parent / "fmnist_train_sample.npz"),
-        "--limit",
-        "256",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "32",
-        "--device",
-        "cpu",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "x2" in proc.stdout  # the summary line reports the world size
-    written = onnx.load(out)
-    onnx.checker.check_model(written, full_check=True)
-    assert _node_names(written) == _node_names(onnx.load(reduced_path))
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_eval_without_labels_and_retrain_bad_input(reduced_path, tmp_path, capsys):

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from onnx_mbs.bridge import OnnxModule, retrain, untie_initializers
-from onnx_mbs.bridge.run_retrain import main as run_retrain_main
+from onnx_mbs.cli import main as cli_main
 from onnx_mbs.passes.errors import BadInputError
 
 torch.set_num_threads(1)
@@ -254,13 +254,14 @@ def _write_npz(path: Path, x: np.ndarray, y: np.ndarray) -> None:
     np.savez(path, x=np.clip(x * 60 + 60, 0, 255).astype(np.uint8), y=y)
 
 
-def test_run_retrain_script(tmp_path, train, val) -> None:
+def test_retrain_command(tmp_path, train, val) -> None:
     model = export(keep_bn=True)
     onnx.save(model, tmp_path / "m.onnx")
     _write_npz(tmp_path / "train.npz", *train)
     _write_npz(tmp_path / "val.npz", *val)
-    code = run_retrain_main(
+    code = cli_main(
         [
+            "retrain",
             str(tmp_path / "m.onnx"),
             "-o",
             str(tmp_path / "out.onnx"),
@@ -270,7 +271,6 @@ def test_run_retrain_script(tmp_path, train, val) -> None:
             str(tmp_path / "val.npz"),
             "--epochs",
             "1",
-            "--no-progress",
             "--device",
             "cpu",
         ]
@@ -279,8 +279,9 @@ def test_run_retrain_script(tmp_path, train, val) -> None:
     onnx.checker.check_model(onnx.load(tmp_path / "out.onnx"))
     assert [p.name for p in tmp_path.iterdir() if p.suffix == ".tmp"] == []
     np.savez(tmp_path / "bad.npz", images=train[0])
-    code = run_retrain_main(
+    code = cli_main(
         [
+            "retrain",
             str(tmp_path / "m.onnx"),
             "-o",
             str(tmp_path / "bad.onnx"),
@@ -305,7 +306,8 @@ def test_torchrun_two_processes(tmp_path, train) -> None:
             "--standalone",
             "--nproc_per_node=2",
             "-m",
-            "onnx_mbs.bridge.run_retrain",
+            "onnx_mbs",
+            "retrain",
             str(tmp_path / "m.onnx"),
             "-o",
             str(tmp_path / "out.onnx"),

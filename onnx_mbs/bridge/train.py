@@ -39,11 +39,12 @@ import onnx
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from onnx_mbs.bridge.module import OnnxModule, untie_initializers
 from onnx_mbs.bridge.writeback import write_back
+from onnx_mbs.data import to_arrays
 from onnx_mbs.passes.errors import BadInputError
+from onnx_mbs.progress import progress_bar
 
 
 @dataclass
@@ -80,14 +81,7 @@ def as_arrays(data: Any, what: str = "data") -> tuple[np.ndarray, np.ndarray | N
     if isinstance(data, tuple) and len(data) == 2:
         x, y = data
     elif hasattr(data, "batches"):
-        xs, ys = [], []
-        for batch in data.batches(256):
-            xs.append(np.asarray(batch.x))
-            ys.append(None if batch.y is None else np.asarray(batch.y))
-        if not xs:
-            raise BadInputError(f"{what} is empty")
-        x = np.concatenate(xs)
-        y = None if any(v is None for v in ys) else np.concatenate(ys)
+        x, y = to_arrays(data)
     else:
         raise BadInputError(f"{what} must be an (x, y) pair of arrays or a DataSource")
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -268,13 +262,7 @@ def retrain(
             mine = order[: per_rank * world][rank::world]
             student.train()
             sums = torch.zeros(3, dtype=torch.float64, device=dev)  # loss*n, correct, n
-            bar = tqdm(
-                total=steps,
-                desc=f"epoch {epoch + 1}/{epochs}",
-                disable=not show,
-                file=sys.stderr,
-                leave=False,
-            )
+            bar = progress_bar(steps, f"epoch {epoch + 1}/{epochs}", show, unit="step")
             lr_now = opt.param_groups[0]["lr"]
             for step in range(steps):
                 idx = np.sort(mine[step * local_batch : (step + 1) * local_batch])
