@@ -23,7 +23,7 @@ import onnx
 import onnxruntime as ort
 
 from onnx_mbs.models.export import export_zoo
-from onnx_mbs.reduce import reduce
+from onnx_mbs.pipeline import reduce
 
 MODELS = {"resnet56": (1, 3, 32, 32), "resnet50": (1, 3, 224, 224)}
 

@@ -115,7 +115,7 @@ def _print_reduce_summary(report, args: argparse.Namespace) -> None:
 
 
 def cmd_reduce(args: argparse.Namespace) -> int:
-    from onnx_mbs.reduce import reduce
+    from onnx_mbs.pipeline import reduce
     from onnx_mbs.report import report_dict, write_report
     from onnx_mbs.save import check_output_path, save_model
 
@@ -162,7 +162,7 @@ def cmd_reduce(args: argparse.Namespace) -> int:
 def _open_for_model(spec, model, args: argparse.Namespace, limit: int | None = None):
     """A DataSource fitted to `model`'s input (shapes fixed as in reduce)."""
     from onnx_mbs.data import open_data
-    from onnx_mbs.reduce import metadata, model_input
+    from onnx_mbs.pipeline import metadata, model_input
 
     name, shape = model_input(model)
     return open_data(

@@ -9,7 +9,7 @@ import json
 import math
 from pathlib import Path
 
-from onnx_mbs.reduce import ReduceReport
+from onnx_mbs.pipeline import ReduceReport
 
 
 def _finite(value: float) -> float | str:

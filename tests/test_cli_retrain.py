@@ -11,7 +11,7 @@ import torch
 
 from onnx_mbs.bridge import OnnxModule
 from onnx_mbs.cli import main
-from onnx_mbs.reduce import reduce
+from onnx_mbs.pipeline import reduce
 from onnx_mbs.save import save_model
 
 

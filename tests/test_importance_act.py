@@ -13,7 +13,7 @@ from onnx_mbs.passes.activations import activation_tensors
 from onnx_mbs.passes.channel_groups import analyze_channels
 from onnx_mbs.passes.importance import choose_channels, l1_importance
 from onnx_mbs.passes.shrink import shrink_channels
-from onnx_mbs.reduce import activation_importance
+from onnx_mbs.pipeline import activation_importance
 from onnx_mbs.stats import collect_stats
 
 

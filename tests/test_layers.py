@@ -24,7 +24,7 @@ def test_passes_import_neither_onnxruntime_nor_torch():
     assert "torch" not in modules
 
 
-@pytest.mark.parametrize("statement", ["import onnx_mbs.reduce", "import onnx_mbs.cli"])
+@pytest.mark.parametrize("statement", ["import onnx_mbs.pipeline", "import onnx_mbs.cli"])
 def test_only_the_bridge_needs_torch(statement):
     assert "torch" not in _imported_after(statement)
 
@@ -36,3 +36,11 @@ def test_public_api_resolves():
     assert onnx_mbs.Budget.parse("params=0.5").fraction == 0.5
     with pytest.raises(AttributeError):
         onnx_mbs.no_such_thing  # noqa: B018
+
+
+def test_reduce_stays_the_function_whatever_was_imported_first():
+    code = (
+        "import onnx_mbs.pipeline, onnx_mbs.cli, onnx_mbs; "
+        "assert callable(onnx_mbs.reduce), onnx_mbs.reduce"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -14,7 +14,7 @@ from conftest import FORMS, SMALL_ZOO
 
 from onnx_mbs.cli import main
 from onnx_mbs.passes import BadInputError, count_parameters, load_model
-from onnx_mbs.reduce import reduce
+from onnx_mbs.pipeline import reduce
 
 
 def _sample_npz(path, shape, n=16, seed=0):

@@ -1,0 +1,344 @@
+"""Hand-built ONNX graphs shaped like real deployment models, for tests.
+
+Each public function returns a raw ModelProto (opset 17, named nodes, random
+weights); run it through `load_model` before passing it to a pass. `Builder`
+is the small helper they share, reused by the fuzz test.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+
+
+class Builder:
+    """Appends nodes and random initializers; names every node and tensor uniquely."""
+
+    def __init__(self, name: str = "graph", seed: int = 0) -> None:
+        self.name = name
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.count = 0
+
+    def _name(self, base: str) -> str:
+        self.count += 1
+        return f"{base}_{self.count}"
+
+    def input(self, name: str, shape: list) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
+        return name
+
+    def const(self, value, base: str = "c") -> str:
+        array = np.asarray(value)
+        if array.dtype == np.float64:
+            array = array.astype(np.float32)
+        name = self._name(base)
+        self.inits.append(numpy_helper.from_array(array, name))
+        return name
+
+    def weight(self, *shape: int, scale: float | None = None, base: str = "w") -> str:
+        fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+        scale = scale if scale is not None else (2.0 / max(fan_in, 1)) ** 0.5
+        return self.const(self.rng.normal(0, scale, shape).astype(np.float32), base)
+
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, name: str = "", **attrs):
+        name = name or self._name(op_type)
+        outputs = [f"{name}_out{k}" if n_out > 1 else f"{name}_out" for k in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=name, **attrs))
+        return outputs if n_out > 1 else outputs[0]
+
+    # Layers --------------------------------------------------------------------------
+    def conv(self, x: str, cin: int, cout: int, k: int = 3, stride: int = 1, group: int = 1,
+             bias: bool = True, name: str = "") -> str:  # fmt: skip
+        inputs = [x, self.weight(cout, cin // group, k, k)]
+        if bias:
+            inputs.append(self.const(self.rng.normal(0, 0.1, cout), "b"))
+        return self.op("Conv", inputs, name=name, kernel_shape=[k, k], strides=[stride, stride],
+                       pads=[k // 2] * 4, group=group)  # fmt: skip
+
+    def conv_transpose(self, x: str, cin: int, cout: int, k: int = 2, stride: int = 2,
+                       group: int = 1, name: str = "") -> str:  # fmt: skip
+        inputs = [x, self.weight(cin, cout // group, k, k), self.const(np.zeros(cout), "b")]
+        return self.op("ConvTranspose", inputs, name=name, kernel_shape=[k, k],
+                       strides=[stride, stride], group=group)  # fmt: skip
+
+    def bn(self, x: str, c: int, name: str = "") -> str:
+        r = self.rng
+        params = [
+            self.const(r.uniform(0.5, 1.5, c), "gamma"),
+            self.const(r.normal(0, 0.1, c), "beta"),
+            self.const(r.normal(0, 0.1, c), "mean"),
+            self.const(r.uniform(0.5, 1.5, c), "var"),
+        ]
+        return self.op("BatchNormalization", [x, *params], name=name)
+
+    def silu(self, x: str) -> str:
+        return self.op("Mul", [x, self.op("Sigmoid", [x])])
+
+    def resize(self, x: str, factor: float, name: str = "") -> str:
+        scales = self.const(np.array([1, 1, factor, factor], np.float32), "scales")
+        return self.op("Resize", [x, "", scales], name=name, mode="nearest")
+
+    def se(self, x: str, c: int, r: int, gate: str = "HardSigmoid") -> str:
+        s = self.op("GlobalAveragePool", [x])
+        s = self.op("Relu", [self.conv(s, c, r, k=1)])
+        s = self.op(gate, [self.conv(s, r, c, k=1)])
+        return self.op("Mul", [x, s])
+
+    def gap_head(self, x: str, c: int, classes: int, output: str = "logits") -> str:
+        x = self.op("Flatten", [self.op("GlobalAveragePool", [x])], axis=1)
+        w = self.weight(classes, c)
+        b = self.const(self.rng.normal(0, 0.1, classes), "fc_b")
+        return self.op("Gemm", [x, w, b], name=output, transB=1)
+
+    def model(self, outputs: list[str], output_names: list[str] | None = None,
+              shapes: dict[str, list[int]] | None = None) -> onnx.ModelProto:  # fmt: skip
+        """Wrap up; graph outputs are renamed with Identity nodes when names are given.
+        `shapes` declares tensor shapes inference cannot know (custom ops' outputs)."""
+        names = output_names or outputs
+        for src, dst in zip(outputs, names):
+            if src != dst:
+                self.nodes.append(helper.make_node("Identity", [src], [dst], name=f"{dst}_id"))
+        graph = helper.make_graph(
+            self.nodes,
+            self.name,
+            self.inputs,
+            [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names],
+            self.inits,
+        )
+        for name, dims in (shapes or {}).items():
+            graph.value_info.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, dims))
+        domains = sorted({n.domain for n in self.nodes if n.domain not in ("", "ai.onnx")})
+        opsets = [helper.make_opsetid("", OPSET)] + [helper.make_opsetid(d, 1) for d in domains]
+        model = helper.make_model(graph, opset_imports=opsets)
+        model.ir_version = 8
+        # Output types from shape inference (dims stay symbolic for dynamic inputs).
+        inferred = onnx.shape_inference.infer_shapes(model)
+        del model.graph.output[:]
+        model.graph.output.extend(inferred.graph.output)
+        return model
+
+
+# -- deployment-shaped graphs ------------------------------------------------------------------
+
+
+def mobilenetv3_like(seed: int = 0) -> onnx.ModelProto:
+    """HardSwish stem, inverted residuals with depthwise convs and HardSigmoid SE gates,
+    a residual add, and a GAP + Flatten + two-Gemm head."""
+    b = Builder("mobilenetv3_like", seed)
+    x = b.input("image", [1, 3, 32, 32])
+    x = b.op("HardSwish", [b.conv(x, 3, 16, stride=2, name="stem")])
+
+    def block(x: str, cin: int, hidden: int, cout: int, stride: int, se: bool, tag: str) -> str:
+        y = b.op("HardSwish", [b.conv(x, cin, hidden, k=1, name=f"{tag}/expand")])
+        y = b.op("HardSwish", [b.conv(y, hidden, hidden, stride=stride, group=hidden,
+                                      name=f"{tag}/dw")])  # fmt: skip
+        if se:
+            y = b.se(y, hidden, max(hidden // 4, 2))
+        y = b.conv(y, hidden, cout, k=1, name=f"{tag}/project")
+        return b.op("Add", [x, y], name=f"{tag}/add") if stride == 1 and cin == cout else y
+
+    x = block(x, 16, 32, 16, 1, True, "b1")
+    x = block(x, 16, 48, 24, 2, True, "b2")
+    x = block(x, 24, 48, 24, 1, False, "b3")
+    x = b.op("HardSwish", [b.conv(x, 24, 64, k=1, name="head/conv")])
+    x = b.op("Flatten", [b.op("GlobalAveragePool", [x])], axis=1)
+    x = b.op("HardSwish", [b.op("Gemm", [x, b.weight(40, 64), b.const(np.zeros(40))],
+                                name="head/fc1", transB=1)])  # fmt: skip
+    logits = b.op("Gemm", [x, b.weight(10, 40), b.const(np.zeros(10))], name="head/fc2", transB=1)
+    return b.model([logits], ["logits"])
+
+
+def yolov8_c2f_like(seed: int = 0) -> onnx.ModelProto:
+    """SiLU (Sigmoid*Mul) convs, C2f blocks (Split, bottlenecks with shortcut, Concat),
+    a neck with nearest upsampling (one Resize by scales, one by sizes) and concat,
+    and two detection head outputs."""
+    b = Builder("yolov8_c2f_like", seed)
+    x = b.input("images", [1, 3, 64, 64])
+
+    def cbs(x: str, cin: int, cout: int, k: int = 3, s: int = 1, name: str = "") -> str:
+        return b.silu(b.conv(x, cin, cout, k, s, name=name))
+
+    def c2f(x: str, cin: int, cout: int, n: int, shortcut: bool, tag: str) -> str:
+        half = cout // 2
+        y = cbs(x, cin, cout, 1, name=f"{tag}/cv1")
+        parts = b.op("Split", [y, b.const(np.array([half, half], np.int64), "split")], n_out=2,
+                     name=f"{tag}/split", axis=1)  # fmt: skip
+        outs = list(parts)
+        for i in range(n):
+            z = cbs(outs[-1], half, half, 3, name=f"{tag}/m{i}/cv1")
+            z = cbs(z, half, half, 3, name=f"{tag}/m{i}/cv2")
+            outs.append(b.op("Add", [outs[-1], z], name=f"{tag}/m{i}/add") if shortcut else z)
+        cat = b.op("Concat", outs, name=f"{tag}/concat", axis=1)
+        return cbs(cat, (2 + n) * half, cout, 1, name=f"{tag}/cv2")
+
+    x = cbs(x, 3, 16, 3, 2, "stem")
+    x = cbs(x, 16, 32, 3, 2, "down1")
+    p3 = c2f(x, 32, 32, 1, True, "c2f_p3")  # 16x16
+    x = cbs(p3, 32, 64, 3, 2, "down2")
+    p4 = c2f(x, 64, 64, 2, True, "c2f_p4")  # 8x8
+    x = cbs(p4, 64, 96, 3, 2, "down3")
+    p5 = c2f(x, 96, 96, 1, True, "c2f_p5")  # 4x4
+    up = b.resize(p5, 2.0, name="neck/up5")
+    n4 = c2f(b.op("Concat", [up, p4], name="neck/cat4", axis=1), 160, 64, 1, False, "neck_c2f4")
+    sizes = b.const(np.array([1, 64, 16, 16], np.int64), "sizes")
+    up = b.op("Resize", [n4, "", "", sizes], name="neck/up4", mode="nearest")
+    n3 = c2f(b.op("Concat", [up, p3], name="neck/cat3", axis=1), 96, 32, 1, False, "neck_c2f3")
+    head3 = b.conv(cbs(n3, 32, 32, 3, name="head3/cv"), 32, 18, k=1, name="head3/pred")
+    head4 = b.conv(cbs(n4, 64, 32, 3, name="head4/cv"), 32, 18, k=1, name="head4/pred")
+    return b.model([head3, head4], ["out_p3", "out_p4"])
+
+
+def dbnet_fpn_like(seed: int = 0) -> onnx.ModelProto:
+    """A small backbone with BatchNorm, an FPN (1x1 laterals, Resize + Add top-down,
+    3x3 smoothing, Resize to 1/4 and Concat) and DBNet's probability head
+    (Conv-BN-Relu, ConvTranspose-BN-Relu, ConvTranspose, Sigmoid)."""
+    b = Builder("dbnet_fpn_like", seed)
+    x = b.input("image", [1, 3, 64, 64])
+
+    def cbr(x: str, cin: int, cout: int, s: int, name: str) -> str:
+        return b.op("Relu", [b.bn(b.conv(x, cin, cout, 3, s, bias=False, name=name), cout)])
+
+    c1 = cbr(cbr(x, 3, 8, 2, "stem"), 8, 8, 1, "stem2")  # 32x32
+    c2 = cbr(c1, 8, 16, 2, "stage2")  # 16x16
+    c3 = cbr(c2, 16, 32, 2, "stage3")  # 8x8
+    c4 = cbr(c3, 32, 48, 2, "stage4")  # 4x4
+    in1 = b.conv(c1, 8, 24, k=1, bias=False, name="fpn/in1")
+    in2 = b.conv(c2, 16, 24, k=1, bias=False, name="fpn/in2")
+    in3 = b.conv(c3, 32, 24, k=1, bias=False, name="fpn/in3")
+    in4 = b.conv(c4, 48, 24, k=1, bias=False, name="fpn/in4")
+    out3 = b.op("Add", [in3, b.resize(in4, 2.0)], name="fpn/add3")
+    out2 = b.op("Add", [in2, b.resize(out3, 2.0)], name="fpn/add2")
+    out1 = b.op("Add", [in1, b.resize(out2, 2.0)], name="fpn/add1")
+    ps = [
+        b.resize(b.conv(o, 24, 6, bias=False, name=f"fpn/p{k}"), float(2**k)) if k else
+        b.conv(o, 24, 6, bias=False, name=f"fpn/p{k}")
+        for k, o in enumerate([out1, out2, out3, in4])
+    ]  # fmt: skip
+    fuse = b.op("Concat", ps, name="fpn/concat", axis=1)  # 24 channels at 32x32
+    y = b.op("Relu", [b.bn(b.conv(fuse, 24, 8, bias=False, name="head/conv"), 8)])
+    y = b.op("Relu", [b.bn(b.conv_transpose(y, 8, 8, name="head/up1"), 8)])
+    y = b.conv_transpose(y, 8, 1, name="head/up2")
+    return b.model([b.op("Sigmoid", [y], name="head/sigmoid")], ["probability"])
+
+
+def shape_arith_head(seed: int = 0) -> onnx.ModelProto:
+    """Convs and a head whose Reshape shape is computed at run time as
+    [N, C*H*W] from Shape, Gather, Mul, Unsqueeze and Concat (as exporters of
+    `x.view(x.size(0), -1)`-style code with explicit sizes produce)."""
+    b = Builder("shape_arith_head", seed)
+    x = b.input("input", [1, 3, 16, 16])
+    x = b.op("Relu", [b.conv(x, 3, 8, stride=2, name="conv1")])
+    x = b.op("Relu", [b.conv(x, 8, 12, stride=2, name="conv2")])  # 12 x 4 x 4
+    shape = b.op("Shape", [x], name="head/shape")
+    dims = [b.op("Gather", [shape, b.const(np.array(k, np.int64), "idx")], name=f"head/dim{k}",
+                 axis=0) for k in range(4)]  # fmt: skip
+    chw = b.op("Mul", [b.op("Mul", [dims[1], dims[2]], name="head/mul1"), dims[3]],
+               name="head/mul2")  # fmt: skip
+    axes = b.const(np.array([0], np.int64), "axes")
+    target = b.op("Concat", [b.op("Unsqueeze", [dims[0], axes], name="head/unsq0"),
+                             b.op("Unsqueeze", [chw, axes], name="head/unsq1")],
+                  name="head/target", axis=0)  # fmt: skip
+    flat = b.op("Reshape", [x, target], name="head/reshape")
+    logits = b.op("Gemm", [flat, b.weight(10, 12 * 16), b.const(np.zeros(10))], name="head/fc",
+                  transB=1)  # fmt: skip
+    return b.model([logits], ["logits"])
+
+
+def dynamic_input_model(seed: int = 0) -> onnx.ModelProto:
+    """Dynamic batch and spatial dims: needs `load_model(m, {"input": [1, 3, H, W]})`."""
+    b = Builder("dynamic_input_model", seed)
+    x = b.input("input", ["batch", 3, "height", "width"])
+    y = b.op("Relu", [b.conv(x, 3, 8, name="conv1")])
+    z = b.op("Relu", [b.conv(y, 8, 8, name="conv2")])
+    z = b.conv(z, 8, 8, name="conv3")
+    y = b.op("Relu", [b.op("Add", [y, z], name="add")])
+    y = b.op("MaxPool", [y], kernel_shape=[2, 2], strides=[2, 2])
+    y = b.op("Relu", [b.conv(y, 8, 16, name="conv4")])
+    return b.model([b.gap_head(y, 16, 5)], ["logits"])
+
+
+HAND_BUILT = {
+    "mobilenetv3_like": (mobilenetv3_like, None),
+    "yolov8_c2f_like": (yolov8_c2f_like, None),
+    "dbnet_fpn_like": (dbnet_fpn_like, None),
+    "shape_arith_head": (shape_arith_head, None),
+    "dynamic_input_model": (dynamic_input_model, {"input": [1, 3, 24, 20]}),
+}
+
+
+# -- dead channels ---------------------------------------------------------------------------
+
+# Initializer roles whose entries must be zero for a channel to be exactly zero after
+# its producers: filters and everything added on the way (BN(0) = beta - mean*...).
+ZEROED_ROLES = {"filters", "bias", "bn_bias", "bn_mean", "shift", "norm_bias"}
+
+
+def kill_channels(model: onnx.ModelProto, groups, drop: dict[int, list[int]]) -> onnx.ModelProto:
+    """A copy of `model` where the channels `drop[g]` of each group g are provably zero.
+
+    Every producing filter of a dropped channel is zeroed, and so is every bias, BN
+    beta and mean, and added constant on its way, so the channel is exactly 0 in
+    every tensor of its group (Relu, HardSwish, SiLU, Clip, pooling and Resize keep 0
+    at 0; an SE gate multiplies 0). Removing such channels must not change outputs.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    tensors = {t.name: t for t in out.graph.initializer}
+    for node in out.graph.node:
+        if node.op_type == "Constant" and node.attribute[0].name == "value":
+            tensors[node.output[0]] = node.attribute[0].t
+    by_id = {g.id: g for g in groups}
+    for gid, channels in drop.items():
+        for member in by_id[gid].members:
+            if member.role not in ZEROED_ROLES:
+                continue
+            tensor = tensors[member.tensor]
+            array = numpy_helper.to_array(tensor).copy()
+            index = [slice(None)] * array.ndim
+            index[member.axis] = member.positions[channels].ravel()
+            array[tuple(index)] = 0
+            tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))
+    return out
+
+
+# -- running ---------------------------------------------------------------------------------
+
+
+def random_feeds(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs for every graph input of a model with static input shapes."""
+    rng = np.random.default_rng(seed)
+    inits = {t.name for t in model.graph.initializer}
+    feeds = {}
+    for vi in model.graph.input:
+        if vi.name not in inits:
+            shape = [d.dim_value for d in vi.type.tensor_type.shape.dim]
+            feeds[vi.name] = rng.standard_normal(shape).astype(np.float32)
+    return feeds
+
+
+def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # unused-initializer warnings are noise here
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    return session.run(None, feeds)
+
+
+def assert_same_outputs(a: onnx.ModelProto, b: onnx.ModelProto, atol: float = 1e-5) -> None:
+    """Same output names and shapes, values within `atol` (scaled by the output's size)."""
+    assert [o.name for o in a.graph.output] == [o.name for o in b.graph.output]
+    feeds = random_feeds(a)
+    for name, x, y in zip([o.name for o in a.graph.output], run(a, feeds), run(b, feeds)):
+        assert x.shape == y.shape, name
+        scale = max(1.0, float(np.abs(x).max()))
+        assert np.abs(x - y).max() <= atol * scale, (name, float(np.abs(x - y).max()))

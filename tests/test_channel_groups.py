@@ -1,0 +1,279 @@
+"""Channel groups on small hand-built graphs: joins, segments, ties and pins."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from graphs import (
+    Builder,
+    assert_same_outputs,
+    kill_channels,
+    mobilenetv3_like,
+    shape_arith_head,
+)
+
+from onnx_mbs.passes import load_model
+from onnx_mbs.passes.channel_groups import analyze_channels, find_channel_groups
+from onnx_mbs.passes.fold import FoldShapes
+from onnx_mbs.passes.shrink import shrink_channels
+
+
+def group_of(groups, tensor: str):
+    """The groups with an activation member named `tensor` (one unless it is a concat)."""
+    found = [g for g in groups if any(m.tensor == tensor for m in g.members)]
+    assert found, f"no group has {tensor}"
+    return found
+
+
+def only_group(groups, tensor: str):
+    found = group_of(groups, tensor)
+    assert len(found) == 1, [g.id for g in found]
+    return found[0]
+
+
+def test_residual_join_is_one_group():
+    b = Builder()
+    x = b.input("x", [1, 3, 8, 8])
+    a = b.conv(x, 3, 8, name="conv_a")
+    c = b.conv(b.op("Relu", [a]), 8, 8, name="conv_b")
+    s = b.op("Add", [a, c], name="join")
+    y = b.conv(b.op("Relu", [s]), 8, 4, name="conv_c")
+    model = load_model(b.model([y], ["y"]))
+    groups = find_channel_groups(model)
+    joined = only_group(groups, s)
+    assert joined.size == 8
+    assert joined.producers == ["conv_a", "conv_b"]
+    assert not joined.pinned
+    roles = {(m.node, m.role, m.axis) for m in joined.members if m.role != "activation"}
+    assert ("conv_a", "filters", 0) in roles and ("conv_b", "filters", 0) in roles
+    assert ("conv_b", "weights_in", 1) in roles and ("conv_c", "weights_in", 1) in roles
+    assert ("conv_a", "bias", 0) in roles
+    # conv_b's input (the Relu of conv_a) is the same group as its output
+    assert only_group(groups, b.nodes[1].output[0]) is joined
+    out = only_group(groups, "y")
+    assert out.pinned and out.pin_reasons == ["graph output 'y'"]
+
+
+def test_concat_output_is_made_of_segments():
+    b = Builder()
+    x = b.input("x", [1, 3, 8, 8])
+    p = b.op("Relu", [b.conv(x, 3, 4, name="conv_p")])
+    q = b.op("Relu", [b.conv(x, 3, 6, name="conv_q")])
+    cat = b.op("Concat", [p, q], name="cat", axis=1)
+    y = b.conv(cat, 10, 2, name="conv_r")
+    model = load_model(b.model([y], ["y"]))
+    groups = find_channel_groups(model)
+    first, second = group_of(groups, cat)
+    assert (first.size, second.size) == (4, 6)
+    assert first.member(cat).positions.ravel().tolist() == [0, 1, 2, 3]
+    assert second.member(cat).positions.ravel().tolist() == [4, 5, 6, 7, 8, 9]
+    rows = [m for m in second.members if m.node == "conv_r"]
+    assert len(rows) == 1 and rows[0].axis == 1
+    assert rows[0].positions.ravel().tolist() == [4, 5, 6, 7, 8, 9]
+
+
+def test_split_takes_segments_and_shrinks():
+    b = Builder()
+    x = b.input("x", [1, 3, 8, 8])
+    y = b.op("Relu", [b.conv(x, 3, 8, name="conv")])
+    sizes = b.const(np.array([3, 5], np.int64))
+    left, right = b.op("Split", [y, sizes], n_out=2, name="split", axis=1)
+    out = b.op("Add", [b.conv(left, 3, 4, name="l"), b.conv(right, 5, 4, name="r")])
+    model = load_model(b.model([out], ["out"]))
+    analysis = analyze_channels(model)
+    g_left, g_right = only_group(analysis.groups, left), only_group(analysis.groups, right)
+    assert (g_left.size, g_right.size) == (3, 5)
+    rows = [m for m in g_right.members if m.node == "conv" and m.role == "filters"]
+    assert rows[0].positions.ravel().tolist() == [3, 4, 5, 6, 7]
+    drop = {g_left.id: [1], g_right.id: [0, 4]}
+    keep = {g_left.id: [0, 2], g_right.id: [1, 2, 3]}
+    killed = kill_channels(model, analysis.groups, drop)
+    small = shrink_channels(killed, keep, analysis)
+    split = next(n for n in small.graph.node if n.name == "split")
+    sizes = next(t for t in small.graph.initializer if t.name == split.input[1])
+    assert onnx.numpy_helper.to_array(sizes).tolist() == [2, 3]
+    assert_same_outputs(killed, small)
+
+
+def test_depthwise_conv_ties_input_to_output():
+    b = Builder()
+    x = b.input("x", [1, 3, 8, 8])
+    a = b.op("Relu", [b.conv(x, 3, 6, name="pw")])
+    d = b.op("Relu", [b.conv(a, 6, 6, group=6, name="dw")])
+    y = b.conv(d, 6, 2, k=1, name="out")
+    model = load_model(b.model([y], ["y"]))
+    analysis = analyze_channels(model)
+    tied = only_group(analysis.groups, a)
+    assert only_group(analysis.groups, d) is tied
+    assert tied.producers == ["pw", "dw"] and tied.size == 6
+    killed = kill_channels(model, analysis.groups, {tied.id: [0, 3, 4]})
+    small = shrink_channels(killed, {tied.id: [1, 2, 5]}, analysis)
+    dw = next(n for n in small.graph.node if n.name == "dw")
+    assert onnx.helper.get_attribute_value(next(a for a in dw.attribute if a.name == "group")) == 3
+    assert_same_outputs(killed, small)
+
+
+def test_grouped_conv_keeps_whole_conv_groups():
+    b = Builder()
+    x = b.input("x", [1, 3, 8, 8])
+    a = b.op("Relu", [b.conv(x, 3, 8, name="pw")])
+    g = b.op("Relu", [b.conv(a, 8, 6, group=2, name="grouped")])
+    y = b.conv(g, 6, 2, k=1, name="out")
+    model = load_model(b.model([y], ["y"]))
+    analysis = analyze_channels(model)
+    blocks = only_group(analysis.groups, a)
+    assert only_group(analysis.groups, g) is blocks
+    assert blocks.size == 2  # two conv-groups, kept or dropped whole
+    assert blocks.member(a).positions.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert blocks.member(g).positions.tolist() == [[0, 1, 2], [3, 4, 5]]
+    killed = kill_channels(model, analysis.groups, {blocks.id: [0]})
+    small = shrink_channels(killed, {blocks.id: [1]}, analysis)
+    conv = next(n for n in small.graph.node if n.name == "grouped")
+    assert onnx.helper.get_attribute_value(conv.attribute[-1]) == 1
+    assert_same_outputs(killed, small)
+
+
+def test_channel_shuffle_is_followed():
+    b = Builder()
+    x = b.input("x", [1, 3, 4, 4])
+    a = b.op("Relu", [b.conv(x, 3, 4, name="a")])
+    c = b.op("Relu", [b.conv(x, 3, 4, name="c")])
+    cat = b.op("Concat", [a, c], axis=1)
+    r = b.op("Reshape", [cat, b.const(np.array([1, 2, 4, 4, 4], np.int64))], name="shuffle/r1")
+    t = b.op("Transpose", [r], name="shuffle/t", perm=[0, 2, 1, 3, 4])
+    s = b.op("Reshape", [t, b.const(np.array([1, 8, 4, 4], np.int64))], name="shuffle/r2")
+    y = b.conv(s, 8, 2, k=1, name="out")
+    model = load_model(b.model([y], ["y"]))
+    analysis = analyze_channels(model)
+    # Shuffled channel 2k is a[k], 2k+1 is c[k]: a[k] and c[k] stay or go together.
+    shuffled = only_group(analysis.groups, s)
+    assert shuffled is only_group(analysis.groups, a) is only_group(analysis.groups, c)
+    assert shuffled.size == 4 and not shuffled.pinned
+    assert shuffled.member(s).positions.tolist() == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    killed = kill_channels(model, analysis.groups, {shuffled.id: [1, 2]})
+    small = shrink_channels(killed, {shuffled.id: [0, 3]}, analysis)
+    assert_same_outputs(killed, small)
+
+
+def test_transpose_round_trip_is_followed():
+    b = Builder()
+    x = b.input("x", [1, 3, 4, 4])
+    a = b.op("Relu", [b.conv(x, 3, 6, name="a")])
+    t = b.op("Transpose", [a], perm=[0, 2, 3, 1])  # NHWC: channels last
+    t = b.op("Mul", [t, b.const(np.linspace(0.5, 1.5, 6, dtype=np.float32))], name="scale")
+    back = b.op("Transpose", [t], perm=[0, 3, 1, 2])
+    y = b.conv(back, 6, 2, name="out")
+    model = load_model(b.model([y], ["y"]))
+    analysis = analyze_channels(model)
+    group = only_group(analysis.groups, a)
+    assert not group.pinned
+    assert [m.axis for m in group.members if m.role == "scale"] == [0]
+    killed = kill_channels(model, analysis.groups, {group.id: [0, 5]})
+    small = shrink_channels(killed, {group.id: [1, 2, 3, 4]}, analysis)
+    assert_same_outputs(killed, small)
+
+
+def test_op_over_transposed_channels_pins_with_its_name():
+    b = Builder()
+    x = b.input("x", [1, 3, 4, 4])
+    a = b.op("Relu", [b.conv(x, 3, 6, name="a")])
+    t = b.op("Transpose", [a], name="to_nhwc", perm=[0, 2, 3, 1])
+    s = b.op("Softmax", [t], name="channel_softmax", axis=-1)
+    back = b.op("Transpose", [s], perm=[0, 3, 1, 2])
+    y = b.conv(back, 6, 2, name="out")
+    model = load_model(b.model([y], ["y"]))
+    group = only_group(find_channel_groups(model), a)
+    assert group.pinned
+    assert group.pin_reasons == ["Softmax 'channel_softmax': normalizes over the channel axis"]
+
+
+def test_custom_op_pins_with_its_name():
+    b = Builder()
+    x = b.input("x", [1, 3, 8, 8])
+    y = b.op("Relu", [b.conv(x, 3, 4, name="before")])
+    z = b.op("MyOp", [y], name="weird", domain="custom.ops")
+    after = b.op("Relu", [b.conv(z, 4, 4, name="after")])
+    model = load_model(b.model([b.conv(after, 4, 2)], ["y"], shapes={z: [1, 4, 8, 8]}))
+    groups = find_channel_groups(model)
+    reason = "MyOp 'weird': custom op (domain 'custom.ops') not followed"
+    assert only_group(groups, y).pin_reasons == [reason]
+    assert only_group(groups, z).pin_reasons == [reason]
+    free = only_group(groups, after)  # past the custom op, channels are free again
+    assert not free.pinned and free.producers == ["after"]
+
+
+def test_graph_input_and_output_pin():
+    b = Builder()
+    x = b.input("x", [1, 3, 8, 8])
+    y = b.conv(b.op("Relu", [b.conv(x, 3, 4)]), 4, 5, name="last")
+    model = load_model(b.model([y], ["y"]))
+    groups = find_channel_groups(model)
+    assert only_group(groups, "x").pin_reasons == ["graph input 'x'"]
+    assert only_group(groups, "y").pin_reasons == ["graph output 'y'"]
+    assert [g.pinned for g in groups] == [True, False, True]
+
+
+def test_se_gate_convs_follow_the_gated_map():
+    model = load_model(mobilenetv3_like())
+    groups = find_channel_groups(model)
+    mul = next(n for n in model.graph.node if n.op_type == "Mul")
+    gated, gate = mul.input
+    group = only_group(groups, gated)
+    assert only_group(groups, gate) is group
+    # expand conv, depthwise conv and the SE's second conv all produce these channels
+    assert len(group.producers) == 3 and {"b1/expand", "b1/dw"} <= set(group.producers)
+    assert group.macroblocks == [0]
+
+
+def test_flatten_head_rows_are_channel_major():
+    b = Builder()
+    x = b.input("x", [1, 3, 4, 4])
+    y = b.op("Relu", [b.conv(x, 3, 5, stride=2, name="conv")])  # 5 x 2 x 2
+    flat = b.op("Flatten", [y], axis=1)
+    logits = b.op("Gemm", [flat, b.weight(3, 20), b.const(np.zeros(3))], name="fc", transB=1)
+    model = load_model(b.model([logits], ["logits"]))
+    analysis = analyze_channels(model)
+    group = only_group(analysis.groups, y)
+    rows = next(m for m in group.members if m.node == "fc")
+    assert rows.axis == 1 and rows.width == 4
+    assert rows.positions[2].tolist() == [8, 9, 10, 11]
+    killed = kill_channels(model, analysis.groups, {group.id: [1, 2]})
+    small = shrink_channels(killed, {group.id: [0, 3, 4]}, analysis)
+    weight = next(n for n in small.graph.node if n.name == "fc").input[1]
+    assert list(next(t for t in small.graph.initializer if t.name == weight).dims) == [3, 12]
+    assert_same_outputs(killed, small)
+
+
+def test_shape_read_at_run_time_pins_until_folded():
+    model = load_model(shape_arith_head())
+    conv2 = next(n for n in model.graph.node if n.name == "conv2").output[0]
+    pinned = only_group(find_channel_groups(model), conv2)
+    assert pinned.pin_reasons == [
+        "Shape 'head/shape': reads the channel count at run time (run FoldShapes)",
+        "Reshape 'head/reshape': shape computed at run time (run FoldShapes first)",
+    ]
+    folded = FoldShapes()(model).model
+    assert not only_group(find_channel_groups(folded), conv2).pinned
+
+
+def test_macroblocks_of_groups():
+    b = Builder()
+    x = b.input("x", [1, 3, 8, 8])
+    a = b.op("Relu", [b.conv(x, 3, 4, name="a")])  # 8x8
+    c = b.op("Relu", [b.conv(a, 4, 6, stride=2, name="c")])  # 4x4
+    y = b.conv(c, 6, 2, name="d")
+    model = load_model(b.model([y], ["y"]))
+    groups = find_channel_groups(model)
+    assert only_group(groups, a).macroblocks == [0, 1]  # made at 8x8, read by the 4x4 conv
+    assert only_group(groups, c).macroblocks == [1]
+
+
+@pytest.mark.parametrize("bad", [{0: [0, 1]}, {1: []}, {1: [2, 1]}, {1: [0, 9]}, {7: [0]}])
+def test_bad_keep_plans_are_refused(bad):
+    b = Builder()
+    x = b.input("x", [1, 3, 8, 8])
+    y = b.conv(b.op("Relu", [b.conv(x, 3, 4)]), 4, 2)
+    model = load_model(b.model([y], ["y"]))
+    with pytest.raises(ValueError, match="group"):
+        shrink_channels(model, bad)

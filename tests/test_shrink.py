@@ -1,0 +1,280 @@
+"""The shrink pass on zoo models and deployment-shaped graphs.
+
+The central check is dead channels: zero every producing filter (and bias, BN
+beta and mean, added constant) of some channels, so they are exactly 0
+everywhere in their group; removing exactly those channels must leave the
+outputs unchanged, and every tensor of the group must lose exactly them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from conftest import FORMS, SMALL_ZOO
+from graphs import (
+    HAND_BUILT,
+    Builder,
+    assert_same_outputs,
+    kill_channels,
+    random_feeds,
+    run,
+)
+
+from onnx_mbs.passes import BadInputError, count_parameters, load_model
+from onnx_mbs.passes.channel_groups import analyze_channels
+from onnx_mbs.passes.fold import FoldShapes
+from onnx_mbs.passes.graph import GraphIndex
+from onnx_mbs.passes.importance import choose_channels, l1_importance
+from onnx_mbs.passes.shrink import predicted_params, shrink_channels
+
+
+def load_hand_built(name: str) -> onnx.ModelProto:
+    build, shapes = HAND_BUILT[name]
+    return FoldShapes()(load_model(build(), shapes)).model
+
+
+def check_dead_channels(model: onnx.ModelProto, seed: int = 0, fraction: float = 0.4) -> None:
+    """Kill a random part of every unpinned group, shrink them away, compare."""
+    analysis = analyze_channels(model)
+    rng = np.random.default_rng(seed)
+    drop, keep = {}, {}
+    for g in analysis.groups:
+        if g.pinned or g.size < 2:
+            continue
+        n = max(1, int(g.size * fraction))
+        dropped = np.sort(rng.choice(g.size, size=n, replace=False))
+        drop[g.id] = dropped.tolist()
+        keep[g.id] = np.setdiff1d(np.arange(g.size), dropped).tolist()
+    assert drop, "nothing to drop"
+    killed = kill_channels(model, analysis.groups, drop)
+    small = shrink_channels(killed, keep, analysis)
+    onnx.checker.check_model(small, full_check=True)
+    assert_same_outputs(killed, small)
+    assert count_parameters(small) == predicted_params(killed, keep, analysis)
+    # Exactly the dropped channels are gone from every tensor of their group; shapes
+    # are re-inferred from scratch to check the recorded ones.
+    before = GraphIndex.build(model).shapes
+    reinferred = onnx.ModelProto()
+    reinferred.CopyFrom(small)
+    del reinferred.graph.value_info[:]
+    after = GraphIndex.build(load_model(reinferred)).shapes
+    lost: dict[str, int] = {}  # a Concat or Split input carries several groups
+    for gid, dropped in drop.items():
+        for m in analysis.groups[gid].members:
+            if m.role == "activation":
+                lost[m.tensor] = lost.get(m.tensor, 0) + len(dropped) * m.width
+    for name, (axis, _) in analysis.tensors.items():
+        if name in after:
+            assert after[name][axis] == before[name][axis] - lost.get(name, 0), name
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("name", SMALL_ZOO)
+def test_keep_everything_is_identical(zoo_onnx, name, form):
+    model = load_model(zoo_onnx(name, form))
+    analysis = analyze_channels(model)
+    everything = {g.id: list(range(g.size)) for g in analysis.groups}
+    same = shrink_channels(model, everything, analysis)
+    feeds = random_feeds(model)
+    for x, y in zip(run(model, feeds), run(same, feeds)):
+        assert np.abs(x - y).max() <= 1e-5
+    assert [n.name for n in same.graph.node] == [n.name for n in model.graph.node]
+    assert same.graph.initializer == model.graph.initializer
+    assert same.opset_import == model.opset_import
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("name", SMALL_ZOO)
+def test_dead_channels_zoo(zoo_onnx, name, form):
+    check_dead_channels(load_model(zoo_onnx(name, form)))
+
+
+@pytest.mark.parametrize("name", list(HAND_BUILT))
+def test_dead_channels_hand_built(name):
+    check_dead_channels(load_hand_built(name), seed=1)
+
+
+@pytest.mark.parametrize("name", list(HAND_BUILT))
+def test_hand_built_shrink_to_half(name):
+    model = load_hand_built(name)
+    analysis = analyze_channels(model)
+    free = [g for g in analysis.groups if not g.pinned]
+    assert len(free) >= 2
+    keep = choose_channels(model, free, {g.id: max(1, g.size // 2) for g in free})
+    small = shrink_channels(model, keep, analysis)
+    onnx.checker.check_model(small, full_check=True)
+    assert [i.name for i in small.graph.input] == [i.name for i in model.graph.input]
+    feeds = random_feeds(model)
+    for vi, x, y in zip(model.graph.output, run(model, feeds), run(small, feeds)):
+        assert x.shape == y.shape, vi.name
+    assert count_parameters(small) < 0.5 * count_parameters(model)
+    assert count_parameters(small) == predicted_params(model, keep, analysis)
+
+
+def test_dynamic_input_model_needs_input_shapes():
+    build, shapes = HAND_BUILT["dynamic_input_model"]
+    with pytest.raises(BadInputError, match="--input-shape"):
+        load_model(build())
+    model = load_model(build(), shapes)
+    analysis = analyze_channels(model)
+    assert sum(not g.pinned for g in analysis.groups) == 3
+
+
+def test_input_model_is_not_modified():
+    model = load_hand_built("yolov8_c2f_like")
+    before = model.SerializeToString()
+    analysis = analyze_channels(model)
+    keep = {g.id: [0] for g in analysis.groups if not g.pinned}
+    shrink_channels(model, keep, analysis)
+    assert model.SerializeToString() == before
+
+
+def test_metadata_names_and_opset_are_kept():
+    model = load_hand_built("mobilenetv3_like")
+    onnx.helper.set_model_props(model, {"author": "test", "onnx_mbs.mean": "0.5"})
+    model.graph.doc_string = "graph doc"
+    analysis = analyze_channels(model)
+    keep = {g.id: [0, 1] for g in analysis.groups if not g.pinned}
+    small = shrink_channels(model, keep, analysis)
+    assert small.metadata_props == model.metadata_props
+    assert small.opset_import == model.opset_import and small.ir_version == model.ir_version
+    assert small.graph.doc_string == "graph doc"
+    assert [n.name for n in small.graph.node] == [n.name for n in model.graph.node]
+    assert [o.name for o in small.graph.output] == ["logits"]
+
+
+def shared_weight_model() -> onnx.ModelProto:
+    """Two convs read one weight, one directly and one through Identity (as exporters
+    deduplicate equal tensors); a third pair shares a bias the same way."""
+    b = Builder("shared")
+    x = b.input("x", [1, 3, 6, 6])
+    w = b.weight(4, 3, 3, 3, base="shared_w")
+    bias = b.const(np.linspace(-1, 1, 4, dtype=np.float32), "shared_b")
+    alias = b.op("Identity", [w], name="alias")
+    p = b.op("Relu", [b.op("Conv", [x, w, bias], name="conv_p", pads=[1, 1, 1, 1])])
+    q = b.op("Relu", [b.op("Conv", [x, alias, bias], name="conv_q", pads=[1, 1, 1, 1])])
+    y = b.op("Add", [b.conv(p, 4, 2, name="head_p"), b.conv(q, 4, 2, name="head_q")])
+    return load_model(b.model([y], ["y"]))
+
+
+def test_shared_initializer_cut_differently_is_split():
+    model = shared_weight_model()
+    analysis = analyze_channels(model)
+    gp = next(g for g in analysis.groups if "conv_p" in g.producers)
+    gq = next(g for g in analysis.groups if "conv_q" in g.producers)
+    assert gp is not gq
+    drop, keep = {gp.id: [0], gq.id: [1, 2]}, {gp.id: [1, 2, 3], gq.id: [0, 3]}
+    killed = kill_channels(model, analysis.groups, drop)
+    small = shrink_channels(killed, keep, analysis)
+    onnx.checker.check_model(small, full_check=True)
+    assert_same_outputs(killed, small)
+    conv_p = next(n for n in small.graph.node if n.name == "conv_p")
+    conv_q = next(n for n in small.graph.node if n.name == "conv_q")
+    shapes = {t.name: list(t.dims) for t in small.graph.initializer}
+    assert shapes[conv_p.input[1]] == [3, 3, 3, 3] and shapes[conv_q.input[1]] == [2, 3, 3, 3]
+    assert shapes[conv_p.input[2]] == [3] and shapes[conv_q.input[2]] == [2]
+    assert count_parameters(small) == predicted_params(killed, keep, analysis)
+
+
+def test_shared_initializer_cut_alike_stays_shared():
+    model = shared_weight_model()
+    analysis = analyze_channels(model)
+    keep = {g.id: [1, 3] for g in analysis.groups if g.producers[:1] in (["conv_p"], ["conv_q"])}
+    small = shrink_channels(model, keep, analysis)
+    names = {t.name for t in small.graph.initializer}
+    assert len(names) == len(model.graph.initializer)
+    conv_q = next(n for n in small.graph.node if n.name == "conv_q")
+    assert conv_q.input[1] == "alias_out"  # still read through the Identity
+    assert count_parameters(small) == predicted_params(model, keep, analysis)
+
+
+def test_per_channel_constant_node_is_sliced():
+    b = Builder("const_node")
+    x = b.input("x", [1, 3, 6, 6])
+    scale = np.linspace(0.5, 2.0, 5, dtype=np.float32).reshape(1, 5, 1, 1)
+    const = b.op("Constant", [], name="scale", value=onnx.numpy_helper.from_array(scale))
+    shift = b.const(np.linspace(-1, 1, 5, dtype=np.float32).reshape(5, 1, 1), "shift")
+    y = b.op("Add", [b.op("Mul", [b.conv(x, 3, 5, name="conv"), const]), shift])
+    model = load_model(b.model([b.conv(b.op("Relu", [y]), 5, 2)], ["y"]))
+    analysis = analyze_channels(model)
+    group = next(g for g in analysis.groups if g.producers == ["conv"])
+    assert {m.role for m in group.members} >= {"scale", "shift"}
+    killed = kill_channels(model, analysis.groups, {group.id: [0, 4]})
+    small = shrink_channels(killed, {group.id: [1, 2, 3]}, analysis)
+    assert_same_outputs(killed, small)
+    const = next(n for n in small.graph.node if n.name == "scale")
+    assert list(const.attribute[0].t.dims) == [1, 3, 1, 1]
+
+
+def test_fold_shapes_keeps_outputs_and_removes_shape_ops():
+    model = load_model(HAND_BUILT["shape_arith_head"][0]())
+    folded = FoldShapes()(model)
+    assert folded.modified
+    ops = [n.op_type for n in folded.model.graph.node]
+    assert "Shape" not in ops and "Gather" not in ops and "Reshape" in ops
+    onnx.checker.check_model(folded.model, full_check=True)
+    assert_same_outputs(model, folded.model)
+    assert not FoldShapes()(folded.model).modified
+
+
+@pytest.mark.parametrize("name", SMALL_ZOO)
+def test_fold_shapes_on_zoo_exports(zoo_onnx, name):
+    """Exports carry Constant nodes (shuffle shapes, split sizes): folding turns them into
+    initializers without changing outputs or channel groups."""
+    model = load_model(zoo_onnx(name, "deploy"))
+    folded = FoldShapes()(model).model
+    onnx.checker.check_model(folded, full_check=True)
+    assert_same_outputs(model, folded)
+    assert not any(n.op_type in ("Constant", "Shape") for n in folded.graph.node)
+    before, after = analyze_channels(model).groups, analyze_channels(folded).groups
+    assert [(g.size, g.pinned) for g in before] == [(g.size, g.pinned) for g in after]
+    check_dead_channels(folded, seed=2)
+
+
+def test_l1_importance_scores_producer_filters():
+    b = Builder("l1")
+    x = b.input("x", [1, 2, 4, 4])
+    w = np.zeros((3, 2, 1, 1), np.float32)
+    w[:, :, 0, 0] = [[1, -1], [0.5, 0], [-3, 2]]
+    conv = b.op("Conv", [x, b.const(w, "w")], name="conv")
+    model = load_model(b.model([b.conv(b.op("Relu", [conv]), 3, 2, k=1)], ["y"]))
+    group = next(g for g in analyze_channels(model).groups if g.producers == ["conv"])
+    np.testing.assert_allclose(l1_importance(model, group), [2.0, 0.5, 5.0])
+    assert choose_channels(model, [group], {group.id: 2}) == {group.id: [0, 2]}
+
+
+def test_l1_importance_beats_random_channels(bundled_model_path, fmnist_sample):
+    """Before any retraining, keeping the channels with the largest filters hurts a
+    trained model less than keeping random ones.
+
+    The groups cut are those with one producer (each block's inner conv), an eighth
+    of their channels each. (On this BatchNorm model, filter L1 summed over a
+    residual group's several producers ranks no better than chance: BN rescales
+    each producer's output, so their filter norms are not comparable.)
+    """
+    x, _ = fmnist_sample
+    raw = onnx.load(str(bundled_model_path))
+    meta = {p.key: p.value for p in raw.metadata_props}
+    mean, std = float(meta["onnx_mbs.mean"]), float(meta["onnx_mbs.std"])
+    x = x[:256]
+    name = raw.graph.input[0].name
+    model = load_model(raw, {name: list(x.shape)})
+    feeds = {name: ((x.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)}
+    (reference,) = run(model, feeds)
+    analysis = analyze_channels(model)
+    inner = [g for g in analysis.groups if not g.pinned and len(g.producers) == 1]
+    assert len(inner) == 9  # ResNet-20: three blocks in each of three stages
+    counts = {g.id: g.size - g.size // 8 for g in inner}
+
+    def error(keep) -> float:
+        (y,) = run(shrink_channels(model, keep, analysis), feeds)
+        return float(np.linalg.norm(y - reference) / np.linalg.norm(reference))
+
+    l1 = error(choose_channels(model, inner, counts))
+    rng = np.random.default_rng(0)
+    randoms = [
+        error({g.id: sorted(rng.choice(g.size, counts[g.id], replace=False)) for g in inner})
+        for _ in range(8)
+    ]
+    assert l1 < 0.8 * np.mean(randoms), (l1, randoms)

@@ -1,0 +1,178 @@
+"""Fuzzing the shrink pass: random small CNNs, random keep plans.
+
+Hypothesis builds graphs from the structures real CNNs are made of (residual
+chains, concat, split, slice, depthwise and grouped convs, SE gates, channel
+shuffle, NHWC detours, upsampling) with a random head, and a random keep plan.
+Each shrunk model must pass the full checker, keep the input and output names
+and output shapes, have exactly the predicted parameter count, and compute the
+same outputs as the original model with the dropped channels made dead.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from graphs import Builder, assert_same_outputs, kill_channels
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from onnx_mbs.passes import count_parameters, load_model
+from onnx_mbs.passes.channel_groups import analyze_channels
+from onnx_mbs.passes.shrink import predicted_params, shrink_channels
+
+BLOCKS = [
+    "conv", "residual", "concat", "split", "slice", "depthwise", "grouped", "se", "pool",
+    "shuffle", "nhwc", "resize", "deconv", "bn", "reduce_se", "pad", "identity",
+]  # fmt: skip
+ACTIVATIONS = ["Relu", "HardSwish", "SiLU", "Clip", "LeakyRelu", "PRelu", "Tanh", "Elu"]
+HEADS = ["gap_gemm", "gmp_gemm", "flatten_gemm", "conv", "reshape_matmul"]
+
+
+class Net:
+    """A builder that tracks channels and spatial size while blocks are appended."""
+
+    def __init__(self, draw, seed: int) -> None:
+        self.draw = draw
+        self.b = Builder("fuzz", seed)
+        self.size = draw(st.sampled_from([4, 6, 8]))
+        self.x = self.b.input("input", [1, 3, self.size, self.size])
+        self.c = 3
+        self.conv(draw(st.integers(2, 6)))
+
+    def width(self) -> int:
+        return self.draw(st.integers(1, 6))
+
+    def act(self, x: str, c: int) -> str:
+        """A random activation that keeps 0 at 0 (so dead channels stay dead)."""
+        kind = self.draw(st.sampled_from(ACTIVATIONS))
+        if kind == "PRelu":
+            slope = self.b.const(np.linspace(0.1, 0.3, c, dtype=np.float32).reshape(c, 1, 1))
+            return self.b.op("PRelu", [x, slope])
+        if kind == "SiLU":
+            return self.b.silu(x)
+        if kind == "Clip":
+            lo, hi = self.b.const(np.float32(0)), self.b.const(np.float32(6))
+            return self.b.op("Clip", [x, lo, hi])
+        return self.b.op(kind, [x])
+
+    def conv(self, cout: int, k: int = 3, group: int = 1, bias: bool = True) -> None:
+        self.x = self.act(self.b.conv(self.x, self.c, cout, k, group=group, bias=bias), cout)
+        self.c = cout
+
+    def block(self, kind: str) -> None:
+        b, x, c = self.b, self.x, self.c
+        if kind == "conv":
+            self.conv(self.width(), k=self.draw(st.sampled_from([1, 3])))
+        elif kind == "bn":
+            cout = self.width()
+            self.x = self.act(b.bn(b.conv(x, c, cout, bias=False), cout), cout)
+            self.c = cout
+        elif kind == "residual":
+            mid = self.width()
+            y = b.conv(self.act(b.conv(x, c, mid), mid), mid, c)
+            self.x = self.act(b.op("Add", [x, y]), c)
+        elif kind == "concat":
+            p, q = self.width(), self.width()
+            branches = [self.act(b.conv(x, c, p), p), self.act(b.conv(x, c, q, k=1), q)]
+            self.x = b.op("Concat", branches, axis=1)
+            self.c = p + q
+        elif kind == "split" and c >= 2:
+            s = self.draw(st.integers(1, c - 1))
+            sizes = b.const(np.array([s, c - s], np.int64))
+            left, right = b.op("Split", [x, sizes], n_out=2, axis=1)
+            right = self.act(b.conv(right, c - s, c - s), c - s)
+            self.x = b.op("Concat", [right, left] if self.draw(st.booleans()) else [left, right],
+                          axis=1)  # fmt: skip
+        elif kind == "slice" and c >= 2:
+            start = self.draw(st.integers(0, c - 2))
+            end = self.draw(st.integers(start + 1, c))
+            consts = [b.const(np.array([v], np.int64)) for v in (start, end, 1)]
+            self.x = b.op("Slice", [x, *consts])
+            self.c = end - start
+        elif kind == "depthwise":
+            mult = self.draw(st.sampled_from([1, 1, 2]))
+            self.conv(c * mult, group=c)
+        elif kind == "grouped" and c % 2 == 0 and c >= 4:
+            self.conv(2 * self.draw(st.integers(1, 3)), group=2)
+        elif kind == "se":
+            self.x = b.se(x, c, self.width())
+        elif kind == "reduce_se":  # an SE gate whose squeeze is ReduceMean over H, W
+            r = self.width()
+            s = b.op("ReduceMean", [x], axes=[2, 3], keepdims=1)
+            s = b.op("Relu", [b.conv(s, c, r, k=1)])
+            self.x = b.op("Mul", [x, b.op("Sigmoid", [b.conv(s, r, c, k=1)])])
+        elif kind == "pad":
+            padded = b.op("Pad", [x, b.const(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64))])
+            self.x = b.op("AveragePool", [padded], kernel_shape=[3, 3])
+        elif kind == "identity":
+            self.x = b.op("Dropout", [b.op("Identity", [x])])
+        elif kind == "pool" and self.size >= 4:
+            self.x = b.op("MaxPool", [x], kernel_shape=[2, 2], strides=[2, 2])
+            self.size //= 2
+        elif kind == "pool":
+            self.x = b.op("AveragePool", [x], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+        elif kind == "shuffle" and c % 2 == 0:
+            s = self.size
+            r = b.op("Reshape", [x, b.const(np.array([1, 2, c // 2, s, s], np.int64))])
+            t = b.op("Transpose", [r], perm=[0, 2, 1, 3, 4])
+            self.x = b.op("Reshape", [t, b.const(np.array([1, c, s, s], np.int64))])
+        elif kind == "nhwc":
+            t = b.op("Transpose", [x], perm=[0, 2, 3, 1])
+            t = b.op("Mul", [t, b.const(np.linspace(0.5, 1.5, c, dtype=np.float32))])
+            self.x = b.op("Transpose", [t], perm=[0, 3, 1, 2])
+        elif kind == "resize":
+            self.x = b.op("MaxPool", [b.resize(x, 2.0)], kernel_shape=[2, 2], strides=[2, 2])
+        elif kind == "deconv":
+            cout = self.width()
+            y = b.conv_transpose(x, c, cout)
+            self.x = b.op("AveragePool", [self.act(y, cout)], kernel_shape=[2, 2], strides=[2, 2])
+            self.c = cout
+        else:  # the block does not fit the current shape
+            self.conv(self.width())
+
+    def head(self, kind: str) -> onnx.ModelProto:
+        b, x, c, s = self.b, self.x, self.c, self.size
+        if kind == "gap_gemm":
+            y = b.gap_head(x, c, 3)
+        elif kind == "gmp_gemm":
+            flat = b.op("Flatten", [b.op("GlobalMaxPool", [x])])
+            y = b.op("Gemm", [flat, b.weight(3, c), b.const(np.zeros(3))], transB=1)
+        elif kind == "flatten_gemm":
+            flat = b.op("Flatten", [x], axis=1)
+            y = b.op("Gemm", [flat, b.weight(c * s * s, 3), b.const(np.zeros(3))])
+        elif kind == "reshape_matmul":
+            flat = b.op("Reshape", [x, b.const(np.array([1, c * s * s], np.int64))])
+            y = b.op("Add", [b.op("MatMul", [flat, b.weight(c * s * s, 3)]), b.const(np.ones(3))])
+        else:
+            y = b.conv(x, c, 2, k=1)
+        return b.model([y], ["output"])
+
+
+@st.composite
+def cnn_and_plan(draw):
+    net = Net(draw, draw(st.integers(0, 2**16)))
+    for kind in draw(st.lists(st.sampled_from(BLOCKS), min_size=1, max_size=5)):
+        net.block(kind)
+    model = load_model(net.head(draw(st.sampled_from(HEADS))))
+    return model, draw(st.integers(0, 2**32 - 1))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cnn_and_plan())
+def test_random_plans_on_random_cnns(case):
+    model, seed = case
+    analysis = analyze_channels(model)
+    rng = np.random.default_rng(seed)
+    keep, drop = {}, {}
+    for g in analysis.groups:
+        if g.pinned or rng.random() < 0.2:
+            continue
+        kept = np.sort(rng.choice(g.size, size=rng.integers(1, g.size + 1), replace=False))
+        keep[g.id] = kept.tolist()
+        drop[g.id] = np.setdiff1d(np.arange(g.size), kept).tolist()
+    killed = kill_channels(model, analysis.groups, drop)
+    small = shrink_channels(killed, keep, analysis)
+    onnx.checker.check_model(small, full_check=True)
+    assert [i.name for i in small.graph.input] == [i.name for i in model.graph.input]
+    assert count_parameters(small) == predicted_params(killed, keep, analysis)
+    assert_same_outputs(killed, small)  # names, shapes and values
