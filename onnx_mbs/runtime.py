@@ -119,7 +119,12 @@ def make_session(
         model = model.SerializeToString()
     elif isinstance(model, os.PathLike):
         model = os.fspath(model)
-    return ort.InferenceSession(model, options, providers=list(providers))
+    try:
+        return ort.InferenceSession(model, options, providers=list(providers))
+    except Exception as error:  # onnxruntime raises its own types (Fail, InvalidGraph...)
+        raise BadInputError(
+            f"onnxruntime {ort.__version__} cannot load the model: {_first_line(error)}"
+        ) from None
 
 
 def feed_dtype(session: ort.InferenceSession, input_name: str) -> np.dtype:

@@ -147,3 +147,20 @@ def test_evaluate_needs_labels_in_range():
         evaluate(flatten_model(3), Logits(np.zeros((2, 3)), None), CPU)
     with pytest.raises(BadInputError, match="label 7 does not exist: the model has 3 classes"):
         evaluate(flatten_model(3), Logits(np.zeros((2, 3)), np.array([0, 7])), CPU)
+
+
+def test_a_model_onnxruntime_cannot_load_is_bad_input():
+    from onnx import TensorProto, helper
+
+    from onnx_mbs.runtime import make_session
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "too_new",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 99  # newer than any onnxruntime reads
+    with pytest.raises(BadInputError, match="cannot load the model"):
+        make_session(model, ["CPUExecutionProvider"])
