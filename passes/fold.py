@@ -1,0 +1,143 @@
+"""Fold shape arithmetic to constants once input shapes are fixed.
+
+Exporters often compute a Reshape target at run time (Shape -> Gather ->
+Unsqueeze -> Concat -> Reshape). The channel-group walk cannot cut channels
+against a count read at run time, so it pins such groups. With static shapes
+everywhere (`load_model`), those computations are constants: Shape of a
+tensor with a static shape is known, and a node whose inputs are all
+constants can be evaluated. Folding them leaves the Reshape with a constant
+shape the shrink pass can rewrite.
+
+Only small values are folded (shape arithmetic, not weights): a node is
+evaluated when its inputs are folded values, Constant nodes or small
+initializers, and its output is small. Identity of an initializer is left
+alone, because exporters use it to share weights. Constant nodes become
+initializers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+from .base import Pass, PassResult
+from .graph import GraphIndex, attributes
+
+MAX_ELEMENTS = 4096  # larger values are data, not shape arithmetic
+NOT_FOLDED = {
+    "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+    "Bernoulli", "Identity", "If", "Loop", "Scan",
+}  # fmt: skip
+
+
+def fold_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` (in `load_model` form) with its shape arithmetic folded: a new model, or
+    `model` itself when there is nothing to fold."""
+    index = GraphIndex.build(model)
+    opsets = {o.domain or "": o.version for o in model.opset_import}
+    small = {
+        t.name
+        for t in model.graph.initializer
+        if int(np.prod(t.dims, dtype=np.int64)) <= MAX_ELEMENTS
+    }
+    outputs = set(index.graph_outputs)
+    values: dict[str, np.ndarray] = {}  # folded tensors
+    folded: set[int] = set()  # node positions
+    for k, node in enumerate(index.nodes):
+        if node.domain not in ("", "ai.onnx") or any(o in outputs for o in node.output):
+            continue
+        result = _fold(node, index, values, small, opsets)
+        if result is None:
+            continue
+        folded.add(k)
+        values.update(zip(node.output, result))
+    if not folded:
+        return model
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    kept_nodes = [n for k, n in enumerate(out.graph.node) if k not in folded]
+    needed = {name for n in kept_nodes for name in n.input} | outputs
+    del out.graph.node[:]
+    out.graph.node.extend(kept_nodes)
+    for name, value in values.items():
+        if name in needed:
+            out.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+    # Initializers only the folded nodes read are now unused: drop them.
+    was_read = {name for k in folded for name in index.nodes[k].input}
+    dead = [k for k, t in enumerate(out.graph.initializer) if t.name in was_read - needed]
+    for k in reversed(dead):
+        del out.graph.initializer[k]
+    infos = [vi for vi in out.graph.value_info if vi.name not in values]
+    del out.graph.value_info[:]
+    out.graph.value_info.extend(infos)
+    return out
+
+
+def _fold(
+    node: onnx.NodeProto,
+    index: GraphIndex,
+    values: dict[str, np.ndarray],
+    small: set[str],
+    opsets: dict[str, int],
+) -> list[np.ndarray] | None:
+    """The node's outputs if it can be folded, else None."""
+    op = node.op_type
+    if op == "Constant":
+        return None if node.attribute[0].name == "sparse_value" else [_constant_value(node)]
+    if op in ("Shape", "Size"):
+        shape = index.shapes.get(node.input[0])
+        if shape is None:
+            return None
+        if op == "Size":
+            return [np.array(int(np.prod(shape, dtype=np.int64)), dtype=np.int64)]
+        attrs = attributes(node)
+        start, end, _ = slice(attrs.get("start", 0), attrs.get("end", len(shape))).indices(
+            len(shape)
+        )
+        return [np.array(shape[start:end], dtype=np.int64)]
+    if op in NOT_FOLDED or not node.input:
+        return None
+    feeds = {}
+    for name in node.input:
+        if not name:
+            continue
+        if name in values:
+            feeds[name] = values[name]
+        elif name in small and name in index.initializers:
+            feeds[name] = numpy_helper.to_array(index.initializers[name])
+        else:
+            return None
+    if any(np.asarray(v).size > MAX_ELEMENTS for v in feeds.values()):
+        return None
+    try:
+        results = ReferenceEvaluator(node, opsets=opsets).run(None, feeds)
+    except Exception:  # an op the reference runtime cannot evaluate: leave it
+        return None
+    results = [np.asarray(r) for r in results]
+    if any(r.size > MAX_ELEMENTS for r in results):
+        return None
+    return results
+
+
+def _constant_value(node: onnx.NodeProto) -> np.ndarray:
+    attr = node.attribute[0]
+    if attr.name == "value":
+        return numpy_helper.to_array(attr.t)
+    value = onnx.helper.get_attribute_value(attr)
+    dtype = {"value_float": np.float32, "value_floats": np.float32}.get(attr.name, np.int64)
+    if attr.name in ("value_string", "value_strings"):
+        return np.array(value, dtype=object)
+    return np.array(value, dtype=dtype)
+
+
+class FoldShapes(Pass):
+    """Transform pass: fold shape arithmetic (see module docstring)."""
+
+    name = "fold_shapes"
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        folded = fold_shapes(model)
+        return PassResult(folded, folded is not model)

@@ -1,0 +1,380 @@
+"""The shrink pass: cut channels out of a model according to a keep plan.
+
+A keep plan maps a channel group id to the channels it keeps. Shrinking slices
+every initializer axis recorded as a slot of the group (weights on both axes,
+biases, BatchNorm vectors, per-channel constants, head weights over the
+flattened channel-major rows), rewrites what counts channels (Conv group,
+Split sizes, Slice bounds, Reshape and Resize constants) and updates the
+recorded shapes. Graph inputs and outputs are pinned, so their names and shapes
+stay; node names, opsets and metadata are copied.
+
+An initializer read by several nodes (directly or through Identity, as exporters
+share equal tensors) is sliced once if every reader wants the same cut, and
+copied per distinct cut otherwise.
+
+The output is built field by field and initializers are sliced one at a time,
+so memory stays near the size of the input plus the (smaller) output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .base import Pass, PassResult
+from .channel_groups import ChannelAnalysis, analyze_channels, constant_source, subgraph_names
+from .graph import FLOAT_TYPES, GraphIndex, count_parameters
+
+KeepPlan = Mapping[int, Sequence[int]]
+
+
+@dataclass
+class _Cut:
+    """One output tensor made from `source`: axis -> kept positions, and its readers."""
+
+    source: str
+    name: str
+    axes: dict[int, np.ndarray]
+    shape: tuple[int, ...]
+    uses: list[tuple[int, int]] = field(default_factory=list)  # (node number, input number)
+
+
+def kept_channels(analysis: ChannelAnalysis, keep: KeepPlan) -> np.ndarray:
+    """Whether each channel id is kept under `keep`; checks the plan first.
+
+    A wrong plan is a programming error (the planner made it), hence ValueError.
+    """
+    kept_class = np.ones(len(analysis.root), dtype=bool)
+    for gid, channels in keep.items():
+        if not 0 <= gid < len(analysis.groups):
+            raise ValueError(f"keep plan names group {gid}; the model has {len(analysis.groups)}")
+        group = analysis.groups[gid]
+        idx = np.asarray(list(channels), dtype=np.int64)
+        if idx.size == 0:
+            raise ValueError(f"group {gid}: keep at least one channel")
+        if np.any(np.diff(idx) <= 0) or idx[0] < 0 or idx[-1] >= group.size:
+            raise ValueError(
+                f"group {gid}: channels to keep must be sorted, unique and in [0, {group.size})"
+            )
+        if group.pinned and idx.size < group.size:
+            raise ValueError(
+                f"group {gid} is pinned ({'; '.join(group.pin_reasons)}) and cannot lose channels"
+            )
+        dropped = np.ones(group.size, dtype=bool)
+        dropped[idx] = False
+        kept_class[analysis.classes[gid][dropped]] = False
+    return kept_class[analysis.root]
+
+
+def _source_dims(index: GraphIndex, source: str) -> tuple[tuple[int, ...], int]:
+    if source in index.initializers:
+        tensor = index.initializers[source]
+        return tuple(tensor.dims), tensor.data_type
+    node = index.producer[source]
+    tensor = next(a.t for a in node.attribute if a.name == "value")
+    return tuple(tensor.dims), tensor.data_type
+
+
+def _plan_cuts(
+    index: GraphIndex, analysis: ChannelAnalysis, kept: np.ndarray
+) -> dict[str, list[_Cut]]:
+    """For every constant that loses entries: the distinct cuts its readers need."""
+    wanted: dict[tuple[int, int], dict[int, np.ndarray]] = {}
+    positions: dict[int, np.ndarray | None] = {}  # per id array (slots share them)
+    for slot in analysis.slots:
+        if id(slot.ids) not in positions:
+            mask = kept[slot.ids]
+            positions[id(slot.ids)] = None if mask.all() else np.flatnonzero(mask)
+        if (where := positions[id(slot.ids)]) is not None:
+            wanted.setdefault((slot.node, slot.input), {})[slot.axis] = where
+    sources = {constant_source(index, index.nodes[n].input[i]) for n, i in wanted}
+    if not sources:
+        return {}
+    # Every reader of those constants, directly or through Identity chains (nodes are
+    # in topological order, so one pass finds the chains); graph outputs come first so
+    # that they keep the original.
+    alias = {name: name for name in sources}
+    for node in index.nodes:
+        if node.op_type == "Identity" and node.input[0] in alias:
+            alias[node.output[0]] = alias[node.input[0]]
+    readers: dict[str, list[tuple[int, int]]] = {s: [] for s in sources}
+    for name in index.graph_outputs:
+        if name in alias:
+            readers[alias[name]].append((-1, -1))
+    for n, node in enumerate(index.nodes):
+        if node.op_type != "Identity":
+            for i, name in enumerate(node.input):
+                if name in alias:
+                    readers[alias[name]].append((n, i))
+    plan: dict[str, list[_Cut]] = {}
+    for src, uses in readers.items():
+        dims, _ = _source_dims(index, src)
+        cuts: dict[tuple, _Cut] = {}
+        for use in uses:
+            axes = wanted.get(use, {})
+            key = tuple((a, axes[a].tobytes()) for a in sorted(axes))
+            if key not in cuts:
+                name = src if not cuts else ""  # copies are named by shrink_channels
+                shape = tuple(len(axes[a]) if a in axes else d for a, d in enumerate(dims))
+                cuts[key] = _Cut(src, name, dict(axes), shape)
+            cuts[key].uses.append(use)
+        plan[src] = list(cuts.values())
+    return plan
+
+
+def predicted_params(
+    model: onnx.ModelProto, keep: KeepPlan, analysis: ChannelAnalysis | None = None
+) -> int:
+    """The parameter count (`count_parameters`) `shrink_channels(model, keep)` will have,
+    without building it: the planner calls this many times while solving a budget."""
+    analysis = analysis or analyze_channels(model)
+    kept = kept_channels(analysis, keep)
+    index = GraphIndex.build(model)
+    total = count_parameters(model)
+    for src, cuts in _plan_cuts(index, analysis, kept).items():
+        dims, dtype = _source_dims(index, src)
+        if dtype not in FLOAT_TYPES:
+            continue
+        if src in index.initializers and _counted(index, [u for c in cuts for u in c.uses], src):
+            total -= int(np.prod(dims, dtype=np.int64))
+        for k, cut in enumerate(cuts):
+            # the first cut keeps the source's name (and stays a Constant if it was one)
+            if k == 0:
+                counted = src in index.initializers and _counted(index, cut.uses, src)
+            else:
+                counted = _counted(index, cut.uses, None)
+            if counted:
+                total += int(np.prod(cut.shape, dtype=np.int64))
+    return total
+
+
+def _counted(index: GraphIndex, uses: list[tuple[int, int]], via: str | None) -> bool:
+    """Mirror of `count_parameters`: BatchNorm statistics (inputs 3 and 4) are not
+    parameters. A copy is read directly by all its uses; the original only by the uses
+    that name it (`via`), the others reach it through Identity."""
+    for n, i in uses:
+        if n < 0 or i not in (3, 4):
+            continue
+        node = index.nodes[n]
+        if node.op_type == "BatchNormalization" and (via is None or node.input[i] == via):
+            return False
+    return True
+
+
+def shrink_channels(
+    model: onnx.ModelProto, keep: KeepPlan, analysis: ChannelAnalysis | None = None
+) -> onnx.ModelProto:
+    """A new model keeping, in each group of `keep`, only the listed channels.
+
+    `model` must be in `load_model` form (the one `analysis` was computed on, if
+    given); groups missing from `keep` keep all their channels. The input is not
+    modified.
+    """
+    analysis = analysis or analyze_channels(model)
+    kept = kept_channels(analysis, keep)
+    index = GraphIndex.build(model)
+    plan = _plan_cuts(index, analysis, kept)
+    names = _Names(index)
+    for cuts in plan.values():
+        for k, cut in enumerate(cuts[1:], start=1):
+            cut.name = names.fresh(f"{cut.source}__{k}")
+    out = onnx.ModelProto()
+    _copy_fields(model, out, skip={"graph"})
+    _copy_fields(model.graph, out.graph, skip={"initializer"})
+    nodes = out.graph.node
+
+    new_shapes: dict[str, tuple[int, ...]] = {}  # constants sliced in place
+    for tensor in model.graph.initializer:
+        cuts = plan.get(tensor.name)
+        if not cuts:
+            out.graph.initializer.append(tensor)
+            continue
+        array = numpy_helper.to_array(tensor)
+        for cut in cuts:
+            out.graph.initializer.append(numpy_helper.from_array(_take(array, cut.axes), cut.name))
+        new_shapes[tensor.name] = cuts[0].shape
+    for src, cuts in plan.items():
+        if src in index.initializers:
+            continue
+        node = next(n for n in nodes if src in n.output)  # a Constant node
+        value = next(a for a in node.attribute if a.name == "value")
+        array = numpy_helper.to_array(value.t)
+        value.t.CopyFrom(numpy_helper.from_array(_take(array, cuts[0].axes), src))
+        for cut in cuts[1:]:
+            out.graph.initializer.append(numpy_helper.from_array(_take(array, cut.axes), cut.name))
+        new_shapes[src] = cuts[0].shape
+    for cuts in plan.values():
+        for cut in cuts[1:]:
+            for n, i in cut.uses:
+                nodes[n].input[i] = cut.name
+
+    _apply_edits(out, analysis, kept, names)
+    _update_shapes(out, index, analysis, kept, new_shapes)
+    return out
+
+
+def _take(array: np.ndarray, axes: dict[int, np.ndarray]) -> np.ndarray:
+    for axis, positions in axes.items():
+        array = np.take(array, positions, axis=axis)
+    return array
+
+
+def _apply_edits(
+    out: onnx.ModelProto, analysis: ChannelAnalysis, kept: np.ndarray, names: _Names
+) -> None:
+    """Rewrite attributes and shape constants that count channels."""
+    opset = next((o.version for o in out.opset_import if o.domain in ("", "ai.onnx")), 17)
+    replaced: set[str] = set()
+
+    def set_input(node: onnx.NodeProto, i: int, value: np.ndarray, what: str) -> None:
+        name = names.fresh(f"{node.name}_{what}")
+        out.graph.initializer.append(numpy_helper.from_array(value, name))
+        while len(node.input) <= i:
+            node.input.append("")
+        replaced.add(node.input[i])
+        node.input[i] = name
+
+    for edit in analysis.edits:
+        node = out.graph.node[edit.node]
+        if edit.kind == "group":
+            group = int(kept[edit.ids[0]].sum()) // edit.per
+            _set_attribute(node, "group", group)
+        elif edit.kind == "split":
+            sizes = np.array([int(kept[part].sum()) for part in edit.ids], dtype=np.int64)
+            if np.array_equal(sizes, edit.value):
+                continue
+            if opset >= 13:
+                set_input(node, 1, sizes, "split")
+                _remove_attribute(node, "num_outputs")
+            else:
+                _set_attribute(node, "split", sizes.tolist())
+        elif edit.kind == "slice":
+            mask = kept[edit.ids[0]]
+            start = int(mask[: edit.start].sum())
+            end = start + int(mask[edit.start : edit.end].sum())
+            starts, ends = edit.value.copy(), edit.value2.copy()
+            if (starts[edit.axis], ends[edit.axis]) == (start, end):
+                continue
+            starts[edit.axis], ends[edit.axis] = start, end
+            set_input(node, 1, starts, "starts")
+            set_input(node, 2, ends, "ends")
+        elif edit.kind in ("reshape", "resize"):
+            value = edit.value.copy()
+            if edit.kind == "reshape" and value[edit.axis] <= 0:
+                continue  # -1 or 0: the runtime infers or copies it
+            count = int(kept[edit.ids[0]].sum())
+            if value[edit.axis] == count:
+                continue
+            value[edit.axis] = count
+            set_input(node, 1 if edit.kind == "reshape" else 3, value, edit.kind)
+        else:
+            raise AssertionError(f"unknown edit {edit.kind}")
+    if replaced:  # drop the constants the edits replaced, unless something else reads them
+        used = {name for node in out.graph.node for name in node.input}
+        used |= {name for node in out.graph.node for name in subgraph_names(node)}
+        used |= {o.name for o in out.graph.output}
+        unused = [k for k, t in enumerate(out.graph.initializer) if t.name in replaced - used]
+        for k in reversed(unused):
+            del out.graph.initializer[k]
+        dead = [
+            k for k, n in enumerate(out.graph.node)
+            if n.op_type == "Constant" and n.output[0] in replaced - used
+        ]  # fmt: skip
+        for k in reversed(dead):
+            del out.graph.node[k]
+
+
+def _update_shapes(
+    out: onnx.ModelProto,
+    index: GraphIndex,
+    analysis: ChannelAnalysis,
+    kept: np.ndarray,
+    new_shapes: dict[str, tuple[int, ...]],
+) -> None:
+    """Recorded shapes: channel axes take their kept counts; aliases of sliced constants
+    (Identity outputs) take the new constant's shape."""
+    for node in index.nodes:
+        if node.op_type == "Identity":
+            src = constant_source(index, node.input[0])
+            if src in new_shapes:
+                new_shapes[node.output[0]] = new_shapes[src]
+    counts: dict[str, tuple[int, int]] = {}
+    for name, (axis, ids) in analysis.tensors.items():
+        counts[name] = (axis, int(kept[ids].sum()))
+    for vi in [*out.graph.value_info, *out.graph.output, *out.graph.input]:
+        dims = vi.type.tensor_type.shape.dim
+        if vi.name in new_shapes:
+            for d, size in zip(dims, new_shapes[vi.name]):
+                d.dim_value = size
+        elif vi.name in counts:
+            axis, size = counts[vi.name]
+            if axis < len(dims) and dims[axis].HasField("dim_value"):
+                dims[axis].dim_value = size
+
+
+def _copy_fields(src, dst, skip: set[str]) -> None:
+    """Copy a protobuf message's set fields except `skip` (to avoid copying weights twice)."""
+    for fd, value in src.ListFields():
+        if fd.name in skip:
+            continue
+        target = getattr(dst, fd.name)
+        if fd.is_repeated:
+            target.extend(value)
+        elif fd.type == fd.TYPE_MESSAGE:
+            target.CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+def _set_attribute(node: onnx.NodeProto, name: str, value) -> None:
+    _remove_attribute(node, name)
+    node.attribute.append(onnx.helper.make_attribute(name, value))
+
+
+def _remove_attribute(node: onnx.NodeProto, name: str) -> None:
+    for k, attr in enumerate(node.attribute):
+        if attr.name == name:
+            del node.attribute[k]
+            return
+
+
+class _Names:
+    """Hands out tensor names the model does not use yet."""
+
+    def __init__(self, index: GraphIndex) -> None:
+        self.index = index
+        self.new: set[str] = set()
+
+    def taken(self, name: str) -> bool:
+        index = self.index
+        return (
+            name in self.new
+            or name in index.initializers
+            or name in index.producer
+            or name in index.consumers
+            or name in index.graph_inputs
+            or name in index.graph_outputs
+        )
+
+    def fresh(self, base: str) -> str:
+        name, k = base, 1
+        while self.taken(name):
+            name, k = f"{base}_{k}", k + 1
+        self.new.add(name)
+        return name
+
+
+class ShrinkChannels(Pass):
+    """Transform pass wrapping `shrink_channels` with a fixed keep plan."""
+
+    name = "shrink_channels"
+
+    def __init__(self, keep: KeepPlan) -> None:
+        self.keep = dict(keep)
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        return PassResult(shrink_channels(model, self.keep), bool(self.keep))
