@@ -125,7 +125,7 @@ def reduce(
     lap("load")
 
     before = analyze_model(loaded)
-    channels = analyze_channels(loaded)
+    channels = analyze_channels(loaded, before)
     groups = channels.groups
     activation = activation_tensors(loaded, before)
     lap("analyze")
