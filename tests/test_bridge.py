@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -14,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from onnx_mbs.bridge import OnnxModule, write_back
+from onnx_mbs.models.export import export_onnx
 from onnx_mbs.passes.errors import BadInputError
 
 torch.set_num_threads(1)
@@ -91,24 +90,9 @@ def randomized(net: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def export(net: nn.Module, x: torch.Tensor, keep_bn: bool) -> onnx.ModelProto:
-    f = io.BytesIO()
-    kwargs = (
-        {"training": torch.onnx.TrainingMode.PRESERVE, "do_constant_folding": False}
-        if keep_bn
-        else {}
-    )
-    torch.onnx.export(
-        net,
-        (x,),
-        f,
-        dynamo=False,
-        opset_version=17,
-        input_names=["x"],
-        output_names=["y"],
-        dynamic_axes={"x": {0: "n"}, "y": {0: "n"}},
-        **kwargs,
-    )
-    return onnx.load_from_string(f.getvalue())
+    """The zoo's exporter: BN kept ("train") or folded ("deploy"), dynamic batch."""
+    form = "train" if keep_bn else "deploy"
+    return export_onnx(net, tuple(x.shape), form=form, dynamic_batch=True)
 
 
 @pytest.fixture(scope="module")
@@ -128,12 +112,12 @@ def test_exported_model_matches_ort_and_torch(small_net, x16, keep_bn) -> None:
     ops = {n.op_type for n in model.graph.node}
     assert ("BatchNormalization" in ops) == keep_bn
     module = OnnxModule(model).eval()
-    ours = torch_run(module, {"x": x16})[0]
-    assert_close(ours, ort_run(model, {"x": x16})[0])
+    ours = torch_run(module, {"input": x16})[0]
+    assert_close(ours, ort_run(model, {"input": x16})[0])
     with torch.no_grad():
         assert_close(ours, small_net(torch.from_numpy(x16)).numpy())
     # A different batch size runs too (dynamic batch axis).
-    assert torch_run(module, {"x": x16[:1]})[0].shape == (1, 5)
+    assert torch_run(module, {"input": x16[:1]})[0].shape == (1, 5)
 
 
 def test_parameters_buffers_and_constants(small_net, x16) -> None:
@@ -695,9 +679,9 @@ def test_write_back_round_trip(small_net, x16) -> None:
 
     assert model.SerializeToString() == before
     onnx.checker.check_model(written)
-    new = torch_run(module, {"x": x16})[0]
-    assert_close(ort_run(written, {"x": x16})[0], new)
-    assert not np.allclose(ort_run(model, {"x": x16})[0], new, atol=1e-3)
+    new = torch_run(module, {"input": x16})[0]
+    assert_close(ort_run(written, {"input": x16})[0], new)
+    assert not np.allclose(ort_run(model, {"input": x16})[0], new, atol=1e-3)
 
     assert [(n.name, list(n.input), list(n.output)) for n in written.graph.node] == [
         (n.name, list(n.input), list(n.output)) for n in model.graph.node

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from torch import nn
 
 from onnx_mbs.bridge import OnnxModule, retrain, untie_initializers
 from onnx_mbs.cli import main as cli_main
+from onnx_mbs.models.export import export_onnx
 from onnx_mbs.passes.errors import BadInputError
 
 torch.set_num_threads(1)
@@ -47,26 +47,10 @@ class QuadNet(nn.Module):
 
 
 def export(keep_bn: bool, seed: int = 0) -> onnx.ModelProto:
+    """QuadNet through the zoo's exporter: BN kept ("train") or folded ("deploy")."""
     torch.manual_seed(seed)
-    net = QuadNet().eval()
-    f = io.BytesIO()
-    kwargs = (
-        {"training": torch.onnx.TrainingMode.PRESERVE, "do_constant_folding": False}
-        if keep_bn
-        else {}
-    )
-    torch.onnx.export(
-        net,
-        (torch.zeros(1, 1, 8, 8),),
-        f,
-        dynamo=False,
-        opset_version=17,
-        input_names=["x"],
-        output_names=["logits"],
-        dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}},
-        **kwargs,
-    )
-    return onnx.load_from_string(f.getvalue())
+    form = "train" if keep_bn else "deploy"
+    return export_onnx(QuadNet(), (1, 1, 8, 8), form=form, dynamic_batch=True)
 
 
 def ort_top1(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray) -> float:
@@ -75,20 +59,15 @@ def ort_top1(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray) -> float:
     sess = ort.InferenceSession(
         model.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )
-    logits = sess.run(None, {"x": x})[0]
+    logits = sess.run(None, {"input": x})[0]
     return float((logits.argmax(1) == y).mean())
 
 
 def assert_same_nodes(result: onnx.ModelProto, original: onnx.ModelProto) -> None:
-    """The result has the original's nodes, except Identity(initializer) ties, in order."""
-    kept = untie_initializers(original)
-    assert len(kept.graph.node) < len(original.graph.node)  # this export does tie initializers
+    """The result has exactly the original's nodes (names, types, inputs, outputs), in order."""
     assert [(n.name, n.op_type, list(n.input), list(n.output)) for n in result.graph.node] == [
-        (n.name, n.op_type, list(n.input), list(n.output)) for n in kept.graph.node
+        (n.name, n.op_type, list(n.input), list(n.output)) for n in original.graph.node
     ]
-    assert {n.name for n in original.graph.node} - {n.name for n in result.graph.node} == {
-        n.name for n in original.graph.node if n.op_type == "Identity"
-    }
 
 
 def weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -345,4 +324,4 @@ def test_torchrun_two_processes(tmp_path, train) -> None:
     with torch.no_grad():
         ours = module(torch.from_numpy(x_uint8)).numpy()
     sess = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"])
-    np.testing.assert_allclose(ours, sess.run(None, {"x": x_uint8})[0], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(ours, sess.run(None, {"input": x_uint8})[0], rtol=1e-4, atol=1e-4)
