@@ -188,6 +188,7 @@ def plan_widths(
 
     notes: list[str] = []
     scale = 1.0
+    target = budget.fraction if budget is not None else None
     if strategy == "uniform":
         # The width multiplier: gamma 0 makes every beta equal to the common scale.
         target = budget.fraction if budget is not None else size_at(gamma, 1.0)
@@ -210,8 +211,9 @@ def plan_widths(
             )
     chosen = betas(gamma, scale)
     counts = _counts(groups, chosen, channel_multiple)
+    if target is not None:  # a budget, or the size uniform is matched to
+        counts = _nudge(counts, groups, metric, target, channel_multiple)
     if budget is not None:
-        counts = _nudge(counts, groups, metric, budget.fraction, channel_multiple)
         if metric(counts) > budget.fraction + 0.02:
             smallest = _counts(groups, [beta_min] * len(redundancy), channel_multiple)
             raise BadInputError(
