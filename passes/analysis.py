@@ -181,11 +181,7 @@ def analyze_model(model: onnx.ModelProto) -> ModelAnalysis:
             for t in tensors[1:]:
                 blocks.union(tensors[0], t)
 
-    layers_raw = []
-    for order, node in enumerate(index.nodes):
-        if node.op_type not in CONV_OPS or node.output[0] not in resolution:
-            continue
-        layers_raw.append((order, node))
+    convs = [n for n in index.nodes if n.op_type in CONV_OPS and n.output[0] in resolution]
 
     # Group layers by macroblock, ordered by where each macroblock's first tensor
     # appears (a stride-2 branch may run before the convs of the resolution it leaves).
@@ -195,7 +191,7 @@ def analyze_model(model: onnx.ModelProto) -> ModelAnalysis:
             if t in resolution:
                 first_seen.setdefault(blocks.find(t), position)
     by_root: dict[str, list[onnx.NodeProto]] = {}
-    for _, node in layers_raw:
+    for node in convs:
         by_root.setdefault(blocks.find(node.output[0]), []).append(node)
     roots = {r: by_root[r] for r in sorted(by_root, key=lambda r: first_seen.get(r, -1))}
 
