@@ -1,4 +1,4 @@
-"""Framework-neutral ONNX passes for Macroblock Scaling (onnx, onnx-graphsurgeon, numpy only).
+"""Framework-neutral ONNX passes for Macroblock Scaling (onnx and numpy only).
 
 Load -> analyse -> group channels -> cost -> choose -> shrink: each step is a
 function returning a new model or a plain dataclass, and the transforms are
