@@ -17,6 +17,7 @@ _LAZY = {
     "Budget": "onnx_mbs.plan",
     "ReduceReport": "onnx_mbs.pipeline",
     "reduce": "onnx_mbs.pipeline",
+    "MacroblockScaling": "onnx_mbs.pipeline",
     "save_model": "onnx_mbs.save",
     "evaluate": "onnx_mbs.evaluate",
     "retrain": "onnx_mbs.bridge",

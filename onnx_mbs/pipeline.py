@@ -20,6 +20,8 @@ from onnx_mbs.evaluate import EvalResult, evaluate
 from onnx_mbs.passes import (
     BadInputError,
     ModelAnalysis,
+    Pass,
+    PassResult,
     analyze_model,
     count_parameters,
     load_model,
@@ -200,9 +202,7 @@ def _has_labels(source: DataSource) -> bool:
 def activation_importance(stats: ActivationStats, activation: Mapping[str, str | None]):
     """`--importance act`: a channel's score is the mean |activation| it produces,
     summed over the group's producer convs (read at each one's first activation)."""
-    per_layer = {
-        layer: stats.tensors[t].channel_mean_abs for layer, t in activation.items() if t
-    }
+    per_layer = {layer: stats.tensors[t].channel_mean_abs for layer, t in activation.items() if t}
 
     def score(model: onnx.ModelProto, group: ChannelGroup) -> np.ndarray:
         total = np.zeros(group.size)
@@ -212,3 +212,23 @@ def activation_importance(stats: ActivationStats, activation: Mapping[str, str |
         return total if total.any() else l1_importance(model, group)
 
     return score
+
+
+class MacroblockScaling(Pass):
+    """`reduce` as a pass, to compose with the graph passes:
+
+        Sequential(FixInputShapes({"input": [1, 3, 224, 224]}),
+                   MacroblockScaling("calib/", budget="params=0.5"))(model)
+
+    The result's model is the reduced one; `result["mbs"]` is the ReduceReport.
+    """
+
+    name = "mbs"
+
+    def __init__(self, data: Any, **options: Any) -> None:
+        self.data = data
+        self.options = {"progress": False, "evaluate_accuracy": False, **options}
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        reduced, report = reduce(model, self.data, **self.options)
+        return PassResult(reduced, report.plan.changes_anything, {self.name: report})

@@ -213,13 +213,12 @@ def plan_widths(
     counts = _counts(groups, chosen, channel_multiple)
     if target is not None:  # a budget, or the size uniform is matched to
         counts = _nudge(counts, groups, metric, target, channel_multiple)
-    if budget is not None:
-        if metric(counts) > budget.fraction + 0.02:
-            smallest = _counts(groups, [beta_min] * len(redundancy), channel_multiple)
-            raise BadInputError(
-                f"budget {budget} cannot be reached: the smallest plan keeps "
-                f"{metric(smallest):.1%} (pinned groups stay whole); ask for a larger fraction"
-            )
+    if budget is not None and metric(counts) > budget.fraction + 0.02:
+        smallest = _counts(groups, [beta_min] * len(redundancy), channel_multiple)
+        raise BadInputError(
+            f"budget {budget} cannot be reached: the smallest plan keeps "
+            f"{metric(smallest):.1%} (pinned groups stay whole); ask for a larger fraction"
+        )
     params_after, macs_after = cost(counts)
     blocks = [
         MacroblockPlan(

@@ -299,3 +299,21 @@ def test_python_reader_protocol(bundled_model_path):
     assert not report.accuracy  # no labels, no accuracy
     with pytest.raises(BadInputError, match="importance"):
         reduce(str(bundled_model_path), Reader(), importance="random", progress=False)
+
+
+def test_reduce_composes_as_a_pass(bundled_model_path):
+    from onnx_mbs import MacroblockScaling
+    from onnx_mbs.passes import FixInputShapes, Sequential
+
+    result = Sequential(
+        FixInputShapes({"input": [1, 1, 28, 28]}),
+        MacroblockScaling(
+            str(bundled_model_path.parent / "fmnist_sample.npz"), budget="params=0.5", limit=64
+        ),
+    )(onnx.load(bundled_model_path))
+    report = result["mbs"]
+    assert result.modified
+    assert count_parameters(result.model) == report.after.total_params
+    assert count_parameters(result.model) / report.before.total_params == pytest.approx(
+        0.5, abs=0.02
+    )
