@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 
@@ -237,16 +238,20 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     )
     if rank != 0:
         return 0
+
+    def val(top1: float) -> str:
+        return "no validation data" if math.isnan(top1) else f"val top-1 {top1:.2%}"
+
     for e in result.history:
         print(
             f"epoch {e.epoch + 1}: loss {e.train_loss:.4f}  train acc {e.train_acc:.2%}  "
-            f"val top-1 {e.val_top1:.2%}  ({e.seconds:.1f}s)",
+            f"{val(e.val_top1)}  ({e.seconds:.1f}s)",
             file=sys.stderr,
         )
+    kept = f"best epoch {result.best_epoch + 1}" if args.val else "last epoch"
     print(
-        f"best epoch {result.best_epoch + 1}: val top-1 {result.best_val_top1:.2%}; "
-        f"{result.images_per_second:.0f} images/s on {result.device} "
-        f"x{result.world_size}"
+        f"{kept}: {val(result.best_val_top1)}; {result.images_per_second:.0f} images/s on "
+        f"{result.device} x{result.world_size}"
     )
     save_model(with_io_of(result.model, original), args.output)
     print(f"wrote {args.output}", file=sys.stderr)
