@@ -83,7 +83,8 @@ def _print_reduce_summary(report, args: argparse.Namespace) -> None:
     err = sys.stderr
     print(f"data: {report.data}", file=err)
     print(f"preprocessing: {report.preprocessing}", file=err)
-    print(f"statistics: {report.samples} samples on {report.provider}", file=err)
+    if report.samples:
+        print(f"statistics: {report.samples} samples on {report.provider}", file=err)
     print(format_table(MACROBLOCK_HEADERS, macroblock_rows(report)))
     before, after = report.before, report.after
     print(
@@ -118,10 +119,10 @@ def _print_reduce_summary(report, args: argparse.Namespace) -> None:
 def cmd_reduce(args: argparse.Namespace) -> int:
     from onnx_mbs.pipeline import reduce
     from onnx_mbs.report import report_dict, write_report
-    from onnx_mbs.save import check_output_path, save_model
+    from onnx_mbs.save import check_output_path, default_output, save_model
 
     if args.output is None and not args.dry_run:
-        raise BadInputError("reduce needs -o OUT (or --dry-run to only print the plan)")
+        args.output = default_output(args.model)
     if args.output is not None:
         check_output_path(args.output, args.model)
     reduced, report = reduce(
@@ -303,11 +304,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reduce", help="shrink Conv widths per macroblock with MBS")
     p.add_argument("model", help="ONNX model file")
-    p.add_argument("-o", "--output", help="where to write the reduced model")
+    p.add_argument(
+        "-o",
+        "--output",
+        help="where to write the reduced model (default: MODEL with .mbs.onnx next to it)",
+    )
     p.add_argument(
         "--data",
-        required=True,
-        help="calibration data: image folder, .npz (x, y) or IDX folder[:train|:test]",
+        help="calibration data: image folder, .npz (x, y) or IDX folder[:train|:test]; "
+        "without it every activation ratio is 1 (MACs and receptive fields only)",
     )
     p.add_argument("--budget", help="params=F or flops=F: fraction of the model to keep")
     p.add_argument("--gamma", type=float, default=0.5, help="MBS exponent (default 0.5)")

@@ -79,7 +79,7 @@ def metadata(model: onnx.ModelProto) -> dict[str, str]:
 
 def reduce(
     model: str | os.PathLike | onnx.ModelProto,
-    data: Any,
+    data: Any = None,
     *,
     budget: Budget | str | None = None,
     gamma: float = 0.5,
@@ -99,7 +99,9 @@ def reduce(
     """Reduce `model` with MBS; returns the smaller model and what was measured.
 
     `data` is a --data spec (folder, .npz, IDX folder) or a Python reader
-    yielding input dicts. The input model is never modified.
+    yielding input dicts; without data every activation ratio is taken as 1,
+    so MBS works from MACs and receptive fields alone. The input model is
+    never modified.
     """
     if isinstance(budget, str):
         budget = Budget.parse(budget)
@@ -121,9 +123,13 @@ def reduce(
     runnable = with_io_of(loaded, original)
     batch_size = static_batch(original) or batch_size
     name, shape = model_input(loaded)
-    source: DataSource = open_data(
-        data, name, shape, mean=mean, std=std, limit=limit, metadata=metadata(loaded)
-    )
+    source: DataSource | None = None
+    if data is not None:
+        source = open_data(
+            data, name, shape, mean=mean, std=std, limit=limit, metadata=metadata(loaded)
+        )
+    elif importance == "act":
+        raise BadInputError("--importance act ranks channels by activations: give --data")
     lap("load")
 
     before = analyze_model(loaded)
@@ -132,17 +138,19 @@ def reduce(
     activation = activation_tensors(loaded, before)
     lap("analyze")
 
-    measured = sorted({t for t in activation.values() if t})
-    stats: ActivationStats = collect_stats(
-        runnable,
-        measured,
-        source,
-        provider_list,
-        batch_size=batch_size,
-        progress=progress,
-        magnitudes=importance == "act",  # sum |x| is only needed to rank by activations
-    )
-    rho = {layer: (stats.tensors[t].ratio if t else 1.0) for layer, t in activation.items()}
+    stats: ActivationStats | None = None
+    rho = dict.fromkeys(activation, 1.0)  # no data: effective flops are plain MACs
+    if source is not None:
+        stats = collect_stats(
+            runnable,
+            sorted({t for t in activation.values() if t}),
+            source,
+            provider_list,
+            batch_size=batch_size,
+            progress=progress,
+            magnitudes=importance == "act",  # sum |x| is only needed to rank by activations
+        )
+        rho = {layer: (stats.tensors[t].ratio if t else 1.0) for layer, t in activation.items()}
     lap("statistics")
 
     cost = CostModel.build(loaded, channels, before)
@@ -160,7 +168,11 @@ def reduce(
     )
     lap("plan")
 
-    scorer = l1_importance if importance == "l1" else activation_importance(stats, activation)
+    scorer = (
+        activation_importance(stats, activation)
+        if stats is not None and importance == "act"
+        else l1_importance
+    )
     keep = choose_channels(loaded, groups, plan.counts, importance=scorer)
     shrunk = shrink_channels(loaded, keep, channels) if plan.changes_anything else loaded
     after = analyze_model(load_model(shrunk))
@@ -173,10 +185,13 @@ def reduce(
     lap("shrink")
 
     report = ReduceReport(
-        provider=stats.provider,
-        data=source.description,
-        preprocessing=source.preprocess.describe() if source.preprocess else "none (reader)",
-        samples=stats.samples,
+        provider=stats.provider if stats else "none",
+        data=source.description
+        if source
+        else "none: rho = 1 everywhere (MACs and receptive "
+        "fields only; give --data to measure activations)",
+        preprocessing=_preprocessing(source),
+        samples=stats.samples if stats else 0,
         before=before,
         after=after,
         rho=rho,
@@ -185,13 +200,19 @@ def reduce(
         groups=groups,
         timings=timings,
     )
-    if evaluate_accuracy and _has_labels(source):
+    if evaluate_accuracy and source is not None and _has_labels(source):
         for key, candidate in (("before", runnable), ("after", reduced)):
             report.accuracy[key] = evaluate(
                 candidate, source, provider_list, batch_size=batch_size, progress=False
             )
         lap("evaluate")
     return reduced, report
+
+
+def _preprocessing(source: DataSource | None) -> str:
+    if source is None:
+        return "none (no data)"
+    return source.preprocess.describe() if source.preprocess else "none (reader)"
 
 
 def _has_labels(source: DataSource) -> bool:

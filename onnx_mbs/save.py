@@ -31,6 +31,13 @@ def check_output_path(output: str | os.PathLike, *inputs: str | os.PathLike | No
     return out
 
 
+def default_output(model: str | os.PathLike) -> Path:
+    """`model.onnx` -> `model.mbs.onnx` beside it: `onnx-mbs reduce model.onnx` needs no -o."""
+    path = Path(model)
+    stem = path.name[: -len(".onnx")] if path.name.endswith(".onnx") else path.name
+    return path.with_name(f"{stem}.mbs.onnx")
+
+
 def save_model(model: onnx.ModelProto, output: str | os.PathLike) -> Path:
     """Write to a temporary file next to `output`, then rename: readers never see half a model."""
     out = Path(output)

@@ -317,3 +317,21 @@ def test_reduce_composes_as_a_pass(bundled_model_path):
     assert count_parameters(result.model) / report.before.total_params == pytest.approx(
         0.5, abs=0.02
     )
+
+
+def test_reduce_model_onnx_alone(bundled_model_path, tmp_path, capsys):
+    """`onnx-mbs reduce model.onnx`: no data (rho = 1), output beside the input."""
+    model = tmp_path / "model.onnx"
+    model.write_bytes(bundled_model_path.read_bytes())
+    assert main(["reduce", str(model)]) == 0
+    err = capsys.readouterr().err
+    assert "rho = 1" in err and "statistics:" not in err
+    written = tmp_path / "model.mbs.onnx"
+    reduced = onnx.load(written)
+    onnx.checker.check_model(reduced, full_check=True)
+    assert count_parameters(reduced) < count_parameters(onnx.load(model))
+    # Without data the plan follows MACs: every rho is 1 in the report.
+    _, report = reduce(str(model), progress=False)
+    assert set(report.rho.values()) == {1.0} and report.samples == 0
+    with pytest.raises(BadInputError, match="give --data"):
+        reduce(str(model), importance="act", progress=False)
