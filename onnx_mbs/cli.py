@@ -18,7 +18,7 @@ from onnx_mbs.passes import (
     parse_input_shape,
     read_model,
 )
-from onnx_mbs.passes.load import static_batch, with_io_of
+from onnx_mbs.passes.load import declared_io, static_batch, with_io_of
 
 
 def _input_shapes(specs: Sequence[str] | None) -> dict[str, list[int]]:
@@ -183,14 +183,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from onnx_mbs.runtime import choose_providers
 
     providers = choose_providers(args.providers)
+    shapes = _input_shapes(args.input_shape)
     original = read_model(args.model)
-    model = load_model(original, _input_shapes(args.input_shape))
+    model = load_model(original, shapes)
     source = _open_for_model(args.data, model, args, args.limit)
     result = evaluate(
-        with_io_of(model, original),
+        with_io_of(model, declared_io(original, shapes)),
         source,
         providers,
-        batch_size=static_batch(original) or args.batch_size,
+        batch_size=static_batch(declared_io(original, shapes)) or args.batch_size,
         progress=not args.json,
     )
     if args.json:
@@ -218,9 +219,10 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     from onnx_mbs.save import check_output_path, save_model
 
     check_output_path(args.output, args.model, args.teacher)
+    shapes = _input_shapes(args.input_shape)
     original = read_model(args.model)
-    model = load_model(original, _input_shapes(args.input_shape))
-    teacher = load_model(args.teacher, _input_shapes(args.input_shape)) if args.teacher else None
+    model = load_model(original, shapes)
+    teacher = load_model(args.teacher, shapes) if args.teacher else None
     train = _open_for_model(args.data, model, args, args.limit)
     val = _open_for_model(args.val, model, args, args.val_limit) if args.val else None
     rank = int(os.environ.get("RANK", "0"))
@@ -254,7 +256,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         f"{kept}: {val(result.best_val_top1)}; {result.images_per_second:.0f} images/s on "
         f"{result.device} x{result.world_size}"
     )
-    save_model(with_io_of(result.model, original), args.output)
+    save_model(with_io_of(result.model, declared_io(original, shapes)), args.output)
     print(f"wrote {args.output}", file=sys.stderr)
     return 0
 

@@ -30,9 +30,8 @@ from onnx_mbs.passes import (
 from onnx_mbs.passes.activations import activation_tensors
 from onnx_mbs.passes.channel_groups import FILTERS, ChannelGroup, analyze_channels
 from onnx_mbs.passes.cost import CostModel
-from onnx_mbs.passes.fold import fold_shapes
 from onnx_mbs.passes.importance import choose_channels, l1_importance
-from onnx_mbs.passes.load import static_batch, with_io_of
+from onnx_mbs.passes.load import declared_io, static_batch, with_io_of
 from onnx_mbs.passes.shrink import shrink_channels
 from onnx_mbs.plan import Budget, GroupInfo, Plan, plan_widths
 from onnx_mbs.runtime import choose_providers
@@ -118,10 +117,12 @@ def reduce(
 
     provider_list = choose_providers(providers)
     original = read_model(model)
-    loaded = fold_shapes(load_model(original, input_shapes))
-    # onnxruntime runs the model with its own input declarations (dynamic batch kept).
-    runnable = with_io_of(loaded, original)
-    batch_size = static_batch(original) or batch_size
+    loaded = load_model(original, input_shapes)
+    # What the written model declares: the input's I/O, with only the user's shapes
+    # applied (a dynamic batch stays dynamic). onnxruntime runs with the same.
+    declared = declared_io(original, input_shapes)
+    runnable = with_io_of(loaded, declared)
+    batch_size = static_batch(declared) or batch_size
     name, shape = model_input(loaded)
     source: DataSource | None = None
     if data is not None:
@@ -177,7 +178,7 @@ def reduce(
     shrunk = shrink_channels(loaded, keep, channels) if plan.changes_anything else loaded
     after = analyze_model(load_model(shrunk))
     # Nothing to cut: hand back the input model itself, not a re-serialised copy.
-    reduced = with_io_of(shrunk, original) if plan.changes_anything else original
+    reduced = with_io_of(shrunk, declared) if plan.changes_anything else original
     onnx.checker.check_model(reduced, full_check=True)
     # The plan's sizes were predictions; report what the written model has.
     plan.params = (plan.params[0], count_parameters(reduced))

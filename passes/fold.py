@@ -53,6 +53,22 @@ def fold_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
             continue
         folded.add(k)
         values.update(zip(node.output, result))
+    # A Constant read only by nodes that stay is left as it is: turning it into an
+    # initializer changes nothing but would count, say, Clip bounds as parameters.
+    readers_kept = {
+        name for k, node in enumerate(index.nodes) if k not in folded for name in node.input
+    }
+    feeds_folded = {name for k in folded for name in index.nodes[k].input}
+    left = {
+        k
+        for k in folded
+        if index.nodes[k].op_type == "Constant"
+        and index.nodes[k].output[0] not in feeds_folded
+        and index.nodes[k].output[0] in readers_kept
+    }
+    folded -= left
+    for k in left:
+        values.pop(index.nodes[k].output[0])
     if not folded:
         return model
 

@@ -10,12 +10,14 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
+from onnx import numpy_helper
 
 from .base import Pass, PassResult
 from .errors import BadInputError
-from .graph import static_shape
+from .graph import GraphIndex, static_shape
 
 InputShapes = Mapping[str, Sequence[int]]
 
@@ -86,15 +88,16 @@ def read_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
 class FixInputShapes(Pass):
     """Make every graph input fully static.
 
-    A dynamic batch dimension alone becomes 1; any other dynamic dimension must
-    be given (`--input-shape NAME:1,3,224,224`), because MACs, macroblocks and
-    channel plans all depend on spatial sizes.
+    A dynamic batch dimension alone becomes `batch` (1; None leaves it dynamic);
+    any other dynamic dimension must be given (`--input-shape NAME:1,3,224,224`),
+    because MACs, macroblocks and channel plans all depend on spatial sizes.
     """
 
     name = "fix_input_shapes"
 
-    def __init__(self, shapes: InputShapes | None = None) -> None:
+    def __init__(self, shapes: InputShapes | None = None, batch: int | None = 1) -> None:
         self.shapes = dict(shapes or {})
+        self.batch = batch
 
     def call(self, model: onnx.ModelProto) -> PassResult:
         initializers = {t.name for t in model.graph.initializer}
@@ -142,8 +145,9 @@ class FixInputShapes(Pass):
                 continue
             dynamic = [k for k, d in enumerate(dims) if not d.HasField("dim_value")]
             if dynamic == [0]:
-                dims[0].dim_value = 1
-                modified = True
+                if self.batch is not None:
+                    dims[0].dim_value = self.batch
+                    modified = True
                 continue
             shown = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
             raise BadInputError(
@@ -154,9 +158,13 @@ class FixInputShapes(Pass):
 
 
 class InferShapes(Pass):
-    """Run ONNX shape inference and insist every Conv-family output got a static shape."""
+    """Run ONNX shape inference and (by default) insist every Conv-family output got a
+    static shape."""
 
     name = "infer_shapes"
+
+    def __init__(self, check_static: bool = True) -> None:
+        self.check_static = check_static
 
     def call(self, model: onnx.ModelProto) -> PassResult:
         try:
@@ -164,15 +172,21 @@ class InferShapes(Pass):
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BadInputError(f"shape inference failed: {first}") from None
-        known = {vi.name for vi in inferred.graph.value_info if static_shape(vi) is not None}
-        known |= {vi.name for vi in inferred.graph.output if static_shape(vi) is not None}
-        for node in inferred.graph.node:
-            if node.op_type in ("Conv", "ConvTranspose") and node.output[0] not in known:
-                raise BadInputError(
-                    f"the output shape of {node.op_type} {node.name!r} is not static after "
-                    "shape inference; fix the input shapes with --input-shape"
-                )
+        if self.check_static:
+            _check_static(inferred)
         return PassResult(inferred, True)
+
+
+def _check_static(inferred: onnx.ModelProto) -> None:
+    """Every Conv-family output needs a static shape: MACs and widths depend on it."""
+    known = {vi.name for vi in inferred.graph.value_info if static_shape(vi) is not None}
+    known |= {vi.name for vi in inferred.graph.output if static_shape(vi) is not None}
+    for node in inferred.graph.node:
+        if node.op_type in ("Conv", "ConvTranspose") and node.output[0] not in known:
+            raise BadInputError(
+                f"the output shape of {node.op_type} {node.name!r} is not static after "
+                "shape inference; fix the input shapes with --input-shape"
+            )
 
 
 class NameNodes(Pass):
@@ -199,11 +213,106 @@ class NameNodes(Pass):
 def load_model(
     source: str | os.PathLike | onnx.ModelProto, input_shapes: InputShapes | None = None
 ) -> onnx.ModelProto:
-    """Read, check, fix input shapes, name nodes and infer shapes: the model every pass expects."""
-    model = read_model(source)
-    for step in (FixInputShapes(input_shapes), NameNodes(), InferShapes()):
-        model = step(model).model
+    """Read, check, fix input shapes, name nodes, then infer shapes and fold shape
+    arithmetic until both settle: the model every pass expects.
+
+    Exporters compute Reshape targets at run time (Shape -> Gather -> Concat); shape
+    inference cannot see through all of that, folding it can, and then inference
+    goes further. A dynamic batch is taken as 1; shape constants that follow the
+    batch are kept batch-agnostic (see `_keep_batch_dynamic`).
+    """
+    named = NameNodes()(read_model(source)).model
+    model = _settle(named, input_shapes, batch=1)
+    if _has_dynamic_batch(named, input_shapes):
+        model = _keep_batch_dynamic(model, _settle(named, input_shapes, batch=2))
     return model
+
+
+def declared_io(
+    source: onnx.ModelProto, input_shapes: InputShapes | None = None
+) -> onnx.ModelProto:
+    """`source` with only the user's input shapes applied: the inputs and outputs a
+    written model declares (a dynamic batch stays dynamic)."""
+    return FixInputShapes(input_shapes, batch=None)(source).model
+
+
+def _settle(
+    model: onnx.ModelProto, input_shapes: InputShapes | None, batch: int
+) -> onnx.ModelProto:
+    from .fold import fold_shapes  # fold builds on this module's load form
+
+    model = FixInputShapes(input_shapes, batch=batch)(model).model
+    # Each round can only fold Shapes whose inputs the last inference reached, so a
+    # chain of k dependent Shape computations needs up to k + 1 rounds.
+    rounds = 2 + sum(n.op_type == "Shape" for n in model.graph.node)
+    for _ in range(rounds):
+        model = InferShapes(check_static=False)(model).model
+        folded = fold_shapes(model)
+        if folded is model:
+            break
+        model = folded
+    _check_static(model)
+    return model
+
+
+def _has_dynamic_batch(model: onnx.ModelProto, input_shapes: InputShapes | None) -> bool:
+    given = set(input_shapes or {})
+    initializers = {t.name for t in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name in initializers or vi.name in given or "" in given:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            return True
+    return False
+
+
+def _keep_batch_dynamic(at_one: onnx.ModelProto, at_two: onnx.ModelProto) -> onnx.ModelProto:
+    """Make folded constants that depend on the batch size batch-agnostic.
+
+    The same model folded at batch 1 and at batch 2: constants that differ
+    follow the batch. A Reshape target whose first entry is the batch becomes 0
+    there (ONNX: copy that dimension from the input), which holds for any batch;
+    anything else is refused rather than written for batch 1 only.
+    """
+    other = {t.name: numpy_helper.to_array(t) for t in at_two.graph.initializer}
+    index = GraphIndex.build(at_one)
+    changed: dict[str, np.ndarray] = {}
+    for tensor in at_one.graph.initializer:
+        if tensor.name not in other:
+            continue
+        one, two = numpy_helper.to_array(tensor), other[tensor.name]
+        if one.shape == two.shape and np.array_equal(one, two):
+            continue
+        readers = index.consumers.get(tensor.name, [])
+        reshape = len(readers) == 1 and readers[0].op_type == "Reshape"
+        data = readers[0].input[0] if reshape else ""
+        if (
+            reshape
+            and readers[0].input[1] == tensor.name
+            and one.shape == two.shape
+            and np.flatnonzero(one != two).tolist() == [0]
+            and (one[0], two[0]) == (1, 2)
+            and index.shapes.get(data, (0,))[0] == 1
+        ):
+            fixed = one.copy()
+            fixed[0] = 0
+            changed[tensor.name] = fixed
+            continue
+        names = ", ".join(i.name for i in at_one.graph.input if i.name not in index.initializers)
+        raise BadInputError(
+            f"the model computes {tensor.name!r} from the batch size in a way onnx-mbs cannot "
+            f"keep dynamic; fix the batch with --input-shape ({names}) and the reduced model "
+            "takes that batch"
+        )
+    if not changed:
+        return at_one
+    out = onnx.ModelProto()
+    out.CopyFrom(at_one)
+    for tensor in out.graph.initializer:
+        if tensor.name in changed:
+            tensor.CopyFrom(numpy_helper.from_array(changed[tensor.name], tensor.name))
+    return out
 
 
 def with_io_of(model: onnx.ModelProto, reference: onnx.ModelProto) -> onnx.ModelProto:

@@ -124,6 +124,13 @@ class Builder:
         return model
 
 
+def load_unfolded(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`load_model`'s form without its shape folding: for tests of what folding changes."""
+    from onnx_mbs.passes import FixInputShapes, InferShapes, NameNodes, Sequential
+
+    return Sequential(FixInputShapes(), NameNodes(), InferShapes())(model).model
+
+
 # -- deployment-shaped graphs ------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ from graphs import (
     Builder,
     assert_same_outputs,
     kill_channels,
+    load_unfolded,
     mobilenetv3_like,
     shape_arith_head,
 )
@@ -246,7 +247,7 @@ def test_flatten_head_rows_are_channel_major():
 
 
 def test_shape_read_at_run_time_pins_until_folded():
-    model = load_model(shape_arith_head())
+    model = load_unfolded(shape_arith_head())
     conv2 = next(n for n in model.graph.node if n.name == "conv2").output[0]
     pinned = only_group(find_channel_groups(model), conv2)
     assert pinned.pin_reasons == [

@@ -1,0 +1,110 @@
+"""Dynamic-batch exports whose shape arithmetic reads the batch: reduced models keep the batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_mbs.models.export import export_onnx, randomize_batchnorm
+from onnx_mbs.models.zoo import ZOO
+from onnx_mbs.passes import BadInputError, analyze_model, load_model
+from onnx_mbs.pipeline import reduce
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def _calibration(tmp_path, shape) -> str:
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "x.npz", x=rng.integers(0, 256, (8, *shape), dtype=np.uint8))
+    return str(tmp_path / "x.npz")
+
+
+class ViewHead(torch.nn.Module):
+    """The classic `x.view(x.size(0), -1)` head: Shape -> Gather -> Concat -> Reshape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(16, 16, 3, padding=1)
+        self.conv3 = torch.nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = torch.nn.Linear(16 * 4 * 4, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.conv3(torch.relu(self.conv2(torch.relu(self.conv1(x))))))
+        x = torch.nn.functional.max_pool2d(x, 2)
+        return self.fc(x.view(x.size(0), -1))
+
+
+@pytest.mark.parametrize("name", ["view_head", "shufflenet_v2"])
+def test_reduced_dynamic_batch_models_run_at_any_batch(name, tmp_path):
+    torch.manual_seed(0)
+    if name == "view_head":
+        model = export_onnx(ViewHead(), (1, 3, 8, 8), dynamic_batch=True)
+        assert "Shape" in {n.op_type for n in model.graph.node}
+    else:
+        entry = ZOO[name]
+        model = export_onnx(
+            randomize_batchnorm(entry.build()), entry.test_input_shape, dynamic_batch=True
+        )
+    shape = [d.dim_value for d in load_model(model).graph.input[0].type.tensor_type.shape.dim]
+    small, report = reduce(
+        model,
+        _calibration(tmp_path, shape[1:]),
+        budget="params=0.6",
+        progress=False,
+        evaluate_accuracy=False,
+    )
+    assert report.plan.changes_anything
+    assert not small.graph.input[0].type.tensor_type.shape.dim[0].HasField("dim_value")
+    x = np.random.default_rng(1).standard_normal((3, *shape[1:])).astype(np.float32)
+    assert _run(small, x).shape == _run(model, x).shape
+    # Keeping every channel changes nothing, at a batch other than the analysed one.
+    same, _ = reduce(
+        model,
+        _calibration(tmp_path, shape[1:]),
+        budget="params=1",
+        progress=False,
+        evaluate_accuracy=False,
+    )
+    np.testing.assert_allclose(_run(same, x), _run(model, x), atol=1e-5)
+
+
+def test_batch_in_another_place_is_refused_with_one_line():
+    """Reshape to (16, N): the batch is not the leading entry, so it cannot be kept dynamic."""
+    w = numpy_helper.from_array(np.ones((4, 3, 1, 1), np.float32), "w")
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+        helper.make_node("Flatten", ["c"], ["f"], name="flatten"),
+        helper.make_node("Shape", ["f"], ["s"], name="shape"),
+        helper.make_node("Gather", ["s", "zero"], ["n"], name="batch", axis=0),
+        helper.make_node("Unsqueeze", ["n", "zero1d"], ["n1"], name="unsqueeze"),
+        helper.make_node("Concat", ["sixteen", "n1"], ["target"], name="concat", axis=0),
+        helper.make_node("Transpose", ["f"], ["t"], name="transpose", perm=[1, 0]),
+        helper.make_node("Reshape", ["t", "target"], ["y"], name="reshape"),
+    ]
+    consts = [
+        w,
+        numpy_helper.from_array(np.array(0, np.int64), "zero"),
+        numpy_helper.from_array(np.array([0], np.int64), "zero1d"),
+        numpy_helper.from_array(np.array([16], np.int64), "sixteen"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "batch_last",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 2, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16, "N"])],
+        consts,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    with pytest.raises(BadInputError, match="from the batch size.*--input-shape"):
+        load_model(model)
+    # With the batch fixed by the user it loads (and the model takes that batch).
+    fixed = load_model(model, {"x": [2, 3, 2, 2]})
+    assert analyze_model(fixed).total_macs == 2 * 2 * 2 * 3 * 4
