@@ -222,9 +222,9 @@ def load_model(
     batch are kept batch-agnostic (see `_keep_batch_dynamic`).
     """
     named = NameNodes()(read_model(source)).model
-    model = _settle(named, input_shapes, batch=1)
-    if _has_dynamic_batch(named, input_shapes):
-        model = _keep_batch_dynamic(model, _settle(named, input_shapes, batch=2))
+    model, folded = _settle(named, input_shapes, batch=1)
+    if folded and _has_dynamic_batch(named, input_shapes):
+        model = _keep_batch_dynamic(model, _settle(named, input_shapes, batch=2)[0])
     return model
 
 
@@ -238,21 +238,24 @@ def declared_io(
 
 def _settle(
     model: onnx.ModelProto, input_shapes: InputShapes | None, batch: int
-) -> onnx.ModelProto:
+) -> tuple[onnx.ModelProto, bool]:
+    """Infer shapes and fold shape arithmetic until nothing more folds; and whether
+    anything did (only folded constants can depend on the batch)."""
     from .fold import fold_shapes  # fold builds on this module's load form
 
     model = FixInputShapes(input_shapes, batch=batch)(model).model
     # Each round can only fold Shapes whose inputs the last inference reached, so a
     # chain of k dependent Shape computations needs up to k + 1 rounds.
     rounds = 2 + sum(n.op_type == "Shape" for n in model.graph.node)
+    anything = False
     for _ in range(rounds):
         model = InferShapes(check_static=False)(model).model
         folded = fold_shapes(model)
         if folded is model:
             break
-        model = folded
+        model, anything = folded, True
     _check_static(model)
-    return model
+    return model, anything
 
 
 def _has_dynamic_batch(model: onnx.ModelProto, input_shapes: InputShapes | None) -> bool:
