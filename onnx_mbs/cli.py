@@ -239,25 +239,30 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         device=args.device,
         progress=rank == 0,
     )
-    if rank != 0:
-        return 0
+    if rank == 0:
 
-    def val(top1: float) -> str:
-        return "no validation data" if math.isnan(top1) else f"val top-1 {top1:.2%}"
+        def val_text(top1: float) -> str:
+            return "no validation data" if math.isnan(top1) else f"val top-1 {top1:.2%}"
 
-    for e in result.history:
+        for e in result.history:
+            print(
+                f"epoch {e.epoch + 1}: loss {e.train_loss:.4f}  train acc {e.train_acc:.2%}  "
+                f"{val_text(e.val_top1)}  ({e.seconds:.1f}s)",
+                file=sys.stderr,
+            )
+        kept = f"best epoch {result.best_epoch + 1}" if args.val else "last epoch"
         print(
-            f"epoch {e.epoch + 1}: loss {e.train_loss:.4f}  train acc {e.train_acc:.2%}  "
-            f"{val(e.val_top1)}  ({e.seconds:.1f}s)",
-            file=sys.stderr,
+            f"{kept}: {val_text(result.best_val_top1)}; {result.images_per_second:.0f} "
+            f"images/s on {result.device} x{result.world_size}"
         )
-    kept = f"best epoch {result.best_epoch + 1}" if args.val else "last epoch"
-    print(
-        f"{kept}: {val(result.best_val_top1)}; {result.images_per_second:.0f} images/s on "
-        f"{result.device} x{result.world_size}"
-    )
-    save_model(with_io_of(result.model, declared_io(original, shapes)), args.output)
-    print(f"wrote {args.output}", file=sys.stderr)
+        save_model(with_io_of(result.model, declared_io(original, shapes)), args.output)
+        print(f"wrote {args.output}", file=sys.stderr)
+    if result.world_size > 1:
+        # The work is done and written. torch's gloo teardown can still abort a
+        # finished rank at interpreter exit (pytorch/pytorch#179291): leave now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

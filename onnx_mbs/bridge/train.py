@@ -331,6 +331,11 @@ def retrain(
             student.load_state_dict(best_state)
         student.eval()
         result_model = write_back(model, student)
+        # Release DDP's reducer and let every rank finish before the group goes:
+        # gloo threads still holding work at interpreter exit abort the process.
+        del net
+        if owns_group:
+            dist.barrier()
     finally:
         if owns_group:
             dist.destroy_process_group()
