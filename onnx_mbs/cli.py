@@ -162,20 +162,10 @@ def cmd_reduce(args: argparse.Namespace) -> int:
 
 
 def _open_for_model(spec, model, args: argparse.Namespace, limit: int | None = None):
-    """A DataSource fitted to `model`'s input (shapes fixed as in reduce)."""
-    from onnx_mbs.data import open_data
-    from onnx_mbs.pipeline import metadata, model_input
+    """A DataSource fitted to `model`'s input, with the command's --mean/--std."""
+    from onnx_mbs.pipeline import open_for_model
 
-    name, shape = model_input(model)
-    return open_data(
-        spec,
-        name,
-        shape,
-        mean=_floats(args.mean),
-        std=_floats(args.std),
-        limit=limit,
-        metadata=metadata(model),
-    )
+    return open_for_model(spec, model, mean=_floats(args.mean), std=_floats(args.std), limit=limit)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -186,12 +176,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     shapes = _input_shapes(args.input_shape)
     original = read_model(args.model)
     model = load_model(original, shapes)
+    declared = declared_io(original, shapes)
     source = _open_for_model(args.data, model, args, args.limit)
     result = evaluate(
-        with_io_of(model, declared_io(original, shapes)),
+        with_io_of(model, declared),
         source,
         providers,
-        batch_size=static_batch(declared_io(original, shapes)) or args.batch_size,
+        batch_size=static_batch(declared) or args.batch_size,
         progress=not args.json,
     )
     if args.json:

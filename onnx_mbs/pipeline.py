@@ -76,6 +76,19 @@ def metadata(model: onnx.ModelProto) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 
+def open_for_model(
+    spec: Any,
+    model: onnx.ModelProto,
+    *,
+    mean: Any = None,
+    std: Any = None,
+    limit: int | None = None,
+) -> DataSource:
+    """A DataSource fitted to `model`'s (single, fixed) input; mean/std default to its metadata."""
+    name, shape = model_input(model)
+    return open_data(spec, name, shape, mean=mean, std=std, limit=limit, metadata=metadata(model))
+
+
 def reduce(
     model: str | os.PathLike | onnx.ModelProto,
     data: Any = None,
@@ -123,12 +136,9 @@ def reduce(
     declared = declared_io(original, input_shapes)
     runnable = with_io_of(loaded, declared)
     batch_size = static_batch(declared) or batch_size
-    name, shape = model_input(loaded)
     source: DataSource | None = None
     if data is not None:
-        source = open_data(
-            data, name, shape, mean=mean, std=std, limit=limit, metadata=metadata(loaded)
-        )
+        source = open_for_model(data, loaded, mean=mean, std=std, limit=limit)
     elif importance == "act":
         raise BadInputError("--importance act ranks channels by activations: give --data")
     lap("load")
