@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# The README's test command: set up (if needed), lint, run the whole test suite.
+# The README's test command: set up (if needed), lint, run the test suite.
+# Default: everything but the `slow` marker (about a minute on 2 cores); `bash scripts/test.sh -m slow`
+# runs the slow suites, `bash scripts/test.sh -m ''` everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check .
+if [ $# -eq 0 ]; then set -- -m "not slow"; fi
 .venv/bin/python -m pytest -n 2 -q "$@"
