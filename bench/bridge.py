@@ -2,10 +2,13 @@
 
 Times forward+backward (train mode, BatchNorm kept) of CIFAR ResNet-20 at batch 64, 32x32, for the
 native module and for the OnnxModule built from its export, interleaved so that load on this
-shared machine hits both alike, and reports the median per-repeat ratio (target: at most 1.3x).
-Also times eval-mode inference and a full training step loop (SGD) in images/second.
+shared machine hits both alike, and reports the median per-repeat ratio (target: at most 1.3x on
+CPU, 1.1x on CUDA). Also times eval-mode inference and a full training step loop (SGD) in
+images/second; with `--amp bf16`, the OnnxModule's training loop under bf16 autocast against
+float32 (its speedup).
 
-    python bench/bridge.py [--repeats 10] [--batch 64] [--threads 1]
+    python bench/bridge.py [--repeats 10] [--batch 64] [--threads 1] [--device cpu|cuda]
+                           [--amp bf16] [--json PATH]
 
 The last line is the forward+backward ratio.
 """
@@ -13,6 +16,8 @@ The last line is the forward+backward ratio.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import statistics
 import time
 import warnings
@@ -95,9 +100,17 @@ def export_train_form(net: nn.Module, batch: int) -> OnnxModule:
     return OnnxModule(onnx.load_from_string(f.getvalue()))
 
 
+def _sync(x: torch.Tensor) -> None:
+    """CUDA runs asynchronously: wait for it before reading the clock."""
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+
+
 def fwd_bwd(module: nn.Module, x: torch.Tensor) -> float:
+    _sync(x)
     t0 = time.perf_counter()
     module(x).sum().backward()
+    _sync(x)
     elapsed = time.perf_counter() - t0
     module.zero_grad(set_to_none=True)
     return elapsed
@@ -105,20 +118,31 @@ def fwd_bwd(module: nn.Module, x: torch.Tensor) -> float:
 
 @torch.no_grad()
 def forward_eval(module: nn.Module, x: torch.Tensor) -> float:
+    _sync(x)
     t0 = time.perf_counter()
     module(x)
+    _sync(x)
     return time.perf_counter() - t0
 
 
-def train_loop(module: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> float:
+def train_loop(
+    module: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, bf16: bool = False
+) -> float:
     """Images/second of `steps` SGD steps (forward, cross-entropy, backward, update)."""
     opt = torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9)
+    autocast = (
+        torch.autocast(x.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    )
+    _sync(x)
     t0 = time.perf_counter()
     for _ in range(steps):
-        loss = nn.functional.cross_entropy(module(x), y)
+        with autocast:
+            out = module(x)
+        loss = nn.functional.cross_entropy(out.float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    _sync(x)
     return steps * len(x) / (time.perf_counter() - t0)
 
 
@@ -133,16 +157,22 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--steps", type=int, default=5, help="steps per training-loop measurement")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--amp", choices=["off", "bf16"], default="off")
+    p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    device = torch.device(args.device)
 
     native = native_resnet20()
     bridged = export_train_form(native, args.batch)
-    x = torch.randn(args.batch, 3, 32, 32)
-    y = torch.randint(0, 10, (args.batch,))
+    native.to(device), bridged.to(device)
+    x = torch.randn(args.batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (args.batch,), device=device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
-        f"ResNet-20, batch {args.batch}, 32x32, {args.threads} thread(s), "
+        f"ResNet-20, batch {args.batch}, 32x32, on {where}, {args.threads} thread(s), "
         f"{args.repeats} interleaved repeats; OnnxModule runs {len(bridged.runtime_ops)} nodes"
     )
 
@@ -169,8 +199,35 @@ def main() -> None:
     loop_ratio = statistics.median(b / a for a, b in loop)
     a, b = statistics.median(p[0] for p in loop), statistics.median(p[1] for p in loop)
     print(f"{'training step loop':<28}{a:>12.1f}{b:>14.1f}  {'images/s':<10}{loop_ratio:>8.3f}")
-    verdict = "ok" if ratio <= 1.3 else "ABOVE TARGET"
-    print(f"forward+backward time ratio OnnxModule/torch: {ratio:.3f} (target <= 1.3: {verdict})")
+    figures = {
+        "device": where,
+        "batch": args.batch,
+        "fwd_bwd_ratio": ratio,
+        "train_images_per_s": {"torch": a, "onnx_module": b},
+        "train_loop_ratio": loop_ratio,
+    }
+    if args.amp == "bf16":
+        amp = [
+            (
+                train_loop(bridged, x, y, args.steps),
+                train_loop(bridged, x, y, args.steps, bf16=True),
+            )
+            for _ in range(max(1, args.repeats // 3))
+        ]
+        speedup = statistics.median(b / a for a, b in amp)
+        a, b = statistics.median(p[0] for p in amp), statistics.median(p[1] for p in amp)
+        print(
+            f"{'OnnxModule fp32 vs bf16':<28}{a:>12.1f}{b:>14.1f}  {'images/s':<10}{speedup:>8.3f}"
+        )
+        figures["bf16_autocast_speedup"] = speedup
+    target = 1.1 if device.type == "cuda" else 1.3
+    verdict = "ok" if ratio <= target else "ABOVE TARGET"
+    print(
+        f"forward+backward time ratio OnnxModule/torch: {ratio:.3f} (target <= {target}: {verdict})"
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -21,12 +21,17 @@ pairing is far less noisy than whole runs seconds apart.
 Only ratios measured in one run are compared. The last line prints the
 end-to-end median ratio of collect_stats over plain inference.
 
-    python bench/stats.py [--repeats 3] [--images 2048]
+    python bench/stats.py [--repeats 3] [--images 2048] [--providers cpu|cuda]
+                          [--model resnet56|resnet50] [--json PATH]
+
+`--providers cuda` runs everything on onnxruntime's CUDA provider (GPU machines); `--model
+resnet50` uses ImageNet ResNet-50 at 224x224 instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from collections.abc import Iterator
@@ -39,15 +44,15 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_mbs.data import Batch, DataSource, open_data
 from onnx_mbs.models.export import export_onnx
 from onnx_mbs.models.zoo import ZOO
-from onnx_mbs.runtime import make_session
+from onnx_mbs.runtime import choose_providers, make_session, session_provider
 from onnx_mbs.stats import ActivationStats, collect_stats
 
-CPU = ["CPUExecutionProvider"]
 BATCH = 64
+SIZES = {"resnet56": 32, "resnet50": 224}
 
 
-def plain(model: onnx.ModelProto, data: DataSource) -> None:
-    session = make_session(model, CPU)
+def plain(model: onnx.ModelProto, data: DataSource, providers: list[str]) -> None:
+    session = make_session(model, providers)
     for batch in data.batches(BATCH):
         session.run(None, {data.input_name: batch.x})
 
@@ -80,9 +85,11 @@ def naive_model(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
     return out
 
 
-def naive(model: onnx.ModelProto, tensors: list[str], data: DataSource) -> float:
+def naive(
+    model: onnx.ModelProto, tensors: list[str], data: DataSource, providers: list[str]
+) -> float:
     """Run the naive instrumentation; return how many watched elements were > 0."""
-    session = make_session(naive_model(model, tensors), CPU)
+    session = make_session(naive_model(model, tensors), providers)
     positive = 0.0
     for batch in data.batches(BATCH):
         results = session.run(None, {data.input_name: batch.x})
@@ -110,9 +117,9 @@ class PairedSource:
     holds instrumenting and session creation, so it is reported apart.
     """
 
-    def __init__(self, data: DataSource, model: onnx.ModelProto) -> None:
+    def __init__(self, data: DataSource, model: onnx.ModelProto, providers: list[str]) -> None:
         self.data = data
-        self.session = make_session(model, CPU)
+        self.session = make_session(model, providers)
         self.description = data.description
         self.preprocess = data.preprocess
         self.input_name = data.input_name
@@ -140,14 +147,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--images", type=int, default=2048)
+    parser.add_argument("--providers", default="cpu", help="cpu or cuda")
+    parser.add_argument("--model", choices=sorted(SIZES), default="resnet56")
+    parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    parser.add_argument(
+        "--spatial-mean",
+        choices=["pool", "reduce"],
+        default="pool",
+        help="the instrumentation's spatial mean (collect_stats' default: pool)",
+    )
     args = parser.parse_args()
+    mean = args.spatial_mean
+    providers = choose_providers(args.providers)
+    size = SIZES[args.model]
 
     torch.manual_seed(0)
-    model = export_onnx(ZOO["resnet56"].build(), (BATCH, 3, 32, 32))
+    model = export_onnx(ZOO[args.model].build(), (BATCH, 3, size, size))
     relus = [n.output[0] for n in model.graph.node if n.op_type == "Relu"]
-    images = np.random.default_rng(0).random((args.images, 3, 32, 32), dtype=np.float32)
+    images = np.random.default_rng(0).random((args.images, 3, size, size), dtype=np.float32)
     input_name = model.graph.input[0].name
-    data = open_data([{input_name: images}], input_name, (BATCH, 3, 32, 32))
+    data = open_data([{input_name: images}], input_name, (BATCH, 3, size, size))
     per_sample = elements_per_sample(model, relus)
 
     times: dict[str, list[float]] = {"plain": [], "stats": [], "stats+abs": [], "naive": []}
@@ -158,22 +177,35 @@ def main() -> None:
         for name in order:
             start = time.perf_counter()
             if name == "plain":
-                plain(model, data)
+                plain(model, data, providers)
             elif name.startswith("stats"):
                 stats = collect_stats(
-                    model, relus, data, CPU, BATCH, False, magnitudes=name == "stats+abs"
+                    model,
+                    relus,
+                    data,
+                    providers,
+                    BATCH,
+                    False,
+                    magnitudes=name == "stats+abs",
+                    spatial_mean=mean,
                 )
                 rho[name] = overall_rho(stats)
             else:
-                rho[name] = naive(model, relus, data) / (len(data) * per_sample)
+                rho[name] = naive(model, relus, data, providers) / (len(data) * per_sample)
             times[name].append(time.perf_counter() - start)
 
-    paired = PairedSource(data, model)
-    collect_stats(model, relus, paired, CPU, BATCH, progress=False, magnitudes=False)
+    paired = PairedSource(data, model, providers)
+    ran_on = session_provider(paired.session)
+    collect_stats(
+        model, relus, paired, providers, BATCH, progress=False, magnitudes=False, spatial_mean=mean
+    )
     batch_ratios = [s / p for s, p in zip(paired.stats[1:], paired.plain[1:], strict=True)]
 
     base = statistics.median(times["plain"])
-    print(f"ResNet-56, {args.images} images, batch {BATCH}, {len(relus)} Relu outputs watched")
+    print(
+        f"{args.model} at {size}x{size}, {args.images} images, batch {BATCH}, {len(relus)} Relu "
+        f"outputs watched, on {ran_on}"
+    )
     print(f"{'end to end':<11} {'median s':>9} {'ratio':>7}  all runs (s)")
     for name, runs in times.items():
         median = statistics.median(runs)
@@ -191,6 +223,21 @@ def main() -> None:
         f"collect_stats / plain inference: {statistics.median(ratios):.3f}x "
         f"(end to end, median of {args.repeats} repeats; target <= 1.15x)"
     )
+    if args.json:
+        figures = {
+            "model": args.model,
+            "provider": ran_on,
+            "spatial_mean": args.spatial_mean,
+            "images": args.images,
+            "batch": BATCH,
+            "per_batch_ratio_median": statistics.median(batch_ratios),
+            "per_batch_ratio_sum": summed,
+            "end_to_end_ratio_median": statistics.median(ratios),
+            "end_to_end_seconds": {k: statistics.median(v) for k, v in times.items()},
+            "rho_stats_vs_naive": [rho["stats"], rho["naive"]],
+        }
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=2)
 
 
 if __name__ == "__main__":

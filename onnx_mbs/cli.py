@@ -228,6 +228,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         optimizer=args.optimizer,
         seed=args.seed,
         device=args.device,
+        amp=args.amp,
         progress=rank == 0,
     )
     if rank == 0:
@@ -341,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (CUDA when there), cpu or cuda")
+    p.add_argument(
+        "--amp", choices=["off", "bf16"], default="off", help="bf16 autocast for forward passes"
+    )
     add_input_shape(p)
     add_data_options(p)
     p.set_defaults(func=cmd_retrain)

@@ -4,13 +4,18 @@ onnxruntime-gpu lists CUDAExecutionProvider even on machines where CUDA cannot
 run, and asking for it there makes onnxruntime print a loud error from C++.
 So CUDA is only chosen after quiet checks: the driver answers with a device,
 the CUDA provider library and cuDNN load, and a tiny session really runs on it.
+pip's CUDA and cuDNN (the nvidia-* packages torch also uses) are not on the
+loader's path, so they are preloaded first, as onnxruntime-gpu recommends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
+import io
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +62,7 @@ def cuda_unavailable_reason() -> str | None:
     reason = _driver_reason()
     if reason is not None:
         return reason
+    _preload_cuda_libraries()
     for library in (_cuda_provider_library(), _cudnn_soname()):
         try:
             ctypes.CDLL(library)
@@ -76,6 +82,34 @@ def _driver_reason() -> str | None:
     if count.value < 1:
         return "the NVIDIA driver reports no GPU"
     return None
+
+
+def _preload_cuda_libraries() -> None:
+    """Load CUDA and cuDNN from pip's nvidia-* packages (onnxruntime-gpu 1.21+), silently:
+    where they are missing the checks below say why CUDA cannot run."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    with _silenced_output(), contextlib.suppress(Exception):
+        preload()
+
+
+@contextlib.contextmanager
+def _silenced_output():
+    """Silence stdout and stderr at the file-descriptor level (C and Python prints alike)."""
+    sys.stdout.flush(), sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1), os.dup2(null, 2)
+        sink = io.StringIO()
+        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            yield
+    finally:
+        sys.stdout.flush(), sys.stderr.flush()
+        os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+        for fd in (*saved, null):
+            os.close(fd)
 
 
 def _cuda_provider_library() -> str:

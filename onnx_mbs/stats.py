@@ -11,7 +11,9 @@ vectors instead of every activation. HardSigmoid(2**127 * x) clipped to
 smallest normal float is 2); only subnormal positives count fractionally.
 These ops were chosen over Greater -> Cast -> ReduceSum because onnxruntime's
 CPU provider runs them on its blocked NCHWc layout: no layout conversion of
-the watched tensors, see bench/stats.py. Tensors that are not float32 are
+the watched tensors, see bench/stats.py. `spatial_mean="reduce"` uses a
+ReduceMean over H, W instead; on CUDA it measured no faster than pooling
+(bench/results/gpu.json), so pooling is the default everywhere. Tensors that are not float32 are
 cast to float32 first (float16 can hold neither alpha nor exact averages).
 Counts are recovered on the host by multiplying by H*W and rounding, then
 summed over batches in float64.
@@ -90,11 +92,13 @@ def instrument(
     tensors: Sequence[str],
     input_shapes: dict[str, Sequence[int]],
     magnitudes: bool = True,
+    spatial_mean: str = "pool",
 ) -> tuple[onnx.ModelProto, list[StatOutputs]]:
     """A copy of `model` whose only outputs are the per-channel reductions of `tensors`.
 
     `magnitudes=False` skips sum |x| (one memory pass per tensor fewer) when only the
-    activation ratio is needed.
+    activation ratio is needed. `spatial_mean`: "pool" (GlobalAveragePool) or "reduce"
+    (ReduceMean over H, W).
 
     `input_shapes` (the shapes that will be fed) lets shape inference find H*W; tensors
     whose shape stays unknown also get a Shape output. The original nodes are untouched.
@@ -109,8 +113,10 @@ def instrument(
             f"tensor {missing[0]!r} is not produced by any node of the model; "
             "pass activation output names"
         )
+    if spatial_mean not in SPATIAL_MEANS:
+        raise ValueError(f"spatial_mean must be one of {SPATIAL_MEANS}, not {spatial_mean!r}")
     types, shapes = _static_types_and_shapes(model, input_shapes)
-
+    mean = _spatial_mean_maker(spatial_mean, _opset(model))
     added: dict[str, list[onnx.NodeProto]] = {}
     outputs: list[StatOutputs] = []
     for number, name in enumerate(tensors):
@@ -123,7 +129,7 @@ def instrument(
         non_negative = producer is not None and _never_negative(producer, model)
         element = types.get(name, TensorProto.FLOAT)
         nodes, out = _reductions(
-            name, f"{PREFIX}/{number}", non_negative, shape, element, magnitudes
+            name, f"{PREFIX}/{number}", non_negative, shape, element, magnitudes, mean
         )
         added.setdefault(name, []).extend(nodes)
         outputs.append(out)
@@ -138,6 +144,9 @@ def instrument(
             nodes.extend(added.get(out, []))
     del new_graph.node[:]
     new_graph.node.extend(nodes)
+    if spatial_mean == "reduce" and _opset(model) >= 18:
+        axes = onnx.numpy_helper.from_array(np.array([2, 3], np.int64), SPATIAL_AXES)
+        new_graph.initializer.append(axes)
     del new_graph.output[:]
     for out in outputs:
         channels = (shapes.get(out.tensor) or [None, None])[1]
@@ -153,6 +162,23 @@ def instrument(
     return result, outputs
 
 
+SPATIAL_MEANS = ("pool", "reduce")
+SPATIAL_AXES = f"{PREFIX}/spatial_axes"
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
+def _spatial_mean_maker(kind: str, opset: int):
+    """A function making the node that averages x (N, C, H, W) to (N, C, 1, 1)."""
+    if kind == "pool":
+        return lambda src, out: helper.make_node("GlobalAveragePool", [src], [out])
+    if opset >= 18:  # axes became an input
+        return lambda src, out: helper.make_node("ReduceMean", [src, SPATIAL_AXES], [out])
+    return lambda src, out: helper.make_node("ReduceMean", [src], [out], axes=[2, 3])
+
+
 def _reductions(
     name: str,
     prefix: str,
@@ -160,6 +186,7 @@ def _reductions(
     shape: Sequence[int] | None,
     element: int,
     magnitudes: bool,
+    mean,
 ) -> tuple[list[onnx.NodeProto], StatOutputs]:
     step, absolute = f"{prefix}/step", f"{prefix}/abs"
     positive, mean_abs = f"{prefix}/positive", f"{prefix}/mean_abs"
@@ -170,15 +197,15 @@ def _reductions(
         nodes.append(helper.make_node("Cast", [name], [source], to=TensorProto.FLOAT))
     nodes += [
         helper.make_node("HardSigmoid", [source], [step], alpha=STEP_ALPHA, beta=0.0),
-        helper.make_node("GlobalAveragePool", [step], [positive]),
+        mean(step, positive),
     ]
     if not magnitudes:
         mean_abs = None
     elif non_negative:
-        nodes.append(helper.make_node("GlobalAveragePool", [source], [mean_abs]))
+        nodes.append(mean(source, mean_abs))
     else:
         nodes.append(helper.make_node("Abs", [source], [absolute]))
-        nodes.append(helper.make_node("GlobalAveragePool", [absolute], [mean_abs]))
+        nodes.append(mean(absolute, mean_abs))
     spatial = None
     if shape is not None and all(isinstance(d, int) and d > 0 for d in shape[2:]):
         spatial = int(np.prod(shape[2:]))
@@ -246,6 +273,7 @@ def collect_stats(
     batch_size: int = 64,
     progress: bool = True,
     magnitudes: bool = True,
+    spatial_mean: str = "pool",
 ) -> ActivationStats:
     """Per-channel count of x > 0 and sum |x| for each tensor, over all of `data`.
 
@@ -258,7 +286,9 @@ def collect_stats(
     if first is None:
         raise BadInputError(f"no samples in {data.description}")
     _check_inputs(model, data.input_name)
-    instrumented, outputs = instrument(model, tensors, {data.input_name: first.x.shape}, magnitudes)
+    instrumented, outputs = instrument(
+        model, tensors, {data.input_name: first.x.shape}, magnitudes, spatial_mean
+    )
     session = make_session(instrumented, providers)
     feed_type = feed_dtype(session, data.input_name)
     names = [o.name for o in session.get_outputs()]

@@ -202,3 +202,24 @@ def test_float16_model_is_fed_half_and_counted_exactly(data):
     # The shifted input can be negative (Cast then Abs path); it is positive where r is.
     np.testing.assert_array_equal(stats.tensors["shifted"].positive, stats.tensors["r"].positive)
     assert stats.tensors["shifted"].abs_sum[0] > stats.tensors["r"].abs_sum[0]
+
+
+@pytest.mark.parametrize("opset", [13, 18])
+def test_reduce_mean_instrumentation_counts_like_pooling(data, opset):
+    """CUDA's instrumentation (ReduceMean over H, W) gives the same counts and sums as
+    GlobalAveragePool, with axes as an attribute before opset 18 and an input from 18."""
+    model = conv_relu_model(seed=3)
+    model.opset_import[0].version = opset
+    pooled = collect_stats(model, ["r1", "c2"], data, CPU, batch_size=4, progress=False)
+    reduced = collect_stats(
+        model, ["r1", "c2"], data, CPU, batch_size=4, progress=False, spatial_mean="reduce"
+    )
+    instrumented, _ = instrument(model, ["r1"], {"x": (2, 1, 8, 8)}, spatial_mean="reduce")
+    assert {n.op_type for n in instrumented.graph.node} >= {"ReduceMean"}
+    assert "GlobalAveragePool" not in {n.op_type for n in instrumented.graph.node}
+    onnx.checker.check_model(instrumented, full_check=True)
+    for name in ("r1", "c2"):
+        np.testing.assert_array_equal(reduced.tensors[name].positive, pooled.tensors[name].positive)
+        np.testing.assert_allclose(
+            reduced.tensors[name].abs_sum, pooled.tensors[name].abs_sum, rtol=1e-5
+        )

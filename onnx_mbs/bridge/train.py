@@ -16,7 +16,8 @@ activations, so updates move them more than in a BN network: use a lower learnin
 0.01 with SGD, 1e-3 or less with AdamW) -- and keep the BN-kept "train" export if you have it.
 
 Distributed: under `torchrun --nproc_per_node=K` (WORLD_SIZE/RANK set) the module is wrapped in
-DistributedDataParallel (gloo on CPU, nccl on GPU). Each epoch, a seeded permutation of the
+DistributedDataParallel (gloo on CPU; nccl on GPUs, one per process; gloo when processes
+share a GPU, which NCCL refuses). Each epoch, a seeded permutation of the
 training set is split into K equal shards; `batch_size` is the global batch (each process takes
 batch_size // K). Metrics are summed over processes, so every rank returns the same history and
 model; callers write files from rank 0 only.
@@ -115,8 +116,25 @@ def _pick_device(device: str, local_rank: int) -> torch.device:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", local_rank)
+        # More processes than GPUs (torchrun on one GPU): ranks share GPUs round-robin.
+        dev = torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
     return dev
+
+
+def _dist_backend(dev: torch.device) -> str:
+    """nccl when every local process has a GPU of its own; gloo on CPU or shared GPUs."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if dev.type == "cuda" and torch.cuda.device_count() >= local_world:
+        return "nccl"
+    return "gloo"
+
+
+AMP_CHOICES = ("off", "bf16")
+
+
+def _autocast(dev: torch.device, amp: str):
+    """Mixed precision for forward passes: bf16 autocast (no loss scaling needed), or none."""
+    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp == "bf16")
 
 
 def _logits(out: Any) -> torch.Tensor:
@@ -193,18 +211,22 @@ def retrain(
     distill_alpha: float = 0.5,
     temperature: float = 4.0,
     device: str = "auto",
+    amp: str = "off",
     progress: bool = True,
 ) -> RetrainResult:
     """Retrain `model` on `train_data`; return the written-back model of the best epoch.
 
     `train_data`/`val_data`: (x, y) arrays or DataSource-like objects (gathered into arrays once).
     The best epoch is the one with the highest validation top-1 (the last one without val data).
+    `amp="bf16"` runs forward passes under bf16 autocast; weights and updates stay float32.
     """
     start = time.perf_counter()
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise BadInputError("epochs and batch_size must be at least 1 and lr positive")
     x_train, y_train = as_arrays(train_data, "training data")
     x_val, y_val = as_arrays(val_data, "validation data") if val_data is not None else (None, None)
+    if amp not in AMP_CHOICES:
+        raise BadInputError(f"amp must be one of {', '.join(AMP_CHOICES)}, not {amp!r}")
     if y_train is None and teacher is None:
         raise BadInputError("training data has no labels: give labels or a --teacher to distil")
     if x_val is not None and y_val is None:
@@ -218,7 +240,7 @@ def retrain(
     if world > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        dist.init_process_group(_dist_backend(dev))
         owns_group = True
     try:
         torch.manual_seed(seed + rank)
@@ -267,11 +289,12 @@ def retrain(
             for step in range(steps):
                 idx = np.sort(mine[step * local_batch : (step + 1) * local_batch])
                 xb = torch.from_numpy(x_train[idx]).to(dev, non_blocking=True)
-                logits = _logits(net(xb))
+                with _autocast(dev, amp):
+                    logits = _logits(net(xb)).float()
                 soft = None
                 if teacher_module is not None:
-                    with torch.no_grad():
-                        soft = _logits(teacher_module(xb))
+                    with torch.no_grad(), _autocast(dev, amp):
+                        soft = _logits(teacher_module(xb)).float()
                     if soft.shape != logits.shape:
                         raise BadInputError(
                             f"the teacher outputs {tuple(soft.shape)} but the model "
