@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from onnx_mbs.passes import (
@@ -119,12 +121,15 @@ def _print_reduce_summary(report, args: argparse.Namespace) -> None:
 def cmd_reduce(args: argparse.Namespace) -> int:
     from onnx_mbs.pipeline import reduce
     from onnx_mbs.report import report_dict, write_report
-    from onnx_mbs.save import check_output_path, default_output, save_model
+    from onnx_mbs.save import check_outputs, default_output, save_folder, save_model
 
     if args.output is None and not args.dry_run:
         args.output = default_output(args.model)
-    if args.output is not None:
-        check_output_path(args.output, args.model)
+    if args.dry_run:
+        args.output = None
+    check_outputs(
+        args.output, args.report, models={"the input model": args.model}, data={"--data": args.data}
+    )
     reduced, report = reduce(
         args.model,
         args.data,
@@ -136,8 +141,8 @@ def cmd_reduce(args: argparse.Namespace) -> int:
         channel_multiple=args.channel_multiple,
         beta_min=args.beta_min,
         importance=args.importance,
-        mean=_floats(args.mean),
-        std=_floats(args.std),
+        mean=_floats(args.mean, "--mean"),
+        std=_floats(args.std, "--std"),
         limit=args.limit,
         batch_size=args.batch_size,
         evaluate_accuracy=not args.no_eval,
@@ -150,22 +155,38 @@ def cmd_reduce(args: argparse.Namespace) -> int:
         print()
     else:
         _print_reduce_summary(report, args)
-    if args.report:
-        paths = write_report(report, args.report)
-        print(f"report: {', '.join(map(str, paths))}", file=sys.stderr)
+    written = None if args.report is None else (args.report, lambda d: write_report(report, d))
     if args.dry_run:
-        print("dry run: nothing written", file=sys.stderr)
+        if written is not None:
+            save_folder(*written)
+        print("dry run: no model written", file=sys.stderr)
     else:
-        save_model(reduced, args.output)
+        save_model(reduced, args.output, written)
         print(f"wrote {args.output}", file=sys.stderr)
+    if written is not None:
+        print(f"report: {args.report}", file=sys.stderr)
     return 0
 
 
-def _open_for_model(spec, model, args: argparse.Namespace, limit: int | None = None):
-    """A DataSource fitted to `model`'s input, with the command's --mean/--std."""
+def _open_for_model(
+    spec, model, args: argparse.Namespace, limit: int | None = None, split: str | None = "test"
+):
+    """A DataSource fitted to `model`'s input, with the command's --mean/--std; the data and
+    its preprocessing are printed."""
     from onnx_mbs.pipeline import open_for_model
 
-    return open_for_model(spec, model, mean=_floats(args.mean), std=_floats(args.std), limit=limit)
+    source = open_for_model(
+        spec,
+        model,
+        mean=_floats(args.mean, "--mean"),
+        std=_floats(args.std, "--std"),
+        limit=limit,
+        split=split,
+    )
+    print(f"data: {source.description}", file=sys.stderr)
+    if source.preprocess is not None:
+        print(f"preprocessing: {source.preprocess.describe()}", file=sys.stderr)
+    return source
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -177,7 +198,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     original = read_model(args.model)
     model = load_model(original, shapes)
     declared = declared_io(original, shapes)
-    source = _open_for_model(args.data, model, args, args.limit)
+    source = _open_for_model(args.data, model, args, args.limit, split="test")
     result = evaluate(
         with_io_of(model, declared),
         source,
@@ -192,14 +213,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 "top5": result.top5,
                 "samples": result.samples,
                 "provider": result.provider,
+                "nonfinite": result.nonfinite,
             },
             sys.stdout,
         )
         print()
     else:
-        print(f"data: {source.description}", file=sys.stderr)
         top5 = f", top-5 {result.top5:.2%}" if result.top5 is not None else ""
         print(f"top-1 {result.top1:.2%}{top5} on {result.samples} samples ({result.provider})")
+    if result.nonfinite:
+        print(
+            f"warning: {result.nonfinite} of {result.samples} samples gave NaN or inf outputs "
+            "(counted as wrong)",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -207,15 +234,20 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     import os
 
     from onnx_mbs.bridge import retrain
-    from onnx_mbs.save import check_output_path, save_model
+    from onnx_mbs.save import check_outputs, save_model
 
-    check_output_path(args.output, args.model, args.teacher)
+    check_outputs(
+        args.output,
+        models={"the input model": args.model, "--teacher": args.teacher},
+        data={"--data": args.data, "--val": args.val},
+    )
     shapes = _input_shapes(args.input_shape)
     original = read_model(args.model)
     model = load_model(original, shapes)
     teacher = load_model(args.teacher, shapes) if args.teacher else None
-    train = _open_for_model(args.data, model, args, args.limit)
-    val = _open_for_model(args.val, model, args, args.val_limit) if args.val else None
+    _check_device(args.device)
+    train = _open_for_model(args.data, model, args, args.limit, split="train")
+    val = _open_for_model(args.val, model, args, args.val_limit, split=None) if args.val else None
     rank = int(os.environ.get("RANK", "0"))
     result = retrain(
         model,
@@ -258,13 +290,53 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _floats(text: str | None) -> list[float] | None:
+def _check_device(device: str) -> None:
+    """--device auto, cpu, cuda or cuda:N, and CUDA only where torch can use it."""
+    if device == "auto":
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise BadInputError(f"--device {device!r} is not a device: use auto, cpu, cuda or cuda:N")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if dev.type == "cuda" and (dev.index or 0) >= count:
+        raise BadInputError(
+            f"--device {device}: torch sees {count} CUDA device(s); use --device cpu (or auto)"
+        )
+
+
+def _floats(text: str | None, option: str) -> list[float] | None:
     if text is None:
         return None
     try:
         return [float(v) for v in text.split(",")]
     except ValueError:
-        raise BadInputError(f"expected comma-separated numbers, got {text!r}") from None
+        raise BadInputError(f"{option} expects comma-separated numbers, got {text!r}") from None
+
+
+def _number(kind: type, low: float, high: float = math.inf):
+    """An argparse type: a finite `kind` in [low, high] (argparse turns the error into exit 2)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "whole number" if kind is int else "number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {what}") from None
+        if not (math.isfinite(value) and low <= value <= high):
+            raise argparse.ArgumentTypeError(f"{text} is not in [{low:g}, {high:g}]")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+COUNT = _number(int, 1)
+SEED = _number(int, 0, 2**32 - 1)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -293,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     def add_data_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--mean", help="per-channel mean after /255 (default: model metadata or 0)")
         p.add_argument("--std", help="per-channel std (default: model metadata or 1)")
-        p.add_argument("--limit", type=int, help="use the first N samples")
+        p.add_argument("--limit", type=COUNT, help="use the first N samples")
 
     p = sub.add_parser("analyze", help="macroblocks, receptive fields, params and MACs")
     p.add_argument("model", help="ONNX model file")
@@ -314,15 +386,19 @@ def build_parser() -> argparse.ArgumentParser:
         "without it every activation ratio is 1 (MACs and receptive fields only)",
     )
     p.add_argument("--budget", help="params=F or flops=F: fraction of the model to keep")
-    p.add_argument("--gamma", type=float, default=0.5, help="MBS exponent (default 0.5)")
+    p.add_argument(
+        "--gamma", type=_number(float, 0), default=0.5, help="MBS exponent (default 0.5)"
+    )
     p.add_argument("--strategy", choices=["mbs", "uniform"], default="mbs")
     p.add_argument("--providers", default="auto", help="auto (default), cpu or cuda")
     add_input_shape(p)
-    p.add_argument("--channel-multiple", type=int, default=8)
-    p.add_argument("--beta-min", type=float, default=0.1, help="smallest width scale")
+    p.add_argument("--channel-multiple", type=COUNT, default=8)
+    p.add_argument(
+        "--beta-min", type=_number(float, 1e-9, 1), default=0.1, help="smallest width scale"
+    )
     p.add_argument("--importance", default="l1", help="l1 (filter norms) or act (activations)")
     add_data_options(p)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=COUNT, default=64)
     p.add_argument("--report", metavar="DIR", help="write report.json, report.md, widths.png")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.add_argument("--dry-run", action="store_true", help="print the plan, write no model")
@@ -334,13 +410,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="where to write the retrained model")
     p.add_argument("--data", required=True, help="training data with labels (see reduce)")
     p.add_argument("--val", help="validation data; the best epoch on it is kept")
-    p.add_argument("--val-limit", type=int, help="use the first N validation samples")
+    p.add_argument("--val-limit", type=COUNT, help="use the first N validation samples")
     p.add_argument("--teacher", help="original model to distil from (knowledge distillation)")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--epochs", type=COUNT, default=1)
+    p.add_argument("--lr", type=_number(float, 1e-12), default=0.01)
+    p.add_argument("--batch-size", type=COUNT, default=64)
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--device", default="auto", help="auto (CUDA when there), cpu or cuda")
     p.add_argument(
         "--amp", choices=["off", "bf16"], default="off", help="bf16 autocast for forward passes"
@@ -353,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="ONNX model file")
     p.add_argument("--data", required=True, help="labelled data (see reduce)")
     p.add_argument("--providers", default="auto", help="auto (default), cpu or cuda")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=COUNT, default=256)
     p.add_argument("--json", action="store_true", help='print {"top1", "top5", "samples"}')
     add_input_shape(p)
     add_data_options(p)
@@ -361,14 +437,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every temporary file is cleaned up the same way."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         return args.func(args)
     except BadInputError as e:
         print(f"onnx-mbs: error: {e}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("onnx-mbs: terminated; nothing written", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
-        print("onnx-mbs: interrupted", file=sys.stderr)
+        print("onnx-mbs: interrupted; nothing written", file=sys.stderr)
         return 130
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)

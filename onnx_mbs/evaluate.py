@@ -11,7 +11,7 @@ import onnx
 from onnx_mbs.data import DataSource
 from onnx_mbs.passes.errors import BadInputError
 from onnx_mbs.progress import progress_bar
-from onnx_mbs.runtime import feed_dtype, make_session, session_provider
+from onnx_mbs.runtime import feed_dtype, make_session, pad_to_batch, session_provider
 
 
 @dataclass
@@ -20,6 +20,7 @@ class EvalResult:
     top5: float | None  # only when the model has more than 5 classes
     samples: int
     provider: str
+    nonfinite: int = 0  # samples whose logits hold NaN or inf: counted as wrong
 
 
 def evaluate(
@@ -33,7 +34,7 @@ def evaluate(
     session = make_session(model, providers)
     logits_name = session.get_outputs()[0].name
     dtype = feed_dtype(session, data.input_name)
-    correct1 = correct5 = samples = 0
+    correct1 = correct5 = samples = nonfinite = 0
     classes = 0
     bar = progress_bar(len(data), "evaluate", progress)
     with bar:
@@ -44,9 +45,8 @@ def evaluate(
                     "use an image folder with class sub-folders, an npz with y, or an IDX folder"
                 )
             try:
-                logits = session.run(
-                    [logits_name], {data.input_name: batch.x.astype(dtype, copy=False)}
-                )[0]
+                x = pad_to_batch(session, data.input_name, batch.x.astype(dtype, copy=False))
+                logits = session.run([logits_name], {data.input_name: x})[0][: len(batch.x)]
             except Exception as error:  # onnxruntime's own exception types
                 if samples:
                     raise
@@ -56,6 +56,7 @@ def evaluate(
                 ) from None
             ranks = label_ranks(logits, batch.y)
             classes = logits.shape[1]
+            nonfinite += int((~np.isfinite(logits).all(axis=1)).sum())
             correct1 += int((ranks < 1).sum())
             correct5 += int((ranks < 5).sum())
             samples += len(ranks)
@@ -63,14 +64,15 @@ def evaluate(
     if samples == 0:
         raise BadInputError(f"no samples in {data.description}")
     top5 = correct5 / samples if classes > 5 else None
-    return EvalResult(correct1 / samples, top5, samples, session_provider(session))
+    return EvalResult(correct1 / samples, top5, samples, session_provider(session), nonfinite)
 
 
 def label_ranks(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Position of each label in its row's ranking: 0 = the model's first answer.
 
     Ties count against the label unless it comes first, as argmax would pick,
-    so constant logits do not count as correct everywhere.
+    so constant logits do not count as correct everywhere; a row holding NaN or
+    inf is never correct (rank = classes).
     """
     if logits.ndim != 2 or logits.shape[0] != len(labels):
         raise BadInputError(
@@ -84,4 +86,5 @@ def label_ranks(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
         )
     target = logits[np.arange(len(labels)), labels][:, None]
     before = np.arange(classes)[None, :] < labels[:, None]
-    return ((logits > target) | ((logits == target) & before)).sum(axis=1)
+    ranks = ((logits > target) | ((logits == target) & before)).sum(axis=1)
+    return np.where(np.isfinite(logits).all(axis=1), ranks, classes)

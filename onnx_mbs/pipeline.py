@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from onnx import helper
 
 from onnx_mbs.data import DataSource, open_data
 from onnx_mbs.evaluate import EvalResult, evaluate
@@ -65,11 +66,26 @@ def model_input(model: onnx.ModelProto) -> tuple[str, list[int]]:
     inputs = [i for i in model.graph.input if i.name not in inits]
     if len(inputs) != 1:
         raise BadInputError(
-            f"reduce needs a single-input model; this one has {len(inputs)} inputs "
+            f"onnx-mbs feeds data to single-input models; this one has {len(inputs)} inputs "
             f"({', '.join(i.name for i in inputs)})"
         )
     dims = [d.dim_value for d in inputs[0].type.tensor_type.shape.dim]
     return inputs[0].name, dims
+
+
+def input_layout(model: onnx.ModelProto, name: str) -> str:
+    """NHWC when the input only feeds Transposes to NCHW (how tf2onnx writes Keras models)."""
+    readers = [n for n in model.graph.node if name in n.input]
+    perms = [
+        list(helper.get_attribute_value(a))
+        for n in readers
+        if n.op_type == "Transpose"
+        for a in n.attribute
+        if a.name == "perm"
+    ]
+    if readers and len(perms) == len(readers) and all(p == [0, 3, 1, 2] for p in perms):
+        return "NHWC"
+    return "NCHW"
 
 
 def metadata(model: onnx.ModelProto) -> dict[str, str]:
@@ -83,10 +99,38 @@ def open_for_model(
     mean: Any = None,
     std: Any = None,
     limit: int | None = None,
+    split: str | None = "test",
 ) -> DataSource:
-    """A DataSource fitted to `model`'s (single, fixed) input; mean/std default to its metadata."""
+    """A DataSource fitted to `model`'s (single, fixed) input, NCHW or NHWC as the graph
+    reads it; mean/std default to its metadata; `split` is the default IDX split."""
     name, shape = model_input(model)
-    return open_data(spec, name, shape, mean=mean, std=std, limit=limit, metadata=metadata(model))
+    source = open_data(
+        spec,
+        name,
+        shape,
+        mean=mean,
+        std=std,
+        limit=limit,
+        metadata=metadata(model),
+        layout=input_layout(model, name),
+        split=split,
+    )
+    check_labels(source, model)
+    return source
+
+
+def check_labels(source: DataSource, model: onnx.ModelProto) -> None:
+    """Labels must name one of the model's classes (its first output's last dim, when fixed)."""
+    labels = getattr(source, "labels", None)
+    dims = model.graph.output[0].type.tensor_type.shape.dim
+    if labels is None or not len(labels) or len(dims) != 2 or not dims[1].dim_value:
+        return
+    classes = dims[1].dim_value
+    if int(labels.max()) >= classes:
+        raise BadInputError(
+            f"label {int(labels.max())} in {source.description.split(':')[0]} does not exist: "
+            f"the model has {classes} classes (0..{classes - 1})"
+        )
 
 
 def reduce(
@@ -151,10 +195,11 @@ def reduce(
 
     stats: ActivationStats | None = None
     rho = dict.fromkeys(activation, 1.0)  # no data: effective flops are plain MACs
-    if source is not None:
+    measured = sorted({t for t in activation.values() if t})
+    if source is not None and measured:
         stats = collect_stats(
             runnable,
-            sorted({t for t in activation.values() if t}),
+            measured,
             source,
             provider_list,
             batch_size=batch_size,
@@ -197,10 +242,7 @@ def reduce(
 
     report = ReduceReport(
         provider=stats.provider if stats else "none",
-        data=source.description
-        if source
-        else "none: rho = 1 everywhere (MACs and receptive "
-        "fields only; give --data to measure activations)",
+        data=_data_text(source, measured),
         preprocessing=_preprocessing(source),
         samples=stats.samples if stats else 0,
         before=before,
@@ -218,6 +260,14 @@ def reduce(
             )
         lap("evaluate")
     return reduced, report
+
+
+def _data_text(source: DataSource | None, measured: list[str]) -> str:
+    if source is None:
+        return "none: rho = 1 everywhere (MACs and receptive fields only; give --data to measure)"
+    if not measured:
+        return f"{source.description}; no Conv activations to measure: rho = 1 everywhere"
+    return source.description
 
 
 def _preprocessing(source: DataSource | None) -> str:

@@ -15,6 +15,7 @@ rounding to multiples of 8 makes the size a step function of gamma.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -166,8 +167,10 @@ def plan_widths(
     """Choose how many channels each group keeps (see the module docstring)."""
     if strategy not in ("mbs", "uniform"):
         raise BadInputError(f"unknown --strategy {strategy!r}: use mbs or uniform")
-    if gamma < 0:
-        raise BadInputError(f"--gamma must be >= 0, got {gamma}")
+    if not (math.isfinite(gamma) and gamma >= 0):
+        raise BadInputError(f"--gamma must be a finite number >= 0, got {gamma}")
+    if not 0 < beta_min <= 1:
+        raise BadInputError(f"--beta-min must be in (0, 1], got {beta_min}")
     if channel_multiple < 1:
         raise BadInputError(f"--channel-multiple must be >= 1, got {channel_multiple}")
     redundancy = macroblock_redundancy(analysis, rho)
@@ -215,9 +218,17 @@ def plan_widths(
         counts = _nudge(counts, groups, metric, target, channel_multiple)
     if budget is not None and metric(counts) > budget.fraction + 0.02:
         smallest = _counts(groups, [beta_min] * len(redundancy), channel_multiple)
+        pinned = sum(g.pinned for g in groups)
+        limits = [
+            f"{pinned} pinned group{'s' if pinned != 1 else ''} stay whole" if pinned else "",
+            f"--beta-min {beta_min:g}",
+            f"--channel-multiple {channel_multiple}",
+            "parameters outside Conv channel groups (e.g. the head) stay",
+        ]
         raise BadInputError(
             f"budget {budget} cannot be reached: the smallest plan keeps "
-            f"{metric(smallest):.1%} (pinned groups stay whole); ask for a larger fraction"
+            f"{metric(smallest):.1%} ({'; '.join(filter(None, limits))}); "
+            "ask for a larger fraction"
         )
     params_after, macs_after = cost(counts)
     blocks = [

@@ -176,6 +176,16 @@ def feed_dtype(session: ort.InferenceSession, input_name: str) -> np.dtype:
     return np.dtype(_FLOAT_TYPES[declared[input_name]])
 
 
+def pad_to_batch(session: ort.InferenceSession, input_name: str, x: np.ndarray) -> np.ndarray:
+    """`x` padded to the model's fixed batch by repeating its last sample (a short last batch
+    would not run); callers keep only the first len(x) rows of every per-sample output."""
+    declared = next(i.shape for i in session.get_inputs() if i.name == input_name)
+    batch = declared[0] if declared else None
+    if isinstance(batch, int) and 0 < len(x) < batch:
+        return np.concatenate([x, np.repeat(x[-1:], batch - len(x), axis=0)])
+    return x
+
+
 def session_provider(session: ort.InferenceSession) -> str:
     """The provider that actually runs the session (the first one onnxruntime kept)."""
     return session.get_providers()[0]

@@ -1,9 +1,18 @@
-"""Writing models safely: never over the input, never a partial file."""
+"""Writing outputs safely: never over a file the run reads, never a partial file.
+
+Every output (the model, its external data, the --report folder) is written
+under a hidden temporary name beside its destination and renamed into place
+only once everything is written, so a failed or interrupted run leaves
+nothing behind and a report never appears without its model.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
@@ -13,22 +22,92 @@ from onnx_mbs.passes import BadInputError
 TWO_GB = 2**31 - 1
 
 
-def check_output_path(output: str | os.PathLike, *inputs: str | os.PathLike | None) -> Path:
-    """Refuse an output that would overwrite an input or land in a missing folder."""
-    out = Path(output)
-    for source in inputs:
-        if source is not None and not isinstance(source, onnx.ModelProto):
-            src = Path(source)
-            if out.resolve() == src.resolve():
+def model_files(model: str | os.PathLike) -> list[Path]:
+    """The model file and the external-data files it names (what reading it touches)."""
+    path = Path(model)
+    files = [path]
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # unreadable models are refused by whoever loads them
+        return files
+    tensors = list(proto.graph.initializer) + [
+        a.t for n in proto.graph.node for a in n.attribute if a.HasField("t")
+    ]
+    for tensor in tensors:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                files.append(path.parent / entry.value)
+    return files
+
+
+def data_path(spec: object) -> Path | None:
+    """The file or folder a --data SPEC reads (an IDX ':train'/':test' suffix dropped)."""
+    from onnx_mbs.data.spec import split_suffix
+
+    return split_suffix(os.fspath(spec))[0] if isinstance(spec, (str, os.PathLike)) else None
+
+
+def check_outputs(
+    output: str | os.PathLike | None,
+    report: str | os.PathLike | None = None,
+    *,
+    models: Mapping[str, object] | None = None,
+    data: Mapping[str, object] | None = None,
+) -> None:
+    """Refuse, before any work, outputs that would overwrite what the run reads or cannot be
+    written. `models` and `data` map a role ("the input model", "--data"...) to a model path
+    or a data spec: models count with their external data, data folders with all inside."""
+    sources: list[tuple[Path, str]] = []
+    for role, model in (models or {}).items():
+        if isinstance(model, (str, os.PathLike)):
+            sources += [(path, role) for path in model_files(model)]
+    for role, spec in (data or {}).items():
+        if (path := data_path(spec)) is not None:
+            sources.append((path, role))
+    targets = []
+    if output is not None:
+        targets = [(Path(output), "output"), (Path(f"{output}.data"), "output's external data")]
+    if report is not None:
+        targets.append((Path(report), "--report folder"))
+    for target, what in targets:
+        resolved = target.resolve()
+        for source, role in sources:
+            src = source.resolve()
+            if resolved == src or (src.is_dir() and resolved.is_relative_to(src)):
+                where = "is" if resolved == src else "is inside"
                 raise BadInputError(
-                    f"output path {out} is the input model; choose another -o (the input is "
-                    "never modified)"
+                    f"{what} {target} {where} {role} {source}, which this run reads; "
+                    "choose another path (inputs are never modified)"
                 )
-    if not out.parent.resolve().is_dir():
-        raise BadInputError(f"output folder {out.parent} does not exist")
-    if out.is_dir():
-        raise BadInputError(f"output path {out} is a folder; give a file name")
-    return out
+    if output is not None:
+        out = Path(output)
+        if out.is_dir():
+            raise BadInputError(f"output path {out} is a folder; give a file name")
+        _check_writable_folder(out.parent, "output")
+    if report is not None:
+        folder = Path(report)
+        if folder.exists() and not folder.is_dir():
+            raise BadInputError(f"--report {folder} is a file; give a folder name")
+        if output is not None and folder.resolve() == Path(output).resolve():
+            raise BadInputError(f"--report {folder} is the output model's path; give a folder")
+        _check_writable_folder(folder.parent, "--report")
+
+
+def _check_writable_folder(folder: Path, what: str) -> None:
+    if not folder.resolve().is_dir():
+        raise BadInputError(f"{what} folder {folder} does not exist; create it first")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".onnx-mbs-probe.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise BadInputError(f"cannot write to {what} folder {folder}: {error.strerror}") from None
+
+
+def check_output_path(output: str | os.PathLike, *inputs: str | os.PathLike | None) -> Path:
+    """Refuse an output that would overwrite an input model or land in a missing folder."""
+    check_outputs(output, models={f"input {k + 1}": m for k, m in enumerate(inputs)})
+    return Path(output)
 
 
 def default_output(model: str | os.PathLike) -> Path:
@@ -38,18 +117,100 @@ def default_output(model: str | os.PathLike) -> Path:
     return path.with_name(f"{stem}.mbs.onnx")
 
 
-def save_model(model: onnx.ModelProto, output: str | os.PathLike) -> Path:
-    """Write to a temporary file next to `output`, then rename: readers never see half a model."""
+def save_model(
+    model: onnx.ModelProto,
+    output: str | os.PathLike,
+    report: tuple[str | os.PathLike, Callable[[Path], object]] | None = None,
+) -> Path:
+    """Write `model` to `output` atomically (external data beside it past 2 GB).
+
+    `report`, a (folder, writer) pair, is written into a temporary folder and
+    appears together with the model. The caller's model is left as it was.
+    """
     out = Path(output)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        if model.ByteSize() > TWO_GB:
-            onnx.save(model, tmp, save_as_external_data=True, location=f"{out.name}.data")
-        else:
-            onnx.save(model, tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with _staging(out.parent) as stage:
+        staged = [*_stage_model(model, out, stage)]
+        if report is not None:
+            staged.append(_stage_folder(Path(report[0]), report[1], stage))
+        _publish(staged)
     return out
+
+
+def save_folder(folder: str | os.PathLike, writer: Callable[[Path], object]) -> Path:
+    """Write a folder (e.g. a report without a model) atomically through `writer(tmp_folder)`."""
+    target = Path(folder)
+    with _staging(target.parent) as stage:
+        _publish([_stage_folder(target, writer, stage)])
+    return target
+
+
+@contextmanager
+def _staging(folder: Path) -> Iterator[Callable[[Path], Path]]:
+    """Hand out temporary names; remove whatever is left of them however the block ends
+    (errors, Ctrl-C, SIGTERM). OS errors become one line: the disk is full, read-only..."""
+    temps: list[Path] = []
+
+    def temp(parent: Path) -> Path:
+        path = Path(tempfile.mkdtemp(prefix=".onnx-mbs.", suffix=".tmp", dir=parent))
+        temps.append(path)
+        return path
+
+    try:
+        yield temp
+    except OSError as error:
+        raise BadInputError(
+            f"cannot write to {folder}: {error.strerror or error}; nothing was written"
+        ) from None
+    finally:
+        for path in temps:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _stage_model(
+    model: onnx.ModelProto, out: Path, temp: Callable[[Path], Path]
+) -> list[tuple[Path, Path]]:
+    folder = temp(out.parent)
+    tmp = folder / out.name
+    if model.ByteSize() > TWO_GB:
+        data = f"{out.name}.data"
+        onnx.save(model, tmp, save_as_external_data=True, location=data)
+        # onnx.save moved the weights out of the caller's model: read them back in.
+        onnx.load_external_data_for_model(model, str(folder))
+        _set_mode(folder / data, 0o666)
+        staged = [(folder / data, out.parent / data)]
+    else:
+        onnx.save(model, tmp)
+        staged = []
+    _set_mode(tmp, 0o666)
+    return [*staged, (tmp, out)]  # the model last: it never appears without its data
+
+
+def _stage_folder(
+    target: Path, writer: Callable[[Path], object], temp: Callable[[Path], Path]
+) -> tuple[Path, Path]:
+    folder = temp(target.parent) / target.name
+    folder.mkdir()
+    writer(folder)
+    _set_mode(folder, 0o777)
+    for path in folder.iterdir():
+        _set_mode(path, 0o666)
+    return folder, target
+
+
+def _publish(staged: list[tuple[Path, Path]]) -> None:
+    """Rename every staged path into place; an existing folder is swapped out, then removed."""
+    for tmp, final in staged:
+        if tmp.is_dir() and final.is_dir():
+            old = tmp.with_name(tmp.name + ".old")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+
+
+def _set_mode(path: Path, full: int) -> None:
+    """What a plain open()/mkdir() would give: `full` less the umask (mkstemp/mkdtemp use 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, full & ~umask)

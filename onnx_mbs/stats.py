@@ -34,7 +34,7 @@ from onnx import TensorProto, helper
 from onnx_mbs.data import Batch, DataSource
 from onnx_mbs.passes.errors import BadInputError
 from onnx_mbs.progress import progress_bar
-from onnx_mbs.runtime import feed_dtype, make_session, session_provider
+from onnx_mbs.runtime import feed_dtype, make_session, pad_to_batch, session_provider
 
 STEP_ALPHA = 2.0**127
 PREFIX = "onnx_mbs_stats"
@@ -301,7 +301,7 @@ def collect_stats(
             results = _run(session, data.input_name, batch, feed_type, check=index == 0)
             values = dict(zip(names, results, strict=True))
             for out in outputs:
-                sums[out.tensor].add(out, values)
+                sums[out.tensor].add(out, values, len(batch.x))
             samples += len(batch.x)
             bar.update(len(batch.x))
     tensors_stats = {name: acc.result() for name, acc in sums.items()}
@@ -318,15 +318,16 @@ class _Accumulator:
         self.abs_sum: np.ndarray | None = None
         self.elements = 0
 
-    def add(self, out: StatOutputs, values: dict[str, np.ndarray]) -> None:
-        fraction = values[out.positive].astype(np.float64)
+    def add(self, out: StatOutputs, values: dict[str, np.ndarray], rows: int) -> None:
+        """Add the first `rows` samples (the rest pads a short batch to a fixed one)."""
+        fraction = values[out.positive][:rows].astype(np.float64)
         batch, channels = fraction.shape[:2]
         spatial = out.spatial or int(np.prod(values[out.shape][2:]))
         # GAP returns means; counts are whole numbers, so rounding undoes the division.
         positive = np.rint(fraction.reshape(batch, channels) * spatial).sum(axis=0)
         abs_sum = None
         if out.mean_abs is not None:
-            mean_abs = values[out.mean_abs].astype(np.float64).reshape(batch, channels)
+            mean_abs = values[out.mean_abs][:rows].astype(np.float64).reshape(batch, channels)
             abs_sum = (mean_abs * spatial).sum(axis=0)
         if self.positive is None:
             self.positive, self.abs_sum = positive, abs_sum
@@ -358,7 +359,7 @@ def _run(
     session: ort.InferenceSession, input_name: str, batch: Batch, feed_type: np.dtype, check: bool
 ) -> list[np.ndarray]:
     """Run one batch; on the first batch, data that does not fit becomes a BadInputError."""
-    x = batch.x.astype(feed_type, copy=False)
+    x = pad_to_batch(session, input_name, batch.x.astype(feed_type, copy=False))
     if not check:
         return session.run(None, {input_name: x})
     declared = next(i for i in session.get_inputs() if i.name == input_name)

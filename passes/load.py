@@ -42,8 +42,10 @@ def parse_input_shape(spec: str) -> tuple[str, list[int]]:
             f"bad --input-shape {spec!r}: expected NAME:D0,D1,... with integer dims, "
             "e.g. input:1,3,224,224"
         ) from None
-    if any(d <= 0 for d in shape):
-        raise BadInputError(f"bad --input-shape {spec!r}: dims must be positive integers")
+    if any(not 0 < d < 2**63 for d in shape):
+        raise BadInputError(
+            f"bad --input-shape {spec!r}: dims must be positive integers below 2^63"
+        )
     return name, shape
 
 
@@ -57,6 +59,8 @@ def read_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
         model.CopyFrom(source)
     else:
         path = Path(source)
+        if path.is_dir():
+            raise BadInputError(f"{path} is a folder; give the path of an .onnx model file")
         if not path.is_file():
             raise BadInputError(f"model file not found: {path}")
         try:

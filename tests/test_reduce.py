@@ -17,13 +17,13 @@ from onnx_mbs.passes import BadInputError, count_parameters, load_model
 from onnx_mbs.pipeline import reduce
 
 
-def _sample_npz(path, shape, n=16, seed=0):
-    """Random uint8 images of the model's (C, H, W), with labels."""
+def _sample_npz(path, shape, n=16, seed=0, classes=10):
+    """Random uint8 images of the model's (C, H, W), with labels below `classes`."""
     rng = np.random.default_rng(seed)
     np.savez(
         path,
         x=rng.integers(0, 256, (n, *shape), dtype=np.uint8),
-        y=rng.integers(0, 10, n, dtype=np.int64),
+        y=rng.integers(0, classes, n, dtype=np.int64),
     )
     return path
 
@@ -195,7 +195,7 @@ def test_nothing_to_cut_exits_0_unchanged_and_names_the_pins(tmp_path, capsys):
 
     model_path = tmp_path / "tiny.onnx"
     onnx.save(conv_relu_model(), model_path)  # one conv: its whole macroblock is its base
-    data = _sample_npz(tmp_path / "x.npz", [3, 8, 8])
+    data = _sample_npz(tmp_path / "x.npz", [3, 8, 8], classes=2)
     out = tmp_path / "out.onnx"
     assert main(["reduce", str(model_path), "-o", str(out), "--data", str(data), "--no-eval"]) == 0
     printed = capsys.readouterr().out

@@ -158,6 +158,13 @@ def _all_sum(values: list[float], device: torch.device, world: int) -> list[floa
     return t.tolist()
 
 
+def _diverged(what: str, epoch: int, step: int, lr: float) -> str:
+    return (
+        f"training diverged ({what} at epoch {epoch + 1}, step {step + 1}, lr {lr:g}); "
+        "nothing written: lower --lr"
+    )
+
+
 @torch.no_grad()
 def top1(
     module: OnnxModule,
@@ -172,8 +179,9 @@ def top1(
     correct = 0
     for i in range(0, len(x), batch_size):
         xb = torch.from_numpy(x[i : i + batch_size]).to(device)
-        pred = _logits(module(xb)).argmax(1).cpu().numpy()
-        correct += int((pred == y[i : i + batch_size]).sum())
+        logits = _logits(module(xb))
+        pred = torch.where(torch.isfinite(logits).all(1), logits.argmax(1), -1).cpu().numpy()
+        correct += int((pred == y[i : i + batch_size]).sum())  # non-finite rows never count
     module.train(was_training)
     return correct, len(x)
 
@@ -221,8 +229,10 @@ def retrain(
     `amp="bf16"` runs forward passes under bf16 autocast; weights and updates stay float32.
     """
     start = time.perf_counter()
-    if epochs < 1 or batch_size < 1 or lr <= 0:
-        raise BadInputError("epochs and batch_size must be at least 1 and lr positive")
+    if epochs < 1 or batch_size < 1 or not (math.isfinite(lr) and lr > 0):
+        raise BadInputError(
+            f"epochs and batch_size must be at least 1 and lr a positive number (lr {lr})"
+        )
     x_train, y_train = as_arrays(train_data, "training data")
     x_val, y_val = as_arrays(val_data, "validation data") if val_data is not None else (None, None)
     if amp not in AMP_CHOICES:
@@ -309,6 +319,8 @@ def retrain(
                     loss = alpha * _kd_loss(logits, soft, temperature) + (1 - alpha) * loss
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if not torch.isfinite(loss):
+                    raise BadInputError(_diverged(f"loss {loss.item()}", epoch, step, lr_now))
                 opt.step()
                 sched.step()
                 with torch.no_grad():
@@ -353,6 +365,8 @@ def retrain(
         if best_state is not None and best_epoch != epochs - 1:
             student.load_state_dict(best_state)
         student.eval()
+        if not all(bool(torch.isfinite(p).all()) for p in student.state_dict().values()):
+            raise BadInputError(_diverged("non-finite weights", epochs - 1, steps - 1, lr))
         result_model = write_back(model, student)
         # Release DDP's reducer and let every rank finish before the group goes:
         # gloo threads still holding work at interpreter exit abort the process.

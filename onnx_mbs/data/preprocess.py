@@ -29,14 +29,17 @@ class Preprocess:
     channels: int  # model input channel count (1 -> grayscale, 3 -> RGB)
     mean: tuple[float, ...]  # per channel, applied after scaling pixels to [0, 1]
     std: tuple[float, ...]
-    scale: str = "/255"  # how raw pixels reach [0, 1]
+    scale: str = "/255"  # how raw pixels reach [0, 1], in words
+    divisor: float = 255.0  # raw pixels / divisor are in [0, 1]
+    layout: str = "NCHW"  # the model input's layout: NHWC models get channels last
 
     def describe(self) -> str:
         kind = {1: " (grayscale)", 3: " (RGB)"}.get(self.channels, "")
         plural = "" if self.channels == 1 else "s"
         return (
-            f"resize to {self.size[0]}x{self.size[1]}, {self.channels} channel{plural}{kind}, "
-            f"{self.scale}, mean {_numbers(self.mean)} std {_numbers(self.std)}"
+            f"{self.layout} input, resize to {self.size[0]}x{self.size[1]}, "
+            f"{self.channels} channel{plural}{kind}, {self.scale}, "
+            f"mean {_numbers(self.mean)} std {_numbers(self.std)}"
         )
 
 
@@ -126,18 +129,31 @@ def check_channels(source: int, target: int, what: str) -> None:
         )
 
 
-def to_unit_nchw(raw: np.ndarray, layout: str) -> np.ndarray:
-    """Samples as float32 NCHW in [0, 1]: uint8 is divided by 255, floats are taken as they are."""
+def to_unit_nchw(raw: np.ndarray, layout: str, divisor: float = 255.0) -> np.ndarray:
+    """Samples as float32 NCHW in [0, 1]: raw pixels divided by `divisor` (255 or 1)."""
     x = raw[:, None] if layout == "NHW" else raw
     if layout == "NHWC":
         x = x.transpose(0, 3, 1, 2)
+    x = x.astype(np.float32)
+    return x / np.float32(divisor) if divisor != 1 else x
+
+
+def pixel_scale(x: np.ndarray, what: str) -> tuple[str, float]:
+    """How raw pixels reach [0, 1], read from the values: uint8 and float 0..255 are divided
+    by 255, floats in [0, 1] are kept; other float ranges are refused (a guess would be
+    silently wrong)."""
     if x.dtype == np.uint8:
-        return x.astype(np.float32) / np.float32(255.0)
-    return x.astype(np.float32)
-
-
-def pixel_scale(dtype: np.dtype) -> str:
-    return "/255" if dtype == np.uint8 else "floats taken as [0, 1]"
+        return "/255", 255.0
+    finite = x[np.isfinite(x)] if x.size else x
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    if low >= 0 and high <= 1:
+        return "floats in [0, 1] kept", 1.0
+    if low >= 0 and high <= 255:
+        return f"float pixels in [0, {high:g}] read as 0..255, /255", 255.0
+    raise BadInputError(
+        f"{what} holds floats in [{low:g}, {high:g}]: neither [0, 1] nor 0..255 pixels; "
+        "store raw pixels (uint8, or floats in [0, 1] or 0..255) and give --mean/--std"
+    )
 
 
 def check_pixel_dtype(dtype: np.dtype, what: str) -> None:
@@ -157,7 +173,10 @@ def apply(x: np.ndarray, pre: Preprocess) -> np.ndarray:
         x = np.einsum("nchw,c->nhw", x, LUMA)[:, None]
     mean = np.asarray(pre.mean, np.float32).reshape(1, -1, 1, 1)
     std = np.asarray(pre.std, np.float32).reshape(1, -1, 1, 1)
-    return np.ascontiguousarray((x - mean) / std, dtype=np.float32)
+    x = (x - mean) / std
+    if pre.layout == "NHWC":
+        x = x.transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def resize(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:

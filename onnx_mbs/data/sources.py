@@ -64,7 +64,7 @@ class ArraySource:
             if self.layout is None or self.preprocess is None:
                 x = raw
             else:
-                x = apply(to_unit_nchw(raw, self.layout), self.preprocess)
+                x = apply(to_unit_nchw(raw, self.layout, self.preprocess.divisor), self.preprocess)
             check_finite(x, start, self.description)
             y = None if self.labels is None else self.labels[start : start + batch_size]
             yield Batch(x, y)

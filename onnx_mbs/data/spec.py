@@ -36,38 +36,49 @@ def open_data(
     std: Any = None,
     limit: int | None = None,
     metadata: Mapping[str, str] | None = None,
+    layout: str = "NCHW",
+    split: str | None = "test",
 ) -> DataSource:
-    """A DataSource for `spec`, preprocessed to fit the model input (N, C, H, W).
+    """A DataSource for `spec`, preprocessed to fit the model input (N, C, H, W), or
+    (N, H, W, C) for `layout` "NHWC".
 
     mean/std default to the model's metadata (onnx_mbs.mean / onnx_mbs.std), else 0 and 1.
-    `limit` keeps the first N samples. Python readers (anything with get_next(), or an
+    `limit` keeps the first N samples. `split` is the IDX split used when the spec names
+    none (None: it must be named). Python readers (anything with get_next(), or an
     iterable of input dicts) give model inputs already: they are not preprocessed.
     """
-    if limit is not None and limit <= 0:
-        raise BadInputError(f"limit must be a positive number of samples, got {limit}")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0):
+        raise BadInputError(f"limit must be a positive whole number of samples, got {limit!r}")
     if not isinstance(spec, (str, os.PathLike)):
         return _open_reader(spec, input_name, input_shape, limit)
 
-    path, split = _split_suffix(os.fspath(spec))
+    path, named_split = split_suffix(os.fspath(spec))
     if not path.exists():
         raise BadInputError(f"data path {path} does not exist; pass {KINDS}")
+    if layout == "NHWC":
+        dims = list(input_shape)
+        input_shape = [dims[0], dims[3], dims[1], dims[2]] if len(dims) == 4 else dims
     channels, height, width = model_chw(input_shape)
     means, stds = normalisation(mean, std, channels, metadata)
 
-    def preprocess(scale: str) -> Preprocess:
-        return Preprocess((height, width), channels, means, stds, scale)
+    def preprocess(scale: tuple[str, float]) -> Preprocess:
+        return Preprocess((height, width), channels, means, stds, *scale, layout=layout)
 
     if path.is_dir() and idx.is_idx_folder(path):
-        split = split or "test"
+        if named_split is None and split is None:
+            raise BadInputError(f"say which IDX split to use: {path}:train or {path}:test")
+        how = "" if named_split else ", the default here; add :train or :test to choose"
+        split = named_split or split
         images, labels = idx.find_split(path, split)
         x = idx.read_idx(images)
         y = idx.read_idx(labels) if labels is not None else None
-        what = f"IDX {path} ({split} split)"
+        what = f"IDX {path} ({split} split{how})"
         return _array_source(x, y, what, channels, preprocess, input_name, limit)
+    split = named_split
     if split is not None:
         raise BadInputError(f"':{split}' only applies to IDX folders; {path} is not one")
     if path.is_dir():
-        return _open_folder(path, preprocess("/255"), input_name, limit)
+        return _open_folder(path, preprocess(("/255", 255.0)), input_name, limit)
     if path.suffix.lower() == ".npz":
         x, y = _read_npz(path)
         what = f"npz {path.name}"
@@ -75,7 +86,7 @@ def open_data(
     raise BadInputError(f"cannot use data file {path}; pass {KINDS}")
 
 
-def _split_suffix(spec: str) -> tuple[Path, str | None]:
+def split_suffix(spec: str) -> tuple[Path, str | None]:
     """'folder:train' -> (folder, 'train') unless a file of that exact name exists."""
     for split in idx.SPLITS:
         suffix = ":" + split
@@ -85,6 +96,8 @@ def _split_suffix(spec: str) -> tuple[Path, str | None]:
 
 
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    if not zipfile.is_zipfile(path):
+        raise BadInputError(f"cannot read npz {path}: not a zip archive of .npy arrays")
     try:
         with np.load(path, allow_pickle=False) as npz:
             names = list(npz.files)
@@ -118,7 +131,8 @@ def _array_source(
         raise BadInputError(f"{what} has no samples")
     x, labels = x[:limit], (None if labels is None else labels[:limit])
     description = _describe(what, len(x), total, labels is not None)
-    return ArraySource(x, labels, layout, preprocess(pixel_scale(x.dtype)), input_name, description)
+    scale = pixel_scale(x, f"{what} x")
+    return ArraySource(x, labels, layout, preprocess(scale), input_name, description)
 
 
 def _labels(y: np.ndarray, count: int, what: str) -> np.ndarray:
@@ -146,7 +160,7 @@ def _open_folder(
         raise BadInputError(
             f"the model expects {preprocess.channels} channels; image folders give 1 or 3"
         )
-    classes = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = sorted(p for p in _listing(path) if p.is_dir() and not p.name.startswith("."))
     files: list[Path] = []
     labels: list[int] | None = []
     if classes:
@@ -172,9 +186,16 @@ def _open_folder(
 def _images(folder: Path) -> list[Path]:
     return sorted(
         p
-        for p in folder.iterdir()
+        for p in _listing(folder)
         if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
     )
+
+
+def _listing(folder: Path) -> list[Path]:
+    try:
+        return list(folder.iterdir())
+    except OSError as error:
+        raise BadInputError(f"cannot read folder {folder}: {error.strerror}") from None
 
 
 def _open_reader(

@@ -1,0 +1,346 @@
+# ruff: noqa: E501  (the case tables keep one case per line)
+"""Reliability: every user error and environment fault gets one line and exit 2, with nothing
+lost, nothing left behind and nothing silently wrong.
+
+Each row of CASES is a command line (`{ws}` is a fresh copy of the inputs that
+tests/reliability_inputs.py writes), the exit code and a fragment of stderr it
+must give. Every case also checks: no "Traceback"; every input file's hash
+unchanged; the files written are exactly the expected outputs (no temporary or
+partial file); every written model passes the full checker and runs in
+onnxruntime with the original's input names at every batch the original takes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from reliability_inputs import write_inputs
+
+from onnx_mbs.cli import main
+
+REPORT = ("rep/report.json", "rep/report.md", "rep/widths.png")
+IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    argv: str  # the command line after `onnx-mbs`; {ws} is the case's folder
+    code: int
+    fragment: str  # must appear on stderr
+    outputs: tuple[str, ...] = ()  # the files it writes, relative to {ws}
+    mount: str | None = None  # "ro" or "full": a small tmpfs at {ws}/mnt (root only)
+    interrupt: str | None = None  # "TERM-run", "INT-run", "TERM-save", "INT-save"
+
+
+# fmt: off
+R = "reduce {ws}/tiny.onnx --no-eval"
+RO = "-o {ws}/out/r.onnx"
+T = "retrain {ws}/tiny.onnx -o {ws}/out/t.onnx --data {ws}/data.npz"
+E = "eval {ws}/tiny.onnx --data {ws}/data.npz"
+OUT = ("out/r.onnx",)
+TOUT = ("out/t.onnx",)
+
+# Data loss: an output that is, or resolves to, a file the run reads.
+DATA_LOSS = [
+    Case("reduce-o-is-data", "reduce {ws}/tiny.onnx -o {ws}/data.npz --data {ws}/data.npz", 2, "is --data"),
+    Case("reduce-o-is-input", "reduce {ws}/tiny.onnx -o {ws}/tiny.onnx", 2, "is the input model"),
+    Case("reduce-o-is-input-relative", "reduce {ws}/tiny.onnx -o {ws}/out/../tiny.onnx", 2, "is the input model"),
+    Case("reduce-o-is-external-data", "reduce {ws}/ext.onnx -o {ws}/weights.bin", 2, "is the input model"),
+    Case("reduce-o-in-data-folder", "reduce {ws}/tiny.onnx -o {ws}/imgs/r.onnx --data {ws}/imgs", 2, "is inside --data"),
+    Case("reduce-o-in-idx-folder", "reduce {ws}/tiny.onnx -o {ws}/idx/r.onnx --data {ws}/idx:train", 2, "is inside --data"),
+    Case("reduce-o-is-idx-file", "reduce {ws}/tiny.onnx -o {ws}/idx/train-images-idx3-ubyte --data {ws}/idx:train", 2, "is inside --data"),
+    Case("reduce-report-in-data-folder", R + " " + RO + " --data {ws}/imgs --report {ws}/imgs/rep", 2, "is inside --data"),
+    Case("reduce-report-is-input", R + " " + RO + " --report {ws}/tiny.onnx", 2, "is the input model"),
+    Case("reduce-o-symlink-to-data", "reduce {ws}/tiny.onnx -o {ws}/link.npz --data {ws}/data.npz", 2, "is --data"),
+    Case("retrain-o-is-data", "retrain {ws}/tiny.onnx -o {ws}/data.npz --data {ws}/data.npz", 2, "is --data"),
+    Case("retrain-o-is-val", "retrain {ws}/tiny.onnx -o {ws}/val.npz --data {ws}/data.npz --val {ws}/val.npz", 2, "is --val"),
+    Case("retrain-o-is-teacher", "retrain {ws}/tiny.onnx -o {ws}/teacher.onnx --data {ws}/data.npz --teacher {ws}/teacher.onnx", 2, "is --teacher"),
+    Case("retrain-o-is-input", "retrain {ws}/tiny.onnx -o {ws}/tiny.onnx --data {ws}/data.npz", 2, "is the input model"),
+    Case("retrain-o-is-external-data", "retrain {ws}/ext.onnx -o {ws}/weights.bin --data {ws}/data.npz", 2, "is the input model"),
+    Case("retrain-o-in-val-folder", "retrain {ws}/tiny.onnx -o {ws}/idx/t.onnx --data {ws}/data.npz --val {ws}/idx:test", 2, "is inside --val"),
+    Case("retrain-o-symlink-to-teacher", "retrain {ws}/tiny.onnx -o {ws}/link.onnx --data {ws}/data.npz --teacher {ws}/teacher.onnx", 2, "is --teacher"),
+]
+
+# Outputs that cannot be written: refused before the work (or, for a full disk, cleaned up).
+UNWRITABLE = [
+    Case("reduce-o-missing-folder", R + " -o {ws}/nope/r.onnx", 2, "does not exist"),
+    Case("reduce-o-is-folder", R + " -o {ws}/out", 2, "is a folder"),
+    Case("reduce-report-is-file", R + " " + RO + " --report {ws}/notes.txt", 2, "is a file"),
+    Case("reduce-report-is-output", R + " " + RO + " --report {ws}/out/r.onnx", 2, "output model's path"),
+    Case("reduce-report-missing-parent", R + " " + RO + " --report {ws}/nope/rep", 2, "does not exist"),
+    Case("reduce-dry-run-report-is-file", R + " --dry-run --report {ws}/notes.txt", 2, "is a file"),
+    Case("retrain-o-missing-folder", "retrain {ws}/tiny.onnx -o {ws}/nope/t.onnx --data {ws}/data.npz", 2, "does not exist"),
+    Case("retrain-o-is-folder", "retrain {ws}/tiny.onnx -o {ws}/out --data {ws}/data.npz", 2, "is a folder"),
+    Case("reduce-o-read-only-fs", R + " -o {ws}/mnt/r.onnx", 2, "Read-only file system", mount="ro"),
+    Case("reduce-report-read-only-fs", R + " " + RO + " --report {ws}/mnt/rep", 2, "Read-only file system", mount="ro"),
+    Case("retrain-o-read-only-fs", "retrain {ws}/tiny.onnx -o {ws}/mnt/t.onnx --data {ws}/data.npz", 2, "Read-only file system", mount="ro"),
+    Case("reduce-o-full-fs", R + " -o {ws}/mnt/r.onnx", 2, "No space left", mount="full"),
+    Case("reduce-o-full-fs-report-not-left", R + " -o {ws}/mnt/r.onnx --report {ws}/rep", 2, "No space left", mount="full"),
+    Case("reduce-report-full-fs-model-not-left", R + " " + RO + " --data {ws}/data.npz --report {ws}/mnt/rep", 2, "No space left", mount="full"),
+    Case("retrain-o-full-fs", "retrain {ws}/tiny.onnx -o {ws}/mnt/t.onnx --data {ws}/data.npz", 2, "No space left", mount="full"),
+]
+
+# Ctrl-C and SIGTERM mid-run and mid-save: the same clean exit, nothing left.
+INTERRUPTS = [
+    Case(f"{cmd}-{sig}-{when}", argv, 130 if sig == "INT" else 143, "nothing written", interrupt=f"{sig}-{when}")
+    for cmd, argv in (("reduce", R + " " + RO + " --data {ws}/data.npz --report {ws}/rep"), ("retrain", T))
+    for sig in ("INT", "TERM")
+    for when in ("run", "save")
+] + [
+    Case(f"eval-{sig}-run", E, 130 if sig == "INT" else 143, "nothing written", interrupt=f"{sig}-run")
+    for sig in ("INT", "TERM")
+]
+
+# Results that were silently wrong.
+WRONG_RESULTS = [
+    Case("eval-nhwc-detected", "eval {ws}/nhwc.onnx --data {ws}/data.npz", 0, "NHWC input"),
+    Case("reduce-nhwc-detected", "reduce {ws}/nhwc.onnx -o {ws}/out/r.onnx --data {ws}/data.npz", 0, "NHWC input", OUT),
+    Case("retrain-nhwc-detected", "retrain {ws}/nhwc.onnx -o {ws}/out/t.onnx --data {ws}/nhwcdata.npz", 0, "NHWC input", TOUT),
+    Case("eval-nchw-printed", E, 0, "preprocessing: NCHW input"),
+    Case("retrain-preprocessing-printed", T, 0, "preprocessing: NCHW input", TOUT),
+    Case("eval-float255-detected", "eval {ws}/tiny.onnx --data {ws}/float255.npz", 0, "read as 0..255, /255"),
+    Case("reduce-float255-detected", R + " " + RO + " --data {ws}/float255.npz", 0, "read as 0..255, /255", OUT),
+    Case("retrain-float255-detected", "retrain {ws}/tiny.onnx -o {ws}/out/t.onnx --data {ws}/float255.npz", 0, "read as 0..255", TOUT),
+    Case("eval-float01-kept", "eval {ws}/tiny.onnx --data {ws}/float01.npz", 0, "floats in [0, 1] kept"),
+    Case("eval-float-negative-refused", "eval {ws}/tiny.onnx --data {ws}/floatneg.npz", 2, "neither [0, 1] nor 0..255"),
+    Case("reduce-float-negative-refused", R + " " + RO + " --data {ws}/floatneg.npz", 2, "neither [0, 1] nor 0..255"),
+    Case("retrain-float-negative-refused", "retrain {ws}/tiny.onnx -o {ws}/out/t.onnx --data {ws}/floatneg.npz", 2, "neither [0, 1] nor 0..255"),
+    Case("retrain-lr-1e12-diverges", T + " --lr 1e12 --epochs 2 --batch-size 4", 2, "training diverged"),
+    Case("retrain-lr-1e30-diverges", T + " --lr 1e30 --epochs 2 --batch-size 4", 2, "training diverged"),
+    Case("eval-nan-logits-not-correct", "eval {ws}/nan.onnx --data {ws}/data.npz", 0, "24 of 24 samples gave NaN or inf"),
+    Case("eval-labels-above-classes", "eval {ws}/tiny.onnx --data {ws}/badlabels.npz", 2, "label 12 in npz badlabels.npz does not exist"),
+    Case("reduce-labels-above-classes", R + " " + RO + " --data {ws}/badlabels.npz", 2, "the model has 10 classes"),
+    Case("retrain-labels-above-classes", "retrain {ws}/tiny.onnx -o {ws}/out/t.onnx --data {ws}/badlabels.npz", 2, "the model has 10 classes"),
+    Case("retrain-val-labels-above-classes", T + " --val {ws}/badlabels.npz", 2, "the model has 10 classes"),
+    Case("retrain-idx-defaults-to-train", "retrain {ws}/tiny.onnx -o {ws}/out/t.onnx --data {ws}/idx", 0, "(train split, the default here", TOUT),
+    Case("eval-idx-defaults-to-test", "eval {ws}/tiny.onnx --data {ws}/idx", 0, "(test split, the default here"),
+    Case("reduce-idx-default-printed", R + " " + RO + " --data {ws}/idx", 0, "split, the default here", OUT),
+    Case("retrain-val-idx-needs-split", T + " --val {ws}/idx", 2, "say which IDX split"),
+    Case("retrain-idx-named-split", "retrain {ws}/tiny.onnx -o {ws}/out/t.onnx --data {ws}/idx:test", 0, "(test split)", TOUT),
+]
+
+# Numeric options: finite, in range, one line each.
+BAD_NUMBERS = [
+    Case(f"{cmd}-{opt.strip('-')}-{value}", f"{base} {opt} {value}", 2, fragment)
+    for cmd, base, opt, values, fragment in (
+        ("reduce", R + " " + RO, "--gamma", ("nan", "inf", "-1", "-inf", "x"), "--gamma"),
+        ("reduce", R + " " + RO, "--beta-min", ("nan", "-1", "5", "0", "inf", "1.5"), "--beta-min"),
+        ("reduce", R + " " + RO, "--channel-multiple", ("0", "-8", "2.5", "nan"), "--channel-multiple"),
+        ("reduce", R + " " + RO + " --data {ws}/data.npz", "--limit", ("0", "-1", "2.5", "nan"), "--limit"),
+        ("reduce", R + " " + RO + " --data {ws}/data.npz", "--batch-size", ("0", "-4", "1e3"), "--batch-size"),
+        ("reduce", R + " " + RO, "--budget", ("params=nan", "params=0", "params=2", "flops=-1", "foo=0.5", "params=", "params=inf"), "--budget"),
+        ("reduce", R + " " + RO, "--input-shape", ("x:1,1,16,99999999999999999999", "x:0,1,16,16", "x:a,b", "x:-1,1,16,16"), "--input-shape"),
+        ("reduce", R + " " + RO + " --data {ws}/data.npz", "--std", ("0", "-1", "nan", "a"), "std"),
+        ("reduce", R + " " + RO + " --data {ws}/data.npz", "--mean", ("nan", "inf", "a,b", "1,2"), "mean"),
+        ("retrain", T, "--lr", ("nan", "inf", "0", "-1", "-inf"), "--lr"),
+        ("retrain", T, "--epochs", ("0", "-1", "1.5"), "--epochs"),
+        ("retrain", T, "--seed", ("-1", "1e23", "4294967296", "x"), "--seed"),
+        ("retrain", T, "--batch-size", ("0", "-1"), "--batch-size"),
+        ("retrain", T, "--limit", ("0", "2.5"), "--limit"),
+        ("retrain", T + " --val {ws}/val.npz", "--val-limit", ("0", "-3"), "--val-limit"),
+        ("retrain", T, "--device", ("foo", "tpu", "cuda:x"), "--device"),
+        ("eval", E, "--batch-size", ("0", "-1"), "--batch-size"),
+        ("eval", E, "--limit", ("0", "-5", "3.5"), "--limit"),
+        ("eval", E, "--input-shape", ("x:1,1,16,99999999999999999999",), "--input-shape"),
+        ("analyze", "analyze {ws}/tiny.onnx", "--input-shape", ("x:1,1,16,99999999999999999999", "x:0,1,16,16"), "--input-shape"),
+    )
+    for value in values
+]
+
+# Faults that printed a traceback.
+TRACEBACKS = [
+    Case("reduce-fixed-batch-short-last", "reduce {ws}/fixed8.onnx -o {ws}/out/r.onnx --data {ws}/data.npz --limit 13", 0, "13 samples", OUT),
+    Case("eval-fixed-batch-short-last", "eval {ws}/fixed8.onnx --data {ws}/data.npz --limit 13", 0, "first 13 of 24"),
+    Case("eval-fixed-batch-fewer-than-batch", "eval {ws}/fixed8.onnx --data {ws}/data.npz --limit 5", 0, "first 5 of 24"),
+    Case("retrain-fixed-batch-short-last", "retrain {ws}/fixed8.onnx -o {ws}/out/t.onnx --data {ws}/data.npz --limit 13", 0, "first 13 of 24", TOUT),
+    Case("retrain-device-cuda-9", T + " --device cuda:9", 2, "CUDA device"),
+    Case("eval-text-npz", "eval {ws}/tiny.onnx --data {ws}/text.npz", 2, "not a zip archive"),
+    Case("reduce-text-npz", R + " " + RO + " --data {ws}/text.npz", 2, "not a zip archive"),
+    Case("retrain-text-npz", "retrain {ws}/tiny.onnx -o {ws}/out/t.onnx --data {ws}/text.npz", 2, "not a zip archive"),
+]
+
+# Messages that pointed the wrong way.
+MESSAGES = [
+    Case("analyze-model-is-folder", "analyze {ws}/model_dir.onnx", 2, "is a folder"),
+    Case("reduce-model-is-folder", "reduce {ws}/model_dir.onnx -o {ws}/out/r.onnx", 2, "is a folder"),
+    Case("eval-model-is-folder", "eval {ws}/model_dir.onnx --data {ws}/data.npz", 2, "is a folder"),
+    Case("retrain-model-is-folder", "retrain {ws}/model_dir.onnx -o {ws}/out/t.onnx --data {ws}/data.npz", 2, "is a folder"),
+    Case("eval-two-inputs", "eval {ws}/two.onnx --data {ws}/data.npz", 2, "onnx-mbs feeds data to single-input models"),
+    Case("retrain-two-inputs", "retrain {ws}/two.onnx -o {ws}/out/t.onnx --data {ws}/data.npz", 2, "single-input models"),
+    Case("reduce-two-inputs", "reduce {ws}/two.onnx -o {ws}/out/r.onnx --data {ws}/data.npz", 2, "single-input models"),
+    Case("reduce-gemm-only-with-data", "reduce {ws}/mlp.onnx -o {ws}/out/r.onnx --data {ws}/data.npz", 0, "no Conv activations to measure", OUT),
+    Case("reduce-budget-limit-named", R + " " + RO + " --budget params=0.01 --beta-min 0.5", 2, "--beta-min 0.5"),
+]
+
+# What must keep working: each writes exactly its outputs, fully checked.
+GOOD = [
+    Case("analyze", "analyze {ws}/tiny.onnx", 0, ""),
+    Case("reduce-no-data", R + " " + RO, 0, "wrote", OUT),
+    Case("reduce-default-output", R, 0, "tiny.mbs.onnx", ("tiny.mbs.onnx",)),
+    Case("reduce-data-report", R + " " + RO + " --data {ws}/data.npz --report {ws}/rep", 0, "report:", (*OUT, *REPORT)),
+    Case("reduce-budget", R + " " + RO + " --data {ws}/data.npz --budget params=0.5", 0, "wrote", OUT),
+    Case("reduce-dry-run-report", R + " --dry-run --report {ws}/rep", 0, "no model written", REPORT),
+    Case("reduce-dry-run", R + " --dry-run", 0, "no model written"),
+    Case("reduce-external-data-input", "reduce {ws}/ext.onnx -o {ws}/out/r.onnx --no-eval", 0, "wrote", OUT),
+    Case("reduce-image-folder", R + " " + RO + " --data {ws}/imgs", 0, "3 classes", OUT),
+    Case("reduce-nolabels", R + " " + RO + " --data {ws}/nolabels.npz", 0, "labels: no", OUT),
+    Case("retrain", T, 0, "wrote", TOUT),
+    Case("retrain-val-teacher", T + " --val {ws}/val.npz --teacher {ws}/teacher.onnx", 0, "best epoch", TOUT),
+    Case("retrain-device-cpu", T + " --device cpu --seed 4294967295", 0, "on cpu", TOUT),
+    Case("eval", E, 0, "preprocessing:"),
+    Case("eval-image-folder", "eval {ws}/tiny.onnx --data {ws}/imgs", 0, "3 classes"),
+]
+# fmt: on
+
+CASES = (
+    DATA_LOSS + UNWRITABLE + INTERRUPTS + WRONG_RESULTS + BAD_NUMBERS + TRACEBACKS + MESSAGES + GOOD
+)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    return write_inputs(tmp_path_factory.mktemp("inputs") / "ws")
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
+
+
+@contextlib.contextmanager
+def _mounted(point: Path, kind: str | None):
+    """A small tmpfs at `point`: read-only, or full but for 8 KB (a 60 KB model does not fit)."""
+    if kind is None:
+        yield
+        return
+    if not IS_ROOT:
+        pytest.skip("mounting a tmpfs needs root")
+    point.mkdir()
+    options = "ro,size=1m" if kind == "ro" else "size=64k"
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True
+    )
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        if kind == "full":
+            (point / ".filler").write_bytes(bytes(56 * 1024))
+        yield
+    finally:
+        subprocess.run(["umount", str(point)], check=True)
+
+
+@contextlib.contextmanager
+def _interrupt(kind: str | None, monkeypatch):
+    """Deliver SIGINT/SIGTERM to this process once the run has loaded the model, or once the
+    model's temporary file is fully written (just before it would be renamed into place)."""
+    if kind is None:
+        yield
+        return
+    assert threading.current_thread() is threading.main_thread()
+    sig = signal.SIGINT if kind.startswith("INT") else signal.SIGTERM
+    fired = []
+
+    def deliver(real):
+        def wrapper(*args, **kwargs):
+            result = real(*args, **kwargs)
+            if not fired:
+                fired.append(True)
+                os.kill(os.getpid(), sig)
+            return result
+
+        return wrapper
+
+    if kind.endswith("run"):
+        import onnx_mbs.cli
+        import onnx_mbs.pipeline
+
+        monkeypatch.setattr(onnx_mbs.cli, "load_model", deliver(onnx_mbs.cli.load_model))
+        monkeypatch.setattr(onnx_mbs.pipeline, "load_model", deliver(onnx_mbs.pipeline.load_model))
+    else:
+        monkeypatch.setattr(onnx, "save", deliver(onnx.save))
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert fired, "the interrupt was never delivered"
+
+
+def check_written_model(path: Path, original: Path) -> None:
+    """Full checker; runs with the original's input names at batch 1 and 3 (or its fixed one)."""
+    onnx.checker.check_model(str(path), full_check=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    reference = ort.InferenceSession(str(original), providers=["CPUExecutionProvider"])
+    assert [(i.name, i.shape) for i in session.get_inputs()] == [
+        (i.name, i.shape) for i in reference.get_inputs()
+    ]
+    assert [o.name for o in session.get_outputs()] == [o.name for o in reference.get_outputs()]
+    declared = session.get_inputs()[0].shape
+    for batch in (1, 3) if not isinstance(declared[0], int) else (declared[0],):
+        shape = [batch, *declared[1:]]
+        x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        (logits,) = session.run(None, {session.get_inputs()[0].name: x})
+        assert logits.shape[0] == batch
+
+
+def run_case(case: Case, inputs: Path, tmp_path: Path, monkeypatch) -> str:
+    ws = tmp_path / "ws"
+    shutil.copytree(inputs, ws, symlinks=True)
+    (ws / "link.npz").symlink_to(ws / "data.npz")
+    (ws / "link.onnx").symlink_to(ws / "teacher.onnx")
+    argv = [a.format(ws=ws) for a in shlex.split(case.argv)]
+    stderr, stdout = io.StringIO(), io.StringIO()
+    with _mounted(ws / "mnt", case.mount), _interrupt(case.interrupt, monkeypatch):
+        before = _hashes(ws)
+        with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(stdout):
+            try:
+                code = main(argv)
+            except SystemExit as exit_:  # argparse usage errors
+                code = exit_.code
+        after = _hashes(ws)
+    err = stderr.getvalue()
+    assert "Traceback" not in err, err
+    assert code == case.code, err
+    assert case.fragment in err + stdout.getvalue(), err
+    if code == 2:
+        assert err.count("error:") == 1 and err.strip().splitlines()[-1].startswith("onnx-mbs"), err
+    changed = sorted(p for p in before if after.get(p) != before[p])
+    assert not changed, f"inputs modified: {changed}"
+    assert sorted(set(after) - set(before)) == sorted(case.outputs)
+    for output in case.outputs:
+        if output.endswith(".onnx"):
+            check_written_model(ws / output, Path(argv[1]))
+    return err
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_case(case: Case, inputs, tmp_path, monkeypatch):
+    run_case(case, inputs, tmp_path, monkeypatch)
+
+
+def test_there_are_enough_cases():
+    assert len(CASES) >= 150 and len({c.id for c in CASES}) == len(CASES)
+
+
+def test_unique_ids_cover_every_command():
+    commands = {shlex.split(c.argv)[0] for c in CASES}
+    assert commands == {"analyze", "reduce", "retrain", "eval"}
