@@ -173,9 +173,12 @@ def _stage_model(
     tmp = folder / out.name
     if model.ByteSize() > TWO_GB:
         data = f"{out.name}.data"
+        unset = [t for t in _tensors(model.graph) if not t.HasField("data_location")]
         onnx.save(model, tmp, save_as_external_data=True, location=data)
         # onnx.save moved the weights out of the caller's model: read them back in.
         onnx.load_external_data_for_model(model, str(folder))
+        for tensor in unset:
+            tensor.ClearField("data_location")
         _set_mode(folder / data, 0o666)
         staged = [(folder / data, out.parent / data)]
     else:
@@ -183,6 +186,18 @@ def _stage_model(
         staged = []
     _set_mode(tmp, 0o666)
     return [*staged, (tmp, out)]  # the model last: it never appears without its data
+
+
+def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor stored in `graph`: initializers and attribute tensors, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            for sub in [attribute.g] if attribute.HasField("g") else attribute.graphs:
+                yield from _tensors(sub)
 
 
 def _stage_folder(

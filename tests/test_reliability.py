@@ -15,11 +15,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import os
 import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +32,9 @@ import onnxruntime as ort
 import pytest
 from reliability_inputs import write_inputs
 
+import onnx_mbs
 from onnx_mbs.cli import main
+from onnx_mbs.passes import BadInputError
 
 REPORT = ("rep/report.json", "rep/report.md", "rep/widths.png")
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -45,6 +49,7 @@ class Case:
     outputs: tuple[str, ...] = ()  # the files it writes, relative to {ws}
     mount: str | None = None  # "ro" or "full": a small tmpfs at {ws}/mnt (root only)
     interrupt: str | None = None  # "TERM-run", "INT-run", "TERM-save", "INT-save"
+    slow: bool = False  # the long tail, run with -m slow
 
 
 # fmt: off
@@ -92,7 +97,7 @@ UNWRITABLE = [
     Case("reduce-o-full-fs", R + " -o {ws}/mnt/r.onnx", 2, "No space left", mount="full"),
     Case("reduce-o-full-fs-report-not-left", R + " -o {ws}/mnt/r.onnx --report {ws}/rep", 2, "No space left", mount="full"),
     Case("reduce-report-full-fs-model-not-left", R + " " + RO + " --data {ws}/data.npz --report {ws}/mnt/rep", 2, "No space left", mount="full"),
-    Case("retrain-o-full-fs", "retrain {ws}/tiny.onnx -o {ws}/mnt/t.onnx --data {ws}/data.npz", 2, "No space left", mount="full"),
+    Case("retrain-o-full-fs", "retrain {ws}/tiny.onnx -o {ws}/mnt/t.onnx --data {ws}/data.npz", 2, "No space left", mount="full", slow=True),
 ]
 
 # Ctrl-C and SIGTERM mid-run and mid-save: the same clean exit, nothing left.
@@ -120,7 +125,7 @@ WRONG_RESULTS = [
     Case("eval-float-negative-refused", "eval {ws}/tiny.onnx --data {ws}/floatneg.npz", 2, "neither [0, 1] nor 0..255"),
     Case("reduce-float-negative-refused", R + " " + RO + " --data {ws}/floatneg.npz", 2, "neither [0, 1] nor 0..255"),
     Case("retrain-float-negative-refused", "retrain {ws}/tiny.onnx -o {ws}/out/t.onnx --data {ws}/floatneg.npz", 2, "neither [0, 1] nor 0..255"),
-    Case("retrain-lr-1e12-diverges", T + " --lr 1e12 --epochs 2 --batch-size 4", 2, "training diverged"),
+    Case("retrain-lr-1e12-diverges", T + " --lr 1e12 --epochs 2 --batch-size 4", 2, "training diverged", slow=True),
     Case("retrain-lr-1e30-diverges", T + " --lr 1e30 --epochs 2 --batch-size 4", 2, "training diverged"),
     Case("eval-nan-logits-not-correct", "eval {ws}/nan.onnx --data {ws}/data.npz", 0, "24 of 24 samples gave NaN or inf"),
     Case("eval-labels-above-classes", "eval {ws}/tiny.onnx --data {ws}/badlabels.npz", 2, "label 12 in npz badlabels.npz does not exist"),
@@ -131,7 +136,7 @@ WRONG_RESULTS = [
     Case("eval-idx-defaults-to-test", "eval {ws}/tiny.onnx --data {ws}/idx", 0, "(test split, the default here"),
     Case("reduce-idx-default-printed", R + " " + RO + " --data {ws}/idx", 0, "split, the default here", OUT),
     Case("retrain-val-idx-needs-split", T + " --val {ws}/idx", 2, "say which IDX split"),
-    Case("retrain-idx-named-split", "retrain {ws}/tiny.onnx -o {ws}/out/t.onnx --data {ws}/idx:test", 0, "(test split)", TOUT),
+    Case("retrain-idx-named-split", "retrain {ws}/tiny.onnx -o {ws}/out/t.onnx --data {ws}/idx:test", 0, "(test split)", TOUT, slow=True),
 ]
 
 # Numeric options: finite, in range, one line each.
@@ -192,16 +197,16 @@ GOOD = [
     Case("analyze", "analyze {ws}/tiny.onnx", 0, ""),
     Case("reduce-no-data", R + " " + RO, 0, "wrote", OUT),
     Case("reduce-default-output", R, 0, "tiny.mbs.onnx", ("tiny.mbs.onnx",)),
-    Case("reduce-data-report", R + " " + RO + " --data {ws}/data.npz --report {ws}/rep", 0, "report:", (*OUT, *REPORT)),
+    Case("reduce-data-report", R + " " + RO + " --data {ws}/data.npz --report {ws}/rep", 0, "report:", (*OUT, *REPORT), slow=True),
     Case("reduce-budget", R + " " + RO + " --data {ws}/data.npz --budget params=0.5", 0, "wrote", OUT),
-    Case("reduce-dry-run-report", R + " --dry-run --report {ws}/rep", 0, "no model written", REPORT),
+    Case("reduce-dry-run-report", R + " --dry-run --report {ws}/rep", 0, "no model written", REPORT, slow=True),
     Case("reduce-dry-run", R + " --dry-run", 0, "no model written"),
     Case("reduce-external-data-input", "reduce {ws}/ext.onnx -o {ws}/out/r.onnx --no-eval", 0, "wrote", OUT),
     Case("reduce-image-folder", R + " " + RO + " --data {ws}/imgs", 0, "3 classes", OUT),
     Case("reduce-nolabels", R + " " + RO + " --data {ws}/nolabels.npz", 0, "labels: no", OUT),
     Case("retrain", T, 0, "wrote", TOUT),
-    Case("retrain-val-teacher", T + " --val {ws}/val.npz --teacher {ws}/teacher.onnx", 0, "best epoch", TOUT),
-    Case("retrain-device-cpu", T + " --device cpu --seed 4294967295", 0, "on cpu", TOUT),
+    Case("retrain-val-teacher", T + " --val {ws}/val.npz --teacher {ws}/teacher.onnx", 0, "best epoch", TOUT, slow=True),
+    Case("retrain-device-cpu", T + " --device cpu --seed 4294967295", 0, "on cpu", TOUT, slow=True),
     Case("eval", E, 0, "preprocessing:"),
     Case("eval-image-folder", "eval {ws}/tiny.onnx --data {ws}/imgs", 0, "3 classes"),
 ]
@@ -332,7 +337,9 @@ def run_case(case: Case, inputs: Path, tmp_path: Path, monkeypatch) -> str:
     return err
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, id=c.id, marks=[pytest.mark.slow] if c.slow else []) for c in CASES]
+)
 def test_case(case: Case, inputs, tmp_path, monkeypatch):
     run_case(case, inputs, tmp_path, monkeypatch)
 
@@ -344,3 +351,270 @@ def test_there_are_enough_cases():
 def test_unique_ids_cover_every_command():
     commands = {shlex.split(c.argv)[0] for c in CASES}
     assert commands == {"analyze", "reduce", "retrain", "eval"}
+
+
+# The Python API: the same refusals as BadInputError, one line, nothing written.
+def _api_cases(ws: Path) -> dict[str, tuple[object, str]]:
+    from onnx_mbs.bridge import retrain
+    from onnx_mbs.data import open_data
+    from onnx_mbs.save import save_model
+
+    tiny, data = str(ws / "tiny.onnx"), str(ws / "data.npz")
+    return {
+        "reduce-limit-2.5": (lambda: onnx_mbs.reduce(tiny, data, limit=2.5), "whole number"),
+        "reduce-limit-true": (lambda: onnx_mbs.reduce(tiny, data, limit=True), "whole number"),
+        "reduce-gamma-nan": (lambda: onnx_mbs.reduce(tiny, gamma=float("nan")), "--gamma"),
+        "reduce-gamma-inf": (lambda: onnx_mbs.reduce(tiny, gamma=float("inf")), "--gamma"),
+        "reduce-beta-min-5": (lambda: onnx_mbs.reduce(tiny, beta_min=5), "--beta-min"),
+        "reduce-beta-min-nan": (lambda: onnx_mbs.reduce(tiny, beta_min=float("nan")), "--beta-min"),
+        "reduce-labels": (lambda: onnx_mbs.reduce(tiny, str(ws / "badlabels.npz")), "10 classes"),
+        "reduce-float-neg": (lambda: onnx_mbs.reduce(tiny, str(ws / "floatneg.npz")), "neither"),
+        "reduce-folder-model": (lambda: onnx_mbs.reduce(str(ws / "model_dir.onnx")), "is a folder"),
+        "open-data-limit-2.5": (lambda: open_data(data, "x", [1, 1, 16, 16], limit=2.5), "whole"),
+        "retrain-lr-nan": (
+            lambda: retrain(onnx.load(tiny), data_arrays(ws), lr=float("nan")),
+            "lr nan",
+        ),
+        "retrain-lr-inf": (
+            lambda: retrain(onnx.load(tiny), data_arrays(ws), lr=float("inf")),
+            "lr inf",
+        ),
+        "retrain-diverges": (
+            lambda: retrain(onnx.load(tiny), data_arrays(ws), lr=1e30, epochs=2, batch_size=4),
+            "training diverged",
+        ),
+        "save-missing-folder": (
+            lambda: save_model(onnx.load(tiny), ws / "nope" / "m.onnx"),
+            "cannot write",
+        ),
+        "save-over-folder": (lambda: save_model(onnx.load(tiny), ws / "out"), "cannot write"),
+    }
+
+
+def data_arrays(ws: Path) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(ws / "data.npz") as npz:
+        return (npz["x"] / 255.0).astype(np.float32), npz["y"]
+
+
+API_IDS = sorted(_api_cases(Path("/nonexistent")))
+
+
+@pytest.mark.parametrize("name", API_IDS)
+def test_python_api(name, inputs, tmp_path):
+    ws = tmp_path / "ws"
+    shutil.copytree(inputs, ws)
+    before = _hashes(ws)
+    call, fragment = _api_cases(ws)[name]
+    with pytest.raises(BadInputError) as error:
+        call()
+    assert fragment in str(error.value) and "\n" not in str(error.value)
+    assert _hashes(ws) == before  # nothing modified, nothing left
+
+
+def test_nan_logits_score_zero_and_are_counted(inputs, capsys):
+    assert (
+        main(["eval", str(inputs / "nan.onnx"), "--data", str(inputs / "data.npz"), "--json"]) == 0
+    )
+    result = json.loads(capsys.readouterr().out)
+    assert result["top1"] == 0.0 and result["top5"] == 0.0 and result["nonfinite"] == 24
+
+
+def test_float_pixels_0_255_score_like_uint8(inputs, capsys):
+    scores = []
+    for name in ("data.npz", "float255.npz", "float01.npz"):
+        assert (
+            main(["eval", str(inputs / "tiny.onnx"), "--data", str(inputs / name), "--json"]) == 0
+        )
+        scores.append(json.loads(capsys.readouterr().out)["top1"])
+    assert scores[0] == scores[1] == scores[2]
+
+
+def test_nhwc_model_scores_like_the_nchw_original(
+    bundled_model_path, fmnist_sample, tmp_path, capsys
+):
+    """The bundled ResNet-20 behind a Transpose from NHWC (as tf2onnx writes it) must score
+    what the original scores: before, preprocessing fed it scrambled images."""
+    original = onnx.load(bundled_model_path)
+    nhwc = onnx.ModelProto()
+    nhwc.CopyFrom(original)
+    graph = nhwc.graph
+    name = graph.input[0].name
+    dims = graph.input[0].type.tensor_type.shape.dim
+    for node in graph.node:
+        node.input[:] = [f"{name}_nchw" if i == name else i for i in node.input]
+    graph.node.insert(
+        0,
+        onnx.helper.make_node(
+            "Transpose", [name], [f"{name}_nchw"], name="to_nchw", perm=[0, 3, 1, 2]
+        ),
+    )
+    n, c, h, w = [d.dim_param or d.dim_value for d in dims]
+    graph.input[0].CopyFrom(
+        onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [n, h, w, c])
+    )
+    onnx.save(nhwc, tmp_path / "nhwc.onnx")
+    data = str(bundled_model_path.parent / "fmnist_sample.npz")
+    scores = []
+    for path in (bundled_model_path, tmp_path / "nhwc.onnx"):
+        assert main(["eval", str(path), "--data", data, "--limit", "256", "--json"]) == 0
+        scores.append(json.loads(capsys.readouterr().out)["top1"])
+    assert scores[0] == scores[1] > 0.85
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_written_files_follow_the_umask(inputs, tmp_path, umask):
+    from onnx_mbs.save import save_model
+
+    old = os.umask(umask)
+    try:
+        save_model(
+            onnx.load(inputs / "tiny.onnx"),
+            tmp_path / "m.onnx",
+            (tmp_path / "rep", lambda d: (d / "r.txt").write_text("x")),
+        )
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.onnx").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "rep" / "r.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "rep").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_external_data_written_atomically_and_caller_keeps_weights(inputs, tmp_path, monkeypatch):
+    """Past 2 GB (here: a lowered limit) the weights go to OUT.data; the caller's model must
+    keep its weights and nothing temporary may be left."""
+    import onnx_mbs.save as save
+
+    monkeypatch.setattr(save, "TWO_GB", 1000)
+    model = onnx.load(inputs / "tiny.onnx")
+    before = model.SerializeToString()
+    save.save_model(model, tmp_path / "big.onnx")
+    assert model.SerializeToString() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]
+    written = onnx.load(tmp_path / "big.onnx")
+    assert any(
+        t.external_data
+        for t in onnx.load(tmp_path / "big.onnx", load_external_data=False).graph.initializer
+    )
+    check_written_model(tmp_path / "big.onnx", inputs / "tiny.onnx")
+    x = np.random.default_rng(0).standard_normal((2, 1, 16, 16)).astype(np.float32)
+    run = lambda m: ort.InferenceSession(m.SerializeToString()).run(None, {"x": x})[0]  # noqa: E731
+    np.testing.assert_array_equal(run(written), run(model))
+
+
+def test_existing_report_is_replaced_whole(inputs, tmp_path):
+    from onnx_mbs.save import save_model
+
+    (tmp_path / "rep").mkdir()
+    (tmp_path / "rep" / "stale.txt").write_text("old")
+    save_model(
+        onnx.load(inputs / "tiny.onnx"),
+        tmp_path / "m.onnx",
+        (tmp_path / "rep", lambda d: (d / "new.txt").write_text("x")),
+    )
+    assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "rep"]
+
+
+def test_two_concurrent_writers_of_one_output(inputs, tmp_path):
+    """Threads racing to write one path: the file is always one whole model, nothing is left."""
+    from onnx_mbs.save import save_model
+
+    models = [onnx.load(inputs / "tiny.onnx"), onnx.load(inputs / "teacher.onnx")]
+    models[1].graph.name = "other"
+    expected = {m.SerializeToString() for m in models}
+    errors: list[BaseException] = []
+
+    def write(model: onnx.ModelProto) -> None:
+        try:
+            for _ in range(15):
+                save_model(model, tmp_path / "same.onnx")
+                assert (tmp_path / "same.onnx").read_bytes() in expected
+        except BaseException as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=write, args=(m,)) for m in models]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert [p.name for p in tmp_path.iterdir()] == ["same.onnx"]
+    check_written_model(tmp_path / "same.onnx", inputs / "tiny.onnx")
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "onnx_mbs", *args]
+
+
+@pytest.mark.parametrize(
+    "sig",
+    [
+        pytest.param(signal.SIGTERM, id="TERM"),
+        pytest.param(signal.SIGINT, id="INT", marks=pytest.mark.slow),
+    ],
+)
+def test_signal_mid_run_in_a_real_process(inputs, tmp_path, sig):
+    ws = tmp_path / "ws"
+    shutil.copytree(inputs, ws)
+    before = _hashes(ws)
+    argv = _cli(
+        "retrain",
+        str(ws / "tiny.onnx"),
+        "-o",
+        str(ws / "out" / "t.onnx"),
+        "--data",
+        str(ws / "data.npz"),
+        "--epochs",
+        "500",
+        "--batch-size",
+        "2",
+    )
+    with subprocess.Popen(argv, stderr=subprocess.PIPE, text=True) as process:
+        assert process.stderr is not None
+        for line in process.stderr:
+            if line.startswith("preprocessing:"):
+                break
+        process.send_signal(sig)
+        err = process.stderr.read()
+    assert process.returncode == (143 if sig == signal.SIGTERM else 130), err
+    assert "Traceback" not in err and "nothing written" in err
+    assert _hashes(ws) == before
+
+
+@pytest.mark.slow
+def test_two_concurrent_reduce_processes_of_one_output(inputs, tmp_path):
+    ws = tmp_path / "ws"
+    shutil.copytree(inputs, ws)
+    argv = _cli(
+        "reduce",
+        str(ws / "tiny.onnx"),
+        "-o",
+        str(ws / "out" / "r.onnx"),
+        "--data",
+        str(ws / "data.npz"),
+    )
+    processes = [subprocess.Popen(argv, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [p.communicate()[1] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], results
+    assert [p.name for p in (ws / "out").iterdir()] == ["r.onnx"]
+    check_written_model(ws / "out" / "r.onnx", ws / "tiny.onnx")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if c.mount is None and c.interrupt is None], ids=lambda c: c.id
+)
+def test_every_case_in_a_real_process_prints_no_traceback(case, inputs, tmp_path):
+    """The installed entry point, not just main(): exit code, no Traceback, inputs intact."""
+    ws = tmp_path / "ws"
+    shutil.copytree(inputs, ws, symlinks=True)
+    (ws / "link.npz").symlink_to(ws / "data.npz")
+    (ws / "link.onnx").symlink_to(ws / "teacher.onnx")
+    before = _hashes(ws)
+    argv = [a.format(ws=ws) for a in shlex.split(case.argv)]
+    done = subprocess.run(_cli(*argv), capture_output=True, text=True, timeout=300)
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == case.code, done.stderr
+    after = _hashes(ws)
+    assert all(after.get(p) == h for p, h in before.items())
+    assert sorted(set(after) - set(before)) == sorted(case.outputs)
