@@ -133,6 +133,21 @@ def check_labels(source: DataSource, model: onnx.ModelProto) -> None:
         )
 
 
+def check_written(model: onnx.ModelProto, original: onnx.ModelProto) -> None:
+    """The full checker on a model about to be written. When it fails, the original is checked
+    too: if that fails the same way the input was never valid ONNX (bad input, exit 2, e.g. a
+    bfloat16 Conv below opset 22, which the light check at load lets through); else it is a bug."""
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError):
+        try:
+            onnx.checker.check_model(original, full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+            first = str(error).strip().splitlines()[0]
+            raise BadInputError(f"the model is not valid ONNX: {first}") from None
+        raise
+
+
 def reduce(
     model: str | os.PathLike | onnx.ModelProto,
     data: Any = None,
@@ -234,7 +249,7 @@ def reduce(
     after = analyze_model(shrunk)  # shrink keeps the recorded shapes up to date
     # Nothing to cut: hand back the input model itself, not a re-serialised copy.
     reduced = with_io_of(shrunk, declared) if plan.changes_anything else original
-    onnx.checker.check_model(reduced, full_check=True)
+    check_written(reduced, original)
     # The plan's sizes were predictions; report what the written model has.
     plan.params = (plan.params[0], count_parameters(reduced))
     plan.macs = (plan.macs[0], after.total_macs)

@@ -55,7 +55,7 @@ def gemm_only():
 def loop_model():
     """A Loop whose trip count comes from the input: no shape can be fixed for it."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, SIDE, SIDE])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["a", "b", "c", "d"])
     body = helper.make_graph(
         [helper.make_node("Relu", ["v_in"], ["v_out"], name="body_relu"),
          helper.make_node("Identity", ["cond_in"], ["cond_out"], name="body_cond")],
@@ -78,6 +78,20 @@ def loop_model():
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
+def bf16_opset17():
+    """tiny_cnn in bfloat16 at opset 17, where Conv has no bfloat16 (it came in opset 22): the
+    light check at load passes it, the full checker does not."""
+    model = tiny_cnn()
+    for tensor in model.graph.initializer:
+        values = numpy_helper.to_array(tensor).astype(np.float32)
+        tensor.CopyFrom(
+            helper.make_tensor(tensor.name, TensorProto.BFLOAT16, values.shape, values.ravel())
+        )
+    for value in [*model.graph.input, *model.graph.output]:
+        value.type.tensor_type.elem_type = TensorProto.BFLOAT16
+    return model
+
+
 def write_inputs(folder: Path) -> Path:
     """Every model and data file the cases name, in `folder`."""
     rng = np.random.default_rng(0)
@@ -90,6 +104,7 @@ def write_inputs(folder: Path) -> Path:
     onnx.save(two_inputs(), folder / "two.onnx")
     onnx.save(gemm_only(), folder / "mlp.onnx")
     onnx.save(loop_model(), folder / "loop.onnx")
+    onnx.save(bf16_opset17(), folder / "bf16.onnx")
     onnx.save(
         tiny_cnn(),
         folder / "ext.onnx",

@@ -190,6 +190,8 @@ MESSAGES = [
     Case("reduce-two-inputs", "reduce {ws}/two.onnx -o {ws}/out/r.onnx --data {ws}/data.npz", 2, "single-input models"),
     Case("reduce-gemm-only-with-data", "reduce {ws}/mlp.onnx -o {ws}/out/r.onnx --data {ws}/data.npz", 0, "no Conv activations to measure", OUT),
     Case("reduce-budget-limit-named", R + " " + RO + " --budget params=0.01 --beta-min 0.5", 2, "--beta-min 0.5"),
+    Case("reduce-bf16-conv-below-opset-22", "reduce {ws}/bf16.onnx -o {ws}/out/r.onnx", 2, "not valid ONNX"),
+    Case("reduce-loop-after-input-shape", "reduce {ws}/loop.onnx -o {ws}/out/r.onnx --input-shape x:1,1,16,16", 0, "control flow not followed", OUT),
 ]
 
 # What must keep working: each writes exactly its outputs, fully checked.
