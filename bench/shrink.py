@@ -63,7 +63,7 @@ def worker_ours(path: str, repeats: int) -> dict:
 
     from onnx_mbs.passes.channel_groups import analyze_channels
     from onnx_mbs.passes.graph import count_parameters
-    from onnx_mbs.passes.importance import choose_channels
+    from onnx_mbs.passes.importance import FilterNorm, choose_channels
     from onnx_mbs.passes.shrink import shrink_channels
 
     base = _peak_mb()
@@ -74,7 +74,7 @@ def worker_ours(path: str, repeats: int) -> dict:
         analysis = analyze_channels(model)
         t_groups = clock.split()[0]
         free = [g for g in analysis.groups if not g.pinned]
-        keep = choose_channels(model, free, {g.id: max(1, g.size // 2) for g in free})
+        keep = choose_channels(free, {g.id: max(1, g.size // 2) for g in free}, FilterNorm(model))
         t_choose = clock.split()[0] - t_groups
         small = shrink_channels(model, keep, analysis)
         cpu, wall = clock.split()

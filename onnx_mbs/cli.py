@@ -20,6 +20,7 @@ from onnx_mbs.passes import (
     parse_input_shape,
     read_model,
 )
+from onnx_mbs.passes.importance import DEFAULT_CRITERION
 from onnx_mbs.passes.load import declared_io, static_batch, with_io_of
 
 
@@ -396,7 +397,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--beta-min", type=_number(float, 1e-9, 1), default=0.1, help="smallest width scale"
     )
-    p.add_argument("--importance", default="l1", help="l1 (filter norms) or act (activations)")
+    p.add_argument(
+        "--importance",
+        default="auto",
+        help="which channels a group keeps: act (mean |activation|; needs --data), l1 or l2 "
+        "(filter norms), bn (filter norm times BatchNorm scale); default auto: act with "
+        f"--data, else {DEFAULT_CRITERION} (bench/importance.py)",
+    )
     add_data_options(p)
     p.add_argument("--batch-size", type=COUNT, default=64)
     p.add_argument("--report", metavar="DIR", help="write report.json, report.md, widths.png")

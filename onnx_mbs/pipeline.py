@@ -12,7 +12,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import onnx
 from onnx import helper
 
@@ -29,9 +28,16 @@ from onnx_mbs.passes import (
     read_model,
 )
 from onnx_mbs.passes.activations import activation_tensors
-from onnx_mbs.passes.channel_groups import FILTERS, ChannelGroup, analyze_channels
+from onnx_mbs.passes.channel_groups import ChannelGroup, analyze_channels
 from onnx_mbs.passes.cost import CostModel
-from onnx_mbs.passes.importance import choose_channels, l1_importance
+from onnx_mbs.passes.importance import (
+    CRITERIA,
+    DEFAULT_CRITERION,
+    ActivationImportance,
+    Importance,
+    choose_channels,
+    weight_importance,
+)
 from onnx_mbs.passes.load import declared_io, static_batch, with_io_of
 from onnx_mbs.passes.shrink import shrink_channels
 from onnx_mbs.plan import Budget, GroupInfo, Plan, plan_widths
@@ -159,7 +165,7 @@ def reduce(
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     channel_multiple: int = 8,
     beta_min: float = 0.1,
-    importance: str = "l1",
+    importance: str = "auto",
     mean: Any = None,
     std: Any = None,
     limit: int | None = None,
@@ -176,8 +182,12 @@ def reduce(
     """
     if isinstance(budget, str):
         budget = Budget.parse(budget)
-    if importance not in ("l1", "act"):
-        raise BadInputError(f"unknown --importance {importance!r}: use l1 or act")
+    if importance not in (*CRITERIA, "act", "auto"):
+        raise BadInputError(
+            f"unknown --importance {importance!r}: use auto, act or one of {', '.join(CRITERIA)}"
+        )
+    if importance == "auto":  # bench/importance.py: act ranks best, then l2
+        importance = "act" if data is not None else DEFAULT_CRITERION
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -240,11 +250,11 @@ def reduce(
     lap("plan")
 
     scorer = (
-        activation_importance(stats, activation)
+        activation_importance(loaded, stats, activation)
         if stats is not None and importance == "act"
-        else l1_importance
+        else weight_importance(loaded, importance)
     )
-    keep = choose_channels(loaded, groups, plan.counts, importance=scorer)
+    keep = choose_channels(groups, plan.counts, scorer)
     shrunk = shrink_channels(loaded, keep, channels) if plan.changes_anything else loaded
     after = analyze_model(shrunk)  # shrink keeps the recorded shapes up to date
     # Nothing to cut: hand back the input model itself, not a re-serialised copy.
@@ -296,19 +306,13 @@ def _has_labels(source: DataSource) -> bool:
     return first is not None and first.y is not None
 
 
-def activation_importance(stats: ActivationStats, activation: Mapping[str, str | None]):
-    """`--importance act`: a channel's score is the mean |activation| it produces,
-    summed over the group's producer convs (read at each one's first activation)."""
+def activation_importance(
+    model: onnx.ModelProto, stats: ActivationStats, activation: Mapping[str, str | None]
+) -> Importance:
+    """`--importance act`: a channel's score is the mean |activation| it produces, read
+    at each producer conv's first activation (filter L1 where a producer has none)."""
     per_layer = {layer: stats.tensors[t].channel_mean_abs for layer, t in activation.items() if t}
-
-    def score(model: onnx.ModelProto, group: ChannelGroup) -> np.ndarray:
-        total = np.zeros(group.size)
-        for member in group.members:
-            if member.role == FILTERS and member.node in per_layer:
-                total += per_layer[member.node][member.positions].sum(axis=1)
-        return total if total.any() else l1_importance(model, group)
-
-    return score
+    return ActivationImportance(model, per_layer)
 
 
 class MacroblockScaling(Pass):

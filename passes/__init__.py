@@ -19,7 +19,14 @@ from .cost import CostModel
 from .errors import BadInputError
 from .fold import FoldShapes, fold_shapes
 from .graph import GraphIndex, count_parameters
-from .importance import Importance, choose_channels, l1_importance
+from .importance import (
+    ActivationImportance,
+    BatchNormScaled,
+    FilterNorm,
+    Importance,
+    choose_channels,
+    weight_importance,
+)
 from .load import (
     FixInputShapes,
     InferShapes,
@@ -33,12 +40,15 @@ from .load import (
 from .shrink import KeepPlan, ShrinkChannels, predicted_params, shrink_channels
 
 __all__ = [
+    "ActivationImportance",
+    "BatchNormScaled",
     "BadInputError",
     "ChannelAnalysis",
     "ChannelGroup",
     "ConvLayer",
     "CostModel",
     "FindMacroblocks",
+    "FilterNorm",
     "FixInputShapes",
     "FoldShapes",
     "GraphIndex",
@@ -60,12 +70,12 @@ __all__ = [
     "count_parameters",
     "find_channel_groups",
     "fold_shapes",
-    "l1_importance",
     "load_model",
     "parse_input_shape",
     "predicted_params",
     "read_model",
     "shrink_channels",
     "static_batch",
+    "weight_importance",
     "with_io_of",
 ]

@@ -11,7 +11,7 @@ from onnx_mbs.data import open_data
 from onnx_mbs.passes import analyze_model, load_model
 from onnx_mbs.passes.activations import activation_tensors
 from onnx_mbs.passes.channel_groups import analyze_channels
-from onnx_mbs.passes.importance import choose_channels, l1_importance
+from onnx_mbs.passes.importance import FilterNorm, choose_channels
 from onnx_mbs.passes.shrink import shrink_channels
 from onnx_mbs.pipeline import activation_importance
 from onnx_mbs.stats import collect_stats
@@ -61,9 +61,9 @@ def test_activation_importance_drops_dead_channels_that_l1_keeps():
     channels = analyze_channels(model)
     (group,) = [g for g in channels.groups if "conv1" in g.producers]
     by_act = choose_channels(
-        model, channels.groups, {group.id: 4}, activation_importance(stats, activation)
+        channels.groups, {group.id: 4}, activation_importance(model, stats, activation)
     )
-    by_l1 = choose_channels(model, channels.groups, {group.id: 4}, l1_importance)
+    by_l1 = choose_channels(channels.groups, {group.id: 4}, FilterNorm(model))
     assert by_act[group.id] == [4, 5, 6, 7]
     assert by_l1[group.id] == [0, 1, 2, 3]
     sample = x[:1]
