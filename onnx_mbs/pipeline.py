@@ -17,6 +17,7 @@ from onnx import helper
 
 from onnx_mbs.data import DataSource, open_data
 from onnx_mbs.evaluate import EvalResult, evaluate
+from onnx_mbs.interop import as_model
 from onnx_mbs.passes import (
     BadInputError,
     ModelAnalysis,
@@ -155,7 +156,7 @@ def check_written(model: onnx.ModelProto, original: onnx.ModelProto) -> None:
 
 
 def reduce(
-    model: str | os.PathLike | onnx.ModelProto,
+    model: str | os.PathLike | onnx.ModelProto | Any,
     data: Any = None,
     *,
     budget: Budget | str | None = None,
@@ -177,8 +178,8 @@ def reduce(
 
     `data` is a --data spec (folder, .npz, IDX folder) or a Python reader
     yielding input dicts; without data every activation ratio is taken as 1,
-    so MBS works from MACs and receptive fields alone. The input model is
-    never modified.
+    so MBS works from MACs and receptive fields alone. `model` may also be an
+    onnx-graphsurgeon Graph (`onnx_mbs.interop`). The input model is never modified.
     """
     if isinstance(budget, str):
         budget = Budget.parse(budget)
@@ -198,7 +199,7 @@ def reduce(
         clock = now
 
     provider_list = choose_providers(providers)
-    original = read_model(model)
+    original = read_model(as_model(model))
     loaded = load_model(original, input_shapes)
     # What the written model declares: the input's I/O, with only the user's shapes
     # applied (a dynamic batch stays dynamic). onnxruntime runs with the same.

@@ -1,0 +1,33 @@
+"""Interop with deployment toolchains (optional extra: `pip install onnx-mbs[interop]`).
+
+    onnx_mbs.interop.ir_pass         OnnxMbsPass: any onnx-mbs pass inside onnx-ir's
+                                     PassManager (the torch exporter's optimizer)
+    onnx_mbs.interop.polygraphy      ReduceOnnx: a Polygraphy loader between
+                                     OnnxFromPath and SaveOnnx
+    onnx_mbs.interop.graphsurgeon    to_model: an onnx-graphsurgeon Graph as a
+                                     ModelProto; `reduce` accepts a Graph directly
+
+Each submodule imports its package; this one imports none, so `as_model` can
+recognise a graphsurgeon Graph without making onnx-graphsurgeon a dependency.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def as_model(model: Any) -> Any:
+    """`model` as something `read_model` takes: an onnx-graphsurgeon Graph is exported
+    (with a warning about the metadata it dropped); anything else is returned as is."""
+    if type(model).__module__.startswith("onnx_graphsurgeon"):
+        from .graphsurgeon import to_model
+
+        return to_model(model)
+    return model
+
+
+def missing(package: str, error: ImportError) -> ImportError:
+    """The error to raise when an optional interop package is not installed."""
+    return ImportError(
+        f"onnx_mbs.interop needs {package}: pip install 'onnx-mbs[interop]' ({error})"
+    )

@@ -1,0 +1,45 @@
+"""A Polygraphy loader that reduces an ONNX model with MBS.
+
+    from polygraphy.backend.onnx import OnnxFromPath, SaveOnnx
+    from onnx_mbs.interop.polygraphy import ReduceOnnx
+
+    SaveOnnx(ReduceOnnx(OnnxFromPath("model.onnx"), data="calib/", budget="params=0.5"),
+             path="small.onnx")()
+
+Like Polygraphy's own loaders it is lazy: nothing runs until it is called, and
+`model` may be a ModelProto or a loader that returns one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import missing
+
+try:
+    from polygraphy import util
+    from polygraphy.backend.base import BaseLoader
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise missing("polygraphy", e) from None
+
+
+class ReduceOnnx(BaseLoader):
+    """Functor: the model `onnx_mbs.reduce(model, data, **options)` writes; the last
+    run's ReduceReport is kept in `self.report`."""
+
+    def __init__(self, model: Any, data: Any = None, **options: Any) -> None:
+        self._model = model
+        self.data = data
+        self.options = {"progress": False, **options}
+        self.report = None
+
+    def call_impl(self):
+        """
+        Returns:
+            onnx.ModelProto: the reduced model
+        """
+        from onnx_mbs.pipeline import reduce
+
+        model, _ = util.invoke_if_callable(self._model)
+        reduced, self.report = reduce(model, self.data, **self.options)
+        return reduced
