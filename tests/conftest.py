@@ -22,6 +22,23 @@ SMALL_ZOO: list[str] = [name for name, entry in ZOO.items() if entry.small]
 FORMS: list[str] = ["deploy", "train"]
 
 
+def write_npz(path: Path, **arrays: np.ndarray) -> str:
+    """The one .npz writer of the suite: `arrays` saved at `path`; the path as a str."""
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def random_images(
+    n: int, c_h_w, seed: int = 0, labels: bool = True, classes: int = 10
+) -> dict[str, np.ndarray]:
+    """`x`: n random uint8 images of shape c_h_w; `y`: random labels below `classes`."""
+    rng = np.random.default_rng(seed)
+    arrays = {"x": rng.integers(0, 256, (n, *c_h_w), dtype=np.uint8)}
+    if labels:
+        arrays["y"] = rng.integers(0, classes, n, dtype=np.int64)
+    return arrays
+
+
 @pytest.fixture(scope="session")
 def zoo_onnx() -> Callable[[str, str], onnx.ModelProto]:
     """`get(name, form="deploy")`: the zoo model exported at its test input shape, seed 0.

@@ -7,6 +7,8 @@ is the small helper they share, reused by the fuzz test.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -329,7 +331,13 @@ def random_feeds(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]
     return feeds
 
 
-def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+def run(
+    model: onnx.ModelProto,
+    feeds: Mapping[str, np.ndarray] | np.ndarray,
+    outputs: list[str] | None = None,
+) -> list[np.ndarray]:
+    """The onnxruntime runner every test shares: CPU, one thread, quiet. One array as
+    `feeds` goes to the model's first input; `outputs` picks outputs by name."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -338,7 +346,9 @@ def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray
     session = ort.InferenceSession(
         model.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )
-    return session.run(None, feeds)
+    if not isinstance(feeds, Mapping):
+        feeds = {session.get_inputs()[0].name: feeds}
+    return session.run(outputs, dict(feeds))
 
 
 def assert_same_outputs(a: onnx.ModelProto, b: onnx.ModelProto, atol: float = 1e-5) -> None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from conftest import FORMS, SMALL_ZOO
+from graphs import run
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
@@ -17,15 +17,6 @@ from onnx_mbs.passes.errors import BadInputError
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-
-def ort_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    sess = ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
-    return sess.run(None, feeds)
 
 
 def torch_run(module: OnnxModule, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -45,7 +36,7 @@ def assert_close(actual: np.ndarray, expected: np.ndarray, rel: float = 1e-4) ->
 
 def assert_matches_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> None:
     module = OnnxModule(model).eval()
-    ours, ref = torch_run(module, feeds), ort_run(model, feeds)
+    ours, ref = torch_run(module, feeds), run(model, feeds)
     assert len(ours) == len(ref)
     for a, b in zip(ours, ref, strict=True):
         assert_close(a, b)
@@ -113,7 +104,7 @@ def test_exported_model_matches_ort_and_torch(small_net, x16, keep_bn) -> None:
     assert ("BatchNormalization" in ops) == keep_bn
     module = OnnxModule(model).eval()
     ours = torch_run(module, {"input": x16})[0]
-    assert_close(ours, ort_run(model, {"input": x16})[0])
+    assert_close(ours, run(model, {"input": x16})[0])
     with torch.no_grad():
         assert_close(ours, small_net(torch.from_numpy(x16)).numpy())
     # A different batch size runs too (dynamic batch axis).
@@ -170,7 +161,7 @@ def test_shared_initializer_is_one_parameter() -> None:
     out = module(torch.from_numpy(x))
     out.sum().backward()
     assert module.initializer("w").grad is not None
-    assert_close(out.detach().numpy(), ort_run(model, {"x": x})[0])
+    assert_close(out.detach().numpy(), run(model, {"x": x})[0])
 
 
 # ---------------------------------------------------------------------------
@@ -680,8 +671,8 @@ def test_write_back_round_trip(small_net, x16) -> None:
     assert model.SerializeToString() == before
     onnx.checker.check_model(written)
     new = torch_run(module, {"input": x16})[0]
-    assert_close(ort_run(written, {"input": x16})[0], new)
-    assert not np.allclose(ort_run(model, {"input": x16})[0], new, atol=1e-3)
+    assert_close(run(written, {"input": x16})[0], new)
+    assert not np.allclose(run(model, {"input": x16})[0], new, atol=1e-3)
 
     assert [(n.name, list(n.input), list(n.output)) for n in written.graph.node] == [
         (n.name, list(n.input), list(n.output)) for n in model.graph.node

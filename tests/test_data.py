@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_npz
 from PIL import Image
 
 from onnx_mbs.data import Preprocess, open_data, to_arrays
@@ -34,11 +35,6 @@ def write_idx(path: Path, array: np.ndarray) -> None:
 def pixels(n: int, h: int, w: int, c: int | None = None, seed: int = 0) -> np.ndarray:
     shape = (n, h, w) if c is None else (n, h, w, c)
     return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
-
-
-def write_npz(path: Path, **arrays: np.ndarray) -> Path:
-    np.savez(path, **arrays)
-    return path
 
 
 def write_png(path: Path, array: np.ndarray) -> None:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 import pytest
 import torch
+from conftest import random_images, write_npz
+from graphs import run
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_mbs.models.export import export_onnx, randomize_batchnorm
@@ -15,15 +15,8 @@ from onnx_mbs.passes import BadInputError, analyze_model, load_model
 from onnx_mbs.pipeline import reduce
 
 
-def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, {session.get_inputs()[0].name: x})[0]
-
-
 def _calibration(tmp_path, shape) -> str:
-    rng = np.random.default_rng(0)
-    np.savez(tmp_path / "x.npz", x=rng.integers(0, 256, (8, *shape), dtype=np.uint8))
-    return str(tmp_path / "x.npz")
+    return write_npz(tmp_path / "x.npz", **random_images(8, shape, labels=False))
 
 
 class ViewHead(torch.nn.Module):
@@ -64,7 +57,7 @@ def test_reduced_dynamic_batch_models_run_at_any_batch(name, tmp_path):
     assert report.plan.changes_anything
     assert not small.graph.input[0].type.tensor_type.shape.dim[0].HasField("dim_value")
     x = np.random.default_rng(1).standard_normal((3, *shape[1:])).astype(np.float32)
-    assert _run(small, x).shape == _run(model, x).shape
+    assert run(small, x)[0].shape == run(model, x)[0].shape
     # Keeping every channel changes nothing, at a batch other than the analysed one.
     same, _ = reduce(
         model,
@@ -73,7 +66,7 @@ def test_reduced_dynamic_batch_models_run_at_any_batch(name, tmp_path):
         progress=False,
         evaluate_accuracy=False,
     )
-    np.testing.assert_allclose(_run(same, x), _run(model, x), atol=1e-5)
+    np.testing.assert_allclose(run(same, x)[0], run(model, x)[0], atol=1e-5)
 
 
 def test_batch_in_another_place_is_refused_with_one_line():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
+from graphs import run
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_mbs.data import open_data
@@ -45,8 +45,7 @@ def _model_with_dead_channels() -> onnx.ModelProto:
 
 
 def _outputs(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, {"x": x})[0]
+    return run(model, x)[0]
 
 
 def test_activation_importance_drops_dead_channels_that_l1_keeps():

@@ -8,24 +8,17 @@ import json
 import graphs
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
-from conftest import FORMS, SMALL_ZOO
+from conftest import FORMS, SMALL_ZOO, random_images, write_npz
 
 from onnx_mbs.cli import main
-from onnx_mbs.passes import BadInputError, count_parameters, load_model
+from onnx_mbs.passes import BadInputError, analyze_model, count_parameters, load_model
 from onnx_mbs.pipeline import reduce
 
 
 def _sample_npz(path, shape, n=16, seed=0, classes=10):
     """Random uint8 images of the model's (C, H, W), with labels below `classes`."""
-    rng = np.random.default_rng(seed)
-    np.savez(
-        path,
-        x=rng.integers(0, 256, (n, *shape), dtype=np.uint8),
-        y=rng.integers(0, classes, n, dtype=np.int64),
-    )
-    return path
+    return write_npz(path, **random_images(n, shape, seed, classes=classes))
 
 
 def _io(model: onnx.ModelProto):
@@ -36,16 +29,11 @@ def _io(model: onnx.ModelProto):
     )
 
 
-def _run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, {session.get_inputs()[0].name: x})
-
-
 def _check_written(original: onnx.ModelProto, reduced: onnx.ModelProto, c_h_w) -> None:
     onnx.checker.check_model(reduced, full_check=True)
     assert _io(reduced) == _io(original)
     x = np.random.default_rng(0).standard_normal((1, *c_h_w)).astype(np.float32)
-    for a, b in zip(_run(original, x), _run(reduced, x)):
+    for a, b in zip(graphs.run(original, x), graphs.run(reduced, x)):
         assert a.shape == b.shape
 
 
@@ -98,7 +86,7 @@ def test_bundled_model_cli_with_report(bundled_model_path, tmp_path, capsys):
     assert _io(reduced) == _io(onnx.load(bundled_model_path))
     # The bundled model has a dynamic batch: the written one keeps it.
     assert not reduced.graph.input[0].type.tensor_type.shape.dim[0].HasField("dim_value")
-    assert _run(reduced, np.zeros((5, 1, 28, 28), np.float32))[0].shape == (5, 10)
+    assert graphs.run(reduced, np.zeros((5, 1, 28, 28), np.float32))[0].shape == (5, 10)
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["budget"]["asked"] == 0.5
     assert abs(report["budget"]["reached"] - 0.5) <= 0.02
@@ -133,9 +121,24 @@ def test_json_and_dry_run(bundled_model_path, tmp_path, capsys):
     assert not out.exists()
 
 
+def _written_widths(reduced: onnx.ModelProto, report) -> dict[int, int]:
+    """Per channel group: the output width of its producer convs in the written model
+    (read from the model itself, not from the plan or the report)."""
+    before = {layer.name: layer.out_channels for layer in report.before.layers}
+    after = {layer.name: layer.out_channels for layer in analyze_model(load_model(reduced)).layers}
+    widths: dict[int, int] = {}
+    for group in report.groups:
+        convs = [p for p in group.producers if before.get(p) == group.size]
+        written = {after[p] for p in convs}
+        assert len(written) <= 1, (group.id, written)  # a group's producers agree
+        if written:
+            widths[group.id] = written.pop()
+    return widths
+
+
 def test_uniform_gives_one_beta(bundled_model_path):
     data = str(bundled_model_path.parent / "fmnist_sample.npz")
-    _, mbs = reduce(
+    mbs_model, mbs = reduce(
         str(bundled_model_path),
         data,
         budget="params=0.5",
@@ -143,7 +146,7 @@ def test_uniform_gives_one_beta(bundled_model_path):
         evaluate_accuracy=False,
         progress=False,
     )
-    _, uni = reduce(
+    uni_model, uni = reduce(
         str(bundled_model_path),
         data,
         budget="params=0.5",
@@ -154,6 +157,20 @@ def test_uniform_gives_one_beta(bundled_model_path):
     )
     assert len({m.beta for m in uni.plan.macroblocks}) == 1
     assert len({m.beta for m in mbs.plan.macroblocks}) > 1
+    # The written model has the widths the plan chose, group by group...
+    for model, report in ((uni_model, uni), (mbs_model, mbs)):
+        widths = _written_widths(model, report)
+        assert len(widths) >= 9
+        for gid, width in widths.items():
+            assert width == report.plan.counts.get(gid, report.plan.sizes[gid]), gid
+    # ...and under uniform every free group keeps one share, up to the channel multiple
+    # (16 channels at beta 0.7 keep 8 or 16: per macroblock the kept share differs).
+    (beta,) = {m.beta for m in uni.plan.macroblocks}
+    multiple = uni.plan.channel_multiple
+    uni_widths = _written_widths(uni_model, uni)
+    for group in uni.groups:
+        if not group.pinned and group.id in uni_widths:
+            assert abs(uni_widths[group.id] - beta * group.size) <= multiple, group.id
     # ResNet-20 on 28x28: only the 7x7 macroblock reaches past its base.
     redundancies = [m.redundancy for m in mbs.plan.macroblocks]
     assert redundancies[-1] > 0 and redundancies[-1] == max(redundancies)

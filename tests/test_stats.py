@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import onnx
 import pytest
+from conftest import write_npz
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_mbs.data import open_data
@@ -64,8 +67,7 @@ def reference(model: onnx.ModelProto, tensors: list[str], x: np.ndarray) -> dict
 @pytest.fixture
 def data(tmp_path):
     x = np.random.default_rng(1).random((10, 8, 8), dtype=np.float32)
-    np.savez(tmp_path / "d.npz", x=x)
-    return open_data(tmp_path / "d.npz", "x", SHAPE, mean=0.5, std=0.5)
+    return open_data(write_npz(tmp_path / "d.npz", x=x), "x", SHAPE, mean=0.5, std=0.5)
 
 
 def feed(data) -> np.ndarray:
@@ -161,10 +163,19 @@ def test_clip_with_non_negative_min_skips_abs():
     assert "Abs" in [n.op_type for n in instrumented.graph.node]
 
 
-def test_no_progress_output_when_not_a_terminal(data, capfd):
-    collect_stats(conv_relu_model(), ["r1"], data, CPU, batch_size=4, progress=True)
-    out, err = capfd.readouterr()
-    assert out == "" and err == ""
+@pytest.mark.parametrize("tty", [True, False])
+@pytest.mark.parametrize("progress", [True, False])
+def test_progress_bar_only_for_a_person_at_a_terminal(data, capsys, monkeypatch, tty, progress):
+    """stderr is never a terminal under pytest, so both answers are faked: the bar is
+    drawn only when asked for and stderr is a terminal; stdout stays clean."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)
+    collect_stats(conv_relu_model(), ["r1"], data, CPU, batch_size=4, progress=progress)
+    out, err = capsys.readouterr()
+    assert out == ""
+    if tty and progress:
+        assert "activation statistics" in err and "/10" in err  # the bar, over 10 images
+    else:
+        assert err == ""
 
 
 def test_unknown_and_non_4d_tensors_are_bad_input(data):
