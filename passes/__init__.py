@@ -15,6 +15,7 @@ from .channel_groups import (
     analyze_channels,
     find_channel_groups,
 )
+from .channel_walk import ChannelWalk, register_handler, unregister_handler
 from .cost import CostModel
 from .errors import BadInputError
 from .fold import FoldShapes, fold_shapes
@@ -45,6 +46,7 @@ __all__ = [
     "BadInputError",
     "ChannelAnalysis",
     "ChannelGroup",
+    "ChannelWalk",
     "ConvLayer",
     "CostModel",
     "FindMacroblocks",
@@ -74,8 +76,10 @@ __all__ = [
     "parse_input_shape",
     "predicted_params",
     "read_model",
+    "register_handler",
     "shrink_channels",
     "static_batch",
+    "unregister_handler",
     "weight_importance",
     "with_io_of",
 ]

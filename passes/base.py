@@ -1,11 +1,14 @@
 """Pass protocol and Sequential composition, in the style of onnx-ir's passes.
 
-A pass takes a ModelProto and returns a PassResult: the (possibly new) model
-and any analyses it computed. Transform passes return a new model and never
-modify their input; analysis passes return the model unchanged and add a named
+A pass takes a ModelProto and returns a PassResult: the model and any analyses
+it computed. The contract every pass here keeps (`in_place = False`): the input
+is never modified; a transform that changes something returns a new model with
+`modified` True, and one that changes nothing returns its input itself with
+`modified` False; analysis passes return the model unchanged and add a named
 analysis. Sequential threads the model through its passes and merges the
 analyses, so `Sequential(FixInputShapes(...), FindMacroblocks())(model)` gives
-the fixed model and its macroblocks in one result.
+the fixed model and its macroblocks in one result; an analysis computed before
+a later pass modified the model is dropped, never handed on stale.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ class Pass:
     """Base class: subclasses implement `call`."""
 
     name: str = "pass"
+    in_place: bool = False  # onnx-mbs passes never modify their input
 
     def call(self, model: onnx.ModelProto) -> PassResult:
         raise NotImplementedError
@@ -57,10 +61,10 @@ class Sequential(Pass):
         result = PassResult(model)
         for p in self.passes:
             step = p(result.model)
+            # analyses of the model before this step describe a model that is gone
+            earlier = {} if step.modified else result.analyses
             result = PassResult(
-                step.model,
-                result.modified or step.modified,
-                {**result.analyses, **step.analyses},
+                step.model, result.modified or step.modified, {**earlier, **step.analyses}
             )
         return result
 

@@ -7,6 +7,7 @@ ModelProto builds the maps, so every later query is a dict lookup.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,6 +84,19 @@ class GraphIndex:
                 if attr.name == "value":
                     return numpy_helper.to_array(attr.t)
         return None
+
+
+def structure_key(model: onnx.ModelProto) -> str:
+    """A digest of what structural analyses read: nodes, recorded types and shapes,
+    initializer names, types and dims; not weight values, which they never read (a
+    model retrained in place keeps its key)."""
+    digest = hashlib.sha256()
+    graph = model.graph
+    for part in [*graph.node, *graph.input, *graph.value_info, *graph.output]:
+        digest.update(part.SerializeToString())
+    for t in graph.initializer:
+        digest.update(f"{t.name}:{t.data_type}:{list(t.dims)};".encode())
+    return digest.hexdigest()
 
 
 def static_shape(value_info: onnx.ValueInfoProto) -> tuple[int, ...] | None:

@@ -28,7 +28,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx
 
-from .channel_groups import FILTERS, ChannelGroup, Member
+from .channel_groups import ChannelGroup, Member
+from .channel_walk import FILTERS
 from .graph import GraphIndex, attributes
 
 DEFAULT_CRITERION = "l2"  # the best weight-only criterion in bench/importance.py

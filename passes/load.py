@@ -142,8 +142,8 @@ class FixInputShapes(Pass):
                             f"--input-shape for {vi.name!r} gives {wanted}, but the model "
                             f"fixes dim {list(dims).index(d)} to {d.dim_value}"
                         )
+                    modified |= not d.HasField("dim_value")
                     d.dim_value = w
-                modified = True
                 continue
             if static_shape(vi) is not None:
                 continue
@@ -158,7 +158,7 @@ class FixInputShapes(Pass):
                 f"input {vi.name!r} has dynamic dims {shown}; fix them with "
                 f"--input-shape {vi.name}:1,3,224,224 (your sizes)"
             )
-        return PassResult(out, modified)
+        return PassResult(out if modified else model, modified)
 
 
 class InferShapes(Pass):
@@ -178,7 +178,15 @@ class InferShapes(Pass):
             raise BadInputError(f"shape inference failed: {first}") from None
         if self.check_static:
             _check_static(inferred)
+        if _recorded_types(inferred) == _recorded_types(model):
+            return PassResult(model)  # nothing new was inferred
         return PassResult(inferred, True)
+
+
+def _recorded_types(model: onnx.ModelProto) -> list[bytes]:
+    """What shape inference writes: value_info and the declared input and output types."""
+    graph = model.graph
+    return [vi.SerializeToString() for vi in [*graph.input, *graph.value_info, *graph.output]]
 
 
 def _check_static(inferred: onnx.ModelProto) -> None:

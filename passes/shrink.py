@@ -26,7 +26,8 @@ import onnx
 from onnx import numpy_helper
 
 from .base import Pass, PassResult
-from .channel_groups import ChannelAnalysis, analyze_channels, constant_source, subgraph_names
+from .channel_groups import ChannelAnalysis, analyze_channels
+from .channel_walk import constant_source, subgraph_names
 from .graph import FLOAT_TYPES, GraphIndex, count_parameters
 
 KeepPlan = Mapping[int, Sequence[int]]
@@ -174,7 +175,10 @@ def shrink_channels(
     given); groups missing from `keep` keep all their channels. The input is not
     modified.
     """
-    analysis = analysis or analyze_channels(model)
+    if analysis is None:
+        analysis = analyze_channels(model)
+    else:
+        analysis.check_model(model)
     kept = kept_channels(analysis, keep)
     index = GraphIndex.build(model)
     plan = _plan_cuts(index, analysis, kept)
@@ -369,12 +373,21 @@ class _Names:
 
 
 class ShrinkChannels(Pass):
-    """Transform pass wrapping `shrink_channels` with a fixed keep plan."""
+    """Transform pass: `shrink_channels` with a keep plan made for one model.
+
+    Group ids mean something only for the model they were found on, so the pass
+    takes that model's ChannelAnalysis and refuses any other model. Keeping every
+    channel is no change: the input comes back, with `modified` False.
+    """
 
     name = "shrink_channels"
 
-    def __init__(self, keep: KeepPlan) -> None:
-        self.keep = dict(keep)
+    def __init__(self, keep: KeepPlan, analysis: ChannelAnalysis) -> None:
+        self.keep = {gid: list(channels) for gid, channels in keep.items()}
+        self.analysis = analysis
 
     def call(self, model: onnx.ModelProto) -> PassResult:
-        return PassResult(shrink_channels(model, self.keep), bool(self.keep))
+        self.analysis.check_model(model)
+        if kept_channels(self.analysis, self.keep).all():
+            return PassResult(model)
+        return PassResult(shrink_channels(model, self.keep, self.analysis), True)

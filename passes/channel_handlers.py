@@ -1,0 +1,526 @@
+"""The built-in op handlers of the channel walk, registered at import.
+
+Each handler is `handler(walk, node)` (see `channel_walk.ChannelWalk`): ops that
+pass channels on give their output the input's ids, joins union them, Conv-like
+ops make new ones and record the weight axes to cut. Whole op families
+(activations, element-wise ops, pools, reductions) share one handler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+
+from .channel_reshape import reshape_ids
+from .channel_walk import (
+    BIAS,
+    BN_BIAS,
+    BN_MEAN,
+    BN_SCALE,
+    BN_VAR,
+    CONST,
+    FILTERS,
+    NORM_BIAS,
+    NORM_SCALE,
+    SCALE,
+    SHIFT,
+    WEIGHTS_IN,
+    ChannelWalk,
+    register_handler,
+)
+from .graph import attributes
+
+UNARY = {
+    "Relu", "LeakyRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh",
+    "Elu", "Selu", "Celu", "Softplus", "Softsign", "Mish", "Gelu", "Erf", "ThresholdedRelu",
+    "Identity", "Dropout", "Cast", "Abs", "Neg", "Exp", "Log", "Sqrt", "Reciprocal",
+    "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "Not", "IsNaN", "IsInf",
+}  # fmt: skip
+ELEMENTWISE = {
+    "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where", "PRelu",
+    "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor", "Mod",
+}  # fmt: skip
+POOLS = {"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"}
+REDUCES = {
+    "ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceProd", "ReduceL1", "ReduceL2",
+    "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare",
+}  # fmt: skip
+ROLE_OF_CONST = {
+    "Add": SHIFT,
+    "Sub": SHIFT,
+    "Sum": SHIFT,
+    "Mul": SCALE,
+    "Div": SCALE,
+    "PRelu": SCALE,
+}
+
+
+def _unary(w: ChannelWalk, node: onnx.NodeProto) -> None:
+    axis, ids = w.chan[node.input[0]]
+    w.pass_on(node, axis, ids)
+
+
+def _elementwise(w: ChannelWalk, node: onnx.NodeProto) -> None:
+    out_shape = w.shape(node.output[0])
+    if out_shape is None:
+        w.opaque(node, "no static output shape")
+        return
+    rank = len(out_shape)
+    aligned = []  # (output axis, ids) of inputs that carry channels
+    for name in node.input:
+        if name in w.chan:
+            axis, ids = w.chan[name]
+            aligned.append((axis + rank - len(w.shape(name) or out_shape), ids))
+    if len({axis for axis, _ in aligned}) > 1:
+        w.opaque(node, "inputs carry channels on different axes")
+        return
+    axis = aligned[0][0]
+    full = [ids for _, ids in aligned if len(ids) == out_shape[axis]]
+    if not full:  # every channel input broadcasts (size 1) into a wider output
+        w.opaque(node, "channels come from a broadcast constant")
+        return
+    for ids in full[1:]:
+        w.union(full[0], ids)
+    out = full[0]
+    for i, name in enumerate(node.input):
+        if not name or name in w.chan:
+            continue
+        shape = w.shape(name)
+        if shape is None:
+            w.opaque(node, f"input '{name}' has no static shape")
+            return
+        k = axis - (rank - len(shape))
+        if k < 0 or shape[k] == 1:
+            continue  # scalar or broadcast along the channels: nothing to cut
+        if w.source(name) is None:
+            w.opaque(node, f"per-channel input '{name}' is computed at run time")
+            return
+        w.slot(node, i, k, out, ROLE_OF_CONST.get(node.op_type, CONST))
+    w.pass_on(node, axis, out)
+
+
+def _conv(w: ChannelWalk, node: onnx.NodeProto) -> None:
+    """Conv: new channels out; input channels are cut from the weight's axis 1. Grouped:
+    each conv-group's input and output channels form one class (kept or dropped whole);
+    a depthwise conv thereby ties each input channel to its outputs."""
+    transpose = node.op_type == "ConvTranspose"
+    x, weight = node.input[0], node.input[1]
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    w_shape, out_shape = w.shape(weight), w.shape(node.output[0])
+    if w_shape is None or out_shape is None or w.source(weight) is None:
+        w.opaque(node, "weight is not a constant with a static shape")
+        return
+    if bias and w.source(bias) is None:
+        w.opaque(node, "bias is computed at run time")
+        return
+    group = int(attributes(node).get("group", 1))
+    cin = w_shape[0] if transpose else w_shape[1] * group
+    cout = out_shape[1]
+    in_ids = None
+    if x in w.chan:
+        axis, in_ids = w.chan[x]
+        if axis != 1:
+            w.pin(in_ids, f"{node.op_type} '{node.name}': channels arrive on axis {axis}")
+            in_ids = None
+    out_axis, in_axis = (1, 0) if transpose else (0, 1)
+    if group == 1:
+        out = w.fresh(cout)
+        w.slot(node, 1, out_axis, out, FILTERS)
+        if in_ids is not None:
+            w.slot(node, 1, in_axis, in_ids, WEIGHTS_IN)
+    else:
+        if in_ids is None:
+            in_ids = w.fresh(cin)
+            w.pin(in_ids, f"{node.op_type} '{node.name}': grouped conv on channels not followed")
+        blocks = in_ids.reshape(group, cin // group)
+        for j in range(1, blocks.shape[1]):
+            w.union(blocks[:, 0], blocks[:, j])
+        out = np.repeat(blocks[:, 0], cout // group)
+        # The weight axis that counts conv-groups is the output axis for Conv, the
+        # input axis for ConvTranspose; the other one stays (it is per conv-group).
+        w.slot(node, 1, 0, out if not transpose else in_ids, FILTERS)
+        per = cin // group if transpose else cout // group
+        w.edit("group", node, (in_ids if transpose else out,), per=per)
+    if bias:
+        w.slot(node, 2, 0, out, BIAS)
+    w.pass_on(node, 1, out, node.output[:1])
+
+
+def _batchnorm(w: ChannelWalk, node: onnx.NodeProto) -> None:
+    axis, ids = w.chan[node.input[0]]
+    if axis != 1:
+        w.opaque(node, f"channels on axis {axis}")
+        return
+    roles = [BN_SCALE, BN_BIAS, BN_MEAN, BN_VAR]
+    for i, role in enumerate(roles, start=1):
+        if w.source(node.input[i]) is None:
+            w.opaque(node, f"input '{node.input[i]}' is computed at run time")
+            return
+        w.slot(node, i, 0, ids, role)
+    w.pass_on(node, 1, ids, node.output[:1])
+    for name in node.output[1:]:  # training-mode running statistics
+        if name:
+            w.chan[name] = (0, ids)
+
+
+def _instancenorm(w: ChannelWalk, node: onnx.NodeProto) -> None:
+    axis, ids = w.chan[node.input[0]]
+    if axis != 1 or w.source(node.input[1]) is None or w.source(node.input[2]) is None:
+        w.opaque(node, "channels not on axis 1 or scale/bias not constant")
+        return
+    w.slot(node, 1, 0, ids, NORM_SCALE)
+    w.slot(node, 2, 0, ids, NORM_BIAS)
+    w.pass_on(node, 1, ids)
+
+
+def _gemm(w: ChannelWalk, node: onnx.NodeProto) -> None:
+    """Gemm A(M,K) x B(K,N): the channels of A index K, i.e. rows of B (columns if
+    transB). After Flatten, A's ids repeat each channel H*W times, matching the
+    channel-major layout of the flattened rows."""
+    a, b = node.input[0], node.input[1]
+    attrs = attributes(node)
+    k_axis_a = 0 if attrs.get("transA") else 1
+    b_shape, out_shape = w.shape(b), w.shape(node.output[0])
+    in_ids = None
+    if a in w.chan:
+        axis, in_ids = w.chan[a]
+        if axis != k_axis_a:
+            w.opaque(node, "channels on the batch axis")
+            return
+    if b in w.chan or w.source(b) is None or b_shape is None or out_shape is None:
+        w.opaque(node, "weight is not a constant")
+        return
+    k_axis_b, n_axis_b = (1, 0) if attrs.get("transB") else (0, 1)
+    out = w.fresh(out_shape[1])
+    if in_ids is not None:
+        w.slot(node, 1, k_axis_b, in_ids, WEIGHTS_IN)
+    w.slot(node, 1, n_axis_b, out, FILTERS)
+    if len(node.input) > 2 and node.input[2]:
+        c = node.input[2]
+        c_shape = w.shape(c)
+        if c in w.chan or w.source(c) is None or c_shape is None:
+            w.opaque(node, "bias is not a constant")
+            return
+        if c_shape and c_shape[-1] > 1:
+            w.slot(node, 2, len(c_shape) - 1, out, BIAS)
+    w.pass_on(node, 1, out)
+
+
+def _matmul(w: ChannelWalk, node: onnx.NodeProto) -> None:
+    a, b = node.input
+    a_shape, b_shape, out_shape = w.shape(a), w.shape(b), w.shape(node.output[0])
+    if b in w.chan or a not in w.chan or None in (a_shape, b_shape, out_shape):
+        w.opaque(node, "both operands carry channels, or shapes are not static")
+        return
+    axis, ids = w.chan[a]
+    rank = len(out_shape)
+    if axis != len(a_shape) - 1:  # channels ride along a batch or row axis
+        w.pass_on(node, axis + rank - len(a_shape), ids)
+        return
+    if w.source(b) is None or len(b_shape) != 2:
+        w.opaque(node, "channels contracted with a weight that is not a constant matrix")
+        return
+    out = w.fresh(out_shape[-1])
+    w.slot(node, 1, 0, ids, WEIGHTS_IN)
+    w.slot(node, 1, 1, out, FILTERS)
+    w.pass_on(node, rank - 1, out)
+
+
+def _concat(w: ChannelWalk, node: onnx.NodeProto) -> None:
+    out_shape = w.shape(node.output[0])
+    if out_shape is None or not all(name in w.chan for name in node.input):
+        w.opaque(node, "an input with no channel source, or no static shape")
+        return
+    cat_axis = int(attributes(node)["axis"]) % len(out_shape)
+    axes = {w.chan[name][0] for name in node.input}
+    if axes == {cat_axis}:  # channel concat: the output is made of the inputs' segments
+        w.pass_on(node, cat_axis, np.concatenate([w.chan[name][1] for name in node.input]))
+    elif len(axes) == 1:  # concat along space: the inputs share their channels
+        first = w.chan[node.input[0]][1]
+        for name in node.input[1:]:
+            w.union(first, w.chan[name][1])
+        w.pass_on(node, axes.pop(), first)
+    else:
+        w.opaque(node, "inputs carry channels on different axes")
+
+
+def _split(w: ChannelWalk, node: onnx.NodeProto) -> None:
+    axis, ids = w.chan[node.input[0]]
+    shape = w.shape(node.input[0])
+    attrs = attributes(node)
+    split_axis = int(attrs.get("axis", 0)) % len(shape)
+    if split_axis != axis:
+        w.pass_on(node, axis, ids)
+        return
+    if len(node.input) > 1 and node.input[1]:
+        sizes = w.const(node.input[1])
+        if sizes is None:
+            w.opaque(node, "split sizes computed at run time")
+            return
+        sizes = [int(s) for s in sizes]
+    elif "split" in attrs:
+        sizes = [int(s) for s in attrs["split"]]
+    else:
+        n = len(node.output)
+        if shape[axis] % n:
+            w.opaque(node, "uneven split without sizes")
+            return
+        sizes = [shape[axis] // n] * n
+    bounds = np.cumsum([0, *sizes])
+    parts = tuple(ids[bounds[k] : bounds[k + 1]] for k in range(len(sizes)))
+    for name, part in zip(node.output, parts):
+        w.chan[name] = (axis, part)
+    w.edit("split", node, parts, axis=axis, value=np.array(sizes, dtype=np.int64))
+
+
+def _slice(w: ChannelWalk, node: onnx.NodeProto) -> None:
+    axis, ids = w.chan[node.input[0]]
+    shape = w.shape(node.input[0])
+    values = [
+        w.const(n) if n else None for n in list(node.input[1:5]) + [""] * (5 - len(node.input))
+    ]
+    starts, ends, axes, steps = values
+    if starts is None or ends is None or (len(node.input) > 3 and node.input[3] and axes is None):
+        w.opaque(node, "bounds computed at run time")
+        return
+    if len(node.input) > 4 and node.input[4] and steps is None:
+        w.opaque(node, "steps computed at run time")
+        return
+    axes = [int(a) % len(shape) for a in (axes if axes is not None else range(len(starts)))]
+    if axis not in axes:
+        w.pass_on(node, axis, ids)
+        return
+    k = axes.index(axis)
+    step = 1 if steps is None else int(steps[k])
+    if step != 1:
+        w.opaque(node, f"step {step} on the channel axis")
+        return
+    start, end, _ = slice(int(starts[k]), int(ends[k])).indices(shape[axis])
+    end = max(start, end)
+    if (start, end) == (0, shape[axis]):
+        w.pass_on(node, axis, ids)
+        return
+    w.pass_on(node, axis, ids[start:end])
+    w.edit("slice", node, (ids,), axis=k, start=start, end=end, value=starts, value2=ends)
+
+
+def _reshape(w: ChannelWalk, node: onnx.NodeProto) -> None:
+    axis, ids = w.chan[node.input[0]]
+    in_shape, out_shape = w.shape(node.input[0]), w.shape(node.output[0])
+    literal = w.const(node.input[1]) if node.op_type == "Reshape" else None
+    if in_shape is None or out_shape is None or (node.op_type == "Reshape" and literal is None):
+        w.opaque(node, "shape computed at run time (run FoldShapes first)")
+        return
+    moved = reshape_ids(w, in_shape, axis, ids, out_shape)
+    if moved is None:
+        w.opaque(node, "cannot follow the channel axis through this reshape")
+        return
+    out_axis, out_ids = moved
+    if node.op_type == "Reshape":
+        literal = literal.astype(np.int64)
+        if literal[out_axis] == 0 and out_axis != axis:
+            w.opaque(node, "copies a dim (0) that moves the channel axis")
+            return
+        w.edit("reshape", node, (out_ids,), axis=out_axis, value=literal)
+    w.pass_on(node, out_axis, out_ids)
+
+
+def _transpose(w: ChannelWalk, node: onnx.NodeProto) -> None:
+    axis, ids = w.chan[node.input[0]]
+    rank = len(w.shape(node.input[0]))
+    perm = list(attributes(node).get("perm") or reversed(range(rank)))
+    w.pass_on(node, perm.index(axis), ids)
+
+
+def _axes_of(w: ChannelWalk, node: onnx.NodeProto, rank: int) -> list[int] | None:
+    """`axes` from the attribute or the second input, normalized; None if not constant."""
+    attrs = attributes(node)
+    if "axes" in attrs:
+        values = attrs["axes"]
+    elif len(node.input) > 1 and node.input[1]:
+        values = w.const(node.input[1])
+        if values is None:
+            return None
+    else:
+        values = []
+    return [int(a) % rank for a in values]
+
+
+def _unsqueeze(w: ChannelWalk, node: onnx.NodeProto) -> None:
+    axis, ids = w.chan[node.input[0]]
+    out_rank = len(w.shape(node.output[0]))
+    axes = _axes_of(w, node, out_rank)
+    if axes is None:
+        w.opaque(node, "axes computed at run time")
+        return
+    kept = [k for k in range(out_rank) if k not in axes]
+    w.pass_on(node, kept[axis], ids)
+
+
+def _squeeze(w: ChannelWalk, node: onnx.NodeProto) -> None:
+    axis, ids = w.chan[node.input[0]]
+    shape = w.shape(node.input[0])
+    axes = _axes_of(w, node, len(shape))
+    if axes is None:
+        w.opaque(node, "axes computed at run time")
+        return
+    axes = axes or [k for k, d in enumerate(shape) if d == 1]
+    if axis in axes:
+        w.opaque(node, "squeezes the channel axis")
+        return
+    w.pass_on(node, axis - sum(a < axis for a in axes), ids)
+
+
+def _pool(w: ChannelWalk, node: onnx.NodeProto) -> None:
+    axis, ids = w.chan[node.input[0]]
+    if axis != 1:
+        w.opaque(node, f"channels on axis {axis}")
+        return
+    if len(node.output) > 1 and node.output[1] and w.index.consumers.get(node.output[1]):
+        w.opaque(node, "indices output encodes channel positions")
+        return
+    w.pass_on(node, 1, ids, node.output[:1])
+
+
+def _reduce(w: ChannelWalk, node: onnx.NodeProto) -> None:
+    axis, ids = w.chan[node.input[0]]
+    rank = len(w.shape(node.input[0]))
+    attrs = attributes(node)
+    axes = _axes_of(w, node, rank)
+    if axes is None:
+        w.opaque(node, "axes computed at run time")
+        return
+    if not axes and not attrs.get("noop_with_empty_axes"):
+        axes = list(range(rank))
+    if axis in axes:
+        w.opaque(node, "reduces over the channel axis")
+        return
+    keep = attrs.get("keepdims", 1)
+    w.pass_on(node, axis if keep else axis - sum(a < axis for a in axes), ids)
+
+
+def _softmax(w: ChannelWalk, node: onnx.NodeProto) -> None:
+    axis, ids = w.chan[node.input[0]]
+    rank = len(w.shape(node.input[0]))
+    default = -1 if w.opset >= 13 else 1
+    along = int(attributes(node).get("axis", default)) % rank
+    if along == axis or (w.opset < 13 and along <= axis):
+        w.opaque(node, "normalizes over the channel axis")
+        return
+    w.pass_on(node, axis, ids)
+
+
+def _resize(w: ChannelWalk, node: onnx.NodeProto) -> None:
+    axis, ids = w.chan[node.input[0]]
+    scales_name = node.input[2] if len(node.input) > 2 else ""
+    if node.op_type == "Upsample":
+        scales_name = node.input[1] if len(node.input) > 1 else ""
+    scales = w.const(scales_name) if scales_name else attributes(node).get("scales")
+    if scales_name and scales is None:
+        w.opaque(node, "scales computed at run time")
+        return
+    if scales is not None and len(scales) and float(scales[axis]) != 1.0:
+        w.opaque(node, "resizes the channel axis")
+        return
+    if node.op_type == "Resize" and len(node.input) > 3 and node.input[3]:
+        sizes = w.const(node.input[3])
+        if sizes is None:
+            w.opaque(node, "sizes computed at run time")
+            return
+        w.edit("resize", node, (ids,), axis=axis, value=sizes.astype(np.int64))
+    w.pass_on(node, axis, ids)
+
+
+def _pad(w: ChannelWalk, node: onnx.NodeProto) -> None:
+    axis, ids = w.chan[node.input[0]]
+    rank = len(w.shape(node.input[0]))
+    pads = attributes(node).get("pads")
+    if pads is None:
+        pads = w.const(node.input[1]) if len(node.input) > 1 else None
+    if pads is None:
+        w.opaque(node, "pads computed at run time")
+        return
+    pad_axes = list(range(rank))
+    if len(node.input) > 3 and node.input[3]:
+        pad_axes = _axes_of_input(w, node.input[3], rank)
+        if pad_axes is None:
+            w.opaque(node, "axes computed at run time")
+            return
+    pads = [int(p) for p in pads]
+    n = len(pad_axes)
+    if axis in pad_axes:
+        k = pad_axes.index(axis)
+        if pads[k] or pads[k + n]:
+            w.opaque(node, "pads the channel axis")
+            return
+    w.pass_on(node, axis, ids)
+
+
+def _axes_of_input(w: ChannelWalk, name: str, rank: int) -> list[int] | None:
+    values = w.const(name)
+    return None if values is None else [int(a) % rank for a in values]
+
+
+def _gather(w: ChannelWalk, node: onnx.NodeProto) -> None:
+    if node.input[1] in w.chan or node.input[0] not in w.chan:
+        w.opaque(node, "indices carry channels")
+        return
+    axis, ids = w.chan[node.input[0]]
+    rank = len(w.shape(node.input[0]))
+    along = int(attributes(node).get("axis", 0)) % rank
+    if along == axis:
+        w.opaque(node, "gathers along the channel axis")
+        return
+    idx_shape = w.shape(node.input[1])
+    if idx_shape is None:
+        w.opaque(node, "indices have no static shape")
+        return
+    w.pass_on(node, axis if axis < along else axis + len(idx_shape) - 1, ids)
+
+
+def _shape(w: ChannelWalk, node: onnx.NodeProto) -> None:
+    axis, ids = w.chan[node.input[0]]
+    rank = len(w.shape(node.input[0]))
+    attrs = attributes(node)
+    start, end, _ = slice(attrs.get("start", 0), attrs.get("end", rank)).indices(rank)
+    if start <= axis < end:
+        w.pin(ids, f"Shape '{node.name}': reads the channel count at run time (run FoldShapes)")
+
+
+HANDLERS: dict[str, Callable[[ChannelWalk, onnx.NodeProto], None]] = {
+    "Conv": _conv,
+    "ConvTranspose": _conv,
+    "BatchNormalization": _batchnorm,
+    "InstanceNormalization": _instancenorm,
+    "Gemm": _gemm,
+    "MatMul": _matmul,
+    "Concat": _concat,
+    "Split": _split,
+    "Slice": _slice,
+    "Reshape": _reshape,
+    "Flatten": _reshape,
+    "Transpose": _transpose,
+    "Unsqueeze": _unsqueeze,
+    "Squeeze": _squeeze,
+    "Softmax": _softmax,
+    "LogSoftmax": _softmax,
+    "Hardmax": _softmax,
+    "Resize": _resize,
+    "Upsample": _resize,
+    "Pad": _pad,
+    "Gather": _gather,
+    "Shape": _shape,
+}
+
+for _op, _handler in HANDLERS.items():
+    register_handler(_op, _handler)
+for _family, _handler in (
+    (UNARY, _unary),
+    (ELEMENTWISE, _elementwise),
+    (POOLS, _pool),
+    (REDUCES, _reduce),
+):
+    for _op in _family:
+        register_handler(_op, _handler)

@@ -1,0 +1,259 @@
+"""The channel walk: one topological pass that gives every channel an id, and the
+registry of op handlers that tells it what each op does to channels.
+
+Every channel a Conv, Gemm or unfollowable op produces gets an integer id. A
+handler per op type passes ids on to the op's outputs, unions ids that must be
+kept together (a union-find), records constant axes to cut with them (slots)
+and attributes or shape constants that count them (edits), or pins what it
+cannot follow. The built-in handlers live in `channel_handlers.py`; users add
+their own with `register_handler` (a custom or plugin op, without editing the
+package). `channel_groups.py` turns the walk's ids into channel groups.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from .graph import GraphIndex
+
+# Roles of initializer members, so importance and tests know what an axis is.
+ACTIVATION = "activation"
+FILTERS = "filters"  # the weights that produce the channels (Conv/Gemm/MatMul output axis)
+WEIGHTS_IN = "weights_in"  # weights that read the channels (Conv/Gemm/MatMul input axis)
+BIAS = "bias"
+BN_SCALE, BN_BIAS, BN_MEAN, BN_VAR = "bn_scale", "bn_bias", "bn_mean", "bn_var"
+NORM_SCALE, NORM_BIAS = "norm_scale", "norm_bias"
+SHIFT = "shift"  # per-channel constant added or subtracted (Add, Sub)
+SCALE = "scale"  # per-channel constant multiplied or divided (Mul, Div, PRelu slope)
+CONST = "const"  # any other per-channel constant of an element-wise op
+
+
+@dataclass
+class Slot:
+    """Initializer input `input` of node number `node`: its `axis` follows channel ids `ids`."""
+
+    node: int
+    input: int
+    axis: int
+    ids: np.ndarray
+    role: str
+
+
+@dataclass
+class Edit:
+    """A node attribute or shape constant that counts channels and must be recomputed.
+
+    kind: "group" (ids: the channels counting conv-groups, per: channels per
+    conv-group), "split" (ids: one array per output; value: the sizes), "slice" (ids:
+    the input; start/end on the channel axis, which is entry `axis` of the starts
+    `value` and ends `value2`), "reshape" (ids: the output; value: the shape, entry
+    `axis` counts channels), "resize" (ids: the input; value: sizes, entry `axis`).
+    """
+
+    kind: str
+    node: int
+    ids: tuple[np.ndarray, ...]
+    axis: int = 0
+    per: int = 1
+    start: int = 0
+    end: int = 0
+    value: np.ndarray | None = None  # the constant being edited (shape, sizes, starts...)
+    value2: np.ndarray | None = None
+
+
+class ChannelWalk:
+    """One topological walk that gives every channel an id and records joins and pins.
+
+    Handlers (`register_handler`) read and extend it: `chan` maps a tensor to its
+    (channel axis, channel ids); `pass_on` gives outputs ids, `union` joins ids,
+    `fresh` makes new ones, `slot` records a constant axis to cut with ids, `edit` an
+    attribute or shape constant to recompute, `pin`/`opaque` keep channels whole."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.index = GraphIndex.build(model)
+        self.parent: list[int] = []
+        self.chan: dict[str, tuple[int, np.ndarray]] = {}
+        self.slots: list[Slot] = []
+        self.edits: list[Edit] = []
+        self.pins: list[tuple[np.ndarray, str]] = []
+        self.node_no: dict[int, int] = {}
+        self.opsets = {_domain(o.domain): o.version for o in model.opset_import}
+        self.opset = self.opsets.get("", 17)
+
+    # -- union-find over channel ids ---------------------------------------------------
+    def fresh(self, n: int) -> np.ndarray:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        return np.arange(start, start + n, dtype=np.int64)
+
+    def find(self, x: int) -> int:
+        parent = self.parent
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    def union(self, a: np.ndarray, b: np.ndarray) -> None:
+        for x, y in zip(a.tolist(), b.tolist()):
+            rx, ry = self.find(x), self.find(y)
+            if rx != ry:
+                self.parent[rx] = ry
+
+    def varies(self, ids: np.ndarray) -> bool:
+        first = self.find(int(ids.flat[0]))
+        return any(self.find(x) != first for x in ids.flat[1:].tolist())
+
+    # -- helpers ------------------------------------------------------------------------
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        return self.index.shapes.get(name)
+
+    def source(self, name: str) -> str | None:
+        return constant_source(self.index, name)
+
+    def const(self, name: str) -> np.ndarray | None:
+        return self.index.constant(name) if name else None
+
+    def pin(self, ids: np.ndarray, reason: str) -> None:
+        self.pins.append((ids, reason))
+
+    def slot(self, node: onnx.NodeProto, i: int, axis: int, ids: np.ndarray, role: str) -> None:
+        self.slots.append(Slot(self.node_no[id(node)], i, axis, ids, role))
+
+    def edit(self, kind: str, node: onnx.NodeProto, ids: tuple[np.ndarray, ...], **kw) -> None:
+        self.edits.append(Edit(kind, self.node_no[id(node)], ids, **kw))
+
+    def opaque(self, node: onnx.NodeProto, why: str) -> None:
+        """An op the walk cannot follow: pin what goes in, and give what comes out new
+        pinned channels (axis 1) so nothing downstream is cut against it."""
+        reason = f"{node.op_type} '{node.name}': {why}"
+        for name in node.input:
+            if name in self.chan:
+                self.pin(self.chan[name][1], reason)
+        for name in node.output:
+            shape = self.shape(name)
+            if name and shape is not None and len(shape) >= 2 and shape[1] > 0:
+                ids = self.fresh(shape[1])
+                self.pin(ids, reason)
+                self.chan[name] = (1, ids)
+
+    def pass_on(self, node: onnx.NodeProto, axis: int, ids: np.ndarray, outputs=None) -> None:
+        for name in node.output if outputs is None else outputs:
+            if name:
+                self.chan[name] = (axis, ids)
+
+    # -- the walk -----------------------------------------------------------------------
+    def run(self) -> None:
+        for name in self.index.graph_inputs:
+            shape = self.shape(name)
+            if shape is not None and len(shape) >= 2:
+                ids = self.fresh(shape[1])
+                self.pin(ids, f"graph input '{name}'")
+                self.chan[name] = (1, ids)
+        for k, node in enumerate(self.index.nodes):
+            self.node_no[id(node)] = k
+            self.visit(node)
+        for name in self.index.graph_outputs:
+            if name in self.chan:
+                self.pin(self.chan[name][1], f"graph output '{name}'")
+
+    def visit(self, node: onnx.NodeProto) -> None:
+        op = node.op_type
+        inputs = [name for name in node.input if name in self.chan]
+        if not inputs and op not in ("Conv", "ConvTranspose"):
+            if node.domain not in ("", "ai.onnx") or _subgraphs(node):
+                self.opaque(node, "op not followed")
+            return  # shape arithmetic and constants carry no channels
+        if node.domain not in ("", "ai.onnx") and handler_for(node, self.opsets) is None:
+            self.opaque(node, f"custom op (domain '{node.domain}') not followed")
+            return
+        if _subgraphs(node):
+            for name in subgraph_names(node):
+                if name in self.chan:
+                    self.pin(self.chan[name][1], f"{op} '{node.name}': used in a subgraph")
+            self.opaque(node, "control flow not followed")
+            return
+        if any(self.shape(name) is None for name in [*inputs, node.output[0]]):
+            self.opaque(node, "shapes are not static")
+            return
+        handler = handler_for(node, self.opsets)
+        if handler is None:
+            self.opaque(node, "op not followed")
+        else:
+            handler(self, node)
+
+
+def constant_source(index: GraphIndex, name: str) -> str | None:
+    """The initializer or Constant node output behind `name`, looking through Identity
+    (exporters share equal tensors that way); None if `name` is computed at run time."""
+    while name not in index.initializers:
+        node = index.producer.get(name)
+        if node is None or node.op_type not in ("Identity", "Constant"):
+            return None
+        if node.op_type == "Constant":
+            return name
+        name = node.input[0]
+    return name
+
+
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    graphs = []
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            graphs.append(attr.g)
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            graphs.extend(attr.graphs)
+    return graphs
+
+
+def subgraph_names(node: onnx.NodeProto) -> set[str]:
+    """Every tensor name a node's subgraphs read (outer-scope values included)."""
+    names: set[str] = set()
+    for graph in _subgraphs(node):
+        for inner in graph.node:
+            names.update(inner.input)
+            names |= subgraph_names(inner)
+    return names
+
+
+# -- the handler registry ----------------------------------------------------------------
+
+Handler = Callable[[ChannelWalk, onnx.NodeProto], None]
+_REGISTRY: dict[tuple[str, str], dict[int, Handler]] = {}
+
+
+def _domain(domain: str) -> str:
+    return "" if domain == "ai.onnx" else domain
+
+
+def register_handler(
+    op_type: str, handler: Handler, domain: str = "", since_opset: int = 1
+) -> None:
+    """Teach the walk `op_type` of `domain`, for models importing that domain at opset
+    `since_opset` or later: `handler(walk, node)` is called for each such node that
+    reads channels. Replaces a handler registered for the same op, domain and opset."""
+    if not callable(handler):
+        raise TypeError(f"handler for {op_type} must be callable, not {type(handler).__name__}")
+    if since_opset < 1:
+        raise ValueError(f"since_opset must be at least 1, not {since_opset}")
+    _REGISTRY.setdefault((_domain(domain), op_type), {})[since_opset] = handler
+
+
+def unregister_handler(op_type: str, domain: str = "", since_opset: int = 1) -> None:
+    """Remove a handler `register_handler` added."""
+    versions = _REGISTRY.get((_domain(domain), op_type), {})
+    if since_opset not in versions:
+        raise KeyError(f"no handler for {op_type} (domain {domain!r}) since opset {since_opset}")
+    del versions[since_opset]
+
+
+def handler_for(node: onnx.NodeProto, opsets: dict[str, int]) -> Handler | None:
+    """The handler for `node` under the model's opsets: the one registered for the
+    latest opset not after the model's."""
+    domain = _domain(node.domain)
+    versions = _REGISTRY.get((domain, node.op_type), {})
+    usable = [v for v in versions if v <= opsets.get(domain, 1)]
+    return versions[max(usable)] if usable else None
