@@ -10,6 +10,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnx_ir as ir
 import pytest
+from conftest import write_npz
 from graphs import run
 from polygraphy.backend.onnx import OnnxFromPath, SaveOnnx
 from test_layers import _imported_after
@@ -71,8 +72,7 @@ def test_polygraphy_loader_chain(bundled_model_path, tmp_path):
 
 def test_graphsurgeon_graph_in_model_out(bundled_model_path, fmnist_sample, tmp_path):
     original = onnx.load(str(bundled_model_path))
-    data = tmp_path / "x.npz"
-    np.savez(data, x=fmnist_sample[0][:64])
+    data = write_npz(tmp_path / "x.npz", x=fmnist_sample[0][:64])
     _, from_file = reduce(str(bundled_model_path), str(data), budget=BUDGET, progress=False)
     assert "0.286" in from_file.preprocessing  # the model's own mean, from its metadata
     graph = gs.import_onnx(original)
