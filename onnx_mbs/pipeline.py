@@ -250,11 +250,10 @@ def reduce(
     )
     lap("plan")
 
-    scorer = (
-        activation_importance(loaded, stats, activation)
-        if stats is not None and importance == "act"
-        else weight_importance(loaded, importance)
-    )
+    if importance == "act" and stats is not None:
+        scorer = activation_importance(loaded, stats, activation)
+    else:  # no data, or no activation to measure: rank by weights
+        scorer = weight_importance(loaded, DEFAULT_CRITERION if importance == "act" else importance)
     keep = choose_channels(groups, plan.counts, scorer)
     shrunk = shrink_channels(loaded, keep, channels) if plan.changes_anything else loaded
     after = analyze_model(shrunk)  # shrink keeps the recorded shapes up to date
