@@ -98,10 +98,8 @@ def _print_reduce_summary(report, args: argparse.Namespace) -> None:
     )
     knob = f"gamma {plan.gamma:.4g}, scale {plan.scale:.3f}"
     if plan.budget is not None:
-        print(
-            f"budget: {plan.budget} asked, {plan.reached[plan.budget.metric]:.3f} reached "
-            f"({plan.strategy}, {knob})"
-        )
+        reached = ", ".join(f"{m} {plan.reached[m]:.3f}" for m, _ in plan.budget.limits)
+        print(f"budget: {plan.budget} asked, {reached} reached ({plan.strategy}, {knob})")
     else:
         print(f"strategy: {plan.strategy}, {knob}")
     for key in ("before", "after"):
@@ -146,6 +144,7 @@ def cmd_reduce(args: argparse.Namespace) -> int:
         std=_floats(args.std, "--std"),
         limit=args.limit,
         batch_size=args.batch_size,
+        latency_threads=args.latency_threads,
         evaluate_accuracy=not args.no_eval,
         progress=not args.json,
     )
@@ -340,6 +339,10 @@ COUNT = _number(int, 1)
 SEED = _number(int, 0, 2**32 - 1)
 
 
+def _channel_multiple(text: str) -> int | str:
+    return text if text == "auto" else COUNT(text)
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors are bad input too: one line, exit code 2."""
 
@@ -386,14 +389,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="calibration data: image folder, .npz (x, y) or IDX folder[:train|:test]; "
         "without it every activation ratio is 1 (MACs and receptive fields only)",
     )
-    p.add_argument("--budget", help="params=F or flops=F: fraction of the model to keep")
+    p.add_argument(
+        "--budget",
+        help="fraction of the model to keep: params=F, flops=F or latency=F (measured on "
+        "--providers); combine with commas to meet all, e.g. params=0.5,flops=0.6",
+    )
     p.add_argument(
         "--gamma", type=_number(float, 0), default=0.5, help="MBS exponent (default 0.5)"
     )
     p.add_argument("--strategy", choices=["mbs", "uniform"], default="mbs")
     p.add_argument("--providers", default="auto", help="auto (default), cpu or cuda")
     add_input_shape(p)
-    p.add_argument("--channel-multiple", type=COUNT, default=8)
+    p.add_argument(
+        "--channel-multiple",
+        type=_channel_multiple,
+        default=8,
+        help="kept channel counts are multiples of this (default 8); auto: chosen for the "
+        "provider (8 on CPU, measured on CUDA)",
+    )
+    p.add_argument(
+        "--latency-threads",
+        type=_number(int, 0),
+        default=0,
+        help="onnxruntime threads for latency=F measurements (default 0: one per core)",
+    )
     p.add_argument(
         "--beta-min", type=_number(float, 1e-9, 1), default=0.1, help="smallest width scale"
     )

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx
 from onnx import helper
@@ -44,6 +44,9 @@ from onnx_mbs.passes.shrink import shrink_channels
 from onnx_mbs.plan import Budget, GroupInfo, Plan, plan_widths
 from onnx_mbs.runtime import choose_providers
 from onnx_mbs.stats import ActivationStats, collect_stats
+
+if TYPE_CHECKING:
+    from onnx_mbs.latency import LatencyModel
 
 
 @dataclass
@@ -164,13 +167,14 @@ def reduce(
     strategy: str = "mbs",
     providers: str = "auto",
     input_shapes: Mapping[str, Sequence[int]] | None = None,
-    channel_multiple: int = 8,
+    channel_multiple: int | str = 8,
     beta_min: float = 0.1,
     importance: str = "auto",
     mean: Any = None,
     std: Any = None,
     limit: int | None = None,
     batch_size: int = 64,
+    latency_threads: int = 0,
     evaluate_accuracy: bool = True,
     progress: bool = True,
 ) -> tuple[onnx.ModelProto, ReduceReport]:
@@ -180,6 +184,9 @@ def reduce(
     yielding input dicts; without data every activation ratio is taken as 1,
     so MBS works from MACs and receptive fields alone. `model` may also be an
     onnx-graphsurgeon Graph (`onnx_mbs.interop`). The input model is never modified.
+    `channel_multiple="auto"` picks one for the provider; a `latency=` budget is planned
+    with measured conv times and checked by measuring the written model (see latency.py),
+    with `latency_threads` onnxruntime threads (0: its default).
     """
     if isinstance(budget, str):
         budget = Budget.parse(budget)
@@ -237,28 +244,71 @@ def reduce(
 
     cost = CostModel.build(loaded, channels, before)
     infos = [GroupInfo(g.id, g.size, tuple(g.macroblocks), g.pinned) for g in groups]
-    plan = plan_widths(
-        before,
-        infos,
-        rho,
-        cost,
-        gamma=gamma,
-        budget=budget,
-        strategy=strategy,
-        channel_multiple=channel_multiple,
-        beta_min=beta_min,
-    )
+    latency: LatencyModel | None = None
+    timer = None
+    if channel_multiple == "auto" or (budget is not None and "latency" in budget.fractions):
+        from onnx_mbs.latency import auto_channel_multiple, onnxruntime_timer
+
+        timer = onnxruntime_timer(provider_list, latency_threads)
+    if channel_multiple == "auto":
+        channel_multiple = auto_channel_multiple(before, provider_list, timer)
+    elif not isinstance(channel_multiple, int):
+        raise BadInputError(f"--channel-multiple: a number or auto, not {channel_multiple!r}")
+    if budget is not None and "latency" in budget.fractions:
+        from onnx_mbs.latency import LatencyModel, measure_models
+
+        latency = LatencyModel(
+            before,
+            cost,
+            measure_models([runnable], provider_list, threads=latency_threads)[0],
+            timer,
+            batch=static_batch(declared) or 1,
+            channel_multiple=channel_multiple,
+        )
+
+    def make_plan(asked: Budget | None) -> Plan:
+        return plan_widths(
+            before,
+            infos,
+            rho,
+            cost,
+            gamma=gamma,
+            budget=asked,
+            strategy=strategy,
+            channel_multiple=channel_multiple,
+            beta_min=beta_min,
+            latency=latency,
+        )
+
+    plan = make_plan(budget)
     lap("plan")
 
     if importance == "act" and stats is not None:
         scorer = activation_importance(loaded, stats, activation)
     else:  # no data, or no activation to measure: rank by weights
         scorer = weight_importance(loaded, DEFAULT_CRITERION if importance == "act" else importance)
-    keep = choose_channels(groups, plan.counts, scorer)
-    shrunk = shrink_channels(loaded, keep, channels) if plan.changes_anything else loaded
+
+    def rewrite(plan: Plan) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+        """The shrunk analysis-form model and the model to write (declared I/O)."""
+        if not plan.changes_anything:  # hand back the input itself, not a re-serialised copy
+            return loaded, original
+        keep = choose_channels(groups, plan.counts, scorer)
+        shrunk = shrink_channels(loaded, keep, channels)
+        return shrunk, with_io_of(shrunk, declared)
+
+    shrunk, reduced = rewrite(plan)
+    if latency is not None:
+        plan, shrunk, reduced = _meet_latency(
+            (plan, shrunk, reduced),
+            runnable,
+            budget,
+            lambda models: measure_models(models, provider_list, threads=latency_threads),
+            provider_list[0],
+            latency,
+            make_plan,
+            rewrite,
+        )
     after = analyze_model(shrunk)  # shrink keeps the recorded shapes up to date
-    # Nothing to cut: hand back the input model itself, not a re-serialised copy.
-    reduced = with_io_of(shrunk, declared) if plan.changes_anything else original
     check_written(reduced, original)
     # The plan's sizes were predictions; report what the written model has.
     plan.params = (plan.params[0], count_parameters(reduced))
@@ -293,6 +343,62 @@ def _data_text(source: DataSource | None, measured: list[str]) -> str:
     if not measured:
         return f"{source.description}; no Conv activations to measure: rho = 1 everywhere"
     return source.description
+
+
+LATENCY_RETRIES = 3  # re-plans when the written model's measured latency misses
+LATENCY_TOLERANCE = 0.05  # relative miss that triggers one
+
+
+def _meet_latency(
+    first: tuple[Plan, onnx.ModelProto, onnx.ModelProto],
+    runnable: onnx.ModelProto,
+    budget: Budget,
+    measure: Callable[[list[onnx.ModelProto]], list[float]],
+    provider: str,
+    latency: LatencyModel,
+    make_plan: Callable[[Budget], Plan],
+    rewrite: Callable[[Plan], tuple[onnx.ModelProto, onnx.ModelProto]],
+) -> tuple[Plan, onnx.ModelProto, onnx.ModelProto]:
+    """Measure the written model against the original; when its latency fraction misses
+    the asked one, re-plan with a corrected target: scaled by the miss at first (the
+    prediction's error is mostly a factor), then by the secant through the two tries
+    nearest the asked fraction. Keeps the closest try; its measured latency goes into
+    the plan."""
+    asked = target = budget.fractions["latency"]
+    tries = []  # (|miss|, attempt, target, measured fraction, candidate)
+    candidate = first
+    for attempt in range(LATENCY_RETRIES + 1):
+        plan, _, reduced = candidate
+        before, after = measure([runnable, reduced])
+        plan.latency = (before, after)
+        measured = after / before
+        tries.append((abs(measured / asked - 1), attempt, target, measured, candidate))
+        if tries[-1][0] <= LATENCY_TOLERANCE or attempt == LATENCY_RETRIES:
+            break
+        target = _next_target(asked, [(t[2], t[3]) for t in tries])
+        try:
+            plan = make_plan(budget.with_fraction("latency", target))
+        except BadInputError:  # the corrected target is out of reach: keep the best so far
+            break
+        plan.budget = budget
+        candidate = (plan, *rewrite(plan))
+    plan, shrunk, reduced = min(tries, key=lambda t: t[:2])[4]
+    plan.notes.append(
+        f"latency: {asked:g} asked, {plan.reached['latency']:.3f} measured on {provider} "
+        f"(best of {len(tries)} plans; {latency.measurements} conv widths timed)"
+    )
+    return plan, shrunk, reduced
+
+
+def _next_target(asked: float, tries: list[tuple[float, float]]) -> float:
+    """The planning target expected to measure `asked`, from (target, measured) tries."""
+    (t1, m1), *rest = sorted(tries, key=lambda t: abs(t[1] - asked))
+    if rest and abs(rest[0][1] - m1) > 1e-3:
+        t2, m2 = rest[0]
+        target = t1 + (asked - m1) * (t2 - t1) / (m2 - m1)
+    else:
+        target = t1 * asked / m1
+    return min(1.0, max(0.05, target))
 
 
 def _preprocessing(source: DataSource | None) -> str:

@@ -4,13 +4,15 @@ Per macroblock m: effective flops E(m) = sum MACs_k * rho_k, E_B(m) over its
 base, redundancy R(m) = 1 - E_B(m)/E(m), width scale beta(m) =
 clip((1 - R(m)) ** gamma, beta_min, 1). A channel group takes the largest beta
 of the macroblocks it touches; pinned groups keep every channel. With a budget,
-gamma is solved by bisection in [0, GAMMA_MAX] so the reduced model keeps the
-asked fraction of parameters or MACs. Macroblocks without redundancy never
-shrink through gamma, so when gamma alone cannot reach the budget, gamma stays
-at GAMMA_MAX and a common scale s in beta(m) = s * (1 - R(m)) ** gamma takes
-the rest. Uniform scaling is the same formula with gamma = 0. The
-counts are then nudged one channel-multiple at a time toward the budget, since
-rounding to multiples of 8 makes the size a step function of gamma.
+gamma is solved by bisection in [0, GAMMA_MAX] so the reduced model keeps at
+most the asked fraction of parameters, MACs and/or predicted latency (every
+limit given is met: the largest excess over its fraction is solved to 0).
+Macroblocks without redundancy never shrink through gamma, so when gamma alone
+cannot reach the budget, gamma stays at GAMMA_MAX and a common scale s in
+beta(m) = s * (1 - R(m)) ** gamma takes the rest. Uniform scaling is the same
+formula with gamma = 0. The counts are then nudged one channel-multiple at a
+time toward the budget, since rounding to multiples of 8 makes the size a step
+function of gamma.
 """
 
 from __future__ import annotations
@@ -26,26 +28,47 @@ GAMMA_MAX = 2.0  # beyond this, budgets are met with a common scale (see plan_wi
 Cost = Callable[[Mapping[int, int]], tuple[int, int]]  # group counts -> (params, MACs)
 
 
+METRICS = ("params", "flops", "latency")
+Latency = Callable[[Mapping[int, int]], float]  # group counts -> predicted seconds
+
+
 @dataclass(frozen=True)
 class Budget:
-    metric: str  # "params" or "flops"
-    fraction: float
+    """Fractions of the original to keep, every one of them met: params=0.5,flops=0.6."""
+
+    limits: tuple[tuple[str, float], ...]  # (metric, fraction), metrics in METRICS, each once
 
     @classmethod
     def parse(cls, spec: str) -> Budget:
-        metric, _, value = spec.partition("=")
-        if metric not in ("params", "flops") or not value:
-            raise BadInputError(f"bad --budget {spec!r}: use params=F or flops=F, e.g. params=0.5")
-        try:
-            fraction = float(value)
-        except ValueError:
-            raise BadInputError(f"bad --budget {spec!r}: {value!r} is not a number") from None
-        if not 0 < fraction <= 1:
-            raise BadInputError(f"bad --budget {spec!r}: the fraction must be in (0, 1]")
-        return cls(metric, fraction)
+        limits: dict[str, float] = {}
+        for term in spec.split(","):
+            metric, _, value = term.strip().partition("=")
+            if metric not in METRICS or not value:
+                raise BadInputError(
+                    f"bad --budget {spec!r}: use params=F, flops=F or latency=F (combine "
+                    "with commas, e.g. params=0.5,flops=0.6)"
+                )
+            if metric in limits:
+                raise BadInputError(f"bad --budget {spec!r}: {metric} is given twice")
+            try:
+                fraction = float(value)
+            except ValueError:
+                raise BadInputError(f"bad --budget {spec!r}: {value!r} is not a number") from None
+            if not 0 < fraction <= 1:
+                raise BadInputError(f"bad --budget {spec!r}: the fraction must be in (0, 1]")
+            limits[metric] = fraction
+        return cls(tuple(limits.items()))
+
+    @property
+    def fractions(self) -> dict[str, float]:
+        return dict(self.limits)
+
+    def with_fraction(self, metric: str, fraction: float) -> Budget:
+        """The same budget with one metric's fraction replaced."""
+        return Budget(tuple((m, fraction if m == metric else f) for m, f in self.limits))
 
     def __str__(self) -> str:
-        return f"{self.metric}={self.fraction:g}"
+        return ",".join(f"{m}={f:g}" for m, f in self.limits)
 
 
 @dataclass(frozen=True)
@@ -81,6 +104,7 @@ class Plan:
     macs: tuple[int, int]
     budget: Budget | None = None
     scale: float = 1.0
+    latency: tuple[float, float] | None = None  # seconds before, after, as measured
     formula: str = (
         "beta(m) = clip(scale * (1 - R(m)) ** gamma, beta_min, 1); R(m) = 1 - E_B(m) / E(m)"
     )
@@ -88,10 +112,13 @@ class Plan:
 
     @property
     def reached(self) -> dict[str, float]:
-        return {
+        reached = {
             "params": self.params[1] / self.params[0] if self.params[0] else 1.0,
             "flops": self.macs[1] / self.macs[0] if self.macs[0] else 1.0,
         }
+        if self.latency is not None:
+            reached["latency"] = self.latency[1] / self.latency[0]
+        return reached
 
     @property
     def changes_anything(self) -> bool:
@@ -111,7 +138,7 @@ class Plan:
             ],
             "params": {"before": self.params[0], "after": self.params[1]},
             "macs": {"before": self.macs[0], "after": self.macs[1]},
-            "budget": None if self.budget is None else asdict(self.budget),
+            "budget": None if self.budget is None else self.budget.fractions,
             "reached": self.reached,
             "notes": self.notes,
         }
@@ -163,8 +190,13 @@ def plan_widths(
     strategy: str = "mbs",
     channel_multiple: int = 8,
     beta_min: float = 0.1,
+    latency: Latency | None = None,
 ) -> Plan:
-    """Choose how many channels each group keeps (see the module docstring)."""
+    """Choose how many channels each group keeps (see the module docstring).
+
+    `latency` predicts the model's run time from group counts; a `latency=`
+    budget needs it.
+    """
     if strategy not in ("mbs", "uniform"):
         raise BadInputError(f"unknown --strategy {strategy!r}: use mbs or uniform")
     if not (math.isfinite(gamma) and gamma >= 0):
@@ -173,62 +205,70 @@ def plan_widths(
         raise BadInputError(f"--beta-min must be in (0, 1], got {beta_min}")
     if channel_multiple < 1:
         raise BadInputError(f"--channel-multiple must be >= 1, got {channel_multiple}")
+    if budget is not None and "latency" in budget.fractions and latency is None:
+        raise ValueError("a latency budget needs a latency model")
     redundancy = macroblock_redundancy(analysis, rho)
     full = {g.id: g.size for g in groups}
     params_before, macs_before = cost(full)
+    latency_before = latency(full) if latency is not None else 0.0
 
     def betas(g: float, scale: float) -> list[float]:
         return [min(1.0, max(beta_min, scale * (1.0 - r) ** g)) for _, _, r in redundancy]
 
-    def metric(counts: Mapping[int, int]) -> float:
+    def fraction(metric: str, counts: Mapping[int, int]) -> float:
+        if metric == "latency":
+            return latency(counts) / latency_before if latency_before else 1.0
         params, macs = cost(counts)
-        if budget is None or budget.metric == "params":
-            return params / params_before if params_before else 1.0
-        return macs / macs_before if macs_before else 1.0
+        before, after = (params_before, params) if metric == "params" else (macs_before, macs)
+        return after / before if before else 1.0
 
-    def size_at(g: float, scale: float) -> float:
-        return metric(_counts(groups, betas(g, scale), channel_multiple))
+    # Every limit is met when the largest excess over its fraction is <= 0.
+    limits = budget.limits if budget is not None else ()
+
+    def excess(counts: Mapping[int, int]) -> float:
+        return max(fraction(m, counts) - f for m, f in limits)
+
+    def excess_at(g: float, scale: float) -> float:
+        return excess(_counts(groups, betas(g, scale), channel_multiple))
 
     notes: list[str] = []
     scale = 1.0
-    target = budget.fraction if budget is not None else None
     if strategy == "uniform":
         # The width multiplier: gamma 0 makes every beta equal to the common scale.
-        target = budget.fraction if budget is not None else size_at(gamma, 1.0)
         if budget is None:
+            size = fraction("params", _counts(groups, betas(gamma, 1.0), channel_multiple))
+            limits = (("params", size),)
             notes.append(f"uniform width matched to the size MBS reaches at gamma={gamma:g}")
         gamma = 0.0
-        scale = 1.0 - _solve(lambda k: size_at(0.0, 1.0 - k), target, 0.0, 1.0 - beta_min)
+        scale = 1.0 - _solve(lambda k: excess_at(0.0, 1.0 - k), 0.0, 1.0 - beta_min)
     elif budget is not None:
-        if size_at(GAMMA_MAX, 1.0) <= budget.fraction:
-            gamma = _solve(lambda g: size_at(g, 1.0), budget.fraction, 0.0, GAMMA_MAX)
+        if excess_at(GAMMA_MAX, 1.0) <= 0:
+            gamma = _solve(lambda g: excess_at(g, 1.0), 0.0, GAMMA_MAX)
         else:
             # Macroblocks without redundancy never shrink through gamma alone: past
             # GAMMA_MAX, a common scale takes the rest, keeping MBS's proportions.
             gamma = GAMMA_MAX
-            scale = 1.0 - _solve(
-                lambda k: size_at(GAMMA_MAX, 1.0 - k), budget.fraction, 0.0, 1.0 - beta_min
-            )
+            scale = 1.0 - _solve(lambda k: excess_at(GAMMA_MAX, 1.0 - k), 0.0, 1.0 - beta_min)
             notes.append(
                 f"gamma capped at {GAMMA_MAX:g}; a common scale {scale:.3f} reaches the budget"
             )
     chosen = betas(gamma, scale)
     counts = _counts(groups, chosen, channel_multiple)
-    if target is not None:  # a budget, or the size uniform is matched to
-        counts = _nudge(counts, groups, metric, target, channel_multiple)
-    if budget is not None and metric(counts) > budget.fraction + 0.02:
+    if limits:  # a budget, or the size uniform is matched to
+        counts = _nudge(counts, groups, excess, channel_multiple)
+    if budget is not None and excess(counts) > 0.02:
         smallest = _counts(groups, [beta_min] * len(redundancy), channel_multiple)
         pinned = sum(g.pinned for g in groups)
-        limits = [
+        reasons = [
             f"{pinned} pinned group{'s' if pinned != 1 else ''} stay whole" if pinned else "",
             f"--beta-min {beta_min:g}",
             f"--channel-multiple {channel_multiple}",
             "parameters outside Conv channel groups (e.g. the head) stay",
         ]
+        kept = ", ".join(f"{m} {fraction(m, smallest):.1%}" for m, _ in budget.limits)
         raise BadInputError(
-            f"budget {budget} cannot be reached: the smallest plan keeps "
-            f"{metric(smallest):.1%} ({'; '.join(filter(None, limits))}); "
-            "ask for a larger fraction"
+            f"budget {budget} cannot be reached: the smallest plan keeps {kept} "
+            f"({'; '.join(filter(None, reasons))}); ask for a larger fraction"
         )
     params_after, macs_after = cost(counts)
     blocks = [
@@ -258,15 +298,15 @@ def plan_widths(
     )
 
 
-def _solve(size_at: Callable[[float], float], target: float, lo: float, hi: float) -> float:
-    """The smallest knob in [lo, hi] whose size is <= target (size falls as the knob grows)."""
-    if size_at(lo) <= target:
+def _solve(excess_at: Callable[[float], float], lo: float, hi: float) -> float:
+    """The smallest knob in [lo, hi] whose excess is <= 0 (excess falls as the knob grows)."""
+    if excess_at(lo) <= 0:
         return lo
-    if size_at(hi) > target:
+    if excess_at(hi) > 0:
         return hi
     for _ in range(40):
         mid = (lo + hi) / 2
-        if size_at(mid) <= target:
+        if excess_at(mid) <= 0:
             hi = mid
         else:
             lo = mid
@@ -276,19 +316,18 @@ def _solve(size_at: Callable[[float], float], target: float, lo: float, hi: floa
 def _nudge(
     counts: dict[int, int],
     groups: Sequence[GroupInfo],
-    metric: Callable[[Mapping[int, int]], float],
-    target: float,
+    excess: Callable[[Mapping[int, int]], float],
     multiple: int,
 ) -> dict[int, int]:
     """Close the gap rounding leaves, one channel-multiple step at a time.
 
-    While over the budget, take the step down that removes least; then, while
-    some step up still fits the budget, take the one that lands closest to it.
-    Small steps keep the shape MBS chose.
+    While over the budget (excess > 0), take the step down that removes least;
+    then, while some step up still fits the budget, take the one that lands
+    closest to it. Small steps keep the shape MBS chose.
     """
     counts = dict(counts)
     free = [g for g in groups if not g.pinned and g.macroblocks]
-    current = metric(counts)
+    current = excess(counts)
 
     def steps(direction: int) -> list[tuple[float, dict[int, int]]]:
         out = []
@@ -297,16 +336,16 @@ def _nudge(
             new = min(g.size, new) if direction > 0 else new
             if new != counts[g.id] and min(multiple, g.size) <= new <= g.size:
                 trial = {**counts, g.id: new}
-                out.append((metric(trial), trial))
+                out.append((excess(trial), trial))
         return out
 
-    while current > target:
+    while current > 0:
         down = [o for o in steps(-1) if o[0] < current]
         if not down:
             break
         current, counts = max(down, key=lambda o: o[0])
     while True:
-        up = [o for o in steps(+1) if current < o[0] <= target]
+        up = [o for o in steps(+1) if current < o[0] <= 0]
         if not up:
             break
         current, counts = max(up, key=lambda o: o[0])

@@ -79,9 +79,8 @@ def report_dict(report: ReduceReport) -> dict:
         "budget": None
         if plan.budget is None
         else {
-            "metric": plan.budget.metric,
-            "asked": plan.budget.fraction,
-            "reached": plan.reached[plan.budget.metric],
+            "asked": plan.budget.fractions,
+            "reached": {m: plan.reached[m] for m in plan.budget.fractions},
         },
         "reached": {
             "params": report.after.total_params / report.before.total_params,
@@ -145,7 +144,8 @@ def markdown(report: ReduceReport) -> str:
         f"{report.samples} samples on {report.provider}",
     ]
     if plan.budget is not None:
-        lines.append(f"- budget: {plan.budget} asked, {data['budget']['reached']:.4f} reached")
+        reached = ", ".join(f"{m} {r:.4f}" for m, r in data["budget"]["reached"].items())
+        lines.append(f"- budget: {plan.budget} asked, {reached} reached")
     t = data["totals"]
     lines += [
         f"- params: {t['params'][0]} -> {t['params'][1]} ({data['reached']['params']:.2%} kept)",

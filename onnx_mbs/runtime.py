@@ -144,11 +144,12 @@ def _probe_session_reason() -> str | None:
 
 
 def make_session(
-    model: onnx.ModelProto | bytes | str | os.PathLike, providers: list[str]
+    model: onnx.ModelProto | bytes | str | os.PathLike, providers: list[str], threads: int = 0
 ) -> ort.InferenceSession:
-    """An InferenceSession that only logs errors."""
+    """An InferenceSession that only logs errors; `threads` intra-op threads (0: default)."""
     options = ort.SessionOptions()
     options.log_severity_level = _QUIET
+    options.intra_op_num_threads = threads
     if isinstance(model, onnx.ModelProto):
         model = model.SerializeToString()
     elif isinstance(model, os.PathLike):

@@ -10,7 +10,7 @@ a bincount and a dot product.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -31,15 +31,22 @@ class CostModel:
     base_macs: int
     param_terms: tuple[np.ndarray, np.ndarray, np.ndarray]  # coef * kept[a] * kept[b]
     mac_terms: tuple[np.ndarray, np.ndarray, np.ndarray]
+    # Layer weight name -> tracked axis of its dims 0 and 1 (-1: the axis never changes).
+    weight_axes: dict[str, tuple[int, int]] = field(default_factory=dict)
 
-    def __call__(self, counts: Mapping[int, int]) -> tuple[int, int]:
+    def kept(self, counts: Mapping[int, int]) -> np.ndarray:
+        """Positions each tracked axis keeps; the extra last entry (index -1) is 1."""
         c = self.sizes.astype(np.float64)
-        for g, n in counts.items():
-            c[g] = n
+        if counts:  # planners ask thousands of times: no Python loop over the groups
+            n = len(counts)
+            c[np.fromiter(counts.keys(), np.int64, n)] = np.fromiter(counts.values(), np.float64, n)
         kept = self.axis_fixed + np.bincount(
             self.entry_axis, self.entry_width * c[self.entry_group], len(self.axis_fixed)
         )
-        kept = np.append(kept, 1.0)  # axis index -1: "no tracked axis"
+        return np.append(kept, 1.0)  # axis index -1: "no tracked axis"
+
+    def __call__(self, counts: Mapping[int, int]) -> tuple[int, int]:
+        kept = self.kept(counts)
 
         def total(terms) -> float:
             coef, a, b = terms
@@ -114,6 +121,10 @@ class CostModel:
         base_macs = analysis.total_macs
         mac_terms = []
         weights = {layer.name: (layer.weight, layer.macs) for layer in analysis.layers}
+        weight_axes = {}
+        for layer in analysis.layers:
+            source = index.source_initializer(layer.weight)
+            weight_axes[layer.weight] = tuple(axis_index.get((source, k), -1) for k in (0, 1))
         for node in index.nodes:
             if node.name in analysis.other_macs:
                 weights[node.name] = (node.input[1], analysis.other_macs[node.name])
@@ -142,4 +153,5 @@ class CostModel:
             base_macs=base_macs,
             param_terms=arrays(param_terms),
             mac_terms=arrays(mac_terms),
+            weight_axes=weight_axes,
         )

@@ -91,7 +91,7 @@ def test_budget_is_met_within_two_points(strategy, fraction):
         groups,
         rho,
         cost,
-        budget=Budget("params", fraction),
+        budget=Budget.parse(f"params={fraction}"),
         strategy=strategy,
         channel_multiple=8,
     )
@@ -106,15 +106,66 @@ def test_unreachable_budget_is_refused():
     cost = _quadratic_cost(groups, {0: 1.0, 1: 1.0})
     rho = {layer.name: 1.0 for layer in analysis.layers}
     with pytest.raises(BadInputError, match="cannot be reached"):
-        plan_widths(analysis, groups, rho, cost, budget=Budget("params", 0.2))
+        plan_widths(analysis, groups, rho, cost, budget=Budget.parse("params=0.2"))
 
 
 def test_budget_parsing_and_rounding():
-    assert Budget.parse("flops=0.25") == Budget("flops", 0.25)
-    for bad in ("params=0", "params=1.5", "size=0.5", "params=x", "params"):
+    assert Budget.parse("flops=0.25").fractions == {"flops": 0.25}
+    assert Budget.parse("params=0.5, latency=0.6").fractions == {"params": 0.5, "latency": 0.6}
+    assert str(Budget.parse("params=0.5,flops=0.6")) == "params=0.5,flops=0.6"
+    bad_specs = ("params=0", "params=1.5", "size=0.5", "params=x", "params", "params=0.5,")
+    for bad in (*bad_specs, "params=0.5,params=0.4"):
         with pytest.raises(BadInputError, match="bad --budget"):
             Budget.parse(bad)
     assert round_channels(64, 0.5, 8) == 32
     assert round_channels(64, 0.01, 8) == 8
     assert round_channels(6, 0.1, 8) == 6  # never below min(8, original)
     assert round_channels(24, 0.6, 8) == 16
+
+
+def _two_block_plan(budget: str, latency=None, strategy: str = "mbs"):
+    """Macroblock 0 3/4 redundant, 1 1/4; params weigh group 1 four times, MACs group 0."""
+    analysis = _analysis([1, 3], [4, 4])
+    groups = [GroupInfo(0, 256, (0,), False), GroupInfo(1, 256, (1,), False)]
+
+    def cost(counts):
+        c0, c1 = counts[0], counts[1]
+        return int(c0**2 + 4 * c1**2), int(4 * c0**2 + c1**2)
+
+    rho = {layer.name: 1.0 for layer in analysis.layers}
+    return plan_widths(
+        analysis,
+        groups,
+        rho,
+        cost,
+        budget=Budget.parse(budget),
+        strategy=strategy,
+        latency=latency,
+    )
+
+
+@pytest.mark.parametrize("strategy", ["mbs", "uniform"])
+def test_combined_budget_meets_every_limit(strategy):
+    for spec in ("params=0.5,flops=0.3", "params=0.3,flops=0.5"):
+        plan = _two_block_plan(spec, strategy=strategy)
+        fractions = Budget.parse(spec).fractions
+        excess = {m: plan.reached[m] - f for m, f in fractions.items()}
+        assert all(e <= 0.02 for e in excess.values()), (spec, plan.reached)
+        assert max(excess.values()) == pytest.approx(0.0, abs=0.02)  # the binding one lands
+        assert plan.budget == Budget.parse(spec)
+
+
+def test_latency_budget_plans_by_the_latency_model_not_macs():
+    # Group 1's channels cost 9x more time than group 0's, against MACs' 4:1 the other
+    # way; MBS keeps more of group 1 (less redundant), so a MACs plan misses the time.
+    def latency(counts):
+        return 1e-6 * (counts[0] ** 2 + 9 * counts[1] ** 2)
+
+    full = latency({0: 256, 1: 256})
+    by_time = _two_block_plan("latency=0.5", latency=latency)
+    assert latency(by_time.counts) / full == pytest.approx(0.5, abs=0.02)
+    by_macs = _two_block_plan("flops=0.5")
+    assert latency(by_macs.counts) / full > 0.6
+    assert by_time.counts[1] < by_macs.counts[1]
+    with pytest.raises(ValueError, match="latency model"):
+        _two_block_plan("latency=0.5")

@@ -88,8 +88,8 @@ def test_bundled_model_cli_with_report(bundled_model_path, tmp_path, capsys):
     assert not reduced.graph.input[0].type.tensor_type.shape.dim[0].HasField("dim_value")
     assert graphs.run(reduced, np.zeros((5, 1, 28, 28), np.float32))[0].shape == (5, 10)
     report = json.loads((tmp_path / "report" / "report.json").read_text())
-    assert report["budget"]["asked"] == 0.5
-    assert abs(report["budget"]["reached"] - 0.5) <= 0.02
+    assert report["budget"]["asked"] == {"params": 0.5}
+    assert abs(report["budget"]["reached"]["params"] - 0.5) <= 0.02
     assert report["totals"]["params"][1] == count_parameters(reduced)
     assert {"rho", "receptive_field", "channels", "macs"} <= set(report["layers"][0])
     assert all("redundancy" in m and "beta" in m for m in report["macroblocks"])

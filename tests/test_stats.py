@@ -234,3 +234,30 @@ def test_reduce_mean_instrumentation_counts_like_pooling(data, opset):
         np.testing.assert_allclose(
             reduced.tensors[name].abs_sum, pooled.tensors[name].abs_sum, rtol=1e-5
         )
+
+
+def test_shapes_the_model_already_carries_are_not_inferred_again(data, monkeypatch):
+    """A model with inferred shapes whose input declares the fed shape: no second shape
+    inference (seconds on large models), same counts."""
+    model = onnx.shape_inference.infer_shapes(conv_relu_model(seed=3))
+    expected = reference(model, ["r1", "r2"], feed(data))
+
+    inferred = []
+    real_infer = onnx.shape_inference.infer_shapes
+
+    def counted(*args, **kwargs):
+        inferred.append(args)
+        return real_infer(*args, **kwargs)
+
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes", counted)
+    stats = collect_stats(model, ["r1", "r2"], data, CPU, batch_size=4, progress=False)
+    for name in ("r1", "r2"):
+        np.testing.assert_array_equal(stats.tensors[name].positive, expected[name][0])
+        assert stats.tensors[name].elements_per_channel == expected[name][2]
+    assert not inferred
+    # An input declared with another spatial size than the one fed: inferred afresh.
+    other = onnx.ModelProto()
+    other.CopyFrom(model)
+    other.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "h"
+    instrument(other, ["r1"], {"x": [4, 1, 8, 8]})
+    assert len(inferred) == 1

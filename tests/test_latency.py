@@ -1,0 +1,136 @@
+"""The latency model behind `--budget latency=F` and `--channel-multiple auto`.
+
+Timings are never asserted: fake timers stand in where numbers matter, and the
+onnxruntime parts are checked for shapes and bookkeeping only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnx_mbs.latency import (
+    ConvShape,
+    LatencyModel,
+    auto_channel_multiple,
+    measure_models,
+    onnxruntime_timer,
+)
+from onnx_mbs.passes import analyze_model, load_model
+from onnx_mbs.passes.channel_groups import analyze_channels
+from onnx_mbs.passes.cost import CostModel
+from onnx_mbs.pipeline import reduce
+from onnx_mbs.runtime import CPU, CUDA, make_session
+
+
+def _linear_timer(calls: list):
+    """Time proportional to MACs (exactly interpolable), recording every call."""
+
+    def timer(shape: ConvShape, in_pg: int, out: int, groups: int) -> float:
+        calls.append((shape, in_pg, out, groups))
+        pixels = shape.batch * shape.output_size[0] * shape.output_size[1]
+        return 1e-9 * pixels * shape.kernel[0] * shape.kernel[1] * in_pg * out
+
+    return timer
+
+
+def _model_parts(zoo_onnx, name: str):
+    loaded = load_model(zoo_onnx(name, "deploy"))
+    analysis = analyze_model(loaded)
+    channels = analyze_channels(loaded, analysis)
+    return analysis, channels, CostModel.build(loaded, channels, analysis)
+
+
+def test_prediction_matches_the_whole_model_at_full_width_and_follows_convs(zoo_onnx):
+    analysis, channels, cost = _model_parts(zoo_onnx, "resnet20")
+    calls: list = []
+    conv_macs = sum(x.macs for x in analysis.layers)
+    full_convs = 1e-9 * conv_macs  # what the linear timer gives the convs at full width
+    model = LatencyModel(analysis, cost, full_convs, _linear_timer(calls), batch=1)
+    full = {g.id: g.size for g in channels.groups}
+    assert model(full) == pytest.approx(full_convs) and model.rest == pytest.approx(0)
+    # Identical layers (ResNet's repeated blocks) share one measurement.
+    assert len(calls) == len(set(calls)) < len(analysis.layers)
+    # Off-grid widths interpolate; a time linear in channels is then predicted exactly:
+    # the convs' time falls with the MACs they keep.
+    half = {g.id: g.size if g.pinned else g.size // 2 for g in channels.groups}
+    _, macs_half = cost(half)
+    other_half = sum(analysis.other_macs.values()) / 2  # the classifier reads a halved group
+    conv_half = full_convs * (macs_half - other_half) / conv_macs
+    assert model(half) == pytest.approx(conv_half)
+    # The rest of the model (here 10 ms) shrinks with the activations, never below 0.
+    slower = LatencyModel(analysis, cost, full_convs + 0.01, _linear_timer(calls), batch=1)
+    assert slower(full) == pytest.approx(full_convs + 0.01)
+    assert conv_half < slower(half) < conv_half + 0.01
+
+
+def test_grid_bounds_the_measurements_on_wide_layers(zoo_onnx):
+    analysis, channels, cost = _model_parts(zoo_onnx, "resnet18")
+    calls: list = []
+    model = LatencyModel(analysis, cost, 0.05, _linear_timer(calls), batch=1)
+    free = [g for g in channels.groups if not g.pinned]
+    for k in range(1, 33):  # 32 different widths per group
+        model({g.id: max(8, g.size * k // 32 // 8 * 8) for g in free})
+    # At most 9 grid points per axis (plus exact widths under the first point).
+    per_shape: dict = {}
+    for shape, in_pg, out, _ in calls:
+        per_shape.setdefault(shape, set()).add((in_pg, out))
+    assert max(len(points) for points in per_shape.values()) <= 12 * 12
+
+
+@pytest.mark.parametrize("name", ["resnet20", "mobilenet_v2", "shufflenet_v2"])
+def test_one_conv_models_have_the_layers_shapes(zoo_onnx, name):
+    analysis = analyze_model(load_model(zoo_onnx(name, "deploy")))
+    timer = onnxruntime_timer([CPU])
+    seen = set()
+    for layer in analysis.layers:
+        shape = ConvShape.of(layer, 1)
+        if shape in seen:
+            continue
+        seen.add(shape)
+        in_pg = layer.in_channels // layer.groups
+        model = shape.model(in_pg, layer.out_channels, layer.groups)
+        session = make_session(model, [CPU])
+        x = np.zeros((1, layer.in_channels, *layer.input_size), np.float32)
+        (y,) = session.run(None, {"x": x})
+        assert y.shape == (1, layer.out_channels, *layer.output_size), layer.name
+    assert timer(shape, in_pg, layer.out_channels, layer.groups) > 0
+
+
+def test_measure_models_times_each_model(zoo_onnx):
+    small, big = zoo_onnx("resnet20", "deploy"), zoo_onnx("resnet56", "deploy")
+    times = measure_models([small, big], [CPU], runs=3)
+    assert len(times) == 2 and all(t > 0 for t in times)
+
+
+def test_auto_channel_multiple(zoo_onnx):
+    analysis, _, _ = _model_parts(zoo_onnx, "resnet18")
+    assert auto_channel_multiple(analysis, [CPU], _linear_timer([])) == 8
+
+    def padded_to(m):
+        def timer(shape, in_pg, out, groups):
+            return 1e-6 * -(-out // m) * m  # a runtime that pads channels to m
+
+        return timer
+
+    for m in (8, 16, 32, 64):
+        assert auto_channel_multiple(analysis, [CUDA, CPU], padded_to(m)) == m
+
+
+def test_latency_budget_end_to_end(zoo_onnx, tmp_path):
+    model = zoo_onnx("resnet20", "deploy")
+    reduced, report = reduce(
+        model,
+        budget="latency=0.6,params=0.8",
+        providers="cpu",
+        channel_multiple="auto",
+        evaluate_accuracy=False,
+        progress=False,
+    )
+    plan = report.plan
+    assert plan.channel_multiple == 8
+    assert plan.latency is not None and min(plan.latency) > 0
+    assert set(plan.reached) == {"params", "flops", "latency"}
+    assert plan.reached["params"] <= 0.82
+    assert any(note.startswith("latency: 0.6 asked") for note in plan.notes)
+    assert report.after.total_macs < report.before.total_macs
