@@ -33,7 +33,7 @@ def test_public_api_resolves():
     import onnx_mbs
 
     assert callable(onnx_mbs.reduce) and callable(onnx_mbs.save_model)
-    assert onnx_mbs.Budget.parse("params=0.5").fraction == 0.5
+    assert onnx_mbs.Budget.parse("params=0.5").fractions == {"params": 0.5}
     with pytest.raises(AttributeError):
         onnx_mbs.no_such_thing  # noqa: B018
 
