@@ -155,6 +155,19 @@ def untie_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of `model` that also returns the intermediate tensors `names` (after its own
+    outputs, in the order given): how statistics and feature distillation read inside a graph."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    have = {o.name for o in out.graph.output}
+    for name in names:
+        if name not in have:
+            out.graph.output.append(onnx.ValueInfoProto(name=name))
+            have.add(name)
+    return out
+
+
 def _key(name: str, taken: set[str], module: nn.Module) -> str:
     key = re.sub(r"[^0-9A-Za-z_]", "_", name) or "t"
     if key[0].isdigit():

@@ -13,6 +13,7 @@ Reshape) runs on small int64 CPU tensors and never carries gradients.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import math
 from collections.abc import Callable
@@ -211,9 +212,16 @@ def conv_transpose(n: Node) -> OpFn:
     return lambda x, w, b=None: F.pad(fn(x, w, b, strides, 0, out_pad, groups, dilations), crop)
 
 
+# While set (by `bn.recalibrate`), every BatchNormalization updates its running statistics with
+# this weight instead of its own momentum: 1/k at the k-th batch gives the plain average.
+BN_MOMENTUM: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "BN_MOMENTUM", default=None
+)
+
+
 def batch_norm(n: Node) -> OpFn:
     # ONNX: running = m * running + (1 - m) * batch; torch's momentum is the other weight.
-    momentum = 1.0 - n.attr("momentum", 0.9)
+    own_momentum = 1.0 - n.attr("momentum", 0.9)
     eps = n.attr("epsilon", 1e-5)
     extra_outputs = len(n.outputs) > 1
 
@@ -223,6 +231,8 @@ def batch_norm(n: Node) -> OpFn:
                 f"BatchNormalization '{n.name}': a running statistic is tied to a trained "
                 "weight (through Identity); untie it first with untie_initializers(model)"
             )
+        momentum = BN_MOMENTUM.get()
+        momentum = own_momentum if momentum is None else momentum
         y = F.batch_norm(x, mean, var, scale, bias, training, momentum, eps)
         return (y, mean, var) if extra_outputs else y
 

@@ -6,14 +6,16 @@ the trained weights written back into the unchanged graph. (One exception: initi
 exporter tied through `Identity(initializer)` nodes are untied first -- see `untie_initializers` --
 so those Identity nodes are replaced by initializers of their own.)
 
-Loss: cross-entropy with the labels; with a teacher (an ONNX model, run in eval mode without
-gradients) `alpha * KL(teacher_T || student_T) * T^2 + (1 - alpha) * CE`, both on logits (the
-first graph output). Without labels but with a teacher, the loss is the distillation term alone.
+Loss: cross-entropy with the labels on the classifier logits (the first (batch, classes) output);
+with a teacher (an ONNX model with the same outputs, run in eval mode without gradients)
+`alpha * distillation + (1 - alpha) * CE`, where distillation sums a loss per graph output (KL with
+temperature for logits, variance-normalised MSE otherwise; see `losses.py`) plus, optionally, the
+normalised MSE at intermediate tensors both graphs share by name (`features`). Without labels the
+loss is the distillation term alone, so any graph -- detector, segmenter, OCR -- retrains on
+unlabelled images.
 
-BatchNorm-folded deployment graphs train as they are: there is no BatchNormalization left, so the
-Conv weights and the biases that absorbed BN are trained directly. Nothing re-normalises the
-activations, so updates move them more than in a BN network: use a lower learning rate (about
-0.01 with SGD, 1e-3 or less with AdamW) -- and keep the BN-kept "train" export if you have it.
+BatchNorm-folded deployment graphs get a BatchNorm re-inserted after each folded Conv for training
+and folded back on write-back (`bn.py`; `reinsert_bn=False` trains the folded weights directly).
 
 Distributed: under `torchrun --nproc_per_node=K` (WORLD_SIZE/RANK set) the module is wrapped in
 DistributedDataParallel (gloo on CPU; nccl on GPUs, one per process; gloo when processes
@@ -32,6 +34,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +44,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from onnx_mbs.bridge.module import OnnxModule, untie_initializers
+from onnx_mbs.bridge.bn import fold_back, has_batchnorm
+from onnx_mbs.bridge.bn import reinsert_bn as reinsert_batchnorm
+from onnx_mbs.bridge.losses import choose_losses, distillation_loss, is_logits, normalised_mse
+from onnx_mbs.bridge.module import OnnxModule, untie_initializers, with_outputs
 from onnx_mbs.bridge.writeback import write_back
 from onnx_mbs.data import to_arrays
 from onnx_mbs.passes.errors import BadInputError
@@ -71,6 +77,9 @@ class RetrainResult:
     images_per_second: float = 0.0
     device: str = "cpu"
     world_size: int = 1
+    bn_reinserted: int = 0  # BatchNorms re-inserted (and folded back) for a BN-folded graph
+    losses: dict[str, str] = field(default_factory=dict)  # per output, with a teacher
+    labels_used: bool = False
 
     @property
     def best_val_top1(self) -> float:
@@ -137,17 +146,38 @@ def _autocast(dev: torch.device, amp: str):
     return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp == "bf16")
 
 
-def _logits(out: Any) -> torch.Tensor:
-    out = out[0] if isinstance(out, tuple) else out
+def _logits(out: Any, index: int = 0) -> torch.Tensor:
+    out = out[index] if isinstance(out, tuple) else out
     return out.reshape(out.shape[0], -1)
 
 
-def _kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Hinton distillation: KL between temperature-softened distributions, scaled by T^2."""
-    t = temperature
-    return F.kl_div(
-        F.log_softmax(student / t, dim=1), F.softmax(teacher / t, dim=1), reduction="batchmean"
-    ) * (t * t)
+def _named(module: OnnxModule, out: Any) -> dict[str, torch.Tensor]:
+    return dict(zip(module.output_names, out if isinstance(out, tuple) else (out,), strict=True))
+
+
+def _probe(module: OnnxModule, xb: torch.Tensor, what: str) -> dict[str, tuple[int, ...]]:
+    """Output shapes of one eval-mode forward; a graph torch cannot run at this batch is refused
+    in one line (e.g. a Reshape whose target fixes batch 1)."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            out = _named(module, module(xb))
+    except RuntimeError as error:
+        raise BadInputError(
+            f"{what} cannot run a batch of {len(xb)} in PyTorch "
+            f"({str(error).strip().splitlines()[0]}); if its graph fixes the batch size "
+            "(e.g. a Reshape to batch 1), export it with a dynamic batch"
+        ) from None
+    finally:
+        module.train(was_training)
+    return {name: tuple(t.shape) for name, t in out.items()}
+
+
+def _batches(x: np.ndarray, size: int, limit: int):
+    """The first `limit` rows of `x` as CPU tensors of `size` rows."""
+    for i in range(0, min(len(x), limit), size):
+        yield torch.from_numpy(x[i : min(i + size, limit)])
 
 
 def _all_sum(values: list[float], device: torch.device, world: int) -> list[float]:
@@ -172,6 +202,7 @@ def top1(
     y: np.ndarray,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
+    logits_index: int = 0,
 ) -> tuple[int, int]:
     """(correct, count) of the module's eval-mode argmax predictions on (x, y)."""
     was_training = module.training
@@ -179,7 +210,7 @@ def top1(
     correct = 0
     for i in range(0, len(x), batch_size):
         xb = torch.from_numpy(x[i : i + batch_size]).to(device)
-        logits = _logits(module(xb))
+        logits = _logits(module(xb), logits_index)
         pred = torch.where(torch.isfinite(logits).all(1), logits.argmax(1), -1).cpu().numpy()
         correct += int((pred == y[i : i + batch_size]).sum())  # non-finite rows never count
     module.train(was_training)
@@ -221,12 +252,21 @@ def retrain(
     device: str = "auto",
     amp: str = "off",
     progress: bool = True,
+    reinsert_bn: bool | None = None,
+    losses: Mapping[str, str] | None = None,
+    features: Sequence[str] = (),
+    feature_weight: float = 1.0,
+    bn_calibration_samples: int = 1024,
 ) -> RetrainResult:
     """Retrain `model` on `train_data`; return the written-back model of the best epoch.
 
-    `train_data`/`val_data`: (x, y) arrays or DataSource-like objects (gathered into arrays once).
+    `train_data`/`val_data`: (x, y) arrays or DataSource-like objects (gathered into arrays once);
+    y may be None (unlabelled) when a teacher is given.
     The best epoch is the one with the highest validation top-1 (the last one without val data).
     `amp="bf16"` runs forward passes under bf16 autocast; weights and updates stay float32.
+    `reinsert_bn`: None (default) re-inserts BatchNorm when the graph has none (BN-folded).
+    `losses`: {output name: "kl" | "mse" | "none"} overriding the per-output default.
+    `features`: intermediate tensor names both graphs have, distilled with normalised MSE.
     """
     start = time.perf_counter()
     if epochs < 1 or batch_size < 1 or not (math.isfinite(lr) and lr > 0):
@@ -239,6 +279,8 @@ def retrain(
         raise BadInputError(f"amp must be one of {', '.join(AMP_CHOICES)}, not {amp!r}")
     if y_train is None and teacher is None:
         raise BadInputError("training data has no labels: give labels or a --teacher to distil")
+    if features and teacher is None:
+        raise BadInputError("feature distillation needs a --teacher")
     if x_val is not None and y_val is None:
         raise BadInputError("validation data has no labels")
 
@@ -255,23 +297,48 @@ def retrain(
     try:
         torch.manual_seed(seed + rank)
         model = untie_initializers(model)
-        student = OnnxModule(model)
-        _check_input(model, student, x_train, "training data")
+        _check_input(model, OnnxModule(model), x_train, "training data")
+        if reinsert_bn is None:
+            reinsert_bn = not has_batchnorm(model)
+        train_model, inserted = model, []
+        if reinsert_bn:
+            calib = _batches(x_train, max(batch_size, 64), bn_calibration_samples)
+            train_model, inserted = reinsert_batchnorm(model, calib)
+        student = OnnxModule(with_outputs(train_model, list(features)))
         if x_val is not None:
             _check_input(model, student, x_val, "validation data")
         student.to(dev).train()
+        local_batch = max(1, batch_size // world)
+        probe_x = torch.from_numpy(x_train[: max(2, min(local_batch, len(x_train)))]).to(dev)
+        shapes = _probe(student, probe_x, "the model")
+        outputs = {o.name: shapes[o.name] for o in model.graph.output}
+        logits_name = next((n for n, shp in outputs.items() if is_logits(shp)), None)
+        teacher_module, kinds = None, {}
+        if teacher is not None:
+            teacher_module = OnnxModule(with_outputs(teacher, list(features)))
+            teacher_module = teacher_module.to(dev).eval().requires_grad_(False)
+            _check_input(teacher, teacher_module, x_train, "training data (teacher)")
+            teacher_shapes = _probe(teacher_module, probe_x, "the teacher")
+            _check_teacher(outputs, teacher_shapes, features, shapes)
+            kinds = choose_losses(outputs, losses)
+        elif losses:
+            raise BadInputError("--loss chooses distillation losses: it needs a --teacher")
+        labels_used = y_train is not None and logits_name is not None
+        if y_train is not None and not labels_used and teacher is None:
+            raise BadInputError(
+                f"the data has labels but the model has no classifier output (batch, classes) "
+                f"among {list(outputs)}: retrain it with --teacher"
+            )
+        if x_val is not None and logits_name is None:
+            raise BadInputError("validation top-1 needs a classifier output (batch, classes)")
+        logits_index = student.output_names.index(logits_name) if logits_name else 0
         net: torch.nn.Module = student
         if world > 1:
             net = torch.nn.parallel.DistributedDataParallel(
                 student, device_ids=[dev.index] if dev.type == "cuda" else None
             )
-        teacher_module = None
-        if teacher is not None:
-            teacher_module = OnnxModule(teacher).to(dev).eval().requires_grad_(False)
-            _check_input(teacher, teacher_module, x_train, "training data (teacher)")
 
         per_rank = len(x_train) // world
-        local_batch = max(1, batch_size // world)
         if per_rank < 2:
             raise BadInputError(f"need at least 2 training samples per process, got {per_rank}")
         steps = math.ceil(per_rank / local_batch)
@@ -282,7 +349,7 @@ def retrain(
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total_steps) / total_steps))
         )
-        alpha = distill_alpha if y_train is not None else 1.0
+        alpha = distill_alpha if labels_used else 1.0
         show = progress and rank == 0 and sys.stderr.isatty()
 
         history: list[EpochStats] = []
@@ -300,23 +367,23 @@ def retrain(
                 idx = np.sort(mine[step * local_batch : (step + 1) * local_batch])
                 xb = torch.from_numpy(x_train[idx]).to(dev, non_blocking=True)
                 with _autocast(dev, amp):
-                    logits = _logits(net(xb)).float()
+                    out = {k: v.float() for k, v in _named(student, net(xb)).items()}
+                loss = out[student.output_names[0]].new_zeros(())
                 soft = None
                 if teacher_module is not None:
                     with torch.no_grad(), _autocast(dev, amp):
-                        soft = _logits(teacher_module(xb)).float()
-                    if soft.shape != logits.shape:
-                        raise BadInputError(
-                            f"the teacher outputs {tuple(soft.shape)} but the model "
-                            f"{tuple(logits.shape)}: they must classify the same classes"
-                        )
-                if y_train is not None:
+                        out_t = _named(teacher_module, teacher_module(xb))
+                        soft = {k: v.float() for k, v in out_t.items()}
+                    loss = alpha * distillation_loss(out, soft, kinds, temperature)
+                    for name in features:
+                        loss = loss + alpha * feature_weight * normalised_mse(out[name], soft[name])
+                yb = None
+                if labels_used:
                     yb = torch.from_numpy(y_train[idx]).to(dev, non_blocking=True)
-                else:
-                    yb = soft.argmax(1)
-                loss = F.cross_entropy(logits, yb) if alpha < 1.0 else logits.new_zeros(())
-                if soft is not None:
-                    loss = alpha * _kd_loss(logits, soft, temperature) + (1 - alpha) * loss
+                    ce = F.cross_entropy(_logits(out[logits_name]), yb)
+                    loss = loss + (1 - alpha) * ce if soft is not None else ce
+                elif soft is not None and logits_name is not None:
+                    yb = _logits(soft[logits_name]).argmax(1)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if not torch.isfinite(loss):
@@ -325,10 +392,15 @@ def retrain(
                 sched.step()
                 with torch.no_grad():
                     n = len(idx)
+                    hits = (
+                        (_logits(out[logits_name]).argmax(1) == yb).sum().double()
+                        if yb is not None
+                        else loss.new_tensor(math.nan, dtype=torch.float64)
+                    )
                     sums += torch.stack(
                         [
                             loss.detach().double() * n,
-                            (logits.argmax(1) == yb).sum().double(),
+                            hits,
                             torch.tensor(float(n), dtype=torch.float64, device=dev),
                         ]
                     )
@@ -345,7 +417,9 @@ def retrain(
             val_top1 = math.nan
             if x_val is not None:
                 shard = np.arange(rank, len(x_val), world)
-                c, k = top1(student, x_val[shard], y_val[shard], max(local_batch, 64), dev)
+                c, k = top1(
+                    student, x_val[shard], y_val[shard], max(local_batch, 64), dev, logits_index
+                )
                 c, k = _all_sum([float(c), float(k)], dev, world)
                 val_top1 = c / k
             history.append(
@@ -367,7 +441,9 @@ def retrain(
         student.eval()
         if not all(bool(torch.isfinite(p).all()) for p in student.state_dict().values()):
             raise BadInputError(_diverged("non-finite weights", epochs - 1, steps - 1, lr))
-        result_model = write_back(model, student)
+        result_model = write_back(train_model, student)
+        if inserted:
+            result_model = fold_back(model, result_model, inserted)
         # Release DDP's reducer and let every rank finish before the group goes:
         # gloo threads still holding work at interpreter exit abort the process.
         del net
@@ -384,4 +460,36 @@ def retrain(
         images_per_second=images / train_seconds if train_seconds > 0 else 0.0,
         device=str(dev),
         world_size=world,
+        bn_reinserted=len(inserted),
+        losses=kinds,
+        labels_used=labels_used,
     )
+
+
+def _check_teacher(
+    outputs: Mapping[str, tuple[int, ...]],
+    teacher: Mapping[str, tuple[int, ...]],
+    features: Sequence[str],
+    student_all: Mapping[str, tuple[int, ...]],
+) -> None:
+    """The teacher must produce every output (and feature) of the model, with the same shape."""
+    for name, shape in outputs.items():
+        if name not in teacher:
+            raise BadInputError(
+                f"the teacher has no output '{name}' (its outputs: {list(teacher)}): "
+                "distillation compares outputs of the same name"
+            )
+        if teacher[name] != shape:
+            raise BadInputError(
+                f"output '{name}' has shape {list(shape)} in the model but "
+                f"{list(teacher[name])} in the teacher: they must match to distil"
+            )
+    for name in features:
+        if name not in student_all or name not in teacher:
+            raise BadInputError(f"feature tensor '{name}' is not in both graphs")
+        if student_all[name] != teacher[name]:
+            raise BadInputError(
+                f"feature tensor '{name}' has shape {list(student_all[name])} in the model but "
+                f"{list(teacher[name])} in the teacher (channels were removed there): "
+                "distil a tensor whose channels were kept"
+            )

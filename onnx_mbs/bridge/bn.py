@@ -1,0 +1,200 @@
+"""BatchNorm for BN-folded graphs: re-inserted for training, folded back on write-back.
+
+Deployment exports fold BatchNorm into the Conv before it. Trained as they are, such graphs have
+nothing that re-normalises activations, and a reduced model retrained with a BN network's recipe
+diverges. So for training the bridge puts a BatchNormalization after every Conv with a bias whose
+output feeds no BatchNormalization (and is not a graph output), set up to compute the same
+function at the start: running statistics are the conv output's per-channel mean and variance
+measured on the training data, and the affine (scale sqrt(var + eps), bias mean) undoes the
+normalisation. Training then uses batch statistics; `fold_back` folds each BN into its Conv and
+writes the weights into the original graph, whose nodes and names are unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+
+from onnx_mbs.bridge.module import OnnxModule, with_outputs
+from onnx_mbs.bridge.ops import BN_MOMENTUM
+
+EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class InsertedBN:
+    """One re-inserted BatchNormalization: the Conv it follows and the names it added."""
+
+    conv: str  # node name
+    weight: str  # the Conv's weight initializer
+    bias: str  # the Conv's bias initializer
+    conv_output: str  # the tensor the BN normalises (the Conv's original output)
+    scale: str
+    shift: str
+    mean: str
+    var: str
+
+
+def has_batchnorm(model: onnx.ModelProto) -> bool:
+    return any(n.op_type == "BatchNormalization" for n in model.graph.node)
+
+
+def foldable_convs(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Convs a BN can be re-inserted after: biased, own (unshared) weights, output not already
+    normalised and not a graph output."""
+    graph = model.graph
+    inits = {t.name for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    found = []
+    for node in graph.node:
+        if node.op_type != "Conv" or len(node.input) < 3 or not node.input[2]:
+            continue
+        weight, bias, out = node.input[1], node.input[2], node.output[0]
+        if weight not in inits or bias not in inits or out in outputs:
+            continue
+        if len(readers[weight]) > 1 or len(readers[bias]) > 1:
+            continue
+        if any(r.op_type == "BatchNormalization" for r in readers.get(out, [])):
+            continue
+        found.append(node)
+    return found
+
+
+def conv_output_stats(
+    model: onnx.ModelProto, names: list[str], batches: Iterable[torch.Tensor]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per-channel (mean, variance) of tensors `names` over `batches`, computed in float64."""
+    module = OnnxModule(with_outputs(model, names)).eval()
+    where = [module.output_names.index(name) for name in names]
+    sums: dict[str, list] = {}
+    with torch.no_grad():
+        for xb in batches:
+            outs = module(xb)
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            for name, i in zip(names, where, strict=True):
+                y = outs[i]
+                y = y.double().transpose(0, 1).reshape(y.shape[1], -1)
+                s = sums.setdefault(name, [0.0, 0.0, 0])
+                s[0] = s[0] + y.sum(1)
+                s[1] = s[1] + (y * y).sum(1)
+                s[2] += y.shape[1]
+    stats = {}
+    for name, (total, squares, count) in sums.items():
+        mean = total / count
+        var = (squares / count - mean * mean).clamp_min(0.0)
+        stats[name] = (mean.numpy(), var.numpy())
+    return stats
+
+
+def reinsert_bn(
+    model: onnx.ModelProto, batches: Iterable[torch.Tensor]
+) -> tuple[onnx.ModelProto, list[InsertedBN]]:
+    """A training copy of `model` with a BN after each foldable Conv, computing the same function
+    (in eval mode) with running statistics measured on `batches`."""
+    convs = foldable_convs(model)
+    if not convs:
+        return model, []
+    wanted = [c.output[0] for c in convs]
+    stats = conv_output_stats(model, wanted, batches)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    taken = {n for node in graph.node for n in (*node.input, *node.output)}
+    taken |= {t.name for t in graph.initializer} | {i.name for i in graph.input}
+
+    def fresh(base: str) -> str:
+        name, k = base, 1
+        while name in taken:
+            k += 1
+            name = f"{base}_{k}"
+        taken.add(name)
+        return name
+
+    inserted: list[InsertedBN] = []
+    nodes: list[onnx.NodeProto] = []
+    for conv in graph.node:
+        nodes.append(conv)
+        if conv.op_type != "Conv" or conv.output[0] not in stats:
+            continue
+        target = conv.output[0]
+        mean, var = stats[target]
+        pre = fresh(target + "__prebn")
+        names = [fresh(f"{target}__bn_{part}") for part in ("scale", "shift", "mean", "var")]
+        values = [np.sqrt(var + EPS), mean, mean, var]
+        for name, value in zip(names, values, strict=True):
+            graph.initializer.append(numpy_helper.from_array(value.astype(np.float32), name))
+        conv.output[0] = pre
+        nodes.append(
+            helper.make_node(
+                "BatchNormalization",
+                [pre, *names],
+                [target],
+                name=fresh(conv.name + "__bn"),
+                epsilon=EPS,
+                momentum=0.9,
+            )
+        )
+        weight, bias = conv.input[1], conv.input[2]
+        inserted.append(InsertedBN(conv.name, weight, bias, target, *names))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return out, inserted
+
+
+def fold_back(
+    original: onnx.ModelProto, trained: onnx.ModelProto, inserted: list[InsertedBN]
+) -> onnx.ModelProto:
+    """`original` with the initializers of `trained` (its BN-inserted copy after training), each
+    re-inserted BN folded into its Conv's weight and bias (in float64, stored in their dtype)."""
+    values = {t.name: numpy_helper.to_array(t) for t in trained.graph.initializer}
+    for bn in inserted:
+        w = values[bn.weight].astype(np.float64)
+        b = values[bn.bias].astype(np.float64)
+        gamma, beta = values[bn.scale].astype(np.float64), values[bn.shift].astype(np.float64)
+        mean, var = values[bn.mean].astype(np.float64), values[bn.var].astype(np.float64)
+        factor = gamma / np.sqrt(var + EPS)
+        values[bn.weight] = w * factor.reshape(-1, *([1] * (w.ndim - 1)))
+        values[bn.bias] = (b - mean) * factor + beta
+    out = onnx.ModelProto()
+    out.CopyFrom(original)
+    for init in out.graph.initializer:
+        if init.name not in values:
+            continue
+        dtype = helper.tensor_dtype_to_np_dtype(init.data_type)
+        new = numpy_helper.from_array(values[init.name].astype(dtype), init.name)
+        new.doc_string = init.doc_string
+        init.CopyFrom(new)
+    return out
+
+
+@torch.no_grad()
+def recalibrate(module: OnnxModule, batches: Iterable[torch.Tensor]) -> int:
+    """Re-estimate every BatchNorm's running statistics on `batches` (train-mode forwards, no
+    gradient step): the plain average of the batch statistics. Returns the number of batches.
+
+    After channels are removed, the statistics a BN kept describe the wider model; measured again
+    they match what the layers now compute, which recovers much of the accuracy before training.
+    """
+    was_training = module.training
+    module.train()
+    count = 0
+    try:
+        for xb in batches:
+            count += 1
+            token = BN_MOMENTUM.set(1.0 / count)
+            try:
+                module(xb)
+            finally:
+                BN_MOMENTUM.reset(token)
+    finally:
+        module.train(was_training)
+    return count

@@ -1,0 +1,94 @@
+"""Distillation losses for any graph outputs: classifier logits, boxes, score maps, features.
+
+Each graph output is compared with the teacher's output of the same name. The default loss follows
+the output's shape: a 2-D (batch, classes) output is classifier logits and gets Hinton's KL with
+temperature; anything else (detection heads, dense maps, embeddings) gets a mean squared error
+divided by the teacher output's variance, so outputs of different scales weigh alike and a loss
+of 1 means "no better than predicting the teacher's mean". `--loss NAME=kl|mse|none` overrides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from onnx_mbs.passes.errors import BadInputError
+
+KINDS = ("kl", "mse", "none")
+
+
+def parse_loss_specs(specs: Sequence[str] | None) -> dict[str, str]:
+    """`["out=mse", ...]` -> {"out": "mse"}; one line of error for a malformed or unknown kind."""
+    chosen: dict[str, str] = {}
+    for spec in specs or []:
+        name, sep, kind = spec.rpartition("=")
+        if not sep or not name:
+            raise BadInputError(f"--loss takes OUTPUT=KIND, got {spec!r}")
+        if kind not in KINDS:
+            raise BadInputError(
+                f"unknown loss {kind!r} for output '{name}': choose one of {', '.join(KINDS)}"
+            )
+        chosen[name] = kind
+    return chosen
+
+
+def is_logits(shape: Sequence[int]) -> bool:
+    """A (batch, classes) output with more than one class: classifier logits."""
+    return len(shape) == 2 and shape[1] > 1
+
+
+def choose_losses(
+    shapes: Mapping[str, Sequence[int]], chosen: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The loss of each output: the user's choice where given, else by shape (see the module)."""
+    chosen = dict(chosen or {})
+    unknown = sorted(set(chosen) - set(shapes))
+    if unknown:
+        raise BadInputError(
+            f"--loss names output(s) {unknown} the model does not have; its outputs are "
+            f"{list(shapes)}"
+        )
+    kinds = {name: chosen.get(name, "kl" if is_logits(s) else "mse") for name, s in shapes.items()}
+    for name, kind in kinds.items():
+        if kind == "kl" and not is_logits(shapes[name]):
+            raise BadInputError(
+                f"output '{name}' has shape {list(shapes[name])}: the kl loss needs "
+                "(batch, classes) logits; use mse"
+            )
+    if all(kind == "none" for kind in kinds.values()):
+        raise BadInputError("every output's loss is 'none': nothing to distil")
+    return kinds
+
+
+def kd_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton distillation: KL between temperature-softened distributions, scaled by T^2."""
+    t = temperature
+    return F.kl_div(
+        F.log_softmax(student / t, dim=1), F.softmax(teacher / t, dim=1), reduction="batchmean"
+    ) * (t * t)
+
+
+def normalised_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """MSE divided by the teacher's variance over the batch (floored so constants stay finite)."""
+    scale = teacher.float().var(unbiased=False).clamp_min(1e-6)
+    return F.mse_loss(student.float(), teacher.float()) / scale
+
+
+def distillation_loss(
+    student: Mapping[str, torch.Tensor],
+    teacher: Mapping[str, torch.Tensor],
+    kinds: Mapping[str, str],
+    temperature: float,
+) -> torch.Tensor:
+    """Sum of the per-output losses (outputs whose kind is "none" are left out)."""
+    total = None
+    for name, kind in kinds.items():
+        if kind == "none":
+            continue
+        s, t = student[name], teacher[name]
+        term = kd_kl(s, t, temperature) if kind == "kl" else normalised_mse(s, t)
+        total = term if total is None else total + term
+    assert total is not None  # choose_losses refuses all-"none"
+    return total
