@@ -23,7 +23,7 @@ import onnx
 import torch
 from torch import nn
 
-from onnx_mbs.models.zoo import ZOO, get_entry
+from onnx_mbs.models.zoo import HEADS, ZOO, get_entry
 from onnx_mbs.passes.errors import BadInputError
 
 Form = Literal["deploy", "train"]
@@ -58,6 +58,7 @@ def export_onnx(
     path: str | Path | None = None,
     form: Form = "deploy",
     dynamic_batch: bool = False,
+    output_names: tuple[str, ...] = (OUTPUT_NAME,),
 ) -> onnx.ModelProto:
     """Export `model` (in eval mode; the caller's module is not changed) and return the ONNX model.
 
@@ -71,7 +72,9 @@ def export_onnx(
     training = (
         torch.onnx.TrainingMode.EVAL if form == "deploy" else torch.onnx.TrainingMode.PRESERVE
     )
-    dynamic_axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
+    dynamic_axes = (
+        {name: {0: "batch"} for name in (INPUT_NAME, *output_names)} if dynamic_batch else None
+    )
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         # PRESERVE + constant folding warns for modules in training mode; ours is in eval mode.
@@ -83,7 +86,7 @@ def export_onnx(
             (torch.zeros(input_shape),),
             buffer,
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
+            output_names=list(output_names),
             opset_version=OPSET,
             training=training,
             do_constant_folding=True,
@@ -110,6 +113,36 @@ def _initializers_not_inputs(proto: onnx.ModelProto) -> onnx.ModelProto:
     del proto.graph.input[:]
     proto.graph.input.extend(inputs)
     return proto
+
+
+def export_head_model(
+    name: str,
+    form: Form = "deploy",
+    seed: int = 0,
+    dynamic_batch: bool = True,
+    calibration: torch.Tensor | None = None,
+) -> onnx.ModelProto:
+    """Export detection/dense-map zoo graph `name` (`zoo.HEADS`) with seeded random weights.
+
+    With `calibration` images, BN statistics are measured on them (as training would have left
+    them) instead of randomized: a graph whose BN statistics match its data behaves alike in
+    train and eval mode, as a trained one does.
+    """
+    entry = HEADS[name]
+    torch.manual_seed(seed)
+    model = entry.build()
+    if calibration is None:
+        model = randomize_batchnorm(model, seed)
+    else:
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.reset_running_stats()
+                m.momentum = None  # the plain average over the batches
+        with torch.no_grad():
+            model.train()
+            for batch in calibration.split(32):
+                model(batch)
+    return export_onnx(model.eval(), entry.input_shape, None, form, dynamic_batch, entry.outputs)
 
 
 def build_zoo_model(name: str, seed: int = 0) -> nn.Module:

@@ -393,6 +393,127 @@ def densenet_bc(
 # Registry
 
 
+# ---------------------------------------------------------------------------
+# Detection and dense-map graphs (not classifiers): what deployment ONNX files often are
+
+
+def _stages(c_in: int, widths: list[int]) -> nn.ModuleList:
+    """Stride-2 stages of two conv_bn units each: the backbone of the two graphs below."""
+    stages, prev = [], c_in
+    for w in widths:
+        stages.append(nn.Sequential(conv_bn(prev, w, 3, 2), conv_bn(w, w, 3)))
+        prev = w
+    return nn.ModuleList(stages)
+
+
+class YoloTiny(nn.Module):
+    """YOLO-style detector: a stride-32 backbone, a top-down neck with Concat, and a 1x1 head per
+    scale (strides 8, 16, 32) decoded as YOLOv5 does -- view to (batch, anchors, 5 + classes, H,
+    W), Sigmoid, Split into xy / wh / scores, scale, Concat -- into one (batch, boxes, 5 +
+    classes) output. Grid offsets are left out: the graph structure is the point."""
+
+    def __init__(
+        self, num_classes: int = 4, in_channels: int = 3, width: int = 16, anchors: int = 3
+    ) -> None:
+        super().__init__()
+        w = width
+        self.backbone = _stages(in_channels, [w, 2 * w, 4 * w, 8 * w, 8 * w])
+        self.lat5 = conv_bn(8 * w, 4 * w, 1)
+        self.fuse4 = conv_bn(8 * w + 4 * w, 4 * w, 3)
+        self.lat4 = conv_bn(4 * w, 2 * w, 1)
+        self.fuse3 = conv_bn(4 * w + 2 * w, 2 * w, 3)
+        self.anchors, self.outputs = anchors, 5 + num_classes
+        self.heads = nn.ModuleList(
+            nn.Conv2d(c, anchors * self.outputs, 1) for c in (2 * w, 4 * w, 8 * w)
+        )
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = []
+        for stage in self.backbone:
+            x = stage(x)
+            features.append(x)
+        c3, c4, c5 = features[2:]
+        up = nn.functional.interpolate
+        p4 = self.fuse4(torch.cat([c4, up(self.lat5(c5), scale_factor=2.0)], 1))
+        p3 = self.fuse3(torch.cat([c3, up(self.lat4(p4), scale_factor=2.0)], 1))
+        boxes = []
+        for p, head, stride in zip((p3, p4, c5), self.heads, (8, 16, 32), strict=True):
+            y = head(p)
+            b, _, h, w = y.shape
+            y = y.view(b, self.anchors, self.outputs, h, w).permute(0, 1, 3, 4, 2).sigmoid()
+            xy, wh, scores = y.split((2, 2, self.outputs - 4), dim=-1)
+            y = torch.cat((xy * (2.0 * stride), (wh * 2.0) ** 2 * stride, scores), -1)
+            boxes.append(y.reshape(b, -1, self.outputs))
+        return torch.cat(boxes, 1)
+
+
+class DBNetTiny(nn.Module):
+    """DBNet-style text detector: backbone, FPN (1x1 laterals, upsample-and-add, 3x3 smoothing,
+    upsample to 1/4 and Concat), and two heads (3x3 conv_bn, two stride-2 ConvTransposes, Sigmoid)
+    giving a probability map and a threshold map at the input size."""
+
+    def __init__(self, in_channels: int = 3, width: int = 16) -> None:
+        super().__init__()
+        w = width
+        widths = [w, 2 * w, 4 * w, 8 * w, 8 * w]
+        self.backbone = _stages(in_channels, widths)
+        inner = 4 * w
+        self.laterals = nn.ModuleList(nn.Conv2d(c, inner, 1, bias=False) for c in widths[1:])
+        self.smooth = nn.ModuleList(
+            nn.Conv2d(inner, w, 3, padding=1, bias=False) for _ in widths[1:]
+        )
+        self.prob = self._head(4 * w, w)
+        self.thresh = self._head(4 * w, w)
+        _init_weights(self)
+
+    @staticmethod
+    def _head(c_in: int, c: int) -> nn.Sequential:
+        return nn.Sequential(
+            conv_bn(c_in, c, 3),
+            nn.ConvTranspose2d(c, c, 2, 2),
+            nn.BatchNorm2d(c),
+            nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(c, 1, 2, 2),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = []
+        for stage in self.backbone:
+            x = stage(x)
+            features.append(x)
+        up = nn.functional.interpolate
+        lat = [conv(f) for conv, f in zip(self.laterals, features[1:], strict=True)]
+        for i in range(len(lat) - 2, -1, -1):
+            lat[i] = lat[i] + up(lat[i + 1], scale_factor=2.0)
+        maps = [
+            up(conv(f), scale_factor=float(2**i)) if i else conv(f)
+            for i, (conv, f) in enumerate(zip(self.smooth, lat, strict=True))
+        ]
+        fused = torch.cat(maps[::-1], 1)
+        return self.prob(fused), self.thresh(fused)
+
+
+@dataclass(frozen=True)
+class HeadEntry:
+    """A detection or dense-map zoo graph: how to build it and what its ONNX outputs are named."""
+
+    name: str
+    build: Callable[..., nn.Module]
+    input_shape: tuple[int, int, int, int]
+    outputs: tuple[str, ...]
+
+
+HEADS: dict[str, HeadEntry] = {
+    e.name: e
+    for e in [
+        HeadEntry("yolo_tiny", YoloTiny, (1, 3, 64, 64), ("detections",)),
+        HeadEntry("dbnet_tiny", DBNetTiny, (1, 3, 64, 64), ("prob", "thresh")),
+    ]
+}
+
+
 @dataclass(frozen=True)
 class ZooEntry:
     """A zoo model and what MBS should find in it.

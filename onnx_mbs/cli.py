@@ -129,6 +129,8 @@ def cmd_reduce(args: argparse.Namespace) -> int:
     check_outputs(
         args.output, args.report, models={"the input model": args.model}, data={"--data": args.data}
     )
+    if args.recalibrate and not args.data:
+        raise BadInputError("--recalibrate re-estimates BatchNorm statistics on --data: give it")
     reduced, report = reduce(
         args.model,
         args.data,
@@ -148,13 +150,24 @@ def cmd_reduce(args: argparse.Namespace) -> int:
         evaluate_accuracy=not args.no_eval,
         progress=not args.json,
     )
+    recalibration = _recalibrate(reduced, args) if args.recalibrate else None
+    if recalibration is not None:
+        reduced = recalibration.pop("model")
     if args.json:
         summary = report_dict(report)
         summary.pop("layers")
+        if recalibration is not None:
+            summary["recalibration"] = recalibration
         json.dump(summary, sys.stdout, indent=2)
         print()
     else:
         _print_reduce_summary(report, args)
+        if recalibration is not None:
+            top1 = recalibration["top1"]
+            print(
+                f"BN recalibrated on {recalibration['batches']} batches"
+                + ("" if top1 is None else f"; top-1 after recalibration: {top1:.2%}")
+            )
     written = None if args.report is None else (args.report, lambda d: write_report(report, d))
     if args.dry_run:
         if written is not None:
@@ -166,6 +179,23 @@ def cmd_reduce(args: argparse.Namespace) -> int:
     if written is not None:
         print(f"report: {args.report}", file=sys.stderr)
     return 0
+
+
+def _recalibrate(reduced, args: argparse.Namespace) -> dict:
+    """Re-estimate the reduced model's BatchNorm statistics on --data; top-1 after, when the data
+    has labels (and --no-eval is not given)."""
+    from onnx_mbs.bridge import recalibrate_model
+    from onnx_mbs.data import to_arrays
+    from onnx_mbs.evaluate import evaluate
+    from onnx_mbs.runtime import choose_providers
+
+    source = _open_for_model(args.data, load_model(reduced), args, args.limit)
+    x, y = to_arrays(source)
+    model, batches = recalibrate_model(reduced, (x, None), args.batch_size)
+    top1 = None
+    if y is not None and not args.no_eval:
+        top1 = evaluate(model, source, choose_providers(args.providers), progress=False).top1
+    return {"model": model, "batches": batches, "top1": top1}
 
 
 def _open_for_model(
@@ -199,6 +229,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = load_model(original, shapes)
     declared = declared_io(original, shapes)
     source = _open_for_model(args.data, model, args, args.limit, split="test")
+    if args.teacher:
+        return _eval_agreement(args, with_io_of(model, declared), source, providers, shapes)
     result = evaluate(
         with_io_of(model, declared),
         source,
@@ -230,10 +262,57 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_agreement(args: argparse.Namespace, model, source, providers, shapes) -> int:
+    """`eval --teacher`: how closely each output follows the teacher's, without labels."""
+    from onnx_mbs.evaluate import agreement
+
+    teacher_original = read_model(args.teacher)
+    teacher = with_io_of(
+        load_model(teacher_original, shapes), declared_io(teacher_original, shapes)
+    )
+    result = agreement(
+        model,
+        teacher,
+        source,
+        providers,
+        batch_size=static_batch(model) or args.batch_size,
+        progress=not args.json,
+    )
+    if args.json:
+        outputs = {
+            o.name: {k: v for k, v in vars(o).items() if k != "name"} for o in result.outputs
+        }
+        json.dump(
+            {"samples": result.samples, "provider": result.provider, "outputs": outputs}, sys.stdout
+        )
+        print()
+        return 0
+    print(f"data: {source.description}", file=sys.stderr)
+
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2%}"
+
+    rows = [
+        (
+            o.name,
+            "x".join(map(str, o.shape[1:])),
+            f"{o.relative_error:.4f}",
+            f"{o.cosine:.4f}",
+            pct(o.top1),
+            pct(o.iou),
+        )
+        for o in result.outputs
+    ]
+    print(format_table(["output", "shape", "rel. error", "cosine", "top-1 agree", "IoU"], rows))
+    print(f"agreement with the teacher on {result.samples} samples ({result.provider})")
+    return 0
+
+
 def cmd_retrain(args: argparse.Namespace) -> int:
     import os
 
     from onnx_mbs.bridge import retrain
+    from onnx_mbs.bridge.losses import parse_loss_specs
     from onnx_mbs.save import check_outputs, save_model
 
     check_outputs(
@@ -241,12 +320,17 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         models={"the input model": args.model, "--teacher": args.teacher},
         data={"--data": args.data, "--val": args.val},
     )
+    losses = parse_loss_specs(args.loss)
     shapes = _input_shapes(args.input_shape)
     original = read_model(args.model)
     model = load_model(original, shapes)
     teacher = load_model(args.teacher, shapes) if args.teacher else None
     _check_device(args.device)
     train = _open_for_model(args.data, model, args, args.limit, split="train")
+    if args.no_labels:
+        from onnx_mbs.data import to_arrays
+
+        train = (to_arrays(train)[0], None)
     val = _open_for_model(args.val, model, args, args.val_limit, split=None) if args.val else None
     rank = int(os.environ.get("RANK", "0"))
     result = retrain(
@@ -262,15 +346,29 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         device=args.device,
         amp=args.amp,
         progress=rank == 0,
+        reinsert_bn=False if args.no_bn_reinsert else None,
+        losses=losses,
+        features=args.feature or (),
     )
     if rank == 0:
+        if result.bn_reinserted:
+            print(
+                f"BN-folded graph: {result.bn_reinserted} BatchNorm(s) re-inserted for training, "
+                "folded back into their Convs",
+                file=sys.stderr,
+            )
+        if result.losses:
+            chosen = ", ".join(f"{n}={k}" for n, k in result.losses.items())
+            labels = "+ cross-entropy on labels" if result.labels_used else "no labels"
+            print(f"distillation: {chosen}; {labels}", file=sys.stderr)
 
         def val_text(top1: float) -> str:
             return "no validation data" if math.isnan(top1) else f"val top-1 {top1:.2%}"
 
         for e in result.history:
+            acc = "" if math.isnan(e.train_acc) else f"  train acc {e.train_acc:.2%}"
             print(
-                f"epoch {e.epoch + 1}: loss {e.train_loss:.4f}  train acc {e.train_acc:.2%}  "
+                f"epoch {e.epoch + 1}: loss {e.train_loss:.4f}{acc}  "
                 f"{val_text(e.val_top1)}  ({e.seconds:.1f}s)",
                 file=sys.stderr,
             )
@@ -429,12 +527,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.add_argument("--dry-run", action="store_true", help="print the plan, write no model")
     p.add_argument("--no-eval", action="store_true", help="skip accuracy before/after")
+    p.add_argument(
+        "--recalibrate",
+        action="store_true",
+        help="re-estimate BatchNorm statistics of the reduced model on --data (no training)",
+    )
     p.set_defaults(func=cmd_reduce)
 
     p = sub.add_parser("retrain", help="retrain a (reduced) model through PyTorch")
     p.add_argument("model", help="ONNX model file (BatchNorm kept or folded)")
     p.add_argument("-o", "--output", required=True, help="where to write the retrained model")
-    p.add_argument("--data", required=True, help="training data with labels (see reduce)")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="training data (see reduce); labels are optional with --teacher",
+    )
     p.add_argument("--val", help="validation data; the best epoch on it is kept")
     p.add_argument("--val-limit", type=COUNT, help="use the first N validation samples")
     p.add_argument("--teacher", help="original model to distil from (knowledge distillation)")
@@ -447,13 +554,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--amp", choices=["off", "bf16"], default="off", help="bf16 autocast for forward passes"
     )
+    p.add_argument(
+        "--no-labels", action="store_true", help="ignore the data's labels: distil from --teacher"
+    )
+    p.add_argument(
+        "--loss",
+        action="append",
+        metavar="OUTPUT=KIND",
+        help="distillation loss of one output: kl (logits), mse (normalised) or none; default "
+        "kl for (batch, classes) outputs, mse otherwise (repeatable)",
+    )
+    p.add_argument(
+        "--feature",
+        action="append",
+        metavar="TENSOR",
+        help="also distil this intermediate tensor, present in both graphs (repeatable)",
+    )
+    p.add_argument(
+        "--no-bn-reinsert",
+        action="store_true",
+        help="BN-folded graphs: train the folded weights as they are (default: re-insert "
+        "BatchNorm for training and fold it back)",
+    )
     add_input_shape(p)
     add_data_options(p)
     p.set_defaults(func=cmd_retrain)
 
-    p = sub.add_parser("eval", help="top-1/top-5 accuracy with onnxruntime")
+    p = sub.add_parser(
+        "eval", help="top-1/top-5 accuracy, or agreement with a teacher, with onnxruntime"
+    )
     p.add_argument("model", help="ONNX model file")
-    p.add_argument("--data", required=True, help="labelled data (see reduce)")
+    p.add_argument(
+        "--data", required=True, help="labelled data, or any images with --teacher (see reduce)"
+    )
+    p.add_argument(
+        "--teacher",
+        help="report agreement with this model's outputs instead of accuracy (no labels needed)",
+    )
     p.add_argument("--providers", default="auto", help="auto (default), cpu or cuda")
     p.add_argument("--batch-size", type=COUNT, default=256)
     p.add_argument("--json", action="store_true", help='print {"top1", "top5", "samples"}')

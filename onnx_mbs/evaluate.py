@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -88,3 +89,134 @@ def label_ranks(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     before = np.arange(classes)[None, :] < labels[:, None]
     ranks = ((logits > target) | ((logits == target) & before)).sum(axis=1)
     return np.where(np.isfinite(logits).all(axis=1), ranks, classes)
+
+
+@dataclass
+class OutputAgreement:
+    """How closely one output follows the teacher's output of the same name.
+
+    relative_error: ||student - teacher|| / ||teacher|| over all samples; cosine: the mean
+    per-sample cosine similarity; top1: the fraction of samples whose argmax class agrees
+    (classifier logits only); iou: for dense maps (batch, C, H, W), the mean over classes of the
+    IoU of the argmax maps (C > 1) or of the maps thresholded at 0.5 for probabilities, else 0
+    (C = 1). Non-finite student values never count as agreeing.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    relative_error: float
+    cosine: float
+    top1: float | None = None
+    iou: float | None = None
+
+
+@dataclass
+class AgreementResult:
+    outputs: list[OutputAgreement]
+    samples: int
+    provider: str
+
+
+class _Accumulator:
+    """Sums over batches for one output; `result` turns them into an OutputAgreement."""
+
+    def __init__(self, name: str, shape: tuple[int, ...]) -> None:
+        self.name, self.shape = name, shape
+        self.sq_err = self.sq_ref = self.cosine = 0.0
+        self.hits = self.count = 0
+        self.threshold: float | None = None
+        self.inter: np.ndarray | None = None
+        self.union: np.ndarray | None = None
+
+    def add(self, s: np.ndarray, t: np.ndarray) -> None:
+        n = len(t)
+        s64, t64 = s.reshape(n, -1).astype(np.float64), t.reshape(n, -1).astype(np.float64)
+        finite = np.isfinite(s64).all(axis=1)
+        self.count += n
+        self.sq_err += float(((s64 - t64) ** 2).sum())
+        self.sq_ref += float((t64**2).sum())
+        norms = np.linalg.norm(s64, axis=1) * np.linalg.norm(t64, axis=1)
+        cos = np.where(norms > 0, (s64 * t64).sum(axis=1) / np.maximum(norms, 1e-300), 0.0)
+        self.cosine += float(np.where(finite, cos, 0.0).sum())
+        if len(self.shape) == 2 and self.shape[1] > 1:
+            self.hits += int(((s64.argmax(1) == t64.argmax(1)) & finite).sum())
+        if len(self.shape) == 4 and self.shape[2] * self.shape[3] > 1:
+            self._add_maps(s, t, finite)
+
+    def _add_maps(self, s: np.ndarray, t: np.ndarray, finite: np.ndarray) -> None:
+        classes = s.shape[1]
+        if classes > 1:
+            sm, tm = s.argmax(1), t.argmax(1)
+        else:
+            if self.threshold is None:
+                self.threshold = 0.5 if t.min() >= 0.0 and t.max() <= 1.0 else 0.0
+            sm, tm = (s[:, 0] > self.threshold).astype(int), (t[:, 0] > self.threshold).astype(int)
+            classes = 2
+        sm = np.where(finite[:, None, None], sm, -1)  # non-finite rows match nothing
+        labels = range(1, 2) if s.shape[1] == 1 else range(classes)
+        inter = np.array([((sm == c) & (tm == c)).sum() for c in labels], dtype=np.float64)
+        union = np.array([((sm == c) | (tm == c)).sum() for c in labels], dtype=np.float64)
+        self.inter = inter if self.inter is None else self.inter + inter
+        self.union = union if self.union is None else self.union + union
+
+    def result(self) -> OutputAgreement:
+        rel = math.sqrt(self.sq_err / self.sq_ref) if self.sq_ref > 0 else math.sqrt(self.sq_err)
+        top1 = self.hits / self.count if len(self.shape) == 2 and self.shape[1] > 1 else None
+        iou = None
+        if self.union is not None:
+            present = self.union > 0
+            iou = (
+                float((self.inter[present] / self.union[present]).mean()) if present.any() else 1.0
+            )
+        return OutputAgreement(self.name, self.shape, rel, self.cosine / self.count, top1, iou)
+
+
+def agreement(
+    model: onnx.ModelProto | bytes | str | os.PathLike,
+    teacher: onnx.ModelProto | bytes | str | os.PathLike,
+    data: DataSource,
+    providers: list[str],
+    batch_size: int = 256,
+    progress: bool = True,
+) -> AgreementResult:
+    """Agreement of every output of `model` with `teacher`'s same-named output; no labels needed."""
+    session, reference = make_session(model, providers), make_session(teacher, providers)
+    names = [o.name for o in session.get_outputs()]
+    missing = [n for n in names if n not in {o.name for o in reference.get_outputs()}]
+    if missing:
+        raise BadInputError(
+            f"the teacher has no output(s) {missing} (its outputs: "
+            f"{[o.name for o in reference.get_outputs()]}): agreement compares outputs by name"
+        )
+    dtype, teacher_dtype = (
+        feed_dtype(session, data.input_name),
+        feed_dtype(reference, data.input_name),
+    )
+    totals: dict[str, _Accumulator] = {}
+    samples = 0
+    with progress_bar(len(data), "agreement", progress) as bar:
+        for batch in data.batches(batch_size):
+            try:
+                ours = session.run(names, {data.input_name: batch.x.astype(dtype, copy=False)})
+                theirs = reference.run(
+                    names, {data.input_name: batch.x.astype(teacher_dtype, copy=False)}
+                )
+            except Exception as error:  # onnxruntime's own exception types
+                if samples:
+                    raise
+                raise BadInputError(
+                    f"onnxruntime cannot run the model or the teacher on this data (got "
+                    f"{batch.x.shape}): {str(error).strip().splitlines()[0]}"
+                ) from None
+            for name, s, t in zip(names, ours, theirs, strict=True):
+                if s.shape != t.shape:
+                    raise BadInputError(
+                        f"output '{name}' has shape {list(s.shape)} in the model but "
+                        f"{list(t.shape)} in the teacher: they must match"
+                    )
+                totals.setdefault(name, _Accumulator(name, tuple(s.shape))).add(s, t)
+            samples += len(batch.x)
+            bar.update(len(batch.x))
+    if samples == 0:
+        raise BadInputError(f"no samples in {data.description}")
+    return AgreementResult([totals[n].result() for n in names], samples, session_provider(session))

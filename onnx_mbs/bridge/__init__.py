@@ -4,13 +4,14 @@ This package (and the model zoo) are the only places in onnx-mbs that import tor
 """
 
 from onnx_mbs.bridge.module import OnnxModule, untie_initializers
-from onnx_mbs.bridge.train import EpochStats, RetrainResult, retrain
+from onnx_mbs.bridge.train import EpochStats, RetrainResult, recalibrate_model, retrain
 from onnx_mbs.bridge.writeback import write_back
 
 __all__ = [
     "EpochStats",
     "OnnxModule",
     "RetrainResult",
+    "recalibrate_model",
     "retrain",
     "untie_initializers",
     "write_back",

@@ -44,6 +44,15 @@ def has_batchnorm(model: onnx.ModelProto) -> bool:
     return any(n.op_type == "BatchNormalization" for n in model.graph.node)
 
 
+def is_bn_folded(model: onnx.ModelProto) -> bool:
+    """Whether the graph looks BN-folded: fewer than half of its Convs feed a BatchNorm (a BN-kept
+    export has one after nearly every Conv; a folded one only where folding was impossible)."""
+    graph = model.graph
+    normalised = {n.input[0] for n in graph.node if n.op_type == "BatchNormalization"}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    return bool(convs) and 2 * sum(c.output[0] in normalised for c in convs) < len(convs)
+
+
 def foldable_convs(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     """Convs a BN can be re-inserted after: biased, own (unshared) weights, output not already
     normalised and not a graph output."""

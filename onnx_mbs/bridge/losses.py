@@ -2,9 +2,11 @@
 
 Each graph output is compared with the teacher's output of the same name. The default loss follows
 the output's shape: a 2-D (batch, classes) output is classifier logits and gets Hinton's KL with
-temperature; anything else (detection heads, dense maps, embeddings) gets a mean squared error
-divided by the teacher output's variance, so outputs of different scales weigh alike and a loss
-of 1 means "no better than predicting the teacher's mean". `--loss NAME=kl|mse|none` overrides.
+temperature; anything else (detection heads, dense maps, embeddings) gets the squared error
+divided by the teacher output's squared norm over the batch -- the square of the relative error
+`eval --teacher` reports -- so outputs of different scales weigh alike. (Dividing by the variance
+instead blows up on nearly constant outputs such as a probability map of mostly background.)
+`--loss NAME=kl|mse|none` overrides.
 """
 
 from __future__ import annotations
@@ -71,8 +73,8 @@ def kd_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> t
 
 
 def normalised_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """MSE divided by the teacher's variance over the batch (floored so constants stay finite)."""
-    scale = teacher.float().var(unbiased=False).clamp_min(1e-6)
+    """||student - teacher||^2 / ||teacher||^2 over the batch (floored so zeros stay finite)."""
+    scale = teacher.float().square().mean().clamp_min(1e-12)
     return F.mse_loss(student.float(), teacher.float()) / scale
 
 

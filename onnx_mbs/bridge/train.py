@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from onnx_mbs.bridge.bn import fold_back, has_batchnorm
+from onnx_mbs.bridge.bn import fold_back, has_batchnorm, is_bn_folded, recalibrate
 from onnx_mbs.bridge.bn import reinsert_bn as reinsert_batchnorm
 from onnx_mbs.bridge.losses import choose_losses, distillation_loss, is_logits, normalised_mse
 from onnx_mbs.bridge.module import OnnxModule, untie_initializers, with_outputs
@@ -264,7 +264,7 @@ def retrain(
     y may be None (unlabelled) when a teacher is given.
     The best epoch is the one with the highest validation top-1 (the last one without val data).
     `amp="bf16"` runs forward passes under bf16 autocast; weights and updates stay float32.
-    `reinsert_bn`: None (default) re-inserts BatchNorm when the graph has none (BN-folded).
+    `reinsert_bn`: None (default) re-inserts BatchNorm when the graph is BN-folded (`is_bn_folded`).
     `losses`: {output name: "kl" | "mse" | "none"} overriding the per-output default.
     `features`: intermediate tensor names both graphs have, distilled with normalised MSE.
     """
@@ -297,19 +297,22 @@ def retrain(
     try:
         torch.manual_seed(seed + rank)
         model = untie_initializers(model)
-        _check_input(model, OnnxModule(model), x_train, "training data")
+        base = OnnxModule(model).to(dev)
+        _check_input(model, base, x_train, "training data")
+        local_batch = max(1, batch_size // world)
+        probe_x = torch.from_numpy(x_train[: max(2, min(local_batch, len(x_train)))]).to(dev)
+        _probe(base, probe_x, "the model")
+        del base
         if reinsert_bn is None:
-            reinsert_bn = not has_batchnorm(model)
+            reinsert_bn = is_bn_folded(model)
         train_model, inserted = model, []
         if reinsert_bn:
-            calib = _batches(x_train, max(batch_size, 64), bn_calibration_samples)
+            calib = _batches(x_train, len(probe_x), bn_calibration_samples)
             train_model, inserted = reinsert_batchnorm(model, calib)
         student = OnnxModule(with_outputs(train_model, list(features)))
         if x_val is not None:
             _check_input(model, student, x_val, "validation data")
         student.to(dev).train()
-        local_batch = max(1, batch_size // world)
-        probe_x = torch.from_numpy(x_train[: max(2, min(local_batch, len(x_train)))]).to(dev)
         shapes = _probe(student, probe_x, "the model")
         outputs = {o.name: shapes[o.name] for o in model.graph.output}
         logits_name = next((n for n, shp in outputs.items() if is_logits(shp)), None)
@@ -438,6 +441,10 @@ def retrain(
                 best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
         if best_state is not None and best_epoch != epochs - 1:
             student.load_state_dict(best_state)
+        if inserted:
+            _recalibrate_inserted(
+                student, inserted, _batches(x_train, len(probe_x), bn_calibration_samples), dev
+            )
         student.eval()
         if not all(bool(torch.isfinite(p).all()) for p in student.state_dict().values()):
             raise BadInputError(_diverged("non-finite weights", epochs - 1, steps - 1, lr))
@@ -493,3 +500,43 @@ def _check_teacher(
                 f"{list(teacher[name])} in the teacher (channels were removed there): "
                 "distil a tensor whose channels were kept"
             )
+
+
+def _recalibrate_inserted(
+    module: OnnxModule, inserted: list, batches: Any, dev: torch.device
+) -> None:
+    """Re-measure the re-inserted BNs' running statistics, which lag the trained weights
+    (momentum 0.1 over a few steps), so the folded weights compute what training settled on.
+    The graph's own BNs keep theirs."""
+    own = {n for bn in inserted for n in (bn.mean, bn.var)}
+    keep = {
+        name: module.initializer(name).detach().clone()
+        for name, key in module.initializer_keys.items()
+        if name not in own and key in module._buffers
+    }
+    recalibrate(module, (b.to(dev) for b in batches))
+    with torch.no_grad():
+        for name, value in keep.items():
+            module.initializer(name).copy_(value)
+
+
+def recalibrate_model(
+    model: onnx.ModelProto, data: Any, batch_size: int = 64, device: str = "cpu"
+) -> tuple[onnx.ModelProto, int]:
+    """`model` with every BatchNorm's running statistics re-estimated on `data` (no training),
+    and the number of batches used. A BN-folded graph has nothing to re-estimate: refused."""
+    if not has_batchnorm(model):
+        raise BadInputError(
+            "the model has no BatchNormalization (folded into its Convs): recalibration has "
+            "nothing to re-estimate; retrain it instead (BatchNorm is re-inserted there)"
+        )
+    x, _ = as_arrays(data, "calibration data")
+    if len(x) < 2:
+        raise BadInputError("BN recalibration needs at least 2 samples")
+    model = untie_initializers(model)
+    module = OnnxModule(model)
+    _check_input(model, module, x, "calibration data")
+    dev = _pick_device(device, 0)
+    module.to(dev).eval()
+    count = recalibrate(module, (b.to(dev) for b in _batches(x, batch_size, len(x)) if len(b) > 1))
+    return write_back(model, module.eval()), count

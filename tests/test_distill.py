@@ -1,0 +1,229 @@
+"""Label-free retraining of any graph (distillation on every output), `eval --teacher`,
+`reduce --recalibrate`, and their bad-input refusals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from onnx_mbs.bridge import retrain
+from onnx_mbs.bridge.losses import choose_losses, parse_loss_specs
+from onnx_mbs.cli import main
+from onnx_mbs.evaluate import _Accumulator
+from onnx_mbs.models.export import export_head_model
+from onnx_mbs.passes import load_model
+from onnx_mbs.passes.errors import BadInputError
+from onnx_mbs.pipeline import reduce
+from onnx_mbs.save import save_model
+
+torch.set_num_threads(1)
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> tuple:
+    """64 unlabelled 3x64x64 images (Fashion-MNIST would need resizing; noise is enough here)."""
+    folder = tmp_path_factory.mktemp("images")
+    x = np.random.default_rng(0).uniform(0, 255, size=(48, 3, 64, 64)).astype(np.uint8)
+    np.savez(folder / "x.npz", x=x)
+    return folder / "x.npz", x.astype(np.float32) / 255
+
+
+@pytest.fixture(scope="module")
+def dbnet(tmp_path_factory, images) -> tuple:
+    folder = tmp_path_factory.mktemp("dbnet")
+    # Random weights, BN statistics measured on the images (as a trained model's would be).
+    teacher = export_head_model("dbnet_tiny", "deploy", calibration=torch.from_numpy(images[1]))
+    small, _ = reduce(
+        teacher, str(images[0]), budget="params=0.7", evaluate_accuracy=False, progress=False
+    )
+    return save_model(teacher, folder / "t.onnx"), save_model(small, folder / "s.onnx")
+
+
+@pytest.fixture(scope="module")
+def bundled_small(tmp_path_factory, bundled_model_path):
+    small, _ = reduce(
+        str(bundled_model_path),
+        str(bundled_model_path.parent / "fmnist_sample.npz"),
+        budget="params=0.5",
+        limit=128,
+        evaluate_accuracy=False,
+        progress=False,
+    )
+    return save_model(small, tmp_path_factory.mktemp("small") / "small.onnx")
+
+
+def _agreement(model, teacher, data, capsys) -> dict:
+    args = ["eval", str(model), "--teacher", str(teacher), "--data", str(data), "--json"]
+    assert main(args) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_losses_default_by_shape_and_user_choice() -> None:
+    shapes = {"logits": (8, 10), "boxes": (8, 252, 9), "map": (8, 1, 64, 64)}
+    assert choose_losses(shapes) == {"logits": "kl", "boxes": "mse", "map": "mse"}
+    assert choose_losses(shapes, {"logits": "mse", "map": "none"})["logits"] == "mse"
+    assert parse_loss_specs(["a=b=mse"]) == {"a=b": "mse"}
+    with pytest.raises(BadInputError, match="kl loss needs"):
+        choose_losses(shapes, {"map": "kl"})
+    with pytest.raises(BadInputError, match="does not have"):
+        choose_losses(shapes, {"nosuch": "mse"})
+    with pytest.raises(BadInputError, match="unknown loss 'l2'"):
+        parse_loss_specs(["map=l2"])
+
+
+def test_dense_map_iou_and_cosine() -> None:
+    teacher = np.zeros((2, 3, 4, 4), np.float32)
+    teacher[:, 1, :2] = 1.0  # class 1 in the top half, class 0 below
+    student = teacher.copy()
+    student[:, 2, 0] = 2.0  # first row becomes class 2
+    acc = _Accumulator("seg", teacher.shape)
+    acc.add(student, teacher)
+    result = acc.result()
+    # class 0: 8/8, class 1: 4 rows of 4 -> kept 4 of 8 (IoU 0.5), class 2: 0/4
+    assert result.iou == pytest.approx((1.0 + 0.5 + 0.0) / 3)
+    same = _Accumulator("seg", teacher.shape)
+    same.add(teacher, teacher)
+    assert same.result().iou == 1.0 and same.result().relative_error == 0.0
+    nan = _Accumulator("logits", (2, 3))
+    nan.add(np.full((2, 3), np.nan, np.float32), np.eye(2, 3, dtype=np.float32))
+    assert nan.result().top1 == 0.0 and nan.result().cosine == 0.0
+
+
+def test_label_free_retrain_of_a_dense_map_graph_raises_agreement(dbnet, images, tmp_path, capsys):
+    teacher, small = dbnet
+    data = images[0]
+    before = _agreement(small, teacher, data, capsys)
+    assert set(before["outputs"]) == {"prob", "thresh"}
+    out = tmp_path / "s.ft.onnx"
+    code = main(
+        ["retrain", str(small), "-o", str(out), "--data", str(data), "--teacher", str(teacher)]
+        + ["--epochs", "2", "--lr", "0.02", "--batch-size", "16"]
+    )
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "prob=mse, thresh=mse; no labels" in err and "re-inserted" in err
+    written = onnx.load(out)
+    onnx.checker.check_model(written, full_check=True)
+    source = onnx.load(small)
+    assert [n.name for n in written.graph.node] == [n.name for n in source.graph.node]
+    assert written.graph.input == source.graph.input and written.graph.output == source.graph.output
+    after = _agreement(out, teacher, data, capsys)
+    for name in ("prob", "thresh"):
+        assert after["outputs"][name]["relative_error"] < before["outputs"][name]["relative_error"]
+
+
+def test_fixed_batch_graph_is_refused_in_one_line(images) -> None:
+    teacher = load_model(export_head_model("yolo_tiny", "deploy", dynamic_batch=False))
+    with pytest.raises(BadInputError, match="cannot run a batch of 8 .*dynamic batch"):
+        retrain(teacher, (images[1], None), teacher=teacher, batch_size=8, progress=False)
+
+
+def test_label_free_on_the_bundled_classifier(bundled_small, bundled_model_path, capsys, tmp_path):
+    train = bundled_model_path.parent / "fmnist_train_sample.npz"
+    test = bundled_model_path.parent / "fmnist_sample.npz"
+    before = _agreement(bundled_small, bundled_model_path, test, capsys)["outputs"]["logits"]
+    out = tmp_path / "s.onnx"
+    code = main(
+        ["retrain", str(bundled_small), "-o", str(out), "--data", str(train), "--no-labels"]
+        + ["--teacher", str(bundled_model_path), "--limit", "512", "--lr", "0.02"]
+    )
+    assert code == 0
+    assert "logits=kl; no labels" in capsys.readouterr().err
+    after = _agreement(out, bundled_model_path, test, capsys)["outputs"]["logits"]
+    assert after["top1"] > before["top1"] + 0.1
+    assert after["relative_error"] < before["relative_error"]
+
+
+def _refused(args: list[str], out, capsys, expected: str) -> None:
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and expected in err, err
+    assert not out.exists()
+
+
+def test_bad_input_one_line_exit_2_nothing_written(
+    bundled_small, bundled_model_path, dbnet, images, tmp_path, capsys
+):
+    out = tmp_path / "out.onnx"
+    retrain_small = ["retrain", str(bundled_small), "-o", str(out)]
+    train = str(bundled_model_path.parent / "fmnist_train_sample.npz")
+    unlabelled = tmp_path / "nolabels.npz"
+    np.savez(unlabelled, x=np.zeros((8, 1, 28, 28), np.uint8))
+    _refused([*retrain_small, "--data", str(unlabelled)], out, capsys, "give labels or a --teacher")
+    # A teacher with other outputs (names) and one whose output shapes differ.
+    teacher, _ = dbnet
+    other = onnx.load(bundled_model_path)
+    other.graph.output[0].name = other.graph.node[-1].output[0] = "scores"
+    _refused(
+        [*retrain_small, "--data", train, "--teacher", str(save_model(other, tmp_path / "o.onnx"))],
+        out,
+        capsys,
+        "the teacher has no output 'logits'",
+    )
+    renamed = onnx.load(bundled_model_path)
+    fc = renamed.graph.node[-1]
+    assert fc.op_type == "Gemm"
+    w = next(t for t in renamed.graph.initializer if t.name == fc.input[1])
+    b = next(t for t in renamed.graph.initializer if t.name == fc.input[2])
+    w.CopyFrom(onnx.numpy_helper.from_array(np.zeros((5, w.dims[1]), np.float32), w.name))
+    b.CopyFrom(onnx.numpy_helper.from_array(np.zeros(5, np.float32), b.name))
+    renamed.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 5
+    five = save_model(renamed, tmp_path / "five.onnx")
+    _refused(
+        [*retrain_small, "--data", train, "--teacher", str(five)],
+        out,
+        capsys,
+        "has shape [64, 10] in the model but [64, 5] in the teacher",
+    )
+    _refused(
+        [*retrain_small, "--data", train, "--teacher", str(bundled_model_path), "--loss", "x=l2"],
+        out,
+        capsys,
+        "unknown loss 'l2'",
+    )
+    _refused(
+        [*retrain_small, "--data", train, "--teacher", str(bundled_model_path)]
+        + ["--loss", "nosuch=mse"],
+        out,
+        capsys,
+        "does not have",
+    )
+    _refused(
+        ["eval", str(bundled_small), "--teacher", str(teacher), "--data", train],
+        out,
+        capsys,
+        "the teacher has no output(s) ['logits']",
+    )
+
+
+def test_reduce_recalibrate(bundled_model_path, tmp_path, capsys) -> None:
+    data = str(bundled_model_path.parent / "fmnist_sample.npz")
+    out = tmp_path / "small.onnx"
+    args = ["reduce", str(bundled_model_path), "-o", str(out), "--data", data]
+    args += ["--budget", "params=0.5", "--json"]
+    assert main([*args, "--recalibrate"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    recal = summary["recalibration"]
+    assert recal["batches"] == 8
+    assert recal["top1"] > summary["accuracy"]["after"]["top1"] + 0.1
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+    _refused(
+        ["reduce", str(bundled_model_path), "-o", str(tmp_path / "x.onnx"), "--recalibrate"],
+        tmp_path / "x.onnx",
+        capsys,
+        "--recalibrate re-estimates",
+    )
+    folded = save_model(export_head_model("yolo_tiny", "deploy"), tmp_path / "yolo.onnx")
+    np.savez(tmp_path / "x.npz", x=np.zeros((4, 3, 64, 64), np.uint8))
+    _refused(
+        ["reduce", str(folded), "-o", str(tmp_path / "y.onnx"), "--data", str(tmp_path / "x.npz")]
+        + ["--recalibrate"],
+        tmp_path / "y.onnx",
+        capsys,
+        "no BatchNormalization",
+    )
