@@ -22,6 +22,7 @@ from onnx import helper, numpy_helper
 
 from onnx_mbs.bridge.module import OnnxModule, with_outputs
 from onnx_mbs.bridge.ops import BN_MOMENTUM
+from onnx_mbs.bridge.precision import write_values
 
 EPS = 1e-5
 
@@ -163,7 +164,9 @@ def fold_back(
     original: onnx.ModelProto, trained: onnx.ModelProto, inserted: list[InsertedBN]
 ) -> onnx.ModelProto:
     """`original` with the initializers of `trained` (its BN-inserted copy after training), each
-    re-inserted BN folded into its Conv's weight and bias (in float64, stored in their dtype)."""
+    re-inserted BN folded into its Conv's weight and bias (in float64, stored in their dtype).
+    With no BN inserted it only copies the trained values (float32 master weights) into
+    `original`'s initializers, each in its dtype."""
     values = {t.name: numpy_helper.to_array(t) for t in trained.graph.initializer}
     for bn in inserted:
         w = values[bn.weight].astype(np.float64)
@@ -173,16 +176,7 @@ def fold_back(
         factor = gamma / np.sqrt(var + EPS)
         values[bn.weight] = w * factor.reshape(-1, *([1] * (w.ndim - 1)))
         values[bn.bias] = (b - mean) * factor + beta
-    out = onnx.ModelProto()
-    out.CopyFrom(original)
-    for init in out.graph.initializer:
-        if init.name not in values:
-            continue
-        dtype = helper.tensor_dtype_to_np_dtype(init.data_type)
-        new = numpy_helper.from_array(values[init.name].astype(dtype), init.name)
-        new.doc_string = init.doc_string
-        init.CopyFrom(new)
-    return out
+    return write_values(original, values)
 
 
 @torch.no_grad()

@@ -5,8 +5,9 @@ changes weights, never structure, and `write_back` can put the weights into the 
 
 Initializers are sorted by the role their consumers give them:
 
-- parameters: float weights of Conv/ConvTranspose/Gemm/MatMul, BatchNormalization scale and bias,
-  PRelu slopes, and non-scalar float constants of Add/Sub/Mul/Div (per-channel scale or bias);
+- parameters: float weights of Conv/ConvTranspose/Gemm/MatMul/LSTM/GRU, BatchNormalization and
+  LayerNormalization scale and bias, PRelu slopes, and non-scalar float constants of
+  Add/Sub/Mul/Div (per-channel scale or bias);
 - buffers: BatchNormalization running mean and variance (updated in train mode);
 - constants: everything else (integer tensors, shapes, split sizes, resize scales, scalars).
   Nodes whose inputs are all constants are evaluated once at build time.
@@ -38,6 +39,9 @@ WEIGHT_INPUTS = {
     "MatMul": {0, 1},
     "BatchNormalization": {1, 2},
     "PRelu": {1},
+    "LayerNormalization": {1, 2},
+    "LSTM": {1, 2, 3, 7},
+    "GRU": {1, 2, 3},
 }
 STAT_INPUTS = {"BatchNormalization": {3, 4}}
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div"}
@@ -66,8 +70,9 @@ def unsupported_ops(model: onnx.ModelProto) -> list[str]:
 def initializer_roles(model: onnx.ModelProto) -> dict[str, str]:
     """Each initializer's role: "parameter", "buffer" or "constant" (see the module docstring).
 
-    Consumers are found through Identity nodes: the torch exporter ties initializers with equal
-    values that way (`b2.weight = Identity(b1.weight)`), and the tie is kept as one parameter.
+    Consumers are found through Identity nodes -- the torch exporter ties initializers with equal
+    values that way (`b2.weight = Identity(b1.weight)`), and the tie is kept as one parameter --
+    and through Casts between float types (weights stored in fp16/bf16, cast before use).
     """
     graph = model.graph
     float_inits = {
@@ -83,7 +88,7 @@ def initializer_roles(model: onnx.ModelProto) -> dict[str, str]:
     def uses(name: str, seen: set[str]) -> list[tuple[onnx.NodeProto, int]]:
         found = []
         for node, i in consumers.get(name, []):
-            if node.op_type == "Identity" and node.output[0] not in seen:
+            if _is_alias(node) and node.output[0] not in seen:
                 seen.add(node.output[0])
                 found += uses(node.output[0], seen)
             else:
@@ -100,6 +105,19 @@ def initializer_roles(model: onnx.ModelProto) -> dict[str, str]:
             elif i in STAT_INPUTS.get(node.op_type, ()) and roles[name] != "parameter":
                 roles[name] = "buffer"
     return roles
+
+
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+
+
+def _is_alias(node: onnx.NodeProto) -> bool:
+    """Identity, or a Cast between float types: the consumer's role passes through it (a weight
+    stored in bf16 and cast to float before its Conv is still a weight)."""
+    if node.op_type == "Identity":
+        return True
+    return node.op_type == "Cast" and any(
+        a.name == "to" and a.i in _FLOAT_TYPES for a in node.attribute
+    )
 
 
 def topological_order(graph: onnx.GraphProto) -> list[onnx.NodeProto]:

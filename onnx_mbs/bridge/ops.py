@@ -841,6 +841,142 @@ def expand(n: Node) -> OpFn:
 
 
 # ---------------------------------------------------------------------------
+# Normalisation and recurrent layers of OCR / sequence heads (CRNN-style)
+
+
+def layer_norm(n: Node) -> OpFn:
+    axis, eps = n.attr("axis", -1), n.attr("epsilon", 1e-5)
+    stats = len(n.outputs) > 1
+
+    def run(x, scale, bias=None):
+        a = axis % x.dim()
+        dims = tuple(range(a, x.dim()))
+        if not stats and tuple(scale.shape) == tuple(x.shape[a:]):
+            return F.layer_norm(x, x.shape[a:], scale, bias, eps)
+        mean = x.mean(dims, keepdim=True)
+        inv_std = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + eps)
+        y = (x - mean) * inv_std * scale
+        y = y if bias is None else y + bias
+        return (y, mean, inv_std) if stats else y
+
+    return run
+
+
+def _recurrent_checks(n: Node, defaults: list[str]) -> tuple[int, str, int]:
+    """hidden size, direction, layout; refuses what the bridge does not implement."""
+    activations = [a.lower() for a in n.attr("activations", [])]
+    expected = [d.lower() for d in defaults] * max(1, len(activations) // len(defaults))
+    if activations and activations != expected:
+        raise BadInputError(f"{n.op_type} '{n.name}': only the default activations are supported")
+    for attr in ("clip", "input_forget"):
+        if n.attr(attr):
+            raise BadInputError(f"{n.op_type} '{n.name}': attribute {attr} is not supported")
+    if n.has(4):
+        raise BadInputError(
+            f"{n.op_type} '{n.name}': sequence_lens is not supported (pad to one length)"
+        )
+    return n.attr("hidden_size"), n.attr("direction", "forward"), n.attr("layout", 0)
+
+
+def _run_directions(x, step, directions: list[bool], init: list):
+    """Run `step(d, x_t, state) -> state` over time per direction; (Y, final states)."""
+    ys, finals = [], []
+    for d, reverse in enumerate(directions):
+        state, outs = init[d], []
+        order = range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])
+        for t in order:
+            state = step(d, x[t], state)
+            outs.append(state[0])
+        if reverse:
+            outs.reverse()
+        ys.append(torch.stack(outs))  # (seq, batch, hidden)
+        finals.append(state)
+    return torch.stack(ys, 1), finals  # Y: (seq, dirs, batch, hidden)
+
+
+def _recurrent(n: Node, cell: bool) -> Callable[..., Any]:
+    defaults = ["Sigmoid", "Tanh", "Tanh"] if cell else ["Sigmoid", "Tanh"]
+    hidden, direction, layout = _recurrent_checks(n, defaults)
+    directions = {"forward": [False], "reverse": [True], "bidirectional": [False, True]}[direction]
+    linear_before_reset = n.attr("linear_before_reset", 0)
+
+    def lstm_step(w, r, b, p):
+        def step(d, xt, state):
+            h, c = state
+            g = xt @ w[d].t() + h @ r[d].t()
+            if b is not None:
+                g = g + b[d, : 4 * hidden] + b[d, 4 * hidden :]
+            i, o, f, cc = g.chunk(4, 1)
+            if p is not None:
+                i, f = i + p[d, :hidden] * c, f + p[d, 2 * hidden :] * c
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(cc)
+            if p is not None:
+                o = o + p[d, hidden : 2 * hidden] * c
+            return torch.sigmoid(o) * torch.tanh(c), c
+
+        return step
+
+    def gru_step(w, r, b):
+        def step(d, xt, state):
+            (h,) = state
+            wb = b[d, : 3 * hidden] if b is not None else 0.0
+            rb = b[d, 3 * hidden :] if b is not None else h.new_zeros(3 * hidden)
+            xz, xr, xh = (xt @ w[d].t() + wb).chunk(3, 1)
+            rz, rr, _ = r[d].chunk(3, 0)
+            hz, hr = h @ rz.t() + rb[:hidden], h @ rr.t() + rb[hidden : 2 * hidden]
+            z, rg = torch.sigmoid(xz + hz), torch.sigmoid(xr + hr)
+            rh, rbh = r[d][2 * hidden :], rb[2 * hidden :]
+            if linear_before_reset:
+                hh = torch.tanh(xh + rg * (h @ rh.t() + rbh))
+            else:
+                hh = torch.tanh(xh + (rg * h) @ rh.t() + rbh)
+            return ((1 - z) * hh + z * h,)
+
+        return step
+
+    def run(x, w, r, b=None, _lens=None, h0=None, c0=None, p=None):
+        if layout:
+            x = x.transpose(0, 1)
+            h0 = None if h0 is None else h0.transpose(0, 1)
+            c0 = None if c0 is None else c0.transpose(0, 1)
+        batch = x.shape[1]
+        zeros = x.new_zeros(len(directions), batch, hidden)
+        h0 = zeros if h0 is None else h0
+        if cell:
+            c0 = zeros if c0 is None else c0
+            init = [(h0[d], c0[d]) for d in range(len(directions))]
+            step = lstm_step(w, r, b, p)
+        else:
+            init = [(h0[d],) for d in range(len(directions))]
+            step = gru_step(w, r, b)
+        y, finals = _run_directions(x, step, directions, init)
+        y_h = torch.stack([f[0] for f in finals])
+        if layout:
+            y, y_h = y.permute(2, 0, 1, 3), y_h.transpose(0, 1)
+        if not cell:
+            return y, y_h
+        y_c = torch.stack([f[1] for f in finals])
+        return y, y_h, (y_c.transpose(0, 1) if layout else y_c)
+
+    return run
+
+
+def lstm(n: Node) -> OpFn:
+    return _recurrent(n, cell=True)
+
+
+def gru(n: Node) -> OpFn:
+    return _recurrent(n, cell=False)
+
+
+def range_(n: Node) -> OpFn:
+    def run(start, limit, delta):
+        return torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype)
+
+    return run
+
+
+# ---------------------------------------------------------------------------
 # The table
 
 OPS: dict[str, Callable[[Node], OpFn]] = {
@@ -909,6 +1045,10 @@ OPS: dict[str, Callable[[Node], OpFn]] = {
     "ConstantOfShape": constant_of_shape,
     "Cast": cast,
     "Expand": expand,
+    "LayerNormalization": layer_norm,
+    "LSTM": lstm,
+    "GRU": gru,
+    "Range": range_,
 }
 
 # Ops whose runtime function takes the module's training flag first.

@@ -14,8 +14,10 @@ normalised MSE at intermediate tensors both graphs share by name (`features`). W
 loss is the distillation term alone, so any graph -- detector, segmenter, OCR -- retrains on
 unlabelled images.
 
-BatchNorm-folded deployment graphs get a BatchNorm re-inserted after each folded Conv for training
-and folded back on write-back (`bn.py`; `reinsert_bn=False` trains the folded weights directly).
+fp16/bf16 graphs train as a float32 copy (master weights) and are written back in their dtypes
+(`precision.py`). BatchNorm-folded deployment graphs get a BatchNorm re-inserted after each
+folded Conv for training and folded back on write-back (`bn.py`; `reinsert_bn=False` trains the
+folded weights directly).
 
 Distributed: under `torchrun --nproc_per_node=K` (WORLD_SIZE/RANK set) the module is wrapped in
 DistributedDataParallel (gloo on CPU; nccl on GPUs, one per process; gloo when processes
@@ -48,6 +50,7 @@ from onnx_mbs.bridge.bn import fold_back, has_batchnorm, is_bn_folded, recalibra
 from onnx_mbs.bridge.bn import reinsert_bn as reinsert_batchnorm
 from onnx_mbs.bridge.losses import choose_losses, distillation_loss, is_logits, normalised_mse
 from onnx_mbs.bridge.module import OnnxModule, untie_initializers, with_outputs
+from onnx_mbs.bridge.precision import as_float32, is_low_precision
 from onnx_mbs.bridge.writeback import write_back
 from onnx_mbs.data import to_arrays
 from onnx_mbs.passes.errors import BadInputError
@@ -296,7 +299,8 @@ def retrain(
         owns_group = True
     try:
         torch.manual_seed(seed + rank)
-        model = untie_initializers(model)
+        original = untie_initializers(model)  # written back into, in its own dtypes
+        model = as_float32(original) if is_low_precision(original) else original
         base = OnnxModule(model).to(dev)
         _check_input(model, base, x_train, "training data")
         local_batch = max(1, batch_size // world)
@@ -318,6 +322,8 @@ def retrain(
         logits_name = next((n for n, shp in outputs.items() if is_logits(shp)), None)
         teacher_module, kinds = None, {}
         if teacher is not None:
+            if is_low_precision(teacher):
+                teacher = as_float32(teacher)
             teacher_module = OnnxModule(with_outputs(teacher, list(features)))
             teacher_module = teacher_module.to(dev).eval().requires_grad_(False)
             _check_input(teacher, teacher_module, x_train, "training data (teacher)")
@@ -448,9 +454,7 @@ def retrain(
         student.eval()
         if not all(bool(torch.isfinite(p).all()) for p in student.state_dict().values()):
             raise BadInputError(_diverged("non-finite weights", epochs - 1, steps - 1, lr))
-        result_model = write_back(train_model, student)
-        if inserted:
-            result_model = fold_back(model, result_model, inserted)
+        result_model = fold_back(original, write_back(train_model, student), inserted)
         # Release DDP's reducer and let every rank finish before the group goes:
         # gloo threads still holding work at interpreter exit abort the process.
         del net
@@ -533,10 +537,11 @@ def recalibrate_model(
     x, _ = as_arrays(data, "calibration data")
     if len(x) < 2:
         raise BadInputError("BN recalibration needs at least 2 samples")
-    model = untie_initializers(model)
+    original = untie_initializers(model)
+    model = as_float32(original) if is_low_precision(original) else original
     module = OnnxModule(model)
     _check_input(model, module, x, "calibration data")
     dev = _pick_device(device, 0)
     module.to(dev).eval()
     count = recalibrate(module, (b.to(dev) for b in _batches(x, batch_size, len(x)) if len(b) > 1))
-    return write_back(model, module.eval()), count
+    return write_back(original, module.eval()), count

@@ -1,0 +1,141 @@
+"""Retraining what deployment engineers have: BN-folded graphs, no labels, BN recalibration.
+
+On the bundled Fashion-MNIST ResNet-20, reduced at params=0.5 and retrained with the demo's recipe
+(2 epochs on the 2,048 bundled training images, SGD lr 0.02, batch 64, the original as teacher;
+top-1 with onnxruntime on the 512 bundled test images), 3 seeds each:
+
+- BN-kept form (the bundled file) against its BN-folded deployment form (the same file after
+  onnxruntime's basic graph optimisations, which fold BatchNorm into Conv), with BN re-inserted
+  for training (the default) and without (`--no-bn-reinsert`);
+- label-free distillation (labels unused) against labelled retraining (labels + teacher, and
+  labels alone) with the same epochs;
+- BN recalibration alone: top-1 at params=0.5 before and after re-estimating BN statistics on the
+  training images, no gradient step.
+
+    python bench/retrain.py [--seeds 3] [--out bench/results/retrain.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+import torch
+
+from onnx_mbs.bridge import recalibrate_model, retrain
+from onnx_mbs.data import to_arrays
+from onnx_mbs.evaluate import evaluate
+from onnx_mbs.models import BUNDLED_MODEL, FMNIST_SAMPLE, FMNIST_TRAIN_SAMPLE
+from onnx_mbs.passes import load_model
+from onnx_mbs.pipeline import open_for_model, reduce
+
+PROVIDERS = ["CPUExecutionProvider"]
+
+
+def folded_form(path: Path, out: Path) -> onnx.ModelProto:
+    """The deployment form: onnxruntime's basic optimisations fold each BatchNorm into its Conv."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(out)
+    ort.InferenceSession(str(path), options, providers=PROVIDERS)
+    model = onnx.load(out)
+    assert not any(n.op_type == "BatchNormalization" for n in model.graph.node)
+    return model
+
+
+def top1(model: onnx.ModelProto) -> float:
+    source = open_for_model(str(FMNIST_SAMPLE), load_model(model))
+    return evaluate(model, source, PROVIDERS, progress=False).top1
+
+
+def train_arrays(model: onnx.ModelProto) -> tuple:
+    return to_arrays(open_for_model(str(FMNIST_TRAIN_SAMPLE), load_model(model)))
+
+
+def summary(values: list[float]) -> dict:
+    return {
+        "runs": values,
+        "mean": statistics.mean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--lr", type=float, default=0.02)
+    p.add_argument("--out", default="bench/results/retrain.json")
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    start = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp())
+    forms = {"kept": onnx.load(BUNDLED_MODEL), "folded": folded_form(BUNDLED_MODEL, tmp / "f.onnx")}
+    results: dict = {"command": "python " + " ".join(sys.argv), "forms": {}, "runs": {}}
+    small = {}
+    for form, model in forms.items():
+        reduced, report = reduce(
+            model, str(FMNIST_SAMPLE), budget="params=0.5", providers="cpu", progress=False
+        )
+        small[form] = reduced
+        results["forms"][form] = {
+            "top1_original": report.accuracy["before"].top1,
+            "top1_reduced": report.accuracy["after"].top1,
+            "params_kept": report.plan.reached["params"],
+        }
+    x, y = train_arrays(forms["kept"])
+
+    def run(label: str, form: str, labels: bool, teacher: bool, **options) -> None:
+        values = []
+        for seed in range(args.seeds):
+            result = retrain(
+                load_model(small[form]),
+                (x, y if labels else None),
+                teacher=load_model(forms[form]) if teacher else None,
+                epochs=args.epochs,
+                lr=args.lr,
+                seed=seed,
+                progress=False,
+                **options,
+            )
+            values.append(top1(result.model))
+        results["runs"][label] = summary(values)
+        s = results["runs"][label]
+        print(f"{label:<44} {s['mean']:.2%} +- {s['std']:.2%}  ({s['min']:.2%}-{s['max']:.2%})")
+
+    print(f"top-1 on 512 test images after {args.epochs} epochs, {args.seeds} seeds")
+    run("kept, labels + teacher (demo)", "kept", True, True)
+    run("folded, labels + teacher, BN re-inserted", "folded", True, True)
+    run("folded, labels + teacher, --no-bn-reinsert", "folded", True, True, reinsert_bn=False)
+    run("kept, teacher only (labels unused)", "kept", False, True)
+    run("kept, labels only", "kept", True, False)
+    run("folded, teacher only (labels unused)", "folded", False, True)
+
+    recal, batches = recalibrate_model(load_model(small["kept"]), (x, None))
+    results["recalibration"] = {
+        "top1_before": results["forms"]["kept"]["top1_reduced"],
+        "top1_after": top1(recal),
+        "batches": batches,
+        "images": len(x),
+    }
+    r = results["recalibration"]
+    print(
+        f"BN recalibration alone (kept form, params=0.5, {len(x)} training images): "
+        f"{r['top1_before']:.2%} -> {r['top1_after']:.2%}"
+    )
+    results["seconds"] = time.perf_counter() - start
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out} ({results['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

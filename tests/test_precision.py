@@ -1,0 +1,83 @@
+"""fp16 / bf16 graphs retrain with float32 master weights and are written back in their dtype."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, numpy_helper
+
+from onnx_mbs.bridge import OnnxModule, retrain
+from onnx_mbs.bridge.precision import as_float32, is_low_precision
+from onnx_mbs.models import BUNDLED_MODEL
+
+torch.set_num_threads(1)
+
+
+def in_dtype(model: onnx.ModelProto, dtype: int) -> onnx.ModelProto:
+    """fp16: every float initializer and the graph I/O in fp16 (an fp16 export). bf16: weights
+    stored in bf16 and Cast to float before use (opset 17 Conv has no bf16)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    np_dtype = onnx.helper.tensor_dtype_to_np_dtype(dtype)
+    casts = []
+    for t in out.graph.initializer:
+        if t.data_type == TensorProto.FLOAT:
+            value = numpy_helper.to_array(t).astype(np_dtype)
+            stored = t.name if dtype == TensorProto.FLOAT16 else t.name + "_bf16"
+            if stored != t.name:
+                casts.append(onnx.helper.make_node("Cast", [stored], [t.name], to=1))
+            t.CopyFrom(numpy_helper.from_array(value, stored))
+    if dtype == TensorProto.FLOAT16:
+        for v in [*out.graph.input, *out.graph.output]:
+            v.type.tensor_type.elem_type = dtype
+    nodes = casts + list(out.graph.node)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(fmnist_train_sample) -> tuple:
+    x, y = fmnist_train_sample
+    meta = {p.key: p.value for p in onnx.load(BUNDLED_MODEL).metadata_props}
+    mean, std = float(meta["onnx_mbs.mean"]), float(meta["onnx_mbs.std"])
+    return ((x[:256] / 255.0 - mean) / std).astype(np.float32), y[:256]
+
+
+@pytest.mark.parametrize("dtype", [TensorProto.FLOAT16, TensorProto.BFLOAT16], ids=["fp16", "bf16"])
+def test_low_precision_retrains_in_float32_and_keeps_its_dtype(data, dtype) -> None:
+    model = in_dtype(onnx.load(BUNDLED_MODEL), dtype)
+    assert is_low_precision(model) and not is_low_precision(as_float32(model))
+    x, y = data
+    result = retrain(model, (x, y), epochs=1, lr=0.01, batch_size=32, progress=False)
+    written = result.model
+    onnx.checker.check_model(written, full_check=True)
+    assert [(t.name, t.data_type) for t in written.graph.initializer] == [
+        (t.name, t.data_type) for t in model.graph.initializer
+    ]
+    assert written.graph.input == model.graph.input and written.graph.output == model.graph.output
+    # Training moved weights by far less than one fp16 step in places: the master weights are
+    # float32, so the written weights differ from a start that only rounding would keep.
+    changed = [
+        t.name
+        for t, o in zip(written.graph.initializer, model.graph.initializer, strict=True)
+        if not np.array_equal(numpy_helper.to_array(t), numpy_helper.to_array(o))
+    ]
+    assert len(changed) > len(model.graph.initializer) // 2
+    # The written graph computes what the trained float32 weights compute, within its precision.
+    ours = OnnxModule(as_float32(written)).eval()
+    with torch.no_grad():
+        expected = ours(torch.from_numpy(x[:64])).numpy()
+    if dtype == TensorProto.FLOAT16:  # onnxruntime's CPU kernels run fp16, not bf16
+        session = ort.InferenceSession(
+            written.SerializeToString(), providers=["CPUExecutionProvider"]
+        )
+        got = session.run(None, {"input": x[:64].astype(np.float16)})[0]
+        assert got.dtype == np.float16
+        np.testing.assert_allclose(
+            got.astype(np.float32), expected, atol=0.05 * np.abs(expected).max()
+        )
+        assert (got.argmax(1) == expected.argmax(1)).mean() > 0.95
