@@ -7,12 +7,12 @@ top-1 with onnxruntime on the 512 bundled test images), 3 seeds each:
 - BN-kept form (the bundled file) against its BN-folded deployment form (the same file after
   onnxruntime's basic graph optimisations, which fold BatchNorm into Conv), with BN re-inserted
   for training (the default) and without (`--no-bn-reinsert`);
-- label-free distillation (labels unused) against labelled retraining (labels + teacher, and
-  labels alone) with the same epochs;
+- label-free distillation (labels unused) against labelled retraining (labels + teacher, the
+  demo's recipe) with the same epochs;
 - BN recalibration alone: top-1 at params=0.5 before and after re-estimating BN statistics on the
   training images, no gradient step.
 
-    python bench/retrain.py [--seeds 3] [--out bench/results/retrain.json]
+    python bench/retrain.py [--seeds 3] [--extra-seeds 1] [--out bench/results/retrain.json]
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ def summary(values: list[float]) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--extra-seeds", type=int, default=1, help="seeds of the context rows")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--lr", type=float, default=0.02)
     p.add_argument("--out", default="bench/results/retrain.json")
@@ -94,13 +95,13 @@ def main() -> None:
         }
     x, y = train_arrays(forms["kept"])
 
-    def run(label: str, form: str, labels: bool, teacher: bool, **options) -> None:
+    def run(label: str, form: str, labels: bool, teacher: bool, seeds: int, **options) -> None:
         values = []
-        for seed in range(args.seeds):
+        for seed in range(seeds):
             result = retrain(
-                load_model(small[form]),
+                small[form],
                 (x, y if labels else None),
-                teacher=load_model(forms[form]) if teacher else None,
+                teacher=forms[form] if teacher else None,
                 epochs=args.epochs,
                 lr=args.lr,
                 seed=seed,
@@ -113,14 +114,21 @@ def main() -> None:
         print(f"{label:<44} {s['mean']:.2%} +- {s['std']:.2%}  ({s['min']:.2%}-{s['max']:.2%})")
 
     print(f"top-1 on 512 test images after {args.epochs} epochs, {args.seeds} seeds")
-    run("kept, labels + teacher (demo)", "kept", True, True)
-    run("folded, labels + teacher, BN re-inserted", "folded", True, True)
-    run("folded, labels + teacher, --no-bn-reinsert", "folded", True, True, reinsert_bn=False)
-    run("kept, teacher only (labels unused)", "kept", False, True)
-    run("kept, labels only", "kept", True, False)
-    run("folded, teacher only (labels unused)", "folded", False, True)
+    # The comparisons the issue asks for get --seeds seeds; the context rows --extra-seeds.
+    run("kept, labels + teacher (demo)", "kept", True, True, args.seeds)
+    run("folded, labels + teacher, BN re-inserted", "folded", True, True, args.seeds)
+    run("kept, teacher only (labels unused)", "kept", False, True, args.seeds)
+    run("folded, teacher only (labels unused)", "folded", False, True, args.extra_seeds)
+    run(
+        "folded, labels + teacher, --no-bn-reinsert",
+        "folded",
+        True,
+        True,
+        args.extra_seeds,
+        reinsert_bn=False,
+    )
 
-    recal, batches = recalibrate_model(load_model(small["kept"]), (x, None))
+    recal, batches = recalibrate_model(small["kept"], (x, None))
     results["recalibration"] = {
         "top1_before": results["forms"]["kept"]["top1_reduced"],
         "top1_after": top1(recal),

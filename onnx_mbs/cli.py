@@ -359,7 +359,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
             )
         if result.losses:
             chosen = ", ".join(f"{n}={k}" for n, k in result.losses.items())
-            labels = "+ cross-entropy on labels" if result.labels_used else "no labels"
+            labels = "+ cross-entropy on labels" if result.labels_used else "no labels used"
             print(f"distillation: {chosen}; {labels}", file=sys.stderr)
 
         def val_text(top1: float) -> str:
