@@ -6,7 +6,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from test_bridge import SmallNet, assert_close, export, ort_run, randomized, torch_run
+from graphs import run as ort_run
+from test_bridge import SmallNet, assert_close, export, randomized, torch_run
 
 from onnx_mbs.bridge import OnnxModule, retrain, write_back
 from onnx_mbs.bridge.bn import fold_back, recalibrate, reinsert_bn
