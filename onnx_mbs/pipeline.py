@@ -25,14 +25,12 @@ from onnx_mbs.passes import (
     PassResult,
     analyze_model,
     count_parameters,
-    load_model,
-    read_model,
 )
 from onnx_mbs.passes.activations import activation_tensors
 from onnx_mbs.passes.channel_groups import FILTERS, ChannelGroup, analyze_channels
 from onnx_mbs.passes.cost import CostModel
 from onnx_mbs.passes.importance import choose_channels, l1_importance
-from onnx_mbs.passes.load import declared_io, static_batch, with_io_of
+from onnx_mbs.passes.load import check_model, load
 from onnx_mbs.passes.shrink import shrink_channels
 from onnx_mbs.plan import Budget, GroupInfo, Plan, plan_widths
 from onnx_mbs.runtime import choose_providers
@@ -173,13 +171,9 @@ def reduce(
         clock = now
 
     provider_list = choose_providers(providers)
-    original = read_model(model)
-    loaded = load_model(original, input_shapes)
-    # What the written model declares: the input's I/O, with only the user's shapes
-    # applied (a dynamic batch stays dynamic). onnxruntime runs with the same.
-    declared = declared_io(original, input_shapes)
-    runnable = with_io_of(loaded, declared)
-    batch_size = static_batch(declared) or batch_size
+    read = load(model, input_shapes)
+    loaded, runnable = read.model, read.runnable
+    batch_size = read.batch or batch_size
     source: DataSource | None = None
     if data is not None:
         source = open_for_model(data, loaded, mean=mean, std=std, limit=limit)
@@ -195,7 +189,7 @@ def reduce(
 
     stats: ActivationStats | None = None
     rho = dict.fromkeys(activation, 1.0)  # no data: effective flops are plain MACs
-    measured = sorted({t for t in activation.values() if t})
+    measured = sorted({t for t in activation.values() if t})  # none: no activation follows a conv
     if source is not None and measured:
         stats = collect_stats(
             runnable,
@@ -233,8 +227,8 @@ def reduce(
     shrunk = shrink_channels(loaded, keep, channels) if plan.changes_anything else loaded
     after = analyze_model(shrunk)  # shrink keeps the recorded shapes up to date
     # Nothing to cut: hand back the input model itself, not a re-serialised copy.
-    reduced = with_io_of(shrunk, declared) if plan.changes_anything else original
-    onnx.checker.check_model(reduced, full_check=True)
+    reduced = read.written(shrunk) if plan.changes_anything else read.original
+    check_model(reduced, full_check=True)
     # The plan's sizes were predictions; report what the written model has.
     plan.params = (plan.params[0], count_parameters(reduced))
     plan.macs = (plan.macs[0], after.total_macs)

@@ -23,13 +23,16 @@ from .importance import Importance, choose_channels, l1_importance
 from .load import (
     FixInputShapes,
     InferShapes,
+    LoadedModel,
     NameNodes,
+    load,
     load_model,
     parse_input_shape,
     read_model,
     static_batch,
     with_io_of,
 )
+from .normalise import Normalise, normalise
 from .shrink import KeepPlan, ShrinkChannels, predicted_params, shrink_channels
 
 __all__ = [
@@ -45,10 +48,12 @@ __all__ = [
     "Importance",
     "InferShapes",
     "KeepPlan",
+    "LoadedModel",
     "Macroblock",
     "Member",
     "ModelAnalysis",
     "NameNodes",
+    "Normalise",
     "Pass",
     "PassResult",
     "Sequential",
@@ -61,7 +66,9 @@ __all__ = [
     "find_channel_groups",
     "fold_shapes",
     "l1_importance",
+    "load",
     "load_model",
+    "normalise",
     "parse_input_shape",
     "predicted_params",
     "read_model",
