@@ -58,6 +58,7 @@ def export_onnx(
     path: str | Path | None = None,
     form: Form = "deploy",
     dynamic_batch: bool = False,
+    opset: int = OPSET,
 ) -> onnx.ModelProto:
     """Export `model` (in eval mode; the caller's module is not changed) and return the ONNX model.
 
@@ -84,7 +85,7 @@ def export_onnx(
             buffer,
             input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME],
-            opset_version=OPSET,
+            opset_version=opset,
             training=training,
             do_constant_folding=True,
             dynamic_axes=dynamic_axes,

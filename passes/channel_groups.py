@@ -34,6 +34,7 @@ import onnx
 
 from .analysis import ModelAnalysis, analyze_model
 from .graph import GraphIndex, attributes
+from .load import in_load_form, is_unknown_op
 
 # Roles of initializer members, so importance and tests know what an axis is.
 ACTIVATION = "activation"
@@ -98,7 +99,7 @@ class ChannelGroup:
     size: int
     members: list[Member]
     producers: list[str]  # Conv/ConvTranspose (and Gemm/MatMul) nodes whose filters make it
-    macroblocks: list[int]
+    macroblocks: list[int]  # where its channels are made (its producers' macroblocks)
     pinned: bool
     pin_reasons: list[str] = field(default_factory=list)
 
@@ -245,11 +246,12 @@ class _Walk:
     def visit(self, node: onnx.NodeProto) -> None:
         op = node.op_type
         inputs = [name for name in node.input if name in self.chan]
+        custom = node.domain not in ("", "ai.onnx") or is_unknown_op(node)
         if not inputs and op not in ("Conv", "ConvTranspose"):
-            if node.domain not in ("", "ai.onnx") or _subgraphs(node):
+            if custom or _subgraphs(node):
                 self.opaque(node, "op not followed")
             return  # shape arithmetic and constants carry no channels
-        if node.domain not in ("", "ai.onnx"):
+        if custom:
             self.opaque(node, f"custom op (domain '{node.domain}') not followed")
             return
         if _subgraphs(node):
@@ -847,8 +849,10 @@ def analyze_channels(
 
     Run `FoldShapes` first if the model computes Reshape shapes at run time;
     otherwise the groups those shapes read are pinned. `macroblocks` is
-    `analyze_model(model)` if the caller has it already.
+    `analyze_model(model)` if the caller has it already. A model not in `load_model`
+    form is loaded first.
     """
+    model = in_load_form(model)
     walk = _Walk(model)
     walk.run()
     root = _roots(walk.parent)
@@ -870,7 +874,9 @@ def analyze_channels(
             members[g].append(Member(tensor, slot.axis, positions, slot.role, node.name))
             if slot.role == FILTERS and node.name not in producers[g]:
                 producers[g].append(node.name)
-            if node.name in layer_block:
+            # A group belongs to the macroblocks where its channels are made, not to
+            # those of the convs that read them.
+            if slot.role == FILTERS and node.name in layer_block:
                 blocks[g].add(layer_block[node.name])
     reasons: list[list[str]] = [[] for _ in classes]
     for ids, reason in walk.pins:

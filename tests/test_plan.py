@@ -118,3 +118,12 @@ def test_budget_parsing_and_rounding():
     assert round_channels(64, 0.01, 8) == 8
     assert round_channels(6, 0.1, 8) == 6  # never below min(8, original)
     assert round_channels(24, 0.6, 8) == 16
+
+
+@pytest.mark.parametrize("size", [58, 116, 232, 20, 9, 3, 1])
+def test_beta_one_keeps_every_channel(size):
+    """ShuffleNet, ReXNet and GhostNet widths are not multiples of 8: at beta 1 a group
+    keeps them all, and rounding never cuts below what beta asks."""
+    assert round_channels(size, 1.0, 8) == size
+    for fraction in (0.3, 0.55, 0.9):
+        assert round_channels(size, fraction, 8) >= min(size, size * fraction)
