@@ -126,7 +126,8 @@ def _kernel_effective(node: onnx.NodeProto, weight_shape: tuple[int, ...] | None
 
 def analyze_model(model: onnx.ModelProto) -> ModelAnalysis:
     """Layers, macroblocks and totals of a model (normalised by `load_model` if it is not)."""
-    index = GraphIndex.build(in_load_form(model))
+    model = in_load_form(model)
+    index = GraphIndex.build(model)
     shapes = index.shapes
     resolution: dict[str, tuple[int, int]] = {}  # tensor -> size, Pad borders removed
     rf: dict[str, float] = {}
@@ -222,7 +223,7 @@ def analyze_model(model: onnx.ModelProto) -> ModelAnalysis:
     return ModelAnalysis(
         layers=layers,
         macroblocks=macroblocks,
-        total_params=count_parameters(in_load_form(model)),
+        total_params=count_parameters(model),
         total_macs=sum(x.macs for x in layers) + sum(other.values()),
         other_macs=other,
     )
