@@ -114,28 +114,26 @@ NOT_PARAMETERS = {
 SCALAR_OPS = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Equal", "Less", "Greater"}
 
 
-def is_parameter_use(node: onnx.NodeProto, position: int, elements: int) -> bool:
-    """Whether a float constant read as input `position` of `node` is a learned value.
+def is_parameter_use(node: onnx.NodeProto, position: int, rank: int) -> bool:
+    """Whether a float constant of rank `rank` read as input `position` of `node` is a
+    learned value.
 
     BatchNorm statistics, Clip bounds, Resize scales and Pad values are not; nor is
-    a scalar read by an element-wise op (GELU's sqrt(2), HardSwish's 1/6).
+    a 0-d scalar read by an element-wise op (GELU's sqrt(2), HardSwish's 1/6).
     """
     if position in NOT_PARAMETERS.get(node.op_type, ()):
         return False
-    return not (elements <= 1 and node.op_type in SCALAR_OPS)
+    return not (rank == 0 and node.op_type in SCALAR_OPS)
 
 
 def count_parameters(model: onnx.ModelProto) -> int:
     """Elements of the float initializers that hold learned values: the parameter count
     DESIGN.md budgets against, counted like torch's `parameters()` (see `is_parameter_use`).
     """
-    sizes = {
-        t.name: int(np.prod(t.dims, dtype=np.int64))
-        for t in model.graph.initializer
-        if t.data_type in FLOAT_TYPES
-    }
+    floats = {t.name: t for t in model.graph.initializer if t.data_type in FLOAT_TYPES}
+    sizes = {name: int(np.prod(t.dims, dtype=np.int64)) for name, t in floats.items()}
     for node in model.graph.node:
         for k, name in enumerate(node.input):
-            if name in sizes and not is_parameter_use(node, k, sizes[name]):
+            if name in sizes and not is_parameter_use(node, k, len(floats[name].dims)):
                 sizes[name] = 0
     return sum(sizes.values())

@@ -333,7 +333,6 @@ def in_load_form(model: onnx.ModelProto) -> onnx.ModelProto:
     loaded = (
         all(names)
         and len(set(names)) == len(names)
-        and all(n.op_type != "Constant" for n in graph.node)
         and all(static_shape(i) for i in graph.input if i.name not in initializers)
         and all(n.output[0] in static for n in graph.node if n.op_type in ("Conv", "ConvTranspose"))
     )

@@ -161,7 +161,7 @@ def _counted(index: GraphIndex, uses: list[tuple[int, int]], via: str | None) ->
         if n < 0:
             continue
         node = index.nodes[n]
-        if not is_parameter_use(node, i, 2) and (via is None or node.input[i] == via):
+        if not is_parameter_use(node, i, 1) and (via is None or node.input[i] == via):
             return False
     return True
 
