@@ -59,6 +59,7 @@ def export_onnx(
     form: Form = "deploy",
     dynamic_batch: bool = False,
     output_names: tuple[str, ...] = (OUTPUT_NAME,),
+    opset: int = OPSET,
 ) -> onnx.ModelProto:
     """Export `model` (in eval mode; the caller's module is not changed) and return the ONNX model.
 
@@ -87,7 +88,7 @@ def export_onnx(
             buffer,
             input_names=[INPUT_NAME],
             output_names=list(output_names),
-            opset_version=OPSET,
+            opset_version=opset,
             training=training,
             do_constant_folding=True,
             dynamic_axes=dynamic_axes,

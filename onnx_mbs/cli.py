@@ -13,15 +13,10 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from onnx_mbs.passes import (
-    BadInputError,
-    analyze_model,
-    load_model,
-    parse_input_shape,
-    read_model,
-)
+from onnx_mbs.passes import BadInputError, analyze_model, load_model, parse_input_shape
+from onnx_mbs.passes.analysis import resolution_text
 from onnx_mbs.passes.importance import DEFAULT_CRITERION
-from onnx_mbs.passes.load import declared_io, static_batch, with_io_of
+from onnx_mbs.passes.load import load, static_batch
 
 
 def _input_shapes(specs: Sequence[str] | None) -> dict[str, list[int]]:
@@ -63,7 +58,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     rows = [
         (
             m.index,
-            f"{m.resolution[0]}x{m.resolution[1]}",
+            resolution_text(m.resolution),
             len(m.layers),
             len(m.base_layers),
             _fmt_int(m.params),
@@ -225,17 +220,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     providers = choose_providers(args.providers)
     shapes = _input_shapes(args.input_shape)
-    original = read_model(args.model)
-    model = load_model(original, shapes)
-    declared = declared_io(original, shapes)
-    source = _open_for_model(args.data, model, args, args.limit, split="test")
+    read = load(args.model, shapes)
+    source = _open_for_model(args.data, read.model, args, args.limit, split="test")
     if args.teacher:
-        return _eval_agreement(args, with_io_of(model, declared), source, providers, shapes)
+        return _eval_agreement(args, read.runnable, source, providers, shapes)
     result = evaluate(
-        with_io_of(model, declared),
+        read.runnable,
         source,
         providers,
-        batch_size=static_batch(declared) or args.batch_size,
+        batch_size=read.batch or args.batch_size,
         progress=not args.json,
     )
     if args.json:
@@ -266,10 +259,7 @@ def _eval_agreement(args: argparse.Namespace, model, source, providers, shapes) 
     """`eval --teacher`: how closely each output follows the teacher's, without labels."""
     from onnx_mbs.evaluate import agreement
 
-    teacher_original = read_model(args.teacher)
-    teacher = with_io_of(
-        load_model(teacher_original, shapes), declared_io(teacher_original, shapes)
-    )
+    teacher = load(args.teacher, shapes).runnable
     result = agreement(
         model,
         teacher,
@@ -322,8 +312,8 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     )
     losses = parse_loss_specs(args.loss)
     shapes = _input_shapes(args.input_shape)
-    original = read_model(args.model)
-    model = load_model(original, shapes)
+    read = load(args.model, shapes)
+    model = read.model
     teacher = load_model(args.teacher, shapes) if args.teacher else None
     _check_device(args.device)
     train = _open_for_model(args.data, model, args, args.limit, split="train")
@@ -377,7 +367,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
             f"{kept}: {val_text(result.best_val_top1)}; {result.images_per_second:.0f} "
             f"images/s on {result.device} x{result.world_size}"
         )
-        save_model(with_io_of(result.model, declared_io(original, shapes)), args.output)
+        save_model(read.written(result.model), args.output)
         print(f"wrote {args.output}", file=sys.stderr)
     if result.world_size > 1:
         # The work is done and written. torch's gloo teardown can still abort a

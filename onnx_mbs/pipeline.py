@@ -25,8 +25,6 @@ from onnx_mbs.passes import (
     PassResult,
     analyze_model,
     count_parameters,
-    load_model,
-    read_model,
 )
 from onnx_mbs.passes.activations import activation_tensors
 from onnx_mbs.passes.channel_groups import ChannelGroup, analyze_channels
@@ -39,7 +37,7 @@ from onnx_mbs.passes.importance import (
     choose_channels,
     weight_importance,
 )
-from onnx_mbs.passes.load import declared_io, static_batch, with_io_of
+from onnx_mbs.passes.load import check_model, load
 from onnx_mbs.passes.shrink import shrink_channels
 from onnx_mbs.plan import Budget, GroupInfo, Plan, plan_widths
 from onnx_mbs.runtime import choose_providers
@@ -148,10 +146,10 @@ def check_written(model: onnx.ModelProto, original: onnx.ModelProto) -> None:
     too: if that fails the same way the input was never valid ONNX (bad input, exit 2, e.g. a
     bfloat16 Conv below opset 22, which the light check at load lets through); else it is a bug."""
     try:
-        onnx.checker.check_model(model, full_check=True)
+        check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError):
         try:
-            onnx.checker.check_model(original, full_check=True)
+            check_model(original, full_check=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
             first = str(error).strip().splitlines()[0]
             raise BadInputError(f"the model is not valid ONNX: {first}") from None
@@ -206,13 +204,9 @@ def reduce(
         clock = now
 
     provider_list = choose_providers(providers)
-    original = read_model(as_model(model))
-    loaded = load_model(original, input_shapes)
-    # What the written model declares: the input's I/O, with only the user's shapes
-    # applied (a dynamic batch stays dynamic). onnxruntime runs with the same.
-    declared = declared_io(original, input_shapes)
-    runnable = with_io_of(loaded, declared)
-    batch_size = static_batch(declared) or batch_size
+    read = load(as_model(model), input_shapes)
+    loaded, runnable, original = read.model, read.runnable, read.original
+    batch_size = read.batch or batch_size
     source: DataSource | None = None
     if data is not None:
         source = open_for_model(data, loaded, mean=mean, std=std, limit=limit)
@@ -228,7 +222,7 @@ def reduce(
 
     stats: ActivationStats | None = None
     rho = dict.fromkeys(activation, 1.0)  # no data: effective flops are plain MACs
-    measured = sorted({t for t in activation.values() if t})
+    measured = sorted({t for t in activation.values() if t})  # none: no activation follows a conv
     if source is not None and measured:
         stats = collect_stats(
             runnable,
@@ -262,7 +256,7 @@ def reduce(
             cost,
             measure_models([runnable], provider_list, threads=latency_threads)[0],
             timer,
-            batch=static_batch(declared) or 1,
+            batch=read.batch or 1,
             channel_multiple=channel_multiple,
         )
 
@@ -294,7 +288,7 @@ def reduce(
             return loaded, original
         keep = choose_channels(groups, plan.counts, scorer)
         shrunk = shrink_channels(loaded, keep, channels)
-        return shrunk, with_io_of(shrunk, declared)
+        return shrunk, read.written(shrunk)
 
     shrunk, reduced = rewrite(plan)
     if latency is not None:

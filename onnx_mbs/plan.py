@@ -3,7 +3,7 @@
 Per macroblock m: effective flops E(m) = sum MACs_k * rho_k, E_B(m) over its
 base, redundancy R(m) = 1 - E_B(m)/E(m), width scale beta(m) =
 clip((1 - R(m)) ** gamma, beta_min, 1). A channel group takes the largest beta
-of the macroblocks it touches; pinned groups keep every channel. With a budget,
+of the macroblocks where its channels are made; pinned groups keep every channel. With a budget,
 gamma is solved by bisection in [0, GAMMA_MAX] so the reduced model keeps at
 most the asked fraction of parameters, MACs and/or predicted latency (every
 limit given is met: the largest excess over its fraction is solved to 0).
@@ -163,9 +163,11 @@ def macroblock_redundancy(
 
 
 def round_channels(size: int, fraction: float, multiple: int) -> int:
-    """Channels kept for a group: a multiple of `multiple`, never below min(multiple, size)."""
+    """Channels kept for a group: `size * fraction` rounded up to a multiple of `multiple`
+    (never down: at fraction 1 a group of 58 keeps 58), never below min(multiple, size).
+    Only a budget's nudge cuts below, knowingly."""
     floor = min(multiple, size)
-    wanted = max(floor, int(round(size * fraction / multiple)) * multiple)
+    wanted = max(floor, math.ceil(size * fraction / multiple - 1e-9) * multiple)
     return min(size, wanted)
 
 

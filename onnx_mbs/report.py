@@ -9,6 +9,7 @@ import json
 import math
 from pathlib import Path
 
+from onnx_mbs.passes.analysis import resolution_text
 from onnx_mbs.pipeline import ReduceReport
 
 
@@ -107,7 +108,7 @@ def macroblock_rows(report: ReduceReport) -> list[tuple]:
         rows.append(
             (
                 block.index,
-                f"{block.resolution[0]}x{block.resolution[1]}",
+                resolution_text(block.resolution),
                 f"{len(block.base_layers)}/{len(block.layers)}",
                 f"{planned.redundancy:.3f}",
                 f"{planned.beta:.3f}",

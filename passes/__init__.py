@@ -31,13 +31,16 @@ from .importance import (
 from .load import (
     FixInputShapes,
     InferShapes,
+    LoadedModel,
     NameNodes,
+    load,
     load_model,
     parse_input_shape,
     read_model,
     static_batch,
     with_io_of,
 )
+from .normalise import Normalise, normalise
 from .shrink import KeepPlan, ShrinkChannels, predicted_params, shrink_channels
 
 __all__ = [
@@ -57,10 +60,12 @@ __all__ = [
     "Importance",
     "InferShapes",
     "KeepPlan",
+    "LoadedModel",
     "Macroblock",
     "Member",
     "ModelAnalysis",
     "NameNodes",
+    "Normalise",
     "Pass",
     "PassResult",
     "Sequential",
@@ -72,7 +77,9 @@ __all__ = [
     "count_parameters",
     "find_channel_groups",
     "fold_shapes",
+    "load",
     "load_model",
+    "normalise",
     "parse_input_shape",
     "predicted_params",
     "read_model",

@@ -17,6 +17,7 @@ import onnx
 
 from .base import Pass, PassResult
 from .graph import GraphIndex, attributes, count_parameters
+from .load import in_load_form
 
 CONV_OPS = ("Conv", "ConvTranspose")
 POOL_OPS = ("MaxPool", "AveragePool", "LpPool")
@@ -39,11 +40,11 @@ class ConvLayer:
     in_channels: int
     out_channels: int
     groups: int
-    kernel: tuple[int, int]
-    stride: tuple[int, int]
-    dilation: tuple[int, int]
-    input_size: tuple[int, int]
-    output_size: tuple[int, int]
+    kernel: tuple[int, ...]  # one entry per spatial dim (Conv1d: 1, Conv2d: 2, Conv3d: 3)
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    input_size: tuple[int, ...]
+    output_size: tuple[int, ...]
     macs: int
     params: int
     receptive_field: float  # local, in the macroblock's own pixels; inf after global pooling
@@ -57,7 +58,7 @@ class ConvLayer:
 @dataclass(frozen=True)
 class Macroblock:
     index: int
-    resolution: tuple[int, int]
+    resolution: tuple[int, ...]  # (H, W); (L,) for Conv1d, (D, H, W) for Conv3d
     layers: list[str]
     base_layers: list[str]
     params: int
@@ -88,14 +89,17 @@ class ModelAnalysis:
         }
 
 
-def _pair(values, default: int) -> tuple[int, int]:
-    values = list(values) if values else [default, default]
-    return (values[0], values[-1]) if len(values) <= 2 else (values[-2], values[-1])
+def _per_dim(values, default: int, rank: int) -> tuple[int, ...]:
+    return tuple(values) if values else (default,) * rank
 
 
-def _spatial(shape: tuple[int, ...] | None) -> tuple[int, int] | None:
-    """(H, W) of an NCHW tensor; also of the 5-D (N, g, C/g, H, W) views of a channel shuffle."""
-    return (shape[-2], shape[-1]) if shape is not None and len(shape) >= 4 else None
+def _spatial(shape: tuple[int, ...] | None) -> tuple[int, ...] | None:
+    """The spatial size of an N, C, ... tensor: (L,), (H, W) or (D, H, W)."""
+    return tuple(shape[2:]) if shape is not None and len(shape) >= 3 else None
+
+
+def resolution_text(size: tuple[int, ...]) -> str:
+    return "x".join(map(str, size))
 
 
 class _UnionFind:
@@ -121,7 +125,8 @@ def _kernel_effective(node: onnx.NodeProto, weight_shape: tuple[int, ...] | None
 
 
 def analyze_model(model: onnx.ModelProto) -> ModelAnalysis:
-    """Layers, macroblocks and totals of a shape-inferred model (see `load_model`)."""
+    """Layers, macroblocks and totals of a model (normalised by `load_model` if it is not)."""
+    model = in_load_form(model)
     index = GraphIndex.build(model)
     shapes = index.shapes
     resolution: dict[str, tuple[int, int]] = {}  # tensor -> size, Pad borders removed
@@ -161,7 +166,7 @@ def analyze_model(model: onnx.ModelProto) -> ModelAnalysis:
                 rf[out] = max(rf[t] for t in same)
             elif (
                 inputs
-                and not any(resolution[t] == (1, 1) for t in inputs)
+                and not any(all(d == 1 for d in resolution[t]) for t in inputs)
                 and op not in RESAMPLING_OPS
             ):
                 rf[out] = max(rf[t] for t in inputs)
@@ -230,16 +235,16 @@ def _conv_layer(node, index: GraphIndex, resolution, rf, macroblock: int) -> Con
     weight_shape = shapes[node.input[1]]
     in_shape, out_shape = shapes[node.input[0]], shapes[node.output[0]]
     groups = int(attrs.get("group", 1))
-    kernel = _pair(weight_shape[2:], 1)
+    kernel = tuple(weight_shape[2:])
+    rank = len(kernel)
     bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
     params = int(np.prod(weight_shape)) + (int(np.prod(shapes[bias])) if bias else 0)
+    cin, cout = in_shape[1], out_shape[1]
     if node.op_type == "Conv":
-        cin, cout = in_shape[1], out_shape[1]
-        macs = out_shape[0] * out_shape[2] * out_shape[3] * kernel[0] * kernel[1]
+        macs = out_shape[0] * math.prod(out_shape[2:]) * math.prod(kernel)
         macs *= (cin // groups) * cout
     else:  # ConvTranspose: every input pixel scatters a kernel
-        cin, cout = in_shape[1], out_shape[1]
-        macs = in_shape[0] * in_shape[2] * in_shape[3] * kernel[0] * kernel[1]
+        macs = in_shape[0] * math.prod(in_shape[2:]) * math.prod(kernel)
         macs *= cin * (cout // groups)
     return ConvLayer(
         name=node.name,
@@ -252,10 +257,10 @@ def _conv_layer(node, index: GraphIndex, resolution, rf, macroblock: int) -> Con
         out_channels=cout,
         groups=groups,
         kernel=kernel,
-        stride=_pair(attrs.get("strides"), 1),
-        dilation=_pair(attrs.get("dilations"), 1),
-        input_size=(in_shape[2], in_shape[3]),
-        output_size=(out_shape[2], out_shape[3]),
+        stride=_per_dim(attrs.get("strides"), 1, rank),
+        dilation=_per_dim(attrs.get("dilations"), 1, rank),
+        input_size=tuple(in_shape[2:]),
+        output_size=tuple(out_shape[2:]),
         macs=int(macs),
         params=params,
         receptive_field=rf[node.output[0]],

@@ -35,6 +35,7 @@ from . import channel_handlers  # noqa: F401  (registers the built-in handlers)
 from .analysis import ModelAnalysis, analyze_model
 from .channel_walk import ACTIVATION, FILTERS, ChannelWalk, Edit, Slot
 from .graph import structure_key
+from .load import in_load_form
 
 
 @dataclass
@@ -64,7 +65,7 @@ class ChannelGroup:
     size: int
     members: list[Member]
     producers: list[str]  # Conv/ConvTranspose (and Gemm/MatMul) nodes whose filters make it
-    macroblocks: list[int]
+    macroblocks: list[int]  # where its channels are made (its producers' macroblocks)
     pinned: bool
     pin_reasons: list[str] = field(default_factory=list)
 
@@ -103,8 +104,10 @@ def analyze_channels(
 
     Run `FoldShapes` first if the model computes Reshape shapes at run time;
     otherwise the groups those shapes read are pinned. `macroblocks` is
-    `analyze_model(model)` if the caller has it already.
+    `analyze_model(model)` if the caller has it already. A model not in `load_model`
+    form is loaded first.
     """
+    model = in_load_form(model)
     walk = ChannelWalk(model)
     walk.run()
     root = _roots(walk.parent)
@@ -126,7 +129,9 @@ def analyze_channels(
             members[g].append(Member(tensor, slot.axis, positions, slot.role, node.name))
             if slot.role == FILTERS and node.name not in producers[g]:
                 producers[g].append(node.name)
-            if node.name in layer_block:
+            # A group belongs to the macroblocks where its channels are made, not to
+            # those of the convs that read them.
+            if slot.role == FILTERS and node.name in layer_block:
                 blocks[g].add(layer_block[node.name])
     reasons: list[list[str]] = [[] for _ in classes]
     for ids, reason in walk.pins:

@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 
 from .graph import GraphIndex
+from .load import is_unknown_op
 
 # Roles of initializer members, so importance and tests know what an axis is.
 ACTIVATION = "activation"
@@ -163,11 +164,16 @@ class ChannelWalk:
     def visit(self, node: onnx.NodeProto) -> None:
         op = node.op_type
         inputs = [name for name in node.input if name in self.chan]
+        # Custom domains and default-domain ops without a schema (TensorRT plugins) are opaque
+        # unless a handler was registered for them.
+        custom = (node.domain not in ("", "ai.onnx") or is_unknown_op(node)) and handler_for(
+            node, self.opsets
+        ) is None
         if not inputs and op not in ("Conv", "ConvTranspose"):
-            if node.domain not in ("", "ai.onnx") or _subgraphs(node):
+            if custom or _subgraphs(node):
                 self.opaque(node, "op not followed")
             return  # shape arithmetic and constants carry no channels
-        if node.domain not in ("", "ai.onnx") and handler_for(node, self.opsets) is None:
+        if custom:
             self.opaque(node, f"custom op (domain '{node.domain}') not followed")
             return
         if _subgraphs(node):

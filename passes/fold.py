@@ -24,6 +24,7 @@ from onnx.reference import ReferenceEvaluator
 
 from .base import Pass, PassResult
 from .graph import GraphIndex, attributes
+from .normalise import constant_value
 
 MAX_ELEMENTS = 4096  # larger values are data, not shape arithmetic
 NOT_FOLDED = {
@@ -102,7 +103,8 @@ def _fold(
     """The node's outputs if it can be folded, else None."""
     op = node.op_type
     if op == "Constant":
-        return None if node.attribute[0].name == "sparse_value" else [_constant_value(node)]
+        value = constant_value(node)
+        return None if value is None else [value]
     if op in ("Shape", "Size"):
         shape = index.shapes.get(node.input[0])
         if shape is None:
@@ -129,7 +131,7 @@ def _fold(
     if any(np.asarray(v).size > MAX_ELEMENTS for v in feeds.values()):
         return None
     try:
-        results = ReferenceEvaluator(node, opsets=opsets).run(None, feeds)
+        results = ReferenceEvaluator(_one_node_model(node, opsets)).run(None, feeds)
     except Exception:  # an op the reference runtime cannot evaluate: leave it
         return None
     results = [np.asarray(r) for r in results]
@@ -138,15 +140,18 @@ def _fold(
     return results
 
 
-def _constant_value(node: onnx.NodeProto) -> np.ndarray:
-    attr = node.attribute[0]
-    if attr.name == "value":
-        return numpy_helper.to_array(attr.t)
-    value = onnx.helper.get_attribute_value(attr)
-    dtype = {"value_float": np.float32, "value_floats": np.float32}.get(attr.name, np.int64)
-    if attr.name in ("value_string", "value_strings"):
-        return np.array(value, dtype=object)
-    return np.array(value, dtype=dtype)
+def _one_node_model(node: onnx.NodeProto, opsets: dict[str, int]) -> onnx.ModelProto:
+    """`node` as a model of its own, so the reference runtime evaluates it at the model's
+    opset (given a bare node, it takes the latest: Unsqueeze-13 for an opset-11 node)."""
+    untyped = onnx.helper.make_tensor_value_info
+    graph = onnx.helper.make_graph(
+        [node],
+        "fold",
+        [untyped(name, 0, None) for name in node.input if name],
+        [untyped(name, 0, None) for name in node.output if name],
+    )
+    imports = [onnx.helper.make_opsetid(domain, version) for domain, version in opsets.items()]
+    return onnx.helper.make_model(graph, opset_imports=imports)
 
 
 class FoldShapes(Pass):

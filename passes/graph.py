@@ -14,6 +14,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .normalise import constant_value
+
 FLOAT_TYPES = {
     onnx.TensorProto.FLOAT,
     onnx.TensorProto.FLOAT16,
@@ -80,9 +82,7 @@ class GraphIndex:
             return numpy_helper.to_array(self.initializers[source])
         node = self.producer.get(name)
         if node is not None and node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    return numpy_helper.to_array(attr.t)
+            return constant_value(node)
         return None
 
 
@@ -106,7 +106,7 @@ def static_shape(value_info: onnx.ValueInfoProto) -> tuple[int, ...] | None:
         return None
     dims = []
     for d in tensor_type.shape.dim:
-        if not d.HasField("dim_value"):
+        if not d.HasField("dim_value") or d.dim_value <= 0:  # -1, 0: dynamic (Paddle)
             return None
         dims.append(d.dim_value)
     return tuple(dims)
@@ -117,20 +117,37 @@ def attributes(node: onnx.NodeProto) -> dict:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
-def count_parameters(model: onnx.ModelProto) -> int:
-    """Elements of all float weight initializers: the parameter count DESIGN.md budgets against.
+# Float inputs that configure an op rather than hold learned values.
+NOT_PARAMETERS = {
+    "BatchNormalization": (3, 4),  # running statistics
+    "Clip": (1, 2),
+    "Resize": (1, 2, 3),
+    "Upsample": (1,),
+    "Pad": (1, 2, 3),
+}
+SCALAR_OPS = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Equal", "Less", "Greater"}
 
-    BatchNorm running mean and variance are statistics, not parameters, and are
-    not counted, so a training-form export counts like torch's `parameters()`.
+
+def is_parameter_use(node: onnx.NodeProto, position: int, rank: int) -> bool:
+    """Whether a float constant of rank `rank` read as input `position` of `node` is a
+    learned value.
+
+    BatchNorm statistics, Clip bounds, Resize scales and Pad values are not; nor is
+    a 0-d scalar read by an element-wise op (GELU's sqrt(2), HardSwish's 1/6).
     """
-    statistics = {
-        name
-        for node in model.graph.node
-        if node.op_type == "BatchNormalization"
-        for name in node.input[3:5]
-    }
-    return sum(
-        int(np.prod(t.dims, dtype=np.int64))
-        for t in model.graph.initializer
-        if t.data_type in FLOAT_TYPES and t.name not in statistics
-    )
+    if position in NOT_PARAMETERS.get(node.op_type, ()):
+        return False
+    return not (rank == 0 and node.op_type in SCALAR_OPS)
+
+
+def count_parameters(model: onnx.ModelProto) -> int:
+    """Elements of the float initializers that hold learned values: the parameter count
+    DESIGN.md budgets against, counted like torch's `parameters()` (see `is_parameter_use`).
+    """
+    floats = {t.name: t for t in model.graph.initializer if t.data_type in FLOAT_TYPES}
+    sizes = {name: int(np.prod(t.dims, dtype=np.int64)) for name, t in floats.items()}
+    for node in model.graph.node:
+        for k, name in enumerate(node.input):
+            if name in sizes and not is_parameter_use(node, k, len(floats[name].dims)):
+                sizes[name] = 0
+    return sum(sizes.values())

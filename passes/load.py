@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,8 @@ from onnx import numpy_helper
 
 from .base import Pass, PassResult
 from .errors import BadInputError
-from .graph import GraphIndex, static_shape
+from .graph import GraphIndex, attributes, static_shape
+from .normalise import normalise, unique_names
 
 InputShapes = Mapping[str, Sequence[int]]
 
@@ -82,11 +84,50 @@ def read_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
             "reduce the float model first, then quantize"
         )
     try:
-        onnx.checker.check_model(model)
+        check_model(model)
     except onnx.checker.ValidationError as e:
         first = str(e).strip().splitlines()[0]
         raise BadInputError(f"the model is not valid ONNX: {first}") from None
     return model
+
+
+OPAQUE_DOMAIN = "onnx_mbs.opaque"
+
+
+def is_unknown_op(node: onnx.NodeProto) -> bool:
+    """A default-domain op without an ONNX schema (a TensorRT plugin such as
+    EfficientNMS_TRT): opaque, kept as it is and never followed."""
+    return node.domain in ("", "ai.onnx") and not onnx.defs.has(node.op_type)
+
+
+def _as_custom(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[int]]:
+    """`model` with its unknown default-domain ops moved to OPAQUE_DOMAIN (the checker
+    and shape inference treat custom domains as opaque), and where they are."""
+    where = [k for k, n in enumerate(model.graph.node) if is_unknown_op(n)]
+    if not where:
+        return model, []
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for k in where:
+        out.graph.node[k].domain = OPAQUE_DOMAIN
+    out.opset_import.append(onnx.helper.make_opsetid(OPAQUE_DOMAIN, 1))
+    return out, where
+
+
+def _restore(model: onnx.ModelProto, where: list[int]) -> onnx.ModelProto:
+    if not where:
+        return model
+    for k in where:
+        model.graph.node[k].domain = ""
+    kept = [o for o in model.opset_import if o.domain != OPAQUE_DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
+    return model
+
+
+def check_model(model: onnx.ModelProto, full_check: bool = False) -> None:
+    """`onnx.checker.check_model`, with unknown default-domain ops taken as opaque."""
+    onnx.checker.check_model(_as_custom(model)[0], full_check=full_check)
 
 
 class FixInputShapes(Pass):
@@ -172,7 +213,9 @@ class InferShapes(Pass):
 
     def call(self, model: onnx.ModelProto) -> PassResult:
         try:
-            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+            custom, where = _as_custom(model)
+            inferred = onnx.shape_inference.infer_shapes(custom, strict_mode=True, data_prop=True)
+            inferred = _restore(inferred, where)
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BadInputError(f"shape inference failed: {first}") from None
@@ -202,60 +245,113 @@ def _check_static(inferred: onnx.ModelProto) -> None:
 
 
 class NameNodes(Pass):
-    """Give unnamed nodes a stable name (`OpType_k`) so plans and reports can refer to them."""
+    """Give empty and repeated node names a stable unique name (`OpType_k`) so plans and
+    reports can refer to them."""
 
     name = "name_nodes"
 
     def call(self, model: onnx.ModelProto) -> PassResult:
-        if all(n.name for n in model.graph.node):
+        names = [n.name for n in model.graph.node]
+        if all(names) and len(set(names)) == len(names):
             return PassResult(model)
         out = onnx.ModelProto()
         out.CopyFrom(model)
-        taken = {n.name for n in out.graph.node}
-        for k, node in enumerate(out.graph.node):
-            if not node.name:
-                name = f"{node.op_type}_{k}"
-                while name in taken:
-                    name += "_"
-                node.name = name
-                taken.add(name)
+        unique_names(out.graph)
         return PassResult(out, True)
+
+
+@dataclass
+class LoadedModel:
+    """A model as read, in the analysis form, and the I/O a written model declares.
+
+    `original` is the input as read (handed back unchanged when nothing is cut);
+    `model` is normalised, shapes fixed and inferred, shape arithmetic folded:
+    what every pass expects; `declared` is normalised with no shape fixed: its
+    graph inputs and outputs are the ones every written model declares.
+    """
+
+    original: onnx.ModelProto
+    model: onnx.ModelProto
+    declared: onnx.ModelProto
+
+    def written(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """`model` (an analysis-form model or a shrunk one) with the declared I/O."""
+        return with_io_of(model, self.declared)
+
+    @property
+    def runnable(self) -> onnx.ModelProto:
+        """The analysis form with the declared I/O: what onnxruntime runs."""
+        return self.written(self.model)
+
+    @property
+    def batch(self) -> int | None:
+        """The batch the declared input fixes, or None when it is dynamic."""
+        return static_batch(self.declared)
+
+
+def load(
+    source: str | os.PathLike | onnx.ModelProto, input_shapes: InputShapes | None = None
+) -> LoadedModel:
+    """Read, check and normalise, then fix input shapes and infer shapes and fold shape
+    arithmetic until both settle.
+
+    Exporters compute Reshape targets at run time (Shape -> Gather -> Concat); shape
+    inference cannot see through all of that, folding it can, and then inference
+    goes further. A dynamic batch is taken as 1. Fixing shapes serves the analysis
+    only: folded constants that follow a dynamic dim are made size-agnostic (see
+    `_keep_dynamic`), so the written model accepts every shape the original did.
+    """
+    original = read_model(source)
+    declared = normalise(original)
+    fixed = FixInputShapes(input_shapes, batch=1)(declared).model
+    model, folded = _settle(fixed)
+    others = []
+    for kind in ("batch", "spatial") if folded else ():
+        other = _other_shapes(declared, fixed, kind)
+        try:
+            if other:
+                others.append(_settle(FixInputShapes(other)(declared).model)[0])
+        except BadInputError:
+            pass  # the original does not run at that size either: nothing to keep
+    try:
+        model = _keep_dynamic(model, others)
+    except BadInputError:
+        if not input_shapes:
+            raise
+        # The user fixed these shapes: the written model takes exactly them.
+        declared = FixInputShapes(input_shapes, batch=None)(declared).model
+    return LoadedModel(original, model, declared)
 
 
 def load_model(
     source: str | os.PathLike | onnx.ModelProto, input_shapes: InputShapes | None = None
 ) -> onnx.ModelProto:
-    """Read, check, fix input shapes, name nodes, then infer shapes and fold shape
-    arithmetic until both settle: the model every pass expects.
-
-    Exporters compute Reshape targets at run time (Shape -> Gather -> Concat); shape
-    inference cannot see through all of that, folding it can, and then inference
-    goes further. A dynamic batch is taken as 1; shape constants that follow the
-    batch are kept batch-agnostic (see `_keep_batch_dynamic`).
-    """
-    named = NameNodes()(read_model(source)).model
-    model, folded = _settle(named, input_shapes, batch=1)
-    if folded and _has_dynamic_batch(named, input_shapes):
-        model = _keep_batch_dynamic(model, _settle(named, input_shapes, batch=2)[0])
-    return model
+    """The analysis form of `source` (see `load`): the model every pass expects."""
+    return load(source, input_shapes).model
 
 
-def declared_io(
-    source: onnx.ModelProto, input_shapes: InputShapes | None = None
-) -> onnx.ModelProto:
-    """`source` with only the user's input shapes applied: the inputs and outputs a
-    written model declares (a dynamic batch stays dynamic)."""
-    return FixInputShapes(input_shapes, batch=None)(source).model
+def in_load_form(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` itself if it is in `load_model` form, else `load_model(model)`: every public
+    analysis and transform accepts a plainly loaded model this way (a model whose
+    shapes cannot be fixed raises the BadInputError `load_model` would)."""
+    graph = model.graph
+    names = [n.name for n in graph.node]
+    static = {vi.name for vi in [*graph.value_info, *graph.output] if static_shape(vi)}
+    initializers = {t.name for t in graph.initializer}
+    loaded = (
+        all(names)
+        and len(set(names)) == len(names)
+        and all(static_shape(i) for i in graph.input if i.name not in initializers)
+        and all(n.output[0] in static for n in graph.node if n.op_type in ("Conv", "ConvTranspose"))
+    )
+    return model if loaded else load_model(model)
 
 
-def _settle(
-    model: onnx.ModelProto, input_shapes: InputShapes | None, batch: int
-) -> tuple[onnx.ModelProto, bool]:
+def _settle(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
     """Infer shapes and fold shape arithmetic until nothing more folds; and whether
-    anything did (only folded constants can depend on the batch)."""
+    anything did (only folded constants can depend on the input size)."""
     from .fold import fold_shapes  # fold builds on this module's load form
 
-    model = FixInputShapes(input_shapes, batch=batch)(model).model
     # Each round can only fold Shapes whose inputs the last inference reached, so a
     # chain of k dependent Shape computations needs up to k + 1 rounds.
     rounds = 2 + sum(n.op_type == "Shape" for n in model.graph.node)
@@ -270,64 +366,116 @@ def _settle(
     return model, anything
 
 
-def _has_dynamic_batch(model: onnx.ModelProto, input_shapes: InputShapes | None) -> bool:
-    given = set(input_shapes or {})
-    initializers = {t.name for t in model.graph.initializer}
-    for vi in model.graph.input:
-        if vi.name in initializers or vi.name in given or "" in given:
+def _other_shapes(
+    declared: onnx.ModelProto, fixed: onnx.ModelProto, kind: str
+) -> dict[str, list[int]]:
+    """`fixed`'s input shapes with the dims `declared` leaves dynamic doubled: the batch
+    (dim 0) or the spatial dims (2 on); empty when no such dim is dynamic."""
+    initializers = {t.name for t in declared.graph.initializer}
+    static = {vi.name: static_shape(vi) for vi in fixed.graph.input}
+    other: dict[str, list[int]] = {}
+    for vi in declared.graph.input:
+        if vi.name in initializers:
             continue
         dims = vi.type.tensor_type.shape.dim
-        if dims and not dims[0].HasField("dim_value"):
-            return True
-    return False
+        wanted = (lambda k: k == 0) if kind == "batch" else (lambda k: k >= 2)
+        dynamic = [k for k, d in enumerate(dims) if not d.HasField("dim_value") and wanted(k)]
+        if dynamic:
+            shape = list(static[vi.name] or ())
+            for k in dynamic:
+                shape[k] *= 2
+            other[vi.name] = shape
+    return other
 
 
-def _keep_batch_dynamic(at_one: onnx.ModelProto, at_two: onnx.ModelProto) -> onnx.ModelProto:
-    """Make folded constants that depend on the batch size batch-agnostic.
+def _keep_dynamic(base: onnx.ModelProto, others: list[onnx.ModelProto]) -> onnx.ModelProto:
+    """Make folded constants that follow a dynamic input dim size-agnostic.
 
-    The same model folded at batch 1 and at batch 2: constants that differ
-    follow the batch. A Reshape target whose first entry is the batch becomes 0
-    there (ONNX: copy that dimension from the input), which holds for any batch;
-    anything else is refused rather than written for batch 1 only.
+    The same model folded at several input sizes: constants that differ follow the
+    size. In a Reshape target, an entry that equals the data's own dim at every
+    size becomes 0 (ONNX: copy that dim), and a single entry left varying becomes
+    -1 (infer it); Resize sizes that scale with the data become scales. Anything
+    else is refused rather than written for one size only.
     """
-    other = {t.name: numpy_helper.to_array(t) for t in at_two.graph.initializer}
-    index = GraphIndex.build(at_one)
-    changed: dict[str, np.ndarray] = {}
-    for tensor in at_one.graph.initializer:
-        if tensor.name not in other:
+    if not others:
+        return base
+    index = GraphIndex.build(base)
+    folded = [
+        ({t.name: numpy_helper.to_array(t) for t in m.graph.initializer}, GraphIndex.build(m))
+        for m in [base, *others]
+    ]
+    new: dict[str, np.ndarray] = {}
+    resized: dict[str, list[str]] = {}  # Resize node -> its new inputs
+    for tensor in base.graph.initializer:
+        values = [v.get(tensor.name) for v, _ in folded]
+        if any(v is None or v.shape != values[0].shape for v in values):
             continue
-        one, two = numpy_helper.to_array(tensor), other[tensor.name]
-        if one.shape == two.shape and np.array_equal(one, two):
+        if all(np.array_equal(v, values[0]) for v in values):
             continue
         readers = index.consumers.get(tensor.name, [])
-        reshape = len(readers) == 1 and readers[0].op_type == "Reshape"
-        data = readers[0].input[0] if reshape else ""
-        if (
-            reshape
-            and readers[0].input[1] == tensor.name
-            and one.shape == two.shape
-            and np.flatnonzero(one != two).tolist() == [0]
-            and (one[0], two[0]) == (1, 2)
-            and index.shapes.get(data, (0,))[0] == 1
-        ):
-            fixed = one.copy()
-            fixed[0] = 0
-            changed[tensor.name] = fixed
-            continue
-        names = ", ".join(i.name for i in at_one.graph.input if i.name not in index.initializers)
-        raise BadInputError(
-            f"the model computes {tensor.name!r} from the batch size in a way onnx-mbs cannot "
-            f"keep dynamic; fix the batch with --input-shape ({names}) and the reduced model "
-            "takes that batch"
-        )
-    if not changed:
-        return at_one
+        reader = readers[0] if len(readers) == 1 else None
+        data = [i.shapes.get(reader.input[0]) for _, i in folded] if reader else [None]
+        fixed = None
+        if reader is not None and None not in data:
+            if reader.op_type == "Reshape" and reader.input[1] == tensor.name:
+                fixed = _agnostic_reshape(values, data, attributes(reader))
+            elif reader.op_type == "Resize" and reader.input[-1] == tensor.name:
+                fixed = _sizes_as_scales(values, data)
+        if fixed is None:
+            raise BadInputError(
+                f"the model computes {tensor.name!r} from the input size in a way onnx-mbs "
+                f"cannot keep dynamic; fix the input shape with --input-shape "
+                f"({', '.join(index.graph_inputs)}) and the reduced model takes that shape"
+            )
+        if reader.op_type == "Resize":
+            scales = f"{tensor.name}_scales"
+            new[scales] = fixed
+            roi = reader.input[1] if len(reader.input) > 1 else ""
+            resized[reader.name] = [reader.input[0], roi, scales]
+        else:
+            new[tensor.name] = fixed
     out = onnx.ModelProto()
-    out.CopyFrom(at_one)
-    for tensor in out.graph.initializer:
-        if tensor.name in changed:
-            tensor.CopyFrom(numpy_helper.from_array(changed[tensor.name], tensor.name))
+    out.CopyFrom(base)
+    for node in out.graph.node:
+        if node.name in resized:
+            del node.input[:]
+            node.input.extend(resized[node.name])
+    used = {name for node in out.graph.node for name in node.input}
+    kept = [t for t in out.graph.initializer if t.name not in new and t.name in used]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(kept)
+    for name, value in new.items():
+        out.graph.initializer.append(numpy_helper.from_array(value, name))
     return out
+
+
+def _agnostic_reshape(values: list, data: list, attrs: dict) -> np.ndarray | None:
+    """A Reshape target valid at every size (`values[i]` is the target when the data
+    has shape `data[i]`), or None."""
+    first = values[0]
+    differ = [k for k in range(len(first)) if any(v[k] != first[k] for v in values)]
+    fixed = first.copy()
+    for k in differ:
+        if not attrs.get("allowzero", 0) and all(
+            k < len(d) and v[k] == d[k] for v, d in zip(values, data)
+        ):
+            fixed[k] = 0
+    varying = [k for k in differ if fixed[k] != 0]
+    if len(varying) > 1 or (varying and -1 in first.tolist()):
+        return None
+    for k in varying:
+        fixed[k] = -1
+    return fixed
+
+
+def _sizes_as_scales(values: list, data: list) -> np.ndarray | None:
+    """Resize `sizes` that are the data's shape times fixed factors, as `scales`."""
+    if any(len(v) != len(d) for v, d in zip(values, data)):
+        return None
+    scales = values[0] / np.asarray(data[0], dtype=np.float64)
+    if not all(np.allclose(v, np.asarray(d) * scales) for v, d in zip(values, data)):
+        return None
+    return scales.astype(np.float32)
 
 
 def with_io_of(model: onnx.ModelProto, reference: onnx.ModelProto) -> onnx.ModelProto:

@@ -28,7 +28,8 @@ from onnx import numpy_helper
 from .base import Pass, PassResult
 from .channel_groups import ChannelAnalysis, analyze_channels
 from .channel_walk import constant_source, subgraph_names
-from .graph import FLOAT_TYPES, GraphIndex, count_parameters
+from .graph import FLOAT_TYPES, GraphIndex, count_parameters, is_parameter_use
+from .load import in_load_form
 
 KeepPlan = Mapping[int, Sequence[int]]
 
@@ -154,14 +155,14 @@ def predicted_params(
 
 
 def _counted(index: GraphIndex, uses: list[tuple[int, int]], via: str | None) -> bool:
-    """Mirror of `count_parameters`: BatchNorm statistics (inputs 3 and 4) are not
-    parameters. A copy is read directly by all its uses; the original only by the uses
-    that name it (`via`), the others reach it through Identity."""
+    """Mirror of `count_parameters` (see `is_parameter_use`). A copy is read directly by
+    all its uses; the original only by the uses that name it (`via`), the others reach
+    it through Identity."""
     for n, i in uses:
-        if n < 0 or i not in (3, 4):
+        if n < 0:
             continue
         node = index.nodes[n]
-        if node.op_type == "BatchNormalization" and (via is None or node.input[i] == via):
+        if not is_parameter_use(node, i, 1) and (via is None or node.input[i] == via):
             return False
     return True
 
@@ -171,10 +172,11 @@ def shrink_channels(
 ) -> onnx.ModelProto:
     """A new model keeping, in each group of `keep`, only the listed channels.
 
-    `model` must be in `load_model` form (the one `analysis` was computed on, if
+    `model` is brought to `load_model` form (the one `analysis` was computed on, if
     given); groups missing from `keep` keep all their channels. The input is not
     modified.
     """
+    model = in_load_form(model)
     if analysis is None:
         analysis = analyze_channels(model)
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from conftest import random_images, write_npz
@@ -11,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_mbs.models.export import export_onnx, randomize_batchnorm
 from onnx_mbs.models.zoo import ZOO
-from onnx_mbs.passes import BadInputError, analyze_model, load_model
+from onnx_mbs.passes import BadInputError, analyze_model, load, load_model
 from onnx_mbs.pipeline import reduce
 
 
@@ -69,8 +70,8 @@ def test_reduced_dynamic_batch_models_run_at_any_batch(name, tmp_path):
     np.testing.assert_allclose(run(same, x)[0], run(model, x)[0], atol=1e-5)
 
 
-def test_batch_in_another_place_is_refused_with_one_line():
-    """Reshape to (16, N): the batch is not the leading entry, so it cannot be kept dynamic."""
+def _batch_read_by(last: onnx.NodeProto, target_first: bool = False) -> onnx.ModelProto:
+    """Conv -> Flatten -> Transpose, then `last` reads a target (16, N) built from the batch."""
     w = numpy_helper.from_array(np.ones((4, 3, 1, 1), np.float32), "w")
     nodes = [
         helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
@@ -80,7 +81,7 @@ def test_batch_in_another_place_is_refused_with_one_line():
         helper.make_node("Unsqueeze", ["n", "zero1d"], ["n1"], name="unsqueeze"),
         helper.make_node("Concat", ["sixteen", "n1"], ["target"], name="concat", axis=0),
         helper.make_node("Transpose", ["f"], ["t"], name="transpose", perm=[1, 0]),
-        helper.make_node("Reshape", ["t", "target"], ["y"], name="reshape"),
+        last,
     ]
     consts = [
         w,
@@ -95,8 +96,24 @@ def test_batch_in_another_place_is_refused_with_one_line():
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16, "N"])],
         consts,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
-    with pytest.raises(BadInputError, match="from the batch size.*--input-shape"):
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
+def test_batch_in_another_place_of_a_reshape_is_copied():
+    """Reshape (16, N) to (16, N): the entry that follows the batch copies it (0)."""
+    model = _batch_read_by(helper.make_node("Reshape", ["t", "target"], ["y"], name="reshape"))
+    loaded = load(model)
+    target = next(t for t in loaded.model.graph.initializer if t.name == "target")
+    assert numpy_helper.to_array(target).tolist() == [16, 0]
+    for batch in (1, 3):
+        x = np.random.default_rng(batch).normal(size=(batch, 3, 2, 2)).astype(np.float32)
+        assert run(loaded.runnable, x)[0].shape == (16, batch)
+
+
+def test_batch_read_by_another_op_is_refused_with_one_line():
+    """Expand to (16, N): no size-agnostic form, so it is refused, not written for N = 1."""
+    model = _batch_read_by(helper.make_node("Expand", ["t", "target"], ["y"], name="expand"))
+    with pytest.raises(BadInputError, match="from the input size.*--input-shape"):
         load_model(model)
     # With the batch fixed by the user it loads (and the model takes that batch).
     fixed = load_model(model, {"x": [2, 3, 2, 2]})

@@ -169,3 +169,12 @@ def test_latency_budget_plans_by_the_latency_model_not_macs():
     assert by_time.counts[1] < by_macs.counts[1]
     with pytest.raises(ValueError, match="latency model"):
         _two_block_plan("latency=0.5")
+
+
+@pytest.mark.parametrize("size", [58, 116, 232, 20, 9, 3, 1])
+def test_beta_one_keeps_every_channel(size):
+    """ShuffleNet, ReXNet and GhostNet widths are not multiples of 8: at beta 1 a group
+    keeps them all, and rounding never cuts below what beta asks."""
+    assert round_channels(size, 1.0, 8) == size
+    for fraction in (0.3, 0.55, 0.9):
+        assert round_channels(size, fraction, 8) >= min(size, size * fraction)

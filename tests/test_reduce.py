@@ -163,14 +163,15 @@ def test_uniform_gives_one_beta(bundled_model_path):
         assert len(widths) >= 9
         for gid, width in widths.items():
             assert width == report.plan.counts.get(gid, report.plan.sizes[gid]), gid
-    # ...and under uniform every free group keeps one share, up to the channel multiple
-    # (16 channels at beta 0.7 keep 8 or 16: per macroblock the kept share differs).
+    # ...and under uniform every free group keeps one share, up to rounding up to the channel
+    # multiple and one nudge step toward the budget (16 channels at beta 0.7 keep 8 or 16:
+    # per macroblock the kept share differs).
     (beta,) = {m.beta for m in uni.plan.macroblocks}
     multiple = uni.plan.channel_multiple
     uni_widths = _written_widths(uni_model, uni)
     for group in uni.groups:
         if not group.pinned and group.id in uni_widths:
-            assert abs(uni_widths[group.id] - beta * group.size) <= multiple, group.id
+            assert abs(uni_widths[group.id] - beta * group.size) <= 2 * multiple, group.id
     # ResNet-20 on 28x28: only the 7x7 macroblock reaches past its base.
     redundancies = [m.redundancy for m in mbs.plan.macroblocks]
     assert redundancies[-1] > 0 and redundancies[-1] == max(redundancies)

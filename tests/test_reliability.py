@@ -280,8 +280,8 @@ def _interrupt(kind: str | None, monkeypatch):
         import onnx_mbs.cli
         import onnx_mbs.pipeline
 
-        monkeypatch.setattr(onnx_mbs.cli, "load_model", deliver(onnx_mbs.cli.load_model))
-        monkeypatch.setattr(onnx_mbs.pipeline, "load_model", deliver(onnx_mbs.pipeline.load_model))
+        monkeypatch.setattr(onnx_mbs.cli, "load", deliver(onnx_mbs.cli.load))
+        monkeypatch.setattr(onnx_mbs.pipeline, "load", deliver(onnx_mbs.pipeline.load))
     else:
         monkeypatch.setattr(onnx, "save", deliver(onnx.save))
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -3,9 +3,12 @@
 Hypothesis builds graphs from the structures real CNNs are made of (residual
 chains, concat, split, slice, depthwise and grouped convs, SE gates, channel
 shuffle, NHWC detours, upsampling) with a random head, and a random keep plan.
-Each shrunk model must pass the full checker, keep the input and output names
-and output shapes, have exactly the predicted parameter count, and compute the
-same outputs as the original model with the dropped channels made dead.
+Each graph is written as a random exporter would (weights in Constant nodes,
+-1 dims, empty or repeated node names, scalar constants as `value_float`).
+Every example drops channels; each shrunk model must pass the full checker,
+keep the input and output names and output shapes, have exactly the predicted
+parameter count, and compute the same outputs as the original model with the
+dropped channels made dead.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from graphs import Builder, assert_same_outputs, kill_channels
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from variants import VARIANTS
 
 from onnx_mbs.passes import count_parameters, load_model
 from onnx_mbs.passes.channel_groups import analyze_channels
@@ -153,8 +157,13 @@ def cnn_and_plan(draw):
     net = Net(draw, draw(st.integers(0, 2**16)))
     for kind in draw(st.lists(st.sampled_from(BLOCKS), min_size=1, max_size=5)):
         net.block(kind)
-    model = load_model(net.head(draw(st.sampled_from(HEADS))))
+    raw = net.head(draw(st.sampled_from(HEADS)))
+    form = draw(st.sampled_from(["canonical", *EXPORTER_FORMS]))
+    model = load_model(raw if form == "canonical" else VARIANTS[form](raw))
     return model, draw(st.integers(0, 2**32 - 1))
+
+
+EXPORTER_FORMS = ["constants", "minus_one", "names", "value_attrs"]
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -164,12 +173,15 @@ def test_random_plans_on_random_cnns(case):
     analysis = analyze_channels(model)
     rng = np.random.default_rng(seed)
     keep, drop = {}, {}
-    for g in analysis.groups:
-        if g.pinned or rng.random() < 0.2:
-            continue
-        kept = np.sort(rng.choice(g.size, size=rng.integers(1, g.size + 1), replace=False))
+    free = [g for g in analysis.groups if not g.pinned and g.size > 1]
+    assume(free)  # a graph whose every channel is pinned has nothing to drop
+    for k, g in enumerate(free):
+        if k > 0 and rng.random() < 0.2:
+            continue  # some groups keep everything; the first always loses channels
+        kept = np.sort(rng.choice(g.size, size=rng.integers(1, g.size), replace=False))
         keep[g.id] = kept.tolist()
         drop[g.id] = np.setdiff1d(np.arange(g.size), kept).tolist()
+    assert any(drop.values())
     killed = kill_channels(model, analysis.groups, drop)
     small = shrink_channels(killed, keep, analysis)
     onnx.checker.check_model(small, full_check=True)

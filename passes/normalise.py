@@ -1,0 +1,123 @@
+"""Normalise: one graph form for every exporter's model.
+
+Exporters write the same CNN in many ways: weights as initializers or as
+Constant nodes (Paddle2ONNX), scalars as `value_float` / `value_ints`,
+weights shared through Identity, initializers listed as graph inputs (IR 3),
+node names empty or repeated, dynamic dims as -1, 0 or a `dim_param`. Every
+later module reads one form, so this runs once, at load:
+
+- every Constant tensor becomes an initializer;
+- Identity of an initializer is collapsed: its readers read the initializer;
+- initializers are no longer listed as graph inputs (IR >= 4);
+- node names are unique and non-empty;
+- a dim of -1 or 0 is dynamic (a `dim_param`), like any named dim.
+
+It computes the same function as its input.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .base import Pass, PassResult
+
+# Constant attributes that hold a plain tensor value, and the dtype of list/scalar forms.
+_CONSTANT_DTYPES = {
+    "value": None,
+    "value_float": np.float32,
+    "value_floats": np.float32,
+    "value_int": np.int64,
+    "value_ints": np.int64,
+}
+
+
+def constant_value(node: onnx.NodeProto) -> np.ndarray | None:
+    """The value of a Constant node, or None for sparse and string constants."""
+    if not node.attribute or node.attribute[0].name not in _CONSTANT_DTYPES:
+        return None
+    attr = node.attribute[0]
+    if attr.name == "value":
+        return numpy_helper.to_array(attr.t)
+    return np.array(helper.get_attribute_value(attr), dtype=_CONSTANT_DTYPES[attr.name])
+
+
+def normalise(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` in the one form (see the module docstring): a new model."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    outputs = {o.name for o in graph.output}
+    initializers = {t.name for t in graph.initializer}
+    alias: dict[str, str] = {}  # Identity output -> the initializer it passes on
+    kept: list[onnx.NodeProto] = []
+    for node in graph.node:
+        _rename_inputs(node, alias)
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            value = constant_value(node)
+            if value is not None and node.output[0] not in outputs:
+                graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+                initializers.add(node.output[0])
+                continue
+        if (
+            node.op_type == "Identity"
+            and node.input[0] in initializers
+            and node.output[0] not in outputs
+        ):
+            alias[node.output[0]] = node.input[0]
+            continue
+        kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
+    if out.ir_version < 4:  # initializers need no graph input from IR 4 on
+        inputs = [i for i in graph.input if i.name not in initializers]
+        del graph.input[:]
+        graph.input.extend(inputs)
+        out.ir_version = 4
+    unique_names(graph)
+    for vi in [*graph.input, *graph.output]:
+        for k, d in enumerate(vi.type.tensor_type.shape.dim):
+            if d.HasField("dim_value") and d.dim_value <= 0:
+                d.dim_param = f"{vi.name}_dim{k}"
+    for vi in graph.value_info:
+        for d in vi.type.tensor_type.shape.dim:
+            if d.HasField("dim_value") and d.dim_value <= 0:
+                d.ClearField("dim_value")
+    return out
+
+
+def _rename_inputs(node: onnx.NodeProto, alias: dict[str, str]) -> None:
+    """Point `node`'s inputs (and those of its subgraphs) at the aliased initializers."""
+    if not alias:
+        return
+    for k, name in enumerate(node.input):
+        if name in alias:
+            node.input[k] = alias[name]
+    for attr in node.attribute:
+        for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+            for inner in sub.node:
+                _rename_inputs(inner, alias)
+
+
+def unique_names(graph: onnx.GraphProto) -> None:
+    """Empty and repeated node names become `OpType_k` (k: the node's position)."""
+    seen: set[str] = set()
+    taken = {n.name for n in graph.node}
+    for k, node in enumerate(graph.node):
+        if not node.name or node.name in seen:
+            name = f"{node.op_type}_{k}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+        seen.add(node.name)
+
+
+class Normalise(Pass):
+    """Transform pass: `normalise` (see the module docstring)."""
+
+    name = "normalise"
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        return PassResult(normalise(model), True)
