@@ -1,4 +1,4 @@
-"""A field suite: real architectures onnx-mbs did not write, exported from torchvision.
+"""A field suite: real architectures onnx-mbs did not write, from torchvision and timm.
 
 torchvision's wheel is built against a CUDA torch and its C++ ops do not load
 against the CPU torch; its model code is pure Python, so it is imported with
@@ -35,6 +35,14 @@ def torchvision_models():
     import torchvision.models as models
 
     return models
+
+
+def timm_model(name: str) -> torch.nn.Module:
+    """A timm architecture with random weights (timm imports torchvision: see above)."""
+    torchvision_models()
+    import timm
+
+    return timm.create_model(name, pretrained=False)
 
 
 class First(torch.nn.Module):
@@ -74,6 +82,8 @@ def _build(name: str) -> torch.nn.Module:
         "ssdlite_backbone": lambda: First(  # a detection backbone (extra feature layers)
             m.detection.ssdlite320_mobilenet_v3_large(weights_backbone=None).backbone, "0"
         ),
+        "ghostnet_050": lambda: timm_model("ghostnet_050"),  # ghost modules (timm)
+        "hrnet_w18_small": lambda: timm_model("hrnet_w18_small"),  # multi-resolution fusion
     }
     torch.manual_seed(0)
     return randomize_batchnorm(builders[name]()).eval()
@@ -84,6 +94,7 @@ SLOW = [
     "efficientnet_b0", "regnet_x_400mf", "resnext50_32x4d", "densenet121", "googlenet",
     "squeezenet1_1", "mnasnet0_5", "mobilenet_v2", "convnext_tiny", "resnet18", "regnet_y_400mf",
     "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large", "ssdlite_backbone",
+    "ghostnet_050", "hrnet_w18_small",
 ]  # fmt: skip
 SIZE = {"ssdlite_backbone": 96}
 # LayerNorm normalises across channels, so cutting any changes the kept ones: every
