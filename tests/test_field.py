@@ -114,7 +114,7 @@ def test_field_architecture(name):
     assert_same_outputs(loaded, shrink_channels(loaded, keep_all, channels), atol=1e-4)
 
     if name in ALL_PINNED:
-        with pytest.raises(BadInputError, match="smallest plan keeps 100.0%"):
+        with pytest.raises(BadInputError, match="smallest plan keeps params 100.0%"):
             reduce(model, budget="params=0.7", progress=False)
         return
     reduced, report = reduce(model, budget="params=0.7", progress=False)
