@@ -7,10 +7,20 @@ import onnx
 import pytest
 import torch
 from graphs import run as ort_run
+from onnx import numpy_helper
 from test_bridge import SmallNet, assert_close, export, randomized, torch_run
 
 from onnx_mbs.bridge import OnnxModule, retrain, write_back
-from onnx_mbs.bridge.bn import fold_back, recalibrate, reinsert_bn
+from onnx_mbs.bridge import train as train_mod
+from onnx_mbs.bridge.bn import (
+    EPS,
+    channel_map,
+    conv_output_stats,
+    fold_back,
+    recalibrate,
+    reinsert_bn,
+)
+from onnx_mbs.bridge.module import with_outputs
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -54,6 +64,103 @@ def test_reinserted_bn_computes_the_same_function(folded, x16) -> None:
     var = module.initializer(bn.var).numpy()
     np.testing.assert_allclose(mean, conv_out.mean((0, 2, 3)).numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(var, conv_out.var((0, 2, 3), unbiased=False), rtol=1e-4)
+
+
+# Output channels of the grouped `down` conv a reduction keeps (6 of 8 in each group).
+KEPT = [0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12, 13]
+
+
+def _reduced(folded: onnx.ModelProto) -> onnx.ModelProto:
+    """`folded` as a reduction leaves it: `down` loses output channels (and the classifier the
+    matching inputs), `conv2` loses half its inputs (zeroed), so the kept channels' statistics
+    drift from the unreduced graph's while their biases stay."""
+    out = onnx.ModelProto()
+    out.CopyFrom(folded)
+    convs = {n.name: n for n in out.graph.node if n.op_type == "Conv"}
+    down, conv2 = convs["/down/Conv"], convs["/conv2/Conv"]
+    edits = {}
+    for t in out.graph.initializer:
+        a = numpy_helper.to_array(t)
+        if t.name in (down.input[1], down.input[2]):
+            edits[t.name] = a[KEPT]
+        elif t.name == "fc.weight":
+            edits[t.name] = a[:, KEPT]
+        elif t.name == conv2.input[1]:
+            a = a.copy()
+            a[:, :4] = 0.0
+            edits[t.name] = a
+    for t in out.graph.initializer:
+        if t.name in edits:
+            t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(edits[t.name]), t.name))
+    return out
+
+
+def test_reference_equal_to_the_model_keeps_the_same_function(folded, x16) -> None:
+    batches = [torch.from_numpy(x16)]
+    for reference in (folded, export(randomized(SmallNet()), batches[0][:4], keep_bn=True)):
+        # Itself as reference: every channel maps to itself. A BN-kept reference: no foldable
+        # Conv to match, so the statistics are the model's own.
+        train_model, inserted = reinsert_bn(folded, batches, reference=reference)
+        assert len(inserted) == 3
+        module = OnnxModule(train_model).eval()
+        assert_close(torch_run(module, {"input": x16})[0], ort_run(folded, {"input": x16})[0], 1e-5)
+
+
+def test_reinserted_bn_targets_the_reference_statistics(folded, x16) -> None:
+    """Trained with batch statistics, a BN-kept graph's BN restores each channel to its trained
+    mean and scale however a reduction shifted the conv's output. The re-inserted BN does the
+    same with the unreduced graph's (the teacher's) conv-output statistics as its affine."""
+    reduced = _reduced(folded)
+    convs = {n.name: n for n in reduced.graph.node if n.op_type == "Conv"}
+    np.testing.assert_array_equal(channel_map(reduced, folded, convs["/down/Conv"]), KEPT)
+    np.testing.assert_array_equal(channel_map(reduced, folded, convs["/conv2/Conv"]), range(8))
+    batches = [torch.from_numpy(x16)]
+    train_model, inserted = reinsert_bn(reduced, batches, reference=folded)
+    names = [bn.conv_output for bn in inserted]
+    ref = conv_output_stats(folded, names, batches)
+    own = conv_output_stats(reduced, names, batches)
+    maps = {"/down/Conv": KEPT}
+    module = OnnxModule(with_outputs(train_model, names)).train()
+    for bn in inserted:
+        # Running statistics stay the model's own (re-measured before folding back anyway).
+        np.testing.assert_allclose(module.initializer(bn.mean), own[bn.conv_output][0], atol=1e-5)
+    with torch.no_grad():
+        outs = module(batches[0])
+    for bn in inserted:
+        index = maps.get(bn.conv, slice(None))
+        mean, var = ref[bn.conv_output][0][index], ref[bn.conv_output][1][index]
+        np.testing.assert_allclose(
+            module.initializer(bn.scale).detach(), np.sqrt(var + EPS), rtol=1e-5
+        )
+        np.testing.assert_allclose(
+            module.initializer(bn.shift).detach(), mean, rtol=1e-5, atol=1e-6
+        )
+        # In training the BN's output has the unreduced graph's per-channel statistics.
+        y = outs[module.output_names.index(bn.conv_output)].double()
+        np.testing.assert_allclose(y.mean((0, 2, 3)), mean, atol=1e-4)
+        np.testing.assert_allclose(y.var((0, 2, 3), unbiased=False), var, rtol=1e-3)
+    # The reduction moved conv2's and down's statistics: the targets differ from their own.
+    assert not np.allclose(
+        own["/conv2/Conv_output_0"][1], ref["/conv2/Conv_output_0"][1], rtol=0.05
+    )
+
+
+def test_retrain_takes_bn_targets_from_the_teacher(folded, x16, monkeypatch) -> None:
+    seen = []
+    real = train_mod.reinsert_batchnorm
+
+    def spy(model, batches, reference=None):
+        seen.append(reference)
+        return real(model, batches, reference)
+
+    monkeypatch.setattr(train_mod, "reinsert_batchnorm", spy)
+    reduced = _reduced(folded)
+    y = np.arange(len(x16)) % 5
+    result = retrain(reduced, (x16, y), teacher=folded, epochs=1, batch_size=8, progress=False)
+    assert result.bn_reinserted == 3 and seen == [folded]
+    assert _structure(result.model) == _structure(reduced)
+    retrain(reduced, (x16, y), epochs=1, batch_size=8, progress=False)
+    assert seen[-1] is None
 
 
 def test_fold_back_is_exact_and_keeps_the_graph(folded, x16) -> None:

@@ -17,7 +17,8 @@ unlabelled images.
 fp16/bf16 graphs train as a float32 copy (master weights) and are written back in their dtypes
 (`precision.py`). BatchNorm-folded deployment graphs get a BatchNorm re-inserted after each
 folded Conv for training and folded back on write-back (`bn.py`; `reinsert_bn=False` trains the
-folded weights directly).
+folded weights directly); with a teacher, each BN's affine is that conv's output statistics in the
+teacher, as a BN-kept graph's trained affine is.
 
 Distributed: under `torchrun --nproc_per_node=K` (WORLD_SIZE/RANK set) the module is wrapped in
 DistributedDataParallel (gloo on CPU; nccl on GPUs, one per process; gloo when processes
@@ -268,6 +269,8 @@ def retrain(
     The best epoch is the one with the highest validation top-1 (the last one without val data).
     `amp="bf16"` runs forward passes under bf16 autocast; weights and updates stay float32.
     `reinsert_bn`: None (default) re-inserts BatchNorm when the graph is BN-folded (`is_bn_folded`).
+    With a teacher (the unreduced graph) the re-inserted BNs take their affine from the teacher's
+    conv-output statistics (channels matched by name and bias, `bn.channel_maps`).
     `losses`: {output name: "kl" | "mse" | "none"} overriding the per-output default.
     `features`: intermediate tensor names both graphs have, distilled with normalised MSE.
     """
@@ -310,9 +313,19 @@ def retrain(
         if reinsert_bn is None:
             reinsert_bn = is_bn_folded(model)
         train_model, inserted = model, []
+        teacher_module, kinds = None, {}
+        if teacher is not None:
+            if is_low_precision(teacher):
+                teacher = as_float32(teacher)
+            # Checked before the teacher's statistics are measured for the re-inserted BNs.
+            teacher_module = OnnxModule(with_outputs(teacher, list(features)))
+            teacher_module = teacher_module.to(dev).eval().requires_grad_(False)
+            _check_input(teacher, teacher_module, x_train, "training data (teacher)")
+            teacher_shapes = _probe(teacher_module, probe_x, "the teacher")
         if reinsert_bn:
+            # The teacher (the unreduced graph) gives each BN its target statistics.
             calib = _batches(x_train, len(probe_x), bn_calibration_samples)
-            train_model, inserted = reinsert_batchnorm(model, calib)
+            train_model, inserted = reinsert_batchnorm(model, calib, teacher)
         student = OnnxModule(with_outputs(train_model, list(features)))
         if x_val is not None:
             _check_input(model, student, x_val, "validation data")
@@ -320,14 +333,7 @@ def retrain(
         shapes = _probe(student, probe_x, "the model")
         outputs = {o.name: shapes[o.name] for o in model.graph.output}
         logits_name = next((n for n, shp in outputs.items() if is_logits(shp)), None)
-        teacher_module, kinds = None, {}
         if teacher is not None:
-            if is_low_precision(teacher):
-                teacher = as_float32(teacher)
-            teacher_module = OnnxModule(with_outputs(teacher, list(features)))
-            teacher_module = teacher_module.to(dev).eval().requires_grad_(False)
-            _check_input(teacher, teacher_module, x_train, "training data (teacher)")
-            teacher_shapes = _probe(teacher_module, probe_x, "the teacher")
             _check_teacher(outputs, teacher_shapes, features, shapes)
             kinds = choose_losses(outputs, losses)
         elif losses:
