@@ -14,7 +14,7 @@ from onnx import helper
 
 from onnx_mbs.cli import main
 from onnx_mbs.models.export import export_onnx, randomize_batchnorm
-from onnx_mbs.models.zoo import ZOO
+from onnx_mbs.models.zoo import IMAGENET, ZOO
 from onnx_mbs.passes import analyze_model, load_model
 
 
@@ -82,10 +82,23 @@ def test_zoo_counts_and_resolutions(name):
             assert set(block.base_layers) <= set(block.layers)
 
 
-def test_cifar_resnet_bases_follow_receptive_fields():
+@pytest.mark.parametrize(
+    ("name", "published"),
+    [
+        ("mobilenet_v1", 569e6),  # Howard et al. 2017, Table 8: 569 million mult-adds
+        ("shufflenet_v1", 140e6),  # Zhang et al. 2018, Table 2: 1x (g = 3), 140 MFLOPs
+    ],
+)
+def test_paper_models_macs_as_published(name, published):
+    module, _ = _zoo(name, "deploy")
+    assert analyze_model(_zoo(name, "deploy")[1]).total_macs == _hook_macs(module, IMAGENET)
+    assert _hook_macs(module, IMAGENET) == pytest.approx(published, rel=0.02)
+
+
+def test_cifar_resnet_bases_follow_local_receptive_fields():
     """ResNet-56 at 32x32: 3x3 convs add 2 to the local RF; the base ends once it passes 32."""
     _, model = _zoo("resnet56", "deploy")
-    analysis = analyze_model(model)
+    analysis = analyze_model(model, "local")
     first, second, third = analysis.macroblocks
     # Stem conv at RF 3, then each conv +2: RF 3..31 fits 32 -> 15 layers.
     assert len(first.base_layers) == 15
@@ -93,7 +106,7 @@ def test_cifar_resnet_bases_follow_receptive_fields():
     # up to 16 -> the entering pair, the shortcut, and 6 more convs.
     assert len(second.base_layers) == 9
     assert len(third.base_layers) == 5
-    rf = {x.name: x.receptive_field for x in analysis.layers}
+    rf = {x.name: x.local_receptive_field for x in analysis.layers}
     assert rf[second.layers[0]] == 2.0
     assert all(rf[n] <= 16 for n in second.base_layers)
     assert all(rf[n] > 16 for n in set(second.layers) - set(second.base_layers))
@@ -154,7 +167,7 @@ def test_fpn_resize_and_convtranspose_make_their_own_macroblocks():
     up = [x for x in analysis.layers if x.op_type == "ConvTranspose"]
     assert up and all(x.output_size[0] > x.input_size[0] for x in up)
     # A layer entering a larger resolution starts a fresh local receptive field.
-    assert all(x.receptive_field == 1.0 for x in up)
+    assert all(x.local_receptive_field == 1.0 for x in up)
 
 
 def test_analyze_cli_json_and_dynamic_input(tmp_path, capsys):

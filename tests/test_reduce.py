@@ -14,6 +14,7 @@ from conftest import FORMS, SMALL_ZOO, random_images, write_npz
 from onnx_mbs.cli import main
 from onnx_mbs.passes import BadInputError, analyze_model, count_parameters, load_model
 from onnx_mbs.pipeline import reduce
+from onnx_mbs.plan import DEFAULT_WIDTH_MAP, WidthMap
 
 
 def _sample_npz(path, shape, n=16, seed=0, classes=10):
@@ -92,6 +93,7 @@ def test_bundled_model_cli_with_report(bundled_model_path, tmp_path, capsys):
     assert abs(report["budget"]["reached"]["params"] - 0.5) <= 0.02
     assert report["totals"]["params"][1] == count_parameters(reduced)
     assert {"rho", "receptive_field", "channels", "macs"} <= set(report["layers"][0])
+    assert set(report["layers"][0]["receptive_field"]) == {"global", "local"}
     assert all("redundancy" in m and "beta" in m for m in report["macroblocks"])
     assert (tmp_path / "report" / "report.md").read_text().startswith("# onnx-mbs reduce report")
     assert (tmp_path / "report" / "widths.png").read_bytes()[:4] == b"\x89PNG"
@@ -116,7 +118,11 @@ def test_json_and_dry_run(bundled_model_path, tmp_path, capsys):
     )
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["plan"]["strategy"] == "mbs" and summary["plan"]["gamma"] == 0.5
+    default = WidthMap.parse(DEFAULT_WIDTH_MAP)
+    assert summary["plan"]["strategy"] == "mbs" and summary["plan"]["receptive_field"] == "global"
+    assert summary["plan"]["mapping"] == default.kind
+    assert summary["plan"][default.knob] == default.value
+    assert f"{default.knob} = {default.value:g}" in summary["plan"]["formula"]
     assert summary["totals"]["params"][1] < summary["totals"]["params"][0]
     assert not out.exists()
 
