@@ -29,7 +29,7 @@ GAMMA_MAX = 2.0  # beyond this, budgets are met with a common scale (see plan_wi
 C_MAX = 1.0  # beta = 1 - R: past it, beta would turn negative where R is near 1
 # The default reading and width map: the setting whose planned reductions land closest
 # to the paper's four headlines (bench/paper_table.py, bench/results/paper_table.json).
-DEFAULT_WIDTH_MAP = "linear:0.45"
+DEFAULT_WIDTH_MAP = "linear:0.4"
 
 Cost = Callable[[Mapping[int, int]], tuple[int, int]]  # group counts -> (params, MACs)
 

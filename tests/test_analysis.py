@@ -16,6 +16,7 @@ from onnx_mbs.cli import main
 from onnx_mbs.models.export import export_onnx, randomize_batchnorm
 from onnx_mbs.models.zoo import IMAGENET, ZOO
 from onnx_mbs.passes import analyze_model, load_model
+from onnx_mbs.plan import macroblock_redundancy
 
 
 @functools.cache
@@ -93,6 +94,26 @@ def test_paper_models_macs_as_published(name, published):
     module, _ = _zoo(name, "deploy")
     assert analyze_model(_zoo(name, "deploy")[1]).total_macs == _hook_macs(module, IMAGENET)
     assert _hook_macs(module, IMAGENET) == pytest.approx(published, rel=0.02)
+
+
+def test_resnet50_at_224_has_redundancy_in_its_deeper_macroblocks():
+    """The global reading: fields pass 224 input pixels inside the 14x14 macroblock (3x3 convs
+    add 32 pixels each there) and from the first layer of the 7x7 one. The local reading
+    finds no redundancy anywhere in ResNet-50 at 224, so MBS would do nothing."""
+    _, model = _zoo("resnet50", "deploy")
+    rho = {}  # no data: rho = 1
+    analysis = analyze_model(model)
+    assert analysis.image_size == 224
+    redundancy = [r for _, _, r in macroblock_redundancy(analysis, rho)]
+    assert redundancy[:3] == [0.0, 0.0, 0.0] and 0.2 < redundancy[3] < redundancy[4] < 1
+    seven = analysis.macroblocks[4]
+    assert seven.base_layers == seven.layers[:1]
+    fourteen = analysis.macroblocks[3]
+    rf = {n: analysis.layer(n).global_receptive_field for n in fourteen.layers}
+    past = set(fourteen.layers) - set(fourteen.base_layers)
+    assert max(rf[n] for n in fourteen.base_layers) <= 224 < min(rf[n] for n in past)
+    local = analyze_model(model, "local")
+    assert all(r == 0.0 for _, _, r in macroblock_redundancy(local, rho))
 
 
 def test_cifar_resnet_bases_follow_local_receptive_fields():

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from onnx_mbs.passes import BadInputError, ConvLayer, Macroblock, ModelAnalysis
+from onnx_mbs.passes.analysis import DEFAULT_RECEPTIVE_FIELD
 from onnx_mbs.plan import (
+    DEFAULT_WIDTH_MAP,
     Budget,
     GroupInfo,
     WidthMap,
@@ -13,6 +18,8 @@ from onnx_mbs.plan import (
     plan_widths,
     round_channels,
 )
+
+PAPER_TABLE = Path(__file__).resolve().parents[1] / "bench" / "results" / "paper_table.json"
 
 
 def _layer(name: str, block: int, macs: int, rf: float) -> ConvLayer:
@@ -221,3 +228,14 @@ def test_beta_one_keeps_every_channel(size):
     assert round_channels(size, 1.0, 8) == size
     for fraction in (0.3, 0.55, 0.9):
         assert round_channels(size, fraction, 8) >= min(size, size * fraction)
+
+
+def test_defaults_are_the_paper_table_fit():
+    """The default reading and width map are the fit bench/paper_table.py recorded."""
+    fit = json.loads(PAPER_TABLE.read_text())["best_fit"]
+    default = WidthMap.parse(DEFAULT_WIDTH_MAP)
+    assert (fit["receptive_field"], fit["mapping"], fit["parameter"]) == (
+        DEFAULT_RECEPTIVE_FIELD,
+        default.kind,
+        default.value,
+    )
