@@ -468,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     def add_receptive_field(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--receptive-field",
-            choices=READINGS,
+            metavar="|".join(READINGS),
             default=DEFAULT_RECEPTIVE_FIELD,
             help="what a macroblock's base is measured by: global (default; input pixels "
             "against the input image) or local (the macroblock's own pixels and map)",

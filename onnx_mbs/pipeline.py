@@ -27,7 +27,7 @@ from onnx_mbs.passes import (
     count_parameters,
 )
 from onnx_mbs.passes.activations import activation_tensors
-from onnx_mbs.passes.analysis import DEFAULT_RECEPTIVE_FIELD
+from onnx_mbs.passes.analysis import DEFAULT_RECEPTIVE_FIELD, check_reading
 from onnx_mbs.passes.channel_groups import ChannelGroup, analyze_channels
 from onnx_mbs.passes.cost import CostModel
 from onnx_mbs.passes.importance import (
@@ -193,6 +193,7 @@ def reduce(
     if isinstance(budget, str):
         budget = Budget.parse(budget)
     width_map = WidthMap.parse(width_map)
+    check_reading(receptive_field)
     if importance not in (*CRITERIA, "act", "auto"):
         raise BadInputError(
             f"unknown --importance {importance!r}: use auto, act or one of {', '.join(CRITERIA)}"

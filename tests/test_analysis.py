@@ -202,6 +202,14 @@ def test_analyze_cli_json_and_dynamic_input(tmp_path, capsys):
     assert doc["totals"]["params"] == sum(m["params"] for m in doc["macroblocks"]) + 16 * 5 + 5
     for block in doc["macroblocks"]:
         assert set(block) >= {"resolution", "layers", "base_layers", "params", "macs"}
+    # Each layer's field in input pixels, the reading the bases follow and its limit.
+    assert doc["receptive_field"] == "global" and doc["image_size"] == 24
+    # 3x3 convs: 3, 5, 7; the 2x2 stride-2 max-pool: 8, step 2; then 3x3: 8 + 2*2.
+    assert [x["global_receptive_field"] for x in doc["layers"]] == [3, 5, 7, 12]
     assert main(["analyze", str(path), "--input-shape", "input:1,3,24,20"]) == 0
     table = capsys.readouterr().out
     assert "24x20" in table and "12x10" in table
+    assert "input pixels is at most the input image size" in table and "(image size 24)" in table
+    args = ["analyze", str(path), "--input-shape", "input:1,3,24,20", "--receptive-field"]
+    assert main([*args, "local", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["receptive_field"] == "local"

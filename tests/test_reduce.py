@@ -95,7 +95,12 @@ def test_bundled_model_cli_with_report(bundled_model_path, tmp_path, capsys):
     assert {"rho", "receptive_field", "channels", "macs"} <= set(report["layers"][0])
     assert set(report["layers"][0]["receptive_field"]) == {"global", "local"}
     assert all("redundancy" in m and "beta" in m for m in report["macroblocks"])
-    assert (tmp_path / "report" / "report.md").read_text().startswith("# onnx-mbs reduce report")
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert md.startswith("# onnx-mbs reduce report")
+    # The report states the reading, the map and the formula with its numbers.
+    assert "receptive field: global; width map: linear" in md
+    assert "1 - c * R(m)), beta_min, 1); R(m) = 1 - E_B(m) / E(m) with c = " in md
+    assert "input image size" in md and 0 <= report["plan"]["c"] <= 1
     assert (tmp_path / "report" / "widths.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -273,6 +278,10 @@ def _bad(tmp_path, bundled_model_path, case):
         args += ["--budget", "params=0"]
     elif case == "budget-above-one":
         args += ["--budget", "flops=1.5"]
+    elif case == "width-map":
+        args += ["--width-map", "linear:1.5"]
+    elif case == "receptive-field":
+        args += ["--receptive-field", "paper"]
     elif case == "output-is-input":
         args[3] = model
     return args
@@ -286,6 +295,8 @@ def _bad(tmp_path, bundled_model_path, case):
         ("nan", "NaN|nan"),
         ("provider", "unknown providers"),
         ("budget-zero", r"must be in \(0, 1\]"),
+        ("width-map", r"c must be in \[0, 1\]"),
+        ("receptive-field", "unknown --receptive-field 'paper': use global or local"),
         ("budget-above-one", r"must be in \(0, 1\]"),
         ("output-is-input", "is the input model"),
     ],
