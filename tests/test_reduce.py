@@ -9,7 +9,7 @@ import graphs
 import numpy as np
 import onnx
 import pytest
-from conftest import FORMS, SMALL_ZOO, random_images, write_npz
+from conftest import FORMS, REDUCIBLE_ZOO, random_images, write_npz
 
 from onnx_mbs.cli import main
 from onnx_mbs.passes import BadInputError, analyze_model, count_parameters, load_model
@@ -40,7 +40,7 @@ def _check_written(original: onnx.ModelProto, reduced: onnx.ModelProto, c_h_w) -
 
 @pytest.mark.parametrize("budget", ["params=0.5", "flops=0.5"])
 @pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("name", SMALL_ZOO)
+@pytest.mark.parametrize("name", REDUCIBLE_ZOO)
 def test_budgets_land_within_two_points(zoo_onnx, tmp_path, name, form, budget):
     model = zoo_onnx(name, form)
     c_h_w = load_model(model).graph.input[0].type.tensor_type.shape.dim
@@ -58,6 +58,19 @@ def test_budgets_land_within_two_points(zoo_onnx, tmp_path, name, form, budget):
     )
     assert reached == pytest.approx(float(fraction), abs=0.02)
     _check_written(model, reduced, c_h_w)
+
+
+def test_shufflenet_v1_is_refused_not_guessed(zoo_onnx):
+    """Its channels form one unit (grouped convs + shuffles): MBS plans betas below 1 for
+    its deep macroblocks, but a budget is refused in one line, and without one the input
+    comes back unchanged."""
+    model = zoo_onnx("shufflenet_v1", "deploy")
+    with pytest.raises(BadInputError, match="cannot be reached: the smallest plan keeps 100.0%"):
+        reduce(model, budget="params=0.5", evaluate_accuracy=False, progress=False)
+    same, report = reduce(model, evaluate_accuracy=False, progress=False)
+    assert [m.beta < 1 for m in report.plan.macroblocks] == [False, False, False, True, True]
+    assert not report.plan.changes_anything
+    assert same.SerializeToString() == model.SerializeToString()
 
 
 def test_bundled_model_cli_with_report(bundled_model_path, tmp_path, capsys):
