@@ -165,6 +165,38 @@ def resnet101(num_classes: int = 1000, in_channels: int = 3) -> ResNet:
 
 
 # ---------------------------------------------------------------------------
+# MobileNet v1 (Howard et al. 2017)
+
+
+class MobileNetV1(nn.Module):
+    """A 3x3 stride-2 conv, then 13 depthwise-separable pairs (3x3 depthwise, 1x1 pointwise,
+    each with BN and ReLU); no residuals. (output channels, depthwise stride), Table 1."""
+
+    SETTINGS = [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2)]
+    SETTINGS += [(512, 1)] * 5 + [(1024, 2), (1024, 1)]
+
+    def __init__(self, num_classes: int = 1000, in_channels: int = 3) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [conv_bn(in_channels, 32, 3, 2)]
+        c_in = 32
+        for c_out, stride in self.SETTINGS:
+            layers += [conv_bn(c_in, c_in, 3, stride, groups=c_in), conv_bn(c_in, c_out, 1)]
+            c_in = c_out
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c_in, num_classes)
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.features(x))
+        return self.fc(torch.flatten(x, 1))
+
+
+def mobilenet_v1(num_classes: int = 1000, in_channels: int = 3) -> MobileNetV1:
+    return MobileNetV1(num_classes, in_channels)
+
+
+# ---------------------------------------------------------------------------
 # MobileNetV2 (Sandler et al. 2018)
 
 
@@ -322,6 +354,67 @@ def shufflenet_v2(
     num_classes: int = 1000, width: float = 1.0, in_channels: int = 3
 ) -> ShuffleNetV2:
     return ShuffleNetV2(num_classes, width, in_channels)
+
+
+# ---------------------------------------------------------------------------
+# ShuffleNet v1 (Zhang et al. 2018), 1x with g = 3
+
+
+class ShuffleV1Unit(nn.Module):
+    """Grouped 1x1 to a quarter width, channel shuffle, 3x3 depthwise, grouped 1x1.
+
+    Stride 1 adds the input; stride 2 concatenates a 3x3 average pool of the input, so
+    the branch makes only the channels the stage adds. The first unit of the network
+    reads 24 channels and keeps its first 1x1 ungrouped, as in the paper.
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int, groups: int, first: bool) -> None:
+        super().__init__()
+        self.stride, self.groups = stride, groups
+        mid = c_out // 4
+        made = c_out - c_in if stride > 1 else c_out
+        self.reduce = conv_bn(c_in, mid, 1, groups=1 if first else groups)
+        self.depthwise = conv_bn(mid, mid, 3, stride, groups=mid, relu=False)
+        self.expand = conv_bn(mid, made, 1, groups=groups, relu=False)
+        self.relu = nn.ReLU(inplace=True)
+        self.pool = nn.AvgPool2d(3, 2, 1) if stride > 1 else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.expand(self.depthwise(channel_shuffle(self.reduce(x), self.groups)))
+        if self.pool is None:
+            return self.relu(x + y)
+        return torch.cat((self.pool(x), self.relu(y)), dim=1)
+
+
+class ShuffleNetV1(nn.Module):
+    STAGE_CHANNELS = {3: [240, 480, 960]}  # 1x width, g = 3: the paper's headline setting
+    REPEATS = [4, 8, 4]
+
+    def __init__(self, num_classes: int = 1000, groups: int = 3, in_channels: int = 3) -> None:
+        super().__init__()
+        if groups not in self.STAGE_CHANNELS:
+            raise BadInputError(
+                f"ShuffleNetV1 groups must be one of {sorted(self.STAGE_CHANNELS)}, got {groups}"
+            )
+        self.stem = nn.Sequential(conv_bn(in_channels, 24, 3, 2), nn.MaxPool2d(3, 2, 1))
+        units: list[nn.Module] = []
+        c_in = 24
+        for stage, (repeats, c_out) in enumerate(zip(self.REPEATS, self.STAGE_CHANNELS[groups])):
+            units.append(ShuffleV1Unit(c_in, c_out, 2, groups, first=stage == 0))
+            units += [ShuffleV1Unit(c_out, c_out, 1, groups, False) for _ in range(repeats - 1)]
+            c_in = c_out
+        self.stages = nn.Sequential(*units)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c_in, num_classes)
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.stages(self.stem(x)))
+        return self.fc(torch.flatten(x, 1))
+
+
+def shufflenet_v1(num_classes: int = 1000, in_channels: int = 3) -> ShuffleNetV1:
+    return ShuffleNetV1(num_classes, 3, in_channels)
 
 
 # ---------------------------------------------------------------------------
@@ -564,7 +657,9 @@ ZOO: dict[str, ZooEntry] = {
         _imagenet("resnet18", resnet18, True),
         _imagenet("resnet50", resnet50, False),
         _imagenet("resnet101", resnet101, False),
+        _imagenet("mobilenet_v1", mobilenet_v1, True),
         _imagenet("mobilenet_v2", mobilenet_v2, True),
+        _imagenet("shufflenet_v1", shufflenet_v1, True),
         _imagenet("shufflenet_v2", shufflenet_v2, True),
     ]
 }

@@ -15,6 +15,7 @@ _LAZY = {
     "analyze_model": "onnx_mbs.passes",
     "load_model": "onnx_mbs.passes",
     "Budget": "onnx_mbs.plan",
+    "WidthMap": "onnx_mbs.plan",
     "ReduceReport": "onnx_mbs.pipeline",
     "reduce": "onnx_mbs.pipeline",
     "MacroblockScaling": "onnx_mbs.pipeline",

@@ -14,9 +14,10 @@ import threading
 from collections.abc import Sequence
 
 from onnx_mbs.passes import BadInputError, analyze_model, load_model, parse_input_shape
-from onnx_mbs.passes.analysis import resolution_text
+from onnx_mbs.passes.analysis import DEFAULT_RECEPTIVE_FIELD, READINGS, resolution_text
 from onnx_mbs.passes.importance import DEFAULT_CRITERION
 from onnx_mbs.passes.load import load, static_batch
+from onnx_mbs.plan import BASE_RULES, DEFAULT_WIDTH_MAP
 
 
 def _input_shapes(specs: Sequence[str] | None) -> dict[str, list[int]]:
@@ -50,7 +51,7 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     model = load_model(args.model, _input_shapes(args.input_shape))
-    analysis = analyze_model(model)
+    analysis = analyze_model(model, args.receptive_field)
     if args.json:
         json.dump(analysis.to_dict(), sys.stdout, indent=2)
         print()
@@ -71,6 +72,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         f"\ntotal: {_fmt_int(analysis.total_params)} params, {_fmt_int(analysis.total_macs)} MACs "
         f"({len(analysis.layers)} conv layers; totals include the head)"
     )
+    print(f"base: {BASE_RULES[analysis.receptive_field]} (image size {analysis.image_size})")
     return 0
 
 
@@ -91,7 +93,10 @@ def _print_reduce_summary(report, args: argparse.Namespace) -> None:
         f"MACs: {_fmt_int(before.total_macs)} -> {_fmt_int(after.total_macs)} "
         f"({after.total_macs / before.total_macs:.1%} kept)"
     )
-    knob = f"gamma {plan.gamma:.4g}, scale {plan.scale:.3f}"
+    knob = (
+        f"{plan.receptive_field} receptive field, {plan.width_map.kind} width map, "
+        f"{plan.width_map.knob} {plan.width_map.value:.4g}, scale {plan.scale:.3f}"
+    )
     if plan.budget is not None:
         reached = ", ".join(f"{m} {plan.reached[m]:.3f}" for m, _ in plan.budget.limits)
         print(f"budget: {plan.budget} asked, {reached} reached ({plan.strategy}, {knob})")
@@ -130,7 +135,8 @@ def cmd_reduce(args: argparse.Namespace) -> int:
         args.model,
         args.data,
         budget=args.budget,
-        gamma=args.gamma,
+        width_map=args.width_map,
+        receptive_field=args.receptive_field,
         strategy=args.strategy,
         providers=args.providers,
         input_shapes=_input_shapes(args.input_shape),
@@ -459,9 +465,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--std", help="per-channel std (default: model metadata or 1)")
         p.add_argument("--limit", type=COUNT, help="use the first N samples")
 
+    def add_receptive_field(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--receptive-field",
+            metavar="|".join(READINGS),
+            default=DEFAULT_RECEPTIVE_FIELD,
+            help="what a macroblock's base is measured by: global (default; input pixels "
+            "against the input image) or local (the macroblock's own pixels and map)",
+        )
+
     p = sub.add_parser("analyze", help="macroblocks, receptive fields, params and MACs")
     p.add_argument("model", help="ONNX model file")
     add_input_shape(p)
+    add_receptive_field(p)
     p.add_argument("--json", action="store_true", help="print a JSON document on stdout")
     p.set_defaults(func=cmd_analyze)
 
@@ -483,8 +499,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--providers); combine with commas to meet all, e.g. params=0.5,flops=0.6",
     )
     p.add_argument(
-        "--gamma", type=_number(float, 0), default=0.5, help="MBS exponent (default 0.5)"
+        "--width-map",
+        default=DEFAULT_WIDTH_MAP,
+        help=f"beta from redundancy R: linear:C (1 - C*R) or power:GAMMA ((1 - R)^GAMMA); "
+        f"default {DEFAULT_WIDTH_MAP}; with --budget, C or GAMMA is solved",
     )
+    add_receptive_field(p)
     p.add_argument("--strategy", choices=["mbs", "uniform"], default="mbs")
     p.add_argument("--providers", default="auto", help="auto (default), cpu or cuda")
     add_input_shape(p)

@@ -27,6 +27,7 @@ from onnx_mbs.passes import (
     count_parameters,
 )
 from onnx_mbs.passes.activations import activation_tensors
+from onnx_mbs.passes.analysis import DEFAULT_RECEPTIVE_FIELD, check_reading
 from onnx_mbs.passes.channel_groups import ChannelGroup, analyze_channels
 from onnx_mbs.passes.cost import CostModel
 from onnx_mbs.passes.importance import (
@@ -39,7 +40,7 @@ from onnx_mbs.passes.importance import (
 )
 from onnx_mbs.passes.load import check_model, load
 from onnx_mbs.passes.shrink import shrink_channels
-from onnx_mbs.plan import Budget, GroupInfo, Plan, plan_widths
+from onnx_mbs.plan import DEFAULT_WIDTH_MAP, Budget, GroupInfo, Plan, WidthMap, plan_widths
 from onnx_mbs.runtime import choose_providers
 from onnx_mbs.stats import ActivationStats, collect_stats
 
@@ -161,7 +162,8 @@ def reduce(
     data: Any = None,
     *,
     budget: Budget | str | None = None,
-    gamma: float = 0.5,
+    width_map: WidthMap | str = DEFAULT_WIDTH_MAP,
+    receptive_field: str = DEFAULT_RECEPTIVE_FIELD,
     strategy: str = "mbs",
     providers: str = "auto",
     input_shapes: Mapping[str, Sequence[int]] | None = None,
@@ -180,7 +182,9 @@ def reduce(
 
     `data` is a --data spec (folder, .npz, IDX folder) or a Python reader
     yielding input dicts; without data every activation ratio is taken as 1,
-    so MBS works from MACs and receptive fields alone. `model` may also be an
+    so MBS works from MACs and receptive fields alone. `width_map` ("linear:C"
+    or "power:GAMMA") and `receptive_field` ("global" or "local") choose the
+    formula (onnx_mbs.plan). `model` may also be an
     onnx-graphsurgeon Graph (`onnx_mbs.interop`). The input model is never modified.
     `channel_multiple="auto"` picks one for the provider; a `latency=` budget is planned
     with measured conv times and checked by measuring the written model (see latency.py),
@@ -188,6 +192,8 @@ def reduce(
     """
     if isinstance(budget, str):
         budget = Budget.parse(budget)
+    width_map = WidthMap.parse(width_map)
+    check_reading(receptive_field)
     if importance not in (*CRITERIA, "act", "auto"):
         raise BadInputError(
             f"unknown --importance {importance!r}: use auto, act or one of {', '.join(CRITERIA)}"
@@ -214,7 +220,7 @@ def reduce(
         raise BadInputError("--importance act ranks channels by activations: give --data")
     lap("load")
 
-    before = analyze_model(loaded)
+    before = analyze_model(loaded, receptive_field)
     channels = analyze_channels(loaded, before)
     groups = channels.groups
     activation = activation_tensors(loaded, before)
@@ -266,7 +272,7 @@ def reduce(
             infos,
             rho,
             cost,
-            gamma=gamma,
+            width_map=width_map,
             budget=asked,
             strategy=strategy,
             channel_multiple=channel_multiple,
@@ -302,7 +308,7 @@ def reduce(
             make_plan,
             rewrite,
         )
-    after = analyze_model(shrunk)  # shrink keeps the recorded shapes up to date
+    after = analyze_model(shrunk, receptive_field)  # shrink keeps the recorded shapes up to date
     check_written(reduced, original)
     # The plan's sizes were predictions; report what the written model has.
     plan.params = (plan.params[0], count_parameters(reduced))

@@ -2,17 +2,19 @@
 
 Per macroblock m: effective flops E(m) = sum MACs_k * rho_k, E_B(m) over its
 base, redundancy R(m) = 1 - E_B(m)/E(m), width scale beta(m) =
-clip((1 - R(m)) ** gamma, beta_min, 1). A channel group takes the largest beta
-of the macroblocks where its channels are made; pinned groups keep every channel. With a budget,
-gamma is solved by bisection in [0, GAMMA_MAX] so the reduced model keeps at
-most the asked fraction of parameters, MACs and/or predicted latency (every
-limit given is met: the largest excess over its fraction is solved to 0).
-Macroblocks without redundancy never shrink through gamma, so when gamma alone
-cannot reach the budget, gamma stays at GAMMA_MAX and a common scale s in
-beta(m) = s * (1 - R(m)) ** gamma takes the rest. Uniform scaling is the same
-formula with gamma = 0. The counts are then nudged one channel-multiple at a
-time toward the budget, since rounding to multiples of 8 makes the size a step
-function of gamma.
+clip(s * f(R(m)), beta_min, 1), where the width map f is linear, 1 - c * R
+(the default: the paper's headline reductions are fitted best by it, see
+bench/paper_table.py), or power, (1 - R) ** gamma. A channel group takes the
+largest beta of the macroblocks where its channels are made; pinned groups keep every channel.
+With a budget, the map's parameter (c or gamma) is solved by bisection in
+[0, its maximum] so the reduced model keeps at most the asked fraction of
+parameters, MACs and/or predicted latency (every limit given is met: the
+largest excess over its fraction is solved to 0). Macroblocks without
+redundancy never shrink through the parameter, so when it alone cannot reach
+the budget, it stays at its maximum and the common scale s takes the rest.
+Uniform scaling is the same formula with the parameter 0 (f = 1). The counts
+are then nudged one channel-multiple at a time toward the budget, since
+rounding to multiples of 8 makes the size a step function.
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ from dataclasses import asdict, dataclass, field
 from onnx_mbs.passes import BadInputError, ModelAnalysis
 
 GAMMA_MAX = 2.0  # beyond this, budgets are met with a common scale (see plan_widths)
+C_MAX = 1.0  # beta = 1 - R: past it, beta would turn negative where R is near 1
+# The default reading and width map: the setting whose planned reductions land closest
+# to the paper's four headlines (bench/paper_table.py, bench/results/paper_table.json).
+DEFAULT_WIDTH_MAP = "linear:0.4"
 
 Cost = Callable[[Mapping[int, int]], tuple[int, int]]  # group counts -> (params, MACs)
 
@@ -72,6 +78,65 @@ class Budget:
 
 
 @dataclass(frozen=True)
+class WidthMap:
+    """f in beta(m) = clip(s * f(R(m)), beta_min, 1): `linear` 1 - c*R or `power` (1 - R)**gamma.
+
+    Both give f = 1 at parameter 0 (uniform scaling) and shrink redundant
+    macroblocks more as the parameter grows, so one bisection serves both.
+    """
+
+    kind: str  # "linear" or "power"
+    value: float  # c or gamma
+
+    KINDS = {"linear": ("c", C_MAX), "power": ("gamma", GAMMA_MAX)}
+
+    @classmethod
+    def parse(cls, spec: str | WidthMap) -> WidthMap:
+        if isinstance(spec, WidthMap):
+            return spec.check()
+        kind, _, value = spec.partition(":")
+        if kind not in cls.KINDS or not value:
+            raise BadInputError(
+                f"bad --width-map {spec!r}: use linear:C or power:GAMMA, e.g. {DEFAULT_WIDTH_MAP}"
+            )
+        try:
+            number = float(value)
+        except ValueError:
+            raise BadInputError(f"bad --width-map {spec!r}: {value!r} is not a number") from None
+        return cls(kind, number).check()
+
+    def check(self) -> WidthMap:
+        if self.kind not in self.KINDS:
+            raise BadInputError(f"unknown width map {self.kind!r}: use linear or power")
+        if not 0 <= self.value <= self.maximum:
+            raise BadInputError(f"--width-map {self}: {self.knob} must be in [0, {self.maximum:g}]")
+        return self
+
+    @property
+    def knob(self) -> str:
+        return self.KINDS[self.kind][0]
+
+    @property
+    def maximum(self) -> float:
+        return self.KINDS[self.kind][1]
+
+    def with_value(self, value: float) -> WidthMap:
+        return WidthMap(self.kind, value)
+
+    def __call__(self, redundancy: float) -> float:
+        if self.kind == "linear":
+            return 1.0 - self.value * redundancy
+        return (1.0 - redundancy) ** self.value
+
+    def formula(self) -> str:
+        f = "1 - c * R(m)" if self.kind == "linear" else "(1 - R(m)) ** gamma"
+        return f"beta(m) = clip(scale * ({f}), beta_min, 1); R(m) = 1 - E_B(m) / E(m)"
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.value:g}"
+
+
+@dataclass(frozen=True)
 class GroupInfo:
     """What planning needs to know about a channel group."""
 
@@ -94,7 +159,8 @@ class MacroblockPlan:
 @dataclass
 class Plan:
     strategy: str
-    gamma: float
+    width_map: WidthMap  # with the parameter actually used (solved under a budget)
+    receptive_field: str  # the reading the macroblock bases followed
     beta_min: float
     channel_multiple: int
     macroblocks: list[MacroblockPlan]
@@ -105,10 +171,16 @@ class Plan:
     budget: Budget | None = None
     scale: float = 1.0
     latency: tuple[float, float] | None = None  # seconds before, after, as measured
-    formula: str = (
-        "beta(m) = clip(scale * (1 - R(m)) ** gamma, beta_min, 1); R(m) = 1 - E_B(m) / E(m)"
-    )
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def formula(self) -> str:
+        """The formula with the numbers used, e.g. for the report."""
+        return (
+            f"{self.width_map.formula()} with {self.width_map.knob} = {self.width_map.value:.4g}, "
+            f"scale = {self.scale:.4g}, beta_min = {self.beta_min:g}; base B(m): "
+            + BASE_RULES[self.receptive_field]
+        )
 
     @property
     def reached(self) -> dict[str, float]:
@@ -127,7 +199,9 @@ class Plan:
     def to_dict(self) -> dict:
         return {
             "strategy": self.strategy,
-            "gamma": self.gamma,
+            "receptive_field": self.receptive_field,
+            "mapping": self.width_map.kind,
+            self.width_map.knob: self.width_map.value,
             "scale": self.scale,
             "beta_min": self.beta_min,
             "channel_multiple": self.channel_multiple,
@@ -142,6 +216,14 @@ class Plan:
             "reached": self.reached,
             "notes": self.notes,
         }
+
+
+BASE_RULES = {
+    "global": "m's layers whose receptive field in input pixels is at most the input image "
+    "size, and m's first layer",
+    "local": "m's layers whose receptive field in m's own pixels is at most max(H_m, W_m), "
+    "and m's first layer",
+}
 
 
 def macroblock_redundancy(
@@ -187,7 +269,7 @@ def plan_widths(
     rho: Mapping[str, float],
     cost: Cost,
     *,
-    gamma: float = 0.5,
+    width_map: WidthMap | str = DEFAULT_WIDTH_MAP,
     budget: Budget | None = None,
     strategy: str = "mbs",
     channel_multiple: int = 8,
@@ -201,21 +283,21 @@ def plan_widths(
     """
     if strategy not in ("mbs", "uniform"):
         raise BadInputError(f"unknown --strategy {strategy!r}: use mbs or uniform")
-    if not (math.isfinite(gamma) and gamma >= 0):
-        raise BadInputError(f"--gamma must be a finite number >= 0, got {gamma}")
     if not 0 < beta_min <= 1:
         raise BadInputError(f"--beta-min must be in (0, 1], got {beta_min}")
     if channel_multiple < 1:
         raise BadInputError(f"--channel-multiple must be >= 1, got {channel_multiple}")
     if budget is not None and "latency" in budget.fractions and latency is None:
         raise ValueError("a latency budget needs a latency model")
+    fmap = WidthMap.parse(width_map)
     redundancy = macroblock_redundancy(analysis, rho)
     full = {g.id: g.size for g in groups}
     params_before, macs_before = cost(full)
     latency_before = latency(full) if latency is not None else 0.0
 
-    def betas(g: float, scale: float) -> list[float]:
-        return [min(1.0, max(beta_min, scale * (1.0 - r) ** g)) for _, _, r in redundancy]
+    def betas(value: float, scale: float) -> list[float]:
+        f = fmap.with_value(value)
+        return [min(1.0, max(beta_min, scale * f(r))) for _, _, r in redundancy]
 
     def fraction(metric: str, counts: Mapping[int, int]) -> float:
         if metric == "latency":
@@ -230,31 +312,33 @@ def plan_widths(
     def excess(counts: Mapping[int, int]) -> float:
         return max(fraction(m, counts) - f for m, f in limits)
 
-    def excess_at(g: float, scale: float) -> float:
-        return excess(_counts(groups, betas(g, scale), channel_multiple))
+    def excess_at(value: float, scale: float) -> float:
+        return excess(_counts(groups, betas(value, scale), channel_multiple))
 
     notes: list[str] = []
     scale = 1.0
+    value = fmap.value
     if strategy == "uniform":
-        # The width multiplier: gamma 0 makes every beta equal to the common scale.
+        # The width multiplier: parameter 0 makes every beta equal to the common scale.
         if budget is None:
-            size = fraction("params", _counts(groups, betas(gamma, 1.0), channel_multiple))
+            size = fraction("params", _counts(groups, betas(value, 1.0), channel_multiple))
             limits = (("params", size),)
-            notes.append(f"uniform width matched to the size MBS reaches at gamma={gamma:g}")
-        gamma = 0.0
+            notes.append(f"uniform width matched to the size MBS reaches at {fmap}")
+        value = 0.0
         scale = 1.0 - _solve(lambda k: excess_at(0.0, 1.0 - k), 0.0, 1.0 - beta_min)
     elif budget is not None:
-        if excess_at(GAMMA_MAX, 1.0) <= 0:
-            gamma = _solve(lambda g: excess_at(g, 1.0), 0.0, GAMMA_MAX)
+        top = fmap.maximum
+        if excess_at(top, 1.0) <= 0:
+            value = _solve(lambda v: excess_at(v, 1.0), 0.0, top)
         else:
-            # Macroblocks without redundancy never shrink through gamma alone: past
-            # GAMMA_MAX, a common scale takes the rest, keeping MBS's proportions.
-            gamma = GAMMA_MAX
-            scale = 1.0 - _solve(lambda k: excess_at(GAMMA_MAX, 1.0 - k), 0.0, 1.0 - beta_min)
+            # Macroblocks without redundancy never shrink through the parameter alone:
+            # past its maximum, a common scale takes the rest, keeping MBS's proportions.
+            value = top
+            scale = 1.0 - _solve(lambda k: excess_at(top, 1.0 - k), 0.0, 1.0 - beta_min)
             notes.append(
-                f"gamma capped at {GAMMA_MAX:g}; a common scale {scale:.3f} reaches the budget"
+                f"{fmap.knob} capped at {top:g}; a common scale {scale:.3f} reaches the budget"
             )
-    chosen = betas(gamma, scale)
+    chosen = betas(value, scale)
     counts = _counts(groups, chosen, channel_multiple)
     if limits:  # a budget, or the size uniform is matched to
         counts = _nudge(counts, groups, excess, channel_multiple)
@@ -286,7 +370,8 @@ def plan_widths(
     ]
     return Plan(
         strategy=strategy,
-        gamma=gamma,
+        width_map=fmap.with_value(value),
+        receptive_field=analysis.receptive_field,
         scale=scale,
         beta_min=beta_min,
         channel_multiple=channel_multiple,

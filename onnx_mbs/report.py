@@ -29,7 +29,10 @@ def report_dict(report: ReduceReport) -> dict:
                 "op_type": layer.op_type,
                 "macroblock": layer.macroblock,
                 "in_base": layer.name in report.before.macroblocks[layer.macroblock].base_layers,
-                "receptive_field": _finite(layer.receptive_field),
+                "receptive_field": {
+                    "global": _finite(layer.global_receptive_field),
+                    "local": _finite(layer.local_receptive_field),
+                },
                 "rho": report.rho.get(layer.name, 1.0),
                 "activation": report.activation.get(layer.name),
                 "channels": {
@@ -138,8 +141,8 @@ def markdown(report: ReduceReport) -> str:
     lines = [
         "# onnx-mbs reduce report",
         "",
-        f"- strategy: {plan.strategy}, gamma: {plan.gamma}, beta_min: {plan.beta_min}, "
-        f"channel multiple: {plan.channel_multiple}",
+        f"- strategy: {plan.strategy}; receptive field: {plan.receptive_field}; width map: "
+        f"{plan.width_map.kind}; channel multiple: {plan.channel_multiple}",
         f"- formula: `{plan.formula}`",
         f"- data: {report.data}; preprocessing: {report.preprocessing}; "
         f"{report.samples} samples on {report.provider}",
@@ -164,7 +167,7 @@ def markdown(report: ReduceReport) -> str:
                     x["name"],
                     x["macroblock"],
                     "yes" if x["in_base"] else "",
-                    x["receptive_field"],
+                    x["receptive_field"][report.plan.receptive_field],
                     f"{x['rho']:.3f}",
                     f"{x['channels']['out'][0]} -> {x['channels']['out'][1]}",
                     f"{x['channels']['in'][0]} -> {x['channels']['in'][1]}",

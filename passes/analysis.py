@@ -1,9 +1,13 @@
-"""Macroblock analysis: per-layer MACs, parameters and local receptive fields.
+"""Macroblock analysis: per-layer MACs, parameters and receptive fields.
 
 A macroblock is the set of Conv layers whose outputs share one spatial size
 and reach each other through tensors of that size (DESIGN.md). Its base is
-the layers whose local receptive field still fits in the feature map; layers
-past the base see the whole map, which is where MBS looks for redundancy.
+the layers whose receptive field still fits: under the global reading (the
+paper's, as far as its numbers show) a layer's receptive field in input-image
+pixels against the input image size; under the local reading, a receptive
+field counted in the macroblock's own pixels against its own map size. Layers
+past the base see the whole image (or map): that is where MBS looks for
+redundancy.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import numpy as np
 import onnx
 
 from .base import Pass, PassResult
+from .errors import BadInputError
 from .graph import GraphIndex, attributes, count_parameters
 from .load import in_load_form
 
@@ -27,6 +32,10 @@ GLOBAL_OPS = ("GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")
 RESAMPLING_OPS = (*CONV_OPS, *POOL_OPS, "Resize", "Upsample", "DepthToSpace", "SpaceToDepth")
 # Ops that keep the resolution even though the size changes by a border.
 BORDER_OPS = ("Pad",)
+READINGS = ("global", "local")
+DEFAULT_RECEPTIVE_FIELD = "global"  # chosen by the paper's numbers: bench/paper_table.py
+# Input pixels per axis one output pixel of Resize/Upsample reads, by mode.
+RESIZE_TAPS = {"nearest": 1, "linear": 2, "bilinear": 2, "cubic": 4}
 
 
 @dataclass(frozen=True)
@@ -47,7 +56,8 @@ class ConvLayer:
     output_size: tuple[int, ...]
     macs: int
     params: int
-    receptive_field: float  # local, in the macroblock's own pixels; inf after global pooling
+    local_receptive_field: float  # in the macroblock's own pixels; inf after global pooling
+    global_receptive_field: float  # in input-image pixels (largest axis); inf after global pooling
     macroblock: int
 
     @property
@@ -72,6 +82,8 @@ class ModelAnalysis:
     total_params: int
     total_macs: int  # Conv family plus Gemm/MatMul
     other_macs: dict[str, int] = field(default_factory=dict)  # Gemm/MatMul node -> MACs
+    receptive_field: str = DEFAULT_RECEPTIVE_FIELD  # the reading the bases follow (READINGS)
+    image_size: int = 0  # the largest spatial dim of the graph input: the global limit
 
     def layer(self, name: str) -> ConvLayer:
         return next(layer for layer in self.layers if layer.name == name)
@@ -81,9 +93,16 @@ class ModelAnalysis:
             return "global" if math.isinf(value) else value
 
         return {
+            "receptive_field": self.receptive_field,
+            "image_size": self.image_size,
             "macroblocks": [asdict(m) for m in self.macroblocks],
             "layers": [
-                {**asdict(x), "receptive_field": rf(x.receptive_field)} for x in self.layers
+                {
+                    **asdict(x),
+                    "local_receptive_field": rf(x.local_receptive_field),
+                    "global_receptive_field": rf(x.global_receptive_field),
+                }
+                for x in self.layers
             ],
             "totals": {"params": self.total_params, "macs": self.total_macs},
         }
@@ -117,25 +136,122 @@ class _UnionFind:
         self.parent[self.find(a)] = self.find(b)
 
 
-def _kernel_effective(node: onnx.NodeProto, weight_shape: tuple[int, ...] | None) -> int:
+Axes = tuple[float, ...]  # one entry per spatial dim
+
+
+def _window(node: onnx.NodeProto, weight_shape: tuple[int, ...] | None) -> tuple[Axes, Axes]:
+    """Per spatial dim: the effective kernel dilation*(K-1)+1 and the stride of a conv or pool."""
     attrs = attributes(node)
-    kernel = attrs.get("kernel_shape") or (weight_shape[2:] if weight_shape else [1])
-    dilations = attrs.get("dilations") or [1] * len(kernel)
-    return max(d * (k - 1) + 1 for k, d in zip(kernel, dilations))
+    kernel = tuple(attrs.get("kernel_shape") or (weight_shape[2:] if weight_shape else ()))
+    kernel = kernel or (1,)
+    dilation = _per_dim(attrs.get("dilations"), 1, len(kernel))
+    stride = _per_dim(attrs.get("strides"), 1, len(kernel))
+    return tuple(d * (k - 1) + 1 for k, d in zip(kernel, dilation)), stride
 
 
-def analyze_model(model: onnx.ModelProto) -> ModelAnalysis:
-    """Layers, macroblocks and totals of a model (normalised by `load_model` if it is not)."""
+def _fit(values: Axes, rank: int) -> Axes:
+    """The last `rank` entries, padded in front with 1 (a reshape between spatial ranks,
+    such as a channel shuffle's 5-D view, keeps the trailing dims)."""
+    return (1.0,) * (rank - len(values)) + tuple(values[-rank:])
+
+
+def _grow(rf: Axes, step: Axes, reach, scale) -> tuple[Axes, Axes]:
+    """A window reaching `reach` more pixels of its input per dim, then rescaling the step.
+    (A field after global pooling is infinite, and stays so.)"""
+    return (
+        tuple(f + r * j if r else f for f, r, j in zip(rf, reach, step)),
+        tuple(j * c for j, c in zip(step, scale)),
+    )
+
+
+def _global_step(
+    node: onnx.NodeProto,
+    out: str,
+    inputs: list[str],
+    resolution: dict[str, tuple[int, ...]],
+    field_of: dict[str, tuple[Axes, Axes]],
+    weight_shape: tuple[int, ...] | None,
+) -> tuple[Axes, Axes]:
+    """(receptive field, step) of `out` per spatial dim, both in input-image pixels.
+
+    The step is how many input pixels one pixel of the tensor moves by. A window of
+    effective size k and stride s adds (k-1)*step and multiplies the step by s;
+    ConvTranspose and upsampling divide the step (an output pixel of a stride-s
+    ConvTranspose reads ceil(k/s) input pixels); global pooling sees everything.
+    Joins take the largest field among inputs of the output's own size: a 1x1
+    gate broadcast over a map (squeeze-and-excitation) scales channels, it adds no
+    spatial context, and is ignored, as in the local reading.
+    """
+    op = node.op_type
+    size = resolution[out]
+    rank = len(size)
+    inf = (math.inf,) * rank
+    if op in GLOBAL_OPS:
+        return inf, inf
+    if not inputs:
+        return (1.0,) * rank, (1.0,) * rank
+    x = node.input[0]
+    if op in (*CONV_OPS, *POOL_OPS) and x in field_of:
+        (rf, step), (k, s) = field_of[x], _window(node, weight_shape)
+        rf, step = _fit(rf, len(k)), _fit(step, len(k))
+        if op == "ConvTranspose":
+            return _grow(rf, step, [math.ceil(a / b) - 1 for a, b in zip(k, s)], [1 / b for b in s])
+        return _grow(rf, step, [a - 1 for a in k], s)
+    if op in ("Resize", "Upsample", "DepthToSpace", "SpaceToDepth") and x in field_of:
+        before = resolution[x]
+        rf, step = (_fit(v, len(before)) for v in field_of[x])
+        mode = attributes(node).get("mode", b"nearest")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        taps = RESIZE_TAPS.get(mode, 1) if op in ("Resize", "Upsample") else 1
+        if op == "SpaceToDepth":
+            taps = int(attributes(node)["blocksize"])
+        scale = [b / a for a, b in zip(_fit(size, len(before)), before)]
+        return _grow(rf, step, [taps - 1] * len(before), scale)
+    same = [t for t in inputs if resolution[t] == size] or [
+        t for t in inputs if not all(d == 1 for d in resolution[t]) and op not in RESAMPLING_OPS
+    ]
+    if same:
+        fields = [_fit(field_of[t][0], rank) for t in same]
+        return tuple(max(f[a] for f in fields) for a in range(rank)), _fit(
+            field_of[same[0]][1], rank
+        )
+    if all(math.isinf(field_of[t][0][0]) for t in inputs):
+        return inf, inf
+    return (1.0,) * rank, (1.0,) * rank
+
+
+def check_reading(receptive_field: str) -> str:
+    """`receptive_field` if it names a reading, else BadInputError (before any work starts)."""
+    if receptive_field not in READINGS:
+        raise BadInputError(
+            f"unknown --receptive-field {receptive_field!r}: use {' or '.join(READINGS)}"
+        )
+    return receptive_field
+
+
+def analyze_model(
+    model: onnx.ModelProto, receptive_field: str = DEFAULT_RECEPTIVE_FIELD
+) -> ModelAnalysis:
+    """Layers, macroblocks and totals of a model (normalised by `load_model` if it is not).
+
+    `receptive_field` picks the reading the macroblock bases follow ("global":
+    input-image pixels against the image size; "local": the macroblock's own
+    pixels against its map size); every layer carries both values.
+    """
+    check_reading(receptive_field)
     model = in_load_form(model)
     index = GraphIndex.build(model)
     shapes = index.shapes
     resolution: dict[str, tuple[int, int]] = {}  # tensor -> size, Pad borders removed
     rf: dict[str, float] = {}
+    field_of: dict[str, tuple[Axes, Axes]] = {}  # tensor -> global (field, step) per dim
     blocks = _UnionFind()
     for name in index.graph_inputs:
         size = _spatial(shapes.get(name))
         if size:
             resolution[name], rf[name] = size, 1.0
+            field_of[name] = ((1.0,) * len(size), (1.0,) * len(size))
+    image_size = max((max(resolution[n]) for n in resolution), default=0)
 
     for node in index.nodes:
         inputs = [t for t in node.input if t in resolution]
@@ -148,11 +264,13 @@ def analyze_model(model: onnx.ModelProto) -> ModelAnalysis:
         if op in BORDER_OPS and inputs:
             resolution[outputs[0]] = resolution[inputs[0]]
         weight_shape = shapes.get(node.input[1]) if op in CONV_OPS else None
+        for out in outputs:
+            field_of[out] = _global_step(node, out, inputs, resolution, field_of, weight_shape)
         # Receptive field of each output, local to its macroblock.
         for out in outputs:
             same = [t for t in inputs if resolution[t] == resolution[out]]
             if op in (*CONV_OPS, *POOL_OPS) and inputs:
-                k_eff = _kernel_effective(node, weight_shape)
+                k_eff = max(_window(node, weight_shape)[0])
                 if same:
                     rf[out] = rf[same[0]] + (k_eff - 1)
                 elif op == "ConvTranspose":
@@ -205,9 +323,12 @@ def analyze_model(model: onnx.ModelProto) -> ModelAnalysis:
     for m, nodes in enumerate(roots.values()):
         sizes = Counter(resolution[n.output[0]] for n in nodes)
         block_res = max(sizes, key=lambda s: (sizes[s], s))
-        block_layers = [_conv_layer(n, index, resolution, rf, m) for n in nodes]
-        limit = max(block_res)
-        base = [x.name for k, x in enumerate(block_layers) if k == 0 or x.receptive_field <= limit]
+        block_layers = [_conv_layer(n, index, resolution, rf, field_of, m) for n in nodes]
+        if receptive_field == "global":
+            limit, key = image_size, "global_receptive_field"
+        else:
+            limit, key = max(block_res), "local_receptive_field"
+        base = [x.name for k, x in enumerate(block_layers) if k == 0 or getattr(x, key) <= limit]
         layers.extend(block_layers)
         macroblocks.append(
             Macroblock(
@@ -226,10 +347,12 @@ def analyze_model(model: onnx.ModelProto) -> ModelAnalysis:
         total_params=count_parameters(model),
         total_macs=sum(x.macs for x in layers) + sum(other.values()),
         other_macs=other,
+        receptive_field=receptive_field,
+        image_size=image_size,
     )
 
 
-def _conv_layer(node, index: GraphIndex, resolution, rf, macroblock: int) -> ConvLayer:
+def _conv_layer(node, index: GraphIndex, resolution, rf, field_of, macroblock: int) -> ConvLayer:
     attrs = attributes(node)
     shapes = index.shapes
     weight_shape = shapes[node.input[1]]
@@ -263,7 +386,8 @@ def _conv_layer(node, index: GraphIndex, resolution, rf, macroblock: int) -> Con
         output_size=tuple(out_shape[2:]),
         macs=int(macs),
         params=params,
-        receptive_field=rf[node.output[0]],
+        local_receptive_field=rf[node.output[0]],
+        global_receptive_field=max(field_of[node.output[0]][0]),
         macroblock=macroblock,
     )
 
@@ -293,5 +417,9 @@ class FindMacroblocks(Pass):
 
     name = "macroblocks"
 
+    def __init__(self, receptive_field: str = DEFAULT_RECEPTIVE_FIELD) -> None:
+        self.receptive_field = receptive_field
+
     def call(self, model: onnx.ModelProto) -> PassResult:
-        return PassResult(model, False, {self.name: analyze_model(model)})
+        analysis = analyze_model(model, self.receptive_field)
+        return PassResult(model, False, {self.name: analysis})

@@ -14,8 +14,9 @@ from onnx import helper
 
 from onnx_mbs.cli import main
 from onnx_mbs.models.export import export_onnx, randomize_batchnorm
-from onnx_mbs.models.zoo import ZOO
+from onnx_mbs.models.zoo import IMAGENET, ZOO
 from onnx_mbs.passes import analyze_model, load_model
+from onnx_mbs.plan import macroblock_redundancy
 
 
 @functools.cache
@@ -82,10 +83,43 @@ def test_zoo_counts_and_resolutions(name):
             assert set(block.base_layers) <= set(block.layers)
 
 
-def test_cifar_resnet_bases_follow_receptive_fields():
+@pytest.mark.parametrize(
+    ("name", "published"),
+    [
+        ("mobilenet_v1", 569e6),  # Howard et al. 2017, Table 8: 569 million mult-adds
+        ("shufflenet_v1", 140e6),  # Zhang et al. 2018, Table 2: 1x (g = 3), 140 MFLOPs
+    ],
+)
+def test_paper_models_macs_as_published(name, published):
+    module, _ = _zoo(name, "deploy")
+    assert analyze_model(_zoo(name, "deploy")[1]).total_macs == _hook_macs(module, IMAGENET)
+    assert _hook_macs(module, IMAGENET) == pytest.approx(published, rel=0.02)
+
+
+def test_resnet50_at_224_has_redundancy_in_its_deeper_macroblocks():
+    """The global reading: fields pass 224 input pixels inside the 14x14 macroblock (3x3 convs
+    add 32 pixels each there) and from the first layer of the 7x7 one. The local reading
+    finds no redundancy anywhere in ResNet-50 at 224, so MBS would do nothing."""
+    _, model = _zoo("resnet50", "deploy")
+    rho = {}  # no data: rho = 1
+    analysis = analyze_model(model)
+    assert analysis.image_size == 224
+    redundancy = [r for _, _, r in macroblock_redundancy(analysis, rho)]
+    assert redundancy[:3] == [0.0, 0.0, 0.0] and 0.2 < redundancy[3] < redundancy[4] < 1
+    seven = analysis.macroblocks[4]
+    assert seven.base_layers == seven.layers[:1]
+    fourteen = analysis.macroblocks[3]
+    rf = {n: analysis.layer(n).global_receptive_field for n in fourteen.layers}
+    past = set(fourteen.layers) - set(fourteen.base_layers)
+    assert max(rf[n] for n in fourteen.base_layers) <= 224 < min(rf[n] for n in past)
+    local = analyze_model(model, "local")
+    assert all(r == 0.0 for _, _, r in macroblock_redundancy(local, rho))
+
+
+def test_cifar_resnet_bases_follow_local_receptive_fields():
     """ResNet-56 at 32x32: 3x3 convs add 2 to the local RF; the base ends once it passes 32."""
     _, model = _zoo("resnet56", "deploy")
-    analysis = analyze_model(model)
+    analysis = analyze_model(model, "local")
     first, second, third = analysis.macroblocks
     # Stem conv at RF 3, then each conv +2: RF 3..31 fits 32 -> 15 layers.
     assert len(first.base_layers) == 15
@@ -93,7 +127,7 @@ def test_cifar_resnet_bases_follow_receptive_fields():
     # up to 16 -> the entering pair, the shortcut, and 6 more convs.
     assert len(second.base_layers) == 9
     assert len(third.base_layers) == 5
-    rf = {x.name: x.receptive_field for x in analysis.layers}
+    rf = {x.name: x.local_receptive_field for x in analysis.layers}
     assert rf[second.layers[0]] == 2.0
     assert all(rf[n] <= 16 for n in second.base_layers)
     assert all(rf[n] > 16 for n in set(second.layers) - set(second.base_layers))
@@ -154,7 +188,7 @@ def test_fpn_resize_and_convtranspose_make_their_own_macroblocks():
     up = [x for x in analysis.layers if x.op_type == "ConvTranspose"]
     assert up and all(x.output_size[0] > x.input_size[0] for x in up)
     # A layer entering a larger resolution starts a fresh local receptive field.
-    assert all(x.receptive_field == 1.0 for x in up)
+    assert all(x.local_receptive_field == 1.0 for x in up)
 
 
 def test_analyze_cli_json_and_dynamic_input(tmp_path, capsys):
@@ -168,6 +202,14 @@ def test_analyze_cli_json_and_dynamic_input(tmp_path, capsys):
     assert doc["totals"]["params"] == sum(m["params"] for m in doc["macroblocks"]) + 16 * 5 + 5
     for block in doc["macroblocks"]:
         assert set(block) >= {"resolution", "layers", "base_layers", "params", "macs"}
+    # Each layer's field in input pixels, the reading the bases follow and its limit.
+    assert doc["receptive_field"] == "global" and doc["image_size"] == 24
+    # 3x3 convs: 3, 5, 7; the 2x2 stride-2 max-pool: 8, step 2; then 3x3: 8 + 2*2.
+    assert [x["global_receptive_field"] for x in doc["layers"]] == [3, 5, 7, 12]
     assert main(["analyze", str(path), "--input-shape", "input:1,3,24,20"]) == 0
     table = capsys.readouterr().out
     assert "24x20" in table and "12x10" in table
+    assert "input pixels is at most the input image size" in table and "(image size 24)" in table
+    args = ["analyze", str(path), "--input-shape", "input:1,3,24,20", "--receptive-field"]
+    assert main([*args, "local", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["receptive_field"] == "local"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from conftest import SMALL_ZOO
+from conftest import REDUCIBLE_ZOO
 from graphs import assert_same_outputs, kill_channels, run
 from variants import VARIANTS
 
@@ -44,8 +44,8 @@ def variant(name: str, form: str) -> onnx.ModelProto:
 
 
 def _zoo(fast: list[str]) -> list:
-    """SMALL_ZOO, with the models outside `fast` behind the slow marker."""
-    return [n if n in fast else pytest.param(n, marks=pytest.mark.slow) for n in SMALL_ZOO]
+    """The zoo models with channels to cut, those outside `fast` behind the slow marker."""
+    return [n if n in fast else pytest.param(n, marks=pytest.mark.slow) for n in REDUCIBLE_ZOO]
 
 
 def _counts(model: onnx.ModelProto) -> tuple:

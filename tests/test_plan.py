@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from onnx_mbs.passes import BadInputError, ConvLayer, Macroblock, ModelAnalysis
-from onnx_mbs.plan import Budget, GroupInfo, macroblock_redundancy, plan_widths, round_channels
+from onnx_mbs.passes.analysis import DEFAULT_RECEPTIVE_FIELD
+from onnx_mbs.plan import (
+    DEFAULT_WIDTH_MAP,
+    Budget,
+    GroupInfo,
+    WidthMap,
+    macroblock_redundancy,
+    plan_widths,
+    round_channels,
+)
+
+PAPER_TABLE = Path(__file__).resolve().parents[1] / "bench" / "results" / "paper_table.json"
 
 
 def _layer(name: str, block: int, macs: int, rf: float) -> ConvLayer:
@@ -26,6 +40,7 @@ def _layer(name: str, block: int, macs: int, rf: float) -> ConvLayer:
         (8, 8),
         macs,
         64 * 64 * 9,
+        rf,
         rf,
         block,
     )
@@ -66,11 +81,13 @@ def test_more_redundant_macroblock_gets_smaller_beta_and_uniform_is_flat():
     groups = [GroupInfo(0, 64, (0,), False), GroupInfo(1, 64, (1,), False)]
     cost = _quadratic_cost(groups, {0: 1.0, 1: 1.0})
     rho = {layer.name: 1.0 for layer in analysis.layers}
-    plan = plan_widths(analysis, groups, rho, cost, gamma=0.5, channel_multiple=1)
+    plan = plan_widths(analysis, groups, rho, cost, width_map="power:0.5", channel_multiple=1)
     beta0, beta1 = (m.beta for m in plan.macroblocks)
     assert beta0 == pytest.approx(0.25**0.5) and beta1 == pytest.approx(0.75**0.5)
     assert plan.counts[0] < plan.counts[1]
-    uniform = plan_widths(analysis, groups, rho, cost, strategy="uniform", channel_multiple=1)
+    uniform = plan_widths(
+        analysis, groups, rho, cost, width_map="power:0.5", strategy="uniform", channel_multiple=1
+    )
     assert len({m.beta for m in uniform.macroblocks}) == 1
     # One width everywhere, but for the single-step nudge that matches MBS's size:
     # at most that size, and within one channel step (2c+1 here) of it.
@@ -79,9 +96,41 @@ def test_more_redundant_macroblock_gets_smaller_beta_and_uniform_is_flat():
     assert uniform.params[1] <= plan.params[1] <= uniform.params[1] + 2 * c + 1
 
 
+def test_linear_width_map_and_the_formula_with_its_numbers():
+    analysis = _analysis([1, 3], [4, 4])  # R = 3/4 and 1/4
+    groups = [GroupInfo(0, 64, (0,), False), GroupInfo(1, 64, (1,), False)]
+    cost = _quadratic_cost(groups, {0: 1.0, 1: 1.0})
+    rho = {layer.name: 1.0 for layer in analysis.layers}
+    plan = plan_widths(analysis, groups, rho, cost, width_map="linear:0.4", channel_multiple=1)
+    assert [m.beta for m in plan.macroblocks] == pytest.approx([1 - 0.4 * 0.75, 1 - 0.4 * 0.25])
+    assert plan.counts == {0: round(64 * 0.7), 1: round(64 * 0.9)}
+    assert "1 - c * R(m)" in plan.formula and "c = 0.4," in plan.formula
+    assert plan.to_dict()["mapping"] == "linear" and plan.to_dict()["c"] == 0.4
+    # c past 1/R clips at beta_min; c = 0 is uniform width 1.
+    steep = plan_widths(analysis, groups, rho, cost, width_map="linear:1", beta_min=0.3)
+    assert [m.beta for m in steep.macroblocks] == pytest.approx([0.3, 0.75])
+    flat = plan_widths(analysis, groups, rho, cost, width_map="linear:0")
+    assert not flat.changes_anything
+
+
+def test_width_map_parsing():
+    assert WidthMap.parse("linear:0.45") == WidthMap("linear", 0.45)
+    assert WidthMap.parse("power:2") == WidthMap("power", 2.0)
+    for bad, message in [
+        ("linear", "use linear:C or power:GAMMA"),
+        ("cubic:1", "use linear:C or power:GAMMA"),
+        ("linear:x", "not a number"),
+        ("linear:1.5", r"c must be in \[0, 1\]"),
+        ("power:-1", r"gamma must be in \[0, 2\]"),
+    ]:
+        with pytest.raises(BadInputError, match=message):
+            WidthMap.parse(bad)
+
+
+@pytest.mark.parametrize("width_map", ["linear:0.45", "power:0.5"])
 @pytest.mark.parametrize("strategy", ["mbs", "uniform"])
 @pytest.mark.parametrize("fraction", [0.3, 0.5, 0.8])
-def test_budget_is_met_within_two_points(strategy, fraction):
+def test_budget_is_met_within_two_points(strategy, fraction, width_map):
     analysis = _analysis([1, 2, 3], [4, 4, 4])
     groups = [GroupInfo(g, 256, (g,), False) for g in range(3)] + [GroupInfo(3, 16, (0,), True)]
     cost = _quadratic_cost(groups, {0: 1.0, 1: 2.0, 2: 3.0, 3: 1.0})
@@ -92,6 +141,7 @@ def test_budget_is_met_within_two_points(strategy, fraction):
         rho,
         cost,
         budget=Budget.parse(f"params={fraction}"),
+        width_map=width_map,
         strategy=strategy,
         channel_multiple=8,
     )
@@ -178,3 +228,14 @@ def test_beta_one_keeps_every_channel(size):
     assert round_channels(size, 1.0, 8) == size
     for fraction in (0.3, 0.55, 0.9):
         assert round_channels(size, fraction, 8) >= min(size, size * fraction)
+
+
+def test_defaults_are_the_paper_table_fit():
+    """The default reading and width map are the fit bench/paper_table.py recorded."""
+    fit = json.loads(PAPER_TABLE.read_text())["best_fit"]
+    default = WidthMap.parse(DEFAULT_WIDTH_MAP)
+    assert (fit["receptive_field"], fit["mapping"], fit["parameter"]) == (
+        DEFAULT_RECEPTIVE_FIELD,
+        default.kind,
+        default.value,
+    )

@@ -9,11 +9,12 @@ import graphs
 import numpy as np
 import onnx
 import pytest
-from conftest import FORMS, SMALL_ZOO, random_images, write_npz
+from conftest import FORMS, REDUCIBLE_ZOO, random_images, write_npz
 
 from onnx_mbs.cli import main
 from onnx_mbs.passes import BadInputError, analyze_model, count_parameters, load_model
 from onnx_mbs.pipeline import reduce
+from onnx_mbs.plan import DEFAULT_WIDTH_MAP, WidthMap
 
 
 def _sample_npz(path, shape, n=16, seed=0, classes=10):
@@ -39,7 +40,7 @@ def _check_written(original: onnx.ModelProto, reduced: onnx.ModelProto, c_h_w) -
 
 @pytest.mark.parametrize("budget", ["params=0.5", "flops=0.5"])
 @pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("name", SMALL_ZOO)
+@pytest.mark.parametrize("name", REDUCIBLE_ZOO)
 def test_budgets_land_within_two_points(zoo_onnx, tmp_path, name, form, budget):
     model = zoo_onnx(name, form)
     c_h_w = load_model(model).graph.input[0].type.tensor_type.shape.dim
@@ -57,6 +58,19 @@ def test_budgets_land_within_two_points(zoo_onnx, tmp_path, name, form, budget):
     )
     assert reached == pytest.approx(float(fraction), abs=0.02)
     _check_written(model, reduced, c_h_w)
+
+
+def test_shufflenet_v1_is_refused_not_guessed(zoo_onnx):
+    """Its channels form one unit (grouped convs + shuffles): MBS plans betas below 1 for
+    its deep macroblocks, but a budget is refused in one line, and without one the input
+    comes back unchanged."""
+    model = zoo_onnx("shufflenet_v1", "deploy")
+    with pytest.raises(BadInputError, match="smallest plan keeps params 100.0%"):
+        reduce(model, budget="params=0.5", evaluate_accuracy=False, progress=False)
+    same, report = reduce(model, evaluate_accuracy=False, progress=False)
+    assert [m.beta < 1 for m in report.plan.macroblocks] == [False, False, False, True, True]
+    assert not report.plan.changes_anything
+    assert same.SerializeToString() == model.SerializeToString()
 
 
 def test_bundled_model_cli_with_report(bundled_model_path, tmp_path, capsys):
@@ -92,8 +106,14 @@ def test_bundled_model_cli_with_report(bundled_model_path, tmp_path, capsys):
     assert abs(report["budget"]["reached"]["params"] - 0.5) <= 0.02
     assert report["totals"]["params"][1] == count_parameters(reduced)
     assert {"rho", "receptive_field", "channels", "macs"} <= set(report["layers"][0])
+    assert set(report["layers"][0]["receptive_field"]) == {"global", "local"}
     assert all("redundancy" in m and "beta" in m for m in report["macroblocks"])
-    assert (tmp_path / "report" / "report.md").read_text().startswith("# onnx-mbs reduce report")
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert md.startswith("# onnx-mbs reduce report")
+    # The report states the reading, the map and the formula with its numbers.
+    assert "receptive field: global; width map: linear" in md
+    assert "1 - c * R(m)), beta_min, 1); R(m) = 1 - E_B(m) / E(m) with c = " in md
+    assert "input image size" in md and 0 <= report["plan"]["c"] <= 1
     assert (tmp_path / "report" / "widths.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -116,7 +136,11 @@ def test_json_and_dry_run(bundled_model_path, tmp_path, capsys):
     )
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["plan"]["strategy"] == "mbs" and summary["plan"]["gamma"] == 0.5
+    default = WidthMap.parse(DEFAULT_WIDTH_MAP)
+    assert summary["plan"]["strategy"] == "mbs" and summary["plan"]["receptive_field"] == "global"
+    assert summary["plan"]["mapping"] == default.kind
+    assert summary["plan"][default.knob] == default.value
+    assert f"{default.knob} = {default.value:g}" in summary["plan"]["formula"]
     assert summary["totals"]["params"][1] < summary["totals"]["params"][0]
     assert not out.exists()
 
@@ -267,6 +291,10 @@ def _bad(tmp_path, bundled_model_path, case):
         args += ["--budget", "params=0"]
     elif case == "budget-above-one":
         args += ["--budget", "flops=1.5"]
+    elif case == "width-map":
+        args += ["--width-map", "linear:1.5"]
+    elif case == "receptive-field":
+        args += ["--receptive-field", "paper"]
     elif case == "output-is-input":
         args[3] = model
     return args
@@ -280,6 +308,8 @@ def _bad(tmp_path, bundled_model_path, case):
         ("nan", "NaN|nan"),
         ("provider", "unknown providers"),
         ("budget-zero", r"must be in \(0, 1\]"),
+        ("width-map", r"c must be in \[0, 1\]"),
+        ("receptive-field", "unknown --receptive-field 'paper': use global or local"),
         ("budget-above-one", r"must be in \(0, 1\]"),
         ("output-is-input", "is the input model"),
     ],

@@ -143,7 +143,9 @@ WRONG_RESULTS = [
 BAD_NUMBERS = [
     Case(f"{cmd}-{opt.strip('-')}-{value}", f"{base} {opt} {value}", 2, fragment)
     for cmd, base, opt, values, fragment in (
-        ("reduce", R + " " + RO, "--gamma", ("nan", "inf", "-1", "-inf", "x"), "--gamma"),
+        ("reduce", R + " " + RO, "--width-map", ("linear:nan", "linear:inf", "power:-1", "power:-inf", "linear:x", "cubic:1"), "--width-map"),
+        ("reduce", R + " " + RO, "--receptive-field", ("paper", "GLOBAL"), "--receptive-field"),
+        ("analyze", "analyze {ws}/tiny.onnx", "--receptive-field", ("paper",), "--receptive-field"),
         ("reduce", R + " " + RO, "--beta-min", ("nan", "-1", "5", "0", "inf", "1.5"), "--beta-min"),
         ("reduce", R + " " + RO, "--channel-multiple", ("0", "-8", "2.5", "nan"), "--channel-multiple"),
         ("reduce", R + " " + RO + " --data {ws}/data.npz", "--limit", ("0", "-1", "2.5", "nan"), "--limit"),
@@ -365,8 +367,18 @@ def _api_cases(ws: Path) -> dict[str, tuple[object, str]]:
     return {
         "reduce-limit-2.5": (lambda: onnx_mbs.reduce(tiny, data, limit=2.5), "whole number"),
         "reduce-limit-true": (lambda: onnx_mbs.reduce(tiny, data, limit=True), "whole number"),
-        "reduce-gamma-nan": (lambda: onnx_mbs.reduce(tiny, gamma=float("nan")), "--gamma"),
-        "reduce-gamma-inf": (lambda: onnx_mbs.reduce(tiny, gamma=float("inf")), "--gamma"),
+        "reduce-width-map-nan": (
+            lambda: onnx_mbs.reduce(tiny, width_map="linear:nan"),
+            "--width-map",
+        ),
+        "reduce-width-map-inf": (
+            lambda: onnx_mbs.reduce(tiny, width_map=onnx_mbs.WidthMap("power", float("inf"))),
+            "--width-map",
+        ),
+        "reduce-receptive-field": (
+            lambda: onnx_mbs.reduce(tiny, receptive_field="paper"),
+            "--receptive-field",
+        ),
         "reduce-beta-min-5": (lambda: onnx_mbs.reduce(tiny, beta_min=5), "--beta-min"),
         "reduce-beta-min-nan": (lambda: onnx_mbs.reduce(tiny, beta_min=float("nan")), "--beta-min"),
         "reduce-labels": (lambda: onnx_mbs.reduce(tiny, str(ws / "badlabels.npz")), "10 classes"),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from conftest import FORMS, SMALL_ZOO
+from conftest import FORMS, REDUCIBLE_ZOO, SMALL_ZOO
 from graphs import (
     HAND_BUILT,
     Builder,
@@ -86,7 +86,7 @@ def test_keep_everything_is_identical(zoo_onnx, name, form):
 
 
 @pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("name", SMALL_ZOO)
+@pytest.mark.parametrize("name", REDUCIBLE_ZOO)
 def test_dead_channels_zoo(zoo_onnx, name, form):
     check_dead_channels(load_model(zoo_onnx(name, form)))
 
@@ -236,4 +236,5 @@ def test_fold_shapes_on_zoo_exports(zoo_onnx, name):
     assert count_parameters(folded) == count_parameters(model)
     before, after = analyze_channels(model).groups, analyze_channels(folded).groups
     assert [(g.size, g.pinned) for g in before] == [(g.size, g.pinned) for g in after]
-    check_dead_channels(folded, seed=2)
+    if name in REDUCIBLE_ZOO:
+        check_dead_channels(folded, seed=2)

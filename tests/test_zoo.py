@@ -145,6 +145,26 @@ def expected_densenet_bc(depth: int, k: int, classes: int = 10) -> int:
     return total + _bn(c) + c * classes + classes
 
 
+def expected_shufflenet_v1(g: int = 3, widths=(240, 480, 960), classes: int = 1000) -> int:
+    """Zhang et al. 2018, Table 1: units of grouped 1x1 (to a quarter width), 3x3 depthwise,
+    grouped 1x1; a stride-2 unit's branch makes only the added channels."""
+    total = _conv(3, 3, 24) + _bn(24)
+    c_in = 24
+    for stage, (repeats, c_out) in enumerate(zip((4, 8, 4), widths)):
+        for unit in range(repeats):
+            mid = c_out // 4
+            made = c_out - c_in if unit == 0 else c_out
+            first_groups = 1 if stage == unit == 0 else g
+            total += _conv(1, c_in, mid) // first_groups + _bn(mid)
+            total += _conv(3, 1, mid) + _bn(mid) + _conv(1, mid, made) // g + _bn(made)
+            c_in = c_out
+    return total + c_in * classes + classes
+
+
+def test_shufflenet_v1_parameter_count():
+    assert count_parameters(build_meta("shufflenet_v1")) == expected_shufflenet_v1()
+
+
 @pytest.mark.parametrize(
     ("name", "depth", "published"),
     [
@@ -178,6 +198,7 @@ def test_densenet_bc_parameter_counts():
         ("resnet18", 11_689_512),
         pytest.param("resnet50", 25_557_032, marks=pytest.mark.slow),  # stand-in below
         pytest.param("resnet101", 44_549_160, marks=pytest.mark.slow),
+        ("mobilenet_v1", 4_231_976),  # Keras' MobileNet 1.0 (paper: 4.2M)
         ("mobilenet_v2", 3_504_872),
         ("shufflenet_v2", 2_278_604),
     ],
