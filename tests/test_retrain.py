@@ -325,3 +325,19 @@ def test_torchrun_two_processes(tmp_path, train) -> None:
     with torch.no_grad():
         ours = module(torch.from_numpy(x_uint8)).numpy()
     np.testing.assert_allclose(ours, run(out, {"input": x_uint8})[0], rtol=1e-4, atol=1e-4)
+
+
+def test_label_free_classifier_learns_from_the_teachers_argmax():
+    """Without labels, a classifier's CE term uses the teacher's argmax as labels: training on
+    unlabelled data equals training on data labelled with the teacher's predictions."""
+    x, _ = quadrant_data(128, seed=1)
+    teacher = export(keep_bn=True, seed=3)
+    pseudo = run(teacher, x)[0].argmax(1).astype(np.int64)
+    common = dict(teacher=teacher, epochs=1, lr=0.05, device="cpu", progress=False, seed=0)
+    unlabelled = retrain(export(keep_bn=True), (x, None), distill_alpha=0.0, **common)
+    labelled = retrain(export(keep_bn=True), (x, pseudo), distill_alpha=0.0, **common)
+    for a, b in zip(unlabelled.model.graph.initializer, labelled.model.graph.initializer):
+        np.testing.assert_allclose(
+            onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b), atol=1e-6
+        )
+    assert unlabelled.history[0].train_loss == pytest.approx(labelled.history[0].train_loss)
