@@ -72,6 +72,23 @@ def bundled_model_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def bundled_small(tmp_path_factory, bundled_model_path) -> Path:
+    """The bundled model reduced to half its parameters (128 calibration images), saved once."""
+    from onnx_mbs.pipeline import reduce
+    from onnx_mbs.save import save_model
+
+    small, _ = reduce(
+        str(bundled_model_path),
+        str(FMNIST_SAMPLE),
+        budget="params=0.5",
+        limit=128,
+        evaluate_accuracy=False,
+        progress=False,
+    )
+    return save_model(small, tmp_path_factory.mktemp("small") / "small.onnx")
+
+
+@pytest.fixture(scope="session")
 def fmnist_sample() -> tuple[np.ndarray, np.ndarray]:
     """512 Fashion-MNIST test images: x uint8 (512,1,28,28) raw pixels, y int64."""
     with np.load(FMNIST_SAMPLE) as data:

@@ -11,22 +11,6 @@ import torch
 
 from onnx_mbs.bridge import OnnxModule
 from onnx_mbs.cli import main
-from onnx_mbs.pipeline import reduce
-from onnx_mbs.save import save_model
-
-
-@pytest.fixture(scope="module")
-def reduced_path(tmp_path_factory, bundled_model_path):
-    folder = tmp_path_factory.mktemp("reduced")
-    small, _ = reduce(
-        str(bundled_model_path),
-        str(bundled_model_path.parent / "fmnist_sample.npz"),
-        budget="params=0.5",
-        limit=128,
-        evaluate_accuracy=False,
-        progress=False,
-    )
-    return save_model(small, folder / "small.onnx")
 
 
 def _eval(path, data, capsys) -> dict:
@@ -48,17 +32,17 @@ def _torch_top1(model: onnx.ModelProto, x_uint8: np.ndarray, y: np.ndarray) -> f
 
 
 def test_one_epoch_recovers_accuracy_and_ort_agrees(
-    reduced_path, bundled_model_path, fmnist_sample, tmp_path, capsys
+    bundled_small, bundled_model_path, fmnist_sample, tmp_path, capsys
 ):
     data = bundled_model_path.parent / "fmnist_sample.npz"
     train = bundled_model_path.parent / "fmnist_train_sample.npz"
-    before = _eval(reduced_path, data, capsys)
+    before = _eval(bundled_small, data, capsys)
     assert before["samples"] == 512 and set(before) >= {"top1", "top5", "samples"}
     out = tmp_path / "small.ft.onnx"
     code = main(
         [
             "retrain",
-            str(reduced_path),
+            str(bundled_small),
             "-o",
             str(out),
             "--data",
@@ -79,23 +63,23 @@ def test_one_epoch_recovers_accuracy_and_ort_agrees(
     retrained = onnx.load(out)
     assert _torch_top1(retrained, x, y) == pytest.approx(after["top1"], abs=1 / 512)
     # Round trip: same nodes, inputs, outputs (dynamic batch kept) as the reduced model.
-    source = onnx.load(reduced_path)
+    source = onnx.load(bundled_small)
     assert _node_names(retrained) == _node_names(source)
     assert [i.name for i in retrained.graph.input] == [i.name for i in source.graph.input]
     assert retrained.graph.output == source.graph.output
     assert retrained.graph.input[0] == source.graph.input[0]
 
 
-def test_eval_without_labels_and_retrain_bad_input(reduced_path, tmp_path, capsys):
+def test_eval_without_labels_and_retrain_bad_input(bundled_small, tmp_path, capsys):
     np.savez(tmp_path / "nolabels.npz", x=np.zeros((4, 1, 28, 28), np.uint8))
-    assert main(["eval", str(reduced_path), "--data", str(tmp_path / "nolabels.npz")]) == 2
+    assert main(["eval", str(bundled_small), "--data", str(tmp_path / "nolabels.npz")]) == 2
     assert "labels" in capsys.readouterr().err
     code = main(
         [
             "retrain",
-            str(reduced_path),
+            str(bundled_small),
             "-o",
-            str(reduced_path),
+            str(bundled_small),
             "--data",
             str(tmp_path / "nolabels.npz"),
         ]

@@ -44,19 +44,6 @@ def dbnet(tmp_path_factory, images) -> tuple:
     return save_model(teacher, folder / "t.onnx"), save_model(small, folder / "s.onnx")
 
 
-@pytest.fixture(scope="module")
-def bundled_small(tmp_path_factory, bundled_model_path):
-    small, _ = reduce(
-        str(bundled_model_path),
-        str(bundled_model_path.parent / "fmnist_sample.npz"),
-        budget="params=0.5",
-        limit=128,
-        evaluate_accuracy=False,
-        progress=False,
-    )
-    return save_model(small, tmp_path_factory.mktemp("small") / "small.onnx")
-
-
 def _agreement(model, teacher, data, capsys) -> dict:
     args = ["eval", str(model), "--teacher", str(teacher), "--data", str(data), "--json"]
     assert main(args) == 0
