@@ -33,6 +33,7 @@ from onnx import TensorProto, helper
 
 from onnx_mbs.data import Batch, DataSource
 from onnx_mbs.passes.errors import BadInputError
+from onnx_mbs.passes.graph import default_opset
 from onnx_mbs.progress import progress_bar
 from onnx_mbs.runtime import feed_dtype, make_session, pad_to_batch, session_provider
 
@@ -116,7 +117,7 @@ def instrument(
     if spatial_mean not in SPATIAL_MEANS:
         raise ValueError(f"spatial_mean must be one of {SPATIAL_MEANS}, not {spatial_mean!r}")
     types, shapes = _static_types_and_shapes(model, input_shapes)
-    mean = _spatial_mean_maker(spatial_mean, _opset(model))
+    mean = _spatial_mean_maker(spatial_mean, default_opset(model))
     added: dict[str, list[onnx.NodeProto]] = {}
     outputs: list[StatOutputs] = []
     for number, name in enumerate(tensors):
@@ -144,7 +145,7 @@ def instrument(
             nodes.extend(added.get(out, []))
     del new_graph.node[:]
     new_graph.node.extend(nodes)
-    if spatial_mean == "reduce" and _opset(model) >= 18:
+    if spatial_mean == "reduce" and default_opset(model) >= 18:
         axes = onnx.numpy_helper.from_array(np.array([2, 3], np.int64), SPATIAL_AXES)
         new_graph.initializer.append(axes)
     del new_graph.output[:]
@@ -164,10 +165,6 @@ def instrument(
 
 SPATIAL_MEANS = ("pool", "reduce")
 SPATIAL_AXES = f"{PREFIX}/spatial_axes"
-
-
-def _opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
 def _spatial_mean_maker(kind: str, opset: int):

@@ -112,6 +112,14 @@ def static_shape(value_info: onnx.ValueInfoProto) -> tuple[int, ...] | None:
     return tuple(dims)
 
 
+def default_opset(model: onnx.ModelProto) -> int:
+    """The model's opset of the default (ai.onnx) domain: op semantics depend on it."""
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    return 1
+
+
 def attributes(node: onnx.NodeProto) -> dict:
     """Node attributes as plain Python values."""
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}

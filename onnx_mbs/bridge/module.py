@@ -30,6 +30,7 @@ from torch import nn
 
 from onnx_mbs.bridge.ops import NO_FOLD, OPS, TRAINING_OPS, Node
 from onnx_mbs.passes.errors import BadInputError
+from onnx_mbs.passes.graph import default_opset
 
 # (op_type -> input positions) whose float initializers are trained.
 WEIGHT_INPUTS = {
@@ -47,13 +48,6 @@ STAT_INPUTS = {"BatchNormalization": {3, 4}}
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div"}
 
 Step = tuple[Callable[..., Any], tuple[str, ...], tuple[str, ...], bool, tuple[str, ...]]
-
-
-def default_opset(model: onnx.ModelProto) -> int:
-    for entry in model.opset_import:
-        if entry.domain in ("", "ai.onnx"):
-            return entry.version
-    return 1
 
 
 def unsupported_ops(model: onnx.ModelProto) -> list[str]:
