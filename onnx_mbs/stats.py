@@ -5,8 +5,11 @@ For each watched tensor x (N, C, H, W) the instrumented copy of the model adds
     HardSigmoid(x, alpha=2**127, beta=0) -> GlobalAveragePool   fraction of x > 0
     x (or Abs(x) when x may be negative)  -> GlobalAveragePool   mean |x|
 
-and returns only these (N, C, 1, 1) outputs, so a batch costs a few small
-vectors instead of every activation. HardSigmoid(2**127 * x) clipped to
+and returns only these (N, C, 1, 1) reductions, so a batch costs a few small
+vectors instead of every activation. They leave the graph concatenated along
+the channel axis as one output (`PACKED`), so a batch brings back one array,
+one device-to-host copy on CUDA, however many tensors are watched; only a
+tensor whose channel count shape inference cannot tell keeps outputs of its own. HardSigmoid(2**127 * x) clipped to
 [0, 1] is exactly the step x > 0 for every normal float (2**127 times the
 smallest normal float is 2); only subnormal positives count fractionally.
 These ops were chosen over Greater -> Cast -> ReduceSum because onnxruntime's
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import chain
 
 import numpy as np
@@ -39,6 +42,7 @@ from onnx_mbs.runtime import feed_dtype, make_session, pad_to_batch, session_pro
 
 STEP_ALPHA = 2.0**127
 PREFIX = "onnx_mbs_stats"
+PACKED = f"{PREFIX}/packed"  # every reduction whose channel count is known, concatenated
 # Producers whose outputs are never negative, so sum |x| = sum x and Abs can be skipped.
 NON_NEGATIVE = {"Relu", "Sigmoid", "Softplus"}
 
@@ -86,6 +90,17 @@ class StatOutputs:
     mean_abs: str | None  # (N, C, 1, 1) mean |x| per sample and channel, if measured
     shape: str | None  # Shape(x), only when H*W is not known statically
     spatial: int | None  # H*W when known statically
+    channels: int | None = None  # C when known statically: then both reductions are packed
+    packed_at: int | None = None  # column of `positive` in PACKED; `mean_abs` follows it
+
+    def unpack(self, values: dict[str, np.ndarray]) -> None:
+        """Add this tensor's (N, C, 1, 1) reductions to a run's `values` from PACKED."""
+        if self.packed_at is None:
+            return
+        packed, start, channels = values[PACKED], self.packed_at, self.channels
+        values[self.positive] = packed[:, start : start + channels]
+        if self.mean_abs is not None:
+            values[self.mean_abs] = packed[:, start + channels : start + 2 * channels]
 
 
 def instrument(
@@ -149,18 +164,38 @@ def instrument(
         axes = onnx.numpy_helper.from_array(np.array([2, 3], np.int64), SPATIAL_AXES)
         new_graph.initializer.append(axes)
     del new_graph.output[:]
+    outputs = _pack(outputs, new_graph)
     for out in outputs:
-        channels = (shapes.get(out.tensor) or [None, None])[1]
-        dims = [None, channels, 1, 1]  # the batch size may change on the last batch
-        new_graph.output.extend(
-            helper.make_tensor_value_info(n, TensorProto.FLOAT, dims)
-            for n in (out.positive, out.mean_abs)
-            if n is not None
-        )
+        if out.packed_at is None:
+            dims = [None, None, 1, 1]  # the batch size may change on the last batch
+            new_graph.output.extend(
+                helper.make_tensor_value_info(n, TensorProto.FLOAT, dims)
+                for n in (out.positive, out.mean_abs)
+                if n is not None
+            )
         if out.shape:
             shape_info = helper.make_tensor_value_info(out.shape, TensorProto.INT64, [None])
             new_graph.output.append(shape_info)
     return result, outputs
+
+
+def _pack(outputs: list[StatOutputs], graph: onnx.GraphProto) -> list[StatOutputs]:
+    """Concatenate the reductions of every tensor with a known channel count into PACKED
+    (a graph output appended to `graph`); `outputs` with their columns in it."""
+    packed, sources, column = [], [], 0
+    for out in outputs:
+        if out.channels is None:
+            packed.append(out)
+            continue
+        packed.append(replace(out, packed_at=column))
+        sources += [n for n in (out.positive, out.mean_abs) if n is not None]
+        column += out.channels * (1 if out.mean_abs is None else 2)
+    if sources:
+        graph.node.append(helper.make_node("Concat", sources, [PACKED], axis=1))
+        graph.output.append(
+            helper.make_tensor_value_info(PACKED, TensorProto.FLOAT, [None, column, 1, 1])
+        )
+    return packed
 
 
 SPATIAL_MEANS = ("pool", "reduce")
@@ -210,7 +245,8 @@ def _reductions(
     if spatial is None:
         shape_out = f"{prefix}/shape"
         nodes.append(helper.make_node("Shape", [name], [shape_out]))
-    return nodes, StatOutputs(name, positive, mean_abs, shape_out, spatial)
+    channels = shape[1] if shape is not None and isinstance(shape[1], int) else None
+    return nodes, StatOutputs(name, positive, mean_abs, shape_out, spatial, channels)
 
 
 def _never_negative(node: onnx.NodeProto, model: onnx.ModelProto) -> bool:
@@ -330,6 +366,7 @@ def collect_stats(
             results = _run(session, data.input_name, batch, feed_type, check=index == 0)
             values = dict(zip(names, results, strict=True))
             for out in outputs:
+                out.unpack(values)
                 sums[out.tensor].add(out, values, len(batch.x))
             samples += len(batch.x)
             bar.update(len(batch.x))

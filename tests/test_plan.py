@@ -239,3 +239,28 @@ def test_defaults_are_the_paper_table_fit():
         default.kind,
         default.value,
     )
+
+
+@pytest.mark.parametrize("budget", ["params=0.5", "flops=0.4", "params=0.6,flops=0.45"])
+@pytest.mark.parametrize("strategy", ["mbs", "uniform"])
+def test_nudge_prices_all_steps_at_once_with_the_same_plan(zoo_onnx, budget, strategy):
+    """The cost model's vectorised steps (ResNet-1202 needs ~15,000 step prices) choose
+    the same counts as pricing each step alone, which a plain cost function does."""
+    from onnx_mbs.passes import analyze_model, load_model
+    from onnx_mbs.passes.channel_groups import analyze_channels
+    from onnx_mbs.passes.cost import CostModel
+
+    model = load_model(zoo_onnx("resnet56", "deploy"))
+    analysis = analyze_model(model)
+    channels = analyze_channels(model, analysis)
+    cost = CostModel.build(model, channels, analysis)
+    groups = [GroupInfo(g.id, g.size, tuple(g.macroblocks), g.pinned) for g in channels.groups]
+    rho = {layer.name: 0.3 + 0.6 * (k % 5) / 4 for k, layer in enumerate(analysis.layers)}
+    asked = Budget.parse(budget)
+    plans = [
+        plan_widths(analysis, groups, rho, c, budget=asked, strategy=strategy)
+        for c in (cost, lambda counts: cost(counts))  # the lambda has no with_steps
+    ]
+    assert plans[0].counts == plans[1].counts
+    assert plans[0].params == plans[1].params and plans[0].macs == plans[1].macs
+    assert any(plans[0].counts[g.id] < g.size for g in groups)

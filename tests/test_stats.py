@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_mbs.data import open_data
 from onnx_mbs.passes.errors import BadInputError
 from onnx_mbs.runtime import make_session
-from onnx_mbs.stats import collect_stats, instrument
+from onnx_mbs.stats import PACKED, collect_stats, instrument
 
 CPU = ["CPUExecutionProvider"]
 SHAPE = (1, 1, 8, 8)
@@ -109,9 +109,10 @@ def test_instrumented_copy_returns_only_reductions_and_input_is_untouched():
     before = model.SerializeToString()
     instrumented, outputs = instrument(model, ["r1", "c2"], {"x": (2, 1, 8, 8)})
     assert model.SerializeToString() == before
-    names = [o.name for o in instrumented.graph.output]
-    assert "logits" not in names
-    assert names == [n for o in outputs for n in (o.positive, o.mean_abs)]
+    # One output for all of them (issue 15: one copy back per batch): positive and
+    # mean |x| of r1, then of c2, 16 channels each, concatenated along the channels.
+    assert [o.name for o in instrumented.graph.output] == [PACKED]
+    assert [o.packed_at for o in outputs] == [0, 32]
     assert [o.spatial for o in outputs] == [64, 16]
     # The original nodes are all there, unchanged and in order.
     originals = [n for n in instrumented.graph.node if n in model.graph.node]
@@ -120,7 +121,46 @@ def test_instrumented_copy_returns_only_reductions_and_input_is_untouched():
     ops = [n.op_type for n in instrumented.graph.node]
     assert ops.count("Abs") == 1  # only c2 may be negative; Relu output needs no Abs
     small = make_session(instrumented, CPU).run(None, {"x": np.ones((2, 1, 8, 8), np.float32)})
-    assert [a.shape for a in small] == [(2, 16, 1, 1)] * 4
+    assert [a.shape for a in small] == [(2, 64, 1, 1)]
+
+
+def test_packed_output_holds_each_reduction_as_its_own_output_would(data):
+    """The packed columns are the per-tensor reductions, bit for bit, and a tensor whose
+    channel count is unknown keeps outputs of its own beside the packed one."""
+    model = conv_relu_model(seed=4)
+    graph = model.graph
+    nodes = list(graph.node)
+    unknown = [  # r1 reshaped to a shape computed at run time: no static channel count
+        helper.make_node("Shape", ["r1"], ["r1_shape"]),
+        helper.make_node("Reshape", ["r1", "r1_shape"], ["r1_again"]),
+        helper.make_node("Relu", ["r1_again"], ["r3"]),
+    ]
+    del graph.node[:]
+    graph.node.extend(nodes[:2] + unknown + nodes[2:])
+    tensors = ["r1", "c2", "r3"]
+    instrumented, outputs = instrument(model, tensors, {"x": (3, 1, 8, 8)})
+    assert [o.packed_at for o in outputs] == [0, 32, None]
+    names = [o.name for o in instrumented.graph.output]
+    assert names == [PACKED, outputs[2].positive, outputs[2].mean_abs, outputs[2].shape]
+    # The same reductions as separate graph outputs, the way they were returned before.
+    separate = onnx.ModelProto()
+    separate.CopyFrom(instrumented)
+    separate.graph.output.extend(
+        helper.make_empty_tensor_value_info(n) for o in outputs for n in (o.positive, o.mean_abs)
+    )
+    x = feed(data)[:3]
+    values = make_session(separate, CPU).run(None, {"x": x})
+    run = dict(zip([o.name for o in separate.graph.output], values, strict=True))
+    for out in outputs:
+        unpacked = {PACKED: run[PACKED]}
+        out.unpack(unpacked)
+        for name in (out.positive, out.mean_abs):
+            np.testing.assert_array_equal(unpacked.get(name, run[name]), run[name])
+    stats = collect_stats(model, tensors, data, CPU, batch_size=4, progress=False)
+    expected = reference(model, tensors, feed(data))
+    for name in tensors:
+        np.testing.assert_array_equal(stats.tensors[name].positive, expected[name][0])
+        np.testing.assert_allclose(stats.tensors[name].abs_sum, expected[name][1], rtol=1e-5)
 
 
 def test_tensor_with_unknown_static_shape_uses_shape_output(data):
