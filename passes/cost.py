@@ -33,6 +33,8 @@ class CostModel:
     mac_terms: tuple[np.ndarray, np.ndarray, np.ndarray]
     # Layer weight name -> tracked axis of its dims 0 and 1 (-1: the axis never changes).
     weight_axes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # "params"/"macs" -> the terms one group moves on both axes (see with_steps)
+    _moved_twice: dict[str, tuple] = field(default_factory=dict, repr=False, compare=False)
 
     def kept(self, counts: Mapping[int, int]) -> np.ndarray:
         """Positions each tracked axis keeps; the extra last entry (index -1) is 1."""
@@ -61,7 +63,12 @@ class CostModel:
         self, counts: Mapping[int, int], groups: Sequence[int], new: Sequence[int]
     ) -> tuple[np.ndarray, np.ndarray]:
         """(params, MACs) of `counts` with group `groups[j]` keeping `new[j]` channels, each
-        change alone: a planner's every next step in one query instead of one per step."""
+        change alone: a planner's every next step in one query instead of one per step.
+
+        A step of d channels in group g moves each axis of g by width * d, so each term
+        coef * kept[a] * kept[b] changes by coef * (d_a * kept[b] + kept[a] * d_b + d_a * d_b):
+        per group, a linear part in d and (for a weight one group moves on both axes,
+        e.g. depthwise) a square part, summed once over the terms for all steps."""
         kept = self.kept(counts)
         ids = np.asarray(groups, dtype=np.int64)
         c = self.sizes.astype(np.float64)
@@ -69,20 +76,50 @@ class CostModel:
             n = len(counts)
             c[np.fromiter(counts.keys(), np.int64, n)] = np.fromiter(counts.values(), np.float64, n)
         delta = np.asarray(new, dtype=np.float64) - c[ids]
-        row = np.full(len(self.sizes), -1, dtype=np.int64)
-        row[ids] = np.arange(len(ids))
-        rows = row[self.entry_group]
-        hit = rows >= 0
-        trials = np.tile(kept, (len(ids), 1))  # one row of kept positions per trial
-        np.add.at(
-            trials, (rows[hit], self.entry_axis[hit]), self.entry_width[hit] * delta[rows[hit]]
+        size, groups_n = len(kept), len(self.sizes)
+
+        def total(base: int, terms, kind: str) -> np.ndarray:
+            coef, a, b = terms
+            a, b = a % size, b % size  # -1: the constant last entry
+            slope = np.bincount(a, coef * kept[b], size) + np.bincount(b, coef * kept[a], size)
+            linear = np.bincount(
+                self.entry_group, self.entry_width * slope[self.entry_axis], groups_n
+            )
+            square = np.zeros(groups_n)
+            if kind not in self._moved_twice:  # depends on the model only: found once
+                self._moved_twice[kind] = self._find_moved_twice(a, b)
+            term, group, widths = self._moved_twice[kind]
+            np.add.at(square, group, coef[term] * widths)
+            now = base + float(np.dot(coef, kept[a] * kept[b]))
+            change = delta * linear[ids] + delta**2 * square[ids]
+            return np.rint(now + change).astype(np.int64)
+
+        return (
+            total(self.base_params, self.param_terms, "params"),
+            total(self.base_macs, self.mac_terms, "macs"),
         )
 
-        def total(base: int, terms) -> np.ndarray:
-            coef, a, b = terms
-            return np.rint(base + (trials[:, a] * trials[:, b]) @ coef).astype(np.int64)
-
-        return total(self.base_params, self.param_terms), total(self.base_macs, self.mac_terms)
+    def _find_moved_twice(
+        self, a: np.ndarray, b: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(term, group, width_a * width_b) for each term whose axes one group both moves."""
+        width = {
+            (axis, group): w
+            for axis, group, w in zip(
+                self.entry_axis.tolist(), self.entry_group.tolist(), self.entry_width.tolist()
+            )
+        }
+        by_axis: dict[int, list[int]] = {}
+        for axis, group in width:
+            by_axis.setdefault(axis, []).append(group)
+        found = [
+            (t, g, width[(x, g)] * width[(y, g)])
+            for t, (x, y) in enumerate(zip(a.tolist(), b.tolist()))
+            for g in by_axis.get(x, ())
+            if (y, g) in width
+        ]
+        term, group, widths = zip(*found) if found else ((), (), ())
+        return np.array(term, np.int64), np.array(group, np.int64), np.array(widths)
 
     @classmethod
     def build(
