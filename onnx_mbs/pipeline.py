@@ -211,7 +211,7 @@ def reduce(
 
     provider_list = choose_providers(providers)
     read = load(as_model(model), input_shapes)
-    loaded, runnable, original = read.model, read.runnable, read.original
+    loaded, original = read.model, read.original
     batch_size = read.batch or batch_size
     source: DataSource | None = None
     if data is not None:
@@ -231,13 +231,14 @@ def reduce(
     measured = sorted({t for t in activation.values() if t})  # none: no activation follows a conv
     if source is not None and measured:
         stats = collect_stats(
-            runnable,
+            loaded,
             measured,
             source,
             provider_list,
             batch_size=batch_size,
             progress=progress,
             magnitudes=importance == "act",  # sum |x| is only needed to rank by activations
+            declared=read.declared,
         )
         rho = {layer: (stats.tensors[t].ratio if t else 1.0) for layer, t in activation.items()}
     lap("statistics")
@@ -260,7 +261,7 @@ def reduce(
         latency = LatencyModel(
             before,
             cost,
-            measure_models([runnable], provider_list, threads=latency_threads)[0],
+            measure_models([read.runnable], provider_list, threads=latency_threads)[0],
             timer,
             batch=read.batch or 1,
             channel_multiple=channel_multiple,
@@ -300,7 +301,7 @@ def reduce(
     if latency is not None:
         plan, shrunk, reduced = _meet_latency(
             (plan, shrunk, reduced),
-            runnable,
+            read.runnable,
             budget,
             lambda models: measure_models(models, provider_list, threads=latency_threads),
             provider_list[0],
@@ -329,7 +330,7 @@ def reduce(
         timings=timings,
     )
     if evaluate_accuracy and source is not None and _has_labels(source):
-        for key, candidate in (("before", runnable), ("after", reduced)):
+        for key, candidate in (("before", read.runnable), ("after", reduced)):
             report.accuracy[key] = evaluate(
                 candidate, source, provider_list, batch_size=batch_size, progress=False
             )

@@ -37,6 +37,7 @@ from onnx import TensorProto, helper
 from onnx_mbs.data import Batch, DataSource
 from onnx_mbs.passes.errors import BadInputError
 from onnx_mbs.passes.graph import default_opset
+from onnx_mbs.passes.load import set_io
 from onnx_mbs.progress import progress_bar
 from onnx_mbs.runtime import feed_dtype, make_session, pad_to_batch, session_provider
 
@@ -334,11 +335,14 @@ def collect_stats(
     progress: bool = True,
     magnitudes: bool = True,
     spatial_mean: str = "pool",
+    declared: onnx.ModelProto | None = None,
 ) -> ActivationStats:
     """Per-channel count of x > 0 and sum |x| for each tensor, over all of `data`.
 
     Memory stays flat in the number of samples: batches are streamed and only the
-    per-channel reductions leave onnxruntime. `model` is not modified.
+    per-channel reductions leave onnxruntime. `model` is not modified. `declared`
+    (a LoadedModel's) gives the graph inputs to run with when `model` is the analysis
+    form, whose inferred shapes then spare inferring them again.
     """
     start = time.perf_counter()
     batches = data.batches(batch_size)
@@ -349,6 +353,8 @@ def collect_stats(
     instrumented, outputs = instrument(
         model, tensors, {data.input_name: first.x.shape}, magnitudes, spatial_mean
     )
+    if declared is not None:
+        set_io(instrumented, declared)
     # Only the serialized copy goes to onnxruntime: the proto is freed first (a model's
     # size less at the peak, which the session's construction sets).
     serialized = instrumented.SerializeToString()

@@ -56,6 +56,7 @@ def read_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
 
     Refuses what MBS cannot work on: not ONNX, truncated, invalid, quantized.
     """
+    path = None
     if isinstance(source, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(source)
@@ -84,7 +85,10 @@ def read_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
             "reduce the float model first, then quantize"
         )
     try:
-        check_model(model)
+        if path is not None and not any(is_unknown_op(n) for n in model.graph.node):
+            onnx.checker.check_model(str(path))  # onnx reads the file: no serialized copy
+        else:
+            check_model(model)
     except onnx.checker.ValidationError as e:
         first = str(e).strip().splitlines()[0]
         raise BadInputError(f"the model is not valid ONNX: {first}") from None
@@ -213,23 +217,66 @@ class InferShapes(Pass):
 
     def call(self, model: onnx.ModelProto) -> PassResult:
         try:
-            custom, where = _as_custom(model)
+            custom, where = _as_custom(weightless(model))
             inferred = onnx.shape_inference.infer_shapes(custom, strict_mode=True, data_prop=True)
             inferred = _restore(inferred, where)
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BadInputError(f"shape inference failed: {first}") from None
-        if self.check_static:
-            _check_static(inferred)
         if _recorded_types(inferred) == _recorded_types(model):
+            if self.check_static:
+                _check_static(model)
             return PassResult(model)  # nothing new was inferred
-        return PassResult(inferred, True)
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        for field in ("value_info", "output"):
+            del getattr(out.graph, field)[:]
+            getattr(out.graph, field).extend(getattr(inferred.graph, field))
+        if self.check_static:
+            _check_static(out)
+        return PassResult(out, True)
+
+
+WEIGHTLESS_LIMIT = 4096  # initializers with more elements are declared, not copied
+
+
+def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` whose large initializers are graph inputs of the same type and
+    shape: what shape inference and its data propagation read (values only of small
+    tensors, such as shapes), without serializing and parsing the weights twice."""
+    graph = model.graph
+    out = onnx.ModelProto()
+    for field, value in model.ListFields():  # everything but the graph, as it is
+        if field.name == "graph":
+            continue
+        if field.type != field.TYPE_MESSAGE:
+            setattr(out, field.name, value)
+        elif isinstance(value, Sequence):
+            getattr(out, field.name).extend(value)
+        else:
+            getattr(out, field.name).CopyFrom(value)
+    light = out.graph
+    light.name = graph.name
+    light.node.extend(graph.node)
+    light.input.extend(graph.input)
+    light.output.extend(graph.output)
+    light.value_info.extend(graph.value_info)
+    light.sparse_initializer.extend(graph.sparse_initializer)
+    declared = {i.name for i in graph.input}
+    for tensor in graph.initializer:
+        if int(np.prod(tensor.dims, dtype=np.int64)) <= WEIGHTLESS_LIMIT:
+            light.initializer.append(tensor)
+        elif tensor.name not in declared:
+            light.input.append(
+                onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims)
+            )
+    return out
 
 
 def _recorded_types(model: onnx.ModelProto) -> list[bytes]:
-    """What shape inference writes: value_info and the declared input and output types."""
+    """What shape inference writes: value_info and the declared output types."""
     graph = model.graph
-    return [vi.SerializeToString() for vi in [*graph.input, *graph.value_info, *graph.output]]
+    return [vi.SerializeToString() for vi in [*graph.value_info, *graph.output]]
 
 
 def _check_static(inferred: onnx.ModelProto) -> None:
@@ -266,8 +313,9 @@ class LoadedModel:
 
     `original` is the input as read (handed back unchanged when nothing is cut);
     `model` is normalised, shapes fixed and inferred, shape arithmetic folded:
-    what every pass expects; `declared` is normalised with no shape fixed: its
-    graph inputs and outputs are the ones every written model declares.
+    what every pass expects; `declared` holds only the graph inputs and outputs
+    every written model declares (normalised, no shape fixed), not a third copy
+    of the weights.
     """
 
     original: onnx.ModelProto
@@ -320,7 +368,16 @@ def load(
             raise
         # The user fixed these shapes: the written model takes exactly them.
         declared = FixInputShapes(input_shapes, batch=None)(declared).model
-    return LoadedModel(original, model, declared)
+    return LoadedModel(original, model, _io_only(declared))
+
+
+def _io_only(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A model holding only `model`'s graph inputs (initializers aside) and outputs."""
+    initializers = {t.name for t in model.graph.initializer}
+    out = onnx.ModelProto()
+    out.graph.input.extend(i for i in model.graph.input if i.name not in initializers)
+    out.graph.output.extend(model.graph.output)
+    return out
 
 
 def load_model(
@@ -485,14 +542,19 @@ def with_io_of(model: onnx.ModelProto, reference: onnx.ModelProto) -> onnx.Model
     the original's inputs and outputs, dynamic dims included, so they are put
     back and the intermediate shapes, which assumed the fixed batch, are dropped.
     """
-    declared = {vi.name: vi for vi in [*reference.graph.input, *reference.graph.output]}
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    for vi in [*out.graph.input, *out.graph.output]:
+    return set_io(out, reference)
+
+
+def set_io(model: onnx.ModelProto, reference: onnx.ModelProto) -> onnx.ModelProto:
+    """`with_io_of` in place, for a copy of one's own (no second copy of the weights)."""
+    declared = {vi.name: vi for vi in [*reference.graph.input, *reference.graph.output]}
+    for vi in [*model.graph.input, *model.graph.output]:
         if vi.name in declared:
             vi.CopyFrom(declared[vi.name])
-    del out.graph.value_info[:]
-    return out
+    del model.graph.value_info[:]
+    return model
 
 
 def static_batch(model: onnx.ModelProto) -> int | None:
