@@ -142,7 +142,9 @@ def check_labels(source: DataSource, model: onnx.ModelProto) -> None:
         )
 
 
-def check_written(model: onnx.ModelProto, original: onnx.ModelProto) -> None:
+def check_written(
+    model: onnx.ModelProto, original: onnx.ModelProto | Callable[[], onnx.ModelProto]
+) -> None:
     """The full checker on a model about to be written. When it fails, the original is checked
     too: if that fails the same way the input was never valid ONNX (bad input, exit 2, e.g. a
     bfloat16 Conv below opset 22, which the light check at load lets through); else it is a bug."""
@@ -150,7 +152,7 @@ def check_written(model: onnx.ModelProto, original: onnx.ModelProto) -> None:
         check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError):
         try:
-            check_model(original, full_check=True)
+            check_model(original() if callable(original) else original, full_check=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
             first = str(error).strip().splitlines()[0]
             raise BadInputError(f"the model is not valid ONNX: {first}") from None
@@ -211,7 +213,7 @@ def reduce(
 
     provider_list = choose_providers(providers)
     read = load(as_model(model), input_shapes)
-    loaded, original = read.model, read.original
+    loaded = read.model
     batch_size = read.batch or batch_size
     source: DataSource | None = None
     if data is not None:
@@ -292,7 +294,7 @@ def reduce(
     def rewrite(plan: Plan) -> tuple[onnx.ModelProto, onnx.ModelProto]:
         """The shrunk analysis-form model and the model to write (declared I/O)."""
         if not plan.changes_anything:  # hand back the input itself, not a re-serialised copy
-            return loaded, original
+            return loaded, read.original
         keep = choose_channels(groups, plan.counts, scorer)
         shrunk = shrink_channels(loaded, keep, channels)
         return shrunk, read.written(shrunk)
@@ -310,7 +312,7 @@ def reduce(
             rewrite,
         )
     after = analyze_model(shrunk, receptive_field)  # shrink keeps the recorded shapes up to date
-    check_written(reduced, original)
+    check_written(reduced, lambda: read.original)
     # The plan's sizes were predictions; report what the written model has.
     plan.params = (plan.params[0], count_parameters(reduced))
     plan.macs = (plan.macs[0], after.total_macs)

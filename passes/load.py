@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -318,9 +318,16 @@ class LoadedModel:
     of the weights.
     """
 
-    original: onnx.ModelProto
     model: onnx.ModelProto
     declared: onnx.ModelProto
+    path: Path | None = None  # the file read, when the input was one
+    read: onnx.ModelProto | None = field(default=None, repr=False)  # the input, if not a file
+
+    @property
+    def original(self) -> onnx.ModelProto:
+        """The input as read. A file is read again when asked (only when nothing is cut,
+        or the written model fails the checker), so a run does not hold a third copy."""
+        return self.read if self.read is not None else read_model(self.path)
 
     def written(self, model: onnx.ModelProto) -> onnx.ModelProto:
         """`model` (an analysis-form model or a shrunk one) with the declared I/O."""
@@ -368,7 +375,9 @@ def load(
             raise
         # The user fixed these shapes: the written model takes exactly them.
         declared = FixInputShapes(input_shapes, batch=None)(declared).model
-    return LoadedModel(original, model, _io_only(declared))
+    if isinstance(source, onnx.ModelProto):
+        return LoadedModel(model, _io_only(declared), read=original)
+    return LoadedModel(model, _io_only(declared), path=Path(source))
 
 
 def _io_only(model: onnx.ModelProto) -> onnx.ModelProto:
