@@ -8,6 +8,7 @@ nothing behind and a report never appears without its model.
 
 from __future__ import annotations
 
+import mmap
 import os
 import shutil
 import tempfile
@@ -26,6 +27,8 @@ def model_files(model: str | os.PathLike) -> list[Path]:
     """The model file and the external-data files it names (what reading it touches)."""
     path = Path(model)
     files = [path]
+    if not _may_name_external_data(path):
+        return files
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception:  # unreadable models are refused by whoever loads them
@@ -38,6 +41,16 @@ def model_files(model: str | os.PathLike) -> list[Path]:
             if entry.key == "location":
                 files.append(path.parent / entry.value)
     return files
+
+
+def _may_name_external_data(path: Path) -> bool:
+    """False when `path` cannot name external data: its bytes lack the key "location" that
+    every external-data entry spells out. A scan of the mapped file, not a parse of it."""
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return data.find(b"location") >= 0
+    except (OSError, ValueError):  # unreadable or empty: whoever loads it says why
+        return True
 
 
 def data_path(spec: object) -> Path | None:
