@@ -9,9 +9,10 @@ and returns only these (N, C, 1, 1) reductions, so a batch costs a few small
 vectors instead of every activation. They leave the graph concatenated along
 the channel axis as one output (`PACKED`), so a batch brings back one array,
 one device-to-host copy on CUDA, however many tensors are watched; only a
-tensor whose channel count shape inference cannot tell keeps outputs of its own. HardSigmoid(2**127 * x) clipped to
-[0, 1] is exactly the step x > 0 for every normal float (2**127 times the
-smallest normal float is 2); only subnormal positives count fractionally.
+tensor whose channel count shape inference cannot tell keeps outputs of its own.
+HardSigmoid(2**127 * x) clipped to [0, 1] is exactly the step x > 0 for every
+normal float (2**127 times the smallest normal float is 2); only subnormal
+positives count fractionally.
 These ops were chosen over Greater -> Cast -> ReduceSum because onnxruntime's
 CPU provider runs them on its blocked NCHWc layout: no layout conversion of
 the watched tensors, see bench/stats.py. `spatial_mean="reduce"` uses a

@@ -229,9 +229,9 @@ class InferShapes(Pass):
             return PassResult(model)  # nothing new was inferred
         out = onnx.ModelProto()
         out.CopyFrom(model)
-        for field in ("value_info", "output"):
-            del getattr(out.graph, field)[:]
-            getattr(out.graph, field).extend(getattr(inferred.graph, field))
+        for name in ("value_info", "output"):
+            del getattr(out.graph, name)[:]
+            getattr(out.graph, name).extend(getattr(inferred.graph, name))
         if self.check_static:
             _check_static(out)
         return PassResult(out, True)
@@ -246,15 +246,16 @@ def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
     tensors, such as shapes), without serializing and parsing the weights twice."""
     graph = model.graph
     out = onnx.ModelProto()
-    for field, value in model.ListFields():  # everything but the graph, as it is
-        if field.name == "graph":
+    for descriptor, value in model.ListFields():  # everything but the graph, as it is
+        name = descriptor.name
+        if name == "graph":
             continue
-        if field.type != field.TYPE_MESSAGE:
-            setattr(out, field.name, value)
+        if descriptor.type != descriptor.TYPE_MESSAGE:
+            setattr(out, name, value)
         elif isinstance(value, Sequence):
-            getattr(out, field.name).extend(value)
+            getattr(out, name).extend(value)
         else:
-            getattr(out, field.name).CopyFrom(value)
+            getattr(out, name).CopyFrom(value)
     light = out.graph
     light.name = graph.name
     light.node.extend(graph.node)
