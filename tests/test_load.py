@@ -134,3 +134,37 @@ def test_exit_code_from_a_real_process(tmp_path):
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_loaded_file_holds_its_weights_once(tmp_path, zoo_onnx):
+    """The analysis form holds the weights; the declared I/O holds none; the input as read
+    comes back from its file only when asked for (memory: issue 13)."""
+    from onnx_mbs.passes import load
+
+    path = tmp_path / "m.onnx"
+    onnx.save(zoo_onnx("resnet20", "deploy"), path)
+    read = load(path)
+    assert read.model.graph.initializer
+    assert not read.declared.graph.node and not read.declared.graph.initializer
+    assert [i.name for i in read.declared.graph.input] == ["input"]
+    assert read.read is None and read.path == path
+    assert read.original.SerializeToString() == onnx.load(path).SerializeToString()
+    assert read.runnable.graph.input[0].type == read.declared.graph.input[0].type
+
+
+def test_shape_inference_reads_no_weights_and_infers_what_onnx_does(zoo_onnx):
+    """Shape inference runs on a copy whose large initializers are declared inputs; the
+    shapes it records are the ones onnx's inference of the whole model records."""
+    from onnx_mbs.passes.load import WEIGHTLESS_LIMIT, weightless
+
+    model = onnx.ModelProto()
+    model.CopyFrom(zoo_onnx("resnet20", "train"))
+    del model.graph.value_info[:]
+    light = weightless(model)
+    assert all(np.prod(t.dims) <= WEIGHTLESS_LIMIT for t in light.graph.initializer)
+    assert light.ByteSize() < model.ByteSize() / 10
+    ours = InferShapes(check_static=False)(model).model
+    full = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+    assert ours.graph.value_info == full.graph.value_info
+    assert ours.graph.output == full.graph.output
+    assert list(ours.graph.initializer) == list(model.graph.initializer)
