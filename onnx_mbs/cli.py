@@ -17,7 +17,7 @@ from onnx_mbs.passes import BadInputError, analyze_model, load_model, parse_inpu
 from onnx_mbs.passes.analysis import DEFAULT_RECEPTIVE_FIELD, READINGS, resolution_text
 from onnx_mbs.passes.importance import DEFAULT_CRITERION
 from onnx_mbs.passes.load import load, static_batch
-from onnx_mbs.plan import BASE_RULES, DEFAULT_WIDTH_MAP
+from onnx_mbs.plan import BASE_RULES, DEFAULT_WIDTH_MAP, STRATEGIES
 
 
 def _input_shapes(specs: Sequence[str] | None) -> dict[str, list[int]]:
@@ -93,15 +93,20 @@ def _print_reduce_summary(report, args: argparse.Namespace) -> None:
         f"MACs: {_fmt_int(before.total_macs)} -> {_fmt_int(after.total_macs)} "
         f"({after.total_macs / before.total_macs:.1%} kept)"
     )
-    knob = (
-        f"{plan.receptive_field} receptive field, {plan.width_map.kind} width map, "
-        f"{plan.width_map.knob} {plan.width_map.value:.4g}, scale {plan.scale:.3f}"
-    )
+    if plan.width_map is None:
+        knob = f"one importance ranking over all free groups, cut at {plan.threshold or 0:.4g}"
+    else:
+        knob = (
+            f"{plan.receptive_field} receptive field, {plan.width_map.kind} width map, "
+            f"{plan.width_map.knob} {plan.width_map.value:.4g}, scale {plan.scale:.3f}"
+        )
     if plan.budget is not None:
         reached = ", ".join(f"{m} {plan.reached[m]:.3f}" for m, _ in plan.budget.limits)
         print(f"budget: {plan.budget} asked, {reached} reached ({plan.strategy}, {knob})")
     else:
         print(f"strategy: {plan.strategy}, {knob}")
+    for note in plan.notes:
+        print(f"note: {note}")
     for key in ("before", "after"):
         if key in report.accuracy:
             acc = report.accuracy[key]
@@ -505,7 +510,14 @@ def build_parser() -> argparse.ArgumentParser:
         f"default {DEFAULT_WIDTH_MAP}; with --budget, C or GAMMA is solved",
     )
     add_receptive_field(p)
-    p.add_argument("--strategy", choices=["mbs", "uniform"], default="mbs")
+    p.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default="mbs",
+        help="mbs (default); uniform: one width scale everywhere; global: one importance "
+        "ranking over all groups, the lowest cut (see --importance); without --budget, "
+        "uniform and global are matched to MBS's size",
+    )
     p.add_argument("--providers", default="auto", help="auto (default), cpu or cuda")
     add_input_shape(p)
     p.add_argument(

@@ -36,11 +36,20 @@ from onnx_mbs.passes.importance import (
     ActivationImportance,
     Importance,
     choose_channels,
+    group_scores,
     weight_importance,
 )
 from onnx_mbs.passes.load import check_model, load
 from onnx_mbs.passes.shrink import shrink_channels
-from onnx_mbs.plan import DEFAULT_WIDTH_MAP, Budget, GroupInfo, Plan, WidthMap, plan_widths
+from onnx_mbs.plan import (
+    DEFAULT_WIDTH_MAP,
+    STRATEGIES,
+    Budget,
+    GroupInfo,
+    Plan,
+    WidthMap,
+    plan_widths,
+)
 from onnx_mbs.runtime import choose_providers
 from onnx_mbs.stats import ActivationStats, collect_stats
 
@@ -196,6 +205,8 @@ def reduce(
         budget = Budget.parse(budget)
     width_map = WidthMap.parse(width_map)
     check_reading(receptive_field)
+    if strategy not in STRATEGIES:
+        raise BadInputError(f"unknown --strategy {strategy!r}: use {', '.join(STRATEGIES)}")
     if importance not in (*CRITERIA, "act", "auto"):
         raise BadInputError(
             f"unknown --importance {importance!r}: use auto, act or one of {', '.join(CRITERIA)}"
@@ -269,8 +280,15 @@ def reduce(
             channel_multiple=channel_multiple,
         )
 
+    if importance == "act" and stats is not None:
+        scorer = activation_importance(loaded, stats, activation)
+    else:  # no data, or no activation to measure: rank by weights
+        scorer = weight_importance(loaded, DEFAULT_CRITERION if importance == "act" else importance)
+    # Scored once: the global strategy plans counts by them, shrink keeps the top ones.
+    scores = group_scores([g for g in groups if not g.pinned and g.macroblocks], scorer)
+
     def make_plan(asked: Budget | None) -> Plan:
-        return plan_widths(
+        plan = plan_widths(
             before,
             infos,
             rho,
@@ -281,21 +299,19 @@ def reduce(
             channel_multiple=channel_multiple,
             beta_min=beta_min,
             latency=latency,
+            importance=scores,
         )
+        plan.notes.append(f"channels ranked by {scorer.name} importance")
+        return plan
 
     plan = make_plan(budget)
     lap("plan")
-
-    if importance == "act" and stats is not None:
-        scorer = activation_importance(loaded, stats, activation)
-    else:  # no data, or no activation to measure: rank by weights
-        scorer = weight_importance(loaded, DEFAULT_CRITERION if importance == "act" else importance)
 
     def rewrite(plan: Plan) -> tuple[onnx.ModelProto, onnx.ModelProto]:
         """The shrunk analysis-form model and the model to write (declared I/O)."""
         if not plan.changes_anything:  # hand back the input itself, not a re-serialised copy
             return loaded, read.original
-        keep = choose_channels(groups, plan.counts, scorer)
+        keep = choose_channels(groups, plan.counts, scores)
         shrunk = shrink_channels(loaded, keep, channels)
         return shrunk, read.written(shrunk)
 

@@ -15,6 +15,9 @@ the budget, it stays at its maximum and the common scale s takes the rest.
 Uniform scaling is the same formula with the parameter 0 (f = 1). The counts
 are then nudged one channel-multiple at a time toward the budget, since
 rounding to multiples of 8 makes the size a step function.
+
+The `global` strategy has no macroblock structure: it is the policy of
+importance-based pruners (Torch-Pruning's global pruning), see `_global_ranking`.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ Cost = Callable[[Mapping[int, int]], tuple[int, int]]  # group counts -> (params
 
 
 METRICS = ("params", "flops", "latency")
+STRATEGIES = ("mbs", "uniform", "global")
 Latency = Callable[[Mapping[int, int]], float]  # group counts -> predicted seconds
 
 
@@ -155,13 +159,14 @@ class MacroblockPlan:
     effective_flops: float
     base_effective_flops: float
     redundancy: float
-    beta: float
+    beta: float | None  # None under `global`: no width scale decides its counts
+    kept: float  # channels kept / before, over the groups whose channels m makes
 
 
 @dataclass
 class Plan:
     strategy: str
-    width_map: WidthMap  # with the parameter actually used (solved under a budget)
+    width_map: WidthMap | None  # with the parameter actually used; None under `global`
     receptive_field: str  # the reading the macroblock bases followed
     beta_min: float
     channel_multiple: int
@@ -174,10 +179,19 @@ class Plan:
     scale: float = 1.0
     latency: tuple[float, float] | None = None  # seconds before, after, as measured
     notes: list[str] = field(default_factory=list)
+    threshold: float | None = None  # `global`: normalised importance of the last channel cut
 
     @property
     def formula(self) -> str:
         """The formula with the numbers used, e.g. for the report."""
+        if self.width_map is None:
+            cut = "nothing" if self.threshold is None else f"every channel <= {self.threshold:.4g}"
+            return (
+                "global ranking: per channel group, importance / the group's mean importance; "
+                f"one ranking over every free group; {cut} cut, then each group's count "
+                f"rounded up to a multiple of {self.channel_multiple}, never below "
+                f"beta_min = {self.beta_min:g} of the group"
+            )
         return (
             f"{self.width_map.formula()} with {self.width_map.knob} = {self.width_map.value:.4g}, "
             f"scale = {self.scale:.4g}, beta_min = {self.beta_min:g}; base B(m): "
@@ -198,13 +212,18 @@ class Plan:
     def changes_anything(self) -> bool:
         return any(self.counts[g] < self.sizes[g] for g in self.counts)
 
+    def knobs(self) -> dict[str, float | str | None]:
+        """What decided the counts: the width map's parameter and scale, or the global cut."""
+        if self.width_map is None:
+            return {"mapping": None, "threshold": self.threshold}
+        fmap = self.width_map
+        return {"mapping": fmap.kind, fmap.knob: fmap.value, "scale": self.scale}
+
     def to_dict(self) -> dict:
         return {
             "strategy": self.strategy,
             "receptive_field": self.receptive_field,
-            "mapping": self.width_map.kind,
-            self.width_map.knob: self.width_map.value,
-            "scale": self.scale,
+            **self.knobs(),
             "beta_min": self.beta_min,
             "channel_multiple": self.channel_multiple,
             "formula": self.formula,
@@ -277,20 +296,25 @@ def plan_widths(
     channel_multiple: int = 8,
     beta_min: float = 0.1,
     latency: Latency | None = None,
+    importance: Mapping[int, np.ndarray] | None = None,
 ) -> Plan:
     """Choose how many channels each group keeps (see the module docstring).
 
     `latency` predicts the model's run time from group counts; a `latency=`
-    budget needs it.
+    budget needs it. `importance` holds the per-channel scores the shrink step
+    keeps channels by, for every free group; the `global` strategy ranks them.
     """
-    if strategy not in ("mbs", "uniform"):
-        raise BadInputError(f"unknown --strategy {strategy!r}: use mbs or uniform")
+    if strategy not in STRATEGIES:
+        raise BadInputError(f"unknown --strategy {strategy!r}: use {', '.join(STRATEGIES)}")
     if not 0 < beta_min <= 1:
         raise BadInputError(f"--beta-min must be in (0, 1], got {beta_min}")
     if channel_multiple < 1:
         raise BadInputError(f"--channel-multiple must be >= 1, got {channel_multiple}")
     if budget is not None and "latency" in budget.fractions and latency is None:
         raise ValueError("a latency budget needs a latency model")
+    free = [g for g in groups if not g.pinned and g.macroblocks]
+    if strategy == "global" and (importance is None or any(g.id not in importance for g in free)):
+        raise ValueError("the global strategy needs the importance of every free group")
     fmap = WidthMap.parse(width_map)
     redundancy = macroblock_redundancy(analysis, rho)
     full = {g.id: g.size for g in groups}
@@ -332,12 +356,19 @@ def plan_widths(
     notes: list[str] = []
     scale = 1.0
     value = fmap.value
-    if strategy == "uniform":
+    if strategy != "mbs" and budget is None:
+        # MBS's size, this strategy's shape: the baselines compare at equal parameters.
+        size = fraction("params", _counts(groups, betas(value, 1.0), channel_multiple))
+        limits = (("params", size),)
+        notes.append(f"{strategy} matched to the size MBS reaches at {fmap} (params {size:.3f})")
+    threshold, chosen = None, None
+    if strategy == "global":
+        ranked, counts_at = _global_ranking(groups, free, importance, channel_multiple, beta_min)
+        cut = _solve_cut(lambda k: excess(counts_at(k)), len(ranked))
+        counts = counts_at(cut)
+        threshold = float(ranked[cut - 1]) if cut else None
+    elif strategy == "uniform":
         # The width multiplier: parameter 0 makes every beta equal to the common scale.
-        if budget is None:
-            size = fraction("params", _counts(groups, betas(value, 1.0), channel_multiple))
-            limits = (("params", size),)
-            notes.append(f"uniform width matched to the size MBS reaches at {fmap}")
         value = 0.0
         scale = 1.0 - _solve(lambda k: excess_at(0.0, 1.0 - k), 0.0, 1.0 - beta_min)
     elif budget is not None:
@@ -352,9 +383,10 @@ def plan_widths(
             notes.append(
                 f"{fmap.knob} capped at {top:g}; a common scale {scale:.3f} reaches the budget"
             )
-    chosen = betas(value, scale)
-    counts = _counts(groups, chosen, channel_multiple)
-    if limits:  # a budget, or the size uniform is matched to
+    if strategy != "global":
+        chosen = betas(value, scale)
+        counts = _counts(groups, chosen, channel_multiple)
+    if limits:  # a budget, or the size a baseline is matched to
         counts = _nudge(counts, groups, excess, step_excess, channel_multiple)
     if budget is not None and excess(counts) > 0.02:
         smallest = _counts(groups, [beta_min] * len(redundancy), channel_multiple)
@@ -378,13 +410,14 @@ def plan_widths(
             effective_flops=e,
             base_effective_flops=eb,
             redundancy=r,
-            beta=chosen[m.index],
+            beta=None if chosen is None else chosen[m.index],
+            kept=_kept_fraction(groups, counts, m.index),
         )
         for m, (e, eb, r) in zip(analysis.macroblocks, redundancy)
     ]
     return Plan(
         strategy=strategy,
-        width_map=fmap.with_value(value),
+        width_map=None if strategy == "global" else fmap.with_value(value),
         receptive_field=analysis.receptive_field,
         scale=scale,
         beta_min=beta_min,
@@ -396,7 +429,69 @@ def plan_widths(
         macs=(macs_before, macs_after),
         budget=budget,
         notes=notes,
+        threshold=threshold,
     )
+
+
+def _kept_fraction(groups: Sequence[GroupInfo], counts: Mapping[int, int], block: int) -> float:
+    made = [g for g in groups if block in g.macroblocks]
+    before = sum(g.size for g in made)
+    return sum(counts[g.id] for g in made) / before if before else 1.0
+
+
+def _global_ranking(
+    groups: Sequence[GroupInfo],
+    free: Sequence[GroupInfo],
+    importance: Mapping[int, np.ndarray],
+    multiple: int,
+    beta_min: float,
+) -> tuple[np.ndarray, Callable[[int], dict[int, int]]]:
+    """Every free channel ranked by normalised importance, lowest first, and the counts
+    when the lowest k are cut.
+
+    Importance is normalised per group by dividing by the group's mean, as Torch-Pruning's
+    default global pruning does (`GroupMagnitudeImportance(normalizer="mean")`): raw
+    scores of different groups live on unrelated scales (filter norms grow with fan-in,
+    activations with the BatchNorm before them), and without it the group with the
+    smallest scale would be cut first whatever its channels do. After it, a channel is
+    ranked by how it compares with its own group's average. A zero score (a dead channel)
+    stays zero and is cut first anywhere. A group whose scores are all zero keeps its raw
+    zeros. Cutting more never keeps more in any group, so the size falls with k.
+    """
+    scores, owner = [], []
+    for i, g in enumerate(free):
+        raw = np.asarray(importance[g.id], dtype=np.float64)
+        mean = float(raw.mean()) if raw.size else 0.0
+        scores.append(raw / mean if mean > 0 else raw)
+        owner.append(np.full(g.size, i))
+    flat = np.concatenate(scores) if scores else np.zeros(0)
+    owners = np.concatenate(owner) if owner else np.zeros(0, dtype=int)
+    order = np.argsort(flat, kind="stable")
+    ranked, owners = flat[order], owners[order]
+
+    def counts_at(cut: int) -> dict[int, int]:
+        left = np.bincount(owners[cut:], minlength=len(free))
+        counts = {g.id: g.size for g in groups}
+        for g, kept in zip(free, left.tolist()):
+            counts[g.id] = round_channels(g.size, max(beta_min, kept / g.size), multiple)
+        return counts
+
+    return ranked, counts_at
+
+
+def _solve_cut(excess_at: Callable[[int], float], n: int) -> int:
+    """The fewest lowest-ranked channels in [0, n] whose cut brings the excess to <= 0
+    (n when none does): a bisection, since the excess falls as more are cut."""
+    lo, hi = 0, n
+    if excess_at(lo) <= 0:
+        return lo
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if excess_at(mid) <= 0:
+            hi = mid
+        else:
+            lo = mid
+    return hi
 
 
 def _solve(excess_at: Callable[[float], float], lo: float, hi: float) -> float:

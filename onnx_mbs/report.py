@@ -102,7 +102,8 @@ def _block_sum(report: ReduceReport, index: int, what: str) -> int:
 
 
 def macroblock_rows(report: ReduceReport) -> list[tuple]:
-    """Per macroblock: resolution, layers/base, R, beta, out-channels and params before/after."""
+    """Per macroblock: resolution, layers/base, R, beta ("-" where none decided the counts),
+    the kept fraction of the channels it makes, out-channels and params before/after."""
     after = {x.name: x for x in report.after.layers}
     rows = []
     for block, planned in zip(report.before.macroblocks, report.plan.macroblocks):
@@ -114,7 +115,8 @@ def macroblock_rows(report: ReduceReport) -> list[tuple]:
                 resolution_text(block.resolution),
                 f"{len(block.base_layers)}/{len(block.layers)}",
                 f"{planned.redundancy:.3f}",
-                f"{planned.beta:.3f}",
+                "-" if planned.beta is None else f"{planned.beta:.3f}",
+                f"{planned.kept:.3f}",
                 f"{ch_before} -> {ch_after}",
                 f"{block.params} -> {_block_sum(report, block.index, 'params')}",
                 f"{block.macs} -> {_block_sum(report, block.index, 'macs')}",
@@ -129,6 +131,7 @@ MACROBLOCK_HEADERS = [
     "base/layers",
     "R",
     "beta",
+    "kept",
     "channels",
     "params",
     "MACs",
@@ -142,8 +145,10 @@ def markdown(report: ReduceReport) -> str:
         "# onnx-mbs reduce report",
         "",
         f"- strategy: {plan.strategy}; receptive field: {plan.receptive_field}; width map: "
-        f"{plan.width_map.kind}; channel multiple: {plan.channel_multiple}",
+        f"{plan.width_map.kind if plan.width_map else 'none (global ranking)'}; "
+        f"channel multiple: {plan.channel_multiple}",
         f"- formula: `{plan.formula}`",
+        *(f"- note: {note}" for note in plan.notes),
         f"- data: {report.data}; preprocessing: {report.preprocessing}; "
         f"{report.samples} samples on {report.provider}",
     ]

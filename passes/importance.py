@@ -23,7 +23,7 @@ better than random. `reduce` uses act when it has data and `DEFAULT_CRITERION`
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -173,13 +173,32 @@ def weight_importance(model: onnx.ModelProto, name: str = DEFAULT_CRITERION) -> 
     return CRITERIA[name](model)
 
 
+def group_scores(
+    groups: Sequence[ChannelGroup], importance: Callable[[ChannelGroup], np.ndarray]
+) -> dict[int, np.ndarray]:
+    """Per group id, `importance`'s score of each of its channels, checked: computed once
+    per model, for the planner (the global strategy ranks them) and for `choose_channels`."""
+    scores: dict[int, np.ndarray] = {}
+    for group in groups:
+        values = np.asarray(importance(group), dtype=np.float64)
+        if values.shape != (group.size,):
+            raise ValueError(
+                f"importance for group {group.id} has shape {values.shape}, want ({group.size},)"
+            )
+        if not np.all(np.isfinite(values)):
+            raise ValueError(f"importance for group {group.id} is not finite")
+        scores[group.id] = values
+    return scores
+
+
 def choose_channels(
     groups: Sequence[ChannelGroup],
     counts: Mapping[int, int],
-    importance: Importance,
+    importance: Callable[[ChannelGroup], np.ndarray] | Mapping[int, np.ndarray],
 ) -> dict[int, list[int]]:
     """For each group id in `counts`, the sorted indices of its `counts[id]` most important
-    channels (ties go to the lower index, so the choice is deterministic)."""
+    channels (ties go to the lower index, so the choice is deterministic). `importance`
+    is a criterion or the scores `group_scores` computed with one."""
     by_id = {g.id: g for g in groups}
     chosen: dict[int, list[int]] = {}
     for gid, count in counts.items():
@@ -189,13 +208,10 @@ def choose_channels(
         if count == group.size:
             chosen[gid] = list(range(group.size))
             continue
-        scores = np.asarray(importance(group), dtype=np.float64)
-        if scores.shape != (group.size,):
-            raise ValueError(
-                f"importance for group {gid} has shape {scores.shape}, want ({group.size},)"
-            )
-        if not np.all(np.isfinite(scores)):
-            raise ValueError(f"importance for group {gid} is not finite")
+        if isinstance(importance, Mapping):
+            scores = importance[gid]
+        else:
+            scores = group_scores([group], importance)[gid]
         order = np.argsort(-scores, kind="stable")
         chosen[gid] = sorted(order[:count].tolist())
     return chosen

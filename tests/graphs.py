@@ -351,6 +351,30 @@ def run(
     return session.run(outputs, dict(feeds))
 
 
+def io_names(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
+    """The model's data input names (initializers left out) and output names."""
+    inits = {t.name for t in model.graph.initializer}
+    inputs = [i.name for i in model.graph.input if i.name not in inits]
+    return inputs, [o.name for o in model.graph.output]
+
+
+def written_widths(reduced: onnx.ModelProto, report) -> dict[int, int]:
+    """Per channel group of a reduce `report`: the output width of its producer convs in the
+    written model (read from the model itself, not from the plan or the report)."""
+    from onnx_mbs.passes import analyze_model, load_model
+
+    before = {layer.name: layer.out_channels for layer in report.before.layers}
+    after = {layer.name: layer.out_channels for layer in analyze_model(load_model(reduced)).layers}
+    widths: dict[int, int] = {}
+    for group in report.groups:
+        convs = [p for p in group.producers if before.get(p) == group.size]
+        written = {after[p] for p in convs}
+        assert len(written) <= 1, (group.id, written)  # a group's producers agree
+        if written:
+            widths[group.id] = written.pop()
+    return widths
+
+
 def assert_same_outputs(a: onnx.ModelProto, b: onnx.ModelProto, atol: float = 1e-5) -> None:
     """Same output names and shapes, values within `atol` (scaled by the output's size)."""
     assert [o.name for o in a.graph.output] == [o.name for o in b.graph.output]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from onnx_mbs.passes import BadInputError, ConvLayer, Macroblock, ModelAnalysis
@@ -264,3 +265,116 @@ def test_nudge_prices_all_steps_at_once_with_the_same_plan(zoo_onnx, budget, str
     assert plans[0].counts == plans[1].counts
     assert plans[0].params == plans[1].params and plans[0].macs == plans[1].macs
     assert any(plans[0].counts[g.id] < g.size for g in groups)
+
+
+# -- the global strategy --------------------------------------------------------------------
+
+
+def _global_setup(multiple_groups: int = 3, size: int = 64):
+    """Equal groups, one per macroblock, params = channels kept (a linear cost)."""
+    analysis = _analysis([1] * multiple_groups, [4] * multiple_groups)
+    groups = [GroupInfo(g, size, (g,), False) for g in range(multiple_groups)]
+
+    def cost(counts):
+        return sum(counts.values()), 10 * sum(counts.values())
+
+    rho = {layer.name: 1.0 for layer in analysis.layers}
+    return analysis, groups, cost, rho
+
+
+def test_global_cuts_the_lowest_normalised_channels_across_groups():
+    analysis, groups, cost, rho = _global_setup()
+    rng = np.random.default_rng(0)
+    importance = {g.id: rng.uniform(1, 2, g.size) for g in groups}
+    importance[1][:16] = 0.0  # 16 dead channels in group 1
+    importance[2] *= 1000.0  # another scale: the normalisation takes it out
+    plan = plan_widths(
+        analysis,
+        groups,
+        rho,
+        cost,
+        budget=Budget.parse(f"params={(192 - 16) / 192}"),
+        strategy="global",
+        importance=importance,
+    )
+    assert plan.counts == {0: 64, 1: 48, 2: 64}  # the dead ones, not a share of every group
+    uniform = plan_widths(
+        analysis, groups, rho, cost, budget=plan.budget, strategy="uniform", channel_multiple=8
+    )
+    assert uniform.counts != plan.counts
+    assert plan.width_map is None and all(m.beta is None for m in plan.macroblocks)
+    assert [m.kept for m in plan.macroblocks] == [1.0, 0.75, 1.0]
+    assert plan.threshold == 0.0
+    assert "mapping" in plan.to_dict() and plan.to_dict()["mapping"] is None
+    assert "scale" not in plan.to_dict() and "c" not in plan.to_dict()
+    assert "global ranking" in plan.formula
+
+
+def test_global_honours_the_multiple_and_beta_min():
+    analysis, groups, cost, rho = _global_setup()
+    importance = {0: np.zeros(64), 1: np.linspace(1, 2, 64), 2: np.linspace(1, 2, 64)}
+    importance[1][:5] = 0.0  # 5 dead: a cut of 5 still keeps a multiple of 8
+    for beta_min, floor in ((0.1, 8), (0.3, 24)):
+        plan = plan_widths(
+            analysis,
+            groups,
+            rho,
+            cost,
+            budget=Budget.parse("params=0.6"),
+            strategy="global",
+            beta_min=beta_min,
+            importance=importance,
+        )
+        assert plan.counts[0] == floor  # all zero: cut to the floor, never below
+        assert all(c % 8 == 0 for c in plan.counts.values())
+        assert plan.reached["params"] == pytest.approx(0.6, abs=0.02)
+        assert plan.reached["params"] <= 0.6
+
+
+def test_global_without_budget_is_matched_to_mbs_and_needs_importance():
+    analysis = _analysis([1, 3], [4, 4])
+    groups = [GroupInfo(0, 256, (0,), False), GroupInfo(1, 256, (1,), False)]
+    cost = _quadratic_cost(groups, {0: 1.0, 1: 1.0})
+    rho = {layer.name: 1.0 for layer in analysis.layers}
+    mbs = plan_widths(analysis, groups, rho, cost)
+    importance = {0: np.linspace(0, 1, 256), 1: np.linspace(0, 1, 256) ** 3}
+    plan = plan_widths(analysis, groups, rho, cost, strategy="global", importance=importance)
+    assert mbs.reached["params"] < 0.9
+    assert plan.reached["params"] == pytest.approx(mbs.reached["params"], abs=0.02)
+    assert plan.counts != mbs.counts
+    assert any("matched to the size MBS reaches" in n for n in plan.notes)
+    with pytest.raises(ValueError, match="importance of every free group"):
+        plan_widths(analysis, groups, rho, cost, strategy="global", importance={0: np.ones(256)})
+    with pytest.raises(BadInputError, match="use mbs, uniform, global"):
+        plan_widths(analysis, groups, rho, cost, strategy="random")
+
+
+def test_global_combined_budget_and_refusal():
+    analysis = _analysis([1, 3], [4, 4])
+    groups = [GroupInfo(0, 256, (0,), False), GroupInfo(1, 256, (1,), False)]
+
+    def cost(counts):  # params weigh group 1 four times, MACs group 0
+        c0, c1 = counts[0], counts[1]
+        return int(c0**2 + 4 * c1**2), int(4 * c0**2 + c1**2)
+
+    rho = {layer.name: 1.0 for layer in analysis.layers}
+    importance = {0: np.linspace(0.5, 1.5, 256), 1: np.linspace(0.1, 1.9, 256)}
+    for spec in ("params=0.5,flops=0.3", "params=0.3,flops=0.5"):
+        budget = Budget.parse(spec)
+        plan = plan_widths(
+            analysis, groups, rho, cost, budget=budget, strategy="global", importance=importance
+        )
+        excess = {m: plan.reached[m] - f for m, f in budget.fractions.items()}
+        assert all(e <= 0 for e in excess.values()), (spec, plan.reached)
+        assert max(excess.values()) == pytest.approx(0.0, abs=0.02)
+    pinned = [GroupInfo(0, 256, (0,), False), GroupInfo(1, 256, (1,), True)]
+    with pytest.raises(BadInputError, match="cannot be reached"):
+        plan_widths(
+            analysis,
+            pinned,
+            rho,
+            cost,
+            budget=Budget.parse("params=0.2"),
+            strategy="global",
+            importance={0: np.ones(256)},
+        )

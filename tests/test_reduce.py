@@ -12,7 +12,7 @@ import pytest
 from conftest import FORMS, REDUCIBLE_ZOO, random_images, write_npz
 
 from onnx_mbs.cli import main
-from onnx_mbs.passes import BadInputError, analyze_model, count_parameters, load_model
+from onnx_mbs.passes import BadInputError, count_parameters, load_model
 from onnx_mbs.pipeline import reduce
 from onnx_mbs.plan import DEFAULT_WIDTH_MAP, WidthMap
 
@@ -22,17 +22,9 @@ def _sample_npz(path, shape, n=16, seed=0, classes=10):
     return write_npz(path, **random_images(n, shape, seed, classes=classes))
 
 
-def _io(model: onnx.ModelProto):
-    inits = {t.name for t in model.graph.initializer}
-    return (
-        [i.name for i in model.graph.input if i.name not in inits],
-        [o.name for o in model.graph.output],
-    )
-
-
 def _check_written(original: onnx.ModelProto, reduced: onnx.ModelProto, c_h_w) -> None:
     onnx.checker.check_model(reduced, full_check=True)
-    assert _io(reduced) == _io(original)
+    assert graphs.io_names(reduced) == graphs.io_names(original)
     x = np.random.default_rng(0).standard_normal((1, *c_h_w)).astype(np.float32)
     for a, b in zip(graphs.run(original, x), graphs.run(reduced, x)):
         assert a.shape == b.shape
@@ -97,7 +89,7 @@ def test_bundled_model_cli_with_report(bundled_model_path, tmp_path, capsys):
     assert "top-1 before" in captured.out and "top-1 after" in captured.out
     assert hashlib.sha256(bundled_model_path.read_bytes()).hexdigest() == before
     reduced = onnx.load(out)
-    assert _io(reduced) == _io(onnx.load(bundled_model_path))
+    assert graphs.io_names(reduced) == graphs.io_names(onnx.load(bundled_model_path))
     # The bundled model has a dynamic batch: the written one keeps it.
     assert not reduced.graph.input[0].type.tensor_type.shape.dim[0].HasField("dim_value")
     assert graphs.run(reduced, np.zeros((5, 1, 28, 28), np.float32))[0].shape == (5, 10)
@@ -145,21 +137,6 @@ def test_json_and_dry_run(bundled_model_path, tmp_path, capsys):
     assert not out.exists()
 
 
-def _written_widths(reduced: onnx.ModelProto, report) -> dict[int, int]:
-    """Per channel group: the output width of its producer convs in the written model
-    (read from the model itself, not from the plan or the report)."""
-    before = {layer.name: layer.out_channels for layer in report.before.layers}
-    after = {layer.name: layer.out_channels for layer in analyze_model(load_model(reduced)).layers}
-    widths: dict[int, int] = {}
-    for group in report.groups:
-        convs = [p for p in group.producers if before.get(p) == group.size]
-        written = {after[p] for p in convs}
-        assert len(written) <= 1, (group.id, written)  # a group's producers agree
-        if written:
-            widths[group.id] = written.pop()
-    return widths
-
-
 def test_uniform_gives_one_beta(bundled_model_path):
     data = str(bundled_model_path.parent / "fmnist_sample.npz")
     mbs_model, mbs = reduce(
@@ -183,7 +160,7 @@ def test_uniform_gives_one_beta(bundled_model_path):
     assert len({m.beta for m in mbs.plan.macroblocks}) > 1
     # The written model has the widths the plan chose, group by group...
     for model, report in ((uni_model, uni), (mbs_model, mbs)):
-        widths = _written_widths(model, report)
+        widths = graphs.written_widths(model, report)
         assert len(widths) >= 9
         for gid, width in widths.items():
             assert width == report.plan.counts.get(gid, report.plan.sizes[gid]), gid
@@ -192,7 +169,7 @@ def test_uniform_gives_one_beta(bundled_model_path):
     # per macroblock the kept share differs).
     (beta,) = {m.beta for m in uni.plan.macroblocks}
     multiple = uni.plan.channel_multiple
-    uni_widths = _written_widths(uni_model, uni)
+    uni_widths = graphs.written_widths(uni_model, uni)
     for group in uni.groups:
         if not group.pinned and group.id in uni_widths:
             assert abs(uni_widths[group.id] - beta * group.size) <= 2 * multiple, group.id
