@@ -195,7 +195,9 @@ def reduce(
     yielding input dicts; without data every activation ratio is taken as 1,
     so MBS works from MACs and receptive fields alone. `width_map` ("linear:C"
     or "power:GAMMA") and `receptive_field` ("global" or "local") choose the
-    formula (onnx_mbs.plan). `model` may also be an
+    formula (onnx_mbs.plan); `strategy` ("mbs", "uniform" or "global") who decides
+    each group's count: MBS, one width scale, or one ranking of the channels' `importance`
+    over all groups. `model` may also be an
     onnx-graphsurgeon Graph (`onnx_mbs.interop`). The input model is never modified.
     `channel_multiple="auto"` picks one for the provider; a `latency=` budget is planned
     with measured conv times and checked by measuring the written model (see latency.py),

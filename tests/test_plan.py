@@ -378,3 +378,29 @@ def test_global_combined_budget_and_refusal():
             strategy="global",
             importance={0: np.ones(256)},
         )
+
+
+def test_global_plans_a_latency_budget_by_the_latency_model():
+    analysis = _analysis([1, 3], [4, 4])
+    groups = [GroupInfo(0, 256, (0,), False), GroupInfo(1, 256, (1,), False)]
+
+    def latency(counts):  # group 1's channels cost 9x more time than group 0's
+        return 1e-6 * (counts[0] ** 2 + 9 * counts[1] ** 2)
+
+    def cost(counts):
+        return counts[0] + counts[1], counts[0] + counts[1]
+
+    rho = {layer.name: 1.0 for layer in analysis.layers}
+    importance = {0: np.linspace(0.5, 1.5, 256), 1: np.linspace(0.5, 1.5, 256)}
+    plan = plan_widths(
+        analysis,
+        groups,
+        rho,
+        cost,
+        budget=Budget.parse("latency=0.5"),
+        strategy="global",
+        latency=latency,
+        importance=importance,
+    )
+    assert latency(plan.counts) / latency({0: 256, 1: 256}) == pytest.approx(0.5, abs=0.02)
+    assert latency(plan.counts) / latency({0: 256, 1: 256}) <= 0.5
