@@ -386,7 +386,11 @@ def plan_widths(
     if strategy != "global":
         chosen = betas(value, scale)
         counts = _counts(groups, chosen, channel_multiple)
-    if limits:  # a budget, or the size a baseline is matched to
+    # A budget, or the size a baseline is matched to. Under `global` the cut is already the
+    # fewest channels that fit; the gap left is at most one multiple of one group (where the
+    # next channel cut crosses a rounding step), and the same up-steps fill it, so every
+    # strategy lands as close to the budget.
+    if limits:
         counts = _nudge(counts, groups, excess, step_excess, channel_multiple)
     if budget is not None and excess(counts) > 0.02:
         smallest = _counts(groups, [beta_min] * len(redundancy), channel_multiple)
