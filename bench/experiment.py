@@ -1,115 +1,172 @@
-"""MBS against uniform width scaling on Fashion-MNIST, after the same retraining.
+"""Is MBS the best way to spend a budget? MBS against every alternative at equal cost (issue 16).
 
-For each architecture (CIFAR-style ResNet-20 and ResNet-56 by default):
+For each converged Fashion-MNIST baseline (ResNet-20 and ResNet-56, at least 92% test top-1;
+refused below that unless --allow-weak-baseline), every arm is reduced to every budget, once
+(deterministic: calibration on the first `calib_size` TRAIN images), and retrained with one
+recipe for all: distillation from the baseline as teacher plus the labels through
+`onnx_mbs.bridge.retrain`, the same epochs, images and seeds for every arm.
 
-1. train a baseline with the project's training code (`onnx_mbs.models.train.train_model`: SGD
-   lr 0.1, momentum 0.9, wd 5e-4, batch 128, cosine, random crop + flip) and export it in the
-   BN-kept "train" form with its mean/std in the metadata;
-2. reduce it with MBS and with uniform scaling at the same budgets (params 0.5 and 0.3) and at
-   the default gamma (uniform then matched to the size MBS reaches);
-3. retrain every reduced model through the PyTorch bridge with one recipe for all (plain
-   cross-entropy, no distillation, no augmentation; SGD lr 0.02 momentum 0.9 wd 5e-4, batch 128,
-   cosine), for several seeds, keeping the epoch with the best accuracy on a validation split
-   held out from the TRAIN set;
-4. measure top-1 on the 10k test set before and after retraining.
+Arms: `mbs` (the default, global receptive-field reading), `mbs-local` (local reading),
+`uniform`, `global` (one importance ranking across all groups) and `onnxsim` (onnxsim 0.8.1's
+`apply_structured_pruning` on the BN-folded baseline, its sparsity bisected to the budget's
+target; the bridge re-inserts BN to retrain it). Budgets: params=0.5, params=0.3, flops=0.5,
+and MBS's own default (no budget), every other arm matched to the params MBS's default reaches.
+An arm whose size is not within 2% of its target is recorded and left out of the comparisons.
 
-The question it answers: at equal parameter budgets, is MBS more accurate than uniform
-scaling after the same retraining, beyond the spread over retraining seeds?
+Top-1 on the test set with onnxruntime (`onnx_mbs.evaluate`): baselines, every reduced model
+before retraining, every retrained model.
 
-    python bench/experiment.py --quick                 # tiny subsets, a couple of minutes
-    python bench/experiment.py                         # the full run (see bench/README.md)
-    python bench/experiment.py --seeds 3 --archs resnet20 --out /tmp/exp.json
+    python bench/experiment.py                  # the full run -> bench/results/experiment.json
+    python bench/experiment.py --resume         # continue a run that was stopped
+    python bench/experiment.py --table          # the README's markdown table, from the JSON
+    python bench/experiment.py --quick --out /tmp/exp.json   # tiny subsets, minutes
 
-Writes the JSON after every architecture (with "complete": false until the end), then the plot
-`accuracy_vs_params.png` beside it, and prints the table last.
+Retraining images per arch are chosen from measured throughput so that the whole run takes
+about --target-minutes (recorded under "plan" in the JSON), unless --train-images fixes them.
+The JSON is written after every step with "complete": false until the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import torch
 
 from onnx_mbs.bridge import retrain
-from onnx_mbs.data import open_data, to_arrays
+from onnx_mbs.data import to_arrays
 from onnx_mbs.evaluate import evaluate
-from onnx_mbs.models.export import INPUT_NAME, export_onnx
-from onnx_mbs.models.train import (
-    DATASET_NAME,
-    FMNIST_DIR,
-    channel_stats,
-    load_fashion_mnist,
-    train_model,
-    with_metadata,
-)
-from onnx_mbs.models.zoo import get_entry
-from onnx_mbs.passes import analyze_model, load_model
-from onnx_mbs.pipeline import reduce
+from onnx_mbs.models import BUNDLED_DIR
+from onnx_mbs.models.train import FMNIST_DIR
+from onnx_mbs.passes import BadInputError, analyze_model, count_parameters, load_model
+from onnx_mbs.pipeline import metadata, open_for_model, reduce
 from onnx_mbs.runtime import choose_providers
 
 HERE = Path(__file__).resolve().parent
-INPUT_SHAPE = (1, 1, 28, 28)
-# (label, budget): the same label is run once per strategy.
-BUDGETS: list[tuple[str, str | None]] = [
-    ("params=0.5", "params=0.5"),
-    ("params=0.3", "params=0.3"),
-    ("gamma=0.5", None),
-]
-STRATEGIES = ("mbs", "uniform")
+DEFAULT_OUT = HERE / "results" / "experiment.json"
+FORMAT = "issue-16"
+BASELINES = {
+    "resnet20": BUNDLED_DIR / "resnet20_fmnist.onnx",
+    "resnet56": BUNDLED_DIR / "resnet56_fmnist.onnx",
+}
+ARMS = ("mbs", "mbs-local", "uniform", "global", "onnxsim")
+BUDGETS = ("params=0.5", "params=0.3", "flops=0.5", "default")
+MIN_BASELINE_TOP1 = 0.92
+MATCH_TOLERANCE = 0.02  # an arm is at its target when within 2% of it (relative)
+NEGLIGIBLE_POINTS = 0.5  # this project's reading of the paper's "negligible" degradation
+PAPER_CLAIM = "MBS (arXiv:1809.06569) reports its reductions with negligible accuracy degradation"
+VERDICT_RULE = (
+    "beyond the seed spread = the difference of the mean top-1 after retraining exceeds twice "
+    "the larger of the two sample standard deviations over seeds; otherwise 'within spread'"
+)
 
 
 @dataclass
 class Settings:
-    """Everything that decides the numbers; stored in the JSON beside them."""
+    """Everything that decides the numbers; stored in the JSON beside them (and reused by
+    --resume)."""
 
     archs: list[str]
+    baselines: dict[str, str]
+    arms: list[str]
+    budgets: list[str]
     seeds: list[int]
-    train_size: int
-    val_size: int
-    test_size: int
-    calib_size: int
-    base_epochs: int
-    base_lr: float
-    base_seed: int
-    retrain_epochs: int
-    retrain_lr: float
-    batch_size: int
-    gamma: float
-    channel_multiple: int
-    device: str
-    providers: list[str]
-    quick: bool
     data: str
-    deadline_minutes: float
-    baseline_recipe: str = (
-        "onnx_mbs.models.train.train_model: SGD momentum 0.9 wd 5e-4 batch 128, cosine, "
-        "random crop (pad 2) + horizontal flip, cross-entropy"
-    )
-    retrain_recipe: str = (
-        "onnx_mbs.bridge.retrain: SGD momentum 0.9 wd 5e-4 (not on BN/bias), cosine, "
-        "cross-entropy only (no distillation), no augmentation, best epoch by validation top-1"
+    calib_size: int = 256
+    test_size: int | None = None  # None: the whole test split
+    train_images: dict[str, int] = field(default_factory=dict)  # empty: chosen by the plan
+    epochs: int = 1
+    lr: float = 0.02
+    batch_size: int = 128
+    distill_alpha: float = 0.5
+    temperature: float = 4.0
+    channel_multiple: int = 8
+    device: str = "cpu"
+    providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
+    target_minutes: float = 60.0
+    deadline_minutes: float = 85.0
+    probe_images: int = 1024
+    allow_weak_baseline: bool = False
+    quick: bool = False
+    recipe: str = (
+        "onnx_mbs.bridge.retrain with the baseline as teacher: loss = alpha * KL(T) + "
+        "(1 - alpha) * cross-entropy on the labels; SGD momentum 0.9, wd 5e-4 (not on BN/bias), "
+        "cosine schedule per step, no augmentation; BN re-inserted for BN-folded graphs "
+        "(onnxsim); the last epoch is kept (no validation split)"
     )
     split: str = (
-        "train = first train_size images of the IDX train file, validation = its last "
-        "val_size images (disjoint), calibration = first calib_size training images, "
-        "test = first test_size images of the t10k file"
+        "retraining = the first train_images[arch] images of the IDX train split; calibration "
+        "= its first calib_size images; test = the first test_size images of the test split "
+        "(all of it when null)"
     )
+
+
+# ---------------------------------------------------------------- budgets and matching
+
+
+def target(budget: str, default_fraction: float | None) -> tuple[str, float | None]:
+    """(metric, fraction) an arm is reduced to at `budget`: "default" is MBS's own size
+    (fraction None for MBS itself; its params fraction for every other arm)."""
+    if budget == "default":
+        return "params", default_fraction
+    metric, value = budget.split("=")
+    return ("macs" if metric == "flops" else "params"), float(value)
+
+
+def budget_text(metric: str, fraction: float) -> str:
+    """The --budget string that asks for `fraction` of `metric`."""
+    return f"{'flops' if metric == 'macs' else 'params'}={fraction:.6f}"
+
+
+def match_error(reached: float, wanted: float) -> float:
+    """Relative distance of a reached size fraction from its target."""
+    return abs(reached / wanted - 1.0)
+
+
+def sizes(model: onnx.ModelProto) -> tuple[int, int]:
+    """(params, MACs) as `onnx_mbs analyze` counts them, for every arm alike."""
+    return count_parameters(model), analyze_model(load_model(model)).total_macs
+
+
+def bisect_sparsity(
+    prune, measure, wanted: float, steps: int = 14
+) -> tuple[onnx.ModelProto | None, float, float, list[list[float]]]:
+    """The sparsity whose pruned model's size fraction (`measure`, falling with sparsity) is
+    nearest `wanted`: (model, sparsity, fraction, [[sparsity, fraction], ...] tried)."""
+    lo, hi = 0.0, 0.99
+    best: tuple[float, onnx.ModelProto | None, float, float] = (math.inf, None, 0.0, 1.0)
+    tried: list[list[float]] = []
+    for _ in range(steps):
+        s = (lo + hi) / 2
+        model = prune(s)
+        fraction = measure(model)
+        tried.append([s, fraction])
+        error = match_error(fraction, wanted)
+        if error < best[0]:
+            best = (error, model, s, fraction)
+        if error < 0.002:
+            break
+        lo, hi = (s, hi) if fraction > wanted else (lo, s)
+    return best[1], best[2], best[3], tried
+
+
+# ---------------------------------------------------------------- statistics and verdicts
 
 
 def spread(values: list[float]) -> dict[str, float]:
-    """Mean, sample std (0 for one value), min and max of per-seed accuracies."""
+    """Mean, sample std (0 for one value), min, max and n of per-seed accuracies."""
     return {
         "mean": statistics.fmean(values),
         "std": statistics.stdev(values) if len(values) > 1 else 0.0,
@@ -119,463 +176,751 @@ def spread(values: list[float]) -> dict[str, float]:
     }
 
 
-def compare(mbs: dict[str, Any], uniform: dict[str, Any]) -> dict[str, Any]:
-    """MBS minus uniform after retraining; 'beyond the spread' = seed ranges don't overlap."""
-    a, b = mbs["after"], uniform["after"]
-    if a is None or b is None:
-        verdict = "not retrained"
-    elif a["n"] < 2 or b["n"] < 2:
-        verdict = "one seed: no spread to judge by"
-    elif a["min"] > b["max"]:
-        verdict = "MBS better, beyond the seed spread"
-    elif a["max"] < b["min"]:
-        verdict = "uniform better, beyond the seed spread"
-    else:
-        verdict = "within the seed spread"
-    return {
-        "arch": mbs["arch"],
-        "budget": mbs["budget"],
-        "params_mbs": mbs["params"],
-        "params_uniform": uniform["params"],
-        "after_diff": None if a is None or b is None else a["mean"] - b["mean"],
-        "before_diff": mbs["acc_before"] - uniform["acc_before"],
-        "verdict": verdict,
-    }
+def verdict(mbs: dict[str, float], other: dict[str, float]) -> str:
+    """Is MBS more accurate than `other` beyond the seed spread (VERDICT_RULE)?"""
+    if mbs["n"] < 2 or other["n"] < 2:
+        return "one seed: no spread"
+    diff = mbs["mean"] - other["mean"]
+    if abs(diff) <= 2 * max(mbs["std"], other["std"]):
+        return "within spread"
+    return "yes" if diff > 0 else "no"
 
 
-def answer(comparisons: list[dict[str, Any]]) -> str:
-    """One sentence from the comparisons, whichever way they go."""
-    comparisons = [c for c in comparisons if c["after_diff"] is not None]
-    if not comparisons:
-        return "no model was retrained"
-    better = sum(c["verdict"].startswith("MBS better") for c in comparisons)
-    worse = sum(c["verdict"].startswith("uniform better") for c in comparisons)
-    judged = sum(not c["verdict"].startswith("one seed") for c in comparisons)
-    n = len(comparisons)
-    mean_diff = statistics.fmean(c["after_diff"] for c in comparisons)
-    tail = f"mean difference MBS - uniform {100 * mean_diff:+.2f} points over {n} comparisons"
-    if judged == 0:
-        return f"cannot say beyond seed spread (one seed per model); {tail}"
-    if better == n:
-        head = "yes: MBS is more accurate beyond the seed spread in every comparison"
-    elif better == 0 and worse == 0:
-        head = "no: every MBS/uniform difference is within the seed spread"
-    elif better == 0:
-        head = f"no: uniform is better beyond the spread in {worse} of {n}, MBS in none"
-    else:
-        head = (
-            f"mixed: MBS better beyond the spread in {better} of {n}, uniform in {worse}, "
-            f"the rest within the spread"
+def compare(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """MBS against every other arm, per arch and budget, where both reached the same size."""
+    by_key = {(c["arch"], c["budget"], c["arm"]): c for c in cells}
+    rows = []
+    for c in cells:
+        if c["arm"] == "mbs" or c.get("after") is None:
+            continue
+        mbs = by_key.get((c["arch"], c["budget"], "mbs"))
+        if mbs is None or mbs.get("after") is None:
+            continue
+        rows.append(
+            {
+                "arch": c["arch"],
+                "budget": c["budget"],
+                "cost": "MACs" if c["metric"] == "macs" else "params",
+                "other": c["arm"],
+                "mbs": mbs["after"],
+                "other_after": c["after"],
+                "difference": mbs["after"]["mean"] - c["after"]["mean"],
+                "verdict": verdict(mbs["after"], c["after"]),
+            }
         )
-    return f"{head}; {tail}"
+    return rows
+
+
+def default_loss(cells: list[dict[str, Any]], baselines: dict[str, Any]) -> list[dict[str, Any]]:
+    """Question 3: top-1 lost at MBS's default reduction against the baseline, after
+    retraining, in points."""
+    rows = []
+    for c in cells:
+        if c["arm"] != "mbs" or c["budget"] != "default" or c.get("after") is None:
+            continue
+        base = baselines[c["arch"]]["test_top1"]
+        a = c["after"]
+        loss = 100 * (base - a["mean"])
+        rows.append(
+            {
+                "arch": c["arch"],
+                "params_fraction": c["params_fraction"],
+                "macs_fraction": c["macs_fraction"],
+                "baseline": base,
+                "after": a,
+                "loss_points": loss,
+                "loss_points_range": [100 * (base - a["max"]), 100 * (base - a["min"])],
+                "negligible": loss <= NEGLIGIBLE_POINTS,
+            }
+        )
+    return rows
+
+
+# ---------------------------------------------------------------- the JSON
 
 
 def write_json(results: dict[str, Any], path: Path) -> None:
-    """Write through a temporary file so a killed run never leaves half a JSON."""
+    """Through a temporary file: a killed run never leaves half a JSON."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=1, default=_jsonable))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=1, default=_jsonable) + "\n")
     os.replace(tmp, path)
-
-
-def save(results: dict[str, Any], path: Path, start: float) -> None:
-    results["total_seconds"] = time.perf_counter() - start
-    write_json(results, path)
 
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
-    if isinstance(value, tuple):
-        return list(value)
     return str(value)
 
 
-def load_arrays(s: Settings, mean: list[float], std: list[float]) -> dict[str, Any]:
-    """Preprocessed float arrays for the bridge (the project's own open_data preprocessing)."""
-    source = open_data(f"{s.data}:train", INPUT_NAME, INPUT_SHAPE, mean=mean, std=std)
-    x, y = to_arrays(source)
-    return {
-        "train": (x[: s.train_size], y[: s.train_size]),
-        "val": (x[len(x) - s.val_size :], y[len(y) - s.val_size :]),
-        "preprocessing": source.preprocess.describe() if source.preprocess else "",
-    }
+def read_results(path: Path) -> dict[str, Any]:
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise BadInputError(f"cannot read {path}: {error}") from None
+    if results.get("format") != FORMAT:
+        raise BadInputError(
+            f"{path} was written by the earlier experiment (MBS vs uniform only); "
+            "run python bench/experiment.py to make the issue-16 results"
+        )
+    return results
 
 
-def test_source(s: Settings, mean: list[float], std: list[float]):
-    return open_data(
-        f"{s.data}:test", INPUT_NAME, INPUT_SHAPE, mean=mean, std=std, limit=s.test_size
-    )
+# ---------------------------------------------------------------- the run
 
 
-def accuracy(model: onnx.ModelProto, s: Settings, mean: list[float], std: list[float]) -> float:
-    return evaluate(model, test_source(s, mean, std), s.providers, progress=False).top1
+class Experiment:
+    """One run: its settings, the JSON it grows, the files it keeps for --resume."""
 
-
-def train_baseline(arch: str, s: Settings, raw_train, mean, std, workdir: Path) -> dict[str, Any]:
-    """Train the baseline with the project's training loop and save its train-form ONNX."""
-    torch.manual_seed(s.base_seed)
-    module = get_entry(arch).build(num_classes=10, in_channels=1)
-    device = torch.device("cuda" if s.device.startswith("cuda") else "cpu")
-    start = time.perf_counter()
-    if device.type == "cuda":
-        # train_model builds CPU batches; run it on CPU tensors but let the module live on GPU.
-        module = module.to(device)
-        module = _OnDevice(module, device)
-    train_model(
-        module,
-        raw_train,
-        None,
-        mean=mean,
-        std=std,
-        epochs=s.base_epochs,
-        lr=s.base_lr,
-        seed=s.base_seed,
-        log=lambda line: print(f"  {arch} baseline {line}", flush=True),
-    )
-    seconds = time.perf_counter() - start
-    module = module.inner.cpu() if isinstance(module, _OnDevice) else module
-    proto = export_onnx(module, INPUT_SHAPE, form="train", dynamic_batch=True)
-    proto = with_metadata(
-        proto,
-        {
-            "onnx_mbs.mean": ",".join(f"{v:.6f}" for v in mean),
-            "onnx_mbs.std": ",".join(f"{v:.6f}" for v in std),
-            "onnx_mbs.dataset": DATASET_NAME,
-            "onnx_mbs.model": arch,
-        },
-    )
-    path = workdir / f"{arch}_baseline.onnx"
-    onnx.save(proto, path)
-    analysis = analyze_model(load_model(proto))
-    t0 = time.perf_counter()
-    top1 = accuracy(proto, s, mean, std)
-    return {
-        "arch": arch,
-        "path": str(path),
-        "params": analysis.total_params,
-        "macs": analysis.total_macs,
-        "test_top1": top1,
-        "train_seconds": seconds,
-        "train_images_per_second": s.base_epochs * len(raw_train[0]) / seconds,
-        "eval_seconds": time.perf_counter() - t0,
-    }
-
-
-class _OnDevice(torch.nn.Module):
-    """Moves CPU batches to the module's device and logits back, so train_model runs on a GPU."""
-
-    def __init__(self, inner: torch.nn.Module, device: torch.device) -> None:
-        super().__init__()
-        self.inner = inner
-        self.device = device
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(x.to(self.device)).cpu()
-
-
-def reduce_variant(
-    arch: str,
-    label: str,
-    budget: str | None,
-    strategy: str,
-    baseline: dict[str, Any],
-    s: Settings,
-    mean: list[float],
-    std: list[float],
-) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    """Reduce the baseline and measure the reduced model before any retraining."""
-    t0 = time.perf_counter()
-    reduced, report = reduce(
-        baseline["path"],
-        f"{s.data}:train",
-        budget=budget,
-        # The setting these results were recorded with (before the global reading and the
-        # linear map became the defaults); the model-quality rerun changes it.
-        width_map=f"power:{s.gamma}",
-        receptive_field="local",
-        strategy=strategy,
-        providers="cuda" if "CUDAExecutionProvider" in s.providers else "cpu",
-        channel_multiple=s.channel_multiple,
-        limit=s.calib_size,
-        evaluate_accuracy=False,
-        progress=False,
-    )
-    reduce_seconds = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    before = accuracy(reduced, s, mean, std)
-    plan = report.plan
-    variant = {
-        "arch": arch,
-        "strategy": strategy,
-        "budget": label,
-        "budget_asked": budget,
-        "params": report.after.total_params,
-        "macs": report.after.total_macs,
-        "params_fraction": report.after.total_params / report.before.total_params,
-        "macs_fraction": report.after.total_macs / report.before.total_macs,
-        "gamma": plan.width_map.value,
-        "macroblocks": [
-            {
-                "index": m.index,
-                "resolution": m.resolution,
-                "redundancy": m.redundancy,
-                "beta": m.beta,
-            }
-            for m in plan.macroblocks
-        ],
-        "acc_before": before,
-        "after": None,
-        "runs": [],
-        "reduce_seconds": reduce_seconds,
-        "reduce_timings": report.timings,
-        "eval_seconds": time.perf_counter() - t0,
-    }
-    print(
-        f"  {arch} {strategy:7s} {label}: {variant['params']:,} params "
-        f"({100 * variant['params_fraction']:.1f}%), top-1 before retraining {before:.4f}",
-        flush=True,
-    )
-    return reduced, variant
-
-
-def retrain_variant(
-    reduced: onnx.ModelProto,
-    variant: dict[str, Any],
-    arrays: dict[str, Any],
-    s: Settings,
-    seed: int,
-    mean: list[float],
-    std: list[float],
-) -> None:
-    """Retrain one reduced model with one seed; append the run to the variant."""
-    result = _retrain(reduced, arrays, s, seed)
-    t0 = time.perf_counter()
-    after = accuracy(result.model, s, mean, std)
-    variant["runs"].append(
-        {
-            "seed": seed,
-            "test_top1": after,
-            "best_epoch": result.best_epoch,
-            "best_val_top1": result.best_val_top1,
-            "seconds": result.seconds,
-            "images_per_second": result.images_per_second,
-            "device": result.device,
-            "eval_seconds": time.perf_counter() - t0,
-            "history": [asdict(h) for h in result.history],
+    def __init__(self, settings: Settings, out: Path, results: dict[str, Any] | None = None):
+        self.s = settings
+        self.out = out
+        self.work = out.parent / "tmp" / f"{out.stem}_models"
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.start = time.perf_counter()
+        self.results = results or {
+            "format": FORMAT,
+            "complete": False,
+            "command": "python " + " ".join(sys.argv),
+            "settings": asdict(settings),
+            "environment": environment(settings),
+            "verdict_rule": VERDICT_RULE,
+            "match_tolerance": MATCH_TOLERANCE,
+            "baselines": {},
+            "cells": [],
+            "skipped": [],
         }
-    )
-    variant["after"] = spread([r["test_top1"] for r in variant["runs"]])
-    print(
-        f"  {variant['arch']} {variant['strategy']:7s} {variant['budget']}: seed {seed} "
-        f"test top-1 {after:.4f} (before retraining {variant['acc_before']:.4f}, "
-        f"{result.seconds:.0f}s)",
-        flush=True,
-    )
+        self.before = self.results.get("total_seconds", 0.0)
+        self.arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.models: dict[str, dict[str, onnx.ModelProto]] = {}
 
+    # -- helpers
 
-def _retrain(model: onnx.ModelProto, arrays: dict[str, Any], s: Settings, seed: int):
-    return retrain(
-        model,
-        arrays["train"],
-        arrays["val"],
-        epochs=s.retrain_epochs,
-        lr=s.retrain_lr,
-        batch_size=s.batch_size,
-        optimizer="sgd",
-        seed=seed,
-        device=s.device,
-        progress=False,
-    )
+    def elapsed(self) -> float:
+        return self.before + time.perf_counter() - self.start
 
+    def save(self) -> None:
+        self.results["total_seconds"] = self.elapsed()
+        write_json(self.results, self.out)
 
-def print_table(results: dict[str, Any]) -> None:
-    """The summary as a markdown table, then the comparisons and the answer."""
-    print()
-    print(
-        "| arch | strategy | budget | params | MACs | top-1 before retrain | top-1 after "
-        "(mean ± std) | min / max | seeds | retrain s/run |"
-    )
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    for arch, block in results["archs"].items():
-        base = block["baseline"]
-        print(
-            f"| {arch} | baseline | - | {base['params']:,} | {base['macs'] / 1e6:.1f}M | "
-            f"{100 * base['test_top1']:.2f} | - | - | - | - |"
+    def cell(self, arch: str, budget: str, arm: str) -> dict[str, Any] | None:
+        return next(
+            (
+                c
+                for c in self.results["cells"]
+                if (c["arch"], c["budget"], c["arm"]) == (arch, budget, arm)
+            ),
+            None,
         )
-        for v in block["variants"]:
-            a = v["after"]
-            after = "- | - | 0 | -"
-            if a is not None:
-                seconds = statistics.fmean(r["seconds"] for r in v["runs"])
-                after = (
-                    f"{100 * a['mean']:.2f} ± {100 * a['std']:.2f} | "
-                    f"{100 * a['min']:.2f} / {100 * a['max']:.2f} | {a['n']} | {seconds:.0f}"
+
+    def source(self, arch: str, split: str, limit: int | None):
+        base = self.models[arch]["kept"]
+        meta = metadata(base)
+        return open_for_model(
+            f"{self.s.data}:{split}",
+            base,
+            mean=meta.get("onnx_mbs.mean"),
+            std=meta.get("onnx_mbs.std"),
+            limit=limit,
+        )
+
+    def top1(self, arch: str, model: onnx.ModelProto) -> float:
+        source = self.source(arch, "test", self.s.test_size)
+        return evaluate(model, source, self.s.providers, progress=False).top1
+
+    # -- phase 0: baselines
+
+    def baselines(self) -> None:
+        for arch in self.s.archs:
+            path = Path(self.s.baselines[arch])
+            kept = onnx.load(path)
+            self.models[arch] = {"kept": kept}
+            if arch not in self.results["baselines"]:
+                t0 = time.perf_counter()
+                top1 = self.top1(arch, kept)
+                eval_seconds = time.perf_counter() - t0
+                print(f"{arch} baseline {path}: test top-1 {top1:.4f}", flush=True)
+                if top1 < MIN_BASELINE_TOP1 and not self.s.allow_weak_baseline:
+                    raise BadInputError(
+                        f"baseline {path} reaches {100 * top1:.2f}% test top-1, below the "
+                        f"{100 * MIN_BASELINE_TOP1:.0f}% the experiment needs; pass a "
+                        "converged baseline or --allow-weak-baseline"
+                    )
+                params, macs = sizes(kept)
+                self.results["baselines"][arch] = {
+                    "path": str(path),
+                    "params": params,
+                    "macs": macs,
+                    "test_top1": top1,
+                    "eval_seconds": eval_seconds,
+                }
+                self.save()
+            if "onnxsim" in self.s.arms:
+                folded = self.work / f"{arch}_folded.onnx"
+                self.models[arch]["folded"] = folded_form(path, folded)
+                self.results["baselines"][arch]["folded_params"] = count_parameters(
+                    self.models[arch]["folded"]
                 )
-            print(
-                f"| {arch} | {v['strategy']} | {v['budget']} | {v['params']:,} | "
-                f"{v['macs'] / 1e6:.1f}M | {100 * v['acc_before']:.2f} | {after} |"
-            )
-    print()
-    print("| arch | budget | params MBS / uniform | MBS - uniform after | before | verdict |")
-    print("|---|---|---:|---:|---:|---|")
-    for c in results["comparisons"]:
-        diff = "-" if c["after_diff"] is None else f"{100 * c['after_diff']:+.2f}"
-        print(
-            f"| {c['arch']} | {c['budget']} | {c['params_mbs']:,} / {c['params_uniform']:,} | "
-            f"{diff} | {100 * c['before_diff']:+.2f} | {c['verdict']} |"
+
+    # -- phase 1: one reduction per (arch, budget, arm)
+
+    def reductions(self) -> None:
+        for arch in self.s.archs:
+            for budget in self.s.budgets:
+                # MBS first: at "default" the other arms are matched to its size.
+                for arm in sorted(self.s.arms, key=lambda a: a != "mbs"):
+                    if self.cell(arch, budget, arm) is None:
+                        self.results["cells"].append(self.reduce_cell(arch, budget, arm))
+                        self.save()
+
+    def reduce_cell(self, arch: str, budget: str, arm: str) -> dict[str, Any]:
+        mbs_default = self.cell(arch, "default", "mbs")
+        default_fraction = (
+            mbs_default["params_fraction"]
+            if mbs_default and mbs_default["status"] == "reduced"
+            else None
         )
-    print()
-    print(
-        "At equal parameter budgets, is MBS more accurate than uniform after the same "
-        f"retraining, beyond the seed spread? {results['answer']}"
-    )
+        metric, fraction = target(budget, default_fraction)
+        cell: dict[str, Any] = {
+            "arch": arch,
+            "budget": budget,
+            "arm": arm,
+            "metric": metric,
+            "target_fraction": fraction,
+            "status": "failed",
+            "runs": [],
+            "after": None,
+        }
+        if budget == "default" and arm != "mbs" and fraction is None:
+            cell["reason"] = "MBS's default reduction failed: no size to match"
+            return cell
+        t0 = time.perf_counter()
+        try:
+            model, extra = self.reduce_arm(arch, arm, metric, fraction)
+        except (BadInputError, ImportError, RuntimeError, ValueError) as error:
+            cell["reason"] = str(error).strip().splitlines()[0]
+            print(f"  {arch} {budget} {arm}: failed: {cell['reason']}", flush=True)
+            return cell
+        cell.update(extra)
+        params, macs = sizes(model)
+        base = self.results["baselines"][arch]
+        base_params = base["folded_params"] if arm == "onnxsim" else base["params"]
+        cell.update(
+            params=params,
+            macs=macs,
+            params_fraction=params / base_params,
+            macs_fraction=macs / base["macs"],
+            reduce_seconds=time.perf_counter() - t0,
+        )
+        reached = cell[f"{metric}_fraction"]
+        if fraction is not None:
+            cell["match_error"] = match_error(reached, fraction)
+        if fraction is not None and cell["match_error"] > MATCH_TOLERANCE:
+            cell["status"] = "unmatched"
+            cell["reason"] = (
+                f"not reachable: best = {100 * reached:.1f}% of the baseline's {metric} "
+                f"against {100 * fraction:.1f}% asked"
+            )
+        else:
+            cell["status"] = "reduced"
+            onnx.save(model, self.model_path(cell))
+            cell["acc_before"] = self.top1(arch, model)
+        print(
+            f"  {arch} {budget:10s} {arm:9s}: params {100 * cell['params_fraction']:.1f}% "
+            f"MACs {100 * cell['macs_fraction']:.1f}% {cell['status']}"
+            + (
+                f", top-1 before retraining {cell['acc_before']:.4f}"
+                if "acc_before" in cell
+                else ""
+            ),
+            flush=True,
+        )
+        return cell
+
+    def reduce_arm(
+        self, arch: str, arm: str, metric: str, fraction: float | None
+    ) -> tuple[onnx.ModelProto, dict[str, Any]]:
+        if arm == "onnxsim":
+            return self.onnxsim_arm(arch, metric, fraction)
+        strategy = "mbs" if arm.startswith("mbs") else arm
+        reduced, report = reduce(
+            self.s.baselines[arch],
+            f"{self.s.data}:train",
+            budget=None if fraction is None else budget_text(metric, fraction),
+            receptive_field="local" if arm == "mbs-local" else "global",
+            strategy=strategy,
+            providers="cuda" if "CUDAExecutionProvider" in self.s.providers else "cpu",
+            channel_multiple=self.s.channel_multiple,
+            limit=self.s.calib_size,
+            evaluate_accuracy=False,
+            progress=False,
+        )
+        return reduced, {
+            "width_map": str(report.plan.width_map),
+            "betas": [m.beta for m in report.plan.macroblocks],
+        }
+
+    def onnxsim_arm(
+        self, arch: str, metric: str, fraction: float | None
+    ) -> tuple[onnx.ModelProto, dict[str, Any]]:
+        from onnxsim.pruning import apply_structured_pruning  # ImportError: recorded
+
+        folded = self.models[arch]["folded"]
+        base = self.results["baselines"][arch]
+        full = base["folded_params"] if metric == "params" else base["macs"]
+
+        def measure(model: onnx.ModelProto) -> float:
+            params, macs = sizes(model)
+            return (params if metric == "params" else macs) / full
+
+        model, sparsity, _, tried = bisect_sparsity(
+            lambda s: apply_structured_pruning(folded, s), measure, fraction
+        )
+        return model, {"sparsity": sparsity, "sparsity_tried": tried}
+
+    def model_path(self, cell: dict[str, Any]) -> Path:
+        return self.work / f"{cell['arch']}_{cell['budget']}_{cell['arm']}.onnx"
+
+    def load_reduced(self, cell: dict[str, Any]) -> onnx.ModelProto:
+        """The reduced model saved at phase 1; reduced again (deterministic) when its file is
+        gone, and checked against the recorded size."""
+        path = self.model_path(cell)
+        if path.exists():
+            return onnx.load(path)
+        model, _ = self.reduce_arm(
+            cell["arch"], cell["arm"], cell["metric"], cell["target_fraction"]
+        )
+        if sizes(model) != (cell["params"], cell["macs"]):
+            raise RuntimeError(f"reducing {path.stem} again gave another size than recorded")
+        onnx.save(model, path)
+        return model
+
+    # -- phase 2: retraining, seed by seed over every cell
+
+    def plan(self) -> None:
+        """Training images per arch: fixed by the settings, or chosen from the throughput
+        measured here so that the whole run takes about target_minutes."""
+        if "plan" in self.results:
+            return
+        plan: dict[str, Any] = {"target_minutes": self.s.target_minutes, "archs": {}}
+        todo = {
+            arch: sum(c["status"] == "reduced" for c in self.results["cells"] if c["arch"] == arch)
+            * len(self.s.seeds)
+            for arch in self.s.archs
+        }
+        left = self.s.target_minutes * 60 - self.elapsed()
+        for arch in self.s.archs:
+            if arch in self.s.train_images:  # fixed: nothing to fit, no probe to spend time on
+                images = self.s.train_images[arch]
+                plan["archs"][arch] = {"runs": todo[arch], "train_images": images}
+                plan["archs"][arch]["chosen_by"] = "settings"
+                continue
+            probe = self.probe(arch)
+            eval_s = self.results["baselines"][arch]["eval_seconds"]
+            share = left / len(self.s.archs)  # each arch gets the same time
+            per_run = share / max(todo[arch], 1) - probe["overhead_seconds"] - eval_s
+            fitted = int(per_run * probe["images_per_second"] / self.s.epochs)
+            images = self.round_images(fitted, self.available(arch))
+            plan["archs"][arch] = {
+                **probe,
+                "eval_seconds": eval_s,
+                "runs": todo[arch],
+                "images_fitted_to_target": fitted,
+                "train_images": images,
+                "chosen_by": "throughput",
+                "projected_minutes": todo[arch]
+                * (
+                    probe["overhead_seconds"]
+                    + eval_s
+                    + self.s.epochs * images / probe["images_per_second"]
+                )
+                / 60,
+            }
+            print(
+                f"{arch}: {probe['images_per_second']:.0f} images/s retraining, "
+                f"{todo[arch]} runs of {images} images x {self.s.epochs} epoch(s), "
+                f"projected {plan['archs'][arch]['projected_minutes']:.1f} min",
+                flush=True,
+            )
+        self.s.train_images = {a: p["train_images"] for a, p in plan["archs"].items()}
+        self.results["settings"]["train_images"] = self.s.train_images
+        self.results["plan"] = plan
+        self.save()
+
+    def available(self, arch: str) -> int:
+        return len(self.source(arch, "train", None))
+
+    def round_images(self, fitted: int, available: int) -> int:
+        step = 1000 if fitted >= 4000 else self.s.batch_size
+        return int(min(available, max(2 * self.s.batch_size, fitted // step * step)))
+
+    def probe(self, arch: str) -> dict[str, float]:
+        """Retraining throughput measured on the baseline itself (the largest model of the
+        arch, so the plan errs on the safe side)."""
+        kept = self.models[arch]["kept"]
+        x, y = to_arrays(self.source(arch, "train", self.s.probe_images))
+        result = self.retrain(kept, (x, y), kept, seed=0, epochs=1)
+        train = sum(h.seconds for h in result.history)
+        return {
+            "probe_images": len(x),
+            "images_per_second": result.images_per_second,
+            "overhead_seconds": max(result.seconds - train, 0.0),
+            "device": result.device,
+        }
+
+    def retrain(self, model, data, teacher, seed: int, epochs: int | None = None):
+        return retrain(
+            model,
+            data,
+            teacher=teacher,
+            epochs=epochs or self.s.epochs,
+            lr=self.s.lr,
+            batch_size=self.s.batch_size,
+            optimizer="sgd",
+            seed=seed,
+            distill_alpha=self.s.distill_alpha,
+            temperature=self.s.temperature,
+            device=self.s.device,
+            progress=False,
+        )
+
+    def retraining(self) -> None:
+        for seed in self.s.seeds:
+            for cell in self.results["cells"]:
+                if cell["status"] != "reduced" or any(r["seed"] == seed for r in cell["runs"]):
+                    continue
+                key = f"{cell['arch']} {cell['budget']} {cell['arm']} seed {seed}"
+                if any(k["run"] == key for k in self.results["skipped"]):
+                    continue
+                estimate = self.estimate(cell["arch"])
+                if self.elapsed() + estimate > self.s.deadline_minutes * 60:
+                    self.results["skipped"].append(
+                        {
+                            "run": key,
+                            "reason": f"would end past the {self.s.deadline_minutes} min deadline",
+                        }
+                    )
+                    print(f"  {key}: skipped (deadline)", flush=True)
+                    self.save()
+                    continue
+                self.retrain_cell(cell, seed)
+                self.save()
+
+    def estimate(self, arch: str) -> float:
+        """Seconds the next run of `arch` will take: its last run, else the plan's figure."""
+        done = [
+            r["seconds"] + r["eval_seconds"]
+            for c in self.results["cells"]
+            if c["arch"] == arch
+            for r in c["runs"]
+        ]
+        if done:
+            return done[-1]
+        p = self.results["plan"]["archs"][arch]
+        return p.get("projected_minutes", 0.0) * 60 / max(p["runs"], 1)
+
+    def retrain_cell(self, cell: dict[str, Any], seed: int) -> None:
+        arch = cell["arch"]
+        if arch not in self.arrays:
+            self.arrays[arch] = to_arrays(self.source(arch, "train", self.s.train_images[arch]))
+        teacher = self.models[arch]["folded" if cell["arm"] == "onnxsim" else "kept"]
+        try:
+            result = self.retrain(self.load_reduced(cell), self.arrays[arch], teacher, seed)
+            t0 = time.perf_counter()
+            after = self.top1(arch, result.model)
+        except (BadInputError, RuntimeError, ValueError) as error:
+            cell.setdefault("failed_runs", []).append(
+                {"seed": seed, "reason": str(error).strip().splitlines()[0]}
+            )
+            print(f"  {arch} {cell['budget']} {cell['arm']} seed {seed}: failed: {error}")
+            return
+        cell["runs"].append(
+            {
+                "seed": seed,
+                "test_top1": after,
+                "seconds": result.seconds,
+                "images_per_second": result.images_per_second,
+                "eval_seconds": time.perf_counter() - t0,
+                "device": result.device,
+                "bn_reinserted": result.bn_reinserted,
+                "history": [asdict(h) for h in result.history],
+            }
+        )
+        cell["after"] = spread([r["test_top1"] for r in cell["runs"]])
+        print(
+            f"  {arch} {cell['budget']:10s} {cell['arm']:9s} seed {seed}: top-1 {after:.4f} "
+            f"(before retraining {cell['acc_before']:.4f}, {result.seconds:.0f} s)",
+            flush=True,
+        )
+
+    def finish(self) -> None:
+        cells = self.results["cells"]
+        self.results["comparisons"] = compare(cells)
+        self.results["default_loss"] = default_loss(cells, self.results["baselines"])
+        self.results["paper_claim"] = PAPER_CLAIM
+        self.results["complete"] = not self.results["skipped"]
+        self.save()
+
+    def run(self) -> None:
+        self.baselines()
+        self.reductions()
+        self.plan()
+        self.retraining()
+        self.finish()
+
+
+def folded_form(path: Path, out: Path) -> onnx.ModelProto:
+    """The baseline's deployment form, the one onnxsim's pruning needs: onnxruntime's basic
+    optimisations fold each BatchNorm into its Conv (as bench/retrain.py makes it)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(out)
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    model = onnx.load(out)
+    if any(n.op_type == "BatchNormalization" for n in model.graph.node):
+        raise BadInputError(f"onnxruntime left a BatchNormalization unfolded in {path}")
+    return model
+
+
+def environment(s: Settings) -> dict[str, Any]:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": ort.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_at_start": list(os.getloadavg()),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "device": s.device,
+    }
+
+
+# ---------------------------------------------------------------- the table
+
+
+def pct(value: float) -> str:
+    return f"{100 * value:.2f}"
+
+
+def after_text(a: dict[str, float] | None) -> str:
+    if a is None:
+        return "-"
+    return f"{pct(a['mean'])} ± {pct(a['std'])} ({pct(a['min'])}-{pct(a['max'])}, n={a['n']})"
+
+
+def table(results: dict[str, Any]) -> str:
+    """The README's markdown, from the JSON alone."""
+    s = results["settings"]
+    lines = [
+        f"`{results['command']}` ({results.get('total_seconds', 0) / 60:.1f} min"
+        f"{'' if results['complete'] else ', INCOMPLETE'}; retraining: "
+        + ", ".join(f"{a} {n} images" for a, n in s["train_images"].items())
+        + f" x {s['epochs']} epoch(s), seeds {s['seeds']}, lr {s['lr']}, batch {s['batch_size']},"
+        f" distillation alpha {s['distill_alpha']} T {s['temperature']}; device {s['device']})",
+        "",
+        "| arch | budget | arm | params | MACs | top-1 before retraining | top-1 after, mean ± std"
+        " (min-max, n) |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for arch, base in results["baselines"].items():
+        lines.append(
+            f"| {arch} | - | baseline | {base['params']:,} | {base['macs'] / 1e6:.1f}M | "
+            f"{pct(base['test_top1'])} | - |"
+        )
+        for c in results["cells"]:
+            if c["arch"] != arch:
+                continue
+            if c["status"] == "failed":
+                lines.append(f"| {arch} | {c['budget']} | {c['arm']} | - | - | - | {c['reason']} |")
+                continue
+            size = (
+                f"{c['params']:,} ({100 * c['params_fraction']:.1f}%) | "
+                f"{c['macs'] / 1e6:.1f}M ({100 * c['macs_fraction']:.1f}%)"
+            )
+            after = c["reason"] if c["status"] == "unmatched" else after_text(c["after"])
+            before = pct(c["acc_before"]) if "acc_before" in c else "-"
+            lines.append(f"| {arch} | {c['budget']} | {c['arm']} | {size} | {before} | {after} |")
+    lines += [
+        "",
+        f"Rule: {results['verdict_rule']}. Arms more than "
+        f"{100 * results['match_tolerance']:.0f}% off their target size are left out.",
+        "",
+        "| question | arch | budget | MBS | other arm | other | MBS - other (points) | "
+        "MBS more accurate? |",
+        "|---|---|---|---:|---|---:|---:|---|",
+    ]
+    for r in results.get("comparisons", []):
+        question = "(2) equal MACs" if r["cost"] == "MACs" else "(1) equal params"
+        lines.append(
+            f"| {question} | {r['arch']} | {r['budget']} | {pct(r['mbs']['mean'])} | "
+            f"{r['other']} | {pct(r['other_after']['mean'])} | {100 * r['difference']:+.2f} | "
+            f"{r['verdict']} |"
+        )
+    lines += ["", summary(results.get("comparisons", [])), ""]
+    lines += [
+        "| (3) MBS default | params | MACs | baseline | after retraining | lost (points) | "
+        f"negligible (<= {NEGLIGIBLE_POINTS} points)? |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in results.get("default_loss", []):
+        low, high = r["loss_points_range"]
+        lines.append(
+            f"| {r['arch']} | {100 * r['params_fraction']:.1f}% | {100 * r['macs_fraction']:.1f}% "
+            f"| {pct(r['baseline'])} | {after_text(r['after'])} | {r['loss_points']:.2f} "
+            f"({low:.2f} to {high:.2f}) | {'yes' if r['negligible'] else 'no'} |"
+        )
+    lines.append(f"\nThe paper: {results.get('paper_claim', PAPER_CLAIM)}.")
     if results["skipped"]:
-        print(f"skipped (deadline): {', '.join(results['skipped'])}")
-    print(f"total wall time {results['total_seconds'] / 60:.1f} min")
+        lines.append(f"\nSkipped runs: {len(results['skipped'])} (see the JSON).")
+    return "\n".join(lines)
 
 
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    quick = args.quick
-    pick = lambda full, small, given: given if given is not None else (small if quick else full)  # noqa: E731
+def summary(comparisons: list[dict[str, Any]]) -> str:
+    """One line per question and other arm: how many comparisons went which way."""
+    out = []
+    for cost, question in (("params", "(1) equal params"), ("MACs", "(2) equal MACs")):
+        for other in ARMS[1:]:
+            rows = [r for r in comparisons if r["cost"] == cost and r["other"] == other]
+            if not rows:
+                continue
+            counts = {v: sum(r["verdict"] == v for r in rows) for v in ("yes", "no")}
+            within = len(rows) - counts["yes"] - counts["no"]
+            out.append(
+                f"{question}, MBS vs {other}: MBS more accurate beyond the spread in "
+                f"{counts['yes']} of {len(rows)}, less accurate in {counts['no']}, "
+                f"within the spread in {within}."
+            )
+    return "\n".join(out) or "No comparison: no arm pair was retrained at one size."
+
+
+# ---------------------------------------------------------------- command line
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--table", action="store_true", help="print the markdown table from --out")
+    p.add_argument("--plot", action="store_true", help="redraw the plot from --out")
+    p.add_argument("--resume", action="store_true", help="continue the run recorded in --out")
+    p.add_argument("--quick", action="store_true", help="tiny subsets and one seed: a smoke test")
+    p.add_argument("--archs", nargs="+", default=list(BASELINES), choices=list(BASELINES))
+    p.add_argument(
+        "--baseline",
+        action="append",
+        default=[],
+        metavar="ARCH=PATH",
+        help="a baseline ONNX file per arch (default: the bundled ones)",
+    )
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    p.add_argument("--budgets", nargs="+", default=list(BUDGETS))
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--data", default=str(FMNIST_DIR), help="an IDX folder with both splits")
+    p.add_argument("--train-images", help="N, or ARCH=N,ARCH=N (default: fitted to the time)")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--lr", type=float, default=0.02)
+    p.add_argument("--calib-size", type=int, default=256)
+    p.add_argument("--test-size", type=int, help="test images (default: the whole split)")
+    p.add_argument("--channel-multiple", type=int, default=8)
+    p.add_argument("--target-minutes", type=float, default=60.0)
+    p.add_argument("--deadline", type=float, default=85.0, help="minutes; later runs skipped")
+    p.add_argument("--device", default="auto", help="torch: auto (cuda when present), cpu, cuda")
+    p.add_argument("--providers", default="auto", help="onnxruntime: auto, cpu, cuda")
+    p.add_argument("--allow-weak-baseline", action="store_true")
+    return p.parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    baselines = {arch: str(path) for arch, path in BASELINES.items()}
+    for item in args.baseline:
+        arch, _, path = item.partition("=")
+        if arch not in BASELINES or not path:
+            raise BadInputError(f"--baseline takes ARCH=PATH with ARCH one of {list(BASELINES)}")
+        baselines[arch] = path
+    for arch in args.archs:
+        if not Path(baselines[arch]).is_file():
+            raise BadInputError(
+                f"no baseline for {arch} at {baselines[arch]}: pass --baseline {arch}=PATH"
+            )
+    for budget in args.budgets:
+        if budget != "default" and budget.split("=")[0] not in ("params", "flops"):
+            raise BadInputError(f"budget {budget!r}: params=F, flops=F or default")
+    if not Path(args.data).is_dir():
+        raise BadInputError(f"no data folder {args.data}: apt-get install dataset-fashion-mnist")
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    quick = dict(seeds=1, calib_size=64, test_size=1000, probe_images=256) if args.quick else {}
     return Settings(
         archs=args.archs,
-        seeds=list(range(pick(3, 1, args.seeds))),
-        train_size=pick(10000, 512, args.train_size),
-        val_size=pick(2000, 256, args.val_size),
-        test_size=pick(10000, 1000, args.test_size),
-        calib_size=pick(256, 64, args.calib_size),
-        base_epochs=pick(3, 1, args.epochs),
-        base_lr=0.1,
-        base_seed=0,
-        retrain_epochs=pick(2, 1, args.retrain_epochs),
-        retrain_lr=args.retrain_lr,
-        batch_size=128,
-        gamma=0.5,
-        channel_multiple=8,
+        baselines={a: baselines[a] for a in args.archs},
+        arms=args.arms,
+        budgets=args.budgets,
+        seeds=list(range(quick.get("seeds", args.seeds))),
+        data=args.data,
+        calib_size=quick.get("calib_size", args.calib_size),
+        test_size=quick.get("test_size", args.test_size),
+        train_images=parse_images(args.train_images, args.archs)
+        or ({a: 512 for a in args.archs} if args.quick else {}),
+        epochs=args.epochs,
+        lr=args.lr,
+        channel_multiple=args.channel_multiple,
         device=device,
         providers=choose_providers(args.providers),
-        quick=quick,
-        data=args.data,
-        deadline_minutes=pick(75.0, 30.0, args.deadline),
+        target_minutes=args.target_minutes,
+        deadline_minutes=args.deadline,
+        probe_images=quick.get("probe_images", 1024),
+        allow_weak_baseline=args.allow_weak_baseline,
+        quick=args.quick,
     )
+
+
+def parse_images(text: str | None, archs: list[str]) -> dict[str, int]:
+    if not text:
+        return {}
+    try:
+        if "=" not in text:
+            return dict.fromkeys(archs, int(text))
+        pairs = (item.split("=") for item in text.split(","))
+        return {arch: int(n) for arch, n in pairs}
+    except ValueError:
+        raise BadInputError(f"--train-images {text!r}: N or ARCH=N,ARCH=N") from None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny subsets, for smoke tests")
-    parser.add_argument("--seeds", type=int, help="retraining seeds per reduced model")
-    parser.add_argument("--archs", nargs="+", default=["resnet20", "resnet56"])
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "experiment.json")
-    parser.add_argument("--train-size", type=int, help="training images (train and retrain)")
-    parser.add_argument("--val-size", type=int, help="validation images, held out from train")
-    parser.add_argument("--test-size", type=int, help="test images (10000 = all)")
-    parser.add_argument("--calib-size", type=int, help="calibration images for the statistics")
-    parser.add_argument("--epochs", type=int, help="baseline training epochs")
-    parser.add_argument("--retrain-epochs", type=int, help="retraining epochs")
-    parser.add_argument("--retrain-lr", type=float, default=0.02)
-    parser.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda")
-    parser.add_argument("--providers", default="auto", help="onnxruntime: auto, cpu, cuda")
-    parser.add_argument("--data", default=str(FMNIST_DIR), help="Fashion-MNIST IDX folder")
-    parser.add_argument(
-        "--deadline",
-        type=float,
-        help="minutes after which further seeds are skipped (first seed always runs)",
-    )
-    parser.add_argument("--keep-models", type=Path, help="keep the baseline ONNX files here")
-    args = parser.parse_args(argv)
-    s = settings_from_args(args)
-    start = time.perf_counter()
-    raw_train, raw_labels = load_fashion_mnist("train", s.data)
-    raw_train, raw_labels = raw_train[: s.train_size], raw_labels[: s.train_size]
-    mean, std = channel_stats(raw_train)
-    mean = [round(v, 6) for v in mean]  # as the metadata stores them
-    std = [round(v, 6) for v in std]
-    arrays = load_arrays(s, mean, std)
-    print(
-        f"Fashion-MNIST: {s.train_size} train, {s.val_size} val (held out from train), "
-        f"{s.test_size} test; device {s.device}, providers {s.providers}; seeds {s.seeds}",
-        flush=True,
-    )
-    results: dict[str, Any] = {
-        "complete": False,
-        "settings": asdict(s),
-        "environment": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "onnx": onnx.__version__,
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "load_average_at_start": os.getloadavg(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        },
-        "preprocessing": arrays["preprocessing"],
-        "mean": mean,
-        "std": std,
-        "archs": {},
-        "comparisons": [],
-        "skipped": [],
-    }
-    deadline = start + 60 * s.deadline_minutes
-    with tempfile.TemporaryDirectory() as tmp:
-        workdir = args.keep_models or Path(tmp)
-        workdir.mkdir(parents=True, exist_ok=True)
-        # Phase 1: baselines and every reduced model, measured before retraining.
-        pairs: list[dict[str, tuple[onnx.ModelProto, dict[str, Any]]]] = []
-        for arch in s.archs:
-            print(f"{arch}: training the baseline ({s.base_epochs} epochs)", flush=True)
-            baseline = train_baseline(arch, s, (raw_train, raw_labels), mean, std, workdir)
-            print(
-                f"  {arch} baseline: {baseline['params']:,} params, test top-1 "
-                f"{baseline['test_top1']:.4f}, {baseline['train_seconds']:.0f}s",
-                flush=True,
-            )
-            block: dict[str, Any] = {"baseline": baseline, "variants": []}
-            results["archs"][arch] = block
-            for label, budget in BUDGETS:
-                pair = {}
-                for strategy in STRATEGIES:
-                    pair[strategy] = reduce_variant(
-                        arch, label, budget, strategy, baseline, s, mean, std
-                    )
-                    block["variants"].append(pair[strategy][1])
-                pairs.append(pair)
-            save(results, args.out, start)
-        # Phase 2: retrain seed by seed, so that every pair has its first seed before any
-        # second one; later seeds are skipped when a pair would end past the deadline.
-        pair_seconds: dict[int, float] = {}
-        for seed in s.seeds:
-            for index, pair in enumerate(pairs):
-                now = time.perf_counter()
-                if index in pair_seconds and now + pair_seconds[index] > deadline:
-                    results["skipped"].append(
-                        f"{pair['mbs'][1]['arch']} {pair['mbs'][1]['budget']} seed {seed}"
-                    )
-                    print(f"  skipping seed {seed} of pair {index}: past the deadline", flush=True)
-                    continue
-                for strategy in STRATEGIES:
-                    reduced, variant = pair[strategy]
-                    retrain_variant(reduced, variant, arrays, s, seed, mean, std)
-                pair_seconds[index] = time.perf_counter() - now
-                results["comparisons"] = [compare(p["mbs"][1], p["uniform"][1]) for p in pairs]
-                save(results, args.out, start)
-    results["comparisons"] = [compare(p["mbs"][1], p["uniform"][1]) for p in pairs]
-    results["answer"] = answer(results["comparisons"])
-    results["total_seconds"] = time.perf_counter() - start
-    results["complete"] = True
-    write_json(results, args.out)
-    from plot_results import plot_accuracy_vs_params
-
-    plot_path = args.out.parent / "accuracy_vs_params.png"
-    plot_accuracy_vs_params(results, plot_path)
-    print_table(results)
-    print(f"wrote {args.out} and {plot_path}")
+    try:
+        args = parse_args(argv)
+        if args.table or args.plot:
+            results = read_results(args.out)
+            if args.plot:
+                print(f"wrote {plot(results, args.out.with_suffix('.png'))}")
+            if args.table:
+                print(table(results))
+            return 0
+        if args.resume:
+            results = read_results(args.out)
+            s = Settings(**results["settings"])
+            s.deadline_minutes = args.deadline
+            print(f"resuming {args.out}: its recorded settings are used", flush=True)
+            experiment = Experiment(s, args.out, results)
+        else:
+            experiment = Experiment(settings_from(args), args.out)
+        experiment.run()
+    except BadInputError as error:
+        print(f"experiment: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out} ({experiment.elapsed() / 60:.1f} min)")
+    print(f"wrote {plot(experiment.results, args.out.with_suffix('.png'))}")
+    print(table(experiment.results))
     return 0
 
 
+def plot(results: dict[str, Any], path: Path) -> Path:
+    from plot_results import plot_experiment
+
+    plot_experiment(results, path)
+    return path
+
+
 if __name__ == "__main__":
-    sys.path.insert(0, str(HERE))
     sys.exit(main())

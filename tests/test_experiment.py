@@ -1,0 +1,189 @@
+"""bench/experiment.py (issue 16): budget matching, the MBS-default match, resume, the verdict
+rule and the table; the onnxsim arm's size matching on a BN-folded zoo model."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_data import write_idx
+
+from onnx_mbs.models import BUNDLED_MODEL, FMNIST_SAMPLE, FMNIST_TRAIN_SAMPLE
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import experiment  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def idx_data(tmp_path_factory) -> Path:
+    """A tiny IDX folder: 512 training and 256 test images from the bundled samples."""
+    folder = tmp_path_factory.mktemp("fmnist")
+    for prefix, sample, n in (("train", FMNIST_TRAIN_SAMPLE, 512), ("t10k", FMNIST_SAMPLE, 256)):
+        arrays = np.load(sample)
+        write_idx(folder / f"{prefix}-images-idx3-ubyte", arrays["x"][:n, 0])
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte", arrays["y"][:n].astype(np.uint8))
+    return folder
+
+
+def spread(*values: float) -> dict[str, float]:
+    return experiment.spread(list(values))
+
+
+def test_verdict_rule_on_fixed_numbers():
+    # Differences beyond twice the larger std are verdicts; within it, "within spread".
+    assert experiment.verdict(spread(0.90, 0.91, 0.92), spread(0.85, 0.86, 0.87)) == "yes"
+    assert experiment.verdict(spread(0.85, 0.86, 0.87), spread(0.90, 0.91, 0.92)) == "no"
+    # 1 point apart, std 1 point: within 2 std.
+    assert experiment.verdict(spread(0.90, 0.91, 0.92), spread(0.89, 0.90, 0.91)) == (
+        "within spread"
+    )
+    assert experiment.verdict(spread(0.9), spread(0.8)) == "one seed: no spread"
+
+
+def test_targets_and_matching():
+    assert experiment.target("params=0.3", None) == ("params", 0.3)
+    assert experiment.target("flops=0.5", None) == ("macs", 0.5)
+    # MBS's default has no target; every other arm is matched to the params MBS reached.
+    assert experiment.target("default", None) == ("params", None)
+    assert experiment.target("default", 0.41) == ("params", 0.41)
+    assert experiment.budget_text("macs", 0.5) == "flops=0.500000"
+    assert experiment.match_error(0.49, 0.5) == pytest.approx(0.02)
+
+
+def test_bisection_finds_the_nearest_size():
+    # A size that falls in steps of 0.1 with sparsity: the nearest reachable value is chosen.
+    def prune(s):
+        return s
+
+    def measure(s):
+        return 1.0 - np.floor(10 * s) / 10
+
+    model, sparsity, fraction, tried = experiment.bisect_sparsity(prune, measure, 0.33)
+    assert fraction == pytest.approx(0.3)
+    assert measure(sparsity) == pytest.approx(0.3)
+    assert tried
+
+
+def test_comparisons_and_default_loss_from_cells():
+    cells = [
+        {"arch": "a", "budget": "params=0.5", "arm": "mbs", "metric": "params",
+         "after": spread(0.90, 0.91, 0.92)},
+        {"arch": "a", "budget": "params=0.5", "arm": "uniform", "metric": "params",
+         "after": spread(0.85, 0.86, 0.87)},
+        {"arch": "a", "budget": "params=0.5", "arm": "onnxsim", "metric": "params",
+         "after": None},  # not reachable: no comparison
+        {"arch": "a", "budget": "flops=0.5", "arm": "mbs", "metric": "macs",
+         "after": spread(0.88, 0.89, 0.90)},
+        {"arch": "a", "budget": "flops=0.5", "arm": "global", "metric": "macs",
+         "after": spread(0.89, 0.90, 0.91)},
+        {"arch": "a", "budget": "default", "arm": "mbs", "metric": "params",
+         "params_fraction": 0.4, "macs_fraction": 0.7, "after": spread(0.91, 0.92, 0.93)},
+    ]  # fmt: skip
+    rows = experiment.compare(cells)
+    assert [(r["budget"], r["other"], r["cost"], r["verdict"]) for r in rows] == [
+        ("params=0.5", "uniform", "params", "yes"),
+        ("flops=0.5", "global", "MACs", "within spread"),
+    ]
+    assert rows[0]["difference"] == pytest.approx(0.05)
+    (loss,) = experiment.default_loss(cells, {"a": {"test_top1": 0.93}})
+    assert loss["loss_points"] == pytest.approx(1.0)
+    assert loss["loss_points_range"] == pytest.approx([0.0, 2.0])
+    assert not loss["negligible"]
+
+
+def run_experiment(out: Path, idx_data: Path, *extra: str) -> int:
+    return experiment.main(
+        [
+            "--out", str(out), "--archs", "resnet20", "--baseline", f"resnet20={BUNDLED_MODEL}",
+            "--data", str(idx_data), "--arms", "mbs", "uniform", "--budgets", "params=0.5",
+            "default", "--seeds", "2", "--train-images", "128", "--calib-size", "16",
+            "--test-size", "64",
+            "--allow-weak-baseline", *extra,
+        ]
+    )  # fmt: skip
+
+
+def test_run_matches_sizes_and_resumes(tmp_path, idx_data, capsys, monkeypatch):
+    out = tmp_path / "exp.json"
+    assert run_experiment(out, idx_data) == 0
+    results = json.loads(out.read_text())
+    assert results["complete"]
+    cells = {(c["budget"], c["arm"]): c for c in results["cells"]}
+    mbs_default = cells[("default", "mbs")]
+    assert mbs_default["target_fraction"] is None
+    # uniform at "default" is reduced to the params MBS's default reached.
+    uniform_default = cells[("default", "uniform")]
+    assert uniform_default["target_fraction"] == mbs_default["params_fraction"]
+    for c in results["cells"]:
+        if c["target_fraction"] is not None and c["status"] == "reduced":
+            assert abs(c["params_fraction"] / c["target_fraction"] - 1) <= 0.02
+        if c["status"] == "reduced":
+            assert [r["seed"] for r in c["runs"]] == [0, 1]
+            assert c["after"]["n"] == 2
+            assert 0.0 <= c["acc_before"] <= 1.0
+    assert results["settings"]["train_images"] == {"resnet20": 128}
+    assert (tmp_path / "exp.png").stat().st_size > 0
+    table = capsys.readouterr().out
+    assert "| resnet20 | default | uniform |" in table
+    assert "(3) MBS default" in table
+
+    # Resume: a run taken out is the only one retrained again.
+    reduced = [c for c in results["cells"] if c["status"] == "reduced"]
+    removed = reduced[0]["runs"].pop()
+    results["complete"] = False
+    out.write_text(json.dumps(results))
+    calls = []
+    real = experiment.Experiment.retrain_cell
+
+    def counting(self, cell, seed):
+        calls.append((cell["budget"], cell["arm"], seed))
+        real(self, cell, seed)
+
+    monkeypatch.setattr(experiment.Experiment, "retrain_cell", counting)
+    monkeypatch.setattr(experiment, "reduce", None)  # nothing is reduced again
+    assert experiment.main(["--out", str(out), "--resume"]) == 0
+    assert calls == [(reduced[0]["budget"], reduced[0]["arm"], removed["seed"])]
+    assert json.loads(out.read_text())["complete"]
+
+
+def test_weak_baseline_is_refused(tmp_path, idx_data, capsys, monkeypatch):
+    monkeypatch.setattr(experiment, "MIN_BASELINE_TOP1", 1.01)  # no baseline reaches it
+    out = tmp_path / "exp.json"
+    code = experiment.main(
+        ["--out", str(out), "--archs", "resnet20", "--baseline", f"resnet20={BUNDLED_MODEL}",
+         "--data", str(idx_data), "--test-size", "100"]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "below the 101%" in err and "--allow-weak-baseline" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not out.exists()  # refused before anything is written
+
+
+def test_table_refuses_the_old_format(tmp_path, capsys):
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"complete": True, "archs": {}}))
+    assert experiment.main(["--out", str(old), "--table"]) == 2
+    assert "earlier experiment" in capsys.readouterr().err
+
+
+def test_onnxsim_arm_matches_the_target_on_a_folded_model(tmp_path):
+    pytest.importorskip("onnxsim")
+    from onnxsim.pruning import apply_structured_pruning
+
+    folded = experiment.folded_form(BUNDLED_MODEL, tmp_path / "folded.onnx")
+    assert not any(n.op_type == "BatchNormalization" for n in folded.graph.node)
+    params, _ = experiment.sizes(folded)
+
+    def measure(model):
+        return experiment.sizes(model)[0] / params
+
+    model, sparsity, fraction, _ = experiment.bisect_sparsity(
+        lambda s: apply_structured_pruning(folded, s), measure, 0.5
+    )
+    assert 0 < sparsity < 1
+    assert experiment.match_error(fraction, 0.5) <= experiment.MATCH_TOLERANCE
+    assert experiment.sizes(model)[0] == pytest.approx(0.5 * params, rel=0.02)
