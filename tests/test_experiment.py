@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from test_data import write_idx
 
+from onnx_mbs.bridge import RetrainResult
 from onnx_mbs.models import BUNDLED_MODEL, FMNIST_SAMPLE, FMNIST_TRAIN_SAMPLE
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -106,7 +107,26 @@ def run_experiment(out: Path, idx_data: Path, *extra: str) -> int:
     )  # fmt: skip
 
 
-def test_run_matches_sizes_and_resumes(tmp_path, idx_data, capsys, monkeypatch):
+@pytest.fixture
+def no_training(monkeypatch):
+    """Retraining replaced by handing the reduced model back: the run's logic alone."""
+
+    def fake(self, model, data, teacher, seed, epochs=None):
+        return RetrainResult(model=model, seconds=0.0, images_per_second=1.0)
+
+    monkeypatch.setattr(experiment.Experiment, "retrain", fake)
+
+
+def test_run_matches_sizes_and_resumes(tmp_path, idx_data, capsys, monkeypatch, no_training):
+    check_run(tmp_path, idx_data, capsys, monkeypatch)
+
+
+@pytest.mark.slow
+def test_run_with_retraining(tmp_path, idx_data, capsys, monkeypatch):
+    check_run(tmp_path, idx_data, capsys, monkeypatch)
+
+
+def check_run(tmp_path, idx_data, capsys, monkeypatch):
     out = tmp_path / "exp.json"
     assert run_experiment(out, idx_data) == 0
     results = json.loads(out.read_text())
