@@ -268,6 +268,49 @@ def read_results(path: Path) -> dict[str, Any]:
     return results
 
 
+# Settings that may differ between runs merged into one result: what each run covers.
+PER_RUN_SETTINGS = ("archs", "baselines", "train_images")
+
+
+def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Runs of disjoint archs under one recipe, as one result. Their wall time is the span
+    from the first start to the last finish (runs side by side overlap), with each run's own
+    time kept under "runs"."""
+    first = parts[0]
+    for part in parts[1:]:
+        for key, value in first["settings"].items():
+            if key not in PER_RUN_SETTINGS and part["settings"][key] != value:
+                raise BadInputError(f"cannot merge runs whose setting {key} differs")
+    archs = [a for part in parts for a in part["settings"]["archs"]]
+    if len(set(archs)) != len(archs):
+        raise BadInputError(f"cannot merge runs that share an arch: {archs}")
+    merged = {**first, "settings": dict(first["settings"])}
+    merged["settings"]["archs"] = archs
+    for key in ("baselines", "train_images"):
+        merged["settings"][key] = {k: v for p in parts for k, v in p["settings"][key].items()}
+    merged["baselines"] = {k: v for p in parts for k, v in p["baselines"].items()}
+    for key in ("cells", "skipped"):
+        merged[key] = [item for p in parts for item in p[key]]
+    merged["plan"] = {
+        "target_minutes": [p.get("plan", {}).get("target_minutes") for p in parts],
+        "archs": {k: v for p in parts for k, v in p.get("plan", {}).get("archs", {}).items()},
+    }
+    merged["runs"] = [
+        {key: p.get(key) for key in ("command", "total_seconds", "started_at", "finished_at")}
+        | {"archs": p["settings"]["archs"], "environment": p["environment"]}
+        for p in parts
+    ]
+    merged["command"] = " ; ".join(p["command"] for p in parts)
+    merged["total_seconds"] = max(p["finished_at"] for p in parts) - min(
+        p["started_at"] for p in parts
+    )
+    merged["comparisons"] = compare(merged["cells"])
+    merged["default_loss"] = default_loss(merged["cells"], merged["baselines"])
+    merged["paper_claim"] = PAPER_CLAIM
+    merged["complete"] = all(p["complete"] for p in parts)
+    return merged
+
+
 # ---------------------------------------------------------------- the run
 
 
@@ -303,6 +346,8 @@ class Experiment:
 
     def save(self) -> None:
         self.results["total_seconds"] = self.elapsed()
+        self.results.setdefault("started_at", time.time() - self.elapsed())
+        self.results["finished_at"] = time.time()
         write_json(self.results, self.out)
 
     def cell(self, arch: str, budget: str, arm: str) -> dict[str, Any] | None:
@@ -829,6 +874,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="torch: auto (cuda when present), cpu, cuda")
     p.add_argument("--providers", default="auto", help="onnxruntime: auto, cpu, cuda")
     p.add_argument("--allow-weak-baseline", action="store_true")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        metavar="JSON",
+        help="combine runs of other archs (e.g. one process per arch, side by side) into --out",
+    )
     return p.parse_args(argv)
 
 
@@ -899,6 +952,15 @@ def main(argv: list[str] | None = None) -> int:
             if args.table:
                 print(table(results))
             return 0
+        if args.merge:
+            results = merge_results([read_results(path) for path in args.merge])
+            write_json(results, args.out)
+            print(f"wrote {args.out} from {len(args.merge)} runs")
+            print(f"wrote {plot(results, args.out.with_suffix('.png'))}")
+            print(table(results))
+            return 0
+        if args.threads:
+            torch.set_num_threads(args.threads)
         if args.resume:
             results = read_results(args.out)
             s = Settings(**results["settings"])

@@ -207,3 +207,32 @@ def test_onnxsim_arm_matches_the_target_on_a_folded_model(tmp_path):
     assert 0 < sparsity < 1
     assert experiment.match_error(fraction, 0.5) <= experiment.MATCH_TOLERANCE
     assert experiment.sizes(model)[0] == pytest.approx(0.5 * params, rel=0.02)
+
+
+def test_merge_runs_of_other_archs(tmp_path, idx_data, capsys, no_training):
+    """Runs of disjoint archs (one process per arch, side by side) merge into one result; runs
+    under another recipe, or sharing an arch, are refused."""
+    first = tmp_path / "a.json"
+    assert run_experiment(first, idx_data) == 0
+    a = json.loads(first.read_text())
+    b = json.loads(json.dumps(a).replace('"resnet20"', '"resnet56"'))
+    b["started_at"], b["finished_at"] = a["started_at"] + 5, a["finished_at"] + 7
+    second = tmp_path / "b.json"
+    second.write_text(json.dumps(b))
+    out = tmp_path / "merged.json"
+    assert experiment.main(["--out", str(out), "--merge", str(first), str(second)]) == 0
+    merged = json.loads(out.read_text())
+    assert merged["settings"]["archs"] == ["resnet20", "resnet56"]
+    assert set(merged["baselines"]) == {"resnet20", "resnet56"}
+    assert len(merged["cells"]) == 2 * len(a["cells"])
+    assert len(merged["comparisons"]) == 2 * len(a["comparisons"])
+    assert merged["total_seconds"] == pytest.approx(b["finished_at"] - a["started_at"])
+    assert [r["archs"] for r in merged["runs"]] == [["resnet20"], ["resnet56"]]
+    assert "| resnet56 | default | uniform |" in capsys.readouterr().out
+
+    b["settings"]["lr"] = 0.1
+    second.write_text(json.dumps(b))
+    assert experiment.main(["--out", str(out), "--merge", str(first), str(second)]) == 2
+    assert "setting lr differs" in capsys.readouterr().err
+    assert experiment.main(["--out", str(out), "--merge", str(first), str(first)]) == 2
+    assert "share an arch" in capsys.readouterr().err
