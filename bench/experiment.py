@@ -58,8 +58,8 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "experiment.json"
 FORMAT = "issue-16"
 BASELINES = {
-    "resnet20": BUNDLED_DIR / "resnet20_fmnist.onnx",
-    "resnet56": BUNDLED_DIR / "resnet56_fmnist.onnx",
+    "resnet20": BUNDLED_DIR / "resnet20_fmnist_e8.onnx",
+    "resnet56": BUNDLED_DIR / "resnet56_fmnist_e7.onnx",
 }
 ARMS = ("mbs", "mbs-local", "uniform", "global", "onnxsim")
 BUDGETS = ("params=0.5", "params=0.3", "flops=0.5", "default")
@@ -268,8 +268,9 @@ def read_results(path: Path) -> dict[str, Any]:
     return results
 
 
-# Settings that may differ between runs merged into one result: what each run covers.
-PER_RUN_SETTINGS = ("archs", "baselines", "train_images")
+# Settings that may differ between runs merged into one result: what each run covers, and
+# how long it was given.
+PER_RUN_SETTINGS = ("archs", "baselines", "train_images", "target_minutes", "deadline_minutes")
 
 
 def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -288,6 +289,8 @@ def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
     merged["settings"]["archs"] = archs
     for key in ("baselines", "train_images"):
         merged["settings"][key] = {k: v for p in parts for k, v in p["settings"][key].items()}
+    for key in ("target_minutes", "deadline_minutes"):  # one per run
+        merged["settings"][key] = [p["settings"][key] for p in parts]
     merged["baselines"] = {k: v for p in parts for k, v in p["baselines"].items()}
     for key in ("cells", "skipped"):
         merged[key] = [item for p in parts for item in p[key]]

@@ -216,6 +216,7 @@ def test_merge_runs_of_other_archs(tmp_path, idx_data, capsys, no_training):
     assert run_experiment(first, idx_data) == 0
     a = json.loads(first.read_text())
     b = json.loads(json.dumps(a).replace('"resnet20"', '"resnet56"'))
+    b["settings"]["deadline_minutes"] = 30.0  # each run's own time may differ
     b["started_at"], b["finished_at"] = a["started_at"] + 5, a["finished_at"] + 7
     second = tmp_path / "b.json"
     second.write_text(json.dumps(b))
@@ -228,6 +229,7 @@ def test_merge_runs_of_other_archs(tmp_path, idx_data, capsys, no_training):
     assert len(merged["comparisons"]) == 2 * len(a["comparisons"])
     assert merged["total_seconds"] == pytest.approx(b["finished_at"] - a["started_at"])
     assert [r["archs"] for r in merged["runs"]] == [["resnet20"], ["resnet56"]]
+    assert merged["settings"]["target_minutes"] == [60.0, 60.0]
     assert "| resnet56 | default | uniform |" in capsys.readouterr().out
 
     b["settings"]["lr"] = 0.1
