@@ -44,6 +44,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from retrain import folded_form
 
 from onnx_mbs.bridge import retrain
 from onnx_mbs.data import to_arrays
@@ -717,19 +718,6 @@ class Experiment:
         self.plan()
         self.retraining()
         self.finish()
-
-
-def folded_form(path: Path, out: Path) -> onnx.ModelProto:
-    """The baseline's deployment form, the one onnxsim's pruning needs: onnxruntime's basic
-    optimisations fold each BatchNorm into its Conv (as bench/retrain.py makes it)."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    options.optimized_model_filepath = str(out)
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    model = onnx.load(out)
-    if any(n.op_type == "BatchNormalization" for n in model.graph.node):
-        raise BadInputError(f"onnxruntime left a BatchNormalization unfolded in {path}")
-    return model
 
 
 def environment(s: Settings) -> dict[str, Any]:

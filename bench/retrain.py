@@ -34,20 +34,22 @@ from onnx_mbs.bridge import recalibrate_model, retrain
 from onnx_mbs.data import to_arrays
 from onnx_mbs.evaluate import evaluate
 from onnx_mbs.models import BUNDLED_MODEL, FMNIST_SAMPLE, FMNIST_TRAIN_SAMPLE
-from onnx_mbs.passes import load_model
+from onnx_mbs.passes import BadInputError, load_model
 from onnx_mbs.pipeline import open_for_model, reduce
 
 PROVIDERS = ["CPUExecutionProvider"]
 
 
 def folded_form(path: Path, out: Path) -> onnx.ModelProto:
-    """The deployment form: onnxruntime's basic optimisations fold each BatchNorm into its Conv."""
+    """The deployment form: onnxruntime's basic optimisations fold each BatchNorm into its Conv
+    (also the form onnxsim's pruning needs, in bench/experiment.py)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.optimized_model_filepath = str(out)
     ort.InferenceSession(str(path), options, providers=PROVIDERS)
     model = onnx.load(out)
-    assert not any(n.op_type == "BatchNormalization" for n in model.graph.node)
+    if any(n.op_type == "BatchNormalization" for n in model.graph.node):
+        raise BadInputError(f"onnxruntime left a BatchNormalization unfolded in {path}")
     return model
 
 

@@ -287,7 +287,7 @@ def reduce(
     else:  # no data, or no activation to measure: rank by weights
         scorer = weight_importance(loaded, DEFAULT_CRITERION if importance == "act" else importance)
     # Scored once: the global strategy plans counts by them, shrink keeps the top ones.
-    scores = group_scores([g for g in groups if not g.pinned and g.macroblocks], scorer)
+    scores = group_scores([g for g, info in zip(groups, infos) if info.free], scorer)
 
     def make_plan(asked: Budget | None) -> Plan:
         plan = plan_widths(

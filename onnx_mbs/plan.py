@@ -151,6 +151,11 @@ class GroupInfo:
     macroblocks: tuple[int, ...]
     pinned: bool
 
+    @property
+    def free(self) -> bool:
+        """Planning may narrow it: not pinned, and made in some macroblock."""
+        return not self.pinned and bool(self.macroblocks)
+
 
 @dataclass(frozen=True)
 class MacroblockPlan:
@@ -277,7 +282,7 @@ def round_channels(size: int, fraction: float, multiple: int) -> int:
 def _counts(groups: Sequence[GroupInfo], betas: Sequence[float], multiple: int) -> dict[int, int]:
     counts = {}
     for g in groups:
-        if g.pinned or not g.macroblocks:
+        if not g.free:
             counts[g.id] = g.size
         else:
             counts[g.id] = round_channels(g.size, max(betas[m] for m in g.macroblocks), multiple)
@@ -312,7 +317,7 @@ def plan_widths(
         raise BadInputError(f"--channel-multiple must be >= 1, got {channel_multiple}")
     if budget is not None and "latency" in budget.fractions and latency is None:
         raise ValueError("a latency budget needs a latency model")
-    free = [g for g in groups if not g.pinned and g.macroblocks]
+    free = [g for g in groups if g.free]
     if strategy == "global" and (importance is None or any(g.id not in importance for g in free)):
         raise ValueError("the global strategy needs the importance of every free group")
     fmap = WidthMap.parse(width_map)
@@ -528,7 +533,7 @@ def _nudge(
     every group's step at once (thousands of steps on ResNet-1202).
     """
     counts = dict(counts)
-    free = [g for g in groups if not g.pinned and g.macroblocks]
+    free = [g for g in groups if g.free]
     current = excess(counts)
 
     def steps(direction: int) -> list[tuple[float, int, int]]:
