@@ -16,7 +16,10 @@ End to end, each repeat times back to back, in rotating order:
 Per batch, paired: one more collect_stats run whose data source runs the
 plain model on each batch just before handing it over, so both times of a
 batch are taken within milliseconds of each other. On a shared machine this
-pairing is far less noisy than whole runs seconds apart.
+pairing is far less noisy than whole runs seconds apart. On CUDA, alternating
+two sessions costs each some speed, so per batch alone is measured too: one
+collect_stats run, then one plain session over the same batches, as `reduce`
+runs them (medians of batches 2..n).
 
 Only ratios measured in one run are compared. The last line prints the
 end-to-end median ratio of collect_stats over plain inference.
@@ -109,17 +112,20 @@ def overall_rho(stats: ActivationStats) -> float:
     return float(positive / elements)
 
 
-class PairedSource:
-    """Runs the plain model on each batch right before collect_stats gets it.
+class TimedSource:
+    """Hands `data` to collect_stats and times what it spends on each batch (run + host sums).
 
-    The time from handing a batch over to being asked for the next one is what
-    collect_stats spent on it (run + host sums); the first such interval also
-    holds instrumenting and session creation, so it is reported apart.
+    With `model`, that model runs on each batch just before it is handed over (paired).
+    The clock stops when collect_stats asks for the next batch, before the source makes
+    it: making a batch is charged to neither side. The first interval also holds
+    instrumenting and session creation, so it is reported apart.
     """
 
-    def __init__(self, data: DataSource, model: onnx.ModelProto, providers: list[str]) -> None:
+    def __init__(
+        self, data: DataSource, model: onnx.ModelProto | None = None, providers: list[str] = ()
+    ) -> None:
         self.data = data
-        self.session = make_session(model, providers)
+        self.session = None if model is None else make_session(model, providers)
         self.description = data.description
         self.preprocess = data.preprocess
         self.input_name = data.input_name
@@ -130,17 +136,32 @@ class PairedSource:
         return len(self.data)
 
     def batches(self, batch_size: int) -> Iterator[Batch]:
+        source = self.data.batches(batch_size)
         handed = None
-        for batch in self.data.batches(batch_size):
+        while True:
+            asked = time.perf_counter()
             if handed is not None:
-                self.stats.append(time.perf_counter() - handed)
-            start = time.perf_counter()
-            self.session.run(None, {self.input_name: batch.x})
-            self.plain.append(time.perf_counter() - start)
+                self.stats.append(asked - handed)
+            batch = next(source, None)
+            if batch is None:
+                return
+            if self.session is not None:
+                start = time.perf_counter()
+                self.session.run(None, {self.input_name: batch.x})
+                self.plain.append(time.perf_counter() - start)
             handed = time.perf_counter()
             yield batch
-        if handed is not None:
-            self.stats.append(time.perf_counter() - handed)
+
+
+def plain_per_batch(model: onnx.ModelProto, data: DataSource, providers: list[str]) -> list[float]:
+    """Seconds per batch of plain inference, one session over all of `data`."""
+    session = make_session(model, providers)
+    times = []
+    for batch in data.batches(BATCH):
+        start = time.perf_counter()
+        session.run(None, {data.input_name: batch.x})
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def main() -> None:
@@ -194,12 +215,22 @@ def main() -> None:
                 rho[name] = naive(model, relus, data, providers) / (len(data) * per_sample)
             times[name].append(time.perf_counter() - start)
 
-    paired = PairedSource(data, model, providers)
+    paired = TimedSource(data, model, providers)
     ran_on = session_provider(paired.session)
     collect_stats(
         model, relus, paired, providers, BATCH, progress=False, magnitudes=False, spatial_mean=mean
     )
     batch_ratios = [s / p for s, p in zip(paired.stats[1:], paired.plain[1:], strict=True)]
+    # Alone: each as `reduce` runs it, one session at a time, medians of batches 2..n.
+    alone = TimedSource(data)
+    collect_stats(
+        model, relus, alone, providers, BATCH, progress=False, magnitudes=False, spatial_mean=mean
+    )
+    alone_ms = {
+        "plain": 1e3 * statistics.median(plain_per_batch(model, data, providers)[1:]),
+        "stats": 1e3 * statistics.median(alone.stats[1:]),
+    }
+    alone_ratio = alone_ms["stats"] / alone_ms["plain"]
 
     base = statistics.median(times["plain"])
     print(
@@ -218,6 +249,10 @@ def main() -> None:
         f"{statistics.median(batch_ratios):.3f}x, sum {summed:.3f}x; "
         f"first batch + setup {paired.stats[0] - paired.plain[0]:+.3f} s over plain"
     )
+    print(
+        f"alone per batch: collect_stats {alone_ms['stats']:.2f} ms, plain inference "
+        f"{alone_ms['plain']:.2f} ms: {alone_ratio:.3f}x"
+    )
     ratios = [s / p for s, p in zip(times["stats"], times["plain"], strict=True)]
     print(
         f"collect_stats / plain inference: {statistics.median(ratios):.3f}x "
@@ -232,6 +267,8 @@ def main() -> None:
             "batch": BATCH,
             "per_batch_ratio_median": statistics.median(batch_ratios),
             "per_batch_ratio_sum": summed,
+            "per_batch_alone_ratio": alone_ratio,
+            "per_batch_alone_ms": alone_ms,
             "end_to_end_ratio_median": statistics.median(ratios),
             "end_to_end_seconds": {k: statistics.median(v) for k, v in times.items()},
             "rho_stats_vs_naive": [rho["stats"], rho["naive"]],

@@ -19,8 +19,9 @@ the watched tensors, see bench/stats.py. `spatial_mean="reduce"` uses a
 ReduceMean over H, W instead; on CUDA it measured no faster than pooling
 (bench/results/gpu.json), so pooling is the default everywhere. Tensors that are not float32 are
 cast to float32 first (float16 can hold neither alpha nor exact averages).
-Counts are recovered on the host by multiplying by H*W and rounding, then
-summed over batches in float64.
+Counts are recovered inside the graph by multiplying by H*W and rounding, so the host
+only sums each batch's rows in float64: per-tensor host arithmetic on (N, C) arrays had
+cost as much as the added kernels on CUDA.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from itertools import chain
+from itertools import accumulate, chain
 
 import numpy as np
 import onnx
@@ -93,16 +94,15 @@ class StatOutputs:
     shape: str | None  # Shape(x), only when H*W is not known statically
     spatial: int | None  # H*W when known statically
     channels: int | None = None  # C when known statically: then both reductions are packed
-    packed_at: int | None = None  # column of `positive` in PACKED; `mean_abs` follows it
+    packed_at: int | None = None  # first column of this tensor's counts of x > 0 in PACKED
+    abs_at: int | None = None  # first column of its sums of |x| in PACKED, if measured
 
-    def unpack(self, values: dict[str, np.ndarray]) -> None:
-        """Add this tensor's (N, C, 1, 1) reductions to a run's `values` from PACKED."""
-        if self.packed_at is None:
-            return
-        packed, start, channels = values[PACKED], self.packed_at, self.channels
-        values[self.positive] = packed[:, start : start + channels]
-        if self.mean_abs is not None:
-            values[self.mean_abs] = packed[:, start + channels : start + 2 * channels]
+    def columns(self) -> tuple[slice, slice | None]:
+        """Where this tensor's per-sample counts and sums of |x| lie along PACKED's axis 1."""
+        assert self.packed_at is not None and self.channels is not None
+        channels = self.channels
+        sums = None if self.abs_at is None else slice(self.abs_at, self.abs_at + channels)
+        return slice(self.packed_at, self.packed_at + channels), sums
 
 
 def instrument(
@@ -182,22 +182,60 @@ def instrument(
 
 
 def _pack(outputs: list[StatOutputs], graph: onnx.GraphProto) -> list[StatOutputs]:
-    """Concatenate the reductions of every tensor with a known channel count into PACKED
-    (a graph output appended to `graph`); `outputs` with their columns in it."""
-    packed, sources, column = [], [], 0
-    for out in outputs:
-        if out.channels is None:
-            packed.append(out)
-            continue
-        packed.append(replace(out, packed_at=column))
-        sources += [n for n in (out.positive, out.mean_abs) if n is not None]
-        column += out.channels * (1 if out.mean_abs is None else 2)
-    if sources:
-        graph.node.append(helper.make_node("Concat", sources, [PACKED], axis=1))
-        graph.output.append(
-            helper.make_tensor_value_info(PACKED, TensorProto.FLOAT, [None, column, 1, 1])
-        )
-    return packed
+    """Gather the reductions of every tensor of known channel count and H*W into PACKED (a
+    graph output appended to `graph`); `outputs` with their columns in it.
+
+    PACKED holds whole sums per sample, so the host only adds rows up: first every tensor's
+    count of x > 0 (its fraction times H*W, rounded: exact), then every sum of |x|."""
+    packable = [o for o in outputs if o.channels is not None and o.spatial is not None]
+    if not packable:
+        return outputs
+    with_abs = [o for o in packable if o.mean_abs is not None]
+    placed, column = {}, sum(o.channels for o in packable)
+    counts_at = list(accumulate((o.channels for o in packable), initial=0))
+    for out, start in zip(packable, counts_at, strict=False):
+        abs_at = None
+        if out.mean_abs is not None:
+            abs_at, column = column, column + out.channels
+        placed[out.tensor] = replace(out, packed_at=start, abs_at=abs_at)
+    parts = [_scaled_sums(graph, "counts", [o.positive for o in packable], packable, True)]
+    if with_abs:
+        parts.append(_scaled_sums(graph, "abs", [o.mean_abs for o in with_abs], with_abs, False))
+    graph.node.append(helper.make_node("Concat", parts, [PACKED], axis=1))
+    graph.output.append(
+        helper.make_tensor_value_info(PACKED, TensorProto.FLOAT, [None, column, 1, 1])
+    )
+    return [placed.get(o.tensor, o) for o in outputs]
+
+
+def _scaled_sums(
+    graph: onnx.GraphProto, name: str, means: list[str], outputs: list[StatOutputs], whole: bool
+) -> str:
+    """Nodes turning per-channel means (N, C, 1, 1) into sums over H*W, concatenated; `whole`
+    rounds them (Floor(x + 0.5): every opset has it)."""
+    prefix = f"{PREFIX}/{name}"
+    area = np.concatenate([np.full(o.channels, o.spatial, np.float32) for o in outputs])
+    nodes = [
+        helper.make_node("Concat", means, [f"{prefix}/means"], axis=1),
+        _constant(f"{prefix}/area", area.reshape(1, -1, 1, 1)),
+        helper.make_node("Mul", [f"{prefix}/means", f"{prefix}/area"], [f"{prefix}/sums"]),
+    ]
+    result = f"{prefix}/sums"
+    if whole:
+        nodes += [
+            _constant(f"{prefix}/half", np.array(0.5, np.float32)),
+            helper.make_node("Add", [result, f"{prefix}/half"], [f"{prefix}/up"]),
+            helper.make_node("Floor", [f"{prefix}/up"], [f"{prefix}/whole"]),
+        ]
+        result = f"{prefix}/whole"
+    graph.node.extend(nodes)
+    return result
+
+
+def _constant(name: str, value: np.ndarray) -> onnx.NodeProto:
+    """A Constant node (not an initializer: IR 3 graphs would need it as an input too)."""
+    tensor = onnx.numpy_helper.from_array(value, name)
+    return helper.make_node("Constant", [], [name], value=tensor)
 
 
 SPATIAL_MEANS = ("pool", "reduce")
@@ -365,26 +403,58 @@ def collect_stats(
     feed_type = feed_dtype(session, data.input_name)
     names = [o.name for o in session.get_outputs()]
 
-    sums = {o.tensor: _Accumulator() for o in outputs}
+    packed = _PackedSums(outputs)
+    loose = {o.tensor: _Accumulator() for o in outputs if o.packed_at is None}
     samples = 0
     bar = progress_bar(len(data), "activation statistics", progress)
     with bar:
         for index, batch in enumerate(chain([first], batches)):
             results = _run(session, data.input_name, batch, feed_type, check=index == 0)
             values = dict(zip(names, results, strict=True))
+            rows = len(batch.x)
+            if packed.outputs:
+                packed.add(values[PACKED], rows)
             for out in outputs:
-                out.unpack(values)
-                sums[out.tensor].add(out, values, len(batch.x))
-            samples += len(batch.x)
-            bar.update(len(batch.x))
-    tensors_stats = {name: acc.result() for name, acc in sums.items()}
+                if out.tensor in loose:
+                    loose[out.tensor].add(out, values, rows)
+            samples += rows
+            bar.update(rows)
+    found = packed.result() | {name: acc.result() for name, acc in loose.items()}
+    tensors_stats = {o.tensor: found[o.tensor] for o in outputs}
     return ActivationStats(
         tensors_stats, samples, session_provider(session), time.perf_counter() - start
     )
 
 
+class _PackedSums:
+    """Running float64 sums of PACKED's columns, which hold whole per-sample sums already:
+    one numpy call a batch, however many tensors are watched (per-tensor host arithmetic
+    cost as much as the statistics' kernels on CUDA)."""
+
+    def __init__(self, outputs: list[StatOutputs]) -> None:
+        self.outputs = [o for o in outputs if o.packed_at is not None]
+        self.total: np.ndarray | None = None
+        self.samples = 0
+
+    def add(self, packed: np.ndarray, rows: int) -> None:
+        """Add the first `rows` samples (the rest pads a short batch to a fixed one)."""
+        sums = packed[:rows].reshape(rows, -1).sum(axis=0, dtype=np.float64)
+        self.total = sums if self.total is None else self.total + sums
+        self.samples += rows
+
+    def result(self) -> dict[str, TensorStats]:
+        stats = {}
+        for out in self.outputs:
+            assert self.total is not None and out.spatial is not None
+            counts, sums = out.columns()
+            abs_sum = None if sums is None else self.total[sums]
+            elements = self.samples * out.spatial
+            stats[out.tensor] = TensorStats(self.total[counts], abs_sum, elements)
+        return stats
+
+
 class _Accumulator:
-    """Running float64 sums for one tensor."""
+    """Running float64 sums for one tensor with outputs of its own (not packed)."""
 
     def __init__(self) -> None:
         self.positive: np.ndarray | None = None
@@ -392,7 +462,7 @@ class _Accumulator:
         self.elements = 0
 
     def add(self, out: StatOutputs, values: dict[str, np.ndarray], rows: int) -> None:
-        """Add the first `rows` samples (the rest pads a short batch to a fixed one)."""
+        """Add the first `rows` samples of a tensor's own outputs (not packed)."""
         fraction = values[out.positive][:rows].astype(np.float64)
         batch, channels = fraction.shape[:2]
         spatial = out.spatial or int(np.prod(values[out.shape][2:]))

@@ -112,7 +112,8 @@ def test_instrumented_copy_returns_only_reductions_and_input_is_untouched():
     # One output for all of them (issue 15: one copy back per batch): positive and
     # mean |x| of r1, then of c2, 16 channels each, concatenated along the channels.
     assert [o.name for o in instrumented.graph.output] == [PACKED]
-    assert [o.packed_at for o in outputs] == [0, 32]
+    # Counts of r1 and c2 first, then their sums of |x|.
+    assert [(o.packed_at, o.abs_at) for o in outputs] == [(0, 32), (16, 48)]
     assert [o.spatial for o in outputs] == [64, 16]
     # The original nodes are all there, unchanged and in order.
     originals = [n for n in instrumented.graph.node if n in model.graph.node]
@@ -124,9 +125,9 @@ def test_instrumented_copy_returns_only_reductions_and_input_is_untouched():
     assert [a.shape for a in small] == [(2, 64, 1, 1)]
 
 
-def test_packed_output_holds_each_reduction_as_its_own_output_would(data):
-    """The packed columns are the per-tensor reductions, bit for bit, and a tensor whose
-    channel count is unknown keeps outputs of its own beside the packed one."""
+def test_packed_output_holds_each_reduction_times_its_area(data):
+    """The packed columns are the per-tensor reductions times H*W (counts rounded to whole
+    numbers), and a tensor whose channel count is unknown keeps outputs of its own."""
     model = conv_relu_model(seed=4)
     graph = model.graph
     nodes = list(graph.node)
@@ -139,7 +140,7 @@ def test_packed_output_holds_each_reduction_as_its_own_output_would(data):
     graph.node.extend(nodes[:2] + unknown + nodes[2:])
     tensors = ["r1", "c2", "r3"]
     instrumented, outputs = instrument(model, tensors, {"x": (3, 1, 8, 8)})
-    assert [o.packed_at for o in outputs] == [0, 32, None]
+    assert [o.packed_at for o in outputs] == [0, 16, None]
     names = [o.name for o in instrumented.graph.output]
     assert names == [PACKED, outputs[2].positive, outputs[2].mean_abs, outputs[2].shape]
     # The same reductions as separate graph outputs, the way they were returned before.
@@ -151,11 +152,12 @@ def test_packed_output_holds_each_reduction_as_its_own_output_would(data):
     x = feed(data)[:3]
     values = make_session(separate, CPU).run(None, {"x": x})
     run = dict(zip([o.name for o in separate.graph.output], values, strict=True))
-    for out in outputs:
-        unpacked = {PACKED: run[PACKED]}
-        out.unpack(unpacked)
-        for name in (out.positive, out.mean_abs):
-            np.testing.assert_array_equal(unpacked.get(name, run[name]), run[name])
+    for out in outputs[:2]:
+        counts, sums = out.columns()
+        area = np.float32(out.spatial)
+        np.testing.assert_array_equal(run[PACKED][:, counts], np.rint(run[out.positive] * area))
+        np.testing.assert_array_equal(run[PACKED][:, sums], run[out.mean_abs] * area)
+    assert (run[PACKED][:, :32] > 0).any() and (run[PACKED][:, 32:] > 0).any()
     stats = collect_stats(model, tensors, data, CPU, batch_size=4, progress=False)
     expected = reference(model, tensors, feed(data))
     for name in tensors:
@@ -301,3 +303,30 @@ def test_shapes_the_model_already_carries_are_not_inferred_again(data, monkeypat
     other.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "h"
     instrument(other, ["r1"], {"x": [4, 1, 8, 8]})
     assert len(inferred) == 1
+
+
+def test_counts_stay_exact_on_large_maps_and_old_ir():
+    """Whole counts per sample come out of the graph exact on a 512x512 map (fractions
+    of 2**18 elements), in an IR 3 / opset 9 graph, where every constant must be a node."""
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(3, 2, 512, 512)).astype(np.float32)
+    x[0, 0] = np.abs(x[0, 0]) + 1  # every element counted: the largest count there is
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"])],
+        "relu",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2, 512, 512])],
+        [helper.make_tensor_value_info("r", TensorProto.FLOAT, ["n", 2, 512, 512])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)], ir_version=3)
+    instrumented, outputs = instrument(model, ["r"], {"x": x.shape})
+    assert [o.packed_at for o in outputs] == [0]
+    onnx.checker.check_model(instrumented, full_check=True)
+    source = open_data([{"x": x}], "x", x.shape)
+    stats = collect_stats(model, ["r"], source, CPU, batch_size=2, progress=False)
+    np.testing.assert_array_equal(stats.tensors["r"].positive, (x > 0).sum(axis=(0, 2, 3)))
+    assert stats.tensors["r"].elements_per_channel == 3 * 512 * 512
+    np.testing.assert_allclose(
+        stats.tensors["r"].abs_sum,
+        np.maximum(x, 0).sum(axis=(0, 2, 3), dtype=np.float64),
+        rtol=1e-5,
+    )
