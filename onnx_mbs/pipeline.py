@@ -254,6 +254,7 @@ def reduce(
             progress=progress,
             magnitudes=importance == "act",  # sum |x| is only needed to rank by activations
             declared=read.declared,
+            macs_per_sample=before.total_macs // (read.batch or 1),  # analysed at that batch
         )
         rho = {layer: (stats.tensors[t].ratio if t else 1.0) for layer, t in activation.items()}
     lap("statistics")

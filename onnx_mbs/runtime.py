@@ -144,12 +144,21 @@ def _probe_session_reason() -> str | None:
 
 
 def make_session(
-    model: onnx.ModelProto | bytes | str | os.PathLike, providers: list[str], threads: int = 0
+    model: onnx.ModelProto | bytes | str | os.PathLike,
+    providers: list[str],
+    threads: int = 0,
+    full_optimization: bool = True,
 ) -> ort.InferenceSession:
-    """An InferenceSession that only logs errors; `threads` intra-op threads (0: default)."""
+    """An InferenceSession that only logs errors; `threads` intra-op threads (0: default).
+
+    `full_optimization=False` stops at onnxruntime's extended level: no layout
+    transformation (NCHWc on CPU), which is slow to set up on graphs of thousands of
+    nodes and only pays for itself over enough runs."""
     options = ort.SessionOptions()
     options.log_severity_level = _QUIET
     options.intra_op_num_threads = threads
+    if not full_optimization:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     if isinstance(model, onnx.ModelProto):
         model = model.SerializeToString()
     elif isinstance(model, os.PathLike):

@@ -330,3 +330,36 @@ def test_counts_stay_exact_on_large_maps_and_old_ir():
         np.maximum(x, 0).sum(axis=(0, 2, 3), dtype=np.float64),
         rtol=1e-5,
     )
+
+
+def test_full_optimization_is_skipped_only_where_building_it_costs_more_than_it_saves():
+    from onnx_mbs.stats import full_optimization_pays
+
+    resnet1202 = (6620, 2_829_501_056)  # instrumented nodes, MACs per 32x32 sample
+    assert not full_optimization_pays(resnet1202[0], 16, resnet1202[1])
+    assert full_optimization_pays(resnet1202[0], 512, resnet1202[1])
+    assert full_optimization_pays(541, 16, 7_801_405_440)  # ResNet-101 at 224
+
+
+def test_counts_are_the_same_without_full_optimization(data, monkeypatch):
+    import onnx_mbs.stats as stats_module
+
+    levels = []
+    real = stats_module.make_session
+
+    def recording(model, providers, full_optimization=True):
+        levels.append(full_optimization)
+        return real(model, providers, full_optimization=full_optimization)
+
+    monkeypatch.setattr(stats_module, "make_session", recording)
+    model = conv_relu_model(seed=5)
+    tensors = ["r1", "c2"]
+    full = collect_stats(model, tensors, data, CPU, batch_size=4, progress=False)
+    # 1 MAC a sample: never worth the full level's build on this graph
+    lean = collect_stats(model, tensors, data, CPU, 4, False, macs_per_sample=1)
+    assert levels == [True, False]
+    expected = reference(model, tensors, feed(data))
+    for name in tensors:
+        np.testing.assert_array_equal(lean.tensors[name].positive, expected[name][0])
+        np.testing.assert_array_equal(lean.tensors[name].positive, full.tensors[name].positive)
+        np.testing.assert_allclose(lean.tensors[name].abs_sum, expected[name][1], rtol=1e-5)
