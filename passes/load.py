@@ -237,7 +237,12 @@ class InferShapes(Pass):
         return PassResult(out, True)
 
 
-WEIGHTLESS_LIMIT = 4096  # initializers with more elements are declared, not copied
+# What shape inference and its data propagation may read: integer shape data (Reshape
+# targets, Slice bounds, pads) up to this many elements, and any tensor this small (Resize
+# scales). Everything else is a weight: declared, not copied.
+SHAPE_DATA_LIMIT = 4096
+SMALL_VALUES = 64
+_SHAPE_DATA_TYPES = (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
 
 
 def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -265,7 +270,9 @@ def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
     light.sparse_initializer.extend(graph.sparse_initializer)
     declared = {i.name for i in graph.input}
     for tensor in graph.initializer:
-        if int(np.prod(tensor.dims, dtype=np.int64)) <= WEIGHTLESS_LIMIT:
+        size = int(np.prod(tensor.dims, dtype=np.int64))
+        shape_data = tensor.data_type in _SHAPE_DATA_TYPES and size <= SHAPE_DATA_LIMIT
+        if size <= SMALL_VALUES or shape_data:
             light.initializer.append(tensor)
         elif tensor.name not in declared:
             light.input.append(
