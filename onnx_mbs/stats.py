@@ -26,10 +26,12 @@ cost as much as the added kernels on CUDA.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from itertools import accumulate, chain
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -39,7 +41,7 @@ from onnx import TensorProto, helper
 from onnx_mbs.data import Batch, DataSource
 from onnx_mbs.passes.errors import BadInputError
 from onnx_mbs.passes.graph import default_opset
-from onnx_mbs.passes.load import set_io
+from onnx_mbs.passes.load import set_io, without_weights
 from onnx_mbs.progress import progress_bar
 from onnx_mbs.runtime import feed_dtype, make_session, pad_to_batch, session_provider
 
@@ -121,6 +123,22 @@ def instrument(
     `input_shapes` (the shapes that will be fed) lets shape inference find H*W; tensors
     whose shape stays unknown also get a Shape output. The original nodes are untouched.
     """
+    result, outputs = _instrumented(model, tensors, input_shapes, magnitudes, spatial_mean)
+    added = list(result.graph.initializer)
+    del result.graph.initializer[:]
+    result.graph.initializer.extend([*model.graph.initializer, *added])
+    return result, outputs
+
+
+def _instrumented(
+    model: onnx.ModelProto,
+    tensors: Sequence[str],
+    input_shapes: dict[str, Sequence[int]],
+    magnitudes: bool,
+    spatial_mean: str,
+) -> tuple[onnx.ModelProto, list[StatOutputs]]:
+    """`instrument` without `model`'s initializers (its own added ones only): the weights
+    are not copied, but written once with it (`_write_with_weights`)."""
     tensors = list(dict.fromkeys(tensors))
     graph = model.graph
     producers = {out: node for node in graph.node for out in node.output}
@@ -152,8 +170,7 @@ def instrument(
         added.setdefault(name, []).extend(nodes)
         outputs.append(out)
 
-    result = onnx.ModelProto()
-    result.CopyFrom(model)
+    result = without_weights(model)
     new_graph = result.graph
     nodes = [n for t in tensors if t in graph_inputs and t not in producers for n in added[t]]
     for node in graph.node:
@@ -179,6 +196,40 @@ def instrument(
             shape_info = helper.make_tensor_value_info(out.shape, TensorProto.INT64, [None])
             new_graph.output.append(shape_info)
     return result, outputs
+
+
+_GRAPH_FIELD = 7  # ModelProto.graph
+_INITIALIZER_FIELD = 5  # GraphProto.initializer
+
+
+def _write_with_weights(model: onnx.ModelProto, weights: Sequence[TensorProto], path: Path) -> None:
+    """Write `model` with `weights` as initializers ahead of its own, one tensor at a time.
+
+    Protobuf merges a message field met twice and appends repeated ones, so a graph
+    field holding only the weights, then `model`, parse as one model."""
+    sizes = [t.ByteSize() for t in weights]
+    graph_size = sum(len(_header(_INITIALIZER_FIELD, n)) + n for n in sizes)
+    with open(path, "wb") as f:
+        f.write(_header(_GRAPH_FIELD, graph_size))
+        for tensor in weights:
+            serialized = tensor.SerializeToString()
+            f.write(_header(_INITIALIZER_FIELD, len(serialized)))
+            f.write(serialized)
+        f.write(model.SerializeToString())
+
+
+def _header(field: int, size: int) -> bytes:
+    """The wire-format key and length of a length-delimited field."""
+    return _varint(field << 3 | 2) + _varint(size)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 def _pack(outputs: list[StatOutputs], graph: onnx.GraphProto) -> list[StatOutputs]:
@@ -392,20 +443,27 @@ def collect_stats(
     if first is None:
         raise BadInputError(f"no samples in {data.description}")
     _check_inputs(model, data.input_name)
-    instrumented, outputs = instrument(
+    instrumented, outputs = _instrumented(
         model, tensors, {data.input_name: first.x.shape}, magnitudes, spatial_mean
     )
     if declared is not None:
         set_io(instrumented, declared)
-    # Only the serialized copy goes to onnxruntime: the proto is freed first (a model's
-    # size less at the peak, which the session's construction sets).
     full = macs_per_sample is None or full_optimization_pays(
         len(instrumented.graph.node), len(data), macs_per_sample
     )
-    serialized = instrumented.SerializeToString()
-    del instrumented
-    session = make_session(serialized, providers, full_optimization=full)
-    del serialized
+    # onnxruntime reads the model from a file written a tensor at a time: no copy of the
+    # weights, serialized or not, beside `model`'s and its own (memory: issue 13).
+    try:
+        with tempfile.TemporaryDirectory(prefix="onnx-mbs-") as folder:
+            path = Path(folder) / "instrumented.onnx"
+            _write_with_weights(instrumented, model.graph.initializer, path)
+            del instrumented
+            session = make_session(path, providers, full_optimization=full)
+    except OSError as e:
+        raise BadInputError(
+            f"cannot write the instrumented model to a temporary folder ({e}); "
+            "set TMPDIR to a writable folder"
+        ) from None
     feed_type = feed_dtype(session, data.input_name)
     names = [o.name for o in session.get_outputs()]
 

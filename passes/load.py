@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from onnx import numpy_helper
 
 from .base import Pass, PassResult
 from .errors import BadInputError
 from .graph import GraphIndex, attributes, static_shape
-from .normalise import normalise, unique_names
+from .normalise import normalise_in_place, unique_names
 
 InputShapes = Mapping[str, Sequence[int]]
 
@@ -56,7 +56,7 @@ def read_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
 
     Refuses what MBS cannot work on: not ONNX, truncated, invalid, quantized.
     """
-    path = None
+    path, checked = None, False
     if isinstance(source, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(source)
@@ -66,6 +66,7 @@ def read_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
             raise BadInputError(f"{path} is a folder; give the path of an .onnx model file")
         if not path.is_file():
             raise BadInputError(f"model file not found: {path}")
+        checked = _checks_from_file(path)  # before parsing: onnx's copy is freed by then
         try:
             model = onnx.load(str(path))
         except DecodeError as e:
@@ -84,15 +85,25 @@ def read_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
             f"quantized graph ({', '.join(quantized)}): MBS works on float models; "
             "reduce the float model first, then quantize"
         )
+    if path is not None and checked:
+        return model
     try:
-        if path is not None and not any(is_unknown_op(n) for n in model.graph.node):
-            onnx.checker.check_model(str(path))  # onnx reads the file: no serialized copy
-        else:
-            check_model(model)
+        check_model(model)
     except onnx.checker.ValidationError as e:
         first = str(e).strip().splitlines()[0]
         raise BadInputError(f"the model is not valid ONNX: {first}") from None
     return model
+
+
+def _checks_from_file(path: Path) -> bool:
+    """Whether the checker passes the file as onnx reads it (no serialized copy of ours;
+    run before our parse so its copy and ours never coexist). A failure is left to
+    `read_model`'s own steps, which say what is wrong (or take unknown ops as opaque)."""
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception:
+        return False
+    return True
 
 
 OPAQUE_DOMAIN = "onnx_mbs.opaque"
@@ -216,25 +227,36 @@ class InferShapes(Pass):
         self.check_static = check_static
 
     def call(self, model: onnx.ModelProto) -> PassResult:
-        try:
-            custom, where = _as_custom(weightless(model))
-            inferred = onnx.shape_inference.infer_shapes(custom, strict_mode=True, data_prop=True)
-            inferred = _restore(inferred, where)
-        except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise BadInputError(f"shape inference failed: {first}") from None
-        if _recorded_types(inferred) == _recorded_types(model):
+        inferred = _inferred(model)
+        if inferred is None:
             if self.check_static:
                 _check_static(model)
             return PassResult(model)  # nothing new was inferred
         out = onnx.ModelProto()
         out.CopyFrom(model)
-        for name in ("value_info", "output"):
-            del getattr(out.graph, name)[:]
-            getattr(out.graph, name).extend(getattr(inferred.graph, name))
+        _take_types(out, inferred)
         if self.check_static:
             _check_static(out)
         return PassResult(out, True)
+
+
+def _inferred(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """The weightless model shape inference returns, or None when it adds nothing."""
+    try:
+        custom, where = _as_custom(weightless(model))
+        inferred = onnx.shape_inference.infer_shapes(custom, strict_mode=True, data_prop=True)
+        inferred = _restore(inferred, where)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BadInputError(f"shape inference failed: {first}") from None
+    return None if _recorded_types(inferred) == _recorded_types(model) else inferred
+
+
+def _take_types(model: onnx.ModelProto, inferred: onnx.ModelProto) -> None:
+    """Record `inferred`'s value_info and output types in `model`, in place."""
+    for name in ("value_info", "output"):
+        del getattr(model.graph, name)[:]
+        getattr(model.graph, name).extend(getattr(inferred.graph, name))
 
 
 # What shape inference and its data propagation may read: integer shape data (Reshape
@@ -249,25 +271,8 @@ def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of `model` whose large initializers are graph inputs of the same type and
     shape: what shape inference and its data propagation read (values only of small
     tensors, such as shapes), without serializing and parsing the weights twice."""
-    graph = model.graph
-    out = onnx.ModelProto()
-    for descriptor, value in model.ListFields():  # everything but the graph, as it is
-        name = descriptor.name
-        if name == "graph":
-            continue
-        if descriptor.type != descriptor.TYPE_MESSAGE:
-            setattr(out, name, value)
-        elif isinstance(value, Sequence):
-            getattr(out, name).extend(value)
-        else:
-            getattr(out, name).CopyFrom(value)
-    light = out.graph
-    light.name = graph.name
-    light.node.extend(graph.node)
-    light.input.extend(graph.input)
-    light.output.extend(graph.output)
-    light.value_info.extend(graph.value_info)
-    light.sparse_initializer.extend(graph.sparse_initializer)
+    out = without_weights(model)
+    graph, light = model.graph, out.graph
     declared = {i.name for i in graph.input}
     for tensor in graph.initializer:
         size = int(np.prod(tensor.dims, dtype=np.int64))
@@ -279,6 +284,29 @@ def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
                 onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims)
             )
     return out
+
+
+def without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` without its initializers: what reading, inferring or running it
+    needs but the weights, which are not copied (and written apart: see stats.py)."""
+    out = onnx.ModelProto()
+    _copy_fields(model, out, skip="graph")
+    _copy_fields(model.graph, out.graph, skip="initializer")
+    return out
+
+
+def _copy_fields(source: Message, target: Message, skip: str) -> None:
+    """Copy every set field of `source` but `skip` into `target`, in field order."""
+    for descriptor, value in source.ListFields():
+        name = descriptor.name
+        if name == skip:
+            continue
+        if descriptor.type != descriptor.TYPE_MESSAGE:
+            setattr(target, name, value)
+        elif isinstance(value, Sequence):
+            getattr(target, name).extend(value)
+        else:
+            getattr(target, name).CopyFrom(value)
 
 
 def _recorded_types(model: onnx.ModelProto) -> list[bytes]:
@@ -335,7 +363,11 @@ class LoadedModel:
     def original(self) -> onnx.ModelProto:
         """The input as read. A file is read again when asked (only when nothing is cut,
         or the written model fails the checker), so a run does not hold a third copy."""
-        return self.read if self.read is not None else read_model(self.path)
+        if self.read is None:
+            return read_model(self.path)
+        copy = onnx.ModelProto()  # the caller's own model is never handed back to be changed
+        copy.CopyFrom(self.read)
+        return copy
 
     def written(self, model: onnx.ModelProto) -> onnx.ModelProto:
         """`model` (an analysis-form model or a shrunk one) with the declared I/O."""
@@ -364,9 +396,12 @@ def load(
     only: folded constants that follow a dynamic dim are made size-agnostic (see
     `_keep_dynamic`), so the written model accepts every shape the original did.
     """
-    original = read_model(source)
-    declared = normalise(original)
+    # One copy of the weights at a time where it can be (memory: issue 13): the copy
+    # read is normalised in place; shapes are inferred into the fixed model, which is
+    # that same copy when no input shape needs fixing, and then holds all load needs.
+    declared = normalise_in_place(read_model(source))
     fixed = FixInputShapes(input_shapes, batch=1)(declared).model
+    io = _io_only(declared)
     model, folded = _settle(fixed)
     others = []
     for kind in ("batch", "spatial") if folded else ():
@@ -382,10 +417,10 @@ def load(
         if not input_shapes:
             raise
         # The user fixed these shapes: the written model takes exactly them.
-        declared = FixInputShapes(input_shapes, batch=None)(declared).model
+        io = _io_only(FixInputShapes(input_shapes, batch=None)(declared).model)
     if isinstance(source, onnx.ModelProto):
-        return LoadedModel(model, _io_only(declared), read=original)
-    return LoadedModel(model, _io_only(declared), path=Path(source))
+        return LoadedModel(model, io, read=source)
+    return LoadedModel(model, io, path=Path(source))
 
 
 def _io_only(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -423,7 +458,8 @@ def in_load_form(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def _settle(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
     """Infer shapes and fold shape arithmetic until nothing more folds; and whether
-    anything did (only folded constants can depend on the input size)."""
+    anything did (only folded constants can depend on the input size). Infers into
+    `model` itself: pass a copy of one's own."""
     from .fold import fold_shapes  # fold builds on this module's load form
 
     # Each round can only fold Shapes whose inputs the last inference reached, so a
@@ -431,7 +467,9 @@ def _settle(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
     rounds = 2 + sum(n.op_type == "Shape" for n in model.graph.node)
     anything = False
     for _ in range(rounds):
-        model = InferShapes(check_static=False)(model).model
+        inferred = _inferred(model)
+        if inferred is not None:  # in place: the model is load's own (one copy of the weights)
+            _take_types(model, inferred)
         folded = fold_shapes(model)
         if folded is model:
             break

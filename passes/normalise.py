@@ -47,6 +47,11 @@ def normalise(model: onnx.ModelProto) -> onnx.ModelProto:
     """`model` in the one form (see the module docstring): a new model."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
+    return normalise_in_place(out)
+
+
+def normalise_in_place(out: onnx.ModelProto) -> onnx.ModelProto:
+    """`normalise` on a copy of one's own (load's: no second copy of the weights)."""
     graph = out.graph
     outputs = {o.name for o in graph.output}
     initializers = {t.name for t in graph.initializer}

@@ -363,3 +363,24 @@ def test_counts_are_the_same_without_full_optimization(data, monkeypatch):
         np.testing.assert_array_equal(lean.tensors[name].positive, expected[name][0])
         np.testing.assert_array_equal(lean.tensors[name].positive, full.tensors[name].positive)
         np.testing.assert_allclose(lean.tensors[name].abs_sum, expected[name][1], rtol=1e-5)
+
+
+def test_model_written_for_onnxruntime_is_instrument_s_model(tmp_path, zoo_onnx):
+    """collect_stats writes the weights apart from the instrumented nodes (no second copy
+    of them, memory: issue 13); the file must parse to exactly `instrument`'s model."""
+    from onnx_mbs.passes import load_model
+    from onnx_mbs.stats import _instrumented, _write_with_weights
+
+    model = load_model(zoo_onnx("resnet20", "deploy"))
+    before = model.SerializeToString()
+    tensors = [n.output[0] for n in model.graph.node if n.op_type == "Relu"]
+    for spatial_mean in ("pool", "reduce"):
+        light, _ = _instrumented(model, tensors, {"input": (2, 3, 32, 32)}, True, spatial_mean)
+        assert not {t.name for t in light.graph.initializer} & {
+            t.name for t in model.graph.initializer
+        }
+        path = tmp_path / f"{spatial_mean}.onnx"
+        _write_with_weights(light, model.graph.initializer, path)
+        expected, _ = instrument(model, tensors, {"input": (2, 3, 32, 32)}, True, spatial_mean)
+        assert onnx.load(path).SerializeToString() == expected.SerializeToString()
+    assert model.SerializeToString() == before
