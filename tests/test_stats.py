@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_mbs.data import open_data
 from onnx_mbs.passes.errors import BadInputError
 from onnx_mbs.runtime import make_session
-from onnx_mbs.stats import PACKED, collect_stats, instrument
+from onnx_mbs.stats import PACKED, SPATIAL_AXES, collect_stats, instrument
 
 CPU = ["CPUExecutionProvider"]
 SHAPE = (1, 1, 8, 8)
@@ -384,3 +384,12 @@ def test_model_written_for_onnxruntime_is_instrument_s_model(tmp_path, zoo_onnx)
         expected, _ = instrument(model, tensors, {"input": (2, 3, 32, 32)}, True, spatial_mean)
         assert onnx.load(path).SerializeToString() == expected.SerializeToString()
     assert model.SerializeToString() == before
+    # At opset 18 the ReduceMean reading adds an initializer of its own (its axes): it must
+    # come after the weights, as in `instrument`'s model.
+    opset18 = conv_relu_model(seed=6)
+    opset18.opset_import[0].version = 18
+    light, _ = _instrumented(opset18, ["r1", "c2"], {"x": (2, 1, 8, 8)}, True, "reduce")
+    assert [t.name for t in light.graph.initializer] == [SPATIAL_AXES]
+    _write_with_weights(light, opset18.graph.initializer, tmp_path / "axes.onnx")
+    expected, _ = instrument(opset18, ["r1", "c2"], {"x": (2, 1, 8, 8)}, True, "reduce")
+    assert onnx.load(tmp_path / "axes.onnx").SerializeToString() == expected.SerializeToString()
