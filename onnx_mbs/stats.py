@@ -30,7 +30,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from itertools import accumulate, chain
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -242,13 +242,14 @@ def _pack(outputs: list[StatOutputs], graph: onnx.GraphProto) -> list[StatOutput
     if not packable:
         return outputs
     with_abs = [o for o in packable if o.mean_abs is not None]
-    placed, column = {}, sum(o.channels for o in packable)
-    counts_at = list(accumulate((o.channels for o in packable), initial=0))
-    for out, start in zip(packable, counts_at, strict=False):
+    placed = {}
+    counts_at, column = 0, sum(o.channels for o in packable)  # counts first, then |x| sums
+    for out in packable:
         abs_at = None
         if out.mean_abs is not None:
             abs_at, column = column, column + out.channels
-        placed[out.tensor] = replace(out, packed_at=start, abs_at=abs_at)
+        placed[out.tensor] = replace(out, packed_at=counts_at, abs_at=abs_at)
+        counts_at += out.channels
     parts = [_scaled_sums(graph, "counts", [o.positive for o in packable], packable, True)]
     if with_abs:
         parts.append(_scaled_sums(graph, "abs", [o.mean_abs for o in with_abs], with_abs, False))
@@ -468,7 +469,7 @@ def collect_stats(
     names = [o.name for o in session.get_outputs()]
 
     packed = _PackedSums(outputs)
-    loose = {o.tensor: _Accumulator() for o in outputs if o.packed_at is None}
+    loose = {o: _Accumulator() for o in outputs if o.packed_at is None}
     samples = 0
     bar = progress_bar(len(data), "activation statistics", progress)
     with bar:
@@ -478,12 +479,11 @@ def collect_stats(
             rows = len(batch.x)
             if packed.outputs:
                 packed.add(values[PACKED], rows)
-            for out in outputs:
-                if out.tensor in loose:
-                    loose[out.tensor].add(out, values, rows)
+            for out, accumulator in loose.items():
+                accumulator.add(out, values, rows)
             samples += rows
             bar.update(rows)
-    found = packed.result() | {name: acc.result() for name, acc in loose.items()}
+    found = packed.result(samples) | {o.tensor: acc.result() for o, acc in loose.items()}
     tensors_stats = {o.tensor: found[o.tensor] for o in outputs}
     return ActivationStats(
         tensors_stats, samples, session_provider(session), time.perf_counter() - start
@@ -511,21 +511,20 @@ class _PackedSums:
     def __init__(self, outputs: list[StatOutputs]) -> None:
         self.outputs = [o for o in outputs if o.packed_at is not None]
         self.total: np.ndarray | None = None
-        self.samples = 0
 
     def add(self, packed: np.ndarray, rows: int) -> None:
         """Add the first `rows` samples (the rest pads a short batch to a fixed one)."""
         sums = packed[:rows].reshape(rows, -1).sum(axis=0, dtype=np.float64)
         self.total = sums if self.total is None else self.total + sums
-        self.samples += rows
 
-    def result(self) -> dict[str, TensorStats]:
+    def result(self, samples: int) -> dict[str, TensorStats]:
+        """Each packed tensor's statistics over the `samples` added."""
         stats = {}
         for out in self.outputs:
             assert self.total is not None and out.spatial is not None
             counts, sums = out.columns()
             abs_sum = None if sums is None else self.total[sums]
-            elements = self.samples * out.spatial
+            elements = samples * out.spatial
             stats[out.tensor] = TensorStats(self.total[counts], abs_sum, elements)
         return stats
 
