@@ -39,7 +39,7 @@ from onnx_mbs.passes.importance import (
     group_scores,
     weight_importance,
 )
-from onnx_mbs.passes.load import check_model, load
+from onnx_mbs.passes.load import check_model, load, set_io
 from onnx_mbs.passes.shrink import shrink_channels
 from onnx_mbs.plan import (
     DEFAULT_WIDTH_MAP,
@@ -50,8 +50,8 @@ from onnx_mbs.plan import (
     WidthMap,
     plan_widths,
 )
-from onnx_mbs.runtime import choose_providers
-from onnx_mbs.stats import ActivationStats, collect_stats
+from onnx_mbs.runtime import choose_providers, release_freed_memory
+from onnx_mbs.stats import ActivationStats, collect_stats, weights_aside
 
 if TYPE_CHECKING:
     from onnx_mbs.latency import LatencyModel
@@ -233,6 +233,7 @@ def reduce(
         source = open_for_model(data, loaded, mean=mean, std=std, limit=limit)
     elif importance == "act":
         raise BadInputError("--importance act ranks channels by activations: give --data")
+    release_freed_memory()  # load's copies and serializations: not in every later peak
     lap("load")
 
     before = analyze_model(loaded, receptive_field)
@@ -245,17 +246,21 @@ def reduce(
     rho = dict.fromkeys(activation, 1.0)  # no data: effective flops are plain MACs
     measured = sorted({t for t in activation.values() if t})  # none: no activation follows a conv
     if source is not None and measured:
-        stats = collect_stats(
-            loaded,
-            measured,
-            source,
-            provider_list,
-            batch_size=batch_size,
-            progress=progress,
-            magnitudes=importance == "act",  # sum |x| is only needed to rank by activations
-            declared=read.declared,
-            macs_per_sample=before.total_macs // (read.batch or 1),  # analysed at that batch
-        )
+        del loaded  # the analysis form's weights are lent to onnxruntime meanwhile
+        with weights_aside(read) as (light, folder):
+            stats = collect_stats(
+                light,
+                measured,
+                source,
+                provider_list,
+                batch_size=batch_size,
+                progress=progress,
+                magnitudes=importance == "act",  # sum |x| is only needed to rank by activations
+                declared=read.declared,
+                macs_per_sample=before.total_macs // (read.batch or 1),  # analysed at that batch
+                weights_folder=folder,
+            )
+        loaded = read.model
         rho = {layer: (stats.tensors[t].ratio if t else 1.0) for layer, t in activation.items()}
     lap("statistics")
 
@@ -310,18 +315,20 @@ def reduce(
     plan = make_plan(budget)
     lap("plan")
 
-    def rewrite(plan: Plan) -> tuple[onnx.ModelProto, onnx.ModelProto]:
-        """The shrunk analysis-form model and the model to write (declared I/O)."""
+    def rewrite(plan: Plan) -> tuple[ModelAnalysis, onnx.ModelProto]:
+        """The analysis of the shrunk model, and the model to write (declared I/O)."""
         if not plan.changes_anything:  # hand back the input itself, not a re-serialised copy
-            return loaded, read.original
+            return before, read.original
         keep = choose_channels(groups, plan.counts, scores)
         shrunk = shrink_channels(loaded, keep, channels)
-        return shrunk, read.written(shrunk)
+        # Analysed while it has the analysis form's shapes (shrink keeps them up to date),
+        # then given the declared I/O in place: no second copy of its weights (issue 13).
+        return analyze_model(shrunk, receptive_field), set_io(shrunk, read.declared)
 
-    shrunk, reduced = rewrite(plan)
+    after, reduced = rewrite(plan)
     if latency is not None:
-        plan, shrunk, reduced = _meet_latency(
-            (plan, shrunk, reduced),
+        plan, after, reduced = _meet_latency(
+            (plan, after, reduced),
             read.runnable,
             budget,
             lambda models: measure_models(models, provider_list, threads=latency_threads),
@@ -330,7 +337,6 @@ def reduce(
             make_plan,
             rewrite,
         )
-    after = analyze_model(shrunk, receptive_field)  # shrink keeps the recorded shapes up to date
     check_written(reduced, lambda: read.original)
     # The plan's sizes were predictions; report what the written model has.
     plan.params = (plan.params[0], count_parameters(reduced))
@@ -372,15 +378,15 @@ LATENCY_TOLERANCE = 0.05  # relative miss that triggers one
 
 
 def _meet_latency(
-    first: tuple[Plan, onnx.ModelProto, onnx.ModelProto],
+    first: tuple[Plan, ModelAnalysis, onnx.ModelProto],
     runnable: onnx.ModelProto,
     budget: Budget,
     measure: Callable[[list[onnx.ModelProto]], list[float]],
     provider: str,
     latency: LatencyModel,
     make_plan: Callable[[Budget], Plan],
-    rewrite: Callable[[Plan], tuple[onnx.ModelProto, onnx.ModelProto]],
-) -> tuple[Plan, onnx.ModelProto, onnx.ModelProto]:
+    rewrite: Callable[[Plan], tuple[ModelAnalysis, onnx.ModelProto]],
+) -> tuple[Plan, ModelAnalysis, onnx.ModelProto]:
     """Measure the written model against the original; when its latency fraction misses
     the asked one, re-plan with a corrected target: scaled by the miss at first (the
     prediction's error is mostly a factor), then by the secant through the two tries
@@ -404,12 +410,12 @@ def _meet_latency(
             break
         plan.budget = budget
         candidate = (plan, *rewrite(plan))
-    plan, shrunk, reduced = min(tries, key=lambda t: t[:2])[4]
+    plan, after, reduced = min(tries, key=lambda t: t[:2])[4]
     plan.notes.append(
         f"latency: {asked:g} asked, {plan.reached['latency']:.3f} measured on {provider} "
         f"(best of {len(tries)} plans; {latency.measurements} conv widths timed)"
     )
-    return plan, shrunk, reduced
+    return plan, after, reduced
 
 
 def _next_target(asked: float, tries: list[tuple[float, float]]) -> float:

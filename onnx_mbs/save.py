@@ -19,6 +19,7 @@ from pathlib import Path
 import onnx
 
 from onnx_mbs.passes import BadInputError
+from onnx_mbs.passes.load import serialized_size, write_model
 
 TWO_GB = 2**31 - 1
 
@@ -184,7 +185,7 @@ def _stage_model(
 ) -> list[tuple[Path, Path]]:
     folder = temp(out.parent)
     tmp = folder / out.name
-    if model.ByteSize() > TWO_GB:
+    if serialized_size(model) > TWO_GB:
         data = f"{out.name}.data"
         unset = [t for t in _tensors(model.graph) if not t.HasField("data_location")]
         onnx.save(model, tmp, save_as_external_data=True, location=data)
@@ -195,7 +196,7 @@ def _stage_model(
         _set_mode(folder / data, 0o666)
         staged = [(folder / data, out.parent / data)]
     else:
-        onnx.save(model, tmp)
+        write_model(model, tmp)  # a tensor at a time: no serialized copy of the weights
         staged = []
     _set_mode(tmp, 0o666)
     return [*staged, (tmp, out)]  # the model last: it never appears without its data

@@ -26,9 +26,12 @@ cost as much as the added kernels on CUDA.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from itertools import chain
 from pathlib import Path
@@ -41,9 +44,23 @@ from onnx import TensorProto, helper
 from onnx_mbs.data import Batch, DataSource
 from onnx_mbs.passes.errors import BadInputError
 from onnx_mbs.passes.graph import default_opset
-from onnx_mbs.passes.load import set_io, without_weights
+from onnx_mbs.passes.load import (
+    WEIGHTS_FILE,
+    LoadedModel,
+    placed_apart,
+    set_io,
+    without_weights,
+)
 from onnx_mbs.progress import progress_bar
-from onnx_mbs.runtime import feed_dtype, make_session, pad_to_batch, session_provider
+from onnx_mbs.runtime import (
+    concurrent_runs,
+    feed_dtype,
+    in_order,
+    make_session,
+    pad_to_batch,
+    release_freed_memory,
+    session_provider,
+)
 
 STEP_ALPHA = 2.0**127
 PREFIX = "onnx_mbs_stats"
@@ -198,38 +215,68 @@ def _instrumented(
     return result, outputs
 
 
-_GRAPH_FIELD = 7  # ModelProto.graph
-_INITIALIZER_FIELD = 5  # GraphProto.initializer
-
-
 def _write_with_weights(model: onnx.ModelProto, weights: Sequence[TensorProto], path: Path) -> None:
-    """Write `model` with `weights` as initializers ahead of its own, one tensor at a time.
-
-    Protobuf merges a message field met twice and appends repeated ones, so a graph
-    field holding only the weights, then `model`, parse as one model."""
-    sizes = [t.ByteSize() for t in weights]
-    graph_size = sum(len(_header(_INITIALIZER_FIELD, n)) + n for n in sizes)
+    """Write `model` with `weights` as initializers ahead of its own, one tensor at a time:
+    large ones as external data in WEIGHTS_FILE beside `path` (appended to it if it is
+    there), the rest embedded; weights set aside there already stay references.
+    onnxruntime maps page-aligned external tensors instead of copying them (CPU): the
+    session holds them once, as file pages (memory: issue 13)."""
+    own = list(model.graph.initializer)
+    del model.graph.initializer[:]
+    with open(path.parent / WEIGHTS_FILE, "ab") as data:
+        model.graph.initializer.extend(placed_apart(t, data) for t in weights)
+    model.graph.initializer.extend(own)
     with open(path, "wb") as f:
-        f.write(_header(_GRAPH_FIELD, graph_size))
-        for tensor in weights:
-            serialized = tensor.SerializeToString()
-            f.write(_header(_INITIALIZER_FIELD, len(serialized)))
-            f.write(serialized)
         f.write(model.SerializeToString())
 
 
-def _header(field: int, size: int) -> bytes:
-    """The wire-format key and length of a length-delimited field."""
-    return _varint(field << 3 | 2) + _varint(size)
+@contextmanager
+def weights_aside(read: LoadedModel) -> Iterator[tuple[onnx.ModelProto, Path]]:
+    """Lend the analysis form's weights to onnxruntime while the statistics run.
+
+    Yields (a copy of `read.model` whose large weights are references, the folder whose
+    WEIGHTS_FILE holds them) for `collect_stats(..., weights_folder=)`, and meanwhile
+    holds no parsed copy of them: `read.model` is let go (callers drop theirs too) and
+    read back from the file afterwards, equal to what it was. Protobuf frees a model's
+    memory only with the whole model, so emptying its tensors would not do (issue 13).
+    """
+    with tempfile.TemporaryDirectory(prefix="onnx-mbs-") as name:
+        folder = Path(name)
+        try:
+            light = without_weights(read.model)
+            with open(folder / WEIGHTS_FILE, "wb") as data:
+                light.graph.initializer.extend(
+                    placed_apart(t, data) for t in read.model.graph.initializer
+                )
+        except OSError as e:
+            raise _no_temporary_folder(e) from None
+        read.model = None  # type: ignore[assignment]  # read back below
+        release_freed_memory()
+        try:
+            yield light, folder
+        finally:
+            read.model = _taken_back(light, folder)
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
+def _taken_back(model: onnx.ModelProto, folder: Path) -> onnx.ModelProto:
+    """`model` with the weights `weights_aside` put in `folder` read back in place."""
+    with open(folder / WEIGHTS_FILE, "rb") as data:
+        for tensor in model.graph.initializer:
+            if tensor.data_location != TensorProto.EXTERNAL:
+                continue
+            where = {e.key: e.value for e in tensor.external_data}
+            data.seek(int(where["offset"]))
+            tensor.raw_data = data.read(int(where["length"]))
+            tensor.ClearField("data_location")
+            del tensor.external_data[:]
+    return model
+
+
+def _no_temporary_folder(error: OSError) -> BadInputError:
+    return BadInputError(
+        f"cannot write the instrumented model to a temporary folder ({error}); "
+        "set TMPDIR to a writable folder"
+    )
 
 
 def _pack(outputs: list[StatOutputs], graph: onnx.GraphProto) -> list[StatOutputs]:
@@ -268,7 +315,7 @@ def _scaled_sums(
     prefix = f"{PREFIX}/{name}"
     area = np.concatenate([np.full(o.channels, o.spatial, np.float32) for o in outputs])
     nodes = [
-        helper.make_node("Concat", means, [f"{prefix}/means"], axis=1),
+        *_concat_tree(means, f"{prefix}/means"),
         _constant(f"{prefix}/area", area.reshape(1, -1, 1, 1)),
         helper.make_node("Mul", [f"{prefix}/means", f"{prefix}/area"], [f"{prefix}/sums"]),
     ]
@@ -282,6 +329,27 @@ def _scaled_sums(
         result = f"{prefix}/whole"
     graph.node.extend(nodes)
     return result
+
+
+CONCAT_FAN_IN = 32
+
+
+def _concat_tree(inputs: list[str], output: str) -> list[onnx.NodeProto]:
+    """Concat nodes joining `inputs` along axis 1 into `output`, at most CONCAT_FAN_IN
+    inputs each: onnxruntime took 2 s to build a session around one Concat of ResNet-1202's
+    1,201 reductions (0.4 s as a tree), and CUDA graphs refuse a Concat of more than 32."""
+    nodes = []
+    level = 0
+    while len(inputs) > CONCAT_FAN_IN:
+        joined = []
+        for start in range(0, len(inputs), CONCAT_FAN_IN):
+            name = f"{output}/{level}/{start}"
+            chunk = inputs[start : start + CONCAT_FAN_IN]
+            nodes.append(helper.make_node("Concat", chunk, [name], axis=1))
+            joined.append(name)
+        inputs, level = joined, level + 1
+    nodes.append(helper.make_node("Concat", inputs, [output], axis=1))
+    return nodes
 
 
 def _constant(name: str, value: np.ndarray) -> onnx.NodeProto:
@@ -428,6 +496,7 @@ def collect_stats(
     spatial_mean: str = "pool",
     declared: onnx.ModelProto | None = None,
     macs_per_sample: int | None = None,
+    weights_folder: Path | None = None,
 ) -> ActivationStats:
     """Per-channel count of x > 0 and sum |x| for each tensor, over all of `data`.
 
@@ -436,7 +505,8 @@ def collect_stats(
     (a LoadedModel's) gives the graph inputs to run with when `model` is the analysis
     form, whose inferred shapes then spare inferring them again. `macs_per_sample`, when
     known, lets a deep graph run on few samples skip onnxruntime's slow-to-build layout
-    optimisation (see `full_optimization_pays`).
+    optimisation (see `full_optimization_pays`). `weights_folder` holds the large
+    weights `model` references (`weights_aside`); the instrumented model is written there.
     """
     start = time.perf_counter()
     batches = data.batches(batch_size)
@@ -452,29 +522,38 @@ def collect_stats(
     full = macs_per_sample is None or full_optimization_pays(
         len(instrumented.graph.node), len(data), macs_per_sample
     )
+    workers = concurrent_runs(providers, len(first.x), len(data))
     # onnxruntime reads the model from a file written a tensor at a time: no copy of the
-    # weights, serialized or not, beside `model`'s and its own (memory: issue 13).
+    # weights, serialized or not, beside `model`'s; the large ones it maps (issue 13).
     try:
-        with tempfile.TemporaryDirectory(prefix="onnx-mbs-") as folder:
-            path = Path(folder) / "instrumented.onnx"
+        with contextlib.ExitStack() as stack:
+            folder = weights_folder or Path(
+                stack.enter_context(tempfile.TemporaryDirectory(prefix="onnx-mbs-"))
+            )
+            path = folder / "instrumented.onnx"
             _write_with_weights(instrumented, model.graph.initializer, path)
             del instrumented
-            session = make_session(path, providers, full_optimization=full)
+            session = make_session(
+                path,
+                providers,
+                threads=1 if workers > 1 else 0,
+                full_optimization=full,
+                side_branches_early=True,
+            )
     except OSError as e:
-        raise BadInputError(
-            f"cannot write the instrumented model to a temporary folder ({e}); "
-            "set TMPDIR to a writable folder"
-        ) from None
+        raise _no_temporary_folder(e) from None
     feed_type = feed_dtype(session, data.input_name)
     names = [o.name for o in session.get_outputs()]
+
+    run = functools.partial(_run, session, data.input_name, feed_type)
 
     packed = _PackedSums(outputs)
     loose = {o: _Accumulator() for o in outputs if o.packed_at is None}
     samples = 0
     bar = progress_bar(len(data), "activation statistics", progress)
     with bar:
-        for index, batch in enumerate(chain([first], batches)):
-            results = _run(session, data.input_name, batch, feed_type, check=index == 0)
+        checked = (first, run(first, check=True))  # bad data is refused on the first batch
+        for batch, results in chain([checked], in_order(run, batches, workers)):
             values = dict(zip(names, results, strict=True))
             rows = len(batch.x)
             if packed.outputs:
@@ -483,11 +562,12 @@ def collect_stats(
                 accumulator.add(out, values, rows)
             samples += rows
             bar.update(rows)
+    provider = session_provider(session)
+    del session, run  # closes the session: its memory can go back
+    release_freed_memory()
     found = packed.result(samples) | {o.tensor: acc.result() for o, acc in loose.items()}
     tensors_stats = {o.tensor: found[o.tensor] for o in outputs}
-    return ActivationStats(
-        tensors_stats, samples, session_provider(session), time.perf_counter() - start
-    )
+    return ActivationStats(tensors_stats, samples, provider, time.perf_counter() - start)
 
 
 # Measured on the CPU provider (2 cores, ResNet-20 to -1202): the full level's layout
@@ -575,7 +655,11 @@ def _check_inputs(model: onnx.ModelProto, input_name: str) -> None:
 
 
 def _run(
-    session: ort.InferenceSession, input_name: str, batch: Batch, feed_type: np.dtype, check: bool
+    session: ort.InferenceSession,
+    input_name: str,
+    feed_type: np.dtype,
+    batch: Batch,
+    check: bool = False,
 ) -> list[np.ndarray]:
     """Run one batch; on the first batch, data that does not fit becomes a BadInputError."""
     x = pad_to_batch(session, input_name, batch.x.astype(feed_type, copy=False))

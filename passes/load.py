@@ -7,9 +7,11 @@ so this is the one place that checks it and says clearly what to do otherwise.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import onnx
@@ -141,8 +143,126 @@ def _restore(model: onnx.ModelProto, where: list[int]) -> onnx.ModelProto:
 
 
 def check_model(model: onnx.ModelProto, full_check: bool = False) -> None:
-    """`onnx.checker.check_model`, with unknown default-domain ops taken as opaque."""
-    onnx.checker.check_model(_as_custom(model)[0], full_check=full_check)
+    """`onnx.checker.check_model`, with unknown default-domain ops taken as opaque.
+
+    Handed a ModelProto, onnx serializes it whole; handed a file, it reads the bytes and
+    then parses them: two copies of the weights (issue 13). So each large tensor is
+    checked on its own (the checker's tensor check) and the model is checked from a
+    file that holds those tensors as external data."""
+    custom = _as_custom(model)[0]
+    try:
+        with tempfile.TemporaryDirectory(prefix="onnx-mbs-") as name:
+            folder = Path(name)
+            light = without_weights(custom)
+            with open(folder / WEIGHTS_FILE, "wb") as data:
+                for tensor in custom.graph.initializer:
+                    placed = placed_apart(tensor, data)
+                    if placed is not tensor:
+                        onnx.checker.check_tensor(tensor)
+                    light.graph.initializer.append(placed)
+            (folder / "checked.onnx").write_bytes(light.SerializeToString())
+            onnx.checker.check_model(str(folder / "checked.onnx"), full_check=full_check)
+    except OSError as error:
+        raise BadInputError(
+            f"cannot write a model to check to a temporary folder ({error}); "
+            "set TMPDIR to a writable folder"
+        ) from None
+
+
+# Tensors of a page or more go to WEIGHTS_FILE at page-aligned offsets: what onnxruntime
+# maps instead of copying (CPU), and what lets a checker skip the weights.
+PAGE = 4096
+WEIGHTS_FILE = "weights.bin"
+
+
+def placed_apart(tensor: onnx.TensorProto, data: BinaryIO) -> onnx.TensorProto:
+    """`tensor`, or a reference to its raw bytes appended to `data` (WEIGHTS_FILE) at a page
+    boundary when it holds a page or more of them."""
+    if tensor.data_location == onnx.TensorProto.EXTERNAL or not tensor.HasField("raw_data"):
+        return tensor
+    raw = tensor.raw_data
+    if len(raw) < PAGE:
+        return tensor
+    data.write(bytes(-data.tell() % PAGE))
+    offset = data.tell()
+    data.write(raw)
+    reference = onnx.TensorProto()
+    copy_fields(tensor, reference, skip="raw_data")
+    reference.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", WEIGHTS_FILE), ("offset", offset), ("length", len(raw))):
+        reference.external_data.add(key=key, value=str(value))
+    return reference
+
+
+_GRAPH_FIELD = 7  # ModelProto.graph
+_INITIALIZER_FIELD = 5  # GraphProto.initializer
+
+
+def write_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
+    """Write `model` to `path` a tensor at a time: the same bytes as
+    `model.SerializeToString()`, without that copy of its weights. Protobuf writes fields
+    in number order, so the model is the fields before its graph, the graph's header,
+    the graph's fields before its initializers, each initializer, the graph's other
+    fields, then the model's other fields."""
+    sizes = [t.ByteSize() for t in model.graph.initializer]
+    head, tail = _split_at(model, _GRAPH_FIELD)
+    graph_head, graph_tail = _split_at(model.graph, _INITIALIZER_FIELD)
+    with open(path, "wb") as f:
+        f.write(head)
+        if model.HasField("graph"):
+            graph_size = len(graph_head) + _weights_size(sizes) + len(graph_tail)
+            f.write(_header(_GRAPH_FIELD, graph_size))
+            f.write(graph_head)
+            for tensor, size in zip(model.graph.initializer, sizes, strict=True):
+                f.write(_header(_INITIALIZER_FIELD, size))
+                f.write(tensor.SerializeToString())
+            f.write(graph_tail)
+        f.write(tail)
+
+
+def _split_at(message: Message, number: int) -> tuple[bytes, bytes]:
+    """The serialized fields of `message` numbered below `number`, and above it."""
+    fields = [d for d, _ in message.ListFields() if d.number != number]
+    parts = []
+    for names in (
+        [d.name for d in fields if d.number < number],
+        [d.name for d in fields if d.number > number],
+    ):
+        part = type(message)()
+        copy_fields_of(message, part, names)
+        parts.append(part.SerializeToString())
+    return parts[0], parts[1]
+
+
+def serialized_size(model: onnx.ModelProto) -> int:
+    """`model.ByteSize()`, which Python's protobuf computes by serializing the whole model
+    (a copy of its weights); here a tensor at a time, as `write_model` writes it."""
+    head, tail = _split_at(model, _GRAPH_FIELD)
+    if not model.HasField("graph"):
+        return len(head) + len(tail)
+    graph_head, graph_tail = _split_at(model.graph, _INITIALIZER_FIELD)
+    sizes = [t.ByteSize() for t in model.graph.initializer]
+    graph_size = len(graph_head) + _weights_size(sizes) + len(graph_tail)
+    return len(head) + len(_header(_GRAPH_FIELD, graph_size)) + graph_size + len(tail)
+
+
+def _weights_size(sizes: list[int]) -> int:
+    """Bytes of a graph field's initializers of serialized `sizes`, headers included."""
+    return sum(len(_header(_INITIALIZER_FIELD, n)) + n for n in sizes)
+
+
+def _header(field: int, size: int) -> bytes:
+    """The wire-format key and length of a length-delimited field."""
+    return _varint(field << 3 | 2) + _varint(size)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 class FixInputShapes(Pass):
@@ -290,23 +410,28 @@ def without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of `model` without its initializers: what reading, inferring or running it
     needs but the weights, which are not copied (and written apart: see stats.py)."""
     out = onnx.ModelProto()
-    _copy_fields(model, out, skip="graph")
-    _copy_fields(model.graph, out.graph, skip="initializer")
+    copy_fields(model, out, skip="graph")
+    copy_fields(model.graph, out.graph, skip="initializer")
     return out
 
 
-def _copy_fields(source: Message, target: Message, skip: str) -> None:
+def copy_fields(source: Message, target: Message, skip: str) -> None:
     """Copy every set field of `source` but `skip` into `target`, in field order."""
-    for descriptor, value in source.ListFields():
-        name = descriptor.name
-        if name == skip:
-            continue
-        if descriptor.type != descriptor.TYPE_MESSAGE:
-            setattr(target, name, value)
-        elif isinstance(value, Sequence):
+    names = [d.name for d, _ in source.ListFields() if d.name != skip]
+    copy_fields_of(source, target, names)
+
+
+def copy_fields_of(source: Message, target: Message, names: Sequence[str]) -> None:
+    """Copy the fields `names` of `source` into `target`."""
+    for name in names:
+        descriptor = source.DESCRIPTOR.fields_by_name[name]
+        value = getattr(source, name)
+        if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):  # repeated
             getattr(target, name).extend(value)
-        else:
+        elif descriptor.type == descriptor.TYPE_MESSAGE:
             getattr(target, name).CopyFrom(value)
+        else:
+            setattr(target, name, value)
 
 
 def _recorded_types(model: onnx.ModelProto) -> list[bytes]:

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import onnx
 import pytest
+from onnx import numpy_helper
 from onnx_builders import conv_relu_model, quantized_model
 
 from onnx_mbs.cli import main
@@ -177,3 +178,40 @@ def test_shape_inference_reads_no_weights_and_infers_what_onnx_does(zoo_onnx):
     assert ours.graph.value_info == full.graph.value_info
     assert ours.graph.output == full.graph.output
     assert list(ours.graph.initializer) == list(model.graph.initializer)
+
+
+def test_write_model_writes_a_file_that_parses_as_the_model(tmp_path, zoo_onnx):
+    """save.py writes a model a tensor at a time (no serialized copy of its weights, issue
+    13): the file must hold exactly the model's serialization, weights or none."""
+    from onnx_mbs.passes.load import serialized_size, write_model
+
+    model = zoo_onnx("resnet20", "deploy")
+    weightless = onnx.ModelProto()
+    weightless.CopyFrom(model)
+    del weightless.graph.initializer[:]
+    for case, proto in (("weights", model), ("none", weightless)):
+        write_model(proto, tmp_path / f"{case}.onnx")
+        assert (tmp_path / f"{case}.onnx").read_bytes() == proto.SerializeToString()
+        assert serialized_size(proto) == proto.ByteSize()  # save.py's 2 GB test
+
+
+@pytest.mark.parametrize("elements", [4, 4096])  # embedded, and apart as external data
+def test_check_model_refuses_a_tensor_whose_data_does_not_fit_its_shape(elements):
+    """check_model checks large tensors one by one and the graph from a file holding them
+    as external data (issue 13): a bad tensor must be refused either way."""
+    from onnx_mbs.passes.load import check_model
+
+    weight = numpy_helper.from_array(np.ones((elements, 1, 1, 1), np.float32), "w")
+    conv = onnx.helper.make_node("Conv", ["x", "w"], ["y"])
+    graph = onnx.helper.make_graph(
+        [conv],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 1, 2, 2])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, elements, 2, 2])],
+        [weight],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    check_model(model, full_check=True)
+    model.graph.initializer[0].raw_data = model.graph.initializer[0].raw_data[:-4]
+    with pytest.raises(onnx.checker.ValidationError, match="raw_data size"):
+        check_model(model, full_check=True)

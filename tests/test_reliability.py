@@ -285,7 +285,9 @@ def _interrupt(kind: str | None, monkeypatch):
         monkeypatch.setattr(onnx_mbs.cli, "load", deliver(onnx_mbs.cli.load))
         monkeypatch.setattr(onnx_mbs.pipeline, "load", deliver(onnx_mbs.pipeline.load))
     else:
-        monkeypatch.setattr(onnx, "save", deliver(onnx.save))
+        import onnx_mbs.save
+
+        monkeypatch.setattr(onnx_mbs.save, "write_model", deliver(onnx_mbs.save.write_model))
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield

@@ -164,3 +164,41 @@ def test_a_model_onnxruntime_cannot_load_is_bad_input():
     model.ir_version = 99  # newer than any onnxruntime reads
     with pytest.raises(BadInputError, match="cannot load the model"):
         make_session(model, ["CPUExecutionProvider"])
+
+
+def test_in_order_hands_back_results_in_order_and_reads_little_ahead():
+    """Concurrent runs (statistics of batch-1 models on CPU) must add up in data order,
+    whatever finishes first, and never pull the whole data set in at once."""
+    import threading
+    import time
+
+    from onnx_mbs.runtime import in_order
+
+    pulled = []
+
+    def items():
+        for k in range(20):
+            pulled.append(k)
+            yield k
+
+    def run(k):
+        time.sleep(0.02 if k % 2 == 0 else 0.0)  # even items finish last
+        return k * k, threading.get_ident()
+
+    seen = []
+    for item, (square, _) in in_order(run, items(), workers=2):
+        seen.append((item, square))
+        assert len(pulled) <= item + 1 + 2 * 2  # at most 2 * workers read ahead
+    assert seen == [(k, k * k) for k in range(20)]
+    assert [k for k, _ in in_order(lambda k: k, iter(range(5)), workers=1)] == list(range(5))
+
+
+def test_concurrent_runs_only_for_single_samples_on_cpu(monkeypatch):
+    from onnx_mbs.runtime import CPU, CUDA, concurrent_runs
+
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda _: {0, 1, 2}, raising=False)
+    assert concurrent_runs([CPU], rows=1, samples=16) == 3
+    assert concurrent_runs([CPU], rows=1, samples=2) == 2
+    assert concurrent_runs([CPU], rows=8, samples=16) == 1  # a batch spreads over cores itself
+    assert concurrent_runs([CUDA, CPU], rows=1, samples=16) == 1
+    assert concurrent_runs([CPU], rows=1, samples=1) == 1

@@ -50,12 +50,17 @@ def conv_relu_model(seed: int = 0) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
-def reference(model: onnx.ModelProto, tensors: list[str], x: np.ndarray) -> dict[str, tuple]:
-    """Full activations as extra graph outputs, reduced in numpy (float64)."""
+def reference(
+    model: onnx.ModelProto, tensors: list[str], x: np.ndarray, input_name: str = "x"
+) -> dict[str, tuple]:
+    """Full activations as extra graph outputs, reduced in numpy (float64); run a sample at
+    a time (fixed batch-1 models too)."""
     full = onnx.ModelProto()
     full.CopyFrom(model)
     full.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in tensors)
-    values = make_session(full, CPU).run(tensors, {"x": x})
+    session = make_session(full, CPU)
+    runs = [session.run(tensors, {input_name: x[k : k + 1]}) for k in range(len(x))]
+    values = [np.concatenate(parts) for parts in zip(*runs, strict=True)]
     result = {}
     for name, a in zip(tensors, values, strict=True):
         a = a.astype(np.float64)
@@ -347,9 +352,9 @@ def test_counts_are_the_same_without_full_optimization(data, monkeypatch):
     levels = []
     real = stats_module.make_session
 
-    def recording(model, providers, full_optimization=True):
+    def recording(model, providers, full_optimization=True, **options):
         levels.append(full_optimization)
-        return real(model, providers, full_optimization=full_optimization)
+        return real(model, providers, full_optimization=full_optimization, **options)
 
     monkeypatch.setattr(stats_module, "make_session", recording)
     model = conv_relu_model(seed=5)
@@ -365,10 +370,21 @@ def test_counts_are_the_same_without_full_optimization(data, monkeypatch):
         np.testing.assert_allclose(lean.tensors[name].abs_sum, expected[name][1], rtol=1e-5)
 
 
+def _read_back(path):
+    """The model at `path` with its external data read in, as `instrument` would have it."""
+    model = onnx.load(path)
+    for tensor in model.graph.initializer:
+        tensor.ClearField("data_location")
+    return model
+
+
 def test_model_written_for_onnxruntime_is_instrument_s_model(tmp_path, zoo_onnx):
     """collect_stats writes the weights apart from the instrumented nodes (no second copy
-    of them, memory: issue 13); the file must parse to exactly `instrument`'s model."""
+    of them, memory: issue 13); the file must read back as exactly `instrument`'s model,
+    each weight of a page or more as external data at a page-aligned offset (which
+    onnxruntime maps instead of copying)."""
     from onnx_mbs.passes import load_model
+    from onnx_mbs.passes.load import PAGE, WEIGHTS_FILE
     from onnx_mbs.stats import _instrumented, _write_with_weights
 
     model = load_model(zoo_onnx("resnet20", "deploy"))
@@ -379,10 +395,21 @@ def test_model_written_for_onnxruntime_is_instrument_s_model(tmp_path, zoo_onnx)
         assert not {t.name for t in light.graph.initializer} & {
             t.name for t in model.graph.initializer
         }
-        path = tmp_path / f"{spatial_mean}.onnx"
-        _write_with_weights(light, model.graph.initializer, path)
+        folder = tmp_path / spatial_mean
+        folder.mkdir()
+        _write_with_weights(light, model.graph.initializer, folder / "m.onnx")
         expected, _ = instrument(model, tensors, {"input": (2, 3, 32, 32)}, True, spatial_mean)
-        assert onnx.load(path).SerializeToString() == expected.SerializeToString()
+        assert _read_back(folder / "m.onnx").SerializeToString() == expected.SerializeToString()
+        written = onnx.load(folder / "m.onnx", load_external_data=False).graph.initializer
+        external = {
+            t.name: {e.key: e.value for e in t.external_data}
+            for t in written
+            if t.data_location == TensorProto.EXTERNAL
+        }
+        large = {t.name for t in model.graph.initializer if len(t.raw_data) >= PAGE}
+        assert large and set(external) == large
+        assert all(int(e["offset"]) % PAGE == 0 for e in external.values())
+        assert {e["location"] for e in external.values()} == {WEIGHTS_FILE}
     assert model.SerializeToString() == before
     # At opset 18 the ReduceMean reading adds an initializer of its own (its axes): it must
     # come after the weights, as in `instrument`'s model.
@@ -392,4 +419,42 @@ def test_model_written_for_onnxruntime_is_instrument_s_model(tmp_path, zoo_onnx)
     assert [t.name for t in light.graph.initializer] == [SPATIAL_AXES]
     _write_with_weights(light, opset18.graph.initializer, tmp_path / "axes.onnx")
     expected, _ = instrument(opset18, ["r1", "c2"], {"x": (2, 1, 8, 8)}, True, "reduce")
-    assert onnx.load(tmp_path / "axes.onnx").SerializeToString() == expected.SerializeToString()
+    assert _read_back(tmp_path / "axes.onnx").SerializeToString() == expected.SerializeToString()
+
+
+def test_many_watched_tensors_are_joined_by_small_concats_and_counted_exactly(tmp_path, zoo_onnx):
+    """ResNet-56 watches 55 tensors: PACKED is built by a tree of Concats of at most 32
+    inputs (one Concat of them all took onnxruntime 2 s to build on ResNet-1202, and CUDA
+    graphs refuse more than 32), and the counts stay exact."""
+    from onnx_mbs.stats import CONCAT_FAN_IN
+
+    model = zoo_onnx("resnet56", "deploy")
+    tensors = [n.output[0] for n in model.graph.node if n.op_type == "Relu"]
+    assert len(tensors) > CONCAT_FAN_IN
+    instrumented, _ = instrument(model, tensors, {"input": (3, 3, 32, 32)})
+    concats = [n for n in instrumented.graph.node if n.op_type == "Concat"]
+    assert max(len(n.input) for n in concats) <= CONCAT_FAN_IN
+    x = np.random.default_rng(2).random((3, 3, 32, 32), dtype=np.float32)
+    source = open_data(
+        write_npz(tmp_path / "d.npz", x=x), "input", (1, 3, 32, 32), mean=0.5, std=0.25
+    )
+    stats = collect_stats(model, tensors, source, CPU, batch_size=1, progress=False)
+    expected = reference(model, tensors, np.concatenate([b.x for b in source.batches(3)]), "input")
+    for name in tensors:
+        np.testing.assert_array_equal(stats.tensors[name].positive, expected[name][0])
+        np.testing.assert_allclose(stats.tensors[name].abs_sum, expected[name][1], rtol=1e-5)
+
+
+def test_weights_aside_lends_the_analysis_form_and_gives_back_the_same_model(zoo_onnx):
+    """While the statistics run the LoadedModel holds no weights (memory: issue 13); after,
+    its analysis form is byte for byte what it was."""
+    from onnx_mbs.passes.load import WEIGHTS_FILE, load
+    from onnx_mbs.stats import weights_aside
+
+    read = load(zoo_onnx("resnet20", "deploy"))
+    before = read.model.SerializeToString()
+    with weights_aside(read) as (light, folder):
+        assert read.model is None
+        assert light.ByteSize() < len(before) / 10  # the weights are in the file
+        assert (folder / WEIGHTS_FILE).stat().st_size >= len(before) * 0.9
+    assert read.model.SerializeToString() == before
