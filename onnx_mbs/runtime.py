@@ -34,6 +34,11 @@ CUDA = "CUDAExecutionProvider"
 REQUESTS = ("auto", "cpu", "cuda")
 T = TypeVar("T")
 R = TypeVar("R")
+OPTIMIZATION_LEVELS = {
+    "full": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+}
 
 # Errors only: onnxruntime's warnings (e.g. nodes placed on CPU) are noise for users.
 _QUIET = 3
@@ -153,24 +158,24 @@ def make_session(
     model: onnx.ModelProto | bytes | str | os.PathLike,
     providers: list[str],
     threads: int = 0,
-    full_optimization: bool = True,
+    level: str = "full",
     side_branches_early: bool = False,
 ) -> ort.InferenceSession:
     """An InferenceSession that only logs errors; `threads` intra-op threads (0: default).
 
-    `full_optimization=False` stops at onnxruntime's extended level: no layout
-    transformation (NCHWc on CPU), which is slow to set up on graphs of thousands of
-    nodes and only pays for itself over enough runs. `side_branches_early` runs nodes
-    in onnxruntime's priority-based order, which runs a side branch (the statistics'
-    reductions) as soon as its input exists; its default order ran the whole main path
-    first and held every watched tensor until then (ResNet-1202: 310 against 139 MB)."""
+    `level` is onnxruntime's graph optimisation level: "full" (its default), "extended"
+    (no layout transformation, NCHWc on CPU) or "none"; each is slower to build on graphs
+    of thousands of nodes and only pays for itself over enough runs. `side_branches_early`
+    runs nodes in onnxruntime's priority-based order, which runs a side branch (the
+    statistics' reductions) as soon as its input exists; its default order ran the whole
+    main path first and held every watched tensor until then (ResNet-1202: 310 against
+    139 MB)."""
     options = ort.SessionOptions()
     options.log_severity_level = _QUIET
     options.intra_op_num_threads = threads
+    options.graph_optimization_level = OPTIMIZATION_LEVELS[level]
     if side_branches_early:
         options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
-    if not full_optimization:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     if isinstance(model, onnx.ModelProto):
         model = model.SerializeToString()
     elif isinstance(model, os.PathLike):

@@ -337,32 +337,33 @@ def test_counts_stay_exact_on_large_maps_and_old_ir():
     )
 
 
-def test_full_optimization_is_skipped_only_where_building_it_costs_more_than_it_saves():
-    from onnx_mbs.stats import full_optimization_pays
+def test_optimization_levels_are_built_only_where_they_repay_their_build():
+    from onnx_mbs.stats import optimization_level
 
     resnet1202 = (6620, 2_829_501_056)  # instrumented nodes, MACs per 32x32 sample
-    assert not full_optimization_pays(resnet1202[0], 16, resnet1202[1])
-    assert full_optimization_pays(resnet1202[0], 512, resnet1202[1])
-    assert full_optimization_pays(541, 16, 7_801_405_440)  # ResNet-101 at 224
+    assert optimization_level(resnet1202[0], 16, resnet1202[1]) == "none"
+    assert optimization_level(resnet1202[0], 64, resnet1202[1]) == "extended"
+    assert optimization_level(resnet1202[0], 512, resnet1202[1]) == "full"
+    assert optimization_level(541, 16, 7_801_405_440) == "full"  # ResNet-101 at 224
 
 
-def test_counts_are_the_same_without_full_optimization(data, monkeypatch):
+def test_counts_are_the_same_at_every_optimization_level(data, monkeypatch):
     import onnx_mbs.stats as stats_module
 
     levels = []
     real = stats_module.make_session
 
-    def recording(model, providers, full_optimization=True, **options):
-        levels.append(full_optimization)
-        return real(model, providers, full_optimization=full_optimization, **options)
+    def recording(model, providers, level="full", **options):
+        levels.append(level)
+        return real(model, providers, level=level, **options)
 
     monkeypatch.setattr(stats_module, "make_session", recording)
     model = conv_relu_model(seed=5)
     tensors = ["r1", "c2"]
     full = collect_stats(model, tensors, data, CPU, batch_size=4, progress=False)
-    # 1 MAC a sample: never worth the full level's build on this graph
+    # 1 MAC a sample: no level is worth its build on this graph
     lean = collect_stats(model, tensors, data, CPU, 4, False, macs_per_sample=1)
-    assert levels == [True, False]
+    assert levels == ["full", "none"]
     expected = reference(model, tensors, feed(data))
     for name in tensors:
         np.testing.assert_array_equal(lean.tensors[name].positive, expected[name][0])
