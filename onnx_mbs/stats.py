@@ -22,6 +22,13 @@ cast to float32 first (float16 can hold neither alpha nor exact averages).
 Counts are recovered inside the graph by multiplying by H*W and rounding, so the host
 only sums each batch's rows in float64: per-tensor host arithmetic on (N, C) arrays had
 cost as much as the added kernels on CUDA.
+
+The session is built to be cheap in memory and time (issue 13): its large weights are
+page-aligned external data that onnxruntime maps (and the pipeline lends it the analysis
+form's weights meanwhile, `weights_aside`), its nodes run in priority-based order (each
+reduction right after its tensor), its optimisation level is the highest that repays its
+build over the calibration set, and single-sample runs on the CPU go two or more at a
+time on one thread each.
 """
 
 from __future__ import annotations
