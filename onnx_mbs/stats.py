@@ -561,8 +561,7 @@ def collect_stats(
     samples = 0
     bar = progress_bar(len(data), "activation statistics", progress)
     with bar:
-        checked = (first, run(first, check=True))  # bad data is refused on the first batch
-        for batch, results in chain([checked], in_order(run, batches, workers)):
+        for (_, batch), results in in_order(run, enumerate(chain([first], batches)), workers):
             values = dict(zip(names, results, strict=True))
             rows = len(batch.x)
             if packed.outputs:
@@ -674,12 +673,13 @@ def _run(
     session: ort.InferenceSession,
     input_name: str,
     feed_type: np.dtype,
-    batch: Batch,
-    check: bool = False,
+    numbered: tuple[int, Batch],
 ) -> list[np.ndarray]:
-    """Run one batch; on the first batch, data that does not fit becomes a BadInputError."""
+    """Run batch number `numbered[0]`; on the first, data that does not fit becomes a
+    BadInputError."""
+    index, batch = numbered
     x = pad_to_batch(session, input_name, batch.x.astype(feed_type, copy=False))
-    if not check:
+    if index > 0:
         return session.run(None, {input_name: x})
     declared = next(i for i in session.get_inputs() if i.name == input_name)
     expected = tuple(declared.shape)
