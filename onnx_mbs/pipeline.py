@@ -20,6 +20,7 @@ from onnx_mbs.evaluate import EvalResult, evaluate
 from onnx_mbs.interop import as_model
 from onnx_mbs.passes import (
     BadInputError,
+    GraphIndex,
     ModelAnalysis,
     Pass,
     PassResult,
@@ -236,10 +237,12 @@ def reduce(
     release_freed_memory()  # load's copies and serializations: not in every later peak
     lap("load")
 
-    before = analyze_model(loaded, receptive_field)
-    channels = analyze_channels(loaded, before)
+    index = GraphIndex.build(loaded)  # one index for the steps below, not one each
+    before = analyze_model(loaded, receptive_field, index)
+    channels = analyze_channels(loaded, before, index)
     groups = channels.groups
-    activation = activation_tensors(loaded, before)
+    activation = activation_tensors(loaded, before, index)
+    del index  # it holds the whole model, which the statistics let go meanwhile
     lap("analyze")
 
     stats: ActivationStats | None = None
@@ -264,7 +267,8 @@ def reduce(
         rho = {layer: (stats.tensors[t].ratio if t else 1.0) for layer, t in activation.items()}
     lap("statistics")
 
-    cost = CostModel.build(loaded, channels, before)
+    index = GraphIndex.build(loaded)  # the model as the statistics hand it back
+    cost = CostModel.build(loaded, channels, before, index)
     infos = [GroupInfo(g.id, g.size, tuple(g.macroblocks), g.pinned) for g in groups]
     latency: LatencyModel | None = None
     timer = None
@@ -289,9 +293,10 @@ def reduce(
         )
 
     if importance == "act" and stats is not None:
-        scorer = activation_importance(loaded, stats, activation)
+        scorer = activation_importance(loaded, stats, activation, index)
     else:  # no data, or no activation to measure: rank by weights
-        scorer = weight_importance(loaded, DEFAULT_CRITERION if importance == "act" else importance)
+        criterion = DEFAULT_CRITERION if importance == "act" else importance
+        scorer = weight_importance(loaded, criterion, index)
     # Scored once: the global strategy plans counts by them, shrink keeps the top ones.
     scores = group_scores([g for g, info in zip(groups, infos) if info.free], scorer)
 
@@ -320,7 +325,7 @@ def reduce(
         if not plan.changes_anything:  # hand back the input itself, not a re-serialised copy
             return before, read.original
         keep = choose_channels(groups, plan.counts, scores)
-        shrunk = shrink_channels(loaded, keep, channels)
+        shrunk = shrink_channels(loaded, keep, channels, index)
         # Analysed while it has the analysis form's shapes (shrink keeps them up to date),
         # then given the declared I/O in place: no second copy of its weights (issue 13).
         return analyze_model(shrunk, receptive_field), set_io(shrunk, read.declared)
@@ -441,12 +446,15 @@ def _has_labels(source: DataSource) -> bool:
 
 
 def activation_importance(
-    model: onnx.ModelProto, stats: ActivationStats, activation: Mapping[str, str | None]
+    model: onnx.ModelProto,
+    stats: ActivationStats,
+    activation: Mapping[str, str | None],
+    index: GraphIndex | None = None,
 ) -> Importance:
     """`--importance act`: a channel's score is the mean |activation| it produces, read
     at each producer conv's first activation (filter L1 where a producer has none)."""
     per_layer = {layer: stats.tensors[t].channel_mean_abs for layer, t in activation.items() if t}
-    return ActivationImportance(model, per_layer)
+    return ActivationImportance(model, per_layer, index=index)
 
 
 class MacroblockScaling(Pass):

@@ -257,11 +257,12 @@ def macroblock_redundancy(
 ) -> list[tuple[float, float, float]]:
     """(E, E_B, R) per macroblock; rho defaults to 1 for layers without a measured activation."""
     result = []
+    macs = {layer.name: layer.macs for layer in analysis.layers}  # names are unique
     for block in analysis.macroblocks:
         base = set(block.base_layers)
         total = base_total = 0.0
         for name in block.layers:
-            effective = analysis.layer(name).macs * rho.get(name, 1.0)
+            effective = macs[name] * rho.get(name, 1.0)
             total += effective
             if name in base:
                 base_total += effective

@@ -40,13 +40,16 @@ CHANNEL_PRESERVING_OPS = {
 }
 
 
-def activation_tensors(model: onnx.ModelProto, analysis: ModelAnalysis) -> dict[str, str | None]:
+def activation_tensors(
+    model: onnx.ModelProto, analysis: ModelAnalysis, index: GraphIndex | None = None
+) -> dict[str, str | None]:
     """Map each conv layer to the output of the first activation after it (None if none).
 
     Walks breadth-first through channel-preserving ops; SiLU exported as
     Sigmoid*Mul counts as the Sigmoid's Mul output, since that is the activation's value.
+    `index` is `GraphIndex.build(model)` if the caller has it.
     """
-    index = GraphIndex.build(model)
+    index = GraphIndex.of(model, index)
     found: dict[str, str | None] = {}
     for layer in analysis.layers:
         found[layer.name] = _first_activation(index, layer.output)

@@ -16,13 +16,12 @@ import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import onnx
 
 from .base import Pass, PassResult
 from .errors import BadInputError
 from .graph import GraphIndex, attributes, count_parameters
-from .load import in_load_form
+from .load import indexed
 
 CONV_OPS = ("Conv", "ConvTranspose")
 POOL_OPS = ("MaxPool", "AveragePool", "LpPool")
@@ -170,9 +169,10 @@ def _global_step(
     inputs: list[str],
     resolution: dict[str, tuple[int, ...]],
     field_of: dict[str, tuple[Axes, Axes]],
-    weight_shape: tuple[int, ...] | None,
+    window: tuple[Axes, Axes] | None,
 ) -> tuple[Axes, Axes]:
-    """(receptive field, step) of `out` per spatial dim, both in input-image pixels.
+    """(receptive field, step) of `out` per spatial dim, both in input-image pixels;
+    `window` is the node's `_window` if it is a conv or pool.
 
     The step is how many input pixels one pixel of the tensor moves by. A window of
     effective size k and stride s adds (k-1)*step and multiplies the step by s;
@@ -192,7 +192,7 @@ def _global_step(
         return (1.0,) * rank, (1.0,) * rank
     x = node.input[0]
     if op in (*CONV_OPS, *POOL_OPS) and x in field_of:
-        (rf, step), (k, s) = field_of[x], _window(node, weight_shape)
+        (rf, step), (k, s) = field_of[x], window
         rf, step = _fit(rf, len(k)), _fit(step, len(k))
         if op == "ConvTranspose":
             return _grow(rf, step, [math.ceil(a / b) - 1 for a, b in zip(k, s)], [1 / b for b in s])
@@ -230,17 +230,19 @@ def check_reading(receptive_field: str) -> str:
 
 
 def analyze_model(
-    model: onnx.ModelProto, receptive_field: str = DEFAULT_RECEPTIVE_FIELD
+    model: onnx.ModelProto,
+    receptive_field: str = DEFAULT_RECEPTIVE_FIELD,
+    index: GraphIndex | None = None,
 ) -> ModelAnalysis:
     """Layers, macroblocks and totals of a model (normalised by `load_model` if it is not).
 
     `receptive_field` picks the reading the macroblock bases follow ("global":
     input-image pixels against the image size; "local": the macroblock's own
-    pixels against its map size); every layer carries both values.
+    pixels against its map size); every layer carries both values. `index` is
+    `GraphIndex.build(model)` if the caller has it.
     """
     check_reading(receptive_field)
-    model = in_load_form(model)
-    index = GraphIndex.build(model)
+    model, index = indexed(model, index)
     shapes = index.shapes
     resolution: dict[str, tuple[int, int]] = {}  # tensor -> size, Pad borders removed
     rf: dict[str, float] = {}
@@ -264,19 +266,20 @@ def analyze_model(
         if op in BORDER_OPS and inputs:
             resolution[outputs[0]] = resolution[inputs[0]]
         weight_shape = shapes.get(node.input[1]) if op in CONV_OPS else None
+        window = _window(node, weight_shape) if op in (*CONV_OPS, *POOL_OPS) and inputs else None
         for out in outputs:
-            field_of[out] = _global_step(node, out, inputs, resolution, field_of, weight_shape)
+            field_of[out] = _global_step(node, out, inputs, resolution, field_of, window)
         # Receptive field of each output, local to its macroblock.
         for out in outputs:
             same = [t for t in inputs if resolution[t] == resolution[out]]
-            if op in (*CONV_OPS, *POOL_OPS) and inputs:
-                k_eff = max(_window(node, weight_shape)[0])
+            if window is not None:
+                k_eff = max(window[0])
                 if same:
                     rf[out] = rf[same[0]] + (k_eff - 1)
                 elif op == "ConvTranspose":
                     rf[out] = 1.0
                 else:
-                    stride = max(attributes(node).get("strides") or [1])
+                    stride = max(window[1])
                     rf[out] = 1.0 + (k_eff - 1) / stride
             elif op in GLOBAL_OPS:
                 rf[out] = math.inf
@@ -361,7 +364,7 @@ def _conv_layer(node, index: GraphIndex, resolution, rf, field_of, macroblock: i
     kernel = tuple(weight_shape[2:])
     rank = len(kernel)
     bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-    params = int(np.prod(weight_shape)) + (int(np.prod(shapes[bias])) if bias else 0)
+    params = math.prod(weight_shape) + (math.prod(shapes[bias]) if bias else 0)
     cin, cout = in_shape[1], out_shape[1]
     if node.op_type == "Conv":
         macs = out_shape[0] * math.prod(out_shape[2:]) * math.prod(kernel)
@@ -407,7 +410,7 @@ def _matmul_macs(index: GraphIndex) -> dict[str, int]:
             n = b[0] if attrs.get("transB") else b[1]
             macs[node.name] = int(m * k * n)
         else:
-            batch = int(np.prod(a[:-1])) if len(a) > 1 else 1
+            batch = math.prod(a[:-1]) if len(a) > 1 else 1
             macs[node.name] = int(batch * a[-1] * b[-1])
     return macs
 

@@ -34,8 +34,8 @@ import onnx
 from . import channel_handlers  # noqa: F401  (registers the built-in handlers)
 from .analysis import ModelAnalysis, analyze_model
 from .channel_walk import ACTIVATION, FILTERS, ChannelWalk, Edit, Slot
-from .graph import structure_key
-from .load import in_load_form
+from .graph import GraphIndex, structure_key
+from .load import indexed
 
 
 @dataclass
@@ -98,17 +98,19 @@ class ChannelAnalysis:
 
 
 def analyze_channels(
-    model: onnx.ModelProto, macroblocks: ModelAnalysis | None = None
+    model: onnx.ModelProto,
+    macroblocks: ModelAnalysis | None = None,
+    index: GraphIndex | None = None,
 ) -> ChannelAnalysis:
     """Channel groups of a model in `load_model` form, plus the bookkeeping shrink needs.
 
     Run `FoldShapes` first if the model computes Reshape shapes at run time;
     otherwise the groups those shapes read are pinned. `macroblocks` is
-    `analyze_model(model)` if the caller has it already. A model not in `load_model`
-    form is loaded first.
+    `analyze_model(model)` and `index` `GraphIndex.build(model)` if the caller has them
+    already. A model not in `load_model` form is loaded first.
     """
-    model = in_load_form(model)
-    walk = ChannelWalk(model)
+    model, index = indexed(model, index)
+    walk = ChannelWalk(model, index)
     walk.run()
     root = _roots(walk.parent)
     classes = _classes_by_signature(walk, root)
@@ -118,7 +120,7 @@ def analyze_channels(
     for name, (axis, ids) in walk.chan.items():
         for g, positions in where(ids):
             members[g].append(Member(name, axis, positions))
-    layers = (macroblocks or analyze_model(model)).layers
+    layers = (macroblocks or analyze_model(model, index=index)).layers
     layer_block = {layer.name: layer.macroblock for layer in layers}
     producers: list[list[str]] = [[] for _ in classes]
     blocks: list[set[int]] = [set() for _ in classes]
@@ -158,20 +160,31 @@ def analyze_channels(
 def _classes_by_signature(walk: ChannelWalk, root: np.ndarray) -> list[np.ndarray]:
     """Group classes that appear in the same id arrays the same number of times; in
     order of first appearance. Aliased tensors (Conv -> BN -> Relu) share one array,
-    so the signature is over arrays, not tensors."""
-    arrays = {id(ids): ids for _, ids in walk.chan.values()}
-    signature: dict[int, list[tuple[int, int]]] = {}
-    first_seen: dict[int, tuple[int, int]] = {}
-    for k, ids in enumerate(arrays.values()):
-        found, first, counts = np.unique(root[ids], return_index=True, return_counts=True)
-        for cls, pos, count in zip(found.tolist(), first.tolist(), counts.tolist()):
-            if cls not in signature:
-                signature[cls] = []
-                first_seen[cls] = (k, pos)
-            signature[cls].append((k, count))
-    by_signature: dict[tuple, list[int]] = {}
-    for cls in sorted(signature, key=first_seen.__getitem__):
-        by_signature.setdefault(tuple(signature[cls]), []).append(cls)
+    so the signature is over arrays, not tensors. Vectorised over all arrays at once:
+    a deep ResNet has thousands of them."""
+    arrays = list({id(ids): ids.ravel() for _, ids in walk.chan.values()}.values())
+    if not arrays:
+        return []
+    lengths = np.array([len(ids) for ids in arrays], dtype=np.int64)
+    cls = root[np.concatenate(arrays)]
+    array = np.repeat(np.arange(len(arrays)), lengths)
+    pos = np.arange(len(cls)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    # One entry per (array, class) pair, in that order: first position and count.
+    order = np.lexsort((cls, array))  # stable: the first position of a pair comes first
+    array, cls, pos = array[order], cls[order], pos[order]
+    starts = np.flatnonzero(np.r_[True, (array[1:] != array[:-1]) | (cls[1:] != cls[:-1])])
+    counts = np.diff(np.r_[starts, len(cls)])
+    array, cls, pos = array[starts], cls[starts], pos[starts]
+    # Per class, its pairs in array order: its signature (array, count)*.
+    by_class = np.argsort(cls, kind="stable")
+    signatures = np.stack([array[by_class], counts[by_class]], axis=1)
+    bounds = np.flatnonzero(np.r_[True, cls[by_class][1:] != cls[by_class][:-1], True])
+    first = by_class[bounds[:-1]]  # each class's first pair: where it is first seen
+    by_signature: dict[bytes, list[int]] = {}
+    b = bounds.tolist()
+    for j in np.lexsort((pos[first], array[first])).tolist():
+        key = signatures[b[j] : b[j + 1]].tobytes()
+        by_signature.setdefault(key, []).append(int(cls[first[j]]))
     return [np.array(c, dtype=np.int64) for c in by_signature.values()]
 
 

@@ -74,8 +74,8 @@ class ChannelWalk:
     `fresh` makes new ones, `slot` records a constant axis to cut with ids, `edit` an
     attribute or shape constant to recompute, `pin`/`opaque` keep channels whole."""
 
-    def __init__(self, model: onnx.ModelProto) -> None:
-        self.index = GraphIndex.build(model)
+    def __init__(self, model: onnx.ModelProto, index: GraphIndex | None = None) -> None:
+        self.index = GraphIndex.of(model, index)
         self.parent: list[int] = []
         self.chan: dict[str, tuple[int, np.ndarray]] = {}
         self.slots: list[Slot] = []

@@ -9,6 +9,7 @@ a bincount and a dot product.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -127,10 +128,13 @@ class CostModel:
         model: onnx.ModelProto,
         channels: ChannelAnalysis | None = None,
         analysis: ModelAnalysis | None = None,
+        index: GraphIndex | None = None,
     ) -> CostModel:
-        channels = channels or analyze_channels(model)
-        analysis = analysis or analyze_model(model)
-        index = GraphIndex.build(model)
+        """The cost model of `model`; the analyses and `GraphIndex.build(model)` are
+        computed unless the caller has them."""
+        index = GraphIndex.of(model, index)
+        channels = channels or analyze_channels(model, index=index)
+        analysis = analysis or analyze_model(model, index=index)
         sizes = np.array([g.size for g in channels.groups], dtype=np.int64)
         group_of = np.full(len(channels.root), -1, dtype=np.int64)
         for g, classes in enumerate(channels.classes):
@@ -162,7 +166,7 @@ class CostModel:
             if len(tracked) > 2:
                 raise ValueError(f"{source}: more than two channel axes")
             a, b = (tracked + [-1, -1])[:2]
-            return coef * float(np.prod(untracked, dtype=np.float64)), a, b
+            return coef * float(math.prod(untracked)), a, b
 
         statistics = {
             name
@@ -179,7 +183,7 @@ class CostModel:
                 and tensor.data_type in FLOAT_TYPES
                 and (name not in statistics)
             ):
-                base_params -= int(np.prod(tensor.dims, dtype=np.int64))
+                base_params -= math.prod(tensor.dims)
                 param_terms.append(term(name, tuple(tensor.dims), 1.0))
 
         base_macs = analysis.total_macs
@@ -198,7 +202,7 @@ class CostModel:
                 continue
             dims = tuple(index.initializers[source].dims)
             base_macs -= macs
-            mac_terms.append(term(source, dims, macs / float(np.prod(dims))))
+            mac_terms.append(term(source, dims, macs / float(math.prod(dims))))
 
         def arrays(terms):
             if not terms:

@@ -17,6 +17,8 @@ initializers.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx
 from onnx import numpy_helper
@@ -37,11 +39,7 @@ def fold_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     `model` itself when there is nothing to fold."""
     index = GraphIndex.build(model)
     opsets = {o.domain or "": o.version for o in model.opset_import}
-    small = {
-        t.name
-        for t in model.graph.initializer
-        if int(np.prod(t.dims, dtype=np.int64)) <= MAX_ELEMENTS
-    }
+    small = {t.name for t in model.graph.initializer if math.prod(t.dims) <= MAX_ELEMENTS}
     outputs = set(index.graph_outputs)
     values: dict[str, np.ndarray] = {}  # folded tensors
     folded: set[int] = set()  # node positions

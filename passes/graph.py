@@ -8,7 +8,8 @@ ModelProto builds the maps, so every later query is a dict lookup.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -33,6 +34,18 @@ class GraphIndex:
     initializers: dict[str, onnx.TensorProto]
     graph_inputs: list[str]
     graph_outputs: list[str]
+    graph: onnx.GraphProto | None = field(default=None, repr=False, compare=False)  # indexed
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto, index: GraphIndex | None = None) -> GraphIndex:
+        """`index` if given, else a new index of `model`: a caller running several analyses
+        on one model indexes it once and passes it on (indexing a 3000-node graph costs
+        more than most analyses). An index of another model is a caller's bug."""
+        if index is None:
+            return cls.build(model)
+        if index.graph is not model.graph:
+            raise ValueError("this GraphIndex indexes another model: pass GraphIndex.build(model)")
+        return index
 
     @classmethod
     def build(cls, model: onnx.ModelProto) -> GraphIndex:
@@ -63,6 +76,7 @@ class GraphIndex:
             initializers=initializers,
             graph_inputs=[i.name for i in graph.input if i.name not in inits],
             graph_outputs=[o.name for o in graph.output],
+            graph=graph,
         )
 
     def source_initializer(self, name: str) -> str | None:
@@ -104,12 +118,9 @@ def static_shape(value_info: onnx.ValueInfoProto) -> tuple[int, ...] | None:
     tensor_type = value_info.type.tensor_type
     if not tensor_type.HasField("shape"):
         return None
-    dims = []
-    for d in tensor_type.shape.dim:
-        if not d.HasField("dim_value") or d.dim_value <= 0:  # -1, 0: dynamic (Paddle)
-            return None
-        dims.append(d.dim_value)
-    return tuple(dims)
+    # An unset dim_value (a dim_param, or nothing) reads as 0; -1 and 0: dynamic (Paddle).
+    dims = tuple([d.dim_value for d in tensor_type.shape.dim])
+    return dims if not dims or min(dims) > 0 else None
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -153,7 +164,7 @@ def count_parameters(model: onnx.ModelProto) -> int:
     DESIGN.md budgets against, counted like torch's `parameters()` (see `is_parameter_use`).
     """
     floats = {t.name: t for t in model.graph.initializer if t.data_type in FLOAT_TYPES}
-    sizes = {name: int(np.prod(t.dims, dtype=np.int64)) for name, t in floats.items()}
+    sizes = {name: math.prod(t.dims) for name, t in floats.items()}
     for node in model.graph.node:
         for k, name in enumerate(node.input):
             if name in sizes and not is_parameter_use(node, k, len(floats[name].dims)):

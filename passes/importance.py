@@ -40,8 +40,8 @@ class Importance:
 
     name = "importance"
 
-    def __init__(self, model: onnx.ModelProto) -> None:
-        self.index = GraphIndex.build(model)
+    def __init__(self, model: onnx.ModelProto, index: GraphIndex | None = None) -> None:
+        self.index = GraphIndex.of(model, index)  # the caller's GraphIndex.build(model), if any
         self._arrays: dict[str, np.ndarray] = {}
 
     def weight(self, name: str) -> np.ndarray:
@@ -80,10 +80,10 @@ class FilterNorm(Importance):
     """The Lp norm (p = 1 or 2) of the filters that produce a channel (all of a
     conv-group's filters for a grouped conv)."""
 
-    def __init__(self, model: onnx.ModelProto, p: int = 1) -> None:
+    def __init__(self, model: onnx.ModelProto, p: int = 1, index: GraphIndex | None = None) -> None:
         if p not in (1, 2):
             raise ValueError(f"FilterNorm: p must be 1 or 2, not {p}")
-        super().__init__(model)
+        super().__init__(model, index)
         self.p = p
         self.name = f"l{p}"
 
@@ -105,8 +105,8 @@ class BatchNormScaled(FilterNorm):
     """The L2 norm of a producer's filter with the BatchNormalization that reads its
     output folded in (each filter times |gamma| / sqrt(var + eps)), if one does."""
 
-    def __init__(self, model: onnx.ModelProto) -> None:
-        super().__init__(model, p=2)
+    def __init__(self, model: onnx.ModelProto, index: GraphIndex | None = None) -> None:
+        super().__init__(model, p=2, index=index)
         self.name = "bn"
         self._nodes = {n.name: n for n in self.index.nodes}
 
@@ -145,10 +145,11 @@ class ActivationImportance(Importance):
         model: onnx.ModelProto,
         per_layer: Mapping[str, np.ndarray],
         fallback: Importance | None = None,
+        index: GraphIndex | None = None,
     ) -> None:
-        super().__init__(model)
+        super().__init__(model, index)
         self.per_layer = {k: np.asarray(v, dtype=np.float64) for k, v in per_layer.items()}
-        self.fallback = fallback or FilterNorm(model, p=1)
+        self.fallback = fallback or FilterNorm(model, p=1, index=self.index)
 
     def producer_scores(self, member: Member) -> np.ndarray | None:
         if member.node in self.per_layer:
@@ -160,17 +161,20 @@ class ActivationImportance(Importance):
 
 
 CRITERIA = {
-    "l1": lambda model: FilterNorm(model, p=1),
-    "l2": lambda model: FilterNorm(model, p=2),
+    "l1": lambda model, index=None: FilterNorm(model, p=1, index=index),
+    "l2": lambda model, index=None: FilterNorm(model, p=2, index=index),
     "bn": BatchNormScaled,
 }
 
 
-def weight_importance(model: onnx.ModelProto, name: str = DEFAULT_CRITERION) -> Importance:
-    """The weight-only criterion `name` (see CRITERIA) built for `model`."""
+def weight_importance(
+    model: onnx.ModelProto, name: str = DEFAULT_CRITERION, index: GraphIndex | None = None
+) -> Importance:
+    """The weight-only criterion `name` (see CRITERIA) built for `model` (`index`: its
+    GraphIndex, if the caller has one)."""
     if name not in CRITERIA:
         raise ValueError(f"unknown importance {name!r}: use one of {', '.join(CRITERIA)}")
-    return CRITERIA[name](model)
+    return CRITERIA[name](model, index)
 
 
 def group_scores(

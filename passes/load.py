@@ -6,9 +6,10 @@ so this is the one place that checks it and says clearly what to do otherwise.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -395,7 +396,7 @@ def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
     graph, light = model.graph, out.graph
     declared = {i.name for i in graph.input}
     for tensor in graph.initializer:
-        size = int(np.prod(tensor.dims, dtype=np.int64))
+        size = math.prod(tensor.dims)
         shape_data = tensor.data_type in _SHAPE_DATA_TYPES and size <= SHAPE_DATA_LIMIT
         if size <= SMALL_VALUES or shape_data:
             light.initializer.append(tensor)
@@ -569,16 +570,33 @@ def in_load_form(model: onnx.ModelProto) -> onnx.ModelProto:
     analysis and transform accepts a plainly loaded model this way (a model whose
     shapes cannot be fixed raises the BadInputError `load_model` would)."""
     graph = model.graph
-    names = [n.name for n in graph.node]
     static = {vi.name for vi in [*graph.value_info, *graph.output] if static_shape(vi)}
+    return model if _is_load_form(graph, static) else load_model(model)
+
+
+def indexed(
+    model: onnx.ModelProto, index: GraphIndex | None = None
+) -> tuple[onnx.ModelProto, GraphIndex]:
+    """`in_load_form(model)` and its GraphIndex: where every analysis starts. `index` is the
+    caller's `GraphIndex.build(model)` when it has one; the form is read off the index."""
+    index = GraphIndex.of(model, index)
+    if _is_load_form(model.graph, index.shapes):
+        return model, index
+    model = load_model(model)
+    return model, GraphIndex.build(model)
+
+
+def _is_load_form(graph: onnx.GraphProto, static: Container[str]) -> bool:
+    """Unique node names, static graph inputs and Conv outputs (`static`: names of tensors
+    with a static shape): what `load` makes."""
+    names = [n.name for n in graph.node]
     initializers = {t.name for t in graph.initializer}
-    loaded = (
+    return (
         all(names)
         and len(set(names)) == len(names)
         and all(static_shape(i) for i in graph.input if i.name not in initializers)
         and all(n.output[0] in static for n in graph.node if n.op_type in ("Conv", "ConvTranspose"))
     )
-    return model if loaded else load_model(model)
 
 
 def _settle(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:

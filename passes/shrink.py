@@ -29,7 +29,7 @@ from .base import Pass, PassResult
 from .channel_groups import ChannelAnalysis, analyze_channels
 from .channel_walk import constant_source, subgraph_names
 from .graph import FLOAT_TYPES, GraphIndex, count_parameters, is_parameter_use
-from .load import in_load_form
+from .load import indexed
 
 KeepPlan = Mapping[int, Sequence[int]]
 
@@ -168,21 +168,23 @@ def _counted(index: GraphIndex, uses: list[tuple[int, int]], via: str | None) ->
 
 
 def shrink_channels(
-    model: onnx.ModelProto, keep: KeepPlan, analysis: ChannelAnalysis | None = None
+    model: onnx.ModelProto,
+    keep: KeepPlan,
+    analysis: ChannelAnalysis | None = None,
+    index: GraphIndex | None = None,
 ) -> onnx.ModelProto:
     """A new model keeping, in each group of `keep`, only the listed channels.
 
     `model` is brought to `load_model` form (the one `analysis` was computed on, if
-    given); groups missing from `keep` keep all their channels. The input is not
-    modified.
+    given; `index` is its `GraphIndex.build(model)`, if the caller has it); groups
+    missing from `keep` keep all their channels. The input is not modified.
     """
-    model = in_load_form(model)
+    model, index = indexed(model, index)
     if analysis is None:
-        analysis = analyze_channels(model)
+        analysis = analyze_channels(model, index=index)
     else:
         analysis.check_model(model)
     kept = kept_channels(analysis, keep)
-    index = GraphIndex.build(model)
     plan = _plan_cuts(index, analysis, kept)
     names = _Names(index)
     for cuts in plan.values():
