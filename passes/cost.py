@@ -140,22 +140,27 @@ class CostModel:
         for g, classes in enumerate(channels.classes):
             group_of[classes] = g
 
-        # Tracked axes: (constant, axis) -> index, with its per-group widths.
+        # Tracked axes: (constant, axis) -> index, and the channel ids along each.
         axis_index: dict[tuple[str, int], int] = {}
-        fixed: list[float] = []
-        entries: list[tuple[int, int, float]] = []
+        axis_ids: list[np.ndarray] = []
         for slot in channels.slots:
             name = index.nodes[slot.node].input[slot.input]
             source = index.source_initializer(name) or name
             key = (source, slot.axis)
-            if key in axis_index:
-                continue
-            axis_index[key] = len(fixed)
-            groups = group_of[channels.root[slot.ids]]
-            fixed.append(float(np.count_nonzero(groups < 0)))
-            found, counts = np.unique(groups[groups >= 0], return_counts=True)
-            for g, n in zip(found.tolist(), counts.tolist()):
-                entries.append((axis_index[key], g, n / sizes[g]))
+            if key not in axis_index:
+                axis_index[key] = len(axis_ids)
+                axis_ids.append(slot.ids.ravel())
+        # Per axis, positions in no group (fixed), and per group on it an entry (axis, group,
+        # width): all axes at once, as a deep model has thousands.
+        axes = len(axis_ids)
+        groups = group_of[channels.root[np.concatenate(axis_ids)]] if axes else np.zeros(0, int)
+        axis_of = np.repeat(np.arange(axes), [len(ids) for ids in axis_ids])
+        fixed = np.bincount(axis_of[groups < 0], minlength=axes).astype(np.float64)
+        span = max(len(sizes), 1)  # pair key: axis * span + group
+        grouped = groups >= 0
+        pairs, counts = np.unique(axis_of[grouped] * span + groups[grouped], return_counts=True)
+        e_axis, e_group = pairs // span, pairs % span
+        e_width = counts / sizes[e_group]
 
         def term(source: str | None, dims: tuple[int, ...], coef: float):
             """coef * size of `source`, as (coefficient, tracked axis a, tracked axis b)."""
@@ -210,13 +215,12 @@ class CostModel:
             coef, a, b = zip(*terms)
             return np.array(coef), np.array(a, np.int64), np.array(b, np.int64)
 
-        e_axis, e_group, e_width = zip(*entries) if entries else ((), (), ())
         return cls(
             sizes=sizes,
-            axis_fixed=np.array(fixed, dtype=np.float64),
-            entry_axis=np.array(e_axis, dtype=np.int64),
-            entry_group=np.array(e_group, dtype=np.int64),
-            entry_width=np.array(e_width, dtype=np.float64),
+            axis_fixed=fixed,
+            entry_axis=e_axis.astype(np.int64),
+            entry_group=e_group.astype(np.int64),
+            entry_width=e_width.astype(np.float64),
             base_params=base_params,
             base_macs=base_macs,
             param_terms=arrays(param_terms),

@@ -131,9 +131,22 @@ def default_opset(model: onnx.ModelProto) -> int:
     return 1
 
 
+_INT, _INTS = onnx.AttributeProto.INT, onnx.AttributeProto.INTS
+
+
 def attributes(node: onnx.NodeProto) -> dict:
-    """Node attributes as plain Python values."""
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    """Node attributes as plain Python values (`onnx.helper.get_attribute_value`'s), ints
+    and int lists read directly: they are most of a CNN's, read for every conv."""
+    values = {}
+    for a in node.attribute:
+        kind = a.type
+        if kind == _INTS and not a.ref_attr_name:
+            values[a.name] = list(a.ints)
+        elif kind == _INT and not a.ref_attr_name:
+            values[a.name] = a.i
+        else:
+            values[a.name] = onnx.helper.get_attribute_value(a)
+    return values
 
 
 # Float inputs that configure an op rather than hold learned values.
