@@ -282,11 +282,15 @@ def round_channels(size: int, fraction: float, multiple: int) -> int:
 
 def _counts(groups: Sequence[GroupInfo], betas: Sequence[float], multiple: int) -> dict[int, int]:
     counts = {}
+    rounded: dict[tuple, int] = {}  # (size, macroblocks) -> count: most groups share a few
     for g in groups:
         if not g.free:
             counts[g.id] = g.size
-        else:
-            counts[g.id] = round_channels(g.size, max(betas[m] for m in g.macroblocks), multiple)
+            continue
+        key = (g.size, g.macroblocks)
+        if key not in rounded:
+            rounded[key] = round_channels(g.size, max(betas[m] for m in g.macroblocks), multiple)
+        counts[g.id] = rounded[key]
     return counts
 
 

@@ -138,9 +138,9 @@ class _UnionFind:
 Axes = tuple[float, ...]  # one entry per spatial dim
 
 
-def _window(node: onnx.NodeProto, weight_shape: tuple[int, ...] | None) -> tuple[Axes, Axes]:
-    """Per spatial dim: the effective kernel dilation*(K-1)+1 and the stride of a conv or pool."""
-    attrs = attributes(node)
+def _window(attrs: dict, weight_shape: tuple[int, ...] | None) -> tuple[Axes, Axes]:
+    """Per spatial dim: the effective kernel dilation*(K-1)+1 and the stride of a conv or pool
+    (`attrs`: its attributes)."""
     kernel = tuple(attrs.get("kernel_shape") or (weight_shape[2:] if weight_shape else ()))
     kernel = kernel or (1,)
     dilation = _per_dim(attrs.get("dilations"), 1, len(kernel))
@@ -210,6 +210,8 @@ def _global_step(
     same = [t for t in inputs if resolution[t] == size] or [
         t for t in inputs if not all(d == 1 for d in resolution[t]) and op not in RESAMPLING_OPS
     ]
+    if len(same) == 1:  # most ops: the field of their one map input
+        return _fit(field_of[same[0]][0], rank), _fit(field_of[same[0]][1], rank)
     if same:
         fields = [_fit(field_of[t][0], rank) for t in same]
         return tuple(max(f[a] for f in fields) for a in range(rank)), _fit(
@@ -255,18 +257,27 @@ def analyze_model(
             field_of[name] = ((1.0,) * len(size), (1.0,) * len(size))
     image_size = max((max(resolution[n]) for n in resolution), default=0)
 
+    conv_attrs: dict[str, dict] = {}  # conv name -> attributes, read once
     for node in index.nodes:
         inputs = [t for t in node.input if t in resolution]
-        outputs = [t for t in node.output if _spatial(shapes.get(t))]
+        outputs = []
+        for t in node.output:
+            size = _spatial(shapes.get(t))
+            if size:
+                outputs.append(t)
+                resolution[t] = size
         if not outputs:
             continue
         op = node.op_type
-        for out in outputs:
-            resolution[out] = _spatial(shapes[out])
         if op in BORDER_OPS and inputs:
             resolution[outputs[0]] = resolution[inputs[0]]
         weight_shape = shapes.get(node.input[1]) if op in CONV_OPS else None
-        window = _window(node, weight_shape) if op in (*CONV_OPS, *POOL_OPS) and inputs else None
+        window = None
+        if op in (*CONV_OPS, *POOL_OPS) and inputs:
+            attrs = attributes(node)
+            window = _window(attrs, weight_shape)
+            if op in CONV_OPS:
+                conv_attrs[node.name] = attrs
         for out in outputs:
             field_of[out] = _global_step(node, out, inputs, resolution, field_of, window)
         # Receptive field of each output, local to its macroblock.
@@ -311,11 +322,14 @@ def analyze_model(
 
     # Group layers by macroblock, ordered by where each macroblock's first tensor
     # appears (a stride-2 branch may run before the convs of the resolution it leaves).
-    first_seen: dict[str, int] = {}
+    first_at: dict[str, int] = {}  # tensor -> first node it appears in (dict order: by it)
     for position, node in enumerate(index.nodes):
         for t in (*node.input, *node.output):
             if t in resolution:
-                first_seen.setdefault(blocks.find(t), position)
+                first_at.setdefault(t, position)
+    first_seen: dict[str, int] = {}
+    for t, position in first_at.items():
+        first_seen.setdefault(blocks.find(t), position)
     by_root: dict[str, list[onnx.NodeProto]] = {}
     for node in convs:
         by_root.setdefault(blocks.find(node.output[0]), []).append(node)
@@ -326,7 +340,9 @@ def analyze_model(
     for m, nodes in enumerate(roots.values()):
         sizes = Counter(resolution[n.output[0]] for n in nodes)
         block_res = max(sizes, key=lambda s: (sizes[s], s))
-        block_layers = [_conv_layer(n, index, resolution, rf, field_of, m) for n in nodes]
+        block_layers = [
+            _conv_layer(n, conv_attrs.get(n.name), index, rf, field_of, m) for n in nodes
+        ]
         if receptive_field == "global":
             limit, key = image_size, "global_receptive_field"
         else:
@@ -355,8 +371,8 @@ def analyze_model(
     )
 
 
-def _conv_layer(node, index: GraphIndex, resolution, rf, field_of, macroblock: int) -> ConvLayer:
-    attrs = attributes(node)
+def _conv_layer(node, attrs, index: GraphIndex, rf, field_of, macroblock: int) -> ConvLayer:
+    attrs = attributes(node) if attrs is None else attrs
     shapes = index.shapes
     weight_shape = shapes[node.input[1]]
     in_shape, out_shape = shapes[node.input[0]], shapes[node.output[0]]

@@ -99,10 +99,16 @@ class ChannelWalk:
         return x
 
     def union(self, a: np.ndarray, b: np.ndarray) -> None:
+        parent = self.parent
         for x, y in zip(a.tolist(), b.tolist()):
-            rx, ry = self.find(x), self.find(y)
-            if rx != ry:
-                self.parent[rx] = ry
+            while parent[x] != x:  # `find`, inline: a residual join unions every channel
+                parent[x] = parent[parent[x]]
+                x = parent[x]
+            while parent[y] != y:
+                parent[y] = parent[parent[y]]
+                y = parent[y]
+            if x != y:
+                parent[x] = y
 
     def varies(self, ids: np.ndarray) -> bool:
         first = self.find(int(ids.flat[0]))
