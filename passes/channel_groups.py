@@ -207,7 +207,8 @@ class _Positions:
             cls = self.root[ids]
             groups = self.group_of[cls]
             parts = []
-            for g in np.unique(groups).tolist():
+            one = groups.size and (groups == groups.flat[0]).all()  # most arrays: one group
+            for g in [int(groups.flat[0])] if one else np.unique(groups).tolist():
                 where = np.flatnonzero(groups == g)
                 where = where[np.argsort(self.rank_of[cls[where]], kind="stable")]
                 parts.append((g, where.reshape(self.sizes[g], -1)))
