@@ -18,7 +18,6 @@ import numpy as np
 import onnx
 from google.protobuf.message import DecodeError, Message
 from onnx import numpy_helper
-from onnx.external_data_helper import load_external_data_for_model
 
 from .base import Pass, PassResult
 from .errors import BadInputError
@@ -70,8 +69,9 @@ def read_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
             raise BadInputError(f"{path} is a folder; give the path of an .onnx model file")
         if not path.is_file():
             raise BadInputError(f"model file not found: {path}")
+        checked = _checks_from_file(path)  # before parsing: onnx's copy is freed by then
         try:
-            model, checked = _read_checked(path)
+            model = onnx.load(str(path))
         except DecodeError as e:
             raise BadInputError(
                 f"{path} is not a valid ONNX file (truncated or not ONNX: {e})"
@@ -98,34 +98,12 @@ def read_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _read_checked(path: Path) -> tuple[onnx.ModelProto, bool]:
-    """What `onnx.load` reads from `path`, and whether the checker passes the file.
-
-    The file is read once: the checker parses the bytes read (no serialized copy of
-    ours) before we do, so its copy and ours never coexist. Where it fails on them it
-    reads the file itself, which also finds external data next to the model; a
-    failure there is left to `read_model`'s own steps, which say what is wrong (or
-    take unknown ops as opaque)."""
-    data = path.read_bytes()
-    checked = _checks(data)
-    if not checked:
-        del data  # never two copies besides the checker's
-        checked = _checks(str(path))
-        data = path.read_bytes()
-    # As onnx.load(path): the format its extension names, external data from its folder.
-    ext = os.path.splitext(path)[1]
-    model = onnx.load_model_from_string(
-        data, onnx.serialization.registry.get_format_from_file_extension(ext) or "protobuf"
-    )
-    del data
-    load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
-    return model, checked
-
-
-def _checks(model: bytes | str) -> bool:
-    """Whether `onnx.checker.check_model` passes serialized model bytes or a model file."""
+def _checks_from_file(path: Path) -> bool:
+    """Whether the checker passes the file as onnx reads it (no serialized copy of ours;
+    run before our parse so its copy and ours never coexist). A failure is left to
+    `read_model`'s own steps, which say what is wrong (or take unknown ops as opaque)."""
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(str(path))
     except Exception:
         return False
     return True
