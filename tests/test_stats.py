@@ -340,11 +340,13 @@ def test_counts_stay_exact_on_large_maps_and_old_ir():
 def test_optimization_levels_are_built_only_where_they_repay_their_build():
     from onnx_mbs.stats import optimization_level
 
-    resnet1202 = (6620, 2_829_501_056)  # instrumented nodes, MACs per 32x32 sample
-    assert optimization_level(resnet1202[0], 16, resnet1202[1]) == "none"
-    assert optimization_level(resnet1202[0], 64, resnet1202[1]) == "extended"
-    assert optimization_level(resnet1202[0], 512, resnet1202[1]) == "full"
-    assert optimization_level(541, 16, 7_801_405_440) == "full"  # ResNet-101 at 224
+    resnet1202 = (6620, 74.6, 2_829_501_056)  # instrumented nodes, weight MB, MACs per sample
+    assert optimization_level(*resnet1202[:2], 16, resnet1202[2]) == "none"
+    assert optimization_level(*resnet1202[:2], 64, resnet1202[2]) == "extended"
+    assert optimization_level(*resnet1202[:2], 512, resnet1202[2]) == "full"
+    resnet101 = (559, 169.8, 7_801_405_440)  # at 224
+    assert optimization_level(*resnet101[:2], 16, resnet101[2]) == "extended"
+    assert optimization_level(*resnet101[:2], 256, resnet101[2]) == "full"
 
 
 def test_counts_are_the_same_at_every_optimization_level(data, monkeypatch):
