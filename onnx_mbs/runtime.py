@@ -188,6 +188,9 @@ def make_session(
         ) from None
 
 
+MAX_CONCURRENT_RUNS = 8
+
+
 def concurrent_runs(providers: list[str], rows: int, samples: int) -> int:
     """How many runs of `rows` samples to have in flight at once (each on one intra-op
     thread): one per core on the CPU provider when a run is a single sample, whose small
@@ -198,9 +201,6 @@ def concurrent_runs(providers: list[str], rows: int, samples: int) -> int:
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return max(1, min(cores or 1, samples, MAX_CONCURRENT_RUNS))
-
-
-MAX_CONCURRENT_RUNS = 8
 
 
 def in_order(run: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[tuple[T, R]]:

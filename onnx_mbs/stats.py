@@ -56,6 +56,8 @@ from onnx_mbs.passes.load import (
     LoadedModel,
     placed_apart,
     set_io,
+    temporary_folder_error,
+    weights_apart,
     without_weights,
 )
 from onnx_mbs.progress import progress_bar
@@ -249,17 +251,13 @@ def weights_aside(read: LoadedModel) -> Iterator[tuple[onnx.ModelProto, Path]]:
     """
     with tempfile.TemporaryDirectory(prefix="onnx-mbs-") as name:
         folder = Path(name)
-        lent: dict[str, bool] = {}  # name -> whether its data_location field was set
         try:
-            light = without_weights(read.model)
-            with open(folder / WEIGHTS_FILE, "wb") as data:
-                for tensor in read.model.graph.initializer:
-                    placed = placed_apart(tensor, data)
-                    if placed is not tensor:
-                        lent[tensor.name] = tensor.HasField("data_location")
-                    light.graph.initializer.append(placed)
+            light, apart = weights_apart(read.model, folder)
         except OSError as e:
-            raise _no_temporary_folder(e) from None
+            raise temporary_folder_error(e) from None
+        # name -> whether its data_location field was set, to give each back as it was
+        lent = {t.name: t.HasField("data_location") for t in apart}
+        del apart
         read.model = None  # type: ignore[assignment]  # read back below
         release_freed_memory()
         try:
@@ -284,13 +282,6 @@ def _taken_back(model: onnx.ModelProto, folder: Path, lent: dict[str, bool]) -> 
             else:
                 tensor.ClearField("data_location")
     return model
-
-
-def _no_temporary_folder(error: OSError) -> BadInputError:
-    return BadInputError(
-        f"cannot write the instrumented model to a temporary folder ({error}); "
-        "set TMPDIR to a writable folder"
-    )
 
 
 def _pack(outputs: list[StatOutputs], graph: onnx.GraphProto) -> list[StatOutputs]:
@@ -557,7 +548,7 @@ def collect_stats(
                 side_branches_early=True,
             )
     except OSError as e:
-        raise _no_temporary_folder(e) from None
+        raise temporary_folder_error(e) from None
     feed_type = feed_dtype(session, data.input_name)
     names = [o.name for o in session.get_outputs()]
 

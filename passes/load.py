@@ -59,7 +59,7 @@ def read_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
 
     Refuses what MBS cannot work on: not ONNX, truncated, invalid, quantized.
     """
-    path, checked = None, False
+    path = None
     if isinstance(source, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(source)
@@ -69,7 +69,6 @@ def read_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
             raise BadInputError(f"{path} is a folder; give the path of an .onnx model file")
         if not path.is_file():
             raise BadInputError(f"model file not found: {path}")
-        checked = _checks_from_file(path)  # before parsing: onnx's copy is freed by then
         try:
             model = onnx.load(str(path))
         except DecodeError as e:
@@ -88,25 +87,12 @@ def read_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
             f"quantized graph ({', '.join(quantized)}): MBS works on float models; "
             "reduce the float model first, then quantize"
         )
-    if path is not None and checked:
-        return model
     try:
-        check_model(model)
+        check_model(model)  # the weights checked a tensor at a time: no copy of them
     except onnx.checker.ValidationError as e:
         first = str(e).strip().splitlines()[0]
         raise BadInputError(f"the model is not valid ONNX: {first}") from None
     return model
-
-
-def _checks_from_file(path: Path) -> bool:
-    """Whether the checker passes the file as onnx reads it (no serialized copy of ours;
-    run before our parse so its copy and ours never coexist). A failure is left to
-    `read_model`'s own steps, which say what is wrong (or take unknown ops as opaque)."""
-    try:
-        onnx.checker.check_model(str(path))
-    except Exception:
-        return False
-    return True
 
 
 OPAQUE_DOMAIN = "onnx_mbs.opaque"
@@ -154,20 +140,20 @@ def check_model(model: onnx.ModelProto, full_check: bool = False) -> None:
     try:
         with tempfile.TemporaryDirectory(prefix="onnx-mbs-") as name:
             folder = Path(name)
-            light = without_weights(custom)
-            with open(folder / WEIGHTS_FILE, "wb") as data:
-                for tensor in custom.graph.initializer:
-                    placed = placed_apart(tensor, data)
-                    if placed is not tensor:
-                        onnx.checker.check_tensor(tensor)
-                    light.graph.initializer.append(placed)
+            light, apart = weights_apart(custom, folder)
+            for tensor in apart:
+                onnx.checker.check_tensor(tensor)
             (folder / "checked.onnx").write_bytes(light.SerializeToString())
             onnx.checker.check_model(str(folder / "checked.onnx"), full_check=full_check)
     except OSError as error:
-        raise BadInputError(
-            f"cannot write a model to check to a temporary folder ({error}); "
-            "set TMPDIR to a writable folder"
-        ) from None
+        raise temporary_folder_error(error) from None
+
+
+def temporary_folder_error(error: OSError) -> BadInputError:
+    """What a run says when its temporary folder cannot be written."""
+    return BadInputError(
+        f"cannot write to a temporary folder ({error}); set TMPDIR to a writable folder"
+    )
 
 
 # Tensors of a page or more go to WEIGHTS_FILE at page-aligned offsets: what onnxruntime
@@ -193,6 +179,22 @@ def placed_apart(tensor: onnx.TensorProto, data: BinaryIO) -> onnx.TensorProto:
     for key, value in (("location", WEIGHTS_FILE), ("offset", offset), ("length", len(raw))):
         reference.external_data.add(key=key, value=str(value))
     return reference
+
+
+def weights_apart(
+    model: onnx.ModelProto, folder: Path
+) -> tuple[onnx.ModelProto, list[onnx.TensorProto]]:
+    """A copy of `model` whose tensors of a page or more are references into
+    `folder`/WEIGHTS_FILE, written there (`placed_apart`); and those tensors, `model`'s own."""
+    light = without_weights(model)
+    apart = []
+    with open(folder / WEIGHTS_FILE, "wb") as data:
+        for tensor in model.graph.initializer:
+            placed = placed_apart(tensor, data)
+            if placed is not tensor:
+                apart.append(tensor)
+            light.graph.initializer.append(placed)
+    return light, apart
 
 
 _GRAPH_FIELD = 7  # ModelProto.graph
@@ -427,7 +429,7 @@ def copy_fields_of(source: Message, target: Message, names: Sequence[str]) -> No
     for name in names:
         descriptor = source.DESCRIPTOR.fields_by_name[name]
         value = getattr(source, name)
-        if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):  # repeated
+        if descriptor.is_repeated:
             getattr(target, name).extend(value)
         elif descriptor.type == descriptor.TYPE_MESSAGE:
             getattr(target, name).CopyFrom(value)

@@ -29,7 +29,7 @@ from .base import Pass, PassResult
 from .channel_groups import ChannelAnalysis, analyze_channels
 from .channel_walk import constant_source, subgraph_names
 from .graph import FLOAT_TYPES, GraphIndex, count_parameters, is_parameter_use
-from .load import indexed
+from .load import indexed, without_weights
 
 KeepPlan = Mapping[int, Sequence[int]]
 
@@ -190,9 +190,7 @@ def shrink_channels(
     for cuts in plan.values():
         for k, cut in enumerate(cuts[1:], start=1):
             cut.name = names.fresh(f"{cut.source}__{k}")
-    out = onnx.ModelProto()
-    _copy_fields(model, out, skip={"graph"})
-    _copy_fields(model.graph, out.graph, skip={"initializer"})
+    out = without_weights(model)
     nodes = out.graph.node
 
     new_shapes: dict[str, tuple[int, ...]] = {}  # constants sliced in place
@@ -322,20 +320,6 @@ def _update_shapes(
             axis, size = counts[vi.name]
             if axis < len(dims) and dims[axis].HasField("dim_value"):
                 dims[axis].dim_value = size
-
-
-def _copy_fields(src, dst, skip: set[str]) -> None:
-    """Copy a protobuf message's set fields except `skip` (to avoid copying weights twice)."""
-    for fd, value in src.ListFields():
-        if fd.name in skip:
-            continue
-        target = getattr(dst, fd.name)
-        if fd.is_repeated:
-            target.extend(value)
-        elif fd.type == fd.TYPE_MESSAGE:
-            target.CopyFrom(value)
-        else:
-            setattr(dst, fd.name, value)
 
 
 def _set_attribute(node: onnx.NodeProto, name: str, value) -> None:

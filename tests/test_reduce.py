@@ -360,3 +360,35 @@ def test_reduce_model_onnx_alone(bundled_model_path, tmp_path, capsys):
     assert set(report.rho.values()) == {1.0} and report.samples == 0
     with pytest.raises(BadInputError, match="give --data"):
         reduce(str(model), importance="act", progress=False)
+
+
+def test_unwritable_temporary_folder_is_one_line_and_exit_2(bundled_model_path, tmp_path, capsys):
+    """The checker and the statistics write temporary files (memory: issue 13): where the
+    temporary folder cannot be written, the run stops with one line naming TMPDIR."""
+    import tempfile
+
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    out = tmp_path / "never.onnx"
+    saved = tempfile.tempdir
+    tempfile.tempdir = str(not_a_folder)
+    try:
+        code = main(
+            [
+                "reduce",
+                str(bundled_model_path),
+                "-o",
+                str(out),
+                "--data",
+                str(bundled_model_path.parent / "fmnist_sample.npz"),
+                "--limit",
+                "16",
+                "--no-eval",
+            ]
+        )
+    finally:
+        tempfile.tempdir = saved
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert "set TMPDIR to a writable folder" in err[-1] and "Traceback" not in "\n".join(err)
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["file"]
