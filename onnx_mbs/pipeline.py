@@ -40,7 +40,7 @@ from onnx_mbs.passes.importance import (
     group_scores,
     weight_importance,
 )
-from onnx_mbs.passes.load import check_model, load, set_io
+from onnx_mbs.passes.load import check_model, load
 from onnx_mbs.passes.shrink import shrink_channels
 from onnx_mbs.plan import (
     DEFAULT_WIDTH_MAP,
@@ -259,7 +259,7 @@ def reduce(
                 batch_size=batch_size,
                 progress=progress,
                 magnitudes=importance == "act",  # sum |x| is only needed to rank by activations
-                declared=read.declared,
+                written=read.write_form,
                 macs_per_sample=before.total_macs // (read.batch or 1),  # analysed at that batch
                 weights_folder=folder,
             )
@@ -327,8 +327,8 @@ def reduce(
         keep = choose_channels(groups, plan.counts, scores)
         shrunk = shrink_channels(loaded, keep, channels, index)
         # Analysed while it has the analysis form's shapes (shrink keeps them up to date),
-        # then given the declared I/O in place: no second copy of its weights (issue 13).
-        return analyze_model(shrunk, receptive_field), set_io(shrunk, read.declared)
+        # then put in the written form in place: no second copy of its weights (issue 13).
+        return analyze_model(shrunk, receptive_field), read.write_form(shrunk)
 
     after, reduced = rewrite(plan)
     if latency is not None:

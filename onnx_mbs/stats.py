@@ -37,7 +37,7 @@ import contextlib
 import functools
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from itertools import chain
@@ -55,7 +55,6 @@ from onnx_mbs.passes.load import (
     WEIGHTS_FILE,
     LoadedModel,
     placed_apart,
-    set_io,
     temporary_folder_error,
     weights_apart,
     without_weights,
@@ -499,16 +498,17 @@ def collect_stats(
     progress: bool = True,
     magnitudes: bool = True,
     spatial_mean: str = "pool",
-    declared: onnx.ModelProto | None = None,
+    written: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None,
     macs_per_sample: int | None = None,
     weights_folder: Path | None = None,
 ) -> ActivationStats:
     """Per-channel count of x > 0 and sum |x| for each tensor, over all of `data`.
 
     Memory stays flat in the number of samples: batches are streamed and only the
-    per-channel reductions leave onnxruntime. `model` is not modified. `declared`
-    (a LoadedModel's) gives the graph inputs to run with when `model` is the analysis
-    form, whose inferred shapes then spare inferring them again. `macs_per_sample`, when
+    per-channel reductions leave onnxruntime. `model` is not modified. `written` (a
+    LoadedModel's `write_form`) makes the instrumented model take the inputs a written
+    model takes when `model` is the analysis form, whose inferred shapes then spare
+    inferring them again. `macs_per_sample`, when
     known, lets a deep graph run on few samples skip onnxruntime's slow-to-build layout
     optimisation levels (see `optimization_level`). `weights_folder` holds the large
     weights `model` references (`weights_aside`); the instrumented model is written there.
@@ -522,8 +522,8 @@ def collect_stats(
     instrumented, outputs = _instrumented(
         model, tensors, {data.input_name: first.x.shape}, magnitudes, spatial_mean
     )
-    if declared is not None:
-        set_io(instrumented, declared)
+    if written is not None:
+        written(instrumented)
     workers = concurrent_runs(providers, len(first.x), len(data))
     # onnxruntime reads the model from a file written a tensor at a time: no copy of the
     # weights, serialized or not, beside `model`'s; the large ones it maps (issue 13).

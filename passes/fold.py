@@ -38,19 +38,8 @@ def fold_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """`model` (in `load_model` form) with its shape arithmetic folded: a new model, or
     `model` itself when there is nothing to fold."""
     index = GraphIndex.build(model)
-    opsets = {o.domain or "": o.version for o in model.opset_import}
-    small = {t.name for t in model.graph.initializer if math.prod(t.dims) <= MAX_ELEMENTS}
     outputs = set(index.graph_outputs)
-    values: dict[str, np.ndarray] = {}  # folded tensors
-    folded: set[int] = set()  # node positions
-    for k, node in enumerate(index.nodes):
-        if node.domain not in ("", "ai.onnx") or any(o in outputs for o in node.output):
-            continue
-        result = _fold(node, index, values, small, opsets)
-        if result is None:
-            continue
-        folded.add(k)
-        values.update(zip(node.output, result))
+    values, folded = _folded(model, index)
     # A Constant read only by nodes that stay is left as it is: turning it into an
     # initializer changes nothing but would count, say, Clip bounds as parameters.
     readers_kept = {
@@ -88,6 +77,33 @@ def fold_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     del out.graph.value_info[:]
     out.graph.value_info.extend(infos)
     return out
+
+
+def shape_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """The value of every tensor of `model` that folding computes (from its recorded
+    shapes and small constants), graph outputs included."""
+    return _folded(model, GraphIndex.build(model), outputs=False)[0]
+
+
+def _folded(
+    model: onnx.ModelProto, index: GraphIndex, outputs: bool = True
+) -> tuple[dict[str, np.ndarray], set[int]]:
+    """The folded tensors' values and the positions of the nodes folded; with `outputs`,
+    nodes that write a graph output are left alone."""
+    opsets = {o.domain or "": o.version for o in model.opset_import}
+    small = {t.name for t in model.graph.initializer if math.prod(t.dims) <= MAX_ELEMENTS}
+    kept = set(index.graph_outputs) if outputs else set()
+    values: dict[str, np.ndarray] = {}
+    folded: set[int] = set()
+    for k, node in enumerate(index.nodes):
+        if node.domain not in ("", "ai.onnx") or any(o in kept for o in node.output):
+            continue
+        result = _fold(node, index, values, small, opsets)
+        if result is None:
+            continue
+        folded.add(k)
+        values.update(zip(node.output, result))
+    return values, folded
 
 
 def _fold(

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .errors import BadInputError
 from .normalise import constant_value
 
 FLOAT_TYPES = {
@@ -183,3 +184,26 @@ def count_parameters(model: onnx.ModelProto) -> int:
             if name in sizes and not is_parameter_use(node, k, len(floats[name].dims)):
                 sizes[name] = 0
     return sum(sizes.values())
+
+
+def topological_order(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """Nodes in an order where every input is ready (ONNX asks for it; not every file obeys)."""
+    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending = list(graph.node)
+    order: list[onnx.NodeProto] = []
+    while pending:
+        left = []
+        for node in pending:
+            if all(name in ready for name in node.input):
+                order.append(node)
+                ready.update(node.output)
+            else:
+                left.append(node)
+        if len(left) == len(pending):
+            node = left[0]
+            missing = [n for n in node.input if n not in ready]
+            raise BadInputError(
+                f"node '{node.name}' ({node.op_type}) reads {missing}, which no node produces"
+            )
+        pending = left
+    return order

@@ -8,20 +8,20 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tempfile
 from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-import numpy as np
 import onnx
 from google.protobuf.message import DecodeError, Message
-from onnx import numpy_helper
 
 from .base import Pass, PassResult
+from .dynamic import RunTimeShapes, keep_dynamic, other_shapes
 from .errors import BadInputError
-from .graph import GraphIndex, attributes, static_shape
+from .graph import GraphIndex, static_shape
 from .normalise import normalise_in_place, unique_names
 
 InputShapes = Mapping[str, Sequence[int]]
@@ -333,11 +333,23 @@ class FixInputShapes(Pass):
                     modified = True
                 continue
             shown = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+            sizes = [
+                str(d.dim_value) if d.HasField("dim_value") else "1" if k == 0 else _size_name(d, k)
+                for k, d in enumerate(dims)
+            ]
+            unknown = ", ".join(x for x in sizes if not x.isdigit())
             raise BadInputError(
-                f"input {vi.name!r} has dynamic dims {shown}; fix them with "
-                f"--input-shape {vi.name}:1,3,224,224 (your sizes)"
+                f"input {vi.name!r} has dynamic dims {shown}: give the size to analyse at, "
+                f"--input-shape {vi.name}:{','.join(sizes)} with your {unknown} (the written "
+                "model keeps the dims dynamic)"
             )
         return PassResult(out if modified else model, modified)
+
+
+def _size_name(dim: onnx.TensorShapeProto.Dimension, k: int) -> str:
+    """A dynamic dim's name as a placeholder for its size: HEIGHT for 'height', D2 for none."""
+    name = dim.dim_param
+    return name.upper() if name.isidentifier() and len(name) <= 16 else f"D{k}"
 
 
 class InferShapes(Pass):
@@ -473,19 +485,21 @@ class NameNodes(Pass):
 
 @dataclass
 class LoadedModel:
-    """A model as read, in the analysis form, and the I/O a written model declares.
+    """A model as read, in the analysis form, and what a written model keeps of the input.
 
     `original` is the input as read (handed back unchanged when nothing is cut);
     `model` is normalised, shapes fixed and inferred, shape arithmetic folded:
     what every pass expects; `declared` holds only the graph inputs and outputs
     every written model declares (normalised, no shape fixed), not a third copy
-    of the weights.
+    of the weights; `run_time` the original's computation of the folded constants
+    that follow the input size (dynamic.py), which a written model computes again.
     """
 
     model: onnx.ModelProto
     declared: onnx.ModelProto
     path: Path | None = None  # the file read, when the input was one
     read: onnx.ModelProto | None = field(default=None, repr=False)  # the input, if not a file
+    run_time: RunTimeShapes = field(default_factory=RunTimeShapes, repr=False)
 
     @property
     def original(self) -> onnx.ModelProto:
@@ -498,8 +512,17 @@ class LoadedModel:
         return copy
 
     def written(self, model: onnx.ModelProto) -> onnx.ModelProto:
-        """`model` (an analysis-form model or a shrunk one) with the declared I/O."""
-        return with_io_of(model, self.declared)
+        """`model` (the analysis form, or a shrunk or retrained one) as it is written: a new
+        model that takes every input shape the original took."""
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        return self.write_form(out)
+
+    def write_form(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """`written` in place, for a copy of one's own (no second copy of the weights):
+        the shape arithmetic that follows the input size computed at run time again, then
+        the declared I/O."""
+        return set_io(self.run_time.apply(model), self.declared)
 
     @property
     def runnable(self) -> onnx.ModelProto:
@@ -520,35 +543,53 @@ def load(
 
     Exporters compute Reshape targets at run time (Shape -> Gather -> Concat); shape
     inference cannot see through all of that, folding it can, and then inference
-    goes further. A dynamic batch is taken as 1. Fixing shapes serves the analysis
-    only: folded constants that follow a dynamic dim are made size-agnostic (see
-    `_keep_dynamic`), so the written model accepts every shape the original did.
+    goes further. A dynamic batch is taken as 1, dynamic image sizes as `input_shapes`
+    or the model's own (`analysis_shapes`). Fixing shapes serves the analysis only:
+    folded constants that follow a dynamic dim are kept dynamic (dynamic.py), so the
+    written model accepts every shape the original did.
     """
     # One copy of the weights at a time where it can be (memory: issue 13): the copy
     # read is normalised in place; shapes are inferred into the fixed model, which is
     # that same copy when no input shape needs fixing, and then holds all load needs.
     declared = normalise_in_place(read_model(source))
-    fixed = FixInputShapes(input_shapes, batch=1)(declared).model
+    fixed = FixInputShapes(analysis_shapes(declared, input_shapes), batch=1)(declared).model
     io = _io_only(declared)
     model, folded = _settle(fixed)
     others = []
     for kind in ("batch", "spatial") if folded else ():
-        other = _other_shapes(declared, fixed, kind)
+        other = other_shapes(declared, fixed, kind)
         try:
             if other:
                 others.append(_settle(FixInputShapes(other)(declared).model)[0])
         except BadInputError:
             pass  # the original does not run at that size either: nothing to keep
-    try:
-        model = _keep_dynamic(model, others)
-    except BadInputError:
-        if not input_shapes:
-            raise
-        # The user fixed these shapes: the written model takes exactly them.
-        io = _io_only(FixInputShapes(input_shapes, batch=None)(declared).model)
+    model, run_time = keep_dynamic(model, others, declared)
     if isinstance(source, onnx.ModelProto):
-        return LoadedModel(model, io, read=source)
-    return LoadedModel(model, io, path=Path(source))
+        return LoadedModel(model, io, run_time=run_time, read=source)
+    return LoadedModel(model, io, run_time=run_time, path=Path(source))
+
+
+def analysis_shapes(model: onnx.ModelProto, given: InputShapes | None) -> InputShapes | None:
+    """The input shapes to analyse at: `given`, else for an image input whose height and
+    width are dynamic the size the model records it was made for (the `imgsz` metadata
+    Ultralytics exports write), else None (FixInputShapes then says what to give)."""
+    if given:
+        return given
+    recorded = {p.key: p.value for p in model.metadata_props}.get("imgsz", "")
+    size = [int(d) for d in re.findall(r"\d+", recorded)]
+    if len(size) == 1:
+        size *= 2
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(size) != 2 or len(inputs) != 1:
+        return None
+    dims = inputs[0].type.tensor_type.shape.dim
+    if len(dims) != 4 or not dims[1].HasField("dim_value"):
+        return None
+    if any(d.HasField("dim_value") for d in dims[2:]):
+        return None
+    batch = dims[0].dim_value if dims[0].HasField("dim_value") else 1
+    return {inputs[0].name: [batch, dims[1].dim_value, *size]}
 
 
 def _io_only(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -581,11 +622,21 @@ def indexed(
 ) -> tuple[onnx.ModelProto, GraphIndex]:
     """`in_load_form(model)` and its GraphIndex: where every analysis starts. `index` is the
     caller's `GraphIndex.build(model)` when it has one; the form is read off the index."""
+    model, index, _ = indexed_loaded(model, index)
+    return model, index
+
+
+def indexed_loaded(
+    model: onnx.ModelProto, index: GraphIndex | None = None
+) -> tuple[onnx.ModelProto, GraphIndex, LoadedModel | None]:
+    """`indexed`, and the LoadedModel when `model` had to be loaded: where every transform
+    starts, so that its result, written by `LoadedModel.write_form`, keeps the declared
+    inputs and outputs of the model it was given (dynamic dims included)."""
     index = GraphIndex.of(model, index)
     if _is_load_form(model.graph, index.shapes):
-        return model, index
-    model = load_model(model)
-    return model, GraphIndex.build(model)
+        return model, index, None
+    read = load(model)
+    return read.model, GraphIndex.build(read.model), read
 
 
 def _is_load_form(graph: onnx.GraphProto, static: Container[str]) -> bool:
@@ -621,118 +672,6 @@ def _settle(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
         model, anything = folded, True
     _check_static(model)
     return model, anything
-
-
-def _other_shapes(
-    declared: onnx.ModelProto, fixed: onnx.ModelProto, kind: str
-) -> dict[str, list[int]]:
-    """`fixed`'s input shapes with the dims `declared` leaves dynamic doubled: the batch
-    (dim 0) or the spatial dims (2 on); empty when no such dim is dynamic."""
-    initializers = {t.name for t in declared.graph.initializer}
-    static = {vi.name: static_shape(vi) for vi in fixed.graph.input}
-    other: dict[str, list[int]] = {}
-    for vi in declared.graph.input:
-        if vi.name in initializers:
-            continue
-        dims = vi.type.tensor_type.shape.dim
-        wanted = (lambda k: k == 0) if kind == "batch" else (lambda k: k >= 2)
-        dynamic = [k for k, d in enumerate(dims) if not d.HasField("dim_value") and wanted(k)]
-        if dynamic:
-            shape = list(static[vi.name] or ())
-            for k in dynamic:
-                shape[k] *= 2
-            other[vi.name] = shape
-    return other
-
-
-def _keep_dynamic(base: onnx.ModelProto, others: list[onnx.ModelProto]) -> onnx.ModelProto:
-    """Make folded constants that follow a dynamic input dim size-agnostic.
-
-    The same model folded at several input sizes: constants that differ follow the
-    size. In a Reshape target, an entry that equals the data's own dim at every
-    size becomes 0 (ONNX: copy that dim), and a single entry left varying becomes
-    -1 (infer it); Resize sizes that scale with the data become scales. Anything
-    else is refused rather than written for one size only.
-    """
-    if not others:
-        return base
-    index = GraphIndex.build(base)
-    folded = [
-        ({t.name: numpy_helper.to_array(t) for t in m.graph.initializer}, GraphIndex.build(m))
-        for m in [base, *others]
-    ]
-    new: dict[str, np.ndarray] = {}
-    resized: dict[str, list[str]] = {}  # Resize node -> its new inputs
-    for tensor in base.graph.initializer:
-        values = [v.get(tensor.name) for v, _ in folded]
-        if any(v is None or v.shape != values[0].shape for v in values):
-            continue
-        if all(np.array_equal(v, values[0]) for v in values):
-            continue
-        readers = index.consumers.get(tensor.name, [])
-        reader = readers[0] if len(readers) == 1 else None
-        data = [i.shapes.get(reader.input[0]) for _, i in folded] if reader else [None]
-        fixed = None
-        if reader is not None and None not in data:
-            if reader.op_type == "Reshape" and reader.input[1] == tensor.name:
-                fixed = _agnostic_reshape(values, data, attributes(reader))
-            elif reader.op_type == "Resize" and reader.input[-1] == tensor.name:
-                fixed = _sizes_as_scales(values, data)
-        if fixed is None:
-            raise BadInputError(
-                f"the model computes {tensor.name!r} from the input size in a way onnx-mbs "
-                f"cannot keep dynamic; fix the input shape with --input-shape "
-                f"({', '.join(index.graph_inputs)}) and the reduced model takes that shape"
-            )
-        if reader.op_type == "Resize":
-            scales = f"{tensor.name}_scales"
-            new[scales] = fixed
-            roi = reader.input[1] if len(reader.input) > 1 else ""
-            resized[reader.name] = [reader.input[0], roi, scales]
-        else:
-            new[tensor.name] = fixed
-    out = onnx.ModelProto()
-    out.CopyFrom(base)
-    for node in out.graph.node:
-        if node.name in resized:
-            del node.input[:]
-            node.input.extend(resized[node.name])
-    used = {name for node in out.graph.node for name in node.input}
-    kept = [t for t in out.graph.initializer if t.name not in new and t.name in used]
-    del out.graph.initializer[:]
-    out.graph.initializer.extend(kept)
-    for name, value in new.items():
-        out.graph.initializer.append(numpy_helper.from_array(value, name))
-    return out
-
-
-def _agnostic_reshape(values: list, data: list, attrs: dict) -> np.ndarray | None:
-    """A Reshape target valid at every size (`values[i]` is the target when the data
-    has shape `data[i]`), or None."""
-    first = values[0]
-    differ = [k for k in range(len(first)) if any(v[k] != first[k] for v in values)]
-    fixed = first.copy()
-    for k in differ:
-        if not attrs.get("allowzero", 0) and all(
-            k < len(d) and v[k] == d[k] for v, d in zip(values, data)
-        ):
-            fixed[k] = 0
-    varying = [k for k in differ if fixed[k] != 0]
-    if len(varying) > 1 or (varying and -1 in first.tolist()):
-        return None
-    for k in varying:
-        fixed[k] = -1
-    return fixed
-
-
-def _sizes_as_scales(values: list, data: list) -> np.ndarray | None:
-    """Resize `sizes` that are the data's shape times fixed factors, as `scales`."""
-    if any(len(v) != len(d) for v, d in zip(values, data)):
-        return None
-    scales = values[0] / np.asarray(data[0], dtype=np.float64)
-    if not all(np.allclose(v, np.asarray(d) * scales) for v, d in zip(values, data)):
-        return None
-    return scales.astype(np.float32)
 
 
 def with_io_of(model: onnx.ModelProto, reference: onnx.ModelProto) -> onnx.ModelProto:

@@ -29,7 +29,7 @@ from .base import Pass, PassResult
 from .channel_groups import ChannelAnalysis, analyze_channels
 from .channel_walk import constant_source, subgraph_names
 from .graph import FLOAT_TYPES, GraphIndex, count_parameters, is_parameter_use
-from .load import indexed, without_weights
+from .load import indexed_loaded, without_weights
 
 KeepPlan = Mapping[int, Sequence[int]]
 
@@ -177,9 +177,12 @@ def shrink_channels(
 
     `model` is brought to `load_model` form (the one `analysis` was computed on, if
     given; `index` is its `GraphIndex.build(model)`, if the caller has it); groups
-    missing from `keep` keep all their channels. The input is not modified.
+    missing from `keep` keep all their channels. A model that had to be loaded (a
+    plainly read one) comes back as `load` writes it: its declared inputs and outputs,
+    dynamic dims included, and shape arithmetic that follows them. The input is not
+    modified.
     """
-    model, index = indexed(model, index)
+    model, index, read = indexed_loaded(model, index)
     if analysis is None:
         analysis = analyze_channels(model, index=index)
     else:
@@ -220,7 +223,7 @@ def shrink_channels(
 
     _apply_edits(out, analysis, kept, names)
     _update_shapes(out, index, analysis, kept, new_shapes)
-    return out
+    return out if read is None else read.write_form(out)
 
 
 def _take(array: np.ndarray, axes: dict[int, np.ndarray]) -> np.ndarray:
@@ -375,7 +378,9 @@ class ShrinkChannels(Pass):
         self.analysis = analysis
 
     def call(self, model: onnx.ModelProto) -> PassResult:
-        self.analysis.check_model(model)
+        analysed, index, read = indexed_loaded(model)
+        self.analysis.check_model(analysed)
         if kept_channels(self.analysis, self.keep).all():
             return PassResult(model)
-        return PassResult(shrink_channels(model, self.keep, self.analysis), True)
+        out = shrink_channels(analysed, self.keep, self.analysis, index)
+        return PassResult(out if read is None else read.write_form(out), True)

@@ -351,6 +351,69 @@ def run(
     return session.run(outputs, dict(feeds))
 
 
+def declared_dims(model: onnx.ModelProto) -> dict[str, list[int | None]]:
+    """Each graph input's and output's declared dims: a size, or None where it is dynamic."""
+    inits = {t.name for t in model.graph.initializer}
+    return {
+        vi.name: [d.dim_value if d.HasField("dim_value") else None
+                  for d in vi.type.tensor_type.shape.dim]
+        for vi in [*model.graph.input, *model.graph.output]
+        if vi.name not in inits
+    }  # fmt: skip
+
+
+def assert_runs_at_declared_shapes(
+    original: onnx.ModelProto,
+    written: onnx.ModelProto,
+    shape: Mapping[str, list[int]] | list[int] | None = None,
+) -> list[dict[str, tuple[int, ...]]]:
+    """`written` declares the inputs and outputs `original` declares, dynamic dims included,
+    and runs at every shape they allow where the original runs: batch 1 and 2 where the
+    batch is dynamic, and where other dims are dynamic a second size of them (doubled),
+    each giving outputs of the original's shapes. `shape` (per input name, or one shape
+    for the first input) gives the sizes of dynamic dims other than the batch to start
+    from. Returns the input shapes both ran at."""
+    inputs, outputs = io_names(original)
+    assert io_names(written) == (inputs, outputs)
+    dims = declared_dims(original)
+    assert declared_dims(written) == dims
+    given = dict(shape) if isinstance(shape, Mapping) else {inputs[0]: list(shape or [])}
+    start = {}
+    for name in inputs:
+        start[name] = [
+            size if size is not None else (1 if k == 0 else given[name][k])
+            for k, size in enumerate(dims[name])
+        ]
+    batches = [1, 2] if any(dims[n] and dims[n][0] is None for n in inputs) else [None]
+    trials = []
+    for batch in batches:
+        trials.append({n: [batch or s[0], *s[1:]] if s else s for n, s in start.items()})
+    if any(size is None for n in inputs for size in dims[n][1:]):
+        trials.append({
+            n: [batches[-1] or s[0], *[2 * x if dims[n][k] is None else x
+                                       for k, x in enumerate(s[1:], start=1)]] if s else s
+            for n, s in start.items()
+        })  # fmt: skip
+    ran = []
+    elem = {vi.name: vi.type.tensor_type.elem_type for vi in original.graph.input}
+    for k, trial in enumerate(trials):
+        rng = np.random.default_rng(k)
+        feeds = {
+            n: rng.standard_normal(s).astype(helper.tensor_dtype_to_np_dtype(elem[n]))
+            for n, s in trial.items()
+        }
+        try:
+            expected = run(original, feeds)
+        except Exception:  # the original does not take this shape: nor need the written one
+            assert k > 0, f"the original does not run at {trial}"
+            continue
+        got = run(written, feeds)
+        assert [y.shape for y in got] == [y.shape for y in expected], trial
+        assert all(np.isfinite(y).all() for y in got if y.dtype.kind == "f"), trial
+        ran.append({n: tuple(s) for n, s in trial.items()})
+    return ran
+
+
 def io_names(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
     """The model's data input names (initializers left out) and output names."""
     inits = {t.name for t in model.graph.initializer}

@@ -7,12 +7,12 @@ import onnx
 import pytest
 import torch
 from conftest import random_images, write_npz
-from graphs import run
+from graphs import assert_runs_at_declared_shapes, run
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_mbs.models.export import export_onnx, randomize_batchnorm
 from onnx_mbs.models.zoo import ZOO
-from onnx_mbs.passes import BadInputError, analyze_model, load, load_model
+from onnx_mbs.passes import analyze_model, load, load_model
 from onnx_mbs.pipeline import reduce
 
 
@@ -57,6 +57,7 @@ def test_reduced_dynamic_batch_models_run_at_any_batch(name, tmp_path):
     )
     assert report.plan.changes_anything
     assert not small.graph.input[0].type.tensor_type.shape.dim[0].HasField("dim_value")
+    assert_runs_at_declared_shapes(model, small)
     x = np.random.default_rng(1).standard_normal((3, *shape[1:])).astype(np.float32)
     assert run(small, x)[0].shape == run(model, x)[0].shape
     # Keeping every channel changes nothing, at a batch other than the analysed one.
@@ -110,11 +111,19 @@ def test_batch_in_another_place_of_a_reshape_is_copied():
         assert run(loaded.runnable, x)[0].shape == (16, batch)
 
 
-def test_batch_read_by_another_op_is_refused_with_one_line():
-    """Expand to (16, N): no size-agnostic form, so it is refused, not written for N = 1."""
+def test_batch_read_by_another_op_is_computed_at_run_time():
+    """Expand to (16, N): no size-agnostic constant, so the written model computes the
+    target as the original does (Shape -> Gather -> Concat), not written for N = 1."""
     model = _batch_read_by(helper.make_node("Expand", ["t", "target"], ["y"], name="expand"))
-    with pytest.raises(BadInputError, match="from the input size.*--input-shape"):
-        load_model(model)
-    # With the batch fixed by the user it loads (and the model takes that batch).
-    fixed = load_model(model, {"x": [2, 3, 2, 2]})
-    assert analyze_model(fixed).total_macs == 2 * 2 * 2 * 3 * 4
+    loaded = load(model)
+    assert "Shape" not in {n.op_type for n in loaded.model.graph.node}  # analysed folded
+    assert "Shape" in {n.op_type for n in loaded.runnable.graph.node}
+    assert_runs_at_declared_shapes(model, loaded.runnable)
+    for batch in (1, 3):
+        x = np.random.default_rng(batch).normal(size=(batch, 3, 2, 2)).astype(np.float32)
+        np.testing.assert_allclose(run(loaded.runnable, x)[0], run(model, x)[0])
+    # With the batch fixed by the user it is analysed at that batch; the model still
+    # takes every batch.
+    read = load(model, {"x": [2, 3, 2, 2]})
+    assert analyze_model(read.model).total_macs == 2 * 2 * 2 * 3 * 4
+    assert_runs_at_declared_shapes(model, read.runnable)

@@ -30,7 +30,7 @@ from torch import nn
 
 from onnx_mbs.bridge.ops import NO_FOLD, OPS, TRAINING_OPS, Node
 from onnx_mbs.passes.errors import BadInputError
-from onnx_mbs.passes.graph import default_opset
+from onnx_mbs.passes.graph import default_opset, topological_order
 
 # (op_type -> input positions) whose float initializers are trained.
 WEIGHT_INPUTS = {
@@ -112,29 +112,6 @@ def _is_alias(node: onnx.NodeProto) -> bool:
     return node.op_type == "Cast" and any(
         a.name == "to" and a.i in _FLOAT_TYPES for a in node.attribute
     )
-
-
-def topological_order(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
-    """Nodes in an order where every input is ready (ONNX asks for it; not every file obeys)."""
-    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
-    pending = list(graph.node)
-    order: list[onnx.NodeProto] = []
-    while pending:
-        left = []
-        for node in pending:
-            if all(name in ready for name in node.input):
-                order.append(node)
-                ready.update(node.output)
-            else:
-                left.append(node)
-        if len(left) == len(pending):
-            node = left[0]
-            missing = [n for n in node.input if n not in ready]
-            raise BadInputError(
-                f"node '{node.name}' ({node.op_type}) reads {missing}, which no node produces"
-            )
-        pending = left
-    return order
 
 
 def untie_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
