@@ -60,8 +60,12 @@ def export_onnx(
     dynamic_batch: bool = False,
     output_names: tuple[str, ...] = (OUTPUT_NAME,),
     opset: int = OPSET,
+    dynamic_size: bool = False,
 ) -> onnx.ModelProto:
     """Export `model` (in eval mode; the caller's module is not changed) and return the ONNX model.
+
+    `dynamic_batch` makes the batch dim dynamic, `dynamic_size` the dims after the channels
+    (height and width), as `yolo export dynamic=True` and most detector exports do.
 
     The legacy exporter folds Conv+BN in its eval-mode peephole pass; exporting
     with TrainingMode.PRESERVE on an eval-mode module skips that pass, so BN
@@ -73,9 +77,14 @@ def export_onnx(
     training = (
         torch.onnx.TrainingMode.EVAL if form == "deploy" else torch.onnx.TrainingMode.PRESERVE
     )
-    dynamic_axes = (
-        {name: {0: "batch"} for name in (INPUT_NAME, *output_names)} if dynamic_batch else None
-    )
+    dynamic_axes: dict[str, dict[int, str]] = {
+        name: {0: "batch"} for name in (INPUT_NAME, *output_names) if dynamic_batch
+    }
+    if dynamic_size:
+        names = ["height", "width"] if len(input_shape) == 4 else None
+        dynamic_axes.setdefault(INPUT_NAME, {}).update(
+            {k: names[k - 2] if names else f"size{k}" for k in range(2, len(input_shape))}
+        )
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         # PRESERVE + constant folding warns for modules in training mode; ours is in eval mode.
@@ -91,7 +100,7 @@ def export_onnx(
             opset_version=opset,
             training=training,
             do_constant_folding=True,
-            dynamic_axes=dynamic_axes,
+            dynamic_axes=dynamic_axes or None,
             keep_initializers_as_inputs=True,
             dynamo=False,
         )

@@ -18,7 +18,7 @@ import onnx
 
 from .analysis import ModelAnalysis, analyze_model
 from .channel_groups import ChannelAnalysis, analyze_channels
-from .graph import FLOAT_TYPES, GraphIndex, count_parameters
+from .graph import GraphIndex, count_parameters, is_weight
 
 
 @dataclass
@@ -185,7 +185,7 @@ class CostModel:
         for name, tensor in index.initializers.items():
             if (
                 name in tracked_sources
-                and tensor.data_type in FLOAT_TYPES
+                and is_weight(tensor)
                 and (name not in statistics)
             ):
                 base_params -= math.prod(tensor.dims)

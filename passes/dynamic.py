@@ -27,7 +27,7 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import BadInputError
-from .fold import MAX_ELEMENTS, shape_values
+from .fold import MAX_ELEMENTS, folded_constant, shape_values
 from .graph import GraphIndex, attributes, static_shape, topological_order
 
 
@@ -110,7 +110,7 @@ class RunTimeShapes:
                     continue
                 mask = _fresh(f"{name}_cut_entries", taken)
                 where = _fresh(f"{name}_cut", taken)
-                graph.initializer.append(numpy_helper.from_array(mixed, mask))
+                graph.initializer.append(folded_constant(mixed, mask))
                 graph.node.append(
                     onnx.helper.make_node(
                         "Where", [mask, now, name], [where], name=_fresh(where, taken)
@@ -250,7 +250,7 @@ def keep_dynamic(
         del out.graph.initializer[:]
         out.graph.initializer.extend(kept)
         for name, value in new.items():
-            out.graph.initializer.append(numpy_helper.from_array(value, name))
+            out.graph.initializer.append(folded_constant(value, name))
     return out, _run_time_shapes(out, declared, run_time, folded[0][0])
 
 

@@ -24,7 +24,7 @@ import onnx
 from onnx import numpy_helper
 
 from .base import Pass, PassResult
-from .graph import GraphIndex, attributes
+from .graph import FOLDED, GraphIndex, attributes
 from .normalise import constant_value
 
 MAX_ELEMENTS = 4096  # larger values are data, not shape arithmetic
@@ -67,7 +67,7 @@ def fold_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     out.graph.node.extend(kept_nodes)
     for name, value in values.items():
         if name in needed:
-            out.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+            out.graph.initializer.append(folded_constant(value, name))
     # Initializers only the folded nodes read are now unused: drop them.
     was_read = {name for k in folded for name in index.nodes[k].input}
     dead = [k for k, t in enumerate(out.graph.initializer) if t.name in was_read - needed]
@@ -77,6 +77,13 @@ def fold_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     del out.graph.value_info[:]
     out.graph.value_info.extend(infos)
     return out
+
+
+def folded_constant(value: np.ndarray, name: str) -> onnx.TensorProto:
+    """An initializer holding a value folding computed, marked as such (`FOLDED`)."""
+    tensor = numpy_helper.from_array(np.asarray(value), name)
+    tensor.doc_string = FOLDED
+    return tensor
 
 
 def shape_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:

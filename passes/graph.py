@@ -26,6 +26,16 @@ FLOAT_TYPES = {
 }
 
 
+# The doc_string of every initializer fold.py computes: shape arithmetic (anchors, grids and
+# Reshape targets computed from the input size), which is never a parameter.
+FOLDED = "folded shape arithmetic (onnx-mbs): computed from the input size, not a parameter"
+
+
+def is_weight(tensor: onnx.TensorProto) -> bool:
+    """A float initializer that may hold learned values: not one fold.py computed."""
+    return tensor.data_type in FLOAT_TYPES and tensor.doc_string != FOLDED
+
+
 @dataclass
 class GraphIndex:
     nodes: list[onnx.NodeProto]
@@ -175,9 +185,10 @@ def is_parameter_use(node: onnx.NodeProto, position: int, rank: int) -> bool:
 
 def count_parameters(model: onnx.ModelProto) -> int:
     """Elements of the float initializers that hold learned values: the parameter count
-    DESIGN.md budgets against, counted like torch's `parameters()` (see `is_parameter_use`).
+    DESIGN.md budgets against, counted like torch's `parameters()` (see `is_parameter_use`;
+    folded shape arithmetic is not counted: `is_weight`).
     """
-    floats = {t.name: t for t in model.graph.initializer if t.data_type in FLOAT_TYPES}
+    floats = {t.name: t for t in model.graph.initializer if is_weight(t)}
     sizes = {name: math.prod(t.dims) for name, t in floats.items()}
     for node in model.graph.node:
         for k, name in enumerate(node.input):

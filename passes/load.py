@@ -376,15 +376,73 @@ class InferShapes(Pass):
 
 
 def _inferred(model: onnx.ModelProto) -> onnx.ModelProto | None:
-    """The weightless model shape inference returns, or None when it adds nothing."""
+    """The weightless model shape inference returns, or None when it adds nothing.
+
+    Recorded shapes that inference contradicts (value_info or outputs left from another
+    input size or an edit: onnxruntime runs such models) are inferred afresh."""
+    custom, where = _as_custom(weightless(model))
     try:
-        custom, where = _as_custom(weightless(model))
-        inferred = onnx.shape_inference.infer_shapes(custom, strict_mode=True, data_prop=True)
-        inferred = _restore(inferred, where)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BadInputError(f"shape inference failed: {first}") from None
+        inferred = _infer(custom)
+    except Exception as error:
+        stale = _contradicted(custom)
+        if not stale:
+            raise _inference_failed(error) from None
+        _forget_shapes(custom.graph, stale)
+        try:
+            inferred = _infer(custom)
+        except Exception as again:
+            raise _inference_failed(again) from None
+    inferred = _restore(inferred, where)
     return None if _recorded_types(inferred) == _recorded_types(model) else inferred
+
+
+def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
+    return onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+
+
+def _inference_failed(error: Exception) -> BadInputError:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return BadInputError(f"shape inference failed: {first}")
+
+
+def _contradicted(model: onnx.ModelProto) -> set[str]:
+    """The tensors whose recorded type or shape (value_info, outputs) inference without
+    them contradicts; none when inference fails without them too."""
+    bare = onnx.ModelProto()
+    bare.CopyFrom(model)  # weightless: small
+    _forget_shapes(bare.graph, {vi.name for vi in [*bare.graph.value_info, *bare.graph.output]})
+    try:
+        inferred = _infer(bare)
+    except Exception:
+        return set()
+    found = {vi.name: vi for vi in [*inferred.graph.value_info, *inferred.graph.output]}
+    recorded = [*model.graph.value_info, *model.graph.output]
+    return {vi.name for vi in recorded if vi.name in found and _disagree(vi, found[vi.name])}
+
+
+def _forget_shapes(graph: onnx.GraphProto, names: set[str]) -> None:
+    """Drop the value_info of `names` and the shapes their graph outputs declare."""
+    kept = [vi for vi in graph.value_info if vi.name not in names]
+    del graph.value_info[:]
+    graph.value_info.extend(kept)
+    for output in graph.output:
+        if output.name in names and output.type.HasField("tensor_type"):
+            output.type.tensor_type.ClearField("shape")
+
+
+def _disagree(recorded: onnx.ValueInfoProto, inferred: onnx.ValueInfoProto) -> bool:
+    """Whether two records of a tensor contradict: other element types, ranks or sizes."""
+    a, b = recorded.type.tensor_type, inferred.type.tensor_type
+    if a.elem_type and b.elem_type and a.elem_type != b.elem_type:
+        return True
+    if not (a.HasField("shape") and b.HasField("shape")):
+        return False
+    if len(a.shape.dim) != len(b.shape.dim):
+        return True
+    return any(
+        x.HasField("dim_value") and y.HasField("dim_value") and x.dim_value != y.dim_value
+        for x, y in zip(a.shape.dim, b.shape.dim)
+    )
 
 
 def _take_types(model: onnx.ModelProto, inferred: onnx.ModelProto) -> None:
@@ -555,6 +613,7 @@ def load(
     fixed = FixInputShapes(analysis_shapes(declared, input_shapes), batch=1)(declared).model
     io = _io_only(declared)
     model, folded = _settle(fixed)
+    _without_contradictions(io, model)
     others = []
     for kind in ("batch", "spatial") if folded else ():
         other = other_shapes(declared, fixed, kind)
@@ -599,6 +658,25 @@ def _io_only(model: onnx.ModelProto) -> onnx.ModelProto:
     out.graph.input.extend(i for i in model.graph.input if i.name not in initializers)
     out.graph.output.extend(model.graph.output)
     return out
+
+
+def _without_contradictions(io: onnx.ModelProto, analysed: onnx.ModelProto) -> None:
+    """Declared outputs that inference at the analysed size contradicts (a stale record,
+    which onnxruntime ignores and the checker refuses) take the inferred element type,
+    and the contradicted sizes become dynamic."""
+    inferred = {o.name: o for o in analysed.graph.output}
+    for output in io.graph.output:
+        other = inferred.get(output.name)
+        if other is None or not _disagree(output, other):
+            continue
+        declared, found = output.type.tensor_type, other.type.tensor_type
+        declared.elem_type = found.elem_type or declared.elem_type
+        if len(declared.shape.dim) != len(found.shape.dim):
+            declared.ClearField("shape")
+            continue
+        for k, (a, b) in enumerate(zip(declared.shape.dim, found.shape.dim)):
+            if a.HasField("dim_value") and b.HasField("dim_value") and a.dim_value != b.dim_value:
+                a.dim_param = f"{output.name}_dim{k}"
 
 
 def load_model(

@@ -28,7 +28,7 @@ from onnx import numpy_helper
 from .base import Pass, PassResult
 from .channel_groups import ChannelAnalysis, analyze_channels
 from .channel_walk import constant_source, subgraph_names
-from .graph import FLOAT_TYPES, GraphIndex, count_parameters, is_parameter_use
+from .graph import GraphIndex, count_parameters, is_parameter_use, is_weight
 from .load import indexed_loaded, without_weights
 
 KeepPlan = Mapping[int, Sequence[int]]
@@ -72,13 +72,12 @@ def kept_channels(analysis: ChannelAnalysis, keep: KeepPlan) -> np.ndarray:
     return kept_class[analysis.root]
 
 
-def _source_dims(index: GraphIndex, source: str) -> tuple[tuple[int, ...], int]:
+def _source_tensor(index: GraphIndex, source: str) -> onnx.TensorProto:
+    """The initializer, or the Constant node's tensor, `source` names."""
     if source in index.initializers:
-        tensor = index.initializers[source]
-        return tuple(tensor.dims), tensor.data_type
+        return index.initializers[source]
     node = index.producer[source]
-    tensor = next(a.t for a in node.attribute if a.name == "value")
-    return tuple(tensor.dims), tensor.data_type
+    return next(a.t for a in node.attribute if a.name == "value")
 
 
 def _plan_cuts(
@@ -114,7 +113,7 @@ def _plan_cuts(
                     readers[alias[name]].append((n, i))
     plan: dict[str, list[_Cut]] = {}
     for src, uses in readers.items():
-        dims, _ = _source_dims(index, src)
+        dims = tuple(_source_tensor(index, src).dims)
         cuts: dict[tuple, _Cut] = {}
         for use in uses:
             axes = wanted.get(use, {})
@@ -138,9 +137,10 @@ def predicted_params(
     index = GraphIndex.build(model)
     total = count_parameters(model)
     for src, cuts in _plan_cuts(index, analysis, kept).items():
-        dims, dtype = _source_dims(index, src)
-        if dtype not in FLOAT_TYPES:
+        tensor = _source_tensor(index, src)
+        if not is_weight(tensor):
             continue
+        dims = tuple(tensor.dims)
         if src in index.initializers and _counted(index, [u for c in cuts for u in c.uses], src):
             total -= int(np.prod(dims, dtype=np.int64))
         for k, cut in enumerate(cuts):
@@ -204,7 +204,9 @@ def shrink_channels(
             continue
         array = numpy_helper.to_array(tensor)
         for cut in cuts:
-            out.graph.initializer.append(numpy_helper.from_array(_take(array, cut.axes), cut.name))
+            part = numpy_helper.from_array(_take(array, cut.axes), cut.name)
+            part.doc_string = tensor.doc_string  # folded shape arithmetic stays marked
+            out.graph.initializer.append(part)
         new_shapes[tensor.name] = cuts[0].shape
     for src, cuts in plan.items():
         if src in index.initializers:

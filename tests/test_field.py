@@ -17,15 +17,34 @@ import sys
 import types
 
 import numpy as np
+import onnx
 import pytest
 import torch
-from graphs import assert_same_outputs, run
+from field_models import Conv, SpaceToDepthStem, YOLOv8Style
+from graphs import (
+    assert_runs_at_declared_shapes,
+    assert_same_outputs,
+    declared_dims,
+    dynamic_input_model,
+    run,
+)
 
 from onnx_mbs.models.export import export_onnx, randomize_batchnorm
-from onnx_mbs.passes import BadInputError, analyze_model, load_model, shrink_channels
+from onnx_mbs.passes import (
+    BadInputError,
+    FoldShapes,
+    InferShapes,
+    NameNodes,
+    ShrinkChannels,
+    analyze_model,
+    count_parameters,
+    load,
+    load_model,
+    shrink_channels,
+)
 from onnx_mbs.passes.channel_groups import analyze_channels
 from onnx_mbs.passes.load import check_model
-from onnx_mbs.pipeline import reduce
+from onnx_mbs.pipeline import MacroblockScaling, reduce
 
 
 def torchvision_models():
@@ -132,3 +151,189 @@ def test_field_architecture(name):
     for g in default.groups:
         if g.macroblocks and max(beta[m] for m in g.macroblocks) == 1.0:
             assert default.plan.counts[g.id] == g.size, (g.id, g.size, g.producers)
+
+
+# -- models whose shape arithmetic follows the image size (issue 25) -------------------------
+
+SIZE_64 = [1, 3, 64, 64]
+
+
+def _dynamic_export(module: torch.nn.Module, size: int = 64, imgsz: bool = False):
+    """`module` with random BN statistics, exported with dynamic batch, height and width;
+    with `imgsz`, the size it was made for recorded as Ultralytics records it."""
+    torch.manual_seed(0)
+    model = export_onnx(
+        randomize_batchnorm(module),
+        (1, 3, size, size),
+        dynamic_batch=True,
+        dynamic_size=True,
+        output_names=("output",),
+    )
+    if imgsz:
+        model.metadata_props.add(key="imgsz", value=f"[{size}, {size}]")
+    return model
+
+
+def _keep_all_is_exact(model: onnx.ModelProto, shape: list[int], *others: tuple) -> None:
+    """Keeping every channel, the written model computes what `model` computes at the
+    analysed shape and at `others`."""
+    read = load(model, {"input": shape})
+    channels = analyze_channels(read.model)
+    keep_all = {g.id: np.arange(g.size) for g in channels.groups}
+    written = read.written(shrink_channels(read.model, keep_all, channels))
+    for k, other in enumerate([tuple(shape), *others]):
+        x = np.random.default_rng(k).normal(size=other).astype(np.float32)
+        for a, b in zip(run(written, x), run(model, x)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_yolov8_style_detector_with_dynamic_batch_height_and_width():
+    model = _dynamic_export(YOLOv8Style())
+    assert {"Range", "Resize", "Shape"} <= {n.op_type for n in model.graph.node}
+    # Without a size to analyse at, one line says exactly what to give.
+    with pytest.raises(BadInputError, match=r"--input-shape input:1,3,HEIGHT,WIDTH with your"):
+        load_model(model)
+    reduced, report = reduce(model, budget="params=0.7", input_shapes={"input": SIZE_64},
+                             progress=False)  # fmt: skip
+    assert report.plan.reached["params"] <= 0.72
+    check_model(reduced, full_check=True)
+    ran = assert_runs_at_declared_shapes(model, reduced, SIZE_64)
+    assert [r["input"] for r in ran] == [(1, 3, 64, 64), (2, 3, 64, 64), (2, 3, 128, 128)]
+    _keep_all_is_exact(model, SIZE_64, (2, 3, 128, 96))
+    # The size it was made for, where the model records it, is the size analysed at.
+    recorded = _dynamic_export(YOLOv8Style(), imgsz=True)
+    same, _ = reduce(recorded, budget="params=0.7", progress=False)
+    assert count_parameters(same) == count_parameters(reduced)
+    assert_runs_at_declared_shapes(recorded, same, SIZE_64)
+
+
+def test_folded_anchors_are_not_parameters():
+    """The anchors and strides the head computes from the feature-map sizes fold to
+    constants at a fixed size: they are not weights (issue 25: +252 here)."""
+    torch.manual_seed(0)
+    model = export_onnx(YOLOv8Style(), (1, 3, 64, 64), dynamic_batch=True, output_names=("y",))
+    loaded = load_model(model)
+    folded = {t.name for t in loaded.graph.initializer} - {t.name for t in model.graph.initializer}
+    assert any(t.name in folded and t.data_type == onnx.TensorProto.FLOAT and len(t.dims) >= 2
+               for t in loaded.graph.initializer)  # fmt: skip
+    assert count_parameters(loaded) == count_parameters(model)
+    reduced, report = reduce(model, budget="params=0.7", progress=False)
+    assert report.plan.params[0] == count_parameters(model)
+    assert report.plan.params[1] == count_parameters(reduced)
+
+
+def test_space_to_depth_stem_keeps_dynamic_sizes():
+    """TResNet's space-to-depth (Reshape-Transpose-Reshape over `x.size()`): the targets
+    follow the image size with no constant form, so the written model computes them as
+    the original does, also where the channels cut pass through one."""
+    model = _dynamic_export(SpaceToDepthStem(), size=32)
+    shape = [1, 3, 32, 32]
+    reduced, report = reduce(model, budget="params=0.7", input_shapes={"input": shape},
+                             progress=False)  # fmt: skip
+    assert report.plan.reached["params"] <= 0.72
+    check_model(reduced, full_check=True)
+    after = next(n for n in reduced.graph.node if n.name == "/body/body.1/conv/Conv")
+    weight = next(t for t in reduced.graph.initializer if t.name == after.input[1])
+    assert weight.dims[1] < 128  # cut through the space-to-depth between the convs
+    ran = assert_runs_at_declared_shapes(model, reduced, shape)
+    assert (2, 3, 64, 64) in [r["input"] for r in ran]
+    _keep_all_is_exact(model, shape, (2, 3, 64, 48))
+
+
+class _LiteralSpaceToDepth(torch.nn.Module):
+    """Convs around a space-to-depth that writes its channel count as a number:
+    `view(n, 16, h // 2, 2, w // 2, 2)`, and with `merged`, a view that merges that
+    count with the height (`view(n, 16 * (h // 8), 8, w // 2, 2)`) and back."""
+
+    def __init__(self, merged: bool = False) -> None:
+        super().__init__()
+        self.merged = merged
+        self.a = torch.nn.Sequential(Conv(3, 16, 3), Conv(16, 16, 3))
+        self.b = Conv(16 if merged else 64, 32, 3)
+        self.head = torch.nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.a(x)
+        n, _, h, w = x.size()
+        if self.merged:
+            x = torch.sigmoid(x.view(n, 16 * (h // 8), 8, w // 2, 2)).view(n, 16, h, w)
+        else:
+            x = x.view(n, 16, h // 2, 2, w // 2, 2).permute(0, 3, 5, 1, 2, 4).contiguous()
+            x = x.view(n, 64, h // 2, w // 2)
+        return self.head(self.b(x).mean((2, 3)))
+
+
+def test_a_channel_count_written_as_a_number_follows_the_cut():
+    """The cut changes the count the shape arithmetic writes as a number: the written model
+    takes that entry from the cut and the entries that follow the size from the run-time
+    arithmetic; where one entry does both, the cut is refused naming the Reshape."""
+    shape = [1, 3, 32, 32]
+    model = _dynamic_export(_LiteralSpaceToDepth(), size=32)
+    read = load(model, {"input": shape})
+    channels = analyze_channels(read.model)
+    (group,) = [g for g in channels.groups if "/a/a.1/conv/Conv" in g.producers]
+    cut = shrink_channels(read.model, {group.id: list(range(0, 16, 2))}, channels)
+    written = read.written(cut)
+    check_model(written, full_check=True)
+    assert "Where" in {n.op_type for n in written.graph.node}
+    assert_runs_at_declared_shapes(model, written, shape)
+
+    merged = _dynamic_export(_LiteralSpaceToDepth(merged=True), size=32)
+    read = load(merged, {"input": shape})
+    channels = analyze_channels(read.model)
+    (group,) = [g for g in channels.groups if "/a/a.1/conv/Conv" in g.producers]
+    cut = shrink_channels(read.model, {group.id: list(range(8))}, channels)
+    with pytest.raises(BadInputError, match=r"Reshape '/Reshape' reads a shape that follows"):
+        read.written(cut)
+    assert_runs_at_declared_shapes(merged, read.runnable, shape)  # uncut, it keeps them
+
+
+def test_passes_api_on_a_plainly_loaded_dynamic_model(tmp_path):
+    """`onnx.load` and the passes: every transform returns the declared inputs and outputs
+    (dynamic batch, height and width), and a cut model runs at each shape they allow."""
+    path = tmp_path / "detector.onnx"
+    onnx.save(_dynamic_export(YOLOv8Style(), imgsz=True), path)
+    raw = onnx.load(path)
+    declared = declared_dims(raw)
+    assert declared["input"] == [None, 3, None, None]
+    channels = analyze_channels(raw)
+    keep = {g.id: list(range(g.size * 3 // 4)) for g in channels.groups if not g.pinned}
+    for shrunk in (shrink_channels(raw, keep, channels), ShrinkChannels(keep, channels)(raw).model):
+        assert count_parameters(shrunk) < count_parameters(raw)
+        check_model(shrunk, full_check=True)
+        assert_runs_at_declared_shapes(raw, shrunk, SIZE_64)
+    for transform in (NameNodes(), FoldShapes()):
+        assert declared_dims(transform(raw).model) == declared, transform
+    # Inference records what it proves (the detector's 4 + 8 rows), and no more.
+    inferred = declared_dims(InferShapes(check_static=False)(raw).model)
+    assert inferred == {**declared, "output": [None, 12, None]}
+    reduced = MacroblockScaling(None, budget="params=0.7")(raw)
+    assert reduced["mbs"].plan.reached["params"] <= 0.72
+    check_model(reduced.model, full_check=True)
+    assert_runs_at_declared_shapes(raw, reduced.model, SIZE_64)
+
+
+def test_stale_recorded_shapes_are_inferred_afresh():
+    """A model carrying the shapes of the size it was exported at, its input since made
+    dynamic (as registry OCR models come): onnxruntime runs it at another size, and so
+    does onnx-mbs, inferring the contradicted shapes again."""
+    model = dynamic_input_model()
+    recorded = onnx.shape_inference.infer_shapes(load(model, {"input": [1, 3, 24, 20]}).model)
+    stale = onnx.ModelProto()
+    stale.CopyFrom(model)
+    stale.graph.value_info.extend(recorded.graph.value_info)
+    shape = [1, 3, 32, 32]
+    assert run(stale, np.zeros(shape, np.float32))[0].shape == (1, 5)
+    options = dict(budget="params=0.7", channel_multiple=1, progress=False)
+    reduced, report = reduce(stale, input_shapes={"input": shape}, **options)
+    assert report.plan.reached["params"] <= 0.72
+    check_model(reduced, full_check=True)
+    assert_runs_at_declared_shapes(stale, reduced, shape)
+    # A declared output contradicted (a stale class count) is left dynamic where it is.
+    output = stale.graph.output[0]
+    output.CopyFrom(onnx.helper.make_tensor_value_info(output.name, 1, ["N", 7]))
+    assert run(stale, np.zeros(shape, np.float32))[0].shape == (1, 5)
+    reduced, _ = reduce(stale, input_shapes={"input": shape}, **options)
+    check_model(reduced, full_check=True)
+    assert declared_dims(reduced)["logits"] == [None, None]
+    assert run(reduced, np.zeros([2, 3, 40, 24], np.float32))[0].shape == (2, 5)
