@@ -324,15 +324,21 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     losses = parse_loss_specs(args.loss)
     shapes = _input_shapes(args.input_shape)
     read = load(args.model, shapes)
-    model = read.model
-    teacher = load_model(args.teacher, shapes) if args.teacher else None
+    # Trained in the written form: the shape arithmetic that follows the batch and image
+    # size computed at run time, so any batch trains and the result takes every shape.
+    model = read.runnable
+    teacher = load(args.teacher, shapes).runnable if args.teacher else None
     _check_device(args.device)
-    train = _open_for_model(args.data, model, args, args.limit, split="train")
+    train = _open_for_model(args.data, read.model, args, args.limit, split="train")
     if args.no_labels:
         from onnx_mbs.data import to_arrays
 
         train = (to_arrays(train)[0], None)
-    val = _open_for_model(args.val, model, args, args.val_limit, split=None) if args.val else None
+    val = (
+        _open_for_model(args.val, read.model, args, args.val_limit, split=None)
+        if args.val
+        else None
+    )
     rank = int(os.environ.get("RANK", "0"))
     result = retrain(
         model,
@@ -378,7 +384,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
             f"{kept}: {val_text(result.best_val_top1)}; {result.images_per_second:.0f} "
             f"images/s on {result.device} x{result.world_size}"
         )
-        save_model(read.written(result.model), args.output)
+        save_model(result.model, args.output)
         print(f"wrote {args.output}", file=sys.stderr)
     if result.world_size > 1:
         # The work is done and written. torch's gloo teardown can still abort a

@@ -533,7 +533,9 @@ def collect_stats(
                 stack.enter_context(tempfile.TemporaryDirectory(prefix="onnx-mbs-"))
             )
             path = folder / "instrumented.onnx"
-            _write_with_weights(instrumented, model.graph.initializer, path)
+            computed = {name for node in instrumented.graph.node for name in node.output}
+            weights = [t for t in model.graph.initializer if t.name not in computed]
+            _write_with_weights(instrumented, weights, path)
             level = "full"
             if macs_per_sample is not None:
                 weight_mb = (folder / WEIGHTS_FILE).stat().st_size / 2**20

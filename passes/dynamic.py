@@ -89,7 +89,8 @@ class RunTimeShapes:
         for node in graph.node:
             for position, name in self.readers.get(node.name, ()):
                 now = node.input[position]
-                if now == name and index.shapes.get(name) == self.shapes[name]:
+                shape = self.shapes[name]  # as folded; absent from a model without weights
+                if now == name and index.shapes.get(name, shape) == shape:
                     continue  # untouched by the cut: read the computed value
                 if values is None:
                     values = self._values(model, index)
@@ -126,7 +127,9 @@ class RunTimeShapes:
         graph.initializer.extend(kept)
         graph.node.extend(self.nodes)
         _drop_unread(graph, replaced | computed_here)
-        order = topological_order(graph)
+        produced = {o for n in graph.node for o in n.output}
+        apart = {name for n in graph.node for name in n.input} - produced  # weights kept apart
+        order = topological_order(graph, apart)
         del graph.node[:]
         graph.node.extend(order)
         return model

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -197,9 +198,13 @@ def count_parameters(model: onnx.ModelProto) -> int:
     return sum(sizes.values())
 
 
-def topological_order(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
-    """Nodes in an order where every input is ready (ONNX asks for it; not every file obeys)."""
+def topological_order(
+    graph: onnx.GraphProto, available: Collection[str] = ()
+) -> list[onnx.NodeProto]:
+    """Nodes in an order where every input is ready (ONNX asks for it; not every file obeys).
+    `available` names tensors given from elsewhere (weights kept apart)."""
     ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    ready |= set(available)
     pending = list(graph.node)
     order: list[onnx.NodeProto] = []
     while pending:

@@ -352,10 +352,11 @@ def run(
 
 
 def declared_dims(model: onnx.ModelProto) -> dict[str, list[int | None]]:
-    """Each graph input's and output's declared dims: a size, or None where it is dynamic."""
+    """Each graph input's and output's declared dims: a size, or None where it is dynamic
+    (a dim_param, nothing, or Paddle's -1 or 0)."""
     inits = {t.name for t in model.graph.initializer}
     return {
-        vi.name: [d.dim_value if d.HasField("dim_value") else None
+        vi.name: [d.dim_value if d.dim_value > 0 else None
                   for d in vi.type.tensor_type.shape.dim]
         for vi in [*model.graph.input, *model.graph.output]
         if vi.name not in inits

@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from graphs import assert_runs_at_declared_shapes
 
 from onnx_mbs.bridge import OnnxModule
 from onnx_mbs.cli import main
@@ -68,6 +69,7 @@ def test_one_epoch_recovers_accuracy_and_ort_agrees(
     assert [i.name for i in retrained.graph.input] == [i.name for i in source.graph.input]
     assert retrained.graph.output == source.graph.output
     assert retrained.graph.input[0] == source.graph.input[0]
+    assert_runs_at_declared_shapes(source, retrained)
 
 
 def test_eval_without_labels_and_retrain_bad_input(bundled_small, tmp_path, capsys):

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from graphs import assert_runs_at_declared_shapes
 
 from onnx_mbs.bridge import retrain
 from onnx_mbs.bridge.losses import choose_losses, parse_loss_specs
@@ -41,6 +42,7 @@ def dbnet(tmp_path_factory, images) -> tuple:
     small, _ = reduce(
         teacher, str(images[0]), budget="params=0.7", evaluate_accuracy=False, progress=False
     )
+    assert_runs_at_declared_shapes(teacher, small)
     return save_model(teacher, folder / "t.onnx"), save_model(small, folder / "s.onnx")
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import random_images, write_npz
 from field_models import Conv, SpaceToDepthStem, YOLOv8Style
 from graphs import (
     assert_runs_at_declared_shapes,
@@ -29,6 +30,7 @@ from graphs import (
     run,
 )
 
+from onnx_mbs.cli import main
 from onnx_mbs.models.export import export_onnx, randomize_batchnorm
 from onnx_mbs.passes import (
     BadInputError,
@@ -337,3 +339,21 @@ def test_stale_recorded_shapes_are_inferred_afresh():
     check_model(reduced, full_check=True)
     assert declared_dims(reduced)["logits"] == [None, None]
     assert run(reduced, np.zeros([2, 3, 40, 24], np.float32))[0].shape == (2, 5)
+
+
+def test_cli_reduce_then_retrain_keep_dynamic_sizes(tmp_path, capsys):
+    """The written files of `reduce --input-shape` and `retrain` on it take every shape the
+    original took: batch 1 and 2, another image size."""
+    original = tmp_path / "stem.onnx"
+    onnx.save(_dynamic_export(SpaceToDepthStem(), size=32), original)
+    data = write_npz(tmp_path / "x.npz", **random_images(32, (3, 32, 32)))
+    shape = ["--input-shape", "input:1,3,32,32"]
+    small, tuned = tmp_path / "small.onnx", tmp_path / "tuned.onnx"
+    args = ["--data", data, "--budget", "params=0.7", "--no-eval", *shape]
+    assert main(["reduce", str(original), "-o", str(small), *args]) == 0
+    args = ["--data", data, "--epochs", "1", "--device", "cpu", *shape]
+    assert main(["retrain", str(small), "-o", str(tuned), *args]) == 0
+    capsys.readouterr()
+    for written in (small, tuned):
+        check_model(onnx.load(written), full_check=True)
+        assert_runs_at_declared_shapes(onnx.load(original), onnx.load(written), [1, 3, 32, 32])

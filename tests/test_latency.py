@@ -6,6 +6,7 @@ onnxruntime parts are checked for shapes and bookkeeping only.
 
 from __future__ import annotations
 
+import graphs
 import numpy as np
 import pytest
 
@@ -147,3 +148,4 @@ def test_latency_budget_end_to_end(zoo_onnx, tmp_path, monkeypatch):
     assert plan.reached["params"] <= 0.82
     assert any(note.startswith("latency: 0.6 asked") for note in plan.notes)
     assert report.after.total_macs < report.before.total_macs
+    graphs.assert_runs_at_declared_shapes(model, reduced)

@@ -24,10 +24,7 @@ def _sample_npz(path, shape, n=16, seed=0, classes=10):
 
 def _check_written(original: onnx.ModelProto, reduced: onnx.ModelProto, c_h_w) -> None:
     onnx.checker.check_model(reduced, full_check=True)
-    assert graphs.io_names(reduced) == graphs.io_names(original)
-    x = np.random.default_rng(0).standard_normal((1, *c_h_w)).astype(np.float32)
-    for a, b in zip(graphs.run(original, x), graphs.run(reduced, x)):
-        assert a.shape == b.shape
+    graphs.assert_runs_at_declared_shapes(original, reduced, [1, *c_h_w])
 
 
 @pytest.mark.parametrize("budget", ["params=0.5", "flops=0.5"])
@@ -89,9 +86,8 @@ def test_bundled_model_cli_with_report(bundled_model_path, tmp_path, capsys):
     assert "top-1 before" in captured.out and "top-1 after" in captured.out
     assert hashlib.sha256(bundled_model_path.read_bytes()).hexdigest() == before
     reduced = onnx.load(out)
-    assert graphs.io_names(reduced) == graphs.io_names(onnx.load(bundled_model_path))
     # The bundled model has a dynamic batch: the written one keeps it.
-    assert not reduced.graph.input[0].type.tensor_type.shape.dim[0].HasField("dim_value")
+    graphs.assert_runs_at_declared_shapes(onnx.load(bundled_model_path), reduced)
     assert graphs.run(reduced, np.zeros((5, 1, 28, 28), np.float32))[0].shape == (5, 10)
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["budget"]["asked"] == {"params": 0.5}
@@ -160,6 +156,7 @@ def test_uniform_gives_one_beta(bundled_model_path):
     assert len({m.beta for m in mbs.plan.macroblocks}) > 1
     # The written model has the widths the plan chose, group by group...
     for model, report in ((uni_model, uni), (mbs_model, mbs)):
+        graphs.assert_runs_at_declared_shapes(onnx.load(bundled_model_path), model)
         widths = graphs.written_widths(model, report)
         assert len(widths) >= 9
         for gid, width in widths.items():
@@ -321,6 +318,7 @@ def test_python_reader_protocol(bundled_model_path):
 
     reduced, report = reduce(str(bundled_model_path), Reader(), budget="params=0.6", progress=False)
     assert report.samples == 12
+    graphs.assert_runs_at_declared_shapes(onnx.load(bundled_model_path), reduced)
     assert not report.accuracy  # no labels, no accuracy
     with pytest.raises(BadInputError, match="importance"):
         reduce(str(bundled_model_path), Reader(), importance="random", progress=False)
@@ -338,6 +336,8 @@ def test_reduce_composes_as_a_pass(bundled_model_path):
     )(onnx.load(bundled_model_path))
     report = result["mbs"]
     assert result.modified
+    # FixInputShapes fixed the batch the pass was given: the written model keeps it fixed.
+    assert graphs.declared_dims(result.model)["input"] == [1, 1, 28, 28]
     assert count_parameters(result.model) == report.after.total_params
     assert count_parameters(result.model) / report.before.total_params == pytest.approx(
         0.5, abs=0.02
@@ -354,6 +354,7 @@ def test_reduce_model_onnx_alone(bundled_model_path, tmp_path, capsys):
     written = tmp_path / "model.mbs.onnx"
     reduced = onnx.load(written)
     onnx.checker.check_model(reduced, full_check=True)
+    graphs.assert_runs_at_declared_shapes(onnx.load(model), reduced)
     assert count_parameters(reduced) < count_parameters(onnx.load(model))
     # Without data the plan follows MACs: every rho is 1 in the report.
     _, report = reduce(str(model), progress=False)

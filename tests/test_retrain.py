@@ -14,7 +14,7 @@ import onnx
 import pytest
 import torch
 from conftest import write_npz
-from graphs import run
+from graphs import assert_runs_at_declared_shapes, run
 from torch import nn
 
 from onnx_mbs.bridge import OnnxModule, retrain, untie_initializers
@@ -253,6 +253,7 @@ def test_retrain_command(tmp_path, train, val) -> None:
     )
     assert code == 0
     onnx.checker.check_model(onnx.load(tmp_path / "out.onnx"))
+    assert_runs_at_declared_shapes(model, onnx.load(tmp_path / "out.onnx"))
     assert [p.name for p in tmp_path.iterdir() if p.suffix == ".tmp"] == []
     np.savez(tmp_path / "bad.npz", images=train[0])
     code = cli_main(

@@ -15,6 +15,7 @@ from conftest import FORMS, REDUCIBLE_ZOO, SMALL_ZOO
 from graphs import (
     HAND_BUILT,
     Builder,
+    assert_runs_at_declared_shapes,
     assert_same_outputs,
     kill_channels,
     load_unfolded,
@@ -22,7 +23,7 @@ from graphs import (
     run,
 )
 
-from onnx_mbs.passes import BadInputError, count_parameters, load_model
+from onnx_mbs.passes import BadInputError, count_parameters, load, load_model
 from onnx_mbs.passes.channel_groups import analyze_channels
 from onnx_mbs.passes.fold import FoldShapes
 from onnx_mbs.passes.graph import GraphIndex
@@ -111,6 +112,12 @@ def test_hand_built_shrink_to_half(name):
         assert x.shape == y.shape, vi.name
     assert count_parameters(small) < 0.5 * count_parameters(model)
     assert count_parameters(small) == predicted_params(model, keep, analysis)
+    # Written as reduce writes it, it takes every shape the original declared.
+    build, shapes = HAND_BUILT[name]
+    read = load(build(), shapes)
+    written = read.written(shrink_channels(read.model, keep, analyze_channels(read.model)))
+    start = shapes and shapes["input"]
+    assert_runs_at_declared_shapes(build(), written, start)
 
 
 def test_dynamic_input_model_needs_input_shapes():
@@ -120,6 +127,17 @@ def test_dynamic_input_model_needs_input_shapes():
     model = load_model(build(), shapes)
     analysis = analyze_channels(model)
     assert sum(not g.pinned for g in analysis.groups) == 3
+
+
+def test_a_plainly_loaded_model_keeps_its_declared_io(bundled_model_path):
+    """`shrink_channels(onnx.load(path), keep)`: the batch stays dynamic (issue 25)."""
+    raw = onnx.load(bundled_model_path)
+    analysis = analyze_channels(raw)
+    keep = {g.id: list(range(g.size // 2)) for g in analysis.groups if not g.pinned}
+    small = shrink_channels(raw, keep, analysis)
+    onnx.checker.check_model(small, full_check=True)
+    assert count_parameters(small) < 0.5 * count_parameters(raw)
+    assert_runs_at_declared_shapes(raw, small)
 
 
 def test_input_model_is_not_modified():
