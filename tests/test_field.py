@@ -45,7 +45,7 @@ from onnx_mbs.passes import (
     shrink_channels,
 )
 from onnx_mbs.passes.channel_groups import analyze_channels
-from onnx_mbs.passes.load import check_model
+from onnx_mbs.passes.read import check_model
 from onnx_mbs.pipeline import MacroblockScaling, reduce
 
 
