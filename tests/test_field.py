@@ -202,11 +202,11 @@ def test_yolov8_style_detector_with_dynamic_batch_height_and_width():
     ran = assert_runs_at_declared_shapes(model, reduced, SIZE_64)
     assert [r["input"] for r in ran] == [(1, 3, 64, 64), (2, 3, 64, 64), (2, 3, 128, 128)]
     _keep_all_is_exact(model, SIZE_64, (2, 3, 128, 96))
-    # The size it was made for, where the model records it, is the size analysed at.
-    recorded = _dynamic_export(YOLOv8Style(), imgsz=True)
-    same, _ = reduce(recorded, budget="params=0.7", progress=False)
-    assert count_parameters(same) == count_parameters(reduced)
-    assert_runs_at_declared_shapes(recorded, same, SIZE_64)
+    # The size it was made for, where the model records it, is the size analysed at
+    # (test_passes_api_on_a_plainly_loaded_dynamic_model reduces such a model).
+    recorded = load(_dynamic_export(YOLOv8Style(), imgsz=True))
+    assert declared_dims(recorded.model)["input"] == SIZE_64
+    assert_runs_at_declared_shapes(model, recorded.runnable, SIZE_64)
 
 
 def test_folded_anchors_are_not_parameters():
