@@ -183,11 +183,7 @@ class CostModel:
         param_terms = []
         tracked_sources = {s for s, _ in axis_index}
         for name, tensor in index.initializers.items():
-            if (
-                name in tracked_sources
-                and is_weight(tensor)
-                and (name not in statistics)
-            ):
+            if name in tracked_sources and is_weight(tensor) and (name not in statistics):
                 base_params -= math.prod(tensor.dims)
                 param_terms.append(term(name, tuple(tensor.dims), 1.0))
 
