@@ -608,6 +608,10 @@ def retrain(
             if score > best_top1:
                 best_epoch, best_top1 = epoch, score
                 best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+            if say:
+                done = history[first_epoch:]
+                eta = sum(h.seconds for h in done) / len(done) * (epochs - epoch - 1)
+                print(epoch_line(history[-1], epochs, eta), file=sys.stderr, flush=True)
             if checkpoint is not None and rank == 0:
                 ckpt.save(
                     checkpoint,
@@ -626,10 +630,6 @@ def retrain(
                         "data_order": {"seed": seed, "samples": train.count, "next": epoch + 1},
                     },
                 )
-            if say:
-                done = history[first_epoch:]
-                eta = sum(h.seconds for h in done) / len(done) * (epochs - epoch - 1)
-                print(epoch_line(history[-1], epochs, eta), file=sys.stderr, flush=True)
         if best_state is not None and best_epoch != epochs - 1:
             student.load_state_dict(best_state)
         if inserted:
