@@ -402,7 +402,7 @@ def retrain(
             "temperature": temperature,
             "amp": amp,
             "reinsert_bn": bool(reinsert_bn),
-            "losses": sorted(dict(losses or {}).items()),
+            "losses": [f"{k}={v}" for k, v in sorted(dict(losses or {}).items())],
             "features": list(features),
             "feature_weight": feature_weight,
             "augment": recipe.describe() if recipe is not None else "none",
