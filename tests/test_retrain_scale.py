@@ -329,3 +329,67 @@ def test_unlabelled_validation_picks_the_best_epoch_by_agreement() -> None:
     assert result.best_val_agreement == pytest.approx(float((ours == theirs).mean()))
     with pytest.raises(BadInputError, match="validation data has no labels"):
         retrain(export(keep_bn=True), (x, y), (xv, None), progress=False)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc), children before their own children."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [p for p, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+@pytest.mark.slow
+def test_torchrun_resumes_after_a_kill(npz, tmp_path) -> None:
+    """Two processes, killed once the first epoch's checkpoint is there (rank 0 writes it),
+    resumed with the same command: the weights of an uninterrupted two-process run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    model = tmp_path / "m.onnx"
+    onnx.save(export(keep_bn=True), model)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def command(out: str, directory: str) -> list[str]:
+        return [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "-m", "onnx_mbs", "retrain", str(model), "-o", str(tmp_path / out), "--data",
+            str(npz), "--epochs", "3", "--batch-size", "16", "--device", "cpu", "--workers", "1",
+            "--checkpoint", str(tmp_path / directory), "--resume",
+        ]  # fmt: skip
+
+    whole = subprocess.run(command("whole.onnx", "a"), env=env, capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    job = subprocess.Popen(
+        command("cut.onnx", "b"), env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    target = ckpt.path_in(tmp_path / "b")
+    while not target.exists() and job.poll() is None:
+        time.sleep(0.05)
+    for pid in [job.pid, *descendants(job.pid)]:  # torchrun's workers have their own sessions
+        os.kill(pid, signal.SIGKILL)
+    job.wait()
+    assert not (tmp_path / "cut.onnx").exists()
+    done = torch.load(target, weights_only=True)["epoch"]
+    resumed = subprocess.run(command("cut.onnx", "b"), env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {target} after epoch {done}" in resumed.stderr
+    expected, got = (
+        weights(onnx.load(tmp_path / "whole.onnx")),
+        weights(onnx.load(tmp_path / "cut.onnx")),
+    )
+    for name, value in expected.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
