@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--train-images", type=int, default=None, help="default: all 60,000")
     p.add_argument("--test-images", type=int, default=None, help="default: all 10,000")
     p.add_argument(
-        "--threads", type=int, default=1, help="torch threads (2 are 6x slower than 1 when shared)"
+        "--threads", type=int, default=1, help="torch threads (2 ran 5-7x slower than 1 when shared)"
     )
     p.add_argument("--workers", type=int, default=None, help="data workers (default: cores)")
     p.add_argument("--device", default="auto")
