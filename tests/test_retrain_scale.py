@@ -151,6 +151,12 @@ def test_a_checkpoint_of_another_run_is_refused(npz, tmp_path) -> None:
         retrain(export(keep_bn=True, seed=1), source(npz), resume=True, **common)
     with pytest.raises(BadInputError, match="needs|give one"):
         retrain(export(keep_bn=True), source(npz), resume=True, progress=False)
+    blocked = tmp_path / "file"
+    blocked.write_text("a file, not a directory")
+    with pytest.raises(BadInputError, match="cannot use .* as the checkpoint directory"):
+        retrain(export(keep_bn=True), source(npz), **{**common, "checkpoint": blocked / "c"})
+    with pytest.raises(BadInputError, match="cannot write checkpoint"):
+        ckpt.save(blocked / "c", {})
     ckpt.path_in(tmp_path).write_bytes(b"not a checkpoint")
     with pytest.raises(BadInputError, match="cannot read checkpoint"):
         retrain(export(keep_bn=True), source(npz), resume=True, **common)

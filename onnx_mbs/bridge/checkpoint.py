@@ -11,6 +11,7 @@ Saved with tensors and plain Python values only, so it loads with torch's weight
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -63,17 +64,38 @@ def _plain(value: Any) -> Any:
 def save(directory: str | os.PathLike, state: dict[str, Any]) -> None:
     """Write `state` as DIR/checkpoint.pt atomically (temporary file, fsync, rename)."""
     target = path_in(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{FILE}.{os.getpid()}.partial")
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         with open(partial, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(partial, target)
+    except OSError as error:
+        _remove(partial)
+        raise BadInputError(
+            f"cannot write checkpoint {target}: {error.strerror or error}; the previous "
+            "epoch's checkpoint is unchanged"
+        ) from None
     except BaseException:
-        partial.unlink(missing_ok=True)
+        _remove(partial)
         raise
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(OSError):  # where it cannot be removed, nothing was written
+        path.unlink(missing_ok=True)
+
+
+def prepare(directory: str | os.PathLike) -> None:
+    """Make DIR, so that an unwritable one is refused before training rather than after."""
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise BadInputError(
+            f"cannot use {directory} as the checkpoint directory: {error.strerror or error}"
+        ) from None
 
 
 def load(directory: str | os.PathLike, fingerprint: dict[str, Any]) -> dict[str, Any] | None:

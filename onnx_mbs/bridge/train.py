@@ -410,7 +410,11 @@ def retrain(
             "warmup": warmup,
             "world_size": world,
         }
-        saved = ckpt.load(checkpoint, fingerprint) if checkpoint is not None else None
+        saved = None
+        if checkpoint is not None:
+            saved = ckpt.load(checkpoint, fingerprint)
+            if rank == 0:
+                ckpt.prepare(checkpoint)
         if saved is not None and not resume:
             raise BadInputError(
                 f"{ckpt.path_in(checkpoint)} holds a checkpoint after epoch {saved['epoch']} of "
