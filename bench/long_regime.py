@@ -67,7 +67,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--train-images", type=int, default=None, help="default: all 60,000")
     p.add_argument("--test-images", type=int, default=None, help="default: all 10,000")
     p.add_argument(
-        "--threads", type=int, default=1, help="torch threads (2 ran 5-7x slower than 1 when shared)"
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (2 ran 5-7x slower than 1 when shared)",
     )
     p.add_argument("--workers", type=int, default=None, help="data workers (default: cores)")
     p.add_argument("--device", default="auto")
@@ -136,7 +139,11 @@ class Run:
         """The reduced model of (arch, budget, arm), reduced once and kept under --work."""
         for cell in self.results["reductions"]:
             if (cell["arch"], cell["budget"], cell["arm"]) == (arch, budget, arm):
-                return cell
+                if "path" not in cell or Path(cell["path"]).exists():
+                    return cell
+                # Another checkout (--work is not committed): reduce again, same inputs.
+                self.results["reductions"].remove(cell)
+                break
         cell: dict[str, Any] = {"arch": arch, "budget": budget, "arm": arm}
         strategy = "mbs" if arm == "mbs" else arm
         if strategy not in STRATEGIES:
