@@ -93,7 +93,9 @@ def _print_reduce_summary(report, args: argparse.Namespace) -> None:
         f"MACs: {_fmt_int(before.total_macs)} -> {_fmt_int(after.total_macs)} "
         f"({after.total_macs / before.total_macs:.1%} kept)"
     )
-    if plan.width_map is None:
+    if plan.strategy == "mbs-cost":
+        knob = f"worth per unit of {'+'.join(plan.priced)} cut below {plan.threshold or 0:.4g}"
+    elif plan.width_map is None:
         knob = f"one importance ranking over all free groups, cut at {plan.threshold or 0:.4g}"
     else:
         knob = (
@@ -105,6 +107,7 @@ def _print_reduce_summary(report, args: argparse.Namespace) -> None:
         print(f"budget: {plan.budget} asked, {reached} reached ({plan.strategy}, {knob})")
     else:
         print(f"strategy: {plan.strategy}, {knob}")
+    print(f"strategy {plan.strategy}: {plan.strategy_reason}")
     for note in plan.notes:
         print(f"note: {note}")
     for key in ("before", "after"):
@@ -512,11 +515,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_receptive_field(p)
     p.add_argument(
         "--strategy",
-        choices=STRATEGIES,
-        default="mbs",
-        help="mbs (default); uniform: one width scale everywhere; global: one importance "
-        "ranking over all groups, the lowest cut (see --importance); without --budget, "
-        "uniform and global are matched to MBS's size",
+        choices=("auto", *STRATEGIES),
+        default="auto",
+        help="auto (default): chosen per budget metric from the experiment's results (the "
+        "report says which and why); mbs; mbs-cost: MBS's worth of each channel against its "
+        "cost in the budget's metric; uniform: one width scale everywhere; global: one "
+        "importance ranking over all groups, the lowest cut (see --importance); without "
+        "--budget, the others are matched to MBS's size",
     )
     p.add_argument("--providers", default="auto", help="auto (default), cpu or cuda")
     add_input_shape(p)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import onnx
 from onnx import helper
 
+from onnx_mbs.auto import choose_strategy
 from onnx_mbs.data import DataSource, open_data
 from onnx_mbs.evaluate import EvalResult, evaluate
 from onnx_mbs.interop import as_model
@@ -176,7 +177,7 @@ def reduce(
     budget: Budget | str | None = None,
     width_map: WidthMap | str = DEFAULT_WIDTH_MAP,
     receptive_field: str = DEFAULT_RECEPTIVE_FIELD,
-    strategy: str = "mbs",
+    strategy: str = "auto",
     providers: str = "auto",
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     channel_multiple: int | str = 8,
@@ -196,9 +197,11 @@ def reduce(
     yielding input dicts; without data every activation ratio is taken as 1,
     so MBS works from MACs and receptive fields alone. `width_map` ("linear:C"
     or "power:GAMMA") and `receptive_field` ("global" or "local") choose the
-    formula (onnx_mbs.plan); `strategy` ("mbs", "uniform" or "global") who decides
-    each group's count: MBS, one width scale, or one ranking of the channels' `importance`
-    over all groups. `model` may also be an
+    formula (onnx_mbs.plan); `strategy` ("mbs", "mbs-cost", "uniform" or "global") who
+    decides each group's count: MBS, MBS pricing each channel by the budget's metric, one
+    width scale, or one ranking of the channels' `importance` over all groups; "auto" (the
+    default) picks one per budget metric from the experiment's results (onnx_mbs.auto).
+    `model` may also be an
     onnx-graphsurgeon Graph (`onnx_mbs.interop`). The input model is never modified.
     `channel_multiple="auto"` picks one for the provider; a `latency=` budget is planned
     with measured conv times and checked by measuring the written model (see latency.py),
@@ -208,8 +211,12 @@ def reduce(
         budget = Budget.parse(budget)
     width_map = WidthMap.parse(width_map)
     check_reading(receptive_field)
-    if strategy not in STRATEGIES:
-        raise BadInputError(f"unknown --strategy {strategy!r}: use {', '.join(STRATEGIES)}")
+    if strategy == "auto":
+        strategy, strategy_reason = choose_strategy(budget)
+    elif strategy in STRATEGIES:
+        strategy_reason = "asked (--strategy)"
+    else:
+        raise BadInputError(f"unknown --strategy {strategy!r}: use auto, {', '.join(STRATEGIES)}")
     if importance not in (*CRITERIA, "act", "auto"):
         raise BadInputError(
             f"unknown --importance {importance!r}: use auto, act or one of {', '.join(CRITERIA)}"
@@ -315,6 +322,7 @@ def reduce(
             importance=scores,
         )
         plan.notes.append(f"channels ranked by {scorer.name} importance")
+        plan.strategy_reason = strategy_reason
         return plan
 
     plan = make_plan(budget)
