@@ -214,7 +214,7 @@ def reduce(
     if strategy == "auto":
         strategy, strategy_reason = choose_strategy(budget)
     elif strategy in STRATEGIES:
-        strategy_reason = "asked (--strategy)"
+        strategy_reason = "asked with --strategy"
     else:
         raise BadInputError(f"unknown --strategy {strategy!r}: use auto, {', '.join(STRATEGIES)}")
     if importance not in (*CRITERIA, "act", "auto"):

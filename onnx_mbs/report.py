@@ -144,7 +144,7 @@ def markdown(report: ReduceReport) -> str:
     lines = [
         "# onnx-mbs reduce report",
         "",
-        f"- strategy: {plan.strategy} ({plan.strategy_reason}); receptive field: "
+        f"- strategy: {plan.strategy}; why: {plan.strategy_reason}; receptive field: "
         f"{plan.receptive_field}; width map: "
         f"{plan.width_map.kind if plan.width_map else 'none (global ranking)'}; "
         f"channel multiple: {plan.channel_multiple}",

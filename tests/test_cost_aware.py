@@ -211,7 +211,7 @@ def test_reduce_runs_the_auto_choice_and_says_why(tmp_path):
     assert plan.strategy_reason == f"auto: {AUTO['flops'][1]}"
     assert plan.reached["flops"] == pytest.approx(0.5, abs=0.02)
     text = markdown(report)
-    assert f"- strategy: {plan.strategy} (auto: at flops budgets" in text
+    assert f"- strategy: {plan.strategy}; why: auto: at flops budgets" in text
     assert json.loads(json.dumps(report_dict(report)))["plan"]["strategy_reason"].startswith(
         "auto: "
     )
@@ -221,5 +221,5 @@ def test_reduce_runs_the_auto_choice_and_says_why(tmp_path):
         evaluate_accuracy=False, progress=False,
     )  # fmt: skip
     assert asked.plan.strategy == "mbs-cost"
-    assert asked.plan.strategy_reason == "asked (--strategy)"
+    assert asked.plan.strategy_reason == "asked with --strategy"
     assert asked.plan.reached["flops"] == pytest.approx(0.5, abs=0.02)
