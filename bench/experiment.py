@@ -1058,7 +1058,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--channel-multiple", type=int, default=1)
     p.add_argument("--target-minutes", type=float, default=60.0)
-    p.add_argument("--deadline", type=float, default=85.0, help="minutes; later runs skipped")
+    p.add_argument(
+        "--deadline",
+        type=float,
+        help="minutes of the run's total time; later runs skipped (default 85; --resume: the "
+        "recorded one)",
+    )
     p.add_argument("--device", default="auto", help="torch: auto (cuda when present), cpu, cuda")
     p.add_argument("--providers", default="auto", help="onnxruntime: auto, cpu, cuda")
     p.add_argument("--allow-weak-baseline", action="store_true")
@@ -1111,7 +1116,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         device=device,
         providers=choose_providers(args.providers),
         target_minutes=args.target_minutes,
-        deadline_minutes=args.deadline,
+        deadline_minutes=85.0 if args.deadline is None else args.deadline,
         probe_images=quick.get("probe_images", 1024),
         allow_weak_baseline=args.allow_weak_baseline,
         quick=args.quick,
@@ -1159,7 +1164,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume:
             results = read_results(args.out)
             s = Settings(**results["settings"])
-            s.deadline_minutes = args.deadline
+            if args.deadline is not None:
+                s.deadline_minutes = results["settings"]["deadline_minutes"] = args.deadline
             results["skipped"] = []  # a deadline's skips are retried
             print(f"resuming {args.out}: its recorded settings are used", flush=True)
             experiment = Experiment(s, args.out, results)

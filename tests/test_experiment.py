@@ -289,3 +289,17 @@ def test_auto_strategy_table_matches_the_recorded_results():
     assert experiment.auto_table(sources) == AUTO, (
         "regenerate onnx_mbs/auto.py's AUTO with python bench/experiment.py --auto-table"
     )
+
+
+def test_resume_retries_the_runs_a_deadline_skipped(tmp_path, idx_data, capsys, no_training):
+    out = tmp_path / "exp.json"
+    assert run_experiment(out, idx_data, "--deadline", "0") == 0  # every run skipped
+    results = json.loads(out.read_text())
+    assert results["skipped"] and not results["complete"] and results["partial"]
+    assert all(not c["runs"] for c in results["cells"])
+    assert "PARTIAL" in capsys.readouterr().out
+    assert experiment.main(["--out", str(out), "--resume", "--deadline", "1000"]) == 0
+    results = json.loads(out.read_text())
+    assert results["complete"] and not results["partial"] and not results["skipped"]
+    assert all(len(c["runs"]) == 2 for c in results["cells"] if c["status"] == "reduced")
+    assert results["settings"]["deadline_minutes"] == 1000
