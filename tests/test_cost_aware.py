@@ -223,3 +223,21 @@ def test_reduce_runs_the_auto_choice_and_says_why(tmp_path):
     assert asked.plan.strategy == "mbs-cost"
     assert asked.plan.strategy_reason == "asked with --strategy"
     assert asked.plan.reached["flops"] == pytest.approx(0.5, abs=0.02)
+
+
+@pytest.mark.parametrize(
+    ("args", "strategy", "why"),
+    [
+        (["--budget", "flops=0.5"], AUTO["flops"][0], "auto: " + AUTO["flops"][1]),
+        (["--budget", "params=0.5"], "mbs", "auto: " + AUTO["params"][1]),
+        (["--budget", "params=0.5", "--strategy", "mbs-cost"], "mbs-cost", "asked with"),
+    ],
+)
+def test_cli_says_which_strategy_ran_and_why(args, strategy, why, capsys):
+    from onnx_mbs.cli import main
+
+    code = main(["reduce", str(BUNDLED_MODEL), "--data", str(FMNIST_SAMPLE), "--limit", "32",
+                 "--dry-run", "--no-eval", *args])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    assert f"strategy {strategy}: {why}" in out
