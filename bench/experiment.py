@@ -119,6 +119,7 @@ class Settings:
     # at 1, odd widths run slower than the full model (ResNet-20 at half the MACs by uniform
     # scaling measured 118% of the baseline's time), and no arm could reach latency=0.6.
     latency_channel_multiple: int = 8
+    width_map: str | None = None  # None: reduce's default for each strategy
     device: str = "cpu"
     providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
     target_minutes: float = 60.0
@@ -651,6 +652,7 @@ class Experiment:
             f"{self.s.data}:train",
             budget=None if fraction is None else budget_text(metric, fraction),
             receptive_field="local" if arm == "mbs-local" else "global",
+            width_map=self.s.width_map,
             strategy=strategy,
             providers="cuda" if "CUDAExecutionProvider" in self.s.providers else "cpu",
             channel_multiple=(
@@ -1057,6 +1059,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="print onnx_mbs/auto.py's AUTO from --out and the issue-16 results",
     )
     p.add_argument("--channel-multiple", type=int, default=1)
+    p.add_argument(
+        "--width-map",
+        help="f(R) for the mbs arms and mbs-cost's worth (default: reduce's for each strategy)",
+    )
     p.add_argument("--target-minutes", type=float, default=60.0)
     p.add_argument(
         "--deadline",
@@ -1113,6 +1119,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         epochs=args.epochs,
         lr=args.lr,
         channel_multiple=args.channel_multiple,
+        width_map=args.width_map,
         device=device,
         providers=choose_providers(args.providers),
         target_minutes=args.target_minutes,

@@ -17,7 +17,7 @@ from onnx_mbs.passes import BadInputError, analyze_model, load_model, parse_inpu
 from onnx_mbs.passes.analysis import DEFAULT_RECEPTIVE_FIELD, READINGS, resolution_text
 from onnx_mbs.passes.importance import DEFAULT_CRITERION
 from onnx_mbs.passes.load import load, static_batch
-from onnx_mbs.plan import BASE_RULES, DEFAULT_WIDTH_MAP, STRATEGIES
+from onnx_mbs.plan import BASE_RULES, COST_WIDTH_MAP, DEFAULT_WIDTH_MAP, STRATEGIES
 
 
 def _input_shapes(specs: Sequence[str] | None) -> dict[str, list[int]]:
@@ -508,9 +508,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--width-map",
-        default=DEFAULT_WIDTH_MAP,
+        default=None,
         help=f"beta from redundancy R: linear:C (1 - C*R) or power:GAMMA ((1 - R)^GAMMA); "
-        f"default {DEFAULT_WIDTH_MAP}; with --budget, C or GAMMA is solved",
+        f"default {DEFAULT_WIDTH_MAP} ({COST_WIDTH_MAP} under mbs-cost, whose worth it "
+        "weighs); with --budget, C or GAMMA is solved (not under mbs-cost)",
     )
     add_receptive_field(p)
     p.add_argument(

@@ -45,7 +45,6 @@ from onnx_mbs.passes.load import load, set_io
 from onnx_mbs.passes.read import check_model
 from onnx_mbs.passes.shrink import shrink_channels
 from onnx_mbs.plan import (
-    DEFAULT_WIDTH_MAP,
     STRATEGIES,
     Budget,
     GroupInfo,
@@ -177,7 +176,7 @@ def reduce(
     data: Any = None,
     *,
     budget: Budget | str | None = None,
-    width_map: WidthMap | str = DEFAULT_WIDTH_MAP,
+    width_map: WidthMap | str | None = None,
     receptive_field: str = DEFAULT_RECEPTIVE_FIELD,
     strategy: str = "auto",
     providers: str = "auto",
@@ -211,7 +210,7 @@ def reduce(
     """
     if isinstance(budget, str):
         budget = Budget.parse(budget)
-    width_map = WidthMap.parse(width_map)
+    width_map = None if width_map is None else WidthMap.parse(width_map)
     check_reading(receptive_field)
     if strategy == "auto":
         strategy, strategy_reason = choose_strategy(budget)

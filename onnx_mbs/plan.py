@@ -39,6 +39,16 @@ C_MAX = 1.0  # beta = 1 - R: past it, beta would turn negative where R is near 1
 # The default reading and width map: the setting whose planned reductions land closest
 # to the paper's four headlines (bench/paper_table.py, bench/results/paper_table.json).
 DEFAULT_WIDTH_MAP = "linear:0.4"
+# mbs-cost's f in its worth, tuned on a validation split (docs/strategies.md): at flops=0.5 on
+# ResNet-20, c = 0 kept the most validation top-1 after retraining of c = 0, 0.2, 0.4 (90.54,
+# 90.22, 89.58): weighting a channel down by its macroblock's redundancy cost accuracy at
+# equal MACs. Its worth still follows MBS's effective flops (rho) and the importance.
+COST_WIDTH_MAP = "linear:0"
+
+
+def default_width_map(strategy: str) -> str:
+    """The width map a strategy uses when none is asked for."""
+    return COST_WIDTH_MAP if strategy == "mbs-cost" else DEFAULT_WIDTH_MAP
 
 Cost = Callable[[Mapping[int, int]], tuple[int, int]]  # group counts -> (params, MACs)
 
@@ -315,7 +325,7 @@ def plan_widths(
     rho: Mapping[str, float],
     cost: Cost,
     *,
-    width_map: WidthMap | str = DEFAULT_WIDTH_MAP,
+    width_map: WidthMap | str | None = None,
     budget: Budget | None = None,
     strategy: str = "mbs",
     channel_multiple: int = 8,
@@ -341,7 +351,7 @@ def plan_widths(
     ranks = strategy in ("global", "mbs-cost")
     if ranks and (importance is None or any(g.id not in importance for g in free)):
         raise ValueError(f"the {strategy} strategy needs the importance of every free group")
-    fmap = WidthMap.parse(width_map)
+    fmap = WidthMap.parse(width_map or default_width_map(strategy))
     redundancy = macroblock_redundancy(analysis, rho)
     full = {g.id: g.size for g in groups}
     params_before, macs_before = cost(full)

@@ -18,7 +18,7 @@ from onnx_mbs.models import BUNDLED_MODEL, FMNIST_SAMPLE
 from onnx_mbs.passes import load_model
 from onnx_mbs.passes.importance import group_scores, weight_importance
 from onnx_mbs.pipeline import reduce
-from onnx_mbs.plan import Budget, GroupInfo, plan_widths
+from onnx_mbs.plan import COST_WIDTH_MAP, Budget, GroupInfo, plan_widths
 
 # Two macroblocks of 4 layers: 0 has 1 base layer (R = 3/4, f = 1 - 0.4 R = 0.7), 1 has 3
 # (R = 1/4, f = 0.9); one free group of 256 channels in each, of equal importance; rho 1.
@@ -29,6 +29,7 @@ FLAT = {0: np.ones(256), 1: np.ones(256)}
 
 
 def _plan(cost, budget: str, strategy: str = "mbs-cost", **options):
+    """With f = 1 - 0.4 R (MBS's default; mbs-cost's own default is c = 0, f = 1)."""
     return plan_widths(
         ANALYSIS,
         GROUPS,
@@ -38,8 +39,24 @@ def _plan(cost, budget: str, strategy: str = "mbs-cost", **options):
         strategy=strategy,
         channel_multiple=1,
         importance=FLAT,
+        width_map="linear:0.4",
         **options,
     )
+
+
+def test_mbs_cost_weighs_redundancy_by_its_own_tuned_default():
+    # At c = 0 (mbs-cost's default) f = 1: equal prices, equal MACs shares and equal rho
+    # leave nothing to tell the groups apart, so both keep alike.
+    def cost(c):
+        return int(c[0] ** 2 + c[1] ** 2), int(c[0] ** 2 + c[1] ** 2)
+
+    plan = plan_widths(
+        ANALYSIS, GROUPS, RHO, cost, budget=Budget.parse("params=0.5"),
+        strategy="mbs-cost", channel_multiple=1, importance=FLAT,
+    )  # fmt: skip
+    assert str(plan.width_map) == COST_WIDTH_MAP == "linear:0"
+    assert abs(plan.counts[0] - plan.counts[1]) <= 1
+    assert _plan(cost, "params=0.5").counts[0] < plan.counts[0]  # c = 0.4 cuts block 0 more
 
 
 def _hand_counts(w0: float, w1: float, p0: float, p1: float, fraction: float) -> tuple:
