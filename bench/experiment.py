@@ -961,7 +961,8 @@ def table(results: dict[str, Any]) -> str:
     lines += [
         "",
         f"Rule: {results['verdict_rule']}. Arms more than "
-        f"{100 * results['match_tolerance']:.0f}% off their target size are left out.",
+        f"{100 * results['match_tolerance']:.0f}% off their target size (measured latency: "
+        f"{100 * LATENCY_TOLERANCE:.0f}%) are left out.",
         "",
         "| equal | arch | budget | arm | top-1 | other arm | other | arm - other (points) | "
         "arm more accurate? |",
