@@ -46,7 +46,7 @@ def plot_experiment(results: dict[str, Any], path: str | Path) -> None:
     archs = list(results["baselines"])
     axes_of = [("params_fraction", "parameters"), ("macs_fraction", "MACs")]
     if any(c.get("latency_fraction") is not None for c in results["cells"]):
-        axes_of.append(("latency_fraction", "latency (onnxruntime CPU, 1 thread)"))
+        axes_of.append(("latency_fraction", "measured latency"))
     default_arm = results["settings"].get("default_arm", {})
     fig, axes = plt.subplots(
         len(axes_of), len(archs), figsize=(6 * len(archs), 4.5 * len(axes_of)), squeeze=False
@@ -84,7 +84,7 @@ def plot_experiment(results: dict[str, Any], path: str | Path) -> None:
             ax.set_xlabel(f"{label} (% of the baseline)")
             ax.set_ylabel("Fashion-MNIST test top-1 (%)")
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=8, loc="lower right")
+            ax.legend(fontsize=8, loc="best")
     s = results["settings"]
     fig.suptitle(
         f"retrained {s['epochs']} epoch(s) on "
