@@ -226,12 +226,12 @@ def _open_for_model(
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from onnx_mbs.evaluate import evaluate
+    from onnx_mbs.evaluate import evaluate, load_for_eval
     from onnx_mbs.runtime import choose_providers
 
     providers = choose_providers(args.providers)
     shapes = _input_shapes(args.input_shape)
-    read = load(args.model, shapes)
+    read = load_for_eval(args.model, shapes)
     source = _open_for_model(args.data, read.model, args, args.limit, split="test")
     if args.teacher:
         return _eval_agreement(args, read.runnable, source, providers, shapes)
@@ -268,9 +268,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _eval_agreement(args: argparse.Namespace, model, source, providers, shapes) -> int:
     """`eval --teacher`: how closely each output follows the teacher's, without labels."""
-    from onnx_mbs.evaluate import agreement
+    from onnx_mbs.evaluate import agreement, load_for_eval
 
-    teacher = load(args.teacher, shapes).runnable
+    teacher = load_for_eval(args.teacher, shapes).runnable
     result = agreement(
         model,
         teacher,

@@ -7,3 +7,7 @@ anything else is a bug (exit code 1).
 
 class BadInputError(ValueError):
     """The model, data or options cannot be used as given; the message says how to fix it."""
+
+
+class QuantizedModelError(BadInputError):
+    """A quantised graph (QDQ or QOperator): MBS reduces float models; `eval` runs these."""

@@ -20,7 +20,7 @@ from google.protobuf.message import DecodeError, Message
 from onnx import numpy_helper
 
 from .base import Pass, PassResult
-from .errors import BadInputError
+from .errors import BadInputError, QuantizedModelError
 from .graph import GraphIndex, attributes, static_shape
 from .normalise import normalise_in_place, unique_names
 
@@ -54,10 +54,13 @@ def parse_input_shape(spec: str) -> tuple[str, list[int]]:
     return name, shape
 
 
-def read_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
+def read_model(
+    source: str | os.PathLike | onnx.ModelProto, quantized: bool = False
+) -> onnx.ModelProto:
     """Read an ONNX file (with external data) or copy a ModelProto.
 
-    Refuses what MBS cannot work on: not ONNX, truncated, invalid, quantized.
+    Refuses what MBS cannot work on: not ONNX, truncated, invalid, quantized (unless
+    `quantized`: a graph to run, not to reduce).
     """
     path = None
     if isinstance(source, onnx.ModelProto):
@@ -81,10 +84,10 @@ def read_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
             raise BadInputError(f"{path} could not be loaded as ONNX: {e}") from None
         if not model.graph.node:
             raise BadInputError(f"{path} is not an ONNX model (no graph nodes found)")
-    quantized = sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS})
-    if quantized:
-        raise BadInputError(
-            f"quantized graph ({', '.join(quantized)}): MBS works on float models; "
+    quantized_ops = sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS})
+    if quantized_ops and not quantized:
+        raise QuantizedModelError(
+            f"quantized graph ({', '.join(quantized_ops)}): MBS works on float models; "
             "reduce the float model first, then quantize"
         )
     try:
