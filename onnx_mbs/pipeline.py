@@ -16,6 +16,7 @@ import onnx
 from onnx import helper
 
 from onnx_mbs.data import DataSource, open_data
+from onnx_mbs.data.preprocess import Preprocess
 from onnx_mbs.evaluate import EvalResult, evaluate
 from onnx_mbs.interop import as_model
 from onnx_mbs.passes import (
@@ -234,6 +235,7 @@ def reduce(
         source = open_for_model(data, loaded, mean=mean, std=std, limit=limit)
     elif importance == "act":
         raise BadInputError("--importance act ranks channels by activations: give --data")
+    recorded = given_preprocessing(mean, std, source)
     release_freed_memory()  # load's copies and serializations: not in every later peak
     lap("load")
 
@@ -342,6 +344,8 @@ def reduce(
             make_plan,
             rewrite,
         )
+    if recorded is not None:
+        reduced = with_preprocessing(reduced, recorded)
     check_written(reduced, lambda: read.original)
     # The plan's sizes were predictions; report what the written model has.
     plan.params = (plan.params[0], count_parameters(reduced))
@@ -368,6 +372,30 @@ def reduce(
             )
         lap("evaluate")
     return reduced, report
+
+
+def given_preprocessing(mean: Any, std: Any, source: DataSource | None) -> Preprocess | None:
+    """The preprocessing to record in the written model: the one that read `source`, when
+    mean or std were given (None when neither was). Given without images to apply them
+    to, they would be ignored: refused."""
+    if mean is None and std is None:
+        return None
+    if source is None or source.preprocess is None:
+        raise BadInputError(
+            "--mean/--std preprocess the images of --data; without data, or with a reader's "
+            "ready model inputs, they would be ignored: drop them or give --data"
+        )
+    return source.preprocess
+
+
+def with_preprocessing(model: onnx.ModelProto, preprocess: Preprocess) -> onnx.ModelProto:
+    """`model`, in place, with `preprocess`'s mean/std recorded in its metadata_props, so
+    later commands (eval, retrain) read data as it was read here without being told again."""
+    recorded = {**metadata(model), **preprocess.metadata()}
+    del model.metadata_props[:]
+    for key, value in recorded.items():
+        model.metadata_props.add(key=key, value=value)
+    return model
 
 
 def _data_text(source: DataSource | None, measured: list[str]) -> str:
