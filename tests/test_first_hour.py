@@ -87,3 +87,35 @@ def test_torchvision_imports_in_the_projects_environment():
     shape, convs = done.stdout.split()
     assert shape == "1x10"
     assert int(convs) > 40
+
+
+def test_widths_png_keeps_labels_apart_and_the_x_axis_whole(zoo_onnx, tmp_path):
+    """ShuffleNet V2: two one-layer macroblocks side by side, then 14, 26 and 14 layers."""
+    from onnx_mbs.pipeline import reduce
+    from onnx_mbs.report import widths_figure, write_report
+
+    _, report = reduce(zoo_onnx("shufflenet_v2"), budget="flops=0.5", progress=False)
+    assert [len(b.layers) for b in report.before.macroblocks][:2] == [1, 1]
+    fig = widths_figure(report)
+    (ax,) = fig.axes
+    renderer = fig.canvas.get_renderer()
+    labels = [t for t in ax.texts if t.get_text().isdigit()]
+    assert [t.get_text() for t in labels] == [
+        str(b.resolution[0]) for b in report.before.macroblocks
+    ]
+    boxes = [t.get_window_extent(renderer) for t in labels]
+    for k, a in enumerate(boxes):
+        for b in boxes[k + 1 :]:
+            assert not a.overlaps(b), (a, b)
+    figure = fig.bbox
+    axes = ax.get_window_extent(renderer)
+    title = ax.title.get_window_extent(renderer)
+    for box in boxes:
+        assert figure.x0 <= box.x0 and box.x1 <= figure.x1 and box.y1 <= figure.y1
+        assert box.y0 >= axes.y1 and box.y1 <= title.y0  # between the plot and its title
+    assert not ax.get_legend().get_window_extent(renderer).overlaps(axes)
+    layers = len(report.before.layers)
+    assert ax.get_xlim() == (-0.5, layers - 0.5)  # every layer a whole unit, nothing beyond
+    ticks = [t for t in ax.get_xticks() if -0.5 <= t <= layers - 0.5]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+    assert (tmp_path / "widths.png") in write_report(report, tmp_path)
