@@ -101,3 +101,23 @@ def test_olive_package_config_keeps_olives_passes_and_dataset_reads_the_data(
     assert [label for _, label in samples] == y[:4].tolist()
     first = samples[0][0]["input"].numpy()
     np.testing.assert_allclose(first, (x[0] / 255 - 0.286041) / 0.353024, atol=1e-5)
+
+
+def test_olive_pass_bad_input_is_raised_not_swallowed(bundled_model_path, tmp_path):
+    """Olive re-raises ValueErrors (onnx-mbs's BadInputError is one): no empty output."""
+    from olive.workflows import run as olive_run
+
+    from onnx_mbs.passes import BadInputError
+
+    with pytest.raises(BadInputError, match="budget"):
+        olive_run(
+            {
+                "input_model": {"type": "ONNXModel", "model_path": str(bundled_model_path)},
+                "passes": {"mbs": {"type": PASS_NAME, "budget": "params=2"}},
+                "output_dir": str(tmp_path / "out"),
+                "cache_dir": str(tmp_path / "cache"),
+                "log_severity_level": 4,
+            },
+            package_config=package_config(),
+        )
+    assert not list((tmp_path / "out").glob("*.onnx"))
