@@ -11,3 +11,10 @@ class BadInputError(ValueError):
 
 class QuantizedModelError(BadInputError):
     """A quantised graph (QDQ or QOperator): MBS reduces float models; `eval` runs these."""
+
+
+def temporary_folder_error(error: OSError) -> BadInputError:
+    """What a run says when its temporary folder cannot be written."""
+    return BadInputError(
+        f"cannot write to a temporary folder ({error}); set TMPDIR to a writable folder"
+    )

@@ -21,7 +21,7 @@ from onnx_mbs.models.export import export_onnx, randomize_batchnorm
 from onnx_mbs.models.torchvision_cpu import import_torchvision
 from onnx_mbs.passes import BadInputError, analyze_model, load_model, shrink_channels
 from onnx_mbs.passes.channel_groups import analyze_channels
-from onnx_mbs.passes.load import check_model
+from onnx_mbs.passes.read import check_model
 from onnx_mbs.pipeline import reduce
 
 
