@@ -112,11 +112,9 @@ def onnx_mbs_data(
     a workflow's quantisation calibrates on after MBS reduced on the same data."""
     import torch
 
-    from onnx_mbs.passes.load import read_model
-    from onnx_mbs.pipeline import open_for_model
+    from onnx_mbs.calibration import CalibrationReader
 
-    model = read_model(model_path)
-    source = open_for_model(data, model, mean=mean, std=std, limit=limit)
+    source = CalibrationReader(data, model_path, limit=limit, mean=mean, std=std).source
     samples = []
     for batch in source.batches(256):
         labels = [-1] * len(batch.x) if batch.y is None else batch.y.tolist()
