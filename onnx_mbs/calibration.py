@@ -21,8 +21,8 @@ import numpy as np
 import onnx
 from onnxruntime.quantization import CalibrationDataReader
 
+from onnx_mbs.data.fit import open_for_model
 from onnx_mbs.passes.load import read_model
-from onnx_mbs.pipeline import open_for_model
 
 
 class CalibrationReader(CalibrationDataReader):

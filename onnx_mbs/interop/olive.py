@@ -21,8 +21,8 @@ it, external data included. The ReduceReport of the last run is kept in
 
 from __future__ import annotations
 
-import inspect
 import json
+from dataclasses import fields
 from typing import Any, ClassVar
 
 from onnx_mbs.models.torchvision_cpu import import_torchvision
@@ -45,7 +45,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 PASS_NAME = "MacroblockScaling"
 DATASET_NAME = "onnx_mbs_data"
 
-# reduce()'s options as Olive config parameters: (type, description); defaults are reduce's.
+# ReduceOptions as Olive config parameters: (type, description); defaults are ReduceOptions'.
 OPTIONS: dict[str, tuple[Any, str]] = {
     "data": (str | None, "calibration data: image folder, .npz (x, y) or IDX folder"),
     "budget": (str | None, "fraction to keep: params=F, flops=F, latency=F (commas: all)"),
@@ -65,10 +65,9 @@ OPTIONS: dict[str, tuple[Any, str]] = {
 
 
 def _defaults() -> dict[str, Any]:
-    from onnx_mbs.pipeline import reduce
+    from onnx_mbs.options import ReduceOptions
 
-    parameters = inspect.signature(reduce).parameters
-    return {name: parameters[name].default for name in OPTIONS}
+    return {"data": None, **{f.name: f.default for f in fields(ReduceOptions) if f.name in OPTIONS}}
 
 
 class MacroblockScaling(Pass):
