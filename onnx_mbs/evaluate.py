@@ -11,7 +11,14 @@ import onnx
 
 from onnx_mbs.data import DataSource
 from onnx_mbs.passes.errors import BadInputError, QuantizedModelError
-from onnx_mbs.passes.load import FixInputShapes, InputShapes, LoadedModel, load, read_model
+from onnx_mbs.passes.load import (
+    FixInputShapes,
+    InputShapes,
+    LoadedModel,
+    Origin,
+    load,
+    read_model,
+)
 from onnx_mbs.progress import progress_bar
 from onnx_mbs.runtime import feed_dtype, make_session, pad_to_batch, session_provider
 
@@ -27,7 +34,8 @@ def load_for_eval(
         return load(source, input_shapes)
     except QuantizedModelError:
         model = read_model(source, quantized=True)
-    return LoadedModel(FixInputShapes(input_shapes, batch=1)(model).model, declared=model)
+    fixed = FixInputShapes(input_shapes, batch=1)(model).model
+    return LoadedModel(fixed, Origin(declared=model))
 
 
 @dataclass
