@@ -124,7 +124,7 @@ def _print_reduce_summary(report, args: argparse.Namespace) -> None:
 
 def cmd_reduce(args: argparse.Namespace) -> int:
     from onnx_mbs.pipeline import reduce
-    from onnx_mbs.report import report_dict, write_report
+    from onnx_mbs.report import REPORT_FILES, report_dict, write_report
     from onnx_mbs.save import check_outputs, default_output, save_folder, save_model
 
     if args.output is None and not args.dry_run:
@@ -132,7 +132,11 @@ def cmd_reduce(args: argparse.Namespace) -> int:
     if args.dry_run:
         args.output = None
     check_outputs(
-        args.output, args.report, models={"the input model": args.model}, data={"--data": args.data}
+        args.output,
+        args.report,
+        models={"the input model": args.model},
+        data={"--data": args.data},
+        report_files=REPORT_FILES,
     )
     if args.recalibrate and not args.data:
         raise BadInputError("--recalibrate re-estimates BatchNorm statistics on --data: give it")

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -56,10 +55,10 @@ from onnx_mbs.passes.load import (
     LoadedModel,
     placed_apart,
     set_io,
-    temporary_folder_error,
     weights_apart,
     without_weights,
 )
+from onnx_mbs.passes.scratch import scratch_folder, temporary_folder_error
 from onnx_mbs.progress import progress_bar
 from onnx_mbs.runtime import (
     concurrent_runs,
@@ -249,8 +248,7 @@ def weights_aside(read: LoadedModel) -> Iterator[tuple[onnx.ModelProto, Path]]:
     read back from the file afterwards, equal to what it was. Protobuf frees a model's
     memory only with the whole model, so emptying its tensors would not do (issue 13).
     """
-    with tempfile.TemporaryDirectory(prefix="onnx-mbs-") as name:
-        folder = Path(name)
+    with scratch_folder() as folder:
         try:
             light, apart = weights_apart(read.model, folder)
         except OSError as e:
@@ -529,9 +527,7 @@ def collect_stats(
     # weights, serialized or not, beside `model`'s; the large ones it maps (issue 13).
     try:
         with contextlib.ExitStack() as stack:
-            folder = weights_folder or Path(
-                stack.enter_context(tempfile.TemporaryDirectory(prefix="onnx-mbs-"))
-            )
+            folder = weights_folder or stack.enter_context(scratch_folder())
             path = folder / "instrumented.onnx"
             _write_with_weights(instrumented, model.graph.initializer, path)
             level = "full"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from .base import Pass, PassResult
 from .errors import BadInputError
 from .graph import GraphIndex, attributes, static_shape
 from .normalise import normalise_in_place, unique_names
+from .scratch import scratch_folder, temporary_folder_error
 
 InputShapes = Mapping[str, Sequence[int]]
 
@@ -70,17 +70,28 @@ def read_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
         if not path.is_file():
             raise BadInputError(f"model file not found: {path}")
         try:
-            model = onnx.load(str(path))
+            # The external data is read only once what it should hold is known (stored_sizes).
+            model = onnx.load(str(path), load_external_data=False)
+            check_stored_sizes(model, path.parent)
+            onnx.load_external_data_for_model(model, str(path.parent))
         except DecodeError as e:
-            raise BadInputError(
-                f"{path} is not a valid ONNX file (truncated or not ONNX: {e})"
-            ) from None
+            raise BadInputError(undecodable(path, e)) from None
         except (FileNotFoundError, OSError) as e:
             raise BadInputError(f"cannot read {path} or its external data: {e}") from None
+        except BadInputError:
+            raise
         except Exception as e:  # onnx raises assorted errors on corrupt files
             raise BadInputError(f"{path} could not be loaded as ONNX: {e}") from None
         if not model.graph.node:
             raise BadInputError(f"{path} is not an ONNX model (no graph nodes found)")
+    check_stored_sizes(model)
+    if model.graph.sparse_initializer:
+        names = ", ".join(repr(t.values.name) for t in model.graph.sparse_initializer[:3])
+        raise BadInputError(
+            f"the model stores {len(model.graph.sparse_initializer)} tensor(s) as "
+            f"sparse_initializer ({names}), which onnx-mbs does not read; store them as dense "
+            "initializers"
+        )
     quantized = sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS})
     if quantized:
         raise BadInputError(
@@ -93,6 +104,191 @@ def read_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
         first = str(e).strip().splitlines()[0]
         raise BadInputError(f"the model is not valid ONNX: {first}") from None
     return model
+
+
+def check_stored_sizes(model: onnx.ModelProto, folder: Path | None = None) -> None:
+    """Every stored tensor holds exactly the data its shape asks for, so nothing later
+    reads past it or reshapes it wrongly. With `folder` (before the external data is read):
+    external data lies inside `folder` and its files hold exactly that much, so a reference
+    can make the run read neither another file nor more than the shape asks for."""
+    for tensor in _stored_tensors(model.graph):
+        where = f"tensor {tensor.name!r} (shape {list(tensor.dims)})"
+        wanted = _stored_bytes(tensor)
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            if folder is not None and wanted is not None:
+                _check_external(tensor, folder, wanted, where)
+            continue
+        if tensor.HasField("raw_data"):
+            held = len(tensor.raw_data)
+            if wanted is not None and held != wanted:
+                raise BadInputError(
+                    f"{where} stores {held} bytes of data where its shape needs {wanted}; "
+                    "the file is corrupt or crafted: export the model again"
+                )
+            continue
+        count = _typed_count(tensor)
+        elements = math.prod(tensor.dims)
+        if count is not None and count[0] != count[1] * elements:
+            raise BadInputError(
+                f"{where} stores {count[0]} values where its shape needs {count[1] * elements}; "
+                "the file is corrupt or crafted: export the model again"
+            )
+
+
+def _stored_tensors(graph: onnx.GraphProto):
+    """Initializers and attribute tensors of `graph` and its subgraphs."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            for sub in [attribute.g] if attribute.HasField("g") else attribute.graphs:
+                yield from _stored_tensors(sub)
+
+
+_PACKED_4BIT = {
+    getattr(onnx.TensorProto, name)
+    for name in ("INT4", "UINT4", "FLOAT4E2M1")
+    if hasattr(onnx.TensorProto, name)
+}
+
+
+def _stored_bytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes of raw data `tensor`'s shape needs (None for strings and unknown types)."""
+    elements = math.prod(tensor.dims)
+    if tensor.data_type in _PACKED_4BIT:
+        return (elements + 1) // 2
+    if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return None
+    try:
+        return elements * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+_TYPED_FIELDS = {  # data_type -> (field, values per element)
+    onnx.TensorProto.FLOAT: ("float_data", 1),
+    onnx.TensorProto.COMPLEX64: ("float_data", 2),
+    onnx.TensorProto.DOUBLE: ("double_data", 1),
+    onnx.TensorProto.COMPLEX128: ("double_data", 2),
+    onnx.TensorProto.INT64: ("int64_data", 1),
+    onnx.TensorProto.UINT32: ("uint64_data", 1),
+    onnx.TensorProto.UINT64: ("uint64_data", 1),
+    **{
+        t: ("int32_data", 1)
+        for t in (
+            onnx.TensorProto.INT32, onnx.TensorProto.INT16, onnx.TensorProto.INT8,
+            onnx.TensorProto.UINT16, onnx.TensorProto.UINT8, onnx.TensorProto.BOOL,
+            onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+        )
+    },
+}  # fmt: skip
+
+
+def _typed_count(tensor: onnx.TensorProto) -> tuple[int, int] | None:
+    """(values stored, values per element) of a tensor kept in its typed field, or None
+    when its type is not checked here."""
+    if tensor.data_type not in _TYPED_FIELDS:
+        return None
+    name, per = _TYPED_FIELDS[tensor.data_type]
+    return len(getattr(tensor, name)), per
+
+
+def _check_external(tensor: onnx.TensorProto, folder: Path, wanted: int, where: str) -> None:
+    entries = {e.key: e.value for e in tensor.external_data}
+    location = entries.get("location", "")
+    path = (folder / location).resolve()
+    if not location or not path.is_relative_to(folder.resolve()):
+        raise BadInputError(
+            f"{where} names external data {location!r} outside the model's folder {folder}; "
+            "onnx-mbs reads external data only from the model's own folder"
+        )
+    try:
+        size = path.stat().st_size
+        offset = int(entries.get("offset", 0))
+        length = int(entries["length"]) if "length" in entries else size - offset
+    except OSError as error:
+        raise BadInputError(
+            f"cannot read external data {path} of {where}: {error.strerror}"
+        ) from None
+    except ValueError:
+        raise BadInputError(f"{where} has a malformed external data offset or length") from None
+    if offset < 0 or length != wanted or offset + length > size:
+        raise BadInputError(
+            f"{where} reads {length} bytes at offset {offset} of {path.name} ({size} bytes) "
+            f"where its shape needs {wanted}; the file is corrupt or crafted: export the model "
+            "again"
+        )
+
+
+# Protobuf's parser stops at 100 nested messages; each If/Loop/Scan body nests three.
+_PARSER_DEPTH = 100
+_GRAPH, _NODE, _ATTRIBUTE = 7, 1, 5  # ModelProto.graph, GraphProto.node, NodeProto.attribute
+_SUBGRAPHS = (6, 11)  # AttributeProto.g, AttributeProto.graphs
+
+
+def undecodable(path: Path, error: DecodeError) -> str:
+    """Why protobuf could not parse `path`: subgraphs nested too deep, or not ONNX at all."""
+    depth = subgraph_depth(path.read_bytes())
+    if 3 * depth + 2 >= _PARSER_DEPTH:
+        return (
+            f"{path} nests subgraphs (If/Loop/Scan bodies) {depth} levels deep; protobuf "
+            f"parses at most {_PARSER_DEPTH} nested messages (about {_PARSER_DEPTH // 3 - 1} "
+            "subgraph levels), so onnx cannot load it: flatten the control flow"
+        )
+    return f"{path} is not a valid ONNX file (truncated or not ONNX: {error})"
+
+
+def subgraph_depth(data: bytes) -> int:
+    """How deep subgraphs nest in serialized ModelProto `data`, read from the wire format
+    without parsing it (so without protobuf's depth limit); malformed parts are skipped."""
+    deepest = 0
+    stack = [(0, len(data), "model", 0)]
+    wanted = {"model": (_GRAPH,), "graph": (_NODE,), "node": (_ATTRIBUTE,), "attr": _SUBGRAPHS}
+    inner = {"model": "graph", "graph": "node", "node": "attr", "attr": "graph"}
+    while stack:
+        start, end, kind, level = stack.pop()
+        deepest = max(deepest, level)
+        for number, begin, finish in _length_fields(data, start, end):
+            if number in wanted[kind]:
+                stack.append((begin, finish, inner[kind], level + (kind == "attr")))
+    return deepest
+
+
+def _length_fields(data: bytes, position: int, end: int):
+    """(field number, start, end) of each length-delimited field in data[position:end]."""
+    while position < end:
+        key, position = _read_varint(data, position, end)
+        if key is None:
+            return
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, position = _read_varint(data, position, end)
+            if _ is None:
+                return
+        elif wire in (1, 5):
+            position += 8 if wire == 1 else 4
+        elif wire == 2:
+            size, position = _read_varint(data, position, end)
+            if size is None or position + size > end:
+                return
+            yield number, position, position + size
+            position += size
+        else:
+            return
+
+
+def _read_varint(data: bytes, position: int, end: int) -> tuple[int | None, int]:
+    value, shift = 0, 0
+    while position < end and shift < 64:
+        byte = data[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, position
+        shift += 7
+    return None, position
 
 
 OPAQUE_DOMAIN = "onnx_mbs.opaque"
@@ -137,23 +333,15 @@ def check_model(model: onnx.ModelProto, full_check: bool = False) -> None:
     checked on its own (the checker's tensor check) and the model is checked from a
     file that holds those tensors as external data."""
     custom = _as_custom(model)[0]
-    try:
-        with tempfile.TemporaryDirectory(prefix="onnx-mbs-") as name:
-            folder = Path(name)
+    with scratch_folder() as folder:
+        try:
             light, apart = weights_apart(custom, folder)
             for tensor in apart:
                 onnx.checker.check_tensor(tensor)
             (folder / "checked.onnx").write_bytes(light.SerializeToString())
-            onnx.checker.check_model(str(folder / "checked.onnx"), full_check=full_check)
-    except OSError as error:
-        raise temporary_folder_error(error) from None
-
-
-def temporary_folder_error(error: OSError) -> BadInputError:
-    """What a run says when its temporary folder cannot be written."""
-    return BadInputError(
-        f"cannot write to a temporary folder ({error}); set TMPDIR to a writable folder"
-    )
+        except OSError as error:
+            raise temporary_folder_error(error) from None
+        onnx.checker.check_model(str(folder / "checked.onnx"), full_check=full_check)
 
 
 # Tensors of a page or more go to WEIGHTS_FILE at page-aligned offsets: what onnxruntime
