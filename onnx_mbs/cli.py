@@ -209,10 +209,15 @@ def _recalibrate(reduced, args: argparse.Namespace) -> dict:
 
 
 def _open_for_model(
-    spec, model, args: argparse.Namespace, limit: int | None = None, split: str | None = "test"
+    spec,
+    model,
+    args: argparse.Namespace,
+    limit: int | None = None,
+    split: str | None = "test",
+    labels: bool = True,
 ):
     """A DataSource fitted to `model`'s input, with the command's --mean/--std; the data and
-    its preprocessing are printed."""
+    its preprocessing are printed. `labels` False: the labels are neither read nor checked."""
     from onnx_mbs.pipeline import open_for_model
 
     source = open_for_model(
@@ -222,6 +227,7 @@ def _open_for_model(
         std=_floats(args.std, "--std"),
         limit=limit,
         split=split,
+        labels=labels,
     )
     print(f"data: {source.description}", file=sys.stderr)
     if source.preprocess is not None:
@@ -236,7 +242,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     providers = choose_providers(args.providers)
     shapes = _input_shapes(args.input_shape)
     read = load(args.model, shapes)
-    source = _open_for_model(args.data, read.model, args, args.limit, split="test")
+    source = _open_for_model(
+        args.data, read.model, args, args.limit, split="test", labels=not args.teacher
+    )
     if args.teacher:
         return _eval_agreement(args, read.runnable, source, providers, shapes)
     result = evaluate(
@@ -318,6 +326,9 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 
     from onnx_mbs.bridge import retrain
     from onnx_mbs.bridge.losses import parse_loss_specs
+    from onnx_mbs.evaluate import check_outputs_finite
+    from onnx_mbs.pipeline import check_written
+    from onnx_mbs.runtime import choose_providers
     from onnx_mbs.save import check_outputs, save_model
 
     check_outputs(
@@ -328,14 +339,15 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     losses = parse_loss_specs(args.loss)
     shapes = _input_shapes(args.input_shape)
     read = load(args.model, shapes)
+    # The full checker up front, as reduce's written model gets it: a model it rejects (a
+    # bfloat16 Conv below opset 22) would only be written back invalid, after the training.
+    check_written(read.runnable, lambda: read.original)
     model = read.model
     teacher = load_model(args.teacher, shapes) if args.teacher else None
     _check_device(args.device)
-    train = _open_for_model(args.data, model, args, args.limit, split="train")
-    if args.no_labels:
-        from onnx_mbs.data import to_arrays
-
-        train = (to_arrays(train)[0], None)
+    train = _open_for_model(
+        args.data, model, args, args.limit, split="train", labels=not args.no_labels
+    )
     val = _open_for_model(args.val, model, args, args.val_limit, split=None) if args.val else None
     rank = int(os.environ.get("RANK", "0"))
     result = retrain(
@@ -382,7 +394,10 @@ def cmd_retrain(args: argparse.Namespace) -> int:
             f"{kept}: {val_text(result.best_val_top1)}; {result.images_per_second:.0f} "
             f"images/s on {result.device} x{result.world_size}"
         )
-        save_model(read.written(result.model), args.output)
+        written = read.written(result.model)
+        check_written(written, read.runnable)
+        check_outputs_finite(written, read.runnable, train, choose_providers("cpu"))
+        save_model(written, args.output)
         print(f"wrote {args.output}", file=sys.stderr)
     if result.world_size > 1:
         # The work is done and written. torch's gloo teardown can still abort a
@@ -643,6 +658,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except BadInputError as e:
         print(f"onnx-mbs: error: {e}", file=sys.stderr)
+        return 2
+    except MemoryError:  # the sizes that can be checked beforehand are (onnx_mbs/memory.py)
+        print(
+            "onnx-mbs: error: out of memory; nothing written (use a smaller --batch-size or "
+            "--input-shape, or a machine with more memory)",
+            file=sys.stderr,
+        )
         return 2
     except Terminated:
         print("onnx-mbs: terminated; nothing written", file=sys.stderr)

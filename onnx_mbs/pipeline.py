@@ -18,6 +18,7 @@ from onnx import helper
 from onnx_mbs.data import DataSource, open_data
 from onnx_mbs.evaluate import EvalResult, evaluate
 from onnx_mbs.interop import as_model
+from onnx_mbs.memory import check_model_fits
 from onnx_mbs.passes import (
     BadInputError,
     GraphIndex,
@@ -119,10 +120,13 @@ def open_for_model(
     std: Any = None,
     limit: int | None = None,
     split: str | None = "test",
+    labels: bool = True,
 ) -> DataSource:
     """A DataSource fitted to `model`'s (single, fixed) input, NCHW or NHWC as the graph
-    reads it; mean/std default to its metadata; `split` is the default IDX split."""
+    reads it; mean/std default to its metadata; `split` is the default IDX split. The
+    largest tensor a sample makes must fit in memory before any sample is read."""
     name, shape = model_input(model)
+    check_model_fits(model)
     source = open_data(
         spec,
         name,
@@ -133,6 +137,7 @@ def open_for_model(
         metadata=metadata(model),
         layout=input_layout(model, name),
         split=split,
+        labels=labels,
     )
     check_labels(source, model)
     return source
@@ -326,6 +331,8 @@ def reduce(
             return before, read.original
         keep = choose_channels(groups, plan.counts, scores)
         shrunk = shrink_channels(loaded, keep, channels, index)
+        # training_info's graphs initialise and update tensors of the original widths.
+        del shrunk.training_info[:]
         # Analysed while it has the analysis form's shapes (shrink keeps them up to date),
         # then given the declared I/O in place: no second copy of its weights (issue 13).
         return analyze_model(shrunk, receptive_field), set_io(shrunk, read.declared)
@@ -341,6 +348,11 @@ def reduce(
             latency,
             make_plan,
             rewrite,
+        )
+    if plan.changes_anything and (entries := len(loaded.training_info)):
+        plan.notes.append(
+            f"the model's training_info ({entries} entr{'y' if entries == 1 else 'ies'}) was "
+            "dropped: its graphs make tensors of the original widths"
         )
     check_written(reduced, lambda: read.original)
     # The plan's sizes were predictions; report what the written model has.

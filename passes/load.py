@@ -867,11 +867,7 @@ def _keep_dynamic(base: onnx.ModelProto, others: list[onnx.ModelProto]) -> onnx.
             elif reader.op_type == "Resize" and reader.input[-1] == tensor.name:
                 fixed = _sizes_as_scales(values, data)
         if fixed is None:
-            raise BadInputError(
-                f"the model computes {tensor.name!r} from the input size in a way onnx-mbs "
-                f"cannot keep dynamic; fix the input shape with --input-shape "
-                f"({', '.join(index.graph_inputs)}) and the reduced model takes that shape"
-            )
+            raise BadInputError(_not_dynamic(tensor.name, readers, index.graph_inputs))
         if reader.op_type == "Resize":
             scales = f"{tensor.name}_scales"
             new[scales] = fixed
@@ -892,6 +888,23 @@ def _keep_dynamic(base: onnx.ModelProto, others: list[onnx.ModelProto]) -> onnx.
     for name, value in new.items():
         out.graph.initializer.append(numpy_helper.from_array(value, name))
     return out
+
+
+def _not_dynamic(name: str, readers: list[onnx.NodeProto], inputs: list[str]) -> str:
+    """Why a value computed from the input size cannot follow it, and the one way on."""
+    flow = [r for r in readers if r.op_type in ("Loop", "If", "Scan")]
+    how = (
+        f"{flow[0].op_type} {flow[0].name!r} reads it, and onnx-mbs does not follow control "
+        "flow"
+        if flow
+        else f"{', '.join(sorted({r.op_type for r in readers})) or 'a graph output'} reads it "
+        "in a way onnx-mbs cannot keep dynamic"
+    )
+    return (
+        f"the model computes {name!r} from the input size and {how}; onnx-mbs can work on it "
+        f"at one input size only: give it with --input-shape ({', '.join(inputs)}), and any "
+        "model written takes that shape only"
+    )
 
 
 def _agnostic_reshape(values: list, data: list, attrs: dict) -> np.ndarray | None:
