@@ -719,6 +719,7 @@ def load(
     fixed = FixInputShapes(input_shapes, batch=1)(declared).model
     io = _io_only(declared)
     model, folded = _settle(fixed)
+    check_made_sizes(model)
     others = []
     for kind in ("batch", "spatial") if folded else ():
         other = _other_shapes(declared, fixed, kind)
@@ -811,6 +812,35 @@ def _settle(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
     return model, anything
 
 
+# Ops whose output size numbers stored in the file set, not the size of their inputs.
+SIZED_BY_VALUES = {"ConstantOfShape", "Expand", "Tile", "Range", "Pad", "Resize", "Upsample",
+                   "OneHot", "CenterCropPad", "Col2Im"}  # fmt: skip
+# Such an output may hold this many times the elements of its largest input (or of the graph
+# input), and always up to MADE_ELEMENTS_FREE elements.
+MADE_RATIO = 64
+MADE_ELEMENTS_FREE = 2**24
+
+
+def check_made_sizes(model: onnx.ModelProto) -> None:
+    """Refuse a tensor made by an op whose output size numbers in the file set (ConstantOfShape,
+    Tile, Expand, Resize...) when it dwarfs everything the model reads: a 136 KB file can ask
+    for 1.5e9 floats, and every run of the model would make them."""
+    index = GraphIndex.build(model)
+    biggest_input = max((math.prod(index.shapes.get(i, ())) for i in index.graph_inputs), default=1)
+    for node in index.nodes:
+        if node.op_type not in SIZED_BY_VALUES or node.output[0] not in index.shapes:
+            continue
+        made = math.prod(index.shapes[node.output[0]])
+        read = max([math.prod(index.shapes[i]) for i in node.input if i in index.shapes] + [1])
+        if made > MADE_ELEMENTS_FREE and made > MADE_RATIO * max(read, biggest_input):
+            raise BadInputError(
+                f"{node.op_type} {node.name!r} makes a tensor of {made:,} elements "
+                f"({list(index.shapes[node.output[0]])}) from sizes stored in the file, "
+                f"{made // max(read, biggest_input):,} times what the model reads; the model is "
+                "corrupt or crafted"
+            )
+
+
 def _other_shapes(
     declared: onnx.ModelProto, fixed: onnx.ModelProto, kind: str
 ) -> dict[str, list[int]]:
@@ -894,8 +924,7 @@ def _not_dynamic(name: str, readers: list[onnx.NodeProto], inputs: list[str]) ->
     """Why a value computed from the input size cannot follow it, and the one way on."""
     flow = [r for r in readers if r.op_type in ("Loop", "If", "Scan")]
     how = (
-        f"{flow[0].op_type} {flow[0].name!r} reads it, and onnx-mbs does not follow control "
-        "flow"
+        f"{flow[0].op_type} {flow[0].name!r} reads it, and onnx-mbs does not follow control flow"
         if flow
         else f"{', '.join(sorted({r.op_type for r in readers})) or 'a graph output'} reads it "
         "in a way onnx-mbs cannot keep dynamic"

@@ -164,6 +164,18 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
+def float64_cnn() -> onnx.ModelProto:
+    """tiny_cnn in float64: valid ONNX that onnxruntime's CPU provider has no Conv for."""
+    model = tiny_cnn()
+    for tensor in model.graph.initializer:
+        values = numpy_helper.to_array(tensor)
+        if values.dtype == np.float32:
+            tensor.CopyFrom(numpy_helper.from_array(values.astype(np.float64), tensor.name))
+    for value in [*model.graph.input, *model.graph.output]:
+        value.type.tensor_type.elem_type = TensorProto.DOUBLE
+    return model
+
+
 def conv1d() -> onnx.ModelProto:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 32])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 32])
@@ -214,6 +226,15 @@ def write_hostile_inputs(folder: Path) -> Path:
     (folder / "sub" / "escape.bin").rename(folder / "escape.bin")
     _relocate(folder / "sub" / "escape.onnx", "../escape.bin")
 
+    dynamic = tiny_cnn()
+    dims = dynamic.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param, dims[3].dim_param = "H", "W"
+    onnx.save(dynamic, folder / "dyn.onnx")
+    onnx.save(float64_cnn(), folder / "f64.onnx")
+    (folder / "oldrep").mkdir()
+    for name in ("report.json", "report.md", "widths.png"):
+        (folder / "oldrep" / name).write_text("an earlier report\n")
+
     rng = np.random.default_rng(1)
     x = rng.integers(0, 256, (SAMPLES, SIDE, SIDE), dtype=np.uint8)
     y = rng.integers(0, CLASSES, SAMPLES)
@@ -228,6 +249,8 @@ def write_hostile_inputs(folder: Path) -> Path:
                     else Image.fromarray(pixels.astype(np.uint16) * 257)  # I;16, same levels
                 )
                 image.save(folder / name / f"c{label}" / f"{k}.png")
+    (folder / "int32" / "c0").mkdir(parents=True)
+    Image.fromarray(x[0].astype(np.int32) * 1000).save(folder / "int32" / "c0" / "0.tif")
     (folder / "bomb" / "c0").mkdir(parents=True)
     png_bomb(folder / "bomb" / "c0" / "bomb.png")
     np.savez(folder / "badlabels2d.npz", x=x[:, None], y=np.stack([y, y], 1))
