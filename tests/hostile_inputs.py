@@ -176,6 +176,21 @@ def float64_cnn() -> onnx.ModelProto:
     return model
 
 
+def bad_gather() -> onnx.ModelProto:
+    """tiny_cnn whose logits pass through a Gather with an index past the classes: valid to
+    the checker and shape inference, an error only when onnxruntime runs it."""
+    model = tiny_cnn()
+    graph = model.graph
+    logits = graph.output[0].name
+    graph.node[-1].output[0] = "logits_pre"
+    indices = np.array([*range(CLASSES - 1), CLASSES + 2], np.int64)
+    graph.initializer.append(numpy_helper.from_array(indices, "picked"))
+    graph.node.append(
+        helper.make_node("Gather", ["logits_pre", "picked"], [logits], name="pick", axis=1)
+    )
+    return model
+
+
 def conv1d() -> onnx.ModelProto:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 32])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 32])
@@ -231,6 +246,7 @@ def write_hostile_inputs(folder: Path) -> Path:
     dims[2].dim_param, dims[3].dim_param = "H", "W"
     onnx.save(dynamic, folder / "dyn.onnx")
     onnx.save(float64_cnn(), folder / "f64.onnx")
+    onnx.save(bad_gather(), folder / "badgather.onnx")
     (folder / "oldrep").mkdir()
     for name in ("report.json", "report.md", "widths.png"):
         (folder / "oldrep" / name).write_text("an earlier report\n")

@@ -357,20 +357,43 @@ def test_small_crafted_inputs_refused_within_bounds(argv, inputs, tmp_path):
         if p.is_file()
     )
     start = time.monotonic()
+    done, lines = _one_line_refusal(args, tmp_path, _capped)
+    assert time.monotonic() - start < TIME_LIMIT_S
+    assert done.returncode == 2 and len(lines) == 1, done.stderr.decode()
+    assert [p.name for p in (ws / "out").iterdir()] == []
+
+
+def _one_line_refusal(args: list[str], tmp_path: Path, preexec=None):
+    """Run the command in a process of its own (onnxruntime logs to the file descriptor, not to
+    sys.stderr); its stderr lines other than the data and preprocessing it reports."""
     done = subprocess.run(
         [sys.executable, "-m", "onnx_mbs", *args],
         capture_output=True,
-        preexec_fn=_capped,
+        preexec_fn=preexec,
         timeout=TIME_LIMIT_S,
         env={**os.environ, "TMPDIR": str(tmp_path)},
     )
     err = done.stderr.decode()
-    assert time.monotonic() - start < TIME_LIMIT_S
-    assert done.returncode == 2, err
     lines = [
         line
         for line in err.strip().splitlines()
         if not line.startswith(("data:", "preprocessing:"))
     ]
-    assert len(lines) == 1 and lines[0].startswith("onnx-mbs: error:"), err
-    assert [p.name for p in (ws / "out").iterdir()] == []
+    assert all(line.startswith("onnx-mbs: error:") for line in lines), err
+    return done, lines
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        "eval {ws}/badgather.onnx --data {ws}/data.npz",
+        "reduce {ws}/badgather.onnx -o {ws}/out/r.onnx --data {ws}/data.npz",
+        "eval {ws}/f64.onnx --data {ws}/data.npz",
+    ],
+    ids=["eval-run", "reduce-run", "eval-load"],
+)
+def test_onnxruntime_prints_no_lines_of_its_own(argv, inputs, tmp_path):
+    """When onnxruntime fails, the user sees onnx-mbs's one line, not onnxruntime's log first."""
+    ws = _ws(inputs, tmp_path)
+    done, lines = _one_line_refusal([a.format(ws=ws) for a in shlex.split(argv)], tmp_path)
+    assert done.returncode == 2 and len(lines) == 1 and "onnxruntime" in lines[0], lines
