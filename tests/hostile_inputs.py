@@ -270,6 +270,7 @@ def write_hostile_inputs(folder: Path) -> Path:
     (folder / "bomb" / "c0").mkdir(parents=True)
     png_bomb(folder / "bomb" / "c0" / "bomb.png")
     np.savez(folder / "badlabels2d.npz", x=x[:, None], y=np.stack([y, y], 1))
+    np.savez(folder / "pickled.npz", x=np.array([{"a": 1}] * SAMPLES, dtype=object))
     np.savez(folder / "wide.npz", x=rng.integers(0, 256, (4, 2, 5, 7), dtype=np.uint8))
     return folder
 

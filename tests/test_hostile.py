@@ -79,6 +79,7 @@ CASES = [
     Case("eval-npz-channels-message", "eval {ws}/tiny.onnx --data {ws}/wide.npz", 2, "with C 1 or 3 (the model takes 1)"),
     Case("analyze-if-nested-40", "analyze {ws}/nested.onnx", 2, "nests subgraphs (If/Loop/Scan bodies) 40 levels deep"),
     Case("reduce-if-nested-40", "reduce {ws}/nested.onnx -o {ws}/out/r.onnx", 2, "40 levels deep"),
+    Case("eval-npz-pickle-never-loaded", "eval {ws}/tiny.onnx --data {ws}/pickled.npz", 2, "allow_pickle=False"),
     Case("eval-onnxruntime-cannot-load", "eval {ws}/f64.onnx --data {ws}/data.npz", 2, "onnxruntime"),
 ]
 # What must keep working beside them.
