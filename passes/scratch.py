@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import BadInputError
+from .errors import temporary_folder_error
 
 _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32] or "host"
 _OURS = re.compile(r"^\.onnx-mbs\.(?P<host>[A-Za-z0-9-]{1,32})\.(?P<pid>\d+)\.[a-z0-9]{8}\.tmp$")
@@ -125,10 +125,3 @@ def scratch_folder() -> Iterator[Path]:
         yield path
     finally:
         folders.remove_all()
-
-
-def temporary_folder_error(error: OSError) -> BadInputError:
-    """What a run says when its temporary folder cannot be written."""
-    return BadInputError(
-        f"cannot write to a temporary folder ({error}); set TMPDIR to a writable folder"
-    )
