@@ -396,7 +396,9 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         )
         written = read.written(result.model)
         check_written(written, read.runnable)
-        check_outputs_finite(written, read.runnable, train, choose_providers("cpu"))
+        check_outputs_finite(
+            written, read.runnable, train, choose_providers("cpu"), batch_size=read.batch or 64
+        )
         save_model(written, args.output)
         print(f"wrote {args.output}", file=sys.stderr)
     if result.world_size > 1:
