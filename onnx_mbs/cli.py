@@ -13,6 +13,8 @@ import sys
 import threading
 from collections.abc import Sequence
 
+from onnx_mbs.data.augment import AUGMENT_CHOICES, PAD_CROP_MAX_SIDE
+from onnx_mbs.data.sources import default_workers
 from onnx_mbs.passes import (
     DEFAULT_CRITERION,
     DEFAULT_RECEPTIVE_FIELD,
@@ -26,6 +28,7 @@ from onnx_mbs.passes import (
     static_batch,
 )
 from onnx_mbs.plan import BASE_RULES, DEFAULT_WIDTH_MAP, STRATEGIES
+from onnx_mbs.schedule import DEFAULT_LR_PER_64, DEFAULT_WARMUP
 
 
 def _input_shapes(specs: Sequence[str] | None) -> dict[str, list[int]]:
@@ -363,23 +366,38 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     )
     val = _open_for_model(args.val, model, args, args.val_limit, split=None) if args.val else None
     rank = int(os.environ.get("RANK", "0"))
-    result = retrain(
-        model,
-        train,
-        val,
-        teacher=teacher,
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        optimizer=args.optimizer,
-        seed=args.seed,
-        device=args.device,
-        amp=args.amp,
-        progress=rank == 0,
-        reinsert_bn=False if args.no_bn_reinsert else None,
-        losses=losses,
-        features=args.feature or (),
-    )
+    try:
+        result = retrain(
+            model,
+            train,
+            val,
+            teacher=teacher,
+            epochs=args.epochs,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            optimizer=args.optimizer,
+            seed=args.seed,
+            device=args.device,
+            amp=args.amp,
+            progress=rank == 0,
+            reinsert_bn=False if args.no_bn_reinsert else None,
+            losses=losses,
+            features=args.feature or (),
+            augment=args.augment,
+            label_smoothing=args.label_smoothing,
+            warmup=args.warmup,
+            checkpoint=args.checkpoint,
+            resume=args.resume,
+            workers=args.workers,
+        )
+    except KeyboardInterrupt:
+        if args.checkpoint and rank == 0:
+            print(
+                f"onnx-mbs: {args.checkpoint} holds every finished epoch: rerun with --resume "
+                "to continue",
+                file=sys.stderr,
+            )
+        raise
     if rank == 0:
         if result.bn_reinserted:
             print(
@@ -392,19 +410,15 @@ def cmd_retrain(args: argparse.Namespace) -> int:
             labels = "+ cross-entropy on labels" if result.labels_used else "no labels used"
             print(f"distillation: {chosen}; {labels}", file=sys.stderr)
 
-        def val_text(top1: float) -> str:
+        def val_text(top1: float, agreement: float) -> str:
+            if not math.isnan(agreement):
+                return f"val agreement with the teacher {agreement:.2%}"
             return "no validation data" if math.isnan(top1) else f"val top-1 {top1:.2%}"
 
-        for e in result.history:
-            acc = "" if math.isnan(e.train_acc) else f"  train acc {e.train_acc:.2%}"
-            print(
-                f"epoch {e.epoch + 1}: loss {e.train_loss:.4f}{acc}  "
-                f"{val_text(e.val_top1)}  ({e.seconds:.1f}s)",
-                file=sys.stderr,
-            )
         kept = f"best epoch {result.best_epoch + 1}" if args.val else "last epoch"
         print(
-            f"{kept}: {val_text(result.best_val_top1)}; {result.images_per_second:.0f} "
+            f"{kept}: {val_text(result.best_val_top1, result.best_val_agreement)}; "
+            f"{result.images_per_second:.0f} "
             f"images/s on {result.device} x{result.world_size}"
         )
         written = read.written(result.model)
@@ -482,6 +496,16 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # type: ignore[override]
         print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(2)
+
+
+class _DefaultsShown(argparse.HelpFormatter):
+    """Help that states every option's default (unless its text already does)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or any(action.default is v for v in (None, False, argparse.SUPPRESS)):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -590,7 +614,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_reduce)
 
-    p = sub.add_parser("retrain", help="retrain a (reduced) model through PyTorch")
+    p = sub.add_parser(
+        "retrain",
+        help="retrain a (reduced) model through PyTorch",
+        description="Retrain a (reduced) model through PyTorch, optionally distilling from the "
+        "original (--teacher). The last line says what was kept; every epoch prints a line "
+        "(loss, accuracy, validation, images/s, time, ETA) on stderr when it ends.",
+        formatter_class=_DefaultsShown,
+    )
     p.add_argument("model", help="ONNX model file (BatchNorm kept or folded)")
     p.add_argument("-o", "--output", required=True, help="where to write the retrained model")
     p.add_argument(
@@ -598,14 +629,63 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="training data (see reduce); labels are optional with --teacher",
     )
-    p.add_argument("--val", help="validation data; the best epoch on it is kept")
+    p.add_argument(
+        "--val",
+        help="validation data; the best epoch on it is kept (by top-1 with labels, by "
+        "agreement with --teacher without)",
+    )
     p.add_argument("--val-limit", type=COUNT, help="use the first N validation samples")
     p.add_argument("--teacher", help="original model to distil from (knowledge distillation)")
-    p.add_argument("--epochs", type=COUNT, default=1)
-    p.add_argument("--lr", type=_number(float, 1e-12), default=0.01)
-    p.add_argument("--batch-size", type=COUNT, default=64)
-    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
-    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--epochs", type=COUNT, default=1, help="passes over the training data")
+    p.add_argument(
+        "--lr",
+        type=_number(float, 1e-12),
+        help=f"peak learning rate (default: {DEFAULT_LR_PER_64:g} x batch-size / 64, the "
+        "linear scaling rule)",
+    )
+    p.add_argument("--batch-size", type=COUNT, default=64, help="global batch (all processes)")
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd", help="optimizer")
+    p.add_argument(
+        "--warmup",
+        type=_number(float, 0.0, 0.999),
+        default=DEFAULT_WARMUP,
+        help="fraction of the steps warming up linearly to --lr, before a cosine decay to 0",
+    )
+    p.add_argument(
+        "--label-smoothing",
+        type=_number(float, 0.0, 0.999),
+        default=0.0,
+        help="label smoothing of the cross-entropy terms",
+    )
+    p.add_argument(
+        "--augment",
+        choices=AUGMENT_CHOICES,
+        default="auto",
+        help="standard: random crop (padded by 1/8 for inputs up to "
+        f"{PAD_CROP_MAX_SIDE} px, else a random resized crop) and horizontal flip, on the "
+        "input student and teacher both see; auto: standard for image inputs (N, C, H, W)",
+    )
+    p.add_argument(
+        "--workers",
+        type=_number(int, 0),
+        default=default_workers(),
+        help="processes decoding, resizing and augmenting data (0: the training process); "
+        f"the samples and their order do not depend on it (default: the cores, "
+        f"{default_workers()} here)",
+    )
+    p.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        help="write DIR/checkpoint.pt after every epoch (weights, optimizer, schedule, "
+        "random states, best so far)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from --checkpoint DIR (same model, data and options); starts at epoch 1 "
+        "when DIR has no checkpoint yet",
+    )
+    p.add_argument("--seed", type=SEED, default=0, help="seeds data order, augmentation, dropout")
     p.add_argument("--device", default="auto", help="auto (CUDA when there), cpu or cuda")
     p.add_argument(
         "--amp", choices=["off", "bf16"], default="off", help="bf16 autocast for forward passes"
