@@ -27,7 +27,7 @@ from onnx_mbs.passes import (
     resolution_text,
     static_batch,
 )
-from onnx_mbs.plan import BASE_RULES, DEFAULT_WIDTH_MAP, STRATEGIES
+from onnx_mbs.plan import BASE_RULES, COST_WIDTH_MAP, DEFAULT_WIDTH_MAP, STRATEGIES
 from onnx_mbs.schedule import DEFAULT_LR_PER_64, DEFAULT_WARMUP
 
 
@@ -104,7 +104,9 @@ def _print_reduce_summary(report, args: argparse.Namespace) -> None:
         f"MACs: {_fmt_int(before.total_macs)} -> {_fmt_int(after.total_macs)} "
         f"({after.total_macs / before.total_macs:.1%} kept)"
     )
-    if plan.width_map is None:
+    if plan.strategy == "mbs-cost":
+        knob = f"worth per unit of {'+'.join(plan.priced)} cut below {plan.threshold or 0:.4g}"
+    elif plan.width_map is None:
         knob = f"one importance ranking over all free groups, cut at {plan.threshold or 0:.4g}"
     else:
         knob = (
@@ -116,6 +118,7 @@ def _print_reduce_summary(report, args: argparse.Namespace) -> None:
         print(f"budget: {plan.budget} asked, {reached} reached ({plan.strategy}, {knob})")
     else:
         print(f"strategy: {plan.strategy}, {knob}")
+    print(f"strategy {plan.strategy}: {plan.strategy_reason}")
     for note in plan.notes:
         print(f"note: {note}")
     for key in ("before", "after"):
@@ -252,12 +255,12 @@ def _open_for_model(
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from onnx_mbs.evaluate import evaluate
+    from onnx_mbs.evaluate import evaluate, load_for_eval
     from onnx_mbs.runtime import choose_providers
 
     providers = choose_providers(args.providers)
     shapes = _input_shapes(args.input_shape)
-    read = load(args.model, shapes)
+    read = load_for_eval(args.model, shapes)
     source = _open_for_model(
         args.data, read.model, args, args.limit, split="test", labels=not args.teacher
     )
@@ -296,9 +299,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _eval_agreement(args: argparse.Namespace, model, source, providers, shapes) -> int:
     """`eval --teacher`: how closely each output follows the teacher's, without labels."""
-    from onnx_mbs.evaluate import agreement
+    from onnx_mbs.evaluate import agreement, load_for_eval
 
-    teacher = load(args.teacher, shapes).runnable
+    teacher = load_for_eval(args.teacher, shapes).runnable
     result = agreement(
         model,
         teacher,
@@ -316,7 +319,6 @@ def _eval_agreement(args: argparse.Namespace, model, source, providers, shapes) 
         )
         print()
         return 0
-    print(f"data: {source.description}", file=sys.stderr)
 
     def pct(value: float | None) -> str:
         return "-" if value is None else f"{value:.2%}"
@@ -490,8 +492,47 @@ def _channel_multiple(text: str) -> int | str:
     return text if text == "auto" else COUNT(text)
 
 
+def version_text() -> str:
+    """`onnx-mbs --version`: this package's version and the onnx and onnxruntime it runs on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(*names: str) -> str:
+        for name in names:
+            try:
+                return version(name)
+            except PackageNotFoundError:
+                continue
+        return "not installed"
+
+    return (
+        f"onnx-mbs {installed('onnx-mbs')} (onnx {installed('onnx')}, "
+        f"onnxruntime {installed('onnxruntime-gpu', 'onnxruntime')})"
+    )
+
+
+def says_default(action: argparse.Action) -> bool:
+    """Whether `--help` owes this action's default: options that take a value and are not
+    required (a flag is off until given)."""
+    return bool(action.option_strings) and action.nargs != 0 and not action.required
+
+
+def with_default(action: argparse.Action) -> str | None:
+    """`action`'s help ending with its default ("none": unset until given), unless its text
+    says it already."""
+    text = action.help or ""
+    if "default" in text or not says_default(action):
+        return action.help
+    shown = "none" if action.default is None else "%(default)s"
+    return f"{text} (default: {shown})".lstrip()
+
+
 class _Parser(argparse.ArgumentParser):
-    """Usage errors are bad input too: one line, exit code 2."""
+    """Usage errors are bad input too: one line, exit code 2. Help says every default."""
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        action.help = with_default(action)
+        return action
 
     def error(self, message: str):  # type: ignore[override]
         print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
@@ -513,6 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="onnx-mbs",
         description="Macroblock Scaling for ONNX CNNs: ONNX in, smaller ONNX out.",
     )
+    parser.add_argument("--version", action="version", version=version_text())
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add_input_shape(p: argparse.ArgumentParser) -> None:
@@ -563,18 +605,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--width-map",
-        default=DEFAULT_WIDTH_MAP,
+        default=None,
         help=f"beta from redundancy R: linear:C (1 - C*R) or power:GAMMA ((1 - R)^GAMMA); "
-        f"default {DEFAULT_WIDTH_MAP}; with --budget, C or GAMMA is solved",
+        f"default {DEFAULT_WIDTH_MAP} ({COST_WIDTH_MAP} under mbs-cost, whose worth it "
+        "weighs); with --budget, C or GAMMA is solved (not under mbs-cost)",
     )
     add_receptive_field(p)
     p.add_argument(
         "--strategy",
-        choices=STRATEGIES,
-        default="mbs",
-        help="mbs (default); uniform: one width scale everywhere; global: one importance "
-        "ranking over all groups, the lowest cut (see --importance); without --budget, "
-        "uniform and global are matched to MBS's size",
+        choices=("auto", *STRATEGIES),
+        default="auto",
+        help="auto (default): chosen per budget metric from the experiment's results (the "
+        "report says which and why); mbs; mbs-cost: MBS's worth of each channel against its "
+        "cost in the budget's metric; uniform: one width scale everywhere; global: one "
+        "importance ranking over all groups, the lowest cut (see --importance); without "
+        "--budget, the others are matched to MBS's size",
     )
     p.add_argument("--providers", default="auto", help="auto (default), cpu or cuda")
     add_input_shape(p)

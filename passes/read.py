@@ -11,7 +11,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from .custom_ops import hide_unknown_ops
-from .errors import BadInputError, temporary_folder_error
+from .errors import BadInputError, QuantizedModelError, temporary_folder_error
 from .external_data import weights_apart
 from .integrity import check_stored_sizes, undecodable
 from .scratch import scratch_folder
@@ -27,10 +27,13 @@ QUANTIZED_OPS = {
 }
 
 
-def read_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
+def read_model(
+    source: str | os.PathLike | onnx.ModelProto, quantized: bool = False
+) -> onnx.ModelProto:
     """Read an ONNX file (with external data) or copy a ModelProto.
 
-    Refuses what MBS cannot work on: not ONNX, truncated, invalid, quantized.
+    Refuses what MBS cannot work on: not ONNX, truncated, invalid, quantized (unless
+    `quantized`: a graph to run, not to reduce).
     """
     path = None
     if isinstance(source, onnx.ModelProto):
@@ -65,10 +68,10 @@ def read_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
             f"sparse_initializer ({names}), which onnx-mbs does not read; store them as dense "
             "initializers"
         )
-    quantized = sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS})
-    if quantized:
-        raise BadInputError(
-            f"quantized graph ({', '.join(quantized)}): MBS works on float models; "
+    quantized_ops = sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS})
+    if quantized_ops and not quantized:
+        raise QuantizedModelError(
+            f"quantized graph ({', '.join(quantized_ops)}): MBS works on float models; "
             "reduce the float model first, then quantize"
         )
     try:
