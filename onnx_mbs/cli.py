@@ -138,7 +138,7 @@ def _print_reduce_summary(report, args: argparse.Namespace) -> None:
 
 def cmd_reduce(args: argparse.Namespace) -> int:
     from onnx_mbs.pipeline import reduce
-    from onnx_mbs.report import report_dict, write_report
+    from onnx_mbs.report import REPORT_FILES, report_dict, write_report
     from onnx_mbs.save import check_outputs, default_output, save_folder, save_model
 
     if args.output is None and not args.dry_run:
@@ -146,7 +146,11 @@ def cmd_reduce(args: argparse.Namespace) -> int:
     if args.dry_run:
         args.output = None
     check_outputs(
-        args.output, args.report, models={"the input model": args.model}, data={"--data": args.data}
+        args.output,
+        args.report,
+        models={"the input model": args.model},
+        data={"--data": args.data},
+        report_files=REPORT_FILES,
     )
     if args.recalibrate and not args.data:
         raise BadInputError("--recalibrate re-estimates BatchNorm statistics on --data: give it")
@@ -224,10 +228,15 @@ def _recalibrate(reduced, args: argparse.Namespace) -> dict:
 
 
 def _open_for_model(
-    spec, model, args: argparse.Namespace, limit: int | None = None, split: str | None = "test"
+    spec,
+    model,
+    args: argparse.Namespace,
+    limit: int | None = None,
+    split: str | None = "test",
+    labels: bool = True,
 ):
     """A DataSource fitted to `model`'s input, with the command's --mean/--std; the data and
-    its preprocessing are printed."""
+    its preprocessing are printed. `labels` False: the labels are neither read nor checked."""
     from onnx_mbs.data.fit import open_for_model
 
     source = open_for_model(
@@ -237,6 +246,7 @@ def _open_for_model(
         std=_floats(args.std, "--std"),
         limit=limit,
         split=split,
+        labels=labels,
     )
     print(f"data: {source.description}", file=sys.stderr)
     if source.preprocess is not None:
@@ -251,7 +261,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     providers = choose_providers(args.providers)
     shapes = _input_shapes(args.input_shape)
     read = load_for_eval(args.model, shapes)
-    source = _open_for_model(args.data, read.model, args, args.limit, split="test")
+    source = _open_for_model(
+        args.data, read.model, args, args.limit, split="test", labels=not args.teacher
+    )
     if args.teacher:
         return _eval_agreement(args, read.runnable, source, providers, shapes)
     result = evaluate(
@@ -332,6 +344,9 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 
     from onnx_mbs.bridge import retrain
     from onnx_mbs.bridge.losses import parse_loss_specs
+    from onnx_mbs.evaluate import check_outputs_finite
+    from onnx_mbs.pipeline import check_written
+    from onnx_mbs.runtime import choose_providers
     from onnx_mbs.save import check_outputs, save_model
 
     check_outputs(
@@ -342,14 +357,18 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     losses = parse_loss_specs(args.loss)
     shapes = _input_shapes(args.input_shape)
     read = load(args.model, shapes)
+    # The full checker up front, as reduce's written model gets it: a model it rejects (a
+    # bfloat16 Conv below opset 22) would only be written back invalid, after the training.
+    runnable = read.runnable
+    check_written(runnable, lambda: read.original)
     # Trained in the written form: the shape arithmetic that follows the batch and image
     # size computed at run time, so any batch trains and the result takes every shape.
-    model = read.runnable
+    model = runnable
     teacher = load(args.teacher, shapes).runnable if args.teacher else None
     _check_device(args.device)
-    train = _open_for_model(args.data, read.model, args, args.limit, split="train")
-    if args.no_labels:
-        train.labels = None  # this command's own source: the teacher labels instead
+    train = _open_for_model(
+        args.data, read.model, args, args.limit, split="train", labels=not args.no_labels
+    )
     val = (
         _open_for_model(args.val, read.model, args, args.val_limit, split=None)
         if args.val
@@ -411,7 +430,12 @@ def cmd_retrain(args: argparse.Namespace) -> int:
             f"{result.images_per_second:.0f} "
             f"images/s on {result.device} x{result.world_size}"
         )
-        save_model(result.model, args.output)
+        written = result.model  # trained in the written form
+        check_written(written, runnable)
+        check_outputs_finite(
+            written, runnable, train, choose_providers("cpu"), batch_size=read.batch or 64
+        )
+        save_model(written, args.output)
         print(f"wrote {args.output}", file=sys.stderr)
     if result.world_size > 1:
         # The work is done and written. torch's gloo teardown can still abort a
@@ -781,6 +805,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except BadInputError as e:
         print(f"onnx-mbs: error: {e}", file=sys.stderr)
+        return 2
+    except MemoryError:  # the sizes that can be checked beforehand are (onnx_mbs/memory.py)
+        print(
+            "onnx-mbs: error: out of memory; nothing written (use a smaller --batch-size or "
+            "--input-shape, or a machine with more memory)",
+            file=sys.stderr,
+        )
         return 2
     except Terminated:
         print("onnx-mbs: terminated; nothing written", file=sys.stderr)

@@ -243,3 +243,40 @@ def agreement(
     if samples == 0:
         raise BadInputError(f"no samples in {data.description}")
     return AgreementResult([totals[n].result() for n in names], samples, session_provider(session))
+
+
+def finite_rows(
+    model: onnx.ModelProto, x: np.ndarray, input_name: str, providers: list[str]
+) -> np.ndarray:
+    """Per sample of `x`, whether every output of `model` is finite for it (onnxruntime)."""
+    session = make_session(model, providers)
+    fed = pad_to_batch(session, input_name, x.astype(feed_dtype(session, input_name), copy=False))
+    finite = np.ones(len(x), bool)
+    for out in session.run(None, {input_name: fed}):
+        out = np.asarray(out)
+        if out.ndim and out.shape[0] == len(fed):
+            finite &= np.isfinite(out[: len(x)].reshape(len(x), -1)).all(axis=1)
+        elif not np.isfinite(out).all():
+            finite[:] = False
+    return finite
+
+
+def check_outputs_finite(
+    written: onnx.ModelProto,
+    original: onnx.ModelProto,
+    data: DataSource,
+    providers: list[str],
+    batch_size: int = 64,
+) -> None:
+    """Refuse a model about to be written whose outputs are NaN or inf on real samples where
+    the model it came from gives finite ones: finite weights can still overflow (retrain with
+    too large an --lr, or fp16 weights past 65504)."""
+    x = next(iter(data.batches(batch_size))).x
+    bad = finite_rows(original, x, data.input_name, providers) & ~finite_rows(
+        written, x, data.input_name, providers
+    )
+    if bad.any():
+        raise BadInputError(
+            f"the retrained model gives NaN or inf outputs on {int(bad.sum())} of {len(x)} "
+            "training samples where the input model's are finite; nothing written: lower --lr"
+        )

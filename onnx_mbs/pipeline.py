@@ -378,6 +378,13 @@ class Shrink:
         channels = self.analysed.channels
         keep = choose_channels(channels.groups, plan.counts, self.scores)
         shrunk = shrink_channels(self.model, keep, channels, self.index)
+        if entries := len(shrunk.training_info):
+            # Its graphs initialise and update tensors of the original widths.
+            del shrunk.training_info[:]
+            plan.notes.append(
+                f"the model's training_info ({entries} entr{'y' if entries == 1 else 'ies'}) "
+                "was dropped: its graphs make tensors of the original widths"
+            )
         # Analysed while it has the analysis form's shapes (shrink keeps them up to date),
         # then put in the written form in place: no second copy of its weights (issue 13).
         after = analyze_model(shrunk, self.receptive_field)

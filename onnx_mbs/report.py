@@ -273,10 +273,14 @@ def _stagger(fig, labels: list) -> int:
     return len(ends)
 
 
+# What a report folder holds: an existing folder holding anything else is never written into.
+REPORT_FILES = ("report.json", "report.md", "widths.png")
+
+
 def write_report(report: ReduceReport, folder: str | Path) -> list[Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / "report.json", folder / "report.md", folder / "widths.png"]
+    paths = [folder / name for name in REPORT_FILES]
     paths[0].write_text(json.dumps(report_dict(report), indent=2) + "\n")
     paths[1].write_text(markdown(report))
     plot_widths(report, paths[2])

@@ -40,8 +40,9 @@ OPTIMIZATION_LEVELS = {
     "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
 }
 
-# Errors only: onnxruntime's warnings (e.g. nodes placed on CPU) are noise for users.
-_QUIET = 3
+# Nothing but fatal errors: onnxruntime logs its errors on stderr before raising them, and
+# every error reaches the user as one line anyway (its warnings are noise for users).
+_QUIET = 4
 _FLOAT_TYPES = {
     "tensor(float)": "float32",
     "tensor(float16)": "float16",

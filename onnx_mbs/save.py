@@ -3,22 +3,23 @@
 Every output (the model, its external data, the --report folder) is written
 under a hidden temporary name beside its destination and renamed into place
 only once everything is written, so a failed or interrupted run leaves
-nothing behind and a report never appears without its model.
+nothing behind and a report never appears without its model. Nothing a run
+did not write is ever removed: an existing report folder only has the report's
+own files replaced (see passes/scratch.py for the temporaries).
 """
 
 from __future__ import annotations
 
 import mmap
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
 
 from onnx_mbs.passes import BadInputError
+from onnx_mbs.passes.scratch import TempFolders
 from onnx_mbs.proto_writer import serialized_size, write_model
 
 TWO_GB = 2**31 - 1
@@ -67,10 +68,14 @@ def check_outputs(
     *,
     models: Mapping[str, object] | None = None,
     data: Mapping[str, object] | None = None,
+    report_files: Collection[str] = (),
 ) -> None:
     """Refuse, before any work, outputs that would overwrite what the run reads or cannot be
     written. `models` and `data` map a role ("the input model", "--data"...) to a model path
-    or a data spec: models count with their external data, data folders with all inside."""
+    or a data spec: models count with their external data, data folders with all inside.
+    An existing --report folder may hold only `report_files` (an earlier report, replaced
+    file by file): nothing else in it is ever touched, so a folder holding anything else, an
+    input or the output is refused."""
     sources: list[tuple[Path, str]] = []
     for role, model in (models or {}).items():
         if isinstance(model, (str, os.PathLike)):
@@ -104,18 +109,51 @@ def check_outputs(
             raise BadInputError(f"--report {folder} is a file; give a folder name")
         if output is not None and folder.resolve() == Path(output).resolve():
             raise BadInputError(f"--report {folder} is the output model's path; give a folder")
+        _check_report_folder(folder, output, sources, report_files)
         _check_writable_folder(folder.parent, "--report")
+
+
+def _check_report_folder(
+    folder: Path,
+    output: str | os.PathLike | None,
+    sources: list[tuple[Path, str]],
+    report_files: Collection[str],
+) -> None:
+    """The --report folder holds no input, not the output, and nothing but an earlier report."""
+    inside = folder.resolve()
+    written = [] if output is None else [(Path(output), "the output model")]
+    held = [(p, role) for p, role in [*sources, *written] if p.resolve().is_relative_to(inside)]
+    if held:
+        path, role = held[0]
+        raise BadInputError(
+            f"--report folder {folder} holds {role} {path}; give a report folder of its own "
+            "(the report never shares a folder with what the run reads or writes)"
+        )
+    if not folder.is_dir():
+        return
+    try:
+        foreign = sorted(p.name for p in folder.iterdir() if p.name not in report_files)
+    except OSError as error:
+        raise BadInputError(f"cannot read --report folder {folder}: {error.strerror}") from None
+    if foreign:
+        more = f" (+{len(foreign) - 3} more)" if len(foreign) > 3 else ""
+        shown = ", ".join(foreign[:3]) + more
+        raise BadInputError(
+            f"--report folder {folder} holds files onnx-mbs did not write ({shown}); give a new "
+            "or empty folder (nothing in it was touched)"
+        )
 
 
 def _check_writable_folder(folder: Path, what: str) -> None:
     if not folder.resolve().is_dir():
         raise BadInputError(f"{what} folder {folder} does not exist; create it first")
+    probe = TempFolders()
     try:
-        fd, probe = tempfile.mkstemp(prefix=".onnx-mbs-probe.", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
+        probe.make(folder)
     except OSError as error:
         raise BadInputError(f"cannot write to {what} folder {folder}: {error.strerror}") from None
+    finally:
+        probe.remove_all()
 
 
 def check_output_path(output: str | os.PathLike, *inputs: str | os.PathLike | None) -> Path:
@@ -162,22 +200,15 @@ def save_folder(folder: str | os.PathLike, writer: Callable[[Path], object]) -> 
 def _staging(folder: Path) -> Iterator[Callable[[Path], Path]]:
     """Hand out temporary names; remove whatever is left of them however the block ends
     (errors, Ctrl-C, SIGTERM). OS errors become one line: the disk is full, read-only..."""
-    temps: list[Path] = []
-
-    def temp(parent: Path) -> Path:
-        path = Path(tempfile.mkdtemp(prefix=".onnx-mbs.", suffix=".tmp", dir=parent))
-        temps.append(path)
-        return path
-
+    temps = TempFolders()
     try:
-        yield temp
+        yield temps.make
     except OSError as error:
         raise BadInputError(
             f"cannot write to {folder}: {error.strerror or error}; nothing was written"
         ) from None
     finally:
-        for path in temps:
-            shutil.rmtree(path, ignore_errors=True)
+        temps.remove_all()
 
 
 def _stage_model(
@@ -227,13 +258,12 @@ def _stage_folder(
 
 
 def _publish(staged: list[tuple[Path, Path]]) -> None:
-    """Rename every staged path into place; an existing folder is swapped out, then removed."""
+    """Rename every staged path into place. A folder that exists already (an earlier report)
+    gets the staged files renamed into it one by one: nothing else in it is touched."""
     for tmp, final in staged:
         if tmp.is_dir() and final.is_dir():
-            old = tmp.with_name(tmp.name + ".old")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+            for path in sorted(tmp.iterdir()):
+                os.replace(path, final / path.name)
         else:
             os.replace(tmp, final)
 

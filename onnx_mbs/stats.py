@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from onnx_mbs.instrument import PACKED, StatOutputs, instrument_without_weights
 from onnx_mbs.level_costs import optimization_level
 from onnx_mbs.passes.errors import BadInputError, temporary_folder_error
 from onnx_mbs.passes.external_data import WEIGHTS_FILE
+from onnx_mbs.passes.scratch import scratch_folder
 from onnx_mbs.progress import progress_bar
 from onnx_mbs.runtime import (
     concurrent_runs,
@@ -116,9 +116,7 @@ def collect_stats(
     # weights, serialized or not, beside `model`'s; the large ones it maps (issue 13).
     try:
         with contextlib.ExitStack() as stack:
-            folder = weights_folder or Path(
-                stack.enter_context(tempfile.TemporaryDirectory(prefix="onnx-mbs-"))
-            )
+            folder = weights_folder or stack.enter_context(scratch_folder())
             path = folder / "instrumented.onnx"
             computed = {name for node in instrumented.graph.node for name in node.output}
             weights = [t for t in model.graph.initializer if t.name not in computed]

@@ -5,7 +5,6 @@ to it while the statistics run (memory: issue 13).
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +14,7 @@ from onnx import TensorProto
 
 from onnx_mbs.passes.errors import temporary_folder_error
 from onnx_mbs.passes.external_data import WEIGHTS_FILE, placed_apart, weights_apart
+from onnx_mbs.passes.scratch import scratch_folder
 from onnx_mbs.runtime import release_freed_memory
 
 # onnxruntime maps external tensors at page-aligned offsets instead of copying them (CPU).
@@ -72,8 +72,7 @@ def weights_aside(held: HeldModel) -> Iterator[tuple[onnx.ModelProto, Path]]:
     model read back from the file, equal to what it was. Protobuf frees a model's memory
     only with the whole model, so emptying its tensors would not do (issue 13).
     """
-    with tempfile.TemporaryDirectory(prefix="onnx-mbs-") as name:
-        folder = Path(name)
+    with scratch_folder() as folder:
         try:
             light, apart = weights_apart(held.model, folder, PAGE)
         except OSError as e:

@@ -150,6 +150,9 @@ def _fold(
             return None
     if any(np.asarray(v).size > MAX_ELEMENTS for v in feeds.values()):
         return None
+    made = output_elements(node, feeds, index.shapes)
+    if made is None or made > MAX_ELEMENTS:  # sized before anything is made (a file's
+        return None  # few bytes can ask ConstantOfShape for 1.5e9 floats)
     from onnx.reference import ReferenceEvaluator  # 0.15 s to import: only when folding
 
     try:
@@ -160,6 +163,76 @@ def _fold(
     if any(r.size > MAX_ELEMENTS for r in results):
         return None
     return results
+
+
+# Ops whose output size the values of their inputs set, and how.
+def _constant_of_shape(values: list) -> int:
+    return _product(values[0])
+
+
+def _expand(values: list) -> int:
+    return math.prod(np.broadcast_shapes(values[0].shape, tuple(_dims(values[1]))))
+
+
+def _tile(values: list) -> int:
+    return values[0].size * _product(values[1])
+
+
+def _range(values: list) -> int:
+    start, limit, delta = (float(np.asarray(v).reshape(())) for v in values[:3])
+    return max(0, math.ceil((limit - start) / delta))
+
+
+VALUE_SIZED = {"ConstantOfShape": _constant_of_shape, "Expand": _expand, "Tile": _tile,
+               "Range": _range}  # fmt: skip
+# Ops that make at most the broadcast of their inputs, or at most as many elements as their
+# inputs hold together (Gather: indices times a row): never more than MAX_ELEMENTS squared.
+BROADCASTING = {
+    "Add", "Sub", "Mul", "Div", "Pow", "Mod", "Equal", "Less", "Greater", "LessOrEqual",
+    "GreaterOrEqual", "And", "Or", "Xor", "Where", "Min", "Max", "Sum", "Mean", "BitShift",
+}  # fmt: skip
+BOUNDED = {
+    "Shape", "Size", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Transpose", "Cast",
+    "CastLike", "Slice", "Gather", "GatherElements", "GatherND", "Concat", "Split", "Neg",
+    "Abs", "Floor", "Ceil", "Round", "Sqrt", "Reciprocal", "Sign", "Not", "Relu", "Clip",
+    "ReduceProd", "ReduceSum", "ReduceMin", "ReduceMax", "ReduceMean", "ArgMax", "ArgMin",
+    "Exp", "Log", "NonZero", "CumSum", "Identity", "Trilu", "ScatterND",
+    "ScatterElements", "ReverseSequence", "Compress", "MatMul",
+}  # fmt: skip
+
+
+def output_elements(
+    node: onnx.NodeProto, feeds: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]]
+) -> int | None:
+    """How many elements `node` makes from `feeds`, worked out without making them (an
+    upper bound); None when that cannot be known beforehand."""
+    outputs = [shapes.get(name) for name in node.output if name]
+    if outputs and all(shape is not None for shape in outputs):
+        return sum(math.prod(shape) for shape in outputs)
+    values = [np.asarray(feeds[name]) if name in feeds else None for name in node.input]
+    try:
+        if node.op_type in VALUE_SIZED:
+            return VALUE_SIZED[node.op_type](values)
+        arrays = [v for v in values if v is not None]
+        if node.op_type in BROADCASTING:
+            return math.prod(np.broadcast_shapes(*(v.shape for v in arrays)))
+        if node.op_type in BOUNDED:
+            sizes = [max(v.size, 1) for v in arrays]
+            return max(sum(sizes), max(sizes) * min(sizes))
+    except (ValueError, TypeError, ZeroDivisionError, OverflowError):
+        return None
+    return None
+
+
+def _dims(value: np.ndarray) -> list[int]:
+    dims = [int(d) for d in np.asarray(value).ravel()]
+    if any(d < 0 for d in dims):
+        raise ValueError("negative dim")
+    return dims
+
+
+def _product(value: np.ndarray) -> int:
+    return math.prod(_dims(value))
 
 
 def _one_node_model(node: onnx.NodeProto, opsets: dict[str, int]) -> onnx.ModelProto:

@@ -19,6 +19,7 @@ from .base import Pass, PassResult
 from .dynamic_dims import RunTimeShapes, keep_dynamic, other_shapes
 from .errors import BadInputError
 from .graph import GraphIndex, static_shape
+from .integrity import check_made_sizes
 from .normalise import normalise_in_place, unique_names
 from .read import read_model
 from .shapes import FixInputShapes, InputShapes, disagree, settle
@@ -142,6 +143,7 @@ def load(
     io = _io_only(declared)
     model, folded = settle(fixed)
     _without_contradictions(io, model)
+    check_made_sizes(model)
     others = []
     for kind in ("batch", "spatial") if folded else ():
         other = other_shapes(declared, fixed, kind)

@@ -5,7 +5,6 @@ invalid, quantized), checking it without a serialized copy of its weights.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import onnx
@@ -14,6 +13,8 @@ from google.protobuf.message import DecodeError
 from .custom_ops import hide_unknown_ops
 from .errors import BadInputError, QuantizedModelError, temporary_folder_error
 from .external_data import weights_apart
+from .integrity import check_stored_sizes, undecodable
+from .scratch import scratch_folder
 
 QUANTIZED_OPS = {
     "QLinearConv",
@@ -45,17 +46,28 @@ def read_model(
         if not path.is_file():
             raise BadInputError(f"model file not found: {path}")
         try:
-            model = onnx.load(str(path))
+            # The external data is read only once what it should hold is known.
+            model = onnx.load(str(path), load_external_data=False)
+            check_stored_sizes(model, path.parent)
+            onnx.load_external_data_for_model(model, str(path.parent))
         except DecodeError as e:
-            raise BadInputError(
-                f"{path} is not a valid ONNX file (truncated or not ONNX: {e})"
-            ) from None
+            raise BadInputError(undecodable(path, e)) from None
         except (FileNotFoundError, OSError) as e:
             raise BadInputError(f"cannot read {path} or its external data: {e}") from None
+        except BadInputError:
+            raise
         except Exception as e:  # onnx raises assorted errors on corrupt files
             raise BadInputError(f"{path} could not be loaded as ONNX: {e}") from None
         if not model.graph.node:
             raise BadInputError(f"{path} is not an ONNX model (no graph nodes found)")
+    check_stored_sizes(model)
+    if model.graph.sparse_initializer:
+        names = ", ".join(repr(t.values.name) for t in model.graph.sparse_initializer[:3])
+        raise BadInputError(
+            f"the model stores {len(model.graph.sparse_initializer)} tensor(s) as "
+            f"sparse_initializer ({names}), which onnx-mbs does not read; store them as dense "
+            "initializers"
+        )
     quantized_ops = sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS})
     if quantized_ops and not quantized:
         raise QuantizedModelError(
@@ -78,13 +90,12 @@ def check_model(model: onnx.ModelProto, full_check: bool = False) -> None:
     checked on its own (the checker's tensor check) and the model is checked from a
     file that holds those tensors as external data."""
     custom = hide_unknown_ops(model)[0]
-    try:
-        with tempfile.TemporaryDirectory(prefix="onnx-mbs-") as name:
-            folder = Path(name)
+    with scratch_folder() as folder:
+        try:
             light, apart = weights_apart(custom, folder)
             for tensor in apart:
                 onnx.checker.check_tensor(tensor)
             (folder / "checked.onnx").write_bytes(light.SerializeToString())
-            onnx.checker.check_model(str(folder / "checked.onnx"), full_check=full_check)
-    except OSError as error:
-        raise temporary_folder_error(error) from None
+        except OSError as error:
+            raise temporary_folder_error(error) from None
+        onnx.checker.check_model(str(folder / "checked.onnx"), full_check=full_check)

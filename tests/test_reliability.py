@@ -509,7 +509,8 @@ def test_external_data_written_atomically_and_caller_keeps_weights(inputs, tmp_p
     np.testing.assert_array_equal(run(written), run(model))
 
 
-def test_existing_report_is_replaced_whole(inputs, tmp_path):
+def test_existing_report_folder_gets_new_files_beside_what_it_holds(inputs, tmp_path):
+    """Issue 26: a report folder is never replaced whole (that deleted whatever it held)."""
     from onnx_mbs.save import save_model
 
     (tmp_path / "rep").mkdir()
@@ -519,7 +520,8 @@ def test_existing_report_is_replaced_whole(inputs, tmp_path):
         tmp_path / "m.onnx",
         (tmp_path / "rep", lambda d: (d / "new.txt").write_text("x")),
     )
-    assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == ["new.txt", "stale.txt"]
+    assert (tmp_path / "rep" / "stale.txt").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "rep"]
 
 

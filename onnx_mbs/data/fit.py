@@ -12,6 +12,7 @@ from onnx import helper
 
 from onnx_mbs.data.sources import DataSource
 from onnx_mbs.data.spec import open_data
+from onnx_mbs.memory import check_model_fits
 from onnx_mbs.passes.errors import BadInputError
 
 
@@ -54,10 +55,14 @@ def open_for_model(
     std: Any = None,
     limit: int | None = None,
     split: str | None = "test",
+    labels: bool = True,
 ) -> DataSource:
     """A DataSource fitted to `model`'s (single, fixed) input, NCHW or NHWC as the graph
-    reads it; mean/std default to its metadata; `split` is the default IDX split."""
+    reads it; mean/std default to its metadata; `split` is the default IDX split; `labels`
+    False: the labels are neither read nor checked. The largest tensor a sample makes must
+    fit in memory before any sample is read."""
     name, shape = model_input(model)
+    check_model_fits(model)
     source = open_data(
         spec,
         name,
@@ -68,6 +73,7 @@ def open_for_model(
         metadata=metadata(model),
         layout=input_layout(model, name),
         split=split,
+        labels=labels,
     )
     check_labels(source, model)
     return source

@@ -61,7 +61,14 @@ def _numbers(values: tuple[float, ...]) -> str:
 def model_chw(input_shape: Sequence[object]) -> tuple[int, int, int]:
     """(C, H, W) of a 4-D NCHW model input; they must be fixed to preprocess files."""
     dims = list(input_shape)
-    if len(dims) != 4 or not all(isinstance(d, int) and d > 0 for d in dims[1:]):
+    if len(dims) != 4:
+        kind = {3: " (a Conv1d model's N, C, L)", 5: " (a Conv3d model's N, C, D, H, W)"}
+        raise BadInputError(
+            f"--data feeds images to 4-D (N, C, H, W) inputs; this model's input "
+            f"{tuple(dims)} is {len(dims)}-D{kind.get(len(dims), '')}, which --data cannot "
+            "feed: analyze and reduce it without --data (no --input-shape changes that)"
+        )
+    if not all(isinstance(d, int) and d > 0 for d in dims[1:]):
         raise BadInputError(
             f"model input shape {tuple(dims)} is not NCHW with fixed C, H, W; "
             "give the input shape explicitly (e.g. --input-shape x:1,3,32,32)"
@@ -133,9 +140,11 @@ def raw_layout(shape: tuple[int, ...], channels: int, what: str) -> str:
             return "NCHW"
         if last:
             return "NHWC"
+    allowed = sorted({1, 3, channels})
+    listed = ", ".join(map(str, allowed[:-1])) + f" or {allowed[-1]}"
     raise BadInputError(
         f"{what} has shape {shape}; expected (N, H, W), (N, C, H, W) or (N, H, W, C) "
-        f"with C in 1, 3 or {channels} (the model's channels)"
+        f"with C {listed} (the model takes {channels})"
     )
 
 
@@ -158,7 +167,9 @@ def to_unit_nchw(raw: np.ndarray, layout: str, divisor: float = 255.0) -> np.nda
     if layout == "NHWC":
         x = x.transpose(0, 3, 1, 2)
     x = x.astype(np.float32)
-    return x / np.float32(divisor) if divisor != 1 else x
+    if divisor != 1:
+        x /= np.float32(divisor)  # in place: no second float copy of a large batch
+    return x
 
 
 def pixel_scale(x: np.ndarray, what: str) -> tuple[str, float]:

@@ -8,6 +8,7 @@ image when its batch is built, so memory stays flat in the number of images.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,14 +107,53 @@ class ImageFolderSource:
         return Batch(x, None if self.labels is None else self.labels[indices])
 
     def _load(self, path: Path) -> np.ndarray:
-        mode = "L" if self.preprocess.channels == 1 else "RGB"
         try:
-            with Image.open(path) as image:
-                pixels = np.asarray(image.convert(mode))
+            with warnings.catch_warnings():  # Pillow warns of large images: refused below
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(path) as image:
+                    pixels, divisor = image_pixels(image, self.preprocess.channels, path)
+        except Image.DecompressionBombError:
+            raise BadInputError(too_large(path)) from None
         except (OSError, UnidentifiedImageError) as error:
             raise BadInputError(f"cannot read image {path}: {error}") from None
         layout = "NHW" if pixels.ndim == 2 else "NHWC"
-        return apply(to_unit_nchw(pixels[None], layout), self.preprocess)
+        return apply(to_unit_nchw(pixels[None], layout, divisor), self.preprocess)
+
+
+# Images with more pixels are refused before they are decoded: a PNG of a few hundred KB can
+# hold a billion pixels. 2^25 (33.5 M, 8192 x 4096) keeps a decoded RGB image and its float
+# copy under 600 MB.
+MAX_IMAGE_PIXELS = 2**25
+# How a Pillow mode's pixels reach [0, 1]: 16-bit grayscale is divided by 65535; modes
+# Pillow converts to 8 bits (palette, 1-bit, RGBA, CMYK...) by 255. 32-bit integer and float
+# images have no fixed range and are refused.
+SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
+IMAGE_SCALE = "8-bit pixels /255, 16-bit /65535"
+
+
+def image_pixels(image: Image.Image, channels: int, path: Path) -> tuple[np.ndarray, float]:
+    """An open image's pixels, grayscale (H, W) or RGB (H, W, 3) as `channels` asks, and
+    what to divide them by to reach [0, 1]."""
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise BadInputError(too_large(path, width, height))
+    if image.mode in SIXTEEN_BIT:
+        pixels = np.asarray(image).astype(np.uint16)
+        return (pixels if channels == 1 else np.repeat(pixels[..., None], 3, axis=2)), 65535.0
+    if image.mode in ("I", "F"):
+        raise BadInputError(
+            f"image {path} holds {'32-bit integer' if image.mode == 'I' else 'float'} pixels, "
+            "whose range is unknown; store 8- or 16-bit images"
+        )
+    return np.asarray(image.convert("L" if channels == 1 else "RGB")), 255.0
+
+
+def too_large(path: Path, width: int | None = None, height: int | None = None) -> str:
+    size = f" ({width} x {height} pixels)" if width else ""
+    return (
+        f"image {path}{size} has more than {MAX_IMAGE_PIXELS:,} pixels (a decompression bomb, "
+        "or far larger than any model input): resize it or leave it out"
+    )
 
 
 def check_batch_size(batch_size: int) -> None:

@@ -22,7 +22,8 @@ from onnx_mbs.data.preprocess import (
     raw_channels,
     raw_layout,
 )
-from onnx_mbs.data.sources import ArraySource, DataSource, ImageFolderSource
+from onnx_mbs.data.sources import IMAGE_SCALE, ArraySource, DataSource, ImageFolderSource
+from onnx_mbs.memory import check_fits
 from onnx_mbs.passes.errors import BadInputError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -39,13 +40,15 @@ def open_data(
     metadata: Mapping[str, str] | None = None,
     layout: str = "NCHW",
     split: str | None = "test",
+    labels: bool = True,
 ) -> DataSource:
     """A DataSource for `spec`, preprocessed to fit the model input (N, C, H, W), or
     (N, H, W, C) for `layout` "NHWC".
 
     mean/std default to the model's metadata (onnx_mbs.mean / onnx_mbs.std), else 0 and 1.
     `limit` keeps the first N samples. `split` is the IDX split used when the spec names
-    none (None: it must be named). Python readers (anything with get_next(), or an
+    none (None: it must be named). `labels` False ignores the data's labels: they are
+    neither read nor checked (`--no-labels`). Python readers (anything with get_next(), or an
     iterable of input dicts) give model inputs already: they are not preprocessed.
     """
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0):
@@ -60,6 +63,11 @@ def open_data(
         dims = list(input_shape)
         input_shape = [dims[0], dims[3], dims[1], dims[2]] if len(dims) == 4 else dims
     channels, height, width = model_chw(input_shape)
+    check_fits(
+        3 * 4 * channels * height * width,  # a float sample, resized, then normalised
+        f"preprocessing one {channels}x{height}x{width} sample",
+        "fix --input-shape to the size the model was trained at",
+    )
     means, stds = normalisation(mean, std, channels, metadata)
     origin = normalisation_origin(mean, std, metadata)
 
@@ -73,20 +81,21 @@ def open_data(
             raise BadInputError(f"say which IDX split to use: {path}:train or {path}:test")
         how = "" if named_split else ", the default here; add :train or :test to choose"
         split = named_split or split
-        images, labels = idx.find_split(path, split)
+        images, label_file = idx.find_split(path, split)
         x = idx.read_idx(images)
-        y = idx.read_idx(labels) if labels is not None else None
+        y = idx.read_idx(label_file) if label_file is not None and labels else None
         what = f"IDX {path} ({split} split{how})"
-        return _array_source(x, y, what, channels, preprocess, input_name, limit)
+        return _array_source(x, y, what, channels, preprocess, input_name, limit, labels)
     split = named_split
     if split is not None:
         raise BadInputError(f"':{split}' only applies to IDX folders; {path} is not one")
     if path.is_dir():
-        return _open_folder(path, preprocess(("/255", 255.0)), input_name, limit)
+        return _open_folder(path, preprocess((IMAGE_SCALE, 255.0)), input_name, limit, labels)
     if path.suffix.lower() == ".npz":
         x, y = _read_npz(path)
         what = f"npz {path.name}"
-        return _array_source(x, y, what, channels, preprocess, input_name, limit)
+        return _array_source(x, y if labels else None, what, channels, preprocess, input_name,
+                             limit, labels)  # fmt: skip
     raise BadInputError(f"cannot use data file {path}; pass {KINDS}")
 
 
@@ -125,6 +134,7 @@ def _array_source(
     preprocess: Any,
     input_name: str,
     limit: int | None,
+    read_labels: bool = True,
 ) -> ArraySource:
     check_pixel_dtype(x.dtype, what)
     layout = raw_layout(x.shape, channels, f"{what} x")
@@ -134,7 +144,7 @@ def _array_source(
     if total == 0:
         raise BadInputError(f"{what} has no samples")
     x, labels = x[:limit], (None if labels is None else labels[:limit])
-    description = _describe(what, len(x), total, labels is not None)
+    description = _describe(what, len(x), total, labels is not None, read_labels)
     scale = pixel_scale(x, f"{what} x")
     return ArraySource(x, labels, layout, preprocess(scale), input_name, description)
 
@@ -157,7 +167,7 @@ def _labels(y: np.ndarray, count: int, what: str) -> np.ndarray:
 
 
 def _open_folder(
-    path: Path, preprocess: Preprocess, input_name: str, limit: int | None
+    path: Path, preprocess: Preprocess, input_name: str, limit: int | None, read_labels: bool
 ) -> ImageFolderSource:
     """One sub-folder per class (labels = sorted index), or loose images without labels."""
     if preprocess.channels not in (1, 3):
@@ -182,8 +192,9 @@ def _open_folder(
         )
     total = len(files)
     files = files[:limit]
-    y = None if labels is None else np.asarray(labels[:limit], np.int64)
-    description = _describe(f"image folder {path} ({kind})", len(files), total, y is not None)
+    y = None if labels is None or not read_labels else np.asarray(labels[:limit], np.int64)
+    what = f"image folder {path} ({kind})"
+    description = _describe(what, len(files), total, y is not None, read_labels)
     return ImageFolderSource(files, y, preprocess, input_name, description)
 
 
@@ -257,6 +268,6 @@ def _reader_array(
     return x
 
 
-def _describe(what: str, count: int, total: int | None, labelled: bool) -> str:
+def _describe(what: str, count: int, total: int | None, labelled: bool, read: bool = True) -> str:
     samples = f"first {count} of {total} samples" if total and count < total else f"{count} samples"
-    return f"{what}: {samples}, labels: {'yes' if labelled else 'no'}"
+    return f"{what}: {samples}, labels: {'yes' if labelled else 'no' if read else 'ignored'}"

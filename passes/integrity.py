@@ -1,0 +1,232 @@
+"""Integrity: the numbers a model file states are what they claim, before they are trusted.
+
+Stored tensors hold exactly the data their shapes need (external data from the model's own
+folder only); subgraphs nested past protobuf's depth are named as such; tensors whose size
+numbers in the file set (ConstantOfShape, Tile...) are bounded. A crafted file of a few bytes
+can otherwise ask for gigabytes, or be misread silently.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from .errors import BadInputError
+from .graph import GraphIndex
+
+
+def check_stored_sizes(model: onnx.ModelProto, folder: Path | None = None) -> None:
+    """Every stored tensor holds exactly the data its shape asks for, so nothing later
+    reads past it or reshapes it wrongly. With `folder` (before the external data is read):
+    external data lies inside `folder` and its files hold exactly that much, so a reference
+    can make the run read neither another file nor more than the shape asks for."""
+    for tensor in _stored_tensors(model.graph):
+        where = f"tensor {tensor.name!r} (shape {list(tensor.dims)})"
+        wanted = _stored_bytes(tensor)
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            if folder is not None and wanted is not None:
+                _check_external(tensor, folder, wanted, where)
+            continue
+        if tensor.HasField("raw_data"):
+            held = len(tensor.raw_data)
+            if wanted is not None and held != wanted:
+                raise BadInputError(
+                    f"{where} stores {held} bytes of data where its shape needs {wanted}; "
+                    "the file is corrupt or crafted: export the model again"
+                )
+            continue
+        count = _typed_count(tensor)
+        elements = math.prod(tensor.dims)
+        if count is not None and count[0] != count[1] * elements:
+            raise BadInputError(
+                f"{where} stores {count[0]} values where its shape needs {count[1] * elements}; "
+                "the file is corrupt or crafted: export the model again"
+            )
+
+
+def _stored_tensors(graph: onnx.GraphProto):
+    """Initializers and attribute tensors of `graph` and its subgraphs."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            for sub in [attribute.g] if attribute.HasField("g") else attribute.graphs:
+                yield from _stored_tensors(sub)
+
+
+_PACKED_4BIT = {
+    getattr(onnx.TensorProto, name)
+    for name in ("INT4", "UINT4", "FLOAT4E2M1")
+    if hasattr(onnx.TensorProto, name)
+}
+
+
+def _stored_bytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes of raw data `tensor`'s shape needs (None for strings and unknown types)."""
+    elements = math.prod(tensor.dims)
+    if tensor.data_type in _PACKED_4BIT:
+        return (elements + 1) // 2
+    if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return None
+    try:
+        return elements * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+_TYPED_FIELDS = {  # data_type -> (field, values per element)
+    onnx.TensorProto.FLOAT: ("float_data", 1),
+    onnx.TensorProto.COMPLEX64: ("float_data", 2),
+    onnx.TensorProto.DOUBLE: ("double_data", 1),
+    onnx.TensorProto.COMPLEX128: ("double_data", 2),
+    onnx.TensorProto.INT64: ("int64_data", 1),
+    onnx.TensorProto.UINT32: ("uint64_data", 1),
+    onnx.TensorProto.UINT64: ("uint64_data", 1),
+    **{
+        t: ("int32_data", 1)
+        for t in (
+            onnx.TensorProto.INT32, onnx.TensorProto.INT16, onnx.TensorProto.INT8,
+            onnx.TensorProto.UINT16, onnx.TensorProto.UINT8, onnx.TensorProto.BOOL,
+            onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+        )
+    },
+}  # fmt: skip
+
+
+def _typed_count(tensor: onnx.TensorProto) -> tuple[int, int] | None:
+    """(values stored, values per element) of a tensor kept in its typed field, or None
+    when its type is not checked here."""
+    if tensor.data_type not in _TYPED_FIELDS:
+        return None
+    name, per = _TYPED_FIELDS[tensor.data_type]
+    return len(getattr(tensor, name)), per
+
+
+def _check_external(tensor: onnx.TensorProto, folder: Path, wanted: int, where: str) -> None:
+    entries = {e.key: e.value for e in tensor.external_data}
+    location = entries.get("location", "")
+    path = (folder / location).resolve()
+    if not location or not path.is_relative_to(folder.resolve()):
+        raise BadInputError(
+            f"{where} names external data {location!r} outside the model's folder {folder}; "
+            "onnx-mbs reads external data only from the model's own folder"
+        )
+    try:
+        size = path.stat().st_size
+        offset = int(entries.get("offset", 0))
+        length = int(entries["length"]) if "length" in entries else size - offset
+    except OSError as error:
+        raise BadInputError(
+            f"cannot read external data {path} of {where}: {error.strerror}"
+        ) from None
+    except ValueError:
+        raise BadInputError(f"{where} has a malformed external data offset or length") from None
+    if offset < 0 or length != wanted or offset + length > size:
+        raise BadInputError(
+            f"{where} reads {length} bytes at offset {offset} of {path.name} ({size} bytes) "
+            f"where its shape needs {wanted}; the file is corrupt or crafted: export the model "
+            "again"
+        )
+
+
+# Protobuf's parser stops at 100 nested messages; each If/Loop/Scan body nests three.
+_PARSER_DEPTH = 100
+_GRAPH, _NODE, _ATTRIBUTE = 7, 1, 5  # ModelProto.graph, GraphProto.node, NodeProto.attribute
+_SUBGRAPHS = (6, 11)  # AttributeProto.g, AttributeProto.graphs
+
+
+def undecodable(path: Path, error: DecodeError) -> str:
+    """Why protobuf could not parse `path`: subgraphs nested too deep, or not ONNX at all."""
+    depth = subgraph_depth(path.read_bytes())
+    if 3 * depth + 2 >= _PARSER_DEPTH:
+        return (
+            f"{path} nests subgraphs (If/Loop/Scan bodies) {depth} levels deep; protobuf "
+            f"parses at most {_PARSER_DEPTH} nested messages (about {_PARSER_DEPTH // 3 - 1} "
+            "subgraph levels), so onnx cannot load it: flatten the control flow"
+        )
+    return f"{path} is not a valid ONNX file (truncated or not ONNX: {error})"
+
+
+def subgraph_depth(data: bytes) -> int:
+    """How deep subgraphs nest in serialized ModelProto `data`, read from the wire format
+    without parsing it (so without protobuf's depth limit); malformed parts are skipped."""
+    deepest = 0
+    stack = [(0, len(data), "model", 0)]
+    wanted = {"model": (_GRAPH,), "graph": (_NODE,), "node": (_ATTRIBUTE,), "attr": _SUBGRAPHS}
+    inner = {"model": "graph", "graph": "node", "node": "attr", "attr": "graph"}
+    while stack:
+        start, end, kind, level = stack.pop()
+        deepest = max(deepest, level)
+        for number, begin, finish in _length_fields(data, start, end):
+            if number in wanted[kind]:
+                stack.append((begin, finish, inner[kind], level + (kind == "attr")))
+    return deepest
+
+
+def _length_fields(data: bytes, position: int, end: int):
+    """(field number, start, end) of each length-delimited field in data[position:end]."""
+    while position < end:
+        key, position = _read_varint(data, position, end)
+        if key is None:
+            return
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, position = _read_varint(data, position, end)
+            if _ is None:
+                return
+        elif wire in (1, 5):
+            position += 8 if wire == 1 else 4
+        elif wire == 2:
+            size, position = _read_varint(data, position, end)
+            if size is None or position + size > end:
+                return
+            yield number, position, position + size
+            position += size
+        else:
+            return
+
+
+def _read_varint(data: bytes, position: int, end: int) -> tuple[int | None, int]:
+    value, shift = 0, 0
+    while position < end and shift < 64:
+        byte = data[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, position
+        shift += 7
+    return None, position
+
+
+# Ops whose output size numbers stored in the file set, not the size of their inputs.
+SIZED_BY_VALUES = {"ConstantOfShape", "Expand", "Tile", "Range", "Pad", "Resize", "Upsample",
+                   "OneHot", "CenterCropPad", "Col2Im"}  # fmt: skip
+# Such an output may hold this many times the elements of its largest input (or of the graph
+# input), and always up to MADE_ELEMENTS_FREE elements.
+MADE_RATIO = 64
+MADE_ELEMENTS_FREE = 2**24
+
+
+def check_made_sizes(model: onnx.ModelProto) -> None:
+    """Refuse a tensor made by an op whose output size numbers in the file set (ConstantOfShape,
+    Tile, Expand, Resize...) when it dwarfs everything the model reads: a 136 KB file can ask
+    for 1.5e9 floats, and every run of the model would make them."""
+    index = GraphIndex.build(model)
+    biggest_input = max((math.prod(index.shapes.get(i, ())) for i in index.graph_inputs), default=1)
+    for node in index.nodes:
+        if node.op_type not in SIZED_BY_VALUES or node.output[0] not in index.shapes:
+            continue
+        made = math.prod(index.shapes[node.output[0]])
+        read = max([math.prod(index.shapes[i]) for i in node.input if i in index.shapes] + [1])
+        if made > MADE_ELEMENTS_FREE and made > MADE_RATIO * max(read, biggest_input):
+            raise BadInputError(
+                f"{node.op_type} {node.name!r} makes a tensor of {made:,} elements "
+                f"({list(index.shapes[node.output[0]])}) from sizes stored in the file, "
+                f"{made // max(read, biggest_input):,} times what the model reads; the model is "
+                "corrupt or crafted"
+            )
