@@ -309,22 +309,6 @@ def _run_time_shapes(
     )
 
 
-def _not_dynamic(name: str, readers: list[onnx.NodeProto], inputs: list[str]) -> str:
-    """Why a value computed from the input size cannot follow it, and the one way on."""
-    flow = [r for r in readers if r.op_type in ("Loop", "If", "Scan")]
-    how = (
-        f"{flow[0].op_type} {flow[0].name!r} reads it, and onnx-mbs does not follow control flow"
-        if flow
-        else f"{', '.join(sorted({r.op_type for r in readers})) or 'a graph output'} reads it "
-        "in a way onnx-mbs cannot keep dynamic"
-    )
-    return (
-        f"the model computes {name!r} from the input size and {how}; onnx-mbs can work on it "
-        f"at one input size only: give it with --input-shape ({', '.join(inputs)}), and any "
-        "model written takes that shape only"
-    )
-
-
 def _agnostic_reshape(values: list, data: list, attrs: dict) -> np.ndarray | None:
     """A Reshape target valid at every size (`values[i]` is the target when the data
     has shape `data[i]`), or None."""
