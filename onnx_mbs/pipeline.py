@@ -16,6 +16,7 @@ import onnx
 from onnx import helper
 
 from onnx_mbs.data import DataSource, open_data
+from onnx_mbs.data.ready import declared_inputs
 from onnx_mbs.evaluate import EvalResult, evaluate
 from onnx_mbs.interop import as_model
 from onnx_mbs.passes import (
@@ -79,14 +80,43 @@ class ReduceReport:
     def pinned(self) -> list[str]:
         return sorted({r for g in self.groups if g.pinned for r in g.pin_reasons})
 
+    @property
+    def not_exact(self) -> list[str]:
+        """Why the cut changes what kept channels compute (normalisations over channels),
+        for the groups that lost channels."""
+        return not_exact(self.groups, self.plan)
+
+
+def nothing_cut(groups: Sequence[ChannelGroup], plan: Plan) -> str:
+    """Why a plan keeps every channel, in one line."""
+    free = [g for g in groups if not g.pinned and g.macroblocks]
+    if not free:
+        return "nothing can be cut: every channel group is pinned (see the pinned reasons)"
+    beta = {m.index: m.beta for m in plan.macroblocks}
+    if plan.budget is None and all(beta.get(m) == 1.0 for g in free for m in g.macroblocks):
+        return (
+            "nothing can be cut: in every macroblock that makes free channels, each layer's "
+            f"{plan.receptive_field} receptive field fits within its limit (R = 0, beta = 1); "
+            "MBS finds no redundancy there: give --budget to cut anyway"
+        )
+    return (
+        "nothing can be cut: the planned widths round back to every channel "
+        f"(--channel-multiple {plan.channel_multiple}, --beta-min {plan.beta_min:g})"
+    )
+
+
+def not_exact(groups: Sequence[ChannelGroup], plan: Plan) -> list[str]:
+    cut = [g for g in groups if plan.counts.get(g.id, g.size) < g.size]
+    return sorted({reason for g in cut for reason in g.inexact})
+
 
 def model_input(model: onnx.ModelProto) -> tuple[str, list[int]]:
     inits = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in inits]
     if len(inputs) != 1:
         raise BadInputError(
-            f"onnx-mbs feeds data to single-input models; this one has {len(inputs)} inputs "
-            f"({', '.join(i.name for i in inputs)})"
+            f"the model has {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); give "
+            "an .npz with one array per input, named after it (model-ready data, fed as it is)"
         )
     dims = [d.dim_value for d in inputs[0].type.tensor_type.shape.dim]
     return inputs[0].name, dims
@@ -121,8 +151,14 @@ def open_for_model(
     split: str | None = "test",
 ) -> DataSource:
     """A DataSource fitted to `model`'s (single, fixed) input, NCHW or NHWC as the graph
-    reads it; mean/std default to its metadata; `split` is the default IDX split."""
-    name, shape = model_input(model)
+    reads it; mean/std default to its metadata; `split` is the default IDX split. Model-ready
+    data (an npz with an array per input) feeds every input as it is, several included."""
+    inputs = declared_inputs(model)
+    is_path = isinstance(spec, (str, os.PathLike))
+    if is_path and len(inputs) > 1:  # open_data takes a model-ready npz or refuses
+        name, shape = inputs[0].name, [d or 0 for d in inputs[0].dims]
+    else:
+        name, shape = model_input(model)
     source = open_data(
         spec,
         name,
@@ -133,6 +169,7 @@ def open_for_model(
         metadata=metadata(model),
         layout=input_layout(model, name),
         split=split,
+        inputs=inputs if is_path else (),
     )
     check_labels(source, model)
     return source
@@ -343,6 +380,10 @@ def reduce(
             rewrite,
         )
     check_written(reduced, lambda: read.original)
+    if not plan.changes_anything:
+        plan.notes.append(nothing_cut(groups, plan))
+    if inexact := not_exact(groups, plan):
+        plan.notes.append(f"not exact where cut (kept channels change): {'; '.join(inexact)}")
     # The plan's sizes were predictions; report what the written model has.
     plan.params = (plan.params[0], count_parameters(reduced))
     plan.macs = (plan.macs[0], after.total_macs)

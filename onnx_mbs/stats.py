@@ -62,11 +62,11 @@ from onnx_mbs.passes.load import (
 )
 from onnx_mbs.progress import progress_bar
 from onnx_mbs.runtime import (
+    batch_feeds,
     concurrent_runs,
     feed_dtype,
     in_order,
     make_session,
-    pad_to_batch,
     release_freed_memory,
     session_provider,
 )
@@ -183,9 +183,10 @@ def _instrumented(
     outputs: list[StatOutputs] = []
     for number, name in enumerate(tensors):
         shape = shapes.get(name)
-        if shape is not None and len(shape) != 4:
+        if shape is not None and len(shape) < 3:
             raise BadInputError(
-                f"tensor {name!r} has shape {tuple(shape)}; statistics need 4-D NCHW activations"
+                f"tensor {name!r} has shape {tuple(shape)}; statistics need (N, C, ...) "
+                "activations with at least one spatial axis"
             )
         producer = producers.get(name)
         non_negative = producer is not None and _never_negative(producer, model)
@@ -368,12 +369,26 @@ SPATIAL_AXES = f"{PREFIX}/spatial_axes"
 
 
 def _spatial_mean_maker(kind: str, opset: int):
-    """A function making the node that averages x (N, C, H, W) to (N, C, 1, 1)."""
+    """A function making the nodes that average x (N, C, H, W) to (N, C, 1, 1)."""
     if kind == "pool":
-        return lambda src, out: helper.make_node("GlobalAveragePool", [src], [out])
+        return lambda src, out: [helper.make_node("GlobalAveragePool", [src], [out])]
     if opset >= 18:  # axes became an input
-        return lambda src, out: helper.make_node("ReduceMean", [src, SPATIAL_AXES], [out])
-    return lambda src, out: helper.make_node("ReduceMean", [src], [out], axes=[2, 3])
+        return lambda src, out: [helper.make_node("ReduceMean", [src, SPATIAL_AXES], [out])]
+    return lambda src, out: [helper.make_node("ReduceMean", [src], [out], axes=[2, 3])]
+
+
+def _as_nchw_mean(shape: str):
+    """The mean maker for tensors of rank other than 4 (Conv1d (N, C, L), Conv3d (N, C, D,
+    H, W)): GlobalAveragePool, then a Reshape to (N, C, 1, 1) by the constant `shape`, the
+    form every reduction is packed in."""
+
+    def mean(src: str, out: str) -> list[onnx.NodeProto]:
+        return [
+            helper.make_node("GlobalAveragePool", [src], [f"{out}/pooled"]),
+            helper.make_node("Reshape", [f"{out}/pooled", shape], [out]),
+        ]
+
+    return mean
 
 
 def _reductions(
@@ -388,21 +403,24 @@ def _reductions(
     step, absolute = f"{prefix}/step", f"{prefix}/abs"
     positive, mean_abs = f"{prefix}/positive", f"{prefix}/mean_abs"
     nodes = []
+    if shape is not None and len(shape) != 4:
+        nodes.append(_constant(f"{prefix}/nchw", np.array([0, -1, 1, 1], np.int64)))
+        mean = _as_nchw_mean(f"{prefix}/nchw")
     source = name
     if element != TensorProto.FLOAT:
         source = f"{prefix}/float"
         nodes.append(helper.make_node("Cast", [name], [source], to=TensorProto.FLOAT))
     nodes += [
         helper.make_node("HardSigmoid", [source], [step], alpha=STEP_ALPHA, beta=0.0),
-        mean(step, positive),
+        *mean(step, positive),
     ]
     if not magnitudes:
         mean_abs = None
     elif non_negative:
-        nodes.append(mean(source, mean_abs))
+        nodes += mean(source, mean_abs)
     else:
         nodes.append(helper.make_node("Abs", [source], [absolute]))
-        nodes.append(mean(absolute, mean_abs))
+        nodes += mean(absolute, mean_abs)
     spatial = None
     if shape is not None and all(isinstance(d, int) and d > 0 for d in shape[2:]):
         spatial = int(np.prod(shape[2:]))
@@ -518,10 +536,9 @@ def collect_stats(
     first = next(batches, None)
     if first is None:
         raise BadInputError(f"no samples in {data.description}")
-    _check_inputs(model, data.input_name)
-    instrumented, outputs = _instrumented(
-        model, tensors, {data.input_name: first.x.shape}, magnitudes, spatial_mean
-    )
+    fed = {name: array.shape for name, array in first.feeds(data.input_name).items()}
+    _check_inputs(model, list(fed))
+    instrumented, outputs = _instrumented(model, tensors, fed, magnitudes, spatial_mean)
     if declared is not None:
         set_io(instrumented, declared)
     workers = concurrent_runs(providers, len(first.x), len(data))
@@ -656,16 +673,19 @@ class _Accumulator:
         return TensorStats(self.positive, self.abs_sum, self.elements)
 
 
-def _check_inputs(model: onnx.ModelProto, input_name: str) -> None:
+def _check_inputs(model: onnx.ModelProto, fed: list[str]) -> None:
+    """The data must feed exactly the model's inputs."""
     initializers = {t.name for t in model.graph.initializer}
     inputs = [i.name for i in model.graph.input if i.name not in initializers]
-    if input_name not in inputs:
+    unknown = [name for name in fed if name not in inputs]
+    if unknown:
         raise BadInputError(
-            f"the data is for input {input_name!r} but the model's inputs are {inputs}"
+            f"the data is for input {unknown[0]!r} but the model's inputs are {inputs}"
         )
-    if len(inputs) > 1:
+    if len(inputs) > len(fed):
         raise BadInputError(
-            f"the model has several inputs {inputs}; onnx-mbs feeds a single image input"
+            f"the model has several inputs {inputs}; give an .npz with one array per input, "
+            "named after it (model-ready data)"
         )
 
 
@@ -678,9 +698,10 @@ def _run(
     """Run batch number `numbered[0]`; on the first, data that does not fit becomes a
     BadInputError."""
     index, batch = numbered
-    x = pad_to_batch(session, input_name, batch.x.astype(feed_type, copy=False))
+    feeds = batch_feeds(session, input_name, feed_type, batch)
+    x = feeds[input_name]
     if index > 0:
-        return session.run(None, {input_name: x})
+        return session.run(None, feeds)
     declared = next(i for i in session.get_inputs() if i.name == input_name)
     expected = tuple(declared.shape)
     fits = len(expected) == x.ndim and all(
@@ -692,7 +713,7 @@ def _run(
             f"got {x.shape}"
         )
     try:
-        return session.run(None, {input_name: x})
+        return session.run(None, feeds)
     except Exception as error:  # onnxruntime raises its own exception types
         raise BadInputError(
             f"onnxruntime cannot run the model on this data (input {input_name!r} expects "

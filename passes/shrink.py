@@ -235,6 +235,8 @@ def _apply_edits(
     """Rewrite attributes and shape constants that count channels."""
     opset = next((o.version for o in out.opset_import if o.domain in ("", "ai.onnx")), 17)
     replaced: set[str] = set()
+    edited: dict[int, np.ndarray] = {}  # node number -> its shape or sizes as edited so far
+    replaced_at: dict[int, int] = {}  # node number -> the input an edit replaced
 
     def set_input(node: onnx.NodeProto, i: int, value: np.ndarray, what: str) -> None:
         name = names.fresh(f"{node.name}_{what}")
@@ -269,14 +271,22 @@ def _apply_edits(
             set_input(node, 1, starts, "starts")
             set_input(node, 2, ends, "ends")
         elif edit.kind in ("reshape", "resize"):
-            value = edit.value.copy()
+            # several edits may count channels in one shape (a weight's (O, I, kh, kw))
+            value = edited.get(edit.node, edit.value).copy()
             if edit.kind == "reshape" and value[edit.axis] <= 0:
                 continue  # -1 or 0: the runtime infers or copies it
             count = int(kept[edit.ids[0]].sum())
             if value[edit.axis] == count:
                 continue
             value[edit.axis] = count
-            set_input(node, 1 if edit.kind == "reshape" else 3, value, edit.kind)
+            edited[edit.node] = value
+            if edit.node in replaced_at:  # a second edit of the same shape: replace the first
+                name = node.input[replaced_at[edit.node]]
+                tensor = next(t for t in out.graph.initializer if t.name == name)
+                tensor.CopyFrom(numpy_helper.from_array(value, name))
+                continue
+            replaced_at[edit.node] = 1 if edit.kind == "reshape" else 3
+            set_input(node, replaced_at[edit.node], value, edit.kind)
         else:
             raise AssertionError(f"unknown edit {edit.kind}")
     if replaced:  # drop the constants the edits replaced, unless something else reads them

@@ -8,7 +8,7 @@ image when its batch is built, so memory stays flat in the number of images.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -21,8 +21,13 @@ from onnx_mbs.passes.errors import BadInputError
 
 @dataclass
 class Batch:
-    x: np.ndarray  # float32 NCHW, preprocessed model input
+    x: np.ndarray  # float32 NCHW, preprocessed model input (model-ready data: as given)
     y: np.ndarray | None  # int64 class indices
+    extra: dict[str, np.ndarray] = field(default_factory=dict)  # the model's other inputs
+
+    def feeds(self, input_name: str) -> dict[str, np.ndarray]:
+        """Every model input this batch gives, by name."""
+        return {input_name: self.x, **self.extra}
 
 
 class DataSource(Protocol):
@@ -36,7 +41,8 @@ class DataSource(Protocol):
 
 
 class ArraySource:
-    """Samples held as raw arrays; `layout` None means they are model inputs already."""
+    """Samples held as raw arrays; `layout` None means they are model inputs already.
+    `extra` holds the model's other inputs (model-ready data), one entry per sample."""
 
     def __init__(
         self,
@@ -46,6 +52,7 @@ class ArraySource:
         preprocess: Preprocess | None,
         input_name: str,
         description: str,
+        extra: dict[str, np.ndarray] | None = None,
     ) -> None:
         self.raw = raw
         self.labels = labels
@@ -53,6 +60,7 @@ class ArraySource:
         self.preprocess = preprocess
         self.input_name = input_name
         self.description = description
+        self.extra = extra or {}
 
     def __len__(self) -> int:
         return len(self.raw)
@@ -65,9 +73,11 @@ class ArraySource:
                 x = raw
             else:
                 x = apply(to_unit_nchw(raw, self.layout, self.preprocess.divisor), self.preprocess)
-            check_finite(x, start, self.description)
+            extra = {name: a[start : start + batch_size] for name, a in self.extra.items()}
+            for array in (x, *extra.values()):
+                check_finite(array, start, self.description)
             y = None if self.labels is None else self.labels[start : start + batch_size]
-            yield Batch(x, y)
+            yield Batch(x, y, extra)
 
 
 class ImageFolderSource:
@@ -132,6 +142,11 @@ def to_arrays(source: DataSource) -> tuple[np.ndarray, np.ndarray | None]:
     xs: list[np.ndarray] = []
     ys: list[np.ndarray] = []
     for batch in source.batches(256):
+        if batch.extra:
+            raise BadInputError(
+                f"{source.description.split(':')[0]} gives several model inputs "
+                f"({', '.join(batch.feeds(source.input_name))}); retraining feeds one image input"
+            )
         xs.append(batch.x)
         if batch.y is not None:
             ys.append(batch.y)
