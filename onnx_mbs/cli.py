@@ -493,8 +493,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--data",
-        help="calibration data: image folder, .npz (x, y) or IDX folder[:train|:test]; "
-        "without it every activation ratio is 1 (MACs and receptive fields only)",
+        help="calibration data: image folder, .npz (x, y) or IDX folder[:train|:test], "
+        "preprocessed to the image input; or a model-ready .npz with one array per model "
+        "input, named after it (first axis: samples), fed as it is (audio, video, several "
+        "inputs; see docs/data.md); without it every activation ratio is 1 (MACs and "
+        "receptive fields only)",
     )
     p.add_argument(
         "--budget",

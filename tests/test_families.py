@@ -99,7 +99,9 @@ class NFNetLike(nn.Module):
     def __init__(self, conv=StdConv) -> None:
         super().__init__()
         self.stem = conv(3, 16, 3, padding=1)
-        self.body = nn.ModuleList(conv(c, d, 3, padding=1) for c, d in [(16, 32), (32, 32), (32, 32)])
+        self.body = nn.ModuleList(
+            conv(c, d, 3, padding=1) for c, d in [(16, 32), (32, 32), (32, 32)]
+        )
         self.head = nn.Linear(32, 10)
 
     def forward(self, x):
@@ -163,7 +165,10 @@ def test_default_run_says_why_nothing_is_cut(tmp_path, capsys):
             return F.conv2d(x, torch.sin(self.weight), self.bias, padding=self.padding)
 
     path = tmp_path / "odd.onnx"
-    onnx.save(export(nn.Sequential(Odd(3, 256, 3), nn.ReLU(), Odd(256, 8, 3)), (1, 3, 16, 16), False), path)
+    onnx.save(
+        export(nn.Sequential(Odd(3, 256, 3), nn.ReLU(), Odd(256, 8, 3)), (1, 3, 16, 16), False),
+        path,
+    )
     assert main(["reduce", str(path), "-o", str(tmp_path / "out.onnx")]) == 0
     printed = capsys.readouterr().out
     assert "nothing can be cut: every channel group is pinned" in printed
@@ -235,7 +240,7 @@ def test_dead_channel_oracle_per_op_in_a_convnext_block():
     assert np.abs(before - after).max() > 1e-3
 
 
-# -- space-to-depth written as Reshape/Transpose/Reshape --------------------------------------------
+# -- space-to-depth written as Reshape/Transpose/Reshape -----------------------------------------
 
 
 class SpaceToDepthStem(nn.Module):
@@ -347,7 +352,9 @@ def test_two_input_model_reduces_with_a_model_ready_npz(tmp_path):
     keep_all_exact(model, (1, 3, 16, 16))
     reduced, report = reduce_to_07(model, (1, 3, 16, 16), data)
     assert report.samples == 10 and "input, scale" in report.data
-    check_reduced(reduced, [(1, 3, 16, 16), (2, 3, 16, 16)], scale=lambda n: np.ones((n, 1), np.float32))
+    check_reduced(
+        reduced, [(1, 3, 16, 16), (2, 3, 16, 16)], scale=lambda n: np.ones((n, 1), np.float32)
+    )
     # The CLI takes the same npz; an image npz is refused in one line for two inputs.
     path = tmp_path / "two.onnx"
     onnx.save(model, path)
@@ -360,16 +367,25 @@ def test_two_input_model_reduces_with_a_model_ready_npz(tmp_path):
         reduce(model, images, progress=False)
 
 
-@pytest.mark.parametrize(
-    "arrays, options, message",
-    [
-        ({"input": np.zeros((4, 3, 16, 16), np.float64)}, {}, "dtype float64; the model input expects float32"),
-        ({"input": np.zeros((4, 3, 16, 8), np.float32)}, {}, r"shape \(4, 3, 16, 8\); the model input expects \(N, 3, 16, 16\)"),
-        ({"input": np.zeros((4, 3, 16, 16), np.float32), "scale": np.ones((3, 1), np.float32)}, {}, "'scale' has 3 samples"),
-        ({"input": np.zeros((4, 3, 16, 16), np.float32), "scale": np.ones((4, 1), np.float32)}, {"mean": 0.5}, "fed as it is; --mean/--std apply to image data"),
-    ],
-    ids=["dtype", "shape", "samples", "mean"],
-)  # fmt: skip
+IMAGES = np.zeros((4, 3, 16, 16), np.float32)
+SCALES = np.ones((4, 1), np.float32)
+REFUSED = {
+    "dtype": (
+        {"input": IMAGES.astype(np.float64)},
+        {},
+        "dtype float64; the model input expects float32",
+    ),
+    "shape": (
+        {"input": IMAGES[..., :8]},
+        {},
+        r"\(4, 3, 16, 8\); the model input expects \(N, 3, 16, 16\)",
+    ),
+    "samples": ({"input": IMAGES, "scale": SCALES[:3]}, {}, "'scale' has 3 samples"),
+    "mean": ({"input": IMAGES, "scale": SCALES}, {"mean": 0.5}, "--mean/--std apply to image data"),
+}
+
+
+@pytest.mark.parametrize("arrays, options, message", REFUSED.values(), ids=REFUSED.keys())
 def test_model_ready_npz_refusals_are_one_line(tmp_path, arrays, options, message):
     model = two_input_model()
     if "scale" not in arrays:
