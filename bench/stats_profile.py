@@ -21,10 +21,10 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from onnx_mbs.instrument import instrument
 from onnx_mbs.models.export import export_onnx
 from onnx_mbs.models.zoo import ZOO
 from onnx_mbs.runtime import choose_providers
-from onnx_mbs.stats import instrument
 
 
 def main() -> None:

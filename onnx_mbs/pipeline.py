@@ -41,7 +41,8 @@ from onnx_mbs.passes.importance import (
     group_scores,
     weight_importance,
 )
-from onnx_mbs.passes.load import check_model, load, set_io
+from onnx_mbs.passes.load import load, set_io
+from onnx_mbs.passes.read import check_model
 from onnx_mbs.passes.shrink import shrink_channels
 from onnx_mbs.plan import (
     DEFAULT_WIDTH_MAP,
@@ -53,7 +54,8 @@ from onnx_mbs.plan import (
     plan_widths,
 )
 from onnx_mbs.runtime import choose_providers, release_freed_memory
-from onnx_mbs.stats import ActivationStats, collect_stats, weights_aside
+from onnx_mbs.stats import ActivationStats, collect_stats
+from onnx_mbs.weights_file import weights_aside
 
 if TYPE_CHECKING:
     from onnx_mbs.latency import LatencyModel

@@ -19,7 +19,7 @@ from pathlib import Path
 import onnx
 
 from onnx_mbs.passes import BadInputError
-from onnx_mbs.passes.load import serialized_size, write_model
+from onnx_mbs.proto_writer import serialized_size, write_model
 
 TWO_GB = 2**31 - 1
 

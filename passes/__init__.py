@@ -28,19 +28,10 @@ from .importance import (
     choose_channels,
     weight_importance,
 )
-from .load import (
-    FixInputShapes,
-    InferShapes,
-    LoadedModel,
-    NameNodes,
-    load,
-    load_model,
-    parse_input_shape,
-    read_model,
-    static_batch,
-    with_io_of,
-)
+from .load import LoadedModel, NameNodes, load, load_model, static_batch, with_io_of
 from .normalise import Normalise, normalise
+from .read import read_model
+from .shapes import FixInputShapes, InferShapes, parse_input_shape
 from .shrink import KeepPlan, ShrinkChannels, predicted_params, shrink_channels
 
 __all__ = [

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from .custom_ops import is_unknown_op
 from .graph import GraphIndex
-from .load import is_unknown_op
 
 # Roles of initializer members, so importance and tests know what an axis is.
 ACTIVATION = "activation"

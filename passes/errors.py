@@ -7,3 +7,10 @@ anything else is a bug (exit code 1).
 
 class BadInputError(ValueError):
     """The model, data or options cannot be used as given; the message says how to fix it."""
+
+
+def temporary_folder_error(error: OSError) -> BadInputError:
+    """What a run says when its temporary folder cannot be written."""
+    return BadInputError(
+        f"cannot write to a temporary folder ({error}); set TMPDIR to a writable folder"
+    )

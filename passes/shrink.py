@@ -29,7 +29,8 @@ from .base import Pass, PassResult
 from .channel_groups import ChannelAnalysis, analyze_channels
 from .channel_walk import constant_source, subgraph_names
 from .graph import FLOAT_TYPES, GraphIndex, count_parameters, is_parameter_use
-from .load import indexed, without_weights
+from .load import indexed
+from .protos import without_weights
 
 KeepPlan = Mapping[int, Sequence[int]]
 

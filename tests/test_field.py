@@ -24,7 +24,7 @@ from graphs import assert_same_outputs, run
 from onnx_mbs.models.export import export_onnx, randomize_batchnorm
 from onnx_mbs.passes import BadInputError, analyze_model, load_model, shrink_channels
 from onnx_mbs.passes.channel_groups import analyze_channels
-from onnx_mbs.passes.load import check_model
+from onnx_mbs.passes.read import check_model
 from onnx_mbs.pipeline import reduce
 
 

@@ -156,7 +156,7 @@ def test_a_loaded_file_holds_its_weights_once(tmp_path, zoo_onnx):
 def test_shape_inference_reads_no_weights_and_infers_what_onnx_does(zoo_onnx):
     """Shape inference runs on a copy whose large initializers are declared inputs; the
     shapes it records are the ones onnx's inference of the whole model records."""
-    from onnx_mbs.passes.load import SHAPE_DATA_LIMIT, SMALL_VALUES, weightless
+    from onnx_mbs.passes.shapes import SHAPE_DATA_LIMIT, SMALL_VALUES, weightless
 
     model = onnx.ModelProto()
     model.CopyFrom(zoo_onnx("resnet20", "train"))
@@ -183,7 +183,7 @@ def test_shape_inference_reads_no_weights_and_infers_what_onnx_does(zoo_onnx):
 def test_write_model_writes_a_file_that_parses_as_the_model(tmp_path, zoo_onnx):
     """save.py writes a model a tensor at a time (no serialized copy of its weights, issue
     13): the file must hold exactly the model's serialization, weights or none."""
-    from onnx_mbs.passes.load import serialized_size, write_model
+    from onnx_mbs.proto_writer import serialized_size, write_model
 
     model = zoo_onnx("resnet20", "deploy")
     weightless = onnx.ModelProto()
@@ -199,7 +199,7 @@ def test_write_model_writes_a_file_that_parses_as_the_model(tmp_path, zoo_onnx):
 def test_check_model_refuses_a_tensor_whose_data_does_not_fit_its_shape(elements):
     """check_model checks large tensors one by one and the graph from a file holding them
     as external data (issue 13): a bad tensor must be refused either way."""
-    from onnx_mbs.passes.load import check_model
+    from onnx_mbs.passes.read import check_model
 
     weight = numpy_helper.from_array(np.ones((elements, 1, 1, 1), np.float32), "w")
     conv = onnx.helper.make_node("Conv", ["x", "w"], ["y"])

@@ -11,9 +11,10 @@ from conftest import write_npz
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_mbs.data import open_data
+from onnx_mbs.instrument import PACKED, SPATIAL_AXES, instrument
 from onnx_mbs.passes.errors import BadInputError
 from onnx_mbs.runtime import make_session
-from onnx_mbs.stats import PACKED, SPATIAL_AXES, collect_stats, instrument
+from onnx_mbs.stats import collect_stats
 
 CPU = ["CPUExecutionProvider"]
 SHAPE = (1, 1, 8, 8)
@@ -338,7 +339,7 @@ def test_counts_stay_exact_on_large_maps_and_old_ir():
 
 
 def test_optimization_levels_are_built_only_where_they_repay_their_build():
-    from onnx_mbs.stats import optimization_level
+    from onnx_mbs.level_costs import optimization_level
 
     resnet1202 = (6620, 74.6, 2_829_501_056)  # instrumented nodes, weight MB, MACs per sample
     assert optimization_level(*resnet1202[:2], 16, resnet1202[2]) == "none"
@@ -386,21 +387,23 @@ def test_model_written_for_onnxruntime_is_instrument_s_model(tmp_path, zoo_onnx)
     of them, memory: issue 13); the file must read back as exactly `instrument`'s model,
     each weight of a page or more as external data at a page-aligned offset (which
     onnxruntime maps instead of copying)."""
+    from onnx_mbs.instrument import instrument_without_weights
     from onnx_mbs.passes import load_model
-    from onnx_mbs.passes.load import PAGE, WEIGHTS_FILE
-    from onnx_mbs.stats import _instrumented, _write_with_weights
+    from onnx_mbs.weights_file import PAGE, WEIGHTS_FILE, write_with_weights
 
     model = load_model(zoo_onnx("resnet20", "deploy"))
     before = model.SerializeToString()
     tensors = [n.output[0] for n in model.graph.node if n.op_type == "Relu"]
     for spatial_mean in ("pool", "reduce"):
-        light, _ = _instrumented(model, tensors, {"input": (2, 3, 32, 32)}, True, spatial_mean)
+        light, _ = instrument_without_weights(
+            model, tensors, {"input": (2, 3, 32, 32)}, True, spatial_mean
+        )
         assert not {t.name for t in light.graph.initializer} & {
             t.name for t in model.graph.initializer
         }
         folder = tmp_path / spatial_mean
         folder.mkdir()
-        _write_with_weights(light, model.graph.initializer, folder / "m.onnx")
+        write_with_weights(light, model.graph.initializer, folder / "m.onnx")
         expected, _ = instrument(model, tensors, {"input": (2, 3, 32, 32)}, True, spatial_mean)
         assert _read_back(folder / "m.onnx").SerializeToString() == expected.SerializeToString()
         written = onnx.load(folder / "m.onnx", load_external_data=False).graph.initializer
@@ -418,9 +421,11 @@ def test_model_written_for_onnxruntime_is_instrument_s_model(tmp_path, zoo_onnx)
     # come after the weights, as in `instrument`'s model.
     opset18 = conv_relu_model(seed=6)
     opset18.opset_import[0].version = 18
-    light, _ = _instrumented(opset18, ["r1", "c2"], {"x": (2, 1, 8, 8)}, True, "reduce")
+    light, _ = instrument_without_weights(
+        opset18, ["r1", "c2"], {"x": (2, 1, 8, 8)}, True, "reduce"
+    )
     assert [t.name for t in light.graph.initializer] == [SPATIAL_AXES]
-    _write_with_weights(light, opset18.graph.initializer, tmp_path / "axes.onnx")
+    write_with_weights(light, opset18.graph.initializer, tmp_path / "axes.onnx")
     expected, _ = instrument(opset18, ["r1", "c2"], {"x": (2, 1, 8, 8)}, True, "reduce")
     assert _read_back(tmp_path / "axes.onnx").SerializeToString() == expected.SerializeToString()
 
@@ -429,7 +434,7 @@ def test_many_watched_tensors_are_joined_by_small_concats_and_counted_exactly(tm
     """ResNet-56 watches 55 tensors: PACKED is built by a tree of Concats of at most 32
     inputs (one Concat of them all took onnxruntime 2 s to build on ResNet-1202, and CUDA
     graphs refuse more than 32), and the counts stay exact."""
-    from onnx_mbs.stats import CONCAT_FAN_IN
+    from onnx_mbs.instrument import CONCAT_FAN_IN
 
     model = zoo_onnx("resnet56", "deploy")
     tensors = [n.output[0] for n in model.graph.node if n.op_type == "Relu"]
@@ -451,8 +456,8 @@ def test_many_watched_tensors_are_joined_by_small_concats_and_counted_exactly(tm
 def test_weights_aside_lends_the_analysis_form_and_gives_back_the_same_model(zoo_onnx):
     """While the statistics run the LoadedModel holds no weights (memory: issue 13); after,
     its analysis form is byte for byte what it was."""
-    from onnx_mbs.passes.load import PAGE, WEIGHTS_FILE, load
-    from onnx_mbs.stats import weights_aside
+    from onnx_mbs.passes.load import load
+    from onnx_mbs.weights_file import PAGE, WEIGHTS_FILE, weights_aside
 
     read = load(zoo_onnx("resnet20", "deploy"))
     # onnx.load marks tensors it read from external data as DEFAULT: kept as they were

@@ -1,0 +1,40 @@
+"""Custom ops: default-domain ops without an ONNX schema (TensorRT plugins) hidden in a
+custom domain while the checker and shape inference look, and put back after.
+"""
+
+from __future__ import annotations
+
+import onnx
+
+OPAQUE_DOMAIN = "onnx_mbs.opaque"
+
+
+def is_unknown_op(node: onnx.NodeProto) -> bool:
+    """A default-domain op without an ONNX schema (a TensorRT plugin such as
+    EfficientNMS_TRT): opaque, kept as it is and never followed."""
+    return node.domain in ("", "ai.onnx") and not onnx.defs.has(node.op_type)
+
+
+def hide_unknown_ops(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[int]]:
+    """`model` with its unknown default-domain ops moved to OPAQUE_DOMAIN (the checker
+    and shape inference treat custom domains as opaque), and where they are."""
+    where = [k for k, n in enumerate(model.graph.node) if is_unknown_op(n)]
+    if not where:
+        return model, []
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for k in where:
+        out.graph.node[k].domain = OPAQUE_DOMAIN
+    out.opset_import.append(onnx.helper.make_opsetid(OPAQUE_DOMAIN, 1))
+    return out, where
+
+
+def restore_unknown_ops(model: onnx.ModelProto, where: list[int]) -> onnx.ModelProto:
+    if not where:
+        return model
+    for k in where:
+        model.graph.node[k].domain = ""
+    kept = [o for o in model.opset_import if o.domain != OPAQUE_DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
+    return model

@@ -1,0 +1,87 @@
+"""Reading: read an ONNX model and refuse what MBS cannot work on (not ONNX, truncated,
+invalid, quantized), checking it without a serialized copy of its weights.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from .custom_ops import hide_unknown_ops
+from .errors import BadInputError, temporary_folder_error
+from .external_data import weights_apart
+
+QUANTIZED_OPS = {
+    "QLinearConv",
+    "ConvInteger",
+    "QLinearMatMul",
+    "MatMulInteger",
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "DynamicQuantizeLinear",
+}
+
+
+def read_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
+    """Read an ONNX file (with external data) or copy a ModelProto.
+
+    Refuses what MBS cannot work on: not ONNX, truncated, invalid, quantized.
+    """
+    path = None
+    if isinstance(source, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(source)
+    else:
+        path = Path(source)
+        if path.is_dir():
+            raise BadInputError(f"{path} is a folder; give the path of an .onnx model file")
+        if not path.is_file():
+            raise BadInputError(f"model file not found: {path}")
+        try:
+            model = onnx.load(str(path))
+        except DecodeError as e:
+            raise BadInputError(
+                f"{path} is not a valid ONNX file (truncated or not ONNX: {e})"
+            ) from None
+        except (FileNotFoundError, OSError) as e:
+            raise BadInputError(f"cannot read {path} or its external data: {e}") from None
+        except Exception as e:  # onnx raises assorted errors on corrupt files
+            raise BadInputError(f"{path} could not be loaded as ONNX: {e}") from None
+        if not model.graph.node:
+            raise BadInputError(f"{path} is not an ONNX model (no graph nodes found)")
+    quantized = sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS})
+    if quantized:
+        raise BadInputError(
+            f"quantized graph ({', '.join(quantized)}): MBS works on float models; "
+            "reduce the float model first, then quantize"
+        )
+    try:
+        check_model(model)  # the weights checked a tensor at a time: no copy of them
+    except onnx.checker.ValidationError as e:
+        first = str(e).strip().splitlines()[0]
+        raise BadInputError(f"the model is not valid ONNX: {first}") from None
+    return model
+
+
+def check_model(model: onnx.ModelProto, full_check: bool = False) -> None:
+    """`onnx.checker.check_model`, with unknown default-domain ops taken as opaque.
+
+    Handed a ModelProto, onnx serializes it whole; handed a file, it reads the bytes and
+    then parses them: two copies of the weights (issue 13). So each large tensor is
+    checked on its own (the checker's tensor check) and the model is checked from a
+    file that holds those tensors as external data."""
+    custom = hide_unknown_ops(model)[0]
+    try:
+        with tempfile.TemporaryDirectory(prefix="onnx-mbs-") as name:
+            folder = Path(name)
+            light, apart = weights_apart(custom, folder)
+            for tensor in apart:
+                onnx.checker.check_tensor(tensor)
+            (folder / "checked.onnx").write_bytes(light.SerializeToString())
+            onnx.checker.check_model(str(folder / "checked.onnx"), full_check=full_check)
+    except OSError as error:
+        raise temporary_folder_error(error) from None

@@ -1,0 +1,219 @@
+"""Shapes: fix the input shapes, then infer shapes and fold shape arithmetic until both
+settle; every Conv output must end with a static shape (MACs and widths depend on it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import onnx
+
+from .base import Pass, PassResult
+from .custom_ops import hide_unknown_ops, restore_unknown_ops
+from .errors import BadInputError
+from .graph import static_shape
+from .protos import without_weights
+
+InputShapes = Mapping[str, Sequence[int]]
+
+
+def parse_input_shape(spec: str) -> tuple[str, list[int]]:
+    """Parse `NAME:1,3,224,224` (or `1,3,224,224` for a single-input model, name '')."""
+    name, _, dims = spec.rpartition(":")
+    try:
+        shape = [int(d) for d in dims.split(",")]
+    except ValueError:
+        raise BadInputError(
+            f"bad --input-shape {spec!r}: expected NAME:D0,D1,... with integer dims, "
+            "e.g. input:1,3,224,224"
+        ) from None
+    if any(not 0 < d < 2**63 for d in shape):
+        raise BadInputError(
+            f"bad --input-shape {spec!r}: dims must be positive integers below 2^63"
+        )
+    return name, shape
+
+
+class FixInputShapes(Pass):
+    """Make every graph input fully static.
+
+    A dynamic batch dimension alone becomes `batch` (1; None leaves it dynamic);
+    any other dynamic dimension must be given (`--input-shape NAME:1,3,224,224`),
+    because MACs, macroblocks and channel plans all depend on spatial sizes.
+    """
+
+    name = "fix_input_shapes"
+
+    def __init__(self, shapes: InputShapes | None = None, batch: int | None = 1) -> None:
+        self.shapes = dict(shapes or {})
+        self.batch = batch
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        initializers = {t.name for t in model.graph.initializer}
+        inputs = [i for i in model.graph.input if i.name not in initializers]
+        shapes = dict(self.shapes)
+        if "" in shapes:
+            if len(inputs) != 1:
+                raise BadInputError(
+                    "--input-shape without a name needs a single-input model; use NAME:dims with "
+                    f"one of: {', '.join(i.name for i in inputs)}"
+                )
+            shapes[inputs[0].name] = shapes.pop("")
+        unknown = set(shapes) - {i.name for i in inputs}
+        if unknown:
+            raise BadInputError(
+                f"--input-shape names unknown input(s) {sorted(unknown)}; "
+                f"the model's inputs are: {', '.join(i.name for i in inputs)}"
+            )
+        if not shapes and all(static_shape(i) is not None for i in inputs):
+            return PassResult(model)  # nothing to fix: no copy of a large model
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        modified = False
+        for vi in out.graph.input:
+            if vi.name in initializers:
+                continue
+            dims = vi.type.tensor_type.shape.dim
+            if vi.name in shapes:
+                wanted = list(shapes[vi.name])
+                if len(wanted) != len(dims):
+                    raise BadInputError(
+                        f"--input-shape for {vi.name!r} has {len(wanted)} dims, "
+                        f"the model's input has {len(dims)}"
+                    )
+                for d, w in zip(dims, wanted):
+                    if d.HasField("dim_value") and d.dim_value != w:
+                        raise BadInputError(
+                            f"--input-shape for {vi.name!r} gives {wanted}, but the model "
+                            f"fixes dim {list(dims).index(d)} to {d.dim_value}"
+                        )
+                    modified |= not d.HasField("dim_value")
+                    d.dim_value = w
+                continue
+            if static_shape(vi) is not None:
+                continue
+            dynamic = [k for k, d in enumerate(dims) if not d.HasField("dim_value")]
+            if dynamic == [0]:
+                if self.batch is not None:
+                    dims[0].dim_value = self.batch
+                    modified = True
+                continue
+            shown = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+            raise BadInputError(
+                f"input {vi.name!r} has dynamic dims {shown}; fix them with "
+                f"--input-shape {vi.name}:1,3,224,224 (your sizes)"
+            )
+        return PassResult(out if modified else model, modified)
+
+
+class InferShapes(Pass):
+    """Run ONNX shape inference and (by default) insist every Conv-family output got a
+    static shape."""
+
+    name = "infer_shapes"
+
+    def __init__(self, check_static: bool = True) -> None:
+        self.check_static = check_static
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        inferred = inferred_types(model)
+        if inferred is None:
+            if self.check_static:
+                check_static(model)
+            return PassResult(model)  # nothing new was inferred
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        take_types(out, inferred)
+        if self.check_static:
+            check_static(out)
+        return PassResult(out, True)
+
+
+def inferred_types(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """The weightless model shape inference returns, or None when it adds nothing."""
+    try:
+        custom, where = hide_unknown_ops(weightless(model))
+        inferred = onnx.shape_inference.infer_shapes(custom, strict_mode=True, data_prop=True)
+        inferred = restore_unknown_ops(inferred, where)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BadInputError(f"shape inference failed: {first}") from None
+    return None if _recorded_types(inferred) == _recorded_types(model) else inferred
+
+
+def take_types(model: onnx.ModelProto, inferred: onnx.ModelProto) -> None:
+    """Record `inferred`'s value_info and output types in `model`, in place."""
+    for name in ("value_info", "output"):
+        del getattr(model.graph, name)[:]
+        getattr(model.graph, name).extend(getattr(inferred.graph, name))
+
+
+# What shape inference and its data propagation may read: integer shape data (Reshape
+# targets, Slice bounds, pads) up to this many elements, and any tensor this small (Resize
+# scales). Everything else is a weight: declared, not copied.
+SHAPE_DATA_LIMIT = 4096
+
+SMALL_VALUES = 64
+
+
+_SHAPE_DATA_TYPES = (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
+
+
+def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` whose large initializers are graph inputs of the same type and
+    shape: what shape inference and its data propagation read (values only of small
+    tensors, such as shapes), without serializing and parsing the weights twice."""
+    out = without_weights(model)
+    graph, light = model.graph, out.graph
+    declared = {i.name for i in graph.input}
+    for tensor in graph.initializer:
+        size = math.prod(tensor.dims)
+        shape_data = tensor.data_type in _SHAPE_DATA_TYPES and size <= SHAPE_DATA_LIMIT
+        if size <= SMALL_VALUES or shape_data:
+            light.initializer.append(tensor)
+        elif tensor.name not in declared:
+            light.input.append(
+                onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims)
+            )
+    return out
+
+
+def _recorded_types(model: onnx.ModelProto) -> list[bytes]:
+    """What shape inference writes: value_info and the declared output types."""
+    graph = model.graph
+    return [vi.SerializeToString() for vi in [*graph.value_info, *graph.output]]
+
+
+def check_static(inferred: onnx.ModelProto) -> None:
+    """Every Conv-family output needs a static shape: MACs and widths depend on it."""
+    known = {vi.name for vi in inferred.graph.value_info if static_shape(vi) is not None}
+    known |= {vi.name for vi in inferred.graph.output if static_shape(vi) is not None}
+    for node in inferred.graph.node:
+        if node.op_type in ("Conv", "ConvTranspose") and node.output[0] not in known:
+            raise BadInputError(
+                f"the output shape of {node.op_type} {node.name!r} is not static after "
+                "shape inference; fix the input shapes with --input-shape"
+            )
+
+
+def settle(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
+    """Infer shapes and fold shape arithmetic until nothing more folds; and whether
+    anything did (only folded constants can depend on the input size). Infers into
+    `model` itself: pass a copy of one's own."""
+    from .fold import fold_shapes  # fold builds on this module's load form
+
+    # Each round can only fold Shapes whose inputs the last inference reached, so a
+    # chain of k dependent Shape computations needs up to k + 1 rounds.
+    rounds = 2 + sum(n.op_type == "Shape" for n in model.graph.node)
+    anything = False
+    for _ in range(rounds):
+        inferred = inferred_types(model)
+        if inferred is not None:  # in place: the model is load's own (one copy of the weights)
+            take_types(model, inferred)
+        folded = fold_shapes(model)
+        if folded is model:
+            break
+        model, anything = folded, True
+    check_static(model)
+    return model, anything
