@@ -24,7 +24,7 @@ from torch import nn
 from onnx_mbs.cli import main
 from onnx_mbs.passes import BadInputError, analyze_model, load_model, shrink_channels
 from onnx_mbs.passes.channel_groups import analyze_channels
-from onnx_mbs.passes.load import check_model
+from onnx_mbs.passes.read import check_model
 from onnx_mbs.pipeline import reduce
 
 SPATIAL = {4: (2, 3), 3: (2,), 5: (2, 3, 4)}  # input rank -> its spatial axes
