@@ -343,7 +343,7 @@ def two_input_model() -> onnx.ModelProto:
     return onnx.load_from_string(buffer.getvalue())
 
 
-def test_two_input_model_reduces_with_a_model_ready_npz(tmp_path):
+def test_two_input_model_reduces_with_a_model_ready_npz(tmp_path, capsys):
     model = two_input_model()
     rng = np.random.default_rng(0)
     x = rng.normal(size=(10, 3, 16, 16)).astype(np.float32)
@@ -365,6 +365,14 @@ def test_two_input_model_reduces_with_a_model_ready_npz(tmp_path):
     images = write_npz(tmp_path / "images.npz", x=rng.integers(0, 255, (4, 16, 16, 3), np.uint8))
     with pytest.raises(BadInputError, match="has 2 inputs .input, scale.; give an .npz with one"):
         reduce(model, images, progress=False)
+    # A model-ready npz that does not fit: one line, exit 2, nothing written.
+    bad = write_npz(tmp_path / "bad.npz", input=x.astype(np.float64), scale=scale)
+    capsys.readouterr()
+    refused = tmp_path / "refused.onnx"
+    assert main(["reduce", str(path), "-o", str(refused), "--data", bad]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "array 'input' has dtype float64" in err
+    assert not refused.exists()
 
 
 IMAGES = np.zeros((4, 3, 16, 16), np.float32)
