@@ -480,7 +480,7 @@ def _next_target(asked: float, tries: list[tuple[float, float]]) -> float:
 def _preprocessing(source: DataSource | None) -> str:
     if source is None:
         return "none (no data)"
-    return source.preprocess.describe() if source.preprocess else "none (reader)"
+    return source.preprocess.describe() if source.preprocess else "none (model inputs as given)"
 
 
 def _has_labels(source: DataSource) -> bool:

@@ -106,12 +106,18 @@ def _mixed(w: ChannelWalk, node: onnx.NodeProto, roles: Roles) -> set[str]:
         return {role for axis, (_, role) in roles.items() if training and axis != 1}
     if node.op_type not in REDUCES:
         return set()
-    rank = len(w.shape(node.input[0]) or ())
+    reduced = _reduced_axes(w, node, len(w.shape(node.input[0]) or ()))
+    return {role for axis, (_, role) in roles.items() if axis in reduced}
+
+
+def _reduced_axes(w: ChannelWalk, node: onnx.NodeProto, rank: int) -> set[int]:
+    """The axes a Reduce* node reduces (all of them when it names none)."""
     axes = attributes(node).get("axes")
     if axes is None and len(node.input) > 1 and node.input[1]:
         axes = w.const(node.input[1])
-    reduced = set(range(rank)) if axes is None else {int(a) % rank for a in axes}
-    return {role for axis, (_, role) in roles.items() if axis in reduced}
+        if axes is None:
+            raise Unfollowed(f"{node.op_type} '{node.name}': axes computed at run time")
+    return set(range(rank)) if axes is None else {int(a) % rank for a in axes}
 
 
 def _carried(shape: tuple[int, ...], roles: Roles, shift: int, what: str) -> Roles:
@@ -144,15 +150,9 @@ def _input_roles(
         rank = len(out_shape)
         return [(n, _carried(s, roles, rank - len(s), what)) for n, s in zip(node.input, shapes)]
     if op in REDUCES:
-        attrs = attributes(node)
-        axes = attrs.get("axes")
-        if axes is None and len(node.input) > 1 and node.input[1]:
-            axes = w.const(node.input[1])
-            if axes is None:
-                raise Unfollowed(f"{what}: axes computed at run time")
         rank = len(shapes[0])
-        axes = sorted(int(a) % rank for a in (range(rank) if axes is None else axes))
-        kept = [k for k in range(rank) if attrs.get("keepdims", 1) or k not in axes]
+        axes = _reduced_axes(w, node, rank)
+        kept = [k for k in range(rank) if attributes(node).get("keepdims", 1) or k not in axes]
         placed = {kept[axis]: value for axis, value in roles.items()}
         return [(node.input[0], _carried(shapes[0], placed, 0, what))] + [
             (n, {}) for n in node.input[1:] if n
