@@ -188,6 +188,16 @@ def test_default_run_says_why_nothing_is_cut(tmp_path, capsys):
     assert "Sin '" in printed
 
 
+def test_default_run_says_when_no_macroblock_has_redundancy():
+    net = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    )  # fmt: skip
+    reduced, report = reduce(export(net, (1, 3, 64, 64), False), progress=False)
+    assert not report.plan.changes_anything
+    assert any("R = 0, beta = 1" in n and "give --budget" in n for n in report.plan.notes)
+
+
 # -- LayerNorm over channels ----------------------------------------------------------------------
 
 
