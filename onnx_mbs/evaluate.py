@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from onnx_mbs.data import DataSource
+from onnx_mbs.data import DataSource, batch_inputs
 from onnx_mbs.passes.errors import BadInputError
 from onnx_mbs.progress import progress_bar
 from onnx_mbs.runtime import batch_feeds, feed_dtype, make_session, session_provider
@@ -197,7 +197,7 @@ def agreement(
     with progress_bar(len(data), "agreement", progress) as bar:
         for batch in data.batches(batch_size):
             try:
-                feeds = batch.feeds(data.input_name)  # not padded: every row is compared
+                feeds = batch_inputs(batch, data.input_name)  # not padded: every row compared
                 x = feeds[data.input_name]
                 ours = session.run(names, {**feeds, data.input_name: x.astype(dtype, copy=False)})
                 theirs = reference.run(

@@ -20,17 +20,15 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
+from onnx_mbs.data.sources import Batch, batch_inputs
 from onnx_mbs.passes.errors import BadInputError
-
-if TYPE_CHECKING:
-    from onnx_mbs.data import Batch
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -265,7 +263,7 @@ def batch_feeds(
 ) -> dict[str, np.ndarray]:
     """The inputs to run `batch` with: its x as `feed_type`, the other inputs it gives
     (model-ready data) as they are; each padded to the model's fixed batch."""
-    feeds = batch.feeds(input_name)
+    feeds = batch_inputs(batch, input_name)
     feeds[input_name] = feeds[input_name].astype(feed_type, copy=False)
     return {name: pad_to_batch(session, name, array) for name, array in feeds.items()}
 

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnx_mbs.data import Batch, DataSource
+from onnx_mbs.data import Batch, DataSource, batch_inputs
 from onnx_mbs.instrument import PACKED, StatOutputs, instrument_without_weights
 from onnx_mbs.level_costs import optimization_level
 from onnx_mbs.passes.errors import BadInputError, temporary_folder_error
@@ -105,7 +105,7 @@ def collect_stats(
     first = next(batches, None)
     if first is None:
         raise BadInputError(f"no samples in {data.description}")
-    fed = {name: array.shape for name, array in first.feeds(data.input_name).items()}
+    fed = {name: array.shape for name, array in batch_inputs(first, data.input_name).items()}
     _check_inputs(model, list(fed))
     instrumented, outputs = instrument_without_weights(
         model, tensors, fed, magnitudes, spatial_mean

@@ -25,9 +25,10 @@ class Batch:
     y: np.ndarray | None  # int64 class indices
     extra: dict[str, np.ndarray] = field(default_factory=dict)  # the model's other inputs
 
-    def feeds(self, input_name: str) -> dict[str, np.ndarray]:
-        """Every model input this batch gives, by name."""
-        return {input_name: self.x, **self.extra}
+
+def batch_inputs(batch: Batch, input_name: str) -> dict[str, np.ndarray]:
+    """Every model input `batch` gives, by name (duck-typed batches: x alone)."""
+    return {input_name: batch.x, **getattr(batch, "extra", {})}
 
 
 class DataSource(Protocol):
@@ -142,10 +143,11 @@ def to_arrays(source: DataSource) -> tuple[np.ndarray, np.ndarray | None]:
     xs: list[np.ndarray] = []
     ys: list[np.ndarray] = []
     for batch in source.batches(256):
-        if batch.extra:
+        given = batch_inputs(batch, getattr(source, "input_name", "x"))
+        if len(given) > 1:
             raise BadInputError(
                 f"{source.description.split(':')[0]} gives several model inputs "
-                f"({', '.join(batch.feeds(source.input_name))}); retraining feeds one image input"
+                f"({', '.join(given)}); retraining feeds one image input"
             )
         xs.append(batch.x)
         if batch.y is not None:
