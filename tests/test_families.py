@@ -385,6 +385,10 @@ def test_two_input_model_reduces_with_a_model_ready_npz(tmp_path, capsys):
     args = ["reduce", str(path), "-o", str(out), "--budget", "params=0.7", "--no-eval"]
     assert main([*args, "--data", data]) == 0
     check_model(onnx.load(out), full_check=True)
+    labelled = write_npz(tmp_path / "labelled.npz", input=x, scale=scale, y=np.arange(10) % 10)
+    capsys.readouterr()
+    assert main(["eval", str(out), "--data", labelled]) == 0
+    assert "top-1" in capsys.readouterr().out
     images = write_npz(tmp_path / "images.npz", x=rng.integers(0, 255, (4, 16, 16, 3), np.uint8))
     with pytest.raises(BadInputError, match="has 2 inputs .input, scale.; give an .npz with one"):
         reduce(model, images, progress=False)
