@@ -48,11 +48,12 @@ from retrain import folded_form
 
 from onnx_mbs.bridge import retrain
 from onnx_mbs.data import to_arrays
+from onnx_mbs.data.fit import metadata, open_for_model
 from onnx_mbs.evaluate import evaluate
 from onnx_mbs.models import BUNDLED_DIR
 from onnx_mbs.models.train import FMNIST_DIR
 from onnx_mbs.passes import BadInputError, analyze_model, count_parameters, load_model
-from onnx_mbs.pipeline import metadata, open_for_model, reduce
+from onnx_mbs.pipeline import reduce
 from onnx_mbs.runtime import choose_providers
 
 HERE = Path(__file__).resolve().parent

@@ -25,11 +25,12 @@ import torch
 
 from onnx_mbs.bridge import retrain
 from onnx_mbs.data import to_arrays
+from onnx_mbs.data.fit import open_for_model
 from onnx_mbs.evaluate import agreement
 from onnx_mbs.models import FMNIST_SAMPLE, FMNIST_TRAIN_SAMPLE
 from onnx_mbs.models.export import export_head_model
 from onnx_mbs.passes import load_model
-from onnx_mbs.pipeline import open_for_model, reduce
+from onnx_mbs.pipeline import reduce
 
 PROVIDERS = ["CPUExecutionProvider"]
 

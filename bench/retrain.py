@@ -32,10 +32,11 @@ import torch
 
 from onnx_mbs.bridge import recalibrate_model, retrain
 from onnx_mbs.data import to_arrays
+from onnx_mbs.data.fit import open_for_model
 from onnx_mbs.evaluate import evaluate
 from onnx_mbs.models import BUNDLED_MODEL, FMNIST_SAMPLE, FMNIST_TRAIN_SAMPLE
 from onnx_mbs.passes import BadInputError, load_model
-from onnx_mbs.pipeline import open_for_model, reduce
+from onnx_mbs.pipeline import reduce
 
 PROVIDERS = ["CPUExecutionProvider"]
 

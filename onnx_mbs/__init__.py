@@ -8,7 +8,16 @@ onnxruntime and `import onnx_mbs` does not need torch until `retrain` is used.
 """
 
 from importlib import import_module
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each is imported on first use
+    from onnx_mbs.bridge import retrain
+    from onnx_mbs.evaluate import evaluate
+    from onnx_mbs.options import ReduceOptions
+    from onnx_mbs.passes import BadInputError, analyze_model, load_model
+    from onnx_mbs.pipeline import MacroblockScaling, ReduceReport, reduce
+    from onnx_mbs.plan import Budget, WidthMap
+    from onnx_mbs.save import save_model
 
 _LAZY = {
     "BadInputError": "onnx_mbs.passes",
@@ -16,6 +25,7 @@ _LAZY = {
     "load_model": "onnx_mbs.passes",
     "Budget": "onnx_mbs.plan",
     "WidthMap": "onnx_mbs.plan",
+    "ReduceOptions": "onnx_mbs.options",
     "ReduceReport": "onnx_mbs.pipeline",
     "reduce": "onnx_mbs.pipeline",
     "MacroblockScaling": "onnx_mbs.pipeline",
@@ -24,7 +34,21 @@ _LAZY = {
     "retrain": "onnx_mbs.bridge",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = [
+    "BadInputError",
+    "Budget",
+    "MacroblockScaling",
+    "ReduceOptions",
+    "ReduceReport",
+    "WidthMap",
+    "analyze_model",
+    "evaluate",
+    "load_model",
+    "reduce",
+    "retrain",
+    "save_model",
+]
+assert sorted(__all__) == sorted(_LAZY)
 
 
 def __getattr__(name: str) -> Any:

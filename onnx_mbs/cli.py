@@ -13,10 +13,18 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from onnx_mbs.passes import BadInputError, analyze_model, load_model, parse_input_shape
-from onnx_mbs.passes.analysis import DEFAULT_RECEPTIVE_FIELD, READINGS, resolution_text
-from onnx_mbs.passes.importance import DEFAULT_CRITERION
-from onnx_mbs.passes.load import load, static_batch
+from onnx_mbs.passes import (
+    DEFAULT_CRITERION,
+    DEFAULT_RECEPTIVE_FIELD,
+    READINGS,
+    BadInputError,
+    analyze_model,
+    load,
+    load_model,
+    parse_input_shape,
+    resolution_text,
+    static_batch,
+)
 from onnx_mbs.plan import BASE_RULES, DEFAULT_WIDTH_MAP, STRATEGIES
 
 
@@ -134,26 +142,7 @@ def cmd_reduce(args: argparse.Namespace) -> int:
     )
     if args.recalibrate and not args.data:
         raise BadInputError("--recalibrate re-estimates BatchNorm statistics on --data: give it")
-    reduced, report = reduce(
-        args.model,
-        args.data,
-        budget=args.budget,
-        width_map=args.width_map,
-        receptive_field=args.receptive_field,
-        strategy=args.strategy,
-        providers=args.providers,
-        input_shapes=_input_shapes(args.input_shape),
-        channel_multiple=args.channel_multiple,
-        beta_min=args.beta_min,
-        importance=args.importance,
-        mean=_floats(args.mean, "--mean"),
-        std=_floats(args.std, "--std"),
-        limit=args.limit,
-        batch_size=args.batch_size,
-        latency_threads=args.latency_threads,
-        evaluate_accuracy=not args.no_eval,
-        progress=not args.json,
-    )
+    reduced, report = reduce(args.model, args.data, _reduce_options(args))
     recalibration = _recalibrate(reduced, args) if args.recalibrate else None
     if recalibration is not None:
         reduced = recalibration.pop("model")
@@ -185,6 +174,30 @@ def cmd_reduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reduce_options(args: argparse.Namespace):
+    """The ReduceOptions the `reduce` command's flags ask for."""
+    from onnx_mbs.options import ReduceOptions
+
+    return ReduceOptions(
+        budget=args.budget,
+        width_map=args.width_map,
+        receptive_field=args.receptive_field,
+        strategy=args.strategy,
+        providers=args.providers,
+        input_shapes=_input_shapes(args.input_shape),
+        channel_multiple=args.channel_multiple,
+        beta_min=args.beta_min,
+        importance=args.importance,
+        mean=_floats(args.mean, "--mean"),
+        std=_floats(args.std, "--std"),
+        limit=args.limit,
+        batch_size=args.batch_size,
+        latency_threads=args.latency_threads,
+        evaluate_accuracy=not args.no_eval,
+        progress=not args.json,
+    )
+
+
 def _recalibrate(reduced, args: argparse.Namespace) -> dict:
     """Re-estimate the reduced model's BatchNorm statistics on --data; top-1 after, when the data
     has labels (and --no-eval is not given)."""
@@ -207,7 +220,7 @@ def _open_for_model(
 ):
     """A DataSource fitted to `model`'s input, with the command's --mean/--std; the data and
     its preprocessing are printed."""
-    from onnx_mbs.pipeline import open_for_model
+    from onnx_mbs.data.fit import open_for_model
 
     source = open_for_model(
         spec,

@@ -168,7 +168,7 @@ class MacroblockPlan:
     kept: float  # channels kept / before, over the groups whose channels m makes
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
     strategy: str
     width_map: WidthMap | None  # with the parameter actually used; None under `global`
@@ -307,12 +307,14 @@ def plan_widths(
     beta_min: float = 0.1,
     latency: Latency | None = None,
     importance: Mapping[int, np.ndarray] | None = None,
+    notes: Sequence[str] = (),
 ) -> Plan:
     """Choose how many channels each group keeps (see the module docstring).
 
     `latency` predicts the model's run time from group counts; a `latency=`
     budget needs it. `importance` holds the per-channel scores the shrink step
     keeps channels by, for every free group; the `global` strategy ranks them.
+    `notes` (the caller's, e.g. how channels are ranked) follow the plan's own.
     """
     if strategy not in STRATEGIES:
         raise BadInputError(f"unknown --strategy {strategy!r}: use {', '.join(STRATEGIES)}")
@@ -363,14 +365,16 @@ def plan_widths(
     def excess_at(value: float, scale: float) -> float:
         return excess(_counts(groups, betas(value, scale), channel_multiple))
 
-    notes: list[str] = []
+    own_notes: list[str] = []
     scale = 1.0
     value = fmap.value
     if strategy != "mbs" and budget is None:
         # MBS's size, this strategy's shape: the baselines compare at equal parameters.
         size = fraction("params", _counts(groups, betas(value, 1.0), channel_multiple))
         limits = (("params", size),)
-        notes.append(f"{strategy} matched to the size MBS reaches at {fmap} (params {size:.3f})")
+        own_notes.append(
+            f"{strategy} matched to the size MBS reaches at {fmap} (params {size:.3f})"
+        )
     threshold, chosen = None, None
     if strategy == "global":
         ranked, counts_at = _global_ranking(groups, free, importance, channel_multiple, beta_min)
@@ -390,7 +394,7 @@ def plan_widths(
             # past its maximum, a common scale takes the rest, keeping MBS's proportions.
             value = top
             scale = 1.0 - _solve(lambda k: excess_at(top, 1.0 - k), 0.0, 1.0 - beta_min)
-            notes.append(
+            own_notes.append(
                 f"{fmap.knob} capped at {top:g}; a common scale {scale:.3f} reaches the budget"
             )
     if strategy != "global":
@@ -442,7 +446,7 @@ def plan_widths(
         params=(params_before, params_after),
         macs=(macs_before, macs_after),
         budget=budget,
-        notes=notes,
+        notes=[*own_notes, *notes],
         threshold=threshold,
     )
 

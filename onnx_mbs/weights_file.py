@@ -15,7 +15,6 @@ from onnx import TensorProto
 
 from onnx_mbs.passes.errors import temporary_folder_error
 from onnx_mbs.passes.external_data import WEIGHTS_FILE, placed_apart, weights_apart
-from onnx_mbs.passes.load import LoadedModel
 from onnx_mbs.runtime import release_freed_memory
 
 # onnxruntime maps external tensors at page-aligned offsets instead of copying them (CPU).
@@ -37,31 +36,57 @@ def write_with_weights(model: onnx.ModelProto, weights: Sequence[TensorProto], p
         f.write(model.SerializeToString())
 
 
-@contextmanager
-def weights_aside(read: LoadedModel) -> Iterator[tuple[onnx.ModelProto, Path]]:
-    """Lend the analysis form's weights to onnxruntime while the statistics run.
+class HeldModel:
+    """A model with a single owner, so that its weights can be lent out and their memory
+    freed meanwhile (`weights_aside`). Wrap it and keep no other reference:
+    `held = HeldModel(loaded.model)`, then `held.take()` hands it back."""
 
-    Yields (a copy of `read.model` whose large weights are references, the folder whose
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self._model: onnx.ModelProto | None = model
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        """The model, while it is here (not lent, not taken)."""
+        if self._model is None:
+            raise RuntimeError("the model is lent out or was taken")
+        return self._model
+
+    @property
+    def lent(self) -> bool:
+        return self._model is None
+
+    def take(self) -> onnx.ModelProto:
+        """The model, handed back; this holder lets it go."""
+        model = self.model
+        self._model = None
+        return model
+
+
+@contextmanager
+def weights_aside(held: HeldModel) -> Iterator[tuple[onnx.ModelProto, Path]]:
+    """Lend the held model's weights to onnxruntime while the statistics run.
+
+    Yields (a copy of the model whose large weights are references, the folder whose
     WEIGHTS_FILE holds them) for `collect_stats(..., weights_folder=)`, and meanwhile
-    holds no parsed copy of them: `read.model` is let go (callers drop theirs too) and
-    read back from the file afterwards, equal to what it was. Protobuf frees a model's
-    memory only with the whole model, so emptying its tensors would not do (issue 13).
+    holds no parsed copy of them: `held` lets the model go and, afterwards, holds the
+    model read back from the file, equal to what it was. Protobuf frees a model's memory
+    only with the whole model, so emptying its tensors would not do (issue 13).
     """
     with tempfile.TemporaryDirectory(prefix="onnx-mbs-") as name:
         folder = Path(name)
         try:
-            light, apart = weights_apart(read.model, folder, PAGE)
+            light, apart = weights_apart(held.model, folder, PAGE)
         except OSError as e:
             raise temporary_folder_error(e) from None
         # name -> whether its data_location field was set, to give each back as it was
         lent = {t.name: t.HasField("data_location") for t in apart}
         del apart
-        read.model = None  # type: ignore[assignment]  # read back below
+        held.take()  # read back below
         release_freed_memory()
         try:
             yield light, folder
         finally:
-            read.model = _taken_back(light, folder, lent)
+            held._model = _taken_back(light, folder, lent)
 
 
 def _taken_back(model: onnx.ModelProto, folder: Path, lent: dict[str, bool]) -> onnx.ModelProto:

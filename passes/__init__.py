@@ -6,49 +6,64 @@ also Pass objects that compose in a Sequential.
 """
 
 from .activations import activation_tensors
-from .analysis import ConvLayer, FindMacroblocks, Macroblock, ModelAnalysis, analyze_model
-from .base import Pass, PassResult, Sequential
-from .channel_groups import (
-    ChannelAnalysis,
-    ChannelGroup,
-    Member,
-    analyze_channels,
-    find_channel_groups,
+from .analysis import (
+    DEFAULT_RECEPTIVE_FIELD,
+    READINGS,
+    ConvLayer,
+    FindMacroblocks,
+    Macroblock,
+    ModelAnalysis,
+    analyze_model,
+    check_reading,
+    resolution_text,
 )
+from .base import Pass, PassContractError, PassResult, Sequential
+from .channel_groups import ChannelAnalysis, ChannelGroup, Member, analyze_channels
 from .channel_walk import ChannelWalk, register_handler, unregister_handler
 from .cost import CostModel
 from .errors import BadInputError
 from .fold import FoldShapes, fold_shapes
 from .graph import GraphIndex, count_parameters
 from .importance import (
+    CRITERIA,
+    DEFAULT_CRITERION,
     ActivationImportance,
     BatchNormScaled,
     FilterNorm,
     Importance,
+    ImportanceFactory,
     choose_channels,
+    group_scores,
+    register_importance,
+    unregister_importance,
     weight_importance,
 )
-from .load import LoadedModel, NameNodes, load, load_model, static_batch, with_io_of
+from .load import LoadedModel, NameNodes, Origin, load, load_model, set_io, static_batch, with_io_of
 from .normalise import Normalise, normalise
-from .read import read_model
+from .read import check_model
 from .shapes import FixInputShapes, InferShapes, parse_input_shape
-from .shrink import KeepPlan, ShrinkChannels, predicted_params, shrink_channels
+from .shrink import EditContext, KeepPlan, ShrinkChannels, predicted_params, shrink_channels
 
 __all__ = [
     "ActivationImportance",
-    "BatchNormScaled",
     "BadInputError",
+    "BatchNormScaled",
+    "CRITERIA",
     "ChannelAnalysis",
     "ChannelGroup",
     "ChannelWalk",
     "ConvLayer",
     "CostModel",
-    "FindMacroblocks",
+    "DEFAULT_CRITERION",
+    "DEFAULT_RECEPTIVE_FIELD",
+    "EditContext",
     "FilterNorm",
+    "FindMacroblocks",
     "FixInputShapes",
     "FoldShapes",
     "GraphIndex",
     "Importance",
+    "ImportanceFactory",
     "InferShapes",
     "KeepPlan",
     "LoadedModel",
@@ -57,27 +72,35 @@ __all__ = [
     "ModelAnalysis",
     "NameNodes",
     "Normalise",
+    "Origin",
     "Pass",
+    "PassContractError",
     "PassResult",
+    "READINGS",
     "Sequential",
     "ShrinkChannels",
     "activation_tensors",
     "analyze_channels",
     "analyze_model",
+    "check_model",
+    "check_reading",
     "choose_channels",
     "count_parameters",
-    "find_channel_groups",
     "fold_shapes",
+    "group_scores",
     "load",
     "load_model",
     "normalise",
     "parse_input_shape",
     "predicted_params",
-    "read_model",
     "register_handler",
+    "register_importance",
+    "resolution_text",
+    "set_io",
     "shrink_channels",
     "static_batch",
     "unregister_handler",
+    "unregister_importance",
     "weight_importance",
     "with_io_of",
 ]

@@ -1,7 +1,7 @@
 """Where each Conv's "activation ratio" is measured.
 
 rho_k is the fraction of outputs > 0 of the first activation reached from
-layer k's output through channel-preserving ops (DESIGN.md). This module finds
+layer k's output through channel-preserving ops (docs/design.md). This module finds
 that tensor; onnx_mbs.stats measures it with onnxruntime.
 """
 

@@ -1,7 +1,7 @@
 """Macroblock analysis: per-layer MACs, parameters and receptive fields.
 
 A macroblock is the set of Conv layers whose outputs share one spatial size
-and reach each other through tensors of that size (DESIGN.md). Its base is
+and reach each other through tensors of that size (docs/design.md). Its base is
 the layers whose receptive field still fits: under the global reading (the
 paper's, as far as its numbers show) a layer's receptive field in input-image
 pixels against the input image size; under the local reading, a receptive

@@ -235,10 +235,3 @@ def _roots(parent: list[int]) -> np.ndarray:
         if np.array_equal(nxt, root):
             return root
         root = nxt
-
-
-def find_channel_groups(
-    model: onnx.ModelProto, macroblocks: ModelAnalysis | None = None
-) -> list[ChannelGroup]:
-    """Every set of channel axes that must keep the same channels (see module docstring)."""
-    return analyze_channels(model, macroblocks).groups

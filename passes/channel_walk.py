@@ -51,7 +51,8 @@ class Slot:
 class Edit:
     """A node attribute or shape constant that counts channels and must be recomputed.
 
-    kind: "group" (ids: the channels counting conv-groups, per: channels per
+    kind: a handler's own name with `apply` (its edit function), or one of the built-in
+    kinds: "group" (ids: the channels counting conv-groups, per: channels per
     conv-group), "split" (ids: one array per output; value: the sizes), "slice" (ids:
     the input; start/end on the channel axis, which is entry `axis` of the starts
     `value` and ends `value2`), "reshape" (ids: the output; value: the shape, entry
@@ -67,6 +68,9 @@ class Edit:
     end: int = 0
     value: np.ndarray | None = None  # the constant being edited (shape, sizes, starts...)
     value2: np.ndarray | None = None
+    # A handler's own edit, `apply(context, node, edit)` at shrink time (see shrink.EDITS);
+    # None for the built-in kinds above.
+    apply: Callable | None = None
 
 
 class ChannelWalk:
@@ -141,6 +145,8 @@ class ChannelWalk:
         self.slots.append(Slot(self.node_no[id(node)], i, axis, ids, role))
 
     def edit(self, kind: str, node: onnx.NodeProto, ids: tuple[np.ndarray, ...], **kw) -> None:
+        """Record that `node` counts channels `ids`: shrink recomputes it with the built-in
+        edit of `kind`, or with `apply=` (a handler's own: `apply(context, node, edit)`)."""
         self.edits.append(Edit(kind, self.node_no[id(node)], ids, **kw))
 
     def opaque(self, node: onnx.NodeProto, why: str) -> None:

@@ -174,7 +174,7 @@ def is_parameter_use(node: onnx.NodeProto, position: int, rank: int) -> bool:
 
 def count_parameters(model: onnx.ModelProto) -> int:
     """Elements of the float initializers that hold learned values: the parameter count
-    DESIGN.md budgets against, counted like torch's `parameters()` (see `is_parameter_use`).
+    docs/design.md budgets against, counted like torch's `parameters()` (see `is_parameter_use`).
     """
     floats = {t.name: t for t in model.graph.initializer if t.data_type in FLOAT_TYPES}
     sizes = {name: math.prod(t.dims) for name, t in floats.items()}

@@ -160,11 +160,32 @@ class ActivationImportance(Importance):
         return f"ActivationImportance({len(self.per_layer)} layers)"
 
 
-CRITERIA = {
+# A criterion by name: a factory building it for a model (and its GraphIndex, if any).
+ImportanceFactory = Callable[[onnx.ModelProto, "GraphIndex | None"], Importance]
+CRITERIA: dict[str, ImportanceFactory] = {
     "l1": lambda model, index=None: FilterNorm(model, p=1, index=index),
     "l2": lambda model, index=None: FilterNorm(model, p=2, index=index),
     "bn": BatchNormScaled,
 }
+BUILT_IN = frozenset(CRITERIA)
+RESERVED = ("act", "auto")  # reduce's names for activation importance and its default
+
+
+def register_importance(name: str, factory: ImportanceFactory) -> None:
+    """Make `name` a criterion `weight_importance` and `reduce(importance=name)` accept:
+    `factory(model, index)` builds it for a model. Replaces an earlier registration."""
+    if name in RESERVED or name in BUILT_IN:
+        raise ValueError(f"{name!r} is a built-in importance name; choose another")
+    if not callable(factory):
+        raise TypeError(f"importance factory for {name!r} must be callable")
+    CRITERIA[name] = factory
+
+
+def unregister_importance(name: str) -> None:
+    """Remove a criterion `register_importance` added."""
+    if name in BUILT_IN or name not in CRITERIA:
+        raise KeyError(f"no registered importance {name!r}")
+    del CRITERIA[name]
 
 
 def weight_importance(

@@ -39,18 +39,15 @@ class NameNodes(Pass):
         return PassResult(out, True)
 
 
-@dataclass
-class LoadedModel:
-    """A model as read, in the analysis form, and the I/O a written model declares.
+@dataclass(frozen=True)
+class Origin:
+    """Where a loaded model came from, and the I/O every model written from it declares.
 
-    `original` is the input as read (handed back unchanged when nothing is cut);
-    `model` is normalised, shapes fixed and inferred, shape arithmetic folded:
-    what every pass expects; `declared` holds only the graph inputs and outputs
-    every written model declares (normalised, no shape fixed), not a third copy
-    of the weights.
+    `declared` holds only the graph inputs and outputs (normalised, no shape fixed), not
+    a copy of the weights; `original` is the input as read (handed back unchanged when
+    nothing is cut).
     """
 
-    model: onnx.ModelProto
     declared: onnx.ModelProto
     path: Path | None = None  # the file read, when the input was one
     read: onnx.ModelProto | None = field(default=None, repr=False)  # the input, if not a file
@@ -60,6 +57,7 @@ class LoadedModel:
         """The input as read. A file is read again when asked (only when nothing is cut,
         or the written model fails the checker), so a run does not hold a third copy."""
         if self.read is None:
+            assert self.path is not None
             return read_model(self.path)
         copy = onnx.ModelProto()  # the caller's own model is never handed back to be changed
         copy.CopyFrom(self.read)
@@ -70,14 +68,42 @@ class LoadedModel:
         return with_io_of(model, self.declared)
 
     @property
-    def runnable(self) -> onnx.ModelProto:
-        """The analysis form with the declared I/O: what onnxruntime runs."""
-        return self.written(self.model)
-
-    @property
     def batch(self) -> int | None:
         """The batch the declared input fixes, or None when it is dynamic."""
         return static_batch(self.declared)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model in the analysis form, and its `Origin`.
+
+    `model` is normalised, shapes fixed and inferred, shape arithmetic folded: what
+    every pass expects. A caller that lets the model go for a while (the pipeline, while
+    onnxruntime holds its weights) keeps the origin alone.
+    """
+
+    model: onnx.ModelProto
+    origin: Origin
+
+    @property
+    def declared(self) -> onnx.ModelProto:
+        return self.origin.declared
+
+    @property
+    def original(self) -> onnx.ModelProto:
+        return self.origin.original
+
+    def written(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        return self.origin.written(model)
+
+    @property
+    def runnable(self) -> onnx.ModelProto:
+        """The analysis form with the declared I/O: what onnxruntime runs."""
+        return self.origin.written(self.model)
+
+    @property
+    def batch(self) -> int | None:
+        return self.origin.batch
 
 
 def load(
@@ -115,8 +141,8 @@ def load(
         # The user fixed these shapes: the written model takes exactly them.
         io = _io_only(FixInputShapes(input_shapes, batch=None)(declared).model)
     if isinstance(source, onnx.ModelProto):
-        return LoadedModel(model, io, read=source)
-    return LoadedModel(model, io, path=Path(source))
+        return LoadedModel(model, Origin(io, read=source))
+    return LoadedModel(model, Origin(io, path=Path(source)))
 
 
 def _io_only(model: onnx.ModelProto) -> onnx.ModelProto:

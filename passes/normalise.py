@@ -119,10 +119,38 @@ def unique_names(graph: onnx.GraphProto) -> None:
         seen.add(node.name)
 
 
+def needs_normalising(model: onnx.ModelProto) -> bool:
+    """Whether `normalise` would change `model` (each of its steps, checked without a copy)."""
+    graph = model.graph
+    if model.ir_version < 4:
+        return True
+    outputs = {o.name for o in graph.output}
+    initializers = {t.name for t in graph.initializer}
+    for node in graph.node:
+        if node.output and node.output[0] in outputs:
+            continue
+        constant = node.op_type == "Constant" and node.domain in ("", "ai.onnx")
+        if constant and constant_value(node) is not None:
+            return True
+        if node.op_type == "Identity" and node.input[0] in initializers:
+            return True
+    names = [n.name for n in graph.node]
+    if not all(names) or len(set(names)) != len(names):
+        return True
+    return any(
+        d.HasField("dim_value") and d.dim_value <= 0
+        for vi in [*graph.input, *graph.output, *graph.value_info]
+        for d in vi.type.tensor_type.shape.dim
+    )
+
+
 class Normalise(Pass):
-    """Transform pass: `normalise` (see the module docstring)."""
+    """Transform pass: `normalise` (see the module docstring); a model already in the
+    one form comes back itself, with `modified` False."""
 
     name = "normalise"
 
     def call(self, model: onnx.ModelProto) -> PassResult:
+        if not needs_normalising(model):
+            return PassResult(model)
         return PassResult(normalise(model), True)

@@ -18,7 +18,7 @@ so memory stays near the size of the input plus the (smaller) output.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,7 +27,7 @@ from onnx import numpy_helper
 
 from .base import Pass, PassResult
 from .channel_groups import ChannelAnalysis, analyze_channels
-from .channel_walk import constant_source, subgraph_names
+from .channel_walk import Edit, constant_source, subgraph_names
 from .graph import FLOAT_TYPES, GraphIndex, count_parameters, is_parameter_use
 from .load import indexed
 from .protos import without_weights
@@ -230,66 +230,112 @@ def _take(array: np.ndarray, axes: dict[int, np.ndarray]) -> np.ndarray:
     return array
 
 
+@dataclass
+class EditContext:
+    """What a shrink edit works with: the model being written (`out`), which channel ids
+    are kept, and a way to replace a node's constant input."""
+
+    out: onnx.ModelProto
+    kept: np.ndarray  # bool per channel id
+    names: _Names
+    replaced: set[str] = field(default_factory=set)  # constants no longer read by their node
+    # node number -> the shape constant edits wrote for it so far (a computed weight's
+    # (O, I, kh, kw) counts channels twice)
+    shapes: dict[int, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def opset(self) -> int:
+        return next((o.version for o in self.out.opset_import if o.domain in ("", "ai.onnx")), 17)
+
+    def count(self, ids: np.ndarray) -> int:
+        """How many of `ids` are kept."""
+        return int(self.kept[ids].sum())
+
+    def set_input(self, node: onnx.NodeProto, i: int, value: np.ndarray, what: str) -> None:
+        """Make input `i` of `node` a new initializer holding `value`."""
+        name = self.names.fresh(f"{node.name}_{what}")
+        self.out.graph.initializer.append(numpy_helper.from_array(value, name))
+        while len(node.input) <= i:
+            node.input.append("")
+        self.replaced.add(node.input[i])
+        node.input[i] = name
+
+
+EditFunction = Callable[[EditContext, onnx.NodeProto, Edit], None]
+
+
+def _edit_group(ctx: EditContext, node: onnx.NodeProto, edit: Edit) -> None:
+    _set_attribute(node, "group", ctx.count(edit.ids[0]) // edit.per)
+
+
+def _edit_split(ctx: EditContext, node: onnx.NodeProto, edit: Edit) -> None:
+    sizes = np.array([ctx.count(part) for part in edit.ids], dtype=np.int64)
+    if np.array_equal(sizes, edit.value):
+        return
+    if ctx.opset >= 13:
+        ctx.set_input(node, 1, sizes, "split")
+        _remove_attribute(node, "num_outputs")
+    else:
+        _set_attribute(node, "split", sizes.tolist())
+
+
+def _edit_slice(ctx: EditContext, node: onnx.NodeProto, edit: Edit) -> None:
+    assert edit.value is not None and edit.value2 is not None
+    mask = ctx.kept[edit.ids[0]]
+    start = int(mask[: edit.start].sum())
+    end = start + int(mask[edit.start : edit.end].sum())
+    starts, ends = edit.value.copy(), edit.value2.copy()
+    if (starts[edit.axis], ends[edit.axis]) == (start, end):
+        return
+    starts[edit.axis], ends[edit.axis] = start, end
+    ctx.set_input(node, 1, starts, "starts")
+    ctx.set_input(node, 2, ends, "ends")
+
+
+def _edit_shape_entry(ctx: EditContext, node: onnx.NodeProto, edit: Edit) -> None:
+    """Reshape targets and Resize sizes: the entry that counts channels."""
+    assert edit.value is not None
+    value = ctx.shapes.get(edit.node, edit.value).copy()
+    if edit.kind == "reshape" and value[edit.axis] <= 0:
+        return  # -1 or 0: the runtime infers or copies it
+    count = ctx.count(edit.ids[0])
+    if value[edit.axis] == count:
+        return
+    value[edit.axis] = count
+    i = 1 if edit.kind == "reshape" else 3
+    if edit.node in ctx.shapes:  # a second entry of a shape edited already: rewrite it
+        tensor = next(t for t in ctx.out.graph.initializer if t.name == node.input[i])
+        tensor.CopyFrom(numpy_helper.from_array(value, tensor.name))
+    else:
+        ctx.set_input(node, i, value, edit.kind)
+    ctx.shapes[edit.node] = value
+
+
+# The built-in handlers' edits, by kind; a handler of its own brings its edit along
+# (`ChannelWalk.edit(..., apply=)`), as Torch-Pruning pairs a layer's grouping and cutting.
+EDITS: dict[str, EditFunction] = {
+    "group": _edit_group,
+    "split": _edit_split,
+    "slice": _edit_slice,
+    "reshape": _edit_shape_entry,
+    "resize": _edit_shape_entry,
+}
+
+
 def _apply_edits(
     out: onnx.ModelProto, analysis: ChannelAnalysis, kept: np.ndarray, names: _Names
 ) -> None:
     """Rewrite attributes and shape constants that count channels."""
-    opset = next((o.version for o in out.opset_import if o.domain in ("", "ai.onnx")), 17)
-    replaced: set[str] = set()
-    edited: dict[int, np.ndarray] = {}  # node number -> its shape or sizes as edited so far
-    replaced_at: dict[int, int] = {}  # node number -> the input an edit replaced
-
-    def set_input(node: onnx.NodeProto, i: int, value: np.ndarray, what: str) -> None:
-        name = names.fresh(f"{node.name}_{what}")
-        out.graph.initializer.append(numpy_helper.from_array(value, name))
-        while len(node.input) <= i:
-            node.input.append("")
-        replaced.add(node.input[i])
-        node.input[i] = name
-
+    ctx = EditContext(out, kept, names)
     for edit in analysis.edits:
-        node = out.graph.node[edit.node]
-        if edit.kind == "group":
-            group = int(kept[edit.ids[0]].sum()) // edit.per
-            _set_attribute(node, "group", group)
-        elif edit.kind == "split":
-            sizes = np.array([int(kept[part].sum()) for part in edit.ids], dtype=np.int64)
-            if np.array_equal(sizes, edit.value):
-                continue
-            if opset >= 13:
-                set_input(node, 1, sizes, "split")
-                _remove_attribute(node, "num_outputs")
-            else:
-                _set_attribute(node, "split", sizes.tolist())
-        elif edit.kind == "slice":
-            mask = kept[edit.ids[0]]
-            start = int(mask[: edit.start].sum())
-            end = start + int(mask[edit.start : edit.end].sum())
-            starts, ends = edit.value.copy(), edit.value2.copy()
-            if (starts[edit.axis], ends[edit.axis]) == (start, end):
-                continue
-            starts[edit.axis], ends[edit.axis] = start, end
-            set_input(node, 1, starts, "starts")
-            set_input(node, 2, ends, "ends")
-        elif edit.kind in ("reshape", "resize"):
-            # several edits may count channels in one shape (a weight's (O, I, kh, kw))
-            value = edited.get(edit.node, edit.value).copy()
-            if edit.kind == "reshape" and value[edit.axis] <= 0:
-                continue  # -1 or 0: the runtime infers or copies it
-            count = int(kept[edit.ids[0]].sum())
-            if value[edit.axis] == count:
-                continue
-            value[edit.axis] = count
-            edited[edit.node] = value
-            if edit.node in replaced_at:  # a second edit of the same shape: replace the first
-                name = node.input[replaced_at[edit.node]]
-                tensor = next(t for t in out.graph.initializer if t.name == name)
-                tensor.CopyFrom(numpy_helper.from_array(value, name))
-                continue
-            replaced_at[edit.node] = 1 if edit.kind == "reshape" else 3
-            set_input(node, replaced_at[edit.node], value, edit.kind)
-        else:
-            raise AssertionError(f"unknown edit {edit.kind}")
+        apply = edit.apply or EDITS.get(edit.kind)
+        if apply is None:
+            raise ValueError(
+                f"no shrink edit for {edit.kind!r}: a handler recording its own kind of edit "
+                "passes its edit function (ChannelWalk.edit(..., apply=))"
+            )
+        apply(ctx, out.graph.node[edit.node], edit)
+    replaced = ctx.replaced
     if replaced:  # drop the constants the edits replaced, unless something else reads them
         used = {name for node in out.graph.node for name in node.input}
         used |= {name for node in out.graph.node for name in subgraph_names(node)}

@@ -383,3 +383,75 @@ def assert_same_outputs(a: onnx.ModelProto, b: onnx.ModelProto, atol: float = 1e
         assert x.shape == y.shape, name
         scale = max(1.0, float(np.abs(x).max()))
         assert np.abs(x - y).max() <= atol * scale, (name, float(np.abs(x - y).max()))
+
+
+def assert_cut_channels_were_dead(killed: onnx.ModelProto, small: onnx.ModelProto) -> int:
+    """An oracle for shrink that does not ask the channel analysis: run both models on two
+    inputs, reading every 4-D NCHW tensor they share; each tensor that lost channels in
+    `small` must have lost only channels that are dead in `killed` (the same constant for
+    every input and position, as the values show: 0, or f(0) in an SE gate), and its other
+    channels must be `killed`'s. Returns how many tensors it compared (a kept channel that
+    happens to be constant too makes a tensor ambiguous: skipped)."""
+
+    def shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+        return {
+            vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim]
+            for vi in model.graph.value_info
+        }
+
+    before, after = shapes(killed), shapes(small)
+    names = [
+        n
+        for n, s in before.items()
+        if len(s) == 4 and len(after.get(n, ())) == 4
+        and after[n][1] < s[1] and after[n][2:] == s[2:]
+    ]  # fmt: skip
+    if not names:
+        return 0
+
+    def values(model: onnx.ModelProto, seed: int) -> list[np.ndarray]:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        out.graph.output.extend(vi for vi in model.graph.value_info if vi.name in names)
+        return run(out, random_feeds(killed, seed), names)
+
+    big = [np.concatenate(pair) for pair in zip(values(killed, 3), values(killed, 4))]
+    cut = [np.concatenate(pair) for pair in zip(values(small, 3), values(small, 4))]
+    compared = 0
+    for name, x, y in zip(names, big, cut):
+        live = [c for c in range(x.shape[1]) if np.any(x[:, c] != x.flat[c * x[0, 0].size])]
+        assert len(live) <= y.shape[1], (name, "a channel that was not dead was cut")
+        if len(live) == y.shape[1]:
+            np.testing.assert_allclose(y, x[:, live], rtol=1e-5, atol=1e-5, err_msg=name)
+            compared += 1
+    return compared
+
+
+# What each layer op learns, by input position (torch's parameters(): BatchNorm's running
+# mean and variance are buffers).
+LEARNED_INPUTS = {
+    "Conv": (1, 2),
+    "ConvTranspose": (1, 2),
+    "Gemm": (1, 2),
+    "MatMul": (1,),
+    "BatchNormalization": (1, 2),
+}
+
+
+def parameters_by_layer(model: onnx.ModelProto) -> int:
+    """A hand count of a CNN's parameters, layer by layer as torch counts them (conv and
+    linear weights and biases, BatchNorm's scale and shift), written independently of
+    `count_parameters`; refuses a model with other constants it would have to judge."""
+    sizes = {t.name: int(np.prod(t.dims)) for t in model.graph.initializer}
+    counted: set[str] = set()
+    total = 0
+    for node in model.graph.node:
+        for position, name in enumerate(node.input):
+            if name not in sizes:
+                continue
+            learned = LEARNED_INPUTS.get(node.op_type)
+            assert learned is not None, f"{node.op_type} reads constant {name}: not a layer"
+            if position in learned and name not in counted:
+                counted.add(name)
+                total += sizes[name]
+    return total

@@ -15,7 +15,7 @@ from graphs import (
 )
 
 from onnx_mbs.passes import load_model
-from onnx_mbs.passes.channel_groups import analyze_channels, find_channel_groups
+from onnx_mbs.passes.channel_groups import analyze_channels
 from onnx_mbs.passes.fold import FoldShapes
 from onnx_mbs.passes.shrink import shrink_channels
 
@@ -41,7 +41,7 @@ def test_residual_join_is_one_group():
     s = b.op("Add", [a, c], name="join")
     y = b.conv(b.op("Relu", [s]), 8, 4, name="conv_c")
     model = load_model(b.model([y], ["y"]))
-    groups = find_channel_groups(model)
+    groups = analyze_channels(model).groups
     joined = only_group(groups, s)
     assert joined.size == 8
     assert joined.producers == ["conv_a", "conv_b"]
@@ -64,7 +64,7 @@ def test_concat_output_is_made_of_segments():
     cat = b.op("Concat", [p, q], name="cat", axis=1)
     y = b.conv(cat, 10, 2, name="conv_r")
     model = load_model(b.model([y], ["y"]))
-    groups = find_channel_groups(model)
+    groups = analyze_channels(model).groups
     first, second = group_of(groups, cat)
     assert (first.size, second.size) == (4, 6)
     assert first.member(cat).positions.ravel().tolist() == [0, 1, 2, 3]
@@ -184,7 +184,7 @@ def test_op_over_transposed_channels_pins_with_its_name():
     back = b.op("Transpose", [s], perm=[0, 3, 1, 2])
     y = b.conv(back, 6, 2, name="out")
     model = load_model(b.model([y], ["y"]))
-    group = only_group(find_channel_groups(model), a)
+    group = only_group(analyze_channels(model).groups, a)
     assert group.pinned
     assert group.pin_reasons == ["Softmax 'channel_softmax': normalizes over the channel axis"]
 
@@ -196,7 +196,7 @@ def test_custom_op_pins_with_its_name():
     z = b.op("MyOp", [y], name="weird", domain="custom.ops")
     after = b.op("Relu", [b.conv(z, 4, 4, name="after")])
     model = load_model(b.model([b.conv(after, 4, 2)], ["y"], shapes={z: [1, 4, 8, 8]}))
-    groups = find_channel_groups(model)
+    groups = analyze_channels(model).groups
     reason = "MyOp 'weird': custom op (domain 'custom.ops') not followed"
     assert only_group(groups, y).pin_reasons == [reason]
     assert only_group(groups, z).pin_reasons == [reason]
@@ -209,7 +209,7 @@ def test_graph_input_and_output_pin():
     x = b.input("x", [1, 3, 8, 8])
     y = b.conv(b.op("Relu", [b.conv(x, 3, 4)]), 4, 5, name="last")
     model = load_model(b.model([y], ["y"]))
-    groups = find_channel_groups(model)
+    groups = analyze_channels(model).groups
     assert only_group(groups, "x").pin_reasons == ["graph input 'x'"]
     assert only_group(groups, "y").pin_reasons == ["graph output 'y'"]
     assert [g.pinned for g in groups] == [True, False, True]
@@ -217,7 +217,7 @@ def test_graph_input_and_output_pin():
 
 def test_se_gate_convs_follow_the_gated_map():
     model = load_model(mobilenetv3_like())
-    groups = find_channel_groups(model)
+    groups = analyze_channels(model).groups
     mul = next(n for n in model.graph.node if n.op_type == "Mul")
     gated, gate = mul.input
     group = only_group(groups, gated)
@@ -249,13 +249,13 @@ def test_flatten_head_rows_are_channel_major():
 def test_shape_read_at_run_time_pins_until_folded():
     model = load_unfolded(shape_arith_head())
     conv2 = next(n for n in model.graph.node if n.name == "conv2").output[0]
-    pinned = only_group(find_channel_groups(model), conv2)
+    pinned = only_group(analyze_channels(model).groups, conv2)
     assert pinned.pin_reasons == [
         "Shape 'head/shape': reads the channel count at run time (run FoldShapes)",
         "Reshape 'head/reshape': shape computed at run time (run FoldShapes first)",
     ]
     folded = FoldShapes()(model).model
-    assert not only_group(find_channel_groups(folded), conv2).pinned
+    assert not only_group(analyze_channels(folded).groups, conv2).pinned
 
 
 def test_macroblocks_of_groups():
@@ -265,7 +265,7 @@ def test_macroblocks_of_groups():
     c = b.op("Relu", [b.conv(a, 4, 6, stride=2, name="c")])  # 4x4
     y = b.conv(c, 6, 2, name="d")
     model = load_model(b.model([y], ["y"]))
-    groups = find_channel_groups(model)
+    groups = analyze_channels(model).groups
     # A group belongs to where its channels are made: `a` is made at 8x8 and only read
     # by the 4x4 conv, so the 4x4 block's beta must not decide its width.
     assert only_group(groups, a).macroblocks == [0]

@@ -79,7 +79,16 @@ def test_grid_bounds_the_measurements_on_wide_layers(zoo_onnx):
 
 
 @pytest.mark.parametrize("name", ["resnet20", "mobilenet_v2", "shufflenet_v2"])
-def test_one_conv_models_have_the_layers_shapes(zoo_onnx, name):
+def test_one_conv_models_have_the_layers_shapes(zoo_onnx, name, monkeypatch):
+    import onnx_mbs.latency as latency
+
+    timed = []  # (input shape, output shape) of each session the timer times
+
+    def shapes_of(session, feed, min_seconds=0.02):
+        timed.append((session.get_inputs()[0].shape, session.get_outputs()[0].shape))
+        return 1e-3
+
+    monkeypatch.setattr(latency, "time_session", shapes_of)
     analysis = analyze_model(load_model(zoo_onnx(name, "deploy")))
     timer = onnxruntime_timer([CPU])
     seen = set()
@@ -94,7 +103,11 @@ def test_one_conv_models_have_the_layers_shapes(zoo_onnx, name):
         x = np.zeros((1, layer.in_channels, *layer.input_size), np.float32)
         (y,) = session.run(None, {"x": x})
         assert y.shape == (1, layer.out_channels, *layer.output_size), layer.name
-    assert timer(shape, in_pg, layer.out_channels, layer.groups) > 0
+        # the timer times a session of this layer's conv: its shapes, from the zoo graph
+        timed.clear()
+        assert timer(shape, in_pg, layer.out_channels, layer.groups) == 1e-3
+        expected_in = [1, layer.in_channels, *layer.input_size]
+        assert timed == [(expected_in, [1, layer.out_channels, *layer.output_size])], layer.name
 
 
 def test_measure_models_times_each_model(zoo_onnx):

@@ -1,4 +1,4 @@
-"""The layering DESIGN.md promises: passes are framework-neutral, torch stays in the bridge."""
+"""The layering docs/design.md promises: passes are framework-neutral, torch stays in the bridge."""
 
 from __future__ import annotations
 
@@ -44,3 +44,28 @@ def test_reduce_stays_the_function_whatever_was_imported_first():
         "assert callable(onnx_mbs.reduce), onnx_mbs.reduce"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("module", ["pipeline", "cli", "options"])
+def test_the_pipeline_and_cli_use_only_what_passes_exports(module):
+    """onnx_mbs reaches into passes/ only through `onnx_mbs.passes.__all__`."""
+    import ast
+    from pathlib import Path
+
+    import onnx_mbs
+    import onnx_mbs.passes
+
+    source = Path(onnx_mbs.__file__).parent / f"{module}.py"
+    for node in ast.walk(ast.parse(source.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("onnx_mbs.passes"):
+            assert node.module == "onnx_mbs.passes", (module, node.module)
+            hidden = {alias.name for alias in node.names} - set(onnx_mbs.passes.__all__)
+            assert not hidden, (module, hidden)
+
+
+def test_reduce_is_a_short_sequence_of_stages():
+    import inspect
+
+    from onnx_mbs.pipeline import reduce
+
+    assert len(inspect.getsource(reduce).splitlines()) <= 80

@@ -148,7 +148,7 @@ def test_a_loaded_file_holds_its_weights_once(tmp_path, zoo_onnx):
     assert read.model.graph.initializer
     assert not read.declared.graph.node and not read.declared.graph.initializer
     assert [i.name for i in read.declared.graph.input] == ["input"]
-    assert read.read is None and read.path == path
+    assert read.origin.read is None and read.origin.path == path
     assert read.original.SerializeToString() == onnx.load(path).SerializeToString()
     assert read.runnable.graph.input[0].type == read.declared.graph.input[0].type
 

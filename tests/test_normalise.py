@@ -13,9 +13,9 @@ from variants import minus_one_dims, weights_in_constants
 
 from onnx_mbs.cli import main
 from onnx_mbs.passes import (
+    analyze_channels,
     analyze_model,
     count_parameters,
-    find_channel_groups,
     load_model,
     normalise,
     shrink_channels,
@@ -91,7 +91,7 @@ def test_value_float_clip_bounds_and_value_ints_split(tmp_path):
     y = b.op("Concat", [b.conv(a, 8, 8, name="ca"), b.conv(c, 8, 8, name="cc")], axis=1)
     model = b.model([b.gap_head(b.op("Relu", [y]), 16, 5)])
     loaded = load_model(model)
-    reasons = [r for g in find_channel_groups(loaded) for r in g.pin_reasons]
+    reasons = [r for g in analyze_channels(loaded).groups for r in g.pin_reasons]
     assert not any("Split" in r for r in reasons), reasons
     # Clip bounds are not parameters
     weights = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
@@ -136,7 +136,7 @@ def test_conv1d_and_conv3d(rank):
     expected = 8**rank * 3**rank * (3 * 16 + 16 * 16) + 4**rank * 3**rank * 16 * 8
     assert analysis.total_macs == expected
     assert [m.resolution for m in analysis.macroblocks] == [(8,) * rank, (4,) * rank]
-    groups = find_channel_groups(load_model(model))
+    groups = analyze_channels(load_model(model)).groups
     free = [g for g in groups if not g.pinned]
     assert free
     loaded = load_model(model)
@@ -156,7 +156,7 @@ def test_unknown_default_domain_op_is_opaque():
     model.graph.output[1].CopyFrom(
         helper.make_tensor_value_info(y, TensorProto.FLOAT, [1, 16, 8, 8])
     )
-    groups = find_channel_groups(load_model(model))
+    groups = analyze_channels(load_model(model)).groups
     pinned = [g for g in groups if g.pinned and any("EfficientNMS_TRT" in r for r in g.pin_reasons)]
     assert pinned
     assert any(not g.pinned for g in groups)
@@ -167,8 +167,8 @@ def test_public_functions_accept_a_plainly_loaded_model(tmp_path):
     path = tmp_path / "m.onnx"
     onnx.save(model, path)
     plain = onnx.load(path)
-    groups = find_channel_groups(plain)
-    assert [g.size for g in groups] == [g.size for g in find_channel_groups(load_model(plain))]
+    groups = analyze_channels(plain).groups
+    assert [g.size for g in groups] == [g.size for g in analyze_channels(load_model(plain)).groups]
     assert len(analyze_model(plain).layers) == 3
     free = [g for g in groups if not g.pinned]
     small = shrink_channels(plain, {g.id: np.arange(g.size // 2) for g in free})

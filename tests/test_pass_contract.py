@@ -10,17 +10,23 @@ from graphs import Builder, assert_same_outputs
 from onnx_builders import conv_relu_model
 
 from onnx_mbs.passes import (
+    BadInputError,
     FindMacroblocks,
     FixInputShapes,
     FoldShapes,
     InferShapes,
     NameNodes,
+    Normalise,
+    Pass,
+    PassResult,
     Sequential,
     ShrinkChannels,
     analyze_channels,
     load_model,
     shrink_channels,
 )
+from onnx_mbs.passes.base import PassContractError
+from onnx_mbs.pipeline import MacroblockScaling
 
 
 def _two_convs(width: int = 8) -> onnx.ModelProto:
@@ -30,23 +36,128 @@ def _two_convs(width: int = 8) -> onnx.ModelProto:
     return load_model(b.model([b.conv(y, width, 4, name="c2")], ["y"]))
 
 
-def test_passes_that_change_nothing_say_so_and_copy_nothing():
+def _every_pass_that_changes_nothing(model: onnx.ModelProto) -> list[Pass]:
+    """Every pass of the package, set up so that it has nothing to change on `model`."""
+    analysis = analyze_channels(model)
+    keep_all = {g.id: list(range(g.size)) for g in analysis.groups}
+    return [
+        InferShapes(),
+        NameNodes(),
+        FoldShapes(),
+        FixInputShapes({"x": [1, 3, 8, 8]}),
+        Normalise(),
+        FindMacroblocks(),
+        ShrinkChannels(keep_all, analysis),
+        MacroblockScaling(None, budget="params=1.0"),
+        Sequential(Normalise(), NameNodes(), FindMacroblocks()),
+    ]
+
+
+def test_passes_that_change_nothing_say_so_and_return_their_input_itself():
     model = load_model(conv_relu_model())
-    for p in (InferShapes(), NameNodes(), FoldShapes(), FixInputShapes({"x": [1, 3, 8, 8]})):
+    before = model.SerializeToString()
+    for p in _every_pass_that_changes_nothing(model):
         result = p(model)
         assert not result.modified, p
-        assert result.model is model or result.model == model, p
+        assert result.model is model, p
+    assert model.SerializeToString() == before
 
 
 def test_passes_that_change_something_say_so_and_leave_their_input():
     raw = conv_relu_model(input_dims=["n", 3, 8, 8])
     raw.graph.node[0].name = ""
     before = raw.SerializeToString()
-    for p in (InferShapes(check_static=False), NameNodes(), FixInputShapes({"x": [2, 3, 8, 8]})):
-        result = p(raw)
+    loaded = _two_convs(8)
+    analysis = analyze_channels(loaded)
+    (free,) = [g for g in analysis.groups if not g.pinned]
+    cases = [
+        (raw, InferShapes(check_static=False)),
+        (raw, NameNodes()),
+        (raw, FixInputShapes({"x": [2, 3, 8, 8]})),
+        (raw, Normalise()),
+        (loaded, ShrinkChannels({free.id: [0, 2, 4, 6]}, analysis)),
+        (loaded, MacroblockScaling(None, budget="params=0.6", channel_multiple=1)),
+        (raw, Sequential(NameNodes(), FixInputShapes({"x": [2, 3, 8, 8]}))),
+    ]
+    loaded_before = loaded.SerializeToString()
+    for model, p in cases:
+        result = p(model)
         assert result.modified, p
-        assert result.model is not raw, p
+        assert result.model is not model, p
+        assert result.model.SerializeToString() != model.SerializeToString(), p
     assert raw.SerializeToString() == before
+    assert loaded.SerializeToString() == loaded_before
+
+
+def test_normalise_of_a_normalised_model_is_its_input_unmodified(zoo_onnx):
+    for form in ("deploy", "train"):
+        model = load_model(zoo_onnx("resnet20", form))
+        result = Normalise()(model)
+        assert result.model is model and not result.modified
+    raw = zoo_onnx("resnet20", "deploy")
+    raw.ir_version = 3  # initializers listed as graph inputs are IR 3's form
+    raw.graph.input.extend(
+        onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims)
+        for t in raw.graph.initializer
+    )
+    result = Normalise()(raw)
+    assert result.modified and result.model.ir_version == 4
+    assert len(result.model.graph.input) == 1
+
+
+class _Misreporting(Pass):
+    """A pass that says the opposite of what it did, as `kind` asks."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.name = f"misreporting_{kind}"
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        if self.kind == "changed_says_not":
+            copy.graph.node[0].name = "renamed"
+            return PassResult(copy, False)
+        if self.kind == "input_says_changed":
+            return PassResult(model, True)
+        if self.kind == "copy_says_changed":
+            return PassResult(copy, True)
+        if self.kind == "copy_says_not":
+            return PassResult(copy, False)
+        return model  # type: ignore[return-value]  # not a PassResult
+
+
+@pytest.mark.parametrize(
+    "kind", ["changed_says_not", "input_says_changed", "copy_says_changed", "copy_says_not", "bare"]
+)
+def test_the_base_pass_refuses_a_pass_that_misreports_modified(kind):
+    model = load_model(conv_relu_model())
+    with pytest.raises(PassContractError, match=f"misreporting_{kind}"):
+        _Misreporting(kind)(model)
+
+
+def test_an_in_place_pass_must_return_its_input():
+    class Copies(Pass):
+        name = "copies"
+        in_place = True
+
+        def call(self, model):
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            return PassResult(copy, True)
+
+    with pytest.raises(PassContractError, match="in-place pass 'copies'"):
+        Copies()(load_model(conv_relu_model()))
+
+
+def test_sequential_names_the_failing_pass():
+    model = load_model(conv_relu_model())
+    sequence = Sequential(NameNodes(), _Misreporting("copy_says_not"))
+    with pytest.raises(PassContractError, match=r"pass 2 of 2 \('misreporting_copy_says_not'\)"):
+        sequence(model)
+    bad_shape = Sequential(NameNodes(), FixInputShapes({"nope": [1, 3, 8, 8]}))
+    with pytest.raises(BadInputError, match=r"pass 2 of 2 \('fix_input_shapes'\): .*nope"):
+        bad_shape(model)
 
 
 def test_shrink_refuses_an_analysis_of_another_model():

@@ -1,4 +1,4 @@
-"""MBS planning on constructed analyses: the numbers in DESIGN.md, budgets, uniform scaling."""
+"""MBS planning on constructed analyses: the numbers in docs/design.md, budgets, uniform scaling."""
 
 from __future__ import annotations
 

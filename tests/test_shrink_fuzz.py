@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from graphs import Builder, assert_same_outputs, kill_channels
+from graphs import Builder, assert_cut_channels_were_dead, assert_same_outputs, kill_channels
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from variants import VARIANTS
@@ -188,3 +188,27 @@ def test_random_plans_on_random_cnns(case):
     assert [i.name for i in small.graph.input] == [i.name for i in model.graph.input]
     assert count_parameters(small) == predicted_params(killed, keep, analysis)
     assert_same_outputs(killed, small)  # names, shapes and values
+    # kill_channels zeroes what the analysis groups together, so the checks above would pass
+    # with a grouping wrong the same way; the values themselves say which channels were dead.
+    assert_cut_channels_were_dead(killed, small)
+
+
+def test_the_dead_channel_oracle_sees_a_live_channel_cut():
+    """The value oracle above fails when shrink cuts channels that were not dead, and
+    compares the kept ones when they were."""
+    b = Builder("oracle", seed=0)
+    x = b.input("input", [1, 3, 8, 8])
+    y = b.op("Relu", [b.conv(x, 3, 8, name="c1")])
+    model = load_model(b.model([b.conv(y, 8, 2, k=1, name="c2")], ["output"]))
+    analysis = analyze_channels(model)
+    (free,) = [g for g in analysis.groups if not g.pinned]
+    keep = {free.id: [0, 1, 2, 3]}
+    live_cut = shrink_channels(model, keep, analysis)
+    try:
+        assert_cut_channels_were_dead(model, live_cut)
+    except AssertionError:
+        pass
+    else:
+        raise AssertionError("the oracle missed live channels being cut")
+    killed = kill_channels(model, analysis.groups, {free.id: [4, 5, 6, 7]})
+    assert assert_cut_channels_were_dead(killed, shrink_channels(killed, keep, analysis)) >= 1

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from onnx_mbs.options import ReduceOptions
+
 from . import missing
 
 try:
@@ -24,13 +26,15 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 
 class ReduceOnnx(BaseLoader):
-    """Functor: the model `onnx_mbs.reduce(model, data, **options)` writes; the last
-    run's ReduceReport is kept in `self.report`."""
+    """Functor: the model `onnx_mbs.reduce(model, data, options, **overrides)` writes; the
+    last run's ReduceReport is kept in `self.report`."""
 
-    def __init__(self, model: Any, data: Any = None, **options: Any) -> None:
+    def __init__(
+        self, model: Any, data: Any = None, options: ReduceOptions | None = None, **overrides: Any
+    ) -> None:
         self._model = model
         self.data = data
-        self.options = {"progress": False, **options}
+        self.options = ReduceOptions.of(options or ReduceOptions(progress=False), **overrides)
         self.report = None
 
     def call_impl(self):
@@ -41,5 +45,5 @@ class ReduceOnnx(BaseLoader):
         from onnx_mbs.pipeline import reduce
 
         model, _ = util.invoke_if_callable(self._model)
-        reduced, self.report = reduce(model, self.data, **self.options)
+        reduced, self.report = reduce(model, self.data, self.options)
         return reduced

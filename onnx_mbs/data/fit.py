@@ -1,0 +1,115 @@
+"""Data fitted to a model: its single input's name, shape and layout (NCHW, or NHWC as
+tf2onnx writes Keras models), normalisation from its metadata, labels checked against its
+classes, or model-ready data for all its inputs; and how a run describes the data it used.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import onnx
+from onnx import helper
+
+from onnx_mbs.data.ready import declared_inputs
+from onnx_mbs.data.sources import DataSource
+from onnx_mbs.data.spec import open_data
+from onnx_mbs.passes.errors import BadInputError
+
+
+def model_input(model: onnx.ModelProto) -> tuple[str, list[int]]:
+    inits = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        raise BadInputError(
+            f"the model has {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); give "
+            "an .npz with one array per input, named after it (model-ready data, fed as it is)"
+        )
+    dims = [d.dim_value for d in inputs[0].type.tensor_type.shape.dim]
+    return inputs[0].name, dims
+
+
+def input_layout(model: onnx.ModelProto, name: str) -> str:
+    """NHWC when the input only feeds Transposes to NCHW (how tf2onnx writes Keras models)."""
+    readers = [n for n in model.graph.node if name in n.input]
+    perms = [
+        list(helper.get_attribute_value(a))
+        for n in readers
+        if n.op_type == "Transpose"
+        for a in n.attribute
+        if a.name == "perm"
+    ]
+    if readers and len(perms) == len(readers) and all(p == [0, 3, 1, 2] for p in perms):
+        return "NHWC"
+    return "NCHW"
+
+
+def metadata(model: onnx.ModelProto) -> dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def open_for_model(
+    spec: Any,
+    model: onnx.ModelProto,
+    *,
+    mean: Any = None,
+    std: Any = None,
+    limit: int | None = None,
+    split: str | None = "test",
+) -> DataSource:
+    """A DataSource fitted to `model`'s (single, fixed) input, NCHW or NHWC as the graph
+    reads it; mean/std default to its metadata; `split` is the default IDX split. Model-ready
+    data (an npz with an array per input) feeds every input as it is, several included."""
+    inputs = declared_inputs(model)
+    is_path = isinstance(spec, (str, os.PathLike))
+    if is_path and len(inputs) > 1:  # open_data takes a model-ready npz or refuses
+        name, shape = inputs[0].name, [d or 0 for d in inputs[0].dims]
+    else:
+        name, shape = model_input(model)
+    source = open_data(
+        spec,
+        name,
+        shape,
+        mean=mean,
+        std=std,
+        limit=limit,
+        metadata=metadata(model),
+        layout=input_layout(model, name),
+        split=split,
+        inputs=inputs if is_path else (),
+    )
+    check_labels(source, model)
+    return source
+
+
+def check_labels(source: DataSource, model: onnx.ModelProto) -> None:
+    """Labels must name one of the model's classes (its first output's last dim, when fixed)."""
+    labels = getattr(source, "labels", None)
+    dims = model.graph.output[0].type.tensor_type.shape.dim
+    if labels is None or not len(labels) or len(dims) != 2 or not dims[1].dim_value:
+        return
+    classes = dims[1].dim_value
+    if int(labels.max()) >= classes:
+        raise BadInputError(
+            f"label {int(labels.max())} in {source.description.split(':')[0]} does not exist: "
+            f"the model has {classes} classes (0..{classes - 1})"
+        )
+
+
+def data_text(source: DataSource | None, measured: list[str]) -> str:
+    if source is None:
+        return "none: rho = 1 everywhere (MACs and receptive fields only; give --data to measure)"
+    if not measured:
+        return f"{source.description}; no Conv activations to measure: rho = 1 everywhere"
+    return source.description
+
+
+def preprocessing(source: DataSource | None) -> str:
+    if source is None:
+        return "none (no data)"
+    return source.preprocess.describe() if source.preprocess else "none (model inputs as given)"
+
+
+def has_labels(source: DataSource) -> bool:
+    first = next(iter(source.batches(1)), None)
+    return first is not None and first.y is not None

@@ -1,0 +1,84 @@
+"""`ReduceOptions`: every setting of a reduction, in one typed value.
+
+The command line builds one from its flags, `reduce` and the `MacroblockScaling` pass
+take one (or the same names as keywords), and the interop loaders hand theirs on: one
+place for each setting's name, default and check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from onnx_mbs.passes import (
+    CRITERIA,
+    DEFAULT_CRITERION,
+    DEFAULT_RECEPTIVE_FIELD,
+    BadInputError,
+    Importance,
+    ImportanceFactory,
+    check_reading,
+)
+from onnx_mbs.plan import DEFAULT_WIDTH_MAP, STRATEGIES, Budget, WidthMap
+
+
+@dataclass(frozen=True)
+class ReduceOptions:
+    """How to reduce a model (see `onnx_mbs.reduce` and `onnx-mbs reduce --help`)."""
+
+    budget: Budget | str | None = None
+    width_map: WidthMap | str = DEFAULT_WIDTH_MAP
+    receptive_field: str = DEFAULT_RECEPTIVE_FIELD
+    strategy: str = "mbs"
+    providers: str = "auto"
+    input_shapes: Mapping[str, Sequence[int]] | None = None
+    channel_multiple: int | str = 8
+    beta_min: float = 0.1
+    # a registered name (CRITERIA), act, auto, an Importance built for the loaded model
+    # (`load_model` of the same input), or a factory building one (model, index)
+    importance: str | Importance | ImportanceFactory = "auto"
+    mean: Any = None
+    std: Any = None
+    limit: int | None = None
+    batch_size: int = 64
+    latency_threads: int = 0
+    evaluate_accuracy: bool = True
+    progress: bool = True
+
+    @classmethod
+    def of(cls, options: ReduceOptions | None = None, **overrides: Any) -> ReduceOptions:
+        """`options` (default: the defaults) with `overrides` by name; an unknown name is a
+        TypeError, as for any keyword argument."""
+        unknown = set(overrides) - {f.name for f in fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown reduce option(s): {', '.join(sorted(unknown))}")
+        return replace(options or cls(), **overrides)
+
+    def checked(self, has_data: bool) -> ReduceOptions:
+        """These options parsed and checked, `importance="auto"` resolved (act with data:
+        it ranks best in bench/importance.py; else DEFAULT_CRITERION); a BadInputError
+        names the first that cannot be used. (act without data is refused once the model
+        is read: `fit_data`.)"""
+        budget = Budget.parse(self.budget) if isinstance(self.budget, str) else self.budget
+        width_map = WidthMap.parse(self.width_map)
+        check_reading(self.receptive_field)
+        if self.strategy not in STRATEGIES:
+            raise BadInputError(
+                f"unknown --strategy {self.strategy!r}: use {', '.join(STRATEGIES)}"
+            )
+        importance = self.importance
+        if isinstance(importance, str):
+            if importance not in (*CRITERIA, "act", "auto"):
+                raise BadInputError(
+                    f"unknown --importance {importance!r}: use auto, act or one of "
+                    f"{', '.join(CRITERIA)}"
+                )
+            if importance == "auto":
+                importance = "act" if has_data else DEFAULT_CRITERION
+        return replace(self, budget=budget, width_map=width_map, importance=importance)
+
+    @property
+    def plans_latency(self) -> bool:
+        """A `latency=` budget: planned with measured conv times, checked on the written model."""
+        return isinstance(self.budget, Budget) and "latency" in self.budget.fractions
