@@ -1,4 +1,5 @@
-"""Is MBS the best way to spend a budget? MBS against every alternative at equal cost (issue 16).
+"""Which strategy spends each budget best? MBS, cost-aware MBS and the rest at equal cost
+(issues 16 and 28).
 
 For each converged Fashion-MNIST baseline (ResNet-20 and ResNet-56, at least 92% test top-1;
 refused below that unless --allow-weak-baseline), every arm is reduced to every budget, once
@@ -6,24 +7,33 @@ refused below that unless --allow-weak-baseline), every arm is reduced to every 
 recipe for all: distillation from the baseline as teacher plus the labels through
 `onnx_mbs.bridge.retrain`, the same epochs, images and seeds for every arm.
 
-Arms: `mbs` (the default, global receptive-field reading), `mbs-local` (local reading),
-`uniform`, `global` (one importance ranking across all groups) and `onnxsim` (onnxsim 0.8.1's
-`apply_structured_pruning` on the BN-folded baseline, its sparsity bisected to the budget's
-target; the bridge re-inserts BN to retrain it). Budgets: params=0.5, params=0.3, flops=0.5,
-and MBS's own default (no budget), every other arm matched to the params MBS's default reaches.
-An arm whose size is not within 2% of its target is recorded and left out of the comparisons.
+Arms: `mbs` (global receptive-field reading), `mbs-cost` (MBS's worth of each channel priced
+by the budget's metric), `uniform`, `global` (one importance ranking across all groups) and
+`onnxsim` (onnxsim 0.8.1's `apply_structured_pruning` on the BN-folded baseline, its sparsity
+bisected to the budget's target; the bridge re-inserts BN to retrain it); `mbs-local` (local
+reading) on request. Budgets: params=0.5, params=0.3, flops=0.5, flops=0.3, latency=0.6
+(onnxruntime CPU, 1 thread, measured on the written model against the baseline) and MBS's own
+default (no budget), every other arm matched to the params MBS's default reaches. An arm whose
+size is not within 2% of its target (measured latency: 5%, the tolerance `reduce` re-plans at)
+is recorded and left out of the comparisons. `settings.default_arm` records, per budget, the
+arm `onnx-mbs reduce` runs by default there (`--strategy auto`, onnx_mbs/auto.py);
+`--auto-table` regenerates that table from the results.
 
 Top-1 on the test set with onnxruntime (`onnx_mbs.evaluate`): baselines, every reduced model
-before retraining, every retrained model.
+before retraining, every retrained model; with --validation N, on the last N images of the
+train split instead (never trained on): the split to tune a strategy on.
 
     python bench/experiment.py                  # the full run -> bench/results/experiment.json
     python bench/experiment.py --resume         # continue a run that was stopped
+    python bench/experiment.py --auto-table     # onnx_mbs/auto.py's table, from the results
     python bench/experiment.py --table          # the README's markdown table, from the JSON
     python bench/experiment.py --quick --out /tmp/exp.json   # tiny subsets, minutes
 
 Retraining images per arch are chosen from measured throughput so that the whole run takes
 about --target-minutes (recorded under "plan" in the JSON), unless --train-images fixes them.
-The JSON is written after every step with "complete": false until the end.
+Retraining goes arch by arch (every seed of the first arch before the second). The JSON is
+written after every run with "complete": false and "partial": true until the end; --resume
+skips every run already in it and retries those a deadline skipped.
 """
 
 from __future__ import annotations
@@ -46,25 +56,34 @@ import onnxruntime as ort
 import torch
 from retrain import folded_form
 
+from onnx_mbs.auto import choose_strategy
 from onnx_mbs.bridge import retrain
 from onnx_mbs.data import to_arrays
 from onnx_mbs.data.fit import metadata, open_for_model
+from onnx_mbs.data.sources import ArraySource
 from onnx_mbs.evaluate import evaluate
+from onnx_mbs.latency import measure_models
 from onnx_mbs.models import BUNDLED_DIR
 from onnx_mbs.models.train import FMNIST_DIR
 from onnx_mbs.passes import BadInputError, analyze_model, count_parameters, load_model
-from onnx_mbs.pipeline import reduce
-from onnx_mbs.runtime import choose_providers
+from onnx_mbs.pipeline import LATENCY_TOLERANCE, reduce
+from onnx_mbs.plan import STRATEGIES, Budget
+from onnx_mbs.runtime import CPU, choose_providers
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "experiment.json"
-FORMAT = "issue-16"
+EARLIER_OUT = HERE / "results" / "experiment_issue16.json"  # issue 16's run: 4 arms, 4 budgets
+FORMAT = "issue-28"
+FORMATS = ("issue-16", FORMAT)  # --table, --plot and --auto-table read both
 BASELINES = {
     "resnet20": BUNDLED_DIR / "resnet20_fmnist_e8.onnx",
     "resnet56": BUNDLED_DIR / "resnet56_fmnist_e7.onnx",
 }
-ARMS = ("mbs", "mbs-local", "uniform", "global", "onnxsim")
-BUDGETS = ("params=0.5", "params=0.3", "flops=0.5", "default")
+ARMS = ("mbs", "mbs-cost", "uniform", "global", "onnxsim", "mbs-local")
+DEFAULT_ARMS = ARMS[:5]
+BUDGETS = ("params=0.5", "params=0.3", "flops=0.5", "flops=0.3", "latency=0.6", "default")
+METRIC_OF = {"params": "params", "flops": "macs", "latency": "latency"}  # budget -> cell key
+LATENCY_THREADS = 1  # latency budgets: onnxruntime CPU, one thread
 MIN_BASELINE_TOP1 = 0.92
 MATCH_TOLERANCE = 0.02  # an arm is at its target when within 2% of it (relative)
 NEGLIGIBLE_POINTS = 0.5  # this project's reading of the paper's "negligible" degradation
@@ -97,6 +116,11 @@ class Settings:
     # 1, not reduce's 8: the question is the policy, not the rounding (at 8, ResNet-20's
     # 16-channel groups can only be 8 or 16, and MBS and uniform at params=0.5 wrote one model)
     channel_multiple: int = 1
+    # Latency budgets: 8, onnxruntime's CPU channel block (--channel-multiple auto on CPU):
+    # at 1, odd widths run slower than the full model (ResNet-20 at half the MACs by uniform
+    # scaling measured 118% of the baseline's time), and no arm could reach latency=0.6.
+    latency_channel_multiple: int = 8
+    width_map: str | None = None  # None: reduce's default for each strategy
     device: str = "cpu"
     providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
     target_minutes: float = 60.0
@@ -104,6 +128,8 @@ class Settings:
     probe_images: int = 1024
     allow_weak_baseline: bool = False
     quick: bool = False
+    validation: int | None = None  # top-1 on the last N train images instead of the test set
+    default_arm: dict[str, str] = field(default_factory=dict)  # budget -> `reduce`'s default
     recipe: str = (
         "onnx_mbs.bridge.retrain with the baseline as teacher: loss = alpha * KL(T) + "
         "(1 - alpha) * cross-entropy on the labels; SGD momentum 0.9, wd 5e-4 (not on BN/bias), "
@@ -113,7 +139,7 @@ class Settings:
     split: str = (
         "retraining = the first train_images[arch] images of the IDX train split; calibration "
         "= its first calib_size images; test = the first test_size images of the test split "
-        "(all of it when null)"
+        "(all of it when null), or with validation = N the last N images of the train split"
     )
 
 
@@ -126,17 +152,29 @@ def target(budget: str, default_fraction: float | None) -> tuple[str, float | No
     if budget == "default":
         return "params", default_fraction
     metric, value = budget.split("=")
-    return ("macs" if metric == "flops" else "params"), float(value)
+    return METRIC_OF[metric], float(value)
 
 
 def budget_text(metric: str, fraction: float) -> str:
     """The --budget string that asks for `fraction` of `metric`."""
-    return f"{'flops' if metric == 'macs' else 'params'}={fraction:.6f}"
+    name = {v: k for k, v in METRIC_OF.items()}[metric]
+    return f"{name}={fraction:.6f}"
+
+
+def default_arms(budgets: list[str]) -> dict[str, str]:
+    """Per budget, the arm `onnx-mbs reduce` runs there by default (`--strategy auto`)."""
+    return {b: choose_strategy(None if b == "default" else Budget.parse(b))[0] for b in budgets}
 
 
 def match_error(reached: float, wanted: float) -> float:
     """Relative distance of a reached size fraction from its target."""
     return abs(reached / wanted - 1.0)
+
+
+def tolerance(metric: str) -> float:
+    """Measured latency is as noisy as the machine: it is matched within the tolerance
+    `reduce` itself re-plans at (5%, 3 points at 0.6)."""
+    return LATENCY_TOLERANCE if metric == "latency" else MATCH_TOLERANCE
 
 
 def sizes(model: onnx.ModelProto) -> tuple[int, int]:
@@ -181,7 +219,7 @@ def spread(values: list[float]) -> dict[str, float]:
 
 
 def verdict(mbs: dict[str, float], other: dict[str, float]) -> str:
-    """Is MBS more accurate than `other` beyond the seed spread (VERDICT_RULE)?"""
+    """Is the first arm more accurate than `other` beyond the seed spread (VERDICT_RULE)?"""
     if mbs["n"] < 2 or other["n"] < 2:
         return "one seed: no spread"
     diff = mbs["mean"] - other["mean"]
@@ -190,29 +228,116 @@ def verdict(mbs: dict[str, float], other: dict[str, float]) -> str:
     return "yes" if diff > 0 else "no"
 
 
-def compare(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """MBS against every other arm, per arch and budget, where both reached the same size."""
+COST_NAMES = {"params": "params", "macs": "MACs", "latency": "latency"}
+REFERENCES = ("mbs", "mbs-cost")  # the arms compared with every other arm
+
+
+def compare(
+    cells: list[dict[str, Any]], default_arm: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
+    """MBS, cost-aware MBS and each budget's default arm against every other arm, per arch
+    and budget, where both reached the same size. Rows keep issue 16's keys ("mbs" holds the
+    reference arm's figures); "reference" names it, "default" marks the default arm's rows."""
     by_key = {(c["arch"], c["budget"], c["arm"]): c for c in cells}
     rows = []
     for c in cells:
-        if c["arm"] == "mbs" or c.get("after") is None:
-            continue
-        mbs = by_key.get((c["arch"], c["budget"], "mbs"))
-        if mbs is None or mbs.get("after") is None:
-            continue
-        rows.append(
-            {
-                "arch": c["arch"],
-                "budget": c["budget"],
-                "cost": "MACs" if c["metric"] == "macs" else "params",
-                "other": c["arm"],
-                "mbs": mbs["after"],
-                "other_after": c["after"],
-                "difference": mbs["after"]["mean"] - c["after"]["mean"],
-                "verdict": verdict(mbs["after"], c["after"]),
-            }
-        )
+        default = (default_arm or {}).get(c["budget"])
+        references = list(dict.fromkeys([*REFERENCES, *([default] if default else [])]))
+        for reference in references:
+            ref = by_key.get((c["arch"], c["budget"], reference))
+            if c["arm"] == reference or c.get("after") is None:
+                continue
+            if ref is None or ref.get("after") is None:
+                continue
+            rows.append(
+                {
+                    "arch": c["arch"],
+                    "budget": c["budget"],
+                    "cost": COST_NAMES[c["metric"]],
+                    "reference": reference,
+                    "default": reference == default,
+                    "other": c["arm"],
+                    "mbs": ref["after"],
+                    "other_after": c["after"],
+                    "difference": ref["after"]["mean"] - c["after"]["mean"],
+                    "verdict": verdict(ref["after"], c["after"]),
+                }
+            )
     return rows
+
+
+def auto_table(sources: list[tuple[str, dict[str, Any]]]) -> dict[str, tuple[str, str]]:
+    """onnx_mbs/auto.py's table from results, newest first: per metric, the strategy whose
+    retrained models have the best mean top-1 over the archs and that metric's budgets, read
+    from the first results where every arm `reduce` can run has every seed there. A metric
+    measured nowhere follows flops (the nearest compute budget), and says so."""
+    table: dict[str, tuple[str, str]] = {}
+    for metric in ("params", "flops", "latency"):
+        for name, results in sources:
+            means = settled_means(results, metric)
+            if means:
+                best = max(means, key=means.get)
+                others = [a for a in means if a != best]
+                missing = [a for a in STRATEGIES if a not in means]
+                s = results["settings"]
+                budgets = [b for b in s["budgets"] if b.startswith(metric + "=")]
+                table[metric] = (
+                    best,
+                    f"at {metric} budgets {best} was the most accurate after retraining: mean "
+                    f"top-1 {means[best]:.4f} ({best}) against "
+                    + ", ".join(f"{means[a]:.4f} ({a})" for a in others)
+                    + "".join(f", {a} not measured" for a in missing)
+                    + f"; {', '.join(s['archs'])} at {', '.join(budgets)}, {name}",
+                )
+                break
+    if "latency" not in table and "flops" in table:
+        best = table["flops"][0]
+        table["latency"] = (
+            best,
+            f"latency budgets not measured yet: the flops budgets' winner ({best})",
+        )
+    return table
+
+
+def settled_means(results: dict[str, Any], metric: str) -> dict[str, float]:
+    """Per arm `reduce` can run: its mean top-1 over the archs and `metric`'s budgets, when
+    every such arm has all its seeds at each (else nothing: the ranking could still move)."""
+    s = results["settings"]
+    budgets = [b for b in s["budgets"] if b.startswith(metric + "=")]
+    arms = [a for a in s["arms"] if a in STRATEGIES]
+    if not budgets or not arms:
+        return {}
+    by_key = {(c["arch"], c["budget"], c["arm"]): c for c in results["cells"]}
+    values: dict[str, list[float]] = {a: [] for a in arms}
+    for arch in s["archs"]:
+        for budget in budgets:
+            for arm in arms:
+                c = by_key.get((arch, budget, arm))
+                if c is None or c["status"] != "reduced" or len(c["runs"]) < len(s["seeds"]):
+                    return {}
+                values[arm].append(c["after"]["mean"])
+    return {a: statistics.fmean(v) for a, v in values.items()}
+
+
+def auto_source(table: dict[str, tuple[str, str]]) -> str:
+    """The Python of onnx_mbs/auto.py's AUTO, for pasting."""
+    lines = ["AUTO = {"]
+    for metric, (strategy, why) in table.items():
+        lines.append(f"    {json.dumps(metric)}: (")
+        lines.append(f"        {json.dumps(strategy)},")
+        words, line = why.split(" "), ""
+        parts = []
+        for w in words:
+            if len(line) + len(w) + 1 > 80:
+                parts.append(line)
+                line = ""
+            line += w + " "
+        parts.append(line.rstrip())
+        lines += [f"        {json.dumps(p)}" for p in parts]
+        lines[-1] += ","
+        lines.append("    ),")
+    lines.append("}")
+    return "\n".join(lines)
 
 
 def default_loss(cells: list[dict[str, Any]], baselines: dict[str, Any]) -> list[dict[str, Any]]:
@@ -262,10 +387,10 @@ def read_results(path: Path) -> dict[str, Any]:
         results = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise BadInputError(f"cannot read {path}: {error}") from None
-    if results.get("format") != FORMAT:
+    if results.get("format") not in FORMATS:
         raise BadInputError(
             f"{path} was written by the earlier experiment (MBS vs uniform only); "
-            "run python bench/experiment.py to make the issue-16 results"
+            "run python bench/experiment.py to make new results"
         )
     return results
 
@@ -309,10 +434,11 @@ def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
     merged["total_seconds"] = max(p["finished_at"] for p in parts) - min(
         p["started_at"] for p in parts
     )
-    merged["comparisons"] = compare(merged["cells"])
+    merged["comparisons"] = compare(merged["cells"], first["settings"].get("default_arm"))
     merged["default_loss"] = default_loss(merged["cells"], merged["baselines"])
     merged["paper_claim"] = PAPER_CLAIM
     merged["complete"] = all(p["complete"] for p in parts)
+    merged["partial"] = not merged["complete"]
     return merged
 
 
@@ -331,6 +457,7 @@ class Experiment:
         self.results = results or {
             "format": FORMAT,
             "complete": False,
+            "partial": True,
             "command": "python " + " ".join(sys.argv),
             "settings": asdict(settings),
             "environment": environment(settings),
@@ -377,8 +504,32 @@ class Experiment:
         )
 
     def top1(self, arch: str, model: onnx.ModelProto) -> float:
-        source = self.source(arch, "test", self.s.test_size)
-        return evaluate(model, source, self.s.providers, progress=False).top1
+        return evaluate(model, self.scored(arch), self.s.providers, progress=False).top1
+
+    def scored(self, arch: str):
+        """The images top-1 is read on: the test split, or the held-out end of the train
+        split with --validation."""
+        if not self.s.validation:
+            return self.source(arch, "test", self.s.test_size)
+        key = f"{arch}:validation"
+        if key not in self.arrays:
+            n = self.s.validation
+            if max(self.s.train_images.values(), default=0) + n > self.available(arch):
+                raise BadInputError(f"--validation {n}: it overlaps the retraining images")
+            self.arrays[key] = to_arrays(self.source(arch, "train", None))
+            x, y = self.arrays[key]
+            self.arrays[key] = (x[-n:], y[-n:])
+        x, y = self.arrays[key]
+        name = self.models[arch]["kept"].graph.input[0].name
+        return ArraySource(x, y, None, None, name, f"the last {len(x)} train images")
+
+    def latency_fraction(self, arch: str, model: onnx.ModelProto) -> float:
+        """Measured seconds per image of `model` over the baseline's, onnxruntime CPU with
+        LATENCY_THREADS threads, both timed in one call (load changes hit both alike)."""
+        base, reduced = measure_models(
+            [self.models[arch]["kept"], model], [CPU], threads=LATENCY_THREADS
+        )
+        return reduced / base
 
     # -- phase 0: baselines
 
@@ -462,12 +613,13 @@ class Experiment:
             macs=macs,
             params_fraction=params / base_params,
             macs_fraction=macs / base["macs"],
+            latency_fraction=extra.get("latency_fraction") or self.latency_fraction(arch, model),
             reduce_seconds=time.perf_counter() - t0,
         )
         reached = cell[f"{metric}_fraction"]
         if fraction is not None:
             cell["match_error"] = match_error(reached, fraction)
-        if fraction is not None and cell["match_error"] > MATCH_TOLERANCE:
+        if fraction is not None and cell["match_error"] > tolerance(metric):
             cell["status"] = "unmatched"
             cell["reason"] = (
                 f"not reachable: best = {100 * reached:.1f}% of the baseline's {metric} "
@@ -478,8 +630,9 @@ class Experiment:
             onnx.save(model, self.model_path(cell))
             cell["acc_before"] = self.top1(arch, model)
         print(
-            f"  {arch} {budget:10s} {arm:9s}: params {100 * cell['params_fraction']:.1f}% "
-            f"MACs {100 * cell['macs_fraction']:.1f}% {cell['status']}"
+            f"  {arch} {budget:11s} {arm:9s}: params {100 * cell['params_fraction']:.1f}% "
+            f"MACs {100 * cell['macs_fraction']:.1f}% "
+            f"latency {100 * cell['latency_fraction']:.1f}% {cell['status']}"
             + (
                 f", top-1 before retraining {cell['acc_before']:.4f}"
                 if "acc_before" in cell
@@ -494,22 +647,31 @@ class Experiment:
     ) -> tuple[onnx.ModelProto, dict[str, Any]]:
         if arm == "onnxsim":
             return self.onnxsim_arm(arch, metric, fraction)
-        strategy = "mbs" if arm.startswith("mbs") else arm
+        strategy = "mbs" if arm == "mbs-local" else arm
         reduced, report = reduce(
             self.s.baselines[arch],
             f"{self.s.data}:train",
             budget=None if fraction is None else budget_text(metric, fraction),
             receptive_field="local" if arm == "mbs-local" else "global",
+            width_map=self.s.width_map,
             strategy=strategy,
             providers="cuda" if "CUDAExecutionProvider" in self.s.providers else "cpu",
-            channel_multiple=self.s.channel_multiple,
+            channel_multiple=(
+                self.s.latency_channel_multiple if metric == "latency" else self.s.channel_multiple
+            ),
             limit=self.s.calib_size,
+            latency_threads=LATENCY_THREADS,
             evaluate_accuracy=False,
             progress=False,
         )
+        plan = report.plan
         return reduced, {
-            "width_map": str(report.plan.width_map),
-            "betas": [m.beta for m in report.plan.macroblocks],
+            "width_map": str(plan.width_map),
+            "betas": [m.beta for m in plan.macroblocks],
+            "kept": [m.kept for m in plan.macroblocks],
+            "knobs": plan.knobs(),
+            # a latency budget is checked on the written model by reduce itself: kept as is
+            "latency_fraction": plan.reached.get("latency"),
         }
 
     def onnxsim_arm(
@@ -522,6 +684,8 @@ class Experiment:
         full = base["folded_params"] if metric == "params" else base["macs"]
 
         def measure(model: onnx.ModelProto) -> float:
+            if metric == "latency":
+                return self.latency_fraction(arch, model)
             params, macs = sizes(model)
             return (params if metric == "params" else macs) / full
 
@@ -637,9 +801,11 @@ class Experiment:
         )
 
     def retraining(self) -> None:
-        for seed in self.s.seeds:
+        for arch, seed in ((a, s) for a in self.s.archs for s in self.s.seeds):
             for cell in self.results["cells"]:
-                if cell["status"] != "reduced" or any(r["seed"] == seed for r in cell["runs"]):
+                if cell["arch"] != arch or cell["status"] != "reduced":
+                    continue
+                if any(r["seed"] == seed for r in cell["runs"]):
                     continue
                 key = f"{cell['arch']} {cell['budget']} {cell['arm']} seed {seed}"
                 if any(k["run"] == key for k in self.results["skipped"]):
@@ -707,10 +873,11 @@ class Experiment:
 
     def finish(self) -> None:
         cells = self.results["cells"]
-        self.results["comparisons"] = compare(cells)
+        self.results["comparisons"] = compare(cells, self.s.default_arm)
         self.results["default_loss"] = default_loss(cells, self.results["baselines"])
         self.results["paper_claim"] = PAPER_CLAIM
         self.results["complete"] = not self.results["skipped"]
+        self.results["partial"] = not self.results["complete"]
         self.save()
 
     def run(self) -> None:
@@ -719,6 +886,14 @@ class Experiment:
         self.plan()
         self.retraining()
         self.finish()
+
+
+def shown(path: Path) -> str:
+    """A results path as the docs name it: from the repository root where it lies under it."""
+    try:
+        return str(path.resolve().relative_to(HERE.parent))
+    except ValueError:
+        return path.name
 
 
 def environment(s: Settings) -> dict[str, Any]:
@@ -753,48 +928,53 @@ def table(results: dict[str, Any]) -> str:
     s = results["settings"]
     lines = [
         f"`{results['command']}` ({results.get('total_seconds', 0) / 60:.1f} min"
-        f"{'' if results['complete'] else ', INCOMPLETE'}; retraining: "
+        f"{'' if results['complete'] else ', PARTIAL: still running or stopped'}; retraining: "
         + ", ".join(f"{a} {n} images" for a, n in s["train_images"].items())
         + f" x {s['epochs']} epoch(s), seeds {s['seeds']}, lr {s['lr']}, batch {s['batch_size']},"
         f" distillation alpha {s['distill_alpha']} T {s['temperature']}; device {s['device']})",
         "",
-        "| arch | budget | arm | params | MACs | top-1 before retraining | top-1 after, mean ± std"
-        " (min-max, n) |",
-        "|---|---|---|---:|---:|---:|---:|",
+        "| arch | budget | arm | params | MACs | latency | top-1 before retraining | top-1 after,"
+        " mean ± std (min-max, n) |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
     ]
+    default_arm = s.get("default_arm", {})
     for arch, base in results["baselines"].items():
         lines.append(
-            f"| {arch} | - | baseline | {base['params']:,} | {base['macs'] / 1e6:.1f}M | "
+            f"| {arch} | - | baseline | {base['params']:,} | {base['macs'] / 1e6:.1f}M | 100% | "
             f"{pct(base['test_top1'])} | - |"
         )
         for c in results["cells"]:
             if c["arch"] != arch:
                 continue
+            arm = c["arm"] + (" (default)" if default_arm.get(c["budget"]) == c["arm"] else "")
             if c["status"] == "failed":
-                lines.append(f"| {arch} | {c['budget']} | {c['arm']} | - | - | - | {c['reason']} |")
+                lines.append(f"| {arch} | {c['budget']} | {arm} | - | - | - | - | {c['reason']} |")
                 continue
+            latency = c.get("latency_fraction")
             size = (
                 f"{c['params']:,} ({100 * c['params_fraction']:.1f}%) | "
-                f"{c['macs'] / 1e6:.1f}M ({100 * c['macs_fraction']:.1f}%)"
+                f"{c['macs'] / 1e6:.1f}M ({100 * c['macs_fraction']:.1f}%) | "
+                + ("-" if latency is None else f"{100 * latency:.1f}%")
             )
             after = c["reason"] if c["status"] == "unmatched" else after_text(c["after"])
             before = pct(c["acc_before"]) if "acc_before" in c else "-"
-            lines.append(f"| {arch} | {c['budget']} | {c['arm']} | {size} | {before} | {after} |")
+            lines.append(f"| {arch} | {c['budget']} | {arm} | {size} | {before} | {after} |")
     lines += [
         "",
         f"Rule: {results['verdict_rule']}. Arms more than "
-        f"{100 * results['match_tolerance']:.0f}% off their target size are left out.",
+        f"{100 * results['match_tolerance']:.0f}% off their target size (measured latency: "
+        f"{100 * LATENCY_TOLERANCE:.0f}%) are left out.",
         "",
-        "| question | arch | budget | MBS | other arm | other | MBS - other (points) | "
-        "MBS more accurate? |",
-        "|---|---|---|---:|---|---:|---:|---|",
+        "| equal | arch | budget | arm | top-1 | other arm | other | arm - other (points) | "
+        "arm more accurate? |",
+        "|---|---|---|---|---:|---|---:|---:|---|",
     ]
     for r in results.get("comparisons", []):
-        question = "(2) equal MACs" if r["cost"] == "MACs" else "(1) equal params"
+        reference = r.get("reference", "mbs") + (" (default)" if r.get("default") else "")
         lines.append(
-            f"| {question} | {r['arch']} | {r['budget']} | {pct(r['mbs']['mean'])} | "
-            f"{r['other']} | {pct(r['other_after']['mean'])} | {100 * r['difference']:+.2f} | "
-            f"{r['verdict']} |"
+            f"| {r['cost']} | {r['arch']} | {r['budget']} | {reference} | "
+            f"{pct(r['mbs']['mean'])} | {r['other']} | {pct(r['other_after']['mean'])} | "
+            f"{100 * r['difference']:+.2f} | {r['verdict']} |"
         )
     lines += ["", summary(results.get("comparisons", [])), ""]
     lines += [
@@ -816,20 +996,29 @@ def table(results: dict[str, Any]) -> str:
 
 
 def summary(comparisons: list[dict[str, Any]]) -> str:
-    """One line per question and other arm: how many comparisons went which way."""
+    """One line per cost, compared arm and other arm: how many comparisons went which way
+    (the default arm's rows count under "default")."""
     out = []
-    for cost, question in (("params", "(1) equal params"), ("MACs", "(2) equal MACs")):
-        for other in ARMS[1:]:
-            rows = [r for r in comparisons if r["cost"] == cost and r["other"] == other]
-            if not rows:
-                continue
-            counts = {v: sum(r["verdict"] == v for r in rows) for v in ("yes", "no")}
-            within = len(rows) - counts["yes"] - counts["no"]
-            out.append(
-                f"{question}, MBS vs {other}: MBS more accurate beyond the spread in "
-                f"{counts['yes']} of {len(rows)}, less accurate in {counts['no']}, "
-                f"within the spread in {within}."
-            )
+    for cost in COST_NAMES.values():
+        for reference in (*REFERENCES, "default"):
+            for other in ARMS:
+                rows = [
+                    r
+                    for r in comparisons
+                    if r["cost"] == cost
+                    and r["other"] == other
+                    and (r.get("default") if reference == "default" else
+                         r.get("reference", "mbs") == reference)
+                ]  # fmt: skip
+                if not rows:
+                    continue
+                counts = {v: sum(r["verdict"] == v for r in rows) for v in ("yes", "no")}
+                within = len(rows) - counts["yes"] - counts["no"]
+                out.append(
+                    f"equal {cost}, {reference} vs {other}: more accurate beyond the spread in "
+                    f"{counts['yes']} of {len(rows)}, less accurate in {counts['no']}, "
+                    f"within the spread (or one seed) in {within}."
+                )
     return "\n".join(out) or "No comparison: no arm pair was retrained at one size."
 
 
@@ -851,7 +1040,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="ARCH=PATH",
         help="a baseline ONNX file per arch (default: the bundled ones)",
     )
-    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    p.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS), choices=ARMS)
     p.add_argument("--budgets", nargs="+", default=list(BUDGETS))
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--data", default=str(FMNIST_DIR), help="an IDX folder with both splits")
@@ -860,9 +1049,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.02)
     p.add_argument("--calib-size", type=int, default=256)
     p.add_argument("--test-size", type=int, help="test images (default: the whole split)")
+    p.add_argument(
+        "--validation",
+        type=int,
+        metavar="N",
+        help="read top-1 on the last N train images instead of the test set (to tune on)",
+    )
+    p.add_argument(
+        "--auto-table",
+        action="store_true",
+        help="print onnx_mbs/auto.py's AUTO from --out and the issue-16 results",
+    )
     p.add_argument("--channel-multiple", type=int, default=1)
+    p.add_argument(
+        "--width-map",
+        help="f(R) for the mbs arms and mbs-cost's worth (default: reduce's for each strategy)",
+    )
     p.add_argument("--target-minutes", type=float, default=60.0)
-    p.add_argument("--deadline", type=float, default=85.0, help="minutes; later runs skipped")
+    p.add_argument(
+        "--deadline",
+        type=float,
+        help="minutes of the run's total time; later runs skipped (default 85; --resume: the "
+        "recorded one)",
+    )
     p.add_argument("--device", default="auto", help="torch: auto (cuda when present), cpu, cuda")
     p.add_argument("--providers", default="auto", help="onnxruntime: auto, cpu, cuda")
     p.add_argument("--allow-weak-baseline", action="store_true")
@@ -890,8 +1099,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
                 f"no baseline for {arch} at {baselines[arch]}: pass --baseline {arch}=PATH"
             )
     for budget in args.budgets:
-        if budget != "default" and budget.split("=")[0] not in ("params", "flops"):
-            raise BadInputError(f"budget {budget!r}: params=F, flops=F or default")
+        if budget != "default" and budget.split("=")[0] not in METRIC_OF:
+            raise BadInputError(f"budget {budget!r}: params=F, flops=F, latency=F or default")
     if not Path(args.data).is_dir():
         raise BadInputError(f"no data folder {args.data}: apt-get install dataset-fashion-mnist")
     device = args.device
@@ -912,13 +1121,16 @@ def settings_from(args: argparse.Namespace) -> Settings:
         epochs=args.epochs,
         lr=args.lr,
         channel_multiple=args.channel_multiple,
+        width_map=args.width_map,
         device=device,
         providers=choose_providers(args.providers),
         target_minutes=args.target_minutes,
-        deadline_minutes=args.deadline,
+        deadline_minutes=85.0 if args.deadline is None else args.deadline,
         probe_images=quick.get("probe_images", 1024),
         allow_weak_baseline=args.allow_weak_baseline,
         quick=args.quick,
+        validation=args.validation,
+        default_arm=default_arms(args.budgets),
     )
 
 
@@ -937,6 +1149,11 @@ def parse_images(text: str | None, archs: list[str]) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
+        if args.auto_table:
+            paths = [args.out] + [EARLIER_OUT] * (EARLIER_OUT.exists() and args.out != EARLIER_OUT)
+            sources = [(shown(path), read_results(path)) for path in paths]
+            print(auto_source(auto_table(sources)))
+            return 0
         if args.table or args.plot:
             results = read_results(args.out)
             if args.plot:
@@ -956,7 +1173,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume:
             results = read_results(args.out)
             s = Settings(**results["settings"])
-            s.deadline_minutes = args.deadline
+            if args.deadline is not None:
+                s.deadline_minutes = results["settings"]["deadline_minutes"] = args.deadline
+            results["skipped"] = []  # a deadline's skips are retried
             print(f"resuming {args.out}: its recorded settings are used", flush=True)
             experiment = Experiment(s, args.out, results)
         else:

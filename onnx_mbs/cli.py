@@ -13,6 +13,8 @@ import sys
 import threading
 from collections.abc import Sequence
 
+from onnx_mbs.data.augment import AUGMENT_CHOICES, PAD_CROP_MAX_SIDE
+from onnx_mbs.data.sources import default_workers
 from onnx_mbs.passes import (
     DEFAULT_CRITERION,
     DEFAULT_RECEPTIVE_FIELD,
@@ -25,7 +27,8 @@ from onnx_mbs.passes import (
     resolution_text,
     static_batch,
 )
-from onnx_mbs.plan import BASE_RULES, DEFAULT_WIDTH_MAP, STRATEGIES
+from onnx_mbs.plan import BASE_RULES, COST_WIDTH_MAP, DEFAULT_WIDTH_MAP, STRATEGIES
+from onnx_mbs.schedule import DEFAULT_LR_PER_64, DEFAULT_WARMUP
 
 
 def _input_shapes(specs: Sequence[str] | None) -> dict[str, list[int]]:
@@ -101,7 +104,9 @@ def _print_reduce_summary(report, args: argparse.Namespace) -> None:
         f"MACs: {_fmt_int(before.total_macs)} -> {_fmt_int(after.total_macs)} "
         f"({after.total_macs / before.total_macs:.1%} kept)"
     )
-    if plan.width_map is None:
+    if plan.strategy == "mbs-cost":
+        knob = f"worth per unit of {'+'.join(plan.priced)} cut below {plan.threshold or 0:.4g}"
+    elif plan.width_map is None:
         knob = f"one importance ranking over all free groups, cut at {plan.threshold or 0:.4g}"
     else:
         knob = (
@@ -113,6 +118,7 @@ def _print_reduce_summary(report, args: argparse.Namespace) -> None:
         print(f"budget: {plan.budget} asked, {reached} reached ({plan.strategy}, {knob})")
     else:
         print(f"strategy: {plan.strategy}, {knob}")
+    print(f"strategy {plan.strategy}: {plan.strategy_reason}")
     for note in plan.notes:
         print(f"note: {note}")
     for key in ("before", "after"):
@@ -237,12 +243,12 @@ def _open_for_model(
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from onnx_mbs.evaluate import evaluate
+    from onnx_mbs.evaluate import evaluate, load_for_eval
     from onnx_mbs.runtime import choose_providers
 
     providers = choose_providers(args.providers)
     shapes = _input_shapes(args.input_shape)
-    read = load(args.model, shapes)
+    read = load_for_eval(args.model, shapes)
     source = _open_for_model(args.data, read.model, args, args.limit, split="test")
     if args.teacher:
         return _eval_agreement(args, read.runnable, source, providers, shapes)
@@ -279,9 +285,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _eval_agreement(args: argparse.Namespace, model, source, providers, shapes) -> int:
     """`eval --teacher`: how closely each output follows the teacher's, without labels."""
-    from onnx_mbs.evaluate import agreement
+    from onnx_mbs.evaluate import agreement, load_for_eval
 
-    teacher = load(args.teacher, shapes).runnable
+    teacher = load_for_eval(args.teacher, shapes).runnable
     result = agreement(
         model,
         teacher,
@@ -299,7 +305,6 @@ def _eval_agreement(args: argparse.Namespace, model, source, providers, shapes) 
         )
         print()
         return 0
-    print(f"data: {source.description}", file=sys.stderr)
 
     def pct(value: float | None) -> str:
         return "-" if value is None else f"{value:.2%}"
@@ -340,28 +345,41 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     _check_device(args.device)
     train = _open_for_model(args.data, model, args, args.limit, split="train")
     if args.no_labels:
-        from onnx_mbs.data import to_arrays
-
-        train = (to_arrays(train)[0], None)
+        train.labels = None  # this command's own source: the teacher labels instead
     val = _open_for_model(args.val, model, args, args.val_limit, split=None) if args.val else None
     rank = int(os.environ.get("RANK", "0"))
-    result = retrain(
-        model,
-        train,
-        val,
-        teacher=teacher,
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        optimizer=args.optimizer,
-        seed=args.seed,
-        device=args.device,
-        amp=args.amp,
-        progress=rank == 0,
-        reinsert_bn=False if args.no_bn_reinsert else None,
-        losses=losses,
-        features=args.feature or (),
-    )
+    try:
+        result = retrain(
+            model,
+            train,
+            val,
+            teacher=teacher,
+            epochs=args.epochs,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            optimizer=args.optimizer,
+            seed=args.seed,
+            device=args.device,
+            amp=args.amp,
+            progress=rank == 0,
+            reinsert_bn=False if args.no_bn_reinsert else None,
+            losses=losses,
+            features=args.feature or (),
+            augment=args.augment,
+            label_smoothing=args.label_smoothing,
+            warmup=args.warmup,
+            checkpoint=args.checkpoint,
+            resume=args.resume,
+            workers=args.workers,
+        )
+    except KeyboardInterrupt:
+        if args.checkpoint and rank == 0:
+            print(
+                f"onnx-mbs: {args.checkpoint} holds every finished epoch: rerun with --resume "
+                "to continue",
+                file=sys.stderr,
+            )
+        raise
     if rank == 0:
         if result.bn_reinserted:
             print(
@@ -374,19 +392,15 @@ def cmd_retrain(args: argparse.Namespace) -> int:
             labels = "+ cross-entropy on labels" if result.labels_used else "no labels used"
             print(f"distillation: {chosen}; {labels}", file=sys.stderr)
 
-        def val_text(top1: float) -> str:
+        def val_text(top1: float, agreement: float) -> str:
+            if not math.isnan(agreement):
+                return f"val agreement with the teacher {agreement:.2%}"
             return "no validation data" if math.isnan(top1) else f"val top-1 {top1:.2%}"
 
-        for e in result.history:
-            acc = "" if math.isnan(e.train_acc) else f"  train acc {e.train_acc:.2%}"
-            print(
-                f"epoch {e.epoch + 1}: loss {e.train_loss:.4f}{acc}  "
-                f"{val_text(e.val_top1)}  ({e.seconds:.1f}s)",
-                file=sys.stderr,
-            )
         kept = f"best epoch {result.best_epoch + 1}" if args.val else "last epoch"
         print(
-            f"{kept}: {val_text(result.best_val_top1)}; {result.images_per_second:.0f} "
+            f"{kept}: {val_text(result.best_val_top1, result.best_val_agreement)}; "
+            f"{result.images_per_second:.0f} "
             f"images/s on {result.device} x{result.world_size}"
         )
         save_model(read.written(result.model), args.output)
@@ -453,12 +467,61 @@ def _channel_multiple(text: str) -> int | str:
     return text if text == "auto" else COUNT(text)
 
 
+def version_text() -> str:
+    """`onnx-mbs --version`: this package's version and the onnx and onnxruntime it runs on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(*names: str) -> str:
+        for name in names:
+            try:
+                return version(name)
+            except PackageNotFoundError:
+                continue
+        return "not installed"
+
+    return (
+        f"onnx-mbs {installed('onnx-mbs')} (onnx {installed('onnx')}, "
+        f"onnxruntime {installed('onnxruntime-gpu', 'onnxruntime')})"
+    )
+
+
+def says_default(action: argparse.Action) -> bool:
+    """Whether `--help` owes this action's default: options that take a value and are not
+    required (a flag is off until given)."""
+    return bool(action.option_strings) and action.nargs != 0 and not action.required
+
+
+def with_default(action: argparse.Action) -> str | None:
+    """`action`'s help ending with its default ("none": unset until given), unless its text
+    says it already."""
+    text = action.help or ""
+    if "default" in text or not says_default(action):
+        return action.help
+    shown = "none" if action.default is None else "%(default)s"
+    return f"{text} (default: {shown})".lstrip()
+
+
 class _Parser(argparse.ArgumentParser):
-    """Usage errors are bad input too: one line, exit code 2."""
+    """Usage errors are bad input too: one line, exit code 2. Help says every default."""
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        action.help = with_default(action)
+        return action
 
     def error(self, message: str):  # type: ignore[override]
         print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(2)
+
+
+class _DefaultsShown(argparse.HelpFormatter):
+    """Help that states every option's default (unless its text already does)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or any(action.default is v for v in (None, False, argparse.SUPPRESS)):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -466,6 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="onnx-mbs",
         description="Macroblock Scaling for ONNX CNNs: ONNX in, smaller ONNX out.",
     )
+    parser.add_argument("--version", action="version", version=version_text())
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add_input_shape(p: argparse.ArgumentParser) -> None:
@@ -519,18 +583,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--width-map",
-        default=DEFAULT_WIDTH_MAP,
+        default=None,
         help=f"beta from redundancy R: linear:C (1 - C*R) or power:GAMMA ((1 - R)^GAMMA); "
-        f"default {DEFAULT_WIDTH_MAP}; with --budget, C or GAMMA is solved",
+        f"default {DEFAULT_WIDTH_MAP} ({COST_WIDTH_MAP} under mbs-cost, whose worth it "
+        "weighs); with --budget, C or GAMMA is solved (not under mbs-cost)",
     )
     add_receptive_field(p)
     p.add_argument(
         "--strategy",
-        choices=STRATEGIES,
-        default="mbs",
-        help="mbs (default); uniform: one width scale everywhere; global: one importance "
-        "ranking over all groups, the lowest cut (see --importance); without --budget, "
-        "uniform and global are matched to MBS's size",
+        choices=("auto", *STRATEGIES),
+        default="auto",
+        help="auto (default): chosen per budget metric from the experiment's results (the "
+        "report says which and why); mbs; mbs-cost: MBS's worth of each channel against its "
+        "cost in the budget's metric; uniform: one width scale everywhere; global: one "
+        "importance ranking over all groups, the lowest cut (see --importance); without "
+        "--budget, the others are matched to MBS's size",
     )
     p.add_argument("--providers", default="auto", help="auto (default), cpu or cuda")
     add_input_shape(p)
@@ -570,7 +637,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_reduce)
 
-    p = sub.add_parser("retrain", help="retrain a (reduced) model through PyTorch")
+    p = sub.add_parser(
+        "retrain",
+        help="retrain a (reduced) model through PyTorch",
+        description="Retrain a (reduced) model through PyTorch, optionally distilling from the "
+        "original (--teacher). The last line says what was kept; every epoch prints a line "
+        "(loss, accuracy, validation, images/s, time, ETA) on stderr when it ends.",
+        formatter_class=_DefaultsShown,
+    )
     p.add_argument("model", help="ONNX model file (BatchNorm kept or folded)")
     p.add_argument("-o", "--output", required=True, help="where to write the retrained model")
     p.add_argument(
@@ -578,14 +652,63 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="training data (see reduce); labels are optional with --teacher",
     )
-    p.add_argument("--val", help="validation data; the best epoch on it is kept")
+    p.add_argument(
+        "--val",
+        help="validation data; the best epoch on it is kept (by top-1 with labels, by "
+        "agreement with --teacher without)",
+    )
     p.add_argument("--val-limit", type=COUNT, help="use the first N validation samples")
     p.add_argument("--teacher", help="original model to distil from (knowledge distillation)")
-    p.add_argument("--epochs", type=COUNT, default=1)
-    p.add_argument("--lr", type=_number(float, 1e-12), default=0.01)
-    p.add_argument("--batch-size", type=COUNT, default=64)
-    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
-    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--epochs", type=COUNT, default=1, help="passes over the training data")
+    p.add_argument(
+        "--lr",
+        type=_number(float, 1e-12),
+        help=f"peak learning rate (default: {DEFAULT_LR_PER_64:g} x batch-size / 64, the "
+        "linear scaling rule)",
+    )
+    p.add_argument("--batch-size", type=COUNT, default=64, help="global batch (all processes)")
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd", help="optimizer")
+    p.add_argument(
+        "--warmup",
+        type=_number(float, 0.0, 0.999),
+        default=DEFAULT_WARMUP,
+        help="fraction of the steps warming up linearly to --lr, before a cosine decay to 0",
+    )
+    p.add_argument(
+        "--label-smoothing",
+        type=_number(float, 0.0, 0.999),
+        default=0.0,
+        help="label smoothing of the cross-entropy terms",
+    )
+    p.add_argument(
+        "--augment",
+        choices=AUGMENT_CHOICES,
+        default="auto",
+        help="standard: random crop (padded by 1/8 for inputs up to "
+        f"{PAD_CROP_MAX_SIDE} px, else a random resized crop) and horizontal flip, on the "
+        "input student and teacher both see; auto: standard for image inputs (N, C, H, W)",
+    )
+    p.add_argument(
+        "--workers",
+        type=_number(int, 0),
+        default=default_workers(),
+        help="processes decoding, resizing and augmenting data (0: the training process); "
+        f"the samples and their order do not depend on it (default: the cores, "
+        f"{default_workers()} here)",
+    )
+    p.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        help="write DIR/checkpoint.pt after every epoch (weights, optimizer, schedule, "
+        "random states, best so far)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from --checkpoint DIR (same model, data and options); starts at epoch 1 "
+        "when DIR has no checkpoint yet",
+    )
+    p.add_argument("--seed", type=SEED, default=0, help="seeds data order, augmentation, dropout")
     p.add_argument("--device", default="auto", help="auto (CUDA when there), cpu or cuda")
     p.add_argument(
         "--amp", choices=["off", "bf16"], default="off", help="bf16 autocast for forward passes"

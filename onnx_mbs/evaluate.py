@@ -10,9 +10,32 @@ import numpy as np
 import onnx
 
 from onnx_mbs.data import DataSource, batch_inputs
-from onnx_mbs.passes.errors import BadInputError
+from onnx_mbs.passes.errors import BadInputError, QuantizedModelError
+from onnx_mbs.passes.load import (
+    FixInputShapes,
+    InputShapes,
+    LoadedModel,
+    Origin,
+    load,
+    read_model,
+)
 from onnx_mbs.progress import progress_bar
 from onnx_mbs.runtime import batch_feeds, feed_dtype, make_session, session_provider
+
+
+def load_for_eval(
+    source: str | os.PathLike | onnx.ModelProto, input_shapes: InputShapes | None = None
+) -> LoadedModel:
+    """What `eval` runs. A float model is loaded as every command loads it. A quantised one
+    (QDQ or QOperator: what onnxruntime's quantisation writes after reduction) is run as it
+    is, since the analysis form is for float graphs: its `model` only has the input shapes
+    fixed, to fit the data to, and its `runnable` is the graph as read."""
+    try:
+        return load(source, input_shapes)
+    except QuantizedModelError:
+        model = read_model(source, quantized=True)
+    fixed = FixInputShapes(input_shapes, batch=1)(model).model
+    return LoadedModel(fixed, Origin(declared=model))
 
 
 @dataclass

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from onnx_mbs.auto import choose_strategy
 from onnx_mbs.passes import (
     CRITERIA,
     DEFAULT_CRITERION,
@@ -20,7 +21,7 @@ from onnx_mbs.passes import (
     ImportanceFactory,
     check_reading,
 )
-from onnx_mbs.plan import DEFAULT_WIDTH_MAP, STRATEGIES, Budget, WidthMap
+from onnx_mbs.plan import STRATEGIES, Budget, WidthMap
 
 
 @dataclass(frozen=True)
@@ -28,9 +29,9 @@ class ReduceOptions:
     """How to reduce a model (see `onnx_mbs.reduce` and `onnx-mbs reduce --help`)."""
 
     budget: Budget | str | None = None
-    width_map: WidthMap | str = DEFAULT_WIDTH_MAP
+    width_map: WidthMap | str | None = None  # None: the strategy's default (plan.py)
     receptive_field: str = DEFAULT_RECEPTIVE_FIELD
-    strategy: str = "mbs"
+    strategy: str = "auto"
     providers: str = "auto"
     input_shapes: Mapping[str, Sequence[int]] | None = None
     channel_multiple: int | str = 8
@@ -45,6 +46,7 @@ class ReduceOptions:
     latency_threads: int = 0
     evaluate_accuracy: bool = True
     progress: bool = True
+    strategy_reason: str = ""  # why `strategy` runs: set by checked() (auto's choice, or asked)
 
     @classmethod
     def of(cls, options: ReduceOptions | None = None, **overrides: Any) -> ReduceOptions:
@@ -61,11 +63,15 @@ class ReduceOptions:
         names the first that cannot be used. (act without data is refused once the model
         is read: `fit_data`.)"""
         budget = Budget.parse(self.budget) if isinstance(self.budget, str) else self.budget
-        width_map = WidthMap.parse(self.width_map)
+        width_map = None if self.width_map is None else WidthMap.parse(self.width_map)
         check_reading(self.receptive_field)
-        if self.strategy not in STRATEGIES:
+        if self.strategy == "auto":
+            strategy, reason = choose_strategy(budget)
+        elif self.strategy in STRATEGIES:
+            strategy, reason = self.strategy, "asked with --strategy"
+        else:
             raise BadInputError(
-                f"unknown --strategy {self.strategy!r}: use {', '.join(STRATEGIES)}"
+                f"unknown --strategy {self.strategy!r}: use auto, {', '.join(STRATEGIES)}"
             )
         importance = self.importance
         if isinstance(importance, str):
@@ -76,7 +82,14 @@ class ReduceOptions:
                 )
             if importance == "auto":
                 importance = "act" if has_data else DEFAULT_CRITERION
-        return replace(self, budget=budget, width_map=width_map, importance=importance)
+        return replace(
+            self,
+            budget=budget,
+            width_map=width_map,
+            strategy=strategy,
+            strategy_reason=reason,
+            importance=importance,
+        )
 
     @property
     def plans_latency(self) -> bool:

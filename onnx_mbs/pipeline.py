@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 import onnx
 
 from onnx_mbs.data import DataSource
-from onnx_mbs.data.fit import data_text, has_labels, open_for_model, preprocessing
+from onnx_mbs.data.fit import data_text, has_labels, metadata, open_for_model, preprocessing
+from onnx_mbs.data.preprocess import Preprocess
 from onnx_mbs.evaluate import EvalResult, evaluate
 from onnx_mbs.interop import as_model
 from onnx_mbs.options import ReduceOptions
@@ -126,8 +127,10 @@ def reduce(
     `data` is a --data spec (folder, .npz, IDX folder) or a Python reader yielding input
     dicts; without data every activation ratio is taken as 1, so MBS works from MACs and
     receptive fields alone. `options` (a ReduceOptions) or the same names as keywords say
-    how: the budget, width map, receptive-field reading, strategy ("mbs", "uniform" or
-    "global"), importance (a registered name, an Importance or a factory of one), ...
+    how: the budget, width map, receptive-field reading, strategy ("auto", the default,
+    picks one per budget metric from the experiment's results, onnx_mbs.auto; "mbs",
+    "mbs-cost", "uniform" or "global"), importance (a registered name, an Importance or a
+    factory of one), ...
     `model` may also be an onnx-graphsurgeon Graph (`onnx_mbs.interop`). The input model
     is never modified.
     """
@@ -138,6 +141,7 @@ def reduce(
     origin, held = loaded.origin, HeldModel(loaded.model)
     del loaded  # `held` is the analysis form's one owner: its weights can be lent out
     source = fit_data(data, held.model, options)
+    recorded = given_preprocessing(options.mean, options.std, source)
     release_freed_memory()  # load's copies and serializations: not in every later peak
     laps.lap("load")
     analysed = analyse(held.model, options.receptive_field)
@@ -152,6 +156,8 @@ def reduce(
     rewritten = shrink(plan)
     if planner.latency is not None:
         rewritten = meet_latency(rewritten, origin.written(form), planner, shrink, options)
+    if recorded is not None:
+        with_preprocessing(rewritten.model, recorded)
     check_written(rewritten.model, lambda: origin.original)
     rewritten = rewritten.with_written_sizes()
     explain_cut(rewritten.plan, analysed.channels.groups)
@@ -196,6 +202,30 @@ def fit_data(data: Any, model: onnx.ModelProto, options: ReduceOptions) -> DataS
     if options.importance == "act":
         raise BadInputError("--importance act ranks channels by activations: give --data")
     return None
+
+
+def given_preprocessing(mean: Any, std: Any, source: DataSource | None) -> Preprocess | None:
+    """The preprocessing to record in the written model: the one that read `source`, when
+    mean or std were given (None when neither was). Given without images to apply them
+    to, they would be ignored: refused."""
+    if mean is None and std is None:
+        return None
+    if source is None or source.preprocess is None:
+        raise BadInputError(
+            "--mean/--std preprocess the images of --data; without data, or with a reader's "
+            "ready model inputs, they would be ignored: drop them or give --data"
+        )
+    return source.preprocess
+
+
+def with_preprocessing(model: onnx.ModelProto, preprocess: Preprocess) -> onnx.ModelProto:
+    """`model`, in place, with `preprocess`'s mean/std recorded in its metadata_props, so
+    later commands (eval, retrain) read data as it was read here without being told again."""
+    recorded = {**metadata(model), **preprocess.metadata()}
+    del model.metadata_props[:]
+    for key, value in recorded.items():
+        model.metadata_props.add(key=key, value=value)
+    return model
 
 
 @dataclass(frozen=True)
@@ -330,6 +360,7 @@ class Planner:
             latency=self.latency,
             importance=self.scores,
             notes=[f"channels ranked by {self.ranked_by} importance"],
+            strategy_reason=options.strategy_reason,
         )
 
 

@@ -18,6 +18,10 @@ rounding to multiples of 8 makes the size a step function.
 
 The `global` strategy has no macroblock structure: it is the policy of
 importance-based pruners (Torch-Pruning's global pruning), see `_global_ranking`.
+
+The `mbs-cost` strategy prices channels: MBS says what a channel is worth,
+the budget's metric what it costs, and one ranking of worth per unit of cost
+cuts the cheapest worth first (see `_cost_aware` and docs/strategies.md).
 """
 
 from __future__ import annotations
@@ -35,12 +39,25 @@ C_MAX = 1.0  # beta = 1 - R: past it, beta would turn negative where R is near 1
 # The default reading and width map: the setting whose planned reductions land closest
 # to the paper's four headlines (bench/paper_table.py, bench/results/paper_table.json).
 DEFAULT_WIDTH_MAP = "linear:0.4"
+# mbs-cost's f in its worth, tuned on a validation split (docs/strategies.md): at flops=0.5 on
+# ResNet-20, c = 0 kept the most validation top-1 after retraining of c = 0, 0.2, 0.4 (90.54,
+# 90.22, 89.58): weighting a channel down by its macroblock's redundancy cost accuracy at
+# equal MACs. Its worth still follows MBS's effective flops (rho) and the importance.
+COST_WIDTH_MAP = "linear:0"
+
+
+def default_width_map(strategy: str) -> str:
+    """The width map a strategy uses when none is asked for."""
+    return COST_WIDTH_MAP if strategy == "mbs-cost" else DEFAULT_WIDTH_MAP
+
 
 Cost = Callable[[Mapping[int, int]], tuple[int, int]]  # group counts -> (params, MACs)
 
 
 METRICS = ("params", "flops", "latency")
-STRATEGIES = ("mbs", "uniform", "global")
+STRATEGIES = ("mbs", "mbs-cost", "uniform", "global")
+PRICE_ROUNDS = 3  # mbs-cost: prices re-read at the plan they give, until the counts settle
+PRICE_STEPS = 8  # mbs-cost under latency: prices read on 8 grid steps per group
 Latency = Callable[[Mapping[int, int]], float]  # group counts -> predicted seconds
 
 
@@ -171,7 +188,8 @@ class MacroblockPlan:
 @dataclass(frozen=True)
 class Plan:
     strategy: str
-    width_map: WidthMap | None  # with the parameter actually used; None under `global`
+    width_map: WidthMap | None  # the parameter actually used (under mbs-cost: the worth's
+    # map as given); None under `global`
     receptive_field: str  # the reading the macroblock bases followed
     beta_min: float
     channel_multiple: int
@@ -184,11 +202,16 @@ class Plan:
     scale: float = 1.0
     latency: tuple[float, float] | None = None  # seconds before, after, as measured
     notes: list[str] = field(default_factory=list)
-    threshold: float | None = None  # `global`: normalised importance of the last channel cut
+    threshold: float | None = None  # `global`: normalised importance of the last channel cut;
+    # `mbs-cost`: the multiplier lambda, worth per unit of cost of the last channel cut
+    priced: tuple[str, ...] = ()  # `mbs-cost`: the metrics a channel's cost is summed over
+    strategy_reason: str = ""  # why this strategy ran (asked, or what `auto` chose and why)
 
     @property
     def formula(self) -> str:
         """The formula with the numbers used, e.g. for the report."""
+        if self.strategy == "mbs-cost":
+            return cost_aware_formula(self)
         if self.width_map is None:
             cut = "nothing" if self.threshold is None else f"every channel <= {self.threshold:.4g}"
             return (
@@ -222,11 +245,14 @@ class Plan:
         if self.width_map is None:
             return {"mapping": None, "threshold": self.threshold}
         fmap = self.width_map
+        if self.strategy == "mbs-cost":
+            return {"mapping": fmap.kind, fmap.knob: fmap.value, "multiplier": self.threshold}
         return {"mapping": fmap.kind, fmap.knob: fmap.value, "scale": self.scale}
 
     def to_dict(self) -> dict:
         return {
             "strategy": self.strategy,
+            "strategy_reason": self.strategy_reason,
             "receptive_field": self.receptive_field,
             **self.knobs(),
             "beta_min": self.beta_min,
@@ -300,7 +326,7 @@ def plan_widths(
     rho: Mapping[str, float],
     cost: Cost,
     *,
-    width_map: WidthMap | str = DEFAULT_WIDTH_MAP,
+    width_map: WidthMap | str | None = None,
     budget: Budget | None = None,
     strategy: str = "mbs",
     channel_multiple: int = 8,
@@ -308,13 +334,15 @@ def plan_widths(
     latency: Latency | None = None,
     importance: Mapping[int, np.ndarray] | None = None,
     notes: Sequence[str] = (),
+    strategy_reason: str = "",
 ) -> Plan:
     """Choose how many channels each group keeps (see the module docstring).
 
     `latency` predicts the model's run time from group counts; a `latency=`
     budget needs it. `importance` holds the per-channel scores the shrink step
     keeps channels by, for every free group; the `global` strategy ranks them.
-    `notes` (the caller's, e.g. how channels are ranked) follow the plan's own.
+    `notes` (the caller's, e.g. how channels are ranked) follow the plan's own;
+    `strategy_reason` says why this strategy runs (the report shows it).
     """
     if strategy not in STRATEGIES:
         raise BadInputError(f"unknown --strategy {strategy!r}: use {', '.join(STRATEGIES)}")
@@ -325,9 +353,10 @@ def plan_widths(
     if budget is not None and "latency" in budget.fractions and latency is None:
         raise ValueError("a latency budget needs a latency model")
     free = [g for g in groups if g.free]
-    if strategy == "global" and (importance is None or any(g.id not in importance for g in free)):
-        raise ValueError("the global strategy needs the importance of every free group")
-    fmap = WidthMap.parse(width_map)
+    ranks = strategy in ("global", "mbs-cost")
+    if ranks and (importance is None or any(g.id not in importance for g in free)):
+        raise ValueError(f"the {strategy} strategy needs the importance of every free group")
+    fmap = WidthMap.parse(width_map or default_width_map(strategy))
     redundancy = macroblock_redundancy(analysis, rho)
     full = {g.id: g.size for g in groups}
     params_before, macs_before = cost(full)
@@ -350,17 +379,56 @@ def plan_widths(
     def excess(counts: Mapping[int, int]) -> float:
         return max(fraction(m, counts) - f for m, f in limits)
 
-    def step_excess(counts: Mapping[int, int], ids: list[int], new: list[int]) -> list[float]:
-        """excess() of `counts` with group ids[j] set to new[j], for each j; one vectorised
-        query when the cost model has one and no limit needs the latency model."""
+    def step_fractions(
+        counts: Mapping[int, int], ids: list[int], new: list[int], metrics: Sequence[str]
+    ) -> dict[str, np.ndarray]:
+        """Each metric's fraction of `counts` with group ids[j] set to new[j], for each j;
+        params and MACs in one vectorised query when the cost model has one."""
+        out: dict[str, np.ndarray] = {}
         with_steps = getattr(cost, "with_steps", None)
-        if with_steps is None or not ids or any(m == "latency" for m, _ in limits):
-            return [excess({**counts, g: n}) for g, n in zip(ids, new)]
-        params, macs = with_steps(counts, ids, new)
-        after = {"params": params, "flops": macs}
-        before = {"params": params_before, "flops": macs_before}
-        worst = [(after[m] / before[m] if before[m] else np.ones(len(ids))) - f for m, f in limits]
-        return np.max(worst, axis=0).tolist()
+        if with_steps is not None and ids and any(m != "latency" for m in metrics):
+            params, macs = with_steps(counts, ids, new)
+            after = {"params": params, "flops": macs}
+            before = {"params": params_before, "flops": macs_before}
+            for m in metrics:
+                if m != "latency":
+                    out[m] = after[m] / before[m] if before[m] else np.ones(len(ids))
+        for m in metrics:
+            if m not in out:
+                out[m] = np.array([fraction(m, {**counts, g: n}) for g, n in zip(ids, new)])
+        return out
+
+    def step_excess(counts: Mapping[int, int], ids: list[int], new: list[int]) -> list[float]:
+        """excess() of `counts` with group ids[j] set to new[j], for each j."""
+        if not ids:
+            return []
+        after = step_fractions(counts, ids, new, [m for m, _ in limits])
+        return np.max([after[m] - f for m, f in limits], axis=0).tolist()
+
+    def price_curves(counts: Mapping[int, int]) -> dict[int, np.ndarray]:
+        """Per free group g: price[k - 1] = what its k-th channel costs, the budget's
+        fractions summed over its metrics, g keeping k channels against k - 1 and every
+        other group as in `counts`. Read every channel for params and MACs (one vectorised
+        query), on a grid of PRICE_STEPS points per group for latency (measured in steps)."""
+        metrics = [m for m, _ in limits]
+        exact = "latency" not in metrics
+        ids, ks, spans = [], [], []
+        for g in free:
+            step = 1 if exact else max(channel_multiple, math.ceil(g.size / PRICE_STEPS))
+            grid = sorted({*range(0, g.size + 1, step), g.size})
+            spans.append((len(ks), len(ks) + len(grid)))
+            ids += [g.id] * len(grid)
+            ks += grid
+        after = step_fractions(counts, ids, ks, metrics)
+        total = np.sum([after[m] for m in metrics], axis=0)
+        curves = {}
+        for g, (a, b) in zip(free, spans):
+            cumulative = np.interp(np.arange(g.size + 1), ks[a:b], total[a:b])
+            curves[g.id] = np.diff(cumulative)
+        top = max((float(c.max()) for c in curves.values() if c.size), default=0.0)
+        # A channel whose cut saves nothing is kept first, never divided by zero.
+        floor = 1e-9 * max(top, 1e-12)
+        return {g: np.maximum(c, floor) for g, c in curves.items()}
 
     def excess_at(value: float, scale: float) -> float:
         return excess(_counts(groups, betas(value, scale), channel_multiple))
@@ -381,6 +449,11 @@ def plan_widths(
         cut = _solve_cut(lambda k: excess(counts_at(k)), len(ranked))
         counts = counts_at(cut)
         threshold = float(ranked[cut - 1]) if cut else None
+    elif strategy == "mbs-cost":
+        worth = _channel_worth(analysis, free, redundancy, fmap, cost, full)
+        counts, threshold = _cost_aware(
+            groups, free, importance, worth, price_curves, excess, channel_multiple, beta_min
+        )
     elif strategy == "uniform":
         # The width multiplier: parameter 0 makes every beta equal to the common scale.
         value = 0.0
@@ -397,7 +470,7 @@ def plan_widths(
             own_notes.append(
                 f"{fmap.knob} capped at {top:g}; a common scale {scale:.3f} reaches the budget"
             )
-    if strategy != "global":
+    if strategy in ("mbs", "uniform"):
         chosen = betas(value, scale)
         counts = _counts(groups, chosen, channel_multiple)
     # A budget, or the size a baseline is matched to. Under `global` the cut is already the
@@ -447,7 +520,9 @@ def plan_widths(
         macs=(macs_before, macs_after),
         budget=budget,
         notes=[*own_notes, *notes],
+        strategy_reason=strategy_reason,
         threshold=threshold,
+        priced=tuple(m for m, _ in limits) if strategy == "mbs-cost" else (),
     )
 
 
@@ -457,12 +532,111 @@ def _kept_fraction(groups: Sequence[GroupInfo], counts: Mapping[int, int], block
     return sum(counts[g.id] for g in made) / before if before else 1.0
 
 
+def _channel_worth(
+    analysis: ModelAnalysis,
+    free: Sequence[GroupInfo],
+    redundancy: Sequence[tuple[float, float, float]],
+    fmap: WidthMap,
+    cost: Cost,
+    full: Mapping[int, int],
+) -> dict[int, float]:
+    """Per free group g: its weight W(g) = f(R(m)) * rho(m) * MACs(g) / MACs of the model,
+    the share of the model's effective flops g carries (MACs(g): the MACs of the layers
+    whose channels g feeds or makes, at the activation density rho(m) = E(m) / MACs(m) of its
+    macroblock), scaled by MBS's width map of the macroblock's redundancy. m is the group's
+    macroblock of largest f (MBS gives a group the largest beta of its macroblocks)."""
+    macs_before = cost(full)[1]
+    ids = [g.id for g in free]
+    with_steps = getattr(cost, "with_steps", None)
+    if with_steps is not None and ids:
+        without = with_steps(full, ids, [0] * len(ids))[1]
+    else:
+        without = np.array([cost({**full, g: 0})[1] for g in ids], dtype=np.float64)
+    worth = {}
+    for g, left in zip(free, np.asarray(without, dtype=np.float64).tolist()):
+        m = max(g.macroblocks, key=lambda b: fmap(redundancy[b][2]))
+        effective, _, r = redundancy[m]
+        macs = analysis.macroblocks[m].macs
+        rho = effective / macs if macs else 1.0
+        share = (macs_before - left) / macs_before if macs_before else 1.0
+        worth[g.id] = fmap(r) * rho * share
+    return worth
+
+
+def _cost_aware(
+    groups: Sequence[GroupInfo],
+    free: Sequence[GroupInfo],
+    importance: Mapping[int, np.ndarray],
+    worth: Mapping[int, float],
+    price_curves: Callable[[Mapping[int, int]], dict[int, np.ndarray]],
+    excess: Callable[[Mapping[int, int]], float],
+    multiple: int,
+    beta_min: float,
+) -> tuple[dict[int, int], float | None]:
+    """Counts and the multiplier lambda of the cost-aware allocation.
+
+    It keeps the counts c that maximise sum_g W(g) * log S_g(c_g) - lambda * cost(c), with
+    W(g) from _channel_worth and S_g(k) the importance of g's k most important channels: a
+    group's worth grows with the log of the importance it keeps (every halving costs alike,
+    as uniform scaling assumes), weighted by the effective flops it carries. So the k-th
+    channel of g is worth W(g) * log(S_g(k) / S_g(k - 1)) and costs price_g(k), what the
+    metric(s) grow by from k - 1 to k channels. Every channel is ranked by worth / price,
+    and the fewest lowest-ranked whose cut meets every limit are cut (bisection over the
+    ranking; lambda is the ratio of the last one cut). A group's price depends on its
+    neighbours' counts (a conv's MACs are c_in * c_out), so prices are read again at the
+    counts they gave, until the counts settle or PRICE_ROUNDS have passed.
+    """
+    normalised = {}
+    for g in free:
+        raw = np.sort(np.asarray(importance[g.id], dtype=np.float64))[::-1]
+        kept = np.cumsum(raw)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            gain = np.log(kept[1:] / kept[:-1]) if raw.size else raw
+        # The first channel is never weighed (beta_min keeps it); a dead one is worth 0.
+        gain = np.nan_to_num(np.concatenate([[np.inf], gain]), nan=0.0, posinf=np.inf)
+        normalised[g.id] = worth[g.id] * gain[: raw.size]
+    counts = {g.id: g.size for g in groups}
+    multiplier = None
+    for _ in range(PRICE_ROUNDS):
+        price = price_curves(counts)
+        ratios = {g: normalised[g] / price[g] for g in normalised}
+        ranked, counts_at = _global_ranking(groups, free, ratios, multiple, beta_min, False)
+        cut = _solve_cut(lambda k, at=counts_at: excess(at(k)), len(ranked))
+        found = counts_at(cut)
+        multiplier = float(ranked[cut - 1]) if cut else None
+        if found == counts:
+            break
+        counts = found
+    return counts, multiplier
+
+
+def cost_aware_formula(plan: Plan) -> str:
+    """The mbs-cost formula with the numbers used."""
+    fmap = plan.width_map
+    f = "1 - c * R(m)" if fmap.kind == "linear" else "(1 - R(m)) ** gamma"
+    cut = "nothing cut" if plan.threshold is None else f"lambda = {plan.threshold:.4g}"
+    return (
+        f"cost-aware MBS: g keeps its k-th channel while worth(g, k) / price(g, k) > lambda; "
+        f"worth(g, k) = W(g) * log(S_g(k) / S_g(k - 1)), S_g(k) the importance of g's k most "
+        f"important channels; W(g) = f(R(m_g)) * rho(m_g) * MACs(g) / MACs, MACs(g) those of "
+        f"the layers g feeds or makes, rho(m) = E(m) / MACs(m), f = {f} with {fmap.knob} = "
+        f"{fmap.value:g}, R(m) = 1 - E_B(m) / E(m), m_g the group's macroblock of largest f; "
+        f"price(g, k) = what the fraction of the "
+        f"original {' + '.join(plan.priced) or 'cost'} grows by from k - 1 to k channels "
+        f"of g, the other groups as planned; {cut} by bisection over the ranking, so "
+        f"that every limit is met; counts rounded up to a multiple of {plan.channel_multiple}, "
+        f"never below beta_min = {plan.beta_min:g} of the group; base B(m): "
+        + BASE_RULES[plan.receptive_field]
+    )
+
+
 def _global_ranking(
     groups: Sequence[GroupInfo],
     free: Sequence[GroupInfo],
     importance: Mapping[int, np.ndarray],
     multiple: int,
     beta_min: float,
+    normalise: bool = True,
 ) -> tuple[np.ndarray, Callable[[int], dict[int, int]]]:
     """Every free channel ranked by normalised importance, lowest first, and the counts
     when the lowest k are cut.
@@ -475,12 +649,13 @@ def _global_ranking(
     ranked by how it compares with its own group's average. A zero score (a dead channel)
     stays zero and is cut first anywhere. A group whose scores are all zero keeps its raw
     zeros. Cutting more never keeps more in any group, so the size falls with k.
+    With `normalise` False the scores are ranked as given (mbs-cost's worth / price).
     """
     scores, owner = [], []
     for i, g in enumerate(free):
         raw = np.asarray(importance[g.id], dtype=np.float64)
         mean = float(raw.mean()) if raw.size else 0.0
-        scores.append(raw / mean if mean > 0 else raw)
+        scores.append(raw / mean if normalise and mean > 0 else raw)
         owner.append(np.full(g.size, i))
     flat = np.concatenate(scores) if scores else np.zeros(0)
     owners = np.concatenate(owner) if owner else np.zeros(0, dtype=int)

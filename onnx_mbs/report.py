@@ -146,7 +146,8 @@ def markdown(report: ReduceReport) -> str:
     lines = [
         "# onnx-mbs reduce report",
         "",
-        f"- strategy: {plan.strategy}; receptive field: {plan.receptive_field}; width map: "
+        f"- strategy: {plan.strategy}; why: {plan.strategy_reason}; receptive field: "
+        f"{plan.receptive_field}; width map: "
         f"{plan.width_map.kind if plan.width_map else 'none (global ranking)'}; "
         f"channel multiple: {plan.channel_multiple}",
         f"- formula: `{plan.formula}`",
@@ -197,42 +198,81 @@ def _md_table(headers, rows) -> str:
 
 
 def plot_widths(report: ReduceReport, path: Path) -> None:
-    """Output channels per conv layer before/after, macroblocks shaded."""
+    """widths.png: `widths_figure`, saved."""
+    import matplotlib.pyplot as plt
+
+    fig = widths_figure(report)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def widths_figure(report: ReduceReport):
+    """Output channels per conv layer before/after, macroblocks shaded. Each layer spans a
+    whole unit of the x axis (the first and last too); the resolution labels sit in rows
+    above the plot, a label moving up a row where it would touch its neighbour (MobileNets
+    and ShuffleNets have one-layer macroblocks); the legend sits outside the data."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.ticker import MaxNLocator
 
     after = {x.name: x.out_channels for x in report.after.layers}
     layers = report.before.layers
-    xs = range(len(layers))
-    fig, ax = plt.subplots(figsize=(max(6.0, min(24.0, len(layers) * 0.12)), 3.6))
-    ax.step(xs, [x.out_channels for x in layers], where="mid", label="before", color="0.5")
-    ax.step(xs, [after.get(x.name, 0) for x in layers], where="mid", label="after", color="C0")
+    edges = np.arange(len(layers) + 1) - 0.5
+    fig, ax = plt.subplots(figsize=(max(6.5, min(24.0, len(layers) * 0.12)), 4.0))
+    ax.stairs([x.out_channels for x in layers], edges, baseline=None, label="before", color="0.5")
+    ax.stairs(
+        [after.get(x.name, 0) for x in layers], edges, baseline=None, label="after", color="C0"
+    )
+    ax.set_xlim(edges[0], edges[-1])
+    ax.set_ylim(bottom=0)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    labels = []
     start = 0
     for block in report.before.macroblocks:
         end = start + len(block.layers)
         if block.index % 2:
             ax.axvspan(start - 0.5, end - 0.5, color="0.92", zorder=0)
-        ax.text(
-            (start + end) / 2,
-            ax.get_ylim()[1] * 0.97,
-            f"{block.resolution[0]}",
-            ha="center",
-            va="top",
-            fontsize=8,
+        labels.append(
+            ax.text(
+                (start + end - 1) / 2,
+                1.01,
+                f"{block.resolution[0]}",
+                ha="center",
+                va="bottom",
+                fontsize=8,
+                transform=ax.get_xaxis_transform(),
+            )
         )
         start = end
+    rows = _stagger(fig, labels)
     ax.set_xlabel("conv layer (graph order; shading = macroblock, label = resolution)")
     ax.set_ylabel("output channels")
     ax.set_title(
         f"onnx-mbs: {report.plan.strategy}, params kept "
-        f"{report.after.total_params / report.before.total_params:.1%}"
+        f"{report.after.total_params / report.before.total_params:.1%}",
+        pad=8 + 11 * rows,
     )
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
+
+
+def _stagger(fig, labels: list) -> int:
+    """Move each label up to the lowest row where it clears the labels already there (by 4
+    pixels); how many rows were used."""
+    renderer = fig.canvas.get_renderer()
+    ends: list[float] = []  # per row, the right edge of its last label
+    for label in labels:
+        box = label.get_window_extent(renderer)
+        row = next((k for k, end in enumerate(ends) if box.x0 >= end + 4), len(ends))
+        if row == len(ends):
+            ends.append(box.x1)
+        ends[row] = box.x1
+        label.set_y(1.01 + 0.06 * row)
+    return len(ends)
 
 
 def write_report(report: ReduceReport, folder: str | Path) -> list[Path]:

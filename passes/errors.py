@@ -9,6 +9,10 @@ class BadInputError(ValueError):
     """The model, data or options cannot be used as given; the message says how to fix it."""
 
 
+class QuantizedModelError(BadInputError):
+    """A quantised graph (QDQ or QOperator): MBS reduces float models; `eval` runs these."""
+
+
 def temporary_folder_error(error: OSError) -> BadInputError:
     """What a run says when its temporary folder cannot be written."""
     return BadInputError(

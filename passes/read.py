@@ -12,7 +12,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from .custom_ops import hide_unknown_ops
-from .errors import BadInputError, temporary_folder_error
+from .errors import BadInputError, QuantizedModelError, temporary_folder_error
 from .external_data import weights_apart
 
 QUANTIZED_OPS = {
@@ -26,10 +26,13 @@ QUANTIZED_OPS = {
 }
 
 
-def read_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
+def read_model(
+    source: str | os.PathLike | onnx.ModelProto, quantized: bool = False
+) -> onnx.ModelProto:
     """Read an ONNX file (with external data) or copy a ModelProto.
 
-    Refuses what MBS cannot work on: not ONNX, truncated, invalid, quantized.
+    Refuses what MBS cannot work on: not ONNX, truncated, invalid, quantized (unless
+    `quantized`: a graph to run, not to reduce).
     """
     path = None
     if isinstance(source, onnx.ModelProto):
@@ -53,10 +56,10 @@ def read_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
             raise BadInputError(f"{path} could not be loaded as ONNX: {e}") from None
         if not model.graph.node:
             raise BadInputError(f"{path} is not an ONNX model (no graph nodes found)")
-    quantized = sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS})
-    if quantized:
-        raise BadInputError(
-            f"quantized graph ({', '.join(quantized)}): MBS works on float models; "
+    quantized_ops = sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS})
+    if quantized_ops and not quantized:
+        raise QuantizedModelError(
+            f"quantized graph ({', '.join(quantized_ops)}): MBS works on float models; "
             "reduce the float model first, then quantize"
         )
     try:

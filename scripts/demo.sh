@@ -21,10 +21,8 @@ for m in $B/resnet20_fmnist.onnx out/resnet20_small.onnx out/resnet20_small.ft.o
 done
 echo "== deployment form: BatchNorm folded into Conv, retrained without labels =="
 # onnxruntime's basic graph optimisations fold each BatchNorm into its Conv, as shipped models are.
-.venv/bin/python -c "import onnxruntime as ort; o = ort.SessionOptions(); \
-o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC; \
-o.optimized_model_filepath = 'out/resnet20_folded.onnx'; \
-ort.InferenceSession('$B/resnet20_fmnist.onnx', o, providers=['CPUExecutionProvider'])"
+.venv/bin/python -c "from onnx_mbs.models.deployment_form import fold_batchnorm; \
+fold_batchnorm('$B/resnet20_fmnist.onnx', 'out/resnet20_folded.onnx')"
 .venv/bin/onnx-mbs reduce out/resnet20_folded.onnx -o out/folded_small.onnx \
     --data $B/fmnist_sample.npz --budget params=0.5 --no-eval >/dev/null
 .venv/bin/onnx-mbs retrain out/folded_small.onnx -o out/folded_small.ft.onnx \

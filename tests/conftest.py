@@ -89,6 +89,22 @@ def bundled_small(tmp_path_factory, bundled_model_path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def bundled_external(tmp_path_factory, bundled_model_path) -> Path:
+    """The bundled model as torch's exporter writes by default: every weight in an external
+    data file beside it (`model.onnx.data`), in a folder of its own."""
+    path = tmp_path_factory.mktemp("external") / "model.onnx"
+    onnx.save(
+        onnx.load(str(bundled_model_path)),
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="model.onnx.data",
+        size_threshold=0,
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
 def fmnist_sample() -> tuple[np.ndarray, np.ndarray]:
     """512 Fashion-MNIST test images: x uint8 (512,1,28,28) raw pixels, y int64."""
     with np.load(FMNIST_SAMPLE) as data:

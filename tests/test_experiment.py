@@ -238,3 +238,68 @@ def test_merge_runs_of_other_archs(tmp_path, idx_data, capsys, no_training):
     assert "setting lr differs" in capsys.readouterr().err
     assert experiment.main(["--out", str(out), "--merge", str(first), str(first)]) == 2
     assert "share an arch" in capsys.readouterr().err
+
+
+def _results(arms_means: dict[str, dict[str, list[float]]], seeds: int = 2) -> dict:
+    """Results whose cells at each budget hold, per arm, `seeds` runs per arch at the means
+    given (budget -> arm -> one mean per arch)."""
+    budgets = list(arms_means)
+    arms = list(next(iter(arms_means.values())))
+    cells = []
+    for budget, by_arm in arms_means.items():
+        for arm, means in by_arm.items():
+            for arch, mean in zip(("a", "b"), means):
+                runs = [{"seed": s, "test_top1": mean} for s in range(seeds)]
+                cells.append(
+                    {"arch": arch, "budget": budget, "arm": arm, "status": "reduced",
+                     "runs": runs, "after": spread(*[mean] * seeds)}
+                )  # fmt: skip
+    settings = {"archs": ["a", "b"], "budgets": budgets, "arms": arms, "seeds": [0, 1]}
+    return {"settings": settings, "cells": cells}
+
+
+def test_auto_table_reads_the_settled_winner_per_metric():
+    new = _results(
+        {
+            "params=0.5": {"mbs": [0.9, 0.8], "mbs-cost": [0.88, 0.8], "uniform": [0.85, 0.8]},
+            "flops=0.5": {"mbs": [0.7, 0.7], "mbs-cost": [0.9, 0.86], "uniform": [0.88, 0.87]},
+        }
+    )
+    table = experiment.auto_table([("new.json", new)])
+    assert table["params"][0] == "mbs"
+    assert table["flops"][0] == "mbs-cost"  # 0.88 on average against uniform's 0.875
+    assert "0.8800 (mbs-cost)" in table["flops"][1] and "global not measured" in table["flops"][1]
+    assert table["latency"] == ("mbs-cost", table["latency"][1])
+    assert "not measured yet" in table["latency"][1]
+    # One run short at flops=0.5: that metric is read from the older results instead.
+    old = _results({"flops=0.5": {"mbs": [0.7, 0.7], "uniform": [0.9, 0.9]}})
+    new["cells"][-1]["runs"].pop()
+    table = experiment.auto_table([("new.json", new), ("old.json", old)])
+    assert table["flops"][0] == "uniform" and table["flops"][1].endswith("old.json")
+    assert table["params"][1].endswith("new.json")
+
+
+def test_auto_strategy_table_matches_the_recorded_results():
+    """onnx_mbs/auto.py's table is what `--auto-table` derives from the results in
+    bench/results: when an experiment settles a metric, regenerate it."""
+    from onnx_mbs.auto import AUTO
+
+    paths = [experiment.DEFAULT_OUT, experiment.EARLIER_OUT]
+    sources = [(experiment.shown(p), experiment.read_results(p)) for p in paths if p.exists()]
+    assert experiment.auto_table(sources) == AUTO, (
+        "regenerate onnx_mbs/auto.py's AUTO with python bench/experiment.py --auto-table"
+    )
+
+
+def test_resume_retries_the_runs_a_deadline_skipped(tmp_path, idx_data, capsys, no_training):
+    out = tmp_path / "exp.json"
+    assert run_experiment(out, idx_data, "--deadline", "0") == 0  # every run skipped
+    results = json.loads(out.read_text())
+    assert results["skipped"] and not results["complete"] and results["partial"]
+    assert all(not c["runs"] for c in results["cells"])
+    assert "PARTIAL" in capsys.readouterr().out
+    assert experiment.main(["--out", str(out), "--resume", "--deadline", "1000"]) == 0
+    results = json.loads(out.read_text())
+    assert results["complete"] and not results["partial"] and not results["skipped"]
+    assert all(len(c["runs"]) == 2 for c in results["cells"] if c["status"] == "reduced")
+    assert results["settings"]["deadline_minutes"] == 1000

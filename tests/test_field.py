@@ -1,9 +1,8 @@
 """A field suite: real architectures onnx-mbs did not write, from torchvision and timm.
 
-torchvision's wheel is built against a CUDA torch and its C++ ops do not load
-against the CPU torch; its model code is pure Python, so it is imported with
-the two modules that register those ops replaced by empty ones (the models
-below never call them). Weights are random; nothing is downloaded.
+torchvision is imported through `onnx_mbs.models.torchvision_cpu` (PyPI's wheel
+is built against a CUDA torch: its C++ ops, which these models never call, are
+left out). Weights are random; nothing is downloaded.
 
 For each architecture: analyze finds its convs, keeping every channel is exact,
 `reduce --budget params=0.7` writes a valid model (full checker, same I/O names,
@@ -13,15 +12,13 @@ channels. Two run by default; the rest are slow (`bash scripts/test.sh -m slow`)
 
 from __future__ import annotations
 
-import sys
-import types
-
 import numpy as np
 import pytest
 import torch
 from graphs import assert_same_outputs, run
 
 from onnx_mbs.models.export import export_onnx, randomize_batchnorm
+from onnx_mbs.models.torchvision_cpu import import_torchvision
 from onnx_mbs.passes import BadInputError, analyze_model, load_model, shrink_channels
 from onnx_mbs.passes.channel_groups import analyze_channels
 from onnx_mbs.passes.read import check_model
@@ -29,12 +26,8 @@ from onnx_mbs.pipeline import reduce
 
 
 def torchvision_models():
-    """`torchvision.models` without its C++ op registrations."""
-    for name in ("torchvision._meta_registrations", "torchvision._autograd_registrations"):
-        sys.modules.setdefault(name, types.ModuleType(name))
-    import torchvision.models as models
-
-    return models
+    """`torchvision.models`, imported next to the CPU torch."""
+    return import_torchvision().models
 
 
 def timm_model(name: str) -> torch.nn.Module:

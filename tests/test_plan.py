@@ -345,7 +345,7 @@ def test_global_without_budget_is_matched_to_mbs_and_needs_importance():
     assert any("matched to the size MBS reaches" in n for n in plan.notes)
     with pytest.raises(ValueError, match="importance of every free group"):
         plan_widths(analysis, groups, rho, cost, strategy="global", importance={0: np.ones(256)})
-    with pytest.raises(BadInputError, match="use mbs, uniform, global"):
+    with pytest.raises(BadInputError, match="use mbs, mbs-cost, uniform, global"):
         plan_widths(analysis, groups, rho, cost, strategy="random")
 
 

@@ -4,8 +4,11 @@ README and of docs/python.md run as written (on the bundled model and sample).""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
+import onnx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,3 +46,36 @@ def test_readme_is_a_front_page_whose_links_exist():
         for link in re.findall(r"\]\(([^)#]+)\)", page.read_text()):
             if not link.startswith("http"):
                 assert (page.parent / link).exists(), (page.name, link)
+
+
+@pytest.mark.slow  # two 2-epoch retrainings and two reductions: minutes on 2 cores
+def test_quick_start_runs_as_written(tmp_path):
+    """The Quick start's bash block, unchanged, in a fresh folder: `models/` is the project's,
+    `.venv/bin/activate` puts this interpreter's scripts first on PATH."""
+    block = re.search(r"## Quick start\n+```bash\n(.*?)```", README.read_text(), re.S).group(1)
+    (tmp_path / "models").symlink_to(ROOT / "models")
+    activate = tmp_path / ".venv" / "bin" / "activate"
+    activate.parent.mkdir(parents=True)
+    activate.write_text(f'export PATH="{Path(sys.executable).parent}:$PATH"\n')
+    done = subprocess.run(
+        ["bash", "-e", "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=3000
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "out"
+    for name in (
+        "small.onnx",
+        "small.ft.onnx",
+        "folded.onnx",
+        "folded_small.onnx",
+        "small.kd.onnx",
+    ):
+        assert (out / name).is_file(), name
+    assert (out / "report" / "widths.png").is_file()
+    assert len(list((tmp_path / "images").glob("*.png"))) == 2048
+    # the BN-folded graph really has no BatchNorm, and its reduction kept it so
+    for name in ("folded.onnx", "folded_small.onnx", "small.kd.onnx"):
+        ops = {n.op_type for n in onnx.load(str(out / name)).graph.node}
+        assert "BatchNormalization" not in ops and "Conv" in ops, name
+    assert "agreement with the teacher on 512 samples" in done.stdout
+    top1 = re.findall(r"top-1 (\d+\.\d+)%", done.stdout)
+    assert len(top1) == 2 and float(top1[1]) > 85  # eval of small.ft.onnx after retraining

@@ -280,10 +280,11 @@ def _interrupt(kind: str | None, monkeypatch):
 
     if kind.endswith("run"):
         import onnx_mbs.cli
+        import onnx_mbs.evaluate
         import onnx_mbs.pipeline
 
-        monkeypatch.setattr(onnx_mbs.cli, "load", deliver(onnx_mbs.cli.load))
-        monkeypatch.setattr(onnx_mbs.pipeline, "load", deliver(onnx_mbs.pipeline.load))
+        for module in (onnx_mbs.cli, onnx_mbs.pipeline, onnx_mbs.evaluate):  # eval's load
+            monkeypatch.setattr(module, "load", deliver(module.load))
     else:
         import onnx_mbs.save
 

@@ -316,7 +316,8 @@ def test_torchrun_two_processes(tmp_path, train) -> None:
     # (these 64 images) in onnxruntime is the one the command reported
     reported = re.search(r"best epoch 1: val top-1 ([0-9.]+)%", proc.stdout)
     assert reported, proc.stdout
-    assert ort_top1(out, x_uint8, y) == pytest.approx(float(reported.group(1)) / 100, abs=5e-5)
+    # printed with 2 decimals in percent: within half a unit (and float slack) of the truth
+    assert ort_top1(out, x_uint8, y) == pytest.approx(float(reported.group(1)) / 100, abs=5.1e-5)
     before = weights(untie_initializers(model))
     changed = [k for k, v in weights(out).items() if not np.array_equal(v, before[k])]
     assert changed

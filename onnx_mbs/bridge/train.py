@@ -34,12 +34,13 @@ Deterministic on CPU for a given seed: parameters, shuffling (numpy generator se
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -48,20 +49,25 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from onnx_mbs.bridge import checkpoint as ckpt
 from onnx_mbs.bridge.bn import fold_back, has_batchnorm, is_bn_folded, recalibrate
 from onnx_mbs.bridge.bn import reinsert_bn as reinsert_batchnorm
+from onnx_mbs.bridge.loading import Samples, as_samples, load_batches, rank_batches
 from onnx_mbs.bridge.losses import choose_losses, distillation_loss, is_logits, normalised_mse
 from onnx_mbs.bridge.module import OnnxModule, untie_initializers, with_outputs
 from onnx_mbs.bridge.precision import as_float32, is_low_precision
 from onnx_mbs.bridge.writeback import write_back
-from onnx_mbs.data import to_arrays
+from onnx_mbs.data.augment import choose_augment
+from onnx_mbs.data.sources import default_workers
 from onnx_mbs.passes.errors import BadInputError
 from onnx_mbs.progress import progress_bar
+from onnx_mbs.schedule import DEFAULT_WARMUP, default_lr, lr_factor
 
 
 @dataclass
 class EpochStats:
-    """One epoch: mean training loss and accuracy, validation top-1 (NaN without val data)."""
+    """One epoch: mean training loss and accuracy, validation top-1 (NaN without labelled val
+    data) or agreement with the teacher's top-1 (unlabelled val data), training images/s."""
 
     epoch: int
     train_loss: float
@@ -69,6 +75,8 @@ class EpochStats:
     val_top1: float
     lr: float
     seconds: float
+    images_per_second: float = 0.0
+    val_agreement: float = math.nan
 
 
 @dataclass
@@ -85,30 +93,26 @@ class RetrainResult:
     bn_reinserted: int = 0  # BatchNorms re-inserted (and folded back) for a BN-folded graph
     losses: dict[str, str] = field(default_factory=dict)  # per output, with a teacher
     labels_used: bool = False
+    augment: str = "none"  # what augmentation ran, in words
+    schedule: str = ""  # optimizer, learning rate, warm-up and decay, in words
+    workers: int = 0  # data loading processes (0: the training process)
+    resumed_from: int = 0  # epochs done before this run (read from the checkpoint)
 
     @property
     def best_val_top1(self) -> float:
         return self.history[self.best_epoch].val_top1 if self.history else math.nan
 
-
-def as_arrays(data: Any, what: str = "data") -> tuple[np.ndarray, np.ndarray | None]:
-    """(x float32 NCHW, y int64 or None) from an (x, y) tuple or a DataSource-like object."""
-    if isinstance(data, tuple) and len(data) == 2:
-        x, y = data
-    elif hasattr(data, "batches"):
-        x, y = to_arrays(data)
-    else:
-        raise BadInputError(f"{what} must be an (x, y) pair of arrays or a DataSource")
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if y is not None:
-        y = np.asarray(y).astype(np.int64, copy=False).reshape(-1)
-        if len(y) != len(x):
-            raise BadInputError(f"{what} has {len(x)} inputs but {len(y)} labels")
-    return x, y
+    @property
+    def best_val_agreement(self) -> float:
+        return self.history[self.best_epoch].val_agreement if self.history else math.nan
 
 
-def _check_input(model: onnx.ModelProto, module: OnnxModule, x: np.ndarray, what: str) -> None:
-    """Refuse data whose shape cannot feed the model, with a message that says both shapes."""
+def _check_input(
+    model: onnx.ModelProto, module: OnnxModule, samples: Samples, what: str
+) -> np.ndarray:
+    """Refuse data whose shape cannot feed the model, with a message that says both shapes;
+    return its first samples (at least 2), the probe every later check runs."""
+    x = samples.take(np.arange(min(2, samples.count)))[0]
     if len(module.input_names) != 1:
         raise BadInputError(f"retraining needs a model with one input, not {module.input_names}")
     graph_input = next(i for i in model.graph.input if i.name == module.input_names[0])
@@ -120,9 +124,10 @@ def _check_input(model: onnx.ModelProto, module: OnnxModule, x: np.ndarray, what
         d is not None and d != s for d, s in zip(dims[1:], x.shape[1:], strict=True)
     ):
         raise BadInputError(
-            f"{what} has shape {tuple(x.shape)} but input '{graph_input.name}' expects "
-            f"{['?' if d is None else d for d in dims]}"
+            f"{what} has shape {(samples.count, *x.shape[1:])} but input "
+            f"'{graph_input.name}' expects {['?' if d is None else d for d in dims]}"
         )
+    return x
 
 
 def _pick_device(device: str, local_rank: int) -> torch.device:
@@ -179,10 +184,11 @@ def _probe(module: OnnxModule, xb: torch.Tensor, what: str) -> dict[str, tuple[i
     return {name: tuple(t.shape) for name, t in out.items()}
 
 
-def _batches(x: np.ndarray, size: int, limit: int):
-    """The first `limit` rows of `x` as CPU tensors of `size` rows."""
-    for i in range(0, min(len(x), limit), size):
-        yield torch.from_numpy(x[i : min(i + size, limit)])
+def _batches(samples: Samples, size: int, limit: int) -> Iterator[torch.Tensor]:
+    """The first `limit` samples (no augmentation) as CPU tensors of `size` rows."""
+    end = min(samples.count, limit)
+    for i in range(0, end, size):
+        yield torch.from_numpy(samples.take(np.arange(i, min(i + size, end)))[0])
 
 
 def _all_sum(values: list[float], device: torch.device, world: int) -> list[float]:
@@ -239,6 +245,40 @@ def _optimizer(
     raise BadInputError(f"optimizer must be 'sgd' or 'adamw', not '{name}'")
 
 
+def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """torch's seed for one epoch of one process (dropout): resumed epochs draw the same."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+def _data_digest(samples: Samples) -> str:
+    if samples.source is not None:
+        return str(samples.source.description)
+    digest = hashlib.sha256(samples.x.tobytes())
+    if samples.y is not None:
+        digest.update(samples.y.tobytes())
+    return digest.hexdigest()
+
+
+def _duration(seconds: float) -> str:
+    minutes, s = divmod(int(round(seconds)), 60)
+    hours, m = divmod(minutes, 60)
+    return f"{hours}h{m:02d}m" if hours else f"{m}m{s:02d}s"
+
+
+def epoch_line(e: EpochStats, epochs: int, eta: float) -> str:
+    """One epoch as a log line: loss, accuracy, validation, images/s, time, ETA."""
+    parts = [f"epoch {e.epoch + 1}/{epochs}: loss {e.train_loss:.4f}"]
+    if not math.isnan(e.train_acc):
+        parts.append(f"train acc {e.train_acc:.2%}")
+    if not math.isnan(e.val_top1):
+        parts.append(f"val top-1 {e.val_top1:.2%}")
+    if not math.isnan(e.val_agreement):
+        parts.append(f"val agreement with the teacher {e.val_agreement:.2%}")
+    parts += [f"{e.images_per_second:.0f} images/s", f"{e.seconds:.1f} s"]
+    parts.append(f"ETA {_duration(eta)}" if e.epoch + 1 < epochs else "done")
+    return ", ".join(parts)
+
+
 def retrain(
     model: onnx.ModelProto,
     train_data: Any,
@@ -246,7 +286,7 @@ def retrain(
     *,
     teacher: onnx.ModelProto | None = None,
     epochs: int = 1,
-    lr: float = 0.01,
+    lr: float | None = None,
     batch_size: int = 64,
     optimizer: str = "sgd",
     weight_decay: float = 5e-4,
@@ -262,12 +302,25 @@ def retrain(
     features: Sequence[str] = (),
     feature_weight: float = 1.0,
     bn_calibration_samples: int = 1024,
+    augment: str = "auto",
+    label_smoothing: float = 0.0,
+    warmup: float = DEFAULT_WARMUP,
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = False,
+    workers: int | None = None,
 ) -> RetrainResult:
     """Retrain `model` on `train_data`; return the written-back model of the best epoch.
 
-    `train_data`/`val_data`: (x, y) arrays or DataSource-like objects (gathered into arrays once);
-    y may be None (unlabelled) when a teacher is given.
-    The best epoch is the one with the highest validation top-1 (the last one without val data).
+    `train_data`/`val_data`: (x, y) arrays or DataSources (image folders stay on disk and are
+    decoded by `workers` processes; None: the cores where there is decoding or augmentation
+    to do, else 0). y may be None (unlabelled) when a teacher is given.
+    The best epoch is the one with the highest validation top-1; with unlabelled validation
+    data, the highest agreement with the teacher's top-1; the last one without val data.
+    `lr` None: `default_lr(batch_size)`. The schedule warms up linearly over `warmup` (a
+    fraction of all steps), then decays by cosine to 0. `label_smoothing` applies to the
+    cross-entropy terms. `augment`: "auto" (standard for image data read by `open_data`, none
+    for arrays given as model inputs), "none" or "standard" (`onnx_mbs.data.augment`).
+    `checkpoint`: a directory written after every epoch; `resume` continues from it.
     `amp="bf16"` runs forward passes under bf16 autocast; weights and updates stay float32.
     `reinsert_bn`: None (default) re-inserts BatchNorm when the graph is BN-folded (`is_bn_folded`).
     With a teacher (the unreduced graph) the re-inserted BNs take their affine from the teacher's
@@ -276,24 +329,38 @@ def retrain(
     `features`: intermediate tensor names both graphs have, distilled with normalised MSE.
     """
     start = time.perf_counter()
+    lr = default_lr(batch_size) if lr is None else lr
     if epochs < 1 or batch_size < 1 or not (math.isfinite(lr) and lr > 0):
         raise BadInputError(
             f"epochs and batch_size must be at least 1 and lr a positive number (lr {lr})"
         )
-    x_train, y_train = as_arrays(train_data, "training data")
-    x_val, y_val = as_arrays(val_data, "validation data") if val_data is not None else (None, None)
+    if not 0.0 <= label_smoothing < 1.0 or not 0.0 <= warmup < 1.0:
+        raise BadInputError(
+            f"label smoothing and warm-up must be in [0, 1) "
+            f"(label smoothing {label_smoothing}, warm-up {warmup})"
+        )
+    if workers is not None and workers < 0:
+        raise BadInputError(f"workers must be 0 or more, not {workers}")
+    if resume and checkpoint is None:
+        raise BadInputError("--resume continues from a --checkpoint DIR: give one")
+    train = as_samples(train_data, "training data")
+    val = as_samples(val_data, "validation data") if val_data is not None else None
     if amp not in AMP_CHOICES:
         raise BadInputError(f"amp must be one of {', '.join(AMP_CHOICES)}, not {amp!r}")
-    if y_train is None and teacher is None:
+    if not train.labelled and teacher is None:
         raise BadInputError("training data has no labels: give labels or a --teacher to distil")
     if features and teacher is None:
         raise BadInputError("feature distillation needs a --teacher")
-    if x_val is not None and y_val is None:
-        raise BadInputError("validation data has no labels")
+    if val is not None and not val.labelled and teacher is None:
+        raise BadInputError(
+            "validation data has no labels: give labels, or a --teacher to pick the best "
+            "epoch by agreement with it"
+        )
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    given_model, given_teacher = model, teacher
     dev = _pick_device(device, local_rank)
     owns_group = False
     if world > 1 and not dist.is_initialized():
@@ -306,13 +373,53 @@ def retrain(
         original = untie_initializers(model)  # written back into, in its own dtypes
         model = as_float32(original) if is_low_precision(original) else original
         base = OnnxModule(model).to(dev)
-        _check_input(model, base, x_train, "training data")
         local_batch = max(1, batch_size // world)
-        probe_x = torch.from_numpy(x_train[: max(2, min(local_batch, len(x_train)))]).to(dev)
+        _check_input(model, base, train, "training data")
+        probe_np = train.take(np.arange(max(2, min(local_batch, train.count))))[0]
+        probe_x = torch.from_numpy(probe_np).to(dev)
         _probe(base, probe_x, "the model")
         del base
         if reinsert_bn is None:
             reinsert_bn = is_bn_folded(model)
+        recipe = choose_augment(augment, tuple(probe_np.shape), train.preprocess)
+        if workers is None:
+            workers = default_workers() if train.decoded or recipe is not None else 0
+        val_workers = workers if val is not None and val.decoded else 0
+        fingerprint = {
+            "model": ckpt.model_digest(given_model),
+            "teacher": ckpt.model_digest(given_teacher),
+            "training data": _data_digest(train),
+            "validation data": _data_digest(val) if val is not None else "none",
+            "labels": train.labelled,
+            "epochs": epochs,
+            "lr": lr,
+            "batch_size": batch_size,
+            "optimizer": optimizer,
+            "weight_decay": weight_decay,
+            "momentum": momentum,
+            "seed": seed,
+            "distill_alpha": distill_alpha,
+            "temperature": temperature,
+            "amp": amp,
+            "reinsert_bn": bool(reinsert_bn),
+            "losses": [f"{k}={v}" for k, v in sorted(dict(losses or {}).items())],
+            "features": list(features),
+            "feature_weight": feature_weight,
+            "augment": recipe.describe() if recipe is not None else "none",
+            "label_smoothing": label_smoothing,
+            "warmup": warmup,
+            "world_size": world,
+        }
+        saved = None
+        if checkpoint is not None:
+            saved = ckpt.load(checkpoint, fingerprint)
+            if rank == 0:
+                ckpt.prepare(checkpoint)
+        if saved is not None and not resume:
+            raise BadInputError(
+                f"{ckpt.path_in(checkpoint)} holds a checkpoint after epoch {saved['epoch']} of "
+                f"{epochs}: add --resume to continue from it, or give another --checkpoint DIR"
+            )
         train_model, inserted = model, []
         teacher_module, kinds = None, {}
         if teacher is not None:
@@ -321,15 +428,15 @@ def retrain(
             # Checked before the teacher's statistics are measured for the re-inserted BNs.
             teacher_module = OnnxModule(with_outputs(teacher, list(features)))
             teacher_module = teacher_module.to(dev).eval().requires_grad_(False)
-            _check_input(teacher, teacher_module, x_train, "training data (teacher)")
+            _check_input(teacher, teacher_module, train, "training data (teacher)")
             teacher_shapes = _probe(teacher_module, probe_x, "the teacher")
         if reinsert_bn:
             # The teacher (the unreduced graph) gives each BN its target statistics.
-            calib = _batches(x_train, len(probe_x), bn_calibration_samples)
+            calib = _batches(train, len(probe_x), bn_calibration_samples)
             train_model, inserted = reinsert_batchnorm(model, calib, teacher)
         student = OnnxModule(with_outputs(train_model, list(features)))
-        if x_val is not None:
-            _check_input(model, student, x_val, "validation data")
+        if val is not None:
+            _check_input(model, student, val, "validation data")
         student.to(dev).train()
         shapes = _probe(student, probe_x, "the model")
         outputs = {o.name: shapes[o.name] for o in model.graph.output}
@@ -339,22 +446,21 @@ def retrain(
             kinds = choose_losses(outputs, losses)
         elif losses:
             raise BadInputError("--loss chooses distillation losses: it needs a --teacher")
-        labels_used = y_train is not None and logits_name is not None
-        if y_train is not None and not labels_used and teacher is None:
+        labels_used = train.labelled and logits_name is not None
+        if train.labelled and not labels_used and teacher is None:
             raise BadInputError(
                 f"the data has labels but the model has no classifier output (batch, classes) "
                 f"among {list(outputs)}: retrain it with --teacher"
             )
-        if x_val is not None and logits_name is None:
+        if val is not None and logits_name is None:
             raise BadInputError("validation top-1 needs a classifier output (batch, classes)")
-        logits_index = student.output_names.index(logits_name) if logits_name else 0
         net: torch.nn.Module = student
         if world > 1:
             net = torch.nn.parallel.DistributedDataParallel(
                 student, device_ids=[dev.index] if dev.type == "cuda" else None
             )
 
-        per_rank = len(x_train) // world
+        per_rank = train.count // world
         if per_rank < 2:
             raise BadInputError(f"need at least 2 training samples per process, got {per_rank}")
         steps = math.ceil(per_rank / local_batch)
@@ -362,26 +468,58 @@ def retrain(
             steps -= 1  # a batch of one breaks BatchNorm in train mode: drop it
         opt = _optimizer(student, optimizer, lr, weight_decay, momentum)
         total_steps = epochs * steps
+        warmup_steps = round(warmup * total_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total_steps) / total_steps))
+            opt, lambda s: lr_factor(s, total_steps, warmup_steps)
         )
         alpha = distill_alpha if labels_used else 1.0
         show = progress and rank == 0 and sys.stderr.isatty()
+        say = progress and rank == 0
+        schedule = (
+            f"{optimizer} lr {lr:g}, warm-up {warmup_steps} of {total_steps} steps then cosine "
+            f"to 0, batch {batch_size}"
+            + (f", label smoothing {label_smoothing:g}" if label_smoothing else "")
+        )
+        augment_text = recipe.describe() if recipe is not None else "none"
 
         history: list[EpochStats] = []
         best_epoch, best_top1, best_state = 0, -math.inf, None
+        first_epoch = 0
+        if saved is not None:
+            student.load_state_dict(saved["student"])
+            opt.load_state_dict(saved["optimizer"])
+            sched.load_state_dict(saved["schedule"])
+            history = [EpochStats(**h) for h in saved["history"]]
+            best_epoch, best_top1, best_state = (
+                saved["best_epoch"],
+                saved["best_score"],
+                saved["best_state"],
+            )
+            first_epoch = saved["epoch"]
+            ckpt.set_random_states(saved["random"])
+        if say:
+            print(f"augmentation: {augment_text}", file=sys.stderr)
+            print(f"schedule: {schedule}; data workers: {workers}", file=sys.stderr)
+            if saved is not None:
+                print(
+                    f"resuming from {ckpt.path_in(checkpoint)} after epoch {first_epoch}",
+                    file=sys.stderr,
+                )
+            elif checkpoint is not None and resume:
+                print(f"no checkpoint in {checkpoint} yet: starting at epoch 1", file=sys.stderr)
+            sys.stderr.flush()
         train_seconds, images = 0.0, 0
-        for epoch in range(epochs):
+        for epoch in range(first_epoch, epochs):
             t0 = time.perf_counter()
-            order = np.random.default_rng([seed, epoch]).permutation(len(x_train))
-            mine = order[: per_rank * world][rank::world]
+            torch.manual_seed(_epoch_seed(seed, epoch, rank))
+            keys = rank_batches(train.count, seed, epoch, rank, world, local_batch, steps)
             student.train()
             sums = torch.zeros(3, dtype=torch.float64, device=dev)  # loss*n, correct, n
             bar = progress_bar(steps, f"epoch {epoch + 1}/{epochs}", show, unit="step")
             lr_now = opt.param_groups[0]["lr"]
-            for step in range(steps):
-                idx = np.sort(mine[step * local_batch : (step + 1) * local_batch])
-                xb = torch.from_numpy(x_train[idx]).to(dev, non_blocking=True)
+            batches = load_batches(train, keys, recipe, seed, workers)
+            for step, (xb, yb) in enumerate(batches):
+                xb = xb.to(dev, non_blocking=True)
                 with _autocast(dev, amp):
                     out = {k: v.float() for k, v in _named(student, net(xb)).items()}
                 loss = out[student.output_names[0]].new_zeros(())
@@ -393,17 +531,22 @@ def retrain(
                     loss = alpha * distillation_loss(out, soft, kinds, temperature)
                     for name in features:
                         loss = loss + alpha * feature_weight * normalised_mse(out[name], soft[name])
-                yb = None
                 if labels_used:
-                    yb = torch.from_numpy(y_train[idx]).to(dev, non_blocking=True)
-                    ce = F.cross_entropy(_logits(out[logits_name]), yb)
+                    yb = yb.to(dev, non_blocking=True)
+                    ce = F.cross_entropy(
+                        _logits(out[logits_name]), yb, label_smoothing=label_smoothing
+                    )
                     loss = loss + (1 - alpha) * ce if soft is not None else ce
                 elif soft is not None and logits_name is not None:
                     # No labels: the teacher's argmax stands in for them (hard pseudo-labels),
                     # weighted as labels would be.
                     yb = _logits(soft[logits_name]).argmax(1)
-                    ce = F.cross_entropy(_logits(out[logits_name]), yb)
+                    ce = F.cross_entropy(
+                        _logits(out[logits_name]), yb, label_smoothing=label_smoothing
+                    )
                     loss = distill_alpha * loss + (1 - distill_alpha) * ce
+                else:
+                    yb = None
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if not torch.isfinite(loss):
@@ -411,7 +554,7 @@ def retrain(
                 opt.step()
                 sched.step()
                 with torch.no_grad():
-                    n = len(idx)
+                    n = len(xb)
                     hits = (
                         (_logits(out[logits_name]).argmax(1) == yb).sum().double()
                         if yb is not None
@@ -430,18 +573,27 @@ def retrain(
                         s = sums.tolist()
                         bar.set_postfix(loss=f"{s[0] / s[2]:.3f}", acc=f"{s[1] / s[2]:.3f}")
             bar.close()
-            train_seconds += time.perf_counter() - t0
+            seconds = time.perf_counter() - t0
+            train_seconds += seconds
             loss_sum, correct, count = _all_sum(sums.tolist(), dev, world)
             images += int(count)
 
-            val_top1 = math.nan
-            if x_val is not None:
-                shard = np.arange(rank, len(x_val), world)
-                c, k = top1(
-                    student, x_val[shard], y_val[shard], max(local_batch, 64), dev, logits_index
+            val_top1 = val_agreement = math.nan
+            if val is not None:
+                hits, total = _validate(
+                    student,
+                    teacher_module if not val.labelled else None,
+                    val,
+                    (rank, world, max(local_batch, 64)),
+                    dev,
+                    logits_name,
+                    val_workers,
                 )
-                c, k = _all_sum([float(c), float(k)], dev, world)
-                val_top1 = c / k
+                hits, total = _all_sum([float(hits), float(total)], dev, world)
+                if val.labelled:
+                    val_top1 = hits / total
+                else:
+                    val_agreement = hits / total
             history.append(
                 EpochStats(
                     epoch=epoch,
@@ -450,17 +602,43 @@ def retrain(
                     val_top1=val_top1,
                     lr=lr_now,
                     seconds=time.perf_counter() - t0,
+                    images_per_second=count / seconds if seconds > 0 else 0.0,
+                    val_agreement=val_agreement,
                 )
             )
-            score = val_top1 if x_val is not None else float(epoch)
+            score = (
+                (val_top1 if val.labelled else val_agreement) if val is not None else float(epoch)
+            )
             if score > best_top1:
                 best_epoch, best_top1 = epoch, score
                 best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+            if say:
+                done = history[first_epoch:]
+                eta = sum(h.seconds for h in done) / len(done) * (epochs - epoch - 1)
+                print(epoch_line(history[-1], epochs, eta), file=sys.stderr, flush=True)
+            if checkpoint is not None and rank == 0:
+                ckpt.save(
+                    checkpoint,
+                    {
+                        "fingerprint": fingerprint,
+                        "epoch": epoch + 1,
+                        "student": student.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "schedule": sched.state_dict(),
+                        "history": [asdict(h) for h in history],
+                        "best_epoch": best_epoch,
+                        "best_score": best_top1,
+                        "best_state": best_state,
+                        "random": ckpt.random_states(),
+                        # Epoch e's order is epoch_order(count, seed, e): seed and e fix it.
+                        "data_order": {"seed": seed, "samples": train.count, "next": epoch + 1},
+                    },
+                )
         if best_state is not None and best_epoch != epochs - 1:
             student.load_state_dict(best_state)
         if inserted:
             _recalibrate_inserted(
-                student, inserted, _batches(x_train, len(probe_x), bn_calibration_samples), dev
+                student, inserted, _batches(train, len(probe_x), bn_calibration_samples), dev
             )
         student.eval()
         if not all(bool(torch.isfinite(p).all()) for p in student.state_dict().values()):
@@ -485,7 +663,41 @@ def retrain(
         bn_reinserted=len(inserted),
         losses=kinds,
         labels_used=labels_used,
+        augment=augment_text,
+        schedule=schedule,
+        workers=workers,
+        resumed_from=first_epoch,
     )
+
+
+@torch.no_grad()
+def _validate(
+    student: OnnxModule,
+    teacher: OnnxModule | None,
+    val: Samples,
+    shard: tuple[int, int, int],
+    dev: torch.device,
+    logits_name: str,
+    workers: int,
+) -> tuple[int, int]:
+    """(hits, count) on this rank's share of `val`: top-1 against the labels, or, given a
+    teacher, agreement with the teacher's top-1. Non-finite rows never count."""
+    rank, world, size = shard
+    mine = np.arange(rank, val.count, world)
+    keys = [(0, mine[i : i + size]) for i in range(0, len(mine), size)]
+    student.eval()
+    hits = 0
+    for xb, yb in load_batches(val, keys, None, 0, workers):
+        xb = xb.to(dev)
+        logits = _logits(_named(student, student(xb))[logits_name])
+        pred = torch.where(torch.isfinite(logits).all(1), logits.argmax(1), -1)
+        if teacher is not None:
+            target = _logits(_named(teacher, teacher(xb))[logits_name]).argmax(1)
+        else:
+            target = yb.to(dev)
+        hits += int((pred == target).sum())
+    student.train()
+    return hits, len(mine)
 
 
 def _check_teacher(
@@ -545,14 +757,16 @@ def recalibrate_model(
             "the model has no BatchNormalization (folded into its Convs): recalibration has "
             "nothing to re-estimate; retrain it instead (BatchNorm is re-inserted there)"
         )
-    x, _ = as_arrays(data, "calibration data")
-    if len(x) < 2:
+    samples = as_samples(data, "calibration data")
+    if samples.count < 2:
         raise BadInputError("BN recalibration needs at least 2 samples")
     original = untie_initializers(model)
     model = as_float32(original) if is_low_precision(original) else original
     module = OnnxModule(model)
-    _check_input(model, module, x, "calibration data")
+    _check_input(model, module, samples, "calibration data")
     dev = _pick_device(device, 0)
     module.to(dev).eval()
-    count = recalibrate(module, (b.to(dev) for b in _batches(x, batch_size, len(x)) if len(b) > 1))
+    count = recalibrate(
+        module, (b.to(dev) for b in _batches(samples, batch_size, samples.count) if len(b) > 1)
+    )
     return write_back(original, module.eval()), count

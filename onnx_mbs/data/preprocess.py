@@ -8,7 +8,7 @@ function resizes, converts channels and normalises, so a folder of PNGs and an
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
@@ -32,15 +32,24 @@ class Preprocess:
     scale: str = "/255"  # how raw pixels reach [0, 1], in words
     divisor: float = 255.0  # raw pixels / divisor are in [0, 1]
     layout: str = "NCHW"  # the model input's layout: NHWC models get channels last
+    origin: str = field(default="", compare=False)  # where mean/std came from, in words
 
     def describe(self) -> str:
         kind = {1: " (grayscale)", 3: " (RGB)"}.get(self.channels, "")
         plural = "" if self.channels == 1 else "s"
+        origin = f" ({self.origin})" if self.origin else ""
         return (
             f"{self.layout} input, resize to {self.size[0]}x{self.size[1]}, "
             f"{self.channels} channel{plural}{kind}, {self.scale}, "
-            f"mean {_numbers(self.mean)} std {_numbers(self.std)}"
+            f"mean {_numbers(self.mean)} std {_numbers(self.std)}{origin}"
         )
+
+    def metadata(self) -> dict[str, str]:
+        """mean/std as the model's metadata_props record them (exact, one per channel)."""
+        return {
+            MEAN_KEY: ",".join(repr(float(v)) for v in self.mean),
+            STD_KEY: ",".join(repr(float(v)) for v in self.std),
+        }
 
 
 def _numbers(values: tuple[float, ...]) -> str:
@@ -74,6 +83,20 @@ def normalisation(
     if any(not s > 0 for s in stds):
         raise BadInputError(f"std must be positive for every channel, got {stds}")
     return means, stds
+
+
+def normalisation_origin(mean: object, std: object, metadata: Mapping[str, str] | None) -> str:
+    """Where `normalisation` takes mean and std from, in words: given values win over the
+    model's metadata, which wins over the defaults."""
+    metadata = metadata or {}
+
+    def origin(value: object, key: str) -> str:
+        if value is not None:
+            return "as given"
+        return "from the model's metadata" if key in metadata else "by default"
+
+    first, second = origin(mean, MEAN_KEY), origin(std, STD_KEY)
+    return first if first == second else f"mean {first}, std {second}"
 
 
 def _per_channel(what: str, value: object, channels: int) -> tuple[float, ...]:

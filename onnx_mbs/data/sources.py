@@ -7,6 +7,7 @@ image when its batch is built, so memory stays flat in the number of images.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,16 +70,19 @@ class ArraySource:
     def batches(self, batch_size: int) -> Iterator[Batch]:
         check_batch_size(batch_size)
         for start in range(0, len(self.raw), batch_size):
-            raw = self.raw[start : start + batch_size]
-            if self.layout is None or self.preprocess is None:
-                x = raw
-            else:
-                x = apply(to_unit_nchw(raw, self.layout, self.preprocess.divisor), self.preprocess)
-            extra = {name: a[start : start + batch_size] for name, a in self.extra.items()}
-            for array in (x, *extra.values()):
-                check_finite(array, start, self.description)
-            y = None if self.labels is None else self.labels[start : start + batch_size]
-            yield Batch(x, y, extra)
+            yield self.take(np.arange(start, min(start + batch_size, len(self.raw))))
+
+    def take(self, indices: np.ndarray) -> Batch:
+        """The preprocessed samples at `indices` (any order), for shuffled training."""
+        raw = self.raw[indices]
+        if self.layout is None or self.preprocess is None:
+            x = raw
+        else:
+            x = apply(to_unit_nchw(raw, self.layout, self.preprocess.divisor), self.preprocess)
+        extra = {name: array[indices] for name, array in self.extra.items()}
+        for array in (x, *extra.values()):
+            check_finite(array, indices, self.description)
+        return Batch(x, None if self.labels is None else self.labels[indices], extra)
 
 
 class ImageFolderSource:
@@ -104,11 +108,13 @@ class ImageFolderSource:
     def batches(self, batch_size: int) -> Iterator[Batch]:
         check_batch_size(batch_size)
         for start in range(0, len(self.files), batch_size):
-            files = self.files[start : start + batch_size]
-            x = np.concatenate([self._load(path) for path in files])
-            check_finite(x, start, self.description)
-            y = None if self.labels is None else self.labels[start : start + batch_size]
-            yield Batch(x, y)
+            yield self.take(np.arange(start, min(start + batch_size, len(self.files))))
+
+    def take(self, indices: np.ndarray) -> Batch:
+        """The samples at `indices` (any order), each decoded and preprocessed here."""
+        x = np.concatenate([self._load(self.files[i]) for i in indices])
+        check_finite(x, indices, self.description)
+        return Batch(x, None if self.labels is None else self.labels[indices])
 
     def _load(self, path: Path) -> np.ndarray:
         mode = "L" if self.preprocess.channels == 1 else "RGB"
@@ -126,13 +132,13 @@ def check_batch_size(batch_size: int) -> None:
         raise BadInputError(f"batch size must be at least 1, got {batch_size}")
 
 
-def check_finite(x: np.ndarray, start: int, description: str) -> None:
+def check_finite(x: np.ndarray, indices: np.ndarray, description: str) -> None:
     """Refuse NaN/inf early, naming the sample, instead of letting them poison statistics."""
     if not np.issubdtype(x.dtype, np.floating):
         return
     finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
     if not finite.all():
-        sample = start + int(np.argmin(finite))
+        sample = int(indices[int(np.argmin(finite))])
         raise BadInputError(
             f"sample {sample} contains NaN or inf values ({description}); fix or drop that sample"
         )
@@ -155,3 +161,10 @@ def to_arrays(source: DataSource) -> tuple[np.ndarray, np.ndarray | None]:
     if not xs:
         raise BadInputError(f"no samples in {source.description}")
     return np.concatenate(xs), (np.concatenate(ys) if ys else None)
+
+
+def default_workers() -> int:
+    """Data-loading processes by default: the cores this process may use, shared among the
+    processes of one torchrun node."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))

@@ -17,6 +17,7 @@ from onnx_mbs.data.preprocess import (
     check_pixel_dtype,
     model_chw,
     normalisation,
+    normalisation_origin,
     pixel_scale,
     raw_channels,
     raw_layout,
@@ -81,9 +82,12 @@ def open_data(
         input_shape = [dims[0], dims[3], dims[1], dims[2]] if len(dims) == 4 else dims
     channels, height, width = model_chw(input_shape)
     means, stds = normalisation(mean, std, channels, metadata)
+    origin = normalisation_origin(mean, std, metadata)
 
     def preprocess(scale: tuple[str, float]) -> Preprocess:
-        return Preprocess((height, width), channels, means, stds, *scale, layout=layout)
+        return Preprocess(
+            (height, width), channels, means, stds, *scale, layout=layout, origin=origin
+        )
 
     if path.is_dir() and idx.is_idx_folder(path):
         if named_split is None and split is None:

@@ -6,6 +6,8 @@
                                      OnnxFromPath and SaveOnnx
     onnx_mbs.interop.graphsurgeon    to_model: an onnx-graphsurgeon Graph as a
                                      ModelProto; `reduce` accepts a Graph directly
+    onnx_mbs.interop.olive           MacroblockScaling: a Microsoft Olive pass, and
+                                     package_config() that registers it (extra: olive)
 
 Each submodule imports its package; this one imports none, so `as_model` can
 recognise a graphsurgeon Graph without making onnx-graphsurgeon a dependency.
@@ -26,8 +28,8 @@ def as_model(model: Any) -> Any:
     return model
 
 
-def missing(package: str, error: ImportError) -> ImportError:
+def missing(package: str, error: ImportError, extra: str = "interop") -> ImportError:
     """The error to raise when an optional interop package is not installed."""
     return ImportError(
-        f"onnx_mbs.interop needs {package}: pip install 'onnx-mbs[interop]' ({error})"
+        f"onnx_mbs.interop needs {package}: pip install 'onnx-mbs[{extra}]' ({error})"
     )

@@ -1,0 +1,319 @@
+"""The paper's regime, measured: reduce, then retrain long enough, and compare with the baseline.
+
+Both converged baselines (ResNet-20 and ResNet-56 on Fashion-MNIST) are reduced to MBS's default
+size, to params=0.3 and to flops=0.5, by MBS, by the default strategy (`--strategy auto`, an arm
+recorded as pending until this checkout has it) and by uniform scaling at the same size (at
+"default", uniform matches MBS's parameter fraction). Each reduced model is retrained with the
+full recipe -- the baseline as teacher plus the labels, standard augmentation, warm-up then
+cosine at the batch-scaled default learning rate -- for `--epochs` passes over the 60,000
+training images, with `--seeds` seeds, and scored top-1 on the 10,000 test images (onnxruntime).
+
+Rows are written to the JSON as they finish; a rerun skips finished rows and resumes an
+unfinished row from its checkpoint (one per row under --work), so the run continues across
+sessions. Until every row is done the file says "partial": true.
+
+    python bench/long_regime.py [--archs resnet20,resnet56] [--seeds 2] [--epochs 3]
+        [--out bench/results/long_regime.json] [--work bench/results/tmp/long_regime]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from experiment import MATCH_TOLERANCE, budget_text, match_error, sizes, target
+
+from onnx_mbs.bridge import retrain
+from onnx_mbs.evaluate import evaluate
+from onnx_mbs.passes import BadInputError, load_model
+from onnx_mbs.pipeline import open_for_model, reduce
+from onnx_mbs.plan import STRATEGIES
+
+BASELINES = {
+    "resnet20": "models/bundled/resnet20_fmnist_e8.onnx",
+    "resnet56": "models/bundled/resnet56_fmnist_e7.onnx",
+}
+BUDGETS = ("default", "params=0.3", "flops=0.5")
+ARMS = ("mbs", "auto", "uniform")
+DATA = "/usr/share/datasets/fashion-mnist"
+PROVIDERS = ["CPUExecutionProvider"]
+CALIBRATION_IMAGES = 1024  # the reduction's statistics: the first images of the train split
+RECIPE = (
+    "onnx_mbs.bridge.retrain defaults with the baseline as teacher: loss = 0.5 KL(T=4) + 0.5 "
+    "cross-entropy on the labels; SGD momentum 0.9, wd 5e-4 (not on BN/bias); lr 0.01 x batch "
+    "/ 64, linear warm-up over 5% of the steps then cosine to 0; --augment standard (random "
+    "28x28 crop of the image padded by 4 px, horizontal flip); no label smoothing; the last "
+    "epoch is kept (no validation split: the test set is never looked at during training)"
+)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--archs", default="resnet20,resnet56")
+    p.add_argument("--budgets", default=",".join(BUDGETS))
+    p.add_argument("--arms", default=",".join(ARMS))
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--train-images", type=int, default=None, help="default: all 60,000")
+    p.add_argument("--test-images", type=int, default=None, help="default: all 10,000")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (2 ran 5-7x slower than 1 when shared)",
+    )
+    p.add_argument("--workers", type=int, default=None, help="data workers (default: cores)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data", default=DATA)
+    p.add_argument("--out", default="bench/results/long_regime.json")
+    p.add_argument("--work", default="bench/results/tmp/long_regime")
+    return p.parse_args(argv)
+
+
+class Run:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.a = args
+        self.out = Path(args.out)
+        self.work = Path(args.work)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.results: dict[str, Any] = (
+            json.loads(self.out.read_text())
+            if self.out.exists()
+            else {"baselines": {}, "reductions": [], "rows": []}
+        )
+        self.results.update(
+            command="nice -n 15 python " + " ".join(sys.argv),
+            recipe=RECIPE,
+            environment={
+                "torch": torch.__version__,
+                "threads": args.threads,
+                "cpu_count": os.cpu_count(),
+                "machine": platform.machine(),
+            },
+        )
+        self.archs = args.archs.split(",")
+        self.budgets = args.budgets.split(",")
+        self.arms = args.arms.split(",")
+
+    def save(self) -> None:
+        self.results["summary"] = summary(self.results)
+        wanted = len(self.archs) * len(self.budgets) * len(self.arms) * self.a.seeds
+        done = len([r for r in self.results["rows"] if r.get("status") == "done"])
+        self.results["partial"] = done < wanted
+        self.results["rows_done"] = f"{done} of {wanted}"
+        partial = self.out.with_suffix(".json.partial")
+        partial.write_text(json.dumps(self.results, indent=1) + "\n")
+        os.replace(partial, self.out)
+
+    def source(self, split: str, model: onnx.ModelProto, limit: int | None):
+        return open_for_model(f"{self.a.data}:{split}", load_model(model), limit=limit)
+
+    def top1(self, model: onnx.ModelProto) -> float:
+        source = self.source("test", model, self.a.test_images)
+        return evaluate(model, source, PROVIDERS, progress=False).top1
+
+    def baseline(self, arch: str) -> dict[str, Any]:
+        if arch not in self.results["baselines"]:
+            model = onnx.load(BASELINES[arch])
+            params, macs = sizes(model)
+            self.results["baselines"][arch] = {
+                "path": BASELINES[arch],
+                "params": params,
+                "macs": macs,
+                "test_top1": self.top1(model),
+            }
+            self.save()
+        return self.results["baselines"][arch]
+
+    def reduction(self, arch: str, budget: str, arm: str) -> dict[str, Any]:
+        """The reduced model of (arch, budget, arm), reduced once and kept under --work."""
+        for cell in self.results["reductions"]:
+            if (cell["arch"], cell["budget"], cell["arm"]) == (arch, budget, arm):
+                if "path" not in cell or Path(cell["path"]).exists():
+                    return cell
+                # Another checkout (--work is not committed): reduce again, same inputs.
+                self.results["reductions"].remove(cell)
+                break
+        cell: dict[str, Any] = {"arch": arch, "budget": budget, "arm": arm}
+        strategy = "mbs" if arm == "mbs" else arm
+        if strategy not in STRATEGIES:
+            cell.update(status="pending", reason=f"--strategy {strategy} is not on this branch yet")
+            return cell  # not recorded: a later checkout may have it
+        matched = budget == "default" and arm != "mbs"  # to MBS's own default size
+        default = self.reduction(arch, "default", "mbs") if matched else None
+        metric, fraction = target(budget, default.get("params_fraction") if default else None)
+        base = self.baseline(arch)
+        model, _ = reduce(
+            onnx.load(BASELINES[arch]),
+            f"{self.a.data}:train",
+            budget=None if fraction is None else budget_text(metric, fraction),
+            strategy=strategy,
+            providers="cpu",
+            channel_multiple=1,
+            limit=CALIBRATION_IMAGES,
+            evaluate_accuracy=False,
+            progress=False,
+        )
+        params, macs = sizes(model)
+        path = self.work / f"{arch}_{budget.replace('=', '')}_{arm}.onnx"
+        onnx.save(model, path)
+        cell.update(
+            status="reduced",
+            path=str(path),
+            metric=metric,
+            target_fraction=fraction,
+            params_fraction=params / base["params"],
+            macs_fraction=macs / base["macs"],
+            top1_before_retraining=self.top1(model),
+        )
+        if fraction is not None:
+            cell["match_error"] = match_error(cell[f"{metric}_fraction"], fraction)
+            if cell["match_error"] > MATCH_TOLERANCE:
+                cell["status"] = "unmatched"
+        self.results["reductions"].append(cell)
+        self.save()
+        print(
+            f"{arch} {budget} {arm}: params {cell['params_fraction']:.1%}, MACs "
+            f"{cell['macs_fraction']:.1%}, top-1 before retraining "
+            f"{cell['top1_before_retraining']:.2%} ({cell['status']})",
+            flush=True,
+        )
+        return cell
+
+    def row(self, arch: str, budget: str, arm: str, seed: int) -> None:
+        key = (arch, budget, arm, seed, self.a.epochs)
+        rows = self.results["rows"]
+        if any(
+            (r["arch"], r["budget"], r["arm"], r["seed"], r["epochs"]) == key
+            and r["status"] == "done"
+            for r in rows
+        ):
+            return
+        cell = self.reduction(arch, budget, arm)
+        row: dict[str, Any] = {
+            "arch": arch,
+            "arm": arm,
+            "budget": budget,
+            "epochs": self.a.epochs,
+            "seed": seed,
+        }
+        if cell["status"] != "reduced":
+            row.update(status=cell["status"], reason=cell.get("reason", "size not matched"))
+            self._put(row)
+            return
+        model = onnx.load(cell["path"])
+        teacher = onnx.load(BASELINES[arch])
+        train = self.source("train", model, self.a.train_images)
+        name = f"{arch}_{budget.replace('=', '')}_{arm}_s{seed}_e{self.a.epochs}"
+        print(f"{name}: retraining on {train.description}", flush=True)
+        t0 = time.perf_counter()
+        result = retrain(
+            model,
+            train,
+            teacher=teacher,
+            epochs=self.a.epochs,
+            batch_size=self.a.batch_size,
+            seed=seed,
+            device=self.a.device,
+            checkpoint=self.work / "checkpoints" / name,
+            resume=True,
+            workers=self.a.workers,
+        )
+        test_top1 = self.top1(result.model)
+        base = self.results["baselines"][arch]["test_top1"]
+        row.update(
+            status="done",
+            train_images=len(train),
+            device=result.device,
+            test_top1=test_top1,
+            baseline_top1=base,
+            loss_points=100 * (base - test_top1),
+            params_fraction=cell["params_fraction"],
+            macs_fraction=cell["macs_fraction"],
+            augment=result.augment,
+            schedule=result.schedule,
+            final_train_loss=result.history[-1].train_loss,
+            resumed_from_epoch=result.resumed_from,
+            seconds_this_session=time.perf_counter() - t0,
+            images_per_second=result.images_per_second,
+        )
+        self._put(row)
+        print(
+            f"{name}: test top-1 {test_top1:.2%} (baseline {base:.2%}, "
+            f"loss {row['loss_points']:+.2f} points)",
+            flush=True,
+        )
+
+    def _put(self, row: dict[str, Any]) -> None:
+        key = ("arch", "budget", "arm", "seed", "epochs")
+        rows = self.results["rows"]
+        rows[:] = [r for r in rows if any(r[k] != row[k] for k in key)] + [row]
+        self.save()
+
+    def run(self) -> None:
+        for arch in self.archs:  # ResNet-20 first: all its rows before ResNet-56
+            self.baseline(arch)
+            for seed in range(self.a.seeds):  # one seed of every cell before the next seed
+                for budget in self.budgets:
+                    for arm in self.arms:
+                        self.row(arch, budget, arm, seed)
+        self.save()
+        print(f"wrote {self.out} ({self.results['rows_done']} rows done)", flush=True)
+
+
+def summary(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per (arch, budget, arm, epochs): mean top-1 over seeds, baseline, loss in points, and the
+    difference from uniform at the same size."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in results["rows"]:
+        if r.get("status") == "done":
+            groups.setdefault((r["arch"], r["budget"], r["arm"], r["epochs"]), []).append(r)
+    out = []
+    for (arch, budget, arm, epochs), rows in sorted(groups.items()):
+        tops = [r["test_top1"] for r in rows]
+        base = rows[0]["baseline_top1"]
+        entry = {
+            "arch": arch,
+            "budget": budget,
+            "arm": arm,
+            "epochs": epochs,
+            "seeds": len(rows),
+            "test_top1_mean": statistics.mean(tops),
+            "test_top1_std": statistics.stdev(tops) if len(tops) > 1 else 0.0,
+            "baseline": base,
+            "loss_points": 100 * (base - statistics.mean(tops)),
+            "params_fraction": rows[0]["params_fraction"],
+            "macs_fraction": rows[0]["macs_fraction"],
+        }
+        uniform = groups.get((arch, budget, "uniform", epochs))
+        if arm != "uniform" and uniform:
+            entry["points_above_uniform"] = 100 * (
+                statistics.mean(tops) - statistics.mean(r["test_top1"] for r in uniform)
+            )
+        out.append(entry)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    try:
+        Run(args).run()
+    except BadInputError as error:
+        print(f"long_regime: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

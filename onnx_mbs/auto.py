@@ -1,0 +1,48 @@
+"""`--strategy auto`: the strategy each budget metric gets, from what the experiment measured.
+
+The table below is generated from the experiment's results by
+`python bench/experiment.py --auto-table` (tests/test_experiment.py checks it still
+matches them): per metric, the strategy whose retrained models were the most accurate on
+average over both baselines and that metric's budgets. A metric is read from the newest
+results where every arm has every seed at every one of its budgets; until then from the
+older ones. A metric no experiment measured follows the nearest one measured, and says so.
+An explicit `--strategy` always wins over this table.
+"""
+
+from __future__ import annotations
+
+from onnx_mbs.plan import Budget
+
+# metric -> (strategy, why). Generated: do not edit by hand.
+AUTO = {
+    "params": (
+        "mbs",
+        "at params budgets mbs was the most accurate after retraining: mean top-1 0.8571 "
+        "(mbs) against 0.8330 (uniform), 0.8178 (global), mbs-cost not measured; "
+        "resnet20, resnet56 at params=0.5, params=0.3, "
+        "bench/results/experiment_issue16.json",
+    ),
+    "flops": (
+        "uniform",
+        "at flops budgets uniform was the most accurate after retraining: mean top-1 "
+        "0.8847 (uniform) against 0.8117 (mbs), 0.8822 (global), mbs-cost not measured; "
+        "resnet20, resnet56 at flops=0.5, bench/results/experiment_issue16.json",
+    ),
+    "latency": (
+        "uniform",
+        "latency budgets not measured yet: the flops budgets' winner (uniform)",
+    ),
+}
+
+
+def choose_strategy(budget: Budget | None) -> tuple[str, str]:
+    """(strategy, why) for `budget`. Without one MBS runs (the paper's own widths, which the
+    other strategies are matched to). With several metrics, the first that is not `params`
+    decides: compute budgets are where the strategies differ most."""
+    if budget is None:
+        return "mbs", "auto: no budget, so MBS's own widths (the paper's method)"
+    metrics = [m for m, _ in budget.limits]
+    metric = next((m for m in metrics if m != "params"), metrics[0])
+    strategy, why = AUTO[metric]
+    also = f" (of {', '.join(metrics)}, {metric} decides)" if len(metrics) > 1 else ""
+    return strategy, f"auto{also}: {why}"

@@ -1,0 +1,121 @@
+"""Retraining checkpoints: everything needed to continue a run after any epoch, written atomically.
+
+One file, DIR/checkpoint.pt, replaced after every epoch (written beside it, then renamed, so a
+job killed while writing leaves the previous epoch's file whole). It holds the weights, the
+optimizer and schedule states, the epoch count done, the history, the best epoch so far (its
+weights too), the random states (torch, CUDA, numpy, python) and what fixes the data order
+(the seed; the order of epoch e is a function of (seed, e)). A fingerprint of the model, the
+teacher and every option that changes training refuses a checkpoint written for another run.
+Saved with tensors and plain Python values only, so it loads with torch's weights_only reader.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from onnx_mbs.passes.errors import BadInputError
+
+FILE = "checkpoint.pt"
+
+
+def path_in(directory: str | os.PathLike) -> Path:
+    return Path(directory) / FILE
+
+
+def model_digest(model: onnx.ModelProto | None) -> str:
+    if model is None:
+        return "none"
+    return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
+
+
+def random_states() -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "python": _plain(random.getstate()),
+    }
+
+
+def set_random_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def _plain(value: Any) -> Any:
+    return [_plain(v) for v in value] if isinstance(value, tuple) else value
+
+
+def save(directory: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Write `state` as DIR/checkpoint.pt atomically (temporary file, fsync, rename)."""
+    target = path_in(directory)
+    partial = target.with_name(f".{FILE}.{os.getpid()}.partial")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(partial, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, target)
+    except OSError as error:
+        _remove(partial)
+        raise BadInputError(
+            f"cannot write checkpoint {target}: {error.strerror or error}; the previous "
+            "epoch's checkpoint is unchanged"
+        ) from None
+    except BaseException:
+        _remove(partial)
+        raise
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(OSError):  # where it cannot be removed, nothing was written
+        path.unlink(missing_ok=True)
+
+
+def prepare(directory: str | os.PathLike) -> None:
+    """Make DIR, so that an unwritable one is refused before training rather than after."""
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise BadInputError(
+            f"cannot use {directory} as the checkpoint directory: {error.strerror or error}"
+        ) from None
+
+
+def load(directory: str | os.PathLike, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint in DIR (None when there is none); refused when it was written for another
+    model or other options, naming what differs."""
+    target = path_in(directory)
+    if not target.exists():
+        return None
+    try:
+        state = torch.load(target, map_location="cpu", weights_only=True)
+    except Exception as error:  # any unreadable file: one line, not a traceback
+        raise BadInputError(
+            f"cannot read checkpoint {target} ({type(error).__name__}); remove it to start over"
+        ) from None
+    theirs = state.get("fingerprint", {}) if isinstance(state, dict) else {}
+    keys = set(theirs) | set(fingerprint)
+    differ = sorted(k for k in keys if theirs.get(k) != fingerprint.get(k))
+    if differ:
+        raise BadInputError(
+            f"checkpoint {target} was written for another run (differs in: {', '.join(differ)}); "
+            "resume with the same model, data and options, or give another --checkpoint DIR"
+        )
+    return state

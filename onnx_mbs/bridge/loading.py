@@ -1,0 +1,154 @@
+"""Training batches: shuffled per epoch, decoded and augmented in worker processes, prefetched.
+
+The order is a permutation seeded with (seed, epoch), and a batch is a pure function of
+(epoch, its sample indices): workers only change who computes it, never what, so `workers` does
+not change the samples, their order or their augmentation (torch's DataLoader keeps the order).
+Image folders stay on disk (a batch's files are decoded when the batch is built); arrays and
+npz/IDX pixels stay in memory and are preprocessed a batch at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from onnx_mbs.data import to_arrays
+from onnx_mbs.data.augment import Augment
+from onnx_mbs.data.preprocess import Preprocess
+from onnx_mbs.passes.errors import BadInputError
+
+PREFETCH_BATCHES = 4  # per worker
+
+
+@dataclass
+class Samples:
+    """Indexable samples: `take(indices)` gives (x float32 model inputs, y int64 or None)."""
+
+    source: Any  # an object with take(indices) -> Batch, or None for arrays
+    x: np.ndarray | None
+    y: np.ndarray | None
+    count: int
+    labelled: bool
+    preprocess: Preprocess | None
+    decoded: bool  # samples are decoded from files when taken (worth worker processes)
+
+    def take(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        if self.source is None:
+            return self.x[indices], (None if self.y is None else self.y[indices])
+        batch = self.source.take(indices)
+        x = np.ascontiguousarray(batch.x, dtype=np.float32)
+        y = batch.y.astype(np.int64) if self.labelled and batch.y is not None else None
+        return x, y
+
+
+def as_samples(data: Any, what: str) -> Samples:
+    """Samples from an (x, y) pair of arrays or a DataSource (read on demand where it can be)."""
+    if hasattr(data, "take") and hasattr(data, "batches"):
+        labels = getattr(data, "labels", None)
+        return Samples(
+            data,
+            None,
+            None,
+            len(data),
+            labels is not None,
+            getattr(data, "preprocess", None),
+            hasattr(data, "files"),
+        )
+    if isinstance(data, tuple) and len(data) == 2:
+        x, y = data
+    elif hasattr(data, "batches"):
+        x, y = to_arrays(data)
+    else:
+        raise BadInputError(f"{what} must be an (x, y) pair of arrays or a DataSource")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if y is not None:
+        y = np.asarray(y).astype(np.int64, copy=False).reshape(-1)
+        if len(y) != len(x):
+            raise BadInputError(f"{what} has {len(x)} inputs but {len(y)} labels")
+    return Samples(None, x, y, len(x), y is not None, None, False)
+
+
+def without_labels(samples: Samples) -> Samples:
+    return Samples(
+        samples.source,
+        samples.x,
+        None,
+        samples.count,
+        False,
+        samples.preprocess,
+        samples.decoded,
+    )
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Builds one batch from its key (epoch, indices); errors come back as values so that the
+    main process can refuse in one line rather than with a worker's traceback."""
+
+    def __init__(self, samples: Samples, augment: Augment | None, seed: int) -> None:
+        self.samples = samples
+        self.augment = augment
+        self.seed = seed
+
+    def __getitem__(self, key: tuple[int, np.ndarray]) -> Any:
+        epoch, indices = key
+        try:
+            x, y = self.samples.take(indices)
+            if self.augment is not None:
+                x = self.augment(x, indices, self.seed, epoch)
+        except BadInputError as error:
+            return str(error)
+        return torch.from_numpy(x), (None if y is None else torch.from_numpy(y))
+
+    def __len__(self) -> int:
+        return 0
+
+
+def _identity(batch: Any) -> Any:
+    return batch
+
+
+def load_batches(
+    samples: Samples,
+    keys: Sequence[tuple[int, np.ndarray]],
+    augment: Augment | None,
+    seed: int,
+    workers: int,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """The batches `keys` name, in their order, built by `workers` processes (0: this one)."""
+    dataset = _Batches(samples, augment, seed)
+    if workers == 0:
+        built: Any = (dataset[key] for key in keys)
+    else:
+        built = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=None,
+            sampler=list(keys),
+            num_workers=workers,
+            collate_fn=_identity,
+            prefetch_factor=PREFETCH_BATCHES,
+        )
+    for batch in built:
+        if isinstance(batch, str):
+            raise BadInputError(batch)
+        yield batch
+
+
+def epoch_order(count: int, seed: int, epoch: int) -> np.ndarray:
+    """The epoch's permutation of sample indices: a function of (seed, epoch) alone."""
+    return np.random.default_rng([seed, epoch]).permutation(count)
+
+
+def rank_batches(
+    count: int, seed: int, epoch: int, rank: int, world: int, local_batch: int, steps: int
+) -> list[tuple[int, np.ndarray]]:
+    """This rank's batch keys of one epoch: the permutation split into `world` shards."""
+    per_rank = count // world
+    mine = epoch_order(count, seed, epoch)[: per_rank * world][rank::world]
+    return [
+        (epoch, np.sort(mine[step * local_batch : (step + 1) * local_batch]))
+        for step in range(steps)
+    ]

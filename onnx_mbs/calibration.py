@@ -1,0 +1,57 @@
+"""--data as onnxruntime's quantisation reads calibration data, for quantising after reduction.
+
+    from onnxruntime.quantization import QuantFormat, quantize_static
+    from onnx_mbs.calibration import CalibrationReader
+
+    quantize_static("small.onnx", "small.int8.onnx",
+                    CalibrationReader("calib.npz", "small.onnx"), quant_format=QuantFormat.QDQ)
+
+The samples are preprocessed as every onnx-mbs command does (resize, channels, the
+mean/std recorded in the model's metadata unless given), so the quantised model is
+calibrated on what it will see.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import CalibrationDataReader
+
+from onnx_mbs.data.fit import open_for_model
+from onnx_mbs.passes.load import read_model
+
+
+class CalibrationReader(CalibrationDataReader):
+    """Input dicts of `batch_size` preprocessed samples of `data` (a --data spec) for `model`;
+    `rewind()` starts again (onnxruntime's calibrators may read twice)."""
+
+    def __init__(
+        self,
+        data: Any,
+        model: str | os.PathLike | onnx.ModelProto,
+        batch_size: int = 64,
+        limit: int | None = None,
+        mean: Any = None,
+        std: Any = None,
+    ) -> None:
+        self.source = open_for_model(
+            data, read_model(model), mean=mean, std=std, limit=limit, split="train"
+        )
+        self.batch_size = batch_size
+        self._batches: Iterator[dict[str, np.ndarray]] | None = None
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._batches is None:
+            self.rewind()
+        return next(self._batches, None)
+
+    def rewind(self) -> None:
+        name = self.source.input_name
+        self._batches = ({name: b.x} for b in self.source.batches(self.batch_size))
+
+    def __len__(self) -> int:
+        return -(-len(self.source) // self.batch_size)

@@ -1,0 +1,260 @@
+"""`--strategy mbs-cost` (MBS's worth of a channel against its cost in the budget's metric)
+and `--strategy auto` (the strategy per budget metric, from the experiment's results)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from conftest import REDUCIBLE_ZOO
+from test_latency import _linear_timer, _model_parts
+from test_plan import _analysis
+
+from onnx_mbs.auto import AUTO, choose_strategy
+from onnx_mbs.latency import LatencyModel
+from onnx_mbs.models import BUNDLED_MODEL, FMNIST_SAMPLE
+from onnx_mbs.passes import load_model
+from onnx_mbs.passes.importance import group_scores, weight_importance
+from onnx_mbs.pipeline import reduce
+from onnx_mbs.plan import COST_WIDTH_MAP, Budget, GroupInfo, plan_widths
+
+# Two macroblocks of 4 layers: 0 has 1 base layer (R = 3/4, f = 1 - 0.4 R = 0.7), 1 has 3
+# (R = 1/4, f = 0.9); one free group of 256 channels in each, of equal importance; rho 1.
+ANALYSIS = _analysis([1, 3], [4, 4])
+GROUPS = [GroupInfo(0, 256, (0,), False), GroupInfo(1, 256, (1,), False)]
+RHO = {layer.name: 1.0 for layer in ANALYSIS.layers}
+FLAT = {0: np.ones(256), 1: np.ones(256)}
+
+
+def _plan(cost, budget: str, strategy: str = "mbs-cost", **options):
+    """With f = 1 - 0.4 R (MBS's default; mbs-cost's own default is c = 0, f = 1)."""
+    return plan_widths(
+        ANALYSIS,
+        GROUPS,
+        RHO,
+        cost,
+        budget=Budget.parse(budget),
+        strategy=strategy,
+        channel_multiple=1,
+        importance=FLAT,
+        width_map="linear:0.4",
+        **options,
+    )
+
+
+def test_mbs_cost_weighs_redundancy_by_its_own_tuned_default():
+    # At c = 0 (mbs-cost's default) f = 1: equal prices, equal MACs shares and equal rho
+    # leave nothing to tell the groups apart, so both keep alike.
+    def cost(c):
+        return int(c[0] ** 2 + c[1] ** 2), int(c[0] ** 2 + c[1] ** 2)
+
+    plan = plan_widths(
+        ANALYSIS, GROUPS, RHO, cost, budget=Budget.parse("params=0.5"),
+        strategy="mbs-cost", channel_multiple=1, importance=FLAT,
+    )  # fmt: skip
+    assert str(plan.width_map) == COST_WIDTH_MAP == "linear:0"
+    assert abs(plan.counts[0] - plan.counts[1]) <= 1
+    assert _plan(cost, "params=0.5").counts[0] < plan.counts[0]  # c = 0.4 cuts block 0 more
+
+
+def _hand_counts(w0: float, w1: float, p0: float, p1: float, fraction: float) -> tuple:
+    """The optimum of W0 log c0 + W1 log c1 under p0 c0^2 + p1 c1^2 <= fraction of full:
+    W_g / c_g = lambda * 2 p_g c_g, so c_g^2 = W_g / (2 lambda p_g), capped at 256."""
+    budget = fraction * (p0 + p1) * 256**2
+    ratio = (w0 / p0) / (w1 / p1)  # c0^2 / c1^2
+    c1 = math.sqrt(budget / (p0 * ratio + p1))
+    c0 = math.sqrt(ratio) * c1
+    if c0 > 256:
+        c0, c1 = 256, math.sqrt((budget - p0 * 256**2) / p1)
+    elif c1 > 256:
+        c0, c1 = math.sqrt((budget - p1 * 256**2) / p0), 256
+    return c0, c1
+
+
+def test_cheap_redundant_block_is_cut_before_an_expensive_busy_one():
+    # Group 1's channels cost 1.2x group 0's parameters: less than its worth is above
+    # group 0's (0.9 against 0.7, each group carrying half the MACs), so the redundant,
+    # cheaper group 0 is cut more. MACs are c0^2 + c1^2: each group's share is 1/2.
+    def cost(c):
+        return int(c[0] ** 2 + 1.2 * c[1] ** 2), int(c[0] ** 2 + c[1] ** 2)
+
+    plan = _plan(cost, "params=0.7")
+    c0, c1 = _hand_counts(0.7 * 0.5, 0.9 * 0.5, 1.0, 1.2, 0.7)
+    assert (plan.counts[0], plan.counts[1]) == (
+        pytest.approx(c0, abs=2),
+        pytest.approx(c1, abs=2),
+    )
+    assert plan.counts[0] < plan.counts[1]
+    assert plan.reached["params"] == pytest.approx(0.7, abs=0.02)
+    assert plan.reached["params"] <= 0.7
+
+
+def test_expensive_busy_block_is_cut_before_a_cheap_redundant_one():
+    # Parameters: group 1's channels cost 4x group 0's. MACs the other way round, so group 0
+    # carries 4/5 of the effective flops: W0 = 0.7 * 4/5, W1 = 0.9 * 1/5. Group 1's worth
+    # does not pay for its price: the busy group 1 is cut and the redundant group 0 kept
+    # whole, where MBS (which prices nothing) cuts the redundant one more.
+    def cost(c):
+        return int(c[0] ** 2 + 4 * c[1] ** 2), int(4 * c[0] ** 2 + c[1] ** 2)
+
+    plan = _plan(cost, "params=0.5")
+    c0, c1 = _hand_counts(0.7 * 0.8, 0.9 * 0.2, 1.0, 4.0, 0.5)
+    assert c0 == 256 and plan.counts[0] == 256
+    assert plan.counts[1] == pytest.approx(c1, abs=2)
+    assert plan.reached["params"] == pytest.approx(0.5, abs=0.02)
+    mbs = _plan(cost, "params=0.5", strategy="mbs")
+    assert mbs.counts[0] < mbs.counts[1]
+    assert plan.strategy == "mbs-cost" and plan.priced == ("params",)
+    assert "worth(g, k) / price(g, k) > lambda" in plan.formula
+    assert "original params" in plan.formula
+
+
+def test_at_a_macs_budget_the_worth_follows_the_effective_flops():
+    # The same model at a MACs budget: group 1 now carries 4/5 of the MACs and costs 4x;
+    # its worth grows with the effective flops it carries (W1 = 0.9 * 4/5 against
+    # W0 = 0.7 * 1/5), so both are cut, the redundant group 0 more (hand optimum).
+    def cost(c):
+        return int(4 * c[0] ** 2 + c[1] ** 2), int(c[0] ** 2 + 4 * c[1] ** 2)
+
+    plan = _plan(cost, "flops=0.5")
+    c0, c1 = _hand_counts(0.7 * 0.2, 0.9 * 0.8, 1.0, 4.0, 0.5)
+    assert (plan.counts[0], plan.counts[1]) == (
+        pytest.approx(c0, abs=2),
+        pytest.approx(c1, abs=2),
+    )
+    assert plan.counts[0] < plan.counts[1] < 256
+    assert plan.priced == ("flops",) and "original flops" in plan.formula
+
+
+def test_redundant_block_is_cut_first_when_it_is_also_the_expensive_one():
+    # Parameters: group 0 (the redundant one) costs 4x; equal MACs, W0 = 0.35, W1 = 0.45.
+    def cost(c):
+        return int(4 * c[0] ** 2 + c[1] ** 2), int(c[0] ** 2 + c[1] ** 2)
+
+    plan = _plan(cost, "params=0.6")
+    c0, c1 = _hand_counts(0.35, 0.45, 4.0, 1.0, 0.6)
+    assert c1 == 256 and plan.counts[1] == 256
+    assert plan.counts[0] == pytest.approx(c0, abs=2)
+    assert plan.reached["params"] == pytest.approx(0.6, abs=0.02)
+
+
+def test_importance_within_a_group_and_pins_beta_min_and_multiple():
+    def cost(c):
+        return int(c[0] ** 2 + c[1] ** 2), int(c[0] ** 2 + c[1] ** 2)
+
+    # Half of group 0's channels are dead: they go first, before any of group 1.
+    dead = {0: np.concatenate([np.ones(128), np.zeros(128)]), 1: np.ones(256)}
+    plan = plan_widths(
+        ANALYSIS, GROUPS, RHO, cost, budget=Budget.parse("flops=0.63"),
+        strategy="mbs-cost", channel_multiple=1, importance=dead,
+    )  # fmt: skip
+    assert plan.counts == {0: pytest.approx(128, abs=4), 1: 256}
+    # A pinned group stays whole; beta_min and the channel multiple hold for the rest.
+    pinned = [GroupInfo(0, 256, (0,), False), GroupInfo(1, 256, (1,), True)]
+    plan = plan_widths(
+        ANALYSIS, pinned, RHO, cost, budget=Budget.parse("flops=0.55"),
+        strategy="mbs-cost", channel_multiple=8, beta_min=0.3, importance=FLAT,
+    )  # fmt: skip
+    assert plan.counts[1] == 256
+    assert plan.counts[0] % 8 == 0 and plan.counts[0] >= 0.3 * 256
+    assert plan.reached["flops"] <= 0.55
+
+
+def test_combined_budget_meets_every_limit():
+    def cost(c):
+        return int(c[0] ** 2 + 4 * c[1] ** 2), int(4 * c[0] ** 2 + c[1] ** 2)
+
+    for spec in ("params=0.5,flops=0.3", "params=0.3,flops=0.5"):
+        plan = _plan(cost, spec)
+        excess = {m: plan.reached[m] - f for m, f in Budget.parse(spec).fractions.items()}
+        assert all(e <= 0.02 for e in excess.values()), (spec, plan.reached)
+        assert max(excess.values()) == pytest.approx(0.0, abs=0.02)
+        assert plan.priced == ("params", "flops")
+
+
+@pytest.mark.parametrize("name", REDUCIBLE_ZOO)
+def test_budgets_are_met_on_the_zoo_under_every_metric(zoo_onnx, name):
+    """mbs-cost meets params, flops and latency budgets within 2 points (latency: the
+    latency model with a deterministic timer, time proportional to each conv's MACs)."""
+    analysis, channels, cost = _model_parts(zoo_onnx, name)
+    model = load_model(zoo_onnx(name, "deploy"))
+    groups = [GroupInfo(g.id, g.size, tuple(g.macroblocks), g.pinned) for g in channels.groups]
+    free = [g for g, info in zip(channels.groups, groups) if info.free]
+    importance = group_scores(free, weight_importance(model, "l1"))
+    rho = {layer.name: 0.3 + 0.6 * (k % 5) / 4 for k, layer in enumerate(analysis.layers)}
+    conv_seconds = 1e-9 * sum(x.macs for x in analysis.layers if x.op_type == "Conv")
+    latency = LatencyModel(analysis, cost, 1.2 * conv_seconds, _linear_timer([]))
+    for budget in ("params=0.5", "flops=0.5", "latency=0.6"):
+        plan = plan_widths(
+            analysis, groups, rho, cost, budget=Budget.parse(budget), strategy="mbs-cost",
+            importance=importance, latency=latency,
+        )  # fmt: skip
+        metric, fraction = Budget.parse(budget).limits[0]
+        reached = latency(plan.counts) / latency({g.id: g.size for g in groups})
+        reached = reached if metric == "latency" else plan.reached[metric]
+        assert reached == pytest.approx(fraction, abs=0.02), (name, budget)
+        assert all(plan.counts[g.id] == g.size for g in groups if g.pinned)
+        assert all(
+            plan.counts[g.id] >= min(8, g.size) and plan.counts[g.id] <= g.size for g in groups
+        )
+
+
+# -- auto ---------------------------------------------------------------------------------
+
+
+def test_auto_chooses_per_metric_from_the_table():
+    for metric in ("params", "flops", "latency"):
+        strategy, why = choose_strategy(Budget.parse(f"{metric}=0.5"))
+        assert (strategy, why) == (AUTO[metric][0], f"auto: {AUTO[metric][1]}")
+    assert choose_strategy(None)[0] == "mbs"
+    # Combined: the first compute metric decides, and the reason says so.
+    strategy, why = choose_strategy(Budget.parse("params=0.5,latency=0.6"))
+    assert strategy == AUTO["latency"][0]
+    assert why.startswith("auto (of params, latency, latency decides): ")
+    assert choose_strategy(Budget.parse("params=0.5"))[0] == "mbs"
+
+
+def test_reduce_runs_the_auto_choice_and_says_why(tmp_path):
+    from onnx_mbs.report import markdown, report_dict
+
+    _, report = reduce(
+        BUNDLED_MODEL, FMNIST_SAMPLE, budget="flops=0.5", limit=64,
+        evaluate_accuracy=False, progress=False,
+    )  # fmt: skip
+    plan = report.plan
+    assert plan.strategy == AUTO["flops"][0]
+    assert plan.strategy_reason == f"auto: {AUTO['flops'][1]}"
+    assert plan.reached["flops"] == pytest.approx(0.5, abs=0.02)
+    text = markdown(report)
+    assert f"- strategy: {plan.strategy}; why: auto: at flops budgets" in text
+    assert json.loads(json.dumps(report_dict(report)))["plan"]["strategy_reason"].startswith(
+        "auto: "
+    )
+    # An explicit strategy always wins.
+    _, asked = reduce(
+        BUNDLED_MODEL, FMNIST_SAMPLE, budget="flops=0.5", strategy="mbs-cost", limit=64,
+        evaluate_accuracy=False, progress=False,
+    )  # fmt: skip
+    assert asked.plan.strategy == "mbs-cost"
+    assert asked.plan.strategy_reason == "asked with --strategy"
+    assert asked.plan.reached["flops"] == pytest.approx(0.5, abs=0.02)
+
+
+@pytest.mark.parametrize(
+    ("args", "strategy", "why"),
+    [
+        (["--budget", "flops=0.5"], AUTO["flops"][0], "auto: " + AUTO["flops"][1]),
+        (["--budget", "params=0.5"], "mbs", "auto: " + AUTO["params"][1]),
+        (["--budget", "params=0.5", "--strategy", "mbs-cost"], "mbs-cost", "asked with"),
+    ],
+)
+def test_cli_says_which_strategy_ran_and_why(args, strategy, why, capsys):
+    from onnx_mbs.cli import main
+
+    code = main(["reduce", str(BUNDLED_MODEL), "--data", str(FMNIST_SAMPLE), "--limit", "32",
+                 "--dry-run", "--no-eval", *args])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    assert f"strategy {strategy}: {why}" in out

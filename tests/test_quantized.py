@@ -1,0 +1,97 @@
+"""Quantised models after reduction: `eval` runs what onnxruntime's quantize_static writes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnxruntime.quantization import QuantFormat, quantize_static
+
+from onnx_mbs.calibration import CalibrationReader
+from onnx_mbs.cli import main
+from onnx_mbs.models import FMNIST_SAMPLE, FMNIST_TRAIN_SAMPLE
+
+
+@pytest.fixture(scope="module")
+def quantised(tmp_path_factory, bundled_model_path):
+    """The bundled model quantised by onnxruntime (static, calibrated on 256 training images)
+    in both formats."""
+    folder = tmp_path_factory.mktemp("int8")
+    paths = {}
+    for fmt in ("QDQ", "QOperator"):
+        paths[fmt] = folder / f"{fmt}.onnx"
+        reader = CalibrationReader(str(FMNIST_TRAIN_SAMPLE), bundled_model_path, limit=256)
+        quantize_static(
+            str(bundled_model_path), str(paths[fmt]), reader, quant_format=QuantFormat[fmt]
+        )
+    return paths
+
+
+def _eval(capsys, *args: str) -> dict:
+    assert main(["eval", *args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_eval_of_the_qdq_model_is_within_a_point_of_float(bundled_model_path, quantised, capsys):
+    ops = {n.op_type for n in onnx.load(str(quantised["QDQ"])).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    data = str(FMNIST_SAMPLE)
+    float_top1 = _eval(capsys, str(bundled_model_path), "--data", data)["top1"]
+    int8 = _eval(capsys, str(quantised["QDQ"]), "--data", data)
+    assert int8["samples"] == 512
+    assert float_top1 > 0.9
+    assert abs(int8["top1"] - float_top1) <= 0.01
+
+
+def test_eval_of_the_qoperator_model_and_teacher_agreement(bundled_model_path, quantised, capsys):
+    assert "QLinearConv" in {n.op_type for n in onnx.load(str(quantised["QOperator"])).graph.node}
+    data = str(FMNIST_SAMPLE)
+    float_top1 = _eval(capsys, str(bundled_model_path), "--data", data)["top1"]
+    assert (
+        abs(_eval(capsys, str(quantised["QOperator"]), "--data", data)["top1"] - float_top1) <= 0.01
+    )
+    # agreement of the int8 student with the float teacher, and of the float student with an
+    # int8 teacher: no labels needed
+    for student, teacher in (
+        (quantised["QDQ"], bundled_model_path),
+        (bundled_model_path, quantised["QOperator"]),
+    ):
+        result = _eval(capsys, str(student), "--teacher", str(teacher), "--data", data)
+        (logits,) = result["outputs"].values()
+        assert logits["top1"] >= 0.95
+        assert 0 < logits["relative_error"] < 0.2  # close, yet int8 arithmetic
+
+
+def test_reduce_and_retrain_still_refuse_a_quantised_model(quantised, tmp_path, capsys):
+    for command in (
+        ["reduce", str(quantised["QDQ"]), "-o", str(tmp_path / "r.onnx")],
+        [
+            "retrain",
+            str(quantised["QDQ"]),
+            "-o",
+            str(tmp_path / "t.onnx"),
+            "--data",
+            str(FMNIST_SAMPLE),
+        ],
+    ):
+        assert main(command) == 2
+        assert "reduce the float model first, then quantize" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_calibration_reader_gives_the_models_preprocessed_input(bundled_model_path):
+    reader = CalibrationReader(str(FMNIST_SAMPLE), bundled_model_path, batch_size=100, limit=250)
+    assert len(reader) == 3
+    batches = list(iter(reader.get_next, None))
+    assert [b["input"].shape for b in batches] == [
+        (100, 1, 28, 28),
+        (100, 1, 28, 28),
+        (50, 1, 28, 28),
+    ]
+    with np.load(FMNIST_SAMPLE) as npz:
+        x = npz["x"][:100]
+    np.testing.assert_allclose(batches[0]["input"], (x / 255 - 0.286041) / 0.353024, atol=1e-5)
+    reader.rewind()
+    np.testing.assert_array_equal(reader.get_next()["input"], batches[0]["input"])

@@ -1,0 +1,401 @@
+"""Retraining at scale: checkpoints and resume, data loading in workers, augmentation, schedule,
+epoch lines as epochs end, label-free validation. Tiny data: every test runs in seconds."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import write_npz
+from graphs import run
+from PIL import Image
+from test_retrain import export, quadrant_data, weights
+
+from onnx_mbs.bridge import checkpoint as ckpt
+from onnx_mbs.bridge import retrain
+from onnx_mbs.bridge.loading import as_samples, load_batches, rank_batches
+from onnx_mbs.cli import main as cli_main
+from onnx_mbs.data import open_data
+from onnx_mbs.data.augment import Augment, choose_augment
+from onnx_mbs.data.preprocess import Preprocess
+from onnx_mbs.passes.errors import BadInputError
+from onnx_mbs.schedule import default_lr, lr_factor
+
+torch.set_num_threads(1)
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def pixels(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """quadrant_data as uint8 pixels (what an npz or a folder of PNGs holds)."""
+    x, y = quadrant_data(n, seed)
+    return np.clip(x * 60 + 60, 0, 255).astype(np.uint8), y
+
+
+@pytest.fixture(scope="module")
+def npz(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("npz") / "train.npz"
+    x, y = pixels(96, seed=1)
+    write_npz(path, x=x, y=y)
+    return path
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """The same kind of images as PNG files, one sub-folder per class."""
+    root = tmp_path_factory.mktemp("images")
+    x, y = pixels(40, seed=3)
+    for i, (image, label) in enumerate(zip(x, y, strict=True)):
+        (root / str(label)).mkdir(exist_ok=True)
+        Image.fromarray(image[0]).save(root / str(label) / f"{i:03d}.png")
+    return root
+
+
+def source(path: Path):
+    return open_data(str(path), "input", [1, 1, 8, 8])
+
+
+class Interrupt(KeyboardInterrupt):
+    pass
+
+
+def interrupt_after(monkeypatch, epoch: int) -> None:
+    """The job dies right after the checkpoint of `epoch` is written (as a killed job would)."""
+    real = ckpt.save
+
+    def save(directory, state):
+        real(directory, state)
+        if state["epoch"] == epoch:
+            raise Interrupt
+
+    monkeypatch.setattr(ckpt, "save", save)
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(npz, tmp_path, monkeypatch) -> None:
+    """Weight for weight, after an interruption at any epoch, with augmentation on, a teacher,
+    validation (the best epoch is kept), and the workers changed between the runs."""
+    teacher = export(keep_bn=True, seed=4)
+    common = dict(
+        teacher=teacher,
+        epochs=3,
+        batch_size=16,
+        seed=7,
+        device="cpu",
+        progress=False,
+        label_smoothing=0.1,
+    )
+    val = (quadrant_data(32, seed=9)[0], quadrant_data(32, seed=9)[1])
+    whole = retrain(export(keep_bn=True), source(npz), val, workers=0, **common)
+    assert whole.augment.startswith("standard: random 8x8 crop")
+    expected = weights(whole.model)
+    for stop in (1, 2):
+        directory = tmp_path / f"ckpt{stop}"
+        with monkeypatch.context() as patch:
+            interrupt_after(patch, stop)
+            with pytest.raises(Interrupt):
+                retrain(
+                    export(keep_bn=True),
+                    source(npz),
+                    val,
+                    checkpoint=directory,
+                    workers=2,
+                    **common,
+                )
+        assert torch.load(ckpt.path_in(directory), weights_only=True)["epoch"] == stop
+        resumed = retrain(
+            export(keep_bn=True),
+            source(npz),
+            val,
+            checkpoint=directory,
+            resume=True,
+            workers=1,
+            **common,
+        )
+        assert resumed.resumed_from == stop
+        got = weights(resumed.model)
+        assert got.keys() == expected.keys()
+        for name, value in expected.items():
+            np.testing.assert_array_equal(got[name], value, err_msg=name)
+        assert resumed.best_epoch == whole.best_epoch
+        for a, b in zip(resumed.history, whole.history, strict=True):
+            assert (a.train_loss, a.train_acc, a.val_top1) == (
+                b.train_loss,
+                b.train_acc,
+                b.val_top1,
+            )
+    # Resuming a finished run gives the same model again, without training.
+    again = retrain(
+        export(keep_bn=True),
+        source(npz),
+        val,
+        checkpoint=tmp_path / "ckpt1",
+        resume=True,
+        **common,
+    )
+    assert again.resumed_from == 3
+    for name, value in expected.items():
+        np.testing.assert_array_equal(weights(again.model)[name], value)
+
+
+def test_a_checkpoint_of_another_run_is_refused(npz, tmp_path) -> None:
+    common = dict(epochs=1, batch_size=32, device="cpu", progress=False, checkpoint=tmp_path)
+    retrain(export(keep_bn=True), source(npz), **common)
+    with pytest.raises(BadInputError, match="holds a checkpoint after epoch 1 of 1: add --resume"):
+        retrain(export(keep_bn=True), source(npz), **common)
+    with pytest.raises(BadInputError, match=r"another run \(differs in: lr\)"):
+        retrain(export(keep_bn=True), source(npz), lr=0.5, resume=True, **common)
+    with pytest.raises(BadInputError, match=r"differs in: model\)"):
+        retrain(export(keep_bn=True, seed=1), source(npz), resume=True, **common)
+    with pytest.raises(BadInputError, match="needs|give one"):
+        retrain(export(keep_bn=True), source(npz), resume=True, progress=False)
+    blocked = tmp_path / "file"
+    blocked.write_text("a file, not a directory")
+    with pytest.raises(BadInputError, match="cannot use .* as the checkpoint directory"):
+        retrain(export(keep_bn=True), source(npz), **{**common, "checkpoint": blocked / "c"})
+    with pytest.raises(BadInputError, match="cannot write checkpoint"):
+        ckpt.save(blocked / "c", {})
+    ckpt.path_in(tmp_path).write_bytes(b"not a checkpoint")
+    with pytest.raises(BadInputError, match="cannot read checkpoint"):
+        retrain(export(keep_bn=True), source(npz), resume=True, **common)
+
+
+def test_cli_refuses_another_runs_checkpoint_in_one_line(npz, tmp_path, capsys) -> None:
+    model = tmp_path / "m.onnx"
+    onnx.save(export(keep_bn=True), model)
+    args = ["retrain", str(model), "--data", str(npz), "--checkpoint", str(tmp_path / "c")]
+    assert cli_main([*args, "-o", str(tmp_path / "a.onnx"), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    code = cli_main([*args, "-o", str(tmp_path / "b.onnx"), "--resume", "--epochs", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and not (tmp_path / "b.onnx").exists()
+    errors = [line for line in err.splitlines() if line.startswith("onnx-mbs: error: ")]
+    assert len(errors) == 1 and "differs in: epochs" in errors[0] and "Traceback" not in err
+
+
+@pytest.mark.parametrize("kind", ["folder", "npz"])
+def test_batches_do_not_depend_on_workers(kind, folder, npz) -> None:
+    """Same samples, same order, same augmentation for 0, 1 and 3 worker processes."""
+    samples = as_samples(source(folder if kind == "folder" else npz), "data")
+    recipe = choose_augment("auto", (1, 1, 8, 8), samples.preprocess)
+    assert recipe is not None and recipe.pad == 1
+    keys = [k for e in (0, 1) for k in rank_batches(samples.count, 5, e, 0, 1, 6, 4)]
+    runs = {
+        w: [(x.numpy(), y.numpy()) for x, y in load_batches(samples, keys, recipe, 5, w)]
+        for w in (0, 1, 3)
+    }
+    assert len(runs[0]) == 8
+    for w in (1, 3):
+        for (x0, y0), (x, y) in zip(runs[0], runs[w], strict=True):
+            np.testing.assert_array_equal(x, x0)
+            np.testing.assert_array_equal(y, y0)
+    # The two epochs differ in order and in augmentation.
+    assert not np.array_equal(runs[0][0][1], runs[0][4][1])
+
+
+def test_image_folder_and_npz_of_the_same_pixels_give_the_same_batches(folder, tmp_path) -> None:
+    files = sorted(folder.glob("*/*.png"))
+    x = np.stack([np.asarray(Image.open(f))[None] for f in files])
+    y = np.array([int(f.parent.name) for f in files])
+    path = write_npz(tmp_path / "same.npz", x=x, y=y)
+    a, b = as_samples(source(folder), "a"), as_samples(source(Path(path)), "b")
+    recipe = choose_augment("standard", (1, 1, 8, 8), a.preprocess)
+    keys = rank_batches(a.count, 0, 0, 0, 1, 8, 5)
+    for (xa, ya), (xb, yb) in zip(
+        load_batches(a, keys, recipe, 0, 2), load_batches(b, keys, recipe, 0, 0), strict=True
+    ):
+        np.testing.assert_array_equal(xa.numpy(), xb.numpy())
+        np.testing.assert_array_equal(ya.numpy(), yb.numpy())
+
+
+def test_a_bad_image_in_a_worker_is_refused_in_one_line(folder, tmp_path) -> None:
+    bad = tmp_path / "bad"
+    (bad / "0").mkdir(parents=True)
+    for f in sorted(folder.glob("*/*.png"))[:4]:
+        (bad / "0" / f.name).write_bytes(f.read_bytes())
+    (bad / "0" / "zz.png").write_bytes(b"broken")
+    samples = as_samples(source(bad), "data")
+    keys = rank_batches(samples.count, 0, 0, 0, 1, 5, 1)
+    with pytest.raises(BadInputError, match=r"^cannot read image .*zz\.png"):
+        list(load_batches(samples, keys, None, 0, 2))
+
+
+def test_crop_with_padding_and_flip() -> None:
+    pre = Preprocess((8, 8), 1, (0.5,), (0.25,))
+    recipe = choose_augment("standard", (1, 1, 8, 8), pre)
+    assert recipe == Augment(size=(8, 8), pad=1, fill=(-2.0,), layout="NCHW")
+    x = np.arange(2 * 64, dtype=np.float32).reshape(2, 1, 8, 8)
+    out = recipe(x, np.array([10, 11]), seed=0, epoch=0)
+    assert out.shape == x.shape and out.dtype == np.float32
+    for k, index in enumerate((10, 11)):
+        # Every output is a shifted (and maybe mirrored) window of the black-padded input.
+        padded = np.pad(x[k, 0], 1, constant_values=-2.0)
+        windows = [
+            w
+            for dy in range(3)
+            for dx in range(3)
+            for w in (padded[dy : dy + 8, dx : dx + 8], padded[dy : dy + 8, dx : dx + 8][:, ::-1])
+        ]
+        assert any(np.array_equal(out[k, 0], w) for w in windows)
+        # A sample is augmented by its own (seed, epoch, index), whatever batch it is in.
+        alone = recipe(x[k : k + 1], np.array([index]), seed=0, epoch=0)
+        np.testing.assert_array_equal(alone[0], out[k])
+    flips = [recipe(x[:1], np.array([i]), 0, 0) for i in range(40)]
+    assert any(np.array_equal(f[0, 0, 1:7, 1:7], x[0, 0, 1:7, 1:7][:, ::-1]) for f in flips)
+    nhwc = choose_augment(
+        "standard", (1, 8, 8, 1), Preprocess((8, 8), 1, (0.0,), (1.0,), layout="NHWC")
+    )
+    np.testing.assert_array_equal(
+        nhwc(x.transpose(0, 2, 3, 1), np.array([10, 11]), 0, 0),
+        Augment((8, 8), 1, (0.0,))(x, np.array([10, 11]), 0, 0).transpose(0, 2, 3, 1),
+    )
+
+
+def test_large_inputs_get_a_random_resized_crop() -> None:
+    recipe = choose_augment("standard", (1, 3, 96, 96), Preprocess((96, 96), 3, (0,) * 3, (1,) * 3))
+    assert recipe.pad == 0 and "random resized crop" in recipe.describe()
+    x = np.random.default_rng(0).random((3, 3, 96, 96), dtype=np.float32)
+    out = recipe(x, np.arange(3), seed=1, epoch=2)
+    assert out.shape == x.shape and not np.allclose(out, x)
+    assert choose_augment("auto", (1, 1, 8, 8), None) is None  # arrays given as model inputs
+    assert choose_augment("auto", (1, 16), Preprocess((8, 8), 1, (0,), (1,))) is None
+    with pytest.raises(BadInputError, match="--augment none"):
+        choose_augment("standard", (1, 16), None)
+
+
+def test_schedule_warms_up_then_decays_by_cosine() -> None:
+    factors = [lr_factor(s, 100, 10) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(1.0) and factors[55] == pytest.approx(0.5)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert lr_factor(0, 100, 0) == 1.0 and lr_factor(100, 100, 0) == pytest.approx(0.0)
+    assert default_lr(64) == 0.01 and default_lr(256) == 0.04
+
+
+def test_defaults_and_what_ran_are_reported(npz) -> None:
+    x, y = quadrant_data(64, seed=1)
+    result = retrain(export(keep_bn=True), (x, y), batch_size=32, device="cpu", progress=False)
+    assert result.augment == "none"  # arrays given as model inputs
+    assert "lr 0.005" in result.schedule and "warm-up 0 of 2 steps" in result.schedule
+    smoothed = retrain(
+        export(keep_bn=True),
+        (x, y),
+        batch_size=32,
+        device="cpu",
+        progress=False,
+        label_smoothing=0.2,
+        warmup=0.5,
+    )
+    assert "label smoothing 0.2" in smoothed.schedule and "warm-up 1 of 2" in smoothed.schedule
+    # Smoothed targets cannot reach the unsmoothed loss's floor: the losses differ.
+    assert smoothed.history[0].train_loss != result.history[0].train_loss
+
+
+def test_each_epoch_line_is_written_when_the_epoch_ends(npz, tmp_path, monkeypatch, capsys) -> None:
+    interrupt_after(monkeypatch, 1)
+    with pytest.raises(Interrupt):
+        retrain(
+            export(keep_bn=True),
+            source(npz),
+            epochs=3,
+            batch_size=32,
+            device="cpu",
+            checkpoint=tmp_path,
+            workers=0,
+        )
+    err = capsys.readouterr().err
+    assert "augmentation: standard: random 8x8 crop" in err
+    line = next(li for li in err.splitlines() if li.startswith("epoch 1/3: "))
+    assert "loss " in line and "train acc " in line and "images/s" in line and "ETA " in line
+    assert "epoch 2/3" not in err
+
+
+def test_unlabelled_validation_picks_the_best_epoch_by_agreement() -> None:
+    x, y = quadrant_data(128, seed=1)
+    xv, _ = quadrant_data(64, seed=2)
+    teacher = export(keep_bn=True, seed=3)
+    result = retrain(
+        export(keep_bn=True),
+        (x, y),
+        (xv, None),
+        teacher=teacher,
+        epochs=3,
+        lr=0.05,
+        batch_size=32,
+        device="cpu",
+        progress=False,
+    )
+    agreements = [e.val_agreement for e in result.history]
+    assert all(math.isnan(e.val_top1) for e in result.history)
+    assert result.best_epoch == int(np.argmax(agreements))
+    ours = run(result.model, {"input": xv})[0].argmax(1)
+    theirs = run(teacher, {"input": xv})[0].argmax(1)
+    assert result.best_val_agreement == pytest.approx(float((ours == theirs).mean()))
+    with pytest.raises(BadInputError, match="validation data has no labels"):
+        retrain(export(keep_bn=True), (x, y), (xv, None), progress=False)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc), children before their own children."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [p for p, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+@pytest.mark.slow
+def test_torchrun_resumes_after_a_kill(npz, tmp_path) -> None:
+    """Two processes, killed once the first epoch's checkpoint is there (rank 0 writes it),
+    resumed with the same command: the weights of an uninterrupted two-process run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    model = tmp_path / "m.onnx"
+    onnx.save(export(keep_bn=True), model)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def command(out: str, directory: str) -> list[str]:
+        return [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "-m", "onnx_mbs", "retrain", str(model), "-o", str(tmp_path / out), "--data",
+            str(npz), "--epochs", "3", "--batch-size", "16", "--device", "cpu", "--workers", "1",
+            "--checkpoint", str(tmp_path / directory), "--resume",
+        ]  # fmt: skip
+
+    whole = subprocess.run(command("whole.onnx", "a"), env=env, capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    job = subprocess.Popen(
+        command("cut.onnx", "b"), env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    target = ckpt.path_in(tmp_path / "b")
+    while not target.exists() and job.poll() is None:
+        time.sleep(0.05)
+    for pid in [job.pid, *descendants(job.pid)]:  # torchrun's workers have their own sessions
+        os.kill(pid, signal.SIGKILL)
+    job.wait()
+    assert not (tmp_path / "cut.onnx").exists()
+    done = torch.load(target, weights_only=True)["epoch"]
+    resumed = subprocess.run(command("cut.onnx", "b"), env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {target} after epoch {done}" in resumed.stderr
+    expected, got = (
+        weights(onnx.load(tmp_path / "whole.onnx")),
+        weights(onnx.load(tmp_path / "cut.onnx")),
+    )
+    for name, value in expected.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
