@@ -128,8 +128,6 @@ def _print_reduce_summary(report, args: argparse.Namespace) -> None:
                 f"top-1 {key}: {acc.top1:.2%} on {acc.samples} samples"
                 + (" (before retraining)" if key == "after" else "")
             )
-    if not plan.changes_anything:
-        print("nothing can be cut: every group is pinned or has no redundancy")
     if report.pinned:
         shown = report.pinned[:8]
         more = f" (+{len(report.pinned) - len(shown)} more)" if len(report.pinned) > 8 else ""
@@ -602,8 +600,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--data",
-        help="calibration data: image folder, .npz (x, y) or IDX folder[:train|:test]; "
-        "without it every activation ratio is 1 (MACs and receptive fields only)",
+        help="calibration data: image folder, .npz (x, y) or IDX folder[:train|:test], "
+        "preprocessed to the image input; or a model-ready .npz with one array per model "
+        "input, named after it (first axis: samples), fed as it is (audio, video, several "
+        "inputs; see docs/data.md); without it every activation ratio is 1 (MACs and "
+        "receptive fields only)",
     )
     p.add_argument(
         "--budget",

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from onnx_mbs.data import DataSource
+from onnx_mbs.data import DataSource, batch_inputs
 from onnx_mbs.passes.errors import BadInputError, QuantizedModelError
 from onnx_mbs.passes.load import (
     FixInputShapes,
@@ -20,7 +20,13 @@ from onnx_mbs.passes.load import (
     read_model,
 )
 from onnx_mbs.progress import progress_bar
-from onnx_mbs.runtime import feed_dtype, make_session, pad_to_batch, session_provider
+from onnx_mbs.runtime import (
+    batch_feeds,
+    feed_dtype,
+    make_session,
+    pad_to_batch,
+    session_provider,
+)
 
 
 def load_for_eval(
@@ -69,8 +75,8 @@ def evaluate(
                     "use an image folder with class sub-folders, an npz with y, or an IDX folder"
                 )
             try:
-                x = pad_to_batch(session, data.input_name, batch.x.astype(dtype, copy=False))
-                logits = session.run([logits_name], {data.input_name: x})[0][: len(batch.x)]
+                feeds = batch_feeds(session, data.input_name, dtype, batch)
+                logits = session.run([logits_name], feeds)[0][: len(batch.x)]
             except Exception as error:  # onnxruntime's own exception types
                 if samples:
                     raise
@@ -220,9 +226,11 @@ def agreement(
     with progress_bar(len(data), "agreement", progress) as bar:
         for batch in data.batches(batch_size):
             try:
-                ours = session.run(names, {data.input_name: batch.x.astype(dtype, copy=False)})
+                feeds = batch_inputs(batch, data.input_name)  # not padded: every row compared
+                x = feeds[data.input_name]
+                ours = session.run(names, {**feeds, data.input_name: x.astype(dtype, copy=False)})
                 theirs = reference.run(
-                    names, {data.input_name: batch.x.astype(teacher_dtype, copy=False)}
+                    names, {**feeds, data.input_name: x.astype(teacher_dtype, copy=False)}
                 )
             except Exception as error:  # onnxruntime's own exception types
                 if samples:

@@ -122,9 +122,10 @@ def instrument_without_weights(
     outputs: list[StatOutputs] = []
     for number, name in enumerate(tensors):
         shape = shapes.get(name)
-        if shape is not None and len(shape) != 4:
+        if shape is not None and len(shape) < 3:
             raise BadInputError(
-                f"tensor {name!r} has shape {tuple(shape)}; statistics need 4-D NCHW activations"
+                f"tensor {name!r} has shape {tuple(shape)}; statistics need (N, C, ...) "
+                "activations with at least one spatial axis"
             )
         producer = producers.get(name)
         non_negative = producer is not None and _never_negative(producer, model)
@@ -248,12 +249,26 @@ SPATIAL_AXES = f"{PREFIX}/spatial_axes"
 
 
 def _spatial_mean_maker(kind: str, opset: int):
-    """A function making the node that averages x (N, C, H, W) to (N, C, 1, 1)."""
+    """A function making the nodes that average x (N, C, H, W) to (N, C, 1, 1)."""
     if kind == "pool":
-        return lambda src, out: helper.make_node("GlobalAveragePool", [src], [out])
+        return lambda src, out: [helper.make_node("GlobalAveragePool", [src], [out])]
     if opset >= 18:  # axes became an input
-        return lambda src, out: helper.make_node("ReduceMean", [src, SPATIAL_AXES], [out])
-    return lambda src, out: helper.make_node("ReduceMean", [src], [out], axes=[2, 3])
+        return lambda src, out: [helper.make_node("ReduceMean", [src, SPATIAL_AXES], [out])]
+    return lambda src, out: [helper.make_node("ReduceMean", [src], [out], axes=[2, 3])]
+
+
+def _as_nchw_mean(shape: str):
+    """The mean maker for tensors of rank other than 4 (Conv1d (N, C, L), Conv3d (N, C, D,
+    H, W)): GlobalAveragePool, then a Reshape to (N, C, 1, 1) by the constant `shape`, the
+    form every reduction is packed in."""
+
+    def mean(src: str, out: str) -> list[onnx.NodeProto]:
+        return [
+            helper.make_node("GlobalAveragePool", [src], [f"{out}/pooled"]),
+            helper.make_node("Reshape", [f"{out}/pooled", shape], [out]),
+        ]
+
+    return mean
 
 
 def _reductions(
@@ -268,21 +283,24 @@ def _reductions(
     step, absolute = f"{prefix}/step", f"{prefix}/abs"
     positive, mean_abs = f"{prefix}/positive", f"{prefix}/mean_abs"
     nodes = []
+    if shape is not None and len(shape) != 4:
+        nodes.append(_constant(f"{prefix}/nchw", np.array([0, -1, 1, 1], np.int64)))
+        mean = _as_nchw_mean(f"{prefix}/nchw")
     source = name
     if element != TensorProto.FLOAT:
         source = f"{prefix}/float"
         nodes.append(helper.make_node("Cast", [name], [source], to=TensorProto.FLOAT))
     nodes += [
         helper.make_node("HardSigmoid", [source], [step], alpha=STEP_ALPHA, beta=0.0),
-        mean(step, positive),
+        *mean(step, positive),
     ]
     if not magnitudes:
         mean_abs = None
     elif non_negative:
-        nodes.append(mean(source, mean_abs))
+        nodes += mean(source, mean_abs)
     else:
         nodes.append(helper.make_node("Abs", [source], [absolute]))
-        nodes.append(mean(absolute, mean_abs))
+        nodes += mean(absolute, mean_abs)
     spatial = None
     if shape is not None and all(isinstance(d, int) and d > 0 for d in shape[2:]):
         spatial = int(np.prod(shape[2:]))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -77,6 +77,43 @@ class ReduceReport:
     def pinned(self) -> list[str]:
         return sorted({r for g in self.groups if g.pinned for r in g.pin_reasons})
 
+    @property
+    def not_exact(self) -> list[str]:
+        """Why the cut changes what kept channels compute (normalisations over channels),
+        for the groups that lost channels."""
+        return not_exact(self.groups, self.plan)
+
+
+def not_exact(groups: Sequence[ChannelGroup], plan: Plan) -> list[str]:
+    cut = [g for g in groups if plan.counts.get(g.id, g.size) < g.size]
+    return sorted({reason for g in cut for reason in g.inexact})
+
+
+def nothing_cut(groups: Sequence[ChannelGroup], plan: Plan) -> str:
+    """Why a plan keeps every channel, in one line."""
+    free = [g for g in groups if not g.pinned and g.macroblocks]
+    if not free:
+        return "nothing can be cut: every channel group is pinned (see the pinned reasons)"
+    beta = {m.index: m.beta for m in plan.macroblocks}
+    if plan.budget is None and all(beta.get(m) == 1.0 for g in free for m in g.macroblocks):
+        return (
+            "nothing can be cut: in every macroblock that makes free channels, each layer's "
+            f"{plan.receptive_field} receptive field fits within its limit (R = 0, beta = 1); "
+            "MBS finds no redundancy there: give --budget to cut anyway"
+        )
+    return (
+        "nothing can be cut: the planned widths round back to every channel "
+        f"(--channel-multiple {plan.channel_multiple}, --beta-min {plan.beta_min:g})"
+    )
+
+
+def explain_cut(plan: Plan, groups: Sequence[ChannelGroup]) -> None:
+    """Notes on the plan: why nothing is cut, or where the cut is not exact."""
+    if not plan.changes_anything:
+        plan.notes.append(nothing_cut(groups, plan))
+    if inexact := not_exact(groups, plan):
+        plan.notes.append(f"not exact where cut (kept channels change): {'; '.join(inexact)}")
+
 
 def reduce(
     model: str | os.PathLike | onnx.ModelProto | Any,
@@ -122,6 +159,7 @@ def reduce(
         with_preprocessing(rewritten.model, recorded)
     check_written(rewritten.model, lambda: origin.original)
     rewritten = rewritten.with_written_sizes()
+    explain_cut(rewritten.plan, analysed.channels.groups)
     laps.lap("shrink")
     report = ReduceReport(
         provider=measured.stats.provider if measured.stats else "none",

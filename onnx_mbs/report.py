@@ -72,6 +72,7 @@ def report_dict(report: ReduceReport) -> dict:
                 "macroblocks": list(g.macroblocks),
                 "pinned": g.pinned,
                 "pin_reasons": list(g.pin_reasons),
+                "not_exact": list(g.inexact),
             }
             for g in report.groups
         ],
@@ -91,6 +92,7 @@ def report_dict(report: ReduceReport) -> dict:
             "flops": report.after.total_macs / report.before.total_macs,
         },
         "pinned": report.pinned,
+        "not_exact": report.not_exact,
         "accuracy": {k: vars(v) for k, v in report.accuracy.items()},
         "timings_s": report.timings,
     }

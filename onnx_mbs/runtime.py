@@ -27,6 +27,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
+from onnx_mbs.data.sources import Batch, batch_inputs
 from onnx_mbs.passes.errors import BadInputError
 
 CPU = "CPUExecutionProvider"
@@ -256,6 +257,16 @@ def pad_to_batch(session: ort.InferenceSession, input_name: str, x: np.ndarray) 
     if isinstance(batch, int) and 0 < len(x) < batch:
         return np.concatenate([x, np.repeat(x[-1:], batch - len(x), axis=0)])
     return x
+
+
+def batch_feeds(
+    session: ort.InferenceSession, input_name: str, feed_type: np.dtype, batch: Batch
+) -> dict[str, np.ndarray]:
+    """The inputs to run `batch` with: its x as `feed_type`, the other inputs it gives
+    (model-ready data) as they are; each padded to the model's fixed batch."""
+    feeds = batch_inputs(batch, input_name)
+    feeds[input_name] = feeds[input_name].astype(feed_type, copy=False)
+    return {name: pad_to_batch(session, name, array) for name, array in feeds.items()}
 
 
 def session_provider(session: ort.InferenceSession) -> str:

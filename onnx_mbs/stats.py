@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnx_mbs.data import Batch, DataSource
+from onnx_mbs.data import Batch, DataSource, batch_inputs
 from onnx_mbs.instrument import PACKED, StatOutputs, instrument_without_weights
 from onnx_mbs.level_costs import optimization_level
 from onnx_mbs.passes.errors import BadInputError, temporary_folder_error
@@ -31,11 +31,11 @@ from onnx_mbs.passes.external_data import WEIGHTS_FILE
 from onnx_mbs.passes.scratch import scratch_folder
 from onnx_mbs.progress import progress_bar
 from onnx_mbs.runtime import (
+    batch_feeds,
     concurrent_runs,
     feed_dtype,
     in_order,
     make_session,
-    pad_to_batch,
     release_freed_memory,
     session_provider,
 )
@@ -105,9 +105,10 @@ def collect_stats(
     first = next(batches, None)
     if first is None:
         raise BadInputError(f"no samples in {data.description}")
-    _check_inputs(model, data.input_name)
+    fed = {name: array.shape for name, array in batch_inputs(first, data.input_name).items()}
+    _check_inputs(model, list(fed))
     instrumented, outputs = instrument_without_weights(
-        model, tensors, {data.input_name: first.x.shape}, magnitudes, spatial_mean
+        model, tensors, fed, magnitudes, spatial_mean
     )
     if written is not None:
         written(instrumented)
@@ -221,16 +222,19 @@ class _Accumulator:
         return TensorStats(self.positive, self.abs_sum, self.elements)
 
 
-def _check_inputs(model: onnx.ModelProto, input_name: str) -> None:
+def _check_inputs(model: onnx.ModelProto, fed: list[str]) -> None:
+    """The data must feed exactly the model's inputs."""
     initializers = {t.name for t in model.graph.initializer}
     inputs = [i.name for i in model.graph.input if i.name not in initializers]
-    if input_name not in inputs:
+    unknown = [name for name in fed if name not in inputs]
+    if unknown:
         raise BadInputError(
-            f"the data is for input {input_name!r} but the model's inputs are {inputs}"
+            f"the data is for input {unknown[0]!r} but the model's inputs are {inputs}"
         )
-    if len(inputs) > 1:
+    if len(inputs) > len(fed):
         raise BadInputError(
-            f"the model has several inputs {inputs}; onnx-mbs feeds a single image input"
+            f"the model has several inputs {inputs}; give an .npz with one array per input, "
+            "named after it (model-ready data)"
         )
 
 
@@ -243,9 +247,10 @@ def _run(
     """Run batch number `numbered[0]`; on the first, data that does not fit becomes a
     BadInputError."""
     index, batch = numbered
-    x = pad_to_batch(session, input_name, batch.x.astype(feed_type, copy=False))
+    feeds = batch_feeds(session, input_name, feed_type, batch)
+    x = feeds[input_name]
     if index > 0:
-        return session.run(None, {input_name: x})
+        return session.run(None, feeds)
     declared = next(i for i in session.get_inputs() if i.name == input_name)
     expected = tuple(declared.shape)
     fits = len(expected) == x.ndim and all(
@@ -257,7 +262,7 @@ def _run(
             f"got {x.shape}"
         )
     try:
-        return session.run(None, {input_name: x})
+        return session.run(None, feeds)
     except Exception as error:  # onnxruntime raises its own exception types
         raise BadInputError(
             f"onnxruntime cannot run the model on this data (input {input_name!r} expects "

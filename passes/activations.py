@@ -58,6 +58,7 @@ def activation_tensors(
 
 def _first_activation(index: GraphIndex, start: str) -> str | None:
     frontier, seen = [start], {start}
+    rank = len(index.shapes.get(start, ()))  # 3 for Conv1d, 4 for Conv2d, 5 for Conv3d
     while frontier:
         tensor = frontier.pop(0)
         for node in index.consumers.get(tensor, []):
@@ -65,7 +66,7 @@ def _first_activation(index: GraphIndex, start: str) -> str | None:
                 return _silu_output(index, node, tensor)
             if node.op_type in CHANNEL_PRESERVING_OPS:
                 out = node.output[0]
-                if out not in seen and len(index.shapes.get(out, ())) == 4:
+                if out not in seen and len(index.shapes.get(out, ())) == rank:
                     seen.add(out)
                     frontier.append(out)
     return None

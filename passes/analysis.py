@@ -222,6 +222,46 @@ def _global_step(
     return (1.0,) * rank, (1.0,) * rank
 
 
+def space_to_depth_chains(index: GraphIndex) -> dict[int, onnx.NodeProto | None]:
+    """Reshape-Transpose-Reshape chains that compute SpaceToDepth (TResNet's stem, YOLO
+    focus layers written as views): (N, C, H, W) -> (N, C, H/b, b, W/b, b) -> any order
+    with H/b, W/b last -> (N, C*b*b, H/b, W/b). Maps the last Reshape's position to the
+    SpaceToDepth node it computes and the other two to None: the receptive-field trace
+    reads the chain as that op instead of restarting after its 6-D views."""
+    found: dict[int, onnx.NodeProto | None] = {}
+    position = {id(node): k for k, node in enumerate(index.nodes)}
+    shapes = index.shapes
+    for first in index.nodes:
+        if first.op_type != "Reshape":
+            continue
+        x, view = first.input[0], first.output[0]
+        before, split = shapes.get(x), shapes.get(view)
+        if before is None or split is None or len(before) != 4 or len(split) != 6:
+            continue
+        n, c, h, w = before
+        b = split[3]
+        if b < 2 or tuple(split) != (n, c, h // b, b, w // b, b) or h % b or w % b:
+            continue
+        readers = index.consumers.get(view, [])
+        if len(readers) != 1 or readers[0].op_type != "Transpose":
+            continue
+        transpose = readers[0]
+        perm = list(attributes(transpose).get("perm") or ())
+        if len(perm) != 6 or perm[0] != 0 or perm[4:] != [2, 4]:
+            continue
+        readers = index.consumers.get(transpose.output[0], [])
+        if len(readers) != 1 or readers[0].op_type != "Reshape":
+            continue
+        last = readers[0]
+        if tuple(shapes.get(last.output[0]) or ()) != (n, c * b * b, h // b, w // b):
+            continue
+        found[position[id(first)]] = found[position[id(transpose)]] = None
+        found[position[id(last)]] = onnx.helper.make_node(
+            "SpaceToDepth", [x], [last.output[0]], name=last.name, blocksize=b
+        )
+    return found
+
+
 def check_reading(receptive_field: str) -> str:
     """`receptive_field` if it names a reading, else BadInputError (before any work starts)."""
     if receptive_field not in READINGS:
@@ -258,7 +298,12 @@ def analyze_model(
     image_size = max((max(resolution[n]) for n in resolution), default=0)
 
     conv_attrs: dict[str, dict] = {}  # conv name -> attributes, read once
-    for node in index.nodes:
+    written_out = space_to_depth_chains(index)
+    for position, node in enumerate(index.nodes):
+        if position in written_out:  # read as the SpaceToDepth it computes
+            node = written_out[position]
+            if node is None:
+                continue
         inputs = [t for t in node.input if t in resolution]
         outputs = []
         for t in node.output:

@@ -68,6 +68,9 @@ class ChannelGroup:
     macroblocks: list[int]  # where its channels are made (its producers' macroblocks)
     pinned: bool
     pin_reasons: list[str] = field(default_factory=list)
+    # why cutting this group changes what its kept channels compute (a normalisation over
+    # the channels); empty where removing a dead channel leaves the outputs exact
+    inexact: list[str] = field(default_factory=list)
 
     def member(self, tensor: str) -> Member:
         return next(m for m in self.members if m.tensor == tensor)
@@ -127,6 +130,8 @@ def analyze_channels(
     for slot in walk.slots:
         node = walk.index.nodes[slot.node]
         tensor = walk.source(node.input[slot.input]) or node.input[slot.input]
+        if slot.owner is not None:  # a computed weight's initializer: its conv makes it
+            node = walk.index.nodes[slot.owner]
         for g, positions in where(slot.ids):
             members[g].append(Member(tensor, slot.axis, positions, slot.role, node.name))
             if slot.role == FILTERS and node.name not in producers[g]:
@@ -140,6 +145,11 @@ def analyze_channels(
         for g in np.unique(where.group_of[root[ids]]).tolist():
             if reason not in reasons[g]:
                 reasons[g].append(reason)
+    inexact: list[list[str]] = [[] for _ in classes]
+    for ids, reason in walk.inexact:
+        for g in np.unique(where.group_of[root[ids]]).tolist():
+            if reason not in inexact[g]:
+                inexact[g].append(reason)
     groups = [
         ChannelGroup(
             id=g,
@@ -149,6 +159,7 @@ def analyze_channels(
             macroblocks=sorted(blocks[g]),
             pinned=bool(reasons[g]),
             pin_reasons=reasons[g],
+            inexact=inexact[g],
         )
         for g, cls in enumerate(classes)
     ]

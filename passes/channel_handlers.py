@@ -31,6 +31,7 @@ from .channel_walk import (
     register_handler,
 )
 from .graph import attributes
+from .weight_chain import Unfollowed, follow_weight, weight_roles
 
 UNARY = {
     "Relu", "LeakyRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh",
@@ -104,13 +105,14 @@ def _elementwise(w: ChannelWalk, node: onnx.NodeProto) -> None:
 def _conv(w: ChannelWalk, node: onnx.NodeProto) -> None:
     """Conv: new channels out; input channels are cut from the weight's axis 1. Grouped:
     each conv-group's input and output channels form one class (kept or dropped whole);
-    a depthwise conv thereby ties each input channel to its outputs."""
+    a depthwise conv thereby ties each input channel to its outputs. A weight computed in
+    the graph (weight standardisation) is followed back to its initializers."""
     transpose = node.op_type == "ConvTranspose"
     x, weight = node.input[0], node.input[1]
     bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
     w_shape, out_shape = w.shape(weight), w.shape(node.output[0])
-    if w_shape is None or out_shape is None or w.source(weight) is None:
-        w.opaque(node, "weight is not a constant with a static shape")
+    if w_shape is None or out_shape is None:
+        w.opaque(node, "weight has no static shape")
         return
     if bias and w.source(bias) is None:
         w.opaque(node, "bias is computed at run time")
@@ -127,9 +129,7 @@ def _conv(w: ChannelWalk, node: onnx.NodeProto) -> None:
     out_axis, in_axis = (1, 0) if transpose else (0, 1)
     if group == 1:
         out = w.fresh(cout)
-        w.slot(node, 1, out_axis, out, FILTERS)
-        if in_ids is not None:
-            w.slot(node, 1, in_axis, in_ids, WEIGHTS_IN)
+        roles = weight_roles(out_axis, out, in_axis, in_ids)
     else:
         if in_ids is None:
             in_ids = w.fresh(cin)
@@ -140,9 +140,25 @@ def _conv(w: ChannelWalk, node: onnx.NodeProto) -> None:
         out = np.repeat(blocks[:, 0], cout // group)
         # The weight axis that counts conv-groups is the output axis for Conv, the
         # input axis for ConvTranspose; the other one stays (it is per conv-group).
-        w.slot(node, 1, 0, out if not transpose else in_ids, FILTERS)
+        roles = {0: (out if not transpose else in_ids, FILTERS)}
         per = cin // group if transpose else cout // group
         w.edit("group", node, (in_ids if transpose else out,), per=per)
+    if w.source(weight) is not None:
+        for axis, (ids, role) in roles.items():
+            w.slot(node, 1, axis, ids, role)
+    else:
+        try:
+            mixed = follow_weight(w, node, roles)
+        except Unfollowed as why:
+            w.opaque(node, f"weight computed in the graph and not followed: {why}")
+            return
+        for ids, role in roles.values():
+            if role in mixed:
+                w.not_exact(
+                    ids,
+                    f"{node.op_type} '{node.name}': its weight is standardised over these "
+                    "channels; the kept ones are standardised again without the cut ones",
+                )
     if bias:
         w.slot(node, 2, 0, out, BIAS)
     w.pass_on(node, 1, out, node.output[:1])
@@ -173,6 +189,40 @@ def _instancenorm(w: ChannelWalk, node: onnx.NodeProto) -> None:
     w.slot(node, 1, 0, ids, NORM_SCALE)
     w.slot(node, 2, 0, ids, NORM_BIAS)
     w.pass_on(node, 1, ids)
+
+
+def _layernorm(w: ChannelWalk, node: onnx.NodeProto) -> None:
+    """LayerNormalization normalises over the axes from `axis` on. Over the channel axis
+    alone (ConvNeXt's channels-last blocks) its scale and bias are cut with the channels,
+    as Torch-Pruning does; the kept channels' mean and variance then change, so the cut
+    is marked not exact. Over other axes only, channels pass through, exactly."""
+    axis, ids = w.chan[node.input[0]]
+    rank = len(w.shape(node.input[0]))
+    first = int(attributes(node).get("axis", -1)) % rank
+    if any(w.index.consumers.get(name) for name in node.output[1:] if name):
+        w.opaque(node, "its mean or inverse deviation output is used")
+        return
+    if axis < first:
+        w.pass_on(node, axis, ids, node.output[:1])
+        return
+    if first != rank - 1:
+        w.opaque(node, "normalises over the channel axis and others together")
+        return
+    for i, role in ((1, NORM_SCALE), (2, NORM_BIAS)):
+        if len(node.input) <= i or not node.input[i]:
+            continue
+        shape = w.shape(node.input[i])
+        if shape is None or w.source(node.input[i]) is None:
+            w.opaque(node, f"input '{node.input[i]}' is not a constant")
+            return
+        if shape and shape[-1] > 1:
+            w.slot(node, i, len(shape) - 1, ids, role)
+    w.not_exact(
+        ids,
+        f"LayerNormalization '{node.name}': normalises over the channels, so the kept "
+        "channels' mean and variance change",
+    )
+    w.pass_on(node, axis, ids, node.output[:1])
 
 
 def _gemm(w: ChannelWalk, node: onnx.NodeProto) -> None:
@@ -494,6 +544,7 @@ HANDLERS: dict[str, Callable[[ChannelWalk, onnx.NodeProto], None]] = {
     "ConvTranspose": _conv,
     "BatchNormalization": _batchnorm,
     "InstanceNormalization": _instancenorm,
+    "LayerNormalization": _layernorm,
     "Gemm": _gemm,
     "MatMul": _matmul,
     "Concat": _concat,

@@ -35,13 +35,16 @@ CONST = "const"  # any other per-channel constant of an element-wise op
 
 @dataclass
 class Slot:
-    """Initializer input `input` of node number `node`: its `axis` follows channel ids `ids`."""
+    """Initializer input `input` of node number `node`: its `axis` follows channel ids `ids`.
+    `owner` is the node whose weight it is when that differs (a conv whose weight is
+    computed in the graph: `weight_chain.py`); None: node `node` itself."""
 
     node: int
     input: int
     axis: int
     ids: np.ndarray
     role: str
+    owner: int | None = None
 
 
 @dataclass
@@ -76,7 +79,8 @@ class ChannelWalk:
     Handlers (`register_handler`) read and extend it: `chan` maps a tensor to its
     (channel axis, channel ids); `pass_on` gives outputs ids, `union` joins ids,
     `fresh` makes new ones, `slot` records a constant axis to cut with ids, `edit` an
-    attribute or shape constant to recompute, `pin`/`opaque` keep channels whole."""
+    attribute or shape constant to recompute, `pin`/`opaque` keep channels whole;
+    `not_exact` marks cuts that change what the kept channels compute."""
 
     def __init__(self, model: onnx.ModelProto, index: GraphIndex | None = None) -> None:
         self.index = GraphIndex.of(model, index)
@@ -85,6 +89,7 @@ class ChannelWalk:
         self.slots: list[Slot] = []
         self.edits: list[Edit] = []
         self.pins: list[tuple[np.ndarray, str]] = []
+        self.inexact: list[tuple[np.ndarray, str]] = []  # cuts that change the kept outputs
         self.node_no: dict[int, int] = {}
         self.opsets = {_domain(o.domain): o.version for o in model.opset_import}
         self.opset = self.opsets.get("", 17)
@@ -130,6 +135,11 @@ class ChannelWalk:
 
     def pin(self, ids: np.ndarray, reason: str) -> None:
         self.pins.append((ids, reason))
+
+    def not_exact(self, ids: np.ndarray, reason: str) -> None:
+        """Cutting any of `ids` changes what the kept channels compute (a normalisation
+        over the channel axis): allowed, and said in the report."""
+        self.inexact.append((ids, reason))
 
     def slot(self, node: onnx.NodeProto, i: int, axis: int, ids: np.ndarray, role: str) -> None:
         self.slots.append(Slot(self.node_no[id(node)], i, axis, ids, role))

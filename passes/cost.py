@@ -18,6 +18,7 @@ import onnx
 
 from .analysis import ModelAnalysis, analyze_model
 from .channel_groups import ChannelAnalysis, analyze_channels
+from .channel_walk import FILTERS, WEIGHTS_IN
 from .graph import GraphIndex, count_parameters, is_weight
 
 
@@ -190,15 +191,22 @@ class CostModel:
         base_macs = analysis.total_macs
         mac_terms = []
         weights = {layer.name: (layer.weight, layer.macs) for layer in analysis.layers}
+        computed = _computed_from(index, channels)
         weight_axes = {}
         for layer in analysis.layers:
             source = index.source_initializer(layer.weight)
+            if source is None and layer.name in computed:  # the axes of the weight's size
+                source, axes = computed[layer.name]
+                weight_axes[layer.weight] = tuple(axis_index.get((source, a), -1) for a in axes)
+                continue
             weight_axes[layer.weight] = tuple(axis_index.get((source, k), -1) for k in (0, 1))
         for node in index.nodes:
             if node.name in analysis.other_macs:
                 weights[node.name] = (node.input[1], analysis.other_macs[node.name])
-        for weight, macs in weights.values():
+        for layer_name, (weight, macs) in weights.items():
             source = index.source_initializer(weight)
+            if source is None and layer_name in computed:  # MACs scale as its initializer
+                source = computed[layer_name][0]
             if source is None or source not in tracked_sources or macs == 0:
                 continue
             dims = tuple(index.initializers[source].dims)
@@ -223,3 +231,26 @@ class CostModel:
             mac_terms=arrays(mac_terms),
             weight_axes=weight_axes,
         )
+
+
+def _computed_from(
+    index: GraphIndex, channels: ChannelAnalysis
+) -> dict[str, tuple[str, tuple[int, int]]]:
+    """Convs whose weight is computed in the graph (`weight_chain.py`): conv name -> (the
+    initializer of the weight's size it is computed from, its axes that count the conv's
+    output and input channels, -1 where none does)."""
+    found: dict[str, tuple[str, list[int]]] = {}
+    for slot in channels.slots:
+        if slot.owner is None or slot.role not in (FILTERS, WEIGHTS_IN):
+            continue
+        source = index.source_initializer(index.nodes[slot.node].input[slot.input])
+        if source is None:
+            continue
+        conv = index.nodes[slot.owner]
+        dims = index.initializers[source].dims
+        weight = index.shapes.get(conv.input[1]) or ()
+        entry = found.setdefault(conv.name, (source, [-1, -1]))
+        k = 0 if slot.role == FILTERS else 1
+        if entry[0] == source and len(weight) > k and dims[slot.axis] == weight[k]:
+            entry[1][k] = slot.axis
+    return {name: (source, (axes[0], axes[1])) for name, (source, axes) in found.items()}

@@ -244,6 +244,9 @@ class EditContext:
     kept: np.ndarray  # bool per channel id
     names: _Names
     replaced: set[str] = field(default_factory=set)  # constants no longer read by their node
+    # node number -> the shape constant edits wrote for it so far (a computed weight's
+    # (O, I, kh, kw) counts channels twice)
+    shapes: dict[int, np.ndarray] = field(default_factory=dict)
 
     @property
     def opset(self) -> int:
@@ -297,14 +300,20 @@ def _edit_slice(ctx: EditContext, node: onnx.NodeProto, edit: Edit) -> None:
 def _edit_shape_entry(ctx: EditContext, node: onnx.NodeProto, edit: Edit) -> None:
     """Reshape targets and Resize sizes: the entry that counts channels."""
     assert edit.value is not None
-    value = edit.value.copy()
+    value = ctx.shapes.get(edit.node, edit.value).copy()
     if edit.kind == "reshape" and value[edit.axis] <= 0:
         return  # -1 or 0: the runtime infers or copies it
     count = ctx.count(edit.ids[0])
     if value[edit.axis] == count:
         return
     value[edit.axis] = count
-    ctx.set_input(node, 1 if edit.kind == "reshape" else 3, value, edit.kind)
+    i = 1 if edit.kind == "reshape" else 3
+    if edit.node in ctx.shapes:  # a second entry of a shape edited already: rewrite it
+        tensor = next(t for t in ctx.out.graph.initializer if t.name == node.input[i])
+        tensor.CopyFrom(numpy_helper.from_array(value, tensor.name))
+    else:
+        ctx.set_input(node, i, value, edit.kind)
+    ctx.shapes[edit.node] = value
 
 
 # The built-in handlers' edits, by kind; a handler of its own brings its edit along

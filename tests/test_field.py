@@ -98,6 +98,8 @@ def _build(name: str) -> torch.nn.Module:
         ),
         "ghostnet_050": lambda: timm_model("ghostnet_050"),  # ghost modules (timm)
         "hrnet_w18_small": lambda: timm_model("hrnet_w18_small"),  # multi-resolution fusion
+        "nf_resnet26": lambda: timm_model("nf_resnet26"),  # weight standardisation in the graph
+        "tresnet_m": lambda: timm_model("tresnet_m"),  # space-to-depth stem written as views
     }
     torch.manual_seed(0)
     return randomize_batchnorm(builders[name]()).eval()
@@ -108,12 +110,12 @@ SLOW = [
     "efficientnet_b0", "regnet_x_400mf", "resnext50_32x4d", "densenet121", "googlenet",
     "squeezenet1_1", "mnasnet0_5", "mobilenet_v2", "convnext_tiny", "resnet18", "regnet_y_400mf",
     "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large", "ssdlite_backbone",
-    "ghostnet_050", "hrnet_w18_small",
+    "ghostnet_050", "hrnet_w18_small", "nf_resnet26", "tresnet_m",
 ]  # fmt: skip
 SIZE = {"ssdlite_backbone": 96}
-# LayerNorm normalises across channels, so cutting any changes the kept ones: every
-# ConvNeXt group is pinned, and a budget is refused in one line rather than guessed.
-ALL_PINNED = {"convnext_tiny"}
+# Architectures where every group is pinned: a budget is refused in one line. (ConvNeXt's
+# channels-last LayerNorm is cut with its channels now, and the report says it is not exact.)
+ALL_PINNED: set[str] = set()
 
 
 @pytest.mark.parametrize("name", FAST + [pytest.param(n, marks=pytest.mark.slow) for n in SLOW])

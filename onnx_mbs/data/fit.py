@@ -1,15 +1,17 @@
 """Data fitted to a model: its single input's name, shape and layout (NCHW, or NHWC as
 tf2onnx writes Keras models), normalisation from its metadata, labels checked against its
-classes; and how a run describes the data it used.
+classes, or model-ready data for all its inputs; and how a run describes the data it used.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import onnx
 from onnx import helper
 
+from onnx_mbs.data.ready import declared_inputs
 from onnx_mbs.data.sources import DataSource
 from onnx_mbs.data.spec import open_data
 from onnx_mbs.memory import check_model_fits
@@ -21,8 +23,8 @@ def model_input(model: onnx.ModelProto) -> tuple[str, list[int]]:
     inputs = [i for i in model.graph.input if i.name not in inits]
     if len(inputs) != 1:
         raise BadInputError(
-            f"onnx-mbs feeds data to single-input models; this one has {len(inputs)} inputs "
-            f"({', '.join(i.name for i in inputs)})"
+            f"the model has {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); give "
+            "an .npz with one array per input, named after it (model-ready data, fed as it is)"
         )
     dims = [d.dim_value for d in inputs[0].type.tensor_type.shape.dim]
     return inputs[0].name, dims
@@ -59,9 +61,15 @@ def open_for_model(
 ) -> DataSource:
     """A DataSource fitted to `model`'s (single, fixed) input, NCHW or NHWC as the graph
     reads it; mean/std default to its metadata; `split` is the default IDX split; `labels`
-    False: the labels are neither read nor checked. The largest tensor a sample makes must
-    fit in memory before any sample is read."""
-    name, shape = model_input(model)
+    False: the labels are neither read nor checked. Model-ready data (an npz with an array
+    per input) feeds every input as it is, several included. The largest tensor a sample
+    makes must fit in memory before any sample is read."""
+    inputs = declared_inputs(model)
+    is_path = isinstance(spec, (str, os.PathLike))
+    if is_path and len(inputs) > 1:  # open_data takes a model-ready npz or refuses
+        name, shape = inputs[0].name, [d or 0 for d in inputs[0].dims]
+    else:
+        name, shape = model_input(model)
     check_model_fits(model)
     source = open_data(
         spec,
@@ -74,6 +82,7 @@ def open_for_model(
         layout=input_layout(model, name),
         split=split,
         labels=labels,
+        inputs=inputs if is_path else (),
     )
     check_labels(source, model)
     return source
@@ -104,7 +113,7 @@ def data_text(source: DataSource | None, measured: list[str]) -> str:
 def preprocessing(source: DataSource | None) -> str:
     if source is None:
         return "none (no data)"
-    return source.preprocess.describe() if source.preprocess else "none (reader)"
+    return source.preprocess.describe() if source.preprocess else "none (model inputs as given)"
 
 
 def has_labels(source: DataSource) -> bool:

@@ -64,9 +64,10 @@ def model_chw(input_shape: Sequence[object]) -> tuple[int, int, int]:
     if len(dims) != 4:
         kind = {3: " (a Conv1d model's N, C, L)", 5: " (a Conv3d model's N, C, D, H, W)"}
         raise BadInputError(
-            f"--data feeds images to 4-D (N, C, H, W) inputs; this model's input "
-            f"{tuple(dims)} is {len(dims)}-D{kind.get(len(dims), '')}, which --data cannot "
-            "feed: analyze and reduce it without --data (no --input-shape changes that)"
+            f"image data (folders, IDX, an npz of x and y) feeds 4-D (N, C, H, W) inputs; this "
+            f"model's input {tuple(dims)} is {len(dims)}-D{kind.get(len(dims), '')}: give a "
+            "model-ready .npz, one array per model input named after it, fed as it is "
+            "(docs/data.md)"
         )
     if not all(isinstance(d, int) and d > 0 for d in dims[1:]):
         raise BadInputError(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -23,8 +23,14 @@ from onnx_mbs.passes.errors import BadInputError
 
 @dataclass
 class Batch:
-    x: np.ndarray  # float32 NCHW, preprocessed model input
+    x: np.ndarray  # float32 NCHW, preprocessed model input (model-ready data: as given)
     y: np.ndarray | None  # int64 class indices
+    extra: dict[str, np.ndarray] = field(default_factory=dict)  # the model's other inputs
+
+
+def batch_inputs(batch: Batch, input_name: str) -> dict[str, np.ndarray]:
+    """Every model input `batch` gives, by name (duck-typed batches: x alone)."""
+    return {input_name: batch.x, **getattr(batch, "extra", {})}
 
 
 class DataSource(Protocol):
@@ -38,7 +44,8 @@ class DataSource(Protocol):
 
 
 class ArraySource:
-    """Samples held as raw arrays; `layout` None means they are model inputs already."""
+    """Samples held as raw arrays; `layout` None means they are model inputs already.
+    `extra` holds the model's other inputs (model-ready data), one entry per sample."""
 
     def __init__(
         self,
@@ -48,6 +55,7 @@ class ArraySource:
         preprocess: Preprocess | None,
         input_name: str,
         description: str,
+        extra: dict[str, np.ndarray] | None = None,
     ) -> None:
         self.raw = raw
         self.labels = labels
@@ -55,6 +63,7 @@ class ArraySource:
         self.preprocess = preprocess
         self.input_name = input_name
         self.description = description
+        self.extra = extra or {}
 
     def __len__(self) -> int:
         return len(self.raw)
@@ -71,8 +80,10 @@ class ArraySource:
             x = raw
         else:
             x = apply(to_unit_nchw(raw, self.layout, self.preprocess.divisor), self.preprocess)
-        check_finite(x, indices, self.description)
-        return Batch(x, None if self.labels is None else self.labels[indices])
+        extra = {name: array[indices] for name, array in self.extra.items()}
+        for array in (x, *extra.values()):
+            check_finite(array, indices, self.description)
+        return Batch(x, None if self.labels is None else self.labels[indices], extra)
 
 
 class ImageFolderSource:
@@ -178,6 +189,12 @@ def to_arrays(source: DataSource) -> tuple[np.ndarray, np.ndarray | None]:
     xs: list[np.ndarray] = []
     ys: list[np.ndarray] = []
     for batch in source.batches(256):
+        given = batch_inputs(batch, getattr(source, "input_name", "x"))
+        if len(given) > 1:
+            raise BadInputError(
+                f"{source.description.split(':')[0]} gives several model inputs "
+                f"({', '.join(given)}); retraining feeds one image input"
+            )
         xs.append(batch.x)
         if batch.y is not None:
             ys.append(batch.y)

@@ -22,12 +22,22 @@ from onnx_mbs.data.preprocess import (
     raw_channels,
     raw_layout,
 )
+from onnx_mbs.data.ready import (
+    IMAGE_ARRAY,
+    LABELS,
+    DeclaredInput,
+    is_model_ready,
+    model_ready_arrays,
+)
 from onnx_mbs.data.sources import IMAGE_SCALE, ArraySource, DataSource, ImageFolderSource
 from onnx_mbs.memory import check_fits
 from onnx_mbs.passes.errors import BadInputError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-KINDS = "an image folder (one sub-folder per class), an .npz with x (and y), or an IDX folder"
+KINDS = (
+    "an image folder (one sub-folder per class), an .npz with x (and y), an .npz with one "
+    "array per model input (model-ready), or an IDX folder"
+)
 
 
 def open_data(
@@ -41,6 +51,7 @@ def open_data(
     layout: str = "NCHW",
     split: str | None = "test",
     labels: bool = True,
+    inputs: Sequence[DeclaredInput] = (),
 ) -> DataSource:
     """A DataSource for `spec`, preprocessed to fit the model input (N, C, H, W), or
     (N, H, W, C) for `layout` "NHWC".
@@ -48,8 +59,10 @@ def open_data(
     mean/std default to the model's metadata (onnx_mbs.mean / onnx_mbs.std), else 0 and 1.
     `limit` keeps the first N samples. `split` is the IDX split used when the spec names
     none (None: it must be named). `labels` False ignores the data's labels: they are
-    neither read nor checked (`--no-labels`). Python readers (anything with get_next(), or an
-    iterable of input dicts) give model inputs already: they are not preprocessed.
+    neither read nor checked (`--no-labels`). An .npz with an array for each of `inputs`
+    (the model's declared inputs) is model-ready data, fed as it is (`ready.py`). Python
+    readers (anything with get_next(), or an iterable of input dicts) give model inputs
+    already: they are not preprocessed.
     """
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0):
         raise BadInputError(f"limit must be a positive whole number of samples, got {limit!r}")
@@ -59,6 +72,14 @@ def open_data(
     path, named_split = split_suffix(os.fspath(spec))
     if not path.exists():
         raise BadInputError(f"data path {path} does not exist; pass {KINDS}")
+    npz = _read_npz(path) if path.suffix.lower() == ".npz" and path.is_file() else None
+    if npz is not None and is_model_ready(list(npz), inputs):
+        return _model_ready_source(path, npz, inputs, input_name, mean, std, limit, labels)
+    if len(inputs) > 1:
+        raise BadInputError(
+            f"the model has {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); give "
+            "an .npz with one array per input, named after it (model-ready data, fed as it is)"
+        )
     if layout == "NHWC":
         dims = list(input_shape)
         input_shape = [dims[0], dims[3], dims[1], dims[2]] if len(dims) == 4 else dims
@@ -91,8 +112,8 @@ def open_data(
         raise BadInputError(f"':{split}' only applies to IDX folders; {path} is not one")
     if path.is_dir():
         return _open_folder(path, preprocess((IMAGE_SCALE, 255.0)), input_name, limit, labels)
-    if path.suffix.lower() == ".npz":
-        x, y = _read_npz(path)
+    if npz is not None:
+        x, y = _image_arrays(path, npz, inputs)
         what = f"npz {path.name}"
         return _array_source(x, y if labels else None, what, channels, preprocess, input_name,
                              limit, labels)  # fmt: skip
@@ -108,22 +129,58 @@ def split_suffix(spec: str) -> tuple[Path, str | None]:
     return Path(spec), None
 
 
-def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
     if not zipfile.is_zipfile(path):
         raise BadInputError(f"cannot read npz {path}: not a zip archive of .npy arrays")
     try:
         with np.load(path, allow_pickle=False) as npz:
-            names = list(npz.files)
-            x = npz["x"] if "x" in names else None
-            y = npz["y"] if "y" in names else None
+            return {name: npz[name] for name in npz.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
         raise BadInputError(f"cannot read npz {path}: {error}") from None
-    if x is None:
+
+
+def _image_arrays(
+    path: Path, npz: dict[str, np.ndarray], inputs: Sequence[DeclaredInput]
+) -> tuple[np.ndarray, np.ndarray | None]:
+    if IMAGE_ARRAY not in npz:
+        ready = f" or one array per model input ({', '.join(i.name for i in inputs)})"
         raise BadInputError(
-            f"npz {path} has no array 'x' (it has: {', '.join(names) or 'nothing'}); "
-            "store the images as x and the labels as y"
+            f"npz {path} has no array 'x' (it has: {', '.join(npz) or 'nothing'}); "
+            f"store the images as x and the labels as y{ready if inputs else ''}"
         )
-    return x, y
+    return npz[IMAGE_ARRAY], npz.get(LABELS)
+
+
+def _model_ready_source(
+    path: Path,
+    npz: dict[str, np.ndarray],
+    inputs: Sequence[DeclaredInput],
+    input_name: str,
+    mean: Any,
+    std: Any,
+    limit: int | None,
+    read_labels: bool,
+) -> ArraySource:
+    """The arrays of a model-ready npz, fed as they are: `input_name`'s as the batch's x,
+    the other inputs' beside it; labels neither read nor checked without `read_labels`."""
+    what = f"model-ready npz {path.name}"
+    if mean is not None or std is not None:
+        raise BadInputError(
+            f"{what} is fed as it is; --mean/--std apply to image data only: drop them "
+            "or store the arrays normalised"
+        )
+    arrays, y = model_ready_arrays(npz, inputs, what)
+    total = len(arrays[input_name])
+    labels = None if y is None or not read_labels else _labels(y, total, what)[:limit]
+    arrays = {name: array[:limit] for name, array in arrays.items()}
+    x = arrays.pop(input_name)
+    description = _describe(
+        f"{what} ({', '.join(i.name for i in inputs)}, fed as they are)",
+        len(x),
+        total,
+        labels is not None,
+    )
+    return ArraySource(x, labels, None, None, input_name, description, arrays)
 
 
 def _array_source(

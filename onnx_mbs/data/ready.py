@@ -1,0 +1,103 @@
+"""Model-ready data: an .npz whose arrays are named after the model's inputs.
+
+Each array holds one input for every sample (its first axis counts samples) and is
+fed as it is: no resizing, scaling or normalising. This is how models whose input is
+not an image (audio on (N, 1, samples), video on (N, C, T, H, W)), models with
+several inputs (an image and a scale) and users with calibration tensors already
+preprocessed give data. The arrays are checked against the declared inputs: same
+rank, same fixed dims after the first, same element type, same number of samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from onnx_mbs.passes.errors import BadInputError
+
+IMAGE_ARRAY = "x"  # the image npz's array name (labels: LABELS)
+LABELS = "y"
+
+
+@dataclass(frozen=True)
+class DeclaredInput:
+    """One graph input as the model declares it: dims (None where not fixed) and type."""
+
+    name: str
+    dims: tuple[int | None, ...]
+    dtype: np.dtype | None  # None for an element type numpy cannot hold
+
+
+def declared_inputs(model: onnx.ModelProto) -> list[DeclaredInput]:
+    """The graph inputs data must feed (initializers listed as inputs aside), in order."""
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = []
+    for graph_input in model.graph.input:
+        if graph_input.name in initializers:
+            continue
+        tensor_type = graph_input.type.tensor_type
+        dims = tuple(
+            d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim
+        )
+        try:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+        except (KeyError, TypeError, ValueError):
+            dtype = None
+        inputs.append(DeclaredInput(graph_input.name, dims, dtype))
+    return inputs
+
+
+def is_model_ready(names: Sequence[str], inputs: Sequence[DeclaredInput]) -> bool:
+    """Whether an npz holding arrays `names` is model-ready data for `inputs`: it names
+    every input. An npz for a single 4-D input named `x` stays image data (the image
+    npz convention), preprocessed as before."""
+    if not inputs or any(i.name not in names for i in inputs):
+        return False
+    image_like = len(inputs) == 1 and inputs[0].name == IMAGE_ARRAY and len(inputs[0].dims) == 4
+    return not image_like
+
+
+def model_ready_arrays(
+    npz: Mapping[str, np.ndarray], inputs: Sequence[DeclaredInput], what: str
+) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """The arrays to feed, by input name, checked against `inputs`; and the labels
+    (array `y`, when no input has that name), unchecked."""
+    arrays: dict[str, np.ndarray] = {}
+    count = None
+    for declared in inputs:
+        array = npz[declared.name]
+        _check(array, declared, what)
+        if count is not None and len(array) != count:
+            raise BadInputError(
+                f"{what}: array {declared.name!r} has {len(array)} samples, "
+                f"{inputs[0].name!r} has {count}; every input needs one entry per sample"
+            )
+        count = len(array)
+        arrays[declared.name] = array
+    if not count:
+        raise BadInputError(f"{what} has no samples")
+    names = {i.name for i in inputs}
+    labels = npz[LABELS] if LABELS in npz and LABELS not in names else None
+    return arrays, labels
+
+
+def _check(array: np.ndarray, declared: DeclaredInput, what: str) -> None:
+    expected = "(" + ", ".join("N" if k == 0 else str(d or "?") for k, d in
+                               enumerate(declared.dims)) + ")"  # fmt: skip
+    fits = array.ndim == len(declared.dims) and all(
+        d is None or d == s for d, s in zip(declared.dims[1:], array.shape[1:])
+    )
+    if not fits:
+        raise BadInputError(
+            f"{what}: array {declared.name!r} has shape {array.shape}; the model input "
+            f"expects {expected} (first axis: samples); model-ready data is fed as it is"
+        )
+    if declared.dtype is None or array.dtype != declared.dtype:
+        wanted = declared.dtype if declared.dtype is not None else "a type numpy cannot hold"
+        raise BadInputError(
+            f"{what}: array {declared.name!r} has dtype {array.dtype}; the model input "
+            f"expects {wanted} (model-ready data is fed as it is: store it as {wanted})"
+        )
