@@ -19,6 +19,7 @@ from pathlib import Path
 import onnx
 
 from onnx_mbs.passes import BadInputError
+from onnx_mbs.passes.integrity import stored_tensors
 from onnx_mbs.passes.scratch import TempFolders
 from onnx_mbs.proto_writer import serialized_size, write_model
 
@@ -218,7 +219,7 @@ def _stage_model(
     tmp = folder / out.name
     if serialized_size(model) > TWO_GB:
         data = f"{out.name}.data"
-        unset = [t for t in _tensors(model.graph) if not t.HasField("data_location")]
+        unset = [t for t in stored_tensors(model.graph) if not t.HasField("data_location")]
         onnx.save(model, tmp, save_as_external_data=True, location=data)
         # onnx.save moved the weights out of the caller's model: read them back in.
         onnx.load_external_data_for_model(model, str(folder))
@@ -231,18 +232,6 @@ def _stage_model(
         staged = []
     _set_mode(tmp, 0o666)
     return [*staged, (tmp, out)]  # the model last: it never appears without its data
-
-
-def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    """Every tensor stored in `graph`: initializers and attribute tensors, subgraphs included."""
-    yield from graph.initializer
-    for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.HasField("t"):
-                yield attribute.t
-            yield from attribute.tensors
-            for sub in [attribute.g] if attribute.HasField("g") else attribute.graphs:
-                yield from _tensors(sub)
 
 
 def _stage_folder(

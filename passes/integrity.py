@@ -9,6 +9,7 @@ can otherwise ask for gigabytes, or be misread silently.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -23,7 +24,7 @@ def check_stored_sizes(model: onnx.ModelProto, folder: Path | None = None) -> No
     reads past it or reshapes it wrongly. With `folder` (before the external data is read):
     external data lies inside `folder` and its files hold exactly that much, so a reference
     can make the run read neither another file nor more than the shape asks for."""
-    for tensor in _stored_tensors(model.graph):
+    for tensor in stored_tensors(model.graph):
         where = f"tensor {tensor.name!r} (shape {list(tensor.dims)})"
         wanted = _stored_bytes(tensor)
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
@@ -47,8 +48,8 @@ def check_stored_sizes(model: onnx.ModelProto, folder: Path | None = None) -> No
             )
 
 
-def _stored_tensors(graph: onnx.GraphProto):
-    """Initializers and attribute tensors of `graph` and its subgraphs."""
+def stored_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Initializers and attribute tensors of `graph` and its subgraphs (save reads them too)."""
     yield from graph.initializer
     for node in graph.node:
         for attribute in node.attribute:
@@ -56,7 +57,7 @@ def _stored_tensors(graph: onnx.GraphProto):
                 yield attribute.t
             yield from attribute.tensors
             for sub in [attribute.g] if attribute.HasField("g") else attribute.graphs:
-                yield from _stored_tensors(sub)
+                yield from stored_tensors(sub)
 
 
 _PACKED_4BIT = {
