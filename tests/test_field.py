@@ -225,8 +225,10 @@ def test_space_to_depth_stem_keeps_dynamic_sizes():
     the original does, also where the channels cut pass through one."""
     model = _dynamic_export(SpaceToDepthStem(), size=32)
     shape = [1, 3, 32, 32]
+    # uniform cuts every group, the one through the space-to-depth included (MBS, which
+    # now reads the stem's receptive fields, may leave that group whole at this budget)
     reduced, report = reduce(model, budget="params=0.7", input_shapes={"input": shape},
-                             progress=False)  # fmt: skip
+                             strategy="uniform", progress=False)  # fmt: skip
     assert report.plan.reached["params"] <= 0.72
     check_model(reduced, full_check=True)
     after = next(n for n in reduced.graph.node if n.name == "/body/body.1/conv/Conv")
