@@ -15,6 +15,8 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 from reliability_inputs import CLASSES, SAMPLES, SIDE, tiny_cnn, write_inputs
 
+from onnx_mbs.proto_writer import _header
+
 
 def long_raw_data() -> onnx.ModelProto:
     """tiny_cnn whose first weight's raw_data holds 8 bytes more than its shape."""
@@ -151,17 +153,8 @@ def _if_node(level: int, output: str, then_body: bytes) -> bytes:
 
 
 def _field(number: int, payload: bytes) -> bytes:
-    """A length-delimited protobuf field."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
+    """A length-delimited protobuf field (the key and length as save writes them)."""
+    return _header(number, len(payload)) + payload
 
 
 def float64_cnn() -> onnx.ModelProto:
