@@ -1,25 +1,41 @@
-"""`onnx-mbs reduce` end to end against onnxsim's structured pruning (issue 13).
+"""`onnx-mbs reduce` end to end against onnxsim's structured pruning (issues 13, 23).
 
 For each zoo model in deploy form (BatchNorm folded, which onnxsim needs), both
 tools run as fresh processes, alternating, on the same file:
 
-- ours: `onnx-mbs reduce MODEL --data x.npz --budget params=0.5 --providers cpu
-  --json -o OUT` with 16 random calibration images (unlabelled: no accuracy pass);
+- ours without data: `onnx-mbs reduce MODEL --budget params=0.5 --json -o OUT`;
+- ours with data: the same with `--data x.npz --providers cpu`, 16 random
+  calibration images (unlabelled: no accuracy pass);
 - onnxsim 0.8.1: `onnxsim.pruning.apply_structured_pruning(MODEL, 0.5)` then
-  `onnx.save`, in a `python -c` process.
+  `onnx.save`.
 
-Each tool runs in a worker process that imports it, then times its work (our
-work is the CLI's `main`, in process). Reported: wall time of each process
-(imports included: what a user waits for) and of the work alone, medians of
---repeats alternating runs, the ratios ours / onnxsim, parameters kept by
-each, the memory each tool's work adds over the RSS after its imports (VmHWM
-- VmRSS in the worker) against the model file, and our phase breakdown
-(`timings_s` from --json, last run). A model onnxsim leaves unchanged or
-fails on is marked: the speed comparison only counts models both process.
-The load average is printed with the results.
+Each tool runs in two environments:
 
-    pip install --no-deps onnxsim==0.8.1
-    python bench/reduce.py [--repeats 3] [--models resnet20 resnet50 ...]
+- minimal (how a user installs each tool alone): onnx-mbs with its base install
+  (`pip install .`, no extras: no torch) in one virtual environment, onnxsim with
+  onnx, onnxruntime and numpy only in another. `--setup` creates both under
+  --venvs (bench/results/tmp/venvs, ignored by git), with:
+      python3 -m venv VENVS/ours && VENVS/ours/bin/pip install .
+      python3 -m venv VENVS/onnxsim && VENVS/onnxsim/bin/pip install onnxsim==0.8.1 \\
+          onnx onnxruntime numpy
+  Every run reinstalls this checkout into VENVS/ours (`pip install --no-deps
+  --force-reinstall .`), so the figures are this commit's.
+- torch: both beside torch, in this interpreter's environment (the project's
+  .venv with its torch and dev extras). onnxsim imports its optional integrations,
+  torch among them, when they are installed.
+
+Each worker process imports its tool, then times its work in process (ours: the
+CLI's `main`; what it imports lazily counts as work). Reported: wall time of each
+process (what a user waits for: interpreter start, imports and work), the import
+and the work apart, medians of --repeats alternating runs; the ratios ours /
+onnxsim; parameters kept; the memory each tool's work adds over the RSS after its
+imports (VmHWM - VmRSS in the worker); our phase breakdown (`timings_s` from
+--json, last run); the load average (1, 5, 15 min) before and after each model.
+A model onnxsim leaves unchanged or either tool fails on is marked: the speed
+comparison only counts models both process.
+
+    python bench/reduce.py --setup            # once: the two minimal environments
+    python bench/reduce.py [--repeats 3] [--envs minimal torch] [--models resnet20 ...]
 """
 
 from __future__ import annotations
@@ -34,10 +50,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import onnx
-
-from onnx_mbs.passes import count_parameters
+# Only the standard library above: a worker process imports its tool and nothing else.
+REPO = Path(__file__).resolve().parent.parent
+VENVS = REPO / "bench" / "results" / "tmp" / "venvs"
+SIM_PACKAGES = ["onnxsim==0.8.1", "onnx", "onnxruntime", "numpy"]
+ARMS = ("ours", "ours+data", "onnxsim")  # run in this order, alternating, per repeat
 
 
 def _status_mb(field: str) -> float:
@@ -47,18 +64,12 @@ def _status_mb(field: str) -> float:
 
 
 def worker(tool: str, argv: list[str]) -> None:
-    """Import the tool, then time its work in this process; print JSON on the last line.
-
-    Everything the work imports is imported first, so that the memory the work adds
-    (peak RSS minus RSS after the imports) is the work's own."""
+    """Import the tool, then time its work in this process; print JSON on the last line."""
     start = time.perf_counter()
     if tool == "ours":
         import contextlib
         import io
 
-        import onnxruntime  # noqa: F401  (imported lazily by the CLI: counted as import)
-
-        import onnx_mbs.pipeline  # noqa: F401
         from onnx_mbs.cli import main as cli
 
         imported, base = time.perf_counter(), _status_mb("VmRSS")
@@ -66,7 +77,10 @@ def worker(tool: str, argv: list[str]) -> None:
         with contextlib.redirect_stdout(out):
             code = cli(argv)
         result = {"phases": json.loads(out.getvalue())["timings_s"], "code": code}
+        heavy = ("onnxruntime", "torch", "matplotlib", "PIL", "tqdm")
+        result["imported"] = [m for m in heavy if m in sys.modules]
     else:
+        import onnx
         from onnxsim.pruning import apply_structured_pruning
 
         imported, base = time.perf_counter(), _status_mb("VmRSS")
@@ -90,15 +104,132 @@ def run(command: list[str]) -> tuple[float, dict | None]:
     """Wall seconds and the worker's JSON (None if it failed) of one process."""
     start = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out:
-        code = subprocess.run(command, stdout=out, stderr=subprocess.DEVNULL).returncode
+        # cwd: not the checkout, whose onnx_mbs/ folder would shadow the installed package
+        code = subprocess.run(
+            command, stdout=out, stderr=subprocess.DEVNULL, cwd=tempfile.gettempdir()
+        ).returncode
         wall = time.perf_counter() - start
         out.seek(0)
         lines = out.read().strip().splitlines()
         return wall, json.loads(lines[-1]) if code == 0 and lines else None
 
 
-def _median_work(runs: list[tuple[float, dict | None]]) -> float:
-    return statistics.median(r[1]["work_s"] for r in runs if r[1] is not None)
+def _pip(python: Path, *args: str) -> None:
+    subprocess.run([str(python), "-m", "pip", "install", "-q", *args], check=True, cwd=REPO)
+
+
+def setup(venvs: Path) -> None:
+    """The two minimal environments: onnx-mbs's base install; onnxsim with onnx,
+    onnxruntime and numpy."""
+    for name, packages in (("ours", ["."]), ("onnxsim", SIM_PACKAGES)):
+        folder = venvs / name
+        if not (folder / "bin" / "python").exists():
+            subprocess.run(["python3", "-m", "venv", str(folder)], check=True)
+        _pip(folder / "bin" / "python", *packages)
+
+
+def interpreters(env: str, venvs: Path) -> dict[str, str]:
+    """The Python each tool runs in for `env`."""
+    if env == "torch":
+        return {"ours": sys.executable, "onnxsim": sys.executable}
+    pythons = {tool: venvs / tool / "bin" / "python" for tool in ("ours", "onnxsim")}
+    if not all(p.exists() for p in pythons.values()):
+        sys.exit(f"bench/reduce.py: no minimal environments under {venvs}: run it with --setup")
+    _pip(pythons["ours"], "--no-deps", "--force-reinstall", ".")  # this checkout's code
+    return {tool: str(p) for tool, p in pythons.items()}
+
+
+def _median(runs: list[tuple[float, dict | None]], key: str) -> float | None:
+    if not runs or any(r[1] is None for r in runs):
+        return None
+    return statistics.median(r[1][key] for r in runs)
+
+
+def measure(
+    name: str, folder: Path, pythons: dict[str, str], repeats: int, count_parameters
+) -> dict:
+    """One model in one environment: each arm `repeats` times, alternating."""
+    path, data = folder / f"{name}.onnx", folder / f"{name}.npz"
+    outs = {arm: folder / f"{arm}.onnx" for arm in ARMS}
+    ours = [pythons["ours"], __file__, "--worker", "ours", "reduce", str(path)]
+    common = ["--budget", "params=0.5", "--json", "-o"]
+    commands = {
+        "ours": [*ours, *common, str(outs["ours"])],
+        "ours+data": [*ours, "--data", str(data), "--providers", "cpu", *common],
+        "onnxsim": [pythons["onnxsim"], __file__, "--worker", "onnxsim", str(path)],
+    }
+    commands["ours+data"].append(str(outs["ours+data"]))
+    commands["onnxsim"].append(str(outs["onnxsim"]))
+    runs: dict[str, list] = {arm: [] for arm in ARMS}
+    load = [os.getloadavg()]
+    for _ in range(repeats):
+        for arm in ARMS:
+            outs[arm].unlink(missing_ok=True)
+            runs[arm].append(run(commands[arm]))
+    load.append(os.getloadavg())
+    import onnx
+
+    params = count_parameters(onnx.load(path))
+    row: dict = {"model": name, "load": load}
+    for arm, times in runs.items():
+        ok = all(t[1] is not None for t in times) and outs[arm].exists()
+        last = times[-1][1] if ok else None
+        row[arm] = {
+            "process_s": statistics.median(t[0] for t in times),
+            "processes_s": [round(t[0], 4) for t in times],
+            "import_s": _median(times, "import_s") if ok else None,
+            "work_s": _median(times, "work_s") if ok else None,
+            "work_mb": max(t[1]["work_mb"] for t in times) if ok else None,
+            "kept": count_parameters(onnx.load(outs[arm])) / params if ok else None,
+            "phases": last.get("phases") if last else None,
+            "imported": last.get("imported") if last else None,
+        }
+    sim_kept = row["onnxsim"]["kept"]
+    for arm in ("ours", "ours+data"):
+        row[arm]["both"] = bool(
+            row[arm]["kept"] is not None and sim_kept is not None and sim_kept < 1.0
+        )
+        row[arm]["process_ratio"] = row[arm]["process_s"] / row["onnxsim"]["process_s"]
+        work, sim_work = row[arm]["work_s"], row["onnxsim"]["work_s"]
+        row[arm]["work_ratio"] = work / sim_work if work and sim_work else None
+    return row
+
+
+def _f(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def report(env: str, rows: list[dict]) -> None:
+    print(f"\n== {env} environments (process: wall s; import/work: inside the process)")
+    print(
+        f"{'model':<14}{'load':>5}{'sim s':>7}{'sim imp':>8}{'sim wrk':>8}"
+        f"{'ours s':>8}{'ratio':>7}{'imp':>6}{'work':>6}"
+        f"{'+data s':>8}{'ratio':>7}{'imp':>6}{'work':>6}{'kept':>7}{'sim kept':>9}"
+    )
+    for r in rows:
+        sim, free, data = r["onnxsim"], r["ours"], r["ours+data"]
+        print(
+            f"{r['model']:<14}{r['load'][-1][0]:>5.1f}{sim['process_s']:>7.2f}"
+            f"{_f(sim['import_s']):>8}{_f(sim['work_s']):>8}"
+            f"{free['process_s']:>8.2f}{free['process_ratio']:>7.2f}"
+            f"{_f(free['import_s']):>6}{_f(free['work_s']):>6}"
+            f"{data['process_s']:>8.2f}{data['process_ratio']:>7.2f}"
+            f"{_f(data['import_s']):>6}{_f(data['work_s']):>6}"
+            f"{_f(free['kept'], 3):>7}{_f(sim['kept'], 3):>9}"
+        )
+    for r in rows:
+        for arm in ("ours", "ours+data"):
+            phases = ", ".join(f"{k} {v:.2f}" for k, v in (r[arm]["phases"] or {}).items())
+            print(f"{r['model']} {arm}: phases (s) {phases}; imported {r[arm]['imported']}")
+    for arm, limit in (("ours", 1.0), ("ours+data", 1.6)):
+        both = [r for r in rows if r[arm]["both"]]
+        over = [r["model"] for r in both if r[arm]["process_ratio"] > limit]
+        worst = max((r[arm]["process_ratio"] for r in both), default=float("nan"))
+        print(
+            f"{env} {arm}: models both process {len(both)} of {len(rows)}; process ratio "
+            f"<= {limit} on {len(both) - len(over)}, worst {worst:.2f}"
+            + (f" (over: {', '.join(over)})" if over else "")
+        )
 
 
 def main() -> None:
@@ -107,110 +238,45 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    # The zoo (torch) is imported here, not at the top: a worker process must import only
-    # its tool, or both tools' process times would carry torch's import.
+    parser.add_argument("--envs", nargs="+", default=["minimal", "torch"])
+    parser.add_argument("--venvs", type=Path, default=VENVS)
+    parser.add_argument("--setup", action="store_true", help="create the minimal environments")
+    import numpy as np
+    import onnx
+
     from onnx_mbs.models.export import export_zoo
     from onnx_mbs.models.zoo import ZOO
+    from onnx_mbs.passes import count_parameters
 
     parser.add_argument("--models", nargs="+", default=list(ZOO), choices=list(ZOO))
     parser.add_argument("--out", default="bench/results/reduce.json")
     args = parser.parse_args()
+    if args.setup:
+        setup(args.venvs)
+        return
     try:
         import onnxsim.pruning  # noqa: F401
     except ImportError:
-        sys.exit("bench/reduce.py needs onnxsim: pip install --no-deps onnxsim==0.8.1")
-    rows = []
-    load = [os.getloadavg()]
-    with tempfile.TemporaryDirectory() as folder:
-        for name in args.models:
-            shape = ZOO[name].input_shape
-            path = Path(folder) / f"{name}.onnx"
-            onnx.save(export_zoo(name, "deploy", shape), path)
-            data = Path(folder) / f"{name}.npz"
-            rng = np.random.default_rng(0)
-            np.savez(data, x=rng.integers(0, 256, (16, *shape[1:]), dtype=np.uint8))
-            ours_out, sim_out = Path(folder) / "ours.onnx", Path(folder) / "sim.onnx"
-            ours_cmd = [
-                sys.executable,
-                __file__,
-                "--worker",
-                "ours",
-                "reduce",
-                str(path),
-                "--data",
-                str(data),
-                "--budget",
-                "params=0.5",
-                "--providers",
-                "cpu",
-                "--json",
-                "-o",
-                str(ours_out),
-            ]
-            sim_cmd = [sys.executable, __file__, "--worker", "onnxsim", str(path), str(sim_out)]
-            ours, sim = [], []
-            for _ in range(args.repeats):
-                for cmd, target, times in (
-                    (ours_cmd, ours_out, ours),
-                    (sim_cmd, sim_out, sim),
-                ):
-                    target.unlink(missing_ok=True)
-                    times.append(run(cmd))
-            params = count_parameters(onnx.load(path))
-            ours_ok = all(t[1] is not None for t in ours) and ours_out.exists()
-            sim_ok = all(t[1] is not None for t in sim) and sim_out.exists()
-            row = {
-                "model": name,
-                "input": list(shape),
-                "nodes": len(onnx.load(path).graph.node),
-                "file_mb": path.stat().st_size / 2**20,
-                "ours_s": statistics.median(t[0] for t in ours),
-                "onnxsim_s": statistics.median(t[0] for t in sim),
-                "ours_work_s": _median_work(ours) if ours_ok else None,
-                "onnxsim_work_s": _median_work(sim) if sim_ok else None,
-                "ours_work_mb": max(t[1]["work_mb"] for t in ours) if ours_ok else None,
-                "onnxsim_work_mb": max(t[1]["work_mb"] for t in sim) if sim_ok else None,
-                "ours_kept": count_parameters(onnx.load(ours_out)) / params if ours_ok else None,
-                "onnxsim_kept": count_parameters(onnx.load(sim_out)) / params if sim_ok else None,
-                "phases": ours[-1][1]["phases"] if ours_ok else None,
-            }
-            row["both"] = bool(ours_ok and sim_ok and row["onnxsim_kept"] < 1.0)
-            rows.append(row)
-            load.append(os.getloadavg())
-    print(f"load average (1, 5, 15 min) at start and after each model: {load}")
-    print("process: wall s of the whole process (imports included); work: after the imports")
-    print(
-        f"{'model':<14}{'nodes':>6}{'file MB':>8}{'ours s':>8}{'sim s':>7}{'ratio':>7}"
-        f"{'ours work':>10}{'sim work':>9}{'ratio':>7}{'kept ours':>10}{'kept sim':>9}"
-    )
-    for r in rows:
-        sim_kept = "fail" if r["onnxsim_kept"] is None else f"{r['onnxsim_kept']:.3f}"
-        ours_w, sim_w = r["ours_work_s"] or float("nan"), r["onnxsim_work_s"] or float("nan")
-        print(
-            f"{r['model']:<14}{r['nodes']:>6}{r['file_mb']:>8.1f}{r['ours_s']:>8.2f}"
-            f"{r['onnxsim_s']:>7.2f}{r['ours_s'] / r['onnxsim_s']:>7.2f}"
-            f"{ours_w:>10.2f}{sim_w:>9.2f}{ours_w / sim_w:>7.2f}"
-            f"{r['ours_kept'] or 0:>10.3f}{sim_kept:>9}"
-        )
-    for r in rows:
-        phases = ", ".join(f"{k} {v:.2f}" for k, v in (r["phases"] or {}).items())
-        work_mb = r["ours_work_mb"] or float("nan")
-        print(
-            f"{r['model']}: our phases (s): {phases}; memory the work adds over the "
-            f"imports {work_mb:.0f} MB = {work_mb / r['file_mb']:.2f}x the model file"
-        )
-    both = [r for r in rows if r["both"]]
-    for key in ("ours_s", "ours_work_s"):
-        peer = key.replace("ours", "onnxsim")
-        slower = [r["model"] for r in both if r[key] > r[peer]]
-        worst = max((r[key] / r[peer] for r in both), default=float("nan"))
-        print(
-            f"{'process' if key == 'ours_s' else 'work'}: models both process {len(both)} of "
-            f"{len(rows)}; ours no slower on {len(both) - len(slower)}, worst ratio {worst:.2f}"
-            + (f" (slower: {', '.join(slower)})" if slower else "")
-        )
+        sys.exit("bench/reduce.py needs onnxsim beside torch: pip install onnxsim==0.8.1")
+    results: dict = {"repeats": args.repeats, "envs": {}}
+    with tempfile.TemporaryDirectory() as name:
+        folder = Path(name)
+        for model in args.models:
+            shape = ZOO[model].input_shape
+            onnx.save(export_zoo(model, "deploy", shape), folder / f"{model}.onnx")
+            images = np.random.default_rng(0).integers(0, 256, (16, *shape[1:]), dtype=np.uint8)
+            np.savez(folder / f"{model}.npz", x=images)
+        for env in args.envs:
+            pythons = interpreters(env, args.venvs)
+            rows = []
+            for model in args.models:
+                rows.append(measure(model, folder, pythons, args.repeats, count_parameters))
+                print(f"{env} {model} done, load {os.getloadavg()}", flush=True)
+            results["envs"][env] = rows
+    for env, rows in results["envs"].items():
+        report(env, rows)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"load": load, "rows": rows}, indent=2) + "\n")
+    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ import onnx
 from onnx_mbs.data import DataSource
 from onnx_mbs.data.fit import data_text, has_labels, metadata, open_for_model, preprocessing
 from onnx_mbs.data.preprocess import Preprocess
-from onnx_mbs.evaluate import EvalResult, evaluate
 from onnx_mbs.interop import as_model
 from onnx_mbs.options import ReduceOptions
 from onnx_mbs.passes import (
@@ -48,12 +47,13 @@ from onnx_mbs.passes import (
     weight_importance,
 )
 from onnx_mbs.plan import Budget, GroupInfo, Plan, plan_widths
-from onnx_mbs.runtime import choose_providers, release_freed_memory
-from onnx_mbs.stats import ActivationStats, collect_stats
+from onnx_mbs.runtime import REQUESTS, choose_providers, release_freed_memory
 from onnx_mbs.weights_file import HeldModel, weights_aside
 
 if TYPE_CHECKING:
+    from onnx_mbs.evaluate import EvalResult
     from onnx_mbs.latency import LatencyModel
+    from onnx_mbs.stats import ActivationStats
 
 
 @dataclass
@@ -135,7 +135,7 @@ def reduce(
     """
     options = ReduceOptions.of(options, **overrides).checked(has_data=data is not None)
     laps = Laps()
-    providers = choose_providers(options.providers)
+    providers = runtime_providers(options, has_data=data is not None)
     loaded = load(as_model(model), options.input_shapes)
     origin, held = loaded.origin, HeldModel(loaded.model)
     del loaded  # `held` is the analysis form's one owner: its weights can be lent out
@@ -179,6 +179,16 @@ def reduce(
         report.accuracy = accuracy(models, source, providers, origin.batch, options)
         laps.lap("evaluate")
     return rewritten.model, report
+
+
+def runtime_providers(options: ReduceOptions, has_data: bool) -> list[str]:
+    """The providers onnxruntime runs on; none when this run makes no session (no data, no
+    latency to time): choosing would import onnxruntime and, where it may, probe CUDA."""
+    if has_data or options.plans_latency or options.channel_multiple == "auto":
+        return choose_providers(options.providers)
+    if options.providers not in REQUESTS:
+        choose_providers(options.providers)  # refuses it, naming the requests it takes
+    return []
 
 
 class Laps:
@@ -267,6 +277,8 @@ def measure(
     tensors = sorted({t for t in activation.values() if t})  # none: no activation after a conv
     if source is None or not tensors:
         return held.take(), Measured(None, rho, tensors)
+    from onnx_mbs.stats import collect_stats  # here: onnxruntime only where it runs
+
     with weights_aside(held) as (light, folder):
         stats = collect_stats(
             light,
@@ -495,6 +507,8 @@ def accuracy(
     options: ReduceOptions,
 ) -> dict[str, EvalResult]:
     """Top-1 of each model on the (labelled) data."""
+    from onnx_mbs.evaluate import evaluate
+
     batch_size = batch or options.batch_size
     return {
         key: evaluate(model, source, providers, batch_size=batch_size, progress=False)

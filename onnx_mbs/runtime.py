@@ -6,6 +6,9 @@ So CUDA is only chosen after quiet checks: the driver answers with a device,
 the CUDA provider library and cuDNN load, and a tiny session really runs on it.
 pip's CUDA and cuDNN (the nvidia-* packages torch also uses) are not on the
 loader's path, so they are preloaded first, as onnxruntime-gpu recommends.
+
+onnxruntime itself is imported by the functions that use it: `reduce` without data runs
+no session and does not pay its import (issue 23).
 """
 
 from __future__ import annotations
@@ -20,25 +23,27 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from onnx_mbs.data.sources import Batch, batch_inputs
 from onnx_mbs.passes.errors import BadInputError
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 REQUESTS = ("auto", "cpu", "cuda")
 T = TypeVar("T")
 R = TypeVar("R")
-OPTIMIZATION_LEVELS = {
-    "full": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+OPTIMIZATION_LEVELS = {  # names of onnxruntime's GraphOptimizationLevel members
+    "full": "ORT_ENABLE_ALL",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "none": "ORT_DISABLE_ALL",
 }
 
 # Nothing but fatal errors: onnxruntime logs its errors on stderr before raising them, and
@@ -70,6 +75,8 @@ def choose_providers(request: str = "auto") -> list[str]:
 @functools.cache
 def cuda_unavailable_reason() -> str | None:
     """Why CUDA cannot run here, or None when it can. Prints nothing; cached per process."""
+    import onnxruntime as ort
+
     if CUDA not in ort.get_available_providers():
         return "this onnxruntime build has no CUDAExecutionProvider (install onnxruntime-gpu)"
     reason = _driver_reason()
@@ -100,6 +107,8 @@ def _driver_reason() -> str | None:
 def _preload_cuda_libraries() -> None:
     """Load CUDA and cuDNN from pip's nvidia-* packages (onnxruntime-gpu 1.21+), silently:
     where they are missing the checks below say why CUDA cannot run."""
+    import onnxruntime as ort
+
     preload = getattr(ort, "preload_dlls", None)
     if preload is None:
         return
@@ -126,6 +135,8 @@ def _silenced_output():
 
 
 def _cuda_provider_library() -> str:
+    import onnxruntime as ort
+
     return str(Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so")
 
 
@@ -136,6 +147,8 @@ def _cudnn_soname() -> str:
 
 def _probe_session_reason() -> str | None:
     """Run a 1x1 Conv on CUDA with onnxruntime's global logging silenced for the probe."""
+    import onnxruntime as ort
+
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 2])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 2, 2])
     w = helper.make_tensor("w", TensorProto.FLOAT, [1, 1, 1, 1], [2.0])
@@ -172,10 +185,14 @@ def make_session(
     statistics' reductions) as soon as its input exists; its default order ran the whole
     main path first and held every watched tensor until then (ResNet-1202: 310 against
     139 MB)."""
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.log_severity_level = _QUIET
     options.intra_op_num_threads = threads
-    options.graph_optimization_level = OPTIMIZATION_LEVELS[level]
+    options.graph_optimization_level = getattr(
+        ort.GraphOptimizationLevel, OPTIMIZATION_LEVELS[level]
+    )
     if side_branches_early:
         options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     if isinstance(model, onnx.ModelProto):

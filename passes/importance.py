@@ -33,6 +33,7 @@ from .channel_walk import FILTERS
 from .graph import GraphIndex, attributes
 
 DEFAULT_CRITERION = "l2"  # the best weight-only criterion in bench/importance.py
+ROW_BLOCK = 1 << 15  # weight entries FilterNorm converts to float64 at a time (256 KB)
 
 
 class Importance:
@@ -42,16 +43,13 @@ class Importance:
 
     def __init__(self, model: onnx.ModelProto, index: GraphIndex | None = None) -> None:
         self.index = GraphIndex.of(model, index)  # the caller's GraphIndex.build(model), if any
-        self._arrays: dict[str, np.ndarray] = {}
 
     def weight(self, name: str) -> np.ndarray:
-        """A constant as float64, read once per criterion object."""
-        if name not in self._arrays:
-            value = self.index.constant(name)
-            if value is None:
-                raise ValueError(f"{name!r} is not a constant of the model this criterion read")
-            self._arrays[name] = value.astype(np.float64)
-        return self._arrays[name]
+        """A constant of the model, in its own type (each producer reads its own once)."""
+        value = self.index.constant(name)
+        if value is None:
+            raise ValueError(f"{name!r} is not a constant of the model this criterion read")
+        return value
 
     def producer_scores(self, member: Member) -> np.ndarray | None:
         """Per group channel, the score `member` (a FILTERS member) gives it; None if
@@ -92,10 +90,19 @@ class FilterNorm(Importance):
         return per_channel if self.p == 1 else np.sqrt(per_channel)
 
     def row_power(self, member: Member) -> np.ndarray:
-        """Per entry of the producer's output axis: sum |w| (p=1) or sum w^2 (p=2)."""
+        """Per entry of the producer's output axis: sum |w| (p=1) or sum w^2 (p=2), in
+        float64. A block of rows at a time: each row's sum is the one over all rows at
+        once, bit for bit, without float64 copies of the whole weight (4x faster on
+        ResNet-50, issue 23)."""
         weight = self.weight(member.tensor)
         rows = np.moveaxis(weight, member.axis, 0).reshape(weight.shape[member.axis], -1)
-        return np.abs(rows).sum(axis=1) if self.p == 1 else np.square(rows).sum(axis=1)
+        power = np.abs if self.p == 1 else np.square
+        out = np.empty(len(rows), dtype=np.float64)
+        step = max(1, ROW_BLOCK // max(1, rows.shape[1]))
+        for start in range(0, len(rows), step):
+            block = rows[start : start + step].astype(np.float64)
+            out[start : start + step] = power(block).sum(axis=1)
+        return out
 
     def __repr__(self) -> str:
         return f"FilterNorm(p={self.p})"

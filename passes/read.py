@@ -39,6 +39,7 @@ def read_model(
     if isinstance(source, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(source)
+        check_stored_sizes(model)
     else:
         path = Path(source)
         if path.is_dir():
@@ -60,7 +61,7 @@ def read_model(
             raise BadInputError(f"{path} could not be loaded as ONNX: {e}") from None
         if not model.graph.node:
             raise BadInputError(f"{path} is not an ONNX model (no graph nodes found)")
-    check_stored_sizes(model)
+        # No second check_stored_sizes: the external data read holds the checked lengths.
     if model.graph.sparse_initializer:
         names = ", ".join(repr(t.values.name) for t in model.graph.sparse_initializer[:3])
         raise BadInputError(
@@ -92,7 +93,7 @@ def check_model(model: onnx.ModelProto, full_check: bool = False) -> None:
     custom = hide_unknown_ops(model)[0]
     with scratch_folder() as folder:
         try:
-            light, apart = weights_apart(custom, folder)
+            light, apart = weights_apart(custom, folder, contents=False)
             for tensor in apart:
                 onnx.checker.check_tensor(tensor)
             (folder / "checked.onnx").write_bytes(light.SerializeToString())

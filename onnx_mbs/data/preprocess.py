@@ -11,7 +11,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image
 
 from onnx_mbs.passes.errors import BadInputError
 
@@ -216,6 +215,8 @@ def apply(x: np.ndarray, pre: Preprocess) -> np.ndarray:
 
 def resize(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinear resize of every channel of every sample with Pillow (float mode, no rounding)."""
+    from PIL import Image  # here: `reduce` without data never imports Pillow
+
     height, width = size
     out = np.empty((x.shape[0], x.shape[1], height, width), np.float32)
     for n in range(x.shape[0]):

@@ -12,13 +12,15 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from onnx_mbs.data.preprocess import Preprocess, apply, to_unit_nchw
 from onnx_mbs.passes.errors import BadInputError
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 @dataclass
@@ -118,6 +120,8 @@ class ImageFolderSource:
         return Batch(x, None if self.labels is None else self.labels[indices])
 
     def _load(self, path: Path) -> np.ndarray:
+        from PIL import Image, UnidentifiedImageError  # here: only image folders need Pillow
+
         try:
             with warnings.catch_warnings():  # Pillow warns of large images: refused below
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
