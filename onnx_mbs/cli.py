@@ -161,8 +161,7 @@ def cmd_reduce(args: argparse.Namespace) -> int:
         summary.pop("layers")
         if recalibration is not None:
             summary["recalibration"] = recalibration
-        json.dump(summary, sys.stdout, indent=2)
-        print()
+        print(json.dumps(summary, indent=2))  # one write: dump writes each token
     else:
         _print_reduce_summary(report, args)
         if recalibration is not None:

@@ -217,12 +217,19 @@ def _scaled_sums(
 
 
 CONCAT_FAN_IN = 32
+# Watched tensors from which a graph counts as deep: the Concat tree and onnxruntime's
+# priority-based order (stats.py) pay there, and below cost time (issue 23: ResNet-56, 55
+# watched, batch 64: 1.14x plain inference per batch without both, 1.28x with both).
+DEEP = 128
 
 
 def _concat_tree(inputs: list[str], output: str) -> list[onnx.NodeProto]:
-    """Concat nodes joining `inputs` along axis 1 into `output`, at most CONCAT_FAN_IN
-    inputs each: a session around one Concat of ResNet-1202's 1,201 reductions took 2.6 s to
-    build (extended level), 1.35 s with the tree; CUDA graphs refuse a Concat of over 32."""
+    """Concat nodes joining `inputs` along axis 1 into `output`: one Concat, or past DEEP
+    inputs a tree of at most CONCAT_FAN_IN inputs each (a session around one Concat of
+    ResNet-1202's 1,201 reductions took 2.6 s to build at the extended level, 1.35 s with
+    the tree)."""
+    if len(inputs) <= DEEP:
+        return [helper.make_node("Concat", inputs, [output], axis=1)]
     nodes = []
     level = 0
     while len(inputs) > CONCAT_FAN_IN:

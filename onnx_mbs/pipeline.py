@@ -143,11 +143,13 @@ def reduce(
     recorded = given_preprocessing(options.mean, options.std, source)
     release_freed_memory()  # load's copies and serializations: not in every later peak
     laps.lap("load")
-    analysed = analyse(held.model, options.receptive_field)
+    analysed, index = analyse(held.model, options.receptive_field)
     laps.lap("analyze")
+    if source is not None:
+        index = None  # it holds the model, whose weights the statistics borrow meanwhile
     form, measured = measure(held, origin, analysed, source, providers, options)
     laps.lap("statistics")
-    index = GraphIndex.build(form)  # the model as the statistics hand it back
+    index = index or GraphIndex.build(form)  # the model as the statistics hand it back
     planner = Planner.build(form, index, origin, analysed, measured, providers, options)
     plan = planner.plan(options.budget)
     laps.lap("plan")
@@ -246,11 +248,12 @@ class Analysed:
     activation: dict[str, str | None]  # conv -> the tensor whose activation ratio is its rho
 
 
-def analyse(model: onnx.ModelProto, receptive_field: str) -> Analysed:
-    index = GraphIndex.build(model)  # one index for the analyses, not one each
+def analyse(model: onnx.ModelProto, receptive_field: str) -> tuple[Analysed, GraphIndex]:
+    """The analyses, and the index they read (one for all, not one each)."""
+    index = GraphIndex.build(model)
     before = analyze_model(model, receptive_field, index)
     channels = analyze_channels(model, before, index)
-    return Analysed(before, channels, activation_tensors(model, before, index))
+    return Analysed(before, channels, activation_tensors(model, before, index)), index
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ can otherwise ask for gigabytes, or be misread silently.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,33 +20,40 @@ from .errors import BadInputError
 from .graph import GraphIndex
 
 
-def check_stored_sizes(model: onnx.ModelProto, folder: Path | None = None) -> None:
+def check_stored_sizes(model: onnx.ModelProto, folder: Path | None = None) -> bool:
     """Every stored tensor holds exactly the data its shape asks for, so nothing later
     reads past it or reshapes it wrongly. With `folder` (before the external data is read):
     external data lies inside `folder` and its files hold exactly that much, so a reference
-    can make the run read neither another file nor more than the shape asks for."""
+    can make the run read neither another file nor more than the shape asks for.
+    Returns whether any tensor is stored as external data."""
+    external = False
     for tensor in stored_tensors(model.graph):
-        where = f"tensor {tensor.name!r} (shape {list(tensor.dims)})"
         wanted = _stored_bytes(tensor)
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            external = True
             if folder is not None and wanted is not None:
-                _check_external(tensor, folder, wanted, where)
+                _check_external(tensor, folder, wanted, _where(tensor))
             continue
         if tensor.HasField("raw_data"):
             held = len(tensor.raw_data)
             if wanted is not None and held != wanted:
                 raise BadInputError(
-                    f"{where} stores {held} bytes of data where its shape needs {wanted}; "
-                    "the file is corrupt or crafted: export the model again"
+                    f"{_where(tensor)} stores {held} bytes of data where its shape needs "
+                    f"{wanted}; the file is corrupt or crafted: export the model again"
                 )
             continue
         count = _typed_count(tensor)
         elements = math.prod(tensor.dims)
         if count is not None and count[0] != count[1] * elements:
             raise BadInputError(
-                f"{where} stores {count[0]} values where its shape needs {count[1] * elements}; "
-                "the file is corrupt or crafted: export the model again"
+                f"{_where(tensor)} stores {count[0]} values where its shape needs "
+                f"{count[1] * elements}; the file is corrupt or crafted: export the model again"
             )
+    return external
+
+
+def _where(tensor: onnx.TensorProto) -> str:
+    return f"tensor {tensor.name!r} (shape {list(tensor.dims)})"
 
 
 def stored_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
@@ -72,10 +80,17 @@ def _stored_bytes(tensor: onnx.TensorProto) -> int | None:
     elements = math.prod(tensor.dims)
     if tensor.data_type in _PACKED_4BIT:
         return (elements + 1) // 2
-    if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+    itemsize = _itemsize(tensor.data_type)
+    return None if itemsize is None else elements * itemsize
+
+
+@functools.cache
+def _itemsize(data_type: int) -> int | None:
+    """Bytes per element of an ONNX data type (None for strings and unknown types)."""
+    if data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
         return None
     try:
-        return elements * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        return onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize
     except (KeyError, ValueError, TypeError):
         return None
 
@@ -217,6 +232,8 @@ def check_made_sizes(model: onnx.ModelProto) -> None:
     """Refuse a tensor made by an op whose output size numbers in the file set (ConstantOfShape,
     Tile, Expand, Resize...) when it dwarfs everything the model reads: a 136 KB file can ask
     for 1.5e9 floats, and every run of the model would make them."""
+    if not any(node.op_type in SIZED_BY_VALUES for node in model.graph.node):
+        return  # most CNNs: no index to build
     index = GraphIndex.build(model)
     biggest_input = max((math.prod(index.shapes.get(i, ())) for i in index.graph_inputs), default=1)
     for node in index.nodes:

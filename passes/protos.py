@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import onnx
+from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import Message
 
 
@@ -18,9 +20,28 @@ def without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def copy_fields(source: Message, target: Message, skip: str) -> None:
-    """Copy every set field of `source` but `skip` into `target`, in field order."""
-    names = [d.name for d, _ in source.ListFields() if d.name != skip]
+    """Copy every set field of `source` but `skip` into `target`, in field order. `skip`
+    is never read (ListFields would hand out a copy of a tensor's raw_data to be dropped)."""
+    names = []
+    for name, repeated, presence, default in _fields(source.DESCRIPTOR):
+        if name == skip:
+            continue
+        if repeated:
+            present = len(getattr(source, name)) > 0
+        elif presence:
+            present = source.HasField(name)
+        else:
+            present = getattr(source, name) != default
+        if present:
+            names.append(name)
     copy_fields_of(source, target, names)
+
+
+@functools.cache
+def _fields(descriptor: Descriptor) -> list[tuple[str, bool, bool, object]]:
+    """(name, repeated, has presence, default) of each field, by field number."""
+    fields = sorted(descriptor.fields, key=lambda d: d.number)
+    return [(d.name, d.is_repeated, d.has_presence, d.default_value) for d in fields]
 
 
 def copy_fields_of(source: Message, target: Message, names: Sequence[str]) -> None:

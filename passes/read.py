@@ -49,8 +49,8 @@ def read_model(
         try:
             # The external data is read only once what it should hold is known.
             model = onnx.load(str(path), load_external_data=False)
-            check_stored_sizes(model, path.parent)
-            onnx.load_external_data_for_model(model, str(path.parent))
+            if check_stored_sizes(model, path.parent):  # some tensors are external data
+                onnx.load_external_data_for_model(model, str(path.parent))
         except DecodeError as e:
             raise BadInputError(undecodable(path, e)) from None
         except (FileNotFoundError, OSError) as e:

@@ -29,6 +29,21 @@ def test_only_the_bridge_needs_torch(statement):
     assert "torch" not in _imported_after(statement)
 
 
+def test_reduce_without_data_imports_no_runtime_images_bars_or_plots(tmp_path, zoo_onnx):
+    """`onnx-mbs reduce` without --data runs no session, reads no image and shows no bar:
+    it imports neither onnxruntime, Pillow, tqdm, matplotlib nor torch, whose imports would
+    be most of a small model's run (issue 23)."""
+    model = tmp_path / "m.onnx"
+    model.write_bytes(zoo_onnx("resnet20", "deploy").SerializeToString())
+    out = tmp_path / "out.onnx"
+    modules = _imported_after(  # the JSON printed first only adds quoted words to the set
+        "from onnx_mbs.cli import main; "
+        f"main(['reduce', {str(model)!r}, '--budget', 'params=0.5', '--json', '-o', {str(out)!r}])"
+    )
+    assert out.exists()
+    assert not {"onnxruntime", "PIL", "tqdm", "matplotlib", "torch"} & modules
+
+
 def test_public_api_resolves():
     import onnx_mbs
 
