@@ -3,7 +3,7 @@
 Both converged baselines (ResNet-20 and ResNet-56 on Fashion-MNIST) are reduced to MBS's default
 size, to params=0.3 and to flops=0.5, by MBS, by the default strategy (`--strategy auto`) and
 by uniform scaling at the same size (at "default", uniform matches MBS's parameter fraction).
-Where `auto` writes byte for byte the model of another arm (it picks MBS or uniform per budget
+Where `auto` writes the graph of another arm (nodes, weights; it picks MBS or uniform per budget
 metric), its rows are that arm's rows, marked `same_as`, and are not retrained twice. Each
 reduced model is retrained with the full recipe -- the baseline as teacher plus the labels,
 standard augmentation, warm-up then cosine at the batch-scaled default learning rate -- for
@@ -30,7 +30,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
+import onnx.numpy_helper
 import torch
 from experiment import MATCH_TOLERANCE, budget_text, match_error, sizes, target
 
@@ -212,15 +214,14 @@ class Run:
         return cell
 
     def same_as(self, arch: str, budget: str, arm: str, model: onnx.ModelProto) -> str | None:
-        """The other arm whose written model `model` equals byte for byte, if any: `auto`
+        """The other arm whose written model has `model`'s graph, if any: `auto`
         picks one of the strategies, and the same model is not retrained twice."""
         if arm != "auto":
             return None
-        written = model.SerializeToString()
         for other in self.arms:
             if other != arm and other in STRATEGIES:
                 cell = self.reduction(arch, budget, other)
-                if cell["status"] == "reduced" and Path(cell["path"]).read_bytes() == written:
+                if cell["status"] == "reduced" and same_graph(onnx.load(cell["path"]), model):
                     return other
         return None
 
@@ -307,6 +308,22 @@ class Run:
                         self.row(arch, budget, arm, seed)
         self.save()
         print(f"wrote {self.out} ({self.results['rows_done']} rows done)", flush=True)
+
+
+def same_graph(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
+    """The same nodes, inputs, outputs and weights (by value: an older checkout may have
+    stored the same tensors in another encoding)."""
+
+    def weights(m: onnx.ModelProto) -> dict[str, Any]:
+        return {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
+
+    wa, wb = weights(a), weights(b)
+    return (
+        (a.graph.node, a.graph.input, a.graph.output)
+        == (b.graph.node, b.graph.input, b.graph.output)
+        and wa.keys() == wb.keys()
+        and all(wa[k].dtype == wb[k].dtype and np.array_equal(wa[k], wb[k]) for k in wa)
+    )
 
 
 def summary(results: dict[str, Any]) -> list[dict[str, Any]]:
