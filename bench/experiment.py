@@ -268,26 +268,31 @@ def compare(
 
 def auto_table(sources: list[tuple[str, dict[str, Any]]]) -> dict[str, tuple[str, str]]:
     """onnx_mbs/auto.py's table from results, newest first: per metric, the strategy whose
-    retrained models have the best mean top-1 over the archs and that metric's budgets, read
-    from the first results where every arm `reduce` can run has every seed there. A metric
-    measured nowhere follows flops (the nearest compute budget), and says so."""
+    retrained models have the best mean top-1 over that metric's budgets and the archs where
+    every arm `reduce` can run has every seed there, read from the first results that settle
+    the metric on at least one arch (the why names the archs, and those still running). A
+    metric measured nowhere follows flops (the nearest compute budget), and says so."""
     table: dict[str, tuple[str, str]] = {}
     for metric in ("params", "flops", "latency"):
         for name, results in sources:
-            means = settled_means(results, metric)
-            if means:
+            settled = settled_means(results, metric)
+            if settled:
+                means, archs = settled
                 best = max(means, key=means.get)
                 others = [a for a in means if a != best]
                 missing = [a for a in STRATEGIES if a not in means]
                 s = results["settings"]
                 budgets = [b for b in s["budgets"] if b.startswith(metric + "=")]
+                running = [a for a in s["archs"] if a not in archs]
                 table[metric] = (
                     best,
                     f"at {metric} budgets {best} was the most accurate after retraining: mean "
                     f"top-1 {means[best]:.4f} ({best}) against "
                     + ", ".join(f"{means[a]:.4f} ({a})" for a in others)
                     + "".join(f", {a} not measured" for a in missing)
-                    + f"; {', '.join(s['archs'])} at {', '.join(budgets)}, {name}",
+                    + f"; {', '.join(archs)} at {', '.join(budgets)}"
+                    + "".join(f" ({a} still running)" for a in running)
+                    + f", {name}",
                 )
                 break
     if "latency" not in table and "flops" in table:
@@ -299,24 +304,36 @@ def auto_table(sources: list[tuple[str, dict[str, Any]]]) -> dict[str, tuple[str
     return table
 
 
-def settled_means(results: dict[str, Any], metric: str) -> dict[str, float]:
-    """Per arm `reduce` can run: its mean top-1 over the archs and `metric`'s budgets, when
-    every such arm has all its seeds at each (else nothing: the ranking could still move)."""
+def settled_means(
+    results: dict[str, Any], metric: str
+) -> tuple[dict[str, float], list[str]] | None:
+    """Per arm `reduce` can run, its mean top-1 over `metric`'s budgets and the archs where
+    every such arm has all its seeds at each, and those archs; None where no arch is settled
+    (the ranking could still move)."""
     s = results["settings"]
     budgets = [b for b in s["budgets"] if b.startswith(metric + "=")]
     arms = [a for a in s["arms"] if a in STRATEGIES]
     if not budgets or not arms:
-        return {}
+        return None
     by_key = {(c["arch"], c["budget"], c["arm"]): c for c in results["cells"]}
-    values: dict[str, list[float]] = {a: [] for a in arms}
-    for arch in s["archs"]:
-        for budget in budgets:
-            for arm in arms:
-                c = by_key.get((arch, budget, arm))
-                if c is None or c["status"] != "reduced" or len(c["runs"]) < len(s["seeds"]):
-                    return {}
-                values[arm].append(c["after"]["mean"])
-    return {a: statistics.fmean(v) for a, v in values.items()}
+
+    def settled(c: dict[str, Any] | None) -> bool:
+        return c is not None and c["status"] == "reduced" and len(c["runs"]) >= len(s["seeds"])
+
+    archs = [
+        arch
+        for arch in s["archs"]
+        if all(settled(by_key.get((arch, b, a))) for b in budgets for a in arms)
+    ]
+    if not archs:
+        return None
+    means = {
+        arm: statistics.fmean(
+            by_key[(arch, b, arm)]["after"]["mean"] for arch in archs for b in budgets
+        )
+        for arm in arms
+    }
+    return means, archs
 
 
 def auto_source(table: dict[str, tuple[str, str]]) -> str:

@@ -1,12 +1,14 @@
 """The paper's regime, measured: reduce, then retrain long enough, and compare with the baseline.
 
 Both converged baselines (ResNet-20 and ResNet-56 on Fashion-MNIST) are reduced to MBS's default
-size, to params=0.3 and to flops=0.5, by MBS, by the default strategy (`--strategy auto`, an arm
-recorded as pending until this checkout has it) and by uniform scaling at the same size (at
-"default", uniform matches MBS's parameter fraction). Each reduced model is retrained with the
-full recipe -- the baseline as teacher plus the labels, standard augmentation, warm-up then
-cosine at the batch-scaled default learning rate -- for `--epochs` passes over the 60,000
-training images, with `--seeds` seeds, and scored top-1 on the 10,000 test images (onnxruntime).
+size, to params=0.3 and to flops=0.5, by MBS, by the default strategy (`--strategy auto`) and
+by uniform scaling at the same size (at "default", uniform matches MBS's parameter fraction).
+Where `auto` writes the graph of another arm (nodes, weights; it picks MBS or uniform per budget
+metric), its rows are that arm's rows, marked `same_as`, and are not retrained twice. Each
+reduced model is retrained with the full recipe -- the baseline as teacher plus the labels,
+standard augmentation, warm-up then cosine at the batch-scaled default learning rate -- for
+`--epochs` passes over the 60,000 training images, with `--seeds` seeds, and scored top-1 on the
+10,000 test images (onnxruntime).
 
 Rows are written to the JSON as they finish; a rerun skips finished rows and resumes an
 unfinished row from its checkpoint (one per row under --work), so the run continues across
@@ -28,7 +30,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
+import onnx.numpy_helper
 import torch
 from experiment import MATCH_TOLERANCE, budget_text, match_error, sizes, target
 
@@ -108,7 +112,18 @@ class Run:
     def save(self) -> None:
         self.results["summary"] = summary(self.results)
         wanted = len(self.archs) * len(self.budgets) * len(self.arms) * self.a.seeds
-        done = len([r for r in self.results["rows"] if r.get("status") == "done"])
+        done = len(
+            [
+                r
+                for r in self.results["rows"]
+                if r.get("status") in ("done", "same_as")
+                and r["arch"] in self.archs
+                and r["budget"] in self.budgets
+                and r["arm"] in self.arms
+                and r["seed"] < self.a.seeds
+                and r["epochs"] == self.a.epochs
+            ]
+        )
         self.results["partial"] = done < wanted
         self.results["rows_done"] = f"{done} of {wanted}"
         partial = self.out.with_suffix(".json.partial")
@@ -145,11 +160,12 @@ class Run:
                 self.results["reductions"].remove(cell)
                 break
         cell: dict[str, Any] = {"arch": arch, "budget": budget, "arm": arm}
-        strategy = "mbs" if arm == "mbs" else arm
-        if strategy not in STRATEGIES:
-            cell.update(status="pending", reason=f"--strategy {strategy} is not on this branch yet")
-            return cell  # not recorded: a later checkout may have it
-        matched = budget == "default" and arm != "mbs"  # to MBS's own default size
+        strategy = arm
+        if strategy not in ("auto", *STRATEGIES):
+            raise BadInputError(f"unknown arm {arm!r}: use auto, {', '.join(STRATEGIES)}")
+        # At "default" MBS and auto run without a budget (what `onnx-mbs reduce` does unasked);
+        # the other arms are matched to MBS's size there.
+        matched = budget == "default" and arm not in ("mbs", "auto")
         default = self.reduction(arch, "default", "mbs") if matched else None
         metric, fraction = target(budget, default.get("params_fraction") if default else None)
         base = self.baseline(arch)
@@ -165,6 +181,13 @@ class Run:
             progress=False,
         )
         params, macs = sizes(model)
+        same = self.same_as(arch, budget, arm, model)
+        if same:
+            cell.update(status="same_as", same_as=same, reason=f"auto wrote {same}'s model")
+            self.results["reductions"].append(cell)
+            self.save()
+            print(f"{arch} {budget} {arm}: the same model as {same}", flush=True)
+            return cell
         path = self.work / f"{arch}_{budget.replace('=', '')}_{arm}.onnx"
         onnx.save(model, path)
         cell.update(
@@ -190,12 +213,24 @@ class Run:
         )
         return cell
 
+    def same_as(self, arch: str, budget: str, arm: str, model: onnx.ModelProto) -> str | None:
+        """The other arm whose written model has `model`'s graph, if any: `auto`
+        picks one of the strategies, and the same model is not retrained twice."""
+        if arm != "auto":
+            return None
+        for other in self.arms:
+            if other != arm and other in STRATEGIES:
+                cell = self.reduction(arch, budget, other)
+                if cell["status"] == "reduced" and same_graph(onnx.load(cell["path"]), model):
+                    return other
+        return None
+
     def row(self, arch: str, budget: str, arm: str, seed: int) -> None:
         key = (arch, budget, arm, seed, self.a.epochs)
         rows = self.results["rows"]
         if any(
             (r["arch"], r["budget"], r["arm"], r["seed"], r["epochs"]) == key
-            and r["status"] == "done"
+            and r["status"] in ("done", "same_as")
             for r in rows
         ):
             return
@@ -207,6 +242,10 @@ class Run:
             "epochs": self.a.epochs,
             "seed": seed,
         }
+        if cell["status"] == "same_as":
+            row.update(status="same_as", same_as=cell["same_as"])
+            self._put(row)
+            return
         if cell["status"] != "reduced":
             row.update(status=cell["status"], reason=cell.get("reason", "size not matched"))
             self._put(row)
@@ -271,6 +310,22 @@ class Run:
         print(f"wrote {self.out} ({self.results['rows_done']} rows done)", flush=True)
 
 
+def same_graph(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
+    """The same nodes, inputs, outputs and weights (by value: an older checkout may have
+    stored the same tensors in another encoding)."""
+
+    def weights(m: onnx.ModelProto) -> dict[str, Any]:
+        return {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
+
+    wa, wb = weights(a), weights(b)
+    return (
+        (a.graph.node, a.graph.input, a.graph.output)
+        == (b.graph.node, b.graph.input, b.graph.output)
+        and wa.keys() == wb.keys()
+        and all(wa[k].dtype == wb[k].dtype and np.array_equal(wa[k], wb[k]) for k in wa)
+    )
+
+
 def summary(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Per (arch, budget, arm, epochs): mean top-1 over seeds, baseline, loss in points, and the
     difference from uniform at the same size."""
@@ -301,6 +356,11 @@ def summary(results: dict[str, Any]) -> list[dict[str, Any]]:
                 statistics.mean(tops) - statistics.mean(r["test_top1"] for r in uniform)
             )
         out.append(entry)
+    by_key = {(e["arch"], e["budget"], e["arm"], e["epochs"]): e for e in out}
+    for r in results["rows"]:  # an arm that wrote another arm's model reports its figures
+        twin = by_key.get((r["arch"], r["budget"], r.get("same_as"), r["epochs"]))
+        if r.get("status") == "same_as" and twin and r["seed"] == 0:
+            out.append({**twin, "arm": r["arm"], "same_as": r["same_as"]})
     return out
 
 

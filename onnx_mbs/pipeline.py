@@ -21,6 +21,7 @@ from onnx_mbs.data import DataSource
 from onnx_mbs.data.fit import data_text, has_labels, metadata, open_for_model, preprocessing
 from onnx_mbs.data.preprocess import Preprocess
 from onnx_mbs.interop import as_model
+from onnx_mbs.measurements import drop_measurements
 from onnx_mbs.options import ReduceOptions
 from onnx_mbs.passes import (
     DEFAULT_CRITERION,
@@ -157,6 +158,7 @@ def reduce(
     rewritten = shrink(plan)
     if planner.latency is not None:
         rewritten = meet_latency(rewritten, origin.written(form), planner, shrink, options)
+    drop_measurements(rewritten.model)
     if recorded is not None:
         with_preprocessing(rewritten.model, recorded)
     check_written(rewritten.model, lambda: origin.original)

@@ -271,9 +271,22 @@ def test_auto_table_reads_the_settled_winner_per_metric():
     assert "0.8800 (mbs-cost)" in table["flops"][1] and "global not measured" in table["flops"][1]
     assert table["latency"] == ("mbs-cost", table["latency"][1])
     assert "not measured yet" in table["latency"][1]
-    # One run short at flops=0.5: that metric is read from the older results instead.
+    # One run short at flops=0.5 on arch b: the metric is read from arch a alone, and says so.
     old = _results({"flops=0.5": {"mbs": [0.7, 0.7], "uniform": [0.9, 0.9]}})
-    new["cells"][-1]["runs"].pop()
+    b_uniform = next(
+        c
+        for c in new["cells"]
+        if (c["arch"], c["budget"], c["arm"]) == ("b", "flops=0.5", "uniform")
+    )
+    b_uniform["runs"].pop()
+    table = experiment.auto_table([("new.json", new), ("old.json", old)])
+    assert table["flops"][0] == "mbs-cost" and "0.9000 (mbs-cost)" in table["flops"][1]
+    assert "; a at flops=0.5 (b still running), new.json" in table["flops"][1]
+    assert "; a, b at params=0.5, new.json" in table["params"][1]
+    # Short on every arch: the older results decide.
+    next(
+        c for c in new["cells"] if (c["arch"], c["budget"], c["arm"]) == ("a", "flops=0.5", "mbs")
+    )["runs"].pop()
     table = experiment.auto_table([("new.json", new), ("old.json", old)])
     assert table["flops"][0] == "uniform" and table["flops"][1].endswith("old.json")
     assert table["params"][1].endswith("new.json")

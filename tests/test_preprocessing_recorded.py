@@ -87,3 +87,23 @@ def test_mean_std_without_data_are_refused(plain, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "would be ignored" in err
     assert not out.exists()
+
+
+def test_the_originals_measured_accuracy_does_not_travel(bundled_model_path, tmp_path, capsys):
+    """The bundled model records its test top-1 and how it was trained; a reduced or
+    retrained model is another model, so neither figure may be carried over as its own.
+    The preprocessing (what the data needs) still travels."""
+    original = _metadata(bundled_model_path)
+    assert {"onnx_mbs.test_top1", "onnx_mbs.train", "onnx_mbs.mean"} <= set(original)
+    small, tuned = tmp_path / "small.onnx", tmp_path / "tuned.onnx"
+    assert (
+        main(["reduce", str(bundled_model_path), "-o", str(small), "--budget", "params=0.5"]) == 0
+    )
+    data = ["--data", str(FMNIST_SAMPLE), "--limit", "64", "--epochs", "1"]
+    assert main(["retrain", str(bundled_model_path), "-o", str(tuned), *data]) == 0
+    capsys.readouterr()
+    for written in (small, tuned):
+        kept = _metadata(written)
+        assert "onnx_mbs.test_top1" not in kept and "onnx_mbs.train" not in kept, written.name
+        for key in ("onnx_mbs.mean", "onnx_mbs.std", "onnx_mbs.dataset", "onnx_mbs.model"):
+            assert kept[key] == original[key], (written.name, key)

@@ -12,6 +12,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from onnx_mbs.measurements import drop_measurements
+
 LOW = {TensorProto.FLOAT16, TensorProto.BFLOAT16}
 
 
@@ -49,9 +51,11 @@ def as_float32(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def write_values(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> onnx.ModelProto:
     """A copy of `model` whose initializers named in `values` hold those values, each stored in
-    the initializer's own dtype (float32 master weights -> fp16/bf16)."""
+    the initializer's own dtype (float32 master weights -> fp16/bf16), without the metadata
+    that measured the old weights (onnx_mbs.measurements)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
+    drop_measurements(out)
     for init in out.graph.initializer:
         if init.name not in values:
             continue

@@ -6,16 +6,19 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnx_mbs.bridge.module import OnnxModule
+from onnx_mbs.measurements import drop_measurements
 
 
 def write_back(model: onnx.ModelProto, module: OnnxModule) -> onnx.ModelProto:
     """A copy of `model` whose trained initializers hold `module`'s current values.
 
-    Nodes, names, opset, inputs, outputs and metadata are copied unchanged; each replaced
+    Nodes, names, opset, inputs, outputs and metadata are copied unchanged, except the
+    metadata that measured the old weights (onnx_mbs.measurements); each replaced
     initializer keeps its dtype and shape. `model` itself is not modified.
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
+    drop_measurements(out)
     state = module.state_dict()
     for init in out.graph.initializer:
         key = module.initializer_keys.get(init.name)
