@@ -123,8 +123,9 @@ def collect_stats(
             weights = [t for t in model.graph.initializer if t.name not in computed]
             write_with_weights(instrumented, weights, path)
             level = "full"
+            weight_bytes = (folder / WEIGHTS_FILE).stat().st_size
             if macs_per_sample is not None:
-                weight_mb = (folder / WEIGHTS_FILE).stat().st_size / 2**20
+                weight_mb = weight_bytes / 2**20
                 nodes = len(instrumented.graph.node)
                 level = optimization_level(nodes, weight_mb, len(data), macs_per_sample)
             del instrumented
@@ -133,7 +134,7 @@ def collect_stats(
                 providers,
                 threads=1 if workers > 1 else 0,
                 level=level,
-                side_branches_early=piles_up(outputs, len(first.x) * workers),
+                side_branches_early=piles_up(outputs, len(first.x) * workers, weight_bytes),
             )
     except OSError as e:
         raise temporary_folder_error(e) from None
@@ -164,22 +165,28 @@ def collect_stats(
     return ActivationStats(tensors_stats, samples, provider, time.perf_counter() - start)
 
 
-# Bytes of watched tensors in flight from which holding them all would weigh on memory.
+# Bytes of watched tensors in flight from which holding them all weighs on memory; on
+# models whose weights pass LARGE_WEIGHTS, half their bytes (memory is budgeted as a
+# multiple of the model file: issue 13).
 HELD_LIMIT = 256 * 2**20
+LARGE_WEIGHTS = 32 * 2**20
 
 
-def piles_up(outputs: Sequence[StatOutputs], rows: int) -> bool:
-    """Whether the watched tensors would pile up in onnxruntime's default order, which ran
-    the whole main path first and held each until then, over `rows` samples in flight: in a
-    deep graph (ResNet-1202, 2 single-sample runs: 310 MB against 139 MB in the
-    priority-based order, which runs each reduction as soon as its tensor exists), or past
-    HELD_LIMIT (ResNet-50 at batch 64 would hold 2.3 GB). Elsewhere the priority-based
-    order only costs time (ResNet-56 at batch 64, 136 MB: see instrument.DEEP)."""
+def piles_up(outputs: Sequence[StatOutputs], rows: int, weight_bytes: int = 0) -> bool:
+    """Whether the watched tensors would pile up in onnxruntime's default order, which runs
+    the whole main path first and holds each until then, over `rows` samples in flight: in
+    a deep graph (ResNet-1202, 2 single-sample runs: 310 MB against 139 MB in the
+    priority-based order, which runs each reduction as soon as its tensor exists), past
+    HELD_LIMIT (ResNet-50 at batch 64 would hold 2.3 GB), or past half the weights of a
+    large model (ResNet-50, 2 single-sample runs: 72 MB, 3.1x the file against 2.2x).
+    Elsewhere the priority-based order only costs time (ResNet-56 at batch 64, 136 MB:
+    see instrument.DEEP)."""
     if len(outputs) > DEEP:
         return True
     if any(o.channels is None or o.spatial is None for o in outputs):
         return True  # sizes unknown: take the safe order
-    return 4 * rows * sum(o.channels * o.spatial for o in outputs) > HELD_LIMIT
+    held = 4 * rows * sum(o.channels * o.spatial for o in outputs)
+    return held > HELD_LIMIT or (weight_bytes > LARGE_WEIGHTS and held > weight_bytes / 2)
 
 
 class _PackedSums:
