@@ -269,32 +269,35 @@ def compare(
 def auto_table(sources: list[tuple[str, dict[str, Any]]]) -> dict[str, tuple[str, str]]:
     """onnx_mbs/auto.py's table from results, newest first: per metric, the strategy whose
     retrained models have the best mean top-1 over that metric's budgets and the archs where
-    every arm `reduce` can run has every seed there, read from the first results that settle
-    the metric on at least one arch (the why names the archs, and those still running). A
-    metric measured nowhere follows flops (the nearest compute budget), and says so."""
+    every arm `reduce` can run has every seed there. Read from the first results that settle
+    the metric on all their archs, else (a metric no such results measured) from the first
+    that settle it on some (the why names the archs, and those still running): evidence
+    over every architecture outranks newer evidence over fewer. A metric measured nowhere
+    follows flops (the nearest compute budget), and says so."""
     table: dict[str, tuple[str, str]] = {}
     for metric in ("params", "flops", "latency"):
-        for name, results in sources:
-            settled = settled_means(results, metric)
-            if settled:
-                means, archs = settled
-                best = max(means, key=means.get)
-                others = [a for a in means if a != best]
-                missing = [a for a in STRATEGIES if a not in means]
-                s = results["settings"]
-                budgets = [b for b in s["budgets"] if b.startswith(metric + "=")]
-                running = [a for a in s["archs"] if a not in archs]
-                table[metric] = (
-                    best,
-                    f"at {metric} budgets {best} was the most accurate after retraining: mean "
-                    f"top-1 {means[best]:.4f} ({best}) against "
-                    + ", ".join(f"{means[a]:.4f} ({a})" for a in others)
-                    + "".join(f", {a} not measured" for a in missing)
-                    + f"; {', '.join(archs)} at {', '.join(budgets)}"
-                    + "".join(f" ({a} still running)" for a in running)
-                    + f", {name}",
-                )
-                break
+        found = [(name, r, settled_means(r, metric)) for name, r in sources]
+        found = [f for f in found if f[2]]
+        if not found:
+            continue
+        found.sort(key=lambda f: f[2][1] != f[1]["settings"]["archs"])  # stable: newest first
+        name, results, (means, archs) = found[0]
+        best = max(means, key=means.get)
+        others = [a for a in means if a != best]
+        missing = [a for a in STRATEGIES if a not in means]
+        s = results["settings"]
+        budgets = [b for b in s["budgets"] if b.startswith(metric + "=")]
+        running = [a for a in s["archs"] if a not in archs]
+        table[metric] = (
+            best,
+            f"at {metric} budgets {best} was the most accurate after retraining: mean "
+            f"top-1 {means[best]:.4f} ({best}) against "
+            + ", ".join(f"{means[a]:.4f} ({a})" for a in others)
+            + "".join(f", {a} not measured" for a in missing)
+            + f"; {', '.join(archs)} at {', '.join(budgets)}"
+            + "".join(f" ({a} still running)" for a in running)
+            + f", {name}",
+        )
     if "latency" not in table and "flops" in table:
         best = table["flops"][0]
         table["latency"] = (
@@ -410,6 +413,21 @@ def read_results(path: Path) -> dict[str, Any]:
             "run python bench/experiment.py to make new results"
         )
     return results
+
+
+def with_current_defaults(results: dict[str, Any]) -> dict[str, Any]:
+    """`results` (this format) with `settings.default_arm` as this checkout's `auto` picks
+    and the comparisons made against it: the default arm is a fact of the code, which may
+    have changed since the run started (auto's table is regenerated from partial results).
+    Unfinished runs get their comparisons here, over the cells retrained so far."""
+    if results.get("format") != FORMAT:
+        return results
+    default_arm = default_arms(results["settings"]["budgets"])
+    return {
+        **results,
+        "settings": {**results["settings"], "default_arm": default_arm},
+        "comparisons": compare(results["cells"], default_arm),
+    }
 
 
 # Settings that may differ between runs merged into one result: what each run covers, and
@@ -1172,7 +1190,7 @@ def main(argv: list[str] | None = None) -> int:
             print(auto_source(auto_table(sources)))
             return 0
         if args.table or args.plot:
-            results = read_results(args.out)
+            results = with_current_defaults(read_results(args.out))
             if args.plot:
                 print(f"wrote {plot(results, args.out.with_suffix('.png'))}")
             if args.table:
@@ -1188,7 +1206,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         if args.resume:
-            results = read_results(args.out)
+            results = with_current_defaults(read_results(args.out))
             s = Settings(**results["settings"])
             if args.deadline is not None:
                 s.deadline_minutes = results["settings"]["deadline_minutes"] = args.deadline

@@ -89,7 +89,8 @@ def plot_experiment(results: dict[str, Any], path: str | Path) -> None:
     fig.suptitle(
         f"retrained {s['epochs']} epoch(s) on "
         + ", ".join(f"{a}: {n} images" for a, n in s["train_images"].items())
-        + f"; {len(s['seeds'])} seed(s), bars = min..max over seeds",
+        + f"; {len(s['seeds'])} seed(s), bars = min..max over seeds"
+        + ("; PARTIAL: the run is unfinished" if results.get("partial") else ""),
         fontsize=10,
     )
     fig.tight_layout()

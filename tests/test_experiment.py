@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 from test_data import write_idx
 
+from onnx_mbs.auto import choose_strategy
 from onnx_mbs.bridge import RetrainResult
 from onnx_mbs.models import BUNDLED_MODEL, FMNIST_SAMPLE, FMNIST_TRAIN_SAMPLE
+from onnx_mbs.plan import Budget
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import experiment  # noqa: E402
@@ -271,25 +273,34 @@ def test_auto_table_reads_the_settled_winner_per_metric():
     assert "0.8800 (mbs-cost)" in table["flops"][1] and "global not measured" in table["flops"][1]
     assert table["latency"] == ("mbs-cost", table["latency"][1])
     assert "not measured yet" in table["latency"][1]
-    # One run short at flops=0.5 on arch b: the metric is read from arch a alone, and says so.
-    old = _results({"flops=0.5": {"mbs": [0.7, 0.7], "uniform": [0.9, 0.9]}})
+    # One run short at flops=0.5 on arch b: alone, the results settle flops on arch a, and
+    # say so; older results that settle flops on every arch outrank them.
     b_uniform = next(
         c
         for c in new["cells"]
         if (c["arch"], c["budget"], c["arm"]) == ("b", "flops=0.5", "uniform")
     )
     b_uniform["runs"].pop()
-    table = experiment.auto_table([("new.json", new), ("old.json", old)])
+    table = experiment.auto_table([("new.json", new)])
     assert table["flops"][0] == "mbs-cost" and "0.9000 (mbs-cost)" in table["flops"][1]
     assert "; a at flops=0.5 (b still running), new.json" in table["flops"][1]
     assert "; a, b at params=0.5, new.json" in table["params"][1]
-    # Short on every arch: the older results decide.
-    next(
-        c for c in new["cells"] if (c["arch"], c["budget"], c["arm"]) == ("a", "flops=0.5", "mbs")
-    )["runs"].pop()
+    assert table["latency"][0] == "mbs-cost"  # flops' winner, from arch a
+    old = _results({"flops=0.5": {"mbs": [0.7, 0.7], "uniform": [0.9, 0.9]}})
     table = experiment.auto_table([("new.json", new), ("old.json", old)])
-    assert table["flops"][0] == "uniform" and table["flops"][1].endswith("old.json")
+    assert table["flops"][0] == "uniform" and table["flops"][1].endswith(
+        "; a, b at flops=0.5, old.json"
+    )
     assert table["params"][1].endswith("new.json")
+    # A metric only the newer results measure is read from them, partial as they are.
+    new_latency = _results({"latency=0.6": {"mbs": [0.6, 0.5], "uniform": [0.7, 0.9]}})
+    new_latency["cells"] = [c for c in new_latency["cells"] if c["arch"] == "a"]
+    table = experiment.auto_table([("newest.json", new_latency), ("old.json", old)])
+    assert (
+        table["latency"][0] == "uniform"
+        and "; a at latency=0.6 (b still running)" in table["latency"][1]
+    )
+    assert table["flops"][1].endswith("old.json")
 
 
 def test_auto_strategy_table_matches_the_recorded_results():
@@ -316,3 +327,23 @@ def test_resume_retries_the_runs_a_deadline_skipped(tmp_path, idx_data, capsys, 
     assert results["complete"] and not results["partial"] and not results["skipped"]
     assert all(len(c["runs"]) == 2 for c in results["cells"] if c["status"] == "reduced")
     assert results["settings"]["deadline_minutes"] == 1000
+
+
+def test_table_marks_the_default_arm_this_checkout_runs():
+    """A run records `reduce`'s default arm per budget when it starts; auto's table may have
+    changed since (it is regenerated from partial results): --table, --plot and --resume use
+    the checkout's, and compare it with every other arm at once."""
+    results = _results(
+        {"latency=0.6": {"mbs": [0.6, 0.5], "uniform": [0.7, 0.6], "global": [0.8, 0.7]}}
+    )
+    for c in results["cells"]:
+        c["metric"] = "latency"
+    results.update(format=experiment.FORMAT)
+    results["settings"]["default_arm"] = {"latency=0.6": "stale"}
+    now = experiment.with_current_defaults(results)
+    expected = choose_strategy(Budget.parse("latency=0.6"))[0]
+    assert now["settings"]["default_arm"] == {"latency=0.6": expected}
+    defaults = {(r["arch"], r["other"]) for r in now["comparisons"] if r["default"]}
+    others = {"mbs", "uniform", "global"} - {expected}
+    assert defaults == {(arch, other) for arch in ("a", "b") for other in others}
+    assert results["settings"]["default_arm"] == {"latency=0.6": "stale"}  # not modified
