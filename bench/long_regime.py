@@ -50,6 +50,8 @@ BUDGETS = ("default", "params=0.3", "flops=0.5")
 ARMS = ("mbs", "auto", "uniform")
 DATA = "/usr/share/datasets/fashion-mnist"
 PROVIDERS = ["CPUExecutionProvider"]
+# A row needs no more work: retrained, or the same graph as another arm's (auto).
+FINISHED = ("done", "same_as")
 CALIBRATION_IMAGES = 1024  # the reduction's statistics: the first images of the train split
 RECIPE = (
     "onnx_mbs.bridge.retrain defaults with the baseline as teacher: loss = 0.5 KL(T=4) + 0.5 "
@@ -116,7 +118,7 @@ class Run:
             [
                 r
                 for r in self.results["rows"]
-                if r.get("status") in ("done", "same_as")
+                if r.get("status") in FINISHED
                 and r["arch"] in self.archs
                 and r["budget"] in self.budgets
                 and r["arm"] in self.arms
@@ -230,7 +232,7 @@ class Run:
         rows = self.results["rows"]
         if any(
             (r["arch"], r["budget"], r["arm"], r["seed"], r["epochs"]) == key
-            and r["status"] in ("done", "same_as")
+            and r["status"] in FINISHED
             for r in rows
         ):
             return
