@@ -44,6 +44,7 @@ from onnx_mbs.passes import (
     count_parameters,
     group_scores,
     load,
+    resized,
     shrink_channels,
     weight_importance,
 )
@@ -442,7 +443,7 @@ class Shrink:
             )
         # Analysed while it has the analysis form's shapes (shrink keeps them up to date),
         # then put in the written form in place: no second copy of its weights (issue 13).
-        after = analyze_model(shrunk, self.receptive_field)
+        after = resized(self.analysed.before, shrunk)
         return Rewritten(plan, after, self.origin.write_form(shrunk))
 
 

@@ -15,6 +15,7 @@ from .analysis import (
     ModelAnalysis,
     analyze_model,
     check_reading,
+    resized,
     resolution_text,
 )
 from .base import Pass, PassContractError, PassResult, Sequential
@@ -82,6 +83,7 @@ __all__ = [
     "activation_tensors",
     "analyze_channels",
     "analyze_model",
+    "resized",
     "check_model",
     "check_reading",
     "choose_channels",

@@ -213,3 +213,31 @@ def test_analyze_cli_json_and_dynamic_input(tmp_path, capsys):
     args = ["analyze", str(path), "--input-shape", "input:1,3,24,20", "--receptive-field"]
     assert main([*args, "local", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["receptive_field"] == "local"
+
+
+@pytest.mark.parametrize(
+    "name, build",
+    [(f"zoo:{n}", n) for n in ("resnet20", "densenet_bc", "mobilenet_v2", "shufflenet_v2")]
+    + [(f"hand:{n}", n) for n in graphs.HAND_BUILT],
+)
+def test_the_reported_after_is_the_written_models_own_analysis(name, build, zoo_onnx):
+    """`reduce` reads the written model's sizes off the analysis before (`resized`): it must
+    say exactly what analysing the written model from scratch says."""
+    from onnx_mbs.pipeline import reduce
+
+    if name.startswith("zoo:"):
+        model, shapes = zoo_onnx(build), None
+    else:
+        make, shapes = graphs.HAND_BUILT[build]
+        model = make()
+    reduced, report = reduce(
+        model,
+        budget="params=0.75",
+        channel_multiple=1,
+        input_shapes=shapes,
+        progress=False,
+        strategy="mbs",
+    )
+    assert report.plan.changes_anything
+    assert report.after == analyze_model(load_model(reduced, shapes))
+    assert report.after.total_params < report.before.total_params
