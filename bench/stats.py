@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import time
 from collections.abc import Iterator
 
@@ -190,6 +192,7 @@ def main() -> None:
     data = open_data([{input_name: images}], input_name, (BATCH, 3, size, size))
     per_sample = elements_per_sample(model, relus)
 
+    load = [os.getloadavg()]  # the machine's load beside the figures (1, 5, 15 min)
     times: dict[str, list[float]] = {"plain": [], "stats": [], "stats+abs": [], "naive": []}
     rho: dict[str, float] = {}
     for repeat in range(args.repeats):
@@ -258,8 +261,12 @@ def main() -> None:
         f"collect_stats / plain inference: {statistics.median(ratios):.3f}x "
         f"(end to end, median of {args.repeats} repeats; target <= 1.15x)"
     )
+    load.append(os.getloadavg())
+    print(f"load average at start and end: {load[0][0]:.2f}, {load[1][0]:.2f}")
     if args.json:
         figures = {
+            "command": "python bench/stats.py " + " ".join(sys.argv[1:]),
+            "load": load,
             "model": args.model,
             "provider": ran_on,
             "spatial_mean": args.spatial_mean,
