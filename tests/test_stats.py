@@ -483,6 +483,8 @@ def test_a_shallow_graph_runs_in_the_default_order_with_one_concat(zoo_onnx):
     assert not piles_up(outputs, 2, weight_bytes=32 * 2**20)  # small weights: 4 MB held
     assert piles_up(outputs, 40, weight_bytes=100 * 2**20)  # large weights: past half
     assert not piles_up(outputs, 40, weight_bytes=200 * 2**20) and 40 * one < 100 * 2**20
+
+
 def test_weights_aside_lends_the_analysis_form_and_gives_back_the_same_model(zoo_onnx):
     """While the statistics run nothing holds the model's weights (memory: issue 13);
     after, the held model is byte for byte what it was."""
