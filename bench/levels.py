@@ -26,15 +26,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from reduce import status_mb  # bench/reduce.py: the same memory reading
+
 LEVELS = ("none", "extended", "full")
 MODELS = ("resnet18", "resnet50", "resnet101", "mobilenet_v2", "resnet1202")
 IMAGES = 16
-
-
-def _status_mb(field: str) -> float:
-    """VmRSS (now) or VmHWM (peak) of this process, in MB."""
-    with open("/proc/self/status") as f:
-        return int(next(x for x in f if x.startswith(field + ":")).split()[1]) / 1024
 
 
 def worker(level: str, argv: list[str]) -> None:
@@ -52,7 +48,7 @@ def worker(level: str, argv: list[str]) -> None:
     stats_module.optimization_level = forced
     from onnx_mbs.cli import main as cli
 
-    base = _status_mb("VmRSS")  # as bench/reduce.py: the work's memory, imports aside
+    base = status_mb("VmRSS")  # as bench/reduce.py: the work's memory, imports aside
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         code = cli(argv)
@@ -63,7 +59,7 @@ def worker(level: str, argv: list[str]) -> None:
                 "code": code,
                 "timings": timings,
                 "model_level": chosen,
-                "work_mb": _status_mb("VmHWM") - base,
+                "work_mb": status_mb("VmHWM") - base,
             }
         )
     )

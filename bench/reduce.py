@@ -57,7 +57,7 @@ SIM_PACKAGES = ["onnxsim==0.8.1", "onnx", "onnxruntime", "numpy"]
 ARMS = ("ours", "ours+data", "onnxsim")  # run in this order, alternating, per repeat
 
 
-def _status_mb(field: str) -> float:
+def status_mb(field: str) -> float:
     """VmRSS (now) or VmHWM (peak) of this process, in MB."""
     with open("/proc/self/status") as f:
         return int(next(x for x in f if x.startswith(field + ":")).split()[1]) / 1024
@@ -72,7 +72,7 @@ def worker(tool: str, argv: list[str]) -> None:
 
         from onnx_mbs.cli import main as cli
 
-        imported, base = time.perf_counter(), _status_mb("VmRSS")
+        imported, base = time.perf_counter(), status_mb("VmRSS")
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             code = cli(argv)
@@ -83,7 +83,7 @@ def worker(tool: str, argv: list[str]) -> None:
         import onnx
         from onnxsim.pruning import apply_structured_pruning
 
-        imported, base = time.perf_counter(), _status_mb("VmRSS")
+        imported, base = time.perf_counter(), status_mb("VmRSS")
         onnx.save(apply_structured_pruning(argv[0], 0.5), argv[1])
         result = {"phases": None, "code": 0}
     done = time.perf_counter()
@@ -94,7 +94,7 @@ def worker(tool: str, argv: list[str]) -> None:
                 "import_s": imported - start,
                 "work_s": done - imported,
                 "base_mb": base,
-                "work_mb": _status_mb("VmHWM") - base,
+                "work_mb": status_mb("VmHWM") - base,
             }
         )
     )
