@@ -20,13 +20,12 @@ import io
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from reduce import status_mb  # bench/reduce.py: the same memory reading
+from reduce import run  # bench/reduce.py: one timed worker process, its JSON line
+from reduce import worker as reduce_worker
 
 LEVELS = ("none", "extended", "full")
 MODELS = ("resnet18", "resnet50", "resnet101", "mobilenet_v2", "resnet1202")
@@ -34,8 +33,9 @@ IMAGES = 16
 
 
 def worker(level: str, argv: list[str]) -> None:
-    """One `reduce` with the statistics session built at `level` ("model": its own
-    choice); prints the phases, the level chosen and the peak memory as JSON."""
+    """bench/reduce.py's worker for `reduce` (phases, work memory over the imports), with
+    the statistics session built at `level`; its JSON line gains the level the model
+    would have chosen."""
     import onnx_mbs.stats as stats_module
 
     chosen = []
@@ -43,38 +43,23 @@ def worker(level: str, argv: list[str]) -> None:
 
     def forced(*args):
         chosen.append(own(*args))
-        return chosen[-1] if level == "model" else level
+        return level
 
     stats_module.optimization_level = forced
-    from onnx_mbs.cli import main as cli
-
-    base = status_mb("VmRSS")  # as bench/reduce.py: the work's memory, imports aside
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        code = cli(argv)
-    timings = json.loads(out.getvalue())["timings_s"]
-    print(
-        json.dumps(
-            {
-                "code": code,
-                "timings": timings,
-                "model_level": chosen,
-                "work_mb": status_mb("VmHWM") - base,
-            }
-        )
-    )
+        reduce_worker("ours", argv)
+    print(json.dumps({**json.loads(out.getvalue().splitlines()[-1]), "model_level": chosen}))
 
 
 def run_one(model: Path, data: Path, level: str, out: Path) -> dict:
     command = [sys.executable, __file__, "--worker", level, "reduce", str(model), "--data"]
     command += [str(data), "--providers", "cpu", "--budget", "params=0.5", "--json", "-o", str(out)]
-    start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, cwd=tempfile.gettempdir())
-    wall = time.perf_counter() - start
+    wall, result = run(command)
     out.unlink(missing_ok=True)
-    if done.returncode != 0:
-        sys.exit(f"bench/levels.py: reduce failed on {model.name} at {level}: {done.stderr[-500:]}")
-    return {**json.loads(done.stdout.strip().splitlines()[-1]), "process_s": wall}
+    if result is None:
+        sys.exit(f"bench/levels.py: reduce failed on {model.name} at level {level}: {command}")
+    return {**result, "process_s": wall}
 
 
 def main() -> None:
@@ -113,7 +98,7 @@ def main() -> None:
             row["model_level"] = model_level
             for level, done in runs.items():
                 row[level] = {
-                    "statistics_s": statistics.median(r["timings"]["statistics"] for r in done),
+                    "statistics_s": statistics.median(r["phases"]["statistics"] for r in done),
                     "process_s": statistics.median(r["process_s"] for r in done),
                     "work_over_file": max(r["work_mb"] for r in done) / file_mb,
                 }
