@@ -6,8 +6,9 @@ calibration set (`onnx_mbs.level_costs.optimization_level`). This bench runs
 extended and full in turn, each in its own process, and records the statistics phase's
 seconds and the memory its work took (peak over the imports) against the model file:
 the layout level (full) is the fastest on the ResNets at 224 but holds reordered copies
-of the weights, which is what keeps it out of 16-image runs (memory is budgeted at 3x the
-model file, issue 13).
+of the weights, which is what keeps it out of 16-image runs on models whose weights pass
+32 MB (memory is budgeted at 3x the model file, issue 13); on smaller weights (the
+MobileNets, ShuffleNet, the CIFAR models) it is chosen where its build repays.
 
     python bench/levels.py [--models resnet50 resnet101 ...] [--repeats 2]
 """
@@ -28,7 +29,17 @@ from reduce import run  # bench/reduce.py: one timed worker process, its JSON li
 from reduce import worker as reduce_worker
 
 LEVELS = ("none", "extended", "full")
-MODELS = ("resnet18", "resnet50", "resnet101", "mobilenet_v2", "resnet1202")
+MODELS = (
+    "resnet18",
+    "resnet50",
+    "resnet101",
+    "resnet1202",
+    "mobilenet_v1",
+    "mobilenet_v2",
+    "shufflenet_v2",
+    "densenet_bc",
+    "resnet110",
+)
 IMAGES = 16
 
 

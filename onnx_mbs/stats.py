@@ -25,7 +25,7 @@ import onnxruntime as ort
 
 from onnx_mbs.data import Batch, DataSource, batch_inputs
 from onnx_mbs.instrument import DEEP, PACKED, StatOutputs, instrument_without_weights
-from onnx_mbs.level_costs import optimization_level
+from onnx_mbs.level_costs import LARGE_WEIGHTS_MB, optimization_level
 from onnx_mbs.passes.errors import BadInputError, temporary_folder_error
 from onnx_mbs.passes.external_data import WEIGHTS_FILE
 from onnx_mbs.passes.scratch import scratch_folder
@@ -166,10 +166,9 @@ def collect_stats(
 
 
 # Bytes of watched tensors in flight from which holding them all weighs on memory; on
-# models whose weights pass LARGE_WEIGHTS, half their bytes (memory is budgeted as a
+# models whose weights pass LARGE_WEIGHTS_MB, half their bytes (memory is budgeted as a
 # multiple of the model file: issue 13).
 HELD_LIMIT = 256 * 2**20
-LARGE_WEIGHTS = 32 * 2**20
 
 
 def piles_up(outputs: Sequence[StatOutputs], rows: int, weight_bytes: int = 0) -> bool:
@@ -186,7 +185,8 @@ def piles_up(outputs: Sequence[StatOutputs], rows: int, weight_bytes: int = 0) -
     if any(o.channels is None or o.spatial is None for o in outputs):
         return True  # sizes unknown: take the safe order
     held = 4 * rows * sum(o.channels * o.spatial for o in outputs)
-    return held > HELD_LIMIT or (weight_bytes > LARGE_WEIGHTS and held > weight_bytes / 2)
+    large = weight_bytes > LARGE_WEIGHTS_MB * 2**20
+    return held > HELD_LIMIT or (large and held > weight_bytes / 2)
 
 
 class _PackedSums:
