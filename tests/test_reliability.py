@@ -586,7 +586,11 @@ def test_signal_mid_run_in_a_real_process(inputs, tmp_path, sig):
                 break
         process.send_signal(sig)
         err = process.stderr.read()
-    assert process.returncode == (143 if sig == signal.SIGTERM else 130), err
+    # Ctrl-C: 130, or death by SIGINT (which a shell reports as 130 too): where the signal
+    # lands inside torch's lazy import of torch._dynamo (the optimizer's first use), the
+    # interpreter exits by SIGINT after main() has handled it and printed its one line.
+    expected = {143} if sig == signal.SIGTERM else {130, -signal.SIGINT}
+    assert process.returncode in expected, err
     assert "Traceback" not in err and "nothing written" in err
     assert _hashes(ws) == before
 

@@ -222,6 +222,45 @@ def test_a_bad_image_in_a_worker_is_refused_in_one_line(folder, tmp_path) -> Non
         list(load_batches(samples, keys, None, 0, 2))
 
 
+_CTRL_C_AT_FORK = """
+import os, signal, sys
+import numpy as np
+from onnx_mbs.bridge.loading import as_samples, load_batches, rank_batches
+
+armed = [True]
+
+def ctrl_c_in_the_fork_window():  # what a Ctrl-C a moment earlier looks like
+    if armed[0]:
+        armed[0] = False
+        os.kill(os.getpid(), signal.SIGINT)
+
+os.register_at_fork(after_in_parent=ctrl_c_in_the_fork_window)
+x = np.zeros((8, 3, 4, 4), np.float32)
+samples = as_samples((x, np.zeros(8, np.int64)), "data")
+keys = rank_batches(8, 0, 0, 0, 1, 2, 4)
+try:
+    batches = sum(1 for _ in load_batches(samples, keys, None, 0, 2))
+except KeyboardInterrupt:
+    print("interrupted")
+    sys.exit(0)
+print(f"not interrupted: {batches} batches")
+"""
+
+
+def test_ctrl_c_while_workers_start_is_not_lost() -> None:
+    """A SIGINT that arrives while the data workers are forked was raised inside a fork hook
+    (logging's), where Python prints and drops it: retraining went on to the end (found by
+    tests/test_reliability.py's signal test under load). It must interrupt the run."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _CTRL_C_AT_FORK], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "interrupted", done.stdout + done.stderr
+
+
 def test_crop_with_padding_and_flip() -> None:
     pre = Preprocess((8, 8), 1, (0.5,), (0.25,))
     recipe = choose_augment("standard", (1, 1, 8, 8), pre)

@@ -9,7 +9,11 @@ npz/IDX pixels stay in memory and are preprocessed a batch at a time.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import contextlib
+import functools
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,18 +127,55 @@ def load_batches(
     if workers == 0:
         built: Any = (dataset[key] for key in keys)
     else:
-        built = torch.utils.data.DataLoader(
-            dataset,
-            batch_size=None,
-            sampler=list(keys),
-            num_workers=workers,
-            collate_fn=_identity,
-            prefetch_factor=PREFETCH_BATCHES,
-        )
+        with _signals_deferred() as handlers:  # the workers are forked in iter()
+            built = iter(
+                torch.utils.data.DataLoader(
+                    dataset,
+                    batch_size=None,
+                    sampler=list(keys),
+                    num_workers=workers,
+                    collate_fn=_identity,
+                    prefetch_factor=PREFETCH_BATCHES,
+                    worker_init_fn=functools.partial(_set_handlers, handlers),
+                )
+            )
     for batch in built:
         if isinstance(batch, str):
             raise BadInputError(batch)
         yield batch
+
+
+_DEFERRED = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[dict[int, Any]]:
+    """Hold Ctrl-C and SIGTERM while worker processes are forked, and deliver them after.
+    Arriving then, they were raised inside a fork hook (logging's), where Python prints and
+    drops an exception: the run went on to the end. Yields the handlers they had, which the
+    workers get back (`_set_handlers`). Only the main thread can set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield {}
+        return
+    caught: list[int] = []
+
+    def record(signum: int, frame: object) -> None:
+        caught.append(signum)
+
+    handlers = {s: signal.signal(s, record) for s in _DEFERRED}
+    try:
+        yield handlers
+    finally:
+        _set_handlers(handlers)
+        if caught:
+            signal.raise_signal(caught[0])  # now, to the handler the run had
+
+
+def _set_handlers(handlers: dict[int, Callable | int | None], worker_id: int = 0) -> None:
+    """Install `handlers` (signal number -> handler); also a worker's init function."""
+    for number, handler in handlers.items():
+        if handler is not None:
+            signal.signal(number, handler)
 
 
 def epoch_order(count: int, seed: int, epoch: int) -> np.ndarray:
