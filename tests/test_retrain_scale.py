@@ -235,6 +235,7 @@ def ctrl_c_in_the_fork_window():  # what a Ctrl-C a moment earlier looks like
         os.kill(os.getpid(), signal.SIGINT)
 
 os.register_at_fork(after_in_parent=ctrl_c_in_the_fork_window)
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a test runner's worker ignores it
 x = np.zeros((8, 3, 4, 4), np.float32)
 samples = as_samples((x, np.zeros(8, np.int64)), "data")
 keys = rank_batches(8, 0, 0, 0, 1, 2, 4)
