@@ -552,6 +552,12 @@ def test_two_concurrent_writers_of_one_output(inputs, tmp_path):
     check_written_model(tmp_path / "same.onnx", inputs / "tiny.onnx")
 
 
+def _signals_as_from_a_terminal() -> None:
+    """In the child before exec: SIGINT and SIGTERM at their default, as a terminal gives."""
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, signal.SIG_DFL)
+
+
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "onnx_mbs", *args]
 
@@ -579,7 +585,11 @@ def test_signal_mid_run_in_a_real_process(inputs, tmp_path, sig):
         "--batch-size",
         "2",
     )
-    with subprocess.Popen(argv, stderr=subprocess.PIPE, text=True) as process:
+    # As from a terminal: a shell's background job (or nohup) starts with SIGINT ignored, which
+    # the run would inherit, and the signal would never arrive.
+    with subprocess.Popen(
+        argv, stderr=subprocess.PIPE, text=True, preexec_fn=_signals_as_from_a_terminal
+    ) as process:
         assert process.stderr is not None
         for line in process.stderr:
             if line.startswith("preprocessing:"):
