@@ -23,9 +23,10 @@ LARGE_WEIGHTS_MB = 32
 #   most tens of MB (MobileNetV2: +30 MB), and the level is priced at its measured saving.
 # - extended over none (fusions, constant folding): 0.04 to 0.11 ms a node, 1.4 to 2.1 ms
 #   a GMAC; the cheap build and large saving are taken, so the doubtful case keeps it.
-_LAYOUT_S_PER_NODE_POWER = (3.7e-6, 1.5)
+_LAYOUT_S_PER_NODE_TO_1_5 = 3.7e-6
 _LAYOUT_S_PER_MB = 2e-3
-_LAYOUT_SAVES_S_PER_GMAC = {"small weights": 11e-3, "large weights": 2e-3}
+_LAYOUT_SAVES_S_PER_GMAC = 11e-3
+_LAYOUT_SAVES_S_PER_GMAC_ON_LARGE_WEIGHTS = 2e-3
 _EXTENDED_S_PER_NODE = 4e-5
 _EXTENDED_SAVES_S_PER_GMAC = 2.5e-3
 
@@ -38,10 +39,13 @@ def optimization_level(nodes: int, weight_mb: float, samples: int, macs_per_samp
     saves 0.2 s. On large weights the layout level is priced to stay out of short passes,
     for its memory (see the constants above)."""
     gmacs = samples * macs_per_sample / 1e9
-    scale, power = _LAYOUT_S_PER_NODE_POWER
-    weights = "large weights" if weight_mb > LARGE_WEIGHTS_MB else "small weights"
-    layout_build = scale * nodes**power + _LAYOUT_S_PER_MB * weight_mb
-    if gmacs * _LAYOUT_SAVES_S_PER_GMAC[weights] >= layout_build:
+    layout_build = _LAYOUT_S_PER_NODE_TO_1_5 * nodes**1.5 + _LAYOUT_S_PER_MB * weight_mb
+    layout_saves = (
+        _LAYOUT_SAVES_S_PER_GMAC_ON_LARGE_WEIGHTS
+        if weight_mb > LARGE_WEIGHTS_MB
+        else _LAYOUT_SAVES_S_PER_GMAC
+    )
+    if gmacs * layout_saves >= layout_build:
         return "full"
     if gmacs * _EXTENDED_SAVES_S_PER_GMAC >= _EXTENDED_S_PER_NODE * nodes:
         return "extended"
