@@ -79,8 +79,8 @@ BASELINES = {
     "resnet20": BUNDLED_DIR / "resnet20_fmnist_e8.onnx",
     "resnet56": BUNDLED_DIR / "resnet56_fmnist_e7.onnx",
 }
-ARMS = ("mbs", "mbs-cost", "uniform", "global", "onnxsim", "mbs-local")
-DEFAULT_ARMS = ARMS[:5]
+ARMS = ("mbs", "mbs-cost", "mbs-branch", "uniform", "global", "onnxsim", "mbs-local")
+DEFAULT_ARMS = ARMS[:6]
 BUDGETS = ("params=0.5", "params=0.3", "flops=0.5", "flops=0.3", "latency=0.6", "default")
 METRIC_OF = {"params": "params", "flops": "macs", "latency": "latency"}  # budget -> cell key
 LATENCY_THREADS = 1  # latency budgets: onnxruntime CPU, one thread
@@ -481,6 +481,46 @@ def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
     merged["complete"] = all(p["complete"] for p in parts)
     merged["partial"] = not merged["complete"]
     return merged
+
+
+def add_arms(base: dict[str, Any], extras: list[dict[str, Any]]) -> dict[str, Any]:
+    """`base` with the cells of later runs of new arms or budgets on its archs, under its
+    recipe (issue 28's mbs-branch arm joined the finished run this way). Each added run is
+    kept under "added" (command and times); the arms and budgets are the union, in
+    ARMS order and the order first seen."""
+    keys = {(c["arch"], c["budget"], c["arm"]) for c in base["cells"]}
+    result = {**base, "settings": dict(base["settings"]), "cells": list(base["cells"])}
+    for extra in extras:
+        for key, value in base["settings"].items():
+            if key in (*PER_RUN_SETTINGS, "arms", "budgets", "default_arm"):
+                continue
+            if extra["settings"][key] != value:
+                raise BadInputError(f"cannot add a run whose setting {key} differs")
+        for arch in extra["settings"]["archs"]:
+            if arch not in base["settings"]["archs"]:
+                raise BadInputError(f"cannot add a run of {arch}: not an arch of --out")
+            if extra["baselines"][arch]["test_top1"] != base["baselines"][arch]["test_top1"]:
+                raise BadInputError(f"cannot add a run whose {arch} baseline scores otherwise")
+        for cell in extra["cells"]:
+            key = (cell["arch"], cell["budget"], cell["arm"])
+            if key in keys:
+                raise BadInputError(f"cannot add {key}: --out has that cell already")
+            keys.add(key)
+            result["cells"].append(cell)
+        s = result["settings"]
+        s["arms"] = [a for a in ARMS if a in s["arms"] or a in extra["settings"]["arms"]]
+        s["budgets"] = list(dict.fromkeys([*s["budgets"], *extra["settings"]["budgets"]]))
+        result["skipped"] = [*result["skipped"], *extra["skipped"]]
+        result["added"] = [
+            *result.get("added", []),
+            {key: extra.get(key) for key in ("command", "total_seconds", "started_at",
+                                             "finished_at", "complete", "environment")},
+        ]  # fmt: skip
+    result["comparisons"] = compare(result["cells"], result["settings"].get("default_arm"))
+    result["default_loss"] = default_loss(result["cells"], result["baselines"])
+    result["complete"] = base["complete"] and all(e["complete"] for e in extras)
+    result["partial"] = not result["complete"]
+    return result
 
 
 # ---------------------------------------------------------------- the run
@@ -1124,6 +1164,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="JSON",
         help="combine runs of other archs (e.g. one process per arch, side by side) into --out",
     )
+    p.add_argument(
+        "--add",
+        nargs="+",
+        type=Path,
+        metavar="JSON",
+        help="add runs of new arms or budgets (same recipe, archs of --out) to --out",
+    )
     return p.parse_args(argv)
 
 
@@ -1201,6 +1248,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"wrote {plot(results, args.out.with_suffix('.png'))}")
             if args.table:
                 print(table(results))
+            return 0
+        if args.add:
+            results = add_arms(read_results(args.out), [read_results(p) for p in args.add])
+            write_json(results, args.out)
+            print(f"added {len(args.add)} run(s) to {args.out}")
+            print(f"wrote {plot(results, args.out.with_suffix('.png'))}")
+            print(table(with_current_defaults(results)))
             return 0
         if args.merge:
             results = merge_results([read_results(path) for path in args.merge])

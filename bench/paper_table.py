@@ -74,7 +74,7 @@ def prepare(name: str, seed: int) -> Prepared:
     model = load_model(export_zoo(name, "train", entry.input_shape, seed))
     analyses = {reading: analyze_model(model, reading) for reading in READINGS}
     channels = analyze_channels(model, analyses["global"])
-    groups = [GroupInfo(g.id, g.size, tuple(g.macroblocks), g.pinned) for g in channels.groups]
+    groups = [GroupInfo.of(g) for g in channels.groups]
     cost = CostModel.build(model, channels, analyses["global"])
     return Prepared(name, entry.input_shape, analyses["global"].total_params, analyses, groups,
                     cost)  # fmt: skip

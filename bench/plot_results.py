@@ -26,6 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 MARKERS = {
     "mbs": "o",
     "mbs-cost": "*",
+    "mbs-branch": "P",
     "mbs-local": "s",
     "uniform": "^",
     "global": "D",
@@ -34,6 +35,7 @@ MARKERS = {
 COLORS = {
     "mbs": "tab:blue",
     "mbs-cost": "tab:purple",
+    "mbs-branch": "tab:brown",
     "mbs-local": "tab:cyan",
     "uniform": "tab:orange",
     "global": "tab:green",

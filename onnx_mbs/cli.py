@@ -27,7 +27,7 @@ from onnx_mbs.passes import (
     resolution_text,
     static_batch,
 )
-from onnx_mbs.plan import BASE_RULES, COST_WIDTH_MAP, DEFAULT_WIDTH_MAP, STRATEGIES
+from onnx_mbs.plan import BASE_RULES, COST_AWARE, COST_WIDTH_MAP, DEFAULT_WIDTH_MAP, STRATEGIES
 from onnx_mbs.schedule import DEFAULT_LR_PER_64, DEFAULT_WARMUP
 
 
@@ -104,7 +104,7 @@ def _print_reduce_summary(report, args: argparse.Namespace) -> None:
         f"MACs: {_fmt_int(before.total_macs)} -> {_fmt_int(after.total_macs)} "
         f"({after.total_macs / before.total_macs:.1%} kept)"
     )
-    if plan.strategy == "mbs-cost":
+    if plan.strategy in COST_AWARE:
         knob = f"worth per unit of {'+'.join(plan.priced)} cut below {plan.threshold or 0:.4g}"
     elif plan.width_map is None:
         knob = f"one importance ranking over all free groups, cut at {plan.threshold or 0:.4g}"
@@ -614,8 +614,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--width-map",
         default=None,
         help=f"beta from redundancy R: linear:C (1 - C*R) or power:GAMMA ((1 - R)^GAMMA); "
-        f"default {DEFAULT_WIDTH_MAP} ({COST_WIDTH_MAP} under mbs-cost, whose worth it "
-        "weighs); with --budget, C or GAMMA is solved (not under mbs-cost)",
+        f"default {DEFAULT_WIDTH_MAP} ({COST_WIDTH_MAP} under mbs-cost and mbs-branch, "
+        "whose worth it weighs); with --budget, C or GAMMA is solved (not under those two)",
     )
     add_receptive_field(p)
     p.add_argument(
@@ -624,7 +624,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="auto (default): chosen per budget metric from the experiment's results (the "
         "report says which and why); mbs; mbs-cost: MBS's worth of each channel against its "
-        "cost in the budget's metric; uniform: one width scale everywhere; global: one "
+        "cost in the budget's metric; mbs-branch: mbs-cost cutting residual branches before "
+        "the streams they join; uniform: one width scale everywhere; global: one "
         "importance ranking over all groups, the lowest cut (see --importance); without "
         "--budget, the others are matched to MBS's size",
     )

@@ -130,8 +130,8 @@ def reduce(
     receptive fields alone. `options` (a ReduceOptions) or the same names as keywords say
     how: the budget, width map, receptive-field reading, strategy ("auto", the default,
     picks one per budget metric from the experiment's results, onnx_mbs.auto; "mbs",
-    "mbs-cost", "uniform" or "global"), importance (a registered name, an Importance or a
-    factory of one), ...
+    "mbs-cost", "mbs-branch", "uniform" or "global"), importance (a registered name, an
+    Importance or a factory of one), ...
     `model` may also be an onnx-graphsurgeon Graph (`onnx_mbs.interop`). The input model
     is never modified.
     """
@@ -330,7 +330,7 @@ class Planner:
     ) -> Planner:
         before, groups = analysed.before, analysed.channels.groups
         cost = CostModel.build(model, analysed.channels, before, index)
-        infos = [GroupInfo(g.id, g.size, tuple(g.macroblocks), g.pinned) for g in groups]
+        infos = [GroupInfo.of(g) for g in groups]
         multiple, latency = options.channel_multiple, None
         timer = None
         if multiple == "auto" or options.plans_latency:

@@ -22,6 +22,8 @@ importance-based pruners (Torch-Pruning's global pruning), see `_global_ranking`
 The `mbs-cost` strategy prices channels: MBS says what a channel is worth,
 the budget's metric what it costs, and one ranking of worth per unit of cost
 cuts the cheapest worth first (see `_cost_aware` and docs/strategies.md).
+`mbs-branch` is the same ranking with the joined groups (residual streams) last:
+the ranking alone is indifferent between a stream and the branches on it.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from onnx_mbs.passes import BadInputError, ModelAnalysis
+from onnx_mbs.passes import BadInputError, ChannelGroup, ModelAnalysis
 
 GAMMA_MAX = 2.0  # beyond this, budgets are met with a common scale (see plan_widths)
 C_MAX = 1.0  # beta = 1 - R: past it, beta would turn negative where R is near 1
@@ -48,14 +50,15 @@ COST_WIDTH_MAP = "linear:0"
 
 def default_width_map(strategy: str) -> str:
     """The width map a strategy uses when none is asked for."""
-    return COST_WIDTH_MAP if strategy == "mbs-cost" else DEFAULT_WIDTH_MAP
+    return COST_WIDTH_MAP if strategy in COST_AWARE else DEFAULT_WIDTH_MAP
 
 
 Cost = Callable[[Mapping[int, int]], tuple[int, int]]  # group counts -> (params, MACs)
 
 
 METRICS = ("params", "flops", "latency")
-STRATEGIES = ("mbs", "mbs-cost", "uniform", "global")
+STRATEGIES = ("mbs", "mbs-cost", "mbs-branch", "uniform", "global")
+COST_AWARE = ("mbs-cost", "mbs-branch")  # the strategies that price channels
 PRICE_ROUNDS = 3  # mbs-cost: prices re-read at the plan they give, until the counts settle
 PRICE_STEPS = 8  # mbs-cost under latency: prices read on 8 grid steps per group
 Latency = Callable[[Mapping[int, int]], float]  # group counts -> predicted seconds
@@ -167,6 +170,13 @@ class GroupInfo:
     size: int
     macroblocks: tuple[int, ...]
     pinned: bool
+    joined: bool = False  # a residual stream (ChannelGroup.joined)
+
+    @classmethod
+    def of(cls, group: ChannelGroup) -> GroupInfo:
+        return cls(
+            group.id, group.size, tuple(group.macroblocks), group.pinned, group.joined
+        )  # fmt: skip
 
     @property
     def free(self) -> bool:
@@ -210,7 +220,7 @@ class Plan:
     @property
     def formula(self) -> str:
         """The formula with the numbers used, e.g. for the report."""
-        if self.strategy == "mbs-cost":
+        if self.strategy in COST_AWARE:
             return cost_aware_formula(self)
         if self.width_map is None:
             cut = "nothing" if self.threshold is None else f"every channel <= {self.threshold:.4g}"
@@ -245,7 +255,7 @@ class Plan:
         if self.width_map is None:
             return {"mapping": None, "threshold": self.threshold}
         fmap = self.width_map
-        if self.strategy == "mbs-cost":
+        if self.strategy in COST_AWARE:
             return {"mapping": fmap.kind, fmap.knob: fmap.value, "multiplier": self.threshold}
         return {"mapping": fmap.kind, fmap.knob: fmap.value, "scale": self.scale}
 
@@ -353,7 +363,7 @@ def plan_widths(
     if budget is not None and "latency" in budget.fractions and latency is None:
         raise ValueError("a latency budget needs a latency model")
     free = [g for g in groups if g.free]
-    ranks = strategy in ("global", "mbs-cost")
+    ranks = strategy == "global" or strategy in COST_AWARE
     if ranks and (importance is None or any(g.id not in importance for g in free)):
         raise ValueError(f"the {strategy} strategy needs the importance of every free group")
     fmap = WidthMap.parse(width_map or default_width_map(strategy))
@@ -449,10 +459,19 @@ def plan_widths(
         cut = _solve_cut(lambda k: excess(counts_at(k)), len(ranked))
         counts = counts_at(cut)
         threshold = float(ranked[cut - 1]) if cut else None
-    elif strategy == "mbs-cost":
+    elif strategy in COST_AWARE:
         worth = _channel_worth(analysis, free, redundancy, fmap, cost, full)
+        joined_last = strategy == "mbs-branch"
         counts, threshold = _cost_aware(
-            groups, free, importance, worth, price_curves, excess, channel_multiple, beta_min
+            groups,
+            free,
+            importance,
+            worth,
+            price_curves,
+            excess,
+            channel_multiple,
+            beta_min,
+            joined_last,
         )
     elif strategy == "uniform":
         # The width multiplier: parameter 0 makes every beta equal to the common scale.
@@ -522,7 +541,7 @@ def plan_widths(
         notes=[*own_notes, *notes],
         strategy_reason=strategy_reason,
         threshold=threshold,
-        priced=tuple(m for m, _ in limits) if strategy == "mbs-cost" else (),
+        priced=tuple(m for m, _ in limits) if strategy in COST_AWARE else (),
     )
 
 
@@ -572,6 +591,7 @@ def _cost_aware(
     excess: Callable[[Mapping[int, int]], float],
     multiple: int,
     beta_min: float,
+    joined_last: bool = False,
 ) -> tuple[dict[int, int], float | None]:
     """Counts and the multiplier lambda of the cost-aware allocation.
 
@@ -600,6 +620,8 @@ def _cost_aware(
     for _ in range(PRICE_ROUNDS):
         price = price_curves(counts)
         ratios = {g: normalised[g] / price[g] for g in normalised}
+        if joined_last:
+            ratios = _joined_last(ratios, {g.id for g in free if g.joined})
         ranked, counts_at = _global_ranking(groups, free, ratios, multiple, beta_min, False)
         cut = _solve_cut(lambda k, at=counts_at: excess(at(k)), len(ranked))
         found = counts_at(cut)
@@ -608,6 +630,15 @@ def _cost_aware(
             break
         counts = found
     return counts, multiplier
+
+
+def _joined_last(ratios: dict[int, np.ndarray], joined: set[int]) -> dict[int, np.ndarray]:
+    """The ratios with every joined group's above every other group's finite ratio, in the
+    same order among themselves."""
+    finite = [r[np.isfinite(r)] for g, r in ratios.items() if g not in joined]
+    top = max((float(r.max()) for r in finite if r.size), default=0.0)
+    shift = 1.0 + max(top, 0.0)
+    return {g: r + shift if g in joined else r for g, r in ratios.items()}
 
 
 def cost_aware_formula(plan: Plan) -> str:
@@ -625,7 +656,14 @@ def cost_aware_formula(plan: Plan) -> str:
         f"original {' + '.join(plan.priced) or 'cost'} grows by from k - 1 to k channels "
         f"of g, the other groups as planned; {cut} by bisection over the ranking, so "
         f"that every limit is met; counts rounded up to a multiple of {plan.channel_multiple}, "
-        f"never below beta_min = {plan.beta_min:g} of the group; base B(m): "
+        f"never below beta_min = {plan.beta_min:g} of the group; "
+        + (
+            "joined groups (made by several producers: residual streams) ranked after every "
+            "other group, cut only once those are at their floor; "
+            if plan.strategy == "mbs-branch"
+            else ""
+        )
+        + "base B(m): "
         + BASE_RULES[plan.receptive_field]
     )
 

@@ -71,6 +71,9 @@ class ChannelGroup:
     # why cutting this group changes what its kept channels compute (a normalisation over
     # the channels); empty where removing a dead channel leaves the outputs exact
     inexact: list[str] = field(default_factory=list)
+    # a residual stream: an Add (or Sum) of two activations joins its channels, so a cut
+    # channel is cut from every block that reads or writes the stream at once
+    joined: bool = False
 
     def member(self, tensor: str) -> Member:
         return next(m for m in self.members if m.tensor == tensor)
@@ -95,6 +98,16 @@ class ChannelAnalysis:
                 "this ChannelAnalysis was computed on another model; run analyze_channels "
                 "on the model you shrink"
             )
+
+
+def _residual_joins(walk: ChannelWalk, where: _Positions) -> set[int]:
+    """The groups whose channels an Add or Sum of two or more activations joins."""
+    joined: set[int] = set()
+    for node in walk.index.nodes:
+        operands = [name for name in node.input if name in walk.chan]
+        if node.op_type in ("Add", "Sum") and len(operands) > 1 and node.output[0] in walk.chan:
+            joined |= {g for g, _ in where(walk.chan[node.output[0]][1])}
+    return joined
 
 
 # -- from classes to groups -------------------------------------------------------------------
@@ -150,6 +163,7 @@ def analyze_channels(
         for g in np.unique(where.group_of[root[ids]]).tolist():
             if reason not in inexact[g]:
                 inexact[g].append(reason)
+    joined = _residual_joins(walk, where)
     groups = [
         ChannelGroup(
             id=g,
@@ -160,6 +174,7 @@ def analyze_channels(
             pinned=bool(reasons[g]),
             pin_reasons=reasons[g],
             inexact=inexact[g],
+            joined=g in joined,
         )
         for g, cls in enumerate(classes)
     ]

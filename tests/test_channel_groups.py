@@ -45,7 +45,7 @@ def test_residual_join_is_one_group():
     joined = only_group(groups, s)
     assert joined.size == 8
     assert joined.producers == ["conv_a", "conv_b"]
-    assert not joined.pinned
+    assert not joined.pinned and joined.joined
     roles = {(m.node, m.role, m.axis) for m in joined.members if m.role != "activation"}
     assert ("conv_a", "filters", 0) in roles and ("conv_b", "filters", 0) in roles
     assert ("conv_b", "weights_in", 1) in roles and ("conv_c", "weights_in", 1) in roles
@@ -108,6 +108,7 @@ def test_depthwise_conv_ties_input_to_output():
     tied = only_group(analysis.groups, a)
     assert only_group(analysis.groups, d) is tied
     assert tied.producers == ["pw", "dw"] and tied.size == 6
+    assert not tied.joined  # two producers, but the depthwise conv carries pw's channels on
     killed = kill_channels(model, analysis.groups, {tied.id: [0, 3, 4]})
     small = shrink_channels(killed, {tied.id: [1, 2, 5]}, analysis)
     dw = next(n for n in small.graph.node if n.name == "dw")
@@ -224,6 +225,7 @@ def test_se_gate_convs_follow_the_gated_map():
     assert only_group(groups, gate) is group
     # expand conv, depthwise conv and the SE's second conv all produce these channels
     assert len(group.producers) == 3 and {"b1/expand", "b1/dw"} <= set(group.producers)
+    assert not group.joined  # a gate scales the channels; no Add joins two copies of them
     assert group.macroblocks == [0]
 
 

@@ -1,5 +1,6 @@
-"""`--strategy mbs-cost` (MBS's worth of a channel against its cost in the budget's metric)
-and `--strategy auto` (the strategy per budget metric, from the experiment's results)."""
+"""`--strategy mbs-cost` (MBS's worth of a channel against its cost in the budget's metric),
+`--strategy mbs-branch` (the same, residual streams cut last) and `--strategy auto` (the
+strategy per budget metric, from the experiment's results)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from onnx_mbs.models import BUNDLED_MODEL, FMNIST_SAMPLE
 from onnx_mbs.passes import load_model
 from onnx_mbs.passes.importance import group_scores, weight_importance
 from onnx_mbs.pipeline import reduce
-from onnx_mbs.plan import COST_WIDTH_MAP, Budget, GroupInfo, plan_widths
+from onnx_mbs.plan import COST_AWARE, COST_WIDTH_MAP, Budget, GroupInfo, plan_widths
 
 # Two macroblocks of 4 layers: 0 has 1 base layer (R = 3/4, f = 1 - 0.4 R = 0.7), 1 has 3
 # (R = 1/4, f = 0.9); one free group of 256 channels in each, of equal importance; rho 1.
@@ -174,13 +175,85 @@ def test_combined_budget_meets_every_limit():
         assert plan.priced == ("params", "flops")
 
 
+# -- mbs-branch: one residual stage -------------------------------------------------------
+# A stem makes a stream of 64 channels (group 0, joined by the blocks' Adds); three blocks
+# each read it into a branch of 64 (groups 1-3) and write it back: block i costs
+# 2 * s * b_i MACs (and parameters), the stem 3 * s. With the MACs share as worth,
+# W(stream) is the sum of the branches' W, so mbs-cost's ranking is indifferent to how
+# s * b is split, and the importance within the groups decides.
+STAGE = _analysis([1], [7])
+STAGE_RHO = {layer.name: 1.0 for layer in STAGE.layers}
+STAGE_GROUPS = [GroupInfo(0, 64, (0,), False, joined=True)] + [
+    GroupInfo(i, 64, (0,), False) for i in (1, 2, 3)
+]
+
+
+def _stage_cost(c):
+    macs = 3 * c[0] + sum(2 * c[0] * c[i] for i in (1, 2, 3))
+    return macs, macs
+
+
+def _stage_plan(strategy: str, budget: str, importance=None, **options):
+    flat = {g.id: np.ones(64) for g in STAGE_GROUPS}
+    return plan_widths(
+        STAGE, STAGE_GROUPS, STAGE_RHO, _stage_cost, budget=Budget.parse(budget),
+        strategy=strategy, channel_multiple=1, importance=importance or flat, **options,
+    )  # fmt: skip
+
+
+def test_branch_cuts_the_branches_before_the_stream_they_join():
+    # flops=0.5: 3 s + 2 s (b1 + b2 + b3) <= 12384 with s = 64 leaves b ~ 31.75 a branch.
+    plan = _stage_plan("mbs-branch", "flops=0.5")
+    assert plan.counts[0] == 64
+    assert all(31 <= plan.counts[i] <= 32 for i in (1, 2, 3)), plan.counts
+    assert plan.reached["flops"] == pytest.approx(0.5, abs=0.02)
+    assert "joined groups" in plan.formula and plan.strategy == "mbs-branch"
+    # Past what the branches can give (beta_min 0.1: at least 7 of 64), the stream is cut:
+    # 3 s + 2 s * 21 <= 0.1 * 24768 leaves s <= 55.
+    small = _stage_plan("mbs-branch", "flops=0.1", beta_min=0.1)
+    assert [small.counts[i] for i in (1, 2, 3)] == [7, 7, 7]
+    assert 50 <= small.counts[0] <= 55
+    assert small.reached["flops"] == pytest.approx(0.1, abs=0.02)
+
+
+def test_without_joined_last_the_importance_picks_the_split():
+    # Where the stream's importance falls off faster than the branches', mbs-cost cuts the
+    # stream and keeps the branches; the other way round, the branches. mbs-branch keeps
+    # the stream whole both times.
+    falling, flat = np.linspace(2.0, 0.01, 64), np.ones(64)
+    stream_falls = {0: falling, 1: flat, 2: flat, 3: flat}
+    branches_fall = {0: flat, 1: falling, 2: falling, 3: falling}
+    cost_a = _stage_plan("mbs-cost", "flops=0.5", stream_falls)
+    cost_b = _stage_plan("mbs-cost", "flops=0.5", branches_fall)
+    assert cost_a.counts[0] < 48 and min(cost_a.counts[i] for i in (1, 2, 3)) > 40
+    assert cost_b.counts[0] == 64
+    for importance in (stream_falls, branches_fall):
+        assert _stage_plan("mbs-branch", "flops=0.5", importance).counts[0] == 64
+
+
+@pytest.mark.parametrize(
+    ("name", "streams"),
+    [("resnet20", [16, 32, 64]), ("mobilenet_v2", [24, 32, 64, 96, 160]),
+     ("mobilenet_v1", []), ("densenet_bc", [])],
+)  # fmt: skip
+def test_joined_groups_are_the_residual_streams(zoo_onnx, name, streams):
+    # MobileNetV2's depthwise convs and DenseNet's concats make several producers of a group
+    # without a residual Add: they are not streams.
+    _, channels, _ = _model_parts(zoo_onnx, name)
+    joined = [GroupInfo.of(g) for g in channels.groups if g.joined]
+    assert sorted(g.size for g in joined) == streams
+    assert all(g.joined for g in joined)
+
+
+@pytest.mark.parametrize("strategy", COST_AWARE)
 @pytest.mark.parametrize("name", REDUCIBLE_ZOO)
-def test_budgets_are_met_on_the_zoo_under_every_metric(zoo_onnx, name):
-    """mbs-cost meets params, flops and latency budgets within 2 points (latency: the
-    latency model with a deterministic timer, time proportional to each conv's MACs)."""
+def test_budgets_are_met_on_the_zoo_under_every_metric(zoo_onnx, name, strategy):
+    """mbs-cost and mbs-branch meet params, flops and latency budgets within 2 points
+    (latency: the latency model with a deterministic timer, time proportional to each
+    conv's MACs)."""
     analysis, channels, cost = _model_parts(zoo_onnx, name)
     model = load_model(zoo_onnx(name, "deploy"))
-    groups = [GroupInfo(g.id, g.size, tuple(g.macroblocks), g.pinned) for g in channels.groups]
+    groups = [GroupInfo.of(g) for g in channels.groups]
     free = [g for g, info in zip(channels.groups, groups) if info.free]
     importance = group_scores(free, weight_importance(model, "l1"))
     rho = {layer.name: 0.3 + 0.6 * (k % 5) / 4 for k, layer in enumerate(analysis.layers)}
@@ -188,7 +261,7 @@ def test_budgets_are_met_on_the_zoo_under_every_metric(zoo_onnx, name):
     latency = LatencyModel(analysis, cost, 1.2 * conv_seconds, _linear_timer([]))
     for budget in ("params=0.5", "flops=0.5", "latency=0.6"):
         plan = plan_widths(
-            analysis, groups, rho, cost, budget=Budget.parse(budget), strategy="mbs-cost",
+            analysis, groups, rho, cost, budget=Budget.parse(budget), strategy=strategy,
             importance=importance, latency=latency,
         )  # fmt: skip
         metric, fraction = Budget.parse(budget).limits[0]
@@ -248,6 +321,7 @@ def test_reduce_runs_the_auto_choice_and_says_why(tmp_path):
         (["--budget", "flops=0.5"], AUTO["flops"][0], "auto: " + AUTO["flops"][1]),
         (["--budget", "params=0.5"], "mbs", "auto: " + AUTO["params"][1]),
         (["--budget", "params=0.5", "--strategy", "mbs-cost"], "mbs-cost", "asked with"),
+        (["--budget", "flops=0.5", "--strategy", "mbs-branch"], "mbs-branch", "asked with"),
     ],
 )
 def test_cli_says_which_strategy_ran_and_why(args, strategy, why, capsys):

@@ -211,6 +211,37 @@ def test_onnxsim_arm_matches_the_target_on_a_folded_model(tmp_path):
     assert experiment.sizes(model)[0] == pytest.approx(0.5 * params, rel=0.02)
 
 
+def test_add_runs_of_new_arms(tmp_path, idx_data, capsys, no_training):
+    """A later run of a new arm (and budget) on the same archs and recipe joins a result:
+    its cells, the arms and budgets, the comparisons; the same cell twice, or another
+    recipe, is refused."""
+    base, extra = tmp_path / "base.json", tmp_path / "extra.json"
+    assert run_experiment(base, idx_data) == 0
+    assert run_experiment(extra, idx_data, "--arms", "mbs-branch", "--budgets",
+                          "params=0.5", "flops=0.5") == 0  # fmt: skip
+    before = json.loads(base.read_text())
+    added = json.loads(extra.read_text())
+    assert experiment.main(["--out", str(base), "--add", str(extra)]) == 0
+    result = json.loads(base.read_text())
+    assert result["settings"]["arms"] == ["mbs", "mbs-branch", "uniform"]
+    assert result["settings"]["budgets"] == ["params=0.5", "default", "flops=0.5"]
+    assert result["cells"] == before["cells"] + added["cells"]
+    assert [a["command"] for a in result["added"]] == [added["command"]]
+    assert any(
+        r["reference"] == "mbs" and r["other"] == "mbs-branch" and r["budget"] == "params=0.5"
+        for r in result["comparisons"]
+    )
+    assert "mbs-branch" in capsys.readouterr().out
+
+    assert experiment.main(["--out", str(base), "--add", str(extra)]) == 2
+    assert "has that cell already" in capsys.readouterr().err
+    added["settings"]["lr"] = 0.1
+    extra.write_text(json.dumps(added))
+    (tmp_path / "base2.json").write_text(json.dumps(before))
+    assert experiment.main(["--out", str(tmp_path / "base2.json"), "--add", str(extra)]) == 2
+    assert "setting lr differs" in capsys.readouterr().err
+
+
 def test_merge_runs_of_other_archs(tmp_path, idx_data, capsys, no_training):
     """Runs of disjoint archs (one process per arch, side by side) merge into one result; runs
     under another recipe, or sharing an arch, are refused."""

@@ -255,7 +255,7 @@ def test_nudge_prices_all_steps_at_once_with_the_same_plan(zoo_onnx, budget, str
     analysis = analyze_model(model)
     channels = analyze_channels(model, analysis)
     cost = CostModel.build(model, channels, analysis)
-    groups = [GroupInfo(g.id, g.size, tuple(g.macroblocks), g.pinned) for g in channels.groups]
+    groups = [GroupInfo.of(g) for g in channels.groups]
     rho = {layer.name: 0.3 + 0.6 * (k % 5) / 4 for k, layer in enumerate(analysis.layers)}
     asked = Budget.parse(budget)
     plans = [
@@ -345,7 +345,7 @@ def test_global_without_budget_is_matched_to_mbs_and_needs_importance():
     assert any("matched to the size MBS reaches" in n for n in plan.notes)
     with pytest.raises(ValueError, match="importance of every free group"):
         plan_widths(analysis, groups, rho, cost, strategy="global", importance={0: np.ones(256)})
-    with pytest.raises(BadInputError, match="use mbs, mbs-cost, uniform, global"):
+    with pytest.raises(BadInputError, match="use mbs, mbs-cost, mbs-branch, uniform, global"):
         plan_widths(analysis, groups, rho, cost, strategy="random")
 
 
