@@ -620,9 +620,9 @@ def _cost_aware(
     for _ in range(PRICE_ROUNDS):
         price = price_curves(counts)
         ratios = {g: normalised[g] / price[g] for g in normalised}
-        if joined_last:
-            ratios = _joined_last(ratios, {g.id for g in free if g.joined})
-        ranked, counts_at = _global_ranking(groups, free, ratios, multiple, beta_min, False)
+        ranked, counts_at = _global_ranking(
+            groups, free, ratios, multiple, beta_min, False, last=joined_last
+        )
         cut = _solve_cut(lambda k, at=counts_at: excess(at(k)), len(ranked))
         found = counts_at(cut)
         multiplier = float(ranked[cut - 1]) if cut else None
@@ -630,15 +630,6 @@ def _cost_aware(
             break
         counts = found
     return counts, multiplier
-
-
-def _joined_last(ratios: dict[int, np.ndarray], joined: set[int]) -> dict[int, np.ndarray]:
-    """The ratios with every joined group's above every other group's finite ratio, in the
-    same order among themselves."""
-    finite = [r[np.isfinite(r)] for g, r in ratios.items() if g not in joined]
-    top = max((float(r.max()) for r in finite if r.size), default=0.0)
-    shift = 1.0 + max(top, 0.0)
-    return {g: r + shift if g in joined else r for g, r in ratios.items()}
 
 
 def cost_aware_formula(plan: Plan) -> str:
@@ -675,6 +666,7 @@ def _global_ranking(
     multiple: int,
     beta_min: float,
     normalise: bool = True,
+    last: bool = False,
 ) -> tuple[np.ndarray, Callable[[int], dict[int, int]]]:
     """Every free channel ranked by normalised importance, lowest first, and the counts
     when the lowest k are cut.
@@ -687,7 +679,8 @@ def _global_ranking(
     ranked by how it compares with its own group's average. A zero score (a dead channel)
     stays zero and is cut first anywhere. A group whose scores are all zero keeps its raw
     zeros. Cutting more never keeps more in any group, so the size falls with k.
-    With `normalise` False the scores are ranked as given (mbs-cost's worth / price).
+    With `normalise` False the scores are ranked as given (mbs-cost's worth / price). With
+    `last`, every channel of a joined group ranks after every other channel (mbs-branch).
     """
     scores, owner = [], []
     for i, g in enumerate(free):
@@ -697,7 +690,8 @@ def _global_ranking(
         owner.append(np.full(g.size, i))
     flat = np.concatenate(scores) if scores else np.zeros(0)
     owners = np.concatenate(owner) if owner else np.zeros(0, dtype=int)
-    order = np.argsort(flat, kind="stable")
+    tier = np.array([last and g.joined for g in free], dtype=bool)[owners]
+    order = np.lexsort((flat, tier))  # by tier, then score; stable
     ranked, owners = flat[order], owners[order]
 
     def counts_at(cut: int) -> dict[int, int]:
