@@ -485,11 +485,12 @@ def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
 def add_arms(base: dict[str, Any], extras: list[dict[str, Any]]) -> dict[str, Any]:
     """`base` with the cells of later runs of new arms or budgets on its archs, under its
-    recipe (issue 28's mbs-branch arm joined the finished run this way). Each added run is
-    kept under "added" (command and times); the arms and budgets are the union, in
+    recipe (issue 28's mbs-branch arm joined the finished run this way). A cell already
+    there is refused, unless it failed: a later run's cell replaces a failed one. Each added
+    run is kept under "added" (command and times); the arms and budgets are the union, in
     ARMS order and the order first seen."""
-    keys = {(c["arch"], c["budget"], c["arm"]) for c in base["cells"]}
-    result = {**base, "settings": dict(base["settings"]), "cells": list(base["cells"])}
+    cells = {(c["arch"], c["budget"], c["arm"]): c for c in base["cells"]}
+    result = {**base, "settings": dict(base["settings"])}
     for extra in extras:
         for key, value in base["settings"].items():
             if key in (*PER_RUN_SETTINGS, "arms", "budgets", "default_arm"):
@@ -503,10 +504,10 @@ def add_arms(base: dict[str, Any], extras: list[dict[str, Any]]) -> dict[str, An
                 raise BadInputError(f"cannot add a run whose {arch} baseline scores otherwise")
         for cell in extra["cells"]:
             key = (cell["arch"], cell["budget"], cell["arm"])
-            if key in keys:
+            if key in cells and cells[key]["status"] != "failed":
                 raise BadInputError(f"cannot add {key}: --out has that cell already")
-            keys.add(key)
-            result["cells"].append(cell)
+            cells.pop(key, None)  # a failed cell gives way to its retry
+            cells[key] = cell
         s = result["settings"]
         s["arms"] = [a for a in ARMS if a in s["arms"] or a in extra["settings"]["arms"]]
         s["budgets"] = list(dict.fromkeys([*s["budgets"], *extra["settings"]["budgets"]]))
@@ -516,6 +517,7 @@ def add_arms(base: dict[str, Any], extras: list[dict[str, Any]]) -> dict[str, An
             {key: extra.get(key) for key in ("command", "total_seconds", "started_at",
                                              "finished_at", "complete", "environment")},
         ]  # fmt: skip
+    result["cells"] = list(cells.values())
     result["comparisons"] = compare(result["cells"], result["settings"].get("default_arm"))
     result["default_loss"] = default_loss(result["cells"], result["baselines"])
     result["complete"] = base["complete"] and all(e["complete"] for e in extras)
@@ -657,13 +659,21 @@ class Experiment:
                         self.results["cells"].append(self.reduce_cell(arch, budget, arm))
                         self.save()
 
-    def reduce_cell(self, arch: str, budget: str, arm: str) -> dict[str, Any]:
+    def mbs_default_fraction(self, arch: str) -> float | None:
+        """The parameter fraction MBS's default keeps, that "default" cells are matched to:
+        its cell's, or (a run without the mbs arm, adding arms to an earlier result) that
+        of MBS reduced once more for the size alone (deterministic); None where it failed."""
         mbs_default = self.cell(arch, "default", "mbs")
-        default_fraction = (
-            mbs_default["params_fraction"]
-            if mbs_default and mbs_default["status"] == "reduced"
-            else None
-        )
+        if mbs_default is not None:
+            return mbs_default["params_fraction"] if mbs_default["status"] == "reduced" else None
+        try:
+            model, _ = self.reduce_arm(arch, "mbs", "params", None)
+        except (BadInputError, RuntimeError, ValueError):
+            return None
+        return sizes(model)[0] / self.results["baselines"][arch]["params"]
+
+    def reduce_cell(self, arch: str, budget: str, arm: str) -> dict[str, Any]:
+        default_fraction = self.mbs_default_fraction(arch) if budget == "default" else None
         metric, fraction = target(budget, default_fraction)
         cell: dict[str, Any] = {
             "arch": arch,

@@ -213,20 +213,31 @@ def test_onnxsim_arm_matches_the_target_on_a_folded_model(tmp_path):
 
 def test_add_runs_of_new_arms(tmp_path, idx_data, capsys, no_training):
     """A later run of a new arm (and budget) on the same archs and recipe joins a result:
-    its cells, the arms and budgets, the comparisons; the same cell twice, or another
-    recipe, is refused."""
-    base, extra = tmp_path / "base.json", tmp_path / "extra.json"
+    its cells (a failed one gives way to its retry), the arms and budgets, the comparisons;
+    without the mbs arm its "default" cell is matched to MBS's default size all the same.
+    A cell that did not fail, added twice, or another recipe, is refused."""
+    base, extra, failed = (tmp_path / f"{n}.json" for n in ("base", "extra", "failed"))
     assert run_experiment(base, idx_data) == 0
     assert run_experiment(extra, idx_data, "--arms", "mbs-branch", "--budgets",
-                          "params=0.5", "flops=0.5") == 0  # fmt: skip
+                          "params=0.5", "flops=0.5", "default") == 0  # fmt: skip
     before = json.loads(base.read_text())
     added = json.loads(extra.read_text())
-    assert experiment.main(["--out", str(base), "--add", str(extra)]) == 0
+    mbs_default = next(c for c in before["cells"] if (c["budget"], c["arm"]) == ("default", "mbs"))
+    branch_default = next(c for c in added["cells"] if c["budget"] == "default")
+    assert branch_default["status"] == "reduced"
+    assert branch_default["params_fraction"] == pytest.approx(
+        mbs_default["params_fraction"], abs=0.02
+    )
+    gone = json.loads(json.dumps(added))
+    for cell in gone["cells"]:
+        cell.update(status="failed", runs=[], after=None)
+    failed.write_text(json.dumps(gone))
+    assert experiment.main(["--out", str(base), "--add", str(failed), str(extra)]) == 0
     result = json.loads(base.read_text())
     assert result["settings"]["arms"] == ["mbs", "mbs-branch", "uniform"]
     assert result["settings"]["budgets"] == ["params=0.5", "default", "flops=0.5"]
     assert result["cells"] == before["cells"] + added["cells"]
-    assert [a["command"] for a in result["added"]] == [added["command"]]
+    assert [a["command"] for a in result["added"]] == [gone["command"], added["command"]]
     assert any(
         r["reference"] == "mbs" and r["other"] == "mbs-branch" and r["budget"] == "params=0.5"
         for r in result["comparisons"]
