@@ -488,7 +488,8 @@ def add_arms(base: dict[str, Any], extras: list[dict[str, Any]]) -> dict[str, An
     recipe (issue 28's mbs-branch arm joined the finished run this way). A cell already
     there is refused, unless it failed: a later run's cell replaces a failed one. Each added
     run is kept under "added" (command and times); the arms and budgets are the union, in
-    ARMS order and the order first seen."""
+    ARMS order and the order first seen, and the cells are sorted by arch, budget and arm,
+    as one run writes them."""
     cells = {(c["arch"], c["budget"], c["arm"]): c for c in base["cells"]}
     result = {**base, "settings": dict(base["settings"])}
     for extra in extras:
@@ -517,7 +518,9 @@ def add_arms(base: dict[str, Any], extras: list[dict[str, Any]]) -> dict[str, An
             {key: extra.get(key) for key in ("command", "total_seconds", "started_at",
                                              "finished_at", "complete", "environment")},
         ]  # fmt: skip
-    result["cells"] = list(cells.values())
+    s = result["settings"]
+    order = {"arch": s["archs"], "budget": s["budgets"], "arm": list(ARMS)}
+    result["cells"] = sorted(cells.values(), key=lambda c: [order[k].index(c[k]) for k in order])
     result["comparisons"] = compare(result["cells"], result["settings"].get("default_arm"))
     result["default_loss"] = default_loss(result["cells"], result["baselines"])
     result["complete"] = base["complete"] and all(e["complete"] for e in extras)

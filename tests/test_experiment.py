@@ -236,7 +236,12 @@ def test_add_runs_of_new_arms(tmp_path, idx_data, capsys, no_training):
     result = json.loads(base.read_text())
     assert result["settings"]["arms"] == ["mbs", "mbs-branch", "uniform"]
     assert result["settings"]["budgets"] == ["params=0.5", "default", "flops=0.5"]
-    assert result["cells"] == before["cells"] + added["cells"]
+    assert sorted(map(json.dumps, result["cells"])) == sorted(
+        map(json.dumps, before["cells"] + added["cells"])
+    )
+    order = [(c["budget"], c["arm"]) for c in result["cells"]]
+    assert order[:3] == [("params=0.5", "mbs"), ("params=0.5", "mbs-branch"),
+                         ("params=0.5", "uniform")]  # fmt: skip
     assert [a["command"] for a in result["added"]] == [gone["command"], added["command"]]
     assert any(
         r["reference"] == "mbs" and r["other"] == "mbs-branch" and r["budget"] == "params=0.5"
