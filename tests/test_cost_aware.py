@@ -239,10 +239,24 @@ def test_without_joined_last_the_importance_picks_the_split():
 def test_joined_groups_are_the_residual_streams(zoo_onnx, name, streams):
     # MobileNetV2's depthwise convs and DenseNet's concats make several producers of a group
     # without a residual Add: they are not streams.
-    _, channels, _ = _model_parts(zoo_onnx, name)
+    analysis, channels, cost = _model_parts(zoo_onnx, name)
     joined = [GroupInfo.of(g) for g in channels.groups if g.joined]
     assert sorted(g.size for g in joined) == streams
     assert all(g.joined for g in joined)
+    # Without a stream, mbs-branch is mbs-cost; with one, the streams stay whole at half the
+    # MACs (the branches can give that much).
+    groups = [GroupInfo.of(g) for g in channels.groups]
+    free = [g for g, info in zip(channels.groups, groups) if info.free]
+    importance = group_scores(free, weight_importance(load_model(zoo_onnx(name)), "l1"))
+    rho = {layer.name: 1.0 for layer in analysis.layers}
+    plans = {
+        s: plan_widths(analysis, groups, rho, cost, budget=Budget.parse("flops=0.5"),
+                       strategy=s, importance=importance)
+        for s in COST_AWARE
+    }  # fmt: skip
+    if not streams:
+        assert plans["mbs-branch"].counts == plans["mbs-cost"].counts
+    assert all(plans["mbs-branch"].counts[g.id] == g.size for g in joined)
 
 
 @pytest.mark.parametrize("strategy", COST_AWARE)
