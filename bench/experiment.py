@@ -485,12 +485,14 @@ def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
 def add_arms(base: dict[str, Any], extras: list[dict[str, Any]]) -> dict[str, Any]:
     """`base` with the cells of later runs of new arms or budgets on its archs, under its
-    recipe (issue 28's mbs-branch arm joined the finished run this way). A cell already
-    there is refused, unless it failed: a later run's cell replaces a failed one. Each added
-    run is kept under "added" (command and times); the arms and budgets are the union, in
-    ARMS order and the order first seen, and the cells are sorted by arch, budget and arm,
-    as one run writes them."""
+    recipe (issue 28's mbs-branch arm joined the finished run this way). A cell of `base`
+    is refused, unless it failed: a later run's cell replaces a failed one. Among the added
+    runs a later one's cell replaces an earlier one's (a rerun after a change; listed under
+    "replaced"). Each added run is kept under "added" (command and times); the arms and
+    budgets are the union, in ARMS order and the order first seen, and the cells are sorted
+    by arch, budget and arm, as one run writes them."""
     cells = {(c["arch"], c["budget"], c["arm"]): c for c in base["cells"]}
+    base_keys, replaced = set(cells), []
     result = {**base, "settings": dict(base["settings"])}
     for extra in extras:
         for key, value in base["settings"].items():
@@ -505,10 +507,11 @@ def add_arms(base: dict[str, Any], extras: list[dict[str, Any]]) -> dict[str, An
                 raise BadInputError(f"cannot add a run whose {arch} baseline scores otherwise")
         for cell in extra["cells"]:
             key = (cell["arch"], cell["budget"], cell["arm"])
-            if key in cells and cells[key]["status"] != "failed":
+            if key in base_keys and cells[key]["status"] != "failed":
                 raise BadInputError(f"cannot add {key}: --out has that cell already")
-            cells.pop(key, None)  # a failed cell gives way to its retry
-            cells[key] = cell
+            if key in cells and key not in base_keys:  # an added run's cell, run again
+                replaced.append({"cell": list(key), "by": extra["command"]})
+            cells[key] = cell  # a failed cell gives way to its retry
         s = result["settings"]
         s["arms"] = [a for a in ARMS if a in s["arms"] or a in extra["settings"]["arms"]]
         s["budgets"] = list(dict.fromkeys([*s["budgets"], *extra["settings"]["budgets"]]))
@@ -520,6 +523,8 @@ def add_arms(base: dict[str, Any], extras: list[dict[str, Any]]) -> dict[str, An
         ]  # fmt: skip
     s = result["settings"]
     order = {"arch": s["archs"], "budget": s["budgets"], "arm": list(ARMS)}
+    if replaced:
+        result["replaced"] = [*result.get("replaced", []), *replaced]
     result["cells"] = sorted(cells.values(), key=lambda c: [order[k].index(c[k]) for k in order])
     result["comparisons"] = compare(result["cells"], result["settings"].get("default_arm"))
     result["default_loss"] = default_loss(result["cells"], result["baselines"])

@@ -461,7 +461,7 @@ def plan_widths(
         threshold = float(ranked[cut - 1]) if cut else None
     elif strategy in COST_AWARE:
         worth = _channel_worth(analysis, free, redundancy, fmap, cost, full)
-        joined_last = strategy == "mbs-branch"
+        joined_last = streams_last(strategy, [m for m, _ in limits])
         counts, threshold = _cost_aware(
             groups,
             free,
@@ -605,6 +605,14 @@ def _cost_aware(
     ranking; lambda is the ratio of the last one cut). A group's price depends on its
     neighbours' counts (a conv's MACs are c_in * c_out), so prices are read again at the
     counts they gave, until the counts settle or PRICE_ROUNDS have passed.
+
+    With `joined_last` (`mbs-branch`, see streams_last) every channel of a joined group
+    ranks after every channel of the others: a stream is cut only once every branch is at
+    its floor. The ranking alone cannot choose between a stream and the branches that read
+    and write it: a block costs stream width x branch width, and W(stream) is the sum of
+    the W(branch)es on it (both are MACs shares), so with flat importance
+    W log s + W log b is the same for every split of s * b, and the importance decides by
+    chance. A cut branch channel is lost to one block, a cut stream channel to every block.
     """
     normalised = {}
     for g in free:
@@ -632,6 +640,13 @@ def _cost_aware(
     return counts, multiplier
 
 
+def streams_last(strategy: str, metrics: Sequence[str]) -> bool:
+    """Whether the joined groups rank last: under `mbs-branch`, where every limit's cost is
+    a product of widths (params, MACs) and so cannot tell a stream from its branches. A
+    latency limit prices each conv as measured, which tells them apart: ranked as mbs-cost."""
+    return strategy == "mbs-branch" and "latency" not in metrics
+
+
 def cost_aware_formula(plan: Plan) -> str:
     """The mbs-cost formula with the numbers used."""
     fmap = plan.width_map
@@ -651,7 +666,7 @@ def cost_aware_formula(plan: Plan) -> str:
         + (
             "joined groups (made by several producers: residual streams) ranked after every "
             "other group, cut only once those are at their floor; "
-            if plan.strategy == "mbs-branch"
+            if streams_last(plan.strategy, plan.priced)
             else ""
         )
         + "base B(m): "

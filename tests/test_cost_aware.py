@@ -216,6 +216,22 @@ def test_branch_cuts_the_branches_before_the_stream_they_join():
     assert small.reached["flops"] == pytest.approx(0.1, abs=0.02)
 
 
+def test_branch_ranks_as_mbs_cost_under_a_latency_limit():
+    # A latency limit prices each conv as measured (on CPU a conv's time does not fall in
+    # step with its width, docs/strategies.md): streams are not held back there, the plan
+    # is mbs-cost's; here the stream's falling importance has it cut.
+    def latency(c):
+        return 1e-6 * _stage_cost(c)[1]
+
+    stream_falls = {0: np.linspace(2.0, 0.01, 64), **{i: np.ones(64) for i in (1, 2, 3)}}
+    for budget in ("latency=0.5", "latency=0.5,flops=0.6"):
+        plans = {s: _stage_plan(s, budget, stream_falls, latency=latency) for s in COST_AWARE}
+        assert plans["mbs-branch"].counts == plans["mbs-cost"].counts
+        assert plans["mbs-branch"].counts[0] < 64
+        assert "joined groups" not in plans["mbs-branch"].formula
+    assert _stage_plan("mbs-branch", "flops=0.5", stream_falls).counts[0] == 64
+
+
 def test_without_joined_last_the_importance_picks_the_split():
     # Where the stream's importance falls off faster than the branches', mbs-cost cuts the
     # stream and keeps the branches; the other way round, the branches. mbs-branch keeps

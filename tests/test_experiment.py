@@ -213,9 +213,10 @@ def test_onnxsim_arm_matches_the_target_on_a_folded_model(tmp_path):
 
 def test_add_runs_of_new_arms(tmp_path, idx_data, capsys, no_training):
     """A later run of a new arm (and budget) on the same archs and recipe joins a result:
-    its cells (a failed one gives way to its retry), the arms and budgets, the comparisons;
-    without the mbs arm its "default" cell is matched to MBS's default size all the same.
-    A cell that did not fail, added twice, or another recipe, is refused."""
+    its cells (a failed one gives way to its retry, an added one to a later added run's),
+    the arms and budgets, the comparisons; without the mbs arm its "default" cell is
+    matched to MBS's default size all the same. A cell of the result that did not fail,
+    or another recipe, is refused."""
     base, extra, failed = (tmp_path / f"{n}.json" for n in ("base", "extra", "failed"))
     assert run_experiment(base, idx_data) == 0
     assert run_experiment(extra, idx_data, "--arms", "mbs-branch", "--budgets",
@@ -243,6 +244,7 @@ def test_add_runs_of_new_arms(tmp_path, idx_data, capsys, no_training):
     assert order[:3] == [("params=0.5", "mbs"), ("params=0.5", "mbs-branch"),
                          ("params=0.5", "uniform")]  # fmt: skip
     assert [a["command"] for a in result["added"]] == [gone["command"], added["command"]]
+    assert [r["by"] for r in result["replaced"]] == [added["command"]] * len(added["cells"])
     assert any(
         r["reference"] == "mbs" and r["other"] == "mbs-branch" and r["budget"] == "params=0.5"
         for r in result["comparisons"]
