@@ -229,7 +229,7 @@ def verdict(mbs: dict[str, float], other: dict[str, float]) -> str:
 
 
 COST_NAMES = {"params": "params", "macs": "MACs", "latency": "latency"}
-REFERENCES = ("mbs", "mbs-cost")  # the arms compared with every other arm
+REFERENCES = ("mbs", "mbs-cost", "mbs-branch")  # the arms compared with every other arm
 
 
 def compare(
@@ -681,7 +681,8 @@ class Experiment:
         return sizes(model)[0] / self.results["baselines"][arch]["params"]
 
     def reduce_cell(self, arch: str, budget: str, arm: str) -> dict[str, Any]:
-        default_fraction = self.mbs_default_fraction(arch) if budget == "default" else None
+        matched = budget == "default" and arm != "mbs"  # MBS's own default is the size
+        default_fraction = self.mbs_default_fraction(arch) if matched else None
         metric, fraction = target(budget, default_fraction)
         cell: dict[str, Any] = {
             "arch": arch,
@@ -1268,11 +1269,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(table(results))
             return 0
         if args.add:
-            results = add_arms(read_results(args.out), [read_results(p) for p in args.add])
+            added = add_arms(read_results(args.out), [read_results(p) for p in args.add])
+            results = with_current_defaults(added)  # the arms `auto` runs now, compared
             write_json(results, args.out)
             print(f"added {len(args.add)} run(s) to {args.out}")
             print(f"wrote {plot(results, args.out.with_suffix('.png'))}")
-            print(table(with_current_defaults(results)))
+            print(table(results))
             return 0
         if args.merge:
             results = merge_results([read_results(path) for path in args.merge])

@@ -316,7 +316,7 @@ def test_auto_chooses_per_metric_from_the_table():
     strategy, why = choose_strategy(Budget.parse("params=0.5,latency=0.6"))
     assert strategy == AUTO["latency"][0]
     assert why.startswith("auto (of params, latency, latency decides): ")
-    assert choose_strategy(Budget.parse("params=0.5"))[0] == "mbs"
+    assert choose_strategy(Budget.parse("params=0.5"))[0] == AUTO["params"][0]
 
 
 def test_reduce_runs_the_auto_choice_and_says_why(tmp_path):
@@ -349,7 +349,7 @@ def test_reduce_runs_the_auto_choice_and_says_why(tmp_path):
     ("args", "strategy", "why"),
     [
         (["--budget", "flops=0.5"], AUTO["flops"][0], "auto: " + AUTO["flops"][1]),
-        (["--budget", "params=0.5"], "mbs", "auto: " + AUTO["params"][1]),
+        (["--budget", "params=0.5"], AUTO["params"][0], "auto: " + AUTO["params"][1]),
         (["--budget", "params=0.5", "--strategy", "mbs-cost"], "mbs-cost", "asked with"),
         (["--budget", "flops=0.5", "--strategy", "mbs-branch"], "mbs-branch", "asked with"),
     ],

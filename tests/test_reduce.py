@@ -75,6 +75,8 @@ def test_bundled_model_cli_with_report(bundled_model_path, tmp_path, capsys):
             str(bundled_model_path.parent / "fmnist_sample.npz"),
             "--budget",
             "params=0.5",
+            "--strategy",
+            "mbs",
             "--report",
             str(tmp_path / "report"),
             "--limit",
@@ -139,6 +141,7 @@ def test_uniform_gives_one_beta(bundled_model_path):
         str(bundled_model_path),
         data,
         budget="params=0.5",
+        strategy="mbs",
         limit=64,
         evaluate_accuracy=False,
         progress=False,
@@ -193,17 +196,24 @@ def _feeds_npz(model: onnx.ModelProto, path, n=8):
 def test_deployment_shaped_graphs_reduce(build, tmp_path):
     model = build()
     data = _feeds_npz(model, tmp_path / "x.npz")
-    reduced, report = reduce(
-        model,
-        str(data),
-        budget="params=0.7",
-        providers="cpu",
-        evaluate_accuracy=False,
-        progress=False,
-    )
-    assert count_parameters(reduced) / count_parameters(model) == pytest.approx(0.7, abs=0.02)
     dims = [d.dim_value for d in load_model(model).graph.input[0].type.tensor_type.shape.dim]
-    _check_written(model, reduced, dims[1:])
+    # MBS lands within 2 points. The default (auto: mbs-branch at params) meets the budget
+    # too, but on these small graphs one step of 8 channels moves the size by up to 5 points
+    # (dbnet_fpn_like: 48 channels to 24 in the cost-aware ranking, 0.65 kept), and the
+    # nudge only steps up to fill the gap.
+    for strategy, below in (("mbs", 0.02), ("auto", 0.06)):
+        reduced, _ = reduce(
+            model,
+            str(data),
+            budget="params=0.7",
+            strategy=strategy,
+            providers="cpu",
+            evaluate_accuracy=False,
+            progress=False,
+        )
+        kept = count_parameters(reduced) / count_parameters(model)
+        assert 0.7 - below <= kept <= 0.7 + 0.02, (strategy, kept)
+        _check_written(model, reduced, dims[1:])
 
 
 def test_nothing_to_cut_exits_0_unchanged_and_names_the_pins(tmp_path, capsys):
