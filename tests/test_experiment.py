@@ -410,3 +410,35 @@ def test_resume_reduces_latency_misses_again():
         ("latency", "reduced"),
         ("macs", "unmatched"),
     ]
+
+
+def test_long_regime_forgets_what_auto_no_longer_runs(tmp_path, capsys):
+    """bench/long_regime.py keeps `auto`'s rows only where auto still runs what it ran when
+    they were made (its table is regenerated from the results): the others are redone."""
+    import long_regime
+
+    from onnx_mbs.auto import AUTO
+
+    now = AUTO["flops"][0]
+    other = next(s for s in ("uniform", "global") if s != now)
+
+    def auto_rows(budget: str, strategy: str) -> tuple[dict, list[dict]]:
+        reduction = {"arch": "resnet20", "budget": budget, "arm": "auto",
+                     "status": "same_as", "same_as": strategy}  # fmt: skip
+        rows = [{**reduction, "seed": s, "epochs": 3} for s in (0, 1)]
+        return reduction, rows
+
+    stale, stale_rows = auto_rows("flops=0.5", other)
+    current, current_rows = auto_rows("flops=0.3", now)
+    unasked, unasked_rows = auto_rows("default", "mbs")
+    recorded = {"baselines": {}, "reductions": [stale, current, unasked],
+                "rows": stale_rows + current_rows + unasked_rows}  # fmt: skip
+    out = tmp_path / "long.json"
+    out.write_text(json.dumps(recorded))
+    args = ["--out", str(out), "--work", str(tmp_path / "work"), "--refresh"]
+    assert long_regime.main(args) == 0
+    kept = json.loads(out.read_text())
+    assert kept["reductions"] == [current, unasked]
+    assert kept["rows"] == current_rows + unasked_rows
+    said = capsys.readouterr().out
+    assert f"resnet20 flops=0.5: auto now runs {now}; its rows are redone" in said
