@@ -441,15 +441,23 @@ def with_current_defaults(results: dict[str, Any]) -> dict[str, Any]:
 PER_RUN_SETTINGS = ("archs", "baselines", "train_images", "target_minutes", "deadline_minutes")
 
 
+def check_same_recipe(
+    first: dict[str, Any], other: dict[str, Any], verb: str, free: tuple[str, ...] = ()
+) -> None:
+    """Refuse to `verb` a run whose settings differ from `first`'s beyond what each run
+    covers (PER_RUN_SETTINGS, and `free`)."""
+    for key, value in first["settings"].items():
+        if key not in (*PER_RUN_SETTINGS, *free) and other["settings"][key] != value:
+            raise BadInputError(f"cannot {verb} runs whose setting {key} differs")
+
+
 def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """Runs of disjoint archs under one recipe, as one result. Their wall time is the span
     from the first start to the last finish (runs side by side overlap), with each run's own
     time kept under "runs"."""
     first = parts[0]
     for part in parts[1:]:
-        for key, value in first["settings"].items():
-            if key not in PER_RUN_SETTINGS and part["settings"][key] != value:
-                raise BadInputError(f"cannot merge runs whose setting {key} differs")
+        check_same_recipe(first, part, "merge")
     archs = [a for part in parts for a in part["settings"]["archs"]]
     if len(set(archs)) != len(archs):
         raise BadInputError(f"cannot merge runs that share an arch: {archs}")
@@ -489,17 +497,13 @@ def add_arms(base: dict[str, Any], extras: list[dict[str, Any]]) -> dict[str, An
     is refused, unless it failed: a later run's cell replaces a failed one. Among the added
     runs a later one's cell replaces an earlier one's (a rerun after a change; listed under
     "replaced"). Each added run is kept under "added" (command and times); the arms and
-    budgets are the union, in ARMS order and the order first seen, and the cells are sorted
-    by arch, budget and arm, as one run writes them."""
+    budgets are the union, in ARMS order and the order first seen, the cells are sorted by
+    arch, budget and arm, as one run writes them, and compared with the arms `auto` runs."""
     cells = {(c["arch"], c["budget"], c["arm"]): c for c in base["cells"]}
     base_keys, replaced = set(cells), []
     result = {**base, "settings": dict(base["settings"])}
     for extra in extras:
-        for key, value in base["settings"].items():
-            if key in (*PER_RUN_SETTINGS, "arms", "budgets", "default_arm"):
-                continue
-            if extra["settings"][key] != value:
-                raise BadInputError(f"cannot add a run whose setting {key} differs")
+        check_same_recipe(base, extra, "add", free=("arms", "budgets", "default_arm"))
         for arch in extra["settings"]["archs"]:
             if arch not in base["settings"]["archs"]:
                 raise BadInputError(f"cannot add a run of {arch}: not an arch of --out")
@@ -526,11 +530,10 @@ def add_arms(base: dict[str, Any], extras: list[dict[str, Any]]) -> dict[str, An
     if replaced:
         result["replaced"] = [*result.get("replaced", []), *replaced]
     result["cells"] = sorted(cells.values(), key=lambda c: [order[k].index(c[k]) for k in order])
-    result["comparisons"] = compare(result["cells"], result["settings"].get("default_arm"))
     result["default_loss"] = default_loss(result["cells"], result["baselines"])
     result["complete"] = base["complete"] and all(e["complete"] for e in extras)
     result["partial"] = not result["complete"]
-    return result
+    return with_current_defaults(result)  # compared with the arms `auto` runs now
 
 
 # ---------------------------------------------------------------- the run
@@ -545,6 +548,7 @@ class Experiment:
         self.work = out.parent / "tmp" / f"{out.stem}_models"
         self.work.mkdir(parents=True, exist_ok=True)
         self.start = time.perf_counter()
+        self.mbs_sizes: dict[str, float | None] = {}  # MBS's default size, runs without it
         self.results = results or {
             "format": FORMAT,
             "complete": False,
@@ -674,11 +678,14 @@ class Experiment:
         mbs_default = self.cell(arch, "default", "mbs")
         if mbs_default is not None:
             return mbs_default["params_fraction"] if mbs_default["status"] == "reduced" else None
-        try:
-            model, _ = self.reduce_arm(arch, "mbs", "params", None)
-        except (BadInputError, RuntimeError, ValueError):
-            return None
-        return sizes(model)[0] / self.results["baselines"][arch]["params"]
+        if arch not in self.mbs_sizes:
+            try:
+                model, _ = self.reduce_arm(arch, "mbs", "params", None)
+                fraction = sizes(model)[0] / self.results["baselines"][arch]["params"]
+            except (BadInputError, RuntimeError, ValueError):
+                fraction = None
+            self.mbs_sizes[arch] = fraction
+        return self.mbs_sizes[arch]
 
     def reduce_cell(self, arch: str, budget: str, arm: str) -> dict[str, Any]:
         matched = budget == "default" and arm != "mbs"  # MBS's own default is the size
@@ -1269,8 +1276,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(table(results))
             return 0
         if args.add:
-            added = add_arms(read_results(args.out), [read_results(p) for p in args.add])
-            results = with_current_defaults(added)  # the arms `auto` runs now, compared
+            results = add_arms(read_results(args.out), [read_results(p) for p in args.add])
             write_json(results, args.out)
             print(f"added {len(args.add)} run(s) to {args.out}")
             print(f"wrote {plot(results, args.out.with_suffix('.png'))}")

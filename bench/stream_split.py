@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -140,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         split = [__file__, "--arch", args.arch, "--budget", args.budget, "--one", fraction]
         commands.append(split)
     for command in commands:
-        code = subprocess.call([sys.executable, *map(str, command)], env=dict(os.environ))
+        code = subprocess.call([sys.executable, *map(str, command)])
         if code:
             return code
     return 0

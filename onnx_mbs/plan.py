@@ -664,8 +664,8 @@ def cost_aware_formula(plan: Plan) -> str:
         f"that every limit is met; counts rounded up to a multiple of {plan.channel_multiple}, "
         f"never below beta_min = {plan.beta_min:g} of the group; "
         + (
-            "joined groups (made by several producers: residual streams) ranked after every "
-            "other group, cut only once those are at their floor; "
+            "joined groups (residual streams: an Add joins their channels) ranked after "
+            "every other group, cut only once those are at their floor; "
             if streams_last(plan.strategy, plan.priced)
             else ""
         )
