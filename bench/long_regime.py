@@ -402,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
+        if args.refresh and not Path(args.out).is_file():
+            raise BadInputError(f"--refresh rewrites a record: {args.out} is not one")
         run = Run(args)
         if args.refresh:
             run.save()

@@ -442,3 +442,9 @@ def test_long_regime_forgets_what_auto_no_longer_runs(tmp_path, capsys):
     assert kept["rows"] == current_rows + unasked_rows
     said = capsys.readouterr().out
     assert f"resnet20 flops=0.5: auto now runs {now}; its rows are redone" in said
+    # --refresh rewrites a record: without one it says so in one line and writes nothing.
+    missing = tmp_path / "none" / "long.json"
+    assert long_regime.main(["--out", str(missing), *args[2:]]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{missing} is not one" in err
+    assert not missing.parent.exists()
