@@ -447,11 +447,15 @@ def plan_widths(
     scale = 1.0
     value = fmap.value
     if strategy != "mbs" and budget is None:
-        # MBS's size, this strategy's shape: the baselines compare at equal parameters.
-        size = fraction("params", _counts(groups, betas(value, 1.0), channel_multiple))
+        # MBS's size, this strategy's shape: the baselines compare at equal parameters. The
+        # size is MBS's own, at the width map MBS would use (the cost-aware strategies'
+        # default map weighs their worth: at f = 1 MBS would keep everything).
+        mbs_map = WidthMap.parse(width_map or DEFAULT_WIDTH_MAP)
+        mbs_betas = [min(1.0, max(beta_min, mbs_map(r))) for _, _, r in redundancy]
+        size = fraction("params", _counts(groups, mbs_betas, channel_multiple))
         limits = (("params", size),)
         own_notes.append(
-            f"{strategy} matched to the size MBS reaches at {fmap} (params {size:.3f})"
+            f"{strategy} matched to the size MBS reaches at {mbs_map} (params {size:.3f})"
         )
     threshold, chosen = None, None
     if strategy == "global":

@@ -216,6 +216,39 @@ def test_branch_cuts_the_branches_before_the_stream_they_join():
     assert small.reached["flops"] == pytest.approx(0.1, abs=0.02)
 
 
+@pytest.mark.parametrize("strategy", COST_AWARE)
+def test_without_a_budget_a_cost_aware_plan_is_matched_to_mbs_default_size(strategy):
+    # The size is MBS's at its own default width map (linear:0.4), not at the cost-aware
+    # worth's (linear:0, which keeps everything: matched to it, nothing was cut).
+    def cost(c):
+        return int(c[0] ** 2 + c[1] ** 2), int(c[0] ** 2 + c[1] ** 2)
+
+    common = dict(channel_multiple=1, importance=FLAT)
+    mbs = plan_widths(ANALYSIS, GROUPS, RHO, cost, channel_multiple=1)
+    plan = plan_widths(ANALYSIS, GROUPS, RHO, cost, strategy=strategy, **common)
+    assert mbs.reached["params"] < 0.9
+    assert plan.reached["params"] == pytest.approx(mbs.reached["params"], abs=0.02)
+    assert str(plan.width_map) == COST_WIDTH_MAP  # the worth keeps its own default
+    assert any("matched to the size MBS reaches at linear:0.4" in n for n in plan.notes)
+    # An asked width map is MBS's f for the size and the worth's f alike.
+    asked = plan_widths(ANALYSIS, GROUPS, RHO, cost, strategy=strategy, width_map="linear:0.6",
+                        **common)  # fmt: skip
+    mbs_asked = plan_widths(ANALYSIS, GROUPS, RHO, cost, channel_multiple=1,
+                            width_map="linear:0.6")  # fmt: skip
+    assert asked.reached["params"] == pytest.approx(mbs_asked.reached["params"], abs=0.02)
+    assert mbs_asked.reached["params"] < mbs.reached["params"] - 0.05
+
+
+@pytest.mark.parametrize("strategy", COST_AWARE)
+def test_reduce_without_a_budget_cuts_a_cost_aware_model_to_mbs_size(strategy):
+    options = dict(limit=64, evaluate_accuracy=False, progress=False)
+    _, mbs = reduce(BUNDLED_MODEL, FMNIST_SAMPLE, strategy="mbs", **options)
+    _, cost_aware = reduce(BUNDLED_MODEL, FMNIST_SAMPLE, strategy=strategy, **options)
+    assert mbs.plan.reached["params"] < 0.9
+    assert cost_aware.plan.reached["params"] == pytest.approx(mbs.plan.reached["params"], abs=0.02)
+    assert cost_aware.plan.changes_anything
+
+
 def test_branch_ranks_as_mbs_cost_under_a_latency_limit():
     # A latency limit prices each conv as measured (on CPU a conv's time does not fall in
     # step with its width, docs/strategies.md): streams are not held back there, the plan
