@@ -12,7 +12,8 @@ standard augmentation, warm-up then cosine at the batch-scaled default learning 
 
 Rows are written to the JSON as they finish; a rerun skips finished rows and resumes an
 unfinished row from its checkpoint (one per row under --work), so the run continues across
-sessions. Until every row is done the file says "partial": true.
+sessions. Until every row of its design is done the file says "partial": true: the design
+("design") joins the archs, budgets, arms, seeds and epochs of every run made into the file.
 
     python bench/long_regime.py [--archs resnet20,resnet56] [--seeds 2] [--epochs 3]
         [--out bench/results/long_regime.json] [--work bench/results/tmp/long_regime]
@@ -103,20 +104,45 @@ class Run:
             if self.out.exists()
             else {"baselines": {}, "reductions": [], "rows": []}
         )
+        if not args.refresh:  # a refresh retrains nothing: the record's run stays its own
+            self.record_run()
+        self.archs = args.archs.split(",")
+        self.budgets = args.budgets.split(",")
+        self.arms = args.arms.split(",")
+        self.design = self.joined_design()
+        self.drop_stale_auto()
+
+    def record_run(self) -> None:
+        """The command, recipe and machine of the run that retrains into the record."""
         self.results.update(
             command="nice -n 15 python " + " ".join(sys.argv),
             recipe=RECIPE,
             environment={
                 "torch": torch.__version__,
-                "threads": args.threads,
+                "threads": self.a.threads,
                 "cpu_count": os.cpu_count(),
                 "machine": platform.machine(),
             },
         )
-        self.archs = args.archs.split(",")
-        self.budgets = args.budgets.split(",")
-        self.arms = args.arms.split(",")
-        self.drop_stale_auto()
+
+    def joined_design(self) -> dict[str, Any]:
+        """The cells the record is for: the design it was made with (archs, budgets, arms,
+        seeds, epochs), joined with this run's. A run of some cells into a record leaves it
+        partial until every cell of its design is done, not just the cells asked now."""
+        old = self.results.get("design", {})
+
+        def joined(key: str, asked: list[Any]) -> list[Any]:
+            return list(dict.fromkeys([*old.get(key, []), *asked]))
+
+        design = {
+            "archs": joined("archs", self.archs),
+            "budgets": joined("budgets", self.budgets),
+            "arms": joined("arms", self.arms),
+            "seeds": max(old.get("seeds", 0), self.a.seeds),
+            "epochs": joined("epochs", [self.a.epochs]),
+        }
+        self.results["design"] = design
+        return design
 
     def drop_stale_auto(self) -> None:
         """Forget the reductions and rows of `auto` made when it ran another strategy than it
@@ -138,17 +164,20 @@ class Run:
 
     def save(self) -> None:
         self.results["summary"] = summary(self.results)
-        wanted = len(self.archs) * len(self.budgets) * len(self.arms) * self.a.seeds
+        d = self.design
+        wanted = (
+            len(d["archs"]) * len(d["budgets"]) * len(d["arms"]) * d["seeds"] * len(d["epochs"])
+        )
         done = len(
             [
                 r
                 for r in self.results["rows"]
                 if r.get("status") in FINISHED
-                and r["arch"] in self.archs
-                and r["budget"] in self.budgets
-                and r["arm"] in self.arms
-                and r["seed"] < self.a.seeds
-                and r["epochs"] == self.a.epochs
+                and r["arch"] in d["archs"]
+                and r["budget"] in d["budgets"]
+                and r["arm"] in d["arms"]
+                and r["seed"] < d["seeds"]
+                and r["epochs"] in d["epochs"]
             ]
         )
         self.results["partial"] = done < wanted

@@ -448,3 +448,36 @@ def test_long_regime_forgets_what_auto_no_longer_runs(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{missing} is not one" in err
     assert not missing.parent.exists()
+
+
+def test_long_regime_is_partial_until_every_cell_it_was_asked_for_is_done(tmp_path):
+    """A run of some cells into a record keeps the record's own design: rows of one arm
+    finished do not make a record of several arms and both baselines complete."""
+    import long_regime
+
+    row = {"arch": "resnet20", "budget": "default", "arm": "mbs", "epochs": 3,
+           "status": "done", "test_top1": 0.9, "baseline_top1": 0.9,
+           "params_fraction": 0.5, "macs_fraction": 0.7}  # fmt: skip
+    out = tmp_path / "long.json"
+    out.write_text(json.dumps({"baselines": {}, "reductions": [], "command": "the run's",
+                               "rows": [{**row, "seed": 0}, {**row, "seed": 1}]}))  # fmt: skip
+    work = ["--out", str(out), "--work", str(tmp_path / "work"), "--refresh"]
+    assert long_regime.main(work) == 0  # the default design: 2 archs, 3 budgets, 3 arms
+    record = json.loads(out.read_text())
+    assert record["partial"] and record["rows_done"] == "2 of 36"
+    assert record["design"]["archs"] == ["resnet20", "resnet56"]
+    assert record["command"] == "the run's"  # a refresh retrains nothing: not its command
+    # Asked for the one finished cell alone, the record is still the design's.
+    one = ["--archs", "resnet20", "--budgets", "default", "--arms", "mbs"]
+    assert long_regime.main([*one, *work]) == 0
+    record = json.loads(out.read_text())
+    assert record["partial"] and record["rows_done"] == "2 of 36"
+    # A new record of that cell alone is complete; a later run's new arm joins its design.
+    alone = tmp_path / "alone.json"
+    alone.write_text(out.read_text().replace('"design"', '"old_design"'))
+    assert long_regime.main([*one, "--out", str(alone), *work[2:]]) == 0
+    assert not json.loads(alone.read_text())["partial"]
+    assert long_regime.main([*one[:4], "--arms", "uniform", "--out", str(alone), *work[2:]]) == 0
+    record = json.loads(alone.read_text())
+    assert record["partial"] and record["rows_done"] == "2 of 4"
+    assert record["design"]["arms"] == ["mbs", "uniform"]
