@@ -335,6 +335,11 @@ def test_budgets_are_met_on_the_zoo_under_every_metric(zoo_onnx, name, strategy)
         assert all(
             plan.counts[g.id] >= min(8, g.size) and plan.counts[g.id] <= g.size for g in groups
         )
+    # Without a budget: MBS's size (its default width map), this strategy's shape.
+    mbs = plan_widths(analysis, groups, rho, cost)
+    matched = plan_widths(analysis, groups, rho, cost, strategy=strategy, importance=importance)
+    assert matched.reached["params"] == pytest.approx(mbs.reached["params"], abs=0.03), name
+    assert matched.reached["params"] <= mbs.reached["params"] + 1e-9
 
 
 # -- auto ---------------------------------------------------------------------------------
