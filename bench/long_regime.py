@@ -109,7 +109,7 @@ class Run:
         self.archs = args.archs.split(",")
         self.budgets = args.budgets.split(",")
         self.arms = args.arms.split(",")
-        self.design = self.joined_design()
+        self.results["design"] = joined_design(self.results.get("design", {}), args)
         self.drop_stale_auto()
 
     def record_run(self) -> None:
@@ -124,25 +124,6 @@ class Run:
                 "machine": platform.machine(),
             },
         )
-
-    def joined_design(self) -> dict[str, Any]:
-        """The cells the record is for: the design it was made with (archs, budgets, arms,
-        seeds, epochs), joined with this run's. A run of some cells into a record leaves it
-        partial until every cell of its design is done, not just the cells asked now."""
-        old = self.results.get("design", {})
-
-        def joined(key: str, asked: list[Any]) -> list[Any]:
-            return list(dict.fromkeys([*old.get(key, []), *asked]))
-
-        design = {
-            "archs": joined("archs", self.archs),
-            "budgets": joined("budgets", self.budgets),
-            "arms": joined("arms", self.arms),
-            "seeds": max(old.get("seeds", 0), self.a.seeds),
-            "epochs": joined("epochs", [self.a.epochs]),
-        }
-        self.results["design"] = design
-        return design
 
     def drop_stale_auto(self) -> None:
         """Forget the reductions and rows of `auto` made when it ran another strategy than it
@@ -164,7 +145,7 @@ class Run:
 
     def save(self) -> None:
         self.results["summary"] = summary(self.results)
-        d = self.design
+        d = self.results["design"]
         wanted = (
             len(d["archs"]) * len(d["budgets"]) * len(d["arms"]) * d["seeds"] * len(d["epochs"])
         )
@@ -366,6 +347,23 @@ class Run:
                         self.row(arch, budget, arm, seed)
         self.save()
         print(f"wrote {self.out} ({self.results['rows_done']} rows done)", flush=True)
+
+
+def joined_design(old: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The cells a record is for: the design it was made with (archs, budgets, arms, seeds,
+    epochs), joined with this run's. A run of some cells into a record leaves it partial
+    until every cell of its design is done, not just the cells asked now."""
+
+    def joined(key: str, asked: list[Any]) -> list[Any]:
+        return list(dict.fromkeys([*old.get(key, []), *asked]))
+
+    return {
+        "archs": joined("archs", args.archs.split(",")),
+        "budgets": joined("budgets", args.budgets.split(",")),
+        "arms": joined("arms", args.arms.split(",")),
+        "seeds": max(old.get("seeds", 0), args.seeds),
+        "epochs": joined("epochs", [args.epochs]),
+    }
 
 
 def auto_now(budget: str) -> str:

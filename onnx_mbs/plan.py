@@ -372,8 +372,8 @@ def plan_widths(
     params_before, macs_before = cost(full)
     latency_before = latency(full) if latency is not None else 0.0
 
-    def betas(value: float, scale: float) -> list[float]:
-        f = fmap.with_value(value)
+    def betas(value: float, scale: float, wmap: WidthMap = fmap) -> list[float]:
+        f = wmap.with_value(value)
         return [min(1.0, max(beta_min, scale * f(r))) for _, _, r in redundancy]
 
     def fraction(metric: str, counts: Mapping[int, int]) -> float:
@@ -450,8 +450,8 @@ def plan_widths(
         # MBS's size, this strategy's shape: the baselines compare at equal parameters. The
         # size is MBS's own, at the width map MBS would use (the cost-aware strategies'
         # default map weighs their worth: at f = 1 MBS would keep everything).
-        mbs_map = WidthMap.parse(width_map or DEFAULT_WIDTH_MAP)
-        mbs_betas = [min(1.0, max(beta_min, mbs_map(r))) for _, _, r in redundancy]
+        mbs_map = WidthMap.parse(width_map or default_width_map("mbs"))
+        mbs_betas = betas(mbs_map.value, 1.0, mbs_map)
         size = fraction("params", _counts(groups, mbs_betas, channel_multiple))
         limits = (("params", size),)
         own_notes.append(
