@@ -256,3 +256,27 @@ def test_fold_shapes_on_zoo_exports(zoo_onnx, name):
     assert [(g.size, g.pinned) for g in before] == [(g.size, g.pinned) for g in after]
     if name in REDUCIBLE_ZOO:
         check_dead_channels(folded, seed=2)
+
+
+@pytest.mark.parametrize("axes", [[2, 3], [-3, 2, 3]])
+def test_resize_sizes_with_axes_edit_the_channel_entry(axes):
+    """Opset 18 Resize: `sizes` has one entry per axis of `axes`. Cutting channels edits
+    the channel axis's entry where `axes` names it and nothing where it does not (the
+    last entry is a width, not the channel count)."""
+    b = Builder("resize_axes")
+    x = b.input("x", [1, 3, 8, 8])
+    y = b.op("Relu", [b.conv(x, 3, 6, name="conv")])
+    sizes = [16, 16] if len(axes) == 2 else [6, 16, 16]
+    y = b.op("Resize", [y, "", "", b.const(np.array(sizes, np.int64))], mode="nearest", axes=axes)
+    raw = b.model([b.conv(b.op("Relu", [b.conv(y, 6, 4, stride=2)]), 4, 2, k=1)], ["y"])
+    raw.opset_import[0].version = 18
+    model = load_model(raw)
+    analysis = analyze_channels(model)
+    group = next(g for g in analysis.groups if g.producers == ["conv"])
+    assert not group.pinned
+    everything = {g.id: list(range(g.size)) for g in analysis.groups}
+    assert_same_outputs(model, shrink_channels(model, everything, analysis))
+    killed = kill_channels(model, analysis.groups, {group.id: [0, 5]})
+    small = shrink_channels(killed, {group.id: [1, 2, 3, 4]}, analysis)
+    onnx.checker.check_model(small, full_check=True)
+    assert_same_outputs(killed, small)
