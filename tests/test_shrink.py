@@ -280,3 +280,29 @@ def test_resize_sizes_with_axes_edit_the_channel_entry(axes):
     small = shrink_channels(killed, {group.id: [1, 2, 3, 4]}, analysis)
     onnx.checker.check_model(small, full_check=True)
     assert_same_outputs(killed, small)
+
+
+def test_computed_weight_chain_gets_its_new_shapes():
+    """A conv weight computed in the graph (a Transpose from a TF-layout initializer, a
+    sum of two, past the size folding evaluates): the tensors on the way record their cut
+    shapes, so the shrunk model passes the full checker."""
+    b = Builder("computed_weight")
+    x = b.input("x", [1, 3, 8, 8])
+    y = b.op("Relu", [b.conv(x, 3, 32, name="first")])
+    tf_layout = b.op("Transpose", [b.weight(3, 3, 32, 24)], perm=[3, 2, 0, 1])
+    weight = b.op("Add", [tf_layout, b.weight(24, 32, 3, 3)])
+    z = b.op("Conv", [y, weight, b.const(np.zeros(24))], name="computed", pads=[1] * 4)
+    model = load_model(b.model([b.conv(b.op("Relu", [z]), 24, 2, k=1)], ["y"]))
+    analysis = analyze_channels(model)
+    first = next(g for g in analysis.groups if g.producers == ["first"])
+    computed = next(g for g in analysis.groups if g.producers == ["computed"])
+    assert not first.pinned and not computed.pinned
+    drop = {first.id: [0, 5, 31], computed.id: [2, 3]}
+    keep = {first.id: [c for c in range(32) if c not in drop[first.id]],
+            computed.id: [c for c in range(24) if c not in drop[computed.id]]}  # fmt: skip
+    killed = kill_channels(model, analysis.groups, drop)
+    small = shrink_channels(killed, keep, analysis)
+    onnx.checker.check_model(small, full_check=True)
+    assert_same_outputs(killed, small)
+    shapes = GraphIndex.build(small).shapes
+    assert shapes[tf_layout] == shapes[weight] == (22, 29, 3, 3)
