@@ -267,7 +267,14 @@ def _matmul(w: ChannelWalk, node: onnx.NodeProto) -> None:
     axis, ids = w.chan[a]
     rank = len(out_shape)
     if axis != len(a_shape) - 1:  # channels ride along a batch or row axis
-        w.pass_on(node, axis + rank - len(a_shape), ids)
+        out_axis = axis + rank - len(a_shape)
+        k = out_axis - (rank - len(b_shape))  # B's batch axis broadcast against them
+        if out_axis < rank - 2 and len(b_shape) > 2 and k >= 0 and b_shape[k] > 1:
+            if w.source(b) is None:
+                w.opaque(node, "a matrix per channel computed at run time")
+                return
+            w.slot(node, 1, k, ids, CONST)  # one matrix per channel: cut with them
+        w.pass_on(node, out_axis, ids)
         return
     if w.source(b) is None or len(b_shape) != 2:
         w.opaque(node, "channels contracted with a weight that is not a constant matrix")

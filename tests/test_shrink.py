@@ -306,3 +306,21 @@ def test_computed_weight_chain_gets_its_new_shapes():
     assert_same_outputs(killed, small)
     shapes = GraphIndex.build(small).shapes
     assert shapes[tf_layout] == shapes[weight] == (22, 29, 3, 3)
+
+
+@pytest.mark.parametrize("shape", [(6, 8, 8), (1, 6, 8, 8)])
+def test_matmul_with_a_matrix_per_channel_cuts_it(shape):
+    """x (N, C, H, W) @ B (C, W, K): B's batch axis broadcasts against the channels, so
+    each channel has its own matrix, cut with it."""
+    b = Builder("matmul_per_channel")
+    x = b.input("x", [1, 3, 8, 8])
+    y = b.op("Relu", [b.conv(x, 3, 6, name="conv")])
+    y = b.op("Relu", [b.op("MatMul", [y, b.weight(*shape)])])
+    model = load_model(b.model([b.conv(y, 6, 2, k=1)], ["y"]))
+    analysis = analyze_channels(model)
+    group = next(g for g in analysis.groups if g.producers == ["conv"])
+    assert not group.pinned
+    killed = kill_channels(model, analysis.groups, {group.id: [0, 3, 4]})
+    small = shrink_channels(killed, {group.id: [1, 2, 5]}, analysis)
+    onnx.checker.check_model(small, full_check=True)
+    assert_same_outputs(killed, small)
