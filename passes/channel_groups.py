@@ -90,6 +90,8 @@ class ChannelAnalysis:
     slots: list[Slot]
     edits: list[Edit]
     model_key: str  # `structure_key` of the model the analysis was computed on
+    # tensors of conv weights computed in the graph: axis -> channel ids (`weight_chain.py`)
+    computed: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)
 
     def check_model(self, model: onnx.ModelProto) -> None:
         """Refuse a model other than the one analysed: slots and edits index its nodes."""
@@ -179,7 +181,14 @@ def analyze_channels(
         for g, cls in enumerate(classes)
     ]
     return ChannelAnalysis(
-        groups, root, classes, dict(walk.chan), walk.slots, walk.edits, structure_key(model)
+        groups,
+        root,
+        classes,
+        dict(walk.chan),
+        walk.slots,
+        walk.edits,
+        structure_key(model),
+        walk.computed,
     )
 
 

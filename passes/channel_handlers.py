@@ -267,7 +267,14 @@ def _matmul(w: ChannelWalk, node: onnx.NodeProto) -> None:
     axis, ids = w.chan[a]
     rank = len(out_shape)
     if axis != len(a_shape) - 1:  # channels ride along a batch or row axis
-        w.pass_on(node, axis + rank - len(a_shape), ids)
+        out_axis = axis + rank - len(a_shape)
+        k = out_axis - (rank - len(b_shape))  # B's batch axis broadcast against them
+        if out_axis < rank - 2 and len(b_shape) > 2 and k >= 0 and b_shape[k] > 1:
+            if w.source(b) is None:
+                w.opaque(node, "a matrix per channel computed at run time")
+                return
+            w.slot(node, 1, k, ids, CONST)  # one matrix per channel: cut with them
+        w.pass_on(node, out_axis, ids)
         return
     if w.source(b) is None or len(b_shape) != 2:
         w.opaque(node, "channels contracted with a weight that is not a constant matrix")
@@ -463,7 +470,16 @@ def _softmax(w: ChannelWalk, node: onnx.NodeProto) -> None:
 
 
 def _resize(w: ChannelWalk, node: onnx.NodeProto) -> None:
+    """Resize and Upsample pass channels on where they do not scale them. Since opset 18
+    Resize's `axes` names the axes its scales and sizes are for: the channel axis's entry
+    is the one at its place in `axes`, and there is none when `axes` leaves it out."""
     axis, ids = w.chan[node.input[0]]
+    rank = len(w.shape(node.input[0]))
+    axes = attributes(node).get("axes") if node.op_type == "Resize" else None
+    entry = axis
+    if axes is not None:
+        axes = [int(a) % rank for a in axes]
+        entry = axes.index(axis) if axis in axes else None
     scales_name = node.input[2] if len(node.input) > 2 else ""
     if node.op_type == "Upsample":
         scales_name = node.input[1] if len(node.input) > 1 else ""
@@ -471,7 +487,7 @@ def _resize(w: ChannelWalk, node: onnx.NodeProto) -> None:
     if scales_name and scales is None:
         w.opaque(node, "scales computed at run time")
         return
-    if scales is not None and len(scales) and float(scales[axis]) != 1.0:
+    if entry is not None and scales is not None and len(scales) and float(scales[entry]) != 1.0:
         w.opaque(node, "resizes the channel axis")
         return
     if node.op_type == "Resize" and len(node.input) > 3 and node.input[3]:
@@ -479,7 +495,8 @@ def _resize(w: ChannelWalk, node: onnx.NodeProto) -> None:
         if sizes is None:
             w.opaque(node, "sizes computed at run time")
             return
-        w.edit("resize", node, (ids,), axis=axis, value=sizes.astype(np.int64))
+        if entry is not None:
+            w.edit("resize", node, (ids,), axis=entry, value=sizes.astype(np.int64))
     w.pass_on(node, axis, ids)
 
 

@@ -90,6 +90,9 @@ class ChannelWalk:
         self.edits: list[Edit] = []
         self.pins: list[tuple[np.ndarray, str]] = []
         self.inexact: list[tuple[np.ndarray, str]] = []  # cuts that change the kept outputs
+        # tensors of a conv weight computed in the graph (`weight_chain.py`): axis -> the
+        # channel ids it carries, so that shrink records their new shapes
+        self.computed: dict[str, dict[int, np.ndarray]] = {}
         self.node_no: dict[int, int] = {}
         self.opsets = {_domain(o.domain): o.version for o in model.opset_import}
         self.opset = self.opsets.get("", 17)

@@ -71,6 +71,7 @@ class FixInputShapes(Pass):
         out = onnx.ModelProto()
         out.CopyFrom(model)
         modified = False
+        named: dict[str, int] = {}  # dim_param -> the size it was fixed to
         for vi in out.graph.input:
             if vi.name in initializers:
                 continue
@@ -88,7 +89,10 @@ class FixInputShapes(Pass):
                             f"--input-shape for {vi.name!r} gives {wanted}, but the model "
                             f"fixes dim {list(dims).index(d)} to {d.dim_value}"
                         )
-                    modified |= not d.HasField("dim_value")
+                    if not d.HasField("dim_value"):
+                        modified = True
+                        if d.dim_param:
+                            named[d.dim_param] = w
                     d.dim_value = w
                 continue
             if static_shape(vi) is not None:
@@ -96,6 +100,8 @@ class FixInputShapes(Pass):
             dynamic = [k for k, d in enumerate(dims) if not d.HasField("dim_value")]
             if dynamic == [0]:
                 if self.batch is not None:
+                    if dims[0].dim_param:
+                        named[dims[0].dim_param] = self.batch
                     dims[0].dim_value = self.batch
                     modified = True
                 continue
@@ -110,7 +116,20 @@ class FixInputShapes(Pass):
                 f"--input-shape {vi.name}:{','.join(sizes)} with your {unknown} (the written "
                 "model keeps the dims dynamic)"
             )
+        _fix_named_dims(out.graph, named)
         return PassResult(out if modified else model, modified)
+
+
+def _fix_named_dims(graph: onnx.GraphProto, named: dict[str, int]) -> None:
+    """Give the recorded shapes (value_info, outputs) the sizes fixed for the inputs' named
+    dims: the shape of an op inference cannot see through (a plugin, GroupNormalization)
+    is known only from what the model records, 'N' for a dynamic batch."""
+    if not named:
+        return
+    for vi in [*graph.value_info, *graph.output]:
+        for d in vi.type.tensor_type.shape.dim:
+            if not d.HasField("dim_value") and d.dim_param in named:
+                d.dim_value = named[d.dim_param]
 
 
 def _size_name(dim: onnx.TensorShapeProto.Dimension, k: int) -> str:

@@ -364,7 +364,8 @@ def _update_shapes(
     new_shapes: dict[str, tuple[int, ...]],
 ) -> None:
     """Recorded shapes: channel axes take their kept counts; aliases of sliced constants
-    (Identity outputs) take the new constant's shape."""
+    (Identity outputs) take the new constant's shape, and the tensors a computed conv
+    weight is made of their kept counts on every channel axis they carry."""
     for node in index.nodes:
         if node.op_type == "Identity":
             src = constant_source(index, node.input[0])
@@ -375,7 +376,11 @@ def _update_shapes(
         counts[name] = (axis, int(kept[ids].sum()))
     for vi in [*out.graph.value_info, *out.graph.output, *out.graph.input]:
         dims = vi.type.tensor_type.shape.dim
-        if vi.name in new_shapes:
+        if vi.name in analysis.computed and vi.name not in new_shapes:
+            for axis, ids in analysis.computed[vi.name].items():
+                if axis < len(dims) and dims[axis].HasField("dim_value"):
+                    dims[axis].dim_value = int(kept[ids].sum())
+        elif vi.name in new_shapes:
             for d, size in zip(dims, new_shapes[vi.name]):
                 d.dim_value = size
         elif vi.name in counts:

@@ -53,6 +53,7 @@ def follow_weight(w: ChannelWalk, conv: onnx.NodeProto, roles: Roles) -> set[str
     slots: dict[tuple[int, int, int], Slot] = {}
     edits: dict[tuple[int, int], Edit] = {}
     seen: dict[str, Roles] = {}
+    computed: dict[str, dict[int, np.ndarray]] = {}
     mixed: set[str] = set()
     pending = [(conv.input[1], roles)]
     while pending:
@@ -62,6 +63,7 @@ def follow_weight(w: ChannelWalk, conv: onnx.NodeProto, roles: Roles) -> set[str
             if carried.keys() == seen[name].keys():
                 continue  # nothing new: followed already
         seen[name] = carried
+        computed[name] = {a: ids for a, (ids, _) in _effective(w.shape(name), carried).items()}
         node = w.index.producer.get(name)
         if node is None:
             raise Unfollowed(f"'{name}' is a graph input")
@@ -82,6 +84,8 @@ def follow_weight(w: ChannelWalk, conv: onnx.NodeProto, roles: Roles) -> set[str
             edits[number, edit.axis] = edit
     w.slots += slots.values()
     w.edits += edits.values()
+    for name, axes in computed.items():
+        w.computed.setdefault(name, {}).update(axes)
     return mixed
 
 

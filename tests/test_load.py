@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import onnx
 import pytest
+from graphs import Builder
 from onnx import numpy_helper
 from onnx_builders import conv_relu_model, quantized_model
 
@@ -47,6 +48,19 @@ def test_dynamic_spatial_needs_input_shape():
         load_model(conv_relu_model(["N", 3, "H", "W"]))
     fixed = load_model(conv_relu_model(["N", 3, "H", "W"]), {"x": [2, 3, 16, 12]})
     assert static_shape(fixed.graph.input[0]) == (2, 3, 16, 12)
+
+
+@pytest.mark.parametrize("dims", [["N", 3, 8, 8], ["N", 3, "H", "W"]])
+def test_recorded_shapes_of_uninferable_ops_take_the_fixed_sizes(dims):
+    """A plugin op's output shape is known only from the model's value_info, which names
+    the dynamic dims as the input does ('N', 'H', 'W'): fixing the input fixes them too."""
+    b = Builder("plugin")
+    x = b.input("x", dims)
+    z = b.op("MyPlugin", [b.op("Relu", [b.conv(x, 3, 4)])], domain="my.ops")
+    raw = b.model([b.conv(z, 4, 2)], ["y"], shapes={z: ["N", 4, *dims[2:]]})
+    model = load_model(raw, {"x": [1, 3, 8, 6]} if "H" in dims else None)
+    plugin_out = next(v for v in model.graph.value_info if v.name == z)
+    assert static_shape(plugin_out) == ((1, 4, 8, 6) if "H" in dims else (1, 4, 8, 8))
 
 
 def test_input_shape_unnamed_and_errors():

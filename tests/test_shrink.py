@@ -256,3 +256,71 @@ def test_fold_shapes_on_zoo_exports(zoo_onnx, name):
     assert [(g.size, g.pinned) for g in before] == [(g.size, g.pinned) for g in after]
     if name in REDUCIBLE_ZOO:
         check_dead_channels(folded, seed=2)
+
+
+@pytest.mark.parametrize("axes", [[2, 3], [-3, 2, 3]])
+def test_resize_sizes_with_axes_edit_the_channel_entry(axes):
+    """Opset 18 Resize: `sizes` has one entry per axis of `axes`. Cutting channels edits
+    the channel axis's entry where `axes` names it and nothing where it does not (the
+    last entry is a width, not the channel count)."""
+    b = Builder("resize_axes")
+    x = b.input("x", [1, 3, 8, 8])
+    y = b.op("Relu", [b.conv(x, 3, 6, name="conv")])
+    sizes = [16, 16] if len(axes) == 2 else [6, 16, 16]
+    y = b.op("Resize", [y, "", "", b.const(np.array(sizes, np.int64))], mode="nearest", axes=axes)
+    raw = b.model([b.conv(b.op("Relu", [b.conv(y, 6, 4, stride=2)]), 4, 2, k=1)], ["y"])
+    raw.opset_import[0].version = 18
+    model = load_model(raw)
+    analysis = analyze_channels(model)
+    group = next(g for g in analysis.groups if g.producers == ["conv"])
+    assert not group.pinned
+    everything = {g.id: list(range(g.size)) for g in analysis.groups}
+    assert_same_outputs(model, shrink_channels(model, everything, analysis))
+    killed = kill_channels(model, analysis.groups, {group.id: [0, 5]})
+    small = shrink_channels(killed, {group.id: [1, 2, 3, 4]}, analysis)
+    onnx.checker.check_model(small, full_check=True)
+    assert_same_outputs(killed, small)
+
+
+def test_computed_weight_chain_gets_its_new_shapes():
+    """A conv weight computed in the graph (a Transpose from a TF-layout initializer, a
+    sum of two, past the size folding evaluates): the tensors on the way record their cut
+    shapes, so the shrunk model passes the full checker."""
+    b = Builder("computed_weight")
+    x = b.input("x", [1, 3, 8, 8])
+    y = b.op("Relu", [b.conv(x, 3, 32, name="first")])
+    tf_layout = b.op("Transpose", [b.weight(3, 3, 32, 24)], perm=[3, 2, 0, 1])
+    weight = b.op("Add", [tf_layout, b.weight(24, 32, 3, 3)])
+    z = b.op("Conv", [y, weight, b.const(np.zeros(24))], name="computed", pads=[1] * 4)
+    model = load_model(b.model([b.conv(b.op("Relu", [z]), 24, 2, k=1)], ["y"]))
+    analysis = analyze_channels(model)
+    first = next(g for g in analysis.groups if g.producers == ["first"])
+    computed = next(g for g in analysis.groups if g.producers == ["computed"])
+    assert not first.pinned and not computed.pinned
+    drop = {first.id: [0, 5, 31], computed.id: [2, 3]}
+    keep = {first.id: [c for c in range(32) if c not in drop[first.id]],
+            computed.id: [c for c in range(24) if c not in drop[computed.id]]}  # fmt: skip
+    killed = kill_channels(model, analysis.groups, drop)
+    small = shrink_channels(killed, keep, analysis)
+    onnx.checker.check_model(small, full_check=True)
+    assert_same_outputs(killed, small)
+    shapes = GraphIndex.build(small).shapes
+    assert shapes[tf_layout] == shapes[weight] == (22, 29, 3, 3)
+
+
+@pytest.mark.parametrize("shape", [(6, 8, 8), (1, 6, 8, 8)])
+def test_matmul_with_a_matrix_per_channel_cuts_it(shape):
+    """x (N, C, H, W) @ B (C, W, K): B's batch axis broadcasts against the channels, so
+    each channel has its own matrix, cut with it."""
+    b = Builder("matmul_per_channel")
+    x = b.input("x", [1, 3, 8, 8])
+    y = b.op("Relu", [b.conv(x, 3, 6, name="conv")])
+    y = b.op("Relu", [b.op("MatMul", [y, b.weight(*shape)])])
+    model = load_model(b.model([b.conv(y, 6, 2, k=1)], ["y"]))
+    analysis = analyze_channels(model)
+    group = next(g for g in analysis.groups if g.producers == ["conv"])
+    assert not group.pinned
+    killed = kill_channels(model, analysis.groups, {group.id: [0, 3, 4]})
+    small = shrink_channels(killed, {group.id: [1, 2, 5]}, analysis)
+    onnx.checker.check_model(small, full_check=True)
+    assert_same_outputs(killed, small)
