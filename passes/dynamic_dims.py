@@ -230,7 +230,7 @@ def keep_dynamic(
             if reader.op_type == "Reshape" and reader.input[1] == name:
                 fixed = _agnostic_reshape(values, data, attributes(reader))
             elif reader.op_type == "Resize" and reader.input[-1] == name:
-                fixed = _sizes_as_scales(values, data)
+                fixed = _sizes_as_scales(values, data, attributes(reader).get("axes"))
         if fixed is None:
             run_time[name] = np.any([v != value for v in values], axis=0) if same_shape else None
         elif reader.op_type == "Resize":
@@ -328,8 +328,11 @@ def _agnostic_reshape(values: list, data: list, attrs: dict) -> np.ndarray | Non
     return fixed
 
 
-def _sizes_as_scales(values: list, data: list) -> np.ndarray | None:
-    """Resize `sizes` that are the data's shape times fixed factors, as `scales`."""
+def _sizes_as_scales(values: list, data: list, axes: list[int] | None) -> np.ndarray | None:
+    """Resize `sizes` that are the data's shape times fixed factors, as `scales`. With
+    `axes` (opset 18) both hold one entry per axis of `axes`, in its order."""
+    if axes is not None:
+        data = [[d[int(a) % len(d)] for a in axes] for d in data]
     if any(len(v) != len(d) for v, d in zip(values, data)):
         return None
     scales = values[0] / np.asarray(data[0], dtype=np.float64)

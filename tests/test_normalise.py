@@ -79,6 +79,41 @@ def test_fixed_input_shape_is_for_the_analysis_only():
         assert y.shape == (shape[0], 4, 2 * shape[2], 2 * shape[3])
 
 
+def _resize_by_shape_with_axes_model(axes: list[int], factors: list[int]) -> onnx.ModelProto:
+    """As `_resize_by_shape_model`, but Resize (opset 18) with `axes`: `sizes` holds one
+    entry per axis of `axes`, in its order, computed as the input's dims times `factors`."""
+    b = Builder()
+    x = b.input("x", ["N", 3, "H", "W"])
+    h = b.op("Relu", [b.conv(x, 3, 16, name="c1")])
+    dims = b.op("Gather", [b.op("Shape", [h]), b.const(np.array(axes, dtype=np.int64))])
+    sizes = b.op("Mul", [dims, b.const(np.array(factors, dtype=np.int64))])
+    up = b.op("Resize", [h, "", "", sizes], mode="nearest", axes=axes)
+    h = b.op("Relu", [b.conv(up, 16, 16, name="c2")])
+    y = b.conv(h, 16, 4, k=1, name="c3")
+    model = b.model([y], ["y"])
+    model.opset_import[0].version = 18
+    return model
+
+
+@pytest.mark.parametrize(
+    "axes, factors", [([0, 1, 3, 2], [1, 1, 3, 2]), ([3, 2], [3, 2]), ([-1, -2], [3, 2])]
+)
+def test_resize_sizes_by_shape_with_axes_keep_each_axis_factor(axes, factors):
+    """The analysed size is not square; the written model scales H by 2 and W by 3 at
+    every size (a sizes/shape ratio taken in the data's axis order instead of `axes`'
+    scaled W by 3 * W / H)."""
+    model = _resize_by_shape_with_axes_model(axes, factors)
+    reduced, report = reduce(model, input_shapes={"x": [1, 3, 8, 12]}, budget="params=0.6")
+    assert report.plan.changes_anything
+    onnx.checker.check_model(reduced, full_check=True)
+    for shape in [(1, 3, 8, 12), (2, 3, 8, 8), (2, 3, 12, 10), (1, 3, 5, 16)]:
+        x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+        (y,) = run(reduced, {"x": x})
+        assert y.shape == (shape[0], 4, 2 * shape[2], 3 * shape[3])
+        (want,) = run(model, {"x": x})
+        assert want.shape == y.shape
+
+
 def test_value_float_clip_bounds_and_value_ints_split(tmp_path):
     b = Builder()
     x = b.input("x", [1, 3, 8, 8])
