@@ -79,8 +79,8 @@ class ModelAnalysis:
     layers: list[ConvLayer]
     macroblocks: list[Macroblock]
     total_params: int
-    total_macs: int  # Conv family plus Gemm/MatMul
-    other_macs: dict[str, int] = field(default_factory=dict)  # Gemm/MatMul node -> MACs
+    total_macs: int  # Conv family plus Gemm/MatMul/Einsum
+    other_macs: dict[str, int] = field(default_factory=dict)  # Gemm/MatMul/Einsum -> MACs
     receptive_field: str = DEFAULT_RECEPTIVE_FIELD  # the reading the bases follow (READINGS)
     image_size: int = 0  # the largest spatial dim of the graph input: the global limit
 
