@@ -517,9 +517,11 @@ def _matmul_macs(index: GraphIndex) -> dict[str, int]:
             k = a[0] if attrs.get("transA") else a[1]
             n = b[0] if attrs.get("transB") else b[1]
             macs[node.name] = int(m * k * n)
-        else:
-            batch = math.prod(a[:-1]) if len(a) > 1 else 1
-            macs[node.name] = int(batch * a[-1] * b[-1])
+        else:  # one multiply-add per output element and entry of the shared axis
+            out = index.shapes.get(node.output[0])
+            if out is None:  # without its shape: a's rows times b's columns
+                out = (*a[:-1], b[-1] if len(b) > 1 else 1)
+            macs[node.name] = int(math.prod(out) * a[-1])
     return macs
 
 

@@ -257,3 +257,18 @@ def test_einsum_macs_are_counted_as_matmul_macs():
     convs = sum(layer.macs for layer in analysis.layers)
     assert list(analysis.other_macs.values()) == [2 * 16 * 16 * 64] * 2
     assert analysis.total_macs == convs + 2 * (2 * 16 * 16 * 64)
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "macs"),
+    [
+        ([2, 16, 8], [8], 2 * 16 * 8),  # x @ v: a vector of weights, one MAC per element of x
+        ([16, 8], [3, 8, 4], 3 * 16 * 8 * 4),  # a broadcast over b's batch
+        ([3, 16, 8], [8, 4], 3 * 16 * 8 * 4),
+    ],
+)
+def test_matmul_macs_follow_numpy_broadcasting(a, b, macs):
+    g = graphs.Builder("matmul")
+    y = g.op("MatMul", [g.input("input", a), g.input("other", b)], name="mm")
+    model = load_model(g.model([y], ["out"]))
+    assert analyze_model(model).other_macs == {"mm": macs}
