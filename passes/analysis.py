@@ -79,8 +79,8 @@ class ModelAnalysis:
     layers: list[ConvLayer]
     macroblocks: list[Macroblock]
     total_params: int
-    total_macs: int  # Conv family plus Gemm/MatMul
-    other_macs: dict[str, int] = field(default_factory=dict)  # Gemm/MatMul node -> MACs
+    total_macs: int  # Conv family plus Gemm/MatMul/Einsum
+    other_macs: dict[str, int] = field(default_factory=dict)  # Gemm/MatMul/Einsum -> MACs
     receptive_field: str = DEFAULT_RECEPTIVE_FIELD  # the reading the bases follow (READINGS)
     image_size: int = 0  # the largest spatial dim of the graph input: the global limit
 
@@ -503,21 +503,54 @@ def resized(
 def _matmul_macs(index: GraphIndex) -> dict[str, int]:
     macs: dict[str, int] = {}
     for node in index.nodes:
-        if node.op_type not in ("Gemm", "MatMul"):
+        if node.op_type not in ("Gemm", "MatMul", "Einsum") or len(node.input) < 2:
             continue
         a, b = index.shapes.get(node.input[0]), index.shapes.get(node.input[1])
         if a is None or b is None:
             continue
-        if node.op_type == "Gemm":
+        if node.op_type == "Einsum":
+            if len(node.input) == 2 and (count := _einsum_macs(node, a, b)) is not None:
+                macs[node.name] = count
+        elif node.op_type == "Gemm":
             attrs = attributes(node)
             m = a[1] if attrs.get("transA") else a[0]
             k = a[0] if attrs.get("transA") else a[1]
             n = b[0] if attrs.get("transB") else b[1]
             macs[node.name] = int(m * k * n)
-        else:
-            batch = math.prod(a[:-1]) if len(a) > 1 else 1
-            macs[node.name] = int(batch * a[-1] * b[-1])
+        else:  # one multiply-add per output element and entry of the shared axis
+            out = index.shapes.get(node.output[0])
+            if out is None:  # without its shape: a's rows times b's columns
+                out = (*a[:-1], b[-1] if len(b) > 1 else 1)
+            macs[node.name] = int(math.prod(out) * a[-1])
     return macs
+
+
+def _einsum_macs(node: onnx.NodeProto, a: tuple, b: tuple) -> int | None:
+    """A two-operand Einsum's multiply-adds: one per combination of the sizes its letters
+    (and broadcast `...` dims) take, as a MatMul's are; None where the shapes do not fit the
+    equation."""
+    equation = attributes(node).get("equation", b"")
+    if isinstance(equation, bytes):
+        equation = equation.decode("utf-8", "replace")
+    equation = equation.replace(" ", "")
+    terms = equation.split("->")[0].split(",")
+    if len(terms) != 2:
+        return None
+    sizes: dict[str, int] = {}
+    ellipsis: list[int] = []
+    for term, shape in zip(terms, (a, b)):
+        letters = term.replace("...", "")
+        extra = len(shape) - len(letters)
+        if extra < 0 or (extra and "..." not in term):
+            return None
+        head = term.index("...") if "..." in term else len(letters)
+        dims = list(shape[:head]) + list(shape[head + extra :])
+        for letter, dim in zip(letters, dims):
+            sizes[letter] = max(sizes.get(letter, 1), int(dim))
+        own = list(shape[head : head + extra])  # broadcast from the right, as numpy does
+        ellipsis = [max(x, y) for x, y in zip([1] * (len(own) - len(ellipsis)) + ellipsis,
+                                              [1] * (len(ellipsis) - len(own)) + own)]  # fmt: skip
+    return int(math.prod(sizes.values()) * math.prod(ellipsis))
 
 
 class FindMacroblocks(Pass):

@@ -35,7 +35,15 @@ class CostModel:
     mac_terms: tuple[np.ndarray, np.ndarray, np.ndarray]
     # Layer weight name -> tracked axis of its dims 0 and 1 (-1: the axis never changes).
     weight_axes: dict[str, tuple[int, int]] = field(default_factory=dict)
-    # "params"/"macs" -> the terms one group moves on both axes (see with_steps)
+    # Constants whose readers cut them differently are written once per cut (see `build`):
+    # per cut, its own tracked axes and terms; equal cuts (every axis whole) are one tensor.
+    # (tracked axis, cut) pairs; per cut its constant; per constant its size.
+    merge_axis: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    merge_cut: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    cut_constant: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    constant_size: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    # "params"/"macs" -> the terms one group moves on both axes (see with_steps); "merge" ->
+    # the widths of the groups on the merge axes
     _moved_twice: dict[str, tuple] = field(default_factory=dict, repr=False, compare=False)
 
     def kept(self, counts: Mapping[int, int]) -> np.ndarray:
@@ -56,10 +64,33 @@ class CostModel:
             coef, a, b = terms
             return float(np.dot(coef, kept[a] * kept[b]))
 
+        merged = self._merged(self._whole(kept[self.merge_axis][:, None]))[0]
         return (
-            int(round(self.base_params + total(self.param_terms))),
+            int(round(self.base_params + total(self.param_terms) - merged)),
             int(round(self.base_macs + total(self.mac_terms))),
         )
+
+    def _whole(self, kept: np.ndarray) -> np.ndarray:
+        """Whether each of `merge_axis` keeps every position at `kept` (its positions, one
+        column per plan)."""
+        full = self.axis_fixed + np.bincount(
+            self.entry_axis, self.entry_width * self.sizes[self.entry_group], len(self.axis_fixed)
+        )
+        return kept >= full[self.merge_axis][:, None] - 0.5
+
+    def _merged(self, whole: np.ndarray) -> np.ndarray:
+        """Per column of `whole` (merge axes x plans): the parameters the terms count twice,
+        a constant's uncut copies being one tensor in the written model."""
+        cuts, constants = len(self.cut_constant), len(self.constant_size)
+        if not constants:
+            return np.zeros(whole.shape[1])
+        incidence = np.zeros((cuts, len(self.merge_axis)))
+        incidence[self.merge_cut, np.arange(len(self.merge_axis))] = 1.0
+        uncut = (incidence @ (~whole)) == 0  # cuts x plans: no axis of the cut loses any
+        owner = np.zeros((constants, cuts))
+        owner[self.cut_constant, np.arange(cuts)] = 1.0
+        copies = owner @ uncut
+        return self.constant_size @ np.maximum(copies - 1, 0)
 
     def with_steps(
         self, counts: Mapping[int, int], groups: Sequence[int], new: Sequence[int]
@@ -80,6 +111,18 @@ class CostModel:
         delta = np.asarray(new, dtype=np.float64) - c[ids]
         size, groups_n = len(kept), len(self.sizes)
 
+        merged = np.zeros(len(ids))
+        if len(self.constant_size):
+            if "merge" not in self._moved_twice:  # per merge axis, each group's width on it
+                width = np.zeros((len(self.merge_axis), groups_n))
+                for row, axis in enumerate(self.merge_axis.tolist()):
+                    on = self.entry_axis == axis
+                    width[row, self.entry_group[on]] = self.entry_width[on]
+                self._moved_twice["merge"] = (width,)
+            (width,) = self._moved_twice["merge"]
+            stepped = kept[self.merge_axis][:, None] + width[:, ids] * delta[None, :]
+            merged = self._merged(self._whole(stepped))
+
         def total(base: int, terms, kind: str) -> np.ndarray:
             coef, a, b = terms
             a, b = a % size, b % size  # -1: the constant last entry
@@ -96,8 +139,9 @@ class CostModel:
             change = delta * linear[ids] + delta**2 * square[ids]
             return np.rint(now + change).astype(np.int64)
 
+        params = total(self.base_params, self.param_terms, "params")
         return (
-            total(self.base_params, self.param_terms, "params"),
+            np.rint(params - merged).astype(np.int64),
             total(self.base_macs, self.mac_terms, "macs"),
         )
 
@@ -141,16 +185,37 @@ class CostModel:
         for g, classes in enumerate(channels.classes):
             group_of[classes] = g
 
-        # Tracked axes: (constant, axis) -> index, and the channel ids along each.
-        axis_index: dict[tuple[str, int], int] = {}
-        axis_ids: list[np.ndarray] = []
+        # Tracked axes: (constant, cut, axis) -> index, and the channel ids along each. A
+        # constant's readers that cut it differently get copies (shrink_channels), so each
+        # distinct cut (the channel classes along each axis it cuts; none for a reader that
+        # cuts nothing) is counted as a tensor of its own; cut 0 is the first reader's.
+        per_use: dict[tuple[int, int], dict[int, np.ndarray]] = {}
         for slot in channels.slots:
-            name = index.nodes[slot.node].input[slot.input]
-            source = index.source_initializer(name) or name
-            key = (source, slot.axis)
-            if key not in axis_index:
-                axis_index[key] = len(axis_ids)
-                axis_ids.append(slot.ids.ravel())
+            per_use.setdefault((slot.node, slot.input), {}).setdefault(slot.axis, slot.ids)
+        source_of = {
+            use: index.source_initializer(index.nodes[use[0]].input[use[1]])
+            or index.nodes[use[0]].input[use[1]]
+            for use in per_use
+        }
+        cuts: dict[str, dict[bytes, int]] = {}
+        cut_of: dict[tuple[int, int], int] = {}
+        axis_index: dict[tuple[str, int, int], int] = {}
+        axis_ids: list[np.ndarray] = []
+        for use, by_axis in per_use.items():
+            source = source_of[use]
+            key = b"|".join(
+                b"%d:" % a + channels.root[by_axis[a].ravel()].tobytes() for a in sorted(by_axis)
+            )
+            known = cuts.setdefault(source, {})
+            cut = cut_of[use] = known.setdefault(key, len(known))
+            for a in sorted(by_axis):
+                if (source, cut, a) not in axis_index:
+                    axis_index[source, cut, a] = len(axis_ids)
+                    axis_ids.append(by_axis[a].ravel())
+        number = {id(node): n for n, node in enumerate(index.nodes)}
+        for source in cuts:  # readers that cut nothing keep the whole constant
+            if any(use not in cut_of for use in _readers(index, source, number)):
+                cuts[source].setdefault(b"", len(cuts[source]))
         # Per axis, positions in no group (fixed), and per group on it an entry (axis, group,
         # width): all axes at once, as a deep model has thousands.
         axes = len(axis_ids)
@@ -163,12 +228,12 @@ class CostModel:
         e_axis, e_group = pairs // span, pairs % span
         e_width = counts / sizes[e_group]
 
-        def term(source: str | None, dims: tuple[int, ...], coef: float):
-            """coef * size of `source`, as (coefficient, tracked axis a, tracked axis b)."""
-            tracked = [
-                axis_index[(source, k)] for k in range(len(dims)) if (source, k) in axis_index
-            ]
-            untracked = [d for k, d in enumerate(dims) if (source, k) not in axis_index]
+        def term(source: str | None, dims: tuple[int, ...], coef: float, cut: int = 0):
+            """coef * size of `source` as cut `cut` of it keeps it, as (coefficient, tracked
+            axis a, tracked axis b)."""
+            keys = [(source, cut, k) for k in range(len(dims))]
+            tracked = [axis_index[key] for key in keys if key in axis_index]
+            untracked = [d for key, d in zip(keys, dims) if key not in axis_index]
             if len(tracked) > 2:
                 raise ValueError(f"{source}: more than two channel axes")
             a, b = (tracked + [-1, -1])[:2]
@@ -182,36 +247,50 @@ class CostModel:
         }
         base_params = count_parameters(model)
         param_terms = []
-        tracked_sources = {s for s, _ in axis_index}
+        tracked_sources = {s for s, _, _ in axis_index}
+        merge_axis, merge_cut, cut_constant, constant_size = [], [], [], []
         for name, tensor in index.initializers.items():
             if name in tracked_sources and is_weight(tensor) and (name not in statistics):
                 base_params -= math.prod(tensor.dims)
-                param_terms.append(term(name, tuple(tensor.dims), 1.0))
+                for cut in cuts[name].values():
+                    param_terms.append(term(name, tuple(tensor.dims), 1.0, cut))
+                if len(cuts[name]) < 2:
+                    continue
+                for cut in cuts[name].values():
+                    for k in range(len(tensor.dims)):
+                        if (name, cut, k) in axis_index:
+                            merge_axis.append(axis_index[name, cut, k])
+                            merge_cut.append(len(cut_constant))
+                    cut_constant.append(len(constant_size))
+                constant_size.append(float(math.prod(tensor.dims)))
 
         base_macs = analysis.total_macs
         mac_terms = []
         weights = {layer.name: (layer.weight, layer.macs) for layer in analysis.layers}
         computed = _computed_from(index, channels)
         weight_axes = {}
+        number_of = {node.name: n for n, node in enumerate(index.nodes)}
         for layer in analysis.layers:
             source = index.source_initializer(layer.weight)
+            cut = cut_of.get((number_of[layer.name], 1), 0)
             if source is None and layer.name in computed:  # the axes of the weight's size
                 source, axes = computed[layer.name]
-                weight_axes[layer.weight] = tuple(axis_index.get((source, a), -1) for a in axes)
+                weight_axes[layer.weight] = tuple(axis_index.get((source, 0, a), -1) for a in axes)
                 continue
-            weight_axes[layer.weight] = tuple(axis_index.get((source, k), -1) for k in (0, 1))
+            weight_axes[layer.weight] = tuple(axis_index.get((source, cut, k), -1) for k in (0, 1))
         for node in index.nodes:
             if node.name in analysis.other_macs:
                 weights[node.name] = (node.input[1], analysis.other_macs[node.name])
         for layer_name, (weight, macs) in weights.items():
             source = index.source_initializer(weight)
+            cut = cut_of.get((number_of[layer_name], 1), 0)
             if source is None and layer_name in computed:  # MACs scale as its initializer
-                source = computed[layer_name][0]
+                source, cut = computed[layer_name][0], 0
             if source is None or source not in tracked_sources or macs == 0:
                 continue
             dims = tuple(index.initializers[source].dims)
             base_macs -= macs
-            mac_terms.append(term(source, dims, macs / float(math.prod(dims))))
+            mac_terms.append(term(source, dims, macs / float(math.prod(dims)), cut))
 
         def arrays(terms):
             if not terms:
@@ -230,7 +309,27 @@ class CostModel:
             param_terms=arrays(param_terms),
             mac_terms=arrays(mac_terms),
             weight_axes=weight_axes,
+            merge_axis=np.array(merge_axis, np.int64),
+            merge_cut=np.array(merge_cut, np.int64),
+            cut_constant=np.array(cut_constant, np.int64),
+            constant_size=np.array(constant_size, np.float64),
         )
+
+
+def _readers(index: GraphIndex, source: str, number: dict[int, int]) -> list[tuple[int, int]]:
+    """Every (node number, input number) that reads `source`, directly or through Identity
+    (as shrink_channels finds them); (-1, -1) where a graph output is it. `number`: node
+    id -> its number in `index.nodes`."""
+    found, names = [], [source]
+    while names:
+        name = names.pop()
+        found += [(-1, -1)] * index.graph_outputs.count(name)
+        for node in {id(node): node for node in index.consumers.get(name, ())}.values():
+            if node.op_type == "Identity":
+                names.append(node.output[0])
+            else:
+                found += [(number[id(node)], i) for i, x in enumerate(node.input) if x == name]
+    return found
 
 
 def _computed_from(

@@ -241,3 +241,34 @@ def test_the_reported_after_is_the_written_models_own_analysis(name, build, zoo_
     assert report.plan.changes_anything
     assert report.after == analyze_model(load_model(reduced, shapes))
     assert report.after.total_params < report.before.total_params
+
+
+def test_einsum_macs_are_counted_as_matmul_macs():
+    """Attention over channels written with torch.einsum exports as Einsum: its MACs (one
+    multiply-add per combination of the letters of its two operands) count as a MatMul's
+    do; they were left out of the total and of a flops budget."""
+    b = graphs.Builder("einsum_attention")
+    x = b.conv(b.input("input", [2, 3, 8, 8]), 3, 16, name="stem")
+    q, k, v = (b.conv(x, 16, 16, k=1, name=n) for n in ("q", "k", "v"))
+    att = b.op("Softmax", [b.op("Einsum", [q, k], equation="bchw,bdhw->bcd")], axis=-1)
+    y = b.op("Einsum", [att, v], equation="...cd,...dhw->...chw")
+    model = load_model(b.model([b.op("Add", [x, y])], ["out"]))
+    analysis = analyze_model(model)
+    convs = sum(layer.macs for layer in analysis.layers)
+    assert list(analysis.other_macs.values()) == [2 * 16 * 16 * 64] * 2
+    assert analysis.total_macs == convs + 2 * (2 * 16 * 16 * 64)
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "macs"),
+    [
+        ([2, 16, 8], [8], 2 * 16 * 8),  # x @ v: a vector of weights, one MAC per element of x
+        ([16, 8], [3, 8, 4], 3 * 16 * 8 * 4),  # a broadcast over b's batch
+        ([3, 16, 8], [8, 4], 3 * 16 * 8 * 4),
+    ],
+)
+def test_matmul_macs_follow_numpy_broadcasting(a, b, macs):
+    g = graphs.Builder("matmul")
+    y = g.op("MatMul", [g.input("input", a), g.input("other", b)], name="mm")
+    model = load_model(g.model([y], ["out"]))
+    assert analyze_model(model).other_macs == {"mm": macs}

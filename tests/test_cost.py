@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 from conftest import FORMS, SMALL_ZOO
+from graphs import Builder
 
 from onnx_mbs.passes import analyze_model, count_parameters, load_model
 from onnx_mbs.passes.channel_groups import analyze_channels
 from onnx_mbs.passes.cost import CostModel
 from onnx_mbs.passes.shrink import shrink_channels
+from onnx_mbs.pipeline import reduce
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -50,3 +53,49 @@ def test_every_step_at_once_equals_one_query_per_step(zoo_onnx, name):
     assert [(int(p), int(m)) for p, m in zip(params, macs)] == expected
     params, macs = cost.with_steps({}, groups[:1], [1])  # counts omitted: the full sizes
     assert (int(params[0]), int(macs[0])) == cost({0: 1})
+
+
+def _shared_constants_model() -> onnx.ModelProto:
+    """Two convs reading one zero bias (the TorchScript exporter merges equal tensors),
+    and one weight read by two convs whose channels are different groups (a conv applied
+    twice): shrink_channels writes a copy per distinct cut."""
+    b = Builder("shared_constants")
+    x = b.input("input", [1, 3, 16, 16])
+    zero = b.const(np.zeros(16, np.float32), "zero_bias")
+    pad = {"kernel_shape": [3, 3], "pads": [1] * 4}
+    x = b.op("Relu", [b.op("Conv", [x, b.weight(16, 3, 3, 3), zero], name="c1", **pad)])
+    x = b.op("Relu", [b.op("Conv", [x, b.weight(16, 16, 3, 3), zero], name="c2", **pad)])
+    twice = b.weight(16, 16, 3, 3)
+    x = b.op("Relu", [b.op("Conv", [x, twice], name="t1", **pad)])
+    x = b.op("Relu", [b.op("Conv", [x, twice], name="t2", **pad)])
+    return b.model([b.conv(x, 16, 8, name="head")], ["out"])
+
+
+def test_cost_model_counts_the_copies_of_constants_read_with_different_cuts():
+    """A constant whose readers are cut differently is written once per cut: the budget
+    is met on what is written (a weight shared by two convs was counted once, and a
+    params=0.5 reduce wrote 106% of the model)."""
+    model = load_model(_shared_constants_model())
+    channels = analyze_channels(model)
+    cost = CostModel.build(model, channels)
+    before = analyze_model(model)
+    assert cost({}) == (before.total_params, before.total_macs)
+    free = [g.id for g in channels.groups if not g.pinned]
+    assert len(free) == 4
+    rng = np.random.default_rng(3)
+    plans = [{g: 16 for g in free}, {free[0]: 8}, {free[0]: 8, free[1]: 8}]
+    plans += [{g: int(rng.integers(1, 17)) for g in free} for _ in range(6)]
+    for counts in plans:
+        # groups keep different positions (equal cuts of a shared constant are merged)
+        keep = {g: list(range(16 - n, 16) if free.index(g) % 2 else range(n))
+                for g, n in counts.items()}  # fmt: skip
+        reduced = load_model(shrink_channels(model, keep, channels))
+        assert cost(counts) == (count_parameters(reduced), analyze_model(reduced).total_macs)
+        steps = [(g, n) for g in free for n in (1, 8, 16)]
+        params, macs = cost.with_steps(counts, [g for g, _ in steps], [n for _, n in steps])
+        assert [(int(p), int(m)) for p, m in zip(params, macs)] == [
+            cost({**counts, g: n}) for g, n in steps
+        ]
+    reduced, report = reduce(model, budget="params=0.5", channel_multiple=1, progress=False)
+    assert report.plan.reached["params"] <= 0.5
+    assert report.plan.params[1] == count_parameters(reduced)
