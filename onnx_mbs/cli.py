@@ -156,11 +156,10 @@ def cmd_reduce(args: argparse.Namespace) -> int:
     recalibration = _recalibrate(reduced, args) if args.recalibrate else None
     if recalibration is not None:
         reduced = recalibration.pop("model")
+        report.recalibration = recalibration
     if args.json:
         summary = report_dict(report)
         summary.pop("layers")
-        if recalibration is not None:
-            summary["recalibration"] = recalibration
         print(json.dumps(summary, indent=2))  # one write: dump writes each token
     else:
         _print_reduce_summary(report, args)

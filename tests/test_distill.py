@@ -192,6 +192,24 @@ def test_bad_input_one_line_exit_2_nothing_written(
     )
 
 
+def test_reduce_recalibrate_report_describes_the_written_model(
+    bundled_model_path, tmp_path, capsys
+) -> None:
+    """--report states the model that was written: recalibrated, with its top-1 after."""
+    data = str(bundled_model_path.parent / "fmnist_sample.npz")
+    out, folder = tmp_path / "small.onnx", tmp_path / "report"
+    args = ["reduce", str(bundled_model_path), "-o", str(out), "--data", data, "--limit", "128"]
+    assert main([*args, "--budget", "params=0.5", "--recalibrate", "--report", str(folder)]) == 0
+    capsys.readouterr()
+    report = json.loads((folder / "report.json").read_text())
+    recal = report["recalibration"]
+    assert recal["batches"] == 2
+    assert recal["top1"] > report["accuracy"]["after"]["top1"] + 0.1
+    assert f"top-1 after recalibration: {recal['top1']:.4f}" in (folder / "report.md").read_text()
+    assert main(["eval", str(out), "--data", data, "--limit", "128", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(recal["top1"])
+
+
 def test_reduce_recalibrate(bundled_model_path, tmp_path, capsys) -> None:
     data = str(bundled_model_path.parent / "fmnist_sample.npz")
     out = tmp_path / "small.onnx"
