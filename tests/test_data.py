@@ -231,6 +231,27 @@ def test_image_folder_labels_are_sorted_class_indices(image_folder):
     assert "2 classes" in source.description and "5 samples" in source.description
 
 
+def test_numbered_class_folders_that_are_not_their_positions_are_refused(tmp_path):
+    """Folders 3 and 7 (a subset of a 10-class set) would be labelled 0 and 1 by sorted position:
+    the names say otherwise, so neither reading is taken silently."""
+
+    def folder(name: str, classes: list[str]):
+        for k, c in enumerate(classes):
+            write_png(tmp_path / name / c / "0.png", pixels(1, 4, 4, seed=k)[0])
+        return tmp_path / name
+
+    subset = folder("subset", ["3", "7"])
+    with pytest.raises(BadInputError, match=r"named by numbers \(3, 7\).*3 -> 0, 7 -> 1"):
+        open_data(subset, "in", (1, 1, 4, 4))
+    with pytest.raises(BadInputError, match="not their positions"):
+        open_data(folder("unpadded", [str(k) for k in range(11)]), "in", (1, 1, 4, 4))
+    # Unlabelled use (--no-labels, eval --teacher) reads no labels: nothing to misread.
+    assert to_arrays(open_data(subset, "in", (1, 1, 4, 4), labels=False))[1] is None
+    for name, classes in (("plain", ["0", "1", "2"]), ("padded", [f"{k:02d}" for k in range(11)])):
+        labels = to_arrays(open_data(folder(name, classes), "in", (1, 1, 4, 4)))[1]
+        assert labels.tolist() == list(range(len(classes)))
+
+
 def test_image_folder_and_npz_of_same_pixels_agree(image_folder, tmp_path):
     root, images = image_folder
     from_folder, _ = to_arrays(open_data(root, "in", (1, 1, 8, 8), mean=0.3, std=0.2))

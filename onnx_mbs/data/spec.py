@@ -234,6 +234,8 @@ def _open_folder(
     classes = sorted(p for p in _listing(path) if p.is_dir() and not p.name.startswith("."))
     files: list[Path] = []
     labels: list[int] | None = []
+    if classes and read_labels:
+        _check_numbered_classes(path, [c.name for c in classes])
     if classes:
         for label, folder in enumerate(classes):
             images = _images(folder)
@@ -253,6 +255,27 @@ def _open_folder(
     what = f"image folder {path} ({kind})"
     description = _describe(what, len(files), total, y is not None, read_labels)
     return ImageFolderSource(files, y, preprocess, input_name, description)
+
+
+def _check_numbered_classes(path: Path, names: list[str]) -> None:
+    """Labels are the class folders' positions in sorted order. Folders named by numbers that
+    are not their positions (3 and 7 of a 10-class set; 0..10 unpadded, where "10" sorts before
+    "2") say another label than the one they would get: refused rather than read either way."""
+    if not all(name.isdecimal() for name in names):
+        return
+    if all(int(name) == position for position, name in enumerate(names)):
+        return
+    shown = names if len(names) <= 6 else [*names[:5], "..."]
+    moved = [(name, k) for k, name in enumerate(names) if int(name) != k]
+    mapping = ", ".join(f"{name} -> {k}" for name, k in moved[:4]) + (
+        ", ..." if len(moved) > 4 else ""
+    )
+    raise BadInputError(
+        f"image folder {path} has class sub-folders named by numbers ({', '.join(shown)}) "
+        f"that are not their positions in sorted order, which are the labels ({mapping}): "
+        "name them so that sorted order gives the class index (0, 1, ...; zero-padded past "
+        "9), or store the images and labels in an .npz (x, y)"
+    )
 
 
 def _images(folder: Path) -> list[Path]:
