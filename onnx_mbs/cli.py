@@ -350,6 +350,8 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         models={"the input model": args.model, "--teacher": args.teacher},
         data={"--data": args.data, "--val": args.val},
     )
+    if args.val_limit is not None and not args.val:
+        raise BadInputError("--val-limit limits the --val data: give --val, or drop --val-limit")
     losses = parse_loss_specs(args.loss)
     shapes = _input_shapes(args.input_shape)
     read = load(args.model, shapes)
