@@ -405,6 +405,10 @@ def test_label_problems(tmp_path):
         open_data(write_npz(tmp_path / "b.npz", x=x, y=np.full(4, 0.5)), "in", GRAY8)
     with pytest.raises(BadInputError, match=r"shape \(4, 2\)"):
         open_data(write_npz(tmp_path / "c.npz", x=x, y=np.zeros((4, 2))), "in", GRAY8)
+    # Past int64 they would wrap to negative indices (an IndexError when scored).
+    for k, huge in enumerate((np.full(4, 1e20), np.full(4, 2**63, np.uint64))):
+        with pytest.raises(BadInputError, match="expected class indices"):
+            open_data(write_npz(tmp_path / f"d{k}.npz", x=x, y=huge), "in", GRAY8)
 
 
 def test_nan_in_npz_names_the_sample(tmp_path):

@@ -220,6 +220,8 @@ def _labels(y: np.ndarray, count: int, what: str) -> np.ndarray:
         raise BadInputError(f"{what} labels have dtype {y.dtype}; expected class indices")
     if len(y) and y.min() < 0:
         raise BadInputError(f"{what} has negative labels; expected class indices 0..K-1")
+    if len(y) and y.max() >= 2**62:  # past int64 the cast below would wrap to negative
+        raise BadInputError(f"{what} has a label of {y.max()}; expected class indices 0..K-1")
     return y.astype(np.int64)
 
 
