@@ -102,6 +102,17 @@ def test_resize_keeps_constant_image_constant(tmp_path):
     np.testing.assert_allclose(got, 0.25, atol=1e-6)
 
 
+def test_mean_in_pixel_units_is_refused(tmp_path):
+    """--mean applies after /255: ImageNet's 123.675 (0..255 units) would shift every input
+    by about -2 and still score, so a mean outside [0, 1] is refused with the scaled values."""
+    path = write_npz(tmp_path / "d.npz", x=pixels(3, 8, 8, 3))
+    rgb = (1, 3, 8, 8)
+    with pytest.raises(BadInputError, match=r"0\.485,0\.456,0\.406"):
+        open_data(path, "in", rgb, mean="123.675,116.28,103.53", std="58.395,57.12,57.375")
+    for mean in ("0", "1", "0.485,0.456,0.406"):
+        open_data(path, "in", rgb, mean=mean)
+
+
 def test_metadata_gives_default_mean_std_and_arguments_override_it(tmp_path):
     x = pixels(3, 8, 8)
     path = write_npz(tmp_path / "d.npz", x=x)
