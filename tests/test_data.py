@@ -408,6 +408,22 @@ def test_data_that_does_not_fit_the_model(tmp_path, x, shape, message):
         open_data(write_npz(tmp_path / "d.npz", x=x), "in", shape)
 
 
+def test_arrays_an_npz_holds_beside_what_is_read_are_named(tmp_path):
+    """Arrays that are neither fed nor labels (`labels` for y, a second image array) are left
+    out, and the data line says so rather than dropping them without a word."""
+    from onnx_mbs.data.ready import DeclaredInput
+
+    x = pixels(4, 8, 8)
+    images = open_data(write_npz(tmp_path / "a.npz", x=x, labels=np.zeros(4)), "in", GRAY8)
+    assert images.description.endswith("labels: no; ignored arrays: labels")
+    ready = {"in": np.zeros((4, 1, 8, 8), np.float32), "y": np.zeros(4, np.int64), "x": x}
+    declared = [DeclaredInput("in", (None, 1, 8, 8), np.dtype(np.float32))]
+    source = open_data(write_npz(tmp_path / "b.npz", **ready), "in", GRAY8, inputs=declared)
+    assert source.description.endswith("labels: yes; ignored arrays: x")
+    plain = open_data(write_npz(tmp_path / "c.npz", x=x, y=np.zeros(4)), "in", GRAY8)
+    assert "ignored" not in plain.description
+
+
 def test_label_problems(tmp_path):
     x = pixels(4, 8, 8)
     with pytest.raises(BadInputError, match="3 labels for 4 samples"):

@@ -115,8 +115,10 @@ def open_data(
     if npz is not None:
         x, y = _image_arrays(path, npz, inputs)
         what = f"npz {path.name}"
-        return _array_source(x, y if labels else None, what, channels, preprocess, input_name,
-                             limit, labels)  # fmt: skip
+        source = _array_source(x, y if labels else None, what, channels, preprocess,
+                               input_name, limit, labels)  # fmt: skip
+        source.description += _ignored(npz, {IMAGE_ARRAY, LABELS})
+        return source
     raise BadInputError(f"cannot use data file {path}; pass {KINDS}")
 
 
@@ -179,7 +181,7 @@ def _model_ready_source(
         len(x),
         total,
         labels is not None,
-    )
+    ) + _ignored(npz, {*(i.name for i in inputs), LABELS})
     return ArraySource(x, labels, None, None, input_name, description, arrays)
 
 
@@ -348,6 +350,13 @@ def _reader_array(
             f"expects {tuple(input_shape)}"
         )
     return x
+
+
+def _ignored(npz: Mapping[str, np.ndarray], read: set[str]) -> str:
+    """The npz's other arrays, named in the data line: a misnamed label array (`labels`) is
+    otherwise dropped without a word."""
+    left = [name for name in npz if name not in read]
+    return f"; ignored arrays: {', '.join(left)}" if left else ""
 
 
 def _describe(what: str, count: int, total: int | None, labelled: bool, read: bool = True) -> str:
