@@ -156,11 +156,10 @@ def cmd_reduce(args: argparse.Namespace) -> int:
     recalibration = _recalibrate(reduced, args) if args.recalibrate else None
     if recalibration is not None:
         reduced = recalibration.pop("model")
+        report.recalibration = recalibration
     if args.json:
         summary = report_dict(report)
         summary.pop("layers")
-        if recalibration is not None:
-            summary["recalibration"] = recalibration
         print(json.dumps(summary, indent=2))  # one write: dump writes each token
     else:
         _print_reduce_summary(report, args)
@@ -351,6 +350,8 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         models={"the input model": args.model, "--teacher": args.teacher},
         data={"--data": args.data, "--val": args.val},
     )
+    if args.val_limit is not None and not args.val:
+        raise BadInputError("--val-limit limits the --val data: give --val, or drop --val-limit")
     losses = parse_loss_specs(args.loss)
     shapes = _input_shapes(args.input_shape)
     read = load(args.model, shapes)

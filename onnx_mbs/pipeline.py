@@ -74,6 +74,9 @@ class ReduceReport:
     groups: list[ChannelGroup]
     timings: dict[str, float] = field(default_factory=dict)
     accuracy: dict[str, EvalResult] = field(default_factory=dict)
+    # `--recalibrate`: {"batches", "top1"} of the BatchNorm re-estimation the written model had
+    # after the cut (so the report states the model written, not the one before it).
+    recalibration: dict | None = None
 
     @property
     def pinned(self) -> list[str]:

@@ -94,6 +94,7 @@ def report_dict(report: ReduceReport) -> dict:
         "pinned": report.pinned,
         "not_exact": report.not_exact,
         "accuracy": {k: vars(v) for k, v in report.accuracy.items()},
+        **({} if report.recalibration is None else {"recalibration": report.recalibration}),
         "timings_s": report.timings,
     }
 
@@ -165,6 +166,13 @@ def markdown(report: ReduceReport) -> str:
     ]
     for key, acc in report.accuracy.items():
         lines.append(f"- top-1 {key}: {acc.top1:.4f} on {acc.samples} samples")
+    if report.recalibration is not None:
+        top1 = report.recalibration["top1"]
+        lines.append(
+            f"- BatchNorm recalibrated on {report.recalibration['batches']} batches of the data"
+            + ("" if top1 is None else f"; top-1 after recalibration: {top1:.4f}")
+            + " (the model written)"
+        )
     lines += ["", "## Macroblocks", "", _md_table(MACROBLOCK_HEADERS, macroblock_rows(report))]
     lines += ["", "## Layers", ""]
     lines.append(

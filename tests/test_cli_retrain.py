@@ -88,3 +88,14 @@ def test_eval_without_labels_and_retrain_bad_input(bundled_small, tmp_path, caps
     )
     assert code == 2
     assert "is the input model" in capsys.readouterr().err
+
+
+def test_val_limit_without_val_is_refused(bundled_small, bundled_model_path, tmp_path, capsys):
+    """--val-limit limits --val: alone it would be dropped without a word."""
+    out = tmp_path / "out.onnx"
+    data = str(bundled_model_path.parent / "fmnist_train_sample.npz")
+    args = ["retrain", str(bundled_small), "-o", str(out), "--data", data, "--val-limit", "5"]
+    args += ["--limit", "8", "--workers", "0"]
+    assert main(args) == 2
+    assert "--val-limit limits the --val data" in capsys.readouterr().err
+    assert not out.exists()

@@ -102,6 +102,17 @@ def test_resize_keeps_constant_image_constant(tmp_path):
     np.testing.assert_allclose(got, 0.25, atol=1e-6)
 
 
+def test_mean_in_pixel_units_is_refused(tmp_path):
+    """--mean applies after /255: ImageNet's 123.675 (0..255 units) would shift every input
+    by about -2 and still score, so a mean outside [0, 1] is refused with the scaled values."""
+    path = write_npz(tmp_path / "d.npz", x=pixels(3, 8, 8, 3))
+    rgb = (1, 3, 8, 8)
+    with pytest.raises(BadInputError, match=r"0\.485,0\.456,0\.406"):
+        open_data(path, "in", rgb, mean="123.675,116.28,103.53", std="58.395,57.12,57.375")
+    for mean in ("0", "1", "0.485,0.456,0.406"):
+        open_data(path, "in", rgb, mean=mean)
+
+
 def test_metadata_gives_default_mean_std_and_arguments_override_it(tmp_path):
     x = pixels(3, 8, 8)
     path = write_npz(tmp_path / "d.npz", x=x)
@@ -229,6 +240,27 @@ def test_image_folder_labels_are_sorted_class_indices(image_folder):
     expected = np.concatenate([images["ant"], images["cat"]]).transpose(0, 3, 1, 2) / 255.0
     np.testing.assert_allclose(got, expected, atol=1e-6)
     assert "2 classes" in source.description and "5 samples" in source.description
+
+
+def test_numbered_class_folders_that_are_not_their_positions_are_refused(tmp_path):
+    """Folders 3 and 7 (a subset of a 10-class set) would be labelled 0 and 1 by sorted position:
+    the names say otherwise, so neither reading is taken silently."""
+
+    def folder(name: str, classes: list[str]):
+        for k, c in enumerate(classes):
+            write_png(tmp_path / name / c / "0.png", pixels(1, 4, 4, seed=k)[0])
+        return tmp_path / name
+
+    subset = folder("subset", ["3", "7"])
+    with pytest.raises(BadInputError, match=r"named by numbers \(3, 7\).*3 -> 0, 7 -> 1"):
+        open_data(subset, "in", (1, 1, 4, 4))
+    with pytest.raises(BadInputError, match="not their positions"):
+        open_data(folder("unpadded", [str(k) for k in range(11)]), "in", (1, 1, 4, 4))
+    # Unlabelled use (--no-labels, eval --teacher) reads no labels: nothing to misread.
+    assert to_arrays(open_data(subset, "in", (1, 1, 4, 4), labels=False))[1] is None
+    for name, classes in (("plain", ["0", "1", "2"]), ("padded", [f"{k:02d}" for k in range(11)])):
+        labels = to_arrays(open_data(folder(name, classes), "in", (1, 1, 4, 4)))[1]
+        assert labels.tolist() == list(range(len(classes)))
 
 
 def test_image_folder_and_npz_of_same_pixels_agree(image_folder, tmp_path):
@@ -376,6 +408,22 @@ def test_data_that_does_not_fit_the_model(tmp_path, x, shape, message):
         open_data(write_npz(tmp_path / "d.npz", x=x), "in", shape)
 
 
+def test_arrays_an_npz_holds_beside_what_is_read_are_named(tmp_path):
+    """Arrays that are neither fed nor labels (`labels` for y, a second image array) are left
+    out, and the data line says so rather than dropping them without a word."""
+    from onnx_mbs.data.ready import DeclaredInput
+
+    x = pixels(4, 8, 8)
+    images = open_data(write_npz(tmp_path / "a.npz", x=x, labels=np.zeros(4)), "in", GRAY8)
+    assert images.description.endswith("labels: no; ignored arrays: labels")
+    ready = {"in": np.zeros((4, 1, 8, 8), np.float32), "y": np.zeros(4, np.int64), "x": x}
+    declared = [DeclaredInput("in", (None, 1, 8, 8), np.dtype(np.float32))]
+    source = open_data(write_npz(tmp_path / "b.npz", **ready), "in", GRAY8, inputs=declared)
+    assert source.description.endswith("labels: yes; ignored arrays: x")
+    plain = open_data(write_npz(tmp_path / "c.npz", x=x, y=np.zeros(4)), "in", GRAY8)
+    assert "ignored" not in plain.description
+
+
 def test_label_problems(tmp_path):
     x = pixels(4, 8, 8)
     with pytest.raises(BadInputError, match="3 labels for 4 samples"):
@@ -384,6 +432,10 @@ def test_label_problems(tmp_path):
         open_data(write_npz(tmp_path / "b.npz", x=x, y=np.full(4, 0.5)), "in", GRAY8)
     with pytest.raises(BadInputError, match=r"shape \(4, 2\)"):
         open_data(write_npz(tmp_path / "c.npz", x=x, y=np.zeros((4, 2))), "in", GRAY8)
+    # Past int64 they would wrap to negative indices (an IndexError when scored).
+    for k, huge in enumerate((np.full(4, 1e20), np.full(4, 2**63, np.uint64))):
+        with pytest.raises(BadInputError, match="expected class indices"):
+            open_data(write_npz(tmp_path / f"d{k}.npz", x=x, y=huge), "in", GRAY8)
 
 
 def test_nan_in_npz_names_the_sample(tmp_path):

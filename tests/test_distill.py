@@ -192,6 +192,43 @@ def test_bad_input_one_line_exit_2_nothing_written(
     )
 
 
+def test_feature_missing_from_a_graph_is_refused(
+    bundled_small, bundled_model_path, tmp_path, capsys
+) -> None:
+    """--feature naming a tensor one graph does not compute: one line, not a KeyError."""
+    out = tmp_path / "out.onnx"
+    args = ["retrain", str(bundled_small), "-o", str(out), "--limit", "8", "--workers", "0"]
+    args += ["--data", str(bundled_model_path.parent / "fmnist_train_sample.npz")]
+    args += ["--teacher", str(bundled_model_path)]
+    _refused([*args, "--feature", "nosuch"], out, capsys, "'nosuch' is not computed by")
+    renamed = onnx.load(bundled_model_path)
+    stem = renamed.graph.node[0].output[0]
+    for node in renamed.graph.node:
+        node.input[:] = ["stem_out" if i == stem else i for i in node.input]
+    renamed.graph.node[0].output[0] = "stem_out"
+    teacher = save_model(renamed, tmp_path / "renamed.onnx")
+    args[args.index("--teacher") + 1] = str(teacher)
+    _refused([*args, "--feature", stem], out, capsys, "is not computed by the teacher")
+
+
+def test_reduce_recalibrate_report_describes_the_written_model(
+    bundled_model_path, tmp_path, capsys
+) -> None:
+    """--report states the model that was written: recalibrated, with its top-1 after."""
+    data = str(bundled_model_path.parent / "fmnist_sample.npz")
+    out, folder = tmp_path / "small.onnx", tmp_path / "report"
+    args = ["reduce", str(bundled_model_path), "-o", str(out), "--data", data, "--limit", "128"]
+    assert main([*args, "--budget", "params=0.5", "--recalibrate", "--report", str(folder)]) == 0
+    capsys.readouterr()
+    report = json.loads((folder / "report.json").read_text())
+    recal = report["recalibration"]
+    assert recal["batches"] == 2
+    assert recal["top1"] > report["accuracy"]["after"]["top1"] + 0.1
+    assert f"top-1 after recalibration: {recal['top1']:.4f}" in (folder / "report.md").read_text()
+    assert main(["eval", str(out), "--data", data, "--limit", "128", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(recal["top1"])
+
+
 def test_reduce_recalibrate(bundled_model_path, tmp_path, capsys) -> None:
     data = str(bundled_model_path.parent / "fmnist_sample.npz")
     out = tmp_path / "small.onnx"

@@ -351,6 +351,8 @@ def retrain(
         raise BadInputError("training data has no labels: give labels or a --teacher to distil")
     if features and teacher is None:
         raise BadInputError("feature distillation needs a --teacher")
+    if teacher is not None:
+        _check_features_computed(model, teacher, features)
     if val is not None and not val.labelled and teacher is None:
         raise BadInputError(
             "validation data has no labels: give labels, or a --teacher to pick the best "
@@ -698,6 +700,23 @@ def _validate(
         hits += int((pred == target).sum())
     student.train()
     return hits, len(mine)
+
+
+def _check_features_computed(
+    model: onnx.ModelProto, teacher: onnx.ModelProto, features: Sequence[str]
+) -> None:
+    """Each feature must be a tensor both graphs compute (read out by name, before any run)."""
+    for name in features:
+        missing = [
+            who
+            for who, graph in (("the model", model.graph), ("the teacher", teacher.graph))
+            if name not in {o for node in graph.node for o in node.output}
+        ]
+        if missing:
+            raise BadInputError(
+                f"feature tensor '{name}' is not computed by {' or '.join(missing)}: --feature "
+                "names an intermediate tensor (a node output) both graphs compute"
+            )
 
 
 def _check_teacher(

@@ -89,6 +89,16 @@ def normalisation(
     stds = _per_channel("std", std, channels)
     if any(not s > 0 for s in stds):
         raise BadInputError(f"std must be positive for every channel, got {stds}")
+    if any(not 0.0 <= m <= 1.0 for m in means):
+        # Pixels are in [0, 1] when normalised: such a mean is in 0..255 units (ImageNet's
+        # 123.675), which would shift every input far off and still run.
+        scaled = ",".join(f"{m / 255:.4g}" for m in means)
+        scaled_std = ",".join(f"{x / 255:.4g}" for x in stds)
+        raise BadInputError(
+            f"mean {','.join(f'{m:g}' for m in means)} is outside [0, 1]: mean and std apply "
+            f"to pixels already divided by 255; in 0..255 units divide both by 255 "
+            f"(--mean {scaled} --std {scaled_std})"
+        )
     return means, stds
 
 

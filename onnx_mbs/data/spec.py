@@ -115,8 +115,10 @@ def open_data(
     if npz is not None:
         x, y = _image_arrays(path, npz, inputs)
         what = f"npz {path.name}"
-        return _array_source(x, y if labels else None, what, channels, preprocess, input_name,
-                             limit, labels)  # fmt: skip
+        source = _array_source(x, y if labels else None, what, channels, preprocess,
+                               input_name, limit, labels)  # fmt: skip
+        source.description += _ignored(npz, {IMAGE_ARRAY, LABELS})
+        return source
     raise BadInputError(f"cannot use data file {path}; pass {KINDS}")
 
 
@@ -179,7 +181,7 @@ def _model_ready_source(
         len(x),
         total,
         labels is not None,
-    )
+    ) + _ignored(npz, {*(i.name for i in inputs), LABELS})
     return ArraySource(x, labels, None, None, input_name, description, arrays)
 
 
@@ -220,6 +222,8 @@ def _labels(y: np.ndarray, count: int, what: str) -> np.ndarray:
         raise BadInputError(f"{what} labels have dtype {y.dtype}; expected class indices")
     if len(y) and y.min() < 0:
         raise BadInputError(f"{what} has negative labels; expected class indices 0..K-1")
+    if len(y) and y.max() >= 2**62:  # past int64 the cast below would wrap to negative
+        raise BadInputError(f"{what} has a label of {y.max()}; expected class indices 0..K-1")
     return y.astype(np.int64)
 
 
@@ -234,6 +238,8 @@ def _open_folder(
     classes = sorted(p for p in _listing(path) if p.is_dir() and not p.name.startswith("."))
     files: list[Path] = []
     labels: list[int] | None = []
+    if classes and read_labels:
+        _check_numbered_classes(path, [c.name for c in classes])
     if classes:
         for label, folder in enumerate(classes):
             images = _images(folder)
@@ -253,6 +259,27 @@ def _open_folder(
     what = f"image folder {path} ({kind})"
     description = _describe(what, len(files), total, y is not None, read_labels)
     return ImageFolderSource(files, y, preprocess, input_name, description)
+
+
+def _check_numbered_classes(path: Path, names: list[str]) -> None:
+    """Labels are the class folders' positions in sorted order. Folders named by numbers that
+    are not their positions (3 and 7 of a 10-class set; 0..10 unpadded, where "10" sorts before
+    "2") say another label than the one they would get: refused rather than read either way."""
+    if not all(name.isdecimal() for name in names):
+        return
+    if all(int(name) == position for position, name in enumerate(names)):
+        return
+    shown = names if len(names) <= 6 else [*names[:5], "..."]
+    moved = [(name, k) for k, name in enumerate(names) if int(name) != k]
+    mapping = ", ".join(f"{name} -> {k}" for name, k in moved[:4]) + (
+        ", ..." if len(moved) > 4 else ""
+    )
+    raise BadInputError(
+        f"image folder {path} has class sub-folders named by numbers ({', '.join(shown)}) "
+        f"that are not their positions in sorted order, which are the labels ({mapping}): "
+        "name them so that sorted order gives the class index (0, 1, ...; zero-padded past "
+        "9), or store the images and labels in an .npz (x, y)"
+    )
 
 
 def _images(folder: Path) -> list[Path]:
@@ -323,6 +350,13 @@ def _reader_array(
             f"expects {tuple(input_shape)}"
         )
     return x
+
+
+def _ignored(npz: Mapping[str, np.ndarray], read: set[str]) -> str:
+    """The npz's other arrays, named in the data line: a misnamed label array (`labels`) is
+    otherwise dropped without a word."""
+    left = [name for name in npz if name not in read]
+    return f"; ignored arrays: {', '.join(left)}" if left else ""
 
 
 def _describe(what: str, count: int, total: int | None, labelled: bool, read: bool = True) -> str:
