@@ -226,6 +226,11 @@ CASES: dict[str, tuple] = {
     "sigmoid": unary("Sigmoid"),
     "tanh": unary("Tanh"),
     "softmax": unary("Softmax", axis=1),
+    # Before opset 13 (Log)Softmax normalises over all dims from axis on, as one flat row.
+    "softmax-opset11": ([helper.make_node("Softmax", ["x"], ["y"], axis=1)], {}, 11),
+    "logsoftmax-opset11": ([helper.make_node("LogSoftmax", ["x"], ["y"], axis=1)], {}, 11),
+    "logsoftmax-opset11-default": ([helper.make_node("LogSoftmax", ["x"], ["y"])], {}, 11),
+    "logsoftmax": unary("LogSoftmax", axis=2),
     "globalmaxpool": unary("GlobalMaxPool"),
     "flatten-axis2": unary("Flatten", axis=2),
     "transpose": unary("Transpose", perm=[0, 2, 3, 1]),
@@ -403,6 +408,16 @@ CASES: dict[str, tuple] = {
     "pad-reflect": (
         [helper.make_node("Pad", ["x", "p"], ["y"], mode="reflect")],
         {"p": i64(0, 0, 2, 1, 0, 0, 1, 2)},
+        17,
+    ),
+    "pad-edge-leading-axes": (
+        [helper.make_node("Pad", ["x", "p"], ["y"], mode="edge")],
+        {"p": i64(1, 0, 0, 1, 0, 2, 0, 1)},
+        17,
+    ),
+    "pad-reflect-channels": (
+        [helper.make_node("Pad", ["x", "p"], ["y"], mode="reflect")],
+        {"p": i64(0, 2, 1, 0, 0, 1, -1, 2)},
         17,
     ),
     "pad-edge-axes": (

@@ -301,20 +301,16 @@ def gelu(n: Node) -> OpFn:
     return lambda x: F.gelu(x, approximate=approximate)
 
 
-def softmax(n: Node) -> OpFn:
-    axis = n.attr("axis", -1 if n.opset >= 13 else 1)
-    if n.opset >= 13:
-        return lambda x: torch.softmax(x, axis)
+def _softmax_like(fn: Callable) -> Callable[[Node], OpFn]:
+    """Softmax / LogSoftmax; before opset 13 they normalise over all dims from axis on."""
 
-    def flat(x):  # opset < 13: softmax over all dims from axis on
-        return torch.softmax(x.flatten(axis), -1).reshape(x.shape)
+    def build(n: Node) -> OpFn:
+        axis = n.attr("axis", -1 if n.opset >= 13 else 1)
+        if n.opset >= 13:
+            return lambda x: fn(x, axis)
+        return lambda x: fn(x.flatten(axis), -1).reshape(x.shape)
 
-    return flat
-
-
-def log_softmax(n: Node) -> OpFn:
-    axis = n.attr("axis", -1 if n.opset >= 13 else 1)
-    return lambda x: torch.log_softmax(x, axis)
+    return build
 
 
 def _unary(fn: Callable) -> Callable[[Node], OpFn]:
@@ -580,10 +576,16 @@ def pad(n: Node) -> OpFn:
         nonzero = [i for i, p in enumerate(full) if p != (0, 0)]
         if not nonzero:
             return x
-        flat = [p for b, e in reversed(full[nonzero[0] :]) for p in (b, e)]
         if torch_mode == "constant":
+            flat = [p for b, e in reversed(full[nonzero[0] :]) for p in (b, e)]
             return F.pad(x, flat, "constant", value)
-        return F.pad(x, flat, torch_mode)
+        # torch pads only the last dims in these modes: one axis at a time, moved last.
+        for axis in nonzero:
+            moved = x.movedim(axis, -1)
+            shape = moved.shape
+            moved = F.pad(moved.reshape(-1, 1, shape[-1]), list(full[axis]), torch_mode)
+            x = moved.reshape(*shape[:-1], moved.shape[-1]).movedim(-1, axis)
+        return x
 
     if n.opset < 11:
         pads, value = list(n.attr("pads")), n.attr("value", 0.0)
@@ -1004,8 +1006,8 @@ OPS: dict[str, Callable[[Node], OpFn]] = {
     "Floor": _unary(torch.floor),
     "Ceil": _unary(torch.ceil),
     "Reciprocal": _unary(torch.reciprocal),
-    "Softmax": softmax,
-    "LogSoftmax": log_softmax,
+    "Softmax": _softmax_like(torch.softmax),
+    "LogSoftmax": _softmax_like(torch.log_softmax),
     "Add": _binary(torch.add),
     "Sub": _binary(torch.sub),
     "Mul": _binary(torch.mul),
