@@ -642,6 +642,29 @@ def test_train_mode_batchnorm_matches_torch() -> None:
         assert_close(module(x).numpy(), ref(x).numpy())
 
 
+def test_per_activation_batchnorm_of_opset7() -> None:
+    """spatial=0 (before opset 9): one statistic per activation, in eval and train mode."""
+    shape = (4, 6, 6)
+    rng = np.random.default_rng(4)
+    inits = {
+        "s": rng.uniform(0.5, 1.5, shape),
+        "b": rng.normal(size=shape),
+        "m": rng.normal(size=shape),
+        "v": rng.uniform(0.5, 2, shape),
+    }
+    inits = {k: v.astype(np.float32) for k, v in inits.items()}
+    bn = helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], spatial=0)
+    model = make_model([bn], {"x": X}, ["y"], inits, opset=7)
+    x = rnd(*X, seed=7) * 2 + 1
+    assert_matches_ort(model, {"x": x})
+    module = OnnxModule(model).train()
+    y = module(torch.from_numpy(x)).detach().numpy()
+    batch_mean, batch_var = x.mean(0), x.var(0)
+    expected = (x - batch_mean) / np.sqrt(batch_var + 1e-5) * inits["s"] + inits["b"]
+    assert_close(y, expected)
+    assert_close(module.initializer("m").numpy(), 0.9 * inits["m"] + 0.1 * batch_mean, 1e-5)
+
+
 def test_dropout_active_only_in_train_mode() -> None:
     model = make_model(
         [helper.make_node("Dropout", ["x", "r"], ["y"])],

@@ -224,6 +224,9 @@ def batch_norm(n: Node) -> OpFn:
     own_momentum = 1.0 - n.attr("momentum", 0.9)
     eps = n.attr("epsilon", 1e-5)
     extra_outputs = len(n.outputs) > 1
+    # Before opset 9, spatial=0 keeps statistics per activation (C x D1 x ...), not per channel:
+    # batch norm over (N, C*D1*...) computes exactly that.
+    per_activation = n.opset < 9 and n.attr("spatial", 1) == 0
 
     def run(training, x, scale, bias, mean, var):
         if training and (mean.requires_grad or var.requires_grad):
@@ -233,7 +236,12 @@ def batch_norm(n: Node) -> OpFn:
             )
         momentum = BN_MOMENTUM.get()
         momentum = own_momentum if momentum is None else momentum
-        y = F.batch_norm(x, mean, var, scale, bias, training, momentum, eps)
+        if per_activation:
+            flat = [t.reshape(-1) for t in (mean, var, scale, bias)]
+            y = F.batch_norm(x.flatten(1), *flat[:2], *flat[2:], training, momentum, eps)
+            y = y.reshape(x.shape)
+        else:
+            y = F.batch_norm(x, mean, var, scale, bias, training, momentum, eps)
         return (y, mean, var) if extra_outputs else y
 
     return run
