@@ -11,7 +11,7 @@ from graphs import run
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from onnx_mbs.bridge import OnnxModule, write_back
+from onnx_mbs.bridge import OnnxModule, retrain, write_back
 from onnx_mbs.models.export import export_onnx
 from onnx_mbs.passes.errors import BadInputError
 
@@ -162,6 +162,46 @@ def test_shared_initializer_is_one_parameter() -> None:
     out.sum().backward()
     assert module.initializer("w").grad is not None
     assert_close(out.detach().numpy(), run(model, {"x": x})[0])
+
+
+def constant_weight_classifier() -> onnx.ModelProto:
+    """The conv weight held by a Constant node, and a scalar Constant."""
+
+    def const(name: str, value: np.ndarray) -> onnx.NodeProto:
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value))
+
+    nodes = [
+        const("w", rnd(8, 4, 3, 3)),
+        const("k", f32(0.5)),
+        helper.make_node("Conv", ["x", "w"], ["a"]),
+        helper.make_node("Mul", ["a", "k"], ["m"]),
+        helper.make_node("GlobalAveragePool", ["m"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", "h"], ["y"], transB=1),
+    ]
+    return make_model(nodes, {"x": ["n", 4, 6, 6]}, ["y"], {"h": rnd(3, 8, seed=1)})
+
+
+def test_weights_in_constant_nodes_are_trained_and_written_back() -> None:
+    model = constant_weight_classifier()
+    x, y = rnd(16, 4, 6, 6, seed=2), np.arange(16) % 3
+    written = retrain(model, (x, y), epochs=1, lr=0.1, batch_size=8, progress=False).model
+    inits = {t.name: numpy_helper.to_array(t) for t in written.graph.initializer}
+    assert not np.allclose(inits["w"], rnd(8, 4, 3, 3))  # the conv weight trained too
+    assert [n.op_type for n in written.graph.node if n.op_type == "Constant"] == ["Constant"]
+    assert written.graph.input == model.graph.input
+    assert run(written, {"x": x[:3]})[0].shape == (3, 3)
+
+
+def test_model_without_trainable_weights_is_refused() -> None:
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["x"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["y"]),
+    ]
+    model = make_model(nodes, {"x": ["n", 4, 6, 6]}, ["y"])
+    x, y = rnd(16, 4, 6, 6, seed=2), np.arange(16) % 4
+    with pytest.raises(BadInputError, match="no trainable weights"):
+        retrain(model, (x, y), epochs=1, batch_size=8, progress=False)
 
 
 # ---------------------------------------------------------------------------

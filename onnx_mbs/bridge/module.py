@@ -122,6 +122,10 @@ def untie_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     running mean can end up tied to a BN bias. Trained, such ties would force unrelated weights to
     stay equal, so retraining unties them first. The graph computes the same; only those Identity
     nodes are gone.
+
+    Likewise a weight or BatchNorm statistic held by a `Constant` node (some exporters write
+    weights that way) becomes an initializer of the same name: the module trains and
+    `write_back` writes initializers only, so left in the node it would silently stay as it was.
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -141,7 +145,40 @@ def untie_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     if len(keep) != len(graph.node):
         del graph.node[:]
         graph.node.extend(keep)
+    _hoist_constant_weights(out)
     return out
+
+
+def _hoist_constant_weights(model: onnx.ModelProto) -> None:
+    """Turn float `Constant(value=tensor)` nodes whose value the module would train (or update,
+    as BN statistics) into initializers, in place. IR < 4 (initializers must be inputs) is left."""
+    if model.ir_version < 4:
+        return
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    hoisted: dict[str, onnx.TensorProto] = {}
+    for node in graph.node:
+        if node.op_type != "Constant" or node.output[0] in outputs or len(node.attribute) != 1:
+            continue
+        attr = node.attribute[0]
+        if attr.name == "value" and attr.t.data_type in _FLOAT_TYPES:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(attr.t)
+            tensor.name = node.output[0]
+            hoisted[tensor.name] = tensor
+    if not hoisted:
+        return
+    trial = onnx.ModelProto()
+    trial.CopyFrom(model)
+    trial.graph.initializer.extend(hoisted.values())
+    roles = initializer_roles(trial)
+    wanted = {name for name in hoisted if roles[name] != "constant"}
+    if not wanted:
+        return
+    keep = [n for n in graph.node if not (n.op_type == "Constant" and n.output[0] in wanted)]
+    del graph.node[:]
+    graph.node.extend(keep)
+    graph.initializer.extend(hoisted[name] for name in sorted(wanted))
 
 
 def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
