@@ -164,6 +164,28 @@ def test_shared_initializer_is_one_parameter() -> None:
     assert_close(out.detach().numpy(), run(model, {"x": x})[0])
 
 
+def test_weights_through_layout_ops_train_and_write_back() -> None:
+    """MatMul(x, Transpose(W)) and a Conv weight stored flat and reshaped: both W are trained."""
+    nodes = [
+        helper.make_node("Reshape", ["wflat", "wshape"], ["w"]),
+        helper.make_node("Conv", ["x", "w"], ["a"], group=4, pads=[1, 1, 1, 1]),
+        helper.make_node("Flatten", ["a"], ["f"]),
+        helper.make_node("Transpose", ["h"], ["ht"]),
+        helper.make_node("MatMul", ["f", "ht"], ["y"]),
+    ]
+    inits = {"wflat": rnd(4, 9), "wshape": i64(4, 1, 3, 3), "h": rnd(5, 144, seed=1)}
+    model = make_model(nodes, {"x": X}, ["y"], inits)
+    module = OnnxModule(model)
+    assert {n for n, _ in module.named_parameters()} == {"wflat", "h"}
+    x = rnd(*X, seed=2)
+    opt = torch.optim.SGD(module.parameters(), lr=0.01)
+    module(torch.from_numpy(x)).square().mean().backward()
+    opt.step()
+    written = write_back(model, module.eval())
+    assert_close(run(written, {"x": x})[0], torch_run(module, {"x": x})[0])
+    assert not np.allclose(run(written, {"x": x})[0], run(model, {"x": x})[0])
+
+
 def constant_weight_classifier() -> onnx.ModelProto:
     """The conv weight held by a Constant node, and a scalar Constant."""
 

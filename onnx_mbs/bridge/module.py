@@ -66,7 +66,11 @@ def initializer_roles(model: onnx.ModelProto) -> dict[str, str]:
 
     Consumers are found through Identity nodes -- the torch exporter ties initializers with equal
     values that way (`b2.weight = Identity(b1.weight)`), and the tie is kept as one parameter --
-    and through Casts between float types (weights stored in fp16/bf16, cast before use).
+    and through Casts between float types (weights stored in fp16/bf16, cast before use). A
+    weight also keeps its role through Transpose/Reshape/Flatten/Squeeze/Unsqueeze of it (a
+    Linear exported as MatMul(x, Transpose(W)), depthwise weights stored flat): those nodes then
+    run on the parameter each forward instead of being folded, so it trains. Statistics do not
+    pass through them (BatchNorm updates its running statistics in place).
     """
     graph = model.graph
     float_inits = {
@@ -79,26 +83,37 @@ def initializer_roles(model: onnx.ModelProto) -> dict[str, str]:
         for i, name in enumerate(node.input):
             consumers.setdefault(name, []).append((node, i))
 
-    def uses(name: str, seen: set[str]) -> list[tuple[onnx.NodeProto, int]]:
+    def uses(
+        name: str, seen: set[str], reshaped: bool = False
+    ) -> list[tuple[onnx.NodeProto, int, bool]]:
         found = []
         for node, i in consumers.get(name, []):
-            if _is_alias(node) and node.output[0] not in seen:
+            layout = i == 0 and node.op_type in _LAYOUT_OPS
+            if (_is_alias(node) or layout) and node.output[0] not in seen:
                 seen.add(node.output[0])
-                found += uses(node.output[0], seen)
+                found += uses(node.output[0], seen, reshaped or layout)
             else:
-                found.append((node, i))
+                found.append((node, i, reshaped))
         return found
 
     roles = {t.name: "constant" for t in graph.initializer}
     for name, tensor in float_inits.items():
-        for node, i in uses(name, {name}):
+        for node, i, reshaped in uses(name, {name}):
             if i in WEIGHT_INPUTS.get(node.op_type, ()) or (
                 node.op_type in ELEMENTWISE and int(np.prod(tensor.dims)) > 1
             ):
                 roles[name] = "parameter"
-            elif i in STAT_INPUTS.get(node.op_type, ()) and roles[name] != "parameter":
+            elif (
+                i in STAT_INPUTS.get(node.op_type, ())
+                and roles[name] != "parameter"
+                and not reshaped
+            ):
                 roles[name] = "buffer"
     return roles
+
+
+# Ops a weight keeps its role through (as their data input 0).
+_LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze"})
 
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
@@ -256,6 +271,11 @@ class OnnxModule(nn.Module):
                     consts[name] = value
                     shapes[name] = tuple(value.shape)
                 continue
+            if node.op_type in _LAYOUT_OPS and all(n in consts or n in arrays for n in live):
+                # A reshaped weight: its shape is known now (a Conv reads its kernel from it).
+                known = {n: consts[n] if n in consts else arrays[n] for n in live}
+                for name, value in zip(node.outputs, _fold(fn, node, known), strict=False):
+                    shapes[name] = tuple(value.shape)
             steps.append((fn, tuple(node.inputs), tuple(node.outputs), wants_training))
             self.runtime_ops.append(node.op_type)
 
