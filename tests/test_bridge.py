@@ -610,6 +610,16 @@ CASES: dict[str, tuple] = {
     "resize-linear-pytorch-down": resize(
         "linear", sizes=[2, 4, 4, 3], coordinate_transformation_mode="pytorch_half_pixel"
     ),
+    # onnxruntime computes sizes and source coordinates in float32: 6 * float32(5/6) is 5 there,
+    # (0 + 0.5) / float32(1/3) - 0.5 is exactly 1 (float64 says 4 and 0.99999996).
+    "resize-nearest-floor-third": resize(
+        "nearest", scales=[1, 1, 1 / 3, 1 / 3], nearest_mode="floor"
+    ),
+    "resize-linear-size-float32": resize("linear", scales=[1, 1, 5 / 6, 1]),
+    # No dim changes: onnxruntime copies the input, whatever the scales say.
+    "resize-linear-dims-unchanged": resize(
+        "linear", scales=[1, 1, 1.1, 1.1], coordinate_transformation_mode="asymmetric"
+    ),
     "upsample-opset9": (
         [helper.make_node("Upsample", ["x", "sc"], ["y"], mode="nearest")],
         {"sc": f32(1, 1, 2, 3)},

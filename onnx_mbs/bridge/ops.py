@@ -473,21 +473,25 @@ def _reduce(fn: Callable, axes_input_from: int) -> Callable[[Node], OpFn]:
 def _resample_plan(
     size_in: int, size_out: int, scale: float, mode: str, transform: str, nearest: str
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """Source indices (and linear weights) for one axis, straight from the ONNX formulas."""
-    x = np.arange(size_out, dtype=np.float64)
+    """Source indices (and linear weights) for one axis, from the ONNX formulas evaluated in
+    float32 in onnxruntime's order: a nearest index that lands on a rounding boundary (scale
+    1/3, 0.6 ...) then picks the pixel onnxruntime picks."""
+    f = np.float32
+    x = np.arange(size_out, dtype=f)
+    scale, half, n_in, n_out = f(scale), f(0.5), f(size_in), f(size_out)
     if transform == "half_pixel":
-        src = (x + 0.5) / scale - 0.5
+        src = (x + half) / scale - half
     elif transform == "pytorch_half_pixel":
-        src = (x + 0.5) / scale - 0.5 if size_out > 1 else np.zeros_like(x)
+        src = (x + half) / scale - half if size_out > 1 else np.zeros_like(x)
     elif transform == "align_corners":
-        src = x * (size_in - 1) / (size_out - 1) if size_out > 1 else np.zeros_like(x)
+        src = x * (n_in - f(1)) / (n_out - f(1)) if size_out > 1 else np.zeros_like(x)
     elif transform == "asymmetric":
         src = x / scale
     elif transform == "tf_half_pixel_for_nn":
-        src = (x + 0.5) / scale
+        src = (x + half) / scale
     elif transform == "half_pixel_symmetric":
-        adjustment = size_out / (scale * size_in)
-        src = size_in / 2 * (1 - adjustment) + (x + 0.5) / scale - 0.5
+        adjustment = n_out / (scale * n_in)
+        src = n_in / f(2) * (f(1) - adjustment) + (x + half) / scale - half
     else:
         raise BadInputError(f"Resize coordinate_transformation_mode '{transform}' is not supported")
     if mode == "nearest":
@@ -498,10 +502,10 @@ def _resample_plan(
             "ceil": np.ceil(src),
         }[nearest]
         return np.clip(rounded, 0, size_in - 1).astype(np.int64), None, None
-    src = np.clip(src, 0, size_in - 1)
+    src = np.clip(src, f(0), f(size_in - 1))
     lo = np.floor(src).astype(np.int64)
     hi = np.minimum(lo + 1, size_in - 1)
-    return lo, hi, (src - lo).astype(np.float32)
+    return lo, hi, (src - lo.astype(f)).astype(f)
 
 
 def resize(n: Node) -> OpFn:
@@ -533,14 +537,19 @@ def resize(n: Node) -> OpFn:
     def run(x, *rest):
         scales, sizes = plan(scales_at, rest), plan(sizes_at, rest)
         axes = list(range(x.dim())) if axes_attr is None else [a % x.dim() for a in axes_attr]
+        steps = []
         for k, axis in enumerate(axes):
             size_in = x.shape[axis]
             if sizes is not None:
                 size_out = int(sizes[k])
-                scale = size_out / size_in
-            else:
+                scale = float(np.float32(size_out) / np.float32(size_in))
+            else:  # floor(size * scale), in float32 as onnxruntime computes it
                 scale = float(scales[k])
-                size_out = int(math.floor(size_in * scale))
+                size_out = int(np.floor(np.float32(scale) * np.float32(size_in)))
+            steps.append((axis, size_in, size_out, scale))
+        if all(size_out == size_in for _, size_in, size_out, _ in steps):
+            return x  # onnxruntime copies the input when no dim changes, whatever the scales
+        for axis, size_in, size_out, scale in steps:
             if size_out == size_in and scale == 1.0:
                 continue
             lo, hi, w = _resample_plan(size_in, size_out, scale, mode, transform, nearest)
