@@ -389,6 +389,26 @@ CASES: dict[str, tuple] = {
         {"w": rnd(4, 2, 3, 3)},
         17,
     ),
+    # A target beyond the natural size: extra cells at the end hold the bias (output_shape);
+    # auto_pad keeps the natural size (what onnxruntime does).
+    "convtranspose-output-shape-beyond": (
+        [
+            helper.make_node(
+                "ConvTranspose", ["x", "w", "b"], ["y"], strides=[3, 3], output_shape=[18, 17]
+            )
+        ],
+        {"w": rnd(4, 2, 2, 2), "b": rnd(2)},
+        17,
+    ),
+    "convtranspose-same-stride-beyond-kernel": (
+        [
+            helper.make_node(
+                "ConvTranspose", ["x", "w", "b"], ["y"], strides=[3, 2], auto_pad="SAME_UPPER"
+            )
+        ],
+        {"w": rnd(4, 2, 2, 1), "b": rnd(2)},
+        17,
+    ),
     "maxpool-ceil-asym": (
         [
             helper.make_node(
@@ -412,6 +432,55 @@ CASES: dict[str, tuple] = {
         ],
         {},
         17,
+    ),
+    # ceil_mode's last window must start inside the input or the leading pad, also where the
+    # pads are applied by hand (onnxruntime: 3 columns here, not 4).
+    "maxpool-ceil-big-pads": (
+        [
+            helper.make_node(
+                "MaxPool",
+                ["x"],
+                ["y"],
+                kernel_shape=[1, 3],
+                strides=[2, 2],
+                pads=[0, 2, 0, 2],
+                ceil_mode=1,
+            )
+        ],
+        {},
+        17,
+    ),
+    "avgpool-ceil-asym-include": (
+        [
+            helper.make_node(
+                "AveragePool",
+                ["x"],
+                ["y"],
+                kernel_shape=[2, 2],
+                strides=[2, 2],
+                pads=[1, 0, 1, 1],
+                ceil_mode=1,
+                count_include_pad=1,
+            )
+        ],
+        {},
+        17,
+    ),
+    # A stride beyond the kernel: SAME's total pad is negative, the window skips input at both
+    # ends (onnxruntime picks rows 1 and 4 of 6 here).
+    "avgpool-same-stride-beyond-kernel": (
+        [
+            helper.make_node(
+                "AveragePool",
+                ["x"],
+                ["y"],
+                kernel_shape=[1, 2],
+                strides=[3, 3],
+                auto_pad="SAME_UPPER",
+            )
+        ],
+        {},
+        19,
     ),
     "avgpool-exclude-pad": (
         [helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])],
@@ -634,6 +703,15 @@ def test_op_matches_ort(case: str) -> None:
     model = make_model(nodes, {"x": X}, ["y"], inits, opset)
     x = rnd(*X, seed=7)
     assert_matches_ort(model, {"x": x})
+
+
+def test_pool_with_auto_pad_and_dilations_is_refused() -> None:
+    # onnxruntime pads these as if undilated (against the spec): no answer both agree on.
+    pool = helper.make_node(
+        "MaxPool", ["x"], ["y"], kernel_shape=[2, 2], dilations=[2, 2], auto_pad="SAME_UPPER"
+    )
+    with pytest.raises(BadInputError, match="combines auto_pad and dilations"):
+        OnnxModule(make_model([pool], {"x": X}, ["y"]))
 
 
 def test_dynamic_shape_arithmetic_runs_at_run_time() -> None:

@@ -193,14 +193,19 @@ def conv_transpose(n: Node) -> OpFn:
                 sizes, strides, out_pad, kernel, dilations, target, strict=True
             ):
                 total = s * (i - 1) + op + (k - 1) * d + 1 - t
+                # A target beyond the natural size (onnxruntime): with output_shape the extra
+                # cells at the end hold the bias alone; with auto_pad the output stays natural.
+                extra = -total if total < 0 and output_shape else 0
+                total = max(total, 0)
                 if auto_pad == "SAME_UPPER":
                     begin.append(total // 2)
-                    end.append(total - total // 2)
+                    end.append(total - total // 2 - extra)
                 else:
                     begin.append(total - total // 2)
-                    end.append(total // 2)
-            y = fn(x, w, b, strides, 0, out_pad, groups, dilations)
-            return F.pad(y, _torch_pads([-p for p in begin], [-p for p in end]))
+                    end.append(total // 2 - extra)
+            y = fn(x, w, None, strides, 0, out_pad, groups, dilations)
+            y = F.pad(y, _torch_pads([-p for p in begin], [-p for p in end]))
+            return y if b is None else y + b.reshape(-1, *([1] * rank))
 
         return shaped
     pads = [0] * (2 * rank) if auto_pad == "VALID" else list(n.attr("pads", [0] * (2 * rank)))
@@ -378,9 +383,55 @@ def _pool_geometry(n: Node) -> tuple[list[int], list[int], list[int], list[int],
     strides = list(n.attr("strides", [1] * rank))
     dilations = list(n.attr("dilations", [1] * rank))
     pads = list(n.attr("pads", [0] * (2 * rank)))
-    if n.attr("auto_pad", "NOTSET") == "VALID":
+    auto_pad = n.attr("auto_pad", "NOTSET")
+    if auto_pad == "VALID":
         pads = [0] * (2 * rank)
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER") and any(d != 1 for d in dilations):
+        # onnxruntime pads these as if undilated, against the spec: no answer to match.
+        raise BadInputError(f"{n.op_type} node '{n.name}' combines auto_pad and dilations")
     return kernel, strides, dilations, pads[:rank], pads[rank:]
+
+
+def _pool_same_pads(
+    sizes: Any, kernel: list[int], strides: list[int], mode: str
+) -> tuple[list[int], list[int]]:
+    """auto_pad=SAME_* pads of a pool as onnxruntime computes them: the total may be negative (a
+    stride larger than the kernel skips input at both ends) and halves round toward zero."""
+    begin, end = [], []
+    for size, k, s in zip(sizes, kernel, strides, strict=True):
+        total = (-(-int(size) // s) - 1) * s + k - int(size)
+        head = int((total if mode == "SAME_UPPER" else total + 1) / 2)
+        begin.append(head)
+        end.append(total - head)
+    return begin, end
+
+
+def _pool_sizes(
+    sizes: Any,
+    kernel: list[int],
+    strides: list[int],
+    dilations: list[int],
+    begin: list[int],
+    end: list[int],
+    ceil: bool,
+) -> list[int]:
+    """Output sizes of a pool: ceil_mode's last window must start inside the input or the
+    leading pad (what torch does for its own padding, not for padding done by hand)."""
+    out = []
+    for size, k, s, d, b, e in zip(sizes, kernel, strides, dilations, begin, end, strict=True):
+        span = int(size) + b + e - (k - 1) * d - 1
+        o = (-(-span // s) if ceil else span // s) + 1
+        if ceil and (o - 1) * s >= int(size) + b:
+            o -= 1
+        out.append(o)
+    return out
+
+
+def _crop(y: Any, sizes: list[int]) -> Any:
+    """y cut to `sizes` in its trailing dims."""
+    if list(y.shape[2:]) == sizes:
+        return y
+    return y[(slice(None), slice(None), *(slice(0, o) for o in sizes))]
 
 
 def max_pool(n: Node) -> OpFn:
@@ -390,19 +441,24 @@ def max_pool(n: Node) -> OpFn:
     fn = _MAX_POOL[len(kernel)]
     ceil = bool(n.attr("ceil_mode", 0))
     auto_pad = n.attr("auto_pad", "NOTSET")
-    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-
-        def same(x):
-            b, e = _same_pads(x.shape[2:], kernel, strides, dilations, auto_pad)
-            x = F.pad(x, _torch_pads(b, e), value=-math.inf)
-            return fn(x, kernel, strides, 0, dilations, ceil)
-
-        return same
+    same_mode = auto_pad in ("SAME_UPPER", "SAME_LOWER")
     # torch pads symmetrically and at most half the kernel; otherwise pad by hand with -inf.
-    if begin == end and all(p <= k // 2 for p, k in zip(begin, kernel, strict=True)):
+    if (
+        not same_mode
+        and begin == end
+        and all(p <= k // 2 for p, k in zip(begin, kernel, strict=True))
+    ):
         return lambda x: fn(x, kernel, strides, begin, dilations, ceil)
-    torch_pads = _torch_pads(begin, end)
-    return lambda x: fn(F.pad(x, torch_pads, value=-math.inf), kernel, strides, 0, dilations, ceil)
+
+    def padded(x):
+        b, e = (
+            _pool_same_pads(x.shape[2:], kernel, strides, auto_pad) if same_mode else (begin, end)
+        )
+        sizes = _pool_sizes(x.shape[2:], kernel, strides, dilations, b, e, ceil and not same_mode)
+        y = fn(F.pad(x, _torch_pads(b, e), value=-math.inf), kernel, strides, 0, dilations, ceil)
+        return _crop(y, sizes)
+
+    return padded
 
 
 def average_pool(n: Node) -> OpFn:
@@ -413,21 +469,23 @@ def average_pool(n: Node) -> OpFn:
     ceil = bool(n.attr("ceil_mode", 0))
     include = bool(n.attr("count_include_pad", 0))
     auto_pad = n.attr("auto_pad", "NOTSET")
+    same_mode = auto_pad in ("SAME_UPPER", "SAME_LOWER")
     symmetric = begin == end and all(p <= k // 2 for p, k in zip(begin, kernel, strict=True))
-    if auto_pad not in ("SAME_UPPER", "SAME_LOWER") and symmetric:
+    if not same_mode and symmetric:
         return lambda x: fn(x, kernel, strides, begin, ceil, include)
 
     def padded(x):
-        b, e = begin, end
-        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-            b, e = _same_pads(x.shape[2:], kernel, strides, dilations, auto_pad)
+        b, e = (
+            _pool_same_pads(x.shape[2:], kernel, strides, auto_pad) if same_mode else (begin, end)
+        )
+        sizes = _pool_sizes(x.shape[2:], kernel, strides, dilations, b, e, ceil and not same_mode)
         torch_pads = _torch_pads(b, e)
-        total = fn(F.pad(x, torch_pads), kernel, strides, 0, ceil, True)
+        total = _crop(fn(F.pad(x, torch_pads), kernel, strides, 0, ceil, True), sizes)
         if include:
             return total
         # Divide by the number of real (unpadded) elements under each window.
         ones = torch.ones((1, 1, *x.shape[2:]), dtype=x.dtype, device=x.device)
-        return total / fn(F.pad(ones, torch_pads), kernel, strides, 0, ceil, True)
+        return total / _crop(fn(F.pad(ones, torch_pads), kernel, strides, 0, ceil, True), sizes)
 
     return padded
 
