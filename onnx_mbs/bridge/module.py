@@ -89,7 +89,7 @@ def initializer_roles(model: onnx.ModelProto) -> dict[str, str]:
         found = []
         for node, i in consumers.get(name, []):
             layout = i == 0 and node.op_type in _LAYOUT_OPS
-            if (_is_alias(node) or layout) and node.output[0] not in seen:
+            if (is_alias(node) or layout) and node.output[0] not in seen:
                 seen.add(node.output[0])
                 found += uses(node.output[0], seen, reshaped or layout)
             else:
@@ -119,7 +119,7 @@ _LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueez
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 
 
-def _is_alias(node: onnx.NodeProto) -> bool:
+def is_alias(node: onnx.NodeProto) -> bool:
     """Identity, or a Cast between float types: the consumer's role passes through it (a weight
     stored in bf16 and cast to float before its Conv is still a weight)."""
     if node.op_type == "Identity":
