@@ -341,6 +341,23 @@ CASES: dict[str, tuple] = {
         {"w": rnd(3, 4, 4, 2)},
         17,
     ),
+    # No kernel_shape (it is optional): the kernel comes from a tied or cast weight's shape.
+    "conv-tied-weight-no-kernel-shape": (
+        [
+            helper.make_node("Identity", ["w0"], ["w"]),
+            helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1]),
+        ],
+        {"w0": rnd(3, 4, 3, 3)},
+        17,
+    ),
+    "conv-cast-weight-no-kernel-shape": (
+        [
+            helper.make_node("Cast", ["w0"], ["w"], to=TensorProto.FLOAT),
+            helper.make_node("Conv", ["x", "w"], ["y"], strides=[2, 2]),
+        ],
+        {"w0": rnd(3, 4, 2, 2)},
+        17,
+    ),
     "conv-dilated": (
         [helper.make_node("Conv", ["x", "w"], ["y"], dilations=[2, 2], pads=[2, 2, 2, 2])],
         {"w": rnd(3, 4, 3, 3)},

@@ -114,6 +114,8 @@ def initializer_roles(model: onnx.ModelProto) -> dict[str, str]:
 
 # Ops a weight keeps its role through (as their data input 0).
 _LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze"})
+# Ops whose output shape is worked out at build time when they read weights.
+_SHAPE_KNOWN_OPS = _LAYOUT_OPS | {"Identity", "Cast"}
 
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
@@ -271,8 +273,9 @@ class OnnxModule(nn.Module):
                     consts[name] = value
                     shapes[name] = tuple(value.shape)
                 continue
-            if node.op_type in _LAYOUT_OPS and all(n in consts or n in arrays for n in live):
-                # A reshaped weight: its shape is known now (a Conv reads its kernel from it).
+            if node.op_type in _SHAPE_KNOWN_OPS and all(n in consts or n in arrays for n in live):
+                # A reshaped, tied or cast weight: its shape is known now (a Conv without
+                # kernel_shape reads its kernel from it).
                 known = {n: consts[n] if n in consts else arrays[n] for n in live}
                 for name, value in zip(node.outputs, _fold(fn, node, known), strict=False):
                     shapes[name] = tuple(value.shape)
