@@ -9,6 +9,7 @@ import torch
 from graphs import run as ort_run
 from onnx import numpy_helper
 from test_bridge import SmallNet, assert_close, export, randomized, torch_run
+from test_precision import in_dtype
 
 from onnx_mbs.bridge import OnnxModule, retrain, write_back
 from onnx_mbs.bridge import train as train_mod
@@ -197,6 +198,20 @@ def test_retrain_reinserts_bn_by_default_and_can_be_turned_off(folded, x16) -> N
     # Different parameterisations train differently.
     a, b = (ort_run(r.model, {"input": x16})[0] for r in (on, off))
     assert not np.allclose(a, b, atol=1e-3)
+
+
+def test_bn_is_reinserted_where_weights_are_stored_in_bf16(folded, x16) -> None:
+    """Weights stored in bf16 and Cast before their Conv still get their BN, folded back into
+    the stored bf16 initializers; the graph keeps its nodes and dtypes."""
+    stored = in_dtype(folded, onnx.TensorProto.BFLOAT16)
+    y = np.arange(len(x16)) % 5
+    result = retrain(stored, (x16, y), epochs=1, lr=0.05, batch_size=8, progress=False)
+    assert result.bn_reinserted == 3
+    assert _structure(result.model) == _structure(stored)
+    assert [(t.name, t.data_type) for t in result.model.graph.initializer] == [
+        (t.name, t.data_type) for t in stored.graph.initializer
+    ]
+    onnx.checker.check_model(result.model, full_check=True)
 
 
 def test_bn_kept_graph_gets_no_reinserted_bn(x16) -> None:

@@ -11,7 +11,7 @@ from graphs import run
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from onnx_mbs.bridge import OnnxModule, write_back
+from onnx_mbs.bridge import OnnxModule, retrain, write_back
 from onnx_mbs.models.export import export_onnx
 from onnx_mbs.passes.errors import BadInputError
 
@@ -164,6 +164,68 @@ def test_shared_initializer_is_one_parameter() -> None:
     assert_close(out.detach().numpy(), run(model, {"x": x})[0])
 
 
+def test_weights_through_layout_ops_train_and_write_back() -> None:
+    """MatMul(x, Transpose(W)) and a Conv weight stored flat and reshaped: both W are trained."""
+    nodes = [
+        helper.make_node("Reshape", ["wflat", "wshape"], ["w"]),
+        helper.make_node("Conv", ["x", "w"], ["a"], group=4, pads=[1, 1, 1, 1]),
+        helper.make_node("Flatten", ["a"], ["f"]),
+        helper.make_node("Transpose", ["h"], ["ht"]),
+        helper.make_node("MatMul", ["f", "ht"], ["y"]),
+    ]
+    inits = {"wflat": rnd(4, 9), "wshape": i64(4, 1, 3, 3), "h": rnd(5, 144, seed=1)}
+    model = make_model(nodes, {"x": X}, ["y"], inits)
+    module = OnnxModule(model)
+    assert {n for n, _ in module.named_parameters()} == {"wflat", "h"}
+    x = rnd(*X, seed=2)
+    opt = torch.optim.SGD(module.parameters(), lr=0.01)
+    module(torch.from_numpy(x)).square().mean().backward()
+    opt.step()
+    written = write_back(model, module.eval())
+    assert_close(run(written, {"x": x})[0], torch_run(module, {"x": x})[0])
+    assert not np.allclose(run(written, {"x": x})[0], run(model, {"x": x})[0])
+
+
+def constant_weight_classifier() -> onnx.ModelProto:
+    """The conv weight held by a Constant node, and a scalar Constant."""
+
+    def const(name: str, value: np.ndarray) -> onnx.NodeProto:
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value))
+
+    nodes = [
+        const("w", rnd(8, 4, 3, 3)),
+        const("k", f32(0.5)),
+        helper.make_node("Conv", ["x", "w"], ["a"]),
+        helper.make_node("Mul", ["a", "k"], ["m"]),
+        helper.make_node("GlobalAveragePool", ["m"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", "h"], ["y"], transB=1),
+    ]
+    return make_model(nodes, {"x": ["n", 4, 6, 6]}, ["y"], {"h": rnd(3, 8, seed=1)})
+
+
+def test_weights_in_constant_nodes_are_trained_and_written_back() -> None:
+    model = constant_weight_classifier()
+    x, y = rnd(16, 4, 6, 6, seed=2), np.arange(16) % 3
+    written = retrain(model, (x, y), epochs=1, lr=0.1, batch_size=8, progress=False).model
+    inits = {t.name: numpy_helper.to_array(t) for t in written.graph.initializer}
+    assert not np.allclose(inits["w"], rnd(8, 4, 3, 3))  # the conv weight trained too
+    assert [n.op_type for n in written.graph.node if n.op_type == "Constant"] == ["Constant"]
+    assert written.graph.input == model.graph.input
+    assert run(written, {"x": x[:3]})[0].shape == (3, 3)
+
+
+def test_model_without_trainable_weights_is_refused() -> None:
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["x"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["y"]),
+    ]
+    model = make_model(nodes, {"x": ["n", 4, 6, 6]}, ["y"])
+    x, y = rnd(16, 4, 6, 6, seed=2), np.arange(16) % 4
+    with pytest.raises(BadInputError, match="no trainable weights"):
+        retrain(model, (x, y), epochs=1, batch_size=8, progress=False)
+
+
 # ---------------------------------------------------------------------------
 # Hand-built graphs for ops and attribute combinations torch does not emit
 
@@ -226,6 +288,11 @@ CASES: dict[str, tuple] = {
     "sigmoid": unary("Sigmoid"),
     "tanh": unary("Tanh"),
     "softmax": unary("Softmax", axis=1),
+    # Before opset 13 (Log)Softmax normalises over all dims from axis on, as one flat row.
+    "softmax-opset11": ([helper.make_node("Softmax", ["x"], ["y"], axis=1)], {}, 11),
+    "logsoftmax-opset11": ([helper.make_node("LogSoftmax", ["x"], ["y"], axis=1)], {}, 11),
+    "logsoftmax-opset11-default": ([helper.make_node("LogSoftmax", ["x"], ["y"])], {}, 11),
+    "logsoftmax": unary("LogSoftmax", axis=2),
     "globalmaxpool": unary("GlobalMaxPool"),
     "flatten-axis2": unary("Flatten", axis=2),
     "transpose": unary("Transpose", perm=[0, 2, 3, 1]),
@@ -272,6 +339,23 @@ CASES: dict[str, tuple] = {
     "conv-same-lower": (
         [helper.make_node("Conv", ["x", "w"], ["y"], auto_pad="SAME_LOWER", kernel_shape=[4, 2])],
         {"w": rnd(3, 4, 4, 2)},
+        17,
+    ),
+    # No kernel_shape (it is optional): the kernel comes from a tied or cast weight's shape.
+    "conv-tied-weight-no-kernel-shape": (
+        [
+            helper.make_node("Identity", ["w0"], ["w"]),
+            helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1]),
+        ],
+        {"w0": rnd(3, 4, 3, 3)},
+        17,
+    ),
+    "conv-cast-weight-no-kernel-shape": (
+        [
+            helper.make_node("Cast", ["w0"], ["w"], to=TensorProto.FLOAT),
+            helper.make_node("Conv", ["x", "w"], ["y"], strides=[2, 2]),
+        ],
+        {"w0": rnd(3, 4, 2, 2)},
         17,
     ),
     "conv-dilated": (
@@ -322,6 +406,26 @@ CASES: dict[str, tuple] = {
         {"w": rnd(4, 2, 3, 3)},
         17,
     ),
+    # A target beyond the natural size: extra cells at the end hold the bias (output_shape);
+    # auto_pad keeps the natural size (what onnxruntime does).
+    "convtranspose-output-shape-beyond": (
+        [
+            helper.make_node(
+                "ConvTranspose", ["x", "w", "b"], ["y"], strides=[3, 3], output_shape=[18, 17]
+            )
+        ],
+        {"w": rnd(4, 2, 2, 2), "b": rnd(2)},
+        17,
+    ),
+    "convtranspose-same-stride-beyond-kernel": (
+        [
+            helper.make_node(
+                "ConvTranspose", ["x", "w", "b"], ["y"], strides=[3, 2], auto_pad="SAME_UPPER"
+            )
+        ],
+        {"w": rnd(4, 2, 2, 1), "b": rnd(2)},
+        17,
+    ),
     "maxpool-ceil-asym": (
         [
             helper.make_node(
@@ -345,6 +449,55 @@ CASES: dict[str, tuple] = {
         ],
         {},
         17,
+    ),
+    # ceil_mode's last window must start inside the input or the leading pad, also where the
+    # pads are applied by hand (onnxruntime: 3 columns here, not 4).
+    "maxpool-ceil-big-pads": (
+        [
+            helper.make_node(
+                "MaxPool",
+                ["x"],
+                ["y"],
+                kernel_shape=[1, 3],
+                strides=[2, 2],
+                pads=[0, 2, 0, 2],
+                ceil_mode=1,
+            )
+        ],
+        {},
+        17,
+    ),
+    "avgpool-ceil-asym-include": (
+        [
+            helper.make_node(
+                "AveragePool",
+                ["x"],
+                ["y"],
+                kernel_shape=[2, 2],
+                strides=[2, 2],
+                pads=[1, 0, 1, 1],
+                ceil_mode=1,
+                count_include_pad=1,
+            )
+        ],
+        {},
+        17,
+    ),
+    # A stride beyond the kernel: SAME's total pad is negative, the window skips input at both
+    # ends (onnxruntime picks rows 1 and 4 of 6 here).
+    "avgpool-same-stride-beyond-kernel": (
+        [
+            helper.make_node(
+                "AveragePool",
+                ["x"],
+                ["y"],
+                kernel_shape=[1, 2],
+                strides=[3, 3],
+                auto_pad="SAME_UPPER",
+            )
+        ],
+        {},
+        19,
     ),
     "avgpool-exclude-pad": (
         [helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])],
@@ -403,6 +556,16 @@ CASES: dict[str, tuple] = {
     "pad-reflect": (
         [helper.make_node("Pad", ["x", "p"], ["y"], mode="reflect")],
         {"p": i64(0, 0, 2, 1, 0, 0, 1, 2)},
+        17,
+    ),
+    "pad-edge-leading-axes": (
+        [helper.make_node("Pad", ["x", "p"], ["y"], mode="edge")],
+        {"p": i64(1, 0, 0, 1, 0, 2, 0, 1)},
+        17,
+    ),
+    "pad-reflect-channels": (
+        [helper.make_node("Pad", ["x", "p"], ["y"], mode="reflect")],
+        {"p": i64(0, 2, 1, 0, 0, 1, -1, 2)},
         17,
     ),
     "pad-edge-axes": (
@@ -533,6 +696,16 @@ CASES: dict[str, tuple] = {
     "resize-linear-pytorch-down": resize(
         "linear", sizes=[2, 4, 4, 3], coordinate_transformation_mode="pytorch_half_pixel"
     ),
+    # onnxruntime computes sizes and source coordinates in float32: 6 * float32(5/6) is 5 there,
+    # (0 + 0.5) / float32(1/3) - 0.5 is exactly 1 (float64 says 4 and 0.99999996).
+    "resize-nearest-floor-third": resize(
+        "nearest", scales=[1, 1, 1 / 3, 1 / 3], nearest_mode="floor"
+    ),
+    "resize-linear-size-float32": resize("linear", scales=[1, 1, 5 / 6, 1]),
+    # No dim changes: onnxruntime copies the input, whatever the scales say.
+    "resize-linear-dims-unchanged": resize(
+        "linear", scales=[1, 1, 1.1, 1.1], coordinate_transformation_mode="asymmetric"
+    ),
     "upsample-opset9": (
         [helper.make_node("Upsample", ["x", "sc"], ["y"], mode="nearest")],
         {"sc": f32(1, 1, 2, 3)},
@@ -547,6 +720,15 @@ def test_op_matches_ort(case: str) -> None:
     model = make_model(nodes, {"x": X}, ["y"], inits, opset)
     x = rnd(*X, seed=7)
     assert_matches_ort(model, {"x": x})
+
+
+def test_pool_with_auto_pad_and_dilations_is_refused() -> None:
+    # onnxruntime pads these as if undilated (against the spec): no answer both agree on.
+    pool = helper.make_node(
+        "MaxPool", ["x"], ["y"], kernel_shape=[2, 2], dilations=[2, 2], auto_pad="SAME_UPPER"
+    )
+    with pytest.raises(BadInputError, match="combines auto_pad and dilations"):
+        OnnxModule(make_model([pool], {"x": X}, ["y"]))
 
 
 def test_dynamic_shape_arithmetic_runs_at_run_time() -> None:
@@ -625,6 +807,29 @@ def test_train_mode_batchnorm_matches_torch() -> None:
     x = torch.from_numpy(rnd(*X, seed=5))
     with torch.no_grad():
         assert_close(module(x).numpy(), ref(x).numpy())
+
+
+def test_per_activation_batchnorm_of_opset7() -> None:
+    """spatial=0 (before opset 9): one statistic per activation, in eval and train mode."""
+    shape = (4, 6, 6)
+    rng = np.random.default_rng(4)
+    inits = {
+        "s": rng.uniform(0.5, 1.5, shape),
+        "b": rng.normal(size=shape),
+        "m": rng.normal(size=shape),
+        "v": rng.uniform(0.5, 2, shape),
+    }
+    inits = {k: v.astype(np.float32) for k, v in inits.items()}
+    bn = helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], spatial=0)
+    model = make_model([bn], {"x": X}, ["y"], inits, opset=7)
+    x = rnd(*X, seed=7) * 2 + 1
+    assert_matches_ort(model, {"x": x})
+    module = OnnxModule(model).train()
+    y = module(torch.from_numpy(x)).detach().numpy()
+    batch_mean, batch_var = x.mean(0), x.var(0)
+    expected = (x - batch_mean) / np.sqrt(batch_var + 1e-5) * inits["s"] + inits["b"]
+    assert_close(y, expected)
+    assert_close(module.initializer("m").numpy(), 0.9 * inits["m"] + 0.1 * batch_mean, 1e-5)
 
 
 def test_dropout_active_only_in_train_mode() -> None:

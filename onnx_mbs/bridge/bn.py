@@ -31,7 +31,7 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
-from onnx_mbs.bridge.module import OnnxModule, with_outputs
+from onnx_mbs.bridge.module import OnnxModule, is_alias, with_outputs
 from onnx_mbs.bridge.ops import BN_MOMENTUM
 from onnx_mbs.bridge.precision import write_values
 
@@ -65,11 +65,28 @@ def is_bn_folded(model: onnx.ModelProto) -> bool:
     return bool(convs) and 2 * sum(c.output[0] in normalised for c in convs) < len(convs)
 
 
-def foldable_convs(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """Convs a BN can be re-inserted after: biased, own (unshared) weights, output not already
-    normalised and not a graph output."""
+def stored_initializer(model: onnx.ModelProto, name: str) -> str | None:
+    """The initializer `name` is, directly or through a chain of Identity / float Casts each read
+    only by the next (weights stored in bf16 and cast before use); None when it is not one."""
     graph = model.graph
     inits = {t.name for t in graph.initializer}
+    producers = {o: node for node in graph.node for o in node.output}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for used in node.input:
+            readers[used] = readers.get(used, 0) + 1
+    while name not in inits:
+        node = producers.get(name)
+        if node is None or not is_alias(node) or readers.get(name, 0) != 1:
+            return None
+        name = node.input[0]
+    return name
+
+
+def foldable_convs(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Convs a BN can be re-inserted after: biased, own (unshared) weights, output not already
+    normalised and not a graph output. Weights may be cast from another float type first."""
+    graph = model.graph
     outputs = {o.name for o in graph.output}
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
@@ -79,8 +96,10 @@ def foldable_convs(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     for node in graph.node:
         if node.op_type != "Conv" or len(node.input) < 3 or not node.input[2]:
             continue
-        weight, bias, out = node.input[1], node.input[2], node.output[0]
-        if weight not in inits or bias not in inits or out in outputs:
+        out = node.output[0]
+        weight = stored_initializer(model, node.input[1])
+        bias = stored_initializer(model, node.input[2])
+        if weight is None or bias is None or out in outputs:
             continue
         if len(readers[weight]) > 1 or len(readers[bias]) > 1:
             continue
@@ -130,10 +149,12 @@ def channel_maps(
     for conv in convs:
         maps[conv.output[0]] = None
         ref = ref_convs.get(conv.output[0])
-        if ref is None or ref.name != conv.name or conv.input[2] not in inits:
+        bias_name = stored_initializer(model, conv.input[2])
+        ref_bias_name = stored_initializer(reference, ref.input[2]) if ref is not None else None
+        if ref is None or ref.name != conv.name or bias_name is None or ref_bias_name is None:
             continue
-        bias = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float32)
-        ref_bias = numpy_helper.to_array(ref_inits[ref.input[2]]).astype(np.float32)
+        bias = numpy_helper.to_array(inits[bias_name]).astype(np.float32)
+        ref_bias = numpy_helper.to_array(ref_inits[ref_bias_name]).astype(np.float32)
         hits = [np.flatnonzero(ref_bias == value) for value in bias]
         if all(len(h) == 1 for h in hits):
             found = np.array([int(h[0]) for h in hits], dtype=np.int64)
@@ -212,7 +233,9 @@ def reinsert_bn(
                 momentum=0.9,
             )
         )
-        weight, bias = conv.input[1], conv.input[2]
+        weight = stored_initializer(model, conv.input[1])
+        bias = stored_initializer(model, conv.input[2])
+        assert weight is not None and bias is not None  # foldable_convs checked
         inserted.append(InsertedBN(conv.name, weight, bias, target, *names))
     del graph.node[:]
     graph.node.extend(nodes)

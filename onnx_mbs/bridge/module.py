@@ -66,7 +66,11 @@ def initializer_roles(model: onnx.ModelProto) -> dict[str, str]:
 
     Consumers are found through Identity nodes -- the torch exporter ties initializers with equal
     values that way (`b2.weight = Identity(b1.weight)`), and the tie is kept as one parameter --
-    and through Casts between float types (weights stored in fp16/bf16, cast before use).
+    and through Casts between float types (weights stored in fp16/bf16, cast before use). A
+    weight also keeps its role through Transpose/Reshape/Flatten/Squeeze/Unsqueeze of it (a
+    Linear exported as MatMul(x, Transpose(W)), depthwise weights stored flat): those nodes then
+    run on the parameter each forward instead of being folded, so it trains. Statistics do not
+    pass through them (BatchNorm updates its running statistics in place).
     """
     graph = model.graph
     float_inits = {
@@ -79,32 +83,45 @@ def initializer_roles(model: onnx.ModelProto) -> dict[str, str]:
         for i, name in enumerate(node.input):
             consumers.setdefault(name, []).append((node, i))
 
-    def uses(name: str, seen: set[str]) -> list[tuple[onnx.NodeProto, int]]:
+    def uses(
+        name: str, seen: set[str], reshaped: bool = False
+    ) -> list[tuple[onnx.NodeProto, int, bool]]:
         found = []
         for node, i in consumers.get(name, []):
-            if _is_alias(node) and node.output[0] not in seen:
+            layout = i == 0 and node.op_type in _LAYOUT_OPS
+            if (is_alias(node) or layout) and node.output[0] not in seen:
                 seen.add(node.output[0])
-                found += uses(node.output[0], seen)
+                found += uses(node.output[0], seen, reshaped or layout)
             else:
-                found.append((node, i))
+                found.append((node, i, reshaped))
         return found
 
     roles = {t.name: "constant" for t in graph.initializer}
     for name, tensor in float_inits.items():
-        for node, i in uses(name, {name}):
+        for node, i, reshaped in uses(name, {name}):
             if i in WEIGHT_INPUTS.get(node.op_type, ()) or (
                 node.op_type in ELEMENTWISE and int(np.prod(tensor.dims)) > 1
             ):
                 roles[name] = "parameter"
-            elif i in STAT_INPUTS.get(node.op_type, ()) and roles[name] != "parameter":
+            elif (
+                i in STAT_INPUTS.get(node.op_type, ())
+                and roles[name] != "parameter"
+                and not reshaped
+            ):
                 roles[name] = "buffer"
     return roles
+
+
+# Ops a weight keeps its role through (as their data input 0).
+_LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze"})
+# Ops whose output shape is worked out at build time when they read weights.
+_SHAPE_KNOWN_OPS = _LAYOUT_OPS | {"Identity", "Cast"}
 
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 
 
-def _is_alias(node: onnx.NodeProto) -> bool:
+def is_alias(node: onnx.NodeProto) -> bool:
     """Identity, or a Cast between float types: the consumer's role passes through it (a weight
     stored in bf16 and cast to float before its Conv is still a weight)."""
     if node.op_type == "Identity":
@@ -122,6 +139,10 @@ def untie_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     running mean can end up tied to a BN bias. Trained, such ties would force unrelated weights to
     stay equal, so retraining unties them first. The graph computes the same; only those Identity
     nodes are gone.
+
+    Likewise a weight or BatchNorm statistic held by a `Constant` node (some exporters write
+    weights that way) becomes an initializer of the same name: the module trains and
+    `write_back` writes initializers only, so left in the node it would silently stay as it was.
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -141,7 +162,40 @@ def untie_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     if len(keep) != len(graph.node):
         del graph.node[:]
         graph.node.extend(keep)
+    _hoist_constant_weights(out)
     return out
+
+
+def _hoist_constant_weights(model: onnx.ModelProto) -> None:
+    """Turn float `Constant(value=tensor)` nodes whose value the module would train (or update,
+    as BN statistics) into initializers, in place. IR < 4 (initializers must be inputs) is left."""
+    if model.ir_version < 4:
+        return
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    hoisted: dict[str, onnx.TensorProto] = {}
+    for node in graph.node:
+        if node.op_type != "Constant" or node.output[0] in outputs or len(node.attribute) != 1:
+            continue
+        attr = node.attribute[0]
+        if attr.name == "value" and attr.t.data_type in _FLOAT_TYPES:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(attr.t)
+            tensor.name = node.output[0]
+            hoisted[tensor.name] = tensor
+    if not hoisted:
+        return
+    trial = onnx.ModelProto()
+    trial.CopyFrom(model)
+    trial.graph.initializer.extend(hoisted.values())
+    roles = initializer_roles(trial)
+    wanted = {name for name in hoisted if roles[name] != "constant"}
+    if not wanted:
+        return
+    keep = [n for n in graph.node if not (n.op_type == "Constant" and n.output[0] in wanted)]
+    del graph.node[:]
+    graph.node.extend(keep)
+    graph.initializer.extend(hoisted[name] for name in sorted(wanted))
 
 
 def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
@@ -219,6 +273,12 @@ class OnnxModule(nn.Module):
                     consts[name] = value
                     shapes[name] = tuple(value.shape)
                 continue
+            if node.op_type in _SHAPE_KNOWN_OPS and all(n in consts or n in arrays for n in live):
+                # A reshaped, tied or cast weight: its shape is known now (a Conv without
+                # kernel_shape reads its kernel from it).
+                known = {n: consts[n] if n in consts else arrays[n] for n in live}
+                for name, value in zip(node.outputs, _fold(fn, node, known), strict=False):
+                    shapes[name] = tuple(value.shape)
             steps.append((fn, tuple(node.inputs), tuple(node.outputs), wants_training))
             self.runtime_ops.append(node.op_type)
 

@@ -193,14 +193,19 @@ def conv_transpose(n: Node) -> OpFn:
                 sizes, strides, out_pad, kernel, dilations, target, strict=True
             ):
                 total = s * (i - 1) + op + (k - 1) * d + 1 - t
+                # A target beyond the natural size (onnxruntime): with output_shape the extra
+                # cells at the end hold the bias alone; with auto_pad the output stays natural.
+                extra = -total if total < 0 and output_shape else 0
+                total = max(total, 0)
                 if auto_pad == "SAME_UPPER":
                     begin.append(total // 2)
-                    end.append(total - total // 2)
+                    end.append(total - total // 2 - extra)
                 else:
                     begin.append(total - total // 2)
-                    end.append(total // 2)
-            y = fn(x, w, b, strides, 0, out_pad, groups, dilations)
-            return F.pad(y, _torch_pads([-p for p in begin], [-p for p in end]))
+                    end.append(total // 2 - extra)
+            y = fn(x, w, None, strides, 0, out_pad, groups, dilations)
+            y = F.pad(y, _torch_pads([-p for p in begin], [-p for p in end]))
+            return y if b is None else y + b.reshape(-1, *([1] * rank))
 
         return shaped
     pads = [0] * (2 * rank) if auto_pad == "VALID" else list(n.attr("pads", [0] * (2 * rank)))
@@ -224,6 +229,9 @@ def batch_norm(n: Node) -> OpFn:
     own_momentum = 1.0 - n.attr("momentum", 0.9)
     eps = n.attr("epsilon", 1e-5)
     extra_outputs = len(n.outputs) > 1
+    # Before opset 9, spatial=0 keeps statistics per activation (C x D1 x ...), not per channel:
+    # batch norm over (N, C*D1*...) computes exactly that.
+    per_activation = n.opset < 9 and n.attr("spatial", 1) == 0
 
     def run(training, x, scale, bias, mean, var):
         if training and (mean.requires_grad or var.requires_grad):
@@ -233,7 +241,12 @@ def batch_norm(n: Node) -> OpFn:
             )
         momentum = BN_MOMENTUM.get()
         momentum = own_momentum if momentum is None else momentum
-        y = F.batch_norm(x, mean, var, scale, bias, training, momentum, eps)
+        if per_activation:
+            flat = [t.reshape(-1) for t in (mean, var, scale, bias)]
+            y = F.batch_norm(x.flatten(1), *flat[:2], *flat[2:], training, momentum, eps)
+            y = y.reshape(x.shape)
+        else:
+            y = F.batch_norm(x, mean, var, scale, bias, training, momentum, eps)
         return (y, mean, var) if extra_outputs else y
 
     return run
@@ -301,20 +314,16 @@ def gelu(n: Node) -> OpFn:
     return lambda x: F.gelu(x, approximate=approximate)
 
 
-def softmax(n: Node) -> OpFn:
-    axis = n.attr("axis", -1 if n.opset >= 13 else 1)
-    if n.opset >= 13:
-        return lambda x: torch.softmax(x, axis)
+def _softmax_like(fn: Callable) -> Callable[[Node], OpFn]:
+    """Softmax / LogSoftmax; before opset 13 they normalise over all dims from axis on."""
 
-    def flat(x):  # opset < 13: softmax over all dims from axis on
-        return torch.softmax(x.flatten(axis), -1).reshape(x.shape)
+    def build(n: Node) -> OpFn:
+        axis = n.attr("axis", -1 if n.opset >= 13 else 1)
+        if n.opset >= 13:
+            return lambda x: fn(x, axis)
+        return lambda x: fn(x.flatten(axis), -1).reshape(x.shape)
 
-    return flat
-
-
-def log_softmax(n: Node) -> OpFn:
-    axis = n.attr("axis", -1 if n.opset >= 13 else 1)
-    return lambda x: torch.log_softmax(x, axis)
+    return build
 
 
 def _unary(fn: Callable) -> Callable[[Node], OpFn]:
@@ -374,9 +383,55 @@ def _pool_geometry(n: Node) -> tuple[list[int], list[int], list[int], list[int],
     strides = list(n.attr("strides", [1] * rank))
     dilations = list(n.attr("dilations", [1] * rank))
     pads = list(n.attr("pads", [0] * (2 * rank)))
-    if n.attr("auto_pad", "NOTSET") == "VALID":
+    auto_pad = n.attr("auto_pad", "NOTSET")
+    if auto_pad == "VALID":
         pads = [0] * (2 * rank)
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER") and any(d != 1 for d in dilations):
+        # onnxruntime pads these as if undilated, against the spec: no answer to match.
+        raise BadInputError(f"{n.op_type} node '{n.name}' combines auto_pad and dilations")
     return kernel, strides, dilations, pads[:rank], pads[rank:]
+
+
+def _pool_same_pads(
+    sizes: Any, kernel: list[int], strides: list[int], mode: str
+) -> tuple[list[int], list[int]]:
+    """auto_pad=SAME_* pads of a pool as onnxruntime computes them: the total may be negative (a
+    stride larger than the kernel skips input at both ends) and halves round toward zero."""
+    begin, end = [], []
+    for size, k, s in zip(sizes, kernel, strides, strict=True):
+        total = (-(-int(size) // s) - 1) * s + k - int(size)
+        head = int((total if mode == "SAME_UPPER" else total + 1) / 2)
+        begin.append(head)
+        end.append(total - head)
+    return begin, end
+
+
+def _pool_sizes(
+    sizes: Any,
+    kernel: list[int],
+    strides: list[int],
+    dilations: list[int],
+    begin: list[int],
+    end: list[int],
+    ceil: bool,
+) -> list[int]:
+    """Output sizes of a pool: ceil_mode's last window must start inside the input or the
+    leading pad (what torch does for its own padding, not for padding done by hand)."""
+    out = []
+    for size, k, s, d, b, e in zip(sizes, kernel, strides, dilations, begin, end, strict=True):
+        span = int(size) + b + e - (k - 1) * d - 1
+        o = (-(-span // s) if ceil else span // s) + 1
+        if ceil and (o - 1) * s >= int(size) + b:
+            o -= 1
+        out.append(o)
+    return out
+
+
+def _crop(y: Any, sizes: list[int]) -> Any:
+    """y cut to `sizes` in its trailing dims."""
+    if list(y.shape[2:]) == sizes:
+        return y
+    return y[(slice(None), slice(None), *(slice(0, o) for o in sizes))]
 
 
 def max_pool(n: Node) -> OpFn:
@@ -386,19 +441,24 @@ def max_pool(n: Node) -> OpFn:
     fn = _MAX_POOL[len(kernel)]
     ceil = bool(n.attr("ceil_mode", 0))
     auto_pad = n.attr("auto_pad", "NOTSET")
-    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-
-        def same(x):
-            b, e = _same_pads(x.shape[2:], kernel, strides, dilations, auto_pad)
-            x = F.pad(x, _torch_pads(b, e), value=-math.inf)
-            return fn(x, kernel, strides, 0, dilations, ceil)
-
-        return same
+    same_mode = auto_pad in ("SAME_UPPER", "SAME_LOWER")
     # torch pads symmetrically and at most half the kernel; otherwise pad by hand with -inf.
-    if begin == end and all(p <= k // 2 for p, k in zip(begin, kernel, strict=True)):
+    if (
+        not same_mode
+        and begin == end
+        and all(p <= k // 2 for p, k in zip(begin, kernel, strict=True))
+    ):
         return lambda x: fn(x, kernel, strides, begin, dilations, ceil)
-    torch_pads = _torch_pads(begin, end)
-    return lambda x: fn(F.pad(x, torch_pads, value=-math.inf), kernel, strides, 0, dilations, ceil)
+
+    def padded(x):
+        b, e = (
+            _pool_same_pads(x.shape[2:], kernel, strides, auto_pad) if same_mode else (begin, end)
+        )
+        sizes = _pool_sizes(x.shape[2:], kernel, strides, dilations, b, e, ceil and not same_mode)
+        y = fn(F.pad(x, _torch_pads(b, e), value=-math.inf), kernel, strides, 0, dilations, ceil)
+        return _crop(y, sizes)
+
+    return padded
 
 
 def average_pool(n: Node) -> OpFn:
@@ -409,21 +469,23 @@ def average_pool(n: Node) -> OpFn:
     ceil = bool(n.attr("ceil_mode", 0))
     include = bool(n.attr("count_include_pad", 0))
     auto_pad = n.attr("auto_pad", "NOTSET")
+    same_mode = auto_pad in ("SAME_UPPER", "SAME_LOWER")
     symmetric = begin == end and all(p <= k // 2 for p, k in zip(begin, kernel, strict=True))
-    if auto_pad not in ("SAME_UPPER", "SAME_LOWER") and symmetric:
+    if not same_mode and symmetric:
         return lambda x: fn(x, kernel, strides, begin, ceil, include)
 
     def padded(x):
-        b, e = begin, end
-        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-            b, e = _same_pads(x.shape[2:], kernel, strides, dilations, auto_pad)
+        b, e = (
+            _pool_same_pads(x.shape[2:], kernel, strides, auto_pad) if same_mode else (begin, end)
+        )
+        sizes = _pool_sizes(x.shape[2:], kernel, strides, dilations, b, e, ceil and not same_mode)
         torch_pads = _torch_pads(b, e)
-        total = fn(F.pad(x, torch_pads), kernel, strides, 0, ceil, True)
+        total = _crop(fn(F.pad(x, torch_pads), kernel, strides, 0, ceil, True), sizes)
         if include:
             return total
         # Divide by the number of real (unpadded) elements under each window.
         ones = torch.ones((1, 1, *x.shape[2:]), dtype=x.dtype, device=x.device)
-        return total / fn(F.pad(ones, torch_pads), kernel, strides, 0, ceil, True)
+        return total / _crop(fn(F.pad(ones, torch_pads), kernel, strides, 0, ceil, True), sizes)
 
     return padded
 
@@ -469,21 +531,25 @@ def _reduce(fn: Callable, axes_input_from: int) -> Callable[[Node], OpFn]:
 def _resample_plan(
     size_in: int, size_out: int, scale: float, mode: str, transform: str, nearest: str
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """Source indices (and linear weights) for one axis, straight from the ONNX formulas."""
-    x = np.arange(size_out, dtype=np.float64)
+    """Source indices (and linear weights) for one axis, from the ONNX formulas evaluated in
+    float32 in onnxruntime's order: a nearest index that lands on a rounding boundary (scale
+    1/3, 0.6 ...) then picks the pixel onnxruntime picks."""
+    f = np.float32
+    x = np.arange(size_out, dtype=f)
+    scale, half, n_in, n_out = f(scale), f(0.5), f(size_in), f(size_out)
     if transform == "half_pixel":
-        src = (x + 0.5) / scale - 0.5
+        src = (x + half) / scale - half
     elif transform == "pytorch_half_pixel":
-        src = (x + 0.5) / scale - 0.5 if size_out > 1 else np.zeros_like(x)
+        src = (x + half) / scale - half if size_out > 1 else np.zeros_like(x)
     elif transform == "align_corners":
-        src = x * (size_in - 1) / (size_out - 1) if size_out > 1 else np.zeros_like(x)
+        src = x * (n_in - f(1)) / (n_out - f(1)) if size_out > 1 else np.zeros_like(x)
     elif transform == "asymmetric":
         src = x / scale
     elif transform == "tf_half_pixel_for_nn":
-        src = (x + 0.5) / scale
+        src = (x + half) / scale
     elif transform == "half_pixel_symmetric":
-        adjustment = size_out / (scale * size_in)
-        src = size_in / 2 * (1 - adjustment) + (x + 0.5) / scale - 0.5
+        adjustment = n_out / (scale * n_in)
+        src = n_in / f(2) * (f(1) - adjustment) + (x + half) / scale - half
     else:
         raise BadInputError(f"Resize coordinate_transformation_mode '{transform}' is not supported")
     if mode == "nearest":
@@ -494,10 +560,10 @@ def _resample_plan(
             "ceil": np.ceil(src),
         }[nearest]
         return np.clip(rounded, 0, size_in - 1).astype(np.int64), None, None
-    src = np.clip(src, 0, size_in - 1)
+    src = np.clip(src, f(0), f(size_in - 1))
     lo = np.floor(src).astype(np.int64)
     hi = np.minimum(lo + 1, size_in - 1)
-    return lo, hi, (src - lo).astype(np.float32)
+    return lo, hi, (src - lo.astype(f)).astype(f)
 
 
 def resize(n: Node) -> OpFn:
@@ -529,14 +595,19 @@ def resize(n: Node) -> OpFn:
     def run(x, *rest):
         scales, sizes = plan(scales_at, rest), plan(sizes_at, rest)
         axes = list(range(x.dim())) if axes_attr is None else [a % x.dim() for a in axes_attr]
+        steps = []
         for k, axis in enumerate(axes):
             size_in = x.shape[axis]
             if sizes is not None:
                 size_out = int(sizes[k])
-                scale = size_out / size_in
-            else:
+                scale = float(np.float32(size_out) / np.float32(size_in))
+            else:  # floor(size * scale), in float32 as onnxruntime computes it
                 scale = float(scales[k])
-                size_out = int(math.floor(size_in * scale))
+                size_out = int(np.floor(np.float32(scale) * np.float32(size_in)))
+            steps.append((axis, size_in, size_out, scale))
+        if all(size_out == size_in for _, size_in, size_out, _ in steps):
+            return x  # onnxruntime copies the input when no dim changes, whatever the scales
+        for axis, size_in, size_out, scale in steps:
             if size_out == size_in and scale == 1.0:
                 continue
             lo, hi, w = _resample_plan(size_in, size_out, scale, mode, transform, nearest)
@@ -580,10 +651,16 @@ def pad(n: Node) -> OpFn:
         nonzero = [i for i, p in enumerate(full) if p != (0, 0)]
         if not nonzero:
             return x
-        flat = [p for b, e in reversed(full[nonzero[0] :]) for p in (b, e)]
         if torch_mode == "constant":
+            flat = [p for b, e in reversed(full[nonzero[0] :]) for p in (b, e)]
             return F.pad(x, flat, "constant", value)
-        return F.pad(x, flat, torch_mode)
+        # torch pads only the last dims in these modes: one axis at a time, moved last.
+        for axis in nonzero:
+            moved = x.movedim(axis, -1)
+            shape = moved.shape
+            moved = F.pad(moved.reshape(-1, 1, shape[-1]), list(full[axis]), torch_mode)
+            x = moved.reshape(*shape[:-1], moved.shape[-1]).movedim(-1, axis)
+        return x
 
     if n.opset < 11:
         pads, value = list(n.attr("pads")), n.attr("value", 0.0)
@@ -1004,8 +1081,8 @@ OPS: dict[str, Callable[[Node], OpFn]] = {
     "Floor": _unary(torch.floor),
     "Ceil": _unary(torch.ceil),
     "Reciprocal": _unary(torch.reciprocal),
-    "Softmax": softmax,
-    "LogSoftmax": log_softmax,
+    "Softmax": _softmax_like(torch.softmax),
+    "LogSoftmax": _softmax_like(torch.log_softmax),
     "Add": _binary(torch.add),
     "Sub": _binary(torch.sub),
     "Mul": _binary(torch.mul),

@@ -375,6 +375,11 @@ def retrain(
         original = untie_initializers(model)  # written back into, in its own dtypes
         model = as_float32(original) if is_low_precision(original) else original
         base = OnnxModule(model).to(dev)
+        if not any(True for _ in base.parameters()):
+            raise BadInputError(
+                "the model has no trainable weights (float initializers of Conv, Gemm, MatMul, "
+                "BatchNormalization ...): there is nothing to retrain"
+            )
         local_batch = max(1, batch_size // world)
         _check_input(model, base, train, "training data")
         probe_np = train.take(np.arange(max(2, min(local_batch, train.count))))[0]
