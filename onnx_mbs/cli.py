@@ -573,7 +573,9 @@ def build_parser() -> argparse.ArgumentParser:
     def add_data_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--mean", help="per-channel mean after /255 (default: model metadata or 0)")
         p.add_argument("--std", help="per-channel std (default: model metadata or 1)")
-        p.add_argument("--limit", type=COUNT, help="use the first N samples")
+        p.add_argument(
+            "--limit", type=COUNT, help="use N samples (class folders: each class in turn)"
+        )
 
     def add_receptive_field(p: argparse.ArgumentParser) -> None:
         p.add_argument(
@@ -688,7 +690,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="validation data; the best epoch on it is kept (by top-1 with labels, by "
         "agreement with --teacher without)",
     )
-    p.add_argument("--val-limit", type=COUNT, help="use the first N validation samples")
+    p.add_argument(
+        "--val-limit", type=COUNT, help="use N validation samples (as --limit takes them)"
+    )
     p.add_argument("--teacher", help="original model to distil from (knowledge distillation)")
     p.add_argument("--epochs", type=COUNT, default=1, help="passes over the training data")
     p.add_argument(

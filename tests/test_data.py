@@ -242,6 +242,20 @@ def test_image_folder_labels_are_sorted_class_indices(image_folder):
     assert "2 classes" in source.description and "5 samples" in source.description
 
 
+def test_a_limit_on_class_folders_takes_every_class_in_turn(image_folder):
+    """`--limit 2` of ant (2 images) and cat (3): one of each; the first two files would both be
+    ants, and eval or the statistics would see one class only."""
+    root, images = image_folder
+    source = open_data(root, "in", (1, 3, 6, 6), limit=2)
+    got, labels = to_arrays(source)
+    assert labels.tolist() == [0, 1]
+    picked = np.stack([images["ant"][0], images["cat"][0]])
+    np.testing.assert_allclose(got, picked.transpose(0, 3, 1, 2) / 255.0, atol=1e-6)
+    assert "2 of 5 samples, each class in turn" in source.description
+    labels = to_arrays(open_data(root, "in", (1, 3, 6, 6), limit=5))[1]
+    assert labels.tolist() == [0, 0, 1, 1, 1]
+
+
 def test_numbered_class_folders_that_are_not_their_positions_are_refused(tmp_path):
     """Folders 3 and 7 (a subset of a 10-class set) would be labelled 0 and 1 by sorted position:
     the names say otherwise, so neither reading is taken silently."""

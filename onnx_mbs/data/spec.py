@@ -254,11 +254,26 @@ def _open_folder(
             f"{'/'.join(sorted(s[1:] for s in IMAGE_SUFFIXES))} files"
         )
     total = len(files)
-    files = files[:limit]
-    y = None if labels is None or not read_labels else np.asarray(labels[:limit], np.int64)
+    picked = list(range(total))[:limit] if labels is None else _in_turn(labels, limit)
+    files = [files[k] for k in picked]
+    y = None if labels is None or not read_labels else np.asarray(labels, np.int64)[picked]
     what = f"image folder {path} ({kind})"
-    description = _describe(what, len(files), total, y is not None, read_labels)
+    in_turn = labels is not None
+    description = _describe(what, len(files), total, y is not None, read_labels, in_turn)
     return ImageFolderSource(files, y, preprocess, input_name, description)
+
+
+def _in_turn(labels: list[int], limit: int | None) -> list[int]:
+    """The positions `limit` keeps of files sorted by class: one of each class in turn (the
+    first N would be the first classes only), back in folder order."""
+    if limit is None or limit >= len(labels):
+        return list(range(len(labels)))
+    rank: dict[int, int] = {}
+    order = []
+    for k, label in enumerate(labels):
+        order.append((rank.get(label, 0), label, k))
+        rank[label] = rank.get(label, 0) + 1
+    return sorted(k for _, _, k in sorted(order)[:limit])
 
 
 def _check_numbered_classes(path: Path, names: list[str]) -> None:
@@ -359,6 +374,18 @@ def _ignored(npz: Mapping[str, np.ndarray], read: set[str]) -> str:
     return f"; ignored arrays: {', '.join(left)}" if left else ""
 
 
-def _describe(what: str, count: int, total: int | None, labelled: bool, read: bool = True) -> str:
-    samples = f"first {count} of {total} samples" if total and count < total else f"{count} samples"
+def _describe(
+    what: str,
+    count: int,
+    total: int | None,
+    labelled: bool,
+    read: bool = True,
+    in_turn: bool = False,
+) -> str:
+    """The data line; `in_turn`: a limit took each class in turn, not the first samples."""
+    samples = f"{count} samples"
+    if total and count < total and in_turn:
+        samples = f"{count} of {total} samples, each class in turn"
+    elif total and count < total:
+        samples = f"first {count} of {total} samples"
     return f"{what}: {samples}, labels: {'yes' if labelled else 'no' if read else 'ignored'}"
