@@ -352,6 +352,11 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     )
     if args.val_limit is not None and not args.val:
         raise BadInputError("--val-limit limits the --val data: give --val, or drop --val-limit")
+    if args.no_labels and not args.teacher:
+        raise BadInputError(
+            "--no-labels leaves only distillation to learn from: give --teacher ORIGINAL, or "
+            "drop --no-labels to train on the labels"
+        )
     losses = parse_loss_specs(args.loss)
     shapes = _input_shapes(args.input_shape)
     read = load(args.model, shapes)

@@ -99,3 +99,16 @@ def test_val_limit_without_val_is_refused(bundled_small, bundled_model_path, tmp
     assert main(args) == 2
     assert "--val-limit limits the --val data" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_no_labels_without_a_teacher_says_so(bundled_small, bundled_model_path, tmp_path, capsys):
+    """--no-labels on labelled data leaves nothing to learn from but a teacher: the refusal
+    names the flag, not 'training data has no labels' (it has)."""
+    out = tmp_path / "out.onnx"
+    data = str(bundled_model_path.parent / "fmnist_train_sample.npz")
+    args = ["retrain", str(bundled_small), "-o", str(out), "--data", data, "--no-labels"]
+    args += ["--limit", "8", "--workers", "0"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--no-labels" in err and "--teacher" in err and "has no labels" not in err
+    assert not out.exists()
