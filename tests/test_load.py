@@ -115,6 +115,20 @@ def test_external_data_is_loaded(tmp_path):
         load_model(path)
 
 
+def test_a_model_proto_whose_external_data_was_not_read_is_refused_in_one_line(tmp_path):
+    """onnx.load(path, load_external_data=False) keeps references that only the file's folder
+    resolves: the refusal said "... should be stored in /tmp/.onnx-mbs.../ext.data", a
+    temporary folder of onnx-mbs's own."""
+    path = tmp_path / "ext.onnx"
+    onnx.save(
+        conv_relu_model(), path, save_as_external_data=True, location="ext.data", size_threshold=0
+    )
+    proto = onnx.load(str(path), load_external_data=False)
+    with pytest.raises(BadInputError, match=r"'w'.*external data.*load_external_data") as error:
+        load_model(proto)
+    assert ".onnx-mbs" not in str(error.value) and "\n" not in str(error.value)
+
+
 @pytest.mark.parametrize(
     "make, message",
     [
