@@ -13,7 +13,7 @@ from google.protobuf.message import DecodeError
 from .custom_ops import hide_unknown_ops
 from .errors import BadInputError, QuantizedModelError, temporary_folder_error
 from .external_data import weights_apart
-from .integrity import check_stored_sizes, stored_tensors, undecodable
+from .integrity import check_stored_sizes, model_tensors, undecodable
 from .scratch import scratch_folder
 
 QUANTIZED_OPS = {
@@ -40,7 +40,7 @@ def read_model(
         model = onnx.ModelProto()
         model.CopyFrom(source)
         if check_stored_sizes(model):  # references that only the file's folder resolves
-            tensor = next(t for t in stored_tensors(model.graph) if _external(t))
+            tensor = next(t for t in model_tensors(model) if _external(t))
             raise BadInputError(
                 f"tensor {tensor.name!r} of the given ModelProto is external data that was "
                 "not read (onnx.load(..., load_external_data=False)?); pass the model's "
