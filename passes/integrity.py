@@ -27,7 +27,7 @@ def check_stored_sizes(model: onnx.ModelProto, folder: Path | None = None) -> bo
     can make the run read neither another file nor more than the shape asks for.
     Returns whether any tensor is stored as external data."""
     external = False
-    for tensor in stored_tensors(model.graph):
+    for tensor in model_tensors(model):
         wanted = _stored_bytes(tensor)
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             external = True
@@ -56,9 +56,18 @@ def _where(tensor: onnx.TensorProto) -> str:
     return f"tensor {tensor.name!r} (shape {list(tensor.dims)})"
 
 
-def stored_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    """Initializers and attribute tensors of `graph` and its subgraphs (save reads them too)."""
-    yield from graph.initializer
+def model_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor `model` stores: its graphs' and its functions' (onnx.load reads both)."""
+    yield from stored_tensors(model.graph)
+    for function in model.functions:
+        yield from stored_tensors(function)
+
+
+def stored_tensors(graph: onnx.GraphProto | onnx.FunctionProto) -> Iterator[onnx.TensorProto]:
+    """Initializers and attribute tensors of `graph` (or a function's body) and its
+    subgraphs (save reads them too)."""
+    if isinstance(graph, onnx.GraphProto):
+        yield from graph.initializer
     for node in graph.node:
         for attribute in node.attribute:
             if attribute.HasField("t"):

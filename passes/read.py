@@ -13,7 +13,7 @@ from google.protobuf.message import DecodeError
 from .custom_ops import hide_unknown_ops
 from .errors import BadInputError, QuantizedModelError, temporary_folder_error
 from .external_data import weights_apart
-from .integrity import check_stored_sizes, undecodable
+from .integrity import check_stored_sizes, model_tensors, undecodable
 from .scratch import scratch_folder
 
 QUANTIZED_OPS = {
@@ -39,7 +39,13 @@ def read_model(
     if isinstance(source, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(source)
-        check_stored_sizes(model)
+        if check_stored_sizes(model):  # references that only the file's folder resolves
+            tensor = next(t for t in model_tensors(model) if _external(t))
+            raise BadInputError(
+                f"tensor {tensor.name!r} of the given ModelProto is external data that was "
+                "not read (onnx.load(..., load_external_data=False)?); pass the model's "
+                "path, or load it with its external data"
+            )
     else:
         path = Path(source)
         if path.is_dir():
@@ -100,3 +106,7 @@ def check_model(model: onnx.ModelProto, full_check: bool = False) -> None:
         except OSError as error:
             raise temporary_folder_error(error) from None
         onnx.checker.check_model(str(folder / "checked.onnx"), full_check=full_check)
+
+
+def _external(tensor: onnx.TensorProto) -> bool:
+    return tensor.data_location == onnx.TensorProto.EXTERNAL

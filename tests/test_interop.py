@@ -67,6 +67,38 @@ def test_onnx_ir_pass_reduces_an_external_data_model(bundled_external, bundled_m
     _same_weights(ir.to_proto(result.model), ir.to_proto(embedded.model))
 
 
+def test_onnx_ir_pass_reads_external_weights_held_by_constant_nodes(bundled_model_path, tmp_path):
+    """Weights in Constant nodes (Paddle2ONNX) saved as external data: the pass read only the
+    top graph's initializers in, so reduce got a reference to a file it could not find
+    ("... should be stored in /tmp/.onnx-mbs.../model.onnx.data") where the path reduces."""
+    model = onnx.load(str(bundled_model_path))
+    weight = next(t for t in model.graph.initializer if t.name == model.graph.node[0].input[1])
+    model.graph.initializer.remove(weight)
+    model.graph.node.insert(0, onnx.helper.make_node("Constant", [], [weight.name], value=weight))
+    path = tmp_path / "model.onnx"
+    onnx.save(
+        model,
+        str(path),
+        save_as_external_data=True,
+        location="model.onnx.data",
+        size_threshold=0,
+        convert_attribute=True,
+    )
+    loaded = ir.load(str(path))
+    result = ir.passes.PassManager([OnnxMbsPass(MacroblockScaling(None, budget=BUDGET))])(loaded)
+    from_path, _ = reduce(str(path), budget=BUDGET, progress=False)
+    _same_weights(ir.to_proto(result.model), from_path)
+    # a reference outside the model's folder is refused, as when reduce reads the file
+    for tensor in ir.to_proto(loaded).graph.initializer[:1]:
+        loaded.graph.initializers[tensor.name].const_value._location = "../model.onnx.data"
+    with pytest.raises(ir.passes.PassError) as raised:
+        ir.passes.PassManager([OnnxMbsPass(MacroblockScaling(None, budget=BUDGET))])(loaded)
+    cause = raised.value
+    while cause.__cause__ is not None:  # PassManager's errors wrap the pass's own
+        cause = cause.__cause__
+    assert "outside the model's folder" in str(cause)
+
+
 def _same_weights(a: onnx.ModelProto, b: onnx.ModelProto) -> None:
     assert [t.name for t in a.graph.initializer] == [t.name for t in b.graph.initializer]
     for x, y in zip(a.graph.initializer, b.graph.initializer):

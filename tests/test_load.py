@@ -115,6 +115,56 @@ def test_external_data_is_loaded(tmp_path):
         load_model(path)
 
 
+def test_external_data_of_a_function_body_is_read(tmp_path):
+    """A Constant in a model-local function may keep its tensor in external data (valid ONNX:
+    the checker and onnxruntime read it); it was left unread, and the refusal named a
+    temporary folder: "... should be stored in /tmp/.onnx-mbs.../c.bin"."""
+    model = conv_relu_model()
+    values = np.array([1.0, -2.0], np.float32)
+    (tmp_path / "c.bin").write_bytes(values.tobytes())
+    constant = onnx.helper.make_tensor("c", onnx.TensorProto.FLOAT, [2], values.tobytes(), True)
+    onnx.external_data_helper.set_external_data(constant, "c.bin", offset=0, length=8)
+    constant.ClearField("raw_data")
+    body = [
+        onnx.helper.make_node("Constant", [], ["k"], value=constant),
+        onnx.helper.make_node("Add", ["a", "k"], ["b"]),
+    ]
+    opset = [onnx.helper.make_opsetid("", 17)]
+    model.functions.append(onnx.helper.make_function("my.fns", "AddC", ["a"], ["b"], body, opset))
+    model.opset_import.append(onnx.helper.make_opsetid("my.fns", 1))
+    model.graph.node.append(onnx.helper.make_node("AddC", ["y"], ["z"], domain="my.fns"))
+    model.graph.output.append(
+        onnx.helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [1, 2])
+    )
+    path = tmp_path / "fn.onnx"
+    onnx.save(model, path)
+    onnx.checker.check_model(str(path), full_check=True)
+    loaded = load_model(path)
+    read = loaded.functions[0].node[0].attribute[0].t
+    np.testing.assert_array_equal(numpy_helper.to_array(read), values)
+    where = model.functions[0].node[0].attribute[0].t.external_data
+    next(e for e in where if e.key == "location").value = "../c.bin"  # outside: refused
+    onnx.save(model, tmp_path / "sub.onnx")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub.onnx").rename(tmp_path / "sub" / "fn.onnx")
+    with pytest.raises(BadInputError, match="outside the model's folder"):
+        load_model(tmp_path / "sub" / "fn.onnx")
+
+
+def test_a_model_proto_whose_external_data_was_not_read_is_refused_in_one_line(tmp_path):
+    """onnx.load(path, load_external_data=False) keeps references that only the file's folder
+    resolves: the refusal said "... should be stored in /tmp/.onnx-mbs.../ext.data", a
+    temporary folder of onnx-mbs's own."""
+    path = tmp_path / "ext.onnx"
+    onnx.save(
+        conv_relu_model(), path, save_as_external_data=True, location="ext.data", size_threshold=0
+    )
+    proto = onnx.load(str(path), load_external_data=False)
+    with pytest.raises(BadInputError, match=r"'w'.*external data.*load_external_data") as error:
+        load_model(proto)
+    assert ".onnx-mbs" not in str(error.value) and "\n" not in str(error.value)
+
+
 @pytest.mark.parametrize(
     "make, message",
     [

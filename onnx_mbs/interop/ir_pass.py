@@ -11,18 +11,21 @@ onnx-mbs passes work on ModelProtos and never modify their input, so the
 wrapper is a FunctionalPass: it serialises the ir.Model, runs the pass and
 deserialises the result. `modified` is the wrapped pass's own. Weights that
 `ir.load` left in an external data file (torch's exporter writes one by
-default) are read into the serialised model, whose tensors no longer know the
-file's folder; the result holds its weights in memory.
+default), in any graph or Constant node, are read into the serialised model, whose
+tensors no longer know the file's folder; the result holds its weights in memory.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import onnx
-from onnx.external_data_helper import load_external_data_for_tensor
 
+from onnx_mbs.passes import BadInputError
 from onnx_mbs.passes.base import Pass
+from onnx_mbs.passes.integrity import check_stored_sizes
 
 from . import missing
 
@@ -52,16 +55,31 @@ class OnnxMbsPass(ir.passes.FunctionalPass):
 
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:
-    """`model` as a ModelProto holding every weight, external ones read from their files."""
+    """`model` as a ModelProto holding every weight, external ones read from their folder
+    (initializers of every graph, Constant nodes' and functions' tensors) as `reduce` reads
+    a file's: references outside that folder are refused."""
     proto = ir.to_proto(model)
-    folders = {
-        name: value.const_value.base_dir
-        for name, value in model.graph.initializers.items()
-        if isinstance(value.const_value, ir.ExternalTensor)
-    }
-    for tensor in proto.graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL and tensor.name in folders:
-            load_external_data_for_tensor(tensor, folders[tensor.name])
-            tensor.data_location = onnx.TensorProto.DEFAULT
-            del tensor.external_data[:]
+    folders = {t.base_dir for t in _tensors(model) if isinstance(t, ir.ExternalTensor)}
+    if len(folders) > 1:
+        shown = ", ".join(sorted(str(f) for f in folders))
+        raise BadInputError(f"the model's external data lies in several folders ({shown})")
+    if folders:
+        folder = Path(next(iter(folders)))
+        check_stored_sizes(proto, folder)
+        onnx.load_external_data_for_model(proto, str(folder))
     return proto
+
+
+def _tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
+    """Every tensor `model` holds: initializers and attributes, in subgraphs and functions."""
+    for graph in model.graphs():
+        yield from (v.const_value for v in graph.initializers.values() if v.const_value)
+    for root in [model.graph, *model.functions.values()]:
+        for node in ir.traversal.RecursiveGraphIterator(root):
+            for attr in node.attributes.values():
+                if attr.is_ref() or attr.value is None:
+                    continue
+                if attr.type == ir.AttributeType.TENSOR:
+                    yield attr.value
+                elif attr.type == ir.AttributeType.TENSORS:
+                    yield from attr.value
