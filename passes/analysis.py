@@ -222,6 +222,21 @@ def _global_step(
     return (1.0,) * rank, (1.0,) * rank
 
 
+def _starts_a_macroblock(
+    node: onnx.NodeProto, size: tuple[int, ...], inputs: list[str], resolution: dict
+) -> bool:
+    """A Slice whose map output has another size than its map input: it subsamples the map
+    (a CIFAR ResNet's option-A shortcut, x[:, :, ::2, ::2]) or crops it (a U-Net skip), so
+    the convs after it make maps of another size, in a macroblock of their own."""
+    return (
+        node.op_type == "Slice"
+        and bool(inputs)
+        and inputs[0] == node.input[0]
+        and resolution[inputs[0]] != size
+        and not all(d == 1 for d in resolution[inputs[0]])
+    )
+
+
 def space_to_depth_chains(index: GraphIndex) -> dict[int, onnx.NodeProto | None]:
     """Reshape-Transpose-Reshape chains that compute SpaceToDepth (TResNet's stem, YOLO
     focus layers written as views): (N, C, H, W) -> (N, C, H/b, b, W/b, b) -> any order
@@ -345,6 +360,7 @@ def analyze_model(
                 inputs
                 and not any(all(d == 1 for d in resolution[t]) for t in inputs)
                 and op not in RESAMPLING_OPS
+                and not _starts_a_macroblock(node, resolution[out], inputs, resolution)
             ):
                 rf[out] = max(rf[t] for t in inputs)
             elif inputs and all(math.isinf(rf[t]) for t in inputs):
@@ -359,6 +375,9 @@ def analyze_model(
                 for b in tensors:
                     if a < b and resolution[a] == resolution[b]:
                         blocks.union(a, b)
+        elif _starts_a_macroblock(node, resolution[outputs[0]], inputs, resolution):
+            for t in outputs[1:]:
+                blocks.union(outputs[0], t)
         else:
             for t in tensors[1:]:
                 blocks.union(tensors[0], t)
