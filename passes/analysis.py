@@ -16,6 +16,7 @@ import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 
+import numpy as np
 import onnx
 
 from .base import Pass, PassResult
@@ -237,6 +238,21 @@ def _starts_a_macroblock(
     )
 
 
+def _slice_steps(node: onnx.NodeProto, index: GraphIndex) -> list[int]:
+    """|step| of a Slice per axis of its (4-D) input; 1 where it does not step or the step is
+    not a constant (opset < 10 Slices have none)."""
+    rank = len(index.shapes.get(node.input[0]) or ())
+    steps = [1] * rank
+    axes = index.constant(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+    given = index.constant(node.input[4]) if len(node.input) > 4 and node.input[4] else None
+    if given is None:
+        return steps
+    axes = range(len(given)) if axes is None else axes
+    for axis, step in zip(np.ravel(axes), np.ravel(given)):
+        steps[int(axis) % rank] = abs(int(step))
+    return steps
+
+
 def space_to_depth_chains(index: GraphIndex) -> dict[int, onnx.NodeProto | None]:
     """Reshape-Transpose-Reshape chains that compute SpaceToDepth (TResNet's stem, YOLO
     focus layers written as views): (N, C, H, W) -> (N, C, H/b, b, W/b, b) -> any order
@@ -340,6 +356,11 @@ def analyze_model(
                 conv_attrs[node.name] = attrs
         for out in outputs:
             field_of[out] = _global_step(node, out, inputs, resolution, field_of, window)
+        if _starts_a_macroblock(node, resolution[outputs[0]], inputs, resolution):
+            # x[:, :, ::s, ::s] is a 1x1 window of stride s: the field stays, the step grows.
+            (field, step), steps = field_of[inputs[0]], _slice_steps(node, index)
+            if len(steps) == len(step) + 2:
+                field_of[outputs[0]] = (field, tuple(a * b for a, b in zip(step, steps[2:])))
         # Receptive field of each output, local to its macroblock.
         for out in outputs:
             same = [t for t in inputs if resolution[t] == resolution[out]]

@@ -162,3 +162,17 @@ def test_a_slice_that_subsamples_or_crops_the_map_starts_a_macroblock(crop):
         local = {x.name: x.local_receptive_field for x in analysis.layers}
         assert local["b2"] == local["b1"] + 2 and local["b3"] == local["b2"] + 2
         assert local["b1"] == (3 if crop else 2)
+
+
+def test_convs_after_a_strided_slice_see_at_its_step():
+    """x[:, :, ::2, ::2] is a 1x1 window of stride 2: 3, then 3 + 2*2 = 7, 7 + 2*2 = 11
+    (the empirical field of these convs; the step was left at 1: 5 and 7)."""
+    b = Builder("subsample")
+    x = b.input("x", [1, 3, 64, 64])
+    x = _conv(b, x, 3, 4, 3, name="a")
+    x = b.op("Slice", [x, b.const(np.array([0, 0])), b.const(np.array([64, 64])),
+                       b.const(np.array([-2, -1])), b.const(np.array([2, 2]))])  # fmt: skip
+    x = _conv(b, x, 4, 4, 3, name="b")
+    x = _conv(b, x, 4, 4, 3, name="c")
+    _, rf = _fields(b.model([x]))
+    assert rf == {"a": 3, "b": 7, "c": 11}
