@@ -16,6 +16,7 @@ import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 
+import numpy as np
 import onnx
 
 from .base import Pass, PassResult
@@ -222,6 +223,36 @@ def _global_step(
     return (1.0,) * rank, (1.0,) * rank
 
 
+def _starts_a_macroblock(
+    node: onnx.NodeProto, size: tuple[int, ...], inputs: list[str], resolution: dict
+) -> bool:
+    """A Slice whose map output has another size than its map input: it subsamples the map
+    (a CIFAR ResNet's option-A shortcut, x[:, :, ::2, ::2]) or crops it (a U-Net skip), so
+    the convs after it make maps of another size, in a macroblock of their own."""
+    return (
+        node.op_type == "Slice"
+        and bool(inputs)
+        and inputs[0] == node.input[0]
+        and resolution[inputs[0]] != size
+        and not all(d == 1 for d in resolution[inputs[0]])
+    )
+
+
+def _slice_steps(node: onnx.NodeProto, index: GraphIndex) -> list[int]:
+    """|step| of a Slice per axis of its (4-D) input; 1 where it does not step or the step is
+    not a constant (opset < 10 Slices have none)."""
+    rank = len(index.shapes.get(node.input[0]) or ())
+    steps = [1] * rank
+    axes = index.constant(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+    given = index.constant(node.input[4]) if len(node.input) > 4 and node.input[4] else None
+    if given is None:
+        return steps
+    axes = range(len(given)) if axes is None else axes
+    for axis, step in zip(np.ravel(axes), np.ravel(given)):
+        steps[int(axis) % rank] = abs(int(step))
+    return steps
+
+
 def space_to_depth_chains(index: GraphIndex) -> dict[int, onnx.NodeProto | None]:
     """Reshape-Transpose-Reshape chains that compute SpaceToDepth (TResNet's stem, YOLO
     focus layers written as views): (N, C, H, W) -> (N, C, H/b, b, W/b, b) -> any order
@@ -325,6 +356,11 @@ def analyze_model(
                 conv_attrs[node.name] = attrs
         for out in outputs:
             field_of[out] = _global_step(node, out, inputs, resolution, field_of, window)
+        if _starts_a_macroblock(node, resolution[outputs[0]], inputs, resolution):
+            # x[:, :, ::s, ::s] is a 1x1 window of stride s: the field stays, the step grows.
+            (field, step), steps = field_of[inputs[0]], _slice_steps(node, index)
+            if len(steps) == len(step) + 2:
+                field_of[outputs[0]] = (field, tuple(a * b for a, b in zip(step, steps[2:])))
         # Receptive field of each output, local to its macroblock.
         for out in outputs:
             same = [t for t in inputs if resolution[t] == resolution[out]]
@@ -345,6 +381,7 @@ def analyze_model(
                 inputs
                 and not any(all(d == 1 for d in resolution[t]) for t in inputs)
                 and op not in RESAMPLING_OPS
+                and not _starts_a_macroblock(node, resolution[out], inputs, resolution)
             ):
                 rf[out] = max(rf[t] for t in inputs)
             elif inputs and all(math.isinf(rf[t]) for t in inputs):
@@ -359,6 +396,9 @@ def analyze_model(
                 for b in tensors:
                     if a < b and resolution[a] == resolution[b]:
                         blocks.union(a, b)
+        elif _starts_a_macroblock(node, resolution[outputs[0]], inputs, resolution):
+            for t in outputs[1:]:
+                blocks.union(outputs[0], t)
         else:
             for t in tensors[1:]:
                 blocks.union(tensors[0], t)

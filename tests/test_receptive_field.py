@@ -129,3 +129,50 @@ def test_base_is_the_layers_within_the_image():
     assert local.macroblocks[1].base_layers == ["down", "d1"]  # 2, 6 in 8x8 pixels
     with pytest.raises(BadInputError, match="receptive-field"):
         analyze_model(load_model(model), "paper")
+
+
+@pytest.mark.parametrize("crop", [False, True])
+def test_a_slice_that_subsamples_or_crops_the_map_starts_a_macroblock(crop):
+    """A CIFAR ResNet's option-A shortcut subsamples the stream with x[:, :, ::2, ::2] (a
+    strided Slice) and pads the channels; a U-Net crops a skip with a Slice. Either way the
+    convs after it make a map of another size: a macroblock of their own, not the one
+    before (one "32x32" macroblock held every layer of such a ResNet-20)."""
+    b = Builder("option_a")
+    x = b.input("x", [1, 3, 32, 32])
+    x = b.op("Relu", [_conv(b, x, 3, 4, 3, name="stem")])
+    x = b.op("Relu", [b.op("Add", [_conv(b, x, 4, 4, 3, name="a1"), x])])
+    if crop:  # 32 -> 24, the pixels keep their size
+        x = b.op("Slice", [x, b.const(np.array([4, 4])), b.const(np.array([28, 28])),
+                           b.const(np.array([2, 3]))])  # fmt: skip
+        y = _conv(b, x, 4, 8, 3, name="b1")
+        short = b.op("Pad", [x, b.const(np.array([0, 2, 0, 0, 0, 2, 0, 0]))])
+    else:  # 32 -> 16
+        y = _conv(b, x, 4, 8, 3, stride=2, name="b1")
+        sub = b.op("Slice", [x, b.const(np.array([0, 0])), b.const(np.array([32, 32])),
+                             b.const(np.array([2, 3])), b.const(np.array([2, 2]))])  # fmt: skip
+        short = b.op("Pad", [sub, b.const(np.array([0, 2, 0, 0, 0, 2, 0, 0]))])
+    x = b.op("Relu", [b.op("Add", [_conv(b, b.op("Relu", [y]), 8, 8, 3, name="b2"), short])])
+    x = _conv(b, x, 8, 8, 3, name="b3")
+    for reading in ("global", "local"):
+        analysis = analyze_model(load_model(b.model([x])), reading)
+        blocks = [(m.resolution, m.layers) for m in analysis.macroblocks]
+        small = (24, 24) if crop else (16, 16)
+        assert blocks == [((32, 32), ["stem", "a1"]), (small, ["b1", "b2", "b3"])], reading
+        # b1 starts its macroblock; in its own pixels nothing before the Slice counts.
+        local = {x.name: x.local_receptive_field for x in analysis.layers}
+        assert local["b2"] == local["b1"] + 2 and local["b3"] == local["b2"] + 2
+        assert local["b1"] == (3 if crop else 2)
+
+
+def test_convs_after_a_strided_slice_see_at_its_step():
+    """x[:, :, ::2, ::2] is a 1x1 window of stride 2: 3, then 3 + 2*2 = 7, 7 + 2*2 = 11
+    (the empirical field of these convs; the step was left at 1: 5 and 7)."""
+    b = Builder("subsample")
+    x = b.input("x", [1, 3, 64, 64])
+    x = _conv(b, x, 3, 4, 3, name="a")
+    x = b.op("Slice", [x, b.const(np.array([0, 0])), b.const(np.array([64, 64])),
+                       b.const(np.array([-2, -1])), b.const(np.array([2, 2]))])  # fmt: skip
+    x = _conv(b, x, 4, 4, 3, name="b")
+    x = _conv(b, x, 4, 4, 3, name="c")
+    _, rf = _fields(b.model([x]))
+    assert rf == {"a": 3, "b": 7, "c": 11}
