@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -807,6 +808,13 @@ def _terminate(signum: int, frame: object) -> None:
     raise Terminated
 
 
+def _stdout_to_devnull() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush of what the closed pipe did
+    not take raises no second BrokenPipeError (Python's documented recipe)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -830,6 +838,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("onnx-mbs: interrupted; nothing written", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `onnx-mbs analyze M | head`: the reader has gone
+        _stdout_to_devnull()
+        return 141  # 128 + SIGPIPE, as a pipeline reports a writer its reader closed on
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)

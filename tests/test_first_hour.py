@@ -125,3 +125,21 @@ def test_widths_png_keeps_labels_apart_and_the_x_axis_whole(zoo_onnx, tmp_path):
     ticks = [t for t in ax.get_xticks() if -0.5 <= t <= layers - 0.5]
     assert ticks and all(float(t).is_integer() for t in ticks)
     assert (tmp_path / "widths.png") in write_report(report, tmp_path)
+
+
+def test_output_piped_into_a_reader_that_stops_ends_quietly():
+    """`onnx-mbs analyze M | head -1`: the reader goes away; no traceback, the pipe's exit
+    code (141, as a process SIGPIPE ends) and nothing on stderr."""
+    from onnx_mbs.models import BUNDLED_DIR
+
+    model = str(BUNDLED_DIR / "resnet20_fmnist.onnx")
+    child = subprocess.Popen(
+        [sys.executable, "-m", "onnx_mbs", "analyze", model],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    child.stdout.close()  # before the child writes: its first write meets a closed pipe
+    err = child.stderr.read()
+    assert child.wait(timeout=120) == 141
+    assert err == ""
