@@ -93,6 +93,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def joined_commands(record: dict[str, Any], command: str) -> list[str]:
+    """Every command run into `record`, in order, `command` last unless it ran before: the
+    first made the record (with the whole design when it was the default), later ones added
+    cells to it."""
+    commands = list(record.get("commands") or ([record["command"]] if "command" in record else []))
+    return commands if command in commands else [*commands, command]
+
+
 class Run:
     def __init__(self, args: argparse.Namespace) -> None:
         self.a = args
@@ -113,9 +121,11 @@ class Run:
         self.drop_stale_auto()
 
     def record_run(self) -> None:
-        """The command, recipe and machine of the run that retrains into the record."""
+        """The commands, recipe and machine of the runs that retrain into the record."""
+        commands = joined_commands(self.results, "nice -n 15 python " + " ".join(sys.argv))
         self.results.update(
-            command="nice -n 15 python " + " ".join(sys.argv),
+            command=commands[0],
+            commands=commands,
             recipe=RECIPE,
             environment={
                 "torch": torch.__version__,

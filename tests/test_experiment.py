@@ -481,3 +481,20 @@ def test_long_regime_is_partial_until_every_cell_it_was_asked_for_is_done(tmp_pa
     record = json.loads(alone.read_text())
     assert record["partial"] and record["rows_done"] == "2 of 4"
     assert record["design"]["arms"] == ["mbs", "uniform"]
+
+
+def test_long_regime_keeps_the_command_of_every_run_into_a_record(tmp_path, monkeypatch):
+    """A run of some cells into a record adds its command; the one that made it stays first."""
+    import long_regime
+
+    out = tmp_path / "long.json"
+    out.write_text(json.dumps({"baselines": {}, "reductions": [], "rows": [],
+                               "command": "nice -n 15 python bench/long_regime.py"}))  # fmt: skip
+    args = ["--archs", "resnet20", "--arms", "auto", "--out", str(out), "--work", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", ["bench/long_regime.py", *args])
+    for _ in range(2):  # the same run resumed is one command
+        run = long_regime.Run(long_regime.parse_args(args))
+        out.write_text(json.dumps(run.results))
+    record = json.loads(out.read_text())
+    assert record["command"] == "nice -n 15 python bench/long_regime.py"
+    assert record["commands"] == [record["command"], "nice -n 15 python " + " ".join(sys.argv)]
