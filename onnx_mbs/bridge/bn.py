@@ -23,7 +23,8 @@ weights into the original graph, whose nodes and names are unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,22 +66,24 @@ def is_bn_folded(model: onnx.ModelProto) -> bool:
     return bool(convs) and 2 * sum(c.output[0] in normalised for c in convs) < len(convs)
 
 
-def stored_initializer(model: onnx.ModelProto, name: str) -> str | None:
-    """The initializer `name` is, directly or through a chain of Identity / float Casts each read
-    only by the next (weights stored in bf16 and cast before use); None when it is not one."""
+def stored_initializers(model: onnx.ModelProto) -> Callable[[str], str | None]:
+    """A lookup: the initializer a tensor name is, directly or through a chain of Identity /
+    float Casts each read only by the next (weights stored in bf16 and cast before use); None
+    when it is not one. The graph is indexed once, as callers ask for every Conv's inputs."""
     graph = model.graph
     inits = {t.name for t in graph.initializer}
     producers = {o: node for node in graph.node for o in node.output}
-    readers: dict[str, int] = {}
-    for node in graph.node:
-        for used in node.input:
-            readers[used] = readers.get(used, 0) + 1
-    while name not in inits:
-        node = producers.get(name)
-        if node is None or not is_alias(node) or readers.get(name, 0) != 1:
-            return None
-        name = node.input[0]
-    return name
+    readers = Counter(used for node in graph.node for used in node.input)
+
+    def stored(name: str) -> str | None:
+        while name not in inits:
+            node = producers.get(name)
+            if node is None or not is_alias(node) or readers[name] != 1:
+                return None
+            name = node.input[0]
+        return name
+
+    return stored
 
 
 def foldable_convs(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -92,13 +95,13 @@ def foldable_convs(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     for node in graph.node:
         for name in node.input:
             readers.setdefault(name, []).append(node)
+    stored = stored_initializers(model)
     found = []
     for node in graph.node:
         if node.op_type != "Conv" or len(node.input) < 3 or not node.input[2]:
             continue
         out = node.output[0]
-        weight = stored_initializer(model, node.input[1])
-        bias = stored_initializer(model, node.input[2])
+        weight, bias = stored(node.input[1]), stored(node.input[2])
         if weight is None or bias is None or out in outputs:
             continue
         if len(readers[weight]) > 1 or len(readers[bias]) > 1:
@@ -145,12 +148,13 @@ def channel_maps(
     ref_convs = {n.output[0]: n for n in foldable_convs(reference)}
     inits = {t.name: t for t in model.graph.initializer}
     ref_inits = {t.name: t for t in reference.graph.initializer}
+    stored, ref_stored = stored_initializers(model), stored_initializers(reference)
     maps: dict[str, np.ndarray | None] = {}
     for conv in convs:
         maps[conv.output[0]] = None
         ref = ref_convs.get(conv.output[0])
-        bias_name = stored_initializer(model, conv.input[2])
-        ref_bias_name = stored_initializer(reference, ref.input[2]) if ref is not None else None
+        bias_name = stored(conv.input[2])
+        ref_bias_name = ref_stored(ref.input[2]) if ref is not None else None
         if ref is None or ref.name != conv.name or bias_name is None or ref_bias_name is None:
             continue
         bias = numpy_helper.to_array(inits[bias_name]).astype(np.float32)
@@ -208,6 +212,7 @@ def reinsert_bn(
         taken.add(name)
         return name
 
+    stored = stored_initializers(model)
     inserted: list[InsertedBN] = []
     nodes: list[onnx.NodeProto] = []
     for conv in graph.node:
@@ -233,8 +238,7 @@ def reinsert_bn(
                 momentum=0.9,
             )
         )
-        weight = stored_initializer(model, conv.input[1])
-        bias = stored_initializer(model, conv.input[2])
+        weight, bias = stored(conv.input[1]), stored(conv.input[2])
         assert weight is not None and bias is not None  # foldable_convs checked
         inserted.append(InsertedBN(conv.name, weight, bias, target, *names))
     del graph.node[:]
