@@ -115,16 +115,25 @@ def _torch_pads(begin: list[int], end: list[int]) -> list[int]:
 
 
 def _same_pads(
-    sizes: Any, kernel: list[int], strides: list[int], dilations: list[int], mode: str
+    sizes: Any,
+    kernel: list[int],
+    strides: list[int],
+    dilations: list[int],
+    mode: str,
+    clamp: bool = True,
 ) -> tuple[list[int], list[int]]:
-    """auto_pad=SAME_UPPER/SAME_LOWER: pads that make the output size ceil(input / stride)."""
+    """auto_pad=SAME_UPPER/SAME_LOWER: pads that make the output size ceil(input / stride), the
+    odd one at the end (UPPER) or the start (LOWER). Pools keep a negative total (`clamp`
+    False), as onnxruntime computes theirs: a stride larger than the kernel skips input at both
+    ends, and the halves round toward zero."""
     begin, end = [], []
     for size, k, s, d in zip(sizes, kernel, strides, dilations, strict=True):
-        out = -(-int(size) // s)
-        total = max((out - 1) * s + (k - 1) * d + 1 - int(size), 0)
-        small, big = total // 2, total - total // 2
-        begin.append(small if mode == "SAME_UPPER" else big)
-        end.append(big if mode == "SAME_UPPER" else small)
+        total = (-(-int(size) // s) - 1) * s + (k - 1) * d + 1 - int(size)
+        if clamp:
+            total = max(total, 0)
+        head = int((total if mode == "SAME_UPPER" else total + 1) / 2)
+        begin.append(head)
+        end.append(total - head)
     return begin, end
 
 
@@ -392,20 +401,6 @@ def _pool_geometry(n: Node) -> tuple[list[int], list[int], list[int], list[int],
     return kernel, strides, dilations, pads[:rank], pads[rank:]
 
 
-def _pool_same_pads(
-    sizes: Any, kernel: list[int], strides: list[int], mode: str
-) -> tuple[list[int], list[int]]:
-    """auto_pad=SAME_* pads of a pool as onnxruntime computes them: the total may be negative (a
-    stride larger than the kernel skips input at both ends) and halves round toward zero."""
-    begin, end = [], []
-    for size, k, s in zip(sizes, kernel, strides, strict=True):
-        total = (-(-int(size) // s) - 1) * s + k - int(size)
-        head = int((total if mode == "SAME_UPPER" else total + 1) / 2)
-        begin.append(head)
-        end.append(total - head)
-    return begin, end
-
-
 def _pool_sizes(
     sizes: Any,
     kernel: list[int],
@@ -425,6 +420,25 @@ def _pool_sizes(
             o -= 1
         out.append(o)
     return out
+
+
+def _hand_padding(
+    x: Any,
+    kernel: list[int],
+    strides: list[int],
+    dilations: list[int],
+    begin: list[int],
+    end: list[int],
+    auto_pad: str,
+    ceil: bool,
+) -> tuple[list[int], list[int], list[int]]:
+    """Pads and output sizes of a pool padded by hand: SAME pads from x's size as onnxruntime
+    computes them (no ceil_mode then), else the node's own."""
+    same = auto_pad in ("SAME_UPPER", "SAME_LOWER")
+    if same:
+        begin, end = _same_pads(x.shape[2:], kernel, strides, dilations, auto_pad, clamp=False)
+    sizes = _pool_sizes(x.shape[2:], kernel, strides, dilations, begin, end, ceil and not same)
+    return begin, end, sizes
 
 
 def _crop(y: Any, sizes: list[int]) -> Any:
@@ -451,10 +465,7 @@ def max_pool(n: Node) -> OpFn:
         return lambda x: fn(x, kernel, strides, begin, dilations, ceil)
 
     def padded(x):
-        b, e = (
-            _pool_same_pads(x.shape[2:], kernel, strides, auto_pad) if same_mode else (begin, end)
-        )
-        sizes = _pool_sizes(x.shape[2:], kernel, strides, dilations, b, e, ceil and not same_mode)
+        b, e, sizes = _hand_padding(x, kernel, strides, dilations, begin, end, auto_pad, ceil)
         y = fn(F.pad(x, _torch_pads(b, e), value=-math.inf), kernel, strides, 0, dilations, ceil)
         return _crop(y, sizes)
 
@@ -475,10 +486,7 @@ def average_pool(n: Node) -> OpFn:
         return lambda x: fn(x, kernel, strides, begin, ceil, include)
 
     def padded(x):
-        b, e = (
-            _pool_same_pads(x.shape[2:], kernel, strides, auto_pad) if same_mode else (begin, end)
-        )
-        sizes = _pool_sizes(x.shape[2:], kernel, strides, dilations, b, e, ceil and not same_mode)
+        b, e, sizes = _hand_padding(x, kernel, strides, dilations, begin, end, auto_pad, ceil)
         torch_pads = _torch_pads(b, e)
         total = _crop(fn(F.pad(x, torch_pads), kernel, strides, 0, ceil, True), sizes)
         if include:
