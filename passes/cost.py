@@ -212,9 +212,8 @@ class CostModel:
                 if (source, cut, a) not in axis_index:
                     axis_index[source, cut, a] = len(axis_ids)
                     axis_ids.append(by_axis[a].ravel())
-        number = {id(node): n for n, node in enumerate(index.nodes)}
-        for source in cuts:  # readers that cut nothing keep the whole constant
-            if any(use not in cut_of for use in _readers(index, source, number)):
+        for source, uses in index.readers(cuts).items():  # those that cut nothing keep it whole
+            if any(use not in cut_of for use in uses):
                 cuts[source].setdefault(b"", len(cuts[source]))
         # Per axis, positions in no group (fixed), and per group on it an entry (axis, group,
         # width): all axes at once, as a deep model has thousands.
@@ -314,22 +313,6 @@ class CostModel:
             cut_constant=np.array(cut_constant, np.int64),
             constant_size=np.array(constant_size, np.float64),
         )
-
-
-def _readers(index: GraphIndex, source: str, number: dict[int, int]) -> list[tuple[int, int]]:
-    """Every (node number, input number) that reads `source`, directly or through Identity
-    (as shrink_channels finds them); (-1, -1) where a graph output is it. `number`: node
-    id -> its number in `index.nodes`."""
-    found, names = [], [source]
-    while names:
-        name = names.pop()
-        found += [(-1, -1)] * index.graph_outputs.count(name)
-        for node in {id(node): node for node in index.consumers.get(name, ())}.values():
-            if node.op_type == "Identity":
-                names.append(node.output[0])
-            else:
-                found += [(number[id(node)], i) for i, x in enumerate(node.input) if x == name]
-    return found
 
 
 def _computed_from(

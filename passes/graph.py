@@ -101,6 +101,25 @@ class GraphIndex:
             name = node.input[0]
         return name
 
+    def readers(self, sources: Collection[str]) -> dict[str, list[tuple[int, int]]]:
+        """Every (node number, input number) that reads each of `sources`, directly or
+        through Identity chains (nodes are in topological order, so one pass finds the
+        chains); (-1, -1) for a graph output that is one, listed first."""
+        alias = {name: name for name in sources}
+        for node in self.nodes:
+            if node.op_type == "Identity" and node.input[0] in alias:
+                alias[node.output[0]] = alias[node.input[0]]
+        readers: dict[str, list[tuple[int, int]]] = {s: [] for s in sources}
+        for name in self.graph_outputs:
+            if name in alias:
+                readers[alias[name]].append((-1, -1))
+        for n, node in enumerate(self.nodes):
+            if node.op_type != "Identity":
+                for i, name in enumerate(node.input):
+                    if name in alias:
+                        readers[alias[name]].append((n, i))
+        return readers
+
     def constant(self, name: str) -> np.ndarray | None:
         """The value of a constant tensor (initializer, Constant node, or Identity of one)."""
         source = self.source_initializer(name)

@@ -96,22 +96,8 @@ def _plan_cuts(
     sources = {constant_source(index, index.nodes[n].input[i]) for n, i in wanted}
     if not sources:
         return {}
-    # Every reader of those constants, directly or through Identity chains (nodes are
-    # in topological order, so one pass finds the chains); graph outputs come first so
-    # that they keep the original.
-    alias = {name: name for name in sources}
-    for node in index.nodes:
-        if node.op_type == "Identity" and node.input[0] in alias:
-            alias[node.output[0]] = alias[node.input[0]]
-    readers: dict[str, list[tuple[int, int]]] = {s: [] for s in sources}
-    for name in index.graph_outputs:
-        if name in alias:
-            readers[alias[name]].append((-1, -1))
-    for n, node in enumerate(index.nodes):
-        if node.op_type != "Identity":
-            for i, name in enumerate(node.input):
-                if name in alias:
-                    readers[alias[name]].append((n, i))
+    # Every reader of those constants; graph outputs come first so that they keep the original.
+    readers = index.readers(sources)
     plan: dict[str, list[_Cut]] = {}
     for src, uses in readers.items():
         dims = tuple(_source_tensor(index, src).dims)
