@@ -356,7 +356,8 @@ def analyze_model(
                 conv_attrs[node.name] = attrs
         for out in outputs:
             field_of[out] = _global_step(node, out, inputs, resolution, field_of, window)
-        if _starts_a_macroblock(node, resolution[outputs[0]], inputs, resolution):
+        new_block = _starts_a_macroblock(node, resolution[outputs[0]], inputs, resolution)
+        if new_block:
             # x[:, :, ::s, ::s] is a 1x1 window of stride s: the field stays, the step grows.
             (field, step), steps = field_of[inputs[0]], _slice_steps(node, index)
             if len(steps) == len(step) + 2:
@@ -381,7 +382,7 @@ def analyze_model(
                 inputs
                 and not any(all(d == 1 for d in resolution[t]) for t in inputs)
                 and op not in RESAMPLING_OPS
-                and not _starts_a_macroblock(node, resolution[out], inputs, resolution)
+                and not new_block
             ):
                 rf[out] = max(rf[t] for t in inputs)
             elif inputs and all(math.isinf(rf[t]) for t in inputs):
@@ -396,7 +397,7 @@ def analyze_model(
                 for b in tensors:
                     if a < b and resolution[a] == resolution[b]:
                         blocks.union(a, b)
-        elif _starts_a_macroblock(node, resolution[outputs[0]], inputs, resolution):
+        elif new_block:
             for t in outputs[1:]:
                 blocks.union(outputs[0], t)
         else:
