@@ -19,7 +19,7 @@ from pathlib import Path
 import onnx
 
 from onnx_mbs.passes import BadInputError
-from onnx_mbs.passes.integrity import stored_tensors
+from onnx_mbs.passes.integrity import model_tensors
 from onnx_mbs.passes.scratch import TempFolders
 from onnx_mbs.proto_writer import serialized_size, write_model
 
@@ -219,7 +219,7 @@ def _stage_model(
     tmp = folder / out.name
     if serialized_size(model) > TWO_GB:
         data = f"{out.name}.data"
-        unset = [t for t in stored_tensors(model.graph) if not t.HasField("data_location")]
+        unset = [t for t in model_tensors(model) if not t.HasField("data_location")]
         onnx.save(model, tmp, save_as_external_data=True, location=data)
         # onnx.save moved the weights out of the caller's model: read them back in.
         onnx.load_external_data_for_model(model, str(folder))
