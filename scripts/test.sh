@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's test command: set up (if needed), lint, run the test suite.
-# Default: everything but the `slow` marker (about a minute on 2 cores); `bash scripts/test.sh -m slow`
+# Default: everything but the `slow` marker (about 4 minutes on 2 cores); `bash scripts/test.sh -m slow`
 # runs the slow suites, `bash scripts/test.sh -m ''` everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
