@@ -175,6 +175,27 @@ def test_cli_refuses_another_runs_checkpoint_in_one_line(npz, tmp_path, capsys) 
     assert len(errors) == 1 and "differs in: epochs" in errors[0] and "Traceback" not in err
 
 
+def test_resuming_with_other_data_or_preprocessing_is_refused(npz, tmp_path) -> None:
+    """The data are their pixels and their preprocessing, not the name of the file: another
+    --mean/--std, or an npz of the same name and size holding other pixels, is another run."""
+    common = dict(epochs=2, batch_size=32, device="cpu", progress=False, workers=0)
+    directory = tmp_path / "c"
+    with pytest.MonkeyPatch.context() as patch:
+        interrupt_after(patch, 1)
+        with pytest.raises(Interrupt):
+            retrain(export(keep_bn=True), source(npz), checkpoint=directory, **common)
+    resume = dict(checkpoint=directory, resume=True, **common)
+    other_mean = open_data(str(npz), "input", [1, 1, 8, 8], mean=[0.5], std=[0.25])
+    with pytest.raises(BadInputError, match=r"differs in: training data\)"):
+        retrain(export(keep_bn=True), other_mean, **resume)
+    (tmp_path / "other").mkdir()
+    x, y = pixels(96, seed=2)  # the same shape and count, other pixels
+    other_pixels = write_npz(tmp_path / "other" / npz.name, x=x, y=y)
+    with pytest.raises(BadInputError, match=r"differs in: training data\)"):
+        retrain(export(keep_bn=True), source(Path(other_pixels)), **resume)
+    assert retrain(export(keep_bn=True), source(npz), **resume).resumed_from == 1
+
+
 @pytest.mark.parametrize("kind", ["folder", "npz"])
 def test_batches_do_not_depend_on_workers(kind, folder, npz) -> None:
     """Same samples, same order, same augmentation for 0, 1 and 3 worker processes."""

@@ -40,7 +40,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -251,11 +251,26 @@ def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 
 def _data_digest(samples: Samples) -> str:
-    if samples.source is not None:
-        return str(samples.source.description)
-    digest = hashlib.sha256(samples.x.tobytes())
-    if samples.y is not None:
-        digest.update(samples.y.tobytes())
+    """What fixes the samples a run trains on: arrays' bytes; for a data source, what it read
+    (its pixels in memory, or an image folder's file names), its labels and its preprocessing
+    (the numbers, not where they came from)."""
+    source = samples.source
+    if source is None:
+        parts = [samples.x, samples.y]
+    else:
+        preprocess = samples.preprocess and replace(samples.preprocess, origin="")
+        parts = [
+            str(source.description),
+            repr(preprocess),
+            getattr(source, "raw", None),
+            getattr(source, "labels", None),
+            *getattr(source, "extra", {}).values(),
+            "\n".join(map(str, getattr(source, "files", ()))),
+        ]
+    digest = hashlib.sha256()
+    for part in parts:
+        if part is not None:
+            digest.update(part.tobytes() if isinstance(part, np.ndarray) else part.encode())
     return digest.hexdigest()
 
 
