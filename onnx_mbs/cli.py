@@ -429,11 +429,12 @@ def cmd_retrain(args: argparse.Namespace) -> int:
             return "no validation data" if math.isnan(top1) else f"val top-1 {top1:.2%}"
 
         kept = f"best epoch {result.best_epoch + 1}" if args.val else "last epoch"
-        print(
-            f"{kept}: {val_text(result.best_val_top1, result.best_val_agreement)}; "
-            f"{result.images_per_second:.0f} "
-            f"images/s on {result.device} x{result.world_size}"
+        speed = (
+            f"nothing left to train (the checkpoint held all {args.epochs} epoch(s))"
+            if result.resumed_from >= args.epochs
+            else f"{result.images_per_second:.0f} images/s on {result.device} x{result.world_size}"
         )
+        print(f"{kept}: {val_text(result.best_val_top1, result.best_val_agreement)}; {speed}")
         written = result.model  # trained in the written form
         check_written(written, runnable)
         check_outputs_finite(

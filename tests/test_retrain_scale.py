@@ -196,6 +196,21 @@ def test_resuming_with_other_data_or_preprocessing_is_refused(npz, tmp_path) -> 
     assert retrain(export(keep_bn=True), source(npz), **resume).resumed_from == 1
 
 
+def test_resuming_a_finished_run_says_there_is_nothing_to_train(npz, tmp_path, capsys) -> None:
+    model = tmp_path / "m.onnx"
+    onnx.save(export(keep_bn=True), model)
+    args = ["retrain", str(model), "--data", str(npz), "--checkpoint", str(tmp_path / "c")]
+    args += ["--device", "cpu", "--workers", "0"]
+    assert cli_main([*args, "-o", str(tmp_path / "a.onnx")]) == 0
+    capsys.readouterr()
+    assert cli_main([*args, "-o", str(tmp_path / "b.onnx"), "--resume"]) == 0
+    out, err = capsys.readouterr()
+    assert "holds all 1 epoch(s) of this run: nothing left to train" in err
+    last = out.strip().splitlines()[-1]
+    assert "images/s" not in last and "nothing left to train" in last, last
+    assert (tmp_path / "b.onnx").read_bytes() == (tmp_path / "a.onnx").read_bytes()
+
+
 @pytest.mark.parametrize("kind", ["folder", "npz"])
 def test_batches_do_not_depend_on_workers(kind, folder, npz) -> None:
     """Same samples, same order, same augmentation for 0, 1 and 3 worker processes."""

@@ -522,7 +522,13 @@ def retrain(
         if say:
             print(f"augmentation: {augment_text}", file=sys.stderr)
             print(f"schedule: {schedule}; data workers: {workers}", file=sys.stderr)
-            if saved is not None:
+            if saved is not None and first_epoch >= epochs:
+                print(
+                    f"{ckpt.path_in(checkpoint)} holds all {epochs} epoch(s) of this run: "
+                    "nothing left to train; writing its model",
+                    file=sys.stderr,
+                )
+            elif saved is not None:
                 print(
                     f"resuming from {ckpt.path_in(checkpoint)} after epoch {first_epoch}",
                     file=sys.stderr,
