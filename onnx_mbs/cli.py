@@ -339,6 +339,7 @@ def _eval_agreement(args: argparse.Namespace, model, source, providers, shapes) 
 def cmd_retrain(args: argparse.Namespace) -> int:
     import os
 
+    from onnx_mbs.bridge import checkpoint as ckpt
     from onnx_mbs.bridge import retrain
     from onnx_mbs.bridge.losses import parse_loss_specs
     from onnx_mbs.evaluate import check_outputs_finite
@@ -350,6 +351,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         args.output,
         models={"the input model": args.model, "--teacher": args.teacher},
         data={"--data": args.data, "--val": args.val},
+        checkpoint=ckpt.path_in(args.checkpoint) if args.checkpoint else None,
     )
     if args.val_limit is not None and not args.val:
         raise BadInputError("--val-limit limits the --val data: give --val, or drop --val-limit")

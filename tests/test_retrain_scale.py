@@ -211,6 +211,34 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_train(npz, tmp_path, c
     assert (tmp_path / "b.onnx").read_bytes() == (tmp_path / "a.onnx").read_bytes()
 
 
+def test_checkpoint_may_not_be_an_input_or_the_output(npz, folder, tmp_path, capsys) -> None:
+    """Refused before any training: a checkpoint written into the data, an output written
+    over the checkpoint (or a checkpoint folder where the output goes)."""
+    model = tmp_path / "m.onnx"
+    onnx.save(export(keep_bn=True), model)
+    directory = tmp_path / "c"
+    directory.mkdir()
+    (directory / "keep.txt").write_text("a file of the user's")
+    args = ["retrain", str(model), "--data", str(npz), "--device", "cpu", "--workers", "0"]
+    cases = [
+        (["-o", str(directory / ckpt.FILE), "--checkpoint", str(directory)], "is the checkpoint"),
+        (["-o", str(tmp_path / "o.onnx"), "--checkpoint", str(tmp_path / "o.onnx")], "is the"),
+        (["-o", str(tmp_path / "o.onnx"), "--checkpoint", str(folder)], "inside --val"),
+        (["-o", str(tmp_path / "o.onnx"), "--checkpoint", str(model)], "checkpoint directory"),
+    ]
+    for extra, says in cases:
+        assert cli_main([*args, *extra, "--val", str(folder)]) == 2, extra
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("onnx-mbs: error: ")]
+        assert len(errors) == 1 and says in errors[0], err
+        assert "epoch 1/1" not in err  # refused before training
+    assert sorted(p.name for p in directory.iterdir()) == ["keep.txt"]
+    assert not (tmp_path / "o.onnx").exists() and not ckpt.path_in(folder).exists()
+    # The output beside the checkpoint, in its folder, is fine.
+    assert cli_main([*args, "-o", str(directory / "o.onnx"), "--checkpoint", str(directory)]) == 0
+    assert ckpt.path_in(directory).exists() and (directory / "o.onnx").exists()
+
+
 @pytest.mark.parametrize("kind", ["folder", "npz"])
 def test_batches_do_not_depend_on_workers(kind, folder, npz) -> None:
     """Same samples, same order, same augmentation for 0, 1 and 3 worker processes."""
