@@ -417,6 +417,21 @@ def test_each_epoch_line_is_written_when_the_epoch_ends(npz, tmp_path, monkeypat
     assert "epoch 2/3" not in err
 
 
+def test_epoch_line_without_labels_says_agreement_not_accuracy(capsys) -> None:
+    """Without labels the training 'accuracy' is agreement with the teacher's top-1."""
+    x, _ = quadrant_data(64, seed=1)
+    retrain(
+        export(keep_bn=True),
+        (x, None),
+        teacher=export(keep_bn=True, seed=3),
+        batch_size=32,
+        device="cpu",
+        progress=True,
+    )
+    line = next(li for li in capsys.readouterr().err.splitlines() if li.startswith("epoch 1/1"))
+    assert "train agreement with the teacher " in line and "train acc" not in line, line
+
+
 def test_unlabelled_validation_picks_the_best_epoch_by_agreement() -> None:
     x, y = quadrant_data(128, seed=1)
     xv, _ = quadrant_data(64, seed=2)

@@ -66,8 +66,9 @@ from onnx_mbs.schedule import DEFAULT_WARMUP, default_lr, lr_factor
 
 @dataclass
 class EpochStats:
-    """One epoch: mean training loss and accuracy, validation top-1 (NaN without labelled val
-    data) or agreement with the teacher's top-1 (unlabelled val data), training images/s."""
+    """One epoch: mean training loss and accuracy (without labels, agreement with the teacher's
+    top-1), validation top-1 (NaN without labelled val data) or agreement with the teacher's
+    top-1 (unlabelled val data), training images/s."""
 
     epoch: int
     train_loss: float
@@ -280,11 +281,13 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{m:02d}m" if hours else f"{m}m{s:02d}s"
 
 
-def epoch_line(e: EpochStats, epochs: int, eta: float) -> str:
-    """One epoch as a log line: loss, accuracy, validation, images/s, time, ETA."""
+def epoch_line(e: EpochStats, epochs: int, eta: float, labels: bool = True) -> str:
+    """One epoch as a log line: loss, accuracy (without `labels`, agreement with the teacher's
+    top-1), validation, images/s, time, ETA."""
     parts = [f"epoch {e.epoch + 1}/{epochs}: loss {e.train_loss:.4f}"]
     if not math.isnan(e.train_acc):
-        parts.append(f"train acc {e.train_acc:.2%}")
+        what = "train acc" if labels else "train agreement with the teacher"
+        parts.append(f"{what} {e.train_acc:.2%}")
     if not math.isnan(e.val_top1):
         parts.append(f"val top-1 {e.val_top1:.2%}")
     if not math.isnan(e.val_agreement):
@@ -643,7 +646,8 @@ def retrain(
             if say:
                 done = history[first_epoch:]
                 eta = sum(h.seconds for h in done) / len(done) * (epochs - epoch - 1)
-                print(epoch_line(history[-1], epochs, eta), file=sys.stderr, flush=True)
+                line = epoch_line(history[-1], epochs, eta, labels_used)
+                print(line, file=sys.stderr, flush=True)
             if checkpoint is not None and rank == 0:
                 ckpt.save(
                     checkpoint,
