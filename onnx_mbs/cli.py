@@ -406,10 +406,15 @@ def cmd_retrain(args: argparse.Namespace) -> int:
             workers=args.workers,
         )
     except KeyboardInterrupt:
-        if args.checkpoint and rank == 0:
+        if args.checkpoint and rank == 0 and ckpt.path_in(args.checkpoint).exists():
             print(
                 f"onnx-mbs: {args.checkpoint} holds every finished epoch: rerun with --resume "
                 "to continue",
+                file=sys.stderr,
+            )
+        elif args.checkpoint and rank == 0:
+            print(
+                f"onnx-mbs: no epoch finished: {args.checkpoint} holds no checkpoint yet",
                 file=sys.stderr,
             )
         raise

@@ -211,6 +211,26 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_train(npz, tmp_path, c
     assert (tmp_path / "b.onnx").read_bytes() == (tmp_path / "a.onnx").read_bytes()
 
 
+def test_ctrl_c_says_what_the_checkpoint_folder_holds(npz, tmp_path, monkeypatch, capsys):
+    model = tmp_path / "m.onnx"
+    onnx.save(export(keep_bn=True), model)
+    args = ["retrain", str(model), "--data", str(npz), "-o", str(tmp_path / "o.onnx")]
+    args += ["--checkpoint", str(tmp_path / "c"), "--epochs", "2", "--workers", "0"]
+
+    def interrupted_in_epoch_1(directory, state):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ckpt, "save", interrupted_in_epoch_1)
+        assert cli_main(args) == 130
+    err = capsys.readouterr().err
+    assert "no epoch finished: " in err and "holds every finished epoch" not in err, err
+    interrupt_after(monkeypatch, 1)
+    assert cli_main(args) == 130
+    err = capsys.readouterr().err
+    assert "holds every finished epoch: rerun with --resume" in err, err
+
+
 def test_checkpoint_may_not_be_an_input_or_the_output(npz, folder, tmp_path, capsys) -> None:
     """Refused before any training: a checkpoint written into the data, an output written
     over the checkpoint (or a checkpoint folder where the output goes)."""
