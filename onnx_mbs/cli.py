@@ -339,6 +339,7 @@ def _eval_agreement(args: argparse.Namespace, model, source, providers, shapes) 
 def cmd_retrain(args: argparse.Namespace) -> int:
     import os
 
+    from onnx_mbs.bridge import checkpoint as ckpt
     from onnx_mbs.bridge import retrain
     from onnx_mbs.bridge.losses import parse_loss_specs
     from onnx_mbs.evaluate import check_outputs_finite
@@ -350,6 +351,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         args.output,
         models={"the input model": args.model, "--teacher": args.teacher},
         data={"--data": args.data, "--val": args.val},
+        checkpoint=ckpt.path_in(args.checkpoint) if args.checkpoint else None,
     )
     if args.val_limit is not None and not args.val:
         raise BadInputError("--val-limit limits the --val data: give --val, or drop --val-limit")
@@ -404,10 +406,15 @@ def cmd_retrain(args: argparse.Namespace) -> int:
             workers=args.workers,
         )
     except KeyboardInterrupt:
-        if args.checkpoint and rank == 0:
+        if args.checkpoint and rank == 0 and ckpt.path_in(args.checkpoint).exists():
             print(
                 f"onnx-mbs: {args.checkpoint} holds every finished epoch: rerun with --resume "
                 "to continue",
+                file=sys.stderr,
+            )
+        elif args.checkpoint and rank == 0:
+            print(
+                f"onnx-mbs: no epoch finished: {args.checkpoint} holds no checkpoint yet",
                 file=sys.stderr,
             )
         raise
@@ -429,11 +436,12 @@ def cmd_retrain(args: argparse.Namespace) -> int:
             return "no validation data" if math.isnan(top1) else f"val top-1 {top1:.2%}"
 
         kept = f"best epoch {result.best_epoch + 1}" if args.val else "last epoch"
-        print(
-            f"{kept}: {val_text(result.best_val_top1, result.best_val_agreement)}; "
-            f"{result.images_per_second:.0f} "
-            f"images/s on {result.device} x{result.world_size}"
+        speed = (
+            f"nothing left to train (the checkpoint held all {args.epochs} epoch(s))"
+            if result.resumed_from >= args.epochs
+            else f"{result.images_per_second:.0f} images/s on {result.device} x{result.world_size}"
         )
+        print(f"{kept}: {val_text(result.best_val_top1, result.best_val_agreement)}; {speed}")
         written = result.model  # trained in the written form
         check_written(written, runnable)
         check_outputs_finite(

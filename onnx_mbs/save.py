@@ -70,13 +70,15 @@ def check_outputs(
     models: Mapping[str, object] | None = None,
     data: Mapping[str, object] | None = None,
     report_files: Collection[str] = (),
+    checkpoint: str | os.PathLike | None = None,
 ) -> None:
     """Refuse, before any work, outputs that would overwrite what the run reads or cannot be
     written. `models` and `data` map a role ("the input model", "--data"...) to a model path
     or a data spec: models count with their external data, data folders with all inside.
     An existing --report folder may hold only `report_files` (an earlier report, replaced
     file by file): nothing else in it is ever touched, so a folder holding anything else, an
-    input or the output is refused."""
+    input or the output is refused. `checkpoint` (the file `retrain --checkpoint` writes) is
+    held to the inputs as the output is, and the output may be neither it nor its folder."""
     sources: list[tuple[Path, str]] = []
     for role, model in (models or {}).items():
         if isinstance(model, (str, os.PathLike)):
@@ -89,6 +91,15 @@ def check_outputs(
         targets = [(Path(output), "output"), (Path(f"{output}.data"), "output's external data")]
     if report is not None:
         targets.append((Path(report), "--report folder"))
+    if checkpoint is not None:
+        file = Path(checkpoint)
+        targets.append((file, "--checkpoint file"))
+        for path, what in ((file, "checkpoint"), (file.parent, "--checkpoint folder")):
+            if output is not None and Path(output).resolve() == path.resolve():
+                raise BadInputError(
+                    f"output {output} is the {what} {path}, which this run writes; "
+                    "choose another path"
+                )
     for target, what in targets:
         resolved = target.resolve()
         for source, role in sources:

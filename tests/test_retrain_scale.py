@@ -175,6 +175,90 @@ def test_cli_refuses_another_runs_checkpoint_in_one_line(npz, tmp_path, capsys) 
     assert len(errors) == 1 and "differs in: epochs" in errors[0] and "Traceback" not in err
 
 
+def test_resuming_with_other_data_or_preprocessing_is_refused(npz, tmp_path) -> None:
+    """The data are their pixels and their preprocessing, not the name of the file: another
+    --mean/--std, or an npz of the same name and size holding other pixels, is another run."""
+    common = dict(epochs=2, batch_size=32, device="cpu", progress=False, workers=0)
+    directory = tmp_path / "c"
+    with pytest.MonkeyPatch.context() as patch:
+        interrupt_after(patch, 1)
+        with pytest.raises(Interrupt):
+            retrain(export(keep_bn=True), source(npz), checkpoint=directory, **common)
+    resume = dict(checkpoint=directory, resume=True, **common)
+    other_mean = open_data(str(npz), "input", [1, 1, 8, 8], mean=[0.5], std=[0.25])
+    with pytest.raises(BadInputError, match=r"differs in: training data\)"):
+        retrain(export(keep_bn=True), other_mean, **resume)
+    (tmp_path / "other").mkdir()
+    x, y = pixels(96, seed=2)  # the same shape and count, other pixels
+    other_pixels = write_npz(tmp_path / "other" / npz.name, x=x, y=y)
+    with pytest.raises(BadInputError, match=r"differs in: training data\)"):
+        retrain(export(keep_bn=True), source(Path(other_pixels)), **resume)
+    assert retrain(export(keep_bn=True), source(npz), **resume).resumed_from == 1
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_to_train(npz, tmp_path, capsys) -> None:
+    model = tmp_path / "m.onnx"
+    onnx.save(export(keep_bn=True), model)
+    args = ["retrain", str(model), "--data", str(npz), "--checkpoint", str(tmp_path / "c")]
+    args += ["--device", "cpu", "--workers", "0"]
+    assert cli_main([*args, "-o", str(tmp_path / "a.onnx")]) == 0
+    capsys.readouterr()
+    assert cli_main([*args, "-o", str(tmp_path / "b.onnx"), "--resume"]) == 0
+    out, err = capsys.readouterr()
+    assert "holds all 1 epoch(s) of this run: nothing left to train" in err
+    last = out.strip().splitlines()[-1]
+    assert "images/s" not in last and "nothing left to train" in last, last
+    assert (tmp_path / "b.onnx").read_bytes() == (tmp_path / "a.onnx").read_bytes()
+
+
+def test_ctrl_c_says_what_the_checkpoint_folder_holds(npz, tmp_path, monkeypatch, capsys):
+    model = tmp_path / "m.onnx"
+    onnx.save(export(keep_bn=True), model)
+    args = ["retrain", str(model), "--data", str(npz), "-o", str(tmp_path / "o.onnx")]
+    args += ["--checkpoint", str(tmp_path / "c"), "--epochs", "2", "--workers", "0"]
+
+    def interrupted_in_epoch_1(directory, state):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ckpt, "save", interrupted_in_epoch_1)
+        assert cli_main(args) == 130
+    err = capsys.readouterr().err
+    assert "no epoch finished: " in err and "holds every finished epoch" not in err, err
+    interrupt_after(monkeypatch, 1)
+    assert cli_main(args) == 130
+    err = capsys.readouterr().err
+    assert "holds every finished epoch: rerun with --resume" in err, err
+
+
+def test_checkpoint_may_not_be_an_input_or_the_output(npz, folder, tmp_path, capsys) -> None:
+    """Refused before any training: a checkpoint written into the data, an output written
+    over the checkpoint (or a checkpoint folder where the output goes)."""
+    model = tmp_path / "m.onnx"
+    onnx.save(export(keep_bn=True), model)
+    directory = tmp_path / "c"
+    directory.mkdir()
+    (directory / "keep.txt").write_text("a file of the user's")
+    args = ["retrain", str(model), "--data", str(npz), "--device", "cpu", "--workers", "0"]
+    cases = [
+        (["-o", str(directory / ckpt.FILE), "--checkpoint", str(directory)], "is the checkpoint"),
+        (["-o", str(tmp_path / "o.onnx"), "--checkpoint", str(tmp_path / "o.onnx")], "is the"),
+        (["-o", str(tmp_path / "o.onnx"), "--checkpoint", str(folder)], "inside --val"),
+        (["-o", str(tmp_path / "o.onnx"), "--checkpoint", str(model)], "checkpoint directory"),
+    ]
+    for extra, says in cases:
+        assert cli_main([*args, *extra, "--val", str(folder)]) == 2, extra
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("onnx-mbs: error: ")]
+        assert len(errors) == 1 and says in errors[0], err
+        assert "epoch 1/1" not in err  # refused before training
+    assert sorted(p.name for p in directory.iterdir()) == ["keep.txt"]
+    assert not (tmp_path / "o.onnx").exists() and not ckpt.path_in(folder).exists()
+    # The output beside the checkpoint, in its folder, is fine.
+    assert cli_main([*args, "-o", str(directory / "o.onnx"), "--checkpoint", str(directory)]) == 0
+    assert ckpt.path_in(directory).exists() and (directory / "o.onnx").exists()
+
+
 @pytest.mark.parametrize("kind", ["folder", "npz"])
 def test_batches_do_not_depend_on_workers(kind, folder, npz) -> None:
     """Same samples, same order, same augmentation for 0, 1 and 3 worker processes."""
@@ -351,6 +435,21 @@ def test_each_epoch_line_is_written_when_the_epoch_ends(npz, tmp_path, monkeypat
     line = next(li for li in err.splitlines() if li.startswith("epoch 1/3: "))
     assert "loss " in line and "train acc " in line and "images/s" in line and "ETA " in line
     assert "epoch 2/3" not in err
+
+
+def test_epoch_line_without_labels_says_agreement_not_accuracy(capsys) -> None:
+    """Without labels the training 'accuracy' is agreement with the teacher's top-1."""
+    x, _ = quadrant_data(64, seed=1)
+    retrain(
+        export(keep_bn=True),
+        (x, None),
+        teacher=export(keep_bn=True, seed=3),
+        batch_size=32,
+        device="cpu",
+        progress=True,
+    )
+    line = next(li for li in capsys.readouterr().err.splitlines() if li.startswith("epoch 1/1"))
+    assert "train agreement with the teacher " in line and "train acc" not in line, line
 
 
 def test_unlabelled_validation_picks_the_best_epoch_by_agreement() -> None:

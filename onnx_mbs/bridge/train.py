@@ -40,7 +40,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -66,8 +66,9 @@ from onnx_mbs.schedule import DEFAULT_WARMUP, default_lr, lr_factor
 
 @dataclass
 class EpochStats:
-    """One epoch: mean training loss and accuracy, validation top-1 (NaN without labelled val
-    data) or agreement with the teacher's top-1 (unlabelled val data), training images/s."""
+    """One epoch: mean training loss and accuracy (without labels, agreement with the teacher's
+    top-1), validation top-1 (NaN without labelled val data) or agreement with the teacher's
+    top-1 (unlabelled val data), training images/s."""
 
     epoch: int
     train_loss: float
@@ -251,11 +252,26 @@ def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 
 def _data_digest(samples: Samples) -> str:
-    if samples.source is not None:
-        return str(samples.source.description)
-    digest = hashlib.sha256(samples.x.tobytes())
-    if samples.y is not None:
-        digest.update(samples.y.tobytes())
+    """What fixes the samples a run trains on: arrays' bytes; for a data source, what it read
+    (its pixels in memory, or an image folder's file names), its labels and its preprocessing
+    (the numbers, not where they came from)."""
+    source = samples.source
+    if source is None:
+        parts = [samples.x, samples.y]
+    else:
+        preprocess = samples.preprocess and replace(samples.preprocess, origin="")
+        parts = [
+            str(source.description),
+            repr(preprocess),
+            getattr(source, "raw", None),
+            getattr(source, "labels", None),
+            *getattr(source, "extra", {}).values(),
+            "\n".join(map(str, getattr(source, "files", ()))),
+        ]
+    digest = hashlib.sha256()
+    for part in parts:
+        if part is not None:
+            digest.update(part.tobytes() if isinstance(part, np.ndarray) else part.encode())
     return digest.hexdigest()
 
 
@@ -265,11 +281,13 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{m:02d}m" if hours else f"{m}m{s:02d}s"
 
 
-def epoch_line(e: EpochStats, epochs: int, eta: float) -> str:
-    """One epoch as a log line: loss, accuracy, validation, images/s, time, ETA."""
+def epoch_line(e: EpochStats, epochs: int, eta: float, labels: bool = True) -> str:
+    """One epoch as a log line: loss, accuracy (without `labels`, agreement with the teacher's
+    top-1), validation, images/s, time, ETA."""
     parts = [f"epoch {e.epoch + 1}/{epochs}: loss {e.train_loss:.4f}"]
     if not math.isnan(e.train_acc):
-        parts.append(f"train acc {e.train_acc:.2%}")
+        what = "train acc" if labels else "train agreement with the teacher"
+        parts.append(f"{what} {e.train_acc:.2%}")
     if not math.isnan(e.val_top1):
         parts.append(f"val top-1 {e.val_top1:.2%}")
     if not math.isnan(e.val_agreement):
@@ -507,7 +525,13 @@ def retrain(
         if say:
             print(f"augmentation: {augment_text}", file=sys.stderr)
             print(f"schedule: {schedule}; data workers: {workers}", file=sys.stderr)
-            if saved is not None:
+            if saved is not None and first_epoch >= epochs:
+                print(
+                    f"{ckpt.path_in(checkpoint)} holds all {epochs} epoch(s) of this run: "
+                    "nothing left to train; writing its model",
+                    file=sys.stderr,
+                )
+            elif saved is not None:
                 print(
                     f"resuming from {ckpt.path_in(checkpoint)} after epoch {first_epoch}",
                     file=sys.stderr,
@@ -622,7 +646,8 @@ def retrain(
             if say:
                 done = history[first_epoch:]
                 eta = sum(h.seconds for h in done) / len(done) * (epochs - epoch - 1)
-                print(epoch_line(history[-1], epochs, eta), file=sys.stderr, flush=True)
+                line = epoch_line(history[-1], epochs, eta, labels_used)
+                print(line, file=sys.stderr, flush=True)
             if checkpoint is not None and rank == 0:
                 ckpt.save(
                     checkpoint,
