@@ -192,6 +192,22 @@ def test_bad_input_one_line_exit_2_nothing_written(
     )
 
 
+def test_refusal_after_the_data_is_read_leaves_no_checkpoint_folder(
+    bundled_small, bundled_model_path, tmp_path, capsys
+) -> None:
+    """A run refused before training (here: a teacher whose outputs differ) leaves nothing
+    behind: not even the empty --checkpoint folder it would have trained into."""
+    out, folder = tmp_path / "out.onnx", tmp_path / "ck"
+    renamed = onnx.load(bundled_model_path)
+    renamed.graph.output[0].name = renamed.graph.node[-1].output[0] = "scores"
+    teacher = save_model(renamed, tmp_path / "scores.onnx")
+    args = ["retrain", str(bundled_small), "-o", str(out), "--limit", "8", "--workers", "0"]
+    args += ["--data", str(bundled_model_path.parent / "fmnist_train_sample.npz")]
+    args += ["--teacher", str(teacher), "--checkpoint", str(folder)]
+    _refused(args, out, capsys, "the teacher has no output 'logits'")
+    assert not folder.exists()
+
+
 def test_feature_missing_from_a_graph_is_refused(
     bundled_small, bundled_model_path, tmp_path, capsys
 ) -> None:

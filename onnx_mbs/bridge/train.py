@@ -438,8 +438,6 @@ def retrain(
         saved = None
         if checkpoint is not None:
             saved = ckpt.load(checkpoint, fingerprint)
-            if rank == 0:
-                ckpt.prepare(checkpoint)
         if saved is not None and not resume:
             raise BadInputError(
                 f"{ckpt.path_in(checkpoint)} holds a checkpoint after epoch {saved['epoch']} of "
@@ -539,6 +537,8 @@ def retrain(
             elif checkpoint is not None and resume:
                 print(f"no checkpoint in {checkpoint} yet: starting at epoch 1", file=sys.stderr)
             sys.stderr.flush()
+        if checkpoint is not None and rank == 0:
+            ckpt.prepare(checkpoint)  # every check passed: made now, not left by a refusal
         train_seconds, images = 0.0, 0
         for epoch in range(first_epoch, epochs):
             t0 = time.perf_counter()
