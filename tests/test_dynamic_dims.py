@@ -148,3 +148,30 @@ def test_another_input_with_a_dynamic_dim_does_not_keep_the_image_size_fixed():
         for k in (5, 2)
     ]
     _same_outputs(model, read.runnable, feeds)
+
+
+def _tf_same_padding() -> onnx.ModelProto:
+    """TensorFlow's SAME padding computed from the map's size (timm's `Conv2dSame`, TF
+    exports): total = max((ceil(H / 2) - 1) * 2 + 3 - H, 0), before a stride-2 conv."""
+    b = Builder("tf_same")
+    x = b.input("x", ["N", 3, "H", "W"])
+    a = _relu_conv(b, x, 3, 8)
+    hw = _shape(b, a, 2)
+    ones, twos = b.const(np.array([1, 1])), b.const(np.array([2, 2]))
+    out = b.op("Div", [b.op("Add", [hw, ones]), twos])  # ceil(H / 2)
+    span = b.op("Add", [b.op("Mul", [b.op("Sub", [out, ones]), twos]), b.const([3, 3])])
+    total = b.op("Max", [b.op("Sub", [span, hw]), b.const(np.array([0, 0]))])
+    begin = b.op("Div", [total, twos])
+    zeros = b.const(np.array([0, 0]))
+    pads = b.op("Concat", [zeros, begin, zeros, b.op("Sub", [total, begin])], axis=0)
+    padded = b.op("Pad", [a, pads])
+    c = b.op("Conv", [padded, b.weight(8, 8, 3, 3)], kernel_shape=[3, 3], strides=[2, 2])
+    return b.model([b.conv(b.op("Relu", [c]), 8, 4, k=1)], ["y"])
+
+
+def test_same_padding_that_is_one_at_every_even_size_follows_odd_sizes():
+    """The padding is 1 at 16 and at 32 (the analysed size and its double) and 2 at odd
+    sizes: it was folded to 1, and the written model took 17 to 8 rows, not 9."""
+    model = _tf_same_padding()
+    read = load(model, {"x": [1, 3, 16, 16]})
+    _same_outputs(model, read.runnable, _images(*SIZES))
