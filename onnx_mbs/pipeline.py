@@ -560,8 +560,10 @@ class MacroblockScaling(Pass):
         Sequential(FixInputShapes({"input": [1, 3, 224, 224]}),
                    MacroblockScaling("calib/", budget="params=0.5"))(model)
 
-    The result's model is the reduced one (the input itself when nothing is cut);
-    `result["mbs"]` is the ReduceReport.
+    The result's model is the reduced one (the input itself when nothing is cut), declaring
+    the inputs the pass was given: after FixInputShapes, the fixed shapes; give the size
+    as `input_shapes=` instead to keep the input's dynamic dims. `result["mbs"]` is the
+    ReduceReport.
     """
 
     name = "mbs"

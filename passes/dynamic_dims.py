@@ -3,8 +3,9 @@
 The analysis runs at one input size: `load` fixes the input shapes and folds the
 shape arithmetic into constants (fold.py). A folded constant that follows a
 dynamic input dim would tie a written model to that size. Such constants are
-found by folding the model again at other sizes (the batch doubled, the spatial
-dims doubled) and comparing, and each is kept dynamic in one of two ways:
+found by folding the model again at other sizes (the batch doubled, the other
+dims doubled and at odd sizes of their own: `other_shapes`) and comparing, and
+each is kept dynamic in one of two ways:
 
 - in the analysis form itself, as a constant valid at every size: a Reshape
   target entry that copies the data's dim (0) or is inferred (-1), Resize sizes
@@ -30,27 +31,42 @@ from .errors import BadInputError
 from .fold import MAX_ELEMENTS, folded_constant, shape_values
 from .graph import GraphIndex, attributes, static_shape, topological_order
 
+# The sizes a model is folded at besides the analysed one: the batch doubled, the other
+# dynamic dims doubled, and those at odd sizes each its own, so that a constant that only
+# matches them at the analysed size and its double (a Resize to another map's size, twice
+# that map's at sizes divisible by the strides; a Reshape entry equal to the data's width
+# at square sizes) is told from one that follows them.
+KINDS = ("batch", "doubled", "odd")
+
 
 def other_shapes(
-    declared: onnx.ModelProto, fixed: onnx.ModelProto, kind: str
+    declared: onnx.ModelProto, fixed: onnx.ModelProto, kind: str, first: int = 1
 ) -> dict[str, list[int]]:
-    """`fixed`'s input shapes with the dims `declared` leaves dynamic doubled: the batch
-    (dim 0) or the spatial dims (2 on); empty when no such dim is dynamic."""
+    """Every input's shape in `fixed` with the dims `declared` leaves dynamic changed as
+    `kind` (one of KINDS) says: "batch" doubles dim 0; "doubled" doubles the dims from
+    `first` on; "odd" sets each of those to its own odd size (2s + 1, 2s + 3, ...; a
+    dim_param several inputs share, to one). Empty when no such dim is dynamic."""
     initializers = {t.name for t in declared.graph.initializer}
     static = {vi.name: static_shape(vi) for vi in fixed.graph.input}
+    wanted = (lambda k: k == 0) if kind == "batch" else (lambda k: k >= max(first, 1))
+    odd: dict[str, int] = {}  # dim_param (or input:dim) -> its odd size
     other: dict[str, list[int]] = {}
+    changed = False
     for vi in declared.graph.input:
         if vi.name in initializers:
             continue
-        dims = vi.type.tensor_type.shape.dim
-        wanted = (lambda k: k == 0) if kind == "batch" else (lambda k: k >= 2)
-        dynamic = [k for k, d in enumerate(dims) if not d.HasField("dim_value") and wanted(k)]
-        if dynamic:
-            shape = list(static[vi.name] or ())
-            for k in dynamic:
+        shape = list(static[vi.name] or ())
+        for k, d in enumerate(vi.type.tensor_type.shape.dim):
+            if d.HasField("dim_value") or not wanted(k):
+                continue
+            if kind == "odd":
+                key = d.dim_param or f"{vi.name}:{k}"
+                shape[k] = odd.setdefault(key, 2 * shape[k] + 1 + 2 * len(odd))
+            else:
                 shape[k] *= 2
-            other[vi.name] = shape
-    return other
+            changed = True
+        other[vi.name] = shape
+    return other if changed else {}
 
 
 @dataclass

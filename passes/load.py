@@ -16,7 +16,7 @@ from pathlib import Path
 import onnx
 
 from .base import Pass, PassResult
-from .dynamic_dims import RunTimeShapes, keep_dynamic, other_shapes
+from .dynamic_dims import KINDS, RunTimeShapes, keep_dynamic, other_shapes
 from .errors import BadInputError
 from .graph import GraphIndex, static_shape
 from .integrity import check_made_sizes
@@ -144,18 +144,33 @@ def load(
     model, folded = settle(fixed)
     _without_contradictions(io, model)
     check_made_sizes(model)
-    others = []
-    for kind in ("batch", "spatial") if folded else ():
-        other = other_shapes(declared, fixed, kind)
-        try:
-            if other:
-                others.append(settle(FixInputShapes(other)(declared).model)[0])
-        except BadInputError:
-            pass  # the original does not run at that size either: nothing to keep
+    others = _settled_at_other_sizes(declared, fixed) if folded else []
     model, run_time = keep_dynamic(model, others, declared)
     if isinstance(source, onnx.ModelProto):
         return LoadedModel(model, Origin(io, read=source, run_time=run_time))
     return LoadedModel(model, Origin(io, path=Path(source), run_time=run_time))
+
+
+def _settled_at_other_sizes(
+    declared: onnx.ModelProto, fixed: onnx.ModelProto
+) -> list[onnx.ModelProto]:
+    """`declared` settled at each kind of other size (dynamic_dims.KINDS) it takes: its
+    dynamic dims from dim 1 on changed, else (dim 1 the channels a conv fixes, declared
+    dynamic) from dim 2 on; a kind at which the original does not run gives nothing."""
+    others = []
+    for kind in KINDS:
+        tried: list[dict[str, list[int]]] = []
+        for first in (1, 2):
+            other = other_shapes(declared, fixed, kind, first)
+            if not other or other in tried:
+                continue
+            tried.append(other)
+            try:
+                others.append(settle(FixInputShapes(other)(declared).model)[0])
+                break
+            except BadInputError:
+                pass  # the original does not run at that size either
+    return others
 
 
 def analysis_shapes(model: onnx.ModelProto, given: InputShapes | None) -> InputShapes | None:

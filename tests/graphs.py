@@ -370,8 +370,9 @@ def assert_runs_at_declared_shapes(
 ) -> list[dict[str, tuple[int, ...]]]:
     """`written` declares the inputs and outputs `original` declares, dynamic dims included,
     and runs at every shape they allow where the original runs: batch 1 and 2 where the
-    batch is dynamic, and where other dims are dynamic a second size of them (doubled),
-    each giving outputs of the original's shapes. `shape` (per input name, or one shape
+    batch is dynamic, and where other dims are dynamic two other sizes of them (doubled,
+    and odd sizes that differ from dim to dim: 2x + 1, 2x + 3, ...), each giving outputs
+    of the original's shapes. `shape` (per input name, or one shape
     for the first input) gives the sizes of dynamic dims other than the batch to start
     from. Returns the input shapes both ran at."""
     inputs, outputs = io_names(original)
@@ -390,11 +391,12 @@ def assert_runs_at_declared_shapes(
     for batch in batches:
         trials.append({n: [batch or s[0], *s[1:]] if s else s for n, s in start.items()})
     if any(size is None for n in inputs for size in dims[n][1:]):
-        trials.append({
-            n: [batches[-1] or s[0], *[2 * x if dims[n][k] is None else x
-                                       for k, x in enumerate(s[1:], start=1)]] if s else s
-            for n, s in start.items()
-        })  # fmt: skip
+        for grow in (lambda x, k: 2 * x, lambda x, k: 2 * x + 2 * k - 1):  # doubled; odd
+            trials.append({
+                n: [batches[-1] or s[0], *[grow(x, k) if dims[n][k] is None else x
+                                           for k, x in enumerate(s[1:], start=1)]] if s else s
+                for n, s in start.items()
+            })  # fmt: skip
     ran = []
     elem = {vi.name: vi.type.tensor_type.elem_type for vi in original.graph.input}
     for k, trial in enumerate(trials):

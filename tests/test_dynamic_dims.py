@@ -1,0 +1,177 @@
+"""Folded shape arithmetic that follows a dynamic input dim stays dynamic (dynamic_dims.py):
+the written model computes what the original computes at every input shape the original
+takes, not only at the analysed size and its double.
+
+Each model here is run as `load` hands it to onnxruntime (`runnable`: the analysis form
+with the declared I/O, weights untouched), so its outputs must equal the original's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from graphs import Builder, assert_runs_at_declared_shapes, run
+
+from onnx_mbs.passes import load
+
+
+def _shape(b: Builder, x: str, start: int, end: int | None = None) -> str:
+    return b.op("Shape", [x], start=start, **({} if end is None else {"end": end}))
+
+
+def _relu_conv(b: Builder, x: str, cin: int, cout: int, stride: int = 1) -> str:
+    return b.op("Relu", [b.conv(x, cin, cout, stride=stride)])
+
+
+def _same_outputs(model: onnx.ModelProto, written: onnx.ModelProto, feeds: list[dict]) -> None:
+    """`written` computes what `model` does on each of `feeds` the original takes."""
+    ran = 0
+    for feed in feeds:
+        try:
+            expected = run(model, feed)
+        except Exception:  # the original does not take this shape: nor need the written one
+            continue
+        got = run(written, feed)
+        assert [y.shape for y in got] == [y.shape for y in expected], {
+            k: v.shape for k, v in feed.items()
+        }
+        for a, e in zip(got, expected):
+            np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-5)
+        ran += 1
+    assert ran > 1
+
+
+def _images(*shapes: tuple[int, ...], name: str = "x") -> list[dict]:
+    rng = np.random.default_rng(0)
+    return [{name: rng.standard_normal(s).astype(np.float32)} for s in shapes]
+
+
+SIZES = [(1, 3, 16, 16), (2, 3, 17, 17), (1, 3, 23, 15), (1, 3, 30, 30), (2, 3, 24, 40)]
+
+
+def _fpn(channels: int | str = 3) -> onnx.ModelProto:
+    """An FPN top-down step: the coarse map upsampled to the size of the finer one
+    (`F.interpolate(c, size=b.shape[-2:])`), then added to it. Twice the coarse size only
+    where the input size is a multiple of 4."""
+    b = Builder("fpn")
+    x = b.input("x", ["N", channels, "H", "W"])
+    x = b.op("Sub", [x, b.const(np.full((1, 3, 1, 1), 0.5, np.float32))])  # normalised
+    a = _relu_conv(b, x, 3, 8)
+    fine = _relu_conv(b, a, 8, 8, stride=2)
+    coarse = _relu_conv(b, fine, 8, 8, stride=2)
+    sizes = b.op("Concat", [_shape(b, coarse, 0, 2), _shape(b, fine, 2)], axis=0)
+    up = b.op("Resize", [coarse, "", "", sizes], mode="nearest")
+    y = b.op("Add", [up, b.conv(fine, 8, 8, k=1)])
+    return b.model([b.conv(y, 8, 4, k=1)], ["y"])
+
+
+@pytest.mark.parametrize("channels", [3, "C"])
+def test_resize_to_the_size_of_another_map_is_not_taken_as_scales(channels):
+    """At the analysed size (16) and its double the sizes are twice the coarse map's, so
+    they looked like scales 2; at 17 or 30 they are not (9 -> 17), and the written model
+    must take the finer map's size as the original does. Also where the channels (dim 1,
+    which the normalisation and the first conv fix) are declared dynamic: then the other
+    dims are varied alone."""
+    model = _fpn(channels)
+    read = load(model, {"x": [1, 3, 16, 16]})
+    _same_outputs(model, read.runnable, _images(*SIZES))
+    assert_runs_at_declared_shapes(model, read.runnable, [1, 3, 16, 16])
+
+
+def _transposed_view() -> onnx.ModelProto:
+    """`y.transpose(2, 3).reshape(y.shape)`: the target's height and width are the data's
+    width and height, equal only for square inputs."""
+    b = Builder("transposed_view")
+    x = b.input("x", ["N", 3, "H", "W"])
+    a = _relu_conv(b, x, 3, 8)
+    t = b.op("Transpose", [a], perm=[0, 1, 3, 2])
+    r = b.op("Reshape", [t, _shape(b, a, 0)])
+    return b.model([b.conv(_relu_conv(b, r, 8, 8), 8, 4, k=1)], ["y"])
+
+
+def test_a_reshape_entry_that_matches_the_data_only_at_square_sizes_is_not_copied():
+    """Analysed at a square size (and at its double), the target's height equals the data's
+    dim 2 (its width): copying it (0) gives (W, H) maps for non-square inputs."""
+    model = _transposed_view()
+    read = load(model, {"x": [1, 3, 16, 16]})
+    _same_outputs(model, read.runnable, _images(*SIZES))
+
+
+def _channels_last_input() -> onnx.ModelProto:
+    """An NHWC input (N, H, W, 3), transposed to NCHW; a token view (N, C, H * W) and back
+    to the conv map's own shape."""
+    b = Builder("nhwc")
+    x = b.input("x", ["N", "H", "W", 3])
+    a = _relu_conv(b, b.op("Transpose", [x], perm=[0, 3, 1, 2]), 3, 8)
+    tokens = b.op("Reshape", [a, b.op("Concat", [_shape(b, a, 0, 2), b.const([-1])], axis=0)])
+    back = b.op("Reshape", [b.op("Relu", [tokens]), _shape(b, a, 0)])
+    return b.model([b.conv(_relu_conv(b, back, 8, 8), 8, 4, k=1)], ["y"])
+
+
+def test_a_dynamic_height_in_dim_1_is_varied_too():
+    """Dims 1 and 2 of an NHWC input are the height and width: both follow the input, not
+    dim 2 alone (the height was analysed at one size and written as a number)."""
+    model = _channels_last_input()
+    read = load(model, {"x": [1, 16, 16, 3]})
+    shapes = [(s[0], s[2], s[3], s[1]) for s in SIZES]
+    _same_outputs(model, read.runnable, _images(*shapes))
+
+
+def _image_and_aux() -> onnx.ModelProto:
+    """An image and an auxiliary vector of dynamic length (N, K), its mean added to the
+    map; a token view (N, C, H * W) and back to the map's shape."""
+    b = Builder("aux")
+    x = b.input("x", ["N", 3, "H", "W"])
+    aux = b.input("aux", ["N", "K"])
+    a = _relu_conv(b, x, 3, 8)
+    tokens = b.op("Reshape", [a, b.op("Concat", [_shape(b, a, 0, 2), b.const([-1])], axis=0)])
+    back = b.op("Reshape", [b.op("Relu", [tokens]), _shape(b, a, 0)])
+    mean = b.op("Unsqueeze", [b.op("ReduceMean", [aux], axes=[1]), b.const([2, 3])])
+    y = b.op("Add", [back, mean])
+    return b.model([b.conv(_relu_conv(b, y, 8, 8), 8, 4, k=1)], ["y"])
+
+
+def test_another_input_with_a_dynamic_dim_does_not_keep_the_image_size_fixed():
+    """The image's height and width follow the input although the other input has a
+    dynamic length of its own (which the sizes tried at before left unset, so the image
+    was never tried at another size)."""
+    model = _image_and_aux()
+    read = load(model, {"x": [1, 3, 16, 12], "aux": [1, 5]})
+    rng = np.random.default_rng(0)
+    feeds = [
+        {
+            "x": rng.standard_normal(s).astype(np.float32),
+            "aux": rng.standard_normal((s[0], k)).astype(np.float32),
+        }
+        for s in SIZES
+        for k in (5, 2)
+    ]
+    _same_outputs(model, read.runnable, feeds)
+
+
+def _tf_same_padding() -> onnx.ModelProto:
+    """TensorFlow's SAME padding computed from the map's size (timm's `Conv2dSame`, TF
+    exports): total = max((ceil(H / 2) - 1) * 2 + 3 - H, 0), before a stride-2 conv."""
+    b = Builder("tf_same")
+    x = b.input("x", ["N", 3, "H", "W"])
+    a = _relu_conv(b, x, 3, 8)
+    hw = _shape(b, a, 2)
+    ones, twos = b.const(np.array([1, 1])), b.const(np.array([2, 2]))
+    out = b.op("Div", [b.op("Add", [hw, ones]), twos])  # ceil(H / 2)
+    span = b.op("Add", [b.op("Mul", [b.op("Sub", [out, ones]), twos]), b.const([3, 3])])
+    total = b.op("Max", [b.op("Sub", [span, hw]), b.const(np.array([0, 0]))])
+    begin = b.op("Div", [total, twos])
+    zeros = b.const(np.array([0, 0]))
+    pads = b.op("Concat", [zeros, begin, zeros, b.op("Sub", [total, begin])], axis=0)
+    padded = b.op("Pad", [a, pads])
+    c = b.op("Conv", [padded, b.weight(8, 8, 3, 3)], kernel_shape=[3, 3], strides=[2, 2])
+    return b.model([b.conv(b.op("Relu", [c]), 8, 4, k=1)], ["y"])
+
+
+def test_same_padding_that_is_one_at_every_even_size_follows_odd_sizes():
+    """The padding is 1 at 16 and at 32 (the analysed size and its double) and 2 at odd
+    sizes: it was folded to 1, and the written model took 17 to 8 rows, not 9."""
+    model = _tf_same_padding()
+    read = load(model, {"x": [1, 3, 16, 16]})
+    _same_outputs(model, read.runnable, _images(*SIZES))
