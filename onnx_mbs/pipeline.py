@@ -433,7 +433,12 @@ class Shrink:
 
     def __call__(self, plan: Plan) -> Rewritten:
         if not plan.changes_anything:  # hand back the input itself, not a re-serialised copy
-            return Rewritten(plan, self.analysed.before, self.origin.original)
+            original = self.origin.original
+            if _passes_full_check(original):
+                return Rewritten(plan, self.analysed.before, original)
+            # Its recorded shapes contradict inference (onnxruntime runs it, the checker
+            # refuses it): the input as load inferred it afresh, weights untouched.
+            return Rewritten(plan, self.analysed.before, self.origin.written(self.model))
         channels = self.analysed.channels
         keep = choose_channels(channels.groups, plan.counts, self.scores)
         shrunk = shrink_channels(self.model, keep, channels, self.index)
@@ -523,6 +528,14 @@ def accuracy(
         key: evaluate(model, source, providers, batch_size=batch_size, progress=False)
         for key, model in models.items()
     }
+
+
+def _passes_full_check(model: onnx.ModelProto) -> bool:
+    try:
+        check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError):
+        return False
+    return True
 
 
 def check_written(

@@ -328,6 +328,19 @@ def test_stale_recorded_shapes_are_inferred_afresh():
     assert report.plan.reached["params"] <= 0.72
     check_model(reduced, full_check=True)
     assert_runs_at_declared_shapes(stale, reduced, shape)
+    # Records that contradict each other (a batch of 7 beside a batch of 1: the full checker
+    # refuses the input itself), nothing cut: the input as inferred afresh is written.
+    clash = onnx.ModelProto()
+    clash.CopyFrom(stale)
+    clash.graph.value_info[-1].type.tensor_type.shape.dim[0].dim_value = 7
+    with pytest.raises(onnx.shape_inference.InferenceError):
+        check_model(clash, full_check=True)
+    kept, report = reduce(clash, input_shapes={"input": shape}, **{**options, "budget": None})
+    assert not report.plan.changes_anything
+    check_model(kept, full_check=True)
+    assert_runs_at_declared_shapes(clash, kept, shape)
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    np.testing.assert_allclose(run(kept, x)[0], run(clash, x)[0], rtol=1e-5, atol=1e-6)
     # A declared output contradicted (a stale class count) is left dynamic where it is.
     output = stale.graph.output[0]
     output.CopyFrom(onnx.helper.make_tensor_value_info(output.name, 1, ["N", 7]))
