@@ -203,18 +203,35 @@ def is_parameter_use(node: onnx.NodeProto, position: int, rank: int) -> bool:
     return not (rank == 0 and node.op_type in SCALAR_OPS)
 
 
-def count_parameters(model: onnx.ModelProto) -> int:
-    """Elements of the float initializers that hold learned values: the parameter count
-    docs/design.md budgets against, counted like torch's `parameters()` (see `is_parameter_use`;
-    folded shape arithmetic is not counted: `is_weight`).
-    """
+def parameter_sizes(model: onnx.ModelProto) -> dict[str, int]:
+    """The initializers that hold learned values, and their sizes: what `count_parameters`
+    sums. A float initializer holds learned values when a node reads it as one
+    (`is_parameter_use`), or when no node reads it; one tensor an exporter merged from equal
+    values (an untrained BN's bias and its running mean, both zeros) is the learned one, as
+    torch's `parameters()` counts the bias and not the running mean (a buffer). Folded shape
+    arithmetic is never one (`is_weight`)."""
     floats = {t.name: t for t in model.graph.initializer if is_weight(t)}
-    sizes = {name: math.prod(t.dims) for name, t in floats.items()}
+    read: set[str] = set()
+    learned: set[str] = set()
     for node in model.graph.node:
         for k, name in enumerate(node.input):
-            if name in sizes and not is_parameter_use(node, k, len(floats[name].dims)):
-                sizes[name] = 0
-    return sum(sizes.values())
+            if name in floats:
+                read.add(name)
+                if is_parameter_use(node, k, len(floats[name].dims)):
+                    learned.add(name)
+    return {
+        name: math.prod(t.dims) for name, t in floats.items() if name in learned or name not in read
+    }
+
+
+def count_parameters(model: onnx.ModelProto) -> int:
+    """Elements of the float initializers that hold learned values (`parameter_sizes`): the
+    parameter count docs/design.md budgets against. Each tensor counts once, however many
+    nodes read it: what the file holds (a tensor shared by two layers, as torch counts a tied
+    weight; where an exporter merged equal tensors of several layers, such as the all-ones
+    scales of untrained BNs, that is fewer than the torch module's `parameters()`).
+    """
+    return sum(parameter_sizes(model).values())
 
 
 def topological_order(
