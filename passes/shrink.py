@@ -151,7 +151,8 @@ def _counted(index: GraphIndex, uses: list[tuple[int, int]], via: str | None) ->
         if n < 0:
             continue
         node = index.nodes[n]
-        if (via is not None and node.input[i] != via) or is_parameter_use(node, i, 1):
+        through_identity = via is not None and node.input[i] != via
+        if through_identity or is_parameter_use(node, i, 1, index.constant):
             return True
         read = True
     return not read

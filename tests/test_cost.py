@@ -134,3 +134,22 @@ def test_a_bn_scale_or_bias_shared_with_a_running_statistic_is_a_parameter():
         assert predicted_params(model, keep, channels) == count_parameters(reduced)
         counts = {g: n for g in free}
         assert cost(counts) == (count_parameters(reduced), analyze_model(reduced).total_macs)
+
+
+def test_an_instance_norm_of_ones_and_zeros_stays_uncounted_when_cut():
+    """InstanceNorm without affine (scale all ones, bias all zeros) has no parameters, cut or
+    not: the cost model and shrink's prediction agree with what shrink writes."""
+    b = Builder("instance_norm")
+    x = b.conv(b.input("input", [1, 3, 16, 16]), 3, 8, name="c0")
+    norm = [b.const(np.ones(8), "ones"), b.const(np.zeros(8), "zeros")]
+    x = b.op("Relu", [b.op("InstanceNormalization", [x, *norm])])
+    model = load_model(b.model([b.conv(x, 8, 4, name="head")], ["out"]))
+    channels = analyze_channels(model)
+    cost = CostModel.build(model, channels)
+    (free,) = [g.id for g in channels.groups if not g.pinned]
+    for n in (8, 3):
+        by_hand = n * 3 * 9 + n + 4 * n * 9 + 4  # the two convs' weights and biases
+        keep = {free: list(range(n))}
+        reduced = load_model(shrink_channels(model, keep, channels))
+        assert count_parameters(reduced) == predicted_params(model, keep, channels) == by_hand
+        assert cost({free: n}) == (by_hand, analyze_model(reduced).total_macs)
