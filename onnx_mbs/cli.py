@@ -22,6 +22,7 @@ from onnx_mbs.passes import (
     READINGS,
     BadInputError,
     analyze_model,
+    command_line,
     load,
     load_model,
     parse_input_shape,
@@ -829,7 +830,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
-        return args.func(args)
+        with command_line():  # messages name the flags
+            return args.func(args)
     except BadInputError as e:
         print(f"onnx-mbs: error: {e}", file=sys.stderr)
         return 2

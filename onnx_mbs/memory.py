@@ -13,7 +13,7 @@ from pathlib import Path
 
 import onnx
 
-from onnx_mbs.passes.errors import BadInputError
+from onnx_mbs.passes.errors import BadInputError, input_shape_option
 from onnx_mbs.passes.graph import GraphIndex
 
 
@@ -58,8 +58,8 @@ def check_model_fits(model: onnx.ModelProto) -> None:
     check_fits(
         largest,
         f"tensor {name!r}{made_by}, one sample at the analysed input shape,",
-        "fix the input shape with --input-shape to the size the model was trained at, or "
-        "the model's sizes are corrupt or crafted",
+        f"fix the input shape with {input_shape_option()} to the size the model was trained "
+        "at, or the model's sizes are corrupt or crafted",
     )
 
 

@@ -230,6 +230,7 @@ def _stage_model(
     tmp = folder / out.name
     if serialized_size(model) > TWO_GB:
         data = f"{out.name}.data"
+        _check_own_data(out, out.parent / data)
         unset = [t for t in model_tensors(model) if not t.HasField("data_location")]
         onnx.save(model, tmp, save_as_external_data=True, location=data)
         # onnx.save moved the weights out of the caller's model: read them back in.
@@ -243,6 +244,20 @@ def _stage_model(
         staged = []
     _set_mode(tmp, 0o666)
     return [*staged, (tmp, out)]  # the model last: it never appears without its data
+
+
+def _check_own_data(out: Path, data: Path) -> None:
+    """Refuse to replace `data`, the external data `out` is about to get, unless it is the
+    external data of the `out` this write replaces: any other file of that name holds
+    another model's weights (or those of no model onnx-mbs can see)."""
+    if not os.path.lexists(data):
+        return
+    named = {os.path.normpath(p) for p in model_files(out)[1:]} if out.is_file() else set()
+    if os.path.normpath(data) not in named:
+        raise BadInputError(
+            f"output's external data {data} exists and is not {out}'s own (another model's "
+            "weights?); nothing was written: choose another output name"
+        )
 
 
 def _stage_folder(

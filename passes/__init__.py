@@ -22,7 +22,7 @@ from .base import Pass, PassContractError, PassResult, Sequential
 from .channel_groups import ChannelAnalysis, ChannelGroup, Member, analyze_channels
 from .channel_walk import ChannelWalk, register_handler, unregister_handler
 from .cost import CostModel
-from .errors import BadInputError
+from .errors import BadInputError, command_line
 from .fold import FoldShapes, fold_shapes
 from .graph import GraphIndex, count_parameters
 from .importance import (
@@ -86,6 +86,7 @@ __all__ = [
     "check_model",
     "check_reading",
     "choose_channels",
+    "command_line",
     "count_parameters",
     "fold_shapes",
     "group_scores",

@@ -171,14 +171,17 @@ def _global_step(
     resolution: dict[str, tuple[int, ...]],
     field_of: dict[str, tuple[Axes, Axes]],
     window: tuple[Axes, Axes] | None,
+    steps: list[int] | None = None,
 ) -> tuple[Axes, Axes]:
     """(receptive field, step) of `out` per spatial dim, both in input-image pixels;
-    `window` is the node's `_window` if it is a conv or pool.
+    `window` is the node's `_window` if it is a conv or pool, `steps` the Slice's steps per
+    axis (`_slice_steps`) if it is one that starts a macroblock.
 
     The step is how many input pixels one pixel of the tensor moves by. A window of
     effective size k and stride s adds (k-1)*step and multiplies the step by s;
     ConvTranspose and upsampling divide the step (an output pixel of a stride-s
-    ConvTranspose reads ceil(k/s) input pixels); global pooling sees everything.
+    ConvTranspose reads ceil(k/s) input pixels); global pooling sees everything. A strided
+    Slice, x[:, :, ::s, ::s], is a 1x1 window of stride s: the field stays, the step grows.
     Joins take the largest field among inputs of the output's own size: a 1x1
     gate broadcast over a map (squeeze-and-excitation) scales channels, it adds no
     spatial context, and is ignored, as in the local reading.
@@ -198,6 +201,9 @@ def _global_step(
         if op == "ConvTranspose":
             return _grow(rf, step, [math.ceil(a / b) - 1 for a, b in zip(k, s)], [1 / b for b in s])
         return _grow(rf, step, [a - 1 for a in k], s)
+    if steps is not None and x in field_of and len(steps) == len(field_of[x][1]) + 2:
+        rf, step = field_of[x]
+        return _grow(rf, step, [0] * len(step), steps[2:])
     if op in ("Resize", "Upsample", "DepthToSpace", "SpaceToDepth") and x in field_of:
         before = resolution[x]
         rf, step = (_fit(v, len(before)) for v in field_of[x])
@@ -354,14 +360,10 @@ def analyze_model(
             window = _window(attrs, weight_shape)
             if op in CONV_OPS:
                 conv_attrs[node.name] = attrs
-        for out in outputs:
-            field_of[out] = _global_step(node, out, inputs, resolution, field_of, window)
         new_block = _starts_a_macroblock(node, resolution[outputs[0]], inputs, resolution)
-        if new_block:
-            # x[:, :, ::s, ::s] is a 1x1 window of stride s: the field stays, the step grows.
-            (field, step), steps = field_of[inputs[0]], _slice_steps(node, index)
-            if len(steps) == len(step) + 2:
-                field_of[outputs[0]] = (field, tuple(a * b for a, b in zip(step, steps[2:])))
+        steps = _slice_steps(node, index) if new_block else None
+        for out in outputs:
+            field_of[out] = _global_step(node, out, inputs, resolution, field_of, window, steps)
         # Receptive field of each output, local to its macroblock.
         for out in outputs:
             same = [t for t in inputs if resolution[t] == resolution[out]]

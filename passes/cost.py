@@ -19,7 +19,7 @@ import onnx
 from .analysis import ModelAnalysis, analyze_model
 from .channel_groups import ChannelAnalysis, analyze_channels
 from .channel_walk import FILTERS, WEIGHTS_IN
-from .graph import GraphIndex, count_parameters, is_weight
+from .graph import GraphIndex, parameter_sizes
 
 
 @dataclass
@@ -238,18 +238,13 @@ class CostModel:
             a, b = (tracked + [-1, -1])[:2]
             return coef * float(math.prod(untracked)), a, b
 
-        statistics = {
-            name
-            for node in index.nodes
-            if node.op_type == "BatchNormalization"
-            for name in node.input[3:5]
-        }
-        base_params = count_parameters(model)
+        counted = parameter_sizes(model)
+        base_params = sum(counted.values())
         param_terms = []
         tracked_sources = {s for s, _, _ in axis_index}
         merge_axis, merge_cut, cut_constant, constant_size = [], [], [], []
         for name, tensor in index.initializers.items():
-            if name in tracked_sources and is_weight(tensor) and (name not in statistics):
+            if name in tracked_sources and name in counted:
                 base_params -= math.prod(tensor.dims)
                 for cut in cuts[name].values():
                     param_terms.append(term(name, tuple(tensor.dims), 1.0, cut))

@@ -1,8 +1,38 @@
 """Errors that mean "the user's input is wrong", as opposed to a bug.
 
 The command line prints a BadInputError as one line and exits with code 2;
-anything else is a bug (exit code 1).
+anything else is a bug (exit code 1). A message that names an option names it as the
+door in use takes it: the command line's flag while it runs (`command_line`), else the
+Python API's keyword.
 """
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+_COMMAND_LINE: ContextVar[bool] = ContextVar("onnx_mbs_command_line", default=False)
+
+
+@contextmanager
+def command_line() -> Iterator[None]:
+    """What runs inside is the command line's run: messages name its flags."""
+    token = _COMMAND_LINE.set(True)
+    try:
+        yield
+    finally:
+        _COMMAND_LINE.reset(token)
+
+
+def input_shape_option(name: str | None = None, dims: Sequence[object] = ()) -> str:
+    """The input-shape option as the door in use spells it, with `name`'s `dims` if given:
+    `--input-shape x:1,3,H,W` on the command line, `input_shapes={'x': [1, 3, H, W]}` in
+    Python (the keyword of `reduce`, `load` and `ReduceOptions`)."""
+    if _COMMAND_LINE.get():
+        flag = "--input-shape"
+        return flag if name is None else f"{flag} {name}:{','.join(map(str, dims))}"
+    if name is None:
+        return "input_shapes"
+    return f"input_shapes={{{name!r}: [{', '.join(map(str, dims))}]}}"
 
 
 class BadInputError(ValueError):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -191,30 +191,70 @@ NOT_PARAMETERS = {
 SCALAR_OPS = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Equal", "Less", "Greater"}
 
 
-def is_parameter_use(node: onnx.NodeProto, position: int, rank: int) -> bool:
+def is_parameter_use(
+    node: onnx.NodeProto,
+    position: int,
+    rank: int,
+    constant: Callable[[str], np.ndarray | None] | None = None,
+) -> bool:
     """Whether a float constant of rank `rank` read as input `position` of `node` is a
-    learned value.
+    learned value (`constant`: the value of a constant tensor by name, None if not one).
 
     BatchNorm statistics, Clip bounds, Resize scales and Pad values are not; nor is
-    a 0-d scalar read by an element-wise op (GELU's sqrt(2), HardSwish's 1/6).
+    a 0-d scalar read by an element-wise op (GELU's sqrt(2), HardSwish's 1/6); nor the
+    scale and bias of an InstanceNormalization that are all ones and all zeros
+    (`_no_affine`).
     """
     if position in NOT_PARAMETERS.get(node.op_type, ()):
         return False
+    if node.op_type == "InstanceNormalization" and position in (1, 2) and constant:
+        return not _no_affine(node, constant)
     return not (rank == 0 and node.op_type in SCALAR_OPS)
 
 
-def count_parameters(model: onnx.ModelProto) -> int:
-    """Elements of the float initializers that hold learned values: the parameter count
-    docs/design.md budgets against, counted like torch's `parameters()` (see `is_parameter_use`;
-    folded shape arithmetic is not counted: `is_weight`).
-    """
+def _no_affine(node: onnx.NodeProto, constant: Callable[[str], np.ndarray | None]) -> bool:
+    """An InstanceNormalization whose scale is all ones and bias all zeros: what torch's
+    exporter writes for GroupNorm (normalised over a view of its groups; its own scale and
+    shift are the Mul and Add after) and for InstanceNorm without affine, neither of which
+    has a parameter there."""
+    scale, bias = constant(node.input[1]), constant(node.input[2])
+    return scale is not None and bias is not None and bool(np.all(scale == 1) and not bias.any())
+
+
+def parameter_sizes(model: onnx.ModelProto) -> dict[str, int]:
+    """The initializers that hold learned values, and their sizes: what `count_parameters`
+    sums. A float initializer holds learned values when a node reads it as one
+    (`is_parameter_use`), or when no node reads it; one tensor an exporter merged from equal
+    values (an untrained BN's bias and its running mean, both zeros) is the learned one, as
+    torch's `parameters()` counts the bias and not the running mean (a buffer). Folded shape
+    arithmetic is never one (`is_weight`), nor an InstanceNormalization's scale and bias of
+    ones and zeros (torch's GroupNorm and InstanceNorm without affine: `is_parameter_use`)."""
     floats = {t.name: t for t in model.graph.initializer if is_weight(t)}
-    sizes = {name: math.prod(t.dims) for name, t in floats.items()}
+
+    def constant(name: str) -> np.ndarray | None:
+        return numpy_helper.to_array(floats[name]) if name in floats else None
+
+    read: set[str] = set()
+    learned: set[str] = set()
     for node in model.graph.node:
         for k, name in enumerate(node.input):
-            if name in sizes and not is_parameter_use(node, k, len(floats[name].dims)):
-                sizes[name] = 0
-    return sum(sizes.values())
+            if name in floats:
+                read.add(name)
+                if is_parameter_use(node, k, len(floats[name].dims), constant):
+                    learned.add(name)
+    return {
+        name: math.prod(t.dims) for name, t in floats.items() if name in learned or name not in read
+    }
+
+
+def count_parameters(model: onnx.ModelProto) -> int:
+    """Elements of the float initializers that hold learned values (`parameter_sizes`): the
+    parameter count docs/design.md budgets against. Each tensor counts once, however many
+    nodes read it: what the file holds (a tensor shared by two layers, as torch counts a tied
+    weight; where an exporter merged equal tensors of several layers, such as the all-ones
+    scales of untrained BNs, that is fewer than the torch module's `parameters()`).
+    """
+    return sum(parameter_sizes(model).values())
 
 
 def topological_order(

@@ -11,7 +11,7 @@ import onnx
 
 from .base import Pass, PassResult
 from .custom_ops import hide_unknown_ops, restore_unknown_ops
-from .errors import BadInputError
+from .errors import BadInputError, input_shape_option
 from .graph import static_shape
 from .protos import without_weights
 
@@ -56,14 +56,14 @@ class FixInputShapes(Pass):
         if "" in shapes:
             if len(inputs) != 1:
                 raise BadInputError(
-                    "--input-shape without a name needs a single-input model; use NAME:dims with "
-                    f"one of: {', '.join(i.name for i in inputs)}"
+                    f"{input_shape_option()} without an input name needs a single-input model; "
+                    f"name one of: {', '.join(i.name for i in inputs)}"
                 )
             shapes[inputs[0].name] = shapes.pop("")
         unknown = set(shapes) - {i.name for i in inputs}
         if unknown:
             raise BadInputError(
-                f"--input-shape names unknown input(s) {sorted(unknown)}; "
+                f"{input_shape_option()} names unknown input(s) {sorted(unknown)}; "
                 f"the model's inputs are: {', '.join(i.name for i in inputs)}"
             )
         if not shapes and all(static_shape(i) is not None for i in inputs):
@@ -80,13 +80,13 @@ class FixInputShapes(Pass):
                 wanted = list(shapes[vi.name])
                 if len(wanted) != len(dims):
                     raise BadInputError(
-                        f"--input-shape for {vi.name!r} has {len(wanted)} dims, "
+                        f"{input_shape_option()} for {vi.name!r} has {len(wanted)} dims, "
                         f"the model's input has {len(dims)}"
                     )
                 for d, w in zip(dims, wanted):
                     if d.HasField("dim_value") and d.dim_value != w:
                         raise BadInputError(
-                            f"--input-shape for {vi.name!r} gives {wanted}, but the model "
+                            f"{input_shape_option()} for {vi.name!r} gives {wanted}, but the model "
                             f"fixes dim {list(dims).index(d)} to {d.dim_value}"
                         )
                     if not d.HasField("dim_value"):
@@ -113,7 +113,7 @@ class FixInputShapes(Pass):
             unknown = ", ".join(x for x in sizes if not x.isdigit())
             raise BadInputError(
                 f"input {vi.name!r} has dynamic dims {shown}: give the size to analyse at, "
-                f"--input-shape {vi.name}:{','.join(sizes)} with your {unknown} (the written "
+                f"{input_shape_option(vi.name, sizes)} with your {unknown} (the written "
                 "model keeps the dims dynamic)"
             )
         _fix_named_dims(out.graph, named)
@@ -282,7 +282,7 @@ def check_static(inferred: onnx.ModelProto) -> None:
         if node.op_type in ("Conv", "ConvTranspose") and node.output[0] not in known:
             raise BadInputError(
                 f"the output shape of {node.op_type} {node.name!r} is not static after "
-                "shape inference; fix the input shapes with --input-shape"
+                f"shape inference; fix the input shapes with {input_shape_option()}"
             )
 
 

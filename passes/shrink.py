@@ -142,16 +142,20 @@ def predicted_params(
 
 
 def _counted(index: GraphIndex, uses: list[tuple[int, int]], via: str | None) -> bool:
-    """Mirror of `count_parameters` (see `is_parameter_use`). A copy is read directly by
-    all its uses; the original only by the uses that name it (`via`), the others reach
-    it through Identity."""
+    """Mirror of `parameter_sizes`: counted unless read, and by no reader as a learned
+    value (`is_parameter_use`). A copy is read directly by all its uses; the original only
+    by the uses that name it (`via`), the others reach it through Identity, which reads it
+    as a learned value would."""
+    read = False
     for n, i in uses:
         if n < 0:
             continue
         node = index.nodes[n]
-        if not is_parameter_use(node, i, 1) and (via is None or node.input[i] == via):
-            return False
-    return True
+        through_identity = via is not None and node.input[i] != via
+        if through_identity or is_parameter_use(node, i, 1, index.constant):
+            return True
+        read = True
+    return not read
 
 
 def shrink_channels(

@@ -272,3 +272,43 @@ def test_matmul_macs_follow_numpy_broadcasting(a, b, macs):
     y = g.op("MatMul", [g.input("input", a), g.input("other", b)], name="mm")
     model = load_model(g.model([y], ["out"]))
     assert analyze_model(model).other_macs == {"mm": macs}
+
+
+class _Normed(torch.nn.Module):
+    """conv -> norm -> ReLU -> conv: the norm as torch's exporter lowers it (GroupNorm to a
+    Reshape, an InstanceNormalization over the groups with ones and zeros, a Reshape back
+    and the affine as Mul and Add; InstanceNorm2d to an InstanceNormalization)."""
+
+    def __init__(self, norm: torch.nn.Module) -> None:
+        super().__init__()
+        self.a, self.norm, self.b = torch.nn.Conv2d(3, 32, 3), norm, torch.nn.Conv2d(32, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.norm(self.a(x))))
+
+
+def _trained(norm: torch.nn.Module) -> torch.nn.Module:
+    with torch.no_grad():
+        for p in norm.parameters():
+            p.copy_(torch.rand(p.shape, generator=torch.Generator().manual_seed(0)) + 0.5)
+    return norm
+
+
+@pytest.mark.parametrize(
+    "norm",
+    [
+        lambda: torch.nn.GroupNorm(4, 32),
+        lambda: _trained(torch.nn.GroupNorm(4, 32)),
+        lambda: torch.nn.InstanceNorm2d(32),  # affine=False: no parameters of its own
+        lambda: _trained(torch.nn.InstanceNorm2d(32, affine=True)),
+    ],
+    ids=["groupnorm", "groupnorm-trained", "instancenorm", "instancenorm-affine-trained"],
+)
+def test_normalisation_layers_count_what_torch_counts(norm):
+    """The exporter's InstanceNormalization of ones and zeros (GroupNorm over its groups,
+    InstanceNorm without affine) holds no learned value: GroupNorm(4, 32) counted 2 x 4 and
+    InstanceNorm2d(32) 2 x 32 parameters torch's module does not have."""
+    module = _Normed(norm()).eval()
+    model = load_model(export_onnx(module, (1, 3, 16, 16)))
+    assert "InstanceNormalization" in {n.op_type for n in model.graph.node}
+    assert analyze_model(model).total_params == sum(p.numel() for p in module.parameters())

@@ -6,12 +6,12 @@ import numpy as np
 import onnx
 import pytest
 from conftest import FORMS, SMALL_ZOO
-from graphs import Builder
+from graphs import Builder, parameters_by_layer
 
 from onnx_mbs.passes import analyze_model, count_parameters, load_model
 from onnx_mbs.passes.channel_groups import analyze_channels
 from onnx_mbs.passes.cost import CostModel
-from onnx_mbs.passes.shrink import shrink_channels
+from onnx_mbs.passes.shrink import predicted_params, shrink_channels
 from onnx_mbs.pipeline import reduce
 
 
@@ -99,3 +99,57 @@ def test_cost_model_counts_the_copies_of_constants_read_with_different_cuts():
     reduced, report = reduce(model, budget="params=0.5", channel_multiple=1, progress=False)
     assert report.plan.reached["params"] <= 0.5
     assert report.plan.params[1] == count_parameters(reduced)
+
+
+def _bn_sharing_model() -> onnx.ModelProto:
+    """Two untrained BatchNorms as the TorchScript exporter writes them: equal tensors
+    merged, so each BN's scale is one all-ones tensor with both running variances and its
+    bias one all-zeros tensor with both running means."""
+    b = Builder("bn_sharing")
+    x = b.input("input", [1, 3, 16, 16])
+    ones, zeros = b.const(np.ones(8), "ones"), b.const(np.zeros(8), "zeros")
+    for k, cin in enumerate((3, 8)):
+        x = b.conv(x, cin, 8, name=f"c{k}")
+        x = b.op("Relu", [b.op("BatchNormalization", [x, ones, zeros, zeros, ones])])
+    return b.model([b.conv(x, 8, 4, name="head")], ["out"])
+
+
+def test_a_bn_scale_or_bias_shared_with_a_running_statistic_is_a_parameter():
+    """A tensor read both as a learned value (BN scale, bias) and as a running statistic
+    holds the learned value: counted, once, as the file holds it (the statistic's reader
+    made it count 0: 16 parameters short). The cost model and shrink's prediction agree
+    with what shrink writes."""
+    model = load_model(_bn_sharing_model())
+    assert count_parameters(model) == parameters_by_layer(model)
+    channels = analyze_channels(model)
+    cost = CostModel.build(model, channels)
+    assert cost({}) == (count_parameters(model), analyze_model(model).total_macs)
+    free = [g.id for g in channels.groups if not g.pinned]
+    assert len(free) == 2
+    for n in (8, 5, 2):
+        # the groups keep different positions (equal cuts of a shared constant are merged)
+        keep = {free[0]: list(range(n)), free[1]: list(range(8 - n, 8))}
+        reduced = load_model(shrink_channels(model, keep, channels))
+        assert count_parameters(reduced) == parameters_by_layer(reduced)
+        assert predicted_params(model, keep, channels) == count_parameters(reduced)
+        counts = {g: n for g in free}
+        assert cost(counts) == (count_parameters(reduced), analyze_model(reduced).total_macs)
+
+
+def test_an_instance_norm_of_ones_and_zeros_stays_uncounted_when_cut():
+    """InstanceNorm without affine (scale all ones, bias all zeros) has no parameters, cut or
+    not: the cost model and shrink's prediction agree with what shrink writes."""
+    b = Builder("instance_norm")
+    x = b.conv(b.input("input", [1, 3, 16, 16]), 3, 8, name="c0")
+    norm = [b.const(np.ones(8), "ones"), b.const(np.zeros(8), "zeros")]
+    x = b.op("Relu", [b.op("InstanceNormalization", [x, *norm])])
+    model = load_model(b.model([b.conv(x, 8, 4, name="head")], ["out"]))
+    channels = analyze_channels(model)
+    cost = CostModel.build(model, channels)
+    (free,) = [g.id for g in channels.groups if not g.pinned]
+    for n in (8, 3):
+        by_hand = n * 3 * 9 + n + 4 * n * 9 + 4  # the two convs' weights and biases
+        keep = {free: list(range(n))}
+        reduced = load_model(shrink_channels(model, keep, channels))
+        assert count_parameters(reduced) == predicted_params(model, keep, channels) == by_hand
+        assert cost({free: n}) == (by_hand, analyze_model(reduced).total_macs)

@@ -188,7 +188,8 @@ def test_yolov8_style_detector_with_dynamic_batch_height_and_width():
     model = _dynamic_export(YOLOv8Style())
     assert {"Range", "Resize", "Shape"} <= {n.op_type for n in model.graph.node}
     # Without a size to analyse at, one line says exactly what to give.
-    with pytest.raises(BadInputError, match=r"--input-shape input:1,3,HEIGHT,WIDTH with your"):
+    given = r"input_shapes=\{'input': \[1, 3, HEIGHT, WIDTH\]\} with your"
+    with pytest.raises(BadInputError, match=given):
         load_model(model)
     reduced, report = reduce(model, budget="params=0.7", input_shapes={"input": SIZE_64},
                              progress=False)  # fmt: skip

@@ -44,7 +44,7 @@ def test_dynamic_batch_alone_becomes_one():
 
 
 def test_dynamic_spatial_needs_input_shape():
-    with pytest.raises(BadInputError, match=r"dynamic dims .*--input-shape x:"):
+    with pytest.raises(BadInputError, match=r"dynamic dims .*input_shapes=\{'x':"):
         load_model(conv_relu_model(["N", 3, "H", "W"]))
     fixed = load_model(conv_relu_model(["N", 3, "H", "W"]), {"x": [2, 3, 16, 12]})
     assert static_shape(fixed.graph.input[0]) == (2, 3, 16, 12)
@@ -61,6 +61,32 @@ def test_recorded_shapes_of_uninferable_ops_take_the_fixed_sizes(dims):
     model = load_model(raw, {"x": [1, 3, 8, 6]} if "H" in dims else None)
     plugin_out = next(v for v in model.graph.value_info if v.name == z)
     assert static_shape(plugin_out) == ((1, 4, 8, 6) if "H" in dims else (1, 4, 8, 8))
+
+
+def test_input_shape_refusals_name_each_doors_spelling(tmp_path, capsys):
+    """A refusal about input shapes names the option as the door it came through takes it:
+    the Python API's named the command line's `--input-shape x:1,3,H,W`, which no Python
+    call takes."""
+    model = conv_relu_model(["N", 3, "H", "W"])
+    python = [
+        (None, r"dynamic dims .*: give the size to analyse at, "
+               r"input_shapes=\{'x': \[1, 3, H, W\]\} with your H, W"),
+        ({"nope": [1, 3, 5, 5]}, r"^input_shapes names unknown input\(s\) \['nope'\]"),
+        ({"x": [1, 3, 5]}, r"^input_shapes for 'x' has 3 dims"),
+    ]  # fmt: skip
+    for shapes, message in python:
+        with pytest.raises(BadInputError, match=message) as error:
+            load_model(model, shapes)
+        assert "--input-shape" not in str(error.value)
+    onnx.save(model, tmp_path / "m.onnx")
+    command_line = [
+        ([], "--input-shape x:1,3,H,W with your H, W"),
+        (["--input-shape", "nope:1,3,5,5"], "error: --input-shape names unknown input(s)"),
+        (["--input-shape", "x:1,3,5"], "error: --input-shape for 'x' has 3 dims"),
+    ]
+    for flags, fragment in command_line:
+        code, err = _run_cli(["analyze", str(tmp_path / "m.onnx"), *flags], capsys)
+        assert code == 2 and fragment in err and "input_shapes" not in err
 
 
 def test_input_shape_unnamed_and_errors():

@@ -509,6 +509,34 @@ def test_external_data_written_atomically_and_caller_keeps_weights(inputs, tmp_p
     np.testing.assert_array_equal(run(written), run(model))
 
 
+def test_external_data_never_replaces_another_models_weights(inputs, tmp_path, monkeypatch):
+    """Past 2 GB the weights go to OUT.data. A file of that name that is not the existing
+    OUT's own external data holds another model's weights: the Python API refused nothing
+    and replaced it (a.onnx, whose weights are b.onnx.data, no longer loaded); now it is
+    refused in one line with nothing written, as the command line refuses an input's."""
+    import onnx_mbs.save as save
+
+    monkeypatch.setattr(save, "TWO_GB", 1000)
+    model = onnx.load(inputs / "tiny.onnx")
+    onnx.save(onnx.load(inputs / "tiny.onnx"), tmp_path / "a.onnx", save_as_external_data=True,
+              location="b.onnx.data", size_threshold=0)  # fmt: skip
+    (tmp_path / "c.onnx.data").write_bytes(b"someone's weights")  # no c.onnx names it
+    before = _hashes(tmp_path)
+    for name in ("b.onnx", "c.onnx"):
+        with pytest.raises(BadInputError, match=rf"{name}\.data .*nothing was written") as error:
+            save.save_model(model, tmp_path / name)
+        assert "\n" not in str(error.value)
+        assert _hashes(tmp_path) == before
+    onnx.checker.check_model(str(tmp_path / "a.onnx"), full_check=True)
+    # An earlier save's own data is replaced with it (a script run twice).
+    save.save_model(model, tmp_path / "d.onnx")
+    save.save_model(model, tmp_path / "d.onnx")
+    check_written_model(tmp_path / "d.onnx", inputs / "tiny.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a.onnx", "b.onnx.data", "c.onnx.data", "d.onnx", "d.onnx.data"
+    ]  # fmt: skip
+
+
 def test_existing_report_folder_gets_new_files_beside_what_it_holds(inputs, tmp_path):
     """Issue 26: a report folder is never replaced whole (that deleted whatever it held)."""
     from onnx_mbs.save import save_model

@@ -122,7 +122,7 @@ def test_hand_built_shrink_to_half(name):
 
 def test_dynamic_input_model_needs_input_shapes():
     build, shapes = HAND_BUILT["dynamic_input_model"]
-    with pytest.raises(BadInputError, match="--input-shape"):
+    with pytest.raises(BadInputError, match="input_shapes="):
         load_model(build())
     model = load_model(build(), shapes)
     analysis = analyze_channels(model)
