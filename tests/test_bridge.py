@@ -265,7 +265,7 @@ def unary(op: str, **attrs) -> tuple:
     return ([helper.make_node(op, ["x"], ["y"], **attrs)], {}, 17)
 
 
-def resize(mode: str, scales=None, sizes=None, **attrs) -> tuple:
+def resize(mode: str, scales=None, sizes=None, opset: int = 17, **attrs) -> tuple:
     inits = {"roi": f32()}
     names = ["x", "roi"]
     if scales is not None:
@@ -274,7 +274,7 @@ def resize(mode: str, scales=None, sizes=None, **attrs) -> tuple:
     else:
         inits["sizes"] = i64(*sizes)
         names += ["", "sizes"]
-    return ([helper.make_node("Resize", names, ["y"], mode=mode, **attrs)], inits, 17)
+    return ([helper.make_node("Resize", names, ["y"], mode=mode, **attrs)], inits, opset)
 
 
 X = [2, 4, 6, 6]  # input shape used by the single-input cases below
@@ -705,6 +705,35 @@ CASES: dict[str, tuple] = {
     # No dim changes: onnxruntime copies the input, whatever the scales say.
     "resize-linear-dims-unchanged": resize(
         "linear", scales=[1, 1, 1.1, 1.1], coordinate_transformation_mode="asymmetric"
+    ),
+    # half_pixel_symmetric (opset 19+): onnxruntime sums the offset and the half-pixel term in
+    # float64, so floor lands on the other side at 1/3 here.
+    "resize-nearest-half-pixel-symmetric-floor": resize(
+        "nearest",
+        scales=[1, 1, 1 / 3, 11 / 5],
+        opset=19,
+        coordinate_transformation_mode="half_pixel_symmetric",
+        nearest_mode="floor",
+    ),
+    "resize-nearest-half-pixel-symmetric": resize(
+        "nearest",
+        scales=[1, 1, 4 / 7, 8 / 5],
+        opset=19,
+        coordinate_transformation_mode="half_pixel_symmetric",
+    ),
+    "resize-linear-half-pixel-symmetric": resize(
+        "linear",
+        scales=[1, 1, 0.6, 1.7],
+        opset=19,
+        coordinate_transformation_mode="half_pixel_symmetric",
+    ),
+    # 3 / float32(4/7) is 5.2499995 and 1 / float32(4/7) is 1.7499999: onnxruntime takes a
+    # coordinate within 1e-6 of a half for the half (round_prefer_ceil picks 2, not 1).
+    "resize-nearest-prefer-ceil-near-half": resize(
+        "nearest",
+        scales=[1, 1, 4 / 7, 16 / 7],
+        coordinate_transformation_mode="asymmetric",
+        nearest_mode="round_prefer_ceil",
     ),
     "upsample-opset9": (
         [helper.make_node("Upsample", ["x", "sc"], ["y"], mode="nearest")],

@@ -556,15 +556,22 @@ def _resample_plan(
     elif transform == "tf_half_pixel_for_nn":
         src = (x + half) / scale
     elif transform == "half_pixel_symmetric":
-        adjustment = n_out / (scale * n_in)
-        src = n_in / f(2) * (f(1) - adjustment) + (x + half) / scale - half
+        # The offset in float32, the sum in float64 (onnxruntime's double literals), then float32.
+        offset = np.float64(n_in / f(2) * (f(1) - n_out / (scale * n_in)))
+        src = (offset + (x.astype(np.float64) + 0.5) / np.float64(scale) - 0.5).astype(f)
     else:
         raise BadInputError(f"Resize coordinate_transformation_mode '{transform}' is not supported")
     if mode == "nearest":
+        # The round_prefer modes take a coordinate within 1e-6 of a half for the half itself
+        # (onnxruntime: 3.4999998 is 3.5 there, so round_prefer_ceil picks 4).
+        wide = src.astype(np.float64)
+        lower = np.floor(wide)
+        half = np.abs(wide - lower - 0.5) <= 1e-6
+        closest = np.floor(wide + 0.5)
         rounded = {
-            "round_prefer_floor": np.ceil(src - 0.5),
-            "round_prefer_ceil": np.floor(src + 0.5),
-            "floor": np.floor(src),
+            "round_prefer_floor": np.where(half, lower, closest),
+            "round_prefer_ceil": np.where(half, lower + 1, closest),
+            "floor": lower,
             "ceil": np.ceil(src),
         }[nearest]
         return np.clip(rounded, 0, size_in - 1).astype(np.int64), None, None
