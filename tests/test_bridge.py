@@ -595,6 +595,12 @@ CASES: dict[str, tuple] = {
         {"st": i64(-1, 1), "en": i64(-(2**63), -1), "ax": i64(1, 3), "sp": i64(-1, 2)},
         17,
     ),
+    # An end of INT64_MAX (or INT32_MAX) with a negative step runs to index 0 in onnxruntime.
+    "slice-negative-step-int-max-end": (
+        [helper.make_node("Slice", ["x", "st", "en", "ax", "sp"], ["y"])],
+        {"st": i64(3, -2), "en": i64(2**63 - 1, 2**31 - 1), "ax": i64(3, 2), "sp": i64(-1, -2)},
+        17,
+    ),
     "slice-no-axes": (
         [helper.make_node("Slice", ["x", "st", "en"], ["y"])],
         {"st": i64(1, 0, 2), "en": i64(2, 100, 5)},

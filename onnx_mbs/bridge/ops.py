@@ -792,6 +792,9 @@ def split(n: Node) -> OpFn:
     return lambda x, *_: tuple(torch.split(x, -(-x.shape[axis] // count), axis))
 
 
+_INT_MAX = (2**31 - 1, 2**63 - 1)
+
+
 def slice_(n: Node) -> OpFn:
     def run(x, starts, ends, axes, steps):
         rank = x.dim()
@@ -804,10 +807,11 @@ def slice_(n: Node) -> OpFn:
             if step > 0:
                 index[axis] = slice(start, end, step)
                 continue
-            # Negative steps: ONNX clamping, then an explicit index list.
+            # Negative steps: ONNX clamping, then an explicit index list. An end of INT32_MAX or
+            # INT64_MAX means "to the end" in onnxruntime, whichever the direction: here index 0.
             size = x.shape[axis]
             start = min(max(start + size if start < 0 else start, 0), size - 1)
-            end = min(max(end + size if end < 0 else end, -1), size - 1)
+            end = -1 if end in _INT_MAX else min(max(end + size if end < 0 else end, -1), size - 1)
             reversed_axes.append((axis, list(range(start, end, step))))
         x = x[tuple(index)]
         for axis, idx in reversed_axes:
