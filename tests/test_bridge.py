@@ -884,6 +884,58 @@ def test_dropout_active_only_in_train_mode() -> None:
     assert torch.equal(module.eval()(x), x)
 
 
+def dropout_classifier(mode: np.ndarray | None) -> onnx.ModelProto:
+    """Conv, Dropout (ratio 0.5, training_mode `mode` as a constant), pooled Gemm head."""
+    mode_inits = {} if mode is None else {"t": mode}
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Dropout", ["c", "r"] + (["t"] if mode is not None else []), ["d"]),
+        helper.make_node("GlobalAveragePool", ["d"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc"], ["y"], transB=1),
+    ]
+    inits = {"w": rnd(4, 1, 3, 3), "r": np.array(0.5, np.float32), "fc": rnd(3, 4, seed=1)}
+    model = make_model(nodes, {"x": ["N", 1, 8, 8]}, ["y"], {**inits, **mode_inits})
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3]))
+    return model
+
+
+def test_dropout_with_training_mode_true_is_refused(tmp_path, capsys) -> None:
+    """With training_mode true onnxruntime drops at random at inference, or not where its graph
+    optimisations remove the node (this one, inside the graph): nothing a module can match."""
+    from onnx_mbs.cli import main
+
+    x = rnd(2, 1, 8, 8)
+    model = dropout_classifier(np.array(True))
+    with pytest.raises(BadInputError, match="Dropout node .* has training_mode true"):
+        OnnxModule(model)
+    onnx.save(model, tmp_path / "m.onnx")
+    images = np.random.default_rng(0).integers(0, 256, (8, 1, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", x=images, y=np.arange(8) % 3)
+    argv = ["retrain", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "out.onnx")]
+    code = main([*argv, "--data", str(tmp_path / "d.npz"), "--epochs", "1"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after data: and preprocessing:
+    assert code == 2 and last.startswith("onnx-mbs: error: Dropout node") and "true" in last
+    assert not (tmp_path / "out.onnx").exists()
+    # training_mode false (and absent) is the identity onnxruntime computes.
+    for mode in (np.array(False), None):
+        assert_matches_ort(dropout_classifier(mode), {"x": x})
+
+
+def test_dropout_ratio_computed_at_run_time_is_used_in_train_mode() -> None:
+    nodes = [
+        helper.make_node("ReduceMax", ["x"], ["m"], keepdims=0),
+        helper.make_node("Mul", ["m", "k"], ["r"]),  # 0.75: x is all ones
+        helper.make_node("Dropout", ["x", "r"], ["y"]),
+    ]
+    model = make_model(nodes, {"x": X}, ["y"], {"k": f32(0.75)}, opset=17)
+    module = OnnxModule(model).train()
+    torch.manual_seed(0)
+    y = module(torch.ones(*X))
+    assert 0.6 < float((y == 0).float().mean()) < 0.9
+    assert set(torch.unique(y).tolist()) == {0.0, 4.0}
+
+
 def test_gradients_reach_every_parameter(small_net, x16) -> None:
     model = export(small_net, torch.from_numpy(x16), keep_bn=True)
     module = OnnxModule(model).train()

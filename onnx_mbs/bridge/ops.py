@@ -262,19 +262,34 @@ def batch_norm(n: Node) -> OpFn:
 
 
 def dropout(n: Node) -> OpFn:
+    if n.opset >= 12 and n.has(2):
+        mode = n.const(2)
+        if mode is None or mode.any():
+            # onnxruntime then drops at random at inference, unless its graph optimisations
+            # remove the node (they do where its output is not a graph output): no module
+            # matches that.
+            raise BadInputError(
+                f"Dropout node '{n.name}' has training_mode "
+                f"{'true' if mode is not None else 'computed at run time'}: onnxruntime then "
+                "drops activations at random at inference (or not, as its graph optimisations "
+                "decide), which the bridge cannot match; set training_mode to false or remove "
+                "the node"
+            )
     if n.opset < 12:
         ratio = n.attr("ratio", 0.5)
     else:
         ratio = float(n.const_list(1)[0]) if n.const(1) is not None else 0.5
+    ratio_at_run_time = n.opset >= 12 and n.has(1) and n.const(1) is None
     with_mask = len(n.outputs) > 1 and n.outputs[1] != ""
 
-    def run(training, x, *_):
+    def run(training, x, r=None, *_):
+        p = float(r.reshape(-1)[0]) if training and ratio_at_run_time else ratio
         if not with_mask:
-            return F.dropout(x, ratio, training)
-        if not training or ratio == 0.0:
+            return F.dropout(x, p, training)
+        if not training or p == 0.0:
             return x, torch.ones_like(x, dtype=torch.bool)
-        mask = torch.rand_like(x) >= ratio
-        return x * mask / (1.0 - ratio), mask
+        mask = torch.rand_like(x) >= p
+        return x * mask / (1.0 - p), mask
 
     return run
 
