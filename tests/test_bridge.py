@@ -573,6 +573,12 @@ CASES: dict[str, tuple] = {
         {"p": i64(1, 2, 3, 0), "axes": i64(-1, 2)},
         18,
     ),
+    # Wrap repeats the (cropped) axis as often as the pads reach; torch wraps once at most.
+    "pad-wrap-beyond-size": (
+        [helper.make_node("Pad", ["x", "p"], ["y"], mode="wrap")],
+        {"p": i64(0, 0, 8, 0, 0, 0, -1, 13)},
+        19,
+    ),
     "split-sizes-input": (
         [
             helper.make_node("Split", ["x", "s"], ["a", "b"], axis=1),

@@ -686,6 +686,9 @@ def pad(n: Node) -> OpFn:
             return F.pad(x, flat, "constant", value)
         # torch pads only the last dims in these modes: one axis at a time, moved last.
         for axis in nonzero:
+            if torch_mode == "circular":  # torch wraps around once at most; ONNX as often
+                x = x.index_select(axis, _wrap_index(x.shape[axis], *full[axis], x.device))
+                continue
             moved = x.movedim(axis, -1)
             shape = moved.shape
             moved = F.pad(moved.reshape(-1, 1, shape[-1]), list(full[axis]), torch_mode)
@@ -708,6 +711,14 @@ def pad(n: Node) -> OpFn:
         return run(x, arg(1, rest), float(value[0]) if value else 0.0, arg(3, rest))
 
     return dynamic
+
+
+def _wrap_index(size: int, begin: int, end: int, device: Any) -> Any:
+    """Source indices of Pad mode wrap along one axis: negative pads crop first, then the kept
+    part repeats around as far as the positive pads reach."""
+    start, stop = max(-begin, 0), size - max(-end, 0)
+    kept = stop - start
+    return start + torch.arange(-max(begin, 0), kept + max(end, 0), device=device) % kept
 
 
 def identity(n: Node) -> OpFn:
