@@ -772,6 +772,15 @@ def test_pool_with_auto_pad_and_dilations_is_refused() -> None:
         OnnxModule(make_model([pool], {"x": X}, ["y"]))
 
 
+def test_split_into_more_parts_than_fit_is_refused() -> None:
+    # 6 into 4: chunks of 2 give 3 parts (onnxruntime refuses too); it was a KeyError.
+    outs = ["a", "b", "c", "d"]
+    split = helper.make_node("Split", ["x"], outs, axis=2, num_outputs=4)
+    module = OnnxModule(make_model([split], {"x": X}, outs, opset=18))
+    with pytest.raises(BadInputError, match="cannot cut 6 into 4 parts"):
+        module(torch.from_numpy(rnd(*X)))
+
+
 def test_dynamic_shape_arithmetic_runs_at_run_time() -> None:
     nodes, inits, opset = CASES["dynamic-reshape"]
     model = make_model(nodes, {"x": ["n", 4, 6, 6]}, ["y"], inits, opset)

@@ -815,7 +815,16 @@ def split(n: Node) -> OpFn:
         return lambda x, *_: tuple(torch.split(x, sizes, axis))
     if n.opset >= 13 and n.has(1) and n.const(1) is None:
         return lambda x, s: tuple(torch.split(x, _values(s), axis))
-    return lambda x, *_: tuple(torch.split(x, -(-x.shape[axis] // count), axis))
+
+    def equal(x, *_):
+        parts = torch.split(x, -(-x.shape[axis] // count), axis)
+        if len(parts) != count:
+            raise BadInputError(
+                f"Split node '{n.name}' cannot cut {x.shape[axis]} into {count} parts"
+            )
+        return tuple(parts)
+
+    return equal
 
 
 _INT_MAX = (2**31 - 1, 2**63 - 1)
