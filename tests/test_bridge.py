@@ -859,6 +859,24 @@ def test_train_mode_batchnorm_matches_torch() -> None:
         assert_close(module(x).numpy(), ref(x).numpy())
 
 
+def test_batchnorm_with_training_mode_uses_batch_statistics_in_eval() -> None:
+    """training_mode=1 (opset 14+): onnxruntime normalises with the batch's statistics at
+    inference too and outputs the moved running statistics; eval mode must do the same."""
+    rng = np.random.default_rng(5)
+    inits = {k: rng.normal(size=4).astype(np.float32) for k in "sbm"}
+    inits["v"] = rng.uniform(0.5, 2, 4).astype(np.float32)
+    bn = helper.make_node(
+        "BatchNormalization",
+        ["x", "s", "b", "m", "v"],
+        ["y", "rm", "rv"],
+        training_mode=1,
+        momentum=0.8,
+    )
+    model = make_model([bn], {"x": X}, ["y", "rm", "rv"], inits, opset=15)
+    x = rnd(*X, seed=7) * 2 + 1
+    assert_matches_ort(model, {"x": x})
+
+
 def test_per_activation_batchnorm_of_opset7() -> None:
     """spatial=0 (before opset 9): one statistic per activation, in eval and train mode."""
     shape = (4, 6, 6)

@@ -241,6 +241,9 @@ def batch_norm(n: Node) -> OpFn:
     # Before opset 9, spatial=0 keeps statistics per activation (C x D1 x ...), not per channel:
     # batch norm over (N, C*D1*...) computes exactly that.
     per_activation = n.opset < 9 and n.attr("spatial", 1) == 0
+    # training_mode=1 (opset 14+): onnxruntime normalises with the batch's own statistics at
+    # inference too, and outputs the running statistics that batch moves them to.
+    batch_stats = n.opset >= 14 and n.attr("training_mode", 0) == 1
 
     def run(training, x, scale, bias, mean, var):
         if training and (mean.requires_grad or var.requires_grad):
@@ -248,6 +251,14 @@ def batch_norm(n: Node) -> OpFn:
                 f"BatchNormalization '{n.name}': a running statistic is tied to a trained "
                 "weight (through Identity); untie it first with untie_initializers(model)"
             )
+        if batch_stats and not training:
+            y = F.batch_norm(x, None, None, scale, bias, True, 0.0, eps)
+            if not extra_outputs:
+                return y
+            dims = [0, *range(2, x.dim())]
+            keep = 1.0 - own_momentum
+            moved_mean = keep * mean + own_momentum * x.mean(dims)
+            return y, moved_mean, keep * var + own_momentum * x.var(dims, unbiased=False)
         momentum = BN_MOMENTUM.get()
         momentum = own_momentum if momentum is None else momentum
         if per_activation:
