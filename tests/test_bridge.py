@@ -955,6 +955,16 @@ def test_dropout_with_training_mode_true_is_refused(tmp_path, capsys) -> None:
         assert_matches_ort(dropout_classifier(mode), {"x": x})
 
 
+@pytest.mark.parametrize("opset", [7, 10, 13])
+def test_dropout_mask_at_inference_matches_ort(opset: int) -> None:
+    # onnxruntime's mask: all 0.0 (opset 7-9, x's type), all false (10-11), all true (12+).
+    inputs, inits = (["x"], {}) if opset < 12 else (["x", "r"], {"r": np.array(0.3, np.float32)})
+    node = helper.make_node("Dropout", inputs, ["y", "m"], **({"ratio": 0.3} if opset < 12 else {}))
+    model = make_model([node], {"x": X}, ["y"], inits, opset=opset)
+    model.graph.output.append(onnx.ValueInfoProto(name="m"))
+    assert_matches_ort(model, {"x": rnd(*X)})
+
+
 def test_dropout_ratio_computed_at_run_time_is_used_in_train_mode() -> None:
     nodes = [
         helper.make_node("ReduceMax", ["x"], ["m"], keepdims=0),

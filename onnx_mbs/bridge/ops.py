@@ -292,15 +292,19 @@ def dropout(n: Node) -> OpFn:
         ratio = float(n.const_list(1)[0]) if n.const(1) is not None else 0.5
     ratio_at_run_time = n.opset >= 12 and n.has(1) and n.const(1) is None
     with_mask = len(n.outputs) > 1 and n.outputs[1] != ""
+    # The mask is of x's type before opset 10; onnxruntime's is all false (0) at inference
+    # before opset 12, all true after.
+    float_mask, eval_mask = n.opset < 10, n.opset >= 12
 
     def run(training, x, r=None, *_):
         p = float(r.reshape(-1)[0]) if training and ratio_at_run_time else ratio
         if not with_mask:
             return F.dropout(x, p, training)
         if not training or p == 0.0:
-            return x, torch.ones_like(x, dtype=torch.bool)
+            mask = torch.full_like(x, eval_mask or training, dtype=torch.bool)
+            return x, mask.to(x.dtype) if float_mask else mask
         mask = torch.rand_like(x) >= p
-        return x * mask / (1.0 - p), mask
+        return x * mask / (1.0 - p), mask.to(x.dtype) if float_mask else mask
 
     return run
 
