@@ -747,6 +747,12 @@ CASES: dict[str, tuple] = {
         coordinate_transformation_mode="asymmetric",
         nearest_mode="round_prefer_ceil",
     ),
+    # Resize-10 nearest rounds down where an axis grows and up where it shrinks.
+    "resize-opset10-nearest": (
+        [helper.make_node("Resize", ["x", "sc"], ["y"], mode="nearest")],
+        {"sc": f32(1, 1, 0.6, 1.5)},
+        10,
+    ),
     "upsample-opset9": (
         [helper.make_node("Upsample", ["x", "sc"], ["y"], mode="nearest")],
         {"sc": f32(1, 1, 2, 3)},
@@ -761,6 +767,21 @@ def test_op_matches_ort(case: str) -> None:
     model = make_model(nodes, {"x": X}, ["y"], inits, opset)
     x = rnd(*X, seed=7)
     assert_matches_ort(model, {"x": x})
+
+
+@pytest.mark.parametrize(
+    "attrs",
+    [
+        {"mode": "cubic"},
+        {"coordinate_transformation_mode": "tf_crop_and_resize"},
+        {"nearest_mode": "round_half_even"},
+    ],
+    ids=["cubic", "tf_crop_and_resize", "nearest-mode"],
+)
+def test_unsupported_resize_is_refused_when_built(attrs: dict) -> None:
+    nodes, inits, _ = resize(**{"mode": "nearest", "scales": [1, 1, 2, 2], **attrs})
+    with pytest.raises(BadInputError, match=f"Resize node .*{next(iter(attrs.values()))}"):
+        OnnxModule(make_model(nodes, {"x": X}, ["y"], inits))
 
 
 def test_pool_with_auto_pad_and_dilations_is_refused() -> None:

@@ -565,6 +565,17 @@ def _reduce(fn: Callable, axes_input_from: int) -> Callable[[Node], OpFn]:
 # Resize / Upsample
 
 
+_TRANSFORMS = (
+    "half_pixel",
+    "pytorch_half_pixel",
+    "align_corners",
+    "asymmetric",
+    "tf_half_pixel_for_nn",
+    "half_pixel_symmetric",
+)
+_NEAREST_MODES = ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil")
+
+
 @functools.lru_cache(maxsize=256)
 def _resample_plan(
     size_in: int, size_out: int, scale: float, mode: str, transform: str, nearest: str
@@ -590,7 +601,7 @@ def _resample_plan(
         offset = np.float64(n_in / f(2) * (f(1) - n_out / (scale * n_in)))
         src = (offset + (x.astype(np.float64) + 0.5) / np.float64(scale) - 0.5).astype(f)
     else:
-        raise BadInputError(f"Resize coordinate_transformation_mode '{transform}' is not supported")
+        raise AssertionError(transform)  # refused when the node was built (_TRANSFORMS)
     if mode == "nearest":
         # The round_prefer modes take a coordinate within 1e-6 of a half for the half itself
         # (onnxruntime: 3.4999998 is 3.5 there, so round_prefer_ceil picks 4).
@@ -618,11 +629,19 @@ def resize(n: Node) -> OpFn:
         raise BadInputError(f"{n.op_type} node '{n.name}' uses mode '{mode}' (only nearest/linear)")
     if n.attr("antialias", 0) or n.attr("keep_aspect_ratio_policy", "stretch") != "stretch":
         raise BadInputError(f"Resize node '{n.name}' uses antialias/keep_aspect_ratio_policy")
-    old_style = n.op_type == "Upsample" or n.opset < 11  # X, scales; asymmetric + floor
+    # Upsample and Resize-10: X, scales; asymmetric, and nearest rounds down where the axis
+    # grows, up where it shrinks (onnxruntime's rule before nearest_mode existed).
+    old_style = n.op_type == "Upsample" or n.opset < 11
     transform = (
         "asymmetric" if old_style else n.attr("coordinate_transformation_mode", "half_pixel")
     )
-    nearest = "floor" if old_style else n.attr("nearest_mode", "round_prefer_floor")
+    nearest = None if old_style else n.attr("nearest_mode", "round_prefer_floor")
+    for attr, value, known in (
+        ("coordinate_transformation_mode", transform, _TRANSFORMS),
+        ("nearest_mode", nearest, (None, *_NEAREST_MODES)),
+    ):
+        if value not in known:
+            raise BadInputError(f"Resize node '{n.name}' uses {attr} '{value}' (not supported)")
     axes_attr = n.attr("axes")
     scales_at, sizes_at = (1, None) if old_style else (2, 3)
     static_scales = n.attr("scales") if n.op_type == "Upsample" and n.opset < 9 else None
@@ -655,7 +674,8 @@ def resize(n: Node) -> OpFn:
         for axis, size_in, size_out, scale in steps:
             if size_out == size_in and scale == 1.0:
                 continue
-            lo, hi, w = _resample_plan(size_in, size_out, scale, mode, transform, nearest)
+            rounding = nearest or ("ceil" if scale < 1 else "floor")
+            lo, hi, w = _resample_plan(size_in, size_out, scale, mode, transform, rounding)
             x = _resample(x, axis, lo, hi, w)
         return x
 
