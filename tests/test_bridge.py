@@ -265,7 +265,7 @@ def unary(op: str, **attrs) -> tuple:
     return ([helper.make_node(op, ["x"], ["y"], **attrs)], {}, 17)
 
 
-def resize(mode: str, scales=None, sizes=None, **attrs) -> tuple:
+def resize(mode: str, scales=None, sizes=None, opset: int = 17, **attrs) -> tuple:
     inits = {"roi": f32()}
     names = ["x", "roi"]
     if scales is not None:
@@ -274,7 +274,7 @@ def resize(mode: str, scales=None, sizes=None, **attrs) -> tuple:
     else:
         inits["sizes"] = i64(*sizes)
         names += ["", "sizes"]
-    return ([helper.make_node("Resize", names, ["y"], mode=mode, **attrs)], inits, 17)
+    return ([helper.make_node("Resize", names, ["y"], mode=mode, **attrs)], inits, opset)
 
 
 X = [2, 4, 6, 6]  # input shape used by the single-input cases below
@@ -573,6 +573,12 @@ CASES: dict[str, tuple] = {
         {"p": i64(1, 2, 3, 0), "axes": i64(-1, 2)},
         18,
     ),
+    # Wrap repeats the (cropped) axis as often as the pads reach; torch wraps once at most.
+    "pad-wrap-beyond-size": (
+        [helper.make_node("Pad", ["x", "p"], ["y"], mode="wrap")],
+        {"p": i64(0, 0, 8, 0, 0, 0, -1, 13)},
+        19,
+    ),
     "split-sizes-input": (
         [
             helper.make_node("Split", ["x", "s"], ["a", "b"], axis=1),
@@ -593,6 +599,12 @@ CASES: dict[str, tuple] = {
     "slice-steps": (
         [helper.make_node("Slice", ["x", "st", "en", "ax", "sp"], ["y"])],
         {"st": i64(-1, 1), "en": i64(-(2**63), -1), "ax": i64(1, 3), "sp": i64(-1, 2)},
+        17,
+    ),
+    # An end of INT64_MAX (or INT32_MAX) with a negative step runs to index 0 in onnxruntime.
+    "slice-negative-step-int-max-end": (
+        [helper.make_node("Slice", ["x", "st", "en", "ax", "sp"], ["y"])],
+        {"st": i64(3, -2), "en": i64(2**63 - 1, 2**31 - 1), "ax": i64(3, 2), "sp": i64(-1, -2)},
         17,
     ),
     "slice-no-axes": (
@@ -706,6 +718,41 @@ CASES: dict[str, tuple] = {
     "resize-linear-dims-unchanged": resize(
         "linear", scales=[1, 1, 1.1, 1.1], coordinate_transformation_mode="asymmetric"
     ),
+    # half_pixel_symmetric (opset 19+): onnxruntime sums the offset and the half-pixel term in
+    # float64, so floor lands on the other side at 1/3 here.
+    "resize-nearest-half-pixel-symmetric-floor": resize(
+        "nearest",
+        scales=[1, 1, 1 / 3, 11 / 5],
+        opset=19,
+        coordinate_transformation_mode="half_pixel_symmetric",
+        nearest_mode="floor",
+    ),
+    "resize-nearest-half-pixel-symmetric": resize(
+        "nearest",
+        scales=[1, 1, 4 / 7, 8 / 5],
+        opset=19,
+        coordinate_transformation_mode="half_pixel_symmetric",
+    ),
+    "resize-linear-half-pixel-symmetric": resize(
+        "linear",
+        scales=[1, 1, 0.6, 1.7],
+        opset=19,
+        coordinate_transformation_mode="half_pixel_symmetric",
+    ),
+    # 3 / float32(4/7) is 5.2499995 and 1 / float32(4/7) is 1.7499999: onnxruntime takes a
+    # coordinate within 1e-6 of a half for the half (round_prefer_ceil picks 2, not 1).
+    "resize-nearest-prefer-ceil-near-half": resize(
+        "nearest",
+        scales=[1, 1, 4 / 7, 16 / 7],
+        coordinate_transformation_mode="asymmetric",
+        nearest_mode="round_prefer_ceil",
+    ),
+    # Resize-10 nearest rounds down where an axis grows and up where it shrinks.
+    "resize-opset10-nearest": (
+        [helper.make_node("Resize", ["x", "sc"], ["y"], mode="nearest")],
+        {"sc": f32(1, 1, 0.6, 1.5)},
+        10,
+    ),
     "upsample-opset9": (
         [helper.make_node("Upsample", ["x", "sc"], ["y"], mode="nearest")],
         {"sc": f32(1, 1, 2, 3)},
@@ -722,6 +769,21 @@ def test_op_matches_ort(case: str) -> None:
     assert_matches_ort(model, {"x": x})
 
 
+@pytest.mark.parametrize(
+    "attrs",
+    [
+        {"mode": "cubic"},
+        {"coordinate_transformation_mode": "tf_crop_and_resize"},
+        {"nearest_mode": "round_half_even"},
+    ],
+    ids=["cubic", "tf_crop_and_resize", "nearest-mode"],
+)
+def test_unsupported_resize_is_refused_when_built(attrs: dict) -> None:
+    nodes, inits, _ = resize(**{"mode": "nearest", "scales": [1, 1, 2, 2], **attrs})
+    with pytest.raises(BadInputError, match=f"Resize node .*{next(iter(attrs.values()))}"):
+        OnnxModule(make_model(nodes, {"x": X}, ["y"], inits))
+
+
 def test_pool_with_auto_pad_and_dilations_is_refused() -> None:
     # onnxruntime pads these as if undilated (against the spec): no answer both agree on.
     pool = helper.make_node(
@@ -729,6 +791,15 @@ def test_pool_with_auto_pad_and_dilations_is_refused() -> None:
     )
     with pytest.raises(BadInputError, match="combines auto_pad and dilations"):
         OnnxModule(make_model([pool], {"x": X}, ["y"]))
+
+
+def test_split_into_more_parts_than_fit_is_refused() -> None:
+    # 6 into 4: chunks of 2 give 3 parts (onnxruntime refuses too); it was a KeyError.
+    outs = ["a", "b", "c", "d"]
+    split = helper.make_node("Split", ["x"], outs, axis=2, num_outputs=4)
+    module = OnnxModule(make_model([split], {"x": X}, outs, opset=18))
+    with pytest.raises(BadInputError, match="cannot cut 6 into 4 parts"):
+        module(torch.from_numpy(rnd(*X)))
 
 
 def test_dynamic_shape_arithmetic_runs_at_run_time() -> None:
@@ -809,6 +880,24 @@ def test_train_mode_batchnorm_matches_torch() -> None:
         assert_close(module(x).numpy(), ref(x).numpy())
 
 
+def test_batchnorm_with_training_mode_uses_batch_statistics_in_eval() -> None:
+    """training_mode=1 (opset 14+): onnxruntime normalises with the batch's statistics at
+    inference too and outputs the moved running statistics; eval mode must do the same."""
+    rng = np.random.default_rng(5)
+    inits = {k: rng.normal(size=4).astype(np.float32) for k in "sbm"}
+    inits["v"] = rng.uniform(0.5, 2, 4).astype(np.float32)
+    bn = helper.make_node(
+        "BatchNormalization",
+        ["x", "s", "b", "m", "v"],
+        ["y", "rm", "rv"],
+        training_mode=1,
+        momentum=0.8,
+    )
+    model = make_model([bn], {"x": X}, ["y", "rm", "rv"], inits, opset=15)
+    x = rnd(*X, seed=7) * 2 + 1
+    assert_matches_ort(model, {"x": x})
+
+
 def test_per_activation_batchnorm_of_opset7() -> None:
     """spatial=0 (before opset 9): one statistic per activation, in eval and train mode."""
     shape = (4, 6, 6)
@@ -847,6 +936,68 @@ def test_dropout_active_only_in_train_mode() -> None:
     assert 0.3 < zeros < 0.7
     assert set(torch.unique(y).tolist()) == {0.0, 2.0}
     assert torch.equal(module.eval()(x), x)
+
+
+def dropout_classifier(mode: np.ndarray | None) -> onnx.ModelProto:
+    """Conv, Dropout (ratio 0.5, training_mode `mode` as a constant), pooled Gemm head."""
+    mode_inits = {} if mode is None else {"t": mode}
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Dropout", ["c", "r"] + (["t"] if mode is not None else []), ["d"]),
+        helper.make_node("GlobalAveragePool", ["d"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc"], ["y"], transB=1),
+    ]
+    inits = {"w": rnd(4, 1, 3, 3), "r": np.array(0.5, np.float32), "fc": rnd(3, 4, seed=1)}
+    model = make_model(nodes, {"x": ["N", 1, 8, 8]}, ["y"], {**inits, **mode_inits})
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3]))
+    return model
+
+
+def test_dropout_with_training_mode_true_is_refused(tmp_path, capsys) -> None:
+    """With training_mode true onnxruntime drops at random at inference, or not where its graph
+    optimisations remove the node (this one, inside the graph): nothing a module can match."""
+    from onnx_mbs.cli import main
+
+    x = rnd(2, 1, 8, 8)
+    model = dropout_classifier(np.array(True))
+    with pytest.raises(BadInputError, match="Dropout node .* has training_mode true"):
+        OnnxModule(model)
+    onnx.save(model, tmp_path / "m.onnx")
+    images = np.random.default_rng(0).integers(0, 256, (8, 1, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", x=images, y=np.arange(8) % 3)
+    argv = ["retrain", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "out.onnx")]
+    code = main([*argv, "--data", str(tmp_path / "d.npz"), "--epochs", "1"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after data: and preprocessing:
+    assert code == 2 and last.startswith("onnx-mbs: error: Dropout node") and "true" in last
+    assert not (tmp_path / "out.onnx").exists()
+    # training_mode false (and absent) is the identity onnxruntime computes.
+    for mode in (np.array(False), None):
+        assert_matches_ort(dropout_classifier(mode), {"x": x})
+
+
+@pytest.mark.parametrize("opset", [7, 10, 13])
+def test_dropout_mask_at_inference_matches_ort(opset: int) -> None:
+    # onnxruntime's mask: all 0.0 (opset 7-9, x's type), all false (10-11), all true (12+).
+    inputs, inits = (["x"], {}) if opset < 12 else (["x", "r"], {"r": np.array(0.3, np.float32)})
+    node = helper.make_node("Dropout", inputs, ["y", "m"], **({"ratio": 0.3} if opset < 12 else {}))
+    model = make_model([node], {"x": X}, ["y"], inits, opset=opset)
+    model.graph.output.append(onnx.ValueInfoProto(name="m"))
+    assert_matches_ort(model, {"x": rnd(*X)})
+
+
+def test_dropout_ratio_computed_at_run_time_is_used_in_train_mode() -> None:
+    nodes = [
+        helper.make_node("ReduceMax", ["x"], ["m"], keepdims=0),
+        helper.make_node("Mul", ["m", "k"], ["r"]),  # 0.75: x is all ones
+        helper.make_node("Dropout", ["x", "r"], ["y"]),
+    ]
+    model = make_model(nodes, {"x": X}, ["y"], {"k": f32(0.75)}, opset=17)
+    module = OnnxModule(model).train()
+    torch.manual_seed(0)
+    y = module(torch.ones(*X))
+    assert 0.6 < float((y == 0).float().mean()) < 0.9
+    assert set(torch.unique(y).tolist()) == {0.0, 4.0}
 
 
 def test_gradients_reach_every_parameter(small_net, x16) -> None:

@@ -241,6 +241,9 @@ def batch_norm(n: Node) -> OpFn:
     # Before opset 9, spatial=0 keeps statistics per activation (C x D1 x ...), not per channel:
     # batch norm over (N, C*D1*...) computes exactly that.
     per_activation = n.opset < 9 and n.attr("spatial", 1) == 0
+    # training_mode=1 (opset 14+): onnxruntime normalises with the batch's own statistics at
+    # inference too, and outputs the running statistics that batch moves them to.
+    batch_stats = n.opset >= 14 and n.attr("training_mode", 0) == 1
 
     def run(training, x, scale, bias, mean, var):
         if training and (mean.requires_grad or var.requires_grad):
@@ -248,6 +251,14 @@ def batch_norm(n: Node) -> OpFn:
                 f"BatchNormalization '{n.name}': a running statistic is tied to a trained "
                 "weight (through Identity); untie it first with untie_initializers(model)"
             )
+        if batch_stats and not training:
+            y = F.batch_norm(x, None, None, scale, bias, True, 0.0, eps)
+            if not extra_outputs:
+                return y
+            dims = [0, *range(2, x.dim())]
+            keep = 1.0 - own_momentum
+            moved_mean = keep * mean + own_momentum * x.mean(dims)
+            return y, moved_mean, keep * var + own_momentum * x.var(dims, unbiased=False)
         momentum = BN_MOMENTUM.get()
         momentum = own_momentum if momentum is None else momentum
         if per_activation:
@@ -262,19 +273,38 @@ def batch_norm(n: Node) -> OpFn:
 
 
 def dropout(n: Node) -> OpFn:
+    if n.opset >= 12 and n.has(2):
+        mode = n.const(2)
+        if mode is None or mode.any():
+            # onnxruntime then drops at random at inference, unless its graph optimisations
+            # remove the node (they do where its output is not a graph output): no module
+            # matches that.
+            raise BadInputError(
+                f"Dropout node '{n.name}' has training_mode "
+                f"{'true' if mode is not None else 'computed at run time'}: onnxruntime then "
+                "drops activations at random at inference (or not, as its graph optimisations "
+                "decide), which the bridge cannot match; set training_mode to false or remove "
+                "the node"
+            )
     if n.opset < 12:
         ratio = n.attr("ratio", 0.5)
     else:
         ratio = float(n.const_list(1)[0]) if n.const(1) is not None else 0.5
+    ratio_at_run_time = n.opset >= 12 and n.has(1) and n.const(1) is None
     with_mask = len(n.outputs) > 1 and n.outputs[1] != ""
+    # The mask is of x's type before opset 10; onnxruntime's is all false (0) at inference
+    # before opset 12, all true after.
+    float_mask, eval_mask = n.opset < 10, n.opset >= 12
 
-    def run(training, x, *_):
+    def run(training, x, r=None, *_):
+        p = float(r.reshape(-1)[0]) if training and ratio_at_run_time else ratio
         if not with_mask:
-            return F.dropout(x, ratio, training)
-        if not training or ratio == 0.0:
-            return x, torch.ones_like(x, dtype=torch.bool)
-        mask = torch.rand_like(x) >= ratio
-        return x * mask / (1.0 - ratio), mask
+            return F.dropout(x, p, training)
+        if not training or p == 0.0:
+            mask = torch.full_like(x, eval_mask or training, dtype=torch.bool)
+            return x, mask.to(x.dtype) if float_mask else mask
+        mask = torch.rand_like(x) >= p
+        return x * mask / (1.0 - p), mask.to(x.dtype) if float_mask else mask
 
     return run
 
@@ -535,6 +565,17 @@ def _reduce(fn: Callable, axes_input_from: int) -> Callable[[Node], OpFn]:
 # Resize / Upsample
 
 
+_TRANSFORMS = (
+    "half_pixel",
+    "pytorch_half_pixel",
+    "align_corners",
+    "asymmetric",
+    "tf_half_pixel_for_nn",
+    "half_pixel_symmetric",
+)
+_NEAREST_MODES = ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil")
+
+
 @functools.lru_cache(maxsize=256)
 def _resample_plan(
     size_in: int, size_out: int, scale: float, mode: str, transform: str, nearest: str
@@ -556,15 +597,22 @@ def _resample_plan(
     elif transform == "tf_half_pixel_for_nn":
         src = (x + half) / scale
     elif transform == "half_pixel_symmetric":
-        adjustment = n_out / (scale * n_in)
-        src = n_in / f(2) * (f(1) - adjustment) + (x + half) / scale - half
+        # The offset in float32, the sum in float64 (onnxruntime's double literals), then float32.
+        offset = np.float64(n_in / f(2) * (f(1) - n_out / (scale * n_in)))
+        src = (offset + (x.astype(np.float64) + 0.5) / np.float64(scale) - 0.5).astype(f)
     else:
-        raise BadInputError(f"Resize coordinate_transformation_mode '{transform}' is not supported")
+        raise AssertionError(transform)  # refused when the node was built (_TRANSFORMS)
     if mode == "nearest":
+        # The round_prefer modes take a coordinate within 1e-6 of a half for the half itself
+        # (onnxruntime: 3.4999998 is 3.5 there, so round_prefer_ceil picks 4).
+        wide = src.astype(np.float64)
+        lower = np.floor(wide)
+        half = np.abs(wide - lower - 0.5) <= 1e-6
+        closest = np.floor(wide + 0.5)
         rounded = {
-            "round_prefer_floor": np.ceil(src - 0.5),
-            "round_prefer_ceil": np.floor(src + 0.5),
-            "floor": np.floor(src),
+            "round_prefer_floor": np.where(half, lower, closest),
+            "round_prefer_ceil": np.where(half, lower + 1, closest),
+            "floor": lower,
             "ceil": np.ceil(src),
         }[nearest]
         return np.clip(rounded, 0, size_in - 1).astype(np.int64), None, None
@@ -581,11 +629,19 @@ def resize(n: Node) -> OpFn:
         raise BadInputError(f"{n.op_type} node '{n.name}' uses mode '{mode}' (only nearest/linear)")
     if n.attr("antialias", 0) or n.attr("keep_aspect_ratio_policy", "stretch") != "stretch":
         raise BadInputError(f"Resize node '{n.name}' uses antialias/keep_aspect_ratio_policy")
-    old_style = n.op_type == "Upsample" or n.opset < 11  # X, scales; asymmetric + floor
+    # Upsample and Resize-10: X, scales; asymmetric, and nearest rounds down where the axis
+    # grows, up where it shrinks (onnxruntime's rule before nearest_mode existed).
+    old_style = n.op_type == "Upsample" or n.opset < 11
     transform = (
         "asymmetric" if old_style else n.attr("coordinate_transformation_mode", "half_pixel")
     )
-    nearest = "floor" if old_style else n.attr("nearest_mode", "round_prefer_floor")
+    nearest = None if old_style else n.attr("nearest_mode", "round_prefer_floor")
+    for attr, value, known in (
+        ("coordinate_transformation_mode", transform, _TRANSFORMS),
+        ("nearest_mode", nearest, (None, *_NEAREST_MODES)),
+    ):
+        if value not in known:
+            raise BadInputError(f"Resize node '{n.name}' uses {attr} '{value}' (not supported)")
     axes_attr = n.attr("axes")
     scales_at, sizes_at = (1, None) if old_style else (2, 3)
     static_scales = n.attr("scales") if n.op_type == "Upsample" and n.opset < 9 else None
@@ -618,7 +674,8 @@ def resize(n: Node) -> OpFn:
         for axis, size_in, size_out, scale in steps:
             if size_out == size_in and scale == 1.0:
                 continue
-            lo, hi, w = _resample_plan(size_in, size_out, scale, mode, transform, nearest)
+            rounding = nearest or ("ceil" if scale < 1 else "floor")
+            lo, hi, w = _resample_plan(size_in, size_out, scale, mode, transform, rounding)
             x = _resample(x, axis, lo, hi, w)
         return x
 
@@ -664,6 +721,9 @@ def pad(n: Node) -> OpFn:
             return F.pad(x, flat, "constant", value)
         # torch pads only the last dims in these modes: one axis at a time, moved last.
         for axis in nonzero:
+            if torch_mode == "circular":  # torch wraps around once at most; ONNX as often
+                x = x.index_select(axis, _wrap_index(x.shape[axis], *full[axis], x.device))
+                continue
             moved = x.movedim(axis, -1)
             shape = moved.shape
             moved = F.pad(moved.reshape(-1, 1, shape[-1]), list(full[axis]), torch_mode)
@@ -686,6 +746,14 @@ def pad(n: Node) -> OpFn:
         return run(x, arg(1, rest), float(value[0]) if value else 0.0, arg(3, rest))
 
     return dynamic
+
+
+def _wrap_index(size: int, begin: int, end: int, device: Any) -> Any:
+    """Source indices of Pad mode wrap along one axis: negative pads crop first, then the kept
+    part repeats around as far as the positive pads reach."""
+    start, stop = max(-begin, 0), size - max(-end, 0)
+    kept = stop - start
+    return start + torch.arange(-max(begin, 0), kept + max(end, 0), device=device) % kept
 
 
 def identity(n: Node) -> OpFn:
@@ -782,7 +850,19 @@ def split(n: Node) -> OpFn:
         return lambda x, *_: tuple(torch.split(x, sizes, axis))
     if n.opset >= 13 and n.has(1) and n.const(1) is None:
         return lambda x, s: tuple(torch.split(x, _values(s), axis))
-    return lambda x, *_: tuple(torch.split(x, -(-x.shape[axis] // count), axis))
+
+    def equal(x, *_):
+        parts = torch.split(x, -(-x.shape[axis] // count), axis)
+        if len(parts) != count:
+            raise BadInputError(
+                f"Split node '{n.name}' cannot cut {x.shape[axis]} into {count} parts"
+            )
+        return tuple(parts)
+
+    return equal
+
+
+_INT_MAX = (2**31 - 1, 2**63 - 1)
 
 
 def slice_(n: Node) -> OpFn:
@@ -797,10 +877,11 @@ def slice_(n: Node) -> OpFn:
             if step > 0:
                 index[axis] = slice(start, end, step)
                 continue
-            # Negative steps: ONNX clamping, then an explicit index list.
+            # Negative steps: ONNX clamping, then an explicit index list. An end of INT32_MAX or
+            # INT64_MAX means "to the end" in onnxruntime, whichever the direction: here index 0.
             size = x.shape[axis]
             start = min(max(start + size if start < 0 else start, 0), size - 1)
-            end = min(max(end + size if end < 0 else end, -1), size - 1)
+            end = -1 if end in _INT_MAX else min(max(end + size if end < 0 else end, -1), size - 1)
             reversed_axes.append((axis, list(range(start, end, step))))
         x = x[tuple(index)]
         for axis, idx in reversed_axes:
