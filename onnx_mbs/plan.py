@@ -310,7 +310,8 @@ def macroblock_redundancy(
 def round_channels(size: int, fraction: float, multiple: int) -> int:
     """Channels kept for a group: `size * fraction` rounded up to a multiple of `multiple`
     (never down: at fraction 1 a group of 58 keeps 58), never below min(multiple, size).
-    Only a budget's nudge cuts below, knowingly."""
+    Only a budget's nudge rounds down, a multiple at a time, and never below this count at
+    beta_min (`_nudge`)."""
     floor = min(multiple, size)
     wanted = max(floor, math.ceil(size * fraction / multiple - 1e-9) * multiple)
     return min(size, wanted)
@@ -501,7 +502,7 @@ def plan_widths(
     # next channel cut crosses a rounding step), and the same up-steps fill it, so every
     # strategy lands as close to the budget.
     if limits:
-        counts = _nudge(counts, groups, excess, step_excess, channel_multiple)
+        counts = _nudge(counts, groups, excess, step_excess, channel_multiple, beta_min)
     if budget is not None and _over_budget(budget, lambda m: fraction(m, counts)):
         smallest = _counts(groups, [beta_min] * len(redundancy), channel_multiple)
         pinned = sum(g.pinned for g in groups)
@@ -771,16 +772,20 @@ def _nudge(
     excess: Callable[[Mapping[int, int]], float],
     step_excess: Callable[[Mapping[int, int], list[int], list[int]], list[float]],
     multiple: int,
+    beta_min: float,
 ) -> dict[int, int]:
     """Close the gap rounding leaves, one channel-multiple step at a time.
 
     While over the budget (excess > 0), take the step down that removes least;
     then, while some step up still fits the budget, take the one that lands
-    closest to it. Small steps keep the shape MBS chose. `step_excess` prices
-    every group's step at once (thousands of steps on ResNet-1202).
+    closest to it. Small steps keep the shape MBS chose. No step goes below a
+    group's floor, `beta_min` of it rounded up as every count is: a budget that
+    needs more is out of reach. `step_excess` prices every group's step at once
+    (thousands of steps on ResNet-1202).
     """
     counts = dict(counts)
     free = [g for g in groups if g.free]
+    floor = {g.id: round_channels(g.size, beta_min, multiple) for g in free}
     current = excess(counts)
 
     def steps(direction: int) -> list[tuple[float, int, int]]:
@@ -789,7 +794,7 @@ def _nudge(
         for g in free:
             count = counts[g.id] + direction * multiple
             count = min(g.size, count) if direction > 0 else count
-            if count != counts[g.id] and min(multiple, g.size) <= count <= g.size:
+            if count != counts[g.id] and floor[g.id] <= count <= g.size:
                 ids.append(g.id)
                 new.append(count)
         return list(zip(step_excess(counts, ids, new), ids, new))

@@ -182,6 +182,25 @@ def test_budget_just_below_the_smallest_plan_is_refused_not_exceeded(strategy):
     assert plan.reached["params"] <= 0.51
 
 
+@pytest.mark.parametrize("strategy", ["mbs", "uniform", "global", "mbs-cost", "mbs-branch"])
+def test_the_nudge_never_cuts_below_beta_min(strategy):
+    # --beta-min 0.5 keeps at least 32 of each group of 64: the smallest plan keeps a quarter
+    # of the parameters. A budget below it is refused; the nudge that lands a plan on its
+    # budget never cuts a group below its floor to get there (it cut both groups to 8 and
+    # said "params 0.016 reached", the same greedy plan whatever the strategy).
+    analysis = _analysis([1, 4], [4, 4])
+    groups = [GroupInfo(0, 64, (0,), False), GroupInfo(1, 64, (1,), False)]
+    cost = _quadratic_cost(groups, {0: 1.0, 1: 1.0})
+    rho = {layer.name: 1.0 for layer in analysis.layers}
+    importance = {0: np.linspace(0.5, 1.5, 64), 1: np.linspace(0.5, 1.5, 64)}
+    common = dict(strategy=strategy, importance=importance, beta_min=0.5)
+    with pytest.raises(BadInputError, match=r"cannot be reached.*params 25\.0%.*--beta-min 0\.5"):
+        plan_widths(analysis, groups, rho, cost, budget=Budget.parse("params=0.03"), **common)
+    plan = plan_widths(analysis, groups, rho, cost, budget=Budget.parse("params=0.3"), **common)
+    assert min(plan.counts.values()) >= 32, plan.counts
+    assert plan.reached["params"] <= 0.3
+
+
 def test_budget_parsing_and_rounding():
     assert Budget.parse("flops=0.25").fractions == {"flops": 0.25}
     assert Budget.parse("params=0.5, latency=0.6").fractions == {"params": 0.5, "latency": 0.6}
