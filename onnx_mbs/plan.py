@@ -29,6 +29,7 @@ the ranking alone is indifferent between a stream and the branches on it.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -70,26 +71,44 @@ class Budget:
 
     limits: tuple[tuple[str, float], ...]  # (metric, fraction), metrics in METRICS, each once
 
+    def __post_init__(self) -> None:
+        """Every Budget is checked, parsed or built by hand (`onnx_mbs.Budget`)."""
+        if problem := self.problem(self.limits):
+            spec = ",".join(f"{m}={f}" for m, f in self.limits)
+            raise BadInputError(f"bad --budget {spec!r}: {problem}")
+
+    @staticmethod
+    def problem(limits: Sequence[tuple[str, float | None]]) -> str:
+        """What is wrong with these limits, or "" when they make a budget."""
+        metrics = [m for m, _ in limits]
+        if not metrics or any(m not in METRICS or f is None for m, f in limits):
+            return (
+                "use params=F, flops=F or latency=F (combine with commas, e.g. "
+                "params=0.5,flops=0.6)"
+            )
+        if twice := next((m for m in metrics if metrics.count(m) > 1), None):
+            return f"{twice} is given twice"
+        if any(not isinstance(f, numbers.Real) or not 0 < f <= 1 for _, f in limits):
+            return "the fraction must be in (0, 1]"
+        return ""
+
     @classmethod
     def parse(cls, spec: str) -> Budget:
-        limits: dict[str, float] = {}
+        limits: list[tuple[str, float | None]] = []
         for term in spec.split(","):
             metric, _, value = term.strip().partition("=")
-            if metric not in METRICS or not value:
-                raise BadInputError(
-                    f"bad --budget {spec!r}: use params=F, flops=F or latency=F (combine "
-                    "with commas, e.g. params=0.5,flops=0.6)"
-                )
-            if metric in limits:
-                raise BadInputError(f"bad --budget {spec!r}: {metric} is given twice")
-            try:
-                fraction = float(value)
-            except ValueError:
-                raise BadInputError(f"bad --budget {spec!r}: {value!r} is not a number") from None
-            if not 0 < fraction <= 1:
-                raise BadInputError(f"bad --budget {spec!r}: the fraction must be in (0, 1]")
-            limits[metric] = fraction
-        return cls(tuple(limits.items()))
+            if metric in METRICS and value:
+                try:
+                    limits.append((metric, float(value)))
+                except ValueError:
+                    raise BadInputError(
+                        f"bad --budget {spec!r}: {value!r} is not a number"
+                    ) from None
+            else:
+                limits.append((metric, None))
+        if problem := cls.problem(limits):
+            raise BadInputError(f"bad --budget {spec!r}: {problem}")
+        return cls(tuple(limits))
 
     @property
     def fractions(self) -> dict[str, float]:

@@ -209,6 +209,13 @@ def test_budget_parsing_and_rounding():
     for bad in (*bad_specs, "params=0.5,params=0.4"):
         with pytest.raises(BadInputError, match="bad --budget"):
             Budget.parse(bad)
+    # A Budget built by hand (onnx_mbs.Budget) is checked as a parsed one: it was taken as
+    # it came (params=2 planned, no limits an IndexError, an unknown metric a KeyError).
+    hand_made = ((("params", 2.0),), (), (("macs", 0.5),), (("params", 0.5), ("params", 0.4)))
+    for limits in (*hand_made, (("params", -1),), (("flops", float("nan")),)):
+        with pytest.raises(BadInputError, match="bad --budget"):
+            Budget(limits)
+    assert Budget((("flops", 0.5),)) == Budget.parse("flops=0.5")
     assert round_channels(64, 0.5, 8) == 32
     assert round_channels(64, 0.01, 8) == 8
     assert round_channels(6, 0.1, 8) == 6  # never below min(8, original)
