@@ -89,7 +89,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def _print_reduce_summary(report, args: argparse.Namespace) -> None:
-    from onnx_mbs.report import MACROBLOCK_HEADERS, macroblock_rows
+    from onnx_mbs.report import MACROBLOCK_HEADERS, budget_text, macroblock_rows
 
     plan = report.plan
     err = sys.stderr
@@ -115,8 +115,7 @@ def _print_reduce_summary(report, args: argparse.Namespace) -> None:
             f"{plan.width_map.knob} {plan.width_map.value:.4g}, scale {plan.scale:.3f}"
         )
     if plan.budget is not None:
-        reached = ", ".join(f"{m} {plan.reached[m]:.3f}" for m, _ in plan.budget.limits)
-        print(f"budget: {plan.budget} asked, {reached} reached ({plan.strategy}, {knob})")
+        print(f"budget: {budget_text(plan, 3)} ({plan.strategy}, {knob})")
     else:
         print(f"strategy: {plan.strategy}, {knob}")
     print(f"strategy {plan.strategy}: {plan.strategy_reason}")

@@ -266,6 +266,15 @@ class Plan:
         return reached
 
     @property
+    def missed(self) -> list[str]:
+        """The budget's metrics the written model is over: only a measured latency can be (the
+        pipeline keeps the closest of the plans it tried); params and MACs are met or refused."""
+        if self.budget is None:
+            return []
+        reached = self.reached
+        return [m for m, f in self.budget.limits if m in reached and reached[m] > f + 1e-12]
+
+    @property
     def changes_anything(self) -> bool:
         return any(self.counts[g] < self.sizes[g] for g in self.counts)
 

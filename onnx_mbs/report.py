@@ -11,6 +11,7 @@ from pathlib import Path
 
 from onnx_mbs.passes.analysis import resolution_text
 from onnx_mbs.pipeline import ReduceReport
+from onnx_mbs.plan import Plan
 
 
 def _finite(value: float) -> float | str:
@@ -86,6 +87,7 @@ def report_dict(report: ReduceReport) -> dict:
         else {
             "asked": plan.budget.fractions,
             "reached": {m: plan.reached[m] for m in plan.budget.fractions},
+            "missed": plan.missed,
         },
         "reached": {
             "params": report.after.total_params / report.before.total_params,
@@ -157,8 +159,7 @@ def markdown(report: ReduceReport) -> str:
         f"{report.samples} samples on {report.provider}",
     ]
     if plan.budget is not None:
-        reached = ", ".join(f"{m} {r:.4f}" for m, r in data["budget"]["reached"].items())
-        lines.append(f"- budget: {plan.budget} asked, {reached} reached")
+        lines.append(f"- budget: {budget_text(plan, 4)}")
     t = data["totals"]
     lines += [
         f"- params: {t['params'][0]} -> {t['params'][1]} ({data['reached']['params']:.2%} kept)",
@@ -197,6 +198,22 @@ def markdown(report: ReduceReport) -> str:
         lines += ["", "## Pinned (kept whole)", ""] + [f"- {r}" for r in report.pinned]
     lines += ["", "## Timings (s)", ""] + [f"- {k}: {v}" for k, v in report.timings.items()]
     return "\n".join(lines) + "\n"
+
+
+def budget_text(plan: Plan, digits: int) -> str:
+    """ "params=0.5 asked, params 0.4979 reached": a limit the written model is over (a measured
+    latency, the closest of the plans tried) is said to be missed, not reached."""
+    assert plan.budget is not None
+    missed = plan.missed
+    met = [f"{m} {plan.reached[m]:.{digits}f}" for m, _ in plan.budget.limits if m not in missed]
+    parts = [f"{', '.join(met)} reached"] if met else []
+    noisy = ": the closest of the plans tried; measured latency is as noisy as the machine"
+    parts += [
+        f"{m} {plan.reached[m]:.{digits}f} missed (over {f:g}{noisy if m == 'latency' else ''})"
+        for m, f in plan.budget.limits
+        if m in missed
+    ]
+    return f"{plan.budget} asked, {', '.join(parts)}"
 
 
 def _md_table(headers, rows) -> str:
