@@ -63,6 +63,11 @@ COST_AWARE = ("mbs-cost", "mbs-branch")  # the strategies that price channels
 PRICE_ROUNDS = 3  # mbs-cost: prices re-read at the plan they give, until the counts settle
 PRICE_STEPS = 8  # mbs-cost under latency: prices read on 8 grid steps per group
 Latency = Callable[[Mapping[int, int]], float]  # group counts -> predicted seconds
+# What a free group of size 1 is, in the words its refusals use.
+SINGLE_UNIT = (
+    "its channels are kept or cut together, e.g. conv-groups that a channel shuffle mixes, "
+    "and a group keeps at least one unit"
+)
 
 
 @dataclass(frozen=True)
@@ -534,8 +539,13 @@ def plan_widths(
     if budget is not None and _over_budget(budget, lambda m: fraction(m, counts)):
         smallest = _counts(groups, [beta_min] * len(redundancy), channel_multiple)
         pinned = sum(g.pinned for g in groups)
+        units = sum(g.size == 1 for g in free)
         reasons = [
             f"{pinned} pinned group{'s' if pinned != 1 else ''} stay whole" if pinned else "",
+            f"{units} free group{' is a' if units == 1 else 's are'} single unit{'s' * (units > 1)}"
+            f" ({SINGLE_UNIT})"
+            if units
+            else "",
             f"--beta-min {beta_min:g}",
             f"--channel-multiple {channel_multiple}",
             "parameters outside Conv channel groups (e.g. the head) stay",

@@ -54,12 +54,26 @@ def test_shufflenet_v1_is_refused_not_guessed(zoo_onnx):
     its deep macroblocks, but a budget is refused in one line, and without one the input
     comes back unchanged."""
     model = zoo_onnx("shufflenet_v1", "deploy")
-    with pytest.raises(BadInputError, match="smallest plan keeps params 100.0%"):
+    # The reason named is the unit, not the options (which no value of could help).
+    unit = "1 free group is a single unit"
+    with pytest.raises(BadInputError, match=f"smallest plan keeps params 100.0% .*{unit}"):
         reduce(model, budget="params=0.5", evaluate_accuracy=False, progress=False)
     same, report = reduce(model, evaluate_accuracy=False, progress=False)
     assert [m.beta < 1 for m in report.plan.macroblocks] == [False, False, False, True, True]
     assert not report.plan.changes_anything
     assert same.SerializeToString() == model.SerializeToString()
+    (why,) = [n for n in report.plan.notes if n.startswith("nothing")]
+    assert "single unit" in why and "--channel-multiple" not in why, why
+
+
+def test_a_budget_of_1_says_it_keeps_the_model_not_that_nothing_can_be_cut(zoo_onnx):
+    # It said "nothing can be cut: the planned widths round back to every channel".
+    model = zoo_onnx("resnet20", "deploy")
+    for budget in ("params=1", "flops=1.0,params=1"):
+        _, report = reduce(model, budget=budget, evaluate_accuracy=False, progress=False)
+        assert not report.plan.changes_anything
+        (why,) = [n for n in report.plan.notes if n.startswith("nothing")]
+        assert why == f"nothing cut: the budget {report.plan.budget} keeps the whole model"
 
 
 def test_bundled_model_cli_with_report(bundled_model_path, tmp_path, capsys):
