@@ -89,7 +89,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def _print_reduce_summary(report, args: argparse.Namespace) -> None:
-    from onnx_mbs.report import MACROBLOCK_HEADERS, budget_text, macroblock_rows
+    from onnx_mbs.report import (
+        MACROBLOCK_HEADERS,
+        budget_text,
+        macroblock_legend,
+        macroblock_rows,
+    )
 
     plan = report.plan
     err = sys.stderr
@@ -98,6 +103,8 @@ def _print_reduce_summary(report, args: argparse.Namespace) -> None:
     if report.samples:
         print(f"statistics: {report.samples} samples on {report.provider}", file=err)
     print(format_table(MACROBLOCK_HEADERS, macroblock_rows(report)))
+    for line in macroblock_legend():
+        print(line)
     before, after = report.before, report.after
     print(
         f"\nparams: {_fmt_int(before.total_params)} -> {_fmt_int(after.total_params)} "

@@ -108,7 +108,8 @@ def _block_sum(report: ReduceReport, index: int, what: str) -> int:
 
 def macroblock_rows(report: ReduceReport) -> list[tuple]:
     """Per macroblock: resolution, layers/base, R, beta ("-" where none decided the counts),
-    the kept fraction of the channels it makes, out-channels and params before/after."""
+    the kept fraction of the channels it makes, its convs' out-channels, params and MACs
+    before/after (MACROBLOCK_LEGEND says what each counts)."""
     after = {x.name: x for x in report.after.layers}
     rows = []
     for block, planned in zip(report.before.macroblocks, report.plan.macroblocks):
@@ -136,11 +137,25 @@ MACROBLOCK_HEADERS = [
     "base/layers",
     "R",
     "beta",
-    "kept",
-    "channels",
-    "params",
-    "MACs",
+    "kept/made",
+    "conv out ch",
+    "conv params",
+    "conv MACs",
 ]
+# What the columns that count channels, parameters and MACs count (report.md prints it under
+# the table, the command line after it): two counts of channels differ on purpose.
+MACROBLOCK_LEGEND = {
+    "kept/made": "the fraction kept of the channels the macroblock makes, each channel once "
+    "(a residual stream that its convs share counts once)",
+    "conv out ch": "its conv layers' output channels summed, before -> after (a shared stream "
+    "once per conv that writes it)",
+    "conv params, conv MACs": "of its conv layers (weights and biases; BatchNorm, other ops "
+    "and the head count in the totals only)",
+}
+
+
+def macroblock_legend() -> list[str]:
+    return [f"{column}: {meaning}" for column, meaning in MACROBLOCK_LEGEND.items()]
 
 
 def markdown(report: ReduceReport) -> str:
@@ -175,6 +190,7 @@ def markdown(report: ReduceReport) -> str:
             + " (the model written)"
         )
     lines += ["", "## Macroblocks", "", _md_table(MACROBLOCK_HEADERS, macroblock_rows(report))]
+    lines += ["", *(f"- {line}" for line in macroblock_legend())]
     lines += ["", "## Layers", ""]
     lines.append(
         _md_table(

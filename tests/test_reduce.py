@@ -76,6 +76,29 @@ def test_a_budget_of_1_says_it_keeps_the_model_not_that_nothing_can_be_cut(zoo_o
         assert why == f"nothing cut: the budget {report.plan.budget} keeps the whole model"
 
 
+def test_macroblock_columns_say_what_they_count(zoo_onnx):
+    """Two columns of the macroblock table count channels two ways, and their headings said
+    only "kept" and "channels": a ResNet stage showed "kept 0.625" beside "112 -> 64"."""
+    from onnx_mbs.report import MACROBLOCK_HEADERS, MACROBLOCK_LEGEND, macroblock_rows, markdown
+
+    model = zoo_onnx("resnet20", "deploy")
+    reduced, report = reduce(model, budget="params=0.4", evaluate_accuracy=False, progress=False)
+    kept, out = MACROBLOCK_HEADERS.index("kept/made"), MACROBLOCK_HEADERS.index("conv out ch")
+    written = {n.name: n for n in reduced.graph.node}
+    weights = {t.name: t for t in reduced.graph.initializer}
+    for block, row in zip(report.before.macroblocks, macroblock_rows(report)):
+        # kept/made: of the channels the macroblock makes, each once, the fraction kept.
+        made = [g for g in report.groups if block.index in g.macroblocks]
+        counts = report.plan.counts
+        assert float(row[kept]) == pytest.approx(
+            sum(counts[g.id] for g in made) / sum(g.size for g in made), abs=1e-3
+        )
+        # conv out ch: the written convs' output channels, summed over its layers.
+        after = sum(weights[written[n].input[1]].dims[0] for n in block.layers)
+        assert row[out].endswith(f"-> {after}")
+    assert f"kept/made: {MACROBLOCK_LEGEND['kept/made']}" in markdown(report)
+
+
 def test_bundled_model_cli_with_report(bundled_model_path, tmp_path, capsys):
     out = tmp_path / "small.onnx"
     before = hashlib.sha256(bundled_model_path.read_bytes()).hexdigest()
