@@ -112,10 +112,11 @@ def _print_reduce_summary(report, args: argparse.Namespace) -> None:
         f"MACs: {_fmt_int(before.total_macs)} -> {_fmt_int(after.total_macs)} "
         f"({after.total_macs / before.total_macs:.1%} kept)"
     )
+    cut = "nothing cut" if plan.threshold is None else f"cut at {plan.threshold:.4g}"
     if plan.strategy in COST_AWARE:
-        knob = f"worth per unit of {'+'.join(plan.priced)} cut below {plan.threshold or 0:.4g}"
+        knob = f"worth per unit of {'+'.join(plan.priced)}, {cut}"
     elif plan.width_map is None:
-        knob = f"one importance ranking over all free groups, cut at {plan.threshold or 0:.4g}"
+        knob = f"one importance ranking over all free groups, {cut}"
     else:
         knob = (
             f"{plan.receptive_field} receptive field, {plan.width_map.kind} width map, "
