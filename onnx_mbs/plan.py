@@ -550,7 +550,9 @@ def plan_widths(
             f"--channel-multiple {channel_multiple}",
             "parameters outside Conv channel groups (e.g. the head) stay",
         ]
-        kept = ", ".join(f"{m} {fraction(m, smallest):.1%}" for m, _ in budget.limits)
+        kept = ", ".join(
+            f"{m} {_percent_above(fraction(m, smallest), f)}" for m, f in budget.limits
+        )
         raise BadInputError(
             f"budget {budget} cannot be reached: the smallest plan keeps {kept} "
             f"({'; '.join(filter(None, reasons))}); ask for a larger fraction"
@@ -598,6 +600,15 @@ def _over_budget(budget: Budget, fraction: Callable[[str], float]) -> bool:
     return any(
         fraction(m) - f > (LATENCY_SLACK if m == "latency" else 1e-12) for m, f in budget.limits
     )
+
+
+def _percent_above(value: float, asked: float) -> str:
+    """`value` as a percentage, with the decimals it takes to read above `asked` when it is
+    (4.03% against 0.0402, where 4.0% read as less)."""
+    digits = 1
+    while digits < 6 and value > asked and round(value * 100, digits) <= round(asked * 100, 6):
+        digits += 1
+    return f"{value:.{digits}%}"
 
 
 def _kept_fraction(groups: Sequence[GroupInfo], counts: Mapping[int, int], block: int) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -199,6 +200,19 @@ def test_the_nudge_never_cuts_below_beta_min(strategy):
     plan = plan_widths(analysis, groups, rho, cost, budget=Budget.parse("params=0.3"), **common)
     assert min(plan.counts.values()) >= 32, plan.counts
     assert plan.reached["params"] <= 0.3
+
+
+def test_a_refusal_shows_the_smallest_size_above_the_budget():
+    # The smallest plan keeps (8^2 + 6^2) / (64^2 + 6^2) = 2.4201% of the parameters: asked for
+    # 2.42%, the refusal said "the smallest plan keeps params 2.4%", below what was asked.
+    analysis = _analysis([1, 4], [4, 4])
+    groups = [GroupInfo(0, 64, (0,), False), GroupInfo(1, 6, (1,), True)]
+    cost = _quadratic_cost(groups, {0: 1.0, 1: 1.0})
+    rho = {layer.name: 1.0 for layer in analysis.layers}
+    with pytest.raises(BadInputError, match="cannot be reached") as refused:
+        plan_widths(analysis, groups, rho, cost, budget=Budget.parse("params=0.0242"))
+    shown = re.search(r"smallest plan keeps params ([0-9.]+)%", str(refused.value)).group(1)
+    assert float(shown) > 2.42 and float(shown) == pytest.approx(100 * 100 / 4132, abs=1e-3)
 
 
 def test_budget_parsing_and_rounding():
