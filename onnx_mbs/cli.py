@@ -195,7 +195,7 @@ def _reduce_options(args: argparse.Namespace):
     from onnx_mbs.options import ReduceOptions
 
     return ReduceOptions(
-        budget=args.budget,
+        budget=None if args.budget is None else ",".join(args.budget),
         width_map=args.width_map,
         receptive_field=args.receptive_field,
         strategy=args.strategy,
@@ -623,8 +623,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--budget",
+        action="append",
         help="fraction of the model to keep: params=F, flops=F or latency=F (measured on "
-        "--providers); combine with commas to meet all, e.g. params=0.5,flops=0.6",
+        "--providers); combine with commas (or repeat the flag) to meet all, e.g. "
+        "params=0.5,flops=0.6",
     )
     p.add_argument(
         "--width-map",

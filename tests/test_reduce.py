@@ -99,6 +99,17 @@ def test_macroblock_columns_say_what_they_count(zoo_onnx):
     assert f"kept/made: {MACROBLOCK_LEGEND['kept/made']}" in markdown(report)
 
 
+def test_budget_given_twice_meets_both(bundled_model_path, capsys):
+    # The last --budget won: params=0.3 was dropped without a word and the model kept 50%.
+    argv = ["reduce", str(bundled_model_path), "--dry-run", "--json", "--strategy", "uniform"]
+    assert main([*argv, "--budget", "params=0.3", "--budget", "flops=0.6"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["budget"]["asked"] == {"params": 0.3, "flops": 0.6}
+    assert summary["reached"]["params"] <= 0.3 and summary["reached"]["flops"] <= 0.6
+    assert main([*argv, "--budget", "params=0.3", "--budget", "params=0.4"]) == 2
+    assert "params is given twice" in capsys.readouterr().err
+
+
 def test_bundled_model_cli_with_report(bundled_model_path, tmp_path, capsys):
     out = tmp_path / "small.onnx"
     before = hashlib.sha256(bundled_model_path.read_bytes()).hexdigest()
