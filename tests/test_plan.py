@@ -215,6 +215,21 @@ def test_a_refusal_shows_the_smallest_size_above_the_budget():
     assert float(shown) > 2.42 and float(shown) == pytest.approx(100 * 100 / 4132, abs=1e-3)
 
 
+@pytest.mark.parametrize("strategy", ["uniform", "global"])
+def test_a_width_map_a_budgeted_plan_does_not_use_is_said_unused(strategy):
+    # uniform and global at a budget have no width map: the one asked was dropped unsaid.
+    analysis = _analysis([1, 4], [4, 4])
+    groups = [GroupInfo(0, 64, (0,), False), GroupInfo(1, 64, (1,), False)]
+    cost = _quadratic_cost(groups, {0: 1.0, 1: 1.0})
+    rho = {layer.name: 1.0 for layer in analysis.layers}
+    importance = {0: np.linspace(0.5, 1.5, 64), 1: np.linspace(0.5, 1.5, 64)}
+    common = dict(strategy=strategy, importance=importance, budget=Budget.parse("params=0.5"))
+    plan = plan_widths(analysis, groups, rho, cost, width_map="power:0.5", **common)
+    assert f"--width-map power:0.5 is not used: {strategy} at a budget has none" in plan.notes
+    plan = plan_widths(analysis, groups, rho, cost, **common)
+    assert not any("--width-map" in note for note in plan.notes)
+
+
 def test_budget_parsing_and_rounding():
     assert Budget.parse("flops=0.25").fractions == {"flops": 0.25}
     assert Budget.parse("params=0.5, latency=0.6").fractions == {"params": 0.5, "latency": 0.6}
