@@ -307,6 +307,11 @@ class Plan:
             ],
             "params": {"before": self.params[0], "after": self.params[1]},
             "macs": {"before": self.macs[0], "after": self.macs[1]},
+            **(
+                {}
+                if self.latency is None
+                else {"latency_s": {"before": self.latency[0], "after": self.latency[1]}}
+            ),
             "budget": None if self.budget is None else self.budget.fractions,
             "reached": self.reached,
             "notes": self.notes,

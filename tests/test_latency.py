@@ -188,6 +188,7 @@ def test_a_latency_the_written_model_misses_is_reported_missed_not_reached(zoo_o
     assert plan.reached["latency"] == pytest.approx(0.9)
     assert plan.missed == ["latency"]
     assert report_dict(report)["budget"]["missed"] == ["latency"]
+    assert report_dict(report)["plan"]["latency_s"] == {"before": 1.0, "after": 0.9}
     text = budget_text(plan, 3)
     assert text.startswith("params=0.8,latency=0.6 asked, params 0.")
     assert "reached, latency 0.900 missed (over 0.6" in text
