@@ -274,6 +274,10 @@ def test_nothing_to_cut_exits_0_unchanged_and_names_the_pins(tmp_path, capsys):
     assert main(["reduce", str(model_path), "-o", str(out), "--data", str(data), "--no-eval"]) == 0
     printed = capsys.readouterr().out
     assert "nothing can be cut" in printed and "graph input 'x'" in printed
+    # Its conv makes 4 channels, fewer than the multiple of 8: it said "give --budget to cut
+    # anyway", and a budget is refused.
+    assert "at its smallest already (the largest has 4 channels" in printed
+    assert "give --budget" not in printed
     assert onnx.load(out).SerializeToString() == onnx.load(model_path).SerializeToString()
     # A budget it cannot reach is refused.
     code = main(
