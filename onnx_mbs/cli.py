@@ -90,7 +90,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def _print_reduce_summary(report, args: argparse.Namespace) -> None:
-    from onnx_mbs.report import MACROBLOCK_HEADERS, macroblock_rows
+    from onnx_mbs.report import (
+        MACROBLOCK_HEADERS,
+        budget_text,
+        macroblock_legend,
+        macroblock_rows,
+    )
 
     plan = report.plan
     err = sys.stderr
@@ -99,6 +104,8 @@ def _print_reduce_summary(report, args: argparse.Namespace) -> None:
     if report.samples:
         print(f"statistics: {report.samples} samples on {report.provider}", file=err)
     print(format_table(MACROBLOCK_HEADERS, macroblock_rows(report)))
+    for line in macroblock_legend():
+        print(line)
     before, after = report.before, report.after
     print(
         f"\nparams: {_fmt_int(before.total_params)} -> {_fmt_int(after.total_params)} "
@@ -106,18 +113,18 @@ def _print_reduce_summary(report, args: argparse.Namespace) -> None:
         f"MACs: {_fmt_int(before.total_macs)} -> {_fmt_int(after.total_macs)} "
         f"({after.total_macs / before.total_macs:.1%} kept)"
     )
+    cut = "nothing cut" if plan.threshold is None else f"cut at {plan.threshold:.4g}"
     if plan.strategy in COST_AWARE:
-        knob = f"worth per unit of {'+'.join(plan.priced)} cut below {plan.threshold or 0:.4g}"
+        knob = f"worth per unit of {'+'.join(plan.priced)}, {cut}"
     elif plan.width_map is None:
-        knob = f"one importance ranking over all free groups, cut at {plan.threshold or 0:.4g}"
+        knob = f"one importance ranking over all free groups, {cut}"
     else:
         knob = (
             f"{plan.receptive_field} receptive field, {plan.width_map.kind} width map, "
             f"{plan.width_map.knob} {plan.width_map.value:.4g}, scale {plan.scale:.3f}"
         )
     if plan.budget is not None:
-        reached = ", ".join(f"{m} {plan.reached[m]:.3f}" for m, _ in plan.budget.limits)
-        print(f"budget: {plan.budget} asked, {reached} reached ({plan.strategy}, {knob})")
+        print(f"budget: {budget_text(plan, 3)} ({plan.strategy}, {knob})")
     else:
         print(f"strategy: {plan.strategy}, {knob}")
     print(f"strategy {plan.strategy}: {plan.strategy_reason}")
@@ -189,7 +196,7 @@ def _reduce_options(args: argparse.Namespace):
     from onnx_mbs.options import ReduceOptions
 
     return ReduceOptions(
-        budget=args.budget,
+        budget=None if args.budget is None else ",".join(args.budget),
         width_map=args.width_map,
         receptive_field=args.receptive_field,
         strategy=args.strategy,
@@ -625,8 +632,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--budget",
+        action="append",
         help="fraction of the model to keep: params=F, flops=F or latency=F (measured on "
-        "--providers); combine with commas to meet all, e.g. params=0.5,flops=0.6",
+        "--providers); combine with commas (or repeat the flag) to meet all, e.g. "
+        "params=0.5,flops=0.6",
     )
     p.add_argument(
         "--width-map",

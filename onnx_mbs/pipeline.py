@@ -48,7 +48,7 @@ from onnx_mbs.passes import (
     shrink_channels,
     weight_importance,
 )
-from onnx_mbs.plan import Budget, GroupInfo, Plan, plan_widths
+from onnx_mbs.plan import SINGLE_UNIT, Budget, GroupInfo, Plan, plan_widths, round_channels
 from onnx_mbs.runtime import REQUESTS, choose_providers, release_freed_memory
 from onnx_mbs.weights_file import HeldModel, weights_aside
 
@@ -99,6 +99,17 @@ def nothing_cut(groups: Sequence[ChannelGroup], plan: Plan) -> str:
     free = [g for g in groups if not g.pinned and g.macroblocks]
     if not free:
         return "nothing can be cut: every channel group is pinned (see the pinned reasons)"
+    if plan.budget is not None and all(f >= 1 for f in plan.budget.fractions.values()):
+        return f"nothing cut: the budget {plan.budget} keeps the whole model"
+    if all(g.size == 1 for g in free):
+        return f"nothing can be cut: every free channel group is a single unit ({SINGLE_UNIT})"
+    if all(round_channels(g.size, plan.beta_min, plan.channel_multiple) == g.size for g in free):
+        largest = max(g.size for g in free)
+        return (
+            f"nothing can be cut: every free channel group is at its smallest already (the "
+            f"largest has {largest} channels; a group keeps at least --channel-multiple "
+            f"{plan.channel_multiple} of them and --beta-min {plan.beta_min:g}, rounded up)"
+        )
     beta = {m.index: m.beta for m in plan.macroblocks}
     if plan.budget is None and all(beta.get(m) == 1.0 for g in free for m in g.macroblocks):
         return (

@@ -29,6 +29,7 @@ the ranking alone is indifferent between a stream and the branches on it.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -62,6 +63,11 @@ COST_AWARE = ("mbs-cost", "mbs-branch")  # the strategies that price channels
 PRICE_ROUNDS = 3  # mbs-cost: prices re-read at the plan they give, until the counts settle
 PRICE_STEPS = 8  # mbs-cost under latency: prices read on 8 grid steps per group
 Latency = Callable[[Mapping[int, int]], float]  # group counts -> predicted seconds
+# What a free group of size 1 is, in the words its refusals use.
+SINGLE_UNIT = (
+    "its channels are kept or cut together, e.g. conv-groups that a channel shuffle mixes, "
+    "and a group keeps at least one unit"
+)
 
 
 @dataclass(frozen=True)
@@ -70,26 +76,44 @@ class Budget:
 
     limits: tuple[tuple[str, float], ...]  # (metric, fraction), metrics in METRICS, each once
 
+    def __post_init__(self) -> None:
+        """Every Budget is checked, parsed or built by hand (`onnx_mbs.Budget`)."""
+        if problem := self.problem(self.limits):
+            spec = ",".join(f"{m}={f}" for m, f in self.limits)
+            raise BadInputError(f"bad --budget {spec!r}: {problem}")
+
+    @staticmethod
+    def problem(limits: Sequence[tuple[str, float | None]]) -> str:
+        """What is wrong with these limits, or "" when they make a budget."""
+        metrics = [m for m, _ in limits]
+        if not metrics or any(m not in METRICS or f is None for m, f in limits):
+            return (
+                "use params=F, flops=F or latency=F (combine with commas, e.g. "
+                "params=0.5,flops=0.6)"
+            )
+        if twice := next((m for m in metrics if metrics.count(m) > 1), None):
+            return f"{twice} is given twice"
+        if any(not isinstance(f, numbers.Real) or not 0 < f <= 1 for _, f in limits):
+            return "the fraction must be in (0, 1]"
+        return ""
+
     @classmethod
     def parse(cls, spec: str) -> Budget:
-        limits: dict[str, float] = {}
+        limits: list[tuple[str, float | None]] = []
         for term in spec.split(","):
             metric, _, value = term.strip().partition("=")
-            if metric not in METRICS or not value:
-                raise BadInputError(
-                    f"bad --budget {spec!r}: use params=F, flops=F or latency=F (combine "
-                    "with commas, e.g. params=0.5,flops=0.6)"
-                )
-            if metric in limits:
-                raise BadInputError(f"bad --budget {spec!r}: {metric} is given twice")
-            try:
-                fraction = float(value)
-            except ValueError:
-                raise BadInputError(f"bad --budget {spec!r}: {value!r} is not a number") from None
-            if not 0 < fraction <= 1:
-                raise BadInputError(f"bad --budget {spec!r}: the fraction must be in (0, 1]")
-            limits[metric] = fraction
-        return cls(tuple(limits.items()))
+            if metric in METRICS and value:
+                try:
+                    limits.append((metric, float(value)))
+                except ValueError:
+                    raise BadInputError(
+                        f"bad --budget {spec!r}: {value!r} is not a number"
+                    ) from None
+            else:
+                limits.append((metric, None))
+        if problem := cls.problem(limits):
+            raise BadInputError(f"bad --budget {spec!r}: {problem}")
+        return cls(tuple(limits))
 
     @property
     def fractions(self) -> dict[str, float]:
@@ -247,6 +271,15 @@ class Plan:
         return reached
 
     @property
+    def missed(self) -> list[str]:
+        """The budget's metrics the written model is over: only a measured latency can be (the
+        pipeline keeps the closest of the plans it tried); params and MACs are met or refused."""
+        if self.budget is None:
+            return []
+        reached = self.reached
+        return [m for m, f in self.budget.limits if m in reached and reached[m] > f + 1e-12]
+
+    @property
     def changes_anything(self) -> bool:
         return any(self.counts[g] < self.sizes[g] for g in self.counts)
 
@@ -274,6 +307,11 @@ class Plan:
             ],
             "params": {"before": self.params[0], "after": self.params[1]},
             "macs": {"before": self.macs[0], "after": self.macs[1]},
+            **(
+                {}
+                if self.latency is None
+                else {"latency_s": {"before": self.latency[0], "after": self.latency[1]}}
+            ),
             "budget": None if self.budget is None else self.budget.fractions,
             "reached": self.reached,
             "notes": self.notes,
@@ -310,7 +348,8 @@ def macroblock_redundancy(
 def round_channels(size: int, fraction: float, multiple: int) -> int:
     """Channels kept for a group: `size * fraction` rounded up to a multiple of `multiple`
     (never down: at fraction 1 a group of 58 keeps 58), never below min(multiple, size).
-    Only a budget's nudge cuts below, knowingly."""
+    Only a budget's nudge rounds down, a multiple at a time, and never below this count at
+    beta_min (`_nudge`)."""
     floor = min(multiple, size)
     wanted = max(floor, math.ceil(size * fraction / multiple - 1e-9) * multiple)
     return min(size, wanted)
@@ -444,6 +483,8 @@ def plan_widths(
         return excess(_counts(groups, betas(value, scale), channel_multiple))
 
     own_notes: list[str] = []
+    if width_map is not None and budget is not None and strategy in ("uniform", "global"):
+        own_notes.append(f"--width-map {fmap} is not used: {strategy} at a budget has none")
     scale = 1.0
     value = fmap.value
     if strategy != "mbs" and budget is None:
@@ -501,17 +542,24 @@ def plan_widths(
     # next channel cut crosses a rounding step), and the same up-steps fill it, so every
     # strategy lands as close to the budget.
     if limits:
-        counts = _nudge(counts, groups, excess, step_excess, channel_multiple)
+        counts = _nudge(counts, groups, excess, step_excess, channel_multiple, beta_min)
     if budget is not None and _over_budget(budget, lambda m: fraction(m, counts)):
         smallest = _counts(groups, [beta_min] * len(redundancy), channel_multiple)
         pinned = sum(g.pinned for g in groups)
+        units = sum(g.size == 1 for g in free)
         reasons = [
             f"{pinned} pinned group{'s' if pinned != 1 else ''} stay whole" if pinned else "",
+            f"{units} free group{' is a' if units == 1 else 's are'} single unit{'s' * (units > 1)}"
+            f" ({SINGLE_UNIT})"
+            if units
+            else "",
             f"--beta-min {beta_min:g}",
             f"--channel-multiple {channel_multiple}",
             "parameters outside Conv channel groups (e.g. the head) stay",
         ]
-        kept = ", ".join(f"{m} {fraction(m, smallest):.1%}" for m, _ in budget.limits)
+        kept = ", ".join(
+            f"{m} {_percent_above(fraction(m, smallest), f)}" for m, f in budget.limits
+        )
         raise BadInputError(
             f"budget {budget} cannot be reached: the smallest plan keeps {kept} "
             f"({'; '.join(filter(None, reasons))}); ask for a larger fraction"
@@ -559,6 +607,15 @@ def _over_budget(budget: Budget, fraction: Callable[[str], float]) -> bool:
     return any(
         fraction(m) - f > (LATENCY_SLACK if m == "latency" else 1e-12) for m, f in budget.limits
     )
+
+
+def _percent_above(value: float, asked: float) -> str:
+    """`value` as a percentage, with the decimals it takes to read above `asked` when it is
+    (4.03% against 0.0402, where 4.0% read as less)."""
+    digits = 1
+    while digits < 6 and value > asked and round(value * 100, digits) <= round(asked * 100, 6):
+        digits += 1
+    return f"{value:.{digits}%}"
 
 
 def _kept_fraction(groups: Sequence[GroupInfo], counts: Mapping[int, int], block: int) -> float:
@@ -771,16 +828,20 @@ def _nudge(
     excess: Callable[[Mapping[int, int]], float],
     step_excess: Callable[[Mapping[int, int], list[int], list[int]], list[float]],
     multiple: int,
+    beta_min: float,
 ) -> dict[int, int]:
     """Close the gap rounding leaves, one channel-multiple step at a time.
 
     While over the budget (excess > 0), take the step down that removes least;
     then, while some step up still fits the budget, take the one that lands
-    closest to it. Small steps keep the shape MBS chose. `step_excess` prices
-    every group's step at once (thousands of steps on ResNet-1202).
+    closest to it. Small steps keep the shape MBS chose. No step goes below a
+    group's floor, `beta_min` of it rounded up as every count is: a budget that
+    needs more is out of reach. `step_excess` prices every group's step at once
+    (thousands of steps on ResNet-1202).
     """
     counts = dict(counts)
     free = [g for g in groups if g.free]
+    floor = {g.id: round_channels(g.size, beta_min, multiple) for g in free}
     current = excess(counts)
 
     def steps(direction: int) -> list[tuple[float, int, int]]:
@@ -789,7 +850,7 @@ def _nudge(
         for g in free:
             count = counts[g.id] + direction * multiple
             count = min(g.size, count) if direction > 0 else count
-            if count != counts[g.id] and min(multiple, g.size) <= count <= g.size:
+            if count != counts[g.id] and floor[g.id] <= count <= g.size:
                 ids.append(g.id)
                 new.append(count)
         return list(zip(step_excess(counts, ids, new), ids, new))

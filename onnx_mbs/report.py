@@ -11,6 +11,7 @@ from pathlib import Path
 
 from onnx_mbs.passes.analysis import resolution_text
 from onnx_mbs.pipeline import ReduceReport
+from onnx_mbs.plan import Plan
 
 
 def _finite(value: float) -> float | str:
@@ -86,6 +87,7 @@ def report_dict(report: ReduceReport) -> dict:
         else {
             "asked": plan.budget.fractions,
             "reached": {m: plan.reached[m] for m in plan.budget.fractions},
+            "missed": plan.missed,
         },
         "reached": {
             "params": report.after.total_params / report.before.total_params,
@@ -106,7 +108,8 @@ def _block_sum(report: ReduceReport, index: int, what: str) -> int:
 
 def macroblock_rows(report: ReduceReport) -> list[tuple]:
     """Per macroblock: resolution, layers/base, R, beta ("-" where none decided the counts),
-    the kept fraction of the channels it makes, out-channels and params before/after."""
+    the kept fraction of the channels it makes, its convs' out-channels, params and MACs
+    before/after (MACROBLOCK_LEGEND says what each counts)."""
     after = {x.name: x for x in report.after.layers}
     rows = []
     for block, planned in zip(report.before.macroblocks, report.plan.macroblocks):
@@ -134,11 +137,25 @@ MACROBLOCK_HEADERS = [
     "base/layers",
     "R",
     "beta",
-    "kept",
-    "channels",
-    "params",
-    "MACs",
+    "kept/made",
+    "conv out ch",
+    "conv params",
+    "conv MACs",
 ]
+# What the columns that count channels, parameters and MACs count (report.md prints it under
+# the table, the command line after it): two counts of channels differ on purpose.
+MACROBLOCK_LEGEND = {
+    "kept/made": "the fraction kept of the channels the macroblock makes, each channel once "
+    "(a residual stream that its convs share counts once)",
+    "conv out ch": "its conv layers' output channels summed, before -> after (a shared stream "
+    "once per conv that writes it)",
+    "conv params, conv MACs": "of its conv layers (weights and biases; BatchNorm, other ops "
+    "and the head count in the totals only)",
+}
+
+
+def macroblock_legend() -> list[str]:
+    return [f"{column}: {meaning}" for column, meaning in MACROBLOCK_LEGEND.items()]
 
 
 def markdown(report: ReduceReport) -> str:
@@ -157,8 +174,7 @@ def markdown(report: ReduceReport) -> str:
         f"{report.samples} samples on {report.provider}",
     ]
     if plan.budget is not None:
-        reached = ", ".join(f"{m} {r:.4f}" for m, r in data["budget"]["reached"].items())
-        lines.append(f"- budget: {plan.budget} asked, {reached} reached")
+        lines.append(f"- budget: {budget_text(plan, 4)}")
     t = data["totals"]
     lines += [
         f"- params: {t['params'][0]} -> {t['params'][1]} ({data['reached']['params']:.2%} kept)",
@@ -174,6 +190,7 @@ def markdown(report: ReduceReport) -> str:
             + " (the model written)"
         )
     lines += ["", "## Macroblocks", "", _md_table(MACROBLOCK_HEADERS, macroblock_rows(report))]
+    lines += ["", *(f"- {line}" for line in macroblock_legend())]
     lines += ["", "## Layers", ""]
     lines.append(
         _md_table(
@@ -197,6 +214,22 @@ def markdown(report: ReduceReport) -> str:
         lines += ["", "## Pinned (kept whole)", ""] + [f"- {r}" for r in report.pinned]
     lines += ["", "## Timings (s)", ""] + [f"- {k}: {v}" for k, v in report.timings.items()]
     return "\n".join(lines) + "\n"
+
+
+def budget_text(plan: Plan, digits: int) -> str:
+    """ "params=0.5 asked, params 0.4979 reached": a limit the written model is over (a measured
+    latency, the closest of the plans tried) is said to be missed, not reached."""
+    assert plan.budget is not None
+    missed = plan.missed
+    met = [f"{m} {plan.reached[m]:.{digits}f}" for m, _ in plan.budget.limits if m not in missed]
+    parts = [f"{', '.join(met)} reached"] if met else []
+    noisy = ": the closest of the plans tried; measured latency is as noisy as the machine"
+    parts += [
+        f"{m} {plan.reached[m]:.{digits}f} missed (over {f:g}{noisy if m == 'latency' else ''})"
+        for m, f in plan.budget.limits
+        if m in missed
+    ]
+    return f"{plan.budget} asked, {', '.join(parts)}"
 
 
 def _md_table(headers, rows) -> str:

@@ -144,7 +144,12 @@ def _check_report_folder(
     if not folder.is_dir():
         return
     try:
-        foreign = sorted(p.name for p in folder.iterdir() if p.name not in report_files)
+        # A report file's name held by a folder or a link is not an earlier report either.
+        foreign = sorted(
+            p.name
+            for p in folder.iterdir()
+            if p.name not in report_files or p.is_symlink() or not p.is_file()
+        )
     except OSError as error:
         raise BadInputError(f"cannot read --report folder {folder}: {error.strerror}") from None
     if foreign:

@@ -243,6 +243,9 @@ def write_hostile_inputs(folder: Path) -> Path:
     (folder / "oldrep").mkdir()
     for name in ("report.json", "report.md", "widths.png"):
         (folder / "oldrep" / name).write_text("an earlier report\n")
+    # A report folder where a report file's name is a folder of the user's.
+    (folder / "dirrep" / "widths.png").mkdir(parents=True)
+    (folder / "dirrep" / "widths.png" / "mine.txt").write_text("not onnx-mbs's\n")
 
     rng = np.random.default_rng(1)
     x = rng.integers(0, 256, (SAMPLES, SIDE, SIDE), dtype=np.uint8)

@@ -145,3 +145,14 @@ def test_global_without_budget_matches_mbs_size_with_another_shape(bundled_model
     kept_mbs = np.array([m.kept for m in mbs.plan.macroblocks])
     kept_global = np.array([m.kept for m in glob.plan.macroblocks])
     assert np.abs(kept_mbs - kept_global).max() > 0.05, (kept_mbs, kept_global)
+
+
+def test_cli_says_nothing_was_cut_not_a_threshold_of_0(bundled_model_path, capsys):
+    # At a budget of 1 no channel is cut: the summary said "cut at 0" (global) and
+    # "worth per unit of params cut below 0" (mbs-cost), a threshold no channel had.
+    for strategy in ("global", "mbs-cost"):
+        argv = ["reduce", str(bundled_model_path), "--dry-run", "--budget", "params=1"]
+        assert main([*argv, "--strategy", strategy]) == 0
+        printed = capsys.readouterr().out
+        assert "reached (" in printed and "nothing cut)" in printed, printed
+        assert "cut at 0" not in printed and "cut below 0" not in printed

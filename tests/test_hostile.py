@@ -43,6 +43,8 @@ CASES = [
     Case("reduce-report-holds-data", "reduce {ws}/tiny.onnx --no-eval -o {ws}/out/r.onnx --data {ws}/png8/c0 --report {ws}/png8", 2, "holds --data"),
     Case("reduce-report-holds-output", R + " --report {ws}/out", 2, "holds the output model"),
     Case("reduce-report-holds-foreign-files", R + " --report {ws}/sub", 2, "holds files onnx-mbs did not write (escape.onnx)"),
+    # A folder named as a report file: the model was written, then 'nothing was written' (exit 2).
+    Case("reduce-report-holds-a-folder-named-widths-png", R + " --report {ws}/dirrep", 2, "did not write (widths.png)"),
     Case("reduce-dry-run-report-holds-foreign-files", "reduce {ws}/tiny.onnx --dry-run --report {ws}/png8", 2, "did not write (c0, c1)"),
     # Silent wrong results.
     Case("eval-png16-scale-said", "eval {ws}/tiny.onnx --data {ws}/png16", 0, "16-bit /65535"),

@@ -162,3 +162,34 @@ def test_latency_budget_end_to_end(zoo_onnx, tmp_path, monkeypatch):
     assert any(note.startswith("latency: 0.6 asked") for note in plan.notes)
     assert report.after.total_macs < report.before.total_macs
     graphs.assert_runs_at_declared_shapes(model, reduced)
+
+
+def test_a_latency_the_written_model_misses_is_reported_missed_not_reached(zoo_onnx, monkeypatch):
+    """On a loaded machine every plan tried may measure over the asked fraction: the closest
+    is written, and the report says the limit was missed (it said "latency 0.900 reached")."""
+    import onnx_mbs.latency as latency
+    from onnx_mbs.report import budget_text, markdown, report_dict
+
+    def measure(models, providers, threads=0, **_):
+        return [1.0, 0.9][: len(models)]  # the written model: always 0.9 of the original
+
+    monkeypatch.setattr(
+        latency, "onnxruntime_timer", lambda providers, threads=0: _linear_timer([])
+    )
+    monkeypatch.setattr(latency, "measure_models", measure)
+    _, report = reduce(
+        zoo_onnx("resnet20", "deploy"),
+        budget="params=0.8,latency=0.6",
+        providers="cpu",
+        evaluate_accuracy=False,
+        progress=False,
+    )
+    plan = report.plan
+    assert plan.reached["latency"] == pytest.approx(0.9)
+    assert plan.missed == ["latency"]
+    assert report_dict(report)["budget"]["missed"] == ["latency"]
+    assert report_dict(report)["plan"]["latency_s"] == {"before": 1.0, "after": 0.9}
+    text = budget_text(plan, 3)
+    assert text.startswith("params=0.8,latency=0.6 asked, params 0.")
+    assert "reached, latency 0.900 missed (over 0.6" in text
+    assert "latency 0.9000 missed (over 0.6" in markdown(report)

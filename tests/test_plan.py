@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -182,6 +183,53 @@ def test_budget_just_below_the_smallest_plan_is_refused_not_exceeded(strategy):
     assert plan.reached["params"] <= 0.51
 
 
+@pytest.mark.parametrize("strategy", ["mbs", "uniform", "global", "mbs-cost", "mbs-branch"])
+def test_the_nudge_never_cuts_below_beta_min(strategy):
+    # --beta-min 0.5 keeps at least 32 of each group of 64: the smallest plan keeps a quarter
+    # of the parameters. A budget below it is refused; the nudge that lands a plan on its
+    # budget never cuts a group below its floor to get there (it cut both groups to 8 and
+    # said "params 0.016 reached", the same greedy plan whatever the strategy).
+    analysis = _analysis([1, 4], [4, 4])
+    groups = [GroupInfo(0, 64, (0,), False), GroupInfo(1, 64, (1,), False)]
+    cost = _quadratic_cost(groups, {0: 1.0, 1: 1.0})
+    rho = {layer.name: 1.0 for layer in analysis.layers}
+    importance = {0: np.linspace(0.5, 1.5, 64), 1: np.linspace(0.5, 1.5, 64)}
+    common = dict(strategy=strategy, importance=importance, beta_min=0.5)
+    with pytest.raises(BadInputError, match=r"cannot be reached.*params 25\.0%.*--beta-min 0\.5"):
+        plan_widths(analysis, groups, rho, cost, budget=Budget.parse("params=0.03"), **common)
+    plan = plan_widths(analysis, groups, rho, cost, budget=Budget.parse("params=0.3"), **common)
+    assert min(plan.counts.values()) >= 32, plan.counts
+    assert plan.reached["params"] <= 0.3
+
+
+def test_a_refusal_shows_the_smallest_size_above_the_budget():
+    # The smallest plan keeps (8^2 + 6^2) / (64^2 + 6^2) = 2.4201% of the parameters: asked for
+    # 2.42%, the refusal said "the smallest plan keeps params 2.4%", below what was asked.
+    analysis = _analysis([1, 4], [4, 4])
+    groups = [GroupInfo(0, 64, (0,), False), GroupInfo(1, 6, (1,), True)]
+    cost = _quadratic_cost(groups, {0: 1.0, 1: 1.0})
+    rho = {layer.name: 1.0 for layer in analysis.layers}
+    with pytest.raises(BadInputError, match="cannot be reached") as refused:
+        plan_widths(analysis, groups, rho, cost, budget=Budget.parse("params=0.0242"))
+    shown = re.search(r"smallest plan keeps params ([0-9.]+)%", str(refused.value)).group(1)
+    assert float(shown) > 2.42 and float(shown) == pytest.approx(100 * 100 / 4132, abs=1e-3)
+
+
+@pytest.mark.parametrize("strategy", ["uniform", "global"])
+def test_a_width_map_a_budgeted_plan_does_not_use_is_said_unused(strategy):
+    # uniform and global at a budget have no width map: the one asked was dropped unsaid.
+    analysis = _analysis([1, 4], [4, 4])
+    groups = [GroupInfo(0, 64, (0,), False), GroupInfo(1, 64, (1,), False)]
+    cost = _quadratic_cost(groups, {0: 1.0, 1: 1.0})
+    rho = {layer.name: 1.0 for layer in analysis.layers}
+    importance = {0: np.linspace(0.5, 1.5, 64), 1: np.linspace(0.5, 1.5, 64)}
+    common = dict(strategy=strategy, importance=importance, budget=Budget.parse("params=0.5"))
+    plan = plan_widths(analysis, groups, rho, cost, width_map="power:0.5", **common)
+    assert f"--width-map power:0.5 is not used: {strategy} at a budget has none" in plan.notes
+    plan = plan_widths(analysis, groups, rho, cost, **common)
+    assert not any("--width-map" in note for note in plan.notes)
+
+
 def test_budget_parsing_and_rounding():
     assert Budget.parse("flops=0.25").fractions == {"flops": 0.25}
     assert Budget.parse("params=0.5, latency=0.6").fractions == {"params": 0.5, "latency": 0.6}
@@ -190,6 +238,13 @@ def test_budget_parsing_and_rounding():
     for bad in (*bad_specs, "params=0.5,params=0.4"):
         with pytest.raises(BadInputError, match="bad --budget"):
             Budget.parse(bad)
+    # A Budget built by hand (onnx_mbs.Budget) is checked as a parsed one: it was taken as
+    # it came (params=2 planned, no limits an IndexError, an unknown metric a KeyError).
+    hand_made = ((("params", 2.0),), (), (("macs", 0.5),), (("params", 0.5), ("params", 0.4)))
+    for limits in (*hand_made, (("params", -1),), (("flops", float("nan")),)):
+        with pytest.raises(BadInputError, match="bad --budget"):
+            Budget(limits)
+    assert Budget((("flops", 0.5),)) == Budget.parse("flops=0.5")
     assert round_channels(64, 0.5, 8) == 32
     assert round_channels(64, 0.01, 8) == 8
     assert round_channels(6, 0.1, 8) == 6  # never below min(8, original)

@@ -54,12 +54,60 @@ def test_shufflenet_v1_is_refused_not_guessed(zoo_onnx):
     its deep macroblocks, but a budget is refused in one line, and without one the input
     comes back unchanged."""
     model = zoo_onnx("shufflenet_v1", "deploy")
-    with pytest.raises(BadInputError, match="smallest plan keeps params 100.0%"):
+    # The reason named is the unit, not the options (which no value of could help).
+    unit = "1 free group is a single unit"
+    with pytest.raises(BadInputError, match=f"smallest plan keeps params 100.0% .*{unit}"):
         reduce(model, budget="params=0.5", evaluate_accuracy=False, progress=False)
     same, report = reduce(model, evaluate_accuracy=False, progress=False)
     assert [m.beta < 1 for m in report.plan.macroblocks] == [False, False, False, True, True]
     assert not report.plan.changes_anything
     assert same.SerializeToString() == model.SerializeToString()
+    (why,) = [n for n in report.plan.notes if n.startswith("nothing")]
+    assert "single unit" in why and "--channel-multiple" not in why, why
+
+
+def test_a_budget_of_1_says_it_keeps_the_model_not_that_nothing_can_be_cut(zoo_onnx):
+    # It said "nothing can be cut: the planned widths round back to every channel".
+    model = zoo_onnx("resnet20", "deploy")
+    for budget in ("params=1", "flops=1.0,params=1"):
+        _, report = reduce(model, budget=budget, evaluate_accuracy=False, progress=False)
+        assert not report.plan.changes_anything
+        (why,) = [n for n in report.plan.notes if n.startswith("nothing")]
+        assert why == f"nothing cut: the budget {report.plan.budget} keeps the whole model"
+
+
+def test_macroblock_columns_say_what_they_count(zoo_onnx):
+    """Two columns of the macroblock table count channels two ways, and their headings said
+    only "kept" and "channels": a ResNet stage showed "kept 0.625" beside "112 -> 64"."""
+    from onnx_mbs.report import MACROBLOCK_HEADERS, MACROBLOCK_LEGEND, macroblock_rows, markdown
+
+    model = zoo_onnx("resnet20", "deploy")
+    reduced, report = reduce(model, budget="params=0.4", evaluate_accuracy=False, progress=False)
+    kept, out = MACROBLOCK_HEADERS.index("kept/made"), MACROBLOCK_HEADERS.index("conv out ch")
+    written = {n.name: n for n in reduced.graph.node}
+    weights = {t.name: t for t in reduced.graph.initializer}
+    for block, row in zip(report.before.macroblocks, macroblock_rows(report)):
+        # kept/made: of the channels the macroblock makes, each once, the fraction kept.
+        made = [g for g in report.groups if block.index in g.macroblocks]
+        counts = report.plan.counts
+        assert float(row[kept]) == pytest.approx(
+            sum(counts[g.id] for g in made) / sum(g.size for g in made), abs=1e-3
+        )
+        # conv out ch: the written convs' output channels, summed over its layers.
+        after = sum(weights[written[n].input[1]].dims[0] for n in block.layers)
+        assert row[out].endswith(f"-> {after}")
+    assert f"kept/made: {MACROBLOCK_LEGEND['kept/made']}" in markdown(report)
+
+
+def test_budget_given_twice_meets_both(bundled_model_path, capsys):
+    # The last --budget won: params=0.3 was dropped without a word and the model kept 50%.
+    argv = ["reduce", str(bundled_model_path), "--dry-run", "--json", "--strategy", "uniform"]
+    assert main([*argv, "--budget", "params=0.3", "--budget", "flops=0.6"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["budget"]["asked"] == {"params": 0.3, "flops": 0.6}
+    assert summary["reached"]["params"] <= 0.3 and summary["reached"]["flops"] <= 0.6
+    assert main([*argv, "--budget", "params=0.3", "--budget", "params=0.4"]) == 2
+    assert "params is given twice" in capsys.readouterr().err
 
 
 def test_bundled_model_cli_with_report(bundled_model_path, tmp_path, capsys):
@@ -226,6 +274,10 @@ def test_nothing_to_cut_exits_0_unchanged_and_names_the_pins(tmp_path, capsys):
     assert main(["reduce", str(model_path), "-o", str(out), "--data", str(data), "--no-eval"]) == 0
     printed = capsys.readouterr().out
     assert "nothing can be cut" in printed and "graph input 'x'" in printed
+    # Its conv makes 4 channels, fewer than the multiple of 8: it said "give --budget to cut
+    # anyway", and a budget is refused.
+    assert "at its smallest already (the largest has 4 channels" in printed
+    assert "give --budget" not in printed
     assert onnx.load(out).SerializeToString() == onnx.load(model_path).SerializeToString()
     # A budget it cannot reach is refused.
     code = main(
