@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from onnx_mbs.passes import BadInputError, ChannelGroup, ModelAnalysis
+from onnx_mbs.passes import BadInputError, ChannelGroup, ModelAnalysis, option
 
 GAMMA_MAX = 2.0  # beyond this, budgets are met with a common scale (see plan_widths)
 C_MAX = 1.0  # beta = 1 - R: past it, beta would turn negative where R is near 1
@@ -77,17 +77,21 @@ class Budget:
             metric, _, value = term.strip().partition("=")
             if metric not in METRICS or not value:
                 raise BadInputError(
-                    f"bad --budget {spec!r}: use params=F, flops=F or latency=F (combine "
-                    "with commas, e.g. params=0.5,flops=0.6)"
+                    f"bad {option('--budget')} {spec!r}: use params=F, flops=F or latency=F "
+                    "(combine with commas, e.g. params=0.5,flops=0.6)"
                 )
             if metric in limits:
-                raise BadInputError(f"bad --budget {spec!r}: {metric} is given twice")
+                raise BadInputError(f"bad {option('--budget')} {spec!r}: {metric} is given twice")
             try:
                 fraction = float(value)
             except ValueError:
-                raise BadInputError(f"bad --budget {spec!r}: {value!r} is not a number") from None
+                raise BadInputError(
+                    f"bad {option('--budget')} {spec!r}: {value!r} is not a number"
+                ) from None
             if not 0 < fraction <= 1:
-                raise BadInputError(f"bad --budget {spec!r}: the fraction must be in (0, 1]")
+                raise BadInputError(
+                    f"bad {option('--budget')} {spec!r}: the fraction must be in (0, 1]"
+                )
             limits[metric] = fraction
         return cls(tuple(limits.items()))
 
@@ -123,19 +127,24 @@ class WidthMap:
         kind, _, value = spec.partition(":")
         if kind not in cls.KINDS or not value:
             raise BadInputError(
-                f"bad --width-map {spec!r}: use linear:C or power:GAMMA, e.g. {DEFAULT_WIDTH_MAP}"
+                f"bad {option('--width-map')} {spec!r}: use linear:C or power:GAMMA, "
+                f"e.g. {DEFAULT_WIDTH_MAP}"
             )
         try:
             number = float(value)
         except ValueError:
-            raise BadInputError(f"bad --width-map {spec!r}: {value!r} is not a number") from None
+            raise BadInputError(
+                f"bad {option('--width-map')} {spec!r}: {value!r} is not a number"
+            ) from None
         return cls(kind, number).check()
 
     def check(self) -> WidthMap:
         if self.kind not in self.KINDS:
             raise BadInputError(f"unknown width map {self.kind!r}: use linear or power")
         if not 0 <= self.value <= self.maximum:
-            raise BadInputError(f"--width-map {self}: {self.knob} must be in [0, {self.maximum:g}]")
+            raise BadInputError(
+                f"{option('--width-map')} {self}: {self.knob} must be in [0, {self.maximum:g}]"
+            )
         return self
 
     @property
@@ -355,11 +364,13 @@ def plan_widths(
     `strategy_reason` says why this strategy runs (the report shows it).
     """
     if strategy not in STRATEGIES:
-        raise BadInputError(f"unknown --strategy {strategy!r}: use {', '.join(STRATEGIES)}")
+        raise BadInputError(
+            f"unknown {option('--strategy')} {strategy!r}: use {', '.join(STRATEGIES)}"
+        )
     if not 0 < beta_min <= 1:
-        raise BadInputError(f"--beta-min must be in (0, 1], got {beta_min}")
+        raise BadInputError(f"{option('--beta-min')} must be in (0, 1], got {beta_min}")
     if channel_multiple < 1:
-        raise BadInputError(f"--channel-multiple must be >= 1, got {channel_multiple}")
+        raise BadInputError(f"{option('--channel-multiple')} must be >= 1, got {channel_multiple}")
     if budget is not None and "latency" in budget.fractions and latency is None:
         raise ValueError("a latency budget needs a latency model")
     free = [g for g in groups if g.free]
@@ -507,8 +518,8 @@ def plan_widths(
         pinned = sum(g.pinned for g in groups)
         reasons = [
             f"{pinned} pinned group{'s' if pinned != 1 else ''} stay whole" if pinned else "",
-            f"--beta-min {beta_min:g}",
-            f"--channel-multiple {channel_multiple}",
+            option("--beta-min", beta_min),
+            option("--channel-multiple", channel_multiple),
             "parameters outside Conv channel groups (e.g. the head) stay",
         ]
         kept = ", ".join(f"{m} {fraction(m, smallest):.1%}" for m, _ in budget.limits)

@@ -188,7 +188,7 @@ def test_budget_parsing_and_rounding():
     assert str(Budget.parse("params=0.5,flops=0.6")) == "params=0.5,flops=0.6"
     bad_specs = ("params=0", "params=1.5", "size=0.5", "params=x", "params", "params=0.5,")
     for bad in (*bad_specs, "params=0.5,params=0.4"):
-        with pytest.raises(BadInputError, match="bad --budget"):
+        with pytest.raises(BadInputError, match="bad budget"):
             Budget.parse(bad)
     assert round_channels(64, 0.5, 8) == 32
     assert round_channels(64, 0.01, 8) == 8

@@ -143,7 +143,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(npz, tmp_path, monkeypatch
 def test_a_checkpoint_of_another_run_is_refused(npz, tmp_path) -> None:
     common = dict(epochs=1, batch_size=32, device="cpu", progress=False, checkpoint=tmp_path)
     retrain(export(keep_bn=True), source(npz), **common)
-    with pytest.raises(BadInputError, match="holds a checkpoint after epoch 1 of 1: add --resume"):
+    with pytest.raises(BadInputError, match="after epoch 1 of 1: add resume=True to continue"):
         retrain(export(keep_bn=True), source(npz), **common)
     with pytest.raises(BadInputError, match=r"another run \(differs in: lr\)"):
         retrain(export(keep_bn=True), source(npz), lr=0.5, resume=True, **common)
@@ -386,7 +386,7 @@ def test_large_inputs_get_a_random_resized_crop() -> None:
     assert out.shape == x.shape and not np.allclose(out, x)
     assert choose_augment("auto", (1, 1, 8, 8), None) is None  # arrays given as model inputs
     assert choose_augment("auto", (1, 16), Preprocess((8, 8), 1, (0,), (1,))) is None
-    with pytest.raises(BadInputError, match="--augment none"):
+    with pytest.raises(BadInputError, match="use augment=.none."):
         choose_augment("standard", (1, 16), None)
 
 

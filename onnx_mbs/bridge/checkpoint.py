@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import torch
 
-from onnx_mbs.passes.errors import BadInputError
+from onnx_mbs.passes.errors import BadInputError, option
 
 FILE = "checkpoint.pt"
 
@@ -116,6 +116,7 @@ def load(directory: str | os.PathLike, fingerprint: dict[str, Any]) -> dict[str,
     if differ:
         raise BadInputError(
             f"checkpoint {target} was written for another run (differs in: {', '.join(differ)}); "
-            "resume with the same model, data and options, or give another --checkpoint DIR"
+            f"resume with the same model, data and options, or give another "
+            f"{option('--checkpoint')} DIR"
         )
     return state
