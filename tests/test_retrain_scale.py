@@ -162,6 +162,39 @@ def test_a_checkpoint_of_another_run_is_refused(npz, tmp_path) -> None:
         retrain(export(keep_bn=True), source(npz), resume=True, **common)
 
 
+def test_a_killed_checkpoint_write_is_cleared_by_the_next_run(tmp_path) -> None:
+    """A run SIGKILLed while writing its checkpoint leaves the hidden partial file; the next
+    run using DIR removes it (its process is gone), and nothing a live run or the user holds."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from onnx_mbs.passes.scratch import scratch_name
+
+    killed = (
+        "import os, signal, sys, torch\n"
+        "from onnx_mbs.bridge import checkpoint\n"
+        "def save(state, f):\n"
+        "    f.write(b'half a checkpoint'); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
+        "torch.save = save\n"
+        "checkpoint.save(sys.argv[1], {})\n"
+    )
+    run = subprocess.run([sys.executable, "-c", killed, str(tmp_path)], check=False)
+    assert run.returncode == -9
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert len(left) == 1 and left[0].startswith("."), left
+    earlier = tmp_path / ".checkpoint.pt.4194304.partial"  # an earlier version's name
+    earlier.write_bytes(b"half")
+    day_old = time.time() - 2 * 86400
+    os.utime(earlier, (day_old, day_old))
+    kept = [tmp_path / scratch_name(), tmp_path / ".checkpoint.pt.notes"]  # a live run, the user
+    for path in kept:
+        path.write_bytes(b"mine")
+    ckpt.prepare(tmp_path)
+    assert sorted(tmp_path.iterdir()) == sorted(kept)
+
+
 def test_cli_refuses_another_runs_checkpoint_in_one_line(npz, tmp_path, capsys) -> None:
     model = tmp_path / "m.onnx"
     onnx.save(export(keep_bn=True), model)
