@@ -199,6 +199,7 @@ MESSAGES = [
     Case("reduce-mean-in-0-255", R + " " + RO + " --data {ws}/data.npz --mean 128", 2, "(--mean 0.502 --std 0.003922)"),
     Case("retrain-resume-without-checkpoint", T + " --resume", 2, "--resume continues from a --checkpoint DIR"),
     Case("retrain-loss-without-teacher", T + " --loss y=mse", 2, "--loss chooses distillation losses: it needs a --teacher"),
+    Case("retrain-warmup-leaves-no-decay", T + " --warmup 0.99", 2, "--warmup 0.99 warms up over 1 of this run's 1 steps"),
     Case("retrain-feature-without-teacher", T + " --feature y", 2, "feature distillation needs a --teacher"),
     Case("reduce-bf16-conv-below-opset-22", "reduce {ws}/bf16.onnx -o {ws}/out/r.onnx", 2, "not valid ONNX"),
     Case("reduce-loop-after-input-shape", "reduce {ws}/loop.onnx -o {ws}/out/r.onnx --input-shape x:1,1,16,16", 0, "control flow not followed", OUT),

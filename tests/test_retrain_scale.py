@@ -432,21 +432,30 @@ def test_schedule_warms_up_then_decays_by_cosine() -> None:
     assert default_lr(64) == 0.01 and default_lr(256) == 0.04
 
 
+def test_a_warmup_that_leaves_no_decay_is_refused() -> None:
+    """The first step after the warm-up runs at the peak: a warm-up that leaves the cosine
+    fewer than 2 steps never lowers the learning rate. Refused before any training."""
+    x, y = quadrant_data(64, seed=1)
+    for warmup in (0.99, 0.5):  # 2 and 1 of the 2 steps
+        with pytest.raises(BadInputError, match="learning rate would never fall below its peak"):
+            retrain(export(keep_bn=True), (x, y), warmup=warmup, batch_size=32, progress=False)
+
+
 def test_defaults_and_what_ran_are_reported(npz) -> None:
     x, y = quadrant_data(64, seed=1)
-    result = retrain(export(keep_bn=True), (x, y), batch_size=32, device="cpu", progress=False)
+    result = retrain(export(keep_bn=True), (x, y), batch_size=16, device="cpu", progress=False)
     assert result.augment == "none"  # arrays given as model inputs
-    assert "lr 0.005" in result.schedule and "warm-up 0 of 2 steps" in result.schedule
+    assert "lr 0.0025" in result.schedule and "warm-up 0 of 4 steps" in result.schedule
     smoothed = retrain(
         export(keep_bn=True),
         (x, y),
-        batch_size=32,
+        batch_size=16,
         device="cpu",
         progress=False,
         label_smoothing=0.2,
         warmup=0.5,
     )
-    assert "label smoothing 0.2" in smoothed.schedule and "warm-up 1 of 2" in smoothed.schedule
+    assert "label smoothing 0.2" in smoothed.schedule and "warm-up 2 of 4" in smoothed.schedule
     # Smoothed targets cannot reach the unsmoothed loss's floor: the losses differ.
     assert smoothed.history[0].train_loss != result.history[0].train_loss
 

@@ -499,6 +499,12 @@ def retrain(
         opt = _optimizer(student, optimizer, lr, weight_decay, momentum)
         total_steps = epochs * steps
         warmup_steps = round(warmup * total_steps)
+        if warmup_steps > max(0, total_steps - 2):  # the cosine's first step is at the peak
+            raise BadInputError(
+                f"{option('--warmup')} {warmup:g} warms up over {warmup_steps} of this run's "
+                f"{total_steps} steps: the learning rate would never fall below its peak (the "
+                "cosine decay needs 2 steps after the warm-up); lower it or train for more steps"
+            )
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: lr_factor(s, total_steps, warmup_steps)
         )
