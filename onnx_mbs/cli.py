@@ -241,7 +241,8 @@ def _open_for_model(
     labels: bool = True,
 ):
     """A DataSource fitted to `model`'s input, with the command's --mean/--std; the data and
-    its preprocessing are printed. `labels` False: the labels are neither read nor checked."""
+    its preprocessing are printed (by rank 0 alone under torchrun). `labels` False: the labels
+    are neither read nor checked."""
     from onnx_mbs.data.fit import open_for_model
 
     source = open_for_model(
@@ -253,10 +254,16 @@ def _open_for_model(
         split=split,
         labels=labels,
     )
-    print(f"data: {source.description}", file=sys.stderr)
-    if source.preprocess is not None:
-        print(f"preprocessing: {source.preprocess.describe()}", file=sys.stderr)
+    if _rank() == 0:
+        print(f"data: {source.description}", file=sys.stderr)
+        if source.preprocess is not None:
+            print(f"preprocessing: {source.preprocess.describe()}", file=sys.stderr)
     return source
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 when run alone): only rank 0 prints and writes."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -388,7 +395,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         if args.val
         else None
     )
-    rank = int(os.environ.get("RANK", "0"))
+    rank = _rank()
     try:
         result = retrain(
             model,

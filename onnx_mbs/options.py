@@ -20,6 +20,7 @@ from onnx_mbs.passes import (
     Importance,
     ImportanceFactory,
     check_reading,
+    option,
 )
 from onnx_mbs.plan import STRATEGIES, Budget, WidthMap
 
@@ -71,13 +72,14 @@ class ReduceOptions:
             strategy, reason = self.strategy, "asked with --strategy"
         else:
             raise BadInputError(
-                f"unknown --strategy {self.strategy!r}: use auto, {', '.join(STRATEGIES)}"
+                f"unknown {option('--strategy')} {self.strategy!r}: use auto, "
+                f"{', '.join(STRATEGIES)}"
             )
         importance = self.importance
         if isinstance(importance, str):
             if importance not in (*CRITERIA, "act", "auto"):
                 raise BadInputError(
-                    f"unknown --importance {importance!r}: use auto, act or one of "
+                    f"unknown {option('--importance')} {importance!r}: use auto, act or one of "
                     f"{', '.join(CRITERIA)}"
                 )
             if importance == "auto":

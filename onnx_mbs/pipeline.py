@@ -44,6 +44,7 @@ from onnx_mbs.passes import (
     count_parameters,
     group_scores,
     load,
+    option,
     resized,
     shrink_channels,
     weight_importance,
@@ -228,7 +229,10 @@ def fit_data(data: Any, model: onnx.ModelProto, options: ReduceOptions) -> DataS
     if data is not None:
         return open_for_model(data, model, mean=options.mean, std=options.std, limit=options.limit)
     if options.importance == "act":
-        raise BadInputError("--importance act ranks channels by activations: give --data")
+        raise BadInputError(
+            f"{option('--importance', 'act')} ranks channels by activations: "
+            f"give {option('--data')}"
+        )
     return None
 
 
@@ -240,8 +244,9 @@ def given_preprocessing(mean: Any, std: Any, source: DataSource | None) -> Prepr
         return None
     if source is None or source.preprocess is None:
         raise BadInputError(
-            "--mean/--std preprocess the images of --data; without data, or with a reader's "
-            "ready model inputs, they would be ignored: drop them or give --data"
+            f"{option('--mean')}/{option('--std')} preprocess the images of {option('--data')}; "
+            "without data, or with a reader's ready model inputs, they would be ignored: drop "
+            f"them or give {option('--data')}"
         )
     return source.preprocess
 
@@ -354,7 +359,9 @@ class Planner:
         if multiple == "auto":
             multiple = auto_channel_multiple(before, providers, timer)
         elif not isinstance(multiple, int):
-            raise BadInputError(f"--channel-multiple: a number or auto, not {multiple!r}")
+            raise BadInputError(
+                f"{option('--channel-multiple')}: a number or auto, not {multiple!r}"
+            )
         if options.plans_latency:
             from onnx_mbs.latency import LatencyModel, measure_models
 

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from onnx_mbs.passes import BadInputError, ChannelGroup, ModelAnalysis
+from onnx_mbs.passes import BadInputError, ChannelGroup, ModelAnalysis, option
 
 GAMMA_MAX = 2.0  # beyond this, budgets are met with a common scale (see plan_widths)
 C_MAX = 1.0  # beta = 1 - R: past it, beta would turn negative where R is near 1
@@ -80,7 +80,7 @@ class Budget:
         """Every Budget is checked, parsed or built by hand (`onnx_mbs.Budget`)."""
         if problem := self.problem(self.limits):
             spec = ",".join(f"{m}={f}" for m, f in self.limits)
-            raise BadInputError(f"bad --budget {spec!r}: {problem}")
+            raise BadInputError(f"bad {option('--budget')} {spec!r}: {problem}")
 
     @staticmethod
     def problem(limits: Sequence[tuple[str, float | None]]) -> str:
@@ -107,12 +107,12 @@ class Budget:
                     limits.append((metric, float(value)))
                 except ValueError:
                     raise BadInputError(
-                        f"bad --budget {spec!r}: {value!r} is not a number"
+                        f"bad {option('--budget')} {spec!r}: {value!r} is not a number"
                     ) from None
             else:
                 limits.append((metric, None))
         if problem := cls.problem(limits):
-            raise BadInputError(f"bad --budget {spec!r}: {problem}")
+            raise BadInputError(f"bad {option('--budget')} {spec!r}: {problem}")
         return cls(tuple(limits))
 
     @property
@@ -147,19 +147,24 @@ class WidthMap:
         kind, _, value = spec.partition(":")
         if kind not in cls.KINDS or not value:
             raise BadInputError(
-                f"bad --width-map {spec!r}: use linear:C or power:GAMMA, e.g. {DEFAULT_WIDTH_MAP}"
+                f"bad {option('--width-map')} {spec!r}: use linear:C or power:GAMMA, "
+                f"e.g. {DEFAULT_WIDTH_MAP}"
             )
         try:
             number = float(value)
         except ValueError:
-            raise BadInputError(f"bad --width-map {spec!r}: {value!r} is not a number") from None
+            raise BadInputError(
+                f"bad {option('--width-map')} {spec!r}: {value!r} is not a number"
+            ) from None
         return cls(kind, number).check()
 
     def check(self) -> WidthMap:
         if self.kind not in self.KINDS:
             raise BadInputError(f"unknown width map {self.kind!r}: use linear or power")
         if not 0 <= self.value <= self.maximum:
-            raise BadInputError(f"--width-map {self}: {self.knob} must be in [0, {self.maximum:g}]")
+            raise BadInputError(
+                f"{option('--width-map')} {self}: {self.knob} must be in [0, {self.maximum:g}]"
+            )
         return self
 
     @property
@@ -394,11 +399,13 @@ def plan_widths(
     `strategy_reason` says why this strategy runs (the report shows it).
     """
     if strategy not in STRATEGIES:
-        raise BadInputError(f"unknown --strategy {strategy!r}: use {', '.join(STRATEGIES)}")
+        raise BadInputError(
+            f"unknown {option('--strategy')} {strategy!r}: use {', '.join(STRATEGIES)}"
+        )
     if not 0 < beta_min <= 1:
-        raise BadInputError(f"--beta-min must be in (0, 1], got {beta_min}")
+        raise BadInputError(f"{option('--beta-min')} must be in (0, 1], got {beta_min}")
     if channel_multiple < 1:
-        raise BadInputError(f"--channel-multiple must be >= 1, got {channel_multiple}")
+        raise BadInputError(f"{option('--channel-multiple')} must be >= 1, got {channel_multiple}")
     if budget is not None and "latency" in budget.fractions and latency is None:
         raise ValueError("a latency budget needs a latency model")
     free = [g for g in groups if g.free]
@@ -553,8 +560,8 @@ def plan_widths(
             f" ({SINGLE_UNIT})"
             if units
             else "",
-            f"--beta-min {beta_min:g}",
-            f"--channel-multiple {channel_multiple}",
+            option("--beta-min", beta_min),
+            option("--channel-multiple", channel_multiple),
             "parameters outside Conv channel groups (e.g. the head) stay",
         ]
         kept = ", ".join(

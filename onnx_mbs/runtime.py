@@ -30,7 +30,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from onnx_mbs.data.sources import Batch, batch_inputs
-from onnx_mbs.passes.errors import BadInputError
+from onnx_mbs.passes.errors import BadInputError, option
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -68,7 +68,9 @@ def choose_providers(request: str = "auto") -> list[str]:
     if reason is None:
         return [CUDA, CPU]
     if request == "cuda":
-        raise BadInputError(f"CUDA requested but {reason}; use --providers cpu (or auto)")
+        raise BadInputError(
+            f"CUDA requested but {reason}; use {option('--providers', 'cpu')} (or auto)"
+        )
     return [CPU]
 
 

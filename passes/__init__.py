@@ -22,7 +22,7 @@ from .base import Pass, PassContractError, PassResult, Sequential
 from .channel_groups import ChannelAnalysis, ChannelGroup, Member, analyze_channels
 from .channel_walk import ChannelWalk, register_handler, unregister_handler
 from .cost import CostModel
-from .errors import BadInputError, command_line
+from .errors import BadInputError, command_line, option
 from .fold import FoldShapes, fold_shapes
 from .graph import GraphIndex, count_parameters
 from .importance import (
@@ -93,6 +93,7 @@ __all__ = [
     "load",
     "load_model",
     "normalise",
+    "option",
     "parse_input_shape",
     "predicted_params",
     "register_handler",

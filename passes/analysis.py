@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 
 from .base import Pass, PassResult
-from .errors import BadInputError
+from .errors import BadInputError, option
 from .graph import GraphIndex, attributes, count_parameters
 from .load import indexed
 
@@ -303,7 +303,8 @@ def check_reading(receptive_field: str) -> str:
     """`receptive_field` if it names a reading, else BadInputError (before any work starts)."""
     if receptive_field not in READINGS:
         raise BadInputError(
-            f"unknown --receptive-field {receptive_field!r}: use {' or '.join(READINGS)}"
+            f"unknown {option('--receptive-field')} {receptive_field!r}: "
+            f"use {' or '.join(READINGS)}"
         )
     return receptive_field
 

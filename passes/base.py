@@ -120,8 +120,8 @@ class Sequential(Pass):
             return p(model)
         except PassContractError as error:
             raise PassContractError(f"{where}: {error}") from None
-        except BadInputError as error:
-            raise BadInputError(f"{where}: {error}") from None
+        except BadInputError as error:  # its own type: QuantizedModelError stays one
+            raise type(error)(f"{where}: {error}") from None
         except Exception as error:
             if hasattr(error, "add_note"):  # Python 3.11: the message itself stays as it was
                 error.add_note(f"raised by {where} of {self!r}")

@@ -2,8 +2,8 @@
 
 The command line prints a BadInputError as one line and exits with code 2;
 anything else is a bug (exit code 1). A message that names an option names it as the
-door in use takes it: the command line's flag while it runs (`command_line`), else the
-Python API's keyword.
+door in use takes it (`option`): the command line's flag while it runs (`command_line`),
+else the Python API's keyword.
 """
 
 from collections.abc import Iterator, Sequence
@@ -23,16 +23,34 @@ def command_line() -> Iterator[None]:
         _COMMAND_LINE.reset(token)
 
 
+# The Python keyword of each flag whose keyword is not its argparse dest (`--beta-min` ->
+# `beta_min`): the keywords of `reduce`, `ReduceOptions`, `load` and `retrain`.
+_KEYWORDS = {"--input-shape": "input_shapes", "--loss": "losses", "--feature": "features"}
+
+
+def keyword(flag: str) -> str:
+    """The Python keyword of the command line's `flag`."""
+    return _KEYWORDS.get(flag, flag.removeprefix("--").replace("-", "_"))
+
+
+def option(flag: str, value: object = None) -> str:
+    """The option `flag` (with `value`, if given) as the door in use spells it: `--beta-min 0.5`
+    on the command line, `beta_min=0.5` in Python. A `value` of True is a flag that takes
+    none: `--resume` on the command line, `resume=True` in Python."""
+    if _COMMAND_LINE.get():
+        return flag if value is None or value is True else f"{flag} {value}"
+    return keyword(flag) if value is None else f"{keyword(flag)}={value!r}"
+
+
 def input_shape_option(name: str | None = None, dims: Sequence[object] = ()) -> str:
     """The input-shape option as the door in use spells it, with `name`'s `dims` if given:
     `--input-shape x:1,3,H,W` on the command line, `input_shapes={'x': [1, 3, H, W]}` in
     Python (the keyword of `reduce`, `load` and `ReduceOptions`)."""
-    if _COMMAND_LINE.get():
-        flag = "--input-shape"
-        return flag if name is None else f"{flag} {name}:{','.join(map(str, dims))}"
     if name is None:
-        return "input_shapes"
-    return f"input_shapes={{{name!r}: [{', '.join(map(str, dims))}]}}"
+        return option("--input-shape")
+    if _COMMAND_LINE.get():
+        return option("--input-shape", f"{name}:{','.join(map(str, dims))}")
+    return f"{keyword('--input-shape')}={{{name!r}: [{', '.join(map(str, dims))}]}}"
 
 
 class BadInputError(ValueError):

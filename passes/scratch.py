@@ -5,8 +5,9 @@ made it. The name is recorded before the folder is made, so an interrupt at any 
 nothing the cleanup does not know of. A run killed outright (SIGKILL, power loss) cannot clean
 up; a later run on the same host, making a temporary folder in the same place, removes the
 folders of processes that no longer exist there, and only those. Folders named by versions
-before this scheme (`.onnx-mbs.XXXXXXXX.tmp` beside outputs, `onnx-mbs-XXXXXXXX` in TMPDIR)
-are removed once they are a day old.
+before this scheme (`.onnx-mbs.XXXXXXXX.tmp` beside outputs, `onnx-mbs-XXXXXXXX` in TMPDIR,
+`.checkpoint.pt.PID.partial` in a retraining checkpoint folder) are removed once they are a day
+old.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from .errors import temporary_folder_error
 
 _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32] or "host"
 _OURS = re.compile(r"^\.onnx-mbs\.(?P<host>[A-Za-z0-9-]{1,32})\.(?P<pid>\d+)\.[a-z0-9]{8}\.tmp$")
-_EARLIER = re.compile(r"^(\.onnx-mbs\.[a-z0-9_]{8}\.tmp(\.old)?|onnx-mbs-[a-z0-9_]{8})$")
+_EARLIER = re.compile(
+    r"^(\.onnx-mbs\.[a-z0-9_]{8}\.tmp(\.old)?|onnx-mbs-[a-z0-9_]{8}|\.checkpoint\.pt\.\d+\.partial)$"
+)
 EARLIER_AGE_S = 24 * 3600
 
 
@@ -43,8 +46,9 @@ def is_ours(name: str) -> bool:
 
 
 def clear_stale(folder: str | os.PathLike) -> list[Path]:
-    """Remove the temporary folders in `folder` that runs on this host left when they were
-    killed (their process is gone), and those of earlier versions a day old; what was removed."""
+    """Remove the temporary folders (and files) in `folder` that runs on this host left when
+    they were killed (their process is gone), and those of earlier versions a day old; what was
+    removed."""
     removed = []
     try:
         entries = list(os.scandir(folder))

@@ -112,3 +112,20 @@ def test_no_labels_without_a_teacher_says_so(bundled_small, bundled_model_path, 
     err = capsys.readouterr().err
     assert "--no-labels" in err and "--teacher" in err and "has no labels" not in err
     assert not out.exists()
+
+
+def test_data_lines_are_printed_by_rank_0_only(bundled_model_path, monkeypatch, capsys):
+    """Under torchrun every rank opens the data: only rank 0 says what it read and how."""
+    import argparse
+
+    from onnx_mbs.cli import _open_for_model
+    from onnx_mbs.passes import load_model
+
+    model = load_model(str(bundled_model_path))
+    data = str(bundled_model_path.parent / "fmnist_sample.npz")
+    args = argparse.Namespace(mean=None, std=None)
+    for rank, printed in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        _open_for_model(data, model, args, limit=8, split="train")
+        err = capsys.readouterr().err
+        assert ("data: " in err and "preprocessing: " in err) == printed, (rank, err)

@@ -416,7 +416,7 @@ REFUSED = {
         r"\(4, 3, 16, 8\); the model input expects \(N, 3, 16, 16\)",
     ),
     "samples": ({"input": IMAGES, "scale": SCALES[:3]}, {}, "'scale' has 3 samples"),
-    "mean": ({"input": IMAGES, "scale": SCALES}, {"mean": 0.5}, "--mean/--std apply to image data"),
+    "mean": ({"input": IMAGES, "scale": SCALES}, {"mean": 0.5}, "mean/std apply to image data"),
 }
 
 

@@ -26,6 +26,7 @@ from onnx_mbs.passes import (
     shrink_channels,
 )
 from onnx_mbs.passes.base import PassContractError
+from onnx_mbs.passes.errors import QuantizedModelError
 from onnx_mbs.pipeline import MacroblockScaling
 
 
@@ -158,6 +159,20 @@ def test_sequential_names_the_failing_pass():
     bad_shape = Sequential(NameNodes(), FixInputShapes({"nope": [1, 3, 8, 8]}))
     with pytest.raises(BadInputError, match=r"pass 2 of 2 \('fix_input_shapes'\): .*nope"):
         bad_shape(model)
+
+
+def test_sequential_keeps_the_type_of_a_bad_input_error():
+    """A BadInputError subclass raised inside a Sequential stays that subclass (evaluate
+    catches QuantizedModelError to run a quantised model), prefixed with the pass."""
+
+    class Quantised(Pass):
+        name = "quantised"
+
+        def call(self, model):
+            raise QuantizedModelError("a quantised graph")
+
+    with pytest.raises(QuantizedModelError, match=r"^pass 2 of 2 \('quantised'\): a quantised"):
+        Sequential(NameNodes(), Quantised())(load_model(conv_relu_model()))
 
 
 def test_shrink_refuses_an_analysis_of_another_model():

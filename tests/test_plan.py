@@ -236,7 +236,7 @@ def test_budget_parsing_and_rounding():
     assert str(Budget.parse("params=0.5,flops=0.6")) == "params=0.5,flops=0.6"
     bad_specs = ("params=0", "params=1.5", "size=0.5", "params=x", "params", "params=0.5,")
     for bad in (*bad_specs, "params=0.5,params=0.4"):
-        with pytest.raises(BadInputError, match="bad --budget"):
+        with pytest.raises(BadInputError, match="bad budget"):
             Budget.parse(bad)
     # A Budget built by hand (onnx_mbs.Budget) is checked as a parsed one: it was taken as
     # it came (params=2 planned, no limits an IndexError, an unknown metric a KeyError).

@@ -422,7 +422,7 @@ def test_reduce_model_onnx_alone(bundled_model_path, tmp_path, capsys):
     # Without data the plan follows MACs: every rho is 1 in the report.
     _, report = reduce(str(model), progress=False)
     assert set(report.rho.values()) == {1.0} and report.samples == 0
-    with pytest.raises(BadInputError, match="give --data"):
+    with pytest.raises(BadInputError, match="give data"):
         reduce(str(model), importance="act", progress=False)
 
 

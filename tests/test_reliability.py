@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -35,7 +36,7 @@ from reliability_inputs import write_inputs
 
 import onnx_mbs
 from onnx_mbs.cli import main
-from onnx_mbs.passes import BadInputError
+from onnx_mbs.passes import BadInputError, command_line
 
 REPORT = ("rep/report.json", "rep/report.md", "rep/widths.png")
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -192,7 +193,14 @@ MESSAGES = [
     Case("retrain-two-inputs", "retrain {ws}/two.onnx -o {ws}/out/t.onnx --data {ws}/data.npz", 2, "has 2 inputs (x, z)"),
     Case("reduce-two-inputs", "reduce {ws}/two.onnx -o {ws}/out/r.onnx --data {ws}/data.npz", 2, "has 2 inputs (x, z)"),
     Case("reduce-gemm-only-with-data", "reduce {ws}/mlp.onnx -o {ws}/out/r.onnx --data {ws}/data.npz", 0, "no Conv activations to measure", OUT),
-    Case("reduce-budget-limit-named", R + " " + RO + " --budget params=0.01 --beta-min 0.5", 2, "--beta-min 0.5"),
+    Case("reduce-budget-limit-named", R + " " + RO + " --budget params=0.01 --beta-min 0.5", 2, "--beta-min 0.5; --channel-multiple 8"),
+    Case("reduce-act-without-data", R + " " + RO + " --importance act", 2, "--importance act ranks channels by activations: give --data"),
+    Case("reduce-mean-without-data", R + " " + RO + " --mean 0.5", 2, "--mean/--std preprocess the images of --data"),
+    Case("reduce-mean-in-0-255", R + " " + RO + " --data {ws}/data.npz --mean 128", 2, "(--mean 0.502 --std 0.003922)"),
+    Case("retrain-resume-without-checkpoint", T + " --resume", 2, "--resume continues from a --checkpoint DIR"),
+    Case("retrain-loss-without-teacher", T + " --loss y=mse", 2, "--loss chooses distillation losses: it needs a --teacher"),
+    Case("retrain-warmup-leaves-no-decay", T + " --warmup 0.99", 2, "--warmup 0.99 warms up over 1 of this run's 1 steps"),
+    Case("retrain-feature-without-teacher", T + " --feature y", 2, "feature distillation needs a --teacher"),
     Case("reduce-bf16-conv-below-opset-22", "reduce {ws}/bf16.onnx -o {ws}/out/r.onnx", 2, "not valid ONNX"),
     Case("reduce-loop-after-input-shape", "reduce {ws}/loop.onnx -o {ws}/out/r.onnx --input-shape x:1,1,16,16", 0, "control flow not followed", OUT),
 ]
@@ -363,18 +371,51 @@ def _api_cases(ws: Path) -> dict[str, tuple[object, str]]:
         "reduce-limit-true": (lambda: onnx_mbs.reduce(tiny, data, limit=True), "whole number"),
         "reduce-width-map-nan": (
             lambda: onnx_mbs.reduce(tiny, width_map="linear:nan"),
-            "--width-map",
+            "width_map linear:nan: c must be in",
         ),
         "reduce-width-map-inf": (
             lambda: onnx_mbs.reduce(tiny, width_map=onnx_mbs.WidthMap("power", float("inf"))),
-            "--width-map",
+            "width_map power:inf",
         ),
         "reduce-receptive-field": (
             lambda: onnx_mbs.reduce(tiny, receptive_field="paper"),
-            "--receptive-field",
+            "unknown receptive_field 'paper'",
         ),
-        "reduce-beta-min-5": (lambda: onnx_mbs.reduce(tiny, beta_min=5), "--beta-min"),
-        "reduce-beta-min-nan": (lambda: onnx_mbs.reduce(tiny, beta_min=float("nan")), "--beta-min"),
+        "reduce-beta-min-5": (lambda: onnx_mbs.reduce(tiny, beta_min=5), "beta_min must be"),
+        "reduce-beta-min-nan": (
+            lambda: onnx_mbs.reduce(tiny, beta_min=float("nan")),
+            "beta_min must be",
+        ),
+        "reduce-budget": (
+            lambda: onnx_mbs.reduce(tiny, budget="params=2"),
+            "bad budget 'params=2'",
+        ),
+        "reduce-budget-unreachable": (
+            lambda: onnx_mbs.reduce(tiny, budget="params=0.01", beta_min=0.5),
+            "beta_min=0.5; channel_multiple=8",
+        ),
+        "reduce-channel-multiple-0": (
+            lambda: onnx_mbs.reduce(tiny, channel_multiple=0),
+            "channel_multiple must be >= 1",
+        ),
+        "reduce-channel-multiple-text": (
+            lambda: onnx_mbs.reduce(tiny, channel_multiple="eight"),
+            "channel_multiple: a number or auto",
+        ),
+        "reduce-strategy": (lambda: onnx_mbs.reduce(tiny, strategy="best"), "unknown strategy"),
+        "reduce-importance": (lambda: onnx_mbs.reduce(tiny, importance="l3"), "unknown importance"),
+        "reduce-act-without-data": (
+            lambda: onnx_mbs.reduce(tiny, importance="act"),
+            "importance='act' ranks channels by activations: give data",
+        ),
+        "reduce-mean-without-data": (
+            lambda: onnx_mbs.reduce(tiny, mean=0.5),
+            "mean/std preprocess the images of data",
+        ),
+        "reduce-mean-in-0-255": (
+            lambda: onnx_mbs.reduce(tiny, data, mean=128),
+            "(mean='0.502' std='0.003922')",
+        ),
         "reduce-labels": (lambda: onnx_mbs.reduce(tiny, str(ws / "badlabels.npz")), "10 classes"),
         "reduce-float-neg": (lambda: onnx_mbs.reduce(tiny, str(ws / "floatneg.npz")), "neither"),
         "reduce-folder-model": (lambda: onnx_mbs.reduce(str(ws / "model_dir.onnx")), "is a folder"),
@@ -389,7 +430,23 @@ def _api_cases(ws: Path) -> dict[str, tuple[object, str]]:
         ),
         "retrain-diverges": (
             lambda: retrain(onnx.load(tiny), data_arrays(ws), lr=1e30, epochs=2, batch_size=4),
-            "training diverged",
+            "nothing written: lower lr",
+        ),
+        "retrain-resume-without-checkpoint": (
+            lambda: retrain(onnx.load(tiny), data_arrays(ws), resume=True),
+            "resume continues from a checkpoint DIR",
+        ),
+        "retrain-no-labels-no-teacher": (
+            lambda: retrain(onnx.load(tiny), (data_arrays(ws)[0], None)),
+            "give labels or a teacher to distil",
+        ),
+        "retrain-features-without-teacher": (
+            lambda: retrain(onnx.load(tiny), data_arrays(ws), features=["y"]),
+            "feature distillation needs a teacher",
+        ),
+        "retrain-losses-without-teacher": (
+            lambda: retrain(onnx.load(tiny), data_arrays(ws), losses={"y": "mse"}, progress=False),
+            "losses chooses distillation losses: it needs a teacher",
         ),
         "save-missing-folder": (
             lambda: save_model(onnx.load(tiny), ws / "nope" / "m.onnx"),
@@ -416,7 +473,41 @@ def test_python_api(name, inputs, tmp_path):
     with pytest.raises(BadInputError) as error:
         call()
     assert fragment in str(error.value) and "\n" not in str(error.value)
+    assert not re.search(r"--[a-z]", str(error.value))  # Python's keywords, not the flags
     assert _hashes(ws) == before  # nothing modified, nothing left
+
+
+def test_every_option_a_message_names_is_a_flag_and_a_python_keyword():
+    """Messages name options through `option("--flag")`: each is a flag of the command line
+    and its Python spelling a keyword of `reduce`, `ReduceOptions`, `load` or `retrain`."""
+    import inspect
+    from dataclasses import fields
+
+    from onnx_mbs.bridge import retrain
+    from onnx_mbs.cli import build_parser
+    from onnx_mbs.passes import load, option
+    from onnx_mbs.passes.errors import keyword
+
+    roots = [Path(onnx_mbs.__file__).parent, Path(onnx_mbs.passes.__file__).parent]
+    named = {
+        flag
+        for root in roots
+        for path in root.rglob("*.py")
+        for flag in re.findall(r"""option\(['"](--[a-z-]+)""", path.read_text())
+    }
+    assert {"--budget", "--width-map", "--mean", "--teacher", "--input-shape"} <= named
+    commands = build_parser()._subparsers._group_actions[0].choices.values()
+    flags = {f for p in commands for a in p._actions for f in a.option_strings}
+    keywords = {f.name for f in fields(onnx_mbs.ReduceOptions)}
+    for function in (onnx_mbs.reduce, load, retrain):
+        keywords |= set(inspect.signature(function).parameters)
+    assert named <= flags
+    assert {f: keyword(f) for f in named if keyword(f) not in keywords} == {}
+    assert option("--beta-min", 0.5) == "beta_min=0.5" and option("--resume", True) == "resume=True"
+    with command_line():
+        assert (
+            option("--beta-min", 0.5) == "--beta-min 0.5" and option("--resume", True) == "--resume"
+        )
 
 
 def test_nan_logits_score_zero_and_are_counted(inputs, capsys):

@@ -308,6 +308,7 @@ def test_torchrun_two_processes(tmp_path, train) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "x2" in proc.stdout  # rank 0 reports a world size of 2, once
     assert proc.stdout.count("best epoch") == 1
+    assert proc.stderr.count("preprocessing: ") == 2  # --data and --val, said by rank 0 alone
     out = onnx.load(tmp_path / "out.onnx")
     onnx.checker.check_model(out)
     assert_same_nodes(out, model)

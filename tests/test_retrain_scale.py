@@ -143,7 +143,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(npz, tmp_path, monkeypatch
 def test_a_checkpoint_of_another_run_is_refused(npz, tmp_path) -> None:
     common = dict(epochs=1, batch_size=32, device="cpu", progress=False, checkpoint=tmp_path)
     retrain(export(keep_bn=True), source(npz), **common)
-    with pytest.raises(BadInputError, match="holds a checkpoint after epoch 1 of 1: add --resume"):
+    with pytest.raises(BadInputError, match="after epoch 1 of 1: add resume=True to continue"):
         retrain(export(keep_bn=True), source(npz), **common)
     with pytest.raises(BadInputError, match=r"another run \(differs in: lr\)"):
         retrain(export(keep_bn=True), source(npz), lr=0.5, resume=True, **common)
@@ -160,6 +160,39 @@ def test_a_checkpoint_of_another_run_is_refused(npz, tmp_path) -> None:
     ckpt.path_in(tmp_path).write_bytes(b"not a checkpoint")
     with pytest.raises(BadInputError, match="cannot read checkpoint"):
         retrain(export(keep_bn=True), source(npz), resume=True, **common)
+
+
+def test_a_killed_checkpoint_write_is_cleared_by_the_next_run(tmp_path) -> None:
+    """A run SIGKILLed while writing its checkpoint leaves the hidden partial file; the next
+    run using DIR removes it (its process is gone), and nothing a live run or the user holds."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from onnx_mbs.passes.scratch import scratch_name
+
+    killed = (
+        "import os, signal, sys, torch\n"
+        "from onnx_mbs.bridge import checkpoint\n"
+        "def save(state, f):\n"
+        "    f.write(b'half a checkpoint'); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
+        "torch.save = save\n"
+        "checkpoint.save(sys.argv[1], {})\n"
+    )
+    run = subprocess.run([sys.executable, "-c", killed, str(tmp_path)], check=False)
+    assert run.returncode == -9
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert len(left) == 1 and left[0].startswith("."), left
+    earlier = tmp_path / ".checkpoint.pt.4194304.partial"  # an earlier version's name
+    earlier.write_bytes(b"half")
+    day_old = time.time() - 2 * 86400
+    os.utime(earlier, (day_old, day_old))
+    kept = [tmp_path / scratch_name(), tmp_path / ".checkpoint.pt.notes"]  # a live run, the user
+    for path in kept:
+        path.write_bytes(b"mine")
+    ckpt.prepare(tmp_path)
+    assert sorted(tmp_path.iterdir()) == sorted(kept)
 
 
 def test_cli_refuses_another_runs_checkpoint_in_one_line(npz, tmp_path, capsys) -> None:
@@ -386,7 +419,7 @@ def test_large_inputs_get_a_random_resized_crop() -> None:
     assert out.shape == x.shape and not np.allclose(out, x)
     assert choose_augment("auto", (1, 1, 8, 8), None) is None  # arrays given as model inputs
     assert choose_augment("auto", (1, 16), Preprocess((8, 8), 1, (0,), (1,))) is None
-    with pytest.raises(BadInputError, match="--augment none"):
+    with pytest.raises(BadInputError, match="use augment=.none."):
         choose_augment("standard", (1, 16), None)
 
 
@@ -399,21 +432,30 @@ def test_schedule_warms_up_then_decays_by_cosine() -> None:
     assert default_lr(64) == 0.01 and default_lr(256) == 0.04
 
 
+def test_a_warmup_that_leaves_no_decay_is_refused() -> None:
+    """The first step after the warm-up runs at the peak: a warm-up that leaves the cosine
+    fewer than 2 steps never lowers the learning rate. Refused before any training."""
+    x, y = quadrant_data(64, seed=1)
+    for warmup in (0.99, 0.5):  # 2 and 1 of the 2 steps
+        with pytest.raises(BadInputError, match="learning rate would never fall below its peak"):
+            retrain(export(keep_bn=True), (x, y), warmup=warmup, batch_size=32, progress=False)
+
+
 def test_defaults_and_what_ran_are_reported(npz) -> None:
     x, y = quadrant_data(64, seed=1)
-    result = retrain(export(keep_bn=True), (x, y), batch_size=32, device="cpu", progress=False)
+    result = retrain(export(keep_bn=True), (x, y), batch_size=16, device="cpu", progress=False)
     assert result.augment == "none"  # arrays given as model inputs
-    assert "lr 0.005" in result.schedule and "warm-up 0 of 2 steps" in result.schedule
+    assert "lr 0.0025" in result.schedule and "warm-up 0 of 4 steps" in result.schedule
     smoothed = retrain(
         export(keep_bn=True),
         (x, y),
-        batch_size=32,
+        batch_size=16,
         device="cpu",
         progress=False,
         label_smoothing=0.2,
         warmup=0.5,
     )
-    assert "label smoothing 0.2" in smoothed.schedule and "warm-up 1 of 2" in smoothed.schedule
+    assert "label smoothing 0.2" in smoothed.schedule and "warm-up 2 of 4" in smoothed.schedule
     # Smoothed targets cannot reach the unsmoothed loss's floor: the losses differ.
     assert smoothed.history[0].train_loss != result.history[0].train_loss
 

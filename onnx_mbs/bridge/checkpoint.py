@@ -1,7 +1,8 @@
 """Retraining checkpoints: everything needed to continue a run after any epoch, written atomically.
 
-One file, DIR/checkpoint.pt, replaced after every epoch (written beside it, then renamed, so a
-job killed while writing leaves the previous epoch's file whole). It holds the weights, the
+One file, DIR/checkpoint.pt, replaced after every epoch (written beside it under a temporary
+name, then renamed, so a job killed while writing leaves the previous epoch's file whole; the
+next run using DIR removes what it left, `passes/scratch.py`). It holds the weights, the
 optimizer and schedule states, the epoch count done, the history, the best epoch so far (its
 weights too), the random states (torch, CUDA, numpy, python) and what fixes the data order
 (the seed; the order of epoch e is a function of (seed, e)). A fingerprint of the model, the
@@ -22,7 +23,8 @@ import numpy as np
 import onnx
 import torch
 
-from onnx_mbs.passes.errors import BadInputError
+from onnx_mbs.passes.errors import BadInputError, option
+from onnx_mbs.passes.scratch import clear_stale, scratch_name
 
 FILE = "checkpoint.pt"
 
@@ -64,7 +66,7 @@ def _plain(value: Any) -> Any:
 def save(directory: str | os.PathLike, state: dict[str, Any]) -> None:
     """Write `state` as DIR/checkpoint.pt atomically (temporary file, fsync, rename)."""
     target = path_in(directory)
-    partial = target.with_name(f".{FILE}.{os.getpid()}.partial")
+    partial = target.with_name(scratch_name())
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with open(partial, "wb") as f:
@@ -89,9 +91,11 @@ def _remove(path: Path) -> None:
 
 
 def prepare(directory: str | os.PathLike) -> None:
-    """Make DIR, so that an unwritable one is refused before training rather than after."""
+    """Make DIR, so that an unwritable one is refused before training rather than after, and
+    remove the partial checkpoints of runs killed while writing one."""
     try:
         Path(directory).mkdir(parents=True, exist_ok=True)
+        clear_stale(directory)
     except OSError as error:
         raise BadInputError(
             f"cannot use {directory} as the checkpoint directory: {error.strerror or error}"
@@ -116,6 +120,7 @@ def load(directory: str | os.PathLike, fingerprint: dict[str, Any]) -> dict[str,
     if differ:
         raise BadInputError(
             f"checkpoint {target} was written for another run (differs in: {', '.join(differ)}); "
-            "resume with the same model, data and options, or give another --checkpoint DIR"
+            f"resume with the same model, data and options, or give another "
+            f"{option('--checkpoint')} DIR"
         )
     return state

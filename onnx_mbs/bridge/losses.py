@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from onnx_mbs.passes.errors import BadInputError
+from onnx_mbs.passes.errors import BadInputError, option
 
 KINDS = ("kl", "mse", "none")
 
@@ -49,8 +49,8 @@ def choose_losses(
     unknown = sorted(set(chosen) - set(shapes))
     if unknown:
         raise BadInputError(
-            f"--loss names output(s) {unknown} the model does not have; its outputs are "
-            f"{list(shapes)}"
+            f"{option('--loss')} names output(s) {unknown} the model does not have; its "
+            f"outputs are {list(shapes)}"
         )
     kinds = {name: chosen.get(name, "kl" if is_logits(s) else "mse") for name, s in shapes.items()}
     for name, kind in kinds.items():

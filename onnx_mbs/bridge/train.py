@@ -59,7 +59,7 @@ from onnx_mbs.bridge.precision import as_float32, is_low_precision
 from onnx_mbs.bridge.writeback import write_back
 from onnx_mbs.data.augment import choose_augment
 from onnx_mbs.data.sources import default_workers
-from onnx_mbs.passes.errors import BadInputError
+from onnx_mbs.passes.errors import BadInputError, option
 from onnx_mbs.progress import progress_bar
 from onnx_mbs.schedule import DEFAULT_WARMUP, default_lr, lr_factor
 
@@ -203,7 +203,7 @@ def _all_sum(values: list[float], device: torch.device, world: int) -> list[floa
 def _diverged(what: str, epoch: int, step: int, lr: float) -> str:
     return (
         f"training diverged ({what} at epoch {epoch + 1}, step {step + 1}, lr {lr:g}); "
-        "nothing written: lower --lr"
+        f"nothing written: lower {option('--lr')}"
     )
 
 
@@ -360,21 +360,25 @@ def retrain(
     if workers is not None and workers < 0:
         raise BadInputError(f"workers must be 0 or more, not {workers}")
     if resume and checkpoint is None:
-        raise BadInputError("--resume continues from a --checkpoint DIR: give one")
+        raise BadInputError(
+            f"{option('--resume')} continues from a {option('--checkpoint')} DIR: give one"
+        )
     train = as_samples(train_data, "training data")
     val = as_samples(val_data, "validation data") if val_data is not None else None
     if amp not in AMP_CHOICES:
         raise BadInputError(f"amp must be one of {', '.join(AMP_CHOICES)}, not {amp!r}")
     if not train.labelled and teacher is None:
-        raise BadInputError("training data has no labels: give labels or a --teacher to distil")
+        raise BadInputError(
+            f"training data has no labels: give labels or a {option('--teacher')} to distil"
+        )
     if features and teacher is None:
-        raise BadInputError("feature distillation needs a --teacher")
+        raise BadInputError(f"feature distillation needs a {option('--teacher')}")
     if teacher is not None:
         _check_features_computed(model, teacher, features)
     if val is not None and not val.labelled and teacher is None:
         raise BadInputError(
-            "validation data has no labels: give labels, or a --teacher to pick the best "
-            "epoch by agreement with it"
+            f"validation data has no labels: give labels, or a {option('--teacher')} to pick "
+            "the best epoch by agreement with it"
         )
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -441,7 +445,8 @@ def retrain(
         if saved is not None and not resume:
             raise BadInputError(
                 f"{ckpt.path_in(checkpoint)} holds a checkpoint after epoch {saved['epoch']} of "
-                f"{epochs}: add --resume to continue from it, or give another --checkpoint DIR"
+                f"{epochs}: add {option('--resume', True)} to continue from it, or give another "
+                f"{option('--checkpoint')} DIR"
             )
         train_model, inserted = model, []
         teacher_module, kinds = None, {}
@@ -468,12 +473,14 @@ def retrain(
             _check_teacher(outputs, teacher_shapes, features, shapes)
             kinds = choose_losses(outputs, losses)
         elif losses:
-            raise BadInputError("--loss chooses distillation losses: it needs a --teacher")
+            raise BadInputError(
+                f"{option('--loss')} chooses distillation losses: it needs a {option('--teacher')}"
+            )
         labels_used = train.labelled and logits_name is not None
         if train.labelled and not labels_used and teacher is None:
             raise BadInputError(
                 f"the data has labels but the model has no classifier output (batch, classes) "
-                f"among {list(outputs)}: retrain it with --teacher"
+                f"among {list(outputs)}: retrain it with {option('--teacher')}"
             )
         if val is not None and logits_name is None:
             raise BadInputError("validation top-1 needs a classifier output (batch, classes)")
@@ -492,6 +499,12 @@ def retrain(
         opt = _optimizer(student, optimizer, lr, weight_decay, momentum)
         total_steps = epochs * steps
         warmup_steps = round(warmup * total_steps)
+        if warmup_steps > max(0, total_steps - 2):  # the cosine's first step is at the peak
+            raise BadInputError(
+                f"{option('--warmup')} {warmup:g} warms up over {warmup_steps} of this run's "
+                f"{total_steps} steps: the learning rate would never fall below its peak (the "
+                "cosine decay needs 2 steps after the warm-up); lower it or train for more steps"
+            )
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: lr_factor(s, total_steps, warmup_steps)
         )
@@ -744,7 +757,8 @@ def _check_features_computed(
         ]
         if missing:
             raise BadInputError(
-                f"feature tensor '{name}' is not computed by {' or '.join(missing)}: --feature "
+                f"feature tensor '{name}' is not computed by {' or '.join(missing)}: "
+                f"{option('--feature')} "
                 "names an intermediate tensor (a node output) both graphs compute"
             )
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnx_mbs.data.preprocess import Preprocess, resize
-from onnx_mbs.passes.errors import BadInputError
+from onnx_mbs.passes.errors import BadInputError, option
 
 AUGMENT_CHOICES = ("auto", "none", "standard")
 PAD_CROP_MAX_SIDE = 64
@@ -101,8 +101,8 @@ def choose_augment(
     layout = preprocess.layout if preprocess is not None else "NCHW"
     if len(input_shape) != 4:
         raise BadInputError(
-            f"--augment standard needs image inputs (N, C, H, W); this input has shape "
-            f"{tuple(input_shape)}: use --augment none"
+            f"{option('--augment', 'standard')} needs image inputs (N, C, H, W); this input "
+            f"has shape {tuple(input_shape)}: use {option('--augment', 'none')}"
         )
     c, h, w = input_shape[1:] if layout == "NCHW" else (input_shape[3], *input_shape[1:3])
     if preprocess is not None:

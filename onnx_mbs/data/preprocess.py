@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from onnx_mbs.passes.errors import BadInputError
+from onnx_mbs.passes.errors import BadInputError, input_shape_option, option
 
 MEAN_KEY = "onnx_mbs.mean"
 STD_KEY = "onnx_mbs.std"
@@ -71,7 +71,7 @@ def model_chw(input_shape: Sequence[object]) -> tuple[int, int, int]:
     if not all(isinstance(d, int) and d > 0 for d in dims[1:]):
         raise BadInputError(
             f"model input shape {tuple(dims)} is not NCHW with fixed C, H, W; "
-            "give the input shape explicitly (e.g. --input-shape x:1,3,32,32)"
+            f"give the input shape explicitly (e.g. {input_shape_option('x', (1, 3, 32, 32))})"
         )
     return dims[1], dims[2], dims[3]
 
@@ -97,7 +97,7 @@ def normalisation(
         raise BadInputError(
             f"mean {','.join(f'{m:g}' for m in means)} is outside [0, 1]: mean and std apply "
             f"to pixels already divided by 255; in 0..255 units divide both by 255 "
-            f"(--mean {scaled} --std {scaled_std})"
+            f"({option('--mean', scaled)} {option('--std', scaled_std)})"
         )
     return means, stds
 
@@ -196,7 +196,8 @@ def pixel_scale(x: np.ndarray, what: str) -> tuple[str, float]:
         return f"float pixels in [0, {high:g}] read as 0..255, /255", 255.0
     raise BadInputError(
         f"{what} holds floats in [{low:g}, {high:g}]: neither [0, 1] nor 0..255 pixels; "
-        "store raw pixels (uint8, or floats in [0, 1] or 0..255) and give --mean/--std"
+        "store raw pixels (uint8, or floats in [0, 1] or 0..255) and give "
+        f"{option('--mean')}/{option('--std')}"
     )
 
 

@@ -31,7 +31,7 @@ from onnx_mbs.data.ready import (
 )
 from onnx_mbs.data.sources import IMAGE_SCALE, ArraySource, DataSource, ImageFolderSource
 from onnx_mbs.memory import check_fits
-from onnx_mbs.passes.errors import BadInputError
+from onnx_mbs.passes.errors import BadInputError, input_shape_option, option
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 KINDS = (
@@ -87,7 +87,7 @@ def open_data(
     check_fits(
         3 * 4 * channels * height * width,  # a float sample, resized, then normalised
         f"preprocessing one {channels}x{height}x{width} sample",
-        "fix --input-shape to the size the model was trained at",
+        f"fix {input_shape_option()} to the size the model was trained at",
     )
     means, stds = normalisation(mean, std, channels, metadata)
     origin = normalisation_origin(mean, std, metadata)
@@ -168,8 +168,8 @@ def _model_ready_source(
     what = f"model-ready npz {path.name}"
     if mean is not None or std is not None:
         raise BadInputError(
-            f"{what} is fed as it is; --mean/--std apply to image data only: drop them "
-            "or store the arrays normalised"
+            f"{what} is fed as it is; {option('--mean')}/{option('--std')} apply to image "
+            "data only: drop them or store the arrays normalised"
         )
     arrays, y = model_ready_arrays(npz, inputs, what)
     total = len(arrays[input_name])
