@@ -127,7 +127,7 @@ def test_base_is_the_layers_within_the_image():
     assert second.base_layers == ["down"]
     local = analyze_model(load_model(model), "local")
     assert local.macroblocks[1].base_layers == ["down", "d1"]  # 2, 6 in 8x8 pixels
-    with pytest.raises(BadInputError, match="receptive-field"):
+    with pytest.raises(BadInputError, match="unknown receptive_field"):
         analyze_model(load_model(model), "paper")
 
 
