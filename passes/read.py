@@ -13,6 +13,7 @@ from google.protobuf.message import DecodeError
 from .custom_ops import hide_unknown_ops
 from .errors import BadInputError, QuantizedModelError, temporary_folder_error
 from .external_data import weights_apart
+from .graph import topological_order
 from .integrity import check_stored_sizes, model_tensors, undecodable
 from .scratch import scratch_folder
 
@@ -33,7 +34,9 @@ def read_model(
     """Read an ONNX file (with external data) or copy a ModelProto.
 
     Refuses what MBS cannot work on: not ONNX, truncated, invalid, quantized (unless
-    `quantized`: a graph to run, not to reduce).
+    `quantized`: a graph to run, not to reduce). Nodes listed before the nodes they read
+    from (onnxruntime's fp16 conversion appends the Casts it adds) are put in order, as
+    onnxruntime orders them before it runs a model.
     """
     path = None
     if isinstance(source, onnx.ModelProto):
@@ -81,6 +84,7 @@ def read_model(
             f"quantized graph ({', '.join(quantized_ops)}): MBS works on float models; "
             "reduce the float model first, then quantize"
         )
+    in_order(model.graph)
     try:
         check_model(model)  # the weights checked a tensor at a time: no copy of them
     except onnx.checker.ValidationError as e:
@@ -106,6 +110,14 @@ def check_model(model: onnx.ModelProto, full_check: bool = False) -> None:
         except OSError as error:
             raise temporary_folder_error(error) from None
         onnx.checker.check_model(str(folder / "checked.onnx"), full_check=full_check)
+
+
+def in_order(graph: onnx.GraphProto) -> None:
+    """Put `graph`'s nodes in topological order, in place (nodes already in order stay)."""
+    order = topological_order(graph)
+    if any(a is not b for a, b in zip(order, graph.node)):
+        del graph.node[:]
+        graph.node.extend(order)
 
 
 def _external(tensor: onnx.TensorProto) -> bool:
