@@ -5,6 +5,7 @@ invalid, quantized), checking it without a serialized copy of its weights.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -78,7 +79,7 @@ def read_model(
             f"sparse_initializer ({names}), which onnx-mbs does not read; store them as dense "
             "initializers"
         )
-    quantized_ops = sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS})
+    quantized_ops = sorted(set(op_types(model)) & QUANTIZED_OPS)
     if quantized_ops and not quantized:
         raise QuantizedModelError(
             f"quantized graph ({', '.join(quantized_ops)}): MBS works on float models; "
@@ -110,6 +111,16 @@ def check_model(model: onnx.ModelProto, full_check: bool = False) -> None:
         except OSError as error:
             raise temporary_folder_error(error) from None
         onnx.checker.check_model(str(folder / "checked.onnx"), full_check=full_check)
+
+
+def op_types(model: onnx.ModelProto) -> Iterator[str]:
+    """The op type of every node of `model`: its graph's, its subgraphs' and its functions'."""
+    graphs: list[onnx.GraphProto | onnx.FunctionProto] = [model.graph, *model.functions]
+    while graphs:
+        for node in graphs.pop().node:
+            yield node.op_type
+            for attribute in node.attribute:
+                graphs.extend([attribute.g] if attribute.HasField("g") else attribute.graphs)
 
 
 def in_order(graph: onnx.GraphProto) -> None:

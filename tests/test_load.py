@@ -12,7 +12,7 @@ import onnx
 import pytest
 from graphs import Builder
 from onnx import numpy_helper
-from onnx_builders import conv_relu_model, quantized_model
+from onnx_builders import conv_relu_model, quantized_in_function, quantized_model
 
 from onnx_mbs.cli import main
 from onnx_mbs.passes import (
@@ -200,10 +200,21 @@ def test_a_model_proto_whose_external_data_was_not_read_is_refused_in_one_line(t
             "not a valid ONNX file",
         ),
         (lambda p: onnx.save(quantized_model(), p), r"quantized graph \(QLinearConv\)"),
+        (
+            lambda p: onnx.save(quantized_in_function(), p),
+            r"quantized graph \(DequantizeLinear\)",
+        ),
         (lambda p: onnx.save(conv_relu_model(["N", 3, "H", "W"]), p), "dynamic dims"),
         (lambda p: None, "model file not found"),
     ],
-    ids=["not-onnx", "truncated", "quantized", "dynamic-spatial", "missing"],
+    ids=[
+        "not-onnx",
+        "truncated",
+        "quantized",
+        "quantized-in-function",
+        "dynamic-spatial",
+        "missing",
+    ],
 )
 def test_bad_model_gets_one_line_and_exit_2(tmp_path, capsys, make, message):
     path = tmp_path / "model.onnx"
