@@ -9,9 +9,10 @@ import pytest
 import torch
 from onnx import TensorProto, numpy_helper
 
+from onnx_mbs import reduce
 from onnx_mbs.bridge import OnnxModule, retrain
 from onnx_mbs.bridge.precision import as_float32, is_low_precision
-from onnx_mbs.models import BUNDLED_MODEL
+from onnx_mbs.models import BUNDLED_MODEL, FMNIST_SAMPLE
 
 torch.set_num_threads(1)
 
@@ -81,3 +82,32 @@ def test_low_precision_retrains_in_float32_and_keeps_its_dtype(data, dtype) -> N
             got.astype(np.float32), expected, atol=0.05 * np.abs(expected).max()
         )
         assert (got.argmax(1) == expected.argmax(1)).mean() > 0.95
+
+
+def test_fp16_conversion_with_fp32_batchnorm_is_measured_and_kept_in_its_dtypes() -> None:
+    """onnxruntime's fp16 conversion as a deployment engineer runs it: float I/O
+    (keep_io_types), BatchNorm kept in float32 (Casts around it), the Casts appended after
+    the nodes that read them. Read in order, measured on the data like the float model (the
+    activation after each conv is found through the Casts), written in its own dtypes."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(BUNDLED_MODEL)
+    mixed = convert_float_to_float16(
+        model, keep_io_types=True, op_block_list=["BatchNormalization"]
+    )
+    small, report = reduce(mixed, str(FMNIST_SAMPLE), budget="params=0.5", progress=False)
+    _, plain = reduce(model, str(FMNIST_SAMPLE), budget="params=0.5", progress=False)
+    assert report.samples == plain.samples == 512
+    assert all(report.activation.values())
+    assert report.rho == pytest.approx(plain.rho, abs=0.01)
+    onnx.checker.check_model(small, full_check=True)
+    dtypes = {t.name: t.data_type for t in mixed.graph.initializer}
+    written = {t.name: t.data_type for t in small.graph.initializer}
+    assert set(written.values()) == {TensorProto.FLOAT, TensorProto.FLOAT16}
+    assert all(dtypes[name] == dtype for name, dtype in written.items())
+    assert _io_types(small) == _io_types(mixed)
+
+
+def _io_types(model: onnx.ModelProto) -> list[tuple[str, int]]:
+    graph = model.graph
+    return [(v.name, v.type.tensor_type.elem_type) for v in [*graph.input, *graph.output]]
