@@ -13,25 +13,28 @@ from onnx_mbs import reduce
 from onnx_mbs.bridge import OnnxModule, retrain
 from onnx_mbs.bridge.precision import as_float32, is_low_precision
 from onnx_mbs.models import BUNDLED_MODEL, FMNIST_SAMPLE
+from onnx_mbs.passes import count_parameters
 
 torch.set_num_threads(1)
 
 
-def in_dtype(model: onnx.ModelProto, dtype: int) -> onnx.ModelProto:
+def in_dtype(model: onnx.ModelProto, dtype: int, stored: bool | None = None) -> onnx.ModelProto:
     """fp16: every float initializer and the graph I/O in fp16 (an fp16 export). bf16: weights
-    stored in bf16 and Cast to float before use (opset 17 Conv has no bf16)."""
+    stored in bf16 and Cast to float before use (opset 17 Conv has no bf16). `stored=True`
+    gives fp16 that form too (weight-only fp16: float I/O, each weight Cast before use)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     np_dtype = onnx.helper.tensor_dtype_to_np_dtype(dtype)
+    stored = dtype == TensorProto.BFLOAT16 if stored is None else stored
     casts = []
     for t in out.graph.initializer:
         if t.data_type == TensorProto.FLOAT:
             value = numpy_helper.to_array(t).astype(np_dtype)
-            stored = t.name if dtype == TensorProto.FLOAT16 else t.name + "_bf16"
-            if stored != t.name:
-                casts.append(onnx.helper.make_node("Cast", [stored], [t.name], to=1))
-            t.CopyFrom(numpy_helper.from_array(value, stored))
-    if dtype == TensorProto.FLOAT16:
+            name = t.name + "_stored" if stored else t.name
+            if stored:
+                casts.append(onnx.helper.make_node("Cast", [name], [t.name], to=1))
+            t.CopyFrom(numpy_helper.from_array(value, name))
+    if not stored:
         for v in [*out.graph.input, *out.graph.output]:
             v.type.tensor_type.elem_type = dtype
     nodes = casts + list(out.graph.node)
@@ -82,6 +85,43 @@ def test_low_precision_retrains_in_float32_and_keeps_its_dtype(data, dtype) -> N
             got.astype(np.float32), expected, atol=0.05 * np.abs(expected).max()
         )
         assert (got.argmax(1) == expected.argmax(1)).mean() > 0.95
+
+
+def _rounded_through(model: onnx.ModelProto, dtype: int) -> onnx.ModelProto:
+    """`model` in float32 holding what `in_dtype(model, dtype, stored=True)` computes with."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    np_dtype = onnx.helper.tensor_dtype_to_np_dtype(dtype)
+    for t in out.graph.initializer:
+        if t.data_type == TensorProto.FLOAT:
+            value = numpy_helper.to_array(t).astype(np_dtype).astype(np.float32)
+            t.CopyFrom(numpy_helper.from_array(value, t.name))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [TensorProto.FLOAT16, TensorProto.BFLOAT16], ids=["fp16", "bf16"])
+def test_weights_stored_behind_casts_reduce_as_their_float_twin(data, dtype) -> None:
+    """Weight-only fp16/bf16 (every weight stored low and Cast to float before use): planned
+    as the float model holding the same values, every parameter counted, and written with
+    each weight stored as it was (cut behind its Cast), not turned into a float32 constant."""
+    model = onnx.load(BUNDLED_MODEL)
+    stored = in_dtype(model, dtype, stored=True)
+    options = {"budget": "params=0.5", "strategy": "mbs", "importance": "l2", "progress": False}
+    small, report = reduce(stored, **options)
+    twin_small, twin = reduce(_rounded_through(model, dtype), **options)
+    assert report.plan.params == twin.plan.params
+    assert report.plan.params[0] == count_parameters(model) == count_parameters(stored)
+    assert report.plan.counts == twin.plan.counts and report.plan.changes_anything
+    assert count_parameters(small) == report.plan.params[1]
+    onnx.checker.check_model(small, full_check=True)
+    assert {t.name: t.data_type for t in small.graph.initializer} == {
+        t.name: t.data_type for t in stored.graph.initializer
+    }
+    assert sum(n.op_type == "Cast" for n in small.graph.node) == len(stored.graph.initializer)
+    x = data[0][:16]
+    got = ort.InferenceSession(small.SerializeToString()).run(None, {"input": x})[0]
+    want = ort.InferenceSession(twin_small.SerializeToString()).run(None, {"input": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_fp16_conversion_with_fp32_batchnorm_is_measured_and_kept_in_its_dtypes() -> None:
