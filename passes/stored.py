@@ -21,6 +21,15 @@ from onnx import helper, numpy_helper
 from .channel_walk import subgraph_names
 from .graph import attributes, stored_casts
 
+_F16, _BF16, _F32, _F64 = (
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.BFLOAT16,
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.DOUBLE,
+)
+# (stored, used) dtypes whose Cast is exact: each stored value is a value of the type used.
+EXACT = {(_F16, _F32), (_BF16, _F32), (_F16, _F64), (_BF16, _F64), (_F32, _F64)}
+
 
 @dataclass(frozen=True)
 class Stored:
@@ -66,8 +75,9 @@ class StoredCasts:
 
 
 def collapse(model: onnx.ModelProto) -> StoredCasts:
-    """Replace, in place, each float initializer that only a Cast to another float type reads
-    (`stored_casts`) by the Cast's output as an initializer; what was replaced."""
+    """Replace, in place, each float initializer that only a Cast to a wider float type reads
+    (`stored_casts`, `EXACT`) by the Cast's output as an initializer; what was replaced. A
+    narrowing Cast stays: its weight, stored back, would hold rounded values."""
     graph = model.graph
     read: dict[str, int] = {}
     for node in graph.node:
@@ -78,7 +88,9 @@ def collapse(model: onnx.ModelProto) -> StoredCasts:
     casts = {
         output: node
         for output, node in stored_casts(graph).items()
-        if read[node.input[0]] == 1 and not {output, node.input[0]} & kept
+        if read[node.input[0]] == 1
+        and not {output, node.input[0]} & kept
+        and (initializers[node.input[0]].data_type, attributes(node)["to"]) in EXACT
     }
     if not casts:
         return StoredCasts()

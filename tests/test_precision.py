@@ -151,3 +151,23 @@ def test_fp16_conversion_with_fp32_batchnorm_is_measured_and_kept_in_its_dtypes(
 def _io_types(model: onnx.ModelProto) -> list[tuple[str, int]]:
     graph = model.graph
     return [(v.name, v.type.tensor_type.elem_type) for v in [*graph.input, *graph.output]]
+
+
+def test_a_weight_stored_wider_than_it_is_used_keeps_its_stored_values() -> None:
+    """A float32 weight Cast to fp16 for an fp16 conv is read as stored: narrowed for the
+    analysis and widened back, it would be written rounded to fp16 (the same function, other
+    stored values)."""
+    model = in_dtype(onnx.load(BUNDLED_MODEL), TensorProto.FLOAT16)
+    graph = model.graph
+    stem = next(t for t in graph.initializer if t.name == "stem.0.weight")
+    wide = numpy_helper.to_array(stem).astype(np.float32) + np.float32(1e-4)  # not fp16 values
+    stem.CopyFrom(numpy_helper.from_array(wide, "stem.0.weight_fp32"))
+    cast = onnx.helper.make_node("Cast", [stem.name], ["stem.0.weight"], to=TensorProto.FLOAT16)
+    nodes = [cast, *graph.node]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    small, report = reduce(model, budget="params=0.5", strategy="mbs", progress=False)
+    assert report.plan.changes_anything
+    (written,) = [t for t in small.graph.initializer if t.name == stem.name]
+    assert written.data_type == TensorProto.FLOAT and list(written.dims) == list(stem.dims)
+    np.testing.assert_array_equal(numpy_helper.to_array(written), wide)
