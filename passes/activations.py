@@ -35,6 +35,7 @@ CHANNEL_PRESERVING_OPS = {
     "Mul",
     "Div",
     "Identity",
+    "Cast",  # precision changes: onnxruntime's fp16 conversion around float32 ops
     "Dropout",
     "InstanceNormalization",
 }

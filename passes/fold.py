@@ -11,8 +11,9 @@ shape the shrink pass can rewrite.
 Only small values are folded (shape arithmetic, not weights): a node is
 evaluated when its inputs are folded values, Constant nodes or small
 initializers, and its output is small. Identity of an initializer is left
-alone, because exporters use it to share weights. Constant nodes become
-initializers.
+alone, because exporters use it to share weights, and so is a Cast of a stored
+weight to another float type (`stored_casts`: load reads the exact ones as the
+weight, stored.py). Constant nodes become initializers.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import onnx
 from onnx import numpy_helper
 
 from .base import Pass, PassResult
-from .graph import FOLDED, GraphIndex, attributes
+from .graph import FOLDED, GraphIndex, attributes, stored_casts
 from .normalise import constant_value
 
 MAX_ELEMENTS = 4096  # larger values are data, not shape arithmetic
@@ -100,6 +101,7 @@ def _folded(
     opsets = {o.domain or "": o.version for o in model.opset_import}
     small = {t.name for t in model.graph.initializer if math.prod(t.dims) <= MAX_ELEMENTS}
     kept = set(index.graph_outputs) if outputs else set()
+    kept |= set(stored_casts(model.graph))  # a weight in another precision: not arithmetic
     values: dict[str, np.ndarray] = {}
     folded: set[int] = set()
     for k, node in enumerate(index.nodes):

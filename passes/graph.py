@@ -228,22 +228,45 @@ def parameter_sizes(model: onnx.ModelProto) -> dict[str, int]:
     values (an untrained BN's bias and its running mean, both zeros) is the learned one, as
     torch's `parameters()` counts the bias and not the running mean (a buffer). Folded shape
     arithmetic is never one (`is_weight`), nor an InstanceNormalization's scale and bias of
-    ones and zeros (torch's GroupNorm and InstanceNorm without affine: `is_parameter_use`)."""
+    ones and zeros (torch's GroupNorm and InstanceNorm without affine: `is_parameter_use`).
+    A weight stored in another precision (`stored_casts`) is read as its Cast's readers read
+    it: a BatchNorm's running mean stored in fp16 is not a parameter."""
     floats = {t.name: t for t in model.graph.initializer if is_weight(t)}
+    # A weight stored in another precision is read by the readers of its Cast.
+    stored = {output: cast.input[0] for output, cast in stored_casts(model.graph).items()}
 
     def constant(name: str) -> np.ndarray | None:
+        name = stored.get(name, name)
         return numpy_helper.to_array(floats[name]) if name in floats else None
 
     read: set[str] = set()
     learned: set[str] = set()
     for node in model.graph.node:
+        if node.output and node.output[0] in stored:
+            continue
         for k, name in enumerate(node.input):
+            name = stored.get(name, name)
             if name in floats:
                 read.add(name)
                 if is_parameter_use(node, k, len(floats[name].dims), constant):
                     learned.add(name)
     return {
         name: math.prod(t.dims) for name, t in floats.items() if name in learned or name not in read
+    }
+
+
+def stored_casts(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    """The Casts that turn a stored float weight into another float type before use
+    (weight-only fp16/bf16, or a weight onnxruntime's fp16 conversion kept for a float32
+    op), by output: each output is that weight in its readers' precision (`stored.py`)."""
+    weights = {t.name for t in graph.initializer if is_weight(t)}
+    return {
+        node.output[0]: node
+        for node in graph.node
+        if node.op_type == "Cast"
+        and node.domain in ("", "ai.onnx")
+        and node.input[0] in weights
+        and attributes(node).get("to") in FLOAT_TYPES
     }
 
 

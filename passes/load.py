@@ -23,6 +23,7 @@ from .integrity import check_made_sizes
 from .normalise import normalise_in_place, unique_names
 from .read import read_model
 from .shapes import FixInputShapes, InputShapes, disagree, settle
+from .stored import StoredCasts, collapse
 
 
 class NameNodes(Pass):
@@ -48,13 +49,16 @@ class Origin:
     `declared` holds only the graph inputs and outputs (normalised, no shape fixed), not
     a copy of the weights; `original` is the input as read (handed back unchanged when
     nothing is cut); `run_time` the original's computation of the folded constants that
-    follow the input size (dynamic_dims.py), which a written model computes again.
+    follow the input size (dynamic_dims.py), which a written model computes again;
+    `stored` the weights stored in another precision (stored.py), which a written model
+    stores so again.
     """
 
     declared: onnx.ModelProto
     path: Path | None = None  # the file read, when the input was one
     read: onnx.ModelProto | None = field(default=None, repr=False)  # the input, if not a file
     run_time: RunTimeShapes = field(default_factory=RunTimeShapes, repr=False)
+    stored: StoredCasts = field(default_factory=StoredCasts, repr=False)
 
     @property
     def original(self) -> onnx.ModelProto:
@@ -76,9 +80,9 @@ class Origin:
 
     def write_form(self, model: onnx.ModelProto) -> onnx.ModelProto:
         """`written` in place, for a copy of one's own (no second copy of the weights):
-        the shape arithmetic that follows the input size computed at run time again, then
-        the declared I/O."""
-        return set_io(self.run_time.apply(model), self.declared)
+        the shape arithmetic that follows the input size computed at run time again, the
+        weights stored as the original stores them, then the declared I/O."""
+        return set_io(self.stored.apply(self.run_time.apply(model)), self.declared)
 
     @property
     def batch(self) -> int | None:
@@ -125,8 +129,9 @@ class LoadedModel:
 def load(
     source: str | os.PathLike | onnx.ModelProto, input_shapes: InputShapes | None = None
 ) -> LoadedModel:
-    """Read, check and normalise, then fix input shapes and infer shapes and fold shape
-    arithmetic until both settle.
+    """Read, check and normalise, read weights stored in another precision as they are
+    used (stored.py), then fix input shapes and infer shapes and fold shape arithmetic
+    until both settle.
 
     Exporters compute Reshape targets at run time (Shape -> Gather -> Concat); shape
     inference cannot see through all of that, folding it can, and then inference
@@ -139,6 +144,7 @@ def load(
     # read is normalised in place; shapes are inferred into the fixed model, which is
     # that same copy when no input shape needs fixing, and then holds all load needs.
     declared = normalise_in_place(read_model(source))
+    stored = collapse(declared)  # weights read in the precision they are used in
     fixed = FixInputShapes(analysis_shapes(declared, input_shapes), batch=1)(declared).model
     io = _io_only(declared)
     model, folded = settle(fixed)
@@ -147,8 +153,8 @@ def load(
     others = _settled_at_other_sizes(declared, fixed) if folded else []
     model, run_time = keep_dynamic(model, others, declared)
     if isinstance(source, onnx.ModelProto):
-        return LoadedModel(model, Origin(io, read=source, run_time=run_time))
-    return LoadedModel(model, Origin(io, path=Path(source), run_time=run_time))
+        return LoadedModel(model, Origin(io, read=source, run_time=run_time, stored=stored))
+    return LoadedModel(model, Origin(io, path=Path(source), run_time=run_time, stored=stored))
 
 
 def _settled_at_other_sizes(

@@ -5,6 +5,7 @@ invalid, quantized), checking it without a serialized copy of its weights.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -13,6 +14,7 @@ from google.protobuf.message import DecodeError
 from .custom_ops import hide_unknown_ops
 from .errors import BadInputError, QuantizedModelError, temporary_folder_error
 from .external_data import weights_apart
+from .graph import topological_order
 from .integrity import check_stored_sizes, model_tensors, undecodable
 from .scratch import scratch_folder
 
@@ -33,7 +35,9 @@ def read_model(
     """Read an ONNX file (with external data) or copy a ModelProto.
 
     Refuses what MBS cannot work on: not ONNX, truncated, invalid, quantized (unless
-    `quantized`: a graph to run, not to reduce).
+    `quantized`: a graph to run, not to reduce). Nodes listed before the nodes they read
+    from (onnxruntime's fp16 conversion appends the Casts it adds) are put in order, as
+    onnxruntime orders them before it runs a model.
     """
     path = None
     if isinstance(source, onnx.ModelProto):
@@ -75,12 +79,13 @@ def read_model(
             f"sparse_initializer ({names}), which onnx-mbs does not read; store them as dense "
             "initializers"
         )
-    quantized_ops = sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS})
+    quantized_ops = sorted(set(op_types(model)) & QUANTIZED_OPS)
     if quantized_ops and not quantized:
         raise QuantizedModelError(
             f"quantized graph ({', '.join(quantized_ops)}): MBS works on float models; "
             "reduce the float model first, then quantize"
         )
+    in_order(model.graph)
     try:
         check_model(model)  # the weights checked a tensor at a time: no copy of them
     except onnx.checker.ValidationError as e:
@@ -106,6 +111,24 @@ def check_model(model: onnx.ModelProto, full_check: bool = False) -> None:
         except OSError as error:
             raise temporary_folder_error(error) from None
         onnx.checker.check_model(str(folder / "checked.onnx"), full_check=full_check)
+
+
+def op_types(model: onnx.ModelProto) -> Iterator[str]:
+    """The op type of every node of `model`: its graph's, its subgraphs' and its functions'."""
+    graphs: list[onnx.GraphProto | onnx.FunctionProto] = [model.graph, *model.functions]
+    while graphs:
+        for node in graphs.pop().node:
+            yield node.op_type
+            for attribute in node.attribute:
+                graphs.extend([attribute.g] if attribute.HasField("g") else attribute.graphs)
+
+
+def in_order(graph: onnx.GraphProto) -> None:
+    """Put `graph`'s nodes in topological order, in place (nodes already in order stay)."""
+    order = topological_order(graph)
+    if any(a is not b for a, b in zip(order, graph.node)):
+        del graph.node[:]
+        graph.node.extend(order)
 
 
 def _external(tensor: onnx.TensorProto) -> bool:

@@ -52,3 +52,27 @@ def quantized_model() -> onnx.ModelProto:
         [x_scale, zero, w],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
+def quantized_in_function() -> onnx.ModelProto:
+    """`conv_relu_model` whose conv weight a local function dequantizes (int8, one scale per
+    output channel): a quantized graph that hides its DequantizeLinear in a function body."""
+    model = conv_relu_model()
+    graph = model.graph
+    w = next(t for t in graph.initializer if t.name == "w")
+    value = numpy_helper.to_array(w)
+    scale = np.abs(value).reshape(4, -1).max(1) / 127
+    stored = np.round(value / scale[:, None, None, None]).astype(np.int8)
+    w.CopyFrom(numpy_helper.from_array(stored, "w_q"))
+    graph.initializer.append(numpy_helper.from_array(scale.astype(np.float32), "w_s"))
+    body = [helper.make_node("DequantizeLinear", ["q", "s"], ["w"], axis=0)]
+    function = helper.make_function(
+        "local", "Dequant", ["q", "s"], ["w"], body, [helper.make_opsetid("", 17)]
+    )
+    call = helper.make_node("Dequant", ["w_q", "w_s"], ["w"], domain="local", name="dequant")
+    nodes = [call, *graph.node]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    model.opset_import.append(helper.make_opsetid("local", 1))
+    model.functions.append(function)
+    return model

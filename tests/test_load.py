@@ -12,7 +12,7 @@ import onnx
 import pytest
 from graphs import Builder
 from onnx import numpy_helper
-from onnx_builders import conv_relu_model, quantized_model
+from onnx_builders import conv_relu_model, quantized_in_function, quantized_model
 
 from onnx_mbs.cli import main
 from onnx_mbs.passes import (
@@ -200,10 +200,21 @@ def test_a_model_proto_whose_external_data_was_not_read_is_refused_in_one_line(t
             "not a valid ONNX file",
         ),
         (lambda p: onnx.save(quantized_model(), p), r"quantized graph \(QLinearConv\)"),
+        (
+            lambda p: onnx.save(quantized_in_function(), p),
+            r"quantized graph \(DequantizeLinear\)",
+        ),
         (lambda p: onnx.save(conv_relu_model(["N", 3, "H", "W"]), p), "dynamic dims"),
         (lambda p: None, "model file not found"),
     ],
-    ids=["not-onnx", "truncated", "quantized", "dynamic-spatial", "missing"],
+    ids=[
+        "not-onnx",
+        "truncated",
+        "quantized",
+        "quantized-in-function",
+        "dynamic-spatial",
+        "missing",
+    ],
 )
 def test_bad_model_gets_one_line_and_exit_2(tmp_path, capsys, make, message):
     path = tmp_path / "model.onnx"
@@ -305,3 +316,22 @@ def test_check_model_refuses_a_tensor_whose_data_does_not_fit_its_shape(elements
     model.graph.initializer[0].raw_data = model.graph.initializer[0].raw_data[:-4]
     with pytest.raises(onnx.checker.ValidationError, match="raw_data size"):
         check_model(model, full_check=True)
+
+
+def test_nodes_listed_out_of_order_are_read_in_order(tmp_path, capsys):
+    """onnxruntime's fp16 conversion appends the Casts it adds after the nodes that read them;
+    onnxruntime runs such a file (it orders the nodes first). So does onnx-mbs, and what it
+    writes is in order: the checker's refusal was "the model is not valid ONNX: Nodes in a
+    graph must be topologically sorted, however input ... of node:", cut off there."""
+    model = conv_relu_model()
+    nodes = list(reversed(model.graph.node))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    path, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    onnx.save(model, path)
+    cut = ["--budget", "params=0.7", "--channel-multiple", "1"]
+    assert main(["reduce", str(path), "-o", str(out), *cut]) == 0
+    written = onnx.load(str(out))
+    onnx.checker.check_model(written, full_check=True)
+    assert [n.name for n in written.graph.node] == [n.name for n in reversed(nodes)]
+    capsys.readouterr()
