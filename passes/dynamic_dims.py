@@ -29,7 +29,7 @@ from onnx import numpy_helper
 
 from .errors import BadInputError
 from .fold import MAX_ELEMENTS, folded_constant, shape_values
-from .graph import GraphIndex, attributes, static_shape, topological_order
+from .graph import GraphIndex, attributes, fresh_name, static_shape, topological_order
 
 # The sizes a model is folded at besides the analysed one: the batch doubled, the other
 # dynamic dims doubled, and those at odd sizes each its own, so that a constant that only
@@ -125,12 +125,12 @@ class RunTimeShapes:
                 if mixed is computed:
                     node.input[position] = name
                     continue
-                mask = _fresh(f"{name}_cut_entries", taken)
-                where = _fresh(f"{name}_cut", taken)
+                mask = fresh_name(f"{name}_cut_entries", taken)
+                where = fresh_name(f"{name}_cut", taken)
                 graph.initializer.append(folded_constant(mixed, mask))
                 graph.node.append(
                     onnx.helper.make_node(
-                        "Where", [mask, now, name], [where], name=_fresh(where, taken)
+                        "Where", [mask, now, name], [where], name=fresh_name(where, taken)
                     )
                 )
                 replaced.discard(now)  # the Where reads the cut constant
@@ -190,14 +190,6 @@ def _mix(
     if varies is None or varies[differ].any():
         return None
     return differ
-
-
-def _fresh(base: str, taken: set[str]) -> str:
-    name, k = base, 1
-    while name in taken:
-        name, k = f"{base}_{k}", k + 1
-    taken.add(name)
-    return name
 
 
 def _drop_unread(graph: onnx.GraphProto, names: set[str]) -> None:

@@ -154,6 +154,15 @@ def static_shape(value_info: onnx.ValueInfoProto) -> tuple[int, ...] | None:
     return dims if not dims or min(dims) > 0 else None
 
 
+def fresh_name(base: str, taken: set[str]) -> str:
+    """`base`, or `base_1`, `base_2`... the first not in `taken` (which then holds it)."""
+    name, k = base, 1
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    taken.add(name)
+    return name
+
+
 def default_opset(model: onnx.ModelProto) -> int:
     """The model's opset of the default (ai.onnx) domain: op semantics depend on it."""
     for entry in model.opset_import:

@@ -54,7 +54,11 @@ def follow_weight(w: ChannelWalk, conv: onnx.NodeProto, roles: Roles) -> set[str
     edits: dict[tuple[int, int], Edit] = {}
     seen: dict[str, Roles] = {}
     computed: dict[str, dict[int, np.ndarray]] = {}
-    mixed: set[str] = set()
+    # Each node's data input with its channel axes, merged over every path that reaches it:
+    # a reduction's own path may not carry the axes it reduces (torch's dynamo exporter
+    # writes the standardisation's mean as a ReduceMean that drops them).
+    frames: dict[str, Roles] = {}
+    reading: list[onnx.NodeProto] = []
     pending = [(conv.input[1], roles)]
     while pending:
         name, carried = pending.pop()
@@ -71,7 +75,9 @@ def follow_weight(w: ChannelWalk, conv: onnx.NodeProto, roles: Roles) -> set[str
             raise Unfollowed(f"{node.op_type} '{node.name}' runs after the conv")
         number = w.node_no[id(node)]
         inputs = _input_roles(w, node, name, carried)
-        mixed |= _mixed(w, node, _effective(w.shape(node.input[0]), inputs[0][1]))
+        first, first_roles = inputs[0]
+        frames[first] = {**frames.get(first, {}), **first_roles}
+        reading.append(node)
         for i, (input_name, input_roles) in enumerate(inputs):
             if w.source(input_name) is not None:
                 shape = w.shape(input_name) or ()
@@ -82,6 +88,9 @@ def follow_weight(w: ChannelWalk, conv: onnx.NodeProto, roles: Roles) -> set[str
                 pending.append((input_name, input_roles))
         for edit in _reshape_edits(w, node, number, _effective(w.shape(name), carried)):
             edits[number, edit.axis] = edit
+    mixed: set[str] = set()
+    for node in reading:
+        mixed |= _mixed(w, node, _effective(w.shape(node.input[0]), frames[node.input[0]]))
     w.slots += slots.values()
     w.edits += edits.values()
     for name, axes in computed.items():

@@ -7,7 +7,7 @@ import onnx
 import pytest
 import torch
 from conftest import FORMS, SMALL_ZOO
-from graphs import run
+from graphs import run, standardised_conv_net
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
@@ -896,6 +896,53 @@ def test_batchnorm_with_training_mode_uses_batch_statistics_in_eval() -> None:
     model = make_model([bn], {"x": X}, ["y", "rm", "rv"], inits, opset=15)
     x = rnd(*X, seed=7) * 2 + 1
     assert_matches_ort(model, {"x": x})
+
+
+class StdConvNet(nn.Module):
+    """timm's ScaledStdConv2d (NFNets): the conv weight standardised per output channel by a
+    training-mode batch norm, which torch's exporter writes as BatchNormalization with
+    training_mode=1 whose running statistics are computed from the weight in the graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.gain = nn.Parameter(torch.rand(8) + 0.5)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.conv.weight
+        w = nn.functional.batch_norm(
+            w.reshape(1, 8, -1), None, None, self.gain, training=True, momentum=0.0, eps=1e-6
+        ).reshape_as(w)
+        y = torch.relu(nn.functional.conv2d(x, w, self.conv.bias, padding=1))
+        return self.fc(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("form", ["training_mode", "computed_statistics"])
+def test_weight_standardising_batchnorm_trains(form) -> None:
+    """NFNets' weight standardisation as torch's exporters write it: the legacy exporter a
+    training_mode=1 BatchNormalization (it normalises with its batch's statistics in train
+    mode too, as onnxruntime computes it: its running statistics are neither used nor
+    updated), the dynamo exporter an inference one whose statistics are computed from the
+    weight (used as given: they are not state to update). Both match onnxruntime in train
+    mode and the weight trains."""
+    torch.manual_seed(0)
+    if form == "training_mode":
+        model = export_onnx(StdConvNet(), (1, 3, 8, 8), dynamic_batch=True)
+        attrs = [a for n in model.graph.node for a in n.attribute if a.name == "training_mode"]
+        assert attrs and all(a.i == 1 for a in attrs)
+    else:
+        model = standardised_conv_net()
+    size = model.graph.input[0].type.tensor_type.shape.dim[2].dim_value
+    x = rnd(4, 3, size, size, seed=3)
+    module = OnnxModule(model).train()
+    y = module(torch.from_numpy(x))
+    assert_close(y.detach().numpy(), run(model, {"input": x})[0])
+    y.square().sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+    labels = np.arange(4) % 4
+    written = retrain(model, (x, labels), epochs=1, batch_size=4, progress=False).model
+    assert np.isfinite(run(written, {"input": x})[0]).all()
 
 
 def test_per_activation_batchnorm_of_opset7() -> None:

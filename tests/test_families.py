@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import write_npz
-from graphs import assert_same_outputs, kill_channels, run
+from graphs import assert_same_outputs, kill_channels, run, standardised_conv_net
 from torch import nn
 
 from onnx_mbs.cli import main
@@ -158,6 +158,19 @@ def test_output_channels_of_a_standardised_weight_cut_exactly():
             tensor.CopyFrom(onnx.numpy_helper.from_array(b, tensor.name))
     keep = {group.id: [c for c in range(16) if c not in (3, 7)]}
     assert_same_outputs(dead, shrink_channels(dead, keep, channels), atol=1e-4)
+
+
+def test_standardisation_by_reductions_that_drop_axes_is_not_exact_on_inputs():
+    """As torch's dynamo exporter writes timm's ScaledStdConv2d (`standardised_conv_net`):
+    mean and variance are ReduceMeans of the weight that drop the axes they reduce. They
+    average over the input channels, so cutting one changes the kept ones: the report must
+    say so, as it does for the other forms."""
+    model = standardised_conv_net()
+    groups = analyze_channels(load_model(model)).groups
+    read = next(g for g in groups if g.size == 32 and "std" not in g.producers)
+    made = next(g for g in groups if g.producers == ["std"])
+    assert any("Conv 'std': its weight is standardised" in r for r in read.inexact), read
+    assert not made.inexact  # per output channel: their cut is exact
 
 
 def test_unfollowed_weight_arithmetic_pins_naming_the_node():

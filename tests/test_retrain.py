@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import subprocess
@@ -197,6 +198,51 @@ def test_bn_folded_graph_retrains(train, val) -> None:
     )
     assert result.best_val_top1 >= ort_top1(model, *val) + 0.3
     assert ort_top1(result.model, *val) == pytest.approx(result.best_val_top1, abs=1e-9)
+
+
+class FreshHeadNet(nn.Module):
+    """Convs, then a head with two BatchNorm1d as built (ones and zeros): torch's exporter
+    stores their equal tensors once and ties the others to it through Identity nodes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.convs = nn.Sequential(
+            nn.Conv2d(1, 16, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)
+        )
+        self.head = nn.Sequential(
+            nn.Linear(16, 16), nn.BatchNorm1d(16), nn.ReLU(),
+            nn.Linear(16, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.convs(x)).mean((2, 3)))
+
+
+def test_reduced_model_with_fresh_batchnorms_retrains(train) -> None:
+    """`reduce` writes the exporter's Identity ties as one tensor read by several nodes (its
+    normal form): here each BN's running statistics and the other BN's and its own affine
+    terms. Retraining gives every BatchNormalization input its own tensor, so statistics
+    are neither trained nor shared between two BNs that update them."""
+    from onnx_mbs.pipeline import reduce
+
+    torch.manual_seed(0)
+    buffer = io.BytesIO()
+    torch.onnx.export(
+        FreshHeadNet().eval(), (torch.zeros(1, 1, 8, 8),), buffer,
+        input_names=["input"], dynamic_axes={"input": {0: "n"}}, dynamo=False,
+    )  # fmt: skip
+    model = onnx.load_from_string(buffer.getvalue())
+    reduced, _ = reduce(model, budget="params=0.9", progress=False)
+    bns = [n for n in reduced.graph.node if n.op_type == "BatchNormalization"]
+    assert len({*bns[0].input[1:], *bns[1].input[1:]}) < 8  # shared, as written
+    result = retrain(reduced, train, None, epochs=1, batch_size=32, device="cpu", progress=False)
+    bns = [n for n in result.model.graph.node if n.op_type == "BatchNormalization"]
+    inputs = [name for n in bns for name in n.input[1:]]
+    assert len(set(inputs)) == len(inputs)
+    values = weights(result.model)
+    means = [values[n.input[3]] for n in bns]
+    assert not np.array_equal(means[0], means[1]) and all(m.any() for m in means)
+    assert np.isfinite(run(result.model, {"input": train[0][:4]})[0]).all()
 
 
 def test_adamw_and_no_validation(train) -> None:

@@ -30,7 +30,7 @@ from torch import nn
 
 from onnx_mbs.bridge.ops import NO_FOLD, OPS, TRAINING_OPS, Node
 from onnx_mbs.passes.errors import BadInputError
-from onnx_mbs.passes.graph import default_opset, topological_order
+from onnx_mbs.passes.graph import default_opset, fresh_name, topological_order
 
 # (op_type -> input positions) whose float initializers are trained.
 WEIGHT_INPUTS = {
@@ -143,6 +143,10 @@ def untie_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     Likewise a weight or BatchNorm statistic held by a `Constant` node (some exporters write
     weights that way) becomes an initializer of the same name: the module trains and
     `write_back` writes initializers only, so left in the node it would silently stay as it was.
+
+    `reduce` writes such ties as one initializer read by several nodes (onnx-mbs's normal
+    form), so every BatchNormalization input that anything else also reads gets a copy of its
+    own: a running statistic must not be trained, nor updated by two BatchNorms.
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -163,7 +167,33 @@ def untie_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
         del graph.node[:]
         graph.node.extend(keep)
     _hoist_constant_weights(out)
+    _own_batchnorm_inputs(out)
     return out
+
+
+def _own_batchnorm_inputs(model: onnx.ModelProto) -> None:
+    """Give each BatchNormalization input read elsewhere too an initializer of its own, in
+    place (the last reader keeps the original)."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    reads: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            reads[name] = reads.get(name, 0) + 1
+    taken = set(reads) | set(inits) | {o for n in graph.node for o in n.output}
+    for node in graph.node:
+        if node.op_type != "BatchNormalization":
+            continue
+        for k in range(1, min(len(node.input), 5)):
+            name = node.input[k]
+            if name not in inits or reads[name] < 2:
+                continue
+            reads[name] -= 1
+            copy = onnx.TensorProto()
+            copy.CopyFrom(inits[name])
+            copy.name = fresh_name(f"{node.name}_{('scale', 'B', 'mean', 'var')[k - 1]}", taken)
+            graph.initializer.append(copy)
+            node.input[k] = copy.name
 
 
 def _hoist_constant_weights(model: onnx.ModelProto) -> None:

@@ -242,16 +242,13 @@ def batch_norm(n: Node) -> OpFn:
     # batch norm over (N, C*D1*...) computes exactly that.
     per_activation = n.opset < 9 and n.attr("spatial", 1) == 0
     # training_mode=1 (opset 14+): onnxruntime normalises with the batch's own statistics at
-    # inference too, and outputs the running statistics that batch moves them to.
+    # inference too, and outputs the running statistics that batch moves them to; in train mode
+    # the same (its running statistics are inputs it never reads: NFNets' weight
+    # standardisation computes them from the weight in the graph).
     batch_stats = n.opset >= 14 and n.attr("training_mode", 0) == 1
 
     def run(training, x, scale, bias, mean, var):
-        if training and (mean.requires_grad or var.requires_grad):
-            raise BadInputError(
-                f"BatchNormalization '{n.name}': a running statistic is tied to a trained "
-                "weight (through Identity); untie it first with untie_initializers(model)"
-            )
-        if batch_stats and not training:
+        if batch_stats:
             y = F.batch_norm(x, None, None, scale, bias, True, 0.0, eps)
             if not extra_outputs:
                 return y
@@ -259,6 +256,19 @@ def batch_norm(n: Node) -> OpFn:
             keep = 1.0 - own_momentum
             moved_mean = keep * mean + own_momentum * x.mean(dims)
             return y, moved_mean, keep * var + own_momentum * x.var(dims, unbiased=False)
+        if not per_activation and (mean.grad_fn is not None or var.grad_fn is not None):
+            # Statistics computed in the graph from trained weights (NFNets' weight
+            # standardisation as the dynamo exporter writes it): used as given, in train mode
+            # too (they are no state to update), and written out so that gradients reach them.
+            shape = [1, -1] + [1] * (x.dim() - 2)
+            y = (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + eps)
+            y = y * scale.reshape(shape) + bias.reshape(shape)
+            return (y, mean, var) if extra_outputs else y
+        if training and (mean.requires_grad or var.requires_grad):
+            raise BadInputError(
+                f"BatchNormalization '{n.name}': a running statistic is tied to a trained "
+                "weight (through Identity); untie it first with untie_initializers(model)"
+            )
         momentum = BN_MOMENTUM.get()
         momentum = own_momentum if momentum is None else momentum
         if per_activation:
