@@ -208,6 +208,22 @@ def test_combined_budget_where_both_limits_bind_meets_both_at_their_value():
     assert len(plan.price_weights) == 2 and sum(plan.price_weights) == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("strategy", COST_AWARE)
+@pytest.mark.parametrize("spec", ["params=0.9,latency=0.6", "params=0.6,flops=0.7,latency=0.5"])
+def test_combined_budget_with_a_latency_limit_meets_every_limit(strategy, spec):
+    # Time grows with group 1's channels 9x as fast as with group 0's: a third price.
+    def latency(counts):
+        return 1e-6 * (counts[0] ** 2 + 9 * counts[1] ** 2)
+
+    plan = _plan(_crossed_cost, spec, strategy=strategy, latency=latency)
+    full = latency({0: 256, 1: 256})
+    reached = {**plan.reached, "latency": latency(plan.counts) / full}
+    excess = {m: reached[m] - f for m, f in Budget.parse(spec).limits}
+    assert all(e <= 1e-9 for e in excess.values()), (spec, reached)
+    assert max(excess.values()) == pytest.approx(0.0, abs=0.02), (spec, reached)
+    assert plan.priced and set(plan.priced) <= set(Budget.parse(spec).fractions)
+
+
 # -- mbs-branch: one residual stage -------------------------------------------------------
 # A stem makes a stream of 64 channels (group 0, joined by the blocks' Adds); three blocks
 # each read it into a branch of 64 (groups 1-3) and write it back: block i costs
