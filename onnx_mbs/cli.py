@@ -115,7 +115,7 @@ def _print_reduce_summary(report, args: argparse.Namespace) -> None:
     )
     cut = "nothing cut" if plan.threshold is None else f"cut at {plan.threshold:.4g}"
     if plan.strategy in COST_AWARE:
-        knob = f"worth per unit of {'+'.join(plan.priced)}, {cut}"
+        knob = f"worth per unit of {plan.price_text}, {cut}"
     elif plan.width_map is None:
         knob = f"one importance ranking over all free groups, {cut}"
     else:

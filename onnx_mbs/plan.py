@@ -21,13 +21,16 @@ importance-based pruners (Torch-Pruning's global pruning), see `_global_ranking`
 
 The `mbs-cost` strategy prices channels: MBS says what a channel is worth,
 the budget's metric what it costs, and one ranking of worth per unit of cost
-cuts the cheapest worth first (see `_cost_aware` and docs/strategies.md).
+cuts the cheapest worth first (see `_cost_aware` and docs/strategies.md). Of a combined
+budget, the metric of the limit that binds prices, or a bisected mix of two where both
+bind (`_weigh_limits`).
 `mbs-branch` is the same ranking with the joined groups (residual streams) last:
 the ranking alone is indifferent between a stream and the branches on it.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
@@ -62,6 +65,8 @@ STRATEGIES = ("mbs", "mbs-cost", "mbs-branch", "uniform", "global")
 COST_AWARE = ("mbs-cost", "mbs-branch")  # the strategies that price channels
 PRICE_ROUNDS = 3  # mbs-cost: prices re-read at the plan they give, until the counts settle
 PRICE_STEPS = 8  # mbs-cost under latency: prices read on 8 grid steps per group
+MIX_STEPS = 8  # mbs-cost, combined budget: bisections of the weight between two limits' prices
+BINDS_WITHIN = 0.01  # a limit binds when it is this close to its fraction as the closest one
 Latency = Callable[[Mapping[int, int]], float]  # group counts -> predicted seconds
 # What a free group of size 1 is, in the words its refusals use.
 SINGLE_UNIT = (
@@ -243,7 +248,8 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     threshold: float | None = None  # `global`: normalised importance of the last channel cut;
     # `mbs-cost`: the multiplier lambda, worth per unit of cost of the last channel cut
-    priced: tuple[str, ...] = ()  # `mbs-cost`: the metrics a channel's cost is summed over
+    priced: tuple[str, ...] = ()  # `mbs-cost`: the metrics a channel's price weighs
+    price_weights: tuple[float, ...] = ()  # `mbs-cost`: each priced metric's weight (sum 1)
     strategy_reason: str = ""  # why this strategy ran (asked, or what `auto` chose and why)
 
     @property
@@ -274,6 +280,24 @@ class Plan:
         if self.latency is not None:
             reached["latency"] = self.latency[1] / self.latency[0]
         return reached
+
+    @property
+    def binding(self) -> tuple[str, ...]:
+        """The budget's limits that bind: those as close to their fraction as the closest one
+        (within BINDS_WITHIN); the others keep room below theirs."""
+        if self.budget is None:
+            return ()
+        reached = self.reached
+        room = {m: f - reached[m] for m, f in self.budget.limits if m in reached}
+        least = min(room.values(), default=0.0)
+        return tuple(m for m, r in room.items() if r <= least + BINDS_WITHIN)
+
+    @property
+    def price_text(self) -> str:
+        """What a channel's price weighs: "params", or "0.62 params + 0.38 flops"."""
+        if len(self.priced) < 2:
+            return "".join(self.priced)
+        return " + ".join(f"{w:.3g} {m}" for m, w in zip(self.priced, self.price_weights))
 
     @property
     def missed(self) -> list[str]:
@@ -319,6 +343,7 @@ class Plan:
             ),
             "budget": None if self.budget is None else self.budget.fractions,
             "reached": self.reached,
+            "binding": list(self.binding),
             "notes": self.notes,
         }
 
@@ -461,12 +486,15 @@ def plan_widths(
         after = step_fractions(counts, ids, new, [m for m, _ in limits])
         return np.max([after[m] - f for m, f in limits], axis=0).tolist()
 
-    def price_curves(counts: Mapping[int, int]) -> dict[int, np.ndarray]:
-        """Per free group g: price[k - 1] = what its k-th channel costs, the budget's
-        fractions summed over its metrics, g keeping k channels against k - 1 and every
-        other group as in `counts`. Read every channel for params and MACs (one vectorised
-        query), on a grid of PRICE_STEPS points per group for latency (measured in steps)."""
-        metrics = [m for m, _ in limits]
+    def price_curves(
+        counts: Mapping[int, int], weights: Mapping[str, float]
+    ) -> dict[int, np.ndarray]:
+        """Per free group g: price[k - 1] = what its k-th channel costs, the fractions of the
+        metrics in `weights` summed with those weights, g keeping k channels against k - 1 and
+        every other group as in `counts`. Read every channel for params and MACs (one
+        vectorised query), on a grid of PRICE_STEPS points per group for latency (measured
+        in steps)."""
+        metrics = list(weights)
         exact = "latency" not in metrics
         ids, ks, spans = [], [], []
         for g in free:
@@ -476,7 +504,7 @@ def plan_widths(
             ids += [g.id] * len(grid)
             ks += grid
         after = step_fractions(counts, ids, ks, metrics)
-        total = np.sum([after[m] for m in metrics], axis=0)
+        total = np.sum([w * after[m] for m, w in weights.items()], axis=0)
         curves = {}
         for g, (a, b) in zip(free, spans):
             cumulative = np.interp(np.arange(g.size + 1), ks[a:b], total[a:b])
@@ -505,7 +533,7 @@ def plan_widths(
         own_notes.append(
             f"{strategy} matched to the size MBS reaches at {mbs_map} (params {size:.3f})"
         )
-    threshold, chosen = None, None
+    threshold, chosen, weights = None, None, {}
     if strategy == "global":
         ranked, counts_at = _global_ranking(groups, free, importance, channel_multiple, beta_min)
         cut = _solve_cut(lambda k: excess(counts_at(k)), len(ranked))
@@ -513,17 +541,27 @@ def plan_widths(
         threshold = float(ranked[cut - 1]) if cut else None
     elif strategy in COST_AWARE:
         worth = _channel_worth(analysis, free, redundancy, fmap, cost, full)
-        joined_last = streams_last(strategy, [m for m, _ in limits])
-        counts, threshold = _cost_aware(
-            groups,
-            free,
-            importance,
-            worth,
-            price_curves,
-            excess,
-            channel_multiple,
-            beta_min,
-            joined_last,
+        gains = _channel_gains(free, importance, worth)
+
+        def allocate(
+            weights: Mapping[str, float], meet: Sequence[tuple[str, float]]
+        ) -> tuple[dict[int, int], float | None]:
+            return _cost_aware(
+                groups,
+                free,
+                gains,
+                lambda counts: price_curves(counts, weights),
+                lambda counts: max(fraction(m, counts) - f for m, f in meet),
+                channel_multiple,
+                beta_min,
+                streams_last(strategy, list(weights)),
+            )
+
+        counts, threshold, weights = _weigh_limits(
+            limits,
+            allocate,
+            lambda counts: {m: fraction(m, counts) - f for m, f in limits},
+            lambda counts: _kept_worth(gains, counts),
         )
     elif strategy == "uniform":
         # The width multiplier: parameter 0 makes every beta equal to the common scale.
@@ -600,7 +638,8 @@ def plan_widths(
         notes=[*own_notes, *notes],
         strategy_reason=strategy_reason,
         threshold=threshold,
-        priced=tuple(m for m, _ in limits) if strategy in COST_AWARE else (),
+        priced=tuple(weights),
+        price_weights=tuple(weights.values()),
     )
 
 
@@ -662,11 +701,83 @@ def _channel_worth(
     return worth
 
 
+def _channel_gains(
+    free: Sequence[GroupInfo], importance: Mapping[int, np.ndarray], worth: Mapping[int, float]
+) -> dict[int, np.ndarray]:
+    """Per free group g: gain[k - 1] = worth(g, k) = W(g) * log(S_g(k) / S_g(k - 1)), what its
+    k-th most important channel is worth (see _cost_aware). The first channel is never
+    weighed (beta_min keeps it): inf; a dead one is worth 0."""
+    gains = {}
+    for g in free:
+        raw = np.sort(np.asarray(importance[g.id], dtype=np.float64))[::-1]
+        kept = np.cumsum(raw)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            gain = np.log(kept[1:] / kept[:-1]) if raw.size else raw
+        gain = np.nan_to_num(np.concatenate([[np.inf], gain]), nan=0.0, posinf=np.inf)
+        gains[g.id] = worth[g.id] * gain[: raw.size]
+    return gains
+
+
+def _kept_worth(gains: Mapping[int, np.ndarray], counts: Mapping[int, int]) -> float:
+    """sum_g W(g) * log(S_g(c_g) / S_g(1)): the worth the counts keep, what mbs-cost
+    maximises (S_g(1) is a constant of the model)."""
+    return float(sum(gain[1 : counts[g]].sum() for g, gain in gains.items()))
+
+
+def _weigh_limits(
+    limits: Sequence[tuple[str, float]],
+    allocate: Callable[
+        [Mapping[str, float], Sequence[tuple[str, float]]], tuple[dict[int, int], float | None]
+    ],
+    excesses: Callable[[Mapping[int, int]], dict[str, float]],
+    kept_worth: Callable[[Mapping[int, int]], float],
+) -> tuple[dict[int, int], float | None, dict[str, float]]:
+    """mbs-cost's counts, multiplier and price weights under every limit of a budget.
+
+    The optimum of "most worth within every limit" has one multiplier per limit, and only a
+    limit that binds has one above 0: a channel's price is the limits' fractions weighed by
+    them. So each limit is planned alone first (`allocate(weights, limits to meet)`, priced
+    by that metric and cut to that limit, as a budget of it alone would be): a plan that
+    meets every other limit too is the optimum, that limit binds and the others keep room.
+    When none does, each limit's own plan overshoots another, and the optimum meets two at
+    once: the weight between their prices is bisected (MIX_STEPS times), each try cut until
+    every limit is met, towards where both bind (the limit the cut stopped on weighs more),
+    until both are within BINDS_WITHIN of their fractions.
+    Of the plans that meet every limit, the one keeping the most worth is returned (where
+    none does, the one of most worth: the caller refuses it). Summed prices (equal weights) met
+    the binding limit but overshot the other: params=0.6,flops=0.6 kept 0.26 of
+    MobileNetV2's parameters (0.60 now, flops 0.60 both times).
+    """
+    tried: list[tuple[bool, float, int, dict[int, int], float | None, dict[str, float]]] = []
+
+    def excess(weights: dict[str, float], meet: Sequence[tuple[str, float]]) -> dict[str, float]:
+        """Plans at these weights, cut to meet `meet`; each limit's excess."""
+        counts, multiplier = allocate(weights, meet)
+        over = excesses(counts)
+        fits = max(over.values()) <= 0
+        tried.append((fits, kept_worth(counts), -len(tried), counts, multiplier, weights))
+        return over
+
+    for metric, fraction in limits:
+        excess({metric: 1.0}, [(metric, fraction)])
+    if len(limits) > 1 and not any(t[0] for t in tried):
+        for a, b in itertools.combinations([m for m, _ in limits], 2):
+            low, high = 0.0, 1.0  # a's weight: a alone overshoots b's limit, b alone a's
+            for _ in range(MIX_STEPS):
+                mid = (low + high) / 2
+                over = excess({a: mid, b: 1.0 - mid}, limits)
+                at = max(over, key=over.__getitem__)  # the limit the cut stopped on
+                if at not in (a, b) or min(over[a], over[b]) >= -BINDS_WITHIN:
+                    break  # a third limit stops it, or both bind
+                low, high = (mid, high) if at == a else (low, mid)
+    best = max(tried, key=lambda t: t[:3])
+    return best[3], best[4], best[5]
+
+
 def _cost_aware(
     groups: Sequence[GroupInfo],
     free: Sequence[GroupInfo],
-    importance: Mapping[int, np.ndarray],
-    worth: Mapping[int, float],
+    gains: Mapping[int, np.ndarray],
     price_curves: Callable[[Mapping[int, int]], dict[int, np.ndarray]],
     excess: Callable[[Mapping[int, int]], float],
     multiple: int,
@@ -679,8 +790,9 @@ def _cost_aware(
     W(g) from _channel_worth and S_g(k) the importance of g's k most important channels: a
     group's worth grows with the log of the importance it keeps (every halving costs alike,
     as uniform scaling assumes), weighted by the effective flops it carries. So the k-th
-    channel of g is worth W(g) * log(S_g(k) / S_g(k - 1)) and costs price_g(k), what the
-    metric(s) grow by from k - 1 to k channels. Every channel is ranked by worth / price,
+    channel of g is worth W(g) * log(S_g(k) / S_g(k - 1)) (`gains`, _channel_gains) and
+    costs price_g(k), what the priced metric(s) grow by from k - 1 to k channels (weighed
+    as _weigh_limits chose). Every channel is ranked by worth / price,
     and the fewest lowest-ranked whose cut meets every limit are cut (bisection over the
     ranking; lambda is the ratio of the last one cut). A group's price depends on its
     neighbours' counts (a conv's MACs are c_in * c_out), so prices are read again at the
@@ -694,20 +806,11 @@ def _cost_aware(
     W log s + W log b is the same for every split of s * b, and the importance decides by
     chance. A cut branch channel is lost to one block, a cut stream channel to every block.
     """
-    normalised = {}
-    for g in free:
-        raw = np.sort(np.asarray(importance[g.id], dtype=np.float64))[::-1]
-        kept = np.cumsum(raw)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            gain = np.log(kept[1:] / kept[:-1]) if raw.size else raw
-        # The first channel is never weighed (beta_min keeps it); a dead one is worth 0.
-        gain = np.nan_to_num(np.concatenate([[np.inf], gain]), nan=0.0, posinf=np.inf)
-        normalised[g.id] = worth[g.id] * gain[: raw.size]
     counts = {g.id: g.size for g in groups}
     multiplier = None
     for _ in range(PRICE_ROUNDS):
         price = price_curves(counts)
-        ratios = {g: normalised[g] / price[g] for g in normalised}
+        ratios = {g: gains[g] / price[g] for g in gains}
         ranked, counts_at = _global_ranking(
             groups, free, ratios, multiple, beta_min, False, last=joined_last
         )
@@ -732,14 +835,19 @@ def cost_aware_formula(plan: Plan) -> str:
     fmap = plan.width_map
     f = "1 - c * R(m)" if fmap.kind == "linear" else "(1 - R(m)) ** gamma"
     cut = "nothing cut" if plan.threshold is None else f"lambda = {plan.threshold:.4g}"
+    priced = (
+        f"the fraction of the original {plan.price_text or 'cost'}"
+        if len(plan.priced) < 2
+        else f"{plan.price_text} (fractions of the original; neither limit's own plan meets "
+        "the other, so the weights are bisected towards where both bind)"
+    )
     return (
         f"cost-aware MBS: g keeps its k-th channel while worth(g, k) / price(g, k) > lambda; "
         f"worth(g, k) = W(g) * log(S_g(k) / S_g(k - 1)), S_g(k) the importance of g's k most "
         f"important channels; W(g) = f(R(m_g)) * rho(m_g) * MACs(g) / MACs, MACs(g) those of "
         f"the layers g feeds or makes, rho(m) = E(m) / MACs(m), f = {f} with {fmap.knob} = "
         f"{fmap.value:g}, R(m) = 1 - E_B(m) / E(m), m_g the group's macroblock of largest f; "
-        f"price(g, k) = what the fraction of the "
-        f"original {' + '.join(plan.priced) or 'cost'} grows by from k - 1 to k channels "
+        f"price(g, k) = what {priced} grows by from k - 1 to k channels "
         f"of g, the other groups as planned; {cut} by bisection over the ranking, so "
         f"that every limit is met; counts rounded up to a multiple of {plan.channel_multiple}, "
         f"never below beta_min = {plan.beta_min:g} of the group; "

@@ -88,6 +88,7 @@ def report_dict(report: ReduceReport) -> dict:
             "asked": plan.budget.fractions,
             "reached": {m: plan.reached[m] for m in plan.budget.fractions},
             "missed": plan.missed,
+            "binding": list(plan.binding),
         },
         "reached": {
             "params": report.after.total_params / report.before.total_params,
@@ -218,7 +219,8 @@ def markdown(report: ReduceReport) -> str:
 
 def budget_text(plan: Plan, digits: int) -> str:
     """ "params=0.5 asked, params 0.4979 reached": a limit the written model is over (a measured
-    latency, the closest of the plans tried) is said to be missed, not reached."""
+    latency, the closest of the plans tried) is said to be missed, not reached. Of several
+    limits, it says which bind and which have room ("; flops binds, params has room")."""
     assert plan.budget is not None
     missed = plan.missed
     met = [f"{m} {plan.reached[m]:.{digits}f}" for m, _ in plan.budget.limits if m not in missed]
@@ -229,7 +231,15 @@ def budget_text(plan: Plan, digits: int) -> str:
         for m, f in plan.budget.limits
         if m in missed
     ]
-    return f"{plan.budget} asked, {', '.join(parts)}"
+    text = f"{plan.budget} asked, {', '.join(parts)}"
+    if len(plan.budget.limits) < 2 or missed:
+        return text
+    binding = plan.binding
+    room = [m for m, _ in plan.budget.limits if m not in binding]
+    verb = "binds" if len(binding) == 1 else "bind"
+    return f"{text}; {' and '.join(binding)} {verb}" + (
+        f", {' and '.join(room)} {'has' if len(room) == 1 else 'have'} room" if room else ""
+    )
 
 
 def _md_table(headers, rows) -> str:

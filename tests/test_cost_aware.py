@@ -172,7 +172,56 @@ def test_combined_budget_meets_every_limit():
         excess = {m: plan.reached[m] - f for m, f in Budget.parse(spec).fractions.items()}
         assert all(e <= 0.02 for e in excess.values()), (spec, plan.reached)
         assert max(excess.values()) == pytest.approx(0.0, abs=0.02)
-        assert plan.priced == ("params", "flops")
+
+
+def _crossed_cost(c):
+    """Group 1 costs 4x group 0's parameters, group 0 4x group 1's MACs."""
+    return int(c[0] ** 2 + 4 * c[1] ** 2), int(4 * c[0] ** 2 + c[1] ** 2)
+
+
+def test_combined_budget_where_one_limit_binds_keeps_that_limit_s_own_plan():
+    # flops=0.6 alone (W0 = 0.7 * 4/5, W1 = 0.9 * 1/5, hand optimum: c0 ~ 193, c1 ~ 219) keeps
+    # 0.70 of the parameters, within params=0.9: it is the plan. Prices summed over both
+    # metrics cut the parameter-heavy group 1 to 123 and kept 0.32 of the parameters.
+    plan = _plan(_crossed_cost, "params=0.9,flops=0.6")
+    c0, c1 = _hand_counts(0.7 * 0.8, 0.9 * 0.2, 4.0, 1.0, 0.6)
+    assert (plan.counts[0], plan.counts[1]) == (
+        pytest.approx(c0, abs=2),
+        pytest.approx(c1, abs=2),
+    )
+    assert plan.reached["flops"] == pytest.approx(0.6, abs=0.01) and plan.reached["flops"] <= 0.6
+    assert 0.65 < plan.reached["params"] <= 0.9
+    assert plan.binding == ("flops",) and plan.priced == ("flops",)
+    assert "original flops grows" in plan.formula
+
+
+def test_combined_budget_where_both_limits_bind_meets_both_at_their_value():
+    # Neither limit's own plan meets the other (flops alone keeps 0.70 of the parameters,
+    # params alone 0.90 of the MACs): both bind at the optimum, c0 = c1 = 256 * sqrt(0.6)
+    # ~ 198. Summed prices kept 0.32 of the parameters.
+    plan = _plan(_crossed_cost, "params=0.6,flops=0.6")
+    assert plan.counts[0] == pytest.approx(198, abs=4)
+    assert plan.counts[1] == pytest.approx(198, abs=4)
+    for metric in ("params", "flops"):
+        assert plan.reached[metric] == pytest.approx(0.6, abs=0.02) and plan.reached[metric] <= 0.6
+    assert plan.binding == ("params", "flops") and plan.priced == ("params", "flops")
+    assert len(plan.price_weights) == 2 and sum(plan.price_weights) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("strategy", COST_AWARE)
+@pytest.mark.parametrize("spec", ["params=0.9,latency=0.6", "params=0.6,flops=0.7,latency=0.5"])
+def test_combined_budget_with_a_latency_limit_meets_every_limit(strategy, spec):
+    # Time grows with group 1's channels 9x as fast as with group 0's: a third price.
+    def latency(counts):
+        return 1e-6 * (counts[0] ** 2 + 9 * counts[1] ** 2)
+
+    plan = _plan(_crossed_cost, spec, strategy=strategy, latency=latency)
+    full = latency({0: 256, 1: 256})
+    reached = {**plan.reached, "latency": latency(plan.counts) / full}
+    excess = {m: reached[m] - f for m, f in Budget.parse(spec).limits}
+    assert all(e <= 1e-9 for e in excess.values()), (spec, reached)
+    assert max(excess.values()) == pytest.approx(0.0, abs=0.02), (spec, reached)
+    assert plan.priced and set(plan.priced) <= set(Budget.parse(spec).fractions)
 
 
 # -- mbs-branch: one residual stage -------------------------------------------------------

@@ -110,6 +110,19 @@ def test_budget_given_twice_meets_both(bundled_model_path, capsys):
     assert "params is given twice" in capsys.readouterr().err
 
 
+def test_combined_budget_keeps_the_most_the_binding_limit_allows(bundled_model_path, capsys):
+    # mbs-branch summed both metrics' prices: flops landed on 0.6 but params went to 0.347,
+    # far under its 0.6. Now the plan grows until one limit binds and says which.
+    argv = ["reduce", str(bundled_model_path), "--dry-run", "--strategy", "mbs-branch"]
+    assert main([*argv, "--json", "--budget", "params=0.6", "--budget", "flops=0.6"]) == 0
+    budget = json.loads(capsys.readouterr().out)["budget"]
+    reached = budget["reached"]
+    assert 0.58 <= reached["flops"] <= 0.6 and 0.55 <= reached["params"] <= 0.6, reached
+    assert budget["binding"] == ["flops"]
+    assert main([*argv, "--budget", "params=0.7,flops=0.5"]) == 0
+    assert "flops binds, params has room (mbs-branch" in capsys.readouterr().out
+
+
 def test_bundled_model_cli_with_report(bundled_model_path, tmp_path, capsys):
     out = tmp_path / "small.onnx"
     before = hashlib.sha256(bundled_model_path.read_bytes()).hexdigest()
