@@ -133,7 +133,7 @@ def explain_cut(plan: Plan, groups: Sequence[ChannelGroup]) -> None:
 
 
 def reduce(
-    model: str | os.PathLike | onnx.ModelProto | Any,
+    model: str | os.PathLike | onnx.ModelProto | bytes | Any,
     data: Any = None,
     options: ReduceOptions | None = None,
     **overrides: Any,
@@ -147,8 +147,8 @@ def reduce(
     picks one per budget metric from the experiment's results, onnx_mbs.auto; "mbs",
     "mbs-cost", "mbs-branch", "uniform" or "global"), importance (a registered name, an
     Importance or a factory of one), ...
-    `model` may also be an onnx-graphsurgeon Graph (`onnx_mbs.interop`). The input model
-    is never modified.
+    `model` may also be a serialized model (bytes) or an onnx-graphsurgeon Graph
+    (`onnx_mbs.interop`). The input model is never modified.
     """
     options = ReduceOptions.of(options, **overrides).checked(has_data=data is not None)
     laps = Laps()

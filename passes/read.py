@@ -29,10 +29,13 @@ QUANTIZED_OPS = {
 }
 
 
+SERIALIZED = (bytes, bytearray, memoryview)  # a model as onnxruntime and Polygraphy pass it
+
+
 def read_model(
-    source: str | os.PathLike | onnx.ModelProto, quantized: bool = False
+    source: str | os.PathLike | onnx.ModelProto | bytes, quantized: bool = False
 ) -> onnx.ModelProto:
-    """Read an ONNX file (with external data) or copy a ModelProto.
+    """Read an ONNX file (with external data), or copy a ModelProto or parse its bytes.
 
     Refuses what MBS cannot work on: not ONNX, truncated, invalid, quantized (unless
     `quantized`: a graph to run, not to reduce). Nodes listed before the nodes they read
@@ -40,6 +43,8 @@ def read_model(
     onnxruntime orders them before it runs a model.
     """
     path = None
+    if isinstance(source, SERIALIZED):
+        source = parse_model(source)
     if isinstance(source, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(source)
@@ -91,6 +96,18 @@ def read_model(
     except onnx.checker.ValidationError as e:
         first = str(e).strip().splitlines()[0]
         raise BadInputError(f"the model is not valid ONNX: {first}") from None
+    return model
+
+
+def parse_model(data: bytes | bytearray | memoryview) -> onnx.ModelProto:
+    """The ModelProto that serialized `data` holds; what is not one is refused."""
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(bytes(data))
+    except DecodeError as e:
+        raise BadInputError(f"the given bytes are not a valid ONNX model ({e})") from None
+    if not model.graph.node:
+        raise BadInputError("the given bytes are not an ONNX model (no graph nodes found)")
     return model
 
 

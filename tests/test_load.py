@@ -335,3 +335,20 @@ def test_nodes_listed_out_of_order_are_read_in_order(tmp_path, capsys):
     onnx.checker.check_model(written, full_check=True)
     assert [n.name for n in written.graph.node] == [n.name for n in reversed(nodes)]
     capsys.readouterr()
+
+
+def test_a_serialized_model_is_read_as_its_model_proto():
+    """onnxruntime and Polygraphy's BytesFromOnnx pass models as bytes; `reduce` raised
+    pathlib's "argument should be a str object ..., not <class 'bytes'>"."""
+    from onnx_mbs.pipeline import reduce
+
+    model = conv_relu_model(["N", 3, 8, 8])
+    data = model.SerializeToString()
+    assert load_model(data) == load_model(model)
+    small, report = reduce(data, None, budget="params=0.6", channel_multiple=1)
+    assert report.plan.changes_anything
+    assert small == reduce(model, None, budget="params=0.6", channel_multiple=1)[0]
+    for bad in (b"this is not onnx at all", data[:200], b""):
+        with pytest.raises(BadInputError, match="not a valid ONNX model|no graph nodes") as e:
+            load_model(bad)
+        assert "\n" not in str(e.value)
