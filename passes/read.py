@@ -91,6 +91,7 @@ def read_model(
             "reduce the float model first, then quantize"
         )
     in_order(model.graph)
+    undeclared_io(model.graph)
     try:
         check_model(model)  # the weights checked a tensor at a time: no copy of them
     except onnx.checker.ValidationError as e:
@@ -109,6 +110,26 @@ def parse_model(data: bytes | bytearray | memoryview) -> onnx.ModelProto:
     if not model.graph.node:
         raise BadInputError("the given bytes are not an ONNX model (no graph nodes found)")
     return model
+
+
+def undeclared_io(graph: onnx.GraphProto) -> None:
+    """Refuse graph inputs and outputs declared without a type or a tensor's shape (onnx-ir
+    writes a value whose shape is None so), naming them: onnx's checker requires both and
+    names none; onnxruntime runs such a model."""
+    missing = [
+        f"graph {kind} {vi.name!r}"
+        for kind, values in (("input", graph.input), ("output", graph.output))
+        for vi in values
+        if not vi.HasField("type")
+        or (vi.type.HasField("tensor_type") and not vi.type.tensor_type.HasField("shape"))
+    ]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise BadInputError(
+            f"{', '.join(missing[:3])}{more} declare{'s' * (len(missing) == 1)} no shape, which "
+            "ONNX requires of graph inputs and outputs: declare one (dims may be named, "
+            "dynamic); onnx.shape_inference.infer_shapes fills in outputs"
+        )
 
 
 def check_model(model: onnx.ModelProto, full_check: bool = False) -> None:
