@@ -153,7 +153,8 @@ def reduce(
     options = ReduceOptions.of(options, **overrides).checked(has_data=data is not None)
     laps = Laps()
     providers = runtime_providers(options, has_data=data is not None)
-    loaded = load(as_model(model), options.input_shapes)
+    given = options.mean is not None and options.std is not None
+    loaded = load(as_model(model, preprocessing_given=given), options.input_shapes)
     origin, held = loaded.origin, HeldModel(loaded.model)
     del loaded  # `held` is the analysis form's one owner: its weights can be lent out
     source = fit_data(data, held.model, options)

@@ -186,3 +186,15 @@ def test_onnx_ir_values_without_shapes_are_named_in_the_refusal(bundled_model_pa
     both = r"graph input 'input', graph output 'logits' declare no shape"
     with pytest.raises(BadInputError, match=both):
         reduce(ir.to_proto(model), None, budget=BUDGET)
+
+
+def test_graphsurgeon_graph_with_mean_and_std_given_does_not_warn(bundled_model_path, tmp_path):
+    """python.md's call, reduce(gs_graph, data, mean=..., std=...), warned "pass mean= and
+    std= to reduce": what the caller had done."""
+    data = write_npz(tmp_path / "x.npz", x=np.zeros((4, 1, 28, 28), np.uint8))
+    graph = gs.import_onnx(onnx.load(str(bundled_model_path)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        small, report = reduce(graph, data, budget=BUDGET, mean=[0.286], std=[0.353])
+    assert "as given" in report.preprocessing
+    assert {"onnx_mbs.mean", "onnx_mbs.std"} <= {p.key for p in small.metadata_props}
