@@ -15,6 +15,8 @@ import sys
 from onnxruntime.quantization import QuantFormat, quantize_static
 
 from onnx_mbs.calibration import CalibrationReader
+from onnx_mbs.passes import BadInputError
+from onnx_mbs.save import check_outputs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--per-channel", action="store_true", help="per-channel weight scales")
     args = parser.parse_args(argv)
-    reader = CalibrationReader(args.data, args.model, limit=args.limit)
+    try:  # the output never replaces what the run reads; bad input: one line, exit 2
+        check_outputs(
+            args.output, models={"the input model": args.model}, data={"--data": args.data}
+        )
+        reader = CalibrationReader(args.data, args.model, limit=args.limit)
+    except BadInputError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     quantize_static(
         args.model,
         args.output,

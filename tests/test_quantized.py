@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -12,6 +15,8 @@ from onnxruntime.quantization import QuantFormat, quantize_static
 from onnx_mbs.calibration import CalibrationReader
 from onnx_mbs.cli import main
 from onnx_mbs.models import FMNIST_SAMPLE, FMNIST_TRAIN_SAMPLE
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "quantise.py"
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +100,30 @@ def test_calibration_reader_gives_the_models_preprocessed_input(bundled_model_pa
     np.testing.assert_allclose(batches[0]["input"], (x / 255 - 0.286041) / 0.353024, atol=1e-5)
     reader.rewind()
     np.testing.assert_array_equal(reader.get_next()["input"], batches[0]["input"])
+
+
+def test_quantise_example_never_overwrites_its_input_and_refuses_in_one_line(
+    bundled_model_path, quantised, tmp_path
+):
+    """examples/quantise.py small.onnx small.onnx (or ./small.onnx) replaced the float model by
+    its int8 form; a model quantised already raised a QuantizedModelError traceback."""
+    model = tmp_path / "small.onnx"
+    model.write_bytes(bundled_model_path.read_bytes())
+    before = model.read_bytes()
+    runs = [
+        [str(model), str(tmp_path / "." / "small.onnx")],
+        [str(quantised["QDQ"]), str(tmp_path / "again.onnx")],
+    ]
+    errors = []
+    for args in runs:
+        done = subprocess.run(
+            [sys.executable, str(EXAMPLE), *args, "--data", str(FMNIST_SAMPLE), "--limit", "8"],
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+        errors.append(done.stderr)
+    assert "which this run reads" in errors[0] and "quantized graph" in errors[1]
+    assert model.read_bytes() == before
+    assert not (tmp_path / "again.onnx").exists()
