@@ -10,11 +10,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import random_images, write_npz
+from graphs import dynamic_input_model
 from onnxruntime.quantization import QuantFormat, quantize_static
 
 from onnx_mbs.calibration import CalibrationReader
 from onnx_mbs.cli import main
 from onnx_mbs.models import FMNIST_SAMPLE, FMNIST_TRAIN_SAMPLE
+from onnx_mbs.passes import BadInputError
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "quantise.py"
 
@@ -127,3 +130,24 @@ def test_quantise_example_never_overwrites_its_input_and_refuses_in_one_line(
     assert "which this run reads" in errors[0] and "quantized graph" in errors[1]
     assert model.read_bytes() == before
     assert not (tmp_path / "again.onnx").exists()
+
+
+def test_a_model_with_dynamic_height_and_width_is_calibrated_at_the_given_size(tmp_path):
+    """A reduced model keeps the original's dynamic H and W; CalibrationReader refused it with
+    advice to give input_shapes=..., which neither it nor examples/quantise.py took."""
+    model = tmp_path / "dyn.onnx"
+    onnx.save(dynamic_input_model(), model)
+    data = write_npz(tmp_path / "rgb.npz", **random_images(8, (3, 24, 20), labels=False))
+    with pytest.raises(BadInputError, match="input_shapes="):
+        CalibrationReader(data, model)
+    reader = CalibrationReader(data, model, batch_size=4, input_shapes={"input": [1, 3, 24, 20]})
+    assert [b["input"].shape for b in iter(reader.get_next, None)] == [(4, 3, 24, 20)] * 2
+    out = tmp_path / "dyn.int8.onnx"
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLE), str(model), str(out), "--data", data]
+        + ["--input-shape", "input:1,3,24,20"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "QuantizeLinear" in {n.op_type for n in onnx.load(str(out)).graph.node}
