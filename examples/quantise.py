@@ -15,6 +15,8 @@ import sys
 from onnxruntime.quantization import QuantFormat, quantize_static
 
 from onnx_mbs.calibration import CalibrationReader
+from onnx_mbs.passes import BadInputError, parse_input_shape
+from onnx_mbs.save import check_outputs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,8 +29,21 @@ def main(argv: list[str] | None = None) -> int:
         "--format", choices=["QDQ", "QOperator"], default="QDQ", help="(default: QDQ)"
     )
     parser.add_argument("--per-channel", action="store_true", help="per-channel weight scales")
+    parser.add_argument(
+        "--input-shape",
+        action="append",
+        metavar="NAME:D0,D1,...",
+        help="the size to calibrate at, for an input whose H, W are dynamic",
+    )
     args = parser.parse_args(argv)
-    reader = CalibrationReader(args.data, args.model, limit=args.limit)
+    try:  # the output never replaces what the run reads; bad input: one line, exit 2
+        check_outputs(
+            args.output, models={"the input model": args.model}, data={"--data": args.data}
+        )
+        shapes = dict(parse_input_shape(spec) for spec in args.input_shape or [])
+        reader = CalibrationReader(args.data, args.model, limit=args.limit, input_shapes=shapes)
+    except BadInputError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     quantize_static(
         args.model,
         args.output,

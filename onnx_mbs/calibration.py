@@ -22,11 +22,14 @@ import onnx
 from onnxruntime.quantization import CalibrationDataReader
 
 from onnx_mbs.data.fit import open_for_model
-from onnx_mbs.passes.load import read_model
+from onnx_mbs.passes import FixInputShapes
+from onnx_mbs.passes.load import analysis_shapes, read_model
+from onnx_mbs.passes.shapes import InputShapes
 
 
 class CalibrationReader(CalibrationDataReader):
-    """Input dicts of `batch_size` preprocessed samples of `data` (a --data spec) for `model`;
+    """Input dicts of `batch_size` preprocessed samples of `data` (a --data spec) for `model`
+    (`input_shapes`: the size to read images at where the model's H, W are dynamic);
     `rewind()` starts again (onnxruntime's calibrators may read twice)."""
 
     def __init__(
@@ -37,10 +40,13 @@ class CalibrationReader(CalibrationDataReader):
         limit: int | None = None,
         mean: Any = None,
         std: Any = None,
+        input_shapes: InputShapes | None = None,
     ) -> None:
-        self.source = open_for_model(
-            data, read_model(model), mean=mean, std=std, limit=limit, split="train"
-        )
+        read = read_model(model)
+        # Dynamic H, W (kept by reduce) are read at the given size, or the recorded imgsz.
+        if shapes := analysis_shapes(read, input_shapes):
+            read = FixInputShapes(shapes, batch=None)(read).model
+        self.source = open_for_model(data, read, mean=mean, std=std, limit=limit, split="train")
         self.batch_size = batch_size
         self._batches: Iterator[dict[str, np.ndarray]] | None = None
 

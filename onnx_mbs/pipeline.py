@@ -19,7 +19,7 @@ import onnx
 
 from onnx_mbs.data import DataSource
 from onnx_mbs.data.fit import data_text, has_labels, metadata, open_for_model, preprocessing
-from onnx_mbs.data.preprocess import Preprocess
+from onnx_mbs.data.preprocess import MEAN_KEY, STD_KEY, Preprocess
 from onnx_mbs.interop import as_model
 from onnx_mbs.measurements import drop_measurements
 from onnx_mbs.options import ReduceOptions
@@ -133,7 +133,7 @@ def explain_cut(plan: Plan, groups: Sequence[ChannelGroup]) -> None:
 
 
 def reduce(
-    model: str | os.PathLike | onnx.ModelProto | Any,
+    model: str | os.PathLike | onnx.ModelProto | bytes | Any,
     data: Any = None,
     options: ReduceOptions | None = None,
     **overrides: Any,
@@ -147,13 +147,14 @@ def reduce(
     picks one per budget metric from the experiment's results, onnx_mbs.auto; "mbs",
     "mbs-cost", "mbs-branch", "uniform" or "global"), importance (a registered name, an
     Importance or a factory of one), ...
-    `model` may also be an onnx-graphsurgeon Graph (`onnx_mbs.interop`). The input model
-    is never modified.
+    `model` may also be a serialized model (bytes) or an onnx-graphsurgeon Graph
+    (`onnx_mbs.interop`). The input model is never modified.
     """
     options = ReduceOptions.of(options, **overrides).checked(has_data=data is not None)
     laps = Laps()
     providers = runtime_providers(options, has_data=data is not None)
-    loaded = load(as_model(model), options.input_shapes)
+    given = options.mean is not None and options.std is not None
+    loaded = load(as_model(model, preprocessing_given=given), options.input_shapes)
     origin, held = loaded.origin, HeldModel(loaded.model)
     del loaded  # `held` is the analysis form's one owner: its weights can be lent out
     source = fit_data(data, held.model, options)
@@ -254,7 +255,12 @@ def given_preprocessing(mean: Any, std: Any, source: DataSource | None) -> Prepr
 def with_preprocessing(model: onnx.ModelProto, preprocess: Preprocess) -> onnx.ModelProto:
     """`model`, in place, with `preprocess`'s mean/std recorded in its metadata_props, so
     later commands (eval, retrain) read data as it was read here without being told again."""
-    recorded = {**metadata(model), **preprocess.metadata()}
+    return with_metadata(model, preprocess.metadata())
+
+
+def with_metadata(model: onnx.ModelProto, entries: Mapping[str, str]) -> onnx.ModelProto:
+    """`model`, in place, with `entries` set in its metadata_props (other keys kept)."""
+    recorded = {**metadata(model), **entries}
     del model.metadata_props[:]
     for key, value in recorded.items():
         model.metadata_props.add(key=key, value=value)
@@ -591,7 +597,8 @@ class MacroblockScaling(Pass):
         Sequential(FixInputShapes({"input": [1, 3, 224, 224]}),
                    MacroblockScaling("calib/", budget="params=0.5"))(model)
 
-    The result's model is the reduced one (the input itself when nothing is cut), declaring
+    The result's model is the reduced one (when nothing is cut, the input itself, or a copy
+    recording the `mean`/`std` given here where the input records others), declaring
     the inputs the pass was given: after FixInputShapes, the fixed shapes; give the size
     as `input_shapes=` instead to keep the input's dynamic dims. `result["mbs"]` is the
     ReduceReport.
@@ -606,6 +613,13 @@ class MacroblockScaling(Pass):
 
     def call(self, model: onnx.ModelProto) -> PassResult:
         reduced, report = reduce(model, self.data, self.options)
-        if not report.plan.changes_anything:  # nothing cut: the input itself
+        if report.plan.changes_anything:
+            return PassResult(reduced, True, {self.name: report})
+        # Nothing cut: the input itself, unless mean/std given here differ from what it
+        # records; reduce recorded them, and later commands read the data by that record.
+        record = {k: v for k, v in metadata(reduced).items() if k in (MEAN_KEY, STD_KEY)}
+        if all(metadata(model).get(k) == v for k, v in record.items()):
             return PassResult(model, False, {self.name: report})
-        return PassResult(reduced, True, {self.name: report})
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        return PassResult(with_metadata(out, record), True, {self.name: report})

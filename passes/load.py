@@ -21,7 +21,7 @@ from .errors import BadInputError
 from .graph import GraphIndex, static_shape
 from .integrity import check_made_sizes
 from .normalise import normalise_in_place, unique_names
-from .read import read_model
+from .read import SERIALIZED, parse_model, read_model
 from .shapes import FixInputShapes, InputShapes, disagree, settle
 from .stored import StoredCasts, collapse
 
@@ -127,7 +127,7 @@ class LoadedModel:
 
 
 def load(
-    source: str | os.PathLike | onnx.ModelProto, input_shapes: InputShapes | None = None
+    source: str | os.PathLike | onnx.ModelProto | bytes, input_shapes: InputShapes | None = None
 ) -> LoadedModel:
     """Read, check and normalise, read weights stored in another precision as they are
     used (stored.py), then fix input shapes and infer shapes and fold shape arithmetic
@@ -140,6 +140,8 @@ def load(
     folded constants that follow a dynamic dim are kept dynamic (dynamic.py), so the
     written model accepts every shape the original did.
     """
+    if isinstance(source, SERIALIZED):
+        source = parse_model(source)
     # One copy of the weights at a time where it can be (memory: issue 13): the copy
     # read is normalised in place; shapes are inferred into the fixed model, which is
     # that same copy when no input shape needs fixing, and then holds all load needs.
@@ -231,7 +233,7 @@ def _without_contradictions(io: onnx.ModelProto, analysed: onnx.ModelProto) -> N
 
 
 def load_model(
-    source: str | os.PathLike | onnx.ModelProto, input_shapes: InputShapes | None = None
+    source: str | os.PathLike | onnx.ModelProto | bytes, input_shapes: InputShapes | None = None
 ) -> onnx.ModelProto:
     """The analysis form of `source` (see `load`): the model every pass expects."""
     return load(source, input_shapes).model

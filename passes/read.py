@@ -29,10 +29,13 @@ QUANTIZED_OPS = {
 }
 
 
+SERIALIZED = (bytes, bytearray, memoryview)  # a model as onnxruntime and Polygraphy pass it
+
+
 def read_model(
-    source: str | os.PathLike | onnx.ModelProto, quantized: bool = False
+    source: str | os.PathLike | onnx.ModelProto | bytes, quantized: bool = False
 ) -> onnx.ModelProto:
-    """Read an ONNX file (with external data) or copy a ModelProto.
+    """Read an ONNX file (with external data), or copy a ModelProto or parse its bytes.
 
     Refuses what MBS cannot work on: not ONNX, truncated, invalid, quantized (unless
     `quantized`: a graph to run, not to reduce). Nodes listed before the nodes they read
@@ -40,6 +43,8 @@ def read_model(
     onnxruntime orders them before it runs a model.
     """
     path = None
+    if isinstance(source, SERIALIZED):
+        source = parse_model(source)
     if isinstance(source, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(source)
@@ -86,12 +91,45 @@ def read_model(
             "reduce the float model first, then quantize"
         )
     in_order(model.graph)
+    undeclared_io(model.graph)
     try:
         check_model(model)  # the weights checked a tensor at a time: no copy of them
     except onnx.checker.ValidationError as e:
         first = str(e).strip().splitlines()[0]
         raise BadInputError(f"the model is not valid ONNX: {first}") from None
     return model
+
+
+def parse_model(data: bytes | bytearray | memoryview) -> onnx.ModelProto:
+    """The ModelProto that serialized `data` holds; what is not one is refused."""
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(bytes(data))
+    except DecodeError as e:
+        raise BadInputError(f"the given bytes are not a valid ONNX model ({e})") from None
+    if not model.graph.node:
+        raise BadInputError("the given bytes are not an ONNX model (no graph nodes found)")
+    return model
+
+
+def undeclared_io(graph: onnx.GraphProto) -> None:
+    """Refuse graph inputs and outputs declared without a type or a tensor's shape (onnx-ir
+    writes a value whose shape is None so), naming them: onnx's checker requires both and
+    names none; onnxruntime runs such a model."""
+    missing = [
+        f"graph {kind} {vi.name!r}"
+        for kind, values in (("input", graph.input), ("output", graph.output))
+        for vi in values
+        if not vi.HasField("type")
+        or (vi.type.HasField("tensor_type") and not vi.type.tensor_type.HasField("shape"))
+    ]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise BadInputError(
+            f"{', '.join(missing[:3])}{more} declare{'s' * (len(missing) == 1)} no shape, which "
+            "ONNX requires of graph inputs and outputs: declare one (dims may be named, "
+            "dynamic); onnx.shape_inference.infer_shapes fills in outputs"
+        )
 
 
 def check_model(model: onnx.ModelProto, full_check: bool = False) -> None:

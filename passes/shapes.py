@@ -84,12 +84,12 @@ class FixInputShapes(Pass):
                         f"the model's input has {len(dims)}"
                     )
                 for d, w in zip(dims, wanted):
-                    if d.HasField("dim_value") and d.dim_value != w:
+                    if _fixed(d) and d.dim_value != w:
                         raise BadInputError(
                             f"{input_shape_option()} for {vi.name!r} gives {wanted}, but the model "
                             f"fixes dim {list(dims).index(d)} to {d.dim_value}"
                         )
-                    if not d.HasField("dim_value"):
+                    if not _fixed(d):
                         modified = True
                         if d.dim_param:
                             named[d.dim_param] = w
@@ -97,7 +97,7 @@ class FixInputShapes(Pass):
                 continue
             if static_shape(vi) is not None:
                 continue
-            dynamic = [k for k, d in enumerate(dims) if not d.HasField("dim_value")]
+            dynamic = [k for k, d in enumerate(dims) if not _fixed(d)]
             if dynamic == [0]:
                 if self.batch is not None:
                     if dims[0].dim_param:
@@ -105,9 +105,9 @@ class FixInputShapes(Pass):
                     dims[0].dim_value = self.batch
                     modified = True
                 continue
-            shown = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+            shown = [d.dim_value if _fixed(d) else (d.dim_param or "?") for d in dims]
             sizes = [
-                str(d.dim_value) if d.HasField("dim_value") else "1" if k == 0 else _size_name(d, k)
+                str(d.dim_value) if _fixed(d) else "1" if k == 0 else _size_name(d, k)
                 for k, d in enumerate(dims)
             ]
             unknown = ", ".join(x for x in sizes if not x.isdigit())
@@ -130,6 +130,11 @@ def _fix_named_dims(graph: onnx.GraphProto, named: dict[str, int]) -> None:
         for d in vi.type.tensor_type.shape.dim:
             if not d.HasField("dim_value") and d.dim_param in named:
                 d.dim_value = named[d.dim_param]
+
+
+def _fixed(dim: onnx.TensorShapeProto.Dimension) -> bool:
+    """Whether `dim` is a known size: -1 and 0 are dynamic, as exporters write them (Paddle)."""
+    return dim.HasField("dim_value") and dim.dim_value > 0
 
 
 def _size_name(dim: onnx.TensorShapeProto.Dimension, k: int) -> str:

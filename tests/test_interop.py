@@ -3,6 +3,7 @@ chain, an onnx-graphsurgeon Graph in."""
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import numpy as np
@@ -18,7 +19,7 @@ from test_layers import _imported_after
 from onnx_mbs.interop.graphsurgeon import to_model
 from onnx_mbs.interop.ir_pass import OnnxMbsPass
 from onnx_mbs.interop.polygraphy import ReduceOnnx
-from onnx_mbs.passes import NameNodes, count_parameters
+from onnx_mbs.passes import BadInputError, NameNodes, count_parameters
 from onnx_mbs.pipeline import MacroblockScaling, reduce
 
 BUDGET = "params=0.5"
@@ -163,3 +164,37 @@ def test_graphsurgeon_metadata_put_back(bundled_model_path):
     assert {p.key: p.value for p in model.metadata_props} == meta
     with pytest.raises(TypeError, match="onnx_graphsurgeon.Graph"):
         to_model(original)
+
+
+def test_onnx_ir_values_without_shapes_are_named_in_the_refusal(bundled_model_path):
+    """An ir.Model whose graph output (or input) lost its shape serialises without one, which
+    onnx's checker refuses on graph inputs and outputs (onnxruntime runs it): the refusal was
+    onnx's "Field 'shape' of 'type' is required but missing.", naming nothing."""
+    model = ir.from_proto(onnx.load(str(bundled_model_path)))
+    for node in model.graph:  # intermediate values without shapes are fine
+        for value in node.outputs:
+            value.shape = None
+    mbs = OnnxMbsPass(MacroblockScaling(None, budget=BUDGET))
+    with pytest.raises(ir.passes.PassError) as error:
+        ir.passes.PassManager([mbs])(model)
+    cause = error.value.__cause__.__cause__
+    assert isinstance(cause, BadInputError) and "\n" not in str(cause)
+    assert re.search(r"graph output 'logits' declares no shape.*infer_shapes", str(cause))
+    fixed = onnx.shape_inference.infer_shapes(ir.to_proto(model))
+    _check_reduced(reduce(fixed, None, budget=BUDGET)[0], onnx.load(str(bundled_model_path)))
+    model.graph.inputs[0].shape = None
+    both = r"graph input 'input', graph output 'logits' declare no shape"
+    with pytest.raises(BadInputError, match=both):
+        reduce(ir.to_proto(model), None, budget=BUDGET)
+
+
+def test_graphsurgeon_graph_with_mean_and_std_given_does_not_warn(bundled_model_path, tmp_path):
+    """python.md's call, reduce(gs_graph, data, mean=..., std=...), warned "pass mean= and
+    std= to reduce": what the caller had done."""
+    data = write_npz(tmp_path / "x.npz", x=np.zeros((4, 1, 28, 28), np.uint8))
+    graph = gs.import_onnx(onnx.load(str(bundled_model_path)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        small, report = reduce(graph, data, budget=BUDGET, mean=[0.286], std=[0.353])
+    assert "as given" in report.preprocessing
+    assert {"onnx_mbs.mean", "onnx_mbs.std"} <= {p.key for p in small.metadata_props}

@@ -335,3 +335,39 @@ def test_nodes_listed_out_of_order_are_read_in_order(tmp_path, capsys):
     onnx.checker.check_model(written, full_check=True)
     assert [n.name for n in written.graph.node] == [n.name for n in reversed(nodes)]
     capsys.readouterr()
+
+
+def test_a_serialized_model_is_read_as_its_model_proto():
+    """onnxruntime and Polygraphy's BytesFromOnnx pass models as bytes; `reduce` raised
+    pathlib's "argument should be a str object ..., not <class 'bytes'>"."""
+    from onnx_mbs.pipeline import reduce
+
+    model = conv_relu_model(["N", 3, 8, 8])
+    data = model.SerializeToString()
+    assert load_model(data) == load_model(model)
+    small, report = reduce(data, None, budget="params=0.6", channel_multiple=1)
+    assert report.plan.changes_anything
+    assert small == reduce(model, None, budget="params=0.6", channel_multiple=1)[0]
+    for bad in (b"this is not onnx at all", data[:200], b""):
+        with pytest.raises(BadInputError, match="not a valid ONNX model|no graph nodes") as e:
+            load_model(bad)
+        assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("unknown", [-1, 0])
+def test_fix_input_shapes_reads_dims_of_minus_one_and_zero_as_dynamic(unknown):
+    """Exporters (Paddle2ONNX) write a dynamic dim as -1 or 0, which load takes as dynamic; the
+    FixInputShapes pass on such a model (python.md's Sequential on `onnx.load(path)`) said
+    "the model fixes dim 0 to -1", or asked for `[-1, 3, 8, 8]` "with your -1"."""
+    model = conv_relu_model([unknown, 3, 8, 8])
+    given = FixInputShapes({"x": [2, 3, 8, 8]})(model)
+    assert given.modified and static_shape(given.model.graph.input[0]) == (2, 3, 8, 8)
+    batch = FixInputShapes()(model)
+    assert batch.modified and static_shape(batch.model.graph.input[0]) == (1, 3, 8, 8)
+    spatial = conv_relu_model([1, 3, unknown, unknown])
+    with pytest.raises(BadInputError, match=r"input_shapes=\{'x': \[1, 3, D2, D3\]\}"):
+        FixInputShapes()(spatial)
+    result = Sequential(FixInputShapes({"x": [1, 3, 16, 16]}), InferShapes(), FindMacroblocks())(
+        spatial
+    )
+    assert result["macroblocks"].macroblocks[0].resolution == (16, 16)

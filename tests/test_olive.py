@@ -121,3 +121,19 @@ def test_olive_pass_bad_input_is_raised_not_swallowed(bundled_model_path, tmp_pa
             package_config=package_config(),
         )
     assert not list((tmp_path / "out").glob("*.onnx"))
+
+
+def test_olive_dataset_reads_a_model_with_dynamic_height_and_width_at_the_given_size(tmp_path):
+    """The MBS pass takes input_shapes; the dataset that calibrates the quantisation after it
+    refused the reduced model (dynamic H, W kept) with advice to give input_shapes=."""
+    from conftest import random_images, write_npz
+    from graphs import dynamic_input_model
+    from olive.data.registry import Registry
+
+    model = tmp_path / "dyn.onnx"
+    onnx.save(dynamic_input_model(), model)
+    data = write_npz(tmp_path / "rgb.npz", **random_images(3, (3, 24, 20), labels=False))
+    samples = Registry.get_load_dataset_component(DATASET_NAME)(
+        data=data, model_path=str(model), input_shapes={"input": [1, 3, 24, 20]}
+    )
+    assert [tuple(x["input"].shape) for x, _ in samples] == [(3, 24, 20)] * 3

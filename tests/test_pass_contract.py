@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from conftest import random_images, write_npz
 from graphs import Builder, assert_same_outputs
 from onnx_builders import conv_relu_model
 
@@ -27,7 +28,7 @@ from onnx_mbs.passes import (
 )
 from onnx_mbs.passes.base import PassContractError
 from onnx_mbs.passes.errors import QuantizedModelError
-from onnx_mbs.pipeline import MacroblockScaling
+from onnx_mbs.pipeline import MacroblockScaling, reduce
 
 
 def _two_convs(width: int = 8) -> onnx.ModelProto:
@@ -217,3 +218,29 @@ def test_sequential_drops_analyses_of_a_model_a_later_pass_changed():
     assert result.modified and "macroblocks" not in result.analyses
     unchanged = Sequential(FindMacroblocks(), NameNodes())(load_model(conv_relu_model()))
     assert not unchanged.modified and "macroblocks" in unchanged.analyses
+
+
+def test_macroblock_scaling_that_cuts_nothing_keeps_the_preprocessing_it_was_given(tmp_path):
+    """The pass hands back its input when nothing is cut; given mean/std that the input does
+    not record, it handed back the input's own record (reduce and the command line write the
+    given one), so eval and retrain later read the data another way than the run did."""
+    model = conv_relu_model()
+    model.metadata_props.add(key="onnx_mbs.mean", value="0.1,0.1,0.1")
+    model.metadata_props.add(key="onnx_mbs.std", value="0.2,0.2,0.2")
+    data = write_npz(tmp_path / "d.npz", **random_images(8, (3, 8, 8), labels=False))
+    before = model.SerializeToString()
+    given = MacroblockScaling(data, budget="params=1.0", mean=[0.5] * 3, std=[0.25] * 3)
+    result = given(model)
+    written, _ = reduce(model, data, given.options)
+    assert result.modified and result.model is not model
+    assert _metadata(result.model) == _metadata(written)
+    assert _metadata(result.model)["onnx_mbs.mean"] == "0.5,0.5,0.5"
+    assert model.SerializeToString() == before
+    assert_same_outputs(model, result.model)
+    as_recorded = MacroblockScaling(data, budget="params=1.0", mean=[0.1] * 3, std=[0.2] * 3)
+    same = as_recorded(model)
+    assert not same.modified and same.model is model
+
+
+def _metadata(model: onnx.ModelProto) -> dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props}

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from conftest import random_images, write_npz
+from graphs import dynamic_input_model
 from onnxruntime.quantization import QuantFormat, quantize_static
 
 from onnx_mbs.calibration import CalibrationReader
 from onnx_mbs.cli import main
 from onnx_mbs.models import FMNIST_SAMPLE, FMNIST_TRAIN_SAMPLE
+from onnx_mbs.passes import BadInputError
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "quantise.py"
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +103,51 @@ def test_calibration_reader_gives_the_models_preprocessed_input(bundled_model_pa
     np.testing.assert_allclose(batches[0]["input"], (x / 255 - 0.286041) / 0.353024, atol=1e-5)
     reader.rewind()
     np.testing.assert_array_equal(reader.get_next()["input"], batches[0]["input"])
+
+
+def test_quantise_example_never_overwrites_its_input_and_refuses_in_one_line(
+    bundled_model_path, quantised, tmp_path
+):
+    """examples/quantise.py small.onnx small.onnx (or ./small.onnx) replaced the float model by
+    its int8 form; a model quantised already raised a QuantizedModelError traceback."""
+    model = tmp_path / "small.onnx"
+    model.write_bytes(bundled_model_path.read_bytes())
+    before = model.read_bytes()
+    runs = [
+        [str(model), str(tmp_path / "." / "small.onnx")],
+        [str(quantised["QDQ"]), str(tmp_path / "again.onnx")],
+    ]
+    errors = []
+    for args in runs:
+        done = subprocess.run(
+            [sys.executable, str(EXAMPLE), *args, "--data", str(FMNIST_SAMPLE), "--limit", "8"],
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+        errors.append(done.stderr)
+    assert "which this run reads" in errors[0] and "quantized graph" in errors[1]
+    assert model.read_bytes() == before
+    assert not (tmp_path / "again.onnx").exists()
+
+
+def test_a_model_with_dynamic_height_and_width_is_calibrated_at_the_given_size(tmp_path):
+    """A reduced model keeps the original's dynamic H and W; CalibrationReader refused it with
+    advice to give input_shapes=..., which neither it nor examples/quantise.py took."""
+    model = tmp_path / "dyn.onnx"
+    onnx.save(dynamic_input_model(), model)
+    data = write_npz(tmp_path / "rgb.npz", **random_images(8, (3, 24, 20), labels=False))
+    with pytest.raises(BadInputError, match="input_shapes="):
+        CalibrationReader(data, model)
+    reader = CalibrationReader(data, model, batch_size=4, input_shapes={"input": [1, 3, 24, 20]})
+    assert [b["input"].shape for b in iter(reader.get_next, None)] == [(4, 3, 24, 20)] * 2
+    out = tmp_path / "dyn.int8.onnx"
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLE), str(model), str(out), "--data", data]
+        + ["--input-shape", "input:1,3,24,20"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "QuantizeLinear" in {n.op_type for n in onnx.load(str(out)).graph.node}

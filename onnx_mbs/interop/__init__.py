@@ -18,13 +18,14 @@ from __future__ import annotations
 from typing import Any
 
 
-def as_model(model: Any) -> Any:
+def as_model(model: Any, preprocessing_given: bool = False) -> Any:
     """`model` as something `read_model` takes: an onnx-graphsurgeon Graph is exported
-    (with a warning about the metadata it dropped); anything else is returned as is."""
+    (with a warning about the metadata it dropped, unless the caller gave the mean and std
+    it held); anything else is returned as is."""
     if type(model).__module__.startswith("onnx_graphsurgeon"):
         from .graphsurgeon import to_model
 
-        return to_model(model)
+        return to_model(model, warn=not preprocessing_given)
     return model
 
 

@@ -21,12 +21,17 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     raise missing("onnx-graphsurgeon", e) from None
 
 
-def to_model(graph: gs.Graph, metadata: Mapping[str, str] | None = None) -> onnx.ModelProto:
-    """`graph` exported as a ModelProto, with `metadata` as its metadata_props."""
+def to_model(
+    graph: gs.Graph, metadata: Mapping[str, str] | None = None, warn: bool = True
+) -> onnx.ModelProto:
+    """`graph` exported as a ModelProto, with `metadata` as its metadata_props; without
+    them it warns, unless `warn` is False (`reduce` given mean= and std=)."""
     if not isinstance(graph, gs.Graph):
         raise TypeError(f"expected an onnx_graphsurgeon.Graph, not {type(graph).__name__}")
     model = gs.export_onnx(graph)
     if metadata is None:
+        if not warn:
+            return model
         warnings.warn(
             "an onnx-graphsurgeon Graph carries no metadata_props: the model's preprocessing "
             "(onnx_mbs.mean/std) and other metadata are lost; pass mean= and std= to reduce, "

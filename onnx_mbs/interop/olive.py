@@ -105,15 +105,20 @@ def onnx_mbs_data(
     limit: int | None = None,
     mean: list[float] | None = None,
     std: list[float] | None = None,
+    input_shapes: dict[str, list[int]] | None = None,
 ) -> list[tuple[dict[str, Any], int]]:
     """A --data spec as an Olive dataset of ({input: sample}, label) pairs, preprocessed for
-    the model at `model_path` as `onnx-mbs` does (mean/std default to its metadata): what
-    a workflow's quantisation calibrates on after MBS reduced on the same data."""
+    the model at `model_path` as `onnx-mbs` does (mean/std default to its metadata; images
+    read at `input_shapes` where its H, W are dynamic): what a workflow's quantisation
+    calibrates on after MBS reduced on the same data."""
     import torch
 
     from onnx_mbs.calibration import CalibrationReader
 
-    source = CalibrationReader(data, model_path, limit=limit, mean=mean, std=std).source
+    reader = CalibrationReader(
+        data, model_path, limit=limit, mean=mean, std=std, input_shapes=input_shapes
+    )
+    source = reader.source
     samples = []
     for batch in source.batches(256):
         labels = [-1] * len(batch.x) if batch.y is None else batch.y.tolist()
