@@ -487,31 +487,33 @@ def meet_latency(
     """Measure the written model against the original; when its latency fraction misses
     the asked one, re-plan with a corrected target: scaled by the miss at first (the
     prediction's error is mostly a factor), then by the secant through the two tries
-    nearest the asked fraction. Keeps the closest try; its measured latency goes into
-    the plan."""
+    nearest the asked fraction. Keeps the closest try that meets the asked fraction (the
+    largest model within it), else the closest of all; its measured latency goes into the
+    plan."""
     from onnx_mbs.latency import measure_models
 
     budget, latency = options.budget, planner.latency
     assert isinstance(budget, Budget) and latency is not None
     providers = choose_providers(options.providers)
     asked = target = budget.fractions["latency"]
-    tries = []  # (|miss|, attempt, target, measured fraction, candidate)
+    tries = []  # (over the asked fraction, |miss|, attempt, target, measured, candidate)
     candidate = first
     for attempt in range(LATENCY_RETRIES + 1):
         models = [runnable, candidate.model]
         before, after = measure_models(models, providers, threads=options.latency_threads)
         candidate = replace(candidate, plan=replace(candidate.plan, latency=(before, after)))
         measured = after / before
-        tries.append((abs(measured / asked - 1), attempt, target, measured, candidate))
-        if tries[-1][0] <= LATENCY_TOLERANCE or attempt == LATENCY_RETRIES:
+        over = "latency" in candidate.plan.missed
+        tries.append((over, abs(measured / asked - 1), attempt, target, measured, candidate))
+        if tries[-1][1] <= LATENCY_TOLERANCE or attempt == LATENCY_RETRIES:
             break
-        target = _next_target(asked, [(t[2], t[3]) for t in tries])
+        target = _next_target(asked, [(t[3], t[4]) for t in tries])
         try:
             plan = planner.plan(budget.with_fraction("latency", target))
         except BadInputError:  # the corrected target is out of reach: keep the best so far
             break
         candidate = shrink(replace(plan, budget=budget))
-    best: Rewritten = min(tries, key=lambda t: t[:2])[4]
+    best: Rewritten = min(tries, key=lambda t: t[:3])[5]
     plan = best.plan
     note = (
         f"latency: {asked:g} asked, {plan.reached['latency']:.3f} measured on {providers[0]} "

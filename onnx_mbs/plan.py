@@ -278,7 +278,8 @@ class Plan:
     @property
     def missed(self) -> list[str]:
         """The budget's metrics the written model is over: only a measured latency can be (the
-        pipeline keeps the closest of the plans it tried); params and MACs are met or refused."""
+        pipeline keeps the closest plan within it, else the closest of those it tried, when
+        none is); params and MACs are met or refused."""
         if self.budget is None:
             return []
         reached = self.reached

@@ -218,12 +218,14 @@ def markdown(report: ReduceReport) -> str:
 
 def budget_text(plan: Plan, digits: int) -> str:
     """ "params=0.5 asked, params 0.4979 reached": a limit the written model is over (a measured
-    latency, the closest of the plans tried) is said to be missed, not reached."""
+    latency, when every plan tried was over it) is said to be missed, not reached."""
     assert plan.budget is not None
     missed = plan.missed
     met = [f"{m} {plan.reached[m]:.{digits}f}" for m, _ in plan.budget.limits if m not in missed]
     parts = [f"{', '.join(met)} reached"] if met else []
-    noisy = ": the closest of the plans tried; measured latency is as noisy as the machine"
+    noisy = (
+        ": the closest of the plans tried, all over it; measured latency is as noisy as the machine"
+    )
     parts += [
         f"{m} {plan.reached[m]:.{digits}f} missed (over {f:g}{noisy if m == 'latency' else ''})"
         for m, f in plan.budget.limits
