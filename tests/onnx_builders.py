@@ -115,3 +115,25 @@ def conv_in_function(function_opset: int = 17) -> onnx.ModelProto:
     )
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid("local", 1)]
     return helper.make_model(graph, opset_imports=opsets, functions=[block], ir_version=10)
+
+
+def int8_weight_only() -> onnx.ModelProto:
+    """`conv_relu_model` whose conv weight is stored by hand as int8 with one float scale per
+    output channel: int8 initializer -> Cast to float -> Mul by the scale -> the Conv's weight
+    (weight-only int8 without DequantizeLinear)."""
+    model = conv_relu_model()
+    graph = model.graph
+    w = next(t for t in graph.initializer if t.name == "w")
+    value = numpy_helper.to_array(w)
+    scale = (np.abs(value).reshape(4, -1).max(1) / 127).astype(np.float32)
+    stored = np.round(value / scale[:, None, None, None]).astype(np.int8)
+    w.CopyFrom(numpy_helper.from_array(stored, "w_q"))
+    graph.initializer.append(numpy_helper.from_array(scale.reshape(4, 1, 1, 1), "w_s"))
+    dequantise = [
+        helper.make_node("Cast", ["w_q"], ["w_f"], name="cast", to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["w_f", "w_s"], ["w"], name="scale"),
+    ]
+    nodes = [*dequantise, *graph.node]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return model

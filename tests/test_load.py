@@ -12,7 +12,13 @@ import onnx
 import pytest
 from graphs import Builder
 from onnx import numpy_helper
-from onnx_builders import conv_in_function, conv_relu_model, quantized_in_function, quantized_model
+from onnx_builders import (
+    conv_in_function,
+    conv_relu_model,
+    int8_weight_only,
+    quantized_in_function,
+    quantized_model,
+)
 
 from onnx_mbs.cli import main
 from onnx_mbs.passes import (
@@ -204,6 +210,11 @@ def test_a_model_proto_whose_external_data_was_not_read_is_refused_in_one_line(t
             lambda p: onnx.save(quantized_in_function(), p),
             r"quantized graph \(DequantizeLinear\)",
         ),
+        (
+            lambda p: onnx.save(int8_weight_only(), p),
+            r"weight-only quantized graph: Conv 'conv' reads int8 initializer 'w_q' through "
+            r"Cast -> Mul",
+        ),
         (lambda p: onnx.save(conv_relu_model(["N", 3, "H", "W"]), p), "dynamic dims"),
         (lambda p: None, "model file not found"),
     ],
@@ -212,6 +223,7 @@ def test_a_model_proto_whose_external_data_was_not_read_is_refused_in_one_line(t
         "truncated",
         "quantized",
         "quantized-in-function",
+        "int8-weight-only",
         "dynamic-spatial",
         "missing",
     ],
@@ -392,3 +404,43 @@ def test_a_function_of_another_opset_holding_a_layer_is_refused_in_one_line():
     with pytest.raises(BadInputError, match=r"\(local\.Block\).*incompatible opset") as error:
         load_model(model)
     assert "\n" not in str(error.value)
+
+
+def test_int8_weight_only_storage_is_refused_not_baked_into_float():
+    """An int8 weight dequantised by Cast -> Mul was neither refused nor counted: `analyze`
+    left its 108 weights out of the total, and `reduce` folded the Cast and Mul into a float32
+    weight, writing the model without its int8 storage. Refused as a quantized graph, as
+    QDQ is; `eval` still runs it."""
+    from onnx_mbs.passes.errors import QuantizedModelError
+    from onnx_mbs.passes.read import read_model
+    from onnx_mbs.pipeline import reduce
+
+    model = int8_weight_only()
+    onnx.checker.check_model(model, full_check=True)
+    with pytest.raises(QuantizedModelError, match="dequantise the weights") as error:
+        reduce(model, budget="params=0.5", progress=False, evaluate_accuracy=False)
+    assert "\n" not in str(error.value)
+    assert read_model(model, quantized=True).graph.node[0].op_type == "Cast"
+
+
+def test_an_integer_constant_added_to_activations_is_no_stored_weight():
+    """Only constant computations are followed: x + Cast(int8) read as a conv's data is not
+    a stored weight, though a Conv reads it through Cast -> Add."""
+    from onnx import TensorProto, helper
+
+    from onnx_mbs.passes.read import integer_weight
+
+    model = conv_relu_model()
+    graph = model.graph
+    graph.initializer.append(numpy_helper.from_array(np.ones((1, 3, 1, 1), np.int8), "q"))
+    shift = [
+        helper.make_node("Cast", ["q"], ["qf"], name="cast", to=TensorProto.FLOAT),
+        helper.make_node("Add", ["x", "qf"], ["xq"], name="shift"),
+    ]
+    graph.node[0].input[0] = "xq"
+    nodes = [*shift, *graph.node]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    assert integer_weight(graph) is None
+    load_model(model)
+    assert "reads int8 initializer 'w_q'" in integer_weight(int8_weight_only().graph)
