@@ -82,7 +82,7 @@ class ReduceOptions:
         if self.strategy == "auto":
             strategy, reason = choose_strategy(budget)
         elif self.strategy in STRATEGIES:
-            strategy, reason = self.strategy, "asked with --strategy"
+            strategy, reason = self.strategy, f"asked with {option('--strategy', self.strategy)}"
         else:
             raise BadInputError(
                 f"unknown {option('--strategy')} {self.strategy!r}: use auto, "

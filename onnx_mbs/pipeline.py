@@ -96,7 +96,7 @@ def not_exact(groups: Sequence[ChannelGroup], plan: Plan) -> list[str]:
 
 
 def nothing_cut(groups: Sequence[ChannelGroup], plan: Plan) -> str:
-    """Why a plan keeps every channel, in one line."""
+    """Why a plan keeps every channel, in one line (naming options as the door in use does)."""
     free = [g for g in groups if not g.pinned and g.macroblocks]
     if not free:
         return "nothing can be cut: every channel group is pinned (see the pinned reasons)"
@@ -106,21 +106,23 @@ def nothing_cut(groups: Sequence[ChannelGroup], plan: Plan) -> str:
         return f"nothing can be cut: every free channel group is a single unit ({SINGLE_UNIT})"
     if all(round_channels(g.size, plan.beta_min, plan.channel_multiple) == g.size for g in free):
         largest = max(g.size for g in free)
+        multiple = option("--channel-multiple", plan.channel_multiple)
         return (
             f"nothing can be cut: every free channel group is at its smallest already (the "
-            f"largest has {largest} channels; a group keeps at least --channel-multiple "
-            f"{plan.channel_multiple} of them and --beta-min {plan.beta_min:g}, rounded up)"
+            f"largest has {largest} channels; a group keeps at least {multiple} of them and "
+            f"{option('--beta-min', plan.beta_min)}, rounded up)"
         )
     beta = {m.index: m.beta for m in plan.macroblocks}
     if plan.budget is None and all(beta.get(m) == 1.0 for g in free for m in g.macroblocks):
         return (
             "nothing can be cut: in every macroblock that makes free channels, each layer's "
             f"{plan.receptive_field} receptive field fits within its limit (R = 0, beta = 1); "
-            "MBS finds no redundancy there: give --budget to cut anyway"
+            f"MBS finds no redundancy there: give {option('--budget')} to cut anyway"
         )
     return (
         "nothing can be cut: the planned widths round back to every channel "
-        f"(--channel-multiple {plan.channel_multiple}, --beta-min {plan.beta_min:g})"
+        f"({option('--channel-multiple', plan.channel_multiple)}, "
+        f"{option('--beta-min', plan.beta_min)})"
     )
 
 

@@ -492,7 +492,8 @@ def plan_widths(
 
     own_notes: list[str] = []
     if width_map is not None and budget is not None and strategy in ("uniform", "global"):
-        own_notes.append(f"--width-map {fmap} is not used: {strategy} at a budget has none")
+        unused = option("--width-map", str(fmap))
+        own_notes.append(f"{unused} is not used: {strategy} at a budget has none")
     scale = 1.0
     value = fmap.value
     if strategy != "mbs" and budget is None:
