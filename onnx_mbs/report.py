@@ -218,7 +218,7 @@ def markdown(report: ReduceReport) -> str:
 
 def budget_text(plan: Plan, digits: int) -> str:
     """ "params=0.5 asked, params 0.4979 reached": a limit the written model is over (a measured
-    latency, when every plan tried was over it) is said to be missed, not reached."""
+    latency, the closest of the plans tried) is said to be missed, not reached."""
     assert plan.budget is not None
     missed = plan.missed
     met = [f"{m} {plan.reached[m]:.{digits}f}" for m, _ in plan.budget.limits if m not in missed]
