@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from onnx_mbs.data.augment import AUGMENT_CHOICES, PAD_CROP_MAX_SIDE
 from onnx_mbs.data.sources import default_workers
+from onnx_mbs.options import most_threads
 from onnx_mbs.passes import (
     DEFAULT_CRITERION,
     DEFAULT_RECEPTIVE_FIELD,
@@ -674,9 +675,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--latency-threads",
-        type=_number(int, 0),
+        type=_number(int, 0, most_threads()),
         default=0,
-        help="onnxruntime threads for latency=F measurements (default 0: one per core)",
+        help="onnxruntime threads for latency=F measurements (default 0: one per core; at "
+        f"most the {most_threads()} cores of this machine)",
     )
     p.add_argument(
         "--beta-min", type=_number(float, 1e-9, 1), default=0.1, help="smallest width scale"

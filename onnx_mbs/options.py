@@ -7,6 +7,7 @@ place for each setting's name, default and check.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -23,6 +24,12 @@ from onnx_mbs.passes import (
     option,
 )
 from onnx_mbs.plan import STRATEGIES, Budget, WidthMap
+
+
+def most_threads() -> int:
+    """The largest `latency_threads`: one per core. More only time the written model against
+    threads that wait for a core (100000 had onnxruntime start as many, for minutes)."""
+    return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -66,10 +73,16 @@ class ReduceOptions:
         budget = Budget.parse(self.budget) if isinstance(self.budget, str) else self.budget
         width_map = None if self.width_map is None else WidthMap.parse(self.width_map)
         check_reading(self.receptive_field)
+        threads = self.latency_threads
+        if type(threads) is not int or not 0 <= threads <= most_threads():
+            raise BadInputError(
+                f"{option('--latency-threads')} must be a whole number in [0, {most_threads()}] "
+                f"(0: one per core, at most this machine's {most_threads()} cores), got {threads!r}"
+            )
         if self.strategy == "auto":
             strategy, reason = choose_strategy(budget)
         elif self.strategy in STRATEGIES:
-            strategy, reason = self.strategy, "asked with --strategy"
+            strategy, reason = self.strategy, f"asked with {option('--strategy', self.strategy)}"
         else:
             raise BadInputError(
                 f"unknown {option('--strategy')} {self.strategy!r}: use auto, "

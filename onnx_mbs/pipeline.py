@@ -96,7 +96,7 @@ def not_exact(groups: Sequence[ChannelGroup], plan: Plan) -> list[str]:
 
 
 def nothing_cut(groups: Sequence[ChannelGroup], plan: Plan) -> str:
-    """Why a plan keeps every channel, in one line."""
+    """Why a plan keeps every channel, in one line (naming options as the door in use does)."""
     free = [g for g in groups if not g.pinned and g.macroblocks]
     if not free:
         return "nothing can be cut: every channel group is pinned (see the pinned reasons)"
@@ -106,21 +106,23 @@ def nothing_cut(groups: Sequence[ChannelGroup], plan: Plan) -> str:
         return f"nothing can be cut: every free channel group is a single unit ({SINGLE_UNIT})"
     if all(round_channels(g.size, plan.beta_min, plan.channel_multiple) == g.size for g in free):
         largest = max(g.size for g in free)
+        multiple = option("--channel-multiple", plan.channel_multiple)
         return (
             f"nothing can be cut: every free channel group is at its smallest already (the "
-            f"largest has {largest} channels; a group keeps at least --channel-multiple "
-            f"{plan.channel_multiple} of them and --beta-min {plan.beta_min:g}, rounded up)"
+            f"largest has {largest} channels; a group keeps at least {multiple} of them and "
+            f"{option('--beta-min', plan.beta_min)}, rounded up)"
         )
     beta = {m.index: m.beta for m in plan.macroblocks}
     if plan.budget is None and all(beta.get(m) == 1.0 for g in free for m in g.macroblocks):
         return (
             "nothing can be cut: in every macroblock that makes free channels, each layer's "
             f"{plan.receptive_field} receptive field fits within its limit (R = 0, beta = 1); "
-            "MBS finds no redundancy there: give --budget to cut anyway"
+            f"MBS finds no redundancy there: give {option('--budget')} to cut anyway"
         )
     return (
         "nothing can be cut: the planned widths round back to every channel "
-        f"(--channel-multiple {plan.channel_multiple}, --beta-min {plan.beta_min:g})"
+        f"({option('--channel-multiple', plan.channel_multiple)}, "
+        f"{option('--beta-min', plan.beta_min)})"
     )
 
 
@@ -493,31 +495,33 @@ def meet_latency(
     """Measure the written model against the original; when its latency fraction misses
     the asked one, re-plan with a corrected target: scaled by the miss at first (the
     prediction's error is mostly a factor), then by the secant through the two tries
-    nearest the asked fraction. Keeps the closest try; its measured latency goes into
-    the plan."""
+    nearest the asked fraction. Keeps the closest try that meets the asked fraction (the
+    largest model within it), else the closest of all; its measured latency goes into the
+    plan."""
     from onnx_mbs.latency import measure_models
 
     budget, latency = options.budget, planner.latency
     assert isinstance(budget, Budget) and latency is not None
     providers = choose_providers(options.providers)
     asked = target = budget.fractions["latency"]
-    tries = []  # (|miss|, attempt, target, measured fraction, candidate)
+    tries = []  # (over the asked fraction, |miss|, attempt, target, measured, candidate)
     candidate = first
     for attempt in range(LATENCY_RETRIES + 1):
         models = [runnable, candidate.model]
         before, after = measure_models(models, providers, threads=options.latency_threads)
         candidate = replace(candidate, plan=replace(candidate.plan, latency=(before, after)))
         measured = after / before
-        tries.append((abs(measured / asked - 1), attempt, target, measured, candidate))
-        if tries[-1][0] <= LATENCY_TOLERANCE or attempt == LATENCY_RETRIES:
+        over = "latency" in candidate.plan.missed
+        tries.append((over, abs(measured / asked - 1), attempt, target, measured, candidate))
+        if tries[-1][1] <= LATENCY_TOLERANCE or attempt == LATENCY_RETRIES:
             break
-        target = _next_target(asked, [(t[2], t[3]) for t in tries])
+        target = _next_target(asked, [(t[3], t[4]) for t in tries])
         try:
             plan = planner.plan(budget.with_fraction("latency", target))
         except BadInputError:  # the corrected target is out of reach: keep the best so far
             break
         candidate = shrink(replace(plan, budget=budget))
-    best: Rewritten = min(tries, key=lambda t: t[:2])[4]
+    best: Rewritten = min(tries, key=lambda t: t[:3])[5]
     plan = best.plan
     note = (
         f"latency: {asked:g} asked, {plan.reached['latency']:.3f} measured on {providers[0]} "

@@ -302,7 +302,8 @@ class Plan:
     @property
     def missed(self) -> list[str]:
         """The budget's metrics the written model is over: only a measured latency can be (the
-        pipeline keeps the closest of the plans it tried); params and MACs are met or refused."""
+        pipeline keeps the closest plan within it, else the closest of those it tried, when
+        none is); params and MACs are met or refused."""
         if self.budget is None:
             return []
         reached = self.reached
@@ -519,7 +520,8 @@ def plan_widths(
 
     own_notes: list[str] = []
     if width_map is not None and budget is not None and strategy in ("uniform", "global"):
-        own_notes.append(f"--width-map {fmap} is not used: {strategy} at a budget has none")
+        unused = option("--width-map", str(fmap))
+        own_notes.append(f"{unused} is not used: {strategy} at a budget has none")
     scale = 1.0
     value = fmap.value
     if strategy != "mbs" and budget is None:

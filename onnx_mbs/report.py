@@ -225,7 +225,9 @@ def budget_text(plan: Plan, digits: int) -> str:
     missed = plan.missed
     met = [f"{m} {plan.reached[m]:.{digits}f}" for m, _ in plan.budget.limits if m not in missed]
     parts = [f"{', '.join(met)} reached"] if met else []
-    noisy = ": the closest of the plans tried; measured latency is as noisy as the machine"
+    noisy = (
+        ": the closest of the plans tried, all over it; measured latency is as noisy as the machine"
+    )
     parts += [
         f"{m} {plan.reached[m]:.{digits}f} missed (over {f:g}{noisy if m == 'latency' else ''})"
         for m, f in plan.budget.limits

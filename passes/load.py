@@ -18,6 +18,7 @@ import onnx
 from .base import Pass, PassResult
 from .dynamic_dims import KINDS, RunTimeShapes, keep_dynamic, other_shapes
 from .errors import BadInputError
+from .functions import functions_to_inline, inline_layers
 from .graph import GraphIndex, static_shape
 from .integrity import check_made_sizes
 from .normalise import normalise_in_place, unique_names
@@ -129,7 +130,8 @@ class LoadedModel:
 def load(
     source: str | os.PathLike | onnx.ModelProto | bytes, input_shapes: InputShapes | None = None
 ) -> LoadedModel:
-    """Read, check and normalise, read weights stored in another precision as they are
+    """Read, check, inline the local functions that hold layers (functions.py) and
+    normalise, read weights stored in another precision as they are
     used (stored.py), then fix input shapes and infer shapes and fold shape arithmetic
     until both settle.
 
@@ -145,7 +147,7 @@ def load(
     # One copy of the weights at a time where it can be (memory: issue 13): the copy
     # read is normalised in place; shapes are inferred into the fixed model, which is
     # that same copy when no input shape needs fixing, and then holds all load needs.
-    declared = normalise_in_place(read_model(source))
+    declared = normalise_in_place(inline_layers(read_model(source)))
     stored = collapse(declared)  # weights read in the precision they are used in
     fixed = FixInputShapes(analysis_shapes(declared, input_shapes), batch=1)(declared).model
     io = _io_only(declared)
@@ -245,7 +247,7 @@ def in_load_form(model: onnx.ModelProto) -> onnx.ModelProto:
     shapes cannot be fixed raises the BadInputError `load_model` would)."""
     graph = model.graph
     static = {vi.name for vi in [*graph.value_info, *graph.output] if static_shape(vi)}
-    return model if _is_load_form(graph, static) else load_model(model)
+    return model if _is_load_form(model, static) else load_model(model)
 
 
 def indexed(
@@ -264,15 +266,16 @@ def indexed_loaded(
     starts, so that its result, written by `LoadedModel.write_form`, keeps the declared
     inputs and outputs of the model it was given (dynamic dims included)."""
     index = GraphIndex.of(model, index)
-    if _is_load_form(model.graph, index.shapes):
+    if _is_load_form(model, index.shapes):
         return model, index, None
     read = load(model)
     return read.model, GraphIndex.build(read.model), read
 
 
-def _is_load_form(graph: onnx.GraphProto, static: Container[str]) -> bool:
+def _is_load_form(model: onnx.ModelProto, static: Container[str]) -> bool:
     """Unique node names, static graph inputs and Conv outputs (`static`: names of tensors
-    with a static shape): what `load` makes."""
+    with a static shape), no call of a local function holding layers: what `load` makes."""
+    graph = model.graph
     names = [n.name for n in graph.node]
     initializers = {t.name for t in graph.initializer}
     return (
@@ -280,6 +283,7 @@ def _is_load_form(graph: onnx.GraphProto, static: Container[str]) -> bool:
         and len(set(names)) == len(names)
         and all(static_shape(i) for i in graph.input if i.name not in initializers)
         and all(n.output[0] in static for n in graph.node if n.op_type in ("Conv", "ConvTranspose"))
+        and not (model.functions and functions_to_inline(model))
     )
 
 

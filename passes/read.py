@@ -14,7 +14,7 @@ from google.protobuf.message import DecodeError
 from .custom_ops import hide_unknown_ops
 from .errors import BadInputError, QuantizedModelError, temporary_folder_error
 from .external_data import weights_apart
-from .graph import topological_order
+from .graph import FLOAT_TYPES, attributes, topological_order
 from .integrity import check_stored_sizes, model_tensors, undecodable
 from .scratch import scratch_folder
 
@@ -27,6 +27,13 @@ QUANTIZED_OPS = {
     "DequantizeLinear",
     "DynamicQuantizeLinear",
 }
+# The inputs of a layer that hold its weights (a MatMul's weight may be either input).
+WEIGHT_INPUTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1)}
+# Ops a hand-written dequantisation passes a stored weight through.
+DEQUANTISING = {
+    "Cast", "Mul", "Div", "Add", "Sub", "Reshape", "Transpose", "Unsqueeze", "Squeeze",
+    "Identity", "Flatten", "Expand",
+}  # fmt: skip
 
 
 SERIALIZED = (bytes, bytearray, memoryview)  # a model as onnxruntime and Polygraphy pass it
@@ -92,6 +99,11 @@ def read_model(
         )
     in_order(model.graph)
     undeclared_io(model.graph)
+    if not quantized and (found := integer_weight(model.graph)):
+        raise QuantizedModelError(
+            f"weight-only quantized graph: {found}; MBS works on float models: dequantise the "
+            "weights into float initializers (or reduce the float model), then quantize"
+        )
     try:
         check_model(model)  # the weights checked a tensor at a time: no copy of them
     except onnx.checker.ValidationError as e:
@@ -159,6 +171,45 @@ def op_types(model: onnx.ModelProto) -> Iterator[str]:
             yield node.op_type
             for attribute in node.attribute:
                 graphs.extend([attribute.g] if attribute.HasField("g") else attribute.graphs)
+
+
+def integer_weight(graph: onnx.GraphProto) -> str | None:
+    """Where a layer reads an integer initializer Cast to float (then scaled by hand: Mul by
+    a scale, Sub of a zero point...) as its weight, in words; None when none does. Such a
+    weight is no float initializer: it was neither counted nor cut, and folding its Cast and
+    Mul would write it as float32. Only computations of constants are followed (`graph` in
+    topological order): an integer constant added to an activation is no weight."""
+    integer = {t.name: t.data_type for t in graph.initializer if t.data_type not in FLOAT_TYPES}
+    constant = {t.name for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type in DEQUANTISING and all(not x or x in constant for x in node.input):
+            constant.update(node.output)
+    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            readers.setdefault(name, []).append((node, k))
+    for cast in graph.node:
+        if not (
+            cast.op_type == "Cast"
+            and cast.input[0] in integer
+            and attributes(cast).get("to") in FLOAT_TYPES
+        ):
+            continue
+        stored = integer[cast.input[0]]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(stored).name
+        paths, seen = [(cast, ["Cast"])], {id(cast)}
+        while paths:
+            node, ops = paths.pop()
+            for reader, k in readers.get(node.output[0], []) if node.output else []:
+                if k in WEIGHT_INPUTS.get(reader.op_type, ()):
+                    return (
+                        f"{reader.op_type} {reader.name or reader.output[0]!r} reads {dtype} "
+                        f"initializer {cast.input[0]!r} through {' -> '.join(ops)}"
+                    )
+                if reader.output and reader.output[0] in constant and id(reader) not in seen:
+                    seen.add(id(reader))
+                    paths.append((reader, [*ops, reader.op_type]))
+    return None
 
 
 def in_order(graph: onnx.GraphProto) -> None:

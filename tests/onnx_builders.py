@@ -76,3 +76,64 @@ def quantized_in_function() -> onnx.ModelProto:
     model.opset_import.append(helper.make_opsetid("local", 1))
     model.functions.append(function)
     return model
+
+
+def conv_in_function(function_opset: int = 17) -> onnx.ModelProto:
+    """x (N,3,8,8) -> Conv c1 (16) -> Relu -> local.Block(w2, b2) -> Conv c3 (4) -> y, where
+    Block, a model-local function, is Conv 3x3 (16 -> 16) -> Relu: a layer the graph itself
+    does not show. Its body's internal tensor is named `w1`, as a graph initializer is."""
+    rng = np.random.default_rng(0)
+    block = helper.make_function(
+        "local",
+        "Block",
+        ["x", "w", "b"],
+        ["y"],
+        [
+            helper.make_node("Conv", ["x", "w", "b"], ["w1"], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["w1"], ["y"]),
+        ],
+        [helper.make_opsetid("", function_opset)],
+    )
+    shapes = {"w1": (16, 3, 3, 3), "b1": (16,), "w2": (16, 16, 3, 3), "b2": (16,)}
+    shapes |= {"w3": (4, 16, 1, 1), "b3": (4,)}
+    weights = [
+        numpy_helper.from_array(rng.standard_normal(s).astype(np.float32) / 4, n)
+        for n, s in shapes.items()
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["a"], name="c1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["r"], name="r1"),
+        helper.make_node("Block", ["r", "w2", "b2"], ["h"], domain="local", name="block"),
+        helper.make_node("Conv", ["h", "w3", "b3"], ["y"], name="c3"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "conv_in_function",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        weights,
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("local", 1)]
+    return helper.make_model(graph, opset_imports=opsets, functions=[block], ir_version=10)
+
+
+def int8_weight_only() -> onnx.ModelProto:
+    """`conv_relu_model` whose conv weight is stored by hand as int8 with one float scale per
+    output channel: int8 initializer -> Cast to float -> Mul by the scale -> the Conv's weight
+    (weight-only int8 without DequantizeLinear)."""
+    model = conv_relu_model()
+    graph = model.graph
+    w = next(t for t in graph.initializer if t.name == "w")
+    value = numpy_helper.to_array(w)
+    scale = (np.abs(value).reshape(4, -1).max(1) / 127).astype(np.float32)
+    stored = np.round(value / scale[:, None, None, None]).astype(np.int8)
+    w.CopyFrom(numpy_helper.from_array(stored, "w_q"))
+    graph.initializer.append(numpy_helper.from_array(scale.reshape(4, 1, 1, 1), "w_s"))
+    dequantise = [
+        helper.make_node("Cast", ["w_q"], ["w_f"], name="cast", to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["w_f", "w_s"], ["w"], name="scale"),
+    ]
+    nodes = [*dequantise, *graph.node]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return model

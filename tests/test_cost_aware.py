@@ -428,7 +428,7 @@ def test_reduce_runs_the_auto_choice_and_says_why(tmp_path):
         evaluate_accuracy=False, progress=False,
     )  # fmt: skip
     assert asked.plan.strategy == "mbs-cost"
-    assert asked.plan.strategy_reason == "asked with --strategy"
+    assert asked.plan.strategy_reason == "asked with strategy='mbs-cost'"  # Python's spelling
     assert asked.plan.reached["flops"] == pytest.approx(0.5, abs=0.02)
 
 

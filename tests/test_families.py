@@ -208,7 +208,7 @@ def test_default_run_says_when_no_macroblock_has_redundancy():
     )  # fmt: skip
     reduced, report = reduce(export(net, (1, 3, 64, 64), False), progress=False)
     assert not report.plan.changes_anything
-    assert any("R = 0, beta = 1" in n and "give --budget" in n for n in report.plan.notes)
+    assert any("R = 0, beta = 1" in n and "give budget to" in n for n in report.plan.notes)
 
 
 # -- LayerNorm over channels ----------------------------------------------------------------------

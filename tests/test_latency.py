@@ -193,3 +193,58 @@ def test_a_latency_the_written_model_misses_is_reported_missed_not_reached(zoo_o
     assert text.startswith("params=0.8,latency=0.6 asked, params 0.")
     assert "reached, latency 0.900 missed (over 0.6" in text
     assert "latency 0.9000 missed (over 0.6" in markdown(report)
+
+
+def _latency_tries(monkeypatch, measured: list[float]):
+    """`meet_latency` over tries whose written models measure `measured` (fractions of the
+    original, in order), with a fake planner and shrink: which try it keeps, and the plans."""
+    from dataclasses import replace
+
+    import onnx
+
+    import onnx_mbs.latency as latency
+    from onnx_mbs.options import ReduceOptions
+    from onnx_mbs.pipeline import Rewritten, meet_latency
+    from onnx_mbs.plan import Budget, Plan
+
+    fractions = iter(measured)
+
+    def measure(models, providers, threads=0, **_):
+        return [1.0, next(fractions)]
+
+    monkeypatch.setattr(latency, "measure_models", measure)
+    plan = Plan("global", None, "global", 0.1, 8, [], {0: 8}, {0: 16}, (100, 50), (1000, 500))
+
+    class Planner:
+        latency = type("Latency", (), {"measurements": 0})()
+
+        def plan(self, budget):
+            return plan
+
+    written = []
+
+    def shrink(p):
+        written.append(onnx.ModelProto(doc_string=str(len(written) + 1)))
+        return Rewritten(p, None, written[-1])
+
+    first = Rewritten(replace(plan, budget=Budget.parse("latency=0.6")), None, onnx.ModelProto())
+    options = ReduceOptions(budget=Budget.parse("latency=0.6"), providers="cpu")
+    best = meet_latency(first, onnx.ModelProto(), Planner(), shrink, options)
+    return best.plan.reached["latency"], best.plan.missed
+
+
+def test_meet_latency_prefers_a_try_that_meets_the_budget(monkeypatch):
+    """A try under the asked latency is kept over one closer to it but over it (0.64 was kept
+    against 0.55 at latency=0.6: the written model missed a budget another try met)."""
+    reached, missed = _latency_tries(monkeypatch, [0.55, 0.64, 0.50, 0.66])
+    assert reached == pytest.approx(0.55) and missed == []
+
+
+def test_meet_latency_keeps_the_largest_model_that_meets_it(monkeypatch):
+    reached, missed = _latency_tries(monkeypatch, [0.40, 0.52, 0.70, 0.45])
+    assert reached == pytest.approx(0.52) and missed == []
+
+
+def test_meet_latency_keeps_the_closest_when_every_try_misses(monkeypatch):
+    reached, missed = _latency_tries(monkeypatch, [0.80, 0.70, 0.75, 0.90])
+    assert reached == pytest.approx(0.70) and missed == ["latency"]

@@ -12,7 +12,13 @@ import onnx
 import pytest
 from graphs import Builder
 from onnx import numpy_helper
-from onnx_builders import conv_relu_model, quantized_in_function, quantized_model
+from onnx_builders import (
+    conv_in_function,
+    conv_relu_model,
+    int8_weight_only,
+    quantized_in_function,
+    quantized_model,
+)
 
 from onnx_mbs.cli import main
 from onnx_mbs.passes import (
@@ -204,6 +210,11 @@ def test_a_model_proto_whose_external_data_was_not_read_is_refused_in_one_line(t
             lambda p: onnx.save(quantized_in_function(), p),
             r"quantized graph \(DequantizeLinear\)",
         ),
+        (
+            lambda p: onnx.save(int8_weight_only(), p),
+            r"weight-only quantized graph: Conv 'conv' reads int8 initializer 'w_q' through "
+            r"Cast -> Mul",
+        ),
         (lambda p: onnx.save(conv_relu_model(["N", 3, "H", "W"]), p), "dynamic dims"),
         (lambda p: None, "model file not found"),
     ],
@@ -212,6 +223,7 @@ def test_a_model_proto_whose_external_data_was_not_read_is_refused_in_one_line(t
         "truncated",
         "quantized",
         "quantized-in-function",
+        "int8-weight-only",
         "dynamic-spatial",
         "missing",
     ],
@@ -371,3 +383,100 @@ def test_fix_input_shapes_reads_dims_of_minus_one_and_zero_as_dynamic(unknown):
         spatial
     )
     assert result["macroblocks"].macroblocks[0].resolution == (16, 16)
+
+
+def test_a_conv_inside_a_local_function_is_counted_and_cut():
+    """A Conv in a model-local function's body was invisible: 2 conv layers, 15.87K MACs
+    (its 36.86K left out), planned as if the model had been analysed whole. Calls of
+    functions holding layers are inlined at load; the written model computes the same."""
+    from graphs import assert_runs_at_declared_shapes, run
+
+    from onnx_mbs.passes import analyze_model, load
+    from onnx_mbs.pipeline import reduce
+
+    model = conv_in_function()
+    onnx.checker.check_model(model, full_check=True)
+    # An independent count: every weight and bias; MACs = pixels x kernel x C_in x C_out.
+    params = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+    macs = 64 * (9 * 3 * 16 + 9 * 16 * 16 + 16 * 4)
+    loaded = load(model)
+    analysis = analyze_model(loaded.model)
+    assert len(analysis.layers) == 3
+    assert (analysis.total_params, analysis.total_macs) == (params, macs)
+    written = loaded.origin.written(loaded.model)  # every channel kept
+    assert not written.functions or not any(n.domain == "local" for n in written.graph.node)
+    onnx.checker.check_model(written, full_check=True)
+    x = np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(run(written, x)[0], run(model, x)[0], rtol=1e-5, atol=1e-5)
+    reduced, report = reduce(model, budget="params=0.5", evaluate_accuracy=False, progress=False)
+    onnx.checker.check_model(reduced, full_check=True)
+    assert_runs_at_declared_shapes(model, reduced)
+    widths = [(x.in_channels, x.out_channels) for x in analyze_model(load(reduced).model).layers]
+    assert len(widths) == 3 and widths[1][1] < 16  # the function's conv was cut too
+    assert report.plan.reached["params"] <= 0.5 and report.after.total_macs < macs
+
+
+def test_a_function_a_handler_follows_stays_a_call():
+    from onnx_mbs.passes import register_handler, unregister_handler
+    from onnx_mbs.passes.functions import functions_to_inline
+
+    model = conv_in_function()
+    assert functions_to_inline(model) == {("local", "Block")}
+    register_handler("Block", lambda walk, node: walk.opaque(node, "Block"), domain="local")
+    try:
+        assert functions_to_inline(model) == set()
+    finally:
+        unregister_handler("Block", domain="local")
+
+
+def test_a_function_of_another_opset_holding_a_layer_is_refused_in_one_line():
+    """onnx's inliner takes no function whose opset differs from the model's (its version
+    conversion needs every value's type): refused, not read as an opaque op."""
+    model = conv_in_function(function_opset=11)
+    with pytest.raises(BadInputError, match="not valid ONNX.*Relu"):  # Relu-6 against Relu-14
+        load_model(model)
+    del model.functions[0].node[1:]  # Conv is Conv-11 at both: the checker takes it
+    model.functions[0].node[0].output[0] = "y"
+    with pytest.raises(BadInputError, match=r"\(local\.Block\).*incompatible opset") as error:
+        load_model(model)
+    assert "\n" not in str(error.value)
+
+
+def test_int8_weight_only_storage_is_refused_not_baked_into_float():
+    """An int8 weight dequantised by Cast -> Mul was neither refused nor counted: `analyze`
+    left its 108 weights out of the total, and `reduce` folded the Cast and Mul into a float32
+    weight, writing the model without its int8 storage. Refused as a quantized graph, as
+    QDQ is; `eval` still runs it."""
+    from onnx_mbs.passes.errors import QuantizedModelError
+    from onnx_mbs.passes.read import read_model
+    from onnx_mbs.pipeline import reduce
+
+    model = int8_weight_only()
+    onnx.checker.check_model(model, full_check=True)
+    with pytest.raises(QuantizedModelError, match="dequantise the weights") as error:
+        reduce(model, budget="params=0.5", progress=False, evaluate_accuracy=False)
+    assert "\n" not in str(error.value)
+    assert read_model(model, quantized=True).graph.node[0].op_type == "Cast"
+
+
+def test_an_integer_constant_added_to_activations_is_no_stored_weight():
+    """Only constant computations are followed: x + Cast(int8) read as a conv's data is not
+    a stored weight, though a Conv reads it through Cast -> Add."""
+    from onnx import TensorProto, helper
+
+    from onnx_mbs.passes.read import integer_weight
+
+    model = conv_relu_model()
+    graph = model.graph
+    graph.initializer.append(numpy_helper.from_array(np.ones((1, 3, 1, 1), np.int8), "q"))
+    shift = [
+        helper.make_node("Cast", ["q"], ["qf"], name="cast", to=TensorProto.FLOAT),
+        helper.make_node("Add", ["x", "qf"], ["xq"], name="shift"),
+    ]
+    graph.node[0].input[0] = "xq"
+    nodes = [*shift, *graph.node]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    assert integer_weight(graph) is None
+    load_model(model)
+    assert "reads int8 initializer 'w_q'" in integer_weight(int8_weight_only().graph)

@@ -290,7 +290,12 @@ def test_nothing_to_cut_exits_0_unchanged_and_names_the_pins(tmp_path, capsys):
     # Its conv makes 4 channels, fewer than the multiple of 8: it said "give --budget to cut
     # anyway", and a budget is refused.
     assert "at its smallest already (the largest has 4 channels" in printed
+    assert "keeps at least --channel-multiple 8 of them and --beta-min 0.1" in printed
     assert "give --budget" not in printed
+    # From Python the note names the keywords: it named the command line's flags.
+    notes = reduce(conv_relu_model(), progress=False, evaluate_accuracy=False)[1].plan.notes
+    assert any("keeps at least channel_multiple=8 of them and beta_min=0.1" in n for n in notes)
+    assert "give data to measure" in reduce(conv_relu_model(), progress=False)[1].data
     assert onnx.load(out).SerializeToString() == onnx.load(model_path).SerializeToString()
     # A budget it cannot reach is refused.
     code = main(

@@ -150,6 +150,7 @@ BAD_NUMBERS = [
         ("analyze", "analyze {ws}/tiny.onnx", "--receptive-field", ("paper",), "--receptive-field"),
         ("reduce", R + " " + RO, "--beta-min", ("nan", "-1", "5", "0", "inf", "1.5"), "--beta-min"),
         ("reduce", R + " " + RO, "--channel-multiple", ("0", "-8", "2.5", "nan"), "--channel-multiple"),
+        ("reduce", R + " " + RO + " --budget latency=0.5", "--latency-threads", ("-1", "100000", "2.5", "x"), "--latency-threads"),
         ("reduce", R + " " + RO + " --data {ws}/data.npz", "--limit", ("0", "-1", "2.5", "nan"), "--limit"),
         ("reduce", R + " " + RO + " --data {ws}/data.npz", "--batch-size", ("0", "-4", "1e3"), "--batch-size"),
         ("reduce", R + " " + RO, "--budget", ("params=nan", "params=0", "params=2", "flops=-1", "foo=0.5", "params=", "params=inf"), "--budget"),
@@ -193,6 +194,7 @@ MESSAGES = [
     Case("retrain-two-inputs", "retrain {ws}/two.onnx -o {ws}/out/t.onnx --data {ws}/data.npz", 2, "has 2 inputs (x, z)"),
     Case("reduce-two-inputs", "reduce {ws}/two.onnx -o {ws}/out/r.onnx --data {ws}/data.npz", 2, "has 2 inputs (x, z)"),
     Case("reduce-gemm-only-with-data", "reduce {ws}/mlp.onnx -o {ws}/out/r.onnx --data {ws}/data.npz", 0, "no Conv activations to measure", OUT),
+    Case("reduce-latency-threads-range", R + " " + RO + " --latency-threads 100000", 2, f"100000 is not in [0, {os.cpu_count()}]"),
     Case("reduce-budget-limit-named", R + " " + RO + " --budget params=0.01 --beta-min 0.5", 2, "--beta-min 0.5; --channel-multiple 8"),
     Case("reduce-act-without-data", R + " " + RO + " --importance act", 2, "--importance act ranks channels by activations: give --data"),
     Case("reduce-mean-without-data", R + " " + RO + " --mean 0.5", 2, "--mean/--std preprocess the images of --data"),
@@ -394,6 +396,13 @@ def _api_cases(ws: Path) -> dict[str, tuple[object, str]]:
             lambda: onnx_mbs.reduce(tiny, budget="params=0.01", beta_min=0.5),
             "beta_min=0.5; channel_multiple=8",
         ),
+        **{
+            f"reduce-latency-threads-{threads}": (
+                lambda threads=threads: onnx_mbs.reduce(tiny, latency_threads=threads),
+                f"latency_threads must be a whole number in [0, {os.cpu_count()}]",
+            )
+            for threads in (-1, 100000, 2.5, "4", True)
+        },
         "reduce-channel-multiple-0": (
             lambda: onnx_mbs.reduce(tiny, channel_multiple=0),
             "channel_multiple must be >= 1",

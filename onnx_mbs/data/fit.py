@@ -15,7 +15,7 @@ from onnx_mbs.data.ready import declared_inputs
 from onnx_mbs.data.sources import DataSource
 from onnx_mbs.data.spec import open_data
 from onnx_mbs.memory import check_model_fits
-from onnx_mbs.passes.errors import BadInputError
+from onnx_mbs.passes.errors import BadInputError, option
 
 
 def model_input(model: onnx.ModelProto) -> tuple[str, list[int]]:
@@ -104,7 +104,8 @@ def check_labels(source: DataSource, model: onnx.ModelProto) -> None:
 
 def data_text(source: DataSource | None, measured: list[str]) -> str:
     if source is None:
-        return "none: rho = 1 everywhere (MACs and receptive fields only; give --data to measure)"
+        give = f"give {option('--data')} to measure"
+        return f"none: rho = 1 everywhere (MACs and receptive fields only; {give})"
     if not measured:
         return f"{source.description}; no Conv activations to measure: rho = 1 everywhere"
     return source.description
