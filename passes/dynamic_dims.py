@@ -13,10 +13,12 @@ each is kept dynamic in one of two ways:
 - else in the written model, computed at run time by the original's own nodes
   (`RunTimeShapes`): the shape arithmetic as exported, reading the cut tensors'
   shapes, so that a channel count read from a shape follows the cut. Where the
-  cut changed a constant those nodes compute, their run-time value is checked
-  against the cut one at the analysed size; what they cannot give (a channel
-  count written into the arithmetic as a number) is taken from the cut constant
-  where it does not follow the input size, and refused naming the node otherwise.
+  cut changed a constant those nodes compute, or the shape of a tensor they read
+  (which changes what they compute for constants the cut left alone), their
+  run-time value is checked against the model's constant at the analysed size;
+  what they cannot give (a channel count written into the arithmetic as a number,
+  or read from a cut map) is taken from the constant where it does not follow the
+  input size, and refused naming the node otherwise.
 """
 
 from __future__ import annotations
@@ -85,15 +87,19 @@ class RunTimeShapes:
     readers: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     varies: dict[str, np.ndarray | None] = field(default_factory=dict)
+    # the analysed shape of every tensor `nodes` read: a cut that changes one (a channel
+    # count read by Size or Shape) may change what they compute for a constant it left alone
+    reads: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def apply(self, model: onnx.ModelProto) -> onnx.ModelProto:
         """Put the computation back into `model` (the analysis form, or a cut, retrained
         or instrumented copy of it that still records its shapes), in place.
 
         A reader the cut left alone reads the computed value. A reader whose constant the
-        cut changed reads it where the computed value agrees at the analysed size, the
-        entries it changed taken from the cut constant where they do not follow the input
-        size; anything else is refused in one line naming the reader.
+        cut changed, or whose constant is computed from a tensor the cut reshaped, reads it
+        where the computed value agrees at the analysed size, the entries that differ taken
+        from the model's constant where they do not follow the input size; anything else is
+        refused in one line naming the reader.
         """
         if not self.readers:
             return model
@@ -102,11 +108,12 @@ class RunTimeShapes:
         taken = set(index.producer) | set(index.initializers) | set(index.consumers)
         values: dict[str, np.ndarray] | None = None  # computed on `model`'s shapes when asked
         replaced: set[str] = set()
+        reshaped = any(index.shapes.get(name, shape) != shape for name, shape in self.reads.items())
         for node in graph.node:
             for position, name in self.readers.get(node.name, ()):
                 now = node.input[position]
                 shape = self.shapes[name]  # as folded; absent from a model without weights
-                if now == name and index.shapes.get(name, shape) == shape:
+                if now == name and index.shapes.get(name, shape) == shape and not reshaped:
                     continue  # untouched by the cut: read the computed value
                 if values is None:
                     values = self._values(model, index)
@@ -128,6 +135,9 @@ class RunTimeShapes:
                 mask = fresh_name(f"{name}_cut_entries", taken)
                 where = fresh_name(f"{name}_cut", taken)
                 graph.initializer.append(folded_constant(mixed, mask))
+                if now == name:  # the computed value takes this name: keep the constant apart
+                    now = fresh_name(f"{name}_as_analysed", taken)
+                    graph.initializer.append(folded_constant(wanted, now))
                 graph.node.append(
                     onnx.helper.make_node(
                         "Where", [mask, now, name], [where], name=fresh_name(where, taken)
@@ -303,6 +313,9 @@ def _run_time_shapes(
         for position, name in enumerate(node.input):
             if name in varies:
                 readers.setdefault(node.name, []).append((position, name))
+    shapes = {vi.name: static_shape(vi) for vi in [*model.graph.input, *model.graph.value_info]}
+    read = {name for node in nodes for name in node.input} - {o for n in nodes for o in n.output}
+    reads = {name: shapes[name] for name in read if shapes.get(name) is not None}
     constants_copied = []
     for tensor in borrowed.values():
         copy = onnx.TensorProto()
@@ -314,6 +327,7 @@ def _run_time_shapes(
         readers=readers,
         shapes={name: values[name].shape for name in varies},
         varies=varies,
+        reads=reads,
     )
 
 

@@ -2,8 +2,9 @@
 
 Stored tensors hold exactly the data their shapes need (external data from the model's own
 folder only); subgraphs nested past protobuf's depth are named as such; tensors whose size
-numbers in the file set (ConstantOfShape, Tile...) are bounded. A crafted file of a few bytes
-can otherwise ask for gigabytes, or be misread silently.
+numbers in the file set (ConstantOfShape, Tile...) are bounded; a conv's weight fits the
+channels it reads. A crafted file of a few bytes can otherwise ask for gigabytes, or be
+misread silently.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from .errors import BadInputError
-from .graph import GraphIndex
+from .graph import GraphIndex, static_shape
 
 
 def check_stored_sizes(model: onnx.ModelProto, folder: Path | None = None) -> bool:
@@ -256,4 +257,34 @@ def check_made_sizes(model: onnx.ModelProto) -> None:
                 f"({list(index.shapes[node.output[0]])}) from sizes stored in the file, "
                 f"{made // max(read, biggest_input):,} times what the model reads; the model is "
                 "corrupt or crafted"
+            )
+
+
+def check_conv_channels(model: onnx.ModelProto) -> None:
+    """Refuse a Conv or ConvTranspose whose weight does not fit the channels it reads or its
+    `group` (the checker and shape inference let it through; onnxruntime refuses to run it):
+    the channel walk would cut a weight axis by channels it does not have."""
+    graph = model.graph
+    shapes = {vi.name: static_shape(vi) for vi in [*graph.input, *graph.value_info]}
+    shapes.update({t.name: tuple(t.dims) for t in graph.initializer})
+    for node in graph.node:
+        if node.op_type not in ("Conv", "ConvTranspose") or node.domain not in ("", "ai.onnx"):
+            continue
+        x, weight = shapes.get(node.input[0]), shapes.get(node.input[1])
+        if not x or not weight or len(x) < 2 or len(weight) < 2:
+            continue
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        transpose = node.op_type == "ConvTranspose"
+        reads = weight[0] if transpose else weight[1] * group
+        what = f"{node.op_type} {node.name!r}"
+        if x[1] != reads:
+            per = "" if transpose else f" ({weight[1]} per conv-group x group {group})"
+            raise BadInputError(
+                f"{what} reads {x[1]} input channels with a weight for {reads}{per}: the "
+                "model is not valid (onnxruntime refuses to run it)"
+            )
+        if group < 1 or weight[0] % group:
+            raise BadInputError(
+                f"{what} has {weight[0]} filters for {group} conv-groups: the model is not "
+                "valid (onnxruntime refuses to run it)"
             )

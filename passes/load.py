@@ -20,7 +20,7 @@ from .dynamic_dims import KINDS, RunTimeShapes, keep_dynamic, other_shapes
 from .errors import BadInputError
 from .functions import functions_to_inline, inline_layers
 from .graph import GraphIndex, static_shape
-from .integrity import check_made_sizes
+from .integrity import check_conv_channels, check_made_sizes
 from .normalise import normalise_in_place, unique_names
 from .read import SERIALIZED, parse_model, read_model
 from .shapes import FixInputShapes, InputShapes, disagree, settle
@@ -154,6 +154,7 @@ def load(
     model, folded = settle(fixed)
     _without_contradictions(io, model)
     check_made_sizes(model)
+    check_conv_channels(model)
     others = _settled_at_other_sizes(declared, fixed) if folded else []
     model, run_time = keep_dynamic(model, others, declared)
     if isinstance(source, onnx.ModelProto):

@@ -14,7 +14,9 @@ its size equals theirs; an axis of size 1 broadcasts and is not cut. Reshape and
 Transpose move the axes (a merged axis repeats each channel's id, as after a Flatten),
 reductions keep them where they keep the dim. A constant reached this way gets a slot
 per axis it carries, a Reshape shape that counts channels an edit. Anything else
-raises `Unfollowed`, naming the node, and the conv is pinned with that reason.
+raises `Unfollowed`, naming the node, and the conv is pinned with that reason; so does
+a tensor of the computation that something else reads too (a second conv, the tied
+ConvTranspose of an autoencoder), which a cut for this conv alone would change.
 
 Cutting input channels changes what the standardisation averages over: the cut is not
 exact for such a conv (keeping every channel is); `cut_note` says so in the report.
@@ -88,6 +90,7 @@ def follow_weight(w: ChannelWalk, conv: onnx.NodeProto, roles: Roles) -> set[str
                 pending.append((input_name, input_roles))
         for edit in _reshape_edits(w, node, number, _effective(w.shape(name), carried)):
             edits[number, edit.axis] = edit
+    _read_by_the_conv_alone(w, conv, seen)
     mixed: set[str] = set()
     for node in reading:
         mixed |= _mixed(w, node, _effective(w.shape(node.input[0]), frames[node.input[0]]))
@@ -96,6 +99,26 @@ def follow_weight(w: ChannelWalk, conv: onnx.NodeProto, roles: Roles) -> set[str
     for name, axes in computed.items():
         w.computed.setdefault(name, {}).update(axes)
     return mixed
+
+
+def _read_by_the_conv_alone(w: ChannelWalk, conv: onnx.NodeProto, names) -> None:
+    """Raise Unfollowed when a tensor of the weight's computation is read outside it (by
+    another conv, a tied transposed conv, a penalty, a graph output): the cut that suits
+    this conv would change what that reader is given."""
+    inside = {id(conv)}
+    stack = [conv.input[1]]
+    while stack:  # every node the weight is computed by, followed or not
+        node = w.index.producer.get(stack.pop())
+        if node is not None and id(node) not in inside:
+            inside.add(id(node))
+            stack.extend(name for name in node.input if name)
+    outputs = set(w.index.graph_outputs)
+    for name in names:
+        if name in outputs:
+            raise Unfollowed(f"'{name}' is a graph output too")
+        for reader in w.index.consumers.get(name, []):
+            if id(reader) not in inside:
+                raise Unfollowed(f"'{name}' is read by {reader.op_type} '{reader.name}' too")
 
 
 def _merged(a: Roles, b: Roles, name: str) -> Roles:

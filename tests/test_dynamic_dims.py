@@ -13,7 +13,9 @@ import onnx
 import pytest
 from graphs import Builder, assert_runs_at_declared_shapes, run
 
-from onnx_mbs.passes import load
+from onnx_mbs.passes import BadInputError, load
+from onnx_mbs.passes.channel_groups import analyze_channels
+from onnx_mbs.passes.shrink import shrink_channels
 
 
 def _shape(b: Builder, x: str, start: int, end: int | None = None) -> str:
@@ -175,3 +177,59 @@ def test_same_padding_that_is_one_at_every_even_size_follows_odd_sizes():
     model = _tf_same_padding()
     read = load(model, {"x": [1, 3, 16, 16]})
     _same_outputs(model, read.runnable, _images(*SIZES))
+
+
+def _mean_by_size() -> onnx.ModelProto:
+    """A map divided by the element count of another (`y / a.numel()`, exported as Size):
+    the count follows the batch and counts `a`'s channels, 1 and 3 of which are dead."""
+    b = Builder("numel")
+    x = b.input("x", ["N", 3, 6, 6])
+    w = b.rng.normal(0, 0.5, (8, 3, 3, 3)).astype(np.float32)
+    w[[1, 3]] = 0
+    a = b.op("Relu", [b.op("Conv", [x, b.const(w)], kernel_shape=[3, 3], pads=[1] * 4)])
+    count = b.op("Cast", [b.op("Size", [a])], to=onnx.TensorProto.FLOAT)
+    return b.model([b.op("Div", [b.conv(a, 8, 4, k=1), count], name="per_element")], ["y"])
+
+
+def test_a_count_read_at_run_time_from_a_cut_map_is_refused_not_miscomputed():
+    """Cutting a's dead channels leaves the analysed form's folded count (N * 8 * 36) as it
+    was, but the written model counts the cut map at run time (N * 6 * 36): its outputs were
+    silently scaled by 8 / 6. A count that follows the batch cannot be written as a number,
+    so the cut is refused naming the reader; at a static batch the folded count is kept."""
+    model = _mean_by_size()
+    analysis = analyze_channels(load(model).model)
+    (group,) = [g for g in analysis.groups if not g.pinned]
+    keep = {group.id: [0, 2, 4, 5, 6, 7]}
+    with pytest.raises(BadInputError, match="cannot keep the input size dynamic.*per_element"):
+        shrink_channels(model, keep, analysis)
+    static = load(model, {"x": [1, 3, 6, 6]})
+    small = shrink_channels(static.model, keep, analyze_channels(static.model))
+    x = _images((1, 3, 6, 6))[0]
+    np.testing.assert_allclose(run(small, x)[0], run(model, x)[0], rtol=1e-5, atol=1e-6)
+
+
+def _views_sized_by_another_map() -> onnx.ModelProto:
+    """Two maps viewed as (N, C, -1) with C read from a third map's shape (`a.size(1)`),
+    one target for both: computed at run time, as it has two readers."""
+    b = Builder("views")
+    x = b.input("x", ["N", 3, 6, 6])
+    w = b.rng.normal(0, 0.5, (8, 3, 3, 3)).astype(np.float32)
+    w[[1, 3]] = 0
+    a = b.op("Relu", [b.op("Conv", [x, b.const(w)], kernel_shape=[3, 3], pads=[1] * 4)])
+    shape = b.op("Shape", [a], end=2)
+    target = b.op("Concat", [shape, b.const(np.array([-1], np.int64))], axis=0)
+    views = [b.op("Reshape", [b.conv(x, 3, 8), target]) for _ in range(2)]
+    means = [b.op("ReduceMean", [v], axes=[2], keepdims=0) for v in views]
+    return b.model([*means, b.conv(a, 8, 4, k=1)], ["u", "v", "y"])
+
+
+def test_a_channel_count_read_from_a_cut_map_keeps_the_value_the_other_views_need():
+    """Cutting a's two dead channels changed the count its shape gives (8 to 6) while the
+    views it sizes keep their 8 channels: the written model takes the count from the
+    analysed constant and the batch from the input, instead of viewing them as 6 x 48."""
+    model = _views_sized_by_another_map()
+    analysis = analyze_channels(load(model).model)
+    (group,) = [g for g in analysis.groups if not g.pinned]
+    small = shrink_channels(model, {group.id: [0, 2, 4, 5, 6, 7]}, analysis)
+    assert_runs_at_declared_shapes(model, small)
+    _same_outputs(model, small, _images((1, 3, 6, 6), (2, 3, 6, 6)))

@@ -480,3 +480,29 @@ def test_an_integer_constant_added_to_activations_is_no_stored_weight():
     assert integer_weight(graph) is None
     load_model(model)
     assert "reads int8 initializer 'w_q'" in integer_weight(int8_weight_only().graph)
+
+
+def _mismatched_conv(op: str, weight: tuple[int, ...], group: int) -> onnx.ModelProto:
+    """conv (3 -> 8), Relu, then `op` named "bad" with a weight of shape `weight`."""
+    b = Builder("mismatched")
+    y = b.op("Relu", [b.conv(b.input("x", [1, 3, 8, 8]), 3, 8)])
+    z = b.op(op, [y, b.weight(*weight)], name="bad", pads=[1] * 4, group=group)
+    return b.model([b.op("Relu", [z])], ["y"])
+
+
+@pytest.mark.parametrize(
+    "op, weight, group, said",
+    [
+        ("Conv", (6, 5, 3, 3), 1, "Conv 'bad' reads 8 input channels with a weight for 5"),
+        ("Conv", (8, 8, 3, 3), 4, "Conv 'bad' reads 8 input channels with a weight for 32"),
+        ("Conv", (6, 2, 3, 3), 4, "Conv 'bad' has 6 filters for 4 conv-groups"),
+        ("ConvTranspose", (6, 4, 3, 3), 2, "ConvTranspose 'bad' reads 8 input channels with a "),
+    ],
+)
+def test_a_conv_whose_weight_does_not_fit_its_input_is_refused(op, weight, group, said, capsys):
+    """The checker and shape inference pass such a graph (onnxruntime refuses to run it); the
+    channel analysis then crashed on a grouped conv (a reshape error) or planned cuts of a
+    weight axis that the input does not have."""
+    model = _mismatched_conv(op, weight, group)
+    with pytest.raises(BadInputError, match=re.escape(said)):
+        load_model(model)

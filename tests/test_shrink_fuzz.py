@@ -2,7 +2,8 @@
 
 Hypothesis builds graphs from the structures real CNNs are made of (residual
 chains, concat, split, slice, depthwise and grouped convs, SE gates, channel
-shuffle, NHWC detours, upsampling) with a random head, and a random keep plan.
+shuffle, NHWC detours, upsampling, ghost modules, space-to-depth, channels-last
+tokens) with a random head, and a random keep plan.
 Each graph is written as a random exporter would (weights in Constant nodes,
 -1 dims, empty or repeated node names, scalar constants as `value_float`).
 Every example drops channels; each shrunk model must pass the full checker,
@@ -27,6 +28,8 @@ from onnx_mbs.passes.shrink import predicted_params, shrink_channels
 BLOCKS = [
     "conv", "residual", "concat", "split", "slice", "depthwise", "grouped", "se", "pool",
     "shuffle", "nhwc", "resize", "deconv", "bn", "reduce_se", "pad", "identity",
+    "ghost", "split3", "slice_neg", "depthwise2", "space_to_depth", "gemm_se", "instancenorm",
+    "tokens", "concat_self", "grouped_deconv",
 ]  # fmt: skip
 ACTIVATIONS = ["Relu", "HardSwish", "SiLU", "Clip", "LeakyRelu", "PRelu", "Tanh", "Elu"]
 HEADS = ["gap_gemm", "gmp_gemm", "flatten_gemm", "conv", "reshape_matmul"]
@@ -130,6 +133,56 @@ class Net:
             cout = self.width()
             y = b.conv_transpose(x, c, cout)
             self.x = b.op("AveragePool", [self.act(y, cout)], kernel_shape=[2, 2], strides=[2, 2])
+            self.c = cout
+        elif kind == "ghost":  # GhostNet: Concat(y, depthwise(y))[:, :out]
+            p = self.width()
+            y1 = self.act(b.conv(x, c, p, k=1), p)
+            y2 = self.act(b.conv(y1, p, p, group=p), p)
+            out = self.draw(st.integers(1, 2 * p))
+            consts = [b.const(np.array([v], np.int64)) for v in (0, out, 1)]
+            self.x = b.op("Slice", [b.op("Concat", [y1, y2], axis=1), *consts])
+            self.c = out
+        elif kind == "split3" and c >= 3:  # uneven parts, axis counted from the end
+            s1 = self.draw(st.integers(1, c - 2))
+            s2 = self.draw(st.integers(1, c - s1 - 1))
+            sizes = b.const(np.array([s1, s2, c - s1 - s2], np.int64))
+            first, middle, last = b.op("Split", [x, sizes], n_out=3, axis=-3)
+            self.x = b.op("Concat", [last, self.act(b.conv(middle, s2, s2), s2), first], axis=1)
+        elif kind == "slice_neg" and c >= 2:  # x[:, -k:] with the axis counted from the end
+            start = self.draw(st.integers(-c, -2))
+            consts = [b.const(np.array([v], np.int64)) for v in (start, 2**62, -3)]
+            self.x = b.op("Slice", [x, *consts])
+            self.c = -start
+        elif kind == "depthwise2":  # channel multiplier 2
+            self.conv(2 * c, group=c)
+        elif kind == "space_to_depth" and self.size % 2 == 0:
+            s = self.size
+            r = b.op("Reshape", [x, b.const(np.array([1, c, s // 2, 2, s // 2, 2], np.int64))])
+            t = b.op("Transpose", [r], perm=[0, 3, 5, 1, 2, 4])
+            self.x = b.op("Reshape", [t, b.const(np.array([1, 4 * c, s // 2, s // 2], np.int64))])
+            self.c, self.size = 4 * c, s // 2
+        elif kind == "gemm_se":  # an SE gate of Gemms, reshaped back to (1, C, 1, 1)
+            r = self.width()
+            s = b.op("Flatten", [b.op("GlobalAveragePool", [x])])
+            s = b.op("Relu", [b.op("Gemm", [s, b.weight(r, c), b.const(np.zeros(r))], transB=1)])
+            s = b.op("Sigmoid", [b.op("Gemm", [s, b.weight(r, c)])])
+            self.x = b.op("Mul", [x, b.op("Reshape", [s, b.const(np.array([1, c, 1, 1]))])])
+        elif kind == "instancenorm":  # (a scale of all ones would not count as parameters)
+            scale, shift = b.const(np.linspace(0.5, 0.9, c)), b.const(np.zeros(c))
+            self.x = self.act(b.op("InstanceNormalization", [x, scale, shift]), c)
+        elif kind == "tokens":  # channels-last tokens through a MatMul, and back
+            s, k = self.size, self.width()
+            t = b.op("Transpose", [x], perm=[0, 2, 3, 1])
+            t = b.op("Reshape", [t, b.const(np.array([1, s * s, c], np.int64))])
+            t = b.op("Relu", [b.op("MatMul", [t, b.weight(c, k)])])
+            t = b.op("Reshape", [t, b.const(np.array([1, s, s, k], np.int64))])
+            self.x, self.c = b.op("Transpose", [t], perm=[0, 3, 1, 2]), k
+        elif kind == "concat_self":
+            self.x, self.c = b.op("Concat", [x, x], axis=1), 2 * c
+        elif kind == "grouped_deconv" and c % 2 == 0:
+            cout = 2 * self.draw(st.integers(1, 3))
+            y = self.act(b.conv_transpose(x, c, cout, group=2), cout)
+            self.x = b.op("AveragePool", [y], kernel_shape=[2, 2], strides=[2, 2])
             self.c = cout
         else:  # the block does not fit the current shape
             self.conv(self.width())
