@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import onnx_ir as ir
+import onnx_ir.passes.common
 import pytest
 from conftest import write_npz
 from graphs import assert_runs_at_declared_shapes
@@ -198,3 +199,25 @@ def test_graphsurgeon_graph_with_mean_and_std_given_does_not_warn(bundled_model_
         small, report = reduce(graph, data, budget=BUDGET, mean=[0.286], std=[0.353])
     assert "as given" in report.preprocessing
     assert {"onnx_mbs.mean", "onnx_mbs.std"} <= {p.key for p in small.metadata_props}
+
+
+def test_onnx_ir_pass_manager_steps_do_not_compound_the_budget(bundled_model_path):
+    """A PassManager with steps > 1 runs every pass again until none modifies: MBS cut its
+    own output again each step, so params=0.5 over 3 steps wrote 0.125 of the parameters.
+    The pass leaves a model it wrote (the same conv widths) as it is."""
+    original = onnx.load(str(bundled_model_path))
+    once = ir.passes.PassManager([OnnxMbsPass(MacroblockScaling(None, budget=BUDGET))])(
+        ir.from_proto(original)
+    )
+    mbs = OnnxMbsPass(MacroblockScaling(None, budget=BUDGET))
+    stepped = ir.passes.PassManager([ir.passes.common.RemoveUnusedNodesPass(), mbs], steps=3)(
+        ir.from_proto(original)
+    )
+    _check_reduced(ir.to_proto(stepped.model), original)
+    _same_weights(ir.to_proto(stepped.model), ir.to_proto(once.model))
+    again = mbs(stepped.model)  # the same pass on what it wrote: nothing to do
+    assert not again.modified
+    _same_weights(ir.to_proto(again.model), ir.to_proto(stepped.model))
+    other = OnnxMbsPass(MacroblockScaling(None, budget=BUDGET))(stepped.model)
+    assert other.modified  # a pass of its own reduces it further, as asked
+    assert count_parameters(ir.to_proto(other.model)) < count_parameters(ir.to_proto(stepped.model))

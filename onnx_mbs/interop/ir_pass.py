@@ -9,7 +9,10 @@
 
 onnx-mbs passes work on ModelProtos and never modify their input, so the
 wrapper is a FunctionalPass: it serialises the ir.Model, runs the pass and
-deserialises the result. `modified` is the wrapped pass's own. Weights that
+deserialises the result. `modified` is the wrapped pass's own, except on a model
+it wrote itself (the same conv widths, whatever passes ran between): a PassManager
+with steps > 1 runs every pass again until none modifies, and MBS would cut its own
+output again each step (params=0.5 over 3 steps kept 0.125). Weights that
 `ir.load` left in an external data file (torch's exporter writes one by
 default), in any graph or Constant node, are read into the serialised model, whose
 tensors no longer know the file's folder; the result holds its weights in memory.
@@ -44,14 +47,31 @@ class OnnxMbsPass(ir.passes.FunctionalPass):
             raise TypeError(f"OnnxMbsPass wraps an onnx_mbs Pass, not {type(mbs_pass).__name__}")
         self.mbs_pass = mbs_pass
         self.analyses: dict[str, Any] = {}
+        self._written: list[tuple[int, ...]] | None = None  # conv widths of its last output
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        result = self.mbs_pass(to_proto(model))
+        proto = to_proto(model)
+        if self._written is not None and conv_widths(proto) == self._written:
+            return ir.passes.PassResult(ir.from_proto(proto), modified=False)  # its own output
+        result = self.mbs_pass(proto)
         self.analyses = result.analyses
+        if result.modified:
+            self._written = conv_widths(result.model)
         return ir.passes.PassResult(ir.from_proto(result.model), modified=result.modified)
 
     def __repr__(self) -> str:
         return f"OnnxMbsPass({self.mbs_pass!r})"
+
+
+def conv_widths(model: onnx.ModelProto) -> list[tuple[int, ...]]:
+    """The shapes of the main graph's Conv and ConvTranspose weights, sorted: what a cut
+    changes and renaming, cleanup or deduplicating passes do not."""
+    shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    return sorted(
+        shapes.get(n.input[1], ())
+        for n in model.graph.node
+        if n.op_type in ("Conv", "ConvTranspose") and len(n.input) > 1
+    )
 
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:
