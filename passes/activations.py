@@ -27,8 +27,12 @@ ACTIVATION_OPS = {
     "Gelu",
     "Mish",
 }
-# Ops that keep each channel where it is and do not activate: walked through.
+# Ops that keep each channel where it is and do not activate: walked through. Local pools
+# too: in `relu(max_pool2d(conv(x)))` the Relu after the pool is the conv's activation.
 CHANNEL_PRESERVING_OPS = {
+    "MaxPool",
+    "AveragePool",
+    "LpPool",
     "BatchNormalization",
     "Add",
     "Sub",

@@ -513,3 +513,52 @@ def test_weights_aside_lends_the_analysis_form_and_gives_back_the_same_model(zoo
         assert light.ByteSize() < len(before) / 10  # the weights are in the file
         assert (folder / WEIGHTS_FILE).stat().st_size >= len(before) * 0.9
     assert held.take().SerializeToString() == before
+
+
+def pooled_model(pool: str) -> onnx.ModelProto:
+    """Conv -> `pool` 2x2 -> Relu -> Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm: the
+    classic `relu(max_pool2d(conv(x)))`, whose first conv's activation follows the pool."""
+    rng = np.random.default_rng(3)
+    weights = {
+        "w1": rng.normal(size=(16, 1, 3, 3)).astype(np.float32),
+        "b1": np.linspace(-3, 1, 16, dtype=np.float32),
+        "w2": rng.normal(size=(16, 16, 3, 3)).astype(np.float32) * 0.3,
+        "wf": rng.normal(size=(3, 16)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node(pool, ["c1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Relu", ["p1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("GlobalAveragePool", ["r2"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "wf"], ["logits"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "pooled",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 3])],
+        [numpy_helper.from_array(v, k) for k, v in weights.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("pool", ["MaxPool", "AveragePool"])
+def test_rho_is_read_at_the_activation_after_a_pool(tmp_path, pool):
+    """rho is the fraction of outputs > 0 of the first activation after the conv: a pool
+    between them keeps every channel where it is, so the Relu after it is that activation
+    (it was taken as no activation: rho 1, the layer's full MACs)."""
+    from onnx_mbs.pipeline import reduce
+
+    model = pooled_model(pool)
+    x = np.random.default_rng(1).random((10, 8, 8), dtype=np.float32)
+    path = write_npz(tmp_path / "d.npz", x=x)
+    _, report = reduce(model, path, progress=False, evaluate_accuracy=False, mean=0.5, std=0.5)
+    expected = reference(model, ["r1", "r2"], ((x[:, None] - 0.5) / 0.5).astype(np.float32))
+    for layer, tensor in (("conv1", "r1"), ("conv2", "r2")):
+        positive, _, elements = expected[tensor]
+        rho = positive.sum() / (elements * len(positive))
+        assert 0.05 < rho < 0.95
+        assert report.rho[layer] == pytest.approx(rho, abs=1e-9)
