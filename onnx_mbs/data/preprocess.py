@@ -81,6 +81,7 @@ def normalisation(
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std: given values, else the model's metadata, else 0 and 1."""
     metadata = metadata or {}
+    given_std = std is not None
     if mean is None:
         mean = metadata.get(MEAN_KEY, 0.0)
     if std is None:
@@ -92,12 +93,15 @@ def normalisation(
     if any(not 0.0 <= m <= 1.0 for m in means):
         # Pixels are in [0, 1] when normalised: such a mean is in 0..255 units (ImageNet's
         # 123.675), which would shift every input far off and still run.
-        scaled = ",".join(f"{m / 255:.4g}" for m in means)
-        scaled_std = ",".join(f"{x / 255:.4g}" for x in stds)
+        # Only a given std shares the mean's units: the metadata's and the default are not
+        # in 0..255 units, and dividing them too would scale every input 255-fold.
+        scaled = option("--mean", ",".join(f"{m / 255:.4g}" for m in means))
+        if given_std:
+            scaled += " " + option("--std", ",".join(f"{x / 255:.4g}" for x in stds))
         raise BadInputError(
             f"mean {','.join(f'{m:g}' for m in means)} is outside [0, 1]: mean and std apply "
-            f"to pixels already divided by 255; in 0..255 units divide both by 255 "
-            f"({option('--mean', scaled)} {option('--std', scaled_std)})"
+            f"to pixels already divided by 255; in 0..255 units divide "
+            f"{'both' if given_std else 'it'} by 255 ({scaled})"
         )
     return means, stds
 
