@@ -126,6 +126,14 @@ def test_mean_in_pixel_units_advice_scales_only_the_values_given(tmp_path):
         open_data(path, "in", GRAY8, mean="128", std="63.8", metadata=metadata)
 
 
+def test_per_channel_count_refusal_says_how_many_the_model_takes(tmp_path):
+    path = write_npz(tmp_path / "d.npz", x=pixels(3, 8, 8))
+    with pytest.raises(BadInputError, match=r"must be one finite number: the model input has 1 "):
+        open_data(path, "in", GRAY8, mean="0.5,0.5")
+    with pytest.raises(BadInputError, match=r"must be 1 or 3 finite numbers \(one per channel"):
+        open_data(path, "in", RGB8, std="0.5,0.5")
+
+
 def test_metadata_gives_default_mean_std_and_arguments_override_it(tmp_path):
     x = pixels(3, 8, 8)
     path = write_npz(tmp_path / "d.npz", x=x)

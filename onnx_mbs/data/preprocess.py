@@ -135,9 +135,12 @@ def _per_channel(what: str, value: object, channels: int) -> tuple[float, ...]:
     if len(values) == 1:
         values = values * channels
     if len(values) != channels or not all(np.isfinite(values)):
-        raise BadInputError(
-            f"{what} {value!r} must be 1 or {channels} finite numbers (one per model channel)"
+        count = (
+            "one finite number: the model input has 1 channel"
+            if channels == 1
+            else f"1 or {channels} finite numbers (one per channel of the model input)"
         )
+        raise BadInputError(f"{what} {value!r} must be {count}")
     return tuple(values)
 
 
