@@ -511,3 +511,60 @@ def test_batch_size_must_be_positive(tmp_path):
     source = open_data(write_npz(tmp_path / "d.npz", x=pixels(2, 8, 8)), "in", GRAY8)
     with pytest.raises(BadInputError, match="batch size"):
         next(source.batches(0))
+
+
+def size_then_image_model():
+    """Two inputs, an int64 `size` (N, 2) declared before the float image `input` (N, 1, 8, 8),
+    as detectors declare an image-size input: Conv -> Relu -> Conv -> Relu, scaled by the
+    sum of `size`."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = {
+        "w1": rng.standard_normal((8, 1, 3, 3)).astype(np.float32),
+        "w2": rng.standard_normal((8, 8, 3, 3)).astype(np.float32),
+        "axis": np.array([1], np.int64),
+    }
+    node = helper.make_node
+    nodes = [
+        node("Cast", ["size"], ["sizes"], to=TensorProto.FLOAT),
+        node("ReduceSum", ["sizes", "axis"], ["total"], keepdims=1),
+        node("Conv", ["input", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        node("Relu", ["c1"], ["r1"]),
+        node("Conv", ["r1", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        node("Relu", ["c2"], ["r2"]),
+        node("GlobalAveragePool", ["r2"], ["pooled"]),
+        node("Flatten", ["pooled"], ["flat"]),
+        node("Mul", ["flat", "total"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "size_then_image",
+        [
+            helper.make_tensor_value_info("size", TensorProto.INT64, ["n", 2]),
+            helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 1, 8, 8]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])],
+        [numpy_helper.from_array(v, k) for k, v in weights.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+def test_model_ready_int64_input_declared_first_is_fed_as_it_is(tmp_path):
+    """docs/data.md: model-ready arrays are fed as they are, int64 ones included. An int64
+    input declared before the image was taken as the one to measure and refused as 'expected
+    a float image tensor'."""
+    from onnx_mbs.data.fit import open_for_model
+    from onnx_mbs.pipeline import reduce
+
+    model = size_then_image_model()
+    size = np.tile(np.array([[3, 4]], np.int64), (6, 1))
+    x = np.random.default_rng(1).random((6, 1, 8, 8), dtype=np.float32)
+    path = write_npz(tmp_path / "ready.npz", size=size, input=x)
+    source = open_for_model(path, model)
+    (batch,) = source.batches(64)
+    assert source.input_name == "input" and batch.x.dtype == np.float32
+    np.testing.assert_array_equal(batch.extra["size"], size)
+    _, report = reduce(model, path, progress=False, evaluate_accuracy=False)
+    assert report.samples == 6
+    assert 0 < report.rho["conv1"] < 1 and 0 < report.rho["conv2"] < 1
