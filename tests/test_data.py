@@ -568,3 +568,18 @@ def test_model_ready_int64_input_declared_first_is_fed_as_it_is(tmp_path):
     _, report = reduce(model, path, progress=False, evaluate_accuracy=False)
     assert report.samples == 6
     assert 0 < report.rho["conv1"] < 1 and 0 < report.rho["conv2"] < 1
+
+
+@pytest.mark.parametrize("shape", [(2, 70, 60), (2, 1, 70, 60), (2, 70, 60, 3)])
+def test_npz_images_past_the_pixel_limit_are_refused(tmp_path, monkeypatch, shape):
+    """Image folders refuse images past MAX_IMAGE_PIXELS before decoding; an npz's samples
+    are held to the same limit before their float copies are made (a batch of 64 such RGB
+    samples would take 26 GB)."""
+    import onnx_mbs.data.spec as spec
+
+    monkeypatch.setattr(spec, "MAX_IMAGE_PIXELS", 70 * 60 - 1)
+    path = write_npz(tmp_path / "d.npz", x=np.zeros(shape, np.uint8))
+    with pytest.raises(BadInputError, match=r"d.npz x holds images of 70 x 60 pixels, more than"):
+        open_data(path, "in", GRAY8)
+    monkeypatch.setattr(spec, "MAX_IMAGE_PIXELS", 70 * 60)
+    assert to_arrays(open_data(path, "in", GRAY8))[0].shape == (2, 1, 8, 8)
