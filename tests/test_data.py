@@ -113,15 +113,16 @@ def test_mean_in_pixel_units_is_refused(tmp_path):
         open_data(path, "in", rgb, mean=mean)
 
 
-def test_mean_in_pixel_units_advice_scales_only_the_values_given(tmp_path):
-    """A std not given (the model's metadata, in [0, 1] units already, or the default 1) is not
-    in pixel units: the advice must not divide it by 255 (following it would scale every
-    input up 255-fold)."""
+def test_mean_in_pixel_units_advice_keeps_the_metadata_std(tmp_path):
+    """The std the model's metadata records is in [0, 1] units already: the advice must not
+    divide it by 255 (following it would scale every input 255-fold). A std given with the
+    mean, or the default 1 (no scaling, in the mean's units too), is divided with it."""
     path = write_npz(tmp_path / "d.npz", x=pixels(3, 8, 8))
     metadata = {"onnx_mbs.mean": "0.286", "onnx_mbs.std": "0.353"}
-    for given in ({}, {"metadata": metadata}):
-        with pytest.raises(BadInputError, match=r"divide it by 255 \(mean='0\.502'\)$"):
-            open_data(path, "in", GRAY8, mean="128", **given)
+    with pytest.raises(BadInputError, match=r"divide it by 255 \(mean='0\.502'\)$"):
+        open_data(path, "in", GRAY8, mean="128", metadata=metadata)
+    with pytest.raises(BadInputError, match=r"\(mean='0\.502' std='0\.003922'\)$"):
+        open_data(path, "in", GRAY8, mean="128")
     with pytest.raises(BadInputError, match=r"\(mean='0\.502' std='0\.2502'\)$"):
         open_data(path, "in", GRAY8, mean="128", std="63.8", metadata=metadata)
 
