@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 
-from onnx_mbs.data import DataSource, batch_inputs
+from onnx_mbs.data import Batch, DataSource
 from onnx_mbs.passes.errors import BadInputError, QuantizedModelError
 from onnx_mbs.passes.load import (
     FixInputShapes,
@@ -27,6 +28,9 @@ from onnx_mbs.runtime import (
     pad_to_batch,
     session_provider,
 )
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 
 def load_for_eval(
@@ -226,12 +230,9 @@ def agreement(
     with progress_bar(len(data), "agreement", progress) as bar:
         for batch in data.batches(batch_size):
             try:
-                feeds = batch_inputs(batch, data.input_name)  # not padded: every row compared
-                x = feeds[data.input_name]
-                ours = session.run(names, {**feeds, data.input_name: x.astype(dtype, copy=False)})
-                theirs = reference.run(
-                    names, {**feeds, data.input_name: x.astype(teacher_dtype, copy=False)}
-                )
+                # padded to a fixed batch for the run; only the batch's own rows compared
+                ours = _run_rows(session, names, data.input_name, dtype, batch)
+                theirs = _run_rows(reference, names, data.input_name, teacher_dtype, batch)
             except Exception as error:  # onnxruntime's own exception types
                 if samples:
                     raise
@@ -251,6 +252,17 @@ def agreement(
     if samples == 0:
         raise BadInputError(f"no samples in {data.description}")
     return AgreementResult([totals[n].result() for n in names], samples, session_provider(session))
+
+
+def _run_rows(
+    session: ort.InferenceSession, names: list[str], input_name: str, dtype: np.dtype, batch: Batch
+) -> list[np.ndarray]:
+    """`names` run on `batch` (padded to the session's fixed batch, if it has one): per-sample
+    outputs cut back to the batch's own rows."""
+    feeds = batch_feeds(session, input_name, dtype, batch)
+    fed, rows = len(feeds[input_name]), len(batch.x)
+    outputs = session.run(names, feeds)
+    return [o[:rows] if o.ndim and len(o) == fed else o for o in outputs]
 
 
 def finite_rows(

@@ -36,7 +36,8 @@ from onnx_mbs.passes import (
     Origin,
     Pass,
     PassResult,
-    activation_tensors,
+    Site,
+    activation_sites,
     analyze_channels,
     analyze_model,
     check_model,
@@ -275,7 +276,12 @@ class Analysed:
 
     before: ModelAnalysis
     channels: ChannelAnalysis
-    activation: dict[str, str | None]  # conv -> the tensor whose activation ratio is its rho
+    sites: dict[str, Site | None]  # conv -> where its activation ratio (its rho) is read
+
+    @property
+    def activation(self) -> dict[str, str | None]:
+        """conv -> the tensor whose activation ratio is its rho (None: no activation)."""
+        return {layer: None if s is None else s.tensor for layer, s in self.sites.items()}
 
 
 def analyse(model: onnx.ModelProto, receptive_field: str) -> tuple[Analysed, GraphIndex]:
@@ -283,7 +289,7 @@ def analyse(model: onnx.ModelProto, receptive_field: str) -> tuple[Analysed, Gra
     index = GraphIndex.build(model)
     before = analyze_model(model, receptive_field, index)
     channels = analyze_channels(model, before, index)
-    return Analysed(before, channels, activation_tensors(model, before, index)), index
+    return Analysed(before, channels, activation_sites(model, before, index)), index
 
 
 @dataclass(frozen=True)
@@ -325,7 +331,13 @@ def measure(
             macs_per_sample=analysed.before.total_macs // (origin.batch or 1),  # at that batch
             weights_folder=folder,
         )
-    rho = {layer: (stats.tensors[t].ratio if t else 1.0) for layer, t in activation.items()}
+    made = {layer.name: layer.out_channels for layer in analysed.before.layers}
+    rho = {
+        layer: 1.0
+        if site is None
+        else stats.tensors[site.tensor].part(site.channel, made[layer]).ratio
+        for layer, site in analysed.sites.items()
+    }
     return held.take(), Measured(stats, rho, tensors)
 
 
@@ -382,7 +394,7 @@ class Planner:
                 batch=origin.batch or 1,
                 channel_multiple=multiple,
             )
-        scorer = importance_for(model, index, options.importance, measured, analysed.activation)
+        scorer = importance_for(model, index, options.importance, measured, analysed.sites)
         # Scored once: the global strategy plans counts by them, shrink keeps the top ones.
         free = [g for g, info in zip(groups, infos) if info.free]
         scores = group_scores(free, scorer)
@@ -415,7 +427,7 @@ def importance_for(
     index: GraphIndex,
     importance: Any,
     measured: Measured,
-    activation: Mapping[str, str | None],
+    activation: Mapping[str, Site | str | None],
 ) -> Importance:
     """The criterion channels are ranked by: the caller's Importance, one its factory
     builds, act from the statistics, or a registered weight criterion."""
@@ -586,12 +598,18 @@ def check_written(
 def activation_importance(
     model: onnx.ModelProto,
     stats: ActivationStats,
-    activation: Mapping[str, str | None],
+    activation: Mapping[str, Site | str | None],
     index: GraphIndex | None = None,
 ) -> Importance:
     """`--importance act`: a channel's score is the mean |activation| it produces, read
-    at each producer conv's first activation (filter L1 where a producer has none)."""
-    per_layer = {layer: stats.tensors[t].channel_mean_abs for layer, t in activation.items() if t}
+    at each producer conv's first activation, on the channels it makes there (a Site's, from
+    its first channel; a tensor name's, from channel 0); filter L1 where a producer has
+    none."""
+    per_layer = {}
+    for layer, site in activation.items():
+        if site is not None:
+            site = Site(site) if isinstance(site, str) else site
+            per_layer[layer] = stats.tensors[site.tensor].channel_mean_abs[site.channel :]
     return ActivationImportance(model, per_layer, index=index)
 
 

@@ -272,7 +272,12 @@ def pad_to_batch(session: ort.InferenceSession, input_name: str, x: np.ndarray) 
     """`x` padded to the model's fixed batch by repeating its last sample (a short last batch
     would not run); callers keep only the first len(x) rows of every per-sample output."""
     declared = next(i.shape for i in session.get_inputs() if i.name == input_name)
-    batch = declared[0] if declared else None
+    return pad_rows(x, declared[0] if declared else None)
+
+
+def pad_rows(x: np.ndarray, batch: object) -> np.ndarray:
+    """`x` with its last sample repeated up to `batch` rows, when `batch` is a fixed size
+    larger than len(x); else `x` itself."""
     if isinstance(batch, int) and 0 < len(x) < batch:
         return np.concatenate([x, np.repeat(x[-1:], batch - len(x), axis=0)])
     return x

@@ -5,7 +5,7 @@ function returning a new model or a plain dataclass, and the transforms are
 also Pass objects that compose in a Sequential.
 """
 
-from .activations import activation_tensors
+from .activations import Site, activation_sites, activation_tensors
 from .analysis import (
     DEFAULT_RECEPTIVE_FIELD,
     READINGS,
@@ -79,7 +79,9 @@ __all__ = [
     "PassResult",
     "READINGS",
     "Sequential",
+    "Site",
     "ShrinkChannels",
+    "activation_sites",
     "activation_tensors",
     "analyze_channels",
     "analyze_model",

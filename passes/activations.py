@@ -1,16 +1,19 @@
 """Where each Conv's "activation ratio" is measured.
 
 rho_k is the fraction of outputs > 0 of the first activation reached from
-layer k's output through channel-preserving ops (docs/design.md). This module finds
+layer k's output through channel-preserving ops and channel-axis Concats, over the
+channels layer k makes (docs/design.md). This module finds
 that tensor; onnx_mbs.stats measures it with onnxruntime.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import onnx
 
 from .analysis import ModelAnalysis
-from .graph import GraphIndex
+from .graph import GraphIndex, attributes
 
 ACTIVATION_OPS = {
     "Relu",
@@ -27,8 +30,12 @@ ACTIVATION_OPS = {
     "Gelu",
     "Mish",
 }
-# Ops that keep each channel where it is and do not activate: walked through.
+# Ops that keep each channel where it is and do not activate: walked through. Local pools
+# too: in `relu(max_pool2d(conv(x)))` the Relu after the pool is the conv's activation.
 CHANNEL_PRESERVING_OPS = {
+    "MaxPool",
+    "AveragePool",
+    "LpPool",
     "BatchNormalization",
     "Add",
     "Sub",
@@ -41,6 +48,15 @@ CHANNEL_PRESERVING_OPS = {
 }
 
 
+@dataclass(frozen=True)
+class Site:
+    """Where a conv's activation is read: the tensor, and the first of its channels along the
+    channel axis that the conv makes (past 0 when a Concat joined it after others: DenseNet)."""
+
+    tensor: str
+    channel: int = 0
+
+
 def activation_tensors(
     model: onnx.ModelProto, analysis: ModelAnalysis, index: GraphIndex | None = None
 ) -> dict[str, str | None]:
@@ -50,27 +66,56 @@ def activation_tensors(
     Sigmoid*Mul counts as the Sigmoid's Mul output, since that is the activation's value.
     `index` is `GraphIndex.build(model)` if the caller has it.
     """
+    sites = activation_sites(model, analysis, index)
+    return {layer: None if site is None else site.tensor for layer, site in sites.items()}
+
+
+def activation_sites(
+    model: onnx.ModelProto, analysis: ModelAnalysis, index: GraphIndex | None = None
+) -> dict[str, Site | None]:
+    """`activation_tensors` with where in each tensor the conv's channels lie: a Concat along
+    the channel axis is walked through too (DenseNet's growth convs reach their activation
+    after one), its earlier inputs' channels counted before the conv's."""
     index = GraphIndex.of(model, index)
-    found: dict[str, str | None] = {}
-    for layer in analysis.layers:
-        found[layer.name] = _first_activation(index, layer.output)
-    return found
+    return {layer.name: _first_activation(index, layer.output) for layer in analysis.layers}
 
 
-def _first_activation(index: GraphIndex, start: str) -> str | None:
-    frontier, seen = [start], {start}
+def _first_activation(index: GraphIndex, start: str) -> Site | None:
+    frontier, seen = [(start, 0)], {start}
     rank = len(index.shapes.get(start, ()))  # 3 for Conv1d, 4 for Conv2d, 5 for Conv3d
     while frontier:
-        tensor = frontier.pop(0)
+        tensor, channel = frontier.pop(0)
         for node in index.consumers.get(tensor, []):
             if node.op_type in ACTIVATION_OPS:
-                return _silu_output(index, node, tensor)
-            if node.op_type in CHANNEL_PRESERVING_OPS:
-                out = node.output[0]
-                if out not in seen and len(index.shapes.get(out, ())) == rank:
-                    seen.add(out)
-                    frontier.append(out)
+                return Site(_silu_output(index, node, tensor), channel)
+            at = channel
+            if node.op_type == "Concat":
+                before = _channels_before(index, node, tensor, rank)
+                if before is None:
+                    continue
+                at += before
+            elif node.op_type not in CHANNEL_PRESERVING_OPS:
+                continue
+            out = node.output[0]
+            if out not in seen and len(index.shapes.get(out, ())) == rank:
+                seen.add(out)
+                frontier.append((out, at))
     return None
+
+
+def _channels_before(index: GraphIndex, node: onnx.NodeProto, tensor: str, rank: int) -> int | None:
+    """The channels a channel-axis Concat puts before `tensor`'s (None: another axis, or
+    an input whose channel count is unknown)."""
+    axis = int(attributes(node).get("axis", 1))
+    if not rank or axis % rank != 1:  # rank 0: the shapes are not known
+        return None
+    channels = []
+    for name in node.input[: list(node.input).index(tensor)]:
+        shape = index.shapes.get(name)
+        if not shape or len(shape) != rank or not isinstance(shape[1], int) or shape[1] < 1:
+            return None
+        channels.append(shape[1])
+    return sum(channels)
 
 
 def _silu_output(index: GraphIndex, node: onnx.NodeProto, source: str) -> str:

@@ -113,6 +113,28 @@ def test_mean_in_pixel_units_is_refused(tmp_path):
         open_data(path, "in", rgb, mean=mean)
 
 
+def test_mean_in_pixel_units_advice_keeps_the_metadata_std(tmp_path):
+    """The std the model's metadata records is in [0, 1] units already: the advice must not
+    divide it by 255 (following it would scale every input 255-fold). A std given with the
+    mean, or the default 1 (no scaling, in the mean's units too), is divided with it."""
+    path = write_npz(tmp_path / "d.npz", x=pixels(3, 8, 8))
+    metadata = {"onnx_mbs.mean": "0.286", "onnx_mbs.std": "0.353"}
+    with pytest.raises(BadInputError, match=r"divide it by 255 \(mean='0\.502'\)$"):
+        open_data(path, "in", GRAY8, mean="128", metadata=metadata)
+    with pytest.raises(BadInputError, match=r"\(mean='0\.502' std='0\.003922'\)$"):
+        open_data(path, "in", GRAY8, mean="128")
+    with pytest.raises(BadInputError, match=r"\(mean='0\.502' std='0\.2502'\)$"):
+        open_data(path, "in", GRAY8, mean="128", std="63.8", metadata=metadata)
+
+
+def test_per_channel_count_refusal_says_how_many_the_model_takes(tmp_path):
+    path = write_npz(tmp_path / "d.npz", x=pixels(3, 8, 8))
+    with pytest.raises(BadInputError, match=r"must be one finite number: the model input has 1 "):
+        open_data(path, "in", GRAY8, mean="0.5,0.5")
+    with pytest.raises(BadInputError, match=r"must be 1 or 3 finite numbers \(one per channel"):
+        open_data(path, "in", RGB8, std="0.5,0.5")
+
+
 def test_metadata_gives_default_mean_std_and_arguments_override_it(tmp_path):
     x = pixels(3, 8, 8)
     path = write_npz(tmp_path / "d.npz", x=x)
@@ -490,3 +512,75 @@ def test_batch_size_must_be_positive(tmp_path):
     source = open_data(write_npz(tmp_path / "d.npz", x=pixels(2, 8, 8)), "in", GRAY8)
     with pytest.raises(BadInputError, match="batch size"):
         next(source.batches(0))
+
+
+def size_then_image_model():
+    """Two inputs, an int64 `size` (N, 2) declared before the float image `input` (N, 1, 8, 8),
+    as detectors declare an image-size input: Conv -> Relu -> Conv -> Relu, scaled by the
+    sum of `size`."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = {
+        "w1": rng.standard_normal((8, 1, 3, 3)).astype(np.float32),
+        "w2": rng.standard_normal((8, 8, 3, 3)).astype(np.float32),
+        "axis": np.array([1], np.int64),
+    }
+    node = helper.make_node
+    nodes = [
+        node("Cast", ["size"], ["sizes"], to=TensorProto.FLOAT),
+        node("ReduceSum", ["sizes", "axis"], ["total"], keepdims=1),
+        node("Conv", ["input", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        node("Relu", ["c1"], ["r1"]),
+        node("Conv", ["r1", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        node("Relu", ["c2"], ["r2"]),
+        node("GlobalAveragePool", ["r2"], ["pooled"]),
+        node("Flatten", ["pooled"], ["flat"]),
+        node("Mul", ["flat", "total"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "size_then_image",
+        [
+            helper.make_tensor_value_info("size", TensorProto.INT64, ["n", 2]),
+            helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 1, 8, 8]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])],
+        [numpy_helper.from_array(v, k) for k, v in weights.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+def test_model_ready_int64_input_declared_first_is_fed_as_it_is(tmp_path):
+    """docs/data.md: model-ready arrays are fed as they are, int64 ones included. An int64
+    input declared before the image was taken as the one to measure and refused as 'expected
+    a float image tensor'."""
+    from onnx_mbs.data.fit import open_for_model
+    from onnx_mbs.pipeline import reduce
+
+    model = size_then_image_model()
+    size = np.tile(np.array([[3, 4]], np.int64), (6, 1))
+    x = np.random.default_rng(1).random((6, 1, 8, 8), dtype=np.float32)
+    path = write_npz(tmp_path / "ready.npz", size=size, input=x)
+    source = open_for_model(path, model)
+    (batch,) = source.batches(64)
+    assert source.input_name == "input" and batch.x.dtype == np.float32
+    np.testing.assert_array_equal(batch.extra["size"], size)
+    _, report = reduce(model, path, progress=False, evaluate_accuracy=False)
+    assert report.samples == 6
+    assert 0 < report.rho["conv1"] < 1 and 0 < report.rho["conv2"] < 1
+
+
+@pytest.mark.parametrize("shape", [(2, 70, 60), (2, 1, 70, 60), (2, 70, 60, 3)])
+def test_npz_images_past_the_pixel_limit_are_refused(tmp_path, monkeypatch, shape):
+    """Image folders refuse images past MAX_IMAGE_PIXELS before decoding; an npz's samples
+    are held to the same limit before their float copies are made (a batch of 64 such RGB
+    samples would take 26 GB)."""
+    import onnx_mbs.data.spec as spec
+
+    monkeypatch.setattr(spec, "MAX_IMAGE_PIXELS", 70 * 60 - 1)
+    path = write_npz(tmp_path / "d.npz", x=np.zeros(shape, np.uint8))
+    with pytest.raises(BadInputError, match=r"d.npz x holds images of 70 x 60 pixels, more than"):
+        open_data(path, "in", GRAY8)
+    monkeypatch.setattr(spec, "MAX_IMAGE_PIXELS", 70 * 60)
+    assert to_arrays(open_data(path, "in", GRAY8))[0].shape == (2, 1, 8, 8)

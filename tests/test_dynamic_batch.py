@@ -127,3 +127,29 @@ def test_batch_read_by_another_op_is_computed_at_run_time():
     read = load(model, {"x": [2, 3, 2, 2]})
     assert analyze_model(read.model).total_macs == 2 * 2 * 2 * 3 * 4
     assert_runs_at_declared_shapes(model, read.runnable)
+
+
+def test_eval_teacher_runs_a_fixed_batch_model_on_a_short_last_batch(
+    bundled_model_path, tmp_path, capsys
+):
+    """20 samples at a fixed batch of 8: the last batch of 4 is padded for the run (as plain
+    eval pads it) and only its 4 rows are compared, against a dynamic-batch teacher too."""
+    import json
+
+    from onnx_mbs.cli import main
+    from onnx_mbs.models import FMNIST_SAMPLE
+
+    fixed = onnx.load(str(bundled_model_path))
+    for value in (fixed.graph.input[0], fixed.graph.output[0]):
+        value.type.tensor_type.shape.dim[0].Clear()
+        value.type.tensor_type.shape.dim[0].dim_value = 8
+    path = tmp_path / "b8.onnx"
+    onnx.save(fixed, path)
+    for teacher in (path, bundled_model_path):
+        args = ["eval", str(path), "--teacher", str(teacher), "--data", str(FMNIST_SAMPLE)]
+        assert main([*args, "--limit", "20", "--json"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["samples"] == 20
+        (logits,) = result["outputs"].values()
+        assert logits["shape"] == [20, 10] or logits["shape"][1:] == [10]
+        assert logits["top1"] == 1.0 and logits["relative_error"] < 1e-5

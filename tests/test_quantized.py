@@ -12,6 +12,7 @@ import onnx
 import pytest
 from conftest import random_images, write_npz
 from graphs import dynamic_input_model
+from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantFormat, quantize_static
 
 from onnx_mbs.calibration import CalibrationReader
@@ -151,3 +152,79 @@ def test_a_model_with_dynamic_height_and_width_is_calibrated_at_the_given_size(t
     )
     assert done.returncode == 0, done.stderr
     assert "QuantizeLinear" in {n.op_type for n in onnx.load(str(out)).graph.node}
+
+
+def _with_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
+    """`model` with its input and output batch fixed to `batch`."""
+    for value in (model.graph.input[0], model.graph.output[0]):
+        dim = value.type.tensor_type.shape.dim[0]
+        dim.Clear()
+        dim.dim_value = batch
+    return model
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_calibration_reader_follows_a_fixed_batch(bundled_model_path, tmp_path, batch):
+    """A model whose input fixes the batch runs only at that batch: the reader gives batches of
+    it (the last one padded by repeating its last sample), so quantize_static can run it."""
+    path = tmp_path / f"b{batch}.onnx"
+    onnx.save(_with_batch(onnx.load(str(bundled_model_path)), batch), path)
+    reader = CalibrationReader(str(FMNIST_SAMPLE), path, limit=20)
+    batches = [b["input"] for b in iter(reader.get_next, None)]
+    assert len(reader) == len(batches) == -(-20 // batch)
+    assert {b.shape for b in batches} == {(batch, 1, 28, 28)}
+    fed = np.concatenate(batches)
+    with np.load(FMNIST_SAMPLE) as npz:
+        x = (npz["x"][:20] / 255 - 0.286041) / 0.353024
+    np.testing.assert_allclose(fed[:20], x, atol=1e-5)
+    np.testing.assert_array_equal(fed[20:], np.repeat(fed[19:20], len(fed) - 20, axis=0))
+    reader.rewind()
+    quantize_static(str(path), str(tmp_path / "q.onnx"), reader, quant_format=QuantFormat.QDQ)
+    assert "QuantizeLinear" in {n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node}
+
+
+def test_calibration_reader_refuses_another_batch_than_the_fixed_one(bundled_model_path, tmp_path):
+    path = tmp_path / "b8.onnx"
+    onnx.save(_with_batch(onnx.load(str(bundled_model_path)), 8), path)
+    with pytest.raises(BadInputError, match="fixes its batch at 8; batch_size=100 cannot run"):
+        CalibrationReader(str(FMNIST_SAMPLE), path, batch_size=100)
+
+
+def _image_and_scale() -> onnx.ModelProto:
+    """input (N, 1, 8, 8) * scale (N, 1, 1, 1) -> Conv 3x3 (4 ch) -> Relu: two inputs."""
+    weight = numpy_helper.from_array(
+        np.random.default_rng(0).standard_normal((4, 1, 3, 3)).astype(np.float32), "w"
+    )
+    nodes = [
+        helper.make_node("Mul", ["input", "scale"], ["scaled"]),
+        helper.make_node("Conv", ["scaled", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["out"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "image_and_scale",
+        [
+            helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 1, 8, 8]),
+            helper.make_tensor_value_info("scale", TensorProto.FLOAT, ["n", 1, 1, 1]),
+        ],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n", 4, 8, 8])],
+        [weight],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
+def test_calibration_reader_feeds_every_input_of_model_ready_data(tmp_path):
+    """A model-ready npz for a two-input model: each batch holds both inputs, as they are."""
+    path = tmp_path / "two.onnx"
+    onnx.save(_image_and_scale(), path)
+    rng = np.random.default_rng(0)
+    x = rng.random((10, 1, 8, 8), dtype=np.float32)
+    scale = rng.uniform(0.5, 2, (10, 1, 1, 1)).astype(np.float32)
+    np.savez(tmp_path / "ready.npz", input=x, scale=scale)
+    reader = CalibrationReader(str(tmp_path / "ready.npz"), path, batch_size=4)
+    batches = list(iter(reader.get_next, None))
+    assert [sorted(b) for b in batches] == [["input", "scale"]] * 3
+    np.testing.assert_array_equal(np.concatenate([b["input"] for b in batches]), x)
+    np.testing.assert_array_equal(np.concatenate([b["scale"] for b in batches]), scale)
+    reader.rewind()
+    quantize_static(str(path), str(tmp_path / "q.onnx"), reader, quant_format=QuantFormat.QDQ)

@@ -20,6 +20,20 @@ CPU = ["CPUExecutionProvider"]
 SHAPE = (1, 1, 8, 8)
 
 
+def three_class_model(
+    nodes: list[onnx.NodeProto], weights: dict[str, np.ndarray], name: str
+) -> onnx.ModelProto:
+    """`nodes` from input x (n, 1, 8, 8) to logits (n, 3), `weights` their initializers."""
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 3])],
+        [numpy_helper.from_array(v, k) for k, v in weights.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
 def conv_relu_model(seed: int = 0) -> onnx.ModelProto:
     """Conv -> Relu -> Conv(stride 2) -> Relu -> Flatten -> Gemm, random weights, opset 17.
 
@@ -41,14 +55,7 @@ def conv_relu_model(seed: int = 0) -> onnx.ModelProto:
         helper.make_node("Flatten", ["r2"], ["flat"]),
         helper.make_node("Gemm", ["flat", "wf"], ["logits"], transB=1),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "conv_relu",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 8, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 3])],
-        [numpy_helper.from_array(v, k) for k, v in weights.items()],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return three_class_model(nodes, weights, "conv_relu")
 
 
 def reference(
@@ -513,3 +520,110 @@ def test_weights_aside_lends_the_analysis_form_and_gives_back_the_same_model(zoo
         assert light.ByteSize() < len(before) / 10  # the weights are in the file
         assert (folder / WEIGHTS_FILE).stat().st_size >= len(before) * 0.9
     assert held.take().SerializeToString() == before
+
+
+def pooled_model(pool: str) -> onnx.ModelProto:
+    """Conv -> `pool` 2x2 -> Relu -> Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm: the
+    classic `relu(max_pool2d(conv(x)))`, whose first conv's activation follows the pool."""
+    rng = np.random.default_rng(3)
+    weights = {
+        "w1": rng.normal(size=(16, 1, 3, 3)).astype(np.float32),
+        "b1": np.linspace(-3, 1, 16, dtype=np.float32),
+        "w2": rng.normal(size=(16, 16, 3, 3)).astype(np.float32) * 0.3,
+        "wf": rng.normal(size=(3, 16)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node(pool, ["c1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Relu", ["p1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("GlobalAveragePool", ["r2"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "wf"], ["logits"], transB=1),
+    ]
+    return three_class_model(nodes, weights, "pooled")
+
+
+@pytest.mark.parametrize("pool", ["MaxPool", "AveragePool"])
+def test_rho_is_read_at_the_activation_after_a_pool(tmp_path, pool):
+    """rho is the fraction of outputs > 0 of the first activation after the conv: a pool
+    between them keeps every channel where it is, so the Relu after it is that activation
+    (it was taken as no activation: rho 1, the layer's full MACs)."""
+    from onnx_mbs.pipeline import reduce
+
+    model = pooled_model(pool)
+    x = np.random.default_rng(1).random((10, 8, 8), dtype=np.float32)
+    path = write_npz(tmp_path / "d.npz", x=x)
+    _, report = reduce(model, path, progress=False, evaluate_accuracy=False, mean=0.5, std=0.5)
+    expected = reference(model, ["r1", "r2"], ((x[:, None] - 0.5) / 0.5).astype(np.float32))
+    for layer, tensor in (("conv1", "r1"), ("conv2", "r2")):
+        positive, _, elements = expected[tensor]
+        rho = positive.sum() / (elements * len(positive))
+        assert 0.05 < rho < 0.95
+        assert report.rho[layer] == pytest.approx(rho, abs=1e-9)
+
+
+def dense_block_model() -> onnx.ModelProto:
+    """DenseNet's layer: Conv(8) -> Relu, a growth Conv(4) with no activation of its own,
+    Concat of both -> BatchNorm -> Relu -> Conv -> Relu -> GlobalAveragePool -> Gemm."""
+    rng = np.random.default_rng(4)
+    weights = {
+        "w0": rng.normal(size=(8, 1, 3, 3)).astype(np.float32),
+        "w1": rng.normal(size=(4, 8, 3, 3)).astype(np.float32) * 0.3,
+        "b1": np.array([-1.5, -0.5, 0.5, 1.5], np.float32),
+        "scale": np.linspace(0.5, 2, 12, dtype=np.float32),
+        "bias": np.linspace(-1, 1, 12, dtype=np.float32),
+        "mean": np.zeros(12, np.float32),
+        "var": np.ones(12, np.float32),
+        "w2": rng.normal(size=(8, 12, 1, 1)).astype(np.float32),
+        "wf": rng.normal(size=(3, 8)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["c0"], name="conv0", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c0"], ["r0"]),
+        helper.make_node("Conv", ["r0", "w1", "b1"], ["c1"], name="growth", pads=[1, 1, 1, 1]),
+        helper.make_node("Concat", ["r0", "c1"], ["cat"], axis=1),
+        helper.make_node("BatchNormalization", ["cat", "scale", "bias", "mean", "var"], ["bn"]),
+        helper.make_node("Relu", ["bn"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2"),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("GlobalAveragePool", ["r2"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "wf"], ["logits"], transB=1),
+    ]
+    return three_class_model(nodes, weights, "dense")
+
+
+def test_rho_of_a_conv_joined_by_concat_is_read_on_its_own_channels(tmp_path):
+    """DenseNet's growth convs reach their activation through a Concat (and the BatchNorm
+    after it): rho is the fraction > 0 of that activation's channels the conv makes, and act
+    importance reads the same channels (it was taken as no activation: rho 1)."""
+    from onnx_mbs.pipeline import reduce
+
+    model = dense_block_model()
+    x = np.random.default_rng(1).random((10, 8, 8), dtype=np.float32)
+    path = write_npz(tmp_path / "d.npz", x=x)
+    _, report = reduce(model, path, progress=False, evaluate_accuracy=False)
+    positive, _, elements = reference(model, ["r1", "r0"], x[:, None])["r1"]
+    growth = positive[8:].sum() / (elements * 4)
+    assert 0.05 < growth < 0.95
+    assert report.rho["growth"] == pytest.approx(growth, abs=1e-9)
+    assert report.activation["growth"] == "r1"
+    r0 = reference(model, ["r0"], x[:, None])["r0"]
+    assert report.rho["conv0"] == pytest.approx(r0[0].sum() / (r0[2] * 8), abs=1e-9)
+
+
+def test_act_importance_of_a_concat_joined_conv_reads_its_own_channels(tmp_path):
+    from onnx_mbs.passes import Site, activation_sites, analyze_model, load_model
+    from onnx_mbs.pipeline import activation_importance
+
+    model = load_model(dense_block_model())  # the analysis form: shapes known
+    sites = activation_sites(model, analyze_model(model))
+    assert sites == {"conv0": Site("r0"), "growth": Site("r1", 8), "conv2": Site("r2")}
+    x = np.random.default_rng(1).random((10, 8, 8), dtype=np.float32)
+    data = open_data(write_npz(tmp_path / "d.npz", x=x), "x", SHAPE)
+    stats = collect_stats(model, ["r0", "r1", "r2"], data, CPU, batch_size=1, progress=False)
+    scores = activation_importance(model, stats, sites).per_layer
+    np.testing.assert_array_equal(scores["growth"], stats.tensors["r1"].channel_mean_abs[8:])
+    np.testing.assert_array_equal(scores["conv0"], stats.tensors["r0"].channel_mean_abs)

@@ -8,10 +8,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
 import onnx
 from onnx import helper
 
-from onnx_mbs.data.ready import declared_inputs
+from onnx_mbs.data.ready import DeclaredInput, declared_inputs
 from onnx_mbs.data.sources import DataSource
 from onnx_mbs.data.spec import open_data
 from onnx_mbs.memory import check_model_fits
@@ -67,7 +68,10 @@ def open_for_model(
     inputs = declared_inputs(model)
     is_path = isinstance(spec, (str, os.PathLike))
     if is_path and len(inputs) > 1:  # open_data takes a model-ready npz or refuses
-        name, shape = inputs[0].name, [d or 0 for d in inputs[0].dims]
+        # the batch's x: the first float input (the image, whatever its place), fed as float;
+        # the others (an int64 image size) go beside it as they are
+        primary = next((i for i in inputs if _is_float(i)), inputs[0])
+        name, shape = primary.name, [d or 0 for d in primary.dims]
     else:
         name, shape = model_input(model)
     check_model_fits(model)
@@ -86,6 +90,10 @@ def open_for_model(
     )
     check_labels(source, model)
     return source
+
+
+def _is_float(declared: DeclaredInput) -> bool:
+    return declared.dtype is not None and np.issubdtype(declared.dtype, np.floating)
 
 
 def check_labels(source: DataSource, model: onnx.ModelProto) -> None:

@@ -81,6 +81,9 @@ def normalisation(
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std: given values, else the model's metadata, else 0 and 1."""
     metadata = metadata or {}
+    # the std in the mean's units: given with it, or the default 1 (no scaling in any units);
+    # not the metadata's, recorded in [0, 1] units (divided too, it would scale inputs 255-fold)
+    std_with_mean = std is not None or STD_KEY not in metadata
     if mean is None:
         mean = metadata.get(MEAN_KEY, 0.0)
     if std is None:
@@ -92,12 +95,13 @@ def normalisation(
     if any(not 0.0 <= m <= 1.0 for m in means):
         # Pixels are in [0, 1] when normalised: such a mean is in 0..255 units (ImageNet's
         # 123.675), which would shift every input far off and still run.
-        scaled = ",".join(f"{m / 255:.4g}" for m in means)
-        scaled_std = ",".join(f"{x / 255:.4g}" for x in stds)
+        scaled = option("--mean", ",".join(f"{m / 255:.4g}" for m in means))
+        if std_with_mean:
+            scaled += " " + option("--std", ",".join(f"{x / 255:.4g}" for x in stds))
         raise BadInputError(
             f"mean {','.join(f'{m:g}' for m in means)} is outside [0, 1]: mean and std apply "
-            f"to pixels already divided by 255; in 0..255 units divide both by 255 "
-            f"({option('--mean', scaled)} {option('--std', scaled_std)})"
+            f"to pixels already divided by 255; in 0..255 units divide "
+            f"{'both' if std_with_mean else 'it'} by 255 ({scaled})"
         )
     return means, stds
 
@@ -131,9 +135,12 @@ def _per_channel(what: str, value: object, channels: int) -> tuple[float, ...]:
     if len(values) == 1:
         values = values * channels
     if len(values) != channels or not all(np.isfinite(values)):
-        raise BadInputError(
-            f"{what} {value!r} must be 1 or {channels} finite numbers (one per model channel)"
+        count = (
+            "one finite number: the model input has 1 channel"
+            if channels == 1
+            else f"1 or {channels} finite numbers (one per channel of the model input)"
         )
+        raise BadInputError(f"{what} {value!r} must be {count}")
     return tuple(values)
 
 

@@ -29,7 +29,13 @@ from onnx_mbs.data.ready import (
     is_model_ready,
     model_ready_arrays,
 )
-from onnx_mbs.data.sources import IMAGE_SCALE, ArraySource, DataSource, ImageFolderSource
+from onnx_mbs.data.sources import (
+    IMAGE_SCALE,
+    MAX_IMAGE_PIXELS,
+    ArraySource,
+    DataSource,
+    ImageFolderSource,
+)
 from onnx_mbs.memory import check_fits
 from onnx_mbs.passes.errors import BadInputError, input_shape_option, option
 
@@ -198,6 +204,12 @@ def _array_source(
     check_pixel_dtype(x.dtype, what)
     layout = raw_layout(x.shape, channels, f"{what} x")
     check_channels(raw_channels(x.shape, layout), channels, what)
+    height, width = x.shape[2:4] if layout == "NCHW" else x.shape[1:3]
+    if height * width > MAX_IMAGE_PIXELS:  # as image folders: before any float copy
+        raise BadInputError(
+            f"{what} x holds images of {height} x {width} pixels, more than "
+            f"{MAX_IMAGE_PIXELS:,} (far larger than any model input): resize them first"
+        )
     labels = None if y is None else _labels(y, len(x), what)
     total = len(x)
     if total == 0:
