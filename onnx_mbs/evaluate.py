@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 
 from onnx_mbs.data import DataSource, batch_inputs
-from onnx_mbs.logits import check_label_range, choose_logits
+from onnx_mbs.logits import check_label_range, choose_logits, classes_of
 from onnx_mbs.passes.errors import BadInputError, QuantizedModelError
 from onnx_mbs.passes.load import (
     FixInputShapes,
@@ -146,9 +146,9 @@ class OutputAgreement:
 
     relative_error: ||student - teacher|| / ||teacher|| over all samples; cosine: the mean
     per-sample cosine similarity; top1: the fraction of samples whose argmax class agrees
-    (classifier logits only); iou: for dense maps (batch, C, H, W), the mean over classes of the
-    IoU of the argmax maps (C > 1) or of the maps thresholded at 0.5 for probabilities, else 0
-    (C = 1). Non-finite student values never count as agreeing.
+    (classifier outputs only, `onnx_mbs.logits`); iou: for dense maps (batch, C, H, W), the
+    mean over classes of the IoU of the argmax maps (C > 1) or of the maps thresholded at 0.5
+    for probabilities, else 0 (C = 1). Non-finite student values never count as agreeing.
     """
 
     name: str
@@ -187,7 +187,7 @@ class _Accumulator:
         norms = np.linalg.norm(s64, axis=1) * np.linalg.norm(t64, axis=1)
         cos = np.where(norms > 0, (s64 * t64).sum(axis=1) / np.maximum(norms, 1e-300), 0.0)
         self.cosine += float(np.where(finite, cos, 0.0).sum())
-        if len(self.shape) == 2 and self.shape[1] > 1:
+        if classes_of(self.shape) is not None:
             self.hits += int(((s64.argmax(1) == t64.argmax(1)) & finite).sum())
         if len(self.shape) == 4 and self.shape[2] * self.shape[3] > 1:
             self._add_maps(s, t, finite)
@@ -210,7 +210,7 @@ class _Accumulator:
 
     def result(self) -> OutputAgreement:
         rel = math.sqrt(self.sq_err / self.sq_ref) if self.sq_ref > 0 else math.sqrt(self.sq_err)
-        top1 = self.hits / self.count if len(self.shape) == 2 and self.shape[1] > 1 else None
+        top1 = self.hits / self.count if classes_of(self.shape) is not None else None
         iou = None
         if self.union is not None:
             present = self.union > 0

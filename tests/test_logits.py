@@ -252,3 +252,12 @@ def test_reduce_reports_top1_of_the_logits_or_none_for_a_detector(tmp_path, trai
     data = write_npz(tmp_path / "det.npz", x=images, y=np.zeros(4, int))
     _, report = reduce(detector, data, progress=False)
     assert report.accuracy == {}
+
+
+def test_agreement_takes_top1_of_a_1x1_conv_head() -> None:
+    from onnx_mbs.evaluate import _Accumulator
+
+    scores, _ = answers()
+    acc = _Accumulator("nk11", (6, 10, 1, 1))
+    acc.add(scores[:, :, None, None], scores[:, :, None, None])
+    assert acc.result().top1 == 1.0 and acc.result().iou is None
