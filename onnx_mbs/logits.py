@@ -95,10 +95,11 @@ def _source(model: onnx.ModelProto, name: str) -> str:
 
 def _described(names: Sequence[str], shapes: Mapping[str, Shape]) -> str:
     """`'emb' (batch, 128), 'logits' (batch, 10)`: each output with its shape."""
-    return ", ".join(
-        f"'{n}' ({', '.join(['batch', *(str(d) if d else '?' for d in shapes[n][1:])])})"
-        for n in names
-    )
+
+    def dims(shape: Shape) -> str:
+        return ", ".join(["batch", *(str(d) if d else "?" for d in shape[1:])][: len(shape)])
+
+    return ", ".join(f"'{n}' ({dims(shapes[n])})" for n in names)
 
 
 def _check_named(shapes: Mapping[str, Shape], chosen: str) -> None:

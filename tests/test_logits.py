@@ -206,6 +206,9 @@ def test_retrain_refuses_to_guess_between_classifier_shaped_outputs(train) -> No
     with pytest.raises(BadInputError, match=r"2 classifier-shaped outputs .*logits=.OUTPUT."):
         retrain(model, train, None, **KW)
     chosen = retrain(model, train, None, logits="logits", **KW)
+    # A teacher alone distils every output; no output's argmax stands in for labels.
+    distilled = retrain(model, (train[0], None), None, teacher=quadnet("emb", seed=1), **KW)
+    assert not distilled.labels_used
     plain = retrain(quadnet(), train, None, **KW)
     assert _losses(chosen) == pytest.approx(_losses(plain), rel=1e-4)
 
@@ -224,6 +227,8 @@ def test_cli_logits_option(tmp_path, train, capsys) -> None:
     assert main(["eval", path, "--data", data]) == 2
     assert "--logits OUTPUT" in capsys.readouterr().err
     assert main(["eval", path, "--data", data, "--logits", "logits", "--json"]) == 0
+    assert main(["eval", path, "--data", data, "--teacher", path, "--logits", "logits"]) == 2
+    assert "eval --teacher compares every output" in capsys.readouterr().err
     out = str(tmp_path / "out.onnx")
     assert main(["retrain", path, "-o", out, "--data", data, "--epochs", "1"]) == 2
     assert "--logits OUTPUT" in capsys.readouterr().err
