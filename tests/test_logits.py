@@ -266,3 +266,14 @@ def test_agreement_takes_top1_of_a_1x1_conv_head() -> None:
     acc = _Accumulator("nk11", (6, 10, 1, 1))
     acc.add(scores[:, :, None, None], scores[:, :, None, None])
     assert acc.result().top1 == 1.0 and acc.result().iou is None
+
+
+def test_mse_chosen_for_probabilities_compares_the_probabilities(train) -> None:
+    """`losses={"out": "mse"}` on a Softmax output is the squared error of the probabilities,
+    as asked, not of the Softmax's input (which cross-entropy reads)."""
+    x = (train[0], None)
+    kw = {**KW, "losses": {"out": "mse"}, "distill_alpha": 1.0}
+    probs = retrain(quadnet("probs"), x, None, teacher=quadnet("probs", seed=1), **kw)
+    logits = retrain(quadnet(), x, None, teacher=quadnet(seed=1), **kw)
+    # alpha 1: the loss is the MSE alone, of the probabilities here and of the logits there.
+    assert _losses(probs) != pytest.approx(_losses(logits), rel=1e-3)

@@ -498,10 +498,10 @@ def retrain(
                 if data is not None and data.labelled:
                     check_label_range(data.labels(), classes, logits_name, what)
         # Cross-entropy and KL read a Softmax output's input: on probabilities they are on
-        # the wrong scale (`onnx_mbs.logits`).
-        read = {n for n, k in kinds.items() if k == "kl"} | {logits_name} - {None}
-        student_pre = {n: t for n, t in student_pre.items() if n in read}
-        teacher_pre = {n: t for n, t in teacher_pre.items() if n in read}
+        # the wrong scale (`onnx_mbs.logits`). An mse output is compared as it is.
+        ce_tensor = student_pre.get(logits_name, logits_name)
+        student_pre = {n: t for n, t in student_pre.items() if kinds.get(n) == "kl"}
+        teacher_pre = {n: t for n, t in teacher_pre.items() if kinds.get(n) == "kl"}
         net: torch.nn.Module = student
         if world > 1:
             net = torch.nn.parallel.DistributedDataParallel(
@@ -583,7 +583,8 @@ def retrain(
             for step, (xb, yb) in enumerate(batches):
                 xb = xb.to(dev, non_blocking=True)
                 with _autocast(dev, amp):
-                    out = _scores(_named(student, net(xb)), student_pre)
+                    raw = {k: v.float() for k, v in _named(student, net(xb)).items()}
+                out = _scores(raw, student_pre)
                 loss = out[student.output_names[0]].new_zeros(())
                 soft = None
                 if teacher_module is not None:
@@ -596,7 +597,7 @@ def retrain(
                 if labels_used:
                     yb = yb.to(dev, non_blocking=True)
                     ce = F.cross_entropy(
-                        _logits(out[logits_name]), yb, label_smoothing=label_smoothing
+                        _logits(raw[ce_tensor]), yb, label_smoothing=label_smoothing
                     )
                     loss = loss + (1 - alpha) * ce if soft is not None else ce
                 elif soft is not None and logits_name is not None:
@@ -604,7 +605,7 @@ def retrain(
                     # weighted as labels would be.
                     yb = _logits(soft[logits_name]).argmax(1)
                     ce = F.cross_entropy(
-                        _logits(out[logits_name]), yb, label_smoothing=label_smoothing
+                        _logits(raw[ce_tensor]), yb, label_smoothing=label_smoothing
                     )
                     loss = distill_alpha * loss + (1 - distill_alpha) * ce
                 else:
@@ -618,7 +619,7 @@ def retrain(
                 with torch.no_grad():
                     n = len(xb)
                     hits = (
-                        (_logits(out[logits_name]).argmax(1) == yb).sum().double()
+                        (_logits(raw[logits_name]).argmax(1) == yb).sum().double()
                         if yb is not None
                         else loss.new_tensor(math.nan, dtype=torch.float64)
                     )
