@@ -212,6 +212,7 @@ def _reduce_options(args: argparse.Namespace):
         batch_size=args.batch_size,
         latency_threads=args.latency_threads,
         evaluate_accuracy=not args.no_eval,
+        logits=args.logits,
         progress=not args.json,
     )
 
@@ -222,14 +223,16 @@ def _recalibrate(reduced, args: argparse.Namespace) -> dict:
     from onnx_mbs.bridge import recalibrate_model
     from onnx_mbs.data import to_arrays
     from onnx_mbs.evaluate import evaluate
+    from onnx_mbs.logits import has_top1
     from onnx_mbs.runtime import choose_providers
 
     source = _open_for_model(args.data, load_model(reduced), args, args.limit)
     x, y = to_arrays(source)
     model, batches = recalibrate_model(reduced, (x, None), args.batch_size)
     top1 = None
-    if y is not None and not args.no_eval:
-        top1 = evaluate(model, source, choose_providers(args.providers), progress=False).top1
+    if y is not None and not args.no_eval and has_top1(model, args.logits):
+        providers = choose_providers(args.providers)
+        top1 = evaluate(model, source, providers, progress=False, logits=args.logits).top1
     return {"model": model, "batches": batches, "top1": top1}
 
 
@@ -254,6 +257,7 @@ def _open_for_model(
         limit=limit,
         split=split,
         labels=labels,
+        logits=getattr(args, "logits", None),
     )
     if _rank() == 0:
         print(f"data: {source.description}", file=sys.stderr)
@@ -277,6 +281,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     source = _open_for_model(
         args.data, read.model, args, args.limit, split="test", labels=not args.teacher
     )
+    if args.teacher and args.logits:
+        raise BadInputError(
+            "--logits picks the output top-1 is read from; eval --teacher compares every "
+            "output: drop one of them"
+        )
     if args.teacher:
         return _eval_agreement(args, read.runnable, source, providers, shapes)
     result = evaluate(
@@ -285,6 +294,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         providers,
         batch_size=read.batch or args.batch_size,
         progress=not args.json,
+        logits=args.logits,
     )
     if args.json:
         json.dump(
@@ -420,6 +430,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
             checkpoint=args.checkpoint,
             resume=args.resume,
             workers=args.workers,
+            logits=args.logits,
         )
     except KeyboardInterrupt:
         if args.checkpoint and rank == 0 and ckpt.path_in(args.checkpoint).exists():
@@ -600,6 +611,14 @@ def build_parser() -> argparse.ArgumentParser:
             help="fix a dynamic input shape, e.g. input:1,3,224,224 (repeatable)",
         )
 
+    def add_logits(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--logits",
+            metavar="OUTPUT",
+            help="the output holding the class scores, where several outputs are "
+            "(batch, classes) (default: the only one; a Softmax output is trained on its input)",
+        )
+
     def add_data_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--mean", help="per-channel mean after /255 (default: model metadata or 0)")
         p.add_argument("--std", help="per-channel std (default: model metadata or 1)")
@@ -696,6 +715,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.add_argument("--dry-run", action="store_true", help="print the plan, write no model")
     p.add_argument("--no-eval", action="store_true", help="skip accuracy before/after")
+    add_logits(p)
     p.add_argument(
         "--recalibrate",
         action="store_true",
@@ -803,6 +823,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="BN-folded graphs: train the folded weights as they are (default: re-insert "
         "BatchNorm for training and fold it back)",
     )
+    add_logits(p)
     add_input_shape(p)
     add_data_options(p)
     p.set_defaults(func=cmd_retrain)
@@ -821,6 +842,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--providers", default="auto", help="auto (default), cpu or cuda")
     p.add_argument("--batch-size", type=COUNT, default=256)
     p.add_argument("--json", action="store_true", help='print {"top1", "top5", "samples"}')
+    add_logits(p)
     add_input_shape(p)
     add_data_options(p)
     p.set_defaults(func=cmd_eval)

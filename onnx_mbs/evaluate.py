@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 
 from onnx_mbs.data import Batch, DataSource
+from onnx_mbs.logits import check_label_range, choose_logits, classes_of
 from onnx_mbs.passes.errors import BadInputError, QuantizedModelError
 from onnx_mbs.passes.load import (
     FixInputShapes,
@@ -57,16 +58,28 @@ class EvalResult:
     nonfinite: int = 0  # samples whose logits hold NaN or inf: counted as wrong
 
 
+def _proto(model: onnx.ModelProto | bytes | str | os.PathLike) -> onnx.ModelProto:
+    """The graph alone (no external weights): enough to see which nodes make the outputs."""
+    if isinstance(model, onnx.ModelProto):
+        return model
+    if isinstance(model, bytes):
+        return onnx.load_from_string(model)
+    return onnx.load(os.fspath(model), load_external_data=False)
+
+
 def evaluate(
     model: onnx.ModelProto | bytes | str | os.PathLike,
     data: DataSource,
     providers: list[str],
     batch_size: int = 256,
     progress: bool = True,
+    logits: str | None = None,
 ) -> EvalResult:
-    """Accuracy with the first model output taken as logits (N, classes)."""
+    """Accuracy of the classifier output (`onnx_mbs.logits`: `logits` names it where the
+    model has several), its shape taken from the first batch's run."""
     session = make_session(model, providers)
-    logits_name = session.get_outputs()[0].name
+    graph = _proto(model)
+    logits_name: str | None = None
     dtype = feed_dtype(session, data.input_name)
     correct1 = correct5 = samples = nonfinite = 0
     classes = 0
@@ -80,7 +93,11 @@ def evaluate(
                 )
             try:
                 feeds = batch_feeds(session, data.input_name, dtype, batch)
-                logits = session.run([logits_name], feeds)[0][: len(batch.x)]
+                if logits_name is None:
+                    names = [o.name for o in session.get_outputs()]
+                    results = session.run(names, feeds)
+                else:
+                    results = session.run([logits_name], feeds)
             except Exception as error:  # onnxruntime's own exception types
                 if samples:
                     raise
@@ -88,9 +105,15 @@ def evaluate(
                     f"onnxruntime cannot run the model on this data (got {batch.x.shape} "
                     f"{batch.x.dtype}): {str(error).strip().splitlines()[0]}"
                 ) from None
-            ranks = label_ranks(logits, batch.y)
-            classes = logits.shape[1]
-            nonfinite += int((~np.isfinite(logits).all(axis=1)).sum())
+            if logits_name is None:
+                shapes = {n: r.shape for n, r in zip(names, results, strict=True)}
+                logits_name = choose_logits(shapes, graph, logits)
+                results = [results[names.index(logits_name)]]
+            scores = results[0][: len(batch.x)]
+            scores = scores.reshape(len(scores), -1)  # (batch, classes, 1, 1) as (batch, classes)
+            ranks = label_ranks(scores, batch.y, logits_name)
+            classes = scores.shape[1]
+            nonfinite += int((~np.isfinite(scores).all(axis=1)).sum())
             correct1 += int((ranks < 1).sum())
             correct5 += int((ranks < 5).sum())
             samples += len(ranks)
@@ -101,7 +124,7 @@ def evaluate(
     return EvalResult(correct1 / samples, top5, samples, session_provider(session), nonfinite)
 
 
-def label_ranks(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+def label_ranks(logits: np.ndarray, labels: np.ndarray, output: str = "logits") -> np.ndarray:
     """Position of each label in its row's ranking: 0 = the model's first answer.
 
     Ties count against the label unless it comes first, as argmax would pick,
@@ -110,14 +133,11 @@ def label_ranks(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """
     if logits.ndim != 2 or logits.shape[0] != len(labels):
         raise BadInputError(
-            f"the model's first output has shape {logits.shape}; expected logits "
+            f"the model's output '{output}' has shape {logits.shape}; expected logits "
             f"({len(labels)}, classes)"
         )
     classes = logits.shape[1]
-    if labels.max(initial=0) >= classes:
-        raise BadInputError(
-            f"label {int(labels.max())} does not exist: the model has {classes} classes"
-        )
+    check_label_range(labels, classes, output, "the data")
     target = logits[np.arange(len(labels)), labels][:, None]
     before = np.arange(classes)[None, :] < labels[:, None]
     ranks = ((logits > target) | ((logits == target) & before)).sum(axis=1)
@@ -130,9 +150,9 @@ class OutputAgreement:
 
     relative_error: ||student - teacher|| / ||teacher|| over all samples; cosine: the mean
     per-sample cosine similarity; top1: the fraction of samples whose argmax class agrees
-    (classifier logits only); iou: for dense maps (batch, C, H, W), the mean over classes of the
-    IoU of the argmax maps (C > 1) or of the maps thresholded at 0.5 for probabilities, else 0
-    (C = 1). Non-finite student values never count as agreeing.
+    (classifier outputs only, `onnx_mbs.logits`); iou: for dense maps (batch, C, H, W), the
+    mean over classes of the IoU of the argmax maps (C > 1) or of the maps thresholded at 0.5
+    for probabilities, else 0 (C = 1). Non-finite student values never count as agreeing.
     """
 
     name: str
@@ -171,7 +191,7 @@ class _Accumulator:
         norms = np.linalg.norm(s64, axis=1) * np.linalg.norm(t64, axis=1)
         cos = np.where(norms > 0, (s64 * t64).sum(axis=1) / np.maximum(norms, 1e-300), 0.0)
         self.cosine += float(np.where(finite, cos, 0.0).sum())
-        if len(self.shape) == 2 and self.shape[1] > 1:
+        if classes_of(self.shape) is not None:
             self.hits += int(((s64.argmax(1) == t64.argmax(1)) & finite).sum())
         if len(self.shape) == 4 and self.shape[2] * self.shape[3] > 1:
             self._add_maps(s, t, finite)
@@ -194,7 +214,7 @@ class _Accumulator:
 
     def result(self) -> OutputAgreement:
         rel = math.sqrt(self.sq_err / self.sq_ref) if self.sq_ref > 0 else math.sqrt(self.sq_err)
-        top1 = self.hits / self.count if len(self.shape) == 2 and self.shape[1] > 1 else None
+        top1 = self.hits / self.count if classes_of(self.shape) is not None else None
         iou = None
         if self.union is not None:
             present = self.union > 0

@@ -21,6 +21,7 @@ from onnx_mbs.data import DataSource
 from onnx_mbs.data.fit import data_text, has_labels, metadata, open_for_model, preprocessing
 from onnx_mbs.data.preprocess import MEAN_KEY, STD_KEY, Preprocess
 from onnx_mbs.interop import as_model
+from onnx_mbs.logits import has_top1
 from onnx_mbs.measurements import drop_measurements
 from onnx_mbs.options import ReduceOptions
 from onnx_mbs.passes import (
@@ -161,6 +162,14 @@ def reduce(
     origin, held = loaded.origin, HeldModel(loaded.model)
     del loaded  # `held` is the analysis form's one owner: its weights can be lent out
     source = fit_data(data, held.model, options)
+    # Top-1 needs a classifier output: a detector's labelled data gives none, several are
+    # refused now (`--logits` picks one) rather than after the reduction.
+    scored = (
+        options.evaluate_accuracy
+        and source is not None
+        and has_labels(source)
+        and has_top1(held.model, options.logits)
+    )
     recorded = given_preprocessing(options.mean, options.std, source)
     release_freed_memory()  # load's copies and serializations: not in every later peak
     laps.lap("load")
@@ -198,7 +207,7 @@ def reduce(
         groups=analysed.channels.groups,
         timings=laps.timings,
     )
-    if options.evaluate_accuracy and source is not None and has_labels(source):
+    if scored:
         models = {"before": origin.written(form), "after": rewritten.model}
         report.accuracy = accuracy(models, source, providers, origin.batch, options)
         laps.lap("evaluate")
@@ -231,7 +240,14 @@ class Laps:
 def fit_data(data: Any, model: onnx.ModelProto, options: ReduceOptions) -> DataSource | None:
     """The data fitted to the model's input (None without data)."""
     if data is not None:
-        return open_for_model(data, model, mean=options.mean, std=options.std, limit=options.limit)
+        return open_for_model(
+            data,
+            model,
+            mean=options.mean,
+            std=options.std,
+            limit=options.limit,
+            logits=options.logits,
+        )
     if options.importance == "act":
         raise BadInputError(
             f"{option('--importance', 'act')} ranks channels by activations: "
@@ -565,7 +581,9 @@ def accuracy(
 
     batch_size = batch or options.batch_size
     return {
-        key: evaluate(model, source, providers, batch_size=batch_size, progress=False)
+        key: evaluate(
+            model, source, providers, batch_size=batch_size, progress=False, logits=options.logits
+        )
         for key, model in models.items()
     }
 

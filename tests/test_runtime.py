@@ -145,7 +145,10 @@ def test_evaluate_without_top5_for_few_classes_and_ties_are_not_free():
 def test_evaluate_needs_labels_in_range():
     with pytest.raises(BadInputError, match="evaluation needs labels"):
         evaluate(flatten_model(3), Logits(np.zeros((2, 3)), None), CPU)
-    with pytest.raises(BadInputError, match="label 7 does not exist: the model has 3 classes"):
+    with pytest.raises(
+        BadInputError,
+        match="label 7 in the data does not exist: the model's logits 'logits' have 3 classes",
+    ):
         evaluate(flatten_model(3), Logits(np.zeros((2, 3)), np.array([0, 7])), CPU)
 
 

@@ -48,6 +48,12 @@ class Samples:
         y = batch.y.astype(np.int64) if self.labelled and batch.y is not None else None
         return x, y
 
+    def labels(self) -> np.ndarray | None:
+        """Every sample's label, without reading the samples (None: unlabelled)."""
+        if not self.labelled:
+            return None
+        return self.y if self.source is None else self.source.labels
+
 
 def as_samples(data: Any, what: str) -> Samples:
     """Samples from an (x, y) pair of arrays or a DataSource (read on demand where it can be)."""

@@ -1,10 +1,11 @@
 """Distillation losses for any graph outputs: classifier logits, boxes, score maps, features.
 
 Each graph output is compared with the teacher's output of the same name. The default loss follows
-the output's shape: a 2-D (batch, classes) output is classifier logits and gets Hinton's KL with
-temperature; anything else (detection heads, dense maps, embeddings) gets the squared error
-divided by the teacher output's squared norm over the batch -- the square of the relative error
-`eval --teacher` reports -- so outputs of different scales weigh alike. (Dividing by the variance
+the output's shape: a (batch, classes) or (batch, classes, 1, 1) output is classifier logits and
+gets Hinton's KL with temperature (read before the Softmax of a probabilities output, `train.py`);
+anything else (detection heads, dense maps, embeddings) gets the squared error divided by the
+teacher output's squared norm over the batch -- the square of the relative error `eval --teacher`
+reports -- so outputs of different scales weigh alike. (Dividing by the variance
 instead blows up on nearly constant outputs such as a probability map of mostly background.)
 `--loss NAME=kl|mse|none` overrides.
 """
@@ -16,6 +17,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from onnx_mbs.logits import classes_of
 from onnx_mbs.passes.errors import BadInputError, option
 
 KINDS = ("kl", "mse", "none")
@@ -37,8 +39,8 @@ def parse_loss_specs(specs: Sequence[str] | None) -> dict[str, str]:
 
 
 def is_logits(shape: Sequence[int]) -> bool:
-    """A (batch, classes) output with more than one class: classifier logits."""
-    return len(shape) == 2 and shape[1] > 1
+    """Classifier-shaped: (batch, classes[, 1, 1]) with more than one class (`onnx_mbs.logits`)."""
+    return classes_of(shape) is not None
 
 
 def choose_losses(

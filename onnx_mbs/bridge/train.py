@@ -6,7 +6,8 @@ the trained weights written back into the unchanged graph. (One exception: initi
 exporter tied through `Identity(initializer)` nodes are untied first -- see `untie_initializers` --
 so those Identity nodes are replaced by initializers of their own.)
 
-Loss: cross-entropy with the labels on the classifier logits (the first (batch, classes) output);
+Loss: cross-entropy with the labels on the classifier logits (the output `onnx_mbs.logits` picks;
+an output a Softmax makes is read before the Softmax);
 with a teacher (an ONNX model with the same outputs, run in eval mode without gradients)
 `alpha * distillation + (1 - alpha) * CE`, where distillation sums a loss per graph output (KL with
 temperature for logits, variance-normalised MSE otherwise; see `losses.py`) plus, optionally, the
@@ -53,12 +54,19 @@ from onnx_mbs.bridge import checkpoint as ckpt
 from onnx_mbs.bridge.bn import fold_back, has_batchnorm, is_bn_folded, recalibrate
 from onnx_mbs.bridge.bn import reinsert_bn as reinsert_batchnorm
 from onnx_mbs.bridge.loading import Samples, as_samples, load_batches, rank_batches
-from onnx_mbs.bridge.losses import choose_losses, distillation_loss, is_logits, normalised_mse
+from onnx_mbs.bridge.losses import choose_losses, distillation_loss, normalised_mse
 from onnx_mbs.bridge.module import OnnxModule, untie_initializers, with_outputs
 from onnx_mbs.bridge.precision import as_float32, is_low_precision
 from onnx_mbs.bridge.writeback import write_back
 from onnx_mbs.data.augment import choose_augment
 from onnx_mbs.data.sources import default_workers
+from onnx_mbs.logits import (
+    check_label_range,
+    choose_logits,
+    classes_of,
+    classifier_outputs,
+    softmax_input,
+)
 from onnx_mbs.passes.errors import BadInputError, option
 from onnx_mbs.progress import progress_bar
 from onnx_mbs.schedule import DEFAULT_WARMUP, default_lr, lr_factor
@@ -157,13 +165,24 @@ def _autocast(dev: torch.device, amp: str):
     return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp == "bf16")
 
 
-def _logits(out: Any, index: int = 0) -> torch.Tensor:
-    out = out[index] if isinstance(out, tuple) else out
+def _logits(out: torch.Tensor) -> torch.Tensor:
+    """Classifier scores, (batch, classes) or (batch, classes, 1, 1), as (batch, classes)."""
     return out.reshape(out.shape[0], -1)
 
 
 def _named(module: OnnxModule, out: Any) -> dict[str, torch.Tensor]:
     return dict(zip(module.output_names, out if isinstance(out, tuple) else (out,), strict=True))
+
+
+def _scores(out: Mapping[str, torch.Tensor], pre: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """The outputs in float32, each output in `pre` replaced by the Softmax input it names."""
+    return {k: out[pre.get(k, k)].float() for k in out}
+
+
+def softmax_inputs(model: onnx.ModelProto) -> dict[str, str]:
+    """{output: the input of the Softmax that makes it} for the model's probability outputs."""
+    found = {o.name: softmax_input(model, o.name) for o in model.graph.output}
+    return {name: pre for name, pre in found.items() if pre is not None}
 
 
 def _probe(module: OnnxModule, xb: torch.Tensor, what: str) -> dict[str, tuple[int, ...]]:
@@ -205,28 +224,6 @@ def _diverged(what: str, epoch: int, step: int, lr: float) -> str:
         f"training diverged ({what} at epoch {epoch + 1}, step {step + 1}, lr {lr:g}); "
         f"nothing written: lower {option('--lr')}"
     )
-
-
-@torch.no_grad()
-def top1(
-    module: OnnxModule,
-    x: np.ndarray,
-    y: np.ndarray,
-    batch_size: int = 256,
-    device: torch.device | str = "cpu",
-    logits_index: int = 0,
-) -> tuple[int, int]:
-    """(correct, count) of the module's eval-mode argmax predictions on (x, y)."""
-    was_training = module.training
-    module.eval()
-    correct = 0
-    for i in range(0, len(x), batch_size):
-        xb = torch.from_numpy(x[i : i + batch_size]).to(device)
-        logits = _logits(module(xb), logits_index)
-        pred = torch.where(torch.isfinite(logits).all(1), logits.argmax(1), -1).cpu().numpy()
-        correct += int((pred == y[i : i + batch_size]).sum())  # non-finite rows never count
-    module.train(was_training)
-    return correct, len(x)
 
 
 def _optimizer(
@@ -326,6 +323,7 @@ def retrain(
     checkpoint: str | os.PathLike | None = None,
     resume: bool = False,
     workers: int | None = None,
+    logits: str | None = None,
 ) -> RetrainResult:
     """Retrain `model` on `train_data`; return the written-back model of the best epoch.
 
@@ -345,6 +343,8 @@ def retrain(
     conv-output statistics (channels matched by name and bias, `bn.channel_maps`).
     `losses`: {output name: "kl" | "mse" | "none"} overriding the per-output default.
     `features`: intermediate tensor names both graphs have, distilled with normalised MSE.
+    `logits`: the output cross-entropy and top-1 read, where several are classifier-shaped
+    (`onnx_mbs.logits`); an output a Softmax makes is trained on the Softmax's input.
     """
     start = time.perf_counter()
     lr = default_lr(batch_size) if lr is None else lr
@@ -438,6 +438,7 @@ def retrain(
             "label_smoothing": label_smoothing,
             "warmup": warmup,
             "world_size": world,
+            **({"logits": logits} if logits is not None else {}),
         }
         saved = None
         if checkpoint is not None:
@@ -449,12 +450,13 @@ def retrain(
                 f"{option('--checkpoint')} DIR"
             )
         train_model, inserted = model, []
-        teacher_module, kinds = None, {}
+        teacher_module, kinds, teacher_pre = None, {}, {}
         if teacher is not None:
             if is_low_precision(teacher):
                 teacher = as_float32(teacher)
             # Checked before the teacher's statistics are measured for the re-inserted BNs.
-            teacher_module = OnnxModule(with_outputs(teacher, list(features)))
+            teacher_pre = softmax_inputs(teacher)
+            teacher_module = OnnxModule(with_outputs(teacher, [*features, *teacher_pre.values()]))
             teacher_module = teacher_module.to(dev).eval().requires_grad_(False)
             _check_input(teacher, teacher_module, train, "training data (teacher)")
             teacher_shapes = _probe(teacher_module, probe_x, "the teacher")
@@ -462,13 +464,19 @@ def retrain(
             # The teacher (the unreduced graph) gives each BN its target statistics.
             calib = _batches(train, len(probe_x), bn_calibration_samples)
             train_model, inserted = reinsert_batchnorm(model, calib, teacher)
-        student = OnnxModule(with_outputs(train_model, list(features)))
+        student_pre = softmax_inputs(model)
+        student = OnnxModule(with_outputs(train_model, [*features, *student_pre.values()]))
         if val is not None:
             _check_input(model, student, val, "validation data")
         student.to(dev).train()
         shapes = _probe(student, probe_x, "the model")
         outputs = {o.name: shapes[o.name] for o in model.graph.output}
-        logits_name = next((n for n, shp in outputs.items() if is_logits(shp)), None)
+        # Several classifier-shaped outputs: labels (or top-1 on --val) need the user to say
+        # which; a teacher alone distils every output, with no pseudo-labels.
+        several = len(classifier_outputs(outputs, model)) > 1
+        logits_name = choose_logits(
+            outputs, model, logits, required=several and (train.labelled or val is not None)
+        )
         if teacher is not None:
             _check_teacher(outputs, teacher_shapes, features, shapes)
             kinds = choose_losses(outputs, losses)
@@ -484,6 +492,16 @@ def retrain(
             )
         if val is not None and logits_name is None:
             raise BadInputError("validation top-1 needs a classifier output (batch, classes)")
+        if logits_name is not None:
+            classes = classes_of(outputs[logits_name])
+            for data, what in ((train, "the training data"), (val, "the validation data")):
+                if data is not None and data.labelled:
+                    check_label_range(data.labels(), classes, logits_name, what)
+        # Cross-entropy and KL read a Softmax output's input: on probabilities they are on
+        # the wrong scale (`onnx_mbs.logits`). An mse output is compared as it is.
+        ce_tensor = student_pre.get(logits_name, logits_name)
+        student_pre = {n: t for n, t in student_pre.items() if kinds.get(n) == "kl"}
+        teacher_pre = {n: t for n, t in teacher_pre.items() if kinds.get(n) == "kl"}
         net: torch.nn.Module = student
         if world > 1:
             net = torch.nn.parallel.DistributedDataParallel(
@@ -565,20 +583,21 @@ def retrain(
             for step, (xb, yb) in enumerate(batches):
                 xb = xb.to(dev, non_blocking=True)
                 with _autocast(dev, amp):
-                    out = {k: v.float() for k, v in _named(student, net(xb)).items()}
+                    raw = {k: v.float() for k, v in _named(student, net(xb)).items()}
+                out = _scores(raw, student_pre)
                 loss = out[student.output_names[0]].new_zeros(())
                 soft = None
                 if teacher_module is not None:
                     with torch.no_grad(), _autocast(dev, amp):
                         out_t = _named(teacher_module, teacher_module(xb))
-                        soft = {k: v.float() for k, v in out_t.items()}
+                        soft = _scores(out_t, teacher_pre)
                     loss = alpha * distillation_loss(out, soft, kinds, temperature)
                     for name in features:
                         loss = loss + alpha * feature_weight * normalised_mse(out[name], soft[name])
                 if labels_used:
                     yb = yb.to(dev, non_blocking=True)
                     ce = F.cross_entropy(
-                        _logits(out[logits_name]), yb, label_smoothing=label_smoothing
+                        _logits(raw[ce_tensor]), yb, label_smoothing=label_smoothing
                     )
                     loss = loss + (1 - alpha) * ce if soft is not None else ce
                 elif soft is not None and logits_name is not None:
@@ -586,7 +605,7 @@ def retrain(
                     # weighted as labels would be.
                     yb = _logits(soft[logits_name]).argmax(1)
                     ce = F.cross_entropy(
-                        _logits(out[logits_name]), yb, label_smoothing=label_smoothing
+                        _logits(raw[ce_tensor]), yb, label_smoothing=label_smoothing
                     )
                     loss = distill_alpha * loss + (1 - distill_alpha) * ce
                 else:
@@ -600,7 +619,7 @@ def retrain(
                 with torch.no_grad():
                     n = len(xb)
                     hits = (
-                        (_logits(out[logits_name]).argmax(1) == yb).sum().double()
+                        (_logits(raw[logits_name]).argmax(1) == yb).sum().double()
                         if yb is not None
                         else loss.new_tensor(math.nan, dtype=torch.float64)
                     )

@@ -15,6 +15,7 @@ from onnx import helper
 from onnx_mbs.data.ready import DeclaredInput, declared_inputs
 from onnx_mbs.data.sources import DataSource
 from onnx_mbs.data.spec import open_data
+from onnx_mbs.logits import check_label_range, choose_logits, classes_of, declared_shapes
 from onnx_mbs.memory import check_model_fits
 from onnx_mbs.passes.errors import BadInputError, option
 
@@ -59,12 +60,13 @@ def open_for_model(
     limit: int | None = None,
     split: str | None = "test",
     labels: bool = True,
+    logits: str | None = None,
 ) -> DataSource:
     """A DataSource fitted to `model`'s (single, fixed) input, NCHW or NHWC as the graph
     reads it; mean/std default to its metadata; `split` is the default IDX split; `labels`
-    False: the labels are neither read nor checked. Model-ready data (an npz with an array
-    per input) feeds every input as it is, several included. The largest tensor a sample
-    makes must fit in memory before any sample is read."""
+    False: the labels are neither read nor checked; `logits`: the output whose classes they
+    name. Model-ready data (an npz with an array per input) feeds every input as it is, several
+    included. The largest tensor a sample makes must fit in memory before any sample is read."""
     inputs = declared_inputs(model)
     is_path = isinstance(spec, (str, os.PathLike))
     if is_path and len(inputs) > 1:  # open_data takes a model-ready npz or refuses
@@ -88,7 +90,7 @@ def open_for_model(
         labels=labels,
         inputs=inputs if is_path else (),
     )
-    check_labels(source, model)
+    check_labels(source, model, logits)
     return source
 
 
@@ -96,18 +98,20 @@ def _is_float(declared: DeclaredInput) -> bool:
     return declared.dtype is not None and np.issubdtype(declared.dtype, np.floating)
 
 
-def check_labels(source: DataSource, model: onnx.ModelProto) -> None:
-    """Labels must name one of the model's classes (its first output's last dim, when fixed)."""
+def check_labels(source: DataSource, model: onnx.ModelProto, logits: str | None = None) -> None:
+    """Labels must name one of the classes of the model's logits output (`onnx_mbs.logits`;
+    `logits` names it), when the declared shapes tell which output that is and its classes.
+    Otherwise `eval` and `retrain` check them once they have run the model."""
     labels = getattr(source, "labels", None)
-    dims = model.graph.output[0].type.tensor_type.shape.dim
-    if labels is None or not len(labels) or len(dims) != 2 or not dims[1].dim_value:
+    if labels is None or not len(labels):
         return
-    classes = dims[1].dim_value
-    if int(labels.max()) >= classes:
-        raise BadInputError(
-            f"label {int(labels.max())} in {source.description.split(':')[0]} does not exist: "
-            f"the model has {classes} classes (0..{classes - 1})"
-        )
+    shapes = declared_shapes(model)
+    if logits is not None and logits not in shapes:
+        return  # refused, naming the outputs, where it is used
+    name = logits or choose_logits(shapes, model, required=False)
+    classes = classes_of(shapes[name]) if name is not None else None
+    if classes is not None:
+        check_label_range(labels, classes, name, source.description.split(":")[0])
 
 
 def data_text(source: DataSource | None, measured: list[str]) -> str:

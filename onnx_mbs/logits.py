@@ -1,0 +1,169 @@
+"""Which graph output holds the classifier's scores: one rule for `eval`, `retrain` and the
+label check, so the three never read different outputs.
+
+A classifier output has shape (batch, classes) with more than one class, or (batch, classes,
+1, ..., 1) (a 1x1-Conv head without Flatten, SqueezeNet style). An output that is the Softmax
+of another such output (logits and probabilities both exported) is the same classifier and
+gives way to it. One candidate left: it is the logits. Several: the user names one
+(`--logits OUTPUT`); none, e.g. a (batch, 1) binary score: there is no top-1 to take.
+
+Probabilities (an output a class-axis Softmax makes) rank classes as their logits do, but
+cross-entropy and temperature KL on them are on the wrong scale (the loss cannot fall below
+log(1 + (K-1)/e) and the gradients vanish as the model grows confident): training reads the
+Softmax's input instead (`softmax_input`). LogSoftmax outputs are logits already (shifted per
+row, which softmax ignores).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from onnx_mbs.passes.errors import BadInputError, option
+
+Shape = Sequence[int | None]  # None (or 0): a dim not known
+
+
+def classes_of(shape: Shape) -> int | None:
+    """K for a (batch, K) or (batch, K, 1, ..., 1) shape with a known K > 1, else None."""
+    if len(shape) < 2 or any(d != 1 for d in shape[2:]):
+        return None
+    k = shape[1]
+    return k if k and k > 1 else None
+
+
+def declared_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
+    """Each graph output's declared shape, None for a dim that is not a fixed number."""
+    return {
+        o.name: [d.dim_value or None for d in o.type.tensor_type.shape.dim]
+        for o in model.graph.output
+    }
+
+
+_RESHAPES = {"Identity", "Flatten", "Reshape", "Squeeze", "Unsqueeze"}
+
+
+def softmax_input(
+    model: onnx.ModelProto, output: str, ops: tuple[str, ...] = ("Softmax",)
+) -> str | None:
+    """The tensor a class-axis Softmax (or another of `ops`) turns into `output` (through
+    Identity, Flatten, Reshape, Squeeze or Unsqueeze), or None: where training finds the
+    logits of a probabilities output."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    node, reshaped = producers.get(output), False
+    while node is not None and node.op_type in _RESHAPES and node.input:
+        reshaped = reshaped or node.op_type != "Identity"
+        node = producers.get(node.input[0])
+    if node is None or node.op_type not in ops or not node.input:
+        return None
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    axis = next(
+        (helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"),
+        1 if opset < 13 else -1,
+    )
+    rank = len(declared_shapes(model).get(output, ()))
+    # axis 1 is the class axis; -1 is too where the Softmax's own output is (batch, classes).
+    if axis == 1 or (axis == -1 and rank == 2 and not reshaped):
+        return node.input[0]
+    return None
+
+
+def classifier_outputs(shapes: Mapping[str, Shape], model: onnx.ModelProto | None) -> list[str]:
+    """The outputs that are classifier scores (see the module), the Softmax of another left out."""
+    found = [name for name, shape in shapes.items() if classes_of(shape) is not None]
+    if model is None:
+        return found
+    sources = {n: _source(model, n) for n in found}
+    return [
+        n
+        for n in found
+        if (pre := softmax_input(model, n, ("Softmax", "LogSoftmax"))) is None
+        or _source(model, pre) not in {s for m, s in sources.items() if m != n}
+    ]
+
+
+def _source(model: onnx.ModelProto, name: str) -> str:
+    """`name` followed back through Identity nodes: two outputs of one tensor meet there."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    while (node := producers.get(name)) is not None and node.op_type == "Identity":
+        name = node.input[0]
+    return name
+
+
+def _described(names: Sequence[str], shapes: Mapping[str, Shape]) -> str:
+    """`'emb' (batch, 128), 'logits' (batch, 10)`: each output with its shape."""
+
+    def dims(shape: Shape) -> str:
+        return ", ".join(["batch", *(str(d) if d else "?" for d in shape[1:])][: len(shape)])
+
+    return ", ".join(f"'{n}' ({dims(shapes[n])})" for n in names)
+
+
+def _check_named(shapes: Mapping[str, Shape], chosen: str) -> None:
+    if chosen not in shapes:
+        raise BadInputError(
+            f"{option('--logits')} names output '{chosen}' the model does not have; its "
+            f"outputs are {list(shapes)}"
+        )
+
+
+def choose_logits(
+    shapes: Mapping[str, Shape],
+    model: onnx.ModelProto | None,
+    chosen: str | None = None,
+    *,
+    required: bool = True,
+) -> str | None:
+    """The output read as logits: `chosen` (the user's `--logits`) if given, else the one
+    classifier output. None when there is none or several and `required` is False; refused in
+    one line otherwise."""
+    if chosen is not None:
+        _check_named(shapes, chosen)
+        if classes_of(shapes[chosen]) is None:
+            raise BadInputError(
+                f"{option('--logits')} output {_described([chosen], shapes)} is not a "
+                "classifier's: logits are (batch, classes) with more than one class"
+            )
+        return chosen
+    found = classifier_outputs(shapes, model)
+    if len(found) == 1:
+        return found[0]
+    if not required:
+        return None
+    if found:
+        raise BadInputError(
+            f"the model has {len(found)} classifier-shaped outputs ({_described(found, shapes)}): "
+            f"name the logits with {option('--logits', 'OUTPUT')}"
+        )
+    raise BadInputError(
+        f"the model has no classifier output (batch, classes) with more than one class among "
+        f"its outputs ({_described(list(shapes), shapes)}); a (batch, 1) score is a binary "
+        "classifier's, which has no top-1 to take"
+    )
+
+
+def has_top1(model: onnx.ModelProto, chosen: str | None = None) -> bool:
+    """Before running it: whether `model` may have a classifier output, by its declared shapes
+    (a dim not known could be the classes); several that are refused in one line, as a `chosen`
+    name the model does not have, so that a run does not find out after its work is done."""
+    shapes = declared_shapes(model)
+    if chosen is not None:
+        _check_named(shapes, chosen)
+        return True
+    if len(classifier_outputs(shapes, model)) > 1:
+        choose_logits(shapes, model)  # refused, naming them
+    return any(
+        len(s) >= 2 and s[1] != 1 and all(d in (1, None) for d in s[2:]) for s in shapes.values()
+    )
+
+
+def check_label_range(labels: np.ndarray, classes: int, output: str, where: str) -> None:
+    """Every label must name one of the `classes` of the logits output `output`."""
+    if len(labels) and int(labels.max()) >= classes:
+        raise BadInputError(
+            f"label {int(labels.max())} in {where} does not exist: the model's logits "
+            f"'{output}' have {classes} classes (0..{classes - 1})"
+        )

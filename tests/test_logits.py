@@ -1,0 +1,279 @@
+"""Which output is the classifier's logits: one rule for eval, retrain and the label check;
+probabilities (a Softmax output) train on the Softmax's input."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import write_npz
+from onnx import TensorProto, helper
+from test_retrain import quadrant_data
+from test_runtime import CPU, Logits
+from torch import nn
+
+from onnx_mbs.bridge import retrain
+from onnx_mbs.cli import main
+from onnx_mbs.data.fit import check_labels
+from onnx_mbs.evaluate import evaluate
+from onnx_mbs.logits import choose_logits, declared_shapes
+from onnx_mbs.models.export import export_onnx
+from onnx_mbs.passes.errors import BadInputError
+
+torch.set_num_threads(1)
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def _out(name: str, dims: list) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)
+
+
+def scores_model(heads: str, classes: int = 10) -> onnx.ModelProto:
+    """The data's rows as scores z = Flatten(x), exported as `heads` says (in that order):
+    'emb' (batch, 2K) = [z, -z], 'logits' z, 'probs' Softmax(z), 'logp' LogSoftmax(z),
+    'nk11' z as (batch, K, 1, 1), 'binary' (batch, 1)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 1, classes])
+    nodes = [
+        helper.make_node("Flatten", ["x"], ["z"]),
+        helper.make_node("Neg", ["z"], ["nz"]),
+        helper.make_node("Concat", ["z", "nz"], ["emb"], axis=1),
+        helper.make_node("Identity", ["z"], ["logits"]),
+        helper.make_node("Softmax", ["z"], ["probs"], axis=1),
+        helper.make_node("LogSoftmax", ["z"], ["logp"], axis=1),
+        helper.make_node("Unsqueeze", ["z", "axes"], ["nk11"]),
+        helper.make_node("ReduceSum", ["z", "one"], ["binary"], keepdims=1),
+    ]
+    dims = {
+        "emb": ["n", 2 * classes],
+        "logits": ["n", classes],
+        "probs": ["n", classes],
+        "logp": ["n", classes],
+        "nk11": ["n", classes, 1, 1],
+        "binary": ["n", 1],
+    }
+    inits = [
+        helper.make_tensor("axes", TensorProto.INT64, [2], [2, 3]),
+        helper.make_tensor("one", TensorProto.INT64, [1], [1]),
+    ]
+    outputs = [_out(h, dims[h]) for h in heads.split()]
+    graph = helper.make_graph(nodes, "scores", [x], outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def answers(n: int = 6, classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Rows whose argmax is the label for the first half, and wrong for the rest."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, classes, n)
+    scores = rng.normal(size=(n, classes)).astype(np.float32)
+    for i, c in enumerate(labels):
+        scores[i, c if i < n // 2 else (c + 1) % classes] = 10.0
+    return scores, labels
+
+
+# --------------------------------------------------------------------------- the rule
+
+
+def test_one_rule_picks_the_logits_or_refuses_in_one_line() -> None:
+    def pick(heads: str, chosen: str | None = None) -> str | None:
+        m = scores_model(heads)
+        return choose_logits(declared_shapes(m), m, chosen)
+
+    assert pick("logits") == "logits"
+    assert pick("nk11") == "nk11"  # a 1x1-Conv head without Flatten
+    assert pick("probs logits") == "logits"  # the Softmax of another output gives way
+    assert pick("logp logits") == "logits"  # so does its LogSoftmax
+    assert pick("emb logits", "logits") == "logits"
+    with pytest.raises(BadInputError, match=r"2 classifier-shaped outputs \('emb' \(batch, 20\)"):
+        pick("emb logits")
+    with pytest.raises(BadInputError, match="logits=.OUTPUT."):
+        pick("emb logits")
+    with pytest.raises(BadInputError, match="no classifier output .* binary"):
+        pick("binary")
+    with pytest.raises(BadInputError, match="names output 'nope' the model does not have"):
+        pick("logits", "nope")
+    with pytest.raises(BadInputError, match=r"'binary' \(batch, 1\) is not a classifier's"):
+        pick("logits binary", "binary")
+
+
+# --------------------------------------------------------------------------- eval
+
+
+def test_eval_reads_the_logits_not_the_first_output() -> None:
+    scores, labels = answers()
+    data = Logits(scores, labels)
+    with pytest.raises(BadInputError, match="classifier-shaped outputs"):
+        evaluate(scores_model("emb logits"), data, CPU, progress=False)
+    chosen = evaluate(scores_model("emb logits"), data, CPU, progress=False, logits="logits")
+    for heads in ("logits", "probs logits", "probs", "logp", "nk11"):
+        result = evaluate(scores_model(heads), data, CPU, progress=False)
+        assert result.top1 == pytest.approx(0.5), heads
+    assert chosen.top1 == pytest.approx(0.5)
+
+
+def test_eval_refuses_a_binary_score() -> None:
+    scores, _ = answers()
+    with pytest.raises(BadInputError, match="binary"):
+        evaluate(scores_model("binary"), Logits(scores, np.zeros(6, int)), CPU, progress=False)
+
+
+class _Labelled:
+    description = "npz labels.npz: 6 samples"
+
+    def __init__(self, labels: np.ndarray) -> None:
+        self.labels = labels
+
+
+def test_labels_are_checked_against_the_logits_output() -> None:
+    # The first output has 20 columns; the logits 10: label 15 names no class.
+    model = scores_model("emb logits")
+    check_labels(_Labelled(np.array([0, 15])), model)  # which output is not known yet
+    with pytest.raises(BadInputError, match="label 15 .* logits 'logits' have 10 classes"):
+        check_labels(_Labelled(np.array([0, 15])), model, logits="logits")
+    with pytest.raises(BadInputError, match="label 15 .* 'probs' have 10 classes"):
+        check_labels(_Labelled(np.array([0, 15])), scores_model("probs"))
+    check_labels(_Labelled(np.array([0, 1])), scores_model("binary"))  # eval says why
+
+
+# --------------------------------------------------------------------------- retrain
+
+
+class QuadNet(nn.Module):
+    """Logits, or what a Keras/Caffe export gives: probabilities, log-probabilities, or the
+    logits as (batch, classes, 1, 1); 'emb' also returns the features before them, first."""
+
+    def __init__(self, head: str = "logits") -> None:
+        super().__init__()
+        self.head = head
+        self.conv = nn.Conv2d(1, 4, 3, stride=2, padding=1)
+        self.fc = nn.Linear(64, 4)
+
+    def forward(self, x: torch.Tensor):
+        features = torch.flatten(torch.relu(self.conv(x)), 1)
+        z = self.fc(features)
+        if self.head == "probs":
+            return torch.softmax(z, 1)
+        if self.head == "logp":
+            return torch.log_softmax(z, 1)
+        if self.head == "nk11":
+            return z[:, :, None, None]
+        if self.head == "emb":
+            return features, z
+        return z
+
+
+def quadnet(head: str = "logits", seed: int = 0) -> onnx.ModelProto:
+    torch.manual_seed(seed)
+    names = ("features", "logits") if head == "emb" else ("out",)
+    return export_onnx(QuadNet(head), (1, 1, 8, 8), dynamic_batch=True, output_names=names)
+
+
+KW = dict(epochs=1, lr=0.05, batch_size=32, device="cpu", progress=False, augment="none")
+
+
+@pytest.fixture(scope="module")
+def train() -> tuple[np.ndarray, np.ndarray]:
+    return quadrant_data(128, seed=1)
+
+
+def _losses(result) -> list[float]:
+    return [h.train_loss for h in result.history]
+
+
+@pytest.mark.parametrize("head", ["probs", "logp", "nk11"])
+def test_probabilities_train_as_their_logits(train, head) -> None:
+    """Cross-entropy on a Softmax output's input, on log-probabilities and on (N, K, 1, 1)
+    logits is the plain model's: the same losses, step for step."""
+    plain = retrain(quadnet(), train, None, **KW)
+    other = retrain(quadnet(head), train, None, **KW)
+    assert _losses(other) == pytest.approx(_losses(plain), rel=1e-4)
+    assert other.history[0].train_acc == plain.history[0].train_acc
+
+
+@pytest.mark.parametrize("head", ["probs", "logp"])
+def test_probabilities_distil_as_their_logits(train, head) -> None:
+    """Temperature KL (and the pseudo-label CE without labels) on the teacher's and student's
+    Softmax inputs: the plain model's losses."""
+    x = (train[0], None)
+    plain = retrain(quadnet(), x, None, teacher=quadnet(seed=1), **KW)
+    other = retrain(quadnet(head), x, None, teacher=quadnet(head, seed=1), **KW)
+    assert other.losses == {"out": "kl"}
+    assert _losses(other) == pytest.approx(_losses(plain), rel=1e-4)
+
+
+def test_retrain_refuses_to_guess_between_classifier_shaped_outputs(train) -> None:
+    model = quadnet("emb")
+    with pytest.raises(BadInputError, match=r"2 classifier-shaped outputs .*logits=.OUTPUT."):
+        retrain(model, train, None, **KW)
+    chosen = retrain(model, train, None, logits="logits", **KW)
+    # A teacher alone distils every output; no output's argmax stands in for labels.
+    distilled = retrain(model, (train[0], None), None, teacher=quadnet("emb", seed=1), **KW)
+    assert not distilled.labels_used
+    plain = retrain(quadnet(), train, None, **KW)
+    assert _losses(chosen) == pytest.approx(_losses(plain), rel=1e-4)
+
+
+def test_retrain_refuses_labels_beyond_the_classes(train) -> None:
+    x, y = train
+    with pytest.raises(BadInputError, match="label 7 in the training data does not exist"):
+        retrain(quadnet(), (x, np.where(y == 3, 7, y)), None, **KW)
+
+
+def test_cli_logits_option(tmp_path, train, capsys) -> None:
+    path = str(tmp_path / "emb.onnx")
+    onnx.save(quadnet("emb"), path)
+    pixels = np.clip(train[0] * 100 + 100, 0, 255).astype(np.uint8)
+    data = write_npz(tmp_path / "d.npz", x=pixels, y=train[1])
+    assert main(["eval", path, "--data", data]) == 2
+    assert "--logits OUTPUT" in capsys.readouterr().err
+    assert main(["eval", path, "--data", data, "--logits", "logits", "--json"]) == 0
+    assert main(["eval", path, "--data", data, "--teacher", path, "--logits", "logits"]) == 2
+    assert "eval --teacher compares every output" in capsys.readouterr().err
+    out = str(tmp_path / "out.onnx")
+    assert main(["retrain", path, "-o", out, "--data", data, "--epochs", "1"]) == 2
+    assert "--logits OUTPUT" in capsys.readouterr().err
+    args = ["retrain", path, "-o", out, "--data", data, "--logits", "logits", "--augment", "none"]
+    assert main([*args, "--epochs", "1"]) == 0
+
+
+# --------------------------------------------------------------------------- reduce
+
+
+def test_reduce_reports_top1_of_the_logits_or_none_for_a_detector(tmp_path, train) -> None:
+    from graphs import yolov8_c2f_like
+
+    from onnx_mbs.pipeline import reduce
+
+    pixels = np.clip(train[0] * 100 + 100, 0, 255).astype(np.uint8)
+    data = write_npz(tmp_path / "d.npz", x=pixels, y=train[1])
+    with pytest.raises(BadInputError, match="2 classifier-shaped outputs"):
+        reduce(quadnet("emb"), data, progress=False)
+    _, report = reduce(quadnet("emb"), data, progress=False, logits="logits")
+    assert set(report.accuracy) == {"before", "after"}
+    # A detector with labelled data: no top-1 to take, and the reduction is not lost.
+    detector = yolov8_c2f_like()
+    dims = [d.dim_value for d in detector.graph.input[0].type.tensor_type.shape.dim]
+    images = np.random.default_rng(0).integers(0, 256, (4, *dims[1:]), dtype=np.uint8)
+    data = write_npz(tmp_path / "det.npz", x=images, y=np.zeros(4, int))
+    _, report = reduce(detector, data, progress=False)
+    assert report.accuracy == {}
+
+
+def test_agreement_takes_top1_of_a_1x1_conv_head() -> None:
+    from onnx_mbs.evaluate import _Accumulator
+
+    scores, _ = answers()
+    acc = _Accumulator("nk11", (6, 10, 1, 1))
+    acc.add(scores[:, :, None, None], scores[:, :, None, None])
+    assert acc.result().top1 == 1.0 and acc.result().iou is None
+
+
+def test_mse_chosen_for_probabilities_compares_the_probabilities(train) -> None:
+    """`losses={"out": "mse"}` on a Softmax output is the squared error of the probabilities,
+    as asked, not of the Softmax's input (which cross-entropy reads)."""
+    x = (train[0], None)
+    kw = {**KW, "losses": {"out": "mse"}, "distill_alpha": 1.0}
+    probs = retrain(quadnet("probs"), x, None, teacher=quadnet("probs", seed=1), **kw)
+    logits = retrain(quadnet(), x, None, teacher=quadnet(seed=1), **kw)
+    # alpha 1: the loss is the MSE alone, of the probabilities here and of the logits there.
+    assert _losses(probs) != pytest.approx(_losses(logits), rel=1e-3)
