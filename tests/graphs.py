@@ -145,6 +145,21 @@ def standardised_conv_net(seed: int = 0) -> onnx.ModelProto:
     return b.model([b.gap_head(b.op("Relu", [y]), 32, 10)], ["logits"])
 
 
+def blur_pool_net(seed: int = 0) -> onnx.ModelProto:
+    """conv, Relu, a fixed 3x3 binomial depthwise filter with stride 2 whose weight is a
+    Constant node (timm's BlurPool2d, TResNet's anti-aliasing, as torch's TorchScript exporter
+    writes it), conv, Relu, pooled Gemm head; input (1, 3, 16, 16)."""
+    b = Builder("blur", seed)
+    x = b.op("Relu", [b.conv(b.input("input", [1, 3, 16, 16]), 3, 16)])
+    taps = np.outer([1, 2, 1], [1, 2, 1]).astype(np.float32) / 16
+    filt = numpy_helper.from_array(np.tile(taps, (16, 1, 1, 1)), "filt")
+    w = b.op("Constant", [], name="filt", value=filt)
+    x = b.op("Conv", [x, w], name="blur", group=16, kernel_shape=[3, 3], strides=[2, 2],
+             pads=[1] * 4)  # fmt: skip
+    x = b.op("Relu", [b.conv(x, 16, 16)])
+    return b.model([b.gap_head(x, 16, 4)], ["logits"])
+
+
 def load_unfolded(model: onnx.ModelProto) -> onnx.ModelProto:
     """`load_model`'s form without its shape folding: for tests of what folding changes."""
     from onnx_mbs.passes import FixInputShapes, InferShapes, NameNodes, Sequential
