@@ -126,23 +126,25 @@ class Builder:
         return model
 
 
-def standardised_conv_net(seed: int = 0) -> onnx.ModelProto:
+def standardised_conv_net(seed: int = 0, width: int = 32) -> onnx.ModelProto:
     """conv, Relu, a conv 'std' whose weight is standardised as torch's dynamo exporter writes
     timm's ScaledStdConv2d (NFNets), Relu, pooled Gemm head; input (N, 3, 16, 16), dynamic N.
     The standardisation: an inference-mode BatchNormalization of the weight reshaped to
     (1, O, -1), with a gain, and for mean and variance ReduceMeans of that weight over (0, 2)
-    that drop the axes they reduce (so they average over the input channels)."""
+    that drop the axes they reduce (so they average over the input channels). `width`
+    channels (32: a weight too large to fold; 8: one small enough)."""
     b = Builder(seed=seed)
-    x = b.op("Relu", [b.conv(b.input("input", ["N", 3, 16, 16]), 3, 32)])
-    v = b.op("Reshape", [b.weight(32, 32, 3, 3), b.const(np.array([1, 32, -1]))])
+    c = width
+    x = b.op("Relu", [b.conv(b.input("input", ["N", 3, 16, 16]), 3, c)])
+    v = b.op("Reshape", [b.weight(c, c, 3, 3), b.const(np.array([1, c, -1]))])
     centred = b.op("Sub", [v, b.op("ReduceMean", [v], axes=[0, 2], keepdims=1)])
     mean = b.op("ReduceMean", [v], axes=[0, 2], keepdims=0)
     var = b.op("ReduceMean", [b.op("Mul", [centred, centred])], axes=[0, 2], keepdims=0)
-    gain, zero = b.const(np.linspace(0.5, 1.5, 32)), b.const(np.zeros(32))
+    gain, zero = b.const(np.linspace(0.5, 1.5, c)), b.const(np.zeros(c))
     weight = b.op("BatchNormalization", [v, gain, zero, mean, var], epsilon=1e-5)
-    weight = b.op("Reshape", [weight, b.const(np.array([32, 32, 3, 3]))])
+    weight = b.op("Reshape", [weight, b.const(np.array([c, c, 3, 3]))])
     y = b.op("Conv", [x, weight], kernel_shape=[3, 3], pads=[1] * 4, name="std")
-    return b.model([b.gap_head(b.op("Relu", [y]), 32, 10)], ["logits"])
+    return b.model([b.gap_head(b.op("Relu", [y]), c, 10)], ["logits"])
 
 
 def blur_pool_net(seed: int = 0) -> onnx.ModelProto:
