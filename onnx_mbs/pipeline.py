@@ -467,8 +467,13 @@ class Rewritten:
     model: onnx.ModelProto
 
     def with_written_sizes(self) -> Rewritten:
-        """The plan's sizes were predictions; these are what the written model has."""
+        """The plan's sizes were predictions; these are what the written model has. A plan
+        that cuts nothing writes the input back as it was read: its sizes are the ones
+        counted on the analysis form (where weights held in Constant nodes are lifted and
+        counted), not the stored form's."""
         plan = self.plan
+        if not plan.changes_anything:
+            return self
         params = (plan.params[0], count_parameters(self.model))
         macs = (plan.macs[0], self.after.total_macs)
         return replace(self, plan=replace(plan, params=params, macs=macs))

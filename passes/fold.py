@@ -14,6 +14,10 @@ initializers, and its output is small. Identity of an initializer is left
 alone, because exporters use it to share weights, and so is a Cast of a stored
 weight to another float type (`stored_casts`: load reads the exact ones as the
 weight, stored.py). Constant nodes become initializers.
+
+A small weight computed in the graph (a conv's weight standardised from a stored
+one, as torch exports timm's ScaledStdConv2d) folds too, to the weight the conv
+reads; it is not marked as folded arithmetic, so it counts as the parameter it is.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import onnx
 from onnx import numpy_helper
 
 from .base import Pass, PassResult
-from .graph import FOLDED, GraphIndex, attributes, stored_casts
+from .graph import FOLDED, GraphIndex, attributes, is_weight, stored_casts
 from .normalise import constant_value
 
 MAX_ELEMENTS = 4096  # larger values are data, not shape arithmetic
@@ -40,7 +44,7 @@ def fold_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     `model` itself when there is nothing to fold."""
     index = GraphIndex.build(model)
     outputs = set(index.graph_outputs)
-    values, folded = _folded(model, index)
+    values, folded, learned = _folded(model, index)
     # A Constant read only by nodes that stay is left as it is: turning it into an
     # initializer changes nothing but would count, say, Clip bounds as parameters.
     readers_kept = {
@@ -68,7 +72,10 @@ def fold_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     out.graph.node.extend(kept_nodes)
     for name, value in values.items():
         if name in needed:
-            out.graph.initializer.append(folded_constant(value, name))
+            tensor = folded_constant(value, name)
+            if name in learned:  # computed from a weight: a weight, not shape arithmetic
+                tensor.doc_string = ""
+            out.graph.initializer.append(tensor)
     # Initializers only the folded nodes read are now unused: drop them.
     was_read = {name for k in folded for name in index.nodes[k].input}
     dead = [k for k, t in enumerate(out.graph.initializer) if t.name in was_read - needed]
@@ -95,13 +102,17 @@ def shape_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 def _folded(
     model: onnx.ModelProto, index: GraphIndex, outputs: bool = True
-) -> tuple[dict[str, np.ndarray], set[int]]:
-    """The folded tensors' values and the positions of the nodes folded; with `outputs`,
-    nodes that write a graph output are left alone."""
+) -> tuple[dict[str, np.ndarray], set[int], set[str]]:
+    """The folded tensors' values, the positions of the nodes folded and the folded tensors
+    computed from a weight (a float initializer of more than one element, not itself
+    folded arithmetic); with `outputs`, nodes that write a graph output are left alone."""
     opsets = {o.domain or "": o.version for o in model.opset_import}
     small = {t.name for t in model.graph.initializer if math.prod(t.dims) <= MAX_ELEMENTS}
     kept = set(index.graph_outputs) if outputs else set()
     kept |= set(stored_casts(model.graph))  # a weight in another precision: not arithmetic
+    learned = {
+        t.name for t in model.graph.initializer if is_weight(t) and math.prod(t.dims) > 1
+    }
     values: dict[str, np.ndarray] = {}
     folded: set[int] = set()
     for k, node in enumerate(index.nodes):
@@ -112,7 +123,9 @@ def _folded(
             continue
         folded.add(k)
         values.update(zip(node.output, result))
-    return values, folded
+        if learned.intersection(node.input):
+            learned.update(node.output)
+    return values, folded, learned - {t.name for t in model.graph.initializer}
 
 
 def _fold(

@@ -126,23 +126,40 @@ class Builder:
         return model
 
 
-def standardised_conv_net(seed: int = 0) -> onnx.ModelProto:
+def standardised_conv_net(seed: int = 0, width: int = 32) -> onnx.ModelProto:
     """conv, Relu, a conv 'std' whose weight is standardised as torch's dynamo exporter writes
     timm's ScaledStdConv2d (NFNets), Relu, pooled Gemm head; input (N, 3, 16, 16), dynamic N.
     The standardisation: an inference-mode BatchNormalization of the weight reshaped to
     (1, O, -1), with a gain, and for mean and variance ReduceMeans of that weight over (0, 2)
-    that drop the axes they reduce (so they average over the input channels)."""
+    that drop the axes they reduce (so they average over the input channels). `width`
+    channels (32: a weight too large to fold; 8: one small enough)."""
     b = Builder(seed=seed)
-    x = b.op("Relu", [b.conv(b.input("input", ["N", 3, 16, 16]), 3, 32)])
-    v = b.op("Reshape", [b.weight(32, 32, 3, 3), b.const(np.array([1, 32, -1]))])
+    c = width
+    x = b.op("Relu", [b.conv(b.input("input", ["N", 3, 16, 16]), 3, c)])
+    v = b.op("Reshape", [b.weight(c, c, 3, 3), b.const(np.array([1, c, -1]))])
     centred = b.op("Sub", [v, b.op("ReduceMean", [v], axes=[0, 2], keepdims=1)])
     mean = b.op("ReduceMean", [v], axes=[0, 2], keepdims=0)
     var = b.op("ReduceMean", [b.op("Mul", [centred, centred])], axes=[0, 2], keepdims=0)
-    gain, zero = b.const(np.linspace(0.5, 1.5, 32)), b.const(np.zeros(32))
+    gain, zero = b.const(np.linspace(0.5, 1.5, c)), b.const(np.zeros(c))
     weight = b.op("BatchNormalization", [v, gain, zero, mean, var], epsilon=1e-5)
-    weight = b.op("Reshape", [weight, b.const(np.array([32, 32, 3, 3]))])
+    weight = b.op("Reshape", [weight, b.const(np.array([c, c, 3, 3]))])
     y = b.op("Conv", [x, weight], kernel_shape=[3, 3], pads=[1] * 4, name="std")
-    return b.model([b.gap_head(b.op("Relu", [y]), 32, 10)], ["logits"])
+    return b.model([b.gap_head(b.op("Relu", [y]), c, 10)], ["logits"])
+
+
+def blur_pool_net(seed: int = 0) -> onnx.ModelProto:
+    """conv, Relu, a fixed 3x3 binomial depthwise filter with stride 2 whose weight is a
+    Constant node (timm's BlurPool2d, TResNet's anti-aliasing, as torch's TorchScript exporter
+    writes it), conv, Relu, pooled Gemm head; input (1, 3, 16, 16)."""
+    b = Builder("blur", seed)
+    x = b.op("Relu", [b.conv(b.input("input", [1, 3, 16, 16]), 3, 16)])
+    taps = np.outer([1, 2, 1], [1, 2, 1]).astype(np.float32) / 16
+    filt = numpy_helper.from_array(np.tile(taps, (16, 1, 1, 1)), "filt")
+    w = b.op("Constant", [], name="filt", value=filt)
+    x = b.op("Conv", [x, w], name="blur", group=16, kernel_shape=[3, 3], strides=[2, 2],
+             pads=[1] * 4)  # fmt: skip
+    x = b.op("Relu", [b.conv(x, 16, 16)])
+    return b.model([b.gap_head(x, 16, 4)], ["logits"])
 
 
 def load_unfolded(model: onnx.ModelProto) -> onnx.ModelProto:

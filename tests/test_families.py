@@ -22,7 +22,13 @@ from graphs import assert_same_outputs, kill_channels, run, standardised_conv_ne
 from torch import nn
 
 from onnx_mbs.cli import main
-from onnx_mbs.passes import BadInputError, analyze_model, load_model, shrink_channels
+from onnx_mbs.passes import (
+    BadInputError,
+    analyze_model,
+    count_parameters,
+    load_model,
+    shrink_channels,
+)
 from onnx_mbs.passes.channel_groups import analyze_channels
 from onnx_mbs.passes.read import check_model
 from onnx_mbs.pipeline import reduce
@@ -171,6 +177,27 @@ def test_standardisation_by_reductions_that_drop_axes_is_not_exact_on_inputs():
     made = next(g for g in groups if g.producers == ["std"])
     assert any("Conv 'std': its weight is standardised" in r for r in read.inexact), read
     assert not made.inexact  # per output channel: their cut is exact
+
+
+def test_a_small_standardised_weight_folded_at_load_counts_as_parameters():
+    """A weight of up to 4096 entries computed in the graph (nf_regnet_b0's stem and first
+    stage) is folded at load to the weight its conv reads. It was marked as folded shape
+    arithmetic: the conv's parameters were left out of the count (314 of 906 here), the budget
+    was met against that, and the written file kept the mark, so counting it again left
+    them out too. Now the folded weight counts (its gain and zero shift are folded into it)."""
+    model = standardised_conv_net(width=8)
+    weight = 8 * 8 * 3 * 3
+    assert count_parameters(model) == 906  # stem 224, weight 576, gain and shift 16, head 90
+    loaded = load_model(model)
+    assert "std" in [n.name for n in loaded.graph.node]
+    assert count_parameters(loaded) == 906 - 16
+    small, report = reduce(model, budget="params=0.7", channel_multiple=1, progress=False)
+    assert report.plan.params == (906 - 16, count_parameters(small))
+    assert report.plan.reached["params"] <= 0.7
+    std = next(n for n in small.graph.node if n.name == "std")
+    kept = next(t for t in small.graph.initializer if t.name == std.input[1])
+    assert 0 < np.prod(kept.dims) < weight
+    assert count_parameters(load_model(small)) == count_parameters(small)
 
 
 def test_unfollowed_weight_arithmetic_pins_naming_the_node():

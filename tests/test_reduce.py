@@ -474,3 +474,21 @@ def test_unwritable_temporary_folder_is_one_line_and_exit_2(bundled_model_path, 
     assert code == 2
     assert "set TMPDIR to a writable folder" in err[-1] and "Traceback" not in "\n".join(err)
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
+def test_a_plan_that_cuts_nothing_reports_the_sizes_it_started_from():
+    """A conv weight held in a Constant node (timm's BlurPool2d in TResNet) is a weight of
+    the analysed model; when nothing is cut the input itself is written back, and its sizes
+    are the ones the plan started from (it reported 2980 -> 2836 parameters, 95.2% kept, for
+    a model written byte for byte as read)."""
+    model = graphs.blur_pool_net()
+    small, report = reduce(model, strategy="mbs", width_map="linear:0", progress=False)
+    assert not report.plan.changes_anything
+    assert small.SerializeToString() == model.SerializeToString()
+    before, after = report.plan.params
+    assert after == before == report.before.total_params == report.after.total_params
+    assert report.plan.reached == {"params": 1.0, "flops": 1.0}
+    # A cut counts the filter in both (it is cut with its channels).
+    small, report = reduce(model, budget="params=0.7", channel_multiple=1, progress=False)
+    assert report.plan.params == (report.before.total_params, count_parameters(small))
+    assert report.plan.params[1] == count_parameters(load_model(small))
