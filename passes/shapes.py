@@ -7,10 +7,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from .base import Pass, PassResult
-from .custom_ops import hide_unknown_ops, restore_unknown_ops
+from .custom_ops import OPAQUE_DOMAIN, hide_unknown_ops, restore_unknown_ops
 from .errors import BadInputError, input_shape_option
 from .graph import static_shape
 from .protos import without_weights
@@ -172,6 +174,7 @@ def inferred_types(model: onnx.ModelProto) -> onnx.ModelProto | None:
     Recorded shapes that inference contradicts (value_info or outputs left from another
     input size or an edit: onnxruntime runs such models) are inferred afresh."""
     custom, where = hide_unknown_ops(weightless(model))
+    where += _resized_as_run(custom)
     try:
         inferred = _infer(custom)
     except Exception as error:
@@ -183,8 +186,71 @@ def inferred_types(model: onnx.ModelProto) -> onnx.ModelProto | None:
             inferred = _infer(custom)
         except Exception as again:
             raise _inference_failed(again) from None
+    if more := _resized_as_run(custom, inferred):  # input sizes this inference found
+        where += more
+        try:
+            inferred = _infer(custom)
+        except Exception as error:
+            raise _inference_failed(error) from None
     inferred = restore_unknown_ops(inferred, where)
     return None if _recorded_types(inferred) == _recorded_types(model) else inferred
+
+
+def _resized_as_run(model: onnx.ModelProto, known: onnx.ModelProto | None = None) -> list[int]:
+    """Resize and Upsample by constant scales, in `model` (in place): their outputs recorded at
+    the size onnxruntime makes, floor(float32(dim * scale)), and the nodes hidden from
+    inference as unknown ops are (where they are returned, to restore). onnx floors the product
+    in double precision: 5 x 1.8f gives 8 where onnxruntime gives 9, so a map added to one
+    upsampled to its size by the ratio of the two (opset 9/10 exports) contradicted inference,
+    and a conv after a fractional upsampling was counted at the wrong size. Input sizes are
+    read in `known` (default `model`); a node whose output `known` records at onnxruntime's
+    size already, or whose input size is not known yet, is left to onnx."""
+    graph = model.graph
+    version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    constants = {t.name: t for t in graph.initializer}
+    recorded = (known or model).graph
+    shapes = {vi.name: vi for vi in [*recorded.input, *recorded.value_info, *recorded.output]}
+    where = []
+    for k, node in enumerate(graph.node):
+        scales = _constant_scales(node, version, constants)
+        source = shapes.get(node.input[0]) if scales is not None else None
+        dims = static_shape(source) if source is not None else None
+        if dims is None or len(scales) != len(dims):
+            continue
+        sizes = [int(np.float32(d) * s) for d, s in zip(dims, scales)]
+        output = shapes.get(node.output[0])
+        if output is not None and static_shape(output) == tuple(sizes):
+            continue
+        kept = [vi for vi in graph.value_info if vi.name != node.output[0]]
+        del graph.value_info[:]
+        graph.value_info.extend(kept)
+        elem = source.type.tensor_type.elem_type
+        graph.value_info.append(onnx.helper.make_tensor_value_info(node.output[0], elem, sizes))
+        node.domain = OPAQUE_DOMAIN
+        where.append(k)
+    if where and all(o.domain != OPAQUE_DOMAIN for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(OPAQUE_DOMAIN, 1))
+    return where
+
+
+def _constant_scales(
+    node: onnx.NodeProto, version: int, constants: Mapping[str, onnx.TensorProto]
+) -> np.ndarray | None:
+    """The scales of a default-domain Resize or Upsample that scales by constants (not to
+    sizes, not along `axes`), else None."""
+    if node.domain not in ("", "ai.onnx") or node.op_type not in ("Resize", "Upsample"):
+        return None
+    if node.op_type == "Upsample" and version < 9:
+        return next(
+            (np.array(a.floats, np.float32) for a in node.attribute if a.name == "scales"), None
+        )
+    if any(a.name == "axes" for a in node.attribute):
+        return None
+    at = 1 if node.op_type == "Upsample" or version < 11 else 2
+    sizes_given = node.op_type == "Resize" and version >= 11 and len(node.input) > 3
+    if len(node.input) <= at or node.input[at] not in constants or (sizes_given and node.input[3]):
+        return None
+    return numpy_helper.to_array(constants[node.input[at]]).astype(np.float32).ravel()
 
 
 def _infer(model: onnx.ModelProto) -> onnx.ModelProto:

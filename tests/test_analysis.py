@@ -312,3 +312,23 @@ def test_normalisation_layers_count_what_torch_counts(norm):
     model = load_model(export_onnx(module, (1, 3, 16, 16)))
     assert "InstanceNormalization" in {n.op_type for n in model.graph.node}
     assert analyze_model(model).total_params == sum(p.numel() for p in module.parameters())
+
+
+def test_a_conv_after_a_resize_by_a_fractional_scale_is_counted_at_the_size_it_runs_at():
+    """onnx's shape inference took 5 x 1.8 to 8 (the product floored in double precision);
+    onnxruntime makes 9 x 9 maps, as `F.interpolate(scale_factor=1.8)` does: the conv after
+    it was counted at 8 x 8 and its macroblock named by the wrong size."""
+    import onnxruntime as ort
+
+    b = graphs.Builder("fractional_resize")
+    x = b.input("x", [1, 3, 10, 10])
+    a = b.op("Relu", [b.conv(x, 3, 8, stride=2)])  # 5 x 5
+    up = b.resize(a, 1.8)
+    model = b.model([b.conv(b.op("Relu", [up]), 8, 4, k=1)], ["y"])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ran = session.run(None, {"x": np.zeros((1, 3, 10, 10), np.float32)})[0]
+    assert ran.shape == (1, 4, 9, 9)
+    analysis = analyze_model(load_model(model))
+    last = analysis.layers[-1]
+    assert last.macs == 9 * 9 * 8 * 4
+    assert (9, 9) in {m.resolution for m in analysis.macroblocks}

@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import pytest
 from graphs import Builder, assert_runs_at_declared_shapes, run
+from onnx import helper
 
 from onnx_mbs.passes import BadInputError, load
 from onnx_mbs.passes.channel_groups import analyze_channels
@@ -233,3 +234,37 @@ def test_a_channel_count_read_from_a_cut_map_keeps_the_value_the_other_views_nee
     small = shrink_channels(model, {group.id: [0, 2, 4, 5, 6, 7]}, analysis)
     assert_runs_at_declared_shapes(model, small)
     _same_outputs(model, small, _images((1, 3, 6, 6), (2, 3, 6, 6)))
+
+
+def _fpn_by_scales(opset: int) -> onnx.ModelProto:
+    """The FPN step as opset 9/10 exports write `F.interpolate(c, size=b.shape[-2:])`: the
+    scales are the ratio of the two maps' sizes, as floats (Upsample at 9, Resize at 10)."""
+    b = Builder("fpn_by_scales")
+    x = b.input("x", ["N", 3, "H", "W"])
+    fine = _relu_conv(b, _relu_conv(b, x, 3, 8), 8, 8, stride=2)
+    coarse = _relu_conv(b, fine, 8, 8, stride=2)
+    sizes = [
+        b.op("Cast", [b.op("Gather", [b.op("Shape", [t]), b.const([2, 3])], axis=0)], to=1)
+        for t in (fine, coarse)
+    ]
+    scales = b.op("Concat", [b.const(np.ones(2, np.float32)), b.op("Div", sizes)], axis=0)
+    up = b.op("Upsample" if opset < 10 else "Resize", [coarse, scales], mode="nearest")
+    y = b.op("Add", [up, b.conv(fine, 8, 8, k=1)])
+    model = b.model([b.conv(y, 8, 4, k=1)], ["y"])
+    model.opset_import[0].version = opset
+    del model.graph.output[:]  # as inferred at opset 17, where these ops mean other things
+    model.graph.output.append(helper.make_tensor_value_info("y", 1, ["N", 4, "h", "w"]))
+    return model
+
+
+@pytest.mark.parametrize("opset", [9, 10])
+def test_resize_scales_that_are_a_ratio_of_sizes_follow_odd_sizes(opset):
+    """onnx's shape inference floors 5 x 1.8f in double precision (8), onnxruntime in float
+    (9, the finer map's size): the model was refused at 17 ("Incompatible dimensions" at the
+    Add), and at 16 the odd trial was refused alike, so the scales stayed 2 and the written
+    model failed at every size whose ratio is not 2. Resize sizes are now inferred as
+    onnxruntime computes them."""
+    model = _fpn_by_scales(opset)
+    for analysed in ([1, 3, 16, 16], [1, 3, 17, 17]):
+        read = load(model, {"x": analysed})
+        _same_outputs(model, read.runnable, _images(*SIZES, (1, 3, 33, 33)))
