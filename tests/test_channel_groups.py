@@ -15,7 +15,8 @@ from graphs import (
     shape_arith_head,
 )
 
-from onnx_mbs.passes import load_model
+from onnx_mbs.passes import analyze_model, load_model
+from onnx_mbs.passes.activations import activation_tensors
 from onnx_mbs.passes.channel_groups import analyze_channels
 from onnx_mbs.passes.fold import FoldShapes
 from onnx_mbs.passes.shrink import shrink_channels
@@ -366,3 +367,11 @@ def test_instance_norm_with_scale_computed_at_run_time_pins():
     group = next(g for g in analyze_channels(model).groups if "a" in g.producers)
     assert group.pinned
     assert any(r.startswith("InstanceNormalization 'gn'") for r in group.pin_reasons)
+
+
+def test_rho_of_a_conv_before_groupnorm_is_read_after_it():
+    """The exported GroupNorm keeps every value where it was (Reshape, InstanceNormalization,
+    Reshape back to the same shape): the conv's activation is the Relu after it."""
+    model = groupnorm_net([0, 4, -1])
+    relu = next(n for n in model.graph.node if n.op_type == "Relu")
+    assert activation_tensors(model, analyze_model(model))["a"] == relu.output[0]
