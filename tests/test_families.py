@@ -23,7 +23,14 @@ from torch import nn
 
 from onnx_mbs.bridge import retrain
 from onnx_mbs.cli import main
-from onnx_mbs.passes import BadInputError, analyze_model, load_model, shrink_channels
+from onnx_mbs.passes import (
+    BadInputError,
+    analyze_model,
+    choose_channels,
+    load_model,
+    shrink_channels,
+    weight_importance,
+)
 from onnx_mbs.passes.channel_groups import analyze_channels
 from onnx_mbs.passes.read import check_model
 from onnx_mbs.pipeline import reduce
@@ -355,6 +362,20 @@ def retrained_runs(model: onnx.ModelProto) -> None:
     check_reduced(result.model, [(1, 3, 16, 16), (2, 3, 16, 16), (2, 3, 12, 20)])
 
 
+def test_groupnorm_at_the_default_multiple_says_its_units_hold_several_channels():
+    """GroupNorm(8, 64): 8 units of 8 channels; --channel-multiple counts units, so at 8 a
+    group keeps all 8, and the note says so rather than "the largest has 8 channels"."""
+    torch.manual_seed(0)
+    shape = (1, 3, 16, 16)
+    model = export(GroupNormNet(64, 8, 4), shape)
+    _, report = reduce(model, None, progress=False, input_shapes={"input": list(shape)})
+    assert any(
+        "(the largest has 8 units of 8 channels, each kept or cut whole; a group keeps at "
+        "least channel_multiple=8 units" in note
+        for note in report.plan.notes
+    ), report.plan.notes
+
+
 def test_groupnorm_cut_of_dead_channels_is_groupnorm_over_the_kept_ones():
     """Channel 3 of every group zeroed (one class) and cut: the written model computes
     GroupNorm(4) over the kept channels (torch's, on the narrower weights), which is not
@@ -366,7 +387,9 @@ def test_groupnorm_cut_of_dead_channels_is_groupnorm_over_the_kept_ones():
     group = next(g for g in channels.groups if g.producers == ["/a/Conv"])
     assert group.size == 8 and not group.pinned
     dead = kill_channels(loaded, channels.groups, {group.id: [3]})
-    small = shrink_channels(dead, {group.id: [c for c in range(8) if c != 3]}, channels)
+    chosen = choose_channels(channels.groups, {group.id: 7}, weight_importance(dead, "l2"))
+    assert chosen == {group.id: [c for c in range(8) if c != 3]}  # what MBS cuts: the dead unit
+    small = shrink_channels(dead, chosen, channels)
     cut = group.member(loaded.graph.node[0].output[0]).positions[3]
     assert cut.tolist() == [3, 11, 19, 27]
     keep = [c for c in range(32) if c not in cut]
