@@ -225,9 +225,7 @@ def check_written(original: Path, written: Path, xs, expected, exact: bool) -> d
     try:
         got = outputs(written, xs)
         out["ran_batches"] = [int(x.shape[0]) for x in xs]
-        shapes_ok = all(
-            [a.shape for a in g] == [b.shape for b in e] for g, e in zip(got, expected)
-        )
+        shapes_ok = all([a.shape for a in g] == [b.shape for b in e] for g, e in zip(got, expected))
         out["shapes_kept"] = shapes_ok
         out["finite"] = all(np.isfinite(a).all() for g in got for a in g)
         if exact:
@@ -366,7 +364,8 @@ def sweep_one(name: str, size: int, exporter: str) -> dict:
             row["torch_params"] = sum(p.numel() for p in model.parameters())
             # what torch counts less the BatchNorm scales an export folds into convs
             row["torch_params_bn_folded"] = row["torch_params"] - sum(
-                m.weight.numel() for m in model.modules()
+                m.weight.numel()
+                for m in model.modules()
                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.affine
             )
             row |= export(model, size, exporter, original)

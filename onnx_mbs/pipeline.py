@@ -107,11 +107,15 @@ def nothing_cut(groups: Sequence[ChannelGroup], plan: Plan) -> str:
     if all(g.size == 1 for g in free):
         return f"nothing can be cut: every free channel group is a single unit ({SINGLE_UNIT})"
     if all(round_channels(g.size, plan.beta_min, plan.channel_multiple) == g.size for g in free):
-        largest = max(g.size for g in free)
+        largest = max(free, key=lambda g: g.size)
         multiple = option("--channel-multiple", plan.channel_multiple)
+        has, keeps = f"{largest.size} channels", "of them"
+        if largest.unit > 1:  # conv-groups, GroupNorm's one channel of each group
+            has = f"{largest.size} units of {largest.unit} channels, each kept or cut whole"
+            keeps = "units"
         return (
             f"nothing can be cut: every free channel group is at its smallest already (the "
-            f"largest has {largest} channels; a group keeps at least {multiple} of them and "
+            f"largest has {has}; a group keeps at least {multiple} {keeps} and "
             f"{option('--beta-min', plan.beta_min)}, rounded up)"
         )
     beta = {m.index: m.beta for m in plan.macroblocks}

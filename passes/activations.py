@@ -94,12 +94,30 @@ def _first_activation(index: GraphIndex, start: str) -> Site | None:
                 if before is None:
                     continue
                 at += before
-            elif node.op_type not in CHANNEL_PRESERVING_OPS:
-                continue
-            out = node.output[0]
-            if out not in seen and len(index.shapes.get(out, ())) == rank:
+                out = node.output[0]
+            elif node.op_type in CHANNEL_PRESERVING_OPS:
+                out = node.output[0]
+            else:
+                out = _through_groupnorm(index, node, tensor)
+            if out and out not in seen and len(index.shapes.get(out, ())) == rank:
                 seen.add(out)
                 frontier.append((out, at))
+    return None
+
+
+def _through_groupnorm(index: GraphIndex, node: onnx.NodeProto, source: str) -> str | None:
+    """GroupNorm as torch exports it, Reshape -> InstanceNormalization -> Reshape back to
+    the shape it came from, keeps every value where it was: the Reshape back's output
+    (None for any other Reshape)."""
+    shape = index.shapes.get(source)
+    if node.op_type != "Reshape" or node.input[0] != source or shape is None:
+        return None
+    for norm in index.consumers.get(node.output[0], []):
+        if norm.op_type != "InstanceNormalization" or norm.input[0] != node.output[0]:
+            continue
+        for back in index.consumers.get(norm.output[0], []):
+            if back.op_type == "Reshape" and index.shapes.get(back.output[0]) == shape:
+                return back.output[0]
     return None
 
 

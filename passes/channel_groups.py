@@ -78,6 +78,12 @@ class ChannelGroup:
     def member(self, tensor: str) -> Member:
         return next(m for m in self.members if m.tensor == tensor)
 
+    @property
+    def unit(self) -> int:
+        """Channels one of its units holds where it is made, kept or cut whole: 1, a
+        conv-group's channels, or G after an exported GroupNorm(G) (one of each group)."""
+        return max((m.width for m in self.members if m.role == FILTERS), default=1)
+
 
 @dataclass
 class ChannelAnalysis:

@@ -182,9 +182,24 @@ def _batchnorm(w: ChannelWalk, node: onnx.NodeProto) -> None:
 
 
 def _instancenorm(w: ChannelWalk, node: onnx.NodeProto) -> None:
+    """InstanceNormalization normalises each (sample, axis-1 entry) over the axes after.
+    Channels on axis 1: scale and bias are cut with them, exactly. Channels on a later
+    axis: GroupNorm as torch exports it, Reshape (N, C, H, W) -> (N, G, -1) first. That
+    Reshape ties channel j of each of the G blocks into one class (`reshape_ids`), so a
+    cut takes the same channels from every block and each keeps its own statistics; the
+    scale and bias (one per block) stay. The kept channels are then normalised without
+    the cut ones: GroupNorm over the kept channels, not exact."""
     axis, ids = w.chan[node.input[0]]
-    if axis != 1 or w.source(node.input[1]) is None or w.source(node.input[2]) is None:
-        w.opaque(node, "channels not on axis 1 or scale/bias not constant")
+    if axis == 0 or w.source(node.input[1]) is None or w.source(node.input[2]) is None:
+        w.opaque(node, "channels on the batch axis or scale/bias not constant")
+        return
+    if axis > 1:
+        w.not_exact(
+            ids,
+            f"InstanceNormalization '{node.name}': normalises each group over its channels "
+            "(GroupNorm), so the kept channels' mean and variance change",
+        )
+        w.pass_on(node, axis, ids)
         return
     w.slot(node, 1, 0, ids, NORM_SCALE)
     w.slot(node, 2, 0, ids, NORM_BIAS)

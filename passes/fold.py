@@ -110,9 +110,7 @@ def _folded(
     small = {t.name for t in model.graph.initializer if math.prod(t.dims) <= MAX_ELEMENTS}
     kept = set(index.graph_outputs) if outputs else set()
     kept |= set(stored_casts(model.graph))  # a weight in another precision: not arithmetic
-    learned = {
-        t.name for t in model.graph.initializer if is_weight(t) and math.prod(t.dims) > 1
-    }
+    learned = {t.name for t in model.graph.initializer if is_weight(t) and math.prod(t.dims) > 1}
     values: dict[str, np.ndarray] = {}
     folded: set[int] = set()
     for k, node in enumerate(index.nodes):

@@ -753,6 +753,22 @@ CASES: dict[str, tuple] = {
         {"sc": f32(1, 1, 0.6, 1.5)},
         10,
     ),
+    "instancenorm": (
+        [helper.make_node("InstanceNormalization", ["x", "s", "b"], ["y"], epsilon=1e-3)],
+        {"s": rnd(4, seed=1), "b": rnd(4, seed=2)},
+        17,
+    ),
+    # GroupNorm(2, 4) as torch exports it: over (N, G, -1), then back to the input's shape.
+    "groupnorm-as-exported": (
+        [
+            helper.make_node("Reshape", ["x", "g"], ["r"]),
+            helper.make_node("InstanceNormalization", ["r", "s", "b"], ["n"]),
+            helper.make_node("Shape", ["x"], ["xs"]),
+            helper.make_node("Reshape", ["n", "xs"], ["y"]),
+        ],
+        {"g": i64(0, 2, -1), "s": f32(1, 1), "b": f32(0, 0)},
+        17,
+    ),
     "upsample-opset9": (
         [helper.make_node("Upsample", ["x", "sc"], ["y"], mode="nearest")],
         {"sc": f32(1, 1, 2, 3)},

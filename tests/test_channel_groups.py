@@ -11,10 +11,12 @@ from graphs import (
     kill_channels,
     load_unfolded,
     mobilenetv3_like,
+    run,
     shape_arith_head,
 )
 
-from onnx_mbs.passes import load_model
+from onnx_mbs.passes import analyze_model, load_model
+from onnx_mbs.passes.activations import activation_tensors
 from onnx_mbs.passes.channel_groups import analyze_channels
 from onnx_mbs.passes.fold import FoldShapes
 from onnx_mbs.passes.shrink import shrink_channels
@@ -282,3 +284,94 @@ def test_bad_keep_plans_are_refused(bad):
     model = load_model(b.model([y], ["y"]))
     with pytest.raises(ValueError, match="group"):
         shrink_channels(model, bad)
+
+
+def groupnorm_net(target: list[int]) -> onnx.ModelProto:
+    """conv (16) -> GroupNorm(4, 16) as torch exports it -> Relu -> conv: Reshape to
+    `target`, InstanceNormalization with ones and zeros over the 4 groups, Reshape back to
+    the conv output's Shape, then gamma and beta as Mul and Add."""
+    b = Builder("groupnorm")
+    x = b.input("x", [1, 3, 8, 8])
+    a = b.conv(x, 3, 16, name="a")
+    r = b.op("Reshape", [a, b.const(np.array(target, np.int64))], name="gn/to_groups")
+    n = b.op("InstanceNormalization", [r, b.const(np.ones(4)), b.const(np.zeros(4))], name="gn")
+    back = b.op("Reshape", [n, b.op("Shape", [a])], name="gn/back")
+    gamma = b.const(b.rng.uniform(0.5, 1.5, (16, 1, 1)), "gamma")
+    beta = b.const(b.rng.normal(0, 0.5, (16, 1, 1)), "beta")
+    y = b.op("Add", [b.op("Mul", [back, gamma]), beta], name="gn/affine")
+    return load_model(b.model([b.conv(b.op("Relu", [y]), 16, 2, name="out")], ["y"]))
+
+
+def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of `model` that also outputs the tensors `names`."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    out.graph.output.extend(
+        onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names
+    )
+    return out
+
+
+def numpy_groupnorm(x: np.ndarray, groups: int, gamma: np.ndarray, beta: np.ndarray):
+    n, c = x.shape[:2]
+    g = x.reshape(n, groups, -1).astype(np.float64)
+    g = (g - g.mean(-1, keepdims=True)) / np.sqrt(g.var(-1, keepdims=True) + 1e-5)
+    return g.reshape(x.shape) * gamma.reshape(1, c, 1, 1) + beta.reshape(1, c, 1, 1)
+
+
+@pytest.mark.parametrize("target", [[0, 4, -1], [1, 4, 4, 8, 8]], ids=["n-g-rest", "n-g-c-h-w"])
+def test_groupnorm_as_exported_cuts_the_same_channels_from_every_group(target):
+    """A class is channel j of each of the 4 groups: a cut takes k from every group, the
+    written GroupNorm keeps its 4 groups (InstanceNormalization scale and bias stay) and
+    computes GroupNorm over the kept channels; that changes their statistics, so the
+    group says it is not exact."""
+    model = groupnorm_net(target)
+    analysis = analyze_channels(model)
+    group = next(g for g in analysis.groups if "a" in g.producers)
+    assert not group.pinned and group.size == 4
+    assert group.member(model.graph.node[0].output[0]).positions.tolist() == [
+        [j, j + 4, j + 8, j + 12] for j in range(4)
+    ]
+    assert len(group.inexact) == 1 and group.inexact[0].startswith("InstanceNormalization 'gn'")
+    assert_same_outputs(model, shrink_channels(model, {group.id: range(4)}, analysis))
+
+    small = shrink_channels(model, {group.id: [1, 3]}, analysis)
+    onnx.checker.check_model(small, full_check=True)
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in small.graph.initializer}
+    norm = next(n for n in small.graph.node if n.op_type == "InstanceNormalization")
+    assert weights[norm.input[1]].shape == (4,)
+    assert weights[small.graph.node[0].input[1]].shape == (8, 3, 3, 3)  # 2 of each group of 4
+
+    conv, affine = model.graph.node[0].output[0], "gn/affine_out"
+    x = np.random.default_rng(0).normal(size=(1, 3, 8, 8)).astype(np.float32)
+    full, _ = run(with_outputs(model, [conv]), x, [conv, "y"])
+    (written,) = run(with_outputs(small, [affine]), x, [affine])
+    kept = np.array([1, 3, 5, 7, 9, 11, 13, 15])  # classes 1 and 3 of each group
+    original = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    add = next(n for n in model.graph.node if n.name == "gn/affine")
+    mul = next(n for n in model.graph.node if n.output[0] == add.input[0])
+    gamma, beta = (original[name].reshape(-1)[kept] for name in (mul.input[1], add.input[1]))
+    expected = numpy_groupnorm(full[:, kept], 4, gamma, beta)
+    np.testing.assert_allclose(written, expected, atol=1e-4)
+
+
+def test_instance_norm_with_scale_computed_at_run_time_pins():
+    b = Builder()
+    x = b.input("x", [1, 3, 8, 8])
+    scale = b.input("scale", [4])
+    a = b.conv(x, 3, 16, name="a")
+    r = b.op("Reshape", [a, b.const(np.array([0, 4, -1], np.int64))])
+    n = b.op("InstanceNormalization", [r, scale, b.const(np.zeros(4))], name="gn")
+    back = b.op("Reshape", [n, b.const(np.array([1, 16, 8, 8], np.int64))])
+    model = load_model(b.model([b.conv(back, 16, 2, name="out")], ["y"]))
+    group = next(g for g in analyze_channels(model).groups if "a" in g.producers)
+    assert group.pinned
+    assert any(r.startswith("InstanceNormalization 'gn'") for r in group.pin_reasons)
+
+
+def test_rho_of_a_conv_before_groupnorm_is_read_after_it():
+    """The exported GroupNorm keeps every value where it was (Reshape, InstanceNormalization,
+    Reshape back to the same shape): the conv's activation is the Relu after it."""
+    model = groupnorm_net([0, 4, -1])
+    relu = next(n for n in model.graph.node if n.op_type == "Relu")
+    assert activation_tensors(model, analyze_model(model))["a"] == relu.output[0]

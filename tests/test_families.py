@@ -21,13 +21,16 @@ from conftest import write_npz
 from graphs import assert_same_outputs, kill_channels, run, standardised_conv_net
 from torch import nn
 
+from onnx_mbs.bridge import retrain
 from onnx_mbs.cli import main
 from onnx_mbs.passes import (
     BadInputError,
     analyze_model,
+    choose_channels,
     count_parameters,
     load_model,
     shrink_channels,
+    weight_importance,
 )
 from onnx_mbs.passes.channel_groups import analyze_channels
 from onnx_mbs.passes.read import check_model
@@ -301,6 +304,127 @@ def test_dead_channel_oracle_per_op_in_a_convnext_block():
     (before,) = run(dead, x)
     (after,) = run(shrink_channels(dead, keep, channels), x)
     assert np.abs(before - after).max() > 1e-3
+
+
+# -- GroupNorm as torch's exporters write it ------------------------------------------------------
+
+
+class GroupNormNet(nn.Module):
+    """conv -> GroupNorm(4, c) -> ReLU -> conv -> head: the norm of FCOS/RetinaNet heads and
+    ResNet-GN. Both exporters write GroupNorm as Reshape (N, G, -1), InstanceNormalization
+    with ones and zeros, Reshape back to the input's Shape, Mul by gamma, Add beta."""
+
+    def __init__(self, c: int = 32, groups: int = 4, d: int = 8) -> None:
+        super().__init__()
+        self.a, self.gn = nn.Conv2d(3, c, 3, padding=1), nn.GroupNorm(groups, c)
+        self.b, self.head = nn.Conv2d(c, d, 3, padding=1), nn.Linear(d, 10)
+        with torch.no_grad():
+            self.gn.weight.uniform_(0.5, 1.5)
+            self.gn.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        return self.head(self.b(F.relu(self.gn(self.a(x)))).mean((2, 3)))
+
+
+def export_dynamo(module: nn.Module, shape: tuple[int, ...]) -> onnx.ModelProto:
+    """torch.onnx.export(dynamo=True) at opset 18, dynamic batch and size."""
+    dims = {0: torch.export.Dim("n")} | {
+        a: torch.export.Dim(f"s{a}", min=4, max=512) for a in SPATIAL[len(shape)]
+    }
+    program = torch.onnx.export(
+        module.eval(), (torch.randn(*shape),), input_names=["input"], output_names=["logits"],
+        dynamic_shapes={"x": dims}, opset_version=18, dynamo=True, verbose=False,
+    )  # fmt: skip
+    return onnx.load_from_string(program.model_proto.SerializeToString())
+
+
+GROUPNORM_EXPORTS = {
+    "torchscript-opset17": lambda m, shape: export(m, shape),
+    "dynamo-opset18": export_dynamo,
+}
+
+
+@pytest.mark.parametrize("exporter", GROUPNORM_EXPORTS.values(), ids=GROUPNORM_EXPORTS.keys())
+def test_groupnorm_reduces_to_a_groupnorm_of_the_same_groups(exporter):
+    """A cut takes the same channels from each of the 4 groups (k x 4 kept), the written
+    model keeps GroupNorm(4) and runs at every shape the original takes; its counts are the
+    narrower torch module's; the report says GroupNorm's cut is not exact."""
+    torch.manual_seed(0)
+    shape = (1, 3, 16, 16)
+    model = exporter(GroupNormNet(), shape)
+    keep_all_exact(model, shape)
+    reduced, report = reduce(
+        model, None, budget="params=0.6", channel_multiple=1, progress=False,
+        input_shapes={"input": list(shape)},
+    )  # fmt: skip
+    check_reduced(reduced, [(1, 3, 16, 16), (2, 3, 16, 16), (2, 3, 12, 20)])
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in reduced.graph.initializer}
+    norm = next(n for n in reduced.graph.node if n.op_type == "InstanceNormalization")
+    assert weights[norm.input[1]].shape == (4,)
+    convs = [weights[n.input[1]].shape for n in reduced.graph.node if n.op_type == "Conv"]
+    kept, d = convs[0][0], convs[1][0]
+    assert kept < 32 and kept % 4 == 0 and convs[1][1] == kept
+    narrow = GroupNormNet(kept, 4, d)
+    assert report.after.total_params == sum(p.numel() for p in narrow.parameters())
+    assert report.after.total_macs == 16 * 16 * (kept * 27 + d * kept * 9) + d * 10
+    assert any("InstanceNormalization" in note for note in report.not_exact)
+    retrained_runs(reduced)
+
+
+def retrained_runs(model: onnx.ModelProto) -> None:
+    """One short epoch through the bridge (InstanceNormalization included); the written-back
+    model changed its weights, and runs at batch 1 and 2 and another size."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 3, 16, 16)).astype(np.float32)
+    result = retrain(model, (x, rng.integers(0, 10, 32)), epochs=1, batch_size=16,
+                     device="cpu", progress=False)  # fmt: skip
+    assert [n.op_type for n in result.model.graph.node] == [n.op_type for n in model.graph.node]
+    (before,), (after,) = run(model, x[:2]), run(result.model, x[:2])
+    assert np.abs(before - after).max() > 1e-6
+    check_reduced(result.model, [(1, 3, 16, 16), (2, 3, 16, 16), (2, 3, 12, 20)])
+
+
+def test_groupnorm_at_the_default_multiple_says_its_units_hold_several_channels():
+    """GroupNorm(8, 64): 8 units of 8 channels; --channel-multiple counts units, so at 8 a
+    group keeps all 8, and the note says so rather than "the largest has 8 channels"."""
+    torch.manual_seed(0)
+    shape = (1, 3, 16, 16)
+    model = export(GroupNormNet(64, 8, 4), shape)
+    _, report = reduce(model, None, progress=False, input_shapes={"input": list(shape)})
+    assert any(
+        "(the largest has 8 units of 8 channels, each kept or cut whole; a group keeps at "
+        "least channel_multiple=8 units" in note
+        for note in report.plan.notes
+    ), report.plan.notes
+
+
+def test_groupnorm_cut_of_dead_channels_is_groupnorm_over_the_kept_ones():
+    """Channel 3 of every group zeroed (one class) and cut: the written model computes
+    GroupNorm(4) over the kept channels (torch's, on the narrower weights), which is not
+    what it computed with the zeros in its statistics."""
+    torch.manual_seed(0)
+    net = GroupNormNet().eval()
+    loaded = load_model(export(net, (1, 3, 16, 16), dynamic_size=False))
+    channels = analyze_channels(loaded)
+    group = next(g for g in channels.groups if g.producers == ["/a/Conv"])
+    assert group.size == 8 and not group.pinned
+    dead = kill_channels(loaded, channels.groups, {group.id: [3]})
+    chosen = choose_channels(channels.groups, {group.id: 7}, weight_importance(dead, "l2"))
+    assert chosen == {group.id: [c for c in range(8) if c != 3]}  # what MBS cuts: the dead unit
+    small = shrink_channels(dead, chosen, channels)
+    cut = group.member(loaded.graph.node[0].output[0]).positions[3]
+    assert cut.tolist() == [3, 11, 19, 27]
+    keep = [c for c in range(32) if c not in cut]
+    x = np.random.default_rng(0).normal(size=(1, 3, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        a = F.conv2d(torch.from_numpy(x), net.a.weight[keep], net.a.bias[keep], padding=1)
+        h = F.relu(F.group_norm(a, 4, net.gn.weight[keep], net.gn.bias[keep]))
+        b = F.conv2d(h, net.b.weight[:, keep], net.b.bias, padding=1)
+        want = net.head(b.mean((2, 3))).numpy()
+    (got,) = run(small, x)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    (before,) = run(dead, x)
+    assert np.abs(before - got).max() > 1e-3
 
 
 # -- space-to-depth written as Reshape/Transpose/Reshape -----------------------------------------

@@ -1038,6 +1038,17 @@ def layer_norm(n: Node) -> OpFn:
     return run
 
 
+def instance_norm(n: Node) -> OpFn:
+    """Each (sample, axis-1 entry) normalised over the axes after it; torch's exporters write
+    InstanceNorm2d as one, and GroupNorm as one over (N, G, -1) between two Reshapes."""
+    eps = n.attr("epsilon", 1e-5)
+
+    def run(x, scale, bias):
+        return F.instance_norm(x, weight=scale, bias=bias, eps=eps)
+
+    return run
+
+
 def _recurrent_checks(n: Node, defaults: list[str]) -> tuple[int, str, int]:
     """hidden size, direction, layout; refuses what the bridge does not implement."""
     activations = [a.lower() for a in n.attr("activations", [])]
@@ -1222,6 +1233,7 @@ OPS: dict[str, Callable[[Node], OpFn]] = {
     "Cast": cast,
     "Expand": expand,
     "LayerNormalization": layer_norm,
+    "InstanceNormalization": instance_norm,
     "LSTM": lstm,
     "GRU": gru,
     "Range": range_,
