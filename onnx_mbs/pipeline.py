@@ -106,16 +106,18 @@ def nothing_cut(groups: Sequence[ChannelGroup], plan: Plan) -> str:
         return f"nothing cut: the budget {plan.budget} keeps the whole model"
     if all(g.size == 1 for g in free):
         return f"nothing can be cut: every free channel group is a single unit ({SINGLE_UNIT})"
-    if all(round_channels(g.size, plan.beta_min, plan.channel_multiple) == g.size for g in free):
-        largest = max(free, key=lambda g: g.size)
+    infos = [GroupInfo.of(g) for g in free]
+    step = {g.id: g.multiple(plan.channel_multiple) for g in infos}
+    if all(round_channels(g.size, plan.beta_min, step[g.id]) == g.size for g in infos):
+        largest = max(infos, key=lambda g: g.size)
         multiple = option("--channel-multiple", plan.channel_multiple)
-        has, keeps = f"{largest.size} channels", "of them"
+        has, keeps = f"{largest.size} channels", f"{multiple} of them"
         if largest.unit > 1:  # conv-groups, GroupNorm's one channel of each group
             has = f"{largest.size} units of {largest.unit} channels, each kept or cut whole"
-            keeps = "units"
+            keeps = f"{step[largest.id]} units ({multiple} counts channels)"
         return (
             f"nothing can be cut: every free channel group is at its smallest already (the "
-            f"largest has {has}; a group keeps at least {multiple} {keeps} and "
+            f"largest has {has}; a group keeps at least {keeps} and "
             f"{option('--beta-min', plan.beta_min)}, rounded up)"
         )
     beta = {m.index: m.beta for m in plan.macroblocks}

@@ -205,12 +205,21 @@ class GroupInfo:
     macroblocks: tuple[int, ...]
     pinned: bool
     joined: bool = False  # a residual stream (ChannelGroup.joined)
+    unit: int = 1  # channels one of its units holds (ChannelGroup.unit); sizes count units
 
     @classmethod
     def of(cls, group: ChannelGroup) -> GroupInfo:
         return cls(
-            group.id, group.size, tuple(group.macroblocks), group.pinned, group.joined
+            group.id, group.size, tuple(group.macroblocks), group.pinned, group.joined,
+            group.unit,
         )  # fmt: skip
+
+    def multiple(self, channels: int) -> int:
+        """The units its count is a multiple of, so that its channels are a multiple of
+        `channels` (the channel multiple): channels / gcd(channels, unit). A GroupNorm(32)
+        unit (32 channels) is one step at multiple 8; counted in units, 8 of them were, and
+        a GroupNorm(32, 256) could not be cut at all."""
+        return channels // math.gcd(channels, self.unit)
 
     @property
     def free(self) -> bool:
@@ -393,9 +402,10 @@ def _counts(groups: Sequence[GroupInfo], betas: Sequence[float], multiple: int) 
         if not g.free:
             counts[g.id] = g.size
             continue
-        key = (g.size, g.macroblocks)
+        key = (g.size, g.unit, g.macroblocks)
         if key not in rounded:
-            rounded[key] = round_channels(g.size, max(betas[m] for m in g.macroblocks), multiple)
+            beta = max(betas[m] for m in g.macroblocks)
+            rounded[key] = round_channels(g.size, beta, g.multiple(multiple))
         counts[g.id] = rounded[key]
     return counts
 
@@ -499,7 +509,8 @@ def plan_widths(
         exact = "latency" not in metrics
         ids, ks, spans = [], [], []
         for g in free:
-            step = 1 if exact else max(channel_multiple, math.ceil(g.size / PRICE_STEPS))
+            step = g.multiple(channel_multiple)
+            step = 1 if exact else max(step, math.ceil(g.size / PRICE_STEPS))
             grid = sorted({*range(0, g.size + 1, step), g.size})
             spans.append((len(ks), len(ks) + len(grid)))
             ids += [g.id] * len(grid)
@@ -903,7 +914,9 @@ def _global_ranking(
         left = np.bincount(owners[cut:], minlength=len(free))
         counts = {g.id: g.size for g in groups}
         for g, kept in zip(free, left.tolist()):
-            counts[g.id] = round_channels(g.size, max(beta_min, kept / g.size), multiple)
+            counts[g.id] = round_channels(
+                g.size, max(beta_min, kept / g.size), g.multiple(multiple)
+            )
         return counts
 
     return ranked, counts_at
@@ -958,14 +971,14 @@ def _nudge(
     """
     counts = dict(counts)
     free = [g for g in groups if g.free]
-    floor = {g.id: round_channels(g.size, beta_min, multiple) for g in free}
+    floor = {g.id: round_channels(g.size, beta_min, g.multiple(multiple)) for g in free}
     current = excess(counts)
 
     def steps(direction: int) -> list[tuple[float, int, int]]:
         """(excess, group, new count) of each group's step, in the order of `free`."""
         ids, new = [], []
         for g in free:
-            count = counts[g.id] + direction * multiple
+            count = counts[g.id] + direction * g.multiple(multiple)
             count = min(g.size, count) if direction > 0 else count
             if count != counts[g.id] and floor[g.id] <= count <= g.size:
                 ids.append(g.id)

@@ -384,18 +384,21 @@ def retrained_runs(model: onnx.ModelProto) -> None:
     check_reduced(result.model, [(1, 3, 16, 16), (2, 3, 16, 16), (2, 3, 12, 20)])
 
 
-def test_groupnorm_at_the_default_multiple_says_its_units_hold_several_channels():
-    """GroupNorm(8, 64): 8 units of 8 channels; --channel-multiple counts units, so at 8 a
-    group keeps all 8, and the note says so rather than "the largest has 8 channels"."""
+def test_groupnorm_at_the_default_multiple_is_cut_in_multiples_of_8_channels():
+    """GroupNorm(8, 64): 8 units of 8 channels. --channel-multiple counted units, so at 8 a
+    group kept all 8 and params=0.7 was out of reach; it counts channels (a unit of 8 is one
+    step), so the cut keeps k units, a multiple of 8 channels and of the 8 groups."""
     torch.manual_seed(0)
     shape = (1, 3, 16, 16)
     model = export(GroupNormNet(64, 8, 4), shape)
-    _, report = reduce(model, None, progress=False, input_shapes={"input": list(shape)})
-    assert any(
-        "(the largest has 8 units of 8 channels, each kept or cut whole; a group keeps at "
-        "least channel_multiple=8 units" in note
-        for note in report.plan.notes
-    ), report.plan.notes
+    reduced, report = reduce(
+        model, None, budget="params=0.7", progress=False, input_shapes={"input": list(shape)}
+    )
+    assert report.plan.reached["params"] <= 0.7
+    written = load_model(reduced, {"input": list(shape)})
+    kept = {x.name: x.out_channels for x in analyze_model(written).layers}
+    assert 0 < kept["/a/Conv"] < 64 and kept["/a/Conv"] % 8 == 0
+    check_reduced(reduced, [(1, 3, 16, 16), (2, 3, 12, 20)])
 
 
 def test_groupnorm_cut_of_dead_channels_is_groupnorm_over_the_kept_ones():
