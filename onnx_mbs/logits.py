@@ -20,9 +20,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from onnx_mbs.passes.errors import BadInputError, option
+from onnx_mbs.passes.graph import attributes, default_opset
 
 Shape = Sequence[int | None]  # None (or 0): a dim not known
 
@@ -59,11 +59,7 @@ def softmax_input(
         node = producers.get(node.input[0])
     if node is None or node.op_type not in ops or not node.input:
         return None
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
-    axis = next(
-        (helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"),
-        1 if opset < 13 else -1,
-    )
+    axis = attributes(node).get("axis", 1 if default_opset(model) < 13 else -1)
     rank = len(declared_shapes(model).get(output, ()))
     # axis 1 is the class axis; -1 is too where the Softmax's own output is (batch, classes).
     if axis == 1 or (axis == -1 and rank == 2 and not reshaped):

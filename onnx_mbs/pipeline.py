@@ -49,6 +49,7 @@ from onnx_mbs.passes import (
     option,
     resized,
     shrink_channels,
+    site_tensors,
     weight_importance,
 )
 from onnx_mbs.plan import SINGLE_UNIT, Budget, GroupInfo, Plan, plan_widths, round_channels
@@ -303,7 +304,7 @@ class Analysed:
     @property
     def activation(self) -> dict[str, str | None]:
         """conv -> the tensor whose activation ratio is its rho (None: no activation)."""
-        return {layer: None if s is None else s.tensor for layer, s in self.sites.items()}
+        return site_tensors(self.sites)
 
 
 def analyse(model: onnx.ModelProto, receptive_field: str) -> tuple[Analysed, GraphIndex]:

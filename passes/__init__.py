@@ -5,7 +5,7 @@ function returning a new model or a plain dataclass, and the transforms are
 also Pass objects that compose in a Sequential.
 """
 
-from .activations import Site, activation_sites, activation_tensors
+from .activations import Site, activation_sites, activation_tensors, site_tensors
 from .analysis import (
     DEFAULT_RECEPTIVE_FIELD,
     READINGS,
@@ -82,6 +82,7 @@ __all__ = [
     "Site",
     "ShrinkChannels",
     "activation_sites",
+    "site_tensors",
     "activation_tensors",
     "analyze_channels",
     "analyze_model",

@@ -8,6 +8,7 @@ that tensor; onnx_mbs.stats measures it with onnxruntime.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import onnx
@@ -66,7 +67,11 @@ def activation_tensors(
     Sigmoid*Mul counts as the Sigmoid's Mul output, since that is the activation's value.
     `index` is `GraphIndex.build(model)` if the caller has it.
     """
-    sites = activation_sites(model, analysis, index)
+    return site_tensors(activation_sites(model, analysis, index))
+
+
+def site_tensors(sites: Mapping[str, Site | None]) -> dict[str, str | None]:
+    """conv -> the tensor of its Site (None where it has none)."""
     return {layer: None if site is None else site.tensor for layer, site in sites.items()}
 
 

@@ -18,7 +18,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from .errors import BadInputError
-from .graph import GraphIndex, static_shape
+from .graph import GraphIndex, attributes, static_shape
 
 
 def check_stored_sizes(model: onnx.ModelProto, folder: Path | None = None) -> bool:
@@ -273,7 +273,7 @@ def check_conv_channels(model: onnx.ModelProto) -> None:
         x, weight = shapes.get(node.input[0]), shapes.get(node.input[1])
         if not x or not weight or len(x) < 2 or len(weight) < 2:
             continue
-        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        group = attributes(node).get("group", 1)
         transpose = node.op_type == "ConvTranspose"
         reads = weight[0] if transpose else weight[1] * group
         what = f"{node.op_type} {node.name!r}"

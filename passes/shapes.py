@@ -14,7 +14,7 @@ from onnx import numpy_helper
 from .base import Pass, PassResult
 from .custom_ops import OPAQUE_DOMAIN, hide_unknown_ops, restore_unknown_ops
 from .errors import BadInputError, input_shape_option
-from .graph import static_shape
+from .graph import default_opset, static_shape
 from .protos import without_weights
 
 InputShapes = Mapping[str, Sequence[int]]
@@ -206,7 +206,7 @@ def _resized_as_run(model: onnx.ModelProto, known: onnx.ModelProto | None = None
     read in `known` (default `model`); a node whose output `known` records at onnxruntime's
     size already, or whose input size is not known yet, is left to onnx."""
     graph = model.graph
-    version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    version = default_opset(model)
     constants = {t.name: t for t in graph.initializer}
     recorded = (known or model).graph
     shapes = {vi.name: vi for vi in [*recorded.input, *recorded.value_info, *recorded.output]}
@@ -221,9 +221,7 @@ def _resized_as_run(model: onnx.ModelProto, known: onnx.ModelProto | None = None
         output = shapes.get(node.output[0])
         if output is not None and static_shape(output) == tuple(sizes):
             continue
-        kept = [vi for vi in graph.value_info if vi.name != node.output[0]]
-        del graph.value_info[:]
-        graph.value_info.extend(kept)
+        _forget_shapes(graph, {node.output[0]})
         elem = source.type.tensor_type.elem_type
         graph.value_info.append(onnx.helper.make_tensor_value_info(node.output[0], elem, sizes))
         node.domain = OPAQUE_DOMAIN

@@ -28,7 +28,7 @@ from onnx import numpy_helper
 from .base import Pass, PassResult
 from .channel_groups import ChannelAnalysis, analyze_channels
 from .channel_walk import Edit, constant_source, subgraph_names
-from .graph import GraphIndex, count_parameters, is_parameter_use, is_weight
+from .graph import GraphIndex, count_parameters, default_opset, is_parameter_use, is_weight
 from .load import indexed_loaded
 from .protos import without_weights
 
@@ -240,7 +240,7 @@ class EditContext:
 
     @property
     def opset(self) -> int:
-        return next((o.version for o in self.out.opset_import if o.domain in ("", "ai.onnx")), 17)
+        return default_opset(self.out)
 
     def count(self, ids: np.ndarray) -> int:
         """How many of `ids` are kept."""
