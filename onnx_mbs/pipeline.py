@@ -180,7 +180,7 @@ def reduce(
     recorded = given_preprocessing(options.mean, options.std, source)
     release_freed_memory()  # load's copies and serializations: not in every later peak
     laps.lap("load")
-    analysed, index = analyse(held.model, options.receptive_field)
+    analysed, index = analyse(held.model, options.receptive_field, origin)
     laps.lap("analyze")
     if source is not None:
         index = None  # it holds the model, whose weights the statistics borrow meanwhile
@@ -307,11 +307,14 @@ class Analysed:
         return site_tensors(self.sites)
 
 
-def analyse(model: onnx.ModelProto, receptive_field: str) -> tuple[Analysed, GraphIndex]:
-    """The analyses, and the index they read (one for all, not one each)."""
+def analyse(
+    model: onnx.ModelProto, receptive_field: str, origin: Origin | None = None
+) -> tuple[Analysed, GraphIndex]:
+    """The analyses, and the index they read (one for all, not one each); `origin`'s
+    run-time shape arithmetic pins the groups whose channel count it reads."""
     index = GraphIndex.build(model)
     before = analyze_model(model, receptive_field, index)
-    channels = analyze_channels(model, before, index)
+    channels = analyze_channels(model, before, index, origin and origin.run_time)
     return Analysed(before, channels, activation_sites(model, before, index)), index
 
 
