@@ -134,8 +134,12 @@ def choose_logits(
             f"the model has {len(found)} classifier-shaped outputs ({_described(found, shapes)}): "
             f"name the logits with {option('--logits', 'OUTPUT')}"
         )
+    raise BadInputError(_no_classifier(shapes))
+
+
+def _no_classifier(shapes: Mapping[str, Shape]) -> str:
     binary = any(len(s) >= 2 and s[1] == 1 for s in shapes.values())
-    raise BadInputError(
+    return (
         f"the model has no classifier output (batch, classes) with more than one class among "
         f"its outputs ({_described(list(shapes), shapes)})"
         + (
@@ -143,6 +147,14 @@ def choose_logits(
             if binary
             else ""
         )
+    )
+
+
+def no_top1(model: onnx.ModelProto) -> str:
+    """Why labelled data gives `model` (one `has_top1` says has none) no top-1, in one line."""
+    return (
+        f"no top-1: {_no_classifier(declared_shapes(model))}; the labels are not used "
+        "(`onnx-mbs eval --teacher` measures the reduced model's agreement with the original)"
     )
 
 
