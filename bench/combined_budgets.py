@@ -64,7 +64,7 @@ def planner_for(path: str, data: str | None):
     loaded = pipeline.load(pipeline.as_model(path), options.input_shapes)
     held = pipeline.HeldModel(loaded.model)
     source = pipeline.fit_data(data, held.model, options)
-    analysed, _ = pipeline.analyse(held.model, options.receptive_field)
+    analysed, _ = pipeline.analyse(held.model, options.receptive_field, loaded.origin)
     form, measured = pipeline.measure(held, loaded.origin, analysed, source, providers, options)
     index = GraphIndex.build(form)
     return pipeline.Planner.build(

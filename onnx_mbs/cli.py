@@ -138,6 +138,8 @@ def _print_reduce_summary(report, args: argparse.Namespace) -> None:
                 f"top-1 {key}: {acc.top1:.2%} on {acc.samples} samples"
                 + (" (before retraining)" if key == "after" else "")
             )
+    if report.no_top1:
+        print(report.no_top1)
     if report.pinned:
         shown = report.pinned[:8]
         more = f" (+{len(report.pinned) - len(shown)} more)" if len(report.pinned) > 8 else ""

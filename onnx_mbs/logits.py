@@ -46,13 +46,24 @@ def declared_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
 _RESHAPES = {"Identity", "Flatten", "Reshape", "Squeeze", "Unsqueeze"}
 
 
+Producers = Mapping[str, onnx.NodeProto]  # tensor -> the node that makes it
+
+
+def producers_of(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {o: n for n in model.graph.node for o in n.output}
+
+
 def softmax_input(
-    model: onnx.ModelProto, output: str, ops: tuple[str, ...] = ("Softmax",)
+    model: onnx.ModelProto,
+    output: str,
+    ops: tuple[str, ...] = ("Softmax",),
+    producers: Producers | None = None,
 ) -> str | None:
     """The tensor a class-axis Softmax (or another of `ops`) turns into `output` (through
     Identity, Flatten, Reshape, Squeeze or Unsqueeze), or None: where training finds the
-    logits of a probabilities output."""
-    producers = {o: n for n in model.graph.node for o in n.output}
+    logits of a probabilities output. `producers` is `producers_of(model)` where the caller
+    asks about several outputs."""
+    producers = producers_of(model) if producers is None else producers
     node, reshaped = producers.get(output), False
     while node is not None and node.op_type in _RESHAPES and node.input:
         reshaped = reshaped or node.op_type != "Identity"
@@ -67,23 +78,30 @@ def softmax_input(
     return None
 
 
+def softmax_inputs(model: onnx.ModelProto) -> dict[str, str]:
+    """{output: the input of the Softmax that makes it} for the model's probability outputs."""
+    producers = producers_of(model)
+    found = {o.name: softmax_input(model, o.name, producers=producers) for o in model.graph.output}
+    return {name: pre for name, pre in found.items() if pre is not None}
+
+
 def classifier_outputs(shapes: Mapping[str, Shape], model: onnx.ModelProto | None) -> list[str]:
     """The outputs that are classifier scores (see the module), the Softmax of another left out."""
     found = [name for name, shape in shapes.items() if classes_of(shape) is not None]
     if model is None:
         return found
-    sources = {n: _source(model, n) for n in found}
+    producers = producers_of(model)
+    sources = {n: _source(producers, n) for n in found}
     return [
         n
         for n in found
-        if (pre := softmax_input(model, n, ("Softmax", "LogSoftmax"))) is None
-        or _source(model, pre) not in {s for m, s in sources.items() if m != n}
+        if (pre := softmax_input(model, n, ("Softmax", "LogSoftmax"), producers)) is None
+        or _source(producers, pre) not in {s for m, s in sources.items() if m != n}
     ]
 
 
-def _source(model: onnx.ModelProto, name: str) -> str:
+def _source(producers: Producers, name: str) -> str:
     """`name` followed back through Identity nodes: two outputs of one tensor meet there."""
-    producers = {o: n for n in model.graph.node for o in n.output}
     while (node := producers.get(name)) is not None and node.op_type == "Identity":
         name = node.input[0]
     return name
@@ -134,8 +152,12 @@ def choose_logits(
             f"the model has {len(found)} classifier-shaped outputs ({_described(found, shapes)}): "
             f"name the logits with {option('--logits', 'OUTPUT')}"
         )
+    raise BadInputError(_no_classifier(shapes))
+
+
+def _no_classifier(shapes: Mapping[str, Shape]) -> str:
     binary = any(len(s) >= 2 and s[1] == 1 for s in shapes.values())
-    raise BadInputError(
+    return (
         f"the model has no classifier output (batch, classes) with more than one class among "
         f"its outputs ({_described(list(shapes), shapes)})"
         + (
@@ -143,6 +165,14 @@ def choose_logits(
             if binary
             else ""
         )
+    )
+
+
+def no_top1(model: onnx.ModelProto) -> str:
+    """Why labelled data gives `model` (one `has_top1` says has none) no top-1, in one line."""
+    return (
+        f"no top-1: {_no_classifier(declared_shapes(model))}; the labels are not used "
+        "(`onnx-mbs eval --teacher` measures the reduced model's agreement with the original)"
     )
 
 

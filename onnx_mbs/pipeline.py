@@ -21,7 +21,7 @@ from onnx_mbs.data import DataSource
 from onnx_mbs.data.fit import data_text, has_labels, metadata, open_for_model, preprocessing
 from onnx_mbs.data.preprocess import MEAN_KEY, STD_KEY, Preprocess
 from onnx_mbs.interop import as_model
-from onnx_mbs.logits import has_top1
+from onnx_mbs.logits import has_top1, no_top1
 from onnx_mbs.measurements import drop_measurements
 from onnx_mbs.options import ReduceOptions
 from onnx_mbs.passes import (
@@ -81,6 +81,8 @@ class ReduceReport:
     # `--recalibrate`: {"batches", "top1"} of the BatchNorm re-estimation the written model had
     # after the cut (so the report states the model written, not the one before it).
     recalibration: dict | None = None
+    # why labelled data gave no top-1 (no classifier-shaped output: a detector), in one line
+    no_top1: str = ""
 
     @property
     def pinned(self) -> list[str]:
@@ -171,16 +173,13 @@ def reduce(
     source = fit_data(data, held.model, options)
     # Top-1 needs a classifier output: a detector's labelled data gives none, several are
     # refused now (`--logits` picks one) rather than after the reduction.
-    scored = (
-        options.evaluate_accuracy
-        and source is not None
-        and has_labels(source)
-        and has_top1(held.model, options.logits)
-    )
+    labelled = options.evaluate_accuracy and source is not None and has_labels(source)
+    scored = labelled and has_top1(held.model, options.logits)
+    unscored = no_top1(held.model) if labelled and not scored else ""
     recorded = given_preprocessing(options.mean, options.std, source)
     release_freed_memory()  # load's copies and serializations: not in every later peak
     laps.lap("load")
-    analysed, index = analyse(held.model, options.receptive_field)
+    analysed, index = analyse(held.model, options.receptive_field, origin)
     laps.lap("analyze")
     if source is not None:
         index = None  # it holds the model, whose weights the statistics borrow meanwhile
@@ -213,6 +212,7 @@ def reduce(
         plan=rewritten.plan,
         groups=analysed.channels.groups,
         timings=laps.timings,
+        no_top1=unscored,
     )
     if scored:
         models = {"before": origin.written(form), "after": rewritten.model}
@@ -307,11 +307,14 @@ class Analysed:
         return site_tensors(self.sites)
 
 
-def analyse(model: onnx.ModelProto, receptive_field: str) -> tuple[Analysed, GraphIndex]:
-    """The analyses, and the index they read (one for all, not one each)."""
+def analyse(
+    model: onnx.ModelProto, receptive_field: str, origin: Origin | None = None
+) -> tuple[Analysed, GraphIndex]:
+    """The analyses, and the index they read (one for all, not one each); `origin`'s
+    run-time shape arithmetic pins the groups whose channel count it reads."""
     index = GraphIndex.build(model)
     before = analyze_model(model, receptive_field, index)
-    channels = analyze_channels(model, before, index)
+    channels = analyze_channels(model, before, index, origin and origin.run_time)
     return Analysed(before, channels, activation_sites(model, before, index)), index
 
 

@@ -257,8 +257,8 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     threshold: float | None = None  # `global`: normalised importance of the last channel cut;
     # `mbs-cost`: the multiplier lambda, worth per unit of cost of the last channel cut
-    priced: tuple[str, ...] = ()  # `mbs-cost`: the metrics a channel's price weighs
-    price_weights: tuple[float, ...] = ()  # `mbs-cost`: each priced metric's weight (sum 1)
+    # `mbs-cost`: each metric a channel's price weighs -> its weight (the weights sum to 1)
+    prices: dict[str, float] = field(default_factory=dict)
     strategy_reason: str = ""  # why this strategy ran (asked, or what `auto` chose and why)
 
     @property
@@ -302,11 +302,21 @@ class Plan:
         return tuple(m for m, r in room.items() if r <= least + BINDS_WITHIN)
 
     @property
+    def priced(self) -> tuple[str, ...]:
+        """The metrics a channel's price weighs (`mbs-cost`), in the budget's order."""
+        return tuple(self.prices)
+
+    @property
+    def price_weights(self) -> tuple[float, ...]:
+        """Each priced metric's weight, in `priced`'s order."""
+        return tuple(self.prices.values())
+
+    @property
     def price_text(self) -> str:
         """What a channel's price weighs: "params", or "0.62 params + 0.38 flops"."""
-        if len(self.priced) < 2:
-            return "".join(self.priced)
-        return " + ".join(f"{w:.3g} {m}" for m, w in zip(self.priced, self.price_weights))
+        if len(self.prices) < 2:
+            return "".join(self.prices)
+        return " + ".join(f"{w:.3g} {m}" for m, w in self.prices.items())
 
     @property
     def missed(self) -> list[str]:
@@ -651,8 +661,7 @@ def plan_widths(
         notes=[*own_notes, *notes],
         strategy_reason=strategy_reason,
         threshold=threshold,
-        priced=tuple(weights),
-        price_weights=tuple(weights.values()),
+        prices=dict(weights),
     )
 
 

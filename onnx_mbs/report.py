@@ -97,6 +97,7 @@ def report_dict(report: ReduceReport) -> dict:
         "pinned": report.pinned,
         "not_exact": report.not_exact,
         "accuracy": {k: vars(v) for k, v in report.accuracy.items()},
+        **({"no_top1": report.no_top1} if report.no_top1 else {}),
         **({} if report.recalibration is None else {"recalibration": report.recalibration}),
         "timings_s": report.timings,
     }
@@ -183,6 +184,8 @@ def markdown(report: ReduceReport) -> str:
     ]
     for key, acc in report.accuracy.items():
         lines.append(f"- top-1 {key}: {acc.top1:.4f} on {acc.samples} samples")
+    if report.no_top1:
+        lines.append(f"- {report.no_top1}")
     if report.recalibration is not None:
         top1 = report.recalibration["top1"]
         lines.append(

@@ -34,6 +34,7 @@ import onnx
 from . import channel_handlers  # noqa: F401  (registers the built-in handlers)
 from .analysis import ModelAnalysis, analyze_model
 from .channel_walk import ACTIVATION, FILTERS, ChannelWalk, Edit, Slot
+from .dynamic_dims import RunTimeShapes
 from .graph import GraphIndex, structure_key
 from .load import indexed
 
@@ -125,17 +126,22 @@ def analyze_channels(
     model: onnx.ModelProto,
     macroblocks: ModelAnalysis | None = None,
     index: GraphIndex | None = None,
+    run_time: RunTimeShapes | None = None,
 ) -> ChannelAnalysis:
     """Channel groups of a model in `load_model` form, plus the bookkeeping shrink needs.
 
     Run `FoldShapes` first if the model computes Reshape shapes at run time;
     otherwise the groups those shapes read are pinned. `macroblocks` is
     `analyze_model(model)` and `index` `GraphIndex.build(model)` if the caller has them
-    already. A model not in `load_model` form is loaded first.
+    already. A model not in `load_model` form is loaded first. `run_time` (the loaded
+    model's `origin.run_time`) pins the groups whose channel count its run-time shape
+    arithmetic reads into a value that follows the input size, which no cut can keep.
     """
     model, index = indexed(model, index)
     walk = ChannelWalk(model, index)
     walk.run()
+    for tensor, reason in run_time.counted_channels(model, index, walk.chan) if run_time else ():
+        walk.pin(walk.chan[tensor][1], reason)
     root = _roots(walk.parent)
     classes = _classes_by_signature(walk, root)
     where = _Positions(root, classes)

@@ -4,6 +4,8 @@ custom domain while the checker and shape inference look, and put back after.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import onnx
 
 OPAQUE_DOMAIN = "onnx_mbs.opaque"
@@ -15,10 +17,13 @@ def is_unknown_op(node: onnx.NodeProto) -> bool:
     return node.domain in ("", "ai.onnx") and not onnx.defs.has(node.op_type)
 
 
-def hide_unknown_ops(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[int]]:
-    """`model` with its unknown default-domain ops moved to OPAQUE_DOMAIN (the checker
-    and shape inference treat custom domains as opaque), and where they are."""
-    where = [k for k, n in enumerate(model.graph.node) if is_unknown_op(n)]
+def hide_unknown_ops(
+    model: onnx.ModelProto, hidden: Callable[[onnx.NodeProto], bool] = is_unknown_op
+) -> tuple[onnx.ModelProto, list[int]]:
+    """`model` with its unknown default-domain ops (those `hidden` says) moved to
+    OPAQUE_DOMAIN (the checker and shape inference treat custom domains as opaque), and
+    where they are."""
+    where = [k for k, n in enumerate(model.graph.node) if hidden(n)]
     if not where:
         return model, []
     out = onnx.ModelProto()

@@ -18,7 +18,8 @@ each is kept dynamic in one of two ways:
   run-time value is checked against the model's constant at the analysed size;
   what they cannot give (a channel count written into the arithmetic as a number,
   or read from a cut map) is taken from the constant where it does not follow the
-  input size, and refused naming the node otherwise.
+  input size, and refused naming the node otherwise. `counted_channels` finds the
+  maps whose channel count would be refused so, for the analysis to pin beforehand.
 """
 
 from __future__ import annotations
@@ -160,8 +161,46 @@ class RunTimeShapes:
         graph.node.extend(order)
         return model
 
-    def _values(self, model: onnx.ModelProto, index: GraphIndex) -> dict[str, np.ndarray]:
-        """What `nodes` compute on `model`'s recorded shapes (the analysed size)."""
+    def counted_channels(
+        self, model: onnx.ModelProto, index: GraphIndex, chan: dict[str, tuple[int, np.ndarray]]
+    ) -> list[tuple[str, str]]:
+        """(tensor, reason) for each tensor of `chan` (activation -> (channel axis, ids)) whose
+        channel count these nodes read into an entry that follows the input size: a count
+        of a map's elements with a dynamic batch (`y / a.numel()`). Cutting its channels
+        would change that entry, and no constant can stand for it (`apply` refuses it), so
+        the caller keeps its channels whole. Found by computing the constants again with
+        one channel fewer on the tensor's channel axis."""
+        candidates = sorted(n for n in self.reads if n in chan and self.reads[n][chan[n][0]] > 1)
+        if not candidates:
+            return []
+        base = self._values(model, index)
+        op_type = {node.name: node.op_type for node in index.nodes}
+        found = []
+        for tensor in candidates:
+            shape = list(self.reads[tensor])
+            shape[chan[tensor][0]] -= 1
+            other = self._values(model, index, {tensor: tuple(shape)})
+            for reader, constants in sorted(self.readers.items()):
+                if any(_follows(base.get(c), other.get(c), self.varies[c]) for _, c in constants):
+                    shape_op = next(n.op_type for n in self.nodes if tensor in n.input)
+                    found.append(
+                        (
+                            tensor,
+                            f"{op_type[reader]} '{reader}': reads a count of these channels "
+                            f"that follows the input size ({shape_op} at run time)",
+                        )
+                    )
+                    break
+        return found
+
+    def _values(
+        self,
+        model: onnx.ModelProto,
+        index: GraphIndex,
+        reshaped: dict[str, tuple[int, ...]] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """What `nodes` compute on `model`'s recorded shapes (the analysed size), the
+        tensors of `reshaped` taken at the shapes it gives."""
         read = {name for n in self.nodes for name in n.input if name}
         read -= {o for n in self.nodes for o in n.output}
         small, large = [], []  # constants whose values fold reads; the others' shapes
@@ -173,15 +212,35 @@ class RunTimeShapes:
                 shape = onnx.helper.make_tensor_value_info(name, tensor.data_type, tensor.dims)
                 large.append(shape)
         recorded = [*model.graph.value_info, *model.graph.output]
+        inputs = [i for i in model.graph.input if i.name in read]
+        infos = [vi for vi in recorded if vi.name in read]
+        for name, shape in (reshaped or {}).items():
+            inputs = [_reshaped(vi, shape) if vi.name == name else vi for vi in inputs]
+            infos = [_reshaped(vi, shape) if vi.name == name else vi for vi in infos]
         graph = onnx.helper.make_graph(
             list(self.nodes),
             "run_time_shapes",
-            [i for i in model.graph.input if i.name in read],
+            inputs,
             [],
             [t for t in self.constants if t.name not in index.initializers] + small,
-            value_info=[vi for vi in recorded if vi.name in read] + large,
+            value_info=infos + large,
         )
         return shape_values(onnx.helper.make_model(graph, opset_imports=model.opset_import))
+
+
+def _reshaped(info: onnx.ValueInfoProto, shape: tuple[int, ...]) -> onnx.ValueInfoProto:
+    return onnx.helper.make_tensor_value_info(info.name, info.type.tensor_type.elem_type, shape)
+
+
+def _follows(
+    before: np.ndarray | None, after: np.ndarray | None, varies: np.ndarray | None
+) -> bool:
+    """Whether a constant computed as `before`, then as `after` with one channel fewer,
+    changed in an entry that follows the input size (what `_mix` cannot mend)."""
+    if before is None or after is None or before.shape != after.shape:
+        return True
+    differ = before != after
+    return bool(differ.any() if varies is None else (differ & varies).any())
 
 
 def _mix(

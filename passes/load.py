@@ -20,6 +20,7 @@ from .dynamic_dims import KINDS, RunTimeShapes, keep_dynamic, other_shapes
 from .errors import BadInputError
 from .functions import functions_to_inline, inline_layers
 from .graph import GraphIndex, static_shape
+from .group_norm import expand_group_norms
 from .integrity import check_conv_channels, check_made_sizes
 from .normalise import normalise_in_place, unique_names
 from .read import SERIALIZED, parse_model, read_model
@@ -149,6 +150,7 @@ def load(
     # that same copy when no input shape needs fixing, and then holds all load needs.
     declared = normalise_in_place(inline_layers(read_model(source)))
     stored = collapse(declared)  # weights read in the precision they are used in
+    expand_group_norms(declared)  # as torch exports GroupNorm: followed, cut, trained
     fixed = FixInputShapes(analysis_shapes(declared, input_shapes), batch=1)(declared).model
     io = _io_only(declared)
     model, folded = settle(fixed)

@@ -11,10 +11,11 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
-from .custom_ops import hide_unknown_ops
+from .custom_ops import hide_unknown_ops, is_unknown_op
 from .errors import BadInputError, QuantizedModelError, temporary_folder_error
 from .external_data import weights_apart
 from .graph import FLOAT_TYPES, attributes, topological_order
+from .group_norm import deprecated_group_norms
 from .integrity import check_stored_sizes, model_tensors, undecodable
 from .scratch import scratch_folder
 
@@ -151,7 +152,8 @@ def check_model(model: onnx.ModelProto, full_check: bool = False) -> None:
     then parses them: two copies of the weights (issue 13). So each large tensor is
     checked on its own (the checker's tensor check) and the model is checked from a
     file that holds those tensors as external data."""
-    custom = hide_unknown_ops(model)[0]
+    deprecated = deprecated_group_norms(model)
+    custom = hide_unknown_ops(model, lambda node: is_unknown_op(node) or deprecated(node))[0]
     with scratch_folder() as folder:
         try:
             light, apart = weights_apart(custom, folder, contents=False)

@@ -209,6 +209,58 @@ def test_a_count_read_at_run_time_from_a_cut_map_is_refused_not_miscomputed():
     np.testing.assert_allclose(run(small, x)[0], run(model, x)[0], rtol=1e-5, atol=1e-6)
 
 
+def _mean_by_size_deeper() -> onnx.ModelProto:
+    """`_mean_by_size` behind a first conv `h` whose channels 1 and 3 are dead: the count
+    reads `a`'s channels, not `h`'s."""
+    b = Builder("numel_deeper")
+    x = b.input("x", ["N", 3, 6, 6])
+    w = b.rng.normal(0, 0.5, (8, 3, 3, 3)).astype(np.float32)
+    w[[1, 3]] = 0
+    h = b.op("Relu", [b.op("Conv", [x, b.const(w)], kernel_shape=[3, 3], pads=[1] * 4)])
+    a = _relu_conv(b, h, 8, 8)
+    count = b.op("Cast", [b.op("Size", [a])], to=onnx.TensorProto.FLOAT)
+    return b.model([b.op("Div", [b.conv(a, 8, 4, k=1), count], name="per_element")], ["y"])
+
+
+def test_a_count_read_at_run_time_pins_the_group_it_counts_and_the_rest_is_cut():
+    """Given the original's run-time arithmetic, the analysis pins the group whose channel
+    count the run-time `Size` reads (a cut there would change the count at every batch), in
+    one reason naming the reader, and leaves `h`'s group free: its dead channels cut, the
+    written model computes the original's outputs at every batch."""
+    model = _mean_by_size_deeper()
+    read = load(model)
+    analysis = analyze_channels(read.model, run_time=read.origin.run_time)
+    pinned = [g for g in analysis.groups if any("per_element" in r for r in g.pin_reasons)]
+    (free,) = [g for g in analysis.groups if not g.pinned]
+    assert len(pinned) == 1 and "follows the input size" in pinned[0].pin_reasons[0]
+    assert "(Size at run time)" in pinned[0].pin_reasons[0]
+    first_conv = next(n.name for n in read.model.graph.node if n.op_type == "Conv")
+    assert free.producers == [first_conv] and free.size == 8
+    small = shrink_channels(read.model, {free.id: [0, 2, 4, 5, 6, 7]}, analysis)
+    written = read.written(small)
+    assert_runs_at_declared_shapes(model, written)
+    _same_outputs(model, written, _images((1, 3, 6, 6), (2, 3, 6, 6), (3, 3, 6, 6)))
+
+
+def test_reduce_pins_a_group_counted_at_run_time_instead_of_refusing():
+    """`reduce` on a model dividing by `a.numel()` with a dynamic batch: the counted group
+    kept whole (said among the pinned), the other cut; keeping every channel computes the
+    original. Before, a budget that cut the counted group refused the whole reduction."""
+    from onnx_mbs import reduce
+
+    model = _mean_by_size_deeper()
+    small, report = reduce(
+        model, budget="params=0.5", channel_multiple=1, evaluate_accuracy=False, progress=False
+    )
+    assert any("per_element" in r and "Size" in r for r in report.pinned), report.pinned
+    assert report.after.total_params < report.before.total_params
+    assert_runs_at_declared_shapes(model, small)
+    same, _ = reduce(
+        model, strategy="mbs", width_map="linear:0", evaluate_accuracy=False, progress=False
+    )
+    _same_outputs(model, same, _images((1, 3, 6, 6), (2, 3, 6, 6)))
+
+
 def _views_sized_by_another_map() -> onnx.ModelProto:
     """Two maps viewed as (N, C, -1) with C read from a third map's shape (`a.size(1)`),
     one target for both: computed at run time, as it has two readers."""

@@ -257,6 +257,29 @@ def test_reduce_reports_top1_of_the_logits_or_none_for_a_detector(tmp_path, trai
     data = write_npz(tmp_path / "det.npz", x=images, y=np.zeros(4, int))
     _, report = reduce(detector, data, progress=False)
     assert report.accuracy == {}
+    assert report.no_top1.startswith("no top-1: the model has no classifier output")
+
+
+def test_reduce_says_why_a_detector_with_labels_gets_no_top1(tmp_path, capsys) -> None:
+    """Labelled data and a model whose outputs are not classifier-shaped: the top-1 lines
+    were left out without a word; one line says why, on the command line and in the
+    report."""
+    from graphs import yolov8_c2f_like
+
+    detector = tmp_path / "det.onnx"
+    onnx.save(yolov8_c2f_like(), detector)
+    images = np.random.default_rng(0).integers(0, 256, (4, 3, 64, 64), dtype=np.uint8)
+    data = write_npz(tmp_path / "det.npz", x=images, y=np.zeros(4, int))
+    out = tmp_path / "small.onnx"
+    args = ["reduce", str(detector), "-o", str(out), "--data", str(data)]
+    assert main([*args, "--report", str(tmp_path / "report")]) == 0
+    printed = capsys.readouterr().out
+    (line,) = [x for x in printed.splitlines() if x.startswith("no top-1")]
+    assert "no classifier output (batch, classes)" in line and "'" in line
+    assert "eval --teacher" in line
+    assert line in (tmp_path / "report" / "report.md").read_text()
+    assert main([*args, "--no-eval"]) == 0  # asked for no top-1: nothing to explain
+    assert "no top-1" not in capsys.readouterr().out
 
 
 def test_agreement_takes_top1_of_a_1x1_conv_head() -> None:

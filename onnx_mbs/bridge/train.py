@@ -65,7 +65,7 @@ from onnx_mbs.logits import (
     choose_logits,
     classes_of,
     classifier_outputs,
-    softmax_input,
+    softmax_inputs,
 )
 from onnx_mbs.passes.errors import BadInputError, option
 from onnx_mbs.progress import progress_bar
@@ -177,12 +177,6 @@ def _named(module: OnnxModule, out: Any) -> dict[str, torch.Tensor]:
 def _scores(out: Mapping[str, torch.Tensor], pre: Mapping[str, str]) -> dict[str, torch.Tensor]:
     """The outputs in float32, each output in `pre` replaced by the Softmax input it names."""
     return {k: out[pre.get(k, k)].float() for k in out}
-
-
-def softmax_inputs(model: onnx.ModelProto) -> dict[str, str]:
-    """{output: the input of the Softmax that makes it} for the model's probability outputs."""
-    found = {o.name: softmax_input(model, o.name) for o in model.graph.output}
-    return {name: pre for name, pre in found.items() if pre is not None}
 
 
 def _probe(module: OnnxModule, xb: torch.Tensor, what: str) -> dict[str, tuple[int, ...]]:
