@@ -315,42 +315,25 @@ def test_retrain_command(tmp_path, train, val) -> None:
     assert code == 2 and not (tmp_path / "bad.onnx").exists()
 
 
+def torchrun_retrain(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """`onnx-mbs retrain m.onnx -o out.onnx --data train.npz` in tmp_path under torchrun with
+    2 processes on the CPU, one epoch, batch 16, and `args`."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node=2", "-m", "onnx_mbs", "retrain", str(tmp_path / "m.onnx")]
+    command += ["-o", str(tmp_path / "out.onnx"), "--data", str(tmp_path / "train.npz")]
+    command += ["--epochs", "1", "--batch-size", "16", "--device", "cpu", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path
+    )
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes(tmp_path, train) -> None:
     model = export(keep_bn=True)
     onnx.save(model, tmp_path / "m.onnx")
     _write_npz(tmp_path / "train.npz", train[0][:64], train[1][:64])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "onnx_mbs",
-            "retrain",
-            str(tmp_path / "m.onnx"),
-            "-o",
-            str(tmp_path / "out.onnx"),
-            "--data",
-            str(tmp_path / "train.npz"),
-            "--val",
-            str(tmp_path / "train.npz"),
-            "--epochs",
-            "1",
-            "--batch-size",
-            "16",
-            "--device",
-            "cpu",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=tmp_path,
-    )
+    proc = torchrun_retrain(tmp_path, "--val", str(tmp_path / "train.npz"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "x2" in proc.stdout  # rank 0 reports a world size of 2, once
     assert proc.stdout.count("best epoch") == 1
@@ -374,6 +357,42 @@ def test_torchrun_two_processes(tmp_path, train) -> None:
     with torch.no_grad():
         ours = module(torch.from_numpy(x_uint8)).numpy()
     np.testing.assert_allclose(ours, run(out, {"input": x_uint8})[0], rtol=1e-4, atol=1e-4)
+
+
+class ScoredQuadNet(QuadNet):
+    """QuadNet with a second head, a (batch, 1) score no loss reads when training on labels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.score = nn.Linear(64, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = torch.flatten(torch.relu(self.bn(self.conv(x))), 1)
+        return self.fc(features), self.score(features)
+
+
+@pytest.mark.slow
+def test_torchrun_with_weights_no_loss_reads(tmp_path, train) -> None:
+    """A head no loss term reads (a score beside the logits, trained on labels) leaves its
+    weights without gradients; DistributedDataParallel refused that at the second step
+    ("Expected to have finished reduction in the prior iteration"). Now it trains, and the
+    unread head is written unchanged, as in one process."""
+    torch.manual_seed(0)
+    model = export_onnx(
+        ScoredQuadNet(),
+        (1, 1, 8, 8),
+        form="train",
+        dynamic_batch=True,
+        output_names=("logits", "score"),
+    )
+    onnx.save(model, tmp_path / "m.onnx")
+    _write_npz(tmp_path / "train.npz", train[0][:64], train[1][:64])
+    proc = torchrun_retrain(tmp_path, "--workers", "0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before, after = weights(untie_initializers(model)), weights(onnx.load(tmp_path / "out.onnx"))
+    changed = {k for k, v in after.items() if not np.array_equal(v, before[k])}
+    assert {"score.weight", "score.bias"}.isdisjoint(changed)
+    assert {"fc.weight", "conv.weight"} <= changed
 
 
 def test_label_free_classifier_learns_from_the_teachers_argmax():

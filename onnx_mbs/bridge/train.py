@@ -504,6 +504,9 @@ def retrain(
         teacher_pre = {n: t for n, t in teacher_pre.items() if kinds.get(n) == "kl"}
         net: torch.nn.Module = student
         if world > 1:
+            read = [student_pre.get(n, n) for n, k in kinds.items() if k != "none"]
+            read += [*features, *([ce_tensor] if logits_name is not None else [])]
+            _freeze_unread(student, probe_x, read)
             net = torch.nn.parallel.DistributedDataParallel(
                 student, device_ids=[dev.index] if dev.type == "cuda" else None
             )
@@ -732,6 +735,22 @@ def retrain(
         workers=workers,
         resumed_from=first_epoch,
     )
+
+
+def _freeze_unread(student: OnnxModule, probe_x: torch.Tensor, read: Sequence[str]) -> None:
+    """Mark the weights no loss term can reach (a head nothing distils, a weight only a Shape
+    reads) as not trainable. They get no gradient either way, but DistributedDataParallel
+    refuses a weight without one at the second step; one process leaves them as they are too."""
+    student.eval()
+    params = [p for p in student.parameters() if p.requires_grad]
+    with torch.enable_grad():
+        out = _named(student, student(probe_x))
+        total = sum(out[name].float().sum() for name in dict.fromkeys(read))
+    grads = torch.autograd.grad(total, params, allow_unused=True)
+    for param, grad in zip(params, grads, strict=True):
+        if grad is None:
+            param.requires_grad_(False)
+    student.train()
 
 
 @torch.no_grad()
