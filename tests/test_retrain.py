@@ -272,6 +272,35 @@ def test_bad_inputs_are_refused(train) -> None:
         retrain(model, train, None, optimizer="lbfgs", progress=False)
 
 
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("no training samples", "training data has no samples"),
+        ("one training sample", "at least 2 training samples"),
+        ("negative label", "training data has negative labels"),
+        ("fractional labels", "training data labels are not whole numbers"),
+        ("no validation samples", "validation data has no samples"),
+        ("negative validation label", "validation data has negative labels"),
+    ],
+)
+def test_arrays_that_cannot_train_are_refused_before_training(train, case, message) -> None:
+    """Arrays given to the Python API are checked as data files are (`onnx_mbs.data.spec`),
+    before any training: they crashed with an IndexError (no sample, one sample, a negative
+    label in the loss), a ZeroDivisionError after the first epoch (empty validation data), or
+    trained on fractional labels truncated to classes."""
+    x, y = train
+    data, val = {
+        "no training samples": ((x[:0], y[:0]), None),
+        "one training sample": ((x[:1], y[:1]), None),
+        "negative label": ((x, y - 1), None),
+        "fractional labels": ((x, y + 0.5), None),
+        "no validation samples": ((x, y), (x[:0], y[:0])),
+        "negative validation label": ((x, y), (x[:8], y[:8] - 1)),
+    }[case]
+    with pytest.raises(BadInputError, match=message):
+        retrain(export(keep_bn=True), data, val, batch_size=16, progress=False)
+
+
 def _write_npz(path: Path, x: np.ndarray, y: np.ndarray) -> None:
     write_npz(path, x=np.clip(x * 60 + 60, 0, 255).astype(np.uint8), y=y)
 

@@ -384,6 +384,10 @@ def retrain(
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if train.count // world < 2:  # before any probe: they take 2 samples
+        raise BadInputError(
+            f"need at least 2 training samples per process, got {train.count // world}"
+        )
     given_model, given_teacher = model, teacher
     dev = _pick_device(device, local_rank)
     owns_group = False
@@ -512,8 +516,6 @@ def retrain(
             )
 
         per_rank = train.count // world
-        if per_rank < 2:
-            raise BadInputError(f"need at least 2 training samples per process, got {per_rank}")
         steps = math.ceil(per_rank / local_batch)
         if per_rank % local_batch == 1:
             steps -= 1  # a batch of one breaks BatchNorm in train mode: drop it
