@@ -301,6 +301,16 @@ def test_arrays_that_cannot_train_are_refused_before_training(train, case, messa
         retrain(export(keep_bn=True), data, val, batch_size=16, progress=False)
 
 
+def test_non_finite_training_data_is_named_not_blamed_on_the_learning_rate(train) -> None:
+    """A NaN in the inputs makes the loss NaN at any learning rate: the refusal says the data
+    holds it (it said the training diverged and to lower --lr)."""
+    x, y = train[0].copy(), train[1]
+    x[5, 0, 2, 3] = np.nan
+    with pytest.raises(BadInputError, match="training data holds non-finite values") as caught:
+        retrain(export(keep_bn=True), (x, y), batch_size=16, progress=False)
+    assert "lr" not in str(caught.value)
+
+
 def _write_npz(path: Path, x: np.ndarray, y: np.ndarray) -> None:
     write_npz(path, x=np.clip(x * 60 + 60, 0, 255).astype(np.uint8), y=y)
 

@@ -618,6 +618,13 @@ def retrain(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if not torch.isfinite(loss):
+                    bad = (~torch.isfinite(xb.flatten(1)).all(1)).nonzero().flatten().tolist()
+                    if bad:  # no learning rate helps: name the sample
+                        raise BadInputError(
+                            f"the training data holds non-finite values (NaN or inf): sample "
+                            f"{int(keys[step][1][bad[0]])} (of {len(bad)} in the batch of "
+                            f"epoch {epoch + 1}, step {step + 1}); nothing written"
+                        )
                     raise BadInputError(_diverged(f"loss {loss.item()}", epoch, step, lr_now))
                 opt.step()
                 sched.step()
