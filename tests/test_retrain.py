@@ -311,6 +311,43 @@ def test_non_finite_training_data_is_named_not_blamed_on_the_learning_rate(train
     assert "lr" not in str(caught.value)
 
 
+class FlatBNNet(nn.Module):
+    """A Conv without BatchNorm (so the graph counts as BN-folded and gets one re-inserted),
+    then a BatchNorm over (batch, features): one value per channel in a batch of one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, stride=2, padding=1)
+        self.fc = nn.Linear(64, 16)
+        self.bn = nn.BatchNorm1d(16)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.flatten(torch.relu(self.conv(x)), 1)
+        return self.out(torch.relu(self.bn(self.fc(y))))
+
+
+def flat_bn_net() -> onnx.ModelProto:
+    torch.manual_seed(0)
+    return export_onnx(FlatBNNet(), (1, 1, 8, 8), form="train", dynamic_batch=True)
+
+
+def test_recalibration_after_training_skips_a_batch_of_one(train) -> None:
+    """The re-inserted BNs are measured again after training in batches of the probe's size;
+    33 samples in batches of 16 left a last batch of one, and the graph's own BatchNorm over
+    (batch, features) crashed on it in train mode (ValueError, after all the training)."""
+    x, y = train[0][:33], train[1][:33]
+    result = retrain(flat_bn_net(), (x, y), batch_size=16, progress=False)
+    assert result.bn_reinserted == 1
+    assert np.isfinite(run(result.model, {"input": x})[0]).all()
+
+
+def test_a_batch_of_one_value_per_channel_is_refused_in_one_line(train) -> None:
+    """Batch statistics of one value are undefined: torch raised a ValueError traceback."""
+    with pytest.raises(BadInputError, match="BatchNormalization .* batch of 1.*batch size"):
+        retrain(flat_bn_net(), train, batch_size=1, progress=False)
+
+
 def _write_npz(path: Path, x: np.ndarray, y: np.ndarray) -> None:
     write_npz(path, x=np.clip(x * 60 + 60, 0, 255).astype(np.uint8), y=y)
 

@@ -876,7 +876,5 @@ def recalibrate_model(
     _check_input(model, module, samples, "calibration data")
     dev = _pick_device(device, 0)
     module.to(dev).eval()
-    count = recalibrate(
-        module, (b.to(dev) for b in _batches(samples, batch_size, samples.count) if len(b) > 1)
-    )
+    count = recalibrate(module, (b.to(dev) for b in _batches(samples, batch_size, samples.count)))
     return write_back(original, module.eval()), count
