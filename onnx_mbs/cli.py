@@ -370,7 +370,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     from onnx_mbs.bridge.losses import parse_loss_specs
     from onnx_mbs.evaluate import check_outputs_finite
     from onnx_mbs.pipeline import check_written
-    from onnx_mbs.runtime import choose_providers
+    from onnx_mbs.runtime import choose_providers, require_float_input
     from onnx_mbs.save import check_outputs, save_model
 
     check_outputs(
@@ -406,6 +406,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         if args.val
         else None
     )
+    require_float_input(runnable, train.input_name)  # checked on the written model at the end
     rank = _rank()
     try:
         result = retrain(
