@@ -11,7 +11,7 @@ from graphs import run, standardised_conv_net
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from onnx_mbs.bridge import OnnxModule, retrain, write_back
+from onnx_mbs.bridge import OnnxModule, retrain, untie_initializers, write_back
 from onnx_mbs.models.export import export_onnx
 from onnx_mbs.passes.errors import BadInputError
 
@@ -142,6 +142,40 @@ def _through_identity(model: onnx.ModelProto, name: str) -> str:
     while name in producers:
         name = producers[name].input[0]
     return name
+
+
+class AffineNormNet(nn.Module):
+    """InstanceNorm2d(affine=True), exported as InstanceNormalization reading its weight and
+    bias, then GroupNorm, whose InstanceNormalization reads per-group ones and zeros held by
+    Constant nodes (its affine is the Mul and Add after)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.inorm = nn.InstanceNorm2d(4, affine=True)
+        self.gnorm = nn.GroupNorm(2, 4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.gnorm(self.inorm(self.conv(x))).mean((2, 3)))
+
+
+def test_instance_norm_affine_is_trained_and_groupnorm_graph_kept(x16) -> None:
+    """InstanceNormalization's scale and bias were constants: retraining silently left
+    InstanceNorm2d's affine as it was, while LayerNorm's and BatchNorm's trained. Now they are
+    parameters; GroupNorm's per-group ones and zeros stay in their Constant nodes."""
+    torch.manual_seed(0)
+    model = export_onnx(AffineNormNet(), (1, 3, 16, 16), form="train", dynamic_batch=True)
+    module = OnnxModule(untie_initializers(model))
+    params = {n for n, k in module.initializer_keys.items() if k in module._parameters}
+    assert {"inorm.weight", "inorm.bias"} <= params
+    labels = np.arange(len(x16)) % 3
+    result = retrain(model, (x16, labels), batch_size=2, lr=1.0, progress=False).model
+    before = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    after = {t.name: numpy_helper.to_array(t) for t in result.graph.initializer}
+    assert not np.array_equal(before["inorm.weight"], after["inorm.weight"])
+    assert not np.array_equal(before["inorm.bias"], after["inorm.bias"])
+    assert [n.op_type for n in result.graph.node] == [n.op_type for n in model.graph.node]
 
 
 def test_shared_initializer_is_one_parameter() -> None:
