@@ -348,6 +348,14 @@ def test_a_batch_of_one_value_per_channel_is_refused_in_one_line(train) -> None:
         retrain(flat_bn_net(), train, batch_size=1, progress=False)
 
 
+@pytest.mark.parametrize("device", ["tpu", "cuda:7"])
+def test_a_device_torch_cannot_use_is_refused_in_one_line(train, device) -> None:
+    """The command line refused these; the Python API raised torch's RuntimeError or
+    AssertionError from deep inside."""
+    with pytest.raises(BadInputError, match=f"device={device!r}"):
+        retrain(export(keep_bn=True), train, device=device, progress=False)
+
+
 def _write_npz(path: Path, x: np.ndarray, y: np.ndarray) -> None:
     write_npz(path, x=np.clip(x * 60 + 60, 0, 255).astype(np.uint8), y=y)
 

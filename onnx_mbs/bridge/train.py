@@ -139,6 +139,26 @@ def _check_input(
     return x
 
 
+def check_device(device: str) -> None:
+    """auto, cpu, cuda or cuda:N, and CUDA only where torch can use it."""
+    if device == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise BadInputError(
+            f"{option('--device', device)} is not a device: use auto, cpu, cuda or cuda:N"
+        )
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if dev.type == "cuda" and (dev.index or 0) >= count:
+        raise BadInputError(
+            f"{option('--device', device)}: torch sees {count} CUDA device(s); use "
+            f"{option('--device', 'cpu')} (or auto)"
+        )
+
+
 def _pick_device(device: str, local_rank: int) -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -359,6 +379,7 @@ def retrain(
         )
     if workers is not None and workers < 0:
         raise BadInputError(f"workers must be 0 or more, not {workers}")
+    check_device(device)
     if resume and checkpoint is None:
         raise BadInputError(
             f"{option('--resume')} continues from a {option('--checkpoint')} DIR: give one"
@@ -867,6 +888,7 @@ def recalibrate_model(
             "the model has no BatchNormalization (folded into its Convs): recalibration has "
             "nothing to re-estimate; retrain it instead (BatchNorm is re-inserted there)"
         )
+    check_device(device)
     samples = as_samples(data, "calibration data")
     if samples.count < 2:
         raise BadInputError("BN recalibration needs at least 2 samples")
