@@ -899,4 +899,9 @@ def recalibrate_model(
     dev = _pick_device(device, 0)
     module.to(dev).eval()
     count = recalibrate(module, (b.to(dev) for b in _batches(samples, batch_size, samples.count)))
+    if count == 0:  # recalibrate leaves batches of one out
+        raise BadInputError(
+            "BN recalibration needs batches of at least 2 samples, not "
+            f"{option('--batch-size', batch_size)}"
+        )
     return write_back(original, module.eval()), count
