@@ -249,6 +249,26 @@ def test_weights_in_constant_nodes_are_trained_and_written_back() -> None:
     assert run(written, {"x": x[:3]})[0].shape == (3, 3)
 
 
+def test_weights_in_constant_nodes_of_ir3_models_are_trained() -> None:
+    """IR 3 (initializers are graph inputs too): the Constant weight was left in its node, so
+    the conv silently kept its weight. It is lifted as in later IRs, listed as an input."""
+    model = constant_weight_classifier()
+    model.ir_version, model.opset_import[0].version = 3, 8
+    next(n for n in model.graph.node if n.op_type == "Gemm").input.append("c")  # C: Gemm-7
+    model.graph.initializer.append(numpy_helper.from_array(f32(0, 0, 0), "c"))
+    for name, shape in (("h", [3, 8]), ("c", [3])):
+        model.graph.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3]))
+    onnx.checker.check_model(model, full_check=True)
+    x, y = rnd(16, 4, 6, 6, seed=2), np.arange(16) % 3
+    written = retrain(model, (x, y), epochs=1, lr=0.1, batch_size=8, progress=False).model
+    inits = {t.name: numpy_helper.to_array(t) for t in written.graph.initializer}
+    assert not np.allclose(inits["w"], rnd(8, 4, 3, 3))
+    assert [i.name for i in written.graph.input] == ["x", "h", "c", "w"]
+    onnx.checker.check_model(written, full_check=True)
+    assert run(written, {"x": x[:3]})[0].shape == (3, 3)
+
+
 def test_model_without_trainable_weights_is_refused() -> None:
     nodes = [
         helper.make_node("GlobalAveragePool", ["x"], ["g"]),

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 from torch import nn
 
 from onnx_mbs.bridge.ops import NO_FOLD, OPS, TRAINING_OPS, Node
@@ -177,7 +177,18 @@ def untie_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
         graph.node.extend(keep)
     _hoist_constant_weights(out)
     _own_batchnorm_inputs(out)
+    if out.ir_version < 4:
+        _list_as_inputs(out)
     return out
+
+
+def _list_as_inputs(model: onnx.ModelProto) -> None:
+    """IR < 4: every initializer is a graph input too; add those the untying made, in place."""
+    graph = model.graph
+    listed = {i.name for i in graph.input}
+    for init in graph.initializer:
+        if init.name not in listed:
+            graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, init.dims))
 
 
 def _own_batchnorm_inputs(model: onnx.ModelProto) -> None:
@@ -207,9 +218,7 @@ def _own_batchnorm_inputs(model: onnx.ModelProto) -> None:
 
 def _hoist_constant_weights(model: onnx.ModelProto) -> None:
     """Turn float `Constant(value=tensor)` nodes whose value the module would train (or update,
-    as BN statistics) into initializers, in place. IR < 4 (initializers must be inputs) is left."""
-    if model.ir_version < 4:
-        return
+    as BN statistics) into initializers, in place."""
     graph = model.graph
     outputs = {o.name for o in graph.output}
     hoisted: dict[str, onnx.TensorProto] = {}
