@@ -370,9 +370,10 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     from onnx_mbs.bridge import checkpoint as ckpt
     from onnx_mbs.bridge import retrain
     from onnx_mbs.bridge.losses import parse_loss_specs
+    from onnx_mbs.bridge.train import check_device
     from onnx_mbs.evaluate import check_outputs_finite
     from onnx_mbs.pipeline import check_written
-    from onnx_mbs.runtime import choose_providers
+    from onnx_mbs.runtime import choose_providers, require_float_input
     from onnx_mbs.save import check_outputs, save_model
 
     check_outputs(
@@ -399,7 +400,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     # size computed at run time, so any batch trains and the result takes every shape.
     model = runnable
     teacher = load(args.teacher, shapes).runnable if args.teacher else None
-    _check_device(args.device)
+    check_device(args.device)
     train = _open_for_model(
         args.data, read.model, args, args.limit, split="train", labels=not args.no_labels
     )
@@ -408,6 +409,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         if args.val
         else None
     )
+    require_float_input(runnable, train.input_name)  # checked on the written model at the end
     rank = _rank()
     try:
         result = retrain(
@@ -485,25 +487,6 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         sys.stderr.flush()
         os._exit(0)
     return 0
-
-
-def _check_device(device: str) -> None:
-    """--device auto, cpu, cuda or cuda:N, and CUDA only where torch can use it."""
-    if device == "auto":
-        return
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
-        raise BadInputError(f"--device {device!r} is not a device: use auto, cpu, cuda or cuda:N")
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if dev.type == "cuda" and (dev.index or 0) >= count:
-        raise BadInputError(
-            f"--device {device}: torch sees {count} CUDA device(s); use --device cpu (or auto)"
-        )
 
 
 def _floats(text: str | None, option: str) -> list[float] | None:

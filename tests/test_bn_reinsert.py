@@ -22,6 +22,7 @@ from onnx_mbs.bridge.bn import (
     reinsert_bn,
 )
 from onnx_mbs.bridge.module import with_outputs
+from onnx_mbs.passes.errors import BadInputError
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -250,3 +251,13 @@ def test_recalibrate_is_the_average_of_batch_statistics(x16) -> None:
         np.testing.assert_allclose(
             module.initializer(node.input[4]).numpy(), ref.running_var.numpy(), rtol=1e-4
         )
+
+
+def test_recalibration_in_batches_of_one_is_refused(x16) -> None:
+    """Batches of one are left out of the average (a BatchNorm over (batch, features) has one
+    value per channel there), so batch size 1 re-estimated nothing, and `reduce --recalibrate
+    --batch-size 1` reported 'BN recalibrated on 0 batches' for a model it left as it was."""
+    torch.manual_seed(0)
+    model = export(randomized(SmallNet()), torch.from_numpy(x16[:4]), keep_bn=True)
+    with pytest.raises(BadInputError, match="batches of at least 2 samples.*batch_size=1"):
+        train_mod.recalibrate_model(model, (x16, None), batch_size=1)

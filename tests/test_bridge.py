@@ -11,7 +11,7 @@ from graphs import run, standardised_conv_net
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from onnx_mbs.bridge import OnnxModule, retrain, write_back
+from onnx_mbs.bridge import OnnxModule, retrain, untie_initializers, write_back
 from onnx_mbs.models.export import export_onnx
 from onnx_mbs.passes.errors import BadInputError
 
@@ -144,6 +144,40 @@ def _through_identity(model: onnx.ModelProto, name: str) -> str:
     return name
 
 
+class AffineNormNet(nn.Module):
+    """InstanceNorm2d(affine=True), exported as InstanceNormalization reading its weight and
+    bias, then GroupNorm, whose InstanceNormalization reads per-group ones and zeros held by
+    Constant nodes (its affine is the Mul and Add after)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.inorm = nn.InstanceNorm2d(4, affine=True)
+        self.gnorm = nn.GroupNorm(2, 4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.gnorm(self.inorm(self.conv(x))).mean((2, 3)))
+
+
+def test_instance_norm_affine_is_trained_and_groupnorm_graph_kept(x16) -> None:
+    """InstanceNormalization's scale and bias were constants: retraining silently left
+    InstanceNorm2d's affine as it was, while LayerNorm's and BatchNorm's trained. Now they are
+    parameters; GroupNorm's per-group ones and zeros stay in their Constant nodes."""
+    torch.manual_seed(0)
+    model = export_onnx(AffineNormNet(), (1, 3, 16, 16), form="train", dynamic_batch=True)
+    module = OnnxModule(untie_initializers(model))
+    params = {n for n, k in module.initializer_keys.items() if k in module._parameters}
+    assert {"inorm.weight", "inorm.bias"} <= params
+    labels = np.arange(len(x16)) % 3
+    result = retrain(model, (x16, labels), batch_size=2, lr=1.0, progress=False).model
+    before = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    after = {t.name: numpy_helper.to_array(t) for t in result.graph.initializer}
+    assert not np.array_equal(before["inorm.weight"], after["inorm.weight"])
+    assert not np.array_equal(before["inorm.bias"], after["inorm.bias"])
+    assert [n.op_type for n in result.graph.node] == [n.op_type for n in model.graph.node]
+
+
 def test_shared_initializer_is_one_parameter() -> None:
     w = np.random.default_rng(1).normal(size=(4, 4, 3, 3)).astype(np.float32)
     model = make_model(
@@ -212,6 +246,26 @@ def test_weights_in_constant_nodes_are_trained_and_written_back() -> None:
     assert not np.allclose(inits["w"], rnd(8, 4, 3, 3))  # the conv weight trained too
     assert [n.op_type for n in written.graph.node if n.op_type == "Constant"] == ["Constant"]
     assert written.graph.input == model.graph.input
+    assert run(written, {"x": x[:3]})[0].shape == (3, 3)
+
+
+def test_weights_in_constant_nodes_of_ir3_models_are_trained() -> None:
+    """IR 3 (initializers are graph inputs too): the Constant weight was left in its node, so
+    the conv silently kept its weight. It is lifted as in later IRs, listed as an input."""
+    model = constant_weight_classifier()
+    model.ir_version, model.opset_import[0].version = 3, 8
+    next(n for n in model.graph.node if n.op_type == "Gemm").input.append("c")  # C: Gemm-7
+    model.graph.initializer.append(numpy_helper.from_array(f32(0, 0, 0), "c"))
+    for name, shape in (("h", [3, 8]), ("c", [3])):
+        model.graph.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3]))
+    onnx.checker.check_model(model, full_check=True)
+    x, y = rnd(16, 4, 6, 6, seed=2), np.arange(16) % 3
+    written = retrain(model, (x, y), epochs=1, lr=0.1, batch_size=8, progress=False).model
+    inits = {t.name: numpy_helper.to_array(t) for t in written.graph.initializer}
+    assert not np.allclose(inits["w"], rnd(8, 4, 3, 3))
+    assert [i.name for i in written.graph.input] == ["x", "h", "c", "w"]
+    onnx.checker.check_model(written, full_check=True)
     assert run(written, {"x": x[:3]})[0].shape == (3, 3)
 
 

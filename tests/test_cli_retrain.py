@@ -8,7 +8,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import write_npz
 from graphs import assert_runs_at_declared_shapes
+from test_retrain import export, quadrant_data
 
 from onnx_mbs.bridge import OnnxModule
 from onnx_mbs.cli import main
@@ -129,3 +131,24 @@ def test_data_lines_are_printed_by_rank_0_only(bundled_model_path, monkeypatch, 
         _open_for_model(data, model, args, limit=8, split="train")
         err = capsys.readouterr().err
         assert ("data: " in err and "preprocessing: " in err) == printed, (rank, err)
+
+
+def test_a_model_without_a_float_input_is_refused_before_training(tmp_path, capsys) -> None:
+    """The data is fed as float images, which onnxruntime refuses for a uint8 input: that was
+    said only after the whole training (when the written model was checked); now before."""
+    model = export(keep_bn=True)
+    graph = model.graph
+    name = graph.input[0].name
+    for node in graph.node:
+        node.input[:] = ["as_float" if i == name else i for i in node.input]
+    graph.node.insert(0, onnx.helper.make_node("Cast", [name], ["as_float"], to=1))
+    graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.UINT8
+    onnx.save(model, tmp_path / "u8.onnx")
+    x, y = quadrant_data(32, seed=1)
+    write_npz(tmp_path / "train.npz", x=np.clip(x * 60 + 60, 0, 255).astype(np.uint8), y=y)
+    args = ["retrain", str(tmp_path / "u8.onnx"), "-o", str(tmp_path / "out.onnx")]
+    args += ["--data", str(tmp_path / "train.npz"), "--batch-size", "16", "--workers", "0"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "model input 'input' has type tensor(uint8); expected a float image tensor" in err
+    assert "epoch 1/1" not in err and not (tmp_path / "out.onnx").exists()

@@ -272,6 +272,90 @@ def test_bad_inputs_are_refused(train) -> None:
         retrain(model, train, None, optimizer="lbfgs", progress=False)
 
 
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("no training samples", "training data has no samples"),
+        ("one training sample", "at least 2 training samples"),
+        ("negative label", "training data has negative labels"),
+        ("fractional labels", "training data labels are not whole numbers"),
+        ("no validation samples", "validation data has no samples"),
+        ("negative validation label", "validation data has negative labels"),
+    ],
+)
+def test_arrays_that_cannot_train_are_refused_before_training(train, case, message) -> None:
+    """Arrays given to the Python API are checked as data files are (`onnx_mbs.data.spec`),
+    before any training: they crashed with an IndexError (no sample, one sample, a negative
+    label in the loss), a ZeroDivisionError after the first epoch (empty validation data), or
+    trained on fractional labels truncated to classes."""
+    x, y = train
+    data, val = {
+        "no training samples": ((x[:0], y[:0]), None),
+        "one training sample": ((x[:1], y[:1]), None),
+        "negative label": ((x, y - 1), None),
+        "fractional labels": ((x, y + 0.5), None),
+        "no validation samples": ((x, y), (x[:0], y[:0])),
+        "negative validation label": ((x, y), (x[:8], y[:8] - 1)),
+    }[case]
+    with pytest.raises(BadInputError, match=message):
+        retrain(export(keep_bn=True), data, val, batch_size=16, progress=False)
+
+
+def test_non_finite_training_data_is_named_not_blamed_on_the_learning_rate(train) -> None:
+    """A NaN in the inputs makes the loss NaN at any learning rate: the refusal says the data
+    holds it (it said the training diverged and to lower --lr)."""
+    x, y = train[0].copy(), train[1]
+    x[5, 0, 2, 3] = np.nan
+    with pytest.raises(BadInputError, match="training data holds non-finite values") as caught:
+        retrain(export(keep_bn=True), (x, y), batch_size=16, progress=False)
+    assert "lr" not in str(caught.value)
+
+
+class FlatBNNet(nn.Module):
+    """A Conv without BatchNorm (so the graph counts as BN-folded and gets one re-inserted),
+    then a BatchNorm over (batch, features): one value per channel in a batch of one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, stride=2, padding=1)
+        self.fc = nn.Linear(64, 16)
+        self.bn = nn.BatchNorm1d(16)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.flatten(torch.relu(self.conv(x)), 1)
+        return self.out(torch.relu(self.bn(self.fc(y))))
+
+
+def flat_bn_net() -> onnx.ModelProto:
+    torch.manual_seed(0)
+    return export_onnx(FlatBNNet(), (1, 1, 8, 8), form="train", dynamic_batch=True)
+
+
+def test_recalibration_after_training_skips_a_batch_of_one(train) -> None:
+    """The re-inserted BNs are measured again after training in batches of the probe's size;
+    33 samples in batches of 16 left a last batch of one, and the graph's own BatchNorm over
+    (batch, features) crashed on it in train mode (ValueError, after all the training)."""
+    x, y = train[0][:33], train[1][:33]
+    result = retrain(flat_bn_net(), (x, y), batch_size=16, progress=False)
+    assert result.bn_reinserted == 1
+    assert np.isfinite(run(result.model, {"input": x})[0]).all()
+
+
+def test_a_batch_of_one_value_per_channel_is_refused_in_one_line(train) -> None:
+    """Batch statistics of one value are undefined: torch raised a ValueError traceback."""
+    with pytest.raises(BadInputError, match="BatchNormalization .* batch of 1.*batch size"):
+        retrain(flat_bn_net(), train, batch_size=1, progress=False)
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:7"])
+def test_a_device_torch_cannot_use_is_refused_in_one_line(train, device) -> None:
+    """The command line refused these; the Python API raised torch's RuntimeError or
+    AssertionError from deep inside."""
+    with pytest.raises(BadInputError, match=f"device={device!r}"):
+        retrain(export(keep_bn=True), train, device=device, progress=False)
+
+
 def _write_npz(path: Path, x: np.ndarray, y: np.ndarray) -> None:
     write_npz(path, x=np.clip(x * 60 + 60, 0, 255).astype(np.uint8), y=y)
 
@@ -315,42 +399,25 @@ def test_retrain_command(tmp_path, train, val) -> None:
     assert code == 2 and not (tmp_path / "bad.onnx").exists()
 
 
+def torchrun_retrain(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """`onnx-mbs retrain m.onnx -o out.onnx --data train.npz` in tmp_path under torchrun with
+    2 processes on the CPU, one epoch, batch 16, and `args`."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node=2", "-m", "onnx_mbs", "retrain", str(tmp_path / "m.onnx")]
+    command += ["-o", str(tmp_path / "out.onnx"), "--data", str(tmp_path / "train.npz")]
+    command += ["--epochs", "1", "--batch-size", "16", "--device", "cpu", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path
+    )
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes(tmp_path, train) -> None:
     model = export(keep_bn=True)
     onnx.save(model, tmp_path / "m.onnx")
     _write_npz(tmp_path / "train.npz", train[0][:64], train[1][:64])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "onnx_mbs",
-            "retrain",
-            str(tmp_path / "m.onnx"),
-            "-o",
-            str(tmp_path / "out.onnx"),
-            "--data",
-            str(tmp_path / "train.npz"),
-            "--val",
-            str(tmp_path / "train.npz"),
-            "--epochs",
-            "1",
-            "--batch-size",
-            "16",
-            "--device",
-            "cpu",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=tmp_path,
-    )
+    proc = torchrun_retrain(tmp_path, "--val", str(tmp_path / "train.npz"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "x2" in proc.stdout  # rank 0 reports a world size of 2, once
     assert proc.stdout.count("best epoch") == 1
@@ -374,6 +441,42 @@ def test_torchrun_two_processes(tmp_path, train) -> None:
     with torch.no_grad():
         ours = module(torch.from_numpy(x_uint8)).numpy()
     np.testing.assert_allclose(ours, run(out, {"input": x_uint8})[0], rtol=1e-4, atol=1e-4)
+
+
+class ScoredQuadNet(QuadNet):
+    """QuadNet with a second head, a (batch, 1) score no loss reads when training on labels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.score = nn.Linear(64, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = torch.flatten(torch.relu(self.bn(self.conv(x))), 1)
+        return self.fc(features), self.score(features)
+
+
+@pytest.mark.slow
+def test_torchrun_with_weights_no_loss_reads(tmp_path, train) -> None:
+    """A head no loss term reads (a score beside the logits, trained on labels) leaves its
+    weights without gradients; DistributedDataParallel refused that at the second step
+    ("Expected to have finished reduction in the prior iteration"). Now it trains, and the
+    unread head is written unchanged, as in one process."""
+    torch.manual_seed(0)
+    model = export_onnx(
+        ScoredQuadNet(),
+        (1, 1, 8, 8),
+        form="train",
+        dynamic_batch=True,
+        output_names=("logits", "score"),
+    )
+    onnx.save(model, tmp_path / "m.onnx")
+    _write_npz(tmp_path / "train.npz", train[0][:64], train[1][:64])
+    proc = torchrun_retrain(tmp_path, "--workers", "0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before, after = weights(untie_initializers(model)), weights(onnx.load(tmp_path / "out.onnx"))
+    changed = {k for k, v in after.items() if not np.array_equal(v, before[k])}
+    assert {"score.weight", "score.bias"}.isdisjoint(changed)
+    assert {"fc.weight", "conv.weight"} <= changed
 
 
 def test_label_free_classifier_learns_from_the_teachers_argmax():

@@ -268,7 +268,8 @@ def fold_back(
 @torch.no_grad()
 def recalibrate(module: OnnxModule, batches: Iterable[torch.Tensor]) -> int:
     """Re-estimate every BatchNorm's running statistics on `batches` (train-mode forwards, no
-    gradient step): the plain average of the batch statistics. Returns the number of batches.
+    gradient step): the plain average of the batch statistics, batches of one sample left out.
+    Returns the number of batches used.
 
     After channels are removed, the statistics a BN kept describe the wider model; measured again
     they match what the layers now compute, which recovers much of the accuracy before training.
@@ -278,6 +279,8 @@ def recalibrate(module: OnnxModule, batches: Iterable[torch.Tensor]) -> int:
     count = 0
     try:
         for xb in batches:
+            if len(xb) < 2:  # one value per channel where a BN normalises (batch, C)
+                continue
             count += 1
             token = BN_MOMENTUM.set(1.0 / count)
             try:

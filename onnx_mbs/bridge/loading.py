@@ -23,6 +23,7 @@ import torch
 from onnx_mbs.data import to_arrays
 from onnx_mbs.data.augment import Augment
 from onnx_mbs.data.preprocess import Preprocess
+from onnx_mbs.data.spec import class_labels
 from onnx_mbs.passes.errors import BadInputError
 
 PREFETCH_BATCHES = 4  # per worker
@@ -75,10 +76,10 @@ def as_samples(data: Any, what: str) -> Samples:
     else:
         raise BadInputError(f"{what} must be an (x, y) pair of arrays or a DataSource")
     x = np.ascontiguousarray(x, dtype=np.float32)
+    if len(x) == 0:
+        raise BadInputError(f"{what} has no samples")
     if y is not None:
-        y = np.asarray(y).astype(np.int64, copy=False).reshape(-1)
-        if len(y) != len(x):
-            raise BadInputError(f"{what} has {len(x)} inputs but {len(y)} labels")
+        y = class_labels(y, len(x), what)
     return Samples(None, x, y, len(x), y is not None, None, False)
 
 

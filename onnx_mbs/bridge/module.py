@@ -5,9 +5,9 @@ changes weights, never structure, and `write_back` can put the weights into the 
 
 Initializers are sorted by the role their consumers give them:
 
-- parameters: float weights of Conv/ConvTranspose/Gemm/MatMul/LSTM/GRU, BatchNormalization and
-  LayerNormalization scale and bias, PRelu slopes, and non-scalar float constants of
-  Add/Sub/Mul/Div (per-channel scale or bias);
+- parameters: float weights of Conv/ConvTranspose/Gemm/MatMul/LSTM/GRU, BatchNormalization,
+  LayerNormalization and InstanceNormalization scale and bias, PRelu slopes, and non-scalar
+  float constants of Add/Sub/Mul/Div (per-channel scale or bias);
 - buffers: BatchNormalization running mean and variance (updated in train mode);
 - constants: everything else (integer tensors, shapes, split sizes, resize scales, scalars).
   Nodes whose inputs are all constants are evaluated once at build time.
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 from torch import nn
 
 from onnx_mbs.bridge.ops import NO_FOLD, OPS, TRAINING_OPS, Node
@@ -41,10 +41,14 @@ WEIGHT_INPUTS = {
     "BatchNormalization": {1, 2},
     "PRelu": {1},
     "LayerNormalization": {1, 2},
+    "InstanceNormalization": {1, 2},
     "LSTM": {1, 2, 3, 7},
     "GRU": {1, 2, 3},
 }
 STAT_INPUTS = {"BatchNormalization": {3, 4}}
+# Weights left in their Constant nodes: GroupNorm as torch exports it normalises with an
+# InstanceNormalization of per-group ones and zeros there (its affine is the Mul/Add after).
+NOT_LIFTED = frozenset({"InstanceNormalization"})
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div"}
 
 Step = tuple[Callable[..., Any], tuple[str, ...], tuple[str, ...], bool, tuple[str, ...]]
@@ -61,7 +65,9 @@ def unsupported_ops(model: onnx.ModelProto) -> list[str]:
     return sorted(found)
 
 
-def initializer_roles(model: onnx.ModelProto) -> dict[str, str]:
+def initializer_roles(
+    model: onnx.ModelProto, ignore: frozenset[str] = frozenset()
+) -> dict[str, str]:
     """Each initializer's role: "parameter", "buffer" or "constant" (see the module docstring).
 
     Consumers are found through Identity nodes -- the torch exporter ties initializers with equal
@@ -70,7 +76,8 @@ def initializer_roles(model: onnx.ModelProto) -> dict[str, str]:
     weight also keeps its role through Transpose/Reshape/Flatten/Squeeze/Unsqueeze of it (a
     Linear exported as MatMul(x, Transpose(W)), depthwise weights stored flat): those nodes then
     run on the parameter each forward instead of being folded, so it trains. Statistics do not
-    pass through them (BatchNorm updates its running statistics in place).
+    pass through them (BatchNorm updates its running statistics in place). Reads by `ignore`'s
+    op types give no role.
     """
     graph = model.graph
     float_inits = {
@@ -99,6 +106,8 @@ def initializer_roles(model: onnx.ModelProto) -> dict[str, str]:
     roles = {t.name: "constant" for t in graph.initializer}
     for name, tensor in float_inits.items():
         for node, i, reshaped in uses(name, {name}):
+            if node.op_type in ignore:
+                continue
             if i in WEIGHT_INPUTS.get(node.op_type, ()) or (
                 node.op_type in ELEMENTWISE and int(np.prod(tensor.dims)) > 1
             ):
@@ -168,7 +177,18 @@ def untie_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
         graph.node.extend(keep)
     _hoist_constant_weights(out)
     _own_batchnorm_inputs(out)
+    if out.ir_version < 4:
+        _list_as_inputs(out)
     return out
+
+
+def _list_as_inputs(model: onnx.ModelProto) -> None:
+    """IR < 4: every initializer is a graph input too; add those the untying made, in place."""
+    graph = model.graph
+    listed = {i.name for i in graph.input}
+    for init in graph.initializer:
+        if init.name not in listed:
+            graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, init.dims))
 
 
 def _own_batchnorm_inputs(model: onnx.ModelProto) -> None:
@@ -198,9 +218,7 @@ def _own_batchnorm_inputs(model: onnx.ModelProto) -> None:
 
 def _hoist_constant_weights(model: onnx.ModelProto) -> None:
     """Turn float `Constant(value=tensor)` nodes whose value the module would train (or update,
-    as BN statistics) into initializers, in place. IR < 4 (initializers must be inputs) is left."""
-    if model.ir_version < 4:
-        return
+    as BN statistics) into initializers, in place."""
     graph = model.graph
     outputs = {o.name for o in graph.output}
     hoisted: dict[str, onnx.TensorProto] = {}
@@ -218,7 +236,7 @@ def _hoist_constant_weights(model: onnx.ModelProto) -> None:
     trial = onnx.ModelProto()
     trial.CopyFrom(model)
     trial.graph.initializer.extend(hoisted.values())
-    roles = initializer_roles(trial)
+    roles = initializer_roles(trial, NOT_LIFTED)
     wanted = {name for name in hoisted if roles[name] != "constant"}
     if not wanted:
         return

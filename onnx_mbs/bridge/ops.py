@@ -271,6 +271,12 @@ def batch_norm(n: Node) -> OpFn:
             )
         momentum = BN_MOMENTUM.get()
         momentum = own_momentum if momentum is None else momentum
+        per_channel = len(x) if per_activation else x.numel() // max(x.shape[1], 1)
+        if training and per_channel == 1:
+            raise BadInputError(
+                f"BatchNormalization '{n.name}' sees one value per channel in a batch of 1 "
+                f"({list(x.shape)}): batch statistics need 2; use a batch size of at least 2"
+            )
         if per_activation:
             flat = [t.reshape(-1) for t in (mean, var, scale, bias)]
             y = F.batch_norm(x.flatten(1), *flat[:2], *flat[2:], training, momentum, eps)

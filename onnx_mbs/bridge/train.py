@@ -139,6 +139,26 @@ def _check_input(
     return x
 
 
+def check_device(device: str) -> None:
+    """auto, cpu, cuda or cuda:N, and CUDA only where torch can use it."""
+    if device == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise BadInputError(
+            f"{option('--device', device)} is not a device: use auto, cpu, cuda or cuda:N"
+        )
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if dev.type == "cuda" and (dev.index or 0) >= count:
+        raise BadInputError(
+            f"{option('--device', device)}: torch sees {count} CUDA device(s); use "
+            f"{option('--device', 'cpu')} (or auto)"
+        )
+
+
 def _pick_device(device: str, local_rank: int) -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -353,6 +373,7 @@ def retrain(
         )
     if workers is not None and workers < 0:
         raise BadInputError(f"workers must be 0 or more, not {workers}")
+    check_device(device)
     if resume and checkpoint is None:
         raise BadInputError(
             f"{option('--resume')} continues from a {option('--checkpoint')} DIR: give one"
@@ -378,6 +399,10 @@ def retrain(
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if train.count // world < 2:  # before any probe: they take 2 samples
+        raise BadInputError(
+            f"need at least 2 training samples per process, got {train.count // world}"
+        )
     given_model, given_teacher = model, teacher
     dev = _pick_device(device, local_rank)
     owns_group = False
@@ -498,13 +523,14 @@ def retrain(
         teacher_pre = {n: t for n, t in teacher_pre.items() if kinds.get(n) == "kl"}
         net: torch.nn.Module = student
         if world > 1:
+            read = [student_pre.get(n, n) for n, k in kinds.items() if k != "none"]
+            read += [*features, *([ce_tensor] if logits_name is not None else [])]
+            _freeze_unread(student, probe_x, read)
             net = torch.nn.parallel.DistributedDataParallel(
                 student, device_ids=[dev.index] if dev.type == "cuda" else None
             )
 
         per_rank = train.count // world
-        if per_rank < 2:
-            raise BadInputError(f"need at least 2 training samples per process, got {per_rank}")
         steps = math.ceil(per_rank / local_batch)
         if per_rank % local_batch == 1:
             steps -= 1  # a batch of one breaks BatchNorm in train mode: drop it
@@ -607,6 +633,13 @@ def retrain(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if not torch.isfinite(loss):
+                    bad = (~torch.isfinite(xb.flatten(1)).all(1)).nonzero().flatten().tolist()
+                    if bad:  # no learning rate helps: name the sample
+                        raise BadInputError(
+                            f"the training data holds non-finite values (NaN or inf): sample "
+                            f"{int(keys[step][1][bad[0]])} (of {len(bad)} in the batch of "
+                            f"epoch {epoch + 1}, step {step + 1}); nothing written"
+                        )
                     raise BadInputError(_diverged(f"loss {loss.item()}", epoch, step, lr_now))
                 opt.step()
                 sched.step()
@@ -728,6 +761,22 @@ def retrain(
     )
 
 
+def _freeze_unread(student: OnnxModule, probe_x: torch.Tensor, read: Sequence[str]) -> None:
+    """Mark the weights no loss term can reach (a head nothing distils, a weight only a Shape
+    reads) as not trainable. They get no gradient either way, but DistributedDataParallel
+    refuses a weight without one at the second step; one process leaves them as they are too."""
+    student.eval()
+    params = [p for p in student.parameters() if p.requires_grad]
+    with torch.enable_grad():
+        out = _named(student, student(probe_x))
+        total = sum(out[name].float().sum() for name in dict.fromkeys(read))
+    grads = torch.autograd.grad(total, params, allow_unused=True)
+    for param, grad in zip(params, grads, strict=True):
+        if grad is None:
+            param.requires_grad_(False)
+    student.train()
+
+
 @torch.no_grad()
 def _validate(
     student: OnnxModule,
@@ -833,6 +882,7 @@ def recalibrate_model(
             "the model has no BatchNormalization (folded into its Convs): recalibration has "
             "nothing to re-estimate; retrain it instead (BatchNorm is re-inserted there)"
         )
+    check_device(device)
     samples = as_samples(data, "calibration data")
     if samples.count < 2:
         raise BadInputError("BN recalibration needs at least 2 samples")
@@ -842,7 +892,10 @@ def recalibrate_model(
     _check_input(model, module, samples, "calibration data")
     dev = _pick_device(device, 0)
     module.to(dev).eval()
-    count = recalibrate(
-        module, (b.to(dev) for b in _batches(samples, batch_size, samples.count) if len(b) > 1)
-    )
+    count = recalibrate(module, (b.to(dev) for b in _batches(samples, batch_size, samples.count)))
+    if count == 0:  # recalibrate leaves batches of one out
+        raise BadInputError(
+            "BN recalibration needs batches of at least 2 samples, not "
+            f"{option('--batch-size', batch_size)}"
+        )
     return write_back(original, module.eval()), count

@@ -179,7 +179,7 @@ def _model_ready_source(
         )
     arrays, y = model_ready_arrays(npz, inputs, what)
     total = len(arrays[input_name])
-    labels = None if y is None or not read_labels else _labels(y, total, what)[:limit]
+    labels = None if y is None or not read_labels else class_labels(y, total, what)[:limit]
     arrays = {name: array[:limit] for name, array in arrays.items()}
     x = arrays.pop(input_name)
     description = _describe(
@@ -210,7 +210,7 @@ def _array_source(
             f"{what} x holds images of {height} x {width} pixels, more than "
             f"{MAX_IMAGE_PIXELS:,} (far larger than any model input): resize them first"
         )
-    labels = None if y is None else _labels(y, len(x), what)
+    labels = None if y is None else class_labels(y, len(x), what)
     total = len(x)
     if total == 0:
         raise BadInputError(f"{what} has no samples")
@@ -220,7 +220,8 @@ def _array_source(
     return ArraySource(x, labels, layout, preprocess(scale), input_name, description)
 
 
-def _labels(y: np.ndarray, count: int, what: str) -> np.ndarray:
+def class_labels(y: Any, count: int, what: str) -> np.ndarray:
+    """`count` labels as int64 class indices: (N,) or (N, 1), whole numbers, none negative."""
     y = np.asarray(y)
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
