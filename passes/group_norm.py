@@ -94,8 +94,15 @@ def expand_group_norms(model: onnx.ModelProto) -> onnx.ModelProto:
                     "opset 17, which writes that form)"
                 )
             rank, dtype = inputs[x]
-            norm_scale = constant(np.ones(groups, dtype), "ones")
-            norm_bias = constant(np.zeros(groups, dtype), "zeros")
+            # In Constant nodes, as torch exports them: the affine is the Mul and Add after,
+            # and the bridge trains no weight held in a Constant of an InstanceNormalization.
+            norm_scale, norm_bias = new("ones"), new("zeros")
+            for value, held in (
+                (np.ones(groups, dtype), norm_scale),
+                (np.zeros(groups, dtype), norm_bias),
+            ):
+                tensor = numpy_helper.from_array(value, held)
+                nodes.append(helper.make_node("Constant", [], [held], name=held, value=tensor))
         else:
             norm_scale, norm_bias = scale, bias
         target = constant(np.array([0, groups, -1], np.int64), "groups")

@@ -171,3 +171,13 @@ def test_group_normalization_in_half_precision_keeps_its_dtype():
     x = _images(2)[0].astype(np.float16)
     (expected,) = run(model, x)
     np.testing.assert_allclose(run(read.runnable, x)[0], expected, rtol=1e-2, atol=1e-2)
+
+
+def test_group_normalization_at_21_trains_only_its_own_affine():
+    """At opset 21 the affine is per channel (the Mul and Add after the norm); the
+    InstanceNormalization's per-group ones and zeros are held in Constant nodes, as torch
+    exports them, so retraining does not add a second, per-group affine of 2 * G weights."""
+    read = load(_group_norm_net(21))
+    trained = sum(p.numel() for p in OnnxModule(read.runnable).parameters())
+    conv_a, affine, conv_out = CHANNELS * 27 + CHANNELS, 2 * CHANNELS, 2 * CHANNELS + 2
+    assert trained == conv_a + affine + conv_out  # no per-group 2 * GROUPS
