@@ -41,6 +41,7 @@ from onnx_mbs.passes import (
     activation_sites,
     analyze_channels,
     analyze_model,
+    check_built_for,
     check_model,
     choose_channels,
     count_parameters,
@@ -418,6 +419,8 @@ class Planner:
                 channel_multiple=multiple,
             )
         scorer = importance_for(model, index, options.importance, measured, analysed.sites)
+        if scorer is options.importance:  # the caller's own object: of this model?
+            check_built_for(scorer, index, groups)
         # Scored once: the global strategy plans counts by them, shrink keeps the top ones.
         free = [g for g, info in zip(groups, infos) if info.free]
         scores = group_scores(free, scorer)
