@@ -20,6 +20,7 @@ import onnx
 from onnx_mbs.data import DataSource
 from onnx_mbs.data.fit import data_text, has_labels, metadata, open_for_model, preprocessing
 from onnx_mbs.data.preprocess import MEAN_KEY, STD_KEY, Preprocess
+from onnx_mbs.data.replay import replayable
 from onnx_mbs.interop import as_model
 from onnx_mbs.logits import has_top1
 from onnx_mbs.measurements import drop_measurements
@@ -662,7 +663,7 @@ class MacroblockScaling(Pass):
     name = "mbs"
 
     def __init__(self, data: Any, options: ReduceOptions | None = None, **overrides: Any) -> None:
-        self.data = data
+        self.data = replayable(data)  # a one-shot reader, read again for every model
         quiet = options or ReduceOptions(progress=False, evaluate_accuracy=False)
         self.options = ReduceOptions.of(quiet, **overrides)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from onnx_mbs.data.replay import replayable
 from onnx_mbs.options import ReduceOptions
 
 from . import missing
@@ -33,7 +34,7 @@ class ReduceOnnx(BaseLoader):
         self, model: Any, data: Any = None, options: ReduceOptions | None = None, **overrides: Any
     ) -> None:
         self._model = model
-        self.data = data
+        self.data = replayable(data)  # a one-shot reader, read again on every call
         self.options = ReduceOptions.of(options or ReduceOptions(progress=False), **overrides)
         self.report = None
 
