@@ -184,7 +184,10 @@ class CostModel:
             channels = analyze_channels(model, index=index)
         else:
             channels.check_model(model)  # its slots index that model's nodes
-        analysis = analysis or analyze_model(model, index=index)
+        if analysis is None:
+            analysis = analyze_model(model, index=index)
+        else:
+            analysis.check_model(model)
         sizes = np.array([g.size for g in channels.groups], dtype=np.int64)
         group_of = np.full(len(channels.root), -1, dtype=np.int64)
         for g, classes in enumerate(channels.classes):
