@@ -243,3 +243,26 @@ def test_a_loader_or_pass_called_again_reads_a_one_shot_reader_again(bundled_mod
     first, again = mbs(model).model, mbs(model).model
     assert again.SerializeToString() == first.SerializeToString()
     assert mbs(model)["mbs"].samples == 24
+
+
+def test_a_call_that_fails_leaves_no_analysis_or_report_of_the_call_before(bundled_model_path):
+    """OnnxMbsPass.analyses and ReduceOnnx.report hold the last call's: after a call that
+    raised, they held the call before's (another model's), as if it were this one's."""
+    from onnx_mbs.passes import FindMacroblocks
+
+    good = onnx.load(str(bundled_model_path))
+    bad = onnx.ModelProto()
+    bad.CopyFrom(good)
+    for dim in bad.graph.input[0].type.tensor_type.shape.dim[2:]:
+        dim.dim_param = "size"  # dynamic H, W and no size given: refused
+    wrapped = OnnxMbsPass(FindMacroblocks())
+    wrapped(ir.from_proto(good))
+    with pytest.raises(BadInputError):
+        wrapped(ir.from_proto(bad))
+    assert wrapped.analyses == {}
+    loader = ReduceOnnx(good, budget=BUDGET)
+    loader()
+    loader._model = bad
+    with pytest.raises(BadInputError):
+        loader()
+    assert loader.report is None

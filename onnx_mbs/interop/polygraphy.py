@@ -45,6 +45,7 @@ class ReduceOnnx(BaseLoader):
         """
         from onnx_mbs.pipeline import reduce
 
+        self.report = None  # none of an earlier call's, should this one raise
         model, _ = util.invoke_if_callable(self._model)
         reduced, self.report = reduce(model, self.data, self.options)
         return reduced
