@@ -13,6 +13,8 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 _END = object()
 
 
@@ -31,9 +33,16 @@ class Replay:
                 item = next(self._reader, _END)
                 if item is _END:
                     return
-                self._read.append(item)
+                self._read.append(_kept(item))
             yield self._read[k]
             k += 1
+
+
+def _kept(item: Any) -> Any:
+    """`item` as it is now: a reader may refill one buffer (or dict) for every batch."""
+    if isinstance(item, Mapping):
+        return {key: np.array(value) for key, value in item.items()}
+    return item
 
 
 def replayable(data: Any) -> Any:

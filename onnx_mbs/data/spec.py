@@ -375,7 +375,7 @@ def _reader_array(
             f"input reader item {number} has no {input_name!r} (keys: {', '.join(item)}); "
             f"the model input is named {input_name!r}"
         )
-    x = np.asarray(item[input_name])
+    x = np.array(item[input_name])  # a copy: a reader may refill one buffer for every batch
     fixed = [(axis, d) for axis, d in enumerate(input_shape) if isinstance(d, int) and d > 0]
     if x.ndim != len(input_shape) or any(x.shape[a] != d for a, d in fixed if a > 0):
         raise BadInputError(
