@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -69,14 +69,19 @@ def _proto(model: onnx.ModelProto | bytes | str | os.PathLike) -> onnx.ModelProt
 
 def evaluate(
     model: onnx.ModelProto | bytes | str | os.PathLike,
-    data: DataSource,
+    data: DataSource | str | os.PathLike | Any,
     providers: list[str],
     batch_size: int = 256,
     progress: bool = True,
     logits: str | None = None,
 ) -> EvalResult:
     """Accuracy of the classifier output (`onnx_mbs.logits`: `logits` names it where the
-    model has several), its shape taken from the first batch's run."""
+    model has several), its shape taken from the first batch's run. `data` is a DataSource,
+    or a --data spec (or reader) read for the model as `onnx-mbs eval` reads it."""
+    if not hasattr(data, "batches"):  # not a DataSource (a Protocol)
+        from onnx_mbs.data.fit import open_for_model
+
+        data = open_for_model(data, load_for_eval(model).model, logits=logits)
     session = make_session(model, providers)
     graph = _proto(model)
     logits_name: str | None = None

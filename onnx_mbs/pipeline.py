@@ -20,6 +20,7 @@ import onnx
 from onnx_mbs.data import DataSource
 from onnx_mbs.data.fit import data_text, has_labels, metadata, open_for_model, preprocessing
 from onnx_mbs.data.preprocess import MEAN_KEY, STD_KEY, Preprocess
+from onnx_mbs.data.replay import replayable
 from onnx_mbs.interop import as_model
 from onnx_mbs.logits import has_top1, no_top1
 from onnx_mbs.measurements import drop_measurements
@@ -41,6 +42,7 @@ from onnx_mbs.passes import (
     activation_sites,
     analyze_channels,
     analyze_model,
+    check_built_for,
     check_model,
     choose_channels,
     count_parameters,
@@ -421,6 +423,8 @@ class Planner:
                 channel_multiple=multiple,
             )
         scorer = importance_for(model, index, options.importance, measured, analysed.sites)
+        if scorer is options.importance:  # the caller's own object: of this model?
+            check_built_for(scorer, index, groups)
         # Scored once: the global strategy plans counts by them, shrink keeps the top ones.
         free = [g for g, info in zip(groups, infos) if info.free]
         scores = group_scores(free, scorer)
@@ -662,7 +666,7 @@ class MacroblockScaling(Pass):
     name = "mbs"
 
     def __init__(self, data: Any, options: ReduceOptions | None = None, **overrides: Any) -> None:
-        self.data = data
+        self.data = replayable(data)  # a one-shot reader, read again for every model
         quiet = options or ReduceOptions(progress=False, evaluate_accuracy=False)
         self.options = ReduceOptions.of(quiet, **overrides)
 

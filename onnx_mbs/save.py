@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
+from onnx.external_data_helper import load_external_data_for_tensor
 
 from onnx_mbs.passes import BadInputError
 from onnx_mbs.passes.integrity import model_tensors
@@ -236,12 +237,15 @@ def _stage_model(
     if serialized_size(model) > TWO_GB:
         data = f"{out.name}.data"
         _check_own_data(out, out.parent / data)
-        unset = [t for t in model_tensors(model) if not t.HasField("data_location")]
-        onnx.save(model, tmp, save_as_external_data=True, location=data)
-        # onnx.save moved the weights out of the caller's model: read them back in.
-        onnx.load_external_data_for_model(model, str(folder))
-        for tensor in unset:
-            tensor.ClearField("data_location")
+        held = [  # each with whether its data_location was set (to DEFAULT): kept so
+            (t, t.HasField("data_location"))
+            for t in model_tensors(model)
+            if t.data_location != onnx.TensorProto.EXTERNAL
+        ]
+        try:
+            onnx.save(model, tmp, save_as_external_data=True, location=data)
+        finally:  # however it ended (a full disk, Ctrl-C): the caller's model as it was
+            _weights_back(held, folder)
         _set_mode(folder / data, 0o666)
         staged = [(folder / data, out.parent / data)]
     else:
@@ -249,6 +253,22 @@ def _stage_model(
         staged = []
     _set_mode(tmp, 0o666)
     return [*staged, (tmp, out)]  # the model last: it never appears without its data
+
+
+def _weights_back(held: list[tuple[onnx.TensorProto, bool]], folder: Path) -> None:
+    """The tensors `held` in memory before `onnx.save` moved them to external data in
+    `folder` (each with whether its data_location was set), in memory again as they were:
+    onnx.save clears a tensor's bytes once they are written, so after an error some are in
+    the file and the rest only marked."""
+    for tensor, located in held:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        if not tensor.HasField("raw_data"):
+            load_external_data_for_tensor(tensor, str(folder))
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        if not located:
+            tensor.ClearField("data_location")
 
 
 def _check_own_data(out: Path, data: Path) -> None:

@@ -15,6 +15,7 @@ import onnx
 
 from .analysis import ModelAnalysis
 from .graph import GraphIndex, attributes
+from .load import indexed
 
 ACTIVATION_OPS = {
     "Relu",
@@ -81,7 +82,8 @@ def activation_sites(
     """`activation_tensors` with where in each tensor the conv's channels lie: a Concat along
     the channel axis is walked through too (DenseNet's growth convs reach their activation
     after one), its earlier inputs' channels counted before the conv's."""
-    index = GraphIndex.of(model, index)
+    model, index = indexed(model, index)
+    analysis.check_model(model)
     return {layer.name: _first_activation(index, layer.output) for layer in analysis.layers}
 
 

@@ -21,7 +21,7 @@ import onnx
 
 from .base import Pass, PassResult
 from .errors import BadInputError, option
-from .graph import GraphIndex, attributes, count_parameters
+from .graph import GraphIndex, attributes, count_parameters, structure_key
 from .load import indexed
 
 CONV_OPS = ("Conv", "ConvTranspose")
@@ -84,9 +84,20 @@ class ModelAnalysis:
     other_macs: dict[str, int] = field(default_factory=dict)  # Gemm/MatMul/Einsum -> MACs
     receptive_field: str = DEFAULT_RECEPTIVE_FIELD  # the reading the bases follow (READINGS)
     image_size: int = 0  # the largest spatial dim of the graph input: the global limit
+    # `structure_key` of the model analysed ("" for one built by hand: not checked)
+    model_key: str = field(default="", repr=False, compare=False)
 
     def layer(self, name: str) -> ConvLayer:
         return next(layer for layer in self.layers if layer.name == name)
+
+    def check_model(self, model: onnx.ModelProto) -> None:
+        """Refuse a model other than the one analysed: its layers, macroblocks and MACs
+        are that model's."""
+        if self.model_key and structure_key(model) != self.model_key:
+            raise ValueError(
+                "this ModelAnalysis was computed on another model; run analyze_model on the "
+                "model you analyse"
+            )
 
     def to_dict(self) -> dict:
         def rf(value: float) -> float | str:
@@ -457,6 +468,7 @@ def analyze_model(
         other_macs=other,
         receptive_field=receptive_field,
         image_size=image_size,
+        model_key=structure_key(model),
     )
 
 
@@ -541,6 +553,7 @@ def resized(
         total_params=count_parameters(model),
         total_macs=sum(x.macs for x in layers) + sum(other.values()),
         other_macs=other,
+        model_key=structure_key(model),
     )
 
 

@@ -150,7 +150,11 @@ def analyze_channels(
     for name, (axis, ids) in walk.chan.items():
         for g, positions in where(ids):
             members[g].append(Member(name, axis, positions))
-    layers = (macroblocks or analyze_model(model, index=index)).layers
+    if macroblocks is None:
+        macroblocks = analyze_model(model, index=index)
+    else:
+        macroblocks.check_model(model)
+    layers = macroblocks.layers
     layer_block = {layer.name: layer.macroblock for layer in layers}
     producers: list[list[str]] = [[] for _ in classes]
     blocks: list[set[int]] = [set() for _ in classes]

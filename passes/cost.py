@@ -20,6 +20,7 @@ from .analysis import ModelAnalysis, analyze_model
 from .channel_groups import ChannelAnalysis, analyze_channels
 from .channel_walk import FILTERS, WEIGHTS_IN
 from .graph import GraphIndex, parameter_sizes
+from .load import indexed
 
 
 @dataclass
@@ -175,11 +176,18 @@ class CostModel:
         analysis: ModelAnalysis | None = None,
         index: GraphIndex | None = None,
     ) -> CostModel:
-        """The cost model of `model`; the analyses and `GraphIndex.build(model)` are
-        computed unless the caller has them."""
-        index = GraphIndex.of(model, index)
-        channels = channels or analyze_channels(model, index=index)
-        analysis = analysis or analyze_model(model, index=index)
+        """The cost model of `model` (brought to `load_model` form, as the analyses bring
+        it); the analyses and `GraphIndex.build(model)` are computed unless the caller has
+        them, and `channels` of another model is refused."""
+        model, index = indexed(model, index)
+        if channels is None:
+            channels = analyze_channels(model, index=index)
+        else:
+            channels.check_model(model)  # its slots index that model's nodes
+        if analysis is None:
+            analysis = analyze_model(model, index=index)
+        else:
+            analysis.check_model(model)
         sizes = np.array([g.size for g in channels.groups], dtype=np.int64)
         group_of = np.full(len(channels.root), -1, dtype=np.int64)
         for g, classes in enumerate(channels.classes):

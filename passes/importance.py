@@ -30,6 +30,7 @@ import onnx
 
 from .channel_groups import ChannelGroup, Member
 from .channel_walk import FILTERS
+from .errors import BadInputError
 from .graph import GraphIndex, attributes
 
 DEFAULT_CRITERION = "l2"  # the best weight-only criterion in bench/importance.py
@@ -221,6 +222,27 @@ def group_scores(
             raise ValueError(f"importance for group {group.id} is not finite")
         scores[group.id] = values
     return scores
+
+
+def check_built_for(
+    importance: Importance, index: GraphIndex, groups: Sequence[ChannelGroup]
+) -> None:
+    """Refuse an Importance object built for another model than `index`'s: it scores by the
+    weights it read, so one of another checkpoint (the same names, other weights) would rank
+    this model's channels by those without a word. Every producer weight of `groups` must be
+    the one it holds (built on the model as read or its `load_model` form, both pass)."""
+    theirs = getattr(importance, "index", None)
+    if not isinstance(theirs, GraphIndex):
+        return  # it scores by something other than a model's weights
+    weights = (m.tensor for g in groups for m in g.members if m.role == FILTERS)
+    for name in dict.fromkeys(weights):
+        ours = index.initializers.get(name)
+        if ours is not None and theirs.initializers.get(name) != ours:
+            raise BadInputError(
+                f"the importance {importance!r} was built for another model: its weight "
+                f"{name!r} is not this model's; build it on load_model of the model reduced, "
+                "or give its factory or name"
+            )
 
 
 def choose_channels(

@@ -29,7 +29,7 @@ from .base import Pass, PassResult
 from .channel_groups import ChannelAnalysis, analyze_channels
 from .channel_walk import Edit, constant_source, subgraph_names
 from .graph import GraphIndex, count_parameters, default_opset, is_parameter_use, is_weight
-from .load import indexed_loaded
+from .load import indexed, indexed_loaded
 from .protos import without_weights
 
 KeepPlan = Mapping[int, Sequence[int]]
@@ -118,10 +118,14 @@ def predicted_params(
     model: onnx.ModelProto, keep: KeepPlan, analysis: ChannelAnalysis | None = None
 ) -> int:
     """The parameter count (`count_parameters`) `shrink_channels(model, keep)` will have,
-    without building it: the planner calls this many times while solving a budget."""
-    analysis = analysis or analyze_channels(model)
+    without building it; `model` is brought to `load_model` form as shrink brings it, and
+    `analysis` of another model is refused."""
+    model, index = indexed(model)
+    if analysis is None:
+        analysis = analyze_channels(model, index=index)
+    else:
+        analysis.check_model(model)
     kept = kept_channels(analysis, keep)
-    index = GraphIndex.build(model)
     total = count_parameters(model)
     for src, cuts in _plan_cuts(index, analysis, kept).items():
         tensor = _source_tensor(index, src)

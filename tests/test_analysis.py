@@ -332,3 +332,37 @@ def test_a_conv_after_a_resize_by_a_fractional_scale_is_counted_at_the_size_it_r
     last = analysis.layers[-1]
     assert last.macs == 9 * 9 * 8 * 4
     assert (9, 9) in {m.resolution for m in analysis.macroblocks}
+
+
+def _two_stage(width: int, seed: int = 0) -> onnx.ModelProto:
+    """x -> conv -> Relu -> strided conv -> Relu -> conv: two macroblocks."""
+    b = graphs.Builder("stages", seed=seed)
+    x = b.input("x", [1, 3, 16, 16])
+    y = b.op("Relu", [b.conv(x, 3, width)])
+    y = b.op("Relu", [b.conv(y, width, width, stride=2)])
+    return b.model([b.conv(y, width, 4)], ["y"])
+
+
+def _groups(channels) -> list[tuple]:
+    return [(g.size, g.producers, g.macroblocks, g.pinned) for g in channels.groups]
+
+
+def test_an_analysis_of_another_model_is_refused_by_what_takes_one():
+    """analyze_channels, activation_sites and CostModel.build take the caller's
+    `analyze_model`; one of another model (its layers, macroblocks and MACs) was used as
+    it came: groups in the wrong macroblocks, MACs of the other model (ResNet-20's 31M
+    for ResNet-56's 96M), without a word."""
+    from onnx_mbs.passes import CostModel, activation_sites, analyze_channels
+
+    raw, other = _two_stage(8), load_model(_two_stage(16, seed=1))
+    model = load_model(raw)
+    theirs = analyze_model(other)
+    for use in (analyze_channels, activation_sites, lambda m, a: CostModel.build(m, None, a)):
+        with pytest.raises(ValueError, match="ModelAnalysis was computed on another model"):
+            use(model, theirs)
+    # the model's own, computed on it as read or in load_model form, is taken
+    for analysis in (analyze_model(model), analyze_model(raw)):
+        for m in (model, raw):
+            assert _groups(analyze_channels(m, analysis)) == _groups(analyze_channels(m))
+            assert activation_sites(m, analysis) == activation_sites(model, analyze_model(model))
+            assert CostModel.build(m, None, analysis)({}) == CostModel.build(model)({})

@@ -153,3 +153,50 @@ def test_an_instance_norm_of_ones_and_zeros_stays_uncounted_when_cut():
         reduced = load_model(shrink_channels(model, keep, channels))
         assert count_parameters(reduced) == predicted_params(model, keep, channels) == by_hand
         assert cost({free: n}) == (by_hand, analyze_model(reduced).total_macs)
+
+
+def _plainly_read() -> onnx.ModelProto:
+    """Two convs as an exporter may write them: unnamed nodes, the first weight read
+    through an Identity (load names the nodes and collapses the Identity)."""
+    b = Builder("plain", seed=0)
+    x = b.input("x", [1, 3, 8, 8])
+    y = b.op("Relu", [b.conv(x, 3, 8)])
+    model = b.model([b.conv(y, 8, 4)], ["y"])
+    weight = model.graph.node[0].input[1]
+    model.graph.node[0].input[1] = "weight_read"
+    model.graph.node.insert(0, onnx.helper.make_node("Identity", [weight], ["weight_read"]))
+    for node in model.graph.node:
+        node.name = ""
+    return model
+
+
+def test_cost_model_and_predicted_params_take_a_plainly_read_model():
+    """Public functions bring a plainly read model to the analysis form themselves: the
+    cost model indexed the model as read while its analyses read the loaded form (an
+    IndexError or KeyError, or costs of the wrong nodes)."""
+    raw = _plainly_read()
+    before = raw.SerializeToString()
+    model = load_model(raw)
+    channels = analyze_channels(model)
+    (free,) = [g for g in channels.groups if not g.pinned]
+    counts, keep = {free.id: 3}, {free.id: [0, 1, 2]}
+    expected = CostModel.build(model)(counts)
+    assert expected == (count_parameters(shrink_channels(model, keep)),
+                        analyze_model(shrink_channels(model, keep)).total_macs)  # fmt: skip
+    assert CostModel.build(raw)(counts) == expected
+    assert CostModel.build(raw, channels)(counts) == expected
+    assert predicted_params(raw, keep) == predicted_params(raw, keep, channels) == expected[0]
+    assert raw.SerializeToString() == before
+
+
+def test_cost_model_and_predicted_params_refuse_an_analysis_of_another_model():
+    model = load_model(_plainly_read())
+    b = Builder("other", seed=0)
+    x = b.input("x", [1, 3, 8, 8])
+    other = load_model(b.model([b.conv(b.op("Relu", [b.conv(x, 3, 8)]), 8, 4)], ["y"]))
+    channels = analyze_channels(other)
+    keep = {g.id: [0] for g in channels.groups if not g.pinned}
+    with pytest.raises(ValueError, match="another model"):
+        CostModel.build(model, channels)
+    with pytest.raises(ValueError, match="another model"):
+        predicted_params(model, keep, channels)

@@ -368,6 +368,32 @@ def test_calibration_reader_protocol():
         assert labels is None
 
 
+class BufferReader:
+    """A reader that refills one buffer for every batch, as a streaming reader may."""
+
+    def __init__(self, batches: int = 3) -> None:
+        self.batches, self.given, self.buffer = batches, 0, np.zeros((2, 1, 4, 4), np.float32)
+
+    def get_next(self):
+        if self.given == self.batches:
+            return None
+        self.buffer[:] = self.given
+        self.given += 1
+        return {"in": self.buffer}
+
+
+def test_a_reader_that_refills_one_buffer_gives_every_batch():
+    """Its arrays were kept by reference: every sample read as the last batch's."""
+    from onnx_mbs.data.replay import replayable
+
+    x, _ = to_arrays(open_data(BufferReader(), "in", ("batch", 1, 4, 4)))
+    assert x[:, 0, 0, 0].tolist() == [0, 0, 1, 1, 2, 2]
+    replay = replayable(BufferReader())
+    for _ in range(2):  # what a pass or loader reads again
+        x, _ = to_arrays(open_data(replay, "in", ("batch", 1, 4, 4)))
+        assert x[:, 0, 0, 0].tolist() == [0, 0, 1, 1, 2, 2]
+
+
 def test_plain_iterable_of_dicts_and_limit():
     def generate():
         for i in range(4):

@@ -10,7 +10,14 @@ import pytest
 from graphs import run
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_mbs.passes import Importance, load_model, register_handler, unregister_handler
+from onnx_mbs.passes import (
+    BadInputError,
+    FilterNorm,
+    Importance,
+    load_model,
+    register_handler,
+    unregister_handler,
+)
 from onnx_mbs.passes.importance import register_importance, unregister_importance
 from onnx_mbs.pipeline import reduce
 
@@ -124,6 +131,26 @@ def test_an_importance_object_of_ones_own_decides_which_channels_reduce_keeps():
         assert other.SerializeToString() == reduced.SerializeToString()
     with pytest.raises(ValueError, match="built-in"):
         register_importance("l2", LastChannels)
+
+
+def test_an_importance_object_built_for_another_model_is_refused():
+    """An Importance reads the weights of the model it was built for: one built for another
+    model (the same layers and names, other weights: another checkpoint) would rank this
+    model's channels by those weights and write a model without a word; refused, naming it."""
+    model = _conv_head()
+    other = onnx.ModelProto()
+    other.CopyFrom(model)
+    w1 = next(t for t in other.graph.initializer if t.name == "w1")
+    w1.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w1)[::-1].copy(), "w1"))
+    options = {"budget": "params=0.6", "strategy": "uniform", "progress": False}
+    with pytest.raises(BadInputError, match="importance.*another model.*'w1'"):
+        reduce(model, importance=FilterNorm(load_model(other)), **options)
+    # one built for the model itself, loaded or as read, is taken
+    own, _ = reduce(model, importance=FilterNorm(load_model(model)), **options)
+    as_read, _ = reduce(model, importance=FilterNorm(model), **options)
+    by_name, _ = reduce(model, importance="l1", **options)
+    assert own.SerializeToString() == by_name.SerializeToString()
+    assert as_read.SerializeToString() == by_name.SerializeToString()
 
 
 def _flat_to(walk, node):

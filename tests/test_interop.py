@@ -221,3 +221,48 @@ def test_onnx_ir_pass_manager_steps_do_not_compound_the_budget(bundled_model_pat
     other = OnnxMbsPass(MacroblockScaling(None, budget=BUDGET))(stepped.model)
     assert other.modified  # a pass of its own reduces it further, as asked
     assert count_parameters(ir.to_proto(other.model)) < count_parameters(ir.to_proto(stepped.model))
+
+
+def _one_shot_reader(batches: int = 6):
+    """A generator of input dicts: read once, it is gone."""
+    rng = np.random.default_rng(0)
+    for _ in range(batches):
+        yield {"input": rng.standard_normal((4, 1, 28, 28)).astype(np.float32)}
+
+
+def test_a_loader_or_pass_called_again_reads_a_one_shot_reader_again(bundled_model_path):
+    """Polygraphy calls a loader once per use (SaveOnnx, then a runner); a pass runs on
+    several models. With a one-shot reader the second call measured the samples after the
+    first call's `limit` (another model, without a word) or found the reader empty; each
+    call now reads the same samples."""
+    model = onnx.load(str(bundled_model_path))
+    loader = ReduceOnnx(model, data=_one_shot_reader(), budget=BUDGET, limit=8)
+    first, again = loader(), loader()
+    assert again.SerializeToString() == first.SerializeToString()
+    mbs = MacroblockScaling(_one_shot_reader(), budget=BUDGET)
+    first, again = mbs(model).model, mbs(model).model
+    assert again.SerializeToString() == first.SerializeToString()
+    assert mbs(model)["mbs"].samples == 24
+
+
+def test_a_call_that_fails_leaves_no_analysis_or_report_of_the_call_before(bundled_model_path):
+    """OnnxMbsPass.analyses and ReduceOnnx.report hold the last call's: after a call that
+    raised, they held the call before's (another model's), as if it were this one's."""
+    from onnx_mbs.passes import FindMacroblocks
+
+    good = onnx.load(str(bundled_model_path))
+    bad = onnx.ModelProto()
+    bad.CopyFrom(good)
+    for dim in bad.graph.input[0].type.tensor_type.shape.dim[2:]:
+        dim.dim_param = "size"  # dynamic H, W and no size given: refused
+    wrapped = OnnxMbsPass(FindMacroblocks())
+    wrapped(ir.from_proto(good))
+    with pytest.raises(BadInputError):
+        wrapped(ir.from_proto(bad))
+    assert wrapped.analyses == {}
+    loader = ReduceOnnx(good, budget=BUDGET)
+    loader()
+    loader._model = bad
+    with pytest.raises(BadInputError):
+        loader()
+    assert loader.report is None

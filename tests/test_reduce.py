@@ -404,6 +404,21 @@ def test_python_reader_protocol(bundled_model_path):
         reduce(str(bundled_model_path), Reader(), importance="random", progress=False)
 
 
+def test_a_reader_giving_integer_images_to_a_float_input_is_refused(bundled_model_path):
+    """A reader's arrays are model inputs, fed as they are: uint8 pixels were cast to float
+    without a word and measured unnormalised (0..255), as a model-ready npz refuses them.
+    Floats of another width are the same values, cast."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 1, 28, 28)).astype(np.float32)
+    options = {"budget": "params=0.6", "progress": False}
+    pixels = (x * 40 + 128).clip(0, 255).astype(np.uint8)
+    with pytest.raises(BadInputError, match=r"item 0 has dtype uint8.*'input' expects float32"):
+        reduce(str(bundled_model_path), [{"input": pixels}], **options)
+    as_float32, _ = reduce(str(bundled_model_path), [{"input": x}], **options)
+    as_float64, _ = reduce(str(bundled_model_path), [{"input": x.astype(np.float64)}], **options)
+    assert as_float64.SerializeToString() == as_float32.SerializeToString()
+
+
 def test_reduce_composes_as_a_pass(bundled_model_path):
     from onnx_mbs import MacroblockScaling
     from onnx_mbs.passes import FixInputShapes, Sequential

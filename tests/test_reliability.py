@@ -609,6 +609,34 @@ def test_external_data_written_atomically_and_caller_keeps_weights(inputs, tmp_p
     np.testing.assert_array_equal(run(written), run(model))
 
 
+def test_a_save_past_2_gb_that_fails_leaves_the_callers_model_whole(inputs, tmp_path, monkeypatch):
+    """onnx.save moves the weights out of the caller's model a tensor at a time: when the
+    disk filled (or Ctrl-C came) mid-write, the tensors written had lost their bytes and the
+    others pointed at a file that was then removed; the caller's model is now as it was."""
+    import errno
+
+    import onnx.external_data_helper as helper
+
+    import onnx_mbs.save as save
+
+    monkeypatch.setattr(save, "TWO_GB", 1000)
+    real, calls = helper.save_external_data, []
+
+    def fill_disk(tensor, base_path):
+        calls.append(tensor.name)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(tensor, base_path)
+
+    monkeypatch.setattr(helper, "save_external_data", fill_disk)
+    model = onnx.load(inputs / "tiny.onnx")
+    before = model.SerializeToString()
+    with pytest.raises(BadInputError, match="No space left on device; nothing was written"):
+        save.save_model(model, tmp_path / "big.onnx")
+    assert len(calls) == 2 and model.SerializeToString() == before
+    assert not list(tmp_path.iterdir())
+
+
 def test_external_data_never_replaces_another_models_weights(inputs, tmp_path, monkeypatch):
     """Past 2 GB the weights go to OUT.data. A file of that name that is not the existing
     OUT's own external data holds another model's weights: the Python API refused nothing

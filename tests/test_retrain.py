@@ -356,6 +356,22 @@ def test_a_device_torch_cannot_use_is_refused_in_one_line(train, device) -> None
         retrain(export(keep_bn=True), train, device=device, progress=False)
 
 
+def test_integer_pixels_given_as_arrays_are_refused(train) -> None:
+    """(x, y) arrays are model inputs, fed as they are: uint8 pixels (an npz's x as
+    np.load reads it) were cast to float and trained on as 0..255, where the command
+    line normalises the same file; refused, for training, validation and recalibration."""
+    from onnx_mbs.bridge.train import recalibrate_model
+
+    model = export(keep_bn=True)
+    pixels = (np.clip(train[0] * 60 + 60, 0, 255).astype(np.uint8), train[1])
+    with pytest.raises(BadInputError, match="training data: x has dtype uint8"):
+        retrain(model, pixels, None, progress=False)
+    with pytest.raises(BadInputError, match="validation data: x has dtype uint8"):
+        retrain(model, train, pixels, progress=False)
+    with pytest.raises(BadInputError, match="calibration data: x has dtype uint8"):
+        recalibrate_model(model, pixels)
+
+
 def _write_npz(path: Path, x: np.ndarray, y: np.ndarray) -> None:
     write_npz(path, x=np.clip(x * 60 + 60, 0, 255).astype(np.uint8), y=y)
 

@@ -205,3 +205,17 @@ def test_concurrent_runs_only_for_single_samples_on_cpu(monkeypatch):
     assert concurrent_runs([CPU], rows=8, samples=16) == 1  # a batch spreads over cores itself
     assert concurrent_runs([CUDA, CPU], rows=1, samples=16) == 1
     assert concurrent_runs([CPU], rows=1, samples=1) == 1
+
+
+def test_evaluate_takes_a_data_spec_as_the_eval_command_does(bundled_model_path):
+    """`onnx_mbs.evaluate` is exported beside `reduce`, which takes a --data spec; given
+    one it failed with AttributeError ('str' object has no attribute 'input_name')."""
+    from onnx_mbs.data.fit import open_for_model
+    from onnx_mbs.models import FMNIST_SAMPLE
+    from onnx_mbs.passes import load_model
+
+    model = str(bundled_model_path)
+    by_spec = evaluate(model, str(FMNIST_SAMPLE), CPU, progress=False)
+    source = open_for_model(str(FMNIST_SAMPLE), load_model(model))
+    assert by_spec == evaluate(model, source, CPU, progress=False)
+    assert by_spec.samples == 512 and by_spec.top1 > 0.9

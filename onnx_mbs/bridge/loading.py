@@ -75,6 +75,13 @@ def as_samples(data: Any, what: str) -> Samples:
         x, y = to_arrays(data)
     else:
         raise BadInputError(f"{what} must be an (x, y) pair of arrays or a DataSource")
+    x = np.asarray(x)
+    if x.dtype.kind != "f":  # cast, uint8 pixels would train as 0..255
+        raise BadInputError(
+            f"{what}: x has dtype {x.dtype}; (x, y) arrays are model inputs, fed as "
+            "they are (no scaling or mean/std): give them preprocessed, as floats, or give a "
+            "DataSource (onnx_mbs.data.fit.open_for_model(spec, model))"
+        )
     x = np.ascontiguousarray(x, dtype=np.float32)
     if len(x) == 0:
         raise BadInputError(f"{what} has no samples")

@@ -341,9 +341,10 @@ def retrain(
 ) -> RetrainResult:
     """Retrain `model` on `train_data`; return the written-back model of the best epoch.
 
-    `train_data`/`val_data`: (x, y) arrays or DataSources (image folders stay on disk and are
-    decoded by `workers` processes; None: the cores where there is decoding or augmentation
-    to do, else 0). y may be None (unlabelled) when a teacher is given.
+    `train_data`/`val_data`: (x, y) arrays (x: float model inputs, preprocessed) or
+    DataSources (image folders stay on disk and are decoded by `workers` processes; None:
+    the cores where there is decoding or augmentation to do, else 0). y may be None
+    (unlabelled) when a teacher is given.
     The best epoch is the one with the highest validation top-1; with unlabelled validation
     data, the highest agreement with the teacher's top-1; the last one without val data.
     `lr` None: `default_lr(batch_size)`. The schedule warms up linearly over `warmup` (a

@@ -88,7 +88,7 @@ def open_for_model(
         layout=input_layout(model, name),
         split=split,
         labels=labels,
-        inputs=inputs if is_path else (),
+        inputs=inputs,  # a path's model-ready arrays, a reader's input type
     )
     check_labels(source, model, logits)
     return source

@@ -73,7 +73,8 @@ def open_data(
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0):
         raise BadInputError(f"limit must be a positive whole number of samples, got {limit!r}")
     if not isinstance(spec, (str, os.PathLike)):
-        return _open_reader(spec, input_name, input_shape, limit)
+        dtype = next((i.dtype for i in inputs if i.name == input_name), None)
+        return _open_reader(spec, input_name, input_shape, limit, dtype)
 
     path, named_split = split_suffix(os.fspath(spec))
     if not path.exists():
@@ -326,11 +327,16 @@ def _listing(folder: Path) -> list[Path]:
 
 
 def _open_reader(
-    spec: Any, input_name: str, input_shape: Sequence[Any], limit: int | None
+    spec: Any,
+    input_name: str,
+    input_shape: Sequence[Any],
+    limit: int | None,
+    dtype: np.dtype | None = None,
 ) -> ArraySource:
     """Gather a CalibrationDataReader (get_next() until None) or an iterable of input dicts.
 
     Such readers are one-shot and have no length, so their arrays are kept to be replayed.
+    `dtype`: the input's declared type, when known; arrays of another kind are refused.
     """
     if isinstance(spec, dict):
         spec = [spec]
@@ -347,7 +353,7 @@ def _open_reader(
     arrays: list[np.ndarray] = []
     count = 0
     for number, item in enumerate(items):
-        arrays.append(_reader_array(item, number, input_name, input_shape))
+        arrays.append(_reader_array(item, number, input_name, input_shape, dtype))
         count += len(arrays[-1])
         if limit is not None and count >= limit:
             break
@@ -359,7 +365,7 @@ def _open_reader(
 
 
 def _reader_array(
-    item: Any, number: int, input_name: str, input_shape: Sequence[Any]
+    item: Any, number: int, input_name: str, input_shape: Sequence[Any], dtype: np.dtype | None
 ) -> np.ndarray:
     if not isinstance(item, Mapping):
         raise BadInputError(
@@ -370,12 +376,19 @@ def _reader_array(
             f"input reader item {number} has no {input_name!r} (keys: {', '.join(item)}); "
             f"the model input is named {input_name!r}"
         )
-    x = np.asarray(item[input_name])
+    x = np.array(item[input_name])  # a copy: a reader may refill one buffer for every batch
     fixed = [(axis, d) for axis, d in enumerate(input_shape) if isinstance(d, int) and d > 0]
     if x.ndim != len(input_shape) or any(x.shape[a] != d for a, d in fixed if a > 0):
         raise BadInputError(
             f"input reader item {number} has shape {x.shape}; the model input {input_name!r} "
             f"expects {tuple(input_shape)}"
+        )
+    if dtype is not None and np.issubdtype(dtype, np.floating) and x.dtype.kind != "f":
+        # cast to float, uint8 pixels would be measured as 0..255, not as the model reads them
+        raise BadInputError(
+            f"input reader item {number} has dtype {x.dtype}; the model input {input_name!r} "
+            f"expects {dtype}: a reader gives model inputs, fed as they are (no scaling or "
+            "mean/std): give them preprocessed, as floats"
         )
     return x
 

@@ -53,6 +53,7 @@ class OnnxMbsPass(ir.passes.FunctionalPass):
         proto = to_proto(model)
         if self._written is not None and conv_widths(proto) == self._written:
             return ir.passes.PassResult(ir.from_proto(proto), modified=False)  # its own output
+        self.analyses = {}  # none of an earlier call's, should this one raise
         result = self.mbs_pass(proto)
         self.analyses = result.analyses
         if result.modified:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from onnx_mbs.data.replay import replayable
 from onnx_mbs.options import ReduceOptions
 
 from . import missing
@@ -33,7 +34,7 @@ class ReduceOnnx(BaseLoader):
         self, model: Any, data: Any = None, options: ReduceOptions | None = None, **overrides: Any
     ) -> None:
         self._model = model
-        self.data = data
+        self.data = replayable(data)  # a one-shot reader, read again on every call
         self.options = ReduceOptions.of(options or ReduceOptions(progress=False), **overrides)
         self.report = None
 
@@ -44,6 +45,7 @@ class ReduceOnnx(BaseLoader):
         """
         from onnx_mbs.pipeline import reduce
 
+        self.report = None  # none of an earlier call's, should this one raise
         model, _ = util.invoke_if_callable(self._model)
         reduced, self.report = reduce(model, self.data, self.options)
         return reduced
