@@ -36,10 +36,8 @@ def model_files(model: str | os.PathLike) -> list[Path]:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception:  # unreadable models are refused by whoever loads them
         return files
-    tensors = list(proto.graph.initializer) + [
-        a.t for n in proto.graph.node for a in n.attribute if a.HasField("t")
-    ]
-    for tensor in tensors:
+    # Every tensor onnx.load reads external data for: subgraphs' and functions' too.
+    for tensor in model_tensors(proto):
         for entry in tensor.external_data:
             if entry.key == "location":
                 files.append(path.parent / entry.value)
