@@ -1,11 +1,12 @@
 """Writing outputs safely: never over a file the run reads, never a partial file.
 
 Every output (the model, its external data, the --report folder) is written
-under a hidden temporary name beside its destination and renamed into place
-only once everything is written, so a failed or interrupted run leaves
-nothing behind and a report never appears without its model. Nothing a run
-did not write is ever removed: an existing report folder only has the report's
-own files replaced (see passes/scratch.py for the temporaries).
+under a hidden temporary name beside its destination (inside an existing report
+folder, on its file system) and renamed into place only once everything is
+written, so a failed or interrupted run leaves nothing behind and a report
+never appears without its model. Nothing a run did not write is ever removed:
+an existing report folder only has the report's own files replaced (see
+passes/scratch.py for the temporaries).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import onnx
 
 from onnx_mbs.passes import BadInputError
 from onnx_mbs.passes.integrity import model_tensors
-from onnx_mbs.passes.scratch import TempFolders
+from onnx_mbs.passes.scratch import TempFolders, is_ours
 from onnx_mbs.proto_writer import serialized_size, write_model
 
 TWO_GB = 2**31 - 1
@@ -120,7 +121,7 @@ def check_outputs(
         if output is not None and folder.resolve() == Path(output).resolve():
             raise BadInputError(f"--report {folder} is the output model's path; give a folder")
         _check_report_folder(folder, output, sources, report_files)
-        _check_writable_folder(folder.parent, "--report")
+        _check_writable_folder(folder if folder.is_dir() else folder.parent, "--report")
 
 
 def _check_report_folder(
@@ -146,7 +147,8 @@ def _check_report_folder(
         foreign = sorted(
             p.name
             for p in folder.iterdir()
-            if p.name not in report_files or p.is_symlink() or not p.is_file()
+            if (p.name not in report_files or p.is_symlink() or not p.is_file())
+            and not is_ours(p.name)  # a report being written there (see _stage_folder)
         )
     except OSError as error:
         raise BadInputError(f"cannot read --report folder {folder}: {error.strerror}") from None
@@ -266,8 +268,13 @@ def _check_own_data(out: Path, data: Path) -> None:
 def _stage_folder(
     target: Path, writer: Callable[[Path], object], temp: Callable[[Path], Path]
 ) -> tuple[Path, Path]:
-    folder = temp(target.parent) / target.name
-    folder.mkdir()
+    if target.is_dir():
+        # Its files are renamed into it, so they are staged inside it: on its own file
+        # system (a mount point, or a link to one, refuses renames from beside it).
+        folder = temp(target)
+    else:
+        folder = temp(target.parent) / target.name
+        folder.mkdir()
     writer(folder)
     _set_mode(folder, 0o777)
     for path in folder.iterdir():

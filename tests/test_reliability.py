@@ -39,6 +39,7 @@ from onnx_mbs.cli import main
 from onnx_mbs.passes import BadInputError, command_line
 
 REPORT = ("rep/report.json", "rep/report.md", "rep/widths.png")
+MNT_REPORT = ("mnt/report.json", "mnt/report.md", "mnt/widths.png")
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
 
@@ -49,7 +50,7 @@ class Case:
     code: int
     fragment: str  # must appear on stderr
     outputs: tuple[str, ...] = ()  # the files it writes, relative to {ws}
-    mount: str | None = None  # "ro" or "full": a small tmpfs at {ws}/mnt (root only)
+    mount: str | None = None  # "ro", "full" or "rw": a small tmpfs at {ws}/mnt (root only)
     interrupt: str | None = None  # "TERM-run", "INT-run", "TERM-save", "INT-save"
     slow: bool = False  # the long tail, run with -m slow
 
@@ -103,6 +104,13 @@ UNWRITABLE = [
     Case("reduce-o-full-fs-report-not-left", R + " -o {ws}/mnt/r.onnx --report {ws}/rep", 2, "No space left", mount="full"),
     Case("reduce-report-full-fs-model-not-left", R + " " + RO + " --data {ws}/data.npz --report {ws}/mnt/rep", 2, "No space left", mount="full"),
     Case("retrain-o-full-fs", "retrain {ws}/tiny.onnx -o {ws}/mnt/t.onnx --data {ws}/data.npz", 2, "No space left", mount="full", slow=True),
+    # A report folder that exists on another file system (a mount point, or a link to one)
+    # was filled by renames from beside it: the model was written, then "Invalid cross-device
+    # link; nothing was written".
+    Case("reduce-report-is-a-mount-point", R + " " + RO + " --report {ws}/mnt", 0, "report:", (*OUT, *MNT_REPORT), mount="rw"),
+    Case("reduce-report-links-to-another-fs", R + " " + RO + " --report {ws}/replink", 0, "report:", (*OUT, *MNT_REPORT), mount="rw"),
+    Case("reduce-dry-run-report-is-a-mount-point", R + " --dry-run --report {ws}/mnt", 0, "no model written", MNT_REPORT, mount="rw"),
+    Case("reduce-report-is-a-read-only-mount-point", R + " " + RO + " --report {ws}/mnt", 2, "Read-only file system", mount="ro"),
 ]
 
 # Ctrl-C and SIGTERM mid-run and mid-save: the same clean exit, nothing left.
@@ -251,14 +259,15 @@ def _hashes(folder: Path) -> dict[str, str]:
 
 @contextlib.contextmanager
 def _mounted(point: Path, kind: str | None):
-    """A small tmpfs at `point`: read-only, or full but for 8 KB (a 60 KB model does not fit)."""
+    """A small tmpfs at `point`: read-only, full but for 8 KB (a 60 KB model does not fit), or
+    empty (another file system), with `replink` beside it linking to it."""
     if kind is None:
         yield
         return
     if not IS_ROOT:
         pytest.skip("mounting a tmpfs needs root")
     point.mkdir()
-    options = "ro,size=1m" if kind == "ro" else "size=64k"
+    options = {"ro": "ro,size=1m", "full": "size=64k", "rw": "size=1m"}[kind]
     done = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True
     )
@@ -267,6 +276,8 @@ def _mounted(point: Path, kind: str | None):
     try:
         if kind == "full":
             (point / ".filler").write_bytes(bytes(56 * 1024))
+        if kind == "rw":
+            (point.parent / "replink").symlink_to(point)
         yield
     finally:
         subprocess.run(["umount", str(point)], check=True)
