@@ -110,7 +110,7 @@ def check_outputs(
                     "choose another path (inputs are never modified)"
                 )
     if output is not None:
-        out = Path(output)
+        out = _file_path(output)
         if out.is_dir():
             raise BadInputError(f"output path {out} is a folder; give a file name")
         _check_writable_folder(out.parent, "output")
@@ -161,6 +161,15 @@ def _check_report_folder(
         )
 
 
+def _file_path(output: str | os.PathLike) -> Path:
+    """`output` as a file's path. A name ending in a separator means a folder, which Path
+    forgets ("new/" becomes "new"): writing would make a file of the folder's name."""
+    name = os.fspath(output)
+    if name.endswith(tuple(filter(None, (os.sep, os.altsep)))):
+        raise BadInputError(f"output path {name} names a folder; give a file name")
+    return Path(name)
+
+
 def _check_writable_folder(folder: Path, what: str) -> None:
     if not folder.resolve().is_dir():
         raise BadInputError(f"{what} folder {folder} does not exist; create it first")
@@ -196,7 +205,7 @@ def save_model(
     `report`, a (folder, writer) pair, is written into a temporary folder and
     appears together with the model. The caller's model is left as it was.
     """
-    out = Path(output)
+    out = _file_path(output)
     with _staging(out.parent) as stage:
         staged = [*_stage_model(model, out, stage)]
         if report is not None:

@@ -91,6 +91,9 @@ DATA_LOSS = [
 UNWRITABLE = [
     Case("reduce-o-missing-folder", R + " -o {ws}/nope/r.onnx", 2, "does not exist"),
     Case("reduce-o-is-folder", R + " -o {ws}/out", 2, "is a folder"),
+    # A name ending in "/" means a folder: it wrote a file named "new" ("wrote {ws}/new/").
+    Case("reduce-o-ends-in-slash", R + " -o {ws}/new/", 2, "names a folder"),
+    Case("retrain-o-ends-in-slash", "retrain {ws}/tiny.onnx -o {ws}/new/ --data {ws}/data.npz", 2, "names a folder"),
     Case("reduce-report-is-file", R + " " + RO + " --report {ws}/notes.txt", 2, "is a file"),
     Case("reduce-report-is-output", R + " " + RO + " --report {ws}/out/r.onnx", 2, "output model's path"),
     Case("reduce-report-missing-parent", R + " " + RO + " --report {ws}/nope/rep", 2, "does not exist"),
@@ -477,6 +480,10 @@ def _api_cases(ws: Path) -> dict[str, tuple[object, str]]:
             "cannot write",
         ),
         "save-over-folder": (lambda: save_model(onnx.load(tiny), ws / "out"), "cannot write"),
+        "save-ends-in-slash": (
+            lambda: save_model(onnx.load(tiny), f"{ws}/new/"),
+            "names a folder",
+        ),
     }
 
 
