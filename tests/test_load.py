@@ -20,6 +20,7 @@ from onnx_builders import (
     quantized_model,
 )
 
+import onnx_mbs
 from onnx_mbs.cli import main
 from onnx_mbs.passes import (
     BadInputError,
@@ -67,6 +68,23 @@ def test_recorded_shapes_of_uninferable_ops_take_the_fixed_sizes(dims):
     model = load_model(raw, {"x": [1, 3, 8, 6]} if "H" in dims else None)
     plugin_out = next(v for v in model.graph.value_info if v.name == z)
     assert static_shape(plugin_out) == ((1, 4, 8, 6) if "H" in dims else (1, 4, 8, 8))
+
+
+def test_recorded_shapes_of_uninferable_ops_are_written_with_the_reduced_model():
+    """The written model dropped every value_info record, those of a plugin op's outputs too:
+    only they size what follows the op, so `reduce`'s own output was refused by `retrain`,
+    `analyze` and a second `reduce` ("the output shape of Conv ... is not static")."""
+    b = Builder("plugin")
+    h = b.op("Relu", [b.conv(b.input("x", ["N", 3, 16, 16]), 3, 32)])
+    z = b.op("MyPlugin", [b.op("Relu", [b.conv(h, 32, 32)])], domain="my.ops")
+    h = b.op("Relu", [b.conv(b.op("Relu", [b.conv(z, 32, 32)]), 32, 32)])
+    raw = b.model([b.conv(h, 32, 2)], ["y"], shapes={z: ["N", 32, 16, 16]})
+    small, report = onnx_mbs.reduce(raw, budget="params=0.5")
+    assert report.after.total_params < report.before.total_params
+    (record,) = [v for v in small.graph.value_info if v.name == z]
+    assert record == next(v for v in raw.graph.value_info if v.name == z)  # dynamic batch kept
+    again = load_model(small)
+    assert static_shape(next(v for v in again.graph.value_info if v.name == z)) == (1, 32, 16, 16)
 
 
 def test_input_shape_refusals_name_each_doors_spelling(tmp_path, capsys):
