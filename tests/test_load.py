@@ -87,6 +87,22 @@ def test_recorded_shapes_of_uninferable_ops_are_written_with_the_reduced_model()
     assert static_shape(next(v for v in again.graph.value_info if v.name == z)) == (1, 32, 16, 16)
 
 
+@pytest.mark.parametrize("domain", ["com.microsoft", "my.ops", ""])
+def test_a_conv_unsized_behind_an_op_without_schema_names_that_op(domain):
+    """onnxruntime's extended optimisations save com.microsoft FusedConv: nothing sizes what
+    follows it, and the refusal said "fix the input shapes with input_shapes" of a model
+    whose input shapes are all fixed. It names the op to record shapes for, or to remove."""
+    b = Builder("fused")
+    z = b.op("FusedConv", [b.input("x", [1, 3, 8, 8]), b.weight(4, 3, 3, 3)], domain=domain)
+    raw = b.model([b.conv(b.op("Relu", [z]), 4, 2)], ["y"])
+    raw.graph.output[0].CopyFrom(onnx.helper.make_tensor_value_info("y", 1, [1, 2, 8, 8]))
+    said = rf"Conv '\w+' .*cannot size the output of {domain or 'ai.onnx'}:FusedConv '\w+'"
+    with pytest.raises(BadInputError, match=said) as error:
+        load_model(raw)
+    assert "input_shapes" not in str(error.value)
+    assert ("extended optimisations" in str(error.value)) == (domain == "com.microsoft")
+
+
 def test_input_shape_refusals_name_each_doors_spelling(tmp_path, capsys):
     """A refusal about input shapes names the option as the door it came through takes it:
     the Python API's named the command line's `--input-shape x:1,3,H,W`, which no Python
