@@ -217,6 +217,21 @@ def test_external_data_of_a_function_body_is_read(tmp_path):
         load_model(tmp_path / "sub" / "fn.onnx")
 
 
+def test_external_data_linked_from_outside_says_it_is_a_link(tmp_path):
+    """Hugging Face's cache links each file of a snapshot to a blob elsewhere: the data file
+    is beside the model, and the refusal said it was "outside the model's folder". It says
+    the file is a link, to where, and what to do."""
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "snapshot").mkdir()
+    onnx.save(conv_relu_model(), tmp_path / "blobs" / "m.onnx", save_as_external_data=True,
+              location="m.onnx_data", size_threshold=0)  # fmt: skip
+    for name in ("m.onnx", "m.onnx_data"):
+        (tmp_path / "snapshot" / name).symlink_to(tmp_path / "blobs" / name)
+    said = r"'m.onnx_data', a link to \S+/blobs/m.onnx_data outside .*copy it"
+    with pytest.raises(BadInputError, match=said):
+        load_model(tmp_path / "snapshot" / "m.onnx")
+
+
 def test_a_model_proto_whose_external_data_was_not_read_is_refused_in_one_line(tmp_path):
     """onnx.load(path, load_external_data=False) keeps references that only the file's folder
     resolves: the refusal said "... should be stored in /tmp/.onnx-mbs.../ext.data", a
