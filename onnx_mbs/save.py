@@ -1,11 +1,12 @@
 """Writing outputs safely: never over a file the run reads, never a partial file.
 
 Every output (the model, its external data, the --report folder) is written
-under a hidden temporary name beside its destination and renamed into place
-only once everything is written, so a failed or interrupted run leaves
-nothing behind and a report never appears without its model. Nothing a run
-did not write is ever removed: an existing report folder only has the report's
-own files replaced (see passes/scratch.py for the temporaries).
+under a hidden temporary name beside its destination (inside an existing report
+folder, on its file system) and renamed into place only once everything is
+written, so a failed or interrupted run leaves nothing behind and a report
+never appears without its model. Nothing a run did not write is ever removed:
+an existing report folder only has the report's own files replaced (see
+passes/scratch.py for the temporaries).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from onnx.external_data_helper import load_external_data_for_tensor
 
 from onnx_mbs.passes import BadInputError
 from onnx_mbs.passes.integrity import model_tensors
-from onnx_mbs.passes.scratch import TempFolders
+from onnx_mbs.passes.scratch import TempFolders, is_ours
 from onnx_mbs.proto_writer import serialized_size, write_model
 
 TWO_GB = 2**31 - 1
@@ -37,10 +38,8 @@ def model_files(model: str | os.PathLike) -> list[Path]:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception:  # unreadable models are refused by whoever loads them
         return files
-    tensors = list(proto.graph.initializer) + [
-        a.t for n in proto.graph.node for a in n.attribute if a.HasField("t")
-    ]
-    for tensor in tensors:
+    # Every tensor onnx.load reads external data for: subgraphs' and functions' too.
+    for tensor in model_tensors(proto):
         for entry in tensor.external_data:
             if entry.key == "location":
                 files.append(path.parent / entry.value)
@@ -112,7 +111,7 @@ def check_outputs(
                     "choose another path (inputs are never modified)"
                 )
     if output is not None:
-        out = Path(output)
+        out = _file_path(output)
         if out.is_dir():
             raise BadInputError(f"output path {out} is a folder; give a file name")
         _check_writable_folder(out.parent, "output")
@@ -123,7 +122,7 @@ def check_outputs(
         if output is not None and folder.resolve() == Path(output).resolve():
             raise BadInputError(f"--report {folder} is the output model's path; give a folder")
         _check_report_folder(folder, output, sources, report_files)
-        _check_writable_folder(folder.parent, "--report")
+        _check_writable_folder(folder if folder.is_dir() else folder.parent, "--report")
 
 
 def _check_report_folder(
@@ -149,7 +148,8 @@ def _check_report_folder(
         foreign = sorted(
             p.name
             for p in folder.iterdir()
-            if p.name not in report_files or p.is_symlink() or not p.is_file()
+            if (p.name not in report_files or p.is_symlink() or not p.is_file())
+            and not is_ours(p.name)  # a report being written there (see _stage_folder)
         )
     except OSError as error:
         raise BadInputError(f"cannot read --report folder {folder}: {error.strerror}") from None
@@ -160,6 +160,15 @@ def _check_report_folder(
             f"--report folder {folder} holds files onnx-mbs did not write ({shown}); give a new "
             "or empty folder (nothing in it was touched)"
         )
+
+
+def _file_path(output: str | os.PathLike) -> Path:
+    """`output` as a file's path. A name ending in a separator means a folder, which Path
+    forgets ("new/" becomes "new"): writing would make a file of the folder's name."""
+    name = os.fspath(output)
+    if name.endswith(tuple(filter(None, (os.sep, os.altsep)))):
+        raise BadInputError(f"output path {name} names a folder; give a file name")
+    return Path(name)
 
 
 def _check_writable_folder(folder: Path, what: str) -> None:
@@ -197,7 +206,7 @@ def save_model(
     `report`, a (folder, writer) pair, is written into a temporary folder and
     appears together with the model. The caller's model is left as it was.
     """
-    out = Path(output)
+    out = _file_path(output)
     with _staging(out.parent) as stage:
         staged = [*_stage_model(model, out, stage)]
         if report is not None:
@@ -288,8 +297,13 @@ def _check_own_data(out: Path, data: Path) -> None:
 def _stage_folder(
     target: Path, writer: Callable[[Path], object], temp: Callable[[Path], Path]
 ) -> tuple[Path, Path]:
-    folder = temp(target.parent) / target.name
-    folder.mkdir()
+    if target.is_dir():
+        # Its files are renamed into it, so they are staged inside it: on its own file
+        # system (a mount point, or a link to one, refuses renames from beside it).
+        folder = temp(target)
+    else:
+        folder = temp(target.parent) / target.name
+        folder.mkdir()
     writer(folder)
     _set_mode(folder, 0o777)
     for path in folder.iterdir():

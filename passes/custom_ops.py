@@ -17,6 +17,25 @@ def is_unknown_op(node: onnx.NodeProto) -> bool:
     return node.domain in ("", "ai.onnx") and not onnx.defs.has(node.op_type)
 
 
+def uninferable_outputs(model: onnx.ModelProto) -> set[str]:
+    """The tensors of `model`'s graph that shape inference cannot size: the outputs of ops
+    without an ONNX schema (plugins, custom domains) that are no function of the model's
+    own. Only the shapes the model records size them, and what follows them."""
+    functions = {(f.domain, f.name) for f in model.functions}
+    return {
+        name
+        for node in model.graph.node
+        if (node.domain, node.op_type) not in functions
+        and (
+            is_unknown_op(node)
+            if node.domain in ("", "ai.onnx")
+            else not onnx.defs.has(node.op_type, node.domain)
+        )
+        for name in node.output
+        if name
+    }
+
+
 def hide_unknown_ops(
     model: onnx.ModelProto, hidden: Callable[[onnx.NodeProto], bool] = is_unknown_op
 ) -> tuple[onnx.ModelProto, list[int]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -137,6 +138,14 @@ def _check_external(tensor: onnx.TensorProto, folder: Path, wanted: int, where: 
     entries = {e.key: e.value for e in tensor.external_data}
     location = entries.get("location", "")
     path = (folder / location).resolve()
+    named = Path(os.path.normpath(folder.absolute() / location))
+    inside = location and named.is_relative_to(folder.absolute())
+    if inside and not path.is_relative_to(folder.resolve()):
+        raise BadInputError(  # a file beside the model, linked there (Hugging Face's cache)
+            f"{where} names external data {location!r}, a link to {path} outside the model's "
+            f"folder {folder}; onnx-mbs reads external data only from the model's own folder: "
+            "copy it there in place of the link (cp -L)"
+        )
     if not location or not path.is_relative_to(folder.resolve()):
         raise BadInputError(
             f"{where} names external data {location!r} outside the model's folder {folder}; "

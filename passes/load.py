@@ -16,6 +16,7 @@ from pathlib import Path
 import onnx
 
 from .base import Pass, PassResult
+from .custom_ops import uninferable_outputs
 from .dynamic_dims import KINDS, RunTimeShapes, keep_dynamic, other_shapes
 from .errors import BadInputError
 from .functions import functions_to_inline, inline_layers
@@ -210,11 +211,14 @@ def analysis_shapes(model: onnx.ModelProto, given: InputShapes | None) -> InputS
 
 
 def _io_only(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A model holding only `model`'s graph inputs (initializers aside) and outputs."""
+    """A model holding only `model`'s graph inputs (initializers aside) and outputs, and
+    the records of the tensors that only they size (custom ops' outputs: see `set_io`)."""
     initializers = {t.name for t in model.graph.initializer}
     out = onnx.ModelProto()
     out.graph.input.extend(i for i in model.graph.input if i.name not in initializers)
     out.graph.output.extend(model.graph.output)
+    recorded = uninferable_outputs(model)
+    out.graph.value_info.extend(v for v in model.graph.value_info if v.name in recorded)
     return out
 
 
@@ -303,12 +307,23 @@ def with_io_of(model: onnx.ModelProto, reference: onnx.ModelProto) -> onnx.Model
 
 
 def set_io(model: onnx.ModelProto, reference: onnx.ModelProto) -> onnx.ModelProto:
-    """`with_io_of` in place, for a copy of one's own (no second copy of the weights)."""
+    """`with_io_of` in place, for a copy of one's own (no second copy of the weights).
+    `reference`'s records of tensors shape inference cannot size (a custom op's outputs)
+    stay where `model` still makes them at those sizes: without them the written model
+    could not be loaded again (retrained, reduced)."""
     declared = {vi.name: vi for vi in [*reference.graph.input, *reference.graph.output]}
     for vi in [*model.graph.input, *model.graph.output]:
         if vi.name in declared:
             vi.CopyFrom(declared[vi.name])
+    now = {vi.name: vi for vi in model.graph.value_info}
+    made = uninferable_outputs(model)
+    kept = [
+        vi
+        for vi in reference.graph.value_info
+        if vi.name in made and vi.name in now and not disagree(vi, now[vi.name])
+    ]
     del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
     return model
 
 

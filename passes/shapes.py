@@ -12,7 +12,12 @@ import onnx
 from onnx import numpy_helper
 
 from .base import Pass, PassResult
-from .custom_ops import OPAQUE_DOMAIN, hide_unknown_ops, restore_unknown_ops
+from .custom_ops import (
+    OPAQUE_DOMAIN,
+    hide_unknown_ops,
+    restore_unknown_ops,
+    uninferable_outputs,
+)
 from .errors import BadInputError, input_shape_option
 from .graph import default_opset, static_shape
 from .protos import without_weights
@@ -351,8 +356,34 @@ def check_static(inferred: onnx.ModelProto) -> None:
         if node.op_type in ("Conv", "ConvTranspose") and node.output[0] not in known:
             raise BadInputError(
                 f"the output shape of {node.op_type} {node.name!r} is not static after "
-                f"shape inference; fix the input shapes with {input_shape_option()}"
+                f"shape inference; {_unsized_because(inferred, node, known)}"
             )
+
+
+def _unsized_because(model: onnx.ModelProto, node: onnx.NodeProto, known: set[str]) -> str:
+    """What leaves `node`'s output unsized, and what to do: the op without an ONNX schema
+    that the unsized tensors lead back to (only recorded shapes size its outputs), else
+    input shapes to fix."""
+    made = {name: n for n in model.graph.node for name in n.output}
+    sized = known | {t.name for t in model.graph.initializer}
+    sized |= {i.name for i in model.graph.input if static_shape(i) is not None}
+    for _ in model.graph.node:  # back along unsized inputs, at most once per node
+        unsized = [x for x in node.input if x and x not in sized and x in made]
+        if not unsized:
+            break
+        node = made[unsized[0]]
+    if node.output[0] not in uninferable_outputs(model):
+        return f"fix the input shapes with {input_shape_option()}"
+    fused = (
+        " (onnxruntime's extended optimisations make com.microsoft ops: save the model at basic)"
+        if node.domain == "com.microsoft"
+        else ""
+    )
+    return (
+        f"shape inference cannot size the output of {node.domain or 'ai.onnx'}:"
+        f"{node.op_type} {node.name!r}, an op without an ONNX schema: record its output "
+        f"shapes in the model's value_info, or give the model without it{fused}"
+    )
 
 
 def settle(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:

@@ -92,6 +92,43 @@ def bf16_opset17():
     return model
 
 
+def nested_external_data(folder: Path) -> onnx.ModelProto:
+    """tiny_cnn whose logits pass through a model-local function adding a Constant stored as
+    external data in fn.bin, then an If whose branch adds an initializer stored in branch.bin:
+    external data that neither the graph's initializers nor its nodes' attributes hold."""
+    model = tiny_cnn()
+    logits = model.graph.output[0].name
+    model.graph.node[-1].output[0] = "head"
+    stored = {}
+    for name in ("fn", "branch"):
+        values = np.full(CLASSES, 0.5, np.float32)
+        (folder / f"{name}.bin").write_bytes(values.tobytes())
+        tensor = numpy_helper.from_array(values, f"{name}_bias")
+        onnx.external_data_helper.set_external_data(tensor, f"{name}.bin", 0, values.nbytes)
+        tensor.ClearField("raw_data")
+        stored[name] = tensor
+    constant = helper.make_node("Constant", [], ["k"], value=stored["fn"])
+    add = helper.make_node("Add", ["a", "k"], ["b"])
+    opset = [helper.make_opsetid("", 17)]
+    function = helper.make_function("fns", "AddC", ["a"], ["b"], [constant, add], opset)
+    model.functions.append(function)
+    model.opset_import.append(helper.make_opsetid("fns", 1))
+    branch = [helper.make_tensor_value_info("then_out", TensorProto.FLOAT, None)]
+    then = helper.make_graph(
+        [helper.make_node("Add", ["added", "branch_bias"], ["then_out"])], "then", [], branch,
+        [stored["branch"]],
+    )  # fmt: skip
+    same = [helper.make_tensor_value_info("else_out", TensorProto.FLOAT, None)]
+    identity = helper.make_node("Identity", ["added"], ["else_out"])
+    other = helper.make_graph([identity], "else", [], same)
+    model.graph.initializer.append(numpy_helper.from_array(np.array(True), "yes"))
+    model.graph.node.extend([
+        helper.make_node("AddC", ["head"], ["added"], domain="fns", name="add_c"),
+        helper.make_node("If", ["yes"], [logits], name="if", then_branch=then, else_branch=other),
+    ])  # fmt: skip
+    return model
+
+
 def write_inputs(folder: Path) -> Path:
     """Every model and data file the cases name, in `folder`."""
     rng = np.random.default_rng(0)
@@ -112,6 +149,7 @@ def write_inputs(folder: Path) -> Path:
         location="weights.bin",
         size_threshold=0,
     )
+    onnx.save(nested_external_data(folder), folder / "nested.onnx")
     (folder / "model_dir.onnx").mkdir()
 
     x = rng.integers(0, 256, (SAMPLES, 1, SIDE, SIDE), dtype=np.uint8)

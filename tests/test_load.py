@@ -20,6 +20,7 @@ from onnx_builders import (
     quantized_model,
 )
 
+import onnx_mbs
 from onnx_mbs.cli import main
 from onnx_mbs.passes import (
     BadInputError,
@@ -67,6 +68,39 @@ def test_recorded_shapes_of_uninferable_ops_take_the_fixed_sizes(dims):
     model = load_model(raw, {"x": [1, 3, 8, 6]} if "H" in dims else None)
     plugin_out = next(v for v in model.graph.value_info if v.name == z)
     assert static_shape(plugin_out) == ((1, 4, 8, 6) if "H" in dims else (1, 4, 8, 8))
+
+
+def test_recorded_shapes_of_uninferable_ops_are_written_with_the_reduced_model():
+    """The written model dropped every value_info record, those of a plugin op's outputs too:
+    only they size what follows the op, so `reduce`'s own output was refused by `retrain`,
+    `analyze` and a second `reduce` ("the output shape of Conv ... is not static")."""
+    b = Builder("plugin")
+    h = b.op("Relu", [b.conv(b.input("x", ["N", 3, 16, 16]), 3, 32)])
+    z = b.op("MyPlugin", [b.op("Relu", [b.conv(h, 32, 32)])], domain="my.ops")
+    h = b.op("Relu", [b.conv(b.op("Relu", [b.conv(z, 32, 32)]), 32, 32)])
+    raw = b.model([b.conv(h, 32, 2)], ["y"], shapes={z: ["N", 32, 16, 16]})
+    small, report = onnx_mbs.reduce(raw, budget="params=0.5")
+    assert report.after.total_params < report.before.total_params
+    (record,) = [v for v in small.graph.value_info if v.name == z]
+    assert record == next(v for v in raw.graph.value_info if v.name == z)  # dynamic batch kept
+    again = load_model(small)
+    assert static_shape(next(v for v in again.graph.value_info if v.name == z)) == (1, 32, 16, 16)
+
+
+@pytest.mark.parametrize("domain", ["com.microsoft", "my.ops", ""])
+def test_a_conv_unsized_behind_an_op_without_schema_names_that_op(domain):
+    """onnxruntime's extended optimisations save com.microsoft FusedConv: nothing sizes what
+    follows it, and the refusal said "fix the input shapes with input_shapes" of a model
+    whose input shapes are all fixed. It names the op to record shapes for, or to remove."""
+    b = Builder("fused")
+    z = b.op("FusedConv", [b.input("x", [1, 3, 8, 8]), b.weight(4, 3, 3, 3)], domain=domain)
+    raw = b.model([b.conv(b.op("Relu", [z]), 4, 2)], ["y"])
+    raw.graph.output[0].CopyFrom(onnx.helper.make_tensor_value_info("y", 1, [1, 2, 8, 8]))
+    said = rf"Conv '\w+' .*cannot size the output of {domain or 'ai.onnx'}:FusedConv '\w+'"
+    with pytest.raises(BadInputError, match=said) as error:
+        load_model(raw)
+    assert "input_shapes" not in str(error.value)
+    assert ("extended optimisations" in str(error.value)) == (domain == "com.microsoft")
 
 
 def test_input_shape_refusals_name_each_doors_spelling(tmp_path, capsys):
@@ -181,6 +215,21 @@ def test_external_data_of_a_function_body_is_read(tmp_path):
     (tmp_path / "sub.onnx").rename(tmp_path / "sub" / "fn.onnx")
     with pytest.raises(BadInputError, match="outside the model's folder"):
         load_model(tmp_path / "sub" / "fn.onnx")
+
+
+def test_external_data_linked_from_outside_says_it_is_a_link(tmp_path):
+    """Hugging Face's cache links each file of a snapshot to a blob elsewhere: the data file
+    is beside the model, and the refusal said it was "outside the model's folder". It says
+    the file is a link, to where, and what to do."""
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "snapshot").mkdir()
+    onnx.save(conv_relu_model(), tmp_path / "blobs" / "m.onnx", save_as_external_data=True,
+              location="m.onnx_data", size_threshold=0)  # fmt: skip
+    for name in ("m.onnx", "m.onnx_data"):
+        (tmp_path / "snapshot" / name).symlink_to(tmp_path / "blobs" / name)
+    said = r"'m.onnx_data', a link to \S+/blobs/m.onnx_data outside .*copy it"
+    with pytest.raises(BadInputError, match=said):
+        load_model(tmp_path / "snapshot" / "m.onnx")
 
 
 def test_a_model_proto_whose_external_data_was_not_read_is_refused_in_one_line(tmp_path):

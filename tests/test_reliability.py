@@ -39,6 +39,7 @@ from onnx_mbs.cli import main
 from onnx_mbs.passes import BadInputError, command_line
 
 REPORT = ("rep/report.json", "rep/report.md", "rep/widths.png")
+MNT_REPORT = ("mnt/report.json", "mnt/report.md", "mnt/widths.png")
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
 
@@ -49,7 +50,7 @@ class Case:
     code: int
     fragment: str  # must appear on stderr
     outputs: tuple[str, ...] = ()  # the files it writes, relative to {ws}
-    mount: str | None = None  # "ro" or "full": a small tmpfs at {ws}/mnt (root only)
+    mount: str | None = None  # "ro", "full" or "rw": a small tmpfs at {ws}/mnt (root only)
     interrupt: str | None = None  # "TERM-run", "INT-run", "TERM-save", "INT-save"
     slow: bool = False  # the long tail, run with -m slow
 
@@ -68,6 +69,9 @@ DATA_LOSS = [
     Case("reduce-o-is-input", "reduce {ws}/tiny.onnx -o {ws}/tiny.onnx", 2, "is the input model"),
     Case("reduce-o-is-input-relative", "reduce {ws}/tiny.onnx -o {ws}/out/../tiny.onnx", 2, "is the input model"),
     Case("reduce-o-is-external-data", "reduce {ws}/ext.onnx -o {ws}/weights.bin", 2, "is the input model"),
+    Case("reduce-o-is-function-external-data", "reduce {ws}/nested.onnx -o {ws}/fn.bin", 2, "is the input model"),
+    Case("reduce-o-is-subgraph-external-data", "reduce {ws}/nested.onnx -o {ws}/branch.bin", 2, "is the input model"),
+    Case("retrain-o-is-teachers-function-data", T.replace("{ws}/out/t.onnx", "{ws}/fn.bin") + " --teacher {ws}/nested.onnx", 2, "is --teacher"),
     Case("reduce-o-in-data-folder", "reduce {ws}/tiny.onnx -o {ws}/imgs/r.onnx --data {ws}/imgs", 2, "is inside --data"),
     Case("reduce-o-in-idx-folder", "reduce {ws}/tiny.onnx -o {ws}/idx/r.onnx --data {ws}/idx:train", 2, "is inside --data"),
     Case("reduce-o-is-idx-file", "reduce {ws}/tiny.onnx -o {ws}/idx/train-images-idx3-ubyte --data {ws}/idx:train", 2, "is inside --data"),
@@ -87,6 +91,9 @@ DATA_LOSS = [
 UNWRITABLE = [
     Case("reduce-o-missing-folder", R + " -o {ws}/nope/r.onnx", 2, "does not exist"),
     Case("reduce-o-is-folder", R + " -o {ws}/out", 2, "is a folder"),
+    # A name ending in "/" means a folder: it wrote a file named "new" ("wrote {ws}/new/").
+    Case("reduce-o-ends-in-slash", R + " -o {ws}/new/", 2, "names a folder"),
+    Case("retrain-o-ends-in-slash", "retrain {ws}/tiny.onnx -o {ws}/new/ --data {ws}/data.npz", 2, "names a folder"),
     Case("reduce-report-is-file", R + " " + RO + " --report {ws}/notes.txt", 2, "is a file"),
     Case("reduce-report-is-output", R + " " + RO + " --report {ws}/out/r.onnx", 2, "output model's path"),
     Case("reduce-report-missing-parent", R + " " + RO + " --report {ws}/nope/rep", 2, "does not exist"),
@@ -100,6 +107,13 @@ UNWRITABLE = [
     Case("reduce-o-full-fs-report-not-left", R + " -o {ws}/mnt/r.onnx --report {ws}/rep", 2, "No space left", mount="full"),
     Case("reduce-report-full-fs-model-not-left", R + " " + RO + " --data {ws}/data.npz --report {ws}/mnt/rep", 2, "No space left", mount="full"),
     Case("retrain-o-full-fs", "retrain {ws}/tiny.onnx -o {ws}/mnt/t.onnx --data {ws}/data.npz", 2, "No space left", mount="full", slow=True),
+    # A report folder that exists on another file system (a mount point, or a link to one)
+    # was filled by renames from beside it: the model was written, then "Invalid cross-device
+    # link; nothing was written".
+    Case("reduce-report-is-a-mount-point", R + " " + RO + " --report {ws}/mnt", 0, "report:", (*OUT, *MNT_REPORT), mount="rw"),
+    Case("reduce-report-links-to-another-fs", R + " " + RO + " --report {ws}/replink", 0, "report:", (*OUT, *MNT_REPORT), mount="rw"),
+    Case("reduce-dry-run-report-is-a-mount-point", R + " --dry-run --report {ws}/mnt", 0, "no model written", MNT_REPORT, mount="rw"),
+    Case("reduce-report-is-a-read-only-mount-point", R + " " + RO + " --report {ws}/mnt", 2, "Read-only file system", mount="ro"),
 ]
 
 # Ctrl-C and SIGTERM mid-run and mid-save: the same clean exit, nothing left.
@@ -217,6 +231,7 @@ GOOD = [
     Case("reduce-dry-run-report", R + " --dry-run --report {ws}/rep", 0, "no model written", REPORT, slow=True),
     Case("reduce-dry-run", R + " --dry-run", 0, "no model written"),
     Case("reduce-external-data-input", "reduce {ws}/ext.onnx -o {ws}/out/r.onnx --no-eval", 0, "wrote", OUT),
+    Case("reduce-nested-external-data-input", "reduce {ws}/nested.onnx -o {ws}/out/r.onnx --no-eval", 0, "wrote", OUT),
     Case("reduce-image-folder", R + " " + RO + " --data {ws}/imgs", 0, "3 classes", OUT),
     Case("reduce-nolabels", R + " " + RO + " --data {ws}/nolabels.npz", 0, "labels: no", OUT),
     Case("retrain", T, 0, "wrote", TOUT),
@@ -247,14 +262,15 @@ def _hashes(folder: Path) -> dict[str, str]:
 
 @contextlib.contextmanager
 def _mounted(point: Path, kind: str | None):
-    """A small tmpfs at `point`: read-only, or full but for 8 KB (a 60 KB model does not fit)."""
+    """A small tmpfs at `point`: read-only, full but for 8 KB (a 60 KB model does not fit), or
+    empty (another file system), with `replink` beside it linking to it."""
     if kind is None:
         yield
         return
     if not IS_ROOT:
         pytest.skip("mounting a tmpfs needs root")
     point.mkdir()
-    options = "ro,size=1m" if kind == "ro" else "size=64k"
+    options = {"ro": "ro,size=1m", "full": "size=64k", "rw": "size=1m"}[kind]
     done = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True
     )
@@ -263,6 +279,8 @@ def _mounted(point: Path, kind: str | None):
     try:
         if kind == "full":
             (point / ".filler").write_bytes(bytes(56 * 1024))
+        if kind == "rw":
+            (point.parent / "replink").symlink_to(point)
         yield
     finally:
         subprocess.run(["umount", str(point)], check=True)
@@ -462,6 +480,10 @@ def _api_cases(ws: Path) -> dict[str, tuple[object, str]]:
             "cannot write",
         ),
         "save-over-folder": (lambda: save_model(onnx.load(tiny), ws / "out"), "cannot write"),
+        "save-ends-in-slash": (
+            lambda: save_model(onnx.load(tiny), f"{ws}/new/"),
+            "names a folder",
+        ),
     }
 
 
