@@ -6,6 +6,7 @@ suite's ordinary inputs, so each case can run on a fresh copy and hash what it r
 
 from __future__ import annotations
 
+import shutil
 import zlib
 from pathlib import Path
 
@@ -265,6 +266,8 @@ def write_hostile_inputs(folder: Path) -> Path:
     Image.fromarray(x[0].astype(np.int32) * 1000).save(folder / "int32" / "c0" / "0.tif")
     (folder / "bomb" / "c0").mkdir(parents=True)
     png_bomb(folder / "bomb" / "c0" / "bomb.png")
+    # Two of them: retrain refuses a single training sample before it reads any.
+    shutil.copyfile(folder / "bomb" / "c0" / "bomb.png", folder / "bomb" / "c0" / "bomb2.png")
     np.savez(folder / "badlabels2d.npz", x=x[:, None], y=np.stack([y, y], 1))
     np.savez(folder / "pickled.npz", x=np.array([{"a": 1}] * SAMPLES, dtype=object))
     np.savez(folder / "wide.npz", x=rng.integers(0, 256, (4, 2, 5, 7), dtype=np.uint8))
