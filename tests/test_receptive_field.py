@@ -176,3 +176,47 @@ def test_convs_after_a_strided_slice_see_at_its_step():
     x = _conv(b, x, 4, 4, 3, name="c")
     _, rf = _fields(b.model([x]))
     assert rf == {"a": 3, "b": 7, "c": 11}
+
+
+# A map pooled over H and W, written as each exporter writes it: torch.onnx's dynamo
+# exporter writes x.mean((2, 3), keepdim=True) (squeeze-and-excitation) as ReduceMean.
+SPATIAL_POOLS = {
+    "GlobalAveragePool": lambda b, x: b.op("GlobalAveragePool", [x]),
+    "ReduceMean(axes=[2, 3])": lambda b, x: b.op("ReduceMean", [x], axes=[2, 3]),
+    "ReduceMax(axes=[-1, -2])": lambda b, x: b.op("ReduceMax", [x], axes=[-1, -2]),
+    "ReduceSum(input axes)": lambda b, x: b.op("ReduceSum", [x, b.const(np.array([2, 3]))]),
+}
+
+
+@pytest.mark.parametrize("pool", SPATIAL_POOLS.values(), ids=SPATIAL_POOLS.keys())
+def test_a_reduce_over_the_whole_map_is_global_pooling(pool):
+    """Convs on a map reduced over H and W see everything, however the pooling is written;
+    as a field of 3 (the map's), the squeeze-and-excitation convs of a dynamo export were
+    in the base where a TorchScript export of the same model had them past it."""
+    b = Builder("se_reduce")
+    x = b.input("x", [1, 3, 16, 16])
+    x = _conv(b, x, 3, 4, 3, name="stem")
+    s = b.op("Relu", [b.conv(pool(b, x), 4, 2, k=1, name="squeeze")])
+    s = b.op("Sigmoid", [b.conv(s, 2, 4, k=1, name="excite")])
+    x = _conv(b, b.op("Mul", [x, s]), 4, 4, 3, name="after")
+    for reading in ("global", "local"):
+        analysis = analyze_model(load_model(b.model([x])), reading)
+        fields = {x.name: x.global_receptive_field for x in analysis.layers}
+        local = {x.name: x.local_receptive_field for x in analysis.layers}
+        assert math.isinf(fields["squeeze"]) and math.isinf(fields["excite"])
+        assert math.isinf(local["squeeze"]) and math.isinf(local["excite"])
+        assert fields["stem"] == 3 and fields["after"] == 5
+        (block,) = analysis.macroblocks
+        assert block.base_layers == ["stem", "after"], reading
+
+
+def test_a_reduce_over_one_axis_sees_all_of_it():
+    """Pooled over H alone (coordinate attention's pooling), a conv on the (1, W) map sees
+    the whole height: its field is global along H (fields compare by their largest axis)."""
+    b = Builder("pool_h")
+    x = b.input("x", [1, 3, 16, 16])
+    x = _conv(b, x, 3, 4, 3, name="stem")
+    x = _conv(b, b.op("ReduceMean", [x], axes=[2]), 4, 4, (1, 3), name="row")
+    analysis = analyze_model(load_model(b.model([x])))
+    assert math.isinf(analysis.layer("row").global_receptive_field)
+    assert math.isinf(analysis.layer("row").local_receptive_field)
