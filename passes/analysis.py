@@ -90,6 +90,7 @@ class ModelAnalysis:
     other_macs: dict[str, int] = field(default_factory=dict)  # Gemm/MatMul/Einsum -> MACs
     receptive_field: str = DEFAULT_RECEPTIVE_FIELD  # the reading the bases follow (READINGS)
     image_size: int = 0  # the largest spatial dim of the graph input: the global limit
+    batch: int = 1  # the batch the MACs count: the analysed image input's (docs/mbs.md)
 
     def layer(self, name: str) -> ConvLayer:
         return next(layer for layer in self.layers if layer.name == name)
@@ -101,6 +102,7 @@ class ModelAnalysis:
         return {
             "receptive_field": self.receptive_field,
             "image_size": self.image_size,
+            "batch": self.batch,
             "macroblocks": [asdict(m) for m in self.macroblocks],
             "layers": [
                 {
@@ -369,6 +371,7 @@ def analyze_model(
             resolution[name], rf[name] = size, 1.0
             field_of[name] = ((1.0,) * len(size), (1.0,) * len(size))
     image_size = max((max(resolution[n]) for n in resolution), default=0)
+    batch = next((shapes[n][0] for n in resolution), 1)
 
     conv_attrs: dict[str, dict] = {}  # conv name -> attributes, read once
     written_out = space_to_depth_chains(index)
@@ -495,6 +498,7 @@ def analyze_model(
         other_macs=other,
         receptive_field=receptive_field,
         image_size=image_size,
+        batch=batch,
     )
 
 
