@@ -336,6 +336,16 @@ def _pooled_dims(node: onnx.NodeProto, index: GraphIndex) -> tuple[int, ...]:
     return tuple(sorted({int(a) % rank - 2 for a in np.ravel(axes) if int(a) % rank >= 2}))
 
 
+def _holds_the_map(shape: tuple | None, maps: list[tuple], unlaid: set[str]) -> bool:
+    """Whether a tensor of `shape`, without a map's layout, that a node makes from `maps`
+    (the maps it reads) and `unlaid` (the tensors it reads that hold whole maps) holds whole
+    maps: read from such a tensor, or a map's pixels folded into each sample's features,
+    (N, ...) of rank < 3; (N*H*W, C), one row per pixel, keeps them apart."""
+    if unlaid:
+        return True
+    return bool(maps and shape) and len(shape) < 3 and shape[0] == maps[0][0]
+
+
 def check_reading(receptive_field: str) -> str:
     """`receptive_field` if it names a reading, else BadInputError (before any work starts)."""
     if receptive_field not in READINGS:
@@ -374,6 +384,10 @@ def analyze_model(
     batch = next((shapes[n][0] for n in resolution), 1)
 
     conv_attrs: dict[str, dict] = {}  # conv name -> attributes, read once
+    # Tensors without a map's layout that hold every pixel of one per sample (x.mean((2, 3)),
+    # a map flattened to (N, C*H*W)) and what is computed from them: a map made from one
+    # (unsqueezed or reshaped back, a fully connected decoder's) sees everything.
+    unlaid: set[str] = set()
     written_out = space_to_depth_chains(index)
     for position, node in enumerate(index.nodes):
         if position in written_out:  # read as the SpaceToDepth it computes
@@ -387,8 +401,13 @@ def analyze_model(
             if size:
                 outputs.append(t)
                 resolution[t] = size
+        if node.op_type not in ("Shape", "Size"):
+            unlaid.update(t for t in node.output if t not in resolution and _holds_the_map(
+                shapes.get(t), [shapes[x] for x in inputs], unlaid.intersection(node.input)
+            ))  # fmt: skip
         if not outputs:
             continue
+        whole = not inputs and bool(unlaid.intersection(node.input))
         op = node.op_type
         if op in BORDER_OPS and inputs:
             resolution[outputs[0]] = resolution[inputs[0]]
@@ -403,8 +422,10 @@ def analyze_model(
         steps = _slice_steps(node, index) if new_block else None
         pooled = _pooled_dims(node, index) if inputs else ()
         for out in outputs:
-            field_of[out] = _global_step(
-                node, out, inputs, resolution, field_of, window, steps, pooled
+            field_of[out] = (
+                ((math.inf,) * len(resolution[out]),) * 2
+                if whole
+                else _global_step(node, out, inputs, resolution, field_of, window, steps, pooled)
             )
         # Receptive field of each output, local to its macroblock.
         for out in outputs:
@@ -418,7 +439,7 @@ def analyze_model(
                 else:
                     stride = max(window[1])
                     rf[out] = 1.0 + (k_eff - 1) / stride
-            elif op in GLOBAL_OPS or pooled:
+            elif op in GLOBAL_OPS or pooled or whole:
                 rf[out] = math.inf
             elif same:
                 rf[out] = max(rf[t] for t in same)

@@ -220,3 +220,26 @@ def test_a_reduce_over_one_axis_sees_all_of_it():
     analysis = analyze_model(load_model(b.model([x])))
     assert math.isinf(analysis.layer("row").global_receptive_field)
     assert math.isinf(analysis.layer("row").local_receptive_field)
+
+
+def test_a_map_made_from_a_pooled_or_flattened_one_sees_everything():
+    """x.mean((2, 3)) reshaped back to (N, C, 1, 1) for a conv gate, and a map a fully
+    connected layer makes from a flattened one, read every pixel: their convs' fields are
+    global, as after GlobalAveragePool, not restarted at 1."""
+    b = Builder("unpooled")
+    x = b.input("x", [1, 3, 16, 16])
+    x = _conv(b, x, 3, 4, 3, name="stem")
+    s = b.op("ReduceMean", [x], axes=[2, 3], keepdims=0)
+    s = b.op("Unsqueeze", [s, b.const(np.array([2, 3]))])
+    s = b.op("Sigmoid", [b.conv(s, 4, 4, k=1, name="gate")])
+    x = _conv(b, b.op("Mul", [x, s]), 4, 4, 3, name="after")
+    f = b.op("Gemm", [b.op("Flatten", [x]), b.weight(64, 4 * 16 * 16)], transB=1)
+    m = b.op("Reshape", [f, b.const(np.array([1, 4, 4, 4]))])
+    m = _conv(b, m, 4, 4, 3, name="decoder")
+    for reading in ("global", "local"):
+        analysis = analyze_model(load_model(b.model([m, b.op("Flatten", [x])])), reading)
+        fields = {x.name: x.global_receptive_field for x in analysis.layers}
+        local = {x.name: x.local_receptive_field for x in analysis.layers}
+        assert fields["stem"] == 3 and fields["after"] == 5
+        for name in ("gate", "decoder"):
+            assert math.isinf(fields[name]) and math.isinf(local[name]), (reading, name)
