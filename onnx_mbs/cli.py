@@ -82,9 +82,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         for m in analysis.macroblocks
     ]
     print(format_table(["macroblock", "resolution", "layers", "base", "params", "MACs"], rows))
+    batch = f" at batch {analysis.batch}" if analysis.batch != 1 else ""
     print(
-        f"\ntotal: {_fmt_int(analysis.total_params)} params, {_fmt_int(analysis.total_macs)} MACs "
-        f"({len(analysis.layers)} conv layers; totals include the head)"
+        f"\ntotal: {_fmt_int(analysis.total_params)} params, {_fmt_int(analysis.total_macs)} MACs"
+        f"{batch} ({len(analysis.layers)} conv layers; totals include the head)"
     )
     print(f"base: {BASE_RULES[analysis.receptive_field]} (image size {analysis.image_size})")
     return 0
@@ -108,11 +109,12 @@ def _print_reduce_summary(report, args: argparse.Namespace) -> None:
     for line in macroblock_legend():
         print(line)
     before, after = report.before, report.after
+    batch = f", at batch {before.batch}" if before.batch != 1 else ""
     print(
         f"\nparams: {_fmt_int(before.total_params)} -> {_fmt_int(after.total_params)} "
         f"({after.total_params / before.total_params:.1%} kept)   "
         f"MACs: {_fmt_int(before.total_macs)} -> {_fmt_int(after.total_macs)} "
-        f"({after.total_macs / before.total_macs:.1%} kept)"
+        f"({after.total_macs / before.total_macs:.1%} kept{batch})"
     )
     cut = "nothing cut" if plan.threshold is None else f"cut at {plan.threshold:.4g}"
     if plan.strategy in COST_AWARE:

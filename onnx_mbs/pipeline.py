@@ -356,7 +356,7 @@ def measure(
             progress=options.progress,
             magnitudes=options.importance == "act",  # sum |x| only ranks by activations
             written=origin.write_form,
-            macs_per_sample=analysed.before.total_macs // (origin.batch or 1),  # at that batch
+            macs_per_sample=analysed.before.total_macs // analysed.before.batch,
             weights_folder=folder,
         )
     made = {layer.name: layer.out_channels for layer in analysed.before.layers}

@@ -81,6 +81,7 @@ def report_dict(report: ReduceReport) -> dict:
         "totals": {
             "params": [report.before.total_params, report.after.total_params],
             "macs": [report.before.total_macs, report.after.total_macs],
+            "batch": report.before.batch,  # the batch the MACs count
         },
         "budget": None
         if plan.budget is None
@@ -178,9 +179,10 @@ def markdown(report: ReduceReport) -> str:
     if plan.budget is not None:
         lines.append(f"- budget: {budget_text(plan, 4)}")
     t = data["totals"]
+    batch = f", at batch {t['batch']}" if t["batch"] != 1 else ""
     lines += [
         f"- params: {t['params'][0]} -> {t['params'][1]} ({data['reached']['params']:.2%} kept)",
-        f"- MACs: {t['macs'][0]} -> {t['macs'][1]} ({data['reached']['flops']:.2%} kept)",
+        f"- MACs: {t['macs'][0]} -> {t['macs'][1]} ({data['reached']['flops']:.2%} kept{batch})",
     ]
     for key, acc in report.accuracy.items():
         lines.append(f"- top-1 {key}: {acc.top1:.4f} on {acc.samples} samples")

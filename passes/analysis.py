@@ -27,6 +27,12 @@ from .load import indexed
 CONV_OPS = ("Conv", "ConvTranspose")
 POOL_OPS = ("MaxPool", "AveragePool", "LpPool")
 GLOBAL_OPS = ("GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")
+# Reductions that pool whole axes: over H and W (keepdims), global pooling written another
+# way (torch.onnx's dynamo exporter writes x.mean((2, 3), keepdim=True) as ReduceMean).
+REDUCE_OPS = (
+    "ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceSumSquare", "ReduceProd",
+    "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp",
+)  # fmt: skip
 # Ops whose output may have another spatial size than their input: only tensors of
 # equal size are joined into one macroblock across them.
 RESAMPLING_OPS = (*CONV_OPS, *POOL_OPS, "Resize", "Upsample", "DepthToSpace", "SpaceToDepth")
@@ -84,6 +90,7 @@ class ModelAnalysis:
     other_macs: dict[str, int] = field(default_factory=dict)  # Gemm/MatMul/Einsum -> MACs
     receptive_field: str = DEFAULT_RECEPTIVE_FIELD  # the reading the bases follow (READINGS)
     image_size: int = 0  # the largest spatial dim of the graph input: the global limit
+    batch: int = 1  # the batch the MACs count: the analysed image input's (docs/mbs.md)
     # `structure_key` of the model analysed ("" for one built by hand: not checked)
     model_key: str = field(default="", repr=False, compare=False)
 
@@ -106,6 +113,7 @@ class ModelAnalysis:
         return {
             "receptive_field": self.receptive_field,
             "image_size": self.image_size,
+            "batch": self.batch,
             "macroblocks": [asdict(m) for m in self.macroblocks],
             "layers": [
                 {
@@ -183,15 +191,18 @@ def _global_step(
     field_of: dict[str, tuple[Axes, Axes]],
     window: tuple[Axes, Axes] | None,
     steps: list[int] | None = None,
+    pooled: tuple[int, ...] = (),
 ) -> tuple[Axes, Axes]:
     """(receptive field, step) of `out` per spatial dim, both in input-image pixels;
     `window` is the node's `_window` if it is a conv or pool, `steps` the Slice's steps per
-    axis (`_slice_steps`) if it is one that starts a macroblock.
+    axis (`_slice_steps`) if it is one that starts a macroblock, `pooled` the spatial dims
+    a reduction pools whole (`_pooled_dims`).
 
     The step is how many input pixels one pixel of the tensor moves by. A window of
     effective size k and stride s adds (k-1)*step and multiplies the step by s;
     ConvTranspose and upsampling divide the step (an output pixel of a stride-s
-    ConvTranspose reads ceil(k/s) input pixels); global pooling sees everything. A strided
+    ConvTranspose reads ceil(k/s) input pixels); global pooling sees everything, a
+    reduction over some spatial dims all of those. A strided
     Slice, x[:, :, ::s, ::s], is a 1x1 window of stride s: the field stays, the step grows.
     Joins take the largest field among inputs of the output's own size: a 1x1
     gate broadcast over a map (squeeze-and-excitation) scales channels, it adds no
@@ -206,6 +217,11 @@ def _global_step(
     if not inputs:
         return (1.0,) * rank, (1.0,) * rank
     x = node.input[0]
+    if pooled and x in field_of:
+        return tuple(
+            tuple(math.inf if a in pooled else v for a, v in enumerate(_fit(values, rank)))
+            for values in field_of[x]
+        )
     if op in (*CONV_OPS, *POOL_OPS) and x in field_of:
         (rf, step), (k, s) = field_of[x], window
         rf, step = _fit(rf, len(k)), _fit(step, len(k))
@@ -310,6 +326,37 @@ def space_to_depth_chains(index: GraphIndex) -> dict[int, onnx.NodeProto | None]
     return found
 
 
+def _pooled_dims(node: onnx.NodeProto, index: GraphIndex) -> tuple[int, ...]:
+    """The spatial dims (0: the first after N, C) that a reduction keeping its rank pools
+    whole; () for any other node, or axes only known at run time."""
+    if node.op_type not in REDUCE_OPS:
+        return ()
+    attrs = attributes(node)
+    rank = len(index.shapes.get(node.input[0]) or ())
+    if not attrs.get("keepdims", 1) or rank < 3:
+        return ()
+    axes = attrs.get("axes")
+    if axes is None and len(node.input) > 1 and node.input[1]:  # an input from opset 18
+        axes = index.constant(node.input[1])
+        if axes is None:
+            return ()
+    if axes is None or not len(axes):
+        if attrs.get("noop_with_empty_axes", 0):
+            return ()
+        axes = range(rank)  # every axis
+    return tuple(sorted({int(a) % rank - 2 for a in np.ravel(axes) if int(a) % rank >= 2}))
+
+
+def _holds_the_map(shape: tuple | None, maps: list[tuple], unlaid: set[str]) -> bool:
+    """Whether a tensor of `shape`, without a map's layout, that a node makes from `maps`
+    (the maps it reads) and `unlaid` (the tensors it reads that hold whole maps) holds whole
+    maps: read from such a tensor, or a map's pixels folded into each sample's features,
+    (N, ...) of rank < 3; (N*H*W, C), one row per pixel, keeps them apart."""
+    if unlaid:
+        return True
+    return bool(maps and shape) and len(shape) < 3 and shape[0] == maps[0][0]
+
+
 def check_reading(receptive_field: str) -> str:
     """`receptive_field` if it names a reading, else BadInputError (before any work starts)."""
     if receptive_field not in READINGS:
@@ -345,8 +392,13 @@ def analyze_model(
             resolution[name], rf[name] = size, 1.0
             field_of[name] = ((1.0,) * len(size), (1.0,) * len(size))
     image_size = max((max(resolution[n]) for n in resolution), default=0)
+    batch = next((shapes[n][0] for n in resolution), 1)
 
     conv_attrs: dict[str, dict] = {}  # conv name -> attributes, read once
+    # Tensors without a map's layout that hold every pixel of one per sample (x.mean((2, 3)),
+    # a map flattened to (N, C*H*W)) and what is computed from them: a map made from one
+    # (unsqueezed or reshaped back, a fully connected decoder's) sees everything.
+    unlaid: set[str] = set()
     written_out = space_to_depth_chains(index)
     for position, node in enumerate(index.nodes):
         if position in written_out:  # read as the SpaceToDepth it computes
@@ -360,8 +412,13 @@ def analyze_model(
             if size:
                 outputs.append(t)
                 resolution[t] = size
+        if node.op_type not in ("Shape", "Size"):
+            unlaid.update(t for t in node.output if t not in resolution and _holds_the_map(
+                shapes.get(t), [shapes[x] for x in inputs], unlaid.intersection(node.input)
+            ))  # fmt: skip
         if not outputs:
             continue
+        whole = not inputs and bool(unlaid.intersection(node.input))
         op = node.op_type
         if op in BORDER_OPS and inputs:
             resolution[outputs[0]] = resolution[inputs[0]]
@@ -374,8 +431,13 @@ def analyze_model(
                 conv_attrs[node.name] = attrs
         new_block = _starts_a_macroblock(node, resolution[outputs[0]], inputs, resolution)
         steps = _slice_steps(node, index) if new_block else None
+        pooled = _pooled_dims(node, index) if inputs else ()
         for out in outputs:
-            field_of[out] = _global_step(node, out, inputs, resolution, field_of, window, steps)
+            field_of[out] = (
+                ((math.inf,) * len(resolution[out]),) * 2
+                if whole
+                else _global_step(node, out, inputs, resolution, field_of, window, steps, pooled)
+            )
         # Receptive field of each output, local to its macroblock.
         for out in outputs:
             same = [t for t in inputs if resolution[t] == resolution[out]]
@@ -388,7 +450,7 @@ def analyze_model(
                 else:
                     stride = max(window[1])
                     rf[out] = 1.0 + (k_eff - 1) / stride
-            elif op in GLOBAL_OPS:
+            elif op in GLOBAL_OPS or pooled or whole:
                 rf[out] = math.inf
             elif same:
                 rf[out] = max(rf[t] for t in same)
@@ -468,6 +530,7 @@ def analyze_model(
         other_macs=other,
         receptive_field=receptive_field,
         image_size=image_size,
+        batch=batch,
         model_key=structure_key(model),
     )
 

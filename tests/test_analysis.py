@@ -215,6 +215,37 @@ def test_analyze_cli_json_and_dynamic_input(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["receptive_field"] == "local"
 
 
+def test_macs_say_the_batch_they_count_where_it_is_not_one(tmp_path, capsys):
+    """MACs count the analysed batch (docs/mbs.md): a model fixed at batch 2 has twice the
+    MACs of its batch-1 form, and every place that prints them says so; at batch 1 nothing
+    is added."""
+    from onnx_builders import conv_relu_model
+
+    one, two = tmp_path / "b1.onnx", tmp_path / "b2.onnx"
+    onnx.save(conv_relu_model([1, 3, 8, 8]), one)
+    onnx.save(conv_relu_model([2, 3, 8, 8]), two)
+    macs = {}
+    for batch, path in ((1, one), (2, two)):
+        assert main(["analyze", str(path), "--json"]) == 0
+        doc = json.loads(capsys.readouterr().out)
+        assert doc["batch"] == batch
+        macs[batch] = doc["totals"]["macs"]
+        assert main(["analyze", str(path)]) == 0
+        assert ("MACs at batch 2 " in capsys.readouterr().out) == (batch == 2)
+    assert macs[2] == 2 * macs[1] == 2 * (4 * 3 * 9 * 64 + 4 * 2)
+    # A dynamic batch analysed at the batch --input-shape gives counts that one.
+    dynamic = tmp_path / "dyn.onnx"
+    onnx.save(conv_relu_model(["n", 3, 8, 8]), dynamic)
+    assert main(["analyze", str(dynamic), "--input-shape", "x:2,3,8,8"]) == 0
+    assert "MACs at batch 2 " in capsys.readouterr().out
+    report = tmp_path / "report"
+    args = ["reduce", str(two), "-o", str(tmp_path / "out.onnx"), "--no-eval"]
+    assert main([*args, "--report", str(report)]) == 0
+    assert "kept, at batch 2)" in capsys.readouterr().out
+    assert "kept, at batch 2)" in (report / "report.md").read_text()
+    assert json.loads((report / "report.json").read_text())["totals"]["batch"] == 2
+
+
 @pytest.mark.parametrize(
     "name, build",
     [(f"zoo:{n}", n) for n in ("resnet20", "densenet_bc", "mobilenet_v2", "shufflenet_v2")]

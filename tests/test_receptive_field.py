@@ -176,3 +176,70 @@ def test_convs_after_a_strided_slice_see_at_its_step():
     x = _conv(b, x, 4, 4, 3, name="c")
     _, rf = _fields(b.model([x]))
     assert rf == {"a": 3, "b": 7, "c": 11}
+
+
+# A map pooled over H and W, written as each exporter writes it: torch.onnx's dynamo
+# exporter writes x.mean((2, 3), keepdim=True) (squeeze-and-excitation) as ReduceMean.
+SPATIAL_POOLS = {
+    "GlobalAveragePool": lambda b, x: b.op("GlobalAveragePool", [x]),
+    "ReduceMean(axes=[2, 3])": lambda b, x: b.op("ReduceMean", [x], axes=[2, 3]),
+    "ReduceMax(axes=[-1, -2])": lambda b, x: b.op("ReduceMax", [x], axes=[-1, -2]),
+    "ReduceSum(input axes)": lambda b, x: b.op("ReduceSum", [x, b.const(np.array([2, 3]))]),
+}
+
+
+@pytest.mark.parametrize("pool", SPATIAL_POOLS.values(), ids=SPATIAL_POOLS.keys())
+def test_a_reduce_over_the_whole_map_is_global_pooling(pool):
+    """Convs on a map reduced over H and W see everything, however the pooling is written;
+    as a field of 3 (the map's), the squeeze-and-excitation convs of a dynamo export were
+    in the base where a TorchScript export of the same model had them past it."""
+    b = Builder("se_reduce")
+    x = b.input("x", [1, 3, 16, 16])
+    x = _conv(b, x, 3, 4, 3, name="stem")
+    s = b.op("Relu", [b.conv(pool(b, x), 4, 2, k=1, name="squeeze")])
+    s = b.op("Sigmoid", [b.conv(s, 2, 4, k=1, name="excite")])
+    x = _conv(b, b.op("Mul", [x, s]), 4, 4, 3, name="after")
+    for reading in ("global", "local"):
+        analysis = analyze_model(load_model(b.model([x])), reading)
+        fields = {x.name: x.global_receptive_field for x in analysis.layers}
+        local = {x.name: x.local_receptive_field for x in analysis.layers}
+        assert math.isinf(fields["squeeze"]) and math.isinf(fields["excite"])
+        assert math.isinf(local["squeeze"]) and math.isinf(local["excite"])
+        assert fields["stem"] == 3 and fields["after"] == 5
+        (block,) = analysis.macroblocks
+        assert block.base_layers == ["stem", "after"], reading
+
+
+def test_a_reduce_over_one_axis_sees_all_of_it():
+    """Pooled over H alone (coordinate attention's pooling), a conv on the (1, W) map sees
+    the whole height: its field is global along H (fields compare by their largest axis)."""
+    b = Builder("pool_h")
+    x = b.input("x", [1, 3, 16, 16])
+    x = _conv(b, x, 3, 4, 3, name="stem")
+    x = _conv(b, b.op("ReduceMean", [x], axes=[2]), 4, 4, (1, 3), name="row")
+    analysis = analyze_model(load_model(b.model([x])))
+    assert math.isinf(analysis.layer("row").global_receptive_field)
+    assert math.isinf(analysis.layer("row").local_receptive_field)
+
+
+def test_a_map_made_from_a_pooled_or_flattened_one_sees_everything():
+    """x.mean((2, 3)) reshaped back to (N, C, 1, 1) for a conv gate, and a map a fully
+    connected layer makes from a flattened one, read every pixel: their convs' fields are
+    global, as after GlobalAveragePool, not restarted at 1."""
+    b = Builder("unpooled")
+    x = b.input("x", [1, 3, 16, 16])
+    x = _conv(b, x, 3, 4, 3, name="stem")
+    s = b.op("ReduceMean", [x], axes=[2, 3], keepdims=0)
+    s = b.op("Unsqueeze", [s, b.const(np.array([2, 3]))])
+    s = b.op("Sigmoid", [b.conv(s, 4, 4, k=1, name="gate")])
+    x = _conv(b, b.op("Mul", [x, s]), 4, 4, 3, name="after")
+    f = b.op("Gemm", [b.op("Flatten", [x]), b.weight(64, 4 * 16 * 16)], transB=1)
+    m = b.op("Reshape", [f, b.const(np.array([1, 4, 4, 4]))])
+    m = _conv(b, m, 4, 4, 3, name="decoder")
+    for reading in ("global", "local"):
+        analysis = analyze_model(load_model(b.model([m, b.op("Flatten", [x])])), reading)
+        fields = {x.name: x.global_receptive_field for x in analysis.layers}
+        local = {x.name: x.local_receptive_field for x in analysis.layers}
+        assert fields["stem"] == 3 and fields["after"] == 5
+        for name in ("gate", "decoder"):
+            assert math.isinf(fields[name]) and math.isinf(local[name]), (reading, name)

@@ -12,7 +12,7 @@ import pytest
 from conftest import FORMS, REDUCIBLE_ZOO, random_images, write_npz
 
 from onnx_mbs.cli import main
-from onnx_mbs.passes import BadInputError, count_parameters, load_model
+from onnx_mbs.passes import BadInputError, analyze_model, count_parameters, load_model
 from onnx_mbs.pipeline import reduce
 from onnx_mbs.plan import DEFAULT_WIDTH_MAP, WidthMap
 
@@ -507,3 +507,24 @@ def test_a_plan_that_cuts_nothing_reports_the_sizes_it_started_from():
     small, report = reduce(model, budget="params=0.7", channel_multiple=1, progress=False)
     assert report.plan.params == (report.before.total_params, count_parameters(small))
     assert report.plan.params[1] == count_parameters(load_model(small))
+
+
+def test_statistics_are_priced_per_sample_at_the_analysed_batch(monkeypatch):
+    """The optimisation level of the statistics pass is priced on one sample's MACs: a
+    dynamic batch analysed at --input-shape's batch 4 counts 4 samples' MACs, which were
+    taken for one (the level then repaid 4x too soon)."""
+    import onnx_mbs.stats as stats
+
+    seen = []
+    collect = stats.collect_stats
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["macs_per_sample"])
+        return collect(*args, **kwargs)
+
+    monkeypatch.setattr(stats, "collect_stats", spy)
+    path = "models/bundled/resnet20_fmnist.onnx"
+    one = analyze_model(load_model(path)).total_macs
+    reduce(path, "models/bundled/fmnist_sample.npz", input_shapes={"input": [4, 1, 28, 28]},
+           limit=16, progress=False, evaluate_accuracy=False)  # fmt: skip
+    assert seen == [one]
