@@ -118,6 +118,30 @@ def _residual_joins(walk: ChannelWalk, where: _Positions) -> set[int]:
     return joined
 
 
+def _tie_twins(walk: ChannelWalk, classes: list[np.ndarray], where: _Positions) -> bool:
+    """Union, channel by channel, groups cut in exactly the same constants at the same
+    positions, filters included: one tower applied to two inputs (a siamese network, a
+    shared encoder), each application a group of its own. Cut apart, they would keep
+    different channels of one weight (the towers no longer the same function) or, cut
+    alike, one tensor the cost model counted twice. Returns whether any were tied."""
+    cuts: list[set[tuple]] = [set() for _ in classes]
+    for slot in walk.slots:
+        name = walk.index.nodes[slot.node].input[slot.input]
+        tensor = walk.source(name) or name
+        for g, positions in where(slot.ids):
+            cuts[g].add((tensor, slot.axis, slot.role, positions.shape, positions.tobytes()))
+    first: dict[frozenset, int] = {}
+    tied = False
+    for g, cut in enumerate(cuts):
+        if not any(role == FILTERS for _, _, role, _, _ in cut):
+            continue
+        twin = first.setdefault(frozenset(cut), g)
+        if twin != g:
+            walk.union(classes[g], classes[twin])
+            tied = True
+    return tied
+
+
 # -- from classes to groups -------------------------------------------------------------------
 
 
@@ -138,6 +162,9 @@ def analyze_channels(
     walk.run()
     root = _roots(walk.parent)
     classes = _classes_by_signature(walk, root)
+    if _tie_twins(walk, classes, _Positions(root, classes)):
+        root = _roots(walk.parent)
+        classes = _classes_by_signature(walk, root)
     where = _Positions(root, classes)
 
     members: list[list[Member]] = [[] for _ in classes]
