@@ -42,12 +42,18 @@ KINDS = ("batch", "doubled", "odd")
 
 
 def other_shapes(
-    declared: onnx.ModelProto, fixed: onnx.ModelProto, kind: str, first: int = 1
+    declared: onnx.ModelProto,
+    fixed: onnx.ModelProto,
+    kind: str,
+    first: int = 1,
+    by_position: bool = False,
 ) -> dict[str, list[int]]:
     """Every input's shape in `fixed` with the dims `declared` leaves dynamic changed as
     `kind` (one of KINDS) says: "batch" doubles dim 0; "doubled" doubles the dims from
     `first` on; "odd" sets each of those to its own odd size (2s + 1, 2s + 3, ...; a
-    dim_param several inputs share, to one). Empty when no such dim is dynamic."""
+    dim_param several inputs share, to one; with `by_position`, the dims at one position
+    of the inputs that have one size, to one: a stereo pair's heights named apart must
+    agree). Empty when no such dim is dynamic."""
     initializers = {t.name for t in declared.graph.initializer}
     static = {vi.name: static_shape(vi) for vi in fixed.graph.input}
     wanted = (lambda k: k == 0) if kind == "batch" else (lambda k: k >= max(first, 1))
@@ -62,7 +68,7 @@ def other_shapes(
             if d.HasField("dim_value") or not wanted(k):
                 continue
             if kind == "odd":
-                key = d.dim_param or f"{vi.name}:{k}"
+                key = f"{k}:{shape[k]}" if by_position else d.dim_param or f"{vi.name}:{k}"
                 shape[k] = odd.setdefault(key, 2 * shape[k] + 1 + 2 * len(odd))
             else:
                 shape[k] *= 2

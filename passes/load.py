@@ -167,12 +167,14 @@ def _settled_at_other_sizes(
 ) -> list[onnx.ModelProto]:
     """`declared` settled at each kind of other size (dynamic_dims.KINDS) it takes: its
     dynamic dims from dim 1 on changed, else (dim 1 the channels a conv fixes, declared
-    dynamic) from dim 2 on; a kind at which the original does not run gives nothing."""
+    dynamic) from dim 2 on; odd sizes each its own, else one per position of the inputs
+    and size (inputs whose dims must agree); a kind at which the original does not run
+    gives nothing."""
     others = []
     for kind in KINDS:
         tried: list[dict[str, list[int]]] = []
-        for first in (1, 2):
-            other = other_shapes(declared, fixed, kind, first)
+        for first, by_position in ((1, False), (1, True), (2, False), (2, True)):
+            other = other_shapes(declared, fixed, kind, first, by_position)
             if not other or other in tried:
                 continue
             tried.append(other)

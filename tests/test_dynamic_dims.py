@@ -268,3 +268,43 @@ def test_resize_scales_that_are_a_ratio_of_sizes_follow_odd_sizes(opset):
     for analysed in ([1, 3, 16, 16], [1, 3, 17, 17]):
         read = load(model, {"x": analysed})
         _same_outputs(model, read.runnable, _images(*SIZES, (1, 3, 33, 33)))
+
+
+def _stereo() -> onnx.ModelProto:
+    """Two images whose dims are named apart ('H', 'W' and 'height', 'width') but must be
+    equal: their feature maps are concatenated. The result is resized to the left image's
+    size (`F.interpolate(d, size=left.shape[-2:])`): 4 times the maps' size where the input
+    size is a multiple of 4 only."""
+    b = Builder("stereo")
+    left = b.input("left", ["N", 3, "H", "W"])
+    right = b.input("right", ["batch", 3, "height", "width"])
+    first, second = b.weight(8, 3, 3, 3), b.weight(8, 8, 3, 3)
+
+    def features(x: str) -> str:
+        for weight in (first, second):
+            conv = b.op("Conv", [x, weight], kernel_shape=[3, 3], strides=[2, 2], pads=[1] * 4)
+            x = b.op("Relu", [conv])
+        return x
+
+    joined = b.op("Concat", [features(left), features(right)], axis=1)
+    d = b.conv(_relu_conv(b, joined, 16, 8), 8, 1, k=1)
+    sizes = b.op("Concat", [_shape(b, d, 0, 2), _shape(b, left, 2)], axis=0)
+    return b.model([b.op("Resize", [d, "", "", sizes], mode="nearest")], ["disparity"])
+
+
+def test_inputs_whose_dims_are_named_apart_but_must_agree_are_varied_together():
+    """Each dynamic dim took its own odd size (left 33 x 35, right 37 x 39), where the
+    original does not run (its feature maps cannot be concatenated), so only the analysed
+    size and its double were seen, and the Resize to the left image's size was written as
+    scales 4: 36 x 48 for a 33 x 47 pair, without an error. The same odd size for the dims
+    at one position of the inputs that had one size finds the constant follows the input."""
+    model = _stereo()
+    shape = [1, 3, 16, 16]
+    read = load(model, {"left": shape, "right": shape})
+    rng = np.random.default_rng(0)
+    feeds = [
+        {name: rng.standard_normal((n, 3, h, w)).astype(np.float32) for name in ("left", "right")}
+        for n, h, w in [(1, 16, 16), (2, 32, 32), (2, 33, 47), (1, 17, 18)]
+    ]
+    _same_outputs(model, read.runnable, feeds)
+    assert_runs_at_declared_shapes(model, read.runnable, {"left": shape, "right": shape})
