@@ -134,7 +134,7 @@ def choose_logits(
             f"the model has {len(found)} classifier-shaped outputs ({_described(found, shapes)}): "
             f"name the logits with {option('--logits', 'OUTPUT')}"
         )
-    binary = any(len(s) >= 2 and s[1] == 1 for s in shapes.values())
+    binary = any(len(s) >= 2 and all(d == 1 for d in s[1:]) for s in shapes.values())
     raise BadInputError(
         f"the model has no classifier output (batch, classes) with more than one class among "
         f"its outputs ({_described(list(shapes), shapes)})"
