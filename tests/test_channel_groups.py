@@ -7,6 +7,7 @@ import onnx
 import pytest
 from graphs import (
     Builder,
+    assert_runs_at_declared_shapes,
     assert_same_outputs,
     kill_channels,
     load_unfolded,
@@ -377,9 +378,10 @@ def test_rho_of_a_conv_before_groupnorm_is_read_after_it():
     assert activation_tensors(model, analyze_model(model))["a"] == relu.output[0]
 
 
-def siamese_net() -> onnx.ModelProto:
+def siamese_net(head: str = "distance") -> onnx.ModelProto:
     """Two inputs through one tower (every conv's weight and bias read by two Convs, the
-    head's by two Gemms, as torch exports a module called twice), then |f(a) - f(b)|^2."""
+    head's by two Gemms, as torch exports a module called twice), then |f(a) - f(b)|^2;
+    or, `head` "concat", the towers' maps concatenated and read by one conv (stereo)."""
     b = Builder("siamese")
     shared = {}
 
@@ -390,12 +392,17 @@ def siamese_net() -> onnx.ModelProto:
             conv = b.op("Conv", [x, *shared[k]], name=f"{side}{k}", kernel_shape=[3, 3],
                         strides=[stride] * 2, pads=[1] * 4)  # fmt: skip
             x = b.op("Relu", [conv])
+        if head == "concat":
+            return x
         if "head" not in shared:
             shared["head"] = (b.weight(8, 32), b.const(b.rng.normal(0, 0.1, 8)))
         pooled = b.op("Flatten", [b.op("GlobalAveragePool", [x])], axis=1)
         return b.op("Gemm", [pooled, *shared["head"]], name=f"{side}_head", transB=1)
 
     fa, fb = tower(b.input("a", ["n", 3, 16, 16]), "a"), tower(b.input("b", ["n", 3, 16, 16]), "b")
+    if head == "concat":
+        joined = b.op("Relu", [b.conv(b.op("Concat", [fa, fb], axis=1), 64, 32)])
+        return b.model([b.conv(joined, 32, 1, k=1)], ["disparity"])
     diff = b.op("Sub", [fa, fb])
     distance = b.op("ReduceSum", [b.op("Mul", [diff, diff]), b.const(np.array([1]))], keepdims=1)
     return b.model([distance], ["d"])
@@ -434,3 +441,21 @@ def test_a_tower_applied_to_two_inputs_keeps_its_weights_tied(tmp_path):
         (forward,) = run(small, {"a": x, "b": y})
         (backward,) = run(small, {"a": y, "b": x})
         np.testing.assert_allclose(forward, backward, rtol=1e-5)
+
+
+def test_a_tower_whose_two_maps_one_head_reads_keeps_its_weights_tied():
+    """The towers' last maps are read by one conv at different input channels (a stereo
+    head): still one group (the last conv's weight was counted twice, params=0.7 wrote
+    49% of a torch-exported stereo net)."""
+    from onnx_mbs.passes import count_parameters
+    from onnx_mbs.pipeline import reduce
+
+    model = siamese_net("concat")
+    analysis = analyze_channels(load_model(model))
+    for k in range(3):
+        assert only_group(analysis.groups, f"a{k}_out") is only_group(analysis.groups, f"b{k}_out")
+    small, report = reduce(model, budget="params=0.7", progress=False)
+    assert 0.6 <= report.plan.reached["params"] <= 0.7
+    assert report.plan.params[1] == count_parameters(small)
+    assert not [t.name for t in small.graph.initializer if "__" in t.name]
+    assert_runs_at_declared_shapes(model, small, {"a": [1, 3, 16, 16], "b": [1, 3, 16, 16]})
