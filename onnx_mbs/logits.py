@@ -156,7 +156,7 @@ def choose_logits(
 
 
 def _no_classifier(shapes: Mapping[str, Shape]) -> str:
-    binary = any(len(s) >= 2 and s[1] == 1 for s in shapes.values())
+    binary = any(len(s) >= 2 and all(d == 1 for d in s[1:]) for s in shapes.values())
     return (
         f"the model has no classifier output (batch, classes) with more than one class among "
         f"its outputs ({_described(list(shapes), shapes)})"

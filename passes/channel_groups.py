@@ -33,7 +33,7 @@ import onnx
 
 from . import channel_handlers  # noqa: F401  (registers the built-in handlers)
 from .analysis import ModelAnalysis, analyze_model
-from .channel_walk import ACTIVATION, FILTERS, ChannelWalk, Edit, Slot
+from .channel_walk import ACTIVATION, FILTERS, WEIGHTS_IN, ChannelWalk, Edit, Slot
 from .dynamic_dims import RunTimeShapes
 from .graph import GraphIndex, structure_key
 from .load import indexed
@@ -119,6 +119,33 @@ def _residual_joins(walk: ChannelWalk, where: _Positions) -> set[int]:
     return joined
 
 
+def _tie_twins(walk: ChannelWalk, classes: list[np.ndarray], where: _Positions) -> bool:
+    """Union, channel by channel, groups cut in exactly the same constants at the same
+    positions, filters included, and read by the same weights (at any positions: the
+    two towers' maps concatenated for one head): one tower applied to two inputs (a
+    siamese network, a shared encoder, a stereo pair), each application a group of its
+    own. Cut apart, they would keep different channels of one weight (the towers no
+    longer the same function) or, cut alike, one tensor the cost model counted twice.
+    Returns whether any were tied."""
+    cuts: list[set[tuple]] = [set() for _ in classes]
+    for slot in walk.slots:
+        name = walk.index.nodes[slot.node].input[slot.input]
+        tensor = walk.source(name) or name
+        for g, positions in where(slot.ids):
+            where_cut = positions.tobytes() if slot.role != WEIGHTS_IN else b""
+            cuts[g].add((tensor, slot.axis, slot.role, positions.shape, where_cut))
+    first: dict[frozenset, int] = {}
+    tied = False
+    for g, cut in enumerate(cuts):
+        if not any(role == FILTERS for _, _, role, _, _ in cut):
+            continue
+        twin = first.setdefault(frozenset(cut), g)
+        if twin != g:
+            walk.union(classes[g], classes[twin])
+            tied = True
+    return tied
+
+
 # -- from classes to groups -------------------------------------------------------------------
 
 
@@ -144,6 +171,9 @@ def analyze_channels(
         walk.pin(walk.chan[tensor][1], reason)
     root = _roots(walk.parent)
     classes = _classes_by_signature(walk, root)
+    if _tie_twins(walk, classes, _Positions(root, classes)):
+        root = _roots(walk.parent)
+        classes = _classes_by_signature(walk, root)
     where = _Positions(root, classes)
 
     members: list[list[Member]] = [[] for _ in classes]

@@ -40,15 +40,26 @@ from .graph import GraphIndex, attributes, fresh_name, static_shape, topological
 # that map's at sizes divisible by the strides; a Reshape entry equal to the data's width
 # at square sizes) is told from one that follows them.
 KINDS = ("batch", "doubled", "odd")
+# Odd multiples of these are tried where the original does not run at odd sizes (a
+# space-to-depth stem, a pixel_unshuffle): with m, sizes divisible by m but not by 2m.
+MULTIPLES = (1, 2, 4, 8, 16, 32)
 
 
 def other_shapes(
-    declared: onnx.ModelProto, fixed: onnx.ModelProto, kind: str, first: int = 1
+    declared: onnx.ModelProto,
+    fixed: onnx.ModelProto,
+    kind: str,
+    first: int = 1,
+    by_position: bool = False,
+    multiple: int = 1,
 ) -> dict[str, list[int]]:
     """Every input's shape in `fixed` with the dims `declared` leaves dynamic changed as
     `kind` (one of KINDS) says: "batch" doubles dim 0; "doubled" doubles the dims from
     `first` on; "odd" sets each of those to its own odd size (2s + 1, 2s + 3, ...; a
-    dim_param several inputs share, to one). Empty when no such dim is dynamic."""
+    dim_param several inputs share, to one; with `by_position`, the dims at one position
+    of the inputs that have one size, to one: a stereo pair's heights named apart must
+    agree), or its own odd `multiple` (m (2 s/m + 1), m (2 s/m + 3), ...: a model that
+    takes even sizes only). Empty when no such dim is dynamic."""
     initializers = {t.name for t in declared.graph.initializer}
     static = {vi.name: static_shape(vi) for vi in fixed.graph.input}
     wanted = (lambda k: k == 0) if kind == "batch" else (lambda k: k >= max(first, 1))
@@ -63,8 +74,9 @@ def other_shapes(
             if d.HasField("dim_value") or not wanted(k):
                 continue
             if kind == "odd":
-                key = d.dim_param or f"{vi.name}:{k}"
-                shape[k] = odd.setdefault(key, 2 * shape[k] + 1 + 2 * len(odd))
+                key = f"{k}:{shape[k]}" if by_position else d.dim_param or f"{vi.name}:{k}"
+                base = 2 * (shape[k] // multiple) + 1 + 2 * len(odd)
+                shape[k] = odd.setdefault(key, multiple * base)
             else:
                 shape[k] *= 2
             changed = True

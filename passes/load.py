@@ -17,7 +17,7 @@ import onnx
 
 from .base import Pass, PassResult
 from .custom_ops import uninferable_outputs
-from .dynamic_dims import KINDS, RunTimeShapes, keep_dynamic, other_shapes
+from .dynamic_dims import KINDS, MULTIPLES, RunTimeShapes, keep_dynamic, other_shapes
 from .errors import BadInputError
 from .functions import functions_to_inline, inline_layers
 from .graph import GraphIndex, static_shape
@@ -170,12 +170,15 @@ def _settled_at_other_sizes(
 ) -> list[onnx.ModelProto]:
     """`declared` settled at each kind of other size (dynamic_dims.KINDS) it takes: its
     dynamic dims from dim 1 on changed, else (dim 1 the channels a conv fixes, declared
-    dynamic) from dim 2 on; a kind at which the original does not run gives nothing."""
+    dynamic) from dim 2 on; odd sizes each its own, else one per position of the inputs
+    and size (inputs whose dims must agree), each at odd multiples of 1, 2, 4, ... until
+    the original runs; a kind at which the original does not run gives nothing."""
     others = []
+    ways = [(f, p, m) for f in (1, 2) for p in (False, True) for m in MULTIPLES]
     for kind in KINDS:
         tried: list[dict[str, list[int]]] = []
-        for first in (1, 2):
-            other = other_shapes(declared, fixed, kind, first)
+        for first, by_position, multiple in ways:
+            other = other_shapes(declared, fixed, kind, first, by_position, multiple)
             if not other or other in tried:
                 continue
             tried.append(other)

@@ -7,6 +7,7 @@ import onnx
 import pytest
 from graphs import (
     Builder,
+    assert_runs_at_declared_shapes,
     assert_same_outputs,
     kill_channels,
     load_unfolded,
@@ -375,3 +376,86 @@ def test_rho_of_a_conv_before_groupnorm_is_read_after_it():
     model = groupnorm_net([0, 4, -1])
     relu = next(n for n in model.graph.node if n.op_type == "Relu")
     assert activation_tensors(model, analyze_model(model))["a"] == relu.output[0]
+
+
+def siamese_net(head: str = "distance") -> onnx.ModelProto:
+    """Two inputs through one tower (every conv's weight and bias read by two Convs, the
+    head's by two Gemms, as torch exports a module called twice), then |f(a) - f(b)|^2;
+    or, `head` "concat", the towers' maps concatenated and read by one conv (stereo)."""
+    b = Builder("siamese")
+    shared = {}
+
+    def tower(x: str, side: str) -> str:
+        for k, (cin, cout, stride) in enumerate([(3, 16, 1), (16, 32, 2), (32, 32, 1)]):
+            if k not in shared:
+                shared[k] = (b.weight(cout, cin, 3, 3), b.const(b.rng.normal(0, 0.1, cout)))
+            conv = b.op("Conv", [x, *shared[k]], name=f"{side}{k}", kernel_shape=[3, 3],
+                        strides=[stride] * 2, pads=[1] * 4)  # fmt: skip
+            x = b.op("Relu", [conv])
+        if head == "concat":
+            return x
+        if "head" not in shared:
+            shared["head"] = (b.weight(8, 32), b.const(b.rng.normal(0, 0.1, 8)))
+        pooled = b.op("Flatten", [b.op("GlobalAveragePool", [x])], axis=1)
+        return b.op("Gemm", [pooled, *shared["head"]], name=f"{side}_head", transB=1)
+
+    fa, fb = tower(b.input("a", ["n", 3, 16, 16]), "a"), tower(b.input("b", ["n", 3, 16, 16]), "b")
+    if head == "concat":
+        joined = b.op("Relu", [b.conv(b.op("Concat", [fa, fb], axis=1), 64, 32)])
+        return b.model([b.conv(joined, 32, 1, k=1)], ["disparity"])
+    diff = b.op("Sub", [fa, fb])
+    distance = b.op("ReduceSum", [b.op("Mul", [diff, diff]), b.const(np.array([1]))], keepdims=1)
+    return b.model([distance], ["d"])
+
+
+def test_a_tower_applied_to_two_inputs_keeps_its_weights_tied(tmp_path):
+    """A conv whose weights another conv reads too, with everything it cuts shared (a
+    siamese tower, a shared encoder) is one group with its twin: both keep the same
+    channels. As two groups, the cost model counted a copy of each shared weight that
+    shrink did not write (params=0.7 wrote 36% of the parameters), and the act
+    importance cut the towers differently: the distance was no longer symmetric."""
+    from conftest import write_npz
+
+    from onnx_mbs.passes import count_parameters
+    from onnx_mbs.pipeline import reduce
+
+    model = siamese_net()
+    analysis = analyze_channels(load_model(model))
+    for k in range(3):
+        assert only_group(analysis.groups, f"a{k}_out") is only_group(analysis.groups, f"b{k}_out")
+    rng = np.random.default_rng(0)
+    data = write_npz(
+        tmp_path / "pairs.npz",
+        a=rng.normal(size=(8, 3, 16, 16)).astype(np.float32),
+        b=(3 * np.abs(rng.normal(size=(8, 3, 16, 16))) + 1).astype(np.float32),
+    )
+    for importance, source in (("l2", None), ("act", data)):
+        small, report = reduce(
+            model, source, budget="params=0.7", importance=importance, progress=False
+        )
+        assert 0.6 <= report.plan.reached["params"] <= 0.7
+        assert report.plan.params[1] == count_parameters(small)
+        weights = [t.name for t in small.graph.initializer]
+        assert not [name for name in weights if "__" in name]  # no copies: the towers stay tied
+        x, y = (rng.normal(size=(2, 3, 16, 16)).astype(np.float32) for _ in range(2))
+        (forward,) = run(small, {"a": x, "b": y})
+        (backward,) = run(small, {"a": y, "b": x})
+        np.testing.assert_allclose(forward, backward, rtol=1e-5)
+
+
+def test_a_tower_whose_two_maps_one_head_reads_keeps_its_weights_tied():
+    """The towers' last maps are read by one conv at different input channels (a stereo
+    head): still one group (the last conv's weight was counted twice, params=0.7 wrote
+    49% of a torch-exported stereo net)."""
+    from onnx_mbs.passes import count_parameters
+    from onnx_mbs.pipeline import reduce
+
+    model = siamese_net("concat")
+    analysis = analyze_channels(load_model(model))
+    for k in range(3):
+        assert only_group(analysis.groups, f"a{k}_out") is only_group(analysis.groups, f"b{k}_out")
+    small, report = reduce(model, budget="params=0.7", progress=False)
+    assert 0.6 <= report.plan.reached["params"] <= 0.7
+    assert report.plan.params[1] == count_parameters(small)
+    assert not [t.name for t in small.graph.initializer if "__" in t.name]
+    assert_runs_at_declared_shapes(model, small, {"a": [1, 3, 16, 16], "b": [1, 3, 16, 16]})

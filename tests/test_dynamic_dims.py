@@ -60,13 +60,17 @@ def _fpn(channels: int | str = 3) -> onnx.ModelProto:
     b = Builder("fpn")
     x = b.input("x", ["N", channels, "H", "W"])
     x = b.op("Sub", [x, b.const(np.full((1, 3, 1, 1), 0.5, np.float32))])  # normalised
-    a = _relu_conv(b, x, 3, 8)
+    return b.model([_fpn_step(b, _relu_conv(b, x, 3, 8))], ["y"])
+
+
+def _fpn_step(b: Builder, a: str) -> str:
+    """The top-down step of `_fpn` on an 8-channel map `a`."""
     fine = _relu_conv(b, a, 8, 8, stride=2)
     coarse = _relu_conv(b, fine, 8, 8, stride=2)
     sizes = b.op("Concat", [_shape(b, coarse, 0, 2), _shape(b, fine, 2)], axis=0)
     up = b.op("Resize", [coarse, "", "", sizes], mode="nearest")
     y = b.op("Add", [up, b.conv(fine, 8, 8, k=1)])
-    return b.model([b.conv(y, 8, 4, k=1)], ["y"])
+    return b.conv(y, 8, 4, k=1)
 
 
 @pytest.mark.parametrize("channels", [3, "C"])
@@ -320,3 +324,70 @@ def test_resize_scales_that_are_a_ratio_of_sizes_follow_odd_sizes(opset):
     for analysed in ([1, 3, 16, 16], [1, 3, 17, 17]):
         read = load(model, {"x": analysed})
         _same_outputs(model, read.runnable, _images(*SIZES, (1, 3, 33, 33)))
+
+
+def _stereo() -> onnx.ModelProto:
+    """Two images whose dims are named apart ('H', 'W' and 'height', 'width') but must be
+    equal: their feature maps are concatenated. The result is resized to the left image's
+    size (`F.interpolate(d, size=left.shape[-2:])`): 4 times the maps' size where the input
+    size is a multiple of 4 only."""
+    b = Builder("stereo")
+    left = b.input("left", ["N", 3, "H", "W"])
+    right = b.input("right", ["batch", 3, "height", "width"])
+    first, second = b.weight(8, 3, 3, 3), b.weight(8, 8, 3, 3)
+
+    def features(x: str) -> str:
+        for weight in (first, second):
+            conv = b.op("Conv", [x, weight], kernel_shape=[3, 3], strides=[2, 2], pads=[1] * 4)
+            x = b.op("Relu", [conv])
+        return x
+
+    joined = b.op("Concat", [features(left), features(right)], axis=1)
+    d = b.conv(_relu_conv(b, joined, 16, 8), 8, 1, k=1)
+    sizes = b.op("Concat", [_shape(b, d, 0, 2), _shape(b, left, 2)], axis=0)
+    return b.model([b.op("Resize", [d, "", "", sizes], mode="nearest")], ["disparity"])
+
+
+def test_inputs_whose_dims_are_named_apart_but_must_agree_are_varied_together():
+    """Each dynamic dim took its own odd size (left 33 x 35, right 37 x 39), where the
+    original does not run (its feature maps cannot be concatenated), so only the analysed
+    size and its double were seen, and the Resize to the left image's size was written as
+    scales 4: 36 x 48 for a 33 x 47 pair, without an error. The same odd size for the dims
+    at one position of the inputs that had one size finds the constant follows the input."""
+    model = _stereo()
+    shape = [1, 3, 16, 16]
+    read = load(model, {"left": shape, "right": shape})
+    rng = np.random.default_rng(0)
+    feeds = [
+        {name: rng.standard_normal((n, 3, h, w)).astype(np.float32) for name in ("left", "right")}
+        for n, h, w in [(1, 16, 16), (2, 32, 32), (2, 33, 47), (1, 17, 18)]
+    ]
+    _same_outputs(model, read.runnable, feeds)
+    assert_runs_at_declared_shapes(model, read.runnable, {"left": shape, "right": shape})
+
+
+def _fpn_after_space_to_depth() -> onnx.ModelProto:
+    """`_fpn` after `F.pixel_unshuffle(x, 2)` as torch's TorchScript exporter writes it
+    (Reshapes by constants of 0 and -1 around a Transpose): the model takes even sizes
+    only, and the coarse map's double is the finer map's size only where the input size is
+    a multiple of 8 (at 36 the finer map is 9 x 9, the coarse one 3 x 3)."""
+    b = Builder("fpn_after_pixel_unshuffle")
+    x = b.input("x", ["N", 3, "H", "W"])
+    x = b.op("Unsqueeze", [x, b.const(np.array([3]))])
+    for target in ([0, 0, -1, 2, 0], [0, 0, 0, 0, -1, 2]):
+        x = b.op("Reshape", [x, b.const(np.array(target))])
+    t = b.op("Transpose", [x], perm=[0, 1, 3, 5, 2, 4])
+    t = b.op("Reshape", [t, b.const(np.array([0, -1, 1, 1, 0, 0]))])
+    stem = b.op("Squeeze", [t, b.const(np.array([2, 3]))])
+    return b.model([_fpn_step(b, _relu_conv(b, stem, 12, 8))], ["y"])
+
+
+def test_a_model_that_takes_even_sizes_only_is_varied_at_sizes_not_a_multiple_of_4():
+    """The odd sizes (33 x 35) are ones the original does not run at, so only 16 and 32
+    were seen, where the Resize sizes are twice the coarse map's: written as scales 2, the
+    model refused 36 x 44 inputs the original takes (its Add saw 10 x 12 against 9 x 11).
+    Odd multiples of 2 (34 x 38) tell the two apart."""
+    model = _fpn_after_space_to_depth()
+    read = load(model, {"x": [1, 3, 16, 16]})
+    _same_outputs(model, read.runnable, _images((1, 3, 16, 16), (2, 3, 36, 44), (1, 3, 34, 50)))
+    assert_runs_at_declared_shapes(model, read.runnable, [1, 3, 16, 16])

@@ -598,6 +598,23 @@ def test_model_ready_npz_refusals_are_one_line(tmp_path, arrays, options, messag
     assert "\n" not in str(caught.value)
 
 
+@pytest.mark.parametrize("temperature", [np.float32(1.5), np.full(4, 1.5, np.float32)])
+def test_a_scalar_input_is_refused_in_one_line_by_model_ready_data(temperature):
+    """A rank-0 input (a temperature) has no axis to count samples on: an npz array of
+    shape () raised a TypeError (len() of unsized object), one of shape (N,) was told the
+    input expects () "(first axis: samples)"."""
+    from onnx_mbs.data.ready import DeclaredInput, model_ready_arrays
+
+    inputs = [
+        DeclaredInput("input", (None, 3, 16, 16), np.dtype(np.float32)),
+        DeclaredInput("temperature", (), np.dtype(np.float32)),
+    ]
+    npz = {"input": IMAGES, "temperature": np.asarray(temperature)}
+    with pytest.raises(BadInputError, match="input 'temperature' is a scalar") as caught:
+        model_ready_arrays(npz, inputs, "model-ready npz ready.npz")
+    assert "\n" not in str(caught.value)
+
+
 def test_image_npz_keeps_its_preprocessing(tmp_path):
     """An npz with `x` for a single 4-D input named `x` is image data, as before."""
     from onnx_mbs.data.ready import DeclaredInput, is_model_ready

@@ -32,7 +32,7 @@ def _out(name: str, dims: list) -> onnx.ValueInfoProto:
 def scores_model(heads: str, classes: int = 10) -> onnx.ModelProto:
     """The data's rows as scores z = Flatten(x), exported as `heads` says (in that order):
     'emb' (batch, 2K) = [z, -z], 'logits' z, 'probs' Softmax(z), 'logp' LogSoftmax(z),
-    'nk11' z as (batch, K, 1, 1), 'binary' (batch, 1)."""
+    'nk11' z as (batch, K, 1, 1), 'n1k' z as (batch, 1, K), 'binary' (batch, 1)."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 1, classes])
     nodes = [
         helper.make_node("Flatten", ["x"], ["z"]),
@@ -42,6 +42,7 @@ def scores_model(heads: str, classes: int = 10) -> onnx.ModelProto:
         helper.make_node("Softmax", ["z"], ["probs"], axis=1),
         helper.make_node("LogSoftmax", ["z"], ["logp"], axis=1),
         helper.make_node("Unsqueeze", ["z", "axes"], ["nk11"]),
+        helper.make_node("Unsqueeze", ["z", "one"], ["n1k"]),
         helper.make_node("ReduceSum", ["z", "one"], ["binary"], keepdims=1),
     ]
     dims = {
@@ -50,6 +51,7 @@ def scores_model(heads: str, classes: int = 10) -> onnx.ModelProto:
         "probs": ["n", classes],
         "logp": ["n", classes],
         "nk11": ["n", classes, 1, 1],
+        "n1k": ["n", 1, classes],
         "binary": ["n", 1],
     }
     inits = [
@@ -90,6 +92,9 @@ def test_one_rule_picks_the_logits_or_refuses_in_one_line() -> None:
         pick("emb logits")
     with pytest.raises(BadInputError, match="no classifier output .* binary"):
         pick("binary")
+    # a (batch, 1, K) output is no (batch, 1) score: the refusal does not call it binary
+    with pytest.raises(BadInputError, match=r"among its outputs \('n1k' \(batch, 1, 10\)\)$"):
+        pick("n1k")
     with pytest.raises(BadInputError, match="names output 'nope' the model does not have"):
         pick("logits", "nope")
     with pytest.raises(BadInputError, match=r"'binary' \(batch, 1\) is not a classifier's"):

@@ -559,11 +559,14 @@ def test_float_pixels_0_255_score_like_uint8(inputs, capsys):
     assert scores[0] == scores[1] == scores[2]
 
 
+@pytest.mark.parametrize("rescaling", [False, True], ids=["transpose", "rescaling-first"])
 def test_nhwc_model_scores_like_the_nchw_original(
-    bundled_model_path, fmnist_sample, tmp_path, capsys
+    bundled_model_path, fmnist_sample, tmp_path, capsys, rescaling
 ):
     """The bundled ResNet-20 behind a Transpose from NHWC (as tf2onnx writes it) must score
-    what the original scores: before, preprocessing fed it scrambled images."""
+    what the original scores: before, preprocessing fed it scrambled images. Also where a
+    Keras Rescaling layer (Mul, Add by constants) comes before the Transpose, as tf2onnx
+    leaves it: it was read as NCHW and fed 28 x 1 images of 28 channels."""
     original = onnx.load(bundled_model_path)
     nhwc = onnx.ModelProto()
     nhwc.CopyFrom(original)
@@ -572,12 +575,25 @@ def test_nhwc_model_scores_like_the_nchw_original(
     dims = graph.input[0].type.tensor_type.shape.dim
     for node in graph.node:
         node.input[:] = [f"{name}_nchw" if i == name else i for i in node.input]
-    graph.node.insert(
-        0,
+    first, source = [], name
+    if rescaling:  # x * 1 + 0 in NHWC, then the Transpose
+        graph.initializer.extend(
+            onnx.numpy_helper.from_array(np.array(v, np.float32), k)
+            for k, v in (("one", 1), ("zero", 0))
+        )
+        first = [
+            onnx.helper.make_node("Mul", [name, "one"], ["scaled"], name="rescale_mul"),
+            onnx.helper.make_node("Add", ["scaled", "zero"], ["shifted"], name="rescale_add"),
+        ]
+        source = "shifted"
+    first.append(
         onnx.helper.make_node(
-            "Transpose", [name], [f"{name}_nchw"], name="to_nchw", perm=[0, 3, 1, 2]
-        ),
+            "Transpose", [source], [f"{name}_nchw"], name="to_nchw", perm=[0, 3, 1, 2]
+        )
     )
+    nodes = [*first, *graph.node]
+    del graph.node[:]
+    graph.node.extend(nodes)
     n, c, h, w = [d.dim_param or d.dim_value for d in dims]
     graph.input[0].CopyFrom(
         onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [n, h, w, c])

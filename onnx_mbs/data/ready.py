@@ -68,6 +68,12 @@ def model_ready_arrays(
     arrays: dict[str, np.ndarray] = {}
     count = None
     for declared in inputs:
+        if not declared.dims:
+            raise BadInputError(
+                f"{what}: input {declared.name!r} is a scalar (rank 0): it has no first axis "
+                "to give one entry per sample on, so model-ready data cannot feed it; export "
+                "it with a batch axis, (N,) or (N, 1)"
+            )
         array = npz[declared.name]
         _check(array, declared, what)
         if count is not None and len(array) != count:
