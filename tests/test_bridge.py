@@ -1185,3 +1185,63 @@ def test_zoo_models_match_ort(zoo_onnx, name: str, form: str) -> None:
     dims = [d.dim_value if d.dim_value > 0 else 2 for d in graph_input.type.tensor_type.shape.dim]
     x = np.random.default_rng(0).normal(size=dims).astype(np.float32)
     assert_matches_ort(model, {graph_input.name: x})
+
+
+def _normalised_input_net() -> onnx.ModelProto:
+    """x -> Sub(mean) -> Div(std) -> Conv -> Mul(layer scale) -> Add(bias) -> y: the
+    preprocessing baked in front (per-channel constants on the input itself), a layer
+    scale after the conv."""
+    rng = np.random.default_rng(0)
+    values = {
+        "mean": np.array([0.5, 0.4, 0.3], np.float32).reshape(1, 3, 1, 1),
+        "std": np.array([0.2, 0.25, 0.3], np.float32).reshape(1, 3, 1, 1),
+        "w": rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32),
+        "gamma": rng.uniform(0.5, 1.5, (4, 1, 1)).astype(np.float32),
+        "beta": rng.normal(0, 0.1, (4, 1, 1)).astype(np.float32),
+    }
+    graph = helper.make_graph(
+        [
+            helper.make_node("Sub", ["x", "mean"], ["centred"]),
+            helper.make_node("Div", ["centred", "std"], ["scaled"]),
+            helper.make_node("Conv", ["scaled", "w"], ["c"], pads=[1] * 4),
+            helper.make_node("Mul", ["c", "gamma"], ["g"]),
+            helper.make_node("Add", ["g", "beta"], ["y"]),
+        ],
+        "normalised_input",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        [numpy_helper.from_array(v, k) for k, v in values.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_preprocessing_constants_on_the_input_are_not_trained():
+    """Per-channel Sub/Div constants applied to the graph input before any weight are the
+    images' normalisation, not a layer: they were trained (an in-graph std of 0.5 drifted
+    to 0.38..0.68 in 3 epochs), so the written model read its inputs otherwise. The layer
+    scale and bias after the conv still train."""
+    module = OnnxModule(_normalised_input_net())
+    trained = {name for name, _ in module.named_parameters()}
+    assert trained == {"w", "gamma", "beta"}
+
+
+def test_constants_after_a_mix_of_input_and_features_still_train():
+    """Only what is computed from the input alone is preprocessing: the scale and bias on
+    Add(normalised input, conv features) (a skip from the image) are a layer's and train."""
+    model = _normalised_input_net()
+    graph = model.graph
+    three = np.ones((3, 1, 1), np.float32)
+    graph.node.insert(3, helper.make_node("Slice", ["c", "starts", "ends", "axes"], ["c3"]))
+    graph.node.insert(4, helper.make_node("Add", ["scaled", "c3"], ["mixed"]))
+    graph.node[5].input[0] = "mixed"  # Mul(gamma) reads the mix
+    for tensor in graph.initializer:
+        if tensor.name in ("gamma", "beta"):
+            tensor.CopyFrom(numpy_helper.from_array(three, tensor.name))
+    graph.initializer.extend(
+        numpy_helper.from_array(np.array([v], np.int64), k)
+        for k, v in (("starts", 0), ("ends", 3), ("axes", 1))
+    )
+    graph.output[0].type.tensor_type.shape.dim[1].dim_value = 3
+    onnx.checker.check_model(model, full_check=True)
+    trained = {name for name, _ in OnnxModule(model).named_parameters()}
+    assert trained == {"w", "gamma", "beta"}

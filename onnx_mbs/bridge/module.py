@@ -7,7 +7,8 @@ Initializers are sorted by the role their consumers give them:
 
 - parameters: float weights of Conv/ConvTranspose/Gemm/MatMul/LSTM/GRU, BatchNormalization,
   LayerNormalization and InstanceNormalization scale and bias, PRelu slopes, and non-scalar
-  float constants of Add/Sub/Mul/Div (per-channel scale or bias);
+  float constants of Add/Sub/Mul/Div (per-channel scale or bias) -- except those applied to
+  the graph input before any weight (the images' normalisation, baked in front);
 - buffers: BatchNormalization running mean and variance (updated in train mode);
 - constants: everything else (integer tensors, shapes, split sizes, resize scales, scalars).
   Nodes whose inputs are all constants are evaluated once at build time.
@@ -103,13 +104,16 @@ def initializer_roles(
                 found.append((node, i, reshaped))
         return found
 
+    raw = _input_side(graph)
     roles = {t.name: "constant" for t in graph.initializer}
     for name, tensor in float_inits.items():
         for node, i, reshaped in uses(name, {name}):
             if node.op_type in ignore:
                 continue
             if i in WEIGHT_INPUTS.get(node.op_type, ()) or (
-                node.op_type in ELEMENTWISE and int(np.prod(tensor.dims)) > 1
+                node.op_type in ELEMENTWISE
+                and int(np.prod(tensor.dims)) > 1
+                and not any(other in raw for other in node.input)
             ):
                 roles[name] = "parameter"
             elif (
@@ -119,6 +123,21 @@ def initializer_roles(
             ):
                 roles[name] = "buffer"
     return roles
+
+
+def _input_side(graph: onnx.GraphProto) -> set[str]:
+    """The tensors computed from the graph inputs before any weight is applied: what an
+    element-wise constant does to them is preprocessing baked in front (Sub mean, Div std),
+    which training must not move."""
+    fixed = {t.name for t in graph.initializer} | {""}
+    raw = {i.name for i in graph.input} - fixed
+    for node in topological_order(graph):
+        outputs = [name for name in node.output if name]
+        if all(name in fixed for name in node.input):
+            fixed.update(outputs)
+        elif node.op_type not in WEIGHT_INPUTS and all(n in raw or n in fixed for n in node.input):
+            raw.update(outputs)
+    return raw
 
 
 # Ops a weight keeps its role through (as their data input 0).
