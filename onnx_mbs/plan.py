@@ -149,7 +149,8 @@ class WidthMap:
     def parse(cls, spec: str | WidthMap) -> WidthMap:
         if isinstance(spec, WidthMap):
             return spec.check()
-        kind, _, value = spec.partition(":")
+        # not text (a bare 0.4): refused below as an unknown kind
+        kind, _, value = spec.partition(":") if isinstance(spec, str) else ("", "", "")
         if kind not in cls.KINDS or not value:
             raise BadInputError(
                 f"bad {option('--width-map')} {spec!r}: use linear:C or power:GAMMA, "

@@ -379,6 +379,11 @@ def _api_cases(ws: Path) -> dict[str, tuple[object, str]]:
             lambda: onnx_mbs.reduce(tiny, width_map=onnx_mbs.WidthMap("power", float("inf"))),
             "width_map power:inf",
         ),
+        # A bare number (the c of linear:C): an AttributeError ('float' has no 'partition').
+        "reduce-width-map-number": (
+            lambda: onnx_mbs.reduce(tiny, width_map=0.4),
+            "bad width_map 0.4: use linear:C or power:GAMMA",
+        ),
         "reduce-receptive-field": (
             lambda: onnx_mbs.reduce(tiny, receptive_field="paper"),
             "unknown receptive_field 'paper'",
