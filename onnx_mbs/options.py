@@ -7,6 +7,7 @@ place for each setting's name, default and check.
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
@@ -71,7 +72,17 @@ class ReduceOptions:
         it ranks best in bench/importance.py; else DEFAULT_CRITERION); a BadInputError
         names the first that cannot be used. (act without data is refused once the model
         is read: `fit_data`.)"""
+        if self.budget is not None and not isinstance(self.budget, (str, Budget)):
+            raise BadInputError(
+                f"{option('--budget')}: a spec such as 'params=0.5' or a Budget, "
+                f"not {self.budget!r}"
+            )
         budget = Budget.parse(self.budget) if isinstance(self.budget, str) else self.budget
+        if isinstance(self.beta_min, bool) or not isinstance(self.beta_min, numbers.Real):
+            # the range is plan_widths' check; text would fail it with a TypeError
+            raise BadInputError(
+                f"{option('--beta-min')} must be a number in (0, 1], got {self.beta_min!r}"
+            )
         width_map = None if self.width_map is None else WidthMap.parse(self.width_map)
         check_reading(self.receptive_field)
         threads = self.latency_threads

@@ -406,9 +406,9 @@ class Planner:
             timer = onnxruntime_timer(providers, options.latency_threads)
         if multiple == "auto":
             multiple = auto_channel_multiple(before, providers, timer)
-        elif not isinstance(multiple, int):
+        elif not isinstance(multiple, int) or isinstance(multiple, bool):
             raise BadInputError(
-                f"{option('--channel-multiple')}: a number or auto, not {multiple!r}"
+                f"{option('--channel-multiple')}: a whole number or auto, not {multiple!r}"
             )
         if options.plans_latency:
             from onnx_mbs.latency import LatencyModel, measure_models

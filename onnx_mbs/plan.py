@@ -149,7 +149,8 @@ class WidthMap:
     def parse(cls, spec: str | WidthMap) -> WidthMap:
         if isinstance(spec, WidthMap):
             return spec.check()
-        kind, _, value = spec.partition(":")
+        # not text (a bare 0.4): refused below as an unknown kind
+        kind, _, value = spec.partition(":") if isinstance(spec, str) else ("", "", "")
         if kind not in cls.KINDS or not value:
             raise BadInputError(
                 f"bad {option('--width-map')} {spec!r}: use linear:C or power:GAMMA, "
@@ -612,6 +613,12 @@ def plan_widths(
     if limits:
         counts = _nudge(counts, groups, excess, step_excess, channel_multiple, beta_min)
     if budget is not None and _over_budget(budget, lambda m: fraction(m, counts)):
+        if not free:  # beta_min and the multiple decide nothing: the one reason
+            raise BadInputError(
+                f"budget {budget} cannot be reached: every channel group is pinned (kept whole: "
+                "its channels reach a graph input or output, or an op that is not followed), "
+                "so nothing can be cut"
+            )
         smallest = _counts(groups, [beta_min] * len(redundancy), channel_multiple)
         pinned = sum(g.pinned for g in groups)
         units = sum(g.size == 1 for g in free)

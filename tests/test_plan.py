@@ -161,6 +161,23 @@ def test_unreachable_budget_is_refused():
         plan_widths(analysis, groups, rho, cost, budget=Budget.parse("params=0.2"))
 
 
+@pytest.mark.parametrize("strategy", ["mbs", "uniform", "global", "mbs-cost", "mbs-branch"])
+def test_a_budget_on_a_model_whose_groups_are_all_pinned_says_so(strategy):
+    # Every group pinned (a conv whose channels are the graph output): the refusal gave
+    # beta_min and channel_multiple as reasons, which decide nothing when no group is free.
+    analysis = _analysis([1, 4], [4, 4])
+    pinned = [GroupInfo(g, 64, (g,), True) for g in (0, 1)]
+    rho = dict.fromkeys((layer.name for layer in analysis.layers), 1.0)
+    with pytest.raises(BadInputError, match="cannot be reached") as refused:
+        plan_widths(
+            analysis, pinned, rho, _quadratic_cost(pinned, {0: 1.0, 1: 1.0}),
+            budget=Budget.parse("params=0.5"), strategy=strategy, importance={},
+        )  # fmt: skip
+    message = str(refused.value)
+    assert "every channel group is pinned" in message and "nothing can be cut" in message
+    assert "beta_min" not in message and "channel_multiple" not in message
+
+
 @pytest.mark.parametrize("strategy", ["mbs", "uniform", "global", "mbs-cost"])
 def test_budget_just_below_the_smallest_plan_is_refused_not_exceeded(strategy):
     # The smallest plan keeps (8^2 + 64^2) / (2 * 64^2) = 50.8% of the parameters: a budget of

@@ -397,6 +397,11 @@ def _api_cases(ws: Path) -> dict[str, tuple[object, str]]:
             lambda: onnx_mbs.reduce(tiny, width_map=onnx_mbs.WidthMap("power", float("inf"))),
             "width_map power:inf",
         ),
+        # A bare number (the c of linear:C): an AttributeError ('float' has no 'partition').
+        "reduce-width-map-number": (
+            lambda: onnx_mbs.reduce(tiny, width_map=0.4),
+            "bad width_map 0.4: use linear:C or power:GAMMA",
+        ),
         "reduce-receptive-field": (
             lambda: onnx_mbs.reduce(tiny, receptive_field="paper"),
             "unknown receptive_field 'paper'",
@@ -409,6 +414,29 @@ def _api_cases(ws: Path) -> dict[str, tuple[object, str]]:
         "reduce-budget": (
             lambda: onnx_mbs.reduce(tiny, budget="params=2"),
             "bad budget 'params=2'",
+        ),
+        # A budget that is neither a spec string nor a Budget: an AttributeError from deep
+        # in the strategy choice ('float' object has no attribute 'limits').
+        **{
+            f"reduce-budget-{kind}": (
+                lambda budget=budget: onnx_mbs.reduce(tiny, budget=budget),
+                "budget: a spec such as 'params=0.5' or a Budget",
+            )
+            for kind, budget in (
+                ("float", 0.5),
+                ("dict", {"params": 0.5}),
+                ("pair", ("params", 0.5)),
+            )
+        },
+        # beta_min as text: a TypeError from plan_widths' range check.
+        "reduce-beta-min-text": (
+            lambda: onnx_mbs.reduce(tiny, beta_min="0.1"),
+            "beta_min must be a number in (0, 1], got '0.1'",
+        ),
+        # True is an int to Python: it planned at a channel multiple of True (1).
+        "reduce-channel-multiple-true": (
+            lambda: onnx_mbs.reduce(tiny, channel_multiple=True),
+            "channel_multiple: a whole number or auto, not True",
         ),
         "reduce-budget-unreachable": (
             lambda: onnx_mbs.reduce(tiny, budget="params=0.01", beta_min=0.5),
@@ -427,7 +455,7 @@ def _api_cases(ws: Path) -> dict[str, tuple[object, str]]:
         ),
         "reduce-channel-multiple-text": (
             lambda: onnx_mbs.reduce(tiny, channel_multiple="eight"),
-            "channel_multiple: a number or auto",
+            "channel_multiple: a whole number or auto",
         ),
         "reduce-strategy": (lambda: onnx_mbs.reduce(tiny, strategy="best"), "unknown strategy"),
         "reduce-importance": (lambda: onnx_mbs.reduce(tiny, importance="l3"), "unknown importance"),
