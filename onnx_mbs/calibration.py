@@ -10,7 +10,7 @@ The samples are preprocessed as every onnx-mbs command does (resize, channels, t
 mean/std recorded in the model's metadata unless given), so the quantised model is
 calibrated on what it will see. Model-ready data feeds every input it holds; a model that
 fixes its batch gets batches of that size, the last padded by repeating its last sample
-(onnxruntime cannot run it on another).
+(onnxruntime cannot run it on another); `samples` says where the padding starts.
 """
 
 from __future__ import annotations
@@ -78,3 +78,9 @@ class CalibrationReader(CalibrationDataReader):
 
     def __len__(self) -> int:
         return -(-len(self.source) // self.batch_size)
+
+    @property
+    def samples(self) -> int:
+        """How many of the rows it gives are real samples: those past it pad the last batch.
+        `reduce` reads its data up to here, so the copies are not measured as samples."""
+        return len(self.source)

@@ -30,6 +30,7 @@ from onnx_mbs.passes import (
     resolution_text,
     static_batch,
 )
+from onnx_mbs.passes.analysis import shares_weights
 from onnx_mbs.plan import BASE_RULES, COST_AWARE, COST_WIDTH_MAP, DEFAULT_WIDTH_MAP, STRATEGIES
 from onnx_mbs.schedule import DEFAULT_LR_PER_64, DEFAULT_WARMUP
 
@@ -88,6 +89,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         f"{batch} ({len(analysis.layers)} conv layers; totals include the head)"
     )
     print(f"base: {BASE_RULES[analysis.receptive_field]} (image size {analysis.image_size})")
+    if shares_weights(analysis.layers):
+        print(
+            "params: shared weights are counted once, in the first macroblock that reads them "
+            "(convs here read another conv's weights: a tower applied to several inputs)"
+        )
     return 0
 
 

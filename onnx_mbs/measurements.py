@@ -3,8 +3,9 @@
 Models trained by this project (models/train.py) record their test top-1 and how they were
 trained (`onnx_mbs.test_top1`, `onnx_mbs.train`). A reduced, retrained or recalibrated model
 has other weights: carried over, those figures would describe it wrongly, in every tool that
-shows a model's metadata. The preprocessing (`onnx_mbs.mean`, `onnx_mbs.std`) and names stay:
-they describe the data, not the weights.
+shows a model's metadata. A reduction that cuts nothing (and records no other mean/std)
+writes the same weights back: its model keeps them. The preprocessing (`onnx_mbs.mean`,
+`onnx_mbs.std`) and names stay: they describe the data, not the weights.
 """
 
 from __future__ import annotations

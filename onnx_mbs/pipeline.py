@@ -195,7 +195,8 @@ def reduce(
     rewritten = shrink(plan)
     if planner.latency is not None:
         rewritten = meet_latency(rewritten, origin.written(form), planner, shrink, options)
-    drop_measurements(rewritten.model)
+    if rewritten.plan.changes_anything or rerecords(rewritten.model, recorded):
+        drop_measurements(rewritten.model)  # its test top-1 describes other weights or data
     if recorded is not None:
         with_preprocessing(rewritten.model, recorded)
     check_written(rewritten.model, lambda: origin.original)
@@ -284,6 +285,14 @@ def with_preprocessing(model: onnx.ModelProto, preprocess: Preprocess) -> onnx.M
     """`model`, in place, with `preprocess`'s mean/std recorded in its metadata_props, so
     later commands (eval, retrain) read data as it was read here without being told again."""
     return with_metadata(model, preprocess.metadata())
+
+
+def rerecords(model: onnx.ModelProto, recorded: Preprocess | None) -> bool:
+    """Whether recording `recorded` changes the mean/std `model` records (None: nothing
+    recorded, no change): a figure measured under the old ones would then not hold."""
+    if recorded is None:
+        return False
+    return any(metadata(model).get(k) != v for k, v in recorded.metadata().items())
 
 
 def with_metadata(model: onnx.ModelProto, entries: Mapping[str, str]) -> onnx.ModelProto:
@@ -657,7 +666,8 @@ class MacroblockScaling(Pass):
                    MacroblockScaling("calib/", budget="params=0.5"))(model)
 
     The result's model is the reduced one (when nothing is cut, the input itself, or a copy
-    recording the `mean`/`std` given here where the input records others), declaring
+    recording the `mean`/`std` given here where the input records others, without its
+    measured test top-1), declaring
     the inputs the pass was given: after FixInputShapes, the fixed shapes; give the size
     as `input_shapes=` instead to keep the input's dynamic dims. `result["mbs"]` is the
     ReduceReport.
@@ -675,10 +685,11 @@ class MacroblockScaling(Pass):
         if report.plan.changes_anything:
             return PassResult(reduced, True, {self.name: report})
         # Nothing cut: the input itself, unless mean/std given here differ from what it
-        # records; reduce recorded them, and later commands read the data by that record.
+        # records; reduce recorded them, and later commands read the data by that record
+        # (a test top-1 measured under the old ones no longer holds: dropped, as reduce does).
         record = {k: v for k, v in metadata(reduced).items() if k in (MEAN_KEY, STD_KEY)}
         if all(metadata(model).get(k) == v for k, v in record.items()):
             return PassResult(model, False, {self.name: report})
         out = onnx.ModelProto()
         out.CopyFrom(model)
-        return PassResult(with_metadata(out, record), True, {self.name: report})
+        return PassResult(drop_measurements(with_metadata(out, record)), True, {self.name: report})

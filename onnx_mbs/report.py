@@ -9,7 +9,7 @@ import json
 import math
 from pathlib import Path
 
-from onnx_mbs.passes.analysis import resolution_text
+from onnx_mbs.passes.analysis import params_once, resolution_text
 from onnx_mbs.pipeline import ReduceReport
 from onnx_mbs.plan import Plan
 
@@ -105,7 +105,11 @@ def report_dict(report: ReduceReport) -> dict:
 
 
 def _block_sum(report: ReduceReport, index: int, what: str) -> int:
+    """A macroblock's params or MACs in the written model (a shared weight counted once)."""
     names = set(report.before.macroblocks[index].layers)
+    if what == "params":
+        once = params_once(report.after.layers)
+        return sum(once[x.name] for x in report.after.layers if x.name in names)
     return sum(getattr(x, what) for x in report.after.layers if x.name in names)
 
 
@@ -152,8 +156,9 @@ MACROBLOCK_LEGEND = {
     "(a residual stream that its convs share counts once)",
     "conv out ch": "its conv layers' output channels summed, before -> after (a shared stream "
     "once per conv that writes it)",
-    "conv params, conv MACs": "of its conv layers (weights and biases; BatchNorm, other ops "
-    "and the head count in the totals only)",
+    "conv params, conv MACs": "of its conv layers (weights and biases, a weight that several "
+    "convs read counted once, in the first macroblock reading it; BatchNorm, other ops and "
+    "the head count in the totals only)",
 }
 
 

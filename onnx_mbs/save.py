@@ -79,6 +79,11 @@ def check_outputs(
     file by file): nothing else in it is ever touched, so a folder holding anything else, an
     input or the output is refused. `checkpoint` (the file `retrain --checkpoint` writes) is
     held to the inputs as the output is, and the output may be neither it nor its folder."""
+    if output is not None and os.fspath(output) == "-":
+        raise BadInputError(
+            "output - would write a file named '-', not to stdout: models are written to files "
+            "only (stdout carries --json); give a path (./- for a file of that name)"
+        )
     sources: list[tuple[Path, str]] = []
     for role, model in (models or {}).items():
         if isinstance(model, (str, os.PathLike)):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -498,7 +499,8 @@ def analyze_model(
     roots = {r: by_root[r] for r in sorted(by_root, key=lambda r: first_seen.get(r, -1))}
 
     layers: list[ConvLayer] = []
-    macroblocks: list[Macroblock] = []
+    blocks_layers: list[list[ConvLayer]] = []
+    unsized: list[Macroblock] = []  # params counted once all layers are known
     for m, nodes in enumerate(roots.values()):
         sizes = Counter(resolution[n.output[0]] for n in nodes)
         block_res = max(sizes, key=lambda s: (sizes[s], s))
@@ -511,16 +513,22 @@ def analyze_model(
             limit, key = max(block_res), "local_receptive_field"
         base = [x.name for k, x in enumerate(block_layers) if k == 0 or getattr(x, key) <= limit]
         layers.extend(block_layers)
-        macroblocks.append(
+        blocks_layers.append(block_layers)
+        unsized.append(
             Macroblock(
                 index=m,
                 resolution=block_res,
                 layers=[x.name for x in block_layers],
                 base_layers=base,
-                params=sum(x.params for x in block_layers),
+                params=0,
                 macs=sum(x.macs for x in block_layers),
             )
         )
+    once = params_once(layers)
+    macroblocks = [
+        replace(block, params=sum(once[x.name] for x in block_layers))
+        for block, block_layers in zip(unsized, blocks_layers)
+    ]
     other = _matmul_macs(index)
     return ModelAnalysis(
         layers=layers,
@@ -533,6 +541,28 @@ def analyze_model(
         batch=batch,
         model_key=structure_key(model),
     )
+
+
+def params_once(layers: Sequence[ConvLayer]) -> dict[str, int]:
+    """Each layer's parameters, less the weight or bias a layer before it reads too: a
+    shared weight (a siamese tower applied to two inputs) is counted once, in the first
+    layer reading it, so macroblocks' params add up to the model's conv parameters."""
+    seen: set[str] = set()
+    once: dict[str, int] = {}
+    for x in layers:
+        bias = x.out_channels if x.bias else 0
+        once[x.name] = 0
+        for name, size in ((x.weight, x.params - bias), (x.bias, bias)):
+            if name and name not in seen:
+                seen.add(name)
+                once[x.name] += size
+    return once
+
+
+def shares_weights(layers: Sequence[ConvLayer]) -> bool:
+    """Whether two layers read one weight: the tables then count it once (`params_once`)."""
+    once = params_once(layers)
+    return any(once[x.name] < x.params for x in layers)
 
 
 def _conv_layer(node, attrs, index: GraphIndex, rf, field_of, macroblock: int) -> ConvLayer:
@@ -600,10 +630,11 @@ def resized(
         node = convs[layer.name]
         layers.append(replace(layer, **_conv_sizes(node, attributes(node), index.shapes)))
     by_name = {layer.name: layer for layer in layers}
+    once = params_once(layers)
     macroblocks = [
         replace(
             block,
-            params=sum(by_name[x].params for x in block.layers),
+            params=sum(once[x] for x in block.layers),
             macs=sum(by_name[x].macs for x in block.layers),
         )
         for block in before.macroblocks

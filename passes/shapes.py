@@ -5,6 +5,7 @@ settle; every Conv output must end with a static shape (MACs and widths depend o
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -67,6 +68,8 @@ class FixInputShapes(Pass):
                     f"name one of: {', '.join(i.name for i in inputs)}"
                 )
             shapes[inputs[0].name] = shapes.pop("")
+        for vi in inputs:
+            refuse_a_size_as_batch(vi)
         unknown = set(shapes) - {i.name for i in inputs}
         if unknown:
             raise BadInputError(
@@ -142,6 +145,25 @@ def _fix_named_dims(graph: onnx.GraphProto, named: dict[str, int]) -> None:
 def _fixed(dim: onnx.TensorShapeProto.Dimension) -> bool:
     """Whether `dim` is a known size: -1 and 0 are dynamic, as exporters write them (Paddle)."""
     return dim.HasField("dim_value") and dim.dim_value > 0
+
+
+# A dim named like these is an image size: dim 0 so named means the input has no batch axis.
+_SIZE_NAME = re.compile(r"(?:.*[^a-z])?(?:h|w|height|width)")
+
+
+def refuse_a_size_as_batch(vi: onnx.ValueInfoProto) -> None:
+    """Refuse an input whose dim 0 is named as an image size ('H', 'height', 'img_w'): an
+    (H, W, C) input without a batch axis. Every reading here takes dim 0 for the batch: H
+    would be fixed to 1, counted as the batch, and the image size read from W and C."""
+    dims = vi.type.tensor_type.shape.dim
+    if not dims or not _SIZE_NAME.fullmatch(dims[0].dim_param.lower()):
+        return
+    shown = [d.dim_value if _fixed(d) else (d.dim_param or "?") for d in dims]
+    raise BadInputError(
+        f"input {vi.name!r} has no batch axis: dim 0 is {dims[0].dim_param!r}, a size (dims "
+        f"{shown}); onnx-mbs reads an image input as (N, C, H, W) or (N, H, W, C): export the "
+        "model with a batch axis first"
+    )
 
 
 def _size_name(dim: onnx.TensorShapeProto.Dimension, k: int) -> str:

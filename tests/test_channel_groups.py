@@ -443,6 +443,38 @@ def test_a_tower_applied_to_two_inputs_keeps_its_weights_tied(tmp_path):
         np.testing.assert_allclose(forward, backward, rtol=1e-5)
 
 
+@pytest.mark.parametrize("head", ["distance", "concat"])
+def test_the_macroblock_table_counts_a_shared_tower_once(head, tmp_path, capsys):
+    """The tower appears in two macroblocks (one per input): each listed the tower's weights,
+    so the blocks' params added up to more than the model has. A weight is counted once, in
+    the first macroblock reading it, and the table says so; the reduce table too."""
+    from onnx_mbs.cli import main
+    from onnx_mbs.passes import count_parameters
+    from onnx_mbs.pipeline import reduce
+
+    model = load_model(siamese_net(head))
+    analysis = analyze_model(model)
+    convs = {t.name: t for t in model.graph.initializer}
+    conv_params = sum(  # each conv weight and bias once
+        int(np.prod(convs[name].dims))
+        for name in {n for x in analysis.layers for n in (x.weight, x.bias) if n}
+    )
+    assert sum(m.params for m in analysis.macroblocks) == conv_params <= analysis.total_params
+    assert analysis.macroblocks[2].params == 0  # the second input's first conv: a's
+    onnx.save(siamese_net(head), tmp_path / "s.onnx")
+    shapes = ["--input-shape", "a:1,3,16,16", "--input-shape", "b:1,3,16,16"]
+    assert main(["analyze", str(tmp_path / "s.onnx"), *shapes]) == 0
+    assert "shared weights are counted once" in capsys.readouterr().out
+    small, report = reduce(siamese_net(head), budget="params=0.7", progress=False)
+    after = report.after
+    kept = {t.name: t for t in small.graph.initializer}
+    written = sum(
+        int(np.prod(kept[name].dims))
+        for name in {n for x in after.layers for n in (x.weight, x.bias) if n}
+    )
+    assert sum(m.params for m in after.macroblocks) == written <= count_parameters(small)
+
+
 def test_a_tower_whose_two_maps_one_head_reads_keeps_its_weights_tied():
     """The towers' last maps are read by one conv at different input channels (a stereo
     head): still one group (the last conv's weight was counted twice, params=0.7 wrote

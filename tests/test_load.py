@@ -129,6 +129,42 @@ def test_input_shape_refusals_name_each_doors_spelling(tmp_path, capsys):
         assert code == 2 and fragment in err and "input_shapes" not in err
 
 
+def _hwc_model(dims: list) -> onnx.ModelProto:
+    """image (H, W, 3), no batch axis: Unsqueeze(0), Transpose to NCHW, Conv 3x3 -> 4."""
+    h, w = dims[0], dims[1]
+    weight = numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")
+    axes = numpy_helper.from_array(np.array([0], np.int64), "axes")
+    nodes = [
+        onnx.helper.make_node("Unsqueeze", ["image", "axes"], ["u"]),
+        onnx.helper.make_node("Transpose", ["u"], ["t"], perm=[0, 3, 1, 2]),
+        onnx.helper.make_node("Conv", ["t", "w"], ["y"], pads=[1, 1, 1, 1]),
+    ]
+    graph = onnx.helper.make_graph(
+        nodes,
+        "hwc",
+        [onnx.helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, dims)],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, h, w])],
+        [weight, axes],
+    )
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("dims", [["H", "W", 3], ["H", 16, 3], ["image_height", 16, 3]])
+def test_an_input_whose_first_dim_is_a_size_is_refused_not_analysed_at_size_1(
+    dims, tmp_path, capsys
+):
+    """(H, W, 3) without a batch axis: the hint said `--input-shape image:1,W,3`, taking H for
+    the batch, and ['H', 16, 3] was analysed at H = 1 without a word. Dim 0 named as a size is
+    no batch: refused, saying why, whatever shape is given."""
+    model = _hwc_model(dims)
+    for shapes in (None, {"image": [16, 16, 3]}):
+        with pytest.raises(BadInputError, match=r"no batch axis: dim 0 is '\w+', a size"):
+            load_model(model, shapes)
+    onnx.save(model, tmp_path / "hwc.onnx")
+    code, err = _run_cli(["analyze", str(tmp_path / "hwc.onnx")], capsys)
+    assert code == 2 and err.count("\n") == 1 and "image:1," not in err
+
+
 def test_input_shape_unnamed_and_errors():
     model = conv_relu_model(["N", 3, "H", "W"])
     assert static_shape(load_model(model, {"": [1, 3, 5, 5]}).graph.input[0]) == (1, 3, 5, 5)

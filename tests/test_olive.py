@@ -104,11 +104,13 @@ def test_olive_package_config_keeps_olives_passes_and_dataset_reads_the_data(
 
 
 def test_olive_pass_bad_input_is_raised_not_swallowed(bundled_model_path, tmp_path):
-    """Olive re-raises ValueErrors (onnx-mbs's BadInputError is one): no empty output."""
+    """Olive re-raises ValueErrors (onnx-mbs's BadInputError is one): no empty output, and
+    no report: an earlier run's, left in last_report, read as the failed run's."""
     from olive.workflows import run as olive_run
 
     from onnx_mbs.passes import BadInputError
 
+    MacroblockScaling.last_report = "the report of an earlier run"
     with pytest.raises(BadInputError, match="budget"):
         olive_run(
             {
@@ -121,6 +123,7 @@ def test_olive_pass_bad_input_is_raised_not_swallowed(bundled_model_path, tmp_pa
             package_config=package_config(),
         )
     assert not list((tmp_path / "out").glob("*.onnx"))
+    assert MacroblockScaling.last_report is None
 
 
 def test_olive_dataset_reads_a_model_with_dynamic_height_and_width_at_the_given_size(tmp_path):

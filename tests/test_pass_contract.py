@@ -227,6 +227,7 @@ def test_macroblock_scaling_that_cuts_nothing_keeps_the_preprocessing_it_was_giv
     model = conv_relu_model()
     model.metadata_props.add(key="onnx_mbs.mean", value="0.1,0.1,0.1")
     model.metadata_props.add(key="onnx_mbs.std", value="0.2,0.2,0.2")
+    model.metadata_props.add(key="onnx_mbs.test_top1", value="0.9")  # read at 0.1/0.2
     data = write_npz(tmp_path / "d.npz", **random_images(8, (3, 8, 8), labels=False))
     before = model.SerializeToString()
     given = MacroblockScaling(data, budget="params=1.0", mean=[0.5] * 3, std=[0.25] * 3)
@@ -235,6 +236,7 @@ def test_macroblock_scaling_that_cuts_nothing_keeps_the_preprocessing_it_was_giv
     assert result.modified and result.model is not model
     assert _metadata(result.model) == _metadata(written)
     assert _metadata(result.model)["onnx_mbs.mean"] == "0.5,0.5,0.5"
+    assert "onnx_mbs.test_top1" not in _metadata(result.model)  # measured under the old record
     assert model.SerializeToString() == before
     assert_same_outputs(model, result.model)
     as_recorded = MacroblockScaling(data, budget="params=1.0", mean=[0.1] * 3, std=[0.2] * 3)

@@ -107,3 +107,21 @@ def test_the_originals_measured_accuracy_does_not_travel(bundled_model_path, tmp
         assert "onnx_mbs.test_top1" not in kept and "onnx_mbs.train" not in kept, written.name
         for key in ("onnx_mbs.mean", "onnx_mbs.std", "onnx_mbs.dataset", "onnx_mbs.model"):
             assert kept[key] == original[key], (written.name, key)
+
+
+def test_a_model_nothing_was_cut_from_keeps_its_measurements(bundled_model_path, tmp_path):
+    """A budget of 1 cuts nothing: the written model is the input, weights and all, so its
+    recorded test top-1 still describes it (the MacroblockScaling pass keeps it too). Given
+    another mean/std to record, the figure no longer describes what the model reads: dropped."""
+    original = _metadata(bundled_model_path)
+    same, other = tmp_path / "same.onnx", tmp_path / "other.onnx"
+    args = ["reduce", str(bundled_model_path), "--budget", "params=1", "--strategy", "global"]
+    assert main([*args, "-o", str(same)]) == 0
+    kept = _metadata(same)
+    assert kept["onnx_mbs.test_top1"] == original["onnx_mbs.test_top1"]
+    assert kept["onnx_mbs.train"] == original["onnx_mbs.train"]
+    data = ["--data", str(FMNIST_SAMPLE), "--limit", "16", "--mean", "0.5", "--std", "0.5"]
+    assert main([*args, "-o", str(other), *data]) == 0
+    moved = _metadata(other)
+    assert moved["onnx_mbs.mean"] == "0.5"
+    assert "onnx_mbs.test_top1" not in moved and "onnx_mbs.train" not in moved

@@ -19,6 +19,7 @@ from onnx_mbs.calibration import CalibrationReader
 from onnx_mbs.cli import main
 from onnx_mbs.models import FMNIST_SAMPLE, FMNIST_TRAIN_SAMPLE
 from onnx_mbs.passes import BadInputError
+from onnx_mbs.pipeline import MacroblockScaling, reduce
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "quantise.py"
 
@@ -181,6 +182,22 @@ def test_calibration_reader_follows_a_fixed_batch(bundled_model_path, tmp_path, 
     reader.rewind()
     quantize_static(str(path), str(tmp_path / "q.onnx"), reader, quant_format=QuantFormat.QDQ)
     assert "QuantizeLinear" in {n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node}
+
+
+def test_a_calibration_readers_padding_is_not_measured(bundled_model_path, tmp_path):
+    """Given to reduce (or the pass, which replays it), the reader's last batch of a fixed
+    batch of 8 repeats sample 20 four times to fill it: counted, 24 samples were reported and
+    the statistics weighed the copies. Only the 20 real samples are measured."""
+    path = tmp_path / "b8.onnx"
+    onnx.save(_with_batch(onnx.load(str(bundled_model_path)), 8), path)
+    reader = CalibrationReader(str(FMNIST_SAMPLE), path, limit=20)
+    assert reader.samples == 20
+    options = {"budget": "params=0.5", "evaluate_accuracy": False, "progress": False}
+    _, report = reduce(str(path), reader, **options)
+    assert report.samples == 20
+    reader.rewind()
+    result = MacroblockScaling(reader, **options)(onnx.load(str(path)))
+    assert result.analyses["mbs"].samples == 20
 
 
 def test_calibration_reader_refuses_another_batch_than_the_fixed_one(bundled_model_path, tmp_path):

@@ -370,6 +370,19 @@ def test_case(case: Case, inputs, tmp_path, monkeypatch):
     run_case(case, inputs, tmp_path, monkeypatch)
 
 
+@pytest.mark.parametrize("command", ["reduce --no-eval", "retrain --data {ws}/data.npz"])
+def test_o_dash_is_refused_not_written_as_a_file_named_dash(command, inputs, tmp_path, monkeypatch):
+    """`-o -` reads as "to stdout" (which the commands do not do: stdout carries --json); it
+    wrote a file named "-" in the current folder and said "wrote -"."""
+    monkeypatch.chdir(tmp_path)
+    name, *flags = command.format(ws=inputs).split()
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        code = main([name, str(inputs / "tiny.onnx"), "-o", "-", *flags])
+    assert code == 2 and "output - would write a file named '-', not to stdout" in stderr.getvalue()
+    assert not list(tmp_path.iterdir())
+
+
 def test_there_are_enough_cases():
     assert len(CASES) >= 150 and len({c.id for c in CASES}) == len(CASES)
 

@@ -25,6 +25,7 @@ class Replay:
     def __init__(self, reader: Any) -> None:
         self._reader = iter(reader.get_next, None) if hasattr(reader, "get_next") else iter(reader)
         self._read: list[Any] = []
+        self.samples = getattr(reader, "samples", None)  # where a padding reader's copies start
 
     def __iter__(self) -> Iterator[Any]:
         k = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -359,9 +360,19 @@ def _open_reader(
             break
     if not arrays:
         raise BadInputError("the input reader yielded no data")
-    x = np.concatenate(arrays)[:limit]
+    x = np.concatenate(arrays)[: min(limit or sys.maxsize, padded_from(spec))]
     description = _describe("input reader (model inputs, not preprocessed)", len(x), None, False)
     return ArraySource(x, None, None, None, input_name, description)
+
+
+def padded_from(reader: Any) -> int:
+    """Where a reader's padding starts: a reader that pads its last batch (CalibrationReader,
+    for a model that fixes its batch) says how many of its rows are real in `samples`; the
+    copies after them would be measured as samples otherwise."""
+    samples = getattr(reader, "samples", None)
+    if isinstance(samples, int) and not isinstance(samples, bool) and samples > 0:
+        return samples
+    return sys.maxsize
 
 
 def _reader_array(

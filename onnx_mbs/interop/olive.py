@@ -15,8 +15,9 @@ with `MacroblockScaling` added, so every built-in pass stays available:
 
 The pass's options are `onnx_mbs.reduce`'s, with its defaults (`data` is a --data
 spec: image folder, .npz or IDX folder); the model file is read as `reduce` reads
-it, external data included. The ReduceReport of the last run is kept in
-`MacroblockScaling.last_report`.
+it, external data included. The ReduceReport of the last run in the process is kept in
+`MacroblockScaling.last_report` (None after a run that failed); a pass object's own
+`last_report` is its own last run's.
 """
 
 from __future__ import annotations
@@ -73,6 +74,9 @@ def _defaults() -> dict[str, Any]:
 class MacroblockScaling(Pass):
     """Reduce an ONNX model's Conv widths with MBS (onnx_mbs.reduce)."""
 
+    # Olive makes the pass objects of a workflow: the class holds the report of the last run
+    # in this process (None while one runs, and after one that failed); each pass object
+    # holds its own run's.
     last_report: ClassVar[Any] = None
 
     @classmethod
@@ -91,10 +95,12 @@ class MacroblockScaling(Pass):
         from onnx_mbs.pipeline import reduce
 
         options = {name: getattr(config, name) for name in OPTIONS}
+        type(self).last_report = None  # a failed run must not leave the one before it
+        vars(self)["last_report"] = None
         reduced, report = reduce(
             model.model_path, evaluate_accuracy=False, progress=False, **options
         )
-        type(self).last_report = report
+        type(self).last_report = vars(self)["last_report"] = report
         return model_proto_to_olive_model(reduced, resolve_onnx_path(output_model_path), config)
 
 
