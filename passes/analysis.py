@@ -574,8 +574,6 @@ def _conv_layer(node, attrs, index: GraphIndex, rf, field_of, macroblock: int) -
         op_type=node.op_type,
         input=node.input[0],
         output=node.output[0],
-        weight=node.input[1],
-        bias=node.input[2] if len(node.input) > 2 and node.input[2] else None,
         **_conv_sizes(node, attrs, index.shapes),
         kernel=kernel,
         stride=_per_dim(attrs.get("strides"), 1, rank),
@@ -587,7 +585,8 @@ def _conv_layer(node, attrs, index: GraphIndex, rf, field_of, macroblock: int) -
 
 
 def _conv_sizes(node: onnx.NodeProto, attrs: dict, shapes: dict) -> dict:
-    """What a conv's channel counts decide: channels, groups, map sizes, MACs, parameters."""
+    """What a conv's channel counts decide: channels, groups, map sizes, MACs, parameters,
+    and the weights it reads (a shared weight cut for each use is written as copies)."""
     weight_shape = shapes[node.input[1]]
     in_shape, out_shape = shapes[node.input[0]], shapes[node.output[0]]
     groups = int(attrs.get("group", 1))
@@ -602,6 +601,8 @@ def _conv_sizes(node: onnx.NodeProto, attrs: dict, shapes: dict) -> dict:
         macs = in_shape[0] * math.prod(in_shape[2:]) * math.prod(kernel)
         macs *= cin * (cout // groups)
     return {
+        "weight": node.input[1],
+        "bias": bias,
         "in_channels": cin,
         "out_channels": cout,
         "groups": groups,
