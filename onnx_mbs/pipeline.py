@@ -534,7 +534,26 @@ class Shrink:
         # Analysed while it has the analysis form's shapes (shrink keeps them up to date),
         # then put in the written form in place: no second copy of its weights (issue 13).
         after = resized(self.analysed.before, shrunk)
+        plan.notes.extend(_copied_weights(self.analysed.before, after))
         return Rewritten(plan, after, self.origin.write_form(shrunk))
+
+
+def _copied_weights(before: ModelAnalysis, after: ModelAnalysis) -> list[str]:
+    """Notes for each weight convs share that the plan cut otherwise for each of them:
+    shrink writes one copy per cut, which can make a model larger than the original."""
+    readers: dict[str, list[str]] = {}
+    for layer in before.layers:
+        readers.setdefault(layer.weight, []).append(layer.name)
+    written = {layer.name: layer.weight for layer in after.layers}
+    notes = []
+    for weight, names in readers.items():
+        copies = len({written[name] for name in names})
+        if copies > 1:
+            notes.append(
+                f"the weight {weight!r} that convs {', '.join(map(repr, names))} share is cut "
+                f"otherwise for each, so it is written as {copies} copies"
+            )
+    return notes
 
 
 LATENCY_RETRIES = 3  # re-plans when the written model's measured latency misses

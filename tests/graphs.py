@@ -557,3 +557,16 @@ def parameters_by_layer(model: onnx.ModelProto) -> int:
                 counted.add(name)
                 total += sizes[name]
     return total
+
+
+def tied_conv_net(seed: int = 0, width: int = 8) -> onnx.ModelProto:
+    """conv 'a', Relu, then one conv applied twice ('s1', 's2': one weight and bias, as
+    torch exports a module called twice), Relu each, pooled Gemm head; input (N, 3, 16, 16)."""
+    b = Builder(seed=seed)
+    c = width
+    x = b.op("Relu", [b.conv(b.input("input", ["N", 3, 16, 16]), 3, c, name="a")])
+    shared = [b.weight(c, c, 3, 3, base="ws"), b.const(np.zeros(c), "bs")]
+    for name in ("s1", "s2"):
+        x = b.op("Conv", [x, *shared], name=name, kernel_shape=[3, 3], pads=[1] * 4)
+        x = b.op("Relu", [x])
+    return b.model([b.gap_head(x, c, 10)], ["logits"])
