@@ -28,9 +28,9 @@ from onnx_mbs.passes import (
     load_model,
     parse_input_shape,
     resolution_text,
+    shares_weights,
     static_batch,
 )
-from onnx_mbs.passes.analysis import shares_weights
 from onnx_mbs.plan import BASE_RULES, COST_AWARE, COST_WIDTH_MAP, DEFAULT_WIDTH_MAP, STRATEGIES
 from onnx_mbs.schedule import DEFAULT_LR_PER_64, DEFAULT_WARMUP
 

@@ -17,6 +17,7 @@ from .analysis import (
     check_reading,
     resized,
     resolution_text,
+    shares_weights,
 )
 from .base import Pass, PassContractError, PassResult, Sequential
 from .channel_groups import ChannelAnalysis, ChannelGroup, Member, analyze_channels
@@ -106,6 +107,7 @@ __all__ = [
     "resized",
     "resolution_text",
     "set_io",
+    "shares_weights",
     "shrink_channels",
     "static_batch",
     "unregister_handler",
