@@ -188,11 +188,21 @@ def _instancenorm(w: ChannelWalk, node: onnx.NodeProto) -> None:
     Reshape ties channel j of each of the G blocks into one class (`reshape_ids`), so a
     cut takes the same channels from every block and each keeps its own statistics; the
     scale and bias (one per block) stay. The kept channels are then normalised without
-    the cut ones: GroupNorm over the kept channels, not exact."""
+    the cut ones: GroupNorm over the kept channels, not exact. Channels that reach the
+    GroupNorm all one unit (its units and a grouped conv's tie every channel) are pinned,
+    saying so."""
     axis, ids = w.chan[node.input[0]]
     if axis == 0 or w.source(node.input[1]) is None or w.source(node.input[2]) is None:
         w.opaque(node, "channels on the batch axis or scale/bias not constant")
         return
+    made = w.index.producer.get(node.input[0])
+    if made is not None and made.op_type == "Reshape" and len(ids) > 1 and not w.varies(ids):
+        w.pin(
+            ids,
+            f"InstanceNormalization '{node.name}' (GroupNorm): its units (one channel of each "
+            "group) and those its channels come in (a grouped conv's conv-groups) together "
+            "tie every channel into one, so none can be cut",
+        )
     if axis > 1:
         w.not_exact(
             ids,

@@ -29,7 +29,11 @@ def reshape_ids(
     full = np.broadcast_to(ids.reshape(sub), [in_shape[d] for d in src])
     out = full.reshape([out_shape[d] for d in dst])
     varying = [k for k in range(out.ndim) if out.shape[k] > 1 and axis_varies(w, out, k)]
-    last = varying[-1] if varying else out.ndim - 1
+    # Channels all of one class (units that tie every channel: a GroupNorm after a grouped
+    # conv) vary nowhere: they go on the block's first axis, where channels lead their
+    # block ((N, C, H, W) <-> (N, G, -1)), not its last (W), which a Conv reads as
+    # channels on the wrong axis.
+    last = varying[-1] if varying else 0
     moved = np.moveaxis(out, last, -1).reshape(-1, out.shape[last])
     for row in moved[1:]:
         w.union(moved[0], row)

@@ -13,6 +13,7 @@ import onnx
 from onnx import numpy_helper
 
 from .base import Pass, PassResult
+from .batch_axis import refuse_an_added_batch_axis
 from .custom_ops import (
     OPAQUE_DOMAIN,
     hide_unknown_ops,
@@ -70,6 +71,7 @@ class FixInputShapes(Pass):
             shapes[inputs[0].name] = shapes.pop("")
         for vi in inputs:
             refuse_a_size_as_batch(vi)
+            refuse_an_added_batch_axis(model.graph, vi)
         unknown = set(shapes) - {i.name for i in inputs}
         if unknown:
             raise BadInputError(

@@ -181,3 +181,43 @@ def test_group_normalization_at_21_trains_only_its_own_affine():
     trained = sum(p.numel() for p in OnnxModule(read.runnable).parameters())
     conv_a, affine, conv_out = CHANNELS * 27 + CHANNELS, 2 * CHANNELS, 2 * CHANNELS + 2
     assert trained == conv_a + affine + conv_out  # no per-group 2 * GROUPS
+
+
+class _GroupedConvBetweenGroupNorms(torch.nn.Module):
+    """conv -> GroupNorm(4, 16) -> conv with groups=4 -> GroupNorm(4, 16) -> conv 'dw'."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.gn0 = torch.nn.GroupNorm(4, 16)
+        self.gc = torch.nn.Conv2d(16, 16, 3, padding=1, groups=4)
+        self.gn = torch.nn.GroupNorm(4, 16)
+        self.dw = torch.nn.Conv2d(16, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dw(torch.relu(self.gn(self.gc(torch.relu(self.gn0(self.stem(x)))))))
+
+
+def test_conv_groups_and_group_norm_units_that_tie_every_channel_say_so(tmp_path):
+    """A GroupNorm unit is one channel of each group, a grouped conv's unit its conv-group:
+    together they tie all 16 channels, so the group is pinned. The reason named the next
+    conv ("Conv '/dw/Conv': channels arrive on axis 3": the walk put the one-unit channels
+    on the last axis after the GroupNorm); it says why now, and the written model computes
+    the same."""
+    path = tmp_path / "gn.onnx"
+    torch.onnx.export(
+        _GroupedConvBetweenGroupNorms().eval(), torch.randn(1, 3, 8, 8), path, dynamo=False
+    )
+    read = load(onnx.load(path))
+    (group,) = [g for g in analyze_channels(read.model).groups if "/gc/Conv" in g.producers]
+    assert group.pinned
+    assert not any("arrive on axis" in reason for reason in group.pin_reasons)
+    assert any(
+        "GroupNorm" in reason and "conv-groups" in reason and "tie every channel" in reason
+        for reason in group.pin_reasons
+    ), group.pin_reasons
+    small, report = reduce(onnx.load(path), evaluate_accuracy=False, progress=False)
+    assert any("tie every channel" in reason for reason in report.pinned)
+    check_model(small, full_check=True)
+    (x,) = _images(1)
+    np.testing.assert_allclose(run(small, x)[0], run(onnx.load(path), x)[0], atol=1e-5)

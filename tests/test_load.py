@@ -22,6 +22,7 @@ from onnx_builders import (
 
 import onnx_mbs
 from onnx_mbs.cli import main
+from onnx_mbs.models import BUNDLED_MODEL
 from onnx_mbs.passes import (
     BadInputError,
     FindMacroblocks,
@@ -163,6 +164,93 @@ def test_an_input_whose_first_dim_is_a_size_is_refused_not_analysed_at_size_1(
     onnx.save(model, tmp_path / "hwc.onnx")
     code, err = _run_cli(["analyze", str(tmp_path / "hwc.onnx")], capsys)
     assert code == 2 and err.count("\n") == 1 and "image:1," not in err
+
+
+def _leading_axis_model(dims: list, add: str, conv_in: int, perm=None) -> onnx.ModelProto:
+    """input `dims`, a leading axis added by `add` (Unsqueeze at 0, Reshape to (1, *dims), or
+    '' for none), Transposed by `perm`, then a Conv of kernel 1 reading `conv_in` channels."""
+    spatial = len(dims) - (1 if add else 2)
+    weight = numpy_helper.from_array(np.ones((2, conv_in, *[1] * spatial), np.float32), "w")
+    inits, nodes, x = [weight], [], "image"
+    if add == "Unsqueeze":
+        inits.append(numpy_helper.from_array(np.array([0], np.int64), "axes"))
+        nodes.append(onnx.helper.make_node("Unsqueeze", [x, "axes"], ["u"]))
+        x = "u"
+    elif add == "Reshape":
+        inits.append(numpy_helper.from_array(np.array([1, *dims], np.int64), "to"))
+        nodes.append(onnx.helper.make_node("Reshape", [x, "to"], ["u"]))
+        x = "u"
+    if perm:
+        nodes.append(onnx.helper.make_node("Transpose", [x], ["t"], perm=perm))
+        x = "t"
+    nodes.append(onnx.helper.make_node("Conv", [x, "w"], ["y"]))
+    graph = onnx.helper.make_graph(
+        nodes,
+        "lead",
+        [onnx.helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, dims)],
+        [onnx.helper.make_tensor_value_info("y", 1, [f"d{k}" for k in range(spatial + 2)])],
+        inits,
+    )
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("add", ["Unsqueeze", "Reshape"])
+@pytest.mark.parametrize("perm", [[0, 3, 1, 2], None])
+def test_an_input_the_graph_gives_its_batch_axis_is_refused(add, perm, tmp_path, capsys):
+    """A static (16, 16, 3) image Unsqueezed (or Reshaped) to (1, 16, 16, 3) before its Conv
+    was analysed 'at batch 16' with 'image size 3' without a word: the graph adding the
+    leading axis says the input has none, so it is refused in one line, shapes given or not."""
+    dims = [16, 16, 3] if perm else [3, 16, 16]
+    model = _leading_axis_model(dims, add, 3, perm)
+    for shapes in (None, {"image": dims}):
+        with pytest.raises(BadInputError, match=rf"'image' has no batch axis: .*{add}"):
+            load_model(model, shapes)
+    onnx.save(model, tmp_path / "m.onnx")
+    for flags in ([], ["--input-shape", "image:" + ",".join(map(str, dims))]):
+        code, err = _run_cli(["analyze", str(tmp_path / "m.onnx"), *flags], capsys)
+        assert code == 2 and err.count("\n") == 1
+        assert "export the model with a batch axis" in err
+
+
+@pytest.mark.parametrize(
+    ("dims", "add", "conv_in", "perm"),
+    [
+        ([2, 3, 16, 16], "", 3, None),  # NCHW
+        ([2, 16, 16, 3], "", 3, [0, 3, 1, 2]),  # NHWC, tf2onnx's Transpose
+        ([2, 4, 32], "", 4, None),  # Conv1d (N, C, L)
+        (["N", 4, 32], "", 4, None),
+        ([1, 16, 16], "Unsqueeze", 1, None),  # a batch of 1 read as the batch is right
+    ],
+)
+def test_inputs_with_a_batch_axis_are_not_refused(dims, add, conv_in, perm):
+    model = _leading_axis_model(dims, add, conv_in, perm)
+    assert load_model(model).graph.input[0].name == "image"
+
+
+def test_an_input_unsqueezed_behind_its_batch_axis_is_not_refused():
+    """(N, L) Unsqueezed at 1 to (N, 1, L) for a Conv1d keeps its batch axis."""
+    nodes = [
+        onnx.helper.make_node("Unsqueeze", ["image", "axes"], ["u"]),
+        onnx.helper.make_node("Conv", ["u", "w"], ["y"]),
+    ]
+    graph = onnx.helper.make_graph(
+        nodes,
+        "nl",
+        [onnx.helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, [4, 32])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4, 2, 30])],
+        [
+            numpy_helper.from_array(np.ones((2, 1, 3), np.float32), "w"),
+            numpy_helper.from_array(np.array([1], np.int64), "axes"),
+        ],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    assert static_shape(load_model(model).graph.input[0]) == (4, 32)
+
+
+@pytest.mark.parametrize("name", ["resnet20_fmnist", "resnet20_fmnist_e8", "resnet56_fmnist_e7"])
+def test_bundled_models_are_not_refused_for_a_batch_axis(name):
+    path = BUNDLED_MODEL.parent / f"{name}.onnx"
+    assert load_model(onnx.load(path)).graph.input
 
 
 def test_input_shape_unnamed_and_errors():

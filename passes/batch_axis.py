@@ -1,0 +1,102 @@
+"""An input without a batch axis, known from the graph: it adds the leading axis itself.
+
+A fully static (16, 16, 3) image that the graph Unsqueezes at axis 0 (or Reshapes to
+(1, 16, 16, 3)) before a Conv reads it has no batch axis. Every reading here takes dim 0
+for the batch and the image size from the dims after the channels: such a model would be
+analysed at batch 16 and image size 3 without a word, so it is refused instead.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .errors import BadInputError
+from .normalise import constant_value
+
+# Ops through which the input is still the image (its values, or its layout, changed):
+# the walk from the input to the first Conv goes through these only.
+_KEEPS_THE_IMAGE = {
+    "Identity", "Cast", "Transpose", "Unsqueeze", "Reshape", "Pad", "Resize", "Slice",
+    "Add", "Sub", "Mul", "Div", "Relu", "Clip", "Neg", "Abs", "Sqrt", "Pow",
+}  # fmt: skip
+_CONVS = ("Conv", "ConvTranspose")
+
+Dims = list  # int for a known size, None for a dynamic one
+
+
+def refuse_an_added_batch_axis(graph: onnx.GraphProto, vi: onnx.ValueInfoProto) -> None:
+    """Refuse `vi` when, on its way to a Conv, the graph adds a leading axis of 1 to it: the
+    input then has no batch axis. An input whose dim 0 is 1 is not refused (a batch of 1
+    read as the batch is right, and Unsqueeze at 0 or 1 of it are the same tensor)."""
+    dims: Dims = [d.dim_value if d.dim_value > 0 else None for d in vi.type.tensor_type.shape.dim]
+    if not dims or dims[0] == 1:
+        return
+    constants = _constants(graph)
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    todo: list[tuple[str, Dims, onnx.NodeProto | None]] = [(vi.name, dims, None)]
+    seen: set[str] = set()
+    while todo:
+        name, shape, adder = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for node in readers.get(name, []):
+            if node.op_type in _CONVS and node.input[0] == name and adder is not None:
+                raise BadInputError(
+                    f"input {vi.name!r} has no batch axis: the graph adds its leading axis "
+                    f"({adder.op_type} {adder.name or adder.output[0]!r}) before Conv "
+                    f"{node.name or node.output[0]!r} reads it (dims "
+                    f"{[d if d else '?' for d in dims]}); onnx-mbs reads an image input as "
+                    "(N, C, H, W) or (N, H, W, C): export the model with a batch axis first"
+                )
+            if node.op_type not in _KEEPS_THE_IMAGE or node.input[0] != name:
+                continue
+            after = _dims_after(node, shape, constants)
+            added = adder or (node if _adds_a_leading_axis(shape, after) else None)
+            todo.append((node.output[0], after, added))
+
+
+def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and (value := constant_value(node)) is not None:
+            values[node.output[0]] = value
+    return values
+
+
+def _dims_after(node: onnx.NodeProto, dims: Dims, constants: dict[str, np.ndarray]) -> Dims:
+    """The dims of `node`'s output as far as the walk needs them: Unsqueeze, Reshape and
+    Transpose known, the rest kept."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "Transpose":
+        perm = attrs.get("perm", list(reversed(range(len(dims)))))
+        return [dims[p] for p in perm] if sorted(perm) == list(range(len(dims))) else dims
+    if node.op_type == "Unsqueeze":
+        axes = attrs.get("axes")
+        if axes is None and len(node.input) > 1 and node.input[1] in constants:
+            axes = constants[node.input[1]].reshape(-1).tolist()
+        if axes is None:
+            return dims
+        rank = len(dims) + len(axes)
+        out: Dims = list(dims)
+        for axis in sorted(a % rank for a in axes):
+            out.insert(axis, 1)
+        return out
+    if node.op_type == "Reshape" and len(node.input) > 1 and node.input[1] in constants:
+        target = constants[node.input[1]].reshape(-1).tolist()
+        copied = dims + [None] * len(target)  # 0 copies the input's dim at that index
+        return [t if t > 0 else copied[k] if t == 0 else None for k, t in enumerate(target)]
+    return dims
+
+
+def _adds_a_leading_axis(before: Dims, after: Dims) -> bool:
+    """Whether `after` is `before` with a 1 put in front, and only so (a dim 0 of 1 would
+    make the new 1 as well the second axis as the first)."""
+    if len(after) != len(before) + 1 or after[0] != 1 or before[0] == 1:
+        return False
+    return all(a is None or a == b for a, b in zip(after[1:], before))
