@@ -1245,3 +1245,19 @@ def test_constants_after_a_mix_of_input_and_features_still_train():
     onnx.checker.check_model(model, full_check=True)
     trained = {name for name, _ in OnnxModule(model).named_parameters()}
     assert trained == {"w", "gamma", "beta"}
+
+
+def test_per_channel_scales_and_biases_get_no_weight_decay():
+    """A layer scale or bias stored (C, 1, 1) as the exporter writes it is a vector, as
+    torch's (C,) is: decaying it (decided by its rank, 3) pulled the scales towards 0.
+    Kernels keep their decay."""
+    from onnx_mbs.bridge.train import _optimizer
+
+    module = OnnxModule(_normalised_input_net())
+    shapes = {name: tuple(p.shape) for name, p in module.named_parameters()}
+    optimizer = _optimizer(module, "sgd", lr=0.1, weight_decay=5e-4, momentum=0.9)
+    decayed = {
+        tuple(p.shape) for g in optimizer.param_groups if g["weight_decay"] for p in g["params"]
+    }
+    assert decayed == {shapes["w"]}
+    assert shapes["gamma"] == (4, 1, 1)

@@ -229,6 +229,25 @@ def test_resuming_with_other_data_or_preprocessing_is_refused(npz, tmp_path) -> 
     assert retrain(export(keep_bn=True), source(npz), **resume).resumed_from == 1
 
 
+def test_a_checkpoint_whose_optimizer_groups_differ_is_refused(npz, tmp_path) -> None:
+    """A checkpoint of the same run written when other parameters were decayed (an older
+    onnx-mbs): torch's ValueError about parameter groups became one line."""
+    common = dict(epochs=2, batch_size=32, device="cpu", progress=False, workers=0)
+    directory = tmp_path / "c"
+    with pytest.MonkeyPatch.context() as patch:
+        interrupt_after(patch, 1)
+        with pytest.raises(Interrupt):
+            retrain(export(keep_bn=True), source(npz), checkpoint=directory, **common)
+    path = ckpt.path_in(directory)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    groups = state["optimizer"]["param_groups"]
+    groups[0]["params"] += groups[1]["params"]  # everything in the decayed group
+    del groups[1:]
+    torch.save(state, path)
+    with pytest.raises(BadInputError, match="does not fit this run's parameter groups"):
+        retrain(export(keep_bn=True), source(npz), checkpoint=directory, resume=True, **common)
+
+
 def test_resuming_a_finished_run_says_there_is_nothing_to_train(npz, tmp_path, capsys) -> None:
     model = tmp_path / "m.onnx"
     onnx.save(export(keep_bn=True), model)

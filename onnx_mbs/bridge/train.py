@@ -243,11 +243,17 @@ def _diverged(what: str, epoch: int, step: int, lr: float) -> str:
 def _optimizer(
     module: torch.nn.Module, name: str, lr: float, weight_decay: float, momentum: float
 ) -> torch.optim.Optimizer:
-    # No weight decay on vectors (biases, BN scale/shift): the usual choice for CNNs.
+    # No weight decay on vectors (biases, BN scale/shift, layer scales): the usual choice
+    # for CNNs. Exporters store some as (C, 1, 1) or (1, C, 1, 1): a vector is a tensor
+    # with at most one dim above 1, whatever its rank.
     params = [p for p in module.parameters() if p.requires_grad]
+    vectors = [p for p in params if sum(d > 1 for d in p.shape) <= 1]
     groups = [
-        {"params": [p for p in params if p.dim() > 1], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0},
+        {
+            "params": [p for p in params if all(p is not v for v in vectors)],
+            "weight_decay": weight_decay,
+        },
+        {"params": vectors, "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]
     if name == "sgd":
@@ -562,7 +568,14 @@ def retrain(
         first_epoch = 0
         if saved is not None:
             student.load_state_dict(saved["student"])
-            opt.load_state_dict(saved["optimizer"])
+            try:
+                opt.load_state_dict(saved["optimizer"])
+            except ValueError:  # its parameter groups are not this run's
+                raise BadInputError(
+                    "the checkpoint's optimizer state does not fit this run's parameter groups "
+                    "(written by another onnx-mbs version?); give another "
+                    f"{option('--checkpoint')} DIR to start over"
+                ) from None
             sched.load_state_dict(saved["schedule"])
             history = [EpochStats(**h) for h in saved["history"]]
             best_epoch, best_top1, best_state = (
