@@ -208,15 +208,20 @@ def test_cli_refuses_another_runs_checkpoint_in_one_line(npz, tmp_path, capsys) 
     assert len(errors) == 1 and "differs in: epochs" in errors[0] and "Traceback" not in err
 
 
-def test_resuming_with_other_data_or_preprocessing_is_refused(npz, tmp_path) -> None:
-    """The data are their pixels and their preprocessing, not the name of the file: another
-    --mean/--std, or an npz of the same name and size holding other pixels, is another run."""
-    common = dict(epochs=2, batch_size=32, device="cpu", progress=False, workers=0)
-    directory = tmp_path / "c"
+def stopped_after_one_of_two_epochs(npz: Path, directory: Path, common: dict) -> Path:
+    """DIR holding the checkpoint of a run of `common` killed after its first epoch."""
     with pytest.MonkeyPatch.context() as patch:
         interrupt_after(patch, 1)
         with pytest.raises(Interrupt):
             retrain(export(keep_bn=True), source(npz), checkpoint=directory, **common)
+    return directory
+
+
+def test_resuming_with_other_data_or_preprocessing_is_refused(npz, tmp_path) -> None:
+    """The data are their pixels and their preprocessing, not the name of the file: another
+    --mean/--std, or an npz of the same name and size holding other pixels, is another run."""
+    common = dict(epochs=2, batch_size=32, device="cpu", progress=False, workers=0)
+    directory = stopped_after_one_of_two_epochs(npz, tmp_path / "c", common)
     resume = dict(checkpoint=directory, resume=True, **common)
     other_mean = open_data(str(npz), "input", [1, 1, 8, 8], mean=[0.5], std=[0.25])
     with pytest.raises(BadInputError, match=r"differs in: training data\)"):
@@ -233,11 +238,7 @@ def test_a_checkpoint_whose_optimizer_groups_differ_is_refused(npz, tmp_path) ->
     """A checkpoint of the same run written when other parameters were decayed (an older
     onnx-mbs): torch's ValueError about parameter groups became one line."""
     common = dict(epochs=2, batch_size=32, device="cpu", progress=False, workers=0)
-    directory = tmp_path / "c"
-    with pytest.MonkeyPatch.context() as patch:
-        interrupt_after(patch, 1)
-        with pytest.raises(Interrupt):
-            retrain(export(keep_bn=True), source(npz), checkpoint=directory, **common)
+    directory = stopped_after_one_of_two_epochs(npz, tmp_path / "c", common)
     path = ckpt.path_in(directory)
     state = torch.load(path, map_location="cpu", weights_only=True)
     groups = state["optimizer"]["param_groups"]
