@@ -8,6 +8,8 @@ analysed at batch 16 and image size 3 without a word, so it is refused instead.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -33,7 +35,7 @@ def refuse_an_added_batch_axis(graph: onnx.GraphProto, vi: onnx.ValueInfoProto) 
     dims: Dims = [d.dim_value if d.dim_value > 0 else None for d in vi.type.tensor_type.shape.dim]
     if not dims or dims[0] == 1:
         return
-    constants = _constants(graph)
+    constant = _constants(graph)
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
         for name in node.input:
@@ -56,20 +58,28 @@ def refuse_an_added_batch_axis(graph: onnx.GraphProto, vi: onnx.ValueInfoProto) 
                 )
             if node.op_type not in _KEEPS_THE_IMAGE or node.input[0] != name:
                 continue
-            after = _dims_after(node, shape, constants)
+            after = _dims_after(node, shape, constant)
             added = adder or (node if _adds_a_leading_axis(shape, after) else None)
             todo.append((node.output[0], after, added))
 
 
-def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant" and (value := constant_value(node)) is not None:
-            values[node.output[0]] = value
-    return values
+def _constants(graph: onnx.GraphProto) -> Callable[[str], np.ndarray | None]:
+    """A lookup of constant tensors, each decoded when asked for: FixInputShapes runs this
+    at every size it tries, and only a few small axes and shapes are ever read."""
+    initializers = {t.name: t for t in graph.initializer}
+    nodes = {n.output[0]: n for n in graph.node if n.op_type == "Constant" and n.output}
+
+    def constant(name: str) -> np.ndarray | None:
+        if name in initializers:
+            return numpy_helper.to_array(initializers[name])
+        return constant_value(nodes[name]) if name in nodes else None
+
+    return constant
 
 
-def _dims_after(node: onnx.NodeProto, dims: Dims, constants: dict[str, np.ndarray]) -> Dims:
+def _dims_after(
+    node: onnx.NodeProto, dims: Dims, constant: Callable[[str], np.ndarray | None]
+) -> Dims:
     """The dims of `node`'s output as far as the walk needs them: Unsqueeze, Reshape and
     Transpose known, the rest kept."""
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -78,8 +88,8 @@ def _dims_after(node: onnx.NodeProto, dims: Dims, constants: dict[str, np.ndarra
         return [dims[p] for p in perm] if sorted(perm) == list(range(len(dims))) else dims
     if node.op_type == "Unsqueeze":
         axes = attrs.get("axes")
-        if axes is None and len(node.input) > 1 and node.input[1] in constants:
-            axes = constants[node.input[1]].reshape(-1).tolist()
+        if axes is None and len(node.input) > 1 and (given := constant(node.input[1])) is not None:
+            axes = given.reshape(-1).tolist()
         if axes is None:
             return dims
         rank = len(dims) + len(axes)
@@ -87,8 +97,12 @@ def _dims_after(node: onnx.NodeProto, dims: Dims, constants: dict[str, np.ndarra
         for axis in sorted(a % rank for a in axes):
             out.insert(axis, 1)
         return out
-    if node.op_type == "Reshape" and len(node.input) > 1 and node.input[1] in constants:
-        target = constants[node.input[1]].reshape(-1).tolist()
+    if (
+        node.op_type == "Reshape"
+        and len(node.input) > 1
+        and (shape := constant(node.input[1])) is not None
+    ):
+        target = shape.reshape(-1).tolist()
         copied = dims + [None] * len(target)  # 0 copies the input's dim at that index
         return [t if t > 0 else copied[k] if t == 0 else None for k, t in enumerate(target)]
     return dims
