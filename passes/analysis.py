@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 
 from .base import Pass, PassResult
+from .channel_handlers import REDUCES
 from .errors import BadInputError, option
 from .graph import GraphIndex, attributes, count_parameters, structure_key
 from .load import indexed
@@ -28,12 +29,6 @@ from .load import indexed
 CONV_OPS = ("Conv", "ConvTranspose")
 POOL_OPS = ("MaxPool", "AveragePool", "LpPool")
 GLOBAL_OPS = ("GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")
-# Reductions that pool whole axes: over H and W (keepdims), global pooling written another
-# way (torch.onnx's dynamo exporter writes x.mean((2, 3), keepdim=True) as ReduceMean).
-REDUCE_OPS = (
-    "ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceSumSquare", "ReduceProd",
-    "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp",
-)  # fmt: skip
 # Ops whose output may have another spatial size than their input: only tensors of
 # equal size are joined into one macroblock across them.
 RESAMPLING_OPS = (*CONV_OPS, *POOL_OPS, "Resize", "Upsample", "DepthToSpace", "SpaceToDepth")
@@ -330,7 +325,9 @@ def space_to_depth_chains(index: GraphIndex) -> dict[int, onnx.NodeProto | None]
 def _pooled_dims(node: onnx.NodeProto, index: GraphIndex) -> tuple[int, ...]:
     """The spatial dims (0: the first after N, C) that a reduction keeping its rank pools
     whole; () for any other node, or axes only known at run time."""
-    if node.op_type not in REDUCE_OPS:
+    # A reduction over H and W with keepdims is global pooling written another way (torch's
+    # dynamo exporter writes x.mean((2, 3), keepdim=True) as ReduceMean).
+    if node.op_type not in REDUCES:
         return ()
     attrs = attributes(node)
     rank = len(index.shapes.get(node.input[0]) or ())
