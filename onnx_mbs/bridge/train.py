@@ -247,13 +247,10 @@ def _optimizer(
     # for CNNs. Exporters store some as (C, 1, 1) or (1, C, 1, 1): a vector is a tensor
     # with at most one dim above 1, whatever its rank.
     params = [p for p in module.parameters() if p.requires_grad]
-    vectors = [p for p in params if sum(d > 1 for d in p.shape) <= 1]
+    vector = [sum(d > 1 for d in p.shape) <= 1 for p in params]
     groups = [
-        {
-            "params": [p for p in params if all(p is not v for v in vectors)],
-            "weight_decay": weight_decay,
-        },
-        {"params": vectors, "weight_decay": 0.0},
+        {"params": [p for p, v in zip(params, vector) if not v], "weight_decay": weight_decay},
+        {"params": [p for p, v in zip(params, vector) if v], "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]
     if name == "sgd":
