@@ -479,8 +479,14 @@ def plan_widths(
     # Every limit is met when the largest excess over its fraction is <= 0.
     limits = budget.limits if budget is not None else ()
 
-    def excess(counts: Mapping[int, int]) -> float:
-        return max(fraction(m, counts) - f for m, f in limits)
+    def excesses(
+        counts: Mapping[int, int], meet: Sequence[tuple[str, float]] | None = None
+    ) -> dict[str, float]:
+        """Each limit's excess (`meet`'s, by default the budget's as `limits` is then)."""
+        return {m: fraction(m, counts) - f for m, f in (limits if meet is None else meet)}
+
+    def excess(counts: Mapping[int, int], meet: Sequence[tuple[str, float]] | None = None) -> float:
+        return max(excesses(counts, meet).values())
 
     def step_fractions(
         counts: Mapping[int, int], ids: list[int], new: list[int], metrics: Sequence[str]
@@ -575,7 +581,7 @@ def plan_widths(
                 free,
                 gains,
                 lambda counts: price_curves(counts, weights),
-                lambda counts: max(fraction(m, counts) - f for m, f in meet),
+                lambda counts: excess(counts, meet),
                 channel_multiple,
                 beta_min,
                 streams_last(strategy, list(weights)),
@@ -584,7 +590,7 @@ def plan_widths(
         counts, threshold, weights = _weigh_limits(
             limits,
             allocate,
-            lambda counts: {m: fraction(m, counts) - f for m, f in limits},
+            excesses,
             lambda counts: _kept_worth(gains, counts),
         )
     elif strategy == "uniform":
