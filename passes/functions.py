@@ -16,6 +16,7 @@ import onnx.inliner
 
 from .channel_walk import handler_for
 from .errors import BadInputError
+from .graph import nested_nodes
 from .protos import without_weights
 
 # Ops whose multiply-adds analysis.py counts (CONV_OPS and the matrix products).
@@ -65,14 +66,14 @@ def functions_to_inline(model: onnx.ModelProto) -> set[tuple[str, str]]:
             holds[key] = any(
                 (node.domain in _DEFAULT and node.op_type in LAYER_OPS)
                 or ((node.domain, node.op_type) in functions and holds_layer(_key(node)))
-                for node in _nodes(functions[key])
+                for node in nested_nodes(functions[key])
             )
         return holds[key]
 
     called = {
         _key(node): node
         for graph in [model.graph, *model.functions]
-        for node in _nodes(graph)
+        for node in nested_nodes(graph)
         if _key(node) in functions
     }
     followed = {key for key, node in called.items() if handler_for(node, opsets) is not None}
@@ -81,14 +82,3 @@ def functions_to_inline(model: onnx.ModelProto) -> set[tuple[str, str]]:
 
 def _key(node: onnx.NodeProto) -> tuple[str, str]:
     return node.domain, node.op_type
-
-
-def _nodes(graph: onnx.GraphProto | onnx.FunctionProto) -> list[onnx.NodeProto]:
-    """The nodes of `graph` and of its subgraphs."""
-    nodes, graphs = [], [graph]
-    while graphs:
-        for node in graphs.pop().node:
-            nodes.append(node)
-            for attribute in node.attribute:
-                graphs.extend([attribute.g] if attribute.HasField("g") else attribute.graphs)
-    return nodes

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -161,6 +161,16 @@ def fresh_name(base: str, taken: set[str]) -> str:
         name, k = f"{base}_{k}", k + 1
     taken.add(name)
     return name
+
+
+def nested_nodes(*graphs: onnx.GraphProto | onnx.FunctionProto) -> Iterator[onnx.NodeProto]:
+    """The nodes of `graphs` and of their subgraphs (If branches, Loop bodies...)."""
+    todo = list(graphs)
+    while todo:
+        for node in todo.pop().node:
+            yield node
+            for attribute in node.attribute:
+                todo.extend([attribute.g] if attribute.HasField("g") else attribute.graphs)
 
 
 def default_opset(model: onnx.ModelProto) -> int:

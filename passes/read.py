@@ -14,7 +14,7 @@ from google.protobuf.message import DecodeError
 from .custom_ops import hide_unknown_ops, is_unknown_op
 from .errors import BadInputError, QuantizedModelError, temporary_folder_error
 from .external_data import weights_apart
-from .graph import FLOAT_TYPES, attributes, topological_order
+from .graph import FLOAT_TYPES, attributes, nested_nodes, topological_order
 from .group_norm import deprecated_group_norms
 from .integrity import check_stored_sizes, model_tensors, undecodable
 from .scratch import scratch_folder
@@ -167,12 +167,7 @@ def check_model(model: onnx.ModelProto, full_check: bool = False) -> None:
 
 def op_types(model: onnx.ModelProto) -> Iterator[str]:
     """The op type of every node of `model`: its graph's, its subgraphs' and its functions'."""
-    graphs: list[onnx.GraphProto | onnx.FunctionProto] = [model.graph, *model.functions]
-    while graphs:
-        for node in graphs.pop().node:
-            yield node.op_type
-            for attribute in node.attribute:
-                graphs.extend([attribute.g] if attribute.HasField("g") else attribute.graphs)
+    return (node.op_type for node in nested_nodes(model.graph, *model.functions))
 
 
 def integer_weight(graph: onnx.GraphProto) -> str | None:
