@@ -674,7 +674,7 @@ def activation_importance(
     for layer, site in activation.items():
         if site is not None:
             site = Site(site) if isinstance(site, str) else site
-            per_layer[layer] = stats.tensors[site.tensor].channel_mean_abs[site.channel :]
+            per_layer[layer] = stats.tensors[site.tensor].part(site.channel).channel_mean_abs
     return ActivationImportance(model, per_layer, index=index)
 
 
