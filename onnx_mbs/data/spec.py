@@ -30,6 +30,7 @@ from onnx_mbs.data.ready import (
     is_model_ready,
     model_ready_arrays,
 )
+from onnx_mbs.data.replay import Replay
 from onnx_mbs.data.sources import (
     IMAGE_SCALE,
     MAX_IMAGE_PIXELS,
@@ -351,10 +352,11 @@ def _open_reader(
                 f"cannot use {type(spec).__name__} as data; pass {KINDS}, "
                 "or a reader of input dicts"
             ) from None
+    kept = isinstance(spec, Replay)  # its items are copies already (replay._kept)
     arrays: list[np.ndarray] = []
     count = 0
     for number, item in enumerate(items):
-        arrays.append(_reader_array(item, number, input_name, input_shape, dtype))
+        arrays.append(_reader_array(item, number, input_name, input_shape, dtype, kept))
         count += len(arrays[-1])
         if limit is not None and count >= limit:
             break
@@ -376,8 +378,15 @@ def padded_from(reader: Any) -> int:
 
 
 def _reader_array(
-    item: Any, number: int, input_name: str, input_shape: Sequence[Any], dtype: np.dtype | None
+    item: Any,
+    number: int,
+    input_name: str,
+    input_shape: Sequence[Any],
+    dtype: np.dtype | None,
+    kept: bool = False,
 ) -> np.ndarray:
+    """The model input of reader item `number`, checked: a copy (a reader may refill one
+    buffer for every batch) unless the item is `kept` as it was read already."""
     if not isinstance(item, Mapping):
         raise BadInputError(
             f"input reader item {number} is a {type(item).__name__}; expected a dict of arrays"
@@ -387,7 +396,7 @@ def _reader_array(
             f"input reader item {number} has no {input_name!r} (keys: {', '.join(item)}); "
             f"the model input is named {input_name!r}"
         )
-    x = np.array(item[input_name])  # a copy: a reader may refill one buffer for every batch
+    x = np.asarray(item[input_name]) if kept else np.array(item[input_name])
     fixed = [(axis, d) for axis, d in enumerate(input_shape) if isinstance(d, int) and d > 0]
     if x.ndim != len(input_shape) or any(x.shape[a] != d for a, d in fixed if a > 0):
         raise BadInputError(
