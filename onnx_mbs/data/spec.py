@@ -29,6 +29,7 @@ from onnx_mbs.data.ready import (
     DeclaredInput,
     is_model_ready,
     model_ready_arrays,
+    takes_floats,
 )
 from onnx_mbs.data.replay import Replay
 from onnx_mbs.data.sources import (
@@ -46,6 +47,9 @@ KINDS = (
     "an image folder (one sub-folder per class), an .npz with x (and y), an .npz with one "
     "array per model input (model-ready), or an IDX folder"
 )
+# Why model inputs given as arrays (a reader's, or retrain's (x, y)) that are not floats are
+# refused: cast to float, uint8 pixels would be read as 0..255, not as the model reads them.
+AS_FED = "fed as they are (no scaling or mean/std): give them preprocessed, as floats"
 
 
 def open_data(
@@ -403,12 +407,10 @@ def _reader_array(
             f"input reader item {number} has shape {x.shape}; the model input {input_name!r} "
             f"expects {tuple(input_shape)}"
         )
-    if dtype is not None and np.issubdtype(dtype, np.floating) and x.dtype.kind != "f":
-        # cast to float, uint8 pixels would be measured as 0..255, not as the model reads them
+    if takes_floats(dtype) and x.dtype.kind != "f":
         raise BadInputError(
             f"input reader item {number} has dtype {x.dtype}; the model input {input_name!r} "
-            f"expects {dtype}: a reader gives model inputs, fed as they are (no scaling or "
-            "mean/std): give them preprocessed, as floats"
+            f"expects {dtype}: a reader gives model inputs, {AS_FED}"
         )
     return x
 
