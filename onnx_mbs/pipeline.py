@@ -287,12 +287,14 @@ def with_preprocessing(model: onnx.ModelProto, preprocess: Preprocess) -> onnx.M
     return with_metadata(model, preprocess.metadata())
 
 
-def rerecords(model: onnx.ModelProto, recorded: Preprocess | None) -> bool:
-    """Whether recording `recorded` changes the mean/std `model` records (None: nothing
-    recorded, no change): a figure measured under the old ones would then not hold."""
+def rerecords(model: onnx.ModelProto, recorded: Preprocess | Mapping[str, str] | None) -> bool:
+    """Whether recording `recorded` (a Preprocess, or the metadata entries it records) changes
+    the mean/std `model` records (None: nothing recorded, no change): a figure measured under
+    the old ones would then not hold."""
     if recorded is None:
         return False
-    return any(metadata(model).get(k) != v for k, v in recorded.metadata().items())
+    entries = recorded if isinstance(recorded, Mapping) else recorded.metadata()
+    return any(metadata(model).get(k) != v for k, v in entries.items())
 
 
 def with_metadata(model: onnx.ModelProto, entries: Mapping[str, str]) -> onnx.ModelProto:
@@ -674,7 +676,7 @@ def activation_importance(
     for layer, site in activation.items():
         if site is not None:
             site = Site(site) if isinstance(site, str) else site
-            per_layer[layer] = stats.tensors[site.tensor].channel_mean_abs[site.channel :]
+            per_layer[layer] = stats.tensors[site.tensor].part(site.channel).channel_mean_abs
     return ActivationImportance(model, per_layer, index=index)
 
 
@@ -707,7 +709,7 @@ class MacroblockScaling(Pass):
         # records; reduce recorded them, and later commands read the data by that record
         # (a test top-1 measured under the old ones no longer holds: dropped, as reduce does).
         record = {k: v for k, v in metadata(reduced).items() if k in (MEAN_KEY, STD_KEY)}
-        if all(metadata(model).get(k) == v for k, v in record.items()):
+        if not rerecords(model, record):
             return PassResult(model, False, {self.name: report})
         out = onnx.ModelProto()
         out.CopyFrom(model)

@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from onnx_mbs.data.ready import numpy_type, takes_floats
 from onnx_mbs.data.sources import Batch, batch_inputs
 from onnx_mbs.passes.errors import BadInputError, option
 
@@ -260,7 +261,8 @@ def feed_dtype(session: ort.InferenceSession, input_name: str) -> np.dtype:
         raise BadInputError(
             f"the data is for input {input_name!r} but the model's inputs are {list(declared)}"
         )
-    _require_float(input_name, declared[input_name])
+    if declared[input_name] not in _FLOAT_TYPES:
+        raise BadInputError(_not_float(input_name, declared[input_name]))
     return np.dtype(_FLOAT_TYPES[declared[input_name]])
 
 
@@ -268,16 +270,14 @@ def require_float_input(model: onnx.ModelProto, input_name: str) -> None:
     """Refuse, before any work, the model `feed_dtype` will refuse: image data is fed as float
     (retraining would otherwise run to the end first)."""
     for value in model.graph.input:
-        if value.name == input_name:
-            elem = value.type.tensor_type.elem_type
-            _require_float(input_name, f"tensor({TensorProto.DataType.Name(elem).lower()})")
+        elem = value.type.tensor_type.elem_type
+        if value.name == input_name and not takes_floats(numpy_type(elem)):
+            name = TensorProto.DataType.Name(elem).lower()
+            raise BadInputError(_not_float(input_name, f"tensor({name})"))
 
 
-def _require_float(input_name: str, declared: str) -> None:
-    if declared not in _FLOAT_TYPES:
-        raise BadInputError(
-            f"model input {input_name!r} has type {declared}; expected a float image tensor"
-        )
+def _not_float(input_name: str, declared: str) -> str:
+    return f"model input {input_name!r} has type {declared}; expected a float image tensor"
 
 
 def pad_to_batch(session: ort.InferenceSession, input_name: str, x: np.ndarray) -> np.ndarray:

@@ -57,10 +57,10 @@ class TensorStats:
         """rho: the fraction of all elements that are > 0."""
         return float(self.positive.sum() / (self.elements_per_channel * self.channels))
 
-    def part(self, start: int, count: int) -> TensorStats:
+    def part(self, start: int, count: int | None = None) -> TensorStats:
         """The statistics of channels start..start+count only (a conv's own channels of an
-        activation that a Concat joined it into)."""
-        end = start + count
+        activation that a Concat joined it into; without `count`, from start on)."""
+        end = None if count is None else start + count
         abs_sum = None if self.abs_sum is None else self.abs_sum[start:end]
         return TensorStats(self.positive[start:end], abs_sum, self.elements_per_channel)
 

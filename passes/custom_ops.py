@@ -41,7 +41,7 @@ def hide_unknown_ops(
 ) -> tuple[onnx.ModelProto, list[int]]:
     """`model` with its unknown default-domain ops (those `hidden` says) moved to
     OPAQUE_DOMAIN (the checker and shape inference treat custom domains as opaque), and
-    where they are."""
+    where they are. A model some of whose nodes are hidden already may hide more."""
     where = [k for k, n in enumerate(model.graph.node) if hidden(n)]
     if not where:
         return model, []
@@ -49,7 +49,8 @@ def hide_unknown_ops(
     out.CopyFrom(model)
     for k in where:
         out.graph.node[k].domain = OPAQUE_DOMAIN
-    out.opset_import.append(onnx.helper.make_opsetid(OPAQUE_DOMAIN, 1))
+    if all(o.domain != OPAQUE_DOMAIN for o in out.opset_import):
+        out.opset_import.append(onnx.helper.make_opsetid(OPAQUE_DOMAIN, 1))
     return out, where
 
 

@@ -213,8 +213,7 @@ class RunTimeShapes:
     ) -> dict[str, np.ndarray]:
         """What `nodes` compute on `model`'s recorded shapes (the analysed size), the
         tensors of `reshaped` taken at the shapes it gives."""
-        read = {name for n in self.nodes for name in n.input if name}
-        read -= {o for n in self.nodes for o in n.output}
+        read = _free_inputs(self.nodes)
         small, large = [], []  # constants whose values fold reads; the others' shapes
         for name in read & set(index.initializers):
             tensor = index.initializers[name]
@@ -385,8 +384,7 @@ def _run_time_shapes(
             if name in varies:
                 readers.setdefault(node.name, []).append((position, name))
     shapes = {vi.name: static_shape(vi) for vi in [*model.graph.input, *model.graph.value_info]}
-    read = {name for node in nodes for name in node.input} - {o for n in nodes for o in n.output}
-    reads = {name: shapes[name] for name in read if shapes.get(name) is not None}
+    reads = {name: shapes[name] for name in _free_inputs(nodes) if shapes.get(name) is not None}
     constants_copied = []
     for tensor in borrowed.values():
         copy = onnx.TensorProto()
@@ -400,6 +398,11 @@ def _run_time_shapes(
         varies=varies,
         reads=reads,
     )
+
+
+def _free_inputs(nodes: list[onnx.NodeProto]) -> set[str]:
+    """The tensors `nodes` read and do not make themselves."""
+    return {name for n in nodes for name in n.input if name} - {o for n in nodes for o in n.output}
 
 
 def _agnostic_reshape(values: list, data: list, attrs: dict) -> np.ndarray | None:

@@ -15,7 +15,6 @@ from onnx import numpy_helper
 from .base import Pass, PassResult
 from .batch_axis import refuse_an_added_batch_axis
 from .custom_ops import (
-    OPAQUE_DOMAIN,
     hide_unknown_ops,
     restore_unknown_ops,
     uninferable_outputs,
@@ -203,7 +202,8 @@ def inferred_types(model: onnx.ModelProto) -> onnx.ModelProto | None:
     Recorded shapes that inference contradicts (value_info or outputs left from another
     input size or an edit: onnxruntime runs such models) are inferred afresh."""
     custom, where = hide_unknown_ops(weightless(model))
-    where += _resized_as_run(custom)
+    custom, resized = _resized_as_run(custom)
+    where += resized
     try:
         inferred = _infer(custom)
     except Exception as error:
@@ -215,7 +215,8 @@ def inferred_types(model: onnx.ModelProto) -> onnx.ModelProto | None:
             inferred = _infer(custom)
         except Exception as again:
             raise _inference_failed(again) from None
-    if more := _resized_as_run(custom, inferred):  # input sizes this inference found
+    custom, more = _resized_as_run(custom, inferred)  # input sizes this inference found
+    if more:
         where += more
         try:
             inferred = _infer(custom)
@@ -225,22 +226,25 @@ def inferred_types(model: onnx.ModelProto) -> onnx.ModelProto | None:
     return None if _recorded_types(inferred) == _recorded_types(model) else inferred
 
 
-def _resized_as_run(model: onnx.ModelProto, known: onnx.ModelProto | None = None) -> list[int]:
-    """Resize and Upsample by constant scales, in `model` (in place): their outputs recorded at
+def _resized_as_run(
+    model: onnx.ModelProto, known: onnx.ModelProto | None = None
+) -> tuple[onnx.ModelProto, list[int]]:
+    """Resize and Upsample by constant scales: their outputs recorded in `model` (in place) at
     the size onnxruntime makes, floor(float32(dim * scale)), and the nodes hidden from
-    inference as unknown ops are (where they are returned, to restore). onnx floors the product
-    in double precision: 5 x 1.8f gives 8 where onnxruntime gives 9, so a map added to one
-    upsampled to its size by the ratio of the two (opset 9/10 exports) contradicted inference,
-    and a conv after a fractional upsampling was counted at the wrong size. Input sizes are
-    read in `known` (default `model`); a node whose output `known` records at onnxruntime's
-    size already, or whose input size is not known yet, is left to onnx."""
+    inference as unknown ops are (`hide_unknown_ops`: the model and where they are, to
+    restore). onnx floors the product in double precision: 5 x 1.8f gives 8 where
+    onnxruntime gives 9, so a map added to one upsampled to its size by the ratio of the two
+    (opset 9/10 exports) contradicted inference, and a conv after a fractional upsampling
+    was counted at the wrong size. Input sizes are read in `known` (default `model`); a node
+    whose output `known` records at onnxruntime's size already, or whose input size is not
+    known yet, is left to onnx."""
     graph = model.graph
     version = default_opset(model)
     constants = {t.name: t for t in graph.initializer}
     recorded = (known or model).graph
     shapes = {vi.name: vi for vi in [*recorded.input, *recorded.value_info, *recorded.output]}
-    where = []
-    for k, node in enumerate(graph.node):
+    resized = set()
+    for node in graph.node:
         scales = _constant_scales(node, version, constants)
         source = shapes.get(node.input[0]) if scales is not None else None
         dims = static_shape(source) if source is not None else None
@@ -253,11 +257,8 @@ def _resized_as_run(model: onnx.ModelProto, known: onnx.ModelProto | None = None
         _forget_shapes(graph, {node.output[0]})
         elem = source.type.tensor_type.elem_type
         graph.value_info.append(onnx.helper.make_tensor_value_info(node.output[0], elem, sizes))
-        node.domain = OPAQUE_DOMAIN
-        where.append(k)
-    if where and all(o.domain != OPAQUE_DOMAIN for o in model.opset_import):
-        model.opset_import.append(onnx.helper.make_opsetid(OPAQUE_DOMAIN, 1))
-    return where
+        resized.add(node.output[0])
+    return hide_unknown_ops(model, lambda node: bool(node.output) and node.output[0] in resized)
 
 
 def _constant_scales(

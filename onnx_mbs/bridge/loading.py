@@ -23,7 +23,7 @@ import torch
 from onnx_mbs.data import to_arrays
 from onnx_mbs.data.augment import Augment
 from onnx_mbs.data.preprocess import Preprocess
-from onnx_mbs.data.spec import class_labels
+from onnx_mbs.data.spec import AS_FED, class_labels
 from onnx_mbs.passes.errors import BadInputError
 
 PREFETCH_BATCHES = 4  # per worker
@@ -78,9 +78,8 @@ def as_samples(data: Any, what: str) -> Samples:
     x = np.asarray(x)
     if x.dtype.kind != "f":  # cast, uint8 pixels would train as 0..255
         raise BadInputError(
-            f"{what}: x has dtype {x.dtype}; (x, y) arrays are model inputs, fed as "
-            "they are (no scaling or mean/std): give them preprocessed, as floats, or give a "
-            "DataSource (onnx_mbs.data.fit.open_for_model(spec, model))"
+            f"{what}: x has dtype {x.dtype}; (x, y) arrays are model inputs, {AS_FED}, or give "
+            "a DataSource (onnx_mbs.data.fit.open_for_model(spec, model))"
         )
     x = np.ascontiguousarray(x, dtype=np.float32)
     if len(x) == 0:

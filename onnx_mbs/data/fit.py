@@ -8,11 +8,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import numpy as np
 import onnx
 from onnx import helper
 
-from onnx_mbs.data.ready import DeclaredInput, declared_inputs
+from onnx_mbs.data.ready import declared_inputs, takes_floats
 from onnx_mbs.data.sources import DataSource
 from onnx_mbs.data.spec import open_data
 from onnx_mbs.logits import check_label_range, choose_logits, classes_of, declared_shapes
@@ -94,7 +93,7 @@ def open_for_model(
     if is_path and len(inputs) > 1:  # open_data takes a model-ready npz or refuses
         # the batch's x: the first float input (the image, whatever its place), fed as float;
         # the others (an int64 image size) go beside it as they are
-        primary = next((i for i in inputs if _is_float(i)), inputs[0])
+        primary = next((i for i in inputs if takes_floats(i.dtype)), inputs[0])
         name, shape = primary.name, [d or 0 for d in primary.dims]
     else:
         name, shape = model_input(model)
@@ -114,10 +113,6 @@ def open_for_model(
     )
     check_labels(source, model, logits)
     return source
-
-
-def _is_float(declared: DeclaredInput) -> bool:
-    return declared.dtype is not None and np.issubdtype(declared.dtype, np.floating)
 
 
 def check_labels(source: DataSource, model: onnx.ModelProto, logits: str | None = None) -> None:

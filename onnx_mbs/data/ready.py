@@ -42,12 +42,22 @@ def declared_inputs(model: onnx.ModelProto) -> list[DeclaredInput]:
         dims = tuple(
             d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim
         )
-        try:
-            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
-        except (KeyError, TypeError, ValueError):
-            dtype = None
-        inputs.append(DeclaredInput(graph_input.name, dims, dtype))
+        inputs.append(DeclaredInput(graph_input.name, dims, numpy_type(tensor_type.elem_type)))
     return inputs
+
+
+def numpy_type(elem_type: int) -> np.dtype | None:
+    """numpy's type for an ONNX element type (None for one numpy cannot hold)."""
+    try:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def takes_floats(dtype: np.dtype | None) -> bool:
+    """Whether a model input of type `dtype` takes what image data is fed as: float, half
+    or double (bfloat16 and the float8 types are no numpy floats)."""
+    return dtype is not None and np.issubdtype(dtype, np.floating)
 
 
 def is_model_ready(names: Sequence[str], inputs: Sequence[DeclaredInput]) -> bool:

@@ -29,7 +29,9 @@ from onnx_mbs.data.ready import (
     DeclaredInput,
     is_model_ready,
     model_ready_arrays,
+    takes_floats,
 )
+from onnx_mbs.data.replay import Replay
 from onnx_mbs.data.sources import (
     IMAGE_SCALE,
     MAX_IMAGE_PIXELS,
@@ -45,6 +47,9 @@ KINDS = (
     "an image folder (one sub-folder per class), an .npz with x (and y), an .npz with one "
     "array per model input (model-ready), or an IDX folder"
 )
+# Why model inputs given as arrays (a reader's, or retrain's (x, y)) that are not floats are
+# refused: cast to float, uint8 pixels would be read as 0..255, not as the model reads them.
+AS_FED = "fed as they are (no scaling or mean/std): give them preprocessed, as floats"
 
 
 def open_data(
@@ -351,10 +356,11 @@ def _open_reader(
                 f"cannot use {type(spec).__name__} as data; pass {KINDS}, "
                 "or a reader of input dicts"
             ) from None
+    kept = isinstance(spec, Replay)  # its items are copies already (replay._kept)
     arrays: list[np.ndarray] = []
     count = 0
     for number, item in enumerate(items):
-        arrays.append(_reader_array(item, number, input_name, input_shape, dtype))
+        arrays.append(_reader_array(item, number, input_name, input_shape, dtype, kept))
         count += len(arrays[-1])
         if limit is not None and count >= limit:
             break
@@ -376,8 +382,15 @@ def padded_from(reader: Any) -> int:
 
 
 def _reader_array(
-    item: Any, number: int, input_name: str, input_shape: Sequence[Any], dtype: np.dtype | None
+    item: Any,
+    number: int,
+    input_name: str,
+    input_shape: Sequence[Any],
+    dtype: np.dtype | None,
+    kept: bool = False,
 ) -> np.ndarray:
+    """The model input of reader item `number`, checked: a copy (a reader may refill one
+    buffer for every batch) unless the item is `kept` as it was read already."""
     if not isinstance(item, Mapping):
         raise BadInputError(
             f"input reader item {number} is a {type(item).__name__}; expected a dict of arrays"
@@ -387,19 +400,17 @@ def _reader_array(
             f"input reader item {number} has no {input_name!r} (keys: {', '.join(item)}); "
             f"the model input is named {input_name!r}"
         )
-    x = np.array(item[input_name])  # a copy: a reader may refill one buffer for every batch
+    x = np.asarray(item[input_name]) if kept else np.array(item[input_name])
     fixed = [(axis, d) for axis, d in enumerate(input_shape) if isinstance(d, int) and d > 0]
     if x.ndim != len(input_shape) or any(x.shape[a] != d for a, d in fixed if a > 0):
         raise BadInputError(
             f"input reader item {number} has shape {x.shape}; the model input {input_name!r} "
             f"expects {tuple(input_shape)}"
         )
-    if dtype is not None and np.issubdtype(dtype, np.floating) and x.dtype.kind != "f":
-        # cast to float, uint8 pixels would be measured as 0..255, not as the model reads them
+    if takes_floats(dtype) and x.dtype.kind != "f":
         raise BadInputError(
             f"input reader item {number} has dtype {x.dtype}; the model input {input_name!r} "
-            f"expects {dtype}: a reader gives model inputs, fed as they are (no scaling or "
-            "mean/std): give them preprocessed, as floats"
+            f"expects {dtype}: a reader gives model inputs, {AS_FED}"
         )
     return x
 
