@@ -19,7 +19,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from .errors import BadInputError
-from .graph import GraphIndex, attributes, static_shape
+from .graph import GraphIndex, attributes
 
 
 def check_stored_sizes(model: onnx.ModelProto, folder: Path | None = None) -> bool:
@@ -247,13 +247,13 @@ MADE_RATIO = 64
 MADE_ELEMENTS_FREE = 2**24
 
 
-def check_made_sizes(model: onnx.ModelProto) -> None:
+def check_made_sizes(model: onnx.ModelProto, index: GraphIndex | None = None) -> None:
     """Refuse a tensor made by an op whose output size numbers in the file set (ConstantOfShape,
     Tile, Expand, Resize...) when it dwarfs everything the model reads: a 136 KB file can ask
     for 1.5e9 floats, and every run of the model would make them."""
     if not any(node.op_type in SIZED_BY_VALUES for node in model.graph.node):
         return  # most CNNs: no index to build
-    index = GraphIndex.build(model)
+    index = GraphIndex.of(model, index)
     biggest_input = max((math.prod(index.shapes.get(i, ())) for i in index.graph_inputs), default=1)
     for node in index.nodes:
         if node.op_type not in SIZED_BY_VALUES or node.output[0] not in index.shapes:
@@ -269,14 +269,12 @@ def check_made_sizes(model: onnx.ModelProto) -> None:
             )
 
 
-def check_conv_channels(model: onnx.ModelProto) -> None:
+def check_conv_channels(model: onnx.ModelProto, index: GraphIndex | None = None) -> None:
     """Refuse a Conv or ConvTranspose whose weight does not fit the channels it reads or its
     `group` (the checker and shape inference let it through; onnxruntime refuses to run it):
     the channel walk would cut a weight axis by channels it does not have."""
-    graph = model.graph
-    shapes = {vi.name: static_shape(vi) for vi in [*graph.input, *graph.value_info]}
-    shapes.update({t.name: tuple(t.dims) for t in graph.initializer})
-    for node in graph.node:
+    shapes = GraphIndex.of(model, index).shapes
+    for node in model.graph.node:
         if node.op_type not in ("Conv", "ConvTranspose") or node.domain not in ("", "ai.onnx"):
             continue
         x, weight = shapes.get(node.input[0]), shapes.get(node.input[1])

@@ -156,8 +156,9 @@ def load(
     io = _io_only(declared)
     model, folded = settle(fixed)
     _without_contradictions(io, model)
-    check_made_sizes(model)
-    check_conv_channels(model)
+    index = GraphIndex.build(model)  # one index serves both checks
+    check_made_sizes(model, index)
+    check_conv_channels(model, index)
     others = _settled_at_other_sizes(declared, fixed) if folded else []
     model, run_time = keep_dynamic(model, others, declared)
     if isinstance(source, onnx.ModelProto):

@@ -679,3 +679,16 @@ def test_a_conv_whose_weight_does_not_fit_its_input_is_refused(op, weight, group
     model = _mismatched_conv(op, weight, group)
     with pytest.raises(BadInputError, match=re.escape(said)):
         load_model(model)
+
+
+def test_a_conv_that_reads_a_graph_output_is_checked_too():
+    """The shapes of graph outputs are known as well as those in value_info: a conv that reads
+    one (a feature map also given out) whose weight does not fit was analysed and written
+    as if it did."""
+    b = Builder("mismatched")
+    mid = b.op("Relu", [b.conv(b.input("x", [1, 3, 8, 8]), 3, 8)])
+    z = b.op("Conv", [mid, b.weight(6, 5, 3, 3)], name="bad", pads=[1] * 4)
+    model = b.model([mid, b.op("Relu", [z])])
+    said = "Conv 'bad' reads 8 input channels with a weight for 5"
+    with pytest.raises(BadInputError, match=re.escape(said)):
+        load_model(model)
