@@ -834,7 +834,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--providers", default="auto", help="auto (default), cpu or cuda")
     p.add_argument("--batch-size", type=COUNT, default=256)
-    p.add_argument("--json", action="store_true", help='print {"top1", "top5", "samples"}')
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help='print {"top1", "top5", "samples", ...} on stdout (with --teacher: per output)',
+    )
     add_logits(p)
     add_input_shape(p)
     add_data_options(p)
