@@ -204,20 +204,47 @@ def test_conv_groups_and_group_norm_units_that_tie_every_channel_say_so(tmp_path
     conv ("Conv '/dw/Conv': channels arrive on axis 3": the walk put the one-unit channels
     on the last axis after the GroupNorm); it says why now, and the written model computes
     the same."""
+    reasons = _pinned_as_tied(_GroupedConvBetweenGroupNorms(), tmp_path)
+    assert not any("arrive on axis" in reason for reason in reasons)
+    assert any("GroupNorm" in reason for reason in reasons), reasons
+
+
+def _pinned_as_tied(net: torch.nn.Module, tmp_path) -> list[str]:
+    """The pin reasons of `net`'s grouped conv 'gc' group, which one says its conv-groups
+    and a GroupNorm's units tie every channel; the written model computes the same."""
     path = tmp_path / "gn.onnx"
-    torch.onnx.export(
-        _GroupedConvBetweenGroupNorms().eval(), torch.randn(1, 3, 8, 8), path, dynamo=False
-    )
+    torch.onnx.export(net.eval(), torch.randn(1, 3, 8, 8), path, dynamo=False)
     read = load(onnx.load(path))
     (group,) = [g for g in analyze_channels(read.model).groups if "/gc/Conv" in g.producers]
     assert group.pinned
-    assert not any("arrive on axis" in reason for reason in group.pin_reasons)
     assert any(
-        "GroupNorm" in reason and "conv-groups" in reason and "tie every channel" in reason
-        for reason in group.pin_reasons
+        "conv-groups" in reason and "tie every channel" in reason for reason in group.pin_reasons
     ), group.pin_reasons
     small, report = reduce(onnx.load(path), evaluate_accuracy=False, progress=False)
     assert any("tie every channel" in reason for reason in report.pinned)
     check_model(small, full_check=True)
     (x,) = _images(1)
     np.testing.assert_allclose(run(small, x)[0], run(onnx.load(path), x)[0], atol=1e-5)
+    return group.pin_reasons
+
+
+class _GroupNormBeforeAGroupedConv(torch.nn.Module):
+    """conv -> GroupNorm(4, 16) -> conv with groups=4 -> conv 'dw': no GroupNorm after."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.gn0 = torch.nn.GroupNorm(4, 16)
+        self.gc = torch.nn.Conv2d(16, 16, 3, padding=1, groups=4)
+        self.dw = torch.nn.Conv2d(16, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dw(torch.relu(self.gc(torch.relu(self.gn0(self.stem(x))))))
+
+
+def test_a_grouped_conv_after_a_group_norm_that_ties_every_channel_says_so(tmp_path):
+    """The GroupNorm's units come first and the grouped conv's conv-groups then tie all 16
+    channels into one unit: the group was left a one-unit group, unpinned, with no reason in
+    the report. The conv pins it now, saying why, and the written model computes the same."""
+    reasons = _pinned_as_tied(_GroupNormBeforeAGroupedConv(), tmp_path)
+    assert any("Conv '/gc/Conv' (group 4)" in reason for reason in reasons), reasons
