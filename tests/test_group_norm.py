@@ -158,19 +158,31 @@ def test_group_normalization_without_num_groups_is_refused_as_invalid():
         load(model)
 
 
-def test_group_normalization_in_half_precision_keeps_its_dtype():
-    """A float16 model (activations too): the norm's new ones and zeros are float16, as an
-    InstanceNormalization of float16 requires, and it computes what the op computes."""
+@pytest.mark.parametrize(("stash", "computed"), [(None, np.float32), (10, np.float16)])
+def test_half_precision_group_normalization_keeps_its_stash_type(stash, computed):
+    """A float16 model (activations too). At opset 21 the op computes its mean and variance
+    in `stash_type` (float32 unless set): the written form ran its InstanceNormalization in
+    float16, whatever the stash type. It runs in the stash type now (a Cast each side, its
+    ones and zeros of that type, as InstanceNormalization requires), the output float16,
+    and it computes what the op computes."""
     model = _group_norm_net(21)
     for tensor in model.graph.initializer:
         half = numpy_helper.to_array(tensor).astype(np.float16)
         tensor.CopyFrom(numpy_helper.from_array(half, tensor.name))
     for value in [*model.graph.input, *model.graph.output]:
         value.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    if stash is not None:
+        model.graph.node[1].attribute.append(helper.make_attribute("stash_type", stash))
     read = load(model)
+    inferred = onnx.shape_inference.infer_shapes(read.runnable).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in inferred.value_info}
+    (norm,) = [n for n in read.runnable.graph.node if n.op_type == "InstanceNormalization"]
+    assert helper.tensor_dtype_to_np_dtype(types[norm.input[0]]) == computed
     x = _images(2)[0].astype(np.float16)
     (expected,) = run(model, x)
-    np.testing.assert_allclose(run(read.runnable, x)[0], expected, rtol=1e-2, atol=1e-2)
+    (got,) = run(read.runnable, x)
+    assert got.dtype == np.float16
+    np.testing.assert_allclose(got, expected, rtol=1e-2, atol=1e-2)
 
 
 def test_group_normalization_at_21_trains_only_its_own_affine():
