@@ -21,7 +21,7 @@ import onnx
 from onnx.external_data_helper import load_external_data_for_tensor
 
 from onnx_mbs.passes import BadInputError
-from onnx_mbs.passes.integrity import model_tensors
+from onnx_mbs.passes.integrity import model_tensors, refuse_unread_external_data
 from onnx_mbs.passes.scratch import TempFolders, is_ours
 from onnx_mbs.proto_writer import serialized_size, write_model
 
@@ -212,6 +212,9 @@ def save_model(
     appears together with the model. The caller's model is left as it was.
     """
     out = _file_path(output)
+    refuse_unread_external_data(
+        model, "the model", "load it with its external data to save it; nothing was written"
+    )
     with _staging(out.parent) as stage:
         staged = [*_stage_model(model, out, stage)]
         if report is not None:

@@ -1,7 +1,8 @@
 """An input without a batch axis, known from the graph: it adds the leading axis itself.
 
 A fully static (16, 16, 3) image that the graph Unsqueezes at axis 0 (or Reshapes to
-(1, 16, 16, 3)) before a Conv reads it has no batch axis. Every reading here takes dim 0
+(1, 16, 16, 3), or broadcasts against a (1, 1, 1, 3) mean) before a Conv reads it has no
+batch axis. Every reading here takes dim 0
 for the batch and the image size from the dims after the channels: such a model would be
 analysed at batch 16 and image size 3 without a word, so it is refused instead.
 """
@@ -24,6 +25,8 @@ _KEEPS_THE_IMAGE = {
     "Add", "Sub", "Mul", "Div", "Relu", "Clip", "Neg", "Abs", "Sqrt", "Pow",
 }  # fmt: skip
 _CONVS = ("Conv", "ConvTranspose")
+# Of those, the ops that read the image at either input and broadcast it against the other.
+_BROADCASTS = {"Add", "Sub", "Mul", "Div"}
 
 Dims = list  # int for a known size, None for a dynamic one
 
@@ -56,9 +59,11 @@ def refuse_an_added_batch_axis(graph: onnx.GraphProto, vi: onnx.ValueInfoProto) 
                     f"{[d if d else '?' for d in dims]}); onnx-mbs reads an image input as "
                     "(N, C, H, W) or (N, H, W, C): export the model with a batch axis first"
                 )
-            if node.op_type not in _KEEPS_THE_IMAGE or node.input[0] != name:
+            if node.op_type not in _KEEPS_THE_IMAGE or (
+                node.input[0] != name and node.op_type not in _BROADCASTS
+            ):
                 continue
-            after = _dims_after(node, shape, constant)
+            after = _dims_after(node, name, shape, constant)
             added = adder or (node if _adds_a_leading_axis(shape, after) else None)
             todo.append((node.output[0], after, added))
 
@@ -78,11 +83,16 @@ def _constants(graph: onnx.GraphProto) -> Callable[[str], np.ndarray | None]:
 
 
 def _dims_after(
-    node: onnx.NodeProto, dims: Dims, constant: Callable[[str], np.ndarray | None]
+    node: onnx.NodeProto, name: str, dims: Dims, constant: Callable[[str], np.ndarray | None]
 ) -> Dims:
-    """The dims of `node`'s output as far as the walk needs them: Unsqueeze, Reshape and
-    Transpose known, the rest kept."""
+    """The dims of `node`'s output (`node` reading the walked tensor `name` of `dims`) as far
+    as the walk needs them: Unsqueeze, Reshape, Transpose and broadcasting against a
+    constant known, the rest kept."""
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type in _BROADCASTS:
+        other = next((n for n in node.input if n != name), None)
+        value = constant(other) if other is not None else None
+        return dims if value is None else _broadcast(dims, list(value.shape))
     if node.op_type == "Transpose":
         perm = attrs.get("perm", list(reversed(range(len(dims)))))
         return [dims[p] for p in perm] if sorted(perm) == list(range(len(dims))) else dims
@@ -106,6 +116,15 @@ def _dims_after(
         copied = dims + [None] * len(target)  # 0 copies the input's dim at that index
         return [t if t > 0 else copied[k] if t == 0 else None for k, t in enumerate(target)]
     return dims
+
+
+def _broadcast(dims: Dims, other: list[int]) -> Dims:
+    """`dims` broadcast against a constant of shape `other` (numpy's rule: aligned on the
+    right, a 1 takes the other's size), so a constant of a higher rank adds leading axes."""
+    rank = max(len(dims), len(other))
+    ours: Dims = [1] * (rank - len(dims)) + list(dims)
+    theirs = [1] * (rank - len(other)) + other
+    return [d if t == 1 else t for d, t in zip(ours, theirs)]
 
 
 def _adds_a_leading_axis(before: Dims, after: Dims) -> bool:

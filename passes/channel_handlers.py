@@ -105,8 +105,10 @@ def _elementwise(w: ChannelWalk, node: onnx.NodeProto) -> None:
 def _conv(w: ChannelWalk, node: onnx.NodeProto) -> None:
     """Conv: new channels out; input channels are cut from the weight's axis 1. Grouped:
     each conv-group's input and output channels form one class (kept or dropped whole);
-    a depthwise conv thereby ties each input channel to its outputs. A weight computed in
-    the graph (weight standardisation) is followed back to its initializers."""
+    a depthwise conv thereby ties each input channel to its outputs. Conv-groups that tie
+    every channel into one with a GroupNorm's units before them are pinned, saying so. A
+    weight computed in the graph (weight standardisation) is followed back to its
+    initializers."""
     transpose = node.op_type == "ConvTranspose"
     x, weight = node.input[0], node.input[1]
     bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
@@ -135,8 +137,16 @@ def _conv(w: ChannelWalk, node: onnx.NodeProto) -> None:
             in_ids = w.fresh(cin)
             w.pin(in_ids, f"{node.op_type} '{node.name}': grouped conv on channels not followed")
         blocks = in_ids.reshape(group, cin // group)
+        varied = w.varies(in_ids)
         for j in range(1, blocks.shape[1]):
             w.union(blocks[:, 0], blocks[:, j])
+        if varied and not w.varies(in_ids) and _group_norm_read(w, in_ids):
+            w.pin(
+                in_ids,
+                f"{node.op_type} '{node.name}' (group {group}): its conv-groups and the units "
+                "its channels come in (a GroupNorm's: one channel of each group) together tie "
+                "every channel into one, so none can be cut",
+            )
         out = np.repeat(blocks[:, 0], cout // group)
         # The weight axis that counts conv-groups is the output axis for Conv, the
         # input axis for ConvTranspose; the other one stays (it is per conv-group).
@@ -162,6 +172,13 @@ def _conv(w: ChannelWalk, node: onnx.NodeProto) -> None:
     if bias:
         w.slot(node, 2, 0, out, BIAS)
     w.pass_on(node, 1, out, node.output[:1])
+
+
+def _group_norm_read(w: ChannelWalk, ids: np.ndarray) -> bool:
+    """Whether a GroupNorm cut `ids`' class in its units (conv-groups a channel shuffle
+    mixes tie every channel too: a single unit, which the plan explains, not a pin)."""
+    root = w.find(int(ids.flat[0]))
+    return any(w.find(int(units.flat[0])) == root for units in w.group_norms)
 
 
 def _batchnorm(w: ChannelWalk, node: onnx.NodeProto) -> None:
@@ -196,7 +213,13 @@ def _instancenorm(w: ChannelWalk, node: onnx.NodeProto) -> None:
         w.opaque(node, "channels on the batch axis or scale/bias not constant")
         return
     made = w.index.producer.get(node.input[0])
-    if made is not None and made.op_type == "Reshape" and len(ids) > 1 and not w.varies(ids):
+    if (
+        made is not None
+        and made.op_type == "Reshape"
+        and len(ids) > 1
+        and not w.varies(ids)
+        and not _group_norm_read(w, ids)  # an earlier GroupNorm's: the grouped conv said so
+    ):
         w.pin(
             ids,
             f"InstanceNormalization '{node.name}' (GroupNorm): its units (one channel of each "
@@ -204,6 +227,7 @@ def _instancenorm(w: ChannelWalk, node: onnx.NodeProto) -> None:
             "tie every channel into one, so none can be cut",
         )
     if axis > 1:
+        w.group_norms.append(ids)
         w.not_exact(
             ids,
             f"InstanceNormalization '{node.name}': normalises each group over its channels "

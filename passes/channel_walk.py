@@ -90,6 +90,7 @@ class ChannelWalk:
         self.edits: list[Edit] = []
         self.pins: list[tuple[np.ndarray, str]] = []
         self.inexact: list[tuple[np.ndarray, str]] = []  # cuts that change the kept outputs
+        self.group_norms: list[np.ndarray] = []  # channels a GroupNorm cuts in units
         # tensors of a conv weight computed in the graph (`weight_chain.py`): axis -> the
         # channel ids it carries, so that shrink records their new shapes
         self.computed: dict[str, dict[int, np.ndarray]] = {}

@@ -11,7 +11,8 @@ through and the channel walk does not follow. Torch's exporter writes GroupNorm(
 after), which every part of onnx-mbs already handles: the walk cuts it in whole units (one
 channel of each group), the bridge trains it. `expand_group_norms` rewrites each
 GroupNormalization so, at load; it computes the same function (at opset 18 the per-group
-scale and bias are the InstanceNormalization's own, and no Mul or Add follows).
+scale and bias are the InstanceNormalization's own, and no Mul or Add follows; from opset 21
+a Cast each side of the norm computes it in the op's `stash_type`, float32 unless set).
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ def expand_group_norms(model: onnx.ModelProto) -> onnx.ModelProto:
             return tensor.name
 
         grouped, normalised, shape = new("grouped"), new("normalised"), new("shape_of_input")
+        source, cast_back = x, None  # what the norm reads; the dtype its output goes back to
         if per_channel:
             if x not in inputs:
                 raise BadInputError(
@@ -94,6 +96,14 @@ def expand_group_norms(model: onnx.ModelProto) -> onnx.ModelProto:
                     "opset 17, which writes that form)"
                 )
             rank, dtype = inputs[x]
+            # The mean and variance are computed in stash_type (float32 unless set), the
+            # output cast back: a float16 model normalises in float32, as the op does.
+            stash = int(attrs.get("stash_type", onnx.TensorProto.FLOAT))
+            if helper.tensor_dtype_to_np_dtype(stash) != dtype:
+                source = new("stashed")
+                nodes.append(helper.make_node("Cast", [x], [source], name=source, to=stash))
+                cast_back = helper.np_dtype_to_tensor_dtype(dtype)
+                dtype = helper.tensor_dtype_to_np_dtype(stash)
             # In Constant nodes, as torch exports them: the affine is the Mul and Add after,
             # and the bridge trains no weight held in a Constant of an InstanceNormalization.
             norm_scale, norm_bias = new("ones"), new("zeros")
@@ -107,8 +117,9 @@ def expand_group_norms(model: onnx.ModelProto) -> onnx.ModelProto:
             norm_scale, norm_bias = scale, bias
         target = constant(np.array([0, groups, -1], np.int64), "groups")
         out = node.output[0] if not per_channel else new("unscaled")
+        back = out if cast_back is None else new("unstashed")
         nodes += [
-            helper.make_node("Reshape", [x, target], [grouped], name=new("to_groups")),
+            helper.make_node("Reshape", [source, target], [grouped], name=new("to_groups")),
             helper.make_node(
                 "InstanceNormalization",
                 [grouped, norm_scale, norm_bias],
@@ -117,8 +128,10 @@ def expand_group_norms(model: onnx.ModelProto) -> onnx.ModelProto:
                 epsilon=epsilon,
             ),
             helper.make_node("Shape", [x], [shape], name=new("shape")),
-            helper.make_node("Reshape", [normalised, shape], [out], name=new("back")),
+            helper.make_node("Reshape", [normalised, shape], [back], name=new("back")),
         ]
+        if cast_back is not None:
+            nodes.append(helper.make_node("Cast", [back], [out], name=new("cast"), to=cast_back))
         if per_channel:
             trailing = [1] * (rank - 2)
             affine = []

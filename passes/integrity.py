@@ -65,6 +65,17 @@ def model_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
         yield from stored_tensors(function)
 
 
+def refuse_unread_external_data(model: onnx.ModelProto, what: str, remedy: str) -> None:
+    """Refuse a model holding external-data references (onnx.load(..., load_external_data=
+    False)): only its own file's folder resolves them, which a ModelProto no longer knows."""
+    for tensor in model_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            raise BadInputError(
+                f"tensor {tensor.name!r} of {what} is external data that was not read "
+                f"(onnx.load(..., load_external_data=False)?); {remedy}"
+            )
+
+
 def stored_tensors(graph: onnx.GraphProto | onnx.FunctionProto) -> Iterator[onnx.TensorProto]:
     """Initializers and attribute tensors of `graph` (or a function's body) and its
     subgraphs (save reads them too)."""

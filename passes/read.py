@@ -16,7 +16,7 @@ from .errors import BadInputError, QuantizedModelError, temporary_folder_error
 from .external_data import weights_apart
 from .graph import FLOAT_TYPES, attributes, nested_nodes, topological_order
 from .group_norm import deprecated_group_norms
-from .integrity import check_stored_sizes, model_tensors, undecodable
+from .integrity import check_stored_sizes, refuse_unread_external_data, undecodable
 from .scratch import scratch_folder
 
 QUANTIZED_OPS = {
@@ -57,11 +57,10 @@ def read_model(
         model = onnx.ModelProto()
         model.CopyFrom(source)
         if check_stored_sizes(model):  # references that only the file's folder resolves
-            tensor = next(t for t in model_tensors(model) if _external(t))
-            raise BadInputError(
-                f"tensor {tensor.name!r} of the given ModelProto is external data that was "
-                "not read (onnx.load(..., load_external_data=False)?); pass the model's "
-                "path, or load it with its external data"
+            refuse_unread_external_data(
+                model,
+                "the given ModelProto",
+                "pass the model's path, or load it with its external data",
             )
     else:
         path = Path(source)
@@ -215,7 +214,3 @@ def in_order(graph: onnx.GraphProto) -> None:
     if any(a is not b for a, b in zip(order, graph.node)):
         del graph.node[:]
         graph.node.extend(order)
-
-
-def _external(tensor: onnx.TensorProto) -> bool:
-    return tensor.data_location == onnx.TensorProto.EXTERNAL

@@ -1261,3 +1261,64 @@ def test_per_channel_scales_and_biases_get_no_weight_decay():
     }
     assert decayed == {shapes["w"]}
     assert shapes["gamma"] == (4, 1, 1)
+
+
+def _decoding_head_net() -> onnx.ModelProto:
+    """x -> Conv -> Mul(layer scale (4, 1, 1)) -> Sigmoid -> Mul(2) -> Add(grid) -> Mul(anchors)
+    -> y: a YOLO-like box decoding after the last weight, with a cell grid (1, 1, 8, 8) and an
+    anchor table (1, 2, 1, 1, 2) as the exporter bakes them in (no batch, no channel in them)."""
+    rng = np.random.default_rng(0)
+    ys, xs = np.meshgrid(np.arange(8), np.arange(8), indexing="ij")
+    values = {
+        "w": rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32),
+        "gamma": rng.uniform(0.5, 1.5, (4, 1, 1)).astype(np.float32),
+        "two": np.array(2.0, np.float32),
+        "grid": (xs + 8 * ys).astype(np.float32).reshape(1, 1, 8, 8),
+        "anchors": np.array([[10, 13], [33, 23]], np.float32).reshape(1, 2, 1, 1, 2),
+        "shape": np.array([-1, 2, 8, 8, 2], np.int64),
+    }
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], pads=[1] * 4),
+            helper.make_node("Mul", ["c", "gamma"], ["g"]),
+            helper.make_node("Sigmoid", ["g"], ["s"]),
+            helper.make_node("Mul", ["s", "two"], ["s2"]),
+            helper.make_node("Add", ["s2", "grid"], ["xy"]),
+            helper.make_node("Transpose", ["xy"], ["t"], perm=[0, 2, 3, 1]),
+            helper.make_node("Reshape", ["t", "shape"], ["r"]),
+            helper.make_node("Mul", ["r", "anchors"], ["y"]),
+        ],
+        "decoding_head",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 8, 8, 2])],
+        [numpy_helper.from_array(v, k) for k, v in values.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_box_decoding_tables_are_not_trained_and_layer_scales_are():
+    """A detector's cell grid and anchor table (constants with two or more axes above 1) are
+    box decoding, not a per-channel scale or bias: they were trained (and weight-decayed, not
+    being vectors), so the retrained model decoded its boxes against moved cells and anchors.
+    They stay as they are now; the layer scale (4, 1, 1) after the conv still trains."""
+    model = _decoding_head_net()
+    onnx.checker.check_model(model, full_check=True)
+    assert {name for name, _ in OnnxModule(model).named_parameters()} == {"w", "gamma"}
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(0, 1, (16, 3, 8, 8)).astype(np.float32)
+    teacher = onnx.ModelProto()
+    teacher.CopyFrom(model)
+    for tensor in teacher.graph.initializer:
+        if tensor.name == "w":
+            w = numpy_helper.to_array(tensor) * 1.5
+            tensor.CopyFrom(numpy_helper.from_array(w, "w"))
+    written = retrain(
+        model, (x, None), teacher=teacher, epochs=2, lr=0.1, batch_size=8, progress=False
+    ).model
+    before = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    after = {t.name: numpy_helper.to_array(t) for t in written.graph.initializer}
+    for name in ("grid", "anchors"):
+        np.testing.assert_array_equal(after[name], before[name])
+    assert not np.array_equal(after["gamma"], before["gamma"])
+    assert not np.array_equal(after["w"], before["w"])

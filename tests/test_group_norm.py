@@ -158,19 +158,31 @@ def test_group_normalization_without_num_groups_is_refused_as_invalid():
         load(model)
 
 
-def test_group_normalization_in_half_precision_keeps_its_dtype():
-    """A float16 model (activations too): the norm's new ones and zeros are float16, as an
-    InstanceNormalization of float16 requires, and it computes what the op computes."""
+@pytest.mark.parametrize(("stash", "computed"), [(None, np.float32), (10, np.float16)])
+def test_half_precision_group_normalization_keeps_its_stash_type(stash, computed):
+    """A float16 model (activations too). At opset 21 the op computes its mean and variance
+    in `stash_type` (float32 unless set): the written form ran its InstanceNormalization in
+    float16, whatever the stash type. It runs in the stash type now (a Cast each side, its
+    ones and zeros of that type, as InstanceNormalization requires), the output float16,
+    and it computes what the op computes."""
     model = _group_norm_net(21)
     for tensor in model.graph.initializer:
         half = numpy_helper.to_array(tensor).astype(np.float16)
         tensor.CopyFrom(numpy_helper.from_array(half, tensor.name))
     for value in [*model.graph.input, *model.graph.output]:
         value.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    if stash is not None:
+        model.graph.node[1].attribute.append(helper.make_attribute("stash_type", stash))
     read = load(model)
+    inferred = onnx.shape_inference.infer_shapes(read.runnable).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in inferred.value_info}
+    (norm,) = [n for n in read.runnable.graph.node if n.op_type == "InstanceNormalization"]
+    assert helper.tensor_dtype_to_np_dtype(types[norm.input[0]]) == computed
     x = _images(2)[0].astype(np.float16)
     (expected,) = run(model, x)
-    np.testing.assert_allclose(run(read.runnable, x)[0], expected, rtol=1e-2, atol=1e-2)
+    (got,) = run(read.runnable, x)
+    assert got.dtype == np.float16
+    np.testing.assert_allclose(got, expected, rtol=1e-2, atol=1e-2)
 
 
 def test_group_normalization_at_21_trains_only_its_own_affine():
@@ -204,20 +216,47 @@ def test_conv_groups_and_group_norm_units_that_tie_every_channel_say_so(tmp_path
     conv ("Conv '/dw/Conv': channels arrive on axis 3": the walk put the one-unit channels
     on the last axis after the GroupNorm); it says why now, and the written model computes
     the same."""
+    reasons = _pinned_as_tied(_GroupedConvBetweenGroupNorms(), tmp_path)
+    assert not any("arrive on axis" in reason for reason in reasons)
+    assert any("GroupNorm" in reason for reason in reasons), reasons
+
+
+def _pinned_as_tied(net: torch.nn.Module, tmp_path) -> list[str]:
+    """The pin reasons of `net`'s grouped conv 'gc' group, which one says its conv-groups
+    and a GroupNorm's units tie every channel; the written model computes the same."""
     path = tmp_path / "gn.onnx"
-    torch.onnx.export(
-        _GroupedConvBetweenGroupNorms().eval(), torch.randn(1, 3, 8, 8), path, dynamo=False
-    )
+    torch.onnx.export(net.eval(), torch.randn(1, 3, 8, 8), path, dynamo=False)
     read = load(onnx.load(path))
     (group,) = [g for g in analyze_channels(read.model).groups if "/gc/Conv" in g.producers]
     assert group.pinned
-    assert not any("arrive on axis" in reason for reason in group.pin_reasons)
     assert any(
-        "GroupNorm" in reason and "conv-groups" in reason and "tie every channel" in reason
-        for reason in group.pin_reasons
+        "conv-groups" in reason and "tie every channel" in reason for reason in group.pin_reasons
     ), group.pin_reasons
     small, report = reduce(onnx.load(path), evaluate_accuracy=False, progress=False)
     assert any("tie every channel" in reason for reason in report.pinned)
     check_model(small, full_check=True)
     (x,) = _images(1)
     np.testing.assert_allclose(run(small, x)[0], run(onnx.load(path), x)[0], atol=1e-5)
+    return group.pin_reasons
+
+
+class _GroupNormBeforeAGroupedConv(torch.nn.Module):
+    """conv -> GroupNorm(4, 16) -> conv with groups=4 -> conv 'dw': no GroupNorm after."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.gn0 = torch.nn.GroupNorm(4, 16)
+        self.gc = torch.nn.Conv2d(16, 16, 3, padding=1, groups=4)
+        self.dw = torch.nn.Conv2d(16, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dw(torch.relu(self.gc(torch.relu(self.gn0(self.stem(x))))))
+
+
+def test_a_grouped_conv_after_a_group_norm_that_ties_every_channel_says_so(tmp_path):
+    """The GroupNorm's units come first and the grouped conv's conv-groups then tie all 16
+    channels into one unit: the group was left a one-unit group, unpinned, with no reason in
+    the report. The conv pins it now, saying why, and the written model computes the same."""
+    reasons = _pinned_as_tied(_GroupNormBeforeAGroupedConv(), tmp_path)
+    assert any("Conv '/gc/Conv' (group 4)" in reason for reason in reasons), reasons

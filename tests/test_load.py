@@ -180,6 +180,13 @@ def _leading_axis_model(dims: list, add: str, conv_in: int, perm=None) -> onnx.M
         inits.append(numpy_helper.from_array(np.array([1, *dims], np.int64), "to"))
         nodes.append(onnx.helper.make_node("Reshape", [x, "to"], ["u"]))
         x = "u"
+    elif add in ("Sub", "Mul"):  # a per-channel constant one rank above: broadcasting adds it
+        channel = len(dims) - 1 if perm else 0
+        mean = np.full([1] + [3 if k == channel else 1 for k in range(len(dims))], 0.5)
+        inits.append(numpy_helper.from_array(mean.astype(np.float32), "mean"))
+        operands = [x, "mean"] if add == "Sub" else ["mean", x]
+        nodes.append(onnx.helper.make_node(add, operands, ["u"]))
+        x = "u"
     if perm:
         nodes.append(onnx.helper.make_node("Transpose", [x], ["t"], perm=perm))
         x = "t"
@@ -194,12 +201,14 @@ def _leading_axis_model(dims: list, add: str, conv_in: int, perm=None) -> onnx.M
     return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
 
 
-@pytest.mark.parametrize("add", ["Unsqueeze", "Reshape"])
+@pytest.mark.parametrize("add", ["Unsqueeze", "Reshape", "Sub", "Mul"])
 @pytest.mark.parametrize("perm", [[0, 3, 1, 2], None])
 def test_an_input_the_graph_gives_its_batch_axis_is_refused(add, perm, tmp_path, capsys):
     """A static (16, 16, 3) image Unsqueezed (or Reshaped) to (1, 16, 16, 3) before its Conv
     was analysed 'at batch 16' with 'image size 3' without a word: the graph adding the
-    leading axis says the input has none, so it is refused in one line, shapes given or not."""
+    leading axis says the input has none, so it is refused in one line, shapes given or not.
+    A rank gained by broadcasting against a constant (x - mean (1, 1, 1, 3), mean * x) is
+    the same: it was not seen, and the model loaded."""
     dims = [16, 16, 3] if perm else [3, 16, 16]
     model = _leading_axis_model(dims, add, 3, perm)
     for shapes in (None, {"image": dims}):
@@ -210,6 +219,19 @@ def test_an_input_the_graph_gives_its_batch_axis_is_refused(add, perm, tmp_path,
         code, err = _run_cli(["analyze", str(tmp_path / "m.onnx"), *flags], capsys)
         assert code == 2 and err.count("\n") == 1
         assert "export the model with a batch axis" in err
+
+
+@pytest.mark.parametrize("add", ["Unsqueeze", "Sub"])
+def test_an_unnamed_dynamic_input_without_a_batch_axis_gets_no_input_shape_hint(add):
+    """['?', '?', 3] whose leading axis the graph adds by broadcasting against (1, 1, 1, 3):
+    the refusal asked for `input_shapes={'image': [1, D1, 3]}`, taking H for the batch and
+    3 for the image size. It says the input has no batch axis, as for an Unsqueeze."""
+    model = _leading_axis_model([16, 16, 3], add, 3, [0, 3, 1, 2])
+    for dim in model.graph.input[0].type.tensor_type.shape.dim[:2]:
+        dim.Clear()
+    with pytest.raises(BadInputError, match=rf"'image' has no batch axis: .*{add}") as error:
+        load_model(model)
+    assert "input_shapes" not in str(error.value)
 
 
 @pytest.mark.parametrize(

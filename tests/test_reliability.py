@@ -744,6 +744,25 @@ def test_external_data_never_replaces_another_models_weights(inputs, tmp_path, m
     ]  # fmt: skip
 
 
+def test_saving_a_model_whose_external_data_was_not_read_is_refused(inputs, tmp_path):
+    """A model loaded with onnx.load(..., load_external_data=False) holds references that only
+    its own folder resolves: save_model wrote them as they were, so the written model named a
+    data file that is not beside it (or another model's that is). Refused in one line, with
+    nothing written."""
+    from onnx_mbs.save import save_model
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "out").mkdir()
+    onnx.save(onnx.load(inputs / "tiny.onnx"), tmp_path / "src" / "m.onnx",
+              save_as_external_data=True, location="m.data", size_threshold=0)  # fmt: skip
+    lazy = onnx.load(str(tmp_path / "src" / "m.onnx"), load_external_data=False)
+    said = r"tensor '.+' of the model is external data that was not read .*load_external_data"
+    with pytest.raises(BadInputError, match=said) as error:
+        save_model(lazy, tmp_path / "out" / "m.onnx")
+    assert "\n" not in str(error.value)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def test_existing_report_folder_gets_new_files_beside_what_it_holds(inputs, tmp_path):
     """Issue 26: a report folder is never replaced whole (that deleted whatever it held)."""
     from onnx_mbs.save import save_model

@@ -6,11 +6,12 @@ changes weights, never structure, and `write_back` can put the weights into the 
 Initializers are sorted by the role their consumers give them:
 
 - parameters: float weights of Conv/ConvTranspose/Gemm/MatMul/LSTM/GRU, BatchNormalization,
-  LayerNormalization and InstanceNormalization scale and bias, PRelu slopes, and non-scalar
-  float constants of Add/Sub/Mul/Div (per-channel scale or bias) -- except those applied to
-  the graph input before any weight (the images' normalisation, baked in front);
+  LayerNormalization and InstanceNormalization scale and bias, PRelu slopes, and per-channel
+  float constants of Add/Sub/Mul/Div (a scale or bias with one axis above 1) -- except those
+  applied to the graph input before any weight (the images' normalisation, baked in front);
 - buffers: BatchNormalization running mean and variance (updated in train mode);
-- constants: everything else (integer tensors, shapes, split sizes, resize scales, scalars).
+- constants: everything else (integer tensors, shapes, split sizes, resize scales, scalars,
+  element-wise tables with two or more axes above 1: a detector's grid and anchors).
   Nodes whose inputs are all constants are evaluated once at build time.
 
 State-dict keys are the initializer names with characters other than letters, digits and "_"
@@ -20,7 +21,7 @@ replaced by "_" (made unique); `initializer_keys` maps each ONNX name to its key
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -112,7 +113,7 @@ def initializer_roles(
                 continue
             if i in WEIGHT_INPUTS.get(node.op_type, ()) or (
                 node.op_type in ELEMENTWISE
-                and int(np.prod(tensor.dims)) > 1
+                and is_per_channel(tensor.dims)
                 and not any(other in raw for other in node.input)
             ):
                 roles[name] = "parameter"
@@ -123,6 +124,13 @@ def initializer_roles(
             ):
                 roles[name] = "buffer"
     return roles
+
+
+def is_per_channel(dims: Sequence[int]) -> bool:
+    """A vector along one axis, whatever its rank: (C,), (C, 1, 1), (1, C, 1, 1) -- what a
+    per-channel scale or bias is stored as. A scalar is not, nor a table with two or more
+    axes above 1: a detector's cell grid (1, 1, H, W) or anchors (1, A, 2) decode boxes."""
+    return sum(d > 1 for d in dims) == 1
 
 
 def _input_side(graph: onnx.GraphProto) -> set[str]:
