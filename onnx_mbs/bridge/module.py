@@ -126,11 +126,17 @@ def initializer_roles(
     return roles
 
 
+def long_axes(dims: Sequence[int]) -> int:
+    """How many axes are above 1: exporters store a per-channel vector as (C,), (C, 1, 1) or
+    (1, C, 1, 1), so the rank alone does not tell a vector from a table."""
+    return sum(d > 1 for d in dims)
+
+
 def is_per_channel(dims: Sequence[int]) -> bool:
-    """A vector along one axis, whatever its rank: (C,), (C, 1, 1), (1, C, 1, 1) -- what a
-    per-channel scale or bias is stored as. A scalar is not, nor a table with two or more
-    axes above 1: a detector's cell grid (1, 1, H, W) or anchors (1, A, 2) decode boxes."""
-    return sum(d > 1 for d in dims) == 1
+    """A vector along one axis, whatever its rank: what a per-channel scale or bias is stored
+    as. A scalar is not, nor a table with two or more axes above 1: a detector's cell grid
+    (1, 1, H, W) or anchors (1, A, 2) decode boxes."""
+    return long_axes(dims) == 1
 
 
 def _input_side(graph: onnx.GraphProto) -> set[str]:

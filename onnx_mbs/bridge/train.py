@@ -55,7 +55,7 @@ from onnx_mbs.bridge.bn import fold_back, has_batchnorm, is_bn_folded, recalibra
 from onnx_mbs.bridge.bn import reinsert_bn as reinsert_batchnorm
 from onnx_mbs.bridge.loading import Samples, as_samples, load_batches, rank_batches
 from onnx_mbs.bridge.losses import choose_losses, distillation_loss, normalised_mse
-from onnx_mbs.bridge.module import OnnxModule, untie_initializers, with_outputs
+from onnx_mbs.bridge.module import OnnxModule, long_axes, untie_initializers, with_outputs
 from onnx_mbs.bridge.precision import as_float32, is_low_precision
 from onnx_mbs.bridge.writeback import write_back
 from onnx_mbs.data.augment import choose_augment
@@ -244,10 +244,9 @@ def _optimizer(
     module: torch.nn.Module, name: str, lr: float, weight_decay: float, momentum: float
 ) -> torch.optim.Optimizer:
     # No weight decay on vectors (biases, BN scale/shift, layer scales): the usual choice
-    # for CNNs. Exporters store some as (C, 1, 1) or (1, C, 1, 1): a vector is a tensor
-    # with at most one dim above 1, whatever its rank.
+    # for CNNs. A vector is a tensor with at most one axis above 1, whatever its rank.
     params = [p for p in module.parameters() if p.requires_grad]
-    vector = [sum(d > 1 for d in p.shape) <= 1 for p in params]
+    vector = [long_axes(p.shape) <= 1 for p in params]
     groups = [
         {"params": [p for p, v in zip(params, vector) if not v], "weight_decay": weight_decay},
         {"params": [p for p, v in zip(params, vector) if v], "weight_decay": 0.0},
