@@ -47,14 +47,24 @@ def time_session(session, feed: Mapping[str, np.ndarray], min_seconds: float = 0
 
 
 def random_feed(session) -> dict[str, np.ndarray]:
-    """Random inputs for every (float, static-shaped) input of a session."""
+    """Random inputs for every (static-shaped) input of a session, each of its declared type:
+    a model taking uint8 images (Cast to float in the graph) refuses float32."""
     rng = np.random.default_rng(0)
     feed = {}
     for i in session.get_inputs():
         shape = [d if isinstance(d, int) else 1 for d in i.shape]
-        dtype = np.float16 if i.type == "tensor(float16)" else np.float32
-        feed[i.name] = rng.standard_normal(shape).astype(dtype)
+        dtype = _numpy_type(i.type)
+        if np.issubdtype(dtype, np.floating):
+            feed[i.name] = rng.standard_normal(shape).astype(dtype)
+        else:  # integers and bool: pixel-like values
+            feed[i.name] = rng.integers(0, 2 if dtype == np.bool_ else 256, shape).astype(dtype)
     return feed
+
+
+def _numpy_type(ort_type: str) -> np.dtype:
+    """The numpy type of an onnxruntime input type such as "tensor(uint8)"."""
+    name = ort_type.removeprefix("tensor(").removesuffix(")").upper()
+    return np.dtype(helper.tensor_dtype_to_np_dtype(TensorProto.DataType.Value(name)))
 
 
 def measure_models(
