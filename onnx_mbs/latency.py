@@ -27,7 +27,7 @@ from onnx import TensorProto, helper
 
 from onnx_mbs.passes.analysis import ConvLayer, ModelAnalysis
 from onnx_mbs.passes.cost import CostModel
-from onnx_mbs.runtime import CPU, make_session
+from onnx_mbs.runtime import CPU, make_session, ort_numpy_type
 
 GRID_POINTS = 8  # intervals per channel axis at most; finer axes use the channel multiple
 _MIN_RUNS, _MAX_RUNS = 3, 50
@@ -53,18 +53,12 @@ def random_feed(session) -> dict[str, np.ndarray]:
     feed = {}
     for i in session.get_inputs():
         shape = [d if isinstance(d, int) else 1 for d in i.shape]
-        dtype = _numpy_type(i.type)
+        dtype = ort_numpy_type(i.type)
         if np.issubdtype(dtype, np.floating):
             feed[i.name] = rng.standard_normal(shape).astype(dtype)
         else:  # integers and bool: pixel-like values
             feed[i.name] = rng.integers(0, 2 if dtype == np.bool_ else 256, shape).astype(dtype)
     return feed
-
-
-def _numpy_type(ort_type: str) -> np.dtype:
-    """The numpy type of an onnxruntime input type such as "tensor(uint8)"."""
-    name = ort_type.removeprefix("tensor(").removesuffix(")").upper()
-    return np.dtype(helper.tensor_dtype_to_np_dtype(TensorProto.DataType.Value(name)))
 
 
 def measure_models(
