@@ -85,7 +85,7 @@ def evaluate(
     session = make_session(model, providers)
     graph = _proto(model)
     logits_name: str | None = None
-    dtype = feed_dtype(session, data.input_name)
+    dtype = feed_dtype(session, data.input_name, ready=data.preprocess is None)
     correct1 = correct5 = samples = nonfinite = 0
     classes = 0
     bar = progress_bar(len(data), "evaluate", progress)
@@ -246,9 +246,10 @@ def agreement(
             f"the teacher has no output(s) {missing} (its outputs: "
             f"{[o.name for o in reference.get_outputs()]}): agreement compares outputs by name"
         )
+    ready = data.preprocess is None
     dtype, teacher_dtype = (
-        feed_dtype(session, data.input_name),
-        feed_dtype(reference, data.input_name),
+        feed_dtype(session, data.input_name, ready),
+        feed_dtype(reference, data.input_name, ready),
     )
     totals: dict[str, _Accumulator] = {}
     samples = 0

@@ -27,7 +27,7 @@ from onnx import TensorProto, helper
 
 from onnx_mbs.passes.analysis import ConvLayer, ModelAnalysis
 from onnx_mbs.passes.cost import CostModel
-from onnx_mbs.runtime import CPU, make_session
+from onnx_mbs.runtime import CPU, make_session, ort_numpy_type
 
 GRID_POINTS = 8  # intervals per channel axis at most; finer axes use the channel multiple
 _MIN_RUNS, _MAX_RUNS = 3, 50
@@ -47,13 +47,17 @@ def time_session(session, feed: Mapping[str, np.ndarray], min_seconds: float = 0
 
 
 def random_feed(session) -> dict[str, np.ndarray]:
-    """Random inputs for every (float, static-shaped) input of a session."""
+    """Random inputs for every (static-shaped) input of a session, each of its declared type:
+    a model taking uint8 images (Cast to float in the graph) refuses float32."""
     rng = np.random.default_rng(0)
     feed = {}
     for i in session.get_inputs():
         shape = [d if isinstance(d, int) else 1 for d in i.shape]
-        dtype = np.float16 if i.type == "tensor(float16)" else np.float32
-        feed[i.name] = rng.standard_normal(shape).astype(dtype)
+        dtype = ort_numpy_type(i.type)
+        if np.issubdtype(dtype, np.floating):
+            feed[i.name] = rng.standard_normal(shape).astype(dtype)
+        else:  # integers and bool: pixel-like values
+            feed[i.name] = rng.integers(0, 2 if dtype == np.bool_ else 256, shape).astype(dtype)
     return feed
 
 

@@ -254,16 +254,30 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def feed_dtype(session: ort.InferenceSession, input_name: str) -> np.dtype:
-    """The numpy type to feed `input_name` (image inputs are float, half or double)."""
+def feed_dtype(session: ort.InferenceSession, input_name: str, ready: bool = False) -> np.dtype:
+    """The numpy type to feed `input_name`: preprocessed images are float, half or double;
+    model-ready data (`ready`) is fed as it is, in the input's own type (uint8 images a
+    graph casts itself, checked when the data was read)."""
     declared = {i.name: i.type for i in session.get_inputs()}
     if input_name not in declared:
         raise BadInputError(
             f"the data is for input {input_name!r} but the model's inputs are {list(declared)}"
         )
+    if ready and declared[input_name] not in _FLOAT_TYPES:
+        return ort_numpy_type(declared[input_name])
     if declared[input_name] not in _FLOAT_TYPES:
-        raise BadInputError(_not_float(input_name, declared[input_name]))
+        hint = f" (to feed it as it is: a model-ready .npz, an array named {input_name!r})"
+        raise BadInputError(_not_float(input_name, declared[input_name]) + hint)
     return np.dtype(_FLOAT_TYPES[declared[input_name]])
+
+
+def ort_numpy_type(ort_type: str) -> np.dtype:
+    """The numpy type of an onnxruntime input type such as "tensor(uint8)"."""
+    name = ort_type.removeprefix("tensor(").removesuffix(")").upper()
+    dtype = numpy_type(TensorProto.DataType.Value(name))
+    if dtype is None:
+        raise BadInputError(f"numpy cannot hold an input of type {ort_type}")
+    return dtype
 
 
 def require_float_input(model: onnx.ModelProto, input_name: str) -> None:

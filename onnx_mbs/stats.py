@@ -145,7 +145,7 @@ def collect_stats(
             )
     except OSError as e:
         raise temporary_folder_error(e) from None
-    feed_type = feed_dtype(session, data.input_name)
+    feed_type = feed_dtype(session, data.input_name, ready=data.preprocess is None)
     names = [o.name for o in session.get_outputs()]
 
     run = functools.partial(_run, session, data.input_name, feed_type)

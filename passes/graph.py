@@ -277,16 +277,36 @@ def parameter_sizes(model: onnx.ModelProto) -> dict[str, int]:
 def stored_casts(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
     """The Casts that turn a stored float weight into another float type before use
     (weight-only fp16/bf16, or a weight onnxruntime's fp16 conversion kept for a float32
-    op), by output: each output is that weight in its readers' precision (`stored.py`)."""
+    op), by output: each output is that weight in its readers' precision (`stored.py`).
+    A CastLike to a tensor of known float type (torch's dynamo exporter writes
+    `weight.type_as(x)` so) is such a Cast too."""
     weights = {t.name for t in graph.initializer if is_weight(t)}
-    return {
-        node.output[0]: node
+    candidates = [
+        node
         for node in graph.node
-        if node.op_type == "Cast"
+        if node.op_type in ("Cast", "CastLike")
         and node.domain in ("", "ai.onnx")
         and node.input[0] in weights
-        and attributes(node).get("to") in FLOAT_TYPES
-    }
+    ]
+    types = value_types(graph) if any(n.op_type == "CastLike" for n in candidates) else {}
+    return {node.output[0]: node for node in candidates if cast_target(node, types) in FLOAT_TYPES}
+
+
+def cast_target(node: onnx.NodeProto, types: dict[str, int]) -> int | None:
+    """The element type a Cast (its `to`) or CastLike (its second input's type, from `types`:
+    `value_types`) makes; None where not known."""
+    if node.op_type == "CastLike":
+        return types.get(node.input[1]) if len(node.input) > 1 else None
+    return attributes(node).get("to")
+
+
+def value_types(graph: onnx.GraphProto) -> dict[str, int]:
+    """The element type of every tensor `graph` declares or stores."""
+    types = {t.name: t.data_type for t in graph.initializer}
+    for value in (*graph.input, *graph.value_info, *graph.output):
+        if value.type.tensor_type.elem_type:
+            types[value.name] = value.type.tensor_type.elem_type
+    return types
 
 
 def count_parameters(model: onnx.ModelProto) -> int:

@@ -90,18 +90,20 @@ def stored_tensors(graph: onnx.GraphProto | onnx.FunctionProto) -> Iterator[onnx
                 yield from stored_tensors(sub)
 
 
-_PACKED_4BIT = {
-    getattr(onnx.TensorProto, name)
-    for name in ("INT4", "UINT4", "FLOAT4E2M1")
+# Types stored packed, bits per element (onnx writes 2 int4, 4 int2, or 4 float6 in 3 bytes).
+_PACKED_BITS = {
+    getattr(onnx.TensorProto, name): bits
+    for name, bits in (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2),
+                       ("FLOAT6E2M3", 6), ("FLOAT6E3M2", 6))
     if hasattr(onnx.TensorProto, name)
-}
+}  # fmt: skip
 
 
 def _stored_bytes(tensor: onnx.TensorProto) -> int | None:
     """Bytes of raw data `tensor`'s shape needs (None for strings and unknown types)."""
     elements = math.prod(tensor.dims)
-    if tensor.data_type in _PACKED_4BIT:
-        return (elements + 1) // 2
+    if tensor.data_type in _PACKED_BITS:
+        return (elements * _PACKED_BITS[tensor.data_type] + 7) // 8
     itemsize = _itemsize(tensor.data_type)
     return None if itemsize is None else elements * itemsize
 

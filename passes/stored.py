@@ -19,7 +19,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .channel_walk import subgraph_names
-from .graph import attributes, stored_casts
+from .graph import cast_target, stored_casts, value_types
 
 _F16, _BF16, _F32, _F64 = (
     onnx.TensorProto.FLOAT16,
@@ -85,12 +85,13 @@ def collapse(model: onnx.ModelProto) -> StoredCasts:
             read[name] = read.get(name, 0) + 1
     kept = {o.name for o in graph.output}
     initializers = {t.name: t for t in graph.initializer}
+    types = value_types(graph)
     casts = {
         output: node
         for output, node in stored_casts(graph).items()
         if read[node.input[0]] == 1
         and not {output, node.input[0]} & kept
-        and (initializers[node.input[0]].data_type, attributes(node)["to"]) in EXACT
+        and (initializers[node.input[0]].data_type, cast_target(node, types)) in EXACT
     }
     if not casts:
         return StoredCasts()
@@ -98,7 +99,7 @@ def collapse(model: onnx.ModelProto) -> StoredCasts:
     for node in casts.values():
         tensor = initializers[node.input[0]]
         taken.append(Stored(_copy(node), tensor.data_type, tensor.doc_string))
-        to = helper.tensor_dtype_to_np_dtype(attributes(node)["to"])
+        to = helper.tensor_dtype_to_np_dtype(cast_target(node, types))
         value = np.asarray(numpy_helper.to_array(tensor).astype(to))
         tensor.CopyFrom(numpy_helper.from_array(value, node.output[0]))
     nodes = [n for n in graph.node if not (n.output and n.output[0] in casts)]

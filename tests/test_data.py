@@ -610,3 +610,62 @@ def test_npz_images_past_the_pixel_limit_are_refused(tmp_path, monkeypatch, shap
         open_data(path, "in", GRAY8)
     monkeypatch.setattr(spec, "MAX_IMAGE_PIXELS", 70 * 60)
     assert to_arrays(open_data(path, "in", GRAY8))[0].shape == (2, 1, 8, 8)
+
+
+def uint8_image_model():
+    """A model taking uint8 images (N, 1, 8, 8), as deployed graphs do: Cast -> Sub -> Div
+    normalise inside the graph, then Conv -> Relu -> Conv -> Relu -> pool -> 8 class scores."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = {
+        "mean": np.array(127.5, np.float32),
+        "std": np.array(64.0, np.float32),
+        "w1": rng.standard_normal((8, 1, 3, 3)).astype(np.float32),
+        "w2": rng.standard_normal((8, 8, 3, 3)).astype(np.float32),
+    }
+    node = helper.make_node
+    nodes = [
+        node("Cast", ["input"], ["pixels"], to=TensorProto.FLOAT),
+        node("Sub", ["pixels", "mean"], ["centred"]),
+        node("Div", ["centred", "std"], ["normalised"]),
+        node("Conv", ["normalised", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        node("Relu", ["c1"], ["r1"]),
+        node("Conv", ["r1", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        node("Relu", ["c2"], ["r2"]),
+        node("GlobalAveragePool", ["r2"], ["pooled"]),
+        node("Flatten", ["pooled"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "uint8_image",
+        [helper.make_tensor_value_info("input", TensorProto.UINT8, ["n", 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])],
+        [numpy_helper.from_array(v, k) for k, v in weights.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+def test_model_ready_uint8_images_are_fed_as_they_are(tmp_path):
+    """docs/data.md: model-ready data is fed as it is, its dtype the input's own. A model
+    taking uint8 images was refused with model-ready uint8 data ("has type tensor(uint8);
+    expected a float image tensor"), so it could be neither calibrated nor evaluated."""
+    from onnx_mbs.data.fit import open_for_model
+    from onnx_mbs.evaluate import agreement, evaluate
+    from onnx_mbs.pipeline import reduce
+    from onnx_mbs.runtime import CPU
+
+    model = uint8_image_model()
+    x = np.random.default_rng(1).integers(0, 256, (6, 1, 8, 8)).astype(np.uint8)
+    y = np.arange(6) % 8
+    path = write_npz(tmp_path / "ready.npz", input=x, y=y)
+    _, report = reduce(model, path, progress=False, evaluate_accuracy=False)
+    assert report.samples == 6
+    assert 0 < report.rho["conv1"] < 1 and 0 < report.rho["conv2"] < 1
+    result = evaluate(model, path, [CPU], progress=False)
+    assert result.samples == 6 and result.nonfinite == 0
+    agreed = agreement(model, model, open_for_model(path, model), [CPU], progress=False)
+    assert agreed.samples == 6
+    images = write_npz(tmp_path / "images.npz", x=x[:, 0], y=y)  # preprocessed to float
+    with pytest.raises(BadInputError, match=r"tensor\(uint8\); .* a model-ready .npz, an array"):
+        evaluate(model, images, [CPU], progress=False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import graphs
 import numpy as np
+import onnx
 import pytest
 
 from onnx_mbs.latency import (
@@ -248,3 +249,21 @@ def test_meet_latency_keeps_the_largest_model_that_meets_it(monkeypatch):
 def test_meet_latency_keeps_the_closest_when_every_try_misses(monkeypatch):
     reached, missed = _latency_tries(monkeypatch, [0.80, 0.70, 0.75, 0.90])
     assert reached == pytest.approx(0.70) and missed == ["latency"]
+
+
+@pytest.mark.parametrize("elem", [onnx.TensorProto.UINT8, onnx.TensorProto.DOUBLE])
+def test_measure_models_feeds_each_input_its_own_type(elem):
+    """A model taking uint8 images (Cast to float in the graph) or float64 is timed fed its
+    own input type: fed float32 it had raised onnxruntime's INVALID_ARGUMENT, a traceback
+    from `reduce --budget latency=F`."""
+    node = onnx.helper.make_node("Cast", ["x"], ["y"], to=onnx.TensorProto.FLOAT)
+    graph = onnx.helper.make_graph(
+        [node],
+        "cast",
+        [onnx.helper.make_tensor_value_info("x", elem, [1, 3, 8, 8])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    (seconds,) = measure_models([model], [CPU], runs=3, sessions=1)
+    assert seconds > 0

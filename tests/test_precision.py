@@ -113,15 +113,23 @@ def test_weights_stored_behind_casts_reduce_as_their_float_twin(data, dtype) -> 
     assert report.plan.params[0] == count_parameters(model) == count_parameters(stored)
     assert report.plan.counts == twin.plan.counts and report.plan.changes_anything
     assert count_parameters(small) == report.plan.params[1]
+    _assert_stored_as(small, stored, "Cast", twin_small, data[0][:16])
+
+
+def _assert_stored_as(
+    small: onnx.ModelProto, stored: onnx.ModelProto, op: str, want: onnx.ModelProto, x
+) -> None:
+    """`small` is valid, stores every weight in `stored`'s dtype behind its `op` node, and
+    computes what `want` computes on `x` (within float32 rounding: onnxruntime folds Casts of
+    constants, not CastLikes)."""
     onnx.checker.check_model(small, full_check=True)
     assert {t.name: t.data_type for t in small.graph.initializer} == {
         t.name: t.data_type for t in stored.graph.initializer
     }
-    assert sum(n.op_type == "Cast" for n in small.graph.node) == len(stored.graph.initializer)
-    x = data[0][:16]
+    assert sum(n.op_type == op for n in small.graph.node) == len(stored.graph.initializer)
     got = ort.InferenceSession(small.SerializeToString()).run(None, {"input": x})[0]
-    want = ort.InferenceSession(twin_small.SerializeToString()).run(None, {"input": x})[0]
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    expected = ort.InferenceSession(want.SerializeToString()).run(None, {"input": x})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_fp16_conversion_with_fp32_batchnorm_is_measured_and_kept_in_its_dtypes() -> None:
@@ -171,3 +179,25 @@ def test_a_weight_stored_wider_than_it_is_used_keeps_its_stored_values() -> None
     (written,) = [t for t in small.graph.initializer if t.name == stem.name]
     assert written.data_type == TensorProto.FLOAT and list(written.dims) == list(stem.dims)
     np.testing.assert_array_equal(numpy_helper.to_array(written), wide)
+
+
+def test_weights_stored_behind_castlike_reduce_as_behind_cast(data) -> None:
+    """CastLike(weight, input), as torch's dynamo exporter writes `weight.type_as(x)`, is the
+    Cast to the input's type: weight-only fp16 stored that way had its BatchNorm statistics
+    counted as parameters (273.75K for 272.19K) and every channel group pinned ('budget
+    params=0.5 cannot be reached'). Now planned, cut and written as the Cast form is."""
+    model = onnx.load(BUNDLED_MODEL)
+    stored = in_dtype(model, TensorProto.FLOAT16, stored=True)
+    like = onnx.ModelProto()
+    like.CopyFrom(stored)
+    for node in like.graph.node:
+        if node.op_type == "Cast":
+            node.op_type = "CastLike"
+            del node.attribute[:]
+            node.input.append("input")
+    assert count_parameters(like) == count_parameters(model)
+    options = {"budget": "params=0.5", "strategy": "mbs", "importance": "l2", "progress": False}
+    small, report = reduce(like, **options)
+    cast_small, cast = reduce(stored, **options)
+    assert report.plan.params == cast.plan.params and report.plan.counts == cast.plan.counts
+    _assert_stored_as(small, like, "CastLike", cast_small, data[0][:16])
