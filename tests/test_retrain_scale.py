@@ -332,6 +332,22 @@ def test_batches_do_not_depend_on_workers(kind, folder, npz) -> None:
     assert not np.array_equal(runs[0][0][1], runs[0][4][1])
 
 
+def test_dropout_does_not_depend_on_workers() -> None:
+    """Building the batches in worker processes drew DataLoader's base seed from torch's global
+    generator, which dropout also draws from: a Dropout model trained with workers=2 (or a run
+    resumed with them) wrote other weights than with workers=0 (0.00025 apart)."""
+    from test_bridge import dropout_classifier
+
+    x, y = quadrant_data(32, seed=1)
+    common = dict(epochs=1, batch_size=16, seed=3, device="cpu", progress=False)
+    runs = [
+        weights(retrain(dropout_classifier(None), (x, y % 3), workers=w, **common).model)
+        for w in (0, 2)
+    ]
+    for name, value in runs[0].items():
+        np.testing.assert_array_equal(runs[1][name], value, err_msg=name)
+
+
 def test_image_folder_and_npz_of_the_same_pixels_give_the_same_batches(folder, tmp_path) -> None:
     files = sorted(folder.glob("*/*.png"))
     x = np.stack([np.asarray(Image.open(f))[None] for f in files])
