@@ -234,6 +234,27 @@ def test_resuming_with_other_data_or_preprocessing_is_refused(npz, tmp_path) -> 
     assert retrain(export(keep_bn=True), source(npz), **resume).resumed_from == 1
 
 
+def test_the_same_data_resumes_however_its_path_is_spelled(npz, folder, tmp_path, monkeypatch):
+    """The data's digest held its description, which names the file or folder as given: an npz
+    copied under another name (the same pixels and labels) was refused, and so was the same
+    image folder given by its absolute path after a run given it relative to the directory."""
+    import shutil
+
+    common = dict(epochs=2, batch_size=16, device="cpu", progress=False, workers=0)
+    directory = stopped_after_one_of_two_epochs(npz, tmp_path / "c", common)
+    renamed = Path(shutil.copy(npz, tmp_path / "renamed.npz"))
+    resume = dict(checkpoint=directory, resume=True, **common)
+    assert retrain(export(keep_bn=True), source(renamed), **resume).resumed_from == 1
+    monkeypatch.chdir(folder.parent)
+    directory = stopped_after_one_of_two_epochs(Path(folder.name), tmp_path / "f", common)
+    resume = dict(checkpoint=directory, resume=True, **common)
+    assert retrain(export(keep_bn=True), source(folder.absolute()), **resume).resumed_from == 1
+    # A folder's images are not read up front: a copy elsewhere is other files.
+    copy = Path(shutil.copytree(folder, tmp_path / "copy"))
+    with pytest.raises(BadInputError, match=r"differs in: training data\)"):
+        retrain(export(keep_bn=True), source(copy), **resume)
+
+
 def test_a_checkpoint_whose_optimizer_groups_differ_is_refused(npz, tmp_path) -> None:
     """A checkpoint of the same run written when other parameters were decayed (an older
     onnx-mbs): torch's ValueError about parameter groups became one line."""

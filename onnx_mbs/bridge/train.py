@@ -267,20 +267,20 @@ def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 def _data_digest(samples: Samples) -> str:
     """What fixes the samples a run trains on: arrays' bytes; for a data source, what it read
-    (its pixels in memory, or an image folder's file names), its labels and its preprocessing
-    (the numbers, not where they came from)."""
+    (its pixels in memory, or an image folder's files by absolute path), its labels and its
+    preprocessing (the numbers, not where they came from). Not its description, which names
+    the file or folder as it was given (a renamed npz holds the same samples)."""
     source = samples.source
     if source is None:
         parts = [samples.x, samples.y]
     else:
         preprocess = samples.preprocess and replace(samples.preprocess, origin="")
         parts = [
-            str(source.description),
             repr(preprocess),
             getattr(source, "raw", None),
             getattr(source, "labels", None),
             *getattr(source, "extra", {}).values(),
-            "\n".join(map(str, getattr(source, "files", ()))),
+            "\n".join(map(os.path.abspath, getattr(source, "files", ()))),
         ]
     digest = hashlib.sha256()
     for part in parts:
