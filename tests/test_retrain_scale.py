@@ -255,6 +255,21 @@ def test_the_same_data_resumes_however_its_path_is_spelled(npz, folder, tmp_path
         retrain(export(keep_bn=True), source(copy), **resume)
 
 
+def test_resuming_with_another_bn_calibration_is_refused(npz, tmp_path) -> None:
+    """A BN-folded graph's re-inserted BatchNorms are measured on `bn_calibration_samples`
+    samples before training and after it, where the folded weights are made: resumed with
+    another count, the run wrote weights neither run would have, with no word."""
+    common = dict(epochs=2, batch_size=16, device="cpu", progress=False, workers=0)
+    with pytest.MonkeyPatch.context() as patch:
+        interrupt_after(patch, 1)
+        with pytest.raises(Interrupt):
+            retrain(export(keep_bn=False), source(npz), checkpoint=tmp_path, **common)
+    resume = dict(checkpoint=tmp_path, resume=True, **common)
+    with pytest.raises(BadInputError, match=r"differs in: bn_calibration_samples\)"):
+        retrain(export(keep_bn=False), source(npz), bn_calibration_samples=32, **resume)
+    assert retrain(export(keep_bn=False), source(npz), **resume).resumed_from == 1
+
+
 def test_a_checkpoint_whose_optimizer_groups_differ_is_refused(npz, tmp_path) -> None:
     """A checkpoint of the same run written when other parameters were decayed (an older
     onnx-mbs): torch's ValueError about parameter groups became one line."""

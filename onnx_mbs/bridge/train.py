@@ -178,6 +178,7 @@ def _dist_backend(dev: torch.device) -> str:
 
 
 AMP_CHOICES = ("off", "bf16")
+BN_CALIBRATION_SAMPLES = 1024  # re-inserted BatchNorms are measured on this many samples
 
 
 def _autocast(dev: torch.device, amp: str):
@@ -333,7 +334,7 @@ def retrain(
     losses: Mapping[str, str] | None = None,
     features: Sequence[str] = (),
     feature_weight: float = 1.0,
-    bn_calibration_samples: int = 1024,
+    bn_calibration_samples: int = BN_CALIBRATION_SAMPLES,
     augment: str = "auto",
     label_smoothing: float = 0.0,
     warmup: float = DEFAULT_WARMUP,
@@ -462,6 +463,12 @@ def retrain(
             "warmup": warmup,
             "world_size": world,
             **({"logits": logits} if logits is not None else {}),
+            # Only where it counts and is not the default: earlier checkpoints lack the key.
+            **(
+                {"bn_calibration_samples": bn_calibration_samples}
+                if reinsert_bn and bn_calibration_samples != BN_CALIBRATION_SAMPLES
+                else {}
+            ),
         }
         saved = None
         if checkpoint is not None:
