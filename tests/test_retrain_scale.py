@@ -270,6 +270,24 @@ def test_resuming_with_another_bn_calibration_is_refused(npz, tmp_path) -> None:
     assert retrain(export(keep_bn=False), source(npz), **resume).resumed_from == 1
 
 
+def test_a_checkpoint_of_a_machine_with_more_gpus_resumes(monkeypatch) -> None:
+    """The checkpoint holds one CUDA random state per GPU the writing process saw; restored on a
+    machine with fewer, torch's set_rng_state_all indexed a GPU that is not there (IndexError,
+    a traceback). Torch's own code runs here, with one stand-in GPU generator."""
+    import torch.cuda.random as cuda_random
+
+    first, second = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+    states = {**ckpt.random_states(), "cuda": [first.get_state(), second.get_state()]}
+    gpu = torch.Generator()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "default_generators", (gpu,))
+    monkeypatch.setattr(cuda_random, "_lazy_call", lambda callback: callback())
+    monkeypatch.setattr(cuda_random, "is_initialized", lambda: True)
+    ckpt.set_random_states(states)
+    assert torch.equal(gpu.get_state(), first.get_state())
+
+
 def test_a_checkpoint_whose_optimizer_groups_differ_is_refused(npz, tmp_path) -> None:
     """A checkpoint of the same run written when other parameters were decayed (an older
     onnx-mbs): torch's ValueError about parameter groups became one line."""
