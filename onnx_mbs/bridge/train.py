@@ -379,6 +379,11 @@ def retrain(
     if workers is not None and workers < 0:
         raise BadInputError(f"workers must be 0 or more, not {workers}")
     check_device(device)
+    if isinstance(checkpoint, str) and not checkpoint.strip():  # "$DIR" with DIR unset
+        raise BadInputError(
+            f"{option('--checkpoint')} is empty: give a directory, or leave it out to write "
+            "no checkpoints"
+        )
     if resume and checkpoint is None:
         raise BadInputError(
             f"{option('--resume')} continues from a {option('--checkpoint')} DIR: give one"
