@@ -681,3 +681,58 @@ def test_torchrun_resumes_after_a_kill(npz, tmp_path) -> None:
     )
     for name, value in expected.items():
         np.testing.assert_array_equal(got[name], value, err_msg=name)
+
+
+_RANKS_SEE_OTHER_CHECKPOINTS = """
+import os, sys
+import numpy as np, onnx, torch
+sys.path.insert(0, {tests!r})
+from test_retrain import export, quadrant_data
+from onnx_mbs.bridge import retrain
+from onnx_mbs.passes.errors import BadInputError
+
+torch.set_num_threads(1)
+rank = int(os.environ["RANK"])
+x, y = quadrant_data(64, 1)
+shared = sys.argv[2] == "shared"  # else each rank has a DIR of its own, as on its node's disk
+try:
+    retrain(export(keep_bn=True), (x, y), epochs=2, batch_size=16, device="cpu", progress=False,
+            workers=0, checkpoint=sys.argv[1] + ("" if shared else str(rank)), resume=True)
+except BadInputError as error:
+    print(f"rank {{rank}}: {{error}}", flush=True)
+    os._exit(2)
+os._exit(0)
+"""
+
+
+@pytest.mark.slow
+def test_ranks_that_see_other_checkpoints_are_refused(tmp_path) -> None:
+    """Every rank reads the checkpoint on resume: where DIR is not shared (a node's own disk),
+    rank 0 found all epochs done and rank 1 started at epoch 1, and the two waited on each
+    other's collectives for ever. Both now stop, saying so."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "job.py"
+    script.write_text(_RANKS_SEE_OTHER_CHECKPOINTS.format(tests=str(Path(__file__).parent)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node=2", str(script)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # Both epochs into c0, which rank 0 sees on resume; rank 1 sees c1, empty.
+    first = subprocess.run([*command, str(tmp_path / "c0"), "shared"], env=env, timeout=300)
+    assert first.returncode == 0
+    command += [str(tmp_path / "c"), "own"]
+    job = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        out = job.communicate(timeout=180)[0]
+    except subprocess.TimeoutExpired:
+        for pid in [job.pid, *descendants(job.pid)]:  # the ranks have their own sessions
+            os.kill(pid, signal.SIGKILL)
+        job.communicate()
+        pytest.fail("the ranks waited on each other until killed")
+    assert job.returncode != 0
+    assert "rank 0: " in out and "not every process" in out, out[-3000:]

@@ -594,6 +594,8 @@ def retrain(
             )
             first_epoch = saved["epoch"]
             ckpt.set_random_states(saved["random"])
+        if world > 1 and checkpoint is not None:
+            _check_same_start(first_epoch, checkpoint, dev)
         if say:
             print(f"augmentation: {augment_text}", file=sys.stderr)
             print(f"schedule: {schedule}; data workers: {workers}", file=sys.stderr)
@@ -782,6 +784,20 @@ def retrain(
         workers=workers,
         resumed_from=first_epoch,
     )
+
+
+def _check_same_start(first_epoch: int, checkpoint: Any, dev: torch.device) -> None:
+    """Every process resumes after the same epoch: where each node reads DIR on a disk of its
+    own, they would wait on each other's collectives for ever."""
+    both = torch.tensor([first_epoch, -first_epoch], dtype=torch.int64, device=dev)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    latest, earliest = int(both[0]), -int(both[1])
+    if latest != earliest:
+        raise BadInputError(
+            f"not every process sees the same checkpoint in {checkpoint}: some would resume "
+            f"after epoch {earliest}, some after epoch {latest}; give a {option('--checkpoint')} "
+            "DIR that every process reads (a shared folder)"
+        )
 
 
 def _freeze_unread(student: OnnxModule, probe_x: torch.Tensor, read: Sequence[str]) -> None:
