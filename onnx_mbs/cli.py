@@ -524,6 +524,16 @@ def _number(kind: type, low: float, high: float = math.inf):
 
 
 COUNT = _number(int, 1)
+
+
+def _path(text: str) -> str:
+    """An argparse type: a path that is not empty (`--teacher "$TEACHER"` with TEACHER unset
+    would otherwise read as the option not given, or as the working directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path: give a file or folder, or leave it out")
+    return text
+
+
 SEED = _number(int, 0, 2**32 - 1)
 
 
@@ -733,13 +743,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--val",
+        type=_path,
         help="validation data; the best epoch on it is kept (by top-1 with labels, by "
         "agreement with --teacher without)",
     )
     p.add_argument(
         "--val-limit", type=COUNT, help="use N validation samples (as --limit takes them)"
     )
-    p.add_argument("--teacher", help="original model to distil from (knowledge distillation)")
+    p.add_argument(
+        "--teacher", type=_path, help="original model to distil from (knowledge distillation)"
+    )
     p.add_argument("--epochs", type=COUNT, default=1, help="passes over the training data")
     p.add_argument(
         "--lr",
@@ -779,6 +792,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--checkpoint",
+        type=_path,
         metavar="DIR",
         help="write DIR/checkpoint.pt after every epoch (weights, optimizer, schedule, "
         "random states, best so far)",

@@ -152,3 +152,23 @@ def test_a_model_without_a_float_input_is_refused_before_training(tmp_path, caps
     err = capsys.readouterr().err
     assert "model input 'input' has type tensor(uint8); expected a float image tensor" in err
     assert "epoch 1/1" not in err and not (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("flag", ["--teacher", "--val", "--checkpoint"])
+def test_an_empty_path_is_refused(flag, tmp_path, capsys) -> None:
+    """`--teacher "$TEACHER"` with TEACHER unset: an empty --teacher or --val was taken for none
+    given, and the run trained without distilling (or kept the last epoch, not the best one)
+    with exit 0."""
+    from test_retrain_scale import pixels
+
+    model, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    onnx.save(export(keep_bn=True), model)
+    x, y = pixels(32, seed=1)
+    data = write_npz(tmp_path / "t.npz", x=x, y=y)
+    args = ["retrain", str(model), "-o", str(out), "--data", str(data), "--workers", "0"]
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "--device", "cpu", flag, ""])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: an empty path" in err and "Traceback" not in err, err
+    assert not out.exists()

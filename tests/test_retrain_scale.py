@@ -208,6 +208,16 @@ def test_cli_refuses_another_runs_checkpoint_in_one_line(npz, tmp_path, capsys) 
     assert len(errors) == 1 and "differs in: epochs" in errors[0] and "Traceback" not in err
 
 
+def test_an_empty_checkpoint_directory_is_refused(npz, tmp_path, monkeypatch) -> None:
+    """checkpoint="" was the working directory, where checkpoint.pt was written (into the data
+    folder, were the job run there); the command line refuses an empty --checkpoint itself
+    (test_cli_retrain.py::test_an_empty_path_is_refused)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(BadInputError, match="checkpoint is empty"):
+        retrain(export(keep_bn=True), source(npz), checkpoint="", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
 def stopped_after_one_of_two_epochs(npz: Path, directory: Path, common: dict) -> Path:
     """DIR holding the checkpoint of a run of `common` killed after its first epoch."""
     with pytest.MonkeyPatch.context() as patch:
@@ -232,6 +242,60 @@ def test_resuming_with_other_data_or_preprocessing_is_refused(npz, tmp_path) -> 
     with pytest.raises(BadInputError, match=r"differs in: training data\)"):
         retrain(export(keep_bn=True), source(Path(other_pixels)), **resume)
     assert retrain(export(keep_bn=True), source(npz), **resume).resumed_from == 1
+
+
+def test_the_same_data_resumes_however_its_path_is_spelled(npz, folder, tmp_path, monkeypatch):
+    """The data's digest held its description, which names the file or folder as given: an npz
+    copied under another name (the same pixels and labels) was refused, and so was the same
+    image folder given by its absolute path after a run given it relative to the directory."""
+    import shutil
+
+    common = dict(epochs=2, batch_size=16, device="cpu", progress=False, workers=0)
+    directory = stopped_after_one_of_two_epochs(npz, tmp_path / "c", common)
+    renamed = Path(shutil.copy(npz, tmp_path / "renamed.npz"))
+    resume = dict(checkpoint=directory, resume=True, **common)
+    assert retrain(export(keep_bn=True), source(renamed), **resume).resumed_from == 1
+    monkeypatch.chdir(folder.parent)
+    directory = stopped_after_one_of_two_epochs(Path(folder.name), tmp_path / "f", common)
+    resume = dict(checkpoint=directory, resume=True, **common)
+    assert retrain(export(keep_bn=True), source(folder.absolute()), **resume).resumed_from == 1
+    # A folder's images are not read up front: a copy elsewhere is other files.
+    copy = Path(shutil.copytree(folder, tmp_path / "copy"))
+    with pytest.raises(BadInputError, match=r"differs in: training data\)"):
+        retrain(export(keep_bn=True), source(copy), **resume)
+
+
+def test_resuming_with_another_bn_calibration_is_refused(npz, tmp_path) -> None:
+    """A BN-folded graph's re-inserted BatchNorms are measured on `bn_calibration_samples`
+    samples before training and after it, where the folded weights are made: resumed with
+    another count, the run wrote weights neither run would have, with no word."""
+    common = dict(epochs=2, batch_size=16, device="cpu", progress=False, workers=0)
+    with pytest.MonkeyPatch.context() as patch:
+        interrupt_after(patch, 1)
+        with pytest.raises(Interrupt):
+            retrain(export(keep_bn=False), source(npz), checkpoint=tmp_path, **common)
+    resume = dict(checkpoint=tmp_path, resume=True, **common)
+    with pytest.raises(BadInputError, match=r"differs in: bn_calibration_samples\)"):
+        retrain(export(keep_bn=False), source(npz), bn_calibration_samples=32, **resume)
+    assert retrain(export(keep_bn=False), source(npz), **resume).resumed_from == 1
+
+
+def test_a_checkpoint_of_a_machine_with_more_gpus_resumes(monkeypatch) -> None:
+    """The checkpoint holds one CUDA random state per GPU the writing process saw; restored on a
+    machine with fewer, torch's set_rng_state_all indexed a GPU that is not there (IndexError,
+    a traceback). Torch's own code runs here, with one stand-in GPU generator."""
+    import torch.cuda.random as cuda_random
+
+    first, second = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+    states = {**ckpt.random_states(), "cuda": [first.get_state(), second.get_state()]}
+    gpu = torch.Generator()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "default_generators", (gpu,))
+    monkeypatch.setattr(cuda_random, "_lazy_call", lambda callback: callback())
+    monkeypatch.setattr(cuda_random, "is_initialized", lambda: True)
+    ckpt.set_random_states(states)
+    assert torch.equal(gpu.get_state(), first.get_state())
 
 
 def test_a_checkpoint_whose_optimizer_groups_differ_is_refused(npz, tmp_path) -> None:
@@ -330,6 +394,22 @@ def test_batches_do_not_depend_on_workers(kind, folder, npz) -> None:
             np.testing.assert_array_equal(y, y0)
     # The two epochs differ in order and in augmentation.
     assert not np.array_equal(runs[0][0][1], runs[0][4][1])
+
+
+def test_dropout_does_not_depend_on_workers() -> None:
+    """Building the batches in worker processes drew DataLoader's base seed from torch's global
+    generator, which dropout also draws from: a Dropout model trained with workers=2 (or a run
+    resumed with them) wrote other weights than with workers=0 (0.00025 apart)."""
+    from test_bridge import dropout_classifier
+
+    x, y = quadrant_data(32, seed=1)
+    common = dict(epochs=1, batch_size=16, seed=3, device="cpu", progress=False)
+    runs = [
+        weights(retrain(dropout_classifier(None), (x, y % 3), workers=w, **common).model)
+        for w in (0, 2)
+    ]
+    for name, value in runs[0].items():
+        np.testing.assert_array_equal(runs[1][name], value, err_msg=name)
 
 
 def test_image_folder_and_npz_of_the_same_pixels_give_the_same_batches(folder, tmp_path) -> None:
@@ -601,3 +681,58 @@ def test_torchrun_resumes_after_a_kill(npz, tmp_path) -> None:
     )
     for name, value in expected.items():
         np.testing.assert_array_equal(got[name], value, err_msg=name)
+
+
+_RANKS_SEE_OTHER_CHECKPOINTS = """
+import os, sys
+import numpy as np, onnx, torch
+sys.path.insert(0, {tests!r})
+from test_retrain import export, quadrant_data
+from onnx_mbs.bridge import retrain
+from onnx_mbs.passes.errors import BadInputError
+
+torch.set_num_threads(1)
+rank = int(os.environ["RANK"])
+x, y = quadrant_data(64, 1)
+shared = sys.argv[2] == "shared"  # else each rank has a DIR of its own, as on its node's disk
+try:
+    retrain(export(keep_bn=True), (x, y), epochs=2, batch_size=16, device="cpu", progress=False,
+            workers=0, checkpoint=sys.argv[1] + ("" if shared else str(rank)), resume=True)
+except BadInputError as error:
+    print(f"rank {{rank}}: {{error}}", flush=True)
+    os._exit(2)
+os._exit(0)
+"""
+
+
+@pytest.mark.slow
+def test_ranks_that_see_other_checkpoints_are_refused(tmp_path) -> None:
+    """Every rank reads the checkpoint on resume: where DIR is not shared (a node's own disk),
+    rank 0 found all epochs done and rank 1 started at epoch 1, and the two waited on each
+    other's collectives for ever. Both now stop, saying so."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "job.py"
+    script.write_text(_RANKS_SEE_OTHER_CHECKPOINTS.format(tests=str(Path(__file__).parent)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node=2", str(script)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # Both epochs into c0, which rank 0 sees on resume; rank 1 sees c1, empty.
+    first = subprocess.run([*command, str(tmp_path / "c0"), "shared"], env=env, timeout=300)
+    assert first.returncode == 0
+    command += [str(tmp_path / "c"), "own"]
+    job = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        out = job.communicate(timeout=180)[0]
+    except subprocess.TimeoutExpired:
+        for pid in [job.pid, *descendants(job.pid)]:  # the ranks have their own sessions
+            os.kill(pid, signal.SIGKILL)
+        job.communicate()
+        pytest.fail("the ranks waited on each other until killed")
+    assert job.returncode != 0
+    assert "rank 0: " in out and "not every process" in out, out[-3000:]

@@ -150,6 +150,9 @@ def load_batches(
                     collate_fn=_identity,
                     prefetch_factor=PREFETCH_BATCHES,
                     worker_init_fn=functools.partial(_set_handlers, handlers),
+                    # Its base seed from a generator of its own: drawn from torch's global
+                    # one, it would move dropout's masks with the worker count.
+                    generator=torch.Generator(),
                 )
             )
     for batch in built:

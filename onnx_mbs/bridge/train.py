@@ -178,6 +178,7 @@ def _dist_backend(dev: torch.device) -> str:
 
 
 AMP_CHOICES = ("off", "bf16")
+BN_CALIBRATION_SAMPLES = 1024  # re-inserted BatchNorms are measured on this many samples
 
 
 def _autocast(dev: torch.device, amp: str):
@@ -266,20 +267,20 @@ def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 def _data_digest(samples: Samples) -> str:
     """What fixes the samples a run trains on: arrays' bytes; for a data source, what it read
-    (its pixels in memory, or an image folder's file names), its labels and its preprocessing
-    (the numbers, not where they came from)."""
+    (its pixels in memory, or an image folder's files by absolute path), its labels and its
+    preprocessing (the numbers, not where they came from). Not its description, which names
+    the file or folder as it was given (a renamed npz holds the same samples)."""
     source = samples.source
     if source is None:
         parts = [samples.x, samples.y]
     else:
         preprocess = samples.preprocess and replace(samples.preprocess, origin="")
         parts = [
-            str(source.description),
             repr(preprocess),
             getattr(source, "raw", None),
             getattr(source, "labels", None),
             *getattr(source, "extra", {}).values(),
-            "\n".join(map(str, getattr(source, "files", ()))),
+            "\n".join(map(os.path.abspath, getattr(source, "files", ()))),
         ]
     digest = hashlib.sha256()
     for part in parts:
@@ -332,7 +333,7 @@ def retrain(
     losses: Mapping[str, str] | None = None,
     features: Sequence[str] = (),
     feature_weight: float = 1.0,
-    bn_calibration_samples: int = 1024,
+    bn_calibration_samples: int = BN_CALIBRATION_SAMPLES,
     augment: str = "auto",
     label_smoothing: float = 0.0,
     warmup: float = DEFAULT_WARMUP,
@@ -377,6 +378,11 @@ def retrain(
     if workers is not None and workers < 0:
         raise BadInputError(f"workers must be 0 or more, not {workers}")
     check_device(device)
+    if isinstance(checkpoint, str) and not checkpoint.strip():  # "$DIR" with DIR unset
+        raise BadInputError(
+            f"{option('--checkpoint')} is empty: give a directory, or leave it out to write "
+            "no checkpoints"
+        )
     if resume and checkpoint is None:
         raise BadInputError(
             f"{option('--resume')} continues from a {option('--checkpoint')} DIR: give one"
@@ -461,6 +467,12 @@ def retrain(
             "warmup": warmup,
             "world_size": world,
             **({"logits": logits} if logits is not None else {}),
+            # Only where it counts and is not the default: earlier checkpoints lack the key.
+            **(
+                {"bn_calibration_samples": bn_calibration_samples}
+                if reinsert_bn and bn_calibration_samples != BN_CALIBRATION_SAMPLES
+                else {}
+            ),
         }
         saved = None
         if checkpoint is not None:
@@ -581,6 +593,8 @@ def retrain(
             )
             first_epoch = saved["epoch"]
             ckpt.set_random_states(saved["random"])
+        if world > 1 and checkpoint is not None:
+            _check_same_start(first_epoch, checkpoint, dev)
         if say:
             print(f"augmentation: {augment_text}", file=sys.stderr)
             print(f"schedule: {schedule}; data workers: {workers}", file=sys.stderr)
@@ -769,6 +783,20 @@ def retrain(
         workers=workers,
         resumed_from=first_epoch,
     )
+
+
+def _check_same_start(first_epoch: int, checkpoint: Any, dev: torch.device) -> None:
+    """Every process resumes after the same epoch: where each node reads DIR on a disk of its
+    own, they would wait on each other's collectives for ever."""
+    both = torch.tensor([first_epoch, -first_epoch], dtype=torch.int64, device=dev)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    latest, earliest = int(both[0]), -int(both[1])
+    if latest != earliest:
+        raise BadInputError(
+            f"not every process sees the same checkpoint in {checkpoint}: some would resume "
+            f"after epoch {earliest}, some after epoch {latest}; give a {option('--checkpoint')} "
+            "DIR that every process reads (a shared folder)"
+        )
 
 
 def _freeze_unread(student: OnnxModule, probe_x: torch.Tensor, read: Sequence[str]) -> None:
