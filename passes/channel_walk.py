@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 
 from .custom_ops import is_unknown_op
-from .graph import GraphIndex
+from .graph import GraphIndex, input_layout
 
 # Roles of initializer members, so importance and tests know what an axis is.
 ACTIVATION = "activation"
@@ -177,15 +177,21 @@ class ChannelWalk:
         for name in self.index.graph_inputs:
             shape = self.shape(name)
             if shape is not None and len(shape) >= 2:
-                ids = self.fresh(shape[1])
+                # an NHWC input (tf2onnx) holds its channels last
+                axis = 3 if len(shape) == 4 and self._nhwc(name) else 1
+                ids = self.fresh(shape[axis])
                 self.pin(ids, f"graph input '{name}'")
-                self.chan[name] = (1, ids)
+                self.chan[name] = (axis, ids)
         for k, node in enumerate(self.index.nodes):
             self.node_no[id(node)] = k
             self.visit(node)
         for name in self.index.graph_outputs:
             if name in self.chan:
                 self.pin(self.chan[name][1], f"graph output '{name}'")
+
+    def _nhwc(self, name: str) -> bool:
+        graph = self.index.graph
+        return graph is not None and input_layout(graph, name) == "NHWC"
 
     def visit(self, node: onnx.NodeProto) -> None:
         op = node.op_type

@@ -344,3 +344,34 @@ def topological_order(
             )
         pending = left
     return order
+
+
+# Ops that change values, not where they sit, read with constants beside the image (a Keras
+# Rescaling or Normalization layer, which tf2onnx leaves before its Transpose to NCHW).
+ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Cast", "Identity", "Clip", "Relu"})
+
+
+def input_layout(graph: onnx.GraphProto, name: str) -> str:
+    """NHWC when the input only feeds Transposes to NCHW (how tf2onnx writes Keras models),
+    directly or through element-wise ops with constants: the data is fed so, and the input's
+    channels are its last axis."""
+    constants = {t.name for t in graph.initializer}
+    constants |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for tensor in set(node.input):
+            readers.setdefault(tensor, []).append(node)
+    ends, stack, seen = [], [name], {name}
+    while stack:
+        tensor = stack.pop()
+        for node in readers.get(tensor, []):
+            others = [i for i in node.input if i and i != tensor]
+            if node.op_type in ELEMENTWISE and all(i in constants for i in others):
+                stack.extend(o for o in node.output[:1] if o not in seen)
+                seen.update(node.output[:1])
+            else:
+                ends.append(node)
+    perms = [list(attributes(n).get("perm", [])) for n in ends if n.op_type == "Transpose"]
+    if ends and len(perms) == len(ends) and all(p == [0, 3, 1, 2] for p in perms):
+        return "NHWC"
+    return "NCHW"

@@ -438,3 +438,33 @@ def test_a_weight_written_once_per_cut_counts_in_the_reduced_table():
     after = resized(before, load(untied).model)
     assert after.macroblocks[0].params == 4 * 27 + 2 * 4 * 36
     assert after.macroblocks == analyze_model(load(untied).model).macroblocks
+
+
+@pytest.mark.parametrize("rescaled", [False, True])
+def test_nhwc_input_image_size_is_its_height_and_width(rescaled):
+    # tf2onnx writes a Keras model's input NHWC, (N, H, W, C), and transposes it to NCHW: its
+    # image size is H and W, as the same net's NCHW input's. It was read from dims 2 and 3
+    # (W and C): 16 for a 40x16 input, so the global reading's bases were measured against
+    # the wrong limit.
+    def net(nhwc: bool) -> onnx.ModelProto:
+        b = graphs.Builder()
+        x = b.input("x", [1, 40, 16, 3] if nhwc else [1, 3, 40, 16])
+        if nhwc:
+            if rescaled:
+                x = b.op("Mul", [x, b.const(np.float32(1 / 255))])
+            x = b.op("Transpose", [x], perm=[0, 3, 1, 2])
+        for k in range(10):  # receptive fields up to 21: past 16, within 40
+            x = b.op("Relu", [b.conv(x, 3 if k == 0 else 8, 8)])
+        return b.model([b.gap_head(x, 8, 4)], ["logits"])
+
+    nchw, nhwc = analyze_model(load_model(net(False))), analyze_model(load_model(net(True)))
+    assert nchw.image_size == 40
+    assert nhwc.image_size == nchw.image_size
+
+    def bases(a):
+        return [len(m.base_layers) for m in a.macroblocks]
+
+    assert bases(nhwc) == bases(nchw) == [10]  # 7 when measured against 16
+    assert [x.global_receptive_field for x in nhwc.layers] == [
+        x.global_receptive_field for x in nchw.layers
+    ]

@@ -491,3 +491,23 @@ def test_a_tower_whose_two_maps_one_head_reads_keeps_its_weights_tied():
     assert report.plan.params[1] == count_parameters(small)
     assert not [t.name for t in small.graph.initializer if "__" in t.name]
     assert_runs_at_declared_shapes(model, small, {"a": [1, 3, 16, 16], "b": [1, 3, 16, 16]})
+
+
+@pytest.mark.parametrize("rescaled", [False, True])
+def test_nhwc_input_channels_are_its_last_axis(rescaled):
+    # tf2onnx writes a Keras model's NHWC input, a Rescaling Mul before it or not, through a
+    # Transpose to NCHW and pads H and W before a VALID conv: the walk took the input's axis 1
+    # (H) for its channels, and the Pad of H for one of the channel axis ("pads the channel
+    # axis" in the report, which was false).
+    b = Builder()
+    x = b.input("x", [1, 8, 8, 3])
+    if rescaled:
+        x = b.op("Mul", [x, b.const(np.float32(1 / 255))])
+    x = b.op("Transpose", [x], perm=[0, 3, 1, 2])
+    x = b.op("Pad", [x, b.const(np.array([0, 0, 1, 1, 0, 0, 1, 1]))], name="pad")
+    x = b.op("Conv", [x, b.weight(4, 3, 3, 3)], kernel_shape=[3, 3], auto_pad="VALID")
+    y = b.conv(b.op("Relu", [x]), 4, 5, name="last")
+    groups = analyze_channels(load_model(b.model([y], ["y"]))).groups
+    pinned = [g.pin_reasons for g in groups if g.pinned]
+    assert pinned == [["graph input 'x'"], ["graph output 'y'"]]
+    assert only_group(groups, "x").size == 3

@@ -9,7 +9,6 @@ import os
 from typing import Any
 
 import onnx
-from onnx import helper
 
 from onnx_mbs.data.ready import declared_inputs, takes_floats
 from onnx_mbs.data.sources import DataSource
@@ -17,6 +16,7 @@ from onnx_mbs.data.spec import open_data
 from onnx_mbs.logits import check_label_range, choose_logits, classes_of, declared_shapes
 from onnx_mbs.memory import check_model_fits
 from onnx_mbs.passes.errors import BadInputError, option
+from onnx_mbs.passes.graph import input_layout
 
 
 def model_input(model: onnx.ModelProto) -> tuple[str, list[int]]:
@@ -29,43 +29,6 @@ def model_input(model: onnx.ModelProto) -> tuple[str, list[int]]:
         )
     dims = [d.dim_value for d in inputs[0].type.tensor_type.shape.dim]
     return inputs[0].name, dims
-
-
-# Ops that change values, not where they sit, read with constants beside the image (a Keras
-# Rescaling or Normalization layer, which tf2onnx leaves before its Transpose to NCHW).
-ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Cast", "Identity", "Clip", "Relu"})
-
-
-def input_layout(model: onnx.ModelProto, name: str) -> str:
-    """NHWC when the input only feeds Transposes to NCHW (how tf2onnx writes Keras models),
-    directly or through element-wise ops with constants."""
-    graph = model.graph
-    constants = {t.name for t in graph.initializer}
-    constants |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for tensor in set(node.input):
-            readers.setdefault(tensor, []).append(node)
-    ends, stack, seen = [], [name], {name}
-    while stack:
-        tensor = stack.pop()
-        for node in readers.get(tensor, []):
-            others = [i for i in node.input if i and i != tensor]
-            if node.op_type in ELEMENTWISE and all(i in constants for i in others):
-                stack.extend(o for o in node.output[:1] if o not in seen)
-                seen.update(node.output[:1])
-            else:
-                ends.append(node)
-    perms = [
-        list(helper.get_attribute_value(a))
-        for n in ends
-        if n.op_type == "Transpose"
-        for a in n.attribute
-        if a.name == "perm"
-    ]
-    if ends and len(perms) == len(ends) and all(p == [0, 3, 1, 2] for p in perms):
-        return "NHWC"
-    return "NCHW"
 
 
 def metadata(model: onnx.ModelProto) -> dict[str, str]:
@@ -106,7 +69,7 @@ def open_for_model(
         std=std,
         limit=limit,
         metadata=metadata(model),
-        layout=input_layout(model, name),
+        layout=input_layout(model.graph, name),
         split=split,
         labels=labels,
         inputs=inputs,  # a path's model-ready arrays, a reader's input type
