@@ -23,6 +23,7 @@ better than random. `reduce` uses act when it has data and `DEFAULT_CRITERION`
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -51,6 +52,11 @@ class Importance:
         if value is None:
             raise ValueError(f"{name!r} is not a constant of the model this criterion read")
         return value
+
+    @functools.cached_property
+    def nodes(self) -> dict[str, onnx.NodeProto]:
+        """The model's nodes by name (producers are named by node)."""
+        return {n.name: n for n in self.index.nodes}
 
     def producer_scores(self, member: Member) -> np.ndarray | None:
         """Per group channel, the score `member` (a FILTERS member) gives it; None if
@@ -116,7 +122,6 @@ class BatchNormScaled(FilterNorm):
     def __init__(self, model: onnx.ModelProto, index: GraphIndex | None = None) -> None:
         super().__init__(model, p=2, index=index)
         self.name = "bn"
-        self._nodes = {n.name: n for n in self.index.nodes}
 
     def row_power(self, member: Member) -> np.ndarray:
         power = super().row_power(member)
@@ -124,7 +129,7 @@ class BatchNormScaled(FilterNorm):
         return power if scale is None or scale.shape != power.shape else power * scale**2
 
     def _bn_scale(self, producer: str) -> np.ndarray | None:
-        node = self._nodes.get(producer)
+        node = self.nodes.get(producer)
         if node is None or node.op_type not in ("Conv", "ConvTranspose"):
             return None
         readers = self.index.consumers.get(node.output[0], [])
@@ -161,8 +166,24 @@ class ActivationImportance(Importance):
 
     def producer_scores(self, member: Member) -> np.ndarray | None:
         if member.node in self.per_layer:
-            return self.per_layer[member.node][member.positions].sum(axis=1)
+            return self.per_layer[member.node][self._outputs(member)].sum(axis=1)
         return self.fallback.producer_scores(member)
+
+    def _outputs(self, member: Member) -> np.ndarray:
+        """Where the producer's output channels of each group channel sit: its filter
+        positions, except for a grouped ConvTranspose, whose filters are cut on the weight's
+        input axis (C_in, C_out / group, ...): conv-group j makes outputs j * C_out / group
+        on, whichever of its input channels the positions hold."""
+        node = self.nodes.get(member.node)
+        if node is None or node.op_type != "ConvTranspose" or member.axis != 0:
+            return member.positions
+        group = int(attributes(node).get("group", 1))
+        shape = self.index.shapes.get(node.input[1])
+        if group == 1 or not shape:
+            return member.positions
+        per_in, per_out = shape[0] // group, shape[1]
+        conv_groups = member.positions[:, :1] // per_in
+        return conv_groups * per_out + np.arange(per_out)
 
     def __repr__(self) -> str:
         return f"ActivationImportance({len(self.per_layer)} layers)"
