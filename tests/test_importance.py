@@ -151,3 +151,31 @@ def test_act_ranks_residual_groups_better_than_random(
         for _ in range(8)
     ]
     assert by_act < 0.9 * np.mean(randoms), (by_act, randoms)
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2", "bn"])
+def test_weight_criteria_score_a_standardised_conv_by_the_filters_it_computes(criterion):
+    """A weight-standardised conv (NFNet) computes its filters from an initializer: each
+    output row standardised, times a gain. Scored on the initializer, a channel whose gain
+    is 0 (its filters and output exactly 0) ranked as any other and a live one was cut."""
+    from graphs import load_unfolded, standardised_conv_net
+
+    model = load_unfolded(standardised_conv_net(width=8))
+    gain = next(
+        t
+        for t in model.graph.initializer
+        if t.dims == [8] and onnx.numpy_helper.to_array(t)[0] == 0.5
+    )
+    values = onnx.numpy_helper.to_array(gain).copy()
+    values[5] = 0.0
+    gain.CopyFrom(onnx.numpy_helper.from_array(values, gain.name))
+    analysis = analyze_channels(model)
+    (group,) = [g for g in analysis.groups if g.producers == ["std"]]
+    scores = weight_importance(model, criterion)(group)
+    assert scores[5] == 0.0 and (np.delete(scores, 5) > 0).all()
+    keep = choose_channels(analysis.groups, {group.id: 7}, {group.id: scores})
+    assert keep == {group.id: [0, 1, 2, 3, 4, 6, 7]}
+    x = np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    np.testing.assert_allclose(
+        run(shrink_channels(model, keep, analysis), x)[0], run(model, x)[0], atol=1e-5
+    )
