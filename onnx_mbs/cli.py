@@ -650,6 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "-o",
         "--output",
+        type=_path,
         help="where to write the reduced model (default: MODEL with .mbs.onnx next to it)",
     )
     p.add_argument(
@@ -714,7 +715,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_data_options(p)
     p.add_argument("--batch-size", type=COUNT, default=64)
-    p.add_argument("--report", metavar="DIR", help="write report.json, report.md, widths.png")
+    p.add_argument(
+        "--report", metavar="DIR", type=_path, help="write report.json, report.md, widths.png"
+    )
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.add_argument("--dry-run", action="store_true", help="print the plan, write no model")
     p.add_argument("--no-eval", action="store_true", help="skip accuracy before/after")
@@ -735,7 +738,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_DefaultsShown,
     )
     p.add_argument("model", help="ONNX model file (BatchNorm kept or folded)")
-    p.add_argument("-o", "--output", required=True, help="where to write the retrained model")
+    p.add_argument(
+        "-o", "--output", required=True, type=_path, help="where to write the retrained model"
+    )
     p.add_argument(
         "--data",
         required=True,
@@ -844,6 +849,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--teacher",
+        type=_path,
         help="report agreement with this model's outputs instead of accuracy (no labels needed)",
     )
     p.add_argument("--providers", default="auto", help="auto (default), cpu or cuda")
