@@ -14,6 +14,7 @@ import sys
 import threading
 from collections.abc import Sequence
 
+from onnx_mbs.console import INTERRUPTED
 from onnx_mbs.data.augment import AUGMENT_CHOICES, PAD_CROP_MAX_SIDE
 from onnx_mbs.data.sources import default_workers
 from onnx_mbs.options import most_threads
@@ -879,7 +880,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("onnx-mbs: terminated; nothing written", file=sys.stderr)
         return 143
     except KeyboardInterrupt:
-        print("onnx-mbs: interrupted; nothing written", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         return 130
     except BrokenPipeError:  # `onnx-mbs analyze M | head`: the reader has gone
         _stdout_to_devnull()
