@@ -12,7 +12,8 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 from onnx_mbs.console import INTERRUPTED
 from onnx_mbs.data.augment import AUGMENT_CHOICES, PAD_CROP_MAX_SIDE
@@ -481,7 +482,6 @@ def cmd_retrain(args: argparse.Namespace) -> int:
             if result.resumed_from >= args.epochs
             else f"{result.images_per_second:.0f} images/s on {result.device} x{result.world_size}"
         )
-        print(f"{kept}: {val_text(result.best_val_top1, result.best_val_agreement)}; {speed}")
         written = result.model  # trained in the written form
         check_written(written, runnable)
         check_outputs_finite(
@@ -489,6 +489,8 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         )
         save_model(written, args.output)
         print(f"wrote {args.output}", file=sys.stderr)
+        # After the save: a stdout that cannot be written (a full disk) costs no training.
+        print(f"{kept}: {val_text(result.best_val_top1, result.best_val_agreement)}; {speed}")
     if result.world_size > 1:
         # The work is done and written. torch's gloo teardown can still abort a
         # finished rank at interpreter exit (pytorch/pytorch#179291): leave now.
@@ -851,6 +853,51 @@ def _terminate(signum: int, frame: object) -> None:
     raise Terminated
 
 
+class _CheckedStdout:
+    """sys.stdout for one command: a write that fails (a full disk, stdout closed with `>&-`)
+    is an environment fault, one line and exit 2, not a traceback nor lines dropped unseen
+    (print() to a closed stdout, None, does nothing). A reader gone stays BrokenPipeError."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._call("write", text)
+
+    def flush(self) -> None:
+        self._call("flush")
+
+    def _call(self, name: str, *args):
+        if self._stream is None:
+            raise BadInputError(
+                "cannot write to stdout: it is closed (redirect it to a file or /dev/null)"
+            )
+        try:
+            return getattr(self._stream, name)(*args)
+        except BrokenPipeError:
+            raise
+        except (OSError, ValueError) as error:  # ValueError: I/O on a closed file
+            raise BadInputError(
+                f"cannot write to stdout: {getattr(error, 'strerror', None) or error}"
+            ) from None
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+@contextmanager
+def _checked_stdout() -> Iterator[None]:
+    """Run a command with _CheckedStdout; what it printed is flushed inside, where a failure is
+    still answered in one line (at the interpreter's exit it is a traceback and exit 120)."""
+    real = sys.stdout
+    sys.stdout = _CheckedStdout(real)
+    try:
+        yield
+        sys.stdout.flush()
+    finally:
+        sys.stdout = real
+
+
 def _stdout_to_devnull() -> None:
     """Point stdout at /dev/null, so the interpreter's last flush of what the closed pipe did
     not take raises no second BrokenPipeError (Python's documented recipe)."""
@@ -864,7 +911,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
-        with command_line():  # messages name the flags
+        with command_line(), _checked_stdout():  # messages name the flags
             return args.func(args)
     except BadInputError as e:
         print(f"onnx-mbs: error: {e}", file=sys.stderr)

@@ -3,13 +3,20 @@ be accepted and ignored, and what it prints where."""
 
 from __future__ import annotations
 
+import errno
 import importlib.abc
+import io
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import onnx
 import pytest
+from conftest import random_images, write_npz
+from reliability_inputs import SIDE, tiny_cnn
 
+from onnx_mbs.cli import main
 from onnx_mbs.console import main as console_main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,3 +55,72 @@ def test_console_main_runs_the_command(capsys):
         console_main(["--version"])
     assert exit_.value.code == 0
     assert capsys.readouterr().out.startswith("onnx-mbs ")
+
+
+@pytest.fixture
+def tiny(tmp_path) -> tuple[Path, Path]:
+    """A 3-conv classifier on 1x16x16 images and 24 labelled images for it."""
+    onnx.save(tiny_cnn(), tmp_path / "tiny.onnx")
+    data = write_npz(tmp_path / "data.npz", **random_images(24, (1, SIDE, SIDE)))
+    return tmp_path / "tiny.onnx", Path(data)
+
+
+class _FullDisk(io.StringIO):
+    def write(self, text: str) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]], ids=["table", "json"])
+def test_stdout_on_a_full_disk_is_one_line_and_exit_2(tiny, json_flag, monkeypatch, capsys):
+    model, _ = tiny
+    monkeypatch.setattr(sys, "stdout", _FullDisk())
+    assert main(["analyze", str(model), *json_flag]) == 2
+    err = capsys.readouterr().err
+    assert err == "onnx-mbs: error: cannot write to stdout: No space left on device\n"
+
+
+def test_closed_stdout_is_refused_not_silently_dropped(tiny, monkeypatch, capsys):
+    """With stdout closed (`>&-`) Python's sys.stdout is None and print() drops every line."""
+    model, _ = tiny
+    monkeypatch.setattr(sys, "stdout", None)
+    assert main(["analyze", str(model)]) == 2
+    assert "cannot write to stdout: it is closed" in capsys.readouterr().err
+
+
+def _run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "onnx_mbs", *argv], stderr=subprocess.PIPE, text=True, **kwargs
+    )
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+def test_stdout_to_dev_full_in_a_real_process(tiny):
+    model, data = tiny
+    with open("/dev/full", "w") as full:
+        for argv in (["analyze", str(model), "--json"], ["eval", str(model), "--data", str(data)]):
+            done = _run(argv, stdout=full)
+            assert done.returncode == 2, done.stderr
+            assert "Traceback" not in done.stderr
+            assert done.stderr.splitlines()[-1] == (
+                "onnx-mbs: error: cannot write to stdout: No space left on device"
+            )
+
+
+def test_closed_stdout_in_a_real_process(tiny):
+    model, _ = tiny
+    done = _run(["analyze", str(model), "--json"], preexec_fn=lambda: os.close(1))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "cannot write to stdout: it is closed" in done.stderr
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+def test_retrain_writes_its_model_before_its_stdout_line_can_fail(tiny, tmp_path):
+    """Hours of training are not thrown away because the log's disk filled up."""
+    model, data = tiny
+    out = tmp_path / "ft.onnx"
+    argv = ["retrain", str(model), "-o", str(out), "--data", str(data), "--batch-size", "8"]
+    with open("/dev/full", "w") as full:
+        done = _run([*argv, "--workers", "0"], stdout=full)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.splitlines()[-1].startswith("onnx-mbs: error: cannot write to stdout")
+    onnx.checker.check_model(onnx.load(out), full_check=True)
