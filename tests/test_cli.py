@@ -124,3 +124,30 @@ def test_retrain_writes_its_model_before_its_stdout_line_can_fail(tiny, tmp_path
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert done.stderr.splitlines()[-1].startswith("onnx-mbs: error: cannot write to stdout")
     onnx.checker.check_model(onnx.load(out), full_check=True)
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        (["--limit", "5"], "--limit takes N samples of --data"),
+        (["--logits", "nope"], "--logits names output 'nope' the model does not have"),
+        (["--data", "{data}", "--no-eval", "--logits", "nope"], "--logits names output 'nope'"),
+    ],
+    ids=["limit-without-data", "logits-without-data", "logits-no-eval"],
+)
+def test_reduce_refuses_flags_it_would_ignore(tiny, tmp_path, extra, fragment, capsys):
+    """As --mean without --data is: a typo or a flag that does nothing is said, not dropped."""
+    model, data = tiny
+    out = tmp_path / "r.onnx"
+    argv = ["reduce", str(model), "-o", str(out), *[a.format(data=data) for a in extra]]
+    assert main(argv) == 2
+    assert fragment in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_reduce_takes_the_logits_it_names_without_evaluating(tiny, tmp_path, capsys):
+    model, data = tiny
+    out = tmp_path / "r.onnx"
+    argv = ["reduce", str(model), "-o", str(out), "--data", str(data), "--no-eval"]
+    assert main([*argv, "--logits", "logits"]) == 0
+    assert out.exists()
