@@ -41,6 +41,11 @@ def _input_shapes(specs: Sequence[str] | None) -> dict[str, list[int]]:
     shapes: dict[str, list[int]] = {}
     for spec in specs or []:
         name, dims = parse_input_shape(spec)
+        if shapes.get(name, dims) != dims:
+            raise BadInputError(
+                f"--input-shape gives input '{name}' twice, as {shapes[name]} and {dims}: "
+                "give it once"
+            )
         shapes[name] = dims
     return shapes
 

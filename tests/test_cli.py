@@ -151,3 +151,12 @@ def test_reduce_takes_the_logits_it_names_without_evaluating(tiny, tmp_path, cap
     argv = ["reduce", str(model), "-o", str(out), "--data", str(data), "--no-eval"]
     assert main([*argv, "--logits", "logits"]) == 0
     assert out.exists()
+
+
+def test_two_input_shapes_for_one_input_are_refused_not_the_last_taken(tiny, capsys):
+    model, _ = tiny
+    shapes = ["--input-shape", "x:1,1,16,16", "--input-shape", "x:4,1,16,16"]
+    assert main(["analyze", str(model), *shapes]) == 2
+    assert "--input-shape gives input 'x' twice" in capsys.readouterr().err
+    same = ["--input-shape", "x:4,1,16,16", "--input-shape", "x:4,1,16,16"]
+    assert main(["analyze", str(model), "--json", *same]) == 0
