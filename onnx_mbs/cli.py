@@ -179,6 +179,8 @@ def cmd_reduce(args: argparse.Namespace) -> int:
     )
     if args.recalibrate and not args.data:
         raise BadInputError("--recalibrate re-estimates BatchNorm statistics on --data: give it")
+    if args.recalibrate:
+        _check_recalibration(args)
     reduced, report = reduce(args.model, args.data, _reduce_options(args))
     recalibration = _recalibrate(reduced, args) if args.recalibrate else None
     if recalibration is not None:
@@ -232,6 +234,20 @@ def _reduce_options(args: argparse.Namespace):
         logits=args.logits,
         progress=not args.json,
     )
+
+
+def _check_recalibration(args: argparse.Namespace) -> None:
+    """What --recalibrate would refuse after the reduction, refused before it: the reduced
+    model has the input's BatchNorms. An unreadable model is left to reduce to refuse."""
+    import onnx
+
+    from onnx_mbs.bridge.train import check_recalibration
+
+    try:
+        model = onnx.load(args.model, load_external_data=False)
+    except Exception:
+        return
+    check_recalibration(model, args.batch_size)
 
 
 def _recalibrate(reduced, args: argparse.Namespace) -> dict:

@@ -160,3 +160,25 @@ def test_two_input_shapes_for_one_input_are_refused_not_the_last_taken(tiny, cap
     assert "--input-shape gives input 'x' twice" in capsys.readouterr().err
     same = ["--input-shape", "x:4,1,16,16", "--input-shape", "x:4,1,16,16"]
     assert main(["analyze", str(model), "--json", *same]) == 0
+
+
+def test_recalibrate_without_batchnorm_is_refused_before_the_reduction(tiny, tmp_path, capsys):
+    """Not after minutes of statistics, planning and evaluation that are then thrown away."""
+    model, data = tiny
+    out = tmp_path / "r.onnx"
+    argv = ["reduce", str(model), "-o", str(out), "--data", str(data), "--recalibrate"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("onnx-mbs: error: the model has no BatchNormalization"), err
+    assert err.count("\n") == 1 and not out.exists()
+
+
+def test_recalibrate_with_batches_of_one_is_refused_before_the_reduction(tmp_path, capsys):
+    from onnx_mbs.models import BUNDLED_MODEL, FMNIST_SAMPLE
+
+    out = tmp_path / "r.onnx"
+    argv = ["reduce", str(BUNDLED_MODEL), "-o", str(out), "--data", str(FMNIST_SAMPLE)]
+    assert main([*argv, "--recalibrate", "--batch-size", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("onnx-mbs: error: BN recalibration needs batches of at least 2"), err
+    assert err.count("\n") == 1 and not out.exists()
