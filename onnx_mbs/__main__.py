@@ -1,3 +1,3 @@
-from onnx_mbs.cli import main
+from onnx_mbs.console import main
 
 raise SystemExit(main())

@@ -12,8 +12,10 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
+from onnx_mbs.console import INTERRUPTED
 from onnx_mbs.data.augment import AUGMENT_CHOICES, PAD_CROP_MAX_SIDE
 from onnx_mbs.data.sources import default_workers
 from onnx_mbs.options import most_threads
@@ -39,6 +41,11 @@ def _input_shapes(specs: Sequence[str] | None) -> dict[str, list[int]]:
     shapes: dict[str, list[int]] = {}
     for spec in specs or []:
         name, dims = parse_input_shape(spec)
+        if shapes.get(name, dims) != dims:
+            raise BadInputError(
+                f"--input-shape gives input '{name}' twice, as {shapes[name]} and {dims}: "
+                "give it once"
+            )
         shapes[name] = dims
     return shapes
 
@@ -172,6 +179,8 @@ def cmd_reduce(args: argparse.Namespace) -> int:
     )
     if args.recalibrate and not args.data:
         raise BadInputError("--recalibrate re-estimates BatchNorm statistics on --data: give it")
+    if args.recalibrate:
+        _check_recalibration(args)
     reduced, report = reduce(args.model, args.data, _reduce_options(args))
     recalibration = _recalibrate(reduced, args) if args.recalibrate else None
     if recalibration is not None:
@@ -225,6 +234,20 @@ def _reduce_options(args: argparse.Namespace):
         logits=args.logits,
         progress=not args.json,
     )
+
+
+def _check_recalibration(args: argparse.Namespace) -> None:
+    """What --recalibrate would refuse after the reduction, refused before it: the reduced
+    model has the input's BatchNorms. An unreadable model is left to reduce to refuse."""
+    import onnx
+
+    from onnx_mbs.bridge.train import check_recalibration
+
+    try:
+        model = onnx.load(args.model, load_external_data=False)
+    except Exception:
+        return
+    check_recalibration(model, args.batch_size)
 
 
 def _recalibrate(reduced, args: argparse.Namespace) -> dict:
@@ -480,7 +503,6 @@ def cmd_retrain(args: argparse.Namespace) -> int:
             if result.resumed_from >= args.epochs
             else f"{result.images_per_second:.0f} images/s on {result.device} x{result.world_size}"
         )
-        print(f"{kept}: {val_text(result.best_val_top1, result.best_val_agreement)}; {speed}")
         written = result.model  # trained in the written form
         check_written(written, runnable)
         check_outputs_finite(
@@ -488,6 +510,8 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         )
         save_model(written, args.output)
         print(f"wrote {args.output}", file=sys.stderr)
+        # After the save: a stdout that cannot be written (a full disk) costs no training.
+        print(f"{kept}: {val_text(result.best_val_top1, result.best_val_agreement)}; {speed}")
     if result.world_size > 1:
         # The work is done and written. torch's gloo teardown can still abort a
         # finished rank at interpreter exit (pytorch/pytorch#179291): leave now.
@@ -874,6 +898,51 @@ def _terminate(signum: int, frame: object) -> None:
     raise Terminated
 
 
+class _CheckedStdout:
+    """sys.stdout for one command: a write that fails (a full disk, stdout closed with `>&-`)
+    is an environment fault, one line and exit 2, not a traceback nor lines dropped unseen
+    (print() to a closed stdout, None, does nothing). A reader gone stays BrokenPipeError."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._call("write", text)
+
+    def flush(self) -> None:
+        self._call("flush")
+
+    def _call(self, name: str, *args):
+        if self._stream is None:
+            raise BadInputError(
+                "cannot write to stdout: it is closed (redirect it to a file or /dev/null)"
+            )
+        try:
+            return getattr(self._stream, name)(*args)
+        except BrokenPipeError:
+            raise
+        except (OSError, ValueError) as error:  # ValueError: I/O on a closed file
+            raise BadInputError(
+                f"cannot write to stdout: {getattr(error, 'strerror', None) or error}"
+            ) from None
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+@contextmanager
+def _checked_stdout() -> Iterator[None]:
+    """Run a command with _CheckedStdout; what it printed is flushed inside, where a failure is
+    still answered in one line (at the interpreter's exit it is a traceback and exit 120)."""
+    real = sys.stdout
+    sys.stdout = _CheckedStdout(real)
+    try:
+        yield
+        sys.stdout.flush()
+    finally:
+        sys.stdout = real
+
+
 def _stdout_to_devnull() -> None:
     """Point stdout at /dev/null, so the interpreter's last flush of what the closed pipe did
     not take raises no second BrokenPipeError (Python's documented recipe)."""
@@ -887,7 +956,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
-        with command_line():  # messages name the flags
+        with command_line(), _checked_stdout():  # messages name the flags
             return args.func(args)
     except BadInputError as e:
         print(f"onnx-mbs: error: {e}", file=sys.stderr)
@@ -903,7 +972,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("onnx-mbs: terminated; nothing written", file=sys.stderr)
         return 143
     except KeyboardInterrupt:
-        print("onnx-mbs: interrupted; nothing written", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         return 130
     except BrokenPipeError:  # `onnx-mbs analyze M | head`: the reader has gone
         _stdout_to_devnull()

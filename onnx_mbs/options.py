@@ -78,6 +78,11 @@ class ReduceOptions:
                 f"not {self.budget!r}"
             )
         budget = Budget.parse(self.budget) if isinstance(self.budget, str) else self.budget
+        if self.limit is not None and not has_data:
+            raise BadInputError(
+                f"{option('--limit')} takes N samples of {option('--data')}; without data it "
+                f"would be ignored: drop it or give {option('--data')}"
+            )
         if isinstance(self.beta_min, bool) or not isinstance(self.beta_min, numbers.Real):
             # the range is plan_widths' check; text would fail it with a TypeError
             raise BadInputError(

@@ -176,6 +176,8 @@ def reduce(
     # Top-1 needs a classifier output: a detector's labelled data gives none, several are
     # refused now (`--logits` picks one) rather than after the reduction.
     labelled = options.evaluate_accuracy and source is not None and has_labels(source)
+    if options.logits is not None:  # checked even where nothing reads it: a typo is said
+        has_top1(held.model, options.logits)
     scored = labelled and has_top1(held.model, options.logits)
     unscored = no_top1(held.model) if labelled and not scored else ""
     recorded = given_preprocessing(options.mean, options.std, source)

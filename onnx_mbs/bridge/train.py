@@ -910,16 +910,31 @@ def _recalibrate_inserted(
             module.initializer(name).copy_(value)
 
 
-def recalibrate_model(
-    model: onnx.ModelProto, data: Any, batch_size: int = 64, device: str = "cpu"
-) -> tuple[onnx.ModelProto, int]:
-    """`model` with every BatchNorm's running statistics re-estimated on `data` (no training),
-    and the number of batches used. A BN-folded graph has nothing to re-estimate: refused."""
+def check_recalibration(model: onnx.ModelProto, batch_size: int = 64) -> None:
+    """Refuse what `recalibrate_model` could not do: a BN-folded graph, batches of one (BatchNorm
+    in train mode needs two samples). `reduce --recalibrate` asks before it reduces."""
     if not has_batchnorm(model):
         raise BadInputError(
             "the model has no BatchNormalization (folded into its Convs): recalibration has "
             "nothing to re-estimate; retrain it instead (BatchNorm is re-inserted there)"
         )
+    if batch_size < 2:
+        raise BadInputError(_batches_of_one(batch_size))
+
+
+def _batches_of_one(batch_size: int) -> str:
+    return (
+        "BN recalibration needs batches of at least 2 samples, not "
+        f"{option('--batch-size', batch_size)}"
+    )
+
+
+def recalibrate_model(
+    model: onnx.ModelProto, data: Any, batch_size: int = 64, device: str = "cpu"
+) -> tuple[onnx.ModelProto, int]:
+    """`model` with every BatchNorm's running statistics re-estimated on `data` (no training),
+    and the number of batches used. A BN-folded graph has nothing to re-estimate: refused."""
+    check_recalibration(model)
     check_device(device)
     samples = as_samples(data, "calibration data")
     if samples.count < 2:
@@ -932,8 +947,5 @@ def recalibrate_model(
     module.to(dev).eval()
     count = recalibrate(module, (b.to(dev) for b in _batches(samples, batch_size, samples.count)))
     if count == 0:  # recalibrate leaves batches of one out
-        raise BadInputError(
-            "BN recalibration needs batches of at least 2 samples, not "
-            f"{option('--batch-size', batch_size)}"
-        )
+        raise BadInputError(_batches_of_one(batch_size))
     return write_back(original, module.eval()), count

@@ -1,0 +1,184 @@
+"""The `onnx-mbs` command as a deployment engineer meets it: its entry point, flags that would
+be accepted and ignored, and what it prints where."""
+
+from __future__ import annotations
+
+import errno
+import importlib.abc
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+from conftest import random_images, write_npz
+from reliability_inputs import SIDE, tiny_cnn
+
+from onnx_mbs.cli import main
+from onnx_mbs.console import main as console_main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class _InterruptedImport(importlib.abc.MetaPathFinder):
+    """Ctrl-C landing while `module` is imported (the command's imports take a second or more)."""
+
+    def __init__(self, module: str) -> None:
+        self.module = module
+
+    def find_spec(self, name, path=None, target=None):
+        if name == self.module:
+            raise KeyboardInterrupt
+        return None
+
+
+def test_ctrl_c_while_the_command_loads_gives_one_line_and_130(monkeypatch, capsys):
+    monkeypatch.delitem(sys.modules, "onnx_mbs.cli", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [_InterruptedImport("onnx_mbs.cli"), *sys.meta_path])
+    assert console_main(["analyze", "m.onnx"]) == 130
+    err = capsys.readouterr().err
+    assert err == "onnx-mbs: interrupted; nothing written\n"
+
+
+def test_the_entry_points_load_nothing_heavy_before_they_can_catch_ctrl_c():
+    assert 'onnx-mbs = "onnx_mbs.console:main"' in (ROOT / "pyproject.toml").read_text()
+    assert "from onnx_mbs.console import main" in (ROOT / "onnx_mbs" / "__main__.py").read_text()
+    code = "import sys, onnx_mbs.console; print(' '.join(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert not {"onnx", "numpy", "onnx_mbs.cli", "onnx_mbs.passes"} & set(out.stdout.split())
+
+
+def test_console_main_runs_the_command(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        console_main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith("onnx-mbs ")
+
+
+@pytest.fixture
+def tiny(tmp_path) -> tuple[Path, Path]:
+    """A 3-conv classifier on 1x16x16 images and 24 labelled images for it."""
+    onnx.save(tiny_cnn(), tmp_path / "tiny.onnx")
+    data = write_npz(tmp_path / "data.npz", **random_images(24, (1, SIDE, SIDE)))
+    return tmp_path / "tiny.onnx", Path(data)
+
+
+class _FullDisk(io.StringIO):
+    def write(self, text: str) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]], ids=["table", "json"])
+def test_stdout_on_a_full_disk_is_one_line_and_exit_2(tiny, json_flag, monkeypatch, capsys):
+    model, _ = tiny
+    monkeypatch.setattr(sys, "stdout", _FullDisk())
+    assert main(["analyze", str(model), *json_flag]) == 2
+    err = capsys.readouterr().err
+    assert err == "onnx-mbs: error: cannot write to stdout: No space left on device\n"
+
+
+def test_closed_stdout_is_refused_not_silently_dropped(tiny, monkeypatch, capsys):
+    """With stdout closed (`>&-`) Python's sys.stdout is None and print() drops every line."""
+    model, _ = tiny
+    monkeypatch.setattr(sys, "stdout", None)
+    assert main(["analyze", str(model)]) == 2
+    assert "cannot write to stdout: it is closed" in capsys.readouterr().err
+
+
+def _run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "onnx_mbs", *argv], stderr=subprocess.PIPE, text=True, **kwargs
+    )
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+def test_stdout_to_dev_full_in_a_real_process(tiny):
+    model, data = tiny
+    with open("/dev/full", "w") as full:
+        for argv in (["analyze", str(model), "--json"], ["eval", str(model), "--data", str(data)]):
+            done = _run(argv, stdout=full)
+            assert done.returncode == 2, done.stderr
+            assert "Traceback" not in done.stderr
+            assert done.stderr.splitlines()[-1] == (
+                "onnx-mbs: error: cannot write to stdout: No space left on device"
+            )
+
+
+def test_closed_stdout_in_a_real_process(tiny):
+    model, _ = tiny
+    done = _run(["analyze", str(model), "--json"], preexec_fn=lambda: os.close(1))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "cannot write to stdout: it is closed" in done.stderr
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+def test_retrain_writes_its_model_before_its_stdout_line_can_fail(tiny, tmp_path):
+    """Hours of training are not thrown away because the log's disk filled up."""
+    model, data = tiny
+    out = tmp_path / "ft.onnx"
+    argv = ["retrain", str(model), "-o", str(out), "--data", str(data), "--batch-size", "8"]
+    with open("/dev/full", "w") as full:
+        done = _run([*argv, "--workers", "0"], stdout=full)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.splitlines()[-1].startswith("onnx-mbs: error: cannot write to stdout")
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        (["--limit", "5"], "--limit takes N samples of --data"),
+        (["--logits", "nope"], "--logits names output 'nope' the model does not have"),
+        (["--data", "{data}", "--no-eval", "--logits", "nope"], "--logits names output 'nope'"),
+    ],
+    ids=["limit-without-data", "logits-without-data", "logits-no-eval"],
+)
+def test_reduce_refuses_flags_it_would_ignore(tiny, tmp_path, extra, fragment, capsys):
+    """As --mean without --data is: a typo or a flag that does nothing is said, not dropped."""
+    model, data = tiny
+    out = tmp_path / "r.onnx"
+    argv = ["reduce", str(model), "-o", str(out), *[a.format(data=data) for a in extra]]
+    assert main(argv) == 2
+    assert fragment in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_reduce_takes_the_logits_it_names_without_evaluating(tiny, tmp_path, capsys):
+    model, data = tiny
+    out = tmp_path / "r.onnx"
+    argv = ["reduce", str(model), "-o", str(out), "--data", str(data), "--no-eval"]
+    assert main([*argv, "--logits", "logits"]) == 0
+    assert out.exists()
+
+
+def test_two_input_shapes_for_one_input_are_refused_not_the_last_taken(tiny, capsys):
+    model, _ = tiny
+    shapes = ["--input-shape", "x:1,1,16,16", "--input-shape", "x:4,1,16,16"]
+    assert main(["analyze", str(model), *shapes]) == 2
+    assert "--input-shape gives input 'x' twice" in capsys.readouterr().err
+    same = ["--input-shape", "x:4,1,16,16", "--input-shape", "x:4,1,16,16"]
+    assert main(["analyze", str(model), "--json", *same]) == 0
+
+
+def test_recalibrate_without_batchnorm_is_refused_before_the_reduction(tiny, tmp_path, capsys):
+    """Not after minutes of statistics, planning and evaluation that are then thrown away."""
+    model, data = tiny
+    out = tmp_path / "r.onnx"
+    argv = ["reduce", str(model), "-o", str(out), "--data", str(data), "--recalibrate"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("onnx-mbs: error: the model has no BatchNormalization"), err
+    assert err.count("\n") == 1 and not out.exists()
+
+
+def test_recalibrate_with_batches_of_one_is_refused_before_the_reduction(tmp_path, capsys):
+    from onnx_mbs.models import BUNDLED_MODEL, FMNIST_SAMPLE
+
+    out = tmp_path / "r.onnx"
+    argv = ["reduce", str(BUNDLED_MODEL), "-o", str(out), "--data", str(FMNIST_SAMPLE)]
+    assert main([*argv, "--recalibrate", "--batch-size", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("onnx-mbs: error: BN recalibration needs batches of at least 2"), err
+    assert err.count("\n") == 1 and not out.exists()
