@@ -337,6 +337,24 @@ def test_loose_images_without_class_folders_have_no_labels(tmp_path):
     assert got.shape == (3, 1, 4, 4) and labels is None
 
 
+def test_images_in_a_class_folders_own_sub_folders_are_read(tmp_path):
+    """torchvision's ImageFolder reads a class's images at any depth (cat/2019/x.png): a model
+    trained so is evaluated on the same images; they were dropped without a word. Hidden folders
+    stay out, and a symlink loop lists its images once."""
+    root = tmp_path / "nested"
+    write_png(root / "ant" / "0.png", pixels(1, 4, 4, seed=1)[0])
+    write_png(root / "ant" / "2019" / "1.png", pixels(1, 4, 4, seed=2)[0])
+    write_png(root / "ant" / "2019" / "deeper" / "2.png", pixels(1, 4, 4, seed=3)[0])
+    write_png(root / "ant" / ".thumbs" / "3.png", pixels(1, 4, 4, seed=4)[0])
+    write_png(root / "cat" / "batch" / "0.png", pixels(1, 4, 4, seed=5)[0])
+    (root / "cat" / "batch" / "loop").symlink_to(root / "cat", target_is_directory=True)
+    source = open_data(root, "in", (1, 1, 4, 4))
+    got, labels = to_arrays(source)
+    assert labels.tolist() == [0, 0, 0, 1]
+    expected = np.stack([pixels(1, 4, 4, seed=k)[0] for k in (1, 2, 3, 5)])[:, None] / 255.0
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
 def test_unreadable_image_fails_when_streamed(tmp_path):
     write_png(tmp_path / "imgs" / "a" / "0.png", pixels(1, 4, 4)[0])
     (tmp_path / "imgs" / "a" / "1.png").write_bytes(b"not a png")

@@ -313,11 +313,27 @@ def _check_numbered_classes(path: Path, names: list[str]) -> None:
 
 
 def _images(folder: Path) -> list[Path]:
-    return sorted(
-        p
-        for p in _listing(folder)
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
-    )
+    """The image files in `folder` and its sub-folders, sorted: torchvision's ImageFolder
+    reads a class's images at any depth (cat/2019/x.png), so a model trained so is measured on
+    the same files. Hidden files and folders stay out; each real folder is read once (a
+    symlink loop would list its images again at every turn)."""
+    found: list[Path] = []
+    seen: set[str] = set()
+    folders = [folder]
+    while folders:
+        current = folders.pop()
+        real = os.path.realpath(current)
+        if real in seen:
+            continue
+        seen.add(real)
+        for p in _listing(current):
+            if p.name.startswith("."):
+                continue
+            if p.is_dir():
+                folders.append(p)
+            elif p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+                found.append(p)
+    return sorted(found)
 
 
 def _listing(folder: Path) -> list[Path]:
