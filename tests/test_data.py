@@ -488,6 +488,18 @@ def test_data_that_does_not_fit_the_model(tmp_path, x, shape, message):
         open_data(write_npz(tmp_path / "d.npz", x=x), "in", shape)
 
 
+@pytest.mark.parametrize("shape", [(8, 8, 3), (8, 8, 4), (8, 8, 1)])
+def test_one_image_with_channels_last_is_not_read_as_rows_of_samples(tmp_path, shape):
+    """x of one (H, W, C) image read as (N, H, W) gave 8 samples of 8x3 pixels, stretched to the
+    model's size: calibration or eval on stripes, without a word."""
+    x = pixels(1, 8, 8, shape[2])[0]
+    with pytest.raises(BadInputError, match=rf"shape \({shape[0]}, 8, {shape[2]}\).*x\[None\]"):
+        open_data(write_npz(tmp_path / "d.npz", x=x), "in", RGB8)
+    if shape[2] != 4:  # as advised: one sample
+        got, _ = to_arrays(open_data(write_npz(tmp_path / "d.npz", x=x[None]), "in", GRAY8))
+        assert got.shape == (1, 1, 8, 8)
+
+
 def test_arrays_an_npz_holds_beside_what_is_read_are_named(tmp_path):
     """Arrays that are neither fed nor labels (`labels` for y, a second image array) are left
     out, and the data line says so rather than dropping them without a word."""
