@@ -363,6 +363,29 @@ def test_unreadable_image_fails_when_streamed(tmp_path):
         to_arrays(source)
 
 
+def test_images_pillow_opens_with_a_value_error_are_refused_in_one_line(tmp_path):
+    """A PGM with a broken header makes Pillow raise ValueError, not OSError: it came out as a
+    traceback."""
+    write_png(tmp_path / "imgs" / "a" / "0.png", pixels(1, 4, 4)[0])
+    (tmp_path / "imgs" / "a" / "1.pgm").write_bytes(b"P5\n4 4\n99999999\n" + bytes(16))
+    with pytest.raises(BadInputError, match=r"cannot read image .*1\.pgm: maxval"):
+        to_arrays(open_data(tmp_path / "imgs", "in", GRAY8))
+
+
+def test_a_lab_tiff_is_read_for_a_grayscale_model(tmp_path):
+    """Pillow converts LAB to RGB but not to L: a grayscale model's LAB TIFF raised ValueError.
+    It is read through RGB, as for an RGB model."""
+    rgb = pixels(1, 8, 8, 3)[0]
+    lab = Image.fromarray(rgb).convert("LAB")
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    lab.save(tmp_path / "imgs" / "a" / "0.tif")
+    got, _ = to_arrays(open_data(tmp_path / "imgs", "in", GRAY8))
+    with Image.open(tmp_path / "imgs" / "a" / "0.tif") as image:
+        assert image.mode == "LAB"
+        expected = np.asarray(image.convert("RGB").convert("L")) / 255.0
+    np.testing.assert_allclose(got[0, 0], expected, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- Python readers
 
 

@@ -129,7 +129,8 @@ class ImageFolderSource:
                     pixels, divisor = image_pixels(image, self.preprocess.channels, path)
         except Image.DecompressionBombError:
             raise BadInputError(too_large(path)) from None
-        except (OSError, UnidentifiedImageError) as error:
+        except (OSError, ValueError, UnidentifiedImageError) as error:
+            # ValueError: Pillow's answer to some broken headers (a PGM's maxval)
             raise BadInputError(f"cannot read image {path}: {error}") from None
         layout = "NHW" if pixels.ndim == 2 else "NHWC"
         return apply(to_unit_nchw(pixels[None], layout, divisor), self.preprocess)
@@ -160,6 +161,8 @@ def image_pixels(image: Image.Image, channels: int, path: Path) -> tuple[np.ndar
             f"image {path} holds {'32-bit integer' if image.mode == 'I' else 'float'} pixels, "
             "whose range is unknown; store 8- or 16-bit images"
         )
+    if channels == 1 and image.mode == "LAB":  # Pillow converts LAB to RGB, not to L
+        image = image.convert("RGB")
     return np.asarray(image.convert("L" if channels == 1 else "RGB")), 255.0
 
 
