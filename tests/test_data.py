@@ -386,6 +386,28 @@ def test_a_lab_tiff_is_read_for_a_grayscale_model(tmp_path):
     np.testing.assert_allclose(got[0, 0], expected, atol=1e-6)
 
 
+def test_16_bit_images_pillow_opens_as_32_bit_are_read_as_16_bit(tmp_path):
+    """Pillow opens a 16-bit PGM (as Pillow itself writes an I;16 image) as mode I, maxval
+    scaled to 65535, and a 16-bit PNG so before 10.3: they were refused as 32-bit pixels of
+    unknown range. Their range is 0..65535: read as the same image at 8 bits."""
+    from onnx_mbs.data.sources import image_pixels
+
+    gray = pixels(1, 8, 8)[0]
+    folder = tmp_path / "imgs"
+    for name, image in (("a16", Image.fromarray(gray.astype(np.uint16) * 257)),
+                        ("b8", Image.fromarray(gray))):  # fmt: skip
+        (folder / name).mkdir(parents=True)
+        image.save(folder / name / "0.pgm")
+    with Image.open(folder / "a16" / "0.pgm") as image:
+        assert image.mode == "I"
+    got, _ = to_arrays(open_data(folder, "in", (1, 3, 8, 8)))
+    np.testing.assert_allclose(got[0], got[1], atol=1e-6)
+    older_png = Image.fromarray(gray.astype(np.int32) * 257)  # mode I: a PNG in Pillow < 10.3
+    older_png.format = "PNG"
+    values, divisor = image_pixels(older_png, 1, Path("old.png"))
+    np.testing.assert_allclose(values / divisor, gray / 255.0, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- Python readers
 
 

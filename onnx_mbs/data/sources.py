@@ -144,6 +144,10 @@ MAX_IMAGE_PIXELS = 2**25
 # Pillow converts to 8 bits (palette, 1-bit, RGBA, CMYK...) by 255. 32-bit integer and float
 # images have no fixed range and are refused.
 SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
+# Formats whose 16-bit grayscale Pillow opens as 32-bit mode I: PGM (maxval scaled to 65535)
+# and PNG before Pillow 10.3 (python-pillow/Pillow#7849). Neither holds 32-bit pixels: their
+# range is 0..65535.
+SIXTEEN_BIT_AS_I = ("PNG", "PPM")
 IMAGE_SCALE = "8-bit pixels /255, 16-bit /65535"
 
 
@@ -153,7 +157,7 @@ def image_pixels(image: Image.Image, channels: int, path: Path) -> tuple[np.ndar
     width, height = image.size
     if width * height > MAX_IMAGE_PIXELS:
         raise BadInputError(too_large(path, width, height))
-    if image.mode in SIXTEEN_BIT:
+    if image.mode in SIXTEEN_BIT or (image.mode == "I" and image.format in SIXTEEN_BIT_AS_I):
         pixels = np.asarray(image).astype(np.uint16)
         return (pixels if channels == 1 else np.repeat(pixels[..., None], 3, axis=2)), 65535.0
     if image.mode in ("I", "F"):
