@@ -98,12 +98,14 @@ class ImageFolderSource:
         preprocess: Preprocess,
         input_name: str,
         description: str,
+        classes: tuple[str, ...] | None = None,
     ) -> None:
         self.files = files
         self.labels = labels
         self.preprocess = preprocess
         self.input_name = input_name
         self.description = description
+        self.classes = classes  # the class folders' names, label order (None: no labels)
 
     def __len__(self) -> int:
         return len(self.files)

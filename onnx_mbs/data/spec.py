@@ -275,7 +275,34 @@ def _open_folder(
     what = f"image folder {path} ({kind})"
     in_turn = labels is not None
     description = _describe(what, len(files), total, y is not None, read_labels, in_turn)
-    return ImageFolderSource(files, y, preprocess, input_name, description)
+    names = None if y is None else tuple(c.name for c in classes)
+    return ImageFolderSource(files, y, preprocess, input_name, description, names)
+
+
+def check_same_classes(train: Any, val: Any) -> None:
+    """Folder labels are positions in each folder's sorted class list: a validation folder
+    without one of the training folder's classes, or with another, numbers the rest otherwise,
+    and every epoch would be scored against shifted labels."""
+    ours, theirs = getattr(train, "classes", None), getattr(val, "classes", None)
+    if ours is None or theirs is None or tuple(ours) == tuple(theirs):
+        return
+    missing = [c for c in ours if c not in theirs]
+    extra = [c for c in theirs if c not in ours]
+    moved = next((c for c in ours if c in theirs and ours.index(c) != theirs.index(c)), None)
+    said = [
+        *([f"missing there: {', '.join(missing)}"] if missing else []),
+        *([f"not in training: {', '.join(extra)}"] if extra else []),
+    ]
+    shift = (
+        f"; {moved} is {ours.index(moved)} in training but {theirs.index(moved)} there"
+        if moved is not None
+        else ""
+    )
+    raise BadInputError(
+        f"the validation folder's classes differ from the training folder's ({'; '.join(said)})"
+        f"{shift}: labels are positions in each folder's sorted class list; give both the "
+        "same class sub-folders (an empty one keeps its place)"
+    )
 
 
 def _in_turn(labels: list[int], limit: int | None) -> list[int]:
