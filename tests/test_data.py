@@ -264,6 +264,32 @@ def test_image_folder_labels_are_sorted_class_indices(image_folder):
     assert "2 classes" in source.description and "5 samples" in source.description
 
 
+def test_class_order_is_the_names_string_order_whatever_the_platform(tmp_path, monkeypatch):
+    """torchvision numbers classes by the names sorted as strings (Zebra before ant); the folders
+    were sorted as paths, which Windows compares without case (ant before Zebra): there, the
+    model's Zebra was scored as ant."""
+    from pathlib import PureWindowsPath
+
+    from onnx_mbs.data import spec
+
+    class WindowsLike(PureWindowsPath):
+        """A Windows path to a folder of this machine: compares as Windows paths do."""
+
+        def is_dir(self) -> bool:
+            return Path(self.as_posix()).is_dir()
+
+        def is_file(self) -> bool:
+            return Path(self.as_posix()).is_file()
+
+    for name in ("Zebra", "ant"):
+        write_png(tmp_path / "imgs" / name / "0.png", pixels(1, 4, 4)[0])
+    monkeypatch.setattr(
+        spec, "_listing", lambda folder: [WindowsLike(p) for p in Path(folder.as_posix()).iterdir()]
+    )
+    source = open_data(tmp_path / "imgs", "in", (1, 1, 4, 4))
+    assert source.classes == ("Zebra", "ant") and source.labels.tolist() == [0, 1]
+
+
 def test_a_limit_on_class_folders_takes_every_class_in_turn(image_folder):
     """`--limit 2` of ant (2 images) and cat (3): one of each; the first two files would both be
     ants, and eval or the statistics would see one class only."""

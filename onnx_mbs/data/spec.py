@@ -250,7 +250,9 @@ def _open_folder(
         raise BadInputError(
             f"the model expects {preprocess.channels} channels; image folders give 1 or 3"
         )
-    classes = sorted(p for p in _listing(path) if p.is_dir() and not p.name.startswith("."))
+    # by name as a string, as torchvision numbers them (Windows paths compare without case)
+    folders = (p for p in _listing(path) if p.is_dir() and not p.name.startswith("."))
+    classes = sorted(folders, key=lambda p: p.name)
     files: list[Path] = []
     labels: list[int] | None = []
     if classes and read_labels:
