@@ -355,6 +355,17 @@ def test_image_folder_opens_files_lazily(image_folder, monkeypatch):
     assert [len(b.x) for b in rest] == [2, 1] and len(opened) == 5
 
 
+def test_images_beside_the_class_folders_are_left_out_with_a_word(image_folder):
+    """Images at the top of a folder with class sub-folders have no class: left out, as
+    torchvision's ImageFolder leaves them, but the data line says so (they were dropped
+    without a word)."""
+    root, _ = image_folder
+    write_png(root / "stray.png", pixels(1, 6, 6, 3)[0])
+    source = open_data(root, "in", (1, 3, 6, 6))
+    assert len(source) == 5
+    assert "2 classes, 1 image beside them left out" in source.description
+
+
 def test_loose_images_without_class_folders_have_no_labels(tmp_path):
     for i in range(3):
         write_png(tmp_path / "loose" / f"{i}.png", pixels(1, 4, 4, seed=i)[0])

@@ -262,7 +262,10 @@ def _open_folder(
             images = _images(folder)
             files += images
             labels += [label] * len(images)
-        kind = f"{len(classes)} classes"
+        loose = sum(1 for p in _listing(path) if _is_image(p))  # no class: left out, said
+        kind = f"{len(classes)} classes" + (
+            f", {loose} image{'s' if loose > 1 else ''} beside them left out" if loose else ""
+        )
     else:
         files, labels, kind = _images(path), None, "no class sub-folders"
     if not files:
@@ -360,9 +363,15 @@ def _images(folder: Path) -> list[Path]:
                 continue
             if p.is_dir():
                 folders.append(p)
-            elif p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+            elif _is_image(p):
                 found.append(p)
     return sorted(found)
+
+
+def _is_image(path: Path) -> bool:
+    """An image file by its name, hidden ones aside."""
+    hidden = path.name.startswith(".")
+    return not hidden and path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
 
 
 def _listing(folder: Path) -> list[Path]:
