@@ -264,6 +264,32 @@ def test_image_folder_labels_are_sorted_class_indices(image_folder):
     assert "2 classes" in source.description and "5 samples" in source.description
 
 
+def test_class_order_is_the_names_string_order_whatever_the_platform(tmp_path, monkeypatch):
+    """torchvision numbers classes by the names sorted as strings (Zebra before ant); the folders
+    were sorted as paths, which Windows compares without case (ant before Zebra): there, the
+    model's Zebra was scored as ant."""
+    from pathlib import PureWindowsPath
+
+    from onnx_mbs.data import spec
+
+    class WindowsLike(PureWindowsPath):
+        """A Windows path to a folder of this machine: compares as Windows paths do."""
+
+        def is_dir(self) -> bool:
+            return Path(self.as_posix()).is_dir()
+
+        def is_file(self) -> bool:
+            return Path(self.as_posix()).is_file()
+
+    for name in ("Zebra", "ant"):
+        write_png(tmp_path / "imgs" / name / "0.png", pixels(1, 4, 4)[0])
+    monkeypatch.setattr(
+        spec, "_listing", lambda folder: [WindowsLike(p) for p in Path(folder.as_posix()).iterdir()]
+    )
+    source = open_data(tmp_path / "imgs", "in", (1, 1, 4, 4))
+    assert source.classes == ("Zebra", "ant") and source.labels.tolist() == [0, 1]
+
+
 def test_a_limit_on_class_folders_takes_every_class_in_turn(image_folder):
     """`--limit 2` of ant (2 images) and cat (3): one of each; the first two files would both be
     ants, and eval or the statistics would see one class only."""
@@ -329,6 +355,17 @@ def test_image_folder_opens_files_lazily(image_folder, monkeypatch):
     assert [len(b.x) for b in rest] == [2, 1] and len(opened) == 5
 
 
+def test_images_beside_the_class_folders_are_left_out_with_a_word(image_folder):
+    """Images at the top of a folder with class sub-folders have no class: left out, as
+    torchvision's ImageFolder leaves them, but the data line says so (they were dropped
+    without a word)."""
+    root, _ = image_folder
+    write_png(root / "stray.png", pixels(1, 6, 6, 3)[0])
+    source = open_data(root, "in", (1, 3, 6, 6))
+    assert len(source) == 5
+    assert "2 classes, 1 image beside them left out" in source.description
+
+
 def test_loose_images_without_class_folders_have_no_labels(tmp_path):
     for i in range(3):
         write_png(tmp_path / "loose" / f"{i}.png", pixels(1, 4, 4, seed=i)[0])
@@ -337,12 +374,75 @@ def test_loose_images_without_class_folders_have_no_labels(tmp_path):
     assert got.shape == (3, 1, 4, 4) and labels is None
 
 
+def test_images_in_a_class_folders_own_sub_folders_are_read(tmp_path):
+    """torchvision's ImageFolder reads a class's images at any depth (cat/2019/x.png): a model
+    trained so is evaluated on the same images; they were dropped without a word. Hidden folders
+    stay out, and a symlink loop lists its images once."""
+    root = tmp_path / "nested"
+    write_png(root / "ant" / "0.png", pixels(1, 4, 4, seed=1)[0])
+    write_png(root / "ant" / "2019" / "1.png", pixels(1, 4, 4, seed=2)[0])
+    write_png(root / "ant" / "2019" / "deeper" / "2.png", pixels(1, 4, 4, seed=3)[0])
+    write_png(root / "ant" / ".thumbs" / "3.png", pixels(1, 4, 4, seed=4)[0])
+    write_png(root / "cat" / "batch" / "0.png", pixels(1, 4, 4, seed=5)[0])
+    (root / "cat" / "batch" / "loop").symlink_to(root / "cat", target_is_directory=True)
+    source = open_data(root, "in", (1, 1, 4, 4))
+    got, labels = to_arrays(source)
+    assert labels.tolist() == [0, 0, 0, 1]
+    expected = np.stack([pixels(1, 4, 4, seed=k)[0] for k in (1, 2, 3, 5)])[:, None] / 255.0
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
 def test_unreadable_image_fails_when_streamed(tmp_path):
     write_png(tmp_path / "imgs" / "a" / "0.png", pixels(1, 4, 4)[0])
     (tmp_path / "imgs" / "a" / "1.png").write_bytes(b"not a png")
     source = open_data(tmp_path / "imgs", "in", (1, 1, 4, 4))
     with pytest.raises(BadInputError, match=r"cannot read image .*1\.png"):
         to_arrays(source)
+
+
+def test_images_pillow_opens_with_a_value_error_are_refused_in_one_line(tmp_path):
+    """A PGM with a broken header makes Pillow raise ValueError, not OSError: it came out as a
+    traceback."""
+    write_png(tmp_path / "imgs" / "a" / "0.png", pixels(1, 4, 4)[0])
+    (tmp_path / "imgs" / "a" / "1.pgm").write_bytes(b"P5\n4 4\n99999999\n" + bytes(16))
+    with pytest.raises(BadInputError, match=r"cannot read image .*1\.pgm: maxval"):
+        to_arrays(open_data(tmp_path / "imgs", "in", GRAY8))
+
+
+def test_a_lab_tiff_is_read_for_a_grayscale_model(tmp_path):
+    """Pillow converts LAB to RGB but not to L: a grayscale model's LAB TIFF raised ValueError.
+    It is read through RGB, as for an RGB model."""
+    rgb = pixels(1, 8, 8, 3)[0]
+    lab = Image.fromarray(rgb).convert("LAB")
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    lab.save(tmp_path / "imgs" / "a" / "0.tif")
+    got, _ = to_arrays(open_data(tmp_path / "imgs", "in", GRAY8))
+    with Image.open(tmp_path / "imgs" / "a" / "0.tif") as image:
+        assert image.mode == "LAB"
+        expected = np.asarray(image.convert("RGB").convert("L")) / 255.0
+    np.testing.assert_allclose(got[0, 0], expected, atol=1e-6)
+
+
+def test_16_bit_images_pillow_opens_as_32_bit_are_read_as_16_bit(tmp_path):
+    """Pillow opens a 16-bit PGM (as Pillow itself writes an I;16 image) as mode I, maxval
+    scaled to 65535, and a 16-bit PNG so before 10.3: they were refused as 32-bit pixels of
+    unknown range. Their range is 0..65535: read as the same image at 8 bits."""
+    from onnx_mbs.data.sources import image_pixels
+
+    gray = pixels(1, 8, 8)[0]
+    folder = tmp_path / "imgs"
+    for name, image in (("a16", Image.fromarray(gray.astype(np.uint16) * 257)),
+                        ("b8", Image.fromarray(gray))):  # fmt: skip
+        (folder / name).mkdir(parents=True)
+        image.save(folder / name / "0.pgm")
+    with Image.open(folder / "a16" / "0.pgm") as image:
+        assert image.mode == "I"
+    got, _ = to_arrays(open_data(folder, "in", (1, 3, 8, 8)))
+    np.testing.assert_allclose(got[0], got[1], atol=1e-6)
+    older_png = Image.fromarray(gray.astype(np.int32) * 257)  # mode I: a PNG in Pillow < 10.3
+    older_png.format = "PNG"
+    values, divisor = image_pixels(older_png, 1, Path("old.png"))
+    np.testing.assert_allclose(values / divisor, gray / 255.0, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- Python readers
@@ -468,6 +568,18 @@ def test_unreadable_npz_and_unknown_file_kind(tmp_path):
 def test_data_that_does_not_fit_the_model(tmp_path, x, shape, message):
     with pytest.raises(BadInputError, match=message):
         open_data(write_npz(tmp_path / "d.npz", x=x), "in", shape)
+
+
+@pytest.mark.parametrize("shape", [(8, 8, 3), (8, 8, 4), (8, 8, 1)])
+def test_one_image_with_channels_last_is_not_read_as_rows_of_samples(tmp_path, shape):
+    """x of one (H, W, C) image read as (N, H, W) gave 8 samples of 8x3 pixels, stretched to the
+    model's size: calibration or eval on stripes, without a word."""
+    x = pixels(1, 8, 8, shape[2])[0]
+    with pytest.raises(BadInputError, match=rf"shape \({shape[0]}, 8, {shape[2]}\).*x\[None\]"):
+        open_data(write_npz(tmp_path / "d.npz", x=x), "in", RGB8)
+    if shape[2] != 4:  # as advised: one sample
+        got, _ = to_arrays(open_data(write_npz(tmp_path / "d.npz", x=x[None]), "in", GRAY8))
+        assert got.shape == (1, 1, 8, 8)
 
 
 def test_arrays_an_npz_holds_beside_what_is_read_are_named(tmp_path):

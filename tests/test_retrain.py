@@ -509,3 +509,29 @@ def test_label_free_classifier_learns_from_the_teachers_argmax():
             onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b), atol=1e-6
         )
     assert unlabelled.history[0].train_loss == pytest.approx(labelled.history[0].train_loss)
+
+
+def test_a_val_folder_with_other_classes_than_the_training_folder_is_refused(tmp_path) -> None:
+    """Folder labels are positions in each folder's sorted class list: a --val folder without
+    `bee` numbered cat 1 and dog 2 (2 and 3 in training), and every epoch was scored, and the
+    best one kept, against shifted labels. An empty `bee` folder keeps the numbering."""
+    from PIL import Image
+
+    from onnx_mbs.data import open_data
+    from onnx_mbs.data.spec import check_same_classes
+
+    def folder(name: str, classes: list[str]) -> Path:
+        for k, c in enumerate(classes):
+            (tmp_path / name / c).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(np.full((8, 8), 40 * k + i, np.uint8)).save(
+                    tmp_path / name / c / f"{i}.png"
+                )
+        return tmp_path / name
+
+    train_source = open_data(folder("train", ["ant", "bee", "cat", "dog"]), "input", (1, 1, 8, 8))
+    val_source = open_data(folder("val", ["ant", "cat", "dog"]), "input", (1, 1, 8, 8))
+    with pytest.raises(BadInputError, match=r"classes.*differ.*bee.*cat is 2 .* 1"):
+        retrain(export(keep_bn=True), train_source, val_source, epochs=1, progress=False)
+    (tmp_path / "val" / "bee").mkdir()
+    check_same_classes(train_source, open_data(tmp_path / "val", "input", (1, 1, 8, 8)))

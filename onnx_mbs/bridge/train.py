@@ -60,6 +60,7 @@ from onnx_mbs.bridge.precision import as_float32, is_low_precision
 from onnx_mbs.bridge.writeback import write_back
 from onnx_mbs.data.augment import choose_augment
 from onnx_mbs.data.sources import default_workers
+from onnx_mbs.data.spec import check_same_classes
 from onnx_mbs.logits import (
     check_label_range,
     choose_logits,
@@ -389,6 +390,8 @@ def retrain(
         )
     train = as_samples(train_data, "training data")
     val = as_samples(val_data, "validation data") if val_data is not None else None
+    if val is not None and train.labelled and val.labelled:
+        check_same_classes(train_data, val_data)
     if amp not in AMP_CHOICES:
         raise BadInputError(f"amp must be one of {', '.join(AMP_CHOICES)}, not {amp!r}")
     if not train.labelled and teacher is None:

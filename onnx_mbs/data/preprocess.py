@@ -146,6 +146,13 @@ def _per_channel(what: str, value: object, channels: int) -> tuple[float, ...]:
 
 def raw_layout(shape: tuple[int, ...], channels: int, what: str) -> str:
     """Which of NHW, NCHW or NHWC an array of samples uses (channel axis of size 1, 3 or C)."""
+    if len(shape) == 3 and shape[2] in (1, 3, 4) and shape[1] >= 2 * shape[2]:
+        # images 1, 3 or 4 pixels wide and at least twice as high are stripes, not images: one
+        # (H, W, C) image, read as (N, H, W) it would give H stripes stretched to the model's size
+        raise BadInputError(
+            f"{what} has shape {shape}: one (H, W, C) image, not (N, H, W) samples? Store the "
+            "samples on the first axis: x[None] for one image, (N, H, W, C) for several"
+        )
     if len(shape) == 3:
         return "NHW"
     if len(shape) == 4:

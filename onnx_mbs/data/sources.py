@@ -98,12 +98,14 @@ class ImageFolderSource:
         preprocess: Preprocess,
         input_name: str,
         description: str,
+        classes: tuple[str, ...] | None = None,
     ) -> None:
         self.files = files
         self.labels = labels
         self.preprocess = preprocess
         self.input_name = input_name
         self.description = description
+        self.classes = classes  # the class folders' names, label order (None: no labels)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -129,7 +131,8 @@ class ImageFolderSource:
                     pixels, divisor = image_pixels(image, self.preprocess.channels, path)
         except Image.DecompressionBombError:
             raise BadInputError(too_large(path)) from None
-        except (OSError, UnidentifiedImageError) as error:
+        except (OSError, ValueError, UnidentifiedImageError) as error:
+            # ValueError: Pillow's answer to some broken headers (a PGM's maxval)
             raise BadInputError(f"cannot read image {path}: {error}") from None
         layout = "NHW" if pixels.ndim == 2 else "NHWC"
         return apply(to_unit_nchw(pixels[None], layout, divisor), self.preprocess)
@@ -143,6 +146,10 @@ MAX_IMAGE_PIXELS = 2**25
 # Pillow converts to 8 bits (palette, 1-bit, RGBA, CMYK...) by 255. 32-bit integer and float
 # images have no fixed range and are refused.
 SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
+# Formats whose 16-bit grayscale Pillow opens as 32-bit mode I: PGM (maxval scaled to 65535)
+# and PNG before Pillow 10.3 (python-pillow/Pillow#7849). Neither holds 32-bit pixels: their
+# range is 0..65535.
+SIXTEEN_BIT_AS_I = ("PNG", "PPM")
 IMAGE_SCALE = "8-bit pixels /255, 16-bit /65535"
 
 
@@ -152,7 +159,7 @@ def image_pixels(image: Image.Image, channels: int, path: Path) -> tuple[np.ndar
     width, height = image.size
     if width * height > MAX_IMAGE_PIXELS:
         raise BadInputError(too_large(path, width, height))
-    if image.mode in SIXTEEN_BIT:
+    if image.mode in SIXTEEN_BIT or (image.mode == "I" and image.format in SIXTEEN_BIT_AS_I):
         pixels = np.asarray(image).astype(np.uint16)
         return (pixels if channels == 1 else np.repeat(pixels[..., None], 3, axis=2)), 65535.0
     if image.mode in ("I", "F"):
@@ -160,6 +167,8 @@ def image_pixels(image: Image.Image, channels: int, path: Path) -> tuple[np.ndar
             f"image {path} holds {'32-bit integer' if image.mode == 'I' else 'float'} pixels, "
             "whose range is unknown; store 8- or 16-bit images"
         )
+    if channels == 1 and image.mode == "LAB":  # Pillow converts LAB to RGB, not to L
+        image = image.convert("RGB")
     return np.asarray(image.convert("L" if channels == 1 else "RGB")), 255.0
 
 

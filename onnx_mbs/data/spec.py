@@ -255,7 +255,9 @@ def _open_folder(
         raise BadInputError(
             f"the model expects {preprocess.channels} channels; image folders give 1 or 3"
         )
-    classes = sorted(p for p in _listing(path) if p.is_dir() and not p.name.startswith("."))
+    # by name as a string, as torchvision numbers them (Windows paths compare without case)
+    folders = (p for p in _listing(path) if p.is_dir() and not p.name.startswith("."))
+    classes = sorted(folders, key=lambda p: p.name)
     files: list[Path] = []
     labels: list[int] | None = []
     if classes and read_labels:
@@ -265,7 +267,10 @@ def _open_folder(
             images = _images(folder)
             files += images
             labels += [label] * len(images)
-        kind = f"{len(classes)} classes"
+        loose = sum(1 for p in _listing(path) if _is_image(p))  # no class: left out, said
+        kind = f"{len(classes)} classes" + (
+            f", {loose} image{'s' if loose > 1 else ''} beside them left out" if loose else ""
+        )
     else:
         files, labels, kind = _images(path), None, "no class sub-folders"
     if not files:
@@ -280,7 +285,34 @@ def _open_folder(
     what = f"image folder {path} ({kind})"
     in_turn = labels is not None
     description = _describe(what, len(files), total, y is not None, read_labels, in_turn)
-    return ImageFolderSource(files, y, preprocess, input_name, description)
+    names = None if y is None else tuple(c.name for c in classes)
+    return ImageFolderSource(files, y, preprocess, input_name, description, names)
+
+
+def check_same_classes(train: Any, val: Any) -> None:
+    """Folder labels are positions in each folder's sorted class list: a validation folder
+    without one of the training folder's classes, or with another, numbers the rest otherwise,
+    and every epoch would be scored against shifted labels."""
+    ours, theirs = getattr(train, "classes", None), getattr(val, "classes", None)
+    if ours is None or theirs is None or tuple(ours) == tuple(theirs):
+        return
+    missing = [c for c in ours if c not in theirs]
+    extra = [c for c in theirs if c not in ours]
+    moved = next((c for c in ours if c in theirs and ours.index(c) != theirs.index(c)), None)
+    said = [
+        *([f"missing there: {', '.join(missing)}"] if missing else []),
+        *([f"not in training: {', '.join(extra)}"] if extra else []),
+    ]
+    shift = (
+        f"; {moved} is {ours.index(moved)} in training but {theirs.index(moved)} there"
+        if moved is not None
+        else ""
+    )
+    raise BadInputError(
+        f"the validation folder's classes differ from the training folder's ({'; '.join(said)})"
+        f"{shift}: labels are positions in each folder's sorted class list; give both the "
+        "same class sub-folders (an empty one keeps its place)"
+    )
 
 
 def _in_turn(labels: list[int], limit: int | None) -> list[int]:
@@ -318,11 +350,33 @@ def _check_numbered_classes(path: Path, names: list[str]) -> None:
 
 
 def _images(folder: Path) -> list[Path]:
-    return sorted(
-        p
-        for p in _listing(folder)
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
-    )
+    """The image files in `folder` and its sub-folders, sorted: torchvision's ImageFolder
+    reads a class's images at any depth (cat/2019/x.png), so a model trained so is measured on
+    the same files. Hidden files and folders stay out; each real folder is read once (a
+    symlink loop would list its images again at every turn)."""
+    found: list[Path] = []
+    seen: set[str] = set()
+    folders = [folder]
+    while folders:
+        current = folders.pop()
+        real = os.path.realpath(current)
+        if real in seen:
+            continue
+        seen.add(real)
+        for p in _listing(current):
+            if p.name.startswith("."):
+                continue
+            if p.is_dir():
+                folders.append(p)
+            elif _is_image(p):
+                found.append(p)
+    return sorted(found)
+
+
+def _is_image(path: Path) -> bool:
+    """An image file by its name, hidden ones aside."""
+    hidden = path.name.startswith(".")
+    return not hidden and path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
 
 
 def _listing(folder: Path) -> list[Path]:
