@@ -351,6 +351,45 @@ def topological_order(
 ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Cast", "Identity", "Clip", "Relu"})
 
 
+def input_scale(graph: onnx.GraphProto, name: str) -> float:
+    """The factor of the first scaling the graph itself applies to its input: a scalar Mul
+    or Div on the one path from the input, after offsets, Casts, Identity and Transposes
+    (Keras' Rescaling(1/255) is a Mul, Rescaling(1/127.5, offset=-1) a Mul and an Add). 1
+    when the input is read otherwise first."""
+    values = {t.name: t for t in graph.initializer}
+    constants = {n.output[0]: n for n in graph.node if n.op_type == "Constant" and n.output}
+
+    def scalar(tensor: str) -> float | None:
+        if tensor in values:
+            array = numpy_helper.to_array(values[tensor])
+        elif tensor in constants:
+            array = constant_value(constants[tensor])
+        else:
+            return None
+        return float(array.reshape(-1)[0]) if array is not None and array.size == 1 else None
+
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for tensor in set(node.input):
+            readers.setdefault(tensor, []).append(node)
+    tensor = name
+    while len(readers.get(tensor, [])) == 1:
+        node = readers[tensor][0]
+        others = [i for i in node.input if i != tensor]
+        if node.op_type in ("Mul", "Div", "Add", "Sub") and len(others) == 1:
+            value = scalar(others[0])
+            if value is None:
+                break
+            if node.op_type == "Mul":
+                return value
+            if node.op_type == "Div":
+                return 1 / value if node.input[0] == tensor and value else 1.0
+        elif node.op_type not in ("Identity", "Cast", "Transpose"):
+            break
+        tensor = node.output[0]
+    return 1.0
+
+
 def input_layout(graph: onnx.GraphProto, name: str) -> str:
     """NHWC when the input only feeds Transposes to NCHW (how tf2onnx writes Keras models),
     directly or through element-wise ops with constants: the data is fed so, and the input's

@@ -76,10 +76,29 @@ def model_chw(input_shape: Sequence[object]) -> tuple[int, int, int]:
     return dims[1], dims[2], dims[3]
 
 
+def scales_pixels_itself(
+    mean: object, std: object, metadata: Mapping[str, str] | None, scale: float
+) -> bool:
+    """Whether the model takes pixels in 0..255 by its own word: it scales its input by about
+    1/255 (Keras' Rescaling(1/255), or 1/127.5 to [-1, 1]) and neither mean/std nor the
+    metadata say otherwise. Fed [0, 1] pixels, it would see them divided twice."""
+    metadata = metadata or {}
+    said = mean is not None or std is not None or MEAN_KEY in metadata or STD_KEY in metadata
+    return not said and 1 / 260 < abs(scale) < 1 / 120
+
+
 def normalisation(
-    mean: object, std: object, channels: int, metadata: Mapping[str, str] | None
+    mean: object,
+    std: object,
+    channels: int,
+    metadata: Mapping[str, str] | None,
+    scale: float = 1.0,
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std: given values, else the model's metadata, else 0 and 1."""
+    """Per-channel mean and std: given values, else the model's metadata, else 0 and 1 (std
+    1/255 for a model that scales its input by 1/255 itself: `scale`, see
+    `scales_pixels_itself`)."""
+    if scales_pixels_itself(mean, std, metadata, scale):
+        return (0.0,) * channels, (1 / 255,) * channels
     metadata = metadata or {}
     # the std in the mean's units: given with it, or the default 1 (no scaling in any units);
     # not the metadata's, recorded in [0, 1] units (divided too, it would scale inputs 255-fold)
@@ -106,9 +125,13 @@ def normalisation(
     return means, stds
 
 
-def normalisation_origin(mean: object, std: object, metadata: Mapping[str, str] | None) -> str:
+def normalisation_origin(
+    mean: object, std: object, metadata: Mapping[str, str] | None, scale: float = 1.0
+) -> str:
     """Where `normalisation` takes mean and std from, in words: given values win over the
     model's metadata, which wins over the defaults."""
+    if scales_pixels_itself(mean, std, metadata, scale):
+        return f"0..255 pixels: the model scales its input by {scale:.4g} itself"
     metadata = metadata or {}
 
     def origin(value: object, key: str) -> str:
