@@ -809,7 +809,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="standard: random crop (padded by 1/8 for inputs up to "
         f"{PAD_CROP_MAX_SIDE} px, else a random resized crop) and horizontal flip, on the "
-        "input student and teacher both see; auto: standard for image inputs (N, C, H, W)",
+        "input student and teacher both see; auto: standard for image data (an image folder, "
+        "npz or IDX files) read into an (N, C, H, W) or (N, H, W, C) input, else none",
     )
     p.add_argument(
         "--workers",

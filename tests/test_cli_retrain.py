@@ -193,3 +193,12 @@ def test_an_empty_path_is_refused_by_every_command(
     err = capsys.readouterr().err
     assert f"argument {flag}" in err and "an empty path" in err and "Traceback" not in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_augment_help_names_both_image_layouts(capsys) -> None:
+    """`auto` augments image data read into an NHWC input too (docs/retrain.md): the help said
+    "standard for image inputs (N, C, H, W)" alone."""
+    with pytest.raises(SystemExit):
+        main(["retrain", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(N, C, H, W) or (N, H, W, C) input" in text
