@@ -244,6 +244,44 @@ def test_resuming_with_other_data_or_preprocessing_is_refused(npz, tmp_path) -> 
     assert retrain(export(keep_bn=True), source(npz), **resume).resumed_from == 1
 
 
+def test_naming_the_default_logits_or_losses_resumes(npz, tmp_path) -> None:
+    """The fingerprint held --logits and --loss as given: a run resumed with the values it had
+    chosen by itself named was refused ("differs in: logits, losses"), and so the other way
+    round. It holds what differs from the defaults now; another choice is still refused."""
+    teacher = export(keep_bn=True, seed=3)
+    common = dict(epochs=2, batch_size=32, device="cpu", progress=False, workers=0)
+    common["teacher"] = teacher
+    name = teacher.graph.output[0].name
+    directory = stopped_after_one_of_two_epochs(npz, tmp_path / "c", common)
+    resume = dict(checkpoint=directory, resume=True, **common)
+    with pytest.raises(BadInputError, match=r"differs in: losses\)"):
+        retrain(export(keep_bn=True), source(npz), losses={name: "mse"}, **resume)
+    named = dict(logits=name, losses={name: "kl"})
+    assert retrain(export(keep_bn=True), source(npz), **named, **resume).resumed_from == 1
+    given = stopped_after_one_of_two_epochs(npz, tmp_path / "g", {**common, **named})
+    resume["checkpoint"] = given
+    assert retrain(export(keep_bn=True), source(npz), **resume).resumed_from == 1
+
+
+def test_a_checkpoint_that_recorded_the_defaults_as_given_still_resumes(npz, tmp_path) -> None:
+    """Checkpoints written before held --logits/--loss as given, defaults included: they
+    resume with the same options, or without naming the defaults; not with another loss."""
+    teacher = export(keep_bn=True, seed=3)
+    name = teacher.graph.output[0].name
+    named = dict(logits=name, losses={name: "kl"})
+    common = dict(epochs=2, batch_size=32, device="cpu", progress=False, workers=0)
+    common["teacher"] = teacher
+    directory = stopped_after_one_of_two_epochs(npz, tmp_path / "c", {**common, **named})
+    state = torch.load(ckpt.path_in(directory), weights_only=True)
+    state["fingerprint"].update(logits=name, losses=[f"{name}=kl"])  # as earlier versions wrote
+    resume = dict(checkpoint=directory, resume=True, **common)
+    for options in (named, {}):
+        torch.save(state, ckpt.path_in(directory))
+        with pytest.raises(BadInputError, match=r"differs in: losses\)"):
+            retrain(export(keep_bn=True), source(npz), **resume, losses={name: "mse"})
+        assert retrain(export(keep_bn=True), source(npz), **resume, **options).resumed_from == 1
+
+
 def test_the_same_data_resumes_however_its_path_is_spelled(npz, folder, tmp_path, monkeypatch):
     """The data's digest held its description, which names the file or folder as given: an npz
     copied under another name (the same pixels and labels) was refused, and so was the same

@@ -40,7 +40,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -54,7 +54,7 @@ from onnx_mbs.bridge import checkpoint as ckpt
 from onnx_mbs.bridge.bn import fold_back, has_batchnorm, is_bn_folded, recalibrate
 from onnx_mbs.bridge.bn import reinsert_bn as reinsert_batchnorm
 from onnx_mbs.bridge.loading import Samples, as_samples, load_batches, rank_batches
-from onnx_mbs.bridge.losses import choose_losses, distillation_loss, normalised_mse
+from onnx_mbs.bridge.losses import choose_losses, distillation_loss, is_logits, normalised_mse
 from onnx_mbs.bridge.module import OnnxModule, long_axes, untie_initializers, with_outputs
 from onnx_mbs.bridge.precision import as_float32, is_low_precision
 from onnx_mbs.bridge.writeback import write_back
@@ -217,6 +217,27 @@ def _probe(module: OnnxModule, xb: torch.Tensor, what: str) -> dict[str, tuple[i
     finally:
         module.train(was_training)
     return {name: tuple(t.shape) for name, t in out.items()}
+
+
+def _as_chosen(
+    shapes: Mapping[str, tuple[int, ...]], model: onnx.ModelProto
+) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """A fingerprint with its "logits" and "losses" as they act, not as given: a value that
+    names the default (the one classifier output; kl for logits, mse otherwise) is left out,
+    so that naming the default resumes a run that did not, and the other way round. Applied
+    to a checkpoint's fingerprint too: earlier versions recorded them as given."""
+    found = classifier_outputs(shapes, model)
+    auto = found[0] if len(found) == 1 else None
+    default = {n: "kl" if is_logits(s) else "mse" for n, s in shapes.items()}
+
+    def chosen(fingerprint: dict[str, Any]) -> dict[str, Any]:
+        out = {k: v for k, v in fingerprint.items() if k != "logits" or v != auto}
+        if isinstance(out.get("losses"), list):
+            pairs = (str(spec).rpartition("=") for spec in out["losses"])
+            out["losses"] = [f"{n}={k}" for n, _, k in pairs if default.get(n) != k]
+        return out
+
+    return chosen
 
 
 def _batches(samples: Samples, size: int, limit: int) -> Iterator[torch.Tensor]:
@@ -434,7 +455,7 @@ def retrain(
         _check_input(model, base, train, "training data")
         probe_np = train.take(np.arange(max(2, min(local_batch, train.count))))[0]
         probe_x = torch.from_numpy(probe_np).to(dev)
-        _probe(base, probe_x, "the model")
+        early = _probe(base, probe_x, "the model")
         del base
         if reinsert_bn is None:
             reinsert_bn = is_bn_folded(model)
@@ -476,7 +497,9 @@ def retrain(
         }
         saved = None
         if checkpoint is not None:
-            saved = ckpt.load(checkpoint, fingerprint)
+            chosen = _as_chosen({o.name: early[o.name] for o in model.graph.output}, model)
+            fingerprint = chosen(fingerprint)
+            saved = ckpt.load(checkpoint, fingerprint, chosen)
         if saved is not None and not resume:
             raise BadInputError(
                 f"{ckpt.path_in(checkpoint)} holds a checkpoint after epoch {saved['epoch']} of "
