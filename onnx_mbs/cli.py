@@ -789,7 +789,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"peak learning rate (default: {DEFAULT_LR_PER_64:g} x batch-size / 64, the "
         "linear scaling rule)",
     )
-    p.add_argument("--batch-size", type=COUNT, default=64, help="global batch (all processes)")
+    p.add_argument(
+        "--batch-size",
+        type=COUNT,
+        default=64,
+        help="global batch (all processes; a multiple of their count)",
+    )
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd", help="optimizer")
     p.add_argument(
         "--warmup",

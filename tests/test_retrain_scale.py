@@ -579,6 +579,18 @@ def test_a_warmup_that_leaves_no_decay_is_refused() -> None:
             retrain(export(keep_bn=True), (x, y), warmup=warmup, batch_size=32, progress=False)
 
 
+def test_a_batch_the_processes_do_not_divide_is_refused(monkeypatch) -> None:
+    """Each of K processes takes batch // K: a --batch-size K does not divide trained on a
+    smaller global batch than the one the default learning rate was scaled for. Refused
+    before any process group is made (so one process suffices to see it)."""
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    x, y = quadrant_data(64, seed=1)
+    for batch in (32, 2):
+        refused = f"batch_size={batch} is the global batch, .* 3 processes: give a multiple of 3"
+        with pytest.raises(BadInputError, match=refused):
+            retrain(export(keep_bn=True), (x, y), batch_size=batch, progress=False)
+
+
 def test_defaults_and_what_ran_are_reported(npz) -> None:
     x, y = quadrant_data(64, seed=1)
     result = retrain(export(keep_bn=True), (x, y), batch_size=16, device="cpu", progress=False)

@@ -429,6 +429,11 @@ def retrain(
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if batch_size % world:  # else the global batch is not the one the lr was scaled for
+        raise BadInputError(
+            f"{option('--batch-size', batch_size)} is the global batch, split evenly over the "
+            f"{world} processes: give a multiple of {world}"
+        )
     if train.count // world < 2:  # before any probe: they take 2 samples
         raise BadInputError(
             f"need at least 2 training samples per process, got {train.count // world}"
@@ -451,7 +456,7 @@ def retrain(
                 "the model has no trainable weights (float initializers of Conv, Gemm, MatMul, "
                 "BatchNormalization ...): there is nothing to retrain"
             )
-        local_batch = max(1, batch_size // world)
+        local_batch = batch_size // world
         _check_input(model, base, train, "training data")
         probe_np = train.take(np.arange(max(2, min(local_batch, train.count))))[0]
         probe_x = torch.from_numpy(probe_np).to(dev)
