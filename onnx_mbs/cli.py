@@ -511,7 +511,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         save_model(written, args.output)
         print(f"wrote {args.output}", file=sys.stderr)
         # After the save: a stdout that cannot be written (a full disk) costs no training.
-        print(f"{kept}: {val_text(result.best_val_top1, result.best_val_agreement)}; {speed}")
+        print(f"{kept}: {val_text(result.val_top1, result.val_agreement)}; {speed}")
     if result.world_size > 1:
         # The work is done and written. torch's gloo teardown can still abort a
         # finished rank at interpreter exit (pytorch/pytorch#179291): leave now.

@@ -106,6 +106,10 @@ class RetrainResult:
     schedule: str = ""  # optimizer, learning rate, warm-up and decay, in words
     workers: int = 0  # data loading processes (0: the training process)
     resumed_from: int = 0  # epochs done before this run (read from the checkpoint)
+    # The written model's validation top-1 / agreement: the best epoch's, but measured again
+    # after the re-inserted BatchNorms' statistics are re-measured for folding back.
+    val_top1: float = math.nan
+    val_agreement: float = math.nan
 
     @property
     def best_val_top1(self) -> float:
@@ -643,6 +647,23 @@ def retrain(
         if checkpoint is not None and rank == 0:
             ckpt.prepare(checkpoint)  # every check passed: made now, not left by a refusal
         train_seconds, images = 0.0, 0
+
+        def measure() -> tuple[float, float]:
+            """(top-1, agreement with the teacher) of `student` on `val`, the other NaN."""
+            if val is None:
+                return math.nan, math.nan
+            hits, total = _validate(
+                student,
+                teacher_module if not val.labelled else None,
+                val,
+                (rank, world, max(local_batch, 64)),
+                dev,
+                logits_name,
+                val_workers,
+            )
+            hits, total = _all_sum([float(hits), float(total)], dev, world)
+            return (hits / total, math.nan) if val.labelled else (math.nan, hits / total)
+
         for epoch in range(first_epoch, epochs):
             t0 = time.perf_counter()
             torch.manual_seed(_epoch_seed(seed, epoch, rank))
@@ -720,22 +741,7 @@ def retrain(
             loss_sum, correct, count = _all_sum(sums.tolist(), dev, world)
             images += int(count)
 
-            val_top1 = val_agreement = math.nan
-            if val is not None:
-                hits, total = _validate(
-                    student,
-                    teacher_module if not val.labelled else None,
-                    val,
-                    (rank, world, max(local_batch, 64)),
-                    dev,
-                    logits_name,
-                    val_workers,
-                )
-                hits, total = _all_sum([float(hits), float(total)], dev, world)
-                if val.labelled:
-                    val_top1 = hits / total
-                else:
-                    val_agreement = hits / total
+            val_top1, val_agreement = measure()
             history.append(
                 EpochStats(
                     epoch=epoch,
@@ -779,10 +785,16 @@ def retrain(
                 )
         if best_state is not None and best_epoch != epochs - 1:
             student.load_state_dict(best_state)
+        written_val = (
+            (history[best_epoch].val_top1, history[best_epoch].val_agreement)
+            if history
+            else (math.nan, math.nan)
+        )
         if inserted:
             _recalibrate_inserted(
                 student, inserted, _batches(train, len(probe_x), bn_calibration_samples), dev
             )
+            written_val = measure()  # the recalibrated statistics are the written model's
         student.eval()
         if not all(bool(torch.isfinite(p).all()) for p in student.state_dict().values()):
             raise BadInputError(_diverged("non-finite weights", epochs - 1, steps - 1, lr))
@@ -810,6 +822,8 @@ def retrain(
         schedule=schedule,
         workers=workers,
         resumed_from=first_epoch,
+        val_top1=written_val[0],
+        val_agreement=written_val[1],
     )
 
 
