@@ -367,8 +367,11 @@ def _eval_agreement(args: argparse.Namespace, model, source, providers, shapes) 
         progress=not args.json,
     )
     if args.json:
+        # Each output's shape per sample, as the table prints it: the first batch's size
+        # is not the model's (a fixed batch is padded, a short last batch is not).
         outputs = {
-            o.name: {k: v for k, v in vars(o).items() if k != "name"} for o in result.outputs
+            o.name: {**{k: v for k, v in vars(o).items() if k != "name"}, "shape": o.shape[1:]}
+            for o in result.outputs
         }
         json.dump(
             {"samples": result.samples, "provider": result.provider, "outputs": outputs}, sys.stdout
