@@ -242,12 +242,23 @@ def _check_recalibration(args: argparse.Namespace) -> None:
     import onnx
 
     from onnx_mbs.bridge.train import check_recalibration
+    from onnx_mbs.runtime import require_float_input
 
     try:
         model = onnx.load(args.model, load_external_data=False)
     except Exception:
         return
     check_recalibration(model, args.batch_size)
+    constants = {t.name for t in model.graph.initializer}
+    fed = [i.name for i in model.graph.input if i.name not in constants]
+    try:
+        for name in fed[:1]:  # the one input the data feeds
+            require_float_input(model, name)
+    except BadInputError as error:  # the line retrain gives, worded for this option
+        raise BadInputError(
+            f"--recalibrate re-estimates BatchNorm statistics in PyTorch on float inputs: "
+            f"{error}; leave --recalibrate out, or give a model with a float input"
+        ) from None
 
 
 def _recalibrate(reduced, args: argparse.Namespace) -> dict:
@@ -367,8 +378,11 @@ def _eval_agreement(args: argparse.Namespace, model, source, providers, shapes) 
         progress=not args.json,
     )
     if args.json:
+        # Each output's shape per sample, as the table prints it: the first batch's size
+        # is not the model's (a fixed batch is padded, a short last batch is not).
         outputs = {
-            o.name: {k: v for k, v in vars(o).items() if k != "name"} for o in result.outputs
+            o.name: {**{k: v for k, v in vars(o).items() if k != "name"}, "shape": o.shape[1:]}
+            for o in result.outputs
         }
         json.dump(
             {"samples": result.samples, "provider": result.provider, "outputs": outputs}, sys.stdout
@@ -511,7 +525,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         save_model(written, args.output)
         print(f"wrote {args.output}", file=sys.stderr)
         # After the save: a stdout that cannot be written (a full disk) costs no training.
-        print(f"{kept}: {val_text(result.best_val_top1, result.best_val_agreement)}; {speed}")
+        print(f"{kept}: {val_text(result.val_top1, result.val_agreement)}; {speed}")
     if result.world_size > 1:
         # The work is done and written. torch's gloo teardown can still abort a
         # finished rank at interpreter exit (pytorch/pytorch#179291): leave now.
@@ -789,7 +803,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"peak learning rate (default: {DEFAULT_LR_PER_64:g} x batch-size / 64, the "
         "linear scaling rule)",
     )
-    p.add_argument("--batch-size", type=COUNT, default=64, help="global batch (all processes)")
+    p.add_argument(
+        "--batch-size",
+        type=COUNT,
+        default=64,
+        help="global batch (all processes; a multiple of their count)",
+    )
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd", help="optimizer")
     p.add_argument(
         "--warmup",
@@ -809,7 +828,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="standard: random crop (padded by 1/8 for inputs up to "
         f"{PAD_CROP_MAX_SIDE} px, else a random resized crop) and horizontal flip, on the "
-        "input student and teacher both see; auto: standard for image inputs (N, C, H, W)",
+        "input student and teacher both see; auto: standard for image data (an image folder, "
+        "npz or IDX files) read into an (N, C, H, W) or (N, H, W, C) input, else none",
     )
     p.add_argument(
         "--workers",

@@ -205,8 +205,11 @@ def make_session(
     try:
         return ort.InferenceSession(model, options, providers=list(providers))
     except Exception as error:  # onnxruntime raises its own types (Fail, InvalidGraph...)
+        said = _first_line(error)
+        if isinstance(model, str):  # often a temporary file (the statistics' model), not theirs
+            said = said.replace(f"Load model from {model} failed:", "")
         raise BadInputError(
-            f"onnxruntime {ort.__version__} cannot load the model: {_first_line(error)}"
+            f"onnxruntime {ort.__version__} cannot load the model: {said}"
         ) from None
 
 

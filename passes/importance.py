@@ -12,7 +12,8 @@ Criteria (`CRITERIA`, `--importance`):
   l2   their L2 norm
   bn   the L2 norm of the filter with the BatchNorm that follows it folded in
        (|gamma| / sqrt(var + eps) times the filter norm): what the channel
-       contributes after normalisation; plain l2 where no BatchNorm follows
+       contributes after normalisation (a Conv's, a ConvTranspose's, grouped too, or a
+       Gemm's with a 1-D BatchNorm); plain l2 where no BatchNorm alone reads the output
   act  the mean |activation| the channel produces (`ActivationImportance`,
        built from statistics measured with onnxruntime)
 A conv whose weight the graph computes (weight standardisation) is scored by the filters
@@ -146,13 +147,30 @@ class BatchNormScaled(FilterNorm):
         self.name = "bn"
 
     def row_power(self, member: Member) -> np.ndarray:
-        power = super().row_power(member)
         scale = self._bn_scale(member.node)
+        node = self.nodes.get(member.node)
+        if scale is not None and node.op_type == "ConvTranspose" and member.axis == 0:
+            return self._grouped_transpose_power(member, node, scale)
+        power = super().row_power(member)
         return power if scale is None or scale.shape != power.shape else power * scale**2
+
+    def _grouped_transpose_power(
+        self, member: Member, node: onnx.NodeProto, scale: np.ndarray
+    ) -> np.ndarray:
+        """A grouped ConvTranspose's rows are input channels (C_in, C_out / group, ...), each
+        reaching its conv-group's output channels: every entry times its output channel's
+        scale, the folded filter's squared norm row by row."""
+        weight = self.weight(member.tensor)
+        group, per = int(attributes(node).get("group", 1)), weight.shape[1]
+        if scale.shape != (group * per,) or weight.shape[0] % group:
+            return super().row_power(member)
+        square = np.square(weight.astype(np.float64)).reshape(len(weight), per, -1).sum(axis=2)
+        rows_group = np.arange(len(weight)) // (len(weight) // group)
+        return (square * (scale**2).reshape(group, per)[rows_group]).sum(axis=1)
 
     def _bn_scale(self, producer: str) -> np.ndarray | None:
         node = self.nodes.get(producer)
-        if node is None or node.op_type not in ("Conv", "ConvTranspose"):
+        if node is None or node.op_type not in ("Conv", "ConvTranspose", "Gemm"):
             return None
         readers = self.index.consumers.get(node.output[0], [])
         if len(readers) != 1 or readers[0].op_type != "BatchNormalization":

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from conftest import random_images, write_npz
@@ -170,6 +171,24 @@ def test_recalibrate_without_batchnorm_is_refused_before_the_reduction(tiny, tmp
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("onnx-mbs: error: the model has no BatchNormalization"), err
+    assert err.count("\n") == 1 and not out.exists()
+
+
+def test_recalibrate_of_a_uint8_input_model_is_refused_in_cli_words(tmp_path, capsys):
+    """Model-ready uint8 data for a uint8-input model: the reduction ran, then recalibration
+    refused with the Python API's advice ("give a DataSource (onnx_mbs.data.fit...)"). Now
+    refused before the reduction, in a line a command-line user can act on."""
+    from test_cli_retrain import with_uint8_input
+    from test_retrain import export, quadrant_data
+
+    model, out = tmp_path / "u8.onnx", tmp_path / "r.onnx"
+    onnx.save(with_uint8_input(export(keep_bn=True)), model)
+    x, _ = quadrant_data(32, seed=1)
+    data = write_npz(tmp_path / "ready.npz", input=np.clip(x * 60 + 60, 0, 255).astype(np.uint8))
+    assert main(["reduce", str(model), "-o", str(out), "--data", str(data), "--recalibrate"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("onnx-mbs: error: --recalibrate "), err
+    assert "tensor(uint8)" in err and "DataSource" not in err and "open_for_model" not in err
     assert err.count("\n") == 1 and not out.exists()
 
 

@@ -133,17 +133,21 @@ def test_data_lines_are_printed_by_rank_0_only(bundled_model_path, monkeypatch, 
         assert ("data: " in err and "preprocessing: " in err) == printed, (rank, err)
 
 
-def test_a_model_without_a_float_input_is_refused_before_training(tmp_path, capsys) -> None:
-    """The data is fed as float images, which onnxruntime refuses for a uint8 input: that was
-    said only after the whole training (when the written model was checked); now before."""
-    model = export(keep_bn=True)
+def with_uint8_input(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` taking uint8 pixels, cast to float inside the graph."""
     graph = model.graph
     name = graph.input[0].name
     for node in graph.node:
         node.input[:] = ["as_float" if i == name else i for i in node.input]
     graph.node.insert(0, onnx.helper.make_node("Cast", [name], ["as_float"], to=1))
     graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.UINT8
-    onnx.save(model, tmp_path / "u8.onnx")
+    return model
+
+
+def test_a_model_without_a_float_input_is_refused_before_training(tmp_path, capsys) -> None:
+    """The data is fed as float images, which onnxruntime refuses for a uint8 input: that was
+    said only after the whole training (when the written model was checked); now before."""
+    onnx.save(with_uint8_input(export(keep_bn=True)), tmp_path / "u8.onnx")
     x, y = quadrant_data(32, seed=1)
     write_npz(tmp_path / "train.npz", x=np.clip(x * 60 + 60, 0, 255).astype(np.uint8), y=y)
     args = ["retrain", str(tmp_path / "u8.onnx"), "-o", str(tmp_path / "out.onnx")]
@@ -193,3 +197,12 @@ def test_an_empty_path_is_refused_by_every_command(
     err = capsys.readouterr().err
     assert f"argument {flag}" in err and "an empty path" in err and "Traceback" not in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_augment_help_names_both_image_layouts(capsys) -> None:
+    """`auto` augments image data read into an NHWC input too (docs/retrain.md): the help said
+    "standard for image inputs (N, C, H, W)" alone."""
+    with pytest.raises(SystemExit):
+        main(["retrain", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(N, C, H, W) or (N, H, W, C) input" in text

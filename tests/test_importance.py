@@ -96,6 +96,49 @@ def test_bn_criterion_folds_the_batchnorm_scale_into_the_filter_norm():
     assert choose_channels([group], keep, BatchNormScaled(model)) == {group.id: [3]}
 
 
+@pytest.mark.parametrize("trans_b", [1, 0])
+def test_bn_criterion_folds_a_1d_batchnorm_after_a_gemm(trans_b):
+    """Linear -> BatchNorm1d exports as Gemm -> BatchNormalization on (N, C): bn scored it
+    as plain l2, as where no BatchNorm follows."""
+    b = Builder("gemm_bn")
+    x = b.input("x", [1, 2])
+    w = np.array([[1, 0], [0, 5], [2, 2]], np.float32)  # (out, in)
+    gamma = np.array([3.0, 0.01, 1.0], np.float32)
+    zeros, ones = np.zeros(3, np.float32), np.ones(3, np.float32)
+    w = w if trans_b else w.T.copy()
+    h = b.op("Gemm", [x, b.const(w, "w"), b.const(zeros, "b")], name="fc", transB=trans_b)
+    params = [b.const(gamma, "g"), b.const(zeros, "beta"), b.const(zeros, "mean")]
+    h = b.op("BatchNormalization", [h, *params, b.const(ones - 1e-5, "var")], name="bn")
+    head = np.ones((2, 3), np.float32)
+    y = b.op("Gemm", [b.op("Relu", [h]), b.const(head, "head")], name="out", transB=1)
+    model = load_model(b.model([y], ["y"]))
+    group = next(g for g in analyze_channels(model).groups if g.producers == ["fc"])
+    norms = np.sqrt([1.0, 25.0, 8.0]) * gamma
+    np.testing.assert_allclose(BatchNormScaled(model)(group), norms / norms.mean(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("cout", [4, 8])
+def test_bn_criterion_folds_the_batchnorm_after_a_grouped_conv_transpose(cout):
+    """A grouped ConvTranspose's filters are its weight's rows by input channel, each
+    reaching its conv-group's output channels: bn scaled row i by output channel i's scale
+    (4 in, 4 out) or fell back to plain l2 (4 in, 8 out). Now the norm of the folded filter:
+    each output channel's weights times its BatchNorm scale."""
+    b = Builder("ct_bn")
+    x = b.input("x", [1, 4, 4, 4])
+    w = np.random.RandomState(0).randn(4, cout // 2, 2, 2).astype(np.float32)
+    h = b.op("ConvTranspose", [x, b.const(w, "w")], name="ct", group=2, strides=[2, 2])
+    gamma = np.linspace(0.1, 3.0, cout).astype(np.float32)
+    zeros, ones = np.zeros(cout, np.float32), np.ones(cout, np.float32)
+    params = [b.const(gamma, "g"), b.const(zeros, "beta"), b.const(zeros, "mean")]
+    h = b.op("BatchNormalization", [h, *params, b.const(ones - 1e-5, "var")], name="bn")
+    model = load_model(b.model([b.conv(b.op("Relu", [h]), cout, 2, k=1)], ["y"]))
+    group = next(g for g in analyze_channels(model).groups if g.producers == ["ct"])
+    per = cout // 2
+    folded = [w[2 * k : 2 * k + 2] * gamma[k * per : (k + 1) * per, None, None] for k in (0, 1)]
+    norms = np.array([np.sqrt(np.square(f.astype(np.float64)).sum()) for f in folded])
+    np.testing.assert_allclose(BatchNormScaled(model)(group), norms / norms.mean(), rtol=1e-5)
+
+
 def test_choose_channels_refuses_bad_scores():
     model = _one_conv_model()
     group = next(g for g in analyze_channels(model).groups if g.producers == ["conv"])

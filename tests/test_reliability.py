@@ -218,6 +218,9 @@ MESSAGES = [
     Case("retrain-warmup-leaves-no-decay", T + " --warmup 0.99", 2, "--warmup 0.99 warms up over 1 of this run's 1 steps"),
     Case("retrain-feature-without-teacher", T + " --feature y", 2, "feature distillation needs a --teacher"),
     Case("reduce-bf16-conv-below-opset-22", "reduce {ws}/bf16.onnx -o {ws}/out/r.onnx", 2, "not valid ONNX"),
+    # The statistics' model is a temporary file: its path ("Load model from .../instrumented.onnx
+    # failed:") is not the user's model.
+    Case("reduce-bf16-conv-below-opset-22-data", "reduce {ws}/bf16.onnx -o {ws}/out/r.onnx --data {ws}/data.npz", 2, "cannot load the model: [ONNXRuntimeError] : 10 : INVALID_GRAPH : This is an invalid model"),
     Case("reduce-loop-after-input-shape", "reduce {ws}/loop.onnx -o {ws}/out/r.onnx --input-shape x:1,1,16,16", 0, "control flow not followed", OUT),
 ]
 

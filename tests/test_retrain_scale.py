@@ -244,6 +244,44 @@ def test_resuming_with_other_data_or_preprocessing_is_refused(npz, tmp_path) -> 
     assert retrain(export(keep_bn=True), source(npz), **resume).resumed_from == 1
 
 
+def test_naming_the_default_logits_or_losses_resumes(npz, tmp_path) -> None:
+    """The fingerprint held --logits and --loss as given: a run resumed with the values it had
+    chosen by itself named was refused ("differs in: logits, losses"), and so the other way
+    round. It holds what differs from the defaults now; another choice is still refused."""
+    teacher = export(keep_bn=True, seed=3)
+    common = dict(epochs=2, batch_size=32, device="cpu", progress=False, workers=0)
+    common["teacher"] = teacher
+    name = teacher.graph.output[0].name
+    directory = stopped_after_one_of_two_epochs(npz, tmp_path / "c", common)
+    resume = dict(checkpoint=directory, resume=True, **common)
+    with pytest.raises(BadInputError, match=r"differs in: losses\)"):
+        retrain(export(keep_bn=True), source(npz), losses={name: "mse"}, **resume)
+    named = dict(logits=name, losses={name: "kl"})
+    assert retrain(export(keep_bn=True), source(npz), **named, **resume).resumed_from == 1
+    given = stopped_after_one_of_two_epochs(npz, tmp_path / "g", {**common, **named})
+    resume["checkpoint"] = given
+    assert retrain(export(keep_bn=True), source(npz), **resume).resumed_from == 1
+
+
+def test_a_checkpoint_that_recorded_the_defaults_as_given_still_resumes(npz, tmp_path) -> None:
+    """Checkpoints written before held --logits/--loss as given, defaults included: they
+    resume with the same options, or without naming the defaults; not with another loss."""
+    teacher = export(keep_bn=True, seed=3)
+    name = teacher.graph.output[0].name
+    named = dict(logits=name, losses={name: "kl"})
+    common = dict(epochs=2, batch_size=32, device="cpu", progress=False, workers=0)
+    common["teacher"] = teacher
+    directory = stopped_after_one_of_two_epochs(npz, tmp_path / "c", {**common, **named})
+    state = torch.load(ckpt.path_in(directory), weights_only=True)
+    state["fingerprint"].update(logits=name, losses=[f"{name}=kl"])  # as earlier versions wrote
+    resume = dict(checkpoint=directory, resume=True, **common)
+    for options in (named, {}):
+        torch.save(state, ckpt.path_in(directory))
+        with pytest.raises(BadInputError, match=r"differs in: losses\)"):
+            retrain(export(keep_bn=True), source(npz), **resume, losses={name: "mse"})
+        assert retrain(export(keep_bn=True), source(npz), **resume, **options).resumed_from == 1
+
+
 def test_the_same_data_resumes_however_its_path_is_spelled(npz, folder, tmp_path, monkeypatch):
     """The data's digest held its description, which names the file or folder as given: an npz
     copied under another name (the same pixels and labels) was refused, and so was the same
@@ -539,6 +577,18 @@ def test_a_warmup_that_leaves_no_decay_is_refused() -> None:
     for warmup in (0.99, 0.5):  # 2 and 1 of the 2 steps
         with pytest.raises(BadInputError, match="learning rate would never fall below its peak"):
             retrain(export(keep_bn=True), (x, y), warmup=warmup, batch_size=32, progress=False)
+
+
+def test_a_batch_the_processes_do_not_divide_is_refused(monkeypatch) -> None:
+    """Each of K processes takes batch // K: a --batch-size K does not divide trained on a
+    smaller global batch than the one the default learning rate was scaled for. Refused
+    before any process group is made (so one process suffices to see it)."""
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    x, y = quadrant_data(64, seed=1)
+    for batch in (32, 2):
+        refused = f"batch_size={batch} is the global batch, .* 3 processes: give a multiple of 3"
+        with pytest.raises(BadInputError, match=refused):
+            retrain(export(keep_bn=True), (x, y), batch_size=batch, progress=False)
 
 
 def test_defaults_and_what_ran_are_reported(npz) -> None:

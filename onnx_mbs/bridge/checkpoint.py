@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -103,9 +104,14 @@ def prepare(directory: str | os.PathLike) -> None:
         ) from None
 
 
-def load(directory: str | os.PathLike, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+def load(
+    directory: str | os.PathLike,
+    fingerprint: dict[str, Any],
+    canonical: Callable[[dict[str, Any]], dict[str, Any]] = dict,
+) -> dict[str, Any] | None:
     """The checkpoint in DIR (None when there is none); refused when it was written for another
-    model or other options, naming what differs."""
+    model or other options, naming what differs. `canonical` rewrites the checkpoint's
+    fingerprint as `fingerprint` was (what earlier versions recorded otherwise)."""
     target = path_in(directory)
     if not target.exists():
         return None
@@ -116,6 +122,7 @@ def load(directory: str | os.PathLike, fingerprint: dict[str, Any]) -> dict[str,
             f"cannot read checkpoint {target} ({type(error).__name__}); remove it to start over"
         ) from None
     theirs = state.get("fingerprint", {}) if isinstance(state, dict) else {}
+    theirs = canonical(theirs) if isinstance(theirs, dict) else {}
     keys = set(theirs) | set(fingerprint)
     differ = sorted(k for k in keys if theirs.get(k) != fingerprint.get(k))
     if differ:

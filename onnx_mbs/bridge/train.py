@@ -40,7 +40,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -54,7 +54,7 @@ from onnx_mbs.bridge import checkpoint as ckpt
 from onnx_mbs.bridge.bn import fold_back, has_batchnorm, is_bn_folded, recalibrate
 from onnx_mbs.bridge.bn import reinsert_bn as reinsert_batchnorm
 from onnx_mbs.bridge.loading import Samples, as_samples, load_batches, rank_batches
-from onnx_mbs.bridge.losses import choose_losses, distillation_loss, normalised_mse
+from onnx_mbs.bridge.losses import choose_losses, distillation_loss, is_logits, normalised_mse
 from onnx_mbs.bridge.module import OnnxModule, long_axes, untie_initializers, with_outputs
 from onnx_mbs.bridge.precision import as_float32, is_low_precision
 from onnx_mbs.bridge.writeback import write_back
@@ -107,6 +107,10 @@ class RetrainResult:
     schedule: str = ""  # optimizer, learning rate, warm-up and decay, in words
     workers: int = 0  # data loading processes (0: the training process)
     resumed_from: int = 0  # epochs done before this run (read from the checkpoint)
+    # The written model's validation top-1 / agreement: the best epoch's, but measured again
+    # after the re-inserted BatchNorms' statistics are re-measured for folding back.
+    val_top1: float = math.nan
+    val_agreement: float = math.nan
 
     @property
     def best_val_top1(self) -> float:
@@ -218,6 +222,27 @@ def _probe(module: OnnxModule, xb: torch.Tensor, what: str) -> dict[str, tuple[i
     finally:
         module.train(was_training)
     return {name: tuple(t.shape) for name, t in out.items()}
+
+
+def _as_chosen(
+    shapes: Mapping[str, tuple[int, ...]], model: onnx.ModelProto
+) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """A fingerprint with its "logits" and "losses" as they act, not as given: a value that
+    names the default (the one classifier output; kl for logits, mse otherwise) is left out,
+    so that naming the default resumes a run that did not, and the other way round. Applied
+    to a checkpoint's fingerprint too: earlier versions recorded them as given."""
+    found = classifier_outputs(shapes, model)
+    auto = found[0] if len(found) == 1 else None
+    default = {n: "kl" if is_logits(s) else "mse" for n, s in shapes.items()}
+
+    def chosen(fingerprint: dict[str, Any]) -> dict[str, Any]:
+        out = {k: v for k, v in fingerprint.items() if k != "logits" or v != auto}
+        if isinstance(out.get("losses"), list):
+            pairs = (str(spec).rpartition("=") for spec in out["losses"])
+            out["losses"] = [f"{n}={k}" for n, _, k in pairs if default.get(n) != k]
+        return out
+
+    return chosen
 
 
 def _batches(samples: Samples, size: int, limit: int) -> Iterator[torch.Tensor]:
@@ -411,6 +436,11 @@ def retrain(
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if batch_size % world:  # else the global batch is not the one the lr was scaled for
+        raise BadInputError(
+            f"{option('--batch-size', batch_size)} is the global batch, split evenly over the "
+            f"{world} processes: give a multiple of {world}"
+        )
     if train.count // world < 2:  # before any probe: they take 2 samples
         raise BadInputError(
             f"need at least 2 training samples per process, got {train.count // world}"
@@ -433,11 +463,11 @@ def retrain(
                 "the model has no trainable weights (float initializers of Conv, Gemm, MatMul, "
                 "BatchNormalization ...): there is nothing to retrain"
             )
-        local_batch = max(1, batch_size // world)
+        local_batch = batch_size // world
         _check_input(model, base, train, "training data")
         probe_np = train.take(np.arange(max(2, min(local_batch, train.count))))[0]
         probe_x = torch.from_numpy(probe_np).to(dev)
-        _probe(base, probe_x, "the model")
+        early = _probe(base, probe_x, "the model")
         del base
         if reinsert_bn is None:
             reinsert_bn = is_bn_folded(model)
@@ -479,7 +509,9 @@ def retrain(
         }
         saved = None
         if checkpoint is not None:
-            saved = ckpt.load(checkpoint, fingerprint)
+            chosen = _as_chosen({o.name: early[o.name] for o in model.graph.output}, model)
+            fingerprint = chosen(fingerprint)
+            saved = ckpt.load(checkpoint, fingerprint, chosen)
         if saved is not None and not resume:
             raise BadInputError(
                 f"{ckpt.path_in(checkpoint)} holds a checkpoint after epoch {saved['epoch']} of "
@@ -618,6 +650,23 @@ def retrain(
         if checkpoint is not None and rank == 0:
             ckpt.prepare(checkpoint)  # every check passed: made now, not left by a refusal
         train_seconds, images = 0.0, 0
+
+        def measure() -> tuple[float, float]:
+            """(top-1, agreement with the teacher) of `student` on `val`, the other NaN."""
+            if val is None:
+                return math.nan, math.nan
+            hits, total = _validate(
+                student,
+                teacher_module if not val.labelled else None,
+                val,
+                (rank, world, max(local_batch, 64)),
+                dev,
+                logits_name,
+                val_workers,
+            )
+            hits, total = _all_sum([float(hits), float(total)], dev, world)
+            return (hits / total, math.nan) if val.labelled else (math.nan, hits / total)
+
         for epoch in range(first_epoch, epochs):
             t0 = time.perf_counter()
             torch.manual_seed(_epoch_seed(seed, epoch, rank))
@@ -695,22 +744,7 @@ def retrain(
             loss_sum, correct, count = _all_sum(sums.tolist(), dev, world)
             images += int(count)
 
-            val_top1 = val_agreement = math.nan
-            if val is not None:
-                hits, total = _validate(
-                    student,
-                    teacher_module if not val.labelled else None,
-                    val,
-                    (rank, world, max(local_batch, 64)),
-                    dev,
-                    logits_name,
-                    val_workers,
-                )
-                hits, total = _all_sum([float(hits), float(total)], dev, world)
-                if val.labelled:
-                    val_top1 = hits / total
-                else:
-                    val_agreement = hits / total
+            val_top1, val_agreement = measure()
             history.append(
                 EpochStats(
                     epoch=epoch,
@@ -754,10 +788,16 @@ def retrain(
                 )
         if best_state is not None and best_epoch != epochs - 1:
             student.load_state_dict(best_state)
+        written_val = (
+            (history[best_epoch].val_top1, history[best_epoch].val_agreement)
+            if history
+            else (math.nan, math.nan)
+        )
         if inserted:
             _recalibrate_inserted(
                 student, inserted, _batches(train, len(probe_x), bn_calibration_samples), dev
             )
+            written_val = measure()  # the recalibrated statistics are the written model's
         student.eval()
         if not all(bool(torch.isfinite(p).all()) for p in student.state_dict().values()):
             raise BadInputError(_diverged("non-finite weights", epochs - 1, steps - 1, lr))
@@ -785,6 +825,8 @@ def retrain(
         schedule=schedule,
         workers=workers,
         resumed_from=first_epoch,
+        val_top1=written_val[0],
+        val_agreement=written_val[1],
     )
 
 

@@ -101,8 +101,9 @@ def choose_augment(
     layout = preprocess.layout if preprocess is not None else "NCHW"
     if len(input_shape) != 4:
         raise BadInputError(
-            f"{option('--augment', 'standard')} needs image inputs (N, C, H, W); this input "
-            f"has shape {tuple(input_shape)}: use {option('--augment', 'none')}"
+            f"{option('--augment', 'standard')} needs image inputs (N, C, H, W) or "
+            f"(N, H, W, C); this input has shape {tuple(input_shape)}: use "
+            f"{option('--augment', 'none')}"
         )
     c, h, w = input_shape[1:] if layout == "NCHW" else (input_shape[3], *input_shape[1:3])
     if preprocess is not None:
