@@ -188,6 +188,28 @@ class ChannelWalk:
         for name in self.index.graph_outputs:
             if name in self.chan:
                 self.pin(self.chan[name][1], f"graph output '{name}'")
+        self._pin_overridable()
+
+    def _pin_overridable(self) -> None:
+        """An initializer also listed as a graph input (IR >= 4) may be fed by the caller
+        at its declared shape: every channel axis of it stays whole."""
+        graph = self.index.graph
+        if graph is None:
+            return
+        listed = {i.name for i in graph.input} & set(self.index.initializers)
+        if not listed:
+            return
+        for slot in self.slots:
+            name = self.index.nodes[slot.node].input[slot.input]
+            source = self.source(name) or name
+            if source in listed:
+                self.pin(slot.ids, f"graph input '{source}' (an overridable initializer)")
+        for edit in self.edits:  # a shape constant counting channels (Reshape, Slice, ...)
+            for name in self.index.nodes[edit.node].input:
+                source = self.source(name) or name
+                if source in listed:
+                    for ids in edit.ids:
+                        self.pin(ids, f"graph input '{source}' (an overridable initializer)")
 
     def _nhwc(self, name: str) -> bool:
         graph = self.index.graph

@@ -107,7 +107,14 @@ def _folded(
     computed from a weight (a float initializer of more than one element, not itself
     folded arithmetic); with `outputs`, nodes that write a graph output are left alone."""
     opsets = {o.domain or "": o.version for o in model.opset_import}
-    small = {t.name for t in model.graph.initializer if math.prod(t.dims) <= MAX_ELEMENTS}
+    # An initializer also listed as a graph input (IR >= 4) is the caller's to feed: its
+    # value is known only at run time.
+    listed = {i.name for i in model.graph.input}
+    small = {
+        t.name
+        for t in model.graph.initializer
+        if math.prod(t.dims) <= MAX_ELEMENTS and t.name not in listed
+    }
     kept = set(index.graph_outputs) if outputs else set()
     kept |= set(stored_casts(model.graph))  # a weight in another precision: not arithmetic
     learned = {t.name for t in model.graph.initializer if is_weight(t) and math.prod(t.dims) > 1}

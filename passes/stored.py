@@ -83,7 +83,9 @@ def collapse(model: onnx.ModelProto) -> StoredCasts:
     for node in graph.node:
         for name in [*node.input, *subgraph_names(node)]:
             read[name] = read.get(name, 0) + 1
-    kept = {o.name for o in graph.output}
+    # a graph output, or a weight also listed as a graph input (overridable, IR >= 4): the
+    # caller feeds it as stored, so its Cast stays
+    kept = {o.name for o in [*graph.output, *graph.input]}
     initializers = {t.name: t for t in graph.initializer}
     types = value_types(graph)
     casts = {

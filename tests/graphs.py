@@ -570,3 +570,28 @@ def tied_conv_net(seed: int = 0, width: int = 8) -> onnx.ModelProto:
         x = b.op("Conv", [x, *shared], name=name, kernel_shape=[3, 3], pads=[1] * 4)
         x = b.op("Relu", [x])
     return b.model([b.gap_head(x, c, 10)], ["logits"])
+
+
+def overridable_conv_net(seed: int = 0, stored: bool = False) -> onnx.ModelProto:
+    """x -> conv1 -> Relu -> conv2 -> Relu -> conv3 (y), IR 8, with conv1's weight and bias
+    listed as graph inputs too: initializers a caller may override (onnxruntime's
+    `get_overridable_initializers`). `stored`: conv1's weight is stored in fp16 and Cast
+    to float before use (weight-only fp16), and listed alone."""
+    b = Builder(seed=seed)
+    x = b.input("x", ["N", 3, 8, 8])
+    c1 = b.op("Relu", [b.conv(x, 3, 16, name="conv1")])
+    c2 = b.op("Relu", [b.conv(c1, 16, 16, name="conv2")])
+    model = b.model([b.conv(c2, 16, 4, name="conv3")], ["y"])
+    graph = model.graph
+    conv1 = next(n for n in graph.node if n.name == "conv1")
+    inits = {t.name: t for t in graph.initializer}
+    listed = [inits[name] for name in conv1.input[1:]]
+    if stored:
+        weight = listed[0]
+        half = numpy_helper.to_array(weight).astype(np.float16)
+        weight.CopyFrom(numpy_helper.from_array(half, weight.name + "_stored"))
+        graph.node.insert(0, helper.make_node("Cast", [weight.name], [conv1.input[1]], to=1))
+        listed = [weight]
+    for t in listed:
+        graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, t.dims))
+    return model

@@ -12,6 +12,7 @@ from graphs import (
     kill_channels,
     load_unfolded,
     mobilenetv3_like,
+    overridable_conv_net,
     run,
     shape_arith_head,
 )
@@ -217,6 +218,35 @@ def test_graph_input_and_output_pin():
     assert only_group(groups, "x").pin_reasons == ["graph input 'x'"]
     assert only_group(groups, "y").pin_reasons == ["graph output 'y'"]
     assert [g.pinned for g in groups] == [True, False, True]
+
+
+def test_overridable_initializer_pins_its_channels():
+    """A weight also listed as a graph input may be fed by the caller at its declared
+    shape: its channels stay whole, so the written model still takes it."""
+    model = load_model(overridable_conv_net(), {"x": [1, 3, 8, 8]})
+    conv1 = next(n for n in model.graph.node if n.name == "conv1")
+    w, b = conv1.input[1:]
+    groups = analyze_channels(model).groups
+    made = only_group(groups, conv1.output[0])
+    assert made.pin_reasons == [
+        f"graph input '{w}' (an overridable initializer)",
+        f"graph input '{b}' (an overridable initializer)",
+    ]
+    assert [g.pinned for g in groups] == [True, True, False, True]  # x, conv1, conv2, y
+
+
+def test_overridable_shape_constant_pins_the_channels_it_counts():
+    """A Reshape target the caller may feed counts the channels: a cut would rewrite it."""
+    b = Builder()
+    c1 = b.op("Relu", [b.conv(b.input("x", [1, 3, 8, 8]), 3, 16, name="conv1")])
+    shape = b.const([1, 16, 64], "shape")
+    flat = b.op("Reshape", [c1, shape], name="flat")
+    back = b.op("Reshape", [flat, b.const([1, 16, 8, 8], "back")], name="unflat")
+    model = b.model([b.conv(back, 16, 4, name="conv2")], ["y"])
+    model.graph.input.append(onnx.helper.make_tensor_value_info(shape, onnx.TensorProto.INT64, [3]))
+    groups = analyze_channels(load_model(model)).groups
+    reason = f"graph input '{shape}' (an overridable initializer)"
+    assert only_group(groups, c1).pin_reasons == [reason]
 
 
 def test_se_gate_convs_follow_the_gated_map():

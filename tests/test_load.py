@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from graphs import Builder
+from graphs import Builder, run
 from onnx import numpy_helper
 from onnx_builders import (
     conv_in_function,
@@ -29,6 +29,7 @@ from onnx_mbs.passes import (
     FixInputShapes,
     InferShapes,
     Sequential,
+    load,
     load_model,
     parse_input_shape,
 )
@@ -287,6 +288,24 @@ def test_input_shape_unnamed_and_errors():
     assert parse_input_shape("input:1,3,224,224") == ("input", [1, 3, 224, 224])
     with pytest.raises(BadInputError, match="bad --input-shape"):
         parse_input_shape("input:1,three")
+
+
+def test_a_weight_computed_from_an_overridable_initializer_is_not_folded():
+    """`w` is a graph input too (IR >= 4): the caller may feed it, so the weight computed
+    from it is computed at run time in the written model, not baked in at load."""
+    b = Builder()
+    x = b.input("x", [1, 3, 8, 8])
+    w = b.weight(4, 3, 3, 3)
+    scaled = b.op("Mul", [w, b.const(np.float32(2.0), "two")], name="scale")
+    model = b.model([b.op("Conv", [x, scaled], name="conv", pads=[1] * 4)], ["y"])
+    model.graph.input.append(
+        onnx.helper.make_tensor_value_info(w, onnx.TensorProto.FLOAT, [4, 3, 3, 3])
+    )
+    read = load(model)
+    written = read.written(read.model)
+    feeds = {"x": np.ones((1, 3, 8, 8), np.float32), w: np.zeros((4, 3, 3, 3), np.float32)}
+    np.testing.assert_allclose(run(written, feeds)[0], run(model, feeds)[0])
+    assert not run(written, feeds)[0].any()
 
 
 def test_input_proto_is_not_modified():

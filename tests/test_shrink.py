@@ -19,6 +19,7 @@ from graphs import (
     assert_same_outputs,
     kill_channels,
     load_unfolded,
+    overridable_conv_net,
     random_feeds,
     run,
 )
@@ -118,6 +119,31 @@ def test_hand_built_shrink_to_half(name):
     written = read.written(shrink_channels(read.model, keep, analyze_channels(read.model)))
     start = shapes and shapes["input"]
     assert_runs_at_declared_shapes(build(), written, start)
+
+
+@pytest.mark.parametrize("stored", [False, True])
+def test_overridable_initializers_keep_their_declared_shapes(stored):
+    """Cut to half, a model whose conv1 weight and bias are graph inputs too still takes
+    them at the original's shapes, and an override still changes what it computes (the
+    weight stored in fp16 behind a Cast too)."""
+    original = overridable_conv_net(stored=stored)
+    read = load(original, {"x": [1, 3, 8, 8]})
+    analysis = analyze_channels(read.model)
+    free = [g for g in analysis.groups if not g.pinned]
+    keep = choose_channels(free, {g.id: g.size // 2 for g in free}, FilterNorm(read.model))
+    written = read.written(shrink_channels(read.model, keep, analysis))
+    onnx.checker.check_model(written, full_check=True)
+    assert count_parameters(written) < count_parameters(original)
+    declared = {vi.name: vi.type.tensor_type.shape for vi in original.graph.input}
+    assert {vi.name: vi.type.tensor_type.shape for vi in written.graph.input} == declared
+    values = {t.name: onnx.numpy_helper.to_array(t) for t in original.graph.initializer}
+    x = np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    plain = run(written, {"x": x})[0]
+    listed = [vi.name for vi in original.graph.input if vi.name in values]
+    feeds = {"x": x, **{name: 2 * values[name] for name in listed}}
+    overridden = run(written, feeds)[0]
+    assert overridden.shape == plain.shape == (2, 4, 8, 8)
+    assert not np.allclose(overridden, plain)
 
 
 def test_dynamic_input_model_needs_input_shapes():
