@@ -351,43 +351,50 @@ def topological_order(
 ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Cast", "Identity", "Clip", "Relu"})
 
 
+# The factors that scale 0..255 pixels to [0, 1] (1/255) or [-1, 1] (1/127.5), with room.
+PIXEL_SCALES = (1 / 260, 1 / 120)
+
+
+def is_pixel_scale(factor: float) -> bool:
+    """Whether `factor` scales 0..255 pixels to [0, 1] or [-1, 1] (`PIXEL_SCALES`)."""
+    return PIXEL_SCALES[0] < abs(factor) < PIXEL_SCALES[1]
+
+
 def input_scale(graph: onnx.GraphProto, name: str) -> float:
-    """The factor of the first scaling the graph itself applies to its input: a scalar Mul
-    or Div on the one path from the input, after offsets, Casts, Identity and Transposes
-    (Keras' Rescaling(1/255) is a Mul, Rescaling(1/127.5, offset=-1) a Mul and an Add). 1
-    when the input is read otherwise first."""
+    """The factor by which the graph scales its input itself: a scalar Mul or Div on the one
+    path from the input, through offsets, per-channel constants, Casts, Identity and
+    Transposes. Of several, the one that scales 0..255 pixels (`is_pixel_scale`): Keras'
+    Rescaling(1/255) may come before or after a Normalization, whose Sub and Div (or Mul by
+    1/std) are per-channel, or scalar for one channel; else the first. 1 when there is none
+    (Rescaling(1/127.5, offset=-1) is a Mul and an Add)."""
     values = {t.name: t for t in graph.initializer}
     constants = {n.output[0]: n for n in graph.node if n.op_type == "Constant" and n.output}
 
-    def scalar(tensor: str) -> float | None:
+    def constant(tensor: str) -> np.ndarray | None:
         if tensor in values:
-            array = numpy_helper.to_array(values[tensor])
-        elif tensor in constants:
-            array = constant_value(constants[tensor])
-        else:
-            return None
-        return float(array.reshape(-1)[0]) if array is not None and array.size == 1 else None
+            return numpy_helper.to_array(values[tensor])
+        return constant_value(constants[tensor]) if tensor in constants else None
 
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
         for tensor in set(node.input):
             readers.setdefault(tensor, []).append(node)
+    factors: list[float] = []
     tensor = name
     while len(readers.get(tensor, [])) == 1:
         node = readers[tensor][0]
         others = [i for i in node.input if i != tensor]
         if node.op_type in ("Mul", "Div", "Add", "Sub") and len(others) == 1:
-            value = scalar(others[0])
-            if value is None:
+            value = constant(others[0])
+            if value is None or (node.op_type == "Div" and node.input[0] != tensor):
                 break
-            if node.op_type == "Mul":
-                return value
-            if node.op_type == "Div":
-                return 1 / value if node.input[0] == tensor and value else 1.0
+            if node.op_type in ("Mul", "Div") and value.size == 1:
+                factor = float(value.reshape(-1)[0])
+                factors.append(factor if node.op_type == "Mul" else 1 / factor if factor else 1.0)
         elif node.op_type not in ("Identity", "Cast", "Transpose"):
             break
         tensor = node.output[0]
-    return 1.0
+    return next((f for f in factors if is_pixel_scale(f)), factors[0] if factors else 1.0)
 
 
 def input_layout(graph: onnx.GraphProto, name: str) -> str:

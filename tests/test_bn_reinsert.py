@@ -261,3 +261,34 @@ def test_recalibration_in_batches_of_one_is_refused(x16) -> None:
     model = export(randomized(SmallNet()), torch.from_numpy(x16[:4]), keep_bn=True)
     with pytest.raises(BadInputError, match="batches of at least 2 samples.*batch_size=1"):
         train_mod.recalibrate_model(model, (x16, None), batch_size=1)
+
+
+def test_recalibration_refusal_promises_a_reinsertion_only_where_retrain_makes_one() -> None:
+    """tf2onnx writes a Keras BatchNorm it does not fold as a per-channel Mul and Add after a
+    Conv without bias: `reduce --recalibrate` refused it saying 'retrain it instead (BatchNorm
+    is re-inserted there)', but retrain re-inserts a BatchNorm only after a biased Conv and
+    trained this model with none."""
+    helper = onnx.helper
+    rng = np.random.default_rng(0)
+    tensors = {
+        "w": rng.normal(size=(4, 3, 3, 3)),
+        "k": rng.normal(size=(4, 1, 1)),
+        "c": rng.normal(size=(4, 1, 1)),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1]),
+        helper.make_node("Mul", ["conv", "k"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "c"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "keras_bn",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4, 8, 8])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in tensors.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(BadInputError) as refused:
+        train_mod.check_recalibration(model)
+    assert "re-inserted" not in str(refused.value)
+    assert "no BatchNormalization" in str(refused.value)

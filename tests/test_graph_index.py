@@ -21,7 +21,7 @@ from onnx_mbs.passes import (
     shrink_channels,
     weight_importance,
 )
-from onnx_mbs.passes.graph import static_shape
+from onnx_mbs.passes.graph import input_scale, static_shape
 from onnx_mbs.passes.load import in_load_form
 
 
@@ -113,3 +113,38 @@ def test_an_index_of_a_model_not_in_load_form_is_loaded_as_without_one():
 def test_static_shape(dims, expected):
     value_info = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, dims)
     assert static_shape(value_info) == expected
+
+
+def _front(*ops: tuple[str, object]) -> onnx.GraphProto:
+    """An NHWC RGB input through `ops` (op type, constant), then a Transpose to NCHW."""
+    helper, tensors, nodes, name = onnx.helper, [], [], "input_1"
+    for k, (op, value) in enumerate(ops):
+        tensors.append(onnx.numpy_helper.from_array(np.asarray(value, np.float32), f"c{k}"))
+        nodes.append(helper.make_node(op, [name, f"c{k}"], [f"t{k}"]))
+        name = f"t{k}"
+    nodes.append(helper.make_node("Transpose", [name], ["y"], perm=[0, 3, 1, 2]))
+    x = helper.make_tensor_value_info("input_1", onnx.TensorProto.FLOAT, ["unk__12", 8, 8, 3])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
+    return helper.make_graph(nodes, "front", [x], [y], tensors)
+
+
+MEAN = np.array([[[[124.0, 117.0, 104.0]]]])  # Keras Normalization's, in 0..255 units
+STD = np.array([[[[58.0, 57.0, 57.0]]]])
+
+
+@pytest.mark.parametrize(
+    ("ops", "expected"),
+    [
+        ([("Mul", 1 / 255), ("Sub", MEAN / 255), ("Div", STD / 255)], 1 / 255),  # Rescaling first
+        ([("Sub", MEAN), ("Div", STD), ("Mul", 1 / 255)], 1 / 255),  # Normalization first
+        ([("Sub", MEAN), ("Mul", 1 / STD), ("Div", 255.0)], 1 / 255),
+        ([("Sub", MEAN[..., :1]), ("Div", STD[..., :1]), ("Mul", 1 / 255)], 1 / 255),  # gray
+        ([("Mul", 1 / 127.5), ("Add", -1.0)], 1 / 127.5),
+        ([("Sub", MEAN / 255), ("Div", STD / 255)], 1.0),  # takes [0, 1] pixels
+        ([], 1.0),
+    ],
+)
+def test_input_scale_finds_the_pixel_scaling_in_any_order(ops, expected):
+    """Keras' Rescaling(1/255) may come before or after a Normalization (per-channel Sub and
+    Div, or Mul by 1/std): the 1/255 is found either way."""
+    assert input_scale(_front(*ops), "input_1") == pytest.approx(expected)

@@ -51,7 +51,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from onnx_mbs.bridge import checkpoint as ckpt
-from onnx_mbs.bridge.bn import fold_back, has_batchnorm, is_bn_folded, recalibrate
+from onnx_mbs.bridge.bn import (
+    fold_back,
+    foldable_convs,
+    has_batchnorm,
+    is_bn_folded,
+    recalibrate,
+)
 from onnx_mbs.bridge.bn import reinsert_bn as reinsert_batchnorm
 from onnx_mbs.bridge.loading import Samples, as_samples, load_batches, rank_batches
 from onnx_mbs.bridge.losses import choose_losses, distillation_loss, is_logits, normalised_mse
@@ -959,10 +965,16 @@ def check_recalibration(model: onnx.ModelProto, batch_size: int = 64) -> None:
     """Refuse what `recalibrate_model` could not do: a BN-folded graph, batches of one (BatchNorm
     in train mode needs two samples). `reduce --recalibrate` asks before it reduces."""
     if not has_batchnorm(model):
-        raise BadInputError(
-            "the model has no BatchNormalization (folded into its Convs): recalibration has "
-            "nothing to re-estimate; retrain it instead (BatchNorm is re-inserted there)"
+        # retrain re-inserts one only after a biased Conv: not where a BatchNorm is written as
+        # a Mul and an Add after a Conv without bias (as tf2onnx writes one it does not fold)
+        where = (
+            "folded into its Convs): recalibration has nothing to re-estimate; retrain it "
+            "instead (BatchNorm is re-inserted there)"
+            if foldable_convs(model)
+            else "nor a biased Conv to re-insert one after): recalibration has nothing to "
+            "re-estimate; retrain it instead"
         )
+        raise BadInputError(f"the model has no BatchNormalization ({where}")
     if batch_size < 2:
         raise BadInputError(_batches_of_one(batch_size))
 

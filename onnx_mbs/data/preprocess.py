@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from onnx_mbs.passes.errors import BadInputError, input_shape_option, option
+from onnx_mbs.passes.graph import is_pixel_scale
 
 MEAN_KEY = "onnx_mbs.mean"
 STD_KEY = "onnx_mbs.std"
@@ -84,7 +85,7 @@ def scales_pixels_itself(
     metadata say otherwise. Fed [0, 1] pixels, it would see them divided twice."""
     metadata = metadata or {}
     said = mean is not None or std is not None or MEAN_KEY in metadata or STD_KEY in metadata
-    return not said and 1 / 260 < abs(scale) < 1 / 120
+    return not said and is_pixel_scale(scale)
 
 
 def normalisation(
