@@ -360,13 +360,10 @@ def is_pixel_scale(factor: float) -> bool:
     return PIXEL_SCALES[0] < abs(factor) < PIXEL_SCALES[1]
 
 
-def input_scale(graph: onnx.GraphProto, name: str) -> float:
-    """The factor by which the graph scales its input itself: a scalar Mul or Div on the one
-    path from the input, through offsets, per-channel constants, Casts, Identity and
-    Transposes. Of several, the one that scales 0..255 pixels (`is_pixel_scale`): Keras'
-    Rescaling(1/255) may come before or after a Normalization, whose Sub and Div (or Mul by
-    1/std) are per-channel, or scalar for one channel; else the first. 1 when there is none
-    (Rescaling(1/127.5, offset=-1) is a Mul and an Add)."""
+def _input_front(graph: onnx.GraphProto, name: str) -> list[tuple[str, np.ndarray]]:
+    """The element-wise ops by constants (op type, constant) on the one path from the input
+    before anything else reads it, through Casts, Identity and Transposes: the preprocessing a
+    graph does itself (Keras' Rescaling and Normalization)."""
     values = {t.name: t for t in graph.initializer}
     constants = {n.output[0]: n for n in graph.node if n.op_type == "Constant" and n.output}
 
@@ -379,22 +376,55 @@ def input_scale(graph: onnx.GraphProto, name: str) -> float:
     for node in graph.node:
         for tensor in set(node.input):
             readers.setdefault(tensor, []).append(node)
-    factors: list[float] = []
+    front: list[tuple[str, np.ndarray]] = []
     tensor = name
     while len(readers.get(tensor, [])) == 1:
         node = readers[tensor][0]
         others = [i for i in node.input if i != tensor]
         if node.op_type in ("Mul", "Div", "Add", "Sub") and len(others) == 1:
             value = constant(others[0])
-            if value is None or (node.op_type == "Div" and node.input[0] != tensor):
+            if value is None or (node.op_type in ("Div", "Sub") and node.input[0] != tensor):
                 break
-            if node.op_type in ("Mul", "Div") and value.size == 1:
-                factor = float(value.reshape(-1)[0])
-                factors.append(factor if node.op_type == "Mul" else 1 / factor if factor else 1.0)
+            front.append((node.op_type, value))
         elif node.op_type not in ("Identity", "Cast", "Transpose"):
             break
         tensor = node.output[0]
+    return front
+
+
+def input_scale(graph: onnx.GraphProto, name: str) -> float:
+    """The factor by which the graph scales its input itself: a scalar Mul or Div in its
+    front (`_input_front`). Of several, the one that scales 0..255 pixels (`is_pixel_scale`):
+    Keras' Rescaling(1/255) may come before or after a Normalization, whose Sub and Div (or
+    Mul by 1/std) are per-channel, or scalar for one channel; else the first. 1 when there is
+    none (Rescaling(1/127.5, offset=-1) is a Mul and an Add)."""
+    factors = []
+    for op, value in _input_front(graph, name):
+        if op in ("Mul", "Div") and value.size == 1:
+            factor = float(value.reshape(-1)[0])
+            factors.append(factor if op == "Mul" else 1 / factor if factor else 1.0)
     return next((f for f in factors if is_pixel_scale(f)), factors[0] if factors else 1.0)
+
+
+# A mean above this, subtracted from the input before any scaling, is in 0..255 units.
+PIXEL_MEAN_ABOVE = 2.0
+
+
+def raw_pixels(graph: onnx.GraphProto, name: str) -> str | None:
+    """How the graph shows that it takes pixels in 0..255, in words, or None: it scales its
+    input by about 1/255 itself (`input_scale`), or it first subtracts a mean in 0..255 units
+    (Keras' Normalization adapted on raw pixels, as keras.applications' ConvNeXt has it)."""
+    scale = input_scale(graph, name)
+    if is_pixel_scale(scale):
+        return f"the model scales its input by {scale:.4g} itself"
+    for op, value in _input_front(graph, name):
+        if op in ("Mul", "Div"):
+            break
+        mean = value if op == "Sub" else -value
+        if value.size and np.all(mean > PIXEL_MEAN_ABOVE):
+            shown = ", ".join(f"{m:.4g}" for m in np.unique(mean.reshape(-1))[:3])
+            return f"the model subtracts a mean of {shown} itself"
+    return None
 
 
 def input_layout(graph: onnx.GraphProto, name: str) -> str:

@@ -901,7 +901,9 @@ def test_every_case_in_a_real_process_prints_no_traceback(case, inputs, tmp_path
     assert sorted(set(after) - set(before)) == sorted(case.outputs)
 
 
-@pytest.mark.parametrize("rescaling", ["mul", "div", "keras-offset", "normalization-first"])
+@pytest.mark.parametrize(
+    "rescaling", ["mul", "div", "keras-offset", "normalization-first", "normalization-alone"]
+)
 def test_a_model_that_divides_by_255_itself_is_fed_0_to_255_pixels(
     bundled_model_path, tmp_path, capsys, rescaling
 ):
@@ -910,7 +912,9 @@ def test_a_model_that_divides_by_255_itself_is_fed_0_to_255_pixels(
     0.95, exit 0. With no mean/std given and none in the metadata, such a model is fed
     0..255 pixels, and the preprocessing line says why. A Rescaling after a Normalization
     adapted on 0..255 pixels (tf2onnx: a per-channel Sub and Div, then the Mul) too: only the
-    first Mul or Div was looked at, the Normalization's, and it scored 0.09, exit 0."""
+    first Mul or Div was looked at, the Normalization's, and it scored 0.09, exit 0. And a
+    Normalization adapted on 0..255 pixels with no Rescaling (keras.applications' ConvNeXt):
+    it subtracts a mean in 0..255 units, and scored 0.09, exit 0."""
     original = onnx.load(bundled_model_path)
     meta = {p.key: p.value for p in original.metadata_props}
     mean, std = float(meta["onnx_mbs.mean"]), float(meta["onnx_mbs.std"])
@@ -939,6 +943,8 @@ def test_a_model_that_divides_by_255_itself_is_fed_0_to_255_pixels(
             ("Div", std * channel),
             ("Mul", 1 / 255),
         ],
+        # (x - 255 mean) / (255 std) = (x / 255 - mean) / std
+        "normalization-alone": [("Sub", 255 * mean * channel), ("Div", 255 * std * channel)],
     }[rescaling]
     tensor, nodes = name, []
     for k, (op, value) in enumerate(first):
@@ -958,4 +964,8 @@ def test_a_model_that_divides_by_255_itself_is_fed_0_to_255_pixels(
         scores.append(json.loads(captured.out)["top1"])
     assert abs(scores[0] - scores[1]) < 0.01 and scores[1] > 0.85, scores
     scale = 1 / 127.5 if rescaling == "keras-offset" else 1 / 255
-    assert f"0..255 pixels: the model scales its input by {scale:.4g} itself" in captured.err
+    said = {"normalization-alone": f"subtracts a mean of {255 * mean:.4g} itself"}
+    assert (
+        f"0..255 pixels: the model {said.get(rescaling, f'scales its input by {scale:.4g} itself')}"
+        in captured.err
+    )

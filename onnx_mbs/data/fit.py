@@ -16,7 +16,7 @@ from onnx_mbs.data.spec import open_data
 from onnx_mbs.logits import check_label_range, choose_logits, classes_of, declared_shapes
 from onnx_mbs.memory import check_model_fits
 from onnx_mbs.passes.errors import BadInputError, option
-from onnx_mbs.passes.graph import input_layout, input_scale
+from onnx_mbs.passes.graph import input_layout, raw_pixels
 
 
 def model_input(model: onnx.ModelProto) -> tuple[str, list[int]]:
@@ -70,7 +70,7 @@ def open_for_model(
         limit=limit,
         metadata=metadata(model),
         layout=input_layout(model.graph, name),
-        scale=input_scale(model.graph, name),
+        raw_pixels=raw_pixels(model.graph, name),
         split=split,
         labels=labels,
         inputs=inputs,  # a path's model-ready arrays, a reader's input type

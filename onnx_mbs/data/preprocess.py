@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from onnx_mbs.passes.errors import BadInputError, input_shape_option, option
-from onnx_mbs.passes.graph import is_pixel_scale
 
 MEAN_KEY = "onnx_mbs.mean"
 STD_KEY = "onnx_mbs.std"
@@ -78,14 +77,14 @@ def model_chw(input_shape: Sequence[object]) -> tuple[int, int, int]:
 
 
 def scales_pixels_itself(
-    mean: object, std: object, metadata: Mapping[str, str] | None, scale: float
+    mean: object, std: object, metadata: Mapping[str, str] | None, raw_pixels: str | None
 ) -> bool:
-    """Whether the model takes pixels in 0..255 by its own word: it scales its input by about
-    1/255 (Keras' Rescaling(1/255), or 1/127.5 to [-1, 1]) and neither mean/std nor the
-    metadata say otherwise. Fed [0, 1] pixels, it would see them divided twice."""
+    """Whether the model takes pixels in 0..255 by its own word (`raw_pixels`: how its graph
+    shows it, `passes.graph.raw_pixels`) and neither mean/std nor the metadata say otherwise.
+    Fed [0, 1] pixels, it would see them divided twice."""
     metadata = metadata or {}
     said = mean is not None or std is not None or MEAN_KEY in metadata or STD_KEY in metadata
-    return not said and is_pixel_scale(scale)
+    return not said and raw_pixels is not None
 
 
 def normalisation(
@@ -93,12 +92,11 @@ def normalisation(
     std: object,
     channels: int,
     metadata: Mapping[str, str] | None,
-    scale: float = 1.0,
+    raw_pixels: str | None = None,
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std: given values, else the model's metadata, else 0 and 1 (std
-    1/255 for a model that scales its input by 1/255 itself: `scale`, see
-    `scales_pixels_itself`)."""
-    if scales_pixels_itself(mean, std, metadata, scale):
+    1/255 for a model that takes 0..255 pixels itself: `scales_pixels_itself`)."""
+    if scales_pixels_itself(mean, std, metadata, raw_pixels):
         return (0.0,) * channels, (1 / 255,) * channels
     metadata = metadata or {}
     # the std in the mean's units: given with it, or the default 1 (no scaling in any units);
@@ -127,12 +125,12 @@ def normalisation(
 
 
 def normalisation_origin(
-    mean: object, std: object, metadata: Mapping[str, str] | None, scale: float = 1.0
+    mean: object, std: object, metadata: Mapping[str, str] | None, raw_pixels: str | None = None
 ) -> str:
     """Where `normalisation` takes mean and std from, in words: given values win over the
     model's metadata, which wins over the defaults."""
-    if scales_pixels_itself(mean, std, metadata, scale):
-        return f"0..255 pixels: the model scales its input by {scale:.4g} itself"
+    if scales_pixels_itself(mean, std, metadata, raw_pixels):
+        return f"0..255 pixels: {raw_pixels}"
     metadata = metadata or {}
 
     def origin(value: object, key: str) -> str:

@@ -64,13 +64,13 @@ def open_data(
     split: str | None = "test",
     labels: bool = True,
     inputs: Sequence[DeclaredInput] = (),
-    scale: float = 1.0,
+    raw_pixels: str | None = None,
 ) -> DataSource:
     """A DataSource for `spec`, preprocessed to fit the model input (N, C, H, W), or
     (N, H, W, C) for `layout` "NHWC".
 
     mean/std default to the model's metadata (onnx_mbs.mean / onnx_mbs.std), else 0 and 1;
-    `scale` is the factor the graph applies to its input itself (`passes.graph.input_scale`):
+    `raw_pixels` says how the graph shows it takes 0..255 pixels (`passes.graph.raw_pixels`):
     a model that divides by 255 itself is fed 0..255 pixels.
     `limit` keeps the first N samples. `split` is the IDX split used when the spec names
     none (None: it must be named). `labels` False ignores the data's labels: they are
@@ -105,8 +105,8 @@ def open_data(
         f"preprocessing one {channels}x{height}x{width} sample",
         f"fix {input_shape_option()} to the size the model was trained at",
     )
-    means, stds = normalisation(mean, std, channels, metadata, scale)
-    origin = normalisation_origin(mean, std, metadata, scale)
+    means, stds = normalisation(mean, std, channels, metadata, raw_pixels)
+    origin = normalisation_origin(mean, std, metadata, raw_pixels)
 
     def preprocess(scale: tuple[str, float]) -> Preprocess:
         return Preprocess(
