@@ -213,6 +213,16 @@ def test_idx_folder_train_suffix_picks_train_split(idx_folder):
     assert len(open_data(f"{folder}:test", "in", (1, 1, 28, 28))) == 6
 
 
+def test_idx_folder_unknown_split_names_the_splits(idx_folder, tmp_path):
+    """folder:val was refused as a path that does not exist, without naming the splits."""
+    folder, _, _ = idx_folder
+    with pytest.raises(BadInputError, match=r"no split 'val'.*:train or .*:test"):
+        open_data(f"{folder}:val", "in", (1, 1, 28, 28))
+    path = write_npz(tmp_path / "d.npz", x=pixels(2, 8, 8))
+    with pytest.raises(BadInputError, match=r"':val' is not a split.*only IDX folders"):
+        open_data(f"{path}:val", "in", GRAY8)
+
+
 def test_idx_folder_resized_to_rgb_model(idx_folder):
     folder, (x, _), _ = idx_folder
     got, _ = to_arrays(open_data(folder, "in", (1, 3, 32, 32)))

@@ -87,7 +87,7 @@ def open_data(
 
     path, named_split = split_suffix(os.fspath(spec))
     if not path.exists():
-        raise BadInputError(f"data path {path} does not exist; pass {KINDS}")
+        raise BadInputError(_missing(os.fspath(spec), path))
     npz = _read_npz(path) if path.suffix.lower() == ".npz" and path.is_file() else None
     if npz is not None and is_model_ready(list(npz), inputs):
         return _model_ready_source(path, npz, inputs, input_name, mean, std, limit, labels)
@@ -145,6 +145,17 @@ def split_suffix(spec: str) -> tuple[Path, str | None]:
         if spec.endswith(suffix) and not Path(spec).exists():
             return Path(spec[: -len(suffix)]), split
     return Path(spec), None
+
+
+def _missing(spec: str, path: Path) -> str:
+    """Why `path` cannot be read: a split IDX folders do not have (folder:val) is named as
+    such, with the ones they have, rather than as a path that does not exist."""
+    base, _, word = spec.rpartition(":")
+    if base and word.isalnum() and Path(base).exists():
+        if Path(base).is_dir() and idx.is_idx_folder(Path(base)):
+            return f"IDX folder {base} has no split {word!r}; use {base}:train or {base}:test"
+        return f"data path {spec}: ':{word}' is not a split, and only IDX folders take one"
+    return f"data path {path} does not exist; pass {KINDS}"
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
