@@ -719,6 +719,21 @@ def test_model_ready_int64_input_declared_first_is_fed_as_it_is(tmp_path):
     assert 0 < report.rho["conv1"] < 1 and 0 < report.rho["conv2"] < 1
 
 
+def test_several_inputs_refused_by_to_arrays_name_the_whole_file(tmp_path):
+    """The npz was named by its description cut at the first ':' ('model-ready npz run')."""
+    from onnx_mbs.data.ready import DeclaredInput
+
+    declared = [
+        DeclaredInput("in", (None, 1, 4, 4), np.dtype(np.float32)),
+        DeclaredInput("scale", (None,), np.dtype(np.float32)),
+    ]
+    x = np.zeros((2, 1, 4, 4), np.float32)
+    path = write_npz(tmp_path / "run:1.npz", **{"in": x, "scale": np.ones(2, np.float32)})
+    source = open_data(path, "in", (1, 1, 4, 4), inputs=declared)
+    with pytest.raises(BadInputError, match=r"^model-ready npz run:1\.npz gives several"):
+        to_arrays(source)
+
+
 @pytest.mark.parametrize("shape", [(2, 70, 60), (2, 1, 70, 60), (2, 70, 60, 3)])
 def test_npz_images_past_the_pixel_limit_are_refused(tmp_path, monkeypatch, shape):
     """Image folders refuse images past MAX_IMAGE_PIXELS before decoding; an npz's samples

@@ -209,7 +209,7 @@ def _model_ready_source(
         total,
         labels is not None,
     ) + _ignored(npz, {*(i.name for i in inputs), LABELS})
-    return ArraySource(x, labels, None, None, input_name, description, arrays)
+    return ArraySource(x, labels, None, None, input_name, description, arrays, what)
 
 
 def _array_source(
@@ -238,7 +238,7 @@ def _array_source(
     x, labels = x[:limit], (None if labels is None else labels[:limit])
     description = _describe(what, len(x), total, labels is not None, read_labels)
     scale = pixel_scale(x, f"{what} x")
-    return ArraySource(x, labels, layout, preprocess(scale), input_name, description)
+    return ArraySource(x, labels, layout, preprocess(scale), input_name, description, name=what)
 
 
 def class_labels(y: Any, count: int, what: str) -> np.ndarray:
@@ -300,7 +300,7 @@ def _open_folder(
     in_turn = labels is not None
     description = _describe(what, len(files), total, y is not None, read_labels, in_turn)
     names = None if y is None else tuple(c.name for c in classes)
-    return ImageFolderSource(files, y, preprocess, input_name, description, names)
+    return ImageFolderSource(files, y, preprocess, input_name, description, names, what)
 
 
 def check_same_classes(train: Any, val: Any) -> None:
@@ -435,8 +435,9 @@ def _open_reader(
     if not arrays:
         raise BadInputError("the input reader yielded no data")
     x = np.concatenate(arrays)[: min(limit or sys.maxsize, padded_from(spec))]
-    description = _describe("input reader (model inputs, not preprocessed)", len(x), None, False)
-    return ArraySource(x, None, None, None, input_name, description)
+    what = "input reader (model inputs, not preprocessed)"
+    description = _describe(what, len(x), None, False)
+    return ArraySource(x, None, None, None, input_name, description, name=what)
 
 
 def padded_from(reader: Any) -> int:
