@@ -328,6 +328,12 @@ def test_numbered_class_folders_that_are_not_their_positions_are_refused(tmp_pat
         open_data(subset, "in", (1, 1, 4, 4))
     with pytest.raises(BadInputError, match="not their positions"):
         open_data(folder("unpadded", [str(k) for k in range(11)]), "in", (1, 1, 4, 4))
+    # One class not named by a number ('other') does not make 10 sorting before 2 right.
+    mixed = folder("mixed", [*(str(k) for k in range(11)), "other"])
+    with pytest.raises(BadInputError, match=r"not their positions .*\(10 -> 2, 2 -> 3"):
+        open_data(mixed, "in", (1, 1, 4, 4))
+    labels = to_arrays(open_data(folder("named", ["0", "1", "other"]), "in", (1, 1, 4, 4)))[1]
+    assert labels.tolist() == [0, 1, 2]
     # Unlabelled use (--no-labels, eval --teacher) reads no labels: nothing to misread.
     assert to_arrays(open_data(subset, "in", (1, 1, 4, 4), labels=False))[1] is None
     for name, classes in (("plain", ["0", "1", "2"]), ("padded", [f"{k:02d}" for k in range(11)])):

@@ -345,13 +345,12 @@ def _in_turn(labels: list[int], limit: int | None) -> list[int]:
 def _check_numbered_classes(path: Path, names: list[str]) -> None:
     """Labels are the class folders' positions in sorted order. Folders named by numbers that
     are not their positions (3 and 7 of a 10-class set; 0..10 unpadded, where "10" sorts before
-    "2") say another label than the one they would get: refused rather than read either way."""
-    if not all(name.isdecimal() for name in names):
-        return
-    if all(int(name) == position for position, name in enumerate(names)):
+    "2") say another label than the one they would get: refused rather than read either way,
+    beside folders named otherwise too (0..10 and other)."""
+    moved = [(name, k) for k, name in enumerate(names) if name.isdecimal() and int(name) != k]
+    if not moved:
         return
     shown = names if len(names) <= 6 else [*names[:5], "..."]
-    moved = [(name, k) for k, name in enumerate(names) if int(name) != k]
     mapping = ", ".join(f"{name} -> {k}" for name, k in moved[:4]) + (
         ", ..." if len(moved) > 4 else ""
     )
