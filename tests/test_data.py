@@ -614,6 +614,21 @@ def test_arrays_an_npz_holds_beside_what_is_read_are_named(tmp_path):
     assert "ignored" not in plain.description
 
 
+def test_normalised_floats_for_an_input_named_x_say_how_to_feed_them(tmp_path):
+    """An npz x is image data for a model whose only input is named x: normalised floats are
+    refused, and the refusal now says why they were not fed as they are and what to do."""
+    from onnx_mbs.data.ready import DeclaredInput
+
+    x = np.random.default_rng(0).normal(size=(4, 1, 8, 8)).astype(np.float32)
+    declared = [DeclaredInput("x", (None, 1, 8, 8), np.dtype(np.float32))]
+    path = write_npz(tmp_path / "d.npz", x=x)
+    with pytest.raises(BadInputError, match=r"neither \[0, 1\].*named x.*read as images.*\[\{'x'"):
+        open_data(path, "x", GRAY8, inputs=declared)
+    with pytest.raises(BadInputError, match="neither") as refused:  # other inputs: as before
+        open_data(path, "in", GRAY8)
+    assert "named x" not in str(refused.value)
+
+
 def test_label_problems(tmp_path):
     x = pixels(4, 8, 8)
     with pytest.raises(BadInputError, match="3 labels for 4 samples"):

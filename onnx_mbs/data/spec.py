@@ -29,6 +29,7 @@ from onnx_mbs.data.ready import (
     DeclaredInput,
     is_model_ready,
     model_ready_arrays,
+    reads_x_as_images,
     takes_floats,
 )
 from onnx_mbs.data.replay import Replay
@@ -132,7 +133,7 @@ def open_data(
         x, y = _image_arrays(path, npz, inputs)
         what = f"npz {path.name}"
         source = _array_source(x, y if labels else None, what, channels, preprocess,
-                               input_name, limit, labels)  # fmt: skip
+                               input_name, limit, labels, _x_advice(inputs))  # fmt: skip
         source.description += _ignored(npz, {IMAGE_ARRAY, LABELS})
         return source
     raise BadInputError(f"cannot use data file {path}; pass {KINDS}")
@@ -180,6 +181,18 @@ def _image_arrays(
     return npz[IMAGE_ARRAY], npz.get(LABELS)
 
 
+def _x_advice(inputs: Sequence[DeclaredInput]) -> str:
+    """How to feed arrays normalised already to a model whose only input is named x, whose
+    npz x is image data (`ready.reads_x_as_images`): the refusal of their range says it."""
+    if not reads_x_as_images(inputs):
+        return ""
+    return (
+        f"; the model's only input is named {IMAGE_ARRAY}, so an npz {IMAGE_ARRAY} is read as "
+        "images, not fed as it is: store the pixels from before normalising, or feed the "
+        f"arrays from Python as a reader ([{{'{IMAGE_ARRAY}': batch}}, ...]), fed as they are"
+    )
+
+
 def _model_ready_source(
     path: Path,
     npz: dict[str, np.ndarray],
@@ -221,6 +234,7 @@ def _array_source(
     input_name: str,
     limit: int | None,
     read_labels: bool = True,
+    advice: str = "",
 ) -> ArraySource:
     check_pixel_dtype(x.dtype, what)
     layout = raw_layout(x.shape, channels, f"{what} x")
@@ -237,7 +251,7 @@ def _array_source(
         raise BadInputError(f"{what} has no samples")
     x, labels = x[:limit], (None if labels is None else labels[:limit])
     description = _describe(what, len(x), total, labels is not None, read_labels)
-    scale = pixel_scale(x, f"{what} x")
+    scale = pixel_scale(x, f"{what} x", advice)
     return ArraySource(x, labels, layout, preprocess(scale), input_name, description, name=what)
 
 
