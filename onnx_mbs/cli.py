@@ -179,6 +179,7 @@ def cmd_reduce(args: argparse.Namespace) -> int:
     )
     if args.recalibrate and not args.data:
         raise BadInputError("--recalibrate re-estimates BatchNorm statistics on --data: give it")
+    _check_runtime_flags(args)
     if args.recalibrate:
         _check_recalibration(args)
     reduced, report = reduce(args.model, args.data, _reduce_options(args))
@@ -211,6 +212,28 @@ def cmd_reduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_runtime_flags(args: argparse.Namespace) -> None:
+    """--latency-threads where nothing is timed (no latency= budget, no --channel-multiple
+    auto) could never take effect: refused. --providers where no onnxruntime session is made
+    does nothing this time: said on stderr. (bench/experiment.py sets both on every run
+    through the Python API, which takes them quietly.)"""
+    from onnx_mbs.plan import Budget
+
+    latency = args.budget is not None and "latency" in Budget.parse(",".join(args.budget)).fractions
+    timed = latency or args.channel_multiple == "auto"
+    if args.latency_threads is not None and not timed:
+        raise BadInputError(
+            "--latency-threads sets the threads latency is timed with (--budget latency=F, "
+            "--channel-multiple auto); this run times nothing: drop it, or give one of those"
+        )
+    if args.providers != "auto" and not args.data and not timed:
+        print(
+            f"onnx-mbs: --providers {args.providers} does nothing here: nothing runs on "
+            "onnxruntime without --data, a latency= budget or --channel-multiple auto",
+            file=sys.stderr,
+        )
+
+
 def _reduce_options(args: argparse.Namespace):
     """The ReduceOptions the `reduce` command's flags ask for."""
     from onnx_mbs.options import ReduceOptions
@@ -229,7 +252,7 @@ def _reduce_options(args: argparse.Namespace):
         std=_floats(args.std, "--std"),
         limit=args.limit,
         batch_size=args.batch_size,
-        latency_threads=args.latency_threads,
+        latency_threads=args.latency_threads or 0,
         evaluate_accuracy=not args.no_eval,
         logits=args.logits,
         progress=not args.json,
@@ -414,6 +437,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 
     from onnx_mbs.bridge import checkpoint as ckpt
     from onnx_mbs.bridge import retrain
+    from onnx_mbs.bridge.bn import is_bn_folded
     from onnx_mbs.bridge.losses import parse_loss_specs
     from onnx_mbs.bridge.train import check_device
     from onnx_mbs.evaluate import check_outputs_finite
@@ -456,6 +480,12 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     )
     require_float_input(runnable, train.input_name)  # checked on the written model at the end
     rank = _rank()
+    if args.no_bn_reinsert and rank == 0 and not is_bn_folded(runnable):
+        print(
+            "onnx-mbs: --no-bn-reinsert does nothing here: the model keeps its BatchNorms, "
+            "which train as they are (only BN-folded graphs get BatchNorm re-inserted)",
+            file=sys.stderr,
+        )
     try:
         result = retrain(
             model,
@@ -737,9 +767,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--latency-threads",
         type=_number(int, 0, most_threads()),
-        default=0,
-        help="onnxruntime threads for latency=F measurements (default 0: one per core; at "
-        f"most the {most_threads()} cores of this machine)",
+        default=None,
+        help="onnxruntime threads for latency=F and --channel-multiple auto measurements "
+        f"(default 0: one per core; at most the {most_threads()} cores of this machine)",
     )
     p.add_argument(
         "--beta-min", type=_number(float, 1e-9, 1), default=0.1, help="smallest width scale"

@@ -741,7 +741,8 @@ def _channel_gains(
 ) -> dict[int, np.ndarray]:
     """Per free group g: gain[k - 1] = worth(g, k) = W(g) * log(S_g(k) / S_g(k - 1)), what its
     k-th most important channel is worth (see _cost_aware). The first channel is never
-    weighed (beta_min keeps it): inf; a dead one is worth 0."""
+    weighed (beta_min keeps it): inf; one scored 0 is worth 0 (dead under act; under the
+    weight criteria zero filters, which still output their bias as a constant)."""
     gains = {}
     for g in free:
         raw = np.sort(np.asarray(importance[g.id], dtype=np.float64))[::-1]
@@ -914,9 +915,10 @@ def _global_ranking(
     scores of different groups live on unrelated scales (filter norms grow with fan-in,
     activations with the BatchNorm before them), and without it the group with the
     smallest scale would be cut first whatever its channels do. After it, a channel is
-    ranked by how it compares with its own group's average. A zero score (a dead channel)
-    stays zero and is cut first anywhere. A group whose scores are all zero keeps its raw
-    zeros. Cutting more never keeps more in any group, so the size falls with k.
+    ranked by how it compares with its own group's average. A zero score (dead under act;
+    zero filters under the weight criteria, whose bias may still be a constant the next
+    layer reads) stays zero and is cut first anywhere. A group whose scores are all zero keeps
+    its raw zeros. Cutting more never keeps more in any group, so the size falls with k.
     With `normalise` False the scores are ranked as given (mbs-cost's worth / price). With
     `last`, every channel of a joined group ranks after every other channel (mbs-branch).
     """

@@ -18,6 +18,9 @@ Criteria (`CRITERIA`, `--importance`):
        built from statistics measured with onnxruntime)
 A conv whose weight the graph computes (weight standardisation) is scored by the filters
 it computes, not by the initializer they are computed from.
+l1, l2 and bn read no bias or BatchNorm beta: a channel with zero filters (or gamma) scores 0
+and is cut first, though with a non-zero bias/beta it outputs a constant (relu(b)) that the
+next layer reads; act measures that constant.
 On the bundled model (`bench/importance.py`: relative output error after
 removing 25% of each residual group) act ranks best, then l2; l1 and bn rank no
 better than random. `reduce` uses act when it has data and `DEFAULT_CRITERION`

@@ -133,8 +133,16 @@ def test_retrain_writes_its_model_before_its_stdout_line_can_fail(tiny, tmp_path
         (["--limit", "5"], "--limit takes N samples of --data"),
         (["--logits", "nope"], "--logits names output 'nope' the model does not have"),
         (["--data", "{data}", "--no-eval", "--logits", "nope"], "--logits names output 'nope'"),
+        (["--latency-threads", "1"], "--latency-threads sets the threads latency is timed"),
+        (["--data", "{data}", "--latency-threads", "0"], "this run times nothing"),
     ],
-    ids=["limit-without-data", "logits-without-data", "logits-no-eval"],
+    ids=[
+        "limit-without-data",
+        "logits-without-data",
+        "logits-no-eval",
+        "latency-threads-without-timing",
+        "latency-threads-with-data",
+    ],
 )
 def test_reduce_refuses_flags_it_would_ignore(tiny, tmp_path, extra, fragment, capsys):
     """As --mean without --data is: a typo or a flag that does nothing is said, not dropped."""
@@ -201,3 +209,24 @@ def test_recalibrate_with_batches_of_one_is_refused_before_the_reduction(tmp_pat
     err = capsys.readouterr().err
     assert err.startswith("onnx-mbs: error: BN recalibration needs batches of at least 2"), err
     assert err.count("\n") == 1 and not out.exists()
+
+
+def test_reduce_takes_latency_threads_where_it_times_and_notes_unused_providers(
+    tiny, tmp_path, capsys
+):
+    """--latency-threads times --channel-multiple auto (and latency= budgets); --providers
+    where no onnxruntime session is made (no --data, nothing timed) is said on stderr, as it
+    does nothing this time."""
+    model, _ = tiny
+    out = tmp_path / "r.onnx"
+    argv = ["reduce", str(model), "-o", str(out), "--providers", "cpu"]
+    assert main([*argv, "--channel-multiple", "auto", "--latency-threads", "1"]) == 0
+    assert "--providers cpu does nothing" not in capsys.readouterr().err
+    out.unlink()
+    assert main(argv) == 0
+    assert "--providers cpu does nothing here: nothing runs on onnxruntime" in (
+        capsys.readouterr().err
+    )
+    out.unlink()
+    assert main(argv[:-2]) == 0  # auto, the default: nothing to say
+    assert "does nothing" not in capsys.readouterr().err

@@ -158,6 +158,22 @@ def test_a_model_without_a_float_input_is_refused_before_training(tmp_path, caps
     assert "epoch 1/1" not in err and not (tmp_path / "out.onnx").exists()
 
 
+def test_no_bn_reinsert_on_a_bn_kept_model_says_it_does_nothing(tmp_path, capsys) -> None:
+    """--no-bn-reinsert only changes BN-folded graphs: on one that keeps its BatchNorms it was
+    accepted without a word; now a note says so, and the run goes on."""
+    onnx.save(export(keep_bn=True), tmp_path / "kept.onnx")
+    x, y = quadrant_data(16, seed=1)
+    write_npz(tmp_path / "train.npz", x=np.clip(x * 60 + 60, 0, 255).astype(np.uint8), y=y)
+    args = ["retrain", str(tmp_path / "kept.onnx"), "-o", str(tmp_path / "out.onnx")]
+    args += ["--data", str(tmp_path / "train.npz"), "--batch-size", "8", "--workers", "0"]
+    assert main([*args, "--no-bn-reinsert"]) == 0
+    assert "--no-bn-reinsert does nothing here" in capsys.readouterr().err
+    onnx.save(export(keep_bn=False), tmp_path / "folded.onnx")
+    args[1:4] = [str(tmp_path / "folded.onnx"), "-o", str(tmp_path / "out2.onnx")]
+    assert main([*args, "--no-bn-reinsert"]) == 0
+    assert "does nothing" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flag", ["--teacher", "--val", "--checkpoint"])
 def test_an_empty_path_is_refused(flag, tmp_path, capsys) -> None:
     """`--teacher "$TEACHER"` with TEACHER unset: an empty --teacher or --val was taken for none

@@ -213,6 +213,16 @@ def test_idx_folder_train_suffix_picks_train_split(idx_folder):
     assert len(open_data(f"{folder}:test", "in", (1, 1, 28, 28))) == 6
 
 
+def test_idx_folder_unknown_split_names_the_splits(idx_folder, tmp_path):
+    """folder:val was refused as a path that does not exist, without naming the splits."""
+    folder, _, _ = idx_folder
+    with pytest.raises(BadInputError, match=r"no split 'val'.*:train or .*:test"):
+        open_data(f"{folder}:val", "in", (1, 1, 28, 28))
+    path = write_npz(tmp_path / "d.npz", x=pixels(2, 8, 8))
+    with pytest.raises(BadInputError, match=r"':val' is not a split.*only IDX folders"):
+        open_data(f"{path}:val", "in", GRAY8)
+
+
 def test_idx_folder_resized_to_rgb_model(idx_folder):
     folder, (x, _), _ = idx_folder
     got, _ = to_arrays(open_data(folder, "in", (1, 3, 32, 32)))
@@ -318,6 +328,12 @@ def test_numbered_class_folders_that_are_not_their_positions_are_refused(tmp_pat
         open_data(subset, "in", (1, 1, 4, 4))
     with pytest.raises(BadInputError, match="not their positions"):
         open_data(folder("unpadded", [str(k) for k in range(11)]), "in", (1, 1, 4, 4))
+    # One class not named by a number ('other') does not make 10 sorting before 2 right.
+    mixed = folder("mixed", [*(str(k) for k in range(11)), "other"])
+    with pytest.raises(BadInputError, match=r"not their positions .*\(10 -> 2, 2 -> 3"):
+        open_data(mixed, "in", (1, 1, 4, 4))
+    labels = to_arrays(open_data(folder("named", ["0", "1", "other"]), "in", (1, 1, 4, 4)))[1]
+    assert labels.tolist() == [0, 1, 2]
     # Unlabelled use (--no-labels, eval --teacher) reads no labels: nothing to misread.
     assert to_arrays(open_data(subset, "in", (1, 1, 4, 4), labels=False))[1] is None
     for name, classes in (("plain", ["0", "1", "2"]), ("padded", [f"{k:02d}" for k in range(11)])):
@@ -598,6 +614,21 @@ def test_arrays_an_npz_holds_beside_what_is_read_are_named(tmp_path):
     assert "ignored" not in plain.description
 
 
+def test_normalised_floats_for_an_input_named_x_say_how_to_feed_them(tmp_path):
+    """An npz x is image data for a model whose only input is named x: normalised floats are
+    refused, and the refusal now says why they were not fed as they are and what to do."""
+    from onnx_mbs.data.ready import DeclaredInput
+
+    x = np.random.default_rng(0).normal(size=(4, 1, 8, 8)).astype(np.float32)
+    declared = [DeclaredInput("x", (None, 1, 8, 8), np.dtype(np.float32))]
+    path = write_npz(tmp_path / "d.npz", x=x)
+    with pytest.raises(BadInputError, match=r"neither \[0, 1\].*named x.*read as images.*\[\{'x'"):
+        open_data(path, "x", GRAY8, inputs=declared)
+    with pytest.raises(BadInputError, match="neither") as refused:  # other inputs: as before
+        open_data(path, "in", GRAY8)
+    assert "named x" not in str(refused.value)
+
+
 def test_label_problems(tmp_path):
     x = pixels(4, 8, 8)
     with pytest.raises(BadInputError, match="3 labels for 4 samples"):
@@ -707,6 +738,21 @@ def test_model_ready_int64_input_declared_first_is_fed_as_it_is(tmp_path):
     _, report = reduce(model, path, progress=False, evaluate_accuracy=False)
     assert report.samples == 6
     assert 0 < report.rho["conv1"] < 1 and 0 < report.rho["conv2"] < 1
+
+
+def test_several_inputs_refused_by_to_arrays_name_the_whole_file(tmp_path):
+    """The npz was named by its description cut at the first ':' ('model-ready npz run')."""
+    from onnx_mbs.data.ready import DeclaredInput
+
+    declared = [
+        DeclaredInput("in", (None, 1, 4, 4), np.dtype(np.float32)),
+        DeclaredInput("scale", (None,), np.dtype(np.float32)),
+    ]
+    x = np.zeros((2, 1, 4, 4), np.float32)
+    path = write_npz(tmp_path / "run:1.npz", **{"in": x, "scale": np.ones(2, np.float32)})
+    source = open_data(path, "in", (1, 1, 4, 4), inputs=declared)
+    with pytest.raises(BadInputError, match=r"^model-ready npz run:1\.npz gives several"):
+        to_arrays(source)
 
 
 @pytest.mark.parametrize("shape", [(2, 70, 60), (2, 1, 70, 60), (2, 70, 60, 3)])

@@ -150,6 +150,28 @@ def test_choose_channels_refuses_bad_scores():
         weight_importance(model, "l3")
 
 
+def test_weight_criteria_score_zero_filters_with_a_bias_zero_though_not_dead():
+    """docs/cli.md and docs/strategies.md: l1 and l2 read no bias, so a channel with zero
+    filters scores 0 and goes first; with a non-zero bias it outputs relu(b), a constant the
+    next layer reads, so it is not dead: cutting it changes the outputs."""
+    b = Builder("bias")
+    x = b.input("x", [1, 2, 4, 4])
+    w = np.zeros((3, 2, 1, 1), np.float32)
+    w[:, :, 0, 0] = [[1, -1], [0, 0], [-3, 2]]
+    bias = b.const(np.array([0.0, 2.0, 0.0], np.float32), "bias")
+    conv = b.op("Conv", [x, b.const(w, "w"), bias], name="conv")
+    model = load_model(b.model([b.conv(b.op("Relu", [conv]), 3, 2, k=1)], ["y"]))
+    analysis = analyze_channels(model)
+    group = next(g for g in analysis.groups if g.producers == ["conv"])
+    for criterion in (FilterNorm(model, p=1), FilterNorm(model, p=2)):
+        assert criterion(group)[1] == 0
+    assert choose_channels([group], {group.id: 2}, FilterNorm(model)) == {group.id: [0, 2]}
+    feed = {"x": np.random.default_rng(0).normal(size=(1, 2, 4, 4)).astype(np.float32)}
+    (whole,) = run(model, feed)
+    (cut,) = run(shrink_channels(model, {group.id: [0, 2]}, analysis), feed)
+    assert not np.allclose(whole, cut, atol=1e-3)
+
+
 def test_act_ranks_residual_groups_better_than_random(
     bundled_model_path, fmnist_sample, fmnist_train_sample
 ):

@@ -140,6 +140,24 @@ def test_labels_are_checked_against_the_logits_output() -> None:
     check_labels(_Labelled(np.array([0, 1])), scores_model("binary"))  # eval says why
 
 
+def test_label_refusal_names_the_data_past_a_drive_letter(tmp_path) -> None:
+    """The data was named by its description cut at the first ':', so an image folder under
+    D:\\ was 'image folder D'."""
+    import re
+
+    from test_data import pixels, write_png
+
+    from onnx_mbs.data import open_data
+
+    root = tmp_path / "D:" / "imgs"
+    for k in range(11):  # labels 0..10 for a model of 10 classes
+        write_png(root / f"{k:02d}" / "0.png", pixels(1, 1, 10, seed=k)[0])
+    source = open_data(root, "x", (1, 1, 1, 10))
+    where = re.escape(f"image folder {root} (11 classes)")
+    with pytest.raises(BadInputError, match=rf"label 10 in {where} does not exist"):
+        check_labels(source, scores_model("logits"))
+
+
 # --------------------------------------------------------------------------- retrain
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import onnx
 
 from onnx_mbs.data.ready import declared_inputs, takes_floats
-from onnx_mbs.data.sources import DataSource
+from onnx_mbs.data.sources import DataSource, source_name
 from onnx_mbs.data.spec import open_data
 from onnx_mbs.logits import check_label_range, choose_logits, classes_of, declared_shapes
 from onnx_mbs.memory import check_model_fits
@@ -92,7 +92,7 @@ def check_labels(source: DataSource, model: onnx.ModelProto, logits: str | None 
     name = logits or choose_logits(shapes, model, required=False)
     classes = classes_of(shapes[name]) if name is not None else None
     if classes is not None:
-        check_label_range(labels, classes, name, source.description.split(":")[0])
+        check_label_range(labels, classes, name, source_name(source))
 
 
 def data_text(source: DataSource | None, measured: list[str]) -> str:

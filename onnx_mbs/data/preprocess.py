@@ -218,10 +218,10 @@ def to_unit_nchw(raw: np.ndarray, layout: str, divisor: float = 255.0) -> np.nda
     return x
 
 
-def pixel_scale(x: np.ndarray, what: str) -> tuple[str, float]:
+def pixel_scale(x: np.ndarray, what: str, advice: str = "") -> tuple[str, float]:
     """How raw pixels reach [0, 1], read from the values: uint8 and float 0..255 are divided
     by 255, floats in [0, 1] are kept; other float ranges are refused (a guess would be
-    silently wrong)."""
+    silently wrong), `advice` closing the refusal."""
     if x.dtype == np.uint8:
         return "/255", 255.0
     finite = x[np.isfinite(x)] if x.size else x
@@ -233,7 +233,7 @@ def pixel_scale(x: np.ndarray, what: str) -> tuple[str, float]:
     raise BadInputError(
         f"{what} holds floats in [{low:g}, {high:g}]: neither [0, 1] nor 0..255 pixels; "
         "store raw pixels (uint8, or floats in [0, 1] or 0..255) and give "
-        f"{option('--mean')}/{option('--std')}"
+        f"{option('--mean')}/{option('--std')}{advice}"
     )
 
 

@@ -66,8 +66,12 @@ def is_model_ready(names: Sequence[str], inputs: Sequence[DeclaredInput]) -> boo
     npz convention), preprocessed as before."""
     if not inputs or any(i.name not in names for i in inputs):
         return False
-    image_like = len(inputs) == 1 and inputs[0].name == IMAGE_ARRAY and len(inputs[0].dims) == 4
-    return not image_like
+    return not reads_x_as_images(inputs)
+
+
+def reads_x_as_images(inputs: Sequence[DeclaredInput]) -> bool:
+    """Whether the model's only input is 4-D and named `x`: an npz x is image data for it."""
+    return len(inputs) == 1 and inputs[0].name == IMAGE_ARRAY and len(inputs[0].dims) == 4
 
 
 def model_ready_arrays(

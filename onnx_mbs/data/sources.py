@@ -58,6 +58,7 @@ class ArraySource:
         input_name: str,
         description: str,
         extra: dict[str, np.ndarray] | None = None,
+        name: str = "",
     ) -> None:
         self.raw = raw
         self.labels = labels
@@ -66,6 +67,7 @@ class ArraySource:
         self.input_name = input_name
         self.description = description
         self.extra = extra or {}
+        self.name = name  # what was read, for messages (source_name)
 
     def __len__(self) -> int:
         return len(self.raw)
@@ -99,6 +101,7 @@ class ImageFolderSource:
         input_name: str,
         description: str,
         classes: tuple[str, ...] | None = None,
+        name: str = "",
     ) -> None:
         self.files = files
         self.labels = labels
@@ -106,6 +109,7 @@ class ImageFolderSource:
         self.input_name = input_name
         self.description = description
         self.classes = classes  # the class folders' names, label order (None: no labels)
+        self.name = name  # what was read, for messages (source_name)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -205,7 +209,7 @@ def to_arrays(source: DataSource) -> tuple[np.ndarray, np.ndarray | None]:
         given = batch_inputs(batch, getattr(source, "input_name", "x"))
         if len(given) > 1:
             raise BadInputError(
-                f"{source.description.split(':')[0]} gives several model inputs "
+                f"{source_name(source)} gives several model inputs "
                 f"({', '.join(given)}); retraining feeds one image input"
             )
         xs.append(batch.x)
@@ -214,6 +218,12 @@ def to_arrays(source: DataSource) -> tuple[np.ndarray, np.ndarray | None]:
     if not xs:
         raise BadInputError(f"no samples in {source.description}")
     return np.concatenate(xs), (np.concatenate(ys) if ys else None)
+
+
+def source_name(source: DataSource) -> str:
+    """What a source read, for messages ("image folder D:\\imgs (3 classes)"): its `name`,
+    else its description up to the counts (a drive letter's ':' is no end)."""
+    return getattr(source, "name", "") or source.description.split(": ")[0]
 
 
 def default_workers() -> int:

@@ -29,6 +29,7 @@ from onnx_mbs.data.ready import (
     DeclaredInput,
     is_model_ready,
     model_ready_arrays,
+    reads_x_as_images,
     takes_floats,
 )
 from onnx_mbs.data.replay import Replay
@@ -87,7 +88,7 @@ def open_data(
 
     path, named_split = split_suffix(os.fspath(spec))
     if not path.exists():
-        raise BadInputError(f"data path {path} does not exist; pass {KINDS}")
+        raise BadInputError(_missing(os.fspath(spec), path))
     npz = _read_npz(path) if path.suffix.lower() == ".npz" and path.is_file() else None
     if npz is not None and is_model_ready(list(npz), inputs):
         return _model_ready_source(path, npz, inputs, input_name, mean, std, limit, labels)
@@ -132,7 +133,7 @@ def open_data(
         x, y = _image_arrays(path, npz, inputs)
         what = f"npz {path.name}"
         source = _array_source(x, y if labels else None, what, channels, preprocess,
-                               input_name, limit, labels)  # fmt: skip
+                               input_name, limit, labels, _x_advice(inputs))  # fmt: skip
         source.description += _ignored(npz, {IMAGE_ARRAY, LABELS})
         return source
     raise BadInputError(f"cannot use data file {path}; pass {KINDS}")
@@ -145,6 +146,17 @@ def split_suffix(spec: str) -> tuple[Path, str | None]:
         if spec.endswith(suffix) and not Path(spec).exists():
             return Path(spec[: -len(suffix)]), split
     return Path(spec), None
+
+
+def _missing(spec: str, path: Path) -> str:
+    """Why `path` cannot be read: a split IDX folders do not have (folder:val) is named as
+    such, with the ones they have, rather than as a path that does not exist."""
+    base, _, word = spec.rpartition(":")
+    if base and word.isalnum() and Path(base).exists():
+        if Path(base).is_dir() and idx.is_idx_folder(Path(base)):
+            return f"IDX folder {base} has no split {word!r}; use {base}:train or {base}:test"
+        return f"data path {spec}: ':{word}' is not a split, and only IDX folders take one"
+    return f"data path {path} does not exist; pass {KINDS}"
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
@@ -167,6 +179,18 @@ def _image_arrays(
             f"store the images as x and the labels as y{ready if inputs else ''}"
         )
     return npz[IMAGE_ARRAY], npz.get(LABELS)
+
+
+def _x_advice(inputs: Sequence[DeclaredInput]) -> str:
+    """How to feed arrays normalised already to a model whose only input is named x, whose
+    npz x is image data (`ready.reads_x_as_images`): the refusal of their range says it."""
+    if not reads_x_as_images(inputs):
+        return ""
+    return (
+        f"; the model's only input is named {IMAGE_ARRAY}, so an npz {IMAGE_ARRAY} is read as "
+        "images, not fed as it is: store the pixels from before normalising, or feed the "
+        f"arrays from Python as a reader ([{{'{IMAGE_ARRAY}': batch}}, ...]), fed as they are"
+    )
 
 
 def _model_ready_source(
@@ -198,7 +222,7 @@ def _model_ready_source(
         total,
         labels is not None,
     ) + _ignored(npz, {*(i.name for i in inputs), LABELS})
-    return ArraySource(x, labels, None, None, input_name, description, arrays)
+    return ArraySource(x, labels, None, None, input_name, description, arrays, what)
 
 
 def _array_source(
@@ -210,6 +234,7 @@ def _array_source(
     input_name: str,
     limit: int | None,
     read_labels: bool = True,
+    advice: str = "",
 ) -> ArraySource:
     check_pixel_dtype(x.dtype, what)
     layout = raw_layout(x.shape, channels, f"{what} x")
@@ -226,8 +251,8 @@ def _array_source(
         raise BadInputError(f"{what} has no samples")
     x, labels = x[:limit], (None if labels is None else labels[:limit])
     description = _describe(what, len(x), total, labels is not None, read_labels)
-    scale = pixel_scale(x, f"{what} x")
-    return ArraySource(x, labels, layout, preprocess(scale), input_name, description)
+    scale = pixel_scale(x, f"{what} x", advice)
+    return ArraySource(x, labels, layout, preprocess(scale), input_name, description, name=what)
 
 
 def class_labels(y: Any, count: int, what: str) -> np.ndarray:
@@ -289,7 +314,7 @@ def _open_folder(
     in_turn = labels is not None
     description = _describe(what, len(files), total, y is not None, read_labels, in_turn)
     names = None if y is None else tuple(c.name for c in classes)
-    return ImageFolderSource(files, y, preprocess, input_name, description, names)
+    return ImageFolderSource(files, y, preprocess, input_name, description, names, what)
 
 
 def check_same_classes(train: Any, val: Any) -> None:
@@ -334,13 +359,12 @@ def _in_turn(labels: list[int], limit: int | None) -> list[int]:
 def _check_numbered_classes(path: Path, names: list[str]) -> None:
     """Labels are the class folders' positions in sorted order. Folders named by numbers that
     are not their positions (3 and 7 of a 10-class set; 0..10 unpadded, where "10" sorts before
-    "2") say another label than the one they would get: refused rather than read either way."""
-    if not all(name.isdecimal() for name in names):
-        return
-    if all(int(name) == position for position, name in enumerate(names)):
+    "2") say another label than the one they would get: refused rather than read either way,
+    beside folders named otherwise too (0..10 and other)."""
+    moved = [(name, k) for k, name in enumerate(names) if name.isdecimal() and int(name) != k]
+    if not moved:
         return
     shown = names if len(names) <= 6 else [*names[:5], "..."]
-    moved = [(name, k) for k, name in enumerate(names) if int(name) != k]
     mapping = ", ".join(f"{name} -> {k}" for name, k in moved[:4]) + (
         ", ..." if len(moved) > 4 else ""
     )
@@ -424,8 +448,9 @@ def _open_reader(
     if not arrays:
         raise BadInputError("the input reader yielded no data")
     x = np.concatenate(arrays)[: min(limit or sys.maxsize, padded_from(spec))]
-    description = _describe("input reader (model inputs, not preprocessed)", len(x), None, False)
-    return ArraySource(x, None, None, None, input_name, description)
+    what = "input reader (model inputs, not preprocessed)"
+    description = _describe(what, len(x), None, False)
+    return ArraySource(x, None, None, None, input_name, description, name=what)
 
 
 def padded_from(reader: Any) -> int:
