@@ -13,10 +13,10 @@ from collections.abc import Callable
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from .errors import BadInputError
-from .normalise import constant_value
+from .graph import constant_lookup
 
 # Ops through which the input is still the image (its values, or its layout, changed):
 # the walk from the input to the first Conv goes through these only.
@@ -38,7 +38,7 @@ def refuse_an_added_batch_axis(graph: onnx.GraphProto, vi: onnx.ValueInfoProto) 
     dims: Dims = [d.dim_value if d.dim_value > 0 else None for d in vi.type.tensor_type.shape.dim]
     if not dims or dims[0] == 1:
         return
-    constant = _constants(graph)
+    constant = constant_lookup(graph)
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
         for name in node.input:
@@ -66,20 +66,6 @@ def refuse_an_added_batch_axis(graph: onnx.GraphProto, vi: onnx.ValueInfoProto) 
             after = _dims_after(node, name, shape, constant)
             added = adder or (node if _adds_a_leading_axis(shape, after) else None)
             todo.append((node.output[0], after, added))
-
-
-def _constants(graph: onnx.GraphProto) -> Callable[[str], np.ndarray | None]:
-    """A lookup of constant tensors, each decoded when asked for: FixInputShapes runs this
-    at every size it tries, and only a few small axes and shapes are ever read."""
-    initializers = {t.name: t for t in graph.initializer}
-    nodes = {n.output[0]: n for n in graph.node if n.op_type == "Constant" and n.output}
-
-    def constant(name: str) -> np.ndarray | None:
-        if name in initializers:
-            return numpy_helper.to_array(initializers[name])
-        return constant_value(nodes[name]) if name in nodes else None
-
-    return constant
 
 
 def _dims_after(

@@ -360,18 +360,26 @@ def is_pixel_scale(factor: float) -> bool:
     return PIXEL_SCALES[0] < abs(factor) < PIXEL_SCALES[1]
 
 
+def constant_lookup(graph: onnx.GraphProto) -> Callable[[str], np.ndarray | None]:
+    """A lookup of the graph's constant tensors (initializers, Constant nodes) by name, each
+    decoded when asked for: walks that read a few small constants need not decode weights
+    (FixInputShapes walks the input at every size it tries)."""
+    initializers = {t.name: t for t in graph.initializer}
+    nodes = {n.output[0]: n for n in graph.node if n.op_type == "Constant" and n.output}
+
+    def constant(name: str) -> np.ndarray | None:
+        if name in initializers:
+            return numpy_helper.to_array(initializers[name])
+        return constant_value(nodes[name]) if name in nodes else None
+
+    return constant
+
+
 def _input_front(graph: onnx.GraphProto, name: str) -> list[tuple[str, np.ndarray]]:
     """The element-wise ops by constants (op type, constant) on the one path from the input
     before anything else reads it, through Casts, Identity and Transposes: the preprocessing a
     graph does itself (Keras' Rescaling and Normalization)."""
-    values = {t.name: t for t in graph.initializer}
-    constants = {n.output[0]: n for n in graph.node if n.op_type == "Constant" and n.output}
-
-    def constant(tensor: str) -> np.ndarray | None:
-        if tensor in values:
-            return numpy_helper.to_array(values[tensor])
-        return constant_value(constants[tensor]) if tensor in constants else None
-
+    constant = constant_lookup(graph)
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
         for tensor in set(node.input):
