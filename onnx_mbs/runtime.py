@@ -276,11 +276,24 @@ def feed_dtype(session: ort.InferenceSession, input_name: str, ready: bool = Fal
 
 def ort_numpy_type(ort_type: str) -> np.dtype:
     """The numpy type of an onnxruntime input type such as "tensor(uint8)"."""
-    name = ort_type.removeprefix("tensor(").removesuffix(")").upper()
-    dtype = numpy_type(TensorProto.DataType.Value(name))
+    dtype = _numpy_type_of(ort_type)
     if dtype is None:
         raise BadInputError(f"numpy cannot hold an input of type {ort_type}")
     return dtype
+
+
+def _numpy_type_of(ort_type: str) -> np.dtype | None:
+    """`ort_numpy_type`, None where there is none: a type numpy cannot hold, or no tensor (a
+    sequence or map input, "seq(tensor(float))")."""
+    if not ort_type.startswith("tensor("):
+        return None
+    try:
+        elem = TensorProto.DataType.Value(
+            ort_type.removeprefix("tensor(").removesuffix(")").upper()
+        )
+    except ValueError:  # a type this onnx does not know
+        return None
+    return numpy_type(elem)
 
 
 def require_float_input(model: onnx.ModelProto, input_name: str) -> None:
