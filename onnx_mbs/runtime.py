@@ -50,11 +50,6 @@ OPTIMIZATION_LEVELS = {  # names of onnxruntime's GraphOptimizationLevel members
 # Nothing but fatal errors: onnxruntime logs its errors on stderr before raising them, and
 # every error reaches the user as one line anyway (its warnings are noise for users).
 _QUIET = 4
-_FLOAT_TYPES = {
-    "tensor(float)": "float32",
-    "tensor(float16)": "float16",
-    "tensor(double)": "float64",
-}
 
 
 def choose_providers(request: str = "auto") -> list[str]:
@@ -266,12 +261,13 @@ def feed_dtype(session: ort.InferenceSession, input_name: str, ready: bool = Fal
         raise BadInputError(
             f"the data is for input {input_name!r} but the model's inputs are {list(declared)}"
         )
-    if ready and declared[input_name] not in _FLOAT_TYPES:
+    dtype = _numpy_type_of(declared[input_name])
+    if takes_floats(dtype):
+        return dtype
+    if ready:
         return ort_numpy_type(declared[input_name])
-    if declared[input_name] not in _FLOAT_TYPES:
-        hint = f" (to feed it as it is: a model-ready .npz, an array named {input_name!r})"
-        raise BadInputError(_not_float(input_name, declared[input_name]) + hint)
-    return np.dtype(_FLOAT_TYPES[declared[input_name]])
+    hint = f" (to feed it as it is: a model-ready .npz, an array named {input_name!r})"
+    raise BadInputError(_not_float(input_name, declared[input_name]) + hint)
 
 
 def ort_numpy_type(ort_type: str) -> np.dtype:
