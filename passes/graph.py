@@ -274,12 +274,15 @@ def parameter_sizes(model: onnx.ModelProto) -> dict[str, int]:
     }
 
 
-def stored_casts(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+def stored_casts(
+    graph: onnx.GraphProto, types: dict[str, int] | None = None
+) -> dict[str, onnx.NodeProto]:
     """The Casts that turn a stored float weight into another float type before use
     (weight-only fp16/bf16, or a weight onnxruntime's fp16 conversion kept for a float32
     op), by output: each output is that weight in its readers' precision (`stored.py`).
     A CastLike to a tensor of known float type (torch's dynamo exporter writes
-    `weight.type_as(x)` so) is such a Cast too."""
+    `weight.type_as(x)` so) is such a Cast too (`types`: `value_types(graph)`, if the caller
+    has it)."""
     weights = {t.name for t in graph.initializer if is_weight(t)}
     candidates = [
         node
@@ -288,7 +291,8 @@ def stored_casts(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
         and node.domain in ("", "ai.onnx")
         and node.input[0] in weights
     ]
-    types = value_types(graph) if any(n.op_type == "CastLike" for n in candidates) else {}
+    if types is None:
+        types = value_types(graph) if any(n.op_type == "CastLike" for n in candidates) else {}
     return {node.output[0]: node for node in candidates if cast_target(node, types) in FLOAT_TYPES}
 
 
