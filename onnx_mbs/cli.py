@@ -261,14 +261,16 @@ def _reduce_options(args: argparse.Namespace):
 
 def _check_recalibration(args: argparse.Namespace) -> None:
     """What --recalibrate would refuse after the reduction, refused before it: the reduced
-    model has the input's BatchNorms. An unreadable model is left to reduce to refuse."""
+    model has the input's BatchNorms, those of the local functions reduce inlines included.
+    An unreadable model is left to reduce to refuse."""
     import onnx
 
     from onnx_mbs.bridge.train import check_recalibration
+    from onnx_mbs.passes.functions import inline_layers
     from onnx_mbs.runtime import require_float_input
 
     try:
-        model = onnx.load(args.model, load_external_data=False)
+        model = inline_layers(onnx.load(args.model, load_external_data=False))
     except Exception:
         return
     check_recalibration(model, args.batch_size)
