@@ -725,6 +725,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--data",
+        type=_path,
         help="calibration data: image folder, .npz (x, y) or IDX folder[:train|:test], "
         "preprocessed to the image input; or a model-ready .npz with one array per model "
         "input, named after it (first axis: samples), fed as it is (audio, video, several "
@@ -814,6 +815,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data",
         required=True,
+        type=_path,
         help="training data (see reduce); labels are optional with --teacher",
     )
     p.add_argument(
@@ -921,7 +923,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", help="ONNX model file")
     p.add_argument(
-        "--data", required=True, help="labelled data, or any images with --teacher (see reduce)"
+        "--data",
+        required=True,
+        type=_path,
+        help="labelled data, or any images with --teacher (see reduce)",
     )
     p.add_argument(
         "--teacher",
