@@ -261,14 +261,16 @@ def _reduce_options(args: argparse.Namespace):
 
 def _check_recalibration(args: argparse.Namespace) -> None:
     """What --recalibrate would refuse after the reduction, refused before it: the reduced
-    model has the input's BatchNorms. An unreadable model is left to reduce to refuse."""
+    model has the input's BatchNorms, those of the local functions reduce inlines included.
+    An unreadable model is left to reduce to refuse."""
     import onnx
 
     from onnx_mbs.bridge.train import check_recalibration
+    from onnx_mbs.passes.functions import inline_layers
     from onnx_mbs.runtime import require_float_input
 
     try:
-        model = onnx.load(args.model, load_external_data=False)
+        model = inline_layers(onnx.load(args.model, load_external_data=False))
     except Exception:
         return
     check_recalibration(model, args.batch_size)
@@ -723,6 +725,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--data",
+        type=_path,
         help="calibration data: image folder, .npz (x, y) or IDX folder[:train|:test], "
         "preprocessed to the image input; or a model-ready .npz with one array per model "
         "input, named after it (first axis: samples), fed as it is (audio, video, several "
@@ -812,6 +815,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data",
         required=True,
+        type=_path,
         help="training data (see reduce); labels are optional with --teacher",
     )
     p.add_argument(
@@ -919,7 +923,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", help="ONNX model file")
     p.add_argument(
-        "--data", required=True, help="labelled data, or any images with --teacher (see reduce)"
+        "--data",
+        required=True,
+        type=_path,
+        help="labelled data, or any images with --teacher (see reduce)",
     )
     p.add_argument(
         "--teacher",

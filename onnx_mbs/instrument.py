@@ -35,7 +35,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from onnx_mbs.passes.errors import BadInputError
-from onnx_mbs.passes.graph import default_opset
+from onnx_mbs.passes.graph import default_opset, value_types
 from onnx_mbs.passes.protos import without_weights
 
 STEP_ALPHA = 2.0**127
@@ -382,14 +382,11 @@ def _declares_fed_shapes(model: onnx.ModelProto, input_shapes: dict[str, Sequenc
 def _types_and_shapes(
     graph: onnx.GraphProto,
 ) -> tuple[dict[str, int], dict[str, list[int | None]]]:
-    types: dict[str, int] = {}
     shapes: dict[str, list[int | None]] = {}
     for info in chain(graph.input, graph.value_info, graph.output):
         tensor_type = info.type.tensor_type
-        if tensor_type.elem_type:
-            types[info.name] = tensor_type.elem_type
         if tensor_type.HasField("shape"):
             shapes[info.name] = [
                 d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim
             ]
-    return types, shapes
+    return value_types(graph), shapes

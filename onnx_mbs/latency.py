@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from onnx_mbs.data.ready import takes_floats
 from onnx_mbs.passes.analysis import ConvLayer, ModelAnalysis
 from onnx_mbs.passes.cost import CostModel
 from onnx_mbs.runtime import CPU, make_session, ort_numpy_type
@@ -54,7 +55,7 @@ def random_feed(session) -> dict[str, np.ndarray]:
     for i in session.get_inputs():
         shape = [d if isinstance(d, int) else 1 for d in i.shape]
         dtype = ort_numpy_type(i.type)
-        if np.issubdtype(dtype, np.floating):
+        if takes_floats(dtype):
             feed[i.name] = rng.standard_normal(shape).astype(dtype)
         else:  # integers and bool: pixel-like values
             feed[i.name] = rng.integers(0, 2 if dtype == np.bool_ else 256, shape).astype(dtype)

@@ -50,11 +50,6 @@ OPTIMIZATION_LEVELS = {  # names of onnxruntime's GraphOptimizationLevel members
 # Nothing but fatal errors: onnxruntime logs its errors on stderr before raising them, and
 # every error reaches the user as one line anyway (its warnings are noise for users).
 _QUIET = 4
-_FLOAT_TYPES = {
-    "tensor(float)": "float32",
-    "tensor(float16)": "float16",
-    "tensor(double)": "float64",
-}
 
 
 def choose_providers(request: str = "auto") -> list[str]:
@@ -266,21 +261,35 @@ def feed_dtype(session: ort.InferenceSession, input_name: str, ready: bool = Fal
         raise BadInputError(
             f"the data is for input {input_name!r} but the model's inputs are {list(declared)}"
         )
-    if ready and declared[input_name] not in _FLOAT_TYPES:
+    dtype = _numpy_type_of(declared[input_name])
+    if takes_floats(dtype):
+        return dtype
+    if ready:
         return ort_numpy_type(declared[input_name])
-    if declared[input_name] not in _FLOAT_TYPES:
-        hint = f" (to feed it as it is: a model-ready .npz, an array named {input_name!r})"
-        raise BadInputError(_not_float(input_name, declared[input_name]) + hint)
-    return np.dtype(_FLOAT_TYPES[declared[input_name]])
+    hint = f" (to feed it as it is: a model-ready .npz, an array named {input_name!r})"
+    raise BadInputError(_not_float(input_name, declared[input_name]) + hint)
 
 
 def ort_numpy_type(ort_type: str) -> np.dtype:
     """The numpy type of an onnxruntime input type such as "tensor(uint8)"."""
-    name = ort_type.removeprefix("tensor(").removesuffix(")").upper()
-    dtype = numpy_type(TensorProto.DataType.Value(name))
+    dtype = _numpy_type_of(ort_type)
     if dtype is None:
         raise BadInputError(f"numpy cannot hold an input of type {ort_type}")
     return dtype
+
+
+def _numpy_type_of(ort_type: str) -> np.dtype | None:
+    """`ort_numpy_type`, None where there is none: a type numpy cannot hold, or no tensor (a
+    sequence or map input, "seq(tensor(float))")."""
+    if not ort_type.startswith("tensor("):
+        return None
+    try:
+        elem = TensorProto.DataType.Value(
+            ort_type.removeprefix("tensor(").removesuffix(")").upper()
+        )
+    except ValueError:  # a type this onnx does not know
+        return None
+    return numpy_type(elem)
 
 
 def require_float_input(model: onnx.ModelProto, input_name: str) -> None:

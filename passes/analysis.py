@@ -23,7 +23,7 @@ import onnx
 from .base import Pass, PassResult
 from .channel_handlers import REDUCES
 from .errors import BadInputError, option
-from .graph import GraphIndex, attributes, count_parameters, input_layout, structure_key
+from .graph import GraphIndex, attributes, channels_last, count_parameters, structure_key
 from .load import indexed
 
 CONV_OPS = ("Conv", "ConvTranspose")
@@ -130,10 +130,6 @@ def _per_dim(values, default: int, rank: int) -> tuple[int, ...]:
 def _spatial(shape: tuple[int, ...] | None) -> tuple[int, ...] | None:
     """The spatial size of an N, C, ... tensor: (L,), (H, W) or (D, H, W)."""
     return tuple(shape[2:]) if shape is not None and len(shape) >= 3 else None
-
-
-def _nhwc(index: GraphIndex, name: str) -> bool:
-    return index.graph is not None and input_layout(index.graph, name) == "NHWC"
 
 
 def resolution_text(size: tuple[int, ...]) -> str:
@@ -390,7 +386,7 @@ def analyze_model(
     blocks = _UnionFind()
     for name in index.graph_inputs:
         size = _spatial(shapes.get(name))
-        if size and len(size) == 2 and _nhwc(index, name):  # (N, H, W, C): tf2onnx's
+        if size and len(size) == 2 and channels_last(index, name):  # (N, H, W, C): tf2onnx's
             size = tuple(shapes[name][1:3])
         if size:
             resolution[name], rf[name] = size, 1.0

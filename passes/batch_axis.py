@@ -16,7 +16,7 @@ import onnx
 from onnx import helper
 
 from .errors import BadInputError
-from .graph import constant_lookup
+from .graph import constant_lookup, tensor_readers
 
 # Ops through which the input is still the image (its values, or its layout, changed):
 # the walk from the input to the first Conv goes through these only.
@@ -39,10 +39,7 @@ def refuse_an_added_batch_axis(graph: onnx.GraphProto, vi: onnx.ValueInfoProto) 
     if not dims or dims[0] == 1:
         return
     constant = constant_lookup(graph)
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = tensor_readers(graph)
     todo: list[tuple[str, Dims, onnx.NodeProto | None]] = [(vi.name, dims, None)]
     seen: set[str] = set()
     while todo:

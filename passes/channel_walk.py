@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 
 from .custom_ops import is_unknown_op
-from .graph import GraphIndex, input_layout
+from .graph import GraphIndex, channels_last
 
 # Roles of initializer members, so importance and tests know what an axis is.
 ACTIVATION = "activation"
@@ -178,7 +178,7 @@ class ChannelWalk:
             shape = self.shape(name)
             if shape is not None and len(shape) >= 2:
                 # an NHWC input (tf2onnx) holds its channels last
-                axis = 3 if len(shape) == 4 and self._nhwc(name) else 1
+                axis = 3 if len(shape) == 4 and channels_last(self.index, name) else 1
                 ids = self.fresh(shape[axis])
                 self.pin(ids, f"graph input '{name}'")
                 self.chan[name] = (axis, ids)
@@ -210,10 +210,6 @@ class ChannelWalk:
                 if source in listed:
                     for ids in edit.ids:
                         self.pin(ids, f"graph input '{source}' (an overridable initializer)")
-
-    def _nhwc(self, name: str) -> bool:
-        graph = self.index.graph
-        return graph is not None and input_layout(graph, name) == "NHWC"
 
     def visit(self, node: onnx.NodeProto) -> None:
         op = node.op_type

@@ -274,12 +274,15 @@ def parameter_sizes(model: onnx.ModelProto) -> dict[str, int]:
     }
 
 
-def stored_casts(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+def stored_casts(
+    graph: onnx.GraphProto, types: dict[str, int] | None = None
+) -> dict[str, onnx.NodeProto]:
     """The Casts that turn a stored float weight into another float type before use
     (weight-only fp16/bf16, or a weight onnxruntime's fp16 conversion kept for a float32
     op), by output: each output is that weight in its readers' precision (`stored.py`).
     A CastLike to a tensor of known float type (torch's dynamo exporter writes
-    `weight.type_as(x)` so) is such a Cast too."""
+    `weight.type_as(x)` so) is such a Cast too (`types`: `value_types(graph)`, if the caller
+    has it)."""
     weights = {t.name for t in graph.initializer if is_weight(t)}
     candidates = [
         node
@@ -288,7 +291,8 @@ def stored_casts(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
         and node.domain in ("", "ai.onnx")
         and node.input[0] in weights
     ]
-    types = value_types(graph) if any(n.op_type == "CastLike" for n in candidates) else {}
+    if types is None:
+        types = value_types(graph) if any(n.op_type == "CastLike" for n in candidates) else {}
     return {node.output[0]: node for node in candidates if cast_target(node, types) in FLOAT_TYPES}
 
 
@@ -360,6 +364,23 @@ def is_pixel_scale(factor: float) -> bool:
     return PIXEL_SCALES[0] < abs(factor) < PIXEL_SCALES[1]
 
 
+def tensor_readers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """The nodes that read each tensor of `graph`, each node once: what the walks from a graph
+    input follow where no GraphIndex is built (load, and data fitted to a model, ask before
+    one exists)."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for tensor in set(node.input):
+            readers.setdefault(tensor, []).append(node)
+    return readers
+
+
+def channels_last(index: GraphIndex, name: str) -> bool:
+    """Whether graph input `name` holds its channels on its last axis (`input_layout`
+    NHWC): the analysis reads its image size, and the channel walk its channels, there."""
+    return index.graph is not None and input_layout(index.graph, name) == "NHWC"
+
+
 def constant_lookup(graph: onnx.GraphProto) -> Callable[[str], np.ndarray | None]:
     """A lookup of the graph's constant tensors (initializers, Constant nodes) by name, each
     decoded when asked for: walks that read a few small constants need not decode weights
@@ -380,10 +401,7 @@ def _input_front(graph: onnx.GraphProto, name: str) -> list[tuple[str, np.ndarra
     before anything else reads it, through Casts, Identity and Transposes: the preprocessing a
     graph does itself (Keras' Rescaling and Normalization)."""
     constant = constant_lookup(graph)
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for tensor in set(node.input):
-            readers.setdefault(tensor, []).append(node)
+    readers = tensor_readers(graph)
     front: list[tuple[str, np.ndarray]] = []
     tensor = name
     while len(readers.get(tensor, [])) == 1:
@@ -441,10 +459,7 @@ def input_layout(graph: onnx.GraphProto, name: str) -> str:
     channels are its last axis."""
     constants = {t.name for t in graph.initializer}
     constants |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for tensor in set(node.input):
-            readers.setdefault(tensor, []).append(node)
+    readers = tensor_readers(graph)
     ends, stack, seen = [], [name], {name}
     while stack:
         tensor = stack.pop()

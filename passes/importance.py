@@ -51,7 +51,8 @@ class Importance:
 
     def __init__(self, model: onnx.ModelProto, index: GraphIndex | None = None) -> None:
         self.index = GraphIndex.of(model, index)  # the caller's GraphIndex.build(model), if any
-        self._computed: dict[str, np.ndarray] = {}  # conv weights the graph computes, by name
+        # conv weights the graph computes, by name (None: computed from a model input)
+        self._computed: dict[str, np.ndarray | None] = {}
         self._opsets = list(model.opset_import)
 
     def weight(self, name: str) -> np.ndarray:
@@ -82,6 +83,8 @@ class Importance:
             return member
         if node.input[1] not in self._computed:
             self._computed[node.input[1]] = computed_value(self.index, node.input[1], self._opsets)
+        if self._computed[node.input[1]] is None:  # no value before the model runs
+            return member
         return Member(node.input[1], 0, out.positions, FILTERS, node.name)
 
     def producer_scores(self, member: Member) -> np.ndarray | None:
@@ -234,17 +237,20 @@ class ActivationImportance(Importance):
 
 def computed_value(
     index: GraphIndex, name: str, opsets: Sequence[onnx.OperatorSetIdProto]
-) -> np.ndarray:
+) -> np.ndarray | None:
     """The value of a tensor computed from constants alone (a conv's standardised weight),
-    by onnx's reference evaluator over the nodes it is computed by."""
+    by onnx's reference evaluator over the nodes it is computed by; None where a model input
+    is among what it is computed from (a weight scaled by an input has no value yet)."""
     from onnx.reference import ReferenceEvaluator
 
     needed, nodes, todo = set(), [], [name]
     while todo:
         tensor = todo.pop()
         node = index.producer.get(tensor)
-        if tensor in needed or (node is None and tensor not in index.initializers):
+        if tensor in needed:
             continue
+        if node is None and tensor not in index.initializers:
+            return None
         needed.add(tensor)
         if node is not None:
             nodes.append(node)

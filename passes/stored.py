@@ -90,7 +90,7 @@ def collapse(model: onnx.ModelProto) -> StoredCasts:
     types = value_types(graph)
     casts = {
         output: node
-        for output, node in stored_casts(graph).items()
+        for output, node in stored_casts(graph, types).items()
         if read[node.input[0]] == 1
         and not {output, node.input[0]} & kept
         and (initializers[node.input[0]].data_type, cast_target(node, types)) in EXACT

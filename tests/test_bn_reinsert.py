@@ -263,6 +263,16 @@ def test_recalibration_in_batches_of_one_is_refused(x16) -> None:
         train_mod.recalibrate_model(model, (x16, None), batch_size=1)
 
 
+@pytest.mark.parametrize("batch_size", [0, -1])
+def test_recalibration_in_no_batches_is_refused_in_one_line(x16, batch_size) -> None:
+    """recalibrate_model(..., batch_size=0) stopped with range()'s ValueError traceback: the
+    batch-size rule `reduce --recalibrate` asks before it reduces was not asked here."""
+    torch.manual_seed(0)
+    model = export(randomized(SmallNet()), torch.from_numpy(x16[:4]), keep_bn=True)
+    with pytest.raises(BadInputError, match=f"batches of at least 2 samples.*={batch_size}"):
+        train_mod.recalibrate_model(model, (x16, None), batch_size=batch_size)
+
+
 def test_recalibration_refusal_promises_a_reinsertion_only_where_retrain_makes_one() -> None:
     """tf2onnx writes a Keras BatchNorm it does not fold as a per-channel Mul and Add after a
     Conv without bias: `reduce --recalibrate` refused it saying 'retrain it instead (BatchNorm

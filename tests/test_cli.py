@@ -200,6 +200,65 @@ def test_recalibrate_of_a_uint8_input_model_is_refused_in_cli_words(tmp_path, ca
     assert err.count("\n") == 1 and not out.exists()
 
 
+def _batchnorm_in_a_function() -> onnx.ModelProto:
+    """x (N,1,16,16) -> local.Block (Conv 1 -> 32, BatchNorm, Relu) -> pool -> Gemm (10): the
+    graph itself shows no BatchNormalization; the function reduce inlines at load holds it."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    block = helper.make_function(
+        "local",
+        "Block",
+        ["x", "w", "s", "b", "m", "v"],
+        ["y"],
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["n"]),
+            helper.make_node("Relu", ["n"], ["y"]),
+        ],
+        [helper.make_opsetid("", 17)],
+    )
+    weights = {
+        "w": rng.standard_normal((32, 1, 3, 3)) / 3,
+        "s": np.ones(32),
+        "b": np.zeros(32),
+        "m": np.zeros(32),
+        "v": np.ones(32),
+        "fc": rng.standard_normal((10, 32)) / 3,
+        "fc_b": np.zeros(10),
+    }
+    nodes = [
+        helper.make_node("Block", ["x", "w", "s", "b", "m", "v"], ["h"], domain="local"),
+        helper.make_node("GlobalAveragePool", ["h"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc", "fc_b"], ["logits"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "bn_in_function",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, SIDE, SIDE])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("local", 1)]
+    return helper.make_model(graph, opset_imports=opsets, functions=[block], ir_version=8)
+
+
+def test_recalibrate_reads_the_batchnorms_of_the_functions_reduce_inlines(tiny, tmp_path, capsys):
+    """The early refusal looks at the model as reduce sees it: a BatchNorm inside a local
+    function that holds a layer is inlined at load, and recalibrated after the reduction."""
+    _, data = tiny
+    model, out = tmp_path / "fn.onnx", tmp_path / "r.onnx"
+    onnx.save(_batchnorm_in_a_function(), model)
+    argv = ["reduce", str(model), "-o", str(out), "--data", str(data), "--no-eval"]
+    argv += ["--budget", "params=0.5", "--recalibrate", "--batch-size", "8"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "BN recalibrated on 3 batches" in capsys.readouterr().out
+    written = onnx.load(out)
+    assert any(n.op_type == "BatchNormalization" for n in written.graph.node)
+
+
 def test_recalibrate_with_batches_of_one_is_refused_before_the_reduction(tmp_path, capsys):
     from onnx_mbs.models import BUNDLED_MODEL, FMNIST_SAMPLE
 

@@ -222,3 +222,26 @@ def test_augment_help_names_both_image_layouts(capsys) -> None:
         main(["retrain", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "(N, C, H, W) or (N, H, W, C) input" in text
+
+
+@pytest.mark.parametrize("command", ["eval", "reduce", "retrain"])
+def test_an_empty_data_path_is_refused_not_read_as_the_working_directory(
+    command, bundled_model_path, tmp_path, monkeypatch, capsys
+) -> None:
+    """`--data "$DATA"` with DATA unset read the working directory as an image folder: run
+    where class folders of images lie, eval scored them (exit 0) as the data asked for."""
+    from PIL import Image
+
+    for label in ("ant", "bee"):
+        (tmp_path / label).mkdir()
+        Image.new("L", (28, 28), 128).save(tmp_path / label / "x.png")
+    monkeypatch.chdir(tmp_path)
+    args = [command, str(bundled_model_path), "--data", ""]
+    if command != "eval":
+        args += ["-o", str(tmp_path / "out.onnx")]
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --data: an empty path" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out.onnx").exists()

@@ -244,3 +244,40 @@ def test_weight_criteria_score_a_standardised_conv_by_the_filters_it_computes(cr
     np.testing.assert_allclose(
         run(shrink_channels(model, keep, analysis), x)[0], run(model, x)[0], atol=1e-5
     )
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2", "bn"])
+def test_a_conv_weight_scaled_by_a_model_input_is_scored_by_its_initializer(criterion):
+    """A weight the graph computes from a model input (here Mul by an input `g`) has no value
+    before the model runs: it is scored by the initializer it is computed from, as before the
+    standardised-weight rule; evaluating it from constants alone stopped with the reference
+    evaluator's RuntimeError."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((16, 3, 3, 3)).astype(np.float32)
+    w2 = rng.standard_normal((8, 16, 3, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("Mul", ["w1", "g"], ["w1g"], name="scale"),
+        helper.make_node("Conv", ["x", "w1g"], ["a"], name="c1", pads=[1] * 4),
+        helper.make_node("Relu", ["a"], ["r"], name="r1"),
+        helper.make_node("Conv", ["r", "w2"], ["y"], name="c2", pads=[1] * 4),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "input_scaled_weight",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8]),
+            helper.make_tensor_value_info("g", TensorProto.FLOAT, [1]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    model = load_model(model)
+    (group,) = [g for g in analyze_channels(model).groups if g.producers == ["c1"]]
+    scores = weight_importance(model, criterion)(group)
+    p = 1 if criterion == "l1" else 2
+    norms = np.linalg.norm(w1.reshape(16, -1), ord=p, axis=1)
+    np.testing.assert_allclose(scores / scores.mean(), norms / norms.mean(), rtol=1e-5)

@@ -267,3 +267,21 @@ def test_measure_models_feeds_each_input_its_own_type(elem):
     model.ir_version = 8
     (seconds,) = measure_models([model], [CPU], runs=3, sessions=1)
     assert seconds > 0
+
+
+def test_an_input_that_is_no_tensor_is_refused_in_one_line():
+    """A sequence input has no numpy type to time it with: one line, not the ValueError that
+    reading 'seq(tensor(float))' as a tensor type raised."""
+    from onnx_mbs.passes import BadInputError
+
+    seq = onnx.helper.make_tensor_sequence_value_info("s", onnx.TensorProto.FLOAT, None)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("SequenceLength", ["s"], ["n"])],
+        "seq",
+        [seq],
+        [onnx.helper.make_tensor_value_info("n", onnx.TensorProto.INT64, [])],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    with pytest.raises(BadInputError, match=r"seq\(tensor\(float\)\)"):
+        measure_models([model], [CPU], runs=3, sessions=1)

@@ -990,8 +990,9 @@ def recalibrate_model(
     model: onnx.ModelProto, data: Any, batch_size: int = 64, device: str = "cpu"
 ) -> tuple[onnx.ModelProto, int]:
     """`model` with every BatchNorm's running statistics re-estimated on `data` (no training),
-    and the number of batches used. A BN-folded graph has nothing to re-estimate: refused."""
-    check_recalibration(model)
+    and the number of batches used. A BN-folded graph has nothing to re-estimate, batches of
+    fewer than 2 samples re-estimate nothing: refused (`check_recalibration`)."""
+    check_recalibration(model, batch_size)
     check_device(device)
     samples = as_samples(data, "calibration data")
     if samples.count < 2:
