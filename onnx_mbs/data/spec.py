@@ -317,11 +317,21 @@ def _open_folder(
     return ImageFolderSource(files, y, preprocess, input_name, description, names, what)
 
 
-def check_same_classes(train: Any, val: Any) -> None:
+def check_same_classes(train: Any, val: Any, val_labels: np.ndarray | None = None) -> None:
     """Folder labels are positions in each folder's sorted class list: a validation folder
     without one of the training folder's classes, or with another, numbers the rest otherwise,
-    and every epoch would be scored against shifted labels."""
+    and every epoch would be scored against shifted labels. Validation labels without names
+    (`val_labels` of an npz, IDX or arrays) can only be held to the training folder's count."""
     ours, theirs = getattr(train, "classes", None), getattr(val, "classes", None)
+    if ours is not None and theirs is None and val_labels is not None and len(val_labels):
+        top = int(np.max(val_labels))
+        if top >= len(ours):
+            shown = ", ".join(ours) if len(ours) <= 6 else f"{', '.join(ours[:5])}, ..."
+            raise BadInputError(
+                f"label {top} in the validation data names no class of the training folder's "
+                f"{len(ours)} classes ({shown}): labels are positions in its sorted class "
+                "list; give it a sub-folder for each class (an empty one keeps its place)"
+            )
     if ours is None or theirs is None or tuple(ours) == tuple(theirs):
         return
     missing = [c for c in ours if c not in theirs]
