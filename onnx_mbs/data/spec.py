@@ -387,10 +387,12 @@ def _check_numbered_classes(path: Path, names: list[str]) -> None:
 
 
 def _images(folder: Path) -> list[Path]:
-    """The image files in `folder` and its sub-folders, sorted: torchvision's ImageFolder
-    reads a class's images at any depth (cat/2019/x.png), so a model trained so is measured on
-    the same files. Hidden files and folders stay out; each real folder is read once (a
-    symlink loop would list its images again at every turn)."""
+    """The image files in `folder` and its sub-folders, in torchvision's order: its
+    ImageFolder reads a class's images at any depth (cat/2019/x.png), so a model trained so is
+    measured on the same files, and lists them by its sorted os.walk (folders by their path
+    strings, each one's files by name, cat/a.png before cat/2019/x.png), which `--limit`
+    picks by. Hidden files and folders stay out; each real folder is read once (a symlink
+    loop would list its images again at every turn)."""
     found: list[Path] = []
     seen: set[str] = set()
     folders = [folder]
@@ -407,7 +409,7 @@ def _images(folder: Path) -> list[Path]:
                 folders.append(p)
             elif _is_image(p):
                 found.append(p)
-    return sorted(found)
+    return sorted(found, key=lambda p: (str(p.parent), p.name))
 
 
 def _is_image(path: Path) -> bool:
