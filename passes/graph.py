@@ -381,14 +381,30 @@ def channels_last(index: GraphIndex, name: str) -> bool:
     return index.graph is not None and input_layout(index.graph, name) == "NHWC"
 
 
+def identity_sources(graph: onnx.GraphProto) -> dict[str, str]:
+    """Each Identity node's output -> the tensor behind its chain of Identity nodes: exporters
+    write Mul(x, Identity(c)), and `c` is a constant all the same."""
+    step = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity" and n.input}
+    behind: dict[str, str] = {}
+    for name in step:
+        source, seen = name, set()
+        while source in step and source not in seen:  # any node order; a cycle ends it
+            seen.add(source)
+            source = step[source]
+        behind[name] = source
+    return behind
+
+
 def constant_lookup(graph: onnx.GraphProto) -> Callable[[str], np.ndarray | None]:
-    """A lookup of the graph's constant tensors (initializers, Constant nodes) by name, each
-    decoded when asked for: walks that read a few small constants need not decode weights
-    (FixInputShapes walks the input at every size it tries)."""
+    """A lookup of the graph's constant tensors (initializers, Constant nodes, and Identity of
+    either) by name, each decoded when asked for: walks that read a few small constants need
+    not decode weights (FixInputShapes walks the input at every size it tries)."""
     initializers = {t.name: t for t in graph.initializer}
     nodes = {n.output[0]: n for n in graph.node if n.op_type == "Constant" and n.output}
+    behind = identity_sources(graph)
 
     def constant(name: str) -> np.ndarray | None:
+        name = behind.get(name, name)
         if name in initializers:
             return numpy_helper.to_array(initializers[name])
         return constant_value(nodes[name]) if name in nodes else None
@@ -459,6 +475,7 @@ def input_layout(graph: onnx.GraphProto, name: str) -> str:
     channels are its last axis."""
     constants = {t.name for t in graph.initializer}
     constants |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    constants |= {o for o, source in identity_sources(graph).items() if source in constants}
     readers = tensor_readers(graph)
     ends, stack, seen = [], [name], {name}
     while stack:

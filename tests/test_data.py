@@ -408,6 +408,28 @@ def test_images_in_a_class_folders_own_sub_folders_are_read(tmp_path):
     np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
+def test_a_class_folders_images_are_in_torchvisions_order(tmp_path):
+    """torchvision's make_dataset lists a class's images folder by folder, its sorted
+    os.walk: each folder's own files (sorted by name) before its sub-folders', folders in the
+    order of their path strings (a-b before a/sub). The whole paths were sorted instead
+    (cat/2019/x.png before cat/a.png), and --limit, which picks by this order, took other
+    images than the same limit on a torchvision loader."""
+    root = tmp_path / "nested"
+    names = ["B.png", "a.png", "2019/x.png", "a-b/y.png", "a/sub/z.png"]  # torchvision's order
+    for k, name in enumerate(reversed(names)):
+        write_png(root / "ant" / name, pixels(1, 4, 4, seed=k)[0])
+    source = open_data(root, "in", (1, 1, 4, 4))
+    assert [p.relative_to(root / "ant").as_posix() for p in source.files] == names
+    try:
+        from onnx_mbs.models.torchvision_cpu import import_torchvision
+
+        folder = import_torchvision().datasets.folder
+    except ImportError:
+        return
+    listed = folder.make_dataset(str(root), {"ant": 0}, extensions=(".png",))
+    assert [Path(p).relative_to(root / "ant").as_posix() for p, _ in listed] == names
+
+
 def test_unreadable_image_fails_when_streamed(tmp_path):
     write_png(tmp_path / "imgs" / "a" / "0.png", pixels(1, 4, 4)[0])
     (tmp_path / "imgs" / "a" / "1.png").write_bytes(b"not a png")

@@ -21,7 +21,7 @@ from onnx_mbs.passes import (
     shrink_channels,
     weight_importance,
 )
-from onnx_mbs.passes.graph import input_scale, static_shape
+from onnx_mbs.passes.graph import input_layout, input_scale, static_shape
 from onnx_mbs.passes.load import in_load_form
 
 
@@ -148,3 +148,20 @@ def test_input_scale_finds_the_pixel_scaling_in_any_order(ops, expected):
     """Keras' Rescaling(1/255) may come before or after a Normalization (per-channel Sub and
     Div, or Mul by 1/std): the 1/255 is found either way."""
     assert input_scale(_front(*ops), "input_1") == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("constant", ["initializer", "Constant"])
+def test_input_scale_reads_a_constant_through_identity(constant):
+    """Some exporters write Mul(x, Identity(c)): the 1/255 behind the Identity was not read,
+    and the model, which divides by 255 itself, was fed [0, 1] pixels divided again; nor was
+    the input, which only feeds a Transpose to NCHW past it, read as NHWC."""
+    graph = _front(("Mul", 1 / 255), ("Sub", MEAN / 255))
+    graph.node.insert(0, onnx.helper.make_node("Identity", ["c0_alias"], ["c0_alias2"]))
+    graph.node.insert(0, onnx.helper.make_node("Identity", ["c0"], ["c0_alias"]))
+    graph.node[2].input[1] = "c0_alias2"
+    if constant == "Constant":
+        tensor = next(t for t in graph.initializer if t.name == "c0")
+        graph.initializer.remove(tensor)
+        graph.node.insert(0, onnx.helper.make_node("Constant", [], ["c0"], value=tensor))
+    assert input_scale(graph, "input_1") == pytest.approx(1 / 255)
+    assert input_layout(graph, "input_1") == "NHWC"

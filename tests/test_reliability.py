@@ -36,6 +36,7 @@ from reliability_inputs import write_inputs
 
 import onnx_mbs
 from onnx_mbs.cli import main
+from onnx_mbs.data.fit import open_for_model
 from onnx_mbs.passes import BadInputError, command_line
 
 REPORT = ("rep/report.json", "rep/report.md", "rep/widths.png")
@@ -902,7 +903,8 @@ def test_every_case_in_a_real_process_prints_no_traceback(case, inputs, tmp_path
 
 
 @pytest.mark.parametrize(
-    "rescaling", ["mul", "div", "keras-offset", "normalization-first", "normalization-alone"]
+    "rescaling",
+    ["mul", "mul-identity", "div", "keras-offset", "normalization-first", "normalization-alone"],
 )
 def test_a_model_that_divides_by_255_itself_is_fed_0_to_255_pixels(
     bundled_model_path, tmp_path, capsys, rescaling
@@ -929,6 +931,8 @@ def test_a_model_that_divides_by_255_itself_is_fed_0_to_255_pixels(
     # the [0, 1] or [-1, 1] pixels the Rescaling makes, normalised as the original's data was
     first = {
         "mul": [("Mul", 1 / 255), ("Add", 0.0), ("Sub", mean), ("Div", std)],
+        # Mul(x, Identity(c)), as some exporters write it
+        "mul-identity": [("Mul", 1 / 255), ("Add", 0.0), ("Sub", mean), ("Div", std)],
         "div": [("Div", 255.0), ("Add", 0.0), ("Sub", mean), ("Div", std)],
         # (x / 127.5 - 1) = 2 * x / 255 - 1
         "keras-offset": [
@@ -950,7 +954,11 @@ def test_a_model_that_divides_by_255_itself_is_fed_0_to_255_pixels(
     for k, (op, value) in enumerate(first):
         graph.initializer.append(onnx.numpy_helper.from_array(np.array(value, np.float32), f"c{k}"))
         out = f"{name}_ready" if k == len(first) - 1 else f"t{k}"
-        nodes.append(onnx.helper.make_node(op, [tensor, f"c{k}"], [out]))
+        constant = f"c{k}"
+        if rescaling == "mul-identity" and k == 0:
+            nodes.append(onnx.helper.make_node("Identity", [constant], ["c0_alias"]))
+            constant = "c0_alias"
+        nodes.append(onnx.helper.make_node(op, [tensor, constant], [out]))
         tensor = out
     nodes += graph.node
     del graph.node[:]
@@ -969,3 +977,6 @@ def test_a_model_that_divides_by_255_itself_is_fed_0_to_255_pixels(
         f"0..255 pixels: the model {said.get(rescaling, f'scales its input by {scale:.4g} itself')}"
         in captured.err
     )
+    # the Python API reads the model as loaded (an Identity not yet collapsed) the same way
+    source = open_for_model(data, onnx.load(tmp_path / "keras.onnx"))
+    assert f"preprocessing: {source.preprocess.describe()}" in captured.err

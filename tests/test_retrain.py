@@ -548,3 +548,36 @@ def test_a_val_folder_with_other_classes_than_the_training_folder_is_refused(tmp
         retrain(export(keep_bn=True), train_source, val_source, epochs=1, progress=False)
     (tmp_path / "val" / "bee").mkdir()
     check_same_classes(train_source, open_data(tmp_path / "val", "input", (1, 1, 8, 8)))
+
+
+def test_val_labels_past_the_training_folder_s_classes_are_refused(tmp_path) -> None:
+    """An npz (or IDX, or arrays) for --val carries no class names: its labels are positions
+    in the training folder's sorted class list. A label past that list (3 beside a training
+    folder of 3 classes) named no class the training data has, yet the model's 4 logits let
+    it through, and every epoch was scored against it. Labels within the list are kept, and a
+    training npz beside a validation folder is not compared (it has no names)."""
+    from PIL import Image
+
+    from onnx_mbs.data import open_data
+
+    for k, c in enumerate(["ant", "bee", "cat"]):
+        (tmp_path / "train" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((8, 8), 60 * k + i, np.uint8)).save(
+                tmp_path / "train" / c / f"{i}.png"
+            )
+    train_source = open_data(tmp_path / "train", "input", (1, 1, 8, 8))
+    x = np.random.default_rng(0).integers(0, 255, (8, 1, 8, 8), dtype=np.uint8)
+
+    def val(top: int):
+        y = np.arange(8, dtype=np.int64) % (top + 1)
+        return open_data(write_npz(tmp_path / f"val{top}.npz", x=x, y=y), "input", (1, 1, 8, 8))
+
+    with pytest.raises(BadInputError, match=r"label 3 .*validation.* 3 classes .*ant, bee, cat"):
+        retrain(export(keep_bn=True), train_source, val(3), epochs=1, progress=False)
+    with pytest.raises(BadInputError, match=r"label 3 .*validation"):
+        retrain(export(keep_bn=True), train_source, (x / 255.0, np.arange(8) % 4), progress=False)
+    result = retrain(export(keep_bn=True), train_source, val(2), epochs=1, progress=False)
+    assert result.history
+    result = retrain(export(keep_bn=True), val(3), train_source, epochs=1, progress=False)
+    assert result.history

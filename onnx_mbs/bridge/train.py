@@ -422,7 +422,7 @@ def retrain(
     train = as_samples(train_data, "training data")
     val = as_samples(val_data, "validation data") if val_data is not None else None
     if val is not None and train.labelled and val.labelled:
-        check_same_classes(train_data, val_data)
+        check_same_classes(train_data, val_data, val.labels())
     if amp not in AMP_CHOICES:
         raise BadInputError(f"amp must be one of {', '.join(AMP_CHOICES)}, not {amp!r}")
     if not train.labelled and teacher is None:

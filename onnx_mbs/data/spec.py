@@ -317,11 +317,21 @@ def _open_folder(
     return ImageFolderSource(files, y, preprocess, input_name, description, names, what)
 
 
-def check_same_classes(train: Any, val: Any) -> None:
+def check_same_classes(train: Any, val: Any, val_labels: np.ndarray | None = None) -> None:
     """Folder labels are positions in each folder's sorted class list: a validation folder
     without one of the training folder's classes, or with another, numbers the rest otherwise,
-    and every epoch would be scored against shifted labels."""
+    and every epoch would be scored against shifted labels. Validation labels without names
+    (`val_labels` of an npz, IDX or arrays) can only be held to the training folder's count."""
     ours, theirs = getattr(train, "classes", None), getattr(val, "classes", None)
+    if ours is not None and theirs is None and val_labels is not None and len(val_labels):
+        top = int(np.max(val_labels))
+        if top >= len(ours):
+            shown = ", ".join(ours) if len(ours) <= 6 else f"{', '.join(ours[:5])}, ..."
+            raise BadInputError(
+                f"label {top} in the validation data names no class of the training folder's "
+                f"{len(ours)} classes ({shown}): labels are positions in its sorted class "
+                "list; give it a sub-folder for each class (an empty one keeps its place)"
+            )
     if ours is None or theirs is None or tuple(ours) == tuple(theirs):
         return
     missing = [c for c in ours if c not in theirs]
@@ -377,10 +387,12 @@ def _check_numbered_classes(path: Path, names: list[str]) -> None:
 
 
 def _images(folder: Path) -> list[Path]:
-    """The image files in `folder` and its sub-folders, sorted: torchvision's ImageFolder
-    reads a class's images at any depth (cat/2019/x.png), so a model trained so is measured on
-    the same files. Hidden files and folders stay out; each real folder is read once (a
-    symlink loop would list its images again at every turn)."""
+    """The image files in `folder` and its sub-folders, in torchvision's order: its
+    ImageFolder reads a class's images at any depth (cat/2019/x.png), so a model trained so is
+    measured on the same files, and lists them by its sorted os.walk (folders by their path
+    strings, each one's files by name, cat/a.png before cat/2019/x.png), which `--limit`
+    picks by. Hidden files and folders stay out; each real folder is read once (a symlink
+    loop would list its images again at every turn)."""
     found: list[Path] = []
     seen: set[str] = set()
     folders = [folder]
@@ -397,7 +409,7 @@ def _images(folder: Path) -> list[Path]:
                 folders.append(p)
             elif _is_image(p):
                 found.append(p)
-    return sorted(found)
+    return sorted(found, key=lambda p: (str(p.parent), p.name))
 
 
 def _is_image(path: Path) -> bool:
