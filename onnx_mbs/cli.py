@@ -26,6 +26,7 @@ from onnx_mbs.passes import (
     BadInputError,
     analyze_model,
     command_line,
+    inline_layers,
     load,
     load_model,
     parse_input_shape,
@@ -266,7 +267,6 @@ def _check_recalibration(args: argparse.Namespace) -> None:
     import onnx
 
     from onnx_mbs.bridge.train import check_recalibration
-    from onnx_mbs.passes.functions import inline_layers
     from onnx_mbs.runtime import require_float_input
 
     try:

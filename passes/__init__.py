@@ -25,6 +25,7 @@ from .channel_walk import ChannelWalk, register_handler, unregister_handler
 from .cost import CostModel
 from .errors import BadInputError, command_line, option
 from .fold import FoldShapes, fold_shapes
+from .functions import inline_layers
 from .graph import GraphIndex, count_parameters
 from .importance import (
     CRITERIA,
@@ -96,6 +97,7 @@ __all__ = [
     "count_parameters",
     "fold_shapes",
     "group_scores",
+    "inline_layers",
     "load",
     "load_model",
     "normalise",
