@@ -435,13 +435,18 @@ def _input_front(graph: onnx.GraphProto, name: str) -> list[tuple[str, np.ndarra
 
 
 def input_scale(graph: onnx.GraphProto, name: str) -> float:
-    """The factor by which the graph scales its input itself: a scalar Mul or Div in its
-    front (`_input_front`). Of several, the one that scales 0..255 pixels (`is_pixel_scale`):
-    Keras' Rescaling(1/255) may come before or after a Normalization, whose Sub and Div (or
-    Mul by 1/std) are per-channel, or scalar for one channel; else the first. 1 when there is
-    none (Rescaling(1/127.5, offset=-1) is a Mul and an Add)."""
+    """The factor by which the graph scales its input itself (`_scale_of` its front)."""
+    return _scale_of(_input_front(graph, name))
+
+
+def _scale_of(front: list[tuple[str, np.ndarray]]) -> float:
+    """A scalar Mul or Div of a graph's front (`_input_front`). Of several, the one that
+    scales 0..255 pixels (`is_pixel_scale`): Keras' Rescaling(1/255) may come before or after
+    a Normalization, whose Sub and Div (or Mul by 1/std) are per-channel, or scalar for one
+    channel; else the first. 1 when there is none (Rescaling(1/127.5, offset=-1) is a Mul and
+    an Add)."""
     factors = []
-    for op, value in _input_front(graph, name):
+    for op, value in front:
         if op in ("Mul", "Div") and value.size == 1:
             factor = float(value.reshape(-1)[0])
             factors.append(factor if op == "Mul" else 1 / factor if factor else 1.0)
@@ -456,10 +461,11 @@ def raw_pixels(graph: onnx.GraphProto, name: str) -> str | None:
     """How the graph shows that it takes pixels in 0..255, in words, or None: it scales its
     input by about 1/255 itself (`input_scale`), or it first subtracts a mean in 0..255 units
     (Keras' Normalization adapted on raw pixels, as keras.applications' ConvNeXt has it)."""
-    scale = input_scale(graph, name)
+    front = _input_front(graph, name)
+    scale = _scale_of(front)
     if is_pixel_scale(scale):
         return f"the model scales its input by {scale:.4g} itself"
-    for op, value in _input_front(graph, name):
+    for op, value in front:
         if op in ("Mul", "Div"):
             break
         mean = value if op == "Sub" else -value
