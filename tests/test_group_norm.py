@@ -195,15 +195,15 @@ def test_group_normalization_at_21_trains_only_its_own_affine():
     assert trained == conv_a + affine + conv_out  # no per-group 2 * GROUPS
 
 
-class _GroupedConvBetweenGroupNorms(torch.nn.Module):
-    """conv -> GroupNorm(4, 16) -> conv with groups=4 -> GroupNorm(4, 16) -> conv 'dw'."""
+class _GroupedConvAfterGroupNorm(torch.nn.Module):
+    """conv -> GroupNorm(4, 16) -> conv with groups=4 [-> GroupNorm(4, 16)] -> conv 'dw'."""
 
-    def __init__(self) -> None:
+    def __init__(self, norm_after: bool) -> None:
         super().__init__()
         self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
         self.gn0 = torch.nn.GroupNorm(4, 16)
         self.gc = torch.nn.Conv2d(16, 16, 3, padding=1, groups=4)
-        self.gn = torch.nn.GroupNorm(4, 16)
+        self.gn = torch.nn.GroupNorm(4, 16) if norm_after else torch.nn.Identity()
         self.dw = torch.nn.Conv2d(16, 8, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -216,7 +216,7 @@ def test_conv_groups_and_group_norm_units_that_tie_every_channel_say_so(tmp_path
     conv ("Conv '/dw/Conv': channels arrive on axis 3": the walk put the one-unit channels
     on the last axis after the GroupNorm); it says why now, and the written model computes
     the same."""
-    reasons = _pinned_as_tied(_GroupedConvBetweenGroupNorms(), tmp_path)
+    reasons = _pinned_as_tied(_GroupedConvAfterGroupNorm(norm_after=True), tmp_path)
     assert not any("arrive on axis" in reason for reason in reasons)
     assert any("GroupNorm" in reason for reason in reasons), reasons
 
@@ -240,23 +240,9 @@ def _pinned_as_tied(net: torch.nn.Module, tmp_path) -> list[str]:
     return group.pin_reasons
 
 
-class _GroupNormBeforeAGroupedConv(torch.nn.Module):
-    """conv -> GroupNorm(4, 16) -> conv with groups=4 -> conv 'dw': no GroupNorm after."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
-        self.gn0 = torch.nn.GroupNorm(4, 16)
-        self.gc = torch.nn.Conv2d(16, 16, 3, padding=1, groups=4)
-        self.dw = torch.nn.Conv2d(16, 8, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dw(torch.relu(self.gc(torch.relu(self.gn0(self.stem(x))))))
-
-
 def test_a_grouped_conv_after_a_group_norm_that_ties_every_channel_says_so(tmp_path):
     """The GroupNorm's units come first and the grouped conv's conv-groups then tie all 16
     channels into one unit: the group was left a one-unit group, unpinned, with no reason in
     the report. The conv pins it now, saying why, and the written model computes the same."""
-    reasons = _pinned_as_tied(_GroupNormBeforeAGroupedConv(), tmp_path)
+    reasons = _pinned_as_tied(_GroupedConvAfterGroupNorm(norm_after=False), tmp_path)
     assert any("Conv '/gc/Conv' (group 4)" in reason for reason in reasons), reasons
