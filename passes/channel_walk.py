@@ -199,17 +199,15 @@ class ChannelWalk:
         listed = {i.name for i in graph.input} & set(self.index.initializers)
         if not listed:
             return
-        for slot in self.slots:
-            name = self.index.nodes[slot.node].input[slot.input]
+        nodes = self.index.nodes
+        reads = [(nodes[s.node].input[s.input], (s.ids,)) for s in self.slots]
+        # a shape constant counting channels (Reshape, Slice, ...)
+        reads += [(name, e.ids) for e in self.edits for name in nodes[e.node].input]
+        for name, channels in reads:
             source = self.source(name) or name
             if source in listed:
-                self.pin(slot.ids, f"graph input '{source}' (an overridable initializer)")
-        for edit in self.edits:  # a shape constant counting channels (Reshape, Slice, ...)
-            for name in self.index.nodes[edit.node].input:
-                source = self.source(name) or name
-                if source in listed:
-                    for ids in edit.ids:
-                        self.pin(ids, f"graph input '{source}' (an overridable initializer)")
+                for ids in channels:
+                    self.pin(ids, f"graph input '{source}' (an overridable initializer)")
 
     def visit(self, node: onnx.NodeProto) -> None:
         op = node.op_type

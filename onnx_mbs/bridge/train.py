@@ -967,14 +967,15 @@ def check_recalibration(model: onnx.ModelProto, batch_size: int = 64) -> None:
     if not has_batchnorm(model):
         # retrain re-inserts one only after a biased Conv: not where a BatchNorm is written as
         # a Mul and an Add after a Conv without bias (as tf2onnx writes one it does not fold)
-        where = (
-            "folded into its Convs): recalibration has nothing to re-estimate; retrain it "
-            "instead (BatchNorm is re-inserted there)"
+        where, there = (
+            ("folded into its Convs", " (BatchNorm is re-inserted there)")
             if foldable_convs(model)
-            else "nor a biased Conv to re-insert one after): recalibration has nothing to "
-            "re-estimate; retrain it instead"
+            else ("nor a biased Conv to re-insert one after", "")
         )
-        raise BadInputError(f"the model has no BatchNormalization ({where}")
+        raise BadInputError(
+            f"the model has no BatchNormalization ({where}): recalibration has nothing to "
+            f"re-estimate; retrain it instead{there}"
+        )
     if batch_size < 2:
         raise BadInputError(_batches_of_one(batch_size))
 

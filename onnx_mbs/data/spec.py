@@ -326,10 +326,9 @@ def check_same_classes(train: Any, val: Any, val_labels: np.ndarray | None = Non
     if ours is not None and theirs is None and val_labels is not None and len(val_labels):
         top = int(np.max(val_labels))
         if top >= len(ours):
-            shown = ", ".join(ours) if len(ours) <= 6 else f"{', '.join(ours[:5])}, ..."
             raise BadInputError(
                 f"label {top} in the validation data names no class of the training folder's "
-                f"{len(ours)} classes ({shown}): labels are positions in its sorted class "
+                f"{len(ours)} classes ({_few(ours)}): labels are positions in its sorted class "
                 "list; give it a sub-folder for each class (an empty one keeps its place)"
             )
     if ours is None or theirs is None or tuple(ours) == tuple(theirs):
@@ -366,6 +365,11 @@ def _in_turn(labels: list[int], limit: int | None) -> list[int]:
     return sorted(k for _, _, k in sorted(order)[:limit])
 
 
+def _few(names: Sequence[str]) -> str:
+    """Class folder names for a message: all of up to six, else the first five and "..."."""
+    return ", ".join(names if len(names) <= 6 else [*names[:5], "..."])
+
+
 def _check_numbered_classes(path: Path, names: list[str]) -> None:
     """Labels are the class folders' positions in sorted order. Folders named by numbers that
     are not their positions (3 and 7 of a 10-class set; 0..10 unpadded, where "10" sorts before
@@ -374,12 +378,11 @@ def _check_numbered_classes(path: Path, names: list[str]) -> None:
     moved = [(name, k) for k, name in enumerate(names) if name.isdecimal() and int(name) != k]
     if not moved:
         return
-    shown = names if len(names) <= 6 else [*names[:5], "..."]
     mapping = ", ".join(f"{name} -> {k}" for name, k in moved[:4]) + (
         ", ..." if len(moved) > 4 else ""
     )
     raise BadInputError(
-        f"image folder {path} has class sub-folders named by numbers ({', '.join(shown)}) "
+        f"image folder {path} has class sub-folders named by numbers ({_few(names)}) "
         f"that are not their positions in sorted order, which are the labels ({mapping}): "
         "name them so that sorted order gives the class index (0, 1, ...; zero-padded past "
         "9), or store the images and labels in an .npz (x, y)"
