@@ -74,14 +74,16 @@ def evaluate(
     batch_size: int = 256,
     progress: bool = True,
     logits: str | None = None,
+    input_shapes: InputShapes | None = None,
 ) -> EvalResult:
     """Accuracy of the classifier output (`onnx_mbs.logits`: `logits` names it where the
     model has several), its shape taken from the first batch's run. `data` is a DataSource,
-    or a --data spec (or reader) read for the model as `onnx-mbs eval` reads it."""
+    or a --data spec (or reader) read for the model as `onnx-mbs eval` reads it, fitted to
+    `input_shapes` where the model's input dims are dynamic (`--input-shape`)."""
     if not hasattr(data, "batches"):  # not a DataSource (a Protocol)
         from onnx_mbs.data.fit import open_for_model
 
-        data = open_for_model(data, load_for_eval(model).model, logits=logits)
+        data = open_for_model(data, load_for_eval(model, input_shapes).model, logits=logits)
     session = make_session(model, providers)
     graph = _proto(model)
     logits_name: str | None = None
