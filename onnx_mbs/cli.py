@@ -295,7 +295,9 @@ def _recalibrate(reduced, args: argparse.Namespace) -> dict:
     from onnx_mbs.logits import has_top1
     from onnx_mbs.runtime import choose_providers
 
-    source = _open_for_model(args.data, load_model(reduced), args, args.limit)
+    # Read at --input-shape, as reduce read it: the data is fitted to the size analysed.
+    loaded = load_model(reduced, _input_shapes(args.input_shape))
+    source = _open_for_model(args.data, loaded, args, args.limit)
     x, y = to_arrays(source)
     model, batches = recalibrate_model(reduced, (x, None), args.batch_size)
     top1 = None

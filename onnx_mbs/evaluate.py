@@ -74,14 +74,16 @@ def evaluate(
     batch_size: int = 256,
     progress: bool = True,
     logits: str | None = None,
+    input_shapes: InputShapes | None = None,
 ) -> EvalResult:
     """Accuracy of the classifier output (`onnx_mbs.logits`: `logits` names it where the
     model has several), its shape taken from the first batch's run. `data` is a DataSource,
-    or a --data spec (or reader) read for the model as `onnx-mbs eval` reads it."""
+    or a --data spec (or reader) read for the model as `onnx-mbs eval` reads it, fitted to
+    `input_shapes` where the model's input dims are dynamic (`--input-shape`)."""
     if not hasattr(data, "batches"):  # not a DataSource (a Protocol)
         from onnx_mbs.data.fit import open_for_model
 
-        data = open_for_model(data, load_for_eval(model).model, logits=logits)
+        data = open_for_model(data, load_for_eval(model, input_shapes).model, logits=logits)
     session = make_session(model, providers)
     graph = _proto(model)
     logits_name: str | None = None
@@ -154,10 +156,11 @@ class OutputAgreement:
     """How closely one output follows the teacher's output of the same name.
 
     relative_error: ||student - teacher|| / ||teacher|| over all samples; cosine: the mean
-    per-sample cosine similarity; top1: the fraction of samples whose argmax class agrees
-    (classifier outputs only, `onnx_mbs.logits`); iou: for dense maps (batch, C, H, W), the
-    mean over classes of the IoU of the argmax maps (C > 1) or of the maps thresholded at 0.5
-    for probabilities, else 0 (C = 1). Non-finite student values never count as agreeing.
+    per-sample cosine similarity (1 where both are all zero); top1: the fraction of samples
+    whose argmax class agrees (classifier outputs only, `onnx_mbs.logits`); iou: for dense
+    maps (batch, C, H, W), the mean over classes of the IoU of the argmax maps (C > 1) or of
+    the maps thresholded at 0.5 for probabilities, else 0 (C = 1). Non-finite student values
+    never count as agreeing.
     """
 
     name: str
@@ -193,8 +196,11 @@ class _Accumulator:
         self.count += n
         self.sq_err += float(((s64 - t64) ** 2).sum())
         self.sq_ref += float((t64**2).sum())
-        norms = np.linalg.norm(s64, axis=1) * np.linalg.norm(t64, axis=1)
+        s_norm, t_norm = np.linalg.norm(s64, axis=1), np.linalg.norm(t64, axis=1)
+        norms = s_norm * t_norm
         cos = np.where(norms > 0, (s64 * t64).sum(axis=1) / np.maximum(norms, 1e-300), 0.0)
+        # Both all zero (an empty mask, a map of class 0 only) is exact agreement, not 0.
+        cos = np.where((s_norm == 0) & (t_norm == 0), 1.0, cos)
         self.cosine += float(np.where(finite, cos, 0.0).sum())
         if classes_of(self.shape) is not None:
             self.hits += int(((s64.argmax(1) == t64.argmax(1)) & finite).sum())

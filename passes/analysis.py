@@ -282,44 +282,88 @@ def _slice_steps(node: onnx.NodeProto, index: GraphIndex) -> list[int]:
     return steps
 
 
+LAYOUT_OPS = ("Reshape", "Transpose", "Unsqueeze", "Squeeze")
+CHAIN_CELLS = 1 << 22  # the largest map whose pixels a chain is traced through
+
+
 def space_to_depth_chains(index: GraphIndex) -> dict[int, onnx.NodeProto | None]:
-    """Reshape-Transpose-Reshape chains that compute SpaceToDepth (TResNet's stem, YOLO
-    focus layers written as views): (N, C, H, W) -> (N, C, H/b, b, W/b, b) -> any order
-    with H/b, W/b last -> (N, C*b*b, H/b, W/b). Maps the last Reshape's position to the
-    SpaceToDepth node it computes and the other two to None: the receptive-field trace
-    reads the chain as that op instead of restarting after its 6-D views."""
+    """Chains of views that compute SpaceToDepth or DepthToSpace: TResNet's stem and YOLO
+    focus layers written as Reshape-Transpose-Reshape, nn.PixelUnshuffle as torch exports it
+    (Unsqueeze, Reshape, Reshape, Transpose, Reshape, Squeeze), a pixel shuffle written as
+    views. A chain runs from a map (N, C, H, W) through single-reader views of other ranks
+    to a map (N, C*b*b, H/b, W/b) or (N, C/(b*b), H*b, W*b); it is one when tracing its
+    pixels shows each output pixel read from its b x b block (or the pixel whose block it
+    is). Maps the last node's position to the op it computes and the others' to None: the
+    receptive-field trace and the macroblocks read the chain as that op instead of joining
+    the maps of both sizes across its views."""
     found: dict[int, onnx.NodeProto | None] = {}
     position = {id(node): k for k, node in enumerate(index.nodes)}
     shapes = index.shapes
     for first in index.nodes:
-        if first.op_type != "Reshape":
+        if first.op_type not in LAYOUT_OPS or position[id(first)] in found:
             continue
-        x, view = first.input[0], first.output[0]
-        before, split = shapes.get(x), shapes.get(view)
-        if before is None or split is None or len(before) != 4 or len(split) != 6:
+        x = first.input[0]
+        before = shapes.get(x)
+        if before is None or len(before) != 4 or math.prod(before) > CHAIN_CELLS:
             continue
-        n, c, h, w = before
-        b = split[3]
-        if b < 2 or tuple(split) != (n, c, h // b, b, w // b, b) or h % b or w % b:
+        chain, node = [first], first
+        while len(chain) < 8:
+            out = shapes.get(node.output[0])
+            if out is None or len(out) == 4:
+                break
+            readers = index.consumers.get(node.output[0], [])
+            if len(readers) != 1 or readers[0].op_type not in LAYOUT_OPS:
+                break
+            node = readers[0]
+            chain.append(node)
+        after = shapes.get(chain[-1].output[0])
+        if len(chain) < 2 or after is None or len(after) != 4:
             continue
-        readers = index.consumers.get(view, [])
-        if len(readers) != 1 or readers[0].op_type != "Transpose":
+        made = _resampled_by_views(chain, tuple(before), tuple(after), shapes)
+        if made is None:
             continue
-        transpose = readers[0]
-        perm = list(attributes(transpose).get("perm") or ())
-        if len(perm) != 6 or perm[0] != 0 or perm[4:] != [2, 4]:
-            continue
-        readers = index.consumers.get(transpose.output[0], [])
-        if len(readers) != 1 or readers[0].op_type != "Reshape":
-            continue
-        last = readers[0]
-        if tuple(shapes.get(last.output[0]) or ()) != (n, c * b * b, h // b, w // b):
-            continue
-        found[position[id(first)]] = found[position[id(transpose)]] = None
+        op, b = made
+        for node in chain[:-1]:
+            found[position[id(node)]] = None
+        last = chain[-1]
         found[position[id(last)]] = onnx.helper.make_node(
-            "SpaceToDepth", [x], [last.output[0]], name=last.name, blocksize=b
+            op, [x], [last.output[0]], name=last.name, blocksize=b
         )
     return found
+
+
+def _resampled_by_views(
+    chain: list[onnx.NodeProto], before: tuple, after: tuple, shapes: dict
+) -> tuple[str, int] | None:
+    """("SpaceToDepth" or "DepthToSpace", b) where the views of `chain` move b x b blocks of
+    pixels into channels or out of them (any channel order), else None."""
+    n, c, h, w = before
+    if after[0] != n:
+        return None
+    if after[2] * 2 <= h and after[2] and h % after[2] == 0:
+        op, b = "SpaceToDepth", h // after[2]
+        wanted = (n, c * b * b, h // b, w // b)
+    elif after[2] >= 2 * h and h and after[2] % h == 0:
+        op, b = "DepthToSpace", after[2] // h
+        wanted = (n, c // (b * b), h * b, w * b) if c % (b * b) == 0 else None
+    else:
+        return None
+    if tuple(after) != wanted:
+        return None
+    cells = np.arange(math.prod(before)).reshape(before)
+    for node in chain:
+        if node.op_type == "Transpose":
+            perm = attributes(node).get("perm") or list(reversed(range(cells.ndim)))
+            cells = cells.transpose(perm)
+        else:
+            cells = cells.reshape(shapes[node.output[0]])
+    src_n, _, src_h, src_w = np.unravel_index(cells, before)
+    at_n, _, at_h, at_w = np.indices(after, sparse=True)
+    if op == "SpaceToDepth":
+        same = (src_h // b == at_h) & (src_w // b == at_w)
+    else:
+        same = (src_h == at_h // b) & (src_w == at_w // b)
+    return (op, b) if bool((same & (src_n == at_n)).all()) else None
 
 
 def _pooled_dims(node: onnx.NodeProto, index: GraphIndex) -> tuple[int, ...]:
@@ -401,7 +445,7 @@ def analyze_model(
     unlaid: set[str] = set()
     written_out = space_to_depth_chains(index)
     for position, node in enumerate(index.nodes):
-        if position in written_out:  # read as the SpaceToDepth it computes
+        if position in written_out:  # read as the SpaceToDepth or DepthToSpace it computes
             node = written_out[position]
             if node is None:
                 continue

@@ -440,6 +440,34 @@ def _transpose(w: ChannelWalk, node: onnx.NodeProto) -> None:
     w.pass_on(node, perm.index(axis), ids)
 
 
+def _depth_to_space(w: ChannelWalk, node: onnx.NodeProto) -> None:
+    """DepthToSpace makes output channel c of b * b input channels: (i * b + j) * C + c under
+    DCR (the default), c * b * b + i * b + j under CRD (torch's PixelShuffle). Those are tied
+    into one unit, so a cut takes whole blocks in the mode's order; nothing to edit (the
+    op has only attributes)."""
+    axis, ids = w.chan[node.input[0]]
+    if axis != 1:
+        w.opaque(node, f"channels on axis {axis}")
+        return
+    attrs = attributes(node)
+    b2 = int(attrs["blocksize"]) ** 2
+    crd = attrs.get("mode", "DCR") in ("CRD", b"CRD")
+    blocks = ids.reshape(-1, b2).T if crd else ids.reshape(b2, -1)
+    for row in blocks[1:]:
+        w.union(blocks[0], row)
+    w.pass_on(node, 1, blocks[0].copy())
+
+
+def _space_to_depth(w: ChannelWalk, node: onnx.NodeProto) -> None:
+    """SpaceToDepth makes channel (i * b + j) * C + c of input channel c: each channel once
+    per block position."""
+    axis, ids = w.chan[node.input[0]]
+    if axis != 1:
+        w.opaque(node, f"channels on axis {axis}")
+        return
+    w.pass_on(node, 1, np.tile(ids, int(attributes(node)["blocksize"]) ** 2))
+
+
 def _axes_of(w: ChannelWalk, node: onnx.NodeProto, rank: int) -> list[int] | None:
     """`axes` from the attribute or the second input, normalized; None if not constant."""
     attrs = attributes(node)
@@ -619,6 +647,8 @@ HANDLERS: dict[str, Callable[[ChannelWalk, onnx.NodeProto], None]] = {
     "Reshape": _reshape,
     "Flatten": _reshape,
     "Transpose": _transpose,
+    "DepthToSpace": _depth_to_space,
+    "SpaceToDepth": _space_to_depth,
     "Unsqueeze": _unsqueeze,
     "Squeeze": _squeeze,
     "Softmax": _softmax,

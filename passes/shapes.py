@@ -94,11 +94,11 @@ class FixInputShapes(Pass):
                         f"{input_shape_option()} for {vi.name!r} has {len(wanted)} dims, "
                         f"the model's input has {len(dims)}"
                     )
-                for d, w in zip(dims, wanted):
+                for k, (d, w) in enumerate(zip(dims, wanted)):
                     if _fixed(d) and d.dim_value != w:
                         raise BadInputError(
                             f"{input_shape_option()} for {vi.name!r} gives {wanted}, but the model "
-                            f"fixes dim {list(dims).index(d)} to {d.dim_value}"
+                            f"fixes dim {k} to {d.dim_value}"
                         )
                     if not _fixed(d):
                         modified = True

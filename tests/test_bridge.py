@@ -828,6 +828,7 @@ CASES: dict[str, tuple] = {
         {"sc": f32(1, 1, 2, 3)},
         9,
     ),
+    "space-to-depth": unary("SpaceToDepth", blocksize=3),
 }
 
 
@@ -837,6 +838,14 @@ def test_op_matches_ort(case: str) -> None:
     model = make_model(nodes, {"x": X}, ["y"], inits, opset)
     x = rnd(*X, seed=7)
     assert_matches_ort(model, {"x": x})
+
+
+@pytest.mark.parametrize("mode", ["DCR", "CRD"])
+def test_depth_to_space_matches_ort(mode: str) -> None:
+    """Super-resolution upsamplers (torch exports PixelShuffle as CRD; DCR is the default):
+    with 3 output channels the two orders differ."""
+    node = helper.make_node("DepthToSpace", ["x"], ["y"], blocksize=2, mode=mode)
+    assert_matches_ort(make_model([node], {"x": [2, 12, 3, 5]}, ["y"]), {"x": rnd(2, 12, 3, 5)})
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ from onnx_mbs.passes.activations import activation_tensors
 from onnx_mbs.passes.channel_groups import analyze_channels
 from onnx_mbs.passes.fold import FoldShapes
 from onnx_mbs.passes.shrink import shrink_channels
+from onnx_mbs.pipeline import reduce
 
 
 def group_of(groups, tensor: str):
@@ -541,3 +542,51 @@ def test_nhwc_input_channels_are_its_last_axis(rescaled):
     pinned = [g.pin_reasons for g in groups if g.pinned]
     assert pinned == [["graph input 'x'"], ["graph output 'y'"]]
     assert only_group(groups, "x").size == 3
+
+
+@pytest.mark.parametrize("mode", ["DCR", "CRD"])
+def test_depth_to_space_cuts_whole_blocks_in_the_mode_order(mode):
+    """A super-resolution upsampler (PixelShuffle, exported as DepthToSpace CRD): each output
+    channel of a DepthToSpace is b * b input channels, (i * b + j) * C + c under DCR and
+    c * b * b + i * b + j under CRD; a cut takes those whole, so dead ones leave the outputs
+    as they were, and the network takes every size it took."""
+    b = Builder()
+    x = b.input("x", [1, 3, "h", "w"])
+    a = b.op("Relu", [b.conv(x, 3, 12, name="c1")])
+    d = b.op("DepthToSpace", [a], name="d2s", blocksize=2, mode=mode)
+    y = b.conv(b.op("Relu", [d]), 3, 2, name="c2")
+    original = b.model([y], ["y"])
+    model = load_model(original, {"x": [1, 3, 6, 6]})
+    analysis = analyze_channels(model)
+    group = only_group(analysis.groups, d)
+    assert group.size == 3 and not group.pinned
+    filters = next(m for m in group.members if m.node == "c1" and m.role == "filters")
+    expected = [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8, 11]] if mode == "DCR" else [
+        [0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]  # fmt: skip
+    assert sorted(sorted(row) for row in filters.positions.reshape(3, -1).tolist()) == expected
+    killed = kill_channels(model, analysis.groups, {group.id: [1]})
+    small = shrink_channels(killed, {group.id: [0, 2]}, analysis)
+    assert_same_outputs(killed, small)
+    reduced, _ = reduce(original, budget="params=0.7", input_shapes={"x": [1, 3, 6, 6]})
+    c1 = next(n for n in reduced.graph.node if n.name == "c1")
+    kept = next(t for t in reduced.graph.initializer if t.name == c1.input[1]).dims[0]
+    assert kept == 8  # two whole blocks of 4 (channel_multiple 8)
+    assert_runs_at_declared_shapes(original, reduced, [1, 3, 6, 6])
+
+
+def test_space_to_depth_repeats_each_channel_in_every_block():
+    """SpaceToDepth (DCR order): input channel c becomes channels (i * b + j) * C + c."""
+    b = Builder()
+    x = b.input("x", [1, 3, 8, 8])
+    a = b.op("Relu", [b.conv(x, 3, 4, name="c1")])
+    s = b.op("SpaceToDepth", [a], name="s2d", blocksize=2)
+    y = b.conv(s, 16, 2, name="c2")
+    model = load_model(b.model([y], ["y"]))
+    analysis = analyze_channels(model)
+    group = only_group(analysis.groups, a)
+    assert group.size == 4 and not group.pinned
+    rows = next(m for m in group.members if m.node == "c2" and m.role == "weights_in")
+    assert rows.positions.reshape(4, -1).tolist() == [[0, 4, 8, 12], [1, 5, 9, 13],
+                                                      [2, 6, 10, 14], [3, 7, 11, 15]]  # fmt: skip
+    killed = kill_channels(model, analysis.groups, {group.id: [0, 3]})
+    assert_same_outputs(killed, shrink_channels(killed, {group.id: [1, 2]}, analysis))

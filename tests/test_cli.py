@@ -270,6 +270,25 @@ def test_recalibrate_with_batches_of_one_is_refused_before_the_reduction(tmp_pat
     assert err.count("\n") == 1 and not out.exists()
 
 
+def test_recalibrate_of_a_fully_convolutional_net_of_any_size(tmp_path, capsys):
+    """A segmentation net takes any H and W and is reduced at --input-shape; --recalibrate
+    then refused it after the reduction, asking for the --input-shape it had been given."""
+    from graphs import Builder, assert_runs_at_declared_shapes
+
+    b = Builder("fcn")
+    x = b.input("input", ["N", 3, "H", "W"])
+    y = b.op("Relu", [b.bn(b.conv(x, 3, 16, bias=False), 16)])
+    y = b.op("Relu", [b.bn(b.conv(y, 16, 16, bias=False), 16)])
+    model, out = tmp_path / "fcn.onnx", tmp_path / "r.onnx"
+    onnx.save(b.model([b.conv(y, 16, 4, k=1)], ["out"]), model)
+    data = write_npz(tmp_path / "x.npz", **random_images(32, (12, 12, 3), labels=False))
+    argv = ["reduce", str(model), "-o", str(out), "--data", data, "--budget", "params=0.6"]
+    argv += ["--recalibrate", "--batch-size", "8", "--input-shape", "input:1,3,12,12"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "BN recalibrated on 4 batches" in capsys.readouterr().out
+    assert_runs_at_declared_shapes(onnx.load(model), onnx.load(out), [1, 3, 12, 12])
+
+
 def test_reduce_takes_latency_threads_where_it_times_and_notes_unused_providers(
     tiny, tmp_path, capsys
 ):

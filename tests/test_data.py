@@ -849,3 +849,21 @@ def test_model_ready_uint8_images_are_fed_as_they_are(tmp_path):
     images = write_npz(tmp_path / "images.npz", x=x[:, 0], y=y)  # preprocessed to float
     with pytest.raises(BadInputError, match=r"tensor\(uint8\); .* a model-ready .npz, an array"):
         evaluate(model, images, [CPU], progress=False)
+
+
+def test_evaluate_takes_the_input_shapes_its_refusal_asks_for(tmp_path):
+    """onnx_mbs.evaluate of a model with dynamic H and W from a data spec refused asking for
+    `input_shapes={...}`, a keyword it did not take (TypeError when given)."""
+    from graphs import dynamic_input_model
+
+    from onnx_mbs.evaluate import evaluate
+    from onnx_mbs.runtime import CPU
+
+    model = dynamic_input_model()
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (6, 12, 10, 3), dtype=np.uint8)
+    path = write_npz(tmp_path / "images.npz", x=x, y=np.arange(6) % 5)
+    with pytest.raises(BadInputError, match=r"input_shapes=\{'input': \[1, 3, HEIGHT, WIDTH\]\}"):
+        evaluate(model, path, [CPU], progress=False)
+    result = evaluate(model, path, [CPU], progress=False, input_shapes={"input": [1, 3, 12, 10]})
+    assert result.samples == 6

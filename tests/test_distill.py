@@ -83,6 +83,21 @@ def test_dense_map_iou_and_cosine() -> None:
     assert nan.result().top1 == 0.0 and nan.result().cosine == 0.0
 
 
+def test_cosine_of_outputs_that_are_both_zero_is_one() -> None:
+    """A sample whose student and teacher outputs are both all zero (an empty mask, a
+    label map of class 0 only) agrees exactly: cosine 1, not 0 (orthogonal); one zero
+    against a non-zero output still scores 0."""
+    teacher = np.zeros((2, 1, 4, 4), np.float32)
+    teacher[1, 0, 0] = 1.0
+    student = teacher.copy()
+    acc = _Accumulator("mask", teacher.shape)
+    acc.add(student, teacher)
+    assert acc.result().cosine == pytest.approx(1.0)
+    one_zero = _Accumulator("mask", teacher.shape)
+    one_zero.add(np.zeros_like(teacher), teacher)
+    assert one_zero.result().cosine == pytest.approx(0.5)  # sample 0 agrees, sample 1 does not
+
+
 def test_label_free_retrain_of_a_dense_map_graph_raises_agreement(dbnet, images, tmp_path, capsys):
     teacher, small = dbnet
     data = images[0]

@@ -464,6 +464,39 @@ def test_space_to_depth_stem_keeps_the_receptive_field_and_reduces():
     check_reduced(reduced, [(1, 3, 64, 64), (2, 3, 64, 64)])
 
 
+class ViewPixelShuffle(nn.Module):
+    """PixelShuffle(2) written by hand with views (DCR order), as some SR repositories do."""
+
+    def forward(self, x):
+        n, c, h, w = x.size()
+        x = x.view(n, 2, 2, c // 4, h, w).permute(0, 3, 4, 1, 5, 2)
+        return x.reshape(n, c // 4, h * 2, w * 2)
+
+
+@pytest.mark.parametrize("resample", ["unshuffle", "view-shuffle"])
+def test_pixel_unshuffle_and_view_shuffles_start_macroblocks_of_their_size(resample):
+    """nn.PixelUnshuffle as torch exports it (Unsqueeze, Reshape, Reshape, Transpose, Reshape,
+    Squeeze) and a pixel shuffle written as views change the map size as SpaceToDepth and
+    DepthToSpace do: the convs after them are a macroblock of the new size, not members of
+    the one before, and their fields are counted in input pixels through the blocks."""
+    torch.manual_seed(0)
+    if resample == "unshuffle":
+        net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.PixelUnshuffle(2),
+                            nn.Conv2d(32, 16, 3, padding=1), nn.ReLU(),
+                            nn.Conv2d(16, 3, 3, padding=1))  # fmt: skip
+        sizes, field = [(16, 16), (8, 8)], 3 + 1 + 2 * 2  # a 2x2 block of 3-pixel fields
+    else:
+        net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), ViewPixelShuffle(),
+                            nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+                            nn.Conv2d(16, 3, 3, padding=1))  # fmt: skip
+        sizes, field = [(16, 16), (32, 32)], 3 + 2 / 2  # half-pixel steps
+    model = export(net, (1, 3, 16, 16))
+    analysis = analyze_model(load_model(model, {"input": [1, 3, 16, 16]}))
+    assert [m.resolution for m in analysis.macroblocks] == sizes
+    assert [len(m.layers) for m in analysis.macroblocks] == [1, 2]
+    assert analysis.layers[1].global_receptive_field == field
+
+
 # -- audio and video CNNs, model-ready data --------------------------------------------------------
 
 

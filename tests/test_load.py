@@ -285,6 +285,9 @@ def test_input_shape_unnamed_and_errors():
         load_model(model, {"x": [1, 3, 5]})
     with pytest.raises(BadInputError, match="fixes dim 1 to 3"):
         load_model(model, {"x": [1, 4, 5, 5]})
+    # A grayscale input given 3 channels: dim 0, set to 1 just before, is not the one meant.
+    with pytest.raises(BadInputError, match="fixes dim 1 to 1"):
+        load_model(conv_relu_model(["N", 1, "H", "W"]), {"x": [1, 3, 5, 5]})
     assert parse_input_shape("input:1,3,224,224") == ("input", [1, 3, 224, 224])
     with pytest.raises(BadInputError, match="bad --input-shape"):
         parse_input_shape("input:1,three")

@@ -809,6 +809,33 @@ def transpose(n: Node) -> OpFn:
     return lambda x: x.permute(*perm)
 
 
+def depth_to_space(n: Node) -> OpFn:
+    """DCR (the default): channel (i * b + j) * C + c goes to pixel (i, j) of channel c;
+    CRD (torch's PixelShuffle): channel c * b * b + i * b + j does."""
+    b, crd = n.attr("blocksize"), n.attr("mode", "DCR") == "CRD"
+
+    def run(x):
+        n_, c, h, w = x.shape
+        if crd:
+            return F.pixel_shuffle(x, b)
+        y = x.reshape(n_, b, b, c // (b * b), h, w).permute(0, 3, 4, 1, 5, 2)
+        return y.reshape(n_, c // (b * b), h * b, w * b)
+
+    return run
+
+
+def space_to_depth(n: Node) -> OpFn:
+    """Pixel (i, j) of each b x b block of channel c goes to channel (i * b + j) * C + c."""
+    b = n.attr("blocksize")
+
+    def run(x):
+        n_, c, h, w = x.shape
+        y = x.reshape(n_, c, h // b, b, w // b, b).permute(0, 3, 5, 1, 2, 4)
+        return y.reshape(n_, c * b * b, h // b, w // b)
+
+    return run
+
+
 def _axes(n: Node, since: int) -> tuple[bool, list[int] | None]:
     """(known at build time, axes) for ops whose axes moved from attribute to input at `since`."""
     if n.opset < since:
@@ -1225,6 +1252,8 @@ OPS: dict[str, Callable[[Node], OpFn]] = {
     "Flatten": flatten,
     "Reshape": reshape,
     "Transpose": transpose,
+    "DepthToSpace": depth_to_space,
+    "SpaceToDepth": space_to_depth,
     "Squeeze": squeeze,
     "Unsqueeze": unsqueeze,
     "Concat": concat,
