@@ -839,6 +839,14 @@ def test_op_matches_ort(case: str) -> None:
     assert_matches_ort(model, {"x": x})
 
 
+def test_instance_norm_over_one_spatial_element_matches_ort() -> None:
+    """A 1x1 map (a late feature map, a pooled head): each instance is its own mean, so the
+    output is the bias. F.instance_norm refused it with a ValueError, in eval mode too."""
+    nodes = [helper.make_node("InstanceNormalization", ["x", "s", "b"], ["y"])]
+    model = make_model(nodes, {"x": [2, 3, 1, 1]}, ["y"], {"s": rnd(3, seed=1), "b": rnd(3)})
+    assert_matches_ort(model, {"x": rnd(2, 3, 1, 1, seed=7)})
+
+
 @pytest.mark.parametrize(
     "attrs",
     [

@@ -1050,7 +1050,14 @@ def instance_norm(n: Node) -> OpFn:
     eps = n.attr("epsilon", 1e-5)
 
     def run(x, scale, bias):
-        return F.instance_norm(x, weight=scale, bias=bias, eps=eps)
+        if math.prod(x.shape[2:]) > 1:
+            return F.instance_norm(x, weight=scale, bias=bias, eps=eps)
+        # One value per instance (a 1x1 map), which F.instance_norm refuses: the formula itself
+        # (the value is its own mean, so the output is the bias).
+        dims, shape = tuple(range(2, x.dim())), [1, -1] + [1] * (x.dim() - 2)
+        mean, var = x.mean(dims, keepdim=True), x.var(dims, unbiased=False, keepdim=True)
+        y = (x - mean) * torch.rsqrt(var + eps)
+        return y * scale.reshape(shape) + bias.reshape(shape)
 
     return run
 
