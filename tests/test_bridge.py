@@ -839,6 +839,58 @@ def test_op_matches_ort(case: str) -> None:
     assert_matches_ort(model, {"x": x})
 
 
+UNNAMED_OUTPUT_THEN_MISSING_INPUT = {
+    # GRU's Y left unnamed, its Y_h through a Gemm without C: C was read as Y.
+    "gru-gemm": (
+        [
+            helper.make_node("GRU", ["x", "w", "r", "b"], ["", "yh"], hidden_size=4),
+            helper.make_node("Squeeze", ["yh", "ax"], ["h"]),
+            helper.make_node("Gemm", ["h", "fc", ""], ["y"], transB=1),
+        ],
+        {"x": [3, 2, 5]},
+        {"w": rnd(1, 12, 5), "r": rnd(1, 12, 4, seed=1), "b": rnd(1, 24, seed=2),
+         "ax": i64(0), "fc": rnd(4, 4, seed=3)},  # fmt: skip
+    ),
+    # LayerNormalization's mean left unnamed, a Clip with no min: min was the mean, which
+    # broadcasts, so the output kept its shape and changed its values.
+    "layernorm-clip": (
+        [
+            helper.make_node("LayerNormalization", ["x", "s"], ["n", "", "istd"]),
+            helper.make_node("Mul", ["n", "istd"], ["m"]),
+            helper.make_node("Clip", ["m", "", "hi"], ["y"]),
+        ],
+        {"x": [2, 3, 4], "hi": []},
+        {"s": rnd(4, seed=1)},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(UNNAMED_OUTPUT_THEN_MISSING_INPUT))
+def test_unnamed_optional_output_is_not_a_missing_input(case: str) -> None:
+    """An unnamed optional output ("") wrote its value where the module looks up missing
+    optional inputs (also ""): a later node without that input silently read it."""
+    nodes, inputs, inits = UNNAMED_OUTPUT_THEN_MISSING_INPUT[case]
+    model = make_model(nodes, inputs, ["y"], inits, opset=18)
+    feeds = {"x": rnd(*inputs["x"], seed=7), "hi": np.array(0.5, np.float32)}
+    assert_matches_ort(model, {k: v for k, v in feeds.items() if k in inputs})
+
+
+def test_unnamed_output_of_a_folded_node_is_not_a_missing_input() -> None:
+    """The same at build time: a folded Split's unnamed part became the sizes of a later
+    Split that has none (equal parts). Checked against numpy: onnxruntime crashes on a
+    constant Split with an unnamed output."""
+    nodes = [
+        helper.make_node("Split", ["c"], ["", "rest"], axis=0, num_outputs=2),
+        helper.make_node("Split", ["x", ""], ["a", "b"], axis=1, num_outputs=2),
+        helper.make_node("Sub", ["a", "b"], ["y"]),
+    ]
+    model = make_model(nodes, {"x": [2, 4, 3]}, ["y"], {"c": i64(1, 3, 5, 7)}, opset=18)
+    x = rnd(2, 4, 3)
+    with torch.no_grad():
+        y = OnnxModule(model)(torch.from_numpy(x)).numpy()
+    assert_close(y, x[:, :2] - x[:, 2:])
+
+
 def test_instance_norm_over_one_spatial_element_matches_ort() -> None:
     """A 1x1 map (a late feature map, a pooled head): each instance is its own mean, so the
     output is the bias. F.instance_norm refused it with a ValueError, in eval mode too."""
