@@ -848,8 +848,13 @@ UNNAMED_OUTPUT_THEN_MISSING_INPUT = {
             helper.make_node("Gemm", ["h", "fc", ""], ["y"], transB=1),
         ],
         {"x": [3, 2, 5]},
-        {"w": rnd(1, 12, 5), "r": rnd(1, 12, 4, seed=1), "b": rnd(1, 24, seed=2),
-         "ax": i64(0), "fc": rnd(4, 4, seed=3)},  # fmt: skip
+        {
+            "w": rnd(1, 12, 5),
+            "r": rnd(1, 12, 4, seed=1),
+            "b": rnd(1, 24, seed=2),
+            "ax": i64(0),
+            "fc": rnd(4, 4, seed=3),
+        },  # fmt: skip
     ),
     # LayerNormalization's mean left unnamed, a Clip with no min: min was the mean, which
     # broadcasts, so the output kept its shape and changed its values.
