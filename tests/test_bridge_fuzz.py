@@ -1159,6 +1159,17 @@ def check(case: Case) -> str:
     for k, (a, e) in enumerate(zip(again, expected, strict=True)):
         why = mismatch(a, e, 0.0)
         assert why is None, f"written back, output {k}: {why}\n{case.describe()}"
+    # Written back after a change to every weight and statistic (as training makes), the
+    # model computes what the module now does.
+    with torch.no_grad():
+        for tensor in module.state_dict().values():  # weights and statistics, no constants
+            if tensor.is_floating_point():
+                tensor.mul_(1.0 + 0.1 * torch.randn_like(tensor)).add_(0.01)
+    changed = ort_run(write_back(untied, module), case.feeds)
+    assert changed is not None, f"written model refused by onnxruntime\n{case.describe()}"
+    for k, (a, e) in enumerate(zip(torch_run(module, case), changed, strict=True)):
+        why = mismatch(a, e, case.rtol)
+        assert why is None, f"changed, written back, output {k}: {why}\n{case.describe()}"
     return "matched"
 
 
