@@ -675,6 +675,12 @@ CASES: dict[str, tuple] = {
         {"s1": i64(0, 2, 2, 6, 6), "s2": i64(0, -1, 6, 6)},
         17,
     ),
+    # Before opset 5 the target shape is an attribute (it was a TypeError).
+    "reshape-opset4-attribute": (
+        [helper.make_node("Reshape", ["x"], ["y"], shape=[0, 12, -1])],
+        {},
+        4,
+    ),
     "dynamic-reshape": (
         [
             helper.make_node("Shape", ["x"], ["shp"]),

@@ -794,6 +794,9 @@ def reshape(n: Node) -> OpFn:
             return shape
         return [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
 
+    if n.opset < 5:  # the target shape was an attribute then
+        fixed = list(n.attr("shape"))
+        return lambda x: x.reshape(target(x, fixed))
     shape = n.const_list(1)
     if shape is None:
         return lambda x, s: x.reshape(target(x, _values(s)))
