@@ -952,6 +952,21 @@ def test_dynamic_shape_arithmetic_runs_at_run_time() -> None:
         assert module(torch.from_numpy(x)).shape == (n, 144)
 
 
+def test_where_with_a_constant_condition_follows_the_module_to_its_device() -> None:
+    """Integer and bool constants stay on the CPU when the module moves (shape arithmetic); a
+    Where reading a constant mask then met CUDA operands and failed. The meta device stands
+    in for CUDA here: the same device checks, no GPU needed."""
+    nodes = [helper.make_node("Where", ["mask", "x", "fill"], ["y"])]
+    mask = np.random.default_rng(0).random((6, 6)) > 0.5
+    model = make_model(nodes, {"x": X}, ["y"], {"mask": mask, "fill": f32(-1.0)})
+    x = rnd(*X)
+    assert_matches_ort(model, {"x": x})
+    module = OnnxModule(model).to("meta")
+    with torch.no_grad():
+        y = module(torch.from_numpy(x).to("meta"))
+    assert y.device.type == "meta" and tuple(y.shape) == tuple(X)
+
+
 def test_constant_subgraph_is_folded_and_not_trainable() -> None:
     nodes, inits, opset = CASES["expand-constantofshape-cast"]
     model = make_model(nodes, {"x": X}, ["y"], inits, opset)

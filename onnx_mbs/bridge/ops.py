@@ -422,7 +422,14 @@ def _variadic(fn: Callable) -> Callable[[Node], OpFn]:
 
 
 def where(n: Node) -> OpFn:
-    return lambda cond, a, b: torch.where(cond, a, b)
+    def run(cond, a, b):
+        # A constant mask (bool, so kept on the CPU) meets operands on the module's device.
+        device = next((t.device for t in (a, b, cond) if t.device.type != "cpu"), None)
+        if device is not None:
+            cond, a, b = cond.to(device), a.to(device), b.to(device)
+        return torch.where(cond, a, b)
+
+    return run
 
 
 # ---------------------------------------------------------------------------
