@@ -11,6 +11,7 @@ The default run draws a few graphs per op (seeded); the `slow` marker runs a lar
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -312,6 +313,27 @@ def gen_resize(rng: np.random.Generator) -> Case:
     return Case([node("Resize", names, **attrs)], {"x": x}, ["y"], inits, opset)
 
 
+def gen_resize_any_rank(rng: np.random.Generator) -> Case:
+    """Resize of 1-D to 5-D tensors, the batch and channel axes scaled too."""
+    rank = int(rng.integers(1, 6))
+    x = normal(rng, *ints(rng, 1, 5, rank))
+    scale = [float(pick(rng, [1.0, 1.0, 0.5, 2.0, 1.5, 0.75, 3.0])) for _ in range(rank)]
+    mode = pick(rng, ["nearest", "linear"])
+    attrs = dict(
+        mode=mode,
+        coordinate_transformation_mode=pick(rng, _TRANSFORMS[:5]) if chance(rng, 0.7) else None,
+        nearest_mode=pick(rng, ["round_prefer_floor", "round_prefer_ceil", "floor", "ceil"])
+        if mode == "nearest" and chance(rng)
+        else None,
+    )
+    if chance(rng):
+        return Case(
+            [node("Resize", ["x", "", "s"], **attrs)], {"x": x}, ["y"], {"s": f32(*scale)}, 13
+        )
+    sizes = np.array([max(1, int(d * f)) for d, f in zip(x.shape, scale)], np.int64)
+    return Case([node("Resize", ["x", "", "", "z"], **attrs)], {"x": x}, ["y"], {"z": sizes}, 13)
+
+
 def gen_upsample(rng: np.random.Generator) -> Case:
     opset = pick(rng, [7, 9])
     mode = pick(rng, ["nearest", "linear"])
@@ -556,7 +578,7 @@ def gen_batch_norm(rng: np.random.Generator) -> Case:
         "s": normal(rng, *stat_shape),
         "b": normal(rng, *stat_shape),
         "m": normal(rng, *stat_shape),
-        "v": np.abs(normal(rng, *stat_shape)) + 0.5,
+        "var": np.abs(normal(rng, *stat_shape)) + 0.5,
     }
     attrs = dict(
         epsilon=float(pick(rng, [1e-5, 1e-2])) if chance(rng) else None,
@@ -569,7 +591,7 @@ def gen_batch_norm(rng: np.random.Generator) -> Case:
         if attrs["training_mode"] and chance(rng):
             outs = ["y", "rm", "rv"]
     return Case(
-        [node("BatchNormalization", ["x", "s", "b", "m", "v"], outs, **attrs)],
+        [node("BatchNormalization", ["x", "s", "b", "m", "var"], outs, **attrs)],
         {"x": normal(rng, *shape)},
         outs,
         inits,
@@ -968,11 +990,11 @@ def gen_weights(rng: np.random.Generator) -> Case:
         return Case(nodes, {"x": x1}, ["y"], {"w3": normal(rng, c, k), "ax": i64(1)}, 13)
     # Two BatchNorms sharing their statistics (reduce's normal form of exporter ties).
     stats = {"s": normal(rng, 4), "b": normal(rng, 4), "m": normal(rng, 4),
-             "v": np.abs(normal(rng, 4)) + 0.5}  # fmt: skip
+             "var": np.abs(normal(rng, 4)) + 0.5}  # fmt: skip
     nodes = [
         node("Conv", ["x", "w"], ["a"], pads=pads),
-        node("BatchNormalization", ["a", "s", "b", "m", "v"], ["n1"]),
-        node("BatchNormalization", ["a", "s", "b", "m", "v"], ["n2"], epsilon=1e-3),
+        node("BatchNormalization", ["a", "s", "b", "m", "var"], ["n1"]),
+        node("BatchNormalization", ["a", "s", "b", "m", "var"], ["n2"], epsilon=1e-3),
         node("Mul", ["n1", "n2"], ["y"]),
     ]
     return Case(nodes, {"x": x}, ["y"], {"w": w, **stats}, rtol=1e-4)
@@ -1049,6 +1071,7 @@ GENERATORS: dict[str, Callable[[np.random.Generator], Case]] = {
     "global_pool": gen_global_pool,
     "resize": gen_resize,
     "upsample": gen_upsample,
+    "resize_any_rank": gen_resize_any_rank,
     "gemm": gen_gemm,
     "softmax": gen_softmax,
     "pad": gen_pad,
@@ -1123,6 +1146,18 @@ def mismatch(actual: np.ndarray, expected: np.ndarray, rtol: float) -> str | Non
     return None
 
 
+# Float initializers that are settings, not weights: moved to runtime inputs with the integer ones.
+_SETTINGS = frozenset({"scales", "roi", "v", "lo", "hi", "r", "st", "li", "de"})
+
+
+def on_device(name: str, value: np.ndarray, device: str) -> torch.Tensor:
+    """A graph input as retrain feeds it: images on the training device, settings on the CPU."""
+    tensor = torch.from_numpy(value)
+    if name in _SETTINGS or not tensor.is_floating_point():
+        return tensor
+    return tensor.to(device)
+
+
 def check(case: Case) -> str:
     """'skipped' (onnxruntime refuses), 'refused' (BadInputError, one line) or 'matched';
     raises AssertionError on a wrong result, lets other exceptions (crashes) through."""
@@ -1155,6 +1190,13 @@ def check(case: Case) -> str:
         sum(o.float().sum() for o in outs if o.is_floating_point()).backward()
         idle = sorted(k for k, p in params.items() if p.grad is None)
         assert not idle, f"parameters without a gradient: {idle}\n{case.describe()}"
+    # Moved to another device (meta stands in for CUDA: the same device checks), the module
+    # still runs: its integer constants stay on the CPU and must meet the rest there.
+    moved = copy.deepcopy(module).to("meta")
+    with torch.no_grad():
+        out = moved(*[on_device(n, case.feeds[n], "meta") for n in moved.input_names])
+    outs = out if isinstance(out, tuple) else (out,)
+    assert [tuple(o.shape) for o in outs] == [e.shape for e in expected], case.describe()
     # Written back untrained, the model computes what it did.
     again = ort_run(write_back(untied, module), case.feeds)
     assert again is not None, f"written model refused by onnxruntime\n{case.describe()}"
@@ -1173,10 +1215,6 @@ def check(case: Case) -> str:
         why = mismatch(a, e, case.rtol)
         assert why is None, f"changed, written back, output {k}: {why}\n{case.describe()}"
     return "matched"
-
-
-# Float initializers that are settings, not weights: moved to runtime inputs with the integer ones.
-_SETTINGS = frozenset({"scales", "roi", "v", "lo", "hi", "r", "st", "li", "de"})
 
 
 def at_run_time(case: Case) -> Case:
