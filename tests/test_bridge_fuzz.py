@@ -525,18 +525,20 @@ def gen_reduce(rng: np.random.Generator) -> Case:
     return Case([node(op, inputs, **attrs)], {"x": x}, ["y"], inits, opset)
 
 
+def _broadcast_to_norm(rng: np.random.Generator, norm_shape: list[int]) -> list[int]:
+    """A scale or bias shape: the normalised shape, or one broadcasting to it."""
+    return norm_shape if chance(rng, 0.6) else _broadcastable(rng, norm_shape)
+
+
 def gen_layer_norm(rng: np.random.Generator) -> Case:
     rank = int(rng.integers(2, 5))
     shape = ints(rng, 2, 4, rank)
     axis = int(rng.integers(-rank, rank))
     a = axis % rank
-    norm_shape = shape[a:]
-    if chance(rng, 0.3):  # broadcastable scale
-        norm_shape = [1 if chance(rng) else d for d in norm_shape]
-    inits = {"s": normal(rng, *norm_shape)}
+    inits = {"s": normal(rng, *_broadcast_to_norm(rng, shape[a:]))}
     inputs = ["x", "s"]
-    if chance(rng):
-        inits["b"] = normal(rng, *norm_shape)
+    if chance(rng):  # broadcast on its own
+        inits["b"] = normal(rng, *_broadcast_to_norm(rng, shape[a:]))
         inputs.append("b")
     outs = ["y"] + (["mean", "inv_std"] if chance(rng, 0.3) else [])
     attrs = dict(

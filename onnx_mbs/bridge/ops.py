@@ -1043,8 +1043,9 @@ def layer_norm(n: Node) -> OpFn:
     def run(x, scale, bias=None):
         a = axis % x.dim()
         dims = tuple(range(a, x.dim()))
-        if not stats and tuple(scale.shape) == tuple(x.shape[a:]):
-            return F.layer_norm(x, x.shape[a:], scale, bias, eps)
+        full = tuple(x.shape[a:])
+        if not stats and all(t is None or tuple(t.shape) == full for t in (scale, bias)):
+            return F.layer_norm(x, full, scale, bias, eps)  # else broadcast by hand
         mean = x.mean(dims, keepdim=True)
         inv_std = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + eps)
         y = (x - mean) * inv_std * scale
