@@ -361,6 +361,26 @@ CASES: dict[str, tuple] = {
         {"lo": np.array(0.1, np.float32)},
         17,
     ),
+    # Shape arithmetic through a Clip with int64 bounds: the bounds were made floats, and so
+    # the target shape (a TypeError in Reshape).
+    "clip-int64-shape-arithmetic": (
+        [
+            helper.make_node("Shape", ["x"], ["shp"]),
+            helper.make_node("Gather", ["shp", "one"], ["c"], axis=0),
+            helper.make_node("Clip", ["c", "lo", "hi"], ["cc"]),
+            helper.make_node("Unsqueeze", ["cc", "ax0"], ["c1"]),
+            helper.make_node("Concat", ["c1", "minus1"], ["target"], axis=0),
+            helper.make_node("Reshape", ["x", "target"], ["y"]),
+        ],
+        {
+            "one": np.array(1, np.int64),
+            "lo": np.array(1, np.int64),
+            "hi": np.array(2, np.int64),
+            "ax0": i64(0),
+            "minus1": i64(-1),
+        },
+        17,
+    ),
     "clip-attrs-opset6": ([helper.make_node("Clip", ["x"], ["y"], min=-0.2, max=0.3)], {}, 6),
     "sub-div-mul": (
         [

@@ -335,8 +335,9 @@ def clip(n: Node) -> OpFn:
     else:
         if (n.has(1) and n.const(1) is None) or (n.has(2) and n.const(2) is None):
             return lambda x, lo=None, hi=None: torch.clamp(x, lo, hi)
-        lo = float(n.const_list(1)[0]) if n.has(1) else None
-        hi = float(n.const_list(2)[0]) if n.has(2) else None
+        # In the input's type: int64 bounds keep shape arithmetic int64.
+        lo = n.const_list(1)[0] if n.has(1) else None
+        hi = n.const_list(2)[0] if n.has(2) else None
     if lo is None and hi is None:
         return lambda x, *_: x
     if lo == 0.0 and hi is None:
