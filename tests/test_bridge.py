@@ -734,6 +734,18 @@ CASES: dict[str, tuple] = {
         {"shape": i64(1, 1, 6), "eshape": i64(1, 4, 1, 1)},
         17,
     ),
+    # An empty shape: a scalar (it was a TypeError).
+    "constantofshape-scalar": (
+        [
+            helper.make_node("Shape", ["x"], ["none"], start=4),
+            helper.make_node(
+                "ConstantOfShape", ["none"], ["c"], value=numpy_helper.from_array(f32(2.5))
+            ),
+            helper.make_node("Mul", ["x", "c"], ["y"]),
+        ],
+        {},
+        17,
+    ),
     "gemm-transb": (
         [
             helper.make_node("Flatten", ["x"], ["f"]),

@@ -838,7 +838,7 @@ def gen_constant_like(rng: np.random.Generator) -> Case:
             node("ConstantOfShape", ["s"], ["c"], value=value),
             node("Add", ["x", "c"], ["y"]),
         ]
-        return Case(nodes, {"x": x}, ["y"], {"s": i64(*pick(rng, [(2, 4), (4,), (1, 1)]))}, 13)
+        return Case(nodes, {"x": x}, ["y"], {"s": i64(*pick(rng, [(2, 4), (4,), (1, 1), ()]))}, 13)
     key = pick(rng, ["value", "value_float", "value_floats"])
     value = {
         "value": numpy_helper.from_array(normal(rng, 4)),

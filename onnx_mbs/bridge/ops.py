@@ -999,8 +999,8 @@ def _constant_value(n: Node) -> torch.Tensor:
 
 def constant_of_shape(n: Node) -> OpFn:
     value = n.attr("value")
-    fill = torch.from_numpy(np.array(value).reshape(-1)) if value is not None else torch.zeros(1)
-    return lambda s: fill.expand(*_values(s)).clone()
+    fill = torch.from_numpy(np.array(value).reshape(())) if value is not None else torch.zeros(())
+    return lambda s: fill.expand(tuple(_values(s))).clone()  # an empty shape: a scalar
 
 
 TORCH_DTYPES = {
