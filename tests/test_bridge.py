@@ -1008,6 +1008,13 @@ def test_constant_subgraph_is_folded_and_not_trainable() -> None:
     assert module.runtime_ops == ["ReduceMean", "Expand", "Mul"]
 
 
+def test_cast_to_an_unsupported_type_names_it() -> None:
+    # The message gave the type's number (4), which says nothing to the user.
+    cast = helper.make_node("Cast", ["x"], ["y"], name="to_u16", to=TensorProto.UINT16)
+    with pytest.raises(BadInputError, match="Cast node 'to_u16' casts to UINT16, which the"):
+        OnnxModule(make_model([cast], {"x": X}, ["y"]))
+
+
 def test_unsupported_ops_listed() -> None:
     model = make_model(
         [

@@ -1020,7 +1020,11 @@ TORCH_DTYPES = {
 def cast(n: Node) -> OpFn:
     to = n.attr("to")
     if to not in TORCH_DTYPES:
-        raise BadInputError(f"Cast node '{n.name}' casts to unsupported type {to}")
+        known = to in onnx.TensorProto.DataType.values()
+        name = onnx.TensorProto.DataType.Name(to) if known else to
+        raise BadInputError(
+            f"Cast node '{n.name}' casts to {name}, which the PyTorch bridge does not support"
+        )
     dtype = TORCH_DTYPES[to]
     return lambda x: x.to(dtype)
 
