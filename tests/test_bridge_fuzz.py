@@ -328,7 +328,11 @@ def gen_resize_any_rank(rng: np.random.Generator) -> Case:
     )
     if chance(rng):
         return Case(
-            [node("Resize", ["x", "", "s"], **attrs)], {"x": x}, ["y"], {"s": f32(*scale)}, 13
+            [node("Resize", ["x", "", "scales"], **attrs)],
+            {"x": x},
+            ["y"],
+            {"scales": f32(*scale)},
+            13,
         )
     sizes = np.array([max(1, int(d * f)) for d, f in zip(x.shape, scale)], np.int64)
     return Case([node("Resize", ["x", "", "", "z"], **attrs)], {"x": x}, ["y"], {"z": sizes}, 13)
@@ -341,7 +345,9 @@ def gen_upsample(rng: np.random.Generator) -> Case:
     scales = [1.0, 1.0, float(pick(rng, [1, 2, 3, 1.5])), float(pick(rng, [1, 2, 2.5]))]
     if opset == 7:
         return Case([node("Upsample", ["x"], mode=mode, scales=scales)], {"x": x}, ["y"], {}, 7)
-    return Case([node("Upsample", ["x", "s"], mode=mode)], {"x": x}, ["y"], {"s": f32(*scales)}, 9)
+    return Case(
+        [node("Upsample", ["x", "scales"], mode=mode)], {"x": x}, ["y"], {"scales": f32(*scales)}, 9
+    )
 
 
 def gen_gemm(rng: np.random.Generator) -> Case:
