@@ -1044,6 +1044,66 @@ def gen_unnamed_outputs(rng: np.random.Generator) -> Case:
     return Case(nodes, {"x": x}, ["y"], inits, 18, rtol=1e-4)
 
 
+def gen_chain(rng: np.random.Generator) -> Case:
+    """A few shape-keeping layers in a row, with residual reads of earlier tensors: values
+    must live as long as a later node reads them, weights train wherever they sit."""
+    c = 4
+    x = normal(rng, 2, c, 5, 5)
+    nodes: list[onnx.NodeProto] = []
+    inits: dict[str, np.ndarray] = {}
+    live = ["x"]
+    for k in range(int(rng.integers(2, 7))):
+        src, out = live[-1], f"t{k}"
+        kind = pick(rng, ["conv", "bn", "act", "residual", "scale", "pool", "split_concat",
+                          "transpose", "pad_slice", "concat_conv"])  # fmt: skip
+        if kind == "conv":
+            inits[f"w{k}"], inits[f"b{k}"] = normal(rng, c, c, 3, 3) * 0.3, normal(rng, c)
+            nodes.append(node("Conv", [src, f"w{k}", f"b{k}"], [out], pads=[1, 1, 1, 1]))
+        elif kind == "bn":
+            for part, value in zip("sbmv", (normal(rng, c), normal(rng, c), normal(rng, c),
+                                            np.abs(normal(rng, c)) + 0.5)):  # fmt: skip
+                inits[f"bn{part}{k}"] = value
+            names = [src] + [f"bn{part}{k}" for part in "sbmv"]
+            nodes.append(node("BatchNormalization", names, [out]))
+        elif kind == "act":
+            op = pick(rng, ["Relu", "Sigmoid", "HardSwish", "LeakyRelu", "Tanh"])
+            nodes.append(node(op, [src], [out]))
+        elif kind == "residual":
+            nodes.append(node(pick(rng, ["Add", "Sub", "Mul"]), [src, pick(rng, live)], [out]))
+        elif kind == "scale":
+            inits[f"g{k}"] = normal(rng, 1, c, 1, 1)
+            nodes.append(node("Mul", [src, f"g{k}"], [out]))
+        elif kind == "pool":
+            nodes.append(node("MaxPool", [src], [out], kernel_shape=[3, 3], pads=[1, 1, 1, 1]))
+        elif kind == "split_concat":
+            nodes += [
+                node("Split", [src], [f"a{k}", f"b{k}"], axis=1, num_outputs=2),
+                node("Concat", [f"b{k}", f"a{k}"], [out], axis=1),
+            ]
+        elif kind == "transpose":
+            nodes += [
+                node("Transpose", [src], [f"p{k}"], perm=[0, 2, 3, 1]),
+                node("Transpose", [f"p{k}"], [out], perm=[0, 3, 1, 2]),
+            ]
+        elif kind == "pad_slice":
+            inits[f"pp{k}"], inits[f"st{k}"] = i64(0, 0, 1, 2, 0, 0, 2, 1), i64(1, 2)
+            inits[f"en{k}"], inits[f"ax{k}"] = i64(6, 7), i64(2, 3)
+            nodes += [
+                node("Pad", [src, f"pp{k}"], [f"q{k}"], mode=pick(rng, ["constant", "edge"])),
+                node("Slice", [f"q{k}", f"st{k}", f"en{k}", f"ax{k}"], [out]),
+            ]
+        else:
+            other = pick(rng, live)
+            inits[f"w{k}"] = normal(rng, c, 2 * c, 1, 1)
+            nodes += [
+                node("Concat", [src, other], [f"cc{k}"], axis=1),
+                node("Conv", [f"cc{k}", f"w{k}"], [out]),
+            ]
+        live.append(out)
+    outputs = [live[-1]] + ([live[1]] if len(live) > 2 and chance(rng, 0.3) else [])
+    return Case(nodes, {"x": x}, outputs, inits, 18, rtol=1e-4)
+
+
 def gen_unsupported(rng: np.random.Generator) -> Case:
     """Ops the bridge does not implement: refused with one line, never computed."""
     x = normal(rng, 2, 4, 3, 3)
@@ -1104,6 +1164,7 @@ GENERATORS: dict[str, Callable[[np.random.Generator], Case]] = {
     "recurrent": gen_recurrent,
     "weights": gen_weights,
     "unnamed_outputs": gen_unnamed_outputs,
+    "chain": gen_chain,
     "unsupported": gen_unsupported,
 }
 
