@@ -1008,6 +1008,31 @@ def test_constant_subgraph_is_folded_and_not_trainable() -> None:
     assert module.runtime_ops == ["ReduceMean", "Expand", "Mul"]
 
 
+@pytest.mark.parametrize(
+    ("base", "exponent"),
+    [(i64(2, 3, 5, 7), f32(0.5)), (f32(1.5, 2.0, 0.5, 3.0), np.array([2.0, 3.0, 0.5, 1.0]))],
+    ids=["int-base", "double-exponent"],
+)
+def test_pow_keeps_the_type_of_its_base(base, exponent) -> None:
+    """ONNX Pow returns its base's type; torch promoted an int64 base with a float exponent to
+    float32, and a float32 base with a float64 exponent to float64."""
+    nodes = [helper.make_node("Pow", ["x", "e"], ["y"])]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", helper.np_dtype_to_tensor_dtype(base.dtype), [4])],
+        [onnx.ValueInfoProto(name="y")],
+        initializer=[numpy_helper.from_array(exponent, "e")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    model.ir_version = 8
+    (expected,) = run(model, {"x": base})
+    with torch.no_grad():
+        y = OnnxModule(model)(torch.from_numpy(base)).numpy()
+    assert y.dtype == expected.dtype
+    assert_close(y, expected)
+
+
 def test_cast_to_an_unsupported_type_names_it() -> None:
     # The message gave the type's number (4), which says nothing to the user.
     cast = helper.make_node("Cast", ["x"], ["y"], name="to_u16", to=TensorProto.UINT16)

@@ -402,6 +402,11 @@ def _binary(fn: Callable) -> Callable[[Node], OpFn]:
     return build
 
 
+def _pow(a, b):
+    y = torch.pow(a, b)
+    return y if y.dtype == a.dtype else y.to(a.dtype)  # ONNX: the base's type (ints truncate)
+
+
 def _div(a, b):
     if a.is_floating_point():
         return a / b
@@ -1226,7 +1231,7 @@ OPS: dict[str, Callable[[Node], OpFn]] = {
     "Sub": _binary(torch.sub),
     "Mul": _binary(torch.mul),
     "Div": _binary(_div),
-    "Pow": _binary(torch.pow),
+    "Pow": _binary(_pow),
     "Equal": _binary(torch.eq),
     "Less": _binary(torch.lt),
     "Greater": _binary(torch.gt),
