@@ -1033,6 +1033,23 @@ def test_pow_keeps_the_type_of_its_base(base, exponent) -> None:
     assert_close(y, expected)
 
 
+def test_reduce_sum_keeps_int32() -> None:
+    # torch sums int32 into int64; ONNX ReduceSum returns its input's type.
+    nodes = [helper.make_node("ReduceSum", ["x"], ["y"], keepdims=0)]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.INT32, [2, 3])],
+        [onnx.ValueInfoProto(name="y")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    x = np.arange(6, dtype=np.int32).reshape(2, 3) - 2
+    with torch.no_grad():
+        y = OnnxModule(model)(torch.from_numpy(x)).numpy()
+    assert y.dtype == np.int32 and y.tolist() == run(model, {"x": x})[0].tolist()
+
+
 def test_cast_to_an_unsupported_type_names_it() -> None:
     # The message gave the type's number (4), which says nothing to the user.
     cast = helper.make_node("Cast", ["x"], ["y"], name="to_u16", to=TensorProto.UINT16)

@@ -763,6 +763,28 @@ def gen_binary(rng: np.random.Generator) -> Case:
     return Case([node(op, inputs)], feeds, ["y"], inits, pick(rng, [13, 14]))
 
 
+def gen_integer(rng: np.random.Generator) -> Case:
+    """Integer tensors (shape arithmetic): results keep ONNX's type, not torch's promotion."""
+    a = rng.integers(-9, 10, (2, 3)).astype(pick(rng, [np.int64, np.int32]))
+    op = pick(rng, ["Add", "Sub", "Mul", "Div", "Max", "Min", "Equal", "Less", "Greater",
+                    "Pow", "Clip", "Where", "Neg", "Abs", "ReduceSum", "ReduceMax"])  # fmt: skip
+    b = rng.integers(1, 4, pick(rng, [(3,), (), (2, 3)])).astype(a.dtype)
+    if op == "Div":
+        b = b * pick(rng, [1, -1])
+    if op == "Pow":
+        a = np.abs(a)
+        b = pick(rng, [b, b.astype(np.float32) + np.float32(0.5)])
+    if op == "Clip":
+        lo, hi = np.array(-3, a.dtype), np.array(4, a.dtype)
+        return Case([node(op, ["a", "lo", "hi"])], {"a": a}, ["y"], {"lo": lo, "hi": hi}, 13)
+    if op == "Where":
+        cond = rng.random((2, 3)) > 0.5
+        return Case([node(op, ["c", "a", "b"])], {"c": cond, "a": a}, ["y"], {"b": b}, 16)
+    if op in ("Neg", "Abs", "ReduceSum", "ReduceMax"):
+        return Case([node(op, ["a"])], {"a": a}, ["y"], {}, 13)
+    return Case([node(op, ["a", "b"])], {"a": a}, ["y"], {"b": b}, 15)
+
+
 def gen_matmul(rng: np.random.Generator) -> Case:
     k = int(rng.integers(1, 5))
     a_shape = pick(rng, [[k], [3, k], [2, 3, k], [2, 1, 3, k]])
@@ -1158,6 +1180,7 @@ GENERATORS: dict[str, Callable[[np.random.Generator], Case]] = {
     "prelu": gen_prelu,
     "binary": gen_binary,
     "matmul": gen_matmul,
+    "integer": gen_integer,
     "layout": gen_layout,
     "constant_like": gen_constant_like,
     "dropout": gen_dropout,

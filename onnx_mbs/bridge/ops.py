@@ -577,7 +577,8 @@ def _reduce(fn: Callable, axes_input_from: int) -> Callable[[Node], OpFn]:
                 if noop_empty:
                     return x
                 axes = range(x.dim())
-            return fn(x, tuple(axes), keepdim=keep)
+            y = fn(x, tuple(axes), keepdim=keep)
+            return y if y.dtype == x.dtype else y.to(x.dtype)  # torch sums int32 into int64
 
         if n.opset < axes_input_from:
             axes = n.attr("axes")
