@@ -1050,6 +1050,21 @@ def test_reduce_sum_keeps_int32() -> None:
     assert y.dtype == np.int32 and y.tolist() == run(model, {"x": x})[0].tolist()
 
 
+def test_conv_weight_computed_at_run_time_without_kernel_shape_is_refused_clearly() -> None:
+    # A weight scaled per output channel in the graph: the refusal said "no weight".
+    nodes = [
+        helper.make_node("Mul", ["w", "g"], ["scaled"]),
+        helper.make_node("Conv", ["x", "scaled"], ["y"], name="conv"),
+    ]
+    inits = {"w": rnd(3, 4, 3, 3), "g": rnd(3, 1, 1, 1, seed=1)}
+    model = make_model(nodes, {"x": X}, ["y"], inits)
+    with pytest.raises(BadInputError, match="Conv node 'conv' has no kernel_shape and its weight"):
+        OnnxModule(model)
+    conv = model.graph.node[1]
+    conv.attribute.append(helper.make_attribute("kernel_shape", [3, 3]))
+    assert_matches_ort(model, {"x": rnd(*X, seed=2)})
+
+
 def test_cast_to_an_unsupported_type_names_it() -> None:
     # The message gave the type's number (4), which says nothing to the user.
     cast = helper.make_node("Cast", ["x"], ["y"], name="to_u16", to=TensorProto.UINT16)

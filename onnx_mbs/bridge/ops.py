@@ -85,7 +85,11 @@ class Node:
             return len(self.attrs["kernel_shape"])
         if i in self.shapes:
             return len(self.shapes[i]) - 2
-        raise BadInputError(f"{self.op_type} node '{self.name}' has no kernel_shape and no weight")
+        raise BadInputError(
+            f"{self.op_type} node '{self.name}' has no kernel_shape and its weight is computed "
+            "at run time, so the kernel's rank is unknown when the module is built; add the "
+            "kernel_shape attribute"
+        )
 
     def kernel(self, i: int = 1) -> list[int]:
         if "kernel_shape" in self.attrs:
