@@ -361,6 +361,26 @@ CASES: dict[str, tuple] = {
         {"lo": np.array(0.1, np.float32)},
         17,
     ),
+    # Shape arithmetic through a Clip with int64 bounds: the bounds were made floats, and so
+    # the target shape (a TypeError in Reshape).
+    "clip-int64-shape-arithmetic": (
+        [
+            helper.make_node("Shape", ["x"], ["shp"]),
+            helper.make_node("Gather", ["shp", "one"], ["c"], axis=0),
+            helper.make_node("Clip", ["c", "lo", "hi"], ["cc"]),
+            helper.make_node("Unsqueeze", ["cc", "ax0"], ["c1"]),
+            helper.make_node("Concat", ["c1", "minus1"], ["target"], axis=0),
+            helper.make_node("Reshape", ["x", "target"], ["y"]),
+        ],
+        {
+            "one": np.array(1, np.int64),
+            "lo": np.array(1, np.int64),
+            "hi": np.array(2, np.int64),
+            "ax0": i64(0),
+            "minus1": i64(-1),
+        },
+        17,
+    ),
     "clip-attrs-opset6": ([helper.make_node("Clip", ["x"], ["y"], min=-0.2, max=0.3)], {}, 6),
     "sub-div-mul": (
         [
@@ -675,6 +695,12 @@ CASES: dict[str, tuple] = {
         {"s1": i64(0, 2, 2, 6, 6), "s2": i64(0, -1, 6, 6)},
         17,
     ),
+    # Before opset 5 the target shape is an attribute (it was a TypeError).
+    "reshape-opset4-attribute": (
+        [helper.make_node("Reshape", ["x"], ["y"], shape=[0, 12, -1])],
+        {},
+        4,
+    ),
     "dynamic-reshape": (
         [
             helper.make_node("Shape", ["x"], ["shp"]),
@@ -706,6 +732,18 @@ CASES: dict[str, tuple] = {
             helper.make_node("Mul", ["e", "onesf"], ["y"]),
         ],
         {"shape": i64(1, 1, 6), "eshape": i64(1, 4, 1, 1)},
+        17,
+    ),
+    # An empty shape: a scalar (it was a TypeError).
+    "constantofshape-scalar": (
+        [
+            helper.make_node("Shape", ["x"], ["none"], start=4),
+            helper.make_node(
+                "ConstantOfShape", ["none"], ["c"], value=numpy_helper.from_array(f32(2.5))
+            ),
+            helper.make_node("Mul", ["x", "c"], ["y"]),
+        ],
+        {},
         17,
     ),
     "gemm-transb": (
@@ -848,6 +886,71 @@ def test_depth_to_space_matches_ort(mode: str) -> None:
     assert_matches_ort(make_model([node], {"x": [2, 12, 3, 5]}, ["y"]), {"x": rnd(2, 12, 3, 5)})
 
 
+UNNAMED_OUTPUT_THEN_MISSING_INPUT = {
+    # GRU's Y left unnamed, its Y_h through a Gemm without C: C was read as Y.
+    "gru-gemm": (
+        [
+            helper.make_node("GRU", ["x", "w", "r", "b"], ["", "yh"], hidden_size=4),
+            helper.make_node("Squeeze", ["yh", "ax"], ["h"]),
+            helper.make_node("Gemm", ["h", "fc", ""], ["y"], transB=1),
+        ],
+        {"x": [3, 2, 5]},
+        {
+            "w": rnd(1, 12, 5),
+            "r": rnd(1, 12, 4, seed=1),
+            "b": rnd(1, 24, seed=2),
+            "ax": i64(0),
+            "fc": rnd(4, 4, seed=3),
+        },  # fmt: skip
+    ),
+    # LayerNormalization's mean left unnamed, a Clip with no min: min was the mean, which
+    # broadcasts, so the output kept its shape and changed its values.
+    "layernorm-clip": (
+        [
+            helper.make_node("LayerNormalization", ["x", "s"], ["n", "", "istd"]),
+            helper.make_node("Mul", ["n", "istd"], ["m"]),
+            helper.make_node("Clip", ["m", "", "hi"], ["y"]),
+        ],
+        {"x": [2, 3, 4], "hi": []},
+        {"s": rnd(4, seed=1)},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(UNNAMED_OUTPUT_THEN_MISSING_INPUT))
+def test_unnamed_optional_output_is_not_a_missing_input(case: str) -> None:
+    """An unnamed optional output ("") wrote its value where the module looks up missing
+    optional inputs (also ""): a later node without that input silently read it."""
+    nodes, inputs, inits = UNNAMED_OUTPUT_THEN_MISSING_INPUT[case]
+    model = make_model(nodes, inputs, ["y"], inits, opset=18)
+    feeds = {"x": rnd(*inputs["x"], seed=7), "hi": np.array(0.5, np.float32)}
+    assert_matches_ort(model, {k: v for k, v in feeds.items() if k in inputs})
+
+
+def test_unnamed_output_of_a_folded_node_is_not_a_missing_input() -> None:
+    """The same at build time: a folded Split's unnamed part became the sizes of a later
+    Split that has none (equal parts). Checked against numpy: onnxruntime crashes on a
+    constant Split with an unnamed output."""
+    nodes = [
+        helper.make_node("Split", ["c"], ["", "rest"], axis=0, num_outputs=2),
+        helper.make_node("Split", ["x", ""], ["a", "b"], axis=1, num_outputs=2),
+        helper.make_node("Sub", ["a", "b"], ["y"]),
+    ]
+    model = make_model(nodes, {"x": [2, 4, 3]}, ["y"], {"c": i64(1, 3, 5, 7)}, opset=18)
+    x = rnd(2, 4, 3)
+    with torch.no_grad():
+        y = OnnxModule(model)(torch.from_numpy(x)).numpy()
+    assert_close(y, x[:, :2] - x[:, 2:])
+
+
+def test_instance_norm_over_one_spatial_element_matches_ort() -> None:
+    """A 1x1 map (a late feature map, a pooled head): each instance is its own mean, so the
+    output is the bias. F.instance_norm refused it with a ValueError, in eval mode too."""
+    nodes = [helper.make_node("InstanceNormalization", ["x", "s", "b"], ["y"])]
+    model = make_model(nodes, {"x": [2, 3, 1, 1]}, ["y"], {"s": rnd(3, seed=1), "b": rnd(3)})
+    assert_matches_ort(model, {"x": rnd(2, 3, 1, 1, seed=7)})
+
+
 @pytest.mark.parametrize(
     "attrs",
     [
@@ -890,6 +993,21 @@ def test_dynamic_shape_arithmetic_runs_at_run_time() -> None:
         assert module(torch.from_numpy(x)).shape == (n, 144)
 
 
+def test_where_with_a_constant_condition_follows_the_module_to_its_device() -> None:
+    """Integer and bool constants stay on the CPU when the module moves (shape arithmetic); a
+    Where reading a constant mask then met CUDA operands and failed. The meta device stands
+    in for CUDA here: the same device checks, no GPU needed."""
+    nodes = [helper.make_node("Where", ["mask", "x", "fill"], ["y"])]
+    mask = np.random.default_rng(0).random((6, 6)) > 0.5
+    model = make_model(nodes, {"x": X}, ["y"], {"mask": mask, "fill": f32(-1.0)})
+    x = rnd(*X)
+    assert_matches_ort(model, {"x": x})
+    module = OnnxModule(model).to("meta")
+    with torch.no_grad():
+        y = module(torch.from_numpy(x).to("meta"))
+    assert y.device.type == "meta" and tuple(y.shape) == tuple(X)
+
+
 def test_constant_subgraph_is_folded_and_not_trainable() -> None:
     nodes, inits, opset = CASES["expand-constantofshape-cast"]
     model = make_model(nodes, {"x": X}, ["y"], inits, opset)
@@ -897,6 +1015,70 @@ def test_constant_subgraph_is_folded_and_not_trainable() -> None:
     assert list(module.parameters()) == []
     # ConstantOfShape and Cast only read constants: evaluated once, at build time.
     assert module.runtime_ops == ["ReduceMean", "Expand", "Mul"]
+
+
+@pytest.mark.parametrize(
+    ("base", "exponent"),
+    [(i64(2, 3, 5, 7), f32(0.5)), (f32(1.5, 2.0, 0.5, 3.0), np.array([2.0, 3.0, 0.5, 1.0]))],
+    ids=["int-base", "double-exponent"],
+)
+def test_pow_keeps_the_type_of_its_base(base, exponent) -> None:
+    """ONNX Pow returns its base's type; torch promoted an int64 base with a float exponent to
+    float32, and a float32 base with a float64 exponent to float64."""
+    nodes = [helper.make_node("Pow", ["x", "e"], ["y"])]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", helper.np_dtype_to_tensor_dtype(base.dtype), [4])],
+        [onnx.ValueInfoProto(name="y")],
+        initializer=[numpy_helper.from_array(exponent, "e")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    model.ir_version = 8
+    (expected,) = run(model, {"x": base})
+    with torch.no_grad():
+        y = OnnxModule(model)(torch.from_numpy(base)).numpy()
+    assert y.dtype == expected.dtype
+    assert_close(y, expected)
+
+
+def test_reduce_sum_keeps_int32() -> None:
+    # torch sums int32 into int64; ONNX ReduceSum returns its input's type.
+    nodes = [helper.make_node("ReduceSum", ["x"], ["y"], keepdims=0)]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.INT32, [2, 3])],
+        [onnx.ValueInfoProto(name="y")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    x = np.arange(6, dtype=np.int32).reshape(2, 3) - 2
+    with torch.no_grad():
+        y = OnnxModule(model)(torch.from_numpy(x)).numpy()
+    assert y.dtype == np.int32 and y.tolist() == run(model, {"x": x})[0].tolist()
+
+
+def test_conv_weight_computed_at_run_time_without_kernel_shape_is_refused_clearly() -> None:
+    # A weight scaled per output channel in the graph: the refusal said "no weight".
+    nodes = [
+        helper.make_node("Mul", ["w", "g"], ["scaled"]),
+        helper.make_node("Conv", ["x", "scaled"], ["y"], name="conv"),
+    ]
+    inits = {"w": rnd(3, 4, 3, 3), "g": rnd(3, 1, 1, 1, seed=1)}
+    model = make_model(nodes, {"x": X}, ["y"], inits)
+    with pytest.raises(BadInputError, match="Conv node 'conv' has no kernel_shape and its weight"):
+        OnnxModule(model)
+    conv = model.graph.node[1]
+    conv.attribute.append(helper.make_attribute("kernel_shape", [3, 3]))
+    assert_matches_ort(model, {"x": rnd(*X, seed=2)})
+
+
+def test_cast_to_an_unsupported_type_names_it() -> None:
+    # The message gave the type's number (4), which says nothing to the user.
+    cast = helper.make_node("Cast", ["x"], ["y"], name="to_u16", to=TensorProto.UINT16)
+    with pytest.raises(BadInputError, match="Cast node 'to_u16' casts to UINT16, which the"):
+        OnnxModule(make_model([cast], {"x": X}, ["y"]))
 
 
 def test_unsupported_ops_listed() -> None:

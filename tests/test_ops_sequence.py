@@ -71,6 +71,19 @@ def test_layer_norm_matches_ort(axis: int) -> None:
     assert {n for n, _ in OnnxModule(model).named_parameters()} == {"s", "b"}
 
 
+@pytest.mark.parametrize(
+    ("scale", "bias"), [((4,), (1,)), ((3, 4), (4,)), ((4,), ())], ids=["1", "row", "scalar"]
+)
+def test_layer_norm_with_a_broadcast_bias_matches_ort(scale, bias) -> None:
+    """ONNX broadcasts the bias as it does the scale; with a full-shaped scale the bias went
+    to F.layer_norm, which takes only the full shape (a RuntimeError)."""
+    axis = -len(scale)
+    inits = {"s": rnd(*scale, seed=1), "b": rnd(*bias, seed=2)}
+    node = helper.make_node("LayerNormalization", ["x", "s", "b"], ["y"], axis=axis)
+    model = make_model([node], {"x": [2, 3, 4]}, ["y"], inits, 17)
+    assert_matches_ort(model, {"x": rnd(2, 3, 4, seed=3)})
+
+
 def test_range_at_run_time_matches_ort() -> None:
     # Range over the input's length: positions for a sequence model.
     nodes = [

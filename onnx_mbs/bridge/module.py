@@ -351,8 +351,9 @@ class OnnxModule(nn.Module):
             live = [n for n in node.inputs if n]
             if node.op_type not in NO_FOLD and all(n in consts for n in live):
                 for name, value in zip(node.outputs, _fold(fn, node, consts), strict=False):
-                    consts[name] = value
-                    shapes[name] = tuple(value.shape)
+                    if name:  # "" is an unnamed optional output, not a value
+                        consts[name] = value
+                        shapes[name] = tuple(value.shape)
                 continue
             if node.op_type in _SHAPE_KNOWN_OPS and all(n in consts or n in arrays for n in live):
                 # A reshaped, tied or cast weight: its shape is known now (a Conv without
@@ -404,6 +405,7 @@ class OnnxModule(nn.Module):
             result = fn(training, *args) if wants_training else fn(*args)
             if type(result) is tuple:
                 env.update(zip(outs, result, strict=False))
+                env[""] = None  # an unnamed optional output stays what a missing input reads
             else:
                 env[outs[0]] = result
             for name in frees:

@@ -85,7 +85,11 @@ class Node:
             return len(self.attrs["kernel_shape"])
         if i in self.shapes:
             return len(self.shapes[i]) - 2
-        raise BadInputError(f"{self.op_type} node '{self.name}' has no kernel_shape and no weight")
+        raise BadInputError(
+            f"{self.op_type} node '{self.name}' has no kernel_shape and its weight is computed "
+            "at run time, so the kernel's rank is unknown when the module is built; add the "
+            "kernel_shape attribute"
+        )
 
     def kernel(self, i: int = 1) -> list[int]:
         if "kernel_shape" in self.attrs:
@@ -335,8 +339,9 @@ def clip(n: Node) -> OpFn:
     else:
         if (n.has(1) and n.const(1) is None) or (n.has(2) and n.const(2) is None):
             return lambda x, lo=None, hi=None: torch.clamp(x, lo, hi)
-        lo = float(n.const_list(1)[0]) if n.has(1) else None
-        hi = float(n.const_list(2)[0]) if n.has(2) else None
+        # In the input's type: int64 bounds keep shape arithmetic int64.
+        lo = n.const_list(1)[0] if n.has(1) else None
+        hi = n.const_list(2)[0] if n.has(2) else None
     if lo is None and hi is None:
         return lambda x, *_: x
     if lo == 0.0 and hi is None:
@@ -401,6 +406,11 @@ def _binary(fn: Callable) -> Callable[[Node], OpFn]:
     return build
 
 
+def _pow(a, b):
+    y = torch.pow(a, b)
+    return y if y.dtype == a.dtype else y.to(a.dtype)  # ONNX: the base's type (ints truncate)
+
+
 def _div(a, b):
     if a.is_floating_point():
         return a / b
@@ -422,7 +432,14 @@ def _variadic(fn: Callable) -> Callable[[Node], OpFn]:
 
 
 def where(n: Node) -> OpFn:
-    return lambda cond, a, b: torch.where(cond, a, b)
+    def run(cond, a, b):
+        # A constant mask (bool, so kept on the CPU) meets operands on the module's device.
+        device = next((t.device for t in (a, b, cond) if t.device.type != "cpu"), None)
+        if device is not None:
+            cond, a, b = cond.to(device), a.to(device), b.to(device)
+        return torch.where(cond, a, b)
+
+    return run
 
 
 # ---------------------------------------------------------------------------
@@ -564,7 +581,8 @@ def _reduce(fn: Callable, axes_input_from: int) -> Callable[[Node], OpFn]:
                 if noop_empty:
                     return x
                 axes = range(x.dim())
-            return fn(x, tuple(axes), keepdim=keep)
+            y = fn(x, tuple(axes), keepdim=keep)
+            return y if y.dtype == x.dtype else y.to(x.dtype)  # torch sums int32 into int64
 
         if n.opset < axes_input_from:
             axes = n.attr("axes")
@@ -794,6 +812,9 @@ def reshape(n: Node) -> OpFn:
             return shape
         return [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
 
+    if n.opset < 5:  # the target shape was an attribute then
+        fixed = list(n.attr("shape"))
+        return lambda x: x.reshape(target(x, fixed))
     shape = n.const_list(1)
     if shape is None:
         return lambda x, s: x.reshape(target(x, _values(s)))
@@ -1015,8 +1036,8 @@ def _constant_value(n: Node) -> torch.Tensor:
 
 def constant_of_shape(n: Node) -> OpFn:
     value = n.attr("value")
-    fill = torch.from_numpy(np.array(value).reshape(-1)) if value is not None else torch.zeros(1)
-    return lambda s: fill.expand(*_values(s)).clone()
+    fill = torch.from_numpy(np.array(value).reshape(())) if value is not None else torch.zeros(())
+    return lambda s: fill.expand(tuple(_values(s))).clone()  # an empty shape: a scalar
 
 
 TORCH_DTYPES = {
@@ -1036,7 +1057,11 @@ TORCH_DTYPES = {
 def cast(n: Node) -> OpFn:
     to = n.attr("to")
     if to not in TORCH_DTYPES:
-        raise BadInputError(f"Cast node '{n.name}' casts to unsupported type {to}")
+        known = to in onnx.TensorProto.DataType.values()
+        name = onnx.TensorProto.DataType.Name(to) if known else to
+        raise BadInputError(
+            f"Cast node '{n.name}' casts to {name}, which the PyTorch bridge does not support"
+        )
     dtype = TORCH_DTYPES[to]
     return lambda x: x.to(dtype)
 
@@ -1060,8 +1085,9 @@ def layer_norm(n: Node) -> OpFn:
     def run(x, scale, bias=None):
         a = axis % x.dim()
         dims = tuple(range(a, x.dim()))
-        if not stats and tuple(scale.shape) == tuple(x.shape[a:]):
-            return F.layer_norm(x, x.shape[a:], scale, bias, eps)
+        full = tuple(x.shape[a:])
+        if not stats and all(t is None or tuple(t.shape) == full for t in (scale, bias)):
+            return F.layer_norm(x, full, scale, bias, eps)  # else broadcast by hand
         mean = x.mean(dims, keepdim=True)
         inv_std = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + eps)
         y = (x - mean) * inv_std * scale
@@ -1077,7 +1103,14 @@ def instance_norm(n: Node) -> OpFn:
     eps = n.attr("epsilon", 1e-5)
 
     def run(x, scale, bias):
-        return F.instance_norm(x, weight=scale, bias=bias, eps=eps)
+        if math.prod(x.shape[2:]) > 1:
+            return F.instance_norm(x, weight=scale, bias=bias, eps=eps)
+        # One value per instance (a 1x1 map), which F.instance_norm refuses: the formula itself
+        # (the value is its own mean, so the output is the bias).
+        dims, shape = tuple(range(2, x.dim())), [1, -1] + [1] * (x.dim() - 2)
+        mean, var = x.mean(dims, keepdim=True), x.var(dims, unbiased=False, keepdim=True)
+        y = (x - mean) * torch.rsqrt(var + eps)
+        return y * scale.reshape(shape) + bias.reshape(shape)
 
     return run
 
@@ -1230,7 +1263,7 @@ OPS: dict[str, Callable[[Node], OpFn]] = {
     "Sub": _binary(torch.sub),
     "Mul": _binary(torch.mul),
     "Div": _binary(_div),
-    "Pow": _binary(torch.pow),
+    "Pow": _binary(_pow),
     "Equal": _binary(torch.eq),
     "Less": _binary(torch.lt),
     "Greater": _binary(torch.gt),
