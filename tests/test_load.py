@@ -453,6 +453,23 @@ def test_bad_model_gets_one_line_and_exit_2(tmp_path, capsys, make, message):
     assert (_sha(path) if path.exists() else None) == before
 
 
+def test_an_ort_format_model_is_named_as_such(tmp_path, capsys):
+    """onnxruntime's own format (.ort, flatbuffers), as convert_onnx_models_to_ort or a saved
+    optimised model writes it, was refused as "not a valid ONNX file (truncated or not ONNX:
+    Error parsing message ...)": the file is whole, and the .onnx it came from is the way on."""
+    import onnxruntime as ort
+
+    source, path = tmp_path / "m.onnx", tmp_path / "m.ort"
+    onnx.save(conv_relu_model(), source)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(path)
+    ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+    code, err = _run_cli(["reduce", str(path), "-o", str(tmp_path / "r.onnx")], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "ORT format" in err and "the .onnx model it was converted from" in err
+    assert "truncated" not in err
+
+
 def test_exit_code_from_a_real_process(tmp_path):
     path = tmp_path / "bad.onnx"
     path.write_bytes(b"\x00\x01garbage")
