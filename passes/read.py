@@ -28,6 +28,9 @@ QUANTIZED_OPS = {
     "DequantizeLinear",
     "DynamicQuantizeLinear",
 }
+# Q/DQ under other names: NVIDIA ModelOpt's trt domain (TRT_FP8QuantizeLinear,
+# TRT_INT4DequantizeLinear, ...) exports FP8 and INT4 models so.
+QUANTIZING_SUFFIXES = ("QuantizeLinear", "DequantizeLinear")
 # The inputs of a layer that hold its weights (a MatMul's weight may be either input).
 WEIGHT_INPUTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1)}
 # Ops a hand-written dequantisation passes a stored weight through.
@@ -91,7 +94,9 @@ def read_model(
             f"sparse_initializer ({names}), which onnx-mbs does not read; store them as dense "
             "initializers"
         )
-    quantized_ops = sorted(set(op_types(model)) & QUANTIZED_OPS)
+    quantized_ops = sorted(
+        {op for op in op_types(model) if op in QUANTIZED_OPS or op.endswith(QUANTIZING_SUFFIXES)}
+    )
     if quantized_ops and not quantized:
         raise QuantizedModelError(
             f"quantized graph ({', '.join(quantized_ops)}): MBS works on float models; "

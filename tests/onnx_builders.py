@@ -137,3 +137,37 @@ def int8_weight_only() -> onnx.ModelProto:
     del graph.node[:]
     graph.node.extend(nodes)
     return model
+
+
+def weight_from_custom_op(op: str = "Standardise", domain: str = "custom") -> onnx.ModelProto:
+    """`conv_relu_model` whose conv weight a custom-domain op computes from the stored one
+    (shape inference cannot size it), the conv's output shape recorded in value_info, as
+    exporters and quantizers record the activations' shapes."""
+    model = conv_relu_model()
+    graph = model.graph
+    next(t for t in graph.initializer if t.name == "w").name = "w_stored"
+    made = helper.make_node(op, ["w_stored"], ["w"], domain=domain, name="make_w")
+    nodes = [made, *graph.node]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.value_info.append(helper.make_tensor_value_info("c", TensorProto.FLOAT, [1, 4, 8, 8]))
+    model.opset_import.append(helper.make_opsetid(domain, 1))
+    return model
+
+
+def trt_fp8_qdq() -> onnx.ModelProto:
+    """`conv_relu_model` with its input and weight quantized by the `trt` domain's FP8 Q/DQ
+    pairs, as NVIDIA ModelOpt exports FP8 models for TensorRT (activation shapes recorded)."""
+    model = weight_from_custom_op("TRT_FP8DequantizeLinear", "trt")
+    graph = model.graph
+    graph.initializer.append(numpy_helper.from_array(np.array(0.05, np.float32), "s"))
+    graph.node[0].input.append("s")
+    graph.node[1].input[0] = "x_dq"
+    qdq = [
+        helper.make_node("TRT_FP8QuantizeLinear", ["x", "s"], ["x_q"], domain="trt"),
+        helper.make_node("TRT_FP8DequantizeLinear", ["x_q", "s"], ["x_dq"], domain="trt"),
+    ]
+    nodes = [*qdq, *graph.node]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return model

@@ -18,6 +18,8 @@ from onnx_builders import (
     int8_weight_only,
     quantized_in_function,
     quantized_model,
+    trt_fp8_qdq,
+    weight_from_custom_op,
 )
 
 import onnx_mbs
@@ -431,6 +433,16 @@ def test_a_model_proto_whose_external_data_was_not_read_is_refused_in_one_line(t
         ),
         (lambda p: onnx.save(conv_relu_model(["N", 3, "H", "W"]), p), "dynamic dims"),
         (lambda p: None, "model file not found"),
+        # NVIDIA ModelOpt's FP8 Q/DQ (trt domain) raised a KeyError traceback in the analysis
+        (
+            lambda p: onnx.save(trt_fp8_qdq(), p),
+            r"quantized graph \(TRT_FP8DequantizeLinear, TRT_FP8QuantizeLinear\)",
+        ),
+        # a conv weight that no recorded or inferred shape sizes: the same KeyError
+        (
+            lambda p: onnx.save(weight_from_custom_op(), p),
+            r"weight shape of Conv 'conv' is not static.*custom:Standardise 'make_w'",
+        ),
     ],
     ids=[
         "not-onnx",
@@ -440,6 +452,8 @@ def test_a_model_proto_whose_external_data_was_not_read_is_refused_in_one_line(t
         "int8-weight-only",
         "dynamic-spatial",
         "missing",
+        "trt-fp8-qdq",
+        "weight-from-custom-op",
     ],
 )
 def test_bad_model_gets_one_line_and_exit_2(tmp_path, capsys, make, message):
