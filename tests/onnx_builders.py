@@ -117,10 +117,11 @@ def conv_in_function(function_opset: int = 17) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=opsets, functions=[block], ir_version=10)
 
 
-def int8_weight_only() -> onnx.ModelProto:
+def int8_weight_only(in_constant: bool = False) -> onnx.ModelProto:
     """`conv_relu_model` whose conv weight is stored by hand as int8 with one float scale per
     output channel: int8 initializer -> Cast to float -> Mul by the scale -> the Conv's weight
-    (weight-only int8 without DequantizeLinear)."""
+    (weight-only int8 without DequantizeLinear). `in_constant`: the int8 values are held by a
+    Constant node, as exporters that do not fold constants write them."""
     model = conv_relu_model()
     graph = model.graph
     w = next(t for t in graph.initializer if t.name == "w")
@@ -133,6 +134,9 @@ def int8_weight_only() -> onnx.ModelProto:
         helper.make_node("Cast", ["w_q"], ["w_f"], name="cast", to=TensorProto.FLOAT),
         helper.make_node("Mul", ["w_f", "w_s"], ["w"], name="scale"),
     ]
+    if in_constant:
+        graph.initializer.remove(w)
+        dequantise.insert(0, helper.make_node("Constant", [], ["w_q"], name="w_q", value=w))
     nodes = [*dequantise, *graph.node]
     del graph.node[:]
     graph.node.extend(nodes)
