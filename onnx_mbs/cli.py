@@ -34,6 +34,7 @@ from onnx_mbs.passes import (
     shares_weights,
     static_batch,
 )
+from onnx_mbs.passes.errors import QuantizedModelError
 from onnx_mbs.plan import BASE_RULES, COST_AWARE, COST_WIDTH_MAP, DEFAULT_WIDTH_MAP, STRATEGIES
 from onnx_mbs.schedule import DEFAULT_LR_PER_64, DEFAULT_WARMUP
 
@@ -443,7 +444,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     from onnx_mbs.bridge import retrain
     from onnx_mbs.bridge.bn import is_bn_folded
     from onnx_mbs.bridge.losses import parse_loss_specs
-    from onnx_mbs.bridge.train import check_device
+    from onnx_mbs.bridge.train import check_device, unrunnable_teacher
     from onnx_mbs.evaluate import check_outputs_finite
     from onnx_mbs.pipeline import check_written
     from onnx_mbs.runtime import choose_providers, require_float_input
@@ -472,7 +473,10 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     # Trained in the written form: the shape arithmetic that follows the batch and image
     # size computed at run time, so any batch trains and the result takes every shape.
     model = runnable
-    teacher = load(args.teacher, shapes).runnable if args.teacher else None
+    try:
+        teacher = load(args.teacher, shapes).runnable if args.teacher else None
+    except QuantizedModelError as error:  # its own advice is reduce's: the teacher's differs
+        raise unrunnable_teacher(f"a {str(error).partition(':')[0]}") from None
     check_device(args.device)
     train = _open_for_model(
         args.data, read.model, args, args.limit, split="train", labels=not args.no_labels

@@ -188,9 +188,20 @@ _GRAPH, _NODE, _ATTRIBUTE = 7, 1, 5  # ModelProto.graph, GraphProto.node, NodePr
 _SUBGRAPHS = (6, 11)  # AttributeProto.g, AttributeProto.graphs
 
 
+# The file identifier of onnxruntime's flatbuffers format (.ort), at bytes 4 to 8.
+ORT_FORMAT = b"ORTM"
+
+
 def undecodable(path: Path, error: DecodeError) -> str:
-    """Why protobuf could not parse `path`: subgraphs nested too deep, or not ONNX at all."""
-    depth = subgraph_depth(path.read_bytes())
+    """Why protobuf could not parse `path`: onnxruntime's own format, subgraphs nested too
+    deep, or not ONNX at all."""
+    data = path.read_bytes()
+    if data[4:8] == ORT_FORMAT:
+        return (
+            f"{path} is an onnxruntime ORT format model (flatbuffers), not ONNX: give the .onnx "
+            "model it was converted from"
+        )
+    depth = subgraph_depth(data)
     if 3 * depth + 2 >= _PARSER_DEPTH:
         return (
             f"{path} nests subgraphs (If/Loop/Scan bodies) {depth} levels deep; protobuf "

@@ -28,6 +28,9 @@ QUANTIZED_OPS = {
     "DequantizeLinear",
     "DynamicQuantizeLinear",
 }
+# Q/DQ under other names: NVIDIA ModelOpt's trt domain (TRT_FP8QuantizeLinear,
+# TRT_INT4DequantizeLinear, ...) exports FP8 and INT4 models so.
+QUANTIZING_SUFFIXES = ("QuantizeLinear", "DequantizeLinear")
 # The inputs of a layer that hold its weights (a MatMul's weight may be either input).
 WEIGHT_INPUTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1)}
 # Ops a hand-written dequantisation passes a stored weight through.
@@ -91,7 +94,9 @@ def read_model(
             f"sparse_initializer ({names}), which onnx-mbs does not read; store them as dense "
             "initializers"
         )
-    quantized_ops = sorted(set(op_types(model)) & QUANTIZED_OPS)
+    quantized_ops = sorted(
+        {op for op in op_types(model) if op in QUANTIZED_OPS or op.endswith(QUANTIZING_SUFFIXES)}
+    )
     if quantized_ops and not quantized:
         raise QuantizedModelError(
             f"quantized graph ({', '.join(quantized_ops)}): MBS works on float models; "
@@ -170,13 +175,18 @@ def op_types(model: onnx.ModelProto) -> Iterator[str]:
 
 
 def integer_weight(graph: onnx.GraphProto) -> str | None:
-    """Where a layer reads an integer initializer Cast to float (then scaled by hand: Mul by
-    a scale, Sub of a zero point...) as its weight, in words; None when none does. Such a
-    weight is no float initializer: it was neither counted nor cut, and folding its Cast and
-    Mul would write it as float32. Only computations of constants are followed (`graph` in
+    """Where a layer reads an integer initializer (or Constant) Cast to float (then scaled by
+    hand: Mul by a scale, Sub of a zero point...) as its weight, in words; None when none does.
+    Such a weight is no float initializer: it was neither counted nor cut, and folding its Cast
+    and Mul would write it as float32. Only computations of constants are followed (`graph` in
     topological order): an integer constant added to an activation is no weight."""
-    integer = {t.name: t.data_type for t in graph.initializer if t.data_type not in FLOAT_TYPES}
-    constant = {t.name for t in graph.initializer}
+    stored = {t.name: (t.data_type, "initializer") for t in graph.initializer}
+    for node in graph.node:  # exporters that fold no constants hold weights in Constant nodes
+        value = attributes(node).get("value") if node.op_type == "Constant" else None
+        if isinstance(value, onnx.TensorProto) and node.domain in ("", "ai.onnx"):
+            stored[node.output[0]] = (value.data_type, "constant")
+    integer = {name: held for name, held in stored.items() if held[0] not in FLOAT_TYPES}
+    constant = set(stored)
     for node in graph.node:
         if node.op_type in DEQUANTISING and all(not x or x in constant for x in node.input):
             constant.update(node.output)
@@ -191,8 +201,8 @@ def integer_weight(graph: onnx.GraphProto) -> str | None:
             and attributes(cast).get("to") in FLOAT_TYPES
         ):
             continue
-        stored = integer[cast.input[0]]
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(stored).name
+        data_type, held = integer[cast.input[0]]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(data_type).name
         paths, seen = [(cast, ["Cast"])], {id(cast)}
         while paths:
             node, ops = paths.pop()
@@ -200,7 +210,7 @@ def integer_weight(graph: onnx.GraphProto) -> str | None:
                 if k in WEIGHT_INPUTS.get(reader.op_type, ()):
                     return (
                         f"{reader.op_type} {reader.name or reader.output[0]!r} reads {dtype} "
-                        f"initializer {cast.input[0]!r} through {' -> '.join(ops)}"
+                        f"{held} {cast.input[0]!r} through {' -> '.join(ops)}"
                     )
                 if reader.output and reader.output[0] in constant and id(reader) not in seen:
                     seen.add(id(reader))

@@ -374,15 +374,25 @@ def _recorded_types(model: onnx.ModelProto) -> list[bytes]:
 
 
 def check_static(inferred: onnx.ModelProto) -> None:
-    """Every Conv-family output needs a static shape: MACs and widths depend on it."""
-    known = {vi.name for vi in inferred.graph.value_info if static_shape(vi) is not None}
-    known |= {vi.name for vi in inferred.graph.output if static_shape(vi) is not None}
-    for node in inferred.graph.node:
-        if node.op_type in ("Conv", "ConvTranspose") and node.output[0] not in known:
-            raise BadInputError(
-                f"the output shape of {node.op_type} {node.name!r} is not static after "
-                f"shape inference; {_unsized_because(inferred, node, known)}"
-            )
+    """Every Conv-family output and weight needs a static shape: MACs, kernels and widths
+    depend on them (a weight a custom op computes may have none, the output recorded)."""
+    graph = inferred.graph
+    known = {vi.name for vi in graph.value_info if static_shape(vi) is not None}
+    known |= {vi.name for vi in graph.output if static_shape(vi) is not None}
+    weights = known | {t.name for t in graph.initializer}
+    weights |= {i.name for i in graph.input if static_shape(i) is not None}
+    for node in graph.node:
+        if node.op_type not in ("Conv", "ConvTranspose"):
+            continue
+        for what, name, sized in (
+            ("output", node.output[0], known),
+            ("weight", node.input[1], weights),
+        ):
+            if name not in sized:
+                raise BadInputError(
+                    f"the {what} shape of {node.op_type} {node.name!r} is not static after "
+                    f"shape inference; {_unsized_because(inferred, node, known)}"
+                )
 
 
 def _unsized_because(model: onnx.ModelProto, node: onnx.NodeProto, known: set[str]) -> str:

@@ -117,10 +117,11 @@ def conv_in_function(function_opset: int = 17) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=opsets, functions=[block], ir_version=10)
 
 
-def int8_weight_only() -> onnx.ModelProto:
+def int8_weight_only(in_constant: bool = False) -> onnx.ModelProto:
     """`conv_relu_model` whose conv weight is stored by hand as int8 with one float scale per
     output channel: int8 initializer -> Cast to float -> Mul by the scale -> the Conv's weight
-    (weight-only int8 without DequantizeLinear)."""
+    (weight-only int8 without DequantizeLinear). `in_constant`: the int8 values are held by a
+    Constant node, as exporters that do not fold constants write them."""
     model = conv_relu_model()
     graph = model.graph
     w = next(t for t in graph.initializer if t.name == "w")
@@ -133,7 +134,44 @@ def int8_weight_only() -> onnx.ModelProto:
         helper.make_node("Cast", ["w_q"], ["w_f"], name="cast", to=TensorProto.FLOAT),
         helper.make_node("Mul", ["w_f", "w_s"], ["w"], name="scale"),
     ]
+    if in_constant:
+        graph.initializer.remove(w)
+        dequantise.insert(0, helper.make_node("Constant", [], ["w_q"], name="w_q", value=w))
     nodes = [*dequantise, *graph.node]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return model
+
+
+def weight_from_custom_op(op: str = "Standardise", domain: str = "custom") -> onnx.ModelProto:
+    """`conv_relu_model` whose conv weight a custom-domain op computes from the stored one
+    (shape inference cannot size it), the conv's output shape recorded in value_info, as
+    exporters and quantizers record the activations' shapes."""
+    model = conv_relu_model()
+    graph = model.graph
+    next(t for t in graph.initializer if t.name == "w").name = "w_stored"
+    made = helper.make_node(op, ["w_stored"], ["w"], domain=domain, name="make_w")
+    nodes = [made, *graph.node]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.value_info.append(helper.make_tensor_value_info("c", TensorProto.FLOAT, [1, 4, 8, 8]))
+    model.opset_import.append(helper.make_opsetid(domain, 1))
+    return model
+
+
+def trt_fp8_qdq() -> onnx.ModelProto:
+    """`conv_relu_model` with its input and weight quantized by the `trt` domain's FP8 Q/DQ
+    pairs, as NVIDIA ModelOpt exports FP8 models for TensorRT (activation shapes recorded)."""
+    model = weight_from_custom_op("TRT_FP8DequantizeLinear", "trt")
+    graph = model.graph
+    graph.initializer.append(numpy_helper.from_array(np.array(0.05, np.float32), "s"))
+    graph.node[0].input.append("s")
+    graph.node[1].input[0] = "x_dq"
+    qdq = [
+        helper.make_node("TRT_FP8QuantizeLinear", ["x", "s"], ["x_q"], domain="trt"),
+        helper.make_node("TRT_FP8DequantizeLinear", ["x_q", "s"], ["x_dq"], domain="trt"),
+    ]
+    nodes = [*qdq, *graph.node]
     del graph.node[:]
     graph.node.extend(nodes)
     return model

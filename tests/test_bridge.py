@@ -1095,6 +1095,17 @@ def test_unsupported_ops_listed() -> None:
         OnnxModule(model)
 
 
+def test_contrib_ops_are_refused_saying_to_retrain_the_float_model() -> None:
+    """A model onnxruntime quantised or optimised (MatMulNBits, FusedConv: com.microsoft ops)
+    was refused naming the ops alone, with no way on: the float model they came from trains."""
+    model = make_model(
+        [helper.make_node("Gelu", ["x"], ["y"], domain="com.microsoft")], {"x": X}, ["y"]
+    )
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    with pytest.raises(BadInputError, match="com.microsoft:Gelu.*retrain the float model"):
+        OnnxModule(model)
+
+
 # ---------------------------------------------------------------------------
 # Train mode
 

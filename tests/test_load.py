@@ -18,6 +18,8 @@ from onnx_builders import (
     int8_weight_only,
     quantized_in_function,
     quantized_model,
+    trt_fp8_qdq,
+    weight_from_custom_op,
 )
 
 import onnx_mbs
@@ -432,8 +434,25 @@ def test_a_model_proto_whose_external_data_was_not_read_is_refused_in_one_line(t
             r"weight-only quantized graph: Conv 'conv' reads int8 initializer 'w_q' through "
             r"Cast -> Mul",
         ),
+        # held by a Constant node, the int8 weight passed: the params went uncounted (19K of
+        # the bundled model's 272K), a budget was solved against them, and some were folded
+        (
+            lambda p: onnx.save(int8_weight_only(in_constant=True), p),
+            r"weight-only quantized graph: Conv 'conv' reads int8 constant 'w_q' through "
+            r"Cast -> Mul",
+        ),
         (lambda p: onnx.save(conv_relu_model(["N", 3, "H", "W"]), p), "dynamic dims"),
         (lambda p: None, "model file not found"),
+        # NVIDIA ModelOpt's FP8 Q/DQ (trt domain) raised a KeyError traceback in the analysis
+        (
+            lambda p: onnx.save(trt_fp8_qdq(), p),
+            r"quantized graph \(TRT_FP8DequantizeLinear, TRT_FP8QuantizeLinear\)",
+        ),
+        # a conv weight that no recorded or inferred shape sizes: the same KeyError
+        (
+            lambda p: onnx.save(weight_from_custom_op(), p),
+            r"weight shape of Conv 'conv' is not static.*custom:Standardise 'make_w'",
+        ),
     ],
     ids=[
         "not-onnx",
@@ -441,8 +460,11 @@ def test_a_model_proto_whose_external_data_was_not_read_is_refused_in_one_line(t
         "quantized",
         "quantized-in-function",
         "int8-weight-only",
+        "int8-weight-only-in-constant",
         "dynamic-spatial",
         "missing",
+        "trt-fp8-qdq",
+        "weight-from-custom-op",
     ],
 )
 def test_bad_model_gets_one_line_and_exit_2(tmp_path, capsys, make, message):
@@ -454,6 +476,23 @@ def test_bad_model_gets_one_line_and_exit_2(tmp_path, capsys, make, message):
     assert err.count("\n") == 1 and err.startswith("onnx-mbs: error: ")
     assert re.search(message, err)
     assert (_sha(path) if path.exists() else None) == before
+
+
+def test_an_ort_format_model_is_named_as_such(tmp_path, capsys):
+    """onnxruntime's own format (.ort, flatbuffers), as convert_onnx_models_to_ort or a saved
+    optimised model writes it, was refused as "not a valid ONNX file (truncated or not ONNX:
+    Error parsing message ...)": the file is whole, and the .onnx it came from is the way on."""
+    import onnxruntime as ort
+
+    source, path = tmp_path / "m.onnx", tmp_path / "m.ort"
+    onnx.save(conv_relu_model(), source)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(path)
+    ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+    code, err = _run_cli(["reduce", str(path), "-o", str(tmp_path / "r.onnx")], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "ORT format" in err and "the .onnx model it was converted from" in err
+    assert "truncated" not in err
 
 
 def test_exit_code_from_a_real_process(tmp_path):

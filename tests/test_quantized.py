@@ -245,3 +245,30 @@ def test_calibration_reader_feeds_every_input_of_model_ready_data(tmp_path):
     np.testing.assert_array_equal(np.concatenate([b["scale"] for b in batches]), scale)
     reader.rewind()
     quantize_static(str(path), str(tmp_path / "q.onnx"), reader, quant_format=QuantFormat.QDQ)
+
+
+def test_retrain_refuses_a_quantised_teacher_saying_to_give_the_float_one(
+    bundled_model_path, quantised, tmp_path, capsys
+):
+    """`retrain --teacher int8.onnx` was refused with reduce's advice ("reduce the float model
+    first, then quantize"), which does not apply to a teacher, and from Python the bridge's
+    refusal did not say that the teacher was the model it could not run."""
+    out = tmp_path / "t.onnx"
+    command = ["retrain", str(bundled_model_path), "-o", str(out), "--data", str(FMNIST_SAMPLE)]
+    assert main([*command, "--teacher", str(quantised["QDQ"]), "--limit", "8"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "reduce the float model first" not in err
+    assert "teacher" in err and "DequantizeLinear" in err and "float model" in err
+    assert not out.exists()
+    from onnx_mbs.bridge import retrain
+
+    with np.load(FMNIST_SAMPLE) as npz:
+        x = ((npz["x"][:8] / 255 - 0.286041) / 0.353024).astype(np.float32)
+        y = npz["y"][:8]
+    with pytest.raises(BadInputError, match="teacher .*QuantizeLinear.*float model"):
+        retrain(
+            onnx.load(str(bundled_model_path)),
+            (x, y),
+            teacher=onnx.load(str(quantised["QOperator"])),
+            progress=False,
+        )

@@ -317,8 +317,12 @@ class OnnxModule(nn.Module):
         super().__init__()
         missing = unsupported_ops(model)
         if missing:
+            # Contrib ops are onnxruntime's quantisation or optimisation of a float model.
+            contrib = any(":" in op for op in missing)
+            way = "; retrain the float model they were made from, then apply them again"
             raise BadInputError(
                 f"the PyTorch bridge does not support these op types: {', '.join(missing)}"
+                f"{way * contrib}"
             )
         graph = model.graph
         opset = default_opset(model)

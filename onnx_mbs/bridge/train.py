@@ -61,7 +61,13 @@ from onnx_mbs.bridge.bn import (
 from onnx_mbs.bridge.bn import reinsert_bn as reinsert_batchnorm
 from onnx_mbs.bridge.loading import Samples, as_samples, load_batches, rank_batches
 from onnx_mbs.bridge.losses import choose_losses, distillation_loss, is_logits, normalised_mse
-from onnx_mbs.bridge.module import OnnxModule, long_axes, untie_initializers, with_outputs
+from onnx_mbs.bridge.module import (
+    OnnxModule,
+    long_axes,
+    unsupported_ops,
+    untie_initializers,
+    with_outputs,
+)
 from onnx_mbs.bridge.precision import as_float32, is_low_precision
 from onnx_mbs.bridge.writeback import write_back
 from onnx_mbs.data.augment import choose_augment
@@ -148,6 +154,17 @@ def _check_input(
             f"'{graph_input.name}' expects {['?' if d is None else d for d in dims]}"
         )
     return x
+
+
+def unrunnable_teacher(what: str) -> BadInputError:
+    """The refusal of a teacher the bridge cannot run (`what`: a quantised graph, contrib ops).
+    The teacher runs in PyTorch beside the student, so the float model it was made from is what
+    to give; reduce's advice (reduce the float model, then quantize) is not the way here."""
+    return BadInputError(
+        f"the teacher is {what}, which the PyTorch bridge cannot run (the teacher runs in "
+        f"PyTorch beside the student): give {option('--teacher')} the float model it was made "
+        "from (eval --teacher runs a quantized one as it is)"
+    )
 
 
 def check_device(device: str) -> None:
@@ -530,6 +547,8 @@ def retrain(
             if is_low_precision(teacher):
                 teacher = as_float32(teacher)
             # Checked before the teacher's statistics are measured for the re-inserted BNs.
+            if missing := unsupported_ops(teacher):
+                raise unrunnable_teacher(f"a graph with {', '.join(missing)}")
             teacher_pre = softmax_inputs(teacher)
             teacher_module = OnnxModule(with_outputs(teacher, [*features, *teacher_pre.values()]))
             teacher_module = teacher_module.to(dev).eval().requires_grad_(False)
