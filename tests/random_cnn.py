@@ -363,6 +363,46 @@ def build(spec: list[dict]) -> Built:
     return Built(model, net.made)
 
 
+def merge_equal_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """One tensor for initializers of equal value, as torch's exporter writes untrained
+    layers (zero biases, BatchNorm's ones and zeros shared across layers of one width)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    first: dict[tuple, str] = {}
+    renamed: dict[str, str] = {}
+    kept = []
+    for tensor in out.graph.initializer:
+        key = (tensor.data_type, tuple(tensor.dims), onnx.numpy_helper.to_array(tensor).tobytes())
+        if key in first:
+            renamed[tensor.name] = first[key]
+        else:
+            first[key] = tensor.name
+            kept.append(tensor)
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(kept)
+    for node in out.graph.node:
+        for k, name in enumerate(node.input):
+            node.input[k] = renamed.get(name, name)
+    return out
+
+
+def untrained(built: Built, rng: np.random.Generator) -> Built:
+    """`built` with zero biases and BatchNorms of ones and zeros (gamma, beta, mean, var),
+    so that equal tensors can be merged."""
+    out = onnx.ModelProto()
+    out.CopyFrom(built.model)
+    tensors = {t.name: t for t in out.graph.initializer}
+    for made in built.made:
+        fills = [(made.bias, 0.0)] if made.bias else []
+        if made.bn:
+            fills += list(zip(made.bn, (1.0, 0.0, 0.0, 1.0)))
+        for name, value in fills:
+            if rng.random() < 0.8:
+                array = np.full(tuple(tensors[name].dims), value, np.float32)
+                tensors[name].CopyFrom(onnx.numpy_helper.from_array(array, name))
+    return Built(out, built.made)
+
+
 def shrink_spec(spec: list[dict], fails: Callable[[list[dict]], bool]) -> list[dict]:
     """The smallest spec (greedily, one block at a time) that still fails; the stem and the
     head stay, and the head is tried as a plain conv."""
