@@ -23,10 +23,13 @@ KINDS = [
     "conv", "conv", "depthwise", "grouped", "residual", "residual_mul", "residual_sub",
     "affine", "concat", "split", "slice", "shuffle", "deconv", "pool", "resize", "se",
     "middle_output", "skip", "sum3", "prelu", "deconv_grouped", "bn_join", "gate_gap",
-    "depth_to_space", "pad", "concat_self",
+    "depth_to_space", "pad", "concat_self", "se_gemm", "same_conv", "split_output",
+    "slice_all_axes", "deconv_stride",
 ]  # fmt: skip
 ACTS = ["Relu", "Clip", "Sigmoid", "HardSwish", "none"]
-HEADS = ["gap_gemm", "gap_matmul", "flatten_gemm", "conv", "squeeze_matmul", "reshape_gemm"]
+HEADS = [
+    "gap_gemm", "gap_matmul", "flatten_gemm", "conv", "squeeze_matmul", "reshape_gemm", "gemm_bn",
+]  # fmt: skip
 
 
 @dataclass
@@ -318,6 +321,67 @@ class _Net:
         self.x = self.b.op("Concat", [self.x, self.x], axis=1)
         self.c *= 2
 
+    def _se_gemm(self, rng) -> None:
+        """An SE gate of Gemms (torch Linear layers), back to (N, C, 1, 1) by Unsqueeze or
+        Reshape."""
+        b, c = self.b, self.c
+        r = self.width(rng)
+        s = b.op("Flatten", [b.op("GlobalAveragePool", [self.x])], axis=1)
+        s = b.op("Relu", [b.op("Gemm", [s, b.weight(r, c), b.const(np.zeros(r))], transB=1)])
+        s = b.op("Gemm", [s, b.weight(c, r), b.const(rng.normal(0, 0.1, c))], transB=1)
+        s = b.op("HardSigmoid", [s])
+        if rng.random() < 0.5:
+            s = b.op("Unsqueeze", [s, b.const(np.array([2, 3], np.int64))])
+        else:
+            s = b.op("Reshape", [s, b.const(np.array([self.batch_dim, c, 1, 1], np.int64))])
+        self.x = b.op("Mul", [self.x, s])
+
+    def _same_conv(self, rng) -> None:
+        """auto_pad SAME_UPPER with stride 2 (TensorFlow exports)."""
+        cout = self.width(rng)
+        w = self.b.weight(cout, self.c, 3, 3)
+        y = self.b.op("Conv", [self.x, w], kernel_shape=[3, 3], strides=[2, 2],
+                      auto_pad="SAME_UPPER")  # fmt: skip
+        self.made.append(Made(self.b.nodes[-1].name, w, 0, cout))
+        self.x, self.c, self.size = self.act(y, rng), cout, (self.size + 1) // 2
+
+    def _split_output(self, rng) -> None:
+        """A Split whose first part is also a graph output."""
+        if self.c < 2:
+            return self._conv(rng)
+        s = int(rng.integers(1, self.c))
+        left, right = self.b.op("Split", [self.x, self.b.const(np.array([s, self.c - s]))],
+                                n_out=2, axis=1)  # fmt: skip
+        self.outputs.append(left)
+        right = self.conv(right, self.c - s, self.c - s, rng)
+        self.x = self.b.op("Concat", [left, right], axis=1)
+
+    def _slice_all_axes(self, rng) -> None:
+        """Slice without `axes`: starts and ends for every axis, spatial ones whole."""
+        c = self.c
+        if c < 2:
+            return self._conv(rng)
+        start = int(rng.integers(0, c - 1))
+        big = 2**62
+        starts = self.b.const(np.array([0, start, 0, 0], np.int64))
+        ends = self.b.const(np.array([big, c, big, big], np.int64))
+        self.x = self.b.op("Slice", [self.x, starts, ends])
+        self.c = c - start
+
+    def _deconv_stride(self, rng) -> None:
+        b, c = self.b, self.c
+        cout = self.width(rng)
+        w = b.weight(c, cout, 3, 3)
+        y = b.op("ConvTranspose", [self.x, w], kernel_shape=[3, 3], strides=[2, 2],
+                 pads=[1, 1, 1, 1], output_padding=[1, 1])  # fmt: skip
+        self.made.append(Made(b.nodes[-1].name, w, 1, cout))
+        if rng.random() < 0.5:
+            y = b.bn(y, cout)
+            self.made[-1].bn = tuple(b.nodes[-1].input[1:5])
+        y = self.act(y, rng)
+        self.x = b.op("AveragePool", [y], kernel_shape=[2, 2], strides=[2, 2])
+        self.c = cout
+
     def _middle_output(self, rng) -> None:
         self.outputs.append(self.x)
         self._conv(rng)
@@ -336,6 +400,12 @@ class _Net:
         elif kind == "flatten_gemm":
             flat = b.op("Flatten", [x], axis=1)
             y = b.op("Gemm", [flat, b.weight(3, c * s * s), b.const(np.zeros(3))], transB=1)
+        elif kind == "gemm_bn":  # a hidden Linear with BatchNorm1d, then the classifier
+            flat = b.op("Flatten", [b.op("GlobalAveragePool", [x])], axis=1)
+            h = self.width(rng) + 1
+            y = b.op("Gemm", [flat, b.weight(h, c), b.const(np.zeros(h))], transB=1)
+            y = b.op("Relu", [b.bn(y, h)])
+            y = b.op("Gemm", [y, b.weight(3, h)], transB=1)
         elif kind == "squeeze_matmul":
             squeezed = b.op("Squeeze", [b.op("GlobalAveragePool", [x]),
                                         b.const(np.array([2, 3], np.int64))])  # fmt: skip
