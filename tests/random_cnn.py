@@ -51,12 +51,15 @@ class Built:
     made: list[Made] = field(default_factory=list)
 
 
-def random_spec(seed: int, blocks: tuple[int, int] = (2, 7)) -> list[dict]:
-    """A random list of blocks, each a dict of its kind and the numbers it draws."""
+def random_spec(
+    seed: int, blocks: tuple[int, int] = (2, 7), kinds: list[str] = KINDS
+) -> list[dict]:
+    """A random list of blocks (of `kinds`), each a dict of its kind and the numbers it
+    draws."""
     rng = np.random.default_rng(seed)
     spec: list[dict] = [{"kind": "stem", "size": int(rng.choice([6, 8, 10])), "seed": seed}]
     for _ in range(int(rng.integers(*blocks))):
-        kind = str(rng.choice(KINDS))
+        kind = str(rng.choice(kinds))
         spec.append({"kind": kind, "r": rng.integers(0, 2**31, size=8).tolist()})
     spec.append({"kind": "head", "head": str(rng.choice(HEADS)), "r": [int(rng.integers(2**31))]})
     return spec

@@ -26,6 +26,7 @@ from graphs import assert_runs_at_declared_shapes, run
 from onnx import numpy_helper
 from random_cnn import (
     Built,
+    Made,
     build,
     merge_equal_initializers,
     random_spec,
@@ -77,7 +78,9 @@ def numpy_parameter_count(model: onnx.ModelProto) -> int:
 def kill_at_convs(built: Built, rng: np.random.Generator) -> onnx.ModelProto:
     """A copy whose chosen conv output channels make exact zeros: filters, bias, and the
     BatchNorm's shift and mean after them zeroed. Some cases zero the same channel indices
-    in every conv they touch, so that channels joined across convs die together."""
+    in every conv they touch, so that channels joined across convs die together; grouped
+    convs lose whole conv-groups, with the channels they read zeroed where those are made
+    (a conv-group is one channel of the model: its inputs and outputs are cut together)."""
     out = onnx.ModelProto()
     out.CopyFrom(built.model)
     tensors = {t.name: t for t in out.graph.initializer}
@@ -87,24 +90,59 @@ def kill_at_convs(built: Built, rng: np.random.Generator) -> onnx.ModelProto:
         if rng.random() < 0.3:
             continue
         chosen = common[: made.channels] if shared else rng.random(made.channels) < 0.4
-        if not chosen.any():
+        _zero_channels(tensors, made, np.flatnonzero(chosen))
+    nodes = {n.name: n for n in out.graph.node}
+    producer = {o: n for n in out.graph.node for o in n.output}
+    by_output = {nodes[m.node].output[0]: m for m in built.made}
+    for made in built.made:
+        node = nodes[made.node]
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        if group == 1 or rng.random() < 0.4:
             continue
-        chans = np.flatnonzero(chosen)
-        weight = numpy_helper.to_array(tensors[made.weight]).copy()
-        if made.axis == 0:
-            weight[chans] = 0
-        else:  # ConvTranspose (cin, cout / group, k, k): output o in conv-group o // per
-            per = weight.shape[1]
-            rows = weight.shape[0] // (made.channels // per)
-            for o in chans.tolist():
-                weight[o // per * rows : (o // per + 1) * rows, o % per] = 0
-        tensors[made.weight].CopyFrom(numpy_helper.from_array(weight, made.weight))
-        zeroed = [made.bias] + ([made.bn[1], made.bn[3]] if made.bn else [])
-        for name in filter(None, zeroed):
-            value = numpy_helper.to_array(tensors[name]).copy()
-            value[chans] = 0
-            tensors[name].CopyFrom(numpy_helper.from_array(value, name))
+        conv_groups = np.flatnonzero(rng.random(group) < 0.5)
+        per_out = made.channels // group
+        _zero_channels(tensors, made, (conv_groups[:, None] * per_out + np.arange(per_out)).ravel())
+        upstream = _made_upstream(node.input[0], producer, by_output)
+        if upstream is not None:
+            per_in = upstream.channels // group
+            chans = (conv_groups[:, None] * per_in + np.arange(per_in)).ravel()
+            _zero_channels(tensors, upstream, chans)
     return out
+
+
+# Ops a channel passes through alone, 0 staying 0 (what a conv's channel reaches a grouped
+# conv by, in the generated graphs).
+_PASS_ZERO = {"BatchNormalization", "Relu", "Clip", "HardSwish", "MaxPool", "AveragePool",
+              "Resize", "Identity"}  # fmt: skip
+
+
+def _made_upstream(name: str, producer: dict, by_output: dict[str, Made]) -> Made | None:
+    """The conv whose output channels reach tensor `name` one to one, if one does."""
+    while name not in by_output:
+        node = producer.get(name)
+        if node is None or node.op_type not in _PASS_ZERO:
+            return None
+        name = node.input[0]
+    return by_output[name]
+
+
+def _zero_channels(tensors: dict, made: Made, chans: np.ndarray) -> None:
+    if not len(chans):
+        return
+    weight = numpy_helper.to_array(tensors[made.weight]).copy()
+    if made.axis == 0:
+        weight[chans] = 0
+    else:  # ConvTranspose (cin, cout / group, k, k): output o in conv-group o // per
+        per = weight.shape[1]
+        rows = weight.shape[0] // (made.channels // per)
+        for o in chans.tolist():
+            weight[o // per * rows : (o // per + 1) * rows, o % per] = 0
+    tensors[made.weight].CopyFrom(numpy_helper.from_array(weight, made.weight))
+    zeroed = [made.bias] + ([made.bn[1], made.bn[3]] if made.bn else [])
+    for name in filter(None, zeroed):
+        value = numpy_helper.to_array(tensors[name]).copy()
+        value[chans] = 0
+        tensors[name].CopyFrom(numpy_helper.from_array(value, name))
 
 
 def all_values(model: onnx.ModelProto, names: list[str], seeds=(3, 4)) -> dict[str, np.ndarray]:
@@ -182,7 +220,10 @@ def _harmless_reader(node: onnx.NodeProto, name: str, zero: dict, harmless: dict
 
 
 # How an exporter may write the same graph; killing happens before, on the builder's names.
-FORMS = ["canonical", "canonical", "merged", "constants", "names", "value_attrs", "ir3"]
+FORMS = [
+    "canonical", "canonical", "merged", "constants", "names", "value_attrs", "ir3", "opset21",
+    "minus_one",
+]  # fmt: skip
 
 
 def exported(model: onnx.ModelProto, form: str) -> onnx.ModelProto:
