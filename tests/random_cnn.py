@@ -57,7 +57,9 @@ def random_spec(
     """A random list of blocks (of `kinds`), each a dict of its kind and the numbers it
     draws."""
     rng = np.random.default_rng(seed)
-    spec: list[dict] = [{"kind": "stem", "size": int(rng.choice([6, 8, 10])), "seed": seed}]
+    rank = 1 if rng.random() < 0.2 else 2  # Conv1d (audio) now and then
+    size = int(rng.choice([6, 8, 10])) * (2 if rank == 1 else 1)
+    spec: list[dict] = [{"kind": "stem", "size": size, "seed": seed, "rank": rank}]
     for _ in range(int(rng.integers(*blocks))):
         kind = str(rng.choice(kinds))
         spec.append({"kind": kind, "r": rng.integers(0, 2**31, size=8).tolist()})
@@ -66,10 +68,11 @@ def random_spec(
 
 
 class _Net:
-    def __init__(self, seed: int, size: int) -> None:
+    def __init__(self, seed: int, size: int, rank: int = 2) -> None:
         self.b = Builder("randcnn", seed)
         self.size = size
-        self.x = self.b.input("input", ["N", 3, size, size])
+        self.r = rank  # spatial dims
+        self.x = self.b.input("input", ["N", 3, *[size] * rank])
         self.c = 3
         self.made: list[Made] = []
         self.outputs: list[str] = []
@@ -83,13 +86,13 @@ class _Net:
         k = k if k is not None else int(rng.choice([1, 3, 5]))
         dil = int(rng.choice([1, 1, 2])) if k > 1 else 1
         bias = bool(rng.random() < 0.6)
-        w = b.weight(cout, cin // group, k, k)
+        w = b.weight(cout, cin // group, *self.k(k))
         inputs = [x, w]
         if bias:
             inputs.append(b.const(rng.normal(0, 0.1, cout).astype(np.float32), "b"))
         pad = dil * (k // 2)
-        y = b.op("Conv", inputs, kernel_shape=[k, k], strides=[stride, stride], pads=[pad] * 4,
-                 dilations=[dil, dil], group=group)  # fmt: skip
+        y = b.op("Conv", inputs, kernel_shape=self.k(k), strides=self.k(stride),
+                 pads=self.k(pad) * 2, dilations=self.k(dil), group=group)  # fmt: skip
         made = Made(b.nodes[-1].name, w, 0, cout, inputs[2] if bias else None)
         self.made.append(made)
         if bn if bn is not None else rng.random() < 0.5:
@@ -104,6 +107,14 @@ class _Net:
         if kind == "Clip":
             return self.b.op("Clip", [y, self.b.const(np.float32(0)), self.b.const(np.float32(6))])
         return self.b.op(kind, [y])
+
+    def k(self, value: int) -> list[int]:
+        """One value per spatial dim."""
+        return [value] * self.r
+
+    def ones(self, c: int, lead: int = 0) -> tuple[int, ...]:
+        """A per-channel shape: `lead` ones, c, then one 1 per spatial dim."""
+        return (1,) * lead + (c,) + (1,) * self.r
 
     def width(self, rng) -> int:
         return int(rng.integers(1, 7))
@@ -152,7 +163,7 @@ class _Net:
     def _affine(self, rng) -> None:
         """A per-channel constant, broadcast as (1, C, 1, 1), (C, 1, 1) or a scalar."""
         c = self.c
-        shape = [(1, c, 1, 1), (c, 1, 1), ()][int(rng.integers(3))]
+        shape = [self.ones(c, 1), self.ones(c), ()][int(rng.integers(3))]
         value = rng.uniform(0.5, 1.5, shape).astype(np.float32)
         op = str(rng.choice(["Add", "Mul", "Sub"]))
         const = self.b.const(value)
@@ -164,7 +175,7 @@ class _Net:
         right = self.x if rng.random() < 0.3 else self.conv(self.x, self.c, q, rng, k=1)
         q = self.c if right == self.x else q
         self.x = self.b.op("Concat", [left, right] if rng.random() < 0.5 else [right, left],
-                           axis=int(rng.choice([1, -3])))  # fmt: skip
+                           axis=int(rng.choice([1, -1 - self.r])))  # fmt: skip
         self.c = p + q
 
     def _split(self, rng) -> None:
@@ -194,7 +205,7 @@ class _Net:
         end = int(rng.integers(start + 1, c + 1))
         s_start = start - c if rng.random() < 0.3 else start
         s_end = 2**62 if end == c and rng.random() < 0.5 else end
-        axis = 1 if rng.random() < 0.5 else -3
+        axis = 1 if rng.random() < 0.5 else -1 - self.r
         consts = [self.b.const(np.array([v], np.int64)) for v in (s_start, s_end, axis, 1)]
         self.x = self.b.op("Slice", [self.x, *consts])
         self.c = end - start
@@ -206,13 +217,13 @@ class _Net:
             return self._conv(rng)
         g = int(rng.choice(divisors))
         n = self.batch_dim
-        first, second = [n, g, c // g, s, s], [n, c, s, s]
+        first, second = [n, g, c // g, *self.k(s)], [n, c, *self.k(s)]
         if n == 0 and rng.random() < 0.5:  # one entry left to the runtime (-1)
             first[int(rng.choice([1, 2, 3]))] = -1
         if n == 0 and rng.random() < 0.5:
             second[int(rng.choice([1, 2]))] = -1
         r = self.b.op("Reshape", [self.x, self.b.const(np.array(first, np.int64))])
-        t = self.b.op("Transpose", [r], perm=[0, 2, 1, 3, 4])
+        t = self.b.op("Transpose", [r], perm=[0, 2, 1, *range(3, 3 + self.r)])
         self.x = self.b.op("Reshape", [t, self.b.const(np.array(second, np.int64))])
 
     def _deconv(self, rng) -> None:
@@ -220,26 +231,27 @@ class _Net:
         c = self.c
         group = c if rng.random() < 0.3 else 1
         cout = c if group > 1 else self.width(rng)
-        w = b.weight(c, cout // group, 2, 2)
+        w = b.weight(c, cout // group, *self.k(2))
         bias = b.const(rng.normal(0, 0.1, cout).astype(np.float32), "b")
-        y = b.op("ConvTranspose", [self.x, w, bias], kernel_shape=[2, 2], strides=[2, 2],
+        y = b.op("ConvTranspose", [self.x, w, bias], kernel_shape=self.k(2), strides=self.k(2),
                  group=group)  # fmt: skip
         self.made.append(Made(b.nodes[-1].name, w, 1, cout, bias))
         y = self.act(y, rng)
-        self.x = b.op("MaxPool", [y], kernel_shape=[2, 2], strides=[2, 2])
+        self.x = b.op("MaxPool", [y], kernel_shape=self.k(2), strides=self.k(2))
         self.c = cout
 
     def _pool(self, rng) -> None:
         kind = str(rng.choice(["MaxPool", "AveragePool"]))
         if self.size >= 4 and rng.random() < 0.5:
-            self.x = self.b.op(kind, [self.x], kernel_shape=[2, 2], strides=[2, 2])
+            self.x = self.b.op(kind, [self.x], kernel_shape=self.k(2), strides=self.k(2))
             self.size //= 2
         else:
-            self.x = self.b.op(kind, [self.x], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+            self.x = self.b.op(kind, [self.x], kernel_shape=self.k(3), pads=self.k(1) * 2)
 
     def _resize(self, rng) -> None:
-        up = self.b.resize(self.x, 2.0)
-        self.x = self.b.op("AveragePool", [up], kernel_shape=[2, 2], strides=[2, 2])
+        scales = self.b.const(np.array([1, 1, *self.k(2)], np.float32), "scales")
+        up = self.b.op("Resize", [self.x, "", scales], mode="nearest")
+        self.x = self.b.op("AveragePool", [up], kernel_shape=self.k(2), strides=self.k(2))
 
     def _se(self, rng) -> None:
         b, c = self.b, self.c
@@ -269,11 +281,11 @@ class _Net:
 
     def _prelu(self, rng) -> None:
         c = self.c
-        shape = [(c, 1, 1), (1, c, 1, 1), (1,)][int(rng.integers(3))]
+        shape = [self.ones(c), self.ones(c, 1), (1,)][int(rng.integers(3))]
         slope = self.b.const(rng.uniform(0.1, 0.3, shape).astype(np.float32))
         self.x = self.b.op("PRelu", [self.x, slope])
         if rng.random() < 0.5:
-            self.x = self.b.op("Div", [self.x, self.b.const(rng.uniform(0.5, 2, (c, 1, 1)))])
+            self.x = self.b.op("Div", [self.x, self.b.const(rng.uniform(0.5, 2, self.ones(c)))])
 
     def _deconv_grouped(self, rng) -> None:
         b, c = self.b, self.c
@@ -283,11 +295,12 @@ class _Net:
         group = int(rng.choice(divisors))
         cout = group * int(rng.integers(1, 3))
         k = int(rng.choice([1, 3]))
-        w = b.weight(c, cout // group, k, k)
+        w = b.weight(c, cout // group, *self.k(k))
         inputs = [self.x, w]
         if rng.random() < 0.5:
             inputs.append(b.const(rng.normal(0, 0.1, cout).astype(np.float32), "b"))
-        y = b.op("ConvTranspose", inputs, kernel_shape=[k, k], pads=[k // 2] * 4, group=group)
+        y = b.op("ConvTranspose", inputs, kernel_shape=self.k(k), pads=self.k(k // 2) * 2,
+                 group=group)  # fmt: skip
         self.made.append(Made(b.nodes[-1].name, w, 1, cout, inputs[2] if len(inputs) > 2 else None))
         if rng.random() < 0.5:
             y = b.bn(y, cout)
@@ -310,15 +323,17 @@ class _Net:
         """An op the walk does not follow: what reaches it is pinned, never guessed."""
         if self.c % 4:
             return self._conv(rng)
+        if self.r != 2:
+            return self._conv(rng)
         y = self.b.op("DepthToSpace", [self.x], blocksize=2, mode=str(rng.choice(["DCR", "CRD"])))
         self.x = self.b.op("MaxPool", [y], kernel_shape=[2, 2], strides=[2, 2])
         self.c //= 4
 
     def _pad(self, rng) -> None:
-        pads = np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)
+        pads = np.array([0, 0, *self.k(1)] * 2, np.int64)
         mode = str(rng.choice(["constant", "reflect", "edge"]))
         y = self.b.op("Pad", [self.x, self.b.const(pads)], mode=mode)
-        self.x = self.b.op("AveragePool", [y], kernel_shape=[3, 3])
+        self.x = self.b.op("AveragePool", [y], kernel_shape=self.k(3))
 
     def _concat_self(self, rng) -> None:
         self.x = self.b.op("Concat", [self.x, self.x], axis=1)
@@ -334,16 +349,16 @@ class _Net:
         s = b.op("Gemm", [s, b.weight(c, r), b.const(rng.normal(0, 0.1, c))], transB=1)
         s = b.op("HardSigmoid", [s])
         if rng.random() < 0.5:
-            s = b.op("Unsqueeze", [s, b.const(np.array([2, 3], np.int64))])
+            s = b.op("Unsqueeze", [s, b.const(np.arange(2, 2 + self.r))])
         else:
-            s = b.op("Reshape", [s, b.const(np.array([self.batch_dim, c, 1, 1], np.int64))])
+            s = b.op("Reshape", [s, b.const(np.array([self.batch_dim, *self.ones(c)]))])
         self.x = b.op("Mul", [self.x, s])
 
     def _same_conv(self, rng) -> None:
         """auto_pad SAME_UPPER with stride 2 (TensorFlow exports)."""
         cout = self.width(rng)
-        w = self.b.weight(cout, self.c, 3, 3)
-        y = self.b.op("Conv", [self.x, w], kernel_shape=[3, 3], strides=[2, 2],
+        w = self.b.weight(cout, self.c, *self.k(3))
+        y = self.b.op("Conv", [self.x, w], kernel_shape=self.k(3), strides=self.k(2),
                       auto_pad="SAME_UPPER")  # fmt: skip
         self.made.append(Made(self.b.nodes[-1].name, w, 0, cout))
         self.x, self.c, self.size = self.act(y, rng), cout, (self.size + 1) // 2
@@ -366,23 +381,23 @@ class _Net:
             return self._conv(rng)
         start = int(rng.integers(0, c - 1))
         big = 2**62
-        starts = self.b.const(np.array([0, start, 0, 0], np.int64))
-        ends = self.b.const(np.array([big, c, big, big], np.int64))
+        starts = self.b.const(np.array([0, start, *self.k(0)], np.int64))
+        ends = self.b.const(np.array([big, c, *self.k(big)], np.int64))
         self.x = self.b.op("Slice", [self.x, starts, ends])
         self.c = c - start
 
     def _deconv_stride(self, rng) -> None:
         b, c = self.b, self.c
         cout = self.width(rng)
-        w = b.weight(c, cout, 3, 3)
-        y = b.op("ConvTranspose", [self.x, w], kernel_shape=[3, 3], strides=[2, 2],
-                 pads=[1, 1, 1, 1], output_padding=[1, 1])  # fmt: skip
+        w = b.weight(c, cout, *self.k(3))
+        y = b.op("ConvTranspose", [self.x, w], kernel_shape=self.k(3), strides=self.k(2),
+                 pads=self.k(1) * 2, output_padding=self.k(1))  # fmt: skip
         self.made.append(Made(b.nodes[-1].name, w, 1, cout))
         if rng.random() < 0.5:
             y = b.bn(y, cout)
             self.made[-1].bn = tuple(b.nodes[-1].input[1:5])
         y = self.act(y, rng)
-        self.x = b.op("AveragePool", [y], kernel_shape=[2, 2], strides=[2, 2])
+        self.x = b.op("AveragePool", [y], kernel_shape=self.k(2), strides=self.k(2))
         self.c = cout
 
     def _middle_output(self, rng) -> None:
@@ -402,7 +417,7 @@ class _Net:
                              b.const(rng.normal(0, 0.1, 3).astype(np.float32))])  # fmt: skip
         elif kind == "flatten_gemm":
             flat = b.op("Flatten", [x], axis=1)
-            y = b.op("Gemm", [flat, b.weight(3, c * s * s), b.const(np.zeros(3))], transB=1)
+            y = b.op("Gemm", [flat, b.weight(3, c * s**self.r), b.const(np.zeros(3))], transB=1)
         elif kind == "gemm_bn":  # a hidden Linear with BatchNorm1d, then the classifier
             flat = b.op("Flatten", [b.op("GlobalAveragePool", [x])], axis=1)
             h = self.width(rng) + 1
@@ -411,12 +426,14 @@ class _Net:
             y = b.op("Gemm", [y, b.weight(3, h)], transB=1)
         elif kind == "squeeze_matmul":
             squeezed = b.op("Squeeze", [b.op("GlobalAveragePool", [x]),
-                                        b.const(np.array([2, 3], np.int64))])  # fmt: skip
+                                        b.const(np.arange(2, 2 + self.r))])  # fmt: skip
             y = b.op("MatMul", [squeezed, b.weight(c, 3)])
             y = b.op("Add", [y, b.const(rng.normal(0, 0.1, (1, 3)).astype(np.float32))])
         elif kind == "reshape_gemm":
-            flat = b.op("Reshape", [x, b.const(np.array([self.batch_dim, c * s * s], np.int64))])
-            y = b.op("Gemm", [flat, b.weight(c * s * s, 3), b.const(np.zeros((1, 3)))])
+            flat = b.op(
+                "Reshape", [x, b.const(np.array([self.batch_dim, c * s**self.r], np.int64))]
+            )
+            y = b.op("Gemm", [flat, b.weight(c * s**self.r, 3), b.const(np.zeros((1, 3)))])
         else:
             y = self.conv(x, c, 2, rng, k=1, act="none")
         names = ["output"] + [f"middle{k}" for k in range(len(self.outputs))]
@@ -425,7 +442,7 @@ class _Net:
 
 def build(spec: list[dict]) -> Built:
     stem = spec[0]
-    net = _Net(stem["seed"], stem["size"])
+    net = _Net(stem["seed"], stem["size"], stem.get("rank", 2))
     rng = np.random.default_rng(stem["seed"])
     net.x = net.conv(net.x, 3, int(rng.integers(2, 7)), rng, k=3)
     net.c = net.made[-1].channels

@@ -40,6 +40,7 @@ from onnx_mbs.passes import count_parameters, load
 from onnx_mbs.passes.channel_groups import ChannelAnalysis, analyze_channels
 from onnx_mbs.passes.channel_walk import ACTIVATION, FILTERS
 from onnx_mbs.passes.importance import FilterNorm, choose_channels, group_scores
+from onnx_mbs.passes.read import check_model  # onnx's, a -1 dim checked as dynamic
 from onnx_mbs.passes.shrink import predicted_params, shrink_channels
 
 DEFAULT_SEEDS = range(24)
@@ -246,7 +247,7 @@ def check_case(seed: int, spec: list[dict] | None = None) -> None:
     # (1) keep everything: the same outputs
     everything = {g.id: list(range(g.size)) for g in analysis.groups}
     same = read.written(shrink_channels(model, everything, analysis))
-    onnx.checker.check_model(same, full_check=True)
+    check_model(same, full_check=True)
     assert_same_at_batches(raw, same)
 
     # (2) provably dead channels cut away
@@ -256,7 +257,7 @@ def check_case(seed: int, spec: list[dict] | None = None) -> None:
     analysis = analyze_channels(killed)
     keep = dead_plan(killed, analysis)
     small = killed_read.written(shrink_channels(killed, keep, analysis))
-    onnx.checker.check_model(small, full_check=True)  # (3)
+    check_model(small, full_check=True)  # (3)
     assert_runs_at_declared_shapes(killed_raw, small)
     assert_same_at_batches(killed_raw, small)
     # (4) counts
@@ -305,10 +306,8 @@ def check_reduce(seed: int, spec: list[dict] | None = None) -> None:
     given = exported(raw, form)
     whole, report = onnx_mbs.reduce(given, width_map="linear:0", strategy="mbs",
                                     channel_multiple=1, progress=False)  # fmt: skip
-    onnx.checker.check_model(whole, full_check=True)
-    if (
-        form != "names"
-    ):  # nothing cut gives the input back, whose repeated names onnxruntime refuses
+    check_model(whole, full_check=True)
+    if form != "names":  # nothing cut: the input back, whose repeated names ort refuses
         assert_same_at_batches(raw, whole)
     assert report.after.total_params == numpy_parameter_count(whole)
     strategy = ["mbs", "uniform", "global", "mbs-branch"][seed % 4]
@@ -317,7 +316,7 @@ def check_reduce(seed: int, spec: list[dict] | None = None) -> None:
                                         channel_multiple=1, progress=False)  # fmt: skip
     except onnx_mbs.BadInputError:
         return  # a budget the graph cannot reach is refused in one line: fine
-    onnx.checker.check_model(small, full_check=True)
+    check_model(small, full_check=True)
     assert_runs_at_declared_shapes(raw, small)
     assert report.after.total_params == numpy_parameter_count(small) == count_parameters(small)
 
@@ -365,7 +364,7 @@ def check_reduce_dead(seed: int, tmp_path, spec: list[dict] | None = None) -> st
         )  # fmt: skip
     except onnx_mbs.BadInputError:
         return "refused"  # in one line (the budget's rounding, a pinned group): fine
-    onnx.checker.check_model(small, full_check=True)
+    check_model(small, full_check=True)
     assert report.after.total_params == numpy_parameter_count(small)
     cut = {g: n for g, n in report.plan.counts.items() if n < report.plan.sizes[g]}
     wanted = {g: len(kept) for g, kept in keep.items()}
