@@ -155,18 +155,31 @@ def check_model(model: onnx.ModelProto, full_check: bool = False) -> None:
     Handed a ModelProto, onnx serializes it whole; handed a file, it reads the bytes and
     then parses them: two copies of the weights (issue 13). So each large tensor is
     checked on its own (the checker's tensor check) and the model is checked from a
-    file that holds those tensors as external data."""
+    file that holds those tensors as external data. A dim written as a negative size
+    (Paddle2ONNX's -1) is checked as the dynamic dim it stands for: onnx's shape inference
+    takes it as a size, and over a Slice of it (1.23) fails a C++ assertion that aborts
+    the process."""
     deprecated = deprecated_group_norms(model)
     custom = hide_unknown_ops(model, lambda node: is_unknown_op(node) or deprecated(node))[0]
     with scratch_folder() as folder:
         try:
             light, apart = weights_apart(custom, folder, contents=False)
+            _negative_dims_dynamic(light.graph)
             for tensor in apart:
                 onnx.checker.check_tensor(tensor)
             (folder / "checked.onnx").write_bytes(light.SerializeToString())
         except OSError as error:
             raise temporary_folder_error(error) from None
         onnx.checker.check_model(str(folder / "checked.onnx"), full_check=full_check)
+
+
+def _negative_dims_dynamic(graph: onnx.GraphProto) -> None:
+    """Clear the negative dim sizes of the declared shapes of `graph` (a copy being checked):
+    unknown dims, as a dynamic dim without a name is written."""
+    for vi in [*graph.input, *graph.output, *graph.value_info]:
+        for dim in vi.type.tensor_type.shape.dim:
+            if dim.HasField("dim_value") and dim.dim_value < 0:
+                dim.ClearField("dim_value")
 
 
 def op_types(model: onnx.ModelProto) -> Iterator[str]:

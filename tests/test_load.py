@@ -775,3 +775,41 @@ def test_a_conv_that_reads_a_graph_output_is_checked_too():
     said = "Conv 'bad' reads 8 input channels with a weight for 5"
     with pytest.raises(BadInputError, match=re.escape(said)):
         load_model(model)
+
+
+PADDLE_SLICE = """
+import numpy as np, onnx, sys
+from onnx import TensorProto, helper, numpy_helper
+import onnx_mbs
+from onnx_mbs.passes.read import check_model
+
+# A dynamic batch written as -1 (Paddle2ONNX), then a Slice that names every axis, the
+# batch's bounds [0, INT64_MAX) included.
+consts = {"w": np.random.default_rng(0).normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32),
+          "starts": np.array([0, 1, 0, 0]), "ends": np.array([2**62, 4, 2**62, 2**62])}
+nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1] * 4),
+         helper.make_node("Slice", ["c", "starts", "ends"], ["s"]),
+         helper.make_node("Relu", ["s"], ["y"])]
+graph = helper.make_graph(
+    nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, 8, 8])],
+    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 3, 8, 8])],
+    [numpy_helper.from_array(v, k) for k, v in consts.items()])
+model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+check_model(model)
+check_model(model, full_check=True)
+assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == -1  # checked a copy
+small, report = onnx_mbs.reduce(model, width_map="linear:0", strategy="mbs", progress=False)
+assert not report.plan.changes_anything
+print("ok")
+"""
+
+
+def test_the_full_check_of_a_minus_one_dim_does_not_abort_the_process():
+    """A dim written as -1 (Paddle2ONNX's dynamic dim) reached onnx's shape inference as the
+    size -1: sliced over (a Slice naming every axis), onnx 1.23's full check failed a C++
+    assertion and aborted the process (exit 134, no message), in `reduce` whenever the plan
+    cut nothing (the input, checked before it is handed back). The checker now sees such a
+    dim as the dynamic dim it stands for."""
+    proc = subprocess.run([sys.executable, "-c", PADDLE_SLICE], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-500:]
+    assert proc.stdout.strip().endswith("ok")
