@@ -320,7 +320,8 @@ class _Net:
         self.x = self.b.op(op, [self.x, s] if rng.random() < 0.5 else [s, self.x])
 
     def _depth_to_space(self, rng) -> None:
-        """An op the walk does not follow: what reaches it is pinned, never guessed."""
+        """A pixel shuffle: its b * b channels per output channel are cut as one unit, in the
+        order of the mode (DCR or CRD)."""
         if self.c % 4:
             return self._conv(rng)
         if self.r != 2:
