@@ -45,6 +45,20 @@ PREFIX = "onnx_mbs_stats"
 
 PACKED = f"{PREFIX}/packed"  # every reduction whose channel count is known, concatenated
 
+
+def free_prefix(model: onnx.ModelProto) -> str:
+    """PREFIX, or PREFIX_k where the model names something PREFIX/...: its names are its own,
+    and the instrumented copy's must not meet them."""
+    graph = model.graph
+    names = {t for node in graph.node for t in (*node.input, *node.output)}
+    names.update(v.name for v in (*graph.input, *graph.initializer))
+    prefix, k = PREFIX, 0
+    while any(n == prefix or n.startswith(f"{prefix}/") for n in names):
+        k += 1
+        prefix = f"{PREFIX}_{k}"
+    return prefix
+
+
 # Producers whose outputs are never negative, so sum |x| = sum x and Abs can be skipped.
 NON_NEGATIVE = {"Relu", "Sigmoid", "Softplus"}
 
@@ -61,6 +75,7 @@ class StatOutputs:
     channels: int | None = None  # C when known statically: then both reductions are packed
     packed_at: int | None = None  # first column of this tensor's counts of x > 0 in PACKED
     abs_at: int | None = None  # first column of its sums of |x| in PACKED, if measured
+    packed: str = PACKED  # the packed output's name (another prefix where the model has PREFIX)
 
     def columns(self) -> tuple[slice, slice | None]:
         """Where this tensor's per-sample counts and sums of |x| lie along PACKED's axis 1."""
@@ -117,7 +132,9 @@ def instrument_without_weights(
     if spatial_mean not in SPATIAL_MEANS:
         raise ValueError(f"spatial_mean must be one of {SPATIAL_MEANS}, not {spatial_mean!r}")
     types, shapes = _static_types_and_shapes(model, input_shapes)
-    mean = _spatial_mean_maker(spatial_mean, default_opset(model))
+    prefix = free_prefix(model)
+    axes_name = f"{prefix}/spatial_axes"
+    mean = _spatial_mean_maker(spatial_mean, default_opset(model), axes_name)
     added: dict[str, list[onnx.NodeProto]] = {}
     outputs: list[StatOutputs] = []
     for number, name in enumerate(tensors):
@@ -131,7 +148,7 @@ def instrument_without_weights(
         non_negative = producer is not None and _never_negative(producer, model)
         element = types.get(name, TensorProto.FLOAT)
         nodes, out = _reductions(
-            name, f"{PREFIX}/{number}", non_negative, shape, element, magnitudes, mean
+            name, f"{prefix}/{number}", non_negative, shape, element, magnitudes, mean
         )
         added.setdefault(name, []).extend(nodes)
         outputs.append(out)
@@ -146,10 +163,10 @@ def instrument_without_weights(
     del new_graph.node[:]
     new_graph.node.extend(nodes)
     if spatial_mean == "reduce" and default_opset(model) >= 18:
-        axes = onnx.numpy_helper.from_array(np.array([2, 3], np.int64), SPATIAL_AXES)
+        axes = onnx.numpy_helper.from_array(np.array([2, 3], np.int64), axes_name)
         new_graph.initializer.append(axes)
     del new_graph.output[:]
-    outputs = _pack(outputs, new_graph)
+    outputs = _pack(outputs, new_graph, prefix)
     for out in outputs:
         if out.packed_at is None:
             dims = [None, None, 1, 1]  # the batch size may change on the last batch
@@ -164,7 +181,7 @@ def instrument_without_weights(
     return result, outputs
 
 
-def _pack(outputs: list[StatOutputs], graph: onnx.GraphProto) -> list[StatOutputs]:
+def _pack(outputs: list[StatOutputs], graph: onnx.GraphProto, prefix: str) -> list[StatOutputs]:
     """Gather the reductions of every tensor of known channel count and H*W into PACKED (a
     graph output appended to `graph`); `outputs` with their columns in it.
 
@@ -176,28 +193,30 @@ def _pack(outputs: list[StatOutputs], graph: onnx.GraphProto) -> list[StatOutput
     with_abs = [o for o in packable if o.mean_abs is not None]
     placed = {}
     counts_at, column = 0, sum(o.channels for o in packable)  # counts first, then |x| sums
+    packed = f"{prefix}/packed"
     for out in packable:
         abs_at = None
         if out.mean_abs is not None:
             abs_at, column = column, column + out.channels
-        placed[out.tensor] = replace(out, packed_at=counts_at, abs_at=abs_at)
+        placed[out.tensor] = replace(out, packed_at=counts_at, abs_at=abs_at, packed=packed)
         counts_at += out.channels
-    parts = [_scaled_sums(graph, "counts", [o.positive for o in packable], packable, True)]
+    positive = [o.positive for o in packable]
+    parts = [_scaled_sums(graph, f"{prefix}/counts", positive, packable, True)]
     if with_abs:
-        parts.append(_scaled_sums(graph, "abs", [o.mean_abs for o in with_abs], with_abs, False))
-    graph.node.append(helper.make_node("Concat", parts, [PACKED], axis=1))
+        absolute = [o.mean_abs for o in with_abs]
+        parts.append(_scaled_sums(graph, f"{prefix}/abs", absolute, with_abs, False))
+    graph.node.append(helper.make_node("Concat", parts, [packed], axis=1))
     graph.output.append(
-        helper.make_tensor_value_info(PACKED, TensorProto.FLOAT, [None, column, 1, 1])
+        helper.make_tensor_value_info(packed, TensorProto.FLOAT, [None, column, 1, 1])
     )
     return [placed.get(o.tensor, o) for o in outputs]
 
 
 def _scaled_sums(
-    graph: onnx.GraphProto, name: str, means: list[str], outputs: list[StatOutputs], whole: bool
+    graph: onnx.GraphProto, prefix: str, means: list[str], outputs: list[StatOutputs], whole: bool
 ) -> str:
     """Nodes turning per-channel means (N, C, 1, 1) into sums over H*W, concatenated; `whole`
-    rounds them (Floor(x + 0.5): every opset has it)."""
-    prefix = f"{PREFIX}/{name}"
+    rounds them (Floor(x + 0.5): every opset has it). Their names start with `prefix`."""
     area = np.concatenate([np.full(o.channels, o.spatial, np.float32) for o in outputs])
     nodes = [
         *_concat_tree(means, f"{prefix}/means"),
@@ -255,12 +274,13 @@ SPATIAL_MEANS = ("pool", "reduce")
 SPATIAL_AXES = f"{PREFIX}/spatial_axes"
 
 
-def _spatial_mean_maker(kind: str, opset: int):
-    """A function making the nodes that average x (N, C, H, W) to (N, C, 1, 1)."""
+def _spatial_mean_maker(kind: str, opset: int, axes: str = SPATIAL_AXES):
+    """A function making the nodes that average x (N, C, H, W) to (N, C, 1, 1); `axes` names
+    the (2, 3) initializer ReduceMean reads from opset 18."""
     if kind == "pool":
         return lambda src, out: [helper.make_node("GlobalAveragePool", [src], [out])]
     if opset >= 18:  # axes became an input
-        return lambda src, out: [helper.make_node("ReduceMean", [src, SPATIAL_AXES], [out])]
+        return lambda src, out: [helper.make_node("ReduceMean", [src, axes], [out])]
     return lambda src, out: [helper.make_node("ReduceMean", [src], [out], axes=[2, 3])]
 
 

@@ -371,9 +371,9 @@ class Plan:
 
 BASE_RULES = {
     "global": "m's layers whose receptive field in input pixels is at most the input image "
-    "size, and m's first layer",
+    "size, and m's first layers (those no other layer of m feeds)",
     "local": "m's layers whose receptive field in m's own pixels is at most max(H_m, W_m), "
-    "and m's first layer",
+    "and m's first layers (those no other layer of m feeds)",
 }
 
 

@@ -24,7 +24,7 @@ import onnx
 import onnxruntime as ort
 
 from onnx_mbs.data import Batch, DataSource, batch_inputs
-from onnx_mbs.instrument import DEEP, PACKED, StatOutputs, instrument_without_weights
+from onnx_mbs.instrument import DEEP, StatOutputs, instrument_without_weights
 from onnx_mbs.level_costs import LARGE_WEIGHTS_MB, optimization_level
 from onnx_mbs.passes.errors import BadInputError, temporary_folder_error
 from onnx_mbs.passes.external_data import WEIGHTS_FILE
@@ -159,7 +159,7 @@ def collect_stats(
             values = dict(zip(names, results, strict=True))
             rows = len(batch.x)
             if packed.outputs:
-                packed.add(values[PACKED], rows)
+                packed.add(values[packed.outputs[0].packed], rows)
             for out, accumulator in loose.items():
                 accumulator.add(out, values, rows)
             samples += rows

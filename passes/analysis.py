@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -399,6 +399,24 @@ def _holds_the_map(shape: tuple | None, maps: list[tuple], unlaid: set[str]) -> 
     return bool(maps and shape) and len(shape) < 3 and shape[0] == maps[0][0]
 
 
+def _first_layers(nodes: Sequence[onnx.NodeProto], block_of: Mapping[str, str]) -> set[str]:
+    """The convs that no other conv of their own macroblock feeds (`block_of`: conv name ->
+    its macroblock): each macroblock's first layers, whatever order the graph lists its nodes
+    in (a projection shortcut and the block's first conv both are)."""
+    behind: dict[str, frozenset[str]] = {}  # tensor -> macroblocks whose convs it follows
+    first: set[str] = set()
+    for node in nodes:
+        after = frozenset().union(*(behind.get(t, frozenset()) for t in node.input))
+        block = block_of.get(node.name)
+        if block is not None:
+            if block not in after:
+                first.add(node.name)
+            after = after | {block}
+        for t in node.output:
+            behind[t] = after
+    return first
+
+
 def check_reading(receptive_field: str) -> str:
     """`receptive_field` if it names a reading, else BadInputError (before any work starts)."""
     if receptive_field not in READINGS:
@@ -541,6 +559,7 @@ def analyze_model(
         by_root.setdefault(blocks.find(node.output[0]), []).append(node)
     roots = {r: by_root[r] for r in sorted(by_root, key=lambda r: first_seen.get(r, -1))}
 
+    first = _first_layers(index.nodes, {n.name: r for r, ns in roots.items() for n in ns})
     layers: list[ConvLayer] = []
     blocks_layers: list[list[ConvLayer]] = []
     unsized: list[Macroblock] = []  # params counted once all layers are known
@@ -554,7 +573,7 @@ def analyze_model(
             limit, key = image_size, "global_receptive_field"
         else:
             limit, key = max(block_res), "local_receptive_field"
-        base = [x.name for k, x in enumerate(block_layers) if k == 0 or getattr(x, key) <= limit]
+        base = [x.name for x in block_layers if x.name in first or getattr(x, key) <= limit]
         layers.extend(block_layers)
         blocks_layers.append(block_layers)
         unsized.append(

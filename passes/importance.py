@@ -179,6 +179,8 @@ class BatchNormScaled(FilterNorm):
         if node is None or node.op_type not in ("Conv", "ConvTranspose", "Gemm"):
             return None
         readers = self.index.consumers.get(node.output[0], [])
+        while len(readers) == 1 and self._passes_on(readers[0]):
+            readers = self.index.consumers.get(readers[0].output[0], [])
         if len(readers) != 1 or readers[0].op_type != "BatchNormalization":
             return None
         bn = readers[0]
@@ -187,6 +189,21 @@ class BatchNormScaled(FilterNorm):
             return None
         eps = float(attributes(bn).get("epsilon", 1e-5))
         return np.abs(gamma.astype(np.float64)) / np.sqrt(var.astype(np.float64) + eps)
+
+    def _passes_on(self, node: onnx.NodeProto) -> bool:
+        """An op that hands its input on unchanged: an Identity, or a Dropout not training
+        (no `training_mode`, or a constant false one), as exporters leave between a conv and
+        its BatchNorm."""
+        if node.op_type == "Identity":
+            return True
+        if node.op_type != "Dropout":
+            return False
+        training = self.index.constant(node.input[2]) if len(node.input) > 2 else None
+        return (
+            len(node.input) < 3
+            or not node.input[2]
+            or (training is not None and not training.any())
+        )
 
     def __repr__(self) -> str:
         return "BatchNormScaled()"

@@ -98,8 +98,9 @@ def test_paper_models_macs_as_published(name, published):
 
 def test_resnet50_at_224_has_redundancy_in_its_deeper_macroblocks():
     """The global reading: fields pass 224 input pixels inside the 14x14 macroblock (3x3 convs
-    add 32 pixels each there) and from the first layer of the 7x7 one. The local reading
-    finds no redundancy anywhere in ResNet-50 at 224, so MBS would do nothing."""
+    add 32 pixels each there) and from the first layers of the 7x7 one (its stride-2 3x3 conv
+    and the projection shortcut: both are its base). The local reading finds no redundancy
+    anywhere in ResNet-50 at 224, so MBS would do nothing."""
     _, model = _zoo("resnet50", "deploy")
     rho = {}  # no data: rho = 1
     analysis = analyze_model(model)
@@ -107,7 +108,8 @@ def test_resnet50_at_224_has_redundancy_in_its_deeper_macroblocks():
     redundancy = [r for _, _, r in macroblock_redundancy(analysis, rho)]
     assert redundancy[:3] == [0.0, 0.0, 0.0] and 0.2 < redundancy[3] < redundancy[4] < 1
     seven = analysis.macroblocks[4]
-    assert seven.base_layers == seven.layers[:1]
+    assert len(seven.base_layers) == 2 and seven.layers[0] in seven.base_layers
+    assert all(analysis.layer(n).global_receptive_field > 224 for n in seven.base_layers)
     fourteen = analysis.macroblocks[3]
     rf = {n: analysis.layer(n).global_receptive_field for n in fourteen.layers}
     past = set(fourteen.layers) - set(fourteen.base_layers)
@@ -468,3 +470,33 @@ def test_nhwc_input_image_size_is_its_height_and_width(rescaled):
     assert [x.global_receptive_field for x in nhwc.layers] == [
         x.global_receptive_field for x in nchw.layers
     ]
+
+
+def _nodes_in_order(model: onnx.ModelProto, pick) -> onnx.ModelProto:
+    """`model` with its nodes in another topological order: `pick` chooses among the ready."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    known = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
+    waiting, ordered = list(model.graph.node), []
+    while waiting:
+        node = pick([n for n in waiting if all(x in known or not x for x in n.input)])
+        waiting.remove(node)
+        ordered.append(node)
+        known.update(node.output)
+    del out.graph.node[:]
+    out.graph.node.extend(ordered)
+    return out
+
+
+def test_a_macroblocks_base_does_not_follow_the_order_nodes_are_listed_in(bundled_model_path):
+    """A projection shortcut and the block's first conv both start the 7x7 macroblock of the
+    bundled ResNet-20; an exporter that lists the shortcut first computes the same function,
+    and gets the same base and redundancy (it used to get the shortcut alone as its base)."""
+    model = onnx.load(str(bundled_model_path))
+    listed = analyze_model(model)
+    shortcut_first = analyze_model(_nodes_in_order(model, lambda ready: ready[-1]))
+    for a, b in zip(listed.macroblocks, shortcut_first.macroblocks, strict=True):
+        assert set(a.layers) == set(b.layers)
+        assert set(a.base_layers) == set(b.base_layers)
+    seven = listed.macroblocks[2]
+    assert {n.split("/")[-2] for n in seven.base_layers} >= {"conv1.0", "shortcut.0"}

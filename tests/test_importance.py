@@ -43,9 +43,12 @@ def test_filter_norms_score_producer_filters():
     assert choose_channels([group], {group.id: 2}, FilterNorm(model)) == {group.id: [0, 2]}
 
 
-def _residual_model(scale_a: float, gamma: np.ndarray | None = None) -> onnx.ModelProto:
+def _residual_model(
+    scale_a: float, gamma: np.ndarray | None = None, between: tuple[str, ...] = ()
+) -> onnx.ModelProto:
     """Two 1x1 convs (4 channels) joined by an Add; conv_a's filters are `scale_a` times
-    larger; optionally a BatchNorm with scale `gamma` (var 1) follows conv_b."""
+    larger; optionally a BatchNorm with scale `gamma` (var 1) follows conv_b, after the ops
+    `between` (each one input, one output: Identity, Dropout)."""
     b = Builder("residual")
     x = b.input("x", [1, 2, 4, 4])
     wa = np.ones((4, 2, 1, 1), np.float32) * scale_a
@@ -54,6 +57,8 @@ def _residual_model(scale_a: float, gamma: np.ndarray | None = None) -> onnx.Mod
     wb[2] *= 10.0  # conv_b alone prefers channel 2
     a = b.op("Conv", [x, b.const(wa, "wa")], name="conv_a")
     c = b.op("Conv", [x, b.const(wb, "wb")], name="conv_b")
+    for op in between:
+        c = b.op(op, [c])
     if gamma is not None:
         zeros, ones = np.zeros(4, np.float32), np.ones(4, np.float32)
         params = [b.const(gamma.astype(np.float32), "g"), b.const(zeros, "beta")]
@@ -94,6 +99,20 @@ def test_bn_criterion_folds_the_batchnorm_scale_into_the_filter_norm():
     keep = {group.id: 1}
     assert choose_channels([group], keep, FilterNorm(model, p=2)) == {group.id: [2]}
     assert choose_channels([group], keep, BatchNormScaled(model)) == {group.id: [3]}
+
+
+@pytest.mark.parametrize("between", [("Identity",), ("Dropout",), ("Identity", "Dropout")])
+def test_bn_criterion_reads_the_batchnorm_behind_ops_that_pass_the_conv_s_output_on(between):
+    """An Identity or an inference Dropout between a conv and its BatchNorm changes nothing
+    the model computes, nor the bn score (it fell back to the plain filter norm there)."""
+    gamma = np.array([1.0, 1.0, 0.01, 20.0])
+    plain = _residual_model(scale_a=1.0, gamma=gamma)
+    model = _residual_model(scale_a=1.0, gamma=gamma, between=between)
+    group = _residual_group(model)
+    np.testing.assert_allclose(
+        BatchNormScaled(model)(group), BatchNormScaled(plain)(_residual_group(plain)), rtol=1e-6
+    )
+    assert choose_channels([group], {group.id: 1}, BatchNormScaled(model)) == {group.id: [3]}
 
 
 @pytest.mark.parametrize("trans_b", [1, 0])

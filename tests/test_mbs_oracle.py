@@ -1,6 +1,7 @@
 """MBS's numbers on the bundled ResNet-20 recomputed independently (numpy and onnxruntime on
 the plain model), per docs/mbs.md: rho at the first activation after each conv, MACs, the
-receptive field in input pixels, macroblocks by output size, E, E_B, R and beta."""
+receptive field in input pixels, macroblocks by output size, E, E_B (the layers whose field
+fits, and the first layers: those no conv of their macroblock feeds), R and beta."""
 
 from __future__ import annotations
 
@@ -63,10 +64,21 @@ def _recompute(path, x: np.ndarray) -> tuple[dict, list]:
         rho = fraction[relu_of[conv.name]]
         layers[conv.name] = (macs, rho, field[conv.output[0]][0])
         blocks.setdefault(out[2:], []).append(conv.name)
+    behind: dict[str, set] = {}  # tensor -> the output sizes of the convs it comes after
+    first = set()  # the convs no conv of their own macroblock feeds: always in the base
+    for node in model.graph.node:
+        after = set().union(*(behind.get(t, set()) for t in node.input))
+        if node.op_type == "Conv":
+            size = tuple(sizes[node.output[0]][2:])
+            if size not in after:
+                first.add(node.name)
+            after = after | {size}
+        for t in node.output:
+            behind[t] = after
     plan = []
     for names in blocks.values():
         effective = [layers[n][0] * layers[n][1] for n in names]
-        base = [e for k, (n, e) in enumerate(zip(names, effective)) if k == 0 or layers[n][2] <= 28]
+        base = [e for n, e in zip(names, effective) if n in first or layers[n][2] <= 28]
         r = max(0.0, 1 - sum(base) / sum(effective))
         plan.append((sum(effective), sum(base), r, min(1.0, max(0.1, 1 - 0.4 * r))))
     return layers, plan

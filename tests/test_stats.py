@@ -627,3 +627,20 @@ def test_act_importance_of_a_concat_joined_conv_reads_its_own_channels(tmp_path)
     scores = activation_importance(model, stats, sites).per_layer
     np.testing.assert_array_equal(scores["growth"], stats.tensors["r1"].channel_mean_abs[8:])
     np.testing.assert_array_equal(scores["conv0"], stats.tensors["r0"].channel_mean_abs)
+
+
+def test_a_model_using_the_instrumentation_s_names_is_measured_all_the_same(data):
+    """Tensor names are the model's to choose: a model whose tensors are named as the
+    instrumented copy names its own (onnx_mbs_stats/...) is measured as the same model under
+    other names (onnxruntime refused the copy: 'Duplicate definition of name')."""
+    model = conv_relu_model(seed=5)
+    taken = {"c1": f"{PACKED}", "r1": "onnx_mbs_stats/0/positive", "c2": SPATIAL_AXES}
+    for node in model.graph.node:
+        node.input[:] = [taken.get(t, t) for t in node.input]
+        node.output[:] = [taken.get(t, t) for t in node.output]
+    tensors = ["onnx_mbs_stats/0/positive", "r2"]
+    stats = collect_stats(model, tensors, data, CPU, batch_size=4, progress=False)
+    expected = reference(model, tensors, feed(data))
+    for name in tensors:
+        np.testing.assert_array_equal(stats.tensors[name].positive, expected[name][0])
+        np.testing.assert_allclose(stats.tensors[name].abs_sum, expected[name][1], rtol=1e-5)
