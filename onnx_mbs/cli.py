@@ -520,9 +520,14 @@ def cmd_retrain(args: argparse.Namespace) -> int:
                 "to continue",
                 file=sys.stderr,
             )
-        elif args.checkpoint and rank == 0:
+        elif args.checkpoint and rank == 0 and os.path.isdir(args.checkpoint):
             print(
                 f"onnx-mbs: no epoch finished: {args.checkpoint} holds no checkpoint yet",
+                file=sys.stderr,
+            )
+        elif args.checkpoint and rank == 0:  # the run made it: removed (retrain's remove_made)
+            print(
+                f"onnx-mbs: no epoch finished: {args.checkpoint} (made by this run) is removed",
                 file=sys.stderr,
             )
         raise

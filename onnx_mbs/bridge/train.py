@@ -42,6 +42,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -454,6 +455,7 @@ def retrain(
     given_model, given_teacher = model, teacher
     dev = _pick_device(device, local_rank)
     owns_group = False
+    made: list[Path] = []  # checkpoint folders this run made: removed if it stops before one
     if world > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
@@ -654,7 +656,7 @@ def retrain(
                 print(f"no checkpoint in {checkpoint} yet: starting at epoch 1", file=sys.stderr)
             sys.stderr.flush()
         if checkpoint is not None and rank == 0:
-            ckpt.prepare(checkpoint)  # every check passed: made now, not left by a refusal
+            made = ckpt.prepare(checkpoint)  # every check passed: not left by a refusal
         train_seconds, images = 0.0, 0
 
         def measure() -> tuple[float, float]:
@@ -813,6 +815,9 @@ def retrain(
         del net
         if owns_group:
             dist.barrier()
+    except BaseException:  # Ctrl-C, SIGTERM, a refusal or a fault: no empty folder left
+        ckpt.remove_made(made)
+        raise
     finally:
         if owns_group:
             dist.destroy_process_group()
