@@ -263,27 +263,17 @@ def _reduce_options(args: argparse.Namespace):
 def _check_recalibration(args: argparse.Namespace) -> None:
     """What --recalibrate would refuse after the reduction, refused before it: the reduced
     model has the input's BatchNorms, those of the local functions reduce inlines included.
-    An unreadable model is left to reduce to refuse."""
+    An unreadable model is left to reduce to refuse. A uint8 input is fed what onnxruntime is
+    fed (model-ready data, as it is): its images, preprocessed to floats, reduce refuses."""
     import onnx
 
     from onnx_mbs.bridge.train import check_recalibration
-    from onnx_mbs.runtime import require_float_input
 
     try:
         model = inline_layers(onnx.load(args.model, load_external_data=False))
     except Exception:
         return
     check_recalibration(model, args.batch_size)
-    constants = {t.name for t in model.graph.initializer}
-    fed = [i.name for i in model.graph.input if i.name not in constants]
-    try:
-        for name in fed[:1]:  # the one input the data feeds
-            require_float_input(model, name)
-    except BadInputError as error:  # the line retrain gives, worded for this option
-        raise BadInputError(
-            f"--recalibrate re-estimates BatchNorm statistics in PyTorch on float inputs: "
-            f"{error}; leave --recalibrate out, or give a model with a float input"
-        ) from None
 
 
 def _recalibrate(reduced, args: argparse.Namespace) -> dict:

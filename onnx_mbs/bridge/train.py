@@ -66,6 +66,7 @@ from onnx_mbs.bridge.module import OnnxModule, long_axes, untie_initializers, wi
 from onnx_mbs.bridge.precision import as_float32, is_low_precision
 from onnx_mbs.bridge.writeback import write_back
 from onnx_mbs.data.augment import choose_augment
+from onnx_mbs.data.ready import takes_floats
 from onnx_mbs.data.sources import default_workers
 from onnx_mbs.data.spec import check_same_classes
 from onnx_mbs.logits import (
@@ -985,6 +986,18 @@ def check_recalibration(model: onnx.ModelProto, batch_size: int = 64) -> None:
         raise BadInputError(_batches_of_one(batch_size))
 
 
+def _fed_type(model: onnx.ModelProto) -> np.dtype | None:
+    """The type the model's input is fed in where it is not float (uint8 pixels its graph
+    converts itself: model-ready data, fed as it is); None for a float input (float32)."""
+    constants = {t.name for t in model.graph.initializer}
+    fed = [i for i in model.graph.input if i.name not in constants][:1]
+    try:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(fed[0].type.tensor_type.elem_type))
+    except (IndexError, KeyError, TypeError):  # no input, or no type: left to the checks
+        return None
+    return None if takes_floats(dtype) else dtype
+
+
 def _batches_of_one(batch_size: int) -> str:
     return (
         "BN recalibration needs batches of at least 2 samples, not "
@@ -1000,11 +1013,11 @@ def recalibrate_model(
     fewer than 2 samples re-estimate nothing: refused (`check_recalibration`)."""
     check_recalibration(model, batch_size)
     check_device(device)
-    samples = as_samples(data, "calibration data")
-    if samples.count < 2:
-        raise BadInputError("BN recalibration needs at least 2 samples")
     original = untie_initializers(model)
     model = as_float32(original) if is_low_precision(original) else original
+    samples = as_samples(data, "calibration data", _fed_type(model))
+    if samples.count < 2:
+        raise BadInputError("BN recalibration needs at least 2 samples")
     module = OnnxModule(model)
     _check_input(model, module, samples, "calibration data")
     dev = _pick_device(device, 0)
