@@ -538,7 +538,13 @@ def cmd_retrain(args: argparse.Namespace) -> int:
                 return f"val agreement with the teacher {agreement:.2%}"
             return "no validation data" if math.isnan(top1) else f"val top-1 {top1:.2%}"
 
-        kept = f"best epoch {result.best_epoch + 1}" if args.val else "last epoch"
+        # What picked it: a labelled --val's labels, with --no-labels too (it ignores --data's).
+        by = (
+            "top-1 against the --val labels"
+            if val is not None and val.labels is not None
+            else "agreement with the teacher on --val"
+        )
+        kept = f"best epoch {result.best_epoch + 1} (by {by})" if args.val else "last epoch"
         speed = (
             f"nothing left to train (the checkpoint held all {args.epochs} epoch(s))"
             if result.resumed_from >= args.epochs
@@ -887,7 +893,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--amp", choices=["off", "bf16"], default="off", help="bf16 autocast for forward passes"
     )
     p.add_argument(
-        "--no-labels", action="store_true", help="ignore the data's labels: distil from --teacher"
+        "--no-labels",
+        action="store_true",
+        help="ignore the --data labels: distil from --teacher (a labelled --val still picks the "
+        "best epoch by top-1 against its labels)",
     )
     p.add_argument(
         "--loss",
