@@ -66,7 +66,6 @@ from onnx_mbs.bridge.module import OnnxModule, long_axes, untie_initializers, wi
 from onnx_mbs.bridge.precision import as_float32, is_low_precision
 from onnx_mbs.bridge.writeback import write_back
 from onnx_mbs.data.augment import choose_augment
-from onnx_mbs.data.ready import takes_floats
 from onnx_mbs.data.sources import default_workers
 from onnx_mbs.data.spec import check_same_classes
 from onnx_mbs.logits import (
@@ -378,7 +377,9 @@ def retrain(
 ) -> RetrainResult:
     """Retrain `model` on `train_data`; return the written-back model of the best epoch.
 
-    `train_data`/`val_data`: (x, y) arrays (x: float model inputs, preprocessed) or
+    `train_data`/`val_data`: (x, y) arrays (x: float model inputs, preprocessed; for an
+    integer input, such as uint8 pixels the graph casts itself, arrays of its own type, fed as
+    they are, as onnxruntime is fed) or
     DataSources (image folders stay on disk and are decoded by `workers` processes; None:
     the cores where there is decoding or augmentation to do, else 0). y may be None
     (unlabelled) when a teacher is given.
@@ -421,8 +422,9 @@ def retrain(
         raise BadInputError(
             f"{option('--resume')} continues from a {option('--checkpoint')} DIR: give one"
         )
-    train = as_samples(train_data, "training data")
-    val = as_samples(val_data, "validation data") if val_data is not None else None
+    fed = _fed_type(model)
+    train = as_samples(train_data, "training data", fed)
+    val = as_samples(val_data, "validation data", fed) if val_data is not None else None
     if val is not None and train.labelled and val.labelled:
         check_same_classes(train_data, val_data, val.labels())
     if amp not in AMP_CHOICES:
@@ -987,15 +989,16 @@ def check_recalibration(model: onnx.ModelProto, batch_size: int = 64) -> None:
 
 
 def _fed_type(model: onnx.ModelProto) -> np.dtype | None:
-    """The type the model's input is fed in where it is not float (uint8 pixels its graph
-    converts itself: model-ready data, fed as it is); None for a float input (float32)."""
+    """The type the model's input is fed in where it is an integer or bool (uint8 pixels its
+    graph converts itself: model-ready data, fed as it is); None for a float input of any
+    width (fed float32: the bridge computes fp16/bf16 graphs in float32)."""
     constants = {t.name for t in model.graph.initializer}
     fed = [i for i in model.graph.input if i.name not in constants][:1]
     try:
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(fed[0].type.tensor_type.elem_type))
     except (IndexError, KeyError, TypeError):  # no input, or no type: left to the checks
         return None
-    return None if takes_floats(dtype) else dtype
+    return dtype if dtype.kind in "iub" else None
 
 
 def _batches_of_one(batch_size: int) -> str:
