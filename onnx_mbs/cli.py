@@ -264,27 +264,17 @@ def _reduce_options(args: argparse.Namespace):
 def _check_recalibration(args: argparse.Namespace) -> None:
     """What --recalibrate would refuse after the reduction, refused before it: the reduced
     model has the input's BatchNorms, those of the local functions reduce inlines included.
-    An unreadable model is left to reduce to refuse."""
+    An unreadable model is left to reduce to refuse. A uint8 input is fed what onnxruntime is
+    fed (model-ready data, as it is): its images, preprocessed to floats, reduce refuses."""
     import onnx
 
     from onnx_mbs.bridge.train import check_recalibration
-    from onnx_mbs.runtime import require_float_input
 
     try:
         model = inline_layers(onnx.load(args.model, load_external_data=False))
     except Exception:
         return
     check_recalibration(model, args.batch_size)
-    constants = {t.name for t in model.graph.initializer}
-    fed = [i.name for i in model.graph.input if i.name not in constants]
-    try:
-        for name in fed[:1]:  # the one input the data feeds
-            require_float_input(model, name)
-    except BadInputError as error:  # the line retrain gives, worded for this option
-        raise BadInputError(
-            f"--recalibrate re-estimates BatchNorm statistics in PyTorch on float inputs: "
-            f"{error}; leave --recalibrate out, or give a model with a float input"
-        ) from None
 
 
 def _recalibrate(reduced, args: argparse.Namespace) -> dict:
@@ -526,9 +516,14 @@ def cmd_retrain(args: argparse.Namespace) -> int:
                 "to continue",
                 file=sys.stderr,
             )
-        elif args.checkpoint and rank == 0:
+        elif args.checkpoint and rank == 0 and os.path.isdir(args.checkpoint):
             print(
                 f"onnx-mbs: no epoch finished: {args.checkpoint} holds no checkpoint yet",
+                file=sys.stderr,
+            )
+        elif args.checkpoint and rank == 0:  # the run made it: removed (retrain's remove_made)
+            print(
+                f"onnx-mbs: no epoch finished: {args.checkpoint} (made by this run) is removed",
                 file=sys.stderr,
             )
         raise
@@ -549,7 +544,13 @@ def cmd_retrain(args: argparse.Namespace) -> int:
                 return f"val agreement with the teacher {agreement:.2%}"
             return "no validation data" if math.isnan(top1) else f"val top-1 {top1:.2%}"
 
-        kept = f"best epoch {result.best_epoch + 1}" if args.val else "last epoch"
+        # What picked it: a labelled --val's labels, with --no-labels too (it ignores --data's).
+        by = (
+            "top-1 against the --val labels"
+            if val is not None and val.labels is not None
+            else "agreement with the teacher on --val"
+        )
+        kept = f"best epoch {result.best_epoch + 1} (by {by})" if args.val else "last epoch"
         speed = (
             f"nothing left to train (the checkpoint held all {args.epochs} epoch(s))"
             if result.resumed_from >= args.epochs
@@ -898,7 +899,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--amp", choices=["off", "bf16"], default="off", help="bf16 autocast for forward passes"
     )
     p.add_argument(
-        "--no-labels", action="store_true", help="ignore the data's labels: distil from --teacher"
+        "--no-labels",
+        action="store_true",
+        help="ignore the --data labels: distil from --teacher (a labelled --val still picks the "
+        "best epoch by top-1 against its labels)",
     )
     p.add_argument(
         "--loss",

@@ -477,8 +477,9 @@ def raw_pixels(graph: onnx.GraphProto, name: str) -> str | None:
 
 def input_layout(graph: onnx.GraphProto, name: str) -> str:
     """NHWC when the input only feeds Transposes to NCHW (how tf2onnx writes Keras models),
-    directly or through element-wise ops with constants: the data is fed so, and the input's
-    channels are its last axis."""
+    directly or through element-wise ops with constants, or a Pad (which keeps every axis
+    where it is: tf2onnx without its optimiser pads H and W before the Transpose): the data
+    is fed so, and the input's channels are its last axis."""
     constants = {t.name for t in graph.initializer}
     constants |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
     constants |= {o for o, source in identity_sources(graph).items() if source in constants}
@@ -488,7 +489,8 @@ def input_layout(graph: onnx.GraphProto, name: str) -> str:
         tensor = stack.pop()
         for node in readers.get(tensor, []):
             others = [i for i in node.input if i and i != tensor]
-            if node.op_type in ELEMENTWISE and all(i in constants for i in others):
+            keeps_axes = node.op_type == "Pad" and node.input[0] == tensor
+            if keeps_axes or node.op_type in ELEMENTWISE and all(i in constants for i in others):
                 stack.extend(o for o in node.output[:1] if o not in seen)
                 seen.update(node.output[:1])
             else:

@@ -442,7 +442,7 @@ def test_a_weight_written_once_per_cut_counts_in_the_reduced_table():
     assert after.macroblocks == analyze_model(load(untied).model).macroblocks
 
 
-@pytest.mark.parametrize("rescaled", [False, True])
+@pytest.mark.parametrize("rescaled", [False, True, "padded"])
 def test_nhwc_input_image_size_is_its_height_and_width(rescaled):
     # tf2onnx writes a Keras model's input NHWC, (N, H, W, C), and transposes it to NCHW: its
     # image size is H and W, as the same net's NCHW input's. It was read from dims 2 and 3
@@ -454,7 +454,11 @@ def test_nhwc_input_image_size_is_its_height_and_width(rescaled):
         if nhwc:
             if rescaled:
                 x = b.op("Mul", [x, b.const(np.float32(1 / 255))])
+            if rescaled == "padded":  # tf2onnx without its optimiser: Pad H and W first
+                x = b.op("Pad", [x, b.const(np.array([0, 1, 1, 0, 0, 1, 1, 0]))])
             x = b.op("Transpose", [x], perm=[0, 3, 1, 2])
+        elif rescaled == "padded":
+            x = b.op("Pad", [x, b.const(np.array([0, 0, 1, 1, 0, 0, 1, 1]))])
         for k in range(10):  # receptive fields up to 21: past 16, within 40
             x = b.op("Relu", [b.conv(x, 3 if k == 0 else 8, 8)])
         return b.model([b.gap_head(x, 8, 4)], ["logits"])

@@ -253,6 +253,49 @@ def test_recalibrate_is_the_average_of_batch_statistics(x16) -> None:
         )
 
 
+def test_a_uint8_input_model_is_recalibrated_on_what_onnxruntime_is_fed(tmp_path) -> None:
+    """A model that takes uint8 pixels (a Cast in its graph) was refused: x had to be floats.
+    Its model-ready uint8 arrays, or a DataSource that gives them, are fed as they are; the
+    statistics are those of the BatchNorm inputs onnxruntime computes from the same batches.
+    Floats for it (images preprocessed to [0, 1]) are refused: they are not what it is fed."""
+    from conftest import write_npz
+    from test_cli_retrain import with_uint8_input
+    from test_retrain import export as export_quadnet
+    from test_retrain import quadrant_data
+
+    from onnx_mbs.data import open_data
+    from onnx_mbs.data.sources import ArraySource
+
+    model = with_uint8_input(export_quadnet(keep_bn=True))
+    x = np.clip(quadrant_data(32, seed=1)[0] * 60 + 60, 0, 255).astype(np.uint8)
+    bns = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
+    probe = with_outputs(model, [n.input[0] for n in bns])
+    means, variances = [], []
+    for i in range(0, len(x), 8):  # the batch statistics onnxruntime's inputs give
+        features = ort_run(probe, {"input": x[i : i + 8]}, [n.input[0] for n in bns])
+        means.append([f.astype(np.float64).mean((0, 2, 3)) for f in features])
+        variances.append([f.astype(np.float64).var((0, 2, 3), ddof=1) for f in features])
+    ready = ArraySource(x, None, None, None, "input", "model-ready uint8")  # fed as it is
+    for data in ((x, None), ready):
+        written, count = train_mod.recalibrate_model(model, data, batch_size=8)
+        assert count == 4
+        stats = {t.name: numpy_helper.to_array(t) for t in written.graph.initializer}
+        for k, node in enumerate(
+            n for n in written.graph.node if n.op_type == "BatchNormalization"
+        ):
+            np.testing.assert_allclose(
+                stats[node.input[3]], np.mean([m[k] for m in means], 0), rtol=1e-5, atol=1e-4
+            )
+            np.testing.assert_allclose(
+                stats[node.input[4]], np.mean([v[k] for v in variances], 0), rtol=1e-4
+            )
+        assert ort_run(written, {"input": x})[0].shape == (32, 4)
+    images = open_data(write_npz(tmp_path / "x.npz", x=x), "input", [1, 1, 8, 8])  # to floats
+    for floats in ((x / 255.0).astype(np.float32), None), images:
+        with pytest.raises(BadInputError, match=r"uint8.*model-ready"):
+            train_mod.recalibrate_model(model, floats, batch_size=8)
+
+
 def test_recalibration_in_batches_of_one_is_refused(x16) -> None:
     """Batches of one are left out of the average (a BatchNorm over (batch, features) has one
     value per channel there), so batch size 1 re-estimated nothing, and `reduce --recalibrate

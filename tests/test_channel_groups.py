@@ -524,7 +524,7 @@ def test_a_tower_whose_two_maps_one_head_reads_keeps_its_weights_tied():
     assert_runs_at_declared_shapes(model, small, {"a": [1, 3, 16, 16], "b": [1, 3, 16, 16]})
 
 
-@pytest.mark.parametrize("rescaled", [False, True])
+@pytest.mark.parametrize("rescaled", [False, True, "padded first"])
 def test_nhwc_input_channels_are_its_last_axis(rescaled):
     # tf2onnx writes a Keras model's NHWC input, a Rescaling Mul before it or not, through a
     # Transpose to NCHW and pads H and W before a VALID conv: the walk took the input's axis 1
@@ -534,8 +534,12 @@ def test_nhwc_input_channels_are_its_last_axis(rescaled):
     x = b.input("x", [1, 8, 8, 3])
     if rescaled:
         x = b.op("Mul", [x, b.const(np.float32(1 / 255))])
-    x = b.op("Transpose", [x], perm=[0, 3, 1, 2])
-    x = b.op("Pad", [x, b.const(np.array([0, 0, 1, 1, 0, 0, 1, 1]))], name="pad")
+    if rescaled == "padded first":  # tf2onnx without its optimiser: the Pad before the Transpose
+        x = b.op("Pad", [x, b.const(np.array([0, 1, 1, 0, 0, 1, 1, 0]))], name="pad")
+        x = b.op("Transpose", [x], perm=[0, 3, 1, 2])
+    else:
+        x = b.op("Transpose", [x], perm=[0, 3, 1, 2])
+        x = b.op("Pad", [x, b.const(np.array([0, 0, 1, 1, 0, 0, 1, 1]))], name="pad")
     x = b.op("Conv", [x, b.weight(4, 3, 3, 3)], kernel_shape=[3, 3], auto_pad="VALID")
     y = b.conv(b.op("Relu", [x]), 4, 5, name="last")
     groups = analyze_channels(load_model(b.model([y], ["y"]))).groups

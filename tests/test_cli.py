@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import pytest
 from conftest import random_images, write_npz
+from graphs import run
 from reliability_inputs import SIDE, tiny_cnn
 
 from onnx_mbs.cli import main
@@ -182,21 +183,31 @@ def test_recalibrate_without_batchnorm_is_refused_before_the_reduction(tiny, tmp
     assert err.count("\n") == 1 and not out.exists()
 
 
-def test_recalibrate_of_a_uint8_input_model_is_refused_in_cli_words(tmp_path, capsys):
-    """Model-ready uint8 data for a uint8-input model: the reduction ran, then recalibration
-    refused with the Python API's advice ("give a DataSource (onnx_mbs.data.fit...)"). Now
-    refused before the reduction, in a line a command-line user can act on."""
+def test_recalibrate_of_a_uint8_input_model_feeds_its_model_ready_data(tmp_path, capsys):
+    """Model-ready uint8 data for a uint8-input model is what onnxruntime is fed: the reduction
+    took it, then --recalibrate refused it ("expected a float image tensor"). It recalibrates
+    on it now (the statistics: test_bn_reinsert.py); images, which are preprocessed to floats,
+    are still refused for it in one line, before anything is written."""
     from test_cli_retrain import with_uint8_input
     from test_retrain import export, quadrant_data
 
-    model, out = tmp_path / "u8.onnx", tmp_path / "r.onnx"
+    model, out, plain = tmp_path / "u8.onnx", tmp_path / "r.onnx", tmp_path / "plain.onnx"
     onnx.save(with_uint8_input(export(keep_bn=True)), model)
-    x, _ = quadrant_data(32, seed=1)
-    data = write_npz(tmp_path / "ready.npz", input=np.clip(x * 60 + 60, 0, 255).astype(np.uint8))
-    assert main(["reduce", str(model), "-o", str(out), "--data", str(data), "--recalibrate"]) == 2
+    x = np.clip(quadrant_data(32, seed=1)[0] * 60 + 60, 0, 255).astype(np.uint8)
+    data = write_npz(tmp_path / "ready.npz", input=x)
+    argv = ["reduce", str(model), "--data", str(data)]
+    assert main([*argv, "-o", str(plain)]) == 0
+    assert main([*argv, "-o", str(out), "--recalibrate", "--batch-size", "8"]) == 0
+    assert "BN recalibrated on 4 batches" in capsys.readouterr().out
+    bn = next(n for n in onnx.load(out).graph.node if n.op_type == "BatchNormalization")
+    stats = [{t.name: t for t in onnx.load(m).graph.initializer} for m in (plain, out)]
+    assert stats[0][bn.input[3]] != stats[1][bn.input[3]]  # re-estimated
+    assert run(onnx.load(out), {"input": x})[0].shape == (32, 4)
+    images = write_npz(tmp_path / "images.npz", x=x)
+    out.unlink()
+    assert main(["reduce", str(model), "-o", str(out), "--data", str(images), "--recalibrate"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("onnx-mbs: error: --recalibrate "), err
-    assert "tensor(uint8)" in err and "DataSource" not in err and "open_for_model" not in err
+    assert err.startswith("onnx-mbs: error: ") and "tensor(uint8)" in err, err
     assert err.count("\n") == 1 and not out.exists()
 
 

@@ -116,6 +116,29 @@ def test_no_labels_without_a_teacher_says_so(bundled_small, bundled_model_path, 
     assert not out.exists()
 
 
+@pytest.mark.parametrize("val_labels", [True, False], ids=["labelled", "unlabelled"])
+def test_the_last_line_says_what_picked_the_best_epoch(
+    val_labels, bundled_small, bundled_model_path, tmp_path, capsys
+):
+    """--no-labels ignores the --data labels only: a labelled --val still picks the best epoch
+    by top-1 against its labels, without a teacher's agreement. The last line said "best epoch
+    1: val top-1 ..." alone; it names the measure that picked it now."""
+    x, y = (np.load(bundled_model_path.parent / "fmnist_sample.npz")[k][:8] for k in "xy")
+    val = write_npz(tmp_path / "val.npz", x=x, **({"y": y} if val_labels else {}))
+    out = tmp_path / "out.onnx"
+    args = ["retrain", str(bundled_small), "-o", str(out), "--limit", "8", "--workers", "0"]
+    args += ["--data", str(bundled_model_path.parent / "fmnist_train_sample.npz")]
+    args += ["--no-labels", "--teacher", str(bundled_model_path), "--val", str(val)]
+    assert main(args) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    if val_labels:
+        assert last.startswith("best epoch 1 (by top-1 against the --val labels): val top-1 ")
+    else:
+        assert last.startswith(
+            "best epoch 1 (by agreement with the teacher on --val): val agreement with the teacher "
+        ), last
+
+
 def test_data_lines_are_printed_by_rank_0_only(bundled_model_path, monkeypatch, capsys):
     """Under torchrun every rank opens the data: only rank 0 says what it read and how."""
     import argparse

@@ -430,6 +430,61 @@ def test_a_class_folders_images_are_in_torchvisions_order(tmp_path):
     assert [Path(p).relative_to(root / "ant").as_posix() for p, _ in listed] == names
 
 
+def test_an_image_folder_gives_torchvisions_samples_and_labels(tmp_path):
+    """.gif files were read, where torchvision's ImageFolder skips them (its IMG_EXTENSIONS
+    have no .gif): a model was measured on other samples than it was trained on, and a class
+    of GIFs alone was not empty. Suffixes compare without case, as torchvision's do; the data
+    line says what was left out."""
+    root = tmp_path / "mixed"
+    names = {
+        "ant": ["a.png", "b.gif", "C.PNG", "d.JPEG", "e.Gif", "f.bmp", "g.tiff", "notes.txt"],
+        "bee": ["x.gif"],  # no image torchvision reads: an empty class, keeping its place
+        "cat": ["y.png", "z.GIF", "sub/w.jpg"],
+    }
+    for k, (label, files) in enumerate(names.items()):
+        for i, name in enumerate(files):
+            if name.endswith(".txt"):
+                (root / label / name).write_text("not an image")
+            else:
+                write_png(root / label / name, pixels(1, 4, 4, c=3, seed=10 * k + i)[0])
+    source = open_data(root, "in", (1, 3, 4, 4))
+    got = [(p.relative_to(root).as_posix(), int(y)) for p, y in zip(source.files, source.labels)]
+    assert got == [
+        ("ant/C.PNG", 0),
+        ("ant/a.png", 0),
+        ("ant/d.JPEG", 0),
+        ("ant/f.bmp", 0),
+        ("ant/g.tiff", 0),
+        ("cat/y.png", 2),
+        ("cat/sub/w.jpg", 2),
+    ]
+    assert "5 other files left out: .gif 4, .txt 1)" in source.description, source.description
+    try:
+        from onnx_mbs.models.torchvision_cpu import import_torchvision
+
+        datasets = import_torchvision().datasets
+    except ImportError:
+        return
+    theirs = datasets.ImageFolder(str(root), allow_empty=True)
+    assert theirs.classes == ["ant", "bee", "cat"]
+    assert [(Path(p).relative_to(root).as_posix(), y) for p, y in theirs.samples] == got
+
+
+def test_a_folder_of_files_that_are_not_read_says_why(tmp_path):
+    """A folder of GIFs alone (or of other files) is refused naming what it holds and the
+    kinds read, not as if it held nothing."""
+    for name in ("a.gif", "b.GIF"):
+        write_png(tmp_path / "gifs" / "cat" / name, pixels(1, 4, 4, c=3)[0])
+        write_png(tmp_path / "loose" / name, pixels(1, 4, 4, c=3)[0])
+    for folder in ("gifs", "loose"):
+        with pytest.raises(BadInputError) as refused:
+            open_data(tmp_path / folder, "in", (1, 3, 4, 4))
+        message = str(refused.value)
+        assert message.startswith(f"no images found in {tmp_path / folder}"), message
+        assert "2 other files (.gif 2)" in message and "torchvision's ImageFolder" in message
+        assert "bmp/jpeg/jpg/pgm/png/ppm/tif/tiff/webp" in message and "gif/" not in message
+
+
 def test_unreadable_image_fails_when_streamed(tmp_path):
     write_png(tmp_path / "imgs" / "a" / "0.png", pixels(1, 4, 4)[0])
     (tmp_path / "imgs" / "a" / "1.png").write_bytes(b"not a png")

@@ -386,6 +386,69 @@ def test_ctrl_c_says_what_the_checkpoint_folder_holds(npz, tmp_path, monkeypatch
     assert "holds every finished epoch: rerun with --resume" in err, err
 
 
+def test_a_run_stopped_before_its_first_checkpoint_leaves_no_folder(
+    npz, tmp_path, monkeypatch, capsys
+) -> None:
+    """Ctrl-C, SIGTERM or a fault before the first checkpoint left the empty folder (and the
+    parents) the run had made for it: partial output. They are removed now; a folder that was
+    there before the run, or that holds anything (a checkpoint: the run stays resumable), is
+    kept."""
+    from onnx_mbs.cli import Terminated
+
+    model = tmp_path / "m.onnx"
+    onnx.save(export(keep_bn=True), model)
+    args = ["retrain", str(model), "--data", str(npz), "-o", str(tmp_path / "o.onnx")]
+    args += ["--epochs", "2", "--workers", "0", "--checkpoint"]
+
+    def stops(error: BaseException):
+        def save(directory, state):
+            raise error
+
+        return save
+
+    made = tmp_path / "runs" / "a" / "c"  # none of the three exists before the run
+    for error, code in ((KeyboardInterrupt(), 130), (Terminated(), 143)):
+        with monkeypatch.context() as patch:
+            patch.setattr(ckpt, "save", stops(error))
+            assert cli_main([*args, str(made)]) == code
+        err = capsys.readouterr().err
+        assert "no epoch finished" in err and not (tmp_path / "runs").exists(), err
+    # A fault (here an error while writing the first checkpoint), through the Python API.
+    with monkeypatch.context() as patch:
+        patch.setattr(ckpt, "save", stops(RuntimeError("disk gone")))
+        with pytest.raises(RuntimeError, match="disk gone"):
+            retrain(export(keep_bn=True), source(npz), checkpoint=made, progress=False)
+    assert not (tmp_path / "runs").exists()
+    # A folder that was there before the run is the user's: kept, empty as it was.
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    with monkeypatch.context() as patch:
+        patch.setattr(ckpt, "save", stops(KeyboardInterrupt()))
+        assert cli_main([*args, str(theirs / "c")]) == 130
+        assert cli_main([*args, str(theirs)]) == 130
+    assert theirs.is_dir() and list(theirs.iterdir()) == []
+    assert "holds no checkpoint yet" in capsys.readouterr().err
+
+    # A folder the run made that holds something other than a checkpoint is kept.
+    def writes_then_stops(directory, state):
+        (Path(directory) / "notes.txt").write_text("the user's")
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ckpt, "save", writes_then_stops)
+        assert cli_main([*args, str(made)]) == 130
+    assert (made / "notes.txt").exists()
+    capsys.readouterr()
+    # Stopped after its first checkpoint: the folder holds it and the run resumes.
+    other = tmp_path / "more" / "c"
+    interrupt_after(monkeypatch, 1)
+    assert cli_main([*args, str(other)]) == 130
+    assert ckpt.path_in(other).exists()
+    monkeypatch.undo()
+    assert cli_main([*args, str(other), "--resume"]) == 0
+    assert "resuming from" in capsys.readouterr().err
+
+
 def test_checkpoint_may_not_be_an_input_or_the_output(npz, folder, tmp_path, capsys) -> None:
     """Refused before any training: a checkpoint written into the data, an output written
     over the checkpoint (or a checkpoint folder where the output goes)."""

@@ -92,16 +92,31 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def prepare(directory: str | os.PathLike) -> None:
+def prepare(directory: str | os.PathLike) -> list[Path]:
     """Make DIR, so that an unwritable one is refused before training rather than after, and
-    remove the partial checkpoints of runs killed while writing one."""
+    remove the partial checkpoints of runs killed while writing one. Returns the folders made
+    (DIR and its missing parents, DIR first), for `remove_made`."""
+    path = Path(directory)
+    missing = [p for p in (path, *path.parents) if not p.exists()]
     try:
-        Path(directory).mkdir(parents=True, exist_ok=True)
+        path.mkdir(parents=True, exist_ok=True)
         clear_stale(directory)
     except OSError as error:
         raise BadInputError(
             f"cannot use {directory} as the checkpoint directory: {error.strerror or error}"
         ) from None
+    return missing
+
+
+def remove_made(made: list[Path]) -> None:
+    """Remove the folders `prepare` made that are still empty, DIR first: a run stopped before
+    its first checkpoint leaves no empty folder behind. A folder holding anything (a
+    checkpoint, a file of the user's) stays, and so do the folders above it."""
+    for folder in made:
+        try:
+            folder.rmdir()  # only ever removes an empty folder
+        except OSError:
+            return
 
 
 def load(

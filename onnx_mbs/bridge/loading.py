@@ -31,7 +31,8 @@ PREFETCH_BATCHES = 4  # per worker
 
 @dataclass
 class Samples:
-    """Indexable samples: `take(indices)` gives (x float32 model inputs, y int64 or None)."""
+    """Indexable samples: `take(indices)` gives (x float32 model inputs, or in `fed`, y int64
+    or None)."""
 
     source: Any  # an object with take(indices) -> Batch, or None for arrays
     x: np.ndarray | None
@@ -40,12 +41,13 @@ class Samples:
     labelled: bool
     preprocess: Preprocess | None
     decoded: bool  # samples are decoded from files when taken (worth worker processes)
+    fed: np.dtype | None = None  # a non-float model input's own type, x fed as it is
 
     def take(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         if self.source is None:
             return self.x[indices], (None if self.y is None else self.y[indices])
         batch = self.source.take(indices)
-        x = np.ascontiguousarray(batch.x, dtype=np.float32)
+        x = np.ascontiguousarray(batch.x, dtype=np.float32 if self.fed is None else self.fed)
         y = batch.y.astype(np.int64) if self.labelled and batch.y is not None else None
         return x, y
 
@@ -56,10 +58,14 @@ class Samples:
         return self.y if self.source is None else self.source.labels
 
 
-def as_samples(data: Any, what: str) -> Samples:
-    """Samples from an (x, y) pair of arrays or a DataSource (read on demand where it can be)."""
+def as_samples(data: Any, what: str, fed: np.dtype | None = None) -> Samples:
+    """Samples from an (x, y) pair of arrays or a DataSource (read on demand where it can be).
+    `fed`: the model input's own type where it is not float (uint8 pixels its graph converts
+    itself); the data must give exactly that type, fed as it is, as onnxruntime is fed."""
     if hasattr(data, "take") and hasattr(data, "batches"):
         labels = getattr(data, "labels", None)
+        if fed is not None and len(data):
+            _check_fed(data.take(np.arange(1)).x.dtype, fed, what)
         return Samples(
             data,
             None,
@@ -68,6 +74,7 @@ def as_samples(data: Any, what: str) -> Samples:
             labels is not None,
             getattr(data, "preprocess", None),
             hasattr(data, "files"),
+            fed,
         )
     if isinstance(data, tuple) and len(data) == 2:
         x, y = data
@@ -76,17 +83,30 @@ def as_samples(data: Any, what: str) -> Samples:
     else:
         raise BadInputError(f"{what} must be an (x, y) pair of arrays or a DataSource")
     x = np.asarray(x)
-    if x.dtype.kind != "f":  # cast, uint8 pixels would train as 0..255
+    if fed is not None:
+        _check_fed(x.dtype, fed, what)
+    elif x.dtype.kind != "f":  # cast, uint8 pixels would train as 0..255
         raise BadInputError(
             f"{what}: x has dtype {x.dtype}; (x, y) arrays are model inputs, {AS_FED}, or give "
             "a DataSource (onnx_mbs.data.fit.open_for_model(spec, model))"
         )
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    x = np.ascontiguousarray(x, dtype=np.float32 if fed is None else fed)
     if len(x) == 0:
         raise BadInputError(f"{what} has no samples")
     if y is not None:
         y = class_labels(y, len(x), what)
-    return Samples(None, x, y, len(x), y is not None, None, False)
+    return Samples(None, x, y, len(x), y is not None, None, False, fed)
+
+
+def _check_fed(given: np.dtype, fed: np.dtype, what: str) -> None:
+    """A non-float model input takes its own type, as it is: floats for a uint8 input (images
+    preprocessed to [0, 1]) are not what onnxruntime is fed, nor is a cast of them."""
+    if given != fed:
+        raise BadInputError(
+            f"{what} gives {given} model inputs, but the model input takes {fed}, fed as it "
+            f"is (as onnxruntime is fed): give model-ready {fed} data ({fed} (x, y) arrays, or "
+            f"an .npz with a {fed} array named after the input)"
+        )
 
 
 def without_labels(samples: Samples) -> Samples:
@@ -98,6 +118,7 @@ def without_labels(samples: Samples) -> Samples:
         False,
         samples.preprocess,
         samples.decoded,
+        samples.fed,
     )
 
 

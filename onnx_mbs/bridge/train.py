@@ -42,6 +42,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -393,7 +394,9 @@ def retrain(
 ) -> RetrainResult:
     """Retrain `model` on `train_data`; return the written-back model of the best epoch.
 
-    `train_data`/`val_data`: (x, y) arrays (x: float model inputs, preprocessed) or
+    `train_data`/`val_data`: (x, y) arrays (x: float model inputs, preprocessed; for an
+    integer input, such as uint8 pixels the graph casts itself, arrays of its own type, fed as
+    they are, as onnxruntime is fed) or
     DataSources (image folders stay on disk and are decoded by `workers` processes; None:
     the cores where there is decoding or augmentation to do, else 0). y may be None
     (unlabelled) when a teacher is given.
@@ -436,8 +439,9 @@ def retrain(
         raise BadInputError(
             f"{option('--resume')} continues from a {option('--checkpoint')} DIR: give one"
         )
-    train = as_samples(train_data, "training data")
-    val = as_samples(val_data, "validation data") if val_data is not None else None
+    fed = _fed_type(model)
+    train = as_samples(train_data, "training data", fed)
+    val = as_samples(val_data, "validation data", fed) if val_data is not None else None
     if val is not None and train.labelled and val.labelled:
         check_same_classes(train_data, val_data, val.labels())
     if amp not in AMP_CHOICES:
@@ -471,6 +475,7 @@ def retrain(
     given_model, given_teacher = model, teacher
     dev = _pick_device(device, local_rank)
     owns_group = False
+    made: list[Path] = []  # checkpoint folders this run made: removed if it stops before one
     if world > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
@@ -673,7 +678,7 @@ def retrain(
                 print(f"no checkpoint in {checkpoint} yet: starting at epoch 1", file=sys.stderr)
             sys.stderr.flush()
         if checkpoint is not None and rank == 0:
-            ckpt.prepare(checkpoint)  # every check passed: made now, not left by a refusal
+            made = ckpt.prepare(checkpoint)  # every check passed: not left by a refusal
         train_seconds, images = 0.0, 0
 
         def measure() -> tuple[float, float]:
@@ -832,6 +837,9 @@ def retrain(
         del net
         if owns_group:
             dist.barrier()
+    except BaseException:  # Ctrl-C, SIGTERM, a refusal or a fault: no empty folder left
+        ckpt.remove_made(made)
+        raise
     finally:
         if owns_group:
             dist.destroy_process_group()
@@ -999,6 +1007,19 @@ def check_recalibration(model: onnx.ModelProto, batch_size: int = 64) -> None:
         raise BadInputError(_batches_of_one(batch_size))
 
 
+def _fed_type(model: onnx.ModelProto) -> np.dtype | None:
+    """The type the model's input is fed in where it is an integer or bool (uint8 pixels its
+    graph converts itself: model-ready data, fed as it is); None for a float input of any
+    width (fed float32: the bridge computes fp16/bf16 graphs in float32)."""
+    constants = {t.name for t in model.graph.initializer}
+    fed = [i for i in model.graph.input if i.name not in constants][:1]
+    try:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(fed[0].type.tensor_type.elem_type))
+    except (IndexError, KeyError, TypeError):  # no input, or no type: left to the checks
+        return None
+    return dtype if dtype.kind in "iub" else None
+
+
 def _batches_of_one(batch_size: int) -> str:
     return (
         "BN recalibration needs batches of at least 2 samples, not "
@@ -1014,11 +1035,11 @@ def recalibrate_model(
     fewer than 2 samples re-estimate nothing: refused (`check_recalibration`)."""
     check_recalibration(model, batch_size)
     check_device(device)
-    samples = as_samples(data, "calibration data")
-    if samples.count < 2:
-        raise BadInputError("BN recalibration needs at least 2 samples")
     original = untie_initializers(model)
     model = as_float32(original) if is_low_precision(original) else original
+    samples = as_samples(data, "calibration data", _fed_type(model))
+    if samples.count < 2:
+        raise BadInputError("BN recalibration needs at least 2 samples")
     module = OnnxModule(model)
     _check_input(model, module, samples, "calibration data")
     dev = _pick_device(device, 0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import zipfile
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,9 @@ from onnx_mbs.data.sources import (
 from onnx_mbs.memory import check_fits
 from onnx_mbs.passes.errors import BadInputError, input_shape_option, option
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+# torchvision's IMG_EXTENSIONS, compared without case as its ImageFolder compares them: the
+# same folder gives the same samples (it skips .gif, so a model trained there never saw one).
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 KINDS = (
     "an image folder (one sub-folder per class), an .npz with x (and y), an .npz with one "
     "array per model input (model-ready), or an IDX folder"
@@ -288,11 +291,12 @@ def _open_folder(
     classes = sorted(folders, key=lambda p: p.name)
     files: list[Path] = []
     labels: list[int] | None = []
+    skipped: Counter[str] = Counter()  # files of the other kinds, by suffix
     if classes and read_labels:
         _check_numbered_classes(path, [c.name for c in classes])
     if classes:
         for label, folder in enumerate(classes):
-            images = _images(folder)
+            images = _images(folder, skipped)
             files += images
             labels += [label] * len(images)
         loose = sum(1 for p in _listing(path) if _is_image(p))  # no class: left out, said
@@ -300,12 +304,21 @@ def _open_folder(
             f", {loose} image{'s' if loose > 1 else ''} beside them left out" if loose else ""
         )
     else:
-        files, labels, kind = _images(path), None, "no class sub-folders"
+        files, labels, kind = _images(path, skipped), None, "no class sub-folders"
+    others, suffixes = _other_files(skipped)
+    kinds = f"{'/'.join(sorted(s[1:] for s in IMAGE_SUFFIXES))} files"
     if not files:
-        raise BadInputError(
-            f"no images found in {path}; expected one sub-folder per class holding "
-            f"{'/'.join(sorted(s[1:] for s in IMAGE_SUFFIXES))} files"
+        why = (
+            f": its {others} ({suffixes}) are none of the kinds torchvision's ImageFolder "
+            "reads, nor read here"
+            if skipped
+            else ""
         )
+        raise BadInputError(
+            f"no images found in {path}{why}; expected one sub-folder per class holding {kinds}"
+        )
+    if skipped:
+        kind += f", {others} left out: {suffixes}"
     total = len(files)
     picked = list(range(total))[:limit] if labels is None else _in_turn(labels, limit)
     files = [files[k] for k in picked]
@@ -389,13 +402,14 @@ def _check_numbered_classes(path: Path, names: list[str]) -> None:
     )
 
 
-def _images(folder: Path) -> list[Path]:
+def _images(folder: Path, skipped: Counter[str]) -> list[Path]:
     """The image files in `folder` and its sub-folders, in torchvision's order: its
     ImageFolder reads a class's images at any depth (cat/2019/x.png), so a model trained so is
     measured on the same files, and lists them by its sorted os.walk (folders by their path
     strings, each one's files by name, cat/a.png before cat/2019/x.png), which `--limit`
     picks by. Hidden files and folders stay out; each real folder is read once (a symlink
-    loop would list its images again at every turn)."""
+    loop would list its images again at every turn). The other files are counted in
+    `skipped` by suffix."""
     found: list[Path] = []
     seen: set[str] = set()
     folders = [folder]
@@ -412,7 +426,16 @@ def _images(folder: Path) -> list[Path]:
                 folders.append(p)
             elif _is_image(p):
                 found.append(p)
+            elif p.is_file():
+                skipped[p.suffix.lower() or "no suffix"] += 1
     return sorted(found, key=lambda p: (str(p.parent), p.name))
+
+
+def _other_files(skipped: Counter[str]) -> tuple[str, str]:
+    """('5 other files', '.gif 4, .txt 1'): the files of a folder that are not images."""
+    total = sum(skipped.values())
+    counts = ", ".join(f"{suffix} {n}" for suffix, n in skipped.most_common())
+    return f"{total} other file{'s' if total > 1 else ''}", counts
 
 
 def _is_image(path: Path) -> bool:
