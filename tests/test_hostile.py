@@ -138,6 +138,23 @@ def test_earlier_report_replaced_file_by_file(inputs, tmp_path, capsys):
     ]
 
 
+@pytest.mark.parametrize("flags", [" -o {ws}/out/r.onnx", " --dry-run"], ids=["model", "dry-run"])
+def test_report_path_a_dangling_link_is_refused_before_anything_is_written(
+    flags, inputs, tmp_path, capsys
+):
+    """A --report path that is a link to nothing is neither a folder nor a name to make one
+    at: the model was renamed into place, then the report's rename failed and the run said
+    'nothing was written' (exit 2) beside the model it had written."""
+    ws = _ws(inputs, tmp_path)
+    (ws / "deadrep").symlink_to("nowhere")
+    argv = "reduce {ws}/tiny.onnx --no-eval" + flags + " --report {ws}/deadrep"
+    code, err = _run(argv, ws, capsys)
+    assert code == 2, err
+    assert "--report" in err and "a link to nothing" in err, err
+    assert not (ws / "out" / "r.onnx").exists() and not list((ws / "out").iterdir())
+    assert (ws / "deadrep").is_symlink() and not (ws / "nowhere").exists()
+
+
 def test_png16_scores_like_png8(inputs):
     """The same pixels at 16 bits give the same model input as at 8 bits."""
     sources = [open_data(inputs / name, "x", [1, 1, 16, 16]) for name in ("png8", "png16")]
