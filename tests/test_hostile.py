@@ -270,12 +270,15 @@ def test_stale_temporaries_cleared_and_only_those(inputs, tmp_path, capsys, monk
             ".onnx-mbs.k2j4h5g6.tmp",
             "onnx-mbs-q1w2e3r4",
         ):
-            (folder / name).mkdir()
+            if name.startswith("onnx-mbs-") and folder != tmpdir:
+                continue  # made in TMPDIR only (beside an output that name is a user's)
+            (folder / name).mkdir(mode=0o700)  # as TemporaryDirectory made it
             (folder / name / "model.onnx").write_bytes(b"partial")
             stale.append(folder / name)
         day_old = time.time() - 2 * 86400
         for name in (".onnx-mbs.k2j4h5g6.tmp", "onnx-mbs-q1w2e3r4"):
-            os.utime(folder / name, (day_old, day_old))
+            if (folder / name).exists():
+                os.utime(folder / name, (day_old, day_old))
     kept = [
         ws / "out" / f".onnx-mbs.{host}.{alive}.live0000.tmp",  # a run still going
         ws / "out" / f".onnx-mbs.otherhost.{dead}.abcd1234.tmp",  # another host's run
@@ -292,6 +295,33 @@ def test_stale_temporaries_cleared_and_only_those(inputs, tmp_path, capsys, monk
     assert [p for p in stale if p.exists()] == []
     assert [p for p in kept if not p.exists()] == []
     assert [p.name for p in tmpdir.iterdir()] == []
+
+
+def test_a_users_onnx_mbs_named_folder_is_never_cleared(inputs, tmp_path, capsys, monkeypatch):
+    """Earlier versions made `onnx-mbs-XXXXXXXX` folders (mode 0700) in TMPDIR only; a run
+    cleared every day-old entry of that name in every folder it wrote to, so a user's
+    `onnx-mbs-research` folder (or file) beside the output was removed with all it held."""
+    ws = _ws(inputs, tmp_path)
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmpdir))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    day_old = time.time() - 2 * 86400
+    mine = []
+    for folder in (ws / "out", tmpdir):
+        (folder / "onnx-mbs-research").mkdir(mode=0o755)
+        (folder / "onnx-mbs-research" / "notes.txt").write_text("mine")
+        (folder / "onnx-mbs-baseline").write_text("mine")
+        mine += [folder / "onnx-mbs-research", folder / "onnx-mbs-baseline"]
+    for path in mine:
+        os.chmod(path, 0o755)
+        os.utime(path, (day_old, day_old))
+    code, err = _run(
+        "reduce {ws}/tiny.onnx --no-eval -o {ws}/out/r.onnx --data {ws}/data.npz", ws, capsys
+    )
+    assert code == 0, err
+    assert [p for p in mine if not p.exists()] == []
+    assert (ws / "out" / "onnx-mbs-research" / "notes.txt").read_text() == "mine"
 
 
 def test_sigkill_mid_save_leftovers_cleared_by_next_run(inputs, tmp_path):
