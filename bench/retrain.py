@@ -2,7 +2,8 @@
 
 On the bundled Fashion-MNIST ResNet-20, reduced at params=0.5 and retrained with the demo's recipe
 (2 epochs on the 2,048 bundled training images, SGD lr 0.02, batch 64, the original as teacher;
-top-1 with onnxruntime on the 512 bundled test images), 3 seeds each:
+top-1 with onnxruntime on the 512 bundled test images) less its augmentation (the images are fed
+as arrays, which are not augmented: `onnx-mbs retrain --augment none`), 3 seeds each:
 
 - BN-kept form (the bundled file) against its BN-folded deployment form (the same file after
   onnxruntime's basic graph optimisations, which fold BatchNorm into Conv), with BN re-inserted

@@ -206,7 +206,9 @@ def reduce(
     explain_cut(rewritten.plan, analysed.channels.groups)
     laps.lap("shrink")
     report = ReduceReport(
-        provider=measured.stats.provider if measured.stats else "none",
+        # Without statistics, a latency budget or --channel-multiple auto still ran (or chose
+        # for) onnxruntime's provider: the report names it, not "none".
+        provider=measured.stats.provider if measured.stats else (providers or ["none"])[0],
         data=data_text(source, measured.tensors),
         preprocessing=preprocessing(source),
         samples=measured.stats.samples if measured.stats else 0,

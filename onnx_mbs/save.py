@@ -122,6 +122,12 @@ def check_outputs(
         _check_writable_folder(out.parent, "output")
     if report is not None:
         folder = Path(report)
+        if folder.is_symlink() and not folder.exists():
+            # No folder to write into, and the report's rename fails on it after the model's.
+            raise BadInputError(
+                f"--report {folder} is a link to nothing ({os.readlink(folder)}); give a folder "
+                "name, or make the folder it points to"
+            )
         if folder.exists() and not folder.is_dir():
             raise BadInputError(f"--report {folder} is a file; give a folder name")
         if output is not None and folder.resolve() == Path(output).resolve():

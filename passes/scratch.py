@@ -7,7 +7,8 @@ up; a later run on the same host, making a temporary folder in the same place, r
 folders of processes that no longer exist there, and only those. Folders named by versions
 before this scheme (`.onnx-mbs.XXXXXXXX.tmp` beside outputs, `onnx-mbs-XXXXXXXX` in TMPDIR,
 `.checkpoint.pt.PID.partial` in a retraining checkpoint folder) are removed once they are a day
-old.
+old; `onnx-mbs-XXXXXXXX` only where it was made, as it was made (a folder of mode 0700 in
+TMPDIR): anywhere else that name is a user's.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ from .errors import temporary_folder_error
 
 _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32] or "host"
 _OURS = re.compile(r"^\.onnx-mbs\.(?P<host>[A-Za-z0-9-]{1,32})\.(?P<pid>\d+)\.[a-z0-9]{8}\.tmp$")
-_EARLIER = re.compile(
-    r"^(\.onnx-mbs\.[a-z0-9_]{8}\.tmp(\.old)?|onnx-mbs-[a-z0-9_]{8}|\.checkpoint\.pt\.\d+\.partial)$"
-)
+_EARLIER = re.compile(r"^(\.onnx-mbs\.[a-z0-9_]{8}\.tmp(\.old)?|\.checkpoint\.pt\.\d+\.partial)$")
+# Earlier versions' TemporaryDirectory: in TMPDIR only, a folder only its owner may enter.
+_EARLIER_TMPDIR = re.compile(r"^onnx-mbs-[a-z0-9_]{8}$")
 EARLIER_AGE_S = 24 * 3600
 
 
@@ -60,7 +61,7 @@ def clear_stale(folder: str | os.PathLike) -> list[Path]:
         if match:
             stale = match["host"] == _HOST and not _alive(int(match["pid"]))
         else:
-            stale = bool(_EARLIER.match(entry.name)) and _age(entry, now) > EARLIER_AGE_S
+            stale = _earlier(entry, folder) and _age(entry, now) > EARLIER_AGE_S
         if stale:
             path = Path(entry.path)
             if entry.is_dir(follow_symlinks=False):
@@ -69,6 +70,21 @@ def clear_stale(folder: str | os.PathLike) -> list[Path]:
                 path.unlink(missing_ok=True)
             removed.append(path)
     return removed
+
+
+def _earlier(entry: os.DirEntry, folder: str | os.PathLike) -> bool:
+    """Whether `entry` is named as earlier versions named their temporaries where they made
+    them: the hidden names anywhere, `onnx-mbs-XXXXXXXX` only as a folder of mode 0700 in
+    TMPDIR. Elsewhere that name is a user's ("onnx-mbs-research" beside an output)."""
+    if _EARLIER.match(entry.name):
+        return True
+    if not _EARLIER_TMPDIR.match(entry.name) or not entry.is_dir(follow_symlinks=False):
+        return False
+    try:
+        private = entry.stat(follow_symlinks=False).st_mode & 0o777 == 0o700
+        return private and os.path.samefile(folder, tempfile.gettempdir())
+    except OSError:
+        return False
 
 
 def _alive(pid: int) -> bool:

@@ -138,6 +138,23 @@ def test_earlier_report_replaced_file_by_file(inputs, tmp_path, capsys):
     ]
 
 
+@pytest.mark.parametrize("flags", [" -o {ws}/out/r.onnx", " --dry-run"], ids=["model", "dry-run"])
+def test_report_path_a_dangling_link_is_refused_before_anything_is_written(
+    flags, inputs, tmp_path, capsys
+):
+    """A --report path that is a link to nothing is neither a folder nor a name to make one
+    at: the model was renamed into place, then the report's rename failed and the run said
+    'nothing was written' (exit 2) beside the model it had written."""
+    ws = _ws(inputs, tmp_path)
+    (ws / "deadrep").symlink_to("nowhere")
+    argv = "reduce {ws}/tiny.onnx --no-eval" + flags + " --report {ws}/deadrep"
+    code, err = _run(argv, ws, capsys)
+    assert code == 2, err
+    assert "--report" in err and "a link to nothing" in err, err
+    assert not (ws / "out" / "r.onnx").exists() and not list((ws / "out").iterdir())
+    assert (ws / "deadrep").is_symlink() and not (ws / "nowhere").exists()
+
+
 def test_png16_scores_like_png8(inputs):
     """The same pixels at 16 bits give the same model input as at 8 bits."""
     sources = [open_data(inputs / name, "x", [1, 1, 16, 16]) for name in ("png8", "png16")]
@@ -253,12 +270,15 @@ def test_stale_temporaries_cleared_and_only_those(inputs, tmp_path, capsys, monk
             ".onnx-mbs.k2j4h5g6.tmp",
             "onnx-mbs-q1w2e3r4",
         ):
-            (folder / name).mkdir()
+            if name.startswith("onnx-mbs-") and folder != tmpdir:
+                continue  # made in TMPDIR only (beside an output that name is a user's)
+            (folder / name).mkdir(mode=0o700)  # as TemporaryDirectory made it
             (folder / name / "model.onnx").write_bytes(b"partial")
             stale.append(folder / name)
         day_old = time.time() - 2 * 86400
         for name in (".onnx-mbs.k2j4h5g6.tmp", "onnx-mbs-q1w2e3r4"):
-            os.utime(folder / name, (day_old, day_old))
+            if (folder / name).exists():
+                os.utime(folder / name, (day_old, day_old))
     kept = [
         ws / "out" / f".onnx-mbs.{host}.{alive}.live0000.tmp",  # a run still going
         ws / "out" / f".onnx-mbs.otherhost.{dead}.abcd1234.tmp",  # another host's run
@@ -275,6 +295,33 @@ def test_stale_temporaries_cleared_and_only_those(inputs, tmp_path, capsys, monk
     assert [p for p in stale if p.exists()] == []
     assert [p for p in kept if not p.exists()] == []
     assert [p.name for p in tmpdir.iterdir()] == []
+
+
+def test_a_users_onnx_mbs_named_folder_is_never_cleared(inputs, tmp_path, capsys, monkeypatch):
+    """Earlier versions made `onnx-mbs-XXXXXXXX` folders (mode 0700) in TMPDIR only; a run
+    cleared every day-old entry of that name in every folder it wrote to, so a user's
+    `onnx-mbs-research` folder (or file) beside the output was removed with all it held."""
+    ws = _ws(inputs, tmp_path)
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmpdir))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    day_old = time.time() - 2 * 86400
+    mine = []
+    for folder in (ws / "out", tmpdir):
+        (folder / "onnx-mbs-research").mkdir(mode=0o755)
+        (folder / "onnx-mbs-research" / "notes.txt").write_text("mine")
+        (folder / "onnx-mbs-baseline").write_text("mine")
+        mine += [folder / "onnx-mbs-research", folder / "onnx-mbs-baseline"]
+    for path in mine:
+        os.chmod(path, 0o755)
+        os.utime(path, (day_old, day_old))
+    code, err = _run(
+        "reduce {ws}/tiny.onnx --no-eval -o {ws}/out/r.onnx --data {ws}/data.npz", ws, capsys
+    )
+    assert code == 0, err
+    assert [p for p in mine if not p.exists()] == []
+    assert (ws / "out" / "onnx-mbs-research" / "notes.txt").read_text() == "mine"
 
 
 def test_sigkill_mid_save_leftovers_cleared_by_next_run(inputs, tmp_path):

@@ -165,14 +165,13 @@ def test_latency_budget_end_to_end(zoo_onnx, tmp_path, monkeypatch):
     graphs.assert_runs_at_declared_shapes(model, reduced)
 
 
-def test_a_latency_the_written_model_misses_is_reported_missed_not_reached(zoo_onnx, monkeypatch):
-    """On a loaded machine every plan tried may measure over the asked fraction: the closest
-    is written, and the report says the limit was missed (it said "latency 0.900 reached")."""
+def _reduce_measuring(zoo_onnx, monkeypatch, budget: str, after: float):
+    """ResNet-20 reduced at `budget` without data, every written model measuring `after` of
+    the original's latency (conv widths timed by `_linear_timer`); its report."""
     import onnx_mbs.latency as latency
-    from onnx_mbs.report import budget_text, markdown, report_dict
 
     def measure(models, providers, threads=0, **_):
-        return [1.0, 0.9][: len(models)]  # the written model: always 0.9 of the original
+        return [1.0, after][: len(models)]
 
     monkeypatch.setattr(
         latency, "onnxruntime_timer", lambda providers, threads=0: _linear_timer([])
@@ -180,11 +179,21 @@ def test_a_latency_the_written_model_misses_is_reported_missed_not_reached(zoo_o
     monkeypatch.setattr(latency, "measure_models", measure)
     _, report = reduce(
         zoo_onnx("resnet20", "deploy"),
-        budget="params=0.8,latency=0.6",
+        budget=budget,
         providers="cpu",
         evaluate_accuracy=False,
         progress=False,
     )
+    return report
+
+
+def test_a_latency_the_written_model_misses_is_reported_missed_not_reached(zoo_onnx, monkeypatch):
+    """On a loaded machine every plan tried may measure over the asked fraction: the closest
+    is written, and the report says the limit was missed (it said "latency 0.900 reached")."""
+    from onnx_mbs.report import budget_text, markdown, report_dict
+
+    # the written model: always 0.9 of the original
+    report = _reduce_measuring(zoo_onnx, monkeypatch, "params=0.8,latency=0.6", 0.9)
     plan = report.plan
     assert plan.reached["latency"] == pytest.approx(0.9)
     assert plan.missed == ["latency"]
@@ -194,6 +203,18 @@ def test_a_latency_the_written_model_misses_is_reported_missed_not_reached(zoo_o
     assert text.startswith("params=0.8,latency=0.6 asked, params 0.")
     assert "reached, latency 0.900 missed (over 0.6" in text
     assert "latency 0.9000 missed (over 0.6" in markdown(report)
+
+
+def test_a_latency_budget_without_data_reports_the_provider_it_timed_on(zoo_onnx, monkeypatch):
+    """Without --data no statistics run, but a latency= budget times the models on
+    onnxruntime: the report named the provider "none" beside the note saying where the
+    latency was measured."""
+    from onnx_mbs.report import markdown, report_dict
+
+    report = _reduce_measuring(zoo_onnx, monkeypatch, "latency=0.6", 0.6)
+    assert report.samples == 0
+    assert report_dict(report)["provider"] == CPU
+    assert f"0 samples on {CPU}" in markdown(report)
 
 
 def _latency_tries(monkeypatch, measured: list[float]):
