@@ -328,15 +328,19 @@ def test_beta_one_keeps_every_channel(size):
         assert round_channels(size, fraction, 8) >= min(size, size * fraction)
 
 
-def test_defaults_are_the_paper_table_fit():
-    """The default reading and width map are the fit bench/paper_table.py recorded."""
-    fit = json.loads(PAPER_TABLE.read_text())["best_fit"]
+def test_paper_table_was_run_at_the_defaults_and_fits_their_reading_and_map():
+    """bench/paper_table.py's stored table was run at today's defaults (its rows are what the
+    defaults plan), and its fit picks the default reading and width map. The fit's parameter
+    is not the default's (c = 0.44 against 0.40 since a macroblock's base holds all its first
+    layers): docs/results.md gives both distances and why the default stays."""
+    table = json.loads(PAPER_TABLE.read_text())
     default = WidthMap.parse(DEFAULT_WIDTH_MAP)
-    assert (fit["receptive_field"], fit["mapping"], fit["parameter"]) == (
-        DEFAULT_RECEPTIVE_FIELD,
-        default.kind,
-        default.value,
-    )
+    assert table["settings"]["default"] == {
+        "receptive_field": DEFAULT_RECEPTIVE_FIELD,
+        "width_map": str(default),
+    }
+    fit = table["best_fit"]
+    assert (fit["receptive_field"], fit["mapping"]) == (DEFAULT_RECEPTIVE_FIELD, default.kind)
 
 
 @pytest.mark.parametrize("budget", ["params=0.5", "flops=0.4", "params=0.6,flops=0.45"])
