@@ -9,6 +9,7 @@ import torch
 from conftest import FORMS, SMALL_ZOO
 from graphs import run, standardised_conv_net
 from onnx import TensorProto, helper, numpy_helper
+from onnx_builders import conv_relu_model
 from torch import nn
 
 from onnx_mbs.bridge import OnnxModule, retrain, untie_initializers, write_back
@@ -902,6 +903,28 @@ def test_unsupported_ops_listed() -> None:
     )
     with pytest.raises(BadInputError, match="Hardmax, LRN"):
         OnnxModule(model)
+
+
+@pytest.mark.parametrize("held", ["initializer", "Constant"])
+def test_string_tensors_are_refused_in_one_line(held: str) -> None:
+    """Class names passed out beside the logits (a string initializer or Constant as a graph
+    output): torch has no string tensors, and building the module stopped with numpy's
+    TypeError traceback (retrain exited 1). An unread string initializer stays harmless."""
+    model = conv_relu_model()
+    labels = helper.make_tensor("labels", TensorProto.STRING, [2], [b"cat", b"dog"])
+    unread = helper.make_tensor("notes", TensorProto.STRING, [1], [b"unread"])
+    model.graph.initializer.append(unread)
+    if held == "initializer":
+        model.graph.initializer.append(labels)
+    else:
+        model.graph.node.append(helper.make_node("Constant", [], ["labels"], value=labels))
+    model.graph.output.append(helper.make_tensor_value_info("labels", TensorProto.STRING, [2]))
+    with pytest.raises(BadInputError, match=r"string tensors.*\['labels'\]"):
+        OnnxModule(model)
+    del model.graph.output[1]
+    if held == "Constant":
+        del model.graph.node[-1]
+    OnnxModule(model)  # an unread string initializer builds
 
 
 # ---------------------------------------------------------------------------
