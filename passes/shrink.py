@@ -27,8 +27,15 @@ from onnx import numpy_helper
 
 from .base import Pass, PassResult
 from .channel_groups import ChannelAnalysis, analyze_channels
-from .channel_walk import Edit, constant_source, subgraph_names
-from .graph import GraphIndex, count_parameters, default_opset, is_parameter_use, is_weight
+from .channel_walk import Edit, constant_source
+from .graph import (
+    GraphIndex,
+    count_parameters,
+    default_opset,
+    is_parameter_use,
+    is_weight,
+    subgraph_names,
+)
 from .load import indexed, indexed_loaded
 from .protos import without_weights
 

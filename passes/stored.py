@@ -18,8 +18,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .channel_walk import subgraph_names
-from .graph import cast_target, stored_casts, value_types
+from .graph import cast_target, stored_casts, subgraph_names, value_types
 
 _F16, _BF16, _F32, _F64 = (
     onnx.TensorProto.FLOAT16,
