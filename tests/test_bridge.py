@@ -1155,9 +1155,12 @@ def test_gradients_reach_every_parameter(small_net, x16) -> None:
 def test_write_back_round_trip(small_net, x16) -> None:
     model = export(small_net, torch.from_numpy(x16), keep_bn=True)
     model.metadata_props.add(key="origin", value="test")
+    conv_w = next(n for n in model.graph.node if n.op_type == "Conv").input[1]
+    weight = next(t for t in model.graph.initializer if t.name == conv_w)
+    weight.doc_string = "stem weight"  # what the model says of a weight stays with it
+    weight.metadata_props.add(key="layer", value="stem")
     before = model.SerializeToString()
     module = OnnxModule(model)
-    conv_w = next(n for n in model.graph.node if n.op_type == "Conv").input[1]
     with torch.no_grad():
         module.initializer(conv_w).add_(0.1)
     module.train()(torch.from_numpy(x16 * 3))  # moves BN running statistics
@@ -1187,6 +1190,9 @@ def test_write_back_round_trip(small_net, x16) -> None:
     }
     bn = next(n for n in model.graph.node if n.op_type == "BatchNormalization")
     assert conv_w in changed and set(bn.input[3:5]) <= changed
+    trained = next(t for t in written.graph.initializer if t.name == conv_w)
+    assert trained.doc_string == "stem weight"
+    assert [(p.key, p.value) for p in trained.metadata_props] == [("layer", "stem")]
 
 
 def test_write_back_of_untouched_module_is_identical(small_net, x16) -> None:
