@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import graphs
 import numpy as np
 import onnx
 import pytest
 from conftest import FORMS, REDUCIBLE_ZOO, random_images, write_npz
+from onnx_builders import conv_relu_model
 
 from onnx_mbs.cli import main
 from onnx_mbs.passes import BadInputError, analyze_model, count_parameters, load_model
 from onnx_mbs.pipeline import reduce
 from onnx_mbs.plan import DEFAULT_WIDTH_MAP, WidthMap
+from onnx_mbs.report import markdown
 
 
 def _sample_npz(path, shape, n=16, seed=0, classes=10):
@@ -97,6 +100,20 @@ def test_macroblock_columns_say_what_they_count(zoo_onnx):
         after = sum(weights[written[n].input[1]].dims[0] for n in block.layers)
         assert row[out].endswith(f"-> {after}")
     assert f"kept/made: {MACROBLOCK_LEGEND['kept/made']}" in markdown(report)
+
+
+def test_report_tables_keep_an_odd_layer_name_in_its_cell():
+    """A conv named with a '|' or a line break (ONNX names are any text) split report.md's
+    Layers row into more cells or two lines, so its figures sat under the wrong headers."""
+    model = conv_relu_model()
+    next(n for n in model.graph.node if n.op_type == "Conv").name = "stem|conv\nb"
+    _, report = reduce(model, budget="params=0.6", channel_multiple=1, evaluate_accuracy=False)
+    text = markdown(report)
+    table = text.split("## Layers")[1].split("\n\n")[1].splitlines()
+    assert all(line.startswith("|") and line.endswith("|") for line in table), table
+    cells = [re.split(r"(?<!\\)\|", line)[1:-1] for line in table]
+    assert {len(row) for row in cells} == {8}
+    assert cells[2][0].strip() == r"stem\|conv\nb"
 
 
 def test_budget_given_twice_meets_both(bundled_model_path, capsys):
