@@ -62,7 +62,7 @@ def takes_floats(dtype: np.dtype | None) -> bool:
 
 def is_model_ready(names: Sequence[str], inputs: Sequence[DeclaredInput]) -> bool:
     """Whether an npz holding arrays `names` is model-ready data for `inputs`: it names
-    every input. An npz for a single 4-D input named `x` stays image data (the image
+    every input. An npz for a single 4-D float input named `x` stays image data (the image
     npz convention), preprocessed as before."""
     if not inputs or any(i.name not in names for i in inputs):
         return False
@@ -70,8 +70,12 @@ def is_model_ready(names: Sequence[str], inputs: Sequence[DeclaredInput]) -> boo
 
 
 def reads_x_as_images(inputs: Sequence[DeclaredInput]) -> bool:
-    """Whether the model's only input is 4-D and named `x`: an npz x is image data for it."""
-    return len(inputs) == 1 and inputs[0].name == IMAGE_ARRAY and len(inputs[0].dims) == 4
+    """Whether the model's only input is 4-D, takes floats and is named `x`: an npz x is
+    image data for it. Images are fed as floats, so for a uint8 input it is model-ready."""
+    if len(inputs) != 1:
+        return False
+    (only,) = inputs
+    return only.name == IMAGE_ARRAY and len(only.dims) == 4 and takes_floats(only.dtype)
 
 
 def model_ready_arrays(
