@@ -70,12 +70,14 @@ def is_model_ready(names: Sequence[str], inputs: Sequence[DeclaredInput]) -> boo
 
 
 def reads_x_as_images(inputs: Sequence[DeclaredInput]) -> bool:
-    """Whether the model's only input is 4-D, takes floats and is named `x`: an npz x is
-    image data for it. Images are fed as floats, so for a uint8 input it is model-ready."""
+    """Whether the model's only input is 4-D, named `x` and not of a numpy integer type: an
+    npz x is image data for it. Images are fed as floats, so for a uint8 input it is
+    model-ready (float types numpy holds only through ml_dtypes, bfloat16: images as before)."""
     if len(inputs) != 1:
         return False
     (only,) = inputs
-    return only.name == IMAGE_ARRAY and len(only.dims) == 4 and takes_floats(only.dtype)
+    integer = only.dtype is not None and only.dtype.kind in "iub"
+    return only.name == IMAGE_ARRAY and len(only.dims) == 4 and not integer
 
 
 def model_ready_arrays(
