@@ -434,7 +434,8 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     from onnx_mbs.bridge import retrain
     from onnx_mbs.bridge.bn import is_bn_folded
     from onnx_mbs.bridge.losses import parse_loss_specs
-    from onnx_mbs.bridge.train import check_device, unrunnable_teacher
+    from onnx_mbs.bridge.train import check_device, check_one_input, unrunnable_teacher
+    from onnx_mbs.data.ready import declared_inputs
     from onnx_mbs.evaluate import check_outputs_finite
     from onnx_mbs.pipeline import check_written
     from onnx_mbs.runtime import choose_providers, require_float_input
@@ -456,6 +457,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     losses = parse_loss_specs(args.loss)
     shapes = _input_shapes(args.input_shape)
     read = load(args.model, shapes)
+    check_one_input([i.name for i in declared_inputs(read.model)])
     # The full checker up front, as reduce's written model gets it: a model it rejects (a
     # bfloat16 Conv below opset 22) would only be written back invalid, after the training.
     runnable = read.runnable

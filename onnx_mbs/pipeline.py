@@ -331,8 +331,30 @@ def analyse(
     run-time shape arithmetic pins the groups whose channel count it reads."""
     index = GraphIndex.build(model)
     before = analyze_model(model, receptive_field, index)
+    nothing_counted(model, before)
     channels = analyze_channels(model, before, index, origin and origin.run_time)
     return Analysed(before, channels, activation_sites(model, before, index)), index
+
+
+def nothing_counted(model: onnx.ModelProto, before: ModelAnalysis) -> None:
+    """Refuse a model in which no MACs or no parameters are counted: there is nothing to
+    measure or cut, and every fraction kept would divide by zero. Names the custom ops a
+    layer may hide in (onnxruntime's extended optimisations fuse Conv into FusedConv)."""
+    if before.total_macs and before.total_params:
+        return
+    custom = sorted(
+        {f"{n.domain}:{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx")}
+    )
+    hint = ""
+    if custom:
+        hint = f"; its {', '.join(custom[:3])} op{'s' * (len(custom) > 1)} may hide layers"
+        if any(op.startswith("com.microsoft:") for op in custom):
+            hint += " (onnxruntime's extended optimisations make them: save the model at basic)"
+    raise BadInputError(
+        f"nothing to reduce: the model has no layer onnx-mbs counts ({before.total_params} "
+        f"parameters, {before.total_macs} MACs of Conv, ConvTranspose, Gemm, MatMul or Einsum "
+        f"with known shapes){hint}"
+    )
 
 
 @dataclass(frozen=True)

@@ -255,9 +255,16 @@ def budget_text(plan: Plan, digits: int) -> str:
 
 
 def _md_table(headers, rows) -> str:
-    out = ["| " + " | ".join(map(str, headers)) + " |", "|" + "---|" * len(headers)]
-    out += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    out = ["| " + " | ".join(map(_md_cell, headers)) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(map(_md_cell, r)) + " |" for r in rows]
     return "\n".join(out)
+
+
+def _md_cell(value: object) -> str:
+    """`value` as one table cell: a '|' or a line break in a name (ONNX names are any text)
+    would end the cell or the row, and the figures after it would sit under other headers."""
+    text = str(value).replace("\\", "\\\\").replace("|", "\\|")
+    return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def plot_widths(report: ReduceReport, path: Path) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 
 from .custom_ops import is_unknown_op
-from .graph import GraphIndex, channels_last
+from .graph import GraphIndex, channels_last, subgraph_names, subgraphs
 
 # Roles of initializer members, so importance and tests know what an axis is.
 ACTIVATION = "activation"
@@ -218,13 +218,13 @@ class ChannelWalk:
             node, self.opsets
         ) is None
         if not inputs and op not in ("Conv", "ConvTranspose"):
-            if custom or _subgraphs(node):
+            if custom or subgraphs(node):
                 self.opaque(node, "op not followed")
             return  # shape arithmetic and constants carry no channels
         if custom:
             self.opaque(node, f"custom op (domain '{node.domain}') not followed")
             return
-        if _subgraphs(node):
+        if subgraphs(node):
             for name in subgraph_names(node):
                 if name in self.chan:
                     self.pin(self.chan[name][1], f"{op} '{node.name}': used in a subgraph")
@@ -251,26 +251,6 @@ def constant_source(index: GraphIndex, name: str) -> str | None:
             return name
         name = node.input[0]
     return name
-
-
-def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    graphs = []
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            graphs.append(attr.g)
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            graphs.extend(attr.graphs)
-    return graphs
-
-
-def subgraph_names(node: onnx.NodeProto) -> set[str]:
-    """Every tensor name a node's subgraphs read (outer-scope values included)."""
-    names: set[str] = set()
-    for graph in _subgraphs(node):
-        for inner in graph.node:
-            names.update(inner.input)
-            names |= subgraph_names(inner)
-    return names
 
 
 # -- the handler registry ----------------------------------------------------------------

@@ -32,7 +32,14 @@ from onnx import numpy_helper
 
 from .errors import BadInputError
 from .fold import MAX_ELEMENTS, folded_constant, shape_values
-from .graph import GraphIndex, attributes, fresh_name, static_shape, topological_order
+from .graph import (
+    GraphIndex,
+    attributes,
+    fresh_name,
+    static_shape,
+    subgraph_names,
+    topological_order,
+)
 
 # The sizes a model is folded at besides the analysed one: the batch doubled, the other
 # dynamic dims doubled, and those at odd sizes each its own, so that a constant that only
@@ -274,8 +281,6 @@ def _mix(
 
 def _drop_unread(graph: onnx.GraphProto, names: set[str]) -> None:
     """Remove the initializers among `names` that nothing reads any more."""
-    from .channel_walk import subgraph_names
-
     read = {name for node in graph.node for name in node.input}
     read |= {name for node in graph.node for name in subgraph_names(node)}
     read |= {o.name for o in graph.output}

@@ -323,31 +323,76 @@ def count_parameters(model: onnx.ModelProto) -> int:
     return sum(parameter_sizes(model).values())
 
 
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs `node`'s attributes hold (If branches, a Loop or Scan body)."""
+    graphs = []
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            graphs.append(attr.g)
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            graphs.extend(attr.graphs)
+    return graphs
+
+
+def subgraph_names(node: onnx.NodeProto) -> set[str]:
+    """Every tensor name a node's subgraphs read (outer-scope values included)."""
+    names: set[str] = set()
+    for graph in subgraphs(node):
+        for inner in graph.node:
+            names.update(inner.input)
+            names |= subgraph_names(inner)
+    return names
+
+
 def topological_order(
     graph: onnx.GraphProto, available: Collection[str] = ()
 ) -> list[onnx.NodeProto]:
-    """Nodes in an order where every input is ready (ONNX asks for it; not every file obeys).
+    """Nodes in an order where every input is ready (ONNX asks for it; not every file obeys),
+    the values a node's subgraphs read from this graph included, as onnxruntime orders them.
     `available` names tensors given from elsewhere (weights kept apart)."""
     ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
     ready |= set(available)
+    made = {name: node for node in graph.node for name in node.output}
+    reads = {
+        id(node): [*node.input, *sorted(subgraph_names(node) & made.keys() - set(node.output))]
+        for node in graph.node
+    }
     pending = list(graph.node)
     order: list[onnx.NodeProto] = []
     while pending:
         left = []
         for node in pending:
-            if all(name in ready for name in node.input):
+            if all(name in ready for name in reads[id(node)]):
                 order.append(node)
                 ready.update(node.output)
             else:
                 left.append(node)
         if len(left) == len(pending):
-            node = left[0]
-            missing = [n for n in node.input if n not in ready]
-            raise BadInputError(
-                f"node '{node.name}' ({node.op_type}) reads {missing}, which no node produces"
-            )
+            raise BadInputError(_unordered(left[0], reads, ready, made))
         pending = left
     return order
+
+
+def _unordered(
+    node: onnx.NodeProto,
+    reads: dict[int, list[str]],
+    ready: set[str],
+    made: dict[str, onnx.NodeProto],
+) -> str:
+    """Why `node` never runs: it, or a node it waits on, reads a tensor no node makes, or it
+    waits on a cycle. Followed back through the first tensor each node waits on."""
+    path: list[onnx.NodeProto] = []
+    while node not in path:
+        missing = [n for n in reads[id(node)] if n not in ready]
+        if unmade := [n for n in missing if n not in made]:
+            return f"node '{node.name}' ({node.op_type}) reads {unmade}, which no node produces"
+        path.append(node)
+        node = made[missing[0]]
+    cycle = path[path.index(node) :]
+    steps = " ".join(
+        f"'{n.name}' reads {next(x for x in reads[id(n)] if x not in ready)!r} of" for n in cycle
+    )
+    return f"the graph has a cycle: node {steps} '{node.name}' (no order of its nodes runs)"
 
 
 # Ops that change values, not where they sit, read with constants beside the image (a Keras

@@ -23,10 +23,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .channel_walk import subgraph_names
 from .custom_ops import hide_unknown_ops
 from .errors import BadInputError
-from .graph import attributes, default_opset, fresh_name
+from .graph import attributes, default_opset, fresh_name, subgraph_names
 from .shapes import weightless
 
 OP = "GroupNormalization"

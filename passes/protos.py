@@ -19,6 +19,15 @@ def without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def with_notes(tensor: onnx.TensorProto, source: onnx.TensorProto) -> onnx.TensorProto:
+    """`tensor`, in place, with `source`'s doc_string and metadata_props: what a model says
+    about a weight stays with it when its values are cut, retrained or stored anew."""
+    tensor.doc_string = source.doc_string
+    del tensor.metadata_props[:]
+    tensor.metadata_props.extend(source.metadata_props)
+    return tensor
+
+
 def copy_fields(source: Message, target: Message, skip: str) -> None:
     """Copy every set field of `source` but `skip` into `target`, in field order. `skip`
     is never read (ListFields would hand out a copy of a tensor's raw_data to be dropped)."""

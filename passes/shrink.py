@@ -27,10 +27,17 @@ from onnx import numpy_helper
 
 from .base import Pass, PassResult
 from .channel_groups import ChannelAnalysis, analyze_channels
-from .channel_walk import Edit, constant_source, subgraph_names
-from .graph import GraphIndex, count_parameters, default_opset, is_parameter_use, is_weight
+from .channel_walk import Edit, constant_source
+from .graph import (
+    GraphIndex,
+    count_parameters,
+    default_opset,
+    is_parameter_use,
+    is_weight,
+    subgraph_names,
+)
 from .load import indexed, indexed_loaded
-from .protos import without_weights
+from .protos import with_notes, without_weights
 
 KeepPlan = Mapping[int, Sequence[int]]
 
@@ -200,8 +207,8 @@ def shrink_channels(
         array = numpy_helper.to_array(tensor)
         for cut in cuts:
             part = numpy_helper.from_array(_take(array, cut.axes), cut.name)
-            part.doc_string = tensor.doc_string  # folded shape arithmetic stays marked
-            out.graph.initializer.append(part)
+            # folded shape arithmetic stays marked
+            out.graph.initializer.append(with_notes(part, tensor))
         new_shapes[tensor.name] = cuts[0].shape
     for src, cuts in plan.items():
         if src in index.initializers:

@@ -18,8 +18,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .channel_walk import subgraph_names
-from .graph import cast_target, stored_casts, value_types
+from .graph import cast_target, stored_casts, subgraph_names, value_types
+from .protos import with_notes
 
 _F16, _BF16, _F32, _F64 = (
     onnx.TensorProto.FLOAT16,
@@ -37,7 +37,7 @@ class Stored:
 
     cast: onnx.NodeProto
     dtype: int  # the initializer's data_type
-    doc_string: str
+    notes: onnx.TensorProto  # its doc_string and metadata_props, without values
 
 
 @dataclass(frozen=True)
@@ -64,8 +64,7 @@ class StoredCasts:
                 helper.tensor_dtype_to_np_dtype(stored.dtype)
             )
             back = numpy_helper.from_array(value, stored.cast.input[0])
-            back.doc_string = stored.doc_string
-            tensor.CopyFrom(back)
+            tensor.CopyFrom(with_notes(back, stored.notes))
             restored.append(stored.cast)
         if restored:
             nodes = [*restored, *graph.node]
@@ -100,7 +99,8 @@ def collapse(model: onnx.ModelProto) -> StoredCasts:
     taken: list[Stored] = []
     for node in casts.values():
         tensor = initializers[node.input[0]]
-        taken.append(Stored(_copy(node), tensor.data_type, tensor.doc_string))
+        notes = with_notes(onnx.TensorProto(), tensor)
+        taken.append(Stored(_copy(node), tensor.data_type, notes))
         to = helper.tensor_dtype_to_np_dtype(cast_target(node, types))
         value = np.asarray(numpy_helper.to_array(tensor).astype(to))
         tensor.CopyFrom(numpy_helper.from_array(value, node.output[0]))

@@ -9,6 +9,7 @@ import torch
 from conftest import FORMS, SMALL_ZOO
 from graphs import run, standardised_conv_net
 from onnx import TensorProto, helper, numpy_helper
+from onnx_builders import conv_relu_model
 from torch import nn
 
 from onnx_mbs.bridge import OnnxModule, retrain, untie_initializers, write_back
@@ -1106,6 +1107,28 @@ def test_contrib_ops_are_refused_saying_to_retrain_the_float_model() -> None:
         OnnxModule(model)
 
 
+@pytest.mark.parametrize("held", ["initializer", "Constant"])
+def test_string_tensors_are_refused_in_one_line(held: str) -> None:
+    """Class names passed out beside the logits (a string initializer or Constant as a graph
+    output): torch has no string tensors, and building the module stopped with numpy's
+    TypeError traceback (retrain exited 1). An unread string initializer stays harmless."""
+    model = conv_relu_model()
+    labels = helper.make_tensor("labels", TensorProto.STRING, [2], [b"cat", b"dog"])
+    unread = helper.make_tensor("notes", TensorProto.STRING, [1], [b"unread"])
+    model.graph.initializer.append(unread)
+    if held == "initializer":
+        model.graph.initializer.append(labels)
+    else:
+        model.graph.node.append(helper.make_node("Constant", [], ["labels"], value=labels))
+    model.graph.output.append(helper.make_tensor_value_info("labels", TensorProto.STRING, [2]))
+    with pytest.raises(BadInputError, match=r"string tensors.*\['labels'\]"):
+        OnnxModule(model)
+    del model.graph.output[1]
+    if held == "Constant":
+        del model.graph.node[-1]
+    OnnxModule(model)  # an unread string initializer builds
+
+
 # ---------------------------------------------------------------------------
 # Train mode
 
@@ -1334,9 +1357,12 @@ def test_gradients_reach_every_parameter(small_net, x16) -> None:
 def test_write_back_round_trip(small_net, x16) -> None:
     model = export(small_net, torch.from_numpy(x16), keep_bn=True)
     model.metadata_props.add(key="origin", value="test")
+    conv_w = next(n for n in model.graph.node if n.op_type == "Conv").input[1]
+    weight = next(t for t in model.graph.initializer if t.name == conv_w)
+    weight.doc_string = "stem weight"  # what the model says of a weight stays with it
+    weight.metadata_props.add(key="layer", value="stem")
     before = model.SerializeToString()
     module = OnnxModule(model)
-    conv_w = next(n for n in model.graph.node if n.op_type == "Conv").input[1]
     with torch.no_grad():
         module.initializer(conv_w).add_(0.1)
     module.train()(torch.from_numpy(x16 * 3))  # moves BN running statistics
@@ -1366,6 +1392,9 @@ def test_write_back_round_trip(small_net, x16) -> None:
     }
     bn = next(n for n in model.graph.node if n.op_type == "BatchNormalization")
     assert conv_w in changed and set(bn.input[3:5]) <= changed
+    trained = next(t for t in written.graph.initializer if t.name == conv_w)
+    assert trained.doc_string == "stem weight"
+    assert [(p.key, p.value) for p in trained.metadata_props] == [("layer", "stem")]
 
 
 def test_write_back_of_untouched_module_is_identical(small_net, x16) -> None:

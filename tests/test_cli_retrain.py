@@ -181,6 +181,28 @@ def test_a_model_without_a_float_input_is_refused_before_training(tmp_path, caps
     assert "epoch 1/1" not in err and not (tmp_path / "out.onnx").exists()
 
 
+@pytest.mark.parametrize("ready", [False, True])
+def test_a_model_with_two_inputs_is_refused_as_retrain_refuses_it(tmp_path, capsys, ready):
+    """Retraining feeds one input. A model with a second (here unused) input was first told to
+    "give an .npz with one array per input, named after it", which, given, was then refused
+    ("retraining needs a model with one input"): both the data advice and, followed, the
+    refusal; now the one refusal, before the data is read."""
+    model = export(keep_bn=True)
+    model.graph.input.append(
+        onnx.helper.make_tensor_value_info("unused", onnx.TensorProto.FLOAT, ["n", 5])
+    )
+    onnx.save(model, tmp_path / "two.onnx")
+    x, y = quadrant_data(16, seed=1)
+    arrays = {"input": x, "unused": np.zeros((16, 5), np.float32)} if ready else {"x": x}
+    write_npz(tmp_path / "train.npz", **arrays, y=y)
+    args = ["retrain", str(tmp_path / "two.onnx"), "-o", str(tmp_path / "out.onnx")]
+    args += ["--data", str(tmp_path / "train.npz"), "--batch-size", "8", "--workers", "0"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "retraining needs a model with one input, not ['input', 'unused']" in err
+    assert "give an .npz" not in err and "data:" not in err
+
+
 def test_no_bn_reinsert_on_a_bn_kept_model_says_it_does_nothing(tmp_path, capsys) -> None:
     """--no-bn-reinsert only changes BN-folded graphs: on one that keeps its BatchNorms it was
     accepted without a word; now a note says so, and the run goes on."""

@@ -922,3 +922,20 @@ def test_evaluate_takes_the_input_shapes_its_refusal_asks_for(tmp_path):
         evaluate(model, path, [CPU], progress=False)
     result = evaluate(model, path, [CPU], progress=False, input_shapes={"input": [1, 3, 12, 10]})
     assert result.samples == 6
+
+
+def test_model_ready_uint8_images_for_an_input_named_x_are_fed_as_they_are(tmp_path):
+    """An npz x is image data for a model whose only 4-D input is named x, read as floats;
+    for a uint8 input so named that was a dead end: refused as not a float input, "to feed it
+    as it is: a model-ready .npz, an array named 'x'", which the npz was. Images are never fed
+    to a uint8 input, so there the npz x is model-ready, as docs/data.md says of an npz naming
+    every input."""
+    from onnx_mbs.evaluate import evaluate
+    from onnx_mbs.runtime import CPU
+
+    model = uint8_image_model()
+    model.graph.input[0].name = model.graph.node[0].input[0] = "x"
+    x = np.random.default_rng(1).integers(0, 256, (6, 1, 8, 8)).astype(np.uint8)
+    path = write_npz(tmp_path / "ready.npz", x=x, y=np.arange(6) % 8)
+    result = evaluate(model, path, [CPU], progress=False)
+    assert result.samples == 6 and result.nonfinite == 0

@@ -605,6 +605,56 @@ def test_nodes_listed_out_of_order_are_read_in_order(tmp_path, capsys):
     capsys.readouterr()
 
 
+def _branch_reading(name: str) -> onnx.NodeProto:
+    """An If whose branches read `name` from the graph around them (an outer-scope value)."""
+    helper = onnx.helper
+    branches = {
+        key: helper.make_graph(
+            [helper.make_node(op, [name], [key])],
+            key,
+            [],
+            [helper.make_tensor_value_info(key, onnx.TensorProto.FLOAT, None)],
+        )
+        for key, op in (("then_branch", "Identity"), ("else_branch", "Neg"))
+    }
+    return helper.make_node("If", ["cond"], ["z"], name="if", **branches)
+
+
+def test_nodes_out_of_order_wait_for_what_their_branches_read():
+    """An If listed first whose branches read the Gemm's output: onnxruntime orders it after
+    the Gemm and runs the file; the loader's order looked at the If's inputs only, left it
+    first, and the model was refused as "not valid ONNX: Nodes in a graph must be
+    topologically sorted, however input 'y' of node:"."""
+    model = conv_relu_model(["N", 3, 8, 8])
+    model.graph.initializer.append(numpy_helper.from_array(np.array(True), "cond"))
+    nodes = [_branch_reading("y"), *model.graph.node]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    model.graph.output.append(
+        onnx.helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, ["N", 2])
+    )
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    expected = run(model, {"x": x})
+    read = load(model)
+    assert [n.op_type for n in read.model.graph.node][-2:] == ["Gemm", "If"]
+    written = read.written(read.model)
+    onnx.checker.check_model(written, full_check=True)
+    for got, want in zip(run(written, {"x": x}), expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_a_cycle_is_refused_as_one():
+    """Nodes that wait on each other were refused as reading a tensor "which no node
+    produces", though a node of the cycle produces it."""
+    model = conv_relu_model()
+    relu = next(n for n in model.graph.node if n.op_type == "Relu")
+    relu.input[0] = "back"
+    model.graph.node.append(onnx.helper.make_node("Add", ["c", "g"], ["back"], name="loop"))
+    with pytest.raises(BadInputError, match=r"cycle.*'relu'.*'back'.*'loop'") as e:
+        load(model)
+    assert "no node produces" not in str(e.value)
+
+
 def test_a_serialized_model_is_read_as_its_model_proto():
     """onnxruntime and Polygraphy's BytesFromOnnx pass models as bytes; `reduce` raised
     pathlib's "argument should be a str object ..., not <class 'bytes'>"."""

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import graphs
 import numpy as np
 import onnx
 import pytest
 from conftest import FORMS, REDUCIBLE_ZOO, random_images, write_npz
+from onnx_builders import conv_relu_model
 
 from onnx_mbs.cli import main
 from onnx_mbs.passes import BadInputError, analyze_model, count_parameters, load_model
 from onnx_mbs.pipeline import reduce
 from onnx_mbs.plan import DEFAULT_WIDTH_MAP, WidthMap
+from onnx_mbs.report import markdown
 
 
 def _sample_npz(path, shape, n=16, seed=0, classes=10):
@@ -97,6 +100,63 @@ def test_macroblock_columns_say_what_they_count(zoo_onnx):
         after = sum(weights[written[n].input[1]].dims[0] for n in block.layers)
         assert row[out].endswith(f"-> {after}")
     assert f"kept/made: {MACROBLOCK_LEGEND['kept/made']}" in markdown(report)
+
+
+def test_report_tables_keep_an_odd_layer_name_in_its_cell():
+    """A conv named with a '|' or a line break (ONNX names are any text) split report.md's
+    Layers row into more cells or two lines, so its figures sat under the wrong headers."""
+    model = conv_relu_model()
+    next(n for n in model.graph.node if n.op_type == "Conv").name = "stem|conv\nb"
+    _, report = reduce(model, budget="params=0.6", channel_multiple=1, evaluate_accuracy=False)
+    text = markdown(report)
+    table = text.split("## Layers")[1].split("\n\n")[1].splitlines()
+    assert all(line.startswith("|") and line.endswith("|") for line in table), table
+    cells = [re.split(r"(?<!\\)\|", line)[1:-1] for line in table]
+    assert {len(row) for row in cells} == {8}
+    assert cells[2][0].strip() == r"stem\|conv\nb"
+
+
+def _fused_conv_model() -> onnx.ModelProto:
+    """`conv_relu_model` as onnxruntime's extended optimisations save it: Conv and Relu fused
+    into one com.microsoft FusedConv, whose output shape inference cannot size."""
+    model = conv_relu_model(["N", 3, 8, 8])
+    conv, relu = model.graph.node[:2]
+    fused = onnx.helper.make_node(
+        "FusedConv", conv.input, relu.output, "fused", domain="com.microsoft", activation="Relu"
+    )
+    fused.attribute.extend(a for a in conv.attribute)
+    nodes = [fused, *model.graph.node[2:]]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return model
+
+
+def _relu_model() -> onnx.ModelProto:
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["x"], ["y"], name="relu")],
+        "relu",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 3, 8, 8])],
+    )
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize(
+    "build, why",
+    [(_relu_model, "no layer"), (_fused_conv_model, "com.microsoft:FusedConv .*basic")],
+)
+@pytest.mark.parametrize("flag", [[], ["--json"]])
+def test_a_model_without_a_counted_layer_is_refused(tmp_path, capsys, build, why, flag):
+    """Without a Conv, Gemm or MatMul it can size (nothing but a Relu; or onnxruntime's
+    extended optimisations, which fuse Conv and Relu into com.microsoft FusedConv), reduce
+    counted 0 MACs (or 0 parameters) and stopped dividing by them: ZeroDivisionError, exit 1."""
+    path = tmp_path / "m.onnx"
+    onnx.save(build(), path)
+    assert main(["reduce", str(path), "-o", str(tmp_path / "out.onnx"), *flag]) == 2
+    err = capsys.readouterr().err
+    assert re.search(f"nothing to reduce.*{why}", err) and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out.onnx").exists()
 
 
 def test_budget_given_twice_meets_both(bundled_model_path, capsys):

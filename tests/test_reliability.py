@@ -206,7 +206,7 @@ MESSAGES = [
     Case("eval-model-is-folder", "eval {ws}/model_dir.onnx --data {ws}/data.npz", 2, "is a folder"),
     Case("retrain-model-is-folder", "retrain {ws}/model_dir.onnx -o {ws}/out/t.onnx --data {ws}/data.npz", 2, "is a folder"),
     Case("eval-two-inputs", "eval {ws}/two.onnx --data {ws}/data.npz", 2, "has 2 inputs (x, z); give an .npz with one array per input"),
-    Case("retrain-two-inputs", "retrain {ws}/two.onnx -o {ws}/out/t.onnx --data {ws}/data.npz", 2, "has 2 inputs (x, z)"),
+    Case("retrain-two-inputs", "retrain {ws}/two.onnx -o {ws}/out/t.onnx --data {ws}/data.npz", 2, "retraining needs a model with one input, not ['x', 'z']"),
     Case("reduce-two-inputs", "reduce {ws}/two.onnx -o {ws}/out/r.onnx --data {ws}/data.npz", 2, "has 2 inputs (x, z)"),
     Case("reduce-gemm-only-with-data", "reduce {ws}/mlp.onnx -o {ws}/out/r.onnx --data {ws}/data.npz", 0, "no Conv activations to measure", OUT),
     Case("reduce-latency-threads-range", R + " " + RO + " --latency-threads 100000", 2, f"100000 is not in [0, {os.cpu_count()}]"),

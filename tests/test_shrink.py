@@ -23,6 +23,7 @@ from graphs import (
     random_feeds,
     run,
 )
+from onnx_builders import conv_relu_model
 
 from onnx_mbs.passes import BadInputError, count_parameters, load, load_model
 from onnx_mbs.passes.channel_groups import analyze_channels
@@ -187,6 +188,29 @@ def test_metadata_names_and_opset_are_kept():
     assert small.graph.doc_string == "graph doc"
     assert [n.name for n in small.graph.node] == [n.name for n in model.graph.node]
     assert [o.name for o in small.graph.output] == ["logits"]
+
+
+@pytest.mark.parametrize("stored", [False, True])
+def test_cut_weights_keep_their_doc_string_and_metadata(stored):
+    """What a model says about a weight (its doc_string and metadata_props, IR 10) stays with
+    the weight once cut: the doc_string did, the metadata_props were dropped (both when the
+    weight is stored in fp16 behind a Cast)."""
+    model = conv_relu_model()
+    weight = next(t for t in model.graph.initializer if t.name == "w")
+    if stored:
+        half = onnx.numpy_helper.to_array(weight).astype(np.float16)
+        weight.CopyFrom(onnx.numpy_helper.from_array(half, "w16"))
+        cast = onnx.helper.make_node("Cast", ["w16"], ["w"], to=onnx.TensorProto.FLOAT)
+        model.graph.node.insert(0, cast)
+    weight.doc_string = "conv weight"
+    weight.metadata_props.add(key="origin", value="layer1")
+    analysis = analyze_channels(model)
+    keep = {g.id: [0, 1] for g in analysis.groups if not g.pinned}
+    small = shrink_channels(model, keep, analysis)
+    cut = next(t for t in small.graph.initializer if t.name == weight.name)
+    assert cut.dims[0] == 2
+    assert cut.doc_string == "conv weight"
+    assert [(p.key, p.value) for p in cut.metadata_props] == [("origin", "layer1")]
 
 
 def shared_weight_model() -> onnx.ModelProto:

@@ -67,6 +67,24 @@ def unsupported_ops(model: onnx.ModelProto) -> list[str]:
     return sorted(found)
 
 
+def string_tensors(model: onnx.ModelProto) -> list[str]:
+    """The string tensors the module would hold, sorted (torch has no string type): the
+    graph's string inputs and outputs, string initializers nodes read, string Constants."""
+    graph, string = model.graph, onnx.TensorProto.STRING
+    read = {name for node in graph.node for name in node.input}
+    strings = {
+        vi.name for vi in [*graph.input, *graph.output] if vi.type.tensor_type.elem_type == string
+    }
+    strings |= {t.name for t in graph.initializer if t.data_type == string and t.name in read}
+    for node in graph.node:
+        if node.op_type == "Constant" and any(
+            a.name in ("value_string", "value_strings") or a.t.data_type == string
+            for a in node.attribute
+        ):
+            strings.add(node.output[0])
+    return sorted(strings)
+
+
 def initializer_roles(
     model: onnx.ModelProto, ignore: frozenset[str] = frozenset()
 ) -> dict[str, str]:
@@ -323,6 +341,11 @@ class OnnxModule(nn.Module):
             raise BadInputError(
                 f"the PyTorch bridge does not support these op types: {', '.join(missing)}"
                 f"{way * contrib}"
+            )
+        if strings := string_tensors(model):
+            raise BadInputError(
+                f"the PyTorch bridge cannot hold string tensors {strings} (torch has no string "
+                "type): retrain the model without them (drop the outputs that pass them out)"
             )
         graph = model.graph
         opset = default_opset(model)

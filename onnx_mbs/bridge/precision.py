@@ -13,6 +13,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_mbs.measurements import drop_measurements
+from onnx_mbs.passes.protos import with_notes
 
 LOW = {TensorProto.FLOAT16, TensorProto.BFLOAT16}
 
@@ -61,6 +62,5 @@ def write_values(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> onnx.
             continue
         dtype = helper.tensor_dtype_to_np_dtype(init.data_type)
         new = numpy_helper.from_array(np.asarray(values[init.name]).astype(dtype), init.name)
-        new.doc_string = init.doc_string
-        init.CopyFrom(new)
+        init.CopyFrom(with_notes(new, init))
     return out

@@ -134,14 +134,20 @@ class RetrainResult:
         return self.history[self.best_epoch].val_agreement if self.history else math.nan
 
 
+def check_one_input(names: Sequence[str]) -> None:
+    """Retraining feeds one input, the images: refuse a model with several (the command line
+    asks before it reads the data, whose advice for such a model is another command's)."""
+    if len(names) != 1:
+        raise BadInputError(f"retraining needs a model with one input, not {list(names)}")
+
+
 def _check_input(
     model: onnx.ModelProto, module: OnnxModule, samples: Samples, what: str
 ) -> np.ndarray:
     """Refuse data whose shape cannot feed the model, with a message that says both shapes;
     return its first samples (at least 2), the probe every later check runs."""
     x = samples.take(np.arange(min(2, samples.count)))[0]
-    if len(module.input_names) != 1:
-        raise BadInputError(f"retraining needs a model with one input, not {module.input_names}")
+    check_one_input(module.input_names)
     graph_input = next(i for i in model.graph.input if i.name == module.input_names[0])
     dims = [
         d.dim_value if d.HasField("dim_value") else None

@@ -7,6 +7,7 @@ from onnx import helper, numpy_helper
 
 from onnx_mbs.bridge.module import OnnxModule
 from onnx_mbs.measurements import drop_measurements
+from onnx_mbs.passes.protos import with_notes
 
 
 def write_back(model: onnx.ModelProto, module: OnnxModule) -> onnx.ModelProto:
@@ -34,6 +35,5 @@ def write_back(model: onnx.ModelProto, module: OnnxModule) -> onnx.ModelProto:
             )
         dtype = helper.tensor_dtype_to_np_dtype(init.data_type)
         new = numpy_helper.from_array(array.astype(dtype, copy=False), init.name)
-        new.doc_string = init.doc_string
-        init.CopyFrom(new)
+        init.CopyFrom(with_notes(new, init))
     return out

@@ -62,7 +62,7 @@ def takes_floats(dtype: np.dtype | None) -> bool:
 
 def is_model_ready(names: Sequence[str], inputs: Sequence[DeclaredInput]) -> bool:
     """Whether an npz holding arrays `names` is model-ready data for `inputs`: it names
-    every input. An npz for a single 4-D input named `x` stays image data (the image
+    every input. An npz for a single 4-D float input named `x` stays image data (the image
     npz convention), preprocessed as before."""
     if not inputs or any(i.name not in names for i in inputs):
         return False
@@ -70,8 +70,14 @@ def is_model_ready(names: Sequence[str], inputs: Sequence[DeclaredInput]) -> boo
 
 
 def reads_x_as_images(inputs: Sequence[DeclaredInput]) -> bool:
-    """Whether the model's only input is 4-D and named `x`: an npz x is image data for it."""
-    return len(inputs) == 1 and inputs[0].name == IMAGE_ARRAY and len(inputs[0].dims) == 4
+    """Whether the model's only input is 4-D, named `x` and not of a numpy integer type: an
+    npz x is image data for it. Images are fed as floats, so for a uint8 input it is
+    model-ready (float types numpy holds only through ml_dtypes, bfloat16: images as before)."""
+    if len(inputs) != 1:
+        return False
+    (only,) = inputs
+    integer = only.dtype is not None and only.dtype.kind in "iub"
+    return only.name == IMAGE_ARRAY and len(only.dims) == 4 and not integer
 
 
 def model_ready_arrays(
