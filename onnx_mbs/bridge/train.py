@@ -60,7 +60,12 @@ from onnx_mbs.bridge.bn import (
 )
 from onnx_mbs.bridge.bn import reinsert_bn as reinsert_batchnorm
 from onnx_mbs.bridge.loading import Samples, as_samples, load_batches, rank_batches
-from onnx_mbs.bridge.losses import choose_losses, distillation_loss, is_logits, normalised_mse
+from onnx_mbs.bridge.losses import (
+    choose_losses,
+    default_loss,
+    distillation_loss,
+    normalised_mse,
+)
 from onnx_mbs.bridge.module import OnnxModule, long_axes, untie_initializers, with_outputs
 from onnx_mbs.bridge.precision import as_float32, is_low_precision
 from onnx_mbs.bridge.writeback import write_back
@@ -68,10 +73,12 @@ from onnx_mbs.data.augment import choose_augment
 from onnx_mbs.data.sources import default_workers
 from onnx_mbs.data.spec import check_same_classes
 from onnx_mbs.logits import (
+    NONE,
     check_label_range,
     choose_logits,
     classes_of,
     classifier_outputs,
+    is_none,
     softmax_inputs,
 )
 from onnx_mbs.passes.errors import BadInputError, option
@@ -117,6 +124,7 @@ class RetrainResult:
     # after the re-inserted BatchNorms' statistics are re-measured for folding back.
     val_top1: float = math.nan
     val_agreement: float = math.nan
+    logits: str | None = None  # the output cross-entropy and top-1 read (None: none)
 
     @property
     def best_val_top1(self) -> float:
@@ -231,7 +239,7 @@ def _probe(module: OnnxModule, xb: torch.Tensor, what: str) -> dict[str, tuple[i
 
 
 def _as_chosen(
-    shapes: Mapping[str, tuple[int, ...]], model: onnx.ModelProto
+    shapes: Mapping[str, tuple[int, ...]], model: onnx.ModelProto, logits: str | None = None
 ) -> Callable[[dict[str, Any]], dict[str, Any]]:
     """A fingerprint with its "logits" and "losses" as they act, not as given: a value that
     names the default (the one classifier output; kl for logits, mse otherwise) is left out,
@@ -239,7 +247,7 @@ def _as_chosen(
     to a checkpoint's fingerprint too: earlier versions recorded them as given."""
     found = classifier_outputs(shapes, model)
     auto = found[0] if len(found) == 1 else None
-    default = {n: "kl" if is_logits(s) else "mse" for n, s in shapes.items()}
+    default = {n: default_loss(s, logits) for n, s in shapes.items()}
 
     def chosen(fingerprint: dict[str, Any]) -> dict[str, Any]:
         out = {k: v for k, v in fingerprint.items() if k != "logits" or v != auto}
@@ -394,7 +402,8 @@ def retrain(
     `losses`: {output name: "kl" | "mse" | "none"} overriding the per-output default.
     `features`: intermediate tensor names both graphs have, distilled with normalised MSE.
     `logits`: the output cross-entropy and top-1 read, where several are classifier-shaped
-    (`onnx_mbs.logits`); an output a Softmax makes is trained on the Softmax's input.
+    (`onnx_mbs.logits`); an output a Softmax makes is trained on the Softmax's input;
+    "none": no output is logits (no cross-entropy or top-1; every output distils with mse).
     """
     start = time.perf_counter()
     lr = default_lr(batch_size) if lr is None else lr
@@ -515,7 +524,7 @@ def retrain(
         }
         saved = None
         if checkpoint is not None:
-            chosen = _as_chosen({o.name: early[o.name] for o in model.graph.output}, model)
+            chosen = _as_chosen({o.name: early[o.name] for o in model.graph.output}, model, logits)
             fingerprint = chosen(fingerprint)
             saved = ckpt.load(checkpoint, fingerprint, chosen)
         if saved is not None and not resume:
@@ -554,19 +563,23 @@ def retrain(
         )
         if teacher is not None:
             _check_teacher(outputs, teacher_shapes, features, shapes)
-            kinds = choose_losses(outputs, losses)
+            kinds = choose_losses(outputs, losses, logits)
         elif losses:
             raise BadInputError(
                 f"{option('--loss')} chooses distillation losses: it needs a {option('--teacher')}"
             )
         labels_used = train.labelled and logits_name is not None
+        said = f" ({option('--logits', NONE)})" if is_none(logits) else ""
         if train.labelled and not labels_used and teacher is None:
             raise BadInputError(
-                f"the data has labels but the model has no classifier output (batch, classes) "
-                f"among {list(outputs)}: retrain it with {option('--teacher')}"
+                f"the data has labels but the model has no classifier output{said} (batch, "
+                f"classes) among {list(outputs)}: retrain it with {option('--teacher')}"
             )
         if val is not None and logits_name is None:
-            raise BadInputError("validation top-1 needs a classifier output (batch, classes)")
+            raise BadInputError(
+                f"validation top-1 needs a classifier output (batch, classes){said}: train "
+                "without validation data"
+            )
         if logits_name is not None:
             classes = classes_of(outputs[logits_name])
             for data, what in ((train, "the training data"), (val, "the validation data")):
@@ -833,6 +846,7 @@ def retrain(
         resumed_from=first_epoch,
         val_top1=written_val[0],
         val_agreement=written_val[1],
+        logits=logits_name,
     )
 
 
