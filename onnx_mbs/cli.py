@@ -531,6 +531,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
             resume=args.resume,
             workers=args.workers,
             logits=args.logits,
+            freeze=[n for spec in args.freeze or () for n in spec.split(",")],
         )
     except KeyboardInterrupt:
         if args.checkpoint and rank == 0 and ckpt.path_in(args.checkpoint).exists():
@@ -926,6 +927,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="distillation loss of one output: kl (logits), mse (normalised) or none; default "
         "kl for (batch, classes) outputs, mse otherwise, mse for all with --logits none "
         "(repeatable)",
+    )
+    p.add_argument(
+        "--freeze",
+        action="append",
+        metavar="NAME[,NAME...]",
+        help="initializers kept as they are: not trained, no weight decay, written back "
+        "unchanged (a detector's stride or DFL tables; repeatable)",
     )
     p.add_argument(
         "--feature",

@@ -59,6 +59,8 @@ from onnx_mbs.bridge.bn import (
     recalibrate,
 )
 from onnx_mbs.bridge.bn import reinsert_bn as reinsert_batchnorm
+from onnx_mbs.bridge.freeze import check_frozen, check_not_folded, restore
+from onnx_mbs.bridge.freeze import freeze as freeze_named
 from onnx_mbs.bridge.loading import Samples, as_samples, load_batches, rank_batches
 from onnx_mbs.bridge.losses import (
     choose_losses,
@@ -381,6 +383,7 @@ def retrain(
     resume: bool = False,
     workers: int | None = None,
     logits: str | None = None,
+    freeze: Sequence[str] = (),
 ) -> RetrainResult:
     """Retrain `model` on `train_data`; return the written-back model of the best epoch.
 
@@ -404,6 +407,7 @@ def retrain(
     `logits`: the output cross-entropy and top-1 read, where several are classifier-shaped
     (`onnx_mbs.logits`); an output a Softmax makes is trained on the Softmax's input;
     "none": no output is logits (no cross-entropy or top-1; every output distils with mse).
+    `freeze`: initializer names kept as they are (not trained, no weight decay; `freeze.py`).
     """
     start = time.perf_counter()
     lr = default_lr(batch_size) if lr is None else lr
@@ -442,6 +446,7 @@ def retrain(
         raise BadInputError(f"feature distillation needs a {option('--teacher')}")
     if teacher is not None:
         _check_features_computed(model, teacher, features)
+    frozen = check_frozen(freeze, model, teacher)
     if val is not None and not val.labelled and teacher is None:
         raise BadInputError(
             f"validation data has no labels: give labels, or a {option('--teacher')} to pick "
@@ -515,6 +520,7 @@ def retrain(
             "warmup": warmup,
             "world_size": world,
             **({"logits": logits} if logits is not None else {}),
+            **({"freeze": sorted(frozen)} if frozen else {}),
             # Only where it counts and is not the default: earlier checkpoints lack the key.
             **(
                 {"bn_calibration_samples": bn_calibration_samples}
@@ -548,11 +554,13 @@ def retrain(
             # The teacher (the unreduced graph) gives each BN its target statistics.
             calib = _batches(train, len(probe_x), bn_calibration_samples)
             train_model, inserted = reinsert_batchnorm(model, calib, teacher)
+            check_not_folded(frozen, inserted)
         student_pre = softmax_inputs(model)
         student = OnnxModule(with_outputs(train_model, [*features, *student_pre.values()]))
         if val is not None:
             _check_input(model, student, val, "validation data")
         student.to(dev).train()
+        kept = freeze_named(student, frozen)
         shapes = _probe(student, probe_x, "the model")
         outputs = {o.name: shapes[o.name] for o in model.graph.output}
         # Several classifier-shaped outputs: labels (or top-1 on --val) need the user to say
@@ -818,6 +826,7 @@ def retrain(
             )
             written_val = measure()  # the recalibrated statistics are the written model's
         student.eval()
+        restore(student, kept)
         if not all(bool(torch.isfinite(p).all()) for p in student.state_dict().values()):
             raise BadInputError(_diverged("non-finite weights", epochs - 1, steps - 1, lr))
         result_model = fold_back(original, write_back(train_model, student), inserted)
