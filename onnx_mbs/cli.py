@@ -151,8 +151,10 @@ def _print_reduce_summary(report, args: argparse.Namespace) -> None:
     for key in ("before", "after"):
         if key in report.accuracy:
             acc = report.accuracy[key]
+            # the output read named once, with the note where its shape alone chose it
+            read = f" of output '{acc.output}'{_guessed(args)}" if key == "before" else ""
             print(
-                f"top-1 {key}: {acc.top1:.2%} on {acc.samples} samples"
+                f"top-1 {key}: {acc.top1:.2%}{read} on {acc.samples} samples"
                 + (" (before retraining)" if key == "after" else "")
             )
     if report.no_top1:
@@ -335,18 +337,21 @@ def _rank() -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from onnx_mbs.evaluate import evaluate, load_for_eval
+    from onnx_mbs.logits import check_top1_wanted, is_none
     from onnx_mbs.runtime import choose_providers
 
+    if not args.teacher:
+        check_top1_wanted(args.logits)  # before any data is read
     providers = choose_providers(args.providers)
     shapes = _input_shapes(args.input_shape)
     read = load_for_eval(args.model, shapes)
     source = _open_for_model(
         args.data, read.model, args, args.limit, split="test", labels=not args.teacher
     )
-    if args.teacher and args.logits:
+    if args.teacher and args.logits and not is_none(args.logits):
         raise BadInputError(
             "--logits picks the output top-1 is read from; eval --teacher compares every "
-            "output: drop one of them"
+            "output: drop one of them (it takes --logits none: no output is logits)"
         )
     if args.teacher:
         return _eval_agreement(args, read.runnable, source, providers, shapes)
@@ -366,13 +371,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 "samples": result.samples,
                 "provider": result.provider,
                 "nonfinite": result.nonfinite,
+                "output": result.output,
             },
             sys.stdout,
         )
         print()
     else:
         top5 = f", top-5 {result.top5:.2%}" if result.top5 is not None else ""
-        print(f"top-1 {result.top1:.2%}{top5} on {result.samples} samples ({result.provider})")
+        print(
+            f"top-1 {result.top1:.2%}{top5} of output '{result.output}'{_guessed(args)} on "
+            f"{result.samples} samples ({result.provider})"
+        )
     if result.nonfinite:
         print(
             f"warning: {result.nonfinite} of {result.samples} samples gave NaN or inf outputs "
@@ -380,6 +389,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _guessed(args: argparse.Namespace) -> str:
+    """Said after an output taken for logits by its shape alone, so a wrong guess shows."""
+    if getattr(args, "logits", None) is not None:
+        return ""
+    return " (taken for logits by its shape; --logits none if the model has no classifier)"
 
 
 def _eval_agreement(args: argparse.Namespace, model, source, providers, shapes) -> int:
@@ -394,6 +410,7 @@ def _eval_agreement(args: argparse.Namespace, model, source, providers, shapes) 
         providers,
         batch_size=static_batch(model) or args.batch_size,
         progress=not args.json,
+        logits=args.logits,
     )
     if args.json:
         # Each output's shape per sample, as the table prints it: the first batch's size
@@ -510,6 +527,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
             resume=args.resume,
             workers=args.workers,
             logits=args.logits,
+            freeze=[n for spec in args.freeze or () for n in spec.split(",")],
         )
     except KeyboardInterrupt:
         if args.checkpoint and rank == 0 and ckpt.path_in(args.checkpoint).exists():
@@ -538,8 +556,12 @@ def cmd_retrain(args: argparse.Namespace) -> int:
             )
         if result.losses:
             chosen = ", ".join(f"{n}={k}" for n, k in result.losses.items())
+            if "kl" in result.losses.values():
+                chosen += _guessed(args)
             labels = "+ cross-entropy on labels" if result.labels_used else "no labels used"
             print(f"distillation: {chosen}; {labels}", file=sys.stderr)
+        elif result.logits is not None:
+            print(f"cross-entropy on output '{result.logits}'{_guessed(args)}", file=sys.stderr)
 
         def val_text(top1: float, agreement: float) -> str:
             if not math.isnan(agreement):
@@ -698,7 +720,9 @@ def build_parser() -> argparse.ArgumentParser:
             "--logits",
             metavar="OUTPUT",
             help="the output holding the class scores, where several outputs are "
-            "(batch, classes) (default: the only one; a Softmax output is trained on its input)",
+            "(batch, classes) (default: the only one; a Softmax output is trained on its input); "
+            "'none': the model has no classifier output (a (batch, 4) box or other regression "
+            "head is not taken for logits by its shape: no top-1, mse distillation)",
         )
 
     def add_data_options(p: argparse.ArgumentParser) -> None:
@@ -911,7 +935,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="OUTPUT=KIND",
         help="distillation loss of one output: kl (logits), mse (normalised) or none; default "
-        "kl for (batch, classes) outputs, mse otherwise (repeatable)",
+        "kl for (batch, classes) outputs, mse otherwise, mse for all with --logits none "
+        "(repeatable)",
+    )
+    p.add_argument(
+        "--freeze",
+        action="append",
+        metavar="NAME[,NAME...]",
+        help="initializers kept as they are: not trained, no weight decay, written back "
+        "unchanged (a detector's stride or DFL tables; repeatable)",
     )
     p.add_argument(
         "--feature",

@@ -11,7 +11,13 @@ import numpy as np
 import onnx
 
 from onnx_mbs.data import Batch, DataSource
-from onnx_mbs.logits import check_label_range, choose_logits, classes_of
+from onnx_mbs.logits import (
+    check_label_range,
+    check_top1_wanted,
+    choose_logits,
+    classes_of,
+    is_none,
+)
 from onnx_mbs.passes.errors import BadInputError, QuantizedModelError
 from onnx_mbs.passes.load import (
     FixInputShapes,
@@ -56,6 +62,7 @@ class EvalResult:
     samples: int
     provider: str
     nonfinite: int = 0  # samples whose logits hold NaN or inf: counted as wrong
+    output: str = ""  # the output read as logits (`onnx_mbs.logits`)
 
 
 def _proto(model: onnx.ModelProto | bytes | str | os.PathLike) -> onnx.ModelProto:
@@ -79,7 +86,9 @@ def evaluate(
     """Accuracy of the classifier output (`onnx_mbs.logits`: `logits` names it where the
     model has several), its shape taken from the first batch's run. `data` is a DataSource,
     or a --data spec (or reader) read for the model as `onnx-mbs eval` reads it, fitted to
-    `input_shapes` where the model's input dims are dynamic (`--input-shape`)."""
+    `input_shapes` where the model's input dims are dynamic (`--input-shape`). `logits`
+    "none" (the model has no classifier output) is refused: there is no top-1 to take."""
+    check_top1_wanted(logits)
     if not hasattr(data, "batches"):  # not a DataSource (a Protocol)
         from onnx_mbs.data.fit import open_for_model
 
@@ -128,7 +137,9 @@ def evaluate(
     if samples == 0:
         raise BadInputError(f"no samples in {data.description}")
     top5 = correct5 / samples if classes > 5 else None
-    return EvalResult(correct1 / samples, top5, samples, session_provider(session), nonfinite)
+    return EvalResult(
+        correct1 / samples, top5, samples, session_provider(session), nonfinite, logits_name or ""
+    )
 
 
 def label_ranks(logits: np.ndarray, labels: np.ndarray, output: str = "logits") -> np.ndarray:
@@ -181,8 +192,10 @@ class AgreementResult:
 class _Accumulator:
     """Sums over batches for one output; `result` turns them into an OutputAgreement."""
 
-    def __init__(self, name: str, shape: tuple[int, ...]) -> None:
+    def __init__(self, name: str, shape: tuple[int, ...], classifier: bool = True) -> None:
         self.name, self.shape = name, shape
+        # argmax agreement for a classifier-shaped output, unless `--logits none` said none is
+        self.classifier = classifier and classes_of(shape) is not None
         self.sq_err = self.sq_ref = self.cosine = 0.0
         self.hits = self.count = 0
         self.threshold: float | None = None
@@ -202,7 +215,7 @@ class _Accumulator:
         # Both all zero (an empty mask, a map of class 0 only) is exact agreement, not 0.
         cos = np.where((s_norm == 0) & (t_norm == 0), 1.0, cos)
         self.cosine += float(np.where(finite, cos, 0.0).sum())
-        if classes_of(self.shape) is not None:
+        if self.classifier:
             self.hits += int(((s64.argmax(1) == t64.argmax(1)) & finite).sum())
         if len(self.shape) == 4 and self.shape[2] * self.shape[3] > 1:
             self._add_maps(s, t, finite)
@@ -225,7 +238,7 @@ class _Accumulator:
 
     def result(self) -> OutputAgreement:
         rel = math.sqrt(self.sq_err / self.sq_ref) if self.sq_ref > 0 else math.sqrt(self.sq_err)
-        top1 = self.hits / self.count if classes_of(self.shape) is not None else None
+        top1 = self.hits / self.count if self.classifier else None
         iou = None
         if self.union is not None:
             present = self.union > 0
@@ -242,8 +255,11 @@ def agreement(
     providers: list[str],
     batch_size: int = 256,
     progress: bool = True,
+    logits: str | None = None,
 ) -> AgreementResult:
-    """Agreement of every output of `model` with `teacher`'s same-named output; no labels needed."""
+    """Agreement of every output of `model` with `teacher`'s same-named output; no labels needed.
+    `logits` "none": no output is read as a classifier's (no argmax agreement; see
+    `onnx_mbs.logits`)."""
     session, reference = make_session(model, providers), make_session(teacher, providers)
     names = [o.name for o in session.get_outputs()]
     missing = [n for n in names if n not in {o.name for o in reference.get_outputs()}]
@@ -278,7 +294,9 @@ def agreement(
                         f"output '{name}' has shape {list(s.shape)} in the model but "
                         f"{list(t.shape)} in the teacher: they must match"
                     )
-                totals.setdefault(name, _Accumulator(name, tuple(s.shape))).add(s, t)
+                totals.setdefault(
+                    name, _Accumulator(name, tuple(s.shape), not is_none(logits))
+                ).add(s, t)
             samples += len(batch.x)
             bar.update(len(batch.x))
     if samples == 0:

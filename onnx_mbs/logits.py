@@ -6,6 +6,9 @@ A classifier output has shape (batch, classes) with more than one class, or (bat
 of another such output (logits and probabilities both exported) is the same classifier and
 gives way to it. One candidate left: it is the logits. Several: the user names one
 (`--logits OUTPUT`); none, e.g. a (batch, 1) binary score: there is no top-1 to take.
+The rule reads shapes alone, so a regression head of K > 1 values ((batch, 4) box
+coordinates, an angle's (sin, cos)) looks like logits: `--logits none` (`NONE`) says the model
+has none, and no output is then read as one (no top-1, no label check, no KL by default).
 
 Probabilities (an output a class-axis Softmax makes) rank classes as their logits do, but
 cross-entropy and temperature KL on them are on the wrong scale (the loss cannot fall below
@@ -25,6 +28,13 @@ from onnx_mbs.passes.errors import BadInputError, option
 from onnx_mbs.passes.graph import attributes, default_opset
 
 Shape = Sequence[int | None]  # None (or 0): a dim not known
+
+NONE = "none"  # `--logits none` / `logits="none"`: no output is a classifier's
+
+
+def is_none(chosen: str | None) -> bool:
+    """Whether the user's `--logits` says the model has no classifier output."""
+    return chosen == NONE
 
 
 def classes_of(shape: Shape) -> int | None:
@@ -133,7 +143,10 @@ def choose_logits(
 ) -> str | None:
     """The output read as logits: `chosen` (the user's `--logits`) if given, else the one
     classifier output. None when there is none or several and `required` is False; refused in
-    one line otherwise."""
+    one line otherwise. `chosen` "none" (`NONE`): the user says no output is: None (a caller
+    that needs logits refuses with `check_top1_wanted` first)."""
+    if is_none(chosen):
+        return None
     if chosen is not None:
         _check_named(shapes, chosen)
         if classes_of(shapes[chosen]) is None:
@@ -168,10 +181,28 @@ def _no_classifier(shapes: Mapping[str, Shape]) -> str:
     )
 
 
-def no_top1(model: onnx.ModelProto) -> str:
-    """Why labelled data gives `model` (one `has_top1` says has none) no top-1, in one line."""
+def _said_none() -> str:
     return (
-        f"no top-1: {_no_classifier(declared_shapes(model))}; the labels are not used "
+        f"{option('--logits', NONE)} says the model has no classifier output: there is no "
+        "top-1 to take from labels"
+    )
+
+
+def check_top1_wanted(chosen: str | None) -> None:
+    """A top-1 from labels is asked for: refused in one line where `--logits none` said the
+    model has no classifier output."""
+    if is_none(chosen):
+        raise BadInputError(
+            f"{_said_none()}; `onnx-mbs eval --teacher ORIGINAL` (Python: "
+            "onnx_mbs.evaluate.agreement) measures agreement with the original instead"
+        )
+
+
+def no_top1(model: onnx.ModelProto, chosen: str | None = None) -> str:
+    """Why labelled data gives `model` (one `has_top1` says has none) no top-1, in one line."""
+    why = _said_none() if is_none(chosen) else _no_classifier(declared_shapes(model))
+    return (
+        f"no top-1: {why}; the labels are not used "
         "(`onnx-mbs eval --teacher` measures the reduced model's agreement with the original)"
     )
 
@@ -179,7 +210,10 @@ def no_top1(model: onnx.ModelProto) -> str:
 def has_top1(model: onnx.ModelProto, chosen: str | None = None) -> bool:
     """Before running it: whether `model` may have a classifier output, by its declared shapes
     (a dim not known could be the classes); several that are refused in one line, as a `chosen`
-    name the model does not have, so that a run does not find out after its work is done."""
+    name the model does not have, so that a run does not find out after its work is done.
+    `chosen` "none": it has none."""
+    if is_none(chosen):
+        return False
     shapes = declared_shapes(model)
     if chosen is not None:
         _check_named(shapes, chosen)

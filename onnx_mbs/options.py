@@ -54,7 +54,8 @@ class ReduceOptions:
     batch_size: int = 64
     latency_threads: int = 0
     evaluate_accuracy: bool = True
-    logits: str | None = None  # the output top-1 reads where several are (batch, classes)
+    # the output top-1 reads where several are (batch, classes); "none": the model has none
+    logits: str | None = None
     progress: bool = True
     strategy_reason: str = ""  # why `strategy` runs: set by checked() (auto's choice, or asked)
 

@@ -22,7 +22,7 @@ from onnx_mbs.data.fit import data_text, has_labels, metadata, open_for_model, p
 from onnx_mbs.data.preprocess import MEAN_KEY, STD_KEY, Preprocess
 from onnx_mbs.data.replay import replayable
 from onnx_mbs.interop import as_model
-from onnx_mbs.logits import has_top1, no_top1
+from onnx_mbs.logits import has_top1, is_none, no_top1
 from onnx_mbs.measurements import drop_measurements
 from onnx_mbs.options import ReduceOptions
 from onnx_mbs.passes import (
@@ -260,6 +260,7 @@ def fit_data(data: Any, model: onnx.ModelProto, options: ReduceOptions) -> DataS
             mean=options.mean,
             std=options.std,
             limit=options.limit,
+            labels=not is_none(options.logits),  # `--logits none`: no top-1 to read them for
             logits=options.logits,
         )
     if options.importance == "act":

@@ -3,6 +3,8 @@ probabilities (a Softmax output) train on the Softmax's input."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -323,3 +325,93 @@ def test_mse_chosen_for_probabilities_compares_the_probabilities(train) -> None:
     logits = retrain(quadnet(), x, None, teacher=quadnet(seed=1), **kw)
     # alpha 1: the loss is the MSE alone, of the probabilities here and of the logits there.
     assert _losses(probs) != pytest.approx(_losses(logits), rel=1e-3)
+
+
+# --------------------------------------------------------------------------- --logits none
+
+
+def test_logits_none_distils_a_regression_head_with_mse(train) -> None:
+    """A (batch, 4) output is taken for logits by its shape and distilled with KL, which a
+    per-sample shift does not change: `logits="none"` says it is not, and the default loss
+    is the normalised MSE, the same run as asking for mse."""
+    x = (train[0], None)
+    guessed = retrain(quadnet(), x, None, teacher=quadnet(seed=1), **KW)
+    assert guessed.losses == {"out": "kl"} and guessed.logits == "out"
+    none = retrain(quadnet(), x, None, teacher=quadnet(seed=1), logits="none", **KW)
+    assert none.losses == {"out": "mse"} and none.logits is None and not none.labels_used
+    # `losses={"out": "mse"}` alone still trained the teacher's argmax of the box as a class
+    # (pseudo-label cross-entropy): with its weight 0 it is the run `logits="none"` makes.
+    asked = retrain(
+        quadnet(), x, None, teacher=quadnet(seed=1), losses={"out": "mse"}, distill_alpha=1.0, **KW
+    )
+    assert _losses(none) == pytest.approx(_losses(asked), rel=1e-6)
+    with pytest.raises(BadInputError, match="logits='none' says the model has none"):
+        retrain(
+            quadnet(), x, None, teacher=quadnet(seed=1), logits="none", losses={"out": "kl"}, **KW
+        )
+    # Labels and no teacher: nothing the labels could train.
+    with pytest.raises(BadInputError, match=r"no classifier output \(logits='none'\)"):
+        retrain(quadnet(), train, None, logits="none", **KW)
+
+
+def test_logits_none_refuses_a_top1_and_skips_argmax_agreement() -> None:
+    from onnx_mbs.evaluate import agreement
+
+    scores, labels = answers()
+    data, model = Logits(scores, labels), scores_model("logits")
+    with pytest.raises(BadInputError, match="logits='none' says the model has no classifier"):
+        evaluate(model, data, CPU, progress=False, logits="none")
+    assert evaluate(model, data, CPU, progress=False).output == "logits"
+    (guessed,) = agreement(model, model, data, CPU, progress=False).outputs
+    (none,) = agreement(model, model, data, CPU, progress=False, logits="none").outputs
+    assert guessed.top1 == 1.0 and none.top1 is None and none.cosine == pytest.approx(1.0)
+
+
+def test_cli_logits_none(tmp_path, train, capsys) -> None:
+    """eval: a labelled top-1 refused in one line, agreement without argmax top-1; the line of
+    a guess names the output taken; reduce reads labels beyond the (batch, 4) output's range."""
+    path, teacher = str(tmp_path / "m.onnx"), str(tmp_path / "t.onnx")
+    onnx.save(quadnet(), path)
+    onnx.save(quadnet(seed=1), teacher)
+    pixels = np.clip(train[0] * 100 + 100, 0, 255).astype(np.uint8)
+    data = write_npz(tmp_path / "d.npz", x=pixels, y=train[1])
+    assert main(["eval", path, "--data", data]) == 0
+    assert "of output 'out' (taken for logits by its shape" in capsys.readouterr().out
+    assert main(["eval", path, "--data", data, "--logits", "none"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--logits none says the model has no classifier output" in err[0]
+    args = ["eval", path, "--data", data, "--teacher", teacher, "--json"]
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["outputs"]["out"]["top1"] is not None
+    assert main([*args, "--logits", "none"]) == 0
+    assert json.loads(capsys.readouterr().out)["outputs"]["out"]["top1"] is None
+    out = str(tmp_path / "out.onnx")
+    retrain_args = [
+        "retrain",
+        path,
+        "-o",
+        out,
+        "--data",
+        data,
+        "--teacher",
+        teacher,
+        "--no-labels",
+        "--epochs",
+        "1",
+        "--augment",
+        "none",
+    ]
+    assert main(retrain_args) == 0
+    assert "distillation: out=kl (taken for logits by its shape" in capsys.readouterr().err
+    assert main([*retrain_args, "--logits", "none"]) == 0
+    assert "distillation: out=mse; no labels used" in capsys.readouterr().err
+    # Labels 0..9 for a (batch, 4) output: refused as logits, read without labels with none.
+    wide = write_npz(tmp_path / "w.npz", x=pixels, y=np.arange(len(pixels)) % 10)
+    reduce_args = ["reduce", path, "-o", str(tmp_path / "r.onnx"), "--data", wide]
+    assert main(["reduce", path, "-o", str(tmp_path / "r.onnx"), "--data", data]) == 0
+    assert "top-1 before: " in (printed := capsys.readouterr().out)
+    assert "of output 'out' (taken for logits by its shape" in printed
+    assert main(reduce_args) == 2
+    assert "label 9" in capsys.readouterr().err
+    assert main([*reduce_args, "--logits", "none"]) == 0
+    assert "top-1" not in capsys.readouterr().out

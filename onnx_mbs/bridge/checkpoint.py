@@ -6,8 +6,9 @@ next run using DIR removes what it left, `passes/scratch.py`). It holds the weig
 optimizer and schedule states, the epoch count done, the history, the best epoch so far (its
 weights too), the random states (torch, CUDA, numpy, python) and what fixes the data order
 (the seed; the order of epoch e is a function of (seed, e)). A fingerprint of the model, the
-teacher and every option that changes training refuses a checkpoint written for another run.
-Saved with tensors and plain Python values only, so it loads with torch's weights_only reader.
+teacher and every option that changes training (the `--freeze` set included) refuses a
+checkpoint written for another run. Saved with tensors and plain Python values only, so it
+loads with torch's weights_only reader.
 """
 
 from __future__ import annotations

@@ -7,7 +7,9 @@ anything else (detection heads, dense maps, embeddings) gets the squared error d
 teacher output's squared norm over the batch -- the square of the relative error `eval --teacher`
 reports -- so outputs of different scales weigh alike. (Dividing by the variance
 instead blows up on nearly constant outputs such as a probability map of mostly background.)
-`--loss NAME=kl|mse|none` overrides.
+`--loss NAME=kl|mse|none` overrides. The shape rule cannot tell a (batch, 4) box or an angle's
+(sin, cos) from logits, and KL ignores a per-sample shift a regression output must not drift by:
+`--logits none` says the model has no logits, and every output then defaults to mse.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from onnx_mbs.logits import classes_of
+from onnx_mbs.logits import classes_of, is_none
 from onnx_mbs.passes.errors import BadInputError, option
 
 KINDS = ("kl", "mse", "none")
@@ -43,10 +45,19 @@ def is_logits(shape: Sequence[int]) -> bool:
     return classes_of(shape) is not None
 
 
+def default_loss(shape: Sequence[int], logits: str | None = None) -> str:
+    """kl for a classifier-shaped output, mse otherwise; mse for every output where the user
+    said the model has no logits (`--logits none`: a (batch, 4) box head is not one)."""
+    return "kl" if is_logits(shape) and not is_none(logits) else "mse"
+
+
 def choose_losses(
-    shapes: Mapping[str, Sequence[int]], chosen: Mapping[str, str] | None = None
+    shapes: Mapping[str, Sequence[int]],
+    chosen: Mapping[str, str] | None = None,
+    logits: str | None = None,
 ) -> dict[str, str]:
-    """The loss of each output: the user's choice where given, else by shape (see the module)."""
+    """The loss of each output: the user's choice where given, else by shape (see the module);
+    `logits` "none": no output is logits, so none is kl."""
     chosen = dict(chosen or {})
     unknown = sorted(set(chosen) - set(shapes))
     if unknown:
@@ -54,8 +65,14 @@ def choose_losses(
             f"{option('--loss')} names output(s) {unknown} the model does not have; its "
             f"outputs are {list(shapes)}"
         )
-    kinds = {name: chosen.get(name, "kl" if is_logits(s) else "mse") for name, s in shapes.items()}
+    kinds = {name: chosen.get(name, default_loss(s, logits)) for name, s in shapes.items()}
     for name, kind in kinds.items():
+        if kind == "kl" and is_none(logits):
+            raise BadInputError(
+                f"{option('--loss', f'{name}=kl')} reads '{name}' as logits, but "
+                f"{option('--logits', 'none')} says the model has none: use mse, or drop "
+                f"{option('--logits', 'none')}"
+            )
         if kind == "kl" and not is_logits(shapes[name]):
             raise BadInputError(
                 f"output '{name}' has shape {list(shapes[name])}: the kl loss needs "

@@ -60,8 +60,15 @@ from onnx_mbs.bridge.bn import (
     recalibrate,
 )
 from onnx_mbs.bridge.bn import reinsert_bn as reinsert_batchnorm
+from onnx_mbs.bridge.freeze import check_frozen, check_not_folded, restore
+from onnx_mbs.bridge.freeze import freeze as freeze_named
 from onnx_mbs.bridge.loading import Samples, as_samples, load_batches, rank_batches
-from onnx_mbs.bridge.losses import choose_losses, distillation_loss, is_logits, normalised_mse
+from onnx_mbs.bridge.losses import (
+    choose_losses,
+    default_loss,
+    distillation_loss,
+    normalised_mse,
+)
 from onnx_mbs.bridge.module import (
     OnnxModule,
     long_axes,
@@ -75,10 +82,12 @@ from onnx_mbs.data.augment import choose_augment
 from onnx_mbs.data.sources import default_workers
 from onnx_mbs.data.spec import check_same_classes
 from onnx_mbs.logits import (
+    NONE,
     check_label_range,
     choose_logits,
     classes_of,
     classifier_outputs,
+    is_none,
     softmax_inputs,
 )
 from onnx_mbs.passes.errors import BadInputError, option
@@ -124,6 +133,7 @@ class RetrainResult:
     # after the re-inserted BatchNorms' statistics are re-measured for folding back.
     val_top1: float = math.nan
     val_agreement: float = math.nan
+    logits: str | None = None  # the output cross-entropy and top-1 read (None: none)
 
     @property
     def best_val_top1(self) -> float:
@@ -255,7 +265,7 @@ def _probe(module: OnnxModule, xb: torch.Tensor, what: str) -> dict[str, tuple[i
 
 
 def _as_chosen(
-    shapes: Mapping[str, tuple[int, ...]], model: onnx.ModelProto
+    shapes: Mapping[str, tuple[int, ...]], model: onnx.ModelProto, logits: str | None = None
 ) -> Callable[[dict[str, Any]], dict[str, Any]]:
     """A fingerprint with its "logits" and "losses" as they act, not as given: a value that
     names the default (the one classifier output; kl for logits, mse otherwise) is left out,
@@ -263,7 +273,7 @@ def _as_chosen(
     to a checkpoint's fingerprint too: earlier versions recorded them as given."""
     found = classifier_outputs(shapes, model)
     auto = found[0] if len(found) == 1 else None
-    default = {n: "kl" if is_logits(s) else "mse" for n, s in shapes.items()}
+    default = {n: default_loss(s, logits) for n, s in shapes.items()}
 
     def chosen(fingerprint: dict[str, Any]) -> dict[str, Any]:
         out = {k: v for k, v in fingerprint.items() if k != "logits" or v != auto}
@@ -397,6 +407,7 @@ def retrain(
     resume: bool = False,
     workers: int | None = None,
     logits: str | None = None,
+    freeze: Sequence[str] = (),
 ) -> RetrainResult:
     """Retrain `model` on `train_data`; return the written-back model of the best epoch.
 
@@ -420,7 +431,9 @@ def retrain(
     `losses`: {output name: "kl" | "mse" | "none"} overriding the per-output default.
     `features`: intermediate tensor names both graphs have, distilled with normalised MSE.
     `logits`: the output cross-entropy and top-1 read, where several are classifier-shaped
-    (`onnx_mbs.logits`); an output a Softmax makes is trained on the Softmax's input.
+    (`onnx_mbs.logits`); an output a Softmax makes is trained on the Softmax's input;
+    "none": no output is logits (no cross-entropy or top-1; every output distils with mse).
+    `freeze`: initializer names kept as they are (not trained, no weight decay; `freeze.py`).
     """
     start = time.perf_counter()
     lr = default_lr(batch_size) if lr is None else lr
@@ -460,6 +473,7 @@ def retrain(
         raise BadInputError(f"feature distillation needs a {option('--teacher')}")
     if teacher is not None:
         _check_features_computed(model, teacher, features)
+    frozen = check_frozen(freeze, model, teacher)
     if val is not None and not val.labelled and teacher is None:
         raise BadInputError(
             f"validation data has no labels: give labels, or a {option('--teacher')} to pick "
@@ -534,6 +548,7 @@ def retrain(
             "warmup": warmup,
             "world_size": world,
             **({"logits": logits} if logits is not None else {}),
+            **({"freeze": sorted(frozen)} if frozen else {}),
             # Only where it counts and is not the default: earlier checkpoints lack the key.
             **(
                 {"bn_calibration_samples": bn_calibration_samples}
@@ -543,7 +558,7 @@ def retrain(
         }
         saved = None
         if checkpoint is not None:
-            chosen = _as_chosen({o.name: early[o.name] for o in model.graph.output}, model)
+            chosen = _as_chosen({o.name: early[o.name] for o in model.graph.output}, model, logits)
             fingerprint = chosen(fingerprint)
             saved = ckpt.load(checkpoint, fingerprint, chosen)
         if saved is not None and not resume:
@@ -569,11 +584,13 @@ def retrain(
             # The teacher (the unreduced graph) gives each BN its target statistics.
             calib = _batches(train, len(probe_x), bn_calibration_samples)
             train_model, inserted = reinsert_batchnorm(model, calib, teacher)
+            check_not_folded(frozen, inserted)
         student_pre = softmax_inputs(model)
         student = OnnxModule(with_outputs(train_model, [*features, *student_pre.values()]))
         if val is not None:
             _check_input(model, student, val, "validation data")
         student.to(dev).train()
+        kept = freeze_named(student, frozen)
         shapes = _probe(student, probe_x, "the model")
         outputs = {o.name: shapes[o.name] for o in model.graph.output}
         # Several classifier-shaped outputs: labels (or top-1 on --val) need the user to say
@@ -584,19 +601,23 @@ def retrain(
         )
         if teacher is not None:
             _check_teacher(outputs, teacher_shapes, features, shapes)
-            kinds = choose_losses(outputs, losses)
+            kinds = choose_losses(outputs, losses, logits)
         elif losses:
             raise BadInputError(
                 f"{option('--loss')} chooses distillation losses: it needs a {option('--teacher')}"
             )
         labels_used = train.labelled and logits_name is not None
+        said = f" ({option('--logits', NONE)})" if is_none(logits) else ""
         if train.labelled and not labels_used and teacher is None:
             raise BadInputError(
-                f"the data has labels but the model has no classifier output (batch, classes) "
-                f"among {list(outputs)}: retrain it with {option('--teacher')}"
+                f"the data has labels but the model has no classifier output{said} (batch, "
+                f"classes) among {list(outputs)}: retrain it with {option('--teacher')}"
             )
         if val is not None and logits_name is None:
-            raise BadInputError("validation top-1 needs a classifier output (batch, classes)")
+            raise BadInputError(
+                f"validation top-1 needs a classifier output (batch, classes){said}: train "
+                "without validation data"
+            )
         if logits_name is not None:
             classes = classes_of(outputs[logits_name])
             for data, what in ((train, "the training data"), (val, "the validation data")):
@@ -835,6 +856,7 @@ def retrain(
             )
             written_val = measure()  # the recalibrated statistics are the written model's
         student.eval()
+        restore(student, kept)
         if not all(bool(torch.isfinite(p).all()) for p in student.state_dict().values()):
             raise BadInputError(_diverged("non-finite weights", epochs - 1, steps - 1, lr))
         result_model = fold_back(original, write_back(train_model, student), inserted)
@@ -866,6 +888,7 @@ def retrain(
         resumed_from=first_epoch,
         val_top1=written_val[0],
         val_agreement=written_val[1],
+        logits=logits_name,
     )
 
 

@@ -1,0 +1,132 @@
+"""`retrain --freeze`: named initializers are not trained and are written back unchanged."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import write_npz
+from test_retrain import QuadNet, quadrant_data
+from torch import nn
+
+from onnx_mbs.bridge import retrain
+from onnx_mbs.cli import main
+from onnx_mbs.models.export import export_onnx
+from onnx_mbs.passes.errors import BadInputError
+
+torch.set_num_threads(1)
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+KW = dict(epochs=1, lr=0.05, batch_size=32, device="cpu", progress=False, augment="none")
+
+
+class StrideNet(QuadNet):
+    """QuadNet whose scores are scaled by a (1, 4) table: shaped like a channels-last bias, so
+    it trains unless frozen (a detector's stride vector)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stride = nn.Parameter(torch.tensor([[8.0, 16.0, 32.0, 64.0]]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.stride
+
+
+def stridenet(form: str = "train") -> onnx.ModelProto:
+    torch.manual_seed(0)
+    return export_onnx(StrideNet(), (1, 1, 8, 8), form=form, dynamic_batch=True)
+
+
+def raw(model: onnx.ModelProto) -> dict[str, bytes]:
+    return {
+        t.name: onnx.numpy_helper.to_array(t).tobytes() + bytes([t.data_type])
+        for t in model.graph.initializer
+    }
+
+
+@pytest.fixture(scope="module")
+def train() -> tuple[np.ndarray, np.ndarray]:
+    return quadrant_data(128, seed=1)
+
+
+def test_frozen_initializers_are_written_back_unchanged(train) -> None:
+    model = stridenet()
+    names = {t.name for t in model.graph.initializer}
+    assert {"stride", "fc.weight"} <= names, names
+    stats = next(n.input[3] for n in model.graph.node if n.op_type == "BatchNormalization")
+    before = raw(model)
+    kw = {**KW, "weight_decay": 0.1}
+    plain = raw(retrain(model, train, None, **kw).model)
+    assert plain["stride"] != before["stride"]  # shape alone: the table trains
+    frozen = retrain(model, train, None, freeze=["stride", "fc.weight", stats], **kw)
+    after = raw(frozen.model)
+    for name in ("stride", "fc.weight", stats):
+        assert after[name] == before[name], name
+    assert after["fc.bias"] != before["fc.bias"]
+    assert plain[stats] != before[stats]  # BatchNorm updates its statistics in training
+
+
+def test_freeze_refusals_name_close_names_and_cuts(train) -> None:
+    model = stridenet()
+    with pytest.raises(BadInputError, match=r"freeze names 'strid': .* close names: stride"):
+        retrain(model, train, None, freeze=["strid"], **KW)
+    teacher = stridenet()
+    teacher.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(3, "f"), "gone"))
+    with pytest.raises(BadInputError, match="teacher has it, so reduce cut it"):
+        retrain(model, (train[0], None), None, teacher=teacher, freeze=["gone"], **KW)
+    # BN-folded: the re-inserted BatchNorm folds back into the Conv's weight.
+    folded = stridenet("deploy")
+    conv = next(n for n in folded.graph.node if n.op_type == "Conv").input[1]
+    with pytest.raises(BadInputError, match="reinsert_bn=False"):
+        retrain(folded, train, None, freeze=[conv], **KW)
+    kept = retrain(folded, train, None, freeze=[conv], reinsert_bn=False, **KW)
+    assert raw(kept.model)[conv] == raw(folded)[conv]
+
+
+def test_reduces_copies_are_frozen_with_their_source(train) -> None:
+    from onnx_mbs.bridge.freeze import check_frozen
+
+    model = stridenet()
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.ones(2, "f"), "stride__1"))
+    assert check_frozen("stride", model) == ["stride", "stride__1"]
+
+
+def test_cli_freeze_and_resume_with_another_set(tmp_path, train, capsys) -> None:
+    path, out = str(tmp_path / "m.onnx"), str(tmp_path / "out.onnx")
+    onnx.save(stridenet(), path)
+    pixels = np.clip(train[0] * 100 + 100, 0, 255).astype(np.uint8)
+    data = write_npz(tmp_path / "d.npz", x=pixels, y=train[1])
+    args = ["retrain", path, "-o", out, "--data", data, "--augment", "none", "--epochs", "1"]
+    assert main([*args, "--freeze", "strides"]) == 2
+    (err,) = [x for x in capsys.readouterr().err.splitlines() if "error" in x]
+    assert "--freeze names 'strides'" in err and "close names: stride" in err
+    ckpt = ["--checkpoint", str(tmp_path / "ck")]
+    assert main([*args, *ckpt, "--freeze", "stride,fc.weight"]) == 0
+    assert raw(onnx.load(out))["stride"] == raw(onnx.load(path))["stride"]
+    assert main([*args, *ckpt, "--resume", "--freeze", "stride"]) == 2
+    assert "another run (differs in: freeze)" in capsys.readouterr().err
+    assert main([*args, *ckpt, "--resume", "--freeze", "fc.weight", "--freeze", "stride"]) == 0
+
+
+def test_a_table_reduce_folded_is_named() -> None:
+    """Loading folds constant subgraphs: a table reshaped before use is written as the
+    Reshape's output; the refusal names that initializer."""
+    from onnx import TensorProto, helper
+
+    from onnx_mbs.bridge.freeze import check_frozen
+
+    def graph(folded: bool) -> onnx.ModelProto:
+        table = onnx.numpy_helper.from_array(np.arange(4, dtype="f"), "proj")
+        shape = onnx.numpy_helper.from_array(np.array([1, 4]), "shape")
+        flat = onnx.numpy_helper.from_array(np.arange(4, dtype="f").reshape(1, 4), "proj_2d")
+        nodes = [helper.make_node("Mul", ["x", "proj_2d"], ["y"])]
+        if not folded:
+            nodes.insert(0, helper.make_node("Reshape", ["proj", "shape"], ["proj_2d"]))
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])
+        inits = [flat] if folded else [table, shape]
+        return helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits))
+
+    with pytest.raises(BadInputError, match="reduce folded it into 'proj_2d'"):
+        check_frozen(["proj"], graph(True), graph(False))
