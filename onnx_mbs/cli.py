@@ -24,6 +24,7 @@ from onnx_mbs.passes import (
     DEFAULT_RECEPTIVE_FIELD,
     READINGS,
     BadInputError,
+    QuantizedModelError,
     analyze_model,
     command_line,
     inline_layers,
@@ -34,7 +35,6 @@ from onnx_mbs.passes import (
     shares_weights,
     static_batch,
 )
-from onnx_mbs.passes.errors import QuantizedModelError
 from onnx_mbs.plan import BASE_RULES, COST_AWARE, COST_WIDTH_MAP, DEFAULT_WIDTH_MAP, STRATEGIES
 from onnx_mbs.schedule import DEFAULT_LR_PER_64, DEFAULT_WARMUP
 

@@ -23,7 +23,7 @@ from .base import Pass, PassContractError, PassResult, Sequential
 from .channel_groups import ChannelAnalysis, ChannelGroup, Member, analyze_channels
 from .channel_walk import ChannelWalk, register_handler, unregister_handler
 from .cost import CostModel
-from .errors import BadInputError, command_line, option
+from .errors import BadInputError, QuantizedModelError, command_line, option
 from .fold import FoldShapes, fold_shapes
 from .functions import inline_layers
 from .graph import GraphIndex, count_parameters
@@ -80,6 +80,7 @@ __all__ = [
     "Pass",
     "PassContractError",
     "PassResult",
+    "QuantizedModelError",
     "READINGS",
     "Sequential",
     "Site",
