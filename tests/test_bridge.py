@@ -376,6 +376,31 @@ def test_weights_folded_from_constant_nodes_are_named() -> None:
     assert set(OnnxModule(model).untrained) == {"raw", "mask"}
 
 
+def test_group_norm_ones_and_zeros_computed_from_constants_are_not_named() -> None:
+    """InstanceNormalization's scale and bias held in Constant nodes are GroupNorm's per-group
+    ones and zeros as exporters write them (the affine is the Mul/Add after): left in their
+    nodes by design, and not named as untrained when computed from them (Expand) either."""
+
+    def const(name: str, value: np.ndarray) -> onnx.NodeProto:
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value))
+
+    nodes = [
+        const("one", f32(1.0)),
+        const("zero", f32(0.0)),
+        helper.make_node("Expand", ["one", "groups"], ["ones"]),
+        helper.make_node("Expand", ["zero", "groups"], ["zeros"]),
+        helper.make_node("Conv", ["x", "w"], ["c"]),
+        helper.make_node("Reshape", ["c", "grouped"], ["r"]),
+        helper.make_node("InstanceNormalization", ["r", "ones", "zeros"], ["n"]),
+        helper.make_node("Reshape", ["n", "back"], ["y"]),
+    ]
+    inits = {"w": rnd(4, 4, 1, 1), "groups": i64(2), "grouped": i64(0, 2, -1)}
+    inits["back"] = i64(0, 4, 6, 6)
+    model = make_model(nodes, {"x": X}, ["y"], inits)
+    assert_matches_ort(model, {"x": rnd(*X)})
+    assert OnnxModule(model).untrained == {}
+
+
 def constant_weight_classifier() -> onnx.ModelProto:
     """The conv weight held by a Constant node, and a scalar Constant."""
 

@@ -531,6 +531,8 @@ def _frozen_weights(
     Add/Sub/Mul/Div on features) through a value folded from them at build time: the module
     holds that value as a constant, so they stay as they are. Name -> why, in words."""
     found: dict[str, str] = {}
+    if node.op_type in NOT_LIFTED:  # GroupNorm's per-group ones and zeros, computed
+        return found
     runtime = [n for n in node.input if n and n not in consts]
     for i, name in enumerate(node.input):
         origin = origins.get(name)
