@@ -221,6 +221,186 @@ def test_weights_through_layout_ops_train_and_write_back() -> None:
     assert not np.allclose(run(written, {"x": x})[0], run(model, {"x": x})[0])
 
 
+def _indexed_weights_net() -> onnx.ModelProto:
+    """Weights read through Slice, Split, Gather and Expand, as exporters write them: a fused
+    kernel split in two, a kernel sliced out of a larger one, one picked from a stack by a
+    constant index, a per-channel scale broadcast by Expand, and an embedding table looked up
+    by the token ids the model is fed."""
+    values = {
+        "fused": rnd(8, 4, 3, 3, seed=1),
+        "split": i64(4, 4),
+        "big": rnd(6, 4, 3, 3, seed=2),
+        "starts": i64(2),
+        "ends": i64(6),
+        "axes": i64(0),
+        "stack": rnd(3, 4, 4, 3, 3, seed=3),
+        "pick": np.array(1, np.int64),
+        "scale": rnd(4, 1, 1, seed=4),
+        "eshape": i64(4, 6, 6),
+        "table": rnd(10, 4, seed=5),
+        "h": rnd(5, 4, seed=6),
+    }
+    nodes = [
+        helper.make_node("Split", ["fused", "split"], ["wa", "wb"], axis=0),
+        helper.make_node("Conv", ["x", "wa"], ["a"], pads=[1] * 4),
+        helper.make_node("Conv", ["x", "wb"], ["b"], pads=[1] * 4),
+        helper.make_node("Slice", ["big", "starts", "ends", "axes"], ["ws"]),
+        helper.make_node("Conv", ["a", "ws"], ["c"], pads=[1] * 4),
+        helper.make_node("Gather", ["stack", "pick"], ["wg"], axis=0),
+        helper.make_node("Conv", ["b", "wg"], ["d"], pads=[1] * 4),
+        helper.make_node("Expand", ["scale", "eshape"], ["se"]),
+        helper.make_node("Mul", ["c", "se"], ["e"]),
+        helper.make_node("Add", ["d", "e"], ["f"]),
+        helper.make_node("GlobalAveragePool", ["f"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["flat"]),
+        helper.make_node("Gather", ["table", "ids"], ["emb"], axis=0),
+        helper.make_node("Add", ["flat", "emb"], ["z"]),
+        helper.make_node("Gemm", ["z", "h"], ["y"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "indexed_weights",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6, 6]),
+            helper.make_tensor_value_info("ids", TensorProto.INT64, ["N"]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
+        [numpy_helper.from_array(v, k) for k, v in values.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+INDEXED = {"fused", "big", "stack", "scale", "table"}
+
+
+def test_weights_through_slice_split_gather_expand_train_and_write_back() -> None:
+    """These weights were folded into constants when the module was built (their readers took
+    only constants) or, the embedding, left a constant: `retrain` wrote them back unchanged,
+    silently. Now each is a parameter, the op runs on it every forward, one step of training
+    moves it, and the written model computes what the trained module does."""
+    model = _indexed_weights_net()
+    feeds = {"x": rnd(3, 4, 6, 6, seed=7), "ids": i64(0, 9, 4)}
+    module = OnnxModule(model)
+    assert {n for n, _ in module.named_parameters()} == INDEXED | {"h"}
+    assert module.untrained == {}
+    assert_close(torch_run(module.eval(), feeds)[0], run(model, feeds)[0])
+    before = {n: module.initializer(n).detach().clone() for n in INDEXED}
+    opt = torch.optim.SGD(module.parameters(), lr=0.1)
+    out = module.train()(*[torch.from_numpy(feeds[n]) for n in module.input_names])
+    out.square().mean().backward()
+    opt.step()
+    for name in INDEXED:
+        assert not torch.equal(module.initializer(name), before[name]), name
+    # Rows the ids do not pick and kernels the index does not take get no gradient.
+    assert torch.equal(module.initializer("table")[1], before["table"][1])
+    assert torch.equal(module.initializer("stack")[0], before["stack"][0])
+    with torch.no_grad():  # every weight changed, then written back: the graph is the module
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    written = write_back(model, module.eval())
+    onnx.checker.check_model(written, full_check=True)
+    assert_close(run(written, feeds)[0], torch_run(module, feeds)[0])
+    assert not np.allclose(run(written, feeds)[0], run(model, feeds)[0])
+    for name in INDEXED:
+        w = next(t for t in written.graph.initializer if t.name == name)
+        np.testing.assert_array_equal(
+            numpy_helper.to_array(w), module.initializer(name).detach().numpy()
+        )
+
+
+def test_retrain_trains_weights_read_through_slice() -> None:
+    """The whole run: the sliced kernel is written back trained."""
+    nodes = [
+        helper.make_node("Slice", ["big", "starts", "ends", "axes"], ["w"]),
+        helper.make_node("Conv", ["x", "w"], ["a"], pads=[1] * 4),
+        helper.make_node("GlobalAveragePool", ["a"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", "h"], ["y"], transB=1),
+    ]
+    inits = {"big": rnd(6, 4, 3, 3), "starts": i64(1), "ends": i64(4), "axes": i64(0)}
+    inits["h"] = rnd(3, 3, seed=1)
+    model = make_model(nodes, {"x": ["n", 4, 6, 6]}, ["y"], inits)
+    x, y = rnd(16, 4, 6, 6, seed=2), np.arange(16) % 3
+    result = retrain(
+        model, (x, y), epochs=1, lr=0.1, batch_size=8, weight_decay=0.0, progress=False
+    )
+    after = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    assert not np.allclose(after["big"][1:4], inits["big"][1:4])
+    # Rows no Slice reads get no gradient (weight decay alone would move them).
+    np.testing.assert_array_equal(after["big"][[0, 4, 5]], inits["big"][[0, 4, 5]])
+    assert result.untrained == []
+
+
+def _scaled_kernel_net() -> onnx.ModelProto:
+    """A kernel computed from an initializer by an op the bridge does not train through
+    (Mul by a constant mask, folded into the Conv's weight when the module is built)."""
+    nodes = [
+        helper.make_node("Mul", ["raw", "mask"], ["w"]),
+        helper.make_node("Conv", ["x", "w"], ["a"], pads=[1] * 4),
+        helper.make_node("GlobalAveragePool", ["a"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", "h"], ["y"], transB=1),
+    ]
+    mask = (np.arange(3 * 4 * 9).reshape(3, 4, 3, 3) % 2).astype(np.float32)
+    inits = {"raw": rnd(3, 4, 3, 3), "mask": mask, "h": rnd(3, 3, seed=1)}
+    return make_model(nodes, {"x": ["n", 4, 6, 6]}, ["y"], inits)
+
+
+def test_weights_folded_at_build_time_are_named(capsys) -> None:
+    """What still cannot train (a kernel computed by Mul) is said in one line on stderr and
+    listed on the result, not left silently as it was."""
+    model = _scaled_kernel_net()
+    module = OnnxModule(model)
+    assert set(module.untrained) == {"raw", "mask"}
+    assert "Conv" in module.untrained["raw"] and "Mul" in module.untrained["raw"]
+    x, y = rnd(16, 4, 6, 6, seed=2), np.arange(16) % 3
+    result = retrain(model, (x, y), epochs=1, lr=0.1, batch_size=8, progress=False)
+    assert result.untrained == ["mask", "raw"]
+    lines = [line for line in capsys.readouterr().err.splitlines() if "raw" in line]
+    assert len(lines) == 1 and "mask" in lines[0] and "Mul" in lines[0], lines
+    after = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    np.testing.assert_array_equal(after["raw"], rnd(3, 4, 3, 3))
+    assert not np.allclose(after["h"], rnd(3, 3, seed=1))
+
+
+def test_weights_folded_from_constant_nodes_are_named() -> None:
+    """The same with the kernel held by a Constant node (exporters that fold nothing)."""
+    model = _scaled_kernel_net()
+    graph = model.graph
+    raw = next(t for t in graph.initializer if t.name == "raw")
+    graph.node.insert(0, helper.make_node("Constant", [], ["raw"], value=raw))
+    graph.initializer.remove(raw)
+    assert set(OnnxModule(model).untrained) == {"raw", "mask"}
+
+
+def test_group_norm_ones_and_zeros_computed_from_constants_are_not_named() -> None:
+    """InstanceNormalization's scale and bias held in Constant nodes are GroupNorm's per-group
+    ones and zeros as exporters write them (the affine is the Mul/Add after): left in their
+    nodes by design, and not named as untrained when computed from them (Expand) either."""
+
+    def const(name: str, value: np.ndarray) -> onnx.NodeProto:
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value))
+
+    nodes = [
+        const("one", f32(1.0)),
+        const("zero", f32(0.0)),
+        helper.make_node("Expand", ["one", "groups"], ["ones"]),
+        helper.make_node("Expand", ["zero", "groups"], ["zeros"]),
+        helper.make_node("Conv", ["x", "w"], ["c"]),
+        helper.make_node("Reshape", ["c", "grouped"], ["r"]),
+        helper.make_node("InstanceNormalization", ["r", "ones", "zeros"], ["n"]),
+        helper.make_node("Reshape", ["n", "back"], ["y"]),
+    ]
+    inits = {"w": rnd(4, 4, 1, 1), "groups": i64(2), "grouped": i64(0, 2, -1)}
+    inits["back"] = i64(0, 4, 6, 6)
+    model = make_model(nodes, {"x": X}, ["y"], inits)
+    assert_matches_ort(model, {"x": rnd(*X)})
+    assert OnnxModule(model).untrained == {}
+
+
 def constant_weight_classifier() -> onnx.ModelProto:
     """The conv weight held by a Constant node, and a scalar Constant."""
 

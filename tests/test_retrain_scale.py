@@ -849,3 +849,53 @@ def test_ranks_that_see_other_checkpoints_are_refused(tmp_path) -> None:
         pytest.fail("the ranks waited on each other until killed")
     assert job.returncode != 0
     assert "rank 0: " in out and "not every process" in out, out[-3000:]
+
+
+def test_a_checkpoint_from_before_sliced_weights_trained_is_refused(npz, tmp_path) -> None:
+    """Weights read through Slice/Split/Gather/Expand train now; a checkpoint written when they
+    did not holds no value for them, and resuming from it failed in load_state_dict with a
+    traceback. The fingerprint names them (only where there are any: every other run's
+    checkpoint resumes as before), so such a checkpoint is refused in one line."""
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = {
+        "big": rng.normal(0, 0.3, (6, 1, 3, 3)).astype(np.float32),
+        "starts": np.array([1]),
+        "ends": np.array([5]),
+        "axes": np.array([0]),
+        "h": rng.normal(0, 0.3, (4, 4)).astype(np.float32),
+    }
+    graph = helper.make_graph(
+        [
+            helper.make_node("Slice", ["big", "starts", "ends", "axes"], ["w"]),
+            helper.make_node("Conv", ["x", "w"], ["a"], pads=[1] * 4),
+            helper.make_node("GlobalAveragePool", ["a"], ["g"]),
+            helper.make_node("Flatten", ["g"], ["f"]),
+            helper.make_node("Gemm", ["f", "h"], ["y"], transB=1),
+        ],
+        "sliced",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 1, 8, 8])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 4])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    x, y = quadrant_data(32, seed=0)
+    common = dict(epochs=2, batch_size=16, device="cpu", progress=False, workers=0)
+    with pytest.MonkeyPatch.context() as patch:
+        interrupt_after(patch, 1)
+        with pytest.raises(Interrupt):
+            retrain(model, (x, y), checkpoint=tmp_path / "s", **common)
+    state = torch.load(ckpt.path_in(tmp_path / "s"), weights_only=True)
+    assert state["fingerprint"]["indexed weights"] == ["big"]
+    del state["fingerprint"]["indexed weights"]  # as written before
+    del state["student"]["big"]
+    torch.save(state, ckpt.path_in(tmp_path / "s"))
+    resume = dict(checkpoint=tmp_path / "s", resume=True, **common)
+    with pytest.raises(BadInputError, match=r"differs in: indexed weights\)"):
+        retrain(model, (x, y), **resume)
+    # A model with no such weight: the fingerprint is what it was.
+    plain = stopped_after_one_of_two_epochs(npz, tmp_path / "p", common)
+    state = torch.load(ckpt.path_in(plain), weights_only=True)
+    assert "indexed weights" not in state["fingerprint"]

@@ -6,13 +6,19 @@ changes weights, never structure, and `write_back` can put the weights into the 
 Initializers are sorted by the role their consumers give them:
 
 - parameters: float weights of Conv/ConvTranspose/Gemm/MatMul/LSTM/GRU, BatchNormalization,
-  LayerNormalization and InstanceNormalization scale and bias, PRelu slopes, and per-channel
+  LayerNormalization and InstanceNormalization scale and bias, PRelu slopes, per-channel
   float constants of Add/Sub/Mul/Div (a scale or bias with one axis above 1) -- except those
-  applied to the graph input before any weight (the images' normalisation, baked in front);
+  applied to the graph input before any weight (the images' normalisation, baked in front) --
+  and embedding tables (the data of a Gather whose indices the model is fed);
 - buffers: BatchNormalization running mean and variance (updated in train mode);
 - constants: everything else (integer tensors, shapes, split sizes, resize scales, scalars,
   element-wise tables with two or more axes above 1: a detector's grid and anchors).
   Nodes whose inputs are all constants are evaluated once at build time.
+
+A weight keeps its role through the ops in `PASS_OPS` (a fused kernel split in two, a scale
+broadcast by Expand): they run on the parameter every forward, so it trains and is written back
+in its own layout. A weight computed by any other op from initializers (Mul by a mask, Concat) is
+folded at build time and cannot train; `OnnxModule.untrained` names those initializers.
 
 State-dict keys are the initializer names with characters other than letters, digits and "_"
 replaced by "_" (made unique); `initializer_keys` maps each ONNX name to its key.
@@ -86,18 +92,23 @@ def string_tensors(model: onnx.ModelProto) -> list[str]:
 
 
 def initializer_roles(
-    model: onnx.ModelProto, ignore: frozenset[str] = frozenset()
+    model: onnx.ModelProto,
+    ignore: frozenset[str] = frozenset(),
+    through: frozenset[str] | None = None,
 ) -> dict[str, str]:
     """Each initializer's role: "parameter", "buffer" or "constant" (see the module docstring).
 
     Consumers are found through Identity nodes -- the torch exporter ties initializers with equal
     values that way (`b2.weight = Identity(b1.weight)`), and the tie is kept as one parameter --
     and through Casts between float types (weights stored in fp16/bf16, cast before use). A
-    weight also keeps its role through Transpose/Reshape/Flatten/Squeeze/Unsqueeze of it (a
-    Linear exported as MatMul(x, Transpose(W)), depthwise weights stored flat): those nodes then
-    run on the parameter each forward instead of being folded, so it trains. Statistics do not
-    pass through them (BatchNorm updates its running statistics in place). Reads by `ignore`'s
-    op types give no role.
+    weight also keeps its role through `through`'s ops as their data input (a Linear exported
+    as MatMul(x, Transpose(W)), depthwise weights stored flat, a fused kernel cut by Slice or
+    Split, a kernel picked by Gather, a scale broadcast by Expand): those nodes then run on the
+    parameter each forward instead of being folded, so it trains. A per-channel scale or bias
+    passes through the layout ops and Expand, not through Slice/Split/Gather (`_CUT_OPS`). The
+    data of a Gather whose indices come from the graph inputs is an embedding table: a
+    parameter. Statistics do not pass through them (BatchNorm updates its running statistics
+    in place). Reads by `ignore`'s op types give no role.
     """
     graph = model.graph
     float_inits = {
@@ -105,34 +116,43 @@ def initializer_roles(
         for t in graph.initializer
         if np.issubdtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type), np.floating)
     }
+    through = PASS_OPS if through is None else through
     consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
     for node in graph.node:
         for i, name in enumerate(node.input):
             consumers.setdefault(name, []).append((node, i))
 
     def uses(
-        name: str, seen: set[str], reshaped: bool = False
-    ) -> list[tuple[onnx.NodeProto, int, bool]]:
+        name: str, seen: set[str], reshaped: bool = False, cut: bool = False
+    ) -> list[tuple[onnx.NodeProto, int, bool, bool]]:
         found = []
         for node, i in consumers.get(name, []):
-            layout = i == 0 and node.op_type in _LAYOUT_OPS
+            layout = i == 0 and node.op_type in through and not is_embedding(node, i, raw)
             if (is_alias(node) or layout) and node.output[0] not in seen:
-                seen.add(node.output[0])
-                found += uses(node.output[0], seen, reshaped or layout)
+                cuts = cut or (layout and node.op_type in _CUT_OPS)
+                for out in filter(None, node.output):  # Split: every part
+                    seen.add(out)
+                    found += uses(out, seen, reshaped or layout, cuts)
             else:
-                found.append((node, i, reshaped))
+                found.append((node, i, reshaped, cut))
         return found
 
     raw = _input_side(graph)
     roles = {t.name: "constant" for t in graph.initializer}
     for name, tensor in float_inits.items():
-        for node, i, reshaped in uses(name, {name}):
+        for node, i, reshaped, cut in uses(name, {name}):
             if node.op_type in ignore:
                 continue
-            if i in WEIGHT_INPUTS.get(node.op_type, ()) or (
-                node.op_type in ELEMENTWISE
-                and is_per_channel(tensor.dims)
-                and not any(other in raw for other in node.input)
+            embedding = "Gather" in through and is_embedding(node, i, raw)
+            if (
+                i in WEIGHT_INPUTS.get(node.op_type, ())
+                or embedding
+                or (
+                    node.op_type in ELEMENTWISE
+                    and is_per_channel(tensor.dims)
+                    and not cut
+                    and not any(other in raw for other in node.input)
+                )
             ):
                 roles[name] = "parameter"
             elif (
@@ -142,6 +162,21 @@ def initializer_roles(
             ):
                 roles[name] = "buffer"
     return roles
+
+
+def is_embedding(node: onnx.NodeProto, i: int, raw: set[str]) -> bool:
+    """Input i of `node` is the table of an embedding lookup: the data of a Gather whose indices
+    come from the graph inputs (token ids), a weight whatever reads the rows it picks."""
+    return node.op_type == "Gather" and i == 0 and len(node.input) > 1 and node.input[1] in raw
+
+
+def indexed_weights(model: onnx.ModelProto) -> list[str]:
+    """The initializers that train only by passing through Slice, Split, Gather or Expand (or as
+    an embedding table), sorted: before these were followed they stayed as they were, so a
+    retraining checkpoint written then holds no value for them."""
+    roles = initializer_roles(model)
+    before = initializer_roles(model, through=_LAYOUT_OPS)
+    return sorted(n for n, r in roles.items() if r == "parameter" != before[n])
 
 
 def long_axes(dims: Sequence[int]) -> int:
@@ -167,15 +202,26 @@ def _input_side(graph: onnx.GraphProto) -> set[str]:
         outputs = [name for name in node.output if name]
         if all(name in fixed for name in node.input):
             fixed.update(outputs)
-        elif node.op_type not in WEIGHT_INPUTS and all(n in raw or n in fixed for n in node.input):
+        elif (
+            node.op_type not in WEIGHT_INPUTS
+            and not (node.op_type == "Gather" and node.input[0] in fixed)  # an embedding
+            and all(n in raw or n in fixed for n in node.input)
+        ):
             raw.update(outputs)
     return raw
 
 
-# Ops a weight keeps its role through (as their data input 0).
+# Ops a weight keeps its role through (as their data input 0); they are differentiable, and
+# the parameter stays the initializer itself, so writing back needs no inverse of them.
 _LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze"})
+PASS_OPS = _LAYOUT_OPS | {"Slice", "Split", "Gather", "Expand"}
+# Of those, the ones that can leave one value of a vector (a detector's strides (3,) picked per
+# level, a scalar): a per-channel table read through them by Add/Sub/Mul/Div is not known to be
+# a scale or bias when the roles are given, so it stays a constant (and is named as untrained
+# where what arrives is per-channel: `OnnxModule.untrained`).
+_CUT_OPS = frozenset({"Slice", "Split", "Gather"})
 # Ops whose output shape is worked out at build time when they read weights.
-_SHAPE_KNOWN_OPS = _LAYOUT_OPS | {"Identity", "Cast"}
+_SHAPE_KNOWN_OPS = PASS_OPS | {"Identity", "Cast"}
 
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
@@ -355,6 +401,9 @@ class OnnxModule(nn.Module):
         self.output_names = [o.name for o in graph.output]
         self.initializer_keys: dict[str, str] = {}  # ONNX name -> state_dict key
         self.runtime_ops: list[str] = []  # op types run per forward (constant nodes folded away)
+        # Initializers (or Constant nodes) folded at build time into a weight: they cannot train
+        # (name -> why).
+        self.untrained: dict[str, str] = {}
 
         taken: set[str] = set()
         for name, array in arrays.items():
@@ -370,6 +419,10 @@ class OnnxModule(nn.Module):
 
         consts = {n: a for n, a in arrays.items() if roles[n] == "constant"}
         shapes = {n: tuple(a.shape) for n, a in arrays.items()}
+        # The float initializers (and Constant nodes) each folded value was computed from, and
+        # by which op types.
+        origins = {n: {n: frozenset()} for n, a in consts.items() if a.dtype.kind == "f"}
+        raw = _input_side(graph)
         steps: list[tuple[Callable, tuple[str, ...], tuple[str, ...], bool]] = []
         for proto in topological_order(graph):
             node = Node.from_proto(proto, opset, consts, shapes)
@@ -377,11 +430,17 @@ class OnnxModule(nn.Module):
             wants_training = node.op_type in TRAINING_OPS
             live = [n for n in node.inputs if n]
             if node.op_type not in NO_FOLD and all(n in consts for n in live):
+                came = _folded_origins(node.op_type, [origins.get(n, {}) for n in live])
                 for name, value in zip(node.outputs, _fold(fn, node, consts), strict=False):
                     if name:  # "" is an unnamed optional output, not a value
                         consts[name] = value
                         shapes[name] = tuple(value.shape)
+                        if came:
+                            origins[name] = came
+                        elif node.op_type == "Constant" and value.dtype.kind == "f":
+                            origins[name] = {name: frozenset()}  # a weight stored in the node
                 continue
+            self.untrained.update(_frozen_weights(proto, consts, origins, raw))
             if node.op_type in _SHAPE_KNOWN_OPS and all(n in consts or n in arrays for n in live):
                 # A reshaped, tied or cast weight: its shape is known now (a Conv without
                 # kernel_shape reads its kernel from it).
@@ -449,6 +508,61 @@ class OnnxModule(nn.Module):
         """The parameter or buffer that holds ONNX initializer `onnx_name`."""
         key = self.initializer_keys[onnx_name]
         return self._parameters[key] if key in self._parameters else self._buffers[key]
+
+
+def _folded_origins(
+    op_type: str, inputs: list[dict[str, frozenset[str]]]
+) -> dict[str, frozenset[str]]:
+    """The initializers a folded node's outputs come from, each with the op types on the way."""
+    came: dict[str, frozenset[str]] = {}
+    for origin in inputs:
+        for name, ops in origin.items():
+            came[name] = came.get(name, frozenset()) | ops | {op_type}
+    return came
+
+
+def _frozen_weights(
+    node: onnx.NodeProto,
+    consts: dict[str, np.ndarray],
+    origins: dict[str, dict[str, frozenset[str]]],
+    raw: set[str],
+) -> dict[str, str]:
+    """The initializers `node` reads as a weight (a weight input, or a per-channel operand of
+    Add/Sub/Mul/Div on features) through a value folded from them at build time: the module
+    holds that value as a constant, so they stay as they are. Name -> why, in words."""
+    found: dict[str, str] = {}
+    if node.op_type in NOT_LIFTED:  # GroupNorm's per-group ones and zeros, computed
+        return found
+    runtime = [n for n in node.input if n and n not in consts]
+    for i, name in enumerate(node.input):
+        origin = origins.get(name)
+        if not origin or name in origin:  # an initializer read as it is: its role says
+            continue
+        weight = i in WEIGHT_INPUTS.get(node.op_type, ()) or (
+            node.op_type in ELEMENTWISE
+            and is_per_channel(consts[name].shape)
+            and runtime
+            and not any(n in raw for n in runtime)
+        )
+        if not weight:
+            continue
+        label = f"{node.op_type} '{node.name or node.output[0]}'"
+        for source, ops in origin.items():
+            found[source] = (
+                f"computed by {'/'.join(sorted(ops))} into what {label} reads as a weight, "
+                "folded when the model is built"
+            )
+    return found
+
+
+def untrained_line(untrained: dict[str, str]) -> str:
+    """One line naming the initializers retraining leaves as they are, grouped by why."""
+    by_reason: dict[str, list[str]] = {}
+    for name, why in untrained.items():
+        by_reason.setdefault(why, []).append(name)
+    parts = "; ".join(f"{', '.join(sorted(names))} ({why})" for why, names in by_reason.items())
+    ops = ", ".join(sorted(PASS_OPS | {"Identity", "Cast"}))
+    return f"not trained, left as they are: {parts}; weights train through {ops} only"
 
 
 def _fold(fn: Callable, node: Node, consts: dict[str, np.ndarray]) -> list[np.ndarray]:

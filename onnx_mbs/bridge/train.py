@@ -71,9 +71,11 @@ from onnx_mbs.bridge.losses import (
 )
 from onnx_mbs.bridge.module import (
     OnnxModule,
+    indexed_weights,
     long_axes,
     unsupported_ops,
     untie_initializers,
+    untrained_line,
     with_outputs,
 )
 from onnx_mbs.bridge.precision import as_float32, is_low_precision
@@ -134,6 +136,8 @@ class RetrainResult:
     val_top1: float = math.nan
     val_agreement: float = math.nan
     logits: str | None = None  # the output cross-entropy and top-1 read (None: none)
+    # Initializers folded into a weight when the module was built: written back unchanged.
+    untrained: list[str] = field(default_factory=list)
 
     @property
     def best_val_top1(self) -> float:
@@ -540,6 +544,8 @@ def retrain(
             "temperature": temperature,
             "amp": amp,
             "reinsert_bn": bool(reinsert_bn),
+            # Trained since Slice/Split/Gather/Expand are followed: earlier checkpoints lack them.
+            **({"indexed weights": indexed} if (indexed := indexed_weights(model)) else {}),
             "losses": [f"{k}={v}" for k, v in sorted(dict(losses or {}).items())],
             "features": list(features),
             "feature_weight": feature_weight,
@@ -687,6 +693,8 @@ def retrain(
             ckpt.set_random_states(saved["random"])
         if world > 1 and checkpoint is not None:
             _check_same_start(first_epoch, checkpoint, dev)
+        if rank == 0 and student.untrained:
+            print(untrained_line(student.untrained), file=sys.stderr, flush=True)
         if say:
             print(f"augmentation: {augment_text}", file=sys.stderr)
             print(f"schedule: {schedule}; data workers: {workers}", file=sys.stderr)
@@ -889,6 +897,7 @@ def retrain(
         val_top1=written_val[0],
         val_agreement=written_val[1],
         logits=logits_name,
+        untrained=sorted(student.untrained),
     )
 
 
