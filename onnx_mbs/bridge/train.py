@@ -503,7 +503,9 @@ def retrain(
         owns_group = True
     try:
         torch.manual_seed(seed + rank)
-        original = untie_initializers(model)  # written back into, in its own dtypes
+        sources: dict[str, str] = {}  # untied copy -> the initializer it copies
+        original = untie_initializers(model, sources)  # written back into, in its own dtypes
+        held = [*frozen, *(copy for copy, source in sources.items() if source in frozen)]
         model = as_float32(original) if is_low_precision(original) else original
         base = OnnxModule(model).to(dev)
         if not any(True for _ in base.parameters()):
@@ -584,13 +586,13 @@ def retrain(
             # The teacher (the unreduced graph) gives each BN its target statistics.
             calib = _batches(train, len(probe_x), bn_calibration_samples)
             train_model, inserted = reinsert_batchnorm(model, calib, teacher)
-            check_not_folded(frozen, inserted)
+            check_not_folded(held, inserted)
         student_pre = softmax_inputs(model)
         student = OnnxModule(with_outputs(train_model, [*features, *student_pre.values()]))
         if val is not None:
             _check_input(model, student, val, "validation data")
         student.to(dev).train()
-        kept = freeze_named(student, frozen)
+        kept = freeze_named(student, held)
         shapes = _probe(student, probe_x, "the model")
         outputs = {o.name: shapes[o.name] for o in model.graph.output}
         # Several classifier-shaped outputs: labels (or top-1 on --val) need the user to say
