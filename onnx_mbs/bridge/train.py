@@ -79,6 +79,7 @@ from onnx_mbs.bridge.module import (
 from onnx_mbs.bridge.precision import as_float32, is_low_precision
 from onnx_mbs.bridge.writeback import write_back
 from onnx_mbs.data.augment import choose_augment
+from onnx_mbs.data.ready import declared_inputs
 from onnx_mbs.data.sources import default_workers
 from onnx_mbs.data.spec import check_same_classes
 from onnx_mbs.logits import (
@@ -1042,13 +1043,9 @@ def _fed_type(model: onnx.ModelProto) -> np.dtype | None:
     """The type the model's input is fed in where it is an integer or bool (uint8 pixels its
     graph converts itself: model-ready data, fed as it is); None for a float input of any
     width (fed float32: the bridge computes fp16/bf16 graphs in float32)."""
-    constants = {t.name for t in model.graph.initializer}
-    fed = [i for i in model.graph.input if i.name not in constants][:1]
-    try:
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(fed[0].type.tensor_type.elem_type))
-    except (IndexError, KeyError, TypeError):  # no input, or no type: left to the checks
-        return None
-    return dtype if dtype.kind in "iub" else None
+    inputs = declared_inputs(model)
+    dtype = inputs[0].dtype if inputs else None  # no input, or no type: left to the checks
+    return dtype if dtype is not None and dtype.kind in "iub" else None
 
 
 def _batches_of_one(batch_size: int) -> str:
