@@ -849,3 +849,20 @@ def test_ranks_that_see_other_checkpoints_are_refused(tmp_path) -> None:
         pytest.fail("the ranks waited on each other until killed")
     assert job.returncode != 0
     assert "rank 0: " in out and "not every process" in out, out[-3000:]
+
+
+def test_only_folders_the_run_made_are_removed_whatever_the_path_spells(
+    tmp_path, monkeypatch
+) -> None:
+    """`new/../theirs` names the user's empty folder `theirs` through a folder `new` that did
+    not exist: it was taken for a folder the run made (a lexical parent of a missing one does not
+    exist) and removed when the run stopped; `.` and a relative path are the same folders."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "theirs").mkdir()
+    made = ckpt.prepare("new/../theirs")
+    ckpt.remove_made(made)
+    assert (tmp_path / "theirs").is_dir()
+    assert not (tmp_path / "new").exists()
+    assert ckpt.prepare(".") == []
+    ckpt.remove_made(ckpt.prepare("rel/ck"))
+    assert list(tmp_path.iterdir()) == [tmp_path / "theirs"]
