@@ -156,3 +156,11 @@ def test_a_frozen_table_read_through_a_tie_stays_frozen(train) -> None:
     assert values[read["Mul"].input[1]] == before["stride"]
     bn_after = next(n for n in after.graph.node if n.op_type == "BatchNormalization")
     assert values[bn_after.input[3]] == before[stats]
+
+
+def test_freezing_every_weight_is_refused_in_one_line(train) -> None:
+    """Nothing left to train: torch's optimizer raised ValueError (an empty parameter list)."""
+    model = stridenet()
+    names = [t.name for t in model.graph.initializer]
+    with pytest.raises(BadInputError, match="freeze leaves nothing to train"):
+        retrain(model, train, None, freeze=names, **KW)

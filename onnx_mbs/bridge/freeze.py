@@ -91,7 +91,8 @@ def check_not_folded(names: Sequence[str], inserted: Sequence[InsertedBN]) -> No
 
 def freeze(student: OnnxModule, names: Sequence[str]) -> dict[str, torch.Tensor]:
     """Mark the named parameters not trainable; returns every named tensor's value now, for
-    `restore` (a buffer is updated by training whatever its requires_grad says)."""
+    `restore` (a buffer is updated by training whatever its requires_grad says). Freezing
+    every parameter is refused in one line: there is nothing to train."""
     kept = {}
     for name in names:
         if name not in student.initializer_keys:  # a constant: nothing trains it
@@ -99,6 +100,10 @@ def freeze(student: OnnxModule, names: Sequence[str]) -> dict[str, torch.Tensor]
         tensor = student.initializer(name)
         tensor.requires_grad_(False)
         kept[name] = tensor.detach().clone()
+    if kept and not any(p.requires_grad for p in student.parameters()):
+        raise BadInputError(
+            f"{option('--freeze')} leaves nothing to train: it names every trainable weight"
+        )
     return kept
 
 
