@@ -164,3 +164,16 @@ def test_freezing_every_weight_is_refused_in_one_line(train) -> None:
     names = [t.name for t in model.graph.initializer]
     with pytest.raises(BadInputError, match="freeze leaves nothing to train"):
         retrain(model, train, None, freeze=names, **KW)
+
+
+def test_a_table_held_by_a_constant_node_can_be_frozen(train) -> None:
+    """Some exporters hold tables in Constant nodes, which retraining turns into trained
+    initializers (`untie_initializers`): --freeze refused their names as no initializer, so
+    such a table always trained."""
+    model = stridenet()
+    table = next(t for t in model.graph.initializer if t.name == "stride")
+    model.graph.initializer.remove(table)
+    model.graph.node.insert(0, onnx.helper.make_node("Constant", [], ["stride"], value=table))
+    before = onnx.numpy_helper.to_array(table).tobytes() + bytes([table.data_type])
+    assert raw(retrain(model, train, None, **KW).model)["stride"] != before  # it trains
+    assert raw(retrain(model, train, None, freeze=["stride"], **KW).model)["stride"] == before
