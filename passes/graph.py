@@ -169,8 +169,7 @@ def nested_nodes(*graphs: onnx.GraphProto | onnx.FunctionProto) -> Iterator[onnx
     while todo:
         for node in todo.pop().node:
             yield node
-            for attribute in node.attribute:
-                todo.extend([attribute.g] if attribute.HasField("g") else attribute.graphs)
+            todo.extend(subgraphs(node))
 
 
 def default_opset(model: onnx.ModelProto) -> int:

@@ -594,3 +594,18 @@ def test_space_to_depth_repeats_each_channel_in_every_block():
                                                       [2, 6, 10, 14], [3, 7, 11, 15]]  # fmt: skip
     killed = kill_channels(model, analysis.groups, {group.id: [0, 3]})
     assert_same_outputs(killed, shrink_channels(killed, {group.id: [1, 2]}, analysis))
+
+
+def test_depth_to_space_of_channels_no_block_divides_is_opaque():
+    """10 channels into 2 x 2 blocks (a graph onnxruntime cannot run, which the checker
+    passes): the walk raised numpy's ValueError from its reshape; now the op is not followed
+    and its channels stay whole."""
+    b = Builder()
+    x = b.input("x", [1, 3, 6, 6])
+    a = b.op("Relu", [b.conv(x, 3, 10, name="c1")])
+    d = b.op("DepthToSpace", [a], name="d2s", blocksize=2)
+    y = b.conv(d, 2, 2, name="c2")
+    groups = analyze_channels(load_model(b.model([y], ["y"]))).groups
+    group = only_group(groups, a)
+    assert group.pinned
+    assert any("DepthToSpace 'd2s'" in reason for reason in group.pin_reasons)

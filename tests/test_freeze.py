@@ -130,3 +130,50 @@ def test_a_table_reduce_folded_is_named() -> None:
 
     with pytest.raises(BadInputError, match="reduce folded it into 'proj_2d'"):
         check_frozen(["proj"], graph(True), graph(False))
+
+
+def test_a_frozen_table_read_through_a_tie_stays_frozen(train) -> None:
+    """The torch exporter ties equal tables through Identity, and reduce's form shares a
+    BatchNorm statistic between readers: retraining unties them into initializers of other
+    names, which trained though the table they copy was frozen, so the graph computed with a
+    changed table where the user's name was read."""
+    model = stridenet()
+    mul = next(n for n in model.graph.node if n.op_type == "Mul" and "stride" in n.input)
+    tie = onnx.helper.make_node("Identity", ["stride"], ["stride_tied"], name="tie")
+    mul.input[list(mul.input).index("stride")] = "stride_tied"
+    model.graph.node.insert(0, tie)
+    bn = next(n for n in model.graph.node if n.op_type == "BatchNormalization")
+    stats = bn.input[3]  # read by a second node too: untied into a copy of its own
+    model.graph.node.append(onnx.helper.make_node("Identity", [stats], ["mean_seen"]))
+    dims = next(t.dims for t in model.graph.initializer if t.name == stats)
+    model.graph.output.append(onnx.helper.make_tensor_value_info("mean_seen", 1, dims))
+    onnx.checker.check_model(model)
+    before = raw(model)
+    result = retrain(model, train, None, freeze=["stride", stats], **{**KW, "weight_decay": 0.1})
+    after = result.model
+    read = {n.op_type: n for n in after.graph.node}
+    values = raw(after)
+    assert values[read["Mul"].input[1]] == before["stride"]
+    bn_after = next(n for n in after.graph.node if n.op_type == "BatchNormalization")
+    assert values[bn_after.input[3]] == before[stats]
+
+
+def test_freezing_every_weight_is_refused_in_one_line(train) -> None:
+    """Nothing left to train: torch's optimizer raised ValueError (an empty parameter list)."""
+    model = stridenet()
+    names = [t.name for t in model.graph.initializer]
+    with pytest.raises(BadInputError, match="freeze leaves nothing to train"):
+        retrain(model, train, None, freeze=names, **KW)
+
+
+def test_a_table_held_by_a_constant_node_can_be_frozen(train) -> None:
+    """Some exporters hold tables in Constant nodes, which retraining turns into trained
+    initializers (`untie_initializers`): --freeze refused their names as no initializer, so
+    such a table always trained."""
+    model = stridenet()
+    table = next(t for t in model.graph.initializer if t.name == "stride")
+    model.graph.initializer.remove(table)
+    model.graph.node.insert(0, onnx.helper.make_node("Constant", [], ["stride"], value=table))
+    before = onnx.numpy_helper.to_array(table).tobytes() + bytes([table.data_type])
+    assert raw(retrain(model, train, None, **KW).model)["stride"] != before  # it trains
+    assert raw(retrain(model, train, None, freeze=["stride"], **KW).model)["stride"] == before

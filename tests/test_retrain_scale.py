@@ -899,3 +899,20 @@ def test_a_checkpoint_from_before_sliced_weights_trained_is_refused(npz, tmp_pat
     plain = stopped_after_one_of_two_epochs(npz, tmp_path / "p", common)
     state = torch.load(ckpt.path_in(plain), weights_only=True)
     assert "indexed weights" not in state["fingerprint"]
+
+
+def test_only_folders_the_run_made_are_removed_whatever_the_path_spells(
+    tmp_path, monkeypatch
+) -> None:
+    """`new/../theirs` names the user's empty folder `theirs` through a folder `new` that did
+    not exist: it was taken for a folder the run made (a lexical parent of a missing one does not
+    exist) and removed when the run stopped; `.` and a relative path are the same folders."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "theirs").mkdir()
+    made = ckpt.prepare("new/../theirs")
+    ckpt.remove_made(made)
+    assert (tmp_path / "theirs").is_dir()
+    assert not (tmp_path / "new").exists()
+    assert ckpt.prepare(".") == []
+    ckpt.remove_made(ckpt.prepare("rel/ck"))
+    assert list(tmp_path.iterdir()) == [tmp_path / "theirs"]

@@ -96,15 +96,17 @@ def _remove(path: Path) -> None:
 def prepare(directory: str | os.PathLike) -> list[Path]:
     """Make DIR, so that an unwritable one is refused before training rather than after, and
     remove the partial checkpoints of runs killed while writing one. Returns the folders made
-    (DIR and its missing parents, DIR first), for `remove_made`."""
-    path = Path(directory)
-    missing = [p for p in (path, *path.parents) if not p.exists()]
+    (DIR and its missing parents, DIR first), for `remove_made`: resolved, as the folders
+    are, since a spelling's parents are not (`new/../theirs` is the user's `theirs`)."""
     try:
+        path = Path(directory).resolve()
+        missing = [p for p in (path, *path.parents) if not p.exists()]
         path.mkdir(parents=True, exist_ok=True)
         clear_stale(directory)
-    except OSError as error:
+    except (OSError, RuntimeError) as error:  # RuntimeError: resolve() in a symlink loop
         raise BadInputError(
-            f"cannot use {directory} as the checkpoint directory: {error.strerror or error}"
+            f"cannot use {directory} as the checkpoint directory: "
+            f"{getattr(error, 'strerror', None) or error}"
         ) from None
     return missing
 

@@ -24,15 +24,17 @@ from onnx_mbs.passes.errors import BadInputError, option
 def check_frozen(
     names: Sequence[str] | str, model: onnx.ModelProto, teacher: onnx.ModelProto | None = None
 ) -> list[str]:
-    """The names, each an initializer of `model`, deduplicated in their order, each followed by
-    the copies `reduce` made of it (`NAME__1`, ...: a table read by several nodes, sliced apart
-    for each; the first slice keeps the name). One that is not an initializer is refused in one
-    line naming close ones, and saying so where the teacher (the model before `reduce`) has it:
-    reduce cut it (a layer removed whole)."""
+    """The names, each an initializer of `model` (or a Constant's output), deduplicated in
+    their order, each followed by the copies `reduce` made of it (`NAME__1`, ...: a table read
+    by several nodes, sliced apart for each; the first slice keeps the name). One that is not
+    an initializer is refused in one line naming close ones, and saying so where the teacher
+    (the model before `reduce`) has it: reduce cut it (a layer removed whole)."""
     if isinstance(names, str):  # "a,b" as the command line gives it
         names = names.split(",")
     names = list(dict.fromkeys(n.strip() for n in names if n.strip()))
     inits = [t.name for t in model.graph.initializer]
+    # A Constant's table trains as an initializer of its name (`untie_initializers`), if at all.
+    inits += [n.output[0] for n in model.graph.node if n.op_type == "Constant" and n.output]
     known = set(inits)
     for name in names:
         if name in known:
@@ -91,7 +93,8 @@ def check_not_folded(names: Sequence[str], inserted: Sequence[InsertedBN]) -> No
 
 def freeze(student: OnnxModule, names: Sequence[str]) -> dict[str, torch.Tensor]:
     """Mark the named parameters not trainable; returns every named tensor's value now, for
-    `restore` (a buffer is updated by training whatever its requires_grad says)."""
+    `restore` (a buffer is updated by training whatever its requires_grad says). Freezing
+    every parameter is refused in one line: there is nothing to train."""
     kept = {}
     for name in names:
         if name not in student.initializer_keys:  # a constant: nothing trains it
@@ -99,6 +102,10 @@ def freeze(student: OnnxModule, names: Sequence[str]) -> dict[str, torch.Tensor]
         tensor = student.initializer(name)
         tensor.requires_grad_(False)
         kept[name] = tensor.detach().clone()
+    if kept and not any(p.requires_grad for p in student.parameters()):
+        raise BadInputError(
+            f"{option('--freeze')} leaves nothing to train: it names every trainable weight"
+        )
     return kept
 
 

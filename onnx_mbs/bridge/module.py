@@ -237,7 +237,9 @@ def is_alias(node: onnx.NodeProto) -> bool:
     )
 
 
-def untie_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+def untie_initializers(
+    model: onnx.ModelProto, sources: dict[str, str] | None = None
+) -> onnx.ModelProto:
     """A copy where each `Identity(initializer)` node becomes an initializer of its own.
 
     The torch exporter stores initializers with equal values once and ties the others to it
@@ -253,7 +255,11 @@ def untie_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     `reduce` writes such ties as one initializer read by several nodes (onnx-mbs's normal
     form), so every BatchNormalization input that anything else also reads gets a copy of its
     own: a running statistic must not be trained, nor updated by two BatchNorms.
+
+    `sources`, where given, is filled with each copy's name -> the initializer it copies, so
+    that what the user says of an initializer (`--freeze`) holds for its copies.
     """
+    sources = {} if sources is None else sources
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
@@ -267,13 +273,14 @@ def untie_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
             copy.name = node.output[0]
             graph.initializer.append(copy)
             inits[copy.name] = copy
+            sources[copy.name] = sources.get(node.input[0], node.input[0])
         else:
             keep.append(node)
     if len(keep) != len(graph.node):
         del graph.node[:]
         graph.node.extend(keep)
     _hoist_constant_weights(out)
-    _own_batchnorm_inputs(out)
+    _own_batchnorm_inputs(out, sources)
     if out.ir_version < 4:
         _list_as_inputs(out)
     return out
@@ -288,7 +295,7 @@ def _list_as_inputs(model: onnx.ModelProto) -> None:
             graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, init.dims))
 
 
-def _own_batchnorm_inputs(model: onnx.ModelProto) -> None:
+def _own_batchnorm_inputs(model: onnx.ModelProto, sources: dict[str, str]) -> None:
     """Give each BatchNormalization input read elsewhere too an initializer of its own, in
     place (the last reader keeps the original)."""
     graph = model.graph
@@ -310,6 +317,7 @@ def _own_batchnorm_inputs(model: onnx.ModelProto) -> None:
             copy.CopyFrom(inits[name])
             copy.name = fresh_name(f"{node.name}_{('scale', 'B', 'mean', 'var')[k - 1]}", taken)
             graph.initializer.append(copy)
+            sources[copy.name] = sources.get(name, name)
             node.input[k] = copy.name
 
 

@@ -81,6 +81,7 @@ from onnx_mbs.bridge.module import (
 from onnx_mbs.bridge.precision import as_float32, is_low_precision
 from onnx_mbs.bridge.writeback import write_back
 from onnx_mbs.data.augment import choose_augment
+from onnx_mbs.data.ready import declared_inputs
 from onnx_mbs.data.sources import default_workers
 from onnx_mbs.data.spec import check_same_classes
 from onnx_mbs.logits import (
@@ -507,7 +508,9 @@ def retrain(
         owns_group = True
     try:
         torch.manual_seed(seed + rank)
-        original = untie_initializers(model)  # written back into, in its own dtypes
+        sources: dict[str, str] = {}  # untied copy -> the initializer it copies
+        original = untie_initializers(model, sources)  # written back into, in its own dtypes
+        held = [*frozen, *(copy for copy, source in sources.items() if source in frozen)]
         model = as_float32(original) if is_low_precision(original) else original
         base = OnnxModule(model).to(dev)
         if not any(True for _ in base.parameters()):
@@ -590,13 +593,13 @@ def retrain(
             # The teacher (the unreduced graph) gives each BN its target statistics.
             calib = _batches(train, len(probe_x), bn_calibration_samples)
             train_model, inserted = reinsert_batchnorm(model, calib, teacher)
-            check_not_folded(frozen, inserted)
+            check_not_folded(held, inserted)
         student_pre = softmax_inputs(model)
         student = OnnxModule(with_outputs(train_model, [*features, *student_pre.values()]))
         if val is not None:
             _check_input(model, student, val, "validation data")
         student.to(dev).train()
-        kept = freeze_named(student, frozen)
+        kept = freeze_named(student, held)
         shapes = _probe(student, probe_x, "the model")
         outputs = {o.name: shapes[o.name] for o in model.graph.output}
         # Several classifier-shaped outputs: labels (or top-1 on --val) need the user to say
@@ -1049,13 +1052,9 @@ def _fed_type(model: onnx.ModelProto) -> np.dtype | None:
     """The type the model's input is fed in where it is an integer or bool (uint8 pixels its
     graph converts itself: model-ready data, fed as it is); None for a float input of any
     width (fed float32: the bridge computes fp16/bf16 graphs in float32)."""
-    constants = {t.name for t in model.graph.initializer}
-    fed = [i for i in model.graph.input if i.name not in constants][:1]
-    try:
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(fed[0].type.tensor_type.elem_type))
-    except (IndexError, KeyError, TypeError):  # no input, or no type: left to the checks
-        return None
-    return dtype if dtype.kind in "iub" else None
+    inputs = declared_inputs(model)
+    dtype = inputs[0].dtype if inputs else None  # no input, or no type: left to the checks
+    return dtype if dtype is not None and dtype.kind in "iub" else None
 
 
 def _batches_of_one(batch_size: int) -> str:
