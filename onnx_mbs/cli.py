@@ -541,9 +541,10 @@ def cmd_retrain(args: argparse.Namespace) -> int:
                 f"onnx-mbs: no epoch finished: {args.checkpoint} holds no checkpoint yet",
                 file=sys.stderr,
             )
-        elif args.checkpoint and rank == 0:  # the run made it: removed (retrain's remove_made)
+        elif args.checkpoint and rank == 0:  # not made yet, or made and removed (remove_made)
             print(
-                f"onnx-mbs: no epoch finished: {args.checkpoint} (made by this run) is removed",
+                f"onnx-mbs: no epoch finished: no checkpoint was written, {args.checkpoint} "
+                "is not left behind",
                 file=sys.stderr,
             )
         raise
