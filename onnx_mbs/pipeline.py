@@ -47,7 +47,9 @@ from onnx_mbs.passes import (
     choose_channels,
     count_parameters,
     group_scores,
+    is_default,
     load,
+    op_id,
     option,
     resized,
     shrink_channels,
@@ -204,6 +206,8 @@ def reduce(
     check_written(rewritten.model, lambda: origin.original)
     rewritten = rewritten.with_written_sizes()
     explain_cut(rewritten.plan, analysed.channels.groups)
+    if uncounted := analysed.before.uncounted_text():
+        rewritten.plan.notes.append(uncounted)
     laps.lap("shrink")
     report = ReduceReport(
         # Without statistics, a latency budget or --channel-multiple auto still ran (or chose
@@ -343,9 +347,7 @@ def nothing_counted(model: onnx.ModelProto, before: ModelAnalysis) -> None:
     layer may hide in (onnxruntime's extended optimisations fuse Conv into FusedConv)."""
     if before.total_macs and before.total_params:
         return
-    custom = sorted(
-        {f"{n.domain}:{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx")}
-    )
+    custom = sorted({op_id(n) for n in model.graph.node if not is_default(n.domain)})
     hint = ""
     if custom:
         hint = f"; its {', '.join(custom[:3])} op{'s' * (len(custom) > 1)} may hide layers"
