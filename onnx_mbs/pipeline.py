@@ -141,8 +141,13 @@ def nothing_cut(groups: Sequence[ChannelGroup], plan: Plan) -> str:
     )
 
 
-def explain_cut(plan: Plan, groups: Sequence[ChannelGroup]) -> None:
-    """Notes on the plan: why nothing is cut, or where the cut is not exact."""
+def explain_cut(
+    plan: Plan, groups: Sequence[ChannelGroup], before: ModelAnalysis | None = None
+) -> None:
+    """Notes on the plan: why nothing is cut, or where the cut is not exact; and the ops
+    `before` (the analysis) does not count."""
+    if before is not None and before.uncounted:
+        plan.notes.append(before.uncounted_text())
     if not plan.changes_anything:
         plan.notes.append(nothing_cut(groups, plan))
     if inexact := not_exact(groups, plan):
@@ -205,9 +210,7 @@ def reduce(
         with_preprocessing(rewritten.model, recorded)
     check_written(rewritten.model, lambda: origin.original)
     rewritten = rewritten.with_written_sizes()
-    explain_cut(rewritten.plan, analysed.channels.groups)
-    if uncounted := analysed.before.uncounted_text():
-        rewritten.plan.notes.append(uncounted)
+    explain_cut(rewritten.plan, analysed.channels.groups, analysed.before)
     laps.lap("shrink")
     report = ReduceReport(
         # Without statistics, a latency budget or --channel-multiple auto still ran (or chose
