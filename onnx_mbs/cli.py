@@ -103,6 +103,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             "params: shared weights are counted once, in the first macroblock that reads them "
             "(convs here read another conv's weights: a tower applied to several inputs)"
         )
+    if analysis.uncounted:
+        print(analysis.uncounted_text())
     return 0
 
 

@@ -34,6 +34,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from onnx_mbs.passes.domains import op_id
 from onnx_mbs.passes.errors import BadInputError
 from onnx_mbs.passes.graph import default_opset, value_types
 from onnx_mbs.passes.protos import without_weights
@@ -340,9 +341,9 @@ def _reductions(
 
 
 def _never_negative(node: onnx.NodeProto, model: onnx.ModelProto) -> bool:
-    if node.op_type in NON_NEGATIVE and node.domain in ("", "ai.onnx"):
+    if op_id(node) in NON_NEGATIVE:
         return True
-    if node.op_type != "Clip" or node.domain not in ("", "ai.onnx"):
+    if op_id(node) != "Clip":
         return False
     for attribute in node.attribute:  # opset < 11: min is an attribute
         if attribute.name == "min":
@@ -351,7 +352,7 @@ def _never_negative(node: onnx.NodeProto, model: onnx.ModelProto) -> bool:
         return False
     constants = {t.name: t for t in model.graph.initializer}
     for other in model.graph.node:
-        if other.op_type == "Constant" and other.attribute:
+        if op_id(other) == "Constant" and other.attribute:
             constants[other.output[0]] = other.attribute[0].t
     minimum = constants.get(node.input[1])
     return minimum is not None and float(onnx.numpy_helper.to_array(minimum)) >= 0

@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx
 
+from onnx_mbs.passes.domains import op_id
 from onnx_mbs.passes.errors import BadInputError, option
 from onnx_mbs.passes.graph import attributes, default_opset
 
@@ -75,10 +76,10 @@ def softmax_input(
     asks about several outputs."""
     producers = producers_of(model) if producers is None else producers
     node, reshaped = producers.get(output), False
-    while node is not None and node.op_type in _RESHAPES and node.input:
-        reshaped = reshaped or node.op_type != "Identity"
+    while node is not None and op_id(node) in _RESHAPES and node.input:
+        reshaped = reshaped or op_id(node) != "Identity"
         node = producers.get(node.input[0])
-    if node is None or node.op_type not in ops or not node.input:
+    if node is None or op_id(node) not in ops or not node.input:
         return None
     axis = attributes(node).get("axis", 1 if default_opset(model) < 13 else -1)
     rank = len(declared_shapes(model).get(output, ()))
@@ -112,7 +113,7 @@ def classifier_outputs(shapes: Mapping[str, Shape], model: onnx.ModelProto | Non
 
 def _source(producers: Producers, name: str) -> str:
     """`name` followed back through Identity nodes: two outputs of one tensor meet there."""
-    while (node := producers.get(name)) is not None and node.op_type == "Identity":
+    while (node := producers.get(name)) is not None and op_id(node) == "Identity":
         name = node.input[0]
     return name
 

@@ -47,7 +47,9 @@ from onnx_mbs.passes import (
     choose_channels,
     count_parameters,
     group_scores,
+    is_default,
     load,
+    op_id,
     option,
     resized,
     shrink_channels,
@@ -139,8 +141,13 @@ def nothing_cut(groups: Sequence[ChannelGroup], plan: Plan) -> str:
     )
 
 
-def explain_cut(plan: Plan, groups: Sequence[ChannelGroup]) -> None:
-    """Notes on the plan: why nothing is cut, or where the cut is not exact."""
+def explain_cut(
+    plan: Plan, groups: Sequence[ChannelGroup], before: ModelAnalysis | None = None
+) -> None:
+    """Notes on the plan: why nothing is cut, or where the cut is not exact; and the ops
+    `before` (the analysis) does not count."""
+    if before is not None and before.uncounted:
+        plan.notes.append(before.uncounted_text())
     if not plan.changes_anything:
         plan.notes.append(nothing_cut(groups, plan))
     if inexact := not_exact(groups, plan):
@@ -203,7 +210,7 @@ def reduce(
         with_preprocessing(rewritten.model, recorded)
     check_written(rewritten.model, lambda: origin.original)
     rewritten = rewritten.with_written_sizes()
-    explain_cut(rewritten.plan, analysed.channels.groups)
+    explain_cut(rewritten.plan, analysed.channels.groups, analysed.before)
     laps.lap("shrink")
     report = ReduceReport(
         # Without statistics, a latency budget or --channel-multiple auto still ran (or chose
@@ -343,9 +350,7 @@ def nothing_counted(model: onnx.ModelProto, before: ModelAnalysis) -> None:
     layer may hide in (onnxruntime's extended optimisations fuse Conv into FusedConv)."""
     if before.total_macs and before.total_params:
         return
-    custom = sorted(
-        {f"{n.domain}:{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx")}
-    )
+    custom = sorted({op_id(n) for n in model.graph.node if not is_default(n.domain)})
     hint = ""
     if custom:
         hint = f"; its {', '.join(custom[:3])} op{'s' * (len(custom) > 1)} may hide layers"

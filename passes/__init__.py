@@ -23,6 +23,7 @@ from .base import Pass, PassContractError, PassResult, Sequential
 from .channel_groups import ChannelAnalysis, ChannelGroup, Member, analyze_channels
 from .channel_walk import ChannelWalk, register_handler, unregister_handler
 from .cost import CostModel
+from .domains import is_default, op_id
 from .errors import BadInputError, QuantizedModelError, command_line, option
 from .fold import FoldShapes, fold_shapes
 from .functions import inline_layers
@@ -99,9 +100,11 @@ __all__ = [
     "fold_shapes",
     "group_scores",
     "inline_layers",
+    "is_default",
     "load",
     "load_model",
     "normalise",
+    "op_id",
     "option",
     "parse_input_shape",
     "predicted_params",

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import onnx
 
-from .analysis import ModelAnalysis
+from .analysis import ConvLayer, ModelAnalysis
+from .domains import FUSED_CONV, op_id
 from .graph import GraphIndex, attributes
 from .load import indexed
 
@@ -84,7 +85,18 @@ def activation_sites(
     after one), its earlier inputs' channels counted before the conv's."""
     model, index = indexed(model, index)
     analysis.check_model(model)
-    return {layer.name: _first_activation(index, layer.output) for layer in analysis.layers}
+    return {
+        layer.name: Site(layer.output)
+        if _fused(index, layer)
+        else _first_activation(index, layer.output)
+        for layer in analysis.layers
+    }
+
+
+def _fused(index: GraphIndex, layer: ConvLayer) -> bool:
+    """A FusedConv whose activation is fused: its output is the activation's."""
+    node = index.producer.get(layer.output)
+    return layer.op_type == FUSED_CONV and bool(attributes(node).get("activation"))
 
 
 def _first_activation(index: GraphIndex, start: str) -> Site | None:
@@ -93,16 +105,16 @@ def _first_activation(index: GraphIndex, start: str) -> Site | None:
     while frontier:
         tensor, channel = frontier.pop(0)
         for node in index.consumers.get(tensor, []):
-            if node.op_type in ACTIVATION_OPS:
+            if op_id(node) in ACTIVATION_OPS:
                 return Site(_silu_output(index, node, tensor), channel)
             at = channel
-            if node.op_type == "Concat":
+            if op_id(node) == "Concat":
                 before = _channels_before(index, node, tensor, rank)
                 if before is None:
                     continue
                 at += before
                 out = node.output[0]
-            elif node.op_type in CHANNEL_PRESERVING_OPS:
+            elif op_id(node) in CHANNEL_PRESERVING_OPS:
                 out = node.output[0]
             else:
                 out = _through_groupnorm(index, node, tensor)
@@ -117,13 +129,13 @@ def _through_groupnorm(index: GraphIndex, node: onnx.NodeProto, source: str) -> 
     the shape it came from, keeps every value where it was: the Reshape back's output
     (None for any other Reshape)."""
     shape = index.shapes.get(source)
-    if node.op_type != "Reshape" or node.input[0] != source or shape is None:
+    if op_id(node) != "Reshape" or node.input[0] != source or shape is None:
         return None
     for norm in index.consumers.get(node.output[0], []):
-        if norm.op_type != "InstanceNormalization" or norm.input[0] != node.output[0]:
+        if op_id(norm) != "InstanceNormalization" or norm.input[0] != node.output[0]:
             continue
         for back in index.consumers.get(norm.output[0], []):
-            if back.op_type == "Reshape" and index.shapes.get(back.output[0]) == shape:
+            if op_id(back) == "Reshape" and index.shapes.get(back.output[0]) == shape:
                 return back.output[0]
     return None
 
@@ -145,8 +157,8 @@ def _channels_before(index: GraphIndex, node: onnx.NodeProto, tensor: str, rank:
 
 def _silu_output(index: GraphIndex, node: onnx.NodeProto, source: str) -> str:
     """x * sigmoid(x) is one activation: measure the product, not the sigmoid."""
-    if node.op_type == "Sigmoid":
+    if op_id(node) == "Sigmoid":
         for mul in index.consumers.get(node.output[0], []):
-            if mul.op_type == "Mul" and source in mul.input:
+            if op_id(mul) == "Mul" and source in mul.input:
                 return mul.output[0]
     return node.output[0]

@@ -22,11 +22,17 @@ import onnx
 
 from .base import Pass, PassResult
 from .channel_handlers import REDUCES
+from .domains import COUNTED_CONVS, op_id
 from .errors import BadInputError, option
 from .graph import GraphIndex, attributes, channels_last, count_parameters, structure_key
 from .load import indexed
 
-CONV_OPS = ("Conv", "ConvTranspose")
+# Ops counted as conv layers: ONNX's, and onnxruntime's FusedConv (a Conv with its
+# activation fused: kept whole, as no handler follows it, but counted).
+CONV_OPS = COUNTED_CONVS
+# Ops of other domains whose names are counted ONNX ops' (a com.microsoft.nchwc Conv reads
+# channels blocked in eights): not counted, and listed as such.
+COUNTED_NAMES = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum")
 POOL_OPS = ("MaxPool", "AveragePool", "LpPool")
 GLOBAL_OPS = ("GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")
 # Ops whose output may have another spatial size than their input: only tensors of
@@ -87,8 +93,21 @@ class ModelAnalysis:
     receptive_field: str = DEFAULT_RECEPTIVE_FIELD  # the reading the bases follow (READINGS)
     image_size: int = 0  # the largest spatial dim of the graph input: the global limit
     batch: int = 1  # the batch the MACs count: the analysed image input's (docs/mbs.md)
+    # "domain:op_type 'name'" of each op of another domain named like a counted op: its
+    # MACs and layer are not in the counts (its parameters are, as read initializers)
+    uncounted: list[str] = field(default_factory=list)
     # `structure_key` of the model analysed ("" for one built by hand: not checked)
     model_key: str = field(default="", repr=False, compare=False)
+
+    def uncounted_text(self) -> str:
+        """`uncounted` in words, "" if none: how many of each op, and why."""
+        if not self.uncounted:
+            return ""
+        kinds = Counter(x.split(" ", 1)[0] for x in self.uncounted)
+        return (
+            f"MACs not counted: {', '.join(f'{n} {op}' for op, n in kinds.items())} (ops of "
+            "another domain than ONNX's, named like ONNX ops; their weights count as parameters)"
+        )
 
     def layer(self, name: str) -> ConvLayer:
         return next(layer for layer in self.layers if layer.name == name)
@@ -120,6 +139,7 @@ class ModelAnalysis:
                 for x in self.layers
             ],
             "totals": {"params": self.total_params, "macs": self.total_macs},
+            **({"uncounted": self.uncounted} if self.uncounted else {}),
         }
 
 
@@ -204,7 +224,7 @@ def _global_step(
     gate broadcast over a map (squeeze-and-excitation) scales channels, it adds no
     spatial context, and is ignored, as in the local reading.
     """
-    op = node.op_type
+    op = op_id(node)
     size = resolution[out]
     rank = len(size)
     inf = (math.inf,) * rank
@@ -259,7 +279,7 @@ def _starts_a_macroblock(
     (a CIFAR ResNet's option-A shortcut, x[:, :, ::2, ::2]) or crops it (a U-Net skip), so
     the convs after it make maps of another size, in a macroblock of their own."""
     return (
-        node.op_type == "Slice"
+        op_id(node) == "Slice"
         and bool(inputs)
         and inputs[0] == node.input[0]
         and resolution[inputs[0]] != size
@@ -300,7 +320,7 @@ def space_to_depth_chains(index: GraphIndex) -> dict[int, onnx.NodeProto | None]
     position = {id(node): k for k, node in enumerate(index.nodes)}
     shapes = index.shapes
     for first in index.nodes:
-        if first.op_type not in LAYOUT_OPS or position[id(first)] in found:
+        if op_id(first) not in LAYOUT_OPS or position[id(first)] in found:
             continue
         x = first.input[0]
         before = shapes.get(x)
@@ -312,7 +332,7 @@ def space_to_depth_chains(index: GraphIndex) -> dict[int, onnx.NodeProto | None]
             if out is None or len(out) == 4:
                 break
             readers = index.consumers.get(node.output[0], [])
-            if len(readers) != 1 or readers[0].op_type not in LAYOUT_OPS:
+            if len(readers) != 1 or op_id(readers[0]) not in LAYOUT_OPS:
                 break
             node = readers[0]
             chain.append(node)
@@ -352,7 +372,7 @@ def _resampled_by_views(
         return None
     cells = np.arange(math.prod(before)).reshape(before)
     for node in chain:
-        if node.op_type == "Transpose":
+        if op_id(node) == "Transpose":
             perm = attributes(node).get("perm") or list(reversed(range(cells.ndim)))
             cells = cells.transpose(perm)
         else:
@@ -371,7 +391,7 @@ def _pooled_dims(node: onnx.NodeProto, index: GraphIndex) -> tuple[int, ...]:
     whole; () for any other node, or axes only known at run time."""
     # A reduction over H and W with keepdims is global pooling written another way (torch's
     # dynamo exporter writes x.mean((2, 3), keepdim=True) as ReduceMean).
-    if node.op_type not in REDUCES:
+    if op_id(node) not in REDUCES:
         return ()
     attrs = attributes(node)
     rank = len(index.shapes.get(node.input[0]) or ())
@@ -474,14 +494,14 @@ def analyze_model(
             if size:
                 outputs.append(t)
                 resolution[t] = size
-        if node.op_type not in ("Shape", "Size"):
+        if op_id(node) not in ("Shape", "Size"):
             unlaid.update(t for t in node.output if t not in resolution and _holds_the_map(
                 shapes.get(t), [shapes[x] for x in inputs], unlaid.intersection(node.input)
             ))  # fmt: skip
         if not outputs:
             continue
         whole = not inputs and bool(unlaid.intersection(node.input))
-        op = node.op_type
+        op = op_id(node)
         if op in BORDER_OPS and inputs:
             resolution[outputs[0]] = resolution[inputs[0]]
         weight_shape = shapes.get(node.input[1]) if op in CONV_OPS else None
@@ -542,7 +562,7 @@ def analyze_model(
             for t in tensors[1:]:
                 blocks.union(tensors[0], t)
 
-    convs = [n for n in index.nodes if n.op_type in CONV_OPS and n.output[0] in resolution]
+    convs = [n for n in index.nodes if op_id(n) in CONV_OPS and n.output[0] in resolution]
 
     # Group layers by macroblock, ordered by where each macroblock's first tensor
     # appears (a stride-2 branch may run before the convs of the resolution it leaves).
@@ -599,10 +619,21 @@ def analyze_model(
         total_macs=sum(x.macs for x in layers) + sum(other.values()),
         other_macs=other,
         receptive_field=receptive_field,
+        uncounted=uncounted_ops(index),
         image_size=image_size,
         batch=batch,
         model_key=structure_key(model),
     )
+
+
+def uncounted_ops(index: GraphIndex) -> list[str]:
+    """Ops of another domain than ONNX's named like an op the analysis counts (a
+    com.microsoft.nchwc Conv), counted as nothing: "domain:op_type 'name'" each."""
+    return [
+        f"{op_id(n)} '{n.name}'"
+        for n in index.nodes
+        if n.op_type in COUNTED_NAMES and op_id(n) not in (*CONV_OPS, *COUNTED_NAMES)
+    ]
 
 
 def params_once(layers: Sequence[ConvLayer]) -> dict[str, int]:
@@ -633,7 +664,7 @@ def _conv_layer(node, attrs, index: GraphIndex, rf, field_of, macroblock: int) -
     rank = len(kernel)
     return ConvLayer(
         name=node.name,
-        op_type=node.op_type,
+        op_type=op_id(node),
         input=node.input[0],
         output=node.output[0],
         **_conv_sizes(node, attrs, index.shapes),
@@ -656,7 +687,7 @@ def _conv_sizes(node: onnx.NodeProto, attrs: dict, shapes: dict) -> dict:
     bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
     params = math.prod(weight_shape) + (math.prod(shapes[bias]) if bias else 0)
     cin, cout = in_shape[1], out_shape[1]
-    if node.op_type == "Conv":
+    if op_id(node) != "ConvTranspose":
         macs = out_shape[0] * math.prod(out_shape[2:]) * math.prod(kernel)
         macs *= (cin // groups) * cout
     else:  # ConvTranspose: every input pixel scatters a kernel
@@ -685,7 +716,7 @@ def resized(
     0.3 s of its 2 s `reduce` (issue 23). A model whose convs are not `before`'s
     is analysed from scratch."""
     model, index = indexed(model, index)
-    convs = {n.name: n for n in index.nodes if n.op_type in CONV_OPS}
+    convs = {n.name: n for n in index.nodes if op_id(n) in CONV_OPS}
     if sorted(convs) != sorted(layer.name for layer in before.layers):
         return analyze_model(model, before.receptive_field, index)
     layers = []
@@ -717,15 +748,15 @@ def resized(
 def _matmul_macs(index: GraphIndex) -> dict[str, int]:
     macs: dict[str, int] = {}
     for node in index.nodes:
-        if node.op_type not in ("Gemm", "MatMul", "Einsum") or len(node.input) < 2:
+        if op_id(node) not in ("Gemm", "MatMul", "Einsum") or len(node.input) < 2:
             continue
         a, b = index.shapes.get(node.input[0]), index.shapes.get(node.input[1])
         if a is None or b is None:
             continue
-        if node.op_type == "Einsum":
+        if op_id(node) == "Einsum":
             if len(node.input) == 2 and (count := _einsum_macs(node, a, b)) is not None:
                 macs[node.name] = count
-        elif node.op_type == "Gemm":
+        elif op_id(node) == "Gemm":
             attrs = attributes(node)
             m = a[1] if attrs.get("transA") else a[0]
             k = a[0] if attrs.get("transA") else a[1]

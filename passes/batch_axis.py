@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from .domains import op_id
 from .errors import BadInputError
 from .graph import constant_lookup, tensor_readers
 
@@ -48,7 +49,7 @@ def refuse_an_added_batch_axis(graph: onnx.GraphProto, vi: onnx.ValueInfoProto) 
             continue
         seen.add(name)
         for node in readers.get(name, []):
-            if node.op_type in _CONVS and node.input[0] == name and adder is not None:
+            if op_id(node) in _CONVS and node.input[0] == name and adder is not None:
                 raise BadInputError(
                     f"input {vi.name!r} has no batch axis: the graph adds its leading axis "
                     f"({adder.op_type} {adder.name or adder.output[0]!r}) before Conv "
@@ -56,8 +57,8 @@ def refuse_an_added_batch_axis(graph: onnx.GraphProto, vi: onnx.ValueInfoProto) 
                     f"{[d if d else '?' for d in dims]}); onnx-mbs reads an image input as "
                     "(N, C, H, W) or (N, H, W, C): export the model with a batch axis first"
                 )
-            if node.op_type not in _KEEPS_THE_IMAGE or (
-                node.input[0] != name and node.op_type not in _BROADCASTS
+            if op_id(node) not in _KEEPS_THE_IMAGE or (
+                node.input[0] != name and op_id(node) not in _BROADCASTS
             ):
                 continue
             after = _dims_after(node, name, shape, constant)
@@ -72,14 +73,14 @@ def _dims_after(
     as the walk needs them: Unsqueeze, Reshape, Transpose and broadcasting against a
     constant known, the rest kept."""
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    if node.op_type in _BROADCASTS:
+    if op_id(node) in _BROADCASTS:
         other = next((n for n in node.input if n != name), None)
         value = constant(other) if other is not None else None
         return dims if value is None else _broadcast(dims, list(value.shape))
-    if node.op_type == "Transpose":
+    if op_id(node) == "Transpose":
         perm = attrs.get("perm", list(reversed(range(len(dims)))))
         return [dims[p] for p in perm] if sorted(perm) == list(range(len(dims))) else dims
-    if node.op_type == "Unsqueeze":
+    if op_id(node) == "Unsqueeze":
         axes = attrs.get("axes")
         if axes is None and len(node.input) > 1 and (given := constant(node.input[1])) is not None:
             axes = given.reshape(-1).tolist()
@@ -91,7 +92,7 @@ def _dims_after(
             out.insert(axis, 1)
         return out
     if (
-        node.op_type == "Reshape"
+        op_id(node) == "Reshape"
         and len(node.input) > 1
         and (shape := constant(node.input[1])) is not None
     ):

@@ -30,6 +30,7 @@ from .channel_walk import (
     ChannelWalk,
     register_handler,
 )
+from .domains import op_id
 from .graph import attributes
 from .weight_chain import Unfollowed, follow_weight, weight_roles
 
@@ -98,7 +99,7 @@ def _elementwise(w: ChannelWalk, node: onnx.NodeProto) -> None:
         if w.source(name) is None:
             w.opaque(node, f"per-channel input '{name}' is computed at run time")
             return
-        w.slot(node, i, k, out, ROLE_OF_CONST.get(node.op_type, CONST))
+        w.slot(node, i, k, out, ROLE_OF_CONST.get(op_id(node), CONST))
     w.pass_on(node, axis, out)
 
 
@@ -109,7 +110,7 @@ def _conv(w: ChannelWalk, node: onnx.NodeProto) -> None:
     every channel into one with a GroupNorm's units before them are pinned, saying so. A
     weight computed in the graph (weight standardisation) is followed back to its
     initializers."""
-    transpose = node.op_type == "ConvTranspose"
+    transpose = op_id(node) == "ConvTranspose"
     x, weight = node.input[0], node.input[1]
     bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
     w_shape, out_shape = w.shape(weight), w.shape(node.output[0])
@@ -215,7 +216,7 @@ def _instancenorm(w: ChannelWalk, node: onnx.NodeProto) -> None:
     made = w.index.producer.get(node.input[0])
     if (
         made is not None
-        and made.op_type == "Reshape"
+        and op_id(made) == "Reshape"
         and len(ids) > 1
         and not w.varies(ids)
         and not _group_norm_read(w, ids)  # an earlier GroupNorm's: the grouped conv said so
@@ -415,8 +416,8 @@ def _slice(w: ChannelWalk, node: onnx.NodeProto) -> None:
 def _reshape(w: ChannelWalk, node: onnx.NodeProto) -> None:
     axis, ids = w.chan[node.input[0]]
     in_shape, out_shape = w.shape(node.input[0]), w.shape(node.output[0])
-    literal = w.const(node.input[1]) if node.op_type == "Reshape" else None
-    if in_shape is None or out_shape is None or (node.op_type == "Reshape" and literal is None):
+    literal = w.const(node.input[1]) if op_id(node) == "Reshape" else None
+    if in_shape is None or out_shape is None or (op_id(node) == "Reshape" and literal is None):
         w.opaque(node, "shape computed at run time (run FoldShapes first)")
         return
     moved = reshape_ids(w, in_shape, axis, ids, out_shape)
@@ -424,7 +425,7 @@ def _reshape(w: ChannelWalk, node: onnx.NodeProto) -> None:
         w.opaque(node, "cannot follow the channel axis through this reshape")
         return
     out_axis, out_ids = moved
-    if node.op_type == "Reshape":
+    if op_id(node) == "Reshape":
         literal = literal.astype(np.int64)
         if literal[out_axis] == 0 and out_axis != axis:
             w.opaque(node, "copies a dim (0) that moves the channel axis")
@@ -555,13 +556,13 @@ def _resize(w: ChannelWalk, node: onnx.NodeProto) -> None:
     is the one at its place in `axes`, and there is none when `axes` leaves it out."""
     axis, ids = w.chan[node.input[0]]
     rank = len(w.shape(node.input[0]))
-    axes = attributes(node).get("axes") if node.op_type == "Resize" else None
+    axes = attributes(node).get("axes") if op_id(node) == "Resize" else None
     entry = axis
     if axes is not None:
         axes = [int(a) % rank for a in axes]
         entry = axes.index(axis) if axis in axes else None
     scales_name = node.input[2] if len(node.input) > 2 else ""
-    if node.op_type == "Upsample":
+    if op_id(node) == "Upsample":
         scales_name = node.input[1] if len(node.input) > 1 else ""
     scales = w.const(scales_name) if scales_name else attributes(node).get("scales")
     if scales_name and scales is None:
@@ -570,7 +571,7 @@ def _resize(w: ChannelWalk, node: onnx.NodeProto) -> None:
     if entry is not None and scales is not None and len(scales) and float(scales[entry]) != 1.0:
         w.opaque(node, "resizes the channel axis")
         return
-    if node.op_type == "Resize" and len(node.input) > 3 and node.input[3]:
+    if op_id(node) == "Resize" and len(node.input) > 3 and node.input[3]:
         sizes = w.const(node.input[3])
         if sizes is None:
             w.opaque(node, "sizes computed at run time")

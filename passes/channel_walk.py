@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 
 from .custom_ops import is_unknown_op
+from .domains import is_default, op_id
 from .graph import GraphIndex, channels_last, subgraph_names, subgraphs
 
 # Roles of initializer members, so importance and tests know what an axis is.
@@ -210,11 +211,11 @@ class ChannelWalk:
                     self.pin(ids, f"graph input '{source}' (an overridable initializer)")
 
     def visit(self, node: onnx.NodeProto) -> None:
-        op = node.op_type
+        op = op_id(node)
         inputs = [name for name in node.input if name in self.chan]
         # Custom domains and default-domain ops without a schema (TensorRT plugins) are opaque
         # unless a handler was registered for them.
-        custom = (node.domain not in ("", "ai.onnx") or is_unknown_op(node)) and handler_for(
+        custom = (not is_default(node.domain) or is_unknown_op(node)) and handler_for(
             node, self.opsets
         ) is None
         if not inputs and op not in ("Conv", "ConvTranspose"):
@@ -245,9 +246,9 @@ def constant_source(index: GraphIndex, name: str) -> str | None:
     (exporters share equal tensors that way); None if `name` is computed at run time."""
     while name not in index.initializers:
         node = index.producer.get(name)
-        if node is None or node.op_type not in ("Identity", "Constant"):
+        if node is None or op_id(node) not in ("Identity", "Constant"):
             return None
-        if node.op_type == "Constant":
+        if op_id(node) == "Constant":
             return name
         name = node.input[0]
     return name
@@ -260,7 +261,7 @@ _REGISTRY: dict[tuple[str, str], dict[int, Handler]] = {}
 
 
 def _domain(domain: str) -> str:
-    return "" if domain == "ai.onnx" else domain
+    return "" if is_default(domain) else domain
 
 
 def register_handler(

@@ -8,13 +8,15 @@ from collections.abc import Callable
 
 import onnx
 
+from .domains import is_default
+
 OPAQUE_DOMAIN = "onnx_mbs.opaque"
 
 
 def is_unknown_op(node: onnx.NodeProto) -> bool:
     """A default-domain op without an ONNX schema (a TensorRT plugin such as
     EfficientNMS_TRT): opaque, kept as it is and never followed."""
-    return node.domain in ("", "ai.onnx") and not onnx.defs.has(node.op_type)
+    return is_default(node.domain) and not onnx.defs.has(node.op_type)
 
 
 def uninferable_outputs(model: onnx.ModelProto) -> set[str]:
@@ -28,7 +30,7 @@ def uninferable_outputs(model: onnx.ModelProto) -> set[str]:
         if (node.domain, node.op_type) not in functions
         and (
             is_unknown_op(node)
-            if node.domain in ("", "ai.onnx")
+            if is_default(node.domain)
             else not onnx.defs.has(node.op_type, node.domain)
         )
         for name in node.output

@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .domains import op_id
 from .errors import BadInputError
 from .fold import MAX_ELEMENTS, folded_constant, shape_values
 from .graph import (
@@ -320,13 +321,13 @@ def keep_dynamic(
         data = [i.shapes.get(reader.input[0]) for _, i in folded] if reader else [None]
         fixed = None
         if same_shape and None not in data:
-            if reader.op_type == "Reshape" and reader.input[1] == name:
+            if op_id(reader) == "Reshape" and reader.input[1] == name:
                 fixed = _agnostic_reshape(values, data, attributes(reader))
-            elif reader.op_type == "Resize" and reader.input[-1] == name:
+            elif op_id(reader) == "Resize" and reader.input[-1] == name:
                 fixed = _sizes_as_scales(values, data, attributes(reader).get("axes"))
         if fixed is None:
             run_time[name] = np.any([v != value for v in values], axis=0) if same_shape else None
-        elif reader.op_type == "Resize":
+        elif op_id(reader) == "Resize":
             scales = f"{name}_scales"
             new[scales] = fixed
             roi = reader.input[1] if len(reader.input) > 1 else ""

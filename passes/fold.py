@@ -29,6 +29,7 @@ import onnx
 from onnx import numpy_helper
 
 from .base import Pass, PassResult
+from .domains import is_default, op_id
 from .graph import FOLDED, GraphIndex, attributes, is_weight, stored_casts
 from .normalise import constant_value
 
@@ -54,7 +55,7 @@ def fold_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     left = {
         k
         for k in folded
-        if index.nodes[k].op_type == "Constant"
+        if op_id(index.nodes[k]) == "Constant"
         and index.nodes[k].output[0] not in feeds_folded
         and index.nodes[k].output[0] in readers_kept
     }
@@ -121,7 +122,7 @@ def _folded(
     values: dict[str, np.ndarray] = {}
     folded: set[int] = set()
     for k, node in enumerate(index.nodes):
-        if node.domain not in ("", "ai.onnx") or any(o in kept for o in node.output):
+        if not is_default(node.domain) or any(o in kept for o in node.output):
             continue
         result = _fold(node, index, values, small, opsets)
         if result is None:
@@ -141,7 +142,7 @@ def _fold(
     opsets: dict[str, int],
 ) -> list[np.ndarray] | None:
     """The node's outputs if it can be folded, else None."""
-    op = node.op_type
+    op = op_id(node)
     if op == "Constant":
         value = constant_value(node)
         return None if value is None else [value]
@@ -231,12 +232,12 @@ def output_elements(
         return sum(math.prod(shape) for shape in outputs)
     values = [np.asarray(feeds[name]) if name in feeds else None for name in node.input]
     try:
-        if node.op_type in VALUE_SIZED:
-            return VALUE_SIZED[node.op_type](values)
+        if op_id(node) in VALUE_SIZED:
+            return VALUE_SIZED[op_id(node)](values)
         arrays = [v for v in values if v is not None]
-        if node.op_type in BROADCASTING:
+        if op_id(node) in BROADCASTING:
             return math.prod(np.broadcast_shapes(*(v.shape for v in arrays)))
-        if node.op_type in BOUNDED:
+        if op_id(node) in BOUNDED:
             sizes = [max(v.size, 1) for v in arrays]
             return max(sum(sizes), max(sizes) * min(sizes))
     except (ValueError, TypeError, ZeroDivisionError, OverflowError):

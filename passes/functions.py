@@ -15,13 +15,13 @@ import onnx
 import onnx.inliner
 
 from .channel_walk import handler_for
+from .domains import is_default, op_id
 from .errors import BadInputError
 from .graph import nested_nodes
 from .protos import without_weights
 
 # Ops whose multiply-adds analysis.py counts (CONV_OPS and the matrix products).
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum")
-_DEFAULT = ("", "ai.onnx")
 
 
 def inline_layers(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -57,14 +57,14 @@ def functions_to_inline(model: onnx.ModelProto) -> set[tuple[str, str]]:
     """(domain, name) of each local function holding a layer, directly or through the
     functions it calls, that no registered handler follows."""
     functions = {(f.domain, f.name): f for f in model.functions}
-    opsets = {("" if o.domain in _DEFAULT else o.domain): o.version for o in model.opset_import}
+    opsets = {("" if is_default(o.domain) else o.domain): o.version for o in model.opset_import}
     holds: dict[tuple[str, str], bool] = {}
 
     def holds_layer(key: tuple[str, str]) -> bool:
         if key not in holds:
             holds[key] = False  # a call of itself (invalid ONNX) adds nothing
             holds[key] = any(
-                (node.domain in _DEFAULT and node.op_type in LAYER_OPS)
+                op_id(node) in LAYER_OPS
                 or ((node.domain, node.op_type) in functions and holds_layer(_key(node)))
                 for node in nested_nodes(functions[key])
             )

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .domains import is_default, op_id
 from .errors import BadInputError
 from .normalise import constant_value
 
@@ -96,7 +97,7 @@ class GraphIndex:
         equal tensors that way)."""
         while name not in self.initializers:
             node = self.producer.get(name)
-            if node is None or node.op_type != "Identity":
+            if node is None or op_id(node) != "Identity":
                 return None
             name = node.input[0]
         return name
@@ -107,14 +108,14 @@ class GraphIndex:
         chains); (-1, -1) for a graph output that is one, listed first."""
         alias = {name: name for name in sources}
         for node in self.nodes:
-            if node.op_type == "Identity" and node.input[0] in alias:
+            if op_id(node) == "Identity" and node.input[0] in alias:
                 alias[node.output[0]] = alias[node.input[0]]
         readers: dict[str, list[tuple[int, int]]] = {s: [] for s in sources}
         for name in self.graph_outputs:
             if name in alias:
                 readers[alias[name]].append((-1, -1))
         for n, node in enumerate(self.nodes):
-            if node.op_type != "Identity":
+            if op_id(node) != "Identity":
                 for i, name in enumerate(node.input):
                     if name in alias:
                         readers[alias[name]].append((n, i))
@@ -126,7 +127,7 @@ class GraphIndex:
         if source is not None:
             return numpy_helper.to_array(self.initializers[source])
         node = self.producer.get(name)
-        if node is not None and node.op_type == "Constant":
+        if node is not None and op_id(node) == "Constant":
             return constant_value(node)
         return None
 
@@ -175,7 +176,7 @@ def nested_nodes(*graphs: onnx.GraphProto | onnx.FunctionProto) -> Iterator[onnx
 def default_opset(model: onnx.ModelProto) -> int:
     """The model's opset of the default (ai.onnx) domain: op semantics depend on it."""
     for entry in model.opset_import:
-        if entry.domain in ("", "ai.onnx"):
+        if is_default(entry.domain):
             return entry.version
     return 1
 
@@ -223,11 +224,11 @@ def is_parameter_use(
     scale and bias of an InstanceNormalization that are all ones and all zeros
     (`_no_affine`).
     """
-    if position in NOT_PARAMETERS.get(node.op_type, ()):
+    if position in NOT_PARAMETERS.get(op_id(node), ()):
         return False
-    if node.op_type == "InstanceNormalization" and position in (1, 2) and constant:
+    if op_id(node) == "InstanceNormalization" and position in (1, 2) and constant:
         return not _no_affine(node, constant)
-    return not (rank == 0 and node.op_type in SCALAR_OPS)
+    return not (rank == 0 and op_id(node) in SCALAR_OPS)
 
 
 def _no_affine(node: onnx.NodeProto, constant: Callable[[str], np.ndarray | None]) -> bool:
@@ -286,19 +287,17 @@ def stored_casts(
     candidates = [
         node
         for node in graph.node
-        if node.op_type in ("Cast", "CastLike")
-        and node.domain in ("", "ai.onnx")
-        and node.input[0] in weights
+        if op_id(node) in ("Cast", "CastLike") and node.input[0] in weights
     ]
     if types is None:
-        types = value_types(graph) if any(n.op_type == "CastLike" for n in candidates) else {}
+        types = value_types(graph) if any(op_id(n) == "CastLike" for n in candidates) else {}
     return {node.output[0]: node for node in candidates if cast_target(node, types) in FLOAT_TYPES}
 
 
 def cast_target(node: onnx.NodeProto, types: dict[str, int]) -> int | None:
     """The element type a Cast (its `to`) or CastLike (its second input's type, from `types`:
     `value_types`) makes; None where not known."""
-    if node.op_type == "CastLike":
+    if op_id(node) == "CastLike":
         return types.get(node.input[1]) if len(node.input) > 1 else None
     return attributes(node).get("to")
 
@@ -428,7 +427,7 @@ def channels_last(index: GraphIndex, name: str) -> bool:
 def identity_sources(graph: onnx.GraphProto) -> dict[str, str]:
     """Each Identity node's output -> the tensor behind its chain of Identity nodes: exporters
     write Mul(x, Identity(c)), and `c` is a constant all the same."""
-    step = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity" and n.input}
+    step = {n.output[0]: n.input[0] for n in graph.node if op_id(n) == "Identity" and n.input}
     behind: dict[str, str] = {}
     for name in step:
         source, seen = name, set()
@@ -444,7 +443,7 @@ def constant_lookup(graph: onnx.GraphProto) -> Callable[[str], np.ndarray | None
     either) by name, each decoded when asked for: walks that read a few small constants need
     not decode weights (FixInputShapes walks the input at every size it tries)."""
     initializers = {t.name: t for t in graph.initializer}
-    nodes = {n.output[0]: n for n in graph.node if n.op_type == "Constant" and n.output}
+    nodes = {n.output[0]: n for n in graph.node if op_id(n) == "Constant" and n.output}
     behind = identity_sources(graph)
 
     def constant(name: str) -> np.ndarray | None:
@@ -467,12 +466,12 @@ def _input_front(graph: onnx.GraphProto, name: str) -> list[tuple[str, np.ndarra
     while len(readers.get(tensor, [])) == 1:
         node = readers[tensor][0]
         others = [i for i in node.input if i != tensor]
-        if node.op_type in ("Mul", "Div", "Add", "Sub") and len(others) == 1:
+        if op_id(node) in ("Mul", "Div", "Add", "Sub") and len(others) == 1:
             value = constant(others[0])
-            if value is None or (node.op_type in ("Div", "Sub") and node.input[0] != tensor):
+            if value is None or (op_id(node) in ("Div", "Sub") and node.input[0] != tensor):
                 break
             front.append((node.op_type, value))
-        elif node.op_type not in ("Identity", "Cast", "Transpose"):
+        elif op_id(node) not in ("Identity", "Cast", "Transpose"):
             break
         tensor = node.output[0]
     return front
@@ -525,7 +524,7 @@ def input_layout(graph: onnx.GraphProto, name: str) -> str:
     where it is: tf2onnx without its optimiser pads H and W before the Transpose): the data
     is fed so, and the input's channels are its last axis."""
     constants = {t.name for t in graph.initializer}
-    constants |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    constants |= {o for n in graph.node if op_id(n) == "Constant" for o in n.output}
     constants |= {o for o, source in identity_sources(graph).items() if source in constants}
     readers = tensor_readers(graph)
     ends, stack, seen = [], [name], {name}
@@ -533,13 +532,13 @@ def input_layout(graph: onnx.GraphProto, name: str) -> str:
         tensor = stack.pop()
         for node in readers.get(tensor, []):
             others = [i for i in node.input if i and i != tensor]
-            keeps_axes = node.op_type == "Pad" and node.input[0] == tensor
-            if keeps_axes or node.op_type in ELEMENTWISE and all(i in constants for i in others):
+            keeps_axes = op_id(node) == "Pad" and node.input[0] == tensor
+            if keeps_axes or op_id(node) in ELEMENTWISE and all(i in constants for i in others):
                 stack.extend(o for o in node.output[:1] if o not in seen)
                 seen.update(node.output[:1])
             else:
                 ends.append(node)
-    perms = [list(attributes(n).get("perm", [])) for n in ends if n.op_type == "Transpose"]
+    perms = [list(attributes(n).get("perm", [])) for n in ends if op_id(n) == "Transpose"]
     if ends and len(perms) == len(ends) and all(p == [0, 3, 1, 2] for p in perms):
         return "NHWC"
     return "NCHW"

@@ -24,6 +24,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .custom_ops import hide_unknown_ops
+from .domains import op_id
 from .errors import BadInputError
 from .graph import attributes, default_opset, fresh_name, subgraph_names
 from .shapes import weightless
@@ -33,7 +34,7 @@ PER_CHANNEL_SINCE = 21  # before: one scale and bias per group
 
 
 def is_group_norm(node: onnx.NodeProto) -> bool:
-    return node.op_type == OP and node.domain in ("", "ai.onnx")
+    return op_id(node) == OP
 
 
 def deprecated_group_norms(model: onnx.ModelProto) -> Callable[[onnx.NodeProto], bool]:

@@ -37,6 +37,7 @@ import onnx
 
 from .channel_groups import ChannelGroup, Member
 from .channel_walk import ACTIVATION, FILTERS, constant_source
+from .domains import op_id
 from .errors import BadInputError
 from .graph import GraphIndex, attributes
 
@@ -73,7 +74,7 @@ class Importance:
         NFNet), its weight as computed on its output channels: the initializer it is computed
         from has other norms (a row of any scale standardises alike; a zero gain zeroes it)."""
         node = self.nodes.get(member.node)
-        if node is None or node.op_type != "Conv" or constant_source(self.index, node.input[1]):
+        if node is None or op_id(node) != "Conv" or constant_source(self.index, node.input[1]):
             return member
         out = next(
             (m for m in group.members if m.tensor == node.output[0] and m.role == ACTIVATION),
@@ -155,7 +156,7 @@ class BatchNormScaled(FilterNorm):
     def row_power(self, member: Member) -> np.ndarray:
         scale = self._bn_scale(member.node)
         node = self.nodes.get(member.node)
-        if scale is not None and node.op_type == "ConvTranspose" and member.axis == 0:
+        if scale is not None and op_id(node) == "ConvTranspose" and member.axis == 0:
             return self._grouped_transpose_power(member, node, scale)
         power = super().row_power(member)
         return power if scale is None or scale.shape != power.shape else power * scale**2
@@ -176,12 +177,12 @@ class BatchNormScaled(FilterNorm):
 
     def _bn_scale(self, producer: str) -> np.ndarray | None:
         node = self.nodes.get(producer)
-        if node is None or node.op_type not in ("Conv", "ConvTranspose", "Gemm"):
+        if node is None or op_id(node) not in ("Conv", "ConvTranspose", "Gemm"):
             return None
         readers = self.index.consumers.get(node.output[0], [])
         while len(readers) == 1 and self._passes_on(readers[0]):
             readers = self.index.consumers.get(readers[0].output[0], [])
-        if len(readers) != 1 or readers[0].op_type != "BatchNormalization":
+        if len(readers) != 1 or op_id(readers[0]) != "BatchNormalization":
             return None
         bn = readers[0]
         gamma, var = (self.index.constant(bn.input[i]) for i in (1, 4))
@@ -194,9 +195,9 @@ class BatchNormScaled(FilterNorm):
         """An op that hands its input on unchanged: an Identity, or a Dropout not training
         (no `training_mode`, or a constant false one), as exporters leave between a conv and
         its BatchNorm."""
-        if node.op_type == "Identity":
+        if op_id(node) == "Identity":
             return True
-        if node.op_type != "Dropout":
+        if op_id(node) != "Dropout":
             return False
         training = self.index.constant(node.input[2]) if len(node.input) > 2 else None
         return (
@@ -238,7 +239,7 @@ class ActivationImportance(Importance):
         input axis (C_in, C_out / group, ...): conv-group j makes outputs j * C_out / group
         on, whichever of its input channels the positions hold."""
         node = self.nodes.get(member.node)
-        if node is None or node.op_type != "ConvTranspose" or member.axis != 0:
+        if node is None or op_id(node) != "ConvTranspose" or member.axis != 0:
             return member.positions
         group = int(attributes(node).get("group", 1))
         shape = self.index.shapes.get(node.input[1])

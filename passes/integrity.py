@@ -18,6 +18,7 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
+from .domains import COUNTED_CONVS, op_id
 from .errors import BadInputError
 from .graph import GraphIndex, attributes
 
@@ -275,12 +276,12 @@ def check_made_sizes(model: onnx.ModelProto, index: GraphIndex | None = None) ->
     """Refuse a tensor made by an op whose output size numbers in the file set (ConstantOfShape,
     Tile, Expand, Resize...) when it dwarfs everything the model reads: a 136 KB file can ask
     for 1.5e9 floats, and every run of the model would make them."""
-    if not any(node.op_type in SIZED_BY_VALUES for node in model.graph.node):
+    if not any(op_id(node) in SIZED_BY_VALUES for node in model.graph.node):
         return  # most CNNs: no index to build
     index = GraphIndex.of(model, index)
     biggest_input = max((math.prod(index.shapes.get(i, ())) for i in index.graph_inputs), default=1)
     for node in index.nodes:
-        if node.op_type not in SIZED_BY_VALUES or node.output[0] not in index.shapes:
+        if op_id(node) not in SIZED_BY_VALUES or node.output[0] not in index.shapes:
             continue
         made = math.prod(index.shapes[node.output[0]])
         read = max([math.prod(index.shapes[i]) for i in node.input if i in index.shapes] + [1])
@@ -299,13 +300,13 @@ def check_conv_channels(model: onnx.ModelProto, index: GraphIndex | None = None)
     the channel walk would cut a weight axis by channels it does not have."""
     shapes = GraphIndex.of(model, index).shapes
     for node in model.graph.node:
-        if node.op_type not in ("Conv", "ConvTranspose") or node.domain not in ("", "ai.onnx"):
+        if op_id(node) not in COUNTED_CONVS:
             continue
         x, weight = shapes.get(node.input[0]), shapes.get(node.input[1])
         if not x or not weight or len(x) < 2 or len(weight) < 2:
             continue
         group = attributes(node).get("group", 1)
-        transpose = node.op_type == "ConvTranspose"
+        transpose = op_id(node) == "ConvTranspose"
         reads = weight[0] if transpose else weight[1] * group
         what = f"{node.op_type} {node.name!r}"
         if x[1] != reads:

@@ -17,6 +17,7 @@ import onnx
 
 from .base import Pass, PassResult
 from .custom_ops import uninferable_outputs
+from .domains import COUNTED_CONVS, op_id
 from .dynamic_dims import KINDS, MULTIPLES, RunTimeShapes, keep_dynamic, other_shapes
 from .errors import BadInputError
 from .functions import functions_to_inline, inline_layers
@@ -293,7 +294,7 @@ def _is_load_form(model: onnx.ModelProto, static: Container[str]) -> bool:
         all(names)
         and len(set(names)) == len(names)
         and all(static_shape(i) for i in graph.input if i.name not in initializers)
-        and all(n.output[0] in static for n in graph.node if n.op_type in ("Conv", "ConvTranspose"))
+        and all(n.output[0] in static for n in graph.node if op_id(n) in COUNTED_CONVS)
         and not (model.functions and functions_to_inline(model))
     )
 

@@ -22,6 +22,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .base import Pass, PassResult
+from .domains import op_id
 
 # Constant attributes that hold a plain tensor value, and the dtype of list/scalar forms.
 _CONSTANT_DTYPES = {
@@ -59,14 +60,14 @@ def normalise_in_place(out: onnx.ModelProto) -> onnx.ModelProto:
     kept: list[onnx.NodeProto] = []
     for node in graph.node:
         _rename_inputs(node, alias)
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+        if op_id(node) == "Constant":
             value = constant_value(node)
             if value is not None and node.output[0] not in outputs:
                 graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
                 initializers.add(node.output[0])
                 continue
         if (
-            node.op_type == "Identity"
+            op_id(node) == "Identity"
             and node.input[0] in initializers
             and node.output[0] not in outputs
         ):
@@ -129,10 +130,10 @@ def needs_normalising(model: onnx.ModelProto) -> bool:
     for node in graph.node:
         if node.output and node.output[0] in outputs:
             continue
-        constant = node.op_type == "Constant" and node.domain in ("", "ai.onnx")
+        constant = op_id(node) == "Constant"
         if constant and constant_value(node) is not None:
             return True
-        if node.op_type == "Identity" and node.input[0] in initializers:
+        if op_id(node) == "Identity" and node.input[0] in initializers:
             return True
     names = [n.name for n in graph.node]
     if not all(names) or len(set(names)) != len(names):

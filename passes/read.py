@@ -12,6 +12,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from .custom_ops import hide_unknown_ops, is_unknown_op
+from .domains import FUSED_CONV, is_default, op_id
 from .errors import BadInputError, QuantizedModelError, temporary_folder_error
 from .external_data import weights_apart
 from .graph import FLOAT_TYPES, attributes, nested_nodes, topological_order
@@ -32,7 +33,10 @@ QUANTIZED_OPS = {
 # TRT_INT4DequantizeLinear, ...) exports FP8 and INT4 models so.
 QUANTIZING_SUFFIXES = ("QuantizeLinear", "DequantizeLinear")
 # The inputs of a layer that hold its weights (a MatMul's weight may be either input).
-WEIGHT_INPUTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1)}
+WEIGHT_INPUTS = {
+    "Conv": (1, 2), "ConvTranspose": (1, 2), FUSED_CONV: (1, 2),
+    "Gemm": (0, 1, 2), "MatMul": (0, 1),
+}  # fmt: skip
 # Ops a hand-written dequantisation passes a stored weight through.
 DEQUANTISING = {
     "Cast", "Mul", "Div", "Add", "Sub", "Reshape", "Transpose", "Unsqueeze", "Squeeze",
@@ -195,13 +199,13 @@ def integer_weight(graph: onnx.GraphProto) -> str | None:
     topological order): an integer constant added to an activation is no weight."""
     stored = {t.name: (t.data_type, "initializer") for t in graph.initializer}
     for node in graph.node:  # exporters that fold no constants hold weights in Constant nodes
-        value = attributes(node).get("value") if node.op_type == "Constant" else None
-        if isinstance(value, onnx.TensorProto) and node.domain in ("", "ai.onnx"):
+        value = attributes(node).get("value") if op_id(node) == "Constant" else None
+        if isinstance(value, onnx.TensorProto) and is_default(node.domain):
             stored[node.output[0]] = (value.data_type, "constant")
     integer = {name: held for name, held in stored.items() if held[0] not in FLOAT_TYPES}
     constant = set(stored)
     for node in graph.node:
-        if node.op_type in DEQUANTISING and all(not x or x in constant for x in node.input):
+        if op_id(node) in DEQUANTISING and all(not x or x in constant for x in node.input):
             constant.update(node.output)
     readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
     for node in graph.node:
@@ -209,7 +213,7 @@ def integer_weight(graph: onnx.GraphProto) -> str | None:
             readers.setdefault(name, []).append((node, k))
     for cast in graph.node:
         if not (
-            cast.op_type == "Cast"
+            op_id(cast) == "Cast"
             and cast.input[0] in integer
             and attributes(cast).get("to") in FLOAT_TYPES
         ):
@@ -220,7 +224,7 @@ def integer_weight(graph: onnx.GraphProto) -> str | None:
         while paths:
             node, ops = paths.pop()
             for reader, k in readers.get(node.output[0], []) if node.output else []:
-                if k in WEIGHT_INPUTS.get(reader.op_type, ()):
+                if k in WEIGHT_INPUTS.get(op_id(reader), ()):
                     return (
                         f"{reader.op_type} {reader.name or reader.output[0]!r} reads {dtype} "
                         f"{held} {cast.input[0]!r} through {' -> '.join(ops)}"

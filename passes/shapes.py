@@ -19,6 +19,7 @@ from .custom_ops import (
     restore_unknown_ops,
     uninferable_outputs,
 )
+from .domains import COUNTED_CONVS, op_id
 from .errors import BadInputError, input_shape_option
 from .graph import default_opset, static_shape
 from .protos import without_weights
@@ -266,16 +267,16 @@ def _constant_scales(
 ) -> np.ndarray | None:
     """The scales of a default-domain Resize or Upsample that scales by constants (not to
     sizes, not along `axes`), else None."""
-    if node.domain not in ("", "ai.onnx") or node.op_type not in ("Resize", "Upsample"):
+    if op_id(node) not in ("Resize", "Upsample"):
         return None
-    if node.op_type == "Upsample" and version < 9:
+    if op_id(node) == "Upsample" and version < 9:
         return next(
             (np.array(a.floats, np.float32) for a in node.attribute if a.name == "scales"), None
         )
     if any(a.name == "axes" for a in node.attribute):
         return None
-    at = 1 if node.op_type == "Upsample" or version < 11 else 2
-    sizes_given = node.op_type == "Resize" and version >= 11 and len(node.input) > 3
+    at = 1 if op_id(node) == "Upsample" or version < 11 else 2
+    sizes_given = op_id(node) == "Resize" and version >= 11 and len(node.input) > 3
     if len(node.input) <= at or node.input[at] not in constants or (sizes_given and node.input[3]):
         return None
     return numpy_helper.to_array(constants[node.input[at]]).astype(np.float32).ravel()
@@ -382,7 +383,7 @@ def check_static(inferred: onnx.ModelProto) -> None:
     weights = known | {t.name for t in graph.initializer}
     weights |= {i.name for i in graph.input if static_shape(i) is not None}
     for node in graph.node:
-        if node.op_type not in ("Conv", "ConvTranspose"):
+        if op_id(node) not in COUNTED_CONVS:
             continue
         for what, name, sized in (
             ("output", node.output[0], known),
@@ -429,7 +430,7 @@ def settle(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
 
     # Each round can only fold Shapes whose inputs the last inference reached, so a
     # chain of k dependent Shape computations needs up to k + 1 rounds.
-    rounds = 2 + sum(n.op_type == "Shape" for n in model.graph.node)
+    rounds = 2 + sum(op_id(n) == "Shape" for n in model.graph.node)
     anything = False
     for _ in range(rounds):
         inferred = inferred_types(model)

@@ -28,6 +28,7 @@ from onnx import numpy_helper
 from .base import Pass, PassResult
 from .channel_groups import ChannelAnalysis, analyze_channels
 from .channel_walk import Edit, constant_source
+from .domains import op_id
 from .graph import (
     GraphIndex,
     count_parameters,
@@ -351,7 +352,7 @@ def _apply_edits(
             del out.graph.initializer[k]
         dead = [
             k for k, n in enumerate(out.graph.node)
-            if n.op_type == "Constant" and n.output[0] in replaced - used
+            if op_id(n) == "Constant" and n.output[0] in replaced - used
         ]  # fmt: skip
         for k in reversed(dead):
             del out.graph.node[k]
@@ -368,7 +369,7 @@ def _update_shapes(
     (Identity outputs) take the new constant's shape, and the tensors a computed conv
     weight is made of their kept counts on every channel axis they carry."""
     for node in index.nodes:
-        if node.op_type == "Identity":
+        if op_id(node) == "Identity":
             src = constant_source(index, node.input[0])
             if src in new_shapes:
                 new_shapes[node.output[0]] = new_shapes[src]

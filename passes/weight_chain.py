@@ -29,6 +29,7 @@ import onnx
 
 from .channel_reshape import reshape_ids
 from .channel_walk import CONST, FILTERS, WEIGHTS_IN, ChannelWalk, Edit, Slot
+from .domains import op_id
 from .graph import attributes
 
 # Element-wise ops with one input whose axes pass through unchanged.
@@ -137,10 +138,10 @@ def _effective(shape: tuple[int, ...] | None, roles: Roles) -> Roles:
 def _mixed(w: ChannelWalk, node: onnx.NodeProto, roles: Roles) -> set[str]:
     """The roles whose channels `node` (reading them on `roles`) averages together: a
     reduction over their axis, or a BatchNormalization whose statistics span it."""
-    if node.op_type == "BatchNormalization":
+    if op_id(node) == "BatchNormalization":
         training = attributes(node).get("training_mode", 0)
         return {role for axis, (_, role) in roles.items() if training and axis != 1}
-    if node.op_type not in REDUCES:
+    if op_id(node) not in REDUCES:
         return set()
     reduced = _reduced_axes(w, node, len(w.shape(node.input[0]) or ()))
     return {role for axis, (_, role) in roles.items() if axis in reduced}
@@ -175,7 +176,7 @@ def _input_roles(
     w: ChannelWalk, node: onnx.NodeProto, output: str, roles: Roles
 ) -> list[tuple[str, Roles]]:
     """(input name, the channel axes it carries) for every input of `node` that matters."""
-    op, what = node.op_type, f"{node.op_type} '{node.name}'"
+    op, what = op_id(node), f"{node.op_type} '{node.name}'"
     out_shape = w.shape(output)
     shapes = [w.shape(name) if name else None for name in node.input]
     if out_shape is None or any(s is None for s, n in zip(shapes, node.input) if n):
@@ -225,7 +226,7 @@ def _batchnorm_roles(
 
 def _reshape_edits(w: ChannelWalk, node: onnx.NodeProto, number: int, roles: Roles) -> list[Edit]:
     """A Reshape shape constant counts channels where it gives their axis literally."""
-    if node.op_type != "Reshape":
+    if op_id(node) != "Reshape":
         return []  # Flatten: nothing to edit
     literal = w.const(node.input[1])
     if literal is None:  # computed from the weight's own Shape: follows by itself

@@ -35,6 +35,7 @@ from onnx import helper, numpy_helper
 from onnx_mbs.bridge.module import OnnxModule, is_alias, with_outputs
 from onnx_mbs.bridge.ops import BN_MOMENTUM
 from onnx_mbs.bridge.precision import write_values
+from onnx_mbs.passes.domains import op_id
 
 EPS = 1e-5
 
@@ -54,15 +55,15 @@ class InsertedBN:
 
 
 def has_batchnorm(model: onnx.ModelProto) -> bool:
-    return any(n.op_type == "BatchNormalization" for n in model.graph.node)
+    return any(op_id(n) == "BatchNormalization" for n in model.graph.node)
 
 
 def is_bn_folded(model: onnx.ModelProto) -> bool:
     """Whether the graph looks BN-folded: fewer than half of its Convs feed a BatchNorm (a BN-kept
     export has one after nearly every Conv; a folded one only where folding was impossible)."""
     graph = model.graph
-    normalised = {n.input[0] for n in graph.node if n.op_type == "BatchNormalization"}
-    convs = [n for n in graph.node if n.op_type == "Conv"]
+    normalised = {n.input[0] for n in graph.node if op_id(n) == "BatchNormalization"}
+    convs = [n for n in graph.node if op_id(n) == "Conv"]
     return bool(convs) and 2 * sum(c.output[0] in normalised for c in convs) < len(convs)
 
 
@@ -98,7 +99,7 @@ def foldable_convs(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     stored = stored_initializers(model)
     found = []
     for node in graph.node:
-        if node.op_type != "Conv" or len(node.input) < 3 or not node.input[2]:
+        if op_id(node) != "Conv" or len(node.input) < 3 or not node.input[2]:
             continue
         out = node.output[0]
         weight, bias = stored(node.input[1]), stored(node.input[2])
@@ -106,7 +107,7 @@ def foldable_convs(model: onnx.ModelProto) -> list[onnx.NodeProto]:
             continue
         if len(readers[weight]) > 1 or len(readers[bias]) > 1:
             continue
-        if any(r.op_type == "BatchNormalization" for r in readers.get(out, [])):
+        if any(op_id(r) == "BatchNormalization" for r in readers.get(out, [])):
             continue
         found.append(node)
     return found
@@ -217,7 +218,7 @@ def reinsert_bn(
     nodes: list[onnx.NodeProto] = []
     for conv in graph.node:
         nodes.append(conv)
-        if conv.op_type != "Conv" or conv.output[0] not in stats:
+        if op_id(conv) != "Conv" or conv.output[0] not in stats:
             continue
         target = conv.output[0]
         mean, var = stats[target]

@@ -37,6 +37,7 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from onnx_mbs.bridge.ops import NO_FOLD, OPS, TRAINING_OPS, Node
+from onnx_mbs.passes.domains import op_id
 from onnx_mbs.passes.errors import BadInputError
 from onnx_mbs.passes.graph import default_opset, fresh_name, topological_order
 
@@ -64,13 +65,7 @@ Step = tuple[Callable[..., Any], tuple[str, ...], tuple[str, ...], bool, tuple[s
 
 def unsupported_ops(model: onnx.ModelProto) -> list[str]:
     """Op types in the graph the bridge cannot run, sorted."""
-    found = set()
-    for node in model.graph.node:
-        if node.domain not in ("", "ai.onnx"):
-            found.add(f"{node.domain}:{node.op_type}")
-        elif node.op_type not in OPS:
-            found.add(node.op_type)
-    return sorted(found)
+    return sorted({op_id(node) for node in model.graph.node} - set(OPS))
 
 
 def string_tensors(model: onnx.ModelProto) -> list[str]:
@@ -83,7 +78,7 @@ def string_tensors(model: onnx.ModelProto) -> list[str]:
     }
     strings |= {t.name for t in graph.initializer if t.data_type == string and t.name in read}
     for node in graph.node:
-        if node.op_type == "Constant" and any(
+        if op_id(node) == "Constant" and any(
             a.name in ("value_string", "value_strings") or a.t.data_type == string
             for a in node.attribute
         ):
@@ -127,9 +122,9 @@ def initializer_roles(
     ) -> list[tuple[onnx.NodeProto, int, bool, bool]]:
         found = []
         for node, i in consumers.get(name, []):
-            layout = i == 0 and node.op_type in through and not is_embedding(node, i, raw)
+            layout = i == 0 and op_id(node) in through and not is_embedding(node, i, raw)
             if (is_alias(node) or layout) and node.output[0] not in seen:
-                cuts = cut or (layout and node.op_type in _CUT_OPS)
+                cuts = cut or (layout and op_id(node) in _CUT_OPS)
                 for out in filter(None, node.output):  # Split: every part
                     seen.add(out)
                     found += uses(out, seen, reshaped or layout, cuts)
@@ -141,14 +136,14 @@ def initializer_roles(
     roles = {t.name: "constant" for t in graph.initializer}
     for name, tensor in float_inits.items():
         for node, i, reshaped, cut in uses(name, {name}):
-            if node.op_type in ignore:
+            if op_id(node) in ignore:
                 continue
             embedding = "Gather" in through and is_embedding(node, i, raw)
             if (
-                i in WEIGHT_INPUTS.get(node.op_type, ())
+                i in WEIGHT_INPUTS.get(op_id(node), ())
                 or embedding
                 or (
-                    node.op_type in ELEMENTWISE
+                    op_id(node) in ELEMENTWISE
                     and is_per_channel(tensor.dims)
                     and not cut
                     and not any(other in raw for other in node.input)
@@ -156,7 +151,7 @@ def initializer_roles(
             ):
                 roles[name] = "parameter"
             elif (
-                i in STAT_INPUTS.get(node.op_type, ())
+                i in STAT_INPUTS.get(op_id(node), ())
                 and roles[name] != "parameter"
                 and not reshaped
             ):
@@ -167,7 +162,7 @@ def initializer_roles(
 def is_embedding(node: onnx.NodeProto, i: int, raw: set[str]) -> bool:
     """Input i of `node` is the table of an embedding lookup: the data of a Gather whose indices
     come from the graph inputs (token ids), a weight whatever reads the rows it picks."""
-    return node.op_type == "Gather" and i == 0 and len(node.input) > 1 and node.input[1] in raw
+    return op_id(node) == "Gather" and i == 0 and len(node.input) > 1 and node.input[1] in raw
 
 
 def indexed_weights(model: onnx.ModelProto) -> list[str]:
@@ -203,8 +198,8 @@ def _input_side(graph: onnx.GraphProto) -> set[str]:
         if all(name in fixed for name in node.input):
             fixed.update(outputs)
         elif (
-            node.op_type not in WEIGHT_INPUTS
-            and not (node.op_type == "Gather" and node.input[0] in fixed)  # an embedding
+            op_id(node) not in WEIGHT_INPUTS
+            and not (op_id(node) == "Gather" and node.input[0] in fixed)  # an embedding
             and all(n in raw or n in fixed for n in node.input)
         ):
             raw.update(outputs)
@@ -230,9 +225,9 @@ _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorPro
 def is_alias(node: onnx.NodeProto) -> bool:
     """Identity, or a Cast between float types: the consumer's role passes through it (a weight
     stored in bf16 and cast to float before its Conv is still a weight)."""
-    if node.op_type == "Identity":
+    if op_id(node) == "Identity":
         return True
-    return node.op_type == "Cast" and any(
+    return op_id(node) == "Cast" and any(
         a.name == "to" and a.i in _FLOAT_TYPES for a in node.attribute
     )
 
@@ -267,7 +262,7 @@ def untie_initializers(
     outputs = {o.name for o in graph.output}
     keep = []
     for node in topological_order(graph):
-        if node.op_type == "Identity" and node.input[0] in inits and node.output[0] not in outputs:
+        if op_id(node) == "Identity" and node.input[0] in inits and node.output[0] not in outputs:
             copy = onnx.TensorProto()
             copy.CopyFrom(inits[node.input[0]])
             copy.name = node.output[0]
@@ -306,7 +301,7 @@ def _own_batchnorm_inputs(model: onnx.ModelProto, sources: dict[str, str]) -> No
             reads[name] = reads.get(name, 0) + 1
     taken = set(reads) | set(inits) | {o for n in graph.node for o in n.output}
     for node in graph.node:
-        if node.op_type != "BatchNormalization":
+        if op_id(node) != "BatchNormalization":
             continue
         for k in range(1, min(len(node.input), 5)):
             name = node.input[k]
@@ -328,7 +323,7 @@ def _hoist_constant_weights(model: onnx.ModelProto) -> None:
     outputs = {o.name for o in graph.output}
     hoisted: dict[str, onnx.TensorProto] = {}
     for node in graph.node:
-        if node.op_type != "Constant" or node.output[0] in outputs or len(node.attribute) != 1:
+        if op_id(node) != "Constant" or node.output[0] in outputs or len(node.attribute) != 1:
             continue
         attr = node.attribute[0]
         if attr.name == "value" and attr.t.data_type in _FLOAT_TYPES:
@@ -345,7 +340,7 @@ def _hoist_constant_weights(model: onnx.ModelProto) -> None:
     wanted = {name for name in hoisted if roles[name] != "constant"}
     if not wanted:
         return
-    keep = [n for n in graph.node if not (n.op_type == "Constant" and n.output[0] in wanted)]
+    keep = [n for n in graph.node if not (op_id(n) == "Constant" and n.output[0] in wanted)]
     del graph.node[:]
     graph.node.extend(keep)
     graph.initializer.extend(hoisted[name] for name in sorted(wanted))
@@ -434,22 +429,23 @@ class OnnxModule(nn.Module):
         steps: list[tuple[Callable, tuple[str, ...], tuple[str, ...], bool]] = []
         for proto in topological_order(graph):
             node = Node.from_proto(proto, opset, consts, shapes)
-            fn = OPS[node.op_type](node)
-            wants_training = node.op_type in TRAINING_OPS
+            op = op_id(proto)  # of the default domain: others were refused above
+            fn = OPS[op](node)
+            wants_training = op in TRAINING_OPS
             live = [n for n in node.inputs if n]
-            if node.op_type not in NO_FOLD and all(n in consts for n in live):
-                came = _folded_origins(node.op_type, [origins.get(n, {}) for n in live])
+            if op not in NO_FOLD and all(n in consts for n in live):
+                came = _folded_origins(op, [origins.get(n, {}) for n in live])
                 for name, value in zip(node.outputs, _fold(fn, node, consts), strict=False):
                     if name:  # "" is an unnamed optional output, not a value
                         consts[name] = value
                         shapes[name] = tuple(value.shape)
                         if came:
                             origins[name] = came
-                        elif node.op_type == "Constant" and value.dtype.kind == "f":
+                        elif op == "Constant" and value.dtype.kind == "f":
                             origins[name] = {name: frozenset()}  # a weight stored in the node
                 continue
             self.untrained.update(_frozen_weights(proto, consts, origins, raw))
-            if node.op_type in _SHAPE_KNOWN_OPS and all(n in consts or n in arrays for n in live):
+            if op in _SHAPE_KNOWN_OPS and all(n in consts or n in arrays for n in live):
                 # A reshaped, tied or cast weight: its shape is known now (a Conv without
                 # kernel_shape reads its kernel from it).
                 known = {n: consts[n] if n in consts else arrays[n] for n in live}
@@ -539,15 +535,15 @@ def _frozen_weights(
     Add/Sub/Mul/Div on features) through a value folded from them at build time: the module
     holds that value as a constant, so they stay as they are. Name -> why, in words."""
     found: dict[str, str] = {}
-    if node.op_type in NOT_LIFTED:  # GroupNorm's per-group ones and zeros, computed
+    if op_id(node) in NOT_LIFTED:  # GroupNorm's per-group ones and zeros, computed
         return found
     runtime = [n for n in node.input if n and n not in consts]
     for i, name in enumerate(node.input):
         origin = origins.get(name)
         if not origin or name in origin:  # an initializer read as it is: its role says
             continue
-        weight = i in WEIGHT_INPUTS.get(node.op_type, ()) or (
-            node.op_type in ELEMENTWISE
+        weight = i in WEIGHT_INPUTS.get(op_id(node), ()) or (
+            op_id(node) in ELEMENTWISE
             and is_per_channel(consts[name].shape)
             and runtime
             and not any(n in raw for n in runtime)

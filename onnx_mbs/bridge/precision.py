@@ -13,6 +13,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_mbs.measurements import drop_measurements
+from onnx_mbs.passes.domains import op_id
 from onnx_mbs.passes.protos import with_notes
 
 LOW = {TensorProto.FLOAT16, TensorProto.BFLOAT16}
@@ -42,7 +43,7 @@ def as_float32(model: onnx.ModelProto) -> onnx.ModelProto:
             value.type.tensor_type.elem_type = TensorProto.FLOAT
     for node in graph.node:
         for attr in node.attribute:
-            if node.op_type == "Cast" and attr.name == "to" and attr.i in LOW:
+            if op_id(node) == "Cast" and attr.name == "to" and attr.i in LOW:
                 attr.i = TensorProto.FLOAT
             elif attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type in LOW:
                 value = numpy_helper.to_array(attr.t).astype(np.float32)

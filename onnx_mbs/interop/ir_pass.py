@@ -28,6 +28,7 @@ import onnx
 
 from onnx_mbs.passes import BadInputError
 from onnx_mbs.passes.base import Pass
+from onnx_mbs.passes.domains import op_id
 from onnx_mbs.passes.integrity import check_stored_sizes
 
 from . import missing
@@ -71,7 +72,7 @@ def conv_widths(model: onnx.ModelProto) -> list[tuple[int, ...]]:
     return sorted(
         shapes.get(n.input[1], ())
         for n in model.graph.node
-        if n.op_type in ("Conv", "ConvTranspose") and len(n.input) > 1
+        if op_id(n) in ("Conv", "ConvTranspose") and len(n.input) > 1
     )
 
 

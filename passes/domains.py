@@ -1,0 +1,26 @@
+"""Which op a node runs. ONNX names an op by (domain, op_type), "" and "ai.onnx" being the
+one default domain; an op of another domain that shares an ONNX op's name is not that op
+(onnxruntime's com.microsoft.nchwc Conv reads channels blocked in eights; a my.ops Relu
+may compute anything). Every place that gives a node ONNX's meaning asks `op_id`."""
+
+from __future__ import annotations
+
+import onnx
+
+DEFAULT_DOMAINS = ("", "ai.onnx")
+# onnxruntime's extended optimisations write a Conv with its activation (and a residual
+# Add) fused as this op: X, W, B as Conv's, the same attributes, the same output size.
+FUSED_CONV = "com.microsoft:FusedConv"
+# The ops counted as conv layers (`op_id`s): their output and weight shapes must be static.
+COUNTED_CONVS = ("Conv", "ConvTranspose", FUSED_CONV)
+
+
+def is_default(domain: str) -> bool:
+    """Whether `domain` is ONNX's own."""
+    return domain in DEFAULT_DOMAINS
+
+
+def op_id(node: onnx.NodeProto) -> str:
+    """The op `node` runs, one string: its op_type in the default domain, "domain:op_type"
+    in any other, which no ONNX op's name equals."""
+    return node.op_type if node.domain in DEFAULT_DOMAINS else f"{node.domain}:{node.op_type}"
