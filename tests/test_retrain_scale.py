@@ -754,6 +754,7 @@ def descendants(pid: int) -> list[int]:
 def test_torchrun_resumes_after_a_kill(npz, tmp_path) -> None:
     """Two processes, killed once the first epoch's checkpoint is there (rank 0 writes it),
     resumed with the same command: the weights of an uninterrupted two-process run."""
+    import contextlib
     import os
     import signal
     import subprocess
@@ -782,7 +783,9 @@ def test_torchrun_resumes_after_a_kill(npz, tmp_path) -> None:
     while not target.exists() and job.poll() is None:
         time.sleep(0.05)
     for pid in [job.pid, *descendants(job.pid)]:  # torchrun's workers have their own sessions
-        os.kill(pid, signal.SIGKILL)
+        # A data-loader worker exits by itself once its rank is killed: gone is fine.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     job.wait()
     assert not (tmp_path / "cut.onnx").exists()
     done = torch.load(target, weights_only=True)["epoch"]
