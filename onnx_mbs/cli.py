@@ -397,7 +397,7 @@ def _guessed(args: argparse.Namespace) -> str:
     """Said after an output taken for logits by its shape alone, so a wrong guess shows."""
     if getattr(args, "logits", None) is not None:
         return ""
-    return " (taken for logits by its shape; --logits none if the model has no classifier)"
+    return " (chosen by its shape; --logits none if not a classifier)"
 
 
 def _eval_agreement(args: argparse.Namespace, model, source, providers, shapes) -> int:

@@ -138,7 +138,7 @@ def test_label_free_on_the_bundled_classifier(bundled_small, bundled_model_path,
     )
     assert code == 0
     err = capsys.readouterr().err  # the output taken for logits by its shape is named
-    assert "logits=kl (taken for logits by its shape" in err and "; no labels used" in err
+    assert "logits=kl (chosen by its shape" in err and "; no labels used" in err
     after = _agreement(out, bundled_model_path, test, capsys)["outputs"]["logits"]
     assert after["top1"] > before["top1"] + 0.1
     assert after["relative_error"] < before["relative_error"]

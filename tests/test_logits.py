@@ -376,7 +376,7 @@ def test_cli_logits_none(tmp_path, train, capsys) -> None:
     pixels = np.clip(train[0] * 100 + 100, 0, 255).astype(np.uint8)
     data = write_npz(tmp_path / "d.npz", x=pixels, y=train[1])
     assert main(["eval", path, "--data", data]) == 0
-    assert "of output 'out' (taken for logits by its shape" in capsys.readouterr().out
+    assert "of output 'out' (chosen by its shape" in capsys.readouterr().out
     assert main(["eval", path, "--data", data, "--logits", "none"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--logits none says the model has no classifier output" in err[0]
@@ -402,7 +402,7 @@ def test_cli_logits_none(tmp_path, train, capsys) -> None:
         "none",
     ]
     assert main(retrain_args) == 0
-    assert "distillation: out=kl (taken for logits by its shape" in capsys.readouterr().err
+    assert "distillation: out=kl (chosen by its shape" in capsys.readouterr().err
     assert main([*retrain_args, "--logits", "none"]) == 0
     assert "distillation: out=mse; no labels used" in capsys.readouterr().err
     # Labels 0..9 for a (batch, 4) output: refused as logits, read without labels with none.
@@ -410,7 +410,7 @@ def test_cli_logits_none(tmp_path, train, capsys) -> None:
     reduce_args = ["reduce", path, "-o", str(tmp_path / "r.onnx"), "--data", wide]
     assert main(["reduce", path, "-o", str(tmp_path / "r.onnx"), "--data", data]) == 0
     assert "top-1 before: " in (printed := capsys.readouterr().out)
-    assert "of output 'out' (taken for logits by its shape" in printed
+    assert "of output 'out' (chosen by its shape" in printed
     assert main(reduce_args) == 2
     assert "label 9" in capsys.readouterr().err
     assert main([*reduce_args, "--logits", "none"]) == 0
