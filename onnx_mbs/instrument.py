@@ -44,7 +44,17 @@ STEP_ALPHA = 2.0**127
 PREFIX = "onnx_mbs_stats"
 
 
-PACKED = f"{PREFIX}/packed"  # every reduction whose channel count is known, concatenated
+def packed_name(prefix: str) -> str:
+    """The output every reduction whose channel count is known is concatenated into."""
+    return f"{prefix}/packed"
+
+
+def axes_name(prefix: str) -> str:
+    """The (2, 3) initializer ReduceMean reads its axes from (opset 18 on)."""
+    return f"{prefix}/spatial_axes"
+
+
+PACKED, SPATIAL_AXES = packed_name(PREFIX), axes_name(PREFIX)  # in a model without PREFIX
 
 
 def free_prefix(model: onnx.ModelProto) -> str:
@@ -134,8 +144,7 @@ def instrument_without_weights(
         raise ValueError(f"spatial_mean must be one of {SPATIAL_MEANS}, not {spatial_mean!r}")
     types, shapes = _static_types_and_shapes(model, input_shapes)
     prefix = free_prefix(model)
-    axes_name = f"{prefix}/spatial_axes"
-    mean = _spatial_mean_maker(spatial_mean, default_opset(model), axes_name)
+    mean = _spatial_mean_maker(spatial_mean, default_opset(model), axes_name(prefix))
     added: dict[str, list[onnx.NodeProto]] = {}
     outputs: list[StatOutputs] = []
     for number, name in enumerate(tensors):
@@ -164,7 +173,7 @@ def instrument_without_weights(
     del new_graph.node[:]
     new_graph.node.extend(nodes)
     if spatial_mean == "reduce" and default_opset(model) >= 18:
-        axes = onnx.numpy_helper.from_array(np.array([2, 3], np.int64), axes_name)
+        axes = onnx.numpy_helper.from_array(np.array([2, 3], np.int64), axes_name(prefix))
         new_graph.initializer.append(axes)
     del new_graph.output[:]
     outputs = _pack(outputs, new_graph, prefix)
@@ -194,7 +203,7 @@ def _pack(outputs: list[StatOutputs], graph: onnx.GraphProto, prefix: str) -> li
     with_abs = [o for o in packable if o.mean_abs is not None]
     placed = {}
     counts_at, column = 0, sum(o.channels for o in packable)  # counts first, then |x| sums
-    packed = f"{prefix}/packed"
+    packed = packed_name(prefix)
     for out in packable:
         abs_at = None
         if out.mean_abs is not None:
@@ -272,10 +281,8 @@ def _constant(name: str, value: np.ndarray) -> onnx.NodeProto:
 
 SPATIAL_MEANS = ("pool", "reduce")
 
-SPATIAL_AXES = f"{PREFIX}/spatial_axes"
 
-
-def _spatial_mean_maker(kind: str, opset: int, axes: str = SPATIAL_AXES):
+def _spatial_mean_maker(kind: str, opset: int, axes: str):
     """A function making the nodes that average x (N, C, H, W) to (N, C, 1, 1); `axes` names
     the (2, 3) initializer ReduceMean reads from opset 18."""
     if kind == "pool":
