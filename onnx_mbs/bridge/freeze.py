@@ -18,6 +18,7 @@ import torch
 
 from onnx_mbs.bridge.bn import InsertedBN
 from onnx_mbs.bridge.module import OnnxModule
+from onnx_mbs.passes.domains import op_id
 from onnx_mbs.passes.errors import BadInputError, option
 
 
@@ -34,7 +35,7 @@ def check_frozen(
     names = list(dict.fromkeys(n.strip() for n in names if n.strip()))
     inits = [t.name for t in model.graph.initializer]
     # A Constant's table trains as an initializer of its name (`untie_initializers`), if at all.
-    inits += [n.output[0] for n in model.graph.node if n.op_type == "Constant" and n.output]
+    inits += [n.output[0] for n in model.graph.node if op_id(n) == "Constant" and n.output]
     known = set(inits)
     for name in names:
         if name in known:
