@@ -12,7 +12,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from .custom_ops import hide_unknown_ops, is_unknown_op
-from .domains import FUSED_CONV, is_default, op_id
+from .domains import FUSED_CONV, op_id
 from .errors import BadInputError, QuantizedModelError, temporary_folder_error
 from .external_data import weights_apart
 from .graph import FLOAT_TYPES, attributes, nested_nodes, topological_order
@@ -200,7 +200,7 @@ def integer_weight(graph: onnx.GraphProto) -> str | None:
     stored = {t.name: (t.data_type, "initializer") for t in graph.initializer}
     for node in graph.node:  # exporters that fold no constants hold weights in Constant nodes
         value = attributes(node).get("value") if op_id(node) == "Constant" else None
-        if isinstance(value, onnx.TensorProto) and is_default(node.domain):
+        if isinstance(value, onnx.TensorProto):
             stored[node.output[0]] = (value.data_type, "constant")
     integer = {name: held for name, held in stored.items() if held[0] not in FLOAT_TYPES}
     constant = set(stored)
