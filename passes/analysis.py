@@ -27,9 +27,6 @@ from .errors import BadInputError, option
 from .graph import GraphIndex, attributes, channels_last, count_parameters, structure_key
 from .load import indexed
 
-# Ops counted as conv layers: ONNX's, and onnxruntime's FusedConv (a Conv with its
-# activation fused: kept whole, as no handler follows it, but counted).
-CONV_OPS = COUNTED_CONVS
 # Ops of other domains whose names are counted ONNX ops' (a com.microsoft.nchwc Conv reads
 # channels blocked in eights): not counted, and listed as such.
 COUNTED_NAMES = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum")
@@ -37,7 +34,7 @@ POOL_OPS = ("MaxPool", "AveragePool", "LpPool")
 GLOBAL_OPS = ("GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")
 # Ops whose output may have another spatial size than their input: only tensors of
 # equal size are joined into one macroblock across them.
-RESAMPLING_OPS = (*CONV_OPS, *POOL_OPS, "Resize", "Upsample", "DepthToSpace", "SpaceToDepth")
+RESAMPLING_OPS = (*COUNTED_CONVS, *POOL_OPS, "Resize", "Upsample", "DepthToSpace", "SpaceToDepth")
 # Ops that keep the resolution even though the size changes by a border.
 BORDER_OPS = ("Pad",)
 READINGS = ("global", "local")
@@ -238,7 +235,7 @@ def _global_step(
             tuple(math.inf if a in pooled else v for a, v in enumerate(_fit(values, rank)))
             for values in field_of[x]
         )
-    if op in (*CONV_OPS, *POOL_OPS) and x in field_of:
+    if op in (*COUNTED_CONVS, *POOL_OPS) and x in field_of:
         (rf, step), (k, s) = field_of[x], window
         rf, step = _fit(rf, len(k)), _fit(step, len(k))
         if op == "ConvTranspose":
@@ -504,12 +501,12 @@ def analyze_model(
         op = op_id(node)
         if op in BORDER_OPS and inputs:
             resolution[outputs[0]] = resolution[inputs[0]]
-        weight_shape = shapes.get(node.input[1]) if op in CONV_OPS else None
+        weight_shape = shapes.get(node.input[1]) if op in COUNTED_CONVS else None
         window = None
-        if op in (*CONV_OPS, *POOL_OPS) and inputs:
+        if op in (*COUNTED_CONVS, *POOL_OPS) and inputs:
             attrs = attributes(node)
             window = _window(attrs, weight_shape)
-            if op in CONV_OPS:
+            if op in COUNTED_CONVS:
                 conv_attrs[node.name] = attrs
         new_block = _starts_a_macroblock(node, resolution[outputs[0]], inputs, resolution)
         steps = _slice_steps(node, index) if new_block else None
@@ -562,7 +559,7 @@ def analyze_model(
             for t in tensors[1:]:
                 blocks.union(tensors[0], t)
 
-    convs = [n for n in index.nodes if op_id(n) in CONV_OPS and n.output[0] in resolution]
+    convs = [n for n in index.nodes if op_id(n) in COUNTED_CONVS and n.output[0] in resolution]
 
     # Group layers by macroblock, ordered by where each macroblock's first tensor
     # appears (a stride-2 branch may run before the convs of the resolution it leaves).
@@ -632,7 +629,7 @@ def uncounted_ops(index: GraphIndex) -> list[str]:
     return [
         f"{op_id(n)} '{n.name}'"
         for n in index.nodes
-        if n.op_type in COUNTED_NAMES and op_id(n) not in (*CONV_OPS, *COUNTED_NAMES)
+        if n.op_type in COUNTED_NAMES and op_id(n) not in (*COUNTED_CONVS, *COUNTED_NAMES)
     ]
 
 
@@ -716,7 +713,7 @@ def resized(
     0.3 s of its 2 s `reduce` (issue 23). A model whose convs are not `before`'s
     is analysed from scratch."""
     model, index = indexed(model, index)
-    convs = {n.name: n for n in index.nodes if op_id(n) in CONV_OPS}
+    convs = {n.name: n for n in index.nodes if op_id(n) in COUNTED_CONVS}
     if sorted(convs) != sorted(layer.name for layer in before.layers):
         return analyze_model(model, before.receptive_field, index)
     layers = []

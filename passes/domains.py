@@ -12,6 +12,7 @@ DEFAULT_DOMAINS = ("", "ai.onnx")
 # Add) fused as this op: X, W, B as Conv's, the same attributes, the same output size.
 FUSED_CONV = "com.microsoft:FusedConv"
 # The ops counted as conv layers (`op_id`s): their output and weight shapes must be static.
+# FusedConv is counted but kept whole: no channel handler follows it.
 COUNTED_CONVS = ("Conv", "ConvTranspose", FUSED_CONV)
 
 

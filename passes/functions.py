@@ -20,7 +20,7 @@ from .errors import BadInputError
 from .graph import nested_nodes
 from .protos import without_weights
 
-# Ops whose multiply-adds analysis.py counts (CONV_OPS and the matrix products).
+# Ops whose multiply-adds analysis.py counts (domains.COUNTED_CONVS and the matrix products).
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum")
 
 
