@@ -4,7 +4,8 @@ Shape alone cannot tell a detector's stride vector (1, 84) or a DFL arange weigh
 channels-last bias, so such tables train unless named here. A frozen parameter is marked not
 trainable (requires_grad False), the mechanism `train._freeze_unread` uses for weights no loss
 reaches: the optimizer then leaves it out, weight decay included. A frozen BatchNorm statistic
-(a buffer, which training updates in place) is put back before the weights are written.
+(a buffer, which training updates in place) is put back after every epoch, before validation
+measures the model as it will be written, and again before the weights are written.
 """
 
 from __future__ import annotations

@@ -812,6 +812,9 @@ def retrain(
             loss_sum, correct, count = _all_sum(sums.tolist(), dev, world)
             images += int(count)
 
+            # Frozen BatchNorm statistics the train-mode forwards moved are put back before
+            # validation, which measures (and picks the best epoch by) the model as written.
+            restore(student, kept)
             val_top1, val_agreement = measure()
             history.append(
                 EpochStats(
