@@ -600,3 +600,127 @@ def test_val_labels_past_the_training_folder_s_classes_are_refused(tmp_path) -> 
     assert result.history
     result = retrain(export(keep_bn=True), val(3), train_source, epochs=1, progress=False)
     assert result.history
+
+
+# Metamorphic checks: a learning rate too small to move a float32 weight trains nothing, so
+# the written model must be its input, except for what training moves without the learning rate.
+NO_STEP = dict(epochs=2, lr=1e-30, batch_size=16, device="cpu", progress=False)
+
+
+def test_a_vanishing_learning_rate_moves_only_batchnorm_statistics(train) -> None:
+    """BN kept: only the running statistics move (train-mode forwards update them); with them
+    put back the written model computes its input's outputs. BN-folded trained as it is
+    (reinsert_bn=False): nothing moves. (BN re-inserted: the statistics are re-measured as an
+    average of batch statistics, see `_recalibrate_inserted`, and the folded weights move.)"""
+    x = train[0][:64]
+    kept = export(keep_bn=True)
+    result = retrain(kept, train, **NO_STEP)
+    bn = next(n for n in kept.graph.node if n.op_type == "BatchNormalization")
+    before, after = weights(kept), weights(result.model)
+    assert after.keys() == before.keys()
+    # A weight at 0 (a fresh BN's shift) takes steps of lr * gradient: tiny, not none.
+    moved = {k for k in before if not np.allclose(after[k], before[k], rtol=0, atol=1e-20)}
+    assert moved == {bn.input[3], bn.input[4]}
+    put_back = onnx.ModelProto()
+    put_back.CopyFrom(result.model)
+    for t in put_back.graph.initializer:
+        if t.name in moved:
+            t.CopyFrom(onnx.numpy_helper.from_array(before[t.name], t.name))
+    np.testing.assert_allclose(
+        run(put_back, {"input": x})[0], run(kept, {"input": x})[0], atol=1e-6
+    )
+    folded = export(keep_bn=False)
+    result = retrain(folded, train, reinsert_bn=False, **NO_STEP)
+    assert_same_nodes(result.model, folded)
+    for name, value in weights(folded).items():
+        np.testing.assert_allclose(weights(result.model)[name], value, rtol=0, atol=1e-20)
+
+
+def tied_gemm_model(dtype: np.dtype) -> onnx.ModelProto:
+    """x (N, 4) -> Gemm(W, transB=1) -> Relu -> MatMul(W) -> Gemm(W2, b, alpha, transB=1):
+    one initializer W read transposed by a Gemm and as it is by a MatMul (tied weights)."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    elem = TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.FLOAT
+    inits = {
+        "W": rng.normal(0, 0.5, (3, 4)),
+        "W2": rng.normal(0, 0.5, (4, 4)),
+        "b": rng.normal(0, 0.1, 4),
+    }
+    nodes = [
+        helper.make_node("Gemm", ["x", "W"], ["h"], transB=1),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("MatMul", ["r", "W"], ["m"]),
+        helper.make_node("Gemm", ["m", "W2", "b"], ["logits"], alpha=0.7, transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tied",
+        [helper.make_tensor_value_info("x", elem, ["N", 4])],
+        [helper.make_tensor_value_info("logits", elem, ["N", 4])],
+        [onnx.numpy_helper.from_array(v.astype(dtype), k) for k, v in inits.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_tied_and_transposed_weights_write_back_what_the_module_trained(dtype, monkeypatch):
+    """The written initializers are the module's parameters after training, each in its own
+    dtype and layout (a transposed Gemm weight, one weight read by two nodes); with a vanishing
+    learning rate they are the input's, bit for bit."""
+    import onnx_mbs.bridge.train as train_module
+
+    model = tied_gemm_model(dtype)
+    rng = np.random.default_rng(1)
+    data = rng.normal(0, 1, (64, 4)).astype(np.float32), rng.integers(0, 4, 64)
+    same = retrain(model, data, **NO_STEP)
+    for name, value in weights(model).items():
+        np.testing.assert_array_equal(weights(same.model)[name], value, err_msg=name)
+    seen = {}
+    real = train_module.write_back
+
+    def write_back(graph, module):
+        seen.update({n: module.initializer(n).detach().numpy().copy() for n in weights(graph)})
+        return real(graph, module)
+
+    monkeypatch.setattr(train_module, "write_back", write_back)
+    trained = retrain(model, data, **{**NO_STEP, "lr": 0.1})
+    got = weights(trained.model)
+    assert got.keys() == seen.keys() == {"W", "W2", "b"}
+    for name, value in seen.items():
+        assert got[name].dtype == dtype
+        np.testing.assert_array_equal(got[name], value.astype(dtype), err_msg=name)
+        assert not np.array_equal(got[name], weights(model)[name]), name
+
+
+@pytest.mark.parametrize(
+    ("count", "batch", "sizes"), [(90, 16, [16] * 5 + [10]), (97, 16, [16] * 6), (3, 2, [2])]
+)
+def test_each_epoch_trains_every_sample_once_but_a_lone_last_one(count, batch, sizes, monkeypatch):
+    """An epoch is ceil(count / batch) steps over a permutation: a partial last batch trains,
+    a last batch of one sample is left out (BatchNorm in train mode needs two), and the
+    schedule counts the steps that ran."""
+    import onnx_mbs.bridge.train as train_module
+
+    real = train_module.load_batches
+    batches: list[list[int]] = []
+
+    def load_batches(samples, keys, *args):
+        batches.append([len(indices) for _, indices in keys])
+        seen = np.concatenate([indices for _, indices in keys])
+        assert len(np.unique(seen)) == len(seen)  # no sample twice in an epoch
+        return real(samples, keys, *args)
+
+    monkeypatch.setattr(train_module, "load_batches", load_batches)
+    result = retrain(
+        export(keep_bn=True),
+        quadrant_data(count, seed=1),
+        epochs=2,
+        lr=0.05,
+        batch_size=batch,
+        device="cpu",
+        progress=False,
+    )
+    assert batches == [sizes, sizes]
+    assert f" of {2 * len(sizes)} steps then" in result.schedule

@@ -920,3 +920,36 @@ def test_only_folders_the_run_made_are_removed_whatever_the_path_spells(
     assert ckpt.prepare(".") == []
     ckpt.remove_made(ckpt.prepare("rel/ck"))
     assert list(tmp_path.iterdir()) == [tmp_path / "theirs"]
+
+
+RESUMED = {
+    "bn-folded, re-inserted": dict(keep_bn=False),
+    "bn-folded, teacher's statistics": dict(keep_bn=False, teacher=True),
+    "warm-up, adamw": dict(warmup=0.4, optimizer="adamw"),
+    "label-free, teacher only": dict(teacher=True, labels=False),
+    "frozen weights and statistics": dict(freeze=["bn.weight", "bn.running_mean"]),
+}
+
+
+@pytest.mark.parametrize("case", list(RESUMED))
+def test_resumed_equals_uninterrupted_for_each_kind_of_run(case, tmp_path, monkeypatch) -> None:
+    """Stopped after epoch 1 and resumed, each kind of run writes the uninterrupted run's
+    weights, bit for bit (CPU, same seed)."""
+    spec = dict(RESUMED[case])
+    keep_bn = spec.pop("keep_bn", True)
+    teacher = export(keep_bn=keep_bn, seed=3) if spec.pop("teacher", False) else None
+    x, y = quadrant_data(90, seed=1)
+    data = (x, y if spec.pop("labels", True) else None)
+    common = dict(teacher=teacher, epochs=3, batch_size=16, lr=0.05, seed=5, device="cpu")
+    common.update(progress=False, **spec)
+    expected = weights(retrain(export(keep_bn=keep_bn), data, **common).model)
+    with monkeypatch.context() as patch:
+        interrupt_after(patch, 1)
+        with pytest.raises(Interrupt):
+            retrain(export(keep_bn=keep_bn), data, checkpoint=tmp_path, **common)
+    resumed = retrain(export(keep_bn=keep_bn), data, checkpoint=tmp_path, resume=True, **common)
+    assert resumed.resumed_from == 1
+    got = weights(resumed.model)
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
