@@ -447,11 +447,16 @@ def test_retrain_command(tmp_path, train, val) -> None:
     assert code == 2 and not (tmp_path / "bad.onnx").exists()
 
 
-def torchrun_retrain(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+def torchrun_retrain(
+    tmp_path: Path, *args: str, processes: int | None = 2
+) -> subprocess.CompletedProcess:
     """`onnx-mbs retrain m.onnx -o out.onnx --data train.npz` in tmp_path under torchrun with
-    2 processes on the CPU, one epoch, batch 16, and `args`."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += ["--nproc_per_node=2", "-m", "onnx_mbs", "retrain", str(tmp_path / "m.onnx")]
+    `processes` on the CPU (None: without torchrun), one epoch, batch 16, and `args`."""
+    command = [sys.executable]
+    if processes is not None:
+        command += ["-m", "torch.distributed.run", "--standalone"]
+        command += [f"--nproc_per_node={processes}"]
+    command += ["-m", "onnx_mbs", "retrain", str(tmp_path / "m.onnx")]
     command += ["-o", str(tmp_path / "out.onnx"), "--data", str(tmp_path / "train.npz")]
     command += ["--epochs", "1", "--batch-size", "16", "--device", "cpu", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -489,6 +494,22 @@ def test_torchrun_two_processes(tmp_path, train) -> None:
     with torch.no_grad():
         ours = module(torch.from_numpy(x_uint8)).numpy()
     np.testing.assert_allclose(ours, run(out, {"input": x_uint8})[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_torchrun_with_one_process_writes_what_plain_retrain_writes(tmp_path, train) -> None:
+    """One process under torchrun (WORLD_SIZE=1) trains as a plain run: the same weights."""
+    onnx.save(export(keep_bn=False), tmp_path / "m.onnx")
+    _write_npz(tmp_path / "train.npz", train[0][:72], train[1][:72])
+    written = []
+    for processes in (1, None):
+        proc = torchrun_retrain(tmp_path, "--epochs", "2", processes=processes)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "x1" in proc.stdout
+        written.append(weights(onnx.load(tmp_path / "out.onnx")))
+    assert written[0].keys() == written[1].keys()
+    for name, value in written[0].items():
+        np.testing.assert_array_equal(written[1][name], value, err_msg=name)
 
 
 class ScoredQuadNet(QuadNet):
