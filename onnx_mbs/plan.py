@@ -387,7 +387,10 @@ def macroblock_redundancy(
         base = set(block.base_layers)
         total = base_total = 0.0
         for name in block.layers:
-            effective = macs[name] * rho.get(name, 1.0)
+            ratio = rho.get(name, 1.0)
+            if not math.isfinite(ratio):  # NaN would read as no redundancy (max(0, nan) is 0)
+                raise BadInputError(f"the activation ratio (rho) of layer {name!r} is {ratio}")
+            effective = macs[name] * ratio
             total += effective
             if name in base:
                 base_total += effective
