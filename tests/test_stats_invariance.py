@@ -101,6 +101,19 @@ def test_the_same_pixels_stored_otherwise_give_the_same_statistics(tmp_path, for
     _assert_same_means(_stats(stored, tmp_path), expected)
 
 
+def test_float64_pixels_a_rounding_step_outside_0_1_are_still_read_as_0_1(tmp_path):
+    # float64 arithmetic leaves a pixel at 1 + 2**-52, which float32 rounds to 1: both are
+    # the same [0, 1] pixels, not 0..255 ones to divide by 255 again (nor refused below 0).
+    x = _pixels().astype(np.float64) / 255
+    x[0, 0, 0], x[1, 0, 0] = 1.0, 0.0
+    expected = _stats(x, tmp_path)
+    x[0, 0, 0], x[1, 0, 0] = np.nextafter(1.0, 2.0), -1e-17
+    for stored in (x, x.astype(np.float32)):
+        data = open_data(write_npz(tmp_path / "r.npz", x=stored), "x", SHAPE, mean=0.5, std=0.5)
+        assert "floats in [0, 1] kept" in data.preprocess.scale
+        _assert_same_means(_stats(stored, tmp_path), expected)
+
+
 def test_a_zero_and_a_constant_image_give_finite_statistics(tmp_path):
     x = _pixels()
     x[3], x[7] = 0, 255
