@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 from conftest import write_npz
+from graphs import dynamic_input_model
 from onnx import helper, numpy_helper
 from test_plan import _analysis
 from test_stats import CPU, SHAPE, conv_relu_model
@@ -293,6 +294,25 @@ def test_reduce_plans_and_keeps_the_same_channels_for_the_same_data(
     got = _reduced(model, data, strategy, **options)
     assert got[0].samples == len(x)
     _assert_same_reduction(got, expected)
+
+
+def test_dynamic_and_fixed_dims_measure_and_plan_alike(tmp_path):
+    # dynamic batch, height and width read at --input-shape, against the sizes fixed in the model
+    dynamic = dynamic_input_model()
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(dynamic)
+    for value, sizes in ((fixed.graph.input[0], (3, 3, 24, 20)), (fixed.graph.output[0], (3, 5))):
+        for dim, size in zip(value.type.tensor_type.shape.dim, sizes):
+            dim.dim_value = size
+    x = np.random.default_rng(0).integers(0, 256, (SAMPLES, 3, 24, 20), dtype=np.uint8)
+    data = write_npz(tmp_path / "d.npz", x=x)
+    options = dict(budget="params=0.8", channel_multiple=1, strategy="global", progress=False,
+                   evaluate_accuracy=False, logits="none")  # fmt: skip
+    shapes = {"input": [1, 3, 24, 20]}
+    expected = reduce(dynamic, data, input_shapes=shapes, **options)[1]
+    for model, extra in ((dynamic, {"input_shapes": shapes, "batch_size": 4}), (fixed, {})):
+        got = reduce(model, data, **extra, **options)[1]
+        assert got.rho == expected.rho and got.plan.counts == expected.plan.counts
 
 
 @pytest.mark.slow
