@@ -76,17 +76,22 @@ def test_duplicated_and_shuffled_samples_give_the_same_means(tmp_path):
     _assert_same_means(_stats(x[order], tmp_path), expected)
 
 
-@pytest.mark.parametrize(("threads", "level"), [(1, "none"), (2, "extended"), (1, "full")])
-def test_statistics_do_not_depend_on_threads_or_optimisation_level(tmp_path, monkeypatch,
-                                                                    threads, level):  # fmt: skip
-    x = _pixels()
-    expected = _stats(x, tmp_path)
+def _force_sessions(monkeypatch, threads: int, level: str) -> None:
+    """The statistics' sessions run on `threads` intra-op threads at optimisation `level`."""
     make_session = onnx_mbs.stats.make_session
 
     def forced(path, providers, **kw):
         return make_session(path, providers, **{**kw, "threads": threads, "level": level})
 
     monkeypatch.setattr(onnx_mbs.stats, "make_session", forced)
+
+
+@pytest.mark.parametrize(("threads", "level"), [(1, "none"), (2, "extended"), (1, "full")])
+def test_statistics_do_not_depend_on_threads_or_optimisation_level(tmp_path, monkeypatch,
+                                                                    threads, level):  # fmt: skip
+    x = _pixels()
+    expected = _stats(x, tmp_path)
+    _force_sessions(monkeypatch, threads, level)
     _assert_same_means(_stats(x, tmp_path), expected)
 
 
@@ -294,6 +299,22 @@ def test_reduce_plans_and_keeps_the_same_channels_for_the_same_data(
     got = _reduced(model, data, strategy, **options)
     assert got[0].samples == len(x)
     _assert_same_reduction(got, expected)
+
+
+@pytest.mark.parametrize(("threads", "level"), [(1, "none"), (2, "extended")])
+def test_reduce_plans_alike_at_every_thread_count_and_optimisation_level(
+    tmp_path, bundled_model_path, images, baseline, monkeypatch, threads, level
+):
+    # the level is chosen by the model's size and the number of samples (level_costs.py):
+    # folding BatchNorm into the convs or not moves a few elements across 0, no more
+    _force_sessions(monkeypatch, threads, level)
+    data = write_npz(tmp_path / "a.npz", x=images)
+    report, weights = _reduced(bundled_model_path, data, "global")
+    expected, expected_weights = baseline("global")
+    assert report.rho == pytest.approx(expected.rho, abs=1e-5)
+    assert report.plan.counts == expected.plan.counts
+    for name, value in weights.items():
+        np.testing.assert_array_equal(value, expected_weights[name], err_msg=name)
 
 
 def test_dynamic_and_fixed_dims_measure_and_plan_alike(tmp_path):
