@@ -17,6 +17,7 @@ from test_stats import CPU, SHAPE, conv_relu_model
 import onnx_mbs.stats
 from onnx_mbs.cli import main
 from onnx_mbs.data import open_data
+from onnx_mbs.instrument import instrument
 from onnx_mbs.passes import BadInputError
 from onnx_mbs.pipeline import reduce
 from onnx_mbs.plan import GroupInfo, macroblock_redundancy, plan_widths
@@ -180,6 +181,20 @@ def test_statistics_that_are_not_finite_are_refused_naming_tensor_and_sample(tmp
     with pytest.raises(BadInputError, match=r"not finite at 'r1' on sample 3 .*constant\.npz"):
         collect_stats(standardising_model(), ["r1", "r2"], data, CPU, batch_size=4,
                       progress=False, magnitudes=magnitudes)  # fmt: skip
+
+
+def test_a_tensor_of_unknown_shape_that_is_not_finite_is_refused(tmp_path):
+    # r1 reshaped by its own run-time shape: its reductions are outputs of their own, not packed
+    model = standardising_model()
+    model.graph.node.extend([
+        helper.make_node("Shape", ["r1"], ["r1_shape"], name="shape"),
+        helper.make_node("Reshape", ["r1", "r1_shape"], ["r1_again"], name="reshape"),
+        helper.make_node("Relu", ["r1_again"], ["r3"], name="relu3"),
+    ])  # fmt: skip
+    assert instrument(model, ["r3"], {"x": (2, 1, 8, 8)})[1][0].packed_at is None
+    data = open_data(_constant_image_data(tmp_path), "x", SHAPE, mean=0.5, std=0.5)
+    with pytest.raises(BadInputError, match=r"not finite at 'r3' on sample 3"):
+        collect_stats(model, ["r3"], data, CPU, batch_size=4, progress=False)
 
 
 def test_sums_of_abs_past_float32_are_refused(tmp_path):
