@@ -387,7 +387,10 @@ def macroblock_redundancy(
         base = set(block.base_layers)
         total = base_total = 0.0
         for name in block.layers:
-            effective = macs[name] * rho.get(name, 1.0)
+            ratio = rho.get(name, 1.0)
+            if not math.isfinite(ratio):  # NaN would read as no redundancy (max(0, nan) is 0)
+                raise BadInputError(f"the activation ratio (rho) of layer {name!r} is {ratio}")
+            effective = macs[name] * ratio
             total += effective
             if name in base:
                 base_total += effective
@@ -749,8 +752,9 @@ def _channel_gains(
         kept = np.cumsum(raw)
         with np.errstate(divide="ignore", invalid="ignore"):
             gain = np.log(kept[1:] / kept[:-1]) if raw.size else raw
-        gain = np.nan_to_num(np.concatenate([[np.inf], gain]), nan=0.0, posinf=np.inf)
-        gains[g.id] = worth[g.id] * gain[: raw.size]
+        weighted = worth[g.id] * np.nan_to_num(gain, nan=0.0, posinf=np.inf)
+        # the first channel stays inf at any worth: a group worth 0 (rho 0) made it 0 * inf, NaN
+        gains[g.id] = np.concatenate([[np.inf], weighted])[: raw.size]
     return gains
 
 

@@ -158,6 +158,7 @@ def collect_stats(
         for (_, batch), results in in_order(run, enumerate(chain([first], batches)), workers):
             values = dict(zip(names, results, strict=True))
             rows = len(batch.x)
+            _check_finite(values, outputs, rows, samples, data.description)
             if packed.outputs:
                 packed.add(values[packed.outputs[0].packed], rows)
             for out, accumulator in loose.items():
@@ -252,6 +253,38 @@ class _Accumulator:
     def result(self) -> TensorStats:
         assert self.positive is not None
         return TensorStats(self.positive, self.abs_sum, self.elements)
+
+
+def _check_finite(
+    values: dict[str, np.ndarray],
+    outputs: Sequence[StatOutputs],
+    rows: int,
+    before: int,
+    description: str,
+) -> None:
+    """Refuse a batch whose reductions are not finite, naming the earliest sample (the
+    `before` samples come first) and a tensor it fails at: NaN counts or sums would plan
+    silently (a NaN rho reads as no redundancy) or rank channels at random."""
+    floats = [v[:rows] for v in values.values() if np.issubdtype(v.dtype, np.floating)]
+    if all(np.isfinite(v).all() for v in floats):
+        return  # the common case: one check per output, none per tensor
+    failing = {}  # tensor -> its first sample that is not finite
+    for out in outputs:
+        if out.packed_at is not None:
+            counts, sums = out.columns()
+            packed = values[out.packed][:rows].reshape(rows, -1)
+            parts = [packed[:, counts], *([] if sums is None else [packed[:, sums]])]
+        else:
+            parts = [values[n][:rows].reshape(rows, -1) for n in (out.positive, out.mean_abs) if n]
+        finite = np.logical_and.reduce([np.isfinite(p).all(axis=1) for p in parts])
+        if not finite.all():
+            failing[out.tensor] = int(np.argmin(finite))
+    tensor = min(failing, key=failing.__getitem__)
+    raise BadInputError(
+        f"activation statistics are not finite at {tensor!r} on sample "
+        f"{before + failing[tensor]} ({description}): the model computes NaN or inf there, or "
+        "values whose sum passes float32's range; fix the model or drop that sample"
+    )
 
 
 def _check_inputs(model: onnx.ModelProto, fed: list[str]) -> None:

@@ -103,6 +103,11 @@ class Importance:
             scores = self.producer_scores(self.computed_filters(member, group))
             if scores is None:
                 continue
+            if not np.isfinite(scores).all():  # NaN ranks at random, inf divides to NaN
+                raise BadInputError(
+                    f"{self.name} importance cannot rank the channels of {member.node!r}: its "
+                    f"weights ({member.tensor!r}, or what scales them) hold NaN or inf"
+                )
             mean = float(scores.mean())
             total += scores / mean if mean > 0 else scores
         return total

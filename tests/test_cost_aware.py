@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -110,6 +111,26 @@ def test_expensive_busy_block_is_cut_before_a_cheap_redundant_one():
     assert plan.strategy == "mbs-cost" and plan.priced == ("params",)
     assert "worth(g, k) / price(g, k) > lambda" in plan.formula
     assert "original params" in plan.formula
+
+
+@pytest.mark.parametrize("strategy", ["mbs-cost", "mbs-branch"])
+def test_a_dead_macroblock_is_cut_first_without_nan_worth(strategy):
+    # rho 0 (no activation > 0 on the data): its groups are worth 0, so its first channel's
+    # worth was 0 * inf, NaN, with a RuntimeWarning on the console
+    rho = {layer.name: 0.0 if layer.macroblock == 0 else 1.0 for layer in ANALYSIS.layers}
+
+    def cost(c):
+        return int(c[0] ** 2 + c[1] ** 2), int(c[0] ** 2 + c[1] ** 2)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plan = plan_widths(
+            ANALYSIS, GROUPS, rho, cost, budget=Budget.parse("params=0.3"), strategy=strategy,
+            channel_multiple=1, importance=FLAT,
+        )  # fmt: skip
+    # cut to about beta_min (the nudge may step it back up), far below the busy group
+    assert math.ceil(0.1 * 256) <= plan.counts[0] <= 32 < plan.counts[1] < 256
+    assert math.isfinite(plan.threshold)
 
 
 def test_at_a_macs_budget_the_worth_follows_the_effective_flops():

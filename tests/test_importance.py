@@ -9,7 +9,7 @@ import pytest
 from graphs import Builder, run
 
 from onnx_mbs.data import open_data
-from onnx_mbs.passes import analyze_model, load_model
+from onnx_mbs.passes import BadInputError, analyze_model, load_model
 from onnx_mbs.passes.activations import activation_tensors
 from onnx_mbs.passes.channel_groups import analyze_channels
 from onnx_mbs.passes.importance import (
@@ -167,6 +167,21 @@ def test_choose_channels_refuses_bad_scores():
         choose_channels([group], {group.id: 1}, lambda g: np.full(3, np.nan))
     with pytest.raises(ValueError, match="unknown importance"):
         weight_importance(model, "l3")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("criterion", ["l1", "l2", "bn"])
+def test_weights_that_are_not_finite_are_refused_in_one_line(criterion, bad):
+    # a diverged checkpoint: `reduce` without data ended in a ValueError traceback
+    model = _one_conv_model()
+    name = next(n.input[1] for n in model.graph.node if n.name == "conv")
+    weight = next(t for t in model.graph.initializer if t.name == name)
+    values = onnx.numpy_helper.to_array(weight).copy()
+    values[1, 0, 0, 0] = bad
+    weight.CopyFrom(onnx.numpy_helper.from_array(values, name))
+    group = next(g for g in analyze_channels(model).groups if g.producers == ["conv"])
+    with pytest.raises(BadInputError, match=rf"'conv'.*'{name}'.*NaN or inf"):
+        weight_importance(model, criterion)(group)
 
 
 def test_weight_criteria_score_zero_filters_with_a_bias_zero_though_not_dead():

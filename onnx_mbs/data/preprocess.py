@@ -218,6 +218,11 @@ def to_unit_nchw(raw: np.ndarray, layout: str, divisor: float = 255.0) -> np.nda
     return x
 
 
+# How far float arithmetic may leave [0, 1] pixels outside [0, 1] (float64's 1 + 2**-52, which
+# float32 rounds to 1): they are still [0, 1] pixels; 0..255 pixels this dark are black.
+UNIT_ROUNDING = 1e-5
+
+
 def pixel_scale(x: np.ndarray, what: str, advice: str = "") -> tuple[str, float]:
     """How raw pixels reach [0, 1], read from the values: uint8 and float 0..255 are divided
     by 255, floats in [0, 1] are kept; other float ranges are refused (a guess would be
@@ -226,7 +231,7 @@ def pixel_scale(x: np.ndarray, what: str, advice: str = "") -> tuple[str, float]
         return "/255", 255.0
     finite = x[np.isfinite(x)] if x.size else x
     low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
-    if low >= 0 and high <= 1:
+    if low >= -UNIT_ROUNDING and high <= 1 + UNIT_ROUNDING:
         return "floats in [0, 1] kept", 1.0
     if low >= 0 and high <= 255:
         return f"float pixels in [0, {high:g}] read as 0..255, /255", 255.0
