@@ -316,11 +316,17 @@ def _run_rows(
 
 
 def finite_rows(
-    model: onnx.ModelProto, x: np.ndarray, input_name: str, providers: list[str]
+    model: onnx.ModelProto,
+    x: np.ndarray,
+    input_name: str,
+    providers: list[str],
+    ready: bool = False,
 ) -> np.ndarray:
-    """Per sample of `x`, whether every output of `model` is finite for it (onnxruntime)."""
+    """Per sample of `x`, whether every output of `model` is finite for it (onnxruntime);
+    `ready`: `x` is model-ready data, fed in the input's own type (`feed_dtype`)."""
     session = make_session(model, providers)
-    fed = pad_to_batch(session, input_name, x.astype(feed_dtype(session, input_name), copy=False))
+    dtype = feed_dtype(session, input_name, ready)
+    fed = pad_to_batch(session, input_name, x.astype(dtype, copy=False))
     finite = np.ones(len(x), bool)
     for out in session.run(None, {input_name: fed}):
         out = np.asarray(out)
@@ -342,8 +348,9 @@ def check_outputs_finite(
     the model it came from gives finite ones: finite weights can still overflow (retrain with
     too large an --lr, or fp16 weights past 65504)."""
     x = next(iter(data.batches(batch_size))).x
-    bad = finite_rows(original, x, data.input_name, providers) & ~finite_rows(
-        written, x, data.input_name, providers
+    ready = data.preprocess is None
+    bad = finite_rows(original, x, data.input_name, providers, ready) & ~finite_rows(
+        written, x, data.input_name, providers, ready
     )
     if bad.any():
         raise BadInputError(
