@@ -342,11 +342,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from onnx_mbs.logits import check_top1_wanted, is_none
     from onnx_mbs.runtime import choose_providers
 
-    if not args.teacher:
-        check_top1_wanted(args.logits)  # before any data is read
     providers = choose_providers(args.providers)
     shapes = _input_shapes(args.input_shape)
     read = load_for_eval(args.model, shapes)
+    if not args.teacher:
+        check_top1_wanted(args.logits, read.model)  # before any data is read
     source = _open_for_model(
         args.data, read.model, args, args.limit, split="test", labels=not args.teacher
     )

@@ -13,6 +13,7 @@ import onnx
 from onnx_mbs.data import Batch, DataSource
 from onnx_mbs.logits import (
     check_label_range,
+    check_none_unambiguous,
     check_top1_wanted,
     choose_logits,
     classes_of,
@@ -261,7 +262,10 @@ def agreement(
     `logits` "none": no output is read as a classifier's (no argmax agreement; see
     `onnx_mbs.logits`)."""
     session, reference = make_session(model, providers), make_session(teacher, providers)
-    names = [o.name for o in session.get_outputs()]
+    outputs = session.get_outputs()
+    names = [o.name for o in outputs]
+    declared = {o.name: [d if isinstance(d, int) else None for d in o.shape] for o in outputs}
+    check_none_unambiguous(declared, logits)
     missing = [n for n in names if n not in {o.name for o in reference.get_outputs()}]
     if missing:
         raise BadInputError(

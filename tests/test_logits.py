@@ -415,3 +415,53 @@ def test_cli_logits_none(tmp_path, train, capsys) -> None:
     assert "label 9" in capsys.readouterr().err
     assert main([*reduce_args, "--logits", "none"]) == 0
     assert "top-1" not in capsys.readouterr().out
+
+
+def _renamed(model: onnx.ModelProto, old: str, new: str) -> onnx.ModelProto:
+    """`model` with its output `old` (and the tensor) called `new`."""
+    for node in model.graph.node:
+        node.output[:] = [new if o == old else o for o in node.output]
+    next(o for o in model.graph.output if o.name == old).name = new
+    return model
+
+
+def test_an_output_named_none_is_not_silently_taken_for_logits_none(tmp_path, train, capsys):
+    """`--logits none` says no output is logits; it also spells the name of an output called
+    'none', and the keyword won without a word: retrain --teacher distilled that classifier
+    with mse and used no labels, reduce read no labels, eval --teacher took no argmax
+    agreement. Where such an output is classifier-shaped (it could be the logits) the option
+    is ambiguous and refused in one line; a 'none' output that cannot be logits leaves it the
+    keyword."""
+    from onnx_mbs.evaluate import agreement
+    from onnx_mbs.logits import has_top1
+
+    said = "--logits none could name it or say the model has no classifier output"
+    scores, labels = answers()
+    model = _renamed(scores_model("logits binary"), "logits", "none")
+    with pytest.raises(BadInputError, match="classifier-shaped output 'none'"):
+        choose_logits(declared_shapes(model), model, "none")
+    with pytest.raises(BadInputError, match="classifier-shaped output 'none'"):
+        has_top1(model, "none")
+    with pytest.raises(BadInputError, match="classifier-shaped output 'none'"):
+        agreement(model, model, Logits(scores, labels), CPU, progress=False, logits="none")
+    with pytest.raises(BadInputError):  # refused either way: no top-1 without logits
+        evaluate(model, Logits(scores, labels), CPU, progress=False, logits="none")
+    assert choose_logits(declared_shapes(model), model) == "none"  # the one classifier
+    binary = _renamed(scores_model("logits binary"), "binary", "none")
+    assert choose_logits(declared_shapes(binary), binary, "none") is None
+    assert not has_top1(binary, "none")
+
+    path, out = str(tmp_path / "m.onnx"), tmp_path / "out.onnx"
+    onnx.save(_renamed(quadnet(), "out", "none"), path)
+    pixels = np.clip(train[0] * 100 + 100, 0, 255).astype(np.uint8)
+    data = write_npz(tmp_path / "d.npz", x=pixels, y=train[1])
+    for argv in (
+        ["eval", path, "--data", data],
+        ["eval", path, "--data", data, "--teacher", path],
+        ["reduce", path, "-o", str(out), "--data", data],
+        ["retrain", path, "-o", str(out), "--data", data, "--teacher", path, "--augment", "none"],
+    ):
+        assert main([*argv, "--logits", "none"]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("onnx-mbs: error: the model has a classifier-shaped output")
+        assert said in err[-1] and "epoch 1/" not in "".join(err) and not out.exists(), argv
