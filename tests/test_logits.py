@@ -307,6 +307,26 @@ def test_reduce_says_why_a_detector_with_labels_gets_no_top1(tmp_path, capsys) -
     assert "no top-1" not in capsys.readouterr().out
 
 
+def test_reduce_no_top1_line_follows_logits_none(tmp_path, train, monkeypatch) -> None:
+    """reduce explained a missing top-1 by the model's shapes alone (`no_top1` without
+    `logits`): "the model has no classifier output (batch, classes) among its outputs 'out'
+    (batch, 4)", false where 'out' is classifier-shaped and `logits="none"` set it aside.
+    `--logits none` reads no labels, so the line is not reached today; the data is opened
+    with its labels here to hold the two together."""
+    from onnx_mbs import pipeline
+    from onnx_mbs.data.fit import open_for_model
+
+    def with_labels(data, model, options):
+        return open_for_model(data, model, mean=options.mean, std=options.std)
+
+    monkeypatch.setattr(pipeline, "fit_data", with_labels)
+    pixels = np.clip(train[0] * 100 + 100, 0, 255).astype(np.uint8)
+    data = write_npz(tmp_path / "d.npz", x=pixels, y=train[1])
+    _, report = pipeline.reduce(quadnet(), data, progress=False, logits="none")
+    assert report.accuracy == {}
+    assert report.no_top1.startswith("no top-1: logits='none' says the model has no classifier")
+
+
 def test_agreement_takes_top1_of_a_1x1_conv_head() -> None:
     from onnx_mbs.evaluate import _Accumulator
 
