@@ -387,6 +387,30 @@ def test_logits_none_refuses_a_top1_and_skips_argmax_agreement() -> None:
     assert guessed.top1 == 1.0 and none.top1 is None and none.cosine == pytest.approx(1.0)
 
 
+def test_val_with_logits_none_says_why_and_what_to_do(tmp_path, train, capsys) -> None:
+    """`retrain --val` picks the best epoch by a top-1: against the labels, or the teacher's
+    argmax without them; `--logits none` leaves no output to take one from, so the teacher's
+    outputs do not make it possible. The refusal said "validation top-1 needs a classifier
+    output ...: train without validation data", also with an unlabelled --val and a teacher;
+    it now says what --val measures and how to compare the result with the original."""
+    x = (train[0], None)
+    with pytest.raises(BadInputError, match=r"val_data picks the best epoch by top-1.*"
+                       r"onnx_mbs\.evaluate\.agreement"):  # fmt: skip
+        retrain(quadnet(), x, x, teacher=quadnet(seed=1), logits="none", **KW)
+    path, out = str(tmp_path / "m.onnx"), tmp_path / "out.onnx"
+    onnx.save(quadnet(), path)
+    pixels = np.clip(train[0] * 100 + 100, 0, 255).astype(np.uint8)
+    data = write_npz(tmp_path / "d.npz", x=pixels, y=train[1])
+    val = write_npz(tmp_path / "v.npz", x=pixels)
+    argv = ["retrain", path, "-o", str(out), "--data", data, "--teacher", path, "--val", val]
+    assert main([*argv, "--logits", "none", "--augment", "none"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("onnx-mbs: error: --val picks the best epoch by top-1"), err
+    assert "(--logits none)" in err[-1] and "leave --val out to keep the last epoch" in err[-1]
+    assert "onnx-mbs eval OUTPUT --teacher ORIGINAL --data VAL --logits none" in err[-1]
+    assert "epoch 1/" not in "".join(err) and not out.exists()
+
+
 def test_cli_logits_none(tmp_path, train, capsys) -> None:
     """eval: a labelled top-1 refused in one line, agreement without argmax top-1; the line of
     a guess names the output taken; reduce reads labels beyond the (batch, 4) output's range."""
