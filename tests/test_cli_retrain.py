@@ -215,6 +215,27 @@ def test_a_uint8_input_model_retrains_on_model_ready_data(tmp_path, capsys) -> N
     assert ort_top1(written, val, yv) == pytest.approx(top1, abs=5.1e-5)
 
 
+def test_a_teacher_fed_another_input_type_is_refused_by_name(tmp_path, capsys) -> None:
+    """The teacher is fed the model's data as it is: a float-input teacher of a model taking
+    uint8 pixels was refused as "the teacher cannot run a batch of 16 in PyTorch (expected
+    scalar type Byte but found Float); if its graph fixes the batch size ...", which is not
+    the reason; now the two input types are named, before any training."""
+    onnx.save(with_uint8_input(export(keep_bn=True)), tmp_path / "u8.onnx")
+    onnx.save(export(keep_bn=True), tmp_path / "float.onnx")
+    x, y = quadrant_data(32, seed=1)
+    write_npz(tmp_path / "train.npz", input=np.clip(x * 60 + 60, 0, 255).astype(np.uint8), y=y)
+    out = tmp_path / "out.onnx"
+    args = ["retrain", str(tmp_path / "u8.onnx"), "-o", str(out), "--teacher"]
+    args += [str(tmp_path / "float.onnx"), "--data", str(tmp_path / "train.npz"), "--workers", "0"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (
+        "onnx-mbs: error: the teacher's input takes float, the model's uint8: the teacher is "
+        "fed the model's data as it is; give a teacher with the model's input type"
+    )
+    assert "epoch 1/" not in err and not out.exists()
+
+
 @pytest.mark.parametrize("ready", [False, True])
 def test_a_model_with_two_inputs_is_refused_as_retrain_refuses_it(tmp_path, capsys, ready):
     """Retraining feeds one input. A model with a second (here unused) input was first told to

@@ -478,6 +478,12 @@ def retrain(
         raise BadInputError(f"feature distillation needs a {option('--teacher')}")
     if teacher is not None:
         _check_features_computed(model, teacher, features)
+        if _fed_type(teacher) != fed:  # a float16 beside a float32 input is fed float32 too
+            kinds = ["float" if t is None else str(t) for t in (_fed_type(teacher), fed)]
+            raise BadInputError(
+                f"the teacher's input takes {kinds[0]}, the model's {kinds[1]}: the teacher is "
+                "fed the model's data as it is; give a teacher with the model's input type"
+            )
     frozen = check_frozen(freeze, model, teacher)
     if val is not None and not val.labelled and teacher is None:
         raise BadInputError(
