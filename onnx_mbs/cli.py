@@ -342,11 +342,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from onnx_mbs.logits import check_top1_wanted, is_none
     from onnx_mbs.runtime import choose_providers
 
-    if not args.teacher:
-        check_top1_wanted(args.logits)  # before any data is read
     providers = choose_providers(args.providers)
     shapes = _input_shapes(args.input_shape)
     read = load_for_eval(args.model, shapes)
+    if not args.teacher:
+        check_top1_wanted(args.logits, read.model)  # before any data is read
     source = _open_for_model(
         args.data, read.model, args, args.limit, split="test", labels=not args.teacher
     )
@@ -457,7 +457,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     from onnx_mbs.data.ready import declared_inputs
     from onnx_mbs.evaluate import check_outputs_finite
     from onnx_mbs.pipeline import check_written
-    from onnx_mbs.runtime import choose_providers, require_float_input
+    from onnx_mbs.runtime import choose_providers, require_feedable
     from onnx_mbs.save import check_outputs, save_model
 
     check_outputs(
@@ -497,7 +497,8 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         if args.val
         else None
     )
-    require_float_input(runnable, train.input_name)  # checked on the written model at the end
+    for data in (train, val) if val is not None else (train,):
+        require_feedable(runnable, data)  # images for a uint8 input: before any training
     rank = _rank()
     if args.no_bn_reinsert and rank == 0 and not is_bn_folded(runnable):
         print(

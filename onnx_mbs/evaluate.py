@@ -13,6 +13,7 @@ import onnx
 from onnx_mbs.data import Batch, DataSource
 from onnx_mbs.logits import (
     check_label_range,
+    check_none_unambiguous,
     check_top1_wanted,
     choose_logits,
     classes_of,
@@ -261,7 +262,10 @@ def agreement(
     `logits` "none": no output is read as a classifier's (no argmax agreement; see
     `onnx_mbs.logits`)."""
     session, reference = make_session(model, providers), make_session(teacher, providers)
-    names = [o.name for o in session.get_outputs()]
+    outputs = session.get_outputs()
+    names = [o.name for o in outputs]
+    declared = {o.name: [d if isinstance(d, int) else None for d in o.shape] for o in outputs}
+    check_none_unambiguous(declared, logits)
     missing = [n for n in names if n not in {o.name for o in reference.get_outputs()}]
     if missing:
         raise BadInputError(
@@ -316,11 +320,17 @@ def _run_rows(
 
 
 def finite_rows(
-    model: onnx.ModelProto, x: np.ndarray, input_name: str, providers: list[str]
+    model: onnx.ModelProto,
+    x: np.ndarray,
+    input_name: str,
+    providers: list[str],
+    ready: bool = False,
 ) -> np.ndarray:
-    """Per sample of `x`, whether every output of `model` is finite for it (onnxruntime)."""
+    """Per sample of `x`, whether every output of `model` is finite for it (onnxruntime);
+    `ready`: `x` is model-ready data, fed in the input's own type (`feed_dtype`)."""
     session = make_session(model, providers)
-    fed = pad_to_batch(session, input_name, x.astype(feed_dtype(session, input_name), copy=False))
+    dtype = feed_dtype(session, input_name, ready)
+    fed = pad_to_batch(session, input_name, x.astype(dtype, copy=False))
     finite = np.ones(len(x), bool)
     for out in session.run(None, {input_name: fed}):
         out = np.asarray(out)
@@ -342,8 +352,9 @@ def check_outputs_finite(
     the model it came from gives finite ones: finite weights can still overflow (retrain with
     too large an --lr, or fp16 weights past 65504)."""
     x = next(iter(data.batches(batch_size))).x
-    bad = finite_rows(original, x, data.input_name, providers) & ~finite_rows(
-        written, x, data.input_name, providers
+    ready = data.preprocess is None
+    bad = finite_rows(original, x, data.input_name, providers, ready) & ~finite_rows(
+        written, x, data.input_name, providers, ready
     )
     if bad.any():
         raise BadInputError(

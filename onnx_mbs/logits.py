@@ -38,6 +38,20 @@ def is_none(chosen: str | None) -> bool:
     return chosen == NONE
 
 
+def check_none_unambiguous(shapes: Mapping[str, Shape], chosen: str | None) -> None:
+    """`--logits none` also spells the name of an output called 'none': where that output is
+    classifier-shaped (it could be the logits) the two readings differ, and neither is taken
+    silently: refused in one line. A 'none' output that cannot be logits leaves it the keyword."""
+    if not is_none(chosen) or NONE not in shapes or classes_of(shapes[NONE]) is None:
+        return
+    raise BadInputError(
+        f"the model has a classifier-shaped output {_described([NONE], shapes)}, so "
+        f"{option('--logits', NONE)} could name it or say the model has no classifier "
+        f"output: rename that output to tell them apart (where it is the only classifier-shaped "
+        f"output, leaving {option('--logits')} out reads it as the logits)"
+    )
+
+
 def classes_of(shape: Shape) -> int | None:
     """K for a (batch, K) or (batch, K, 1, ..., 1) shape with a known K > 1, else None."""
     if len(shape) < 2 or any(d != 1 for d in shape[2:]):
@@ -146,6 +160,7 @@ def choose_logits(
     classifier output. None when there is none or several and `required` is False; refused in
     one line otherwise. `chosen` "none" (`NONE`): the user says no output is: None (a caller
     that needs logits refuses with `check_top1_wanted` first)."""
+    check_none_unambiguous(shapes, chosen)
     if is_none(chosen):
         return None
     if chosen is not None:
@@ -189,9 +204,11 @@ def _said_none() -> str:
     )
 
 
-def check_top1_wanted(chosen: str | None) -> None:
+def check_top1_wanted(chosen: str | None, model: onnx.ModelProto | None = None) -> None:
     """A top-1 from labels is asked for: refused in one line where `--logits none` said the
-    model has no classifier output."""
+    model has no classifier output (or, given `model`, might name its output 'none')."""
+    if model is not None:
+        check_none_unambiguous(declared_shapes(model), chosen)
     if is_none(chosen):
         raise BadInputError(
             f"{_said_none()}; `onnx-mbs eval --teacher ORIGINAL` (Python: "
@@ -213,9 +230,10 @@ def has_top1(model: onnx.ModelProto, chosen: str | None = None) -> bool:
     (a dim not known could be the classes); several that are refused in one line, as a `chosen`
     name the model does not have, so that a run does not find out after its work is done.
     `chosen` "none": it has none."""
+    shapes = declared_shapes(model)
+    check_none_unambiguous(shapes, chosen)
     if is_none(chosen):
         return False
-    shapes = declared_shapes(model)
     if chosen is not None:
         _check_named(shapes, chosen)
         return True

@@ -186,7 +186,7 @@ def reduce(
     if options.logits is not None:  # checked even where nothing reads it: a typo is said
         has_top1(held.model, options.logits)
     scored = labelled and has_top1(held.model, options.logits)
-    unscored = no_top1(held.model) if labelled and not scored else ""
+    unscored = no_top1(held.model, options.logits) if labelled and not scored else ""
     recorded = given_preprocessing(options.mean, options.std, source)
     release_freed_memory()  # load's copies and serializations: not in every later peak
     laps.lap("load")

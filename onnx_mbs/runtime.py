@@ -30,7 +30,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from onnx_mbs.data.ready import numpy_type, takes_floats
-from onnx_mbs.data.sources import Batch, batch_inputs
+from onnx_mbs.data.sources import Batch, DataSource, batch_inputs
 from onnx_mbs.passes.errors import BadInputError, option
 
 if TYPE_CHECKING:
@@ -266,8 +266,7 @@ def feed_dtype(session: ort.InferenceSession, input_name: str, ready: bool = Fal
         return dtype
     if ready:
         return ort_numpy_type(declared[input_name])
-    hint = f" (to feed it as it is: a model-ready .npz, an array named {input_name!r})"
-    raise BadInputError(_not_float(input_name, declared[input_name]) + hint)
+    raise BadInputError(_not_float(input_name, declared[input_name]))
 
 
 def ort_numpy_type(ort_type: str) -> np.dtype:
@@ -292,18 +291,25 @@ def _numpy_type_of(ort_type: str) -> np.dtype | None:
     return numpy_type(elem)
 
 
-def require_float_input(model: onnx.ModelProto, input_name: str) -> None:
-    """Refuse, before any work, the model `feed_dtype` will refuse: image data is fed as float
-    (retraining would otherwise run to the end first)."""
+def require_feedable(model: onnx.ModelProto, data: DataSource) -> None:
+    """Refuse, before any work, the data `feed_dtype` will refuse for `model`: images are
+    preprocessed to floats, which a non-float input (uint8 pixels its graph casts) does not
+    take (retraining would otherwise run to the end first). Model-ready data is fed as it is,
+    its type checked when it was read."""
+    if data.preprocess is None:
+        return
     for value in model.graph.input:
         elem = value.type.tensor_type.elem_type
-        if value.name == input_name and not takes_floats(numpy_type(elem)):
+        if value.name == data.input_name and not takes_floats(numpy_type(elem)):
             name = TensorProto.DataType.Name(elem).lower()
-            raise BadInputError(_not_float(input_name, f"tensor({name})"))
+            raise BadInputError(_not_float(data.input_name, f"tensor({name})"))
 
 
 def _not_float(input_name: str, declared: str) -> str:
-    return f"model input {input_name!r} has type {declared}; expected a float image tensor"
+    return (
+        f"model input {input_name!r} has type {declared}; expected a float image tensor "
+        f"(to feed it as it is: a model-ready .npz, an array named {input_name!r})"
+    )
 
 
 def pad_to_batch(session: ort.InferenceSession, input_name: str, x: np.ndarray) -> np.ndarray:

@@ -25,7 +25,12 @@ def command_line() -> Iterator[None]:
 
 # The Python keyword of each flag whose keyword is not its argparse dest (`--beta-min` ->
 # `beta_min`): the keywords of `reduce`, `ReduceOptions`, `load` and `retrain`.
-_KEYWORDS = {"--input-shape": "input_shapes", "--loss": "losses", "--feature": "features"}
+_KEYWORDS = {
+    "--input-shape": "input_shapes",
+    "--loss": "losses",
+    "--feature": "features",
+    "--val": "val_data",
+}
 
 
 def keyword(flag: str) -> str:

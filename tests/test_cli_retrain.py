@@ -167,8 +167,8 @@ def with_uint8_input(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def test_a_model_without_a_float_input_is_refused_before_training(tmp_path, capsys) -> None:
-    """The data is fed as float images, which onnxruntime refuses for a uint8 input: that was
+def test_a_uint8_input_model_refuses_images_before_training(tmp_path, capsys) -> None:
+    """Images are preprocessed to floats, which onnxruntime refuses for a uint8 input: that was
     said only after the whole training (when the written model was checked); now before."""
     onnx.save(with_uint8_input(export(keep_bn=True)), tmp_path / "u8.onnx")
     x, y = quadrant_data(32, seed=1)
@@ -178,7 +178,62 @@ def test_a_model_without_a_float_input_is_refused_before_training(tmp_path, caps
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "model input 'input' has type tensor(uint8); expected a float image tensor" in err
+    assert "a model-ready .npz, an array named 'input'" in err
     assert "epoch 1/1" not in err and not (tmp_path / "out.onnx").exists()
+
+
+def test_a_uint8_input_model_retrains_on_model_ready_data(tmp_path, capsys) -> None:
+    """Model-ready uint8 data is what onnxruntime feeds a model taking uint8 pixels (a Cast in
+    its graph); retrain() and reduce --recalibrate take it, the command line refused the model
+    whatever the data ("expected a float image tensor"). It trains on it now: the written model
+    keeps the uint8 input, passes the full checker, runs at every shape the original did, and
+    the val top-1 printed is onnxruntime's on the written model. Images in --val are refused as
+    in --data."""
+    from test_retrain import ort_top1
+
+    model = with_uint8_input(export(keep_bn=True))
+    onnx.save(model, tmp_path / "u8.onnx")
+    (x, y), (xv, yv) = quadrant_data(64, seed=1), quadrant_data(32, seed=2)
+    pixels, val = (np.clip(a * 60 + 60, 0, 255).astype(np.uint8) for a in (x, xv))
+    write_npz(tmp_path / "train.npz", input=pixels, y=y)
+    write_npz(tmp_path / "val.npz", input=val, y=yv)
+    write_npz(tmp_path / "images.npz", x=val, y=yv)
+    out = tmp_path / "out.onnx"
+    args = ["retrain", str(tmp_path / "u8.onnx"), "-o", str(out), "--seed", "0"]
+    args += ["--data", str(tmp_path / "train.npz"), "--batch-size", "16", "--workers", "0"]
+    assert main([*args, "--val", str(tmp_path / "images.npz")]) == 2
+    err = capsys.readouterr().err
+    last = "onnx-mbs: error: model input 'input' has type tensor(uint8); expected a float image"
+    assert err.splitlines()[-1].startswith(last) and "epoch 1/" not in err and not out.exists()
+    assert main([*args, "--val", str(tmp_path / "val.npz")]) == 0
+    printed = capsys.readouterr().out
+    written = onnx.load(out)
+    onnx.checker.check_model(written, full_check=True)
+    assert written.graph.input[0] == model.graph.input[0]  # name, uint8, dynamic batch
+    assert_runs_at_declared_shapes(model, written)
+    top1 = float(printed.split("val top-1 ")[1].split("%")[0]) / 100
+    assert ort_top1(written, val, yv) == pytest.approx(top1, abs=5.1e-5)
+
+
+def test_a_teacher_fed_another_input_type_is_refused_by_name(tmp_path, capsys) -> None:
+    """The teacher is fed the model's data as it is: a float-input teacher of a model taking
+    uint8 pixels was refused as "the teacher cannot run a batch of 16 in PyTorch (expected
+    scalar type Byte but found Float); if its graph fixes the batch size ...", which is not
+    the reason; now the two input types are named, before any training."""
+    onnx.save(with_uint8_input(export(keep_bn=True)), tmp_path / "u8.onnx")
+    onnx.save(export(keep_bn=True), tmp_path / "float.onnx")
+    x, y = quadrant_data(32, seed=1)
+    write_npz(tmp_path / "train.npz", input=np.clip(x * 60 + 60, 0, 255).astype(np.uint8), y=y)
+    out = tmp_path / "out.onnx"
+    args = ["retrain", str(tmp_path / "u8.onnx"), "-o", str(out), "--teacher"]
+    args += [str(tmp_path / "float.onnx"), "--data", str(tmp_path / "train.npz"), "--workers", "0"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (
+        "onnx-mbs: error: the teacher's input takes float, the model's uint8: the teacher is "
+        "fed the model's data as it is; give a teacher with the model's input type"
+    )
+    assert "epoch 1/" not in err and not out.exists()
 
 
 @pytest.mark.parametrize("ready", [False, True])

@@ -307,6 +307,26 @@ def test_reduce_says_why_a_detector_with_labels_gets_no_top1(tmp_path, capsys) -
     assert "no top-1" not in capsys.readouterr().out
 
 
+def test_reduce_no_top1_line_follows_logits_none(tmp_path, train, monkeypatch) -> None:
+    """reduce explained a missing top-1 by the model's shapes alone (`no_top1` without
+    `logits`): "the model has no classifier output (batch, classes) among its outputs 'out'
+    (batch, 4)", false where 'out' is classifier-shaped and `logits="none"` set it aside.
+    `--logits none` reads no labels, so the line is not reached today; the data is opened
+    with its labels here to hold the two together."""
+    from onnx_mbs import pipeline
+    from onnx_mbs.data.fit import open_for_model
+
+    def with_labels(data, model, options):
+        return open_for_model(data, model, mean=options.mean, std=options.std)
+
+    monkeypatch.setattr(pipeline, "fit_data", with_labels)
+    pixels = np.clip(train[0] * 100 + 100, 0, 255).astype(np.uint8)
+    data = write_npz(tmp_path / "d.npz", x=pixels, y=train[1])
+    _, report = pipeline.reduce(quadnet(), data, progress=False, logits="none")
+    assert report.accuracy == {}
+    assert report.no_top1.startswith("no top-1: logits='none' says the model has no classifier")
+
+
 def test_agreement_takes_top1_of_a_1x1_conv_head() -> None:
     from onnx_mbs.evaluate import _Accumulator
 
@@ -367,6 +387,30 @@ def test_logits_none_refuses_a_top1_and_skips_argmax_agreement() -> None:
     assert guessed.top1 == 1.0 and none.top1 is None and none.cosine == pytest.approx(1.0)
 
 
+def test_val_with_logits_none_says_why_and_what_to_do(tmp_path, train, capsys) -> None:
+    """`retrain --val` picks the best epoch by a top-1: against the labels, or the teacher's
+    argmax without them; `--logits none` leaves no output to take one from, so the teacher's
+    outputs do not make it possible. The refusal said "validation top-1 needs a classifier
+    output ...: train without validation data", also with an unlabelled --val and a teacher;
+    it now says what --val measures and how to compare the result with the original."""
+    x = (train[0], None)
+    with pytest.raises(BadInputError, match=r"val_data picks the best epoch by top-1.*"
+                       r"onnx_mbs\.evaluate\.agreement"):  # fmt: skip
+        retrain(quadnet(), x, x, teacher=quadnet(seed=1), logits="none", **KW)
+    path, out = str(tmp_path / "m.onnx"), tmp_path / "out.onnx"
+    onnx.save(quadnet(), path)
+    pixels = np.clip(train[0] * 100 + 100, 0, 255).astype(np.uint8)
+    data = write_npz(tmp_path / "d.npz", x=pixels, y=train[1])
+    val = write_npz(tmp_path / "v.npz", x=pixels)
+    argv = ["retrain", path, "-o", str(out), "--data", data, "--teacher", path, "--val", val]
+    assert main([*argv, "--logits", "none", "--augment", "none"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("onnx-mbs: error: --val picks the best epoch by top-1"), err
+    assert "(--logits none)" in err[-1] and "leave --val out to keep the last epoch" in err[-1]
+    assert "onnx-mbs eval OUTPUT --teacher ORIGINAL --data VAL --logits none" in err[-1]
+    assert "epoch 1/" not in "".join(err) and not out.exists()
+
+
 def test_cli_logits_none(tmp_path, train, capsys) -> None:
     """eval: a labelled top-1 refused in one line, agreement without argmax top-1; the line of
     a guess names the output taken; reduce reads labels beyond the (batch, 4) output's range."""
@@ -415,3 +459,53 @@ def test_cli_logits_none(tmp_path, train, capsys) -> None:
     assert "label 9" in capsys.readouterr().err
     assert main([*reduce_args, "--logits", "none"]) == 0
     assert "top-1" not in capsys.readouterr().out
+
+
+def _renamed(model: onnx.ModelProto, old: str, new: str) -> onnx.ModelProto:
+    """`model` with its output `old` (and the tensor) called `new`."""
+    for node in model.graph.node:
+        node.output[:] = [new if o == old else o for o in node.output]
+    next(o for o in model.graph.output if o.name == old).name = new
+    return model
+
+
+def test_an_output_named_none_is_not_silently_taken_for_logits_none(tmp_path, train, capsys):
+    """`--logits none` says no output is logits; it also spells the name of an output called
+    'none', and the keyword won without a word: retrain --teacher distilled that classifier
+    with mse and used no labels, reduce read no labels, eval --teacher took no argmax
+    agreement. Where such an output is classifier-shaped (it could be the logits) the option
+    is ambiguous and refused in one line; a 'none' output that cannot be logits leaves it the
+    keyword."""
+    from onnx_mbs.evaluate import agreement
+    from onnx_mbs.logits import has_top1
+
+    said = "--logits none could name it or say the model has no classifier output"
+    scores, labels = answers()
+    model = _renamed(scores_model("logits binary"), "logits", "none")
+    with pytest.raises(BadInputError, match="classifier-shaped output 'none'"):
+        choose_logits(declared_shapes(model), model, "none")
+    with pytest.raises(BadInputError, match="classifier-shaped output 'none'"):
+        has_top1(model, "none")
+    with pytest.raises(BadInputError, match="classifier-shaped output 'none'"):
+        agreement(model, model, Logits(scores, labels), CPU, progress=False, logits="none")
+    with pytest.raises(BadInputError):  # refused either way: no top-1 without logits
+        evaluate(model, Logits(scores, labels), CPU, progress=False, logits="none")
+    assert choose_logits(declared_shapes(model), model) == "none"  # the one classifier
+    binary = _renamed(scores_model("logits binary"), "binary", "none")
+    assert choose_logits(declared_shapes(binary), binary, "none") is None
+    assert not has_top1(binary, "none")
+
+    path, out = str(tmp_path / "m.onnx"), tmp_path / "out.onnx"
+    onnx.save(_renamed(quadnet(), "out", "none"), path)
+    pixels = np.clip(train[0] * 100 + 100, 0, 255).astype(np.uint8)
+    data = write_npz(tmp_path / "d.npz", x=pixels, y=train[1])
+    for argv in (
+        ["eval", path, "--data", data],
+        ["eval", path, "--data", data, "--teacher", path],
+        ["reduce", path, "-o", str(out), "--data", data],
+        ["retrain", path, "-o", str(out), "--data", data, "--teacher", path, "--augment", "none"],
+    ):
+        assert main([*argv, "--logits", "none"]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("onnx-mbs: error: the model has a classifier-shaped output")
+        assert said in err[-1] and "epoch 1/" not in "".join(err) and not out.exists(), argv

@@ -478,6 +478,12 @@ def retrain(
         raise BadInputError(f"feature distillation needs a {option('--teacher')}")
     if teacher is not None:
         _check_features_computed(model, teacher, features)
+        if _fed_type(teacher) != fed:  # a float16 beside a float32 input is fed float32 too
+            kinds = ["float" if t is None else str(t) for t in (_fed_type(teacher), fed)]
+            raise BadInputError(
+                f"the teacher's input takes {kinds[0]}, the model's {kinds[1]}: the teacher is "
+                "fed the model's data as it is; give a teacher with the model's input type"
+            )
     frozen = check_frozen(freeze, model, teacher)
     if val is not None and not val.labelled and teacher is None:
         raise BadInputError(
@@ -623,9 +629,15 @@ def retrain(
                 f"classes) among {list(outputs)}: retrain it with {option('--teacher')}"
             )
         if val is not None and logits_name is None:
+            # A teacher gives no way round it: agreement with it is a top-1 too (its argmax).
+            none = f" --logits {NONE}" if is_none(logits) else ""
             raise BadInputError(
-                f"validation top-1 needs a classifier output (batch, classes){said}: train "
-                "without validation data"
+                f"{option('--val')} picks the best epoch by top-1 (against its labels, or the "
+                f"teacher's argmax without them), which needs a classifier output (batch, "
+                f"classes){said}: leave {option('--val')} out to keep the last epoch, and "
+                f"compare the result with the original: `onnx-mbs eval OUTPUT --teacher "
+                f"ORIGINAL --data VAL{none}` (Python: onnx_mbs.evaluate.agreement) gives each "
+                "output's relative error and cosine"
             )
         if logits_name is not None:
             classes = classes_of(outputs[logits_name])

@@ -13,7 +13,13 @@ import onnx
 from onnx_mbs.data.ready import declared_inputs, takes_floats
 from onnx_mbs.data.sources import DataSource, source_name
 from onnx_mbs.data.spec import open_data
-from onnx_mbs.logits import check_label_range, choose_logits, classes_of, declared_shapes
+from onnx_mbs.logits import (
+    check_label_range,
+    check_none_unambiguous,
+    choose_logits,
+    classes_of,
+    declared_shapes,
+)
 from onnx_mbs.memory import check_model_fits
 from onnx_mbs.passes.errors import BadInputError, option
 from onnx_mbs.passes.graph import input_layout, raw_pixels
@@ -87,6 +93,7 @@ def check_labels(source: DataSource, model: onnx.ModelProto, logits: str | None 
     if labels is None or not len(labels):
         return
     shapes = declared_shapes(model)
+    check_none_unambiguous(shapes, logits)
     if logits is not None and logits not in shapes:
         return  # refused, naming the outputs, where it is used
     name = logits or choose_logits(shapes, model, required=False)
