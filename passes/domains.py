@@ -21,6 +21,12 @@ def is_default(domain: str) -> bool:
     return domain in DEFAULT_DOMAINS
 
 
+def is_onnxruntime_op(node: onnx.NodeProto) -> bool:
+    """An op of onnxruntime's own domains (com.microsoft, com.microsoft.nchwc: what its
+    optimisations write), which onnxruntime runs and ONNX's shape inference cannot size."""
+    return node.domain == "com.microsoft" or node.domain.startswith("com.microsoft.")
+
+
 def op_id(node: onnx.NodeProto) -> str:
     """The op `node` runs, one string: its op_type in the default domain, "domain:op_type"
     in any other, which no ONNX op's name equals."""

@@ -5,6 +5,7 @@ as one, kept whole."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from pathlib import Path
@@ -18,6 +19,7 @@ from onnx import helper
 
 import onnx_mbs
 from onnx_mbs.cli import main
+from onnx_mbs.evaluate import evaluate
 from onnx_mbs.passes import activation_tensors, analyze_model, load_model
 
 BUNDLED = Path(__file__).resolve().parents[1] / "models" / "bundled" / "resnet20_fmnist.onnx"
@@ -195,3 +197,46 @@ def test_the_bridge_refuses_a_custom_op_named_like_an_onnx_op():
 
     with pytest.raises(BadInputError, match="my.ops:Relu"):
         OnnxModule(_custom_net("Relu"))
+
+
+SAMPLE = BUNDLED.parent / "fmnist_sample.npz"
+
+
+def _saved_by_onnxruntime(level: ort.GraphOptimizationLevel, path: Path) -> Path:
+    """The bundled ResNet-20 as onnxruntime saves it at `level`, nothing added."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = level
+    options.optimized_model_filepath = str(path)
+    ort.InferenceSession(str(BUNDLED), options, providers=["CPUExecutionProvider"])
+    return path
+
+
+def _top1_by_onnxruntime(path: Path, limit: int) -> float:
+    """onnxruntime's own top-1 on the bundled sample, the preprocessing written out."""
+    data = np.load(SAMPLE)
+    x = (data["x"][:limit].astype(np.float32) / 255 - 0.286) / 0.353
+    x = x.reshape(limit, 1, 28, 28)
+    run = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    logits = np.concatenate([run.run(None, {"input": x[k : k + 1]})[0] for k in range(limit)])
+    return float((logits.argmax(1) == data["y"][:limit]).mean())
+
+
+@pytest.mark.parametrize(
+    "level",
+    [ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, ort.GraphOptimizationLevel.ORT_ENABLE_ALL],
+)
+def test_eval_runs_a_model_onnxruntime_optimised_as_onnxruntime_does(tmp_path, capsys, level):
+    """`eval` refused the extended form (com.microsoft FusedConv, which shape inference
+    cannot size), which onnxruntime runs: it ran nothing of the analysis but shape
+    inference. It runs the model as read, as onnxruntime does: the same top-1."""
+    path = _saved_by_onnxruntime(level, tmp_path / "opt.onnx")
+    args = ["eval", str(path), "--data", str(SAMPLE), "--limit", "64", "--json"]
+    assert main(args) == 0
+    said = json.loads(capsys.readouterr().out)
+    assert said["top1"] == pytest.approx(_top1_by_onnxruntime(path, 64))
+    assert said["samples"] == 64
+    assert main([*args, "--teacher", str(BUNDLED)]) == 0
+    (output,) = json.loads(capsys.readouterr().out)["outputs"].values()
+    assert output["top1"] == 1.0 and output["cosine"] > 0.9999
+    result = evaluate(path, str(SAMPLE), ["CPUExecutionProvider"], progress=False)
+    assert result.top1 == pytest.approx(_top1_by_onnxruntime(path, 512), abs=1 / 512)
