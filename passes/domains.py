@@ -27,6 +27,13 @@ def is_onnxruntime_op(node: onnx.NodeProto) -> bool:
     return node.domain == "com.microsoft" or node.domain.startswith("com.microsoft.")
 
 
+# How to give onnx-mbs a model its onnxruntime ops would keep whole.
+ONNXRUNTIME_ADVICE = (
+    "onnxruntime's optimisations above basic write them: save the model at ORT_ENABLE_BASIC "
+    "(or give the original) and reduce that"
+)
+
+
 def op_id(node: onnx.NodeProto) -> str:
     """The op `node` runs, one string: its op_type in the default domain, "domain:op_type"
     in any other, which no ONNX op's name equals."""

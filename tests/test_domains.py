@@ -95,8 +95,9 @@ def test_a_custom_conv_is_not_counted_as_a_conv_layer_and_the_analysis_says_so(t
 
 
 def _fused_net() -> onnx.ModelProto:
-    """conv, Relu, a stride-2 com.microsoft FusedConv (Relu fused), conv: the layout
-    onnxruntime's extended optimisations write, the FusedConv's output shape recorded."""
+    """conv, Relu, a stride-2 com.microsoft FusedConv (Relu fused), conv, Relu, conv: the
+    layout onnxruntime's extended optimisations write, the FusedConv's output shape
+    recorded; the last conv's 16 channels free."""
     b = Builder("fused")
     x = b.op("Relu", [b.conv(b.input("x", [1, 3, 16, 16]), 3, 8)])
     fused = b.op(
@@ -109,7 +110,12 @@ def _fused_net() -> onnx.ModelProto:
         activation="Relu",
     )
     return _with_output(
-        b.model([b.conv(fused, 16, 4)], ["y"], shapes={fused: [1, 16, 8, 8]}), [1, 4, 8, 8]
+        b.model(
+            [b.conv(b.op("Relu", [b.conv(fused, 16, 16)]), 16, 4)],
+            ["y"],
+            shapes={fused: [1, 16, 8, 8]},
+        ),
+        [1, 4, 8, 8],
     )
 
 
@@ -123,7 +129,7 @@ def test_a_fused_conv_is_counted_at_its_output_size_and_kept_whole():
     assert (fused.input_size, fused.output_size, fused.stride) == ((16, 16), (8, 8), (2, 2))
     assert fused.params == 16 * 8 * 9 + 16
     assert len(analysis.macroblocks) == 2  # the stride-2 FusedConv starts the 8x8 one
-    assert analysis.total_macs == 16 * 16 * 9 * 3 * 8 + fused.macs + 8 * 8 * 16 * 4 * 9
+    assert analysis.total_macs == 16 * 16 * 9 * 3 * 8 + fused.macs + 8 * 8 * 16 * 20 * 9
     assert activation_tensors(load_model(raw), analysis)[fused.name] == fused.output  # Relu fused
     small, report = onnx_mbs.reduce(raw)
     (node,) = [n for n in small.graph.node if n.op_type == "FusedConv"]
@@ -240,3 +246,41 @@ def test_eval_runs_a_model_onnxruntime_optimised_as_onnxruntime_does(tmp_path, c
     assert output["top1"] == 1.0 and output["cosine"] > 0.9999
     result = evaluate(path, str(SAMPLE), ["CPUExecutionProvider"], progress=False)
     assert result.top1 == pytest.approx(_top1_by_onnxruntime(path, 512), abs=1 / 512)
+
+
+ALL, EXTENDED = (
+    ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+)
+
+
+@pytest.mark.parametrize(
+    "level, recorded, op",
+    [
+        (ALL, False, "com.microsoft.nchwc:Conv"),
+        (ALL, True, "com.microsoft.nchwc:Conv"),
+        (EXTENDED, True, "com.microsoft:FusedConv"),
+    ],
+)
+@pytest.mark.parametrize("budget", [[], ["--budget", "params=0.5"]])
+def test_reduce_refuses_a_model_onnxruntime_left_nothing_to_cut_in(
+    tmp_path, capsys, level, recorded, op, budget
+):
+    """The NCHWc form (ORT_ENABLE_ALL: every conv a com.microsoft.nchwc Conv, kept whole)
+    and the extended form (FusedConv, kept whole, pins every group of ResNet-20), their
+    shapes recorded, were "reduced" without a budget: exit 0, the model written again
+    unchanged, a note that every group is pinned; the NCHWc form unrecorded was refused as
+    its ops "may hide layers", without saying what to do. Each is refused in one line that
+    says: save it at basic."""
+    path = tmp_path / "opt.onnx"
+    if recorded:
+        onnx.save(_optimised(level, path), path)
+    else:
+        _saved_by_onnxruntime(level, path)
+    if op.split(":")[0] not in {n.domain for n in onnx.load(path).graph.node}:
+        pytest.skip("this CPU's onnxruntime writes no NCHWc ops")
+    out = tmp_path / "small.onnx"
+    assert main(["reduce", str(path), "-o", str(out), *budget]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert op in error and "ORT_ENABLE_BASIC" in error
+    assert not out.exists()
