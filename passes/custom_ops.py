@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import onnx
 
-from .domains import is_default
+from .domains import FUSED_CONV, is_default, op_id
 
 OPAQUE_DOMAIN = "onnx_mbs.opaque"
 
@@ -28,6 +28,7 @@ def uninferable_outputs(model: onnx.ModelProto) -> set[str]:
         name
         for node in model.graph.node
         if (node.domain, node.op_type) not in functions
+        and op_id(node) != FUSED_CONV  # sized as the Conv it is (`as_convs`)
         and (
             is_unknown_op(node)
             if is_default(node.domain)
@@ -65,3 +66,31 @@ def restore_unknown_ops(model: onnx.ModelProto, where: list[int]) -> onnx.ModelP
     del model.opset_import[:]
     model.opset_import.extend(kept)
     return model
+
+
+# FusedConv's attributes that are not Conv's: the activation fused into it.
+_FUSED_ONLY = ("activation", "activation_params")
+
+
+def as_convs(model: onnx.ModelProto) -> list[tuple[int, onnx.NodeProto]]:
+    """onnxruntime's FusedConv nodes of `model` (in place: a weightless copy) made the ONNX
+    Conv they fuse, X, W and B read as Conv reads them, so that shape inference sizes their
+    output (Conv's: the activation is elementwise, and the residual Z it adds has that
+    shape); where they are and what they were, for `restore_fused_convs`."""
+    fused = []
+    for k, node in enumerate(model.graph.node):
+        if op_id(node) != FUSED_CONV:
+            continue
+        fused.append((k, onnx.NodeProto.FromString(node.SerializeToString())))
+        node.domain, node.op_type = "", "Conv"
+        del node.input[3:]
+        kept = [a for a in node.attribute if a.name not in _FUSED_ONLY]
+        del node.attribute[:]
+        node.attribute.extend(kept)
+    return fused
+
+
+def restore_fused_convs(model: onnx.ModelProto, fused: list[tuple[int, onnx.NodeProto]]) -> None:
+    """Put back, in place, the nodes `as_convs` made Convs."""
+    for k, node in fused:
+        model.graph.node[k].CopyFrom(node)

@@ -14,13 +14,24 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from graphs import Builder
 from onnx import helper
 
 import onnx_mbs
 from onnx_mbs.cli import main
 from onnx_mbs.evaluate import evaluate
-from onnx_mbs.passes import activation_tensors, analyze_model, load_model
+from onnx_mbs.passes import (
+    LoadedModel,
+    activation_tensors,
+    analyze_channels,
+    analyze_model,
+    load,
+    load_model,
+    op_id,
+    shrink_channels,
+)
+from onnx_mbs.passes.channel_walk import FILTERS
 
 BUNDLED = Path(__file__).resolve().parents[1] / "models" / "bundled" / "resnet20_fmnist.onnx"
 
@@ -119,8 +130,9 @@ def _fused_net() -> onnx.ModelProto:
     )
 
 
-def test_a_fused_conv_is_counted_at_its_output_size_and_kept_whole():
-    """FusedConv was no conv layer: the MACs of onnxruntime's extended form left it out."""
+def test_a_fused_conv_is_counted_at_its_output_size_and_followed():
+    """FusedConv was no conv layer: the MACs of onnxruntime's extended form left it out.
+    It was then kept whole; its channels are now cut as a Conv's, and counted so."""
     raw = _fused_net()
     analysis = analyze_model(load_model(raw))
     by_op = {layer.op_type: layer for layer in analysis.layers}
@@ -131,11 +143,17 @@ def test_a_fused_conv_is_counted_at_its_output_size_and_kept_whole():
     assert len(analysis.macroblocks) == 2  # the stride-2 FusedConv starts the 8x8 one
     assert analysis.total_macs == 16 * 16 * 9 * 3 * 8 + fused.macs + 8 * 8 * 16 * 20 * 9
     assert activation_tensors(load_model(raw), analysis)[fused.name] == fused.output  # Relu fused
-    small, report = onnx_mbs.reduce(raw)
-    (node,) = [n for n in small.graph.node if n.op_type == "FusedConv"]
+    small, report = onnx_mbs.reduce(raw, budget="params=0.5")
+    assert not any("FusedConv" in reason for reason in report.pinned)
     weights = {t.name: tuple(t.dims) for t in small.graph.initializer}
-    assert weights[node.input[1]] == (16, 8, 3, 3)
-    assert any("FusedConv" in reason for reason in report.pinned)
+    (node,) = [n for n in small.graph.node if n.op_type == "FusedConv"]
+    assert weights[node.input[1]][0] < 16 and weights[node.input[2]] == weights[node.input[1]][:1]
+    # Counted again from the written weights: the first conv works at 16x16, the rest at 8x8.
+    convs = [n for n in small.graph.node if n.op_type in ("Conv", "FusedConv")]
+    sizes = [16 * 16] + [8 * 8] * (len(convs) - 1)
+    filters = [math.prod(weights[n.input[1]]) for n in convs]
+    assert report.after.total_macs == sum(f * p for f, p in zip(filters, sizes))
+    assert report.after.total_params == sum(filters) + sum(weights[n.input[2]][0] for n in convs)
     x = np.random.default_rng(0).normal(size=(1, 3, 16, 16)).astype(np.float32)
     run = ort.InferenceSession(small.SerializeToString(), providers=["CPUExecutionProvider"])
     assert run.run(None, {"x": x})[0].shape == (1, 4, 8, 8)
@@ -248,10 +266,7 @@ def test_eval_runs_a_model_onnxruntime_optimised_as_onnxruntime_does(tmp_path, c
     assert result.top1 == pytest.approx(_top1_by_onnxruntime(path, 512), abs=1 / 512)
 
 
-ALL, EXTENDED = (
-    ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-)
+ALL = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
 
 
 @pytest.mark.parametrize(
@@ -259,19 +274,17 @@ ALL, EXTENDED = (
     [
         (ALL, False, "com.microsoft.nchwc:Conv"),
         (ALL, True, "com.microsoft.nchwc:Conv"),
-        (EXTENDED, True, "com.microsoft:FusedConv"),
     ],
 )
 @pytest.mark.parametrize("budget", [[], ["--budget", "params=0.5"]])
 def test_reduce_refuses_a_model_onnxruntime_left_nothing_to_cut_in(
     tmp_path, capsys, level, recorded, op, budget
 ):
-    """The NCHWc form (ORT_ENABLE_ALL: every conv a com.microsoft.nchwc Conv, kept whole)
-    and the extended form (FusedConv, kept whole, pins every group of ResNet-20), their
-    shapes recorded, were "reduced" without a budget: exit 0, the model written again
-    unchanged, a note that every group is pinned; the NCHWc form unrecorded was refused as
-    its ops "may hide layers", without saying what to do. Each is refused in one line that
-    says: save it at basic."""
+    """The NCHWc form (ORT_ENABLE_ALL: every conv a com.microsoft.nchwc Conv, kept whole),
+    its shapes recorded, was "reduced" without a budget: exit 0, the model written again
+    unchanged, a note that every group is pinned; unrecorded, it was refused as its ops
+    "may hide layers", without saying what to do. Both are refused in one line that says:
+    save it at basic."""
     path = tmp_path / "opt.onnx"
     if recorded:
         onnx.save(_optimised(level, path), path)
@@ -284,3 +297,134 @@ def test_reduce_refuses_a_model_onnxruntime_left_nothing_to_cut_in(
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert op in error and "ORT_ENABLE_BASIC" in error
     assert not out.exists()
+
+
+class _Residual(torch.nn.Module):
+    """conv, ReLU, conv, ReLU, a residual block (conv, ReLU, conv, add, ReLU), pool, linear:
+    saved at extended, each conv a ReLU follows a FusedConv. The second conv's first 4 of
+    12 channels are dead (zero weights, bias -1: ReLU gives 0), and so the stream's first 2
+    of 16 (in both convs that write it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        conv = torch.nn.Conv2d
+        self.c1, self.c2, self.c3 = (
+            conv(3, 8, 3, padding=1),
+            conv(8, 12, 3, padding=1),
+            conv(12, 16, 3, padding=1),
+        )
+        self.b1, self.b2 = conv(16, 16, 3, padding=1), conv(16, 16, 3, padding=1)
+        self.fc = torch.nn.Linear(16, 10)
+        with torch.no_grad():
+            for layer, dead in ((self.c2, 4), (self.c3, 2), (self.b2, 2)):
+                layer.weight[:dead] = 0
+                layer.bias[:dead] = -1
+
+    def forward(self, x):
+        x = torch.relu(self.c3(torch.relu(self.c2(torch.relu(self.c1(x))))))
+        x = torch.relu(self.b2(torch.relu(self.b1(x))) + x)
+        return self.fc(x.mean((2, 3)))
+
+
+def _extended_residual(path: Path) -> Path:
+    torch.manual_seed(0)
+    raw = path.with_suffix(".raw.onnx")
+    torch.onnx.export(
+        _Residual().eval(), torch.randn(1, 3, 16, 16), raw, input_names=["x"],
+        output_names=["y"], dynamic_axes={"x": {0: "N"}, "y": {0: "N"}}, dynamo=False,
+    )  # fmt: skip
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(path)
+    ort.InferenceSession(str(raw), options, providers=["CPUExecutionProvider"])
+    return path
+
+
+def _outputs(model, x: np.ndarray) -> np.ndarray:
+    bytes_ = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    run = ort.InferenceSession(bytes_, providers=["CPUExecutionProvider"])
+    assert [i.name for i in run.get_inputs()] == ["x"]
+    assert [o.name for o in run.get_outputs()] == ["y"]
+    return run.run(None, {"x": x})[0]
+
+
+def test_a_fused_conv_is_followed_and_its_dead_channels_cut_exactly(tmp_path):
+    """FusedConv was kept whole (every group of an extended-form model pinned): now its
+    channels are followed as its Conv's. Keeping all computes the same; cutting the
+    channels its fused ReLU leaves dead computes the same, in a written model that passes
+    the full checker and runs at any batch with the original names."""
+    path = _extended_residual(tmp_path / "ext.onnx")
+    ops = Counter(op_id(n) for n in onnx.load(path).graph.node)
+    assert (ops["com.microsoft:FusedConv"], ops["Conv"]) == (4, 1)  # b2: an Add follows it
+    x = np.random.default_rng(0).normal(size=(3, 3, 16, 16)).astype(np.float32)
+    kept, report = onnx_mbs.reduce(str(path), channel_multiple=1)
+    assert report.pinned == ["graph input 'x'", "graph output 'y'"]
+    np.testing.assert_allclose(_outputs(kept, x), _outputs(path, x), rtol=1e-5, atol=1e-5)
+    model = load_model(str(path))
+    channels = analyze_channels(model)
+    dead = {"c2.weight": 4, "c3.weight": 2}
+    keep = {}
+    for group in channels.groups:
+        weights = {m.tensor for m in group.members if m.role == FILTERS}
+        if weights & set(dead):
+            (k,) = {dead[w] for w in weights & set(dead)}
+            keep[group.id] = list(range(k, group.size))
+    assert len(keep) == 2
+    (stream,) = [g for g in channels.groups if g.id in keep and g.joined]
+    assert {m.tensor for m in stream.members if m.role == FILTERS} == {"c3.weight", "b2.weight"}
+    small = LoadedModel(model, load(str(path)).origin).written(
+        shrink_channels(model, keep, channels)
+    )
+    onnx.checker.check_model(small, full_check=True)
+    widths = {t.name: t.dims[0] for t in small.graph.initializer if t.name.endswith("weight")}
+    assert (widths["c2.weight"], widths["c3.weight"], widths["b2.weight"]) == (8, 14, 14)
+    np.testing.assert_allclose(_outputs(small, x), _outputs(path, x), rtol=1e-5, atol=1e-5)
+    after = analyze_model(load_model(small))
+    macs = {layer.name: layer.macs for layer in after.layers}
+    c3 = next(n.name for n in small.graph.node if "c3.weight" in n.input)
+    assert macs[c3] == 16 * 16 * 9 * 8 * 14  # pixels x kernel x C_in (12 - 4) x C_out (16 - 2)
+
+
+def _fused_residual() -> onnx.ModelProto:
+    """conv, Relu, then a com.microsoft FusedConv adding that Relu's output as its Z (a
+    residual join, as onnxruntime fuses Conv + Add + Relu), conv. The stream's first 2 of
+    8 channels are dead in both writers (zero weights, bias -1, Relu)."""
+    b = Builder("fused_z")
+    rng = np.random.default_rng(1)
+    w1, w2 = rng.normal(0, 0.3, (8, 3, 3, 3)), rng.normal(0, 0.3, (8, 8, 3, 3))
+    b1, b2 = rng.normal(0, 0.1, 8), rng.normal(0, 0.1, 8)
+    for w, bias in ((w1, b1), (w2, b2)):
+        w[:2], bias[:2] = 0, -1
+    pads = {"kernel_shape": [3, 3], "pads": [1] * 4}
+    r = b.op(
+        "Relu", [b.op("Conv", [b.input("x", ["N", 3, 8, 8]), b.const(w1), b.const(b1)], **pads)]
+    )
+    z = b.op(
+        "FusedConv",
+        [r, b.const(w2), b.const(b2), r],
+        domain="com.microsoft",
+        activation="Relu",
+        **pads,
+    )
+    model = b.model([b.conv(z, 8, 4)], ["y"])
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("y", 1, ["N", 4, 8, 8]))
+    return model
+
+
+def test_a_fused_convs_residual_input_joins_its_channels():
+    """FusedConv's Z is added to its conv's output: Z's channels and its output's are one
+    residual stream, cut together; cutting its dead channels computes the same."""
+    raw = _fused_residual()
+    x = np.random.default_rng(0).normal(size=(2, 3, 8, 8)).astype(np.float32)
+    kept, _ = onnx_mbs.reduce(raw, channel_multiple=1)
+    np.testing.assert_allclose(_outputs(kept, x), _outputs(raw, x), rtol=1e-5, atol=1e-5)
+    model = load_model(raw)
+    channels = analyze_channels(model)
+    (stream,) = [g for g in channels.groups if not g.pinned and g.macroblocks]
+    assert stream.joined and stream.size == 8
+    small = load(raw).written(shrink_channels(model, {stream.id: list(range(2, 8))}, channels))
+    onnx.checker.check_model(small, full_check=True)
+    (fused,) = [n for n in small.graph.node if n.op_type == "FusedConv"]
+    weights = {t.name: t.dims for t in small.graph.initializer}
+    assert list(weights[fused.input[1]]) == [6, 6, 3, 3]
+    np.testing.assert_allclose(_outputs(small, x), _outputs(raw, x), rtol=1e-5, atol=1e-5)
