@@ -349,7 +349,7 @@ def analyse(
 
 def nothing_free(model: onnx.ModelProto, groups: Sequence[ChannelGroup]) -> None:
     """Refuse a model every channel group of which is pinned where onnxruntime's own ops
-    (FusedConv, NCHWc's Conv: kept whole) are in it: reduced, it would be written again
+    (NCHWc's Conv and its reorders: kept whole) are in it: reduced, it would be written again
     unchanged, when the same model saved at basic can be reduced."""
     if any(g.macroblocks and not g.pinned for g in groups):
         return
@@ -364,7 +364,7 @@ def nothing_free(model: onnx.ModelProto, groups: Sequence[ChannelGroup]) -> None
 def nothing_counted(model: onnx.ModelProto, before: ModelAnalysis) -> None:
     """Refuse a model in which no MACs or no parameters are counted: there is nothing to
     measure or cut, and every fraction kept would divide by zero. Names the custom ops a
-    layer may hide in (onnxruntime's extended optimisations fuse Conv into FusedConv)."""
+    layer may hide in (onnxruntime's layout optimisations make every Conv an NCHWc Conv)."""
     if before.total_macs and before.total_params:
         return
     custom = sorted({op_id(n) for n in model.graph.node if not is_default(n.domain)})

@@ -22,7 +22,7 @@ import onnx
 
 from .base import Pass, PassResult
 from .channel_handlers import REDUCES
-from .domains import COUNTED_CONVS, op_id
+from .domains import COUNTED_CONVS, FUSED_GEMM, op_id
 from .errors import BadInputError, option
 from .graph import GraphIndex, attributes, channels_last, count_parameters, structure_key
 from .load import indexed
@@ -745,7 +745,7 @@ def resized(
 def _matmul_macs(index: GraphIndex) -> dict[str, int]:
     macs: dict[str, int] = {}
     for node in index.nodes:
-        if op_id(node) not in ("Gemm", "MatMul", "Einsum") or len(node.input) < 2:
+        if op_id(node) not in ("Gemm", FUSED_GEMM, "MatMul", "Einsum") or len(node.input) < 2:
             continue
         a, b = index.shapes.get(node.input[0]), index.shapes.get(node.input[1])
         if a is None or b is None:
@@ -753,7 +753,7 @@ def _matmul_macs(index: GraphIndex) -> dict[str, int]:
         if op_id(node) == "Einsum":
             if len(node.input) == 2 and (count := _einsum_macs(node, a, b)) is not None:
                 macs[node.name] = count
-        elif op_id(node) == "Gemm":
+        elif op_id(node) in ("Gemm", FUSED_GEMM):
             attrs = attributes(node)
             m = a[1] if attrs.get("transA") else a[0]
             k = a[0] if attrs.get("transA") else a[1]

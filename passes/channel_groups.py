@@ -111,7 +111,8 @@ class ChannelAnalysis:
 
 
 def _residual_joins(walk: ChannelWalk, where: _Positions) -> set[int]:
-    """The groups whose channels an Add or Sum of two or more activations joins."""
+    """The groups whose channels an Add or Sum of two or more activations joins, or a
+    FusedConv's residual input Z."""
     joined: set[int] = set()
     for node in walk.index.nodes:
         operands = [name for name in node.input if name in walk.chan]

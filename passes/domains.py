@@ -11,8 +11,13 @@ DEFAULT_DOMAINS = ("", "ai.onnx")
 # onnxruntime's extended optimisations write a Conv with its activation (and a residual
 # Add) fused as this op: X, W, B as Conv's, the same attributes, the same output size.
 FUSED_CONV = "com.microsoft:FusedConv"
+# And a Gemm with its activation fused: A, B, C and the attributes as Gemm's.
+FUSED_GEMM = "com.microsoft:FusedGemm"
+# The ONNX op each of those fuses: its output has that op's shape.
+FUSED = {FUSED_CONV: "Conv", FUSED_GEMM: "Gemm"}
 # The ops counted as conv layers (`op_id`s): their output and weight shapes must be static.
-# FusedConv is counted but kept whole: no channel handler follows it.
+# FusedConv is followed as the Conv it fuses (channel_handlers._fused) and sized as it
+# (custom_ops.as_fused_ops).
 COUNTED_CONVS = ("Conv", "ConvTranspose", FUSED_CONV)
 
 
