@@ -521,3 +521,31 @@ def test_a_fused_matmul_is_named_among_the_ops_not_counted(tmp_path, capsys):
     )
     assert main(["analyze", str(tmp_path / "ext.onnx")]) == 0
     assert "MACs not counted: 2 com.microsoft:FusedMatMul (" in capsys.readouterr().out
+
+
+def test_eval_runs_a_model_whose_onnxruntime_op_leaves_a_conv_unsized(tmp_path, capsys):
+    """A com.microsoft op before a conv (here onnxruntime's Gelu) leaves the conv unsized:
+    reduce refuses it, and so did eval, though onnxruntime runs it. eval runs it as read:
+    the top-1 onnxruntime's own run gives; a custom op onnxruntime lacks is still refused."""
+    from conftest import random_images, write_npz
+
+    b = Builder("gelu")
+    x = b.op("Gelu", [b.input("x", ["N", 3, 8, 8])], domain="com.microsoft")
+    x = b.op("Flatten", [b.op("GlobalAveragePool", [b.op("Relu", [b.conv(x, 3, 8)])])])
+    model = b.model([b.op("Gemm", [x, b.weight(10, 8), b.const(np.zeros(10))], transB=1)], ["y"])
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("y", 1, ["N", 10]))
+    onnx.save(model, tmp_path / "m.onnx")
+    data = write_npz(tmp_path / "d.npz", **random_images(32, (3, 8, 8)))
+    with pytest.raises(onnx_mbs.passes.BadInputError, match="com.microsoft:Gelu"):
+        load_model(model)
+    assert main(["eval", str(tmp_path / "m.onnx"), "--data", data, "--json"]) == 0
+    said = json.loads(capsys.readouterr().out)
+    arrays = np.load(data)
+    run = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    logits = run.run(None, {"x": arrays["x"].astype(np.float32) / 255})[0]
+    assert said["top1"] == pytest.approx(float((logits.argmax(1) == arrays["y"]).mean()))
+    next(n for n in model.graph.node if n.op_type == "Gelu").domain = "my.ops"
+    model.opset_import.append(helper.make_opsetid("my.ops", 1))
+    onnx.save(model, tmp_path / "custom.onnx")
+    assert main(["eval", str(tmp_path / "custom.onnx"), "--data", data]) == 2
+    assert "cannot size the output of my.ops:Gelu" in capsys.readouterr().err
