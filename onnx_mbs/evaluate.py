@@ -19,6 +19,7 @@ from onnx_mbs.logits import (
     classes_of,
     is_none,
 )
+from onnx_mbs.passes.domains import is_onnxruntime_op
 from onnx_mbs.passes.errors import BadInputError, QuantizedModelError
 from onnx_mbs.passes.load import (
     FixInputShapes,
@@ -47,11 +48,17 @@ def load_for_eval(
     """What `eval` runs. A float model is loaded as every command loads it. A quantised one
     (QDQ or QOperator: what onnxruntime's quantisation writes after reduction) is run as it
     is, since the analysis form is for float graphs: its `model` only has the input shapes
-    fixed, to fit the data to, and its `runnable` is the graph as read."""
+    fixed, to fit the data to, and its `runnable` is the graph as read. So is a model that
+    onnxruntime optimised (its com.microsoft ops have no ONNX schema: shape inference cannot
+    size what they make, and `load` refuses it): it is run as onnxruntime runs it."""
     try:
         return load(source, input_shapes)
     except QuantizedModelError:
         model = read_model(source, quantized=True)
+    except BadInputError:
+        model = read_model(source)
+        if not any(is_onnxruntime_op(n) for n in model.graph.node):
+            raise
     fixed = FixInputShapes(input_shapes, batch=1)(model).model
     return LoadedModel(fixed, Origin(declared=model))
 

@@ -27,6 +27,7 @@ from onnx_mbs.measurements import drop_measurements
 from onnx_mbs.options import ReduceOptions
 from onnx_mbs.passes import (
     DEFAULT_CRITERION,
+    ONNXRUNTIME_ADVICE,
     ActivationImportance,
     BadInputError,
     ChannelAnalysis,
@@ -48,6 +49,7 @@ from onnx_mbs.passes import (
     count_parameters,
     group_scores,
     is_default,
+    is_onnxruntime_op,
     load,
     op_id,
     option,
@@ -341,21 +343,36 @@ def analyse(
     before = analyze_model(model, receptive_field, index)
     nothing_counted(model, before)
     channels = analyze_channels(model, before, index, origin and origin.run_time)
+    nothing_free(model, channels.groups)
     return Analysed(before, channels, activation_sites(model, before, index)), index
+
+
+def nothing_free(model: onnx.ModelProto, groups: Sequence[ChannelGroup]) -> None:
+    """Refuse a model every channel group of which is pinned where onnxruntime's own ops
+    (NCHWc's Conv and its reorders: kept whole) are in it: reduced, it would be written again
+    unchanged, when the same model saved at basic can be reduced."""
+    if any(g.macroblocks and not g.pinned for g in groups):
+        return
+    ops = sorted({op_id(n) for n in model.graph.node if is_onnxruntime_op(n)})
+    if ops:
+        raise BadInputError(
+            f"nothing can be cut: every channel group is pinned, the model's {', '.join(ops[:3])} "
+            f"ops kept whole ({ONNXRUNTIME_ADVICE})"
+        )
 
 
 def nothing_counted(model: onnx.ModelProto, before: ModelAnalysis) -> None:
     """Refuse a model in which no MACs or no parameters are counted: there is nothing to
     measure or cut, and every fraction kept would divide by zero. Names the custom ops a
-    layer may hide in (onnxruntime's extended optimisations fuse Conv into FusedConv)."""
+    layer may hide in (onnxruntime's layout optimisations make every Conv an NCHWc Conv)."""
     if before.total_macs and before.total_params:
         return
     custom = sorted({op_id(n) for n in model.graph.node if not is_default(n.domain)})
     hint = ""
     if custom:
         hint = f"; its {', '.join(custom[:3])} op{'s' * (len(custom) > 1)} may hide layers"
-        if any(op.startswith("com.microsoft:") for op in custom):
-            hint += " (onnxruntime's extended optimisations make them: save the model at basic)"
+        if any(is_onnxruntime_op(n) for n in model.graph.node):
+            hint += f" ({ONNXRUNTIME_ADVICE})"
     raise BadInputError(
         f"nothing to reduce: the model has no layer onnx-mbs counts ({before.total_params} "
         f"parameters, {before.total_macs} MACs of Conv, ConvTranspose, Gemm, MatMul or Einsum "

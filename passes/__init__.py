@@ -23,7 +23,7 @@ from .base import Pass, PassContractError, PassResult, Sequential
 from .channel_groups import ChannelAnalysis, ChannelGroup, Member, analyze_channels
 from .channel_walk import ChannelWalk, register_handler, unregister_handler
 from .cost import CostModel
-from .domains import is_default, op_id
+from .domains import ONNXRUNTIME_ADVICE, is_default, is_onnxruntime_op, op_id
 from .errors import BadInputError, QuantizedModelError, command_line, option
 from .fold import FoldShapes, fold_shapes
 from .functions import inline_layers
@@ -50,6 +50,7 @@ from .shapes import FixInputShapes, InferShapes, parse_input_shape
 from .shrink import EditContext, KeepPlan, ShrinkChannels, predicted_params, shrink_channels
 
 __all__ = [
+    "ONNXRUNTIME_ADVICE",
     "ActivationImportance",
     "BadInputError",
     "BatchNormScaled",
@@ -101,6 +102,7 @@ __all__ = [
     "group_scores",
     "inline_layers",
     "is_default",
+    "is_onnxruntime_op",
     "load",
     "load_model",
     "normalise",

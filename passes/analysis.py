@@ -22,7 +22,7 @@ import onnx
 
 from .base import Pass, PassResult
 from .channel_handlers import REDUCES
-from .domains import COUNTED_CONVS, op_id
+from .domains import COUNTED_CONVS, FUSED_GEMM, is_onnxruntime_op, op_id
 from .errors import BadInputError, option
 from .graph import GraphIndex, attributes, channels_last, count_parameters, structure_key
 from .load import indexed
@@ -103,7 +103,8 @@ class ModelAnalysis:
         kinds = Counter(x.split(" ", 1)[0] for x in self.uncounted)
         return (
             f"MACs not counted: {', '.join(f'{n} {op}' for op, n in kinds.items())} (ops of "
-            "another domain than ONNX's, named like ONNX ops; their weights count as parameters)"
+            "another domain than ONNX's, named like ONNX ops or onnxruntime's fused ones; their "
+            "weights count as parameters)"
         )
 
     def layer(self, name: str) -> ConvLayer:
@@ -625,11 +626,17 @@ def analyze_model(
 
 def uncounted_ops(index: GraphIndex) -> list[str]:
     """Ops of another domain than ONNX's named like an op the analysis counts (a
-    com.microsoft.nchwc Conv), counted as nothing: "domain:op_type 'name'" each."""
+    com.microsoft.nchwc Conv), or onnxruntime ops whose names say they multiply-add (its
+    FusedMatMul, NhwcConv, Attention), counted as nothing: "domain:op_type 'name'" each."""
     return [
         f"{op_id(n)} '{n.name}'"
         for n in index.nodes
-        if n.op_type in COUNTED_NAMES and op_id(n) not in (*COUNTED_CONVS, *COUNTED_NAMES)
+        if op_id(n) not in (*COUNTED_CONVS, *COUNTED_NAMES, FUSED_GEMM)
+        and (
+            n.op_type in COUNTED_NAMES
+            or is_onnxruntime_op(n)
+            and any(x in n.op_type for x in (*COUNTED_NAMES, "Attention"))
+        )
     ]
 
 
@@ -745,7 +752,7 @@ def resized(
 def _matmul_macs(index: GraphIndex) -> dict[str, int]:
     macs: dict[str, int] = {}
     for node in index.nodes:
-        if op_id(node) not in ("Gemm", "MatMul", "Einsum") or len(node.input) < 2:
+        if op_id(node) not in ("Gemm", FUSED_GEMM, "MatMul", "Einsum") or len(node.input) < 2:
             continue
         a, b = index.shapes.get(node.input[0]), index.shapes.get(node.input[1])
         if a is None or b is None:
@@ -753,7 +760,7 @@ def _matmul_macs(index: GraphIndex) -> dict[str, int]:
         if op_id(node) == "Einsum":
             if len(node.input) == 2 and (count := _einsum_macs(node, a, b)) is not None:
                 macs[node.name] = count
-        elif op_id(node) == "Gemm":
+        elif op_id(node) in ("Gemm", FUSED_GEMM):
             attrs = attributes(node)
             m = a[1] if attrs.get("transA") else a[0]
             k = a[0] if attrs.get("transA") else a[1]

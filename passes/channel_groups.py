@@ -34,7 +34,7 @@ import onnx
 from . import channel_handlers  # noqa: F401  (registers the built-in handlers)
 from .analysis import ModelAnalysis, analyze_model
 from .channel_walk import ACTIVATION, FILTERS, WEIGHTS_IN, ChannelWalk, Edit, Slot
-from .domains import op_id
+from .domains import FUSED_CONV, op_id
 from .dynamic_dims import RunTimeShapes
 from .graph import GraphIndex, structure_key
 from .load import indexed
@@ -111,11 +111,16 @@ class ChannelAnalysis:
 
 
 def _residual_joins(walk: ChannelWalk, where: _Positions) -> set[int]:
-    """The groups whose channels an Add or Sum of two or more activations joins."""
+    """The groups whose channels an Add or Sum of two or more activations joins, or a
+    FusedConv's residual input Z."""
     joined: set[int] = set()
     for node in walk.index.nodes:
         operands = [name for name in node.input if name in walk.chan]
-        if op_id(node) in ("Add", "Sum") and len(operands) > 1 and node.output[0] in walk.chan:
+        if op_id(node) == FUSED_CONV:  # X is convolved; Z, its input 3, is added to it
+            adds = len(node.input) > 3 and node.input[3] in walk.chan
+        else:
+            adds = op_id(node) in ("Add", "Sum") and len(operands) > 1
+        if adds and node.output[0] in walk.chan:
             joined |= {g for g, _ in where(walk.chan[node.output[0]][1])}
     return joined
 

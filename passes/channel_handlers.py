@@ -30,7 +30,7 @@ from .channel_walk import (
     ChannelWalk,
     register_handler,
 )
-from .domains import op_id
+from .domains import FUSED, FUSED_GEMM, op_id
 from .graph import attributes
 from .weight_chain import Unfollowed, follow_weight, weight_roles
 
@@ -101,6 +101,34 @@ def _elementwise(w: ChannelWalk, node: onnx.NodeProto) -> None:
             return
         w.slot(node, i, k, out, ROLE_OF_CONST.get(op_id(node), CONST))
     w.pass_on(node, axis, out)
+
+
+# The activations onnxruntime fuses into FusedConv and FusedGemm: each elementwise, so a
+# kept channel computes what it did.
+FUSED_ACTIVATIONS = ("Relu", "Tanh", "Sigmoid", "LeakyRelu", "Clip", "HardSigmoid")
+
+
+def _fused(w: ChannelWalk, node: onnx.NodeProto) -> None:
+    """onnxruntime's FusedConv, activation(Conv(X, W, B) + Z), and FusedGemm,
+    activation(Gemm(A, B, C)): their channels are the Conv's or Gemm's (the weights cut as
+    theirs); a FusedConv's Z, a residual of the output's shape, joins them as an Add does.
+    An activation that is not elementwise is not followed."""
+    activation = attributes(node).get("activation", b"")
+    if isinstance(activation, bytes):
+        activation = activation.decode()
+    if activation and activation not in FUSED_ACTIVATIONS:
+        w.opaque(node, f"fused activation {activation!r} not followed")
+        return
+    if op_id(node) == FUSED_GEMM:
+        _gemm(w, node)
+        return
+    z = node.input[3] if len(node.input) > 3 and node.input[3] else None
+    if z is not None and (z not in w.chan or w.chan[z][0] != 1):
+        w.opaque(node, "its residual input Z carries no channels on axis 1")
+        return
+    _conv(w, node)
+    if z is not None:
+        w.union(w.chan[node.output[0]][1], w.chan[z][1])
 
 
 def _conv(w: ChannelWalk, node: onnx.NodeProto) -> None:
@@ -667,6 +695,9 @@ HANDLERS: dict[str, Callable[[ChannelWalk, onnx.NodeProto], None]] = {
 
 for _op, _handler in HANDLERS.items():
     register_handler(_op, _handler)
+for _fused_op in FUSED:
+    _domain, _op = _fused_op.split(":")
+    register_handler(_op, _fused, domain=_domain)
 for _family, _handler in (
     (UNARY, _unary),
     (ELEMENTWISE, _elementwise),

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import onnx
 
-from .domains import is_default
+from .domains import FUSED, is_default, op_id
 
 OPAQUE_DOMAIN = "onnx_mbs.opaque"
 
@@ -28,6 +28,7 @@ def uninferable_outputs(model: onnx.ModelProto) -> set[str]:
         name
         for node in model.graph.node
         if (node.domain, node.op_type) not in functions
+        and op_id(node) not in FUSED  # sized as the op it fuses (`as_fused_ops`)
         and (
             is_unknown_op(node)
             if is_default(node.domain)
@@ -65,3 +66,28 @@ def restore_unknown_ops(model: onnx.ModelProto, where: list[int]) -> onnx.ModelP
     del model.opset_import[:]
     model.opset_import.extend(kept)
     return model
+
+
+def as_fused_ops(model: onnx.ModelProto) -> list[tuple[int, onnx.NodeProto]]:
+    """onnxruntime's FusedConv and FusedGemm nodes of `model` (in place: a weightless copy)
+    made the ONNX op they fuse (`FUSED`), their inputs read as that op reads them, so that
+    shape inference sizes their output (that op's: the activation is elementwise, and the
+    residual Z a FusedConv adds has its shape); where they are and what they were, for
+    `restore_fused_ops`."""
+    fused = []
+    for k, node in enumerate(model.graph.node):
+        if op_id(node) not in FUSED:
+            continue
+        fused.append((k, onnx.NodeProto.FromString(node.SerializeToString())))
+        node.domain, node.op_type = "", FUSED[op_id(node)]
+        del node.input[3:]  # FusedConv's Z
+        kept = [a for a in node.attribute if not a.name.startswith("activation")]
+        del node.attribute[:]
+        node.attribute.extend(kept)
+    return fused
+
+
+def restore_fused_ops(model: onnx.ModelProto, fused: list[tuple[int, onnx.NodeProto]]) -> None:
+    """Put back, in place, the nodes `as_fused_ops` made ONNX ops."""
+    for k, node in fused:
+        model.graph.node[k].CopyFrom(node)

@@ -11,14 +11,32 @@ DEFAULT_DOMAINS = ("", "ai.onnx")
 # onnxruntime's extended optimisations write a Conv with its activation (and a residual
 # Add) fused as this op: X, W, B as Conv's, the same attributes, the same output size.
 FUSED_CONV = "com.microsoft:FusedConv"
+# And a Gemm with its activation fused: A, B, C and the attributes as Gemm's.
+FUSED_GEMM = "com.microsoft:FusedGemm"
+# The ONNX op each of those fuses: its output has that op's shape.
+FUSED = {FUSED_CONV: "Conv", FUSED_GEMM: "Gemm"}
 # The ops counted as conv layers (`op_id`s): their output and weight shapes must be static.
-# FusedConv is counted but kept whole: no channel handler follows it.
+# FusedConv is followed as the Conv it fuses (channel_handlers._fused) and sized as it
+# (custom_ops.as_fused_ops).
 COUNTED_CONVS = ("Conv", "ConvTranspose", FUSED_CONV)
 
 
 def is_default(domain: str) -> bool:
     """Whether `domain` is ONNX's own."""
     return domain in DEFAULT_DOMAINS
+
+
+def is_onnxruntime_op(node: onnx.NodeProto) -> bool:
+    """An op of onnxruntime's own domains (com.microsoft, com.microsoft.nchwc: what its
+    optimisations write), which onnxruntime runs and ONNX's shape inference cannot size."""
+    return node.domain == "com.microsoft" or node.domain.startswith("com.microsoft.")
+
+
+# How to give onnx-mbs a model its onnxruntime ops would keep whole.
+ONNXRUNTIME_ADVICE = (
+    "onnxruntime's optimisations above basic write them: save the model at ORT_ENABLE_BASIC "
+    "(or give the original) and reduce that"
+)
 
 
 def op_id(node: onnx.NodeProto) -> str:

@@ -15,7 +15,9 @@ from onnx import numpy_helper
 from .base import Pass, PassResult
 from .batch_axis import refuse_an_added_batch_axis
 from .custom_ops import (
+    as_fused_ops,
     hide_unknown_ops,
+    restore_fused_ops,
     restore_unknown_ops,
     uninferable_outputs,
 )
@@ -202,7 +204,9 @@ def inferred_types(model: onnx.ModelProto) -> onnx.ModelProto | None:
 
     Recorded shapes that inference contradicts (value_info or outputs left from another
     input size or an edit: onnxruntime runs such models) are inferred afresh."""
-    custom, where = hide_unknown_ops(weightless(model))
+    light = weightless(model)
+    fused = as_fused_ops(light)
+    custom, where = hide_unknown_ops(light)
     custom, resized = _resized_as_run(custom)
     where += resized
     try:
@@ -224,6 +228,7 @@ def inferred_types(model: onnx.ModelProto) -> onnx.ModelProto | None:
         except Exception as error:
             raise _inference_failed(error) from None
     inferred = restore_unknown_ops(inferred, where)
+    restore_fused_ops(inferred, fused)
     return None if _recorded_types(inferred) == _recorded_types(model) else inferred
 
 

@@ -33,6 +33,7 @@ from onnx_mbs.passes import (
     Sequential,
     load,
     load_model,
+    op_id,
     parse_input_shape,
 )
 from onnx_mbs.passes.graph import static_shape
@@ -91,20 +92,39 @@ def test_recorded_shapes_of_uninferable_ops_are_written_with_the_reduced_model()
     assert static_shape(next(v for v in again.graph.value_info if v.name == z)) == (1, 32, 16, 16)
 
 
-@pytest.mark.parametrize("domain", ["com.microsoft", "my.ops", ""])
-def test_a_conv_unsized_behind_an_op_without_schema_names_that_op(domain):
-    """onnxruntime's extended optimisations save com.microsoft FusedConv: nothing sizes what
-    follows it, and the refusal said "fix the input shapes with input_shapes" of a model
+@pytest.mark.parametrize(
+    "domain, op", [("com.microsoft", "NhwcConv"), ("my.ops", "FusedConv"), ("", "FusedConv")]
+)
+def test_a_conv_unsized_behind_an_op_without_schema_names_that_op(domain, op):
+    """onnxruntime's extended optimisations save com.microsoft ops: nothing sizes what
+    follows them, and the refusal said "fix the input shapes with input_shapes" of a model
     whose input shapes are all fixed. It names the op to record shapes for, or to remove."""
     b = Builder("fused")
-    z = b.op("FusedConv", [b.input("x", [1, 3, 8, 8]), b.weight(4, 3, 3, 3)], domain=domain)
+    z = b.op(op, [b.input("x", [1, 3, 8, 8]), b.weight(4, 3, 3, 3)], domain=domain)
     raw = b.model([b.conv(b.op("Relu", [z]), 4, 2)], ["y"])
     raw.graph.output[0].CopyFrom(onnx.helper.make_tensor_value_info("y", 1, [1, 2, 8, 8]))
-    said = rf"Conv '\w+' .*cannot size the output of {domain or 'ai.onnx'}:FusedConv '\w+'"
+    said = rf"Conv '\w+' .*cannot size the output of {domain or 'ai.onnx'}:{op} '\w+'"
     with pytest.raises(BadInputError, match=said) as error:
         load_model(raw)
     assert "input_shapes" not in str(error.value)
     assert ("extended optimisations" in str(error.value)) == (domain == "com.microsoft")
+
+
+def test_onnxruntimes_fused_conv_is_sized_as_its_conv():
+    """A com.microsoft FusedConv (Conv with its activation fused, and a residual Z added)
+    left what follows it unsized: shape inference knows no schema for it. It is sized as
+    the Conv it fuses, its output recorded nowhere."""
+    b = Builder("fused")
+    x = b.input("x", [1, 3, 8, 8])
+    attrs = {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1] * 4}
+    z = b.op("FusedConv", [x, b.weight(4, 3, 3, 3)], domain="com.microsoft", **attrs)
+    z = b.op("FusedConv", [z, b.weight(4, 4, 1, 1), b.weight(4), z], domain="com.microsoft")
+    raw = b.model([b.conv(z, 4, 2)], ["y"])
+    raw.graph.output[0].CopyFrom(onnx.helper.make_tensor_value_info("y", 1, [1, 2, 4, 4]))
+    model = load_model(raw)
+    shapes = {vi.name: static_shape(vi) for vi in model.graph.value_info}
+    assert shapes[z] == (1, 4, 4, 4)
+    assert [op_id(n) for n in model.graph.node][:2] == ["com.microsoft:FusedConv"] * 2
 
 
 def test_input_shape_refusals_name_each_doors_spelling(tmp_path, capsys):
