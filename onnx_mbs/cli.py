@@ -558,7 +558,10 @@ def cmd_retrain(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         if result.losses:
-            chosen = ", ".join(f"{n}={k}" for n, k in result.losses.items())
+            chosen = ", ".join(
+                f"{n}={k}" + " on the class scores its ArgMax reads" * (n in result.scores)
+                for n, k in result.losses.items()
+            )
             if "kl" in result.losses.values():
                 chosen += _guessed(args)
             labels = "+ cross-entropy on labels" if result.labels_used else "no labels used"

@@ -9,12 +9,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from graphs import assert_runs_at_declared_shapes
+from graphs import assert_runs_at_declared_shapes, run
 
 from onnx_mbs.bridge import retrain
 from onnx_mbs.bridge.losses import choose_losses, parse_loss_specs
+from onnx_mbs.bridge.module import with_outputs
 from onnx_mbs.cli import main
 from onnx_mbs.evaluate import _Accumulator
+from onnx_mbs.logits import argmax_inputs
 from onnx_mbs.models.export import export_head_model
 from onnx_mbs.passes import load_model
 from onnx_mbs.passes.errors import BadInputError
@@ -287,3 +289,91 @@ def test_reduce_recalibrate(bundled_model_path, tmp_path, capsys) -> None:
         capsys,
         "no BatchNormalization",
     )
+
+
+class _SegNet(torch.nn.Module):
+    """A tiny segmentation net whose graph ends in ArgMax: (batch, H, W) int64 class labels."""
+
+    def __init__(self, classes: int = 4) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.a = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.b = nn.Sequential(
+            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU()
+        )
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.head = nn.Conv2d(24, classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.a(x)
+        return self.head(torch.cat([self.up(self.b(a)), a], 1)).argmax(1)
+
+
+@pytest.fixture(scope="module")
+def segnet(tmp_path_factory, images) -> tuple:
+    """(teacher, reduced) files of `_SegNet`, BN measured on the images, exported BN-folded
+    with a dynamic batch; the teacher's label maps use every class."""
+    from onnx_mbs.models.export import export_onnx
+
+    folder = tmp_path_factory.mktemp("segnet")
+    torch.manual_seed(0)
+    net = _SegNet()
+    net.train()
+    with torch.no_grad():
+        net(torch.from_numpy(images[1]))  # BN statistics of the images
+    teacher = export_onnx(net, (1, 3, 64, 64), dynamic_batch=True, output_names=("labels",))
+    assert [n.op_type for n in teacher.graph.node][-1] == "ArgMax"
+    small, _ = reduce(
+        teacher, str(images[0]), budget="params=0.6", evaluate_accuracy=False, progress=False
+    )
+    return save_model(teacher, folder / "t.onnx"), save_model(small, folder / "s.onnx")
+
+
+def test_segmentation_net_ending_in_argmax_retrains_on_its_class_scores(
+    segnet, images, tmp_path, capsys
+) -> None:
+    """An in-graph ArgMax gives integer labels, which no loss can train: retrain distils the
+    class scores the ArgMax reads against the teacher's, and the written model keeps the
+    ArgMax, its int64 (batch, H, W) output and the original names; the label maps come closer
+    to the teacher's."""
+    teacher, small = segnet
+    x = images[1]
+    (reference,) = run(onnx.load(teacher), x)
+    assert len(np.unique(reference)) == 4
+    out = tmp_path / "s.ft.onnx"
+    code = main(
+        ["retrain", str(small), "-o", str(out), "--data", str(images[0]), "--teacher", str(teacher)]
+        + ["--epochs", "3", "--lr", "0.05", "--batch-size", "16", "--augment", "none"]
+    )
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "distillation: labels=mse on the class scores its ArgMax reads" in err, err
+    written, source = onnx.load(out), onnx.load(small)
+    onnx.checker.check_model(written, full_check=True)
+    assert [n.name for n in written.graph.node] == [n.name for n in source.graph.node]
+    assert written.graph.input == source.graph.input and written.graph.output == source.graph.output
+    assert written.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.INT64
+    assert_runs_at_declared_shapes(onnx.load(teacher), written)
+    (labels,) = run(written, x)
+    assert labels.dtype == np.int64 and labels.shape == reference.shape == (len(x), 64, 64)
+    # What was trained: the scores the ArgMax reads came closer to the teacher's.
+    scores = argmax_inputs(source)["labels"]
+    (target,), (before,), (after,) = (
+        run(with_outputs(m, [scores]), x, [scores]) for m in (onnx.load(teacher), source, written)
+    )
+    error = [float(np.linalg.norm(s - target) / np.linalg.norm(target)) for s in (before, after)]
+    assert error[1] < error[0], error
+
+
+def test_integer_outputs_no_loss_can_train_are_refused_in_one_line(segnet, images) -> None:
+    """An integer output that is not an ArgMax's label map (here an ArgMin's indices) crashed
+    in backward ('element 0 of tensors does not require grad'); a label map whose teacher
+    output is not an ArgMax's has no scores to compare. Both are refused naming the way out."""
+    teacher = onnx.load(segnet[0])
+    argmin = onnx.load(segnet[0])
+    argmin.graph.node[-1].op_type = "ArgMin"
+    x = (images[1], None)
+    with pytest.raises(BadInputError, match="'labels' holds int64 values.*labels=none"):
+        retrain(argmin, x, teacher=argmin, epochs=1, batch_size=16, progress=False)
+    with pytest.raises(BadInputError, match="not made by an ArgMax.*labels=none"):
+        retrain(teacher, x, teacher=argmin, epochs=1, batch_size=16, progress=False)

@@ -7,7 +7,9 @@ anything else (detection heads, dense maps, embeddings) gets the squared error d
 teacher output's squared norm over the batch -- the square of the relative error `eval --teacher`
 reports -- so outputs of different scales weigh alike. (Dividing by the variance
 instead blows up on nearly constant outputs such as a probability map of mostly background.)
-`--loss NAME=kl|mse|none` overrides. The shape rule cannot tell a (batch, 4) box or an angle's
+A label map an in-graph ArgMax makes is compared through the class scores the ArgMax reads
+(`onnx_mbs.logits.argmax_inputs`), its loss chosen by their shape. `--loss NAME=kl|mse|none`
+overrides. The shape rule cannot tell a (batch, 4) box or an angle's
 (sin, cos) from logits, and KL ignores a per-sample shift a regression output must not drift by:
 `--logits none` says the model has no logits, and every output then defaults to mse.
 """
