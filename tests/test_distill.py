@@ -67,22 +67,95 @@ def test_losses_default_by_shape_and_user_choice() -> None:
         parse_loss_specs(["map=l2"])
 
 
-def test_dense_map_iou_and_cosine() -> None:
-    teacher = np.zeros((2, 3, 4, 4), np.float32)
-    teacher[:, 1, :2] = 1.0  # class 1 in the top half, class 0 below
-    student = teacher.copy()
-    student[:, 2, 0] = 2.0  # first row becomes class 2
-    acc = _Accumulator("seg", teacher.shape)
-    acc.add(student, teacher)
-    result = acc.result()
-    # class 0: 8/8, class 1: 4 rows of 4 -> kept 4 of 8 (IoU 0.5), class 2: 0/4
-    assert result.iou == pytest.approx((1.0 + 0.5 + 0.0) / 3)
-    same = _Accumulator("seg", teacher.shape)
-    same.add(teacher, teacher)
-    assert same.result().iou == 1.0 and same.result().relative_error == 0.0
+def test_nonfinite_student_rows_never_agree() -> None:
     nan = _Accumulator("logits", (2, 3))
     nan.add(np.full((2, 3), np.nan, np.float32), np.eye(2, 3, dtype=np.float32))
     assert nan.result().top1 == 0.0 and nan.result().cosine == 0.0
+
+
+def _dense_heads(seed: int) -> onnx.ModelProto:
+    """One Conv's (batch, 4, 8, 8) raw map (regression: no IoU) and what a graph makes of it:
+    an ArgMax label map (keepdims, int64), Sigmoid probabilities (2 channels, resized x2
+    linear), class-axis Softmax probabilities, and a boolean mask; and outputs with no IoU:
+    integers a Cast makes, a detector's (batch, boxes, 4) Sigmoid rows."""
+    rng = np.random.default_rng(seed)
+    h = onnx.helper
+    nodes = [
+        h.make_node("Conv", ["x", "w"], ["raw"], pads=[1, 1, 1, 1]),
+        h.make_node("ArgMax", ["raw"], ["labels"], axis=1),
+        h.make_node("Sigmoid", ["raw"], ["sig"]),
+        h.make_node("Slice", ["sig", "starts", "ends", "axes"], ["sig2"]),
+        h.make_node("Resize", ["sig2", "", "scales"], ["prob"], mode="linear"),
+        h.make_node("Softmax", ["raw"], ["classes"], axis=1),
+        h.make_node("Greater", ["raw", "zero"], ["mask"]),
+        h.make_node("Cast", ["raw"], ["ids"], to=onnx.TensorProto.INT64),
+        h.make_node("Reshape", ["raw", "rows"], ["rows4"]),
+        h.make_node("Sigmoid", ["rows4"], ["boxes"]),
+    ]
+    inits = {
+        "w": rng.normal(size=(4, 3, 3, 3)).astype(np.float32),
+        "starts": np.array([0]), "ends": np.array([2]), "axes": np.array([1]),
+        "scales": np.array([1, 1, 2, 2], np.float32), "zero": np.zeros(1, np.float32),
+        "rows": np.array([0, 64, 4]),
+    }  # fmt: skip
+    f, i64, b = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64, onnx.TensorProto.BOOL
+    graph = h.make_graph(
+        nodes,
+        "heads",
+        [h.make_tensor_value_info("x", f, ["n", 3, 8, 8])],
+        [
+            h.make_tensor_value_info(n, t, None)
+            for n, t in [
+                ("raw", f),
+                ("labels", i64),
+                ("prob", f),
+                ("classes", f),
+                ("mask", b),
+                ("ids", i64),
+                ("boxes", f),
+            ]  # fmt: skip
+        ],
+        [onnx.numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    model.ir_version = 8
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def _mean_iou(s: np.ndarray, t: np.ndarray, classes) -> float:
+    ious = [((s == c) & (t == c)).sum() / ((s == c) | (t == c)).sum() for c in classes]
+    return float(np.mean([v for v in ious if np.isfinite(v)]))
+
+
+def test_iou_only_where_it_means_something_and_as_numpy_computes_it(tmp_path, capsys) -> None:
+    """`eval --teacher`'s IoU: the mean over classes for an integer label map (an in-graph
+    ArgMax's output, which had none), the foreground IoU per channel at 0.5 for Sigmoid
+    probabilities and for a mask, the argmax IoU for Softmax probabilities, and none for a
+    raw Conv map (it took the argmax over 4 regression channels), integers other ops make or a
+    detector's Sigmoid rows; figures as numpy computes
+    them on the outputs onnxruntime gives."""
+    teacher, student = _dense_heads(0), _dense_heads(0)
+    w = student.graph.initializer[0]
+    noisy = onnx.numpy_helper.to_array(w) + np.random.default_rng(1).normal(size=w.dims) * 0.5
+    w.CopyFrom(onnx.numpy_helper.from_array(noisy.astype(np.float32), "w"))
+    x = np.random.default_rng(2).integers(0, 256, size=(20, 3, 8, 8)).astype(np.uint8)
+    np.savez(tmp_path / "x.npz", x=x)
+    paths = [save_model(m, tmp_path / f"{n}.onnx") for n, m in (("t", teacher), ("s", student))]
+    result = _agreement(paths[1], paths[0], tmp_path / "x.npz", capsys)["outputs"]
+    names = [o.name for o in teacher.graph.output]
+    ours, theirs = (dict(zip(names, run(m, x / np.float32(255)))) for m in (student, teacher))
+    assert ours["labels"].dtype == np.int64 and ours["labels"].shape == (20, 1, 8, 8)
+    for name in ("raw", "ids", "boxes"):
+        assert result[name]["iou"] is None and result[name]["relative_error"] > 0
+    s, t = ours["labels"], theirs["labels"]
+    assert result["labels"]["iou"] == pytest.approx(_mean_iou(s, t, range(4)))
+    assert 0 < result["labels"]["iou"] < 1
+    fore = [_mean_iou(ours["prob"][:, c] > 0.5, theirs["prob"][:, c] > 0.5, [True]) for c in (0, 1)]
+    assert result["prob"]["iou"] == pytest.approx(np.mean(fore))
+    s, t = ours["classes"].argmax(1), theirs["classes"].argmax(1)
+    assert result["classes"]["iou"] == pytest.approx(_mean_iou(s, t, range(4)))
+    assert result["classes"]["iou"] == pytest.approx(result["labels"]["iou"])
+    assert result["mask"]["iou"] == pytest.approx(_mean_iou(ours["mask"], theirs["mask"], [True]))
 
 
 def test_cosine_of_outputs_that_are_both_zero_is_one() -> None:
