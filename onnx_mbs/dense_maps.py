@@ -1,9 +1,9 @@
 """Which IoU a dense output's agreement with the teacher has, read from the graph, not guessed
 from the values: one rule for `eval --teacher`.
 
-- **label map**: an integer output of rank 3 or more an ArgMax makes ((batch, H, W), or
-  (batch, 1, H, W) with keepdims; through reshapes, slices, Cast or a nearest Resize): the mean
-  over the classes either map holds of each class's IoU.
+- **label map**: an output of rank 3 or more an ArgMax makes ((batch, H, W), or (batch, 1, H,
+  W) with keepdims; through reshapes, slices, a nearest Resize or a Cast, to float too): the
+  mean over the classes either map holds of each class's IoU.
 - **mask**: a boolean output of rank 3 or more whose last two dims are above 1: the IoU of its
   True pixels.
 - **probability map**: a float (batch, C, H, W[, ...]) output a Sigmoid or HardSigmoid makes,
@@ -59,7 +59,7 @@ def map_kind(model: onnx.ModelProto | None, name: str, sample: np.ndarray) -> st
     if model is None or sample.ndim < 3:
         return None
     made = _made_by(producers_of(model), default_opset(model), name, sample.ndim)
-    if np.issubdtype(sample.dtype, np.integer):
+    if made == LABELS or np.issubdtype(sample.dtype, np.integer):  # labels Cast to float too
         return LABELS if made == LABELS else None
     floating = np.issubdtype(sample.dtype, np.floating)
     return made if floating and sample.ndim >= 4 and made in (PROBABILITIES, CLASSES) else None

@@ -91,6 +91,7 @@ def _dense_heads(seed: int) -> onnx.ModelProto:
         h.make_node("Cast", ["raw"], ["ids"], to=onnx.TensorProto.INT64),
         h.make_node("Reshape", ["raw", "rows"], ["rows4"]),
         h.make_node("Sigmoid", ["rows4"], ["boxes"]),
+        h.make_node("Cast", ["labels"], ["flabels"], to=onnx.TensorProto.FLOAT),
     ]
     inits = {
         "w": rng.normal(size=(4, 3, 3, 3)).astype(np.float32),
@@ -113,6 +114,7 @@ def _dense_heads(seed: int) -> onnx.ModelProto:
                 ("mask", b),
                 ("ids", i64),
                 ("boxes", f),
+                ("flabels", f),
             ]  # fmt: skip
         ],
         [onnx.numpy_helper.from_array(v, k) for k, v in inits.items()],
@@ -150,6 +152,7 @@ def test_iou_only_where_it_means_something_and_as_numpy_computes_it(tmp_path, ca
     s, t = ours["labels"], theirs["labels"]
     assert result["labels"]["iou"] == pytest.approx(_mean_iou(s, t, range(4)))
     assert 0 < result["labels"]["iou"] < 1
+    assert result["flabels"]["iou"] == result["labels"]["iou"]  # `.argmax(1).float()`
     fore = [_mean_iou(ours["prob"][:, c] > 0.5, theirs["prob"][:, c] > 0.5, [True]) for c in (0, 1)]
     assert result["prob"]["iou"] == pytest.approx(np.mean(fore))
     s, t = ours["classes"].argmax(1), theirs["classes"].argmax(1)
