@@ -282,6 +282,7 @@ def _as_chosen(
     found = classifier_outputs(shapes, model)
     auto = found[0] if len(found) == 1 else None
     default = {n: default_loss(s, logits) for n, s in shapes.items()}
+    default |= {n: "kl" for n in argmax_inputs(model)}  # label maps (`losses.choose_losses`)
 
     def chosen(fingerprint: dict[str, Any]) -> dict[str, Any]:
         out = {k: v for k, v in fingerprint.items() if k != "logits" or v != auto}
@@ -587,7 +588,8 @@ def retrain(
             # Checked before the teacher's statistics are measured for the re-inserted BNs.
             if missing := unsupported_ops(teacher):
                 raise unrunnable_teacher(f"a graph with {', '.join(missing)}")
-            teacher_pre, teacher_maps = softmax_inputs(teacher), argmax_inputs(teacher)
+            teacher_pre = softmax_inputs(teacher)
+            teacher_maps = {n: t for n, (t, _) in argmax_inputs(teacher).items()}
             extra = [*features, *teacher_pre.values(), *teacher_maps.values()]
             teacher_module = OnnxModule(with_outputs(teacher, extra))
             teacher_module = teacher_module.to(dev).eval().requires_grad_(False)
@@ -598,7 +600,8 @@ def retrain(
             calib = _batches(train, len(probe_x), bn_calibration_samples)
             train_model, inserted = reinsert_batchnorm(model, calib, teacher)
             check_not_folded(held, inserted)
-        student_pre, student_maps = softmax_inputs(model), argmax_inputs(model)
+        student_pre, argmaxes = softmax_inputs(model), argmax_inputs(model)
+        student_maps = {n: t for n, (t, _) in argmaxes.items()}
         extra = [*features, *student_pre.values(), *student_maps.values()]
         student = OnnxModule(with_outputs(train_model, extra))
         if val is not None:
@@ -607,6 +610,7 @@ def retrain(
         kept = freeze_named(student, held)
         shapes = _probe(student, probe_x, "the model")
         outputs = {o.name: shapes[o.name] for o in model.graph.output}
+        axes = {n: axis % len(shapes[t]) for n, (t, axis) in argmaxes.items()}  # class axes
         # Several classifier-shaped outputs: labels (or top-1 on --val) need the user to say
         # which; a teacher alone distils every output, with no pseudo-labels.
         several = len(classifier_outputs(outputs, model)) > 1
@@ -619,7 +623,7 @@ def retrain(
             scored = {
                 n: shapes[student_maps[n]] if n in student_maps else s for n, s in outputs.items()
             }
-            kinds = choose_losses(scored, losses, logits)
+            kinds = choose_losses(scored, losses, logits, student_maps)
             _check_trainable(model, kinds, student_maps, teacher_maps)
         elif losses:
             raise BadInputError(
@@ -768,7 +772,7 @@ def retrain(
                     with torch.no_grad(), _autocast(dev, amp):
                         out_t = _named(teacher_module, teacher_module(xb))
                         soft = _scores(out_t, teacher_pre)
-                    loss = alpha * distillation_loss(out, soft, kinds, temperature)
+                    loss = alpha * distillation_loss(out, soft, kinds, temperature, axes)
                     for name in features:
                         loss = loss + alpha * feature_weight * normalised_mse(out[name], soft[name])
                 if labels_used:
