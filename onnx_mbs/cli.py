@@ -559,9 +559,12 @@ def cmd_retrain(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         if result.losses:
-            chosen = ", ".join(f"{n}={k}" for n, k in result.losses.items())
-            if "kl" in result.losses.values():
-                chosen += _guessed(args)
+            chosen = ", ".join(
+                f"{n}={k}" + " on the class scores its ArgMax reads" * (n in result.scores)
+                for n, k in result.losses.items()
+            )
+            if any(k == "kl" and n not in result.scores for n, k in result.losses.items()):
+                chosen += _guessed(args)  # a classifier output found by its shape
             labels = "+ cross-entropy on labels" if result.labels_used else "no labels used"
             print(f"distillation: {chosen}; {labels}", file=sys.stderr)
         elif result.logits is not None:

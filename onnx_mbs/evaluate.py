@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 
 from onnx_mbs.data import Batch, DataSource
+from onnx_mbs.dense_maps import IoU, map_kind
 from onnx_mbs.logits import (
     check_label_range,
     check_none_unambiguous,
@@ -176,9 +177,9 @@ class OutputAgreement:
 
     relative_error: ||student - teacher|| / ||teacher|| over all samples; cosine: the mean
     per-sample cosine similarity (1 where both are all zero); top1: the fraction of samples
-    whose argmax class agrees (classifier outputs only, `onnx_mbs.logits`); iou: for dense
-    maps (batch, C, H, W), the mean over classes of the IoU of the argmax maps (C > 1) or of
-    the maps thresholded at 0.5 for probabilities, else 0 (C = 1). Non-finite student values
+    whose argmax class agrees (classifier outputs only, `onnx_mbs.logits`); iou: for label
+    maps, probability maps and class-probability maps, the mean IoU `onnx_mbs.dense_maps`
+    defines; None for any other output (a regression map has none). Non-finite student values
     never count as agreeing.
     """
 
@@ -200,15 +201,20 @@ class AgreementResult:
 class _Accumulator:
     """Sums over batches for one output; `result` turns them into an OutputAgreement."""
 
-    def __init__(self, name: str, shape: tuple[int, ...], classifier: bool = True) -> None:
-        self.name, self.shape = name, shape
+    def __init__(
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        classifier: bool = True,
+        graph: onnx.ModelProto | None = None,
+    ) -> None:
+        self.name, self.shape, self.graph = name, shape, graph
         # argmax agreement for a classifier-shaped output, unless `--logits none` said none is
         self.classifier = classifier and classes_of(shape) is not None
         self.sq_err = self.sq_ref = self.cosine = 0.0
         self.hits = self.count = 0
-        self.threshold: float | None = None
-        self.inter: np.ndarray | None = None
-        self.union: np.ndarray | None = None
+        self.iou: IoU | None = None
+        self.kind: str | None = ""  # "": not read yet; None: no IoU (`dense_maps.map_kind`)
 
     def add(self, s: np.ndarray, t: np.ndarray) -> None:
         n = len(t)
@@ -225,34 +231,16 @@ class _Accumulator:
         self.cosine += float(np.where(finite, cos, 0.0).sum())
         if self.classifier:
             self.hits += int(((s64.argmax(1) == t64.argmax(1)) & finite).sum())
-        if len(self.shape) == 4 and self.shape[2] * self.shape[3] > 1:
-            self._add_maps(s, t, finite)
-
-    def _add_maps(self, s: np.ndarray, t: np.ndarray, finite: np.ndarray) -> None:
-        classes = s.shape[1]
-        if classes > 1:
-            sm, tm = s.argmax(1), t.argmax(1)
-        else:
-            if self.threshold is None:
-                self.threshold = 0.5 if t.min() >= 0.0 and t.max() <= 1.0 else 0.0
-            sm, tm = (s[:, 0] > self.threshold).astype(int), (t[:, 0] > self.threshold).astype(int)
-            classes = 2
-        sm = np.where(finite[:, None, None], sm, -1)  # non-finite rows match nothing
-        labels = range(1, 2) if s.shape[1] == 1 else range(classes)
-        inter = np.array([((sm == c) & (tm == c)).sum() for c in labels], dtype=np.float64)
-        union = np.array([((sm == c) | (tm == c)).sum() for c in labels], dtype=np.float64)
-        self.inter = inter if self.inter is None else self.inter + inter
-        self.union = union if self.union is None else self.union + union
+        if self.kind == "":
+            self.kind = map_kind(self.graph, self.name, t)
+            self.iou = IoU(self.kind) if self.kind is not None else None
+        if self.iou is not None:
+            self.iou.add(s, t, finite)
 
     def result(self) -> OutputAgreement:
         rel = math.sqrt(self.sq_err / self.sq_ref) if self.sq_ref > 0 else math.sqrt(self.sq_err)
         top1 = self.hits / self.count if self.classifier else None
-        iou = None
-        if self.union is not None:
-            present = self.union > 0
-            iou = (
-                float((self.inter[present] / self.union[present]).mean()) if present.any() else 1.0
-            )
+        iou = self.iou.mean() if self.iou is not None else None
         return OutputAgreement(self.name, self.shape, rel, self.cosine / self.count, top1, iou)
 
 
@@ -285,6 +273,7 @@ def agreement(
         feed_dtype(reference, data.input_name, ready),
     )
     totals: dict[str, _Accumulator] = {}
+    graph = _proto(model)  # which ops make each output: its IoU rule (`dense_maps`)
     samples = 0
     with progress_bar(len(data), "agreement", progress) as bar:
         for batch in data.batches(batch_size):
@@ -306,7 +295,7 @@ def agreement(
                         f"{list(t.shape)} in the teacher: they must match"
                     )
                 totals.setdefault(
-                    name, _Accumulator(name, tuple(s.shape), not is_none(logits))
+                    name, _Accumulator(name, tuple(s.shape), not is_none(logits), graph)
                 ).add(s, t)
             samples += len(batch.x)
             bar.update(len(batch.x))

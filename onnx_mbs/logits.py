@@ -103,6 +103,21 @@ def softmax_input(
     return None
 
 
+def argmax_inputs(model: onnx.ModelProto) -> dict[str, tuple[str, int]]:
+    """{output: (the scores its ArgMax reads, the ArgMax's axis as given)} for the outputs an
+    ArgMax makes (through Identity, Flatten, Reshape, Squeeze, Unsqueeze or Cast): a
+    segmentation net's label map. Integer labels carry no gradient, so training compares the
+    scores the ArgMax decides on, along its axis."""
+    producers, found = producers_of(model), {}
+    for output in model.graph.output:
+        node = producers.get(output.name)
+        while node is not None and op_id(node) in _RESHAPES | {"Cast"} and node.input:
+            node = producers.get(node.input[0])
+        if node is not None and op_id(node) == "ArgMax" and node.input:
+            found[output.name] = (node.input[0], int(attributes(node).get("axis", 0)))
+    return found
+
+
 def softmax_inputs(model: onnx.ModelProto) -> dict[str, str]:
     """{output: the input of the Softmax that makes it} for the model's probability outputs."""
     producers = producers_of(model)

@@ -207,20 +207,26 @@ class GroupInfo:
     pinned: bool
     joined: bool = False  # a residual stream (ChannelGroup.joined)
     unit: int = 1  # channels one of its units holds (ChannelGroup.unit); sizes count units
+    # channels a unit holds after a DepthToSpace (ChannelGroup.narrowest); None: `unit`
+    narrowest: int | None = None
 
     @classmethod
     def of(cls, group: ChannelGroup) -> GroupInfo:
         return cls(
             group.id, group.size, tuple(group.macroblocks), group.pinned, group.joined,
-            group.unit,
+            group.unit, group.narrowest,
         )  # fmt: skip
 
     def multiple(self, channels: int) -> int:
         """The units its count is a multiple of, so that its channels are a multiple of
         `channels` (the channel multiple): channels / gcd(channels, unit). A GroupNorm(32)
         unit (32 channels) is one step at multiple 8; counted in units, 8 of them were, and
-        a GroupNorm(32, 256) could not be cut at all."""
-        return channels // math.gcd(channels, self.unit)
+        a GroupNorm(32, 256) could not be cut at all. After a DepthToSpace, whose unit is
+        b * b of its producer's channels but one of its output's (read by the next conv),
+        `narrowest` replaces `unit`: 8 units at multiple 8 (by the producer's channels, 2
+        were, and the next conv read 2, 4, 6 ... channels)."""
+        width = self.unit if self.narrowest is None else self.narrowest
+        return channels // math.gcd(channels, width)
 
     @property
     def free(self) -> bool:
@@ -411,12 +417,12 @@ def round_channels(size: int, fraction: float, multiple: int) -> int:
 
 def _counts(groups: Sequence[GroupInfo], betas: Sequence[float], multiple: int) -> dict[int, int]:
     counts = {}
-    rounded: dict[tuple, int] = {}  # (size, macroblocks) -> count: most groups share a few
+    rounded: dict[tuple, int] = {}  # (size, step, macroblocks) -> count: most groups share a few
     for g in groups:
         if not g.free:
             counts[g.id] = g.size
             continue
-        key = (g.size, g.unit, g.macroblocks)
+        key = (g.size, g.multiple(multiple), g.macroblocks)
         if key not in rounded:
             beta = max(betas[m] for m in g.macroblocks)
             rounded[key] = round_channels(g.size, beta, g.multiple(multiple))

@@ -26,6 +26,7 @@ bounds, Reshape shapes, Resize sizes) as edits; `shrink.py` applies both.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -76,6 +77,9 @@ class ChannelGroup:
     # a residual stream: an Add (or Sum) of two activations joins its channels, so a cut
     # channel is cut from every block that reads or writes the stream at once
     joined: bool = False
+    # channels one unit holds after a DepthToSpace (the gcd with `unit`), where the next conv
+    # reads 1 of each b * b block its producer made; None: no DepthToSpace carries it
+    narrowest: int | None = None
 
     def member(self, tensor: str) -> Member:
         return next(m for m in self.members if m.tensor == tensor)
@@ -232,6 +236,10 @@ def analyze_channels(
         )
         for g, cls in enumerate(classes)
     ]
+    spread = {n.output[0] for n in model.graph.node if op_id(n) == "DepthToSpace"}
+    for group in groups:
+        if widths := [m.width for m in group.members if m.tensor in spread]:
+            group.narrowest = math.gcd(group.unit, *widths)
     return ChannelAnalysis(
         groups,
         root,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import onnx
 import pytest
@@ -1065,6 +1067,54 @@ def test_depth_to_space_matches_ort(mode: str) -> None:
     with 3 output channels the two orders differ."""
     node = helper.make_node("DepthToSpace", ["x"], ["y"], blocksize=2, mode=mode)
     assert_matches_ort(make_model([node], {"x": [2, 12, 3, 5]}, ["y"]), {"x": rnd(2, 12, 3, 5)})
+
+
+def _arg_model(op: str, shape: list[int], dtype: int, opset: int, **attrs) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [helper.make_node(op, ["x"], ["y"], **attrs)],
+        "g",
+        [helper.make_tensor_value_info("x", dtype, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.INT64, None)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("op", ["ArgMax", "ArgMin"])
+@pytest.mark.parametrize("shape", [[2, 5, 3, 4], [7], [5, 1]])
+@pytest.mark.parametrize("opset", [11, 13])
+def test_arg_max_min_match_ort_with_ties_infinities_and_nans(op, shape, opset) -> None:
+    """A segmentation net's in-graph ArgMax: every axis, keepdims and select_last_index, on
+    values with ties, infinities and NaNs (onnxruntime's scan keeps the first of equal values,
+    the last with select_last_index, and passes over a NaN unless it comes first; its 1-D path
+    takes the first NaN), and on int64 values; the output is int64."""
+    rng = np.random.default_rng(len(shape) + opset)
+    x = rng.integers(-2, 3, size=shape).astype(np.float32)
+    draw = rng.random(shape)
+    x[draw < 0.1], x[(draw > 0.1) & (draw < 0.2)], x[draw > 0.9] = np.nan, np.inf, -np.inf
+    x.reshape(-1)[0] = 2.0  # a NaN first and one later are both drawn below
+    nan_first = x.copy()
+    nan_first.reshape(-1)[0] = np.nan
+    lasts = [0, 1] if opset >= 12 else [None]
+    for axis in range(-len(shape), len(shape)):
+        for keep, last in itertools.product([0, 1], lasts):
+            attrs = {"axis": axis, "keepdims": keep}
+            if last is not None:
+                attrs["select_last_index"] = last
+            model = _arg_model(op, shape, TensorProto.FLOAT, opset, **attrs)
+            for values in (x, nan_first):
+                ours, ref = (
+                    torch_run(OnnxModule(model).eval(), {"x": values}),
+                    run(model, {"x": values}),
+                )
+                assert ours[0].dtype == ref[0].dtype == np.int64
+                np.testing.assert_array_equal(ours[0], ref[0], err_msg=str(attrs))
+            ints = _arg_model(op, shape, TensorProto.INT64, opset, **attrs)
+            whole = np.nan_to_num(x, posinf=9, neginf=-9).astype(np.int64)
+            np.testing.assert_array_equal(
+                torch_run(OnnxModule(ints).eval(), {"x": whole})[0], run(ints, {"x": whole})[0]
+            )
 
 
 UNNAMED_OUTPUT_THEN_MISSING_INPUT = {

@@ -571,11 +571,34 @@ def test_depth_to_space_cuts_whole_blocks_in_the_mode_order(mode):
     killed = kill_channels(model, analysis.groups, {group.id: [1]})
     small = shrink_channels(killed, {group.id: [0, 2]}, analysis)
     assert_same_outputs(killed, small)
-    reduced, _ = reduce(original, budget="params=0.7", input_shapes={"x": [1, 3, 6, 6]})
+    reduced, _ = reduce(
+        original, budget="params=0.7", input_shapes={"x": [1, 3, 6, 6]}, channel_multiple=2
+    )
     c1 = next(n for n in reduced.graph.node if n.name == "c1")
     kept = next(t for t in reduced.graph.initializer if t.name == c1.input[1]).dims[0]
-    assert kept == 8  # two whole blocks of 4 (channel_multiple 8)
+    assert kept == 8  # two whole blocks of 4: 2 channels after the DepthToSpace
     assert_runs_at_declared_shapes(original, reduced, [1, 3, 6, 6])
+
+
+def test_channel_multiple_holds_after_a_depth_to_space():
+    """`--channel-multiple 8` on a super-resolution upsampler (conv 16 -> 64, PixelShuffle(2),
+    conv 16 -> 16): the multiple was taken in the producer's channels (blocks of 4 counted as
+    GroupNorm units are), so the conv after the DepthToSpace read 10 or 14 channels; now every
+    conv's channel counts, on both sides of the DepthToSpace, are multiples of 8."""
+    b = Builder()
+    x = b.input("x", [1, 3, 8, 8])
+    a = b.op("Relu", [b.conv(x, 3, 16, name="c0")])
+    d = b.op("DepthToSpace", [b.conv(a, 16, 64, name="c1")], blocksize=2, mode="CRD")
+    c = b.op("Relu", [b.conv(b.op("Relu", [d]), 16, 16, name="c2")])
+    y = b.conv(c, 16, 3, name="c3")
+    original = b.model([y], ["y"])
+    for strategy in ("uniform", "mbs"):
+        reduced, report = reduce(original, budget="params=0.5", strategy=strategy)
+        dims = {t.name: list(t.dims) for t in reduced.graph.initializer}
+        counts = {n.name: dims[n.input[1]][:2] for n in reduced.graph.node if n.op_type == "Conv"}
+        assert counts["c1"][0] < 64, counts
+        assert all(n % 8 == 0 for k, v in counts.items() for n in v if k != "c3" and n != 3), counts
+        assert counts["c1"][0] == 4 * counts["c2"][1]
 
 
 def test_space_to_depth_repeats_each_channel_in_every_block():

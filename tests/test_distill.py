@@ -9,10 +9,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from graphs import assert_runs_at_declared_shapes
+from graphs import assert_runs_at_declared_shapes, run
 
 from onnx_mbs.bridge import retrain
-from onnx_mbs.bridge.losses import choose_losses, parse_loss_specs
+from onnx_mbs.bridge.losses import choose_losses, kd_kl, parse_loss_specs
 from onnx_mbs.cli import main
 from onnx_mbs.evaluate import _Accumulator
 from onnx_mbs.models.export import export_head_model
@@ -65,22 +65,124 @@ def test_losses_default_by_shape_and_user_choice() -> None:
         parse_loss_specs(["map=l2"])
 
 
-def test_dense_map_iou_and_cosine() -> None:
-    teacher = np.zeros((2, 3, 4, 4), np.float32)
-    teacher[:, 1, :2] = 1.0  # class 1 in the top half, class 0 below
-    student = teacher.copy()
-    student[:, 2, 0] = 2.0  # first row becomes class 2
-    acc = _Accumulator("seg", teacher.shape)
-    acc.add(student, teacher)
-    result = acc.result()
-    # class 0: 8/8, class 1: 4 rows of 4 -> kept 4 of 8 (IoU 0.5), class 2: 0/4
-    assert result.iou == pytest.approx((1.0 + 0.5 + 0.0) / 3)
-    same = _Accumulator("seg", teacher.shape)
-    same.add(teacher, teacher)
-    assert same.result().iou == 1.0 and same.result().relative_error == 0.0
+def test_label_map_scores_default_to_kl_along_the_argmax_axis() -> None:
+    """An ArgMax's label map distils its scores by KL along the ArgMax's axis, averaged over
+    the other positions (as numpy computes it), with or without `--logits none`; mse is a
+    choice; (batch, classes) logits keep Hinton's batchmean."""
+    shapes = {"labels": (2, 3, 4, 5), "boxes": (2, 8, 4)}
+    assert choose_losses(shapes, label_maps=["labels"]) == {"labels": "kl", "boxes": "mse"}
+    assert choose_losses(shapes, logits="none", label_maps=["labels"])["labels"] == "kl"
+    assert choose_losses(shapes, {"labels": "mse"}, label_maps=["labels"])["labels"] == "mse"
+    rng = np.random.default_rng(0)
+    s, t = rng.normal(size=(2, 3, 4, 5)), rng.normal(size=(2, 3, 4, 5)) * 3
+    temperature, axis = 2.0, 3
+
+    def softmax(v: np.ndarray) -> np.ndarray:
+        e = np.exp(v - v.max(axis, keepdims=True))
+        return e / e.sum(axis, keepdims=True)
+
+    p, q = softmax(t / temperature), softmax(s / temperature)
+    expected = (p * (np.log(p) - np.log(q))).sum(axis).mean() * temperature**2
+    got = kd_kl(torch.from_numpy(s), torch.from_numpy(t), temperature, axis)
+    assert float(got) == pytest.approx(expected, rel=1e-9)
+    s2, t2 = torch.from_numpy(s[:, :, 0, 0]), torch.from_numpy(t[:, :, 0, 0])
+    assert float(kd_kl(s2, t2, temperature)) == pytest.approx(
+        float(kd_kl(s2[..., None], t2[..., None], temperature)), rel=1e-9
+    )
+
+
+def test_nonfinite_student_rows_never_agree() -> None:
     nan = _Accumulator("logits", (2, 3))
     nan.add(np.full((2, 3), np.nan, np.float32), np.eye(2, 3, dtype=np.float32))
     assert nan.result().top1 == 0.0 and nan.result().cosine == 0.0
+
+
+def _dense_heads(seed: int) -> onnx.ModelProto:
+    """One Conv's (batch, 4, 8, 8) raw map (regression: no IoU) and what a graph makes of it:
+    an ArgMax label map (keepdims, int64), Sigmoid probabilities (2 channels, resized x2
+    linear), class-axis Softmax probabilities, and a boolean mask; and outputs with no IoU:
+    integers a Cast makes, a detector's (batch, boxes, 4) Sigmoid rows."""
+    rng = np.random.default_rng(seed)
+    h = onnx.helper
+    nodes = [
+        h.make_node("Conv", ["x", "w"], ["raw"], pads=[1, 1, 1, 1]),
+        h.make_node("ArgMax", ["raw"], ["labels"], axis=1),
+        h.make_node("Sigmoid", ["raw"], ["sig"]),
+        h.make_node("Slice", ["sig", "starts", "ends", "axes"], ["sig2"]),
+        h.make_node("Resize", ["sig2", "", "scales"], ["prob"], mode="linear"),
+        h.make_node("Softmax", ["raw"], ["classes"], axis=1),
+        h.make_node("Greater", ["raw", "zero"], ["mask"]),
+        h.make_node("Cast", ["raw"], ["ids"], to=onnx.TensorProto.INT64),
+        h.make_node("Reshape", ["raw", "rows"], ["rows4"]),
+        h.make_node("Sigmoid", ["rows4"], ["boxes"]),
+        h.make_node("Cast", ["labels"], ["flabels"], to=onnx.TensorProto.FLOAT),
+    ]
+    inits = {
+        "w": rng.normal(size=(4, 3, 3, 3)).astype(np.float32),
+        "starts": np.array([0]), "ends": np.array([2]), "axes": np.array([1]),
+        "scales": np.array([1, 1, 2, 2], np.float32), "zero": np.zeros(1, np.float32),
+        "rows": np.array([0, 64, 4]),
+    }  # fmt: skip
+    f, i64, b = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64, onnx.TensorProto.BOOL
+    graph = h.make_graph(
+        nodes,
+        "heads",
+        [h.make_tensor_value_info("x", f, ["n", 3, 8, 8])],
+        [
+            h.make_tensor_value_info(n, t, None)
+            for n, t in [
+                ("raw", f),
+                ("labels", i64),
+                ("prob", f),
+                ("classes", f),
+                ("mask", b),
+                ("ids", i64),
+                ("boxes", f),
+                ("flabels", f),
+            ]  # fmt: skip
+        ],
+        [onnx.numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    model.ir_version = 8
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def _mean_iou(s: np.ndarray, t: np.ndarray, classes) -> float:
+    ious = [((s == c) & (t == c)).sum() / ((s == c) | (t == c)).sum() for c in classes]
+    return float(np.mean([v for v in ious if np.isfinite(v)]))
+
+
+def test_iou_only_where_it_means_something_and_as_numpy_computes_it(tmp_path, capsys) -> None:
+    """`eval --teacher`'s IoU: the mean over classes for an integer label map (an in-graph
+    ArgMax's output, which had none), the foreground IoU per channel at 0.5 for Sigmoid
+    probabilities and for a mask, the argmax IoU for Softmax probabilities, and none for a
+    raw Conv map (it took the argmax over 4 regression channels), integers other ops make or a
+    detector's Sigmoid rows; figures as numpy computes
+    them on the outputs onnxruntime gives."""
+    teacher, student = _dense_heads(0), _dense_heads(0)
+    w = student.graph.initializer[0]
+    noisy = onnx.numpy_helper.to_array(w) + np.random.default_rng(1).normal(size=w.dims) * 0.5
+    w.CopyFrom(onnx.numpy_helper.from_array(noisy.astype(np.float32), "w"))
+    x = np.random.default_rng(2).integers(0, 256, size=(20, 3, 8, 8)).astype(np.uint8)
+    np.savez(tmp_path / "x.npz", x=x)
+    paths = [save_model(m, tmp_path / f"{n}.onnx") for n, m in (("t", teacher), ("s", student))]
+    result = _agreement(paths[1], paths[0], tmp_path / "x.npz", capsys)["outputs"]
+    names = [o.name for o in teacher.graph.output]
+    ours, theirs = (dict(zip(names, run(m, x / np.float32(255)))) for m in (student, teacher))
+    assert ours["labels"].dtype == np.int64 and ours["labels"].shape == (20, 1, 8, 8)
+    for name in ("raw", "ids", "boxes"):
+        assert result[name]["iou"] is None and result[name]["relative_error"] > 0
+    s, t = ours["labels"], theirs["labels"]
+    assert result["labels"]["iou"] == pytest.approx(_mean_iou(s, t, range(4)))
+    assert 0 < result["labels"]["iou"] < 1
+    assert result["flabels"]["iou"] == result["labels"]["iou"]  # `.argmax(1).float()`
+    fore = [_mean_iou(ours["prob"][:, c] > 0.5, theirs["prob"][:, c] > 0.5, [True]) for c in (0, 1)]
+    assert result["prob"]["iou"] == pytest.approx(np.mean(fore))
+    s, t = ours["classes"].argmax(1), theirs["classes"].argmax(1)
+    assert result["classes"]["iou"] == pytest.approx(_mean_iou(s, t, range(4)))
+    assert result["classes"]["iou"] == pytest.approx(result["labels"]["iou"])
+    assert result["mask"]["iou"] == pytest.approx(_mean_iou(ours["mask"], theirs["mask"], [True]))
 
 
 def test_cosine_of_outputs_that_are_both_zero_is_one() -> None:
@@ -287,3 +389,89 @@ def test_reduce_recalibrate(bundled_model_path, tmp_path, capsys) -> None:
         capsys,
         "no BatchNormalization",
     )
+
+
+class _SegNet(torch.nn.Module):
+    """A tiny segmentation net whose graph ends in ArgMax: (batch, H, W) int64 class labels."""
+
+    def __init__(self, classes: int = 4) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.a = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.b = nn.Sequential(
+            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU()
+        )
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.head = nn.Conv2d(24, classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.a(x)
+        return self.head(torch.cat([self.up(self.b(a)), a], 1)).argmax(1)
+
+
+@pytest.fixture(scope="module")
+def segnet(tmp_path_factory, images) -> tuple:
+    """(teacher, reduced) files of `_SegNet`, BN measured on the images, exported BN-folded
+    with a dynamic batch; the teacher's label maps use every class."""
+    from onnx_mbs.models.export import export_onnx
+
+    folder = tmp_path_factory.mktemp("segnet")
+    torch.manual_seed(0)
+    net = _SegNet()
+    net.head.weight.data *= 20  # class scores apart, as a trained head's (not all ties)
+    net.train()
+    with torch.no_grad():
+        net(torch.from_numpy(images[1]))  # BN statistics of the images
+    teacher = export_onnx(net, (1, 3, 64, 64), dynamic_batch=True, output_names=("labels",))
+    assert [n.op_type for n in teacher.graph.node][-1] == "ArgMax"
+    small, _ = reduce(
+        teacher, str(images[0]), budget="params=0.6", evaluate_accuracy=False, progress=False
+    )
+    return save_model(teacher, folder / "t.onnx"), save_model(small, folder / "s.onnx")
+
+
+def test_segmentation_net_ending_in_argmax_retrains_on_its_class_scores(
+    segnet, images, tmp_path, capsys
+) -> None:
+    """An in-graph ArgMax gives integer labels, which no loss can train: retrain distils the
+    class scores the ArgMax reads against the teacher's, and the written model keeps the
+    ArgMax, its int64 (batch, H, W) output and the original names; the label maps come closer
+    to the teacher's."""
+    teacher, small = segnet
+    x = images[1]
+    (reference,) = run(onnx.load(teacher), x)
+    assert len(np.unique(reference)) == 4
+    out = tmp_path / "s.ft.onnx"
+    code = main(
+        ["retrain", str(small), "-o", str(out), "--data", str(images[0]), "--teacher", str(teacher)]
+        + ["--epochs", "3", "--lr", "0.05", "--batch-size", "16", "--augment", "none"]
+    )
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "distillation: labels=kl on the class scores its ArgMax reads; no labels" in err, err
+    written, source = onnx.load(out), onnx.load(small)
+    onnx.checker.check_model(written, full_check=True)
+    assert [n.name for n in written.graph.node] == [n.name for n in source.graph.node]
+    assert written.graph.input == source.graph.input and written.graph.output == source.graph.output
+    assert written.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.INT64
+    assert_runs_at_declared_shapes(onnx.load(teacher), written)
+    (labels,) = run(written, x)
+    assert labels.dtype == np.int64 and labels.shape == reference.shape == (len(x), 64, 64)
+    # What was trained: the decisions on the scores the ArgMax reads came closer to the
+    # teacher's (KL along its axis at every pixel).
+    (before,) = run(source, x)
+    assert (labels == reference).mean() > (before == reference).mean()
+
+
+def test_integer_outputs_no_loss_can_train_are_refused_in_one_line(segnet, images) -> None:
+    """An integer output that is not an ArgMax's label map (here an ArgMin's indices) crashed
+    in backward ('element 0 of tensors does not require grad'); a label map whose teacher
+    output is not an ArgMax's has no scores to compare. Both are refused naming the way out."""
+    teacher = onnx.load(segnet[0])
+    argmin = onnx.load(segnet[0])
+    argmin.graph.node[-1].op_type = "ArgMin"
+    x = (images[1], None)
+    with pytest.raises(BadInputError, match="'labels' holds int64 values.*labels=none"):
+        retrain(argmin, x, teacher=argmin, epochs=1, batch_size=16, progress=False)
+    with pytest.raises(BadInputError, match="not made by an ArgMax.*labels=none"):
+        retrain(teacher, x, teacher=argmin, epochs=1, batch_size=16, progress=False)

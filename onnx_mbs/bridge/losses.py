@@ -7,6 +7,10 @@ anything else (detection heads, dense maps, embeddings) gets the squared error d
 teacher output's squared norm over the batch -- the square of the relative error `eval --teacher`
 reports -- so outputs of different scales weigh alike. (Dividing by the variance
 instead blows up on nearly constant outputs such as a probability map of mostly background.)
+A label map an in-graph ArgMax makes (integers: no gradient) is compared through the class
+scores the ArgMax reads (`onnx_mbs.logits.argmax_inputs`), by KL along the ArgMax's axis at
+every position (pixel-wise distillation): the ArgMax decides on the scores' differences, which
+a squared error relative to the scores' size, offset included, barely sees.
 `--loss NAME=kl|mse|none` overrides. The shape rule cannot tell a (batch, 4) box or an angle's
 (sin, cos) from logits, and KL ignores a per-sample shift a regression output must not drift by:
 `--logits none` says the model has no logits, and every output then defaults to mse.
@@ -14,7 +18,7 @@ instead blows up on nearly constant outputs such as a probability map of mostly 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -55,9 +59,11 @@ def choose_losses(
     shapes: Mapping[str, Sequence[int]],
     chosen: Mapping[str, str] | None = None,
     logits: str | None = None,
+    label_maps: Collection[str] = (),
 ) -> dict[str, str]:
     """The loss of each output: the user's choice where given, else by shape (see the module);
-    `logits` "none": no output is logits, so none is kl."""
+    `logits` "none": no output is logits, so none is kl. `label_maps`: outputs an ArgMax makes,
+    kl along its axis by default (`shapes` gives their scores' shapes)."""
     chosen = dict(chosen or {})
     unknown = sorted(set(chosen) - set(shapes))
     if unknown:
@@ -65,15 +71,20 @@ def choose_losses(
             f"{option('--loss')} names output(s) {unknown} the model does not have; its "
             f"outputs are {list(shapes)}"
         )
-    kinds = {name: chosen.get(name, default_loss(s, logits)) for name, s in shapes.items()}
+    kinds = {
+        name: chosen.get(name, "kl" if name in label_maps else default_loss(s, logits))
+        for name, s in shapes.items()
+    }
     for name, kind in kinds.items():
-        if kind == "kl" and is_none(logits):
+        if kind != "kl" or name in label_maps:
+            continue
+        if is_none(logits):
             raise BadInputError(
                 f"{option('--loss', f'{name}=kl')} reads '{name}' as logits, but "
                 f"{option('--logits', 'none')} says the model has none: use mse, or drop "
                 f"{option('--logits', 'none')}"
             )
-        if kind == "kl" and not is_logits(shapes[name]):
+        if not is_logits(shapes[name]):
             raise BadInputError(
                 f"output '{name}' has shape {list(shapes[name])}: the kl loss needs "
                 "(batch, classes) logits; use mse"
@@ -83,12 +94,21 @@ def choose_losses(
     return kinds
 
 
-def kd_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Hinton distillation: KL between temperature-softened distributions, scaled by T^2."""
+def kd_kl(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float, dim: int = 1
+) -> torch.Tensor:
+    """Hinton distillation: KL between temperature-softened distributions, scaled by T^2;
+    over `dim`, averaged over every other position (the batch of (batch, classes) logits, the
+    pixels too of a label map's scores)."""
     t = temperature
-    return F.kl_div(
-        F.log_softmax(student / t, dim=1), F.softmax(teacher / t, dim=1), reduction="batchmean"
-    ) * (t * t)
+    if student.dim() == 2 and dim in (1, -1):
+        return F.kl_div(
+            F.log_softmax(student / t, dim=1), F.softmax(teacher / t, dim=1), reduction="batchmean"
+        ) * (t * t)
+    kl = F.kl_div(
+        F.log_softmax(student / t, dim=dim), F.softmax(teacher / t, dim=dim), reduction="none"
+    )
+    return kl.sum(dim).mean() * (t * t)
 
 
 def normalised_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -102,14 +122,17 @@ def distillation_loss(
     teacher: Mapping[str, torch.Tensor],
     kinds: Mapping[str, str],
     temperature: float,
+    axes: Mapping[str, int] | None = None,
 ) -> torch.Tensor:
-    """Sum of the per-output losses (outputs whose kind is "none" are left out)."""
-    total = None
+    """Sum of the per-output losses (outputs whose kind is "none" are left out); `axes`: the
+    class axis of a label map's scores (its ArgMax's), 1 elsewhere."""
+    total, axes = None, axes or {}
     for name, kind in kinds.items():
         if kind == "none":
             continue
         s, t = student[name], teacher[name]
-        term = kd_kl(s, t, temperature) if kind == "kl" else normalised_mse(s, t)
+        kl = kind == "kl"
+        term = kd_kl(s, t, temperature, axes.get(name, 1)) if kl else normalised_mse(s, t)
         total = term if total is None else total + term
     assert total is not None  # choose_losses refuses all-"none"
     return total

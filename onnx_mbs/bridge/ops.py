@@ -595,6 +595,42 @@ def _reduce(fn: Callable, axes_input_from: int) -> Callable[[Node], OpFn]:
     return build
 
 
+def _arg_extreme(largest: bool) -> Callable[[Node], OpFn]:
+    """ArgMax / ArgMin as onnxruntime computes them: one scan along `axis` that moves on only
+    to a strictly greater (smaller) value, or to an equal one with select_last_index. So ties
+    go to the first (last) index, a NaN after the first position is never picked, and a NaN
+    at the first position is kept (nothing compares greater than it); except that a 1-D input
+    without select_last_index takes onnxruntime's other path, where the first NaN wins.
+    Output int64."""
+
+    def build(n: Node) -> OpFn:
+        axis, keep = n.attr("axis", 0), bool(n.attr("keepdims", 1))
+        last = bool(n.attr("select_last_index", 0))
+
+        def run(x):
+            a = axis % x.dim()
+            size = x.shape[a]
+            y = x
+            if x.is_floating_point():
+                y = torch.where(torch.isnan(x), -math.inf if largest else math.inf, x)
+            best = y.amax(a, keepdim=True) if largest else y.amin(a, keepdim=True)
+            order = torch.arange(size, device=x.device).reshape([-1] + [1] * (x.dim() - a - 1))
+            hit = (y == best) & ~torch.isnan(x) if x.is_floating_point() else y == best
+            index = torch.where(hit, order if last else size - 1 - order, -1).amax(a, keepdim=True)
+            index = index if last else size - 1 - index
+            if x.is_floating_point():
+                nan = torch.isnan(x)
+                if x.dim() == 1 and not last:  # onnxruntime's 1-D path: the first NaN wins
+                    first = torch.where(nan, size - 1 - order, -1).amax(a, keepdim=True)
+                    index = torch.where(first >= 0, size - 1 - first, index)
+                index = torch.where(nan.narrow(a, 0, 1), 0, index)  # a NaN first stays
+            return index if keep else index.squeeze(a)
+
+        return run
+
+    return build
+
+
 # ---------------------------------------------------------------------------
 # Resize / Upsample
 
@@ -1278,6 +1314,8 @@ OPS: dict[str, Callable[[Node], OpFn]] = {
     "ReduceMean": _reduce(torch.mean, 18),
     "ReduceSum": _reduce(torch.sum, 13),
     "ReduceMax": _reduce(torch.amax, 18),
+    "ArgMax": _arg_extreme(largest=True),
+    "ArgMin": _arg_extreme(largest=False),
     "Resize": resize,
     "Upsample": resize,
     "Pad": pad,

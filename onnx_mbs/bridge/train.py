@@ -86,6 +86,7 @@ from onnx_mbs.data.sources import default_workers
 from onnx_mbs.data.spec import check_same_classes
 from onnx_mbs.logits import (
     NONE,
+    argmax_inputs,
     check_label_range,
     choose_logits,
     classes_of,
@@ -127,6 +128,8 @@ class RetrainResult:
     world_size: int = 1
     bn_reinserted: int = 0  # BatchNorms re-inserted (and folded back) for a BN-folded graph
     losses: dict[str, str] = field(default_factory=dict)  # per output, with a teacher
+    # Outputs an ArgMax makes, trained on the scores it reads: {output: scores tensor}.
+    scores: dict[str, str] = field(default_factory=dict)
     labels_used: bool = False
     augment: str = "none"  # what augmentation ran, in words
     schedule: str = ""  # optimizer, learning rate, warm-up and decay, in words
@@ -279,6 +282,7 @@ def _as_chosen(
     found = classifier_outputs(shapes, model)
     auto = found[0] if len(found) == 1 else None
     default = {n: default_loss(s, logits) for n, s in shapes.items()}
+    default |= {n: "kl" for n in argmax_inputs(model)}  # label maps (`losses.choose_losses`)
 
     def chosen(fingerprint: dict[str, Any]) -> dict[str, Any]:
         out = {k: v for k, v in fingerprint.items() if k != "logits" or v != auto}
@@ -583,7 +587,7 @@ def retrain(
                 f"{option('--checkpoint')} DIR"
             )
         train_model, inserted = model, []
-        teacher_module, kinds, teacher_pre = None, {}, {}
+        teacher_module, kinds, teacher_pre, teacher_maps = None, {}, {}, {}
         if teacher is not None:
             if is_low_precision(teacher):
                 teacher = as_float32(teacher)
@@ -591,7 +595,9 @@ def retrain(
             if missing := unsupported_ops(teacher):
                 raise unrunnable_teacher(f"a graph with {', '.join(missing)}")
             teacher_pre = softmax_inputs(teacher)
-            teacher_module = OnnxModule(with_outputs(teacher, [*features, *teacher_pre.values()]))
+            teacher_maps = {n: t for n, (t, _) in argmax_inputs(teacher).items()}
+            extra = [*features, *teacher_pre.values(), *teacher_maps.values()]
+            teacher_module = OnnxModule(with_outputs(teacher, extra))
             teacher_module = teacher_module.to(dev).eval().requires_grad_(False)
             _check_input(teacher, teacher_module, train, "training data (teacher)")
             teacher_shapes = _probe(teacher_module, probe_x, "the teacher")
@@ -600,14 +606,17 @@ def retrain(
             calib = _batches(train, len(probe_x), bn_calibration_samples)
             train_model, inserted = reinsert_batchnorm(model, calib, teacher)
             check_not_folded(held, inserted)
-        student_pre = softmax_inputs(model)
-        student = OnnxModule(with_outputs(train_model, [*features, *student_pre.values()]))
+        student_pre, argmaxes = softmax_inputs(model), argmax_inputs(model)
+        student_maps = {n: t for n, (t, _) in argmaxes.items()}
+        extra = [*features, *student_pre.values(), *student_maps.values()]
+        student = OnnxModule(with_outputs(train_model, extra))
         if val is not None:
             _check_input(model, student, val, "validation data")
         student.to(dev).train()
         kept = freeze_named(student, held)
         shapes = _probe(student, probe_x, "the model")
         outputs = {o.name: shapes[o.name] for o in model.graph.output}
+        axes = {n: axis % len(shapes[t]) for n, (t, axis) in argmaxes.items()}  # class axes
         # Several classifier-shaped outputs: labels (or top-1 on --val) need the user to say
         # which; a teacher alone distils every output, with no pseudo-labels.
         several = len(classifier_outputs(outputs, model)) > 1
@@ -616,7 +625,12 @@ def retrain(
         )
         if teacher is not None:
             _check_teacher(outputs, teacher_shapes, features, shapes)
-            kinds = choose_losses(outputs, losses, logits)
+            # A label map an ArgMax makes is trained on the scores it reads (`argmax_inputs`).
+            scored = {
+                n: shapes[student_maps[n]] if n in student_maps else s for n, s in outputs.items()
+            }
+            kinds = choose_losses(scored, losses, logits, student_maps)
+            _check_trainable(model, kinds, student_maps, teacher_maps)
         elif losses:
             raise BadInputError(
                 f"{option('--loss')} chooses distillation losses: it needs a {option('--teacher')}"
@@ -649,6 +663,9 @@ def retrain(
         ce_tensor = student_pre.get(logits_name, logits_name)
         student_pre = {n: t for n, t in student_pre.items() if kinds.get(n) == "kl"}
         teacher_pre = {n: t for n, t in teacher_pre.items() if kinds.get(n) == "kl"}
+        scores = {n: t for n, t in student_maps.items() if kinds.get(n, "none") != "none"}
+        student_pre |= scores
+        teacher_pre |= {n: teacher_maps[n] for n in scores}
         net: torch.nn.Module = student
         if world > 1:
             read = [student_pre.get(n, n) for n, k in kinds.items() if k != "none"]
@@ -767,7 +784,7 @@ def retrain(
                     with torch.no_grad(), _autocast(dev, amp):
                         out_t = _named(teacher_module, teacher_module(xb))
                         soft = _scores(out_t, teacher_pre)
-                    loss = alpha * distillation_loss(out, soft, kinds, temperature)
+                    loss = alpha * distillation_loss(out, soft, kinds, temperature, axes)
                     for name in features:
                         loss = loss + alpha * feature_weight * normalised_mse(out[name], soft[name])
                 if labels_used:
@@ -907,6 +924,7 @@ def retrain(
         world_size=world,
         bn_reinserted=len(inserted),
         losses=kinds,
+        scores=scores,
         labels_used=labels_used,
         augment=augment_text,
         schedule=schedule,
@@ -994,6 +1012,46 @@ def _check_features_computed(
                 f"feature tensor '{name}' is not computed by {' or '.join(missing)}: "
                 f"{option('--feature')} "
                 "names an intermediate tensor (a node output) both graphs compute"
+            )
+
+
+_FLOATS = frozenset(
+    {
+        onnx.TensorProto.FLOAT,
+        onnx.TensorProto.FLOAT16,
+        onnx.TensorProto.BFLOAT16,
+        onnx.TensorProto.DOUBLE,
+    }
+)
+
+
+def _check_trainable(
+    model: onnx.ModelProto,
+    kinds: Mapping[str, str],
+    maps: Mapping[str, str],
+    teacher_maps: Mapping[str, str],
+) -> None:
+    """Every output a loss reads must carry a gradient: a label map an ArgMax makes is read
+    through its scores, which the teacher must have too; any other integer or boolean output
+    (indices, counts, a mask) is refused naming the `--loss OUTPUT=none` that leaves it out."""
+    for out in model.graph.output:
+        if kinds.get(out.name, "none") == "none":
+            continue
+        if out.name in maps:
+            if out.name not in teacher_maps:
+                raise BadInputError(
+                    f"output '{out.name}' is an ArgMax's label map, trained on the scores it "
+                    "reads, but the teacher's output of that name is not made by an ArgMax: "
+                    f"distil from the original, or leave it out with "
+                    f"{option('--loss', f'{out.name}=none')}"
+                )
+            continue
+        elem = out.type.tensor_type.elem_type
+        if elem and elem not in _FLOATS:
+            raise BadInputError(
+                f"output '{out.name}' holds {onnx.TensorProto.DataType.Name(elem).lower()} "
+                "values, which carry no gradient: no loss can train it; leave it out with "
+                f"{option('--loss', f'{out.name}=none')}"
             )
 
 

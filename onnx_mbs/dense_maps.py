@@ -1,0 +1,130 @@
+"""Which IoU a dense output's agreement with the teacher has, read from the graph, not guessed
+from the values: one rule for `eval --teacher`.
+
+- **label map**: an output of rank 3 or more an ArgMax makes ((batch, H, W), or (batch, 1, H,
+  W) with keepdims; through reshapes, slices, a nearest Resize or a Cast, to float too): the
+  mean over the classes either map holds of each class's IoU.
+- **mask**: a boolean output of rank 3 or more whose last two dims are above 1: the IoU of its
+  True pixels.
+- **probability map**: a float (batch, C, H, W[, ...]) output a Sigmoid or HardSigmoid makes,
+  maybe resized (nearest or linear: values stay in [0, 1]), pooled, sliced or concatenated with
+  others on the way: each channel thresholded at 0.5, the mean over channels of the IoU of its
+  foreground.
+- **class probabilities**: a float (batch, C, H, W[, ...]) map a Softmax or LogSoftmax over
+  axis 1 makes (the same ops on the way): the argmax over the classes, then as a label map.
+- anything else has no IoU, only the relative error and cosine: a Conv's raw output (box
+  regression, depth, offsets, raw class scores: the graph cannot tell them apart), where a
+  threshold or an argmax over regression channels measures nothing; a (batch, boxes, 85)
+  Sigmoid output of a detector (rank 3: not a map); integer outputs other ops make (indices,
+  counts).
+
+IoUs are summed over all samples per class before dividing (the dataset's IoU, not a mean of
+per-image ones); a class neither map holds anywhere is left out of the mean; a sample whose
+student output is not finite matches no pixel.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from onnx_mbs.logits import Producers, producers_of
+from onnx_mbs.passes.domains import op_id
+from onnx_mbs.passes.graph import attributes, default_opset
+
+LABELS, MASK, PROBABILITIES, CLASSES = "labels", "mask", "probabilities", "classes"
+
+# Ops a probability passes through and stays one (in [0, 1], channels where they were).
+_KEEPS = {
+    "Identity",
+    "Cast",
+    "Slice",
+    "Split",
+    "MaxPool",
+    "AveragePool",
+    "Dropout",
+    "Squeeze",
+    "Unsqueeze",
+    "Reshape",
+    "Flatten",
+}
+_RESIZES = {"Resize", "Upsample"}
+
+
+def map_kind(model: onnx.ModelProto | None, name: str, sample: np.ndarray) -> str | None:
+    """The IoU rule of output `name` (see the module), from its first batch `sample` and the
+    graph that makes it; None: no IoU."""
+    if sample.dtype == np.bool_:
+        return MASK if sample.ndim >= 3 and min(sample.shape[-2:]) > 1 else None
+    if model is None or sample.ndim < 3:
+        return None
+    made = _made_by(producers_of(model), default_opset(model), name, sample.ndim)
+    if made == LABELS or np.issubdtype(sample.dtype, np.integer):  # labels Cast to float too
+        return LABELS if made == LABELS else None
+    floating = np.issubdtype(sample.dtype, np.floating)
+    return made if floating and sample.ndim >= 4 and made in (PROBABILITIES, CLASSES) else None
+
+
+def _made_by(producers: Producers, opset: int, name: str, rank: int) -> str | None:
+    """LABELS, PROBABILITIES or CLASSES where the ops making `name` end in an ArgMax, a
+    Sigmoid or a class-axis Softmax, through ops that keep its values and channels; else None."""
+    node = producers.get(name)
+    while node is not None:
+        op = op_id(node)
+        if op == "ArgMax":
+            return LABELS
+        if op in ("Sigmoid", "HardSigmoid"):
+            return PROBABILITIES
+        if op in ("Softmax", "LogSoftmax"):
+            axis = attributes(node).get("axis", -1 if opset >= 13 else 1)
+            return CLASSES if axis in (1, 1 - rank) else None
+        if op == "Concat":
+            kinds = {_made_by(producers, opset, i, rank) for i in node.input if i}
+            return PROBABILITIES if kinds == {PROBABILITIES} else None
+        mode = attributes(node).get("mode", b"nearest") if op in _RESIZES else None
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        if op not in _KEEPS and mode not in ("nearest", "linear"):
+            return None
+        if mode == "linear" and _made_by(producers, opset, node.input[0], rank) == LABELS:
+            return None  # labels interpolated are not labels
+        if not node.input:
+            return None
+        node = producers.get(node.input[0])
+    return None
+
+
+def label_maps(kind: str, s: np.ndarray, t: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(student, teacher) integer maps to take per-class IoUs of, one pair per channel of a
+    probability map, one pair otherwise."""
+    if kind == CLASSES:
+        return [(s.argmax(1), t.argmax(1))]
+    if kind == PROBABILITIES:
+        s, t = (s, t) if s.ndim >= 4 else (s[:, None], t[:, None])
+        return [((s[:, c] > 0.5).astype(np.int64), (t[:, c] > 0.5).astype(np.int64))
+                for c in range(s.shape[1])]  # fmt: skip
+    return [(s.astype(np.int64), t.astype(np.int64))]
+
+
+class IoU:
+    """Per-class intersections and unions summed over batches; `mean` is the IoU reported."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.inter: dict[tuple[int, int], float] = {}
+        self.union: dict[tuple[int, int], float] = {}
+
+    def add(self, s: np.ndarray, t: np.ndarray, finite: np.ndarray) -> None:
+        for channel, (sm, tm) in enumerate(label_maps(self.kind, s, t)):
+            sm = np.where(finite.reshape((-1,) + (1,) * (sm.ndim - 1)), sm, -1)
+            # Foreground only for masks and probability maps; every class of a label map.
+            fore = self.kind in (MASK, PROBABILITIES)
+            classes = [1] if fore else np.union1d(np.unique(sm[sm >= 0]), np.unique(tm))
+            for c in classes:
+                key = (channel, int(c))
+                a, b = sm == c, tm == c
+                self.inter[key] = self.inter.get(key, 0.0) + float((a & b).sum())
+                self.union[key] = self.union.get(key, 0.0) + float((a | b).sum())
+
+    def mean(self) -> float:
+        present = [k for k, u in self.union.items() if u > 0]
+        return float(np.mean([self.inter[k] / self.union[k] for k in present])) if present else 1.0
