@@ -24,7 +24,13 @@ from .channel_groups import ChannelAnalysis, ChannelGroup, Member, analyze_chann
 from .channel_walk import ChannelWalk, register_handler, unregister_handler
 from .cost import CostModel
 from .domains import is_default, op_id
-from .errors import BadInputError, QuantizedModelError, command_line, option
+from .errors import (
+    BadInputError,
+    MissingExtraError,
+    QuantizedModelError,
+    command_line,
+    option,
+)
 from .fold import FoldShapes, fold_shapes
 from .functions import inline_layers
 from .graph import GraphIndex, count_parameters
@@ -52,6 +58,7 @@ from .shrink import EditContext, KeepPlan, ShrinkChannels, predicted_params, shr
 __all__ = [
     "ActivationImportance",
     "BadInputError",
+    "MissingExtraError",
     "BatchNormScaled",
     "CRITERIA",
     "ChannelAnalysis",
