@@ -720,6 +720,31 @@ def test_a_save_past_2_gb_that_fails_leaves_the_callers_model_whole(inputs, tmp_
     assert not list(tmp_path.iterdir())
 
 
+NOTHING = "nothing was written"
+
+
+def test_a_report_on_a_full_disk_is_named_not_the_models_folder(inputs, tmp_path):
+    """`reduce -o out/s.onnx --report full/rep` with only full/ out of space said "cannot
+    write to out: No space left on device", the folder that had room; it names the report's
+    folder now, and neither the model nor the report is written."""
+    import errno
+
+    import onnx_mbs.save as save
+
+    def fill_disk(folder):
+        (folder / "report.md").write_text("half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "full").mkdir()
+    model = onnx.load(inputs / "tiny.onnx")
+    with pytest.raises(BadInputError) as error:
+        save.save_model(model, tmp_path / "out" / "s.onnx", (tmp_path / "full" / "rep", fill_disk))
+    report = tmp_path / "full" / "rep"
+    assert str(error.value) == f"cannot write to {report}: No space left on device; {NOTHING}"
+    assert not list((tmp_path / "out").iterdir()) and not list((tmp_path / "full").iterdir())
+
+
 def test_external_data_never_replaces_another_models_weights(inputs, tmp_path, monkeypatch):
     """Past 2 GB the weights go to OUT.data. A file of that name that is not the existing
     OUT's own external data holds another model's weights: the Python API refused nothing
