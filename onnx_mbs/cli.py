@@ -24,6 +24,7 @@ from onnx_mbs.passes import (
     DEFAULT_RECEPTIVE_FIELD,
     READINGS,
     BadInputError,
+    MissingExtraError,
     QuantizedModelError,
     analyze_model,
     command_line,
@@ -1066,7 +1067,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with command_line(), _checked_stdout():  # messages name the flags
             return args.func(args)
-    except BadInputError as e:
+    except (BadInputError, MissingExtraError) as e:
         print(f"onnx-mbs: error: {e}", file=sys.stderr)
         return 2
     except MemoryError:  # the sizes that can be checked beforehand are (onnx_mbs/memory.py)

@@ -70,10 +70,30 @@ def choose_providers(request: str = "auto") -> list[str]:
     return [CPU]
 
 
+def usable_onnxruntime():
+    """onnxruntime, imported and checked to be a whole install: onnxruntime and
+    onnxruntime-gpu share the package folder, and uninstalling one of the two (as an install
+    that pulls in the other invites) leaves an empty namespace package behind."""
+    try:
+        import onnxruntime as ort
+    except ImportError as error:
+        raise BadInputError(
+            f"onnxruntime cannot be imported ({error}); install it: pip install onnxruntime-gpu "
+            "(or onnxruntime)"
+        ) from None
+    if not hasattr(ort, "InferenceSession"):
+        raise BadInputError(
+            "onnxruntime is broken (its package folder holds no onnxruntime: was onnxruntime or "
+            "onnxruntime-gpu uninstalled beside the other?); reinstall the one you use: "
+            "pip install --force-reinstall onnxruntime-gpu (or onnxruntime)"
+        )
+    return ort
+
+
 @functools.cache
 def cuda_unavailable_reason() -> str | None:
     """Why CUDA cannot run here, or None when it can. Prints nothing; cached per process."""
-    import onnxruntime as ort
+    ort = usable_onnxruntime()
 
     if CUDA not in ort.get_available_providers():
         return "this onnxruntime build has no CUDAExecutionProvider (install onnxruntime-gpu)"
@@ -183,8 +203,7 @@ def make_session(
     statistics' reductions) as soon as its input exists; its default order ran the whole
     main path first and held every watched tensor until then (ResNet-1202: 310 against
     139 MB)."""
-    import onnxruntime as ort
-
+    ort = usable_onnxruntime()
     options = ort.SessionOptions()
     options.log_severity_level = _QUIET
     options.intra_op_num_threads = threads

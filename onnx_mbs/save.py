@@ -224,7 +224,10 @@ def save_model(
     with _staging(out.parent) as stage:
         staged = [*_stage_model(model, out, stage)]
         if report is not None:
-            staged.append(_stage_folder(Path(report[0]), report[1], stage))
+            try:  # staged beside the report's folder, which may be on another (full) disk
+                staged.append(_stage_folder(Path(report[0]), report[1], stage))
+            except OSError as error:
+                raise _cannot_write(Path(report[0]), error) from None
         _publish(staged)
     return out
 
@@ -245,11 +248,13 @@ def _staging(folder: Path) -> Iterator[Callable[[Path], Path]]:
     try:
         yield temps.make
     except OSError as error:
-        raise BadInputError(
-            f"cannot write to {folder}: {error.strerror or error}; nothing was written"
-        ) from None
+        raise _cannot_write(folder, error) from None
     finally:
         temps.remove_all()
+
+
+def _cannot_write(where: Path, error: OSError) -> BadInputError:
+    return BadInputError(f"cannot write to {where}: {error.strerror or error}; nothing was written")
 
 
 def _stage_model(

@@ -18,10 +18,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from onnx_mbs.data import Batch, DataSource, batch_inputs
 from onnx_mbs.instrument import DEEP, StatOutputs, instrument_without_weights
@@ -40,6 +40,9 @@ from onnx_mbs.runtime import (
     session_provider,
 )
 from onnx_mbs.weights_file import write_with_weights
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 
 @dataclass

@@ -24,7 +24,13 @@ from .channel_groups import ChannelAnalysis, ChannelGroup, Member, analyze_chann
 from .channel_walk import ChannelWalk, register_handler, unregister_handler
 from .cost import CostModel
 from .domains import ONNXRUNTIME_ADVICE, is_default, is_onnxruntime_op, op_id
-from .errors import BadInputError, QuantizedModelError, command_line, option
+from .errors import (
+    BadInputError,
+    MissingExtraError,
+    QuantizedModelError,
+    command_line,
+    option,
+)
 from .fold import FoldShapes, fold_shapes
 from .functions import inline_layers
 from .graph import GraphIndex, count_parameters
@@ -53,6 +59,7 @@ __all__ = [
     "ONNXRUNTIME_ADVICE",
     "ActivationImportance",
     "BadInputError",
+    "MissingExtraError",
     "BatchNormScaled",
     "CRITERIA",
     "ChannelAnalysis",

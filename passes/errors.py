@@ -23,6 +23,11 @@ def command_line() -> Iterator[None]:
         _COMMAND_LINE.reset(token)
 
 
+def on_command_line() -> bool:
+    """Whether the command line's run is the one going on (see `command_line`)."""
+    return _COMMAND_LINE.get()
+
+
 # The Python keyword of each flag whose keyword is not its argparse dest (`--beta-min` ->
 # `beta_min`): the keywords of `reduce`, `ReduceOptions`, `load` and `retrain`.
 _KEYWORDS = {
@@ -42,7 +47,7 @@ def option(flag: str, value: object = None) -> str:
     """The option `flag` (with `value`, if given) as the door in use spells it: `--beta-min 0.5`
     on the command line, `beta_min=0.5` in Python. A `value` of True is a flag that takes
     none: `--resume` on the command line, `resume=True` in Python."""
-    if _COMMAND_LINE.get():
+    if on_command_line():
         return flag if value is None or value is True else f"{flag} {value}"
     return keyword(flag) if value is None else f"{keyword(flag)}={value!r}"
 
@@ -53,7 +58,7 @@ def input_shape_option(name: str | None = None, dims: Sequence[object] = ()) -> 
     Python (the keyword of `reduce`, `load` and `ReduceOptions`)."""
     if name is None:
         return option("--input-shape")
-    if _COMMAND_LINE.get():
+    if on_command_line():
         return option("--input-shape", f"{name}:{','.join(map(str, dims))}")
     return f"{keyword('--input-shape')}={{{name!r}: [{', '.join(map(str, dims))}]}}"
 
@@ -64,6 +69,16 @@ class BadInputError(ValueError):
 
 class QuantizedModelError(BadInputError):
     """A quantised graph (QDQ or QOperator): MBS reduces float models; `eval` runs these."""
+
+
+class MissingExtraError(ImportError):
+    """An optional extra (torch, interop, olive) is not installed: the command line prints
+    it as one line and exits with code 2, as it does a BadInputError."""
+
+
+def missing_extra(what: str, package: str, extra: str, error: ImportError) -> MissingExtraError:
+    """The error for `what` needing `package`, which the optional `extra` installs."""
+    return MissingExtraError(f"{what} needs {package}: pip install 'onnx-mbs[{extra}]' ({error})")
 
 
 def temporary_folder_error(error: OSError) -> BadInputError:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import onnx
 from google.protobuf.message import DecodeError
+from onnx.external_data_helper import load_external_data_for_tensor
 
 from .domains import COUNTED_CONVS, op_id
 from .errors import BadInputError
@@ -64,6 +65,17 @@ def model_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     yield from stored_tensors(model.graph)
     for function in model.functions:
         yield from stored_tensors(function)
+
+
+def read_external_data(model: onnx.ModelProto, folder: str | os.PathLike) -> None:
+    """Read every external tensor of `model` (its graphs' and its functions') from `folder`,
+    in place. onnx.load_external_data_for_model reads functions' only from onnx 1.17 on; below
+    (onnx >= 1.16 is declared) a function's tensor stayed a reference, refused later."""
+    for tensor in model_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            load_external_data_for_tensor(tensor, str(folder))
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
 
 
 def refuse_unread_external_data(model: onnx.ModelProto, what: str, remedy: str) -> None:

@@ -17,7 +17,12 @@ from .errors import BadInputError, QuantizedModelError, temporary_folder_error
 from .external_data import weights_apart
 from .graph import FLOAT_TYPES, attributes, nested_nodes, topological_order
 from .group_norm import deprecated_group_norms
-from .integrity import check_stored_sizes, refuse_unread_external_data, undecodable
+from .integrity import (
+    check_stored_sizes,
+    read_external_data,
+    refuse_unread_external_data,
+    undecodable,
+)
 from .scratch import scratch_folder
 
 QUANTIZED_OPS = {
@@ -79,7 +84,7 @@ def read_model(
             # The external data is read only once what it should hold is known.
             model = onnx.load(str(path), load_external_data=False)
             if check_stored_sizes(model, path.parent):  # some tensors are external data
-                onnx.load_external_data_for_model(model, str(path.parent))
+                read_external_data(model, path.parent)
         except DecodeError as e:
             raise BadInputError(undecodable(path, e)) from None
         except (FileNotFoundError, OSError) as e:

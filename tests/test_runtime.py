@@ -219,3 +219,36 @@ def test_evaluate_takes_a_data_spec_as_the_eval_command_does(bundled_model_path)
     source = open_for_model(str(FMNIST_SAMPLE), load_model(model))
     assert by_spec == evaluate(model, source, CPU, progress=False)
     assert by_spec.samples == 512 and by_spec.top1 > 0.9
+
+
+@pytest.mark.parametrize(
+    ("installed", "said"),
+    [
+        (None, "onnxruntime cannot be imported"),  # not installed
+        (
+            "empty",
+            "onnxruntime is broken",
+        ),  # onnxruntime-gpu's folder after `pip uninstall onnxruntime`
+    ],
+)
+@pytest.mark.parametrize("providers", ["cpu", "auto"])
+def test_an_unusable_onnxruntime_is_one_line_and_exit_2(
+    installed, said, providers, bundled_model_path, monkeypatch, capsys
+):
+    """onnxruntime and onnxruntime-gpu share one package folder: with both installed,
+    uninstalling one left a namespace package, and eval and reduce ended in "AttributeError:
+    module 'onnxruntime' has no attribute 'get_available_providers'" (or 'SessionOptions'
+    under --providers cpu), exit 1."""
+    import sys
+    import types
+
+    from onnx_mbs.cli import main
+
+    module = None if installed is None else types.ModuleType("onnxruntime")
+    monkeypatch.setitem(sys.modules, "onnxruntime", module)
+    runtime.cuda_unavailable_reason.cache_clear()  # a cached answer would import nothing
+    data = str(bundled_model_path.parent / "fmnist_sample.npz")
+    argv = ["eval", str(bundled_model_path), "--data", data, "--limit", "8"]
+    assert main([*argv, "--providers", providers]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]  # after the data's lines
+    assert last.startswith(f"onnx-mbs: error: {said}") and "pip install" in last

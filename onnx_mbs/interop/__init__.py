@@ -31,6 +31,6 @@ def as_model(model: Any, preprocessing_given: bool = False) -> Any:
 
 def missing(package: str, error: ImportError, extra: str = "interop") -> ImportError:
     """The error to raise when an optional interop package is not installed."""
-    return ImportError(
-        f"onnx_mbs.interop needs {package}: pip install 'onnx-mbs[{extra}]' ({error})"
-    )
+    from onnx_mbs.passes.errors import missing_extra
+
+    return missing_extra("onnx_mbs.interop", package, extra, error)

@@ -29,7 +29,7 @@ import onnx
 from onnx_mbs.passes import BadInputError
 from onnx_mbs.passes.base import Pass
 from onnx_mbs.passes.domains import op_id
-from onnx_mbs.passes.integrity import check_stored_sizes
+from onnx_mbs.passes.integrity import check_stored_sizes, read_external_data
 
 from . import missing
 
@@ -88,7 +88,7 @@ def to_proto(model: ir.Model) -> onnx.ModelProto:
     if folders:
         folder = Path(next(iter(folders)))
         check_stored_sizes(proto, folder)
-        onnx.load_external_data_for_model(proto, str(folder))
+        read_external_data(proto, folder)
     return proto
 
 
