@@ -1141,6 +1141,22 @@ def gen_space_depth(rng: np.random.Generator) -> Case:
     return Case([node("SpaceToDepth", ["x"], blocksize=b)], {"x": x}, ["y"], opset=opset)
 
 
+def gen_arg_extreme(rng: np.random.Generator) -> Case:
+    """ArgMax and ArgMin over any axis, with ties (small integer values) and, from opset 12,
+    select_last_index; int64 indices out."""
+    op = pick(rng, ["ArgMax", "ArgMin"])
+    opset = pick(rng, [11, 12, 13])
+    rank = int(rng.integers(1, 5))
+    shape = ints(rng, 1, 4, rank)
+    x = rng.integers(-2, 3, shape).astype(np.float32) if chance(rng) else normal(rng, *shape)
+    attrs = dict(
+        axis=int(rng.integers(-rank, rank)) if chance(rng, 0.8) else None,
+        keepdims=int(rng.integers(0, 2)) if chance(rng, 0.7) else None,
+        select_last_index=int(rng.integers(0, 2)) if opset >= 12 and chance(rng) else None,
+    )
+    return Case([node(op, ["x"], **attrs)], {"x": x}, ["y"], opset=opset)
+
+
 def gen_unsupported(rng: np.random.Generator) -> Case:
     """Ops the bridge does not implement: refused with one line, never computed."""
     x = normal(rng, 2, 4, 3, 3)
@@ -1196,6 +1212,7 @@ GENERATORS: dict[str, Callable[[np.random.Generator], Case]] = {
     "integer": gen_integer,
     "layout": gen_layout,
     "space_depth": gen_space_depth,
+    "arg_extreme": gen_arg_extreme,
     "constant_like": gen_constant_like,
     "dropout": gen_dropout,
     "recurrent": gen_recurrent,
