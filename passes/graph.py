@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .domains import is_default, op_id
+from .domains import op_id, opset_versions
 from .errors import BadInputError
 from .normalise import constant_value
 
@@ -175,10 +175,7 @@ def nested_nodes(*graphs: onnx.GraphProto | onnx.FunctionProto) -> Iterator[onnx
 
 def default_opset(model: onnx.ModelProto) -> int:
     """The model's opset of the default (ai.onnx) domain: op semantics depend on it."""
-    for entry in model.opset_import:
-        if is_default(entry.domain):
-            return entry.version
-    return 1
+    return opset_versions(model).get("", 1)
 
 
 _INT, _INTS = onnx.AttributeProto.INT, onnx.AttributeProto.INTS

@@ -13,12 +13,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from graphs import Builder
+from graphs import Builder, shape_arith_head, standardised_conv_net
 from onnx import helper
 
 import onnx_mbs
 from onnx_mbs.cli import main
 from onnx_mbs.passes import activation_tensors, analyze_model, load_model
+from onnx_mbs.passes.channel_groups import analyze_channels
+from onnx_mbs.passes.importance import FilterNorm, choose_channels
 
 BUNDLED = Path(__file__).resolve().parents[1] / "models" / "bundled" / "resnet20_fmnist.onnx"
 
@@ -195,3 +197,20 @@ def test_the_bridge_refuses_a_custom_op_named_like_an_onnx_op():
 
     with pytest.raises(BadInputError, match="my.ops:Relu"):
         OnnxModule(_custom_net("Relu"))
+
+
+@pytest.mark.parametrize("build", [shape_arith_head, standardised_conv_net])
+def test_a_model_importing_ai_onnx_by_name_is_read_as_one_importing_the_default_domain(build):
+    """ "ai.onnx" is the default domain's other name. A model importing it so was folded by
+    nothing (the reference runtime knew no opset for its nodes: shape_arith_head's Reshape
+    target stayed computed, pinning conv2), and choosing the channels of a conv whose weight
+    the graph computes stopped with the reference runtime's RuntimeError."""
+    read = {}
+    for domain in ("", "ai.onnx"):
+        model = build()
+        model.opset_import[0].domain = domain
+        loaded = load_model(model)
+        free = [g for g in analyze_channels(loaded).groups if not g.pinned]
+        keep = choose_channels(free, {g.id: g.size // 2 for g in free}, FilterNorm(loaded))
+        read[domain] = [n.op_type for n in loaded.graph.node], keep
+    assert read["ai.onnx"] == read[""]
