@@ -30,8 +30,7 @@ from onnx import numpy_helper
 
 from .base import Pass, PassResult
 from .domains import is_default, op_id, opset_ids, opset_versions
-from .graph import FOLDED, GraphIndex, attributes, is_weight, stored_casts
-from .normalise import constant_value
+from .graph import FOLDED, GraphIndex, attributes, constant_value, is_weight, stored_casts
 
 MAX_ELEMENTS = 4096  # larger values are data, not shape arithmetic
 NOT_FOLDED = {
