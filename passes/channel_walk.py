@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 
 from .custom_ops import is_unknown_op
-from .domains import FUSED_CONV, is_default, op_id
+from .domains import FUSED_CONV, canonical, is_default, op_id, opset_versions
 from .graph import GraphIndex, channels_last, subgraph_names, subgraphs
 
 # Roles of initializer members, so importance and tests know what an axis is.
@@ -96,7 +96,7 @@ class ChannelWalk:
         # channel ids it carries, so that shrink records their new shapes
         self.computed: dict[str, dict[int, np.ndarray]] = {}
         self.node_no: dict[int, int] = {}
-        self.opsets = {_domain(o.domain): o.version for o in model.opset_import}
+        self.opsets = opset_versions(model)
         self.opset = self.opsets.get("", 17)
 
     # -- union-find over channel ids ---------------------------------------------------
@@ -260,10 +260,6 @@ Handler = Callable[[ChannelWalk, onnx.NodeProto], None]
 _REGISTRY: dict[tuple[str, str], dict[int, Handler]] = {}
 
 
-def _domain(domain: str) -> str:
-    return "" if is_default(domain) else domain
-
-
 def register_handler(
     op_type: str, handler: Handler, domain: str = "", since_opset: int = 1
 ) -> None:
@@ -274,12 +270,12 @@ def register_handler(
         raise TypeError(f"handler for {op_type} must be callable, not {type(handler).__name__}")
     if since_opset < 1:
         raise ValueError(f"since_opset must be at least 1, not {since_opset}")
-    _REGISTRY.setdefault((_domain(domain), op_type), {})[since_opset] = handler
+    _REGISTRY.setdefault((canonical(domain), op_type), {})[since_opset] = handler
 
 
 def unregister_handler(op_type: str, domain: str = "", since_opset: int = 1) -> None:
     """Remove a handler `register_handler` added."""
-    versions = _REGISTRY.get((_domain(domain), op_type), {})
+    versions = _REGISTRY.get((canonical(domain), op_type), {})
     if since_opset not in versions:
         raise KeyError(f"no handler for {op_type} (domain {domain!r}) since opset {since_opset}")
     del versions[since_opset]
@@ -288,7 +284,7 @@ def unregister_handler(op_type: str, domain: str = "", since_opset: int = 1) -> 
 def handler_for(node: onnx.NodeProto, opsets: dict[str, int]) -> Handler | None:
     """The handler for `node` under the model's opsets: the one registered for the
     latest opset not after the model's."""
-    domain = _domain(node.domain)
+    domain = canonical(node.domain)
     versions = _REGISTRY.get((domain, node.op_type), {})
     usable = [v for v in versions if v <= opsets.get(domain, 1)]
     return versions[max(usable)] if usable else None

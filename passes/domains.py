@@ -39,6 +39,23 @@ ONNXRUNTIME_ADVICE = (
 )
 
 
+def canonical(domain: str) -> str:
+    """`domain` in one spelling: "" for ONNX's own, however the model names it."""
+    return "" if domain in DEFAULT_DOMAINS else domain
+
+
+def opset_versions(model: onnx.ModelProto) -> dict[str, int]:
+    """The opset version `model` imports for each domain, keyed by `canonical` domain: a model
+    importing "ai.onnx" is read as one importing "" (the reference runtime, given "ai.onnx",
+    knows no opset for default-domain nodes)."""
+    return {canonical(o.domain): o.version for o in model.opset_import}
+
+
+def opset_ids(versions: dict[str, int]) -> list[onnx.OperatorSetIdProto]:
+    """`versions` (`opset_versions`) as a model's opset imports."""
+    return [onnx.helper.make_opsetid(domain, version) for domain, version in versions.items()]
+
+
 def op_id(node: onnx.NodeProto) -> str:
     """The op `node` runs, one string: its op_type in the default domain, "domain:op_type"
     in any other, which no ONNX op's name equals."""

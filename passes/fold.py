@@ -29,9 +29,8 @@ import onnx
 from onnx import numpy_helper
 
 from .base import Pass, PassResult
-from .domains import is_default, op_id
-from .graph import FOLDED, GraphIndex, attributes, is_weight, stored_casts
-from .normalise import constant_value
+from .domains import is_default, op_id, opset_ids, opset_versions
+from .graph import FOLDED, GraphIndex, attributes, constant_value, is_weight, stored_casts
 
 MAX_ELEMENTS = 4096  # larger values are data, not shape arithmetic
 NOT_FOLDED = {
@@ -107,7 +106,7 @@ def _folded(
     """The folded tensors' values, the positions of the nodes folded and the folded tensors
     computed from a weight (a float initializer of more than one element, not itself
     folded arithmetic); with `outputs`, nodes that write a graph output are left alone."""
-    opsets = {o.domain or "": o.version for o in model.opset_import}
+    opsets = opset_versions(model)
     # An initializer also listed as a graph input (IR >= 4) is the caller's to feed: its
     # value is known only at run time.
     listed = {i.name for i in model.graph.input}
@@ -266,8 +265,7 @@ def _one_node_model(node: onnx.NodeProto, opsets: dict[str, int]) -> onnx.ModelP
         [untyped(name, 0, None) for name in node.input if name],
         [untyped(name, 0, None) for name in node.output if name],
     )
-    imports = [onnx.helper.make_opsetid(domain, version) for domain, version in opsets.items()]
-    return onnx.helper.make_model(graph, opset_imports=imports)
+    return onnx.helper.make_model(graph, opset_imports=opset_ids(opsets))
 
 
 class FoldShapes(Pass):

@@ -15,7 +15,7 @@ import onnx
 import onnx.inliner
 
 from .channel_walk import handler_for
-from .domains import is_default, op_id
+from .domains import op_id, opset_versions
 from .errors import BadInputError
 from .graph import nested_nodes
 from .protos import without_weights
@@ -57,7 +57,7 @@ def functions_to_inline(model: onnx.ModelProto) -> set[tuple[str, str]]:
     """(domain, name) of each local function holding a layer, directly or through the
     functions it calls, that no registered handler follows."""
     functions = {(f.domain, f.name): f for f in model.functions}
-    opsets = {("" if is_default(o.domain) else o.domain): o.version for o in model.opset_import}
+    opsets = opset_versions(model)
     holds: dict[tuple[str, str], bool] = {}
 
     def holds_layer(key: tuple[str, str]) -> bool:

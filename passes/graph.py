@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
-from .domains import is_default, op_id
+from .domains import op_id, opset_versions
 from .errors import BadInputError
-from .normalise import constant_value
 
 FLOAT_TYPES = {
     onnx.TensorProto.FLOAT,
@@ -31,6 +30,26 @@ FLOAT_TYPES = {
 # The doc_string of every initializer fold.py computes: shape arithmetic (anchors, grids and
 # Reshape targets computed from the input size), which is never a parameter.
 FOLDED = "folded shape arithmetic (onnx-mbs): computed from the input size, not a parameter"
+
+
+# Constant attributes that hold a plain tensor value, and the dtype of list/scalar forms.
+_CONSTANT_DTYPES = {
+    "value": None,
+    "value_float": np.float32,
+    "value_floats": np.float32,
+    "value_int": np.int64,
+    "value_ints": np.int64,
+}
+
+
+def constant_value(node: onnx.NodeProto) -> np.ndarray | None:
+    """The value of a Constant node, or None for sparse and string constants."""
+    if not node.attribute or node.attribute[0].name not in _CONSTANT_DTYPES:
+        return None
+    attr = node.attribute[0]
+    if attr.name == "value":
+        return numpy_helper.to_array(attr.t)
+    return np.array(helper.get_attribute_value(attr), dtype=_CONSTANT_DTYPES[attr.name])
 
 
 def is_weight(tensor: onnx.TensorProto) -> bool:
@@ -175,10 +194,7 @@ def nested_nodes(*graphs: onnx.GraphProto | onnx.FunctionProto) -> Iterator[onnx
 
 def default_opset(model: onnx.ModelProto) -> int:
     """The model's opset of the default (ai.onnx) domain: op semantics depend on it."""
-    for entry in model.opset_import:
-        if is_default(entry.domain):
-            return entry.version
-    return 1
+    return opset_versions(model).get("", 1)
 
 
 _INT, _INTS = onnx.AttributeProto.INT, onnx.AttributeProto.INTS

@@ -37,7 +37,7 @@ import onnx
 
 from .channel_groups import ChannelGroup, Member
 from .channel_walk import ACTIVATION, FILTERS, constant_source
-from .domains import op_id
+from .domains import op_id, opset_ids, opset_versions
 from .errors import BadInputError
 from .graph import GraphIndex, attributes
 
@@ -54,7 +54,7 @@ class Importance:
         self.index = GraphIndex.of(model, index)  # the caller's GraphIndex.build(model), if any
         # conv weights the graph computes, by name (None: computed from a model input)
         self._computed: dict[str, np.ndarray | None] = {}
-        self._opsets = list(model.opset_import)
+        self._opsets = opset_versions(model)
 
     def weight(self, name: str) -> np.ndarray:
         """A constant of the model, in its own type (each producer reads its own once)."""
@@ -258,9 +258,7 @@ class ActivationImportance(Importance):
         return f"ActivationImportance({len(self.per_layer)} layers)"
 
 
-def computed_value(
-    index: GraphIndex, name: str, opsets: Sequence[onnx.OperatorSetIdProto]
-) -> np.ndarray | None:
+def computed_value(index: GraphIndex, name: str, opsets: Mapping[str, int]) -> np.ndarray | None:
     """The value of a tensor computed from constants alone (a conv's standardised weight),
     by onnx's reference evaluator over the nodes it is computed by; None where a model input
     is among what it is computed from (a weight scaled by an input has no value yet)."""
@@ -287,7 +285,7 @@ def computed_value(
         [onnx.helper.make_tensor_value_info(name, 0, None)],
         [t for n, t in index.initializers.items() if n in needed],
     )
-    model = onnx.helper.make_model(graph, opset_imports=opsets)
+    model = onnx.helper.make_model(graph, opset_imports=opset_ids(opsets))
     return np.asarray(ReferenceEvaluator(model).run(None, {})[0])
 
 

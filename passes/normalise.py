@@ -17,31 +17,12 @@ It computes the same function as its input.
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from .base import Pass, PassResult
 from .domains import op_id
-
-# Constant attributes that hold a plain tensor value, and the dtype of list/scalar forms.
-_CONSTANT_DTYPES = {
-    "value": None,
-    "value_float": np.float32,
-    "value_floats": np.float32,
-    "value_int": np.int64,
-    "value_ints": np.int64,
-}
-
-
-def constant_value(node: onnx.NodeProto) -> np.ndarray | None:
-    """The value of a Constant node, or None for sparse and string constants."""
-    if not node.attribute or node.attribute[0].name not in _CONSTANT_DTYPES:
-        return None
-    attr = node.attribute[0]
-    if attr.name == "value":
-        return numpy_helper.to_array(attr.t)
-    return np.array(helper.get_attribute_value(attr), dtype=_CONSTANT_DTYPES[attr.name])
+from .graph import constant_value, subgraphs
 
 
 def normalise(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -100,10 +81,9 @@ def _rename_inputs(node: onnx.NodeProto, alias: dict[str, str]) -> None:
     for k, name in enumerate(node.input):
         if name in alias:
             node.input[k] = alias[name]
-    for attr in node.attribute:
-        for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
-            for inner in sub.node:
-                _rename_inputs(inner, alias)
+    for graph in subgraphs(node):
+        for inner in graph.node:
+            _rename_inputs(inner, alias)
 
 
 def unique_names(graph: onnx.GraphProto) -> None:

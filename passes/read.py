@@ -37,6 +37,18 @@ QUANTIZED_OPS = {
 # Q/DQ under other names: NVIDIA ModelOpt's trt domain (TRT_FP8QuantizeLinear,
 # TRT_INT4DequantizeLinear, ...) exports FP8 and INT4 models so.
 QUANTIZING_SUFFIXES = ("QuantizeLinear", "DequantizeLinear")
+# onnxruntime's ops that hold their weights quantised (packed 4-bit MatMulNBits, ...) with no
+# Q/DQ node beside them (`op_id`s): their weights are no float initializer, so neither counted
+# nor cut, and their float scales would be counted as the layers' parameters.
+QUANTIZED_WEIGHT_OPS = frozenset(
+    f"com.microsoft:{op}"
+    for op in (
+        "MatMulNBits", "MatMulNBitsMlp", "MatMulNBitsQkv", "MatMulBnb4", "MatMulFpQ4",
+        "MatMulBlockQuantizedFp4Weight", "MatMulBlockQuantizedFp8Weight", "GatherBlockQuantized",
+        "DynamicQuantizeMatMul", "DynamicQuantizeLSTM", "MatMulIntegerToFloat", "QGemm",
+        "QAttention", "QMoE",
+    )
+)  # fmt: skip
 # The inputs of a layer that hold its weights (a MatMul's weight may be either input).
 WEIGHT_INPUTS = {
     "Conv": (1, 2), "ConvTranspose": (1, 2), FUSED_CONV: (1, 2),
@@ -105,6 +117,7 @@ def read_model(
         )
     quantized_ops = sorted(
         {op for op in op_types(model) if op in QUANTIZED_OPS or op.endswith(QUANTIZING_SUFFIXES)}
+        | {op for op in op_ids(model) if op in QUANTIZED_WEIGHT_OPS}
     )
     if quantized_ops and not quantized:
         raise QuantizedModelError(
@@ -194,6 +207,11 @@ def _negative_dims_dynamic(graph: onnx.GraphProto) -> None:
 def op_types(model: onnx.ModelProto) -> Iterator[str]:
     """The op type of every node of `model`: its graph's, its subgraphs' and its functions'."""
     return (node.op_type for node in nested_nodes(model.graph, *model.functions))
+
+
+def op_ids(model: onnx.ModelProto) -> Iterator[str]:
+    """`op_types`, each as `op_id` names it (with its domain, outside the default one)."""
+    return (op_id(node) for node in nested_nodes(model.graph, *model.functions))
 
 
 def integer_weight(graph: onnx.GraphProto) -> str | None:

@@ -1206,6 +1206,39 @@ def test_pool_with_auto_pad_and_dilations_is_refused() -> None:
         OnnxModule(make_model([pool], {"x": X}, ["y"]))
 
 
+@pytest.mark.parametrize("op", ["MaxPool", "AveragePool"])
+@pytest.mark.parametrize(("pads", "axis"), [([0, 0, 0, 0], 2), ([1, 0, 1, 0], 3)])
+def test_a_pool_window_wider_than_its_input_is_refused_naming_it(
+    op: str, pads: list, axis: int
+) -> None:
+    """A window spanning 6 pixels (2 dilated by 5, or 6) over 5 (H padded to 7, or not):
+    onnxruntime outputs an empty tensor, torch raised "Output size is too small", which
+    retrain reported as a graph fixing the batch size. Now the node and the cause, one line."""
+    dilations = [5, 5] if op == "MaxPool" else [1, 1]
+    kernel = [2, 2] if op == "MaxPool" else [6, 6]
+    pool = helper.make_node(op, ["x"], ["y"], name="p", kernel_shape=kernel, dilations=dilations,
+                            pads=pads)  # fmt: skip
+    model = make_model([pool], {"x": [2, 3, 5, 5]}, ["y"], opset=19)
+    assert run(model, {"x": rnd(2, 3, 5, 5)})[0].size == 0
+    with pytest.raises(
+        BadInputError, match=f"{op} node 'p': its window spans 6 pixels along axis {axis}"
+    ):
+        OnnxModule(model)(torch.from_numpy(rnd(2, 3, 5, 5)))
+
+
+def test_reduce_mean_of_integers_matches_onnxruntime() -> None:
+    """torch.mean refuses integer tensors ("could not infer output dtype"), which retrain
+    reported as a graph fixing the batch size; onnxruntime divides the integer sum by the
+    count, truncating toward zero (-7 / 3 is -2)."""
+    nodes = [
+        helper.make_node("Cast", ["x"], ["i"], to=TensorProto.INT64),
+        helper.make_node("ReduceMean", ["i"], ["m"], axes=[1, 3], keepdims=1),
+        helper.make_node("Cast", ["m"], ["y"], to=TensorProto.FLOAT),
+    ]
+    x = np.round(rnd(2, 3, 4, 5) * 7)
+    assert_matches_ort(make_model(nodes, {"x": list(x.shape)}, ["y"]), {"x": x})
+
+
 def test_split_into_more_parts_than_fit_is_refused() -> None:
     # 6 into 4: chunks of 2 give 3 parts (onnxruntime refuses too); it was a KeyError.
     outs = ["a", "b", "c", "d"]

@@ -15,7 +15,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from graphs import Builder
+from graphs import Builder, shape_arith_head, standardised_conv_net
 from onnx import helper
 
 import onnx_mbs
@@ -32,6 +32,7 @@ from onnx_mbs.passes import (
     shrink_channels,
 )
 from onnx_mbs.passes.channel_walk import FILTERS
+from onnx_mbs.passes.importance import FilterNorm, choose_channels
 
 BUNDLED = Path(__file__).resolve().parents[1] / "models" / "bundled" / "resnet20_fmnist.onnx"
 
@@ -549,3 +550,20 @@ def test_eval_runs_a_model_whose_onnxruntime_op_leaves_a_conv_unsized(tmp_path, 
     onnx.save(model, tmp_path / "custom.onnx")
     assert main(["eval", str(tmp_path / "custom.onnx"), "--data", data]) == 2
     assert "cannot size the output of my.ops:Gelu" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("build", [shape_arith_head, standardised_conv_net])
+def test_a_model_importing_ai_onnx_by_name_is_read_as_one_importing_the_default_domain(build):
+    """ "ai.onnx" is the default domain's other name. A model importing it so was folded by
+    nothing (the reference runtime knew no opset for its nodes: shape_arith_head's Reshape
+    target stayed computed, pinning conv2), and choosing the channels of a conv whose weight
+    the graph computes stopped with the reference runtime's RuntimeError."""
+    read = {}
+    for domain in ("", "ai.onnx"):
+        model = build()
+        model.opset_import[0].domain = domain
+        loaded = load_model(model)
+        free = [g for g in analyze_channels(loaded).groups if not g.pinned]
+        keep = choose_channels(free, {g.id: g.size // 2 for g in free}, FilterNorm(loaded))
+        read[domain] = [n.op_type for n in loaded.graph.node], keep
+    assert read["ai.onnx"] == read[""]

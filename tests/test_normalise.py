@@ -227,3 +227,43 @@ def test_normalise_lifts_constants_collapses_identity_and_names_nodes():
     assert len(set(names)) == len(names) and all(names)
     feeds = {"x": np.random.default_rng(0).normal(size=(1, 3, 8, 8)).astype(np.float32)}
     np.testing.assert_allclose(run(out, feeds)[0], run(reference, feeds)[0], rtol=1e-6)
+
+
+def test_an_identity_of_an_initializer_read_in_nested_subgraphs_is_collapsed_there_too():
+    """Readers of an Identity of an initializer inside an If inside an If read the initializer
+    itself once the Identity is gone; the model computes what it did."""
+    w = helper.make_tensor("w", TensorProto.FLOAT, [2], [3.0, 5.0])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
+
+    def branch(name: str, nodes: list) -> onnx.GraphProto:
+        return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(
+            nodes[-1].output[0], TensorProto.FLOAT, [2])])  # fmt: skip
+
+    inner = helper.make_node(
+        "If", ["c"], ["in_out"],
+        then_branch=branch("t2", [helper.make_node("Mul", ["x", "w_id"], ["t2"])]),
+        else_branch=branch("e2", [helper.make_node("Add", ["x", "w_id"], ["e2"])]),
+    )  # fmt: skip
+    outer = helper.make_node(
+        "If", ["c"], ["y"],
+        then_branch=branch("t1", [inner]),
+        else_branch=branch("e1", [helper.make_node("Sub", ["x", "w_id"], ["e1"])]),
+    )  # fmt: skip
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["w"], ["w_id"]), outer],
+        "nested",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2]),
+            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+        ],
+        [y],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    out = normalise(model)
+    assert [n.op_type for n in out.graph.node] == ["If"]
+    onnx.checker.check_model(out, full_check=True)
+    x = np.array([1.0, 2.0], np.float32)
+    for c in (True, False):
+        feeds = {"x": x, "c": np.array(c)}
+        np.testing.assert_array_equal(run(out, feeds)[0], run(model, feeds)[0])

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 from conftest import random_images, write_npz
-from graphs import dynamic_input_model
+from graphs import Builder, dynamic_input_model
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantFormat, quantize_static
 
@@ -272,3 +272,31 @@ def test_retrain_refuses_a_quantised_teacher_saying_to_give_the_float_one(
             teacher=onnx.load(str(quantised["QOperator"])),
             progress=False,
         )
+
+
+def test_a_matmul_nbits_model_is_refused_as_quantized_and_still_evaluated(tmp_path, capsys):
+    """MatMulNBits (onnxruntime's 4-bit weight-only quantisation) holds its weights as packed
+    uint8 bytes: `analyze` exited 0 counting its float scales as the layers' parameters (552
+    here, of the float model's 2112) and none of their MACs. It is a quantized graph: refused
+    by analyze and reduce, run by eval."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    b = Builder("mm")
+    h = b.op("Relu", [b.conv(b.input("x", [1, 3, 8, 8]), 3, 16)])
+    h = b.op("Flatten", [b.op("GlobalAveragePool", [h])])
+    h = b.op("Relu", [b.op("MatMul", [h, b.weight(16, 64)])])
+    quantizer = MatMulNBitsQuantizer(
+        b.model([b.op("MatMul", [h, b.weight(64, 10)])]), block_size=16
+    )
+    quantizer.process()
+    model = quantizer.model.model
+    assert {n.op_type for n in model.graph.node} >= {"MatMulNBits"}
+    path = tmp_path / "q4.onnx"
+    onnx.save(model, str(path))
+    for command in (["analyze", str(path)], ["reduce", str(path), "-o", str(tmp_path / "r.onnx")]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert "quantized graph (com.microsoft:MatMulNBits)" in err, err
+    assert not (tmp_path / "r.onnx").exists()
+    data = write_npz(tmp_path / "d.npz", **random_images(8, (3, 8, 8)))
+    assert _eval(capsys, str(path), "--data", data)["samples"] == 8

@@ -511,6 +511,31 @@ def _crop(y: Any, sizes: list[int]) -> Any:
     return y[(slice(None), slice(None), *(slice(0, o) for o in sizes))]
 
 
+def _fitting(n: Node, pool: OpFn) -> OpFn:
+    """`pool`, refusing in one line an input narrower than the node's dilated window (pads
+    included): onnxruntime outputs an empty tensor there (or refuses), torch raises "Output
+    size is too small", which retrain took for a graph fixing the batch size. SAME pads
+    always leave a window."""
+
+    def run(x):
+        try:
+            return pool(x)
+        except RuntimeError:
+            kernel, _, dilations, begin, end = _pool_geometry(n)
+            sizes = zip(x.shape[2:], kernel, dilations, begin, end, strict=True)
+            for axis, (size, k, d, b, e) in enumerate(sizes, 2):
+                if (k - 1) * d + 1 > size + b + e:
+                    raise BadInputError(
+                        f"{n.op_type} node '{n.name}': its window spans {(k - 1) * d + 1} "
+                        f"pixels along axis {axis}, more than its input's {size + b + e} (pads "
+                        "included): onnxruntime outputs an empty tensor there, PyTorch cannot; "
+                        "give the model larger inputs"
+                    ) from None
+            raise
+
+    return run
+
+
 def max_pool(n: Node) -> OpFn:
     if len(n.outputs) > 1 and n.outputs[1]:
         raise BadInputError(f"MaxPool node '{n.name}' asks for indices, which is not supported")
@@ -525,14 +550,14 @@ def max_pool(n: Node) -> OpFn:
         and begin == end
         and all(p <= k // 2 for p, k in zip(begin, kernel, strict=True))
     ):
-        return lambda x: fn(x, kernel, strides, begin, dilations, ceil)
+        return _fitting(n, lambda x: fn(x, kernel, strides, begin, dilations, ceil))
 
     def padded(x):
         b, e, sizes = _hand_padding(x, kernel, strides, dilations, begin, end, auto_pad, ceil)
         y = fn(F.pad(x, _torch_pads(b, e), value=-math.inf), kernel, strides, 0, dilations, ceil)
         return _crop(y, sizes)
 
-    return padded
+    return _fitting(n, padded)
 
 
 def average_pool(n: Node) -> OpFn:
@@ -546,7 +571,7 @@ def average_pool(n: Node) -> OpFn:
     same_mode = auto_pad in ("SAME_UPPER", "SAME_LOWER")
     symmetric = begin == end and all(p <= k // 2 for p, k in zip(begin, kernel, strict=True))
     if not same_mode and symmetric:
-        return lambda x: fn(x, kernel, strides, begin, ceil, include)
+        return _fitting(n, lambda x: fn(x, kernel, strides, begin, ceil, include))
 
     def padded(x):
         b, e, sizes = _hand_padding(x, kernel, strides, dilations, begin, end, auto_pad, ceil)
@@ -558,7 +583,7 @@ def average_pool(n: Node) -> OpFn:
         ones = torch.ones((1, 1, *x.shape[2:]), dtype=x.dtype, device=x.device)
         return total / _crop(fn(F.pad(ones, torch_pads), kernel, strides, 0, ceil, True), sizes)
 
-    return padded
+    return _fitting(n, padded)
 
 
 def global_average_pool(n: Node) -> OpFn:
@@ -567,6 +592,15 @@ def global_average_pool(n: Node) -> OpFn:
 
 def global_max_pool(n: Node) -> OpFn:
     return lambda x: x.amax(tuple(range(2, x.dim())), keepdim=True)
+
+
+def _mean(x: torch.Tensor, axes: tuple[int, ...], keepdim: bool) -> torch.Tensor:
+    """torch.mean, which refuses integer tensors; of those onnxruntime's mean: the sum divided
+    by the count, truncated toward zero."""
+    if x.is_floating_point() or x.is_complex():
+        return torch.mean(x, axes, keepdim=keepdim)
+    count = math.prod(x.shape[a] for a in axes)
+    return torch.div(x.sum(axes, keepdim=keepdim), count, rounding_mode="trunc")
 
 
 def _reduce(fn: Callable, axes_input_from: int) -> Callable[[Node], OpFn]:
@@ -1311,7 +1345,7 @@ OPS: dict[str, Callable[[Node], OpFn]] = {
     "AveragePool": average_pool,
     "GlobalAveragePool": global_average_pool,
     "GlobalMaxPool": global_max_pool,
-    "ReduceMean": _reduce(torch.mean, 18),
+    "ReduceMean": _reduce(_mean, 18),
     "ReduceSum": _reduce(torch.sum, 13),
     "ReduceMax": _reduce(torch.amax, 18),
     "ArgMax": _arg_extreme(largest=True),

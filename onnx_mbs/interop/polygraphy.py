@@ -7,13 +7,19 @@
              path="small.onnx")()
 
 Like Polygraphy's own loaders it is lazy: nothing runs until it is called, and
-`model` may be a ModelProto or a loader that returns one.
+`model` may be a ModelProto or a loader that returns one. Polygraphy's loaders that edit
+through a graphsurgeon Graph (FoldConstants, SetUpperBound) drop the model's metadata_props,
+where the mean/std `eval` and `retrain` read is recorded: given a model without any, it reads
+those of the model its loader chain started from (`OnnxFromPath`'s file, or a ModelProto).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import onnx
+
+from onnx_mbs.data.fit import metadata
 from onnx_mbs.data.replay import replayable
 from onnx_mbs.options import ReduceOptions
 
@@ -22,6 +28,7 @@ from . import missing
 try:
     from polygraphy import util
     from polygraphy.backend.base import BaseLoader
+    from polygraphy.backend.onnx import OnnxFromPath
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise missing("polygraphy", e) from None
 
@@ -43,9 +50,27 @@ class ReduceOnnx(BaseLoader):
         Returns:
             onnx.ModelProto: the reduced model
         """
-        from onnx_mbs.pipeline import reduce
+        from onnx_mbs.pipeline import reduce, with_metadata
 
         self.report = None  # none of an earlier call's, should this one raise
         model, _ = util.invoke_if_callable(self._model)
-        reduced, self.report = reduce(model, self.data, self.options)
+        dropped = isinstance(model, onnx.ModelProto) and not model.metadata_props
+        if dropped and self._model is not model:
+            with_metadata(model, source_metadata(self._model))
+        try:
+            reduced, self.report = reduce(model, self.data, self.options)
+        finally:  # the model given is left as it was (a loader may hand it out again)
+            if dropped:
+                del model.metadata_props[:]
         return reduced
+
+
+def source_metadata(loader: Any) -> dict[str, str]:
+    """The metadata_props of the model a Polygraphy loader chain starts from: an OnnxFromPath's
+    file (read without its external data) or a ModelProto; none where the chain starts from
+    anything else. Each Polygraphy loader that transforms a model holds it as `_model`."""
+    while isinstance(loader, BaseLoader):
+        if isinstance(loader, OnnxFromPath):
+            return metadata(onnx.load(loader.path, load_external_data=False))
+        loader = getattr(loader, "_model", None)
+    return metadata(loader) if isinstance(loader, onnx.ModelProto) else {}
