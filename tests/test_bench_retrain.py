@@ -43,9 +43,9 @@ def test_nowarmup_and_mbs_rows_reach_retrain_and_reduce(calls, tmp_path):
         "kept, labels + teacher, no warm-up",
         "kept, labels + teacher, --strategy mbs",
     }
-    assert [c["warmup"] for c in calls[:2]] == [0, 0]  # nowarmup: retrain --warmup 0
-    assert all("warmup" not in c for c in calls[2:])  # mbs: the default warm-up
-    assert [c["seed"] for c in calls] == [0, 1, 0, 1]
+    # seed by seed over the rows: nowarmup, mbs, nowarmup, mbs
+    assert [c["seed"] for c in calls] == [0, 0, 1, 1]
+    assert [c.get("warmup") for c in calls] == [0, None, 0, None]  # nowarmup: --warmup 0
     assert all(c["labels"] and c["teacher"] is not None for c in calls)
     forms = record["forms"]
     assert forms["kept"]["strategy"] == "mbs-branch"  # auto at a params budget
