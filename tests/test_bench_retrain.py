@@ -88,3 +88,26 @@ def test_resume_keeps_the_seeds_a_partial_file_has(calls, tmp_path):
     bench.main([*args, "--resume"])
     assert [c["seed"] for c in calls] == [1]
     assert json.loads(out.read_text())["runs"][label]["runs"][0] == 0.5
+
+
+@pytest.mark.parametrize("strategy", ["auto", "mbs"])
+def test_width_map_parameter_leaves_the_params_budget_model_alone(strategy):
+    """docs/results.md: c decides only plans without a budget. At params=0.5 `mbs` solves c and
+    `auto` runs mbs-branch, whose worth map is its own, so the retraining rows' reduced models
+    are the same at linear:0.44 as at the default."""
+    model = bench.onnx.load(bench.BUNDLED_MODEL)
+
+    def counts(width_map: str | None) -> dict[int, int]:
+        _, report = bench.reduce(
+            model,
+            str(bench.FMNIST_SAMPLE),
+            budget="params=0.5",
+            strategy=strategy,
+            width_map=width_map,
+            evaluate_accuracy=False,
+            providers="cpu",
+            progress=False,
+        )
+        return report.plan.counts
+
+    assert counts(None) == counts("linear:0.44")
