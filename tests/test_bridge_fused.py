@@ -204,6 +204,7 @@ def test_a_model_saved_at_extended_retrains_and_is_written_back(tmp_path, reinse
         model, (x, y), epochs=1, batch_size=16, lr=0.05, progress=False, reinsert_bn=reinsert_bn
     )
     written = result.model
+    assert result.bn_reinserted == (3 if reinsert_bn is None else 0)  # 2 FusedConv, 1 Conv
     onnx.checker.check_model(written, full_check=True)
     assert [(n.domain, n.op_type, n.name, list(n.input), list(n.output))
             for n in written.graph.node] == [
@@ -220,3 +221,51 @@ def test_a_model_saved_at_extended_retrains_and_is_written_back(tmp_path, reinse
         with torch.no_grad():
             got = OnnxModule(written).eval()(torch.from_numpy(x[:batch])).numpy()
         np.testing.assert_allclose(got, out, rtol=1e-4, atol=1e-4)
+
+
+def test_a_fused_conv_is_a_folded_conv_for_bn_reinsertion(tmp_path):
+    """A biased FusedConv is a Conv with its BatchNorm folded as much as a Conv is: the
+    extended form of a BN network (2 FusedConv, 1 Conv) got a BN re-inserted after its one
+    Conv only, and a graph of FusedConvs alone was not seen as BN-folded at all. The BN goes
+    between the conv and its Z and activation; without a reference the training copy
+    computes what onnxruntime computes."""
+    from onnx_mbs.bridge.bn import foldable_convs, is_bn_folded, reinsert_bn
+
+    assert is_bn_folded(_fused_conv("Relu", None, GEOMETRIES[0], False))  # FusedConvs alone
+    model = onnx.load(_extended(tmp_path))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 3, 12, 12)).astype(np.float32)
+    assert len(foldable_convs(model)) == 3
+    train, inserted = reinsert_bn(model, [torch.from_numpy(x)])
+    assert sorted(bn.conv for bn in inserted) == ["/c1/Conv", "/c2/Conv", "/c3/Conv"]
+    (expected,) = _onnxruntime(model, {"x": x})
+    with torch.no_grad():
+        got = OnnxModule(train).eval()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("activation,params", CONV_ACTIVATIONS, ids=lambda v: str(v))
+def test_a_bn_goes_between_a_fused_conv_and_its_z_and_activation(activation, params):
+    """Each activation onnxruntime fuses, a Z added: the re-inserted BN (statistics of the
+    conv's own output) leaves the training copy computing what onnxruntime computes."""
+    from onnx_mbs.bridge.bn import foldable_convs, is_bn_folded, reinsert_bn
+
+    rng = np.random.default_rng(0)
+    with_z = _fused_conv(activation, params, GEOMETRIES[2], True)
+    assert is_bn_folded(with_z) and len(foldable_convs(with_z)) == 1
+    x = rng.normal(size=(8, 4, 9, 10)).astype(np.float32)
+    train, inserted = reinsert_bn(with_z, [torch.from_numpy(x + 1)])
+    assert [bn.conv for bn in inserted] == ["fused"]
+    ops = [n.op_type for n in train.graph.node]
+    assert ops == [
+        "Conv",
+        "Conv",
+        "BatchNormalization",
+        "Add",
+        *([activation] if activation else []),
+    ]
+    assert train.graph.node[2].input[0] == train.graph.node[1].output[0]  # the conv's own output
+    (expected,) = _onnxruntime(with_z, {"x": x})
+    with torch.no_grad():
+        got = OnnxModule(train).eval()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)

@@ -1234,14 +1234,15 @@ def range_(n: Node) -> OpFn:
 # onnxruntime's fused ops (com.microsoft): what its extended optimisations write
 
 # FusedConv's activations (onnxruntime's GetFusedActivationAttr, contrib_ops/cpu/
-# fused_activation.cc): their `activation_params`, which onnxruntime requires in that number.
-_FUSED_CONV_PARAMS = {
-    "Relu": 0,
-    "Tanh": 0,
-    "Sigmoid": 0,
-    "LeakyRelu": 1,
-    "Clip": 2,
-    "HardSigmoid": 2,
+# fused_activation.cc): what its `activation_params` are, in order (the ONNX op's attributes
+# of those names), which onnxruntime requires in that number.
+FUSED_CONV_ACTIVATIONS = {
+    "Relu": (),
+    "Tanh": (),
+    "Sigmoid": (),
+    "LeakyRelu": ("alpha",),
+    "Clip": ("min", "max"),
+    "HardSigmoid": ("alpha", "beta"),
 }
 
 
@@ -1269,12 +1270,13 @@ def fused_conv(n: Node) -> OpFn:
         act: Callable[[Any], Any] = lambda y: y  # noqa: E731
     else:
         params = list(n.attr("activation_params", []))
-        if kind in _FUSED_CONV_PARAMS and len(params) != _FUSED_CONV_PARAMS[kind]:
+        wanted = len(FUSED_CONV_ACTIVATIONS.get(kind, params))
+        if len(params) != wanted:
             raise BadInputError(
                 f"FusedConv node '{n.name}' has {len(params)} activation_params for {kind}, "
-                f"which takes {_FUSED_CONV_PARAMS[kind]} (onnxruntime refuses it too)"
+                f"which takes {wanted} (onnxruntime refuses it too)"
             )
-        act = _activation(n, kind, params, _FUSED_CONV_PARAMS)
+        act = _activation(n, kind, params, FUSED_CONV_ACTIVATIONS)
     run = conv(n)
 
     def forward(x, w, b=None, z=None):
@@ -1285,14 +1287,9 @@ def fused_conv(n: Node) -> OpFn:
 
 
 # FusedGemm's activations: onnxruntime's elementwise functors (ElementWiseRangedTransform),
-# their parameters read from `activation_alpha` and `activation_beta`, which it requires.
-_FUSED_GEMM_PARAMS = {
-    "Relu": (),
-    "Tanh": (),
-    "Sigmoid": (),
-    "LeakyRelu": ("alpha",),
-    "HardSigmoid": ("alpha", "beta"),
-}
+# which have no Clip; their parameters, the same, read from `activation_alpha` and
+# `activation_beta`, which it requires.
+_FUSED_GEMM_PARAMS = {k: v for k, v in FUSED_CONV_ACTIVATIONS.items() if k != "Clip"}
 
 
 def fused_gemm(n: Node) -> OpFn:
