@@ -32,10 +32,11 @@ def is_onnxruntime_op(node: onnx.NodeProto) -> bool:
     return node.domain == "com.microsoft" or node.domain.startswith("com.microsoft.")
 
 
+# How to give onnx-mbs a model without the ops onnxruntime's optimisations above basic write.
+SAVE_AT_BASIC = "save the model at ORT_ENABLE_BASIC (or give the original)"
 # How to give onnx-mbs a model its onnxruntime ops would keep whole.
 ONNXRUNTIME_ADVICE = (
-    "onnxruntime's optimisations above basic write them: save the model at ORT_ENABLE_BASIC "
-    "(or give the original) and reduce that"
+    f"onnxruntime's optimisations above basic write them: {SAVE_AT_BASIC} and reduce that"
 )
 
 

@@ -21,7 +21,7 @@ from .custom_ops import (
     restore_unknown_ops,
     uninferable_outputs,
 )
-from .domains import COUNTED_CONVS, op_id
+from .domains import COUNTED_CONVS, SAVE_AT_BASIC, op_id
 from .errors import BadInputError, input_shape_option
 from .graph import default_opset, static_shape
 from .protos import without_weights
@@ -416,7 +416,7 @@ def _unsized_because(model: onnx.ModelProto, node: onnx.NodeProto, known: set[st
     if node.output[0] not in uninferable_outputs(model):
         return f"fix the input shapes with {input_shape_option()}"
     fused = (
-        " (onnxruntime's extended optimisations make com.microsoft ops: save the model at basic)"
+        f" (onnxruntime's optimisations above basic write com.microsoft ops: {SAVE_AT_BASIC})"
         if node.domain == "com.microsoft"
         else ""
     )

@@ -8,6 +8,7 @@ is the small helper they share, reused by the fuzz test.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -595,3 +596,22 @@ def overridable_conv_net(seed: int = 0, stored: bool = False) -> onnx.ModelProto
     for t in listed:
         graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, t.dims))
     return model
+
+
+def saved_at_extended(net, example, directory) -> Path:
+    """torch module `net` exported (input x, output y, dynamic batch), then saved by
+    onnxruntime at ORT_ENABLE_EXTENDED (its com.microsoft FusedConv, FusedGemm) as
+    `directory`/ext.onnx."""
+    import onnxruntime as ort
+    import torch
+
+    raw, path = Path(directory) / "raw.onnx", Path(directory) / "ext.onnx"
+    torch.onnx.export(
+        net.eval(), example, raw, input_names=["x"], output_names=["y"],
+        dynamic_axes={"x": {0: "N"}, "y": {0: "N"}}, dynamo=False,
+    )  # fmt: skip
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(path)
+    ort.InferenceSession(str(raw), options, providers=["CPUExecutionProvider"])
+    return path

@@ -1360,7 +1360,7 @@ def test_unsupported_ops_listed() -> None:
 
 
 def test_contrib_ops_are_refused_saying_to_retrain_the_float_model() -> None:
-    """A model onnxruntime quantised or optimised (MatMulNBits, FusedConv: com.microsoft ops)
+    """A model onnxruntime quantised or optimised (MatMulNBits, Gelu: com.microsoft ops)
     was refused naming the ops alone, with no way on: the float model they came from trains."""
     model = make_model(
         [helper.make_node("Gelu", ["x"], ["y"], domain="com.microsoft")], {"x": X}, ["y"]

@@ -15,7 +15,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from graphs import Builder, shape_arith_head, standardised_conv_net
+from graphs import Builder, saved_at_extended, shape_arith_head, standardised_conv_net
 from onnx import helper
 
 import onnx_mbs
@@ -327,18 +327,9 @@ class _Residual(torch.nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def _extended_residual(path: Path) -> Path:
+def _extended_residual(directory: Path) -> Path:
     torch.manual_seed(0)
-    raw = path.with_suffix(".raw.onnx")
-    torch.onnx.export(
-        _Residual().eval(), torch.randn(1, 3, 16, 16), raw, input_names=["x"],
-        output_names=["y"], dynamic_axes={"x": {0: "N"}, "y": {0: "N"}}, dynamo=False,
-    )  # fmt: skip
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    options.optimized_model_filepath = str(path)
-    ort.InferenceSession(str(raw), options, providers=["CPUExecutionProvider"])
-    return path
+    return saved_at_extended(_Residual(), torch.randn(1, 3, 16, 16), directory)
 
 
 def _outputs(model, x: np.ndarray) -> np.ndarray:
@@ -354,7 +345,7 @@ def test_a_fused_conv_is_followed_and_its_dead_channels_cut_exactly(tmp_path):
     channels are followed as its Conv's. Keeping all computes the same; cutting the
     channels its fused ReLU leaves dead computes the same, in a written model that passes
     the full checker and runs at any batch with the original names."""
-    path = _extended_residual(tmp_path / "ext.onnx")
+    path = _extended_residual(tmp_path)
     ops = Counter(op_id(n) for n in onnx.load(path).graph.node)
     assert (ops["com.microsoft:FusedConv"], ops["Conv"]) == (4, 1)  # b2: an Add follows it
     x = np.random.default_rng(0).normal(size=(3, 3, 16, 16)).astype(np.float32)
@@ -454,16 +445,8 @@ def test_a_fused_gemm_is_counted_and_its_dead_units_cut_exactly(tmp_path):
     count without a word (13.82K MACs of the model's 30.53K). It is sized and counted as
     the Gemm it fuses, and cut as one: its dead units removed, the model computes the same."""
     torch.manual_seed(0)
+    path = saved_at_extended(_MlpHead(), torch.randn(1, 3, 8, 8), tmp_path)
     raw = tmp_path / "raw.onnx"
-    torch.onnx.export(
-        _MlpHead().eval(), torch.randn(1, 3, 8, 8), raw, input_names=["x"], output_names=["y"],
-        dynamic_axes={"x": {0: "N"}, "y": {0: "N"}}, dynamo=False,
-    )  # fmt: skip
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    options.optimized_model_filepath = str(tmp_path / "ext.onnx")
-    ort.InferenceSession(str(raw), options, providers=["CPUExecutionProvider"])
-    path = tmp_path / "ext.onnx"
     assert "com.microsoft:FusedGemm" in {op_id(n) for n in onnx.load(path).graph.node}
     before = analyze_model(load_model(str(path)))
     assert before.total_macs == analyze_model(load_model(str(raw))).total_macs

@@ -33,11 +33,15 @@ import torch
 from onnx import helper, numpy_helper
 
 from onnx_mbs.bridge.module import OnnxModule, is_alias, with_outputs
-from onnx_mbs.bridge.ops import BN_MOMENTUM
+from onnx_mbs.bridge.ops import BN_MOMENTUM, FUSED_CONV_ACTIVATIONS
 from onnx_mbs.bridge.precision import write_values
-from onnx_mbs.passes.domains import op_id
+from onnx_mbs.passes.domains import FUSED_CONV, op_id
+from onnx_mbs.passes.graph import default_opset
 
 EPS = 1e-5
+# The convs a BN may have been folded into: onnxruntime's FusedConv is a Conv with its
+# activation (and a residual Add) fused after it, its B holding the BN as a Conv's does.
+CONVS = ("Conv", FUSED_CONV)
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,7 @@ def is_bn_folded(model: onnx.ModelProto) -> bool:
     export has one after nearly every Conv; a folded one only where folding was impossible)."""
     graph = model.graph
     normalised = {n.input[0] for n in graph.node if op_id(n) == "BatchNormalization"}
-    convs = [n for n in graph.node if op_id(n) == "Conv"]
+    convs = [n for n in graph.node if op_id(n) in CONVS]
     return bool(convs) and 2 * sum(c.output[0] in normalised for c in convs) < len(convs)
 
 
@@ -88,8 +92,10 @@ def stored_initializers(model: onnx.ModelProto) -> Callable[[str], str | None]:
 
 
 def foldable_convs(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """Convs a BN can be re-inserted after: biased, own (unshared) weights, output not already
-    normalised and not a graph output. Weights may be cast from another float type first."""
+    """Convs of `defused(model)` (FusedConvs as the Convs they fuse) a BN can be re-inserted
+    after: biased, own (unshared) weights, output not already normalised and not a graph
+    output. Weights may be cast from another float type first."""
+    model = defused(model)
     graph = model.graph
     outputs = {o.name for o in graph.output}
     readers: dict[str, list[onnx.NodeProto]] = {}
@@ -175,6 +181,49 @@ def channel_map(
     return channel_maps(model, reference, [conv])[conv.output[0]]
 
 
+def defused(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` whose FusedConvs are the ops they fuse: a Conv of the same name and
+    attributes (output `<output>__conv`), the Add of Z, the activation making the FusedConv's
+    output; so a BN can go where it was folded, between the conv and the rest. Weights keep
+    their names, so the trained values are written into `model`'s FusedConvs. An activation
+    the bridge does not run fused is left fused (and refused when the module is built)."""
+    if not any(op_id(n) == FUSED_CONV for n in model.graph.node):
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph, old_clip = out.graph, default_opset(model) < 11
+    nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        kind = attrs.pop("activation", b"").decode() if op_id(node) == FUSED_CONV else None
+        params = list(attrs.pop("activation_params", []))
+        wanted = FUSED_CONV_ACTIVATIONS.get(kind) if kind else ()
+        if kind is None or wanted is None or len(params) != len(wanted):
+            nodes.append(node)  # not a FusedConv, or one the module refuses
+            continue
+        y, steps = node.output[0], []
+        if len(node.input) > 3 and node.input[3]:
+            steps.append(("Add", [node.input[3]], {}))
+        if kind == "Clip" and not old_clip:
+            bounds = [f"{y}__clip_{end}" for end in ("min", "max")]
+            for name, value in zip(bounds, params, strict=True):
+                graph.initializer.append(numpy_helper.from_array(np.float32(value), name))
+            steps.append(("Clip", bounds, {}))
+        elif kind:
+            steps.append((kind, [], dict(zip(wanted, params, strict=True))))
+        x = f"{y}__conv" if steps else y
+        nodes.append(helper.make_node("Conv", node.input[:3], [x], name=node.name, **attrs))
+        for i, (op, more, extra) in enumerate(steps):
+            into = y if i == len(steps) - 1 else f"{y}__{op.lower()}"
+            nodes.append(
+                helper.make_node(op, [x, *more], [into], name=f"{node.name}__{op}", **extra)
+            )
+            x = into
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return out
+
+
 def reinsert_bn(
     model: onnx.ModelProto,
     batches: Iterable[torch.Tensor],
@@ -184,9 +233,12 @@ def reinsert_bn(
     on `batches`. Without `reference` it computes the same function (in eval mode). With one
     (the unreduced graph, e.g. the teacher) each BN's affine is that Conv's output statistics in
     `reference` where its channels can be matched, as a BN-kept graph's trained affine is."""
+    given = model
+    model = defused(model)
+    reference = defused(reference) if reference is not None else None
     convs = foldable_convs(model)
     if not convs:
-        return model, []
+        return given, []
     wanted = [c.output[0] for c in convs]
     batches = list(batches)
     stats = conv_output_stats(model, wanted, batches)

@@ -37,7 +37,7 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from onnx_mbs.bridge.ops import NO_FOLD, OPS, TRAINING_OPS, Node
-from onnx_mbs.passes.domains import op_id
+from onnx_mbs.passes.domains import FUSED_CONV, FUSED_GEMM, op_id
 from onnx_mbs.passes.errors import BadInputError
 from onnx_mbs.passes.graph import default_opset, fresh_name, topological_order
 
@@ -53,6 +53,8 @@ WEIGHT_INPUTS = {
     "InstanceNormalization": {1, 2},
     "LSTM": {1, 2, 3, 7},
     "GRU": {1, 2, 3},
+    FUSED_CONV: {1, 2},
+    FUSED_GEMM: {0, 1, 2},
 }
 STAT_INPUTS = {"BatchNormalization": {3, 4}}
 # Weights left in their Constant nodes: GroupNorm as torch exports it normalises with an

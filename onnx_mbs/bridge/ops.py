@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from onnx import helper, numpy_helper
 
+from onnx_mbs.passes.domains import SAVE_AT_BASIC
 from onnx_mbs.passes.errors import BadInputError
 
 OpFn = Callable[..., Any]
@@ -1300,6 +1301,88 @@ def range_(n: Node) -> OpFn:
 
 
 # ---------------------------------------------------------------------------
+# onnxruntime's fused ops (com.microsoft): what its extended optimisations write
+
+# FusedConv's activations (onnxruntime's GetFusedActivationAttr, contrib_ops/cpu/
+# fused_activation.cc): what its `activation_params` are, in order (the ONNX op's attributes
+# of those names), which onnxruntime requires in that number.
+FUSED_CONV_ACTIVATIONS = {
+    "Relu": (),
+    "Tanh": (),
+    "Sigmoid": (),
+    "LeakyRelu": ("alpha",),
+    "Clip": ("min", "max"),
+    "HardSigmoid": ("alpha", "beta"),
+}
+
+
+def _activation(n: Node, kind: str, params: list[float], kinds: Any) -> Callable[[Any], Any]:
+    """The elementwise activation `kind` (one of `kinds`, those onnxruntime runs fused into
+    `n`'s op) with its parameters, as onnxruntime's kernels apply it."""
+    if kind not in kinds:
+        raise BadInputError(
+            f"{n.op_type} node '{n.name}' has activation {kind!r}, which the PyTorch bridge does "
+            f"not run fused (it runs {', '.join(kinds)}): {SAVE_AT_BASIC}"
+        )
+    if kind == "LeakyRelu":
+        return lambda y: F.leaky_relu(y, params[0])
+    if kind == "Clip":
+        return lambda y: torch.clamp(y, params[0], params[1])
+    if kind == "HardSigmoid":
+        return lambda y: torch.clamp(params[0] * y + params[1], 0.0, 1.0)
+    return {"Relu": F.relu, "Tanh": torch.tanh, "Sigmoid": torch.sigmoid}[kind]
+
+
+def fused_conv(n: Node) -> OpFn:
+    """activation(Conv(X, W, B) + Z): Conv's attributes, Z (input 3) added before the activation."""
+    kind = n.attr("activation", "")
+    if not kind:
+        act: Callable[[Any], Any] = lambda y: y  # noqa: E731
+    else:
+        params = list(n.attr("activation_params", []))
+        wanted = len(FUSED_CONV_ACTIVATIONS.get(kind, params))
+        if len(params) != wanted:
+            raise BadInputError(
+                f"FusedConv node '{n.name}' has {len(params)} activation_params for {kind}, "
+                f"which takes {wanted} (onnxruntime refuses it too)"
+            )
+        act = _activation(n, kind, params, FUSED_CONV_ACTIVATIONS)
+    run = conv(n)
+
+    def forward(x, w, b=None, z=None):
+        y = run(x, w, b)
+        return act(y if z is None else y + z)
+
+    return forward
+
+
+# FusedGemm's activations: onnxruntime's elementwise functors (ElementWiseRangedTransform),
+# which have no Clip; their parameters, the same, read from `activation_alpha` and
+# `activation_beta`, which it requires.
+_FUSED_GEMM_PARAMS = {k: v for k, v in FUSED_CONV_ACTIVATIONS.items() if k != "Clip"}
+
+
+def fused_gemm(n: Node) -> OpFn:
+    """activation(Gemm(A, B, C)): Gemm's attributes."""
+    kind = n.attr("activation", "")
+    params = [n.attr(f"activation_{p}") for p in _FUSED_GEMM_PARAMS.get(kind, ())]
+    if not kind:
+        raise BadInputError(
+            f"FusedGemm node '{n.name}' has no activation (onnxruntime refuses it "
+            "too): make it a Gemm"
+        )
+    if None in params:
+        wanted = " and ".join(f"activation_{p}" for p in _FUSED_GEMM_PARAMS[kind])
+        raise BadInputError(
+            f"FusedGemm node '{n.name}' has {kind} without its {wanted} "
+            "(onnxruntime refuses it too)"
+        )
+    act = _activation(n, kind, params, _FUSED_GEMM_PARAMS)
+    run = gemm(n)
+    return lambda a, b, c=None: act(run(a, b, c))
+
+
+# ---------------------------------------------------------------------------
 # The table
 
 OPS: dict[str, Callable[[Node], OpFn]] = {
@@ -1377,6 +1460,8 @@ OPS: dict[str, Callable[[Node], OpFn]] = {
     "LSTM": lstm,
     "GRU": gru,
     "Range": range_,
+    "com.microsoft:FusedConv": fused_conv,
+    "com.microsoft:FusedGemm": fused_gemm,
 }
 
 # Ops whose runtime function takes the module's training flag first.
