@@ -56,7 +56,10 @@ class Case:
             [onnx.ValueInfoProto(name=n) for n in self.outputs],
             initializer=[numpy_helper.from_array(v, k) for k, v in self.inits.items()],
         )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
+        opsets = [helper.make_opsetid("", self.opset)]
+        if any(n.domain == "com.microsoft" for n in self.nodes):
+            opsets.append(helper.make_opsetid("com.microsoft", 1))
+        model = helper.make_model(graph, opset_imports=opsets)
         model.ir_version = 7 if self.opset < 15 else 8
         return model
 
@@ -1157,6 +1160,50 @@ def gen_arg_extreme(rng: np.random.Generator) -> Case:
     return Case([node(op, ["x"], **attrs)], {"x": x}, ["y"], opset=opset)
 
 
+# onnxruntime's fused activations and their parameters (contrib_ops/cpu/fused_activation.cc).
+_FUSED_ACTIVATIONS = {
+    "Relu": lambda r: [],
+    "Tanh": lambda r: [],
+    "Sigmoid": lambda r: [],
+    "LeakyRelu": lambda r: [float(pick(r, [0.01, 0.2, -0.5]))],
+    "Clip": lambda r: sorted(float(v) for v in r.uniform(-1, 1, 2)),
+    "HardSigmoid": lambda r: [float(r.uniform(0.05, 1)), float(r.uniform(-1, 1))],
+}
+
+
+def gen_fused(rng: np.random.Generator) -> Case:
+    """onnxruntime's com.microsoft FusedConv (a Conv, Z added, then its activation) and
+    FusedGemm (a Gemm then its activation), as its extended optimisations write them."""
+    kind = pick(rng, list(_FUSED_ACTIVATIONS))
+    params = _FUSED_ACTIVATIONS[kind](rng)
+    if chance(rng):
+        kind = kind if kind != "Clip" else "Relu"  # FusedGemm runs no Clip
+        params = _FUSED_ACTIVATIONS[kind](rng)
+        case = gen_gemm(rng)
+        plain = case.nodes[0]
+        names = dict(zip(["activation_alpha", "activation_beta"], params, strict=False))
+        fused = node("FusedGemm", list(plain.input), activation=kind, **names)
+    else:
+        case = gen_conv(rng)
+        plain = case.nodes[0]
+        inputs = list(plain.input)
+        if chance(rng):
+            made = ort_run(case.model(), case.feeds)
+            if made is None:
+                return case
+            if len(inputs) == 2:
+                inputs.append("")
+            case.feeds["z"] = normal(rng, *made[0].shape)
+            inputs.append("z")
+        activation = dict(activation=kind, activation_params=params or None)
+        fused = node("FusedConv", inputs, **(activation if chance(rng, 0.9) else {}))
+    fused.domain = "com.microsoft"
+    fused.attribute.extend(plain.attribute)
+    case.nodes = [fused]
+    case.rtol = 1e-4
+    return case
+
+
 def gen_unsupported(rng: np.random.Generator) -> Case:
     """Ops the bridge does not implement: refused with one line, never computed."""
     x = normal(rng, 2, 4, 3, 3)
@@ -1213,6 +1260,7 @@ GENERATORS: dict[str, Callable[[np.random.Generator], Case]] = {
     "layout": gen_layout,
     "space_depth": gen_space_depth,
     "arg_extreme": gen_arg_extreme,
+    "fused": gen_fused,
     "constant_like": gen_constant_like,
     "dropout": gen_dropout,
     "recurrent": gen_recurrent,
@@ -1366,7 +1414,10 @@ def test_generators_cover_every_op_of_the_bridge() -> None:
     drawn: set[str] = set()
     for family in GENERATORS:
         for seed in range(200):
-            drawn.update(n.op_type for n in draw(family, seed).nodes)
+            drawn.update(
+                f"{n.domain}:{n.op_type}" if n.domain else n.op_type
+                for n in draw(family, seed).nodes
+            )
     assert set(OPS) - drawn == set()
 
 
