@@ -18,6 +18,7 @@ from onnx_mbs.bridge.bn import (
     channel_map,
     conv_output_stats,
     fold_back,
+    is_bn_folded,
     recalibrate,
     reinsert_bn,
 )
@@ -345,3 +346,43 @@ def test_recalibration_refusal_promises_a_reinsertion_only_where_retrain_makes_o
         train_mod.check_recalibration(model)
     assert "re-inserted" not in str(refused.value)
     assert "no BatchNormalization" in str(refused.value)
+
+
+def test_a_retrain_that_trains_nothing_writes_the_folded_model_back(
+    bundled_model_path, fmnist_sample, fmnist_train_sample, tmp_path
+) -> None:
+    """Metamorphic: at a vanishing lr no weight moves, so folding the re-inserted BNs back must
+    give the folded model again. Their statistics start as the whole calibration set's and are
+    re-measured after training; re-measured as the plain average of per-batch statistics the
+    variance lost the variance of the batch means (batches of 16: logits moved by 1.9 of ~16,
+    top-1 changed). Pooled over the same batches they are the same statistics again: what is
+    left is float32 rounding (conv outputs in torch vs. the statistics in float64, stored as
+    float32), ~1e-6 relative per layer over 21 of them, so 1e-3 of logits of size ~16."""
+    from onnx_mbs.models.deployment_form import fold_batchnorm
+
+    path = tmp_path / "folded.onnx"
+    fold_batchnorm(bundled_model_path, path)
+    folded = onnx.load(str(path))
+    assert is_bn_folded(folded)
+    meta = {p.key: p.value for p in folded.metadata_props}
+    mean, std = float(meta["onnx_mbs.mean"]), float(meta["onnx_mbs.std"])
+
+    def normalised(x: np.ndarray) -> np.ndarray:
+        return ((x.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
+
+    x_train, y_train = fmnist_train_sample
+    result = retrain(
+        folded,
+        (normalised(x_train[:256]), y_train[:256]),
+        epochs=1,
+        lr=1e-30,
+        batch_size=16,
+        progress=False,
+    )
+    assert result.bn_reinserted == 21  # 19 convs, 2 projection shortcuts
+    name = folded.graph.input[0].name
+    x_test = normalised(fmnist_sample[0][:256])
+    (before,) = ort_run(folded, {name: x_test})
+    (after,) = ort_run(result.model, {name: x_test})
+    np.testing.assert_allclose(after, before, rtol=0, atol=1e-3)
+    assert (after.argmax(1) == before.argmax(1)).all()
