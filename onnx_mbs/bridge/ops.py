@@ -248,11 +248,11 @@ class PooledStatistics:
 
     def add(self, mean: torch.Tensor, var: torch.Tensor, x: torch.Tensor, dims: list[int]) -> None:
         """Pool the batch `x`, reduced over `dims`, into the statistics of buffers mean/var."""
-        x = x.detach().double()
+        # The batch's own statistics as torch's BatchNorm computes them (no float64 copy of a
+        # large activation); pooling across batches is in float64.
+        batch_var, batch_mean = torch.var_mean(x.detach().float(), dims, correction=0)
         count = x.numel() // max(mean.numel(), 1)
-        batch_mean = x.mean(dims)
-        shape = [1 if d in dims else -1 for d in range(x.dim())]
-        squares = ((x - batch_mean.reshape(shape)) ** 2).sum(dims)
+        batch_mean, squares = batch_mean.double(), batch_var.double() * count
         entry = self.seen.get(id(mean))
         if entry is None:
             self.seen[id(mean)] = [mean, var, count, batch_mean, squares]
