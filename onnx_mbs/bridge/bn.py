@@ -275,11 +275,12 @@ def recalibrate(module: OnnxModule, batches: Iterable[torch.Tensor]) -> int:
 
     After channels are removed, the statistics a BN kept describe the wider model; measured again
     they match what the layers now compute, which recovers much of the accuracy before training.
-    Pooled, not averaged: the average of batch variances misses the variance of the batch means,
-    so a folded graph retrained at a vanishing lr was written back changed (batch 16: top-1 of
-    the folded ResNet-20 moved). The variance is the population one (divided by the count, as
-    `conv_output_stats` and the re-inserted BNs' first statistics are), not torch's unbiased
-    running_var, which differs by 1 / (samples x positions): nothing after a convolution.
+    Pooled, not averaged: the average of batch variances misses the variance of the batch means.
+    The variance is the population one (divided by the count, as `conv_output_stats` and the
+    re-inserted BNs' first statistics are), not torch's unbiased running_var, which differs by
+    1 / (samples x positions): nothing after a convolution. Measured in train mode, each BN's
+    input was normalised upstream with batch statistics, not the running ones eval uses: at
+    small batches that still differs (docs/retrain.md).
     """
     was_training = module.training
     module.train()
