@@ -18,6 +18,7 @@ from onnx_mbs.bridge.bn import (
     channel_map,
     conv_output_stats,
     fold_back,
+    is_bn_folded,
     recalibrate,
     reinsert_bn,
 )
@@ -224,33 +225,48 @@ def test_bn_kept_graph_gets_no_reinserted_bn(x16) -> None:
     assert _structure(result.model) == _structure(kept)
 
 
-def test_recalibrate_is_the_average_of_batch_statistics(x16) -> None:
+def test_recalibrate_pools_the_statistics_of_all_batches(x16) -> None:
+    """Each BN's running statistics become the mean and (population) variance of its inputs
+    over all batches together, batches weighted by their size; the batch of one is left out.
+    Not the average of the batch variances: that misses the variance of the batch means."""
     torch.manual_seed(0)
     net = randomized(SmallNet())
     model = export(net, torch.from_numpy(x16[:4]), keep_bn=True)
     module = OnnxModule(model).eval()
-    batches = [torch.from_numpy(x16[i : i + 8]) for i in range(0, 32, 8)]
+    sizes = [8, 3, 12, 1, 8]
+    ends = np.cumsum(sizes)
+    batches = [torch.from_numpy(x16[e - n : e]) for n, e in zip(sizes, ends, strict=True)]
     assert recalibrate(module, batches) == 4
     assert not module.training
-    # torch's own cumulative average (momentum=None) over the same batches is the reference.
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None
+    # torch's net in train mode gives each BN's inputs batch by batch (each normalised with its
+    # batch's statistics before the next BN, as recalibration runs); numpy pools them.
+    refs = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    seen: dict[int, list[np.ndarray]] = {k: [] for k in range(len(refs))}
+    hooks = [
+        ref.register_forward_pre_hook(lambda _, args, k=k: seen[k].append(args[0].numpy()))
+        for k, ref in enumerate(refs)
+    ]
     net.train()
     with torch.no_grad():
         for xb in batches:
-            net(xb)
+            if len(xb) > 1:
+                net(xb)
+    for hook in hooks:
+        hook.remove()
     bns = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
-    refs = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert len(bns) == len(refs) == 3
-    for node, ref in zip(bns, refs, strict=True):
+    for k, node in enumerate(bns):
+        inputs = np.concatenate(seen[k]).astype(np.float64)
+        assert len(inputs) == 31
         np.testing.assert_allclose(
-            module.initializer(node.input[3]).numpy(), ref.running_mean.numpy(), atol=1e-5
+            module.initializer(node.input[3]).numpy(), inputs.mean((0, 2, 3)), atol=1e-5
         )
         np.testing.assert_allclose(
-            module.initializer(node.input[4]).numpy(), ref.running_var.numpy(), rtol=1e-4
+            module.initializer(node.input[4]).numpy(), inputs.var((0, 2, 3)), rtol=1e-4
         )
+        # The average of the batches' own variances is clearly less here.
+        average = np.mean([b.astype(np.float64).var((0, 2, 3), ddof=1) for b in seen[k]], 0)
+        assert (average < inputs.var((0, 2, 3))).any()
 
 
 def test_a_uint8_input_model_is_recalibrated_on_what_onnxruntime_is_fed(tmp_path) -> None:
@@ -270,11 +286,9 @@ def test_a_uint8_input_model_is_recalibrated_on_what_onnxruntime_is_fed(tmp_path
     x = np.clip(quadrant_data(32, seed=1)[0] * 60 + 60, 0, 255).astype(np.uint8)
     bns = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
     probe = with_outputs(model, [n.input[0] for n in bns])
-    means, variances = [], []
-    for i in range(0, len(x), 8):  # the batch statistics onnxruntime's inputs give
-        features = ort_run(probe, {"input": x[i : i + 8]}, [n.input[0] for n in bns])
-        means.append([f.astype(np.float64).mean((0, 2, 3)) for f in features])
-        variances.append([f.astype(np.float64).var((0, 2, 3), ddof=1) for f in features])
+    features: list[list[np.ndarray]] = []
+    for i in range(0, len(x), 8):  # the BN inputs onnxruntime computes, batch by batch
+        features.append(ort_run(probe, {"input": x[i : i + 8]}, [n.input[0] for n in bns]))
     ready = ArraySource(x, None, None, None, "input", "model-ready uint8")  # fed as it is
     for data in ((x, None), ready):
         written, count = train_mod.recalibrate_model(model, data, batch_size=8)
@@ -283,12 +297,11 @@ def test_a_uint8_input_model_is_recalibrated_on_what_onnxruntime_is_fed(tmp_path
         for k, node in enumerate(
             n for n in written.graph.node if n.op_type == "BatchNormalization"
         ):
+            pooled = np.concatenate([f[k] for f in features]).astype(np.float64)
             np.testing.assert_allclose(
-                stats[node.input[3]], np.mean([m[k] for m in means], 0), rtol=1e-5, atol=1e-4
+                stats[node.input[3]], pooled.mean((0, 2, 3)), rtol=1e-5, atol=1e-4
             )
-            np.testing.assert_allclose(
-                stats[node.input[4]], np.mean([v[k] for v in variances], 0), rtol=1e-4
-            )
+            np.testing.assert_allclose(stats[node.input[4]], pooled.var((0, 2, 3)), rtol=1e-4)
         assert ort_run(written, {"input": x})[0].shape == (32, 4)
     images = open_data(write_npz(tmp_path / "x.npz", x=x), "input", [1, 1, 8, 8])  # to floats
     for floats in ((x / 255.0).astype(np.float32), None), images:
@@ -345,3 +358,49 @@ def test_recalibration_refusal_promises_a_reinsertion_only_where_retrain_makes_o
         train_mod.check_recalibration(model)
     assert "re-inserted" not in str(refused.value)
     assert "no BatchNormalization" in str(refused.value)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="recalibration measures in train mode: each BN's input is normalised upstream with "
+    "its batch's statistics, not the running ones the written model uses (logits still move "
+    "by 1.86 at batch 16); pooling fixed only the variance of the batch means (1.90 before)",
+)
+def test_a_retrain_that_trains_nothing_writes_the_folded_model_back(
+    bundled_model_path, fmnist_sample, fmnist_train_sample, tmp_path
+) -> None:
+    """Metamorphic: at a vanishing lr no weight moves, so folding the re-inserted BNs back must
+    give the folded model again. Their statistics start as the whole calibration set's and are
+    re-measured after training; re-measured as the plain average of per-batch statistics the
+    variance lost the variance of the batch means (batches of 16: logits moved by 1.9 of ~16,
+    top-1 changed). Pooled over the same batches they are the same statistics again: what is
+    left is float32 rounding (conv outputs in torch vs. the statistics in float64, stored as
+    float32), ~1e-6 relative per layer over 21 of them, so 1e-3 of logits of size ~16."""
+    from onnx_mbs.models.deployment_form import fold_batchnorm
+
+    path = tmp_path / "folded.onnx"
+    fold_batchnorm(bundled_model_path, path)
+    folded = onnx.load(str(path))
+    assert is_bn_folded(folded)
+    meta = {p.key: p.value for p in folded.metadata_props}
+    mean, std = float(meta["onnx_mbs.mean"]), float(meta["onnx_mbs.std"])
+
+    def normalised(x: np.ndarray) -> np.ndarray:
+        return ((x.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
+
+    x_train, y_train = fmnist_train_sample
+    result = retrain(
+        folded,
+        (normalised(x_train[:256]), y_train[:256]),
+        epochs=1,
+        lr=1e-30,
+        batch_size=16,
+        progress=False,
+    )
+    assert result.bn_reinserted == 21  # 19 convs, 2 projection shortcuts
+    name = folded.graph.input[0].name
+    x_test = normalised(fmnist_sample[0][:256])
+    (before,) = ort_run(folded, {name: x_test})
+    (after,) = ort_run(result.model, {name: x_test})
+    np.testing.assert_allclose(after, before, rtol=0, atol=1e-3)
+    assert (after.argmax(1) == before.argmax(1)).all()

@@ -33,7 +33,7 @@ import torch
 from onnx import helper, numpy_helper
 
 from onnx_mbs.bridge.module import OnnxModule, is_alias, with_outputs
-from onnx_mbs.bridge.ops import BN_MOMENTUM, FUSED_CONV_ACTIVATIONS
+from onnx_mbs.bridge.ops import BN_POOL, FUSED_CONV_ACTIVATIONS, PooledStatistics
 from onnx_mbs.bridge.precision import write_values
 from onnx_mbs.passes.domains import FUSED_CONV, op_id
 from onnx_mbs.passes.graph import default_opset
@@ -321,25 +321,32 @@ def fold_back(
 @torch.no_grad()
 def recalibrate(module: OnnxModule, batches: Iterable[torch.Tensor]) -> int:
     """Re-estimate every BatchNorm's running statistics on `batches` (train-mode forwards, no
-    gradient step): the plain average of the batch statistics, batches of one sample left out.
-    Returns the number of batches used.
+    gradient step): the mean and variance of its input over all of them together, pooled from
+    the batch statistics (`ops.PooledStatistics`), batches of one sample left out. Returns the
+    number of batches used.
 
     After channels are removed, the statistics a BN kept describe the wider model; measured again
     they match what the layers now compute, which recovers much of the accuracy before training.
+    Pooled, not averaged: the average of batch variances misses the variance of the batch means.
+    The variance is the population one (divided by the count, as `conv_output_stats` and the
+    re-inserted BNs' first statistics are), not torch's unbiased running_var, which differs by
+    1 / (samples x positions): nothing after a convolution. Measured in train mode, each BN's
+    input was normalised upstream with batch statistics, not the running ones eval uses: at
+    small batches that still differs (docs/retrain.md).
     """
     was_training = module.training
     module.train()
     count = 0
+    pool = PooledStatistics()
+    token = BN_POOL.set(pool)
     try:
         for xb in batches:
             if len(xb) < 2:  # one value per channel where a BN normalises (batch, C)
                 continue
             count += 1
-            token = BN_MOMENTUM.set(1.0 / count)
-            try:
-                module(xb)
-            finally:
-                BN_MOMENTUM.reset(token)
+            module(xb)
     finally:
+        BN_POOL.reset(token)
         module.train(was_training)
+    pool.write()
     return count

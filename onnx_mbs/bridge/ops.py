@@ -231,10 +231,51 @@ def conv_transpose(n: Node) -> OpFn:
     return lambda x, w, b=None: F.pad(fn(x, w, b, strides, 0, out_pad, groups, dilations), crop)
 
 
-# While set (by `bn.recalibrate`), every BatchNormalization updates its running statistics with
-# this weight instead of its own momentum: 1/k at the k-th batch gives the plain average.
-BN_MOMENTUM: contextvars.ContextVar[float | None] = contextvars.ContextVar(
-    "BN_MOMENTUM", default=None
+class PooledStatistics:
+    """Every BatchNormalization's input statistics over all the batches it sees, pooled (law of
+    total variance: the variance of all values, i.e. the batch variances and the variance of
+    the batch means, weighted by the values each batch has), in float64.
+
+    While one is set in `BN_POOL` (by `bn.recalibrate`), train-mode BatchNorms normalise with
+    their batch's statistics as usual but record them here instead of moving their running
+    statistics; `write` then sets those to the pooled mean and (population) variance. The
+    plain average of batch variances, kept before, misses the variance of the batch means.
+    """
+
+    def __init__(self) -> None:
+        # id(running mean) -> [running mean, running var, count, mean, sum of squared deviations]
+        self.seen: dict[int, list] = {}
+
+    def add(self, mean: torch.Tensor, var: torch.Tensor, x: torch.Tensor, dims: list[int]) -> None:
+        """Pool the batch `x`, reduced over `dims`, into the statistics of buffers mean/var."""
+        # The batch's own statistics as torch's BatchNorm computes them (no float64 copy of a
+        # large activation); pooling across batches is in float64.
+        batch_var, batch_mean = torch.var_mean(x.detach().float(), dims, correction=0)
+        count = x.numel() // max(mean.numel(), 1)
+        batch_mean, squares = batch_mean.double(), batch_var.double() * count
+        entry = self.seen.get(id(mean))
+        if entry is None:
+            self.seen[id(mean)] = [mean, var, count, batch_mean, squares]
+            return
+        n, m, m2 = entry[2:]  # Chan et al.'s pairwise update
+        total = n + count
+        delta = batch_mean - m
+        entry[2:] = [
+            total,
+            m + delta * (count / total),
+            m2 + squares + delta**2 * (n * count / total),
+        ]
+
+    def write(self) -> None:
+        """Set every recorded BatchNorm's running statistics to the pooled ones."""
+        with torch.no_grad():
+            for mean, var, count, m, m2 in self.seen.values():
+                mean.copy_(m.reshape(mean.shape))
+                var.copy_((m2 / count).reshape(var.shape))
+
+
+BN_POOL: contextvars.ContextVar[PooledStatistics | None] = contextvars.ContextVar(
+    "BN_POOL", default=None
 )
 
 
@@ -274,20 +315,25 @@ def batch_norm(n: Node) -> OpFn:
                 f"BatchNormalization '{n.name}': a running statistic is tied to a trained "
                 "weight (through Identity); untie it first with untie_initializers(model)"
             )
-        momentum = BN_MOMENTUM.get()
-        momentum = own_momentum if momentum is None else momentum
+        pool = BN_POOL.get() if training else None
         per_channel = len(x) if per_activation else x.numel() // max(x.shape[1], 1)
         if training and per_channel == 1:
             raise BadInputError(
                 f"BatchNormalization '{n.name}' sees one value per channel in a batch of 1 "
                 f"({list(x.shape)}): batch statistics need 2; use a batch size of at least 2"
             )
+        # Pooling: running statistics are left as they are until `PooledStatistics.write`.
+        stats = (None, None) if pool is not None else (mean, var)
         if per_activation:
-            flat = [t.reshape(-1) for t in (mean, var, scale, bias)]
-            y = F.batch_norm(x.flatten(1), *flat[:2], *flat[2:], training, momentum, eps)
+            if pool is not None:
+                pool.add(mean, var, x.flatten(1), [0])
+            flat = [t.reshape(-1) if t is not None else None for t in (*stats, scale, bias)]
+            y = F.batch_norm(x.flatten(1), *flat[:2], *flat[2:], training, own_momentum, eps)
             y = y.reshape(x.shape)
         else:
-            y = F.batch_norm(x, mean, var, scale, bias, training, momentum, eps)
+            if pool is not None:
+                pool.add(mean, var, x, [0, *range(2, x.dim())])
+            y = F.batch_norm(x, *stats, scale, bias, training, own_momentum, eps)
         return (y, mean, var) if extra_outputs else y
 
     return run
