@@ -103,17 +103,37 @@ def softmax_input(
     return None
 
 
+# Ops a label map passes through and stays one (class ids, each where it was or dropped):
+# reshapes, a Cast (to float too), slices, a max pool, and a nearest Resize (`_keeps_labels`).
+# A linear Resize or an average pool makes values between ids.
+_LABEL_KEEPS = _RESHAPES | {"Cast", "Slice", "Split", "Dropout", "MaxPool"}
+
+
+def _keeps_labels(node: onnx.NodeProto) -> bool:
+    if op_id(node) in ("Resize", "Upsample"):
+        mode = attributes(node).get("mode", b"nearest")
+        return (mode.decode() if isinstance(mode, bytes) else mode) == "nearest"
+    return op_id(node) in _LABEL_KEEPS
+
+
+def label_source(producers: Producers, name: str) -> onnx.NodeProto | None:
+    """The ArgMax whose label map tensor `name` is (through ops that keep class ids:
+    `_LABEL_KEEPS`, a nearest Resize), or None. One rule for what `retrain` trains on the
+    ArgMax's scores (`argmax_inputs`) and what `eval --teacher` gives a label IoU
+    (`dense_maps`)."""
+    node = producers.get(name)
+    while node is not None and node.input and _keeps_labels(node):
+        node = producers.get(node.input[0])
+    return node if node is not None and op_id(node) == "ArgMax" and node.input else None
+
+
 def argmax_inputs(model: onnx.ModelProto) -> dict[str, tuple[str, int]]:
-    """{output: (the scores its ArgMax reads, the ArgMax's axis as given)} for the outputs an
-    ArgMax makes (through Identity, Flatten, Reshape, Squeeze, Unsqueeze or Cast): a
-    segmentation net's label map. Integer labels carry no gradient, so training compares the
-    scores the ArgMax decides on, along its axis."""
+    """{output: (the scores its ArgMax reads, the ArgMax's axis as given)} for the outputs
+    that are an ArgMax's label map (`label_source`): a segmentation net's. Integer labels
+    carry no gradient, so training compares the scores the ArgMax decides on, along its axis."""
     producers, found = producers_of(model), {}
     for output in model.graph.output:
-        node = producers.get(output.name)
-        while node is not None and op_id(node) in _RESHAPES | {"Cast"} and node.input:
-            node = producers.get(node.input[0])
-        if node is not None and op_id(node) == "ArgMax" and node.input:
+        if (node := label_source(producers, output.name)) is not None:
             found[output.name] = (node.input[0], int(attributes(node).get("axis", 0)))
     return found
 
