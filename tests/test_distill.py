@@ -533,3 +533,28 @@ def test_a_pooled_label_map_is_one_only_where_the_pool_keeps_class_ids(pool, kin
     )  # fmt: skip
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
     assert map_kind(model, "y", np.zeros((1, 1, 7, 7), np.float32)) == kind
+
+
+class _FloatMask(torch.nn.Module):
+    """conv, then its (batch, 4, H, W) foreground mask as float: `(x > 0).float()`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.conv(x) > 0).float()
+
+
+def test_a_float_output_computed_from_a_comparison_is_refused_in_one_line() -> None:
+    """A float output computed from booleans carries no gradient, as an integer one does,
+    but its type passed the check: backward crashed ('element 0 of tensors does not require
+    grad'). Refused in one line naming it."""
+    from onnx_mbs.models.export import export_onnx
+
+    torch.manual_seed(0)
+    model = export_onnx(_FloatMask(), (1, 3, 16, 16), dynamic_batch=True, output_names=("mask",))
+    x = np.random.default_rng(0).random((8, 3, 16, 16)).astype(np.float32)
+    said = "no loss can train the model: no gradient comes through output.s. 'mask'"
+    with pytest.raises(BadInputError, match=said):
+        retrain(model, (x, None), teacher=model, epochs=1, batch_size=4, progress=False)
