@@ -589,3 +589,15 @@ def test_a_model_importing_ai_onnx_by_name_is_read_as_one_importing_the_default_
         keep = choose_channels(free, {g.id: g.size // 2 for g in free}, FilterNorm(loaded))
         read[domain] = [n.op_type for n in loaded.graph.node], keep
     assert read["ai.onnx"] == read[""]
+
+
+@pytest.mark.parametrize("domain", ["com.microsoft", "com.microsoft.nchwc"])
+def test_an_onnxruntime_op_leaving_a_conv_unsized_is_refused_with_the_one_advice(domain):
+    """The refusal of a conv left unsized by an op without an ONNX schema said what to do
+    (save at basic) for com.microsoft ops only, in words of its own; an NCHWc op (what
+    ORT_ENABLE_ALL writes) got none. Every onnxruntime op gets the one advice."""
+    b = Builder("ort_op")
+    x = b.op("Gelu", [b.input("x", [1, 3, 8, 8])], domain=domain)
+    model = _with_output(b.model([b.op("Relu", [b.conv(x, 3, 8)])], ["y"]), [1, 8, 8, 8])
+    with pytest.raises(onnx_mbs.passes.BadInputError, match=f"{domain}:Gelu.*ORT_ENABLE_BASIC"):
+        load_model(model)
