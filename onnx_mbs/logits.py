@@ -130,12 +130,38 @@ def label_source(producers: Producers, name: str) -> onnx.NodeProto | None:
 def argmax_inputs(model: onnx.ModelProto) -> dict[str, tuple[str, int]]:
     """{output: (the scores its ArgMax reads, the ArgMax's axis as given)} for the outputs
     that are an ArgMax's label map (`label_source`): a segmentation net's. Integer labels
-    carry no gradient, so training compares the scores the ArgMax decides on, along its axis."""
-    producers, found = producers_of(model), {}
-    for output in model.graph.output:
+    carry no gradient, so training compares the scores the ArgMax decides on, along its axis:
+    a Softmax's input where the ArgMax reads its probabilities along its axis (KL on values
+    in [0, 1], softmax(p / T) nearly uniform, is some 50 times weaker), as `softmax_inputs`."""
+    producers, found, opset = producers_of(model), {}, default_opset(model)
+    graph = model.graph
+    ranks = {
+        v.name: len(v.type.tensor_type.shape.dim)
+        for v in (*graph.input, *graph.value_info, *graph.output)
+        if v.type.tensor_type.HasField("shape")
+    }
+    for output in graph.output:
         if (node := label_source(producers, output.name)) is not None:
-            found[output.name] = (node.input[0], int(attributes(node).get("axis", 0)))
+            axis = int(attributes(node).get("axis", 0))
+            scores = node.input[0]
+            softmax = producers.get(scores)
+            if softmax is not None and _softmax_along(softmax, axis, ranks.get(scores), opset):
+                scores = softmax.input[0]
+            found[output.name] = (scores, axis)
     return found
+
+
+def _softmax_along(node: onnx.NodeProto, axis: int, rank: int | None, opset: int) -> bool:
+    """Whether `node` is a Softmax normalising each position along `axis` alone (its output
+    of `rank`, if known): from opset 13 along its axis; before, over every axis from its own
+    on at once, which is one axis only where that is the last."""
+    if op_id(node) != "Softmax" or not node.input:
+        return False
+    own = attributes(node).get("axis", 1 if opset < 13 else -1)
+    if opset >= 13 and own == axis:
+        return True
+    same = rank is not None and own % rank == axis % rank
+    return same and (opset >= 13 or own % rank == rank - 1)
 
 
 def softmax_inputs(model: onnx.ModelProto) -> dict[str, str]:
