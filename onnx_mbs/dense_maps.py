@@ -2,8 +2,9 @@
 from the values: one rule for `eval --teacher`.
 
 - **label map**: an output of rank 3 or more an ArgMax makes ((batch, H, W), or (batch, 1, H,
-  W) with keepdims; through reshapes, slices, a nearest Resize or a Cast, to float too): the
-  mean over the classes either map holds of each class's IoU.
+  W) with keepdims; through reshapes, slices, a max pool, a nearest Resize or a Cast, to float
+  too: `logits.label_source`, by which `retrain` trains such an output on the ArgMax's scores):
+  the mean over the classes either map holds of each class's IoU.
 - **mask**: a boolean output of rank 3 or more whose last two dims are above 1: the IoU of its
   True pixels.
 - **probability map**: a float (batch, C, H, W[, ...]) output a Sigmoid or HardSigmoid makes,
@@ -28,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from onnx_mbs.logits import Producers, producers_of
+from onnx_mbs.logits import Producers, label_source, producers_of
 from onnx_mbs.passes.domains import op_id
 from onnx_mbs.passes.graph import attributes, default_opset
 
@@ -66,13 +67,16 @@ def map_kind(model: onnx.ModelProto | None, name: str, sample: np.ndarray) -> st
 
 
 def _made_by(producers: Producers, opset: int, name: str, rank: int) -> str | None:
-    """LABELS, PROBABILITIES or CLASSES where the ops making `name` end in an ArgMax, a
-    Sigmoid or a class-axis Softmax, through ops that keep its values and channels; else None."""
+    """LABELS where `name` is an ArgMax's label map (`logits.label_source`, the rule retrain
+    trains by); PROBABILITIES or CLASSES where the ops making it end in a Sigmoid or a
+    class-axis Softmax, through ops that keep its values and channels; else None."""
+    if label_source(producers, name) is not None:
+        return LABELS
     node = producers.get(name)
     while node is not None:
         op = op_id(node)
         if op == "ArgMax":
-            return LABELS
+            return None  # labels averaged or interpolated (`label_source` stopped short)
         if op in ("Sigmoid", "HardSigmoid"):
             return PROBABILITIES
         if op in ("Softmax", "LogSoftmax"):
@@ -85,8 +89,6 @@ def _made_by(producers: Producers, opset: int, name: str, rank: int) -> str | No
         mode = mode.decode() if isinstance(mode, bytes) else mode
         if op not in _KEEPS and mode not in ("nearest", "linear"):
             return None
-        if mode == "linear" and _made_by(producers, opset, node.input[0], rank) == LABELS:
-            return None  # labels interpolated are not labels
         if not node.input:
             return None
         node = producers.get(node.input[0])

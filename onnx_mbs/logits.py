@@ -103,19 +103,65 @@ def softmax_input(
     return None
 
 
+# Ops a label map passes through and stays one (class ids, each where it was or dropped):
+# reshapes, a Cast (to float too), slices, a max pool, and a nearest Resize (`_keeps_labels`).
+# A linear Resize or an average pool makes values between ids.
+_LABEL_KEEPS = _RESHAPES | {"Cast", "Slice", "Split", "Dropout", "MaxPool"}
+
+
+def _keeps_labels(node: onnx.NodeProto) -> bool:
+    if op_id(node) in ("Resize", "Upsample"):
+        mode = attributes(node).get("mode", b"nearest")
+        return (mode.decode() if isinstance(mode, bytes) else mode) == "nearest"
+    return op_id(node) in _LABEL_KEEPS
+
+
+def label_source(producers: Producers, name: str) -> onnx.NodeProto | None:
+    """The ArgMax whose label map tensor `name` is (through ops that keep class ids:
+    `_LABEL_KEEPS`, a nearest Resize), or None. One rule for what `retrain` trains on the
+    ArgMax's scores (`argmax_inputs`) and what `eval --teacher` gives a label IoU
+    (`dense_maps`)."""
+    node = producers.get(name)
+    while node is not None and node.input and _keeps_labels(node):
+        node = producers.get(node.input[0])
+    return node if node is not None and op_id(node) == "ArgMax" and node.input else None
+
+
 def argmax_inputs(model: onnx.ModelProto) -> dict[str, tuple[str, int]]:
-    """{output: (the scores its ArgMax reads, the ArgMax's axis as given)} for the outputs an
-    ArgMax makes (through Identity, Flatten, Reshape, Squeeze, Unsqueeze or Cast): a
-    segmentation net's label map. Integer labels carry no gradient, so training compares the
-    scores the ArgMax decides on, along its axis."""
-    producers, found = producers_of(model), {}
-    for output in model.graph.output:
-        node = producers.get(output.name)
-        while node is not None and op_id(node) in _RESHAPES | {"Cast"} and node.input:
-            node = producers.get(node.input[0])
-        if node is not None and op_id(node) == "ArgMax" and node.input:
-            found[output.name] = (node.input[0], int(attributes(node).get("axis", 0)))
+    """{output: (the scores its ArgMax reads, the ArgMax's axis as given)} for the outputs
+    that are an ArgMax's label map (`label_source`): a segmentation net's. Integer labels
+    carry no gradient, so training compares the scores the ArgMax decides on, along its axis:
+    a Softmax's input where the ArgMax reads its probabilities along its axis (KL on values
+    in [0, 1], softmax(p / T) nearly uniform, is some 50 times weaker), as `softmax_inputs`."""
+    producers, found, opset = producers_of(model), {}, default_opset(model)
+    graph = model.graph
+    ranks = {
+        v.name: len(v.type.tensor_type.shape.dim)
+        for v in (*graph.input, *graph.value_info, *graph.output)
+        if v.type.tensor_type.HasField("shape")
+    }
+    for output in graph.output:
+        if (node := label_source(producers, output.name)) is not None:
+            axis = int(attributes(node).get("axis", 0))
+            scores = node.input[0]
+            softmax = producers.get(scores)
+            if softmax is not None and _softmax_along(softmax, axis, ranks.get(scores), opset):
+                scores = softmax.input[0]
+            found[output.name] = (scores, axis)
     return found
+
+
+def _softmax_along(node: onnx.NodeProto, axis: int, rank: int | None, opset: int) -> bool:
+    """Whether `node` is a Softmax normalising each position along `axis` alone (its output
+    of `rank`, if known): from opset 13 along its axis; before, over every axis from its own
+    on at once, which is one axis only where that is the last."""
+    if op_id(node) != "Softmax" or not node.input:
+        return False
+    own = attributes(node).get("axis", 1 if opset < 13 else -1)
+    if opset >= 13 and own == axis:
+        return True
+    same = rank is not None and own % rank == axis % rank
+    return same and (opset >= 13 or own % rank == rank - 1)
 
 
 def softmax_inputs(model: onnx.ModelProto) -> dict[str, str]:

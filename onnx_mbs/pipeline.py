@@ -349,11 +349,20 @@ def analyse(
 
 def nothing_free(model: onnx.ModelProto, groups: Sequence[ChannelGroup]) -> None:
     """Refuse a model every channel group of which is pinned where onnxruntime's own ops
-    (NCHWc's Conv and its reorders: kept whole) are in it: reduced, it would be written again
-    unchanged, when the same model saved at basic can be reduced."""
+    (NCHWc's Conv and its reorders: kept whole) pin some of them: reduced, it would be written
+    again unchanged, when the same model saved at basic can be reduced. onnxruntime ops that
+    pin nothing (a FusedConv, followed as its Conv) are not blamed for pins of other causes."""
     if any(g.macroblocks and not g.pinned for g in groups):
         return
-    ops = sorted({op_id(n) for n in model.graph.node if is_onnxruntime_op(n)})
+    reasons = {r for g in groups for r in g.pin_reasons}
+    ops = sorted(
+        {
+            op_id(n)
+            for n in model.graph.node
+            if is_onnxruntime_op(n)
+            and any(r.startswith(f"{n.op_type} '{n.name}': ") for r in reasons)
+        }
+    )
     if ops:
         raise BadInputError(
             f"nothing can be cut: every channel group is pinned, the model's {', '.join(ops[:3])} "

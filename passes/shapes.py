@@ -21,7 +21,7 @@ from .custom_ops import (
     restore_unknown_ops,
     uninferable_outputs,
 )
-from .domains import COUNTED_CONVS, SAVE_AT_BASIC, op_id
+from .domains import COUNTED_CONVS, ONNXRUNTIME_ADVICE, is_onnxruntime_op, op_id
 from .errors import BadInputError, input_shape_option
 from .graph import default_opset, static_shape
 from .protos import without_weights
@@ -415,11 +415,7 @@ def _unsized_because(model: onnx.ModelProto, node: onnx.NodeProto, known: set[st
         node = made[unsized[0]]
     if node.output[0] not in uninferable_outputs(model):
         return f"fix the input shapes with {input_shape_option()}"
-    fused = (
-        f" (onnxruntime's optimisations above basic write com.microsoft ops: {SAVE_AT_BASIC})"
-        if node.domain == "com.microsoft"
-        else ""
-    )
+    fused = f" ({ONNXRUNTIME_ADVICE})" if is_onnxruntime_op(node) else ""
     return (
         f"shape inference cannot size the output of {node.domain or 'ai.onnx'}:"
         f"{node.op_type} {node.name!r}, an op without an ONNX schema: record its output "

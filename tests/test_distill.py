@@ -475,3 +475,86 @@ def test_integer_outputs_no_loss_can_train_are_refused_in_one_line(segnet, image
         retrain(argmin, x, teacher=argmin, epochs=1, batch_size=16, progress=False)
     with pytest.raises(BadInputError, match="not made by an ArgMax.*labels=none"):
         retrain(teacher, x, teacher=argmin, epochs=1, batch_size=16, progress=False)
+
+
+class _LabelsAfter(torch.nn.Module):
+    """conv, ReLU, a 4-class 1x1 head, its ArgMax (keepdim), then `tail`: the label map
+    upsampled (nearest, as float or back to int64) or cropped, all of which `eval --teacher`
+    reads as a label map (`dense_maps`)."""
+
+    def __init__(self, tail: str) -> None:
+        super().__init__()
+        self.tail = tail
+        self.conv, self.head = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        labels = self.head(torch.relu(self.conv(x))).argmax(1, keepdim=True)
+        if self.tail == "crop":
+            return labels[:, :, 1:-1, 1:-1]
+        up = torch.nn.functional.interpolate(labels.float(), scale_factor=2, mode="nearest")
+        return up if self.tail == "float" else up.long()
+
+
+@pytest.mark.parametrize("tail", ["float", "int64", "crop"])
+def test_a_label_map_resized_or_cropped_after_its_argmax_retrains_on_the_scores(tail) -> None:
+    """A label map upsampled (nearest) or sliced after its ArgMax is still one: `eval
+    --teacher` gave it a label IoU, but retrain followed the ArgMax only through reshapes and
+    Casts. As float it crashed in backward ('element 0 of tensors does not require grad'),
+    as int64 or cropped it was refused as an integer output no loss can train. It is trained
+    on the scores the ArgMax reads, as a label map its ArgMax makes directly."""
+    from onnx_mbs.models.export import export_onnx
+
+    torch.manual_seed(0)
+    model = export_onnx(_LabelsAfter(tail), (1, 3, 16, 16), dynamic_batch=True,
+                        output_names=("labels",))  # fmt: skip
+    argmax = next(n for n in model.graph.node if n.op_type == "ArgMax")
+    x = np.random.default_rng(0).random((8, 3, 16, 16)).astype(np.float32)
+    result = retrain(model, (x, None), teacher=model, epochs=1, batch_size=4, progress=False)
+    assert result.losses == {"labels": "kl"}
+    assert result.scores == {"labels": argmax.input[0]}
+
+
+@pytest.mark.parametrize("pool, kind", [("MaxPool", "labels"), ("AveragePool", None)])
+def test_a_pooled_label_map_is_one_only_where_the_pool_keeps_class_ids(pool, kind) -> None:
+    """Labels Cast to float and average-pooled hold values between class ids, truncated to
+    ids for the IoU; they have none (as after a linear Resize). A max pool keeps ids."""
+    from onnx_mbs.dense_maps import map_kind
+
+    h = onnx.helper
+    nodes = [
+        h.make_node("ArgMax", ["x"], ["ids"], axis=1),
+        h.make_node("Cast", ["ids"], ["f"], to=onnx.TensorProto.FLOAT),
+        h.make_node(pool, ["f"], ["y"], kernel_shape=[2, 2]),
+    ]
+    f = onnx.TensorProto.FLOAT
+    graph = h.make_graph(
+        nodes, "g", [h.make_tensor_value_info("x", f, [1, 4, 8, 8])],
+        [h.make_tensor_value_info("y", f, None)],
+    )  # fmt: skip
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    assert map_kind(model, "y", np.zeros((1, 1, 7, 7), np.float32)) == kind
+
+
+class _FloatMask(torch.nn.Module):
+    """conv, then its (batch, 4, H, W) foreground mask as float: `(x > 0).float()`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.conv(x) > 0).float()
+
+
+def test_a_float_output_computed_from_a_comparison_is_refused_in_one_line() -> None:
+    """A float output computed from booleans carries no gradient, as an integer one does,
+    but its type passed the check: backward crashed ('element 0 of tensors does not require
+    grad'). Refused in one line naming it."""
+    from onnx_mbs.models.export import export_onnx
+
+    torch.manual_seed(0)
+    model = export_onnx(_FloatMask(), (1, 3, 16, 16), dynamic_batch=True, output_names=("mask",))
+    x = np.random.default_rng(0).random((8, 3, 16, 16)).astype(np.float32)
+    said = "no loss can train the model: no gradient comes through output.s. 'mask'"
+    with pytest.raises(BadInputError, match=said):
+        retrain(model, (x, None), teacher=model, epochs=1, batch_size=4, progress=False)

@@ -300,6 +300,28 @@ def test_reduce_refuses_a_model_onnxruntime_left_nothing_to_cut_in(
     assert not out.exists()
 
 
+def test_reduce_does_not_blame_onnxruntime_ops_that_pin_nothing(tmp_path, capsys):
+    """A FusedConv (followed as its Conv) whose one group its graph input and output pin was
+    refused as an onnxruntime op "kept whole" (advice: save it at basic, which pins the same
+    group): any onnxruntime op was blamed once every group was pinned. As a plain Conv it is:
+    written, with the note saying why nothing was cut."""
+    b = Builder("fused_only")
+    fused = b.op(
+        "FusedConv",
+        [b.input("x", [1, 3, 8, 8]), b.weight(8, 3, 3, 3), b.const(np.zeros(8, np.float32))],
+        domain="com.microsoft",
+        kernel_shape=[3, 3],
+        pads=[1] * 4,
+        activation="Relu",
+    )
+    model = _with_output(b.model([fused], ["y"], shapes={fused: [1, 8, 8, 8]}), [1, 8, 8, 8])
+    path, out = tmp_path / "fused.onnx", tmp_path / "small.onnx"
+    onnx.save(model, path)
+    assert main(["reduce", str(path), "-o", str(out)]) == 0
+    assert "every channel group is pinned" in capsys.readouterr().out
+    assert out.exists()
+
+
 class _Residual(torch.nn.Module):
     """conv, ReLU, conv, ReLU, a residual block (conv, ReLU, conv, add, ReLU), pool, linear:
     saved at extended, each conv a ReLU follows a FusedConv. The second conv's first 4 of
@@ -550,3 +572,15 @@ def test_a_model_importing_ai_onnx_by_name_is_read_as_one_importing_the_default_
         keep = choose_channels(free, {g.id: g.size // 2 for g in free}, FilterNorm(loaded))
         read[domain] = [n.op_type for n in loaded.graph.node], keep
     assert read["ai.onnx"] == read[""]
+
+
+@pytest.mark.parametrize("domain", ["com.microsoft", "com.microsoft.nchwc"])
+def test_an_onnxruntime_op_leaving_a_conv_unsized_is_refused_with_the_one_advice(domain):
+    """The refusal of a conv left unsized by an op without an ONNX schema said what to do
+    (save at basic) for com.microsoft ops only, in words of its own; an NCHWc op (what
+    ORT_ENABLE_ALL writes) got none. Every onnxruntime op gets the one advice."""
+    b = Builder("ort_op")
+    x = b.op("Gelu", [b.input("x", [1, 3, 8, 8])], domain=domain)
+    model = _with_output(b.model([b.op("Relu", [b.conv(x, 3, 8)])], ["y"]), [1, 8, 8, 8])
+    with pytest.raises(onnx_mbs.passes.BadInputError, match=f"{domain}:Gelu.*ORT_ENABLE_BASIC"):
+        load_model(model)

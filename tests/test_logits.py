@@ -19,7 +19,7 @@ from onnx_mbs.bridge import retrain
 from onnx_mbs.cli import main
 from onnx_mbs.data.fit import check_labels
 from onnx_mbs.evaluate import evaluate
-from onnx_mbs.logits import choose_logits, declared_shapes
+from onnx_mbs.logits import argmax_inputs, choose_logits, declared_shapes
 from onnx_mbs.models.export import export_onnx
 from onnx_mbs.passes.errors import BadInputError
 
@@ -509,3 +509,43 @@ def test_an_output_named_none_is_not_silently_taken_for_logits_none(tmp_path, tr
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("onnx-mbs: error: the model has a classifier-shaped output")
         assert said in err[-1] and "epoch 1/" not in "".join(err) and not out.exists(), argv
+
+
+def _softmax_argmax(opset: int, softmax_axis: int, argmax_axis: int) -> onnx.ModelProto:
+    """Conv's (batch, 4, 8, 8) scores, a Softmax of them, its ArgMax: a label map."""
+    f = TensorProto.FLOAT
+    w = onnx.numpy_helper.from_array(np.ones((4, 3, 1, 1), np.float32), "w")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["scores"]),
+            helper.make_node("Softmax", ["scores"], ["p"], axis=softmax_axis),
+            helper.make_node("ArgMax", ["p"], ["labels"], axis=argmax_axis),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", f, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("labels", TensorProto.INT64, [1, 1, 8, 8])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    return onnx.shape_inference.infer_shapes(model)
+
+
+@pytest.mark.parametrize(
+    "opset, softmax_axis, argmax_axis, trained",
+    [
+        (17, 1, 1, "scores"),
+        (17, -3, 1, "scores"),  # the same axis of a rank-4 tensor
+        (17, 1, 2, "p"),  # another axis: the Softmax does not decide the ArgMax's
+        (11, 1, 1, "p"),  # opset 11's Softmax(axis=1) normalises C*H*W at once
+        (11, 3, 3, "scores"),  # its last axis alone is per-position
+    ],
+)
+def test_a_label_map_of_a_softmax_is_trained_on_the_softmaxs_input(
+    opset, softmax_axis, argmax_axis, trained
+):
+    """An ArgMax over a Softmax's probabilities along the Softmax's axis (a segmentation
+    net's `softmax(1).argmax(1)`) was trained by KL on the probabilities: softmax(p / T) of
+    values in [0, 1] is nearly uniform at T = 4: the loss is some 50 times smaller than on logits.
+    Its scores are the Softmax's input, as a probability output's are (`softmax_inputs`)."""
+    model = _softmax_argmax(opset, softmax_axis, argmax_axis)
+    assert argmax_inputs(model) == {"labels": (trained, argmax_axis)}

@@ -95,6 +95,7 @@ from onnx_mbs.logits import (
     softmax_inputs,
 )
 from onnx_mbs.passes.errors import BadInputError, option
+from onnx_mbs.passes.graph import FLOAT_TYPES
 from onnx_mbs.progress import progress_bar
 from onnx_mbs.schedule import DEFAULT_WARMUP, default_lr, lr_factor
 
@@ -803,6 +804,8 @@ def retrain(
                     loss = distill_alpha * loss + (1 - distill_alpha) * ce
                 else:
                     yb = None
+                if step == 0:  # the graph decides, the same at every step
+                    _check_gradient(loss, out, kinds)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if not torch.isfinite(loss):
@@ -1015,16 +1018,6 @@ def _check_features_computed(
             )
 
 
-_FLOATS = frozenset(
-    {
-        onnx.TensorProto.FLOAT,
-        onnx.TensorProto.FLOAT16,
-        onnx.TensorProto.BFLOAT16,
-        onnx.TensorProto.DOUBLE,
-    }
-)
-
-
 def _check_trainable(
     model: onnx.ModelProto,
     kinds: Mapping[str, str],
@@ -1047,12 +1040,30 @@ def _check_trainable(
                 )
             continue
         elem = out.type.tensor_type.elem_type
-        if elem and elem not in _FLOATS:
+        if elem and elem not in FLOAT_TYPES:
             raise BadInputError(
                 f"output '{out.name}' holds {onnx.TensorProto.DataType.Name(elem).lower()} "
                 "values, which carry no gradient: no loss can train it; leave it out with "
                 f"{option('--loss', f'{out.name}=none')}"
             )
+
+
+def _check_gradient(
+    loss: torch.Tensor, out: Mapping[str, torch.Tensor], kinds: Mapping[str, str]
+) -> None:
+    """Refuse a loss no output gives a gradient: float outputs computed from integers or
+    booleans (a Cast of a comparison: a mask as float), which only the forward shows, where
+    backward would crash ('element 0 of tensors does not require grad'). Beside an output
+    that carries one, such an output's term is a constant: left, as an output computed from
+    no weight (anchors from the input size) is."""
+    if loss.requires_grad:
+        return
+    names = [n for n, k in kinds.items() if k != "none" and not out[n].requires_grad]
+    named = ", ".join(map(repr, names)) or "of the logits"
+    raise BadInputError(
+        f"no loss can train the model: no gradient comes through output(s) {named} (computed "
+        "from integers or booleans, or from no trained weight)"
+    )
 
 
 def _check_teacher(
