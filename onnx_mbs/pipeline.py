@@ -53,6 +53,7 @@ from onnx_mbs.passes import (
     load,
     op_id,
     option,
+    pinned_by,
     resized,
     shrink_channels,
     site_tensors,
@@ -359,8 +360,7 @@ def nothing_free(model: onnx.ModelProto, groups: Sequence[ChannelGroup]) -> None
         {
             op_id(n)
             for n in model.graph.node
-            if is_onnxruntime_op(n)
-            and any(r.startswith(f"{n.op_type} '{n.name}': ") for r in reasons)
+            if is_onnxruntime_op(n) and any(r.startswith(pinned_by(n)) for r in reasons)
         }
     )
     if ops:

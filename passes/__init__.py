@@ -21,7 +21,7 @@ from .analysis import (
 )
 from .base import Pass, PassContractError, PassResult, Sequential
 from .channel_groups import ChannelAnalysis, ChannelGroup, Member, analyze_channels
-from .channel_walk import ChannelWalk, register_handler, unregister_handler
+from .channel_walk import ChannelWalk, pinned_by, register_handler, unregister_handler
 from .cost import CostModel
 from .domains import ONNXRUNTIME_ADVICE, is_default, is_onnxruntime_op, op_id
 from .errors import (
@@ -115,6 +115,7 @@ __all__ = [
     "normalise",
     "op_id",
     "option",
+    "pinned_by",
     "parse_input_shape",
     "predicted_params",
     "register_handler",

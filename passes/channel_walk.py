@@ -74,6 +74,12 @@ class Edit:
     apply: Callable | None = None
 
 
+def pinned_by(node: onnx.NodeProto) -> str:
+    """How the pin reasons of an op the walk cannot follow begin (`ChannelWalk.opaque`): what
+    the report shows, and how a caller tells which node pinned a group."""
+    return f"{node.op_type} '{node.name}': "
+
+
 class ChannelWalk:
     """One topological walk that gives every channel an id and records joins and pins.
 
@@ -157,7 +163,7 @@ class ChannelWalk:
     def opaque(self, node: onnx.NodeProto, why: str) -> None:
         """An op the walk cannot follow: pin what goes in, and give what comes out new
         pinned channels (axis 1) so nothing downstream is cut against it."""
-        reason = f"{node.op_type} '{node.name}': {why}"
+        reason = pinned_by(node) + why
         for name in node.input:
             if name in self.chan:
                 self.pin(self.chan[name][1], reason)
