@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 
 from onnx_mbs.data import Batch, DataSource
+from onnx_mbs.data.ready import check_teacher_input
 from onnx_mbs.dense_maps import IoU, map_kind
 from onnx_mbs.logits import (
     check_label_range,
@@ -34,6 +35,7 @@ from onnx_mbs.progress import progress_bar
 from onnx_mbs.runtime import (
     batch_feeds,
     feed_dtype,
+    input_dtype,
     make_session,
     pad_to_batch,
     session_provider,
@@ -254,8 +256,9 @@ def agreement(
     logits: str | None = None,
 ) -> AgreementResult:
     """Agreement of every output of `model` with `teacher`'s same-named output; no labels needed.
-    `logits` "none": no output is read as a classifier's (no argmax agreement; see
-    `onnx_mbs.logits`)."""
+    Both are fed the same data: a teacher whose input takes another type is refused
+    (`check_teacher_input`, as retrain refuses it). `logits` "none": no output is read as a
+    classifier's (no argmax agreement; see `onnx_mbs.logits`)."""
     session, reference = make_session(model, providers), make_session(teacher, providers)
     outputs = session.get_outputs()
     names = [o.name for o in outputs]
@@ -267,6 +270,7 @@ def agreement(
             f"the teacher has no output(s) {missing} (its outputs: "
             f"{[o.name for o in reference.get_outputs()]}): agreement compares outputs by name"
         )
+    check_teacher_input(*(input_dtype(s, data.input_name) for s in (session, reference)))
     ready = data.preprocess is None
     dtype, teacher_dtype = (
         feed_dtype(session, data.input_name, ready),

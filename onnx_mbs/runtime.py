@@ -275,17 +275,28 @@ def feed_dtype(session: ort.InferenceSession, input_name: str, ready: bool = Fal
     """The numpy type to feed `input_name`: preprocessed images are float, half or double;
     model-ready data (`ready`) is fed as it is, in the input's own type (uint8 images a
     graph casts itself, checked when the data was read)."""
+    ort_type = _declared_type(session, input_name)
+    dtype = _numpy_type_of(ort_type)
+    if takes_floats(dtype):
+        return dtype
+    if ready:
+        return ort_numpy_type(ort_type)
+    raise BadInputError(_not_float(input_name, ort_type))
+
+
+def _declared_type(session: ort.InferenceSession, input_name: str) -> str:
+    """onnxruntime's type of `input_name` ("tensor(uint8)"), which the data is for."""
     declared = {i.name: i.type for i in session.get_inputs()}
     if input_name not in declared:
         raise BadInputError(
             f"the data is for input {input_name!r} but the model's inputs are {list(declared)}"
         )
-    dtype = _numpy_type_of(declared[input_name])
-    if takes_floats(dtype):
-        return dtype
-    if ready:
-        return ort_numpy_type(declared[input_name])
-    raise BadInputError(_not_float(input_name, declared[input_name]))
+    return declared[input_name]
+
+
+def input_dtype(session: ort.InferenceSession, input_name: str) -> np.dtype | None:
+    """numpy's type of `input_name`, which the data is for; None where numpy holds none."""
+    return _numpy_type_of(_declared_type(session, input_name))
 
 
 def ort_numpy_type(ort_type: str) -> np.dtype:

@@ -30,7 +30,7 @@ from .channel_walk import (
     ChannelWalk,
     register_handler,
 )
-from .domains import FUSED, FUSED_GEMM, op_id
+from .domains import FUSED, FUSED_ACTIVATIONS, FUSED_GEMM, op_id
 from .graph import attributes
 from .weight_chain import Unfollowed, follow_weight, weight_roles
 
@@ -103,20 +103,16 @@ def _elementwise(w: ChannelWalk, node: onnx.NodeProto) -> None:
     w.pass_on(node, axis, out)
 
 
-# The activations onnxruntime fuses into FusedConv and FusedGemm: each elementwise, so a
-# kept channel computes what it did.
-FUSED_ACTIVATIONS = ("Relu", "Tanh", "Sigmoid", "LeakyRelu", "Clip", "HardSigmoid")
-
-
 def _fused(w: ChannelWalk, node: onnx.NodeProto) -> None:
     """onnxruntime's FusedConv, activation(Conv(X, W, B) + Z), and FusedGemm,
     activation(Gemm(A, B, C)): their channels are the Conv's or Gemm's (the weights cut as
     theirs); a FusedConv's Z, a residual of the output's shape, joins them as an Add does.
-    An activation that is not elementwise is not followed."""
+    An activation onnxruntime does not run fused into the op (`FUSED_ACTIVATIONS`) is not
+    followed."""
     activation = attributes(node).get("activation", b"")
     if isinstance(activation, bytes):
         activation = activation.decode()
-    if activation and activation not in FUSED_ACTIVATIONS:
+    if activation and activation not in FUSED_ACTIVATIONS[op_id(node)]:
         w.opaque(node, f"fused activation {activation!r} not followed")
         return
     if op_id(node) == FUSED_GEMM:

@@ -15,6 +15,24 @@ FUSED_CONV = "com.microsoft:FusedConv"
 FUSED_GEMM = "com.microsoft:FusedGemm"
 # The ONNX op each of those fuses: its output has that op's shape.
 FUSED = {FUSED_CONV: "Conv", FUSED_GEMM: "Gemm"}
+# The activations onnxruntime runs fused into each of those ops, each elementwise (so a kept
+# channel computes what it did), with their parameters in order: the attributes of the ONNX
+# op of that name. FusedConv's come from onnxruntime's GetFusedActivationAttr
+# (contrib_ops/cpu/fused_activation.cc), which requires them as `activation_params`;
+# FusedGemm's from its elementwise functors (ElementWiseRangedTransform), which have no
+# Clip and read them from `activation_alpha` and `activation_beta`.
+_CONV_ACTIVATIONS: dict[str, tuple[str, ...]] = {
+    "Relu": (),
+    "Tanh": (),
+    "Sigmoid": (),
+    "LeakyRelu": ("alpha",),
+    "Clip": ("min", "max"),
+    "HardSigmoid": ("alpha", "beta"),
+}
+FUSED_ACTIVATIONS = {
+    FUSED_CONV: _CONV_ACTIVATIONS,
+    FUSED_GEMM: {k: v for k, v in _CONV_ACTIVATIONS.items() if k != "Clip"},
+}
 # The ops counted as conv layers (`op_id`s): their output and weight shapes must be static.
 # FusedConv is followed as the Conv it fuses (channel_handlers._fused) and sized as it
 # (custom_ops.as_fused_ops).

@@ -5,7 +5,6 @@ invalid, quantized), checking it without a serialized copy of its weights.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -59,6 +58,16 @@ DEQUANTISING = {
     "Cast", "Mul", "Div", "Add", "Sub", "Reshape", "Transpose", "Unsqueeze", "Squeeze",
     "Identity", "Flatten", "Expand",
 }  # fmt: skip
+
+
+def is_quantized(node: onnx.NodeProto) -> bool:
+    """A node only a quantised graph has: a quantised op or a Q/DQ (`QUANTIZED_OPS`, under
+    any domain's name), or an onnxruntime op holding its weights quantised."""
+    return (
+        node.op_type in QUANTIZED_OPS
+        or node.op_type.endswith(QUANTIZING_SUFFIXES)
+        or op_id(node) in QUANTIZED_WEIGHT_OPS
+    )
 
 
 SERIALIZED = (bytes, bytearray, memoryview)  # a model as onnxruntime and Polygraphy pass it
@@ -116,8 +125,11 @@ def read_model(
             "initializers"
         )
     quantized_ops = sorted(
-        {op for op in op_types(model) if op in QUANTIZED_OPS or op.endswith(QUANTIZING_SUFFIXES)}
-        | {op for op in op_ids(model) if op in QUANTIZED_WEIGHT_OPS}
+        {
+            op_id(n) if op_id(n) in QUANTIZED_WEIGHT_OPS else n.op_type
+            for n in nested_nodes(model.graph, *model.functions)
+            if is_quantized(n)
+        }
     )
     if quantized_ops and not quantized:
         raise QuantizedModelError(
@@ -202,16 +214,6 @@ def _negative_dims_dynamic(graph: onnx.GraphProto) -> None:
         for dim in vi.type.tensor_type.shape.dim:
             if dim.HasField("dim_value") and dim.dim_value < 0:
                 dim.ClearField("dim_value")
-
-
-def op_types(model: onnx.ModelProto) -> Iterator[str]:
-    """The op type of every node of `model`: its graph's, its subgraphs' and its functions'."""
-    return (node.op_type for node in nested_nodes(model.graph, *model.functions))
-
-
-def op_ids(model: onnx.ModelProto) -> Iterator[str]:
-    """`op_types`, each as `op_id` names it (with its domain, outside the default one)."""
-    return (op_id(node) for node in nested_nodes(model.graph, *model.functions))
 
 
 def integer_weight(graph: onnx.GraphProto) -> str | None:

@@ -16,6 +16,7 @@ from torch import nn
 
 from onnx_mbs.bridge import OnnxModule, retrain, untie_initializers, write_back
 from onnx_mbs.models.export import export_onnx
+from onnx_mbs.passes.domains import SAVE_AT_BASIC, op_id
 from onnx_mbs.passes.errors import BadInputError
 
 torch.set_num_threads(1)
@@ -1359,15 +1360,40 @@ def test_unsupported_ops_listed() -> None:
         OnnxModule(model)
 
 
-def test_contrib_ops_are_refused_saying_to_retrain_the_float_model() -> None:
-    """A model onnxruntime quantised or optimised (MatMulNBits, Gelu: com.microsoft ops)
-    was refused naming the ops alone, with no way on: the float model they came from trains."""
-    model = make_model(
-        [helper.make_node("Gelu", ["x"], ["y"], domain="com.microsoft")], {"x": X}, ["y"]
-    )
-    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    with pytest.raises(BadInputError, match="com.microsoft:Gelu.*retrain the float model"):
+_RETRAIN_FLOAT = "; retrain the float model they were made from, then apply them again"
+_SAVED_AT_BASIC = f"; onnxruntime's optimisations above basic write them: {SAVE_AT_BASIC}"
+
+
+@pytest.mark.parametrize(
+    ("op", "domain", "advice"),
+    [
+        ("MatMulNBits", "com.microsoft", _RETRAIN_FLOAT),
+        ("QLinearConv", "", _RETRAIN_FLOAT),
+        ("Gelu", "com.microsoft", _SAVED_AT_BASIC),
+        ("FusedMatMul", "com.microsoft", _SAVED_AT_BASIC),
+        ("Conv", "com.microsoft.nchwc", _SAVED_AT_BASIC),
+        ("Frobnicate", "my.ops", None),
+    ],
+)
+def test_unsupported_ops_are_refused_with_the_way_on_that_fits_them(op, domain, advice) -> None:
+    """A model onnxruntime quantised (MatMulNBits, QLinearConv) is retrained as the float
+    model it came from. onnxruntime's optimisations above basic (Gelu, FusedMatMul, the
+    nchwc Conv) were given that advice too, though the model they optimised needs no
+    retraining to lose them: saved at basic, it has none (as the bridge's other refusals of
+    them say). A custom domain's op gets no advice it does not fit."""
+    model = make_model([helper.make_node(op, ["x"], ["y"], domain=domain)], {"x": X}, ["y"])
+    if domain:
+        model.opset_import.append(helper.make_opsetid(domain, 1))
+    with pytest.raises(BadInputError) as caught:
         OnnxModule(model)
+    message = str(caught.value)
+    assert message.startswith(
+        f"the PyTorch bridge does not support these op types: {op_id(model.graph.node[0])}"
+    )
+    if advice is None:
+        assert message == "the PyTorch bridge does not support these op types: my.ops:Frobnicate"
+    else:
+        assert message.endswith(advice)
 
 
 @pytest.mark.parametrize("held", ["initializer", "Constant"])

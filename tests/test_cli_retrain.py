@@ -14,6 +14,7 @@ from test_retrain import export, quadrant_data
 
 from onnx_mbs.bridge import OnnxModule
 from onnx_mbs.cli import main
+from onnx_mbs.passes.errors import BadInputError
 
 
 def _eval(path, data, capsys) -> dict:
@@ -234,6 +235,43 @@ def test_a_teacher_fed_another_input_type_is_refused_by_name(tmp_path, capsys) -
         "fed the model's data as it is; give a teacher with the model's input type"
     )
     assert "epoch 1/" not in err and not out.exists()
+
+
+@pytest.mark.parametrize("uint8", ["model", "teacher"])
+def test_eval_refuses_a_teacher_fed_another_input_type_as_retrain_does(tmp_path, capsys, uint8):
+    """eval --teacher fed the teacher the model's uint8 pixels cast to float (or the
+    teacher's uint8 the model's floats cut to integers), without a word: the agreement
+    printed was right only where the uint8 graph does nothing before its Cast. retrain
+    refuses such a teacher; eval and evaluate.agreement now do too, with its line."""
+    from onnx_mbs.data.fit import open_for_model
+    from onnx_mbs.evaluate import agreement
+
+    paths = {"u8": tmp_path / "u8.onnx", "float": tmp_path / "float.onnx"}
+    onnx.save(with_uint8_input(export(keep_bn=True)), paths["u8"])
+    onnx.save(export(keep_bn=True), paths["float"])
+    model, teacher = (
+        (paths["u8"], paths["float"])
+        if uint8 == "model"
+        else (
+            paths["float"],
+            paths["u8"],
+        )
+    )
+    x, _ = quadrant_data(16, seed=1)
+    pixels = np.clip(x * 60 + 60, 0, 255).astype(np.uint8)
+    write_npz(tmp_path / "d.npz", input=pixels if uint8 == "model" else pixels.astype(np.float32))
+    kinds = ("float", "uint8") if uint8 == "model" else ("uint8", "float")
+    line = (
+        f"the teacher's input takes {kinds[0]}, the model's {kinds[1]}: the teacher is fed the "
+        "model's data as it is; give a teacher with the model's input type"
+    )
+    argv = ["eval", str(model), "--teacher", str(teacher), "--data", str(tmp_path / "d.npz")]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err.splitlines()[-1] == f"onnx-mbs: error: {line}" and not captured.out
+    data = open_for_model(str(tmp_path / "d.npz"), onnx.load(model), labels=False)
+    with pytest.raises(BadInputError, match=f"^{line}$"):
+        agreement(str(model), str(teacher), data, ["CPUExecutionProvider"], progress=False)
 
 
 @pytest.mark.parametrize("ready", [False, True])

@@ -584,3 +584,36 @@ def test_an_onnxruntime_op_leaving_a_conv_unsized_is_refused_with_the_one_advice
     model = _with_output(b.model([b.op("Relu", [b.conv(x, 3, 8)])], ["y"]), [1, 8, 8, 8])
     with pytest.raises(onnx_mbs.passes.BadInputError, match=f"{domain}:Gelu.*ORT_ENABLE_BASIC"):
         load_model(model)
+
+
+def _fused_gemm_net(activation: str, **params: float) -> onnx.ModelProto:
+    """x (16 features), a com.microsoft FusedGemm to 32 units with `activation` fused, a Gemm
+    to 10: the 32 units free but for the fused activation."""
+    b = Builder("fused_gemm")
+    hidden = b.op(
+        "FusedGemm",
+        [b.input("x", [1, 16]), b.weight(32, 16), b.const(np.zeros(32, np.float32))],
+        domain="com.microsoft",
+        transB=1,
+        activation=activation,
+        **{f"activation_{k}": v for k, v in params.items()},
+    )
+    y = b.op("Gemm", [hidden, b.weight(10, 32), b.const(np.zeros(10, np.float32))], transB=1)
+    return _with_output(b.model([y], ["y"], shapes={hidden: [1, 32]}), [1, 10])
+
+
+def test_a_fused_gemm_with_clip_is_not_followed_as_onnxruntime_cannot_run_it():
+    """The walk followed every activation onnxruntime fuses into FusedConv on FusedGemm too,
+    Clip among them, which onnxruntime's FusedGemm does not run: its units were cut as if it
+    did. The activations each op runs are one fact (passes.domains.FUSED_ACTIVATIONS) that
+    the walk and the bridge read: a FusedGemm with Clip is not followed, saying so."""
+
+    def units(activation: str):
+        groups = analyze_channels(load_model(_fused_gemm_net(activation))).groups
+        (group,) = [g for g in groups if g.size == 32]
+        return group
+
+    assert not units("Relu").pinned
+    clip = units("Clip")
+    assert clip.pinned
+    assert any("fused activation 'Clip' not followed" in r for r in clip.pin_reasons)

@@ -8,6 +8,7 @@ anew; monkeypatch puts every module back after the test."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 
 import pytest
@@ -98,3 +99,36 @@ def test_interop_doors_without_their_package_name_the_extra(without, module, pac
     message = str(caught.value)
     assert message.startswith(f"onnx_mbs.interop needs {shown}: pip install 'onnx-mbs[interop]'")
     assert "\n" not in message
+
+
+def test_olive_without_torch_names_torch(without):
+    """It said "needs olive-ai: pip install 'onnx-mbs[olive]'" whatever was missing; torch is
+    (olive-ai asks for it, unpinned: the torch extra installs the pinned one, first)."""
+    if importlib.util.find_spec("olive") is None:
+        pytest.skip("olive-ai is not installed")
+    without("torch", "onnx_mbs.interop.olive", "olive", "torchvision", "torchmetrics")
+    with pytest.raises(MissingExtraError) as caught:
+        importlib.import_module("onnx_mbs.interop.olive")
+    message = str(caught.value)
+    assert message.startswith("onnx_mbs.interop needs torch: pip install 'onnx-mbs[torch]'")
+    assert "\n" not in message
+
+
+def test_olive_imports_without_torchvision(without, monkeypatch):
+    """torchvision is no dependency of Olive (torchmetrics imports it only where it is
+    installed), yet its absence refused the Olive pass: "needs olive-ai: pip install
+    'onnx-mbs[olive]' (No module named 'torchvision')", with olive-ai installed. It is
+    imported (next to the CPU torch) only where it is installed."""
+    if importlib.util.find_spec("olive") is None:
+        pytest.skip("olive-ai is not installed")
+    from onnx_mbs.models import torchvision_cpu
+
+    torchvision_cpu.import_torchvision()  # as installed here, for Olive's own imports
+
+    def absent():
+        raise ModuleNotFoundError("No module named 'torchvision'", name="torchvision")
+
+    monkeypatch.setattr(torchvision_cpu, "import_torchvision", absent)
+    without("torchvision_absent_marker", "onnx_mbs.interop.olive")
+    olive_pass = importlib.import_module("onnx_mbs.interop.olive")
+    assert olive_pass.PASS_NAME == "MacroblockScaling"

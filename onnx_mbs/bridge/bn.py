@@ -33,9 +33,9 @@ import torch
 from onnx import helper, numpy_helper
 
 from onnx_mbs.bridge.module import OnnxModule, is_alias, with_outputs
-from onnx_mbs.bridge.ops import BN_POOL, FUSED_CONV_ACTIVATIONS, PooledStatistics
+from onnx_mbs.bridge.ops import BN_POOL, PooledStatistics
 from onnx_mbs.bridge.precision import write_values
-from onnx_mbs.passes.domains import FUSED_CONV, op_id
+from onnx_mbs.passes.domains import FUSED_ACTIVATIONS, FUSED_CONV, op_id
 from onnx_mbs.passes.graph import default_opset
 
 EPS = 1e-5
@@ -197,7 +197,7 @@ def defused(model: onnx.ModelProto) -> onnx.ModelProto:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         kind = attrs.pop("activation", b"").decode() if op_id(node) == FUSED_CONV else None
         params = list(attrs.pop("activation_params", []))
-        wanted = FUSED_CONV_ACTIVATIONS.get(kind) if kind else ()
+        wanted = FUSED_ACTIVATIONS[FUSED_CONV].get(kind) if kind else ()
         if kind is None or wanted is None or len(params) != len(wanted):
             nodes.append(node)  # not a FusedConv, or one the module refuses
             continue

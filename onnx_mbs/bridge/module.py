@@ -37,9 +37,16 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from onnx_mbs.bridge.ops import NO_FOLD, OPS, TRAINING_OPS, Node
-from onnx_mbs.passes.domains import FUSED_CONV, FUSED_GEMM, op_id
+from onnx_mbs.passes.domains import (
+    FUSED_CONV,
+    FUSED_GEMM,
+    SAVE_AT_BASIC,
+    is_onnxruntime_op,
+    op_id,
+)
 from onnx_mbs.passes.errors import BadInputError
 from onnx_mbs.passes.graph import default_opset, fresh_name, topological_order
+from onnx_mbs.passes.read import is_quantized
 
 # (op_type -> input positions) whose float initializers are trained.
 WEIGHT_INPUTS = {
@@ -68,6 +75,18 @@ Step = tuple[Callable[..., Any], tuple[str, ...], tuple[str, ...], bool, tuple[s
 def unsupported_ops(model: onnx.ModelProto) -> list[str]:
     """Op types in the graph the bridge cannot run, sorted."""
     return sorted({op_id(node) for node in model.graph.node} - set(OPS))
+
+
+def _way_on(model: onnx.ModelProto, missing: list[str]) -> str:
+    """What to do about the op types `missing` the bridge lacks: a quantised model trains as
+    the float model it was made from; the ops onnxruntime's optimisations above basic write
+    are not in the model it saves at basic. Nothing for ops of other domains."""
+    nodes = [n for n in model.graph.node if op_id(n) in missing]
+    if any(is_quantized(n) for n in nodes):
+        return "; retrain the float model they were made from, then apply them again"
+    if any(is_onnxruntime_op(n) for n in nodes):
+        return f"; onnxruntime's optimisations above basic write them: {SAVE_AT_BASIC}"
+    return ""
 
 
 def string_tensors(model: onnx.ModelProto) -> list[str]:
@@ -386,12 +405,9 @@ class OnnxModule(nn.Module):
         super().__init__()
         missing = unsupported_ops(model)
         if missing:
-            # Contrib ops are onnxruntime's quantisation or optimisation of a float model.
-            contrib = any(":" in op for op in missing)
-            way = "; retrain the float model they were made from, then apply them again"
             raise BadInputError(
                 f"the PyTorch bridge does not support these op types: {', '.join(missing)}"
-                f"{way * contrib}"
+                f"{_way_on(model, missing)}"
             )
         if strings := string_tensors(model):
             raise BadInputError(

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from onnx import helper, numpy_helper
 
-from onnx_mbs.passes.domains import SAVE_AT_BASIC
+from onnx_mbs.passes.domains import FUSED_ACTIVATIONS, FUSED_CONV, FUSED_GEMM, SAVE_AT_BASIC
 from onnx_mbs.passes.errors import BadInputError
 
 OpFn = Callable[..., Any]
@@ -1348,18 +1348,7 @@ def range_(n: Node) -> OpFn:
 
 # ---------------------------------------------------------------------------
 # onnxruntime's fused ops (com.microsoft): what its extended optimisations write
-
-# FusedConv's activations (onnxruntime's GetFusedActivationAttr, contrib_ops/cpu/
-# fused_activation.cc): what its `activation_params` are, in order (the ONNX op's attributes
-# of those names), which onnxruntime requires in that number.
-FUSED_CONV_ACTIVATIONS = {
-    "Relu": (),
-    "Tanh": (),
-    "Sigmoid": (),
-    "LeakyRelu": ("alpha",),
-    "Clip": ("min", "max"),
-    "HardSigmoid": ("alpha", "beta"),
-}
+# (the activations each runs fused, and their parameters: passes.domains.FUSED_ACTIVATIONS)
 
 
 def _activation(n: Node, kind: str, params: list[float], kinds: Any) -> Callable[[Any], Any]:
@@ -1381,18 +1370,18 @@ def _activation(n: Node, kind: str, params: list[float], kinds: Any) -> Callable
 
 def fused_conv(n: Node) -> OpFn:
     """activation(Conv(X, W, B) + Z): Conv's attributes, Z (input 3) added before the activation."""
-    kind = n.attr("activation", "")
+    kind, kinds = n.attr("activation", ""), FUSED_ACTIVATIONS[FUSED_CONV]
     if not kind:
         act: Callable[[Any], Any] = lambda y: y  # noqa: E731
     else:
         params = list(n.attr("activation_params", []))
-        wanted = len(FUSED_CONV_ACTIVATIONS.get(kind, params))
+        wanted = len(kinds.get(kind, params))
         if len(params) != wanted:
             raise BadInputError(
                 f"FusedConv node '{n.name}' has {len(params)} activation_params for {kind}, "
                 f"which takes {wanted} (onnxruntime refuses it too)"
             )
-        act = _activation(n, kind, params, FUSED_CONV_ACTIVATIONS)
+        act = _activation(n, kind, params, kinds)
     run = conv(n)
 
     def forward(x, w, b=None, z=None):
@@ -1402,28 +1391,22 @@ def fused_conv(n: Node) -> OpFn:
     return forward
 
 
-# FusedGemm's activations: onnxruntime's elementwise functors (ElementWiseRangedTransform),
-# which have no Clip; their parameters, the same, read from `activation_alpha` and
-# `activation_beta`, which it requires.
-_FUSED_GEMM_PARAMS = {k: v for k, v in FUSED_CONV_ACTIVATIONS.items() if k != "Clip"}
-
-
 def fused_gemm(n: Node) -> OpFn:
     """activation(Gemm(A, B, C)): Gemm's attributes."""
-    kind = n.attr("activation", "")
-    params = [n.attr(f"activation_{p}") for p in _FUSED_GEMM_PARAMS.get(kind, ())]
+    kind, kinds = n.attr("activation", ""), FUSED_ACTIVATIONS[FUSED_GEMM]
+    params = [n.attr(f"activation_{p}") for p in kinds.get(kind, ())]
     if not kind:
         raise BadInputError(
             f"FusedGemm node '{n.name}' has no activation (onnxruntime refuses it "
             "too): make it a Gemm"
         )
     if None in params:
-        wanted = " and ".join(f"activation_{p}" for p in _FUSED_GEMM_PARAMS[kind])
+        wanted = " and ".join(f"activation_{p}" for p in kinds[kind])
         raise BadInputError(
             f"FusedGemm node '{n.name}' has {kind} without its {wanted} "
             "(onnxruntime refuses it too)"
         )
-    act = _activation(n, kind, params, _FUSED_GEMM_PARAMS)
+    act = _activation(n, kind, params, kinds)
     run = gemm(n)
     return lambda a, b, c=None: act(run(a, b, c))
 

@@ -81,7 +81,7 @@ from onnx_mbs.bridge.module import (
 from onnx_mbs.bridge.precision import as_float32, is_low_precision
 from onnx_mbs.bridge.writeback import write_back
 from onnx_mbs.data.augment import choose_augment
-from onnx_mbs.data.ready import declared_inputs
+from onnx_mbs.data.ready import check_teacher_input, declared_inputs, fed_type
 from onnx_mbs.data.sources import default_workers
 from onnx_mbs.data.spec import check_same_classes
 from onnx_mbs.logits import (
@@ -483,12 +483,7 @@ def retrain(
         raise BadInputError(f"feature distillation needs a {option('--teacher')}")
     if teacher is not None:
         _check_features_computed(model, teacher, features)
-        if _fed_type(teacher) != fed:  # a float16 beside a float32 input is fed float32 too
-            kinds = ["float" if t is None else str(t) for t in (_fed_type(teacher), fed)]
-            raise BadInputError(
-                f"the teacher's input takes {kinds[0]}, the model's {kinds[1]}: the teacher is "
-                "fed the model's data as it is; give a teacher with the model's input type"
-            )
+        check_teacher_input(fed, _fed_type(teacher))  # float16 beside float32: fed float32
     frozen = check_frozen(freeze, model, teacher)
     if val is not None and not val.labelled and teacher is None:
         raise BadInputError(
@@ -1137,8 +1132,7 @@ def _fed_type(model: onnx.ModelProto) -> np.dtype | None:
     graph converts itself: model-ready data, fed as it is); None for a float input of any
     width (fed float32: the bridge computes fp16/bf16 graphs in float32)."""
     inputs = declared_inputs(model)
-    dtype = inputs[0].dtype if inputs else None  # no input, or no type: left to the checks
-    return dtype if dtype is not None and dtype.kind in "iub" else None
+    return fed_type(inputs[0].dtype if inputs else None)  # no input or type: left to checks
 
 
 def _batches_of_one(batch_size: int) -> str:

@@ -60,6 +60,27 @@ def takes_floats(dtype: np.dtype | None) -> bool:
     return dtype is not None and np.issubdtype(dtype, np.floating)
 
 
+def fed_type(dtype: np.dtype | None) -> np.dtype | None:
+    """How an input of type `dtype` is fed where that matters: an integer or bool input
+    (uint8 pixels its graph converts itself: model-ready data) in its own type; None for a
+    float input of any width (or none known), fed the data's floats."""
+    return dtype if dtype is not None and dtype.kind in "iub" else None
+
+
+def check_teacher_input(model: np.dtype | None, teacher: np.dtype | None) -> None:
+    """Refuse a teacher whose input (of type `teacher`) is fed otherwise than the model's
+    (`model`; `fed_type`): the teacher is fed the model's data as it is (retrain, eval
+    --teacher), so uint8 pixels would reach a float teacher uncast, or floats a uint8 one
+    cut, agreeing only where the other graph does nothing but that Cast."""
+    fed = [fed_type(teacher), fed_type(model)]
+    if fed[0] != fed[1]:
+        kinds = ["float" if t is None else str(t) for t in fed]
+        raise BadInputError(
+            f"the teacher's input takes {kinds[0]}, the model's {kinds[1]}: the teacher is "
+            "fed the model's data as it is; give a teacher with the model's input type"
+        )
+
+
 def is_model_ready(names: Sequence[str], inputs: Sequence[DeclaredInput]) -> bool:
     """Whether an npz holding arrays `names` is model-ready data for `inputs`: it names
     every input. An npz for a single 4-D float input named `x` stays image data (the image

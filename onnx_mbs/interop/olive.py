@@ -30,8 +30,31 @@ from onnx_mbs.models.torchvision_cpu import import_torchvision
 
 from . import missing
 
+# The packages whose absence is not olive-ai's (keyed by module): (package, extra).
+_INSTALLED_BY = {"torch": ("torch", "torch"), "requests": ("requests", "olive")}
+
+
+def _torchvision_where_installed() -> None:
+    """Olive imports torchmetrics, which imports torchvision where it is installed (and
+    fails on the CUDA one beside the CPU torch: `import_torchvision`); no dependency of
+    Olive's, its absence is no refusal."""
+    try:
+        import_torchvision()
+    except ModuleNotFoundError as error:
+        if error.name != "torchvision":
+            raise
+
+
+def _missing(error: ImportError) -> ImportError:
+    """The refusal naming what is missing: torch (which olive-ai asks for unpinned, so the
+    torch extra installs it first), requests, else olive-ai (or one of its dependencies)."""
+    module = (error.name or "").partition(".")[0]
+    package, extra = _INSTALLED_BY.get(module, ("olive-ai", "olive"))
+    return missing(package, error, extra=extra)
+
+
 try:
-    import_torchvision()  # Olive imports torchmetrics, which imports torchvision
+    _torchvision_where_installed()
     from olive.data.registry import Registry
     from olive.hardware import AcceleratorSpec
     from olive.model import ONNXModelHandler
@@ -41,7 +64,7 @@ try:
     from olive.passes.onnx.common import get_external_data_config, model_proto_to_olive_model
     from olive.passes.pass_config import BasePassConfig, PassConfigParam
 except ImportError as e:  # pragma: no cover - depends on the environment
-    raise missing("olive-ai", e, extra="olive") from None
+    raise _missing(e) from None
 
 PASS_NAME = "MacroblockScaling"
 DATASET_NAME = "onnx_mbs_data"
