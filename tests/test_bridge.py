@@ -1396,6 +1396,27 @@ def test_unsupported_ops_are_refused_with_the_way_on_that_fits_them(op, domain, 
         assert message.endswith(advice)
 
 
+def test_a_teacher_with_onnxruntime_optimisation_ops_is_told_to_save_at_basic() -> None:
+    """A `teacher` onnxruntime's extended optimisations wrote (a FusedMatMul head) was told to
+    give the float model it was made from (eval runs a quantized one as it is): advice for a
+    quantised teacher. Saved at basic it has none of those ops, as the bridge's refusal of a
+    student holding them says."""
+    model = conv_relu_model()
+    teacher = conv_relu_model()
+    teacher.graph.node[-1].CopyFrom(
+        helper.make_node(
+            "FusedMatMul", ["f", "fc"], ["y"], name="fc", domain="com.microsoft", transB=1
+        )
+    )
+    teacher.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    x = np.random.default_rng(0).random((8, 3, 8, 8)).astype(np.float32)
+    with pytest.raises(BadInputError) as caught:
+        retrain(model, (x, None), teacher=teacher, epochs=1, batch_size=4, progress=False)
+    message = str(caught.value)
+    assert message.startswith("the teacher is a graph with com.microsoft:FusedMatMul")
+    assert message.endswith(_SAVED_AT_BASIC) and "float model" not in message
+
+
 @pytest.mark.parametrize("held", ["initializer", "Constant"])
 def test_string_tensors_are_refused_in_one_line(held: str) -> None:
     """Class names passed out beside the logits (a string initializer or Constant as a graph

@@ -77,13 +77,17 @@ def unsupported_ops(model: onnx.ModelProto) -> list[str]:
     return sorted({op_id(node) for node in model.graph.node} - set(OPS))
 
 
-def _way_on(model: onnx.ModelProto, missing: list[str]) -> str:
+RETRAIN_FLOAT = "; retrain the float model they were made from, then apply them again"
+
+
+def way_on(model: onnx.ModelProto, missing: Sequence[str], quantized: str = RETRAIN_FLOAT) -> str:
     """What to do about the op types `missing` the bridge lacks: a quantised model trains as
-    the float model it was made from; the ops onnxruntime's optimisations above basic write
-    are not in the model it saves at basic. Nothing for ops of other domains."""
+    the float model it was made from (`quantized`: a teacher's advice differs); the ops
+    onnxruntime's optimisations above basic write are not in the model it saves at basic.
+    Nothing for ops of other domains."""
     nodes = [n for n in model.graph.node if op_id(n) in missing]
     if any(is_quantized(n) for n in nodes):
-        return "; retrain the float model they were made from, then apply them again"
+        return quantized
     if any(is_onnxruntime_op(n) for n in nodes):
         return f"; onnxruntime's optimisations above basic write them: {SAVE_AT_BASIC}"
     return ""
@@ -407,7 +411,7 @@ class OnnxModule(nn.Module):
         if missing:
             raise BadInputError(
                 f"the PyTorch bridge does not support these op types: {', '.join(missing)}"
-                f"{_way_on(model, missing)}"
+                f"{way_on(model, missing)}"
             )
         if strings := string_tensors(model):
             raise BadInputError(

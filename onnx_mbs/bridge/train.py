@@ -76,6 +76,7 @@ from onnx_mbs.bridge.module import (
     unsupported_ops,
     untie_initializers,
     untrained_line,
+    way_on,
     with_outputs,
 )
 from onnx_mbs.bridge.precision import as_float32, is_low_precision
@@ -182,14 +183,23 @@ def _check_input(
     return x
 
 
-def unrunnable_teacher(what: str) -> BadInputError:
-    """The refusal of a teacher the bridge cannot run (`what`: a quantised graph, contrib ops).
-    The teacher runs in PyTorch beside the student, so the float model it was made from is what
-    to give; reduce's advice (reduce the float model, then quantize) is not the way here."""
+def unrunnable_teacher(
+    what: str, model: onnx.ModelProto | None = None, missing: Sequence[str] = ()
+) -> BadInputError:
+    """The refusal of a teacher the bridge cannot run (`what`: a quantised graph, ops the
+    bridge lacks). The teacher runs in PyTorch beside the student, so a quantised teacher is
+    to be given as the float model it was made from; reduce's advice (reduce the float model,
+    then quantize) is not the way here. `model`, the teacher, and its `missing` ops pick the
+    advice as the bridge's own refusal does (`way_on`): one onnxruntime's optimisations wrote
+    is saved at basic. Without `model`, `what` is a quantised graph."""
+    float_model = (
+        f"; give {option('--teacher')} the float model it was made from (eval --teacher runs a "
+        "quantized one as it is)"
+    )
     return BadInputError(
         f"the teacher is {what}, which the PyTorch bridge cannot run (the teacher runs in "
-        f"PyTorch beside the student): give {option('--teacher')} the float model it was made "
-        "from (eval --teacher runs a quantized one as it is)"
+        "PyTorch beside the student)"
+        f"{float_model if model is None else way_on(model, missing, float_model)}"
     )
 
 
@@ -589,7 +599,7 @@ def retrain(
                 teacher = as_float32(teacher)
             # Checked before the teacher's statistics are measured for the re-inserted BNs.
             if missing := unsupported_ops(teacher):
-                raise unrunnable_teacher(f"a graph with {', '.join(missing)}")
+                raise unrunnable_teacher(f"a graph with {', '.join(missing)}", teacher, missing)
             teacher_pre = softmax_inputs(teacher)
             teacher_maps = {n: t for n, (t, _) in argmax_inputs(teacher).items()}
             extra = [*features, *teacher_pre.values(), *teacher_maps.values()]
