@@ -333,7 +333,12 @@ def count_parameters(model: onnx.ModelProto) -> int:
     nodes read it: what the file holds (a tensor shared by two layers, as torch counts a tied
     weight; where an exporter merged equal tensors of several layers, such as the all-ones
     scales of untrained BNs, that is fewer than the torch module's `parameters()`).
+    A quantized graph is refused as `load` refuses it (QuantizedModelError): its weights are
+    no float initializers, and its float scales are no count of them.
     """
+    from .read import refuse_quantized  # read builds on this module
+
+    refuse_quantized(model)
     return sum(parameter_sizes(model).values())
 
 

@@ -124,18 +124,8 @@ def read_model(
             f"sparse_initializer ({names}), which onnx-mbs does not read; store them as dense "
             "initializers"
         )
-    quantized_ops = sorted(
-        {
-            op_id(n) if op_id(n) in QUANTIZED_WEIGHT_OPS else n.op_type
-            for n in nested_nodes(model.graph, *model.functions)
-            if is_quantized(n)
-        }
-    )
-    if quantized_ops and not quantized:
-        raise QuantizedModelError(
-            f"quantized graph ({', '.join(quantized_ops)}): MBS works on float models; "
-            "reduce the float model first, then quantize"
-        )
+    if not quantized:
+        refuse_quantized(model)
     in_order(model.graph)
     undeclared_io(model.graph)
     if not quantized and (found := integer_weight(model.graph)):
@@ -149,6 +139,24 @@ def read_model(
         first = str(e).strip().splitlines()[0]
         raise BadInputError(f"the model is not valid ONNX: {first}") from None
     return model
+
+
+def refuse_quantized(model: onnx.ModelProto) -> None:
+    """Refuse a graph with a quantised node anywhere (`is_quantized`; subgraphs and local
+    functions included): its weights are no float initializers, so neither counted nor cut,
+    and its float scales would be counted as the layers' parameters."""
+    quantized_ops = sorted(
+        {
+            op_id(n) if op_id(n) in QUANTIZED_WEIGHT_OPS else n.op_type
+            for n in nested_nodes(model.graph, *model.functions)
+            if is_quantized(n)
+        }
+    )
+    if quantized_ops:
+        raise QuantizedModelError(
+            f"quantized graph ({', '.join(quantized_ops)}): MBS works on float models; "
+            "reduce the float model first, then quantize"
+        )
 
 
 def parse_model(data: bytes | bytearray | memoryview) -> onnx.ModelProto:

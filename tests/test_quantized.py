@@ -274,11 +274,8 @@ def test_retrain_refuses_a_quantised_teacher_saying_to_give_the_float_one(
         )
 
 
-def test_a_matmul_nbits_model_is_refused_as_quantized_and_still_evaluated(tmp_path, capsys):
-    """MatMulNBits (onnxruntime's 4-bit weight-only quantisation) holds its weights as packed
-    uint8 bytes: `analyze` exited 0 counting its float scales as the layers' parameters (552
-    here, of the float model's 2112) and none of their MACs. It is a quantized graph: refused
-    by analyze and reduce, run by eval."""
+def _matmul_nbits_model() -> onnx.ModelProto:
+    """A conv and two MatMuls, the MatMuls quantised to 4 bits by onnxruntime (MatMulNBits)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     b = Builder("mm")
@@ -291,6 +288,15 @@ def test_a_matmul_nbits_model_is_refused_as_quantized_and_still_evaluated(tmp_pa
     quantizer.process()
     model = quantizer.model.model
     assert {n.op_type for n in model.graph.node} >= {"MatMulNBits"}
+    return model
+
+
+def test_a_matmul_nbits_model_is_refused_as_quantized_and_still_evaluated(tmp_path, capsys):
+    """MatMulNBits (onnxruntime's 4-bit weight-only quantisation) holds its weights as packed
+    uint8 bytes: `analyze` exited 0 counting its float scales as the layers' parameters (552
+    here, of the float model's 2112) and none of their MACs. It is a quantized graph: refused
+    by analyze and reduce, run by eval."""
+    model = _matmul_nbits_model()
     path = tmp_path / "q4.onnx"
     onnx.save(model, str(path))
     for command in (["analyze", str(path)], ["reduce", str(path), "-o", str(tmp_path / "r.onnx")]):
@@ -300,3 +306,18 @@ def test_a_matmul_nbits_model_is_refused_as_quantized_and_still_evaluated(tmp_pa
     assert not (tmp_path / "r.onnx").exists()
     data = write_npz(tmp_path / "d.npz", **random_images(8, (3, 8, 8)))
     assert _eval(capsys, str(path), "--data", data)["samples"] == 8
+
+
+def test_count_parameters_refuses_a_quantized_graph_as_analyze_does(quantised) -> None:
+    """`count_parameters` from Python counted a MatMulNBits model's float scales as its
+    layers' parameters (and a QDQ model's scales and zero points), where the CLI and
+    `analyze_model` refuse the model as quantized; it refuses it with their message."""
+    from onnx_mbs.passes import QuantizedModelError, analyze_model, count_parameters
+
+    for model, ops in [
+        (_matmul_nbits_model(), "com.microsoft:MatMulNBits"),
+        (onnx.load(str(quantised["QDQ"])), "DequantizeLinear"),
+    ]:
+        for count in (count_parameters, analyze_model):
+            with pytest.raises(QuantizedModelError, match=f"quantized graph \\(.*{ops}"):
+                count(model)
