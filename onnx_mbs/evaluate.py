@@ -22,7 +22,8 @@ from onnx_mbs.logits import (
     is_none,
 )
 from onnx_mbs.passes.domains import is_onnxruntime_op
-from onnx_mbs.passes.errors import BadInputError, QuantizedModelError
+from onnx_mbs.passes.errors import BadInputError, QuantizedModelError, UninferredShapesError
+from onnx_mbs.passes.graph import nested_nodes
 from onnx_mbs.passes.load import (
     FixInputShapes,
     InputShapes,
@@ -53,14 +54,16 @@ def load_for_eval(
     is, since the analysis form is for float graphs: its `model` only has the input shapes
     fixed, to fit the data to, and its `runnable` is the graph as read. So is a model that
     onnxruntime optimised (its com.microsoft ops have no ONNX schema: shape inference cannot
-    size what they make, and `load` refuses it): it is run as onnxruntime runs it."""
+    size what they make, and `load` refuses it): it is run as onnxruntime runs it. Only that
+    refusal (UninferredShapesError), with an onnxruntime op anywhere in the model (local
+    functions and subgraphs included), is run so; any other refusal stands."""
     try:
         return load(source, input_shapes)
     except QuantizedModelError:
         model = read_model(source, quantized=True)
-    except BadInputError:
+    except UninferredShapesError:
         model = read_model(source)
-        if not any(is_onnxruntime_op(n) for n in model.graph.node):
+        if not any(is_onnxruntime_op(n) for n in nested_nodes(model.graph, *model.functions)):
             raise
     fixed = FixInputShapes(input_shapes, batch=1)(model).model
     return LoadedModel(fixed, Origin(declared=model))

@@ -71,6 +71,12 @@ class QuantizedModelError(BadInputError):
     """A quantised graph (QDQ or QOperator): MBS reduces float models; `eval` runs these."""
 
 
+class UninferredShapesError(BadInputError):
+    """Shape inference failed, or left a conv's shapes unsized: what an op without an ONNX
+    schema causes (onnxruntime's own, a custom op), ONNX knowing nothing of its outputs. The
+    analysis needs the shapes; a runtime that has the op runs the model without them."""
+
+
 class MissingExtraError(ImportError):
     """An optional extra (torch, interop, olive) is not installed: the command line prints
     it as one line and exits with code 2, as it does a BadInputError."""

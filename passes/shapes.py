@@ -22,7 +22,7 @@ from .custom_ops import (
     uninferable_outputs,
 )
 from .domains import COUNTED_CONVS, ONNXRUNTIME_ADVICE, is_onnxruntime_op, op_id
-from .errors import BadInputError, input_shape_option
+from .errors import BadInputError, UninferredShapesError, input_shape_option
 from .graph import default_opset, static_shape
 from .protos import without_weights
 
@@ -291,9 +291,9 @@ def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
     return onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
 
 
-def _inference_failed(error: Exception) -> BadInputError:
+def _inference_failed(error: Exception) -> UninferredShapesError:
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return BadInputError(f"shape inference failed: {first}")
+    return UninferredShapesError(f"shape inference failed: {first}")
 
 
 def _contradicted(model: onnx.ModelProto) -> set[str]:
@@ -395,7 +395,7 @@ def check_static(inferred: onnx.ModelProto) -> None:
             ("weight", node.input[1], weights),
         ):
             if name not in sized:
-                raise BadInputError(
+                raise UninferredShapesError(
                     f"the {what} shape of {node.op_type} {node.name!r} is not static after "
                     f"shape inference; {_unsized_because(inferred, node, known)}"
                 )

@@ -20,7 +20,7 @@ from onnx import helper
 
 import onnx_mbs
 from onnx_mbs.cli import main
-from onnx_mbs.evaluate import evaluate
+from onnx_mbs.evaluate import evaluate, load_for_eval
 from onnx_mbs.passes import (
     LoadedModel,
     activation_tensors,
@@ -617,3 +617,45 @@ def test_a_fused_gemm_with_clip_is_not_followed_as_onnxruntime_cannot_run_it():
     clip = units("Clip")
     assert clip.pinned
     assert any("fused activation 'Clip' not followed" in r for r in clip.pin_reasons)
+
+
+def _gelu_in_a_function_then_conv() -> onnx.ModelProto:
+    """x, a call of local function Act (a com.microsoft Gelu, onnxruntime's), conv, Relu: the
+    conv left unsized by the Gelu inside the function."""
+    b = Builder("ort_in_function")
+    act = b.op("Act", [b.input("x", [1, 3, 8, 8])], domain="local")
+    model = _with_output(b.model([b.op("Relu", [b.conv(act, 3, 8)])], ["y"]), [1, 8, 8, 8])
+    gelu = helper.make_node("Gelu", ["i"], ["o"], domain="com.microsoft")
+    opsets = [helper.make_opsetid("com.microsoft", 1)]
+    model.functions.append(helper.make_function("local", "Act", ["i"], ["o"], [gelu], opsets))
+    model.opset_import.extend([*opsets, helper.make_opsetid("local", 1)])
+    return model
+
+
+def test_eval_runs_an_onnxruntime_op_inside_a_local_function_as_read():
+    """`load_for_eval` ran a model as read when `load` refused it and it held an onnxruntime
+    op among its top-level nodes only: one inside a local function was refused though
+    onnxruntime runs it. Every node counts now, subgraphs and functions included."""
+    model = _gelu_in_a_function_then_conv()
+    with pytest.raises(onnx_mbs.passes.BadInputError, match="shape inference failed"):
+        load_model(model)
+    read = load_for_eval(model)
+    assert [n.op_type for n in read.runnable.graph.node] == [n.op_type for n in model.graph.node]
+    x = np.random.default_rng(0).random((1, 3, 8, 8), dtype=np.float32)
+    run = ort.InferenceSession(
+        read.runnable.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    assert run.run(None, {"x": x})[0].shape == (1, 8, 8, 8)
+
+
+def test_eval_refuses_an_invalid_model_that_holds_an_onnxruntime_op():
+    """Any BadInputError of `load` was taken for the onnxruntime op's doing when the model held
+    one, and the model run as read: a conv whose weight reads 4 channels of the 3 it is given
+    (load's refusal: onnxruntime refuses to run it) went on to onnxruntime's own error. Only
+    shape inference failing to size an op's outputs falls back."""
+    b = Builder("invalid")
+    h = b.op("Conv", [b.input("x", [1, 3, 8, 8]), b.weight(8, 4, 3, 3)], kernel_shape=[3, 3])
+    y = b.op("Gelu", [b.op("Relu", [h])], domain="com.microsoft")
+    model = _with_output(b.model([y], ["y"]), [1, 8, 6, 6])
+    with pytest.raises(onnx_mbs.passes.BadInputError, match="reads 3 input channels"):
+        load_for_eval(model)
