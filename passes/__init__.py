@@ -28,6 +28,7 @@ from .errors import (
     BadInputError,
     MissingExtraError,
     QuantizedModelError,
+    UninferredShapesError,
     command_line,
     option,
 )
@@ -90,6 +91,7 @@ __all__ = [
     "PassContractError",
     "PassResult",
     "QuantizedModelError",
+    "UninferredShapesError",
     "READINGS",
     "Sequential",
     "Site",
