@@ -114,6 +114,26 @@ def node(op: str, inputs: list[str], outputs: list[str] | None = None, **attrs) 
 # Generators, one per op family
 
 
+def _conv_case(
+    rng: np.random.Generator,
+    op: str,
+    inputs: list[str],
+    attrs: dict,
+    inits: dict[str, np.ndarray],
+    cin: int,
+    sizes: list[int],
+) -> Case:
+    """One `op` node (Conv or ConvTranspose) on a batch of 1 or 2 with `cin` channels of
+    `sizes`, at an opset from 7 to 22."""
+    return Case(
+        [node(op, inputs, **attrs)],
+        {"x": normal(rng, int(rng.integers(1, 3)), cin, *sizes)},
+        ["y"],
+        inits,
+        pick(rng, [7, 11, 17, 22]),
+    )
+
+
 def gen_conv(rng: np.random.Generator) -> Case:
     rank = pick(rng, [1, 2, 2, 2, 3])
     group = pick(rng, [1, 1, 2, 3])
@@ -138,13 +158,7 @@ def gen_conv(rng: np.random.Generator) -> Case:
         pads=pads,
         auto_pad=auto_pad if auto_pad != "NOTSET" or chance(rng, 0.2) else None,
     )
-    return Case(
-        [node("Conv", inputs, **attrs)],
-        {"x": normal(rng, int(rng.integers(1, 3)), cin, *sizes)},
-        ["y"],
-        inits,
-        pick(rng, [7, 11, 17, 22]),
-    )
+    return _conv_case(rng, "Conv", inputs, attrs, inits, cin, sizes)
 
 
 def gen_conv_transpose(rng: np.random.Generator) -> Case:
@@ -185,13 +199,7 @@ def gen_conv_transpose(rng: np.random.Generator) -> Case:
         output_shape=output_shape,
         auto_pad=auto_pad if auto_pad != "NOTSET" else None,
     )
-    return Case(
-        [node("ConvTranspose", inputs, **attrs)],
-        {"x": normal(rng, int(rng.integers(1, 3)), cin, *sizes)},
-        ["y"],
-        inits,
-        pick(rng, [7, 11, 17, 22]),
-    )
+    return _conv_case(rng, "ConvTranspose", inputs, attrs, inits, cin, sizes)
 
 
 def _pool_attrs(rng: np.random.Generator, rank: int, opset: int, dilate: bool) -> dict:
