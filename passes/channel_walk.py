@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 
 from .custom_ops import is_unknown_op
-from .domains import FUSED_CONV, canonical, is_default, op_id, opset_versions
+from .domains import COUNTED_CONVS, canonical, is_default, op_id, opset_versions
 from .graph import GraphIndex, channels_last, subgraph_names, subgraphs
 
 # Roles of initializer members, so importance and tests know what an axis is.
@@ -224,7 +224,7 @@ class ChannelWalk:
         custom = (not is_default(node.domain) or is_unknown_op(node)) and handler_for(
             node, self.opsets
         ) is None
-        if not inputs and op not in ("Conv", "ConvTranspose", FUSED_CONV):
+        if not inputs and op not in COUNTED_CONVS:
             if custom or subgraphs(node):
                 self.opaque(node, "op not followed")
             return  # shape arithmetic and constants carry no channels
