@@ -22,14 +22,11 @@ import onnx
 
 from .base import Pass, PassResult
 from .channel_handlers import REDUCES
-from .domains import COUNTED_CONVS, FUSED_GEMM, is_onnxruntime_op, op_id
+from .domains import COUNTED_CONVS, FUSED_GEMM, LAYER_OPS, is_onnxruntime_op, op_id
 from .errors import BadInputError, option
 from .graph import GraphIndex, attributes, channels_last, count_parameters, structure_key
 from .load import indexed
 
-# Ops of other domains whose names are counted ONNX ops' (a com.microsoft.nchwc Conv reads
-# channels blocked in eights): not counted, and listed as such.
-COUNTED_NAMES = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum")
 POOL_OPS = ("MaxPool", "AveragePool", "LpPool")
 GLOBAL_OPS = ("GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")
 # Ops whose output may have another spatial size than their input: only tensors of
@@ -631,11 +628,11 @@ def uncounted_ops(index: GraphIndex) -> list[str]:
     return [
         f"{op_id(n)} '{n.name}'"
         for n in index.nodes
-        if op_id(n) not in (*COUNTED_CONVS, *COUNTED_NAMES, FUSED_GEMM)
+        if op_id(n) not in (*COUNTED_CONVS, *LAYER_OPS, FUSED_GEMM)
         and (
-            n.op_type in COUNTED_NAMES
+            n.op_type in LAYER_OPS
             or is_onnxruntime_op(n)
-            and any(x in n.op_type for x in (*COUNTED_NAMES, "Attention"))
+            and any(x in n.op_type for x in (*LAYER_OPS, "Attention"))
         )
     ]
 

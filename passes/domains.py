@@ -37,6 +37,10 @@ FUSED_ACTIVATIONS = {
 # FusedConv is followed as the Conv it fuses (channel_handlers._fused) and sized as it
 # (custom_ops.as_fused_ops).
 COUNTED_CONVS = ("Conv", "ConvTranspose", FUSED_CONV)
+# The ONNX ops whose multiply-adds analysis.py counts (the convs and the matrix products):
+# a local function holding one is inlined (functions.py); an op of another domain named so
+# is listed as not counted (analysis.uncounted_ops).
+LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum")
 
 
 def is_default(domain: str) -> bool:

@@ -15,13 +15,10 @@ import onnx
 import onnx.inliner
 
 from .channel_walk import handler_for
-from .domains import op_id, opset_versions
+from .domains import LAYER_OPS, op_id, opset_versions
 from .errors import BadInputError
 from .graph import nested_nodes
 from .protos import without_weights
-
-# Ops whose multiply-adds analysis.py counts (domains.COUNTED_CONVS and the matrix products).
-LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum")
 
 
 def inline_layers(model: onnx.ModelProto) -> onnx.ModelProto:
