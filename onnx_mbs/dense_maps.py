@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from onnx_mbs.logits import Producers, label_source, producers_of
+from onnx_mbs.logits import RESIZES, Producers, label_source, producers_of, resize_mode
 from onnx_mbs.passes.domains import op_id
 from onnx_mbs.passes.graph import attributes, default_opset
 
@@ -49,7 +49,6 @@ _KEEPS = {
     "Reshape",
     "Flatten",
 }
-_RESIZES = {"Resize", "Upsample"}
 
 
 def map_kind(model: onnx.ModelProto | None, name: str, sample: np.ndarray) -> str | None:
@@ -85,8 +84,7 @@ def _made_by(producers: Producers, opset: int, name: str, rank: int) -> str | No
         if op == "Concat":
             kinds = {_made_by(producers, opset, i, rank) for i in node.input if i}
             return PROBABILITIES if kinds == {PROBABILITIES} else None
-        mode = attributes(node).get("mode", b"nearest") if op in _RESIZES else None
-        mode = mode.decode() if isinstance(mode, bytes) else mode
+        mode = resize_mode(node) if op in RESIZES else None
         if op not in _KEEPS and mode not in ("nearest", "linear"):
             return None
         if not node.input:

@@ -109,10 +109,18 @@ def softmax_input(
 _LABEL_KEEPS = _RESHAPES | {"Cast", "Slice", "Split", "Dropout", "MaxPool"}
 
 
+RESIZES = ("Resize", "Upsample")
+
+
+def resize_mode(node: onnx.NodeProto) -> str:
+    """A Resize's or Upsample's interpolation mode, as text ("nearest" when not given)."""
+    mode = attributes(node).get("mode", b"nearest")
+    return mode.decode() if isinstance(mode, bytes) else mode
+
+
 def _keeps_labels(node: onnx.NodeProto) -> bool:
-    if op_id(node) in ("Resize", "Upsample"):
-        mode = attributes(node).get("mode", b"nearest")
-        return (mode.decode() if isinstance(mode, bytes) else mode) == "nearest"
+    if op_id(node) in RESIZES:
+        return resize_mode(node) == "nearest"
     return op_id(node) in _LABEL_KEEPS
 
 
