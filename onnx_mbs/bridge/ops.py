@@ -691,16 +691,15 @@ def _arg_extreme(largest: bool) -> Callable[[Node], OpFn]:
         def run(x):
             a = axis % x.dim()
             size = x.shape[a]
-            y = x
-            if x.is_floating_point():
-                y = torch.where(torch.isnan(x), -math.inf if largest else math.inf, x)
+            y, nan = x, torch.isnan(x) if x.is_floating_point() else None
+            if nan is not None:
+                y = torch.where(nan, -math.inf if largest else math.inf, x)
             best = y.amax(a, keepdim=True) if largest else y.amin(a, keepdim=True)
             order = torch.arange(size, device=x.device).reshape([-1] + [1] * (x.dim() - a - 1))
-            hit = (y == best) & ~torch.isnan(x) if x.is_floating_point() else y == best
+            hit = (y == best) & ~nan if nan is not None else y == best
             index = torch.where(hit, order if last else size - 1 - order, -1).amax(a, keepdim=True)
             index = index if last else size - 1 - index
-            if x.is_floating_point():
-                nan = torch.isnan(x)
+            if nan is not None:
                 if x.dim() == 1 and not last:  # onnxruntime's 1-D path: the first NaN wins
                     first = torch.where(nan, size - 1 - order, -1).amax(a, keepdim=True)
                     index = torch.where(first >= 0, size - 1 - first, index)
