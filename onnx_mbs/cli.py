@@ -403,6 +403,7 @@ def _guessed(args: argparse.Namespace) -> str:
 
 def _eval_agreement(args: argparse.Namespace, model, source, providers, shapes) -> int:
     """`eval --teacher`: how closely each output follows the teacher's, without labels."""
+    from onnx_mbs.dense_maps import iou_note
     from onnx_mbs.evaluate import agreement, load_for_eval
 
     teacher = load_for_eval(args.teacher, shapes).runnable
@@ -443,6 +444,9 @@ def _eval_agreement(args: argparse.Namespace, model, source, providers, shapes) 
         for o in result.outputs
     ]
     print(format_table(["output", "shape", "rel. error", "cosine", "top-1 agree", "IoU"], rows))
+    dense = [o.name for o in result.outputs if o.top1 is None and len(o.shape) >= 3]
+    if note := iou_note({o.name: o.map for o in result.outputs}, dense):
+        print(note)
     print(f"agreement with the teacher on {result.samples} samples ({result.provider})")
     return 0
 

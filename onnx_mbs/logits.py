@@ -128,7 +128,7 @@ def label_source(producers: Producers, name: str) -> onnx.NodeProto | None:
     """The ArgMax whose label map tensor `name` is (through ops that keep class ids:
     `_LABEL_KEEPS`, a nearest Resize), or None. One rule for what `retrain` trains on the
     ArgMax's scores (`argmax_inputs`) and what `eval --teacher` gives a label IoU
-    (`dense_maps`)."""
+    (`dense_maps`, where the map is over the input's positions)."""
     node = producers.get(name)
     while node is not None and node.input and _keeps_labels(node):
         node = producers.get(node.input[0])
