@@ -565,7 +565,9 @@ def cmd_retrain(args: argparse.Namespace) -> int:
             )
         if result.losses:
             chosen = ", ".join(
-                f"{n}={k}" + " on the class scores its ArgMax reads" * (n in result.scores)
+                f"{n}={k}"
+                + " on the class scores its ArgMax reads" * (n in result.scores)
+                + (f" (the same as {result.shared[n]}: counted once)" if n in result.shared else "")
                 for n, k in result.losses.items()
             )
             if any(k == "kl" and n not in result.scores for n, k in result.losses.items()):

@@ -185,16 +185,16 @@ def classifier_outputs(shapes: Mapping[str, Shape], model: onnx.ModelProto | Non
     if model is None:
         return found
     producers = producers_of(model)
-    sources = {n: _source(producers, n) for n in found}
+    sources = {n: identity_source(producers, n) for n in found}
     return [
         n
         for n in found
         if (pre := softmax_input(model, n, ("Softmax", "LogSoftmax"), producers)) is None
-        or _source(producers, pre) not in {s for m, s in sources.items() if m != n}
+        or identity_source(producers, pre) not in {s for m, s in sources.items() if m != n}
     ]
 
 
-def _source(producers: Producers, name: str) -> str:
+def identity_source(producers: Producers, name: str) -> str:
     """`name` followed back through Identity nodes: two outputs of one tensor meet there."""
     while (node := producers.get(name)) is not None and op_id(node) == "Identity":
         name = node.input[0]

@@ -68,6 +68,7 @@ from onnx_mbs.bridge.losses import (
     default_loss,
     distillation_loss,
     normalised_mse,
+    shared_terms,
 )
 from onnx_mbs.bridge.module import (
     OnnxModule,
@@ -92,7 +93,9 @@ from onnx_mbs.logits import (
     choose_logits,
     classes_of,
     classifier_outputs,
+    identity_source,
     is_none,
+    producers_of,
     softmax_inputs,
 )
 from onnx_mbs.passes.errors import BadInputError, option
@@ -132,6 +135,8 @@ class RetrainResult:
     losses: dict[str, str] = field(default_factory=dict)  # per output, with a teacher
     # Outputs an ArgMax makes, trained on the scores it reads: {output: scores tensor}.
     scores: dict[str, str] = field(default_factory=dict)
+    # Outputs whose loss term another output's is (`losses.shared_terms`): {output: that one}.
+    shared: dict[str, str] = field(default_factory=dict)
     labels_used: bool = False
     augment: str = "none"  # what augmentation ran, in words
     schedule: str = ""  # optimizer, learning rate, warm-up and decay, in words
@@ -303,6 +308,26 @@ def _as_chosen(
         return out
 
     return chosen
+
+
+def _reads(
+    model: onnx.ModelProto,
+    teacher: onnx.ModelProto | None,
+    kinds: Mapping[str, str],
+    student_pre: Mapping[str, str],
+    teacher_pre: Mapping[str, str],
+) -> dict[str, tuple[str, str]]:
+    """{output: (the student's tensor its loss reads, the teacher's)}, through Identity nodes."""
+    if teacher is None:
+        return {}
+    ours, theirs = producers_of(model), producers_of(teacher)
+    return {
+        n: (
+            identity_source(ours, student_pre.get(n, n)),
+            identity_source(theirs, teacher_pre.get(n, n)),
+        )
+        for n in kinds
+    }
 
 
 def _batches(samples: Samples, size: int, limit: int) -> Iterator[torch.Tensor]:
@@ -672,6 +697,8 @@ def retrain(
         scores = {n: t for n, t in student_maps.items() if kinds.get(n, "none") != "none"}
         student_pre |= scores
         teacher_pre |= {n: teacher_maps[n] for n in scores}
+        shared = shared_terms(kinds, _reads(model, teacher, kinds, student_pre, teacher_pre), axes)
+        counted = {n: k for n, k in kinds.items() if n not in shared}  # each term once
         net: torch.nn.Module = student
         if world > 1:
             read = [student_pre.get(n, n) for n, k in kinds.items() if k != "none"]
@@ -790,7 +817,7 @@ def retrain(
                     with torch.no_grad(), _autocast(dev, amp):
                         out_t = _named(teacher_module, teacher_module(xb))
                         soft = _scores(out_t, teacher_pre)
-                    loss = alpha * distillation_loss(out, soft, kinds, temperature, axes)
+                    loss = alpha * distillation_loss(out, soft, counted, temperature, axes)
                     for name in features:
                         loss = loss + alpha * feature_weight * normalised_mse(out[name], soft[name])
                 if labels_used:
@@ -932,6 +959,7 @@ def retrain(
         world_size=world,
         bn_reinserted=len(inserted),
         losses=kinds,
+        shared=shared,
         scores=scores,
         labels_used=labels_used,
         augment=augment_text,
