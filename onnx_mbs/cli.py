@@ -572,7 +572,13 @@ def cmd_retrain(args: argparse.Namespace) -> int:
             )
             if any(k == "kl" and n not in result.scores for n, k in result.losses.items()):
                 chosen += _guessed(args)  # a classifier output found by its shape
-            labels = "+ cross-entropy on labels" if result.labels_used else "no labels used"
+            # Without labels the teacher's top-1 stands in for them (`retrain`).
+            pseudo = "; + cross-entropy on the teacher's top-1 (pseudo-labels)"
+            labels = (
+                "+ cross-entropy on labels"
+                if result.labels_used
+                else "no labels used" + pseudo * (result.logits is not None)
+            )
             print(f"distillation: {chosen}; {labels}", file=sys.stderr)
         elif result.logits is not None:
             print(f"cross-entropy on output '{result.logits}'{_guessed(args)}", file=sys.stderr)

@@ -480,7 +480,9 @@ def test_cli_logits_none(tmp_path, train, capsys) -> None:
         "none",
     ]
     assert main(retrain_args) == 0
-    assert "distillation: out=kl (chosen by its shape" in capsys.readouterr().err
+    err = capsys.readouterr().err  # the pseudo-labels' cross-entropy was left unsaid
+    assert "distillation: out=kl (chosen by its shape" in err
+    assert "; no labels used; + cross-entropy on the teacher's top-1 (pseudo-labels)" in err
     assert main([*retrain_args, "--logits", "none"]) == 0
     assert "distillation: out=mse; no labels used" in capsys.readouterr().err
     # Labels 0..9 for a (batch, 4) output: refused as logits, read without labels with none.
