@@ -550,10 +550,51 @@ def test_integer_outputs_no_loss_can_train_are_refused_in_one_line(segnet, image
     argmin = onnx.load(segnet[0])
     argmin.graph.node[-1].op_type = "ArgMin"
     x = (images[1], None)
-    with pytest.raises(BadInputError, match="'labels' holds int64 values.*labels=none"):
+    # Named as Python spells it (it said losses='labels=none', which retrain cannot read).
+    with pytest.raises(BadInputError, match="'labels' holds int64 values.*'labels': 'none'"):
         retrain(argmin, x, teacher=argmin, epochs=1, batch_size=16, progress=False)
-    with pytest.raises(BadInputError, match="not made by an ArgMax.*labels=none"):
+    with pytest.raises(BadInputError, match="not made by an ArgMax.*'labels': 'none'"):
         retrain(teacher, x, teacher=argmin, epochs=1, batch_size=16, progress=False)
+
+
+class _Decisions(torch.nn.Module):
+    """conv, a 4-class head, and two outputs no loss can train: the head's positive classes
+    (bool, (batch, 4)) and its least likely class (an ArgMin's int64 (batch,))."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = torch.nn.Conv2d(3, 4, 3, stride=4), torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        z = self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+        return z, z > 0, z.argmin(1)
+
+
+def test_every_output_no_loss_can_train_is_named_in_one_refusal(images, tmp_path, capsys) -> None:
+    """Two outputs without a gradient: the refusal named the first only, so a run was refused
+    once per output, each time naming one more `--loss OUTPUT=none`. One line names them all
+    with the options that leave them out, as the door in use spells them."""
+    from onnx_mbs.models.export import export_onnx
+
+    torch.manual_seed(0)
+    names = ("logits", "pos", "worst")
+    model = export_onnx(_Decisions(), (1, 3, 64, 64), dynamic_batch=True, output_names=names)
+    x = (images[1][:16], None)
+    said = (
+        r"outputs 'pos' \(bool\) and 'worst' \(int64\) hold values that carry no gradient: no "
+        r"loss can train them; leave them out with losses=\{'pos': 'none', 'worst': 'none'\}$"
+    )
+    with pytest.raises(BadInputError, match=said):
+        retrain(model, x, teacher=model, epochs=1, batch_size=8, progress=False)
+    path = save_model(model, tmp_path / "m.onnx")
+    args = ["retrain", str(path), "-o", str(tmp_path / "o.onnx"), "--data", str(images[0])]
+    assert main([*args, "--teacher", str(path), "--limit", "16", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("onnx-mbs: error: outputs 'pos' (bool) and 'worst' (int64)")
+    assert err[-1].endswith("leave them out with --loss pos=none --loss worst=none"), err
+    kept = {"pos": "none", "worst": "none"}
+    result = retrain(model, x, teacher=model, epochs=1, batch_size=8, progress=False, losses=kept)
+    assert result.losses == {"logits": "kl", **kept}
 
 
 class _LabelsAfter(torch.nn.Module):

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from onnx_mbs.logits import classes_of, is_none
-from onnx_mbs.passes.errors import BadInputError, option
+from onnx_mbs.passes.errors import BadInputError, keyword, on_command_line, option
 
 KINDS = ("kl", "mse", "none")
 
@@ -45,6 +45,14 @@ def parse_loss_specs(specs: Sequence[str] | None) -> dict[str, str]:
             )
         chosen[name] = kind
     return chosen
+
+
+def left_out(names: Sequence[str]) -> str:
+    """The options that give `names` no loss, as the door in use spells them: `--loss a=none
+    --loss b=none`, `losses={'a': 'none', 'b': 'none'}`."""
+    if on_command_line():
+        return " ".join(option("--loss", f"{n}=none") for n in names)
+    return f"{keyword('--loss')}={dict.fromkeys(names, 'none')!r}"
 
 
 def is_logits(shape: Sequence[int]) -> bool:

@@ -67,6 +67,7 @@ from onnx_mbs.bridge.losses import (
     choose_losses,
     default_loss,
     distillation_loss,
+    left_out,
     normalised_mse,
     shared_terms,
 )
@@ -1058,8 +1059,10 @@ def _check_trainable(
     teacher_maps: Mapping[str, str],
 ) -> None:
     """Every output a loss reads must carry a gradient: a label map an ArgMax makes is read
-    through its scores, which the teacher must have too; any other integer or boolean output
-    (indices, counts, a mask) is refused naming the `--loss OUTPUT=none` that leaves it out."""
+    through its scores, which the teacher must have too; the other integer or boolean outputs
+    (indices, counts, a mask) are refused in one line naming them all and the `--loss
+    OUTPUT=none` options that leave them out."""
+    held: dict[str, str] = {}
     for out in model.graph.output:
         if kinds.get(out.name, "none") == "none":
             continue
@@ -1068,17 +1071,24 @@ def _check_trainable(
                 raise BadInputError(
                     f"output '{out.name}' is an ArgMax's label map, trained on the scores it "
                     "reads, but the teacher's output of that name is not made by an ArgMax: "
-                    f"distil from the original, or leave it out with "
-                    f"{option('--loss', f'{out.name}=none')}"
+                    f"distil from the original, or leave it out with {left_out([out.name])}"
                 )
             continue
         elem = out.type.tensor_type.elem_type
         if elem and elem not in FLOAT_TYPES:
-            raise BadInputError(
-                f"output '{out.name}' holds {onnx.TensorProto.DataType.Name(elem).lower()} "
-                "values, which carry no gradient: no loss can train it; leave it out with "
-                f"{option('--loss', f'{out.name}=none')}"
-            )
+            held[out.name] = onnx.TensorProto.DataType.Name(elem).lower()
+    if len(held) == 1:
+        ((name, kind),) = held.items()
+        raise BadInputError(
+            f"output '{name}' holds {kind} values, which carry no gradient: no loss can train "
+            f"it; leave it out with {left_out([name])}"
+        )
+    if held:
+        named = [f"'{n}' ({t})" for n, t in held.items()]
+        raise BadInputError(
+            f"outputs {', '.join(named[:-1])} and {named[-1]} hold values that carry no "
+            f"gradient: no loss can train them; leave them out with {left_out(list(held))}"
+        )
 
 
 def _check_gradient(
