@@ -305,9 +305,9 @@ def agreement(
                         f"output '{name}' has shape {list(s.shape)} in the model but "
                         f"{list(t.shape)} in the teacher: they must match"
                     )
-                totals.setdefault(
-                    name, _Accumulator(name, tuple(s.shape), not is_none(logits), graph)
-                ).add(s, t)
+                # Integers or booleans (indices, a decision) are never a classifier's scores.
+                scores = not is_none(logits) and np.issubdtype(s.dtype, np.floating)
+                totals.setdefault(name, _Accumulator(name, tuple(s.shape), scores, graph)).add(s, t)
             samples += len(batch.x)
             bar.update(len(batch.x))
     if samples == 0:

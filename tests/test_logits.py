@@ -260,6 +260,44 @@ def test_a_classifier_exported_with_its_softmax_and_argmax_distils_once(
     assert said in capsys.readouterr().err
 
 
+def _with_decisions(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with two more outputs of its logits' (batch, 4) shape holding no scores: its
+    positive classes (bool, a multi-label decision) and their count per class as int32."""
+    g = model.graph
+    g.initializer.append(onnx.numpy_helper.from_array(np.zeros(1, np.float32), "zero"))
+    g.node.extend([helper.make_node("Greater", ["out", "zero"], ["pos"]),
+                   helper.make_node("Cast", ["pos"], ["votes"], to=TensorProto.INT32)])  # fmt: skip
+    g.output.extend(
+        helper.make_tensor_value_info(n, t, ["batch", 4])
+        for n, t in (("pos", TensorProto.BOOL), ("votes", TensorProto.INT32))
+    )
+    return model
+
+
+def test_integer_and_boolean_outputs_are_never_logits(train, tmp_path, capsys) -> None:
+    """A (batch, classes) bool or integer output beside the logits (a multi-label decision)
+    holds no scores, but was counted as a classifier output by its shape: labelled `eval` and
+    `retrain` were refused until `--logits` named the logits, `--logits pos` was taken, and
+    `eval --teacher` gave it a top-1 agreement, the argmax of booleans. Only float outputs are
+    logits."""
+    model = _with_decisions(quadnet())
+    shapes = declared_shapes(model)
+    assert choose_logits(shapes, model) == "out"
+    with pytest.raises(BadInputError, match=r"'pos' \(batch, 4\) holds bool values"):
+        choose_logits(shapes, model, "pos")
+    path = str(tmp_path / "m.onnx")
+    onnx.save(model, path)
+    pixels = np.clip(train[0] * 100 + 100, 0, 255).astype(np.uint8)
+    data = write_npz(tmp_path / "d.npz", x=pixels, y=train[1])
+    assert main(["eval", path, "--data", data, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["output"] == "out"
+    assert main(["eval", path, "--data", data, "--teacher", path, "--json"]) == 0
+    outputs = json.loads(capsys.readouterr().out)["outputs"]
+    assert outputs["out"]["top1"] == 1.0
+    assert outputs["pos"]["top1"] is None and outputs["votes"]["top1"] is None
+    assert retrain(model, train, None, **KW).logits == "out"
+
+
 def test_retrain_refuses_to_guess_between_classifier_shaped_outputs(train) -> None:
     model = quadnet("emb")
     with pytest.raises(BadInputError, match=r"2 classifier-shaped outputs .*logits=.OUTPUT."):
