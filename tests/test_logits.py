@@ -166,7 +166,7 @@ def test_label_refusal_names_the_data_past_a_drive_letter(tmp_path) -> None:
 class QuadNet(nn.Module):
     """Logits, or what a Keras/Caffe export gives: probabilities, log-probabilities, or the
     logits as (batch, classes, 1, 1); 'emb' also returns the features before them, first;
-    'three' the logits, their Softmax and their ArgMax."""
+    'derived' the logits, their Softmax, LogSoftmax and ArgMax."""
 
     def __init__(self, head: str = "logits") -> None:
         super().__init__()
@@ -185,14 +185,15 @@ class QuadNet(nn.Module):
             return z[:, :, None, None]
         if self.head == "emb":
             return features, z
-        if self.head == "three":
-            return z, torch.softmax(z, 1), z.argmax(1)
+        if self.head == "derived":
+            return z, torch.softmax(z, 1), torch.log_softmax(z, 1), z.argmax(1)
         return z
 
 
 def quadnet(head: str = "logits", seed: int = 0) -> onnx.ModelProto:
     torch.manual_seed(seed)
-    names = {"emb": ("features", "logits"), "three": ("out", "probs", "pred")}.get(head, ("out",))
+    names = {"emb": ("features", "logits"), "derived": ("out", "probs", "logp", "pred")}
+    names = names.get(head, ("out",))
     return export_onnx(QuadNet(head), (1, 1, 8, 8), dynamic_batch=True, output_names=names)
 
 
@@ -233,29 +234,31 @@ def test_probabilities_distil_as_their_logits(train, head) -> None:
 def test_a_classifier_exported_with_its_softmax_and_argmax_distils_once(
     train, labelled, tmp_path, capsys
 ) -> None:
-    """Logits exported beside their Softmax and their ArgMax: each output's KL read the logits
-    (the Softmax's input, the scores the ArgMax reads), so one classifier's distillation was
-    counted three times, three times distill_alpha's weight against the cross-entropy (on
-    labels, or the teacher's argmax without). A term another output's repeats counts once:
-    the losses are the logits-alone model's, step for step, and the printed line says so."""
+    """Logits exported beside their Softmax, LogSoftmax and ArgMax: each output's KL read the
+    logits (the Softmax's input, the scores the ArgMax reads) or log-probabilities (the same
+    KL: softmax ignores a per-row shift), so one classifier's distillation was counted four
+    times, four times distill_alpha's weight against the cross-entropy (on labels, or the
+    teacher's argmax without). A term another output's repeats counts once: the losses are
+    the logits-alone model's, step for step, and the printed line says so."""
     x = train if labelled else (train[0], None)
     plain = retrain(quadnet(), x, None, teacher=quadnet(seed=1), **KW)
-    three = retrain(quadnet("three"), x, None, teacher=quadnet("three", seed=1), **KW)
-    assert three.losses == {"out": "kl", "probs": "kl", "pred": "kl"}
-    assert three.shared == {"probs": "out", "pred": "out"}
-    assert _losses(three) == pytest.approx(_losses(plain), rel=1e-4)
+    derived = retrain(quadnet("derived"), x, None, teacher=quadnet("derived", seed=1), **KW)
+    assert derived.losses == {"out": "kl", "probs": "kl", "logp": "kl", "pred": "kl"}
+    assert derived.shared == {"probs": "out", "logp": "out", "pred": "out"}
+    assert _losses(derived) == pytest.approx(_losses(plain), rel=1e-4)
     if not labelled:
         return
     paths = [tmp_path / f"{seed}.onnx" for seed in (0, 1)]
     for seed, path in enumerate(paths):
-        onnx.save(quadnet("three", seed), path)
+        onnx.save(quadnet("derived", seed), path)
     pixels = np.clip(train[0] * 100 + 100, 0, 255).astype(np.uint8)
     data = write_npz(tmp_path / "d.npz", x=pixels, y=train[1])
     args = ["retrain", str(paths[0]), "-o", str(tmp_path / "o.onnx"), "--data", data]
     assert main([*args, "--teacher", str(paths[1]), "--epochs", "1", "--augment", "none"]) == 0
     said = (
-        "distillation: out=kl, probs=kl (the same as out: counted once), pred=kl on the "
-        "class scores its ArgMax reads (the same as out: counted once) (chosen by its shape"
+        "distillation: out=kl, probs=kl (the same as out: counted once), logp=kl (the same as "
+        "out: counted once), pred=kl on the class scores its ArgMax reads (the same as out: "
+        "counted once) (chosen by its shape"
     )
     assert said in capsys.readouterr().err
 

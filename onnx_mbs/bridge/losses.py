@@ -11,9 +11,9 @@ A label map an in-graph ArgMax makes (integers: no gradient) is compared through
 scores the ArgMax reads (`onnx_mbs.logits.argmax_inputs`), by KL along the ArgMax's axis at
 every position (pixel-wise distillation): the ArgMax decides on the scores' differences, which
 a squared error relative to the scores' size, offset included, barely sees.
-Outputs whose losses read the same tensors (logits exported with their Softmax and their ArgMax:
-each reads the logits) are one term, counted once (`shared_terms`), so that one classifier weighs
-as one against the cross-entropy and the other outputs.
+Outputs whose losses read the same tensors (logits exported with their Softmax, LogSoftmax or
+ArgMax: each KL reads the logits) are one term, counted once (`shared_terms`), so that one
+classifier weighs as one against the cross-entropy and the other outputs.
 `--loss NAME=kl|mse|none` overrides. The shape rule cannot tell a (batch, 4) box or an angle's
 (sin, cos) from logits, and KL ignores a per-sample shift a regression output must not drift by:
 `--logits none` says the model has no logits, and every output then defaults to mse.
@@ -112,8 +112,8 @@ def shared_terms(
 ) -> dict[str, str]:
     """{output: the output whose loss term it repeats}, for the outputs whose loss compares
     the same student and teacher tensors (`reads`, through Identity nodes) by the same kind
-    along the same class axis (`axes`, 1 where not given) as another: the Softmax and the
-    ArgMax of exported logits are trained on the logits, the same KL again. The output that
+    along the same class axis (`axes`, 1 where not given) as another: the Softmax, LogSoftmax
+    and ArgMax of exported logits are trained on the logits, the same KL again. The output that
     is the tensor it reads keeps the term (else the first)."""
     axes, owner, shared = axes or {}, {}, {}
     for name in sorted(kinds, key=lambda n: reads[n][0] != n):

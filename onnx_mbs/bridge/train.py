@@ -97,6 +97,7 @@ from onnx_mbs.logits import (
     identity_source,
     is_none,
     producers_of,
+    softmax_input,
     softmax_inputs,
 )
 from onnx_mbs.passes.errors import BadInputError, option
@@ -318,17 +319,19 @@ def _reads(
     student_pre: Mapping[str, str],
     teacher_pre: Mapping[str, str],
 ) -> dict[str, tuple[str, str]]:
-    """{output: (the student's tensor its loss reads, the teacher's)}, through Identity nodes."""
+    """{output: (the student's tensor its loss reads, the teacher's)}, through Identity nodes,
+    and for a KL through a class-axis LogSoftmax (softmax ignores its per-row shift: the KL of
+    log-probabilities is their logits')."""
     if teacher is None:
         return {}
-    ours, theirs = producers_of(model), producers_of(teacher)
-    return {
-        n: (
-            identity_source(ours, student_pre.get(n, n)),
-            identity_source(theirs, teacher_pre.get(n, n)),
-        )
-        for n in kinds
-    }
+
+    def read(graph: onnx.ModelProto, pre: Mapping[str, str], name: str) -> str:
+        producers, tensor = producers_of(graph), pre.get(name, name)
+        if kinds[name] == "kl":
+            tensor = softmax_input(graph, tensor, ("LogSoftmax",), producers) or tensor
+        return identity_source(producers, tensor)
+
+    return {n: (read(model, student_pre, n), read(teacher, teacher_pre, n)) for n in kinds}
 
 
 def _batches(samples: Samples, size: int, limit: int) -> Iterator[torch.Tensor]:
