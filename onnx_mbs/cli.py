@@ -403,6 +403,7 @@ def _guessed(args: argparse.Namespace) -> str:
 
 def _eval_agreement(args: argparse.Namespace, model, source, providers, shapes) -> int:
     """`eval --teacher`: how closely each output follows the teacher's, without labels."""
+    from onnx_mbs.dense_maps import iou_note
     from onnx_mbs.evaluate import agreement, load_for_eval
 
     teacher = load_for_eval(args.teacher, shapes).runnable
@@ -443,6 +444,9 @@ def _eval_agreement(args: argparse.Namespace, model, source, providers, shapes) 
         for o in result.outputs
     ]
     print(format_table(["output", "shape", "rel. error", "cosine", "top-1 agree", "IoU"], rows))
+    dense = [o.name for o in result.outputs if o.top1 is None and len(o.shape) >= 3]
+    if note := iou_note({o.name: o.map for o in result.outputs}, dense):
+        print(note)
     print(f"agreement with the teacher on {result.samples} samples ({result.provider})")
     return 0
 
@@ -561,12 +565,20 @@ def cmd_retrain(args: argparse.Namespace) -> int:
             )
         if result.losses:
             chosen = ", ".join(
-                f"{n}={k}" + " on the class scores its ArgMax reads" * (n in result.scores)
+                f"{n}={k}"
+                + " on the class scores its ArgMax reads" * (n in result.scores)
+                + (f" (the same as {result.shared[n]}: counted once)" if n in result.shared else "")
                 for n, k in result.losses.items()
             )
             if any(k == "kl" and n not in result.scores for n, k in result.losses.items()):
                 chosen += _guessed(args)  # a classifier output found by its shape
-            labels = "+ cross-entropy on labels" if result.labels_used else "no labels used"
+            # Without labels the teacher's top-1 stands in for them (`retrain`).
+            pseudo = "; + cross-entropy on the teacher's top-1 (pseudo-labels)"
+            labels = (
+                "+ cross-entropy on labels"
+                if result.labels_used
+                else "no labels used" + pseudo * (result.logits is not None)
+            )
             print(f"distillation: {chosen}; {labels}", file=sys.stderr)
         elif result.logits is not None:
             print(f"cross-entropy on output '{result.logits}'{_guessed(args)}", file=sys.stderr)

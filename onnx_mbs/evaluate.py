@@ -183,9 +183,11 @@ class OutputAgreement:
     relative_error: ||student - teacher|| / ||teacher|| over all samples; cosine: the mean
     per-sample cosine similarity (1 where both are all zero); top1: the fraction of samples
     whose argmax class agrees (classifier outputs only, `onnx_mbs.logits`); iou: for label
-    maps, probability maps and class-probability maps, the mean IoU `onnx_mbs.dense_maps`
-    defines; None for any other output (a regression map has none). Non-finite student values
-    never count as agreeing.
+    maps, masks, probability maps and class-probability maps over the input's positions, the
+    mean IoU `onnx_mbs.dense_maps` defines; None for any other output (a regression map, a
+    detector's grid); map: which of those the graph makes the output (`dense_maps.LABELS`,
+    ...), what its IoU is of, None with no IoU. Non-finite student values never count as
+    agreeing.
     """
 
     name: str
@@ -194,6 +196,7 @@ class OutputAgreement:
     cosine: float
     top1: float | None = None
     iou: float | None = None
+    map: str | None = None
 
 
 @dataclass
@@ -246,7 +249,8 @@ class _Accumulator:
         rel = math.sqrt(self.sq_err / self.sq_ref) if self.sq_ref > 0 else math.sqrt(self.sq_err)
         top1 = self.hits / self.count if self.classifier else None
         iou = self.iou.mean() if self.iou is not None else None
-        return OutputAgreement(self.name, self.shape, rel, self.cosine / self.count, top1, iou)
+        cosine, kind = self.cosine / self.count, self.kind or None
+        return OutputAgreement(self.name, self.shape, rel, cosine, top1, iou, kind)
 
 
 def agreement(
@@ -301,9 +305,9 @@ def agreement(
                         f"output '{name}' has shape {list(s.shape)} in the model but "
                         f"{list(t.shape)} in the teacher: they must match"
                     )
-                totals.setdefault(
-                    name, _Accumulator(name, tuple(s.shape), not is_none(logits), graph)
-                ).add(s, t)
+                # Integers or booleans (indices, a decision) are never a classifier's scores.
+                scores = not is_none(logits) and np.issubdtype(s.dtype, np.floating)
+                totals.setdefault(name, _Accumulator(name, tuple(s.shape), scores, graph)).add(s, t)
             samples += len(batch.x)
             bar.update(len(batch.x))
     if samples == 0:

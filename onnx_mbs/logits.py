@@ -2,13 +2,15 @@
 label check, so the three never read different outputs.
 
 A classifier output has shape (batch, classes) with more than one class, or (batch, classes,
-1, ..., 1) (a 1x1-Conv head without Flatten, SqueezeNet style). An output that is the Softmax
-of another such output (logits and probabilities both exported) is the same classifier and
-gives way to it. One candidate left: it is the logits. Several: the user names one
-(`--logits OUTPUT`); none, e.g. a (batch, 1) binary score: there is no top-1 to take.
-The rule reads shapes alone, so a regression head of K > 1 values ((batch, 4) box
-coordinates, an angle's (sin, cos)) looks like logits: `--logits none` (`NONE`) says the model
-has none, and no output is then read as one (no top-1, no label check, no KL by default).
+1, ..., 1) (a 1x1-Conv head without Flatten, SqueezeNet style), and floats: an integer or
+boolean output of that shape (TopK indices, a multi-label decision) holds no scores. An
+output that is the Softmax of another such output (logits and probabilities both exported)
+is the same classifier and gives way to it. One candidate left: it is the logits. Several:
+the user names one (`--logits OUTPUT`); none, e.g. a (batch, 1) binary score: there is no
+top-1 to take. The rule reads shapes (and types) alone, so a regression head of K > 1
+values ((batch, 4) box coordinates, an angle's (sin, cos)) looks like logits: `--logits none`
+(`NONE`) says the model has none, and no output is then read as one (no top-1, no label
+check, no KL by default).
 
 Probabilities (an output a class-axis Softmax makes) rank classes as their logits do, but
 cross-entropy and temperature KL on them are on the wrong scale (the loss cannot fall below
@@ -26,7 +28,7 @@ import onnx
 
 from onnx_mbs.passes.domains import op_id
 from onnx_mbs.passes.errors import BadInputError, option
-from onnx_mbs.passes.graph import attributes, default_opset
+from onnx_mbs.passes.graph import FLOAT_TYPES, attributes, default_opset
 
 Shape = Sequence[int | None]  # None (or 0): a dim not known
 
@@ -128,7 +130,7 @@ def label_source(producers: Producers, name: str) -> onnx.NodeProto | None:
     """The ArgMax whose label map tensor `name` is (through ops that keep class ids:
     `_LABEL_KEEPS`, a nearest Resize), or None. One rule for what `retrain` trains on the
     ArgMax's scores (`argmax_inputs`) and what `eval --teacher` gives a label IoU
-    (`dense_maps`)."""
+    (`dense_maps`, where the map is over the input's positions)."""
     node = producers.get(name)
     while node is not None and node.input and _keeps_labels(node):
         node = producers.get(node.input[0])
@@ -179,22 +181,36 @@ def softmax_inputs(model: onnx.ModelProto) -> dict[str, str]:
     return {name: pre for name, pre in found.items() if pre is not None}
 
 
+def non_float(model: onnx.ModelProto | None) -> dict[str, str]:
+    """{output: its element type, lower case} for the outputs declared to hold integers or
+    booleans (indices, counts, a multi-label decision): never scores, whatever their shape."""
+    if model is None:
+        return {}
+    return {
+        o.name: onnx.TensorProto.DataType.Name(elem).lower()
+        for o in model.graph.output
+        if (elem := o.type.tensor_type.elem_type) and elem not in FLOAT_TYPES
+    }
+
+
 def classifier_outputs(shapes: Mapping[str, Shape], model: onnx.ModelProto | None) -> list[str]:
-    """The outputs that are classifier scores (see the module), the Softmax of another left out."""
-    found = [name for name, shape in shapes.items() if classes_of(shape) is not None]
+    """The float outputs that are classifier scores (see the module), the Softmax of another
+    left out."""
+    held = non_float(model)
+    found = [n for n, shape in shapes.items() if classes_of(shape) is not None and n not in held]
     if model is None:
         return found
     producers = producers_of(model)
-    sources = {n: _source(producers, n) for n in found}
+    sources = {n: identity_source(producers, n) for n in found}
     return [
         n
         for n in found
         if (pre := softmax_input(model, n, ("Softmax", "LogSoftmax"), producers)) is None
-        or _source(producers, pre) not in {s for m, s in sources.items() if m != n}
+        or identity_source(producers, pre) not in {s for m, s in sources.items() if m != n}
     ]
 
 
-def _source(producers: Producers, name: str) -> str:
+def identity_source(producers: Producers, name: str) -> str:
     """`name` followed back through Identity nodes: two outputs of one tensor meet there."""
     while (node := producers.get(name)) is not None and op_id(node) == "Identity":
         name = node.input[0]
@@ -238,6 +254,11 @@ def choose_logits(
             raise BadInputError(
                 f"{option('--logits')} output {_described([chosen], shapes)} is not a "
                 "classifier's: logits are (batch, classes) with more than one class"
+            )
+        if (kind := non_float(model).get(chosen)) is not None:
+            raise BadInputError(
+                f"{option('--logits')} output {_described([chosen], shapes)} holds {kind} "
+                "values, not a classifier's scores: logits are floats"
             )
         return chosen
     found = classifier_outputs(shapes, model)
@@ -308,8 +329,10 @@ def has_top1(model: onnx.ModelProto, chosen: str | None = None) -> bool:
         return True
     if len(classifier_outputs(shapes, model)) > 1:
         choose_logits(shapes, model)  # refused, naming them
+    held = non_float(model)
     return any(
-        len(s) >= 2 and s[1] != 1 and all(d in (1, None) for d in s[2:]) for s in shapes.values()
+        len(s) >= 2 and s[1] != 1 and all(d in (1, None) for d in s[2:]) and n not in held
+        for n, s in shapes.items()
     )
 
 

@@ -183,6 +183,85 @@ def test_iou_only_where_it_means_something_and_as_numpy_computes_it(tmp_path, ca
     assert result["classes"]["iou"] == pytest.approx(_mean_iou(s, t, range(4)))
     assert result["classes"]["iou"] == pytest.approx(result["labels"]["iou"])
     assert result["mask"]["iou"] == pytest.approx(_mean_iou(ours["mask"], theirs["mask"], [True]))
+    maps = {"labels": "labels", "flabels": "labels", "prob": "probabilities", "mask": "mask"}
+    assert {n: o["map"] for n, o in result.items() if o["map"]} == maps | {"classes": "classes"}
+
+
+def _grid_heads(seed: int, volume: bool = False) -> onnx.ModelProto:
+    """A YOLO-style head: one Conv's (batch, 3 * 7, 8, 8) scores viewed as (batch, 3 anchors,
+    7, 8, 8) and permuted to (batch, 3, 8, 8, 7) (xywh, objectness, 2 classes), then a Sigmoid
+    over all of it ('grid'), a boolean of it ('gmask'), the class ids along its last axis
+    ('cls', (batch, 3, 8, 8)) and a Softmax over its anchors ('soft'). `volume`: a 3-D
+    segmentation net instead, a (batch, 2, 4, 8, 8) Sigmoid map of a (batch, 3, 4, 8, 8) input."""
+    rng = np.random.default_rng(seed)
+    h, f = onnx.helper, onnx.TensorProto.FLOAT
+    if volume:
+        w = rng.normal(size=(2, 3, 3, 3, 3)).astype(np.float32)
+        nodes = [h.make_node("Conv", ["x", "w"], ["raw"], pads=[1] * 6),
+                 h.make_node("Sigmoid", ["raw"], ["vol"])]  # fmt: skip
+        inits, shape = {"w": w}, ["n", 3, 4, 8, 8]
+        outputs = [("vol", f)]
+    else:
+        nodes = [
+            h.make_node("Conv", ["x", "w"], ["raw"], pads=[1, 1, 1, 1]),
+            h.make_node("Reshape", ["raw", "view"], ["r5"]),
+            h.make_node("Transpose", ["r5"], ["t5"], perm=[0, 1, 3, 4, 2]),
+            h.make_node("Sigmoid", ["t5"], ["grid"]),
+            h.make_node("Greater", ["grid", "half"], ["gmask"]),
+            h.make_node("ArgMax", ["t5"], ["cls"], axis=-1, keepdims=0),
+            h.make_node("Softmax", ["t5"], ["soft"], axis=1),
+        ]
+        inits = {
+            "w": rng.normal(size=(21, 3, 3, 3)).astype(np.float32),
+            "view": np.array([0, 3, 7, 8, 8]), "half": np.array([0.5], np.float32),
+        }  # fmt: skip
+        shape = ["n", 3, 8, 8]
+        i64, b = onnx.TensorProto.INT64, onnx.TensorProto.BOOL
+        outputs = [("grid", f), ("gmask", b), ("cls", i64), ("soft", f)]
+    graph = h.make_graph(
+        nodes,
+        "grid",
+        [h.make_tensor_value_info("x", f, shape)],
+        [h.make_tensor_value_info(n, t, None) for n, t in outputs],
+        [onnx.numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    model.ir_version = 8
+    return onnx.shape_inference.infer_shapes(model)
+
+
+@pytest.mark.parametrize("volume", [False, True])
+def test_iou_only_for_maps_over_the_inputs_positions(volume, tmp_path, capsys) -> None:
+    """A YOLO head's (batch, anchors, H, W, 5 + classes) Sigmoid output got a 'foreground IoU'
+    per anchor of box coordinates, objectness and class scores thresholded at 0.5, and its
+    boolean, its class ids along the last axis and a Softmax over its anchors got IoUs too:
+    figures that mean nothing. A map has an IoU only at the input's rank ((batch, C, H, W)
+    probabilities, classes or mask of an image; (batch, H, W) labels, or (batch, 1, H, W)),
+    as a 3-D net's (batch, C, D, H, W) Sigmoid map of a (batch, 3, D, H, W) input still has;
+    the report names what each IoU is of, and why the others have none."""
+    teacher, student = _grid_heads(0, volume), _grid_heads(0, volume)
+    w = student.graph.initializer[0]
+    noisy = onnx.numpy_helper.to_array(w) + np.random.default_rng(1).normal(size=w.dims) * 0.3
+    w.CopyFrom(onnx.numpy_helper.from_array(noisy.astype(np.float32), "w"))
+    rng = np.random.default_rng(2)
+    # A volume is fed as it is (model-ready float32); images are read as uint8 pixels.
+    x = rng.random((12, 3, 4, 8, 8), np.float32) if volume else rng.integers(0, 256, (12, 3, 8, 8))
+    np.savez(tmp_path / "x.npz", x=x if volume else x.astype(np.uint8))
+    paths = [save_model(m, tmp_path / f"{n}.onnx") for n, m in (("t", teacher), ("s", student))]
+    if volume:
+        (ours,), (theirs,) = run(student, x), run(teacher, x)
+        result = _agreement(paths[1], paths[0], tmp_path / "x.npz", capsys)["outputs"]["vol"]
+        fore = [_mean_iou(ours[:, c] > 0.5, theirs[:, c] > 0.5, [True]) for c in (0, 1)]
+        assert result["iou"] == pytest.approx(np.mean(fore)) and result["map"] == "probabilities"
+        return
+    result = _agreement(paths[1], paths[0], tmp_path / "x.npz", capsys)["outputs"]
+    for name in ("grid", "gmask", "cls", "soft"):
+        assert result[name]["iou"] is None and result[name]["map"] is None, name
+        assert 0 < result[name]["relative_error"] < 1
+    args = ["eval", str(paths[1]), "--teacher", str(paths[0]), "--data", str(tmp_path / "x.npz")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "IoU: none for 'grid', 'gmask', 'cls', 'soft': not a label map, mask or " in out
 
 
 def test_cosine_of_outputs_that_are_both_zero_is_one() -> None:
@@ -471,10 +550,51 @@ def test_integer_outputs_no_loss_can_train_are_refused_in_one_line(segnet, image
     argmin = onnx.load(segnet[0])
     argmin.graph.node[-1].op_type = "ArgMin"
     x = (images[1], None)
-    with pytest.raises(BadInputError, match="'labels' holds int64 values.*labels=none"):
+    # Named as Python spells it (it said losses='labels=none', which retrain cannot read).
+    with pytest.raises(BadInputError, match="'labels' holds int64 values.*'labels': 'none'"):
         retrain(argmin, x, teacher=argmin, epochs=1, batch_size=16, progress=False)
-    with pytest.raises(BadInputError, match="not made by an ArgMax.*labels=none"):
+    with pytest.raises(BadInputError, match="not made by an ArgMax.*'labels': 'none'"):
         retrain(teacher, x, teacher=argmin, epochs=1, batch_size=16, progress=False)
+
+
+class _Decisions(torch.nn.Module):
+    """conv, a 4-class head, and two outputs no loss can train: the head's positive classes
+    (bool, (batch, 4)) and its least likely class (an ArgMin's int64 (batch,))."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = torch.nn.Conv2d(3, 4, 3, stride=4), torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        z = self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+        return z, z > 0, z.argmin(1)
+
+
+def test_every_output_no_loss_can_train_is_named_in_one_refusal(images, tmp_path, capsys) -> None:
+    """Two outputs without a gradient: the refusal named the first only, so a run was refused
+    once per output, each time naming one more `--loss OUTPUT=none`. One line names them all
+    with the options that leave them out, as the door in use spells them."""
+    from onnx_mbs.models.export import export_onnx
+
+    torch.manual_seed(0)
+    names = ("logits", "pos", "worst")
+    model = export_onnx(_Decisions(), (1, 3, 64, 64), dynamic_batch=True, output_names=names)
+    x = (images[1][:16], None)
+    said = (
+        r"outputs 'pos' \(bool\) and 'worst' \(int64\) hold values that carry no gradient: no "
+        r"loss can train them; leave them out with losses=\{'pos': 'none', 'worst': 'none'\}$"
+    )
+    with pytest.raises(BadInputError, match=said):
+        retrain(model, x, teacher=model, epochs=1, batch_size=8, progress=False)
+    path = save_model(model, tmp_path / "m.onnx")
+    args = ["retrain", str(path), "-o", str(tmp_path / "o.onnx"), "--data", str(images[0])]
+    assert main([*args, "--teacher", str(path), "--limit", "16", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("onnx-mbs: error: outputs 'pos' (bool) and 'worst' (int64)")
+    assert err[-1].endswith("leave them out with --loss pos=none --loss worst=none"), err
+    kept = {"pos": "none", "worst": "none"}
+    result = retrain(model, x, teacher=model, epochs=1, batch_size=8, progress=False, losses=kept)
+    assert result.losses == {"logits": "kl", **kept}
 
 
 class _LabelsAfter(torch.nn.Module):

@@ -165,7 +165,8 @@ def test_label_refusal_names_the_data_past_a_drive_letter(tmp_path) -> None:
 
 class QuadNet(nn.Module):
     """Logits, or what a Keras/Caffe export gives: probabilities, log-probabilities, or the
-    logits as (batch, classes, 1, 1); 'emb' also returns the features before them, first."""
+    logits as (batch, classes, 1, 1); 'emb' also returns the features before them, first;
+    'derived' the logits, their Softmax, LogSoftmax and ArgMax."""
 
     def __init__(self, head: str = "logits") -> None:
         super().__init__()
@@ -184,12 +185,15 @@ class QuadNet(nn.Module):
             return z[:, :, None, None]
         if self.head == "emb":
             return features, z
+        if self.head == "derived":
+            return z, torch.softmax(z, 1), torch.log_softmax(z, 1), z.argmax(1)
         return z
 
 
 def quadnet(head: str = "logits", seed: int = 0) -> onnx.ModelProto:
     torch.manual_seed(seed)
-    names = ("features", "logits") if head == "emb" else ("out",)
+    names = {"emb": ("features", "logits"), "derived": ("out", "probs", "logp", "pred")}
+    names = names.get(head, ("out",))
     return export_onnx(QuadNet(head), (1, 1, 8, 8), dynamic_batch=True, output_names=names)
 
 
@@ -224,6 +228,77 @@ def test_probabilities_distil_as_their_logits(train, head) -> None:
     other = retrain(quadnet(head), x, None, teacher=quadnet(head, seed=1), **KW)
     assert other.losses == {"out": "kl"}
     assert _losses(other) == pytest.approx(_losses(plain), rel=1e-4)
+
+
+@pytest.mark.parametrize("labelled", [True, False])
+def test_a_classifier_exported_with_its_softmax_and_argmax_distils_once(
+    train, labelled, tmp_path, capsys
+) -> None:
+    """Logits exported beside their Softmax, LogSoftmax and ArgMax: each output's KL read the
+    logits (the Softmax's input, the scores the ArgMax reads) or log-probabilities (the same
+    KL: softmax ignores a per-row shift), so one classifier's distillation was counted four
+    times, four times distill_alpha's weight against the cross-entropy (on labels, or the
+    teacher's argmax without). A term another output's repeats counts once: the losses are
+    the logits-alone model's, step for step, and the printed line says so."""
+    x = train if labelled else (train[0], None)
+    plain = retrain(quadnet(), x, None, teacher=quadnet(seed=1), **KW)
+    derived = retrain(quadnet("derived"), x, None, teacher=quadnet("derived", seed=1), **KW)
+    assert derived.losses == {"out": "kl", "probs": "kl", "logp": "kl", "pred": "kl"}
+    assert derived.shared == {"probs": "out", "logp": "out", "pred": "out"}
+    assert _losses(derived) == pytest.approx(_losses(plain), rel=1e-4)
+    if not labelled:
+        return
+    paths = [tmp_path / f"{seed}.onnx" for seed in (0, 1)]
+    for seed, path in enumerate(paths):
+        onnx.save(quadnet("derived", seed), path)
+    pixels = np.clip(train[0] * 100 + 100, 0, 255).astype(np.uint8)
+    data = write_npz(tmp_path / "d.npz", x=pixels, y=train[1])
+    args = ["retrain", str(paths[0]), "-o", str(tmp_path / "o.onnx"), "--data", data]
+    assert main([*args, "--teacher", str(paths[1]), "--epochs", "1", "--augment", "none"]) == 0
+    said = (
+        "distillation: out=kl, probs=kl (the same as out: counted once), logp=kl (the same as "
+        "out: counted once), pred=kl on the class scores its ArgMax reads (the same as out: "
+        "counted once) (chosen by its shape"
+    )
+    assert said in capsys.readouterr().err
+
+
+def _with_decisions(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with two more outputs of its logits' (batch, 4) shape holding no scores: its
+    positive classes (bool, a multi-label decision) and their count per class as int32."""
+    g = model.graph
+    g.initializer.append(onnx.numpy_helper.from_array(np.zeros(1, np.float32), "zero"))
+    g.node.extend([helper.make_node("Greater", ["out", "zero"], ["pos"]),
+                   helper.make_node("Cast", ["pos"], ["votes"], to=TensorProto.INT32)])  # fmt: skip
+    g.output.extend(
+        helper.make_tensor_value_info(n, t, ["batch", 4])
+        for n, t in (("pos", TensorProto.BOOL), ("votes", TensorProto.INT32))
+    )
+    return model
+
+
+def test_integer_and_boolean_outputs_are_never_logits(train, tmp_path, capsys) -> None:
+    """A (batch, classes) bool or integer output beside the logits (a multi-label decision)
+    holds no scores, but was counted as a classifier output by its shape: labelled `eval` and
+    `retrain` were refused until `--logits` named the logits, `--logits pos` was taken, and
+    `eval --teacher` gave it a top-1 agreement, the argmax of booleans. Only float outputs are
+    logits."""
+    model = _with_decisions(quadnet())
+    shapes = declared_shapes(model)
+    assert choose_logits(shapes, model) == "out"
+    with pytest.raises(BadInputError, match=r"'pos' \(batch, 4\) holds bool values"):
+        choose_logits(shapes, model, "pos")
+    path = str(tmp_path / "m.onnx")
+    onnx.save(model, path)
+    pixels = np.clip(train[0] * 100 + 100, 0, 255).astype(np.uint8)
+    data = write_npz(tmp_path / "d.npz", x=pixels, y=train[1])
+    assert main(["eval", path, "--data", data, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["output"] == "out"
+    assert main(["eval", path, "--data", data, "--teacher", path, "--json"]) == 0
+    outputs = json.loads(capsys.readouterr().out)["outputs"]
+    assert outputs["out"]["top1"] == 1.0
+    assert outputs["pos"]["top1"] is None and outputs["votes"]["top1"] is None
+    assert retrain(model, train, None, **KW).logits == "out"
 
 
 def test_retrain_refuses_to_guess_between_classifier_shaped_outputs(train) -> None:
@@ -446,7 +521,9 @@ def test_cli_logits_none(tmp_path, train, capsys) -> None:
         "none",
     ]
     assert main(retrain_args) == 0
-    assert "distillation: out=kl (chosen by its shape" in capsys.readouterr().err
+    err = capsys.readouterr().err  # the pseudo-labels' cross-entropy was left unsaid
+    assert "distillation: out=kl (chosen by its shape" in err
+    assert "; no labels used; + cross-entropy on the teacher's top-1 (pseudo-labels)" in err
     assert main([*retrain_args, "--logits", "none"]) == 0
     assert "distillation: out=mse; no labels used" in capsys.readouterr().err
     # Labels 0..9 for a (batch, 4) output: refused as logits, read without labels with none.

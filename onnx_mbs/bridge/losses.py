@@ -11,6 +11,9 @@ A label map an in-graph ArgMax makes (integers: no gradient) is compared through
 scores the ArgMax reads (`onnx_mbs.logits.argmax_inputs`), by KL along the ArgMax's axis at
 every position (pixel-wise distillation): the ArgMax decides on the scores' differences, which
 a squared error relative to the scores' size, offset included, barely sees.
+Outputs whose losses read the same tensors (logits exported with their Softmax, LogSoftmax or
+ArgMax: each KL reads the logits) are one term, counted once (`shared_terms`), so that one
+classifier weighs as one against the cross-entropy and the other outputs.
 `--loss NAME=kl|mse|none` overrides. The shape rule cannot tell a (batch, 4) box or an angle's
 (sin, cos) from logits, and KL ignores a per-sample shift a regression output must not drift by:
 `--logits none` says the model has no logits, and every output then defaults to mse.
@@ -24,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from onnx_mbs.logits import classes_of, is_none
-from onnx_mbs.passes.errors import BadInputError, option
+from onnx_mbs.passes.errors import BadInputError, keyword, on_command_line, option
 
 KINDS = ("kl", "mse", "none")
 
@@ -42,6 +45,14 @@ def parse_loss_specs(specs: Sequence[str] | None) -> dict[str, str]:
             )
         chosen[name] = kind
     return chosen
+
+
+def left_out(names: Sequence[str]) -> str:
+    """The options that give `names` no loss, as the door in use spells them: `--loss a=none
+    --loss b=none`, `losses={'a': 'none', 'b': 'none'}`."""
+    if on_command_line():
+        return " ".join(option("--loss", f"{n}=none") for n in names)
+    return f"{keyword('--loss')}={dict.fromkeys(names, 'none')!r}"
 
 
 def is_logits(shape: Sequence[int]) -> bool:
@@ -92,6 +103,28 @@ def choose_losses(
     if all(kind == "none" for kind in kinds.values()):
         raise BadInputError("every output's loss is 'none': nothing to distil")
     return kinds
+
+
+def shared_terms(
+    kinds: Mapping[str, str],
+    reads: Mapping[str, tuple[str, str]],
+    axes: Mapping[str, int] | None = None,
+) -> dict[str, str]:
+    """{output: the output whose loss term it repeats}, for the outputs whose loss compares
+    the same student and teacher tensors (`reads`, through Identity nodes) by the same kind
+    along the same class axis (`axes`, 1 where not given) as another: the Softmax, LogSoftmax
+    and ArgMax of exported logits are trained on the logits, the same KL again. The output that
+    is the tensor it reads keeps the term (else the first)."""
+    axes, owner, shared = axes or {}, {}, {}
+    for name in sorted(kinds, key=lambda n: reads[n][0] != n):
+        if kinds[name] == "none":
+            continue
+        key = (*reads[name], kinds[name], axes.get(name, 1))
+        if key in owner:
+            shared[name] = owner[key]
+        else:
+            owner[key] = name
+    return shared
 
 
 def kd_kl(

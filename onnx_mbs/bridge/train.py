@@ -67,7 +67,9 @@ from onnx_mbs.bridge.losses import (
     choose_losses,
     default_loss,
     distillation_loss,
+    left_out,
     normalised_mse,
+    shared_terms,
 )
 from onnx_mbs.bridge.module import (
     OnnxModule,
@@ -92,7 +94,10 @@ from onnx_mbs.logits import (
     choose_logits,
     classes_of,
     classifier_outputs,
+    identity_source,
     is_none,
+    producers_of,
+    softmax_input,
     softmax_inputs,
 )
 from onnx_mbs.passes.errors import BadInputError, option
@@ -132,6 +137,8 @@ class RetrainResult:
     losses: dict[str, str] = field(default_factory=dict)  # per output, with a teacher
     # Outputs an ArgMax makes, trained on the scores it reads: {output: scores tensor}.
     scores: dict[str, str] = field(default_factory=dict)
+    # Outputs whose loss term another output's is (`losses.shared_terms`): {output: that one}.
+    shared: dict[str, str] = field(default_factory=dict)
     labels_used: bool = False
     augment: str = "none"  # what augmentation ran, in words
     schedule: str = ""  # optimizer, learning rate, warm-up and decay, in words
@@ -303,6 +310,28 @@ def _as_chosen(
         return out
 
     return chosen
+
+
+def _reads(
+    model: onnx.ModelProto,
+    teacher: onnx.ModelProto | None,
+    kinds: Mapping[str, str],
+    student_pre: Mapping[str, str],
+    teacher_pre: Mapping[str, str],
+) -> dict[str, tuple[str, str]]:
+    """{output: (the student's tensor its loss reads, the teacher's)}, through Identity nodes,
+    and for a KL through a class-axis LogSoftmax (softmax ignores its per-row shift: the KL of
+    log-probabilities is their logits')."""
+    if teacher is None:
+        return {}
+
+    def read(graph: onnx.ModelProto, pre: Mapping[str, str], name: str) -> str:
+        producers, tensor = producers_of(graph), pre.get(name, name)
+        if kinds[name] == "kl":
+            tensor = softmax_input(graph, tensor, ("LogSoftmax",), producers) or tensor
+        return identity_source(producers, tensor)
+
+    return {n: (read(model, student_pre, n), read(teacher, teacher_pre, n)) for n in kinds}
 
 
 def _batches(samples: Samples, size: int, limit: int) -> Iterator[torch.Tensor]:
@@ -672,6 +701,8 @@ def retrain(
         scores = {n: t for n, t in student_maps.items() if kinds.get(n, "none") != "none"}
         student_pre |= scores
         teacher_pre |= {n: teacher_maps[n] for n in scores}
+        shared = shared_terms(kinds, _reads(model, teacher, kinds, student_pre, teacher_pre), axes)
+        counted = {n: k for n, k in kinds.items() if n not in shared}  # each term once
         net: torch.nn.Module = student
         if world > 1:
             read = [student_pre.get(n, n) for n, k in kinds.items() if k != "none"]
@@ -790,7 +821,7 @@ def retrain(
                     with torch.no_grad(), _autocast(dev, amp):
                         out_t = _named(teacher_module, teacher_module(xb))
                         soft = _scores(out_t, teacher_pre)
-                    loss = alpha * distillation_loss(out, soft, kinds, temperature, axes)
+                    loss = alpha * distillation_loss(out, soft, counted, temperature, axes)
                     for name in features:
                         loss = loss + alpha * feature_weight * normalised_mse(out[name], soft[name])
                 if labels_used:
@@ -932,6 +963,7 @@ def retrain(
         world_size=world,
         bn_reinserted=len(inserted),
         losses=kinds,
+        shared=shared,
         scores=scores,
         labels_used=labels_used,
         augment=augment_text,
@@ -1030,8 +1062,10 @@ def _check_trainable(
     teacher_maps: Mapping[str, str],
 ) -> None:
     """Every output a loss reads must carry a gradient: a label map an ArgMax makes is read
-    through its scores, which the teacher must have too; any other integer or boolean output
-    (indices, counts, a mask) is refused naming the `--loss OUTPUT=none` that leaves it out."""
+    through its scores, which the teacher must have too; the other integer or boolean outputs
+    (indices, counts, a mask) are refused in one line naming them all and the `--loss
+    OUTPUT=none` options that leave them out."""
+    held: dict[str, str] = {}
     for out in model.graph.output:
         if kinds.get(out.name, "none") == "none":
             continue
@@ -1040,17 +1074,24 @@ def _check_trainable(
                 raise BadInputError(
                     f"output '{out.name}' is an ArgMax's label map, trained on the scores it "
                     "reads, but the teacher's output of that name is not made by an ArgMax: "
-                    f"distil from the original, or leave it out with "
-                    f"{option('--loss', f'{out.name}=none')}"
+                    f"distil from the original, or leave it out with {left_out([out.name])}"
                 )
             continue
         elem = out.type.tensor_type.elem_type
         if elem and elem not in FLOAT_TYPES:
-            raise BadInputError(
-                f"output '{out.name}' holds {onnx.TensorProto.DataType.Name(elem).lower()} "
-                "values, which carry no gradient: no loss can train it; leave it out with "
-                f"{option('--loss', f'{out.name}=none')}"
-            )
+            held[out.name] = onnx.TensorProto.DataType.Name(elem).lower()
+    if len(held) == 1:
+        ((name, kind),) = held.items()
+        raise BadInputError(
+            f"output '{name}' holds {kind} values, which carry no gradient: no loss can train "
+            f"it; leave it out with {left_out([name])}"
+        )
+    if held:
+        named = [f"'{n}' ({t})" for n, t in held.items()]
+        raise BadInputError(
+            f"outputs {', '.join(named[:-1])} and {named[-1]} hold values that carry no "
+            f"gradient: no loss can train them; leave them out with {left_out(list(held))}"
+        )
 
 
 def _check_gradient(
