@@ -144,17 +144,51 @@ def nothing_cut(groups: Sequence[ChannelGroup], plan: Plan) -> str:
     )
 
 
+def off_multiple(plan: Plan, before: ModelAnalysis, after: ModelAnalysis) -> str | None:
+    """The layers of the written model whose cut channel count is not a multiple of the
+    channel multiple, in one line; None where every one is. The multiple holds per channel
+    group, and a layer whose channels several groups make (a Split's branches concatenated
+    again, a ShuffleNet v2 block's shuffled halves) sums them: one group cut to a multiple
+    and one kept whole (fewer channels than a step, or pinned) make, say, 8 + 4."""
+    multiple = plan.channel_multiple
+    was = {layer.name: layer for layer in before.layers}
+    off = [
+        f"'{layer.name}' {side} {old} -> {new}"
+        for layer in after.layers
+        if layer.name in was
+        for side, old, new in (
+            ("out", was[layer.name].out_channels, layer.out_channels),
+            ("in", was[layer.name].in_channels, layer.in_channels),
+        )
+        if new != old and new % multiple
+    ]
+    if not off:
+        return None
+    shown = "; ".join(off[:6]) + ("; ..." if len(off) > 6 else "")
+    return (
+        f"{option('--channel-multiple', multiple)} does not hold on {len(off)} layer "
+        f"{'count' if len(off) == 1 else 'counts'} that several channel groups make, some kept "
+        f"whole (fewer channels than a step, or pinned): {shown}"
+    )
+
+
 def explain_cut(
-    plan: Plan, groups: Sequence[ChannelGroup], before: ModelAnalysis | None = None
+    plan: Plan,
+    groups: Sequence[ChannelGroup],
+    before: ModelAnalysis | None = None,
+    after: ModelAnalysis | None = None,
 ) -> None:
-    """Notes on the plan: why nothing is cut, or where the cut is not exact; and the ops
-    `before` (the analysis) does not count."""
+    """Notes on the plan: why nothing is cut, or where the cut is not exact or misses the
+    channel multiple (`after`: the written model's analysis); and the ops `before` (the
+    analysis) does not count."""
     if before is not None and before.uncounted:
         plan.notes.append(before.uncounted_text())
     if not plan.changes_anything:
         plan.notes.append(nothing_cut(groups, plan))
     if inexact := not_exact(groups, plan):
         plan.notes.append(f"not exact where cut (kept channels change): {'; '.join(inexact)}")
+    if before is not None and after is not None and (off := off_multiple(plan, before, after)):
+        plan.notes.append(off)
 
 
 def reduce(
@@ -213,7 +247,7 @@ def reduce(
         with_preprocessing(rewritten.model, recorded)
     check_written(rewritten.model, lambda: origin.original)
     rewritten = rewritten.with_written_sizes()
-    explain_cut(rewritten.plan, analysed.channels.groups, analysed.before)
+    explain_cut(rewritten.plan, analysed.channels.groups, analysed.before, rewritten.after)
     laps.lap("shrink")
     report = ReduceReport(
         # Without statistics, a latency budget or --channel-multiple auto still ran (or chose

@@ -207,7 +207,7 @@ class GroupInfo:
     pinned: bool
     joined: bool = False  # a residual stream (ChannelGroup.joined)
     unit: int = 1  # channels one of its units holds (ChannelGroup.unit); sizes count units
-    # channels a unit holds after a DepthToSpace (ChannelGroup.narrowest); None: `unit`
+    # channels a unit holds on its narrowest layer axis (ChannelGroup.narrowest); None: `unit`
     narrowest: int | None = None
 
     @classmethod
@@ -221,10 +221,12 @@ class GroupInfo:
         """The units its count is a multiple of, so that its channels are a multiple of
         `channels` (the channel multiple): channels / gcd(channels, unit). A GroupNorm(32)
         unit (32 channels) is one step at multiple 8; counted in units, 8 of them were, and
-        a GroupNorm(32, 256) could not be cut at all. After a DepthToSpace, whose unit is
-        b * b of its producer's channels but one of its output's (read by the next conv),
-        `narrowest` replaces `unit`: 8 units at multiple 8 (by the producer's channels, 2
-        were, and the next conv read 2, 4, 6 ... channels)."""
+        a GroupNorm(32, 256) could not be cut at all. The width is the narrowest a layer
+        makes or reads a unit in (`narrowest`), not the widest (`unit`): after a pixel
+        shuffle a unit is b * b of its producer's channels but one of the next conv's, so
+        8 units at multiple 8 (by the producer's channels, 2 were, and the next conv read
+        2, 4, 6 ... channels); a depthwise conv with multiplier 2 makes 2 channels of each
+        of its input's 1."""
         width = self.unit if self.narrowest is None else self.narrowest
         return channels // math.gcd(channels, width)
 

@@ -77,8 +77,11 @@ class ChannelGroup:
     # a residual stream: an Add (or Sum) of two activations joins its channels, so a cut
     # channel is cut from every block that reads or writes the stream at once
     joined: bool = False
-    # channels one unit holds after a DepthToSpace (the gcd with `unit`), where the next conv
-    # reads 1 of each b * b block its producer made; None: no DepthToSpace carries it
+    # channels one unit holds on the narrowest layer axis that makes or reads it (the gcd of
+    # the filter and input-weight widths), which `--channel-multiple` must step by: the conv
+    # after a pixel shuffle (the op or its views) reads 1 of each b * b block its producer
+    # made, a depthwise conv with multiplier 2 makes 2 of each input channel, a grouped
+    # conv 96 -> 48 (12 groups) reads 8 and makes 4; None: no layer makes or reads it
     narrowest: int | None = None
 
     def member(self, tensor: str) -> Member:
@@ -236,10 +239,9 @@ def analyze_channels(
         )
         for g, cls in enumerate(classes)
     ]
-    spread = {n.output[0] for n in model.graph.node if op_id(n) == "DepthToSpace"}
     for group in groups:
-        if widths := [m.width for m in group.members if m.tensor in spread]:
-            group.narrowest = math.gcd(group.unit, *widths)
+        widths = [m.width for m in group.members if m.role in (FILTERS, WEIGHTS_IN)]
+        group.narrowest = math.gcd(*widths) or None
     return ChannelAnalysis(
         groups,
         root,

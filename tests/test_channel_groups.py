@@ -601,6 +601,75 @@ def test_channel_multiple_holds_after_a_depth_to_space():
         assert counts["c1"][0] == 4 * counts["c2"][1]
 
 
+def layer_counts(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
+    """(out, in) channels of every Conv and Gemm (transB=1) of a written model, read from
+    the weights and the group attribute."""
+    dims = {t.name: list(t.dims) for t in model.graph.initializer}
+    counts = {}
+    for n in model.graph.node:
+        if n.op_type in ("Conv", "Gemm"):
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+            out, cin = dims[n.input[1]][:2]
+            counts[n.name] = (out, cin * attrs.get("group", 1))
+    return counts
+
+
+def view_pixel_shuffle_net(head: str) -> onnx.ModelProto:
+    """conv 16 -> 64, a pixel shuffle written as views (DCR: Reshape (N, 2, 2, 16, H, W),
+    Transpose, Reshape (N, 16, 2H, 2W)), then a conv or a Linear head."""
+    b = Builder()
+    x = b.input("x", [1, 3, 8, 8])
+    a = b.op("Relu", [b.conv(x, 3, 16, name="c0")])
+    r = b.op("Reshape", [b.conv(a, 16, 64, name="c1"), b.const(np.array([1, 2, 2, 16, 8, 8]))])
+    t = b.op("Transpose", [r], perm=[0, 3, 4, 1, 5, 2])
+    d = b.op("Relu", [b.op("Reshape", [t, b.const(np.array([1, 16, 16, 16]))])])
+    if head == "conv":
+        y = b.conv(b.op("Relu", [b.conv(d, 16, 16, name="c2")]), 16, 3, name="c3")
+    else:
+        y = b.gap_head(d, 16, 10, output="fc")
+    return b.model([y], ["y"])
+
+
+def grouped_net(cin: int, cout: int, group: int) -> onnx.ModelProto:
+    """conv 3 -> cin, a grouped conv cin -> cout in `group` groups, conv cout -> 16: a
+    depthwise conv with multiplier 2 (16, 32, 16), or one that narrows (96, 48, 12: 8
+    channels in, 4 out per conv-group)."""
+    b = Builder()
+    x = b.input("x", [1, 3, 8, 8])
+    a = b.op("Relu", [b.conv(x, 3, cin, name="c0")])
+    g = b.op("Relu", [b.conv(a, cin, cout, group=group, name="gc")])
+    y = b.conv(b.op("Relu", [b.conv(g, cout, 16, name="c2")]), 16, 3, name="c3")
+    return b.model([y], ["y"])
+
+
+@pytest.mark.parametrize(
+    "net, multiple, budget",
+    [
+        (lambda: view_pixel_shuffle_net("conv"), 8, "params=0.5"),
+        (lambda: view_pixel_shuffle_net("gemm"), 8, "params=0.5"),
+        (lambda: grouped_net(16, 32, 16), 8, "params=0.5"),
+        (lambda: grouped_net(96, 48, 12), 16, "params=0.6"),
+    ],
+    ids=["view-pixel-shuffle", "view-pixel-shuffle-linear", "depthwise-x2", "grouped-96-48"],
+)
+def test_channel_multiple_holds_on_every_conv_that_makes_or_reads_a_group(net, multiple, budget):
+    """The step was taken in the widest unit a group's convs make (the producer's b * b
+    block before a pixel shuffle written as views, a depthwise conv's 2 outputs per input,
+    a grouped conv's 8 inputs per conv-group), so the convs reading or making fewer
+    channels per unit got 12 or 14 channels at multiple 8 (8 at 16): the DepthToSpace op
+    alone was counted. Now every cut count of every Conv and Gemm is a multiple."""
+    original = net()
+    before = layer_counts(original)
+    for strategy in ("uniform", "mbs"):
+        reduced, _ = reduce(original, budget=budget, strategy=strategy, channel_multiple=multiple)
+        after = layer_counts(reduced)
+        cut = {(k, side): n for k, v in after.items() for side, n in enumerate(v)
+               if n != before[k][side]}  # fmt: skip
+        assert cut, after
+        assert all(n % multiple == 0 for n in cut.values()), (strategy, after)
+        assert_runs_at_declared_shapes(original, reduced)
+
+
 def test_space_to_depth_repeats_each_channel_in_every_block():
     """SpaceToDepth (DCR order): input channel c becomes channels (i * b + j) * C + c."""
     b = Builder()

@@ -636,3 +636,29 @@ def test_a_shared_weight_cut_for_each_use_is_said_and_counted():
     convs = [n for n in small.graph.node if n.op_type == "Conv"]
     written = sum(sizes[i] for i in {name for n in convs for name in n.input[1:]})
     assert sum(b.params for b in report.after.macroblocks) == written
+
+
+def test_a_layer_whose_cut_count_misses_the_channel_multiple_is_said():
+    """A conv's 20 channels split 16 + 4 into two branches are two channel groups: at
+    multiple 8 the 16 are cut to 8 and the 4, fewer than a step, are kept whole, so the conv
+    makes 12 channels and the conv reading the concat reads 12, neither a multiple of 8;
+    the report said nothing of it (only `channel multiple: 8`). Now a note names them."""
+    b = graphs.Builder()
+    x = b.input("x", [1, 3, 8, 8])
+    c1 = b.op("Relu", [b.conv(x, 3, 20, name="c1")])
+    p, q = b.op("Split", [c1, b.const(np.array([16, 4], np.int64))], n_out=2, axis=1)
+    p = b.op("Relu", [b.conv(p, 16, 16, name="pa")])
+    q = b.op("Relu", [b.conv(q, 4, 4, name="qa")])
+    cat = b.op("Concat", [p, q], axis=1)
+    original = b.model([b.conv(cat, 20, 3, name="out")], ["y"])
+    reduced, report = reduce(original, budget="params=0.5", strategy="uniform")
+    out = {n.name: n for n in reduced.graph.node}
+    dims = {t.name: list(t.dims) for t in reduced.graph.initializer}
+    assert dims[out["c1"].input[1]][0] == 12 and dims[out["pa"].input[1]][:2] == [8, 8]
+    (note,) = [n for n in report.plan.notes if "channel_multiple" in n]
+    assert "2 layer counts" in note and "'c1' out 20 -> 12" in note and "'out' in 20 -> 12" in note
+    assert "'pa'" not in note
+    assert note in markdown(report)
+    # a multiple every cut count meets says nothing
+    _, plain = reduce(original, budget="params=0.5", strategy="uniform", channel_multiple=4)
+    assert not [n for n in plain.plan.notes if "channel_multiple" in n]
