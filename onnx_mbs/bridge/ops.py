@@ -650,6 +650,14 @@ def _mean(x: torch.Tensor, axes: tuple[int, ...], keepdim: bool) -> torch.Tensor
     return torch.div(x.sum(axes, keepdim=keepdim), count, rounding_mode="trunc")
 
 
+def _prod(x: torch.Tensor, axes: tuple[int, ...], keepdim: bool) -> torch.Tensor:
+    """torch.prod, which takes one axis: the axes one at a time, the last first, so the others
+    keep their places when they are dropped (tf2onnx multiplies a Shape's dims with it)."""
+    for a in sorted({a % x.dim() for a in axes}, reverse=True):
+        x = torch.prod(x, a, keepdim=keepdim)
+    return x
+
+
 def _reduce(fn: Callable, axes_input_from: int) -> Callable[[Node], OpFn]:
     """Reduce* ops; `axes_input_from` is the opset where axes moved from attribute to input."""
 
@@ -1182,6 +1190,11 @@ def cast(n: Node) -> OpFn:
     return lambda x: x.to(dtype)
 
 
+def tile(n: Node) -> OpFn:
+    # tf2onnx writes Keras' UpSampling2D as Unsqueeze -> Tile -> Reshape per axis.
+    return lambda x, repeats: x.repeat(tuple(_values(repeats)))
+
+
 def expand(n: Node) -> OpFn:
     # ONNX Expand broadcasts both ways: (3, 1) expanded to (1, 4) gives (3, 4).
     def run(x, s):
@@ -1459,6 +1472,7 @@ OPS: dict[str, Callable[[Node], OpFn]] = {
     "ReduceMean": _reduce(_mean, 18),
     "ReduceSum": _reduce(torch.sum, 13),
     "ReduceMax": _reduce(torch.amax, 18),
+    "ReduceProd": _reduce(_prod, 18),
     "ArgMax": _arg_extreme(largest=True),
     "ArgMin": _arg_extreme(largest=False),
     "Resize": resize,
@@ -1483,6 +1497,7 @@ OPS: dict[str, Callable[[Node], OpFn]] = {
     "ConstantOfShape": constant_of_shape,
     "Cast": cast,
     "Expand": expand,
+    "Tile": tile,
     "LayerNormalization": layer_norm,
     "InstanceNormalization": instance_norm,
     "LSTM": lstm,
