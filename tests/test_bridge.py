@@ -523,6 +523,11 @@ CASES: dict[str, tuple] = {
     "leakyrelu": unary("LeakyRelu", alpha=0.2),
     "elu": unary("Elu", alpha=0.7),
     "softplus": unary("Softplus"),
+    # Keras' selu and softsign activations, as tf2onnx 1.17.0 writes them (ONNX's Selu
+    # defaults are torch's constants; other alpha and gamma are honoured).
+    "selu": unary("Selu"),
+    "selu-attrs": unary("Selu", alpha=1.2, gamma=0.9),
+    "softsign": unary("Softsign"),
     "sigmoid": unary("Sigmoid"),
     "tanh": unary("Tanh"),
     "softmax": unary("Softmax", axis=1),

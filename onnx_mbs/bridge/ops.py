@@ -416,6 +416,15 @@ def elu(n: Node) -> OpFn:
     return lambda x: F.elu(x, alpha)
 
 
+def selu(n: Node) -> OpFn:
+    # ONNX's defaults are torch's SELU constants (float32-rounded); other values are honoured.
+    alpha, gamma = (
+        n.attr("alpha", 1.67326319217681884765625),
+        n.attr("gamma", 1.05070102214813232421875),
+    )
+    return lambda x: gamma * F.elu(x, alpha)  # elu's gradient, not where()'s NaN past exp's range
+
+
 def gelu(n: Node) -> OpFn:
     approximate = n.attr("approximate", "none")
     return lambda x: F.gelu(x, approximate=approximate)
@@ -1440,6 +1449,8 @@ OPS: dict[str, Callable[[Node], OpFn]] = {
     "HardSwish": _unary(F.hardswish),
     "Tanh": _unary(torch.tanh),
     "Elu": elu,
+    "Selu": selu,
+    "Softsign": _unary(F.softsign),
     "Softplus": _unary(F.softplus),
     "Gelu": gelu,
     "Erf": _unary(torch.erf),
