@@ -523,6 +523,11 @@ CASES: dict[str, tuple] = {
     "leakyrelu": unary("LeakyRelu", alpha=0.2),
     "elu": unary("Elu", alpha=0.7),
     "softplus": unary("Softplus"),
+    # Keras' selu and softsign activations, as tf2onnx 1.17.0 writes them (ONNX's Selu
+    # defaults are torch's constants; other alpha and gamma are honoured).
+    "selu": unary("Selu"),
+    "selu-attrs": unary("Selu", alpha=1.2, gamma=0.9),
+    "softsign": unary("Softsign"),
     "sigmoid": unary("Sigmoid"),
     "tanh": unary("Tanh"),
     "softmax": unary("Softmax", axis=1),
@@ -1863,3 +1868,79 @@ def test_box_decoding_tables_are_not_trained_and_layer_scales_are():
         np.testing.assert_array_equal(after[name], before[name])
     assert not np.array_equal(after["gamma"], before["gamma"])
     assert not np.array_equal(after["w"], before["w"])
+
+
+NHWC = ["n", 6, 6, 4]  # a Keras feature map as tf2onnx passes it between layers, batch dynamic
+
+
+def test_keras_upsampling_as_tf2onnx_writes_it_matches_ort() -> None:
+    """tf2onnx writes Keras' UpSampling2D (a U-Net's decoder) as a repeat per spatial axis:
+    Unsqueeze, Tile by 2 on the new axis, Reshape back (tf2onnx 1.17.0, TF 2.21). The bridge
+    refused Tile, so such a model could be reduced but not retrained."""
+    model = make_model(
+        [
+            helper.make_node("Unsqueeze", ["x", "a3"], ["u"]),
+            helper.make_node("Tile", ["u", "reps"], ["t"]),
+            helper.make_node("Reshape", ["t", "hw"], ["h"]),
+            helper.make_node("Unsqueeze", ["h", "a3"], ["u2"]),
+            helper.make_node("Shape", ["x"], ["s"]),  # repeats computed at run time
+            helper.make_node("Slice", ["s", "z", "one", "z"], ["n"]),
+            helper.make_node("Div", ["n", "n"], ["n1"]),
+            helper.make_node("Concat", ["n1", "r4"], ["reps2"], axis=0),
+            helper.make_node("Tile", ["u2", "reps2"], ["t2"]),
+            helper.make_node("Reshape", ["t2", "hw2"], ["y"]),
+        ],
+        {"x": NHWC},
+        ["y"],
+        {
+            "a3": i64(3),
+            "reps": i64(1, 1, 1, 2, 1),
+            "hw": i64(0, 6, 12, 4),
+            "z": i64(0),
+            "one": i64(1),
+            "r4": i64(1, 1, 1, 2),
+            "hw2": i64(0, 6, 24, 4),
+        },
+    )
+    for n in (1, 3):
+        assert_matches_ort(model, {"x": rnd(n, 6, 6, 4, seed=n)})
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+def test_keras_dense_on_a_feature_map_as_tf2onnx_writes_it_matches_ort(opset: int) -> None:
+    """Keras' Dense on a 4-D tensor is a Tensordot: tf2onnx flattens the leading dims with shape
+    arithmetic that multiplies them (ReduceProd over the Shape's free dims), MatMuls and reshapes
+    back (tf2onnx 1.17.0, TF 2.21). The bridge refused ReduceProd; from opset 18 its axes are
+    an input."""
+    axes = {"axes": [0]} if opset < 18 else {}
+    prod_in = ["free"] if opset < 18 else ["free", "a0"]
+    model = make_model(
+        [
+            helper.make_node("Shape", ["x"], ["s"]),
+            helper.make_node("Gather", ["s", "free_i"], ["free"], axis=0),
+            helper.make_node("ReduceProd", prod_in, ["p"], keepdims=0, **axes),
+            helper.make_node("Unsqueeze", ["p", "a0"], ["pu"]),
+            helper.make_node("Concat", ["pu", "c"], ["flat"], axis=0),
+            helper.make_node("Reshape", ["x", "flat"], ["r"]),
+            helper.make_node("MatMul", ["r", "w"], ["m"]),
+            helper.make_node("Concat", ["free", "o"], ["back"], axis=0),
+            helper.make_node("Reshape", ["m", "back"], ["y"]),
+        ],
+        {"x": NHWC},
+        ["y"],
+        {"free_i": i64(0, 1, 2), "a0": i64(0), "c": i64(4), "o": i64(5), "w": rnd(4, 5, seed=3)},
+        opset,
+    )
+    for n in (1, 3):
+        assert_matches_ort(model, {"x": rnd(n, 6, 6, 4, seed=n)})
+
+
+@pytest.mark.parametrize(("axes", "keep"), [([1, -1], 1), ([0, 2], 0), ([], 0)])
+def test_reduce_prod_over_several_axes_matches_ort(axes: list[int], keep: int) -> None:
+    attrs = {"axes": axes} if axes else {}
+    model = make_model(
+        [helper.make_node("ReduceProd", ["x"], ["y"], keepdims=keep, **attrs)],
+        {"x": [2, 3, 4]},
+        ["y"],
+    )
+    assert_matches_ort(model, {"x": rnd(2, 3, 4, seed=4) * 0.5 + 1})

@@ -518,7 +518,7 @@ def gen_clip(rng: np.random.Generator) -> Case:
     return Case([node("Clip", inputs)], feeds, ["y"], inits, opset)
 
 
-_REDUCE_AXES_INPUT = {"ReduceMean": 18, "ReduceSum": 13, "ReduceMax": 18}
+_REDUCE_AXES_INPUT = {"ReduceMean": 18, "ReduceSum": 13, "ReduceMax": 18, "ReduceProd": 18}
 
 
 def gen_reduce(rng: np.random.Generator) -> Case:
@@ -676,6 +676,18 @@ def gen_where_expand(rng: np.random.Generator) -> Case:
         ["y"],
         {"s": np.array(target, np.int64)},
         pick(rng, [8, 13]),
+    )
+
+
+def gen_tile(rng: np.random.Generator) -> Case:
+    rank = int(rng.integers(1, 5))
+    repeats = [int(r) for r in rng.integers(1, 4, rank)]
+    return Case(
+        [node("Tile", ["x", "r"])],
+        {"x": normal(rng, *ints(rng, 1, 4, rank))},
+        ["y"],
+        {"r": np.array(repeats, np.int64)},
+        pick(rng, [6, 13]),
     )
 
 
@@ -1260,6 +1272,7 @@ GENERATORS: dict[str, Callable[[np.random.Generator], Case]] = {
     "cast": gen_cast,
     "where_expand": gen_where_expand,
     "flatten": gen_flatten,
+    "tile": gen_tile,
     "activation": gen_activation,
     "prelu": gen_prelu,
     "binary": gen_binary,

@@ -416,6 +416,15 @@ def elu(n: Node) -> OpFn:
     return lambda x: F.elu(x, alpha)
 
 
+def selu(n: Node) -> OpFn:
+    # ONNX's defaults are torch's SELU constants (float32-rounded); other values are honoured.
+    alpha, gamma = (
+        n.attr("alpha", 1.67326319217681884765625),
+        n.attr("gamma", 1.05070102214813232421875),
+    )
+    return lambda x: gamma * F.elu(x, alpha)  # elu's gradient, not where()'s NaN past exp's range
+
+
 def gelu(n: Node) -> OpFn:
     approximate = n.attr("approximate", "none")
     return lambda x: F.gelu(x, approximate=approximate)
@@ -648,6 +657,14 @@ def _mean(x: torch.Tensor, axes: tuple[int, ...], keepdim: bool) -> torch.Tensor
         return torch.mean(x, axes, keepdim=keepdim)
     count = math.prod(x.shape[a] for a in axes)
     return torch.div(x.sum(axes, keepdim=keepdim), count, rounding_mode="trunc")
+
+
+def _prod(x: torch.Tensor, axes: tuple[int, ...], keepdim: bool) -> torch.Tensor:
+    """torch.prod, which takes one axis: the axes one at a time, the last first, so the others
+    keep their places when they are dropped (tf2onnx multiplies a Shape's dims with it)."""
+    for a in sorted({a % x.dim() for a in axes}, reverse=True):
+        x = torch.prod(x, a, keepdim=keepdim)
+    return x
 
 
 def _reduce(fn: Callable, axes_input_from: int) -> Callable[[Node], OpFn]:
@@ -1182,6 +1199,11 @@ def cast(n: Node) -> OpFn:
     return lambda x: x.to(dtype)
 
 
+def tile(n: Node) -> OpFn:
+    # tf2onnx writes Keras' UpSampling2D as Unsqueeze -> Tile -> Reshape per axis.
+    return lambda x, repeats: x.repeat(tuple(_values(repeats)))
+
+
 def expand(n: Node) -> OpFn:
     # ONNX Expand broadcasts both ways: (3, 1) expanded to (1, 4) gives (3, 4).
     def run(x, s):
@@ -1427,6 +1449,8 @@ OPS: dict[str, Callable[[Node], OpFn]] = {
     "HardSwish": _unary(F.hardswish),
     "Tanh": _unary(torch.tanh),
     "Elu": elu,
+    "Selu": selu,
+    "Softsign": _unary(F.softsign),
     "Softplus": _unary(F.softplus),
     "Gelu": gelu,
     "Erf": _unary(torch.erf),
@@ -1459,6 +1483,7 @@ OPS: dict[str, Callable[[Node], OpFn]] = {
     "ReduceMean": _reduce(_mean, 18),
     "ReduceSum": _reduce(torch.sum, 13),
     "ReduceMax": _reduce(torch.amax, 18),
+    "ReduceProd": _reduce(_prod, 18),
     "ArgMax": _arg_extreme(largest=True),
     "ArgMin": _arg_extreme(largest=False),
     "Resize": resize,
@@ -1483,6 +1508,7 @@ OPS: dict[str, Callable[[Node], OpFn]] = {
     "ConstantOfShape": constant_of_shape,
     "Cast": cast,
     "Expand": expand,
+    "Tile": tile,
     "LayerNormalization": layer_norm,
     "InstanceNormalization": instance_norm,
     "LSTM": lstm,
