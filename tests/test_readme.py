@@ -79,3 +79,19 @@ def test_quick_start_runs_as_written(tmp_path):
     assert "agreement with the teacher on 512 samples" in done.stdout
     top1 = re.findall(r"top-1 (\d+\.\d+)%", done.stdout)
     assert len(top1) == 2 and float(top1[1]) > 85  # eval of small.ft.onnx after retraining
+
+
+def test_data_md_quotes_the_refusal_as_printed(bundled_model_path, tmp_path, monkeypatch, capsys):
+    """docs/data.md's example refusal of a model-ready npz is the line the command prints (it
+    quoted it without the `error:` every refusal carries)."""
+    import numpy as np
+
+    from onnx_mbs.cli import main
+
+    text = (ROOT / "docs" / "data.md").read_text()
+    quoted = re.search(r"for example:\n\n((?:    .*\n)+)", text).group(1)
+    quoted = " ".join(line.strip() for line in quoted.splitlines())
+    np.savez(tmp_path / "ready.npz", input=np.zeros((4, 1, 28, 28)), y=np.zeros(4, np.int64))
+    monkeypatch.chdir(tmp_path)
+    assert main(["reduce", str(bundled_model_path), "--data", "ready.npz", "--dry-run"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == quoted
