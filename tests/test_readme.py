@@ -95,3 +95,16 @@ def test_data_md_quotes_the_refusal_as_printed(bundled_model_path, tmp_path, mon
     monkeypatch.chdir(tmp_path)
     assert main(["reduce", str(bundled_model_path), "--data", "ready.npz", "--dry-run"]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == quoted
+
+
+def test_bench_readme_lists_every_benchmark_and_its_links_exist():
+    """bench/README.md is "every benchmark, its cost and its full table": each bench/*.py has
+    a row (importance.py, gpu.py and stats_profile.py had none), and its links lead somewhere."""
+    page = ROOT / "bench" / "README.md"
+    text = page.read_text()
+    listed = set(re.findall(r"^\| `([\w]+\.py)` \|", text, re.M))
+    scripts = {path.name for path in (ROOT / "bench").glob("*.py")}
+    assert scripts <= listed, sorted(scripts - listed)
+    for link in re.findall(r"\]\(([^)#]+)\)", text):
+        if not link.startswith("http"):
+            assert (page.parent / link).exists(), link
