@@ -108,3 +108,15 @@ def test_bench_readme_lists_every_benchmark_and_its_links_exist():
     for link in re.findall(r"\]\(([^)#]+)\)", text):
         if not link.startswith("http"):
             assert (page.parent / link).exists(), link
+
+
+def test_design_layers_name_every_module():
+    """docs/design.md's Layers block names every module of passes/ and onnx_mbs/ (and
+    onnx_mbs's packages), so a new module is placed in the design (dense_maps was not)."""
+    text = (ROOT / "docs" / "design.md").read_text()
+    block = re.search(r"## Layers\n+```\n(.*?)```", text, re.S).group(1)
+    named = set(re.findall(r"[A-Za-z_]+", block))
+    for folder in ("passes", "onnx_mbs"):
+        modules = {p.stem for p in (ROOT / folder).glob("*.py") if not p.stem.startswith("__")}
+        packages = {p.parent.name for p in (ROOT / folder).glob("*/__init__.py")}
+        assert not (modules | packages) - named, (folder, sorted((modules | packages) - named))
