@@ -120,3 +120,21 @@ def test_design_layers_name_every_module():
         modules = {p.stem for p in (ROOT / folder).glob("*.py") if not p.stem.startswith("__")}
         packages = {p.parent.name for p in (ROOT / folder).glob("*/__init__.py")}
         assert not (modules | packages) - named, (folder, sorted((modules | packages) - named))
+
+
+def _heading_anchors(page: Path) -> set[str]:
+    """GitHub's anchors of a page's headings: lower case, punctuation dropped, spaces as -."""
+    headings = re.findall(r"^#+ (.*)$", page.read_text(), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+def test_links_to_a_heading_find_it():
+    """A link with an anchor (`retrain.md#the-papers-regime`) leads to a heading of that page:
+    the file check above ignores anchors, and a renamed heading breaks them silently."""
+    for page in [README, ROOT / "bench" / "README.md", *(ROOT / "docs").glob("*.md")]:
+        for link in re.findall(r"\]\(([^)#]*)#([^)]+)\)", page.read_text()):
+            path, anchor = link
+            if path.startswith("http"):
+                continue
+            target = (page.parent / path).resolve() if path else page
+            assert anchor in _heading_anchors(target), (page.name, f"{path}#{anchor}")
