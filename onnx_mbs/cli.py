@@ -234,6 +234,9 @@ def _check_runtime_flags(args: argparse.Namespace) -> None:
             "--channel-multiple auto); this run times nothing: drop it, or give one of those"
         )
     if args.providers != "auto" and not args.data and not timed:
+        from onnx_mbs.runtime import check_request
+
+        check_request(args.providers)  # a request it could not run is refused, not noted
         print(
             f"onnx-mbs: --providers {args.providers} does nothing here: nothing runs on "
             "onnxruntime without --data, a latency= budget or --channel-multiple auto",

@@ -52,12 +52,15 @@ OPTIMIZATION_LEVELS = {  # names of onnxruntime's GraphOptimizationLevel members
 _QUIET = 4
 
 
+def check_request(request: str) -> None:
+    """Refuse a providers request that is not "auto", "cpu" or "cuda", naming the option."""
+    if request not in REQUESTS:
+        raise BadInputError(f"unknown {option('--providers')} {request!r}: use auto, cpu or cuda")
+
+
 def choose_providers(request: str = "auto") -> list[str]:
     """Providers for `request` ("auto", "cpu" or "cuda"); CUDA only when it can really run."""
-    if request not in REQUESTS:
-        raise BadInputError(
-            f"unknown providers request {request!r}; use one of: {', '.join(REQUESTS)}"
-        )
+    check_request(request)
     if request == "cpu":
         return [CPU]
     reason = cuda_unavailable_reason()

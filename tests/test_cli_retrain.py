@@ -296,6 +296,44 @@ def test_a_model_with_two_inputs_is_refused_as_retrain_refuses_it(tmp_path, caps
     assert "give an .npz" not in err and "data:" not in err
 
 
+def test_an_audio_model_retrains_on_model_ready_data(tmp_path, capsys) -> None:
+    """Retraining feeds one input, not only an NCHW image: the README's Limits said "`retrain`
+    feeds one NCHW image input", yet a Conv1d model fed a model-ready npz (its one input,
+    named after it) retrains from the command line. The written model keeps its input, passes
+    the full checker and runs at every shape the original did."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv1d(1, 8, 5, padding=2),
+        torch.nn.ReLU(),
+        torch.nn.Conv1d(8, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool1d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 3),
+    ).eval()
+    path = tmp_path / "audio.onnx"
+    torch.onnx.export(
+        net,
+        (torch.zeros(1, 1, 32),),
+        path,
+        input_names=["wave"],
+        output_names=["logits"],
+        dynamic_axes={"wave": {0: "n"}, "logits": {0: "n"}},
+        dynamo=False,
+    )
+    rng = np.random.default_rng(0)
+    wave = rng.standard_normal((32, 1, 32)).astype(np.float32)
+    write_npz(tmp_path / "ready.npz", wave=wave, y=rng.integers(0, 3, 32))
+    out = tmp_path / "out.onnx"
+    args = ["retrain", str(path), "-o", str(out), "--data", str(tmp_path / "ready.npz")]
+    assert main([*args, "--teacher", str(path), "--batch-size", "16", "--workers", "0"]) == 0
+    assert "error" not in capsys.readouterr().err
+    written, model = onnx.load(out), onnx.load(path)
+    onnx.checker.check_model(written, full_check=True)
+    assert written.graph.input[0] == model.graph.input[0]
+    assert_runs_at_declared_shapes(model, written)
+
+
 def test_no_bn_reinsert_on_a_bn_kept_model_says_it_does_nothing(tmp_path, capsys) -> None:
     """--no-bn-reinsert only changes BN-folded graphs: on one that keeps its BatchNorms it was
     accepted without a word; now a note says so, and the run goes on."""

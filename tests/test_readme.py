@@ -79,3 +79,62 @@ def test_quick_start_runs_as_written(tmp_path):
     assert "agreement with the teacher on 512 samples" in done.stdout
     top1 = re.findall(r"top-1 (\d+\.\d+)%", done.stdout)
     assert len(top1) == 2 and float(top1[1]) > 85  # eval of small.ft.onnx after retraining
+
+
+def test_data_md_quotes_the_refusal_as_printed(bundled_model_path, tmp_path, monkeypatch, capsys):
+    """docs/data.md's example refusal of a model-ready npz is the line the command prints (it
+    quoted it without the `error:` every refusal carries)."""
+    import numpy as np
+
+    from onnx_mbs.cli import main
+
+    text = (ROOT / "docs" / "data.md").read_text()
+    quoted = re.search(r"for example:\n\n((?:    .*\n)+)", text).group(1)
+    quoted = " ".join(line.strip() for line in quoted.splitlines())
+    np.savez(tmp_path / "ready.npz", input=np.zeros((4, 1, 28, 28)), y=np.zeros(4, np.int64))
+    monkeypatch.chdir(tmp_path)
+    assert main(["reduce", str(bundled_model_path), "--data", "ready.npz", "--dry-run"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == quoted
+
+
+def test_bench_readme_lists_every_benchmark_and_its_links_exist():
+    """bench/README.md is "every benchmark, its cost and its full table": each bench/*.py has
+    a row (importance.py, gpu.py and stats_profile.py had none), and its links lead somewhere."""
+    page = ROOT / "bench" / "README.md"
+    text = page.read_text()
+    listed = set(re.findall(r"^\| `([\w]+\.py)` \|", text, re.M))
+    scripts = {path.name for path in (ROOT / "bench").glob("*.py")}
+    assert scripts <= listed, sorted(scripts - listed)
+    for link in re.findall(r"\]\(([^)#]+)\)", text):
+        if not link.startswith("http"):
+            assert (page.parent / link).exists(), link
+
+
+def test_design_layers_name_every_module():
+    """docs/design.md's Layers block names every module of passes/ and onnx_mbs/ (and
+    onnx_mbs's packages), so a new module is placed in the design (dense_maps was not)."""
+    text = (ROOT / "docs" / "design.md").read_text()
+    block = re.search(r"## Layers\n+```\n(.*?)```", text, re.S).group(1)
+    named = set(re.findall(r"[A-Za-z_]+", block))
+    for folder in ("passes", "onnx_mbs"):
+        modules = {p.stem for p in (ROOT / folder).glob("*.py") if not p.stem.startswith("__")}
+        packages = {p.parent.name for p in (ROOT / folder).glob("*/__init__.py")}
+        assert not (modules | packages) - named, (folder, sorted((modules | packages) - named))
+
+
+def _heading_anchors(page: Path) -> set[str]:
+    """GitHub's anchors of a page's headings: lower case, punctuation dropped, spaces as -."""
+    headings = re.findall(r"^#+ (.*)$", page.read_text(), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+def test_links_to_a_heading_find_it():
+    """A link with an anchor (`retrain.md#the-papers-regime`) leads to a heading of that page:
+    the file check above ignores anchors, and a renamed heading breaks them silently."""
+    for page in [README, ROOT / "bench" / "README.md", *(ROOT / "docs").glob("*.md")]:
+        for link in re.findall(r"\]\(([^)#]*)#([^)]+)\)", page.read_text()):
+            path, anchor = link
+            if path.startswith("http"):
+                continue
+            target = (page.parent / path).resolve() if path else page
+            assert anchor in _heading_anchors(target), (page.name, f"{path}#{anchor}")

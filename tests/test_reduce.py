@@ -426,6 +426,8 @@ def _bad(tmp_path, bundled_model_path, case):
         args[5] = str(tmp_path / "nan.npz")
     elif case == "provider":
         args += ["--providers", "tpu"]
+    elif case == "provider-without-data":  # was a note that tpu "does nothing", then the refusal
+        args = [*args[:4], "--providers", "tpu"]
     elif case == "budget-zero":
         args += ["--budget", "params=0"]
     elif case == "budget-above-one":
@@ -445,7 +447,8 @@ def _bad(tmp_path, bundled_model_path, case):
         ("data-does-not-fit", "does not fit|cannot|shape"),
         ("empty-folder", "no images|empty"),
         ("nan", "NaN|nan"),
-        ("provider", "unknown providers"),
+        ("provider", "unknown --providers 'tpu': use auto, cpu or cuda"),
+        ("provider-without-data", "unknown --providers 'tpu': use auto, cpu or cuda"),
         ("budget-zero", r"must be in \(0, 1\]"),
         ("width-map", r"c must be in \[0, 1\]"),
         ("receptive-field", "unknown --receptive-field 'paper': use global or local"),

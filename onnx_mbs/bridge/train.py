@@ -162,7 +162,8 @@ class RetrainResult:
 
 
 def check_one_input(names: Sequence[str]) -> None:
-    """Retraining feeds one input, the images: refuse a model with several (the command line
+    """Retraining feeds one input (images, or one model-ready array such as an audio or video
+    model's): refuse a model with several (the command line
     asks before it reads the data, whose advice for such a model is another command's)."""
     if len(names) != 1:
         raise BadInputError(f"retraining needs a model with one input, not {list(names)}")
