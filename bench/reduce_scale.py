@@ -23,6 +23,11 @@ commands alternating. Writes bench/results/reduce_scale.json with the load avera
 before and after (the machine is shared: compare ratios within one run only).
 
     nice python bench/reduce_scale.py [--repeats 3] [--images 64]
+    git worktree add --detach ../base main     # once: the code to compare against
+    nice python bench/reduce_scale.py --repeats 2 --base ../base   # both, alternating
+
+`--folder DIR` keeps the exported models and data there for later runs (ResNet-1202's
+export takes about a minute).
 """
 
 from __future__ import annotations
@@ -204,6 +209,18 @@ def run(command: str, model: Path, data: Path, out: Path, path: Path | None = No
     return result
 
 
+def commit(root: Path) -> str:
+    """The checkout's commit (with "+changes" when its tree differs from it)."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
+        return done.stdout.strip()
+
+    return git("rev-parse", "--short", "HEAD") + (
+        "+changes" if git("status", "--porcelain") else ""
+    )
+
+
 def median_of(runs: list[dict], key: str) -> dict[str, float]:
     return {k: statistics.median(r[key][k] for r in runs) for k in runs[0][key]}
 
@@ -293,8 +310,11 @@ def main() -> None:
     written = {
         "command": "nice python bench/reduce_scale.py "
         f"--repeats {args.repeats} --images {args.images}"
-        + (" --base BASE_CHECKOUT" if args.base else ""),
+        + (f" --base {args.base}" if args.base else ""),
         "load": load,
+        "commits": {
+            code: commit(Path(r[MODELS[0]]["reduce"]["code_from"])) for code, r in results.items()
+        },
     }
     for code, rows in results.items():
         print(f"\n=== {code}: {rows[MODELS[0]]['reduce']['code_from']}")
