@@ -406,14 +406,13 @@ def _guessed(args: argparse.Namespace) -> str:
 
 
 def _eval_agreement(args: argparse.Namespace, model, source, providers, shapes) -> int:
-    """`eval --teacher`: how closely each output follows the teacher's, without labels.
-    `model` is a HeldModel, let go once onnxruntime maps it, as the teacher is."""
+    """`eval --teacher`: how closely each output follows the teacher's, without labels."""
     from onnx_mbs.evaluate import agreement, load_for_eval
     from onnx_mbs.weights_file import HeldModel
 
+    # `model` is a HeldModel, let go once onnxruntime maps it; so is the teacher
     batch_size = static_batch(model.model) or args.batch_size
-
-    teacher = HeldModel(load_for_eval(args.teacher, shapes).runnable)  # as `model` is held
+    teacher = HeldModel(load_for_eval(args.teacher, shapes).runnable)
     result = agreement(
         model,
         teacher,
