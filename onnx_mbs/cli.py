@@ -345,6 +345,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from onnx_mbs.evaluate import evaluate, load_for_eval
     from onnx_mbs.logits import check_top1_wanted, is_none
     from onnx_mbs.runtime import choose_providers
+    from onnx_mbs.weights_file import HeldModel
 
     providers = choose_providers(args.providers)
     shapes = _input_shapes(args.input_shape)
@@ -359,13 +360,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "--logits picks the output top-1 is read from; eval --teacher compares every "
             "output: drop one of them (it takes --logits none: no output is logits)"
         )
+    batch_size = read.batch or args.batch_size
+    runnable = HeldModel(read.runnable)  # its only owner: let go once onnxruntime maps it
+    del read
     if args.teacher:
-        return _eval_agreement(args, read.runnable, source, providers, shapes)
+        return _eval_agreement(args, runnable, source, providers, shapes)
     result = evaluate(
-        read.runnable,
+        runnable,
         source,
         providers,
-        batch_size=read.batch or args.batch_size,
+        batch_size=batch_size,
         progress=not args.json,
         logits=args.logits,
     )
@@ -408,14 +412,17 @@ def _eval_agreement(args: argparse.Namespace, model, source, providers, shapes) 
     """`eval --teacher`: how closely each output follows the teacher's, without labels."""
     from onnx_mbs.dense_maps import iou_note
     from onnx_mbs.evaluate import agreement, load_for_eval
+    from onnx_mbs.weights_file import HeldModel
 
-    teacher = load_for_eval(args.teacher, shapes).runnable
+    # `model` is a HeldModel, let go once onnxruntime maps it; so is the teacher
+    batch_size = static_batch(model.model) or args.batch_size
+    teacher = HeldModel(load_for_eval(args.teacher, shapes).runnable)
     result = agreement(
         model,
         teacher,
         source,
         providers,
-        batch_size=static_batch(model) or args.batch_size,
+        batch_size=batch_size,
         progress=not args.json,
         logits=args.logits,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from onnx_mbs.runtime import (
     pad_to_batch,
     session_provider,
 )
+from onnx_mbs.weights_file import HeldModel, runnable_file
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -89,7 +91,7 @@ def _proto(model: onnx.ModelProto | bytes | str | os.PathLike) -> onnx.ModelProt
 
 
 def evaluate(
-    model: onnx.ModelProto | bytes | str | os.PathLike,
+    model: onnx.ModelProto | HeldModel | bytes | str | os.PathLike,
     data: DataSource | str | os.PathLike | Any,
     providers: list[str],
     batch_size: int = 256,
@@ -101,14 +103,41 @@ def evaluate(
     model has several), its shape taken from the first batch's run. `data` is a DataSource,
     or a --data spec (or reader) read for the model as `onnx-mbs eval` reads it, fitted to
     `input_shapes` where the model's input dims are dynamic (`--input-shape`). `logits`
-    "none" (the model has no classifier output) is refused: there is no top-1 to take."""
+    "none" (the model has no classifier output) is refused: there is no top-1 to take.
+    A model in memory is run from a file whose weights onnxruntime maps (`runnable_file`);
+    a HeldModel is let go once written there."""
     check_top1_wanted(logits)
     if not hasattr(data, "batches"):  # not a DataSource (a Protocol)
         from onnx_mbs.data.fit import open_for_model
 
-        data = open_for_model(data, load_for_eval(model, input_shapes).model, logits=logits)
-    session = make_session(model, providers)
-    graph = _proto(model)
+        read = model.model if isinstance(model, HeldModel) else model
+        data = open_for_model(data, load_for_eval(read, input_shapes).model, logits=logits)
+        del read
+    with contextlib.ExitStack() as stack:
+        model = _as_file(stack, model)
+        session = make_session(model, providers)
+        return _accuracy(session, _proto(model), data, batch_size, progress, logits)
+
+
+def _as_file(
+    stack: contextlib.ExitStack, model: onnx.ModelProto | HeldModel | bytes | str | os.PathLike
+) -> bytes | str | os.PathLike:
+    """What onnxruntime is given: a model in memory as a file whose weights it maps
+    (`runnable_file`, kept while `stack` is open), bytes or a path as they are."""
+    if isinstance(model, (onnx.ModelProto, HeldModel)):
+        return stack.enter_context(runnable_file(model))
+    return model
+
+
+def _accuracy(
+    session: ort.InferenceSession,
+    graph: onnx.ModelProto,
+    data: DataSource,
+    batch_size: int,
+    progress: bool,
+    logits: str | None,
+) -> EvalResult:
+    """`evaluate`'s count over the data, on a session made."""
     logits_name: str | None = None
     dtype = feed_dtype(session, data.input_name, ready=data.preprocess is None)
     correct1 = correct5 = samples = nonfinite = 0
@@ -254,8 +283,8 @@ class _Accumulator:
 
 
 def agreement(
-    model: onnx.ModelProto | bytes | str | os.PathLike,
-    teacher: onnx.ModelProto | bytes | str | os.PathLike,
+    model: onnx.ModelProto | HeldModel | bytes | str | os.PathLike,
+    teacher: onnx.ModelProto | HeldModel | bytes | str | os.PathLike,
     data: DataSource,
     providers: list[str],
     batch_size: int = 256,
@@ -265,8 +294,26 @@ def agreement(
     """Agreement of every output of `model` with `teacher`'s same-named output; no labels needed.
     Both are fed the same data: a teacher whose input takes another type is refused
     (`check_teacher_input`, as retrain refuses it). `logits` "none": no output is read as a
-    classifier's (no argmax agreement; see `onnx_mbs.logits`)."""
-    session, reference = make_session(model, providers), make_session(teacher, providers)
+    classifier's (no argmax agreement; see `onnx_mbs.logits`). Models in memory are run as
+    `evaluate` runs them (`runnable_file`)."""
+    with contextlib.ExitStack() as stack:
+        model, teacher = _as_file(stack, model), _as_file(stack, teacher)
+        session, reference = make_session(model, providers), make_session(teacher, providers)
+        # which ops make each output: its IoU rule (`dense_maps`)
+        graph = _proto(model)
+        return _agreement(session, reference, graph, data, batch_size, progress, logits)
+
+
+def _agreement(
+    session: ort.InferenceSession,
+    reference: ort.InferenceSession,
+    graph: onnx.ModelProto,
+    data: DataSource,
+    batch_size: int,
+    progress: bool,
+    logits: str | None,
+) -> AgreementResult:
+    """`agreement` on the sessions made (`reference`: the teacher's)."""
     outputs = session.get_outputs()
     names = [o.name for o in outputs]
     declared = {o.name: [d if isinstance(d, int) else None for d in o.shape] for o in outputs}
@@ -284,7 +331,6 @@ def agreement(
         feed_dtype(reference, data.input_name, ready),
     )
     totals: dict[str, _Accumulator] = {}
-    graph = _proto(model)  # which ops make each output: its IoU rule (`dense_maps`)
     samples = 0
     with progress_bar(len(data), "agreement", progress) as bar:
         for batch in data.batches(batch_size):

@@ -266,7 +266,12 @@ def reduce(
         no_top1=unscored,
     )
     if scored:
-        models = {"before": origin.written(form), "after": rewritten.model}
+        # Run from files whose weights onnxruntime maps (`runnable_file`). Nothing reads the
+        # analysis form again: it is put in the written form in place (no copy of its
+        # weights) and let go once written.
+        before = HeldModel(origin.write_form(form))
+        del form, index, planner, shrink
+        models = {"before": before, "after": rewritten.model}
         report.accuracy = accuracy(models, source, providers, origin.batch, options)
         laps.lap("evaluate")
     return rewritten.model, report
@@ -711,7 +716,7 @@ def _next_target(asked: float, tries: list[tuple[float, float]]) -> float:
 
 
 def accuracy(
-    models: Mapping[str, onnx.ModelProto],
+    models: Mapping[str, onnx.ModelProto | HeldModel],
     source: DataSource,
     providers: list[str],
     batch: int | None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -252,3 +253,35 @@ def test_an_unusable_onnxruntime_is_one_line_and_exit_2(
     assert main([*argv, "--providers", providers]) == 2
     last = capsys.readouterr().err.splitlines()[-1]  # after the data's lines
     assert last.startswith(f"onnx-mbs: error: {said}") and "pip install" in last
+
+
+def test_evaluate_maps_the_weights_of_a_model_in_memory(bundled_model_path, monkeypatch):
+    """A model in memory is run from a file whose large weights onnxruntime maps: a session
+    made from the model itself held a serialized copy of them and its own beside the caller's
+    (`eval` of ResNet-1202: 6x the file). A HeldModel (what `eval` hands over) is let go once
+    written. The result is the one the file on disk gives."""
+    from onnx_mbs import evaluate as module
+    from onnx_mbs.data.fit import open_for_model
+    from onnx_mbs.models import FMNIST_SAMPLE
+    from onnx_mbs.passes import load_model
+    from onnx_mbs.passes.external_data import WEIGHTS_FILE
+    from onnx_mbs.weights_file import HeldModel
+
+    made = []  # (the file's bytes, its weights file's bytes) of each session made from a file
+
+    def spy(model, providers, **kwargs):
+        run = Path(model)  # a path: not the model, nor its bytes
+        made.append((run.stat().st_size, (run.parent / WEIGHTS_FILE).stat().st_size))
+        return runtime.make_session(model, providers, **kwargs)
+
+    path = str(bundled_model_path)
+    source = open_for_model(str(FMNIST_SAMPLE), load_model(path))
+    from_file = evaluate(path, source, CPU, progress=False)
+    monkeypatch.setattr(module, "make_session", spy)
+    size = onnx.load(path).ByteSize()
+    held = HeldModel(onnx.load(path))
+    for given in (onnx.load(path), held):
+        assert evaluate(given, source, CPU, progress=False) == from_file
+        graph, weights = made[-1]
+        assert graph < size / 10 and weights >= 0.9 * size
+    assert held.lent
