@@ -217,8 +217,7 @@ def reduce(
     origin, held = loaded.origin, HeldModel(loaded.model)
     del loaded  # `held` is the analysis form's one owner: its weights can be lent out
     source = fit_data(data, held.model, options)
-    # Top-1 needs a classifier output: a detector's labelled data gives none, several are
-    # refused now (`--logits` picks one) rather than after the reduction.
+    # Top-1 needs a classifier output; several are refused now (`--logits` picks one).
     labelled = options.evaluate_accuracy and source is not None and has_labels(source)
     if options.logits is not None:  # checked even where nothing reads it: a typo is said
         has_top1(held.model, options.logits)
@@ -250,8 +249,7 @@ def reduce(
     explain_cut(rewritten.plan, analysed.channels.groups, analysed.before, rewritten.after)
     laps.lap("shrink")
     report = ReduceReport(
-        # Without statistics, a latency budget or --channel-multiple auto still ran (or chose
-        # for) onnxruntime's provider: the report names it, not "none".
+        # Without statistics a latency budget or --channel-multiple auto ran a provider.
         provider=measured.stats.provider if measured.stats else (providers or ["none"])[0],
         data=data_text(source, measured.tensors),
         preprocessing=preprocessing(source),
@@ -266,9 +264,7 @@ def reduce(
         no_top1=unscored,
     )
     if scored:
-        # Run from files whose weights onnxruntime maps (`runnable_file`). Nothing reads the
-        # analysis form again: it is put in the written form in place (no copy of its
-        # weights) and let go once written.
+        # Nothing reads the analysis form again: written form in place, let go once written.
         before = HeldModel(origin.write_form(form))
         del form, index, planner, shrink
         models = {"before": before, "after": rewritten.model}
