@@ -41,6 +41,7 @@ CHANNEL_PRESERVING_OPS = {
     "LpPool",
     "BatchNormalization",
     "Add",
+    "Sum",  # Add of several inputs (a residual join written as Sum)
     "Sub",
     "Mul",
     "Div",
