@@ -605,6 +605,29 @@ def same_padding(model: onnx.ModelProto) -> onnx.ModelProto:
     return _replace(model, "Conv", same)
 
 
+def commuted(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The inputs of every Add, Mul, Sum and Max in reverse order."""
+    out = _copy(model)
+    for node in out.graph.node:
+        if node.op_type in ("Add", "Mul", "Sum", "Max"):
+            inputs = list(node.input)[::-1]
+            del node.input[:]
+            node.input.extend(inputs)
+    return out
+
+
+def conv_bias_as_add_first(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`conv_bias_as_add` with the bias as a (C, 1, 1) constant, the Add's first input."""
+    out = commuted(conv_bias_as_add(model))
+    biases = {n.input[0] for n in out.graph.node if n.op_type == "Add"}
+    for tensor in out.graph.initializer:
+        if tensor.name in biases and len(tensor.dims) > 1 and tensor.dims[0] == 1:
+            dims = list(tensor.dims)[1:]
+            del tensor.dims[:]
+            tensor.dims.extend(dims)
+    return out
+
+
 EQUIVALENT: dict[str, Callable[[onnx.ModelProto], onnx.ModelProto]] = {
     **VARIANTS,
     "identity": identity_after_convs,
@@ -633,4 +656,6 @@ EQUIVALENT: dict[str, Callable[[onnx.ModelProto], onnx.ModelProto]] = {
     "transposes": transposes_after_relus,
     "bn_affine": batchnorm_as_affine,
     "same_pad": same_padding,
+    "commuted": commuted,
+    "bias_first": conv_bias_as_add_first,
 }
