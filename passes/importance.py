@@ -201,9 +201,13 @@ class BatchNormScaled(FilterNorm):
     def _passes_on(self, node: onnx.NodeProto, made: int | None) -> bool:
         """An op that hands its input on unchanged: an Identity, a Cast to the type the conv
         makes (`made`), or a Dropout not training (no `training_mode`, or a constant false
-        one), as exporters leave between a conv and its BatchNorm."""
+        one), as exporters leave between a conv and its BatchNorm; or one that only shifts
+        it: an Add or Sub of a constant (a conv's bias written apart, as Paddle2ONNX does),
+        which leaves the scale the BatchNorm folds in as it was."""
         if op_id(node) == "Identity":
             return True
+        if op_id(node) in ("Add", "Sub") and len(node.input) == 2:
+            return sum(self.index.constant(x) is None for x in node.input) == 1
         if op_id(node) == "Cast":
             return made is not None and attributes(node).get("to") == made
         if op_id(node) != "Dropout":

@@ -80,3 +80,29 @@ def test_equivalent_forms_get_one_plan(bundled, baselines, feeds, variant, setti
     ]
     if "kept" not in allowed:
         assert output_gap(base.written, got.written, feeds) < 1e-4
+
+
+def with_biases(model: onnx.ModelProto, seed: int = 0) -> onnx.ModelProto:
+    """`model` with a random bias on every Conv that has none (before its BatchNorm)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    rng = np.random.default_rng(seed)
+    sizes = {t.name: t.dims[0] for t in out.graph.initializer}
+    for k, node in enumerate(out.graph.node):
+        if node.op_type == "Conv" and len(node.input) == 2:
+            bias = rng.normal(0, 0.1, sizes[node.input[1]]).astype(np.float32)
+            out.graph.initializer.append(onnx.numpy_helper.from_array(bias, f"bias_{k}"))
+            node.input.append(f"bias_{k}")
+    return out
+
+
+def test_bn_importance_reads_through_a_bias_written_apart(bundled, feeds):
+    """Conv -> Add(bias) -> BatchNorm (Paddle2ONNX writes conv biases so): the BatchNorm's
+    scale is what `bn` folds in either way; only the macroblocks' conv params (which leave
+    an Add's constant to the totals) differ."""
+    biased = with_biases(bundled)
+    setting = SETTINGS["flops_bn"]
+    base = outcome(biased, FMNIST_SAMPLE, limit=32, **setting)
+    got = outcome(EQUIVALENT["bias_add"](biased), FMNIST_SAMPLE, limit=32, **setting)
+    assert base.differences(got) == ["macroblocks"]
+    assert output_gap(base.written, got.written, feeds) < 1e-4
