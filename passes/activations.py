@@ -41,6 +41,7 @@ CHANNEL_PRESERVING_OPS = {
     "LpPool",
     "BatchNormalization",
     "Add",
+    "Sum",  # Add of several inputs (a residual join written as Sum)
     "Sub",
     "Mul",
     "Div",
@@ -105,7 +106,7 @@ def _first_activation(index: GraphIndex, start: str) -> Site | None:
     while frontier:
         tensor, channel = frontier.pop(0)
         for node in index.consumers.get(tensor, []):
-            if op_id(node) in ACTIVATION_OPS:
+            if op_id(node) in ACTIVATION_OPS or _clamps_below(index, node, tensor):
                 return Site(_silu_output(index, node, tensor), channel)
             at = channel
             if op_id(node) == "Concat":
@@ -122,6 +123,16 @@ def _first_activation(index: GraphIndex, start: str) -> Site | None:
                 seen.add(out)
                 frontier.append((out, at))
     return None
+
+
+def _clamps_below(index: GraphIndex, node: onnx.NodeProto, tensor: str) -> bool:
+    """Max(x, c) with one constant c: Relu (c = 0) or Clip(x, c) as TensorFlow exporters
+    and hand-written graphs write it (`tf.maximum(x, 0)`)."""
+    if op_id(node) != "Max" or len(node.input) != 2 or tensor not in node.input:
+        return False
+    other = node.input[1] if node.input[0] == tensor else node.input[0]
+    bound = index.constant(other)
+    return bound is not None and bound.size == 1
 
 
 def _through_groupnorm(index: GraphIndex, node: onnx.NodeProto, source: str) -> str | None:

@@ -222,6 +222,7 @@ NOT_PARAMETERS = {
     "Resize": (1, 2, 3),
     "Upsample": (1,),
     "Pad": (1, 2, 3),
+    "Dropout": (1,),  # the ratio (inference: unused)
 }
 SCALAR_OPS = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Equal", "Less", "Greater"}
 
@@ -235,7 +236,7 @@ def is_parameter_use(
     """Whether a float constant of rank `rank` read as input `position` of `node` is a
     learned value (`constant`: the value of a constant tensor by name, None if not one).
 
-    BatchNorm statistics, Clip bounds, Resize scales and Pad values are not; nor is
+    BatchNorm statistics, Clip bounds, Resize scales, Pad values and Dropout's ratio are not; nor is
     a 0-d scalar read by an element-wise op (GELU's sqrt(2), HardSwish's 1/6); nor the
     scale and bias of an InstanceNormalization that are all ones and all zeros
     (`_no_affine`).

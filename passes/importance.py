@@ -184,8 +184,10 @@ class BatchNormScaled(FilterNorm):
         node = self.nodes.get(producer)
         if node is None or op_id(node) not in ("Conv", "ConvTranspose", "Gemm"):
             return None
+        weight = self.index.initializers.get(node.input[1]) if len(node.input) > 1 else None
+        made = None if weight is None else weight.data_type  # the conv's output type
         readers = self.index.consumers.get(node.output[0], [])
-        while len(readers) == 1 and self._passes_on(readers[0]):
+        while len(readers) == 1 and self._passes_on(readers[0], made):
             readers = self.index.consumers.get(readers[0].output[0], [])
         if len(readers) != 1 or op_id(readers[0]) != "BatchNormalization":
             return None
@@ -196,12 +198,18 @@ class BatchNormScaled(FilterNorm):
         eps = float(attributes(bn).get("epsilon", 1e-5))
         return np.abs(gamma.astype(np.float64)) / np.sqrt(var.astype(np.float64) + eps)
 
-    def _passes_on(self, node: onnx.NodeProto) -> bool:
-        """An op that hands its input on unchanged: an Identity, or a Dropout not training
-        (no `training_mode`, or a constant false one), as exporters leave between a conv and
-        its BatchNorm."""
+    def _passes_on(self, node: onnx.NodeProto, made: int | None) -> bool:
+        """An op that hands its input on unchanged: an Identity, a Cast to the type the conv
+        makes (`made`), or a Dropout not training (no `training_mode`, or a constant false
+        one), as exporters leave between a conv and its BatchNorm; or one that only shifts
+        it: an Add or Sub of a constant (a conv's bias written apart, as Paddle2ONNX does),
+        which leaves the scale the BatchNorm folds in as it was."""
         if op_id(node) == "Identity":
             return True
+        if op_id(node) in ("Add", "Sub") and len(node.input) == 2:
+            return sum(self.index.constant(x) is None for x in node.input) == 1
+        if op_id(node) == "Cast":
+            return made is not None and attributes(node).get("to") == made
         if op_id(node) != "Dropout":
             return False
         training = self.index.constant(node.input[2]) if len(node.input) > 2 else None
