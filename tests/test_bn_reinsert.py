@@ -20,6 +20,7 @@ from onnx_mbs.bridge.bn import (
     fold_back,
     is_bn_folded,
     recalibrate,
+    recalibration_passes,
     reinsert_bn,
 )
 from onnx_mbs.bridge.module import with_outputs
@@ -236,37 +237,112 @@ def test_recalibrate_pools_the_statistics_of_all_batches(x16) -> None:
     sizes = [8, 3, 12, 1, 8]
     ends = np.cumsum(sizes)
     batches = [torch.from_numpy(x16[e - n : e]) for n, e in zip(sizes, ends, strict=True)]
-    assert recalibrate(module, batches) == 4
+    assert recalibrate(module, iter(batches)) == 4  # an iterator is read once, kept for passes
     assert not module.training
-    # torch's net in train mode gives each BN's inputs batch by batch (each normalised with its
-    # batch's statistics before the next BN, as recalibration runs); numpy pools them.
+    # torch's net in eval mode gives each BN's inputs batch by batch, every BN before it
+    # (the three are in series) already set to its pooled statistics; numpy pools them.
     refs = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    seen: dict[int, list[np.ndarray]] = {k: [] for k in range(len(refs))}
-    hooks = [
-        ref.register_forward_pre_hook(lambda _, args, k=k: seen[k].append(args[0].numpy()))
-        for k, ref in enumerate(refs)
-    ]
-    net.train()
-    with torch.no_grad():
-        for xb in batches:
-            if len(xb) > 1:
-                net(xb)
-    for hook in hooks:
-        hook.remove()
     bns = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
     assert len(bns) == len(refs) == 3
-    for k, node in enumerate(bns):
-        inputs = np.concatenate(seen[k]).astype(np.float64)
+    for ref, node in zip(refs, bns, strict=True):
+        seen: list[np.ndarray] = []
+        hook = ref.register_forward_pre_hook(lambda _, args, s=seen: s.append(args[0].numpy()))
+        with torch.no_grad():
+            for xb in batches:
+                if len(xb) > 1:
+                    net(xb)
+        hook.remove()
+        inputs = np.concatenate(seen).astype(np.float64)
         assert len(inputs) == 31
-        np.testing.assert_allclose(
-            module.initializer(node.input[3]).numpy(), inputs.mean((0, 2, 3)), atol=1e-5
-        )
-        np.testing.assert_allclose(
-            module.initializer(node.input[4]).numpy(), inputs.var((0, 2, 3)), rtol=1e-4
-        )
+        mean, var = inputs.mean((0, 2, 3)), inputs.var((0, 2, 3))
+        np.testing.assert_allclose(module.initializer(node.input[3]).numpy(), mean, atol=1e-5)
+        np.testing.assert_allclose(module.initializer(node.input[4]).numpy(), var, rtol=1e-4)
         # The average of the batches' own variances is clearly less here.
-        average = np.mean([b.astype(np.float64).var((0, 2, 3), ddof=1) for b in seen[k]], 0)
-        assert (average < inputs.var((0, 2, 3))).any()
+        average = np.mean([b.astype(np.float64).var((0, 2, 3), ddof=1) for b in seen], 0)
+        assert (average < var).any()
+        ref.running_mean.copy_(torch.from_numpy(mean))
+        ref.running_var.copy_(torch.from_numpy(var))
+
+
+def _batchnorms(nodes: list[onnx.NodeProto], bns: list[str]) -> onnx.ModelProto:
+    """x (N, 1) through `nodes`, each BN of `bns` (x_name, out_name) with scale 1, shift 0,
+    running statistics 0 and 1; the last node's output is y."""
+    helper = onnx.helper
+    inits = []
+    for name in bns:
+        for part, value in (("scale", 1.0), ("shift", 0.0), ("mean", 0.0), ("var", 1.0)):
+            inits.append(numpy_helper.from_array(np.array([value], np.float32), f"{name}_{part}"))
+    graph = helper.make_graph(
+        nodes,
+        "bns",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 1])],
+        [helper.make_tensor_value_info(nodes[-1].output[0], onnx.TensorProto.FLOAT, ["N", 1])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _bn(name: str, x: str, y: str) -> onnx.NodeProto:
+    parts = [f"{name}_{p}" for p in ("scale", "shift", "mean", "var")]
+    return onnx.helper.make_node("BatchNormalization", [x, *parts], [y], name=name, epsilon=EPS)
+
+
+def test_recalibration_measures_each_bn_on_what_the_written_model_feeds_it() -> None:
+    """x -> BN1 -> Relu -> BN2, batches [0, 2] and [4, 6]: BN1's statistics are x's (mean 3,
+    variance 5); the written model feeds BN2 relu((x - 3) / s) = [0, 0, 1, 3] / s with
+    s = sqrt(5 + eps), whose mean is 1 / s and variance 1.5 / s^2. Measured in train mode,
+    each batch was normalised with its own statistics before the Relu ([0, 1] / s' in both,
+    s' = sqrt(1 + eps)): BN2 got mean 0.5 / s' and variance 0.25 / s'^2, and the written model
+    computed another function than the one measured."""
+    relu = onnx.helper.make_node("Relu", ["a"], ["r"])
+    nodes = [_bn("bn1", "x", "a"), relu, _bn("bn2", "r", "y")]
+    model = _batchnorms(nodes, ["bn1", "bn2"])
+    batches = [torch.tensor([[0.0], [2.0]]), torch.tensor([[4.0], [6.0]])]
+    module = OnnxModule(model)
+    assert recalibrate(module, batches) == 2
+    s2 = 5.0 + EPS
+    names = ("bn1_mean", "bn1_var", "bn2_mean", "bn2_var")
+    np.testing.assert_allclose(
+        [float(module.initializer(n)) for n in names],
+        [3.0, 5.0, 1.0 / np.sqrt(s2), 1.5 / s2],
+        rtol=1e-6,
+    )
+    # The written model normalises BN2's input over the data: mean 0, variance 1 (less eps).
+    written = write_back(model, module)
+    (y,) = ort_run(written, {"x": np.array([[0.0], [2.0], [4.0], [6.0]], np.float32)})
+    np.testing.assert_allclose([y.mean(), y.var()], [0.0, 1.5 / (1.5 + EPS * s2)], atol=1e-6)
+    # Only BN2 measured: BN1 keeps statistics 0 and 1, so BN2 sees relu(x) / sqrt(1 + eps).
+    module = OnnxModule(model)
+    recalibrate(module, batches, {"bn2_mean"})
+    assert float(module.initializer("bn1_mean")) == 0.0
+    assert float(module.initializer("bn1_var")) == 1.0
+    seen = np.array([0.0, 2.0, 4.0, 6.0]) / np.sqrt(1.0 + EPS)
+    np.testing.assert_allclose(float(module.initializer("bn2_mean")), seen.mean(), rtol=1e-6)
+    np.testing.assert_allclose(float(module.initializer("bn2_var")), seen.var(), rtol=1e-6)
+
+
+def test_recalibration_passes_group_the_bns_that_do_not_feed_each_other() -> None:
+    """BN1 and BN2 read x side by side, their sum feeds BN3: two passes, not three."""
+    helper = onnx.helper
+    nodes = [
+        _bn("bn1", "x", "a"),
+        _bn("bn2", "x", "b"),
+        helper.make_node("Add", ["a", "b"], ["s"]),
+        _bn("bn3", "s", "y"),
+    ]
+    module = OnnxModule(_batchnorms(nodes, ["bn1", "bn2", "bn3"]))
+    passes = recalibration_passes(module)
+    assert [sorted(p) for p in passes] == [["bn1_mean", "bn2_mean"], ["bn3_mean"]]
+    assert recalibration_passes(module, {"bn3_mean"}) == [["bn3_mean"]]
+    x = np.array([[1.0], [3.0], [-2.0], [6.0]], np.float32)
+    assert recalibrate(module, [torch.from_numpy(x)]) == 1
+    # BN1 and BN2 each give (x - mean) / s: their sum has mean 0 and variance 4 var / (var + eps).
+    var = float(x.var())
+    expected = 4 * var / (var + EPS)
+    np.testing.assert_allclose(float(module.initializer("bn3_var")), expected, rtol=1e-6)
+    np.testing.assert_allclose(float(module.initializer("bn3_mean")), 0.0, atol=1e-6)
 
 
 def test_a_uint8_input_model_is_recalibrated_on_what_onnxruntime_is_fed(tmp_path) -> None:
@@ -360,22 +436,18 @@ def test_recalibration_refusal_promises_a_reinsertion_only_where_retrain_makes_o
     assert "no BatchNormalization" in str(refused.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="recalibration measures in train mode: each BN's input is normalised upstream with "
-    "its batch's statistics, not the running ones the written model uses (logits still move "
-    "by 1.86 at batch 16); pooling fixed only the variance of the batch means (1.90 before)",
-)
 def test_a_retrain_that_trains_nothing_writes_the_folded_model_back(
     bundled_model_path, fmnist_sample, fmnist_train_sample, tmp_path
 ) -> None:
     """Metamorphic: at a vanishing lr no weight moves, so folding the re-inserted BNs back must
     give the folded model again. Their statistics start as the whole calibration set's and are
-    re-measured after training; re-measured as the plain average of per-batch statistics the
-    variance lost the variance of the batch means (batches of 16: logits moved by 1.9 of ~16,
-    top-1 changed). Pooled over the same batches they are the same statistics again: what is
-    left is float32 rounding (conv outputs in torch vs. the statistics in float64, stored as
-    float32), ~1e-6 relative per layer over 21 of them, so 1e-3 of logits of size ~16."""
+    re-measured after training. Re-measured as the plain average of per-batch statistics the
+    variance lost the variance of the batch means (batches of 16: logits moved by 1.9 of ~16);
+    pooled, but in train mode, each BN's input was normalised upstream with its batch's
+    statistics, not the running ones the written model uses (logits still moved by 1.86).
+    Measured layer by layer in eval mode they are the same statistics again: what is left is
+    float32 rounding (conv outputs in torch vs. the statistics in float64, stored as float32),
+    ~1e-6 relative per layer over 21 of them, so 1e-3 of logits of size ~16."""
     from onnx_mbs.models.deployment_form import fold_batchnorm
 
     path = tmp_path / "folded.onnx"

@@ -631,8 +631,8 @@ NO_STEP = dict(epochs=2, lr=1e-30, batch_size=16, device="cpu", progress=False)
 def test_a_vanishing_learning_rate_moves_only_batchnorm_statistics(train) -> None:
     """BN kept: only the running statistics move (train-mode forwards update them); with them
     put back the written model computes its input's outputs. BN-folded trained as it is
-    (reinsert_bn=False): nothing moves. (BN re-inserted: the statistics are re-measured as an
-    average of batch statistics, see `_recalibrate_inserted`, and the folded weights move.)"""
+    (reinsert_bn=False): nothing moves. (BN re-inserted: the folded model comes back, up to
+    float32 rounding: test_bn_reinsert's test_a_retrain_that_trains_nothing_writes_...)"""
     x = train[0][:64]
     kept = export(keep_bn=True)
     result = retrain(kept, train, **NO_STEP)

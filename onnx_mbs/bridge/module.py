@@ -525,6 +525,13 @@ class OnnxModule(nn.Module):
         outputs = [env[n] for n in self.output_names]
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
+    def dataflow(self) -> list[tuple[str, tuple[str, ...], tuple[str, ...]]]:
+        """(op type, inputs, outputs) of each node a forward runs, in the order it runs them."""
+        return [
+            (op, ins, outs)
+            for op, (_, ins, outs, _, _) in zip(self.runtime_ops, self._steps, strict=True)
+        ]
+
     def _device(self) -> torch.device:
         for tensor in self._parameters.values():
             return tensor.device

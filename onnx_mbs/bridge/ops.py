@@ -231,20 +231,33 @@ def conv_transpose(n: Node) -> OpFn:
     return lambda x, w, b=None: F.pad(fn(x, w, b, strides, 0, out_pad, groups, dilations), crop)
 
 
-class PooledStatistics:
-    """Every BatchNormalization's input statistics over all the batches it sees, pooled (law of
-    total variance: the variance of all values, i.e. the batch variances and the variance of
-    the batch means, weighted by the values each batch has), in float64.
+class Measured(Exception):
+    """Raised by `PooledStatistics.add` once every BatchNorm a pass measures has seen the batch:
+    the rest of the forward computes nothing the pass needs (`bn.recalibrate` catches it)."""
 
-    While one is set in `BN_POOL` (by `bn.recalibrate`), train-mode BatchNorms normalise with
-    their batch's statistics as usual but record them here instead of moving their running
-    statistics; `write` then sets those to the pooled mean and (population) variance. The
-    plain average of batch variances, kept before, misses the variance of the batch means.
+
+class PooledStatistics:
+    """The input statistics of the BatchNormalizations in `wanted` (ids of their running-mean
+    buffers) over all the batches they see, pooled (law of total variance: the variance of all
+    values, i.e. the batch variances and the variance of the batch means, weighted by the
+    values each batch has), in float64.
+
+    While one is set in `BN_POOL` (by `bn.recalibrate`, in eval mode), each wanted BatchNorm
+    records its input here; `write` then sets its running statistics to the pooled mean and
+    (population) variance. Every other BatchNorm normalises with its running statistics, as
+    the written model does. The plain average of batch variances, kept before, misses the
+    variance of the batch means.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, wanted: set[int]) -> None:
+        self.wanted = wanted
         # id(running mean) -> [running mean, running var, count, mean, sum of squared deviations]
         self.seen: dict[int, list] = {}
+        self.pending: set[int] = set()
+
+    def start(self) -> None:
+        """A batch begins: every wanted BatchNorm is still to see it."""
+        self.pending = set(self.wanted)
 
     def add(self, mean: torch.Tensor, var: torch.Tensor, x: torch.Tensor, dims: list[int]) -> None:
         """Pool the batch `x`, reduced over `dims`, into the statistics of buffers mean/var."""
@@ -256,15 +269,18 @@ class PooledStatistics:
         entry = self.seen.get(id(mean))
         if entry is None:
             self.seen[id(mean)] = [mean, var, count, batch_mean, squares]
-            return
-        n, m, m2 = entry[2:]  # Chan et al.'s pairwise update
-        total = n + count
-        delta = batch_mean - m
-        entry[2:] = [
-            total,
-            m + delta * (count / total),
-            m2 + squares + delta**2 * (n * count / total),
-        ]
+        else:
+            n, m, m2 = entry[2:]  # Chan et al.'s pairwise update
+            total = n + count
+            delta = batch_mean - m
+            entry[2:] = [
+                total,
+                m + delta * (count / total),
+                m2 + squares + delta**2 * (n * count / total),
+            ]
+        self.pending.discard(id(mean))
+        if not self.pending:
+            raise Measured
 
     def write(self) -> None:
         """Set every recorded BatchNorm's running statistics to the pooled ones."""
@@ -315,25 +331,25 @@ def batch_norm(n: Node) -> OpFn:
                 f"BatchNormalization '{n.name}': a running statistic is tied to a trained "
                 "weight (through Identity); untie it first with untie_initializers(model)"
             )
-        pool = BN_POOL.get() if training else None
+        pool = BN_POOL.get()
+        measured = pool is not None and id(mean) in pool.wanted
         per_channel = len(x) if per_activation else x.numel() // max(x.shape[1], 1)
         if training and per_channel == 1:
             raise BadInputError(
                 f"BatchNormalization '{n.name}' sees one value per channel in a batch of 1 "
                 f"({list(x.shape)}): batch statistics need 2; use a batch size of at least 2"
             )
-        # Pooling: running statistics are left as they are until `PooledStatistics.write`.
-        stats = (None, None) if pool is not None else (mean, var)
+        # Measured: running statistics are left as they are until `PooledStatistics.write`.
         if per_activation:
-            if pool is not None:
+            if measured:
                 pool.add(mean, var, x.flatten(1), [0])
-            flat = [t.reshape(-1) if t is not None else None for t in (*stats, scale, bias)]
+            flat = [t.reshape(-1) for t in (mean, var, scale, bias)]
             y = F.batch_norm(x.flatten(1), *flat[:2], *flat[2:], training, own_momentum, eps)
             y = y.reshape(x.shape)
         else:
-            if pool is not None:
+            if measured:
                 pool.add(mean, var, x, [0, *range(2, x.dim())])
-            y = F.batch_norm(x, *stats, scale, bias, training, own_momentum, eps)
+            y = F.batch_norm(x, mean, var, scale, bias, training, own_momentum, eps)
         return (y, mean, var) if extra_outputs else y
 
     return run

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 
 from onnx_mbs.bridge import checkpoint as ckpt
 from onnx_mbs.bridge.bn import (
+    Rereads,
     fold_back,
     foldable_convs,
     has_batchnorm,
@@ -934,9 +935,10 @@ def retrain(
             else (math.nan, math.nan)
         )
         if inserted:
-            _recalibrate_inserted(
-                student, inserted, _batches(train, len(probe_x), bn_calibration_samples), dev
+            calib = Rereads(
+                lambda: (b.to(dev) for b in _batches(train, len(probe_x), bn_calibration_samples))
             )
+            _recalibrate_inserted(student, inserted, calib)
             written_val = measure()  # the recalibrated statistics are the written model's
         student.eval()
         restore(student, kept)
@@ -1142,22 +1144,11 @@ def _check_teacher(
             )
 
 
-def _recalibrate_inserted(
-    module: OnnxModule, inserted: list, batches: Any, dev: torch.device
-) -> None:
+def _recalibrate_inserted(module: OnnxModule, inserted: list, batches: Rereads) -> None:
     """Re-measure the re-inserted BNs' running statistics, which lag the trained weights
     (momentum 0.1 over a few steps), so the folded weights compute what training settled on.
-    The graph's own BNs keep theirs."""
-    own = {n for bn in inserted for n in (bn.mean, bn.var)}
-    keep = {
-        name: module.initializer(name).detach().clone()
-        for name, key in module.initializer_keys.items()
-        if name not in own and key in module._buffers
-    }
-    recalibrate(module, (b.to(dev) for b in batches))
-    with torch.no_grad():
-        for name, value in keep.items():
-            module.initializer(name).copy_(value)
+    The graph's own BNs keep theirs (and normalise with them while the others are measured)."""
+    recalibrate(module, batches, {bn.mean for bn in inserted})
 
 
 def check_recalibration(model: onnx.ModelProto, batch_size: int = 64) -> None:
@@ -1211,7 +1202,8 @@ def recalibrate_model(
     _check_input(model, module, samples, "calibration data")
     dev = _pick_device(device, 0)
     module.to(dev).eval()
-    count = recalibrate(module, (b.to(dev) for b in _batches(samples, batch_size, samples.count)))
+    batches = Rereads(lambda: (b.to(dev) for b in _batches(samples, batch_size, samples.count)))
+    count = recalibrate(module, batches)
     if count == 0:  # recalibrate leaves batches of one out
         raise BadInputError(_batches_of_one(batch_size))
     return write_back(original, module.eval()), count
