@@ -4,6 +4,7 @@ epoch lines as epochs end, label-free validation. Tiny data: every test runs in 
 from __future__ import annotations
 
 import math
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 from conftest import write_npz
 from graphs import run
 from PIL import Image
+from processes import left, started
 from test_retrain import export, quadrant_data, weights
 
 from onnx_mbs.bridge import checkpoint as ckpt
@@ -580,6 +582,32 @@ def test_ctrl_c_while_workers_start_is_not_lost() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "interrupted", done.stdout + done.stderr
+
+
+_KILLED_AS_A_WORKER_IS_FORKED = """
+import os, signal, time
+import numpy as np
+from onnx_mbs.bridge.loading import as_samples, load_batches, rank_batches
+
+# The worker starts late, and this process is killed outright the moment it has forked it.
+os.register_at_fork(after_in_child=lambda: time.sleep(1))
+os.register_at_fork(after_in_parent=lambda: os.kill(os.getpid(), signal.SIGKILL))
+x = np.zeros((8, 3, 4, 4), np.float32)
+samples = as_samples((x, np.zeros(8, np.int64)), "data")
+for _ in load_batches(samples, rank_batches(8, 0, 0, 0, 1, 2, 4), None, 0, 1):
+    pass
+"""
+
+
+def test_a_worker_whose_process_died_before_it_started_ends() -> None:
+    """A data-loader worker whose process (a rank killed by a test, or by hand) died before
+    the worker got going took the reaper for its parent and waited for batches for ever: the
+    orphan `onnx-mbs retrain --resume` found 39 minutes after a slow-suite run. It ends."""
+    import sys
+
+    with started([sys.executable, "-c", _KILLED_AS_A_WORKER_IS_FORKED]) as job:
+        assert job.wait(timeout=120) == -signal.SIGKILL
+        assert left(job.tag, timeout=30) == []
 
 
 def test_crop_with_padding_and_flip() -> None:

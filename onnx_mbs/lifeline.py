@@ -1,0 +1,28 @@
+"""Processes a run starts end with the process that started them.
+
+A data-loader worker whose process died before the worker got going took the reaper for its
+parent (torch's watchdog keeps the parent pid it finds first) and waited for batches for ever;
+a torchrun rank whose launcher was killed trained on, for nobody. Linux's parent-death signal
+(prctl PR_SET_PDEATHSIG) ends them; elsewhere only the check for a parent already gone is made.
+This module imports nothing heavy: the command line calls it before anything else loads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+_PR_SET_PDEATHSIG = 1
+
+
+def end_with_parent(parent: int, sig: int) -> None:
+    """Have `sig` delivered to this process once `parent` (the pid that started it) goes; gone
+    already (the process was reparented before it could ask), it gets `sig` at once."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):  # no prctl: the check still holds
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    if os.getppid() != parent:
+        os.kill(os.getpid(), sig)
