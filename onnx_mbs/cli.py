@@ -1004,7 +1004,25 @@ class Terminated(KeyboardInterrupt):
 
 
 def _terminate(signum: int, frame: object) -> None:
+    # Once: the clean-up this starts is not cut short by a repeat (torchrun killed outright
+    # sends its ranks one SIGTERM per thread it loses, `end_rank_with_launcher`).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Terminated
+
+
+@contextmanager
+def _termination_handled() -> Iterator[None]:
+    """SIGTERM raises Terminated while a command runs and until its answer is given (the
+    handler restored only after, when what the run held, data-loader workers too, is gone).
+    Only the main thread can set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class _CheckedStdout:
@@ -1062,8 +1080,12 @@ def _stdout_to_devnull() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    with _termination_handled():
+        return _answered(args)
+
+
+def _answered(args: argparse.Namespace) -> int:
+    """Run the command; its failure or interruption answered in one line and an exit code."""
     try:
         with command_line(), _checked_stdout():  # messages name the flags
             return args.func(args)
@@ -1086,6 +1108,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `onnx-mbs analyze M | head`: the reader has gone
         _stdout_to_devnull()
         return 141  # 128 + SIGPIPE, as a pipeline reports a writer its reader closed on
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 
 _PR_SET_PDEATHSIG = 1
@@ -26,3 +27,11 @@ def end_with_parent(parent: int, sig: int) -> None:
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
     if os.getppid() != parent:
         os.kill(os.getpid(), sig)
+
+
+def end_rank_with_launcher() -> None:
+    """A torchrun rank ends, as on SIGTERM (one line, nothing written), when torchrun goes:
+    killed outright, torchrun cannot stop its ranks itself (they run in sessions of their own).
+    A plain run keeps running when its parent goes, as `nohup` and job schedulers expect."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # set by torchrun's agent for its ranks alone
+        end_with_parent(os.getppid(), signal.SIGTERM)

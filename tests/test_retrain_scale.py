@@ -452,6 +452,39 @@ def test_a_run_stopped_before_its_first_checkpoint_leaves_no_folder(
     assert "resuming from" in capsys.readouterr().err
 
 
+def test_a_repeated_sigterm_does_not_cut_the_clean_up_short(
+    npz, tmp_path, monkeypatch, capsys
+) -> None:
+    """torchrun killed outright sends each rank one SIGTERM per thread it loses: the repeat
+    landed in the clean-up the first had started (here: removing the checkpoint folder the run
+    made), which stopped half done, or in a data-loader's shutdown, which printed a traceback.
+    The first SIGTERM ends the run; a repeat is ignored until the run has answered."""
+    import os
+
+    model = tmp_path / "m.onnx"
+    onnx.save(export(keep_bn=True), model)
+    made = tmp_path / "runs" / "c"
+    args = ["retrain", str(model), "--data", str(npz), "-o", str(tmp_path / "o.onnx")]
+    args += ["--epochs", "2", "--workers", "0", "--checkpoint", str(made)]
+    remove_made = ckpt.remove_made
+
+    def sigterm_at_save(directory, state):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def sigterm_again(folders):
+        os.kill(os.getpid(), signal.SIGTERM)
+        remove_made(folders)
+
+    monkeypatch.setattr(ckpt, "save", sigterm_at_save)
+    monkeypatch.setattr(ckpt, "remove_made", sigterm_again)
+    assert cli_main(args) == 143
+    err = capsys.readouterr().err
+    assert err.endswith("onnx-mbs: terminated; nothing written\n"), err
+    assert not (tmp_path / "runs").exists()
+    assert not (tmp_path / "o.onnx").exists()
+    assert signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN  # the handler it found, back
+
+
 def test_checkpoint_may_not_be_an_input_or_the_output(npz, folder, tmp_path, capsys) -> None:
     """Refused before any training: a checkpoint written into the data, an output written
     over the checkpoint (or a checkpoint folder where the output goes)."""
@@ -826,6 +859,40 @@ def test_torchrun_resumes_after_a_kill(npz, tmp_path) -> None:
     )
     for name, value in expected.items():
         np.testing.assert_array_equal(got[name], value, err_msg=name)
+
+
+@pytest.mark.slow
+def test_the_ranks_end_when_torchrun_is_killed(npz, tmp_path) -> None:
+    """torchrun killed outright (SIGKILL, the OOM killer, a job's clean-up) cannot stop its
+    ranks, which run in sessions of their own: they trained on for nobody, with their
+    data-loader workers. Each rank now ends as on SIGTERM: one line, nothing written, every
+    finished epoch kept in the checkpoint, no process left."""
+    import os
+    import sys
+    import time
+
+    model = tmp_path / "m.onnx"
+    onnx.save(export(keep_bn=True), model)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "onnx_mbs", "retrain", str(model), "-o", str(tmp_path / "out.onnx"), "--data",
+        str(npz), "--epochs", "100000", "--batch-size", "16", "--device", "cpu", "--workers",
+        "1", "--checkpoint", str(tmp_path / "c"),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    target = ckpt.path_in(tmp_path / "c")
+    with (tmp_path / "err").open("w") as err, started(command, env=env, stderr=err) as job:
+        while not target.exists() and job.poll() is None:
+            time.sleep(0.05)
+        os.kill(job.pid, signal.SIGKILL)
+        job.wait()
+        assert left(job.tag, timeout=60) == []
+    lines = (tmp_path / "err").read_text()
+    assert lines.count("onnx-mbs: terminated; nothing written") == 2, lines[-3000:]
+    assert f"{tmp_path / 'c'} holds every finished epoch" in lines, lines[-3000:]
+    assert "Traceback" not in lines, lines[-3000:]
+    assert not (tmp_path / "out.onnx").exists()
+    assert torch.load(target, weights_only=True)["epoch"] >= 0
 
 
 _RANKS_SEE_OTHER_CHECKPOINTS = """
