@@ -1003,26 +1003,39 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so that every temporary file is cleaned up the same way."""
 
 
+class HungUp(Terminated):
+    """SIGHUP (the terminal closed, or torchrun passing it on), ended as SIGTERM is: Python's
+    default died on the spot, leaving an empty --checkpoint folder and temporary files."""
+
+
+_ENDING = (signal.SIGTERM, signal.SIGHUP)
+
+
 def _terminate(signum: int, frame: object) -> None:
     # Once: the clean-up this starts is not cut short by a repeat (torchrun killed outright
     # sends its ranks one SIGTERM per thread it loses, `end_rank_with_launcher`).
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise Terminated
+    for number in _ENDING:
+        if signal.getsignal(number) is _terminate:
+            signal.signal(number, signal.SIG_IGN)
+    raise HungUp if signum == signal.SIGHUP else Terminated
 
 
 @contextmanager
 def _termination_handled() -> Iterator[None]:
-    """SIGTERM raises Terminated while a command runs and until its answer is given (the
-    handler restored only after, when what the run held, data-loader workers too, is gone).
-    Only the main thread can set handlers."""
+    """SIGTERM and SIGHUP raise Terminated while a command runs and until its answer is given
+    (the handlers restored only after, when what the run held, data-loader workers too, is
+    gone). A SIGHUP ignored (`nohup`) stays ignored. Only the main thread can set handlers."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _terminate)}
+    if signal.getsignal(signal.SIGHUP) == signal.SIG_DFL:
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, _terminate)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 class _CheckedStdout:
@@ -1099,6 +1112,9 @@ def _answered(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    except HungUp:
+        print("onnx-mbs: hung up; nothing written", file=sys.stderr)
+        return 129
     except Terminated:
         print("onnx-mbs: terminated; nothing written", file=sys.stderr)
         return 143

@@ -184,12 +184,12 @@ def load_batches(
         yield batch
 
 
-_DEFERRED = (signal.SIGINT, signal.SIGTERM)
+_DEFERRED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[dict[int, Any]]:
-    """Hold Ctrl-C and SIGTERM while worker processes are forked, and deliver them after.
+    """Hold Ctrl-C, SIGTERM and SIGHUP while worker processes are forked, and deliver them after.
     Arriving then, they were raised inside a fork hook (logging's), where Python prints and
     drops an exception: the run went on to the end. Yields the handlers they had, which the
     workers get back (`_set_handlers`). Only the main thread can set handlers."""
