@@ -33,6 +33,7 @@ import onnxruntime as ort
 import pytest
 from graphs import assert_runs_at_declared_shapes
 from processes import left, started
+from processes import run as run_process
 from reliability_inputs import write_inputs
 
 import onnx_mbs
@@ -276,7 +277,7 @@ def _mounted(point: Path, kind: str | None):
         pytest.skip("mounting a tmpfs needs root")
     point.mkdir()
     options = {"ro": "ro,size=1m", "full": "size=64k", "rw": "size=1m"}[kind]
-    done = subprocess.run(
+    done = run_process(
         ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True
     )
     if done.returncode:
@@ -288,7 +289,7 @@ def _mounted(point: Path, kind: str | None):
             (point.parent / "replink").symlink_to(point)
         yield
     finally:
-        subprocess.run(["umount", str(point)], check=True)
+        run_process(["umount", str(point)], check=True)
 
 
 @contextlib.contextmanager
@@ -949,8 +950,11 @@ def test_two_concurrent_reduce_processes_of_one_output(inputs, tmp_path):
         "--data",
         str(ws / "data.npz"),
     )
-    processes = [subprocess.Popen(argv, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    results = [p.communicate()[1] for p in processes]
+    with contextlib.ExitStack() as stack:
+        processes = [
+            stack.enter_context(started(argv, stderr=subprocess.PIPE, text=True)) for _ in range(2)
+        ]
+        results = [p.communicate(timeout=300)[1] for p in processes]
     assert [p.returncode for p in processes] == [0, 0], results
     assert [p.name for p in (ws / "out").iterdir()] == ["r.onnx"]
     check_written_model(ws / "out" / "r.onnx", ws / "tiny.onnx")
@@ -968,7 +972,7 @@ def test_every_case_in_a_real_process_prints_no_traceback(case, inputs, tmp_path
     (ws / "link.onnx").symlink_to(ws / "teacher.onnx")
     before = _hashes(ws)
     argv = [a.format(ws=ws) for a in shlex.split(case.argv)]
-    done = subprocess.run(_cli(*argv), capture_output=True, text=True, timeout=300)
+    done = run_process(_cli(*argv), capture_output=True, text=True, timeout=300)
     assert "Traceback" not in done.stderr, done.stderr
     assert done.returncode == case.code, done.stderr
     after = _hashes(ws)

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import processes
 import pytest
 import torch
 from conftest import write_npz
 from graphs import run
 from PIL import Image
-from processes import left, started
 from test_retrain import export, quadrant_data, weights
 
 from onnx_mbs.bridge import checkpoint as ckpt
@@ -168,7 +168,6 @@ def test_a_killed_checkpoint_write_is_cleared_by_the_next_run(tmp_path) -> None:
     """A run SIGKILLed while writing its checkpoint leaves the hidden partial file; the next
     run using DIR removes it (its process is gone), and nothing a live run or the user holds."""
     import os
-    import subprocess
     import sys
     import time
 
@@ -182,7 +181,7 @@ def test_a_killed_checkpoint_write_is_cleared_by_the_next_run(tmp_path) -> None:
         "torch.save = save\n"
         "checkpoint.save(sys.argv[1], {})\n"
     )
-    run = subprocess.run([sys.executable, "-c", killed, str(tmp_path)], check=False)
+    run = processes.run([sys.executable, "-c", killed, str(tmp_path)])
     assert run.returncode == -9
     left = sorted(p.name for p in tmp_path.iterdir())
     assert len(left) == 1 and left[0].startswith("."), left
@@ -607,10 +606,9 @@ def test_ctrl_c_while_workers_start_is_not_lost() -> None:
     (logging's), where Python prints and drops it: retraining went on to the end (by hand: a
     SIGINT 1.2 s into `onnx-mbs retrain` printed "Exception ignored in ... _releaseLock" and
     the run exited 0). It must interrupt the run."""
-    import subprocess
     import sys
 
-    done = subprocess.run(
+    done = processes.run(
         [sys.executable, "-c", _CTRL_C_AT_FORK], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr
@@ -638,9 +636,9 @@ def test_a_worker_whose_process_died_before_it_started_ends() -> None:
     orphan `onnx-mbs retrain --resume` found 39 minutes after a slow-suite run. It ends."""
     import sys
 
-    with started([sys.executable, "-c", _KILLED_AS_A_WORKER_IS_FORKED]) as job:
+    with processes.started([sys.executable, "-c", _KILLED_AS_A_WORKER_IS_FORKED]) as job:
         assert job.wait(timeout=120) == -signal.SIGKILL
-        assert left(job.tag, timeout=30) == []
+        assert processes.left(job.tag, timeout=30) == []
 
 
 def test_crop_with_padding_and_flip() -> None:
@@ -794,30 +792,11 @@ def test_unlabelled_validation_picks_the_best_epoch_by_agreement() -> None:
         retrain(export(keep_bn=True), (x, y), (xv, None), progress=False)
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (from /proc), children before their own children."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents[int(stat.parent.name)] = int(fields[1])
-    found, frontier = [], [pid]
-    while frontier:
-        children = [p for p, parent in parents.items() if parent in frontier]
-        found += children
-        frontier = children
-    return found
-
-
 @pytest.mark.slow
 def test_torchrun_resumes_after_a_kill(npz, tmp_path) -> None:
     """Two processes, killed once the first epoch's checkpoint is there (rank 0 writes it),
     resumed with the same command: the weights of an uninterrupted two-process run."""
-    import contextlib
     import os
-    import signal
     import subprocess
     import sys
     import time
@@ -834,23 +813,18 @@ def test_torchrun_resumes_after_a_kill(npz, tmp_path) -> None:
             "--checkpoint", str(tmp_path / directory), "--resume",
         ]  # fmt: skip
 
-    whole = subprocess.run(command("whole.onnx", "a"), env=env, capture_output=True, text=True)
+    whole = processes.run(command("whole.onnx", "a"), env=env, capture_output=True, text=True)
     assert whole.returncode == 0, whole.stderr[-3000:]
-    job = subprocess.Popen(
-        command("cut.onnx", "b"), env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
     target = ckpt.path_in(tmp_path / "b")
-    while not target.exists() and job.poll() is None:
-        time.sleep(0.05)
-    for pid in [job.pid, *descendants(job.pid)]:  # torchrun's workers have their own sessions
-        # A data-loader worker exits by itself once its rank is killed: gone is fine.
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    job.wait()
+    with processes.started(command("cut.onnx", "b"), env=env, stderr=subprocess.DEVNULL) as job:
+        while not target.exists() and job.poll() is None:
+            time.sleep(0.05)
+        # Every process of the run, ranks and data-loader workers, whatever their session.
+        processes.kill_all(job.tag)
+        job.wait(timeout=60)
     assert not (tmp_path / "cut.onnx").exists()
     done = torch.load(target, weights_only=True)["epoch"]
-    resumed = subprocess.run(command("cut.onnx", "b"), env=env, capture_output=True, text=True)
+    resumed = processes.run(command("cut.onnx", "b"), env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from {target} after epoch {done}" in resumed.stderr
     expected, got = (
@@ -881,12 +855,13 @@ def test_the_ranks_end_when_torchrun_is_killed(npz, tmp_path) -> None:
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     target = ckpt.path_in(tmp_path / "c")
-    with (tmp_path / "err").open("w") as err, started(command, env=env, stderr=err) as job:
+    err = (tmp_path / "err").open("w")
+    with err, processes.started(command, env=env, stderr=err) as job:
         while not target.exists() and job.poll() is None:
             time.sleep(0.05)
         os.kill(job.pid, signal.SIGKILL)
         job.wait()
-        assert left(job.tag, timeout=60) == []
+        assert processes.left(job.tag, timeout=60) == []
     lines = (tmp_path / "err").read_text()
     assert lines.count("onnx-mbs: terminated; nothing written") == 2, lines[-3000:]
     assert f"{tmp_path / 'c'} holds every finished epoch" in lines, lines[-3000:]
@@ -923,7 +898,6 @@ def test_ranks_that_see_other_checkpoints_are_refused(tmp_path) -> None:
     rank 0 found all epochs done and rank 1 started at epoch 1, and the two waited on each
     other's collectives for ever. Both now stop, saying so."""
     import os
-    import signal
     import subprocess
     import sys
 
@@ -933,19 +907,16 @@ def test_ranks_that_see_other_checkpoints_are_refused(tmp_path) -> None:
     command += ["--nproc_per_node=2", str(script)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # Both epochs into c0, which rank 0 sees on resume; rank 1 sees c1, empty.
-    first = subprocess.run([*command, str(tmp_path / "c0"), "shared"], env=env, timeout=300)
+    first = processes.run([*command, str(tmp_path / "c0"), "shared"], env=env)
     assert first.returncode == 0
     command += [str(tmp_path / "c"), "own"]
-    job = subprocess.Popen(
+    with processes.started(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    try:
-        out = job.communicate(timeout=180)[0]
-    except subprocess.TimeoutExpired:
-        for pid in [job.pid, *descendants(job.pid)]:  # the ranks have their own sessions
-            os.kill(pid, signal.SIGKILL)
-        job.communicate()
-        pytest.fail("the ranks waited on each other until killed")
+    ) as job:
+        try:
+            out = job.communicate(timeout=180)[0]
+        except subprocess.TimeoutExpired:
+            pytest.fail("the ranks waited on each other until killed")
     assert job.returncode != 0
     assert "rank 0: " in out and "not every process" in out, out[-3000:]
 
