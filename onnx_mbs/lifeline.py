@@ -9,22 +9,35 @@ This module imports nothing heavy: the command line calls it before anything els
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 _PR_SET_PDEATHSIG = 1
+
+
+def _find_prctl() -> Callable[..., int] | None:
+    """libc's prctl (None: not Linux, or no prctl in this libc)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+# Found at import, in the parent: the child of a threaded process must not dlopen after fork.
+_PRCTL = _find_prctl()
 
 
 def end_with_parent(parent: int, sig: int) -> None:
     """Have `sig` delivered to this process once `parent` (the pid that started it) goes; gone
     already (the process was reparented before it could ask), it gets `sig` at once."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        with contextlib.suppress(OSError, AttributeError):  # no prctl: the check still holds
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
     if os.getppid() != parent:
         os.kill(os.getpid(), sig)
 

@@ -4,7 +4,8 @@ subprocess.run's own clean-up (on a timeout, a failed assertion, a Ctrl-C) kills
 it started: torchrun's ranks run in sessions of their own, and data-loader workers outlived them.
 Every process started here carries a tag in its environment, which all its descendants inherit
 whatever their session or parent; when the test is done, whatever still carries the tag is
-killed, the process itself included.
+killed, the process itself included. It is also killed if the test runner dies (SIGKILL, or a
+SIGTERM, which runs no `finally`): what it started then ends with it (onnx_mbs.lifeline).
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from onnx_mbs.lifeline import end_with_parent
+
 TAG = "ONNX_MBS_TEST_PROCESS"
-RUN_TIMEOUT = 300  # seconds: a hung child fails its test rather than stalling the suite
+RUN_TIMEOUT = 1800  # seconds: a hung child fails its test rather than stalling the suite
 
 
 def tagged(env: dict[str, str] | None = None) -> tuple[dict[str, str], str]:
@@ -69,7 +72,17 @@ def started(
     """subprocess.Popen(command) in a session of its own, tagged; on the way out (however the
     test ends) it and every process it started are killed and it is reaped."""
     env, tag = tagged(env)
-    process = subprocess.Popen(command, env=env, start_new_session=True, **popen)
+    then = popen.pop("preexec_fn", None)
+    runner = os.getpid()
+
+    def prepare() -> None:  # in the child, before exec
+        end_with_parent(runner, signal.SIGKILL)
+        if callable(then):
+            then()
+
+    process = subprocess.Popen(
+        command, env=env, start_new_session=True, preexec_fn=prepare, **popen
+    )
     process.tag = tag  # type: ignore[attr-defined]
     with process:
         try:
@@ -78,7 +91,7 @@ def started(
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(process.pid, signal.SIGKILL)
             kill_all(tag)
-            process.wait(timeout=RUN_TIMEOUT)
+            process.wait(timeout=60)
 
 
 def run(
