@@ -1025,8 +1025,39 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so that every temporary file is cleaned up the same way."""
 
 
+class HungUp(Terminated):
+    """SIGHUP (the terminal closed, or torchrun passing it on), ended as SIGTERM is: Python's
+    default died on the spot, leaving an empty --checkpoint folder and temporary files."""
+
+
+_ENDING = (signal.SIGTERM, signal.SIGHUP)
+
+
 def _terminate(signum: int, frame: object) -> None:
-    raise Terminated
+    # Once: the clean-up this starts is not cut short by a repeat (torchrun killed outright
+    # sends its ranks one SIGTERM per thread it loses, `end_rank_with_launcher`).
+    for number in _ENDING:
+        if signal.getsignal(number) is _terminate:
+            signal.signal(number, signal.SIG_IGN)
+    raise HungUp if signum == signal.SIGHUP else Terminated
+
+
+@contextmanager
+def _termination_handled() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise Terminated while a command runs and until its answer is given
+    (the handlers restored only after, when what the run held, data-loader workers too, is
+    gone). A SIGHUP ignored (`nohup`) stays ignored. Only the main thread can set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _terminate)}
+    if signal.getsignal(signal.SIGHUP) == signal.SIG_DFL:
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, _terminate)
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 class _CheckedStdout:
@@ -1084,8 +1115,12 @@ def _stdout_to_devnull() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    with _termination_handled():
+        return _answered(args)
+
+
+def _answered(args: argparse.Namespace) -> int:
+    """Run the command; its failure or interruption answered in one line and an exit code."""
     try:
         with command_line(), _checked_stdout():  # messages name the flags
             return args.func(args)
@@ -1099,6 +1134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    except HungUp:
+        print("onnx-mbs: hung up; nothing written", file=sys.stderr)
+        return 129
     except Terminated:
         print("onnx-mbs: terminated; nothing written", file=sys.stderr)
         return 143
@@ -1108,6 +1146,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `onnx-mbs analyze M | head`: the reader has gone
         _stdout_to_devnull()
         return 141  # 128 + SIGPIPE, as a pipeline reports a writer its reader closed on
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)

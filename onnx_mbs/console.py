@@ -10,11 +10,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from onnx_mbs.lifeline import end_rank_with_launcher
+
 INTERRUPTED = "onnx-mbs: interrupted; nothing written"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `onnx_mbs.cli.main`, answering a Ctrl-C that lands outside its own handling."""
+    end_rank_with_launcher()
     try:
         from onnx_mbs.cli import main as run
 

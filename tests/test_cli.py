@@ -16,6 +16,7 @@ import onnx
 import pytest
 from conftest import random_images, write_npz
 from graphs import run
+from processes import run as run_process
 from reliability_inputs import SIDE, tiny_cnn
 
 from onnx_mbs.cli import main
@@ -48,7 +49,7 @@ def test_the_entry_points_load_nothing_heavy_before_they_can_catch_ctrl_c():
     assert 'onnx-mbs = "onnx_mbs.console:main"' in (ROOT / "pyproject.toml").read_text()
     assert "from onnx_mbs.console import main" in (ROOT / "onnx_mbs" / "__main__.py").read_text()
     code = "import sys, onnx_mbs.console; print(' '.join(sorted(sys.modules)))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = run_process([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert not {"onnx", "numpy", "onnx_mbs.cli", "onnx_mbs.passes"} & set(out.stdout.split())
 
 
@@ -90,7 +91,7 @@ def test_closed_stdout_is_refused_not_silently_dropped(tiny, monkeypatch, capsys
 
 
 def _run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(
+    return run_process(
         [sys.executable, "-m", "onnx_mbs", *argv], stderr=subprocess.PIPE, text=True, **kwargs
     )
 

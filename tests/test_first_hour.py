@@ -8,6 +8,8 @@ import sys
 from importlib.metadata import version
 
 import pytest
+from processes import run as run_process
+from processes import started
 
 from onnx_mbs.cli import build_parser, main
 from onnx_mbs.models import FMNIST_SAMPLE
@@ -88,7 +90,7 @@ def test_torchvision_imports_in_the_projects_environment():
         "torch.onnx.export(m, (x,), f, dynamo=False)\n"
         "print(sum(n.op_type == 'Conv' for n in onnx.load_from_string(f.getvalue()).graph.node))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    done = run_process([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     shape, convs = done.stdout.split()
     assert shape == "1x10"
@@ -133,13 +135,13 @@ def test_output_piped_into_a_reader_that_stops_ends_quietly():
     from onnx_mbs.models import BUNDLED_DIR
 
     model = str(BUNDLED_DIR / "resnet20_fmnist.onnx")
-    child = subprocess.Popen(
+    with started(
         [sys.executable, "-m", "onnx_mbs", "analyze", model],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-    )
-    child.stdout.close()  # before the child writes: its first write meets a closed pipe
-    err = child.stderr.read()
-    assert child.wait(timeout=120) == 141
+    ) as child:
+        child.stdout.close()  # before the child writes: its first write meets a closed pipe
+        err = child.stderr.read()
+        assert child.wait(timeout=120) == 141
     assert err == ""

@@ -17,7 +17,6 @@ import shlex
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,8 @@ import numpy as np
 import onnx
 import pytest
 from hostile_inputs import constant_of_shape_bomb, expand_bomb, write_hostile_inputs
+from processes import run as run_process
+from processes import started
 from test_reliability import TOUT, Case, run_case
 
 import onnx_mbs
@@ -248,8 +249,8 @@ def test_sub_byte_tensors_are_sized_as_packed(name, tmp_path):
 
 
 def _dead_pid() -> int:
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
+    with started([sys.executable, "-c", "pass"]) as child:
+        child.wait(timeout=120)
     return child.pid
 
 
@@ -341,11 +342,11 @@ def test_sigkill_mid_save_leftovers_cleared_by_next_run(inputs, tmp_path):
         "sys.exit(main(sys.argv[1:]))\n"
     )
     argv = ["reduce", str(ws / "tiny.onnx"), "--no-eval", "-o", str(ws / "out" / "r.onnx")]
-    done = subprocess.run([sys.executable, "-c", killer, *argv], env=env, capture_output=True)
+    done = run_process([sys.executable, "-c", killer, *argv], env=env, capture_output=True)
     assert done.returncode == -signal.SIGKILL
     left = [p for p in (ws / "out").iterdir()]
     assert len(left) == 1 and re.match(r"^\.onnx-mbs\..+\.tmp$", left[0].name), left
-    done = subprocess.run([sys.executable, "-m", "onnx_mbs", *argv], env=env, capture_output=True)
+    done = run_process([sys.executable, "-m", "onnx_mbs", *argv], env=env, capture_output=True)
     assert done.returncode == 0, done.stderr.decode()
     assert [p.name for p in (ws / "out").iterdir()] == ["r.onnx"]
 
@@ -443,7 +444,7 @@ def test_small_crafted_inputs_refused_within_bounds(argv, inputs, tmp_path):
 def _one_line_refusal(args: list[str], tmp_path: Path, preexec=None):
     """Run the command in a process of its own (onnxruntime logs to the file descriptor, not to
     sys.stderr); its stderr lines other than the data and preprocessing it reports."""
-    done = subprocess.run(
+    done = run_process(
         [sys.executable, "-m", "onnx_mbs", *args],
         capture_output=True,
         preexec_fn=preexec,

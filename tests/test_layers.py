@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest
+from processes import run as run_process
 
 
 def _imported_after(statement: str) -> set[str]:
     code = f"import sys; {statement}; print(' '.join(sorted(sys.modules)))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = run_process([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return set(out.stdout.split())
 
 
@@ -58,7 +58,7 @@ def test_reduce_stays_the_function_whatever_was_imported_first():
         "import onnx_mbs.pipeline, onnx_mbs.cli, onnx_mbs; "
         "assert callable(onnx_mbs.reduce), onnx_mbs.reduce"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    run_process([sys.executable, "-c", code], check=True)
 
 
 @pytest.mark.parametrize("module", ["pipeline", "cli", "options"])

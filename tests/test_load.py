@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import subprocess
 import sys
 
 import numpy as np
@@ -21,6 +20,7 @@ from onnx_builders import (
     trt_fp8_qdq,
     weight_from_custom_op,
 )
+from processes import run as run_process
 
 import onnx_mbs
 from onnx_mbs.cli import main
@@ -549,7 +549,7 @@ def test_an_ort_format_model_is_named_as_such(tmp_path, capsys):
 def test_exit_code_from_a_real_process(tmp_path):
     path = tmp_path / "bad.onnx"
     path.write_bytes(b"\x00\x01garbage")
-    proc = subprocess.run(
+    proc = run_process(
         [sys.executable, "-m", "onnx_mbs", "analyze", str(path)], capture_output=True, text=True
     )
     assert proc.returncode == 2
@@ -915,6 +915,6 @@ def test_the_full_check_of_a_minus_one_dim_does_not_abort_the_process():
     assertion and aborted the process (exit 134, no message), in `reduce` whenever the plan
     cut nothing (the input, checked before it is handed back). The checker now sees such a
     dim as the dynamic dim it stands for."""
-    proc = subprocess.run([sys.executable, "-c", PADDLE_SLICE], capture_output=True, text=True)
+    proc = run_process([sys.executable, "-c", PADDLE_SLICE], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-500:]
     assert proc.stdout.strip().endswith("ok")

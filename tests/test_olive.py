@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import numpy as np
 import onnx
 import pytest
 from graphs import run
+from processes import run as run_process
 
 os.environ.setdefault("OLIVE_DISABLE_TELEMETRY", "1")  # read when Olive is imported
 
@@ -38,7 +38,7 @@ def _check_smaller(small: onnx.ModelProto, original: onnx.ModelProto, fraction: 
 def test_olive_example_reduces_then_quantises(bundled_model_path, tmp_path):
     """examples/olive_workflow.py as a user runs it: a reduced model, then its int8 QDQ form."""
     out = tmp_path / "olive"
-    done = subprocess.run(
+    done = run_process(
         [sys.executable, "examples/olive_workflow.py", "--output", str(out)],
         cwd=ROOT,
         capture_output=True,

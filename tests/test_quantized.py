@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from conftest import random_images, write_npz
 from graphs import Builder, dynamic_input_model
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantFormat, quantize_static
+from processes import run as run_process
 
 from onnx_mbs.calibration import CalibrationReader
 from onnx_mbs.cli import main
@@ -121,7 +121,7 @@ def test_quantise_example_never_overwrites_its_input_and_refuses_in_one_line(
     ]
     errors = []
     for args in runs:
-        done = subprocess.run(
+        done = run_process(
             [sys.executable, str(EXAMPLE), *args, "--data", str(FMNIST_SAMPLE), "--limit", "8"],
             capture_output=True,
             text=True,
@@ -145,7 +145,7 @@ def test_a_model_with_dynamic_height_and_width_is_calibrated_at_the_given_size(t
     reader = CalibrationReader(data, model, batch_size=4, input_shapes={"input": [1, 3, 24, 20]})
     assert [b["input"].shape for b in iter(reader.get_next, None)] == [(4, 3, 24, 20)] * 2
     out = tmp_path / "dyn.int8.onnx"
-    done = subprocess.run(
+    done = run_process(
         [sys.executable, str(EXAMPLE), str(model), str(out), "--data", data]
         + ["--input-shape", "input:1,3,24,20"],
         capture_output=True,

@@ -4,12 +4,12 @@ README and of docs/python.md run as written (on the bundled model and sample).""
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import onnx
 import pytest
+from processes import run as run_process
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -57,7 +57,7 @@ def test_quick_start_runs_as_written(tmp_path):
     activate = tmp_path / ".venv" / "bin" / "activate"
     activate.parent.mkdir(parents=True)
     activate.write_text(f'export PATH="{Path(sys.executable).parent}:$PATH"\n')
-    done = subprocess.run(
+    done = run_process(
         ["bash", "-e", "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=3000
     )
     assert done.returncode == 0, done.stderr[-3000:]

@@ -32,6 +32,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 from graphs import assert_runs_at_declared_shapes
+from processes import left, started
+from processes import run as run_process
 from reliability_inputs import write_inputs
 
 import onnx_mbs
@@ -275,7 +277,7 @@ def _mounted(point: Path, kind: str | None):
         pytest.skip("mounting a tmpfs needs root")
     point.mkdir()
     options = {"ro": "ro,size=1m", "full": "size=64k", "rw": "size=1m"}[kind]
-    done = subprocess.run(
+    done = run_process(
         ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True
     )
     if done.returncode:
@@ -287,7 +289,7 @@ def _mounted(point: Path, kind: str | None):
             (point.parent / "replink").symlink_to(point)
         yield
     finally:
-        subprocess.run(["umount", str(point)], check=True)
+        run_process(["umount", str(point)], check=True)
 
 
 @contextlib.contextmanager
@@ -846,8 +848,9 @@ def test_two_concurrent_writers_of_one_output(inputs, tmp_path):
 
 
 def _signals_as_from_a_terminal() -> None:
-    """In the child before exec: SIGINT and SIGTERM at their default, as a terminal gives."""
-    for number in (signal.SIGINT, signal.SIGTERM):
+    """In the child before exec: SIGINT, SIGTERM and SIGHUP at their default, as a terminal
+    gives."""
+    for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(number, signal.SIG_DFL)
 
 
@@ -855,18 +858,10 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "onnx_mbs", *args]
 
 
-@pytest.mark.parametrize(
-    "sig",
-    [
-        pytest.param(signal.SIGTERM, id="TERM"),
-        pytest.param(signal.SIGINT, id="INT", marks=pytest.mark.slow),
-    ],
-)
-def test_signal_mid_run_in_a_real_process(inputs, tmp_path, sig):
-    ws = tmp_path / "ws"
-    shutil.copytree(inputs, ws)
-    before = _hashes(ws)
-    argv = _cli(
+def _retraining(ws: Path, epochs: int) -> list[str]:
+    """`onnx-mbs retrain` of ws's model on its data for `epochs`, into ws/out/t.onnx, with
+    data-loader workers (which must end with it)."""
+    return _cli(
         "retrain",
         str(ws / "tiny.onnx"),
         "-o",
@@ -874,14 +869,35 @@ def test_signal_mid_run_in_a_real_process(inputs, tmp_path, sig):
         "--data",
         str(ws / "data.npz"),
         "--epochs",
-        "500",
+        str(epochs),
         "--batch-size",
         "2",
+        "--workers",
+        "1",
     )
+
+
+@pytest.mark.parametrize(
+    "sig",
+    [
+        pytest.param(signal.SIGTERM, id="TERM"),
+        pytest.param(signal.SIGHUP, id="HUP"),
+        pytest.param(signal.SIGINT, id="INT", marks=pytest.mark.slow),
+    ],
+)
+def test_signal_mid_run_in_a_real_process(inputs, tmp_path, sig):
+    """One line, the exit code for the signal, nothing written, no process left. SIGHUP (a
+    terminal closed) killed the run on the spot, leaving its temporary files."""
+    ws = tmp_path / "ws"
+    shutil.copytree(inputs, ws)
+    before = _hashes(ws)
     # As from a terminal: a shell's background job (or nohup) starts with SIGINT ignored, which
     # the run would inherit, and the signal would never arrive.
-    with subprocess.Popen(
-        argv, stderr=subprocess.PIPE, text=True, preexec_fn=_signals_as_from_a_terminal
+    with started(
+        _retraining(ws, 500),
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_signals_as_from_a_terminal,
     ) as process:
         assert process.stderr is not None
         for line in process.stderr:
@@ -889,13 +905,37 @@ def test_signal_mid_run_in_a_real_process(inputs, tmp_path, sig):
                 break
         process.send_signal(sig)
         err = process.stderr.read()
+        process.wait(timeout=300)
+        assert left(process.tag, timeout=30) == []
     # Ctrl-C: 130, or death by SIGINT (which a shell reports as 130 too): where the signal
     # lands inside torch's lazy import of torch._dynamo (the optimizer's first use), the
     # interpreter exits by SIGINT after main() has handled it and printed its one line.
-    expected = {143} if sig == signal.SIGTERM else {130, -signal.SIGINT}
+    expected = {signal.SIGTERM: {143}, signal.SIGHUP: {129}}.get(sig, {130, -signal.SIGINT})
     assert process.returncode in expected, err
     assert "Traceback" not in err and "nothing written" in err
     assert _hashes(ws) == before
+
+
+def test_a_run_under_nohup_outlives_its_terminal(inputs, tmp_path):
+    """SIGHUP ignored, as `nohup` starts a run: the run goes on to the end."""
+
+    def as_nohup() -> None:
+        _signals_as_from_a_terminal()
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    ws = tmp_path / "ws"
+    shutil.copytree(inputs, ws)
+    with started(
+        _retraining(ws, 2), stderr=subprocess.PIPE, text=True, preexec_fn=as_nohup
+    ) as process:
+        assert process.stderr is not None
+        for line in process.stderr:
+            if line.startswith("preprocessing:"):
+                break
+        process.send_signal(signal.SIGHUP)
+        err = process.stderr.read()
+        assert process.wait(timeout=300) == 0, err
+    assert (ws / "out" / "t.onnx").exists()
 
 
 @pytest.mark.slow
@@ -910,8 +950,11 @@ def test_two_concurrent_reduce_processes_of_one_output(inputs, tmp_path):
         "--data",
         str(ws / "data.npz"),
     )
-    processes = [subprocess.Popen(argv, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    results = [p.communicate()[1] for p in processes]
+    with contextlib.ExitStack() as stack:
+        processes = [
+            stack.enter_context(started(argv, stderr=subprocess.PIPE, text=True)) for _ in range(2)
+        ]
+        results = [p.communicate(timeout=300)[1] for p in processes]
     assert [p.returncode for p in processes] == [0, 0], results
     assert [p.name for p in (ws / "out").iterdir()] == ["r.onnx"]
     check_written_model(ws / "out" / "r.onnx", ws / "tiny.onnx")
@@ -929,7 +972,7 @@ def test_every_case_in_a_real_process_prints_no_traceback(case, inputs, tmp_path
     (ws / "link.onnx").symlink_to(ws / "teacher.onnx")
     before = _hashes(ws)
     argv = [a.format(ws=ws) for a in shlex.split(case.argv)]
-    done = subprocess.run(_cli(*argv), capture_output=True, text=True, timeout=300)
+    done = run_process(_cli(*argv), capture_output=True, text=True, timeout=300)
     assert "Traceback" not in done.stderr, done.stderr
     assert done.returncode == case.code, done.stderr
     after = _hashes(ws)

@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import write_npz
 from graphs import assert_runs_at_declared_shapes, run
+from processes import run as run_process
 from torch import nn
 
 from onnx_mbs.bridge import OnnxModule, retrain, untie_initializers
@@ -460,9 +461,7 @@ def torchrun_retrain(
     command += ["-o", str(tmp_path / "out.onnx"), "--data", str(tmp_path / "train.npz")]
     command += ["--epochs", "1", "--batch-size", "16", "--device", "cpu", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path
-    )
+    return run_process(command, capture_output=True, text=True, env=env, cwd=tmp_path)
 
 
 @pytest.mark.slow

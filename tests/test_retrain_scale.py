@@ -4,10 +4,12 @@ epoch lines as epochs end, label-free validation. Tiny data: every test runs in 
 from __future__ import annotations
 
 import math
+import signal
 from pathlib import Path
 
 import numpy as np
 import onnx
+import processes
 import pytest
 import torch
 from conftest import write_npz
@@ -166,7 +168,6 @@ def test_a_killed_checkpoint_write_is_cleared_by_the_next_run(tmp_path) -> None:
     """A run SIGKILLed while writing its checkpoint leaves the hidden partial file; the next
     run using DIR removes it (its process is gone), and nothing a live run or the user holds."""
     import os
-    import subprocess
     import sys
     import time
 
@@ -180,7 +181,7 @@ def test_a_killed_checkpoint_write_is_cleared_by_the_next_run(tmp_path) -> None:
         "torch.save = save\n"
         "checkpoint.save(sys.argv[1], {})\n"
     )
-    run = subprocess.run([sys.executable, "-c", killed, str(tmp_path)], check=False)
+    run = processes.run([sys.executable, "-c", killed, str(tmp_path)])
     assert run.returncode == -9
     left = sorted(p.name for p in tmp_path.iterdir())
     assert len(left) == 1 and left[0].startswith("."), left
@@ -450,6 +451,39 @@ def test_a_run_stopped_before_its_first_checkpoint_leaves_no_folder(
     assert "resuming from" in capsys.readouterr().err
 
 
+def test_a_repeated_sigterm_does_not_cut_the_clean_up_short(
+    npz, tmp_path, monkeypatch, capsys
+) -> None:
+    """torchrun killed outright sends each rank one SIGTERM per thread it loses: the repeat
+    landed in the clean-up the first had started (here: removing the checkpoint folder the run
+    made), which stopped half done, or in a data-loader's shutdown, which printed a traceback.
+    The first SIGTERM ends the run; a repeat is ignored until the run has answered."""
+    import os
+
+    model = tmp_path / "m.onnx"
+    onnx.save(export(keep_bn=True), model)
+    made = tmp_path / "runs" / "c"
+    args = ["retrain", str(model), "--data", str(npz), "-o", str(tmp_path / "o.onnx")]
+    args += ["--epochs", "2", "--workers", "0", "--checkpoint", str(made)]
+    remove_made = ckpt.remove_made
+
+    def sigterm_at_save(directory, state):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def sigterm_again(folders):
+        os.kill(os.getpid(), signal.SIGTERM)
+        remove_made(folders)
+
+    monkeypatch.setattr(ckpt, "save", sigterm_at_save)
+    monkeypatch.setattr(ckpt, "remove_made", sigterm_again)
+    assert cli_main(args) == 143
+    err = capsys.readouterr().err
+    assert err.endswith("onnx-mbs: terminated; nothing written\n"), err
+    assert not (tmp_path / "runs").exists()
+    assert not (tmp_path / "o.onnx").exists()
+    assert signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN  # the handler it found, back
+
+
 def test_checkpoint_may_not_be_an_input_or_the_output(npz, folder, tmp_path, capsys) -> None:
     """Refused before any training: a checkpoint written into the data, an output written
     over the checkpoint (or a checkpoint folder where the output goes)."""
@@ -572,14 +606,39 @@ def test_ctrl_c_while_workers_start_is_not_lost() -> None:
     (logging's), where Python prints and drops it: retraining went on to the end (by hand: a
     SIGINT 1.2 s into `onnx-mbs retrain` printed "Exception ignored in ... _releaseLock" and
     the run exited 0). It must interrupt the run."""
-    import subprocess
     import sys
 
-    done = subprocess.run(
+    done = processes.run(
         [sys.executable, "-c", _CTRL_C_AT_FORK], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "interrupted", done.stdout + done.stderr
+
+
+_KILLED_AS_A_WORKER_IS_FORKED = """
+import os, signal, time
+import numpy as np
+from onnx_mbs.bridge.loading import as_samples, load_batches, rank_batches
+
+# The worker starts late, and this process is killed outright the moment it has forked it.
+os.register_at_fork(after_in_child=lambda: time.sleep(1))
+os.register_at_fork(after_in_parent=lambda: os.kill(os.getpid(), signal.SIGKILL))
+x = np.zeros((8, 3, 4, 4), np.float32)
+samples = as_samples((x, np.zeros(8, np.int64)), "data")
+for _ in load_batches(samples, rank_batches(8, 0, 0, 0, 1, 2, 4), None, 0, 1):
+    pass
+"""
+
+
+def test_a_worker_whose_process_died_before_it_started_ends() -> None:
+    """A data-loader worker whose process (a rank killed by a test, or by hand) died before
+    the worker got going took the reaper for its parent and waited for batches for ever: the
+    orphan `onnx-mbs retrain --resume` found 39 minutes after a slow-suite run. It ends."""
+    import sys
+
+    with processes.started([sys.executable, "-c", _KILLED_AS_A_WORKER_IS_FORKED]) as job:
+        assert job.wait(timeout=120) == -signal.SIGKILL
+        assert processes.left(job.tag, timeout=30) == []
 
 
 def test_crop_with_padding_and_flip() -> None:
@@ -733,30 +792,11 @@ def test_unlabelled_validation_picks_the_best_epoch_by_agreement() -> None:
         retrain(export(keep_bn=True), (x, y), (xv, None), progress=False)
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (from /proc), children before their own children."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents[int(stat.parent.name)] = int(fields[1])
-    found, frontier = [], [pid]
-    while frontier:
-        children = [p for p, parent in parents.items() if parent in frontier]
-        found += children
-        frontier = children
-    return found
-
-
 @pytest.mark.slow
 def test_torchrun_resumes_after_a_kill(npz, tmp_path) -> None:
     """Two processes, killed once the first epoch's checkpoint is there (rank 0 writes it),
     resumed with the same command: the weights of an uninterrupted two-process run."""
-    import contextlib
     import os
-    import signal
     import subprocess
     import sys
     import time
@@ -773,23 +813,18 @@ def test_torchrun_resumes_after_a_kill(npz, tmp_path) -> None:
             "--checkpoint", str(tmp_path / directory), "--resume",
         ]  # fmt: skip
 
-    whole = subprocess.run(command("whole.onnx", "a"), env=env, capture_output=True, text=True)
+    whole = processes.run(command("whole.onnx", "a"), env=env, capture_output=True, text=True)
     assert whole.returncode == 0, whole.stderr[-3000:]
-    job = subprocess.Popen(
-        command("cut.onnx", "b"), env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
     target = ckpt.path_in(tmp_path / "b")
-    while not target.exists() and job.poll() is None:
-        time.sleep(0.05)
-    for pid in [job.pid, *descendants(job.pid)]:  # torchrun's workers have their own sessions
-        # A data-loader worker exits by itself once its rank is killed: gone is fine.
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    job.wait()
+    with processes.started(command("cut.onnx", "b"), env=env, stderr=subprocess.DEVNULL) as job:
+        while not target.exists() and job.poll() is None:
+            time.sleep(0.05)
+        # Every process of the run, ranks and data-loader workers, whatever their session.
+        processes.kill_all(job.tag)
+        job.wait(timeout=60)
     assert not (tmp_path / "cut.onnx").exists()
     done = torch.load(target, weights_only=True)["epoch"]
-    resumed = subprocess.run(command("cut.onnx", "b"), env=env, capture_output=True, text=True)
+    resumed = processes.run(command("cut.onnx", "b"), env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from {target} after epoch {done}" in resumed.stderr
     expected, got = (
@@ -798,6 +833,41 @@ def test_torchrun_resumes_after_a_kill(npz, tmp_path) -> None:
     )
     for name, value in expected.items():
         np.testing.assert_array_equal(got[name], value, err_msg=name)
+
+
+@pytest.mark.slow
+def test_the_ranks_end_when_torchrun_is_killed(npz, tmp_path) -> None:
+    """torchrun killed outright (SIGKILL, the OOM killer, a job's clean-up) cannot stop its
+    ranks, which run in sessions of their own: they trained on for nobody, with their
+    data-loader workers. Each rank now ends as on SIGTERM: one line, nothing written, every
+    finished epoch kept in the checkpoint, no process left."""
+    import os
+    import sys
+    import time
+
+    model = tmp_path / "m.onnx"
+    onnx.save(export(keep_bn=True), model)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "onnx_mbs", "retrain", str(model), "-o", str(tmp_path / "out.onnx"), "--data",
+        str(npz), "--epochs", "100000", "--batch-size", "16", "--device", "cpu", "--workers",
+        "1", "--checkpoint", str(tmp_path / "c"),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    target = ckpt.path_in(tmp_path / "c")
+    err = (tmp_path / "err").open("w")
+    with err, processes.started(command, env=env, stderr=err) as job:
+        while not target.exists() and job.poll() is None:
+            time.sleep(0.05)
+        os.kill(job.pid, signal.SIGKILL)
+        job.wait()
+        assert processes.left(job.tag, timeout=60) == []
+    lines = (tmp_path / "err").read_text()
+    assert lines.count("onnx-mbs: terminated; nothing written") == 2, lines[-3000:]
+    assert f"{tmp_path / 'c'} holds every finished epoch" in lines, lines[-3000:]
+    assert "Traceback" not in lines, lines[-3000:]
+    assert not (tmp_path / "out.onnx").exists()
+    assert torch.load(target, weights_only=True)["epoch"] >= 0
 
 
 _RANKS_SEE_OTHER_CHECKPOINTS = """
@@ -828,7 +898,6 @@ def test_ranks_that_see_other_checkpoints_are_refused(tmp_path) -> None:
     rank 0 found all epochs done and rank 1 started at epoch 1, and the two waited on each
     other's collectives for ever. Both now stop, saying so."""
     import os
-    import signal
     import subprocess
     import sys
 
@@ -838,19 +907,16 @@ def test_ranks_that_see_other_checkpoints_are_refused(tmp_path) -> None:
     command += ["--nproc_per_node=2", str(script)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # Both epochs into c0, which rank 0 sees on resume; rank 1 sees c1, empty.
-    first = subprocess.run([*command, str(tmp_path / "c0"), "shared"], env=env, timeout=300)
+    first = processes.run([*command, str(tmp_path / "c0"), "shared"], env=env)
     assert first.returncode == 0
     command += [str(tmp_path / "c"), "own"]
-    job = subprocess.Popen(
+    with processes.started(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    try:
-        out = job.communicate(timeout=180)[0]
-    except subprocess.TimeoutExpired:
-        for pid in [job.pid, *descendants(job.pid)]:  # the ranks have their own sessions
-            os.kill(pid, signal.SIGKILL)
-        job.communicate()
-        pytest.fail("the ranks waited on each other until killed")
+    ) as job:
+        try:
+            out = job.communicate(timeout=180)[0]
+        except subprocess.TimeoutExpired:
+            pytest.fail("the ranks waited on each other until killed")
     assert job.returncode != 0
     assert "rank 0: " in out and "not every process" in out, out[-3000:]
 

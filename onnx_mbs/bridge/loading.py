@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -24,6 +25,7 @@ from onnx_mbs.data import to_arrays
 from onnx_mbs.data.augment import Augment
 from onnx_mbs.data.preprocess import Preprocess
 from onnx_mbs.data.spec import AS_FED, class_labels
+from onnx_mbs.lifeline import end_with_parent
 from onnx_mbs.passes.errors import BadInputError
 
 PREFETCH_BATCHES = 4  # per worker
@@ -170,7 +172,7 @@ def load_batches(
                     num_workers=workers,
                     collate_fn=_identity,
                     prefetch_factor=PREFETCH_BATCHES,
-                    worker_init_fn=functools.partial(_set_handlers, handlers),
+                    worker_init_fn=functools.partial(_start_worker, handlers, os.getpid()),
                     # Its base seed from a generator of its own: drawn from torch's global
                     # one, it would move dropout's masks with the worker count.
                     generator=torch.Generator(),
@@ -182,12 +184,12 @@ def load_batches(
         yield batch
 
 
-_DEFERRED = (signal.SIGINT, signal.SIGTERM)
+_DEFERRED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[dict[int, Any]]:
-    """Hold Ctrl-C and SIGTERM while worker processes are forked, and deliver them after.
+    """Hold Ctrl-C, SIGTERM and SIGHUP while worker processes are forked, and deliver them after.
     Arriving then, they were raised inside a fork hook (logging's), where Python prints and
     drops an exception: the run went on to the end. Yields the handlers they had, which the
     workers get back (`_set_handlers`). Only the main thread can set handlers."""
@@ -208,11 +210,19 @@ def _signals_deferred() -> Iterator[dict[int, Any]]:
             signal.raise_signal(caught[0])  # now, to the handler the run had
 
 
-def _set_handlers(handlers: dict[int, Callable | int | None], worker_id: int = 0) -> None:
-    """Install `handlers` (signal number -> handler); also a worker's init function."""
+def _set_handlers(handlers: dict[int, Callable | int | None]) -> None:
+    """Install `handlers` (signal number -> handler)."""
     for number, handler in handlers.items():
         if handler is not None:
             signal.signal(number, handler)
+
+
+def _start_worker(handlers: dict[int, Callable | int | None], parent: int, worker_id: int) -> None:
+    """A worker's init function: the run's signal handlers, and an end with `parent` (the
+    process that forked it). Killed between the fork and here, that process left a worker that
+    waited for batches for ever: torch's watchdog took the reaper for its parent."""
+    end_with_parent(parent, signal.SIGKILL)
+    _set_handlers(handlers)
 
 
 def epoch_order(count: int, seed: int, epoch: int) -> np.ndarray:
