@@ -285,9 +285,23 @@ def parameter_sizes(model: onnx.ModelProto) -> dict[str, int]:
                 read.add(name)
                 if is_parameter_use(node, k, len(floats[name].dims), constant):
                     learned.add(name)
-    return {
+    sizes = {
         name: math.prod(t.dims) for name, t in floats.items() if name in learned or name not in read
     }
+    return sizes | _nested_parameter_sizes(model.graph)
+
+
+def _nested_parameter_sizes(graph: onnx.GraphProto) -> dict[str, int]:
+    """The float weights the subgraphs of `graph`'s nodes hold (an If branch's own conv
+    weight), each under "node/graph/name" (a subgraph may reuse an outer name): learned
+    values as much as the main graph's are, however the branch taken reads them."""
+    sizes: dict[str, int] = {}
+    for node in nested_nodes(graph):
+        for inner in subgraphs(node):
+            for t in inner.initializer:
+                if is_weight(t):
+                    sizes[f"{node.name}/{inner.name}/{t.name}"] = math.prod(t.dims)
+    return sizes
 
 
 def stored_casts(
