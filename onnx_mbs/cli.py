@@ -194,6 +194,7 @@ def cmd_reduce(args: argparse.Namespace) -> int:
     if recalibration is not None:
         reduced = recalibration.pop("model")
         report.recalibration = recalibration
+    report.files = {"model": args.model, "written": args.output}
     if args.json:
         summary = report_dict(report)
         summary.pop("layers")

@@ -90,6 +90,10 @@ class ReduceReport:
     recalibration: dict | None = None
     # why labelled data gave no top-1 (no classifier-shaped output: a detector), in one line
     no_top1: str = ""
+    # the files the report is of: "model", the path read (None for a model given in memory),
+    # and "written", the path the command line wrote the reduced model to (None: a dry run);
+    # empty where no one said (a report rendered from Python), and then not reported
+    files: dict[str, str | None] = field(default_factory=dict)
 
     @property
     def pinned(self) -> list[str]:
