@@ -298,9 +298,15 @@ def _nested_parameter_sizes(graph: onnx.GraphProto) -> dict[str, int]:
     sizes: dict[str, int] = {}
     for node in nested_nodes(graph):
         for inner in subgraphs(node):
-            for t in inner.initializer:
-                if is_weight(t):
-                    sizes[f"{node.name}/{inner.name}/{t.name}"] = math.prod(t.dims)
+            floats = {t.name: t for t in inner.initializer if is_weight(t)}
+            uses: dict[str, list[bool]] = {name: [] for name in floats}
+            for reader in nested_nodes(inner):
+                for k, name in enumerate(reader.input):
+                    if name in floats:
+                        uses[name].append(is_parameter_use(reader, k, len(floats[name].dims)))
+            for name, t in floats.items():
+                if not uses[name] or any(uses[name]):  # learned unless read otherwise, as above
+                    sizes[f"{node.name}/{inner.name}/{name}"] = math.prod(t.dims)
     return sizes
 
 
