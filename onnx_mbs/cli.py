@@ -194,6 +194,11 @@ def cmd_reduce(args: argparse.Namespace) -> int:
     if recalibration is not None:
         reduced = recalibration.pop("model")
         report.recalibration = recalibration
+    # absolute: a path relative to where the command ran reads as another file from the report
+    report.files = {
+        "model": os.path.abspath(args.model),
+        "written": None if args.output is None else os.path.abspath(args.output),
+    }
     if args.json:
         summary = report_dict(report)
         summary.pop("layers")

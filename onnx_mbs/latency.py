@@ -47,13 +47,19 @@ def time_session(session, feed: Mapping[str, np.ndarray], min_seconds: float = 0
     return best
 
 
-def random_feed(session) -> dict[str, np.ndarray]:
-    """Random inputs for every (static-shaped) input of a session, each of its declared type:
-    a model taking uint8 images (Cast to float in the graph) refuses float32."""
+def random_feed(
+    session, shapes: Mapping[str, Sequence[int]] | None = None
+) -> dict[str, np.ndarray]:
+    """Random inputs for every input of a session, each of its declared type (a model taking
+    uint8 images, Cast to float in the graph, refuses float32): of its shape in `shapes` (the
+    size analysed, for a model whose dims are dynamic), else its declared dims, 1 for a
+    dynamic one."""
     rng = np.random.default_rng(0)
     feed = {}
     for i in session.get_inputs():
         shape = [d if isinstance(d, int) else 1 for d in i.shape]
+        if shapes is not None and i.name in shapes:
+            shape = [int(d) for d in shapes[i.name]]
         dtype = ort_numpy_type(i.type)
         if takes_floats(dtype):
             feed[i.name] = rng.standard_normal(shape).astype(dtype)
@@ -68,18 +74,20 @@ def measure_models(
     runs: int = 30,
     threads: int = 0,
     sessions: int = 3,
+    shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> list[float]:
     """Seconds per run of each model: the fastest of `runs` runs on each of `sessions`
     sessions (one model's speed differs up to 2x from session to session on a loaded
     machine), every session taking turns run by run so that load changes hit all alike.
-    `threads`: intra-op threads (0: onnxruntime's default, one per core)."""
+    `threads`: intra-op threads (0: onnxruntime's default, one per core); `shapes`: the input
+    shapes to time at (`random_feed`)."""
     data = [m.SerializeToString() if isinstance(m, onnx.ModelProto) else m for m in models]
     opened = [
         (k, make_session(d, providers, threads))
         for _ in range(sessions)
         for k, d in enumerate(data)
     ]
-    feeds = [random_feed(s) for _, s in opened]
+    feeds = [random_feed(s, shapes) for _, s in opened]
     for (_, session), feed in zip(opened, feeds):
         session.run(None, feed)  # warm-up
     best = [math.inf] * len(models)

@@ -59,6 +59,7 @@ from onnx_mbs.passes import (
     site_tensors,
     weight_importance,
 )
+from onnx_mbs.passes.graph import static_shape
 from onnx_mbs.plan import SINGLE_UNIT, Budget, GroupInfo, Plan, plan_widths, round_channels
 from onnx_mbs.runtime import REQUESTS, choose_providers, release_freed_memory
 from onnx_mbs.weights_file import HeldModel, weights_aside
@@ -90,6 +91,10 @@ class ReduceReport:
     recalibration: dict | None = None
     # why labelled data gave no top-1 (no classifier-shaped output: a detector), in one line
     no_top1: str = ""
+    # the files the report is of: "model", the path read (None for a model given in memory),
+    # and "written", the path the command line wrote the reduced model to (None: a dry run);
+    # empty where no one said (a report rendered from Python), and then not reported
+    files: dict[str, str | None] = field(default_factory=dict)
 
     @property
     def pinned(self) -> list[str]:
@@ -239,7 +244,10 @@ def reduce(
     shrink = Shrink(form, index, origin, analysed, planner.scores, options.receptive_field)
     rewritten = shrink(plan)
     if planner.latency is not None:
-        rewritten = meet_latency(rewritten, origin.written(form), planner, shrink, options)
+        runnable = origin.written(form)
+        rewritten = meet_latency(
+            rewritten, runnable, planner, shrink, options, analysed_shapes(form)
+        )
     if rewritten.plan.changes_anything or rerecords(rewritten.model, recorded):
         drop_measurements(rewritten.model)  # its test top-1 describes other weights or data
     if recorded is not None:
@@ -521,9 +529,14 @@ class Planner:
             latency = LatencyModel(
                 before,
                 cost,
-                measure_models([runnable], providers, threads=options.latency_threads)[0],
+                measure_models(
+                    [runnable],
+                    providers,
+                    threads=options.latency_threads,
+                    shapes=analysed_shapes(model),
+                )[0],
                 timer,
-                batch=origin.batch or 1,
+                batch=before.batch,
                 channel_multiple=multiple,
             )
         scorer = importance_for(model, index, options.importance, measured, analysed.sites)
@@ -661,8 +674,10 @@ def meet_latency(
     planner: Planner,
     shrink: Callable[[Plan], Rewritten],
     options: ReduceOptions,
+    shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> Rewritten:
-    """Measure the written model against the original; when its latency fraction misses
+    """Measure the written model against the original (at `shapes`, the size analysed, where
+    its dims are dynamic); when its latency fraction misses
     the asked one, re-plan with a corrected target: scaled by the miss at first (the
     prediction's error is mostly a factor), then by the secant through the two tries
     nearest the asked fraction. Keeps the closest try that meets the asked fraction (the
@@ -678,7 +693,9 @@ def meet_latency(
     candidate = first
     for attempt in range(LATENCY_RETRIES + 1):
         models = [runnable, candidate.model]
-        before, after = measure_models(models, providers, threads=options.latency_threads)
+        before, after = measure_models(
+            models, providers, threads=options.latency_threads, shapes=shapes
+        )
         candidate = replace(candidate, plan=replace(candidate.plan, latency=(before, after)))
         measured = after / before
         over = "latency" in candidate.plan.missed
@@ -698,6 +715,12 @@ def meet_latency(
         f"(best of {len(tries)} plans; {latency.measurements} conv widths timed)"
     )
     return replace(best, plan=replace(plan, notes=[*plan.notes, note]))
+
+
+def analysed_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """The static input shapes of the analysis form: where the model written takes dynamic
+    dims, the size the plan and its MACs are of, so the size its latency is timed at."""
+    return {i.name: shape for i in model.graph.input if (shape := static_shape(i))}
 
 
 def _next_target(asked: float, tries: list[tuple[float, float]]) -> float:

@@ -45,6 +45,7 @@ def report_dict(report: ReduceReport) -> dict:
             }
         )
     return {
+        **({"files": report.files} if report.files else {}),
         "provider": report.provider,
         "data": report.data,
         "preprocessing": report.preprocessing,
@@ -172,6 +173,7 @@ def markdown(report: ReduceReport) -> str:
     lines = [
         "# onnx-mbs reduce report",
         "",
+        *_files_lines(report.files),
         f"- strategy: {plan.strategy}; why: {plan.strategy_reason}; receptive field: "
         f"{plan.receptive_field}; width map: "
         f"{plan.width_map.kind if plan.width_map else 'none (global ranking)'}; "
@@ -225,6 +227,14 @@ def markdown(report: ReduceReport) -> str:
         lines += ["", "## Pinned (kept whole)", ""] + [f"- {r}" for r in report.pinned]
     lines += ["", "## Timings (s)", ""] + [f"- {k}: {v}" for k, v in report.timings.items()]
     return "\n".join(lines) + "\n"
+
+
+def _files_lines(files: dict[str, str | None]) -> list[str]:
+    """The model read and the model written, where the report was told them."""
+    if not files:
+        return []
+    written = files.get("written") or "none (dry run)"
+    return [f"- model: {files.get('model') or 'given in memory'}; written: {written}"]
 
 
 def budget_text(plan: Plan, digits: int) -> str:

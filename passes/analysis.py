@@ -24,7 +24,15 @@ from .base import Pass, PassResult
 from .channel_handlers import REDUCES
 from .domains import COUNTED_CONVS, FUSED_GEMM, LAYER_OPS, is_onnxruntime_op, op_id
 from .errors import BadInputError, option
-from .graph import GraphIndex, attributes, channels_last, count_parameters, structure_key
+from .graph import (
+    GraphIndex,
+    attributes,
+    channels_last,
+    count_parameters,
+    nested_nodes,
+    structure_key,
+    subgraphs,
+)
 from .load import indexed
 
 POOL_OPS = ("MaxPool", "AveragePool", "LpPool")
@@ -37,6 +45,16 @@ BORDER_OPS = ("Pad",)
 READINGS = ("global", "local")
 DEFAULT_RECEPTIVE_FIELD = "global"  # chosen by the paper's numbers: bench/paper_table.py
 # Input pixels per axis one output pixel of Resize/Upsample reads, by mode.
+# Why `uncounted` ops' MACs are not counted, by kind (ModelAnalysis.uncounted_text).
+OTHER_DOMAIN_WHY = (
+    "ops of another domain than ONNX's, named like ONNX ops or onnxruntime's fused ones; their "
+    "weights count as parameters"
+)
+NESTED_TAIL = ")"  # "Conv 'name' (inside If 'if')": an op of a subgraph
+NESTED_WHY = (
+    "inside If/Loop/Scan subgraphs: their MACs depend on the branch taken or the trip count; "
+    "their weights count as parameters"
+)
 RESIZE_TAPS = {"nearest": 1, "linear": 2, "bilinear": 2, "cubic": 4}
 
 
@@ -97,12 +115,16 @@ class ModelAnalysis:
         """`uncounted` in words, "" if none: how many of each op, and why."""
         if not self.uncounted:
             return ""
-        kinds = Counter(x.split(" ", 1)[0] for x in self.uncounted)
-        return (
-            f"MACs not counted: {', '.join(f'{n} {op}' for op, n in kinds.items())} (ops of "
-            "another domain than ONNX's, named like ONNX ops or onnxruntime's fused ones; their "
-            "weights count as parameters)"
-        )
+        nested = [x for x in self.uncounted if x.endswith(NESTED_TAIL)]
+        parts = []
+        for names, why in (
+            ([x for x in self.uncounted if x not in nested], OTHER_DOMAIN_WHY),
+            (nested, NESTED_WHY),
+        ):
+            kinds = Counter(x.split(" ", 1)[0] for x in names)
+            if kinds:
+                parts.append(f"{', '.join(f'{n} {op}' for op, n in kinds.items())} ({why})")
+        return f"MACs not counted: {'; '.join(parts)}"
 
     def layer(self, name: str) -> ConvLayer:
         return next(layer for layer in self.layers if layer.name == name)
@@ -624,17 +646,28 @@ def analyze_model(
 def uncounted_ops(index: GraphIndex) -> list[str]:
     """Ops of another domain than ONNX's named like an op the analysis counts (a
     com.microsoft.nchwc Conv), or onnxruntime ops whose names say they multiply-add (its
-    FusedMatMul, NhwcConv, Attention), counted as nothing: "domain:op_type 'name'" each."""
-    return [
+    FusedMatMul, NhwcConv, Attention), counted as nothing: "domain:op_type 'name'" each; and
+    any such op or counted one inside an If, Loop or Scan subgraph, whose MACs depend on the
+    branch taken or the trip count: "op_type 'name' (inside If 'name')"."""
+    outer = [
         f"{op_id(n)} '{n.name}'"
         for n in index.nodes
-        if op_id(n) not in (*COUNTED_CONVS, *LAYER_OPS, FUSED_GEMM)
-        and (
-            n.op_type in LAYER_OPS
-            or is_onnxruntime_op(n)
-            and any(x in n.op_type for x in (*LAYER_OPS, "Attention"))
-        )
+        if op_id(n) not in (*COUNTED_CONVS, *LAYER_OPS, FUSED_GEMM) and _multiplies(n)
     ]
+    nested = [
+        f"{op_id(n)} '{n.name}' (inside {node.op_type} '{node.name}')"
+        for node in index.nodes
+        for n in nested_nodes(*subgraphs(node))
+        if op_id(n) in (*COUNTED_CONVS, *LAYER_OPS, FUSED_GEMM) or _multiplies(n)
+    ]
+    return outer + nested
+
+
+def _multiplies(n: onnx.NodeProto) -> bool:
+    """An op named like a counted one, or an onnxruntime op whose name says it multiply-adds."""
+    return n.op_type in LAYER_OPS or (
+        is_onnxruntime_op(n) and any(x in n.op_type for x in (*LAYER_OPS, "Attention"))
+    )
 
 
 def params_once(layers: Sequence[ConvLayer]) -> dict[str, int]:

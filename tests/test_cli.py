@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import importlib.abc
 import io
+import json
 import os
 import subprocess
 import sys
@@ -320,3 +321,23 @@ def test_reduce_takes_latency_threads_where_it_times_and_notes_unused_providers(
     out.unlink()
     assert main(argv[:-2]) == 0  # auto, the default: nothing to say
     assert "does nothing" not in capsys.readouterr().err
+
+
+def test_the_report_names_the_model_it_read_and_the_one_written_or_none(tmp_path, monkeypatch):
+    """report.json and report.md named no file: a --dry-run into the folder of an earlier
+    run's report replaced it with figures of a plan never written, beside the earlier model,
+    and nothing in it said so. They name the model read and the model written (none on a
+    dry run), as absolute paths: one relative to where the command ran is read from the
+    report's folder as another file."""
+    model, out, folder = tmp_path / "m.onnx", tmp_path / "small.onnx", tmp_path / "rep"
+    onnx.save(tiny_cnn(), model)
+    base = ["reduce", str(model), "--no-eval", "--report", str(folder)]
+    monkeypatch.chdir(tmp_path)
+    assert main([*base, "-o", "small.onnx", "--budget", "params=0.7"]) == 0
+    report = json.loads((folder / "report.json").read_text())
+    assert report["files"] == {"model": str(model), "written": str(out)}
+    assert f"written: {out}" in (folder / "report.md").read_text()
+    assert main([*base, "--dry-run", "--budget", "params=0.4"]) == 0
+    report = json.loads((folder / "report.json").read_text())
+    assert report["files"] == {"model": str(model), "written": None}
+    assert "written: none (dry run)" in (folder / "report.md").read_text()

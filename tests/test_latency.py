@@ -306,3 +306,35 @@ def test_an_input_that_is_no_tensor_is_refused_in_one_line():
     model.ir_version = 8
     with pytest.raises(BadInputError, match=r"seq\(tensor\(float\)\)"):
         measure_models([model], [CPU], runs=3, sessions=1)
+
+
+def test_a_latency_budget_times_the_model_at_the_size_analysed(monkeypatch):
+    """A model with dynamic height and width, analysed at 32x32 (`input_shapes`), was timed
+    whole at 1x1 pixel (the written model's dynamic dims fed as 1) while its convs were timed
+    at 32x32: the measured latency (the budget's `latency` reached, the latency model's
+    whole-model time) was of another input than the plan's and the report's. Every whole-model
+    timing now feeds the size analysed."""
+    import onnx_mbs.latency as latency
+
+    fed = []
+    real = latency.random_feed
+
+    def spy(session, shapes=None):
+        feed = real(session, shapes) if shapes else real(session)
+        fed.extend(v.shape for k, v in feed.items() if k == "input")
+        return feed
+
+    monkeypatch.setattr(latency, "random_feed", spy)
+    monkeypatch.setattr(
+        latency, "onnxruntime_timer", lambda providers, threads=0: _linear_timer([])
+    )
+    reduce(
+        graphs.dynamic_input_model(),
+        budget="latency=0.9",
+        input_shapes={"input": [1, 3, 32, 32]},
+        channel_multiple=1,
+        providers="cpu",
+        evaluate_accuracy=False,
+        progress=False,
+    )
+    assert fed and set(fed) == {(1, 3, 32, 32)}
