@@ -286,3 +286,22 @@ def test_a_call_that_fails_leaves_no_analysis_or_report_of_the_call_before(bundl
     with pytest.raises(BadInputError):
         loader()
     assert loader.report is None
+
+
+def test_onnx_ir_pass_reused_on_another_checkpoint_runs_a_pass_that_keeps_the_widths(
+    bundled_model_path,
+):
+    """A wrapped pass that changes no conv width (FixInputShapes, Normalise, NameNodes) wrote
+    a model with the widths of its input: the wrapper took every later model of that
+    architecture (another checkpoint, the same file again) for its own output and handed it
+    back untouched, modified=False, its batch still dynamic. Only a pass that changed the
+    widths recognises its output by them."""
+    from onnx_mbs.passes import FixInputShapes
+
+    checkpoints = [bundled_model_path, bundled_model_path.with_name("resnet20_fmnist_e8.onnx")]
+    manager = ir.passes.PassManager([OnnxMbsPass(FixInputShapes(batch=1))], steps=3)
+    for path in [*checkpoints, bundled_model_path]:
+        result = manager(ir.load(str(path)))
+        assert result.modified, path.name
+        batch = ir.to_proto(result.model).graph.input[0].type.tensor_type.shape.dim[0]
+        assert batch.dim_value == 1, path.name

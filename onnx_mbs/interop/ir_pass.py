@@ -10,9 +10,10 @@
 onnx-mbs passes work on ModelProtos and never modify their input, so the
 wrapper is a FunctionalPass: it serialises the ir.Model, runs the pass and
 deserialises the result. `modified` is the wrapped pass's own, except on a model
-it wrote itself (the same conv widths, whatever passes ran between): a PassManager
+it wrote itself (the conv widths it cut to, whatever passes ran between): a PassManager
 with steps > 1 runs every pass again until none modifies, and MBS would cut its own
-output again each step (params=0.5 over 3 steps kept 0.125). Weights that
+output again each step (params=0.5 over 3 steps kept 0.125). A pass that changed no
+width (FixInputShapes, Normalise) runs on every model: its widths are any checkpoint's. Weights that
 `ir.load` left in an external data file (torch's exporter writes one by
 default), in any graph or Constant node, are read into the serialised model, whose
 tensors no longer know the file's folder; the result holds its weights in memory.
@@ -57,8 +58,9 @@ class OnnxMbsPass(ir.passes.FunctionalPass):
         self.analyses = {}  # none of an earlier call's, should this one raise
         result = self.mbs_pass(proto)
         self.analyses = result.analyses
-        if result.modified:
-            self._written = conv_widths(result.model)
+        if result.modified:  # a pass that kept every width cannot tell its output by them
+            written = conv_widths(result.model)
+            self._written = written if written != conv_widths(proto) else None
         return ir.passes.PassResult(ir.from_proto(result.model), modified=result.modified)
 
     def __repr__(self) -> str:
