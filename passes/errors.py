@@ -82,7 +82,7 @@ class MissingExtraError(ImportError):
     it as one line and exits with code 2, as it does a BadInputError."""
 
 
-def missing_extra(what: str, package: str, extra: str, error: ImportError) -> MissingExtraError:
+def missing_extra(what: str, package: str, extra: str, error: Exception) -> MissingExtraError:
     """The error for `what` needing `package`, which the optional `extra` installs."""
     return MissingExtraError(f"{what} needs {package}: pip install 'onnx-mbs[{extra}]' ({error})")
 

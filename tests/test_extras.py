@@ -101,6 +101,36 @@ def test_interop_doors_without_their_package_name_the_extra(without, module, pac
     assert "\n" not in message
 
 
+@pytest.mark.parametrize(
+    ("module", "package", "shown"),
+    [
+        ("ir_pass", "onnx_ir", "onnx-ir"),
+        ("polygraphy", "polygraphy", "polygraphy"),
+        ("graphsurgeon", "onnx_graphsurgeon", "onnx-graphsurgeon"),
+    ],
+)
+def test_interop_doors_with_a_broken_package_name_the_extra(
+    without, monkeypatch, tmp_path, module, package, shown
+):
+    """An installed package that fails to import other than by ImportError (onnx-graphsurgeon
+    0.5.5 and 0.5.6 under onnx 1.23: "module 'onnx.helper' has no attribute
+    'float32_to_bfloat16'") gave its AttributeError as a traceback; one line now, naming it."""
+    broken = tmp_path / package
+    broken.mkdir()
+    (broken / "__init__.py").write_text(
+        "raise AttributeError(\"module 'onnx.helper' has no attribute 'float32_to_bfloat16'\")\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    without(package, f"onnx_mbs.interop.{module}")
+    monkeypatch.delitem(sys.modules, package)
+    with pytest.raises(MissingExtraError) as caught:
+        importlib.import_module(f"onnx_mbs.interop.{module}")
+    message = str(caught.value)
+    assert message.startswith(f"onnx_mbs.interop needs {shown}: pip install 'onnx-mbs[interop]'")
+    assert "float32_to_bfloat16" in message
+    assert "\n" not in message
+
+
 def test_olive_without_torch_names_torch(without):
     """It said "needs olive-ai: pip install 'onnx-mbs[olive]'" whatever was missing; torch is
     (olive-ai asks for it, unpinned: the torch extra installs the pinned one, first)."""

@@ -29,8 +29,9 @@ def as_model(model: Any, preprocessing_given: bool = False) -> Any:
     return model
 
 
-def missing(package: str, error: ImportError, extra: str = "interop") -> ImportError:
-    """The error to raise when an optional interop package is not installed."""
+def missing(package: str, error: Exception, extra: str = "interop") -> ImportError:
+    """The error to raise when an optional interop package is not installed, or fails to
+    import (`error` names why)."""
     from onnx_mbs.passes.errors import missing_extra
 
     return missing_extra("onnx_mbs.interop", package, extra, error)
