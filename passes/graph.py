@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -230,14 +230,16 @@ SCALAR_OPS = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Equal", "Less", 
 def is_parameter_use(
     node: onnx.NodeProto,
     position: int,
-    rank: int,
+    dims: Sequence[int],
     constant: Callable[[str], np.ndarray | None] | None = None,
 ) -> bool:
-    """Whether a float constant of rank `rank` read as input `position` of `node` is a
+    """Whether a float constant of shape `dims` read as input `position` of `node` is a
     learned value (`constant`: the value of a constant tensor by name, None if not one).
 
-    BatchNorm statistics, Clip bounds, Resize scales, Pad values and Dropout's ratio are not; nor is
-    a 0-d scalar read by an element-wise op (GELU's sqrt(2), HardSwish's 1/6); nor the
+    BatchNorm statistics, Clip bounds, Resize scales, Pad values and Dropout's ratio are
+    not; nor is a single number read by an element-wise op, whatever its rank
+    (`is_single_number`: GELU's sqrt(2) and HardSwish's 1/6 as torch writes them, 0-d, or a
+    Rescaling offset and a LayerNorm epsilon as tf2onnx writes them, (1, 1, 1, 1)); nor the
     scale and bias of an InstanceNormalization that are all ones and all zeros
     (`_no_affine`).
     """
@@ -245,7 +247,20 @@ def is_parameter_use(
         return False
     if op_id(node) == "InstanceNormalization" and position in (1, 2) and constant:
         return not _no_affine(node, constant)
-    return not (rank == 0 and op_id(node) in SCALAR_OPS)
+    return not (is_single_number(dims) and op_id(node) in SCALAR_OPS)
+
+
+def long_axes(dims: Sequence[int]) -> int:
+    """How many axes are above 1: exporters store a per-channel vector as (C,), (C, 1, 1) or
+    (1, C, 1, 1), so the rank alone does not tell a vector from a table."""
+    return sum(d > 1 for d in dims)
+
+
+def is_single_number(dims: Sequence[int]) -> bool:
+    """No axis above 1: one number, stored 0-d or (1, 1, 1, 1). Read by an element-wise op it
+    is a constant, neither counted (`is_parameter_use`) nor trained (the bridge's
+    `is_per_channel`), so what is counted is what trains."""
+    return long_axes(dims) == 0
 
 
 def _no_affine(node: onnx.NodeProto, constant: Callable[[str], np.ndarray | None]) -> bool:
@@ -284,7 +299,7 @@ def parameter_sizes(model: onnx.ModelProto) -> dict[str, int]:
             name = stored.get(name, name)
             if name in floats:
                 read.add(name)
-                if is_parameter_use(node, k, len(floats[name].dims), constant):
+                if is_parameter_use(node, k, floats[name].dims, constant):
                     learned.add(name)
     return {
         name: math.prod(t.dims) for name, t in floats.items() if name in learned or name not in read
