@@ -24,8 +24,9 @@ from .base import Pass, PassResult
 from .channel_handlers import REDUCES
 from .domains import COUNTED_CONVS, FUSED_GEMM, LAYER_OPS, is_onnxruntime_op, op_id
 from .errors import BadInputError, option
-from .graph import GraphIndex, attributes, channels_last, count_parameters, structure_key
+from .graph import GraphIndex, attributes, channels_last, structure_key
 from .load import indexed
+from .parameters import count_parameters
 
 POOL_OPS = ("MaxPool", "AveragePool", "LpPool")
 GLOBAL_OPS = ("GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")

@@ -29,15 +29,9 @@ from .base import Pass, PassResult
 from .channel_groups import ChannelAnalysis, analyze_channels
 from .channel_walk import Edit, constant_source
 from .domains import op_id
-from .graph import (
-    GraphIndex,
-    count_parameters,
-    default_opset,
-    is_parameter_use,
-    is_weight,
-    subgraph_names,
-)
+from .graph import GraphIndex, default_opset, is_weight, subgraph_names
 from .load import indexed, indexed_loaded
+from .parameters import count_parameters, is_parameter_use
 from .protos import with_notes, without_weights
 
 KeepPlan = Mapping[int, Sequence[int]]

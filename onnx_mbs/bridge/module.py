@@ -45,7 +45,8 @@ from onnx_mbs.passes.domains import (
     op_id,
 )
 from onnx_mbs.passes.errors import BadInputError
-from onnx_mbs.passes.graph import default_opset, fresh_name, long_axes, topological_order
+from onnx_mbs.passes.graph import default_opset, fresh_name, topological_order
+from onnx_mbs.passes.parameters import long_axes
 from onnx_mbs.passes.read import is_quantized
 
 # (op_type -> input positions) whose float initializers are trained.
