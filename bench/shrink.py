@@ -61,8 +61,9 @@ def worker_ours(path: str, repeats: int) -> dict:
     run's results are freed before the next, so the peak is that of one run)."""
     import onnx
 
+    from onnx_mbs.passes import count_parameters
     from onnx_mbs.passes.channel_groups import analyze_channels
-    from onnx_mbs.passes.graph import GraphIndex, count_parameters
+    from onnx_mbs.passes.graph import GraphIndex
     from onnx_mbs.passes.importance import FilterNorm, choose_channels
     from onnx_mbs.passes.shrink import shrink_channels
 

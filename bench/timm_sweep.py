@@ -211,7 +211,7 @@ def outputs(path: Path, xs: list[np.ndarray]) -> list[list[np.ndarray]]:
 
 def check_written(original: Path, written: Path, xs, expected, exact: bool) -> dict:
     """What the checks found for one written model."""
-    from onnx_mbs.passes.graph import count_parameters
+    from onnx_mbs.passes import count_parameters
 
     out: dict = {}
     model = onnx.load(written)

@@ -57,9 +57,9 @@ from onnx_mbs.passes import (
     resized,
     shrink_channels,
     site_tensors,
+    static_shape,
     weight_importance,
 )
-from onnx_mbs.passes.graph import static_shape
 from onnx_mbs.plan import SINGLE_UNIT, Budget, GroupInfo, Plan, plan_widths, round_channels
 from onnx_mbs.runtime import REQUESTS, choose_providers, release_freed_memory
 from onnx_mbs.weights_file import HeldModel, weights_aside
@@ -196,6 +196,19 @@ def explain_cut(
         plan.notes.append(off)
 
 
+def top1_scoring(
+    model: onnx.ModelProto, source: DataSource | None, options: ReduceOptions
+) -> tuple[bool, str]:
+    """Whether `reduce` scores top-1 before and after, and else why not (a line, or "").
+    Top-1 needs labels and a classifier output; several outputs are refused now, before the
+    reduction (`--logits` picks one), and a `--logits` typo is said even where nothing reads it."""
+    labelled = options.evaluate_accuracy and source is not None and has_labels(source)
+    if options.logits is not None:
+        has_top1(model, options.logits)
+    scored = labelled and has_top1(model, options.logits)
+    return scored, no_top1(model, options.logits) if labelled and not scored else ""
+
+
 def reduce(
     model: str | os.PathLike | onnx.ModelProto | bytes | Any,
     data: Any = None,
@@ -222,12 +235,7 @@ def reduce(
     origin, held = loaded.origin, HeldModel(loaded.model)
     del loaded  # `held` is the analysis form's one owner: its weights can be lent out
     source = fit_data(data, held.model, options)
-    # Top-1 needs a classifier output; several are refused now (`--logits` picks one).
-    labelled = options.evaluate_accuracy and source is not None and has_labels(source)
-    if options.logits is not None:  # checked even where nothing reads it: a typo is said
-        has_top1(held.model, options.logits)
-    scored = labelled and has_top1(held.model, options.logits)
-    unscored = no_top1(held.model, options.logits) if labelled and not scored else ""
+    scored, unscored = top1_scoring(held.model, source, options)
     recorded = given_preprocessing(options.mean, options.std, source)
     release_freed_memory()  # load's copies and serializations: not in every later peak
     laps.lap("load")

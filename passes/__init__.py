@@ -34,7 +34,7 @@ from .errors import (
 )
 from .fold import FoldShapes, fold_shapes
 from .functions import inline_layers
-from .graph import GraphIndex, count_parameters
+from .graph import GraphIndex, static_shape
 from .importance import (
     CRITERIA,
     DEFAULT_CRITERION,
@@ -52,6 +52,7 @@ from .importance import (
 )
 from .load import LoadedModel, NameNodes, Origin, load, load_model, set_io, static_batch, with_io_of
 from .normalise import Normalise, normalise
+from .parameters import count_parameters
 from .read import check_model
 from .shapes import FixInputShapes, InferShapes, parse_input_shape
 from .shrink import EditContext, KeepPlan, ShrinkChannels, predicted_params, shrink_channels
@@ -128,6 +129,7 @@ __all__ = [
     "shares_weights",
     "shrink_channels",
     "static_batch",
+    "static_shape",
     "unregister_handler",
     "unregister_importance",
     "weight_importance",

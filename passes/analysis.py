@@ -28,12 +28,12 @@ from .graph import (
     GraphIndex,
     attributes,
     channels_last,
-    count_parameters,
     nested_nodes,
     structure_key,
     subgraphs,
 )
 from .load import indexed
+from .parameters import count_parameters
 
 POOL_OPS = ("MaxPool", "AveragePool", "LpPool")
 GLOBAL_OPS = ("GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")

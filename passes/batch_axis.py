@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .domains import op_id
+from .domains import COUNTED_CONVS, op_id
 from .errors import BadInputError
 from .graph import constant_lookup, tensor_readers
 
@@ -25,7 +25,6 @@ _KEEPS_THE_IMAGE = {
     "Identity", "Cast", "Transpose", "Unsqueeze", "Reshape", "Pad", "Resize", "Slice",
     "Add", "Sub", "Mul", "Div", "Relu", "Clip", "Neg", "Abs", "Sqrt", "Pow",
 }  # fmt: skip
-_CONVS = ("Conv", "ConvTranspose")
 # Of those, the ops that read the image at either input and broadcast it against the other.
 _BROADCASTS = {"Add", "Sub", "Mul", "Div"}
 
@@ -49,10 +48,10 @@ def refuse_an_added_batch_axis(graph: onnx.GraphProto, vi: onnx.ValueInfoProto) 
             continue
         seen.add(name)
         for node in readers.get(name, []):
-            if op_id(node) in _CONVS and node.input[0] == name and adder is not None:
+            if op_id(node) in COUNTED_CONVS and node.input[0] == name and adder is not None:
                 raise BadInputError(
                     f"input {vi.name!r} has no batch axis: the graph adds its leading axis "
-                    f"({adder.op_type} {adder.name or adder.output[0]!r}) before Conv "
+                    f"({adder.op_type} {adder.name or adder.output[0]!r}) before {node.op_type} "
                     f"{node.name or node.output[0]!r} reads it (dims "
                     f"{[d if d else '?' for d in dims]}); onnx-mbs reads an image input as "
                     "(N, C, H, W) or (N, H, W, C): export the model with a batch axis first"

@@ -19,8 +19,9 @@ import onnx
 from .analysis import ModelAnalysis, analyze_model
 from .channel_groups import ChannelAnalysis, analyze_channels
 from .channel_walk import FILTERS, WEIGHTS_IN
-from .graph import GraphIndex, parameter_sizes
+from .graph import GraphIndex
 from .load import indexed
+from .parameters import parameter_sizes
 
 
 @dataclass

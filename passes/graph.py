@@ -8,7 +8,6 @@ ModelProto builds the maps, so every later query is a dict lookup.
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 
@@ -215,102 +214,6 @@ def attributes(node: onnx.NodeProto) -> dict:
     return values
 
 
-# Float inputs that configure an op rather than hold learned values.
-NOT_PARAMETERS = {
-    "BatchNormalization": (3, 4),  # running statistics
-    "Clip": (1, 2),
-    "Resize": (1, 2, 3),
-    "Upsample": (1,),
-    "Pad": (1, 2, 3),
-    "Dropout": (1,),  # the ratio (inference: unused)
-}
-SCALAR_OPS = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Equal", "Less", "Greater"}
-
-
-def is_parameter_use(
-    node: onnx.NodeProto,
-    position: int,
-    rank: int,
-    constant: Callable[[str], np.ndarray | None] | None = None,
-) -> bool:
-    """Whether a float constant of rank `rank` read as input `position` of `node` is a
-    learned value (`constant`: the value of a constant tensor by name, None if not one).
-
-    BatchNorm statistics, Clip bounds, Resize scales, Pad values and Dropout's ratio are not; nor is
-    a 0-d scalar read by an element-wise op (GELU's sqrt(2), HardSwish's 1/6); nor the
-    scale and bias of an InstanceNormalization that are all ones and all zeros
-    (`_no_affine`).
-    """
-    if position in NOT_PARAMETERS.get(op_id(node), ()):
-        return False
-    if op_id(node) == "InstanceNormalization" and position in (1, 2) and constant:
-        return not _no_affine(node, constant)
-    return not (rank == 0 and op_id(node) in SCALAR_OPS)
-
-
-def _no_affine(node: onnx.NodeProto, constant: Callable[[str], np.ndarray | None]) -> bool:
-    """An InstanceNormalization whose scale is all ones and bias all zeros: what torch's
-    exporter writes for GroupNorm (normalised over a view of its groups; its own scale and
-    shift are the Mul and Add after) and for InstanceNorm without affine, neither of which
-    has a parameter there."""
-    scale, bias = constant(node.input[1]), constant(node.input[2])
-    return scale is not None and bias is not None and bool(np.all(scale == 1) and not bias.any())
-
-
-def parameter_sizes(model: onnx.ModelProto) -> dict[str, int]:
-    """The initializers that hold learned values, and their sizes: what `count_parameters`
-    sums. A float initializer holds learned values when a node reads it as one
-    (`is_parameter_use`), or when no node reads it; one tensor an exporter merged from equal
-    values (an untrained BN's bias and its running mean, both zeros) is the learned one, as
-    torch's `parameters()` counts the bias and not the running mean (a buffer). Folded shape
-    arithmetic is never one (`is_weight`), nor an InstanceNormalization's scale and bias of
-    ones and zeros (torch's GroupNorm and InstanceNorm without affine: `is_parameter_use`).
-    A weight stored in another precision (`stored_casts`) is read as its Cast's readers read
-    it: a BatchNorm's running mean stored in fp16 is not a parameter."""
-    floats = {t.name: t for t in model.graph.initializer if is_weight(t)}
-    # A weight stored in another precision is read by the readers of its Cast.
-    stored = {output: cast.input[0] for output, cast in stored_casts(model.graph).items()}
-
-    def constant(name: str) -> np.ndarray | None:
-        name = stored.get(name, name)
-        return numpy_helper.to_array(floats[name]) if name in floats else None
-
-    read: set[str] = set()
-    learned: set[str] = set()
-    for node in model.graph.node:
-        if node.output and node.output[0] in stored:
-            continue
-        for k, name in enumerate(node.input):
-            name = stored.get(name, name)
-            if name in floats:
-                read.add(name)
-                if is_parameter_use(node, k, len(floats[name].dims), constant):
-                    learned.add(name)
-    sizes = {
-        name: math.prod(t.dims) for name, t in floats.items() if name in learned or name not in read
-    }
-    return sizes | _nested_parameter_sizes(model.graph)
-
-
-def _nested_parameter_sizes(graph: onnx.GraphProto) -> dict[str, int]:
-    """The float weights the subgraphs of `graph`'s nodes hold (an If branch's own conv
-    weight), each under "node/graph/name" (a subgraph may reuse an outer name): learned
-    values as much as the main graph's are, however the branch taken reads them."""
-    sizes: dict[str, int] = {}
-    for node in nested_nodes(graph):
-        for inner in subgraphs(node):
-            floats = {t.name: t for t in inner.initializer if is_weight(t)}
-            uses: dict[str, list[bool]] = {name: [] for name in floats}
-            for reader in nested_nodes(inner):
-                for k, name in enumerate(reader.input):
-                    if name in floats:
-                        uses[name].append(is_parameter_use(reader, k, len(floats[name].dims)))
-            for name, t in floats.items():
-                if not uses[name] or any(uses[name]):  # learned unless read otherwise, as above
-                    sizes[f"{node.name}/{inner.name}/{name}"] = math.prod(t.dims)
-    return sizes
-
-
 def stored_casts(
     graph: onnx.GraphProto, types: dict[str, int] | None = None
 ) -> dict[str, onnx.NodeProto]:
@@ -346,21 +249,6 @@ def value_types(graph: onnx.GraphProto) -> dict[str, int]:
         if value.type.tensor_type.elem_type:
             types[value.name] = value.type.tensor_type.elem_type
     return types
-
-
-def count_parameters(model: onnx.ModelProto) -> int:
-    """Elements of the float initializers that hold learned values (`parameter_sizes`): the
-    parameter count docs/design.md budgets against. Each tensor counts once, however many
-    nodes read it: what the file holds (a tensor shared by two layers, as torch counts a tied
-    weight; where an exporter merged equal tensors of several layers, such as the all-ones
-    scales of untrained BNs, that is fewer than the torch module's `parameters()`).
-    A quantized graph is refused as `load` refuses it (QuantizedModelError): its weights are
-    no float initializers, and its float scales are no count of them.
-    """
-    from .read import refuse_quantized  # read builds on this module
-
-    refuse_quantized(model)
-    return sum(parameter_sizes(model).values())
 
 
 def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:

@@ -91,7 +91,10 @@ def refuse_unread_external_data(model: onnx.ModelProto, what: str, remedy: str) 
 
 def stored_tensors(graph: onnx.GraphProto | onnx.FunctionProto) -> Iterator[onnx.TensorProto]:
     """Initializers and attribute tensors of `graph` (or a function's body) and its
-    subgraphs (save reads them too)."""
+    subgraphs (save reads them too). Subgraphs by the fields set, not by the attribute's
+    type as `graph.subgraphs` finds them: protobuf parses a crafted attribute whose type says
+    INT but whose `g` holds a graph, tensors and all, and they are checked before anything
+    reads them (the checker refuses the attribute only later)."""
     if isinstance(graph, onnx.GraphProto):
         yield from graph.initializer
     for node in graph.node:

@@ -29,15 +29,9 @@ from .base import Pass, PassResult
 from .channel_groups import ChannelAnalysis, analyze_channels
 from .channel_walk import Edit, constant_source
 from .domains import op_id
-from .graph import (
-    GraphIndex,
-    count_parameters,
-    default_opset,
-    is_parameter_use,
-    is_weight,
-    subgraph_names,
-)
+from .graph import GraphIndex, default_opset, is_weight, subgraph_names
 from .load import indexed, indexed_loaded
+from .parameters import count_parameters, is_parameter_use
 from .protos import with_notes, without_weights
 
 KeepPlan = Mapping[int, Sequence[int]]
@@ -140,31 +134,34 @@ def predicted_params(
         if not is_weight(tensor):
             continue
         dims = tuple(tensor.dims)
-        if src in index.initializers and _counted(index, [u for c in cuts for u in c.uses], src):
+        uses = [u for c in cuts for u in c.uses]
+        if src in index.initializers and _counted(index, uses, src, dims):
             total -= int(np.prod(dims, dtype=np.int64))
         for k, cut in enumerate(cuts):
             # the first cut keeps the source's name (and stays a Constant if it was one)
             if k == 0:
-                counted = src in index.initializers and _counted(index, cut.uses, src)
+                counted = src in index.initializers and _counted(index, cut.uses, src, cut.shape)
             else:
-                counted = _counted(index, cut.uses, None)
+                counted = _counted(index, cut.uses, None, cut.shape)
             if counted:
                 total += int(np.prod(cut.shape, dtype=np.int64))
     return total
 
 
-def _counted(index: GraphIndex, uses: list[tuple[int, int]], via: str | None) -> bool:
-    """Mirror of `parameter_sizes`: counted unless read, and by no reader as a learned
-    value (`is_parameter_use`). A copy is read directly by all its uses; the original only
-    by the uses that name it (`via`), the others reach it through Identity, which reads it
-    as a learned value would."""
+def _counted(
+    index: GraphIndex, uses: list[tuple[int, int]], via: str | None, dims: Sequence[int]
+) -> bool:
+    """Mirror of `parameter_sizes` for a tensor of shape `dims`: counted unless read, and by
+    no reader as a learned value (`is_parameter_use`). A copy is read directly by all its
+    uses; the original only by the uses that name it (`via`), the others reach it through
+    Identity, which reads it as a learned value would."""
     read = False
     for n, i in uses:
         if n < 0:
             continue
         node = index.nodes[n]
         through_identity = via is not None and node.input[i] != via
-        if through_identity or is_parameter_use(node, i, 1, index.constant):
+        if through_identity or is_parameter_use(node, i, dims, index.constant):
             return True
         read = True
     return not read

@@ -1944,3 +1944,29 @@ def test_reduce_prod_over_several_axes_matches_ort(axes: list[int], keep: int) -
         ["y"],
     )
     assert_matches_ort(model, {"x": rnd(2, 3, 4, seed=4) * 0.5 + 1})
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (1, 1, 1, 1)])
+def test_a_single_number_is_counted_as_it_is_trained_whatever_its_rank(shape) -> None:
+    """tf2onnx stores a Rescaling offset or a LayerNorm epsilon as a (1, 1, 1, 1) tensor, torch
+    as a 0-d one: a constant to the bridge, so no parameter to `count_parameters` either."""
+    from onnx_mbs.passes import count_parameters
+
+    w, b = rnd(4, 3, 3, 3), rnd(4)
+    model = make_model(
+        [
+            helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("Mul", ["c", "k"], ["m"]),
+            helper.make_node("Add", ["m", "eps"], ["y"]),
+        ],
+        {"x": [1, 3, 5, 5]},
+        ["y"],
+        {
+            "w": w,
+            "b": b,
+            "k": np.full(shape, 0.5, np.float32),
+            "eps": np.full(shape, 1e-3, np.float32),
+        },
+    )
+    trained = sum(p.numel() for p in OnnxModule(model).parameters())
+    assert trained == w.size + b.size == count_parameters(model)

@@ -245,6 +245,31 @@ def test_sub_byte_tensors_are_sized_as_packed(name, tmp_path):
         check_stored_sizes(short)
 
 
+def test_a_subgraph_under_an_attribute_typed_otherwise_has_its_tensors_checked():
+    """An attribute typed INT whose `g` holds a graph: protobuf parses its tensors all the
+    same, so `stored_tensors` walks the fields set, not the type (`graph.subgraphs` would skip
+    it), and a corrupt tensor there is refused before anything reads it."""
+    from onnx import helper, numpy_helper
+
+    bad = numpy_helper.from_array(np.zeros(4, np.float32), "t")
+    bad.dims[:] = [1_000_000]
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["t"], ["o"])],
+        "body",
+        [],
+        [helper.make_tensor_value_info("o", onnx.TensorProto.FLOAT, None)],
+        [bad],
+    )
+    node = helper.make_node("Relu", ["x"], ["y"])
+    attribute = node.attribute.add()
+    attribute.name, attribute.type = "junk", onnx.AttributeProto.INT
+    attribute.g.CopyFrom(body)
+    value = [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [1]) for n in "xy"]
+    model = helper.make_model(helper.make_graph([node], "g", value[:1], value[1:]))
+    with pytest.raises(BadInputError, match="'t' .*corrupt or crafted"):
+        load_model(model)
+
+
 # Leftovers -----------------------------------------------------------------------------
 
 

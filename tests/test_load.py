@@ -247,6 +247,25 @@ def test_an_input_the_graph_gives_its_batch_axis_is_refused(add, perm, tmp_path,
         assert "export the model with a batch axis" in err
 
 
+def test_an_input_the_graph_gives_its_batch_axis_is_refused_before_a_fused_conv(tmp_path):
+    """onnxruntime's extended optimisation fuses the Conv and its Relu into a FusedConv: the
+    walk stopped at Conv and ConvTranspose only, so the model loaded, to be analysed at
+    batch 16 and image size 3."""
+    ort = pytest.importorskip("onnxruntime")
+    model = _leading_axis_model([16, 16, 3], "Unsqueeze", 3, [0, 3, 1, 2])
+    model.ir_version = 8
+    model.graph.node.append(onnx.helper.make_node("Relu", ["y"], ["z"]))
+    model.graph.output[0].name = "z"
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "fused.onnx")
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    fused = onnx.load(tmp_path / "fused.onnx")
+    assert "FusedConv" in [node.op_type for node in fused.graph.node]
+    with pytest.raises(BadInputError, match=r"'image' has no batch axis: .*Unsqueeze"):
+        load_model(fused)
+
+
 @pytest.mark.parametrize("add", ["Unsqueeze", "Sub"])
 def test_an_unnamed_dynamic_input_without_a_batch_axis_gets_no_input_shape_hint(add):
     """['?', '?', 3] whose leading axis the graph adds by broadcasting against (1, 1, 1, 3):

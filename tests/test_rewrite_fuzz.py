@@ -56,8 +56,8 @@ AFFINE_OPS = {"Add", "Sub", "Mul", "Div", "PRelu"}
 
 def numpy_parameter_count(model: onnx.ModelProto) -> int:
     """Elements of the float constants (initializers, Constant nodes) a layer reads as
-    weights, and of the constants of Add, Sub, Mul, Div and PRelu that are not 0-d
-    scalars, each tensor once."""
+    weights, of PRelu's slopes, and of the constants of Add, Sub, Mul and Div that are not
+    one number (0-d, or (1, 1, 1, 1) as tf2onnx stores one), each tensor once."""
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     for node in model.graph.node:  # weights an exporter wrote as Constant nodes
         if node.op_type == "Constant" and node.attribute[0].name == "value":
@@ -68,7 +68,8 @@ def numpy_parameter_count(model: onnx.ModelProto) -> int:
             if name not in inits or inits[name].dtype.kind != "f":
                 continue
             layer = k in LEARNED_INPUTS.get(node.op_type, ())
-            if layer or (node.op_type in AFFINE_OPS and inits[name].ndim > 0):
+            one_number = node.op_type != "PRelu" and inits[name].size == 1
+            if layer or (node.op_type in AFFINE_OPS and not one_number):
                 learned.add(name)
     return sum(int(inits[name].size) for name in learned)
 

@@ -66,6 +66,14 @@ def default_loss(shape: Sequence[int], logits: str | None = None) -> str:
     return "kl" if is_logits(shape) and not is_none(logits) else "mse"
 
 
+def default_losses(
+    shapes: Mapping[str, Sequence[int]], logits: str | None = None, label_maps: Collection[str] = ()
+) -> dict[str, str]:
+    """The loss of each output where the user names none: kl for a label map (`label_maps`:
+    outputs an ArgMax makes, trained on its scores), else by shape (`default_loss`)."""
+    return {n: "kl" if n in label_maps else default_loss(s, logits) for n, s in shapes.items()}
+
+
 def choose_losses(
     shapes: Mapping[str, Sequence[int]],
     chosen: Mapping[str, str] | None = None,
@@ -82,10 +90,7 @@ def choose_losses(
             f"{option('--loss')} names output(s) {unknown} the model does not have; its "
             f"outputs are {list(shapes)}"
         )
-    kinds = {
-        name: chosen.get(name, "kl" if name in label_maps else default_loss(s, logits))
-        for name, s in shapes.items()
-    }
+    kinds = default_losses(shapes, logits, label_maps) | chosen
     for name, kind in kinds.items():
         if kind != "kl" or name in label_maps:
             continue

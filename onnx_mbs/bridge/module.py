@@ -46,6 +46,7 @@ from onnx_mbs.passes.domains import (
 )
 from onnx_mbs.passes.errors import BadInputError
 from onnx_mbs.passes.graph import default_opset, fresh_name, topological_order
+from onnx_mbs.passes.parameters import long_axes
 from onnx_mbs.passes.read import is_quantized
 
 # (op_type -> input positions) whose float initializers are trained.
@@ -199,16 +200,11 @@ def indexed_weights(model: onnx.ModelProto) -> list[str]:
     return sorted(n for n, r in roles.items() if r == "parameter" != before[n])
 
 
-def long_axes(dims: Sequence[int]) -> int:
-    """How many axes are above 1: exporters store a per-channel vector as (C,), (C, 1, 1) or
-    (1, C, 1, 1), so the rank alone does not tell a vector from a table."""
-    return sum(d > 1 for d in dims)
-
-
 def is_per_channel(dims: Sequence[int]) -> bool:
     """A vector along one axis, whatever its rank: what a per-channel scale or bias is stored
-    as. A scalar is not, nor a table with two or more axes above 1: a detector's cell grid
-    (1, 1, H, W) or anchors (1, A, 2) decode boxes."""
+    as. A single number is not (`is_single_number`, whatever its rank: so it is not counted
+    either), nor a table with two or more axes above 1: a detector's cell grid (1, 1, H, W)
+    or anchors (1, A, 2) decode boxes."""
     return long_axes(dims) == 1
 
 

@@ -66,7 +66,7 @@ from onnx_mbs.bridge.freeze import freeze as freeze_named
 from onnx_mbs.bridge.loading import Samples, as_samples, load_batches, rank_batches
 from onnx_mbs.bridge.losses import (
     choose_losses,
-    default_loss,
+    default_losses,
     distillation_loss,
     left_out,
     normalised_mse,
@@ -301,8 +301,7 @@ def _as_chosen(
     to a checkpoint's fingerprint too: earlier versions recorded them as given."""
     found = classifier_outputs(shapes, model)
     auto = found[0] if len(found) == 1 else None
-    default = {n: default_loss(s, logits) for n, s in shapes.items()}
-    default |= {n: "kl" for n in argmax_inputs(model)}  # label maps (`losses.choose_losses`)
+    default = default_losses(shapes, logits, argmax_inputs(model))
 
     def chosen(fingerprint: dict[str, Any]) -> dict[str, Any]:
         out = {k: v for k, v in fingerprint.items() if k != "logits" or v != auto}
