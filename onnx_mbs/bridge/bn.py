@@ -333,14 +333,14 @@ def recalibration_passes(
         d = max((depth.get(name, 0) for name in ins), default=0)
         stats = ins[3] if op == "BatchNormalization" and len(ins) > 4 else None
         if stats in buffers and (names is None or stats in names):
-            levels[stats] = d
+            levels[stats] = max(d, levels.get(stats, 0))  # read by two nodes: after both
             d += 1
         for name in outs:
             depth[name] = d
     passes: list[list[str]] = [[] for _ in range(max(levels.values(), default=-1) + 1)]
     for name, level in levels.items():
         passes[level].append(name)
-    return passes
+    return [level for level in passes if level]
 
 
 @dataclass(frozen=True)
@@ -381,13 +381,16 @@ def recalibrate(
     """
     if isinstance(batches, Iterator):
         batches = list(batches)
+    reads = Counter(  # the nodes that read each BN's statistics
+        ins[3] for op, ins, _ in module.dataflow() if op == "BatchNormalization" and len(ins) > 4
+    )
     was_training = module.training
     module.eval()
     count = 0
     try:
         # No BN to measure: one pass that measures nothing counts the batches.
         for wanted in recalibration_passes(module, names) or [[]]:
-            pool = PooledStatistics({id(module.initializer(name)) for name in wanted})
+            pool = PooledStatistics({id(module.initializer(name)): reads[name] for name in wanted})
             token = BN_POOL.set(pool)
             count = 0
             try:
