@@ -97,12 +97,12 @@ from onnx_mbs.logits import (
     classifier_outputs,
     identity_source,
     is_none,
+    non_float,
     producers_of,
     softmax_input,
     softmax_inputs,
 )
 from onnx_mbs.passes.errors import BadInputError, option
-from onnx_mbs.passes.graph import FLOAT_TYPES
 from onnx_mbs.progress import progress_bar
 from onnx_mbs.schedule import DEFAULT_WARMUP, default_lr, lr_factor
 
@@ -1069,6 +1069,7 @@ def _check_trainable(
     (indices, counts, a mask) are refused in one line naming them all and the `--loss
     OUTPUT=none` options that leave them out."""
     held: dict[str, str] = {}
+    types = non_float(model)  # {output: integer or boolean type}
     for out in model.graph.output:
         if kinds.get(out.name, "none") == "none":
             continue
@@ -1080,9 +1081,8 @@ def _check_trainable(
                     f"distil from the original, or leave it out with {left_out([out.name])}"
                 )
             continue
-        elem = out.type.tensor_type.elem_type
-        if elem and elem not in FLOAT_TYPES:
-            held[out.name] = onnx.TensorProto.DataType.Name(elem).lower()
+        if out.name in types:
+            held[out.name] = types[out.name]
     if len(held) == 1:
         ((name, kind),) = held.items()
         raise BadInputError(
