@@ -378,6 +378,34 @@ def test_a_bn_applied_twice_is_measured_on_both_inputs() -> None:
     np.testing.assert_allclose(float(module.initializer("shared_var")), both.var(), rtol=1e-5)
 
 
+def test_statistics_stored_in_float16_and_cast_are_recalibrated() -> None:
+    """A BN whose running statistics are stored in float16 and Cast to float before it (an
+    alias the module runs): the layered passes looked for BNs reading a buffer by name, found
+    none, and `recalibrate_model` reported 4 batches with the statistics left at 0 and 1."""
+    helper = onnx.helper
+    inits = [
+        numpy_helper.from_array(np.array(v, np.float16), n)
+        for n, v in (("s", [1, 1]), ("b", [0, 0]), ("m", [0, 0]), ("v", [1, 1]))
+    ]
+    nodes = [helper.make_node("Cast", [n], [f"{n}f"], to=onnx.TensorProto.FLOAT) for n in "sbmv"]
+    nodes.append(helper.make_node("BatchNormalization", ["x", "sf", "bf", "mf", "vf"], ["y"]))
+    shape = ["N", 2, 4, 4]
+    graph = helper.make_graph(
+        nodes,
+        "cast_bn",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, shape)],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    x = (np.random.default_rng(0).standard_normal((32, 2, 4, 4)) * 2 + 3).astype(np.float32)
+    written, count = train_mod.recalibrate_model(model, (x, np.zeros(32, np.int64)), batch_size=8)
+    assert count == 4
+    stats = {t.name: numpy_helper.to_array(t) for t in written.graph.initializer}
+    np.testing.assert_allclose(stats["m"], x.mean((0, 2, 3)), rtol=2e-3)
+    np.testing.assert_allclose(stats["v"], x.var((0, 2, 3)), rtol=2e-3)
+
+
 def test_a_uint8_input_model_is_recalibrated_on_what_onnxruntime_is_fed(tmp_path) -> None:
     """A model that takes uint8 pixels (a Cast in its graph) was refused: x had to be floats.
     Its model-ready uint8 arrays, or a DataSource that gives them, are fed as they are; the

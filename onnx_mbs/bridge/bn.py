@@ -326,13 +326,11 @@ def recalibration_passes(
     those named in `names`), grouped into the passes `recalibrate` measures them in. A BN's
     pass is its depth: the longest chain of measured BNs above it. So every measured BN
     upstream of it is in an earlier pass, and BNs of one pass do not feed each other."""
-    buffers = {name for name, key in module.initializer_keys.items() if key in module._buffers}
     depth: dict[str, int] = {}
     levels: dict[str, int] = {}
-    for op, ins, outs in module.dataflow():
+    for (_, ins, outs), stats in zip(module.dataflow(), running_means(module), strict=True):
         d = max((depth.get(name, 0) for name in ins), default=0)
-        stats = ins[3] if op == "BatchNormalization" and len(ins) > 4 else None
-        if stats in buffers and (names is None or stats in names):
+        if stats is not None and (names is None or stats in names):
             levels[stats] = max(d, levels.get(stats, 0))  # read by two nodes: after both
             d += 1
         for name in outs:
@@ -341,6 +339,21 @@ def recalibration_passes(
     for name, level in levels.items():
         passes[level].append(name)
     return [level for level in passes if level]
+
+
+def running_means(module: OnnxModule) -> list[str | None]:
+    """For each node a forward runs (`OnnxModule.dataflow`), the running-mean buffer it
+    normalises with if it is a BatchNorm, through the Identity or Cast nodes the module runs
+    between them (statistics stored in float16 and cast to float); None for other nodes."""
+    buffers = {name for name, key in module.initializer_keys.items() if key in module._buffers}
+    source = {name: name for name in buffers}
+    means: list[str | None] = []
+    for op, ins, outs in module.dataflow():
+        if op in ("Identity", "Cast") and ins and ins[0] in source:
+            source[outs[0]] = source[ins[0]]
+        stats = ins[3] if op == "BatchNormalization" and len(ins) > 4 else None
+        means.append(source.get(stats) if stats else None)
+    return means
 
 
 @dataclass(frozen=True)
@@ -381,9 +394,7 @@ def recalibrate(
     """
     if isinstance(batches, Iterator):
         batches = list(batches)
-    reads = Counter(  # the nodes that read each BN's statistics
-        ins[3] for op, ins, _ in module.dataflow() if op == "BatchNormalization" and len(ins) > 4
-    )
+    reads = Counter(name for name in running_means(module) if name)  # BN nodes reading each
     was_training = module.training
     module.eval()
     count = 0
