@@ -1152,8 +1152,8 @@ def _recalibrate_inserted(module: OnnxModule, inserted: list, batches: Rereads) 
 
 
 def check_recalibration(model: onnx.ModelProto, batch_size: int = 64) -> None:
-    """Refuse what `recalibrate_model` could not do: a BN-folded graph, batches of one (BatchNorm
-    in train mode needs two samples). `reduce --recalibrate` asks before it reduces."""
+    """Refuse what `recalibrate_model` could not do: a BN-folded graph, batches of one (which
+    `recalibrate` leaves out). `reduce --recalibrate` asks before it reduces."""
     if not has_batchnorm(model):
         # retrain re-inserts one only after a biased Conv: not where a BatchNorm is written as
         # a Mul and an Add after a Conv without bias (as tf2onnx writes one it does not fold)
