@@ -61,7 +61,7 @@ from onnx_mbs.passes import (
     weight_importance,
 )
 from onnx_mbs.plan import SINGLE_UNIT, Budget, GroupInfo, Plan, plan_widths, round_channels
-from onnx_mbs.runtime import REQUESTS, choose_providers, release_freed_memory
+from onnx_mbs.runtime import check_request, choose_providers, release_freed_memory
 from onnx_mbs.weights_file import HeldModel, weights_aside
 
 if TYPE_CHECKING:
@@ -294,8 +294,7 @@ def runtime_providers(options: ReduceOptions, has_data: bool) -> list[str]:
     latency to time): choosing would import onnxruntime and, where it may, probe CUDA."""
     if has_data or options.plans_latency or options.channel_multiple == "auto":
         return choose_providers(options.providers)
-    if options.providers not in REQUESTS:
-        choose_providers(options.providers)  # refuses it, naming the requests it takes
+    check_request(options.providers)  # a typo is refused even where nothing runs
     return []
 
 

@@ -44,7 +44,6 @@ RESAMPLING_OPS = (*COUNTED_CONVS, *POOL_OPS, "Resize", "Upsample", "DepthToSpace
 BORDER_OPS = ("Pad",)
 READINGS = ("global", "local")
 DEFAULT_RECEPTIVE_FIELD = "global"  # chosen by the paper's numbers: bench/paper_table.py
-# Input pixels per axis one output pixel of Resize/Upsample reads, by mode.
 # Why `uncounted` ops' MACs are not counted, by kind (ModelAnalysis.uncounted_text).
 OTHER_DOMAIN_WHY = (
     "ops of another domain than ONNX's, named like ONNX ops or onnxruntime's fused ones; their "
@@ -55,6 +54,7 @@ NESTED_WHY = (
     "inside If/Loop/Scan subgraphs: their MACs depend on the branch taken or the trip count; "
     "their weights count as parameters"
 )
+# Input pixels per axis one output pixel of Resize/Upsample reads, by mode.
 RESIZE_TAPS = {"nearest": 1, "linear": 2, "bilinear": 2, "cubic": 4}
 
 

@@ -111,20 +111,21 @@ def parameter_sizes(model: onnx.ModelProto) -> dict[str, int]:
 
 def _nested_parameter_sizes(graph: onnx.GraphProto) -> dict[str, int]:
     """The float weights the subgraphs of `graph`'s nodes hold (an If branch's own conv
-    weight), each under "node/graph/name" (a subgraph may reuse an outer name): learned
-    values as much as the main graph's are, however the branch taken reads them."""
+    weight), each under "k:node/graph/name", k numbering the subgraphs (a subgraph may reuse
+    an outer name; node and graph names may be empty or alike): learned values as much as the
+    main graph's are, however the branch taken reads them."""
     sizes: dict[str, int] = {}
-    for node in nested_nodes(graph):
-        for inner in subgraphs(node):
-            floats = {t.name: t for t in inner.initializer if is_weight(t)}
-            uses: dict[str, list[bool]] = {name: [] for name in floats}
-            for reader in nested_nodes(inner):
-                for k, name in enumerate(reader.input):
-                    if name in floats:
-                        uses[name].append(is_parameter_use(reader, k, floats[name].dims))
-            for name, t in floats.items():
-                if not uses[name] or any(uses[name]):  # learned unless read otherwise, as above
-                    sizes[f"{node.name}/{inner.name}/{name}"] = math.prod(t.dims)
+    inners = ((node, inner) for node in nested_nodes(graph) for inner in subgraphs(node))
+    for k, (node, inner) in enumerate(inners):
+        floats = {t.name: t for t in inner.initializer if is_weight(t)}
+        uses: dict[str, list[bool]] = {name: [] for name in floats}
+        for reader in nested_nodes(inner):
+            for position, name in enumerate(reader.input):
+                if name in floats:
+                    uses[name].append(is_parameter_use(reader, position, floats[name].dims))
+        for name, t in floats.items():
+            if not uses[name] or any(uses[name]):  # learned unless read otherwise, as above
+                sizes[f"{k}:{node.name}/{inner.name}/{name}"] = math.prod(t.dims)
     return sizes
 
 

@@ -559,3 +559,34 @@ def test_a_weight_held_inside_an_if_branch_counts_as_a_parameter():
     then.initializer.append(weight)
     raw.graph.initializer.remove(weight)
     assert analyze_model(load_model(raw)).total_params == before == 2138
+
+
+def test_weights_of_unnamed_if_nodes_with_like_named_branches_each_count():
+    """Two If nodes without names (names are optional), their branches named alike, each
+    holding its own 3-value weight "w": 12 parameters, not the 6 that one key per
+    (node name, branch name, weight name) left after the collisions."""
+    from onnx_mbs.passes import count_parameters
+
+    def branch(name: str, value: float) -> onnx.GraphProto:
+        w = onnx.numpy_helper.from_array(np.full(3, value, np.float32), "w")
+        out = helper.make_tensor_value_info("o", onnx.TensorProto.FLOAT, [3])
+        return helper.make_graph([helper.make_node("Mul", ["x", "w"], ["o"])], name, [], [out], [w])
+
+    nodes = [
+        helper.make_node(
+            "If", ["c"], [f"y{i}"], then_branch=branch("then", 1.0), else_branch=branch("then", 2.0)
+        )
+        for i in range(2)
+    ]
+    graph = helper.make_graph(
+        [*nodes, helper.make_node("Add", ["y0", "y1"], ["y"])],
+        "ifs",
+        [
+            helper.make_tensor_value_info("c", onnx.TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [3]),
+        ],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(model, full_check=True)
+    assert count_parameters(model) == 12

@@ -345,6 +345,67 @@ def test_recalibration_passes_group_the_bns_that_do_not_feed_each_other() -> Non
     np.testing.assert_allclose(float(module.initializer("bn3_mean")), 0.0, atol=1e-6)
 
 
+def test_a_bn_applied_twice_is_measured_on_both_inputs() -> None:
+    """One BatchNorm's statistics read by two nodes (a siamese branch applied to two inputs):
+    the written model normalises both with them, so they are pooled over both inputs, as
+    train-mode recalibration pooled them; the pass ran on until both nodes had seen the
+    batch, not stopping at the first. The node applied second, downstream of a BN measured,
+    puts the shared one in the later pass."""
+    helper = onnx.helper
+    ten = numpy_helper.from_array(np.array([10.0], np.float32))
+    nodes = [
+        _bn("bn1", "x", "a"),
+        helper.make_node("Constant", [], ["ten"], value=ten),
+        helper.make_node("Add", ["a", "ten"], ["a10"]),
+        _bn("shared", "x", "b"),
+        onnx.helper.make_node(
+            "BatchNormalization",
+            ["a10", *(f"shared_{p}" for p in ("scale", "shift", "mean", "var"))],
+            ["c"],
+            name="shared_again",
+            epsilon=EPS,
+        ),
+        helper.make_node("Add", ["b", "c"], ["y"]),
+    ]
+    model = _batchnorms(nodes, ["bn1", "shared"])
+    module = OnnxModule(model)
+    assert recalibration_passes(module) == [["bn1_mean"], ["shared_mean"]]
+    x = np.array([[1.0], [3.0], [-2.0], [6.0]], np.float32)
+    assert recalibrate(module, [torch.from_numpy(x)]) == 1
+    var = float(x.var())
+    both = np.concatenate([x[:, 0], (x[:, 0] - x.mean()) / np.sqrt(var + EPS) + 10.0])
+    np.testing.assert_allclose(float(module.initializer("shared_mean")), both.mean(), rtol=1e-6)
+    np.testing.assert_allclose(float(module.initializer("shared_var")), both.var(), rtol=1e-5)
+
+
+def test_statistics_stored_in_float16_and_cast_are_recalibrated() -> None:
+    """A BN whose running statistics are stored in float16 and Cast to float before it (an
+    alias the module runs): the layered passes looked for BNs reading a buffer by name, found
+    none, and `recalibrate_model` reported 4 batches with the statistics left at 0 and 1."""
+    helper = onnx.helper
+    inits = [
+        numpy_helper.from_array(np.array(v, np.float16), n)
+        for n, v in (("s", [1, 1]), ("b", [0, 0]), ("m", [0, 0]), ("v", [1, 1]))
+    ]
+    nodes = [helper.make_node("Cast", [n], [f"{n}f"], to=onnx.TensorProto.FLOAT) for n in "sbmv"]
+    nodes.append(helper.make_node("BatchNormalization", ["x", "sf", "bf", "mf", "vf"], ["y"]))
+    shape = ["N", 2, 4, 4]
+    graph = helper.make_graph(
+        nodes,
+        "cast_bn",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, shape)],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    x = (np.random.default_rng(0).standard_normal((32, 2, 4, 4)) * 2 + 3).astype(np.float32)
+    written, count = train_mod.recalibrate_model(model, (x, np.zeros(32, np.int64)), batch_size=8)
+    assert count == 4
+    stats = {t.name: numpy_helper.to_array(t) for t in written.graph.initializer}
+    np.testing.assert_allclose(stats["m"], x.mean((0, 2, 3)), rtol=2e-3)
+    np.testing.assert_allclose(stats["v"], x.var((0, 2, 3)), rtol=2e-3)
+
+
 def test_a_uint8_input_model_is_recalibrated_on_what_onnxruntime_is_fed(tmp_path) -> None:
     """A model that takes uint8 pixels (a Cast in its graph) was refused: x had to be floats.
     Its model-ready uint8 arrays, or a DataSource that gives them, are fed as they are; the

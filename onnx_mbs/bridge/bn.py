@@ -326,21 +326,34 @@ def recalibration_passes(
     those named in `names`), grouped into the passes `recalibrate` measures them in. A BN's
     pass is its depth: the longest chain of measured BNs above it. So every measured BN
     upstream of it is in an earlier pass, and BNs of one pass do not feed each other."""
-    buffers = {name for name, key in module.initializer_keys.items() if key in module._buffers}
     depth: dict[str, int] = {}
     levels: dict[str, int] = {}
-    for op, ins, outs in module.dataflow():
+    for (_, ins, outs), stats in zip(module.dataflow(), running_means(module), strict=True):
         d = max((depth.get(name, 0) for name in ins), default=0)
-        stats = ins[3] if op == "BatchNormalization" and len(ins) > 4 else None
-        if stats in buffers and (names is None or stats in names):
-            levels[stats] = d
+        if stats is not None and (names is None or stats in names):
+            levels[stats] = max(d, levels.get(stats, 0))  # read by two nodes: after both
             d += 1
         for name in outs:
             depth[name] = d
     passes: list[list[str]] = [[] for _ in range(max(levels.values(), default=-1) + 1)]
     for name, level in levels.items():
         passes[level].append(name)
-    return passes
+    return [level for level in passes if level]
+
+
+def running_means(module: OnnxModule) -> list[str | None]:
+    """For each node a forward runs (`OnnxModule.dataflow`), the running-mean buffer it
+    normalises with if it is a BatchNorm, through the Identity or Cast nodes the module runs
+    between them (statistics stored in float16 and cast to float); None for other nodes."""
+    buffers = {name for name, key in module.initializer_keys.items() if key in module._buffers}
+    source = {name: name for name in buffers}
+    means: list[str | None] = []
+    for op, ins, outs in module.dataflow():
+        if op in ("Identity", "Cast") and ins and ins[0] in source:
+            source[outs[0]] = source[ins[0]]
+        stats = ins[3] if op == "BatchNormalization" and len(ins) > 4 else None
+        means.append(source.get(stats) if stats else None)
+    return means
 
 
 @dataclass(frozen=True)
@@ -381,13 +394,14 @@ def recalibrate(
     """
     if isinstance(batches, Iterator):
         batches = list(batches)
+    reads = Counter(name for name in running_means(module) if name)  # BN nodes reading each
     was_training = module.training
     module.eval()
     count = 0
     try:
         # No BN to measure: one pass that measures nothing counts the batches.
         for wanted in recalibration_passes(module, names) or [[]]:
-            pool = PooledStatistics({id(module.initializer(name)) for name in wanted})
+            pool = PooledStatistics({id(module.initializer(name)): reads[name] for name in wanted})
             token = BN_POOL.set(pool)
             count = 0
             try:

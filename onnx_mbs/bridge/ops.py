@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -238,9 +238,10 @@ class Measured(Exception):
 
 class PooledStatistics:
     """The input statistics of the BatchNormalizations in `wanted` (ids of their running-mean
-    buffers) over all the batches they see, pooled (law of total variance: the variance of all
-    values, i.e. the batch variances and the variance of the batch means, weighted by the
-    values each batch has), in float64.
+    buffers, each with the number of nodes that read it in one forward) over all the batches
+    they see, pooled (law of total variance: the variance of all values, i.e. the batch
+    variances and the variance of the batch means, weighted by the values each batch has),
+    in float64.
 
     While one is set in `BN_POOL` (by `bn.recalibrate`, in eval mode), each wanted BatchNorm
     records its input here; `write` then sets its running statistics to the pooled mean and
@@ -249,15 +250,16 @@ class PooledStatistics:
     variance of the batch means.
     """
 
-    def __init__(self, wanted: set[int]) -> None:
+    def __init__(self, wanted: Mapping[int, int]) -> None:
         self.wanted = wanted
         # id(running mean) -> [running mean, running var, count, mean, sum of squared deviations]
         self.seen: dict[int, list] = {}
-        self.pending: set[int] = set()
+        self.pending: dict[int, int] = {}
 
     def start(self) -> None:
-        """A batch begins: every wanted BatchNorm is still to see it."""
-        self.pending = set(self.wanted)
+        """A batch begins: every node of a wanted BatchNorm is still to see it (statistics
+        two nodes share, a branch applied twice, are of both nodes' inputs)."""
+        self.pending = dict(self.wanted)
 
     def add(self, mean: torch.Tensor, var: torch.Tensor, x: torch.Tensor, dims: list[int]) -> None:
         """Pool the batch `x`, reduced over `dims`, into the statistics of buffers mean/var."""
@@ -278,7 +280,10 @@ class PooledStatistics:
                 m + delta * (count / total),
                 m2 + squares + delta**2 * (n * count / total),
             ]
-        self.pending.discard(id(mean))
+        if self.pending.get(id(mean), 0) > 1:
+            self.pending[id(mean)] -= 1
+        else:
+            self.pending.pop(id(mean), None)
         if not self.pending:
             raise Measured
 

@@ -97,12 +97,12 @@ from onnx_mbs.logits import (
     classifier_outputs,
     identity_source,
     is_none,
+    non_float,
     producers_of,
     softmax_input,
     softmax_inputs,
 )
 from onnx_mbs.passes.errors import BadInputError, option
-from onnx_mbs.passes.graph import FLOAT_TYPES
 from onnx_mbs.progress import progress_bar
 from onnx_mbs.schedule import DEFAULT_WARMUP, default_lr, lr_factor
 
@@ -1068,6 +1068,7 @@ def _check_trainable(
     (indices, counts, a mask) are refused in one line naming them all and the `--loss
     OUTPUT=none` options that leave them out."""
     held: dict[str, str] = {}
+    types = non_float(model)  # {output: integer or boolean type}
     for out in model.graph.output:
         if kinds.get(out.name, "none") == "none":
             continue
@@ -1079,9 +1080,8 @@ def _check_trainable(
                     f"distil from the original, or leave it out with {left_out([out.name])}"
                 )
             continue
-        elem = out.type.tensor_type.elem_type
-        if elem and elem not in FLOAT_TYPES:
-            held[out.name] = onnx.TensorProto.DataType.Name(elem).lower()
+        if out.name in types:
+            held[out.name] = types[out.name]
     if len(held) == 1:
         ((name, kind),) = held.items()
         raise BadInputError(
@@ -1151,8 +1151,8 @@ def _recalibrate_inserted(module: OnnxModule, inserted: list, batches: Rereads) 
 
 
 def check_recalibration(model: onnx.ModelProto, batch_size: int = 64) -> None:
-    """Refuse what `recalibrate_model` could not do: a BN-folded graph, batches of one (BatchNorm
-    in train mode needs two samples). `reduce --recalibrate` asks before it reduces."""
+    """Refuse what `recalibrate_model` could not do: a BN-folded graph, batches of one (which
+    `recalibrate` leaves out). `reduce --recalibrate` asks before it reduces."""
     if not has_batchnorm(model):
         # retrain re-inserts one only after a biased Conv: not where a BatchNorm is written as
         # a Mul and an Add after a Conv without bias (as tf2onnx writes one it does not fold)
