@@ -1035,7 +1035,8 @@ class HungUp(Terminated):
     default died on the spot, leaving an empty --checkpoint folder and temporary files."""
 
 
-_ENDING = (signal.SIGTERM, signal.SIGHUP)
+_HANGUP = getattr(signal, "SIGHUP", None)  # none on Windows
+_ENDING = tuple(s for s in (signal.SIGTERM, _HANGUP) if s is not None)
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -1044,7 +1045,7 @@ def _terminate(signum: int, frame: object) -> None:
     for number in _ENDING:
         if signal.getsignal(number) is _terminate:
             signal.signal(number, signal.SIG_IGN)
-    raise HungUp if signum == signal.SIGHUP else Terminated
+    raise HungUp if signum == _HANGUP else Terminated
 
 
 @contextmanager
@@ -1056,8 +1057,8 @@ def _termination_handled() -> Iterator[None]:
         yield
         return
     previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _terminate)}
-    if signal.getsignal(signal.SIGHUP) == signal.SIG_DFL:
-        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, _terminate)
+    if _HANGUP is not None and signal.getsignal(_HANGUP) == signal.SIG_DFL:
+        previous[_HANGUP] = signal.signal(_HANGUP, _terminate)
     try:
         yield
     finally:

@@ -1058,3 +1058,15 @@ def test_a_model_that_divides_by_255_itself_is_fed_0_to_255_pixels(
     # the Python API reads the model as loaded (an Identity not yet collapsed) the same way
     source = open_for_model(data, onnx.load(tmp_path / "keras.onnx"))
     assert f"preprocessing: {source.preprocess.describe()}" in captured.err
+
+
+def test_the_command_line_imports_where_the_system_has_no_sighup():
+    """Windows has no signal.SIGHUP; reading it when the CLI and the data loader were
+    imported made `onnx_mbs.cli` fail to import there (AttributeError)."""
+    code = (
+        "import signal; del signal.SIGHUP\n"
+        "import onnx_mbs.cli, onnx_mbs.bridge.loading\n"
+        "assert onnx_mbs.cli._ENDING == (signal.SIGTERM,)\n"
+        "assert signal.SIGINT in onnx_mbs.bridge.loading._DEFERRED\n"
+    )
+    run_process([sys.executable, "-c", code], check=True, timeout=300)

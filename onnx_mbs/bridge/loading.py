@@ -184,7 +184,8 @@ def load_batches(
         yield batch
 
 
-_DEFERRED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# SIGHUP where the system has one (not Windows)
+_DEFERRED = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
 
 
 @contextlib.contextmanager
