@@ -34,7 +34,7 @@ import torch
 from onnx import helper, numpy_helper
 
 from onnx_mbs.bridge.module import OnnxModule, is_alias, with_outputs
-from onnx_mbs.bridge.ops import BN_POOL, Measured, PooledStatistics
+from onnx_mbs.bridge.ops import BN_POOL, PassMeasured, PooledStatistics
 from onnx_mbs.bridge.precision import write_values
 from onnx_mbs.passes.domains import FUSED_ACTIVATIONS, FUSED_CONV, op_id
 from onnx_mbs.passes.graph import default_opset
@@ -380,7 +380,7 @@ def recalibrate(
     of BNs per pass over `batches` (`recalibration_passes`; precise BN's layered recalibration).
     Measured in train mode instead, as before, each BN's input was normalised upstream with its
     batch's statistics, and a retrain that trained nothing wrote another model (logits moved by
-    1.86 of ~16 at batch 16). A pass stops each forward at its last BN (`ops.Measured`), so the
+    1.86 of ~16 at batch 16). A pass stops each forward at its last BN (`ops.PassMeasured`), so the
     cost is about (passes + 1) / 2 full forwards over `batches`: 19 passes for the bundled
     ResNet-20's 21 re-inserted BNs. An iterator is read into a list first; `Rereads` reads the
     data again each pass instead.
@@ -412,7 +412,7 @@ def recalibrate(
                     if not wanted:
                         continue
                     pool.start()
-                    with suppress(Measured):  # every BN of this pass has seen the batch
+                    with suppress(PassMeasured):  # every BN of this pass has seen the batch
                         module(xb)
             finally:
                 BN_POOL.reset(token)

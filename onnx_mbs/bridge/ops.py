@@ -231,7 +231,7 @@ def conv_transpose(n: Node) -> OpFn:
     return lambda x, w, b=None: F.pad(fn(x, w, b, strides, 0, out_pad, groups, dilations), crop)
 
 
-class Measured(Exception):
+class PassMeasured(Exception):
     """Raised by `PooledStatistics.add` once every BatchNorm a pass measures has seen the batch:
     the rest of the forward computes nothing the pass needs (`bn.recalibrate` catches it)."""
 
@@ -285,7 +285,7 @@ class PooledStatistics:
         else:
             self.pending.pop(id(mean), None)
         if not self.pending:
-            raise Measured
+            raise PassMeasured
 
     def write(self) -> None:
         """Set every recorded BatchNorm's running statistics to the pooled ones."""
