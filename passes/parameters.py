@@ -87,11 +87,7 @@ def parameter_sizes(model: onnx.ModelProto) -> dict[str, int]:
     floats = {t.name: t for t in model.graph.initializer if is_weight(t)}
     # A weight stored in another precision is read by the readers of its Cast.
     stored = {output: cast.input[0] for output, cast in stored_casts(model.graph).items()}
-
-    def constant(name: str) -> np.ndarray | None:
-        name = stored.get(name, name)
-        return numpy_helper.to_array(floats[name]) if name in floats else None
-
+    constant = _constants(floats, stored)
     read: set[str] = set()
     learned: set[str] = set()
     for node in model.graph.node:
@@ -109,6 +105,20 @@ def parameter_sizes(model: onnx.ModelProto) -> dict[str, int]:
     return sizes | _nested_parameter_sizes(model.graph)
 
 
+def _constants(
+    floats: dict[str, onnx.TensorProto], stored: dict[str, str]
+) -> Callable[[str], np.ndarray | None]:
+    """The value of a float initializer of `floats` by name, read through the Casts of
+    `stored` (Cast output -> stored weight); None for any other tensor: what
+    `is_parameter_use` reads (an InstanceNormalization's ones and zeros)."""
+
+    def constant(name: str) -> np.ndarray | None:
+        name = stored.get(name, name)
+        return numpy_helper.to_array(floats[name]) if name in floats else None
+
+    return constant
+
+
 def _nested_parameter_sizes(graph: onnx.GraphProto) -> dict[str, int]:
     """The float weights the subgraphs of `graph`'s nodes hold (an If branch's own conv
     weight), each under "k:node/graph/name", k numbering the subgraphs (a subgraph may reuse
@@ -118,11 +128,13 @@ def _nested_parameter_sizes(graph: onnx.GraphProto) -> dict[str, int]:
     inners = ((node, inner) for node in nested_nodes(graph) for inner in subgraphs(node))
     for k, (node, inner) in enumerate(inners):
         floats = {t.name: t for t in inner.initializer if is_weight(t)}
+        constant = _constants(floats, {})  # the branch's own ones and zeros, as above
         uses: dict[str, list[bool]] = {name: [] for name in floats}
         for reader in nested_nodes(inner):
             for position, name in enumerate(reader.input):
                 if name in floats:
-                    uses[name].append(is_parameter_use(reader, position, floats[name].dims))
+                    dims = floats[name].dims
+                    uses[name].append(is_parameter_use(reader, position, dims, constant))
         for name, t in floats.items():
             if not uses[name] or any(uses[name]):  # learned unless read otherwise, as above
                 sizes[f"{k}:{node.name}/{inner.name}/{name}"] = math.prod(t.dims)
