@@ -7,7 +7,8 @@ same shape rule (`is_single_number`), so what is counted is what trains.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from itertools import chain
 
 import numpy as np
 import onnx
@@ -90,19 +91,41 @@ def parameter_sizes(model: onnx.ModelProto) -> dict[str, int]:
     constant = _constants(floats, stored)
     read: set[str] = set()
     learned: set[str] = set()
-    for node in model.graph.node:
-        if node.output and node.output[0] in stored:
-            continue
-        for k, name in enumerate(node.input):
-            name = stored.get(name, name)
-            if name in floats:
-                read.add(name)
-                if is_parameter_use(node, k, floats[name].dims, constant):
-                    learned.add(name)
+    own = (
+        (node, k, name)
+        for node in model.graph.node
+        if not (node.output and node.output[0] in stored)
+        for k, name in enumerate(node.input)
+    )
+    for node, k, name in chain(own, _outer_reads(model.graph)):
+        name = stored.get(name, name)
+        if name in floats:
+            read.add(name)
+            if is_parameter_use(node, k, floats[name].dims, constant):
+                learned.add(name)
     sizes = {
         name: math.prod(t.dims) for name, t in floats.items() if name in learned or name not in read
     }
     return sizes | _nested_parameter_sizes(model.graph)
+
+
+def _outer_reads(
+    graph: onnx.GraphProto, local: frozenset[str] = frozenset()
+) -> Iterator[tuple[onnx.NodeProto, int, str]]:
+    """(reader, position, name) for each input of a node inside `graph`'s subgraphs that names
+    a value of `graph`'s scope (an If branch reading the main graph's InstanceNormalization
+    scale): read there as much as by a node of `graph`. `local`: names the subgraphs between
+    define, which hide `graph`'s."""
+    for node in graph.node:
+        for inner in subgraphs(node):
+            defined = {v.name for v in inner.input} | {t.name for t in inner.initializer}
+            defined |= {name for reader in inner.node for name in reader.output}
+            hidden = local | defined
+            for reader in inner.node:
+                for k, name in enumerate(reader.input):
+                    if name and name not in hidden:
+                        yield reader, k, name
+            yield from _outer_reads(inner, hidden)
 
 
 def _constants(

@@ -596,7 +596,8 @@ def test_weights_of_unnamed_if_nodes_with_like_named_branches_each_count():
 def test_an_instancenorm_inside_an_if_branch_counts_as_in_the_main_graph(scale, params):
     """An InstanceNormalization of ones and zeros (torch's GroupNorm and affine-free
     InstanceNorm) holds no parameter in the main graph; inside an If branch its scale and
-    bias were counted (6), the branch's constants not read for the rule."""
+    bias were counted (6), the branch's constants not read for the rule; held by the main
+    graph and read only in the branches, they counted too."""
     from onnx_mbs.passes import count_parameters
 
     def norm(graph_name: str, inputs: list, output: str) -> onnx.GraphProto:
@@ -616,8 +617,19 @@ def test_an_instancenorm_inside_an_if_branch_counts_as_in_the_main_graph(scale, 
     cond = helper.make_tensor_value_info("c", onnx.TensorProto.BOOL, [])
     out = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3, 4, 4])
     in_if = helper.make_graph([branch], "in_if", [cond, x], [out])
+    # held by the main graph, read only by the branches (outer scope): the same rule
+    then, other = norm("then", [], "o"), norm("else", [], "o")
+    weights = list(then.initializer)
+    del then.initializer[:], other.initializer[:]
+    outer = helper.make_graph(
+        [helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)],
+        "outer",
+        [cond, x],
+        [out],
+        weights,
+    )
     opsets = [helper.make_opsetid("", 13)]
-    for graph, count in ((main_graph, params), (in_if, 2 * params)):  # two branches
+    for graph, count in ((main_graph, params), (in_if, 2 * params), (outer, params)):
         model = helper.make_model(graph, opset_imports=opsets)
         onnx.checker.check_model(model, full_check=True)
         assert count_parameters(model) == count
