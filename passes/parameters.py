@@ -7,7 +7,8 @@ same shape rule (`is_single_number`), so what is counted is what trains.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from itertools import chain
 
 import numpy as np
 import onnx
@@ -87,26 +88,58 @@ def parameter_sizes(model: onnx.ModelProto) -> dict[str, int]:
     floats = {t.name: t for t in model.graph.initializer if is_weight(t)}
     # A weight stored in another precision is read by the readers of its Cast.
     stored = {output: cast.input[0] for output, cast in stored_casts(model.graph).items()}
+    constant = _constants(floats, stored)
+    read: set[str] = set()
+    learned: set[str] = set()
+    own = (
+        (node, k, name)
+        for node in model.graph.node
+        if not (node.output and node.output[0] in stored)
+        for k, name in enumerate(node.input)
+    )
+    for node, k, name in chain(own, _outer_reads(model.graph)):
+        name = stored.get(name, name)
+        if name in floats:
+            read.add(name)
+            if is_parameter_use(node, k, floats[name].dims, constant):
+                learned.add(name)
+    sizes = {
+        name: math.prod(t.dims) for name, t in floats.items() if name in learned or name not in read
+    }
+    return sizes | _nested_parameter_sizes(model.graph)
+
+
+def _outer_reads(
+    graph: onnx.GraphProto, local: frozenset[str] = frozenset()
+) -> Iterator[tuple[onnx.NodeProto, int, str]]:
+    """(reader, position, name) for each input of a node inside `graph`'s subgraphs that names
+    a value of `graph`'s scope (an If branch reading the main graph's InstanceNormalization
+    scale): read there as much as by a node of `graph`. `local`: names the subgraphs between
+    define, which hide `graph`'s."""
+    for node in graph.node:
+        for inner in subgraphs(node):
+            defined = {v.name for v in inner.input} | {t.name for t in inner.initializer}
+            defined |= {name for reader in inner.node for name in reader.output}
+            hidden = local | defined
+            for reader in inner.node:
+                for k, name in enumerate(reader.input):
+                    if name and name not in hidden:
+                        yield reader, k, name
+            yield from _outer_reads(inner, hidden)
+
+
+def _constants(
+    floats: dict[str, onnx.TensorProto], stored: dict[str, str]
+) -> Callable[[str], np.ndarray | None]:
+    """The value of a float initializer of `floats` by name, read through the Casts of
+    `stored` (Cast output -> stored weight); None for any other tensor: what
+    `is_parameter_use` reads (an InstanceNormalization's ones and zeros)."""
 
     def constant(name: str) -> np.ndarray | None:
         name = stored.get(name, name)
         return numpy_helper.to_array(floats[name]) if name in floats else None
 
-    read: set[str] = set()
-    learned: set[str] = set()
-    for node in model.graph.node:
-        if node.output and node.output[0] in stored:
-            continue
-        for k, name in enumerate(node.input):
-            name = stored.get(name, name)
-            if name in floats:
-                read.add(name)
-                if is_parameter_use(node, k, floats[name].dims, constant):
-                    learned.add(name)
-    sizes = {
-        name: math.prod(t.dims) for name, t in floats.items() if name in learned or name not in read
-    }
-    return sizes | _nested_parameter_sizes(model.graph)
+    return constant
 
 
 def _nested_parameter_sizes(graph: onnx.GraphProto) -> dict[str, int]:
@@ -118,11 +151,13 @@ def _nested_parameter_sizes(graph: onnx.GraphProto) -> dict[str, int]:
     inners = ((node, inner) for node in nested_nodes(graph) for inner in subgraphs(node))
     for k, (node, inner) in enumerate(inners):
         floats = {t.name: t for t in inner.initializer if is_weight(t)}
+        constant = _constants(floats, {})  # the branch's own ones and zeros, as above
         uses: dict[str, list[bool]] = {name: [] for name in floats}
         for reader in nested_nodes(inner):
             for position, name in enumerate(reader.input):
                 if name in floats:
-                    uses[name].append(is_parameter_use(reader, position, floats[name].dims))
+                    dims = floats[name].dims
+                    uses[name].append(is_parameter_use(reader, position, dims, constant))
         for name, t in floats.items():
             if not uses[name] or any(uses[name]):  # learned unless read otherwise, as above
                 sizes[f"{k}:{node.name}/{inner.name}/{name}"] = math.prod(t.dims)

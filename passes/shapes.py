@@ -403,8 +403,10 @@ def check_static(inferred: onnx.ModelProto) -> None:
 
 def _unsized_because(model: onnx.ModelProto, node: onnx.NodeProto, known: set[str]) -> str:
     """What leaves `node`'s output unsized, and what to do: the op without an ONNX schema
-    that the unsized tensors lead back to (only recorded shapes size its outputs), else
-    input shapes to fix."""
+    that the unsized tensors lead back to (only recorded shapes size its outputs), input
+    shapes to fix where they lead back to a graph input, else the op that has static inputs
+    and yet no static output (a Loop whose output grows with its iterations): its shape to
+    record."""
     made = {name: n for n in model.graph.node for name in n.output}
     sized = known | {t.name for t in model.graph.initializer}
     sized |= {i.name for i in model.graph.input if static_shape(i) is not None}
@@ -414,7 +416,13 @@ def _unsized_because(model: onnx.ModelProto, node: onnx.NodeProto, known: set[st
             break
         node = made[unsized[0]]
     if node.output[0] not in uninferable_outputs(model):
-        return f"fix the input shapes with {input_shape_option()}"
+        if any(x and x not in sized for x in node.input):  # a graph input's dynamic dims
+            return f"fix the input shapes with {input_shape_option()}"
+        return (
+            f"shape inference cannot size the output of {node.op_type} {node.name!r} from "
+            "static inputs (it depends on values computed at run time): record that "
+            "output's shape in the model's value_info"
+        )
     fused = f" ({ONNXRUNTIME_ADVICE})" if is_onnxruntime_op(node) else ""
     return (
         f"shape inference cannot size the output of {node.domain or 'ai.onnx'}:"

@@ -175,3 +175,42 @@ def trt_fp8_qdq() -> onnx.ModelProto:
     del graph.node[:]
     graph.node.extend(nodes)
     return model
+
+
+def growing_loop() -> onnx.ModelProto:
+    """`conv_relu_model` with a Loop between its conv and a second conv that doubles the
+    activation's height each iteration (Concat with itself): shape inference gives the Loop's
+    output no static shape although every input of the model has one."""
+    model = conv_relu_model()
+    graph = model.graph
+    body = helper.make_graph(
+        [
+            helper.make_node("Concat", ["v_in", "v_in"], ["v_out"], axis=2),
+            helper.make_node("Identity", ["c_in"], ["c_out"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("c_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_in", TensorProto.FLOAT, None),
+        ],
+        [
+            helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_out", TensorProto.FLOAT, None),
+        ],
+    )
+    w2 = np.random.default_rng(1).standard_normal((4, 4, 1, 1)).astype(np.float32)
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(w2, "w2"),
+            numpy_helper.from_array(np.array(2, np.int64), "trips"),
+            numpy_helper.from_array(np.array(True), "go"),
+        ]
+    )
+    graph.node[1].input[0] = "c2"  # relu reads the second conv
+    loop = helper.make_node("Loop", ["trips", "go", "c"], ["grown"], name="grow", body=body)
+    conv2 = helper.make_node("Conv", ["grown", "w2"], ["c2"], name="conv2")
+    nodes = [graph.node[0], loop, conv2, *graph.node[1:]]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return model

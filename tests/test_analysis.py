@@ -590,3 +590,46 @@ def test_weights_of_unnamed_if_nodes_with_like_named_branches_each_count():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     onnx.checker.check_model(model, full_check=True)
     assert count_parameters(model) == 12
+
+
+@pytest.mark.parametrize(("scale", "params"), [(1.0, 0), (2.0, 6)], ids=["no-affine", "affine"])
+def test_an_instancenorm_inside_an_if_branch_counts_as_in_the_main_graph(scale, params):
+    """An InstanceNormalization of ones and zeros (torch's GroupNorm and affine-free
+    InstanceNorm) holds no parameter in the main graph; inside an If branch its scale and
+    bias were counted (6), the branch's constants not read for the rule; held by the main
+    graph and read only in the branches, they counted too."""
+    from onnx_mbs.passes import count_parameters
+
+    def norm(graph_name: str, inputs: list, output: str) -> onnx.GraphProto:
+        weights = [
+            onnx.numpy_helper.from_array(np.full(3, v, np.float32), n)
+            for n, v in (("s", scale), ("b", 0.0))
+        ]
+        node = helper.make_node("InstanceNormalization", ["x", "s", "b"], [output])
+        out = helper.make_tensor_value_info(output, onnx.TensorProto.FLOAT, [1, 3, 4, 4])
+        return helper.make_graph([node], graph_name, inputs, [out], weights)
+
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 4, 4])
+    main_graph = norm("main", [x], "y")
+    branch = helper.make_node(
+        "If", ["c"], ["y"], then_branch=norm("then", [], "o"), else_branch=norm("else", [], "o")
+    )
+    cond = helper.make_tensor_value_info("c", onnx.TensorProto.BOOL, [])
+    out = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3, 4, 4])
+    in_if = helper.make_graph([branch], "in_if", [cond, x], [out])
+    # held by the main graph, read only by the branches (outer scope): the same rule
+    then, other = norm("then", [], "o"), norm("else", [], "o")
+    weights = list(then.initializer)
+    del then.initializer[:], other.initializer[:]
+    outer = helper.make_graph(
+        [helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)],
+        "outer",
+        [cond, x],
+        [out],
+        weights,
+    )
+    opsets = [helper.make_opsetid("", 13)]
+    for graph, count in ((main_graph, params), (in_if, 2 * params), (outer, params)):
+        model = helper.make_model(graph, opset_imports=opsets)
+        onnx.checker.check_model(model, full_check=True)
+        assert count_parameters(model) == count

@@ -228,7 +228,7 @@ def test_bn_kept_graph_gets_no_reinserted_bn(x16) -> None:
 
 def test_recalibrate_pools_the_statistics_of_all_batches(x16) -> None:
     """Each BN's running statistics become the mean and (population) variance of its inputs
-    over all batches together, batches weighted by their size; the batch of one is left out.
+    over all batches together, batches weighted by their size, the batch of one included.
     Not the average of the batch variances: that misses the variance of the batch means."""
     torch.manual_seed(0)
     net = randomized(SmallNet())
@@ -237,7 +237,7 @@ def test_recalibrate_pools_the_statistics_of_all_batches(x16) -> None:
     sizes = [8, 3, 12, 1, 8]
     ends = np.cumsum(sizes)
     batches = [torch.from_numpy(x16[e - n : e]) for n, e in zip(sizes, ends, strict=True)]
-    assert recalibrate(module, iter(batches)) == 4  # an iterator is read once, kept for passes
+    assert recalibrate(module, iter(batches)) == 5  # an iterator is read once, kept for passes
     assert not module.training
     # torch's net in eval mode gives each BN's inputs batch by batch, every BN before it
     # (the three are in series) already set to its pooled statistics; numpy pools them.
@@ -249,11 +249,10 @@ def test_recalibrate_pools_the_statistics_of_all_batches(x16) -> None:
         hook = ref.register_forward_pre_hook(lambda _, args, s=seen: s.append(args[0].numpy()))
         with torch.no_grad():
             for xb in batches:
-                if len(xb) > 1:
-                    net(xb)
+                net(xb)
         hook.remove()
         inputs = np.concatenate(seen).astype(np.float64)
-        assert len(inputs) == 31
+        assert len(inputs) == 32
         mean, var = inputs.mean((0, 2, 3)), inputs.var((0, 2, 3))
         np.testing.assert_allclose(module.initializer(node.input[3]).numpy(), mean, atol=1e-5)
         np.testing.assert_allclose(module.initializer(node.input[4]).numpy(), var, rtol=1e-4)
@@ -446,14 +445,56 @@ def test_a_uint8_input_model_is_recalibrated_on_what_onnxruntime_is_fed(tmp_path
             train_mod.recalibrate_model(model, floats, batch_size=8)
 
 
-def test_recalibration_in_batches_of_one_is_refused(x16) -> None:
-    """Batches of one are left out of the average (a BatchNorm over (batch, features) has one
-    value per channel there), so batch size 1 re-estimated nothing, and `reduce --recalibrate
-    --batch-size 1` reported 'BN recalibrated on 0 batches' for a model it left as it was."""
-    torch.manual_seed(0)
-    model = export(randomized(SmallNet()), torch.from_numpy(x16[:4]), keep_bn=True)
-    with pytest.raises(BadInputError, match="batches of at least 2 samples.*batch_size=1"):
-        train_mod.recalibrate_model(model, (x16, None), batch_size=1)
+@pytest.mark.parametrize("batch_size", [8, 1])
+def test_a_trailing_batch_of_one_is_in_the_statistics(batch_size) -> None:
+    """Batches of one were left out (train-mode BatchNorm once needed 2 samples): 17 samples
+    in batches of 8 were measured on 16, and batch size 1 was refused. Measured in eval mode,
+    a (1, C) batch is pooled as any other: the statistics are numpy's over all 17 samples."""
+    helper = onnx.helper
+    inits = [
+        numpy_helper.from_array(np.array(v, np.float32), n)
+        for n, v in (("s", [1, 1, 1]), ("b", [0, 0, 0]), ("m", [0, 0, 0]), ("v", [1, 1, 1]))
+    ]
+    graph = helper.make_graph(
+        [helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"])],
+        "features_bn",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 3])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    x = (np.random.default_rng(0).standard_normal((17, 3)) * 2 + 3).astype(np.float32)
+    x[-1] = [40.0, -30.0, 9.0]  # the sample alone in the last batch moves every statistic
+    written, count = train_mod.recalibrate_model(model, (x, None), batch_size=batch_size)
+    assert count == -(-17 // batch_size)
+    stats = {t.name: numpy_helper.to_array(t) for t in written.graph.initializer}
+    np.testing.assert_allclose(stats["m"], x.astype(np.float64).mean(0), rtol=1e-5)
+    np.testing.assert_allclose(stats["v"], x.astype(np.float64).var(0), rtol=1e-5)
+
+
+def test_a_batch_of_one_through_a_training_mode_batchnorm_is_refused_in_one_line() -> None:
+    """A training_mode=1 BatchNorm normalises with its batch's statistics in eval mode too: a
+    (1, C) batch has none, and torch's ValueError came through once batches of one were no
+    longer left out of recalibration."""
+    helper = onnx.helper
+    inits = [
+        numpy_helper.from_array(np.array(v, np.float32), n)
+        for n, v in (("s", [1, 1, 1]), ("b", [0, 0, 0]), ("m", [0, 0, 0]), ("v", [1, 1, 1]))
+    ]
+    node = helper.make_node(
+        "BatchNormalization", ["x", "s", "b", "m", "v"], ["y", "rm", "rv"], "bn", training_mode=1
+    )
+    graph = helper.make_graph(
+        [node],
+        "train_bn",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 3])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    x = np.random.default_rng(0).standard_normal((17, 3)).astype(np.float32)
+    with pytest.raises(BadInputError, match="'bn' has training_mode=1.*no batch of 1"):
+        train_mod.recalibrate_model(model, (x, None), batch_size=8)
 
 
 @pytest.mark.parametrize("batch_size", [0, -1])
@@ -462,7 +503,7 @@ def test_recalibration_in_no_batches_is_refused_in_one_line(x16, batch_size) -> 
     batch-size rule `reduce --recalibrate` asks before it reduces was not asked here."""
     torch.manual_seed(0)
     model = export(randomized(SmallNet()), torch.from_numpy(x16[:4]), keep_bn=True)
-    with pytest.raises(BadInputError, match=f"batches of at least 2 samples.*={batch_size}"):
+    with pytest.raises(BadInputError, match=f"batch size of at least 1.*={batch_size}"):
         train_mod.recalibrate_model(model, (x16, None), batch_size=batch_size)
 
 

@@ -14,6 +14,7 @@ from onnx import numpy_helper
 from onnx_builders import (
     conv_in_function,
     conv_relu_model,
+    growing_loop,
     int8_weight_only,
     quantized_in_function,
     quantized_model,
@@ -523,6 +524,13 @@ def test_a_model_proto_whose_external_data_was_not_read_is_refused_in_one_line(t
             lambda p: onnx.save(weight_from_custom_op(), p),
             r"weight shape of Conv 'conv' is not static.*custom:Standardise 'make_w'",
         ),
+        # a Loop's output unsized at a fixed input shape: "fix the input shapes with
+        # --input-shape", which the model's own fixed input shape could not answer
+        (
+            lambda p: onnx.save(growing_loop(), p),
+            r"output shape of Conv 'conv2' is not static.*output of Loop 'grow' from "
+            r"static inputs.*record that output's shape in the model's value_info$",
+        ),
     ],
     ids=[
         "not-onnx",
@@ -535,6 +543,7 @@ def test_a_model_proto_whose_external_data_was_not_read_is_refused_in_one_line(t
         "missing",
         "trt-fp8-qdq",
         "weight-from-custom-op",
+        "unsized-loop-output",
     ],
 )
 def test_bad_model_gets_one_line_and_exit_2(tmp_path, capsys, make, message):

@@ -373,7 +373,8 @@ def recalibrate(
     """Re-estimate the running statistics of every BatchNorm (or of those whose running mean
     `names` holds) on `batches`, no gradient step: the mean and variance of its input over all
     of them together, pooled from the batch statistics (`ops.PooledStatistics`), batches of one
-    sample left out. Returns the number of batches used.
+    sample included (eval mode needs no batch statistics; a (1, C) batch adds its mean, and
+    pooling the variance of the means). Returns the number of batches used.
 
     Each BN is measured on the inputs the written (eval-mode) model gives it: in eval-mode
     forwards, after every measured BN upstream of it has its final statistics, one depth level
@@ -406,8 +407,6 @@ def recalibrate(
             count = 0
             try:
                 for xb in batches:
-                    if len(xb) < 2:  # left out, as train-mode BatchNorm once had to
-                        continue
                     count += 1
                     if not wanted:
                         continue

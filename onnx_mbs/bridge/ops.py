@@ -316,6 +316,12 @@ def batch_norm(n: Node) -> OpFn:
 
     def run(training, x, scale, bias, mean, var):
         if batch_stats:
+            if x.numel() == x.shape[1]:  # torch's batch_norm raises ValueError there
+                raise BadInputError(
+                    f"BatchNormalization '{n.name}' has training_mode=1 and sees one value "
+                    f"per channel in a batch of 1 ({list(x.shape)}): batch statistics need 2; "
+                    "use a batch size and sample count that leave no batch of 1"
+                )
             y = F.batch_norm(x, None, None, scale, bias, True, 0.0, eps)
             if not extra_outputs:
                 return y

@@ -1151,8 +1151,8 @@ def _recalibrate_inserted(module: OnnxModule, inserted: list, batches: Rereads) 
 
 
 def check_recalibration(model: onnx.ModelProto, batch_size: int = 64) -> None:
-    """Refuse what `recalibrate_model` could not do: a BN-folded graph, batches of one (which
-    `recalibrate` leaves out). `reduce --recalibrate` asks before it reduces."""
+    """Refuse what `recalibrate_model` could not do: a BN-folded graph, batches of no
+    sample. `reduce --recalibrate` asks before it reduces."""
     if not has_batchnorm(model):
         # retrain re-inserts one only after a biased Conv: not where a BatchNorm is written as
         # a Mul and an Add after a Conv without bias (as tf2onnx writes one it does not fold)
@@ -1165,8 +1165,11 @@ def check_recalibration(model: onnx.ModelProto, batch_size: int = 64) -> None:
             f"the model has no BatchNormalization ({where}): recalibration has nothing to "
             f"re-estimate; retrain it instead{there}"
         )
-    if batch_size < 2:
-        raise BadInputError(_batches_of_one(batch_size))
+    if batch_size < 1:
+        raise BadInputError(
+            "BN recalibration needs a batch size of at least 1, not "
+            f"{option('--batch-size', batch_size)}"
+        )
 
 
 def _fed_type(model: onnx.ModelProto) -> np.dtype | None:
@@ -1177,19 +1180,12 @@ def _fed_type(model: onnx.ModelProto) -> np.dtype | None:
     return fed_type(inputs[0].dtype if inputs else None)  # no input or type: left to checks
 
 
-def _batches_of_one(batch_size: int) -> str:
-    return (
-        "BN recalibration needs batches of at least 2 samples, not "
-        f"{option('--batch-size', batch_size)}"
-    )
-
-
 def recalibrate_model(
     model: onnx.ModelProto, data: Any, batch_size: int = 64, device: str = "cpu"
 ) -> tuple[onnx.ModelProto, int]:
     """`model` with every BatchNorm's running statistics re-estimated on `data` (no training),
-    and the number of batches used. A BN-folded graph has nothing to re-estimate, batches of
-    fewer than 2 samples re-estimate nothing: refused (`check_recalibration`)."""
+    and the number of batches used. A BN-folded graph has nothing to re-estimate: refused
+    (`check_recalibration`). Batches of one sample are measured as any other (eval mode)."""
     check_recalibration(model, batch_size)
     check_device(device)
     original = untie_initializers(model)
@@ -1203,6 +1199,4 @@ def recalibrate_model(
     module.to(dev).eval()
     batches = Rereads(lambda: (b.to(dev) for b in _batches(samples, batch_size, samples.count)))
     count = recalibrate(module, batches)
-    if count == 0:  # recalibrate leaves batches of one out
-        raise BadInputError(_batches_of_one(batch_size))
     return write_back(original, module.eval()), count
