@@ -865,7 +865,10 @@ def test_the_ranks_end_when_torchrun_is_killed(npz, tmp_path) -> None:
     lines = (tmp_path / "err").read_text()
     assert lines.count("onnx-mbs: terminated; nothing written") == 2, lines[-3000:]
     assert f"{tmp_path / 'c'} holds every finished epoch" in lines, lines[-3000:]
-    assert "Traceback" not in lines, lines[-3000:]
+    # None of ours. Left alone: now and then a rank's multiprocessing.resource_sharer thread
+    # (file descriptors passed by its data-loader worker) prints its EOFError as the rank ends.
+    tracebacks = lines.split("Traceback (most recent call last):")[1:]
+    assert all("multiprocessing/resource_sharer.py" in t[:300] for t in tracebacks), lines[-3000:]
     assert not (tmp_path / "out.onnx").exists()
     assert torch.load(target, weights_only=True)["epoch"] >= 0
 
