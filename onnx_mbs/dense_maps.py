@@ -39,6 +39,7 @@ from collections.abc import Collection, Mapping
 import numpy as np
 import onnx
 
+from onnx_mbs.data.ready import declared_inputs
 from onnx_mbs.logits import RESIZES, Producers, label_source, producers_of, resize_mode
 from onnx_mbs.passes.domains import op_id
 from onnx_mbs.passes.graph import attributes, default_opset
@@ -109,14 +110,9 @@ def map_kind(model: onnx.ModelProto | None, name: str, sample: np.ndarray) -> st
 
 def input_rank(model: onnx.ModelProto | None) -> int:
     """The rank of the input a model's maps are positions of: its first graph input that no
-    initializer fills, where declared; 4 (an image batch) otherwise."""
-    if model is not None:
-        filled = {i.name for i in model.graph.initializer}
-        for value in model.graph.input:
-            if value.name not in filled:
-                tensor = value.type.tensor_type
-                return len(tensor.shape.dim) if tensor.HasField("shape") else 4
-    return 4
+    initializer fills (`declared_inputs`), where declared; 4 (an image batch) otherwise."""
+    inputs = declared_inputs(model) if model is not None else []
+    return len(inputs[0].dims) if inputs and inputs[0].dims else 4
 
 
 def _made_by(producers: Producers, opset: int, name: str, rank: int) -> str | None:
