@@ -97,8 +97,7 @@ def reads_x_as_images(inputs: Sequence[DeclaredInput]) -> bool:
     if len(inputs) != 1:
         return False
     (only,) = inputs
-    integer = only.dtype is not None and only.dtype.kind in "iub"
-    return only.name == IMAGE_ARRAY and len(only.dims) == 4 and not integer
+    return only.name == IMAGE_ARRAY and len(only.dims) == 4 and fed_type(only.dtype) is None
 
 
 def model_ready_arrays(
