@@ -351,9 +351,11 @@ def _agreement(
                         f"output '{name}' has shape {list(s.shape)} in the model but "
                         f"{list(t.shape)} in the teacher: they must match"
                     )
-                # Integers or booleans (indices, a decision) are never a classifier's scores.
-                scores = not is_none(logits) and np.issubdtype(s.dtype, np.floating)
-                totals.setdefault(name, _Accumulator(name, tuple(s.shape), scores, graph)).add(s, t)
+                if name not in totals:
+                    # Integers or booleans (indices, a decision) are never a classifier's scores.
+                    scores = not is_none(logits) and np.issubdtype(s.dtype, np.floating)
+                    totals[name] = _Accumulator(name, tuple(s.shape), scores, graph)
+                totals[name].add(s, t)
             samples += len(batch.x)
             bar.update(len(batch.x))
     if samples == 0:
